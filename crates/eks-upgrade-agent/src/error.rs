@@ -1,0 +1,91 @@
+//! The library's one error type. Variants are what a caller can act on; backend error types
+//! (SQLite, I/O) are wrapped into [`Error::Backend`] and never leak.
+
+use crate::model::ProgressStatus;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The named thing does not exist (`what` is e.g. `upgrade "u1"`).
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked up.
+        what: String,
+    },
+    /// The named thing exists already.
+    #[error("{what} already exists")]
+    AlreadyExists {
+        /// What was created twice.
+        what: String,
+    },
+    /// The state machine does not allow this change.
+    #[error("invalid transition for {what}: {from} -> {to}")]
+    InvalidTransition {
+        /// The task or upgrade.
+        what: String,
+        /// Its status now.
+        from: ProgressStatus,
+        /// The status the operation would move it to.
+        to: ProgressStatus,
+    },
+    /// The input is malformed or out of range; the message says what to fix.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The storage backend failed (I/O, corruption, lock timeout).
+    #[error("storage backend error: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl Error {
+    pub(crate) fn invalid(message: impl Into<String>) -> Error {
+        Error::InvalidInput(message.into())
+    }
+
+    pub(crate) fn not_found(what: impl Into<String>) -> Error {
+        Error::NotFound { what: what.into() }
+    }
+
+    pub(crate) fn backend(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::Backend {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// A short, stable code for this error (`not_found`, `already_exists`, `invalid_transition`,
+    /// `invalid_input`, `backend`), the same in the CLI's JSON and the HTTP API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NotFound { .. } => "not_found",
+            Error::AlreadyExists { .. } => "already_exists",
+            Error::InvalidTransition { .. } => "invalid_transition",
+            Error::InvalidInput(_) => "invalid_input",
+            Error::Backend { .. } => "backend",
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        Error::backend("sqlite", e)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::backend("i/o", e)
+    }
+}

@@ -1,0 +1,198 @@
+//! The `progress apply` engine: JSON Lines [`Command`]s in, one acknowledgement line out per
+//! input line, written only after the command is durably committed.
+//!
+//! Lines that are already buffered when a line arrives are committed together in one
+//! transaction (group commit, up to [`ApplyOptions::max_batch`]); the engine never waits for more
+//! input while it holds unacknowledged lines, so a writer that sends one line and waits for its
+//! acknowledgement gets it at once.
+//!
+//! Acknowledgements: `{"ok":true,"seq":N}` (the seq of the last event the line appended) or
+//! `{"ok":false,"line":L,"code":"...","error":"..."}`; a bad line never stops the stream.
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::progress::command::Command;
+use crate::progress::tracker::ProgressTracker;
+
+/// Longest accepted input line, in bytes.
+pub const MAX_LINE: usize = 1024 * 1024;
+
+/// Tuning for [`run`].
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Most lines committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { max_batch: 1024 }
+    }
+}
+
+/// Totals of one [`run`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Non-blank lines read.
+    pub lines: u64,
+    /// Lines committed.
+    pub ok: u64,
+    /// Lines rejected.
+    pub failed: u64,
+}
+
+enum Line {
+    Command(u64, Box<Command>),
+    Bad(u64, Error),
+}
+
+/// Reads commands from `input` until end of input and acknowledges each on `output`.
+/// Returns `Err` only when writing to `output` fails.
+pub fn run<R: Read, W: Write>(
+    tracker: &ProgressTracker,
+    input: R,
+    mut output: W,
+    options: &ApplyOptions,
+) -> Result<ApplyStats> {
+    let mut input = BufReader::with_capacity(256 * 1024, input);
+    let mut stats = ApplyStats::default();
+    let mut line_no = 0u64;
+    let mut buf = Vec::with_capacity(1024);
+    let mut batch: Vec<Line> = Vec::new();
+    loop {
+        // Block for the first line, then take only what is already buffered.
+        let Some(first) = read_line(&mut input, &mut buf, &mut line_no)? else {
+            break;
+        };
+        batch.extend(first);
+        while batch.len() < options.max_batch && input.buffer().contains(&b'\n') {
+            match read_line(&mut input, &mut buf, &mut line_no)? {
+                Some(line) => batch.extend(line),
+                None => break,
+            }
+        }
+        commit(tracker, &mut batch, &mut output, &mut stats)?;
+    }
+    commit(tracker, &mut batch, &mut output, &mut stats)?;
+    Ok(stats)
+}
+
+/// Reads one line; `Ok(None)` at end of input, `Ok(Some(None))` for a blank line.
+fn read_line<R: Read>(
+    input: &mut BufReader<R>,
+    buf: &mut Vec<u8>,
+    line_no: &mut u64,
+) -> Result<Option<Option<Line>>> {
+    buf.clear();
+    let n = input
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    *line_no += 1;
+    let no = *line_no;
+    if buf.len() > MAX_LINE && buf.last() != Some(&b'\n') {
+        // Skip the rest of the oversize line.
+        loop {
+            let available = input.fill_buf()?;
+            if available.is_empty() {
+                break;
+            }
+            match available.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    input.consume(i + 1);
+                    break;
+                }
+                None => {
+                    let len = available.len();
+                    input.consume(len);
+                }
+            }
+        }
+        return Ok(Some(Some(Line::Bad(
+            no,
+            Error::invalid(format!("line is longer than {MAX_LINE} bytes")),
+        ))));
+    }
+    let text = match std::str::from_utf8(buf) {
+        Ok(t) => t.trim(),
+        Err(_) => {
+            return Ok(Some(Some(Line::Bad(
+                no,
+                Error::invalid("line is not valid UTF-8"),
+            ))));
+        }
+    };
+    if text.is_empty() {
+        return Ok(Some(None));
+    }
+    Ok(Some(Some(match serde_json::from_str::<Command>(text) {
+        Ok(c) => Line::Command(no, Box::new(c)),
+        Err(e) => Line::Bad(no, Error::invalid(format!("malformed command: {e}"))),
+    })))
+}
+
+fn commit<W: Write>(
+    tracker: &ProgressTracker,
+    batch: &mut Vec<Line>,
+    output: &mut W,
+    stats: &mut ApplyStats,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let commands: Vec<Command> = batch
+        .iter()
+        .filter_map(|l| match l {
+            Line::Command(_, c) => Some((**c).clone()),
+            Line::Bad(..) => None,
+        })
+        .collect();
+    let mut results = match tracker.execute_batch(&commands) {
+        Ok(r) => r.into_iter().map(|r| r.map(|c| c.last_seq())).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "apply batch failed; nothing in it was committed");
+            let msg = e.to_string();
+            commands
+                .iter()
+                .map(|_| {
+                    Err(Error::Backend {
+                        message: msg.clone(),
+                        source: None,
+                    })
+                })
+                .collect::<Vec<_>>()
+        }
+    }
+    .into_iter();
+    let mut out = Vec::with_capacity(batch.len() * 24);
+    for line in batch.drain(..) {
+        stats.lines += 1;
+        let ack = match line {
+            Line::Command(no, _) => match results.next().expect("one result per command") {
+                Ok(seq) => {
+                    stats.ok += 1;
+                    out.extend_from_slice(b"{\"ok\":true,\"seq\":");
+                    out.extend_from_slice(seq.to_string().as_bytes());
+                    out.extend_from_slice(b"}\n");
+                    continue;
+                }
+                Err(e) => (no, e),
+            },
+            Line::Bad(no, e) => (no, e),
+        };
+        stats.failed += 1;
+        let (no, e) = ack;
+        let v = json!({"ok": false, "line": no, "code": e.code(), "error": e.to_string()});
+        serde_json::to_writer(&mut out, &v).map_err(|e| Error::invalid(e.to_string()))?;
+        out.push(b'\n');
+    }
+    output.write_all(&out)?;
+    output.flush()?;
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! [`ProgressTracker`]: the API an upgrade agent calls (reference `ProgressTracker`), on top of
+//! any [`ProgressStore`]. Each call is one durable transaction; callbacks (reference
+//! `CallbackManager`) run after the commit, in `seq` order.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, RwLock};
+
+use chrono::Utc;
+
+use crate::error::Result;
+use crate::model::{
+    JsonMap, ProgressEvent, ProgressSummary, StatusChange, Task, TaskDetail, Upgrade,
+};
+use crate::progress::command::{Command, NewTask};
+use crate::store::{Committed, EventQuery, ProgressStore};
+
+/// How many events [`ProgressTracker::task_detail`] returns.
+pub const RECENT_EVENTS: usize = 5;
+
+type EventCallback = Arc<dyn Fn(&ProgressEvent) + Send + Sync>;
+type StatusCallback = Arc<dyn Fn(&StatusChange) + Send + Sync>;
+
+#[derive(Default)]
+struct Callbacks {
+    events: Vec<EventCallback>,
+    status: Vec<StatusCallback>,
+}
+
+/// Tracks progress of upgrades and their tasks in a [`ProgressStore`].
+///
+/// ```
+/// use eks_upgrade_agent::{ProgressTracker, SqliteStore, store::sqlite::SqliteOptions};
+/// use eks_upgrade_agent::model::{ProgressStatus, TaskType};
+/// use eks_upgrade_agent::progress::NewTask;
+/// # let dir = tempfile::tempdir().unwrap();
+/// let store = SqliteStore::open(dir.path(), &SqliteOptions::default())?;
+/// let tracker = ProgressTracker::new(std::sync::Arc::new(store));
+/// tracker.create_upgrade("upgrade-123", "plan-456", "my-cluster", Default::default())?;
+/// tracker.start_upgrade("upgrade-123", Some("Initialization"))?;
+/// tracker.add_task("upgrade-123", NewTask::new("task-1", "Deploy Infrastructure", TaskType::UpgradeStep))?;
+/// tracker.start_task("upgrade-123", "task-1", Some("Starting"))?;
+/// tracker.update_task("upgrade-123", "task-1", 50.0, Some("Half way"), Default::default())?;
+/// tracker.complete_task("upgrade-123", "task-1", None)?;
+/// tracker.complete_upgrade("upgrade-123")?;
+/// let summary = tracker.summary("upgrade-123")?;
+/// assert_eq!(summary.status, ProgressStatus::Completed);
+/// assert_eq!(summary.overall_progress, 100.0);
+/// # Ok::<(), eks_upgrade_agent::Error>(())
+/// ```
+pub struct ProgressTracker {
+    store: Arc<dyn ProgressStore>,
+    callbacks: RwLock<Callbacks>,
+    /// Committed events waiting for their callbacks, in seq order.
+    pending: Mutex<VecDeque<(ProgressEvent, Vec<StatusChange>)>>,
+    /// Held by the thread that runs callbacks, so they run one at a time, in order.
+    draining: Mutex<()>,
+}
+
+impl fmt::Debug for ProgressTracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProgressTracker")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProgressTracker {
+    /// A tracker over `store`.
+    pub fn new(store: Arc<dyn ProgressStore>) -> ProgressTracker {
+        ProgressTracker {
+            store,
+            callbacks: RwLock::new(Callbacks::default()),
+            pending: Mutex::new(VecDeque::new()),
+            draining: Mutex::new(()),
+        }
+    }
+
+    /// The store behind this tracker.
+    pub fn store(&self) -> &Arc<dyn ProgressStore> {
+        &self.store
+    }
+
+    /// Registers a callback run for every event this tracker commits, after the commit, in
+    /// `seq` order. A panicking callback is logged and does not affect the others.
+    pub fn on_event(&self, f: impl Fn(&ProgressEvent) + Send + Sync + 'static) {
+        self.callbacks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .events
+            .push(Arc::new(f));
+    }
+
+    /// Registers a callback run for every status change of a task or upgrade.
+    pub fn on_status_change(&self, f: impl Fn(&StatusChange) + Send + Sync + 'static) {
+        self.callbacks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .push(Arc::new(f));
+    }
+
+    /// Executes one command; returns what it committed.
+    pub fn execute(&self, command: Command) -> Result<Committed> {
+        let mut results = self.execute_batch(std::slice::from_ref(&command))?;
+        results.pop().expect("one result per command")
+    }
+
+    /// Executes several commands in one durable transaction (group commit); each succeeds or
+    /// fails on its own. `Err` only when the store itself failed (nothing was committed).
+    pub fn execute_batch(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
+        let results = self.store.execute(commands)?;
+        self.publish(results.iter().filter_map(|r| r.as_ref().ok()));
+        Ok(results)
+    }
+
+    fn publish<'a>(&self, committed: impl Iterator<Item = &'a Committed>) {
+        let has_callbacks = {
+            let cb = self.callbacks.read().unwrap_or_else(|p| p.into_inner());
+            !cb.events.is_empty() || !cb.status.is_empty()
+        };
+        if !has_callbacks {
+            return;
+        }
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for c in committed {
+                for e in &c.events {
+                    let changes = c
+                        .status_changes
+                        .iter()
+                        .filter(|s| s.seq == e.seq)
+                        .cloned()
+                        .collect();
+                    pending.push_back((e.clone(), changes));
+                }
+            }
+        }
+        self.drain();
+    }
+
+    /// Runs callbacks for pending events unless another thread (or an outer frame of this
+    /// one, when a callback calls back into the tracker) is already doing it.
+    fn drain(&self) {
+        loop {
+            let Ok(_guard) = self.draining.try_lock() else {
+                return;
+            };
+            loop {
+                let next = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                let Some((event, changes)) = next else { break };
+                let (events, status) = {
+                    let cb = self.callbacks.read().unwrap_or_else(|p| p.into_inner());
+                    (cb.events.clone(), cb.status.clone())
+                };
+                for f in &events {
+                    if catch_unwind(AssertUnwindSafe(|| f(&event))).is_err() {
+                        tracing::error!(seq = event.seq, "event callback panicked");
+                    }
+                }
+                for change in &changes {
+                    for f in &status {
+                        if catch_unwind(AssertUnwindSafe(|| f(change))).is_err() {
+                            tracing::error!(seq = change.seq, "status callback panicked");
+                        }
+                    }
+                }
+            }
+            drop(_guard);
+            // An event may have been queued between the last pop and the unlock.
+            if self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+        }
+    }
+
+    // --- upgrades -----------------------------------------------------------------------------
+
+    /// Creates an upgrade (`not_started`).
+    pub fn create_upgrade(
+        &self,
+        upgrade_id: &str,
+        plan_id: &str,
+        cluster_name: &str,
+        metadata: JsonMap,
+    ) -> Result<Committed> {
+        self.execute(Command::UpgradeCreate {
+            upgrade_id: upgrade_id.into(),
+            plan_id: plan_id.into(),
+            cluster_name: cluster_name.into(),
+            metadata,
+        })
+    }
+
+    /// Starts an upgrade, optionally entering a phase.
+    pub fn start_upgrade(&self, upgrade_id: &str, phase: Option<&str>) -> Result<Committed> {
+        self.execute(Command::UpgradeStart {
+            upgrade_id: upgrade_id.into(),
+            phase: phase.map(Into::into),
+        })
+    }
+
+    /// Enters a new phase.
+    pub fn set_phase(&self, upgrade_id: &str, phase: &str) -> Result<Committed> {
+        self.execute(Command::UpgradePhase {
+            upgrade_id: upgrade_id.into(),
+            phase: phase.into(),
+        })
+    }
+
+    /// Completes an upgrade.
+    pub fn complete_upgrade(&self, upgrade_id: &str) -> Result<Committed> {
+        self.execute(Command::UpgradeComplete {
+            upgrade_id: upgrade_id.into(),
+            message: None,
+        })
+    }
+
+    /// Fails an upgrade.
+    pub fn fail_upgrade(&self, upgrade_id: &str, error_message: &str) -> Result<Committed> {
+        self.execute(Command::UpgradeFail {
+            upgrade_id: upgrade_id.into(),
+            error_message: error_message.into(),
+        })
+    }
+
+    // --- tasks --------------------------------------------------------------------------------
+
+    /// Adds one task.
+    pub fn add_task(&self, upgrade_id: &str, task: NewTask) -> Result<Committed> {
+        self.execute(Command::add_task(upgrade_id, task))
+    }
+
+    /// Adds many tasks atomically (all or none); parents may come earlier in the list.
+    pub fn add_tasks(&self, upgrade_id: &str, tasks: Vec<NewTask>) -> Result<Committed> {
+        self.execute(Command::TaskAddMany {
+            upgrade_id: upgrade_id.into(),
+            tasks,
+        })
+    }
+
+    /// Starts a task.
+    pub fn start_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskStart {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            message: message.map(Into::into),
+        })
+    }
+
+    /// Reports a task's percentage (0..=100), with a message and details.
+    pub fn update_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        percentage: f64,
+        message: Option<&str>,
+        details: JsonMap,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskUpdate {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            percentage,
+            message: message.map(Into::into),
+            details,
+        })
+    }
+
+    /// Reports the steps a task has done and the step now running.
+    pub fn step_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        completed_steps: u32,
+        current_step: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskStep {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            completed_steps,
+            current_step: current_step.map(Into::into),
+            message: None,
+        })
+    }
+
+    /// Completes a task.
+    pub fn complete_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskComplete {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            message: message.map(Into::into),
+        })
+    }
+
+    /// Fails a task.
+    pub fn fail_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        error_message: &str,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskFail {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            error_message: error_message.into(),
+        })
+    }
+
+    /// Pauses a running task.
+    pub fn pause_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskPause {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            message: message.map(Into::into),
+        })
+    }
+
+    /// Resumes a paused task.
+    pub fn resume_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskResume {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            message: message.map(Into::into),
+        })
+    }
+
+    /// Cancels a task.
+    pub fn cancel_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskCancel {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            message: message.map(Into::into),
+        })
+    }
+
+    /// Retries a failed or cancelled task.
+    pub fn retry_task(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        message: Option<&str>,
+    ) -> Result<Committed> {
+        self.execute(Command::TaskRetry {
+            upgrade_id: upgrade_id.into(),
+            task_id: task_id.into(),
+            message: message.map(Into::into),
+        })
+    }
+
+    // --- reads --------------------------------------------------------------------------------
+
+    /// One upgrade.
+    pub fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
+        self.store.upgrade(upgrade_id)
+    }
+
+    /// The reference `get_progress_summary`. O(1): counters are kept up to date.
+    pub fn summary(&self, upgrade_id: &str) -> Result<ProgressSummary> {
+        Ok(ProgressSummary::of(
+            &self.store.upgrade(upgrade_id)?,
+            Utc::now(),
+        ))
+    }
+
+    /// Every upgrade, oldest first.
+    pub fn list_upgrades(&self) -> Result<Vec<Upgrade>> {
+        self.store.list_upgrades()
+    }
+
+    /// The tasks of an upgrade, in the order they were added.
+    pub fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
+        self.store.tasks(upgrade_id)
+    }
+
+    /// A task with its five most recent events.
+    pub fn task_detail(&self, upgrade_id: &str, task_id: &str) -> Result<TaskDetail> {
+        let task = self.store.task(upgrade_id, task_id)?;
+        let recent_events = self
+            .store
+            .recent_task_events(upgrade_id, task_id, RECENT_EVENTS)?;
+        Ok(TaskDetail {
+            task,
+            recent_events,
+        })
+    }
+
+    /// Events of one upgrade (or all) with `seq` strictly greater than `since`, oldest first.
+    pub fn events_since(
+        &self,
+        upgrade_id: Option<&str>,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<ProgressEvent>> {
+        self.store.events(&EventQuery {
+            upgrade_id: upgrade_id.map(Into::into),
+            since,
+            limit,
+        })
+    }
+
+    /// Linear estimate of the upgrade's end, `None` until it has made progress.
+    pub fn estimated_completion(&self, upgrade_id: &str) -> Result<Option<chrono::DateTime<Utc>>> {
+        Ok(self
+            .store
+            .upgrade(upgrade_id)?
+            .estimated_completion(Utc::now()))
+    }
+}

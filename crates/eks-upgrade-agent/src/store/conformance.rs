@@ -1,0 +1,517 @@
+//! The `ProgressStore` conformance suite. Every backend runs it through [`run`] with a factory
+//! that returns a fresh, empty store; differences between backends are parameters, never copies
+//! of the suite.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::{EventQuery, ProgressStore};
+use crate::error::Error;
+use crate::model::{EventKind, JsonMap, ProgressStatus, TaskType};
+use crate::progress::command::{Command, NewTask};
+use crate::progress::tracker::ProgressTracker;
+
+type Factory<'a> = &'a dyn Fn() -> Box<dyn ProgressStore>;
+
+/// Runs every case against fresh stores from `factory`.
+pub(crate) fn run(factory: Factory<'_>) {
+    let cases: [(&str, fn(ProgressTracker)); 11] = [
+        ("upgrade_lifecycle", upgrade_lifecycle),
+        ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
+        (
+            "seq_is_store_wide_and_strictly_increasing",
+            seq_is_store_wide,
+        ),
+        ("task_state_machine", task_state_machine),
+        (
+            "rejected_commands_change_nothing",
+            rejected_commands_change_nothing,
+        ),
+        ("rollup_weighted_and_nested", rollup_weighted_and_nested),
+        ("steps_set_percentage", steps_set_percentage),
+        ("summary_counters", summary_counters),
+        ("recent_events_newest_first", recent_events_newest_first),
+        (
+            "batch_commits_good_and_skips_bad",
+            batch_commits_good_and_skips_bad,
+        ),
+        ("add_many_is_all_or_nothing", add_many_is_all_or_nothing),
+    ];
+    for (name, case) in cases {
+        let store: Arc<dyn ProgressStore> = Arc::from(factory());
+        eprintln!("conformance: {name}");
+        case(ProgressTracker::new(store));
+    }
+}
+
+fn setup(t: &ProgressTracker, u: &str) {
+    t.create_upgrade(u, "plan", "cluster", JsonMap::new())
+        .unwrap();
+}
+
+fn add(t: &ProgressTracker, u: &str, id: &str, parent: Option<&str>, weight: f64) {
+    let mut task = NewTask::new(id, id.to_uppercase(), TaskType::UpgradeStep).weight(weight);
+    task.parent_task_id = parent.map(Into::into);
+    t.add_task(u, task).unwrap();
+}
+
+fn pct(t: &ProgressTracker, u: &str, id: &str) -> f64 {
+    t.task_detail(u, id).unwrap().task.percentage
+}
+
+fn upgrade_lifecycle(t: ProgressTracker) {
+    let mut meta = JsonMap::new();
+    meta.insert("team".into(), json!("platform"));
+    t.create_upgrade("u1", "p1", "prod", meta.clone()).unwrap();
+    let u = t.upgrade("u1").unwrap();
+    assert_eq!(u.status, ProgressStatus::NotStarted);
+    assert_eq!(u.metadata, meta);
+    t.start_upgrade("u1", Some("plan")).unwrap();
+    t.set_phase("u1", "control-plane").unwrap();
+    let s = t.summary("u1").unwrap();
+    assert_eq!(s.status, ProgressStatus::InProgress);
+    assert_eq!(s.current_phase.as_deref(), Some("control-plane"));
+    assert!(s.started_at.is_some());
+    let err = t.start_upgrade("u1", None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidTransition {
+                from: ProgressStatus::InProgress,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    t.fail_upgrade("u1", "control plane timed out").unwrap();
+    let s = t.summary("u1").unwrap();
+    assert_eq!(s.status, ProgressStatus::Failed);
+    assert_eq!(s.error_message.as_deref(), Some("control plane timed out"));
+    assert!(s.completed_at.is_some());
+    assert!(t.complete_upgrade("u1").is_err());
+    assert!(t.set_phase("u1", "again").is_err());
+
+    t.create_upgrade("u2", "p1", "prod", JsonMap::new())
+        .unwrap();
+    assert!(matches!(
+        t.complete_upgrade("u2"),
+        Err(Error::InvalidTransition { .. })
+    ));
+    t.start_upgrade("u2", None).unwrap();
+    t.complete_upgrade("u2").unwrap();
+    let ids: Vec<_> = t
+        .list_upgrades()
+        .unwrap()
+        .into_iter()
+        .map(|u| u.upgrade_id)
+        .collect();
+    assert_eq!(ids, ["u1", "u2"]);
+    let kinds: Vec<_> = t
+        .events_since(Some("u1"), 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::UpgradeCreated,
+            EventKind::UpgradeStarted,
+            EventKind::UpgradePhaseChanged,
+            EventKind::UpgradeFailed
+        ]
+    );
+}
+
+fn unknown_and_duplicate_ids(t: ProgressTracker) {
+    assert!(matches!(t.summary("nope"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        t.start_upgrade("nope", None),
+        Err(Error::NotFound { .. })
+    ));
+    setup(&t, "u");
+    assert!(matches!(
+        t.create_upgrade("u", "p", "c", JsonMap::new()),
+        Err(Error::AlreadyExists { .. })
+    ));
+    add(&t, "u", "a", None, 1.0);
+    let err = t
+        .add_task("u", NewTask::new("a", "A", TaskType::Cleanup))
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    let err = t
+        .add_task(
+            "u",
+            NewTask::new("b", "B", TaskType::Cleanup).parent("ghost"),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("parent task \"ghost\""), "{err}");
+    let err = t.start_task("u", "ghost", None).unwrap_err();
+    assert_eq!(err.to_string(), "task \"ghost\" of upgrade \"u\" not found");
+    assert!(matches!(
+        t.task_detail("u", "ghost"),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        t.events_since(Some("ghost"), 0, 10),
+        Err(Error::NotFound { .. })
+    ));
+    // Same task id in another upgrade is fine.
+    setup(&t, "v");
+    add(&t, "v", "a", None, 1.0);
+}
+
+fn seq_is_store_wide(t: ProgressTracker) {
+    setup(&t, "a");
+    setup(&t, "b");
+    add(&t, "a", "t", None, 1.0);
+    add(&t, "b", "t", None, 1.0);
+    for i in 0..10 {
+        let u = if i % 2 == 0 { "a" } else { "b" };
+        t.update_task(u, "t", f64::from(i) * 5.0, None, JsonMap::new())
+            .unwrap();
+    }
+    let all = t.events_since(None, 0, 1000).unwrap();
+    assert_eq!(all.len(), 14);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(t.store().last_seq().unwrap(), all.last().unwrap().seq);
+    let a = t.events_since(Some("a"), 0, 1000).unwrap();
+    assert_eq!(a.len(), 7);
+    assert!(a.iter().all(|e| e.upgrade_id == "a"));
+    // `since` is strictly greater; limit caps.
+    let after = t.events_since(None, all[5].seq, 3).unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [all[6].seq, all[7].seq, all[8].seq]
+    );
+    assert!(
+        t.events_since(None, all.last().unwrap().seq, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(t.upgrade("a").unwrap().last_seq, a.last().unwrap().seq);
+    let ids: std::collections::HashSet<_> = all.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(ids.len(), all.len(), "event ids are unique");
+}
+
+fn task_state_machine(t: ProgressTracker) {
+    setup(&t, "u");
+    add(&t, "u", "t", None, 1.0);
+    t.start_task("u", "t", Some("go")).unwrap();
+    t.update_task("u", "t", 30.0, Some("30"), JsonMap::new())
+        .unwrap();
+    t.pause_task("u", "t", None).unwrap();
+    let err = t
+        .update_task("u", "t", 40.0, None, JsonMap::new())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidTransition {
+                from: ProgressStatus::Paused,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    t.resume_task("u", "t", None).unwrap();
+    t.fail_task("u", "t", "drain timed out").unwrap();
+    let d = t.task_detail("u", "t").unwrap().task;
+    assert_eq!(
+        (d.status, d.error_message.as_deref()),
+        (ProgressStatus::Failed, Some("drain timed out"))
+    );
+    assert!(d.duration.is_some());
+    assert!(t.update_task("u", "t", 50.0, None, JsonMap::new()).is_err());
+    t.retry_task("u", "t", None).unwrap();
+    let d = t.task_detail("u", "t").unwrap().task;
+    assert_eq!(
+        (d.status, d.retry_count, d.percentage),
+        (ProgressStatus::InProgress, 1, 0.0)
+    );
+    assert_eq!(d.error_message, None);
+    t.cancel_task("u", "t", None).unwrap();
+    t.retry_task("u", "t", None).unwrap();
+    t.complete_task("u", "t", Some("done")).unwrap();
+    let d = t.task_detail("u", "t").unwrap().task;
+    assert_eq!(
+        (d.status, d.retry_count, d.percentage),
+        (ProgressStatus::Completed, 2, 100.0)
+    );
+    assert_eq!(d.last_message.as_deref(), Some("done"));
+    for err in [
+        t.update_task("u", "t", 1.0, None, JsonMap::new())
+            .unwrap_err(),
+        t.retry_task("u", "t", None).unwrap_err(),
+        t.cancel_task("u", "t", None).unwrap_err(),
+        t.start_task("u", "t", None).unwrap_err(),
+    ] {
+        assert!(
+            matches!(
+                err,
+                Error::InvalidTransition {
+                    from: ProgressStatus::Completed,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    // Update of a task not started starts it.
+    add(&t, "u", "t2", None, 1.0);
+    t.update_task("u", "t2", 10.0, None, JsonMap::new())
+        .unwrap();
+    let d = t.task_detail("u", "t2").unwrap().task;
+    assert_eq!(d.status, ProgressStatus::InProgress);
+    assert!(d.started_at.is_some());
+}
+
+fn rejected_commands_change_nothing(t: ProgressTracker) {
+    setup(&t, "u");
+    add(&t, "u", "t", None, 1.0);
+    t.update_task("u", "t", 40.0, None, JsonMap::new()).unwrap();
+    let before_task = t.task_detail("u", "t").unwrap();
+    let before_upgrade = t.upgrade("u").unwrap();
+    let before_seq = t.store().last_seq().unwrap();
+    let bad = [
+        Command::TaskUpdate {
+            upgrade_id: "u".into(),
+            task_id: "t".into(),
+            percentage: f64::NAN,
+            message: None,
+            details: JsonMap::new(),
+        },
+        Command::TaskUpdate {
+            upgrade_id: "u".into(),
+            task_id: "t".into(),
+            percentage: 101.0,
+            message: None,
+            details: JsonMap::new(),
+        },
+        Command::TaskResume {
+            upgrade_id: "u".into(),
+            task_id: "t".into(),
+            message: None,
+        },
+        Command::TaskStep {
+            upgrade_id: "u".into(),
+            task_id: "ghost".into(),
+            completed_steps: 1,
+            current_step: None,
+            message: None,
+        },
+        Command::TaskStart {
+            upgrade_id: "u".into(),
+            task_id: "bad\nid".into(),
+            message: None,
+        },
+    ];
+    for c in bad {
+        assert!(t.execute(c.clone()).is_err(), "{c:?} must fail");
+    }
+    assert_eq!(t.task_detail("u", "t").unwrap(), before_task);
+    assert_eq!(t.upgrade("u").unwrap(), before_upgrade);
+    assert_eq!(t.store().last_seq().unwrap(), before_seq);
+}
+
+fn rollup_weighted_and_nested(t: ProgressTracker) {
+    setup(&t, "u");
+    add(&t, "u", "plan", None, 1.0);
+    add(&t, "u", "nodes", None, 1.0);
+    add(&t, "u", "ng1", Some("nodes"), 1.0);
+    add(&t, "u", "ng2", Some("nodes"), 3.0);
+    add(&t, "u", "n1", Some("ng1"), 1.0);
+    add(&t, "u", "n2", Some("ng1"), 1.0);
+    t.update_task("u", "n1", 100.0, None, JsonMap::new())
+        .unwrap();
+    assert_eq!(pct(&t, "u", "ng1"), 50.0);
+    assert_eq!(pct(&t, "u", "nodes"), 12.5); // (1*50 + 3*0) / 4
+    assert_eq!(t.summary("u").unwrap().overall_progress, 6.25);
+    t.update_task("u", "ng2", 50.0, None, JsonMap::new())
+        .unwrap();
+    assert_eq!(pct(&t, "u", "nodes"), 50.0); // (50 + 150) / 4
+    let err = t
+        .update_task("u", "ng1", 10.0, None, JsonMap::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("rolled up"), "{err}");
+    t.complete_task("u", "plan", None).unwrap();
+    assert_eq!(t.summary("u").unwrap().overall_progress, 75.0);
+    // Completing a parent shows 100 whatever its children say.
+    t.complete_task("u", "ng1", None).unwrap();
+    assert_eq!(pct(&t, "u", "ng1"), 100.0);
+    assert_eq!(pct(&t, "u", "nodes"), 62.5); // (100 + 150) / 4
+    // Adding a child dilutes its parent.
+    add(&t, "u", "ng3", Some("nodes"), 4.0);
+    assert_eq!(pct(&t, "u", "nodes"), 31.25); // 250 / 8
+    assert_eq!(t.task_detail("u", "nodes").unwrap().task.children, 3);
+    for id in ["n2", "ng2", "ng3"] {
+        t.complete_task("u", id, None).unwrap();
+    }
+    assert_eq!(pct(&t, "u", "nodes"), 100.0);
+    t.complete_task("u", "nodes", None).unwrap();
+    assert_eq!(t.summary("u").unwrap().overall_progress, 100.0);
+}
+
+fn steps_set_percentage(t: ProgressTracker) {
+    setup(&t, "u");
+    t.add_task("u", NewTask::new("s", "S", TaskType::UpgradeStep).steps(8))
+        .unwrap();
+    t.step_task("u", "s", 2, Some("drain ip-1")).unwrap();
+    let d = t.task_detail("u", "s").unwrap().task;
+    assert_eq!((d.completed_steps, d.percentage), (2, 25.0));
+    assert_eq!(d.current_step.as_deref(), Some("drain ip-1"));
+    assert!(
+        t.step_task("u", "s", 9, None)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds")
+    );
+    // Without total_steps the percentage is left alone.
+    add(&t, "u", "free", None, 1.0);
+    t.update_task("u", "free", 10.0, None, JsonMap::new())
+        .unwrap();
+    t.step_task("u", "free", 3, Some("x")).unwrap();
+    assert_eq!(pct(&t, "u", "free"), 10.0);
+}
+
+fn summary_counters(t: ProgressTracker) {
+    setup(&t, "u");
+    t.start_upgrade("u", None).unwrap();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| NewTask::new(format!("t{i}"), format!("T{i}"), TaskType::Validation))
+        .collect();
+    t.add_tasks("u", tasks).unwrap();
+    t.start_task("u", "t0", None).unwrap();
+    t.complete_task("u", "t1", None).unwrap();
+    t.fail_task("u", "t2", "x").unwrap();
+    t.start_task("u", "t3", None).unwrap();
+    t.pause_task("u", "t3", None).unwrap();
+    t.cancel_task("u", "t4", None).unwrap();
+    let s = t.summary("u").unwrap();
+    assert_eq!(
+        (
+            s.total_tasks,
+            s.in_progress_tasks,
+            s.completed_tasks,
+            s.failed_tasks,
+            s.paused_tasks,
+            s.cancelled_tasks,
+            s.not_started_tasks
+        ),
+        (6, 1, 1, 1, 1, 1, 1)
+    );
+    t.retry_task("u", "t2", None).unwrap();
+    let s = t.summary("u").unwrap();
+    assert_eq!((s.in_progress_tasks, s.failed_tasks), (2, 0));
+    assert!(s.estimated_completion.is_some(), "progress was made");
+}
+
+fn recent_events_newest_first(t: ProgressTracker) {
+    setup(&t, "u");
+    add(&t, "u", "a", None, 1.0);
+    add(&t, "u", "b", None, 1.0);
+    for i in 1..=8 {
+        t.update_task(
+            "u",
+            "a",
+            f64::from(i),
+            Some(&format!("a{i}")),
+            JsonMap::new(),
+        )
+        .unwrap();
+        t.update_task(
+            "u",
+            "b",
+            f64::from(i),
+            Some(&format!("b{i}")),
+            JsonMap::new(),
+        )
+        .unwrap();
+    }
+    let d = t.task_detail("u", "a").unwrap();
+    let msgs: Vec<_> = d
+        .recent_events
+        .iter()
+        .map(|e| e.message.clone().unwrap())
+        .collect();
+    assert_eq!(msgs, ["a8", "a7", "a6", "a5", "a4"]);
+    assert!(
+        d.recent_events
+            .iter()
+            .all(|e| e.task_id.as_deref() == Some("a"))
+    );
+    assert_eq!(d.recent_events[0].task_type, Some(TaskType::UpgradeStep));
+    let all = t.store().recent_task_events("u", "b", 100).unwrap();
+    assert_eq!(all.len(), 9, "8 updates and the add");
+    assert_eq!(all.last().unwrap().kind, EventKind::TaskAdded);
+}
+
+fn batch_commits_good_and_skips_bad(t: ProgressTracker) {
+    setup(&t, "u");
+    let cmds: Vec<Command> = serde_json::from_value(json!([
+        {"op":"task.add","upgrade_id":"u","task_id":"t","name":"T","task_type":"upgrade_step"},
+        {"op":"task.update","upgrade_id":"u","task_id":"t","percentage":20.0},
+        {"op":"task.update","upgrade_id":"u","task_id":"ghost","percentage":20.0},
+        {"op":"task.pause","upgrade_id":"u","task_id":"t"},
+        {"op":"task.update","upgrade_id":"u","task_id":"t","percentage":30.0},
+        {"op":"task.resume","upgrade_id":"u","task_id":"t"},
+        {"op":"task.update","upgrade_id":"u","task_id":"t","percentage":40.0,"details":{"nodes":3}}
+    ]))
+    .unwrap();
+    let results = t.execute_batch(&cmds).unwrap();
+    let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, true, false, true, false, true, true]);
+    let d = t.task_detail("u", "t").unwrap();
+    assert_eq!(d.task.percentage, 40.0);
+    assert_eq!(d.recent_events[0].details.get("nodes"), Some(&json!(3)));
+    let seqs: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|c| c.last_seq())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(t.events_since(Some("u"), 0, 100).unwrap().len(), 6);
+}
+
+fn add_many_is_all_or_nothing(t: ProgressTracker) {
+    setup(&t, "u");
+    let err = t
+        .add_tasks(
+            "u",
+            vec![
+                NewTask::new("a", "A", TaskType::UpgradeStep),
+                NewTask::new("b", "B", TaskType::UpgradeStep).parent("a"),
+                NewTask::new("c", "C", TaskType::UpgradeStep).parent("missing"),
+            ],
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert!(t.tasks("u").unwrap().is_empty());
+    assert_eq!(t.upgrade("u").unwrap().total_tasks(), 0);
+    let err = t
+        .add_tasks(
+            "u",
+            vec![
+                NewTask::new("x", "X", TaskType::UpgradeStep).parent("y"),
+                NewTask::new("y", "Y", TaskType::UpgradeStep).parent("x"),
+            ],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("parent cycle"), "{err}");
+    // Children may come before their parents in a batch.
+    let c = t
+        .add_tasks(
+            "u",
+            vec![
+                NewTask::new("child", "C", TaskType::UpgradeStep).parent("root"),
+                NewTask::new("root", "R", TaskType::UpgradeStep),
+            ],
+        )
+        .unwrap();
+    assert_eq!(c.events.len(), 2);
+    assert_eq!(t.upgrade("u").unwrap().total_tasks(), 2);
+    assert_eq!(t.task_detail("u", "root").unwrap().task.children, 1);
+    let q = EventQuery::upgrade("u", 0, 10);
+    assert_eq!(t.store().events(&q).unwrap().len(), 3);
+}

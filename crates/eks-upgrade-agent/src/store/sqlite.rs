@@ -1,0 +1,1261 @@
+//! [`SqliteStore`]: the embedded default backend, one SQLite database in WAL mode inside the
+//! data directory. Current state lives in `upgrades` and `tasks`; history in `events`, whose
+//! rowid is the store-wide `seq`.
+//!
+//! Cost of one task update: one event insert, one task row update, one row update per ancestor,
+//! one upgrade row update: O(depth), whatever the number of tasks or events. Per-task history
+//! is a linked list (`events.prev_task_seq`, `tasks.last_event_seq`) so the recent events of a
+//! task cost O(limit) without a second index on the events table.
+//!
+//! Concurrency: one writer connection per process, `BEGIN IMMEDIATE` transactions and a busy
+//! timeout, so several processes can write the same file; a second connection serves reads,
+//! which WAL lets run while a write is in flight.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::{Committed, Durability, EventQuery, ProgressStore};
+use crate::error::{Error, Result};
+use crate::model::{
+    EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
+};
+use crate::progress::command::{Command, MAX_DEPTH, NewTask};
+use crate::progress::machine;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS upgrades (
+    ukey          INTEGER PRIMARY KEY,
+    upgrade_id    TEXT NOT NULL UNIQUE,
+    plan_id       TEXT NOT NULL,
+    cluster_name  TEXT NOT NULL,
+    status        INTEGER NOT NULL,
+    current_phase TEXT,
+    created_at    INTEGER NOT NULL,
+    started_at    INTEGER,
+    completed_at  INTEGER,
+    error_message TEXT,
+    metadata      TEXT,
+    top_weight    REAL NOT NULL DEFAULT 0,
+    top_sum       REAL NOT NULL DEFAULT 0,
+    c0 INTEGER NOT NULL DEFAULT 0, c1 INTEGER NOT NULL DEFAULT 0, c2 INTEGER NOT NULL DEFAULT 0,
+    c3 INTEGER NOT NULL DEFAULT 0, c4 INTEGER NOT NULL DEFAULT 0, c5 INTEGER NOT NULL DEFAULT 0,
+    last_seq      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    tkey            INTEGER PRIMARY KEY,
+    ukey            INTEGER NOT NULL,
+    task_id         TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    task_type       INTEGER NOT NULL,
+    parent_tkey     INTEGER,
+    parent_task_id  TEXT,
+    depth           INTEGER NOT NULL,
+    status          INTEGER NOT NULL,
+    percentage      REAL NOT NULL,
+    current_step    TEXT,
+    total_steps     INTEGER,
+    completed_steps INTEGER NOT NULL,
+    weight          REAL NOT NULL,
+    children        INTEGER NOT NULL DEFAULT 0,
+    child_weight    REAL NOT NULL DEFAULT 0,
+    child_sum       REAL NOT NULL DEFAULT 0,
+    error_message   TEXT,
+    retry_count     INTEGER NOT NULL DEFAULT 0,
+    last_message    TEXT,
+    created_at      INTEGER NOT NULL,
+    started_at      INTEGER,
+    completed_at    INTEGER,
+    duration        REAL,
+    metadata        TEXT,
+    last_event_seq  INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (ukey, task_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq           INTEGER PRIMARY KEY,
+    event_id      BLOB NOT NULL,
+    ukey          INTEGER NOT NULL,
+    tkey          INTEGER,
+    prev_task_seq INTEGER,
+    kind          INTEGER NOT NULL,
+    status        INTEGER NOT NULL,
+    ts            INTEGER NOT NULL,
+    message       TEXT,
+    details       TEXT,
+    percentage    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_upgrade ON events (ukey, seq);
+"#;
+
+/// Options for opening a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Commit durability; see [`Durability`].
+    pub durability: Durability,
+    /// How long a write waits for another process holding the write lock.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            durability: Durability::default(),
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The embedded SQLite backend. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `data_dir`.
+    pub fn open(data_dir: &Path, options: &SqliteOptions) -> Result<SqliteStore> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            Error::backend(
+                format!("cannot create data directory {}", data_dir.display()),
+                e,
+            )
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let writer = open_connection(&path, options)?;
+        migrate(&writer)?;
+        let reader = open_connection(&path, options)?;
+        reader.pragma_update(None, "query_only", true)?;
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in a write transaction on the writer connection. Other modules of the library
+    /// (artifacts, outbox) use this to share the database and its transactions.
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+fn open_connection(path: &Path, options: &SqliteOptions) -> Result<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| Error::backend(format!("cannot open {}", path.display()), e))?;
+    conn.busy_timeout(options.busy_timeout)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Backend {
+            message: format!("{} cannot use WAL mode (got {mode})", path.display()),
+            source: None,
+        });
+    }
+    let sync = match options.durability {
+        Durability::ProcessCrash => "NORMAL",
+        Durability::PowerLoss => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "cache_size", -16_000)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::Backend {
+            message: format!(
+                "the store was written by a newer version (schema {version}, this build knows {SCHEMA_VERSION})"
+            ),
+            source: None,
+        });
+    }
+    if version < SCHEMA_VERSION {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(v).unwrap_or_default()
+}
+
+fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(from_micros)
+}
+
+fn status_code(s: ProgressStatus) -> i64 {
+    s.index() as i64
+}
+
+fn status_from(code: i64) -> rusqlite::Result<ProgressStatus> {
+    ProgressStatus::ALL
+        .get(code as usize)
+        .copied()
+        .ok_or_else(|| bad_column(format!("unknown status code {code}")))
+}
+
+fn type_code(t: TaskType) -> i64 {
+    TaskType::ALL.iter().position(|x| *x == t).unwrap_or(0) as i64
+}
+
+fn type_from(code: i64) -> rusqlite::Result<TaskType> {
+    TaskType::ALL
+        .get(code as usize)
+        .copied()
+        .ok_or_else(|| bad_column(format!("unknown task type code {code}")))
+}
+
+fn bad_column(msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Integer,
+        Box::new(Error::invalid(msg)),
+    )
+}
+
+fn json_text(map: &JsonMap) -> Option<String> {
+    if map.is_empty() {
+        None
+    } else {
+        serde_json::to_string(map).ok()
+    }
+}
+
+fn json_map(text: Option<String>) -> JsonMap {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+const UPGRADE_COLS: &str = "ukey, upgrade_id, plan_id, cluster_name, status, current_phase, \
+    created_at, started_at, completed_at, error_message, metadata, top_weight, top_sum, \
+    c0, c1, c2, c3, c4, c5, last_seq";
+
+struct UpgradeRow {
+    ukey: i64,
+    upgrade: Upgrade,
+}
+
+fn upgrade_row(r: &Row<'_>) -> rusqlite::Result<UpgradeRow> {
+    let top_weight: f64 = r.get(11)?;
+    let top_sum: f64 = r.get(12)?;
+    let mut counts = [0u64; 6];
+    for (i, c) in counts.iter_mut().enumerate() {
+        *c = r.get::<_, i64>(13 + i)? as u64;
+    }
+    Ok(UpgradeRow {
+        ukey: r.get(0)?,
+        upgrade: Upgrade {
+            upgrade_id: r.get(1)?,
+            plan_id: r.get(2)?,
+            cluster_name: r.get(3)?,
+            status: status_from(r.get(4)?)?,
+            current_phase: r.get(5)?,
+            created_at: from_micros(r.get(6)?),
+            started_at: opt_time(r.get(7)?),
+            completed_at: opt_time(r.get(8)?),
+            error_message: r.get(9)?,
+            metadata: json_map(r.get(10)?),
+            overall_percentage: overall(top_weight, top_sum),
+            task_counts: counts,
+            last_seq: r.get::<_, i64>(19)? as u64,
+        },
+    })
+}
+
+fn overall(top_weight: f64, top_sum: f64) -> f64 {
+    if top_weight > 0.0 {
+        machine::clamp_pct(top_sum / top_weight)
+    } else {
+        0.0
+    }
+}
+
+const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, last_event_seq, \
+    task_id, name, task_type, parent_task_id, status, percentage, current_step, total_steps, \
+    completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
+    started_at, completed_at, duration, metadata";
+
+struct TaskRow {
+    tkey: i64,
+    parent_tkey: Option<i64>,
+    depth: u32,
+    child_weight: f64,
+    child_sum: f64,
+    last_event_seq: i64,
+    task: Task,
+}
+
+fn task_row(r: &Row<'_>, upgrade_id: &str) -> rusqlite::Result<TaskRow> {
+    Ok(TaskRow {
+        tkey: r.get(0)?,
+        parent_tkey: r.get(1)?,
+        depth: r.get(2)?,
+        child_weight: r.get(3)?,
+        child_sum: r.get(4)?,
+        last_event_seq: r.get(5)?,
+        task: Task {
+            upgrade_id: upgrade_id.to_owned(),
+            task_id: r.get(6)?,
+            name: r.get(7)?,
+            task_type: type_from(r.get(8)?)?,
+            parent_task_id: r.get(9)?,
+            status: status_from(r.get(10)?)?,
+            percentage: r.get(11)?,
+            current_step: r.get(12)?,
+            total_steps: r.get(13)?,
+            completed_steps: r.get(14)?,
+            weight: r.get(15)?,
+            children: r.get(16)?,
+            error_message: r.get(17)?,
+            retry_count: r.get(18)?,
+            last_message: r.get(19)?,
+            created_at: from_micros(r.get(20)?),
+            started_at: opt_time(r.get(21)?),
+            completed_at: opt_time(r.get(22)?),
+            duration: r.get(23)?,
+            metadata: json_map(r.get(24)?),
+        },
+    })
+}
+
+const EVENT_SELECT: &str = "SELECT e.seq, e.event_id, u.upgrade_id, e.ts, t.task_id, t.task_type, \
+    e.kind, e.status, e.message, e.details, e.percentage \
+    FROM events e JOIN upgrades u ON u.ukey = e.ukey LEFT JOIN tasks t ON t.tkey = e.tkey";
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<ProgressEvent> {
+    let id: Vec<u8> = r.get(1)?;
+    let event_id = Uuid::from_slice(&id)
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| String::from_utf8_lossy(&id).into_owned());
+    let kind: i64 = r.get(6)?;
+    Ok(ProgressEvent {
+        seq: r.get::<_, i64>(0)? as u64,
+        event_id,
+        upgrade_id: r.get(2)?,
+        timestamp: from_micros(r.get(3)?),
+        task_id: r.get(4)?,
+        task_type: r.get::<_, Option<i64>>(5)?.map(type_from).transpose()?,
+        kind: EventKind::from_code(kind)
+            .ok_or_else(|| bad_column(format!("unknown event kind {kind}")))?,
+        status: status_from(r.get(7)?)?,
+        message: r.get(8)?,
+        details: json_map(r.get(9)?),
+        percentage: r.get(10)?,
+    })
+}
+
+fn upgrade_not_found(upgrade_id: &str) -> Error {
+    Error::not_found(format!("upgrade {upgrade_id:?}"))
+}
+
+fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
+    Error::not_found(format!("task {task_id:?} of upgrade {upgrade_id:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+/// Everything one command changes on the upgrade row, applied in one statement at the end.
+#[derive(Default)]
+struct UpgradeDelta {
+    counts: [i64; 6],
+    top_weight: f64,
+    top_sum: f64,
+    last_seq: i64,
+}
+
+impl UpgradeDelta {
+    fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
+        if let Some(f) = from {
+            self.counts[f.index()] -= 1;
+        }
+        self.counts[to.index()] += 1;
+    }
+
+    fn flush(&self, tx: &Transaction<'_>, ukey: i64) -> Result<()> {
+        tx.prepare_cached(
+            "UPDATE upgrades SET c0 = c0 + ?2, c1 = c1 + ?3, c2 = c2 + ?4, c3 = c3 + ?5, \
+             c4 = c4 + ?6, c5 = c5 + ?7, top_weight = top_weight + ?8, top_sum = top_sum + ?9, \
+             last_seq = max(last_seq, ?10) WHERE ukey = ?1",
+        )?
+        .execute(params![
+            ukey,
+            self.counts[0],
+            self.counts[1],
+            self.counts[2],
+            self.counts[3],
+            self.counts[4],
+            self.counts[5],
+            self.top_weight,
+            self.top_sum,
+            self.last_seq
+        ])?;
+        Ok(())
+    }
+}
+
+struct NewEvent<'a> {
+    ukey: i64,
+    tkey: Option<i64>,
+    prev_task_seq: Option<i64>,
+    kind: EventKind,
+    status: ProgressStatus,
+    ts: DateTime<Utc>,
+    message: Option<&'a str>,
+    details: Option<&'a JsonMap>,
+    percentage: f64,
+    event_id: Option<Uuid>,
+}
+
+fn insert_event(tx: &Transaction<'_>, e: &NewEvent<'_>) -> Result<(i64, Uuid)> {
+    let id = e.event_id.unwrap_or_else(Uuid::now_v7);
+    tx.prepare_cached(
+        "INSERT INTO events (event_id, ukey, tkey, prev_task_seq, kind, status, ts, message, \
+         details, percentage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        id.as_bytes().as_slice(),
+        e.ukey,
+        e.tkey,
+        e.prev_task_seq,
+        e.kind.code(),
+        status_code(e.status),
+        micros(e.ts),
+        e.message,
+        e.details.and_then(json_text),
+        e.percentage
+    ])?;
+    Ok((tx.last_insert_rowid(), id))
+}
+
+fn load_upgrade(tx: &Connection, upgrade_id: &str) -> Result<UpgradeRow> {
+    tx.prepare_cached(&format!(
+        "SELECT {UPGRADE_COLS} FROM upgrades WHERE upgrade_id = ?1"
+    ))?
+    .query_row([upgrade_id], upgrade_row)
+    .optional()?
+    .ok_or_else(|| upgrade_not_found(upgrade_id))
+}
+
+fn upgrade_key(tx: &Connection, upgrade_id: &str) -> Result<i64> {
+    tx.prepare_cached("SELECT ukey FROM upgrades WHERE upgrade_id = ?1")?
+        .query_row([upgrade_id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| upgrade_not_found(upgrade_id))
+}
+
+fn load_task(tx: &Connection, ukey: i64, upgrade_id: &str, task_id: &str) -> Result<TaskRow> {
+    tx.prepare_cached(&format!(
+        "SELECT {TASK_COLS} FROM tasks WHERE ukey = ?1 AND task_id = ?2"
+    ))?
+    .query_row(params![ukey, task_id], |r| task_row(r, upgrade_id))
+    .optional()?
+    .ok_or_else(|| task_not_found(upgrade_id, task_id))
+}
+
+fn save_task(tx: &Transaction<'_>, row: &TaskRow) -> Result<()> {
+    let t = &row.task;
+    tx.prepare_cached(
+        "UPDATE tasks SET status = ?2, percentage = ?3, current_step = ?4, completed_steps = ?5, \
+         error_message = ?6, retry_count = ?7, last_message = ?8, started_at = ?9, \
+         completed_at = ?10, duration = ?11, last_event_seq = ?12, children = ?13, \
+         child_weight = ?14, child_sum = ?15 WHERE tkey = ?1",
+    )?
+    .execute(params![
+        row.tkey,
+        status_code(t.status),
+        t.percentage,
+        t.current_step,
+        t.completed_steps,
+        t.error_message,
+        t.retry_count,
+        t.last_message,
+        t.started_at.map(micros),
+        t.completed_at.map(micros),
+        t.duration,
+        row.last_event_seq,
+        t.children,
+        row.child_weight,
+        row.child_sum
+    ])?;
+    Ok(())
+}
+
+/// Adds `d_sum` (a change of weighted percentage) and `d_weight` to the children sums of
+/// `parent` and carries the parent's own change upwards. Stops as soon as a level does not
+/// change. The change that reaches the top is added to `delta` (the upgrade's mean).
+fn propagate(
+    tx: &Transaction<'_>,
+    upgrade_id: &str,
+    mut parent: Option<i64>,
+    mut d_sum: f64,
+    mut d_weight: f64,
+    mut d_children: u32,
+    delta: &mut UpgradeDelta,
+) -> Result<()> {
+    while let Some(pkey) = parent {
+        if d_sum == 0.0 && d_weight == 0.0 && d_children == 0 {
+            return Ok(());
+        }
+        let mut row = tx
+            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
+            .query_row([pkey], |r| task_row(r, upgrade_id))?;
+        row.child_weight += d_weight;
+        row.child_sum += d_sum;
+        row.task.children += d_children;
+        let old = row.task.percentage;
+        let new =
+            machine::effective_percentage(row.task.status, old, row.child_weight, row.child_sum);
+        row.task.percentage = new;
+        save_task(tx, &row)?;
+        d_sum = row.task.weight * (new - old);
+        d_weight = 0.0;
+        d_children = 0;
+        parent = row.parent_tkey;
+    }
+    delta.top_sum += d_sum;
+    delta.top_weight += d_weight;
+    Ok(())
+}
+
+fn execute_one(tx: &Transaction<'_>, command: &Command, now: DateTime<Utc>) -> Result<Committed> {
+    command.validate()?;
+    match command {
+        Command::UpgradeCreate {
+            upgrade_id,
+            plan_id,
+            cluster_name,
+            metadata,
+        } => {
+            if upgrade_key(tx, upgrade_id).is_ok() {
+                return Err(Error::AlreadyExists {
+                    what: format!("upgrade {upgrade_id:?}"),
+                });
+            }
+            tx.prepare_cached(
+                "INSERT INTO upgrades (upgrade_id, plan_id, cluster_name, status, created_at, metadata) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                upgrade_id,
+                plan_id,
+                cluster_name,
+                status_code(ProgressStatus::NotStarted),
+                micros(now),
+                json_text(metadata)
+            ])?;
+            let ukey = tx.last_insert_rowid();
+            let event = NewEvent {
+                ukey,
+                tkey: None,
+                prev_task_seq: None,
+                kind: EventKind::UpgradeCreated,
+                status: ProgressStatus::NotStarted,
+                ts: now,
+                message: None,
+                details: None,
+                percentage: 0.0,
+                event_id: None,
+            };
+            let (seq, id) = insert_event(tx, &event)?;
+            UpgradeDelta {
+                last_seq: seq,
+                ..Default::default()
+            }
+            .flush(tx, ukey)?;
+            Ok(Committed {
+                events: vec![to_event(&event, seq, id, upgrade_id, None)],
+                status_changes: Vec::new(),
+            })
+        }
+        Command::UpgradeStart { upgrade_id, .. }
+        | Command::UpgradePhase { upgrade_id, .. }
+        | Command::UpgradeComplete { upgrade_id, .. }
+        | Command::UpgradeFail { upgrade_id, .. } => {
+            let row = load_upgrade(tx, upgrade_id)?;
+            let from = row.upgrade.status;
+            let to = machine::upgrade_transition(upgrade_id, from, command)?.unwrap_or(from);
+            let mut u = row.upgrade;
+            let (kind, message) = match command {
+                Command::UpgradeStart { phase, .. } => {
+                    u.started_at = Some(now);
+                    if phase.is_some() {
+                        u.current_phase.clone_from(phase);
+                    }
+                    (EventKind::UpgradeStarted, phase.clone())
+                }
+                Command::UpgradePhase { phase, .. } => {
+                    u.current_phase = Some(phase.clone());
+                    (EventKind::UpgradePhaseChanged, Some(phase.clone()))
+                }
+                Command::UpgradeComplete { message, .. } => {
+                    u.completed_at = Some(now);
+                    (EventKind::UpgradeCompleted, message.clone())
+                }
+                Command::UpgradeFail { error_message, .. } => {
+                    u.completed_at = Some(now);
+                    u.error_message = Some(error_message.clone());
+                    (EventKind::UpgradeFailed, Some(error_message.clone()))
+                }
+                _ => unreachable!(),
+            };
+            let event = NewEvent {
+                ukey: row.ukey,
+                tkey: None,
+                prev_task_seq: None,
+                kind,
+                status: to,
+                ts: now,
+                message: message.as_deref(),
+                details: None,
+                percentage: u.overall_percentage,
+                event_id: None,
+            };
+            let (seq, id) = insert_event(tx, &event)?;
+            tx.prepare_cached(
+                "UPDATE upgrades SET status = ?2, current_phase = ?3, started_at = ?4, \
+                 completed_at = ?5, error_message = ?6, last_seq = ?7 WHERE ukey = ?1",
+            )?
+            .execute(params![
+                row.ukey,
+                status_code(to),
+                u.current_phase,
+                u.started_at.map(micros),
+                u.completed_at.map(micros),
+                u.error_message,
+                seq
+            ])?;
+            let mut status_changes = Vec::new();
+            if from != to {
+                status_changes.push(StatusChange {
+                    seq: seq as u64,
+                    upgrade_id: upgrade_id.clone(),
+                    task_id: None,
+                    from,
+                    to,
+                });
+            }
+            Ok(Committed {
+                events: vec![to_event(&event, seq, id, upgrade_id, None)],
+                status_changes,
+            })
+        }
+        Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {
+            let tasks = command.new_tasks();
+            add_tasks(tx, upgrade_id, &tasks, now)
+        }
+        _ => {
+            let upgrade_id = command.upgrade_id();
+            let (task_id, _) = command.task_op().expect("remaining commands are task ops");
+            let ukey = upgrade_key(tx, upgrade_id)?;
+            let mut row = load_task(tx, ukey, upgrade_id, task_id)?;
+            let from = row.task.status;
+            let old_pct = row.task.percentage;
+            let effect = machine::apply_task(&mut row.task, command, now)?;
+            let to = row.task.status;
+            row.task.percentage = machine::effective_percentage(
+                to,
+                row.task.percentage,
+                row.child_weight,
+                row.child_sum,
+            );
+            let details = match command {
+                Command::TaskUpdate { details, .. } => Some(details),
+                _ => None,
+            };
+            let event = NewEvent {
+                ukey,
+                tkey: Some(row.tkey),
+                prev_task_seq: Some(row.last_event_seq).filter(|s| *s > 0),
+                kind: effect.kind,
+                status: to,
+                ts: now,
+                message: effect.message.as_deref(),
+                details,
+                percentage: row.task.percentage,
+                event_id: None,
+            };
+            let (seq, id) = insert_event(tx, &event)?;
+            row.last_event_seq = seq;
+            save_task(tx, &row)?;
+            let mut delta = UpgradeDelta {
+                last_seq: seq,
+                ..Default::default()
+            };
+            if from != to {
+                delta.status(Some(from), to);
+            }
+            let d_sum = row.task.weight * (row.task.percentage - old_pct);
+            propagate(tx, upgrade_id, row.parent_tkey, d_sum, 0.0, 0, &mut delta)?;
+            delta.flush(tx, ukey)?;
+            let mut status_changes = Vec::new();
+            if from != to {
+                status_changes.push(StatusChange {
+                    seq: seq as u64,
+                    upgrade_id: upgrade_id.to_owned(),
+                    task_id: Some(task_id.to_owned()),
+                    from,
+                    to,
+                });
+            }
+            let task_type = row.task.task_type;
+            Ok(Committed {
+                events: vec![to_event(
+                    &event,
+                    seq,
+                    id,
+                    upgrade_id,
+                    Some((task_id, task_type)),
+                )],
+                status_changes,
+            })
+        }
+    }
+}
+
+fn to_event(
+    e: &NewEvent<'_>,
+    seq: i64,
+    id: Uuid,
+    upgrade_id: &str,
+    task: Option<(&str, TaskType)>,
+) -> ProgressEvent {
+    ProgressEvent {
+        seq: seq as u64,
+        event_id: id.to_string(),
+        kind: e.kind,
+        upgrade_id: upgrade_id.to_owned(),
+        timestamp: e.ts,
+        task_id: task.map(|(t, _)| t.to_owned()),
+        task_type: task.map(|(_, ty)| ty),
+        status: e.status,
+        message: e.message.map(str::to_owned),
+        details: e.details.cloned().unwrap_or_default(),
+        percentage: e.percentage,
+    }
+}
+
+/// Orders a batch so that parents come before children, and rejects duplicates and cycles.
+fn order_batch(tasks: &[NewTask]) -> Result<Vec<usize>> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(tasks.len());
+    for (i, t) in tasks.iter().enumerate() {
+        if index.insert(t.task_id.as_str(), i).is_some() {
+            return Err(Error::invalid(format!(
+                "task {:?} appears twice in the batch",
+                t.task_id
+            )));
+        }
+    }
+    // 0 = unvisited, 1 = on the current path, 2 = placed
+    let mut state = vec![0u8; tasks.len()];
+    let mut order = Vec::with_capacity(tasks.len());
+    for start in 0..tasks.len() {
+        let mut path = Vec::new();
+        let mut cur = Some(start);
+        while let Some(i) = cur {
+            match state[i] {
+                2 => break,
+                1 => {
+                    let cycle: Vec<&str> = path
+                        .iter()
+                        .map(|j: &usize| tasks[*j].task_id.as_str())
+                        .collect();
+                    return Err(Error::invalid(format!(
+                        "parent cycle: {} -> {}",
+                        cycle.join(" -> "),
+                        tasks[i].task_id
+                    )));
+                }
+                _ => {}
+            }
+            state[i] = 1;
+            path.push(i);
+            cur = tasks[i]
+                .parent_task_id
+                .as_deref()
+                .and_then(|p| index.get(p).copied());
+        }
+        for i in path.into_iter().rev() {
+            state[i] = 2;
+            order.push(i);
+        }
+    }
+    Ok(order)
+}
+
+fn add_tasks(
+    tx: &Transaction<'_>,
+    upgrade_id: &str,
+    tasks: &[NewTask],
+    now: DateTime<Utc>,
+) -> Result<Committed> {
+    let ukey = upgrade_key(tx, upgrade_id)?;
+    let order = order_batch(tasks)?;
+    let mut delta = UpgradeDelta::default();
+    let mut committed = Committed::default();
+    for i in order {
+        let t = &tasks[i];
+        let exists: Option<i64> = tx
+            .prepare_cached("SELECT tkey FROM tasks WHERE ukey = ?1 AND task_id = ?2")?
+            .query_row(params![ukey, t.task_id], |r| r.get(0))
+            .optional()?;
+        if exists.is_some() {
+            return Err(Error::AlreadyExists {
+                what: format!("task {:?} of upgrade {upgrade_id:?}", t.task_id),
+            });
+        }
+        let (parent_tkey, depth) = match &t.parent_task_id {
+            None => (None, 0),
+            Some(p) => {
+                let parent = load_task(tx, ukey, upgrade_id, p).map_err(|e| match e {
+                    Error::NotFound { .. } => Error::not_found(format!(
+                        "parent task {p:?} of task {:?} in upgrade {upgrade_id:?}",
+                        t.task_id
+                    )),
+                    other => other,
+                })?;
+                if parent.depth + 1 > MAX_DEPTH {
+                    return Err(Error::invalid(format!(
+                        "task {:?} would be {} levels deep; the limit is {MAX_DEPTH}",
+                        t.task_id,
+                        parent.depth + 1
+                    )));
+                }
+                (Some(parent.tkey), parent.depth + 1)
+            }
+        };
+        let weight = t.weight.unwrap_or(1.0);
+        tx.prepare_cached(
+            "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
+             status, percentage, total_steps, completed_steps, weight, created_at, metadata) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, 0, ?10, ?11, ?12)",
+        )?
+        .execute(params![
+            ukey,
+            t.task_id,
+            t.name,
+            type_code(t.task_type),
+            parent_tkey,
+            t.parent_task_id,
+            depth,
+            status_code(ProgressStatus::NotStarted),
+            t.total_steps,
+            weight,
+            micros(now),
+            json_text(&t.metadata)
+        ])?;
+        let tkey = tx.last_insert_rowid();
+        let event = NewEvent {
+            ukey,
+            tkey: Some(tkey),
+            prev_task_seq: None,
+            kind: EventKind::TaskAdded,
+            status: ProgressStatus::NotStarted,
+            ts: now,
+            message: Some(&t.name),
+            details: None,
+            percentage: 0.0,
+            event_id: None,
+        };
+        let (seq, id) = insert_event(tx, &event)?;
+        tx.prepare_cached("UPDATE tasks SET last_event_seq = ?2 WHERE tkey = ?1")?
+            .execute(params![tkey, seq])?;
+        delta.status(None, ProgressStatus::NotStarted);
+        delta.last_seq = seq;
+        propagate(tx, upgrade_id, parent_tkey, 0.0, weight, 1, &mut delta)?;
+        committed.events.push(to_event(
+            &event,
+            seq,
+            id,
+            upgrade_id,
+            Some((&t.task_id, t.task_type)),
+        ));
+    }
+    delta.flush(tx, ukey)?;
+    Ok(committed)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl ProgressStore for SqliteStore {
+    fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = Utc::now();
+        let mut results = Vec::with_capacity(commands.len());
+        if let [command] = commands {
+            // One command: no savepoint needed, a failure rolls the transaction back.
+            match execute_one(&tx, command, now) {
+                Ok(c) => {
+                    tx.commit()?;
+                    return Ok(vec![Ok(c)]);
+                }
+                Err(e @ Error::Backend { .. }) => return Err(e),
+                Err(e) => return Ok(vec![Err(e)]),
+            }
+        }
+        for command in commands {
+            tx.execute_batch("SAVEPOINT cmd")?;
+            match execute_one(&tx, command, now) {
+                Ok(c) => {
+                    tx.execute_batch("RELEASE cmd")?;
+                    results.push(Ok(c));
+                }
+                Err(e @ Error::Backend { .. }) => return Err(e),
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                    results.push(Err(e));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+
+    fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
+        self.write(|tx| import_upgrade(tx, upgrade, tasks, events))
+    }
+
+    fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
+        Ok(load_upgrade(&self.reader(), upgrade_id)?.upgrade)
+    }
+
+    fn list_upgrades(&self) -> Result<Vec<Upgrade>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {UPGRADE_COLS} FROM upgrades ORDER BY ukey"
+        ))?;
+        let rows = stmt.query_map([], |r| upgrade_row(r).map(|u| u.upgrade))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE ukey = ?1 ORDER BY tkey"
+        ))?;
+        let rows = stmt.query_map([ukey], |r| task_row(r, upgrade_id).map(|t| t.task))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        Ok(load_task(&conn, ukey, upgrade_id, task_id)?.task)
+    }
+
+    fn recent_task_events(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ProgressEvent>> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        let row = load_task(&conn, ukey, upgrade_id, task_id)?;
+        let mut out = Vec::with_capacity(limit.min(64));
+        let mut next = Some(row.last_event_seq).filter(|s| *s > 0);
+        let mut stmt = conn.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
+        let mut prev = conn.prepare_cached("SELECT prev_task_seq FROM events WHERE seq = ?1")?;
+        while let Some(seq) = next {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(stmt.query_row([seq], event_row)?);
+            next = prev
+                .query_row([seq], |r| r.get::<_, Option<i64>>(0))
+                .optional()?
+                .flatten();
+        }
+        Ok(out)
+    }
+
+    fn events(&self, query: &EventQuery) -> Result<Vec<ProgressEvent>> {
+        let conn = self.reader();
+        let since = i64::try_from(query.since).unwrap_or(i64::MAX);
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        match &query.upgrade_id {
+            Some(upgrade_id) => {
+                let ukey = upgrade_key(&conn, upgrade_id)?;
+                let mut stmt = conn.prepare_cached(&format!(
+                    "{EVENT_SELECT} WHERE e.ukey = ?1 AND e.seq > ?2 ORDER BY e.seq LIMIT ?3"
+                ))?;
+                let rows = stmt.query_map(params![ukey, since, limit], event_row)?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            }
+            None => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "{EVENT_SELECT} WHERE e.seq > ?1 ORDER BY e.seq LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![since, limit], event_row)?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            }
+        }
+    }
+
+    fn last_seq(&self) -> Result<u64> {
+        let conn = self.reader();
+        let seq: Option<i64> = conn
+            .prepare_cached("SELECT max(seq) FROM events")?
+            .query_row([], |r| r.get(0))?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+}
+
+fn import_upgrade(
+    tx: &Transaction<'_>,
+    upgrade: &Upgrade,
+    tasks: &[Task],
+    events: &[ProgressEvent],
+) -> Result<u64> {
+    if upgrade_key(tx, &upgrade.upgrade_id).is_ok() {
+        return Err(Error::AlreadyExists {
+            what: format!("upgrade {:?}", upgrade.upgrade_id),
+        });
+    }
+    // Rebuild the rollup sums from the tasks as they are.
+    let index: HashMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.task_id.as_str(), i))
+        .collect();
+    let mut child = vec![(0u32, 0.0f64, 0.0f64); tasks.len()];
+    let mut counts = [0i64; 6];
+    let (mut top_w, mut top_s) = (0.0, 0.0);
+    for t in tasks {
+        counts[t.status.index()] += 1;
+        match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
+            Some(&p) => {
+                child[p].0 += 1;
+                child[p].1 += t.weight;
+                child[p].2 += t.weight * t.percentage;
+            }
+            None => {
+                top_w += t.weight;
+                top_s += t.weight * t.percentage;
+            }
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO upgrades (upgrade_id, plan_id, cluster_name, status, current_phase, created_at, \
+         started_at, completed_at, error_message, metadata, top_weight, top_sum, \
+         c0, c1, c2, c3, c4, c5) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+    )?
+    .execute(params![
+        upgrade.upgrade_id,
+        upgrade.plan_id,
+        upgrade.cluster_name,
+        status_code(upgrade.status),
+        upgrade.current_phase,
+        micros(upgrade.created_at),
+        upgrade.started_at.map(micros),
+        upgrade.completed_at.map(micros),
+        upgrade.error_message,
+        json_text(&upgrade.metadata),
+        top_w,
+        top_s,
+        counts[0],
+        counts[1],
+        counts[2],
+        counts[3],
+        counts[4],
+        counts[5]
+    ])?;
+    let ukey = tx.last_insert_rowid();
+    let mut tkeys: HashMap<&str, (i64, u32)> = HashMap::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let (parent_tkey, depth) = match &t.parent_task_id {
+            None => (None, 0),
+            Some(p) => {
+                let (k, d) = tkeys.get(p.as_str()).copied().ok_or_else(|| {
+                    Error::invalid(format!(
+                        "task {:?} names parent {p:?}, which is not among the tasks before it",
+                        t.task_id
+                    ))
+                })?;
+                (Some(k), d + 1)
+            }
+        };
+        let (children, cw, cs) = child[i];
+        let pct = machine::effective_percentage(t.status, t.percentage, cw, cs);
+        tx.prepare_cached(
+            "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
+             status, percentage, current_step, total_steps, completed_steps, weight, children, \
+             child_weight, child_sum, error_message, retry_count, last_message, created_at, \
+             started_at, completed_at, duration, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
+             ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+        )
+        .map_err(Error::from)
+        .and_then(|mut s| {
+            s.execute(params![
+                ukey,
+                t.task_id,
+                t.name,
+                type_code(t.task_type),
+                parent_tkey,
+                t.parent_task_id,
+                depth,
+                status_code(t.status),
+                pct,
+                t.current_step,
+                t.total_steps,
+                t.completed_steps,
+                t.weight,
+                children,
+                cw,
+                cs,
+                t.error_message,
+                t.retry_count,
+                t.last_message,
+                micros(t.created_at),
+                t.started_at.map(micros),
+                t.completed_at.map(micros),
+                t.duration,
+                json_text(&t.metadata)
+            ])
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Error::invalid(format!("task {:?} appears twice", t.task_id))
+                }
+                other => other.into(),
+            })
+        })?;
+        tkeys.insert(&t.task_id, (tx.last_insert_rowid(), depth));
+    }
+    let mut last_seq = 0;
+    let mut last_task_seq: HashMap<i64, i64> = HashMap::new();
+    for e in events {
+        let tkey = match &e.task_id {
+            Some(t) => Some(
+                tkeys
+                    .get(t.as_str())
+                    .map(|(k, _)| *k)
+                    .ok_or_else(|| Error::invalid(format!("event names unknown task {t:?}")))?,
+            ),
+            None => None,
+        };
+        let prev = tkey.and_then(|k| last_task_seq.get(&k).copied());
+        let event_id = Uuid::parse_str(&e.event_id).ok();
+        let (seq, _) = insert_event(
+            tx,
+            &NewEvent {
+                ukey,
+                tkey,
+                prev_task_seq: prev,
+                kind: e.kind,
+                status: e.status,
+                ts: e.timestamp,
+                message: e.message.as_deref(),
+                details: Some(&e.details),
+                percentage: e.percentage,
+                event_id,
+            },
+        )?;
+        if let Some(k) = tkey {
+            last_task_seq.insert(k, seq);
+        }
+        last_seq = seq;
+    }
+    for (tkey, seq) in &last_task_seq {
+        tx.prepare_cached("UPDATE tasks SET last_event_seq = ?2 WHERE tkey = ?1")?
+            .execute(params![tkey, seq])?;
+    }
+    tx.prepare_cached("UPDATE upgrades SET last_seq = ?2 WHERE ukey = ?1")?
+        .execute(params![ukey, last_seq])?;
+    Ok(last_seq as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::command::NewTask;
+
+    #[test]
+    fn batch_order_puts_parents_first_and_finds_cycles() {
+        let tasks = vec![
+            NewTask::new("c", "C", TaskType::UpgradeStep).parent("b"),
+            NewTask::new("b", "B", TaskType::UpgradeStep).parent("a"),
+            NewTask::new("a", "A", TaskType::UpgradeStep),
+        ];
+        let order = order_batch(&tasks).unwrap();
+        let ids: Vec<_> = order.iter().map(|i| tasks[*i].task_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+
+        let cyclic = vec![
+            NewTask::new("a", "A", TaskType::UpgradeStep).parent("b"),
+            NewTask::new("b", "B", TaskType::UpgradeStep).parent("a"),
+        ];
+        let err = order_batch(&cyclic).unwrap_err().to_string();
+        assert!(err.starts_with("parent cycle: a -> b -> a"), "{err}");
+
+        let dup = vec![
+            NewTask::new("a", "A", TaskType::UpgradeStep),
+            NewTask::new("a", "A2", TaskType::UpgradeStep),
+        ];
+        assert!(order_batch(&dup).unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store::conformance::run(&|| {
+            let sub = dir.path().join(Uuid::now_v7().to_string());
+            Box::new(SqliteStore::open(&sub, &SqliteOptions::default()).unwrap())
+        });
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("newer version"), "{err}");
+    }
+}
