@@ -1,1 +1,128 @@
-fn main() {}
+//! `eks-upgrade-agent`: the one binary. Parses flags, layers configuration, opens the store and
+//! hands off to the subcommand modules.
+//!
+//! Exit codes: 0 success; 1 the operation failed (bad input, unknown id, invalid transition,
+//! storage error; for `progress apply`, at least one line was rejected); 2 usage error (unknown
+//! flag, malformed value). A closed stdout (e.g. `| head`) exits 0.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use eks_upgrade_agent::ProgressTracker;
+use eks_upgrade_agent::config::{Config, default_data_dir};
+use eks_upgrade_agent::store::Durability;
+
+mod demo;
+mod kv;
+mod progress;
+mod render;
+
+/// Progress tracking and test artifacts for EKS cluster upgrades.
+#[derive(Debug, Parser)]
+#[command(name = "eks-upgrade-agent", version, about, max_term_width = 100)]
+struct Cli {
+    /// Directory holding the store [default: $XDG_DATA_HOME/eks-upgrade-agent, else
+    /// ~/.local/share/eks-upgrade-agent]
+    #[arg(long, global = true, env = "EUA_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Output format: `table` for people, `json` for programs
+    #[arg(short, long, global = true, env = "EUA_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
+
+    /// Commit durability: `process_crash` survives kill -9 (default), `power_loss` also
+    /// survives power loss (fsync per commit)
+    #[arg(long, global = true, env = "EUA_DURABILITY", value_name = "LEVEL")]
+    durability: Option<Durability>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Human-readable tables and trees.
+    Table,
+    /// Machine-readable JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Track upgrades and their tasks
+    #[command(subcommand)]
+    Progress(progress::ProgressCmd),
+    /// Simulate a realistic EKS upgrade into the store, with live progress bars
+    Demo(demo::DemoArgs),
+}
+
+/// What every subcommand gets.
+struct Ctx {
+    output: Output,
+    config: Config,
+}
+
+impl Ctx {
+    fn tracker(&self) -> anyhow::Result<ProgressTracker> {
+        let store = self.config.open_store().with_context(|| {
+            format!(
+                "cannot open the store in {}",
+                self.config.data_dir.display()
+            )
+        })?;
+        Ok(ProgressTracker::new(Arc::new(store)))
+    }
+
+    fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EUA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            let _ = writeln!(io::stderr(), "error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut config = Config::new(cli.data_dir.unwrap_or_else(default_data_dir));
+    if let Some(d) = cli.durability {
+        config.durability = d;
+    }
+    let ctx = Ctx {
+        output: cli.output,
+        config,
+    };
+    match cli.command {
+        Command::Progress(cmd) => progress::run(&ctx, cmd),
+        Command::Demo(args) => demo::run(&ctx, args),
+    }
+}

@@ -4,7 +4,7 @@
 
 pub mod apply;
 pub mod command;
-pub(crate) mod machine;
+pub mod machine;
 pub mod reference;
 pub mod tracker;
 

@@ -1,0 +1,622 @@
+//! `eks-upgrade-agent progress ...`: every progress operation of the library, one subcommand
+//! each, plus `events`, `watch`, `export`, `import` and `apply`.
+
+use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use eks_upgrade_agent::ProgressTracker;
+use eks_upgrade_agent::model::{ProgressStatus, TaskType};
+use eks_upgrade_agent::progress::apply::{self, ApplyOptions};
+use eks_upgrade_agent::progress::{Command, NewTask, reference};
+use eks_upgrade_agent::store::Committed;
+
+use crate::kv::{parse_kv, to_map};
+use crate::render;
+use crate::{Ctx, Output};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProgressCmd {
+    /// Create, start, move through phases, complete or fail upgrades
+    #[command(subcommand)]
+    Upgrade(UpgradeCmd),
+    /// Add tasks and report their progress
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Print an upgrade's events (oldest first), optionally following new ones
+    Events {
+        /// Upgrade id
+        upgrade: String,
+        /// Only events with seq greater than this
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new events (also those written by other processes); with -o json,
+        /// prints one JSON object per line
+        #[arg(long)]
+        follow: bool,
+        /// Most events to print (without --follow)
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Show live progress bars until the upgrade ends
+    Watch {
+        /// Upgrade id
+        upgrade: String,
+        /// How often to look for changes, in milliseconds
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Write the reference JSON (upgrade_<id>.json) of an upgrade
+    Export {
+        /// Upgrade id
+        upgrade: String,
+        /// Output file; `-` for stdout [default: upgrade_<id>.json]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Import a reference progress file (as written by the Python agent or by export)
+    Import {
+        /// The upgrade_<id>.json file
+        file: PathBuf,
+    },
+    /// Read JSON Lines commands on stdin; acknowledge each line on stdout once durable
+    ///
+    /// One object per line, e.g.
+    /// {"op":"task.update","upgrade_id":"u1","task_id":"t1","percentage":42.0,"message":"m"}.
+    /// Ops: upgrade.create|start|phase|complete|fail, task.add|add_many|start|update|step|
+    /// complete|fail|pause|resume|cancel|retry, with the model's field names. Each line gets
+    /// {"ok":true,"seq":N} or {"ok":false,"line":L,"code":"...","error":"..."}; bad lines do
+    /// not stop the stream. Exits 1 if any line was rejected.
+    Apply {
+        /// Most lines committed in one transaction
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        max_batch: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UpgradeCmd {
+    /// Create an upgrade
+    Create {
+        /// New upgrade id
+        upgrade: String,
+        /// Plan id
+        #[arg(long)]
+        plan: String,
+        /// Cluster name
+        #[arg(long)]
+        cluster: String,
+        /// Metadata KEY=VALUE (repeatable)
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        meta: Vec<(String, Value)>,
+    },
+    /// Start an upgrade
+    Start {
+        /// Upgrade id
+        upgrade: String,
+        /// Initial phase
+        #[arg(long)]
+        phase: Option<String>,
+    },
+    /// Enter a new phase
+    Phase {
+        /// Upgrade id
+        upgrade: String,
+        /// Phase name
+        name: String,
+    },
+    /// Complete an upgrade
+    Complete {
+        /// Upgrade id
+        upgrade: String,
+    },
+    /// Fail an upgrade
+    Fail {
+        /// Upgrade id
+        upgrade: String,
+        /// What went wrong
+        #[arg(long)]
+        error: String,
+    },
+    /// Summary (reference fields) and task tree
+    Show {
+        /// Upgrade id
+        upgrade: String,
+    },
+    /// List upgrades
+    List,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TaskRef {
+    /// Upgrade id
+    upgrade: String,
+    /// Task id
+    task: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TaskMsg {
+    #[command(flatten)]
+    r: TaskRef,
+    /// Message recorded with the event
+    #[arg(long, short)]
+    message: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TaskCmd {
+    /// Add a task
+    Add {
+        #[command(flatten)]
+        r: TaskRef,
+        /// Display name
+        #[arg(long)]
+        name: String,
+        /// upgrade_plan, upgrade_step, validation, rollback or cleanup
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
+        task_type: TaskType,
+        /// Parent task
+        #[arg(long)]
+        parent: Option<String>,
+        /// Number of steps (then `step` sets the percentage)
+        #[arg(long)]
+        total_steps: Option<u32>,
+        /// Weight in the parent's percentage (default 1)
+        #[arg(long)]
+        weight: Option<f64>,
+        /// Metadata KEY=VALUE (repeatable)
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        meta: Vec<(String, Value)>,
+    },
+    /// Start a task
+    Start(TaskMsg),
+    /// Report a percentage
+    Update {
+        #[command(flatten)]
+        r: TaskRef,
+        /// 0..=100
+        #[arg(long, allow_negative_numbers = true)]
+        percent: f64,
+        /// Message recorded with the event
+        #[arg(long, short)]
+        message: Option<String>,
+        /// Details KEY=VALUE (repeatable)
+        #[arg(long = "detail", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        detail: Vec<(String, Value)>,
+    },
+    /// Report steps done
+    Step {
+        #[command(flatten)]
+        r: TaskRef,
+        /// Steps done so far
+        #[arg(long)]
+        completed: u32,
+        /// Name of the step now running
+        #[arg(long)]
+        name: Option<String>,
+        /// Message recorded with the event
+        #[arg(long, short)]
+        message: Option<String>,
+    },
+    /// Complete a task
+    Complete(TaskMsg),
+    /// Fail a task
+    Fail {
+        #[command(flatten)]
+        r: TaskRef,
+        /// What went wrong
+        #[arg(long)]
+        error: String,
+    },
+    /// Pause a running task
+    Pause(TaskMsg),
+    /// Resume a paused task
+    Resume(TaskMsg),
+    /// Cancel a task
+    Cancel(TaskMsg),
+    /// Retry a failed or cancelled task
+    Retry(TaskMsg),
+    /// Show a task with its five most recent events
+    Show(TaskRef),
+}
+
+fn parse_type(s: &str) -> Result<TaskType, String> {
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
+}
+
+pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
+    let tracker = ctx.tracker()?;
+    match cmd {
+        ProgressCmd::Upgrade(c) => upgrade(ctx, &tracker, c),
+        ProgressCmd::Task(c) => task(ctx, &tracker, c),
+        ProgressCmd::Events {
+            upgrade,
+            since,
+            follow,
+            limit,
+        } => events(ctx, &tracker, &upgrade, since, follow, limit),
+        ProgressCmd::Watch {
+            upgrade,
+            interval_ms,
+        } => render::watch(
+            ctx,
+            &tracker,
+            &upgrade,
+            Duration::from_millis(interval_ms.max(10)),
+        ),
+        ProgressCmd::Export { upgrade, out } => export(ctx, &tracker, &upgrade, out),
+        ProgressCmd::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let id = reference::import(&tracker, &text)
+                .with_context(|| format!("cannot import {}", file.display()))?;
+            let summary = tracker.summary(&id)?;
+            if ctx.json() {
+                print_json(&summary)?;
+            } else {
+                println!(
+                    "imported upgrade {id} ({} tasks, last seq {})",
+                    summary.total_tasks, summary.last_seq
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ProgressCmd::Apply { max_batch } => {
+            let stdin = io::stdin().lock();
+            let stdout = io::stdout().lock();
+            let stats = apply::run(
+                &tracker,
+                stdin,
+                stdout,
+                &ApplyOptions {
+                    max_batch: max_batch as usize,
+                },
+            )?;
+            if stats.failed > 0 {
+                eprintln!("apply: {} of {} lines rejected", stats.failed, stats.lines);
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Prints the outcome of a mutation: the upgrade's summary or the task, with the seq.
+fn mutated(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    upgrade_id: &str,
+    task_id: Option<&str>,
+    committed: Committed,
+) -> anyhow::Result<ExitCode> {
+    let seq = committed.last_seq();
+    match (ctx.output, task_id) {
+        (Output::Json, None) => {
+            let mut v = serde_json::to_value(tracker.summary(upgrade_id)?)?;
+            v["seq"] = json!(seq);
+            print_json(&v)?;
+        }
+        (Output::Json, Some(t)) => {
+            let mut v = serde_json::to_value(tracker.task_detail(upgrade_id, t)?.task)?;
+            v["seq"] = json!(seq);
+            print_json(&v)?;
+        }
+        (Output::Table, None) => {
+            let s = tracker.summary(upgrade_id)?;
+            println!(
+                "upgrade {upgrade_id}: {}{} {:.1}% (seq {seq})",
+                s.status,
+                s.current_phase
+                    .map(|p| format!(", phase {p}"))
+                    .unwrap_or_default(),
+                s.overall_progress
+            );
+        }
+        (Output::Table, Some(t)) => {
+            let d = tracker.task_detail(upgrade_id, t)?.task;
+            println!("task {t}: {} {:.1}% (seq {seq})", d.status, d.percentage);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn upgrade(ctx: &Ctx, tracker: &ProgressTracker, cmd: UpgradeCmd) -> anyhow::Result<ExitCode> {
+    let (id, committed) = match cmd {
+        UpgradeCmd::Create {
+            upgrade,
+            plan,
+            cluster,
+            meta,
+        } => {
+            let c = tracker.create_upgrade(&upgrade, &plan, &cluster, to_map(meta))?;
+            (upgrade, c)
+        }
+        UpgradeCmd::Start { upgrade, phase } => {
+            let c = tracker.start_upgrade(&upgrade, phase.as_deref())?;
+            (upgrade, c)
+        }
+        UpgradeCmd::Phase { upgrade, name } => {
+            let c = tracker.set_phase(&upgrade, &name)?;
+            (upgrade, c)
+        }
+        UpgradeCmd::Complete { upgrade } => {
+            let c = tracker.complete_upgrade(&upgrade)?;
+            (upgrade, c)
+        }
+        UpgradeCmd::Fail { upgrade, error } => {
+            let c = tracker.fail_upgrade(&upgrade, &error)?;
+            (upgrade, c)
+        }
+        UpgradeCmd::Show { upgrade } => {
+            let summary = tracker.summary(&upgrade)?;
+            let tasks = tracker.tasks(&upgrade)?;
+            if ctx.json() {
+                let mut v = serde_json::to_value(&summary)?;
+                v["tasks"] = serde_json::to_value(&tasks)?;
+                print_json(&v)?;
+            } else {
+                let mut out = io::stdout().lock();
+                render::summary(&mut out, &summary)?;
+                writeln!(out)?;
+                render::task_tree(&mut out, &tasks)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        UpgradeCmd::List => {
+            let now = chrono::Utc::now();
+            let summaries: Vec<_> = tracker
+                .list_upgrades()?
+                .iter()
+                .map(|u| eks_upgrade_agent::model::ProgressSummary::of(u, now))
+                .collect();
+            if ctx.json() {
+                print_json(&summaries)?;
+            } else {
+                render::upgrade_list(&mut io::stdout().lock(), &summaries)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    mutated(ctx, tracker, &id, None, committed)
+}
+
+fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<ExitCode> {
+    let (r, command) = match cmd {
+        TaskCmd::Add {
+            r,
+            name,
+            task_type,
+            parent,
+            total_steps,
+            weight,
+            meta,
+        } => {
+            let mut t = NewTask::new(r.task.clone(), name, task_type);
+            t.parent_task_id = parent;
+            t.total_steps = total_steps;
+            t.weight = weight;
+            t.metadata = to_map(meta);
+            let c = Command::add_task(r.upgrade.clone(), t);
+            (r, c)
+        }
+        TaskCmd::Start(m) => (
+            m.r.clone_ref(),
+            Command::TaskStart {
+                upgrade_id: m.r.upgrade,
+                task_id: m.r.task,
+                message: m.message,
+            },
+        ),
+        TaskCmd::Update {
+            r,
+            percent,
+            message,
+            detail,
+        } => {
+            let c = Command::TaskUpdate {
+                upgrade_id: r.upgrade.clone(),
+                task_id: r.task.clone(),
+                percentage: percent,
+                message,
+                details: to_map(detail),
+            };
+            (r, c)
+        }
+        TaskCmd::Step {
+            r,
+            completed,
+            name,
+            message,
+        } => {
+            let c = Command::TaskStep {
+                upgrade_id: r.upgrade.clone(),
+                task_id: r.task.clone(),
+                completed_steps: completed,
+                current_step: name,
+                message,
+            };
+            (r, c)
+        }
+        TaskCmd::Complete(m) => (
+            m.r.clone_ref(),
+            Command::TaskComplete {
+                upgrade_id: m.r.upgrade,
+                task_id: m.r.task,
+                message: m.message,
+            },
+        ),
+        TaskCmd::Fail { r, error } => {
+            let c = Command::TaskFail {
+                upgrade_id: r.upgrade.clone(),
+                task_id: r.task.clone(),
+                error_message: error,
+            };
+            (r, c)
+        }
+        TaskCmd::Pause(m) => (
+            m.r.clone_ref(),
+            Command::TaskPause {
+                upgrade_id: m.r.upgrade,
+                task_id: m.r.task,
+                message: m.message,
+            },
+        ),
+        TaskCmd::Resume(m) => (
+            m.r.clone_ref(),
+            Command::TaskResume {
+                upgrade_id: m.r.upgrade,
+                task_id: m.r.task,
+                message: m.message,
+            },
+        ),
+        TaskCmd::Cancel(m) => (
+            m.r.clone_ref(),
+            Command::TaskCancel {
+                upgrade_id: m.r.upgrade,
+                task_id: m.r.task,
+                message: m.message,
+            },
+        ),
+        TaskCmd::Retry(m) => (
+            m.r.clone_ref(),
+            Command::TaskRetry {
+                upgrade_id: m.r.upgrade,
+                task_id: m.r.task,
+                message: m.message,
+            },
+        ),
+        TaskCmd::Show(r) => {
+            let detail = tracker.task_detail(&r.upgrade, &r.task)?;
+            if ctx.json() {
+                print_json(&detail)?;
+            } else {
+                render::task_detail(&mut io::stdout().lock(), &detail)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let committed = tracker.execute(command)?;
+    mutated(ctx, tracker, &r.upgrade, Some(&r.task), committed)
+}
+
+impl TaskRef {
+    fn clone_ref(&self) -> TaskRef {
+        TaskRef {
+            upgrade: self.upgrade.clone(),
+            task: self.task.clone(),
+        }
+    }
+}
+
+fn events(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    upgrade: &str,
+    since: u64,
+    follow: bool,
+    limit: usize,
+) -> anyhow::Result<ExitCode> {
+    if !follow {
+        let events = tracker.events_since(Some(upgrade), since, limit)?;
+        if ctx.json() {
+            print_json(&events)?;
+        } else {
+            let mut out = io::stdout().lock();
+            for e in &events {
+                render::event_line(&mut out, e)?;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Follow: poll the store, so events written by other processes show up too.
+    let mut since = since;
+    let mut out = io::stdout().lock();
+    loop {
+        let page = tracker.events_since(Some(upgrade), since, 1000)?;
+        for e in &page {
+            if ctx.json() {
+                serde_json::to_writer(&mut out, e)?;
+                writeln!(out)?;
+            } else {
+                render::event_line(&mut out, e)?;
+            }
+            since = e.seq;
+        }
+        out.flush()?;
+        if page.len() < 1000 {
+            let u = tracker.upgrade(upgrade)?;
+            if u.status.is_terminal() && u.last_seq <= since {
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn export(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    upgrade: &str,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let value = reference::export(tracker, upgrade)?;
+    let path = out.unwrap_or_else(|| PathBuf::from(reference::file_name(upgrade)));
+    if path.as_os_str() == "-" {
+        print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Write a temp file beside the target, then rename: never a half-written export.
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("export"),
+        std::process::id()
+    ));
+    let write = || -> anyhow::Result<()> {
+        let mut f = io::BufWriter::new(std::fs::File::create(&tmp)?);
+        serde_json::to_writer_pretty(&mut f, &value)?;
+        f.write_all(b"\n")?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    if ctx.json() {
+        print_json(&json!({"upgrade_id": upgrade, "path": path}))?;
+    } else {
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Statuses the table renderer colours as failures.
+pub(crate) fn is_bad(s: ProgressStatus) -> bool {
+    matches!(s, ProgressStatus::Failed | ProgressStatus::Cancelled)
+}
+
+/// True when stdout is a terminal (progress bars and colours only then).
+pub(crate) fn stdout_is_terminal() -> bool {
+    io::stdout().is_terminal()
+}

@@ -1,0 +1,520 @@
+//! Output made for people: the summary block, the task tree with bars, event lines, and the
+//! live `watch` view (indicatif bars on a terminal, event lines otherwise).
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use eks_upgrade_agent::ProgressTracker;
+use eks_upgrade_agent::model::{ProgressEvent, ProgressStatus, ProgressSummary, Task, TaskDetail};
+
+use crate::Ctx;
+use crate::progress::{is_bad, stdout_is_terminal};
+
+/// `[#########-----------]` for a percentage.
+pub(crate) fn bar(pct: f64, width: usize) -> String {
+    let filled = ((pct / 100.0) * width as f64)
+        .round()
+        .clamp(0.0, width as f64) as usize;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+pub(crate) fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(
+        || "-".into(),
+        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
+}
+
+/// `1h 02m 03s`, `4m 05s`, `6.2s`.
+pub(crate) fn duration(secs: Option<f64>) -> String {
+    let Some(s) = secs else { return "-".into() };
+    if s < 60.0 {
+        return format!("{s:.1}s");
+    }
+    let s = s.round() as u64;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}h {m:02}m {s:02}s")
+    } else {
+        format!("{m}m {s:02}s")
+    }
+}
+
+pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<()> {
+    writeln!(
+        out,
+        "upgrade {}  cluster {}  plan {}",
+        s.upgrade_id, s.cluster_name, s.plan_id
+    )?;
+    writeln!(
+        out,
+        "status {}  phase {}  progress {} {:.1}%",
+        s.status,
+        s.current_phase.as_deref().unwrap_or("-"),
+        bar(s.overall_progress, 20),
+        s.overall_progress
+    )?;
+    writeln!(
+        out,
+        "tasks {} total: {} completed, {} in progress, {} failed, {} paused, {} cancelled, {} not started",
+        s.total_tasks,
+        s.completed_tasks,
+        s.in_progress_tasks,
+        s.failed_tasks,
+        s.paused_tasks,
+        s.cancelled_tasks,
+        s.not_started_tasks
+    )?;
+    writeln!(
+        out,
+        "started {}  completed {}  duration {}  eta {}",
+        time(s.started_at),
+        time(s.completed_at),
+        duration(s.duration),
+        time(s.estimated_completion)
+    )?;
+    if let Some(e) = &s.error_message {
+        writeln!(out, "error: {e}")?;
+    }
+    if !s.metadata.is_empty() {
+        writeln!(
+            out,
+            "metadata {}",
+            serde_json::Value::Object(s.metadata.clone())
+        )?;
+    }
+    Ok(())
+}
+
+/// The task tree, children under their parents, in the order tasks were added.
+pub(crate) fn task_tree(out: &mut impl Write, tasks: &[Task]) -> io::Result<()> {
+    if tasks.is_empty() {
+        return writeln!(out, "no tasks");
+    }
+    let mut children: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut roots = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        match &t.parent_task_id {
+            Some(p) => children.entry(p.as_str()).or_default().push(i),
+            None => roots.push(i),
+        }
+    }
+    let name_width = tasks
+        .iter()
+        .map(|t| t.name.chars().count() + 3 * depth_of(t, tasks))
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 48);
+    writeln!(
+        out,
+        "{:<name_width$}  {:<12}   {:<10}  {:<30}  {:>7}  {:>9}",
+        "TASK", "TYPE", "STATUS", "PROGRESS", "STEPS", "DURATION"
+    )?;
+    struct Tree<'a> {
+        tasks: &'a [Task],
+        children: HashMap<&'a str, Vec<usize>>,
+        width: usize,
+    }
+    impl Tree<'_> {
+        fn walk(
+            &self,
+            out: &mut impl Write,
+            i: usize,
+            prefix: &str,
+            last: bool,
+            top: bool,
+        ) -> io::Result<()> {
+            let (tasks, width) = (self.tasks, self.width);
+            let t = &tasks[i];
+            let branch = if top {
+                String::new()
+            } else if last {
+                format!("{prefix}└─ ")
+            } else {
+                format!("{prefix}├─ ")
+            };
+            let label: String = format!("{branch}{}", t.name).chars().take(width).collect();
+            let steps = match t.total_steps {
+                Some(n) => format!("{}/{n}", t.completed_steps),
+                None if t.completed_steps > 0 => t.completed_steps.to_string(),
+                None => "-".into(),
+            };
+            let mark = if is_bad(t.status) { "!" } else { " " };
+            writeln!(
+                out,
+                "{label:<width$}  {:<12}  {mark}{:<10}  {} {:>6.1}%  {steps:>7}  {:>9}{}",
+                t.task_type.as_str(),
+                t.status.as_str(),
+                bar(t.percentage, 20),
+                t.percentage,
+                duration(t.duration),
+                match t.retry_count {
+                    0 => String::new(),
+                    1 => "  retried once".into(),
+                    n => format!("  retried {n} times"),
+                }
+            )?;
+            let pad = if top {
+                String::new()
+            } else if last {
+                format!("{prefix}   ")
+            } else {
+                format!("{prefix}│  ")
+            };
+            if let Some(e) = &t.error_message {
+                writeln!(out, "{pad}   error: {e}")?;
+            } else if let Some(step) = t
+                .current_step
+                .as_ref()
+                .filter(|_| t.status == ProgressStatus::InProgress)
+            {
+                writeln!(out, "{pad}   now: {step}")?;
+            }
+            if let Some(kids) = self.children.get(t.task_id.as_str()) {
+                for (n, k) in kids.iter().enumerate() {
+                    self.walk(out, *k, &pad, n + 1 == kids.len(), false)?;
+                }
+            }
+            Ok(())
+        }
+    }
+    let tree = Tree {
+        tasks,
+        children,
+        width: name_width,
+    };
+    for r in roots {
+        tree.walk(out, r, "", true, true)?;
+    }
+    Ok(())
+}
+
+fn depth_of(t: &Task, tasks: &[Task]) -> usize {
+    let mut depth = 0;
+    let mut cur = t.parent_task_id.as_deref();
+    while let Some(p) = cur {
+        depth += 1;
+        if depth > 64 {
+            break;
+        }
+        cur = tasks
+            .iter()
+            .find(|x| x.task_id == p)
+            .and_then(|x| x.parent_task_id.as_deref());
+    }
+    depth
+}
+
+pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io::Result<()> {
+    if list.is_empty() {
+        return writeln!(out, "no upgrades");
+    }
+    writeln!(
+        out,
+        "{:<24}  {:<20}  {:<11}  {:<16}  {:<30}  {:>5}  ETA",
+        "UPGRADE", "CLUSTER", "STATUS", "PHASE", "PROGRESS", "TASKS"
+    )?;
+    for s in list {
+        writeln!(
+            out,
+            "{:<24}  {:<20}  {:<11}  {:<16}  {} {:>6.1}%  {:>5}  {}",
+            s.upgrade_id,
+            s.cluster_name,
+            s.status.as_str(),
+            s.current_phase.as_deref().unwrap_or("-"),
+            bar(s.overall_progress, 20),
+            s.overall_progress,
+            s.total_tasks,
+            time(s.estimated_completion)
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
+    let t = &d.task;
+    writeln!(
+        out,
+        "task {} ({})  upgrade {}",
+        t.task_id, t.name, t.upgrade_id
+    )?;
+    writeln!(
+        out,
+        "type {}  status {}  progress {} {:.1}%  weight {}",
+        t.task_type,
+        t.status,
+        bar(t.percentage, 20),
+        t.percentage,
+        t.weight
+    )?;
+    writeln!(
+        out,
+        "parent {}  children {}  steps {}/{}  current step {}  retries {}",
+        t.parent_task_id.as_deref().unwrap_or("-"),
+        t.children,
+        t.completed_steps,
+        t.total_steps.map_or("-".into(), |n| n.to_string()),
+        t.current_step.as_deref().unwrap_or("-"),
+        t.retry_count
+    )?;
+    writeln!(
+        out,
+        "started {}  completed {}  duration {}",
+        time(t.started_at),
+        time(t.completed_at),
+        duration(t.duration)
+    )?;
+    if let Some(e) = &t.error_message {
+        writeln!(out, "error: {e}")?;
+    }
+    writeln!(out, "recent events:")?;
+    for e in &d.recent_events {
+        event_line(out, e)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn event_line(out: &mut impl Write, e: &ProgressEvent) -> io::Result<()> {
+    write!(
+        out,
+        "{:>8}  {}  {:<21}  {:<24}  {:<11}  {:>5.1}%",
+        e.seq,
+        e.timestamp.format("%H:%M:%S%.3f"),
+        e.kind.as_str(),
+        e.task_id.as_deref().unwrap_or("-"),
+        e.status.as_str(),
+        e.percentage
+    )?;
+    if let Some(m) = &e.message {
+        write!(out, "  {m}")?;
+    }
+    if !e.details.is_empty() {
+        write!(out, "  {}", serde_json::Value::Object(e.details.clone()))?;
+    }
+    writeln!(out)
+}
+
+/// Live view until the upgrade ends. Polls the store, so changes by other processes show.
+pub(crate) fn watch(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    upgrade: &str,
+    interval: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut watcher = Watcher::new(tracker, upgrade, !ctx.json() && stdout_is_terminal())?;
+    loop {
+        if watcher.poll(ctx)? {
+            break;
+        }
+        std::thread::sleep(interval);
+    }
+    watcher.finish(ctx)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Incremental renderer shared by `watch` and `demo`.
+pub(crate) struct Watcher<'a> {
+    tracker: &'a ProgressTracker,
+    upgrade: String,
+    since: u64,
+    bars: Option<Bars>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    tasks: HashMap<String, ProgressBar>,
+    names: HashMap<String, String>,
+}
+
+impl<'a> Watcher<'a> {
+    pub(crate) fn new(
+        tracker: &'a ProgressTracker,
+        upgrade: &str,
+        live: bool,
+    ) -> anyhow::Result<Self> {
+        let summary = tracker.summary(upgrade)?;
+        let bars = live.then(|| {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
+            let overall = multi.add(ProgressBar::new(1000));
+            overall.set_style(
+                ProgressStyle::with_template("{prefix:.bold} [{bar:40.cyan/blue}] {msg}")
+                    .expect("valid template")
+                    .progress_chars("##-"),
+            );
+            overall.set_prefix(format!("{} ({})", summary.upgrade_id, summary.cluster_name));
+            Bars {
+                multi,
+                overall,
+                tasks: HashMap::new(),
+                names: HashMap::new(),
+            }
+        });
+        Ok(Watcher {
+            tracker,
+            upgrade: upgrade.to_owned(),
+            since: 0,
+            bars,
+        })
+    }
+
+    /// Applies new events; returns true once the upgrade has ended and every event is shown.
+    pub(crate) fn poll(&mut self, ctx: &Ctx) -> anyhow::Result<bool> {
+        loop {
+            let page = self
+                .tracker
+                .events_since(Some(&self.upgrade), self.since, 1000)?;
+            for e in &page {
+                self.since = e.seq;
+                self.event(ctx, e)?;
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        let s = self.tracker.summary(&self.upgrade)?;
+        if let Some(b) = &self.bars {
+            b.overall
+                .set_position((s.overall_progress * 10.0).round() as u64);
+            b.overall.set_message(format!(
+                "{:>5.1}%  {}  phase {}  {}/{} tasks done{}  eta {}",
+                s.overall_progress,
+                s.status,
+                s.current_phase.as_deref().unwrap_or("-"),
+                s.completed_tasks,
+                s.total_tasks,
+                if s.failed_tasks > 0 {
+                    format!(", {} failed", s.failed_tasks)
+                } else {
+                    String::new()
+                },
+                s.estimated_completion
+                    .map_or_else(|| "-".into(), |t| t.format("%H:%M:%S").to_string())
+            ));
+        }
+        Ok(s.status.is_terminal() && s.last_seq <= self.since)
+    }
+
+    fn event(&mut self, ctx: &Ctx, e: &ProgressEvent) -> anyhow::Result<()> {
+        let Some(bars) = &mut self.bars else {
+            let mut out = io::stdout().lock();
+            if ctx.json() {
+                serde_json::to_writer(&mut out, e)?;
+                writeln!(out)?;
+            } else {
+                event_line(&mut out, e)?;
+            }
+            return Ok(());
+        };
+        let Some(task_id) = &e.task_id else {
+            if let Some(m) = &e.message {
+                bars.multi.println(format!("» {}: {m}", e.kind))?;
+            }
+            return Ok(());
+        };
+        if e.kind == eks_upgrade_agent::model::EventKind::TaskAdded {
+            if let Some(name) = &e.message {
+                bars.names.insert(task_id.clone(), name.clone());
+            }
+            return Ok(());
+        }
+        let name = bars
+            .names
+            .get(task_id)
+            .cloned()
+            .unwrap_or_else(|| task_id.clone());
+        match e.status {
+            ProgressStatus::InProgress | ProgressStatus::Paused => {
+                let bar = bars.tasks.entry(task_id.clone()).or_insert_with(|| {
+                    let b = bars.multi.add(ProgressBar::new(1000));
+                    b.set_style(
+                        ProgressStyle::with_template("  {prefix:<32} [{bar:30.green/white}] {msg}")
+                            .expect("valid template")
+                            .progress_chars("=>-"),
+                    );
+                    b.set_prefix(truncate(&name, 32));
+                    b
+                });
+                bar.set_position((e.percentage * 10.0).round() as u64);
+                let msg = e.message.as_deref().unwrap_or("");
+                bar.set_message(format!("{:>5.1}% {}", e.percentage, truncate(msg, 60)));
+            }
+            status => {
+                if let Some(b) = bars.tasks.remove(task_id) {
+                    b.finish_and_clear();
+                    bars.multi.remove(&b);
+                }
+                let mark = match status {
+                    ProgressStatus::Completed => "✔",
+                    ProgressStatus::Failed => "✘",
+                    ProgressStatus::Cancelled => "⊘",
+                    _ => "·",
+                };
+                let tail = e
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                bars.multi
+                    .println(format!("{mark} {name} {status}{tail}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the bars in their final state.
+    pub(crate) fn close(self) {
+        if let Some(b) = self.bars {
+            for (_, bar) in b.tasks {
+                bar.finish_and_clear();
+            }
+            b.overall.finish();
+        }
+    }
+
+    pub(crate) fn finish(self, ctx: &Ctx) -> anyhow::Result<()> {
+        let (tracker, upgrade) = (self.tracker, self.upgrade.clone());
+        self.close();
+        let s = tracker.summary(&upgrade)?;
+        if ctx.json() {
+            crate::progress::print_json(&s)?;
+        } else {
+            let mut out = io::stdout().lock();
+            writeln!(out)?;
+            summary(&mut out, &s)?;
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_and_durations() {
+        assert_eq!(bar(0.0, 4), "[----]");
+        assert_eq!(bar(50.0, 4), "[##--]");
+        assert_eq!(bar(100.0, 4), "[####]");
+        assert_eq!(duration(Some(6.25)), "6.2s");
+        assert_eq!(duration(Some(245.0)), "4m 05s");
+        assert_eq!(duration(Some(3723.0)), "1h 02m 03s");
+        assert_eq!(duration(None), "-");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+    }
+}
