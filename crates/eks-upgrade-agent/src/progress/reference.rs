@@ -164,6 +164,7 @@ pub fn export(tracker: &ProgressTracker, upgrade_id: &str) -> Result<Value> {
                 "task_name": t.name,
                 "task_type": t.task_type,
                 "status": t.status,
+                "created_at": py_datetime(t.created_at),
                 "progress_percentage": t.percentage,
                 "current_step": t.current_step,
                 "total_steps": t.total_steps,
@@ -536,7 +537,8 @@ fn parse_event(
     })
 }
 
-/// Orders tasks parents first; rejects unknown parents, duplicates and cycles.
+/// Orders tasks parents first, otherwise keeping file order; rejects unknown parents,
+/// duplicates and cycles.
 fn order_tasks(tasks: Vec<Task>) -> Result<Vec<Task>> {
     let mut index: HashMap<String, usize> = HashMap::new();
     for (i, t) in tasks.iter().enumerate() {
@@ -557,52 +559,57 @@ fn order_tasks(tasks: Vec<Task>) -> Result<Vec<Task>> {
             )));
         }
     }
-    let mut depth: Vec<Option<u32>> = vec![None; tasks.len()];
+    // 0 = unvisited, 1 = on the current chain, 2 = placed.
+    let mut state = vec![0u8; tasks.len()];
+    let mut order = Vec::with_capacity(tasks.len());
     for start in 0..tasks.len() {
-        let mut path = vec![start];
-        let mut cur = start;
-        let base = loop {
-            if let Some(d) = depth[cur] {
-                path.pop();
-                break d + 1;
-            }
-            match tasks[cur].parent_task_id.as_ref().map(|p| index[p]) {
-                None => break 0,
-                Some(p) => {
-                    if let Some(pos) = path.iter().position(|x| *x == p) {
-                        let ids: Vec<&str> = path[pos..]
-                            .iter()
-                            .map(|i| tasks[*i].task_id.as_str())
-                            .collect();
-                        return Err(Error::invalid(format!(
-                            "parent cycle: {} -> {}",
-                            ids.join(" -> "),
-                            tasks[p].task_id
-                        )));
-                    }
-                    path.push(p);
-                    cur = p;
+        let mut chain = Vec::new();
+        let mut cur = Some(start);
+        while let Some(i) = cur {
+            match state[i] {
+                2 => break,
+                1 => {
+                    let pos = chain.iter().position(|x| *x == i).unwrap_or(0);
+                    let ids: Vec<&str> = chain[pos..]
+                        .iter()
+                        .map(|j: &usize| tasks[*j].task_id.as_str())
+                        .collect();
+                    return Err(Error::invalid(format!(
+                        "parent cycle: {} -> {}",
+                        ids.join(" -> "),
+                        tasks[i].task_id
+                    )));
                 }
+                _ => {}
             }
-        };
-        for (n, i) in path.iter().rev().enumerate() {
-            depth[*i].get_or_insert(base + n as u32);
+            state[i] = 1;
+            chain.push(i);
+            cur = tasks[i].parent_task_id.as_ref().map(|p| index[p]);
+        }
+        for i in chain.into_iter().rev() {
+            state[i] = 2;
+            order.push(i);
         }
     }
-    let mut order: Vec<usize> = (0..tasks.len()).collect();
-    order.sort_by_key(|i| (depth[*i], *i));
-    let mut slots: Vec<Option<Task>> = tasks.into_iter().map(Some).collect();
-    let mut out: Vec<Task> = order.into_iter().filter_map(|i| slots[i].take()).collect();
-    let mut children: HashMap<String, u32> = HashMap::new();
-    for t in &out {
+    let mut children: HashMap<&str, u32> = HashMap::new();
+    for t in &tasks {
         if let Some(p) = &t.parent_task_id {
-            *children.entry(p.clone()).or_default() += 1;
+            *children.entry(p.as_str()).or_default() += 1;
         }
     }
-    for t in &mut out {
-        t.children = children.get(&t.task_id).copied().unwrap_or(0);
-    }
-    Ok(out)
+    let counts: Vec<u32> = tasks
+        .iter()
+        .map(|t| children.get(t.task_id.as_str()).copied().unwrap_or(0))
+        .collect();
+    let mut slots: Vec<Option<Task>> = tasks.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .filter_map(|i| {
+            let mut t = slots[i].take()?;
+            t.children = counts[i];
+            Some(t)
+        })
+        .collect())
 }
 
 /// Parses and writes a reference progress file in one transaction; returns the upgrade id.

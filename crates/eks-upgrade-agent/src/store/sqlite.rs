@@ -1120,26 +1120,30 @@ fn import_upgrade(
             what: format!("upgrade {:?}", upgrade.upgrade_id),
         });
     }
-    // Rebuild the rollup sums from the tasks as they are.
+    // Rebuild the rollup sums bottom-up (tasks come parents first, so walk them backwards):
+    // a parent's effective percentage depends on its children's effective percentages.
     let index: HashMap<&str, usize> = tasks
         .iter()
         .enumerate()
         .map(|(i, t)| (t.task_id.as_str(), i))
         .collect();
     let mut child = vec![(0u32, 0.0f64, 0.0f64); tasks.len()];
+    let mut effective = vec![0.0f64; tasks.len()];
     let mut counts = [0i64; 6];
     let (mut top_w, mut top_s) = (0.0, 0.0);
-    for t in tasks {
+    for (i, t) in tasks.iter().enumerate().rev() {
         counts[t.status.index()] += 1;
+        let (_, cw, cs) = child[i];
+        effective[i] = machine::effective_percentage(t.status, t.percentage, cw, cs);
         match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
             Some(&p) => {
                 child[p].0 += 1;
                 child[p].1 += t.weight;
-                child[p].2 += t.weight * t.percentage;
+                child[p].2 += t.weight * effective[i];
             }
             None => {
                 top_w += t.weight;
-                top_s += t.weight * t.percentage;
+                top_s += t.weight * effective[i];
             }
         }
     }
@@ -1185,7 +1189,7 @@ fn import_upgrade(
             }
         };
         let (children, cw, cs) = child[i];
-        let pct = machine::effective_percentage(t.status, t.percentage, cw, cs);
+        let pct = effective[i];
         tx.prepare_cached(
             "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
              status, percentage, current_step, total_steps, completed_steps, weight, children, \

@@ -1,0 +1,535 @@
+//! Every `progress` operation through the CLI, and every bad input: a clear message naming the
+//! problem, a non-zero exit, and no change to the store.
+
+use serde_json::{Value, json};
+
+use crate::util::Env;
+
+fn setup() -> Env {
+    let env = Env::new();
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p1",
+        "--cluster",
+        "prod-eu",
+        "--meta",
+        "from=1.29",
+        "--meta",
+        "nodes=12",
+    ]);
+    env.ok(&["progress", "upgrade", "start", "u1", "--phase", "planning"]);
+    env.ok(&[
+        "progress",
+        "task",
+        "add",
+        "u1",
+        "plan",
+        "--name",
+        "Plan",
+        "--type",
+        "upgrade_plan",
+    ]);
+    env.ok(&[
+        "progress",
+        "task",
+        "add",
+        "u1",
+        "nodes",
+        "--name",
+        "Node groups",
+        "--type",
+        "upgrade_step",
+        "--weight",
+        "3",
+    ]);
+    env.ok(&[
+        "progress",
+        "task",
+        "add",
+        "u1",
+        "ng1",
+        "--name",
+        "ng-1",
+        "--type",
+        "upgrade_step",
+        "--parent",
+        "nodes",
+        "--total-steps",
+        "4",
+    ]);
+    env
+}
+
+#[test]
+fn every_operation_through_the_cli() {
+    let env = setup();
+    let v = env.json(&["progress", "task", "start", "u1", "plan", "-m", "planning"]);
+    assert_eq!(v["status"], "in_progress");
+    let v = env.json(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "plan",
+        "--percent",
+        "50",
+        "-m",
+        "half",
+        "--detail",
+        "checked=3",
+        "--detail",
+        "az=eu-west-1a",
+    ]);
+    assert_eq!(v["percentage"], 50.0);
+    let v = env.json(&[
+        "progress",
+        "task",
+        "step",
+        "u1",
+        "ng1",
+        "--completed",
+        "1",
+        "--name",
+        "drain ip-1",
+    ]);
+    assert_eq!(
+        (v["percentage"].as_f64(), v["current_step"].as_str()),
+        (Some(25.0), Some("drain ip-1"))
+    );
+    env.ok(&["progress", "task", "pause", "u1", "ng1"]);
+    env.ok(&["progress", "task", "resume", "u1", "ng1"]);
+    env.ok(&[
+        "progress",
+        "task",
+        "fail",
+        "u1",
+        "ng1",
+        "--error",
+        "PDB blocks eviction",
+    ]);
+    let v = env.json(&["progress", "task", "retry", "u1", "ng1"]);
+    assert_eq!(
+        (v["retry_count"].as_u64(), v["status"].as_str()),
+        (Some(1), Some("in_progress"))
+    );
+    env.ok(&[
+        "progress",
+        "task",
+        "cancel",
+        "u1",
+        "ng1",
+        "-m",
+        "operator stopped",
+    ]);
+    env.ok(&["progress", "task", "retry", "u1", "ng1"]);
+    env.ok(&["progress", "task", "complete", "u1", "ng1"]);
+    env.ok(&["progress", "task", "complete", "u1", "plan"]);
+    env.ok(&["progress", "upgrade", "phase", "u1", "node-groups"]);
+
+    let detail = env.json(&["progress", "task", "show", "u1", "plan"]);
+    let recent = detail["recent_events"].as_array().unwrap();
+    assert_eq!(recent.len(), 4, "add, start, update, complete");
+    assert_eq!(recent[0]["kind"], "task.completed");
+    assert_eq!(
+        recent[1]["details"],
+        json!({"checked": 3, "az": "eu-west-1a"})
+    );
+
+    let show = env.json(&["progress", "upgrade", "show", "u1"]);
+    assert_eq!(show["current_phase"], "node-groups");
+    assert_eq!(show["metadata"], json!({"from": 1.29, "nodes": 12}));
+    assert_eq!(show["total_tasks"], 3);
+    assert_eq!(show["completed_tasks"], 2);
+    // plan 100 (w1) + nodes (w3) = mean of its one child, 100.
+    assert_eq!(show["overall_progress"], 100.0);
+    assert_eq!(show["tasks"].as_array().unwrap().len(), 3);
+
+    let table = env.ok(&["progress", "upgrade", "show", "u1"]);
+    assert!(table.contains("└─ ng-1"), "{table}");
+    assert!(
+        table.contains("retried twice") || table.contains("retried 2 times"),
+        "{table}"
+    );
+
+    env.ok(&["progress", "upgrade", "complete", "u1"]);
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u2",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "fail",
+        "u2",
+        "--error",
+        "quota exceeded",
+    ]);
+    let list = env.json(&["progress", "upgrade", "list"]);
+    let rows: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["upgrade_id"].as_str().unwrap(),
+                u["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [("u1", "completed"), ("u2", "failed")]);
+    assert_eq!(list[1]["error_message"], "quota exceeded");
+
+    let events = env.events("u1");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let since = env.json(&["progress", "events", "u1", "--since", &seqs[3].to_string()]);
+    assert_eq!(since.as_array().unwrap().len(), events.len() - 4);
+    // `events --follow` ends once the upgrade has ended and prints JSON Lines.
+    let follow = env.ok(&["-o", "json", "progress", "events", "u1", "--follow"]);
+    assert_eq!(follow.lines().count(), events.len());
+    // `watch` without a terminal prints event lines and ends with the summary.
+    let watch = env.ok(&["progress", "watch", "u1"]);
+    assert!(
+        watch.contains("upgrade.completed") && watch.contains("status completed"),
+        "{watch}"
+    );
+}
+
+/// Runs a failing command and checks that the store did not change.
+fn rejected(env: &Env, code: i32, args: &[&str], needle: &str) {
+    let before = env.events("u1");
+    let before_show = env.json(&["progress", "upgrade", "show", "u1"]);
+    let err = env.fails(code, args);
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in {err:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(env.events("u1"), before, "{args:?} changed the event log");
+    let mut after_show = env.json(&["progress", "upgrade", "show", "u1"]);
+    // Duration and ETA move with the clock; everything else must be identical.
+    for v in [&mut after_show] {
+        v["duration"] = before_show["duration"].clone();
+        v["estimated_completion"] = before_show["estimated_completion"].clone();
+    }
+    assert_eq!(after_show, before_show, "{args:?} changed the state");
+}
+
+#[test]
+fn bad_input_is_rejected_and_changes_nothing() {
+    let env = setup();
+    env.ok(&["progress", "task", "complete", "u1", "plan"]);
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u3",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    let long = "x".repeat(200);
+    let cases: Vec<(i32, Vec<&str>, &str)> = vec![
+        (
+            1,
+            vec!["progress", "task", "start", "nope", "plan"],
+            "upgrade \"nope\" not found",
+        ),
+        (
+            1,
+            vec!["progress", "task", "start", "u1", "ghost"],
+            "task \"ghost\" of upgrade \"u1\" not found",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "plan", "--name", "P", "--type", "cleanup",
+            ],
+            "already exists",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "x", "--name", "X", "--type", "cleanup",
+                "--parent", "ghost",
+            ],
+            "parent task \"ghost\"",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "x", "--name", "X", "--type", "cleanup",
+                "--parent", "x",
+            ],
+            "own parent",
+        ),
+        (
+            2,
+            vec![
+                "progress", "task", "add", "u1", "x", "--name", "X", "--type", "deploy",
+            ],
+            "invalid task type \"deploy\"",
+        ),
+        (
+            1,
+            vec![
+                "progress",
+                "task",
+                "update",
+                "u1",
+                "nodes",
+                "--percent",
+                "50",
+            ],
+            "rolled up",
+        ),
+        (
+            1,
+            vec!["progress", "task", "update", "u1", "ng1", "--percent", "-1"],
+            "percentage must be in 0..=100, got -1",
+        ),
+        (
+            1,
+            vec![
+                "progress",
+                "task",
+                "update",
+                "u1",
+                "ng1",
+                "--percent",
+                "100.5",
+            ],
+            "got 100.5",
+        ),
+        (
+            1,
+            vec![
+                "progress",
+                "task",
+                "update",
+                "u1",
+                "ng1",
+                "--percent",
+                "NaN",
+            ],
+            "NaN",
+        ),
+        (
+            2,
+            vec![
+                "progress",
+                "task",
+                "update",
+                "u1",
+                "ng1",
+                "--percent",
+                "lots",
+            ],
+            "invalid value 'lots'",
+        ),
+        (
+            1,
+            vec![
+                "progress",
+                "task",
+                "update",
+                "u1",
+                "plan",
+                "--percent",
+                "10",
+            ],
+            "completed -> in_progress",
+        ),
+        (
+            1,
+            vec!["progress", "task", "resume", "u1", "ng1"],
+            "not_started -> in_progress",
+        ),
+        (
+            1,
+            vec!["progress", "task", "retry", "u1", "plan"],
+            "completed -> in_progress",
+        ),
+        (
+            1,
+            vec!["progress", "upgrade", "complete", "u3"],
+            "upgrade \"u3\": not_started -> completed",
+        ),
+        (
+            1,
+            vec!["progress", "upgrade", "start", "u1"],
+            "in_progress -> in_progress",
+        ),
+        (
+            1,
+            vec![
+                "progress",
+                "upgrade",
+                "create",
+                "u1",
+                "--plan",
+                "p",
+                "--cluster",
+                "c",
+            ],
+            "upgrade \"u1\" already exists",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "", "--name", "X", "--type", "cleanup",
+            ],
+            "task_id must not be empty",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", &long, "--name", "X", "--type", "cleanup",
+            ],
+            "limit is 128",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "a\u{1b}b", "--name", "X", "--type", "cleanup",
+            ],
+            "control characters",
+        ),
+        (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "ok", "--name", "", "--type", "cleanup",
+            ],
+            "name must not be empty",
+        ),
+        (
+            2,
+            vec![
+                "progress",
+                "task",
+                "update",
+                "u1",
+                "ng1",
+                "--percent",
+                "5",
+                "--detail",
+                "oops",
+            ],
+            "expected KEY=VALUE",
+        ),
+        (
+            2,
+            vec![
+                "progress",
+                "upgrade",
+                "create",
+                "u9",
+                "--plan",
+                "p",
+                "--cluster",
+                "c",
+                "--meta",
+                "=1",
+            ],
+            "empty key",
+        ),
+        (
+            1,
+            vec!["progress", "task", "step", "u1", "ng1", "--completed", "5"],
+            "exceeds total_steps 4",
+        ),
+        (
+            1,
+            vec!["progress", "task", "fail", "u1", "ng1", "--error", " "],
+            "error_message must not be empty",
+        ),
+        (
+            2,
+            vec!["progress", "task", "explode", "u1", "ng1"],
+            "unrecognized subcommand",
+        ),
+    ];
+    for (code, args, needle) in cases {
+        rejected(&env, code, &args, needle);
+    }
+    // u9 was never created by the rejected --meta case.
+    env.fails(1, &["progress", "upgrade", "show", "u9"]);
+}
+
+#[test]
+fn export_writes_the_reference_shape_atomically() {
+    let env = setup();
+    env.ok(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "plan",
+        "--percent",
+        "40",
+    ]);
+    let out = env.dir.path().join("exports");
+    std::fs::create_dir(&out).unwrap();
+    let file = out.join("upgrade_u1.json");
+    env.ok(&["progress", "export", "u1", "--out", file.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(v["upgrade_id"], "u1");
+    let plan = &v["tasks"]["plan"];
+    assert_eq!(plan["task_name"], "Plan");
+    assert_eq!(plan["progress_percentage"], 40.0);
+    assert_eq!(plan["events"].as_array().unwrap().len(), 2);
+    assert_eq!(v["tasks"]["nodes"]["subtasks"], json!(["ng1"]));
+    // Python str(datetime): space separator, microseconds, +00:00.
+    let started = v["started_at"].as_str().unwrap();
+    assert!(
+        started.len() == 32 && &started[10..11] == " " && started.ends_with("+00:00"),
+        "{started}"
+    );
+    // Only the export is in the directory: no temp file left behind.
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    let err = env.fails(1, &["progress", "export", "nope", "--out", "-"]);
+    assert!(err.contains("upgrade \"nope\" not found"), "{err}");
+}
+
+#[test]
+fn demo_runs_a_full_upgrade_with_a_retried_failure() {
+    let env = Env::new();
+    let v = env.json(&["demo", "--speed", "200", "--upgrade-id", "demo-1"]);
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["overall_progress"], 100.0);
+    assert_eq!(v["completed_tasks"], v["total_tasks"]);
+    let tasks = v["tasks"].as_array().unwrap();
+    assert!(tasks.len() >= 12, "{}", tasks.len());
+    let retried: Vec<_> = tasks.iter().filter(|t| t["retry_count"] == 1).collect();
+    assert_eq!(retried.len(), 1);
+    let events = env.events("demo-1");
+    let phases: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "upgrade.phase_changed")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "control-plane",
+            "add-ons",
+            "node-groups",
+            "validation",
+            "cleanup"
+        ]
+    );
+    assert!(events.iter().any(|e| e["kind"] == "task.failed"));
+    let err = env.fails(1, &["demo", "--speed", "0"]);
+    assert!(err.contains("--speed"), "{err}");
+}

@@ -1,0 +1,77 @@
+//! Shared fixtures: a temporary data dir and helpers to run the binary in it.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_eks-upgrade-agent");
+
+pub(crate) struct Env {
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub(crate) fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub(crate) fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub(crate) fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--data-dir").arg(self.dir.path());
+        c.env_remove("EUA_DATA_DIR").env_remove("EUA_OUTPUT");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs with `-o json` and parses stdout.
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let text = self.ok(&a);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+
+    /// Runs, asserts the exit code, returns stderr.
+    pub(crate) fn fails(&self, code: i32, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Every event of an upgrade, as JSON.
+    pub(crate) fn events(&self, upgrade: &str) -> Vec<Value> {
+        self.json(&["progress", "events", upgrade])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
