@@ -238,6 +238,7 @@ fn bad_input_is_rejected_and_changes_nothing() {
         "c",
     ]);
     let long = "x".repeat(200);
+    let long_name = "n".repeat(300);
     let cases: Vec<(i32, Vec<&str>, &str)> = vec![
         (
             1,
@@ -412,6 +413,18 @@ fn bad_input_is_rejected_and_changes_nothing() {
             "name must not be empty",
         ),
         (
+            1,
+            vec![
+                "progress", "task", "add", "u1", "ok", "--name", &long_name, "--type", "cleanup",
+            ],
+            "limit is 256",
+        ),
+        (
+            1,
+            vec!["progress", "upgrade", "phase", "u1", "bad\nphase"],
+            "control character",
+        ),
+        (
             2,
             vec![
                 "progress",
@@ -530,4 +543,47 @@ fn demo_runs_a_full_upgrade_with_a_retried_failure() {
     assert!(events.iter().any(|e| e["kind"] == "task.failed"));
     let err = env.fails(1, &["demo", "--speed", "0"]);
     assert!(err.contains("--speed"), "{err}");
+}
+
+#[test]
+fn follow_and_watch_see_other_processes_and_end_with_the_upgrade() {
+    let env = setup();
+    let spawn = |args: &[&str]| {
+        env.command()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let follow = spawn(&["-o", "json", "progress", "events", "u1", "--follow"]);
+    let watch = spawn(&["progress", "watch", "u1", "--interval-ms", "20"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    env.ok(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "plan",
+        "--percent",
+        "33",
+        "-m",
+        "from another process",
+    ]);
+    env.ok(&["progress", "task", "complete", "u1", "plan"]);
+    env.ok(&["progress", "upgrade", "complete", "u1"]);
+    let out = follow.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), env.events("u1").len());
+    assert!(lines.iter().any(|e| e["message"] == "from another process"));
+    assert_eq!(lines.last().unwrap()["kind"], "upgrade.completed");
+    let out = watch.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("from another process"), "{text}");
+    assert!(text.contains("status completed"), "{text}");
 }

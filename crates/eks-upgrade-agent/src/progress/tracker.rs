@@ -56,6 +56,8 @@ pub struct ProgressTracker {
     pending: Mutex<VecDeque<(ProgressEvent, Vec<StatusChange>)>>,
     /// Held by the thread that runs callbacks, so they run one at a time, in order.
     draining: Mutex<()>,
+    /// Held around commit + enqueue while callbacks exist, so the queue is in seq order.
+    ordering: Mutex<()>,
 }
 
 impl fmt::Debug for ProgressTracker {
@@ -74,6 +76,7 @@ impl ProgressTracker {
             callbacks: RwLock::new(Callbacks::default()),
             pending: Mutex::new(VecDeque::new()),
             draining: Mutex::new(()),
+            ordering: Mutex::new(()),
         }
     }
 
@@ -110,34 +113,39 @@ impl ProgressTracker {
     /// Executes several commands in one durable transaction (group commit); each succeeds or
     /// fails on its own. `Err` only when the store itself failed (nothing was committed).
     pub fn execute_batch(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
-        let results = self.store.execute(commands)?;
-        self.publish(results.iter().filter_map(|r| r.as_ref().ok()));
+        if !self.has_callbacks() {
+            return self.store.execute(commands);
+        }
+        let results = {
+            // The store serializes writers of this process anyway; holding this lock across the
+            // commit and the enqueue keeps the queue in commit (seq) order.
+            let _order = self.ordering.lock().unwrap_or_else(|p| p.into_inner());
+            let results = self.store.execute(commands)?;
+            self.enqueue(results.iter().filter_map(|r| r.as_ref().ok()));
+            results
+        };
+        self.drain();
         Ok(results)
     }
 
-    fn publish<'a>(&self, committed: impl Iterator<Item = &'a Committed>) {
-        let has_callbacks = {
-            let cb = self.callbacks.read().unwrap_or_else(|p| p.into_inner());
-            !cb.events.is_empty() || !cb.status.is_empty()
-        };
-        if !has_callbacks {
-            return;
-        }
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for c in committed {
-                for e in &c.events {
-                    let changes = c
-                        .status_changes
-                        .iter()
-                        .filter(|s| s.seq == e.seq)
-                        .cloned()
-                        .collect();
-                    pending.push_back((e.clone(), changes));
-                }
+    fn has_callbacks(&self) -> bool {
+        let cb = self.callbacks.read().unwrap_or_else(|p| p.into_inner());
+        !cb.events.is_empty() || !cb.status.is_empty()
+    }
+
+    fn enqueue<'a>(&self, committed: impl Iterator<Item = &'a Committed>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for c in committed {
+            for e in &c.events {
+                let changes = c
+                    .status_changes
+                    .iter()
+                    .filter(|s| s.seq == e.seq)
+                    .cloned()
+                    .collect();
+                pending.push_back((e.clone(), changes));
             }
         }
-        self.drain();
     }
 
     /// Runs callbacks for pending events unless another thread (or an outer frame of this
@@ -439,5 +447,143 @@ impl ProgressTracker {
             .store
             .upgrade(upgrade_id)?
             .estimated_completion(Utc::now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::model::{ProgressStatus, TaskType};
+    use crate::store::sqlite::{SqliteOptions, SqliteStore};
+
+    fn tracker(dir: &std::path::Path) -> Arc<ProgressTracker> {
+        Arc::new(ProgressTracker::new(Arc::new(
+            SqliteStore::open(dir, &SqliteOptions::default()).unwrap(),
+        )))
+    }
+
+    #[test]
+    fn callbacks_see_committed_events_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        t.on_event(move |e| s.lock().unwrap().push((e.seq, e.kind)));
+        let c = Arc::clone(&changes);
+        t.on_status_change(move |ch| {
+            c.lock().unwrap().push((ch.task_id.clone(), ch.from, ch.to));
+        });
+        // A panicking callback is contained and does not stop the others.
+        t.on_event(|e| {
+            if e.kind == crate::model::EventKind::TaskProgress {
+                panic!("callback bug");
+            }
+        });
+        t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+        t.start_upgrade("u", None).unwrap();
+        t.add_task("u", NewTask::new("a", "A", TaskType::Validation))
+            .unwrap();
+        t.update_task("u", "a", 10.0, None, JsonMap::new()).unwrap();
+        assert!(
+            t.update_task("u", "a", 200.0, None, JsonMap::new())
+                .is_err()
+        );
+        t.complete_task("u", "a", None).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 5, "rejected commands publish nothing: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+        let stored: Vec<u64> = t
+            .events_since(None, 0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), stored);
+        assert_eq!(
+            *changes.lock().unwrap(),
+            [
+                (None, ProgressStatus::NotStarted, ProgressStatus::InProgress),
+                (
+                    Some("a".to_owned()),
+                    ProgressStatus::NotStarted,
+                    ProgressStatus::InProgress
+                ),
+                (
+                    Some("a".to_owned()),
+                    ProgressStatus::InProgress,
+                    ProgressStatus::Completed
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn callbacks_may_call_back_into_the_tracker() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+        t.add_tasks(
+            "u",
+            vec![
+                NewTask::new("a", "A", TaskType::UpgradeStep),
+                NewTask::new("b", "B", TaskType::UpgradeStep),
+            ],
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let weak = Arc::downgrade(&t);
+        let s = Arc::clone(&seen);
+        t.on_event(move |e| {
+            s.lock().unwrap().push(e.seq);
+            // Completing `a` starts `b` from inside the callback.
+            if e.task_id.as_deref() == Some("a")
+                && e.kind == crate::model::EventKind::TaskCompleted
+                && let Some(t) = weak.upgrade()
+            {
+                t.start_task("u", "b", Some("chained")).unwrap();
+            }
+        });
+        t.complete_task("u", "a", None).unwrap();
+        assert_eq!(
+            t.task_detail("u", "b").unwrap().task.status,
+            ProgressStatus::InProgress
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0] < seen[1]);
+    }
+
+    #[test]
+    fn callbacks_from_many_threads_stay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+        let tasks = (0..4)
+            .map(|i| NewTask::new(format!("t{i}"), "T", TaskType::UpgradeStep))
+            .collect();
+        t.add_tasks("u", tasks).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        t.on_event(move |e| s.lock().unwrap().push(e.seq));
+        std::thread::scope(|scope| {
+            for i in 0..4 {
+                let t = &t;
+                scope.spawn(move || {
+                    for p in 0..100 {
+                        t.update_task("u", &format!("t{i}"), f64::from(p), None, JsonMap::new())
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 400);
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "callbacks ran out of seq order"
+        );
     }
 }

@@ -1319,6 +1319,42 @@ mod tests {
     }
 
     #[test]
+    fn durability_levels_set_sqlite_synchronous() {
+        for (durability, expected) in [(Durability::ProcessCrash, 1), (Durability::PowerLoss, 2)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(
+                dir.path(),
+                &SqliteOptions {
+                    durability,
+                    ..SqliteOptions::default()
+                },
+            )
+            .unwrap();
+            let sync: i64 = store
+                .writer()
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap();
+            assert_eq!(sync, expected, "{durability:?}");
+            let mode: String = store
+                .writer()
+                .pragma_query_value(None, "journal_mode", |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
+        assert_eq!(
+            "power_loss".parse::<Durability>().unwrap(),
+            Durability::PowerLoss
+        );
+        assert!(
+            "sometimes"
+                .parse::<Durability>()
+                .unwrap_err()
+                .to_string()
+                .contains("process_crash")
+        );
+    }
+
+    #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
