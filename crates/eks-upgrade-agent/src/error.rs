@@ -32,6 +32,12 @@ pub enum Error {
         /// The status the operation would move it to.
         to: ProgressStatus,
     },
+    /// Stored content does not match its digest.
+    #[error("{what}")]
+    Corrupt {
+        /// What is corrupt and how.
+        what: String,
+    },
     /// The input is malformed or out of range; the message says what to fix.
     #[error("{0}")]
     InvalidInput(String),
@@ -66,13 +72,14 @@ impl Error {
     }
 
     /// A short, stable code for this error (`not_found`, `already_exists`, `invalid_transition`,
-    /// `invalid_input`, `backend`), the same in the CLI's JSON and the HTTP API.
+    /// `invalid_input`, `corrupt`, `backend`), the same in the CLI's JSON and the HTTP API.
     pub fn code(&self) -> &'static str {
         match self {
             Error::NotFound { .. } => "not_found",
             Error::AlreadyExists { .. } => "already_exists",
             Error::InvalidTransition { .. } => "invalid_transition",
             Error::InvalidInput(_) => "invalid_input",
+            Error::Corrupt { .. } => "corrupt",
             Error::Backend { .. } => "backend",
         }
     }
@@ -86,6 +93,14 @@ impl From<rusqlite::Error> for Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
+        // A verifying reader reports corruption as an I/O error carrying our error.
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+                Some(Ok(inner)) => return *inner,
+                Some(Err(other)) => return Error::backend("i/o", std::io::Error::other(other)),
+                None => unreachable!("checked get_ref above"),
+            }
+        }
         Error::backend("i/o", e)
     }
 }

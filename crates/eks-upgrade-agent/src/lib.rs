@@ -31,12 +31,15 @@
 //! The crate knows nothing about HTTP, command lines or AWS SDK types: the server and CLI crates
 //! convert to and from its types.
 
+pub mod artifacts;
+pub mod blob;
 pub mod config;
 pub mod error;
 pub mod model;
 pub mod progress;
 pub mod store;
 
+pub use artifacts::TestArtifactsManager;
 pub use error::{Error, Result};
 pub use progress::ProgressTracker;
 pub use store::SqliteStore;

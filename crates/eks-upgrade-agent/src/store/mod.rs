@@ -5,11 +5,20 @@
 
 use std::fmt;
 
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::blob::Digest;
 use crate::error::Result;
-use crate::model::{ProgressEvent, StatusChange, Task, Upgrade};
+use crate::model::{
+    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, JsonMap,
+    ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
+};
 use crate::progress::command::Command;
 
 pub mod sqlite;
+mod sqlite_artifacts;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -127,4 +136,116 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
 
     /// The highest `seq` in the store (0 when empty).
     fn last_seq(&self) -> Result<u64>;
+}
+
+/// An artifact to index; its blob is already stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewArtifact {
+    /// New artifact id.
+    pub artifact_id: String,
+    /// The collection it goes into.
+    pub collection_id: String,
+    /// Sanitised name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Type.
+    pub artifact_type: ArtifactType,
+    /// Size.
+    pub file_size: u64,
+    /// Digest of the stored blob.
+    pub digest: Digest,
+    /// Task id.
+    pub task_id: Option<String>,
+    /// Step id.
+    pub step_id: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Metadata.
+    pub metadata: JsonMap,
+    /// When it was added.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A session due for removal, as planned by [`ArtifactIndex::expired_sessions`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ExpiredSession {
+    /// The session.
+    pub session: TestSession,
+    /// When its retention ended.
+    pub expired_at: DateTime<Utc>,
+    /// Whether its upgrade failed (retention was multiplied).
+    pub upgrade_failed: bool,
+    /// Its artifacts.
+    pub artifacts: u64,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+/// The artifact index: sessions, collections, artifacts, tags and the name index.
+///
+/// Contract: every mutation is one transaction; lookups of unknown ids are `NotFound`;
+/// [`insert_artifacts`](ArtifactIndex::insert_artifacts) is idempotent for the same
+/// (collection, name, digest) and never reuses another artifact's `export_name`; searches are
+/// served by indexes and return newest first.
+pub trait ArtifactIndex: Send + Sync + fmt::Debug {
+    /// Creates a session.
+    fn create_session(&self, session: &TestSession) -> Result<()>;
+    /// One session.
+    fn session(&self, session_id: &str) -> Result<TestSession>;
+    /// Sessions, oldest first, optionally of one upgrade.
+    fn sessions(&self, upgrade_id: Option<&str>) -> Result<Vec<TestSession>>;
+    /// Marks a session completed (idempotent: keeps the first completion time).
+    fn complete_session(&self, session_id: &str, at: DateTime<Utc>) -> Result<TestSession>;
+    /// The reference session summary.
+    fn session_summary(&self, session_id: &str) -> Result<SessionSummary>;
+    /// Creates a collection; its name must be unique in the session.
+    fn create_collection(&self, collection: &ArtifactCollection) -> Result<()>;
+    /// One collection.
+    fn collection(&self, collection_id: &str) -> Result<ArtifactCollection>;
+    /// The collections of a session, oldest first.
+    fn collections(&self, session_id: &str) -> Result<Vec<ArtifactCollection>>;
+    /// Indexes artifacts in one transaction. `blob_present` is asked, inside the transaction,
+    /// whether each digest is stored (so a concurrent garbage collection cannot race the add).
+    fn insert_artifacts(
+        &self,
+        artifacts: &[NewArtifact],
+        blob_present: &dyn Fn(&Digest) -> Result<bool>,
+    ) -> Result<Vec<TestArtifact>>;
+    /// One artifact.
+    fn artifact(&self, artifact_id: &str) -> Result<TestArtifact>;
+    /// Artifacts matching `query`, newest first.
+    fn search(&self, query: &ArtifactQuery) -> Result<Vec<TestArtifact>>;
+    /// Statistics over one session or all.
+    fn stats(&self, session_id: Option<&str>) -> Result<ArtifactStats>;
+    /// Calls `f` for every artifact (of one session, or all), oldest first, a page at a time.
+    fn for_each_artifact(
+        &self,
+        session_id: Option<&str>,
+        f: &mut dyn FnMut(TestArtifact) -> Result<()>,
+    ) -> Result<()>;
+    /// Completed sessions whose retention has passed at `as_of`; sessions of failed upgrades
+    /// are kept `failed_factor` times longer.
+    fn expired_sessions(
+        &self,
+        as_of: DateTime<Utc>,
+        failed_factor: u32,
+    ) -> Result<Vec<ExpiredSession>>;
+    /// Removes a session's rows; returns the digests its artifacts used.
+    fn delete_session(&self, session_id: &str) -> Result<Vec<Digest>>;
+    /// In one write transaction, calls `delete` for each digest no live artifact references.
+    /// Returns the digests deleted.
+    fn delete_unreferenced(
+        &self,
+        digests: &[Digest],
+        delete: &dyn Fn(&Digest) -> Result<bool>,
+    ) -> Result<Vec<Digest>>;
+    /// Number of artifacts per task of an upgrade.
+    fn artifact_counts_by_task(&self, upgrade_id: &str) -> Result<HashMap<String, u64>>;
+    /// Sets an artifact's status.
+    fn set_artifact_status(
+        &self,
+        artifact_id: &str,
+        status: ArtifactStatus,
+    ) -> Result<TestArtifact>;
 }

@@ -32,7 +32,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const PAGE_SIZE: i64 = 1024;
 const WAL_CHECKPOINT_PAGES: i64 = 65_536;
 
@@ -217,6 +217,11 @@ impl SqliteStore {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the read connection.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        f(&self.reader())
+    }
+
     /// Runs `f` in a write transaction on the writer connection. Other modules of the library
     /// (artifacts, outbox) use this to share the database and its transactions.
     pub(crate) fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
@@ -259,33 +264,57 @@ fn open_connection(path: &Path, options: &SqliteOptions) -> Result<Connection> {
 fn migrate(conn: &Connection) -> Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(Error::Backend {
-            message: format!(
-                "the store was written by a newer version (schema {version}, this build knows {SCHEMA_VERSION})"
-            ),
-            source: None,
-        });
+        return Err(newer_schema(version));
     }
-    if version < SCHEMA_VERSION {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        ))?;
+    if version == SCHEMA_VERSION {
+        return Ok(());
     }
-    Ok(())
+    // Re-read the version under the write lock: another process may be migrating too.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let run = || -> Result<()> {
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(newer_schema(version));
+        }
+        if version < 1 {
+            conn.execute_batch(SCHEMA)?;
+        }
+        if version < 2 {
+            conn.execute_batch(super::sqlite_artifacts::SCHEMA)?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => Ok(conn.execute_batch("COMMIT")?),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn newer_schema(version: i64) -> Error {
+    Error::Backend {
+        message: format!(
+            "the store was written by a newer version (schema {version}, this build knows {SCHEMA_VERSION})"
+        ),
+        source: None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Conversions
 
-fn micros(t: DateTime<Utc>) -> i64 {
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
-fn from_micros(v: i64) -> DateTime<Utc> {
+pub(super) fn from_micros(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(v).unwrap_or_default()
 }
 
-fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
+pub(super) fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.map(from_micros)
 }
 
@@ -311,7 +340,7 @@ fn type_from(code: i64) -> rusqlite::Result<TaskType> {
         .ok_or_else(|| bad_column(format!("unknown task type code {code}")))
 }
 
-fn bad_column(msg: String) -> rusqlite::Error {
+pub(super) fn bad_column(msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         0,
         rusqlite::types::Type::Integer,
@@ -319,7 +348,7 @@ fn bad_column(msg: String) -> rusqlite::Error {
     )
 }
 
-fn json_text(map: &JsonMap) -> Option<String> {
+pub(super) fn json_text(map: &JsonMap) -> Option<String> {
     if map.is_empty() {
         None
     } else {
@@ -327,7 +356,7 @@ fn json_text(map: &JsonMap) -> Option<String> {
     }
 }
 
-fn json_map(text: Option<String>) -> JsonMap {
+pub(super) fn json_map(text: Option<String>) -> JsonMap {
     text.and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default()
 }
@@ -987,7 +1016,7 @@ impl ProgressStore for SqliteStore {
     fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let now = Utc::now();
+        let now = crate::model::now();
         let mut results = Vec::with_capacity(commands.len());
         if let [command] = commands {
             // One command: no savepoint needed, a failure rolls the transaction back.

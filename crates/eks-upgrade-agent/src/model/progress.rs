@@ -1,8 +1,5 @@
-//! The domain model shared by every backend and every front end: upgrades, tasks, progress events
-//! and the summary, with the reference design's enums and field names (snake_case on the wire).
-//!
-//! Types here are plain data. The rules that change them live in [`crate::progress::machine`];
-//! the storage that keeps them lives in [`crate::store`].
+//! Progress: upgrades, tasks, progress events and the summary (reference `ProgressStatus`,
+//! `TaskType`, `ProgressEvent`, `TaskProgress`, `UpgradeProgress`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -150,7 +147,7 @@ impl FromStr for TaskType {
     }
 }
 
-fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+pub(crate) fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     it.collect::<Vec<_>>().join(", ")
 }
 
@@ -481,6 +478,13 @@ impl ProgressSummary {
             last_seq: upgrade.last_seq,
         }
     }
+}
+
+/// The current time at the precision stores keep (microseconds), so values returned at creation
+/// equal values read back.
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 /// Seconds from `a` to `b`, with microsecond precision.

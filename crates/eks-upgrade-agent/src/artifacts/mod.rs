@@ -1,0 +1,873 @@
+//! [`TestArtifactsManager`] (reference `TestArtifactsManager`): sessions, collections and
+//! artifacts over an [`ArtifactIndex`] and a [`BlobStore`].
+//!
+//! Adding a file streams it once into the blob store (hashing as it copies), then indexes it.
+//! Bytes are stored once per digest. Within a collection, adding the same name with the same
+//! bytes returns the existing artifact (idempotent); the same name with different bytes keeps
+//! both: a new artifact id, the same `name`, and a distinct `export_name` (`stem~2.ext`, ...)
+//! used on disk and in S3. Nothing ever overwrites another artifact's bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::blob::{BlobStore, Digest};
+use crate::error::{Error, Result};
+use crate::model::{
+    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactType, JsonMap, SessionSummary,
+    TestArtifact, TestSession,
+};
+use crate::progress::command::{check_id, check_json, check_name};
+use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
+
+pub mod names;
+
+/// Default days a completed session is kept.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// Files indexed per transaction when adding a directory.
+const INDEX_BATCH: usize = 256;
+/// Most tags per artifact, and longest tag.
+pub const MAX_TAGS: usize = 64;
+/// Longest tag, in bytes.
+pub const MAX_TAG_BYTES: usize = 128;
+
+/// Settings of a [`TestArtifactsManager`].
+#[derive(Debug, Clone)]
+pub struct ArtifactsOptions {
+    /// Retention of new sessions unless given.
+    pub default_retention_days: u32,
+    /// Sessions of failed upgrades are kept this many times longer.
+    pub failed_retention_factor: u32,
+    /// `gc` leaves unreferenced blobs younger than this alone (an add may be about to index
+    /// them).
+    pub gc_grace: Duration,
+}
+
+impl Default for ArtifactsOptions {
+    fn default() -> Self {
+        ArtifactsOptions {
+            default_retention_days: DEFAULT_RETENTION_DAYS,
+            failed_retention_factor: 3,
+            gc_grace: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A session to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewSession {
+    /// The upgrade.
+    pub upgrade_id: String,
+    /// The cluster.
+    pub cluster_name: String,
+    /// Name [default: `upgrade-{upgrade_id}-{YYYYmmdd-HHMMSS}`].
+    pub name: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// Retention [default: the manager's].
+    pub retention_days: Option<u32>,
+}
+
+/// Options of an add.
+#[derive(Debug, Clone, Default)]
+pub struct AddOptions {
+    /// Type [default: `log_file`, as in the reference].
+    pub artifact_type: Option<ArtifactType>,
+    /// Name [default: the file name; for a directory, a prefix for the relative paths].
+    pub name: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Task id.
+    pub task_id: Option<String>,
+    /// Step id.
+    pub step_id: Option<String>,
+    /// Metadata.
+    pub metadata: JsonMap,
+}
+
+/// Progress of a long add or export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Files done.
+    pub files_done: u64,
+    /// Files in all.
+    pub files_total: u64,
+    /// Bytes done.
+    pub bytes_done: u64,
+    /// Bytes in all.
+    pub bytes_total: u64,
+}
+
+/// What [`TestArtifactsManager::export_session`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExportReport {
+    /// Files written.
+    pub files: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Artifacts that could not be exported (id, reason).
+    pub failures: Vec<(String, String)>,
+}
+
+/// What [`TestArtifactsManager::verify`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Blobs read and hashed.
+    pub blobs_checked: u64,
+    /// Bytes read.
+    pub bytes_checked: u64,
+    /// Artifacts checked.
+    pub artifacts_checked: u64,
+    /// Artifacts whose blob is corrupt (id, name, reason).
+    pub corrupt: Vec<(String, String, String)>,
+    /// Artifacts whose blob is missing (id, name).
+    pub missing: Vec<(String, String)>,
+}
+
+impl VerifyReport {
+    /// True when nothing is corrupt or missing.
+    pub fn ok(&self) -> bool {
+        self.corrupt.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// What [`TestArtifactsManager::cleanup`] removed (or would remove, in a dry run).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CleanupReport {
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// The time retention was judged at.
+    pub as_of: Option<DateTime<Utc>>,
+    /// Expired sessions.
+    pub sessions: Vec<ExpiredSession>,
+    /// Blobs removed (none in a dry run).
+    pub blobs_removed: u64,
+    /// Bytes freed (none in a dry run).
+    pub bytes_freed: u64,
+}
+
+/// What [`TestArtifactsManager::gc`] removed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Temp files of interrupted adds removed.
+    pub incomplete_removed: u64,
+    /// Unreferenced blobs removed.
+    pub blobs_removed: u64,
+    /// Bytes freed by them.
+    pub bytes_freed: u64,
+    /// Unreferenced blobs kept because they are younger than the grace period.
+    pub blobs_in_grace: u64,
+}
+
+/// Organises, stores, finds and verifies test artifacts.
+pub struct TestArtifactsManager {
+    index: Arc<dyn ArtifactIndex>,
+    blobs: Arc<dyn BlobStore>,
+    options: ArtifactsOptions,
+}
+
+impl fmt::Debug for TestArtifactsManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestArtifactsManager")
+            .field("index", &self.index)
+            .field("blobs", &self.blobs)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+fn check_tags(tags: &[String]) -> Result<()> {
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(format!(
+            "{} tags given; the limit is {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for t in tags {
+        if t.trim().is_empty() {
+            return Err(Error::invalid("tags must not be empty"));
+        }
+        if t.len() > MAX_TAG_BYTES || t.chars().any(char::is_control) {
+            return Err(Error::invalid(format!(
+                "invalid tag {t:?}: at most {MAX_TAG_BYTES} bytes, no control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn file_name_of(path: &Path) -> Result<String> {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::invalid(format!("{} has no file name", path.display())))
+}
+
+fn open_source(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::not_found(format!("file {}", path.display())),
+        io::ErrorKind::PermissionDenied => {
+            Error::invalid(format!("cannot read {}: permission denied", path.display()))
+        }
+        _ => Error::invalid(format!("cannot read {}: {e}", path.display())),
+    })
+}
+
+impl TestArtifactsManager {
+    /// A manager over `index` and `blobs`.
+    pub fn new(
+        index: Arc<dyn ArtifactIndex>,
+        blobs: Arc<dyn BlobStore>,
+        options: ArtifactsOptions,
+    ) -> TestArtifactsManager {
+        TestArtifactsManager {
+            index,
+            blobs,
+            options,
+        }
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Arc<dyn ArtifactIndex> {
+        &self.index
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    // --- sessions and collections ---------------------------------------------------------
+
+    /// Creates a session.
+    pub fn create_session(&self, new: NewSession) -> Result<TestSession> {
+        check_id("upgrade_id", &new.upgrade_id)?;
+        check_name("cluster_name", &new.cluster_name)?;
+        let now = crate::model::now();
+        let name = match new.name {
+            Some(n) => n,
+            None => format!("upgrade-{}-{}", new.upgrade_id, now.format("%Y%m%d-%H%M%S")),
+        };
+        check_name("name", &name)?;
+        let retention_days = new
+            .retention_days
+            .unwrap_or(self.options.default_retention_days);
+        if retention_days == 0 || retention_days > 36_500 {
+            return Err(Error::invalid(format!(
+                "retention_days must be in 1..=36500, got {retention_days}"
+            )));
+        }
+        let session = TestSession {
+            session_id: Uuid::now_v7().to_string(),
+            upgrade_id: new.upgrade_id,
+            cluster_name: new.cluster_name,
+            name,
+            description: new.description,
+            started_at: now,
+            completed_at: None,
+            retention_days,
+        };
+        self.index.create_session(&session)?;
+        Ok(session)
+    }
+
+    /// One session.
+    pub fn session(&self, session_id: &str) -> Result<TestSession> {
+        self.index.session(session_id)
+    }
+
+    /// Sessions, oldest first, optionally of one upgrade.
+    pub fn sessions(&self, upgrade_id: Option<&str>) -> Result<Vec<TestSession>> {
+        self.index.sessions(upgrade_id)
+    }
+
+    /// Marks a session completed; its retention starts then.
+    pub fn complete_session(&self, session_id: &str) -> Result<TestSession> {
+        self.index.complete_session(session_id, crate::model::now())
+    }
+
+    /// The reference session summary.
+    pub fn session_summary(&self, session_id: &str) -> Result<SessionSummary> {
+        self.index.session_summary(session_id)
+    }
+
+    /// Creates a collection in a session.
+    pub fn create_collection(
+        &self,
+        session_id: &str,
+        name: &str,
+        description: Option<&str>,
+        task_id: Option<&str>,
+    ) -> Result<ArtifactCollection> {
+        check_name("collection name", name)?;
+        if let Some(t) = task_id {
+            check_id("task_id", t)?;
+        }
+        let c = ArtifactCollection {
+            collection_id: Uuid::now_v7().to_string(),
+            session_id: session_id.to_owned(),
+            name: name.to_owned(),
+            description: description.map(str::to_owned),
+            task_id: task_id.map(str::to_owned),
+            created_at: crate::model::now(),
+        };
+        self.index.create_collection(&c)?;
+        Ok(c)
+    }
+
+    /// The collections of a session.
+    pub fn collections(&self, session_id: &str) -> Result<Vec<ArtifactCollection>> {
+        self.index.collections(session_id)
+    }
+
+    // --- adding ---------------------------------------------------------------------------
+
+    fn check_target(&self, session_id: &str, collection_id: &str) -> Result<ArtifactCollection> {
+        let c = self.index.collection(collection_id)?;
+        if c.session_id != session_id {
+            self.index.session(session_id)?;
+            return Err(Error::invalid(format!(
+                "collection {collection_id:?} belongs to session {:?}, not {session_id:?}",
+                c.session_id
+            )));
+        }
+        Ok(c)
+    }
+
+    fn check_options(opts: &AddOptions) -> Result<()> {
+        check_tags(&opts.tags)?;
+        if let Some(t) = &opts.task_id {
+            check_id("task_id", t)?;
+        }
+        if let Some(s) = &opts.step_id {
+            check_id("step_id", s)?;
+        }
+        if let Some(d) = &opts.description
+            && d.len() > crate::progress::command::MAX_MESSAGE_LEN
+        {
+            return Err(Error::invalid("description is longer than 16 KiB"));
+        }
+        check_json("metadata", &opts.metadata)
+    }
+
+    fn new_artifact(
+        collection_id: &str,
+        name: String,
+        opts: &AddOptions,
+        digest: Digest,
+        size: u64,
+    ) -> NewArtifact {
+        NewArtifact {
+            artifact_id: Uuid::now_v7().to_string(),
+            collection_id: collection_id.to_owned(),
+            name,
+            description: opts.description.clone(),
+            artifact_type: opts.artifact_type.unwrap_or(ArtifactType::LogFile),
+            file_size: size,
+            digest,
+            task_id: opts.task_id.clone(),
+            step_id: opts.step_id.clone(),
+            tags: opts.tags.clone(),
+            metadata: opts.metadata.clone(),
+            created_at: crate::model::now(),
+        }
+    }
+
+    fn index_batch(&self, batch: &[NewArtifact]) -> Result<Vec<TestArtifact>> {
+        let blobs = Arc::clone(&self.blobs);
+        self.index
+            .insert_artifacts(batch, &move |d: &Digest| blobs.exists(d))
+    }
+
+    /// Adds the bytes of `reader` as one artifact named `name`.
+    pub fn add_reader(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        reader: &mut dyn Read,
+        name: &str,
+        opts: &AddOptions,
+    ) -> Result<TestArtifact> {
+        self.check_target(session_id, collection_id)?;
+        Self::check_options(opts)?;
+        let name = names::sanitize_name(name)?;
+        let info = self.blobs.put(reader, &mut |_| {})?;
+        let new = Self::new_artifact(collection_id, name, opts, info.digest, info.size);
+        Ok(self.index_batch(std::slice::from_ref(&new))?.remove(0))
+    }
+
+    /// Adds in-memory bytes as one artifact.
+    pub fn add_bytes(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        bytes: &[u8],
+        name: &str,
+        opts: &AddOptions,
+    ) -> Result<TestArtifact> {
+        self.add_reader(session_id, collection_id, &mut &bytes[..], name, opts)
+    }
+
+    /// Adds a file, or every regular file under a directory (names relative to it, prefixed
+    /// by `opts.name` when given). Checks everything before storing anything; indexes in
+    /// batches. `progress` is called as bytes are stored.
+    pub fn add_path(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        path: &Path,
+        opts: &AddOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Vec<TestArtifact>> {
+        self.add_paths(
+            session_id,
+            collection_id,
+            &[path.to_path_buf()],
+            opts,
+            progress,
+        )
+    }
+
+    /// [`add_path`](Self::add_path) for several paths at once.
+    pub fn add_paths(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        paths: &[PathBuf],
+        opts: &AddOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Vec<TestArtifact>> {
+        self.check_target(session_id, collection_id)?;
+        Self::check_options(opts)?;
+        // Plan: every file and its name, checked before anything is stored.
+        let mut plan: Vec<(PathBuf, String, u64)> = Vec::new();
+        for path in paths {
+            let meta = fs::metadata(path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    Error::not_found(format!("file or directory {}", path.display()))
+                }
+                _ => Error::invalid(format!("cannot read {}: {e}", path.display())),
+            })?;
+            if meta.is_dir() {
+                let prefix = opts.name.clone().unwrap_or_default();
+                let mut entries: Vec<_> = walkdir::WalkDir::new(path)
+                    .sort_by_file_name()
+                    .into_iter()
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| {
+                        Error::invalid(format!("cannot read directory {}: {e}", path.display()))
+                    })?;
+                entries.retain(|e| e.file_type().is_file());
+                for e in entries {
+                    let rel = e
+                        .path()
+                        .strip_prefix(path)
+                        .unwrap_or(e.path())
+                        .to_string_lossy()
+                        .into_owned();
+                    let name = if prefix.is_empty() {
+                        names::sanitize_name(&rel)?
+                    } else {
+                        names::sanitize_name(&format!("{prefix}/{rel}"))?
+                    };
+                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    plan.push((e.into_path(), name, size));
+                }
+            } else if meta.is_file() {
+                let name = match (&opts.name, paths.len()) {
+                    (Some(n), 1) => n.clone(),
+                    (Some(_), _) => {
+                        return Err(Error::invalid(
+                            "a name can only be given when adding a single file",
+                        ));
+                    }
+                    (None, _) => file_name_of(path)?,
+                };
+                plan.push((path.clone(), names::sanitize_name(&name)?, meta.len()));
+            } else {
+                return Err(Error::invalid(format!(
+                    "{} is neither a file nor a directory",
+                    path.display()
+                )));
+            }
+        }
+        let mut p = Progress {
+            files_total: plan.len() as u64,
+            bytes_total: plan.iter().map(|(_, _, s)| s).sum(),
+            ..Progress::default()
+        };
+        progress(p);
+        let mut out = Vec::with_capacity(plan.len());
+        let mut batch = Vec::with_capacity(INDEX_BATCH.min(plan.len()));
+        for (path, name, _) in plan {
+            let mut file = open_source(&path)?;
+            let base = p.bytes_done;
+            let info = self.blobs.put(&mut file, &mut |b| {
+                progress(Progress {
+                    bytes_done: base + b,
+                    ..p
+                })
+            })?;
+            p.bytes_done = base + info.size;
+            p.files_done += 1;
+            progress(p);
+            batch.push(Self::new_artifact(
+                collection_id,
+                name,
+                opts,
+                info.digest,
+                info.size,
+            ));
+            if batch.len() == INDEX_BATCH {
+                out.extend(self.index_batch(&batch)?);
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            out.extend(self.index_batch(&batch)?);
+        }
+        Ok(out)
+    }
+
+    /// Indexes many in-memory items in one transaction per [`INDEX_BATCH`] (bulk loads).
+    pub fn add_many_bytes(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        items: &[(String, Vec<u8>, AddOptions)],
+    ) -> Result<Vec<TestArtifact>> {
+        self.check_target(session_id, collection_id)?;
+        let mut batch = Vec::with_capacity(items.len());
+        for (name, bytes, opts) in items {
+            Self::check_options(opts)?;
+            let name = names::sanitize_name(name)?;
+            let info = self.blobs.put(&mut bytes.as_slice(), &mut |_| {})?;
+            batch.push(Self::new_artifact(
+                collection_id,
+                name,
+                opts,
+                info.digest,
+                info.size,
+            ));
+        }
+        self.index_batch(&batch)
+    }
+
+    // --- reading --------------------------------------------------------------------------
+
+    /// One artifact.
+    pub fn artifact(&self, artifact_id: &str) -> Result<TestArtifact> {
+        self.index.artifact(artifact_id)
+    }
+
+    /// A reader of the artifact's bytes that fails with [`Error::Corrupt`] on a digest mismatch.
+    pub fn open(&self, artifact_id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
+        let a = self.index.artifact(artifact_id)?;
+        if a.status == crate::model::ArtifactStatus::Deleted {
+            return Err(Error::not_found(format!(
+                "artifact {artifact_id:?} (deleted)"
+            )));
+        }
+        let digest: Digest = a.file_hash.parse()?;
+        let reader = self.blobs.open(&digest).map_err(|e| match e {
+            Error::NotFound { .. } => Error::not_found(format!(
+                "the content of artifact {artifact_id:?} (blob sha256:{digest})"
+            )),
+            other => other,
+        })?;
+        Ok((a, reader))
+    }
+
+    /// Reads the artifact's verified bytes into memory (for small artifacts).
+    pub fn read(&self, artifact_id: &str) -> Result<Vec<u8>> {
+        let (_, mut r) = self.open(artifact_id)?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the artifact's verified bytes to `path` (temp file, then rename: a corrupt blob
+    /// never leaves a file behind).
+    pub fn write_to(&self, artifact_id: &str, path: &Path) -> Result<u64> {
+        let (_, mut r) = self.open(artifact_id)?;
+        write_atomically(path, &mut r)
+    }
+
+    /// Artifacts matching `query`, newest first.
+    pub fn search(&self, query: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+        if let Some(n) = &query.name
+            && n.len() > names::MAX_NAME_BYTES
+        {
+            return Err(Error::invalid("name filter is longer than 512 bytes"));
+        }
+        if let (Some(a), Some(b)) = (query.min_size, query.max_size)
+            && a > b
+        {
+            return Err(Error::invalid(format!(
+                "min size {a} is larger than max size {b}"
+            )));
+        }
+        self.index.search(query)
+    }
+
+    /// Statistics over one session or all.
+    pub fn stats(&self, session_id: Option<&str>) -> Result<ArtifactStats> {
+        self.index.stats(session_id)
+    }
+
+    /// Artifacts per task of an upgrade.
+    pub fn counts_by_task(&self, upgrade_id: &str) -> Result<HashMap<String, u64>> {
+        self.index.artifact_counts_by_task(upgrade_id)
+    }
+
+    // --- export and verification ----------------------------------------------------------
+
+    /// Writes a session to `dir` as `{collection name}/{export name}`, verifying every digest.
+    /// `dir` must be absent or empty unless `force`. Corrupt or missing artifacts are reported
+    /// in the result and the rest are still exported.
+    pub fn export_session(
+        &self,
+        session_id: &str,
+        dir: &Path,
+        force: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ExportReport> {
+        let summary = self.index.session_summary(session_id)?;
+        if dir.exists() {
+            if !dir.is_dir() {
+                return Err(Error::invalid(format!(
+                    "{} is not a directory",
+                    dir.display()
+                )));
+            }
+            if !force && fs::read_dir(dir)?.next().is_some() {
+                return Err(Error::invalid(format!(
+                    "{} is not empty; use --force to export into it anyway",
+                    dir.display()
+                )));
+            }
+        }
+        fs::create_dir_all(dir)?;
+        let root = dir.canonicalize()?;
+        // One directory per collection; names made safe and unique.
+        let mut dirs: HashMap<String, PathBuf> = HashMap::new();
+        let mut used: HashSet<String> = HashSet::new();
+        for c in self.index.collections(session_id)? {
+            let base = names::component(&c.name);
+            let mut name = base.clone();
+            let mut n = 2;
+            while !used.insert(name.clone()) {
+                name = format!("{base}~{n}");
+                n += 1;
+            }
+            dirs.insert(c.collection_id, root.join(name));
+        }
+        let mut report = ExportReport::default();
+        let mut p = Progress {
+            files_total: summary.total_artifacts,
+            bytes_total: summary.total_size_bytes,
+            ..Progress::default()
+        };
+        progress(p);
+        self.index.for_each_artifact(Some(session_id), &mut |a| {
+            if a.status == crate::model::ArtifactStatus::Deleted {
+                return Ok(());
+            }
+            let Some(cdir) = dirs.get(&a.collection_id) else {
+                return Ok(());
+            };
+            let target = cdir.join(&a.export_name);
+            let result = (|| -> Result<u64> {
+                let parent = target.parent().expect("export paths have a parent");
+                fs::create_dir_all(parent)?;
+                // Never follow a link out of the export directory (possible with --force).
+                if !parent.canonicalize()?.starts_with(&root) {
+                    return Err(Error::invalid(format!(
+                        "{} leads outside {}",
+                        parent.display(),
+                        root.display()
+                    )));
+                }
+                if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(Error::invalid(format!(
+                        "{} is a symbolic link",
+                        target.display()
+                    )));
+                }
+                let (_, mut r) = self.open(&a.artifact_id)?;
+                write_atomically(&target, &mut r)
+            })();
+            match result {
+                Ok(bytes) => {
+                    report.files += 1;
+                    report.bytes += bytes;
+                }
+                Err(e) => report.failures.push((a.artifact_id.clone(), e.to_string())),
+            }
+            p.files_done += 1;
+            p.bytes_done += a.file_size;
+            progress(p);
+            Ok(())
+        })?;
+        Ok(report)
+    }
+
+    /// Reads every blob once and checks its digest, then checks every artifact's blob is
+    /// there. Memory stays flat: only corrupt digests are remembered.
+    pub fn verify(&self, progress: &mut dyn FnMut(Progress)) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut corrupt: HashMap<Digest, String> = HashMap::new();
+        let mut p = Progress::default();
+        self.blobs.list(&mut |m| {
+            let result = self
+                .blobs
+                .open(&m.digest)
+                .and_then(|mut r| crate::blob::drain_verified(&mut r));
+            match result {
+                Ok(n) => report.bytes_checked += n,
+                Err(e) => {
+                    corrupt.insert(m.digest, e.to_string());
+                }
+            }
+            report.blobs_checked += 1;
+            p.files_done += 1;
+            p.bytes_done += m.size;
+            progress(p);
+            Ok(())
+        })?;
+        self.index.for_each_artifact(None, &mut |a| {
+            if a.status == crate::model::ArtifactStatus::Deleted {
+                return Ok(());
+            }
+            report.artifacts_checked += 1;
+            let digest: Digest = a.file_hash.parse()?;
+            if let Some(reason) = corrupt.get(&digest) {
+                report.corrupt.push((a.artifact_id, a.name, reason.clone()));
+            } else if !self.blobs.exists(&digest)? {
+                report.missing.push((a.artifact_id, a.name));
+            }
+            Ok(())
+        })?;
+        Ok(report)
+    }
+
+    // --- retention and garbage collection -------------------------------------------------
+
+    /// Removes completed sessions whose retention has passed at `as_of` (now by default):
+    /// their rows, then the blobs no other artifact uses. A dry run only reports.
+    pub fn cleanup(&self, dry_run: bool, as_of: Option<DateTime<Utc>>) -> Result<CleanupReport> {
+        let as_of = as_of.unwrap_or_else(crate::model::now);
+        let sessions = self
+            .index
+            .expired_sessions(as_of, self.options.failed_retention_factor)?;
+        let mut report = CleanupReport {
+            dry_run,
+            as_of: Some(as_of),
+            ..CleanupReport::default()
+        };
+        if !dry_run {
+            for s in &sessions {
+                let digests = self.index.delete_session(&s.session.session_id)?;
+                let (n, bytes) = self.delete_blobs(&digests)?;
+                report.blobs_removed += n;
+                report.bytes_freed += bytes;
+                tracing::info!(session = %s.session.session_id, blobs = n, bytes, "session removed by retention");
+            }
+        }
+        report.sessions = sessions;
+        Ok(report)
+    }
+
+    fn delete_blobs(&self, digests: &[Digest]) -> Result<(u64, u64)> {
+        let (mut n, mut bytes) = (0, 0);
+        for chunk in digests.chunks(1000) {
+            let sizes: HashMap<Digest, u64> = chunk
+                .iter()
+                .filter_map(|d| self.blobs.size(d).ok().map(|s| (*d, s)))
+                .collect();
+            let blobs = Arc::clone(&self.blobs);
+            let deleted = self
+                .index
+                .delete_unreferenced(chunk, &move |d: &Digest| blobs.delete(d))?;
+            n += deleted.len() as u64;
+            bytes += deleted.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
+        }
+        Ok((n, bytes))
+    }
+
+    /// Removes leftovers of interrupted adds and blobs that no artifact references (older
+    /// than the grace period).
+    pub fn gc(&self) -> Result<GcReport> {
+        let mut report = GcReport {
+            incomplete_removed: self.blobs.sweep_incomplete()?,
+            ..GcReport::default()
+        };
+        let cutoff = SystemTime::now()
+            .checked_sub(self.options.gc_grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut candidates = Vec::new();
+        let mut young = Vec::new();
+        self.blobs.list(&mut |m| {
+            if m.modified.is_some_and(|t| t > cutoff) {
+                young.push(m.digest);
+            } else {
+                candidates.push(m.digest);
+            }
+            if candidates.len() >= 1000 {
+                let (n, b) = self.delete_blobs(&candidates)?;
+                report.blobs_removed += n;
+                report.bytes_freed += b;
+                candidates.clear();
+            }
+            Ok(())
+        })?;
+        let (n, b) = self.delete_blobs(&candidates)?;
+        report.blobs_removed += n;
+        report.bytes_freed += b;
+        // Count the young ones that are unreferenced, without deleting them.
+        for chunk in young.chunks(1000) {
+            let unreferenced = self.index.delete_unreferenced(chunk, &|_| Ok(true))?;
+            report.blobs_in_grace += unreferenced.len() as u64;
+        }
+        Ok(report)
+    }
+}
+
+/// Writes `reader` to `path` through a temp file in the same directory and a rename; on error
+/// the temp file is removed and `path` is untouched.
+pub fn write_atomically(path: &Path, reader: &mut dyn Read) -> Result<u64> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.part",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        Uuid::now_v7()
+    ));
+    let result = (|| -> Result<u64> {
+        let mut f = File::create(&tmp)?;
+        let n = io::copy(reader, &mut f)?;
+        f.flush()?;
+        fs::rename(&tmp, path)?;
+        Ok(n)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests;

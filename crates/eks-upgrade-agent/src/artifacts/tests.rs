@@ -1,0 +1,800 @@
+//! Tests of `TestArtifactsManager` on the real backends (SQLite index, local blobs).
+
+use std::fs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+
+use super::*;
+use crate::blob::LocalBlobStore;
+use crate::model::{ArtifactStatus, JsonMap};
+use crate::progress::ProgressTracker;
+use crate::store::Durability;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Arc<SqliteStore>,
+    m: TestArtifactsManager,
+}
+
+fn fixture_with(options: ArtifactsOptions) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(&dir.path().join("data"), &SqliteOptions::default()).unwrap());
+    let blobs = Arc::new(
+        LocalBlobStore::open(&dir.path().join("data/blobs"), Durability::default()).unwrap(),
+    );
+    let m = TestArtifactsManager::new(store.clone(), blobs, options);
+    Fixture { dir, store, m }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(ArtifactsOptions::default())
+}
+
+fn session(f: &Fixture, upgrade: &str) -> (TestSession, ArtifactCollection) {
+    let s =
+        f.m.create_session(NewSession {
+            upgrade_id: upgrade.into(),
+            cluster_name: "prod".into(),
+            ..NewSession::default()
+        })
+        .unwrap();
+    let c =
+        f.m.create_collection(&s.session_id, "Upgrade Logs", None, None)
+            .unwrap();
+    (s, c)
+}
+
+fn opts(ty: ArtifactType, tags: &[&str]) -> AddOptions {
+    AddOptions {
+        artifact_type: Some(ty),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        ..AddOptions::default()
+    }
+}
+
+#[test]
+fn sessions_and_collections() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    assert!(s.name.starts_with("upgrade-u1-"), "{}", s.name);
+    assert_eq!(s.name.len(), "upgrade-u1-20260101-000000".len());
+    assert_eq!(s.retention_days, DEFAULT_RETENTION_DAYS);
+    let err =
+        f.m.create_collection(&s.session_id, "Upgrade Logs", None, None)
+            .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    let err = f.m.create_collection("nope", "x", None, None).unwrap_err();
+    assert_eq!(err.to_string(), "session \"nope\" not found");
+    f.m.create_collection(
+        &s.session_id,
+        "JUnit",
+        Some("test results"),
+        Some("validate"),
+    )
+    .unwrap();
+    let names: Vec<_> =
+        f.m.collections(&s.session_id)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+    assert_eq!(names, ["Upgrade Logs", "JUnit"]);
+    session(&f, "u2");
+    assert_eq!(f.m.sessions(Some("u1")).unwrap().len(), 1);
+    assert_eq!(f.m.sessions(None).unwrap().len(), 2);
+    f.m.add_bytes(
+        &s.session_id,
+        &c.collection_id,
+        b"abc",
+        "a.log",
+        &AddOptions::default(),
+    )
+    .unwrap();
+    let done = f.m.complete_session(&s.session_id).unwrap();
+    assert!(done.completed_at.is_some());
+    let again = f.m.complete_session(&s.session_id).unwrap();
+    assert_eq!(
+        again.completed_at, done.completed_at,
+        "completion time is kept"
+    );
+    let sum = f.m.session_summary(&s.session_id).unwrap();
+    assert_eq!(
+        (
+            sum.collections_count,
+            sum.total_artifacts,
+            sum.total_size_bytes
+        ),
+        (2, 1, 3)
+    );
+    assert_eq!(sum.artifact_types.get(&ArtifactType::LogFile), Some(&1));
+    assert_eq!(sum.uploaded_artifacts, 0);
+    for bad in [0, 40_000] {
+        let err =
+            f.m.create_session(NewSession {
+                upgrade_id: "u".into(),
+                cluster_name: "c".into(),
+                retention_days: Some(bad),
+                ..NewSession::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("retention_days"), "{err}");
+    }
+}
+
+#[test]
+fn add_files_directories_and_bytes() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let src = f.dir.path().join("src");
+    fs::create_dir_all(src.join("nodes/ip-1")).unwrap();
+    fs::write(src.join("nodes/ip-1/kubelet.log"), b"kubelet").unwrap();
+    fs::write(src.join("nodes/containerd.log"), b"containerd").unwrap();
+    fs::write(src.join("summary.txt"), b"ok").unwrap();
+    let mut calls = Vec::new();
+    let added =
+        f.m.add_path(
+            &s.session_id,
+            &c.collection_id,
+            &src,
+            &AddOptions::default(),
+            &mut |p| calls.push(p),
+        )
+        .unwrap();
+    let names: Vec<_> = added.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "nodes/containerd.log",
+            "nodes/ip-1/kubelet.log",
+            "summary.txt"
+        ]
+    );
+    assert!(
+        added.iter().all(
+            |a| a.artifact_type == ArtifactType::LogFile && a.status == ArtifactStatus::Created
+        )
+    );
+    assert_eq!(added[0].upgrade_id, "u1");
+    let last = calls.last().unwrap();
+    assert_eq!(
+        (
+            last.files_done,
+            last.files_total,
+            last.bytes_done,
+            last.bytes_total
+        ),
+        (3, 3, 19, 19)
+    );
+
+    let one =
+        f.m.add_path(
+            &s.session_id,
+            &c.collection_id,
+            &src.join("summary.txt"),
+            &AddOptions {
+                name: Some("reports/summary.txt".into()),
+                artifact_type: Some(ArtifactType::Report),
+                description: Some("d".into()),
+                tags: vec!["final".into()],
+                task_id: Some("t1".into()),
+                step_id: Some("s1".into()),
+                metadata: JsonMap::from_iter([("k".to_owned(), json!(1))]),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let a = &one[0];
+    assert_eq!(
+        (a.name.as_str(), a.artifact_type, a.task_id.as_deref()),
+        ("reports/summary.txt", ArtifactType::Report, Some("t1"))
+    );
+    assert_eq!(a.file_hash, Digest::of(b"ok").to_hex());
+    assert_eq!(f.m.artifact(&a.artifact_id).unwrap(), *a);
+    assert_eq!(f.m.read(&a.artifact_id).unwrap(), b"ok");
+
+    let b =
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"streamed",
+            "stream.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(b.file_size, 8);
+}
+
+#[test]
+fn same_name_same_bytes_is_idempotent_and_different_bytes_keep_both() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let o = AddOptions::default();
+    let a =
+        f.m.add_bytes(&s.session_id, &c.collection_id, b"v1", "report.xml", &o)
+            .unwrap();
+    let again =
+        f.m.add_bytes(&s.session_id, &c.collection_id, b"v1", "report.xml", &o)
+            .unwrap();
+    assert_eq!(a.artifact_id, again.artifact_id);
+    let b =
+        f.m.add_bytes(&s.session_id, &c.collection_id, b"v2", "report.xml", &o)
+            .unwrap();
+    let d =
+        f.m.add_bytes(&s.session_id, &c.collection_id, b"v3", "report.xml", &o)
+            .unwrap();
+    assert_ne!(a.artifact_id, b.artifact_id);
+    assert_eq!(
+        (
+            a.export_name.as_str(),
+            b.export_name.as_str(),
+            d.export_name.as_str()
+        ),
+        ("report.xml", "report~2.xml", "report~3.xml")
+    );
+    assert_eq!(b.name, "report.xml");
+    assert_eq!(
+        f.m.read(&a.artifact_id).unwrap(),
+        b"v1",
+        "the first artifact's bytes are untouched"
+    );
+    assert_eq!(f.m.read(&b.artifact_id).unwrap(), b"v2");
+    // Same bytes under another name: one blob, two artifacts.
+    let e =
+        f.m.add_bytes(&s.session_id, &c.collection_id, b"v1", "copy.xml", &o)
+            .unwrap();
+    assert_eq!(e.file_hash, a.file_hash);
+    let mut blobs = 0;
+    f.m.blobs()
+        .list(&mut |_| {
+            blobs += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(blobs, 3);
+    // The same name in another collection is independent.
+    let c2 =
+        f.m.create_collection(&s.session_id, "Other", None, None)
+            .unwrap();
+    let g =
+        f.m.add_bytes(&s.session_id, &c2.collection_id, b"v2", "report.xml", &o)
+            .unwrap();
+    assert_eq!(g.export_name, "report.xml");
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let (s2, _) = session(&f, "u2");
+    let o = AddOptions::default();
+    let missing = f.dir.path().join("missing.log");
+    let cases: Vec<(Error, &str)> = vec![
+        (
+            f.m.add_path(&s.session_id, &c.collection_id, &missing, &o, &mut |_| {})
+                .unwrap_err(),
+            "missing.log not found",
+        ),
+        (
+            f.m.add_bytes("nope", &c.collection_id, b"x", "a", &o)
+                .unwrap_err(),
+            "not in session",
+        ),
+        (
+            f.m.add_bytes(&s2.session_id, &c.collection_id, b"x", "a", &o)
+                .unwrap_err(),
+            "belongs to session",
+        ),
+        (
+            f.m.add_bytes(&s.session_id, "nope", b"x", "a", &o)
+                .unwrap_err(),
+            "collection \"nope\" not found",
+        ),
+        (
+            f.m.add_bytes(&s.session_id, &c.collection_id, b"x", "../escape", &o)
+                .unwrap_err(),
+            "'..'",
+        ),
+        (
+            f.m.add_bytes(&s.session_id, &c.collection_id, b"x", "/etc/passwd", &o)
+                .unwrap_err(),
+            "relative",
+        ),
+        (
+            f.m.add_bytes(&s.session_id, &c.collection_id, b"x", "a\u{0}b", &o)
+                .unwrap_err(),
+            "control",
+        ),
+        (
+            f.m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                b"x",
+                "a",
+                &opts(ArtifactType::Backup, &[""]),
+            )
+            .unwrap_err(),
+            "tags must not be empty",
+        ),
+        (
+            f.m.artifact("nope").unwrap_err(),
+            "artifact \"nope\" not found",
+        ),
+        (
+            f.m.search(&ArtifactQuery {
+                session_id: Some("nope".into()),
+                ..ArtifactQuery::default()
+            })
+            .unwrap_err(),
+            "session \"nope\" not found",
+        ),
+        (
+            f.m.search(&ArtifactQuery {
+                min_size: Some(10),
+                max_size: Some(1),
+                ..ArtifactQuery::default()
+            })
+            .unwrap_err(),
+            "larger than max",
+        ),
+    ];
+    for (err, needle) in cases {
+        let text = err.to_string();
+        assert!(
+            text.contains(needle)
+                || (needle == "not in session" && matches!(err, Error::NotFound { .. })),
+            "{needle}: {text}"
+        );
+    }
+    assert_eq!(f.m.stats(None).unwrap().total_artifacts, 0);
+    let mut blobs = 0;
+    f.m.blobs()
+        .list(&mut |_| {
+            blobs += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(blobs, 0, "nothing was stored");
+}
+
+#[test]
+fn search_by_every_filter() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let (s2, c2) = session(&f, "u2");
+    let add =
+        |sid: &str, cid: &str, name: &str, bytes: usize, ty, tags: &[&str], task: Option<&str>| {
+            let mut o = opts(ty, tags);
+            o.task_id = task.map(Into::into);
+            f.m.add_bytes(sid, cid, &vec![b'x'; bytes], name, &o)
+                .unwrap()
+        };
+    let a = add(
+        &s.session_id,
+        &c.collection_id,
+        "Kubelet-ip-1.log",
+        100,
+        ArtifactType::LogFile,
+        &["node", "kubelet"],
+        Some("ng1"),
+    );
+    let b = add(
+        &s.session_id,
+        &c.collection_id,
+        "junit-smoke.xml",
+        2000,
+        ArtifactType::TestResult,
+        &["smoke"],
+        Some("validate"),
+    );
+    let d = add(
+        &s2.session_id,
+        &c2.collection_id,
+        "kubelet-ip-2.log",
+        300,
+        ArtifactType::LogFile,
+        &["node"],
+        Some("ng1"),
+    );
+    let e = add(
+        &s2.session_id,
+        &c2.collection_id,
+        "ab.log",
+        5,
+        ArtifactType::Diagnostic,
+        &["node", "kubelet"],
+        None,
+    );
+    let ids = |q: ArtifactQuery| -> Vec<String> {
+        f.m.search(&q)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.artifact_id)
+            .collect()
+    };
+    let q = ArtifactQuery::default;
+    assert_eq!(
+        ids(q()),
+        [
+            e.artifact_id.clone(),
+            d.artifact_id.clone(),
+            b.artifact_id.clone(),
+            a.artifact_id.clone()
+        ],
+        "newest first"
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            session_id: Some(s.session_id.clone()),
+            ..q()
+        }),
+        [b.artifact_id.clone(), a.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            collection_id: Some(c2.collection_id.clone()),
+            ..q()
+        }),
+        [e.artifact_id.clone(), d.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            upgrade_id: Some("u2".into()),
+            ..q()
+        }),
+        [e.artifact_id.clone(), d.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            artifact_type: Some(ArtifactType::TestResult),
+            ..q()
+        }),
+        vec![b.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            tags: vec!["node".into(), "kubelet".into()],
+            ..q()
+        }),
+        [e.artifact_id.clone(), a.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            task_id: Some("ng1".into()),
+            ..q()
+        }),
+        [d.artifact_id.clone(), a.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            status: Some(ArtifactStatus::Uploaded),
+            ..q()
+        }),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            name: Some("KUBELET".into()),
+            ..q()
+        }),
+        [d.artifact_id.clone(), a.artifact_id.clone()],
+        "case-insensitive"
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            name: Some("ip-".into()),
+            ..q()
+        }),
+        [d.artifact_id.clone(), a.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            name: Some("b.".into()),
+            ..q()
+        }),
+        vec![e.artifact_id.clone()],
+        "short substrings scan"
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            name: Some("*.xml".into()),
+            ..q()
+        }),
+        vec![b.artifact_id.clone()],
+        "glob"
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            name: Some("kubelet-ip-?.log".into()),
+            ..q()
+        }),
+        [d.artifact_id.clone(), a.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            name: Some("50%_\"x".into()),
+            ..q()
+        }),
+        Vec::<String>::new(),
+        "special characters are literal"
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            min_size: Some(200),
+            max_size: Some(2000),
+            ..q()
+        }),
+        [d.artifact_id.clone(), b.artifact_id.clone()]
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            created_since: Some(Utc::now() + chrono::Duration::hours(1)),
+            ..q()
+        }),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            created_since: Some(Utc::now() - chrono::Duration::hours(1)),
+            limit: 2,
+            ..q()
+        })
+        .len(),
+        2
+    );
+    assert_eq!(
+        ids(ArtifactQuery {
+            session_id: Some(s2.session_id.clone()),
+            artifact_type: Some(ArtifactType::LogFile),
+            tags: vec!["node".into()],
+            name: Some("kubelet".into()),
+            max_size: Some(1000),
+            ..q()
+        }),
+        vec![d.artifact_id.clone()]
+    );
+
+    let st = f.m.stats(None).unwrap();
+    assert_eq!(
+        (
+            st.total_artifacts,
+            st.total_size_bytes,
+            st.sessions_searched
+        ),
+        (4, 2405, 2)
+    );
+    assert_eq!(st.average_size_bytes, 2405.0 / 4.0);
+    assert_eq!(st.type_distribution.get(&ArtifactType::LogFile), Some(&2));
+    assert_eq!(
+        st.status_distribution.get(&ArtifactStatus::Created),
+        Some(&4)
+    );
+    let st = f.m.stats(Some(&s.session_id)).unwrap();
+    assert_eq!((st.total_artifacts, st.sessions_searched), (2, 1));
+    let counts = f.m.counts_by_task("u1").unwrap();
+    assert_eq!(counts.get("ng1"), Some(&1));
+    assert_eq!(counts.get("validate"), Some(&1));
+}
+
+#[test]
+fn corrupt_and_missing_blobs_are_reported() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let a =
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"good bytes",
+            "a.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    let b =
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"other bytes",
+            "b.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    assert!(f.m.verify(&mut |_| {}).unwrap().ok());
+    let blobs =
+        LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
+    let path = blobs.path_of(&a.file_hash.parse().unwrap());
+    let mut perms = fs::metadata(&path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&path, perms).unwrap();
+    fs::write(&path, b"evil bytes").unwrap();
+    fs::remove_file(blobs.path_of(&b.file_hash.parse().unwrap())).unwrap();
+    let err = f.m.read(&a.artifact_id).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    let out = f.dir.path().join("out.log");
+    assert!(f.m.write_to(&a.artifact_id, &out).is_err());
+    assert!(!out.exists(), "no file is left behind for corrupt content");
+    let err = f.m.read(&b.artifact_id).unwrap_err();
+    assert!(err.to_string().contains("content of artifact"), "{err}");
+    let report = f.m.verify(&mut |_| {}).unwrap();
+    assert_eq!(report.corrupt.len(), 1);
+    assert_eq!(report.corrupt[0].0, a.artifact_id);
+    assert_eq!(
+        report.missing,
+        [(b.artifact_id.clone(), "b.log".to_owned())]
+    );
+}
+
+#[test]
+fn export_writes_collections_and_never_escapes() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let c2 =
+        f.m.create_collection(&s.session_id, "../../outside", None, None)
+            .unwrap();
+    let o = AddOptions::default();
+    f.m.add_bytes(&s.session_id, &c.collection_id, b"one", "nodes/a.log", &o)
+        .unwrap();
+    f.m.add_bytes(&s.session_id, &c.collection_id, b"two", "nodes/a.log", &o)
+        .unwrap();
+    f.m.add_bytes(&s.session_id, &c2.collection_id, b"three", "x.log", &o)
+        .unwrap();
+    let out = f.dir.path().join("export");
+    let report =
+        f.m.export_session(&s.session_id, &out, false, &mut |_| {})
+            .unwrap();
+    assert_eq!((report.files, report.bytes), (3, 11));
+    assert!(report.failures.is_empty());
+    assert_eq!(
+        fs::read(out.join("Upgrade Logs/nodes/a.log")).unwrap(),
+        b"one"
+    );
+    assert_eq!(
+        fs::read(out.join("Upgrade Logs/nodes/a~2.log")).unwrap(),
+        b"two"
+    );
+    assert_eq!(fs::read(out.join(".._.._outside/x.log")).unwrap(), b"three");
+    assert!(!f.dir.path().join("outside").exists());
+    let err =
+        f.m.export_session(&s.session_id, &out, false, &mut |_| {})
+            .unwrap_err();
+    assert!(err.to_string().contains("not empty; use --force"), "{err}");
+    // With --force, a planted symlink pointing outside is refused, not followed.
+    fs::remove_dir_all(out.join("Upgrade Logs/nodes")).unwrap();
+    let elsewhere = f.dir.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("Upgrade Logs/nodes")).unwrap();
+    let report =
+        f.m.export_session(&s.session_id, &out, true, &mut |_| {})
+            .unwrap();
+    assert_eq!(report.failures.len(), 2, "{report:?}");
+    assert!(report.failures[0].1.contains("leads outside"), "{report:?}");
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
+
+#[test]
+fn retention_removes_expired_sessions_and_their_unshared_blobs() {
+    let f = fixture();
+    let tracker = ProgressTracker::new(f.store.clone());
+    tracker
+        .create_upgrade("failed-up", "p", "c", JsonMap::new())
+        .unwrap();
+    tracker.fail_upgrade("failed-up", "boom").unwrap();
+    let (s1, c1) = session(&f, "ok-up");
+    let (s2, c2) = session(&f, "failed-up");
+    let (s3, c3) = session(&f, "ok-up");
+    let o = AddOptions::default();
+    f.m.add_bytes(
+        &s1.session_id,
+        &c1.collection_id,
+        b"only in s1",
+        "a.log",
+        &o,
+    )
+    .unwrap();
+    f.m.add_bytes(&s1.session_id, &c1.collection_id, b"shared", "b.log", &o)
+        .unwrap();
+    f.m.add_bytes(&s2.session_id, &c2.collection_id, b"evidence", "c.log", &o)
+        .unwrap();
+    f.m.add_bytes(&s3.session_id, &c3.collection_id, b"shared", "d.log", &o)
+        .unwrap();
+    for s in [&s1, &s2] {
+        f.m.complete_session(&s.session_id).unwrap();
+    }
+    // s3 is not completed: never removed by default.
+    let in_40_days = Utc::now() + chrono::Duration::days(40);
+    let plan = f.m.cleanup(true, Some(in_40_days)).unwrap();
+    let ids: Vec<_> = plan
+        .sessions
+        .iter()
+        .map(|e| e.session.session_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [s1.session_id.as_str()],
+        "the failed upgrade's session is kept 3x longer"
+    );
+    assert_eq!(
+        (plan.sessions[0].artifacts, plan.sessions[0].bytes),
+        (2, 16)
+    );
+    assert_eq!(
+        f.m.session(&s1.session_id).unwrap(),
+        s1.clone().with_completion(&f),
+        "dry run changes nothing"
+    );
+    assert!(
+        f.m.cleanup(true, Some(Utc::now()))
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
+
+    let done = f.m.cleanup(false, Some(in_40_days)).unwrap();
+    assert_eq!(
+        (done.blobs_removed, done.bytes_freed),
+        (1, 10),
+        "the shared blob stays"
+    );
+    assert!(matches!(
+        f.m.session(&s1.session_id),
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(f.m.search(&ArtifactQuery::default()).unwrap().len(), 2);
+    assert!(
+        f.m.verify(&mut |_| {}).unwrap().ok(),
+        "remaining artifacts intact"
+    );
+    let in_100_days = Utc::now() + chrono::Duration::days(100);
+    let done = f.m.cleanup(false, Some(in_100_days)).unwrap();
+    assert_eq!(done.sessions.len(), 1);
+    assert!(done.sessions[0].upgrade_failed);
+}
+
+impl TestSession {
+    fn with_completion(mut self, f: &Fixture) -> TestSession {
+        self.completed_at = f.m.session(&self.session_id).unwrap().completed_at;
+        self
+    }
+}
+
+#[test]
+fn gc_removes_orphans_but_not_referenced_or_young_blobs() {
+    let f = fixture_with(ArtifactsOptions {
+        gc_grace: Duration::ZERO,
+        ..ArtifactsOptions::default()
+    });
+    let (s, c) = session(&f, "u1");
+    let kept =
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"kept",
+            "k.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    // An orphan: stored, never indexed (as after a kill between the two steps).
+    f.m.blobs().put(&mut &b"orphan!"[..], &mut |_| {}).unwrap();
+    fs::write(f.dir.path().join("data/blobs/tmp/dead.part"), b"half").unwrap();
+    let report = f.m.gc().unwrap();
+    assert_eq!(
+        (
+            report.incomplete_removed,
+            report.blobs_removed,
+            report.bytes_freed
+        ),
+        (1, 1, 7)
+    );
+    assert_eq!(f.m.read(&kept.artifact_id).unwrap(), b"kept");
+    // With the default grace period a fresh orphan is left alone.
+    let g = fixture();
+    g.m.blobs()
+        .put(&mut &b"fresh orphan"[..], &mut |_| {})
+        .unwrap();
+    let report = g.m.gc().unwrap();
+    assert_eq!((report.blobs_removed, report.blobs_in_grace), (0, 1));
+}

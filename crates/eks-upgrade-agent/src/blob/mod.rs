@@ -1,0 +1,182 @@
+//! Content-addressed blob stores. Bytes are stored once per SHA-256 digest and are immutable;
+//! artifact names, tags and metadata live in the index and point at digests.
+//!
+//! [`BlobStore`] is the boundary; [`LocalBlobStore`] keeps blobs in the data directory. Every
+//! read goes through a [`VerifyingReader`], which fails with [`Error::Corrupt`] at the end of the
+//! stream when the bytes do not hash to their digest.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+
+pub mod local;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+pub use local::LocalBlobStore;
+
+/// A SHA-256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+impl FromStr for Digest {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Digest> {
+        let s = s.strip_prefix("sha256:").unwrap_or(s);
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| {
+            Error::invalid(format!("invalid digest {s:?}: expected 64 hex characters"))
+        })?;
+        Ok(Digest(out))
+    }
+}
+
+/// What [`BlobStore::put`] stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Digest of the content.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// False when a blob with this digest was already there (nothing was written).
+    pub created: bool,
+}
+
+/// One stored blob, as listed by [`BlobStore::list`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// Digest.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, when the backend knows it.
+    pub modified: Option<SystemTime>,
+}
+
+/// Content-addressed storage.
+///
+/// Contract for implementations:
+/// - [`put`](BlobStore::put) reads the stream once, hashing while it stores, and makes the blob
+///   visible atomically (never a partial blob under its digest). Putting a digest that exists
+///   is a no-op returning `created: false`.
+/// - [`open`](BlobStore::open) returns a reader that verifies the digest; a mismatch is an
+///   [`Error::Corrupt`] error (as an `io::Error` from `read`). A missing blob is
+///   [`Error::NotFound`].
+/// - [`delete`](BlobStore::delete) is idempotent.
+pub trait BlobStore: Send + Sync + fmt::Debug {
+    /// Stores the bytes of `reader`; `progress` is called with the bytes stored so far.
+    fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo>;
+
+    /// A verifying reader over a blob.
+    fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>>;
+
+    /// Whether the blob exists.
+    fn exists(&self, digest: &Digest) -> Result<bool>;
+
+    /// Size of the blob.
+    fn size(&self, digest: &Digest) -> Result<u64>;
+
+    /// Removes the blob; `Ok(false)` if it was not there.
+    fn delete(&self, digest: &Digest) -> Result<bool>;
+
+    /// Calls `f` for every blob, without holding the list in memory.
+    fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()>;
+
+    /// Removes leftovers of interrupted puts (e.g. temp files of killed processes); returns how
+    /// many were removed. Never touches a put in progress.
+    fn sweep_incomplete(&self) -> Result<u64> {
+        Ok(0)
+    }
+}
+
+/// Reads a blob and checks its digest at the end of the stream.
+pub struct VerifyingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    expected: Digest,
+    done: bool,
+}
+
+impl<R> fmt::Debug for VerifyingReader<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyingReader")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> VerifyingReader<R> {
+    /// Wraps `inner`, which should yield the bytes of `expected`.
+    pub fn new(inner: R, expected: Digest) -> Self {
+        VerifyingReader {
+            inner,
+            hasher: Sha256::new(),
+            expected,
+            done: false,
+        }
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.hasher.update(&buf[..n]);
+            return Ok(n);
+        }
+        if !self.done {
+            self.done = true;
+            let got = Digest(std::mem::take(&mut self.hasher).finalize().into());
+            if got != self.expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    Error::Corrupt {
+                        what: format!(
+                            "blob sha256:{} is corrupt: its content hashes to sha256:{}",
+                            self.expected, got
+                        ),
+                    },
+                ));
+            }
+        }
+        Ok(0)
+    }
+}
+
+/// Reads `reader` to the end and returns the verified bytes' count (a full verification pass).
+pub fn drain_verified(reader: &mut dyn Read) -> Result<u64> {
+    Ok(io::copy(reader, &mut io::sink())?)
+}

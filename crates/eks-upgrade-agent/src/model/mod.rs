@@ -1,0 +1,12 @@
+//! The domain model shared by every backend and every front end, with the reference design's
+//! enums and field names (snake_case on the wire): upgrades, tasks and progress events
+//! ([`progress`]), sessions, collections and artifacts ([`artifacts`]).
+//!
+//! Types here are plain data. The rules that change progress live in
+//! [`crate::progress::machine`]; storage lives in [`crate::store`] and [`crate::blob`].
+
+pub mod artifacts;
+pub mod progress;
+
+pub use artifacts::*;
+pub use progress::*;

@@ -1,0 +1,756 @@
+//! The artifact index in the same SQLite database as progress: sessions, collections, artifacts,
+//! tags and an FTS5 trigram index over names.
+//!
+//! Every search filter has an index: single-column indexes on artifacts (which, in SQLite,
+//! end with the rowid, so "newest first" is an index walk), `artifact_tags (tag, akey)` for tags,
+//! and the contentless trigram table `artifact_names` for case-insensitive substrings of three
+//! characters or more (shorter substrings fall back to a scan narrowed by the other filters).
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params, params_from_iter};
+
+use super::sqlite::{SqliteStore, bad_column, from_micros, json_map, json_text, micros, opt_time};
+use super::{ArtifactIndex, ExpiredSession, NewArtifact};
+use crate::blob::Digest;
+use crate::error::{Error, Result};
+use crate::model::{
+    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, ProgressStatus,
+    SessionSummary, TestArtifact, TestSession,
+};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sessions (
+    skey           INTEGER PRIMARY KEY,
+    session_id     TEXT NOT NULL UNIQUE,
+    upgrade_id     TEXT NOT NULL,
+    cluster_name   TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    description    TEXT,
+    started_at     INTEGER NOT NULL,
+    completed_at   INTEGER,
+    retention_days INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_upgrade ON sessions (upgrade_id);
+CREATE INDEX IF NOT EXISTS sessions_by_completion ON sessions (completed_at);
+CREATE TABLE IF NOT EXISTS collections (
+    ckey          INTEGER PRIMARY KEY,
+    collection_id TEXT NOT NULL UNIQUE,
+    skey          INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    description   TEXT,
+    task_id       TEXT,
+    created_at    INTEGER NOT NULL,
+    UNIQUE (skey, name)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    akey          INTEGER PRIMARY KEY,
+    artifact_id   TEXT NOT NULL UNIQUE,
+    skey          INTEGER NOT NULL,
+    ckey          INTEGER NOT NULL,
+    name          TEXT NOT NULL,
+    export_name   TEXT NOT NULL,
+    description   TEXT,
+    artifact_type INTEGER NOT NULL,
+    file_size     INTEGER NOT NULL,
+    file_hash     TEXT NOT NULL,
+    status        INTEGER NOT NULL,
+    s3_bucket     TEXT,
+    s3_key        TEXT,
+    s3_url        TEXT,
+    created_at    INTEGER NOT NULL,
+    uploaded_at   INTEGER,
+    task_id       TEXT,
+    step_id       TEXT,
+    upgrade_id    TEXT NOT NULL,
+    tags          TEXT,
+    metadata      TEXT,
+    UNIQUE (ckey, export_name)
+);
+CREATE INDEX IF NOT EXISTS artifacts_by_name ON artifacts (ckey, name);
+CREATE INDEX IF NOT EXISTS artifacts_by_session ON artifacts (skey);
+CREATE INDEX IF NOT EXISTS artifacts_by_upgrade ON artifacts (upgrade_id, task_id);
+CREATE INDEX IF NOT EXISTS artifacts_by_type ON artifacts (artifact_type);
+CREATE INDEX IF NOT EXISTS artifacts_by_task ON artifacts (task_id);
+CREATE INDEX IF NOT EXISTS artifacts_by_status ON artifacts (status);
+CREATE INDEX IF NOT EXISTS artifacts_by_created ON artifacts (created_at);
+CREATE INDEX IF NOT EXISTS artifacts_by_hash ON artifacts (file_hash);
+CREATE INDEX IF NOT EXISTS artifacts_by_size ON artifacts (file_size);
+CREATE TABLE IF NOT EXISTS artifact_tags (
+    tag  TEXT NOT NULL,
+    akey INTEGER NOT NULL,
+    PRIMARY KEY (tag, akey)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS artifact_tags_by_artifact ON artifact_tags (akey);
+CREATE VIRTUAL TABLE IF NOT EXISTS artifact_names USING fts5 (
+    name, content = '', contentless_delete = 1, tokenize = 'trigram'
+);
+"#;
+
+/// Default number of search results.
+const DEFAULT_LIMIT: usize = 100;
+/// Page size of [`ArtifactIndex::for_each_artifact`].
+const PAGE: i64 = 1000;
+
+const SESSION_COLS: &str = "s.session_id, s.upgrade_id, s.cluster_name, s.name, s.description, \
+    s.started_at, s.completed_at, s.retention_days";
+
+fn session_row(r: &Row<'_>) -> rusqlite::Result<TestSession> {
+    Ok(TestSession {
+        session_id: r.get(0)?,
+        upgrade_id: r.get(1)?,
+        cluster_name: r.get(2)?,
+        name: r.get(3)?,
+        description: r.get(4)?,
+        started_at: from_micros(r.get(5)?),
+        completed_at: opt_time(r.get(6)?),
+        retention_days: r.get(7)?,
+    })
+}
+
+const COLLECTION_COLS: &str =
+    "c.collection_id, s.session_id, c.name, c.description, c.task_id, c.created_at";
+
+fn collection_row(r: &Row<'_>) -> rusqlite::Result<ArtifactCollection> {
+    Ok(ArtifactCollection {
+        collection_id: r.get(0)?,
+        session_id: r.get(1)?,
+        name: r.get(2)?,
+        description: r.get(3)?,
+        task_id: r.get(4)?,
+        created_at: from_micros(r.get(5)?),
+    })
+}
+
+const ARTIFACT_SELECT: &str = "SELECT a.artifact_id, s.session_id, c.collection_id, a.name, a.export_name, \
+    a.description, a.artifact_type, a.file_size, a.file_hash, a.status, a.s3_bucket, a.s3_key, \
+    a.s3_url, a.created_at, a.uploaded_at, a.task_id, a.step_id, a.upgrade_id, a.tags, a.metadata, a.akey \
+    FROM artifacts a JOIN sessions s ON s.skey = a.skey JOIN collections c ON c.ckey = a.ckey";
+
+fn artifact_row(r: &Row<'_>) -> rusqlite::Result<TestArtifact> {
+    let ty: i64 = r.get(6)?;
+    let st: i64 = r.get(9)?;
+    let tags: Option<String> = r.get(18)?;
+    Ok(TestArtifact {
+        artifact_id: r.get(0)?,
+        session_id: r.get(1)?,
+        collection_id: r.get(2)?,
+        name: r.get(3)?,
+        export_name: r.get(4)?,
+        description: r.get(5)?,
+        artifact_type: ArtifactType::from_code(ty)
+            .ok_or_else(|| bad_column(format!("unknown artifact type code {ty}")))?,
+        file_size: r.get::<_, i64>(7)? as u64,
+        file_hash: r.get(8)?,
+        status: ArtifactStatus::from_code(st)
+            .ok_or_else(|| bad_column(format!("unknown artifact status code {st}")))?,
+        s3_bucket: r.get(10)?,
+        s3_key: r.get(11)?,
+        s3_url: r.get(12)?,
+        created_at: from_micros(r.get(13)?),
+        uploaded_at: opt_time(r.get(14)?),
+        task_id: r.get(15)?,
+        step_id: r.get(16)?,
+        upgrade_id: r.get(17)?,
+        tags: tags
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
+        metadata: json_map(r.get(19)?),
+    })
+}
+
+fn session_not_found(id: &str) -> Error {
+    Error::not_found(format!("session {id:?}"))
+}
+
+fn session_key(conn: &Connection, id: &str) -> Result<i64> {
+    conn.prepare_cached("SELECT skey FROM sessions WHERE session_id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| session_not_found(id))
+}
+
+fn collection_key(conn: &Connection, id: &str) -> Result<(i64, i64, String)> {
+    conn.prepare_cached(
+        "SELECT c.ckey, c.skey, s.upgrade_id FROM collections c JOIN sessions s ON s.skey = c.skey \
+         WHERE c.collection_id = ?1",
+    )?
+    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .optional()?
+    .ok_or_else(|| Error::not_found(format!("collection {id:?}")))
+}
+
+fn load_session(conn: &Connection, id: &str) -> Result<TestSession> {
+    conn.prepare_cached(&format!(
+        "SELECT {SESSION_COLS} FROM sessions s WHERE s.session_id = ?1"
+    ))?
+    .query_row([id], session_row)
+    .optional()?
+    .ok_or_else(|| session_not_found(id))
+}
+
+fn load_artifact(conn: &Connection, id: &str) -> Result<TestArtifact> {
+    conn.prepare_cached(&format!("{ARTIFACT_SELECT} WHERE a.artifact_id = ?1"))?
+        .query_row([id], artifact_row)
+        .optional()?
+        .ok_or_else(|| Error::not_found(format!("artifact {id:?}")))
+}
+
+/// `name` if free in the collection, else `stem~2.ext`, `stem~3.ext`, ...
+fn free_export_name(tx: &Transaction<'_>, ckey: i64, name: &str) -> Result<String> {
+    let mut stmt =
+        tx.prepare_cached("SELECT 1 FROM artifacts WHERE ckey = ?1 AND export_name = ?2")?;
+    if !stmt.exists(params![ckey, name])? {
+        return Ok(name.to_owned());
+    }
+    let (dir, file) = match name.rsplit_once('/') {
+        Some((d, f)) => (format!("{d}/"), f),
+        None => (String::new(), name),
+    };
+    let (stem, ext) = match file.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s, format!(".{e}")),
+        _ => (file, String::new()),
+    };
+    for n in 2u64.. {
+        let candidate = format!("{dir}{stem}~{n}{ext}");
+        if !stmt.exists(params![ckey, candidate])? {
+            return Ok(candidate);
+        }
+    }
+    unreachable!("an unbounded counter finds a free name")
+}
+
+/// Builds the WHERE clause and parameters of a search.
+fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlValue>)> {
+    let mut sql = String::from(ARTIFACT_SELECT);
+    let mut clauses: Vec<String> = Vec::new();
+    let mut args: Vec<SqlValue> = Vec::new();
+    let arg = |v: SqlValue, args: &mut Vec<SqlValue>| -> String {
+        args.push(v);
+        format!("?{}", args.len())
+    };
+    if let Some(id) = &q.session_id {
+        let k = session_key(conn, id)?;
+        clauses.push(format!("a.skey = {}", arg(k.into(), &mut args)));
+    }
+    if let Some(id) = &q.collection_id {
+        let (k, _, _) = collection_key(conn, id)?;
+        clauses.push(format!("a.ckey = {}", arg(k.into(), &mut args)));
+    }
+    if let Some(u) = &q.upgrade_id {
+        clauses.push(format!(
+            "a.upgrade_id = {}",
+            arg(u.clone().into(), &mut args)
+        ));
+    }
+    if let Some(t) = q.artifact_type {
+        clauses.push(format!(
+            "a.artifact_type = {}",
+            arg(t.code().into(), &mut args)
+        ));
+    }
+    if let Some(t) = &q.task_id {
+        clauses.push(format!("a.task_id = {}", arg(t.clone().into(), &mut args)));
+    }
+    if let Some(s) = q.status {
+        clauses.push(format!("a.status = {}", arg(s.code().into(), &mut args)));
+    }
+    if let Some(min) = q.min_size {
+        clauses.push(format!(
+            "a.file_size >= {}",
+            arg((min as i64).into(), &mut args)
+        ));
+    }
+    if let Some(max) = q.max_size {
+        clauses.push(format!(
+            "a.file_size <= {}",
+            arg((max.min(i64::MAX as u64) as i64).into(), &mut args)
+        ));
+    }
+    if let Some(since) = q.created_since {
+        clauses.push(format!(
+            "a.created_at >= {}",
+            arg(micros(since).into(), &mut args)
+        ));
+    }
+    for tag in &q.tags {
+        clauses.push(format!(
+            "a.akey IN (SELECT akey FROM artifact_tags WHERE tag = {})",
+            arg(tag.clone().into(), &mut args)
+        ));
+    }
+    if let Some(name) = q.name.as_deref().filter(|n| !n.is_empty()) {
+        let is_glob = name.contains(['*', '?']);
+        // The longest literal run feeds the trigram index when it has three characters.
+        let literal = if is_glob {
+            name.split(['*', '?', '[', ']'])
+                .max_by_key(|s| s.chars().count())
+                .unwrap_or("")
+        } else {
+            name
+        };
+        if literal.chars().count() >= 3 {
+            let phrase = format!("\"{}\"", literal.replace('"', "\"\""));
+            clauses.push(format!(
+                "a.akey IN (SELECT rowid FROM artifact_names WHERE artifact_names MATCH {})",
+                arg(phrase.into(), &mut args)
+            ));
+        }
+        if is_glob {
+            clauses.push(format!(
+                "lower(a.name) GLOB {}",
+                arg(name.to_lowercase().into(), &mut args)
+            ));
+        } else if literal.chars().count() < 3 {
+            let escaped = name
+                .to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            clauses.push(format!(
+                "lower(a.name) LIKE {} ESCAPE '\\'",
+                arg(format!("%{escaped}%").into(), &mut args)
+            ));
+        }
+    }
+    if !clauses.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&clauses.join(" AND "));
+    }
+    let limit = if q.limit == 0 { DEFAULT_LIMIT } else { q.limit };
+    sql.push_str(&format!(
+        " ORDER BY a.akey DESC LIMIT {}",
+        limit.min(1_000_000)
+    ));
+    Ok((sql, args))
+}
+
+fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64>> {
+    session_id.map(|id| session_key(conn, id)).transpose()
+}
+
+impl ArtifactIndex for SqliteStore {
+    fn create_session(&self, s: &TestSession) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, description, \
+                 started_at, completed_at, retention_days) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                s.session_id,
+                s.upgrade_id,
+                s.cluster_name,
+                s.name,
+                s.description,
+                micros(s.started_at),
+                s.completed_at.map(micros),
+                s.retention_days
+            ])
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Error::AlreadyExists {
+                        what: format!("session {:?}", s.session_id),
+                    }
+                }
+                other => other.into(),
+            })?;
+            Ok(())
+        })
+    }
+
+    fn session(&self, session_id: &str) -> Result<TestSession> {
+        self.read(|c| load_session(c, session_id))
+    }
+
+    fn sessions(&self, upgrade_id: Option<&str>) -> Result<Vec<TestSession>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions s WHERE ?1 IS NULL OR s.upgrade_id = ?1 ORDER BY s.skey"
+            ))?;
+            let rows = stmt.query_map([upgrade_id], session_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn complete_session(&self, session_id: &str, at: DateTime<Utc>) -> Result<TestSession> {
+        self.write(|tx| {
+            session_key(tx, session_id)?;
+            tx.prepare_cached(
+                "UPDATE sessions SET completed_at = coalesce(completed_at, ?2) WHERE session_id = ?1",
+            )?
+            .execute(params![session_id, micros(at)])?;
+            load_session(tx, session_id)
+        })
+    }
+
+    fn session_summary(&self, session_id: &str) -> Result<SessionSummary> {
+        self.read(|c| {
+            let session = load_session(c, session_id)?;
+            let skey = session_key(c, session_id)?;
+            let collections_count: i64 = c
+                .prepare_cached("SELECT count(*) FROM collections WHERE skey = ?1")?
+                .query_row([skey], |r| r.get(0))?;
+            let mut artifact_types = BTreeMap::new();
+            let (mut total, mut bytes, mut uploaded) = (0u64, 0u64, 0u64);
+            let mut stmt = c.prepare_cached(
+                "SELECT artifact_type, status, count(*), coalesce(sum(file_size), 0) FROM artifacts \
+                 WHERE skey = ?1 AND status != ?2 GROUP BY artifact_type, status",
+            )?;
+            let mut rows = stmt.query(params![skey, ArtifactStatus::Deleted.code()])?;
+            while let Some(r) = rows.next()? {
+                let ty = ArtifactType::from_code(r.get(0)?).unwrap_or(ArtifactType::LogFile);
+                let status = ArtifactStatus::from_code(r.get(1)?);
+                let n = r.get::<_, i64>(2)? as u64;
+                total += n;
+                bytes += r.get::<_, i64>(3)? as u64;
+                if status == Some(ArtifactStatus::Uploaded) {
+                    uploaded += n;
+                }
+                *artifact_types.entry(ty).or_insert(0) += n;
+            }
+            Ok(SessionSummary {
+                session,
+                collections_count: collections_count as u64,
+                total_artifacts: total,
+                total_size_bytes: bytes,
+                uploaded_artifacts: uploaded,
+                artifact_types,
+            })
+        })
+    }
+
+    fn create_collection(&self, c: &ArtifactCollection) -> Result<()> {
+        self.write(|tx| {
+            let skey = session_key(tx, &c.session_id)?;
+            let taken = tx
+                .prepare_cached("SELECT 1 FROM collections WHERE skey = ?1 AND name = ?2")?
+                .exists(params![skey, c.name])?;
+            if taken {
+                return Err(Error::AlreadyExists {
+                    what: format!("collection {:?} in session {:?}", c.name, c.session_id),
+                });
+            }
+            tx.prepare_cached(
+                "INSERT INTO collections (collection_id, skey, name, description, task_id, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                c.collection_id,
+                skey,
+                c.name,
+                c.description,
+                c.task_id,
+                micros(c.created_at)
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn collection(&self, collection_id: &str) -> Result<ArtifactCollection> {
+        self.read(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {COLLECTION_COLS} FROM collections c JOIN sessions s ON s.skey = c.skey \
+                 WHERE c.collection_id = ?1"
+            ))?
+            .query_row([collection_id], collection_row)
+            .optional()?
+            .ok_or_else(|| Error::not_found(format!("collection {collection_id:?}")))
+        })
+    }
+
+    fn collections(&self, session_id: &str) -> Result<Vec<ArtifactCollection>> {
+        self.read(|c| {
+            let skey = session_key(c, session_id)?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLLECTION_COLS} FROM collections c JOIN sessions s ON s.skey = c.skey \
+                 WHERE c.skey = ?1 ORDER BY c.ckey"
+            ))?;
+            let rows = stmt.query_map([skey], collection_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn insert_artifacts(
+        &self,
+        artifacts: &[NewArtifact],
+        blob_present: &dyn Fn(&Digest) -> Result<bool>,
+    ) -> Result<Vec<TestArtifact>> {
+        self.write(|tx| {
+            let mut out = Vec::with_capacity(artifacts.len());
+            for a in artifacts {
+                let (ckey, skey, upgrade_id) = collection_key(tx, &a.collection_id)?;
+                let hash = a.digest.to_hex();
+                let existing: Option<String> = tx
+                    .prepare_cached(
+                        "SELECT artifact_id FROM artifacts WHERE ckey = ?1 AND name = ?2 AND file_hash = ?3 \
+                         AND status != ?4",
+                    )?
+                    .query_row(
+                        params![ckey, a.name, hash, ArtifactStatus::Deleted.code()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(id) = existing {
+                    out.push(load_artifact(tx, &id)?);
+                    continue;
+                }
+                if !blob_present(&a.digest)? {
+                    return Err(Error::Backend {
+                        message: format!(
+                            "the blob of {:?} (sha256:{hash}) disappeared before it was indexed \
+                             (a concurrent gc?); add it again",
+                            a.name
+                        ),
+                        source: None,
+                    });
+                }
+                let export_name = free_export_name(tx, ckey, &a.name)?;
+                let tags = if a.tags.is_empty() {
+                    None
+                } else {
+                    serde_json::to_string(&a.tags).ok()
+                };
+                tx.prepare_cached(
+                    "INSERT INTO artifacts (artifact_id, skey, ckey, name, export_name, description, \
+                     artifact_type, file_size, file_hash, status, created_at, task_id, step_id, \
+                     upgrade_id, tags, metadata) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                )?
+                .execute(params![
+                    a.artifact_id,
+                    skey,
+                    ckey,
+                    a.name,
+                    export_name,
+                    a.description,
+                    a.artifact_type.code(),
+                    a.file_size as i64,
+                    hash,
+                    ArtifactStatus::Created.code(),
+                    micros(a.created_at),
+                    a.task_id,
+                    a.step_id,
+                    upgrade_id,
+                    tags,
+                    json_text(&a.metadata)
+                ])?;
+                let akey = tx.last_insert_rowid();
+                let mut tag_stmt =
+                    tx.prepare_cached("INSERT OR IGNORE INTO artifact_tags (tag, akey) VALUES (?1, ?2)")?;
+                for t in &a.tags {
+                    tag_stmt.execute(params![t, akey])?;
+                }
+                tx.prepare_cached("INSERT INTO artifact_names (rowid, name) VALUES (?1, ?2)")?
+                    .execute(params![akey, a.name])?;
+                out.push(load_artifact(tx, &a.artifact_id)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn artifact(&self, artifact_id: &str) -> Result<TestArtifact> {
+        self.read(|c| load_artifact(c, artifact_id))
+    }
+
+    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+        self.read(|c| {
+            let (sql, args) = search_sql(c, q)?;
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params_from_iter(args), artifact_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn stats(&self, session_id: Option<&str>) -> Result<ArtifactStats> {
+        self.read(|c| {
+            let skey = sessions_in(c, session_id)?;
+            let mut stats = ArtifactStats {
+                total_artifacts: 0,
+                total_size_bytes: 0,
+                average_size_bytes: 0.0,
+                type_distribution: BTreeMap::new(),
+                status_distribution: BTreeMap::new(),
+                type_bytes: BTreeMap::new(),
+                sessions_searched: 0,
+            };
+            let mut stmt = c.prepare_cached(
+                "SELECT artifact_type, status, count(*), coalesce(sum(file_size), 0) FROM artifacts \
+                 WHERE ?1 IS NULL OR skey = ?1 GROUP BY artifact_type, status",
+            )?;
+            let mut rows = stmt.query([skey])?;
+            while let Some(r) = rows.next()? {
+                let ty = ArtifactType::from_code(r.get(0)?).unwrap_or(ArtifactType::LogFile);
+                let st = ArtifactStatus::from_code(r.get(1)?).unwrap_or(ArtifactStatus::Created);
+                let n = r.get::<_, i64>(2)? as u64;
+                let bytes = r.get::<_, i64>(3)? as u64;
+                stats.total_artifacts += n;
+                stats.total_size_bytes += bytes;
+                *stats.type_distribution.entry(ty).or_insert(0) += n;
+                *stats.type_bytes.entry(ty).or_insert(0) += bytes;
+                *stats.status_distribution.entry(st).or_insert(0) += n;
+            }
+            if stats.total_artifacts > 0 {
+                stats.average_size_bytes = stats.total_size_bytes as f64 / stats.total_artifacts as f64;
+            }
+            stats.sessions_searched = match skey {
+                Some(_) => 1,
+                None => c
+                    .prepare_cached("SELECT count(*) FROM sessions")?
+                    .query_row([], |r| r.get::<_, i64>(0))? as u64,
+            };
+            Ok(stats)
+        })
+    }
+
+    fn for_each_artifact(
+        &self,
+        session_id: Option<&str>,
+        f: &mut dyn FnMut(TestArtifact) -> Result<()>,
+    ) -> Result<()> {
+        let skey = self.read(|c| sessions_in(c, session_id))?;
+        let mut after = 0i64;
+        loop {
+            // One page per read, so no lock is held while `f` runs.
+            let page: Vec<(i64, TestArtifact)> = self.read(|c| {
+                let mut stmt = c.prepare_cached(&format!(
+                    "{ARTIFACT_SELECT} WHERE a.akey > ?1 AND (?2 IS NULL OR a.skey = ?2) ORDER BY a.akey LIMIT ?3"
+                ))?;
+                let rows = stmt.query_map(params![after, skey, PAGE], |r| {
+                    Ok((r.get::<_, i64>(20)?, artifact_row(r)?))
+                })?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })?;
+            let Some(&(last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = last;
+            for (_, a) in page {
+                f(a)?;
+            }
+        }
+    }
+
+    fn expired_sessions(
+        &self,
+        as_of: DateTime<Utc>,
+        failed_factor: u32,
+    ) -> Result<Vec<ExpiredSession>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLS}, coalesce(u.status = ?1, 0), \
+                 (SELECT count(*) FROM artifacts a WHERE a.skey = s.skey), \
+                 (SELECT coalesce(sum(file_size), 0) FROM artifacts a WHERE a.skey = s.skey) \
+                 FROM sessions s LEFT JOIN upgrades u ON u.upgrade_id = s.upgrade_id \
+                 WHERE s.completed_at IS NOT NULL ORDER BY s.completed_at"
+            ))?;
+            let mut rows = stmt.query([ProgressStatus::Failed.index() as i64])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                let session = session_row(r)?;
+                let failed: bool = r.get(8)?;
+                let days = i64::from(session.retention_days)
+                    * if failed {
+                        i64::from(failed_factor.max(1))
+                    } else {
+                        1
+                    };
+                let completed = session.completed_at.expect("filtered on completed_at");
+                let expired_at = completed + chrono::Duration::days(days);
+                if expired_at <= as_of {
+                    out.push(ExpiredSession {
+                        session,
+                        expired_at,
+                        upgrade_failed: failed,
+                        artifacts: r.get::<_, i64>(9)? as u64,
+                        bytes: r.get::<_, i64>(10)? as u64,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_session(&self, session_id: &str) -> Result<Vec<Digest>> {
+        self.write(|tx| {
+            let skey = session_key(tx, session_id)?;
+            let mut digests = Vec::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT DISTINCT file_hash FROM artifacts WHERE skey = ?1",
+                )?;
+                let mut rows = stmt.query([skey])?;
+                while let Some(r) = rows.next()? {
+                    let h: String = r.get(0)?;
+                    if let Ok(d) = h.parse::<Digest>() {
+                        digests.push(d);
+                    }
+                }
+            }
+            tx.execute(
+                "DELETE FROM artifact_names WHERE rowid IN (SELECT akey FROM artifacts WHERE skey = ?1)",
+                [skey],
+            )?;
+            tx.execute(
+                "DELETE FROM artifact_tags WHERE akey IN (SELECT akey FROM artifacts WHERE skey = ?1)",
+                [skey],
+            )?;
+            tx.execute("DELETE FROM artifacts WHERE skey = ?1", [skey])?;
+            tx.execute("DELETE FROM collections WHERE skey = ?1", [skey])?;
+            tx.execute("DELETE FROM sessions WHERE skey = ?1", [skey])?;
+            Ok(digests)
+        })
+    }
+
+    fn delete_unreferenced(
+        &self,
+        digests: &[Digest],
+        delete: &dyn Fn(&Digest) -> Result<bool>,
+    ) -> Result<Vec<Digest>> {
+        self.write(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT 1 FROM artifacts WHERE file_hash = ?1 AND status != ?2 LIMIT 1",
+            )?;
+            let mut deleted = Vec::new();
+            for d in digests {
+                if !stmt.exists(params![d.to_hex(), ArtifactStatus::Deleted.code()])? && delete(d)?
+                {
+                    deleted.push(*d);
+                }
+            }
+            Ok(deleted)
+        })
+    }
+
+    fn artifact_counts_by_task(&self, upgrade_id: &str) -> Result<HashMap<String, u64>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT task_id, count(*) FROM artifacts WHERE upgrade_id = ?1 AND task_id IS NOT NULL \
+                 AND status != ?2 GROUP BY task_id",
+            )?;
+            let rows = stmt.query_map(params![upgrade_id, ArtifactStatus::Deleted.code()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn set_artifact_status(
+        &self,
+        artifact_id: &str,
+        status: ArtifactStatus,
+    ) -> Result<TestArtifact> {
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached("UPDATE artifacts SET status = ?2 WHERE artifact_id = ?1")?
+                .execute(params![artifact_id, status.code()])?;
+            if n == 0 {
+                return Err(Error::not_found(format!("artifact {artifact_id:?}")));
+            }
+            load_artifact(tx, artifact_id)
+        })
+    }
+}
