@@ -13,10 +13,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::config::{Config, default_data_dir};
 use eks_upgrade_agent::store::Durability;
+use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
 
+mod artifacts;
 mod demo;
 mod kv;
 mod progress;
@@ -58,6 +59,9 @@ enum Command {
     /// Track upgrades and their tasks
     #[command(subcommand)]
     Progress(progress::ProgressCmd),
+    /// Keep, find, verify and export test artifacts
+    #[command(subcommand)]
+    Artifacts(artifacts::ArtifactsCmd),
     /// Simulate a realistic EKS upgrade into the store, with live progress bars
     Demo(demo::DemoArgs),
 }
@@ -69,14 +73,31 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn tracker(&self) -> anyhow::Result<ProgressTracker> {
+    fn store(&self) -> anyhow::Result<Arc<SqliteStore>> {
         let store = self.config.open_store().with_context(|| {
             format!(
                 "cannot open the store in {}",
                 self.config.data_dir.display()
             )
         })?;
-        Ok(ProgressTracker::new(Arc::new(store)))
+        Ok(Arc::new(store))
+    }
+
+    fn tracker(&self) -> anyhow::Result<ProgressTracker> {
+        Ok(ProgressTracker::new(self.store()?))
+    }
+
+    fn artifacts(&self) -> anyhow::Result<TestArtifactsManager> {
+        self.artifacts_on(self.store()?)
+    }
+
+    fn artifacts_on(&self, store: Arc<SqliteStore>) -> anyhow::Result<TestArtifactsManager> {
+        self.config.artifacts_manager(store).with_context(|| {
+            format!(
+                "cannot open the blob store in {}",
+                self.config.blob_dir().display()
+            )
+        })
     }
 
     fn json(&self) -> bool {
@@ -123,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Progress(cmd) => progress::run(&ctx, cmd),
+        Command::Artifacts(cmd) => artifacts::run(&ctx, cmd),
         Command::Demo(args) => demo::run(&ctx, args),
     }
 }

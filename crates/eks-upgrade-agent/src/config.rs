@@ -4,6 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use crate::artifacts::{ArtifactsOptions, TestArtifactsManager};
+use crate::blob::LocalBlobStore;
 use crate::error::Result;
 use crate::store::Durability;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
@@ -38,6 +42,23 @@ impl Config {
                 ..SqliteOptions::default()
             },
         )
+    }
+}
+
+impl Config {
+    /// Directory of the local blob store.
+    pub fn blob_dir(&self) -> PathBuf {
+        self.data_dir.join("blobs")
+    }
+
+    /// An artifacts manager over `store` (the index) and the local blob store.
+    pub fn artifacts_manager(&self, store: Arc<SqliteStore>) -> Result<TestArtifactsManager> {
+        let blobs = LocalBlobStore::open(&self.blob_dir(), self.durability)?;
+        Ok(TestArtifactsManager::new(
+            store,
+            Arc::new(blobs),
+            ArtifactsOptions::default(),
+        ))
     }
 }
 

@@ -8,7 +8,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::*;
-use crate::blob::LocalBlobStore;
+use crate::blob::{BlobStore, LocalBlobStore};
 use crate::model::{ArtifactStatus, JsonMap};
 use crate::progress::ProgressTracker;
 use crate::store::Durability;
@@ -605,13 +605,8 @@ fn corrupt_and_missing_blobs_are_reported() {
     assert!(f.m.verify(&mut |_| {}).unwrap().ok());
     let blobs =
         LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
-    let path = blobs.path_of(&a.file_hash.parse().unwrap());
-    let mut perms = fs::metadata(&path).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    fs::set_permissions(&path, perms).unwrap();
-    fs::write(&path, b"evil bytes").unwrap();
-    fs::remove_file(blobs.path_of(&b.file_hash.parse().unwrap())).unwrap();
+    blobs.corrupt_for_tests(&a.file_hash.parse().unwrap());
+    assert!(blobs.delete(&b.file_hash.parse().unwrap()).unwrap());
     let err = f.m.read(&a.artifact_id).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     let out = f.dir.path().join("out.log");

@@ -10,7 +10,10 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
 
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
@@ -24,11 +27,17 @@ const CHUNK: usize = 1024 * 1024;
 /// Chunks in flight between the reader and the hasher (bounds memory to 4 MiB per put).
 const IN_FLIGHT: usize = 4;
 
+/// Blobs up to this size are kept in `small.sqlite3` instead of a file each: most artifacts
+/// (logs of a step, JUnit files, configs) are small, and a file per blob costs an inode and a
+/// 4 KiB block, which dominates the time and space of adding them.
+pub const INLINE_MAX: usize = 16 * 1024;
+
 /// Blobs in a directory of the local file system.
 #[derive(Debug)]
 pub struct LocalBlobStore {
     root: PathBuf,
     durability: Durability,
+    small: Mutex<Connection>,
 }
 
 impl LocalBlobStore {
@@ -39,10 +48,69 @@ impl LocalBlobStore {
                 Error::backend(format!("cannot create blob directory {}", dir.display()), e)
             })?;
         }
+        let small = open_small(&root.join("small.sqlite3"), durability)?;
         Ok(LocalBlobStore {
             root: root.to_path_buf(),
             durability,
+            small: Mutex::new(small),
         })
+    }
+
+    fn small(&self) -> MutexGuard<'_, Connection> {
+        self.small.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn small_get(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .small()
+            .prepare_cached("SELECT data FROM blobs WHERE digest = ?1")?
+            .query_row([digest.0.as_slice()], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn small_put(&self, digest: &Digest, data: &[u8]) -> Result<bool> {
+        let n = self
+            .small()
+            .prepare_cached(
+                "INSERT OR IGNORE INTO blobs (digest, data, created_at) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                digest.0.as_slice(),
+                data,
+                chrono::Utc::now().timestamp_micros()
+            ])?;
+        Ok(n == 1)
+    }
+
+    fn file_exists(&self, digest: &Digest) -> Result<bool> {
+        match fs::metadata(self.path_of(digest)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Damages a stored blob in place, for tests of corruption detection.
+    #[cfg(test)]
+    pub(crate) fn corrupt_for_tests(&self, digest: &Digest) {
+        if let Some(mut data) = self.small_get(digest).unwrap() {
+            data.push(b'!');
+            self.small()
+                .execute(
+                    "UPDATE blobs SET data = ?2 WHERE digest = ?1",
+                    params![digest.0.as_slice(), data],
+                )
+                .unwrap();
+            return;
+        }
+        let path = self.path_of(digest);
+        let mut perms = fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        fs::set_permissions(&path, perms).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
     }
 
     /// Where the blob with `digest` lives.
@@ -55,16 +123,20 @@ impl LocalBlobStore {
         Error::not_found(format!("blob sha256:{digest}"))
     }
 
+    /// Writes `head` and the rest of `reader` to `file`, hashing in the same pass.
     fn write_stream(
         &self,
+        head: Vec<u8>,
         reader: &mut dyn Read,
         file: &mut File,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(Digest, u64)> {
-        let mut first = vec![0u8; CHUNK];
-        let n = fill(reader, &mut first)?;
+        let mut first = head;
+        let filled = first.len();
+        first.resize(CHUNK.max(filled), 0);
+        let n = filled + fill(reader, &mut first[filled..])?;
         if n < CHUNK {
-            // Small content: hash inline, no thread.
+            // Fits in one chunk: hash inline, no thread.
             file.write_all(&first[..n])?;
             progress(n as u64);
             return Ok((Digest(Sha256::digest(&first[..n]).into()), n as u64));
@@ -130,6 +202,29 @@ impl LocalBlobStore {
     }
 }
 
+fn open_small(path: &Path, durability: Durability) -> Result<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| Error::backend(format!("cannot open {}", path.display()), e))?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "wal")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::ProcessCrash => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        },
+    )?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS blobs (
+            digest     BLOB PRIMARY KEY,
+            data       BLOB NOT NULL,
+            created_at INTEGER NOT NULL
+        )",
+    )?;
+    Ok(conn)
+}
+
 /// Reads until `buf` is full or the stream ends.
 fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
@@ -150,6 +245,20 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 impl BlobStore for LocalBlobStore {
     fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+        let mut head = vec![0u8; INLINE_MAX + 1];
+        let n = fill(reader, &mut head)?;
+        if n <= INLINE_MAX {
+            head.truncate(n);
+            let digest = Digest::of(&head);
+            progress(n as u64);
+            let created = !self.file_exists(&digest)? && self.small_put(&digest, &head)?;
+            return Ok(BlobInfo {
+                digest,
+                size: n as u64,
+                created,
+            });
+        }
+        head.truncate(n);
         let tmp = self
             .root
             .join("tmp")
@@ -162,7 +271,7 @@ impl BlobStore for LocalBlobStore {
         // The lock tells sweep_incomplete that this put is alive; it ends with the process.
         file.lock()?;
         let written = self
-            .write_stream(reader, &mut file, progress)
+            .write_stream(head, reader, &mut file, progress)
             .and_then(|r| {
                 if self.durability == Durability::PowerLoss {
                     file.sync_all()?;
@@ -215,6 +324,12 @@ impl BlobStore for LocalBlobStore {
     }
 
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        if let Some(data) = self.small_get(digest)? {
+            return Ok(Box::new(VerifyingReader::new(
+                io::Cursor::new(data),
+                *digest,
+            )));
+        }
         match File::open(self.path_of(digest)) {
             Ok(f) => Ok(Box::new(VerifyingReader::new(
                 io::BufReader::with_capacity(256 * 1024, f),
@@ -229,14 +344,22 @@ impl BlobStore for LocalBlobStore {
     }
 
     fn exists(&self, digest: &Digest) -> Result<bool> {
-        match fs::metadata(self.path_of(digest)) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        let small = self
+            .small()
+            .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1")?
+            .exists([digest.0.as_slice()])?;
+        Ok(small || self.file_exists(digest)?)
     }
 
     fn size(&self, digest: &Digest) -> Result<u64> {
+        let small: Option<i64> = self
+            .small()
+            .prepare_cached("SELECT length(data) FROM blobs WHERE digest = ?1")?
+            .query_row([digest.0.as_slice()], |r| r.get(0))
+            .optional()?;
+        if let Some(n) = small {
+            return Ok(n as u64);
+        }
         match fs::metadata(self.path_of(digest)) {
             Ok(m) => Ok(m.len()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Self::not_found(digest)),
@@ -245,9 +368,14 @@ impl BlobStore for LocalBlobStore {
     }
 
     fn delete(&self, digest: &Digest) -> Result<bool> {
+        let small = self
+            .small()
+            .prepare_cached("DELETE FROM blobs WHERE digest = ?1")?
+            .execute([digest.0.as_slice()])?
+            > 0;
         match fs::remove_file(self.path_of(digest)) {
             Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(small),
             Err(e) => Err(e.into()),
         }
     }
@@ -282,6 +410,35 @@ impl BlobStore for LocalBlobStore {
                 modified: meta.modified().ok(),
             })?;
         }
+        // Small blobs, a page at a time so `f` may call back into the store.
+        let mut after: Vec<u8> = Vec::new();
+        loop {
+            let page: Vec<(Vec<u8>, i64, i64)> = {
+                let conn = self.small();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT digest, length(data), created_at FROM blobs WHERE digest > ?1 \
+                     ORDER BY digest LIMIT 1000",
+                )?;
+                let rows = stmt.query_map([after.as_slice()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let Some(last) = page.last() else { break };
+            after = last.0.clone();
+            for (d, size, created) in page {
+                let Ok(bytes) = <[u8; 32]>::try_from(d.as_slice()) else {
+                    continue;
+                };
+                f(BlobMeta {
+                    digest: Digest(bytes),
+                    size: size as u64,
+                    modified: Some(
+                        std::time::UNIX_EPOCH + Duration::from_micros(created.max(0) as u64),
+                    ),
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -306,7 +463,37 @@ impl BlobStore for LocalBlobStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// Lets the suite own a store the corrupting closure also holds.
+    #[derive(Debug)]
+    struct ArcStore(Arc<LocalBlobStore>);
+
+    impl BlobStore for ArcStore {
+        fn put(&self, r: &mut dyn Read, p: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+            self.0.put(r, p)
+        }
+        fn open(&self, d: &Digest) -> Result<Box<dyn Read + Send>> {
+            self.0.open(d)
+        }
+        fn exists(&self, d: &Digest) -> Result<bool> {
+            self.0.exists(d)
+        }
+        fn size(&self, d: &Digest) -> Result<u64> {
+            self.0.size(d)
+        }
+        fn delete(&self, d: &Digest) -> Result<bool> {
+            self.0.delete(d)
+        }
+        fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+            self.0.list(f)
+        }
+        fn sweep_incomplete(&self) -> Result<u64> {
+            self.0.sweep_incomplete()
+        }
+    }
 
     #[test]
     fn conformance() {
@@ -317,19 +504,11 @@ mod tests {
         };
         super::super::conformance::run(&|| {
             let store = make();
-            let root = store.root.clone();
-            let corrupt: Box<dyn Fn(&Digest)> = Box::new(move |d: &Digest| {
-                let hex = d.to_hex();
-                let path = root.join("sha256").join(&hex[..2]).join(&hex[2..]);
-                let mut perms = fs::metadata(&path).unwrap().permissions();
-                #[allow(clippy::permissions_set_readonly_false)]
-                perms.set_readonly(false);
-                fs::set_permissions(&path, perms).unwrap();
-                let mut bytes = fs::read(&path).unwrap();
-                bytes[0] ^= 0xff;
-                fs::write(&path, bytes).unwrap();
-            });
-            (Box::new(store) as Box<dyn BlobStore>, corrupt)
+            let store = Arc::new(store);
+            let handle = Arc::clone(&store);
+            let corrupt: Box<dyn Fn(&Digest)> =
+                Box::new(move |d: &Digest| handle.corrupt_for_tests(d));
+            (Box::new(ArcStore(store)) as Box<dyn BlobStore>, corrupt)
         });
     }
 
@@ -337,7 +516,8 @@ mod tests {
     fn power_loss_level_works_and_blobs_are_read_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalBlobStore::open(dir.path(), Durability::PowerLoss).unwrap();
-        let info = store.put(&mut &b"durable"[..], &mut |_| {}).unwrap();
+        let big = vec![7u8; INLINE_MAX + 1];
+        let info = store.put(&mut big.as_slice(), &mut |_| {}).unwrap();
         let meta = fs::metadata(store.path_of(&info.digest)).unwrap();
         assert!(meta.permissions().readonly());
     }

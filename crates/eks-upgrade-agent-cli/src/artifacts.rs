@@ -1,0 +1,759 @@
+//! `eks-upgrade-agent artifacts ...`: sessions, collections, adding, finding, reading,
+//! exporting and verifying test artifacts, retention and garbage collection.
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+
+use eks_upgrade_agent::TestArtifactsManager;
+use eks_upgrade_agent::artifacts::{AddOptions, NewSession, Progress};
+use eks_upgrade_agent::model::{ArtifactQuery, ArtifactStatus, ArtifactType, TestArtifact};
+
+use crate::Ctx;
+use crate::kv::{parse_kv, to_map};
+use crate::progress::print_json;
+use crate::render;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ArtifactsCmd {
+    /// Create, complete, show and list test sessions
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// Create and list collections in a session
+    #[command(subcommand)]
+    Collection(CollectionCmd),
+    /// Add files, or every file under directories, to a collection
+    Add {
+        /// Session id
+        session: String,
+        /// Collection id
+        collection: String,
+        /// Files or directories (directories are added recursively, names relative to them)
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// log_file (default), test_result, configuration, screenshot, metrics_data, backup,
+        /// report or diagnostic
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
+        artifact_type: Option<ArtifactType>,
+        /// Name (one file), or name prefix (directory) [default: the file name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Description
+        #[arg(long)]
+        description: Option<String>,
+        /// Tag (repeatable)
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Task that produced it
+        #[arg(long)]
+        task_id: Option<String>,
+        /// Step that produced it
+        #[arg(long)]
+        step_id: Option<String>,
+        /// Metadata KEY=VALUE (repeatable)
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        meta: Vec<(String, Value)>,
+    },
+    /// Find artifacts (newest first); every filter narrows the result
+    Search {
+        /// Session id
+        #[arg(long)]
+        session: Option<String>,
+        /// Collection id
+        #[arg(long)]
+        collection: Option<String>,
+        /// Upgrade id
+        #[arg(long)]
+        upgrade: Option<String>,
+        /// Artifact type
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
+        artifact_type: Option<ArtifactType>,
+        /// Tag; several must all match
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Task id
+        #[arg(long)]
+        task_id: Option<String>,
+        /// created, uploaded, archived, deleted or failed
+        #[arg(long, value_parser = parse_status)]
+        status: Option<ArtifactStatus>,
+        /// Case-insensitive substring of the name (a glob with * or ?)
+        #[arg(long)]
+        name: Option<String>,
+        /// Smallest size, e.g. 1024, 10KiB, 5MB
+        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+        min_size: Option<u64>,
+        /// Largest size
+        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Added within this long, e.g. 30m, 6h, 2d
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Most results
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        limit: u64,
+    },
+    /// Counts and bytes by type and status, for one session or all
+    Stats {
+        /// Session id
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Show one artifact
+    Show {
+        /// Artifact id
+        artifact: String,
+    },
+    /// Write an artifact's verified bytes to stdout or a file
+    Get {
+        /// Artifact id
+        artifact: String,
+        /// Output file [default: stdout]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Export a session to DIR as {collection name}/{artifact name}, verifying every digest
+    Export {
+        /// Session id
+        session: String,
+        /// Target directory (absent or empty unless --force)
+        dir: PathBuf,
+        /// Export into a non-empty directory
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every stored blob against its digest and every artifact against its blob
+    Verify,
+    /// Remove completed sessions whose retention has passed
+    Cleanup {
+        /// Only show what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// Judge retention at this time (RFC 3339) instead of now
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        as_of: Option<DateTime<Utc>>,
+    },
+    /// Remove leftovers of interrupted adds and blobs no artifact references
+    Gc,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SessionCmd {
+    /// Create a session
+    Create {
+        /// Upgrade id
+        #[arg(long)]
+        upgrade: String,
+        /// Cluster name
+        #[arg(long)]
+        cluster: String,
+        /// Name [default: upgrade-{upgrade}-{YYYYmmdd-HHMMSS}]
+        #[arg(long)]
+        name: Option<String>,
+        /// Description
+        #[arg(long)]
+        description: Option<String>,
+        /// Days to keep it after completion [default: 30]
+        #[arg(long)]
+        retention_days: Option<u32>,
+    },
+    /// Mark a session completed (its retention starts)
+    Complete {
+        /// Session id
+        session: String,
+    },
+    /// Session summary (reference fields) and collections
+    Show {
+        /// Session id
+        session: String,
+    },
+    /// List sessions
+    List {
+        /// Only this upgrade's
+        #[arg(long)]
+        upgrade: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CollectionCmd {
+    /// Create a collection
+    Create {
+        /// Session id
+        session: String,
+        /// Name, unique in the session
+        #[arg(long)]
+        name: String,
+        /// Description
+        #[arg(long)]
+        description: Option<String>,
+        /// Task the collection belongs to
+        #[arg(long)]
+        task_id: Option<String>,
+    },
+    /// List a session's collections
+    List {
+        /// Session id
+        session: String,
+    },
+}
+
+fn parse_type(s: &str) -> Result<ArtifactType, String> {
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
+}
+
+fn parse_status(s: &str) -> Result<ArtifactStatus, String> {
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
+}
+
+/// `1024`, `10KiB`, `10KB` (1000), `5MiB`, `2G` ...
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 1024, 10KiB or 5MB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "t" | "tib" => 1024f64.powi(4),
+        "tb" => 1e12,
+        _ => return Err(format!("invalid size {s:?}: unknown unit {unit:?}")),
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok(v.round() as u64)
+}
+
+/// `45s`, `30m`, `6h`, `2d`, `1w`.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("invalid duration {s:?}: expected e.g. 30m, 6h or 2d");
+    let unit = t.chars().last().ok_or_else(bad)?;
+    let n: u64 = t[..t.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        'w' => 604_800,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs)
+        .filter(|v| *v <= 100 * 365 * 86_400)
+        .map(Duration::from_secs)
+        .ok_or_else(bad)
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| format!("invalid time {s:?}: expected RFC 3339, e.g. 2026-12-01T00:00:00Z"))
+}
+
+/// A progress bar on stderr, shown only on a terminal and never in JSON mode.
+fn bar(ctx: &Ctx, what: &str) -> ProgressBar {
+    if ctx.json() || !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("##-"),
+    );
+    pb.set_prefix(what.to_owned());
+    pb
+}
+
+fn track(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
+    move |p: Progress| {
+        pb.set_length(p.bytes_total.max(p.bytes_done));
+        pb.set_position(p.bytes_done);
+        if p.files_total > 0 {
+            pb.set_message(format!("{}/{} files", p.files_done, p.files_total));
+        } else {
+            pb.set_message(format!("{} files", p.files_done));
+        }
+    }
+}
+
+fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
+    writeln!(
+        out,
+        "{}  {:<13}  {:>10}  {}  {}{}",
+        a.artifact_id,
+        a.artifact_type.as_str(),
+        a.file_size,
+        a.created_at.format("%Y-%m-%d %H:%M:%S"),
+        a.name,
+        if a.tags.is_empty() {
+            String::new()
+        } else {
+            format!("  [{}]", a.tags.join(", "))
+        }
+    )
+}
+
+pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
+    let m = ctx.artifacts()?;
+    match cmd {
+        ArtifactsCmd::Session(c) => session(ctx, &m, c),
+        ArtifactsCmd::Collection(c) => collection(ctx, &m, c),
+        ArtifactsCmd::Add {
+            session,
+            collection,
+            paths,
+            artifact_type,
+            name,
+            description,
+            tags,
+            task_id,
+            step_id,
+            meta,
+        } => {
+            let opts = AddOptions {
+                artifact_type,
+                name,
+                description,
+                tags,
+                task_id,
+                step_id,
+                metadata: to_map(meta),
+            };
+            let pb = bar(ctx, "adding");
+            let added = m.add_paths(&session, &collection, &paths, &opts, &mut track(&pb));
+            pb.finish_and_clear();
+            let added = added?;
+            if ctx.json() {
+                print_json(&added)?;
+            } else {
+                let mut out = io::stdout().lock();
+                for a in &added {
+                    artifact_line(&mut out, a)?;
+                }
+                writeln!(
+                    out,
+                    "added {} artifact{} ({} bytes)",
+                    added.len(),
+                    if added.len() == 1 { "" } else { "s" },
+                    added.iter().map(|a| a.file_size).sum::<u64>()
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArtifactsCmd::Search {
+            session,
+            collection,
+            upgrade,
+            artifact_type,
+            tags,
+            task_id,
+            status,
+            name,
+            min_size,
+            max_size,
+            since,
+            limit,
+        } => {
+            let created_since = since
+                .map(|d| chrono::Duration::from_std(d).map(|d| Utc::now() - d))
+                .transpose()
+                .context("--since is too long")?;
+            let q = ArtifactQuery {
+                session_id: session,
+                collection_id: collection,
+                upgrade_id: upgrade,
+                artifact_type,
+                tags,
+                task_id,
+                status,
+                name,
+                min_size,
+                max_size,
+                created_since,
+                limit: limit as usize,
+            };
+            let found = m.search(&q)?;
+            if ctx.json() {
+                print_json(&found)?;
+            } else if found.is_empty() {
+                println!("no artifacts found");
+            } else {
+                let mut out = io::stdout().lock();
+                for a in &found {
+                    artifact_line(&mut out, a)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArtifactsCmd::Stats { session } => {
+            let st = m.stats(session.as_deref())?;
+            if ctx.json() {
+                print_json(&st)?;
+            } else {
+                println!(
+                    "{} artifacts, {} bytes (average {:.0}) in {} session{}",
+                    st.total_artifacts,
+                    st.total_size_bytes,
+                    st.average_size_bytes,
+                    st.sessions_searched,
+                    if st.sessions_searched == 1 { "" } else { "s" }
+                );
+                for (ty, n) in &st.type_distribution {
+                    println!(
+                        "  {:<14} {n:>8}  {:>14} bytes",
+                        ty.as_str(),
+                        st.type_bytes.get(ty).copied().unwrap_or(0)
+                    );
+                }
+                for (status, n) in &st.status_distribution {
+                    println!("  {:<14} {n:>8}", status.as_str());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArtifactsCmd::Show { artifact } => {
+            let a = m.artifact(&artifact)?;
+            if ctx.json() {
+                print_json(&a)?;
+            } else {
+                let v = serde_json::to_value(&a)?;
+                let mut out = io::stdout().lock();
+                for (k, v) in v.as_object().expect("an artifact is an object") {
+                    let text = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    writeln!(out, "{k:<14} {text}")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArtifactsCmd::Get { artifact, out } => get(ctx, &m, &artifact, out),
+        ArtifactsCmd::Export {
+            session,
+            dir,
+            force,
+        } => {
+            let pb = bar(ctx, "exporting");
+            let report = m.export_session(&session, &dir, force, &mut track(&pb));
+            pb.finish_and_clear();
+            let report = report?;
+            if ctx.json() {
+                print_json(
+                    &json!({"dir": dir, "files": report.files, "bytes": report.bytes,
+                    "failures": report.failures.iter().map(|(id, e)| json!({"artifact_id": id, "error": e})).collect::<Vec<_>>()}),
+                )?;
+            } else {
+                println!(
+                    "exported {} files ({} bytes) to {}",
+                    report.files,
+                    report.bytes,
+                    dir.display()
+                );
+                for (id, e) in &report.failures {
+                    eprintln!("error: artifact {id}: {e}");
+                }
+            }
+            Ok(if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        ArtifactsCmd::Verify => {
+            let pb = bar(ctx, "verifying");
+            let report = m.verify(&mut track(&pb));
+            pb.finish_and_clear();
+            let report = report?;
+            if ctx.json() {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "checked {} blobs ({} bytes) and {} artifacts: {} corrupt, {} missing",
+                    report.blobs_checked,
+                    report.bytes_checked,
+                    report.artifacts_checked,
+                    report.corrupt.len(),
+                    report.missing.len()
+                );
+                for (id, name, why) in &report.corrupt {
+                    println!("corrupt  {id}  {name}: {why}");
+                }
+                for (id, name) in &report.missing {
+                    println!("missing  {id}  {name}");
+                }
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        ArtifactsCmd::Cleanup { dry_run, as_of } => {
+            let report = m.cleanup(dry_run, as_of)?;
+            if ctx.json() {
+                print_json(&report)?;
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for e in &report.sessions {
+                    println!(
+                        "{verb} session {} ({}, upgrade {}{}): {} artifacts, {} bytes, expired {}",
+                        e.session.session_id,
+                        e.session.name,
+                        e.session.upgrade_id,
+                        if e.upgrade_failed { ", failed" } else { "" },
+                        e.artifacts,
+                        e.bytes,
+                        render::time(Some(e.expired_at))
+                    );
+                }
+                println!(
+                    "{} session{} {verb}; {} blobs removed, {} bytes freed",
+                    report.sessions.len(),
+                    if report.sessions.len() == 1 { "" } else { "s" },
+                    report.blobs_removed,
+                    report.bytes_freed
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArtifactsCmd::Gc => {
+            let report = m.gc()?;
+            if ctx.json() {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "removed {} incomplete uploads and {} unreferenced blobs ({} bytes); {} recent unreferenced blobs kept",
+                    report.incomplete_removed,
+                    report.blobs_removed,
+                    report.bytes_freed,
+                    report.blobs_in_grace
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn get(
+    ctx: &Ctx,
+    m: &TestArtifactsManager,
+    artifact: &str,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    match out {
+        Some(path) if path.as_os_str() != "-" => {
+            let n = m.write_to(artifact, &path).with_context(|| {
+                format!("cannot write artifact {artifact} to {}", path.display())
+            })?;
+            if ctx.json() {
+                print_json(&json!({"artifact_id": artifact, "path": path, "bytes": n}))?;
+            } else {
+                eprintln!("wrote {n} bytes to {}", path.display());
+            }
+        }
+        _ => {
+            // Verify first, so bad bytes never reach the pipe; then stream.
+            let (_, mut check) = m.open(artifact)?;
+            eks_upgrade_agent::blob::drain_verified(&mut check)?;
+            let (_, mut r) = m.open(artifact)?;
+            let mut stdout = io::stdout().lock();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = r.read(&mut buf).map_err(eks_upgrade_agent::Error::from)?;
+                if n == 0 {
+                    break;
+                }
+                stdout.write_all(&buf[..n])?;
+            }
+            stdout.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn session(ctx: &Ctx, m: &TestArtifactsManager, cmd: SessionCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SessionCmd::Create {
+            upgrade,
+            cluster,
+            name,
+            description,
+            retention_days,
+        } => {
+            let s = m.create_session(NewSession {
+                upgrade_id: upgrade,
+                cluster_name: cluster,
+                name,
+                description,
+                retention_days,
+            })?;
+            if ctx.json() {
+                print_json(&s)?;
+            } else {
+                println!("{}  {}", s.session_id, s.name);
+            }
+        }
+        SessionCmd::Complete { session } => {
+            let s = m.complete_session(&session)?;
+            if ctx.json() {
+                print_json(&s)?;
+            } else {
+                println!(
+                    "session {} completed at {}",
+                    s.session_id,
+                    render::time(s.completed_at)
+                );
+            }
+        }
+        SessionCmd::Show { session } => {
+            let sum = m.session_summary(&session)?;
+            let collections = m.collections(&session)?;
+            if ctx.json() {
+                let mut v = serde_json::to_value(&sum)?;
+                v["collections"] = serde_json::to_value(&collections)?;
+                print_json(&v)?;
+            } else {
+                let s = &sum.session;
+                println!("session {}  {}", s.session_id, s.name);
+                println!(
+                    "upgrade {}  cluster {}  retention {} days",
+                    s.upgrade_id, s.cluster_name, s.retention_days
+                );
+                println!(
+                    "started {}  completed {}",
+                    render::time(Some(s.started_at)),
+                    render::time(s.completed_at)
+                );
+                println!(
+                    "{} collections, {} artifacts, {} bytes, {} uploaded",
+                    sum.collections_count,
+                    sum.total_artifacts,
+                    sum.total_size_bytes,
+                    sum.uploaded_artifacts
+                );
+                for (ty, n) in &sum.artifact_types {
+                    println!("  {:<14} {n}", ty.as_str());
+                }
+                for c in &collections {
+                    println!(
+                        "collection {}  {}{}",
+                        c.collection_id,
+                        c.name,
+                        c.task_id
+                            .as_deref()
+                            .map(|t| format!("  (task {t})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        SessionCmd::List { upgrade } => {
+            let list = m.sessions(upgrade.as_deref())?;
+            if ctx.json() {
+                print_json(&list)?;
+            } else if list.is_empty() {
+                println!("no sessions");
+            } else {
+                for s in &list {
+                    println!(
+                        "{}  {:<40}  upgrade {:<20}  {}",
+                        s.session_id,
+                        s.name,
+                        s.upgrade_id,
+                        if s.completed_at.is_some() {
+                            "completed"
+                        } else {
+                            "open"
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn collection(ctx: &Ctx, m: &TestArtifactsManager, cmd: CollectionCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CollectionCmd::Create {
+            session,
+            name,
+            description,
+            task_id,
+        } => {
+            let c =
+                m.create_collection(&session, &name, description.as_deref(), task_id.as_deref())?;
+            if ctx.json() {
+                print_json(&c)?;
+            } else {
+                println!("{}  {}", c.collection_id, c.name);
+            }
+        }
+        CollectionCmd::List { session } => {
+            let list = m.collections(&session)?;
+            if ctx.json() {
+                print_json(&list)?;
+            } else {
+                for c in &list {
+                    println!("{}  {}", c.collection_id, c.name);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("10KiB").unwrap(), 10 * 1024);
+        assert_eq!(parse_size("5MB").unwrap(), 5_000_000);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert!(parse_size("lots").unwrap_err().contains("invalid size"));
+        assert!(
+            parse_size("5 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_size("-1").is_err());
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("invalid duration")
+        );
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+}
