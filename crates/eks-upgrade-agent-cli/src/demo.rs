@@ -10,9 +10,12 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use eks_upgrade_agent::ProgressTracker;
-use eks_upgrade_agent::model::{JsonMap, TaskType};
+use std::collections::HashMap;
+
+use eks_upgrade_agent::artifacts::{AddOptions, NewSession};
+use eks_upgrade_agent::model::{ArtifactType, JsonMap, TaskType};
 use eks_upgrade_agent::progress::NewTask;
+use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
 use crate::Ctx;
 use crate::progress::stdout_is_terminal;
@@ -35,20 +38,81 @@ struct Sim<'a> {
     t: &'a ProgressTracker,
     u: &'a str,
     step: Duration,
+    artifacts: &'a TestArtifactsManager,
+    session_id: String,
+    /// Collection id per phase.
+    collections: HashMap<&'static str, String>,
 }
+
+/// A 1x1 PNG, the demo's "screenshot" of the dashboard.
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0xf0,
+    0x1f, 0x00, 0x05, 0x00, 0x01, 0xff, 0x89, 0x99, 0x3d, 0x1d, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45,
+    0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];
 
 impl Sim<'_> {
     fn pause(&self, steps: f64) {
         std::thread::sleep(self.step.mul_f64(steps));
     }
 
-    /// Runs a task through its named steps.
-    fn run_steps(&self, task: &str, steps: &[String]) -> eks_upgrade_agent::Result<()> {
+    /// Stores one artifact of `task` in the phase's collection.
+    fn record(
+        &self,
+        phase: &'static str,
+        task: &str,
+        name: &str,
+        bytes: &[u8],
+        artifact_type: ArtifactType,
+        tags: &[&str],
+    ) -> eks_upgrade_agent::Result<()> {
+        let opts = AddOptions {
+            artifact_type: Some(artifact_type),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            task_id: Some(task.to_owned()),
+            ..AddOptions::default()
+        };
+        self.artifacts.add_bytes(
+            &self.session_id,
+            &self.collections[phase],
+            bytes,
+            name,
+            &opts,
+        )?;
+        Ok(())
+    }
+
+    /// Runs a task through its named steps and stores its log.
+    fn run_steps(
+        &self,
+        phase: &'static str,
+        task: &str,
+        steps: &[String],
+    ) -> eks_upgrade_agent::Result<()> {
         self.t.start_task(self.u, task, Some(&steps[0]))?;
+        let mut log = String::new();
         for (i, name) in steps.iter().enumerate() {
             self.t.step_task(self.u, task, i as u32, Some(name))?;
+            log.push_str(&format!(
+                "{} INFO {task}: {name}\n",
+                chrono::Utc::now().to_rfc3339()
+            ));
             self.pause(1.0);
         }
+        log.push_str(&format!(
+            "{} INFO {task}: done\n",
+            chrono::Utc::now().to_rfc3339()
+        ));
+        self.record(
+            phase,
+            task,
+            &format!("{task}.log"),
+            log.as_bytes(),
+            ArtifactType::LogFile,
+            &["log", phase],
+        )?;
         self.t.complete_task(self.u, task, None)?;
         Ok(())
     }
@@ -75,7 +139,9 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if !(args.speed.is_finite() && args.speed > 0.0 && args.speed <= 1000.0) {
         anyhow::bail!("--speed must be a number in (0, 1000], got {}", args.speed);
     }
-    let tracker = ctx.tracker()?;
+    let store = ctx.store()?;
+    let tracker = ProgressTracker::new(store.clone());
+    let artifacts = ctx.artifacts_on(store)?;
     let upgrade_id = args
         .upgrade_id
         .unwrap_or_else(|| format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")));
@@ -196,23 +262,56 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     tracker.add_tasks(&upgrade_id, tasks)?;
 
+    let session = artifacts.create_session(NewSession {
+        upgrade_id: upgrade_id.clone(),
+        cluster_name: args.cluster.clone(),
+        description: Some("artifacts of the demo upgrade".into()),
+        ..NewSession::default()
+    })?;
+    let mut collections = HashMap::new();
+    for (phase, task) in [
+        ("planning", "plan"),
+        ("control-plane", "control-plane"),
+        ("add-ons", "addons"),
+        ("node-groups", "node-groups"),
+        ("validation", "validation"),
+        ("cleanup", "cleanup"),
+    ] {
+        let c = artifacts.create_collection(&session.session_id, phase, None, Some(task))?;
+        collections.insert(phase, c.collection_id);
+    }
     let live = !ctx.json() && stdout_is_terminal();
     let sim = Sim {
         t: &tracker,
         u: &upgrade_id,
         step: Duration::from_secs_f64(0.35 / args.speed),
+        artifacts: &artifacts,
+        session_id: session.session_id.clone(),
+        collections,
     };
     let outcome = std::thread::scope(|scope| -> anyhow::Result<()> {
         let worker = scope.spawn(|| -> eks_upgrade_agent::Result<()> {
             let (t, u) = (sim.t, sim.u);
             t.start_upgrade(u, Some("planning"))?;
-            sim.run_steps("plan", &plan_steps)?;
+            sim.record(
+                "planning",
+                "plan",
+                "cluster-config.yaml",
+                format!("cluster: {}\nversion: \"1.29\"\ntarget: \"1.30\"\nnodeGroups: [ng-system, ng-app-a, ng-app-b]\n", sim.u).as_bytes(),
+                ArtifactType::Configuration,
+                &["config", "pre-upgrade"],
+            )?;
+            sim.run_steps("planning", "plan", &plan_steps)?;
             t.set_phase(u, "control-plane")?;
-            sim.run_steps("control-plane", &cp_steps)?;
+            sim.run_steps("control-plane", "control-plane", &cp_steps)?;
             t.set_phase(u, "add-ons")?;
             t.start_task(u, "addons", None)?;
             for (id, name, roll) in &addons {
-                sim.run_steps(id, &[format!("update {name}"), (*roll).to_owned(), "verify".to_owned()])?;
+                sim.run_steps(
+                    "add-ons",
+                    id,
+                    &[format!("update {name}"), (*roll).to_owned(), "verify".to_owned()],
+                )?;
             }
             t.complete_task(u, "addons", None)?;
             t.set_phase(u, "node-groups")?;
@@ -227,11 +326,16 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
                         t.step_task(u, g, i as u32, Some(s))?;
                         sim.pause(1.0);
                     }
-                    t.fail_task(
-                        u,
-                        g,
-                        "PodDisruptionBudget web-pdb blocks eviction of web-7d9f6c-x2x8q (drain timed out after 300s)",
-                    )?;
+                    let why = "PodDisruptionBudget web-pdb blocks eviction of web-7d9f6c-x2x8q (drain timed out after 300s)";
+                    t.fail_task(u, g, why)?;
+                    let bundle = serde_json::to_vec_pretty(&json!({
+                        "node_group": g,
+                        "error": why,
+                        "pdb": {"name": "web-pdb", "minAvailable": 2, "currentHealthy": 2},
+                        "pods": [{"name": "web-7d9f6c-x2x8q", "phase": "Running"}],
+                    }))
+                    .expect("static JSON");
+                    sim.record("node-groups", g, &format!("diagnostics/{g}-drain-failure.json"), &bundle, ArtifactType::Diagnostic, &["failure", "drain"])?;
                     sim.pause(2.0);
                     t.retry_task(u, g, Some("retrying after scaling web to 3 replicas"))?;
                     for (i, s) in steps.iter().enumerate() {
@@ -240,19 +344,36 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
                     }
                     t.complete_task(u, g, None)?;
                 } else {
-                    sim.run_steps(g, &steps)?;
+                    sim.run_steps("node-groups", g, &steps)?;
                 }
             }
+            let metrics = serde_json::to_vec_pretty(&json!({
+                "nodes_replaced": groups.iter().map(|(_, n)| n).sum::<usize>(),
+                "drain_seconds_p50": 41.5, "drain_seconds_p99": 212.0,
+                "pods_evicted": 184, "pdb_blocks": 1,
+            }))
+            .expect("static JSON");
+            sim.record("node-groups", "node-groups", "metrics/node-rollout.json", &metrics, ArtifactType::MetricsData, &["metrics"])?;
             t.complete_task(u, "node-groups", None)?;
             t.set_phase(u, "validation")?;
             t.start_task(u, "validation", None)?;
+            let mut junit = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
             for (id, steps) in &validations {
-                sim.run_steps(id, &names(steps))?;
+                sim.run_steps("validation", id, &names(steps))?;
+                junit.push_str(&format!("  <testsuite name=\"{id}\" tests=\"{}\" failures=\"0\">\n", steps.len()));
+                for s in steps {
+                    junit.push_str(&format!("    <testcase classname=\"{id}\" name=\"{s}\" time=\"0.4\"/>\n"));
+                }
+                junit.push_str("  </testsuite>\n");
             }
+            junit.push_str("</testsuites>\n");
+            sim.record("validation", "validation", "junit/validation.xml", junit.as_bytes(), ArtifactType::TestResult, &["junit", "post-upgrade"])?;
+            sim.record("validation", "validation", "screenshots/dashboard.png", PNG, ArtifactType::Screenshot, &["screenshot"])?;
             t.complete_task(u, "validation", None)?;
             t.set_phase(u, "cleanup")?;
-            sim.run_steps("cleanup", &cleanup_steps)?;
+            sim.run_steps("cleanup", "cleanup", &cleanup_steps)?;
             t.complete_upgrade(u)?;
+            sim.artifacts.complete_session(&sim.session_id)?;
             Ok(())
         });
         if live {
@@ -275,16 +396,27 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if ctx.json() {
         let mut v = serde_json::to_value(&summary)?;
         v["tasks"] = serde_json::to_value(tracker.tasks(&upgrade_id)?)?;
+        v["artifacts_session"] =
+            serde_json::to_value(artifacts.session_summary(&session.session_id)?)?;
         crate::progress::print_json(&v)?;
     } else {
         let mut out = io::stdout().lock();
         writeln!(out)?;
         render::summary(&mut out, &summary)?;
         writeln!(out)?;
-        render::task_tree(&mut out, &tracker.tasks(&upgrade_id)?)?;
+        render::task_tree(
+            &mut out,
+            &tracker.tasks(&upgrade_id)?,
+            &artifacts.counts_by_task(&upgrade_id)?,
+        )?;
         writeln!(
             out,
-            "\ndata dir: {}\nsee it again: eks-upgrade-agent --data-dir {} progress upgrade show {upgrade_id}",
+            "\nartifacts: session {} ({} files)\ndata dir: {}\nsee it again: eks-upgrade-agent --data-dir {} progress upgrade show {upgrade_id}\n              eks-upgrade-agent --data-dir {} artifacts search --upgrade {upgrade_id}",
+            session.session_id,
+            artifacts
+                .session_summary(&session.session_id)?
+                .total_artifacts,
+            ctx.config.data_dir.display(),
             ctx.config.data_dir.display(),
             ctx.config.data_dir.display()
         )?;

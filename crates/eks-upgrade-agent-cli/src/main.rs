@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use eks_upgrade_agent::config::{Config, default_data_dir};
 use eks_upgrade_agent::store::Durability;
-use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
+use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
 mod artifacts;
 mod demo;
@@ -81,10 +81,6 @@ impl Ctx {
             )
         })?;
         Ok(Arc::new(store))
-    }
-
-    fn tracker(&self) -> anyhow::Result<ProgressTracker> {
-        Ok(ProgressTracker::new(self.store()?))
     }
 
     fn artifacts(&self) -> anyhow::Result<TestArtifactsManager> {

@@ -232,9 +232,10 @@ fn parse_type(s: &str) -> Result<TaskType, String> {
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
-    let tracker = ctx.tracker()?;
+    let store = ctx.store()?;
+    let tracker = ProgressTracker::new(store.clone());
     match cmd {
-        ProgressCmd::Upgrade(c) => upgrade(ctx, &tracker, c),
+        ProgressCmd::Upgrade(c) => upgrade(ctx, &tracker, store, c),
         ProgressCmd::Task(c) => task(ctx, &tracker, c),
         ProgressCmd::Events {
             upgrade,
@@ -334,7 +335,12 @@ fn mutated(
     Ok(ExitCode::SUCCESS)
 }
 
-fn upgrade(ctx: &Ctx, tracker: &ProgressTracker, cmd: UpgradeCmd) -> anyhow::Result<ExitCode> {
+fn upgrade(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    store: std::sync::Arc<eks_upgrade_agent::SqliteStore>,
+    cmd: UpgradeCmd,
+) -> anyhow::Result<ExitCode> {
     let (id, committed) = match cmd {
         UpgradeCmd::Create {
             upgrade,
@@ -372,7 +378,8 @@ fn upgrade(ctx: &Ctx, tracker: &ProgressTracker, cmd: UpgradeCmd) -> anyhow::Res
                 let mut out = io::stdout().lock();
                 render::summary(&mut out, &summary)?;
                 writeln!(out)?;
-                render::task_tree(&mut out, &tasks)?;
+                let counts = ctx.artifacts_on(store)?.counts_by_task(&upgrade)?;
+                render::task_tree(&mut out, &tasks, &counts)?;
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -92,7 +92,11 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
 }
 
 /// The task tree, children under their parents, in the order tasks were added.
-pub(crate) fn task_tree(out: &mut impl Write, tasks: &[Task]) -> io::Result<()> {
+pub(crate) fn task_tree(
+    out: &mut impl Write,
+    tasks: &[Task],
+    artifacts: &HashMap<String, u64>,
+) -> io::Result<()> {
     if tasks.is_empty() {
         return writeln!(out, "no tasks");
     }
@@ -117,6 +121,7 @@ pub(crate) fn task_tree(out: &mut impl Write, tasks: &[Task]) -> io::Result<()> 
     )?;
     struct Tree<'a> {
         tasks: &'a [Task],
+        artifacts: &'a HashMap<String, u64>,
         children: HashMap<&'a str, Vec<usize>>,
         width: usize,
     }
@@ -157,6 +162,10 @@ pub(crate) fn task_tree(out: &mut impl Write, tasks: &[Task]) -> io::Result<()> 
                     0 => String::new(),
                     1 => "  retried once".into(),
                     n => format!("  retried {n} times"),
+                } + &match self.artifacts.get(&t.task_id) {
+                    None | Some(0) => String::new(),
+                    Some(1) => "  1 artifact".into(),
+                    Some(n) => format!("  {n} artifacts"),
                 }
             )?;
             let pad = if top {
@@ -185,6 +194,7 @@ pub(crate) fn task_tree(out: &mut impl Write, tasks: &[Task]) -> io::Result<()> 
     }
     let tree = Tree {
         tasks,
+        artifacts,
         children,
         width: name_width,
     };
