@@ -524,6 +524,37 @@ fn demo_runs_a_full_upgrade_with_a_retried_failure() {
     assert!(tasks.len() >= 12, "{}", tasks.len());
     let retried: Vec<_> = tasks.iter().filter(|t| t["retry_count"] == 1).collect();
     assert_eq!(retried.len(), 1);
+    let arts = &v["artifacts_session"];
+    assert_eq!(arts["upgrade_id"], "demo-1");
+    assert!(arts["completed_at"].is_string(), "the session is completed");
+    for ty in [
+        "log_file",
+        "test_result",
+        "configuration",
+        "metrics_data",
+        "screenshot",
+        "diagnostic",
+    ] {
+        assert!(
+            arts["artifact_types"][ty].as_u64() >= Some(1),
+            "no {ty} in {arts}"
+        );
+    }
+    let junit = env.json(&[
+        "artifacts",
+        "search",
+        "--upgrade",
+        "demo-1",
+        "--type",
+        "test_result",
+    ]);
+    let id = junit[0]["artifact_id"].as_str().unwrap();
+    assert!(
+        env.ok(&["artifacts", "get", id])
+            .contains("<testsuite name=\"validate-nodes\"")
+    );
+    let show = env.ok(&["progress", "upgrade", "show", "demo-1"]);
+    assert!(show.contains("2 artifacts"), "{show}");
     let events = env.events("demo-1");
     let phases: Vec<_> = events
         .iter()

@@ -1,6 +1,7 @@
 //! Integration tests of the `eks-upgrade-agent` binary: real processes on real data dirs.
 
 mod apply;
+mod artifacts;
 mod cli;
 mod crash;
 mod reference;
