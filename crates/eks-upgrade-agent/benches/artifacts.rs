@@ -137,7 +137,7 @@ fn main() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    // `-- adds` measures only the adds (for profiling).
+    // `-- adds` measures only the adds.
     let adds_only = std::env::args().any(|a| a == "adds");
 
     // Adds: one file per call, store growing from 0 to 100,000.
@@ -154,12 +154,7 @@ fn main() {
         .create_collection(&s.session_id, "logs", None, None)
         .unwrap();
     let mut added = 0usize;
-    let targets: &[usize] = if adds_only {
-        &[1_000, 10_000]
-    } else {
-        &[1_000, 10_000, 100_000]
-    };
-    for &target in targets {
+    for target in [1_000usize, 10_000, 100_000] {
         let n = target - added;
         let files = make_files(&work.path().join(format!("src-{target}")), added, n);
         let start = Instant::now();

@@ -5,6 +5,11 @@
 //! end with the rowid, so "newest first" is an index walk), `artifact_tags (tag, akey)` for tags,
 //! and the contentless trigram table `artifact_names` for case-insensitive substrings of three
 //! characters or more (shorter substrings fall back to a scan narrowed by the other filters).
+//!
+//! Names enter the trigram index in batches of [`FTS_BATCH`]: each FTS5 transaction writes a new
+//! segment, so indexing one name per add cost a fifth of the add. Rows above the indexed mark
+//! (`artifact_meta.fts_upto`, at most `FTS_BATCH - 1` of them) are matched by a scan of that
+//! rowid range in the same statement, so a search never misses a name.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -87,7 +92,36 @@ CREATE INDEX IF NOT EXISTS artifact_tags_by_artifact ON artifact_tags (akey);
 CREATE VIRTUAL TABLE IF NOT EXISTS artifact_names USING fts5 (
     name, content = '', contentless_delete = 1, tokenize = 'trigram'
 );
+CREATE TABLE IF NOT EXISTS artifact_meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO artifact_meta (key, value) VALUES ('fts_upto', 0);
 "#;
+
+/// Names indexed per FTS5 transaction.
+const FTS_BATCH: i64 = 256;
+
+/// Indexes the names of rows above the mark when `force` or a full batch is waiting.
+fn index_names(tx: &Transaction<'_>, force: bool) -> Result<()> {
+    let upto: i64 = tx
+        .prepare_cached("SELECT value FROM artifact_meta WHERE key = 'fts_upto'")?
+        .query_row([], |r| r.get(0))?;
+    let max: i64 = tx
+        .prepare_cached("SELECT coalesce(max(akey), 0) FROM artifacts")?
+        .query_row([], |r| r.get(0))?;
+    if max - upto < FTS_BATCH && !(force && max > upto) {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "INSERT INTO artifact_names (rowid, name) SELECT akey, name FROM artifacts \
+         WHERE akey > ?1 AND akey <= ?2",
+    )?
+    .execute(params![upto, max])?;
+    tx.prepare_cached("UPDATE artifact_meta SET value = ?1 WHERE key = 'fts_upto'")?
+        .execute([max])?;
+    Ok(())
+}
 
 /// Default number of search results.
 const DEFAULT_LIMIT: usize = 100;
@@ -293,9 +327,22 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
         };
         if literal.chars().count() >= 3 {
             let phrase = format!("\"{}\"", literal.replace('"', "\"\""));
+            let like = format!(
+                "%{}%",
+                literal
+                    .to_lowercase()
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            );
+            // Indexed names, plus the few rows above the indexed mark (same snapshot).
             clauses.push(format!(
-                "a.akey IN (SELECT rowid FROM artifact_names WHERE artifact_names MATCH {})",
-                arg(phrase.into(), &mut args)
+                "a.akey IN (SELECT rowid FROM artifact_names WHERE artifact_names MATCH {} \
+                 UNION ALL SELECT akey FROM artifacts WHERE akey > \
+                 (SELECT value FROM artifact_meta WHERE key = 'fts_upto') \
+                 AND lower(name) LIKE {} ESCAPE '\\')",
+                arg(phrase.into(), &mut args),
+                arg(like.into(), &mut args)
             ));
         }
         if is_glob {
@@ -544,10 +591,9 @@ impl ArtifactIndex for SqliteStore {
                 for t in &a.tags {
                     tag_stmt.execute(params![t, akey])?;
                 }
-                tx.prepare_cached("INSERT INTO artifact_names (rowid, name) VALUES (?1, ?2)")?
-                    .execute(params![akey, a.name])?;
                 out.push(load_artifact(tx, &a.artifact_id)?);
             }
+            index_names(tx, false)?;
             Ok(out)
         })
     }
@@ -690,6 +736,8 @@ impl ArtifactIndex for SqliteStore {
                     }
                 }
             }
+            // Index everything first, so every row to delete has its entry in the index.
+            index_names(tx, true)?;
             tx.execute(
                 "DELETE FROM artifact_names WHERE rowid IN (SELECT akey FROM artifacts WHERE skey = ?1)",
                 [skey],
