@@ -212,6 +212,20 @@ fn file_name_of(path: &Path) -> Result<String> {
         .ok_or_else(|| Error::invalid(format!("{} has no file name", path.display())))
 }
 
+/// A file being added; remembers a read error so it can be told apart from a store error.
+struct Source {
+    file: File,
+    error: Option<io::Error>,
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf).inspect_err(|e| {
+            self.error = Some(io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+}
+
 fn open_source(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::not_found(format!("file {}", path.display())),
@@ -509,14 +523,24 @@ impl TestArtifactsManager {
         let mut out = Vec::with_capacity(plan.len());
         let mut batch = Vec::with_capacity(INDEX_BATCH.min(plan.len()));
         for (path, name, _) in plan {
-            let mut file = open_source(&path)?;
+            let mut source = Source {
+                file: open_source(&path)?,
+                error: None,
+            };
             let base = p.bytes_done;
-            let info = self.blobs.put(&mut file, &mut |b| {
-                progress(Progress {
-                    bytes_done: base + b,
-                    ..p
+            let info = self
+                .blobs
+                .put(&mut source, &mut |b| {
+                    progress(Progress {
+                        bytes_done: base + b,
+                        ..p
+                    })
                 })
-            })?;
+                .map_err(|e| match source.error.take() {
+                    // The source failed, not the store: say which file.
+                    Some(why) => Error::invalid(format!("cannot read {}: {why}", path.display())),
+                    None => e,
+                })?;
             p.bytes_done = base + info.size;
             p.files_done += 1;
             progress(p);
