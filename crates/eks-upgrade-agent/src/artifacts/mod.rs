@@ -562,7 +562,7 @@ impl TestArtifactsManager {
         Ok(out)
     }
 
-    /// Indexes many in-memory items in one transaction per [`INDEX_BATCH`] (bulk loads).
+    /// Stores many in-memory items and indexes them in one transaction (bulk loads).
     pub fn add_many_bytes(
         &self,
         session_id: &str,
