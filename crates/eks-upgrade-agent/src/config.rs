@@ -1,5 +1,5 @@
 //! Settings shared by the front ends: where data lives and how durable commits are.
-//! Front ends layer defaults, a config file, `EUA_*` variables and flags into a [`Config`]
+//! Front ends layer defaults, `EUA_*` variables and flags into a [`Config`]
 //! and pass it down explicitly.
 
 use std::path::{Path, PathBuf};
