@@ -19,6 +19,7 @@ use crate::progress::command::Command;
 
 pub mod sqlite;
 mod sqlite_artifacts;
+mod sqlite_outbox;
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -248,4 +249,44 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
         artifact_id: &str,
         status: ArtifactStatus,
     ) -> Result<TestArtifact>;
+}
+
+/// What happened to one notification at one sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Delivered.
+    Delivered,
+    /// Failed; try again at `next_at`.
+    Retry {
+        /// When to try again.
+        next_at: DateTime<Utc>,
+        /// Why it failed.
+        error: String,
+    },
+    /// Given up (rejected as undeliverable, or out of attempts); kept, never dropped.
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+/// The notification outbox, written by the same transactions as the changes it reports.
+///
+/// Contract: delivery state is per sink name; [`due`](Outbox::due) returns pending entries in
+/// outbox order, skipping every later entry of an upgrade whose earlier entry is waiting for a
+/// retry (so each upgrade's notifications arrive in `seq` order).
+pub trait Outbox: Send + Sync + fmt::Debug {
+    /// Makes notifications this sink has not seen yet pending for it; returns how many.
+    fn ingest(&self, sink: &str) -> Result<u64>;
+    /// Entries due at `now`, at most `limit`, with their attempt counts.
+    fn due(
+        &self,
+        sink: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(crate::notify::Notification, u32)>>;
+    /// Records outcomes.
+    fn record(&self, sink: &str, outcomes: &[(u64, DeliveryOutcome)]) -> Result<()>;
+    /// Counts and last error for a sink.
+    fn sink_status(&self, sink: &str) -> Result<crate::notify::SinkStatus>;
 }

@@ -32,7 +32,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -287,6 +287,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 2 {
             conn.execute_batch(super::sqlite_artifacts::SCHEMA)?;
+        }
+        if version < 3 {
+            conn.execute_batch(super::sqlite_outbox::SCHEMA)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
@@ -776,8 +779,18 @@ fn execute_one(tx: &Transaction<'_>, command: &Command, now: DateTime<Utc>) -> R
                     to,
                 });
             }
+            let committed_event = to_event(&event, seq, id, upgrade_id, None);
+            u.status = to;
+            super::sqlite_outbox::enqueue(
+                tx,
+                &committed_event,
+                Some(from),
+                &u.cluster_name,
+                Some(&u),
+                None,
+            )?;
             Ok(Committed {
-                events: vec![to_event(&event, seq, id, upgrade_id, None)],
+                events: vec![committed_event],
                 status_changes,
             })
         }
@@ -840,14 +853,22 @@ fn execute_one(tx: &Transaction<'_>, command: &Command, now: DateTime<Utc>) -> R
                 });
             }
             let task_type = row.task.task_type;
+            let committed_event = to_event(&event, seq, id, upgrade_id, Some((task_id, task_type)));
+            if crate::notify::detail_type(effect.kind, Some(from)).is_some() {
+                let cluster: String = tx
+                    .prepare_cached("SELECT cluster_name FROM upgrades WHERE ukey = ?1")?
+                    .query_row([ukey], |r| r.get(0))?;
+                super::sqlite_outbox::enqueue(
+                    tx,
+                    &committed_event,
+                    Some(from),
+                    &cluster,
+                    None,
+                    Some(&row.task),
+                )?;
+            }
             Ok(Committed {
-                events: vec![to_event(
-                    &event,
-                    seq,
-                    id,
-                    upgrade_id,
-                    Some((task_id, task_type)),
-                )],
+                events: vec![committed_event],
                 status_changes,
             })
         }

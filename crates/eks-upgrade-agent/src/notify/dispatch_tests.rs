@@ -1,0 +1,379 @@
+//! Outbox + dispatcher tests on the real SQLite store, with in-memory and webhook sinks.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::model::TaskType;
+use crate::progress::{NewTask, ProgressTracker};
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+
+fn store(dir: &std::path::Path) -> Arc<SqliteStore> {
+    Arc::new(SqliteStore::open(dir, &SqliteOptions::default()).unwrap())
+}
+
+fn fast() -> DispatcherOptions {
+    DispatcherOptions {
+        base_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        poll: Duration::from_millis(10),
+        ..DispatcherOptions::default()
+    }
+}
+
+/// Runs a small upgrade: returns the notification types it should produce, in order.
+fn run_upgrade(t: &ProgressTracker, u: &str) -> Vec<String> {
+    t.create_upgrade(u, "p", "prod", JsonMap::new()).unwrap();
+    t.start_upgrade(u, Some("plan")).unwrap();
+    t.add_tasks(
+        u,
+        vec![
+            NewTask::new("a", "Drain", TaskType::UpgradeStep),
+            NewTask::new("b", "Validate", TaskType::Validation),
+        ],
+    )
+    .unwrap();
+    t.update_task(u, "a", 10.0, None, JsonMap::new()).unwrap(); // implicit start
+    t.update_task(u, "a", 50.0, None, JsonMap::new()).unwrap(); // not notified
+    t.fail_task(u, "a", "PDB").unwrap();
+    t.retry_task(u, "a", None).unwrap();
+    t.complete_task(u, "a", None).unwrap();
+    t.set_phase(u, "validate").unwrap();
+    t.start_task(u, "b", None).unwrap();
+    t.complete_task(u, "b", None).unwrap();
+    t.complete_upgrade(u).unwrap();
+    [
+        "upgrade.started",
+        "task.started",
+        "task.failed",
+        "task.retried",
+        "task.completed",
+        "upgrade.phase_changed",
+        "task.started",
+        "task.completed",
+        "upgrade.completed",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn outbox_rows_are_written_with_the_change_and_delivered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let expected = run_upgrade(&t, "u1");
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    let d = Dispatcher::new(s.clone(), vec![sink.clone()], fast());
+    let status = d.status().unwrap();
+    assert_eq!(
+        (status[0].total, status[0].pending, status[0].delivered),
+        (9, 9, 0)
+    );
+    let report = d.run_once().unwrap();
+    assert_eq!(report.delivered, 9);
+    let got = sink.received();
+    assert_eq!(
+        got.iter()
+            .map(|n| n.detail_type.clone())
+            .collect::<Vec<_>>(),
+        expected
+    );
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "seq order");
+    assert!(sink.calls().iter().all(|c| *c <= 10));
+    let failed = &got[2];
+    assert_eq!(failed.detail["task_name"], "Drain");
+    assert_eq!(failed.detail["error_message"], "PDB");
+    assert_eq!(failed.detail["cluster_name"], "prod");
+    assert_eq!(failed.detail["event_id"], json!(failed.event_id));
+    assert_eq!(failed.detail["seq"], json!(failed.seq));
+    assert_eq!(got[5].detail["phase"], "validate");
+    assert!(got[8].detail["duration"].as_f64().is_some());
+    // Nothing more to do; a second pass sends nothing.
+    assert_eq!(d.run_once().unwrap().calls, 0);
+    let st = &d.status().unwrap()[0];
+    assert_eq!((st.pending, st.delivered, st.dead), (0, 9, 0));
+}
+
+#[test]
+fn an_outage_loses_nothing_and_does_not_block_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    sink.set_rule(Some(Box::new(|_| {
+        Some(EntryResult::Retry("endpoint down".into()))
+    })));
+    let d = Arc::new(Dispatcher::new(s.clone(), vec![sink.clone()], fast()));
+    let handle = d.clone().spawn();
+    let expected = run_upgrade(&t, "u1");
+    std::thread::sleep(Duration::from_millis(100));
+    let st = &d.status().unwrap()[0];
+    assert_eq!(st.delivered, 0);
+    assert_eq!(st.pending, 9);
+    assert_eq!(st.last_error.as_deref(), Some("endpoint down"));
+    // Endpoint back: everything arrives, in order; duplicates (if any) carry the same id.
+    sink.set_rule(None);
+    handle.wake();
+    let report = d.flush(Duration::from_secs(5)).unwrap();
+    drop(handle);
+    let st = &d.status().unwrap()[0];
+    assert_eq!((st.pending, st.delivered, st.dead), (0, 9, 0), "{report:?}");
+    let got = sink.received();
+    let mut ids: Vec<_> = got.iter().map(|n| n.event_id.clone()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 9);
+    assert_eq!(
+        got.iter()
+            .map(|n| n.detail_type.clone())
+            .collect::<Vec<_>>(),
+        expected
+    );
+}
+
+#[test]
+fn partial_failures_resend_only_what_failed_and_dead_letter_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    run_upgrade(&t, "u1");
+    run_upgrade(&t, "u2");
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    let flaky = Arc::new(Mutex::new(1u32));
+    let f = flaky.clone();
+    sink.set_rule(Some(Box::new(move |n: &Notification| {
+        if n.upgrade_id == "u2" && n.detail_type == "task.failed" {
+            return Some(EntryResult::Reject("malformed entry".into()));
+        }
+        if n.upgrade_id == "u1" && n.detail_type == "task.retried" {
+            let mut left = f.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Some(EntryResult::Retry("ThrottlingException".into()));
+            }
+        }
+        None
+    })));
+    let d = Dispatcher::new(s.clone(), vec![sink.clone()], fast());
+    d.flush(Duration::from_secs(5)).unwrap();
+    let st = &d.status().unwrap()[0];
+    assert_eq!((st.pending, st.delivered, st.dead), (0, 17, 1));
+    let got = sink.received();
+    // u1's notifications end in order (a later one may have been sent early, then again).
+    let u1: Vec<_> = got
+        .iter()
+        .filter(|n| n.upgrade_id == "u1")
+        .map(|n| n.seq)
+        .collect();
+    let mut last_copy = u1.clone();
+    last_copy.reverse();
+    let mut seen = std::collections::HashSet::new();
+    last_copy.retain(|s| seen.insert(*s));
+    last_copy.reverse();
+    assert!(last_copy.windows(2).all(|w| w[0] < w[1]), "{u1:?}");
+    assert_eq!(seen.len(), 9);
+    assert!(
+        got.iter()
+            .all(|n| !(n.upgrade_id == "u2" && n.detail_type == "task.failed"))
+    );
+    // Only the failed entry (and what followed it in its upgrade) was resent.
+    assert!(got.len() <= 17 + 5, "{}", got.len());
+}
+
+#[test]
+fn entries_out_of_attempts_or_too_large_are_dead_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    t.add_task("u", NewTask::new("a", "A", TaskType::Cleanup))
+        .unwrap();
+    t.fail_task("u", "a", &"x".repeat(8 * 1024)).unwrap();
+    #[derive(Debug)]
+    struct Small(InMemoryEventSink);
+    impl EventSink for Small {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn max_batch_bytes(&self) -> usize {
+            4096
+        }
+        fn deliver(&self, b: &[Notification]) -> Vec<EntryResult> {
+            self.0.deliver(b)
+        }
+    }
+    let small = Arc::new(Small(InMemoryEventSink::new("small")));
+    let down = Arc::new(InMemoryEventSink::new("down"));
+    down.set_rule(Some(Box::new(|_| {
+        Some(EntryResult::Retry("connection refused".into()))
+    })));
+    let d = Dispatcher::new(
+        s.clone(),
+        vec![small.clone(), down.clone()],
+        DispatcherOptions {
+            max_attempts: 3,
+            ..fast()
+        },
+    );
+    d.flush(Duration::from_secs(5)).unwrap();
+    let st = d.status().unwrap();
+    assert_eq!(
+        (st[0].delivered, st[0].dead),
+        (1, 1),
+        "oversize entry dead: {:?}",
+        st[0]
+    );
+    assert!(
+        st[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("accepts at most 4096")
+    );
+    assert_eq!(
+        (st[1].delivered, st[1].dead, st[1].pending),
+        (0, 2, 0),
+        "{:?}",
+        st[1]
+    );
+    assert!(
+        st[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("gave up after 3 attempts")
+    );
+    // Dead entries stay in the outbox.
+    assert_eq!(st[1].total, 2);
+}
+
+#[test]
+fn a_new_process_delivers_what_the_old_one_left() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = store(dir.path());
+        run_upgrade(&ProgressTracker::new(s), "u1");
+    }
+    let s = store(dir.path());
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    Dispatcher::new(s.clone(), vec![sink.clone()], fast())
+        .flush(Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(sink.received().len(), 9);
+}
+
+/// A minimal HTTP/1.1 receiver on 127.0.0.1: records (signature header, body); answers with the
+/// status in `code`.
+/// Requests received: (signature header, body).
+type Received = Arc<Mutex<Vec<(Option<String>, Vec<u8>)>>>;
+
+fn receiver(code: Arc<AtomicU16>) -> (String, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0;
+            let mut sig = None;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = l.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if k.eq_ignore_ascii_case(webhook::SIGNATURE_HEADER) {
+                        sig = Some(v.trim().to_owned());
+                    }
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = code.load(Ordering::SeqCst);
+            if status == 200 {
+                g.lock().unwrap().push((sig, body));
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn webhook_delivers_signed_cloudevents_to_a_real_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let code = Arc::new(AtomicU16::new(503));
+    let (url, got) = receiver(code.clone());
+    let sink = Arc::new(
+        WebhookSink::new(
+            &url,
+            Some("s3cret"),
+            Format::Cloudevents,
+            DEFAULT_SOURCE,
+            Duration::from_secs(2),
+        )
+        .unwrap(),
+    );
+    run_upgrade(&t, "u1");
+    let d = Dispatcher::new(s.clone(), vec![sink], fast());
+    d.run_once().unwrap();
+    let st = &d.status().unwrap()[0];
+    assert_eq!(st.delivered, 0);
+    assert!(st.last_error.as_deref().unwrap().contains("503"), "{st:?}");
+    code.store(200, Ordering::SeqCst);
+    d.flush(Duration::from_secs(5)).unwrap();
+    assert_eq!(d.status().unwrap()[0].delivered, 9);
+    let got = got.lock().unwrap();
+    let mut types = Vec::new();
+    for (sig, body) in got.iter() {
+        assert_eq!(
+            sig.as_deref(),
+            Some(webhook::sign(b"s3cret", body).as_str())
+        );
+        let events: Vec<serde_json::Value> = serde_json::from_slice(body).unwrap();
+        for e in events {
+            assert_eq!(e["specversion"], "1.0");
+            assert_eq!(e["source"], "eks-upgrade-agent");
+            types.push(e["type"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(types.len(), 9);
+    assert_eq!(types[2], "com.eks-upgrade-agent.task.failed.v1");
+    // Nothing listening: a clear retry, nothing lost.
+    let dead_url = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/", l.local_addr().unwrap())
+    };
+    let sink = Arc::new(
+        WebhookSink::new(
+            &dead_url,
+            None,
+            Format::Reference,
+            DEFAULT_SOURCE,
+            Duration::from_millis(500),
+        )
+        .unwrap(),
+    );
+    let d = Dispatcher::new(s.clone(), vec![sink], fast());
+    d.run_once().unwrap();
+    let st = &d.status().unwrap()[0];
+    assert_eq!((st.delivered, st.pending), (0, 9));
+}

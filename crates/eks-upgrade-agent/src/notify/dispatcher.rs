@@ -1,0 +1,370 @@
+//! [`Dispatcher`]: moves notifications from the outbox to the sinks. At least once; per
+//! upgrade in `seq` order; batches bounded by each sink's count and byte limits; only failed
+//! entries are resent, after a capped exponential backoff with jitter; entries that can never
+//! succeed, or that run out of attempts or age, are marked dead and kept.
+//!
+//! Ordering note: when an entry of a batch fails, the later entries of the same upgrade in that
+//! batch are resent after it (with the same ids), so the last copy a consumer receives is in
+//! order; consumers deduplicate on the id.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{EntryResult, EventSink, Notification};
+use crate::error::Result;
+use crate::store::{DeliveryOutcome, Outbox};
+
+/// Tuning of a [`Dispatcher`].
+#[derive(Debug, Clone)]
+pub struct DispatcherOptions {
+    /// Attempts before an entry is marked dead.
+    pub max_attempts: u32,
+    /// Age after which a failing entry is marked dead.
+    pub max_age: Duration,
+    /// First retry delay.
+    pub base_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+    /// How often the background loop looks for work.
+    pub poll: Duration,
+}
+
+impl Default for DispatcherOptions {
+    fn default() -> Self {
+        DispatcherOptions {
+            max_attempts: 25,
+            max_age: Duration::from_secs(24 * 3600),
+            base_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(300),
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Delivery state of one sink.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SinkStatus {
+    /// The sink.
+    pub sink: String,
+    /// Notifications in the outbox.
+    pub total: u64,
+    /// Not yet delivered (including never tried).
+    pub pending: u64,
+    /// Delivered.
+    pub delivered: u64,
+    /// Given up on (kept in the outbox).
+    pub dead: u64,
+    /// The latest error.
+    pub last_error: Option<String>,
+    /// The earliest scheduled retry.
+    pub next_retry: Option<DateTime<Utc>>,
+}
+
+/// Totals of delivery passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PassReport {
+    /// Entries delivered.
+    pub delivered: u64,
+    /// Entries that failed and will be retried.
+    pub retried: u64,
+    /// Entries marked dead.
+    pub dead: u64,
+    /// Sink calls made.
+    pub calls: u64,
+}
+
+impl std::ops::AddAssign for PassReport {
+    fn add_assign(&mut self, o: PassReport) {
+        self.delivered += o.delivered;
+        self.retried += o.retried;
+        self.dead += o.dead;
+        self.calls += o.calls;
+    }
+}
+
+/// Delivers the outbox to sinks.
+pub struct Dispatcher {
+    outbox: Arc<dyn Outbox>,
+    sinks: Vec<Arc<dyn EventSink>>,
+    options: DispatcherOptions,
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("sinks", &self.sinks)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pseudo-random fraction in [0, 1) for jitter (no need for a cryptographic source).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut x = u64::from(nanos) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    (x % 10_000) as f64 / 10_000.0
+}
+
+impl Dispatcher {
+    /// A dispatcher over `outbox` for `sinks`.
+    pub fn new(
+        outbox: Arc<dyn Outbox>,
+        sinks: Vec<Arc<dyn EventSink>>,
+        options: DispatcherOptions,
+    ) -> Dispatcher {
+        Dispatcher {
+            outbox,
+            sinks,
+            options,
+        }
+    }
+
+    /// The configured sinks.
+    pub fn sinks(&self) -> &[Arc<dyn EventSink>] {
+        &self.sinks
+    }
+
+    /// Delay before attempt `attempts + 1`: exponential, capped, with jitter in [50%, 100%].
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let exp = self
+            .options
+            .base_backoff
+            .saturating_mul(1u32 << attempts.min(20))
+            .min(self.options.max_backoff);
+        exp.mul_f64(0.5 + 0.5 * jitter())
+    }
+
+    /// One pass over every sink: take in new notifications and deliver what is due, batch by
+    /// batch, until nothing is due.
+    pub fn run_once(&self) -> Result<PassReport> {
+        let mut total = PassReport::default();
+        for sink in &self.sinks {
+            total += self.run_sink(sink.as_ref())?;
+        }
+        Ok(total)
+    }
+
+    fn run_sink(&self, sink: &dyn EventSink) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        self.outbox.ingest(sink.name())?;
+        loop {
+            let due = self
+                .outbox
+                .due(sink.name(), Utc::now(), sink.max_batch().max(1) * 10)?;
+            if due.is_empty() {
+                return Ok(report);
+            }
+            let mut sent_any = false;
+            let mut i = 0;
+            while i < due.len() {
+                // Fill a batch within the sink's count and byte limits.
+                let mut batch: Vec<(Notification, u32)> = Vec::new();
+                let mut bytes = 0;
+                let mut outcomes = Vec::new();
+                while i < due.len() && batch.len() < sink.max_batch() {
+                    let size = serde_json::to_vec(&due[i].0.detail)
+                        .map(|v| v.len())
+                        .unwrap_or(0)
+                        + 256;
+                    if size > sink.max_batch_bytes() {
+                        outcomes.push((
+                            due[i].0.nid,
+                            DeliveryOutcome::Dead {
+                                error: format!(
+                                    "entry is {size} bytes; {} accepts at most {}",
+                                    sink.name(),
+                                    sink.max_batch_bytes()
+                                ),
+                            },
+                        ));
+                        report.dead += 1;
+                        i += 1;
+                        continue;
+                    }
+                    if bytes + size > sink.max_batch_bytes() && !batch.is_empty() {
+                        break;
+                    }
+                    bytes += size;
+                    batch.push(due[i].clone());
+                    i += 1;
+                }
+                if !batch.is_empty() {
+                    let notes: Vec<Notification> = batch.iter().map(|(n, _)| n.clone()).collect();
+                    let results = sink.deliver(&notes);
+                    report.calls += 1;
+                    sent_any = true;
+                    let mut failed_upgrades: HashSet<&str> = HashSet::new();
+                    for (k, (n, attempts)) in batch.iter().enumerate() {
+                        let result = results.get(k).cloned().unwrap_or_else(|| {
+                            EntryResult::Retry("sink returned no result".into())
+                        });
+                        let result = match result {
+                            EntryResult::Delivered
+                                if failed_upgrades.contains(n.upgrade_id.as_str()) =>
+                            {
+                                EntryResult::Retry(
+                                    "resent to keep order after an earlier entry failed".into(),
+                                )
+                            }
+                            other => other,
+                        };
+                        let outcome = match result {
+                            EntryResult::Delivered => {
+                                report.delivered += 1;
+                                DeliveryOutcome::Delivered
+                            }
+                            EntryResult::Reject(error) => {
+                                report.dead += 1;
+                                DeliveryOutcome::Dead { error }
+                            }
+                            EntryResult::Retry(error) => {
+                                failed_upgrades.insert(&n.upgrade_id);
+                                let age = (Utc::now() - n.time).to_std().unwrap_or_default();
+                                if attempts + 1 >= self.options.max_attempts
+                                    || age > self.options.max_age
+                                {
+                                    report.dead += 1;
+                                    DeliveryOutcome::Dead {
+                                        error: format!(
+                                            "gave up after {} attempts: {error}",
+                                            attempts + 1
+                                        ),
+                                    }
+                                } else {
+                                    report.retried += 1;
+                                    let delay = chrono::Duration::from_std(self.backoff(*attempts))
+                                        .unwrap_or_default();
+                                    DeliveryOutcome::Retry {
+                                        next_at: Utc::now() + delay,
+                                        error,
+                                    }
+                                }
+                            }
+                        };
+                        outcomes.push((n.nid, outcome));
+                    }
+                }
+                if !outcomes.is_empty() {
+                    self.outbox.record(sink.name(), &outcomes)?;
+                }
+                if report.retried > 0 {
+                    // Something is failing: stop this pass, let the backoff work.
+                    return Ok(report);
+                }
+            }
+            if !sent_any {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Delivers what is pending, for at most `limit`; returns what was done. Stops early when
+    /// nothing is due.
+    pub fn flush(&self, limit: Duration) -> Result<PassReport> {
+        let start = Instant::now();
+        let mut total = PassReport::default();
+        loop {
+            let pass = self.run_once()?;
+            total += pass;
+            let pending: u64 = self.status()?.iter().map(|s| s.pending).sum();
+            if pending == 0 || start.elapsed() >= limit {
+                return Ok(total);
+            }
+            if pass.calls == 0 && pass.dead == 0 {
+                // Everything left waits for a backoff: wait a little, within the limit.
+                let left = limit.saturating_sub(start.elapsed());
+                std::thread::sleep(left.min(Duration::from_millis(100)));
+            }
+        }
+    }
+
+    /// Delivery state per sink.
+    pub fn status(&self) -> Result<Vec<SinkStatus>> {
+        self.sinks
+            .iter()
+            .map(|s| self.outbox.sink_status(s.name()))
+            .collect()
+    }
+
+    /// Runs passes on a background thread until the handle is dropped (or `stop`ped).
+    pub fn spawn(self: Arc<Self>) -> DispatcherHandle {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let wake = Arc::new(AtomicBool::new(false));
+        let (s, w) = (Arc::clone(&stop), Arc::clone(&wake));
+        let this = Arc::clone(&self);
+        let handle = std::thread::Builder::new()
+            .name("eua-notify".into())
+            .spawn(move || {
+                let (lock, cvar) = &*s;
+                loop {
+                    if let Err(e) = this.run_once() {
+                        tracing::warn!(error = %e, "notification pass failed");
+                    }
+                    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    if *guard {
+                        return;
+                    }
+                    if !w.swap(false, Ordering::SeqCst) {
+                        let (guard, _) = cvar
+                            .wait_timeout(guard, this.options.poll)
+                            .unwrap_or_else(|p| p.into_inner());
+                        if *guard {
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawn the notification thread");
+        DispatcherHandle {
+            stop,
+            wake,
+            handle: Some(handle),
+            dispatcher: self,
+        }
+    }
+}
+
+/// A running background dispatcher; stops (after its current pass) when dropped.
+#[derive(Debug)]
+pub struct DispatcherHandle {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    wake: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl DispatcherHandle {
+    /// Asks for a pass now (e.g. after a commit).
+    pub fn wake(&self) {
+        self.wake.store(true, Ordering::SeqCst);
+        self.stop.1.notify_all();
+    }
+
+    /// The dispatcher.
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
+    }
+}
+
+impl Drop for DispatcherHandle {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The notification outbox in the progress database. `enqueue` runs inside the transaction of the
+//! change that caused the notification; delivery state is kept per sink (`deliveries`), fed from
+//! `notifications` by a per-sink cursor.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, Transaction, params};
+use serde_json::json;
+
+use super::sqlite::{SqliteStore, from_micros, json_map, micros};
+use super::{DeliveryOutcome, Outbox};
+use crate::error::Result;
+use crate::model::{JsonMap, ProgressEvent, ProgressStatus, Task, Upgrade};
+use crate::notify::{Notification, SinkStatus, detail_type};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS notifications (
+    nid         INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    upgrade_id  TEXT NOT NULL,
+    detail_type TEXT NOT NULL,
+    time        INTEGER NOT NULL,
+    detail      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    sink TEXT PRIMARY KEY,
+    upto INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    sink         TEXT NOT NULL,
+    nid          INTEGER NOT NULL,
+    status       INTEGER NOT NULL,
+    attempts     INTEGER NOT NULL,
+    next_at      INTEGER NOT NULL,
+    last_error   TEXT,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (sink, nid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (sink, status, nid);
+"#;
+
+const PENDING: i64 = 0;
+const DELIVERED: i64 = 1;
+const DEAD: i64 = 2;
+
+/// Writes the notification of `event` (if it deserves one) in the caller's transaction.
+pub(super) fn enqueue(
+    tx: &Transaction<'_>,
+    event: &ProgressEvent,
+    from: Option<ProgressStatus>,
+    cluster_name: &str,
+    upgrade: Option<&Upgrade>,
+    task: Option<&Task>,
+) -> Result<()> {
+    let Some(kind) = detail_type(event.kind, from) else {
+        return Ok(());
+    };
+    let mut d = JsonMap::new();
+    d.insert("event_id".into(), json!(event.event_id));
+    d.insert("seq".into(), json!(event.seq));
+    d.insert("upgrade_id".into(), json!(event.upgrade_id));
+    d.insert("cluster_name".into(), json!(cluster_name));
+    d.insert("status".into(), json!(event.status));
+    d.insert("timestamp".into(), json!(event.timestamp));
+    if let Some(u) = upgrade {
+        d.insert("plan_id".into(), json!(u.plan_id));
+        if let Some(p) = &u.current_phase {
+            d.insert("phase".into(), json!(p));
+        }
+        if let (Some(s), Some(e)) = (u.started_at, u.completed_at) {
+            d.insert(
+                "duration".into(),
+                json!(crate::model::seconds_between(s, e)),
+            );
+        }
+        if let Some(e) = &u.error_message {
+            d.insert("error_message".into(), json!(e));
+        }
+    }
+    if let Some(t) = task {
+        d.insert("task_id".into(), json!(t.task_id));
+        d.insert("task_name".into(), json!(t.name));
+        d.insert("task_type".into(), json!(t.task_type));
+        d.insert("retry_count".into(), json!(t.retry_count));
+        if let Some(x) = t.duration {
+            d.insert("duration".into(), json!(x));
+        }
+        if let Some(e) = &t.error_message {
+            d.insert("error_message".into(), json!(e));
+        }
+    }
+    if let Some(m) = &event.message {
+        d.insert("message".into(), json!(m));
+    }
+    tx.prepare_cached(
+        "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        event.event_id,
+        event.seq as i64,
+        event.upgrade_id,
+        kind,
+        micros(event.timestamp),
+        serde_json::to_string(&d).unwrap_or_default()
+    ])?;
+    Ok(())
+}
+
+impl Outbox for SqliteStore {
+    fn ingest(&self, sink: &str) -> Result<u64> {
+        self.write(|tx| {
+            let upto: i64 = tx
+                .prepare_cached("SELECT upto FROM sink_cursors WHERE sink = ?1")?
+                .query_row([sink], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let now = micros(Utc::now());
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO deliveries (sink, nid, status, attempts, next_at, updated_at) \
+                     SELECT ?1, nid, 0, 0, 0, ?3 FROM notifications WHERE nid > ?2 ORDER BY nid LIMIT 10000",
+                )?
+                .execute(params![sink, upto, now])?;
+            if n > 0 {
+                tx.prepare_cached(
+                    "INSERT INTO sink_cursors (sink, upto) VALUES (?1, \
+                     (SELECT max(nid) FROM deliveries WHERE sink = ?1)) \
+                     ON CONFLICT (sink) DO UPDATE SET upto = excluded.upto",
+                )?
+                .execute([sink])?;
+            }
+            Ok(n as u64)
+        })
+    }
+
+    fn due(
+        &self,
+        sink: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(Notification, u32)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT n.nid, n.event_id, n.seq, n.upgrade_id, n.detail_type, n.time, n.detail, \
+                 d.attempts, d.next_at FROM deliveries d JOIN notifications n ON n.nid = d.nid \
+                 WHERE d.sink = ?1 AND d.status = 0 ORDER BY d.nid LIMIT 1000",
+            )?;
+            let mut rows = stmt.query([sink])?;
+            let mut blocked: HashSet<String> = HashSet::new();
+            let mut out = Vec::new();
+            let now = micros(now);
+            while let Some(r) = rows.next()? {
+                let upgrade_id: String = r.get(3)?;
+                if blocked.contains(&upgrade_id) {
+                    continue;
+                }
+                let next_at: i64 = r.get(8)?;
+                if next_at > now {
+                    // Keep per-upgrade order: later notifications wait for this one.
+                    blocked.insert(upgrade_id);
+                    continue;
+                }
+                out.push((
+                    Notification {
+                        nid: r.get::<_, i64>(0)? as u64,
+                        event_id: r.get(1)?,
+                        seq: r.get::<_, i64>(2)? as u64,
+                        upgrade_id,
+                        detail_type: r.get(4)?,
+                        time: from_micros(r.get(5)?),
+                        detail: json_map(r.get(6)?),
+                    },
+                    r.get::<_, i64>(7)? as u32,
+                ));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn record(&self, sink: &str, outcomes: &[(u64, DeliveryOutcome)]) -> Result<()> {
+        self.write(|tx| {
+            let now = micros(Utc::now());
+            let mut stmt = tx.prepare_cached(
+                "UPDATE deliveries SET status = ?3, attempts = attempts + 1, next_at = ?4, \
+                 last_error = ?5, updated_at = ?6 WHERE sink = ?1 AND nid = ?2",
+            )?;
+            for (nid, outcome) in outcomes {
+                let (status, next_at, error) = match outcome {
+                    DeliveryOutcome::Delivered => (DELIVERED, 0, None),
+                    DeliveryOutcome::Retry { next_at, error } => {
+                        (PENDING, micros(*next_at), Some(error.as_str()))
+                    }
+                    DeliveryOutcome::Dead { error } => (DEAD, 0, Some(error.as_str())),
+                };
+                stmt.execute(params![sink, *nid as i64, status, next_at, error, now])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn sink_status(&self, sink: &str) -> Result<SinkStatus> {
+        self.read(|c| {
+            let mut status = SinkStatus {
+                sink: sink.to_owned(),
+                ..SinkStatus::default()
+            };
+            let total: i64 = c
+                .prepare_cached("SELECT count(*) FROM notifications")?
+                .query_row([], |r| r.get(0))?;
+            let upto: i64 = c
+                .prepare_cached("SELECT upto FROM sink_cursors WHERE sink = ?1")?
+                .query_row([sink], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let unseen: i64 = c
+                .prepare_cached("SELECT count(*) FROM notifications WHERE nid > ?1")?
+                .query_row([upto], |r| r.get(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT status, count(*) FROM deliveries WHERE sink = ?1 GROUP BY status",
+            )?;
+            let mut rows = stmt.query([sink])?;
+            while let Some(r) = rows.next()? {
+                let n = r.get::<_, i64>(1)? as u64;
+                match r.get::<_, i64>(0)? {
+                    PENDING => status.pending += n,
+                    DELIVERED => status.delivered += n,
+                    _ => status.dead += n,
+                }
+            }
+            status.pending += unseen as u64;
+            status.total = total as u64;
+            status.last_error = c
+                .prepare_cached(
+                    "SELECT last_error FROM deliveries WHERE sink = ?1 AND last_error IS NOT NULL \
+                     ORDER BY updated_at DESC LIMIT 1",
+                )?
+                .query_row([sink], |r| r.get(0))
+                .optional()?;
+            status.next_retry = c
+                .prepare_cached(
+                    "SELECT min(next_at) FROM deliveries WHERE sink = ?1 AND status = 0 AND next_at > 0",
+                )?
+                .query_row([sink], |r| r.get::<_, Option<i64>>(0))?
+                .map(from_micros);
+            Ok(status)
+        })
+    }
+}
