@@ -141,7 +141,8 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let store = ctx.store()?;
     let tracker = ProgressTracker::new(store.clone());
-    let artifacts = ctx.artifacts_on(store)?;
+    let artifacts = ctx.artifacts_on(store.clone())?;
+    let notifier = crate::notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
     let upgrade_id = args
         .upgrade_id
         .unwrap_or_else(|| format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")));
@@ -392,6 +393,8 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         let _ = tracker.fail_upgrade(&upgrade_id, &format!("demo aborted: {e:#}"));
         return Err(e);
     }
+    drop(notifier);
+    crate::notify::after_commit(ctx, &store);
     let summary = tracker.summary(&upgrade_id)?;
     if ctx.json() {
         let mut v = serde_json::to_value(&summary)?;

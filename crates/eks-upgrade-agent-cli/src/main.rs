@@ -14,12 +14,14 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use eks_upgrade_agent::config::{Config, default_data_dir};
+use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions};
 use eks_upgrade_agent::store::Durability;
 use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
 mod artifacts;
 mod demo;
 mod kv;
+mod notify;
 mod progress;
 mod render;
 
@@ -40,6 +42,9 @@ struct Cli {
     /// survives power loss (fsync per commit)
     #[arg(long, global = true, env = "EUA_DURABILITY", value_name = "LEVEL")]
     durability: Option<Durability>,
+
+    #[command(flatten)]
+    notify: notify::NotifyArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -64,6 +69,9 @@ enum Command {
     Artifacts(artifacts::ArtifactsCmd),
     /// Simulate a realistic EKS upgrade into the store, with live progress bars
     Demo(demo::DemoArgs),
+    /// See and deliver pending notifications (EventBridge, webhook)
+    #[command(subcommand)]
+    Notify(notify::NotifyCmd),
 }
 
 /// What every subcommand gets.
@@ -94,6 +102,23 @@ impl Ctx {
                 self.config.blob_dir().display()
             )
         })
+    }
+
+    /// The notification dispatcher over `store`, when sinks are configured.
+    fn dispatcher(&self, store: &Arc<SqliteStore>) -> anyhow::Result<Option<Arc<Dispatcher>>> {
+        if self.config.notify.is_empty() {
+            return Ok(None);
+        }
+        let sinks = self
+            .config
+            .notify
+            .sinks()
+            .context("cannot set up notification sinks")?;
+        Ok(Some(Arc::new(Dispatcher::new(
+            store.clone(),
+            sinks,
+            DispatcherOptions::default(),
+        ))))
     }
 
     fn json(&self) -> bool {
@@ -134,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(d) = cli.durability {
         config.durability = d;
     }
+    config.notify = cli.notify.into_config();
     let ctx = Ctx {
         output: cli.output,
         config,
@@ -142,5 +168,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Progress(cmd) => progress::run(&ctx, cmd),
         Command::Artifacts(cmd) => artifacts::run(&ctx, cmd),
         Command::Demo(args) => demo::run(&ctx, args),
+        Command::Notify(cmd) => notify::run(&ctx, cmd),
     }
 }

@@ -235,8 +235,22 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
     let store = ctx.store()?;
     let tracker = ProgressTracker::new(store.clone());
     match cmd {
-        ProgressCmd::Upgrade(c) => upgrade(ctx, &tracker, store, c),
-        ProgressCmd::Task(c) => task(ctx, &tracker, c),
+        ProgressCmd::Upgrade(c) => {
+            let mutates = !matches!(c, UpgradeCmd::Show { .. } | UpgradeCmd::List);
+            let code = upgrade(ctx, &tracker, store.clone(), c)?;
+            if mutates {
+                crate::notify::after_commit(ctx, &store);
+            }
+            Ok(code)
+        }
+        ProgressCmd::Task(c) => {
+            let mutates = !matches!(c, TaskCmd::Show(_));
+            let code = task(ctx, &tracker, c)?;
+            if mutates {
+                crate::notify::after_commit(ctx, &store);
+            }
+            Ok(code)
+        }
         ProgressCmd::Events {
             upgrade,
             since,
@@ -258,6 +272,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let id = reference::import(&tracker, &text)
                 .with_context(|| format!("cannot import {}", file.display()))?;
+            crate::notify::after_commit(ctx, &store);
             let summary = tracker.summary(&id)?;
             if ctx.json() {
                 print_json(&summary)?;
@@ -270,6 +285,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ProgressCmd::Apply { max_batch } => {
+            let notifier = crate::notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
             let stdin = io::stdin().lock();
             let stdout = io::stdout().lock();
             let stats = apply::run(
@@ -280,6 +296,8 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
                     max_batch: max_batch as usize,
                 },
             )?;
+            drop(notifier);
+            crate::notify::after_commit(ctx, &store);
             if stats.failed > 0 {
                 eprintln!("apply: {} of {} lines rejected", stats.failed, stats.lines);
                 return Ok(ExitCode::FAILURE);

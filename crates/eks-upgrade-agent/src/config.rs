@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::artifacts::{ArtifactsOptions, TestArtifactsManager};
 use crate::blob::LocalBlobStore;
 use crate::error::Result;
+use crate::notify::EventSink;
 use crate::store::Durability;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 
@@ -18,10 +19,88 @@ pub const APP_DIR: &str = "eks-upgrade-agent";
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Directory holding the database (and, later, blobs).
+    /// Directory holding the database and the blobs.
     pub data_dir: PathBuf,
     /// Commit durability.
     pub durability: Durability,
+    /// Notification sinks (all off by default).
+    pub notify: NotifyConfig,
+}
+
+/// Where notifications go (reference names: `eventbridge_bus_name`, `aws_region`).
+#[derive(Clone, Default)]
+pub struct NotifyConfig {
+    /// EventBridge bus; the EventBridge sink is on when set.
+    pub eventbridge_bus_name: Option<String>,
+    /// AWS region [default: the standard AWS configuration].
+    pub aws_region: Option<String>,
+    /// `Source` of notifications [default: `eks-upgrade-agent`].
+    pub source: Option<String>,
+    /// Webhook URL; the webhook sink is on when set.
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the webhook signature (hidden from `Debug`).
+    pub webhook_secret: Option<String>,
+    /// Webhook payload format.
+    pub webhook_format: crate::notify::Format,
+    /// Timeout of one delivery call.
+    pub timeout: Option<std::time::Duration>,
+}
+
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("eventbridge_bus_name", &self.eventbridge_bus_name)
+            .field("aws_region", &self.aws_region)
+            .field("source", &self.source)
+            .field("webhook_url", &self.webhook_url)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<hidden>"),
+            )
+            .field("webhook_format", &self.webhook_format)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl NotifyConfig {
+    /// True when no sink is configured.
+    pub fn is_empty(&self) -> bool {
+        self.eventbridge_bus_name.is_none() && self.webhook_url.is_none()
+    }
+
+    /// Builds the configured sinks.
+    pub fn sinks(&self) -> Result<Vec<Arc<dyn EventSink>>> {
+        let source = self
+            .source
+            .as_deref()
+            .unwrap_or(crate::notify::DEFAULT_SOURCE);
+        let timeout = self.timeout.unwrap_or(std::time::Duration::from_secs(10));
+        let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
+        if let Some(bus) = &self.eventbridge_bus_name {
+            #[cfg(feature = "aws")]
+            sinks.push(Arc::new(crate::notify::EventBridgeSink::from_env(
+                bus,
+                source,
+                self.aws_region.as_deref(),
+                timeout,
+            )?));
+            #[cfg(not(feature = "aws"))]
+            return Err(crate::Error::invalid(format!(
+                "EventBridge bus {bus:?} configured, but this build has no AWS support (feature `aws`)"
+            )));
+        }
+        if let Some(url) = &self.webhook_url {
+            sinks.push(Arc::new(crate::notify::WebhookSink::new(
+                url,
+                self.webhook_secret.as_deref(),
+                self.webhook_format,
+                source,
+                timeout,
+            )?));
+        }
+        Ok(sinks)
+    }
 }
 
 impl Config {
@@ -30,6 +109,7 @@ impl Config {
         Config {
             data_dir: data_dir.into(),
             durability: Durability::default(),
+            notify: NotifyConfig::default(),
         }
     }
 

@@ -4,5 +4,6 @@ mod apply;
 mod artifacts;
 mod cli;
 mod crash;
+mod eventbridge;
 mod reference;
 mod util;

@@ -17,10 +17,14 @@ use crate::error::Result;
 use crate::model::{EventKind, JsonMap, ProgressStatus};
 
 pub mod dispatcher;
+#[cfg(feature = "aws")]
+pub mod eventbridge;
 pub mod memory;
 pub mod webhook;
 
 pub use dispatcher::{Dispatcher, DispatcherOptions, SinkStatus};
+#[cfg(feature = "aws")]
+pub use eventbridge::EventBridgeSink;
 pub use memory::InMemoryEventSink;
 pub use webhook::WebhookSink;
 

@@ -1,0 +1,305 @@
+//! EventBridge notifications against a real server speaking the AWS wire protocol: moto on
+//! 127.0.0.1, started here (installed by `.ci/run`). A bus, a rule matching source
+//! `eks-upgrade-agent` and an SQS queue as its target are created with boto3; after an upgrade
+//! runs, the queue must hold exactly the expected notifications.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::Env;
+
+/// A moto server on a free loopback port, killed on drop.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start moto_server ({e}): install it with pip install \"moto[server]\" (.ci/run does)")
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "moto_server did not start on {url}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, url }
+    }
+
+    /// Runs a boto3 snippet against this server; `out` is what it prints as JSON.
+    fn python(&self, code: &str) -> Value {
+        let script = format!(
+            "import boto3, json\n\
+             kw = dict(endpoint_url={url:?}, region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
+             events = boto3.client('events', **kw)\n\
+             sqs = boto3.client('sqs', **kw)\n\
+             {code}\n",
+            url = self.url
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "python failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn aws(cmd: &mut Command, endpoint: &str) {
+    cmd.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("EUA_EVENTBRIDGE_BUS_NAME", "upgrades");
+}
+
+fn run(env: &Env, endpoint: &str, args: &[&str]) -> std::process::Output {
+    let mut c = env.command();
+    aws(&mut c, endpoint);
+    c.args(args).output().unwrap()
+}
+
+const SETUP: &str = "
+events.create_event_bus(Name='upgrades')
+q = sqs.create_queue(QueueName='upgrade-events')['QueueUrl']
+arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=['QueueArn'])['Attributes']['QueueArn']
+events.put_rule(Name='eua', EventBusName='upgrades', EventPattern=json.dumps({'source': ['eks-upgrade-agent']}))
+events.put_targets(Rule='eua', EventBusName='upgrades', Targets=[{'Id': 'q', 'Arn': arn}])
+print(json.dumps(q))
+";
+
+fn receive_all(moto: &Moto, queue: &str) -> Vec<Value> {
+    let v = moto.python(&format!(
+        "out = []\n\
+         while True:\n    \
+             r = sqs.receive_message(QueueUrl={queue:?}, MaxNumberOfMessages=10, WaitTimeSeconds=0)\n    \
+             msgs = r.get('Messages', [])\n    \
+             if not msgs: break\n    \
+             for m in msgs:\n        \
+                 out.append(json.loads(m['Body']))\n        \
+                 sqs.delete_message(QueueUrl={queue:?}, ReceiptHandle=m['ReceiptHandle'])\n\
+         print(json.dumps(out))"
+    ));
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// The notifications an upgrade's events must produce, in order.
+fn expected(env: &Env, upgrade: &str) -> Vec<String> {
+    env.events(upgrade)
+        .iter()
+        .filter_map(|e| {
+            let kind = e["kind"].as_str().unwrap();
+            match kind {
+                "upgrade.started"
+                | "upgrade.completed"
+                | "upgrade.failed"
+                | "upgrade.phase_changed"
+                | "task.started"
+                | "task.completed"
+                | "task.failed"
+                | "task.paused"
+                | "task.cancelled"
+                | "task.retried" => Some(kind.to_owned()),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_upgrade_reaches_eventbridge_and_an_outage_loses_nothing() {
+    let moto = Moto::start();
+    let queue = moto.python(SETUP).as_str().unwrap().to_owned();
+    let env = Env::new();
+
+    // The demo runs a dispatcher while it works; everything arrives, nothing else does.
+    let out = run(
+        &env,
+        &moto.url,
+        &["-o", "json", "demo", "--speed", "100", "--upgrade-id", "d1"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = run(&env, &moto.url, &["-o", "json", "notify", "status"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let want = expected(&env, "d1");
+    assert_eq!(
+        status[0]["delivered"].as_u64(),
+        Some(want.len() as u64),
+        "{status}"
+    );
+    assert_eq!(status[0]["pending"], 0);
+    let got = receive_all(&moto, &queue);
+    let types: Vec<String> = got
+        .iter()
+        .map(|m| m["detail-type"].as_str().unwrap().to_owned())
+        .collect();
+    let mut sorted_got = types.clone();
+    let mut sorted_want = want.clone();
+    sorted_got.sort();
+    sorted_want.sort();
+    assert_eq!(
+        sorted_got, sorted_want,
+        "exactly the expected notifications"
+    );
+    let failed = got
+        .iter()
+        .find(|m| m["detail-type"] == "task.failed")
+        .expect("a task.failed");
+    assert_eq!(failed["source"], "eks-upgrade-agent");
+    let d = &failed["detail"];
+    assert_eq!(d["upgrade_id"], "d1");
+    assert_eq!(d["cluster_name"], "demo-cluster");
+    assert_eq!(d["task_id"], "ng-app-a");
+    assert!(
+        d["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("PodDisruptionBudget")
+    );
+    assert!(d["event_id"].is_string() && d["seq"].is_u64());
+    let phase = got
+        .iter()
+        .find(|m| m["detail-type"] == "upgrade.phase_changed")
+        .unwrap();
+    assert!(phase["detail"]["phase"].is_string());
+
+    // EventBridge down: every command still succeeds promptly; notifications stay pending.
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let start = Instant::now();
+    for args in [
+        vec![
+            "progress",
+            "upgrade",
+            "create",
+            "u2",
+            "--plan",
+            "p",
+            "--cluster",
+            "c2",
+        ],
+        vec!["progress", "upgrade", "start", "u2", "--phase", "plan"],
+        vec![
+            "progress",
+            "task",
+            "add",
+            "u2",
+            "t",
+            "--name",
+            "T",
+            "--type",
+            "validation",
+        ],
+        vec!["progress", "task", "start", "u2", "t"],
+        vec!["progress", "task", "fail", "u2", "t", "--error", "boom"],
+        vec!["progress", "upgrade", "fail", "u2", "--error", "boom"],
+    ] {
+        let out = run(&env, &dead, &args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // From the first notifying command on, something is pending.
+        let notifies = args[2] != "create";
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).contains("not delivered yet"),
+            notifies,
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(40),
+        "commands were slowed: {:?}",
+        start.elapsed()
+    );
+    let status = run(&env, &dead, &["-o", "json", "notify", "status"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status[0]["pending"], 4, "{status}");
+    assert!(
+        status[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("PutEvents"),
+        "{status}"
+    );
+    // Back up: a flush delivers everything, once per id.
+    let out = run(&env, &moto.url, &["notify", "flush"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let got = receive_all(&moto, &queue);
+    let mut ids: Vec<&str> = got
+        .iter()
+        .map(|m| m["detail"]["event_id"].as_str().unwrap())
+        .collect();
+    let types: Vec<&str> = got
+        .iter()
+        .map(|m| m["detail-type"].as_str().unwrap())
+        .collect();
+    let mut sorted = types.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "task.failed",
+            "task.started",
+            "upgrade.failed",
+            "upgrade.started"
+        ]
+    );
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+    // Wrong settings are a clear error of the notify command itself.
+    let mut c = env.command();
+    c.env_remove("EUA_EVENTBRIDGE_BUS_NAME")
+        .env_remove("EUA_WEBHOOK_URL");
+    let out = c.args(["notify", "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no notification sink is configured"));
+}

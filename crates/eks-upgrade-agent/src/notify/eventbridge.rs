@@ -1,0 +1,138 @@
+//! [`EventBridgeSink`]: AWS EventBridge `PutEvents` with the official SDK and the standard AWS
+//! configuration (credential chain, `AWS_REGION`, `AWS_ENDPOINT_URL`). Entries use the reference
+//! envelope: `Source` (default `eks-upgrade-agent`), `DetailType` (`task.failed`, ...), `Detail`
+//! (JSON), `Time`. Per-entry failures (`FailedEntryCount`, `ErrorCode`) are reported per entry:
+//! throttling and internal errors are retried, everything else is dead-lettered.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_eventbridge::Client;
+use aws_sdk_eventbridge::primitives::DateTime as AwsDateTime;
+use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+
+use super::{EntryResult, EventSink, Notification};
+use crate::error::{Error, Result};
+
+/// Sends notifications to an EventBridge bus.
+pub struct EventBridgeSink {
+    name: String,
+    bus: String,
+    source: String,
+    client: Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for EventBridgeSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBridgeSink")
+            .field("bus", &self.bus)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBridgeSink {
+    /// A sink for `bus`, configured from the environment (and `region` when given).
+    pub fn from_env(
+        bus: &str,
+        source: &str,
+        region: Option<&str>,
+        timeout: Duration,
+    ) -> Result<EventBridgeSink> {
+        if bus.trim().is_empty() {
+            return Err(Error::invalid("the EventBridge bus name must not be empty"));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::backend("cannot start the AWS client runtime", e))?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            // The dispatcher retries with its own backoff; the SDK tries once.
+            .retry_config(RetryConfig::standard().with_max_attempts(1))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(timeout.min(Duration::from_secs(3)))
+                    .operation_timeout(timeout)
+                    .build(),
+            );
+        if let Some(r) = region {
+            loader = loader.region(aws_config::Region::new(r.to_owned()));
+        }
+        let config = runtime.block_on(loader.load());
+        if config.region().is_none() {
+            return Err(Error::invalid(
+                "no AWS region for EventBridge: set AWS_REGION or --aws-region",
+            ));
+        }
+        Ok(EventBridgeSink {
+            name: format!("eventbridge:{bus}"),
+            bus: bus.to_owned(),
+            source: source.to_owned(),
+            client: Client::new(&config),
+            runtime,
+        })
+    }
+}
+
+fn retryable(code: &str) -> bool {
+    matches!(
+        code,
+        "InternalException" | "InternalFailure" | "ThrottlingException" | "ServiceUnavailable"
+    )
+}
+
+impl EventSink for EventBridgeSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
+        let entries: Vec<PutEventsRequestEntry> = batch
+            .iter()
+            .map(|n| {
+                PutEventsRequestEntry::builder()
+                    .source(&self.source)
+                    .detail_type(&n.detail_type)
+                    .detail(serde_json::to_string(&n.detail).unwrap_or_default())
+                    .event_bus_name(&self.bus)
+                    .time(AwsDateTime::from_millis(n.time.timestamp_millis()))
+                    .build()
+            })
+            .collect();
+        let call = self.client.put_events().set_entries(Some(entries)).send();
+        match self.runtime.block_on(call) {
+            Ok(out) => {
+                let results = out.entries();
+                (0..batch.len())
+                    .map(|i| match results.get(i) {
+                        Some(r) => match r.error_code() {
+                            None => EntryResult::Delivered,
+                            Some(code) => {
+                                let msg = format!("{code}: {}", r.error_message().unwrap_or(""));
+                                if retryable(code) {
+                                    EntryResult::Retry(msg)
+                                } else {
+                                    EntryResult::Reject(msg)
+                                }
+                            }
+                        },
+                        None => EntryResult::Retry(
+                            "PutEvents returned fewer results than entries".into(),
+                        ),
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                let msg = format!(
+                    "PutEvents to bus {}: {}",
+                    self.bus,
+                    aws_sdk_eventbridge::error::DisplayErrorContext(&e)
+                );
+                vec![EntryResult::Retry(msg); batch.len()]
+            }
+        }
+    }
+}
