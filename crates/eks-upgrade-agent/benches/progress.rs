@@ -16,11 +16,15 @@ use std::time::{Duration, Instant};
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::model::{JsonMap, TaskType};
+use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions, EventBridgeSink};
 use eks_upgrade_agent::progress::apply::{self, ApplyOptions};
 use eks_upgrade_agent::progress::{Command, NewTask};
 use eks_upgrade_agent::store::sqlite::{SqliteOptions, SqliteStore};
 
 const REOPEN_ENV: &str = "EUA_BENCH_REOPEN";
+
+/// Set (with the AWS variables) in the child process that measures with a dead sink.
+const SINK_ENV: &str = "EUA_BENCH_SINK_DOWN";
 
 fn tracker(dir: &Path) -> ProgressTracker {
     ProgressTracker::new(Arc::new(
@@ -48,6 +52,11 @@ fn updates_per_s(tasks: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let t = tracker(dir.path());
     setup(&t, tasks);
+    measure(&t, tasks)
+}
+
+/// Acknowledged `update_task` calls per second, round-robin over the tasks.
+fn measure(t: &ProgressTracker, tasks: usize) -> f64 {
     let ids: Vec<String> = (0..tasks).map(|i| format!("task-{i}")).collect();
     // Warm up, then measure for a fixed time.
     let mut n = 0usize;
@@ -73,6 +82,47 @@ fn updates_per_s(tasks: usize) -> f64 {
     };
     run(Duration::from_millis(500));
     run(Duration::from_secs(3))
+}
+
+/// Like `updates_per_s`, after starting every task (one `task.started` notification each); with
+/// `eventbridge_down`, an EventBridge sink pointed at a port where nothing listens is delivering
+/// (and failing) on a background dispatcher the whole time.
+fn updates_with_sink(tasks: usize, eventbridge_down: bool) -> (f64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let t = ProgressTracker::new(store.clone());
+    setup(&t, tasks);
+    let starts: Vec<Command> = (0..tasks)
+        .map(|i| Command::TaskStart {
+            upgrade_id: "bench".into(),
+            task_id: format!("task-{i}"),
+            message: None,
+        })
+        .collect();
+    for r in t.execute_batch(&starts).unwrap() {
+        r.unwrap();
+    }
+    let dispatcher = eventbridge_down.then(|| {
+        let sink = EventBridgeSink::from_env(
+            "bench",
+            "eks-upgrade-agent",
+            Some("us-east-1"),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        Arc::new(Dispatcher::new(
+            store.clone(),
+            vec![Arc::new(sink)],
+            DispatcherOptions::default(),
+        ))
+    });
+    let handle = dispatcher.clone().map(|d| d.spawn());
+    let rate = measure(&t, tasks);
+    drop(handle);
+    let pending = dispatcher
+        .map(|d| d.status().unwrap()[0].pending)
+        .unwrap_or(0);
+    (rate, pending)
 }
 
 fn apply_updates_per_s(tasks: usize, lines: usize) -> f64 {
@@ -177,6 +227,11 @@ fn main() {
         reopen_child(&dir);
         return;
     }
+    if std::env::var(SINK_ENV).is_ok() {
+        let (rate, pending) = updates_with_sink(1000, true);
+        println!("{rate:.1} {pending}");
+        return;
+    }
     // `cargo bench` passes `--bench`; accept and ignore libtest-style arguments.
     let quick = std::env::args().any(|a| a == "quick");
     for tasks in [10, 1000, 10_000] {
@@ -188,6 +243,36 @@ fn main() {
     if quick {
         return;
     }
+    let (base, _) = updates_with_sink(1000, false);
+    // The dead sink is measured in a child process whose AWS settings point at a loopback port
+    // where nothing listens (dummy credentials, no metadata service).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(SINK_ENV, "1")
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", "bench")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut parts = text.split_whitespace();
+    let down: f64 = parts.next().unwrap().parse().unwrap();
+    let pending: u64 = parts.next().unwrap().parse().unwrap();
+    assert!(pending > 0, "the sink must really be down");
+    println!("progress_updates_per_s tasks=1000 sinks=none: {base:.0}");
+    println!("progress_updates_per_s tasks=1000 sinks=eventbridge-down: {down:.0}");
+    println!("eventbridge_down_ratio: {:.2}", down / base);
     println!(
         "apply_updates_per_s tasks=1000: {:.0}",
         apply_updates_per_s(1000, 300_000)

@@ -125,6 +125,8 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Connection>,
+    /// Row keys of upgrades, by id (see `cached_upgrade_key`); locked with the writer.
+    upgrade_keys: Mutex<HashMap<String, i64>>,
     reader: Mutex<Connection>,
     _checkpointer: Checkpointer,
 }
@@ -201,6 +203,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             path,
             writer: Mutex::new(writer),
+            upgrade_keys: Mutex::new(HashMap::new()),
             reader: Mutex::new(reader),
             _checkpointer: checkpointer,
         })
@@ -662,7 +665,68 @@ fn propagate(
     Ok(())
 }
 
-fn execute_one(tx: &Transaction<'_>, command: &Command, now: DateTime<Utc>) -> Result<Committed> {
+fn execute_batch(
+    conn: &mut Connection,
+    keys: &mut HashMap<String, i64>,
+    commands: &[Command],
+) -> Result<Vec<Result<Committed>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = crate::model::now();
+    let mut results = Vec::with_capacity(commands.len());
+    if let [command] = commands {
+        // One command: no savepoint needed, a failure rolls the transaction back.
+        match execute_one(&tx, keys, command, now) {
+            Ok(c) => {
+                tx.commit()?;
+                return Ok(vec![Ok(c)]);
+            }
+            Err(e @ Error::Backend { .. }) => return Err(e),
+            Err(e) => return Ok(vec![Err(e)]),
+        }
+    }
+    for command in commands {
+        tx.execute_batch("SAVEPOINT cmd")?;
+        match execute_one(&tx, keys, command, now) {
+            Ok(c) => {
+                tx.execute_batch("RELEASE cmd")?;
+                results.push(Ok(c));
+            }
+            Err(e @ Error::Backend { .. }) => return Err(e),
+            Err(e) => {
+                tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                results.push(Err(e));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+/// The upgrade's row key, from `keys` when known. Upgrades are never deleted and keys never
+/// change, so a key read from the database stays right; the caller clears `keys` when a
+/// transaction that read one fails to commit.
+fn cached_upgrade_key(
+    tx: &Connection,
+    keys: &mut HashMap<String, i64>,
+    upgrade_id: &str,
+) -> Result<i64> {
+    if let Some(k) = keys.get(upgrade_id) {
+        return Ok(*k);
+    }
+    let k = upgrade_key(tx, upgrade_id)?;
+    if keys.len() >= 10_000 {
+        keys.clear();
+    }
+    keys.insert(upgrade_id.to_owned(), k);
+    Ok(k)
+}
+
+fn execute_one(
+    tx: &Transaction<'_>,
+    keys: &mut HashMap<String, i64>,
+    command: &Command,
+    now: DateTime<Utc>,
+) -> Result<Committed> {
     command.validate()?;
     match command {
         Command::UpgradeCreate {
@@ -801,7 +865,7 @@ fn execute_one(tx: &Transaction<'_>, command: &Command, now: DateTime<Utc>) -> R
         _ => {
             let upgrade_id = command.upgrade_id();
             let (task_id, _) = command.task_op().expect("remaining commands are task ops");
-            let ukey = upgrade_key(tx, upgrade_id)?;
+            let ukey = cached_upgrade_key(tx, keys, upgrade_id)?;
             let mut row = load_task(tx, ukey, upgrade_id, task_id)?;
             let from = row.task.status;
             let old_pct = row.task.percentage;
@@ -1042,36 +1106,13 @@ fn add_tasks(
 impl ProgressStore for SqliteStore {
     fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
         let mut conn = self.writer();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let now = crate::model::now();
-        let mut results = Vec::with_capacity(commands.len());
-        if let [command] = commands {
-            // One command: no savepoint needed, a failure rolls the transaction back.
-            match execute_one(&tx, command, now) {
-                Ok(c) => {
-                    tx.commit()?;
-                    return Ok(vec![Ok(c)]);
-                }
-                Err(e @ Error::Backend { .. }) => return Err(e),
-                Err(e) => return Ok(vec![Err(e)]),
-            }
+        let mut keys = self.upgrade_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let result = execute_batch(&mut conn, &mut keys, commands);
+        if result.is_err() {
+            // Nothing was committed: forget keys this transaction may have looked up.
+            keys.clear();
         }
-        for command in commands {
-            tx.execute_batch("SAVEPOINT cmd")?;
-            match execute_one(&tx, command, now) {
-                Ok(c) => {
-                    tx.execute_batch("RELEASE cmd")?;
-                    results.push(Ok(c));
-                }
-                Err(e @ Error::Backend { .. }) => return Err(e),
-                Err(e) => {
-                    tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
-                    results.push(Err(e));
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(results)
+        result
     }
 
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
