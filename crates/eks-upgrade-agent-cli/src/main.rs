@@ -19,6 +19,7 @@ use eks_upgrade_agent::store::Durability;
 use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
 mod artifacts;
+mod config_file;
 mod demo;
 mod kv;
 mod notify;
@@ -29,6 +30,11 @@ mod render;
 #[derive(Debug, Parser)]
 #[command(name = "eks-upgrade-agent", version, about, max_term_width = 100)]
 struct Cli {
+    /// Configuration file (TOML) [default: $XDG_CONFIG_HOME/eks-upgrade-agent/config.toml,
+    /// else ~/.config/eks-upgrade-agent/config.toml, when it exists]
+    #[arg(long, global = true, env = "EUA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// Directory holding the store [default: $XDG_DATA_HOME/eks-upgrade-agent, else
     /// ~/.local/share/eks-upgrade-agent]
     #[arg(long, global = true, env = "EUA_DATA_DIR", value_name = "DIR")]
@@ -155,11 +161,17 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut config = Config::new(cli.data_dir.unwrap_or_else(default_data_dir));
-    if let Some(d) = cli.durability {
+    // Defaults, then the config file, then EUA_* variables and flags (clap merges those two).
+    let file = config_file::load(cli.config.as_deref())?;
+    let mut config = Config::new(
+        cli.data_dir
+            .or(file.data_dir.clone())
+            .unwrap_or_else(default_data_dir),
+    );
+    if let Some(d) = cli.durability.or(file.durability) {
         config.durability = d;
     }
-    config.notify = cli.notify.into_config();
+    config.notify = file.notify(cli.notify.into_config());
     let ctx = Ctx {
         output: cli.output,
         config,

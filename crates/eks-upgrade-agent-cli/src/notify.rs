@@ -44,15 +44,9 @@ pub(crate) struct NotifyArgs {
         value_name = "SECRET"
     )]
     webhook_secret: Option<String>,
-    /// Webhook payload: reference or cloudevents
-    #[arg(
-        long,
-        global = true,
-        env = "EUA_WEBHOOK_FORMAT",
-        value_name = "FORMAT",
-        default_value = "reference"
-    )]
-    webhook_format: Format,
+    /// Webhook payload: reference or cloudevents [default: reference]
+    #[arg(long, global = true, env = "EUA_WEBHOOK_FORMAT", value_name = "FORMAT")]
+    webhook_format: Option<Format>,
 }
 
 impl NotifyArgs {
@@ -63,7 +57,8 @@ impl NotifyArgs {
             source: self.event_source.filter(|s| !s.is_empty()),
             webhook_url: self.webhook_url.filter(|s| !s.is_empty()),
             webhook_secret: self.webhook_secret.filter(|s| !s.is_empty()),
-            webhook_format: self.webhook_format,
+            webhook_format: self.webhook_format.unwrap_or_default(),
+            webhook_format_set: self.webhook_format.is_some(),
             timeout: None,
         }
     }

@@ -42,6 +42,8 @@ pub struct NotifyConfig {
     pub webhook_secret: Option<String>,
     /// Webhook payload format.
     pub webhook_format: crate::notify::Format,
+    /// Whether `webhook_format` was given explicitly (so a lower layer must not override it).
+    pub webhook_format_set: bool,
     /// Timeout of one delivery call.
     pub timeout: Option<std::time::Duration>,
 }

@@ -618,3 +618,143 @@ fn follow_and_watch_see_other_processes_and_end_with_the_upgrade() {
     assert!(text.contains("from another process"), "{text}");
     assert!(text.contains("status completed"), "{text}");
 }
+
+/// A one-shot HTTP receiver on 127.0.0.1 answering 200; returns its URL and the bodies it got.
+fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0;
+            let mut sig = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if lower.starts_with("x-eua-signature:") {
+                    sig = line.trim().to_owned();
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            g.lock()
+                .unwrap()
+                .push(format!("{sig}\n{}", String::from_utf8_lossy(&body)));
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn config_file_sets_data_dir_and_sinks_and_bad_files_are_reported() {
+    let env = Env::new();
+    let (url, got) = webhook_receiver();
+    let data = env.dir.path().join("from-config");
+    let file = env.dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = {:?}\nwebhook_url = {url:?}\nwebhook_secret = \"k\"\nwebhook_format = \"cloudevents\"\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(crate::util::BIN)
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .env_remove("EUA_DATA_DIR")
+            .env_remove("EUA_WEBHOOK_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    run(&["progress", "upgrade", "start", "u"]);
+    assert!(
+        data.join("eks-upgrade-agent.sqlite3").exists(),
+        "data_dir from the file is used"
+    );
+    let bodies = got.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert!(
+        bodies[0].contains("X-EUA-Signature: sha256=")
+            || bodies[0].contains("x-eua-signature: sha256="),
+        "{}",
+        bodies[0]
+    );
+    assert!(
+        bodies[0].contains("com.eks-upgrade-agent.upgrade.started.v1"),
+        "{}",
+        bodies[0]
+    );
+    let status = run(&["-o", "json", "notify", "status"]);
+    let v: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        (v[0]["delivered"].as_u64(), v[0]["pending"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    for (text, needle) in [
+        ("eventbridge_bus = \"x\"", "unknown field `eventbridge_bus`"),
+        ("durability = \"sometimes\"", "unknown variant `sometimes`"),
+        ("data_dir = [", "invalid configuration file"),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(crate::util::BIN)
+            .arg("--config")
+            .arg(&file)
+            .args(["progress", "upgrade", "list"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle) && err.contains("config.toml"),
+            "{text}: {err}"
+        );
+    }
+    let err = env.fails(
+        1,
+        &[
+            "--config",
+            "/nonexistent/eua.toml",
+            "progress",
+            "upgrade",
+            "list",
+        ],
+    );
+    assert!(
+        err.contains("cannot read the configuration file /nonexistent/eua.toml"),
+        "{err}"
+    );
+}

@@ -25,7 +25,13 @@ impl Env {
     pub(crate) fn command(&self) -> Command {
         let mut c = Command::new(BIN);
         c.arg("--data-dir").arg(self.dir.path());
-        c.env_remove("EUA_DATA_DIR").env_remove("EUA_OUTPUT");
+        // Hermetic: no user configuration file, no sinks from the environment.
+        c.env_remove("EUA_DATA_DIR")
+            .env_remove("EUA_OUTPUT")
+            .env_remove("EUA_CONFIG")
+            .env_remove("EUA_WEBHOOK_URL")
+            .env_remove("EUA_EVENTBRIDGE_BUS_NAME")
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config-home"));
         c.stdin(Stdio::null());
         c
     }

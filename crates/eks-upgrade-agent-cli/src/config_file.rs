@@ -1,0 +1,107 @@
+//! The configuration file: TOML with the reference's setting names. Values in it sit between the
+//! defaults and the `EUA_*` variables and flags. Unknown keys are errors, so a typo is reported
+//! instead of ignored.
+//!
+//! ```toml
+//! data_dir = "/var/lib/eks-upgrade-agent"
+//! durability = "power_loss"            # or "process_crash" (default)
+//! eventbridge_bus_name = "upgrade-events"
+//! aws_region = "eu-west-1"
+//! event_source = "eks-upgrade-agent"
+//! webhook_url = "https://hooks.example.com/eks"
+//! webhook_secret = "..."
+//! webhook_format = "cloudevents"       # or "reference" (default)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use eks_upgrade_agent::config::NotifyConfig;
+use eks_upgrade_agent::notify::Format;
+use eks_upgrade_agent::store::Durability;
+
+/// Settings read from the file; every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) durability: Option<Durability>,
+    eventbridge_bus_name: Option<String>,
+    aws_region: Option<String>,
+    event_source: Option<String>,
+    webhook_url: Option<String>,
+    webhook_secret: Option<String>,
+    webhook_format: Option<Format>,
+}
+
+impl FileConfig {
+    /// Fills what the flags and variables left unset.
+    pub(crate) fn notify(&self, mut n: NotifyConfig) -> NotifyConfig {
+        n.eventbridge_bus_name = n.eventbridge_bus_name.or(self.eventbridge_bus_name.clone());
+        n.aws_region = n.aws_region.or(self.aws_region.clone());
+        n.source = n.source.or(self.event_source.clone());
+        n.webhook_url = n.webhook_url.or(self.webhook_url.clone());
+        n.webhook_secret = n.webhook_secret.or(self.webhook_secret.clone());
+        if !n.webhook_format_set
+            && let Some(f) = self.webhook_format
+        {
+            n.webhook_format = f;
+        }
+        n
+    }
+}
+
+fn default_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("eks-upgrade-agent").join("config.toml"))
+}
+
+/// Reads `explicit` (which must exist), else the default file if it exists, else nothing.
+pub(crate) fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match default_path().filter(|p| p.exists()) {
+            Some(p) => p,
+            None => return Ok(FileConfig::default()),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+        .with_context(|| format!("invalid configuration file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_fill_only_what_flags_left_unset() {
+        let f: FileConfig = toml::from_str(
+            "eventbridge_bus_name = \"bus\"\nwebhook_format = \"cloudevents\"\ndurability = \"power_loss\"",
+        )
+        .unwrap();
+        assert_eq!(f.durability, Some(Durability::PowerLoss));
+        let n = f.notify(NotifyConfig::default());
+        assert_eq!(n.eventbridge_bus_name.as_deref(), Some("bus"));
+        assert_eq!(n.webhook_format, Format::Cloudevents);
+        let flagged = NotifyConfig {
+            eventbridge_bus_name: Some("flag".into()),
+            webhook_format_set: true,
+            ..NotifyConfig::default()
+        };
+        let n = f.notify(flagged);
+        assert_eq!(n.eventbridge_bus_name.as_deref(), Some("flag"));
+        assert_eq!(n.webhook_format, Format::Reference);
+        let err = toml::from_str::<FileConfig>("eventbridge_bus = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `eventbridge_bus`"), "{err}");
+    }
+}
