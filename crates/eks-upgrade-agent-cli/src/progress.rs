@@ -438,14 +438,11 @@ fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<Ex
             let c = Command::add_task(r.upgrade.clone(), t);
             (r, c)
         }
-        TaskCmd::Start(m) => (
-            m.r.clone_ref(),
-            Command::TaskStart {
-                upgrade_id: m.r.upgrade,
-                task_id: m.r.task,
-                message: m.message,
-            },
-        ),
+        TaskCmd::Start(m) => m.into_command(|upgrade_id, task_id, message| Command::TaskStart {
+            upgrade_id,
+            task_id,
+            message,
+        }),
         TaskCmd::Update {
             r,
             percent,
@@ -476,14 +473,13 @@ fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<Ex
             };
             (r, c)
         }
-        TaskCmd::Complete(m) => (
-            m.r.clone_ref(),
-            Command::TaskComplete {
-                upgrade_id: m.r.upgrade,
-                task_id: m.r.task,
-                message: m.message,
-            },
-        ),
+        TaskCmd::Complete(m) => {
+            m.into_command(|upgrade_id, task_id, message| Command::TaskComplete {
+                upgrade_id,
+                task_id,
+                message,
+            })
+        }
         TaskCmd::Fail { r, error } => {
             let c = Command::TaskFail {
                 upgrade_id: r.upgrade.clone(),
@@ -492,38 +488,26 @@ fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<Ex
             };
             (r, c)
         }
-        TaskCmd::Pause(m) => (
-            m.r.clone_ref(),
-            Command::TaskPause {
-                upgrade_id: m.r.upgrade,
-                task_id: m.r.task,
-                message: m.message,
-            },
-        ),
-        TaskCmd::Resume(m) => (
-            m.r.clone_ref(),
-            Command::TaskResume {
-                upgrade_id: m.r.upgrade,
-                task_id: m.r.task,
-                message: m.message,
-            },
-        ),
-        TaskCmd::Cancel(m) => (
-            m.r.clone_ref(),
-            Command::TaskCancel {
-                upgrade_id: m.r.upgrade,
-                task_id: m.r.task,
-                message: m.message,
-            },
-        ),
-        TaskCmd::Retry(m) => (
-            m.r.clone_ref(),
-            Command::TaskRetry {
-                upgrade_id: m.r.upgrade,
-                task_id: m.r.task,
-                message: m.message,
-            },
-        ),
+        TaskCmd::Pause(m) => m.into_command(|upgrade_id, task_id, message| Command::TaskPause {
+            upgrade_id,
+            task_id,
+            message,
+        }),
+        TaskCmd::Resume(m) => m.into_command(|upgrade_id, task_id, message| Command::TaskResume {
+            upgrade_id,
+            task_id,
+            message,
+        }),
+        TaskCmd::Cancel(m) => m.into_command(|upgrade_id, task_id, message| Command::TaskCancel {
+            upgrade_id,
+            task_id,
+            message,
+        }),
+        TaskCmd::Retry(m) => m.into_command(|upgrade_id, task_id, message| Command::TaskRetry {
+            upgrade_id,
+            task_id,
+            message,
+        }),
         TaskCmd::Show(r) => {
             let detail = tracker.task_detail(&r.upgrade, &r.task)?;
             if ctx.json() {
@@ -538,12 +522,14 @@ fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<Ex
     mutated(ctx, tracker, &r.upgrade, Some(&r.task), committed)
 }
 
-impl TaskRef {
-    fn clone_ref(&self) -> TaskRef {
-        TaskRef {
-            upgrade: self.upgrade.clone(),
-            task: self.task.clone(),
-        }
+impl TaskMsg {
+    /// The task reference and the command `make` builds from (upgrade, task, message).
+    fn into_command(
+        self,
+        make: impl FnOnce(String, String, Option<String>) -> Command,
+    ) -> (TaskRef, Command) {
+        let command = make(self.r.upgrade.clone(), self.r.task.clone(), self.message);
+        (self.r, command)
     }
 }
 

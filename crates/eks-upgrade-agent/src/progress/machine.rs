@@ -222,6 +222,49 @@ pub(crate) fn effective_percentage(
     }
 }
 
+/// Orders tasks so every parent comes before its children, otherwise keeping the given order.
+/// `parents[i]` is the parent id of `ids[i]`; parents not among `ids` are ignored (the caller
+/// checks them). Rejects duplicate ids and parent cycles.
+pub(crate) fn parents_first(ids: &[&str], parents: &[Option<&str>]) -> Result<Vec<usize>> {
+    let mut index: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        if index.insert(id, i).is_some() {
+            return Err(Error::invalid(format!("task {id:?} appears twice")));
+        }
+    }
+    // 0 = unvisited, 1 = on the current chain, 2 = placed.
+    let mut state = vec![0u8; ids.len()];
+    let mut order = Vec::with_capacity(ids.len());
+    for start in 0..ids.len() {
+        let mut chain = Vec::new();
+        let mut cur = Some(start);
+        while let Some(i) = cur {
+            match state[i] {
+                2 => break,
+                1 => {
+                    let pos = chain.iter().position(|x| *x == i).unwrap_or(0);
+                    let cycle: Vec<&str> = chain[pos..].iter().map(|j: &usize| ids[*j]).collect();
+                    return Err(Error::invalid(format!(
+                        "parent cycle: {} -> {}",
+                        cycle.join(" -> "),
+                        ids[i]
+                    )));
+                }
+                _ => {}
+            }
+            state[i] = 1;
+            chain.push(i);
+            cur = parents[i].and_then(|p| index.get(p).copied());
+        }
+        for i in chain.into_iter().rev() {
+            state[i] = 2;
+            order.push(i);
+        }
+    }
+    Ok(order)
+}
+
 /// Clamps to 0..=100 and rounds away float noise from incremental sums.
 pub(crate) fn clamp_pct(p: f64) -> f64 {
     let p = (p * 1e9).round() / 1e9;

@@ -540,55 +540,18 @@ fn parse_event(
 /// Orders tasks parents first, otherwise keeping file order; rejects unknown parents,
 /// duplicates and cycles.
 fn order_tasks(tasks: Vec<Task>) -> Result<Vec<Task>> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for (i, t) in tasks.iter().enumerate() {
-        if index.insert(t.task_id.clone(), i).is_some() {
-            return Err(Error::invalid(format!(
-                "task {:?} appears twice",
-                t.task_id
-            )));
-        }
-    }
+    let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+    let parents: Vec<Option<&str>> = tasks.iter().map(|t| t.parent_task_id.as_deref()).collect();
+    let order = crate::progress::machine::parents_first(&ids, &parents)?;
+    let known: std::collections::HashSet<&str> = ids.iter().copied().collect();
     for t in &tasks {
         if let Some(p) = &t.parent_task_id
-            && !index.contains_key(p)
+            && !known.contains(p.as_str())
         {
             return Err(Error::invalid(format!(
                 "task {:?} names unknown parent {p:?}",
                 t.task_id
             )));
-        }
-    }
-    // 0 = unvisited, 1 = on the current chain, 2 = placed.
-    let mut state = vec![0u8; tasks.len()];
-    let mut order = Vec::with_capacity(tasks.len());
-    for start in 0..tasks.len() {
-        let mut chain = Vec::new();
-        let mut cur = Some(start);
-        while let Some(i) = cur {
-            match state[i] {
-                2 => break,
-                1 => {
-                    let pos = chain.iter().position(|x| *x == i).unwrap_or(0);
-                    let ids: Vec<&str> = chain[pos..]
-                        .iter()
-                        .map(|j: &usize| tasks[*j].task_id.as_str())
-                        .collect();
-                    return Err(Error::invalid(format!(
-                        "parent cycle: {} -> {}",
-                        ids.join(" -> "),
-                        tasks[i].task_id
-                    )));
-                }
-                _ => {}
-            }
-            state[i] = 1;
-            chain.push(i);
-            cur = tasks[i].parent_task_id.as_ref().map(|p| index[p]);
-        }
-        for i in chain.into_iter().rev() {
-            state[i] = 2;
-            order.push(i);
         }
     }
     let mut children: HashMap<&str, u32> = HashMap::new();

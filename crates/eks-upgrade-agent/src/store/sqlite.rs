@@ -963,50 +963,9 @@ fn to_event(
 
 /// Orders a batch so that parents come before children, and rejects duplicates and cycles.
 fn order_batch(tasks: &[NewTask]) -> Result<Vec<usize>> {
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(tasks.len());
-    for (i, t) in tasks.iter().enumerate() {
-        if index.insert(t.task_id.as_str(), i).is_some() {
-            return Err(Error::invalid(format!(
-                "task {:?} appears twice in the batch",
-                t.task_id
-            )));
-        }
-    }
-    // 0 = unvisited, 1 = on the current path, 2 = placed
-    let mut state = vec![0u8; tasks.len()];
-    let mut order = Vec::with_capacity(tasks.len());
-    for start in 0..tasks.len() {
-        let mut path = Vec::new();
-        let mut cur = Some(start);
-        while let Some(i) = cur {
-            match state[i] {
-                2 => break,
-                1 => {
-                    let cycle: Vec<&str> = path
-                        .iter()
-                        .map(|j: &usize| tasks[*j].task_id.as_str())
-                        .collect();
-                    return Err(Error::invalid(format!(
-                        "parent cycle: {} -> {}",
-                        cycle.join(" -> "),
-                        tasks[i].task_id
-                    )));
-                }
-                _ => {}
-            }
-            state[i] = 1;
-            path.push(i);
-            cur = tasks[i]
-                .parent_task_id
-                .as_deref()
-                .and_then(|p| index.get(p).copied());
-        }
-        for i in path.into_iter().rev() {
-            state[i] = 2;
-            order.push(i);
-        }
-    }
-    Ok(order)
+    let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+    let parents: Vec<Option<&str>> = tasks.iter().map(|t| t.parent_task_id.as_deref()).collect();
+    machine::parents_first(&ids, &parents)
 }
 
 fn add_tasks(
