@@ -6,6 +6,7 @@
 //! data_dir = "/var/lib/eks-upgrade-agent"
 //! durability = "power_loss"            # or "process_crash" (default)
 //! eventbridge_bus_name = "upgrade-events"
+//! eventbridge_format = "reference"     # or "cloudevents"
 //! aws_region = "eu-west-1"
 //! event_source = "eks-upgrade-agent"
 //! webhook_url = "https://hooks.example.com/eks"
@@ -29,6 +30,7 @@ pub(crate) struct FileConfig {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) durability: Option<Durability>,
     eventbridge_bus_name: Option<String>,
+    eventbridge_format: Option<Format>,
     aws_region: Option<String>,
     event_source: Option<String>,
     webhook_url: Option<String>,
@@ -41,6 +43,11 @@ impl FileConfig {
     pub(crate) fn notify(&self, mut n: NotifyConfig) -> NotifyConfig {
         n.eventbridge_bus_name = n.eventbridge_bus_name.or(self.eventbridge_bus_name.clone());
         n.aws_region = n.aws_region.or(self.aws_region.clone());
+        if !n.eventbridge_format_set
+            && let Some(f) = self.eventbridge_format
+        {
+            n.eventbridge_format = f;
+        }
         n.source = n.source.or(self.event_source.clone());
         n.webhook_url = n.webhook_url.or(self.webhook_url.clone());
         n.webhook_secret = n.webhook_secret.or(self.webhook_secret.clone());

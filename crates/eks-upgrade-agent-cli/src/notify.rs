@@ -26,6 +26,14 @@ pub(crate) struct NotifyArgs {
         value_name = "BUS"
     )]
     eventbridge_bus_name: Option<String>,
+    /// EventBridge Detail: reference or cloudevents [default: reference]
+    #[arg(
+        long,
+        global = true,
+        env = "EUA_EVENTBRIDGE_FORMAT",
+        value_name = "FORMAT"
+    )]
+    eventbridge_format: Option<Format>,
     /// AWS region [default: the standard AWS configuration, e.g. AWS_REGION]
     #[arg(long, global = true, env = "EUA_AWS_REGION", value_name = "REGION")]
     aws_region: Option<String>,
@@ -53,6 +61,8 @@ impl NotifyArgs {
     pub(crate) fn into_config(self) -> NotifyConfig {
         NotifyConfig {
             eventbridge_bus_name: self.eventbridge_bus_name.filter(|s| !s.is_empty()),
+            eventbridge_format: self.eventbridge_format.unwrap_or_default(),
+            eventbridge_format_set: self.eventbridge_format.is_some(),
             aws_region: self.aws_region.filter(|s| !s.is_empty()),
             source: self.event_source.filter(|s| !s.is_empty()),
             webhook_url: self.webhook_url.filter(|s| !s.is_empty()),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::model::{JsonMap, TaskType};
-use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions, EventBridgeSink};
+use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions, EventBridgeSink, Format};
 use eks_upgrade_agent::progress::apply::{self, ApplyOptions};
 use eks_upgrade_agent::progress::{Command, NewTask};
 use eks_upgrade_agent::store::sqlite::{SqliteOptions, SqliteStore};

@@ -32,6 +32,10 @@ pub struct Config {
 pub struct NotifyConfig {
     /// EventBridge bus; the EventBridge sink is on when set.
     pub eventbridge_bus_name: Option<String>,
+    /// EventBridge `Detail` format.
+    pub eventbridge_format: crate::notify::Format,
+    /// Whether `eventbridge_format` was given explicitly.
+    pub eventbridge_format_set: bool,
     /// AWS region [default: the standard AWS configuration].
     pub aws_region: Option<String>,
     /// `Source` of notifications [default: `eks-upgrade-agent`].
@@ -52,6 +56,7 @@ impl std::fmt::Debug for NotifyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NotifyConfig")
             .field("eventbridge_bus_name", &self.eventbridge_bus_name)
+            .field("eventbridge_format", &self.eventbridge_format)
             .field("aws_region", &self.aws_region)
             .field("source", &self.source)
             .field("webhook_url", &self.webhook_url)
@@ -84,6 +89,7 @@ impl NotifyConfig {
             sinks.push(Arc::new(crate::notify::EventBridgeSink::from_env(
                 bus,
                 source,
+                self.eventbridge_format,
                 self.aws_region.as_deref(),
                 timeout,
             )?));

@@ -295,6 +295,43 @@ fn an_upgrade_reaches_eventbridge_and_an_outage_loses_nothing() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 4);
+    // CloudEvents as Detail, selected for this sink.
+    for args in [
+        vec![
+            "progress",
+            "upgrade",
+            "create",
+            "u3",
+            "--plan",
+            "p",
+            "--cluster",
+            "c3",
+        ],
+        vec![
+            "--eventbridge-format",
+            "cloudevents",
+            "progress",
+            "upgrade",
+            "start",
+            "u3",
+        ],
+    ] {
+        let out = run(&env, &moto.url, &args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let got = receive_all(&moto, &queue);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["detail-type"], "upgrade.started");
+    assert_eq!(got[0]["detail"]["specversion"], "1.0");
+    assert_eq!(
+        got[0]["detail"]["type"],
+        "com.eks-upgrade-agent.upgrade.started.v1"
+    );
+    assert_eq!(got[0]["detail"]["data"]["cluster_name"], "c3");
     // Wrong settings are a clear error of the notify command itself.
     let mut c = env.command();
     c.env_remove("EUA_EVENTBRIDGE_BUS_NAME")

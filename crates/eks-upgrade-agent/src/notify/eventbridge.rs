@@ -1,7 +1,7 @@
 //! [`EventBridgeSink`]: AWS EventBridge `PutEvents` with the official SDK and the standard AWS
 //! configuration (credential chain, `AWS_REGION`, `AWS_ENDPOINT_URL`). Entries use the reference
 //! envelope: `Source` (default `eks-upgrade-agent`), `DetailType` (`task.failed`, ...), `Detail`
-//! (JSON), `Time`. Per-entry failures (`FailedEntryCount`, `ErrorCode`) are reported per entry:
+//! (the reference fields as JSON, or the whole CloudEvent in the CloudEvents format), `Time`. Per-entry failures (`FailedEntryCount`, `ErrorCode`) are reported per entry:
 //! throttling and internal errors are retried, everything else is dead-lettered.
 
 use std::time::Duration;
@@ -13,7 +13,7 @@ use aws_sdk_eventbridge::Client;
 use aws_sdk_eventbridge::primitives::DateTime as AwsDateTime;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 
-use super::{EntryResult, EventSink, Notification};
+use super::{EntryResult, EventSink, Format, Notification};
 use crate::error::{Error, Result};
 
 /// Sends notifications to an EventBridge bus.
@@ -21,6 +21,7 @@ pub struct EventBridgeSink {
     name: String,
     bus: String,
     source: String,
+    format: Format,
     client: Client,
     runtime: tokio::runtime::Runtime,
 }
@@ -39,6 +40,7 @@ impl EventBridgeSink {
     pub fn from_env(
         bus: &str,
         source: &str,
+        format: Format,
         region: Option<&str>,
         timeout: Duration,
     ) -> Result<EventBridgeSink> {
@@ -71,6 +73,7 @@ impl EventBridgeSink {
             name: format!("eventbridge:{bus}"),
             bus: bus.to_owned(),
             source: source.to_owned(),
+            format,
             client: Client::new(&config),
             runtime,
         })
@@ -96,7 +99,15 @@ impl EventSink for EventBridgeSink {
                 PutEventsRequestEntry::builder()
                     .source(&self.source)
                     .detail_type(&n.detail_type)
-                    .detail(serde_json::to_string(&n.detail).unwrap_or_default())
+                    .detail(
+                        match self.format {
+                            Format::Reference => serde_json::to_string(&n.detail),
+                            Format::Cloudevents => {
+                                serde_json::to_string(&n.cloudevent(&self.source))
+                            }
+                        }
+                        .unwrap_or_default(),
+                    )
                     .event_bus_name(&self.bus)
                     .time(AwsDateTime::from_millis(n.time.timestamp_millis()))
                     .build()
