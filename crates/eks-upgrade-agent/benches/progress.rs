@@ -106,6 +106,7 @@ fn updates_with_sink(tasks: usize, eventbridge_down: bool) -> (f64, u64) {
         let sink = EventBridgeSink::from_env(
             "bench",
             "eks-upgrade-agent",
+            Format::Reference,
             Some("us-east-1"),
             Duration::from_secs(2),
         )
