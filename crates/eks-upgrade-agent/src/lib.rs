@@ -40,6 +40,9 @@ pub mod notify;
 pub mod progress;
 pub mod store;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 pub use artifacts::TestArtifactsManager;
 pub use error::{Error, Result};
 pub use progress::ProgressTracker;

@@ -235,7 +235,7 @@ fn open_small(path: &Path, durability: Durability) -> Result<Connection> {
 }
 
 /// Reads until `buf` is full or the stream ends.
-fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(super) fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match reader.read(&mut buf[n..]) {

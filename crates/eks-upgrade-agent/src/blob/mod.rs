@@ -15,11 +15,15 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{Error, Result};
 
 pub mod local;
+#[cfg(feature = "aws")]
+pub mod s3;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
 pub use local::LocalBlobStore;
+#[cfg(feature = "aws")]
+pub use s3::{S3BlobStore, S3Options};
 
 /// A SHA-256 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

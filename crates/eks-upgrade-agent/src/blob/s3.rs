@@ -1,0 +1,566 @@
+//! [`S3BlobStore`]: the content-addressed [`BlobStore`] in an S3 bucket, with `object_store`
+//! and the standard AWS settings (`AWS_REGION`/`AWS_DEFAULT_REGION`, credentials,
+//! `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`; path-style requests when an endpoint is set; plain
+//! http only for loopback endpoints).
+//!
+//! Keys: `{prefix}/blobs/sha256/ab/cdef...`. A put hashes while it streams; content up to
+//! [`SINGLE_PUT_MAX`] is uploaded to its final key in one request, larger content as a multipart
+//! upload (several parts in flight) to `{prefix}/tmp/<uuid>`, then copied onto its final key and
+//! the temp object deleted, so no partial object is ever visible under a digest.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use sha2::{Digest as _, Sha256};
+use tokio::runtime::Runtime;
+use uuid::Uuid;
+
+use super::{BlobInfo, BlobMeta, BlobStore, Digest, VerifyingReader};
+use crate::error::{Error, Result};
+
+/// Content up to this size is uploaded in one request.
+pub const SINGLE_PUT_MAX: usize = 8 * 1024 * 1024;
+/// Part size of multipart uploads.
+const PART: usize = 8 * 1024 * 1024;
+/// Parts in flight during a multipart upload.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Temp objects older than this are leftovers of interrupted puts.
+const TMP_GRACE: Duration = Duration::from_secs(3600);
+
+/// Where an [`S3BlobStore`] lives.
+#[derive(Clone, Default)]
+pub struct S3Options {
+    /// Bucket.
+    pub bucket: String,
+    /// Key prefix.
+    pub prefix: String,
+    /// Endpoint URL (path-style requests; http only for loopback).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Access key id and secret (hidden from `Debug`); the credential chain when `None`.
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<hidden>"),
+            )
+            .finish()
+    }
+}
+
+/// Blobs in an S3 bucket.
+pub struct S3BlobStore {
+    store: Arc<AmazonS3>,
+    bucket: String,
+    prefix: String,
+    runtime: Arc<Runtime>,
+}
+
+impl std::fmt::Debug for S3BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3BlobStore")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `url` points at this machine.
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', ':']).next().unwrap_or("");
+    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+}
+
+fn backend(what: String, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::NotFound { .. } => Error::not_found(what),
+        other => Error::backend(what, other),
+    }
+}
+
+impl S3BlobStore {
+    /// A store in `bucket` under `prefix`, configured from the environment.
+    pub fn from_env(bucket: &str, prefix: &str) -> Result<S3BlobStore> {
+        S3BlobStore::new(&S3Options {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            endpoint: std::env::var("AWS_ENDPOINT_URL_S3")
+                .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                .ok()
+                .filter(|e| !e.is_empty()),
+            region: std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()),
+            credentials: None,
+        })
+    }
+
+    /// A store with explicit settings; what they leave out comes from the environment.
+    pub fn new(options: &S3Options) -> Result<S3BlobStore> {
+        let bucket = options.bucket.as_str();
+        if bucket.trim().is_empty() {
+            return Err(Error::invalid("the S3 bucket name must not be empty"));
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(region) = &options.region {
+            b = b.with_region(region);
+        }
+        if let Some((key, secret)) = &options.credentials {
+            b = b.with_access_key_id(key).with_secret_access_key(secret);
+        }
+        if let Some(e) = &options.endpoint {
+            if e.starts_with("http://") && !is_loopback(e) {
+                return Err(Error::invalid(format!(
+                    "refusing plain http to {e}: only loopback endpoints may use http"
+                )));
+            }
+            b = b
+                .with_endpoint(e)
+                .with_virtual_hosted_style_request(false)
+                .with_allow_http(e.starts_with("http://"));
+        }
+        let prefix = options.prefix.as_str();
+        let store = b
+            .build()
+            .map_err(|e| Error::backend(format!("cannot configure S3 bucket {bucket:?}"), e))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::backend("cannot start the S3 client runtime", e))?;
+        Ok(S3BlobStore {
+            store: Arc::new(store),
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            runtime: Arc::new(runtime),
+        })
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn under_prefix(&self, rest: &str) -> String {
+        if self.prefix.is_empty() {
+            rest.to_owned()
+        } else {
+            format!("{}/{rest}", self.prefix)
+        }
+    }
+
+    /// The object key of a blob.
+    pub fn key(&self, digest: &Digest) -> String {
+        let hex = digest.to_hex();
+        self.under_prefix(&format!("blobs/sha256/{}/{}", &hex[..2], &hex[2..]))
+    }
+
+    fn blob_dir(&self) -> ObjPath {
+        ObjPath::from(self.under_prefix("blobs/sha256"))
+    }
+
+    fn path(&self, digest: &Digest) -> ObjPath {
+        ObjPath::from(self.key(digest))
+    }
+
+    fn tmp_dir(&self) -> ObjPath {
+        ObjPath::from(self.under_prefix("tmp"))
+    }
+
+    fn head(&self, digest: &Digest) -> Result<Option<u64>> {
+        match self.runtime.block_on(self.store.head(&self.path(digest))) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(backend(
+                format!("cannot read s3://{}/{}", self.bucket, self.key(digest)),
+                e,
+            )),
+        }
+    }
+
+    /// Multipart upload of `first` and the rest of `reader` to a temp key; returns the digest,
+    /// size and temp key.
+    fn upload_large(
+        &self,
+        first: Vec<u8>,
+        reader: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(Digest, u64, ObjPath)> {
+        let tmp = self.tmp_dir().join(format!("{}.part", Uuid::now_v7()));
+        let store = Arc::clone(&self.store);
+        let rt = &self.runtime;
+        // Parts are uploaded by tasks spawned on the runtime's workers while this thread reads.
+        let _context = rt.enter();
+        let upload = rt.block_on(store.put_multipart(&tmp)).map_err(|e| {
+            backend(
+                format!("cannot start an upload to s3://{}/{tmp}", self.bucket),
+                e,
+            )
+        })?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut chunk = first;
+        let result = (|| -> Result<()> {
+            loop {
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+                hasher.update(&chunk);
+                total += chunk.len() as u64;
+                rt.block_on(writer.wait_for_capacity(PARTS_IN_FLIGHT))
+                    .map_err(|e| {
+                        backend(format!("upload to s3://{}/{tmp} failed", self.bucket), e)
+                    })?;
+                writer.put(Bytes::from(std::mem::take(&mut chunk)));
+                progress(total);
+                let mut next = vec![0u8; PART];
+                let n = super::local::fill(reader, &mut next)?;
+                next.truncate(n);
+                chunk = next;
+            }
+        })();
+        match result {
+            Ok(()) => {
+                rt.block_on(writer.finish()).map_err(|e| {
+                    backend(format!("upload to s3://{}/{tmp} failed", self.bucket), e)
+                })?;
+                Ok((Digest(hasher.finalize().into()), total, tmp))
+            }
+            Err(e) => {
+                let _ = rt.block_on(writer.abort());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A blocking reader over an object's byte stream.
+struct ObjectReader {
+    runtime: Arc<Runtime>,
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.runtime.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(b)) => self.current = b,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+impl BlobStore for S3BlobStore {
+    fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+        let mut head = vec![0u8; SINGLE_PUT_MAX + 1];
+        let n = super::local::fill(reader, &mut head)?;
+        head.truncate(n);
+        if n <= SINGLE_PUT_MAX {
+            let digest = Digest::of(&head);
+            if self.head(&digest)?.is_some() {
+                progress(n as u64);
+                return Ok(BlobInfo {
+                    digest,
+                    size: n as u64,
+                    created: false,
+                });
+            }
+            let key = self.path(&digest);
+            self.runtime
+                .block_on(self.store.put(&key, PutPayload::from(head)))
+                .map_err(|e| backend(format!("cannot upload s3://{}/{key}", self.bucket), e))?;
+            progress(n as u64);
+            return Ok(BlobInfo {
+                digest,
+                size: n as u64,
+                created: true,
+            });
+        }
+        let (digest, size, tmp) = self.upload_large(head, reader, progress)?;
+        let created = if self.head(&digest)?.is_some() {
+            false
+        } else {
+            let key = self.path(&digest);
+            self.runtime
+                .block_on(self.store.copy(&tmp, &key))
+                .map_err(|e| backend(format!("cannot store s3://{}/{key}", self.bucket), e))?;
+            true
+        };
+        let _ = self.runtime.block_on(self.store.delete(&tmp));
+        Ok(BlobInfo {
+            digest,
+            size,
+            created,
+        })
+    }
+
+    fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        let key = self.path(digest);
+        let got = self.runtime.block_on(self.store.get(&key)).map_err(|e| {
+            backend(
+                format!("blob sha256:{digest} (s3://{}/{key})", self.bucket),
+                e,
+            )
+        })?;
+        Ok(Box::new(VerifyingReader::new(
+            ObjectReader {
+                runtime: Arc::clone(&self.runtime),
+                stream: got.into_stream(),
+                current: Bytes::new(),
+            },
+            *digest,
+        )))
+    }
+
+    fn exists(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.head(digest)?.is_some())
+    }
+
+    fn size(&self, digest: &Digest) -> Result<u64> {
+        self.head(digest)?
+            .ok_or_else(|| Error::not_found(format!("blob sha256:{digest}")))
+    }
+
+    fn delete(&self, digest: &Digest) -> Result<bool> {
+        if self.head(digest)?.is_none() {
+            return Ok(false);
+        }
+        let key = self.path(digest);
+        self.runtime
+            .block_on(self.store.delete(&key))
+            .map_err(|e| backend(format!("cannot delete s3://{}/{key}", self.bucket), e))?;
+        Ok(true)
+    }
+
+    fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+        let prefix = self.blob_dir();
+        let mut stream = self.store.list(Some(&prefix));
+        while let Some(item) = self.runtime.block_on(stream.next()) {
+            let meta =
+                item.map_err(|e| backend(format!("cannot list s3://{}/{prefix}", self.bucket), e))?;
+            let parts: Vec<String> = meta
+                .location
+                .parts()
+                .map(|p| p.as_ref().to_owned())
+                .collect();
+            let n = parts.len();
+            if n < 2 {
+                continue;
+            }
+            let Ok(digest) = format!("{}{}", parts[n - 2], parts[n - 1]).parse::<Digest>() else {
+                continue;
+            };
+            f(BlobMeta {
+                digest,
+                size: meta.size,
+                modified: Some(SystemTime::from(meta.last_modified)),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn sweep_incomplete(&self) -> Result<u64> {
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(TMP_GRACE).unwrap_or_default();
+        let tmp = self.tmp_dir();
+        let mut stream = self.store.list(Some(&tmp));
+        let mut removed = 0;
+        while let Some(item) = self.runtime.block_on(stream.next()) {
+            let meta =
+                item.map_err(|e| backend(format!("cannot list s3://{}/{tmp}", self.bucket), e))?;
+            if meta.last_modified < cutoff
+                && self
+                    .runtime
+                    .block_on(self.store.delete(&meta.location))
+                    .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::Moto;
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback("http://127.0.0.1:9000"));
+        assert!(is_loopback("http://localhost:9000/x"));
+        assert!(!is_loopback("http://s3.example.com"));
+        let err = S3BlobStore::new(&S3Options {
+            bucket: "b".into(),
+            endpoint: Some("http://s3.example.com".into()),
+            ..S3Options::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only loopback endpoints may use http"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn conformance_against_moto() {
+        let moto = Moto::start();
+        moto.create_bucket("blobs");
+        let options = S3Options {
+            bucket: "blobs".into(),
+            prefix: String::new(),
+            endpoint: Some(moto.url.clone()),
+            region: Some("us-east-1".into()),
+            credentials: Some(("testing".into(), "testing".into())),
+        };
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        crate::blob::conformance::run(&|| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let store = Arc::new(
+                S3BlobStore::new(&S3Options {
+                    prefix: format!("run-{n}"),
+                    ..options.clone()
+                })
+                .unwrap(),
+            );
+            let handle = Arc::clone(&store);
+            let corrupt: Box<dyn Fn(&Digest)> = Box::new(move |d: &Digest| {
+                let key = handle.path(d);
+                handle
+                    .runtime
+                    .block_on(
+                        handle
+                            .store
+                            .put(&key, PutPayload::from(b"not the original bytes".to_vec())),
+                    )
+                    .unwrap();
+            });
+            (Box::new(ArcStore(store)) as Box<dyn BlobStore>, corrupt)
+        });
+    }
+
+    #[test]
+    fn large_content_goes_through_multipart_and_leaves_no_temp_object() {
+        let moto = Moto::start();
+        moto.create_bucket("big");
+        let store = S3BlobStore::new(&S3Options {
+            bucket: "big".into(),
+            prefix: "p".into(),
+            endpoint: Some(moto.url.clone()),
+            region: Some("us-east-1".into()),
+            credentials: Some(("testing".into(), "testing".into())),
+        })
+        .unwrap();
+        let mut x = 7u64;
+        let data: Vec<u8> = (0..20 * 1024 * 1024 + 3)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut seen = 0;
+        let info = store.put(&mut data.as_slice(), &mut |b| seen = b).unwrap();
+        assert!(info.created);
+        assert_eq!(
+            (info.digest, info.size, seen),
+            (Digest::of(&data), data.len() as u64, data.len() as u64)
+        );
+        let mut back = Vec::new();
+        store
+            .open(&info.digest)
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == data, "round trip through multipart");
+        assert!(
+            !store
+                .put(&mut data.as_slice(), &mut |_| {})
+                .unwrap()
+                .created,
+            "dedupe"
+        );
+        // A reader failing half way leaves nothing behind.
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("disk on fire"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(1);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        assert!(
+            store
+                .put(&mut Failing(12 * 1024 * 1024), &mut |_| {})
+                .is_err()
+        );
+        let all: Vec<String> = store.runtime.block_on(
+            store
+                .store
+                .list(None)
+                .map(|m| m.unwrap().location.to_string())
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            all,
+            [store.key(&info.digest)],
+            "only the blob, no temp object"
+        );
+    }
+
+    /// Lets the suite own a store the corrupting closure also holds.
+    #[derive(Debug)]
+    struct ArcStore(Arc<S3BlobStore>);
+
+    impl BlobStore for ArcStore {
+        fn put(&self, r: &mut dyn Read, p: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+            self.0.put(r, p)
+        }
+        fn open(&self, d: &Digest) -> Result<Box<dyn Read + Send>> {
+            self.0.open(d)
+        }
+        fn exists(&self, d: &Digest) -> Result<bool> {
+            self.0.exists(d)
+        }
+        fn size(&self, d: &Digest) -> Result<u64> {
+            self.0.size(d)
+        }
+        fn delete(&self, d: &Digest) -> Result<bool> {
+            self.0.delete(d)
+        }
+        fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+            self.0.list(f)
+        }
+        fn sweep_incomplete(&self) -> Result<u64> {
+            self.0.sweep_incomplete()
+        }
+    }
+}
