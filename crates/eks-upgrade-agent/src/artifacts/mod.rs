@@ -29,6 +29,8 @@ use crate::progress::command::{check_id, check_json, check_name};
 use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
 
 pub mod names;
+#[cfg(feature = "aws")]
+pub mod upload;
 
 /// Default days a completed session is kept.
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
@@ -49,6 +51,8 @@ pub struct ArtifactsOptions {
     /// `gc` leaves unreferenced blobs younger than this alone (an add may be about to index
     /// them).
     pub gc_grace: Duration,
+    /// Queue every added artifact for upload to S3 (reference `auto_upload`).
+    pub auto_upload: bool,
 }
 
 impl Default for ArtifactsOptions {
@@ -57,6 +61,7 @@ impl Default for ArtifactsOptions {
             default_retention_days: DEFAULT_RETENTION_DAYS,
             failed_retention_factor: 3,
             gc_grace: Duration::from_secs(600),
+            auto_upload: false,
         }
     }
 }
@@ -174,6 +179,8 @@ pub struct TestArtifactsManager {
     index: Arc<dyn ArtifactIndex>,
     blobs: Arc<dyn BlobStore>,
     options: ArtifactsOptions,
+    #[cfg(feature = "aws")]
+    s3: Option<Arc<crate::blob::S3BlobStore>>,
 }
 
 impl fmt::Debug for TestArtifactsManager {
@@ -247,7 +254,17 @@ impl TestArtifactsManager {
             index,
             blobs,
             options,
+            #[cfg(feature = "aws")]
+            s3: None,
         }
+    }
+
+    /// Uses `s3` as the shared store: uploads go there and reads fall back to it when the local
+    /// blob is gone.
+    #[cfg(feature = "aws")]
+    pub fn with_s3(mut self, s3: Arc<crate::blob::S3BlobStore>) -> Self {
+        self.s3 = Some(s3);
+        self
     }
 
     /// The index.
@@ -374,6 +391,7 @@ impl TestArtifactsManager {
     }
 
     fn new_artifact(
+        &self,
         collection_id: &str,
         name: String,
         opts: &AddOptions,
@@ -393,6 +411,7 @@ impl TestArtifactsManager {
             tags: opts.tags.clone(),
             metadata: opts.metadata.clone(),
             created_at: crate::model::now(),
+            queue_upload: self.options.auto_upload,
         }
     }
 
@@ -415,7 +434,7 @@ impl TestArtifactsManager {
         Self::check_options(opts)?;
         let name = names::sanitize_name(name)?;
         let info = self.blobs.put(reader, &mut |_| {})?;
-        let new = Self::new_artifact(collection_id, name, opts, info.digest, info.size);
+        let new = self.new_artifact(collection_id, name, opts, info.digest, info.size);
         Ok(self.index_batch(std::slice::from_ref(&new))?.remove(0))
     }
 
@@ -544,13 +563,7 @@ impl TestArtifactsManager {
             p.bytes_done = base + info.size;
             p.files_done += 1;
             progress(p);
-            batch.push(Self::new_artifact(
-                collection_id,
-                name,
-                opts,
-                info.digest,
-                info.size,
-            ));
+            batch.push(self.new_artifact(collection_id, name, opts, info.digest, info.size));
             if batch.len() == INDEX_BATCH {
                 out.extend(self.index_batch(&batch)?);
                 batch.clear();
@@ -575,13 +588,7 @@ impl TestArtifactsManager {
             Self::check_options(opts)?;
             let name = names::sanitize_name(name)?;
             let info = self.blobs.put(&mut bytes.as_slice(), &mut |_| {})?;
-            batch.push(Self::new_artifact(
-                collection_id,
-                name,
-                opts,
-                info.digest,
-                info.size,
-            ));
+            batch.push(self.new_artifact(collection_id, name, opts, info.digest, info.size));
         }
         self.index_batch(&batch)
     }
@@ -602,6 +609,14 @@ impl TestArtifactsManager {
             )));
         }
         let digest: Digest = a.file_hash.parse()?;
+        #[cfg(feature = "aws")]
+        if let (Some(s3), Some(key)) = (&self.s3, &a.s3_key)
+            && !self.blobs.exists(&digest)?
+        {
+            // The local copy is gone: read the uploaded object, verified against the digest.
+            let reader = s3.open_object(key, &digest)?;
+            return Ok((a, reader));
+        }
         let reader = self.blobs.open(&digest).map_err(|e| match e {
             Error::NotFound { .. } => Error::not_found(format!(
                 "the content of artifact {artifact_id:?} (blob sha256:{digest})"

@@ -17,7 +17,10 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    Attribute, AttributeValue, Attributes, GetOptions, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
+};
 use sha2::{Digest as _, Sha256};
 use tokio::runtime::Runtime;
 use uuid::Uuid;
@@ -116,7 +119,21 @@ impl S3BlobStore {
         if bucket.trim().is_empty() {
             return Err(Error::invalid("the S3 bucket name must not be empty"));
         }
-        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            // Every upload carries x-amz-checksum-sha256; S3 rejects bytes that do not match.
+            .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+            // A few quick retries for transient errors; the upload queue does the long ones.
+            .with_retry(object_store::RetryConfig {
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(20),
+                ..object_store::RetryConfig::default()
+            })
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(300)),
+            );
         if let Some(region) = &options.region {
             b = b.with_region(region);
         }
@@ -247,6 +264,130 @@ impl S3BlobStore {
                 Err(e)
             }
         }
+    }
+}
+
+/// Uploads of artifacts under their reference keys (`{prefix}/{session}/{collection}/{name}`),
+/// next to the content-addressed blobs of the same bucket.
+impl S3BlobStore {
+    /// The `file-hash` user metadata of the object at `key`, `None` if there is no object.
+    pub fn object_hash(&self, key: &str) -> Result<Option<String>> {
+        let path = ObjPath::from(key);
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        match self.runtime.block_on(self.store.get_opts(&path, opts)) {
+            Ok(r) => Ok(r
+                .attributes
+                .get(&Attribute::Metadata("file-hash".into()))
+                .map(|v| v.as_ref().to_owned())
+                .or(Some(String::new()))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(backend(
+                format!("cannot read s3://{}/{key}", self.bucket),
+                e,
+            )),
+        }
+    }
+
+    /// Uploads `size` bytes of `reader` to `key` with user `metadata`: one request up to
+    /// `multipart_threshold`, else a multipart upload with parts in flight, streaming.
+    pub fn upload_object(
+        &self,
+        key: &str,
+        reader: &mut dyn Read,
+        size: u64,
+        metadata: &[(&'static str, String)],
+        multipart_threshold: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let path = ObjPath::from(key);
+        let mut attributes = Attributes::new();
+        for (k, v) in metadata {
+            attributes.insert(
+                Attribute::Metadata((*k).into()),
+                AttributeValue::from(v.clone()),
+            );
+        }
+        let fail = |e: object_store::Error| {
+            backend(format!("upload to s3://{}/{key} failed", self.bucket), e)
+        };
+        if size <= multipart_threshold {
+            let mut body = Vec::with_capacity(size as usize);
+            reader.read_to_end(&mut body)?;
+            let opts = PutOptions {
+                attributes,
+                ..PutOptions::default()
+            };
+            let n = body.len() as u64;
+            self.runtime
+                .block_on(self.store.put_opts(&path, PutPayload::from(body), opts))
+                .map_err(fail)?;
+            progress(n);
+            return Ok(());
+        }
+        let _context = self.runtime.enter();
+        let opts = PutMultipartOptions {
+            attributes,
+            ..PutMultipartOptions::default()
+        };
+        let upload = self
+            .runtime
+            .block_on(self.store.put_multipart_opts(&path, opts))
+            .map_err(fail)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut total = 0u64;
+        let result = (|| -> Result<()> {
+            loop {
+                let mut chunk = vec![0u8; PART];
+                let n = super::local::fill(reader, &mut chunk)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                chunk.truncate(n);
+                self.runtime
+                    .block_on(writer.wait_for_capacity(PARTS_IN_FLIGHT))
+                    .map_err(fail)?;
+                writer.put(Bytes::from(chunk));
+                total += n as u64;
+                progress(total);
+            }
+        })();
+        match result {
+            Ok(()) => {
+                self.runtime.block_on(writer.finish()).map_err(fail)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.runtime.block_on(writer.abort());
+                Err(e)
+            }
+        }
+    }
+
+    /// A reader of the object at `key` that verifies it hashes to `digest`.
+    pub fn open_object(&self, key: &str, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        let path = ObjPath::from(key);
+        let got = self
+            .runtime
+            .block_on(self.store.get(&path))
+            .map_err(|e| backend(format!("s3://{}/{key}", self.bucket), e))?;
+        Ok(Box::new(VerifyingReader::new(
+            ObjectReader {
+                runtime: Arc::clone(&self.runtime),
+                stream: got.into_stream(),
+                current: Bytes::new(),
+            },
+            *digest,
+        )))
+    }
+
+    /// Deletes the object at `key` (no error if it is absent).
+    pub fn delete_object(&self, key: &str) -> Result<()> {
+        self.runtime
+            .block_on(self.store.delete(&ObjPath::from(key)))
+            .map_err(|e| backend(format!("cannot delete s3://{}/{key}", self.bucket), e))
     }
 }
 

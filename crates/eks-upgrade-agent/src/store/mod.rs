@@ -166,6 +166,8 @@ pub struct NewArtifact {
     pub metadata: JsonMap,
     /// When it was added.
     pub created_at: DateTime<Utc>,
+    /// Queue it for upload right away (`auto_upload`).
+    pub queue_upload: bool,
 }
 
 /// A session due for removal, as planned by [`ArtifactIndex::expired_sessions`].
@@ -289,4 +291,50 @@ pub trait Outbox: Send + Sync + fmt::Debug {
     fn record(&self, sink: &str, outcomes: &[(u64, DeliveryOutcome)]) -> Result<()>;
     /// Counts and last error for a sink.
     fn sink_status(&self, sink: &str) -> Result<crate::notify::SinkStatus>;
+}
+
+/// Which artifacts `artifacts upload` queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadSelector {
+    /// Every artifact.
+    All,
+    /// One session's.
+    Session(String),
+    /// One artifact.
+    Artifact(String),
+}
+
+/// The result of one upload attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// Stored in S3.
+    Uploaded {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// Failed; retried automatically at `next_at` (`None`: only with `--retry-failed`).
+    Failed {
+        /// Why.
+        error: String,
+        /// When to retry.
+        next_at: Option<DateTime<Utc>>,
+    },
+}
+
+/// The durable upload queue: upload state is kept in the index, so a crash or a kill loses
+/// nothing and the next run finishes what was pending.
+pub trait UploadQueue: Send + Sync + fmt::Debug {
+    /// Queues artifacts not yet uploaded (and failed ones with `retry_failed`); returns how many.
+    fn queue_uploads(&self, selector: &UploadSelector, retry_failed: bool) -> Result<u64>;
+    /// Queued artifacts and failed ones whose retry time has come, oldest first, with the
+    /// number of attempts so far.
+    fn due_uploads(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(TestArtifact, u32)>>;
+    /// Number and bytes of queued artifacts.
+    fn pending_uploads(&self) -> Result<(u64, u64)>;
+    /// Records an attempt.
+    fn record_upload(&self, artifact_id: &str, outcome: &UploadOutcome) -> Result<TestArtifact>;
 }

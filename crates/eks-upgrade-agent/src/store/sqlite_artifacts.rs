@@ -99,6 +99,16 @@ CREATE TABLE IF NOT EXISTS artifact_meta (
 INSERT OR IGNORE INTO artifact_meta (key, value) VALUES ('fts_upto', 0);
 "#;
 
+/// The durable upload queue (schema 4): an artifact's upload state lives in its row.
+/// `upload_state`: 0 not queued, 1 queued, 2 uploaded, 3 failed (retried after `upload_next_at`).
+pub(super) const UPLOAD_SCHEMA: &str = r#"
+ALTER TABLE artifacts ADD COLUMN upload_state INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE artifacts ADD COLUMN upload_attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE artifacts ADD COLUMN upload_next_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE artifacts ADD COLUMN upload_error TEXT;
+CREATE INDEX IF NOT EXISTS artifacts_upload_queue ON artifacts (upload_state, upload_next_at);
+"#;
+
 /// Names indexed per FTS5 transaction.
 const FTS_BATCH: i64 = 256;
 
@@ -564,8 +574,8 @@ impl ArtifactIndex for SqliteStore {
                 tx.prepare_cached(
                     "INSERT INTO artifacts (artifact_id, skey, ckey, name, export_name, description, \
                      artifact_type, file_size, file_hash, status, created_at, task_id, step_id, \
-                     upgrade_id, tags, metadata) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                     upgrade_id, tags, metadata, upload_state) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                 )?
                 .execute(params![
                     a.artifact_id,
@@ -583,7 +593,8 @@ impl ArtifactIndex for SqliteStore {
                     a.step_id,
                     upgrade_id,
                     tags,
-                    json_text(&a.metadata)
+                    json_text(&a.metadata),
+                    i64::from(a.queue_upload)
                 ])?;
                 let akey = tx.last_insert_rowid();
                 let mut tag_stmt =
@@ -797,6 +808,104 @@ impl ArtifactIndex for SqliteStore {
                 .execute(params![artifact_id, status.code()])?;
             if n == 0 {
                 return Err(Error::not_found(format!("artifact {artifact_id:?}")));
+            }
+            load_artifact(tx, artifact_id)
+        })
+    }
+}
+
+impl crate::store::UploadQueue for SqliteStore {
+    fn queue_uploads(
+        &self,
+        selector: &crate::store::UploadSelector,
+        retry_failed: bool,
+    ) -> Result<u64> {
+        use crate::store::UploadSelector;
+        self.write(|tx| {
+            let states = if retry_failed { "(0, 3)" } else { "(0)" };
+            let (clause, arg): (&str, Option<i64>) = match selector {
+                UploadSelector::All => ("1 = 1", None),
+                UploadSelector::Session(id) => ("skey = ?1", Some(session_key(tx, id)?)),
+                UploadSelector::Artifact(id) => {
+                    let k: i64 = tx
+                        .prepare_cached("SELECT akey FROM artifacts WHERE artifact_id = ?1")?
+                        .query_row([id], |r| r.get(0))
+                        .optional()?
+                        .ok_or_else(|| Error::not_found(format!("artifact {id:?}")))?;
+                    ("akey = ?1", Some(k))
+                }
+            };
+            let sql = format!(
+                "UPDATE artifacts SET upload_state = 1, upload_next_at = 0 \
+                 WHERE {clause} AND upload_state IN {states} AND status != {}",
+                ArtifactStatus::Deleted.code()
+            );
+            let n = match arg {
+                Some(a) => tx.execute(&sql, [a])?,
+                None => tx.execute(&sql, [])?,
+            };
+            Ok(n as u64)
+        })
+    }
+
+    fn due_uploads(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(TestArtifact, u32)>> {
+        self.read(|c| {
+            let select = ARTIFACT_SELECT
+                .replace(" FROM artifacts a", ", a.upload_attempts FROM artifacts a");
+            let mut stmt = c.prepare_cached(&format!(
+                "{select} WHERE a.upload_state IN (1, 3) AND a.upload_next_at <= ?1 \
+                 ORDER BY a.akey LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![micros(now), limit as i64], |r| {
+                Ok((artifact_row(r)?, r.get::<_, i64>(21)? as u32))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn pending_uploads(&self) -> Result<(u64, u64)> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT count(*), coalesce(sum(file_size), 0) FROM artifacts WHERE upload_state = 1",
+            )?
+            .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?)
+        })
+    }
+
+    fn record_upload(
+        &self,
+        artifact_id: &str,
+        outcome: &crate::store::UploadOutcome,
+    ) -> Result<TestArtifact> {
+        use crate::store::UploadOutcome;
+        self.write(|tx| {
+            match outcome {
+                UploadOutcome::Uploaded { bucket, key, at } => {
+                    tx.prepare_cached(
+                        "UPDATE artifacts SET upload_state = 2, status = ?2, s3_bucket = ?3, s3_key = ?4, \
+                         s3_url = ?5, uploaded_at = ?6, upload_error = NULL WHERE artifact_id = ?1",
+                    )?
+                    .execute(params![
+                        artifact_id,
+                        ArtifactStatus::Uploaded.code(),
+                        bucket,
+                        key,
+                        format!("s3://{bucket}/{key}"),
+                        micros(*at)
+                    ])?;
+                }
+                UploadOutcome::Failed { error, next_at } => {
+                    tx.prepare_cached(
+                        "UPDATE artifacts SET upload_state = 3, status = ?2, upload_attempts = upload_attempts + 1, \
+                         upload_next_at = ?3, upload_error = ?4 WHERE artifact_id = ?1",
+                    )?
+                    .execute(params![
+                        artifact_id,
+                        ArtifactStatus::Failed.code(),
+                        next_at.map_or(0, micros),
+                        error
+                    ])?;
+                }
             }
             load_artifact(tx, artifact_id)
         })

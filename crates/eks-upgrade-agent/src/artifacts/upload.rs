@@ -1,0 +1,374 @@
+//! Uploading artifacts to S3 under the reference layout
+//! `{prefix}/{session_id}/{collection_id}/{export_name}` with the reference user metadata
+//! (`artifact-id`, `artifact-type`, `upgrade-id`, `task-id`, `file-hash`).
+//!
+//! The queue is durable (see [`UploadQueue`]): an artifact is `created` and queued, then
+//! `uploaded` (with `s3_bucket`, `s3_key`, `s3_url`, `uploaded_at`) or `failed` (error kept,
+//! retried after a capped exponential backoff with jitter, or at once with `retry_failed`). An
+//! object already in the bucket with the same `file-hash` is never sent again.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+
+use super::{Progress, TestArtifactsManager};
+use crate::blob::S3BlobStore;
+use crate::error::{Error, Result};
+use crate::model::TestArtifact;
+use crate::store::{UploadOutcome, UploadQueue, UploadSelector};
+
+/// Default key prefix (reference).
+pub const DEFAULT_PREFIX: &str = "eks-upgrade-agent/artifacts";
+/// Default size above which uploads are multipart.
+pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
+/// Longest S3 key.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// Settings of an upload run.
+#[derive(Debug, Clone)]
+pub struct UploadOptions {
+    /// Key prefix.
+    pub prefix: String,
+    /// Size above which uploads are multipart.
+    pub multipart_threshold: u64,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        UploadOptions {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
+            max_backoff: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What an upload run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UploadReport {
+    /// Artifacts newly queued by this run.
+    pub queued: u64,
+    /// Objects sent.
+    pub uploaded: u64,
+    /// Artifacts whose object was already there with the same hash (not sent again).
+    pub already_there: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Failures (artifact id, error); they stay queued for a retry.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The object key of an artifact.
+pub fn object_key(prefix: &str, a: &TestArtifact) -> String {
+    let prefix = prefix.trim_matches('/');
+    let rest = format!("{}/{}/{}", a.session_id, a.collection_id, a.export_name);
+    if prefix.is_empty() {
+        rest
+    } else {
+        format!("{prefix}/{rest}")
+    }
+}
+
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_secs(10)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base.mul_f64(0.5 + 0.5 * f64::from(nanos % 1000) / 1000.0)
+}
+
+impl TestArtifactsManager {
+    /// Queues what `selector` names (if given), then uploads every due artifact once.
+    pub fn upload(
+        &self,
+        queue: &dyn UploadQueue,
+        s3: &S3BlobStore,
+        options: &UploadOptions,
+        selector: Option<&UploadSelector>,
+        retry_failed: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<UploadReport> {
+        let mut report = UploadReport::default();
+        if let Some(sel) = selector {
+            report.queued = queue.queue_uploads(sel, retry_failed)?;
+        }
+        let (files_total, bytes_total) = queue.pending_uploads()?;
+        let mut p = Progress {
+            files_total,
+            bytes_total,
+            ..Progress::default()
+        };
+        progress(p);
+        let mut tried: HashSet<String> = HashSet::new();
+        loop {
+            let due: Vec<(TestArtifact, u32)> = queue
+                .due_uploads(Utc::now(), 64)?
+                .into_iter()
+                .filter(|(a, _)| !tried.contains(&a.artifact_id))
+                .collect();
+            if due.is_empty() {
+                return Ok(report);
+            }
+            for (a, attempts) in due {
+                tried.insert(a.artifact_id.clone());
+                let key = object_key(&options.prefix, &a);
+                let base = p.bytes_done;
+                let result = self.upload_one(s3, options, &a, &key, &mut |b| {
+                    progress(Progress {
+                        bytes_done: base + b,
+                        ..p
+                    })
+                });
+                let outcome = match result {
+                    Ok(sent) => {
+                        if sent {
+                            report.uploaded += 1;
+                            report.bytes += a.file_size;
+                        } else {
+                            report.already_there += 1;
+                        }
+                        UploadOutcome::Uploaded {
+                            bucket: s3.bucket().to_owned(),
+                            key,
+                            at: crate::model::now(),
+                        }
+                    }
+                    Err(e) => {
+                        let error = e.to_string();
+                        report.failed.push((a.artifact_id.clone(), error.clone()));
+                        let delay =
+                            chrono::Duration::from_std(backoff(attempts, options.max_backoff))
+                                .unwrap_or_default();
+                        UploadOutcome::Failed {
+                            error,
+                            next_at: Some(Utc::now() + delay),
+                        }
+                    }
+                };
+                queue.record_upload(&a.artifact_id, &outcome)?;
+                p.files_done += 1;
+                p.bytes_done = base + a.file_size;
+                progress(p);
+            }
+        }
+    }
+
+    /// Uploads one artifact; `Ok(false)` when the object was already there with its hash.
+    fn upload_one(
+        &self,
+        s3: &S3BlobStore,
+        options: &UploadOptions,
+        a: &TestArtifact,
+        key: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<bool> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(Error::invalid(format!(
+                "the S3 key of {:?} would be {} bytes; S3 allows {MAX_KEY_BYTES}",
+                a.name,
+                key.len()
+            )));
+        }
+        if s3.object_hash(key)?.as_deref() == Some(a.file_hash.as_str()) {
+            return Ok(false);
+        }
+        let (_, mut reader) = self.open(&a.artifact_id)?;
+        let mut metadata = vec![
+            ("artifact-id", a.artifact_id.clone()),
+            ("artifact-type", a.artifact_type.as_str().to_owned()),
+            ("upgrade-id", a.upgrade_id.clone()),
+            ("file-hash", a.file_hash.clone()),
+        ];
+        if let Some(t) = &a.task_id {
+            metadata.push(("task-id", t.clone()));
+        }
+        s3.upload_object(
+            key,
+            &mut reader,
+            a.file_size,
+            &metadata,
+            options.multipart_threshold,
+            progress,
+        )?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::artifacts::{AddOptions, ArtifactsOptions, NewSession};
+    use crate::blob::{BlobStore, Digest, LocalBlobStore, S3Options};
+    use crate::model::ArtifactStatus;
+    use crate::store::Durability;
+    use crate::store::sqlite::{SqliteOptions, SqliteStore};
+    use crate::test_support::Moto;
+
+    fn s3(endpoint: &str) -> S3BlobStore {
+        S3BlobStore::new(&S3Options {
+            bucket: "team".into(),
+            prefix: String::new(),
+            endpoint: Some(endpoint.to_owned()),
+            region: Some("us-east-1".into()),
+            credentials: Some(("testing".into(), "testing".into())),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn uploads_use_the_reference_layout_survive_outages_and_back_reads() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = Arc::new(s3(&moto.url));
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs.clone(),
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        )
+        .with_s3(target.clone());
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, Some("ng1"))
+            .unwrap();
+        let opts = AddOptions {
+            task_id: Some("ng1".into()),
+            ..AddOptions::default()
+        };
+        let small = m
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                b"kubelet ok",
+                "nodes/kubelet.log",
+                &opts,
+            )
+            .unwrap();
+        let big_bytes: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let big = m
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &big_bytes,
+                "dump.bin",
+                &opts,
+            )
+            .unwrap();
+        let options = UploadOptions {
+            multipart_threshold: 1024 * 1024,
+            ..UploadOptions::default()
+        };
+
+        // S3 down: both fail, stay queued as `failed` with the error; nothing is lost.
+        let down = s3(&format!(
+            "http://127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        ));
+        let r = m
+            .upload(store.as_ref(), &down, &options, None, false, &mut |_| {})
+            .unwrap();
+        assert_eq!((r.uploaded, r.failed.len()), (0, 2));
+        let a = m.artifact(&small.artifact_id).unwrap();
+        assert_eq!(a.status, ArtifactStatus::Failed);
+        // Not due yet (backoff): a normal run does nothing; --retry-failed forces it.
+        let r = m
+            .upload(store.as_ref(), &target, &options, None, false, &mut |_| {})
+            .unwrap();
+        assert_eq!(r.uploaded, 0);
+        let r = m
+            .upload(
+                store.as_ref(),
+                &target,
+                &options,
+                Some(&UploadSelector::All),
+                true,
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(
+            (r.queued, r.uploaded, r.bytes),
+            (2, 2, 10 + big_bytes.len() as u64),
+            "{r:?}"
+        );
+        let a = m.artifact(&small.artifact_id).unwrap();
+        let key = format!(
+            "eks-upgrade-agent/artifacts/{}/{}/nodes/kubelet.log",
+            s.session_id, c.collection_id
+        );
+        assert_eq!(a.status, ArtifactStatus::Uploaded);
+        assert_eq!(a.s3_key.as_deref(), Some(key.as_str()));
+        assert_eq!(
+            a.s3_url.as_deref(),
+            Some(format!("s3://team/{key}").as_str())
+        );
+        assert!(a.uploaded_at.is_some());
+        assert_eq!(
+            target.object_hash(&key).unwrap().as_deref(),
+            Some(a.file_hash.as_str())
+        );
+
+        // Uploading again sends nothing; an object already there with the same hash (e.g. after
+        // a crash between the upload and its record) is not re-sent.
+        let r = m
+            .upload(
+                store.as_ref(),
+                &target,
+                &options,
+                Some(&UploadSelector::All),
+                true,
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!((r.queued, r.uploaded), (0, 0));
+        store
+            .write(|tx| {
+                tx.execute("UPDATE artifacts SET upload_state = 1", [])?;
+                Ok(())
+            })
+            .unwrap();
+        let r = m
+            .upload(store.as_ref(), &target, &options, None, false, &mut |_| {})
+            .unwrap();
+        assert_eq!((r.uploaded, r.already_there), (0, 2));
+
+        // The local copy is gone: reads come from S3, verified.
+        for a in [&small, &big] {
+            let d: Digest = a.file_hash.parse().unwrap();
+            assert!(blobs.delete(&d).unwrap());
+        }
+        assert_eq!(m.read(&small.artifact_id).unwrap(), b"kubelet ok");
+        assert!(m.read(&big.artifact_id).unwrap() == big_bytes);
+        // A tampered object is caught on the way back.
+        target
+            .upload_object(&key, &mut &b"tampered"[..], 8, &[], 1 << 20, &mut |_| {})
+            .unwrap();
+        let err = m.read(&small.artifact_id).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+}
