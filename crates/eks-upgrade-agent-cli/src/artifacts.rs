@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
@@ -20,6 +20,21 @@ use crate::Ctx;
 use crate::kv::{parse_kv, to_map};
 use crate::progress::print_json;
 use crate::render;
+
+/// S3 settings, global flags.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "S3 (off unless a bucket is set)")]
+pub(crate) struct S3Args {
+    /// Share artifacts through this S3 bucket (standard AWS credentials, region, endpoint)
+    #[arg(long, global = true, env = "EUA_S3_BUCKET", value_name = "BUCKET")]
+    pub(crate) s3_bucket: Option<String>,
+    /// Key prefix [default: eks-upgrade-agent/artifacts]
+    #[arg(long, global = true, env = "EUA_S3_PREFIX", value_name = "PREFIX")]
+    pub(crate) s3_prefix: Option<String>,
+    /// Queue every added artifact for upload
+    #[arg(long, global = true, env = "EUA_AUTO_UPLOAD", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) auto_upload: Option<bool>,
+}
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ArtifactsCmd {
@@ -128,6 +143,21 @@ pub(crate) enum ArtifactsCmd {
         /// Export into a non-empty directory
         #[arg(long)]
         force: bool,
+    },
+    /// Upload artifacts to S3 (queued ones, plus those selected), with a progress bar
+    Upload {
+        /// Queue this session's artifacts
+        #[arg(long, conflicts_with_all = ["artifact", "all"])]
+        session: Option<String>,
+        /// Queue this artifact
+        #[arg(long, conflicts_with = "all")]
+        artifact: Option<String>,
+        /// Queue every artifact not uploaded yet
+        #[arg(long)]
+        all: bool,
+        /// Also retry failed uploads now, without waiting for their backoff
+        #[arg(long)]
+        retry_failed: bool,
     },
     /// Check every stored blob against its digest and every artifact against its blob
     Verify,
@@ -484,6 +514,12 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        ArtifactsCmd::Upload {
+            session,
+            artifact,
+            all,
+            retry_failed,
+        } => upload(ctx, &m, session, artifact, all, retry_failed),
         ArtifactsCmd::Verify => {
             let pb = bar(ctx, "verifying");
             let report = m.verify(&mut track(&pb));
@@ -594,6 +630,78 @@ fn get(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "aws")]
+fn upload(
+    ctx: &Ctx,
+    m: &TestArtifactsManager,
+    session: Option<String>,
+    artifact: Option<String>,
+    all: bool,
+    retry_failed: bool,
+) -> anyhow::Result<ExitCode> {
+    use eks_upgrade_agent::artifacts::upload::UploadOptions;
+    use eks_upgrade_agent::store::UploadSelector;
+    let Some(s3) = ctx.config.s3_store()? else {
+        anyhow::bail!(
+            "no S3 bucket is configured: set --s3-bucket (or EUA_S3_BUCKET, or s3_bucket in the config file)"
+        );
+    };
+    let selector = match (session, artifact, all) {
+        (Some(s), _, _) => Some(UploadSelector::Session(s)),
+        (_, Some(a), _) => Some(UploadSelector::Artifact(a)),
+        (_, _, true) => Some(UploadSelector::All),
+        _ => None,
+    };
+    let store = ctx.store()?;
+    let options = UploadOptions {
+        prefix: ctx.config.s3_prefix().to_owned(),
+        ..UploadOptions::default()
+    };
+    let pb = bar(ctx, "uploading");
+    let report = m.upload(
+        store.as_ref(),
+        &s3,
+        &options,
+        selector.as_ref(),
+        retry_failed,
+        &mut track(&pb),
+    );
+    pb.finish_and_clear();
+    let report = report?;
+    if ctx.json() {
+        print_json(&report)?;
+    } else {
+        println!(
+            "uploaded {} ({} bytes), {} already in s3://{}, {} failed",
+            report.uploaded,
+            report.bytes,
+            report.already_there,
+            s3.bucket(),
+            report.failed.len()
+        );
+        for (id, e) in &report.failed {
+            eprintln!("error: artifact {id}: {e}");
+        }
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(not(feature = "aws"))]
+fn upload(
+    _: &Ctx,
+    _: &TestArtifactsManager,
+    _: Option<String>,
+    _: Option<String>,
+    _: bool,
+    _: bool,
+) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this build has no S3 support (feature `aws`)")
 }
 
 fn session(ctx: &Ctx, m: &TestArtifactsManager, cmd: SessionCmd) -> anyhow::Result<ExitCode> {

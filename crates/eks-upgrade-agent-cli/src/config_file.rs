@@ -12,6 +12,9 @@
 //! webhook_url = "https://hooks.example.com/eks"
 //! webhook_secret = "..."
 //! webhook_format = "cloudevents"       # or "reference" (default)
+//! s3_bucket = "team-upgrade-artifacts"
+//! s3_prefix = "eks-upgrade-agent/artifacts"
+//! auto_upload = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -36,6 +39,9 @@ pub(crate) struct FileConfig {
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
     webhook_format: Option<Format>,
+    pub(crate) s3_bucket: Option<String>,
+    pub(crate) s3_prefix: Option<String>,
+    pub(crate) auto_upload: Option<bool>,
 }
 
 impl FileConfig {

@@ -52,6 +52,9 @@ struct Cli {
     #[command(flatten)]
     notify: notify::NotifyArgs,
 
+    #[command(flatten)]
+    s3: artifacts::S3Args,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -172,6 +175,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         config.durability = d;
     }
     config.notify = file.notify(cli.notify.into_config());
+    config.s3 = eks_upgrade_agent::config::S3Config {
+        s3_bucket: cli
+            .s3
+            .s3_bucket
+            .filter(|b| !b.is_empty())
+            .or(file.s3_bucket.clone()),
+        s3_prefix: cli.s3.s3_prefix.or(file.s3_prefix.clone()),
+        auto_upload: cli.s3.auto_upload.or(file.auto_upload).unwrap_or(false),
+    };
     let ctx = Ctx {
         output: cli.output,
         config,

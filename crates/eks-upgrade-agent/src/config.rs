@@ -25,6 +25,19 @@ pub struct Config {
     pub durability: Durability,
     /// Notification sinks (all off by default).
     pub notify: NotifyConfig,
+    /// Shared artifact storage in S3 (off by default).
+    pub s3: S3Config,
+}
+
+/// S3 settings (reference names: `s3_bucket`, `s3_prefix`, `auto_upload`).
+#[derive(Debug, Clone, Default)]
+pub struct S3Config {
+    /// Bucket; S3 is used when set.
+    pub s3_bucket: Option<String>,
+    /// Key prefix [default: `eks-upgrade-agent/artifacts`].
+    pub s3_prefix: Option<String>,
+    /// Queue every added artifact for upload.
+    pub auto_upload: bool,
 }
 
 /// Where notifications go (reference names: `eventbridge_bus_name`, `aws_region`).
@@ -118,6 +131,7 @@ impl Config {
             data_dir: data_dir.into(),
             durability: Durability::default(),
             notify: NotifyConfig::default(),
+            s3: S3Config::default(),
         }
     }
 
@@ -139,14 +153,43 @@ impl Config {
         self.data_dir.join("blobs")
     }
 
-    /// An artifacts manager over `store` (the index) and the local blob store.
+    /// An artifacts manager over `store` (the index) and the local blob store, with S3 when a
+    /// bucket is configured.
     pub fn artifacts_manager(&self, store: Arc<SqliteStore>) -> Result<TestArtifactsManager> {
         let blobs = LocalBlobStore::open(&self.blob_dir(), self.durability)?;
-        Ok(TestArtifactsManager::new(
+        let manager = TestArtifactsManager::new(
             store,
             Arc::new(blobs),
-            ArtifactsOptions::default(),
-        ))
+            ArtifactsOptions {
+                auto_upload: self.s3.auto_upload && self.s3.s3_bucket.is_some(),
+                ..ArtifactsOptions::default()
+            },
+        );
+        #[cfg(feature = "aws")]
+        if let Some(s3) = self.s3_store()? {
+            return Ok(manager.with_s3(Arc::new(s3)));
+        }
+        Ok(manager)
+    }
+
+    /// The configured S3 store, if any.
+    #[cfg(feature = "aws")]
+    pub fn s3_store(&self) -> Result<Option<crate::blob::S3BlobStore>> {
+        match &self.s3.s3_bucket {
+            Some(bucket) => Ok(Some(crate::blob::S3BlobStore::from_env(
+                bucket,
+                self.s3_prefix(),
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The key prefix of uploads.
+    pub fn s3_prefix(&self) -> &str {
+        self.s3
+            .s3_prefix
+            .as_deref()
+            .unwrap_or("eks-upgrade-agent/artifacts")
     }
 }
 

@@ -4,75 +4,12 @@
 //! runs, the queue must hold exactly the expected notifications.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::Env;
-
-/// A moto server on a free loopback port, killed on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start moto_server ({e}): install it with pip install \"moto[server]\" (.ci/run does)")
-            });
-        let url = format!("http://127.0.0.1:{port}");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "moto_server did not start on {url}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto { child, url }
-    }
-
-    /// Runs a boto3 snippet against this server; `out` is what it prints as JSON.
-    fn python(&self, code: &str) -> Value {
-        let script = format!(
-            "import boto3, json\n\
-             kw = dict(endpoint_url={url:?}, region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
-             events = boto3.client('events', **kw)\n\
-             sqs = boto3.client('sqs', **kw)\n\
-             {code}\n",
-            url = self.url
-        );
-        let out = Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "python failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::util::{Env, Moto};
 
 fn aws(cmd: &mut Command, endpoint: &str) {
     cmd.env("AWS_ENDPOINT_URL", endpoint)

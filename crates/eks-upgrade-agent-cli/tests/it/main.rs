@@ -6,4 +6,5 @@ mod cli;
 mod crash;
 mod eventbridge;
 mod reference;
+mod s3;
 mod util;

@@ -1,0 +1,96 @@
+//! S3 through the CLI against moto on 127.0.0.1: `--auto-upload` queues, `artifacts upload`
+//! sends with the reference keys and metadata, re-running sends nothing, `get` falls back to S3.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::util::{Env, Moto};
+
+fn with_s3(c: &mut Command, endpoint: &str) {
+    c.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("EUA_S3_BUCKET", "team");
+}
+
+#[test]
+fn artifacts_upload_to_s3_with_reference_keys_and_metadata() {
+    let moto = Moto::start();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let env = Env::new();
+    let run = |args: &[&str]| -> Value {
+        let mut c = env.command();
+        with_s3(&mut c, &moto.url);
+        let out = c.arg("-o").arg("json").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s = run(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u1",
+        "--cluster",
+        "prod",
+    ]);
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let c = run(&["artifacts", "collection", "create", &sid, "--name", "logs"]);
+    let cid = c["collection_id"].as_str().unwrap().to_owned();
+    let file = env.dir.path().join("kubelet.log");
+    std::fs::write(&file, b"kubelet ok\n").unwrap();
+    let added = run(&[
+        "--auto-upload",
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        file.to_str().unwrap(),
+        "--task-id",
+        "ng1",
+    ]);
+    let id = added[0]["artifact_id"].as_str().unwrap().to_owned();
+    let hash = added[0]["file_hash"].as_str().unwrap().to_owned();
+    let report = run(&["artifacts", "upload"]);
+    assert_eq!(report["uploaded"], 1, "{report}");
+    let a = run(&["artifacts", "show", &id]);
+    let key = format!("eks-upgrade-agent/artifacts/{sid}/{cid}/kubelet.log");
+    assert_eq!(a["status"], "uploaded");
+    assert_eq!(a["s3_key"], key.as_str());
+    assert_eq!(a["s3_url"], format!("s3://team/{key}"));
+    let head = moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\nprint(json.dumps(s3.head_object(Bucket='team', Key={key:?})['Metadata']))"
+    ));
+    assert_eq!(head["artifact-id"], id.as_str());
+    assert_eq!(head["artifact-type"], "log_file");
+    assert_eq!(head["upgrade-id"], "u1");
+    assert_eq!(head["task-id"], "ng1");
+    assert_eq!(head["file-hash"], hash.as_str());
+    // Nothing left to send.
+    let report = run(&["artifacts", "upload", "--all"]);
+    assert_eq!(
+        (report["queued"].as_u64(), report["uploaded"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // The local blob is gone (a fresh machine): get reads S3, verified.
+    std::fs::remove_file(env.data_dir().join("blobs/small.sqlite3")).unwrap();
+    let mut c = env.command();
+    with_s3(&mut c, &moto.url);
+    let out = c.args(["artifacts", "get", &id]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"kubelet ok\n");
+    // Without a bucket, upload says what to set.
+    let err = env.fails(1, &["artifacts", "upload"]);
+    assert!(err.contains("no S3 bucket is configured"), "{err}");
+}
