@@ -126,6 +126,11 @@ pub(crate) enum ArtifactsCmd {
         /// Artifact id
         artifact: String,
     },
+    /// Delete an artifact: its S3 object, then its local copy; the record stays as `deleted`
+    Delete {
+        /// Artifact id
+        artifact: String,
+    },
     /// Write an artifact's verified bytes to stdout or a file
     Get {
         /// Artifact id
@@ -483,6 +488,15 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ArtifactsCmd::Get { artifact, out } => get(ctx, &m, &artifact, out),
+        ArtifactsCmd::Delete { artifact } => {
+            let a = m.delete_artifact(&artifact)?;
+            if ctx.json() {
+                print_json(&a)?;
+            } else {
+                println!("deleted artifact {} ({})", a.artifact_id, a.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ArtifactsCmd::Export {
             session,
             dir,

@@ -90,6 +90,13 @@ fn artifacts_upload_to_s3_with_reference_keys_and_metadata() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"kubelet ok\n");
+    // Delete removes the object and keeps the record.
+    let d = run(&["artifacts", "delete", &id]);
+    assert_eq!(d["status"], "deleted");
+    let left = moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\nprint(json.dumps(s3.list_objects_v2(Bucket='team', Prefix={key:?}).get('KeyCount', 0)))"
+    ));
+    assert_eq!(left, 0);
     // Without a bucket, upload says what to set.
     let err = env.fails(1, &["artifacts", "upload"]);
     assert!(err.contains("no S3 bucket is configured"), "{err}");

@@ -815,6 +815,8 @@ impl TestArtifactsManager {
         };
         if !dry_run {
             for s in &sessions {
+                // Shared copies go first: if S3 cannot delete them, the session stays whole.
+                self.delete_uploaded_objects(&s.session.session_id)?;
                 let digests = self.index.delete_session(&s.session.session_id)?;
                 let (n, bytes) = self.delete_blobs(&digests)?;
                 report.blobs_removed += n;
@@ -824,6 +826,70 @@ impl TestArtifactsManager {
         }
         report.sessions = sessions;
         Ok(report)
+    }
+
+    /// Removes the S3 objects of a session's uploaded artifacts (no-op without S3).
+    fn delete_uploaded_objects(&self, session_id: &str) -> Result<u64> {
+        #[cfg(feature = "aws")]
+        if let Some(s3) = &self.s3 {
+            let mut keys = Vec::new();
+            self.index.for_each_artifact(Some(session_id), &mut |a| {
+                if let Some(k) = a.s3_key {
+                    keys.push(k);
+                }
+                Ok(())
+            })?;
+            for k in &keys {
+                s3.delete_object(k)?;
+            }
+            return Ok(keys.len() as u64);
+        }
+        let _ = session_id;
+        Ok(0)
+    }
+
+    /// Deletes an artifact: its S3 object (when uploaded), then marks it `deleted` (the row is
+    /// kept as a record), then releases its local blob if nothing else uses it.
+    pub fn delete_artifact(&self, artifact_id: &str) -> Result<TestArtifact> {
+        let a = self.index.artifact(artifact_id)?;
+        if a.status == crate::model::ArtifactStatus::Deleted {
+            return Ok(a);
+        }
+        #[cfg(feature = "aws")]
+        if let Some(key) = &a.s3_key {
+            match &self.s3 {
+                Some(s3) => s3.delete_object(key)?,
+                None => {
+                    return Err(Error::invalid(format!(
+                        "artifact {artifact_id:?} is in s3://{}/{key}; configure that bucket to delete it",
+                        a.s3_bucket.as_deref().unwrap_or("?")
+                    )));
+                }
+            }
+        }
+        let deleted = self
+            .index
+            .set_artifact_status(artifact_id, crate::model::ArtifactStatus::Deleted)?;
+        let digest: Digest = a.file_hash.parse()?;
+        self.delete_blobs(&[digest])?;
+        Ok(deleted)
+    }
+
+    /// Whether the artifact's content can be read: locally, or from S3 when it was uploaded.
+    pub fn exists(&self, artifact_id: &str) -> Result<bool> {
+        let a = self.index.artifact(artifact_id)?;
+        if a.status == crate::model::ArtifactStatus::Deleted {
+            return Ok(false);
+        }
+        let digest: Digest = a.file_hash.parse()?;
+        if self.blobs.exists(&digest)? {
+            return Ok(true);
+        }
+        #[cfg(feature = "aws")]
+        if let (Some(s3), Some(key)) = (&self.s3, &a.s3_key) {
+            return Ok(s3.object_hash(key)?.is_some());
+        }
+        Ok(false)
     }
 
     fn delete_blobs(&self, digests: &[Digest]) -> Result<(u64, u64)> {

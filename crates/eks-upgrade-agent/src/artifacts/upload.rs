@@ -370,5 +370,20 @@ mod tests {
             .unwrap();
         let err = m.read(&small.artifact_id).unwrap_err();
         assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+
+        // Delete: the object goes, the row stays as `deleted`.
+        let big_key = m.artifact(&big.artifact_id).unwrap().s3_key.unwrap();
+        assert!(m.exists(&big.artifact_id).unwrap());
+        let d = m.delete_artifact(&big.artifact_id).unwrap();
+        assert_eq!(d.status, ArtifactStatus::Deleted);
+        assert_eq!(target.object_hash(&big_key).unwrap(), None);
+        assert!(!m.exists(&big.artifact_id).unwrap());
+        assert!(m.read(&big.artifact_id).is_err());
+        // Retention removes the session's objects too.
+        m.complete_session(&s.session_id).unwrap();
+        let in_40_days = Utc::now() + chrono::Duration::days(40);
+        let report = m.cleanup(false, Some(in_40_days)).unwrap();
+        assert_eq!(report.sessions.len(), 1);
+        assert_eq!(target.object_hash(&key).unwrap(), None);
     }
 }
