@@ -164,6 +164,20 @@ pub(crate) enum ArtifactsCmd {
         #[arg(long)]
         retry_failed: bool,
     },
+    /// Rebuild a session from its manifest in S3 (on another machine, into this data dir)
+    Pull {
+        /// Session id
+        session: String,
+        /// Bucket holding the session
+        #[arg(long)]
+        bucket: String,
+        /// Key prefix [default: eks-upgrade-agent/artifacts]
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Download every artifact now (verified) instead of on first read
+        #[arg(long)]
+        eager: bool,
+    },
     /// Check every stored blob against its digest and every artifact against its blob
     Verify,
     /// Remove completed sessions whose retention has passed
@@ -534,6 +548,12 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             all,
             retry_failed,
         } => upload(ctx, &m, session, artifact, all, retry_failed),
+        ArtifactsCmd::Pull {
+            session,
+            bucket,
+            prefix,
+            eager,
+        } => pull(ctx, &m, &session, &bucket, prefix, eager),
         ArtifactsCmd::Verify => {
             let pb = bar(ctx, "verifying");
             let report = m.verify(&mut track(&pb));
@@ -669,10 +689,7 @@ fn upload(
         _ => None,
     };
     let store = ctx.store()?;
-    let options = UploadOptions {
-        prefix: ctx.config.s3_prefix().to_owned(),
-        ..UploadOptions::default()
-    };
+    let options = UploadOptions::default();
     let pb = bar(ctx, "uploading");
     let report = m.upload(
         store.as_ref(),
@@ -704,6 +721,53 @@ fn upload(
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(feature = "aws")]
+fn pull(
+    ctx: &Ctx,
+    m: &TestArtifactsManager,
+    session: &str,
+    bucket: &str,
+    prefix: Option<String>,
+    eager: bool,
+) -> anyhow::Result<ExitCode> {
+    let prefix =
+        prefix.unwrap_or_else(|| eks_upgrade_agent::artifacts::upload::DEFAULT_PREFIX.to_owned());
+    let s3 = eks_upgrade_agent::blob::S3BlobStore::from_env(bucket, &prefix)?;
+    let pb = bar(ctx, "pulling");
+    let report = m.pull(&s3, session, eager, &mut track(&pb));
+    pb.finish_and_clear();
+    let report = report?;
+    if ctx.json() {
+        print_json(&report)?;
+    } else {
+        println!(
+            "pulled session {}: {} artifacts, {} downloaded ({} bytes){}",
+            report.session_id,
+            report.artifacts,
+            report.downloaded,
+            report.bytes,
+            if eager {
+                ""
+            } else {
+                "; contents are read from S3 when needed"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "aws"))]
+fn pull(
+    _: &Ctx,
+    _: &TestArtifactsManager,
+    _: &str,
+    _: &str,
+    _: Option<String>,
+    _: bool,
+) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this build has no S3 support (feature `aws`)")
 }
 
 #[cfg(not(feature = "aws"))]

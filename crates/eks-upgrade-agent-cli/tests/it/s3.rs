@@ -90,6 +90,32 @@ fn artifacts_upload_to_s3_with_reference_keys_and_metadata() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"kubelet ok\n");
+    // Another machine (an empty data dir, no --s3-bucket) pulls the session and reads it.
+    let other = Env::new();
+    let mut c = other.command();
+    with_s3(&mut c, &moto.url);
+    c.env_remove("EUA_S3_BUCKET");
+    let out = c
+        .args(["-o", "json", "artifacts", "pull", &sid, "--bucket", "team"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["artifacts"], 1);
+    let mut c = other.command();
+    with_s3(&mut c, &moto.url);
+    c.env_remove("EUA_S3_BUCKET");
+    let out = c.args(["artifacts", "get", &id]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"kubelet ok\n");
     // Delete removes the object and keeps the record.
     let d = run(&["artifacts", "delete", &id]);
     assert_eq!(d["status"], "deleted");

@@ -610,11 +610,23 @@ impl TestArtifactsManager {
         }
         let digest: Digest = a.file_hash.parse()?;
         #[cfg(feature = "aws")]
-        if let (Some(s3), Some(key)) = (&self.s3, &a.s3_key)
+        if let Some(key) = &a.s3_key
             && !self.blobs.exists(&digest)?
         {
-            // The local copy is gone: read the uploaded object, verified against the digest.
-            let reader = s3.open_object(key, &digest)?;
+            // The local copy is gone (or was never pulled): read the uploaded object, verified
+            // against the digest, from the configured store or else the artifact's own bucket.
+            let reader = match (&self.s3, &a.s3_bucket) {
+                (Some(s3), Some(b)) if s3.bucket() == b => s3.open_object(key, &digest)?,
+                (_, Some(b)) => {
+                    crate::blob::S3BlobStore::from_env(b, "")?.open_object(key, &digest)?
+                }
+                (Some(s3), None) => s3.open_object(key, &digest)?,
+                (None, None) => {
+                    return Err(Error::not_found(format!(
+                        "the content of artifact {artifact_id:?} (no local copy, no bucket)"
+                    )));
+                }
+            };
             return Ok((a, reader));
         }
         let reader = self.blobs.open(&digest).map_err(|e| match e {
@@ -842,6 +854,7 @@ impl TestArtifactsManager {
             for k in &keys {
                 s3.delete_object(k)?;
             }
+            s3.delete_object(&upload::manifest_key(s3.prefix(), session_id))?;
             return Ok(keys.len() as u64);
         }
         let _ = session_id;

@@ -11,12 +11,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Progress, TestArtifactsManager};
 use crate::blob::S3BlobStore;
 use crate::error::{Error, Result};
-use crate::model::TestArtifact;
+use crate::model::{ArtifactCollection, TestArtifact, TestSession};
 use crate::store::{UploadOutcome, UploadQueue, UploadSelector};
 
 /// Default key prefix (reference).
@@ -26,11 +26,9 @@ pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
 /// Longest S3 key.
 pub const MAX_KEY_BYTES: usize = 1024;
 
-/// Settings of an upload run.
+/// Settings of an upload run (the key prefix is the S3 store's).
 #[derive(Debug, Clone)]
 pub struct UploadOptions {
-    /// Key prefix.
-    pub prefix: String,
     /// Size above which uploads are multipart.
     pub multipart_threshold: u64,
     /// Longest retry delay.
@@ -40,7 +38,6 @@ pub struct UploadOptions {
 impl Default for UploadOptions {
     fn default() -> Self {
         UploadOptions {
-            prefix: DEFAULT_PREFIX.to_owned(),
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             max_backoff: Duration::from_secs(600),
         }
@@ -60,6 +57,45 @@ pub struct UploadReport {
     pub bytes: u64,
     /// Failures (artifact id, error); they stay queued for a retry.
     pub failed: Vec<(String, String)>,
+    /// Session manifests written.
+    pub manifests: u64,
+}
+
+/// What `{prefix}/{session_id}/manifest.json` holds: enough to rebuild the session's index on
+/// another machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionManifest {
+    /// Format version (1).
+    pub format: u32,
+    /// The session.
+    pub session: TestSession,
+    /// Its collections.
+    pub collections: Vec<ArtifactCollection>,
+    /// Its artifacts, with digests, keys, tags and metadata.
+    pub artifacts: Vec<TestArtifact>,
+}
+
+/// What [`TestArtifactsManager::pull`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PullReport {
+    /// The session pulled.
+    pub session_id: String,
+    /// Artifacts indexed.
+    pub artifacts: u64,
+    /// Artifacts downloaded (eager pulls).
+    pub downloaded: u64,
+    /// Bytes downloaded.
+    pub bytes: u64,
+}
+
+/// The key of a session's manifest.
+pub fn manifest_key(prefix: &str, session_id: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        format!("{session_id}/manifest.json")
+    } else {
+        format!("{prefix}/{session_id}/manifest.json")
+    }
 }
 
 /// The object key of an artifact.
@@ -85,6 +121,108 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
 }
 
 impl TestArtifactsManager {
+    /// Writes the session's manifest next to its objects; returns its key.
+    pub fn write_manifest(&self, s3: &S3BlobStore, session_id: &str) -> Result<String> {
+        let session = self.session(session_id)?;
+        let collections = self.collections(session_id)?;
+        let mut artifacts = Vec::new();
+        self.index().for_each_artifact(Some(session_id), &mut |a| {
+            artifacts.push(a);
+            Ok(())
+        })?;
+        let manifest = SessionManifest {
+            format: 1,
+            session,
+            collections,
+            artifacts,
+        };
+        let body = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| Error::invalid(format!("cannot encode the manifest: {e}")))?;
+        let key = manifest_key(s3.prefix(), session_id);
+        s3.upload_object(
+            &key,
+            &mut body.as_slice(),
+            body.len() as u64,
+            &[],
+            u64::MAX,
+            &mut |_| {},
+        )?;
+        Ok(key)
+    }
+
+    /// Rebuilds a session from its manifest in `s3` (into a store that does not have it).
+    /// Lazy: artifact contents are read from S3 when needed; eager: every object is
+    /// downloaded now, verified, into the local blob store.
+    pub fn pull(
+        &self,
+        s3: &S3BlobStore,
+        session_id: &str,
+        eager: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<PullReport> {
+        crate::progress::command::check_id("session_id", session_id)?;
+        let key = manifest_key(s3.prefix(), session_id);
+        let mut text = Vec::new();
+        // The manifest has no digest of its own: read it unverified.
+        let mut reader = s3.open_object_unverified(&key).map_err(|e| match e {
+            Error::NotFound { .. } => Error::not_found(format!(
+                "manifest s3://{}/{key} (is the session uploaded?)",
+                s3.bucket()
+            )),
+            other => other,
+        })?;
+        std::io::Read::read_to_end(&mut reader, &mut text)?;
+        let m: SessionManifest = serde_json::from_slice(&text).map_err(|e| {
+            Error::invalid(format!(
+                "malformed manifest s3://{}/{key}: {e}",
+                s3.bucket()
+            ))
+        })?;
+        if m.format != 1 || m.session.session_id != session_id {
+            return Err(Error::invalid(format!(
+                "s3://{}/{key} is not a manifest of session {session_id:?} (format {})",
+                s3.bucket(),
+                m.format
+            )));
+        }
+        for a in &m.artifacts {
+            crate::artifacts::names::sanitize_name(&a.export_name)?;
+        }
+        let mut report = PullReport {
+            session_id: session_id.to_owned(),
+            artifacts: m.artifacts.len() as u64,
+            ..PullReport::default()
+        };
+        if eager {
+            let mut p = Progress {
+                files_total: m.artifacts.len() as u64,
+                bytes_total: m.artifacts.iter().map(|a| a.file_size).sum(),
+                ..Progress::default()
+            };
+            for a in &m.artifacts {
+                let Some(key) = &a.s3_key else { continue };
+                let digest: crate::blob::Digest = a.file_hash.parse()?;
+                if !self.blobs().exists(&digest)? {
+                    let mut r = s3.open_object(key, &digest)?;
+                    let info = self.blobs().put(&mut r, &mut |_| {})?;
+                    if info.digest != digest {
+                        return Err(Error::Corrupt {
+                            what: format!("s3://{}/{key} does not hash to {digest}", s3.bucket()),
+                        });
+                    }
+                    report.downloaded += 1;
+                    report.bytes += info.size;
+                }
+                p.files_done += 1;
+                p.bytes_done += a.file_size;
+                progress(p);
+            }
+        }
+        self.index()
+            .import_session(&m.session, &m.collections, &m.artifacts)?;
+        Ok(report)
+    }
+
     /// Queues what `selector` names (if given), then uploads every due artifact once.
     pub fn upload(
         &self,
@@ -107,6 +245,7 @@ impl TestArtifactsManager {
         };
         progress(p);
         let mut tried: HashSet<String> = HashSet::new();
+        let mut sessions: HashSet<String> = HashSet::new();
         loop {
             let due: Vec<(TestArtifact, u32)> = queue
                 .due_uploads(Utc::now(), 64)?
@@ -114,11 +253,16 @@ impl TestArtifactsManager {
                 .filter(|(a, _)| !tried.contains(&a.artifact_id))
                 .collect();
             if due.is_empty() {
+                // Every session that got objects gets an up-to-date manifest.
+                for sid in &sessions {
+                    self.write_manifest(s3, sid)?;
+                    report.manifests += 1;
+                }
                 return Ok(report);
             }
             for (a, attempts) in due {
                 tried.insert(a.artifact_id.clone());
-                let key = object_key(&options.prefix, &a);
+                let key = object_key(s3.prefix(), &a);
                 let base = p.bytes_done;
                 let result = self.upload_one(s3, options, &a, &key, &mut |b| {
                     progress(Progress {
@@ -128,6 +272,7 @@ impl TestArtifactsManager {
                 });
                 let outcome = match result {
                     Ok(sent) => {
+                        sessions.insert(a.session_id.clone());
                         if sent {
                             report.uploaded += 1;
                             report.bytes += a.file_size;
@@ -216,7 +361,7 @@ mod tests {
     fn s3(endpoint: &str) -> S3BlobStore {
         S3BlobStore::new(&S3Options {
             bucket: "team".into(),
-            prefix: String::new(),
+            prefix: DEFAULT_PREFIX.into(),
             endpoint: Some(endpoint.to_owned()),
             region: Some("us-east-1".into()),
             credentials: Some(("testing".into(), "testing".into())),
@@ -364,6 +509,48 @@ mod tests {
         }
         assert_eq!(m.read(&small.artifact_id).unwrap(), b"kubelet ok");
         assert!(m.read(&big.artifact_id).unwrap() == big_bytes);
+        // Another machine pulls the session from its manifest: lazily, then eagerly.
+        let manifest = manifest_key(target.prefix(), &s.session_id);
+        assert!(
+            target.object_hash(&manifest).unwrap().is_some(),
+            "upload wrote the manifest"
+        );
+        for eager in [false, true] {
+            let dir2 = tempfile::tempdir().unwrap();
+            let store2 =
+                Arc::new(SqliteStore::open(dir2.path(), &SqliteOptions::default()).unwrap());
+            let blobs2 = Arc::new(
+                LocalBlobStore::open(&dir2.path().join("blobs"), Durability::default()).unwrap(),
+            );
+            let m2 = TestArtifactsManager::new(store2, blobs2.clone(), ArtifactsOptions::default())
+                .with_s3(Arc::new(s3(&moto.url)));
+            let r = m2.pull(&target, &s.session_id, eager, &mut |_| {}).unwrap();
+            assert_eq!(
+                (r.artifacts, r.downloaded),
+                (2, if eager { 2 } else { 0 }),
+                "{r:?}"
+            );
+            assert_eq!(
+                m2.session(&s.session_id).unwrap(),
+                m.session(&s.session_id).unwrap()
+            );
+            assert_eq!(
+                m2.artifact(&big.artifact_id).unwrap(),
+                m.artifact(&big.artifact_id).unwrap()
+            );
+            let d: Digest = big.file_hash.parse().unwrap();
+            assert_eq!(blobs2.exists(&d).unwrap(), eager);
+            assert!(m2.read(&big.artifact_id).unwrap() == big_bytes);
+            let err = m2
+                .pull(&target, &s.session_id, eager, &mut |_| {})
+                .unwrap_err();
+            assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+        }
+        let err = m
+            .pull(&target, "no-such-session", false, &mut |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("manifest"), "{err}");
+
         // A tampered object is caught on the way back.
         target
             .upload_object(&key, &mut &b"tampered"[..], 8, &[], 1 << 20, &mut |_| {})
@@ -385,5 +572,6 @@ mod tests {
         let report = m.cleanup(false, Some(in_40_days)).unwrap();
         assert_eq!(report.sessions.len(), 1);
         assert_eq!(target.object_hash(&key).unwrap(), None);
+        assert_eq!(target.object_hash(&manifest).unwrap(), None);
     }
 }

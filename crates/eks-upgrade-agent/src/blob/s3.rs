@@ -173,6 +173,11 @@ impl S3BlobStore {
         &self.bucket
     }
 
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn under_prefix(&self, rest: &str) -> String {
         if self.prefix.is_empty() {
             rest.to_owned()
@@ -381,6 +386,21 @@ impl S3BlobStore {
             },
             *digest,
         )))
+    }
+
+    /// A reader of the object at `key`, not verified (for objects without a known digest, such
+    /// as manifests).
+    pub fn open_object_unverified(&self, key: &str) -> Result<Box<dyn Read + Send>> {
+        let path = ObjPath::from(key);
+        let got = self
+            .runtime
+            .block_on(self.store.get(&path))
+            .map_err(|e| backend(format!("s3://{}/{key}", self.bucket), e))?;
+        Ok(Box::new(ObjectReader {
+            runtime: Arc::clone(&self.runtime),
+            stream: got.into_stream(),
+            current: Bytes::new(),
+        }))
     }
 
     /// Deletes the object at `key` (no error if it is absent).

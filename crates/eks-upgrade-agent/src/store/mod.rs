@@ -251,6 +251,14 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
         artifact_id: &str,
         status: ArtifactStatus,
     ) -> Result<TestArtifact>;
+    /// Writes a whole session taken from elsewhere (a pulled manifest), keeping its ids, in one
+    /// transaction; `AlreadyExists` if the session is there.
+    fn import_session(
+        &self,
+        session: &TestSession,
+        collections: &[ArtifactCollection],
+        artifacts: &[TestArtifact],
+    ) -> Result<()>;
 }
 
 /// What happened to one notification at one sink.

@@ -797,6 +797,15 @@ impl ArtifactIndex for SqliteStore {
         })
     }
 
+    fn import_session(
+        &self,
+        session: &TestSession,
+        collections: &[ArtifactCollection],
+        artifacts: &[TestArtifact],
+    ) -> Result<()> {
+        self.write(|tx| import_session_tx(tx, session, collections, artifacts))
+    }
+
     fn set_artifact_status(
         &self,
         artifact_id: &str,
@@ -812,6 +821,95 @@ impl ArtifactIndex for SqliteStore {
             load_artifact(tx, artifact_id)
         })
     }
+}
+
+fn import_session_tx(
+    tx: &Transaction<'_>,
+    s: &TestSession,
+    collections: &[ArtifactCollection],
+    artifacts: &[TestArtifact],
+) -> Result<()> {
+    if session_key(tx, &s.session_id).is_ok() {
+        return Err(Error::AlreadyExists {
+            what: format!("session {:?}", s.session_id),
+        });
+    }
+    tx.prepare_cached(
+        "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, description, \
+         started_at, completed_at, retention_days) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        s.session_id,
+        s.upgrade_id,
+        s.cluster_name,
+        s.name,
+        s.description,
+        micros(s.started_at),
+        s.completed_at.map(micros),
+        s.retention_days
+    ])?;
+    let skey = tx.last_insert_rowid();
+    let mut ckeys = HashMap::new();
+    for c in collections {
+        tx.prepare_cached(
+            "INSERT INTO collections (collection_id, skey, name, description, task_id, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            c.collection_id,
+            skey,
+            c.name,
+            c.description,
+            c.task_id,
+            micros(c.created_at)
+        ])?;
+        ckeys.insert(c.collection_id.as_str(), tx.last_insert_rowid());
+    }
+    for a in artifacts {
+        let ckey = *ckeys.get(a.collection_id.as_str()).ok_or_else(|| {
+            Error::invalid(format!(
+                "artifact {:?} names collection {:?}, which the manifest does not have",
+                a.artifact_id, a.collection_id
+            ))
+        })?;
+        a.file_hash.parse::<Digest>()?;
+        tx.prepare_cached(
+            "INSERT INTO artifacts (artifact_id, skey, ckey, name, export_name, description, \
+             artifact_type, file_size, file_hash, status, s3_bucket, s3_key, s3_url, created_at, \
+             uploaded_at, task_id, step_id, upgrade_id, tags, metadata, upload_state) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+        )?
+        .execute(params![
+            a.artifact_id,
+            skey,
+            ckey,
+            a.name,
+            a.export_name,
+            a.description,
+            a.artifact_type.code(),
+            a.file_size as i64,
+            a.file_hash,
+            a.status.code(),
+            a.s3_bucket,
+            a.s3_key,
+            a.s3_url,
+            micros(a.created_at),
+            a.uploaded_at.map(micros),
+            a.task_id,
+            a.step_id,
+            a.upgrade_id,
+            (!a.tags.is_empty()).then(|| serde_json::to_string(&a.tags).unwrap_or_default()),
+            json_text(&a.metadata),
+            if a.s3_key.is_some() { 2 } else { 0 }
+        ])?;
+        let akey = tx.last_insert_rowid();
+        for t in &a.tags {
+            tx.prepare_cached("INSERT OR IGNORE INTO artifact_tags (tag, akey) VALUES (?1, ?2)")?
+                .execute(params![t, akey])?;
+        }
+    }
+    index_names(tx, false)?;
+    Ok(())
 }
 
 impl crate::store::UploadQueue for SqliteStore {
