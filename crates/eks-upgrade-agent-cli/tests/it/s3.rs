@@ -127,3 +127,167 @@ fn artifacts_upload_to_s3_with_reference_keys_and_metadata() {
     let err = env.fails(1, &["artifacts", "upload"]);
     assert!(err.contains("no S3 bucket is configured"), "{err}");
 }
+
+fn status(env: &Env, endpoint: &str, id: &str) -> Value {
+    let mut c = env.command();
+    with_s3(&mut c, endpoint);
+    let out = c
+        .args(["-o", "json", "artifacts", "show", id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A large artifact queued for upload, returns its id.
+fn big_artifact(env: &Env, endpoint: &str, mib: u64) -> String {
+    let run = |args: &[&str]| -> Value {
+        let mut c = env.command();
+        with_s3(&mut c, endpoint);
+        let out = c.arg("-o").arg("json").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s = run(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u1",
+        "--cluster",
+        "prod",
+    ]);
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let c = run(&[
+        "artifacts",
+        "collection",
+        "create",
+        &sid,
+        "--name",
+        "backups",
+    ]);
+    let cid = c["collection_id"].as_str().unwrap().to_owned();
+    let file = env.dir.path().join("etcd.snapshot");
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len(mib << 20).unwrap();
+    drop(f);
+    let added = run(&[
+        "--auto-upload",
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        file.to_str().unwrap(),
+        "--type",
+        "backup",
+    ]);
+    added[0]["artifact_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_killed_upload_is_finished_by_the_next_run() {
+    let moto = Moto::start();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let env = Env::new();
+    let id = big_artifact(&env, &moto.url, 256);
+    let mut c = env.command();
+    with_s3(&mut c, &moto.url);
+    let mut child = c
+        .args(["artifacts", "upload"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the upload finished before it could be killed"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        status(&env, &moto.url, &id)["status"],
+        "created",
+        "still queued after the kill"
+    );
+    let mut c = env.command();
+    with_s3(&mut c, &moto.url);
+    let out = c
+        .args(["-o", "json", "artifacts", "upload"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = status(&env, &moto.url, &id);
+    assert_eq!(a["status"], "uploaded");
+    let key = a["s3_key"].as_str().unwrap();
+    let meta = moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\nh = s3.head_object(Bucket='team', Key={key:?})\nprint(json.dumps([h['ContentLength'], h['Metadata']['file-hash']]))"
+    ));
+    assert_eq!(meta[0], 256u64 << 20);
+    assert_eq!(meta[1], a["file_hash"]);
+}
+
+#[test]
+fn an_outage_during_upload_fails_clearly_and_retry_failed_finishes() {
+    let mut moto = Moto::start();
+    let url = moto.url.clone();
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let env = Env::new();
+    let id = big_artifact(&env, &url, 256);
+    let mut c = env.command();
+    with_s3(&mut c, &url);
+    let child = c
+        .args(["artifacts", "upload"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    moto.stop();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&id) && err.contains("s3://team/"), "{err}");
+    let a = status(&env, &url, &id);
+    assert_eq!(a["status"], "failed");
+    // The local bytes are intact.
+    let mut c = env.command();
+    c.args(["-o", "json", "artifacts", "verify"]);
+    let v: Value = serde_json::from_slice(&c.output().unwrap().stdout).unwrap();
+    assert!(
+        v["corrupt"].as_array().unwrap().is_empty() && v["missing"].as_array().unwrap().is_empty()
+    );
+    // Back up (a fresh server on the same port): --retry-failed finishes it.
+    let moto = Moto::start_on(port);
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let mut c = env.command();
+    with_s3(&mut c, &url);
+    let out = c
+        .args(["artifacts", "upload", "--retry-failed"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&env, &url, &id)["status"], "uploaded");
+}
