@@ -321,9 +321,27 @@ impl TestArtifactsManager {
         self.index.sessions(upgrade_id)
     }
 
-    /// Marks a session completed; its retention starts then.
+    /// Marks a session completed; its retention starts then. With S3, the session's manifest is
+    /// refreshed (best effort: a failure is logged, the completion stands).
     pub fn complete_session(&self, session_id: &str) -> Result<TestSession> {
-        self.index.complete_session(session_id, crate::model::now())
+        let s = self.index.complete_session(session_id, crate::model::now())?;
+        #[cfg(feature = "aws")]
+        if let Some(s3) = &self.s3
+            && self
+                .index
+                .search(&ArtifactQuery {
+                    session_id: Some(session_id.to_owned()),
+                    status: Some(crate::model::ArtifactStatus::Uploaded),
+                    limit: 1,
+                    ..ArtifactQuery::default()
+                })?
+                .first()
+                .is_some()
+            && let Err(e) = self.write_manifest(s3, session_id)
+        {
+            tracing::warn!(session = session_id, error = %e, "cannot write the session manifest");
+        }
+        Ok(s)
     }
 
     /// The reference session summary.
