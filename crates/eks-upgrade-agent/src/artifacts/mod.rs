@@ -324,7 +324,9 @@ impl TestArtifactsManager {
     /// Marks a session completed; its retention starts then. With S3, the session's manifest is
     /// refreshed (best effort: a failure is logged, the completion stands).
     pub fn complete_session(&self, session_id: &str) -> Result<TestSession> {
-        let s = self.index.complete_session(session_id, crate::model::now())?;
+        let s = self
+            .index
+            .complete_session(session_id, crate::model::now())?;
         #[cfg(feature = "aws")]
         if let Some(s3) = &self.s3
             && self

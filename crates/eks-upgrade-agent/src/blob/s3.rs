@@ -94,6 +94,11 @@ fn is_loopback(url: &str) -> bool {
 fn backend(what: String, e: object_store::Error) -> Error {
     match e {
         object_store::Error::NotFound { .. } => Error::not_found(what),
+        e @ (object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. }) => Error::backend(
+            format!("{what}: access denied; check the AWS credentials and the bucket policy"),
+            e,
+        ),
         other => Error::backend(what, other),
     }
 }
@@ -695,6 +700,66 @@ mod tests {
             [store.key(&info.digest)],
             "only the blob, no temp object"
         );
+    }
+
+    fn conformance_on(options: S3Options) {
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        crate::blob::conformance::run(&|| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let store = Arc::new(
+                S3BlobStore::new(&S3Options {
+                    prefix: format!("run-{n}"),
+                    ..options.clone()
+                })
+                .unwrap(),
+            );
+            let handle = Arc::clone(&store);
+            let corrupt: Box<dyn Fn(&Digest)> = Box::new(move |d: &Digest| {
+                let key = handle.path(d);
+                handle
+                    .runtime
+                    .block_on(
+                        handle
+                            .store
+                            .put(&key, PutPayload::from(b"not the original bytes".to_vec())),
+                    )
+                    .unwrap();
+            });
+            (Box::new(ArcStore(store)) as Box<dyn BlobStore>, corrupt)
+        });
+    }
+
+    #[test]
+    fn conformance_against_s3s_fs_with_sigv4_and_wrong_credentials() {
+        use crate::test_support::{S3S_KEY, S3sFs};
+        let server = S3sFs::start("eua");
+        let options = S3Options {
+            bucket: "eua".into(),
+            prefix: String::new(),
+            endpoint: Some(server.url.clone()),
+            region: Some("us-east-1".into()),
+            credentials: Some((S3S_KEY.0.into(), S3S_KEY.1.into())),
+        };
+        conformance_on(options.clone());
+        // Wrong credentials: a clear error naming the bucket and the cause.
+        let wrong = S3BlobStore::new(&S3Options {
+            credentials: Some((S3S_KEY.0.into(), "not-the-secret".into())),
+            ..options
+        })
+        .unwrap();
+        let err = wrong.put(&mut &b"x"[..], &mut |_| {}).unwrap_err();
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            chain.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert!(chain.contains("s3://eua/"), "{chain}");
+        assert!(
+            chain.contains("access denied; check the AWS credentials"),
+            "{chain}"
+        );
+        assert!(chain.contains("403"), "{chain}");
     }
 
     /// Lets the suite own a store the corrupting closure also holds.
