@@ -329,7 +329,7 @@ impl TestArtifactsManager {
             .complete_session(session_id, crate::model::now())?;
         #[cfg(feature = "aws")]
         if let Some(s3) = &self.s3
-            && self
+            && !self
                 .index
                 .search(&ArtifactQuery {
                     session_id: Some(session_id.to_owned()),
@@ -337,8 +337,7 @@ impl TestArtifactsManager {
                     limit: 1,
                     ..ArtifactQuery::default()
                 })?
-                .first()
-                .is_some()
+                .is_empty()
             && let Err(e) = self.write_manifest(s3, session_id)
         {
             tracing::warn!(session = session_id, error = %e, "cannot write the session manifest");
