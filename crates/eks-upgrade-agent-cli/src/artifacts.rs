@@ -163,6 +163,9 @@ pub(crate) enum ArtifactsCmd {
         /// Also retry failed uploads now, without waiting for their backoff
         #[arg(long)]
         retry_failed: bool,
+        /// Upload larger artifacts in parts, e.g. 64MiB (the default)
+        #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+        multipart_threshold: Option<u64>,
     },
     /// Rebuild a session from its manifest in S3 (on another machine, into this data dir)
     Pull {
@@ -547,7 +550,16 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             artifact,
             all,
             retry_failed,
-        } => upload(ctx, &m, session, artifact, all, retry_failed),
+            multipart_threshold,
+        } => upload(
+            ctx,
+            &m,
+            session,
+            artifact,
+            all,
+            retry_failed,
+            multipart_threshold,
+        ),
         ArtifactsCmd::Pull {
             session,
             bucket,
@@ -674,6 +686,7 @@ fn upload(
     artifact: Option<String>,
     all: bool,
     retry_failed: bool,
+    multipart_threshold: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     use eks_upgrade_agent::artifacts::upload::UploadOptions;
     use eks_upgrade_agent::store::UploadSelector;
@@ -689,7 +702,14 @@ fn upload(
         _ => None,
     };
     let store = ctx.store()?;
-    let options = UploadOptions::default();
+    let mut options = UploadOptions::default();
+    if let Some(t) = multipart_threshold {
+        anyhow::ensure!(
+            t >= 5 * 1024 * 1024,
+            "--multipart-threshold must be at least 5MiB (the smallest S3 part), got {t}"
+        );
+        options.multipart_threshold = t;
+    }
     let pb = bar(ctx, "uploading");
     let report = m.upload(
         store.as_ref(),
@@ -778,6 +798,7 @@ fn upload(
     _: Option<String>,
     _: bool,
     _: bool,
+    _: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     anyhow::bail!("this build has no S3 support (feature `aws`)")
 }

@@ -240,13 +240,23 @@ fn a_killed_upload_is_finished_by_the_next_run() {
 }
 
 #[test]
-fn an_outage_during_upload_fails_clearly_and_retry_failed_finishes() {
+fn an_outage_during_a_multipart_upload_fails_clearly_and_retry_failed_finishes() {
+    outage_during_upload(256);
+}
+
+#[test]
+fn an_outage_during_a_single_part_upload_fails_clearly_and_retry_failed_finishes() {
+    // Below the 64 MiB multipart threshold: one PUT, cut off by the outage.
+    outage_during_upload(60);
+}
+
+fn outage_during_upload(mib: u64) {
     let mut moto = Moto::start();
     let url = moto.url.clone();
     let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
     moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
     let env = Env::new();
-    let id = big_artifact(&env, &url, 256);
+    let id = big_artifact(&env, &url, mib);
     let mut c = env.command();
     with_s3(&mut c, &url);
     let child = c
@@ -255,7 +265,7 @@ fn an_outage_during_upload_fails_clearly_and_retry_failed_finishes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(std::time::Duration::from_millis(150));
     moto.stop();
     let out = child.wait_with_output().unwrap();
     assert_eq!(

@@ -234,8 +234,11 @@ impl TestArtifactsManager {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<UploadReport> {
         let mut report = UploadReport::default();
-        if let Some(sel) = selector {
-            report.queued = queue.queue_uploads(sel, retry_failed)?;
+        match (selector, retry_failed) {
+            (Some(sel), _) => report.queued = queue.queue_uploads(sel, retry_failed)?,
+            // --retry-failed alone: every failed upload, now.
+            (None, true) => report.queued = queue.queue_uploads(&UploadSelector::Failed, true)?,
+            (None, false) => {}
         }
         let (files_total, bytes_total) = queue.pending_uploads()?;
         let mut p = Progress {

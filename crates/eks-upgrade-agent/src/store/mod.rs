@@ -310,6 +310,8 @@ pub enum UploadSelector {
     Session(String),
     /// One artifact.
     Artifact(String),
+    /// Failed uploads only (what `--retry-failed` alone retries).
+    Failed,
 }
 
 /// The result of one upload attempt.

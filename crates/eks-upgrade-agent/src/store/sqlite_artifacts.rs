@@ -923,6 +923,7 @@ impl crate::store::UploadQueue for SqliteStore {
             let states = if retry_failed { "(0, 3)" } else { "(0)" };
             let (clause, arg): (&str, Option<i64>) = match selector {
                 UploadSelector::All => ("1 = 1", None),
+                UploadSelector::Failed => ("upload_state = 3", None),
                 UploadSelector::Session(id) => ("skey = ?1", Some(session_key(tx, id)?)),
                 UploadSelector::Artifact(id) => {
                     let k: i64 = tx
