@@ -602,30 +602,7 @@ mod tests {
             region: Some("us-east-1".into()),
             credentials: Some(("testing".into(), "testing".into())),
         };
-        let counter = std::sync::atomic::AtomicUsize::new(0);
-        crate::blob::conformance::run(&|| {
-            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let store = Arc::new(
-                S3BlobStore::new(&S3Options {
-                    prefix: format!("run-{n}"),
-                    ..options.clone()
-                })
-                .unwrap(),
-            );
-            let handle = Arc::clone(&store);
-            let corrupt: Box<dyn Fn(&Digest)> = Box::new(move |d: &Digest| {
-                let key = handle.path(d);
-                handle
-                    .runtime
-                    .block_on(
-                        handle
-                            .store
-                            .put(&key, PutPayload::from(b"not the original bytes".to_vec())),
-                    )
-                    .unwrap();
-            });
-            (Box::new(ArcStore(store)) as Box<dyn BlobStore>, corrupt)
-        });
+        conformance_on(options);
     }
 
     #[test]

@@ -391,21 +391,7 @@ fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64
 impl ArtifactIndex for SqliteStore {
     fn create_session(&self, s: &TestSession) -> Result<()> {
         self.write(|tx| {
-            tx.prepare_cached(
-                "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, description, \
-                 started_at, completed_at, retention_days) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                s.session_id,
-                s.upgrade_id,
-                s.cluster_name,
-                s.name,
-                s.description,
-                micros(s.started_at),
-                s.completed_at.map(micros),
-                s.retention_days
-            ])
-            .map_err(|e| match e {
+            insert_session(tx, s).map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _)
                     if f.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
@@ -823,17 +809,8 @@ impl ArtifactIndex for SqliteStore {
     }
 }
 
-fn import_session_tx(
-    tx: &Transaction<'_>,
-    s: &TestSession,
-    collections: &[ArtifactCollection],
-    artifacts: &[TestArtifact],
-) -> Result<()> {
-    if session_key(tx, &s.session_id).is_ok() {
-        return Err(Error::AlreadyExists {
-            what: format!("session {:?}", s.session_id),
-        });
-    }
+/// Inserts a session row; returns its key.
+fn insert_session(tx: &Transaction<'_>, s: &TestSession) -> rusqlite::Result<i64> {
     tx.prepare_cached(
         "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, description, \
          started_at, completed_at, retention_days) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -848,7 +825,21 @@ fn import_session_tx(
         s.completed_at.map(micros),
         s.retention_days
     ])?;
-    let skey = tx.last_insert_rowid();
+    Ok(tx.last_insert_rowid())
+}
+
+fn import_session_tx(
+    tx: &Transaction<'_>,
+    s: &TestSession,
+    collections: &[ArtifactCollection],
+    artifacts: &[TestArtifact],
+) -> Result<()> {
+    if session_key(tx, &s.session_id).is_ok() {
+        return Err(Error::AlreadyExists {
+            what: format!("session {:?}", s.session_id),
+        });
+    }
+    let skey = insert_session(tx, s)?;
     let mut ckeys = HashMap::new();
     for c in collections {
         tx.prepare_cached(
