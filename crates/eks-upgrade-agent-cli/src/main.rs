@@ -81,6 +81,12 @@ enum Command {
     /// See and deliver pending notifications (EventBridge, webhook)
     #[command(subcommand)]
     Notify(notify::NotifyCmd),
+    /// Serve the HTTP API (loopback only until authentication lands)
+    Serve {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// What every subcommand gets.
@@ -193,5 +199,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Artifacts(cmd) => artifacts::run(&ctx, cmd),
         Command::Demo(args) => demo::run(&ctx, args),
         Command::Notify(cmd) => notify::run(&ctx, cmd),
+        Command::Serve { listen } => serve(&ctx, listen),
     }
+}
+
+/// `serve`: the HTTP API on `listen` until Ctrl-C, with notifications delivered meanwhile.
+fn serve(ctx: &Ctx, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {listen}: the API has no authentication yet, so it only listens on loopback (e.g. 127.0.0.1:8080)"
+        );
+    }
+    let store = ctx.store()?;
+    let _notifier = notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
+    let state = eks_upgrade_agent_server::AppState {
+        tracker: Arc::new(eks_upgrade_agent::ProgressTracker::new(store)),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!(
+            "serving http://{}/api/v1 (Ctrl-C to stop)",
+            listener.local_addr()?
+        );
+        eks_upgrade_agent_server::serve(listener, state, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("server failed")
+    })?;
+    Ok(ExitCode::SUCCESS)
 }

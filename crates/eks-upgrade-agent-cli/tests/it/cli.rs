@@ -758,3 +758,41 @@ fn config_file_sets_data_dir_and_sinks_and_bad_files_are_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_listens_on_loopback_only_and_answers() {
+    use std::io::{Read, Write};
+    let env = setup();
+    let err = env.fails(1, &["serve", "--listen", "0.0.0.0:0"]);
+    assert!(err.contains("only listens on loopback"), "{err}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = env
+        .command()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < std::time::Duration::from_secs(20) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(e) => panic!("serve did not listen: {e}"),
+        }
+    };
+    stream
+        .write_all(b"GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"cluster_name\":\"prod-eu\""), "{resp}");
+}
