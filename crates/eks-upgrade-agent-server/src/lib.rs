@@ -8,6 +8,18 @@
 //! large, 422 invalid values; 5xx say "internal error" and the detail goes to the log.
 //!
 //! The library is synchronous (SQLite); handlers call it on the blocking pool.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use eks_upgrade_agent::{ProgressTracker, SqliteStore, store::sqlite::SqliteOptions};
+//! use eks_upgrade_agent_server::{AppState, router};
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! let store = SqliteStore::open(dir.path(), &SqliteOptions::default())?;
+//! let app = router(AppState { tracker: Arc::new(ProgressTracker::new(Arc::new(store))) });
+//! # let _ = app;
+//! # Ok::<(), eks_upgrade_agent::Error>(())
+//! ```
 
 use std::future::Future;
 use std::sync::Arc;
