@@ -141,6 +141,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/upgrades", get(list_upgrades).post(create_upgrade))
         .route("/api/v1/upgrades/{upgrade}", get(show_upgrade))
         .route("/api/v1/upgrades/{upgrade}/events", get(events))
+        .route(
+            "/api/v1/upgrades/{upgrade}/events/stream",
+            get(event_stream),
+        )
         .route("/api/v1/upgrades/{upgrade}/tasks", post(add_tasks))
         .route("/api/v1/upgrades/{upgrade}/tasks/{task}", get(show_task))
         .route(
@@ -383,4 +387,73 @@ async fn events(
     let tracker = Arc::clone(&s.tracker);
     let events = blocking(move || tracker.events_since(Some(&upgrade), q.since, limit)).await?;
     Ok(Json(serde_json::to_value(events).unwrap_or_default()))
+}
+
+/// How often a stream looks for new events (they may come from other processes).
+const STREAM_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// SSE: every event of the upgrade after `Last-Event-ID` (or `?since=`), as `progress_event`s
+/// with `id: seq`, then new ones as they are committed (by any process); comments keep idle
+/// connections alive. A reconnecting client resumes with no gap and no duplicate.
+async fn event_stream(
+    State(s): State<AppState>,
+    Path(upgrade): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<
+    axum::response::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let since = match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    "Last-Event-ID must be a seq (a non-negative integer)",
+                )
+            })?,
+        None => q.since,
+    };
+    // Unknown upgrades are a 404 before the stream starts.
+    let tracker = Arc::clone(&s.tracker);
+    let id = upgrade.clone();
+    blocking(move || tracker.upgrade(&id)).await?;
+    let tracker = Arc::clone(&s.tracker);
+    let stream = futures_util::stream::unfold(
+        (tracker, upgrade, since, std::collections::VecDeque::new()),
+        |(tracker, upgrade, mut since, mut queue)| async move {
+            loop {
+                if let Some(e) = queue.pop_front() {
+                    let e: eks_upgrade_agent::model::ProgressEvent = e;
+                    since = e.seq;
+                    let data = json!({"type": "progress_event", "seq": e.seq, "data": e});
+                    let event = Event::default()
+                        .id(e.seq.to_string())
+                        .event("progress_event")
+                        .data(data.to_string());
+                    return Some((Ok(event), (tracker, upgrade, since, queue)));
+                }
+                let t = Arc::clone(&tracker);
+                let u = upgrade.clone();
+                match tokio::task::spawn_blocking(move || t.events_since(Some(&u), since, 1000))
+                    .await
+                {
+                    Ok(Ok(page)) if !page.is_empty() => queue.extend(page),
+                    Ok(Ok(_)) => tokio::time::sleep(STREAM_POLL).await,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "event stream read failed");
+                        tokio::time::sleep(STREAM_POLL).await;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
 }

@@ -259,3 +259,92 @@ async fn serves_over_tcp_on_loopback() {
     tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// Reads SSE frames from `body` until `n` events arrived; returns their ids.
+async fn read_events(body: &mut Body, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    while ids.len() < n {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream stays open")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+            while let Some(end) = text.find("\n\n") {
+                let block: String = text.drain(..end + 2).collect();
+                if let Some(id) = block.lines().find_map(|l| l.strip_prefix("id: ")) {
+                    assert!(block.contains("event: progress_event"), "{block}");
+                    assert!(block.contains("\"type\":\"progress_event\""), "{block}");
+                    ids.push(id.parse().unwrap());
+                }
+            }
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn sse_replays_follows_and_resumes_without_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    call(
+        &s,
+        "POST",
+        "/api/v1/upgrades",
+        Some(r#"{"upgrade_id":"u1","plan_id":"p","cluster_name":"c"}"#),
+    )
+    .await;
+    call(&s, "POST", "/api/v1/upgrades/u1/start", None).await;
+    call(
+        &s,
+        "POST",
+        "/api/v1/upgrades/u1/tasks",
+        Some(r#"{"task_id":"a","name":"A","task_type":"cleanup"}"#),
+    )
+    .await;
+    let open = |last: Option<u64>| {
+        let mut req = Request::builder().uri("/api/v1/upgrades/u1/events/stream");
+        if let Some(l) = last {
+            req = req.header("last-event-id", l.to_string());
+        }
+        router(s.clone()).oneshot(req.body(Body::empty()).unwrap())
+    };
+    let resp = open(None).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = read_events(&mut body, 3).await;
+    // A change committed now (another process would do the same) arrives live.
+    let tracker = s.tracker.clone();
+    tokio::task::spawn_blocking(move || {
+        tracker
+            .update_task("u1", "a", 10.0, Some("live"), Default::default())
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let live = read_events(&mut body, 1).await;
+    assert!(live[0] > first[2]);
+    drop(body);
+    // Resume after the second event: exactly the rest, no gap, no duplicate.
+    let mut body = open(Some(first[1])).await.unwrap().into_body();
+    let resumed = read_events(&mut body, 2).await;
+    assert_eq!(resumed, [first[2], live[0]]);
+    // Bad Last-Event-ID and unknown upgrades are errors, not streams.
+    let req = Request::builder()
+        .uri("/api/v1/upgrades/u1/events/stream")
+        .header("last-event-id", "yesterday")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        router(s.clone()).oneshot(req).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    let (st, v) = call(&s, "GET", "/api/v1/upgrades/nope/events/stream", None).await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}
