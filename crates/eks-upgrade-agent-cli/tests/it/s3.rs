@@ -16,22 +16,25 @@ fn with_s3(c: &mut Command, endpoint: &str) {
         .env("EUA_S3_BUCKET", "team");
 }
 
+/// Runs the CLI with S3 settings and `-o json`; asserts success and parses stdout.
+fn json_s3(env: &Env, endpoint: &str, args: &[&str]) -> Value {
+    let mut c = env.command();
+    with_s3(&mut c, endpoint);
+    let out = c.arg("-o").arg("json").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn artifacts_upload_to_s3_with_reference_keys_and_metadata() {
     let moto = Moto::start();
     moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
     let env = Env::new();
-    let run = |args: &[&str]| -> Value {
-        let mut c = env.command();
-        with_s3(&mut c, &moto.url);
-        let out = c.arg("-o").arg("json").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| json_s3(&env, &moto.url, args);
     let s = run(&[
         "artifacts",
         "session",
@@ -145,17 +148,7 @@ fn status(env: &Env, endpoint: &str, id: &str) -> Value {
 
 /// A large artifact queued for upload, returns its id.
 fn big_artifact(env: &Env, endpoint: &str, mib: u64) -> String {
-    let run = |args: &[&str]| -> Value {
-        let mut c = env.command();
-        with_s3(&mut c, endpoint);
-        let out = c.arg("-o").arg("json").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| json_s3(env, endpoint, args);
     let s = run(&[
         "artifacts",
         "session",

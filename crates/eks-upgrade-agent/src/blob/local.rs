@@ -476,34 +476,6 @@ mod tests {
 
     use super::*;
 
-    /// Lets the suite own a store the corrupting closure also holds.
-    #[derive(Debug)]
-    struct ArcStore(Arc<LocalBlobStore>);
-
-    impl BlobStore for ArcStore {
-        fn put(&self, r: &mut dyn Read, p: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
-            self.0.put(r, p)
-        }
-        fn open(&self, d: &Digest) -> Result<Box<dyn Read + Send>> {
-            self.0.open(d)
-        }
-        fn exists(&self, d: &Digest) -> Result<bool> {
-            self.0.exists(d)
-        }
-        fn size(&self, d: &Digest) -> Result<u64> {
-            self.0.size(d)
-        }
-        fn delete(&self, d: &Digest) -> Result<bool> {
-            self.0.delete(d)
-        }
-        fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
-            self.0.list(f)
-        }
-        fn sweep_incomplete(&self) -> Result<u64> {
-            self.0.sweep_incomplete()
-        }
-    }
-
     #[test]
     fn conformance() {
         let dir = tempfile::tempdir().unwrap();
@@ -517,7 +489,7 @@ mod tests {
             let handle = Arc::clone(&store);
             let corrupt: Box<dyn Fn(&Digest)> =
                 Box::new(move |d: &Digest| handle.corrupt_for_tests(d));
-            (Box::new(ArcStore(store)) as Box<dyn BlobStore>, corrupt)
+            (Box::new(store) as Box<dyn BlobStore>, corrupt)
         });
     }
 

@@ -123,6 +123,31 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     }
 }
 
+/// A shared store is a store (tests and callers can keep a handle next to the owner).
+impl<T: BlobStore + ?Sized> BlobStore for std::sync::Arc<T> {
+    fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+        (**self).put(reader, progress)
+    }
+    fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        (**self).open(digest)
+    }
+    fn exists(&self, digest: &Digest) -> Result<bool> {
+        (**self).exists(digest)
+    }
+    fn size(&self, digest: &Digest) -> Result<u64> {
+        (**self).size(digest)
+    }
+    fn delete(&self, digest: &Digest) -> Result<bool> {
+        (**self).delete(digest)
+    }
+    fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+        (**self).list(f)
+    }
+    fn sweep_incomplete(&self) -> Result<u64> {
+        (**self).sweep_incomplete()
+    }
+}
+
 /// Reads a blob and checks its digest at the end of the stream.
 pub struct VerifyingReader<R> {
     inner: R,

@@ -702,7 +702,7 @@ mod tests {
                     )
                     .unwrap();
             });
-            (Box::new(ArcStore(store)) as Box<dyn BlobStore>, corrupt)
+            (Box::new(store) as Box<dyn BlobStore>, corrupt)
         });
     }
 
@@ -737,33 +737,5 @@ mod tests {
             "{chain}"
         );
         assert!(chain.contains("403"), "{chain}");
-    }
-
-    /// Lets the suite own a store the corrupting closure also holds.
-    #[derive(Debug)]
-    struct ArcStore(Arc<S3BlobStore>);
-
-    impl BlobStore for ArcStore {
-        fn put(&self, r: &mut dyn Read, p: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
-            self.0.put(r, p)
-        }
-        fn open(&self, d: &Digest) -> Result<Box<dyn Read + Send>> {
-            self.0.open(d)
-        }
-        fn exists(&self, d: &Digest) -> Result<bool> {
-            self.0.exists(d)
-        }
-        fn size(&self, d: &Digest) -> Result<u64> {
-            self.0.size(d)
-        }
-        fn delete(&self, d: &Digest) -> Result<bool> {
-            self.0.delete(d)
-        }
-        fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
-            self.0.list(f)
-        }
-        fn sweep_incomplete(&self) -> Result<u64> {
-            self.0.sweep_incomplete()
-        }
     }
 }

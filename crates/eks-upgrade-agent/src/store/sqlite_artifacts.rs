@@ -477,18 +477,7 @@ impl ArtifactIndex for SqliteStore {
                     what: format!("collection {:?} in session {:?}", c.name, c.session_id),
                 });
             }
-            tx.prepare_cached(
-                "INSERT INTO collections (collection_id, skey, name, description, task_id, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                c.collection_id,
-                skey,
-                c.name,
-                c.description,
-                c.task_id,
-                micros(c.created_at)
-            ])?;
+            insert_collection(tx, skey, c)?;
             Ok(())
         })
     }
@@ -582,12 +571,7 @@ impl ArtifactIndex for SqliteStore {
                     json_text(&a.metadata),
                     i64::from(a.queue_upload)
                 ])?;
-                let akey = tx.last_insert_rowid();
-                let mut tag_stmt =
-                    tx.prepare_cached("INSERT OR IGNORE INTO artifact_tags (tag, akey) VALUES (?1, ?2)")?;
-                for t in &a.tags {
-                    tag_stmt.execute(params![t, akey])?;
-                }
+                insert_tags(tx, tx.last_insert_rowid(), &a.tags)?;
                 out.push(load_artifact(tx, &a.artifact_id)?);
             }
             index_names(tx, false)?;
@@ -809,6 +793,37 @@ impl ArtifactIndex for SqliteStore {
     }
 }
 
+/// Inserts a collection row; returns its key.
+fn insert_collection(
+    tx: &Transaction<'_>,
+    skey: i64,
+    c: &ArtifactCollection,
+) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
+        "INSERT INTO collections (collection_id, skey, name, description, task_id, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        c.collection_id,
+        skey,
+        c.name,
+        c.description,
+        c.task_id,
+        micros(c.created_at)
+    ])?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Inserts the tag rows of an artifact.
+fn insert_tags(tx: &Transaction<'_>, akey: i64, tags: &[String]) -> rusqlite::Result<()> {
+    let mut stmt =
+        tx.prepare_cached("INSERT OR IGNORE INTO artifact_tags (tag, akey) VALUES (?1, ?2)")?;
+    for t in tags {
+        stmt.execute(params![t, akey])?;
+    }
+    Ok(())
+}
+
 /// Inserts a session row; returns its key.
 fn insert_session(tx: &Transaction<'_>, s: &TestSession) -> rusqlite::Result<i64> {
     tx.prepare_cached(
@@ -842,19 +857,7 @@ fn import_session_tx(
     let skey = insert_session(tx, s)?;
     let mut ckeys = HashMap::new();
     for c in collections {
-        tx.prepare_cached(
-            "INSERT INTO collections (collection_id, skey, name, description, task_id, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            c.collection_id,
-            skey,
-            c.name,
-            c.description,
-            c.task_id,
-            micros(c.created_at)
-        ])?;
-        ckeys.insert(c.collection_id.as_str(), tx.last_insert_rowid());
+        ckeys.insert(c.collection_id.as_str(), insert_collection(tx, skey, c)?);
     }
     for a in artifacts {
         let ckey = *ckeys.get(a.collection_id.as_str()).ok_or_else(|| {
@@ -893,11 +896,7 @@ fn import_session_tx(
             json_text(&a.metadata),
             if a.s3_key.is_some() { 2 } else { 0 }
         ])?;
-        let akey = tx.last_insert_rowid();
-        for t in &a.tags {
-            tx.prepare_cached("INSERT OR IGNORE INTO artifact_tags (tag, akey) VALUES (?1, ?2)")?
-                .execute(params![t, akey])?;
-        }
+        insert_tags(tx, tx.last_insert_rowid(), &a.tags)?;
     }
     index_names(tx, false)?;
     Ok(())
