@@ -212,9 +212,9 @@ fn serve(ctx: &Ctx, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     }
     let store = ctx.store()?;
     let _notifier = notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
-    let state = eks_upgrade_agent_server::AppState {
-        tracker: Arc::new(eks_upgrade_agent::ProgressTracker::new(store)),
-    };
+    let state = eks_upgrade_agent_server::AppState::new(Arc::new(
+        eks_upgrade_agent::ProgressTracker::new(store),
+    ));
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)

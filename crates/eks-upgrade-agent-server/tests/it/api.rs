@@ -1,7 +1,7 @@
 //! Handler tests through `router(...).oneshot(...)` on a real SQLite store, and one end-to-end
 //! request over TCP on 127.0.0.1.
 
-use std::sync::Arc;
+use crate::util::state;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -9,16 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use eks_upgrade_agent::ProgressTracker;
-use eks_upgrade_agent::store::sqlite::{SqliteOptions, SqliteStore};
 use eks_upgrade_agent_server::{AppState, router};
-
-fn state(dir: &std::path::Path) -> AppState {
-    let store = SqliteStore::open(dir, &SqliteOptions::default()).unwrap();
-    AppState {
-        tracker: Arc::new(ProgressTracker::new(Arc::new(store))),
-    }
-}
 
 async fn call(s: &AppState, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);

@@ -1,0 +1,351 @@
+//! One poller per server reads new events from the store and fans them out to every stream
+//! client through a bounded broadcast ring.
+//!
+//! - Events committed by this process wake the poller at once (a tracker callback); events of
+//!   other processes on the same data dir are found by polling every [`POLL`] (well inside the
+//!   250 ms promise).
+//! - Each event is serialized once, as the reference `progress_event` message; clients share the
+//!   bytes.
+//! - The ring holds [`RING`] events and nobody waits for a slow client. A client that falls out
+//!   of the ring catches up from the store, page by page at its own pace (no gap); one that is
+//!   more than [`MAX_LAG`] events behind is told to `resync` and skips ahead (see
+//!   [`Subscription`]). Slow clients never delay others, and memory does not grow with them.
+//! - A [`Subscription`] starting at `since` replays older events from the store page by page,
+//!   then continues from the ring, skipping what it already sent: no gap, no duplicate.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::json;
+use tokio::sync::{Notify, broadcast};
+
+use eks_upgrade_agent::model::ProgressEvent;
+use eks_upgrade_agent::progress::ProgressTracker;
+
+use crate::error::{ApiResult, blocking};
+
+/// How often the poller looks for events written by other processes.
+pub const POLL: Duration = Duration::from_millis(50);
+/// Events kept in the broadcast ring; a client further behind catches up from the store.
+pub const RING: usize = 4096;
+/// A client further behind than this many events gets `resync` instead of a catch-up.
+pub const MAX_LAG: u64 = 50_000;
+/// Events read from the store per page (poller and replays).
+const PAGE: usize = 1000;
+
+/// One published event.
+#[derive(Debug)]
+pub struct HubEvent {
+    /// Its seq.
+    pub seq: u64,
+    /// Its upgrade.
+    pub upgrade_id: String,
+    /// `{"type":"progress_event","seq":N,"data":{...}}`.
+    pub text: Utf8Bytes,
+}
+
+impl HubEvent {
+    fn new(e: &ProgressEvent) -> HubEvent {
+        let text = json!({"type": "progress_event", "seq": e.seq, "data": e}).to_string();
+        HubEvent {
+            seq: e.seq,
+            upgrade_id: e.upgrade_id.clone(),
+            text: text.into(),
+        }
+    }
+}
+
+/// The fan-out point; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tracker: Arc<ProgressTracker>,
+    tx: broadcast::Sender<Arc<HubEvent>>,
+    /// Highest seq published.
+    published: AtomicU64,
+    wake: Notify,
+    started: AtomicBool,
+    clients: AtomicUsize,
+    /// Events published since start (metrics).
+    events: AtomicU64,
+    max_lag: u64,
+}
+
+impl Hub {
+    /// A hub over `tracker`; events this tracker commits wake it immediately.
+    pub fn new(tracker: Arc<ProgressTracker>) -> Hub {
+        Hub::with_limits(tracker, RING, MAX_LAG)
+    }
+
+    /// A hub with another ring size and resync threshold (tests use small ones).
+    pub fn with_limits(tracker: Arc<ProgressTracker>, ring: usize, max_lag: u64) -> Hub {
+        let (tx, _) = broadcast::channel(ring.max(1));
+        let inner = Arc::new(Inner {
+            tracker: Arc::clone(&tracker),
+            tx,
+            published: AtomicU64::new(0),
+            wake: Notify::new(),
+            started: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            events: AtomicU64::new(0),
+            max_lag,
+        });
+        let weak = Arc::downgrade(&inner);
+        tracker.on_event(move |_| {
+            if let Some(inner) = weak.upgrade() {
+                inner.wake.notify_one();
+            }
+        });
+        Hub { inner }
+    }
+
+    /// The tracker.
+    pub fn tracker(&self) -> &Arc<ProgressTracker> {
+        &self.inner.tracker
+    }
+
+    /// Starts the poller if it is not running (needs a tokio runtime).
+    async fn ensure_started(&self) -> ApiResult<()> {
+        if self.inner.started.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let tracker = Arc::clone(&self.inner.tracker);
+        let last = blocking(move || tracker.store().last_seq()).await?;
+        if self
+            .inner
+            .started
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.inner.published.store(last, Ordering::Release);
+            tokio::spawn(poll(Arc::downgrade(&self.inner), last));
+        }
+        Ok(())
+    }
+
+    /// Highest seq published so far.
+    pub fn published(&self) -> u64 {
+        self.inner.published.load(Ordering::Acquire)
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> usize {
+        self.inner.clients.load(Ordering::Relaxed)
+    }
+
+    /// Events published since the server started.
+    pub fn events_published(&self) -> u64 {
+        self.inner.events.load(Ordering::Relaxed)
+    }
+
+    /// A subscription to `upgrade_id`'s events (or all), from `since` when given (replayed from
+    /// the store), else from now.
+    pub async fn subscribe(
+        &self,
+        upgrade_id: Option<String>,
+        since: Option<u64>,
+    ) -> ApiResult<Subscription> {
+        self.ensure_started().await?;
+        // Subscribe before reading `published`: whatever is published later is in the ring.
+        let rx = self.inner.tx.subscribe();
+        let published = self.published();
+        self.inner.clients.fetch_add(1, Ordering::Relaxed);
+        let (position, replay) = match since {
+            Some(s) if s < published => (s, true),
+            Some(s) => (s, false),
+            None => (published, false),
+        };
+        Ok(Subscription {
+            hub: self.clone(),
+            rx,
+            upgrade_id,
+            position,
+            replaying: replay,
+            queue: VecDeque::new(),
+        })
+    }
+}
+
+async fn poll(inner: Weak<Inner>, mut last: u64) {
+    loop {
+        let Some(hub) = inner.upgrade() else { return };
+        let tracker = Arc::clone(&hub.tracker);
+        let page =
+            tokio::task::spawn_blocking(move || tracker.events_since(None, last, PAGE)).await;
+        let full = match page {
+            Ok(Ok(page)) => {
+                let full = page.len() == PAGE;
+                for e in &page {
+                    last = e.seq;
+                    // No receivers is fine: nobody is watching.
+                    let _ = hub.tx.send(Arc::new(HubEvent::new(e)));
+                    hub.published.store(e.seq, Ordering::Release);
+                }
+                hub.events.fetch_add(page.len() as u64, Ordering::Relaxed);
+                full
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "event poller: store read failed");
+                false
+            }
+            Err(_) => return,
+        };
+        if full {
+            continue;
+        }
+        let _ = tokio::time::timeout(POLL, hub.wake.notified()).await;
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug)]
+pub enum Item {
+    /// The next event for this client.
+    Event(Arc<HubEvent>),
+    /// The client fell out of the ring: the next events come from the store
+    /// ([`Subscription::replaying`] is true; call [`Subscription::replay_page`]).
+    CatchUp,
+    /// The client fell further behind than the ring; events up to `seq` were skipped. The
+    /// client should take a fresh summary and may fetch the skipped events with
+    /// `GET .../events?since=`.
+    Resync {
+        /// Events continue after this seq.
+        seq: u64,
+    },
+}
+
+/// One client's view of the hub.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Hub,
+    rx: broadcast::Receiver<Arc<HubEvent>>,
+    upgrade_id: Option<String>,
+    /// Every event with seq <= position has been delivered or filtered out.
+    position: u64,
+    replaying: bool,
+    queue: VecDeque<Arc<HubEvent>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.inner.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Subscription {
+    /// Every event with `seq <= position()` was delivered to this client (or is not its
+    /// upgrade's): what an idle heartbeat reports and what a reconnect passes as `since`.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn wanted(&self, e: &HubEvent) -> bool {
+        self.upgrade_id.as_ref().is_none_or(|u| *u == e.upgrade_id)
+    }
+
+    /// True while older events are still being read from the store.
+    pub fn replaying(&self) -> bool {
+        self.replaying || !self.queue.is_empty()
+    }
+
+    /// Reads the next page of the replay (not cancel-safe: call it outside `select!`). Returns
+    /// a [`Item::Resync`] instead when the client is more than the lag limit behind.
+    pub async fn replay_page(&mut self) -> ApiResult<Option<Item>> {
+        if !self.replaying {
+            return Ok(None);
+        }
+        let published = self.hub.published();
+        if published.saturating_sub(self.position) > self.hub.inner.max_lag {
+            self.replaying = false;
+            self.queue.clear();
+            self.rx = self.rx.resubscribe();
+            self.position = published;
+            return Ok(Some(Item::Resync { seq: published }));
+        }
+        let tracker = Arc::clone(&self.hub.inner.tracker);
+        let (u, since) = (self.upgrade_id.clone(), self.position);
+        let page = blocking(move || tracker.events_since(u.as_deref(), since, PAGE)).await?;
+        if page.len() < PAGE {
+            self.replaying = false;
+        }
+        for e in &page {
+            self.queue.push_back(Arc::new(HubEvent::new(e)));
+        }
+        Ok(None)
+    }
+
+    /// Next queued replay event, if any.
+    pub fn next_replayed(&mut self) -> Option<Arc<HubEvent>> {
+        let e = self.queue.pop_front()?;
+        self.position = self.position.max(e.seq);
+        Some(e)
+    }
+
+    /// The next live item (cancel-safe). Call after the replay is done.
+    pub async fn next_live(&mut self) -> Option<Item> {
+        loop {
+            match self.rx.recv().await {
+                Ok(e) => {
+                    if let Some(item) = self.accept(e) {
+                        return Some(item);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => return Some(self.lagged()),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next live item if one is ready now.
+    pub fn try_next_live(&mut self) -> Option<Item> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(e) => {
+                    if let Some(item) = self.accept(e) {
+                        return Some(item);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => return Some(self.lagged()),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn accept(&mut self, e: Arc<HubEvent>) -> Option<Item> {
+        if e.seq <= self.position {
+            return None; // already replayed from the store
+        }
+        self.position = e.seq;
+        self.wanted(&e).then_some(Item::Event(e))
+    }
+
+    fn lagged(&mut self) -> Item {
+        // Continue with new events only; older ones come from the store or are skipped.
+        self.rx = self.rx.resubscribe();
+        let published = self.hub.published();
+        if published.saturating_sub(self.position) <= self.hub.inner.max_lag {
+            self.replaying = true;
+            return Item::CatchUp;
+        }
+        self.position = self.position.max(published);
+        Item::Resync { seq: self.position }
+    }
+
+    /// The latest seq this client is up to date with when nothing is pending (heartbeats).
+    pub fn idle_position(&mut self) -> u64 {
+        // Read `published` first: the poller sends to the ring before it raises `published`,
+        // so an empty ring afterwards means every event up to it was received.
+        let published = self.hub.published();
+        if self.rx.is_empty() && !self.replaying() {
+            self.position = self.position.max(published);
+        }
+        self.position
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the server: handlers through `oneshot`, and real TCP/WebSocket clients
+//! against `serve` on 127.0.0.1.
+
+mod api;
+mod auth;
+mod stream;
+mod util;

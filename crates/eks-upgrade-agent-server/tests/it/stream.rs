@@ -1,0 +1,289 @@
+//! WebSocket and SSE streams over real TCP: summary on connect, ping/pong, get_summary, live
+//! events, `since` replay without gap or duplicate, heartbeats, resync of a slow client that
+//! never delays a fast one, events written through another store handle (as another process
+//! would), and bad requests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eks_upgrade_agent::progress::Command;
+
+use crate::util::*;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn update(t: &eks_upgrade_agent::ProgressTracker, pct: f64) -> u64 {
+    t.update_task("u1", "a", pct, Some("working"), Default::default())
+        .unwrap()
+        .last_seq()
+}
+
+#[tokio::test]
+async fn websocket_speaks_the_reference_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    let first = next_json(&mut ws).await;
+    assert_eq!(first["type"], "progress_summary");
+    assert_eq!(first["data"]["upgrade_id"], "u1");
+    assert_eq!(first["data"]["total_tasks"], 1);
+
+    ws_send(&mut ws, r#"{"type":"ping"}"#).await;
+    let (_, pong) = until_type(&mut ws, "pong").await;
+    assert_eq!(pong, serde_json::json!({"type": "pong"}));
+
+    let t = Arc::clone(&s.tracker);
+    let seq = blocking(move || update(&t, 40.0)).await;
+    let (_, ev) = until_type(&mut ws, "progress_event").await;
+    assert_eq!(ev["seq"], seq);
+    assert_eq!(ev["data"]["seq"], seq);
+    assert_eq!(ev["data"]["task_id"], "a");
+    assert_eq!(ev["data"]["percentage"], 40.0);
+
+    ws_send(&mut ws, r#"{"type":"get_summary"}"#).await;
+    let (_, sum) = until_type(&mut ws, "progress_summary").await;
+    assert_eq!(sum["data"]["in_progress_tasks"], 1);
+    assert!(sum["data"]["overall_progress"].as_f64().unwrap() > 0.0);
+
+    ws_send(&mut ws, r#"{"type":"dance"}"#).await;
+    let (_, err) = until_type(&mut ws, "error").await;
+    assert!(err["message"].as_str().unwrap().contains("dance"), "{err}");
+    ws_send(&mut ws, "not json").await;
+    let (_, err) = until_type(&mut ws, "error").await;
+    assert!(
+        err["message"].as_str().unwrap().contains("malformed"),
+        "{err}"
+    );
+
+    // The all-upgrades socket summarises every upgrade.
+    let t = Arc::clone(&s.tracker);
+    blocking(move || seed(&t, "u2")).await;
+    let mut all = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    let first = next_json(&mut all).await;
+    assert_eq!(first["type"], "progress_summary");
+    let ids: Vec<&str> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["upgrade_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{first}");
+    assert!(ids.contains(&"u1") && ids.contains(&"u2"));
+}
+
+#[tokio::test]
+async fn since_replays_without_gap_or_duplicate_then_goes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    seed(&s.tracker, "other");
+    let t = Arc::clone(&s.tracker);
+    // More than one replay page (1,000) of history, interleaved with another upgrade's events.
+    let mine: Vec<u64> = blocking(move || {
+        let mut mine = Vec::new();
+        for i in 0..2500 {
+            mine.push(update(&t, f64::from(i % 100)));
+            t.update_task("other", "a", 1.0, None, Default::default())
+                .unwrap();
+        }
+        mine
+    })
+    .await;
+    let all_mine: Vec<u64> = s
+        .tracker
+        .events_since(Some("u1"), 0, 100_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let server = Server::start(s.clone()).await;
+    let since = mine[10];
+    let mut ws = ws_connect(&server.ws_url(&format!("/api/v1/upgrades/u1/ws?since={since}"))).await;
+    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+    let mut got = Vec::new();
+    while got.len() < mine.len() - 11 {
+        let m = next_json(&mut ws).await;
+        assert_eq!(m["type"], "progress_event", "{m}");
+        assert_eq!(m["data"]["upgrade_id"], "u1");
+        got.push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, mine[11..], "replay is exactly the events after since");
+    // Then live, continuing with no duplicate.
+    let t = Arc::clone(&s.tracker);
+    let live = blocking(move || update(&t, 99.0)).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["seq"], live, "{m}");
+    // since=0 replays the whole history of the upgrade.
+    let mut ws = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws?since=0")).await;
+    next_json(&mut ws).await;
+    let mut got = Vec::new();
+    while got.len() < all_mine.len() + 1 {
+        got.push(next_json(&mut ws).await["seq"].as_u64().unwrap());
+    }
+    let mut want = all_mine.clone();
+    want.push(live);
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn idle_streams_send_heartbeats_with_the_latest_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path()).with_heartbeat(Duration::from_millis(200));
+    seed(&s.tracker, "u1");
+    seed(&s.tracker, "u2");
+    let server = Server::start(s.clone()).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    next_json(&mut ws).await;
+    // Another upgrade's event moves the position of this stream too (it has nothing to miss).
+    let t = Arc::clone(&s.tracker);
+    let last = blocking(move || {
+        t.update_task("u2", "a", 5.0, None, Default::default())
+            .unwrap()
+            .last_seq()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (skipped, hb) = until_type(&mut ws, "heartbeat").await;
+        assert!(seqs(&skipped).is_empty(), "no u2 event on the u1 stream");
+        if hb["seq"] == last {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heartbeat never reached seq {last}: {hb}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_resynced_and_never_delays_a_fast_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small ring: bursts of 500 overrun it, so the fast client catches up from the store
+    // (no gap); the slow one falls more than 8,000 behind and is resynced.
+    let s = state(dir.path()).with_stream_limits(256, 8000);
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    let mut slow = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    let mut fast = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    assert_eq!(next_json(&mut slow).await["type"], "progress_summary");
+    assert_eq!(next_json(&mut fast).await["type"], "progress_summary");
+    // Far more than the lag limit plus what socket buffers absorb; the slow client reads
+    // nothing meanwhile.
+    let n = 40_000;
+    let t = Arc::clone(&s.tracker);
+    let writer = tokio::task::spawn_blocking(move || {
+        let cmds: Vec<Command> = (0..n)
+            .map(|i| Command::TaskUpdate {
+                upgrade_id: "u1".into(),
+                task_id: "a".into(),
+                percentage: (i % 100) as f64,
+                message: Some(format!("update {i} {}", "x".repeat(1000))),
+                details: Default::default(),
+            })
+            .collect();
+        let mut last = 0;
+        for chunk in cmds.chunks(500) {
+            for r in t.execute_batch(chunk).unwrap() {
+                last = r.unwrap().last_seq();
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        last
+    });
+    // The fast client gets every event, in order, while the slow one sleeps.
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let m = next_json(&mut fast).await;
+        assert_eq!(
+            m["type"], "progress_event",
+            "the fast client is never resynced: {m}"
+        );
+        got.push(m["seq"].as_u64().unwrap());
+    }
+    let last = writer.await.unwrap();
+    assert!(
+        got.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap, no duplicate"
+    );
+    assert_eq!(*got.last().unwrap(), last);
+    // The slow client: what it gets is in order; it is told to resync (with a fresh summary)
+    // and then continues up to the last event.
+    let mut prev = 0;
+    let mut resyncs = 0;
+    loop {
+        let m = next_json(&mut slow).await;
+        let seq = m["seq"].as_u64().unwrap();
+        assert!(seq >= prev, "in order: {prev} then {m}");
+        match m["type"].as_str().unwrap() {
+            "resync" => {
+                resyncs += 1;
+                assert_eq!(m["data"]["upgrade_id"], "u1", "{m}");
+            }
+            "progress_event" => assert!(seq > prev, "no duplicate"),
+            other => panic!("unexpected {other}: {m}"),
+        }
+        prev = seq;
+        if seq == last {
+            break;
+        }
+    }
+    assert!(
+        resyncs >= 1,
+        "the slow client fell behind by {n} events and was resynced"
+    );
+}
+
+#[tokio::test]
+async fn events_of_another_writer_reach_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    next_json(&mut ws).await;
+    // A second, independent store handle on the same data dir: the server's tracker sees
+    // nothing of its writes except through the database, as with another process.
+    let other = tracker(dir.path());
+    let seq = blocking(move || {
+        other
+            .update_task("u1", "a", 12.0, Some("from elsewhere"), Default::default())
+            .unwrap()
+            .last_seq()
+    })
+    .await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64()),
+        (Some("progress_event"), Some(seq))
+    );
+    assert_eq!(m["data"]["message"], "from elsewhere");
+}
+
+#[tokio::test]
+async fn bad_stream_requests_are_http_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s).await;
+    use tokio_tungstenite::tungstenite::Error;
+    for (path, status) in [
+        ("/api/v1/upgrades/nope/ws", 404),
+        ("/api/v1/upgrades/u1/ws?since=abc", 400),
+        ("/api/v1/ws?since=-1", 400),
+    ] {
+        match tokio_tungstenite::connect_async(server.ws_url(path)).await {
+            Err(Error::Http(resp)) => {
+                assert_eq!(resp.status(), status, "{path}");
+                let body: serde_json::Value =
+                    serde_json::from_slice(resp.body().as_deref().unwrap()).unwrap();
+                assert!(body["error"]["message"].is_string(), "{path}: {body}");
+            }
+            other => panic!("{path}: expected HTTP {status}, got {other:?}"),
+        }
+    }
+}
