@@ -15,6 +15,7 @@
 //! s3_bucket = "team-upgrade-artifacts"
 //! s3_prefix = "eks-upgrade-agent/artifacts"
 //! auto_upload = true
+//! tokens = ["<read token>:read", "<write token>:write"]   # for `serve`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub(crate) struct FileConfig {
     pub(crate) s3_bucket: Option<String>,
     pub(crate) s3_prefix: Option<String>,
     pub(crate) auto_upload: Option<bool>,
+    /// `serve`'s bearer tokens, `TOKEN:ROLE`.
+    pub(crate) tokens: Option<Vec<String>>,
 }
 
 impl FileConfig {

@@ -25,6 +25,7 @@ mod kv;
 mod notify;
 mod progress;
 mod render;
+mod serve;
 
 /// Progress tracking and test artifacts for EKS cluster upgrades.
 #[derive(Debug, Parser)]
@@ -81,18 +82,16 @@ enum Command {
     /// See and deliver pending notifications (EventBridge, webhook)
     #[command(subcommand)]
     Notify(notify::NotifyCmd),
-    /// Serve the HTTP API (loopback only until authentication lands)
-    Serve {
-        /// Address to listen on
-        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
-        listen: std::net::SocketAddr,
-    },
+    /// Serve the HTTP API, live streams and the dashboard
+    Serve(serve::ServeArgs),
 }
 
 /// What every subcommand gets.
 struct Ctx {
     output: Output,
     config: Config,
+    /// `tokens` from the configuration file (for `serve`).
+    file_tokens: Vec<String>,
 }
 
 impl Ctx {
@@ -193,42 +192,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx {
         output: cli.output,
         config,
+        file_tokens: file.tokens.clone().unwrap_or_default(),
     };
     match cli.command {
         Command::Progress(cmd) => progress::run(&ctx, cmd),
         Command::Artifacts(cmd) => artifacts::run(&ctx, cmd),
         Command::Demo(args) => demo::run(&ctx, args),
         Command::Notify(cmd) => notify::run(&ctx, cmd),
-        Command::Serve { listen } => serve(&ctx, listen),
+        Command::Serve(args) => serve::run(&ctx, args),
     }
-}
-
-/// `serve`: the HTTP API on `listen` until Ctrl-C, with notifications delivered meanwhile.
-fn serve(ctx: &Ctx, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
-    if !listen.ip().is_loopback() {
-        anyhow::bail!(
-            "refusing to listen on {listen}: the API has no authentication yet, so it only listens on loopback (e.g. 127.0.0.1:8080)"
-        );
-    }
-    let store = ctx.store()?;
-    let _notifier = notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
-    let state = eks_upgrade_agent_server::AppState::new(Arc::new(
-        eks_upgrade_agent::ProgressTracker::new(store),
-    ));
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        eprintln!(
-            "serving http://{}/api/v1 (Ctrl-C to stop)",
-            listener.local_addr()?
-        );
-        eks_upgrade_agent_server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("server failed")
-    })?;
-    Ok(ExitCode::SUCCESS)
 }

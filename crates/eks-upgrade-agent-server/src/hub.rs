@@ -111,8 +111,8 @@ impl Hub {
         &self.inner.tracker
     }
 
-    /// Starts the poller if it is not running (needs a tokio runtime).
-    async fn ensure_started(&self) -> ApiResult<()> {
+    /// Starts the poller if it is not running (needs a tokio runtime); subscribing does too.
+    pub async fn start(&self) -> ApiResult<()> {
         if self.inner.started.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -152,7 +152,7 @@ impl Hub {
         upgrade_id: Option<String>,
         since: Option<u64>,
     ) -> ApiResult<Subscription> {
-        self.ensure_started().await?;
+        self.start().await?;
         // Subscribe before reading `published`: whatever is published later is in the ring.
         let rx = self.inner.tx.subscribe();
         let published = self.published();

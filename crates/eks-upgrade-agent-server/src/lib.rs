@@ -35,13 +35,20 @@ use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use eks_upgrade_agent::TestArtifactsManager;
+use eks_upgrade_agent::notify::Dispatcher;
 use eks_upgrade_agent::progress::ProgressTracker;
+use eks_upgrade_agent::store::UploadQueue;
 
+mod artifacts_api;
 pub mod auth;
 mod error;
 pub mod hub;
+mod metrics;
 mod progress_api;
 mod stream;
+
+pub use metrics::Metrics;
 
 pub use auth::{Auth, Role};
 pub use error::ApiError;
@@ -64,6 +71,14 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Idle time before a stream sends a heartbeat.
     pub heartbeat: Duration,
+    /// Artifacts (none: the artifact routes answer 404).
+    pub artifacts: Option<Arc<TestArtifactsManager>>,
+    /// The upload queue, for `/metrics`.
+    pub uploads: Option<Arc<dyn UploadQueue>>,
+    /// The notification dispatcher, for `/metrics`.
+    pub dispatcher: Option<Arc<Dispatcher>>,
+    /// Counters and latencies.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -74,7 +89,28 @@ impl AppState {
             tracker,
             auth: Arc::new(Auth::open()),
             heartbeat: HEARTBEAT,
+            artifacts: None,
+            uploads: None,
+            dispatcher: None,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// With artifacts (and their upload queue, for metrics).
+    pub fn with_artifacts(
+        mut self,
+        artifacts: Arc<TestArtifactsManager>,
+        uploads: Option<Arc<dyn UploadQueue>>,
+    ) -> AppState {
+        self.artifacts = Some(artifacts);
+        self.uploads = uploads;
+        self
+    }
+
+    /// With the notification dispatcher (for metrics).
+    pub fn with_dispatcher(mut self, dispatcher: Arc<Dispatcher>) -> AppState {
+        self.dispatcher = Some(dispatcher);
+        self
     }
 
     /// With tokens.
@@ -98,6 +134,7 @@ impl AppState {
 
 /// The router over `state`.
 pub fn router(state: AppState) -> Router {
+    use artifacts_api as a;
     use progress_api as p;
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -121,8 +158,37 @@ pub fn router(state: AppState) -> Router {
             post(p::task_op),
         )
         .route("/api/v1/upgrades/{upgrade}/{op}", post(p::upgrade_op))
+        .route(
+            "/api/v1/sessions",
+            get(a::list_sessions).post(a::create_session),
+        )
+        .route("/api/v1/sessions/{session}", get(a::show_session))
+        .route(
+            "/api/v1/sessions/{session}/complete",
+            post(a::complete_session),
+        )
+        .route(
+            "/api/v1/sessions/{session}/collections",
+            get(a::list_collections).post(a::create_collection),
+        )
+        .route(
+            "/api/v1/sessions/{session}/collections/{collection}/artifacts",
+            post(a::upload),
+        )
+        .route("/api/v1/artifacts", get(a::search))
+        .route("/api/v1/artifacts/stats", get(a::stats))
+        .route(
+            "/api/v1/artifacts/{artifact}",
+            get(a::show_artifact).delete(a::delete_artifact),
+        )
+        .route("/api/v1/artifacts/{artifact}/content", get(a::download))
+        .route("/metrics", get(metrics::metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require,
@@ -136,6 +202,10 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Start following the store now, so metrics count events from the start.
+    if let Err(e) = state.hub.start().await {
+        tracing::warn!(error = %e, "cannot read the store's last seq; streams start on demand");
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -81,7 +81,9 @@ fn command(mut body: Map<String, Value>, op: &str, ids: &[(&str, &str)]) -> ApiR
 
 async fn execute(state: &AppState, c: Command) -> ApiResult<Committed> {
     let tracker = Arc::clone(&state.tracker);
-    blocking(move || tracker.execute(c)).await
+    let committed = blocking(move || tracker.execute(c)).await?;
+    state.metrics.updates.inc();
+    Ok(committed)
 }
 
 pub(crate) async fn list_upgrades(

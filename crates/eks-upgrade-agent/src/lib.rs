@@ -39,6 +39,7 @@ pub mod model;
 pub mod notify;
 pub mod progress;
 pub mod store;
+pub mod units;
 
 #[cfg(test)]
 pub(crate) mod test_support;

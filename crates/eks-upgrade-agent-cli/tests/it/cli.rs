@@ -759,40 +759,132 @@ fn config_file_sets_data_dir_and_sinks_and_bad_files_are_reported() {
     );
 }
 
-#[test]
-fn serve_listens_on_loopback_only_and_answers() {
-    use std::io::{Read, Write};
-    let env = setup();
-    let err = env.fails(1, &["serve", "--listen", "0.0.0.0:0"]);
-    assert!(err.contains("only listens on loopback"), "{err}");
+/// `serve` on a free loopback port (extra env, e.g. tokens); killed on drop.
+struct Served {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(env: &Env, vars: &[(&str, &str)]) -> Served {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut child = env
-        .command()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    let mut stream = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(_) if start.elapsed() < std::time::Duration::from_secs(20) => {
-                std::thread::sleep(std::time::Duration::from_millis(50))
-            }
-            Err(e) => panic!("serve did not listen: {e}"),
-        }
+    let mut cmd = env.command();
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let served = Served {
+        child: cmd.spawn().unwrap(),
+        port,
     };
-    stream
-        .write_all(b"GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "serve did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    served
+}
+
+/// A raw HTTP/1.1 request; returns the response's head and body as text.
+fn http(port: u16, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut resp = String::new();
     stream.read_to_string(&mut resp).unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    resp
+}
+
+#[test]
+fn serve_listens_on_loopback_only_and_answers() {
+    let env = setup();
+    let err = env.fails(1, &["serve", "--listen", "0.0.0.0:0"]);
+    assert!(err.contains("without authentication"), "{err}");
+    assert!(err.contains("--insecure-no-auth"), "{err}");
+    let err = env.fails(1, &["serve", "--token", "short:read"]);
+    assert!(err.contains("at least 16"), "{err}");
+    let served = serve(&env, &[]);
+    let resp = http(
+        served.port,
+        "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"cluster_name\":\"prod-eu\""), "{resp}");
+}
+
+#[test]
+fn serve_with_tokens_from_the_environment() {
+    let env = setup();
+    let token = "a-read-token-for-tests";
+    let served = serve(&env, &[("EUA_TOKENS", &format!("{token}:read"))]);
+    let get = |auth: &str| {
+        http(
+            served.port,
+            &format!(
+                "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+            ),
+        )
+    };
+    let resp = get("");
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let resp = get(&format!("Authorization: Bearer {token}\r\n"));
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let resp = http(
+        served.port,
+        &format!(
+            "POST /api/v1/upgrades/u1/complete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+}
+
+#[test]
+fn a_cli_write_reaches_the_servers_stream() {
+    use std::io::{BufRead, BufReader, Write};
+    let env = setup();
+    let served = serve(&env, &[]);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    stream
+        .write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    // The head first, so the subscription exists before the write.
+    for line in lines.by_ref() {
+        if line.unwrap().is_empty() {
+            break;
+        }
+    }
+    env.ok(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "plan",
+        "--percent",
+        "55",
+        "-m",
+        "from another process",
+    ]);
+    let found = lines
+        .map(Result::unwrap)
+        .find(|l| l.contains("from another process"));
+    let line = found.expect("the event reached the stream");
+    assert!(line.contains("\"type\":\"progress_event\""), "{line}");
 }

@@ -33,6 +33,9 @@ impl Env {
             .env_remove("EUA_CONFIG")
             .env_remove("EUA_WEBHOOK_URL")
             .env_remove("EUA_EVENTBRIDGE_BUS_NAME")
+            .env_remove("EUA_TOKENS")
+            .env_remove("EUA_SERVER")
+            .env_remove("EUA_TOKEN")
             .env("XDG_CONFIG_HOME", self.dir.path().join("config-home"));
         c.stdin(Stdio::null());
         c

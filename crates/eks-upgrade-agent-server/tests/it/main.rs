@@ -2,6 +2,7 @@
 //! against `serve` on 127.0.0.1.
 
 mod api;
+mod artifacts;
 mod auth;
 mod stream;
 mod util;

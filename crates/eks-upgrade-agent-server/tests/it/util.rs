@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::store::sqlite::{SqliteOptions, SqliteStore};
+
 use eks_upgrade_agent_server::AppState;
 
 pub(crate) fn tracker(dir: &std::path::Path) -> Arc<ProgressTracker> {
@@ -18,8 +19,13 @@ pub(crate) fn tracker(dir: &std::path::Path) -> Arc<ProgressTracker> {
     Arc::new(ProgressTracker::new(Arc::new(store)))
 }
 
+/// A state over a fresh store in `dir`, with artifacts (local blobs) enabled.
 pub(crate) fn state(dir: &std::path::Path) -> AppState {
-    AppState::new(tracker(dir))
+    let cfg = eks_upgrade_agent::config::Config::new(dir);
+    let store = Arc::new(cfg.open_store().unwrap());
+    let artifacts = Arc::new(cfg.artifacts_manager(Arc::clone(&store)).unwrap());
+    let tracker = Arc::new(ProgressTracker::new(store.clone()));
+    AppState::new(tracker).with_artifacts(artifacts, Some(store))
 }
 
 /// `state` served on 127.0.0.1 until dropped.

@@ -1,0 +1,122 @@
+//! `eks-upgrade-agent serve`: the HTTP API, streams and dashboard over the data dir, with the
+//! notification dispatcher running meanwhile.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use eks_upgrade_agent::store::sqlite::SqliteStore;
+use eks_upgrade_agent_server::{AppState, Auth};
+
+use crate::{Ctx, notify};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on; anything but loopback needs tokens (or --insecure-no-auth)
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub(crate) listen: SocketAddr,
+    /// A bearer token and its role, TOKEN:read or TOKEN:write (repeatable; at least 16
+    /// characters). Without tokens the server is open and only listens on loopback
+    #[arg(
+        long = "token",
+        value_name = "TOKEN:ROLE",
+        env = "EUA_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub(crate) tokens: Vec<String>,
+    /// Listen on a non-loopback address without tokens (anyone who can reach it may change
+    /// progress and artifacts)
+    #[arg(long)]
+    pub(crate) insecure_no_auth: bool,
+}
+
+impl ServeArgs {
+    /// The tokens from the flags/`EUA_TOKENS`, else the config file's `tokens`.
+    fn auth(&self, ctx: &Ctx) -> anyhow::Result<Auth> {
+        let specs = if self.tokens.is_empty() {
+            &ctx.file_tokens
+        } else {
+            &self.tokens
+        };
+        Auth::from_specs(specs).map_err(|e| anyhow::anyhow!("invalid token: {e}"))
+    }
+}
+
+/// Checks the listen address against the auth settings.
+fn check_exposure(listen: SocketAddr, auth: &Auth, insecure: bool) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() && !auth.enabled() && !insecure {
+        anyhow::bail!(
+            "refusing to listen on {listen} without authentication: give tokens with --token TOKEN:ROLE (or EUA_TOKENS), listen on loopback (e.g. 127.0.0.1:8080), or pass --insecure-no-auth"
+        );
+    }
+    Ok(())
+}
+
+/// The server's state over `store`.
+pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::Result<AppState> {
+    let artifacts = Arc::new(ctx.artifacts_on(Arc::clone(&store))?);
+    let dispatcher = notify::dispatcher_or_warn(ctx, &store);
+    let tracker = Arc::new(eks_upgrade_agent::ProgressTracker::new(store.clone()));
+    let mut state = AppState::new(tracker)
+        .with_artifacts(artifacts, Some(store))
+        .with_auth(auth);
+    if let Some(d) = dispatcher {
+        state = state.with_dispatcher(d);
+    }
+    Ok(state)
+}
+
+pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let auth = args.auth(ctx)?;
+    check_exposure(args.listen, &auth, args.insecure_no_auth)?;
+    let store = ctx.store()?;
+    let state = state(ctx, store, auth)?;
+    let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
+    runtime.block_on(async {
+        let listener = bind(args.listen).await?;
+        eprintln!(
+            "serving http://{}/ (API under /api/v1; Ctrl-C to stop)",
+            listener.local_addr()?
+        );
+        eks_upgrade_agent_server::serve(listener, state, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("server failed")
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_needs_tokens_or_an_explicit_opt_out() {
+        let open = Auth::open();
+        let tokens = Auth::from_specs(&["0123456789abcdef:read"]).unwrap();
+        let lan: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:8080".parse().unwrap();
+        assert!(check_exposure(lo, &open, false).is_ok());
+        assert!(check_exposure(lo6, &open, false).is_ok());
+        let e = check_exposure(lan, &open, false).unwrap_err().to_string();
+        assert!(
+            e.contains("--token") && e.contains("--insecure-no-auth"),
+            "{e}"
+        );
+        assert!(check_exposure(lan, &tokens, false).is_ok());
+        assert!(check_exposure(lan, &open, true).is_ok());
+    }
+}

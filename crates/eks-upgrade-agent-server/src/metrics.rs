@@ -1,0 +1,185 @@
+//! `/metrics` in the OpenMetrics text format (which Prometheus scrapes): request latencies by
+//! route, progress updates through the API, events seen by the stream hub, stream clients,
+//! artifact uploads and downloads, queued S3 uploads and pending notifications (the last two
+//! read from the store at scrape time, so they include other processes' work).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::AppState;
+use crate::error::{ApiResult, blocking};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Histogram>,
+    /// Progress commands committed through the API.
+    pub(crate) updates: Counter,
+    /// Artifacts uploaded through the API.
+    pub(crate) uploads: Counter,
+    /// Artifact downloads started through the API.
+    pub(crate) downloads: Counter,
+    events: Counter<u64, AtomicU64>,
+    clients: Gauge,
+    last_seq: Gauge,
+    queued_uploads: Gauge,
+    queued_upload_bytes: Gauge,
+    pending_notifications: Family<SinkLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("eua");
+        let requests = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by method, route and status",
+            requests.clone(),
+        );
+        let m = Metrics {
+            requests,
+            updates: Counter::default(),
+            uploads: Counter::default(),
+            downloads: Counter::default(),
+            events: Counter::default(),
+            clients: Gauge::default(),
+            last_seq: Gauge::default(),
+            queued_uploads: Gauge::default(),
+            queued_upload_bytes: Gauge::default(),
+            pending_notifications: Family::default(),
+            registry,
+        };
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register(
+            "progress_updates",
+            "Progress commands committed through the API",
+            m.updates.clone(),
+        );
+        r.register(
+            "artifact_uploads",
+            "Artifacts uploaded through the API",
+            m.uploads.clone(),
+        );
+        r.register(
+            "artifact_downloads",
+            "Artifact downloads served",
+            m.downloads.clone(),
+        );
+        r.register(
+            "events",
+            "Progress events seen by the stream hub (any writer) since start",
+            m.events.clone(),
+        );
+        r.register(
+            "stream_clients",
+            "Connected WebSocket and SSE clients",
+            m.clients.clone(),
+        );
+        r.register(
+            "last_seq",
+            "Highest event seq published to streams",
+            m.last_seq.clone(),
+        );
+        r.register(
+            "uploads_queued",
+            "Artifacts queued for upload to S3",
+            m.queued_uploads.clone(),
+        );
+        r.register(
+            "uploads_queued_bytes",
+            "Bytes of artifacts queued for upload to S3",
+            m.queued_upload_bytes.clone(),
+        );
+        r.register(
+            "notifications_pending",
+            "Notifications not yet delivered, by sink",
+            m.pending_notifications.clone(),
+        );
+        m
+    }
+}
+
+/// Records the latency of every request under its route template.
+pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    s.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status: resp.status().as_u16(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// `GET /metrics`
+pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
+    let m = Arc::clone(&s.metrics);
+    let published = s.hub.events_published();
+    let seen = m.events.get();
+    m.events.inc_by(published.saturating_sub(seen));
+    m.clients
+        .set(i64::try_from(s.hub.clients()).unwrap_or(i64::MAX));
+    m.last_seq
+        .set(i64::try_from(s.hub.published()).unwrap_or(i64::MAX));
+    let (queue, dispatcher) = (s.uploads.clone(), s.dispatcher.clone());
+    let (pending_uploads, sinks) = blocking(move || {
+        let uploads = queue.map(|q| q.pending_uploads()).transpose()?;
+        let sinks = dispatcher.map(|d| d.status()).transpose()?;
+        Ok((uploads, sinks))
+    })
+    .await?;
+    let (n, bytes) = pending_uploads.unwrap_or((0, 0));
+    m.queued_uploads.set(i64::try_from(n).unwrap_or(i64::MAX));
+    m.queued_upload_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    for sink in sinks.unwrap_or_default() {
+        m.pending_notifications
+            .get_or_create(&SinkLabels { sink: sink.sink })
+            .set(i64::try_from(sink.pending).unwrap_or(i64::MAX));
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &m.registry)
+        .map_err(|e| eks_upgrade_agent::Error::InvalidInput(format!("metrics: {e}")))?;
+    let mut resp = text.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(resp)
+}
