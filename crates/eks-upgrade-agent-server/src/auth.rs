@@ -125,7 +125,7 @@ fn token_of(req: &Request) -> Option<String> {
 }
 
 fn open_path(path: &str) -> bool {
-    path == "/healthz" || path == "/" || path.starts_with("/assets/")
+    path == "/healthz" || path == "/" || path == "/favicon.ico" || path.starts_with("/assets/")
 }
 
 /// The middleware: checks the token and the role the method needs.

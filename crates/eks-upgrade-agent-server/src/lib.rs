@@ -41,6 +41,7 @@ use eks_upgrade_agent::progress::ProgressTracker;
 use eks_upgrade_agent::store::UploadQueue;
 
 mod artifacts_api;
+mod dashboard;
 pub mod auth;
 mod error;
 pub mod hub;
@@ -138,6 +139,10 @@ pub fn router(state: AppState) -> Router {
     use progress_api as p;
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/", get(dashboard::index))
+        .route("/assets/app.js", get(dashboard::app_js))
+        .route("/assets/app.css", get(dashboard::app_css))
+        .route("/favicon.ico", get(dashboard::favicon))
         .route(
             "/api/v1/upgrades",
             get(p::list_upgrades).post(p::create_upgrade),

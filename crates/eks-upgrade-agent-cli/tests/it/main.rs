@@ -4,6 +4,7 @@ mod apply;
 mod artifacts;
 mod cli;
 mod crash;
+mod dashboard;
 mod eventbridge;
 mod reference;
 mod s3;

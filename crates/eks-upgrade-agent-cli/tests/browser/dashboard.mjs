@@ -1,0 +1,172 @@
+// The dashboard in a real headless Chromium (Debian's /usr/bin/chromium, driven by
+// playwright-core). Run by tests/it/dashboard.rs with:
+//   EUA_BIN             the eks-upgrade-agent binary
+//   EUA_TEST_DATA_DIR   an empty data dir
+//   EUA_SCREENSHOTS     where to save screenshots
+// Scenario: serve with a read and a write token; report progress and artifacts through the
+// API; the page (read token) shows them live; kill the server, write more with the CLI (another
+// process), restart the server: the page catches up over its WebSocket without a reload.
+import { chromium } from 'playwright-core';
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+
+const bin = process.env.EUA_BIN;
+const dataDir = process.env.EUA_TEST_DATA_DIR;
+const shots = process.env.EUA_SCREENSHOTS;
+if (!bin || !dataDir || !shots) throw new Error('set EUA_BIN, EUA_TEST_DATA_DIR and EUA_SCREENSHOTS');
+fs.mkdirSync(shots, { recursive: true });
+
+const READ = 'dashboard-read-token-0123';
+const WRITE = 'dashboard-write-token-0123';
+const T = 15000;
+
+const freePort = () => new Promise((resolve, reject) => {
+  const s = net.createServer();
+  s.once('error', reject);
+  s.listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)); });
+});
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const port = await freePort();
+const base = `http://127.0.0.1:${port}`;
+
+function startServer() {
+  return spawn(bin, ['--data-dir', dataDir, 'serve', '--listen', `127.0.0.1:${port}`], {
+    env: { ...process.env, EUA_TOKENS: `${READ}:read,${WRITE}:write` },
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+}
+
+async function waitHealthy() {
+  const end = Date.now() + 20000;
+  for (;;) {
+    try {
+      const r = await fetch(base + '/healthz');
+      if (r.ok) return;
+    } catch { /* not yet */ }
+    if (Date.now() > end) throw new Error('the server did not come up');
+    await sleep(50);
+  }
+}
+
+async function api(method, p, body, contentType = 'application/json') {
+  const r = await fetch(base + p, {
+    method,
+    headers: { Authorization: 'Bearer ' + WRITE, 'content-type': contentType },
+    body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+  });
+  const text = await r.text();
+  if (!r.ok) throw new Error(`${method} ${p}: HTTP ${r.status} ${text}`);
+  return JSON.parse(text);
+}
+
+const cli = (...args) => execFileSync(bin, ['--data-dir', dataDir, ...args], { stdio: ['ignore', 'ignore', 'inherit'] });
+
+function taskIs(page, id, status, percent, extra = null) {
+  return page.waitForFunction(([id, status, percent, extra]) => {
+    const r = document.querySelector(`.task[data-task-id="${id}"]`);
+    return r && r.dataset.status === status && r.querySelector('.pct').textContent === percent
+      && (!extra || r.textContent.includes(extra));
+  }, [id, status, percent, extra], { timeout: T });
+}
+
+let server = startServer();
+let browser;
+let page;
+let failed = false;
+try {
+  await waitHealthy();
+  // An upgrade with three tasks, and two artifacts.
+  await api('POST', '/api/v1/upgrades', { upgrade_id: 'upg-1', plan_id: 'plan-1', cluster_name: 'prod-eu', metadata: { to: '1.30' } });
+  await api('POST', '/api/v1/upgrades/upg-1/start', { phase: 'control_plane' });
+  await api('POST', '/api/v1/upgrades/upg-1/tasks', [
+    { task_id: 'cp', name: 'Upgrade control plane', task_type: 'upgrade_step' },
+    { task_id: 'ng', name: 'Node group ng-1', task_type: 'upgrade_step', total_steps: 3 },
+    { task_id: 'val', name: 'Validate workloads', task_type: 'validation' },
+  ]);
+  const session = await api('POST', '/api/v1/sessions', { upgrade_id: 'upg-1', cluster_name: 'prod-eu' });
+  const coll = await api('POST', `/api/v1/sessions/${session.session_id}/collections`, { name: 'logs' });
+  const up = `/api/v1/sessions/${session.session_id}/collections/${coll.collection_id}/artifacts`;
+  await api('POST', `${up}?name=kubelet.log&type=log_file&tag=node&task_id=ng`, 'kubelet started\n'.repeat(200), 'application/octet-stream');
+  await api('POST', `${up}?name=junit.xml&type=test_result&tag=smoke`, '<testsuite tests="3"/>', 'application/xml');
+
+  browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
+  });
+  page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.on('console', (m) => { if (m.type() === 'error') console.error('page:', m.text()); });
+  await page.goto(`${base}/?token=${READ}`);
+  await page.waitForSelector('#conn[data-state="live"]', { timeout: T });
+  await page.waitForSelector('tr.upgrade[data-upgrade-id="upg-1"]', { timeout: T });
+  const loadId = await page.evaluate(() => window.__eua.loadId);
+  const tokenInUrl = await page.evaluate(() => location.href.includes('token='));
+  if (tokenInUrl) throw new Error('the token stayed in the address bar');
+
+  // Live: a progress update through the API shows on the page.
+  await api('POST', '/api/v1/upgrades/upg-1/tasks/cp/update', { percentage: 40, message: 'upgrading the API server' });
+  await taskIs(page, 'cp', 'in_progress', '40.0%');
+  await page.waitForFunction(() => {
+    const r = document.querySelector('tr.upgrade[data-upgrade-id="upg-1"]');
+    return r && r.querySelector('.pct').textContent === '13.3%' && r.textContent.includes('in progress');
+  }, null, { timeout: T });
+  await page.waitForFunction(() => document.querySelector('#timeline').textContent.includes('upgrading the API server'), null, { timeout: T });
+
+  // Artifacts with working download links and filters.
+  await page.waitForFunction(() => document.querySelectorAll('#artifacts tbody tr').length === 2, null, { timeout: T });
+  const download = await page.evaluate(async () => {
+    const a = [...document.querySelectorAll('#artifacts a')].find((x) => x.textContent === 'kubelet.log');
+    const r = await fetch(a.href);
+    return [r.status, (await r.text()).length];
+  });
+  if (download[0] !== 200 || download[1] !== 'kubelet started\n'.length * 200) throw new Error('download: ' + download);
+  await page.selectOption('#artifact-type', 'test_result');
+  await page.waitForFunction(() => {
+    const rows = document.querySelectorAll('#artifacts tbody tr');
+    return rows.length === 1 && rows[0].textContent.includes('junit.xml');
+  }, null, { timeout: T });
+  await page.selectOption('#artifact-type', '');
+  await page.fill('#artifact-tag', 'node');
+  await page.waitForFunction(() => {
+    const rows = document.querySelectorAll('#artifacts tbody tr');
+    return rows.length === 1 && rows[0].textContent.includes('kubelet.log');
+  }, null, { timeout: T });
+  await page.screenshot({ path: path.join(shots, '1-live.png'), fullPage: true });
+
+  // The server dies; the agent keeps reporting through the CLI meanwhile.
+  server.kill('SIGKILL');
+  await new Promise((r) => server.once('exit', r));
+  await page.waitForSelector('#conn[data-state="reconnecting"]', { timeout: T });
+  cli('progress', 'task', 'complete', 'upg-1', 'cp', '-m', 'control plane on 1.30');
+  cli('progress', 'task', 'start', 'upg-1', 'ng');
+  cli('progress', 'task', 'fail', 'upg-1', 'ng', '--error', 'PodDisruptionBudget blocked the drain of web-1');
+  await page.screenshot({ path: path.join(shots, '2-server-down.png'), fullPage: true });
+
+  // Back up: the page catches up without a reload.
+  server = startServer();
+  await waitHealthy();
+  await page.waitForSelector('#conn[data-state="live"]', { timeout: T });
+  await taskIs(page, 'cp', 'completed', '100.0%');
+  await taskIs(page, 'ng', 'failed', '0.0%', 'PodDisruptionBudget blocked the drain of web-1');
+  await page.waitForFunction(() => document.querySelector('#timeline').textContent.includes('control plane on 1.30'), null, { timeout: T });
+  const failedHighlighted = await page.evaluate(() => {
+    const e = document.querySelector('.task[data-task-id="ng"] .error');
+    return e && getComputedStyle(e).color;
+  });
+  if (failedHighlighted !== 'rgb(207, 34, 46)') throw new Error('the failure is not highlighted: ' + failedHighlighted);
+  if (await page.evaluate(() => window.__eua.loadId) !== loadId) throw new Error('the page reloaded');
+  await page.screenshot({ path: path.join(shots, '3-caught-up.png'), fullPage: true });
+  console.log('dashboard ok: live update, artifacts, reconnect catch-up; screenshots in ' + shots);
+} catch (e) {
+  failed = true;
+  console.error('dashboard test failed:', e);
+  if (page) await page.screenshot({ path: path.join(shots, 'failure.png'), fullPage: true }).catch(() => {});
+} finally {
+  if (browser) await browser.close();
+  server.kill('SIGKILL');
+}
+process.exit(failed ? 1 : 0);
