@@ -41,8 +41,8 @@ use eks_upgrade_agent::progress::ProgressTracker;
 use eks_upgrade_agent::store::UploadQueue;
 
 mod artifacts_api;
-mod dashboard;
 pub mod auth;
+mod dashboard;
 mod error;
 pub mod hub;
 mod metrics;
@@ -211,6 +211,13 @@ pub async fn serve(
     if let Err(e) = state.hub.start().await {
         tracing::warn!(error = %e, "cannot read the store's last seq; streams start on demand");
     }
+    // Streams send small messages: no Nagle delay behind a delayed ACK.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -42,7 +42,9 @@ fn dashboard_in_headless_chromium() {
         shots.display()
     );
     for shot in ["1-live.png", "2-server-down.png", "3-caught-up.png"] {
-        let len = std::fs::metadata(shots.join(shot)).map(|m| m.len()).unwrap_or(0);
+        let len = std::fs::metadata(shots.join(shot))
+            .map(|m| m.len())
+            .unwrap_or(0);
         assert!(len > 1000, "screenshot {shot} missing or empty");
     }
 }
