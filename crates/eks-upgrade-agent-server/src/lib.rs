@@ -46,6 +46,7 @@ mod dashboard;
 mod error;
 pub mod hub;
 mod metrics;
+mod openapi;
 mod progress_api;
 mod stream;
 
@@ -188,6 +189,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/artifacts/{artifact}/content", get(a::download))
         .route("/metrics", get(metrics::metrics))
+        .route("/api/v1/openapi.json", get(openapi::openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(

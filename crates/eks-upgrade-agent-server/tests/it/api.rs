@@ -339,3 +339,54 @@ async fn sse_replays_follows_and_resumes_without_gaps() {
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
 }
+
+#[tokio::test]
+async fn openapi_describes_every_served_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let (st, doc) = call(&s, "GET", "/api/v1/openapi.json", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 20, "{}", paths.len());
+    let mut operations = 0;
+    for (path, item) in paths {
+        for method in ["get", "post", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            operations += 1;
+            let uri = path
+                .split('/')
+                .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+                .collect::<Vec<_>>()
+                .join("/");
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(&uri)
+                .body(Body::empty())
+                .unwrap();
+            let resp = router(s.clone()).oneshot(req).await.unwrap();
+            if resp
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v == "text/event-stream")
+            {
+                continue; // a live stream: served, and it never ends
+            }
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("no such route"),
+                "{method} {path} is described but not served"
+            );
+        }
+    }
+    assert!(operations >= 25, "{operations}");
+    // Routes that are not described are not served either.
+    let (st, v) = call(&s, "GET", "/api/v1/undocumented", None).await;
+    assert_eq!(
+        (st, v["error"]["message"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no such route"))
+    );
+}
