@@ -32,6 +32,10 @@ pub(crate) struct DemoArgs {
     /// Cluster name
     #[arg(long, default_value = "demo-cluster")]
     cluster: String,
+    /// Also serve the dashboard and API while the demo runs (and after, until Ctrl-C), on
+    /// ADDR [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    serve: Option<std::net::SocketAddr>,
 }
 
 struct Sim<'a> {
@@ -140,7 +144,11 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--speed must be a number in (0, 1000], got {}", args.speed);
     }
     let store = ctx.store()?;
-    let tracker = ProgressTracker::new(store.clone());
+    let tracker = std::sync::Arc::new(ProgressTracker::new(store.clone()));
+    let server = match args.serve {
+        Some(addr) => Some(DemoServer::start(ctx, &store, &tracker, addr)?),
+        None => None,
+    };
     let artifacts = ctx.artifacts_on(store.clone())?;
     let notifier = crate::notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
     let upgrade_id = args
@@ -283,7 +291,7 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let live = !ctx.json() && stdout_is_terminal();
     let sim = Sim {
-        t: &tracker,
+        t: tracker.as_ref(),
         u: &upgrade_id,
         step: Duration::from_secs_f64(0.35 / args.speed),
         artifacts: &artifacts,
@@ -378,7 +386,7 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
             Ok(())
         });
         if live {
-            let mut watcher = Watcher::new(&tracker, &upgrade_id, true)?;
+            let mut watcher = Watcher::new(tracker.as_ref(), &upgrade_id, true)?;
             while !worker.is_finished() {
                 watcher.poll(ctx)?;
                 std::thread::sleep(Duration::from_millis(80));
@@ -424,5 +432,52 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
             ctx.config.data_dir.display()
         )?;
     }
+    if let Some(server) = server {
+        server.wait_for_ctrl_c()?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `demo --serve`: the server on its own thread and runtime, over the demo's store and tracker
+/// (the tracker's callbacks wake the streams at once).
+struct DemoServer {
+    runtime: tokio::runtime::Runtime,
+    url: String,
+}
+
+impl DemoServer {
+    fn start(
+        ctx: &Ctx,
+        store: &std::sync::Arc<eks_upgrade_agent::store::sqlite::SqliteStore>,
+        tracker: &std::sync::Arc<ProgressTracker>,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<DemoServer> {
+        if !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "demo --serve listens on loopback only (e.g. 127.0.0.1:8080); use `serve` with tokens to share a dashboard"
+            );
+        }
+        let artifacts = std::sync::Arc::new(ctx.artifacts_on(store.clone())?);
+        let state = eks_upgrade_agent_server::AppState::new(std::sync::Arc::clone(tracker))
+            .with_artifacts(artifacts, Some(store.clone()));
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
+        let listener = runtime.block_on(crate::serve::bind(addr))?;
+        let url = format!("http://{}/", listener.local_addr()?);
+        runtime.spawn(async move {
+            if let Err(e) =
+                eks_upgrade_agent_server::serve(listener, state, std::future::pending()).await
+            {
+                eprintln!("error: the dashboard server stopped: {e}");
+            }
+        });
+        eprintln!("dashboard: {url}");
+        Ok(DemoServer { runtime, url })
+    }
+
+    fn wait_for_ctrl_c(self) -> anyhow::Result<()> {
+        eprintln!("demo finished; still serving {} (Ctrl-C to stop)", self.url);
+        self.runtime
+            .block_on(tokio::signal::ctrl_c())
+            .context("cannot wait for Ctrl-C")
+    }
 }

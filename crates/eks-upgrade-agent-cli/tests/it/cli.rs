@@ -888,3 +888,48 @@ fn a_cli_write_reaches_the_servers_stream() {
     let line = found.expect("the event reached the stream");
     assert!(line.contains("\"type\":\"progress_event\""), "{line}");
 }
+
+#[test]
+fn demo_serve_shows_the_run_and_keeps_serving() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let err = env.fails(1, &["demo", "--serve", "0.0.0.0:0"]);
+    assert!(err.contains("loopback only"), "{err}");
+    let mut child = env
+        .command()
+        .args(["demo", "--speed", "50", "--upgrade-id", "d1", "--serve", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find_map(|l| l.strip_prefix("dashboard: ").map(str::to_owned))
+        .expect("the dashboard URL is printed");
+    let port: u16 = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let page = http(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("<title>EKS Upgrade Agent</title>"), "{page}");
+    // The demo ends; the server stays up and shows the finished upgrade.
+    lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("demo finished; still serving"))
+        .expect("the demo finishes and says it keeps serving");
+    let resp = http(
+        port,
+        "GET /api/v1/upgrades/d1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"status\":\"completed\""), "{resp}");
+}
