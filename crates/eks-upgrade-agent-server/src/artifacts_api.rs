@@ -441,6 +441,15 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
+pub(crate) async fn counts_by_task(
+    State(s): State<AppState>,
+    Path(upgrade): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let m = manager(&s)?;
+    let counts = blocking(move || m.counts_by_task(&upgrade)).await?;
+    Ok(Json(json!(counts)))
+}
+
 // --- search and stats -----------------------------------------------------------------------
 
 pub(crate) async fn search(

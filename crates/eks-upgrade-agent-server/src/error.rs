@@ -1,4 +1,6 @@
-//! The one error shape of the API: `{"error": {"code": "...", "message": "..."}}`.
+//! The one error shape of the API: `{"error": {"code": "...", "message": "..."}}`. Errors of
+//! the library also carry their parts (`what`, and `from`/`to` for an invalid transition), so
+//! a remote store can rebuild the same error.
 
 use axum::Json;
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
@@ -12,6 +14,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -25,7 +28,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            fields: serde_json::Map::new(),
         }
+    }
+
+    /// The error as the JSON body says it.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        let mut e = self.fields.clone();
+        e.insert("code".into(), json!(self.code));
+        e.insert("message".into(), json!(self.message));
+        json!({ "error": e })
     }
 }
 
@@ -42,7 +54,19 @@ impl From<eks_upgrade_agent::Error> for ApiError {
             tracing::error!(error = %e, "request failed");
             return ApiError::new(status, e.code(), "internal error");
         }
-        ApiError::new(status, e.code(), e.to_string())
+        let mut err = ApiError::new(status, e.code(), e.to_string());
+        match e {
+            E::NotFound { what } | E::AlreadyExists { what } => {
+                err.fields.insert("what".into(), json!(what));
+            }
+            E::InvalidTransition { what, from, to } => {
+                err.fields.insert("what".into(), json!(what));
+                err.fields.insert("from".into(), json!(from));
+                err.fields.insert("to".into(), json!(to));
+            }
+            _ => {}
+        }
+        err
     }
 }
 
@@ -66,11 +90,7 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        (self.status, Json(self.to_json())).into_response()
     }
 }
 

@@ -48,6 +48,7 @@ pub mod hub;
 mod metrics;
 mod openapi;
 mod progress_api;
+mod store_api;
 mod stream;
 
 pub use metrics::Metrics;
@@ -190,6 +191,34 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/artifacts/{artifact}/content", get(a::download))
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/openapi.json", get(openapi::openapi))
+        .route(
+            "/api/v1/store/execute",
+            post(store_api::execute).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),
+        )
+        .route(
+            "/api/v1/store/import",
+            post(store_api::import).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),
+        )
+        .route("/api/v1/store/upgrades", get(store_api::upgrades))
+        .route("/api/v1/store/upgrades/{upgrade}", get(store_api::upgrade))
+        .route(
+            "/api/v1/store/upgrades/{upgrade}/tasks",
+            get(store_api::tasks),
+        )
+        .route(
+            "/api/v1/store/upgrades/{upgrade}/tasks/{task}",
+            get(store_api::task),
+        )
+        .route(
+            "/api/v1/store/upgrades/{upgrade}/tasks/{task}/recent",
+            get(store_api::recent),
+        )
+        .route("/api/v1/store/events", get(store_api::events))
+        .route("/api/v1/store/last_seq", get(store_api::last_seq))
+        .route(
+            "/api/v1/upgrades/{upgrade}/artifact_counts",
+            get(artifacts_api::counts_by_task),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(

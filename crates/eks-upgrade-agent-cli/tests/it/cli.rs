@@ -897,7 +897,15 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
     assert!(err.contains("loopback only"), "{err}");
     let mut child = env
         .command()
-        .args(["demo", "--speed", "50", "--upgrade-id", "d1", "--serve", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--speed",
+            "50",
+            "--upgrade-id",
+            "d1",
+            "--serve",
+            "127.0.0.1:0",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -915,7 +923,10 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
         .unwrap()
         .parse()
         .unwrap();
-    let page = http(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let page = http(
+        port,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("<title>EKS Upgrade Agent</title>"), "{page}");
     // The demo ends; the server stays up and shows the finished upgrade.

@@ -4,5 +4,6 @@
 mod api;
 mod artifacts;
 mod auth;
+mod remote;
 mod stream;
 mod util;

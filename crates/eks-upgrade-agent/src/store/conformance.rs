@@ -12,11 +12,11 @@ use crate::model::{EventKind, JsonMap, ProgressStatus, TaskType};
 use crate::progress::command::{Command, NewTask};
 use crate::progress::tracker::ProgressTracker;
 
-type Factory<'a> = &'a dyn Fn() -> Box<dyn ProgressStore>;
+pub type Factory<'a> = &'a dyn Fn() -> Box<dyn ProgressStore>;
 type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
-pub(crate) fn run(factory: Factory<'_>) {
+pub fn run(factory: Factory<'_>) {
     let cases: [Case; 11] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),

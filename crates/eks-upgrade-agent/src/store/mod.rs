@@ -21,8 +21,10 @@ pub mod sqlite;
 mod sqlite_artifacts;
 mod sqlite_outbox;
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
+pub mod remote;
 
 pub use sqlite::SqliteStore;
 
@@ -55,7 +57,7 @@ impl std::str::FromStr for Durability {
 }
 
 /// What one successfully executed command committed.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Committed {
     /// The events appended, in `seq` order.
     pub events: Vec<ProgressEvent>,

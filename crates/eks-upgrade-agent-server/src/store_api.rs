@@ -1,0 +1,149 @@
+//! The store protocol under `/api/v1/store`: the `ProgressStore` trait over HTTP, one route per
+//! method, with the library's own types as JSON. `eks_upgrade_agent::store::remote::RemoteStore`
+//! speaks it, so a `ProgressTracker` (and every `progress` command of the CLI with `--server`)
+//! works against a server exactly as against a local store; the store conformance suite runs
+//! against it.
+//!
+//! - `POST /api/v1/store/execute`: a JSON array of commands (the `apply` format), committed as
+//!   one group; the answer has one entry per command, `{"ok": Committed}` or `{"error": {...}}`.
+//! - `POST /api/v1/store/import`: `{"upgrade", "tasks", "events"}` -> `{"last_seq"}`.
+//! - `GET /api/v1/store/upgrades[/{u}[/tasks[/{t}[/recent?limit=]]]]`, `GET .../events?
+//!   upgrade_id=&since=&limit=`, `GET .../last_seq`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use eks_upgrade_agent::model::{ProgressEvent, Task, Upgrade};
+use eks_upgrade_agent::progress::Command;
+use eks_upgrade_agent::store::EventQuery;
+
+use crate::error::{ApiError, ApiResult, blocking};
+use crate::{AppState, MAX_EVENTS};
+
+/// Largest `execute` or `import` body.
+pub(crate) const MAX_STORE_BODY: usize = 64 * 1024 * 1024;
+
+pub(crate) async fn execute(
+    State(s): State<AppState>,
+    body: Result<Json<Vec<Command>>, JsonRejection>,
+) -> ApiResult<Json<Vec<Value>>> {
+    let Json(commands) = body?;
+    let tracker = Arc::clone(&s.tracker);
+    let n = commands.len() as u64;
+    // Through the tracker, so this server's callbacks (the stream hub) see the events at once.
+    let results = blocking(move || tracker.execute_batch(&commands)).await?;
+    s.metrics.updates.inc_by(n);
+    Ok(Json(
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(c) => json!({ "ok": c }),
+                Err(e) => ApiError::from(e).to_json(),
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ImportBody {
+    upgrade: Upgrade,
+    tasks: Vec<Task>,
+    events: Vec<ProgressEvent>,
+}
+
+pub(crate) async fn import(
+    State(s): State<AppState>,
+    body: Result<Json<ImportBody>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(b) = body?;
+    let tracker = Arc::clone(&s.tracker);
+    let last = blocking(move || tracker.store().import(&b.upgrade, &b.tasks, &b.events)).await?;
+    Ok(Json(json!({ "last_seq": last })))
+}
+
+pub(crate) async fn upgrades(State(s): State<AppState>) -> ApiResult<Json<Vec<Upgrade>>> {
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(
+        blocking(move || tracker.store().list_upgrades()).await?,
+    ))
+}
+
+pub(crate) async fn upgrade(
+    State(s): State<AppState>,
+    Path(u): Path<String>,
+) -> ApiResult<Json<Upgrade>> {
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(blocking(move || tracker.store().upgrade(&u)).await?))
+}
+
+pub(crate) async fn tasks(
+    State(s): State<AppState>,
+    Path(u): Path<String>,
+) -> ApiResult<Json<Vec<Task>>> {
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(blocking(move || tracker.store().tasks(&u)).await?))
+}
+
+pub(crate) async fn task(
+    State(s): State<AppState>,
+    Path((u, t)): Path<(String, String)>,
+) -> ApiResult<Json<Task>> {
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(blocking(move || tracker.store().task(&u, &t)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitQuery {
+    limit: usize,
+}
+
+pub(crate) async fn recent(
+    State(s): State<AppState>,
+    Path((u, t)): Path<(String, String)>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<ProgressEvent>>> {
+    let Query(q) = q?;
+    let limit = q.limit.min(MAX_EVENTS);
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(
+        blocking(move || tracker.store().recent_task_events(&u, &t, limit)).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    upgrade_id: Option<String>,
+    #[serde(default)]
+    since: u64,
+    limit: usize,
+}
+
+pub(crate) async fn events(
+    State(s): State<AppState>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<ProgressEvent>>> {
+    let Query(q) = q?;
+    let query = EventQuery {
+        upgrade_id: q.upgrade_id,
+        since: q.since,
+        limit: q.limit.min(MAX_EVENTS),
+    };
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(
+        blocking(move || tracker.store().events(&query)).await?,
+    ))
+}
+
+pub(crate) async fn last_seq(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    let tracker = Arc::clone(&s.tracker);
+    let last = blocking(move || tracker.store().last_seq()).await?;
+    Ok(Json(json!({ "last_seq": last })))
+}

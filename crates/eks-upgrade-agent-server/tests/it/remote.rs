@@ -1,0 +1,92 @@
+//! The store protocol: `RemoteStore` (the library's `ProgressStore` over HTTP) against a real
+//! server on 127.0.0.1 passes the same conformance suite as the SQLite store, and keeps the
+//! server's streams and tokens in play.
+
+use std::sync::{Arc, Mutex};
+
+use eks_upgrade_agent::ProgressTracker;
+use eks_upgrade_agent::store::ProgressStore;
+use eks_upgrade_agent::store::remote::RemoteStore;
+use eks_upgrade_agent_server::{AppState, Auth};
+
+use crate::util::state;
+
+fn serve_on(runtime: &tokio::runtime::Runtime, s: AppState) -> String {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(eks_upgrade_agent_server::serve(
+        listener,
+        s,
+        std::future::pending(),
+    ));
+    format!("http://{addr}")
+}
+
+#[test]
+fn remote_store_passes_the_conformance_suite() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dirs = Mutex::new(Vec::new());
+    eks_upgrade_agent::store::conformance::run(&|| {
+        let dir = tempfile::tempdir().unwrap();
+        let url = serve_on(&runtime, state(dir.path()));
+        dirs.lock().unwrap().push(dir);
+        Box::new(RemoteStore::new(&url, None).unwrap())
+    });
+}
+
+#[test]
+fn remote_writes_reach_the_servers_state_and_tokens_apply() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let auth = Auth::from_specs(&[
+        "remote-read-token-0001:read",
+        "remote-write-token-0001:write",
+    ])
+    .unwrap();
+    let s = state(dir.path()).with_auth(auth);
+    let server_tracker = Arc::clone(&s.tracker);
+    let url = serve_on(&runtime, s);
+
+    let writer = ProgressTracker::new(Arc::new(
+        RemoteStore::new(&url, Some("remote-write-token-0001")).unwrap(),
+    ));
+    crate::util::seed(&writer, "u1");
+    writer
+        .update_task("u1", "a", 30.0, Some("over HTTP"), Default::default())
+        .unwrap();
+    let task = server_tracker.task_detail("u1", "a").unwrap().task;
+    assert_eq!(
+        (task.percentage, task.last_message.as_deref()),
+        (30.0, Some("over HTTP"))
+    );
+
+    // A read token reads but cannot write; no token cannot even read.
+    let reader = RemoteStore::new(&url, Some("remote-read-token-0001")).unwrap();
+    assert_eq!(reader.upgrade("u1").unwrap().cluster_name, "prod");
+    let e = ProgressTracker::new(Arc::new(reader))
+        .update_task("u1", "a", 40.0, None, Default::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("may only read"), "{e}");
+    let e = RemoteStore::new(&url, None)
+        .unwrap()
+        .last_seq()
+        .unwrap_err();
+    assert!(e.to_string().contains("missing token"), "{e}");
+    // The library's errors come back as themselves.
+    let e = writer.complete_task("u1", "nope", None).unwrap_err();
+    assert!(
+        matches!(e, eks_upgrade_agent::Error::NotFound { .. }),
+        "{e:?}"
+    );
+    assert_eq!(
+        server_tracker
+            .task_detail("u1", "a")
+            .unwrap()
+            .task
+            .percentage,
+        30.0,
+        "refused writes changed nothing"
+    );
+}

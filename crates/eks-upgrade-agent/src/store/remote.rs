@@ -1,0 +1,335 @@
+//! [`RemoteStore`]: the [`ProgressStore`] of a server, over its store protocol
+//! (`/api/v1/store/...` of `eks-upgrade-agent serve`). A `ProgressTracker` over it reports to
+//! the server exactly as it would to a local store: the same commands, the same results, the
+//! same errors (the server sends each library error with its parts, and they are rebuilt here).
+//! It passes the store conformance suite.
+//!
+//! Blocking (ureq), like the rest of the library's API. Without a token it sends none; with one,
+//! `Authorization: Bearer <token>`.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{Committed, EventQuery, ProgressStore};
+use crate::error::{Error, Result};
+use crate::model::{ProgressEvent, ProgressStatus, Task, Upgrade};
+use crate::progress::command::Command;
+
+/// Largest response read (event pages, task lists).
+const MAX_RESPONSE: u64 = 512 * 1024 * 1024;
+
+/// A store behind a server.
+pub struct RemoteStore {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Percent-encodes one path segment or query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl RemoteStore {
+    /// The store of the server at `url` (e.g. `http://127.0.0.1:8080`), with an optional bearer
+    /// token.
+    pub fn new(url: &str, token: Option<&str>) -> Result<RemoteStore> {
+        let base = url.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
+            return Err(Error::invalid(format!(
+                "invalid server URL {url:?}: expected http://HOST:PORT or https://HOST"
+            )));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(300)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(RemoteStore {
+            base: base.to_owned(),
+            token: token.map(str::to_owned),
+            agent,
+        })
+    }
+
+    /// The server's base URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// The bearer token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The agent (shared connection pool) for other calls to the same server.
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+
+    fn unreachable(&self, e: &ureq::Error) -> Error {
+        Error::Backend {
+            message: format!("cannot reach the server at {}: {e}", self.base),
+            source: None,
+        }
+    }
+
+    /// `GET path` as JSON.
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let mut req = self.agent.get(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req.call().map_err(|e| self.unreachable(&e))?;
+        self.answer(resp)
+    }
+
+    /// `POST path` with a JSON body, answer as JSON.
+    pub fn post_json<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| Error::invalid(format!("cannot encode the request: {e}")))?;
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req.send(&body[..]).map_err(|e| self.unreachable(&e))?;
+        self.answer(resp)
+    }
+
+    /// Reads a JSON answer, or turns an error answer into the library error it reports.
+    pub fn answer<T: DeserializeOwned>(
+        &self,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> Result<T> {
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE)
+            .read_to_vec()
+            .map_err(|e| self.unreachable(&e))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| Error::Backend {
+                message: format!("unexpected answer from {}: {e}", self.base),
+                source: None,
+            });
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Err(self.error_of(status, &v["error"]))
+    }
+
+    /// The library error an API error object stands for.
+    pub fn error_of(&self, status: u16, e: &Value) -> Error {
+        let text = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+        let message = text("message");
+        let what = text("what");
+        let status_of = |k: &str| serde_json::from_value::<ProgressStatus>(e[k].clone()).ok();
+        match e["code"].as_str().unwrap_or_default() {
+            "not_found" if !what.is_empty() => Error::NotFound { what },
+            "already_exists" if !what.is_empty() => Error::AlreadyExists { what },
+            "invalid_transition" => match (status_of("from"), status_of("to")) {
+                (Some(from), Some(to)) => Error::InvalidTransition { what, from, to },
+                _ => Error::InvalidInput(message),
+            },
+            "invalid_input" | "malformed_json" | "invalid_query" | "too_large" => {
+                Error::InvalidInput(message)
+            }
+            "unauthorized" | "forbidden" => Error::Backend {
+                message: format!("the server at {} refused the request: {message}", self.base),
+                source: None,
+            },
+            _ if message.is_empty() => Error::Backend {
+                message: format!("the server at {} answered {status}", self.base),
+                source: None,
+            },
+            _ => Error::Backend {
+                message: format!("the server at {} answered {status}: {message}", self.base),
+                source: None,
+            },
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LastSeq {
+    last_seq: u64,
+}
+
+impl ProgressStore for RemoteStore {
+    fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
+        let answers: Vec<Value> = self.post_json("/api/v1/store/execute", &commands)?;
+        if answers.len() != commands.len() {
+            return Err(Error::Backend {
+                message: format!(
+                    "the server at {} answered {} results for {} commands",
+                    self.base,
+                    answers.len(),
+                    commands.len()
+                ),
+                source: None,
+            });
+        }
+        Ok(answers
+            .into_iter()
+            .map(|mut a| match a.get_mut("ok") {
+                Some(ok) => serde_json::from_value(ok.take()).map_err(|e| Error::Backend {
+                    message: format!("unexpected answer from {}: {e}", self.base),
+                    source: None,
+                }),
+                None => Err(self.error_of(200, &a["error"])),
+            })
+            .collect())
+    }
+
+    fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
+        let body = serde_json::json!({"upgrade": upgrade, "tasks": tasks, "events": events});
+        let r: LastSeq = self.post_json("/api/v1/store/import", &body)?;
+        Ok(r.last_seq)
+    }
+
+    fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
+        self.get_json(&format!("/api/v1/store/upgrades/{}", encode(upgrade_id)))
+    }
+
+    fn list_upgrades(&self) -> Result<Vec<Upgrade>> {
+        self.get_json("/api/v1/store/upgrades")
+    }
+
+    fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
+        self.get_json(&format!(
+            "/api/v1/store/upgrades/{}/tasks",
+            encode(upgrade_id)
+        ))
+    }
+
+    fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task> {
+        self.get_json(&format!(
+            "/api/v1/store/upgrades/{}/tasks/{}",
+            encode(upgrade_id),
+            encode(task_id)
+        ))
+    }
+
+    fn recent_task_events(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ProgressEvent>> {
+        self.get_json(&format!(
+            "/api/v1/store/upgrades/{}/tasks/{}/recent?limit={limit}",
+            encode(upgrade_id),
+            encode(task_id)
+        ))
+    }
+
+    fn events(&self, query: &EventQuery) -> Result<Vec<ProgressEvent>> {
+        // The server caps a page; ask page by page until the caller's limit or the end.
+        const PAGE: usize = 10_000;
+        let mut out: Vec<ProgressEvent> = Vec::new();
+        let mut since = query.since;
+        loop {
+            let want = (query.limit - out.len()).min(PAGE);
+            let mut path = format!("/api/v1/store/events?since={since}&limit={want}");
+            if let Some(u) = &query.upgrade_id {
+                path.push_str(&format!("&upgrade_id={}", encode(u)));
+            }
+            let page: Vec<ProgressEvent> = self.get_json(&path)?;
+            let n = page.len();
+            if let Some(last) = page.last() {
+                since = last.seq;
+            }
+            out.extend(page);
+            if n < want || out.len() >= query.limit {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn last_seq(&self) -> Result<u64> {
+        let r: LastSeq = self.get_json("/api/v1/store/last_seq")?;
+        Ok(r.last_seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_and_urls() {
+        assert_eq!(encode("u-1.a_b~"), "u-1.a_b~");
+        assert_eq!(encode("a b?#%"), "a%20b%3F%23%25");
+        assert_eq!(encode("é"), "%C3%A9");
+        assert!(RemoteStore::new("localhost:8080", None).is_err());
+        let s = RemoteStore::new("http://127.0.0.1:1/", Some("t")).unwrap();
+        assert_eq!(s.url(), "http://127.0.0.1:1");
+        assert!(
+            !format!("{s:?}").contains("\"t\""),
+            "the token is not printed"
+        );
+    }
+
+    #[test]
+    fn api_errors_become_library_errors() {
+        let s = RemoteStore::new("http://127.0.0.1:1", None).unwrap();
+        let e = s.error_of(404, &serde_json::json!({"code":"not_found","message":"upgrade \"x\" not found","what":"upgrade \"x\""}));
+        assert_eq!(e.to_string(), "upgrade \"x\" not found");
+        let e = s.error_of(409, &serde_json::json!({"code":"invalid_transition","message":"m","what":"task \"a\"","from":"completed","to":"in_progress"}));
+        assert!(
+            matches!(
+                e,
+                Error::InvalidTransition {
+                    from: ProgressStatus::Completed,
+                    to: ProgressStatus::InProgress,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = s.error_of(
+            422,
+            &serde_json::json!({"code":"invalid_input","message":"percentage must be in 0..=100"}),
+        );
+        assert_eq!(e.to_string(), "percentage must be in 0..=100");
+        let e = s.error_of(
+            401,
+            &serde_json::json!({"code":"unauthorized","message":"invalid token"}),
+        );
+        assert!(
+            e.to_string().contains("refused the request: invalid token"),
+            "{e}"
+        );
+        // Nothing listens on port 1.
+        let e = s.last_seq().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot reach the server at http://127.0.0.1:1"),
+            "{e}"
+        );
+    }
+}
