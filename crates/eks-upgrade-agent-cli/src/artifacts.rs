@@ -20,6 +20,7 @@ use eks_upgrade_agent::units::{parse_duration, parse_size};
 use crate::Ctx;
 use crate::kv::{parse_kv, to_map};
 use crate::progress::print_json;
+use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::render;
 
 /// S3 settings, global flags.
@@ -320,11 +321,43 @@ fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
     )
 }
 
-pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
-    let m = ctx.artifacts()?;
+/// Commands that work on a data dir itself (its blobs, its S3 settings), not through a server.
+fn local_only(cmd: &ArtifactsCmd) -> Option<&'static str> {
     match cmd {
-        ArtifactsCmd::Session(c) => session(ctx, &m, c),
-        ArtifactsCmd::Collection(c) => collection(ctx, &m, c),
+        ArtifactsCmd::Export { .. } => Some("export"),
+        ArtifactsCmd::Upload { .. } => Some("upload"),
+        ArtifactsCmd::Pull { .. } => Some("pull"),
+        ArtifactsCmd::Verify => Some("verify"),
+        ArtifactsCmd::Cleanup { .. } => Some("cleanup"),
+        ArtifactsCmd::Gc => Some("gc"),
+        _ => None,
+    }
+}
+
+pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
+    if let Some(remote) = ctx.remote()? {
+        if let Some(name) = local_only(&cmd) {
+            anyhow::bail!(
+                "`artifacts {name}` works on a data dir, not through --server: run it on the server's host (with its --data-dir), or without --server"
+            );
+        }
+        return run_on(ctx, &RemoteArtifacts::new(remote), None, cmd);
+    }
+    let m = ctx.artifacts()?;
+    run_on(ctx, &m, Some(&m), cmd)
+}
+
+/// Runs `cmd` on `m`; `local` is the data dir's manager (`None` with `--server`).
+fn run_on(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    local: Option<&TestArtifactsManager>,
+    cmd: ArtifactsCmd,
+) -> anyhow::Result<ExitCode> {
+    let local = || local.expect("local-only commands are refused with --server");
+    match cmd {
+        ArtifactsCmd::Session(c) => session(ctx, m, c),
+        ArtifactsCmd::Collection(c) => collection(ctx, m, c),
         ArtifactsCmd::Add {
             session,
             collection,
@@ -456,7 +489,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ArtifactsCmd::Get { artifact, out } => get(ctx, &m, &artifact, out),
+        ArtifactsCmd::Get { artifact, out } => get(ctx, m, &artifact, out),
         ArtifactsCmd::Delete { artifact } => {
             let a = m.delete_artifact(&artifact)?;
             if ctx.json() {
@@ -472,7 +505,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             force,
         } => {
             let pb = bar(ctx, "exporting");
-            let report = m.export_session(&session, &dir, force, &mut track(&pb));
+            let report = local().export_session(&session, &dir, force, &mut track(&pb));
             pb.finish_and_clear();
             let report = report?;
             if ctx.json() {
@@ -505,7 +538,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             multipart_threshold,
         } => upload(
             ctx,
-            &m,
+            local(),
             session,
             artifact,
             all,
@@ -517,10 +550,10 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             bucket,
             prefix,
             eager,
-        } => pull(ctx, &m, &session, &bucket, prefix, eager),
+        } => pull(ctx, local(), &session, &bucket, prefix, eager),
         ArtifactsCmd::Verify => {
             let pb = bar(ctx, "verifying");
-            let report = m.verify(&mut track(&pb));
+            let report = local().verify(&mut track(&pb));
             pb.finish_and_clear();
             let report = report?;
             if ctx.json() {
@@ -548,7 +581,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             })
         }
         ArtifactsCmd::Cleanup { dry_run, as_of } => {
-            let report = m.cleanup(dry_run, as_of)?;
+            let report = local().cleanup(dry_run, as_of)?;
             if ctx.json() {
                 print_json(&report)?;
             } else {
@@ -576,7 +609,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ArtifactsCmd::Gc => {
-            let report = m.gc()?;
+            let report = local().gc()?;
             if ctx.json() {
                 print_json(&report)?;
             } else {
@@ -595,7 +628,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
 
 fn get(
     ctx: &Ctx,
-    m: &TestArtifactsManager,
+    m: &dyn Artifacts,
     artifact: &str,
     out: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
@@ -755,7 +788,7 @@ fn upload(
     anyhow::bail!("this build has no S3 support (feature `aws`)")
 }
 
-fn session(ctx: &Ctx, m: &TestArtifactsManager, cmd: SessionCmd) -> anyhow::Result<ExitCode> {
+fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         SessionCmd::Create {
             upgrade,
@@ -857,7 +890,7 @@ fn session(ctx: &Ctx, m: &TestArtifactsManager, cmd: SessionCmd) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
-fn collection(ctx: &Ctx, m: &TestArtifactsManager, cmd: CollectionCmd) -> anyhow::Result<ExitCode> {
+fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         CollectionCmd::Create {
             session,

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::config::{Config, default_data_dir};
 use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions};
 use eks_upgrade_agent::store::Durability;
+use eks_upgrade_agent::store::remote::RemoteStore;
 use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
 mod artifacts;
@@ -24,6 +26,7 @@ mod demo;
 mod kv;
 mod notify;
 mod progress;
+mod remote_artifacts;
 mod render;
 mod serve;
 
@@ -49,6 +52,21 @@ struct Cli {
     /// survives power loss (fsync per commit)
     #[arg(long, global = true, env = "EUA_DURABILITY", value_name = "LEVEL")]
     durability: Option<Durability>,
+
+    /// Talk to this server (e.g. http://127.0.0.1:8080) instead of a local data dir; every
+    /// `progress` and `artifacts` command works the same
+    #[arg(long, global = true, env = "EUA_SERVER", value_name = "URL")]
+    server: Option<String>,
+
+    /// With --server: the bearer token (env EUA_TOKEN). For `serve`: TOKEN:ROLE, ROLE read or
+    /// write (repeatable; env EUA_TOKENS, comma-separated)
+    #[arg(
+        long = "token",
+        global = true,
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    tokens: Vec<String>,
 
     #[command(flatten)]
     notify: notify::NotifyArgs,
@@ -86,12 +104,48 @@ enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// A tracker over the local store or a server's, and which one it is.
+struct Backend {
+    tracker: ProgressTracker,
+    local: Option<Arc<SqliteStore>>,
+    remote: Option<Arc<RemoteStore>>,
+}
+
+impl Backend {
+    /// After a local change: one notification delivery pass (a server delivers its own).
+    fn after_commit(&self, ctx: &Ctx) {
+        if let Some(store) = &self.local {
+            notify::after_commit(ctx, store);
+        }
+    }
+
+    /// Artifacts per task of an upgrade.
+    fn artifact_counts(
+        &self,
+        ctx: &Ctx,
+        upgrade: &str,
+    ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+        if let Some(remote) = &self.remote {
+            return Ok(remote.get_json(&format!(
+                "/api/v1/upgrades/{}/artifact_counts",
+                eks_upgrade_agent::store::remote::encode(upgrade)
+            ))?);
+        }
+        let store = self.local.clone().expect("local or remote");
+        Ok(ctx.artifacts_on(store)?.counts_by_task(upgrade)?)
+    }
+}
+
 /// What every subcommand gets.
 struct Ctx {
     output: Output,
     config: Config,
     /// `tokens` from the configuration file (for `serve`).
     file_tokens: Vec<String>,
+    /// `--token` values.
+    tokens: Vec<String>,
+    /// `--server`.
+    server: Option<String>,
 }
 
 impl Ctx {
@@ -133,6 +187,39 @@ impl Ctx {
             sinks,
             DispatcherOptions::default(),
         ))))
+    }
+
+    /// The server's store when `--server` is given.
+    fn remote(&self) -> anyhow::Result<Option<Arc<RemoteStore>>> {
+        let Some(url) = &self.server else {
+            return Ok(None);
+        };
+        if self.tokens.len() > 1 {
+            anyhow::bail!("give one --token with --server");
+        }
+        let token = self
+            .tokens
+            .first()
+            .cloned()
+            .or_else(|| std::env::var("EUA_TOKEN").ok().filter(|t| !t.is_empty()));
+        Ok(Some(Arc::new(RemoteStore::new(url, token.as_deref())?)))
+    }
+
+    /// Where progress lives: the local store, or the server's with `--server`.
+    fn progress_backend(&self) -> anyhow::Result<Backend> {
+        if let Some(remote) = self.remote()? {
+            return Ok(Backend {
+                tracker: ProgressTracker::new(remote.clone()),
+                local: None,
+                remote: Some(remote),
+            });
+        }
+        let store = self.store()?;
+        Ok(Backend {
+            tracker: ProgressTracker::new(store.clone()),
+            local: Some(store),
+            remote: None,
+        })
     }
 
     fn json(&self) -> bool {
@@ -193,6 +280,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         output: cli.output,
         config,
         file_tokens: file.tokens.clone().unwrap_or_default(),
+        tokens: cli.tokens,
+        server: cli.server.filter(|s| !s.is_empty()),
     };
     match cli.command {
         Command::Progress(cmd) => progress::run(&ctx, cmd),

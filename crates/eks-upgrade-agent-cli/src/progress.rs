@@ -18,7 +18,7 @@ use eks_upgrade_agent::store::Committed;
 
 use crate::kv::{parse_kv, to_map};
 use crate::render;
-use crate::{Ctx, Output};
+use crate::{Backend, Ctx, Output};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ProgressCmd {
@@ -232,22 +232,22 @@ fn parse_type(s: &str) -> Result<TaskType, String> {
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
-    let store = ctx.store()?;
-    let tracker = ProgressTracker::new(store.clone());
+    let backend = ctx.progress_backend()?;
+    let tracker = &backend.tracker;
     match cmd {
         ProgressCmd::Upgrade(c) => {
             let mutates = !matches!(c, UpgradeCmd::Show { .. } | UpgradeCmd::List);
-            let code = upgrade(ctx, &tracker, store.clone(), c)?;
+            let code = upgrade(ctx, &backend, c)?;
             if mutates {
-                crate::notify::after_commit(ctx, &store);
+                backend.after_commit(ctx);
             }
             Ok(code)
         }
         ProgressCmd::Task(c) => {
             let mutates = !matches!(c, TaskCmd::Show(_));
-            let code = task(ctx, &tracker, c)?;
+            let code = task(ctx, tracker, c)?;
             if mutates {
-                crate::notify::after_commit(ctx, &store);
+                backend.after_commit(ctx);
             }
             Ok(code)
         }
@@ -256,23 +256,23 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
             since,
             follow,
             limit,
-        } => events(ctx, &tracker, &upgrade, since, follow, limit),
+        } => events(ctx, tracker, &upgrade, since, follow, limit),
         ProgressCmd::Watch {
             upgrade,
             interval_ms,
         } => render::watch(
             ctx,
-            &tracker,
+            tracker,
             &upgrade,
             Duration::from_millis(interval_ms.max(10)),
         ),
-        ProgressCmd::Export { upgrade, out } => export(ctx, &tracker, &upgrade, out),
+        ProgressCmd::Export { upgrade, out } => export(ctx, tracker, &upgrade, out),
         ProgressCmd::Import { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let id = reference::import(&tracker, &text)
+            let id = reference::import(tracker, &text)
                 .with_context(|| format!("cannot import {}", file.display()))?;
-            crate::notify::after_commit(ctx, &store);
+            backend.after_commit(ctx);
             let summary = tracker.summary(&id)?;
             if ctx.json() {
                 print_json(&summary)?;
@@ -285,11 +285,15 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ProgressCmd::Apply { max_batch } => {
-            let notifier = crate::notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
+            let notifier = backend
+                .local
+                .as_ref()
+                .and_then(|store| crate::notify::dispatcher_or_warn(ctx, store))
+                .map(|d| d.spawn());
             let stdin = io::stdin().lock();
             let stdout = io::stdout().lock();
             let stats = apply::run(
-                &tracker,
+                tracker,
                 stdin,
                 stdout,
                 &ApplyOptions {
@@ -297,7 +301,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
                 },
             )?;
             drop(notifier);
-            crate::notify::after_commit(ctx, &store);
+            backend.after_commit(ctx);
             if stats.failed > 0 {
                 eprintln!("apply: {} of {} lines rejected", stats.failed, stats.lines);
                 return Ok(ExitCode::FAILURE);
@@ -353,12 +357,8 @@ fn mutated(
     Ok(ExitCode::SUCCESS)
 }
 
-fn upgrade(
-    ctx: &Ctx,
-    tracker: &ProgressTracker,
-    store: std::sync::Arc<eks_upgrade_agent::SqliteStore>,
-    cmd: UpgradeCmd,
-) -> anyhow::Result<ExitCode> {
+fn upgrade(ctx: &Ctx, backend: &Backend, cmd: UpgradeCmd) -> anyhow::Result<ExitCode> {
+    let tracker = &backend.tracker;
     let (id, committed) = match cmd {
         UpgradeCmd::Create {
             upgrade,
@@ -396,7 +396,7 @@ fn upgrade(
                 let mut out = io::stdout().lock();
                 render::summary(&mut out, &summary)?;
                 writeln!(out)?;
-                let counts = ctx.artifacts_on(store)?.counts_by_task(&upgrade)?;
+                let counts = backend.artifact_counts(ctx, &upgrade)?;
                 render::task_tree(&mut out, &tasks, &counts)?;
             }
             return Ok(ExitCode::SUCCESS);

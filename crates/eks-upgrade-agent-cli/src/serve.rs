@@ -18,16 +18,6 @@ pub(crate) struct ServeArgs {
     /// Address to listen on; anything but loopback needs tokens (or --insecure-no-auth)
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub(crate) listen: SocketAddr,
-    /// A bearer token and its role, TOKEN:read or TOKEN:write (repeatable; at least 16
-    /// characters). Without tokens the server is open and only listens on loopback
-    #[arg(
-        long = "token",
-        value_name = "TOKEN:ROLE",
-        env = "EUA_TOKENS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub(crate) tokens: Vec<String>,
     /// Listen on a non-loopback address without tokens (anyone who can reach it may change
     /// progress and artifacts)
     #[arg(long)]
@@ -35,12 +25,22 @@ pub(crate) struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The tokens from the flags/`EUA_TOKENS`, else the config file's `tokens`.
+    /// The tokens from `--token TOKEN:ROLE`, else `EUA_TOKENS`, else the config file's
+    /// `tokens`.
     fn auth(&self, ctx: &Ctx) -> anyhow::Result<Auth> {
-        let specs = if self.tokens.is_empty() {
-            &ctx.file_tokens
+        let env: Vec<String> = std::env::var("EUA_TOKENS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let specs = if !ctx.tokens.is_empty() {
+            &ctx.tokens
+        } else if !env.is_empty() {
+            &env
         } else {
-            &self.tokens
+            &ctx.file_tokens
         };
         Auth::from_specs(specs).map_err(|e| anyhow::anyhow!("invalid token: {e}"))
     }
@@ -71,6 +71,9 @@ pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::R
 }
 
 pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if ctx.server.is_some() {
+        anyhow::bail!("serve runs on a data dir; --server (EUA_SERVER) is for the client commands");
+    }
     let auth = args.auth(ctx)?;
     check_exposure(args.listen, &auth, args.insecure_no_auth)?;
     let store = ctx.store()?;

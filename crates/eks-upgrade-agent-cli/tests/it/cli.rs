@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::Env;
+use crate::util::{Env, http, serve};
 
 fn setup() -> Env {
     let env = Env::new();
@@ -757,56 +757,6 @@ fn config_file_sets_data_dir_and_sinks_and_bad_files_are_reported() {
         err.contains("cannot read the configuration file /nonexistent/eua.toml"),
         "{err}"
     );
-}
-
-/// `serve` on a free loopback port (extra env, e.g. tokens); killed on drop.
-struct Served {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(env: &Env, vars: &[(&str, &str)]) -> Served {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = env.command();
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let served = Served {
-        child: cmd.spawn().unwrap(),
-        port,
-    };
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(20),
-            "serve did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    served
-}
-
-/// A raw HTTP/1.1 request; returns the response's head and body as text.
-fn http(port: u16, request: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut resp = String::new();
-    stream.read_to_string(&mut resp).unwrap();
-    resp
 }
 
 #[test]

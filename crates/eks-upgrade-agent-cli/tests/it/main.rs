@@ -7,5 +7,6 @@ mod crash;
 mod dashboard;
 mod eventbridge;
 mod reference;
+mod remote;
 mod s3;
 mod util;

@@ -501,57 +501,10 @@ impl TestArtifactsManager {
         self.check_target(session_id, collection_id)?;
         Self::check_options(opts)?;
         // Plan: every file and its name, checked before anything is stored.
-        let mut plan: Vec<(PathBuf, String, u64)> = Vec::new();
-        for path in paths {
-            let meta = fs::metadata(path).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => {
-                    Error::not_found(format!("file or directory {}", path.display()))
-                }
-                _ => Error::invalid(format!("cannot read {}: {e}", path.display())),
-            })?;
-            if meta.is_dir() {
-                let prefix = opts.name.clone().unwrap_or_default();
-                let mut entries: Vec<_> = walkdir::WalkDir::new(path)
-                    .sort_by_file_name()
-                    .into_iter()
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(|e| {
-                        Error::invalid(format!("cannot read directory {}: {e}", path.display()))
-                    })?;
-                entries.retain(|e| e.file_type().is_file());
-                for e in entries {
-                    let rel = e
-                        .path()
-                        .strip_prefix(path)
-                        .unwrap_or(e.path())
-                        .to_string_lossy()
-                        .into_owned();
-                    let name = if prefix.is_empty() {
-                        names::sanitize_name(&rel)?
-                    } else {
-                        names::sanitize_name(&format!("{prefix}/{rel}"))?
-                    };
-                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-                    plan.push((e.into_path(), name, size));
-                }
-            } else if meta.is_file() {
-                let name = match (&opts.name, paths.len()) {
-                    (Some(n), 1) => n.clone(),
-                    (Some(_), _) => {
-                        return Err(Error::invalid(
-                            "a name can only be given when adding a single file",
-                        ));
-                    }
-                    (None, _) => file_name_of(path)?,
-                };
-                plan.push((path.clone(), names::sanitize_name(&name)?, meta.len()));
-            } else {
-                return Err(Error::invalid(format!(
-                    "{} is neither a file nor a directory",
-                    path.display()
-                )));
-            }
-        }
+        let plan: Vec<(PathBuf, String, u64)> = plan_paths(paths, opts)?
+            .into_iter()
+            .map(|f| (f.path, f.name, f.size))
+            .collect();
         let mut p = Progress {
             files_total: plan.len() as u64,
             bytes_total: plan.iter().map(|(_, _, s)| s).sum(),
@@ -977,6 +930,82 @@ impl TestArtifactsManager {
         }
         Ok(report)
     }
+}
+
+/// A file an add would store, and the name it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Its sanitised artifact name.
+    pub name: String,
+    /// Its size when planned.
+    pub size: u64,
+}
+
+/// The files `add_paths` would store for `paths` (directories walked in name order) and their
+/// names, all checked; nothing is read or stored. Remote clients use it to add the same way.
+pub fn plan_paths(paths: &[PathBuf], opts: &AddOptions) -> Result<Vec<PlannedFile>> {
+    let mut plan: Vec<PlannedFile> = Vec::new();
+    for path in paths {
+        let meta = fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                Error::not_found(format!("file or directory {}", path.display()))
+            }
+            _ => Error::invalid(format!("cannot read {}: {e}", path.display())),
+        })?;
+        if meta.is_dir() {
+            let prefix = opts.name.clone().unwrap_or_default();
+            let mut entries: Vec<_> = walkdir::WalkDir::new(path)
+                .sort_by_file_name()
+                .into_iter()
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| {
+                    Error::invalid(format!("cannot read directory {}: {e}", path.display()))
+                })?;
+            entries.retain(|e| e.file_type().is_file());
+            for e in entries {
+                let rel = e
+                    .path()
+                    .strip_prefix(path)
+                    .unwrap_or(e.path())
+                    .to_string_lossy()
+                    .into_owned();
+                let name = if prefix.is_empty() {
+                    names::sanitize_name(&rel)?
+                } else {
+                    names::sanitize_name(&format!("{prefix}/{rel}"))?
+                };
+                let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                plan.push(PlannedFile {
+                    path: e.into_path(),
+                    name,
+                    size,
+                });
+            }
+        } else if meta.is_file() {
+            let name = match (&opts.name, paths.len()) {
+                (Some(n), 1) => n.clone(),
+                (Some(_), _) => {
+                    return Err(Error::invalid(
+                        "a name can only be given when adding a single file",
+                    ));
+                }
+                (None, _) => file_name_of(path)?,
+            };
+            plan.push(PlannedFile {
+                path: path.clone(),
+                name: names::sanitize_name(&name)?,
+                size: meta.len(),
+            });
+        } else {
+            return Err(Error::invalid(format!(
+                "{} is neither a file nor a directory",
+                path.display()
+            )));
+        }
+    }
+    Ok(plan)
 }
 
 /// Writes `reader` to `path` through a temp file in the same directory and a rename; on error

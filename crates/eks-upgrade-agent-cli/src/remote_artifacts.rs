@@ -1,0 +1,380 @@
+//! The artifact operations the `artifacts` commands use, over a local data dir
+//! (`TestArtifactsManager`) or a server's API (`--server`), so both print the same.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use eks_upgrade_agent::artifacts::{AddOptions, NewSession, Progress, plan_paths};
+use eks_upgrade_agent::blob::{Digest, VerifyingReader};
+use eks_upgrade_agent::model::{
+    ArtifactCollection, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact, TestSession,
+};
+use eks_upgrade_agent::store::remote::{RemoteStore, encode};
+use eks_upgrade_agent::{Error, Result, TestArtifactsManager};
+
+/// What the `artifacts` commands need from where artifacts live.
+pub(crate) trait Artifacts {
+    fn create_session(&self, new: NewSession) -> Result<TestSession>;
+    fn complete_session(&self, id: &str) -> Result<TestSession>;
+    fn session_summary(&self, id: &str) -> Result<SessionSummary>;
+    fn sessions(&self, upgrade: Option<&str>) -> Result<Vec<TestSession>>;
+    fn create_collection(
+        &self,
+        session: &str,
+        name: &str,
+        description: Option<&str>,
+        task_id: Option<&str>,
+    ) -> Result<ArtifactCollection>;
+    fn collections(&self, session: &str) -> Result<Vec<ArtifactCollection>>;
+    fn add_paths(
+        &self,
+        session: &str,
+        collection: &str,
+        paths: &[PathBuf],
+        opts: &AddOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Vec<TestArtifact>>;
+    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>>;
+    fn stats(&self, session: Option<&str>) -> Result<ArtifactStats>;
+    fn artifact(&self, id: &str) -> Result<TestArtifact>;
+    fn delete_artifact(&self, id: &str) -> Result<TestArtifact>;
+    /// The verified bytes.
+    fn open(&self, id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)>;
+    fn write_to(&self, id: &str, path: &Path) -> Result<u64> {
+        let (_, mut r) = self.open(id)?;
+        eks_upgrade_agent::artifacts::write_atomically(path, &mut r)
+    }
+}
+
+impl Artifacts for TestArtifactsManager {
+    fn create_session(&self, new: NewSession) -> Result<TestSession> {
+        TestArtifactsManager::create_session(self, new)
+    }
+    fn complete_session(&self, id: &str) -> Result<TestSession> {
+        TestArtifactsManager::complete_session(self, id)
+    }
+    fn session_summary(&self, id: &str) -> Result<SessionSummary> {
+        TestArtifactsManager::session_summary(self, id)
+    }
+    fn sessions(&self, upgrade: Option<&str>) -> Result<Vec<TestSession>> {
+        TestArtifactsManager::sessions(self, upgrade)
+    }
+    fn create_collection(
+        &self,
+        session: &str,
+        name: &str,
+        description: Option<&str>,
+        task_id: Option<&str>,
+    ) -> Result<ArtifactCollection> {
+        TestArtifactsManager::create_collection(self, session, name, description, task_id)
+    }
+    fn collections(&self, session: &str) -> Result<Vec<ArtifactCollection>> {
+        TestArtifactsManager::collections(self, session)
+    }
+    fn add_paths(
+        &self,
+        session: &str,
+        collection: &str,
+        paths: &[PathBuf],
+        opts: &AddOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Vec<TestArtifact>> {
+        TestArtifactsManager::add_paths(self, session, collection, paths, opts, progress)
+    }
+    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+        TestArtifactsManager::search(self, q)
+    }
+    fn stats(&self, session: Option<&str>) -> Result<ArtifactStats> {
+        TestArtifactsManager::stats(self, session)
+    }
+    fn artifact(&self, id: &str) -> Result<TestArtifact> {
+        TestArtifactsManager::artifact(self, id)
+    }
+    fn delete_artifact(&self, id: &str) -> Result<TestArtifact> {
+        TestArtifactsManager::delete_artifact(self, id)
+    }
+    fn open(&self, id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
+        TestArtifactsManager::open(self, id)
+    }
+    fn write_to(&self, id: &str, path: &Path) -> Result<u64> {
+        TestArtifactsManager::write_to(self, id, path)
+    }
+}
+
+/// Artifacts behind a server's API.
+#[derive(Debug)]
+pub(crate) struct RemoteArtifacts {
+    store: Arc<RemoteStore>,
+}
+
+impl RemoteArtifacts {
+    pub(crate) fn new(store: Arc<RemoteStore>) -> Self {
+        RemoteArtifacts { store }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.store.url())
+    }
+
+    fn authorize<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match self.store.token() {
+            Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    fn unreachable(&self, e: &ureq::Error) -> Error {
+        Error::Backend {
+            message: format!("cannot reach the server at {}: {e}", self.store.url()),
+            source: None,
+        }
+    }
+
+    fn unreachable_status(&self) -> Error {
+        Error::Backend {
+            message: format!("unexpected answer from the server at {}", self.store.url()),
+            source: None,
+        }
+    }
+
+    fn send(&self, method: &str, path: &str) -> Result<Value> {
+        let req = match method {
+            "DELETE" => self
+                .authorize(self.store.agent().delete(self.url(path)))
+                .call(),
+            _ => self
+                .authorize(self.store.agent().post(self.url(path)))
+                .send_empty(),
+        };
+        let resp = req.map_err(|e| self.unreachable(&e))?;
+        self.store.answer(resp)
+    }
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Backend {
+        message: format!("unexpected answer from the server: {e}"),
+        source: None,
+    })
+}
+
+/// A reader that reports how many bytes went through.
+struct Counting<'a, R> {
+    inner: R,
+    done: u64,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.report)(self.done);
+        Ok(n)
+    }
+}
+
+impl Artifacts for RemoteArtifacts {
+    fn create_session(&self, new: NewSession) -> Result<TestSession> {
+        let body = json!({
+            "upgrade_id": new.upgrade_id,
+            "cluster_name": new.cluster_name,
+            "name": new.name,
+            "description": new.description,
+            "retention_days": new.retention_days,
+        });
+        self.store.post_json("/api/v1/sessions", &body)
+    }
+
+    fn complete_session(&self, id: &str) -> Result<TestSession> {
+        from_value(self.send("POST", &format!("/api/v1/sessions/{}/complete", encode(id)))?)
+    }
+
+    fn session_summary(&self, id: &str) -> Result<SessionSummary> {
+        let mut v: Value = self
+            .store
+            .get_json(&format!("/api/v1/sessions/{}", encode(id)))?;
+        from_value(v["summary"].take())
+    }
+
+    fn sessions(&self, upgrade: Option<&str>) -> Result<Vec<TestSession>> {
+        match upgrade {
+            Some(u) => self
+                .store
+                .get_json(&format!("/api/v1/sessions?upgrade_id={}", encode(u))),
+            None => self.store.get_json("/api/v1/sessions"),
+        }
+    }
+
+    fn create_collection(
+        &self,
+        session: &str,
+        name: &str,
+        description: Option<&str>,
+        task_id: Option<&str>,
+    ) -> Result<ArtifactCollection> {
+        let body = json!({"name": name, "description": description, "task_id": task_id});
+        self.store.post_json(
+            &format!("/api/v1/sessions/{}/collections", encode(session)),
+            &body,
+        )
+    }
+
+    fn collections(&self, session: &str) -> Result<Vec<ArtifactCollection>> {
+        self.store
+            .get_json(&format!("/api/v1/sessions/{}/collections", encode(session)))
+    }
+
+    fn add_paths(
+        &self,
+        session: &str,
+        collection: &str,
+        paths: &[PathBuf],
+        opts: &AddOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Vec<TestArtifact>> {
+        // The same plan (names, checks) as a local add, before anything is sent.
+        let plan = plan_paths(paths, opts)?;
+        let mut p = Progress {
+            files_total: plan.len() as u64,
+            bytes_total: plan.iter().map(|f| f.size).sum(),
+            ..Progress::default()
+        };
+        progress(p);
+        let mut query = String::new();
+        if let Some(t) = opts.artifact_type {
+            query.push_str(&format!("&type={}", t.as_str()));
+        }
+        for t in &opts.tags {
+            query.push_str(&format!("&tag={}", encode(t)));
+        }
+        for (k, v) in [
+            ("task_id", &opts.task_id),
+            ("step_id", &opts.step_id),
+            ("description", &opts.description),
+        ] {
+            if let Some(v) = v {
+                query.push_str(&format!("&{k}={}", encode(v)));
+            }
+        }
+        if !opts.metadata.is_empty() {
+            let m = serde_json::to_string(&opts.metadata).unwrap_or_default();
+            query.push_str(&format!("&metadata={}", encode(&m)));
+        }
+        let mut out = Vec::with_capacity(plan.len());
+        for f in plan {
+            let file = std::fs::File::open(&f.path).map_err(|e| {
+                Error::InvalidInput(format!("cannot read {}: {e}", f.path.display()))
+            })?;
+            let base = p.bytes_done;
+            let mut report = |done: u64| {
+                progress(Progress {
+                    bytes_done: base + done,
+                    ..p
+                })
+            };
+            let mut reader = Counting {
+                inner: std::io::BufReader::with_capacity(256 * 1024, file),
+                done: 0,
+                report: &mut report,
+            };
+            let path = format!(
+                "/api/v1/sessions/{}/collections/{}/artifacts?name={}{query}",
+                encode(session),
+                encode(collection),
+                encode(&f.name)
+            );
+            let resp = self
+                .authorize(self.store.agent().post(self.url(&path)))
+                .header("Content-Type", "application/octet-stream")
+                .send(ureq::SendBody::from_reader(&mut reader))
+                .map_err(|e| self.unreachable(&e))?;
+            let a: TestArtifact = self.store.answer(resp)?;
+            p.bytes_done = base + a.file_size;
+            p.files_done += 1;
+            progress(p);
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+        let mut query = vec![format!("limit={}", q.limit.max(1))];
+        let mut push = |k: &str, v: &str| query.push(format!("{k}={}", encode(v)));
+        for (k, v) in [
+            ("session", &q.session_id),
+            ("collection", &q.collection_id),
+            ("upgrade", &q.upgrade_id),
+            ("task_id", &q.task_id),
+            ("name", &q.name),
+        ] {
+            if let Some(v) = v {
+                push(k, v);
+            }
+        }
+        if let Some(t) = q.artifact_type {
+            push("type", t.as_str());
+        }
+        if let Some(s) = q.status {
+            push("status", s.as_str());
+        }
+        for t in &q.tags {
+            push("tag", t);
+        }
+        if let Some(n) = q.min_size {
+            push("min_size", &n.to_string());
+        }
+        if let Some(n) = q.max_size {
+            push("max_size", &n.to_string());
+        }
+        if let Some(t) = q.created_since {
+            let secs = (eks_upgrade_agent::model::now() - t).num_seconds().max(0);
+            push("since", &format!("{secs}s"));
+        }
+        self.store
+            .get_json(&format!("/api/v1/artifacts?{}", query.join("&")))
+    }
+
+    fn stats(&self, session: Option<&str>) -> Result<ArtifactStats> {
+        match session {
+            Some(s) => self
+                .store
+                .get_json(&format!("/api/v1/artifacts/stats?session={}", encode(s))),
+            None => self.store.get_json("/api/v1/artifacts/stats"),
+        }
+    }
+
+    fn artifact(&self, id: &str) -> Result<TestArtifact> {
+        self.store
+            .get_json(&format!("/api/v1/artifacts/{}", encode(id)))
+    }
+
+    fn delete_artifact(&self, id: &str) -> Result<TestArtifact> {
+        from_value(self.send("DELETE", &format!("/api/v1/artifacts/{}", encode(id)))?)
+    }
+
+    fn open(&self, id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
+        let a = self.artifact(id)?;
+        let digest: Digest = a.file_hash.parse()?;
+        let resp = self
+            .authorize(
+                self.store
+                    .agent()
+                    .get(self.url(&format!("/api/v1/artifacts/{}/content", encode(id)))),
+            )
+            .call()
+            .map_err(|e| self.unreachable(&e))?;
+        if !resp.status().is_success() {
+            return match self.store.answer::<Value>(resp) {
+                Err(e) => Err(e),
+                Ok(_) => Err(self.unreachable_status()),
+            };
+        }
+        // Verified here too: what arrives must be the digest the index names.
+        let reader = resp.into_body().into_reader();
+        Ok((a, Box::new(VerifyingReader::new(reader, digest))))
+    }
+}

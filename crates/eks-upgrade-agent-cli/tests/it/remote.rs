@@ -1,0 +1,380 @@
+//! The remote CLI: `--server URL --token T` makes `progress` and `artifacts` commands talk to a
+//! served data dir. The same commands run locally and remotely print the same JSON (volatile
+//! fields aside) and fail with the same messages; nothing is written to the local data dir.
+
+use serde_json::Value;
+
+use crate::util::{Env, serve};
+
+const WRITE: &str = "remote-cli-write-token-01";
+const READ: &str = "remote-cli-read-token-001";
+
+/// Drops fields that differ between two runs (times, generated ids).
+fn stable(mut v: Value) -> Value {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for k in [
+                    "timestamp",
+                    "created_at",
+                    "started_at",
+                    "completed_at",
+                    "duration",
+                    "estimated_completion",
+                    "event_id",
+                    "session_id",
+                    "collection_id",
+                    "artifact_id",
+                    "uploaded_at",
+                    "name_of_session",
+                    "expires_at",
+                ] {
+                    m.remove(k);
+                }
+                if m.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n.starts_with("upgrade-u1-"))
+                {
+                    m.remove("name"); // default session names carry the time
+                }
+                m.values_mut().for_each(walk);
+            }
+            Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut v);
+    v
+}
+
+#[test]
+fn remote_commands_match_local_ones() {
+    let server_env = Env::new();
+    let served = serve(
+        &server_env,
+        &[("EUA_TOKENS", &format!("{WRITE}:write,{READ}:read"))],
+    );
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let local = Env::new();
+    let remote_args = |args: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "--server".to_owned(),
+            url.clone(),
+            "--token".to_owned(),
+            WRITE.to_owned(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        a
+    };
+    let both = |args: &[&str]| -> Value {
+        let l = local.json(args);
+        let r = remote_args(args);
+        let r = client.json(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(stable(l.clone()), stable(r.clone()), "{args:?}");
+        r
+    };
+    both(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p1",
+        "--cluster",
+        "prod",
+        "--meta",
+        "to=1.30",
+    ]);
+    both(&["progress", "upgrade", "start", "u1", "--phase", "nodes"]);
+    both(&[
+        "progress",
+        "task",
+        "add",
+        "u1",
+        "ng",
+        "--name",
+        "Node groups",
+        "--type",
+        "upgrade_step",
+        "--total-steps",
+        "4",
+    ]);
+    both(&[
+        "progress",
+        "task",
+        "add",
+        "u1",
+        "ng-1",
+        "--name",
+        "ng-1",
+        "--type",
+        "upgrade_step",
+        "--parent",
+        "ng",
+    ]);
+    both(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "ng-1",
+        "--percent",
+        "40",
+        "-m",
+        "draining",
+        "--detail",
+        "pods=3",
+    ]);
+    both(&[
+        "progress",
+        "task",
+        "step",
+        "u1",
+        "ng",
+        "--completed",
+        "1",
+        "--name",
+        "drain",
+    ]);
+    both(&["progress", "task", "complete", "u1", "ng-1"]);
+    both(&["progress", "task", "show", "u1", "ng-1"]);
+    both(&["progress", "upgrade", "show", "u1"]);
+    both(&["progress", "upgrade", "list"]);
+    both(&["progress", "events", "u1", "--since", "2"]);
+
+    // Errors: the same message and exit code.
+    for args in [
+        vec![
+            "progress",
+            "task",
+            "update",
+            "u1",
+            "ng-1",
+            "--percent",
+            "50",
+        ],
+        vec!["progress", "task", "show", "u1", "nope"],
+        vec![
+            "progress",
+            "upgrade",
+            "create",
+            "u1",
+            "--plan",
+            "p",
+            "--cluster",
+            "c",
+        ],
+    ] {
+        let l = local.fails(1, &args);
+        let r = remote_args(&args);
+        let r = client.fails(1, &r.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(l, r, "{args:?}");
+    }
+
+    // Artifacts.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(files.path().join("logs/node")).unwrap();
+    std::fs::write(
+        files.path().join("logs/node/kubelet.log"),
+        "kubelet\n".repeat(5000),
+    )
+    .unwrap();
+    std::fs::write(files.path().join("logs/app.log"), "app started\n").unwrap();
+    let logs = files.path().join("logs");
+    let logs = logs.to_str().unwrap();
+    let ids = |v: &Value, k: &str| v[k].as_str().unwrap().to_owned();
+    let ls = local.json(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u1",
+        "--cluster",
+        "prod",
+    ]);
+    let rs = client.json(
+        &remote_args(&[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u1",
+            "--cluster",
+            "prod",
+        ])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(stable(ls.clone()), stable(rs.clone()));
+    let (ls, rs) = (ids(&ls, "session_id"), ids(&rs, "session_id"));
+    let lc = local.json(&["artifacts", "collection", "create", &ls, "--name", "logs"]);
+    let rc = client.json(
+        &remote_args(&["artifacts", "collection", "create", &rs, "--name", "logs"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (lc, rc) = (ids(&lc, "collection_id"), ids(&rc, "collection_id"));
+    let la = local.json(&[
+        "artifacts",
+        "add",
+        &ls,
+        &lc,
+        logs,
+        "--tag",
+        "node",
+        "--type",
+        "log_file",
+        "--meta",
+        "k=v",
+    ]);
+    let ra = client.json(
+        &remote_args(&[
+            "artifacts",
+            "add",
+            &rs,
+            &rc,
+            logs,
+            "--tag",
+            "node",
+            "--type",
+            "log_file",
+            "--meta",
+            "k=v",
+        ])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(stable(la.clone()), stable(ra.clone()));
+    assert_eq!(ra.as_array().unwrap().len(), 2);
+    let search = [
+        "artifacts",
+        "search",
+        "--tag",
+        "node",
+        "--name",
+        "kubelet",
+        "--min-size",
+        "1KiB",
+        "--since",
+        "1h",
+    ];
+    assert_eq!(
+        stable(local.json(&search)),
+        stable(
+            client.json(
+                &remote_args(&search)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+            )
+        )
+    );
+    let stats = ["artifacts", "stats"];
+    assert_eq!(
+        stable(local.json(&stats)),
+        stable(
+            client.json(
+                &remote_args(&stats)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+            )
+        )
+    );
+    // Verified download.
+    let kubelet = ra
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "node/kubelet.log")
+        .unwrap();
+    let out = files.path().join("got.log");
+    client.ok(&remote_args(&[
+        "artifacts",
+        "get",
+        kubelet["artifact_id"].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .iter()
+    .map(String::as_str)
+    .collect::<Vec<_>>());
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "kubelet\n".repeat(5000)
+    );
+    let del = client.json(
+        &remote_args(&[
+            "artifacts",
+            "delete",
+            kubelet["artifact_id"].as_str().unwrap(),
+        ])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(del["status"], "deleted");
+    // Data-dir commands say where to run them.
+    let e = client.fails(
+        1,
+        &remote_args(&["artifacts", "verify"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        e.contains("works on a data dir, not through --server"),
+        "{e}"
+    );
+
+    // Tokens: a read token reads but does not write; nothing local was ever created.
+    let read = |args: &[&str]| {
+        let mut a = vec!["--server", url.as_str(), "--token", READ];
+        a.extend_from_slice(args);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    client.json(
+        &read(&["progress", "upgrade", "show", "u1"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let e = client.fails(
+        1,
+        &read(&["progress", "task", "start", "u1", "ng"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(e.contains("may only read"), "{e}");
+    let e = client.fails(1, &["--server", &url, "progress", "upgrade", "list"]);
+    assert!(e.contains("missing token"), "{e}");
+    let e = client.fails(
+        1,
+        &[
+            "--server",
+            "http://127.0.0.1:9",
+            "--token",
+            WRITE,
+            "progress",
+            "upgrade",
+            "list",
+        ],
+    );
+    assert!(
+        e.contains("cannot reach the server at http://127.0.0.1:9"),
+        "{e}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(client.data_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers.iter().all(|n| n == "config-home"),
+        "the client's data dir stays empty: {leftovers:?}"
+    );
+}
