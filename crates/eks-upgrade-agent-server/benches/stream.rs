@@ -6,6 +6,9 @@
 //!   before its `update_task` call to its arrival at a client (every client, every event); also
 //!   `stream_p50_ms` and `stream_max_ms`;
 //! - `stream_gaps clients=1000`: events a client missed or got twice (summed over clients);
+//! - `other_writer_p99_ms`: latency to a WebSocket client of events written through a second,
+//!   independent store handle on the same data dir (what another process, the CLI or `apply`,
+//!   does): the server sees them only by polling the database; 200 events at 20/s;
 //! - `http_updates_per_s concurrency=16`: `POST .../tasks/{t}/update` through the REST API over
 //!   keep-alive HTTP/1.1 connections, 16 at a time, each acknowledged (committed) before the next.
 //!
@@ -37,6 +40,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(stream_bench());
+    runtime.block_on(other_writer_bench());
     runtime.block_on(http_bench());
 }
 
@@ -202,6 +206,54 @@ async fn stream_bench() {
     println!("stream_p99_ms clients={CLIENTS}: {:.2}", pct(0.99));
     println!("stream_max_ms clients={CLIENTS}: {:.2}", pct(1.0));
     println!("stream_gaps clients={CLIENTS}: {gaps}");
+}
+
+async fn other_writer_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tracker(dir.path(), 1);
+    let addr = start(AppState::new(t)).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/upgrades/bench/ws"))
+        .await
+        .unwrap();
+    let _ = ws.next().await; // the summary
+    let other = Arc::new(ProgressTracker::new(Arc::new(
+        SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap(),
+    )));
+    const N: u64 = 200;
+    let writer = std::thread::spawn(move || {
+        let mut sent = Vec::with_capacity(N as usize);
+        for i in 0..N {
+            std::thread::sleep(Duration::from_millis(50));
+            let at = Instant::now();
+            let c = other
+                .update_task("bench", "t0", (i % 100) as f64, None, Default::default())
+                .unwrap();
+            sent.push((c.last_seq(), at));
+        }
+        sent
+    });
+    let mut received = std::collections::HashMap::new();
+    while (received.len() as u64) < N {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = msg
+            && let Some(seq) = seq_of(text.as_str())
+        {
+            received.insert(seq, Instant::now());
+        }
+    }
+    let sent = writer.join().unwrap();
+    let mut lat: Vec<f64> = sent
+        .iter()
+        .map(|(seq, at)| received[seq].duration_since(*at).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    println!("other_writer_p50_ms: {:.1}", lat[lat.len() / 2]);
+    println!("other_writer_p99_ms: {:.1}", lat[lat.len() * 99 / 100]);
+    println!("other_writer_max_ms: {:.1}", lat[lat.len() - 1]);
 }
 
 /// One keep-alive HTTP/1.1 POST; returns the status.
