@@ -212,9 +212,10 @@ async fn other_writer_bench() {
     let dir = tempfile::tempdir().unwrap();
     let t = tracker(dir.path(), 1);
     let addr = start(AppState::new(t)).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/upgrades/bench/ws"))
-        .await
-        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/upgrades/bench/ws"))
+            .await
+            .unwrap();
     let _ = ws.next().await; // the summary
     let other = Arc::new(ProgressTracker::new(Arc::new(
         SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap(),

@@ -42,6 +42,7 @@ use eks_upgrade_agent::store::UploadQueue;
 
 mod artifacts_api;
 pub mod auth;
+mod committer;
 mod dashboard;
 mod error;
 pub mod hub;
@@ -82,6 +83,8 @@ pub struct AppState {
     pub dispatcher: Option<Arc<Dispatcher>>,
     /// Counters and latencies.
     pub metrics: Arc<Metrics>,
+    /// Group commit of the REST API's progress writes.
+    committer: Arc<committer::Committer>,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
     pub fn new(tracker: Arc<ProgressTracker>) -> AppState {
         AppState {
             hub: hub::Hub::new(Arc::clone(&tracker)),
+            committer: Arc::new(committer::Committer::new(Arc::clone(&tracker))),
             tracker,
             auth: Arc::new(Auth::open()),
             heartbeat: HEARTBEAT,

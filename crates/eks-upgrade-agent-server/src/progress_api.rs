@@ -80,8 +80,8 @@ fn command(mut body: Map<String, Value>, op: &str, ids: &[(&str, &str)]) -> ApiR
 }
 
 async fn execute(state: &AppState, c: Command) -> ApiResult<Committed> {
-    let tracker = Arc::clone(&state.tracker);
-    let committed = blocking(move || tracker.execute(c)).await?;
+    // Group commit with the other requests committing now (see `committer`).
+    let committed = state.committer.execute(c).await?;
     state.metrics.updates.inc();
     Ok(committed)
 }

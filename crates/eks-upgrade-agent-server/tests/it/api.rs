@@ -390,3 +390,45 @@ async fn openapi_describes_every_served_route() {
         (StatusCode::NOT_FOUND, Some("no such route"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_grouped_and_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    crate::util::seed(&s.tracker, "u1");
+    let before = s.tracker.store().last_seq().unwrap();
+    // 64 concurrent updates; every fourth is invalid and must fail without taking others along.
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let pct = if i % 4 == 3 { 150 } else { i };
+                let body = format!(r#"{{"percentage":{pct}}}"#);
+                call(
+                    &s,
+                    "POST",
+                    "/api/v1/upgrades/u1/tasks/a/update",
+                    Some(&body),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for (i, c) in calls.into_iter().enumerate() {
+        let (st, v) = c.await.unwrap();
+        if i % 4 == 3 {
+            assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+            assert_eq!(v["error"]["code"], "invalid_input");
+        } else {
+            assert_eq!(st, StatusCode::OK, "{v}");
+            ok += 1;
+        }
+    }
+    let events = s.tracker.events_since(Some("u1"), before, 1000).unwrap();
+    assert_eq!(
+        events.len(),
+        ok,
+        "one event per accepted update, none for the rejected ones"
+    );
+}
