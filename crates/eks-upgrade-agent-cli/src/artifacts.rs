@@ -324,7 +324,6 @@ fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
 /// Commands that work on a data dir itself (its blobs, its S3 settings), not through a server.
 fn local_only(cmd: &ArtifactsCmd) -> Option<&'static str> {
     match cmd {
-        ArtifactsCmd::Export { .. } => Some("export"),
         ArtifactsCmd::Upload { .. } => Some("upload"),
         ArtifactsCmd::Pull { .. } => Some("pull"),
         ArtifactsCmd::Verify => Some("verify"),
@@ -505,7 +504,7 @@ fn run_on(
             force,
         } => {
             let pb = bar(ctx, "exporting");
-            let report = local().export_session(&session, &dir, force, &mut track(&pb));
+            let report = m.export_session(&session, &dir, force, &mut track(&pb));
             pb.finish_and_clear();
             let report = report?;
             if ctx.json() {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use eks_upgrade_agent::artifacts::{AddOptions, NewSession, Progress, plan_paths};
+use eks_upgrade_agent::artifacts::{
+    AddOptions, ExportReport, ExportSource, NewSession, Progress, export_session_from, plan_paths,
+};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
     ArtifactCollection, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact, TestSession,
@@ -47,6 +49,13 @@ pub(crate) trait Artifacts {
         let (_, mut r) = self.open(id)?;
         eks_upgrade_agent::artifacts::write_atomically(path, &mut r)
     }
+    fn export_session(
+        &self,
+        session: &str,
+        dir: &Path,
+        force: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ExportReport>;
 }
 
 impl Artifacts for TestArtifactsManager {
@@ -101,6 +110,15 @@ impl Artifacts for TestArtifactsManager {
     }
     fn write_to(&self, id: &str, path: &Path) -> Result<u64> {
         TestArtifactsManager::write_to(self, id, path)
+    }
+    fn export_session(
+        &self,
+        session: &str,
+        dir: &Path,
+        force: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ExportReport> {
+        TestArtifactsManager::export_session(self, session, dir, force, progress)
     }
 }
 
@@ -376,5 +394,39 @@ impl Artifacts for RemoteArtifacts {
         // Verified here too: what arrives must be the digest the index names.
         let reader = resp.into_body().into_reader();
         Ok((a, Box::new(VerifyingReader::new(reader, digest))))
+    }
+
+    fn export_session(
+        &self,
+        session: &str,
+        dir: &Path,
+        force: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ExportReport> {
+        export_session_from(self, session, dir, force, progress)
+    }
+}
+
+impl ExportSource for RemoteArtifacts {
+    fn session_summary(&self, session_id: &str) -> Result<SessionSummary> {
+        Artifacts::session_summary(self, session_id)
+    }
+    fn collections(&self, session_id: &str) -> Result<Vec<ArtifactCollection>> {
+        Artifacts::collections(self, session_id)
+    }
+    fn for_each_artifact(
+        &self,
+        session_id: &str,
+        f: &mut dyn FnMut(TestArtifact) -> Result<()>,
+    ) -> Result<()> {
+        let all = self.search(&ArtifactQuery {
+            session_id: Some(session_id.to_owned()),
+            limit: 1_000_000,
+            ..ArtifactQuery::default()
+        })?;
+        all.into_iter().try_for_each(f)
+    }
+    fn open(&self, artifact_id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
+        Artifacts::open(self, artifact_id)
     }
 }

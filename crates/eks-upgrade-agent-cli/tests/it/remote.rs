@@ -285,6 +285,43 @@ fn remote_commands_match_local_ones() {
             )
         )
     );
+    // Export: the same tree of verified files.
+    let (lx, rx) = (
+        files.path().join("local-export"),
+        files.path().join("remote-export"),
+    );
+    local.ok(&["artifacts", "export", &ls, lx.to_str().unwrap()]);
+    client.ok(
+        &remote_args(&["artifacts", "export", &rs, rx.to_str().unwrap()])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let tree = |root: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                    out.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let exported = tree(&rx);
+    assert_eq!(
+        exported.len(),
+        2,
+        "{:?}",
+        exported.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    assert_eq!(tree(&lx), exported);
     // Verified download.
     let kubelet = ra
         .as_array()
