@@ -15,6 +15,7 @@
     ws: null,
     retry: 0,
     shown: new Set(),
+    maxShown: 0,
     timers: {},
     loadId: Math.random().toString(36).slice(2),
   };
@@ -138,6 +139,7 @@
     if (state.selected !== id) {
       state.selected = id;
       state.shown = new Set();
+      state.maxShown = 0;
       $('#timeline').replaceChildren();
       history.replaceState(null, '', '#u=' + encodeURIComponent(id));
     }
@@ -195,6 +197,7 @@
   function addTimeline(e) {
     if (state.shown.has(e.seq)) return;
     state.shown.add(e.seq);
+    state.maxShown = Math.max(state.maxShown, e.seq);
     const what = (e.task_id ? e.task_id + ' ' : '') + e.kind.replace('_', ' ') + ' → ' + e.status + ' ' + pct(e.percentage);
     const li = el('li', { class: e.status, value: e.seq, dataset: { seq: e.seq } },
       el('span', { class: 'muted' }, new Date(e.timestamp).toLocaleTimeString() + ' '),
@@ -209,7 +212,9 @@
 
   async function loadTimeline() {
     const id = state.selected;
-    const events = await api('/api/v1/upgrades/' + encodeURIComponent(id) + '/events?since=0&limit=10000');
+    // After a reconnect, only what is newer than what the timeline shows.
+    const since = state.maxShown;
+    const events = await api('/api/v1/upgrades/' + encodeURIComponent(id) + '/events?since=' + since + '&limit=10000');
     if (id !== state.selected) return;
     for (const e of events.slice(-TIMELINE_MAX)) addTimeline(e);
   }
