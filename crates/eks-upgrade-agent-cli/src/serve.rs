@@ -77,8 +77,9 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let auth = args.auth(ctx)?;
     check_exposure(args.listen, &auth, args.insecure_no_auth)?;
     let store = ctx.store()?;
-    let state = state(ctx, store, auth)?;
+    let state = state(ctx, store.clone(), auth)?;
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let _uploader = spawn_uploader(ctx, &store, &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
     runtime.block_on(async {
         let listener = bind(args.listen).await?;
@@ -94,6 +95,57 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// With a bucket configured: a thread that uploads queued artifacts (those added with
+/// `auto_upload`, through the API or by anyone on the data dir) every few seconds, retrying
+/// failures with the queue's backoff. Ends with the process.
+#[cfg(feature = "aws")]
+fn spawn_uploader(
+    ctx: &Ctx,
+    store: &Arc<SqliteStore>,
+    state: &AppState,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    let Some(s3) = ctx.config.s3_store()? else {
+        return Ok(None);
+    };
+    let (Some(artifacts), store) = (state.artifacts.clone(), Arc::clone(store)) else {
+        return Ok(None);
+    };
+    let options = eks_upgrade_agent::artifacts::upload::UploadOptions::default();
+    let handle = std::thread::Builder::new()
+        .name("eua-uploader".into())
+        .spawn(move || {
+            loop {
+                match artifacts.upload(store.as_ref(), &s3, &options, None, false, &mut |_| {}) {
+                    Ok(r) => {
+                        for (id, e) in &r.failed {
+                            tracing::warn!(artifact = %id, error = %e, "upload failed; it stays queued");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "upload run failed"),
+                }
+                std::thread::sleep(UPLOAD_EVERY);
+            }
+        })
+        .context("cannot start the upload thread")?;
+    eprintln!(
+        "uploading queued artifacts to s3://{}",
+        ctx.config.s3.s3_bucket.as_deref().unwrap_or_default()
+    );
+    Ok(Some(handle))
+}
+
+#[cfg(not(feature = "aws"))]
+fn spawn_uploader(
+    _: &Ctx,
+    _: &Arc<SqliteStore>,
+    _: &AppState,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    Ok(None)
+}
+
+/// How often `serve` looks for queued uploads.
+const UPLOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen)

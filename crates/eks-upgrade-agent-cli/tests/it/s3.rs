@@ -294,3 +294,71 @@ fn outage_during_upload(mib: u64) {
     );
     assert_eq!(status(&env, &url, &id)["status"], "uploaded");
 }
+
+#[test]
+fn serve_uploads_what_the_api_receives() {
+    let moto = Moto::start();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let env = Env::new();
+    let served = crate::util::serve(
+        &env,
+        &[
+            ("AWS_ENDPOINT_URL", moto.url.as_str()),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("EUA_S3_BUCKET", "team"),
+            ("EUA_AUTO_UPLOAD", "true"),
+        ],
+    );
+    let post = |path: &str, body: &str| -> Value {
+        let resp = crate::util::http(
+            served.port,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+        serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    };
+    let s = post(
+        "/api/v1/sessions",
+        r#"{"upgrade_id":"u1","cluster_name":"prod"}"#,
+    );
+    let sid = s["session_id"].as_str().unwrap();
+    let c = post(
+        &format!("/api/v1/sessions/{sid}/collections"),
+        r#"{"name":"logs"}"#,
+    );
+    let cid = c["collection_id"].as_str().unwrap();
+    let a = post(
+        &format!("/api/v1/sessions/{sid}/collections/{cid}/artifacts?name=kubelet.log"),
+        "kubelet ok\n",
+    );
+    assert_eq!(a["status"], "created");
+    let id = a["artifact_id"].as_str().unwrap();
+    // The server's uploader sends it; the object lands under the reference key.
+    let start = std::time::Instant::now();
+    let uploaded = loop {
+        let v = json_s3(&env, &moto.url, &["artifacts", "show", id]);
+        if v["status"] == "uploaded" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "not uploaded: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let key = uploaded["s3_key"].as_str().unwrap();
+    assert_eq!(
+        key,
+        format!("eks-upgrade-agent/artifacts/{sid}/{cid}/kubelet.log")
+    );
+    let body = moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\nprint(json.dumps(s3.get_object(Bucket='team', Key='{key}')['Body'].read().decode()))"
+    ));
+    assert_eq!(body, Value::String("kubelet ok\n".into()));
+}
