@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use eks_upgrade_agent::TestArtifactsManager;
 use eks_upgrade_agent::artifacts::{AddOptions, NewSession};
@@ -49,6 +49,16 @@ fn invalid(m: impl Into<String>) -> ApiError {
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or_default()
+}
+
+/// Runs `f` on the manager on the blocking pool and answers its result as JSON.
+async fn answer<T: serde::Serialize + Send + 'static>(
+    s: &AppState,
+    f: impl FnOnce(&TestArtifactsManager) -> eks_upgrade_agent::Result<T> + Send + 'static,
+) -> ApiResult<Json<Value>> {
+    let m = manager(s)?;
+    let v = blocking(move || f(&m)).await?;
+    Ok(Json(to_json(&v)))
 }
 
 // --- sessions and collections ---------------------------------------------------------------
@@ -92,9 +102,7 @@ pub(crate) async fn list_sessions(
     q: Result<Query<SessionsQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
-    let m = manager(&s)?;
-    let list = blocking(move || m.sessions(q.upgrade_id.as_deref())).await?;
-    Ok(Json(to_json(&list)))
+    answer(&s, move |m| m.sessions(q.upgrade_id.as_deref())).await
 }
 
 pub(crate) async fn show_session(
@@ -120,9 +128,7 @@ pub(crate) async fn complete_session(
     State(s): State<AppState>,
     Path(session): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let m = manager(&s)?;
-    let sess = blocking(move || m.complete_session(&session)).await?;
-    Ok(Json(to_json(&sess)))
+    answer(&s, move |m| m.complete_session(&session)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,13 +163,11 @@ pub(crate) async fn list_collections(
     State(s): State<AppState>,
     Path(session): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let m = manager(&s)?;
-    let list = blocking(move || {
+    answer(&s, move |m| {
         m.session(&session)?;
         m.collections(&session)
     })
-    .await?;
-    Ok(Json(to_json(&list)))
+    .await
 }
 
 // --- upload ---------------------------------------------------------------------------------
@@ -264,18 +268,14 @@ pub(crate) async fn show_artifact(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let m = manager(&s)?;
-    let a = blocking(move || m.artifact(&id)).await?;
-    Ok(Json(to_json(&a)))
+    answer(&s, move |m| m.artifact(&id)).await
 }
 
 pub(crate) async fn delete_artifact(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let m = manager(&s)?;
-    let a = blocking(move || m.delete_artifact(&id)).await?;
-    Ok(Json(to_json(&a)))
+    answer(&s, move |m| m.delete_artifact(&id)).await
 }
 
 /// A parsed single `Range: bytes=...` header: the inclusive range, or `None` for the whole.
@@ -445,9 +445,7 @@ pub(crate) async fn counts_by_task(
     State(s): State<AppState>,
     Path(upgrade): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let m = manager(&s)?;
-    let counts = blocking(move || m.counts_by_task(&upgrade)).await?;
-    Ok(Json(json!(counts)))
+    answer(&s, move |m| m.counts_by_task(&upgrade)).await
 }
 
 // --- search and stats -----------------------------------------------------------------------
@@ -519,9 +517,7 @@ pub(crate) async fn search(
         created_since,
         limit,
     };
-    let m = manager(&s)?;
-    let found = blocking(move || m.search(&query)).await?;
-    Ok(Json(to_json(&found)))
+    answer(&s, move |m| m.search(&query)).await
 }
 
 pub(crate) async fn stats(
@@ -530,15 +526,13 @@ pub(crate) async fn stats(
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
     let session = q.get("session").cloned();
-    let m = manager(&s)?;
-    let st = blocking(move || {
+    answer(&s, move |m| {
         if let Some(id) = &session {
             m.session(id)?;
         }
         m.stats(session.as_deref())
     })
-    .await?;
-    Ok(Json(json!(st)))
+    .await
 }
 
 #[cfg(test)]

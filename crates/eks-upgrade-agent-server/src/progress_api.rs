@@ -19,15 +19,7 @@ use crate::{AppState, MAX_EVENTS};
 
 /// An optional JSON body: empty means none.
 fn optional_json(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<Json<Value>>> {
-    let bytes = body.map_err(|r| {
-        let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "malformed_json"
-        };
-        ApiError::new(status, code, r.body_text())
-    })?;
+    let bytes = body?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

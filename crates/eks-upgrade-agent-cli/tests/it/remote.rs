@@ -9,6 +9,13 @@ use crate::util::{Env, serve};
 const WRITE: &str = "remote-cli-write-token-01";
 const READ: &str = "remote-cli-read-token-001";
 
+/// `args` with `--server URL --token TOKEN` in front.
+fn on<'a>(url: &'a str, token: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--server", url, "--token", token];
+    a.extend_from_slice(args);
+    a
+}
+
 /// Drops fields that differ between two runs (times, generated ids).
 fn stable(mut v: Value) -> Value {
     fn walk(v: &mut Value) {
@@ -57,20 +64,9 @@ fn remote_commands_match_local_ones() {
     let url = format!("http://127.0.0.1:{}", served.port);
     let client = Env::new();
     let local = Env::new();
-    let remote_args = |args: &[&str]| -> Vec<String> {
-        let mut a = vec![
-            "--server".to_owned(),
-            url.clone(),
-            "--token".to_owned(),
-            WRITE.to_owned(),
-        ];
-        a.extend(args.iter().map(|s| s.to_string()));
-        a
-    };
     let both = |args: &[&str]| -> Value {
         let l = local.json(args);
-        let r = remote_args(args);
-        let r = client.json(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        let r = client.json(&on(&url, WRITE, args));
         assert_eq!(stable(l.clone()), stable(r.clone()), "{args:?}");
         r
     };
@@ -167,8 +163,7 @@ fn remote_commands_match_local_ones() {
         ],
     ] {
         let l = local.fails(1, &args);
-        let r = remote_args(&args);
-        let r = client.fails(1, &r.iter().map(String::as_str).collect::<Vec<_>>());
+        let r = client.fails(1, &on(&url, WRITE, &args));
         assert_eq!(l, r, "{args:?}");
     }
 
@@ -193,8 +188,10 @@ fn remote_commands_match_local_ones() {
         "--cluster",
         "prod",
     ]);
-    let rs = client.json(
-        &remote_args(&[
+    let rs = client.json(&on(
+        &url,
+        WRITE,
+        &[
             "artifacts",
             "session",
             "create",
@@ -202,20 +199,16 @@ fn remote_commands_match_local_ones() {
             "u1",
             "--cluster",
             "prod",
-        ])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
+        ],
+    ));
     assert_eq!(stable(ls.clone()), stable(rs.clone()));
     let (ls, rs) = (ids(&ls, "session_id"), ids(&rs, "session_id"));
     let lc = local.json(&["artifacts", "collection", "create", &ls, "--name", "logs"]);
-    let rc = client.json(
-        &remote_args(&["artifacts", "collection", "create", &rs, "--name", "logs"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let rc = client.json(&on(
+        &url,
+        WRITE,
+        &["artifacts", "collection", "create", &rs, "--name", "logs"],
+    ));
     let (lc, rc) = (ids(&lc, "collection_id"), ids(&rc, "collection_id"));
     let la = local.json(&[
         "artifacts",
@@ -230,8 +223,10 @@ fn remote_commands_match_local_ones() {
         "--meta",
         "k=v",
     ]);
-    let ra = client.json(
-        &remote_args(&[
+    let ra = client.json(&on(
+        &url,
+        WRITE,
+        &[
             "artifacts",
             "add",
             &rs,
@@ -243,11 +238,8 @@ fn remote_commands_match_local_ones() {
             "log_file",
             "--meta",
             "k=v",
-        ])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
+        ],
+    ));
     assert_eq!(stable(la.clone()), stable(ra.clone()));
     assert_eq!(ra.as_array().unwrap().len(), 2);
     let search = [
@@ -264,26 +256,12 @@ fn remote_commands_match_local_ones() {
     ];
     assert_eq!(
         stable(local.json(&search)),
-        stable(
-            client.json(
-                &remote_args(&search)
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-            )
-        )
+        stable(client.json(&on(&url, WRITE, &search)))
     );
     let stats = ["artifacts", "stats"];
     assert_eq!(
         stable(local.json(&stats)),
-        stable(
-            client.json(
-                &remote_args(&stats)
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-            )
-        )
+        stable(client.json(&on(&url, WRITE, &stats)))
     );
     // Export: the same tree of verified files.
     let (lx, rx) = (
@@ -291,12 +269,11 @@ fn remote_commands_match_local_ones() {
         files.path().join("remote-export"),
     );
     local.ok(&["artifacts", "export", &ls, lx.to_str().unwrap()]);
-    client.ok(
-        &remote_args(&["artifacts", "export", &rs, rx.to_str().unwrap()])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    client.ok(&on(
+        &url,
+        WRITE,
+        &["artifacts", "export", &rs, rx.to_str().unwrap()],
+    ));
     let tree = |root: &std::path::Path| -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         let mut stack = vec![root.to_path_buf()];
@@ -330,62 +307,43 @@ fn remote_commands_match_local_ones() {
         .find(|a| a["name"] == "node/kubelet.log")
         .unwrap();
     let out = files.path().join("got.log");
-    client.ok(&remote_args(&[
-        "artifacts",
-        "get",
-        kubelet["artifact_id"].as_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .iter()
-    .map(String::as_str)
-    .collect::<Vec<_>>());
+    client.ok(&on(
+        &url,
+        WRITE,
+        &[
+            "artifacts",
+            "get",
+            kubelet["artifact_id"].as_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         "kubelet\n".repeat(5000)
     );
-    let del = client.json(
-        &remote_args(&[
+    let del = client.json(&on(
+        &url,
+        WRITE,
+        &[
             "artifacts",
             "delete",
             kubelet["artifact_id"].as_str().unwrap(),
-        ])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
+        ],
+    ));
     assert_eq!(del["status"], "deleted");
     // Data-dir commands say where to run them.
-    let e = client.fails(
-        1,
-        &remote_args(&["artifacts", "verify"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let e = client.fails(1, &on(&url, WRITE, &["artifacts", "verify"]));
     assert!(
         e.contains("works on a data dir, not through --server"),
         "{e}"
     );
 
     // Tokens: a read token reads but does not write; nothing local was ever created.
-    let read = |args: &[&str]| {
-        let mut a = vec!["--server", url.as_str(), "--token", READ];
-        a.extend_from_slice(args);
-        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
-    };
-    client.json(
-        &read(&["progress", "upgrade", "show", "u1"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    client.json(&on(&url, READ, &["progress", "upgrade", "show", "u1"]));
     let e = client.fails(
         1,
-        &read(&["progress", "task", "start", "u1", "ng"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &on(&url, READ, &["progress", "task", "start", "u1", "ng"]),
     );
     assert!(e.contains("may only read"), "{e}");
     let e = client.fails(1, &["--server", &url, "progress", "upgrade", "list"]);
