@@ -213,8 +213,9 @@
   async function loadTimeline() {
     const id = state.selected;
     // After a reconnect, only what is newer than what the timeline shows.
-    const since = state.maxShown;
-    const events = await api('/api/v1/upgrades/' + encodeURIComponent(id) + '/events?since=' + since + '&limit=10000');
+    // First the newest events; after a reconnect, only what is newer than what is shown.
+    const q = state.maxShown ? 'since=' + state.maxShown + '&limit=10000' : 'latest=' + TIMELINE_MAX;
+    const events = await api('/api/v1/upgrades/' + encodeURIComponent(id) + '/events?' + q);
     if (id !== state.selected) return;
     for (const e of events.slice(-TIMELINE_MAX)) addTimeline(e);
   }

@@ -217,6 +217,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/store/upgrades/{upgrade}/tasks/{task}/recent",
             get(store_api::recent),
         )
+        .route(
+            "/api/v1/store/upgrades/{upgrade}/latest",
+            get(store_api::latest),
+        )
         .route("/api/v1/store/events", get(store_api::events))
         .route("/api/v1/store/last_seq", get(store_api::last_seq))
         .route(

@@ -221,6 +221,7 @@ pub(crate) struct EventsQuery {
     #[serde(default)]
     since: u64,
     limit: Option<usize>,
+    latest: Option<usize>,
 }
 
 pub(crate) async fn events(
@@ -229,8 +230,23 @@ pub(crate) async fn events(
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(1000).min(MAX_EVENTS);
     let tracker = Arc::clone(&s.tracker);
-    let events = blocking(move || tracker.events_since(Some(&upgrade), q.since, limit)).await?;
+    let events = match q.latest {
+        Some(_) if q.since != 0 || q.limit.is_some() => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "latest=N cannot be combined with since or limit",
+            ));
+        }
+        Some(n) => {
+            let n = n.min(MAX_EVENTS);
+            blocking(move || tracker.store().latest_events(&upgrade, n)).await?
+        }
+        None => {
+            let limit = q.limit.unwrap_or(1000).min(MAX_EVENTS);
+            blocking(move || tracker.events_since(Some(&upgrade), q.since, limit)).await?
+        }
+    };
     Ok(Json(serde_json::to_value(events).unwrap_or_default()))
 }

@@ -117,6 +117,19 @@ pub(crate) async fn recent(
     ))
 }
 
+pub(crate) async fn latest(
+    State(s): State<AppState>,
+    Path(u): Path<String>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<ProgressEvent>>> {
+    let Query(q) = q?;
+    let limit = q.limit.min(MAX_EVENTS);
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(
+        blocking(move || tracker.store().latest_events(&u, limit)).await?,
+    ))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventsQuery {

@@ -432,3 +432,38 @@ async fn concurrent_writes_are_grouped_and_fail_alone() {
         "one event per accepted update, none for the rejected ones"
     );
 }
+
+#[tokio::test]
+async fn events_latest_gives_the_newest_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    crate::util::seed(&s.tracker, "u1");
+    for p in [10, 20, 30] {
+        let body = format!(r#"{{"percentage":{p}}}"#);
+        call(
+            &s,
+            "POST",
+            "/api/v1/upgrades/u1/tasks/a/update",
+            Some(&body),
+        )
+        .await;
+    }
+    let (_, all) = call(&s, "GET", "/api/v1/upgrades/u1/events", None).await;
+    let all = all.as_array().unwrap().clone();
+    let (st, latest) = call(&s, "GET", "/api/v1/upgrades/u1/events?latest=2", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(latest.as_array().unwrap()[..], all[all.len() - 2..]);
+    let (st, v) = call(
+        &s,
+        "GET",
+        "/api/v1/upgrades/u1/events?latest=2&since=1",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_query"))
+    );
+    let (st, _) = call(&s, "GET", "/api/v1/upgrades/nope/events?latest=2", None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}

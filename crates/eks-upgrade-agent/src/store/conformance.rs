@@ -17,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 11] = [
+    let cases: [Case; 12] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -38,6 +38,7 @@ pub fn run(factory: Factory<'_>) {
             batch_commits_good_and_skips_bad,
         ),
         ("add_many_is_all_or_nothing", add_many_is_all_or_nothing),
+        ("latest_events_of_an_upgrade", latest_events_of_an_upgrade),
     ];
     for (name, case) in cases {
         let store: Arc<dyn ProgressStore> = Arc::from(factory());
@@ -161,6 +162,27 @@ fn unknown_and_duplicate_ids(t: ProgressTracker) {
     // Same task id in another upgrade is fine.
     setup(&t, "v");
     add(&t, "v", "a", None, 1.0);
+}
+
+fn latest_events_of_an_upgrade(t: ProgressTracker) {
+    setup(&t, "a");
+    setup(&t, "b");
+    add(&t, "a", "t", None, 1.0);
+    add(&t, "b", "t", None, 1.0);
+    for i in 0..10 {
+        let u = if i % 2 == 0 { "a" } else { "b" };
+        t.update_task(u, "t", f64::from(i) * 5.0, None, JsonMap::new())
+            .unwrap();
+    }
+    let a = t.events_since(Some("a"), 0, 1000).unwrap();
+    let latest = t.store().latest_events("a", 3).unwrap();
+    assert_eq!(latest, a[a.len() - 3..], "the newest three, oldest first");
+    assert_eq!(t.store().latest_events("a", 1000).unwrap(), a);
+    assert!(t.store().latest_events("a", 0).unwrap().is_empty());
+    assert!(matches!(
+        t.store().latest_events("nope", 3),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 fn seq_is_store_wide(t: ProgressTracker) {

@@ -137,6 +137,9 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
     /// Events matching `query`, oldest first.
     fn events(&self, query: &EventQuery) -> Result<Vec<ProgressEvent>>;
 
+    /// The `limit` most recent events of an upgrade, oldest first (timelines). Costs O(limit).
+    fn latest_events(&self, upgrade_id: &str, limit: usize) -> Result<Vec<ProgressEvent>>;
+
     /// The highest `seq` in the store (0 when empty).
     fn last_seq(&self) -> Result<u64>;
 }

@@ -270,6 +270,13 @@ impl ProgressStore for RemoteStore {
         }
     }
 
+    fn latest_events(&self, upgrade_id: &str, limit: usize) -> Result<Vec<ProgressEvent>> {
+        self.get_json(&format!(
+            "/api/v1/store/upgrades/{}/latest?limit={limit}",
+            encode(upgrade_id)
+        ))
+    }
+
     fn last_seq(&self) -> Result<u64> {
         let r: LastSeq = self.get_json("/api/v1/store/last_seq")?;
         Ok(r.last_seq)

@@ -1159,6 +1159,19 @@ impl ProgressStore for SqliteStore {
         }
     }
 
+    fn latest_events(&self, upgrade_id: &str, limit: usize) -> Result<Vec<ProgressEvent>> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = conn.prepare_cached(&format!(
+            "{EVENT_SELECT} WHERE e.ukey = ?1 ORDER BY e.seq DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![ukey, limit], event_row)?;
+        let mut out: Vec<ProgressEvent> = rows.collect::<rusqlite::Result<_>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     fn last_seq(&self) -> Result<u64> {
         let conn = self.reader();
         let seq: Option<i64> = conn
