@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use eks_upgrade_agent::TestArtifactsManager;
 use eks_upgrade_agent::artifacts::{AddOptions, NewSession, Progress};
+use eks_upgrade_agent::artifacts::{PullReport, UploadReport};
 use eks_upgrade_agent::model::{ArtifactQuery, ArtifactStatus, ArtifactType, TestArtifact};
 use eks_upgrade_agent::units::{parse_duration, parse_size};
 
@@ -321,39 +322,23 @@ fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
     )
 }
 
-/// Commands that work on a data dir itself (its blobs, its S3 settings), not through a server.
-fn local_only(cmd: &ArtifactsCmd) -> Option<&'static str> {
-    match cmd {
-        ArtifactsCmd::Upload { .. } => Some("upload"),
-        ArtifactsCmd::Pull { .. } => Some("pull"),
-        ArtifactsCmd::Verify => Some("verify"),
-        ArtifactsCmd::Cleanup { .. } => Some("cleanup"),
-        ArtifactsCmd::Gc => Some("gc"),
-        _ => None,
-    }
-}
-
 pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     if let Some(remote) = ctx.remote()? {
-        if let Some(name) = local_only(&cmd) {
-            anyhow::bail!(
-                "`artifacts {name}` works on a data dir, not through --server: run it on the server's host (with its --data-dir), or without --server"
-            );
-        }
-        return run_on(ctx, &RemoteArtifacts::new(remote), None, cmd);
+        let r = RemoteArtifacts::new(remote);
+        return run_on(ctx, &r, None, Some(&r), cmd);
     }
     let m = ctx.artifacts()?;
-    run_on(ctx, &m, Some(&m), cmd)
+    run_on(ctx, &m, Some(&m), None, cmd)
 }
 
-/// Runs `cmd` on `m`; `local` is the data dir's manager (`None` with `--server`).
+/// Runs `cmd` on `m`, which is `local` (a data dir) or `remote` (`--server`).
 fn run_on(
     ctx: &Ctx,
     m: &dyn Artifacts,
     local: Option<&TestArtifactsManager>,
+    remote: Option<&RemoteArtifacts>,
     cmd: ArtifactsCmd,
 ) -> anyhow::Result<ExitCode> {
-    let local = || local.expect("local-only commands are refused with --server");
     match cmd {
         ArtifactsCmd::Session(c) => session(ctx, m, c),
         ArtifactsCmd::Collection(c) => collection(ctx, m, c),
@@ -537,22 +522,35 @@ fn run_on(
             multipart_threshold,
         } => upload(
             ctx,
-            local(),
-            session,
-            artifact,
-            all,
-            retry_failed,
-            multipart_threshold,
+            local,
+            remote,
+            &UploadRequest {
+                session,
+                artifact,
+                all,
+                retry_failed,
+                multipart_threshold,
+            },
         ),
         ArtifactsCmd::Pull {
             session,
             bucket,
             prefix,
             eager,
-        } => pull(ctx, local(), &session, &bucket, prefix, eager),
+        } => pull(
+            ctx,
+            local,
+            remote,
+            &PullRequest {
+                session_id: session,
+                bucket,
+                prefix,
+                eager,
+            },
+        ),
         ArtifactsCmd::Verify => {
             let pb = bar(ctx, "verifying");
-            let report = local().verify(&mut track(&pb));
+            let report = m.verify(&mut track(&pb));
             pb.finish_and_clear();
             let report = report?;
             if ctx.json() {
@@ -580,7 +578,7 @@ fn run_on(
             })
         }
         ArtifactsCmd::Cleanup { dry_run, as_of } => {
-            let report = local().cleanup(dry_run, as_of)?;
+            let report = m.cleanup(dry_run, as_of)?;
             if ctx.json() {
                 print_json(&report)?;
             } else {
@@ -608,7 +606,7 @@ fn run_on(
             Ok(ExitCode::SUCCESS)
         }
         ArtifactsCmd::Gc => {
-            let report = local().gc()?;
+            let report = m.gc()?;
             if ctx.json() {
                 print_json(&report)?;
             } else {
@@ -662,16 +660,33 @@ fn get(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `artifacts upload` asks for.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct UploadRequest {
+    pub(crate) session: Option<String>,
+    pub(crate) artifact: Option<String>,
+    pub(crate) all: bool,
+    pub(crate) retry_failed: bool,
+    pub(crate) multipart_threshold: Option<u64>,
+}
+
+/// What `artifacts pull` asks for.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct PullRequest {
+    pub(crate) session_id: String,
+    pub(crate) bucket: String,
+    pub(crate) prefix: Option<String>,
+    pub(crate) eager: bool,
+}
+
+/// An upload run on the data dir; returns the bucket and the report.
 #[cfg(feature = "aws")]
-fn upload(
+fn upload_local(
     ctx: &Ctx,
     m: &TestArtifactsManager,
-    session: Option<String>,
-    artifact: Option<String>,
-    all: bool,
-    retry_failed: bool,
-    multipart_threshold: Option<u64>,
-) -> anyhow::Result<ExitCode> {
+    req: &UploadRequest,
+    pb: &ProgressBar,
+) -> anyhow::Result<(String, UploadReport)> {
     use eks_upgrade_agent::artifacts::upload::UploadOptions;
     use eks_upgrade_agent::store::UploadSelector;
     let Some(s3) = ctx.config.s3_store()? else {
@@ -679,41 +694,64 @@ fn upload(
             "no S3 bucket is configured: set --s3-bucket (or EUA_S3_BUCKET, or s3_bucket in the config file)"
         );
     };
-    let selector = match (session, artifact, all) {
-        (Some(s), _, _) => Some(UploadSelector::Session(s)),
-        (_, Some(a), _) => Some(UploadSelector::Artifact(a)),
+    let selector = match (&req.session, &req.artifact, req.all) {
+        (Some(s), _, _) => Some(UploadSelector::Session(s.clone())),
+        (_, Some(a), _) => Some(UploadSelector::Artifact(a.clone())),
         (_, _, true) => Some(UploadSelector::All),
         _ => None,
     };
     let store = ctx.store()?;
     let mut options = UploadOptions::default();
-    if let Some(t) = multipart_threshold {
+    if let Some(t) = req.multipart_threshold {
         anyhow::ensure!(
             t >= 5 * 1024 * 1024,
             "--multipart-threshold must be at least 5MiB (the smallest S3 part), got {t}"
         );
         options.multipart_threshold = t;
     }
-    let pb = bar(ctx, "uploading");
     let report = m.upload(
         store.as_ref(),
         &s3,
         &options,
         selector.as_ref(),
-        retry_failed,
-        &mut track(&pb),
-    );
+        req.retry_failed,
+        &mut track(pb),
+    )?;
+    Ok((s3.bucket().to_owned(), report))
+}
+
+#[cfg(not(feature = "aws"))]
+fn upload_local(
+    _: &Ctx,
+    _: &TestArtifactsManager,
+    _: &UploadRequest,
+    _: &ProgressBar,
+) -> anyhow::Result<(String, UploadReport)> {
+    anyhow::bail!("this build has no S3 support (feature `aws`)")
+}
+
+fn upload(
+    ctx: &Ctx,
+    local: Option<&TestArtifactsManager>,
+    remote: Option<&RemoteArtifacts>,
+    req: &UploadRequest,
+) -> anyhow::Result<ExitCode> {
+    let pb = bar(ctx, "uploading");
+    let result = match (local, remote) {
+        (Some(m), _) => upload_local(ctx, m, req, &pb),
+        (None, Some(r)) => r.upload(req).map_err(anyhow::Error::from),
+        (None, None) => unreachable!("a data dir or a server"),
+    };
     pb.finish_and_clear();
-    let report = report?;
+    let (bucket, report) = result?;
     if ctx.json() {
         print_json(&report)?;
     } else {
         println!(
-            "uploaded {} ({} bytes), {} already in s3://{}, {} failed",
+            "uploaded {} ({} bytes), {} already in s3://{bucket}, {} failed",
             report.uploaded,
             report.bytes,
             report.already_there,
-            s3.bucket(),
             report.failed.len()
         );
         for (id, e) in &report.failed {
@@ -728,21 +766,42 @@ fn upload(
 }
 
 #[cfg(feature = "aws")]
+fn pull_local(
+    m: &TestArtifactsManager,
+    req: &PullRequest,
+    pb: &ProgressBar,
+) -> anyhow::Result<PullReport> {
+    let prefix = req
+        .prefix
+        .clone()
+        .unwrap_or_else(|| eks_upgrade_agent::artifacts::upload::DEFAULT_PREFIX.to_owned());
+    let s3 = eks_upgrade_agent::blob::S3BlobStore::from_env(&req.bucket, &prefix)?;
+    Ok(m.pull(&s3, &req.session_id, req.eager, &mut track(pb))?)
+}
+
+#[cfg(not(feature = "aws"))]
+fn pull_local(
+    _: &TestArtifactsManager,
+    _: &PullRequest,
+    _: &ProgressBar,
+) -> anyhow::Result<PullReport> {
+    anyhow::bail!("this build has no S3 support (feature `aws`)")
+}
+
 fn pull(
     ctx: &Ctx,
-    m: &TestArtifactsManager,
-    session: &str,
-    bucket: &str,
-    prefix: Option<String>,
-    eager: bool,
+    local: Option<&TestArtifactsManager>,
+    remote: Option<&RemoteArtifacts>,
+    req: &PullRequest,
 ) -> anyhow::Result<ExitCode> {
-    let prefix =
-        prefix.unwrap_or_else(|| eks_upgrade_agent::artifacts::upload::DEFAULT_PREFIX.to_owned());
-    let s3 = eks_upgrade_agent::blob::S3BlobStore::from_env(bucket, &prefix)?;
     let pb = bar(ctx, "pulling");
-    let report = m.pull(&s3, session, eager, &mut track(&pb));
+    let result = match (local, remote) {
+        (Some(m), _) => pull_local(m, req, &pb),
+        (None, Some(r)) => r.pull(req).map_err(anyhow::Error::from),
+        (None, None) => unreachable!("a data dir or a server"),
+    };
     pb.finish_and_clear();
-    let report = report?;
+    let report = result?;
     if ctx.json() {
         print_json(&report)?;
     } else {
@@ -752,7 +811,7 @@ fn pull(
             report.artifacts,
             report.downloaded,
             report.bytes,
-            if eager {
+            if req.eager {
                 ""
             } else {
                 "; contents are read from S3 when needed"
@@ -760,31 +819,6 @@ fn pull(
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(not(feature = "aws"))]
-fn pull(
-    _: &Ctx,
-    _: &TestArtifactsManager,
-    _: &str,
-    _: &str,
-    _: Option<String>,
-    _: bool,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("this build has no S3 support (feature `aws`)")
-}
-
-#[cfg(not(feature = "aws"))]
-fn upload(
-    _: &Ctx,
-    _: &TestArtifactsManager,
-    _: Option<String>,
-    _: Option<String>,
-    _: bool,
-    _: bool,
-    _: Option<u64>,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("this build has no S3 support (feature `aws`)")
 }
 
 fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<ExitCode> {

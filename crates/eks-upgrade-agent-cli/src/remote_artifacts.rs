@@ -7,9 +7,13 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use chrono::{DateTime, Utc};
 use eks_upgrade_agent::artifacts::{
-    AddOptions, ExportReport, ExportSource, NewSession, Progress, export_session_from, plan_paths,
+    AddOptions, CleanupReport, ExportReport, ExportSource, GcReport, NewSession, Progress,
+    PullReport, UploadReport, VerifyReport, export_session_from, plan_paths,
 };
+
+use crate::artifacts::{PullRequest, UploadRequest};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
     ArtifactCollection, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact, TestSession,
@@ -56,6 +60,9 @@ pub(crate) trait Artifacts {
         force: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ExportReport>;
+    fn verify(&self, progress: &mut dyn FnMut(Progress)) -> Result<VerifyReport>;
+    fn cleanup(&self, dry_run: bool, as_of: Option<DateTime<Utc>>) -> Result<CleanupReport>;
+    fn gc(&self) -> Result<GcReport>;
 }
 
 impl Artifacts for TestArtifactsManager {
@@ -120,6 +127,15 @@ impl Artifacts for TestArtifactsManager {
     ) -> Result<ExportReport> {
         TestArtifactsManager::export_session(self, session, dir, force, progress)
     }
+    fn verify(&self, progress: &mut dyn FnMut(Progress)) -> Result<VerifyReport> {
+        TestArtifactsManager::verify(self, progress)
+    }
+    fn cleanup(&self, dry_run: bool, as_of: Option<DateTime<Utc>>) -> Result<CleanupReport> {
+        TestArtifactsManager::cleanup(self, dry_run, as_of)
+    }
+    fn gc(&self) -> Result<GcReport> {
+        TestArtifactsManager::gc(self)
+    }
 }
 
 /// Artifacts behind a server's API.
@@ -149,6 +165,41 @@ impl RemoteArtifacts {
             message: format!("cannot reach the server at {}: {e}", self.store.url()),
             source: None,
         }
+    }
+
+    /// `POST /api/v1/maintenance/{what}`: runs on the server's data dir, without a time limit
+    /// (a verify of a large store takes as long as reading it).
+    fn maintain<T: serde::de::DeserializeOwned>(&self, what: &str, body: &Value) -> Result<T> {
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        let resp = self
+            .authorize(
+                self.store
+                    .agent()
+                    .post(self.url(&format!("/api/v1/maintenance/{what}")))
+                    .config()
+                    .timeout_global(None)
+                    .build(),
+            )
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .map_err(|e| self.unreachable(&e))?;
+        self.store.answer(resp)
+    }
+
+    /// An upload run on the server, to its bucket; returns the bucket and the report.
+    pub(crate) fn upload(&self, req: &UploadRequest) -> Result<(String, UploadReport)> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            bucket: String,
+            report: UploadReport,
+        }
+        let a: Answer = self.maintain("upload", &serde_json::to_value(req).unwrap_or_default())?;
+        Ok((a.bucket, a.report))
+    }
+
+    /// A pull of a session from S3 into the server's data dir.
+    pub(crate) fn pull(&self, req: &PullRequest) -> Result<PullReport> {
+        self.maintain("pull", &serde_json::to_value(req).unwrap_or_default())
     }
 
     fn unreachable_status(&self) -> Error {
@@ -404,6 +455,18 @@ impl Artifacts for RemoteArtifacts {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ExportReport> {
         export_session_from(self, session, dir, force, progress)
+    }
+
+    fn verify(&self, _: &mut dyn FnMut(Progress)) -> Result<VerifyReport> {
+        self.maintain("verify", &json!({}))
+    }
+
+    fn cleanup(&self, dry_run: bool, as_of: Option<DateTime<Utc>>) -> Result<CleanupReport> {
+        self.maintain("cleanup", &json!({"dry_run": dry_run, "as_of": as_of}))
+    }
+
+    fn gc(&self) -> Result<GcReport> {
+        self.maintain("gc", &json!({}))
     }
 }
 

@@ -67,6 +67,10 @@ pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::R
     if let Some(d) = dispatcher {
         state = state.with_dispatcher(d);
     }
+    #[cfg(feature = "aws")]
+    if let Some(s3) = ctx.config.s3_store()? {
+        state = state.with_s3(Arc::new(s3));
+    }
     Ok(state)
 }
 

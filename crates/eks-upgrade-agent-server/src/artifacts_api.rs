@@ -33,7 +33,7 @@ use crate::error::{ApiError, ApiResult, blocking};
 /// Bytes per chunk of a download.
 const CHUNK: usize = 64 * 1024;
 
-fn manager(s: &AppState) -> ApiResult<Arc<TestArtifactsManager>> {
+pub(crate) fn manager(s: &AppState) -> ApiResult<Arc<TestArtifactsManager>> {
     s.artifacts.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

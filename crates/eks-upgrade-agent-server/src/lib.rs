@@ -46,6 +46,7 @@ mod committer;
 mod dashboard;
 mod error;
 pub mod hub;
+mod maintenance;
 mod metrics;
 mod openapi;
 mod progress_api;
@@ -83,6 +84,9 @@ pub struct AppState {
     pub dispatcher: Option<Arc<Dispatcher>>,
     /// Counters and latencies.
     pub metrics: Arc<Metrics>,
+    /// The configured S3 store (upload runs through the API).
+    #[cfg(feature = "aws")]
+    pub s3: Option<Arc<eks_upgrade_agent::blob::S3BlobStore>>,
     /// Group commit of the REST API's progress writes.
     committer: Arc<committer::Committer>,
 }
@@ -100,7 +104,16 @@ impl AppState {
             uploads: None,
             dispatcher: None,
             metrics: Arc::new(Metrics::default()),
+            #[cfg(feature = "aws")]
+            s3: None,
         }
+    }
+
+    /// With the configured S3 store (for `POST /api/v1/maintenance/upload`).
+    #[cfg(feature = "aws")]
+    pub fn with_s3(mut self, s3: Arc<eks_upgrade_agent::blob::S3BlobStore>) -> AppState {
+        self.s3 = Some(s3);
+        self
     }
 
     /// With artifacts (and their upload queue, for metrics).
@@ -195,6 +208,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/artifacts/{artifact}/content", get(a::download))
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/openapi.json", get(openapi::openapi))
+        .route("/api/v1/maintenance/verify", post(maintenance::verify))
+        .route("/api/v1/maintenance/cleanup", post(maintenance::cleanup))
+        .route("/api/v1/maintenance/gc", post(maintenance::gc))
+        .route("/api/v1/maintenance/upload", post(maintenance::upload))
+        .route("/api/v1/maintenance/pull", post(maintenance::pull))
         .route(
             "/api/v1/store/execute",
             post(store_api::execute).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),

@@ -299,6 +299,26 @@ fn remote_commands_match_local_ones() {
         exported.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     assert_eq!(tree(&lx), exported);
+    // Maintenance runs on the server's data dir and reports the same as on a local one.
+    for args in [
+        vec!["artifacts", "verify"],
+        vec!["artifacts", "gc"],
+        vec![
+            "artifacts",
+            "cleanup",
+            "--dry-run",
+            "--as-of",
+            "2099-01-01T00:00:00Z",
+        ],
+    ] {
+        let l = local.json(&args);
+        let r = client.json(&on(&url, WRITE, &args));
+        assert_eq!(stable(l), stable(r), "{args:?}");
+    }
+    let v = client.json(&on(&url, WRITE, &["artifacts", "verify"]));
+    assert_eq!(v["artifacts_checked"], 2, "{v}");
+    let e = client.fails(1, &on(&url, WRITE, &["artifacts", "upload", "--all"]));
+    assert!(e.contains("the server has no S3 bucket configured"), "{e}");
     // Verified download.
     let kubelet = ra
         .as_array()
@@ -332,13 +352,6 @@ fn remote_commands_match_local_ones() {
         ],
     ));
     assert_eq!(del["status"], "deleted");
-    // Data-dir commands say where to run them.
-    let e = client.fails(1, &on(&url, WRITE, &["artifacts", "verify"]));
-    assert!(
-        e.contains("works on a data dir, not through --server"),
-        "{e}"
-    );
-
     // Tokens: a read token reads but does not write; nothing local was ever created.
     client.json(&on(&url, READ, &["progress", "upgrade", "show", "u1"]));
     let e = client.fails(

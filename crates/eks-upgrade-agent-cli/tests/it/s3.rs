@@ -361,4 +361,39 @@ fn serve_uploads_what_the_api_receives() {
         "s3 = boto3.client('s3', **kw)\nprint(json.dumps(s3.get_object(Bucket='team', Key='{key}')['Body'].read().decode()))"
     ));
     assert_eq!(body, Value::String("kubelet ok\n".into()));
+
+    // Through the remote CLI: an upload run on the server, then a second server pulls the
+    // session from the bucket and serves its bytes.
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let out = env.ok(&["--server", &url, "artifacts", "upload", "--all"]);
+    assert!(out.contains("already in s3://team"), "{out}");
+    let other = Env::new();
+    let served2 = crate::util::serve(
+        &other,
+        &[
+            ("AWS_ENDPOINT_URL", moto.url.as_str()),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    let url2 = format!("http://127.0.0.1:{}", served2.port);
+    let pulled = env.json(&[
+        "--server",
+        &url2,
+        "artifacts",
+        "pull",
+        sid,
+        "--bucket",
+        "team",
+        "--eager",
+    ]);
+    assert_eq!(
+        (pulled["artifacts"].as_u64(), pulled["downloaded"].as_u64()),
+        (Some(1), Some(1)),
+        "{pulled}"
+    );
+    let got = env.ok(&["--server", &url2, "artifacts", "get", id]);
+    assert_eq!(got, "kubelet ok\n");
 }

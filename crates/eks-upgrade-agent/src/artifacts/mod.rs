@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::blob::{BlobStore, Digest};
@@ -114,7 +114,7 @@ pub struct Progress {
 }
 
 /// What [`TestArtifactsManager::export_session`] did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExportReport {
     /// Files written.
     pub files: u64,
@@ -125,7 +125,7 @@ pub struct ExportReport {
 }
 
 /// What [`TestArtifactsManager::verify`] found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Blobs read and hashed.
     pub blobs_checked: u64,
@@ -147,7 +147,7 @@ impl VerifyReport {
 }
 
 /// What [`TestArtifactsManager::cleanup`] removed (or would remove, in a dry run).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CleanupReport {
     /// Whether nothing was changed.
     pub dry_run: bool,
@@ -162,7 +162,7 @@ pub struct CleanupReport {
 }
 
 /// What [`TestArtifactsManager::gc`] removed.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GcReport {
     /// Temp files of interrupted adds removed.
     pub incomplete_removed: u64,
@@ -172,6 +172,36 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced blobs kept because they are younger than the grace period.
     pub blobs_in_grace: u64,
+}
+
+/// What an upload run did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UploadReport {
+    /// Artifacts newly queued by this run.
+    pub queued: u64,
+    /// Objects sent.
+    pub uploaded: u64,
+    /// Artifacts whose object was already there with the same hash (not sent again).
+    pub already_there: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Failures (artifact id, error); they stay queued for a retry.
+    pub failed: Vec<(String, String)>,
+    /// Session manifests written.
+    pub manifests: u64,
+}
+
+/// What [`TestArtifactsManager::pull`] did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PullReport {
+    /// The session pulled.
+    pub session_id: String,
+    /// Artifacts indexed.
+    pub artifacts: u64,
+    /// Artifacts downloaded (eager pulls).
+    pub downloaded: u64,
+    /// Bytes downloaded.
+    pub bytes: u64,
 }
 
 /// Organises, stores, finds and verifies test artifacts.

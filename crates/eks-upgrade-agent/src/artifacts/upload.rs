@@ -13,6 +13,8 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+pub use super::{PullReport, UploadReport};
+
 use super::{Progress, TestArtifactsManager};
 use crate::blob::S3BlobStore;
 use crate::error::{Error, Result};
@@ -44,23 +46,6 @@ impl Default for UploadOptions {
     }
 }
 
-/// What an upload run did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct UploadReport {
-    /// Artifacts newly queued by this run.
-    pub queued: u64,
-    /// Objects sent.
-    pub uploaded: u64,
-    /// Artifacts whose object was already there with the same hash (not sent again).
-    pub already_there: u64,
-    /// Bytes sent.
-    pub bytes: u64,
-    /// Failures (artifact id, error); they stay queued for a retry.
-    pub failed: Vec<(String, String)>,
-    /// Session manifests written.
-    pub manifests: u64,
-}
-
 /// What `{prefix}/{session_id}/manifest.json` holds: enough to rebuild the session's index on
 /// another machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,19 +58,6 @@ pub struct SessionManifest {
     pub collections: Vec<ArtifactCollection>,
     /// Its artifacts, with digests, keys, tags and metadata.
     pub artifacts: Vec<TestArtifact>,
-}
-
-/// What [`TestArtifactsManager::pull`] did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PullReport {
-    /// The session pulled.
-    pub session_id: String,
-    /// Artifacts indexed.
-    pub artifacts: u64,
-    /// Artifacts downloaded (eager pulls).
-    pub downloaded: u64,
-    /// Bytes downloaded.
-    pub bytes: u64,
 }
 
 /// The key of a session's manifest.

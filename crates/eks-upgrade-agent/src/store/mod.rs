@@ -176,7 +176,7 @@ pub struct NewArtifact {
 }
 
 /// A session due for removal, as planned by [`ArtifactIndex::expired_sessions`].
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExpiredSession {
     /// The session.
     pub session: TestSession,
