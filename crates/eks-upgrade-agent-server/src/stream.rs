@@ -160,9 +160,12 @@ async fn ws_client(
         }
         tokio::select! {
             item = sub.next_live() => {
-                let Some(mut item) = item else { return };
-                for _ in 0..BATCH {
-                    let msg = match item {
+                let Some(first) = item else { return };
+                // Write what is ready (up to BATCH messages), then flush once. Only take an
+                // item that will be written: taking one moves the client's position past it.
+                let (mut item, mut written) = (Some(first), 0);
+                while let Some(it) = item.take() {
+                    let msg = match it {
                         Item::Event(e) => Message::Text(e.text.clone()),
                         Item::Resync { seq } => summary_message(&s, u, "resync", seq).await,
                         Item::CatchUp => break,
@@ -170,9 +173,9 @@ async fn ws_client(
                     if socket.feed(msg).await.is_err() {
                         return;
                     }
-                    match sub.try_next_live() {
-                        Some(next) => item = next,
-                        None => break,
+                    written += 1;
+                    if written < BATCH {
+                        item = sub.try_next_live();
                     }
                 }
                 if socket.flush().await.is_err() {

@@ -287,3 +287,40 @@ async fn bad_stream_requests_are_http_errors() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_burst_larger_than_one_write_batch_arrives_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    next_json(&mut ws).await;
+    // One transaction of 1,000 events: the poller publishes them at once and the client's
+    // task finds far more ready than it writes per flush.
+    let t = Arc::clone(&s.tracker);
+    let seqs_written: Vec<u64> = blocking(move || {
+        let cmds: Vec<Command> = (0..1000)
+            .map(|i| Command::TaskUpdate {
+                upgrade_id: "u1".into(),
+                task_id: "a".into(),
+                percentage: f64::from(i % 100),
+                message: None,
+                details: Default::default(),
+            })
+            .collect();
+        t.execute_batch(&cmds)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap().last_seq())
+            .collect()
+    })
+    .await;
+    let mut got = Vec::new();
+    while got.len() < seqs_written.len() {
+        let m = next_json(&mut ws).await;
+        assert_eq!(m["type"], "progress_event", "{m}");
+        got.push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, seqs_written);
+}
