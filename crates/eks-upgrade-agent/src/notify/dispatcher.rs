@@ -94,6 +94,9 @@ pub struct Dispatcher {
     outbox: Arc<dyn Outbox>,
     sinks: Vec<Arc<dyn EventSink>>,
     options: DispatcherOptions,
+    /// One pass at a time in this process (the background thread and a `flush` would otherwise
+    /// both send the same due entries).
+    pass: Mutex<()>,
 }
 
 impl fmt::Debug for Dispatcher {
@@ -129,6 +132,7 @@ impl Dispatcher {
             outbox,
             sinks,
             options,
+            pass: Mutex::new(()),
         }
     }
 
@@ -150,6 +154,7 @@ impl Dispatcher {
     /// One pass over every sink: take in new notifications and deliver what is due, batch by
     /// batch, until nothing is due.
     pub fn run_once(&self) -> Result<PassReport> {
+        let _pass = self.pass.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = PassReport::default();
         for sink in &self.sinks {
             total += self.run_sink(sink.as_ref())?;
