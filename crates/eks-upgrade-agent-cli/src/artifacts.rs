@@ -325,18 +325,24 @@ fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
 pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     if let Some(remote) = ctx.remote()? {
         let r = RemoteArtifacts::new(remote);
-        return run_on(ctx, &r, None, Some(&r), cmd);
+        return run_on(ctx, &r, Place::Remote(&r), cmd);
     }
     let m = ctx.artifacts()?;
-    run_on(ctx, &m, Some(&m), None, cmd)
+    run_on(ctx, &m, Place::Local(&m), cmd)
 }
 
-/// Runs `cmd` on `m`, which is `local` (a data dir) or `remote` (`--server`).
+/// Where the artifacts are: a data dir, or a server (`--server`).
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Local(&'a TestArtifactsManager),
+    Remote(&'a RemoteArtifacts),
+}
+
+/// Runs `cmd` on `m`, which is the one at `place`.
 fn run_on(
     ctx: &Ctx,
     m: &dyn Artifacts,
-    local: Option<&TestArtifactsManager>,
-    remote: Option<&RemoteArtifacts>,
+    place: Place<'_>,
     cmd: ArtifactsCmd,
 ) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -522,8 +528,7 @@ fn run_on(
             multipart_threshold,
         } => upload(
             ctx,
-            local,
-            remote,
+            place,
             &UploadRequest {
                 session,
                 artifact,
@@ -539,8 +544,7 @@ fn run_on(
             eager,
         } => pull(
             ctx,
-            local,
-            remote,
+            place,
             &PullRequest {
                 session_id: session,
                 bucket,
@@ -730,17 +734,11 @@ fn upload_local(
     anyhow::bail!("this build has no S3 support (feature `aws`)")
 }
 
-fn upload(
-    ctx: &Ctx,
-    local: Option<&TestArtifactsManager>,
-    remote: Option<&RemoteArtifacts>,
-    req: &UploadRequest,
-) -> anyhow::Result<ExitCode> {
+fn upload(ctx: &Ctx, place: Place<'_>, req: &UploadRequest) -> anyhow::Result<ExitCode> {
     let pb = bar(ctx, "uploading");
-    let result = match (local, remote) {
-        (Some(m), _) => upload_local(ctx, m, req, &pb),
-        (None, Some(r)) => r.upload(req).map_err(anyhow::Error::from),
-        (None, None) => unreachable!("a data dir or a server"),
+    let result = match place {
+        Place::Local(m) => upload_local(ctx, m, req, &pb),
+        Place::Remote(r) => r.upload(req).map_err(anyhow::Error::from),
     };
     pb.finish_and_clear();
     let (bucket, report) = result?;
@@ -788,17 +786,11 @@ fn pull_local(
     anyhow::bail!("this build has no S3 support (feature `aws`)")
 }
 
-fn pull(
-    ctx: &Ctx,
-    local: Option<&TestArtifactsManager>,
-    remote: Option<&RemoteArtifacts>,
-    req: &PullRequest,
-) -> anyhow::Result<ExitCode> {
+fn pull(ctx: &Ctx, place: Place<'_>, req: &PullRequest) -> anyhow::Result<ExitCode> {
     let pb = bar(ctx, "pulling");
-    let result = match (local, remote) {
-        (Some(m), _) => pull_local(m, req, &pb),
-        (None, Some(r)) => r.pull(req).map_err(anyhow::Error::from),
-        (None, None) => unreachable!("a data dir or a server"),
+    let result = match place {
+        Place::Local(m) => pull_local(m, req, &pb),
+        Place::Remote(r) => r.pull(req).map_err(anyhow::Error::from),
     };
     pb.finish_and_clear();
     let report = result?;
