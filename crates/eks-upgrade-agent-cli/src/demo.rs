@@ -476,8 +476,7 @@ impl DemoServer {
 
     fn wait_for_ctrl_c(self) -> anyhow::Result<()> {
         eprintln!("demo finished; still serving {} (Ctrl-C to stop)", self.url);
-        self.runtime
-            .block_on(tokio::signal::ctrl_c())
-            .context("cannot wait for Ctrl-C")
+        self.runtime.block_on(crate::serve::stop_signal());
+        Ok(())
     }
 }

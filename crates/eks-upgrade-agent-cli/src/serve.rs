@@ -91,11 +91,9 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
             "serving http://{}/ (API under /api/v1; Ctrl-C to stop)",
             listener.local_addr()?
         );
-        eks_upgrade_agent_server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("server failed")
+        eks_upgrade_agent_server::serve(listener, state, stop_signal())
+            .await
+            .context("server failed")
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -150,6 +148,30 @@ fn spawn_uploader(
 
 /// How often `serve` looks for queued uploads.
 const UPLOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ctrl-C, or SIGTERM (what a container runtime sends to stop the server).
+pub(crate) async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("stopping: finishing requests in flight");
+}
 
 pub(crate) async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen)

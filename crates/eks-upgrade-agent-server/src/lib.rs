@@ -157,7 +157,7 @@ pub fn router(state: AppState) -> Router {
     use artifacts_api as a;
     use progress_api as p;
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/", get(dashboard::index))
         .route("/assets/app.js", get(dashboard::app_js))
         .route("/assets/app.css", get(dashboard::app_css))
@@ -256,6 +256,22 @@ pub fn router(state: AppState) -> Router {
             auth::require,
         ))
         .with_state(state)
+}
+
+/// `GET /healthz`: 200 `{"status":"ok","last_seq":N}` when the store answers, else 503.
+async fn healthz(
+    axum::extract::State(s): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let tracker = Arc::clone(&s.tracker);
+    match error::blocking(move || tracker.store().last_seq()).await {
+        Ok(seq) => Json(json!({"status": "ok", "last_seq": seq})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": e.message()})),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` completes.

@@ -246,7 +246,7 @@ async fn serves_over_tcp_on_loopback() {
     let mut resp = String::new();
     stream.read_to_string(&mut resp).await.unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.contains(r#"{"status":"ok"}"#), "{resp}");
+    assert!(resp.contains(r#"{"status":"ok","last_seq":0}"#), "{resp}");
     tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
