@@ -45,6 +45,8 @@ pub struct Metrics {
     /// Artifact downloads started through the API.
     pub(crate) downloads: Counter,
     events: Counter<u64, AtomicU64>,
+    /// Two scrapes at once must not both add the same hub events to `events`.
+    events_sync: std::sync::Mutex<()>,
     clients: Gauge,
     last_seq: Gauge,
     queued_uploads: Gauge,
@@ -69,6 +71,7 @@ impl Default for Metrics {
             uploads: Counter::default(),
             downloads: Counter::default(),
             events: Counter::default(),
+            events_sync: std::sync::Mutex::new(()),
             clients: Gauge::default(),
             last_seq: Gauge::default(),
             queued_uploads: Gauge::default(),
@@ -150,9 +153,11 @@ pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -
 /// `GET /metrics`
 pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     let m = Arc::clone(&s.metrics);
-    let published = s.hub.events_published();
-    let seen = m.events.get();
-    m.events.inc_by(published.saturating_sub(seen));
+    {
+        let _sync = m.events_sync.lock().unwrap_or_else(|e| e.into_inner());
+        let published = s.hub.events_published();
+        m.events.inc_by(published.saturating_sub(m.events.get()));
+    }
     m.clients
         .set(i64::try_from(s.hub.clients()).unwrap_or(i64::MAX));
     m.last_seq

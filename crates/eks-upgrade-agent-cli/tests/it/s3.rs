@@ -7,13 +7,19 @@ use serde_json::Value;
 
 use crate::util::{Env, Moto};
 
+/// The AWS settings that point at a local server (no bucket).
+fn aws_env(endpoint: &str) -> [(&'static str, &str); 5] {
+    [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+}
+
 fn with_s3(c: &mut Command, endpoint: &str) {
-    c.env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("EUA_S3_BUCKET", "team");
+    c.envs(aws_env(endpoint)).env("EUA_S3_BUCKET", "team");
 }
 
 /// Runs the CLI with S3 settings and `-o json`; asserts success and parses stdout.
@@ -300,18 +306,9 @@ fn serve_uploads_what_the_api_receives() {
     let moto = Moto::start();
     moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
     let env = Env::new();
-    let served = crate::util::serve(
-        &env,
-        &[
-            ("AWS_ENDPOINT_URL", moto.url.as_str()),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("EUA_S3_BUCKET", "team"),
-            ("EUA_AUTO_UPLOAD", "true"),
-        ],
-    );
+    let mut vars = aws_env(&moto.url).to_vec();
+    vars.extend([("EUA_S3_BUCKET", "team"), ("EUA_AUTO_UPLOAD", "true")]);
+    let served = crate::util::serve(&env, &vars);
     let post = |path: &str, body: &str| -> Value {
         let resp = crate::util::http(
             served.port,
@@ -368,16 +365,7 @@ fn serve_uploads_what_the_api_receives() {
     let out = env.ok(&["--server", &url, "artifacts", "upload", "--all"]);
     assert!(out.contains("already in s3://team"), "{out}");
     let other = Env::new();
-    let served2 = crate::util::serve(
-        &other,
-        &[
-            ("AWS_ENDPOINT_URL", moto.url.as_str()),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ],
-    );
+    let served2 = crate::util::serve(&other, &aws_env(&moto.url));
     let url2 = format!("http://127.0.0.1:{}", served2.port);
     let pulled = env.json(&[
         "--server",

@@ -391,3 +391,49 @@ async fn metrics_are_exposed() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn an_upload_cut_short_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let (sid, cid) = session(&s).await;
+    // 2 MiB arrive, then the connection breaks.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(content(1024 * 1024)),
+        Ok(content(1024 * 1024)),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "client went away",
+        )),
+    ];
+    let r = req(
+        &s,
+        "POST",
+        &format!("/api/v1/sessions/{sid}/collections/{cid}/artifacts?name=cut.bin"),
+        &[],
+        Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+    .await;
+    assert!(!r.status.is_success(), "{}: {}", r.status, r.json());
+    assert!(r.json()["error"]["message"].is_string(), "{}", r.json());
+    assert_eq!(
+        get(&s, "/api/v1/artifacts").await.json(),
+        serde_json::json!([])
+    );
+    // No blob file was left behind either (only the store's own files and empty dirs).
+    let files: Vec<_> = walk(&dir.path().join("blobs/sha256"));
+    assert!(files.is_empty(), "{files:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
