@@ -19,7 +19,7 @@ use eks_upgrade_agent::model::{ArtifactQuery, ArtifactStatus, ArtifactType, Test
 use eks_upgrade_agent::units::{parse_duration, parse_size};
 
 use crate::Ctx;
-use crate::kv::{parse_kv, to_map};
+use crate::kv::{parse_kv, parse_kv_json, to_map};
 use crate::progress::print_json;
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::render;
@@ -75,9 +75,12 @@ pub(crate) enum ArtifactsCmd {
         /// Step that produced it
         #[arg(long)]
         step_id: Option<String>,
-        /// Metadata KEY=VALUE (repeatable)
+        /// Metadata KEY=VALUE, the value a string (repeatable)
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_kv)]
         meta: Vec<(String, Value)>,
+        /// Metadata KEY=JSON, the value a JSON number, bool, array or object (repeatable)
+        #[arg(long = "meta-json", value_name = "KEY=JSON", value_parser = parse_kv_json)]
+        meta_json: Vec<(String, Value)>,
     },
     /// Find artifacts (newest first); every filter narrows the result
     Search {
@@ -359,6 +362,7 @@ fn run_on(
             task_id,
             step_id,
             meta,
+            meta_json,
         } => {
             let opts = AddOptions {
                 artifact_type,
@@ -367,7 +371,7 @@ fn run_on(
                 tags,
                 task_id,
                 step_id,
-                metadata: to_map(meta),
+                metadata: to_map(meta, meta_json),
             };
             let pb = bar(ctx, "adding");
             let added = m.add_paths(&session, &collection, &paths, &opts, &mut track(&pb));

@@ -1,11 +1,11 @@
-//! `KEY=VALUE` arguments (`--meta`, `--detail`). Values that parse as JSON scalars or
-//! structures (`3`, `true`, `{"a":1}`, `"3"`) keep their type; anything else is a string.
+//! `KEY=VALUE` arguments. `--meta` and `--detail` values are strings, always (`to=1.30` stays
+//! the string `"1.30"`: Kubernetes versions are the main metadata here); `--meta-json` and
+//! `--detail-json` take a JSON value (`nodes=3`, `ok=true`, `tags=["a","b"]`) for typed values.
 
 use eks_upgrade_agent::model::JsonMap;
 use serde_json::Value;
 
-/// Parses one `KEY=VALUE`.
-pub(crate) fn parse_kv(s: &str) -> Result<(String, Value), String> {
+fn split(s: &str) -> Result<(String, &str), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
@@ -16,13 +16,27 @@ pub(crate) fn parse_kv(s: &str) -> Result<(String, Value), String> {
     if k.chars().any(char::is_control) {
         return Err(format!("control character in key {k:?}"));
     }
-    let value = serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_owned()));
-    Ok((k.to_owned(), value))
+    Ok((k.to_owned(), v))
 }
 
-/// Collects parsed pairs into a JSON object (later keys win).
-pub(crate) fn to_map(pairs: Vec<(String, Value)>) -> JsonMap {
-    pairs.into_iter().collect()
+/// Parses one `KEY=VALUE`; the value is a string.
+pub(crate) fn parse_kv(s: &str) -> Result<(String, Value), String> {
+    let (k, v) = split(s)?;
+    Ok((k, Value::String(v.to_owned())))
+}
+
+/// Parses one `KEY=JSON`; the value must be valid JSON.
+pub(crate) fn parse_kv_json(s: &str) -> Result<(String, Value), String> {
+    let (k, v) = split(s)?;
+    let value = serde_json::from_str::<Value>(v).map_err(|e| {
+        format!("the value of {k} is not valid JSON ({e}); use --meta/--detail for a plain string")
+    })?;
+    Ok((k, value))
+}
+
+/// Collects parsed pairs into a JSON object: plain pairs, then JSON pairs (later keys win).
+pub(crate) fn to_map(plain: Vec<(String, Value)>, typed: Vec<(String, Value)>) -> JsonMap {
+    plain.into_iter().chain(typed).collect()
 }
 
 #[cfg(test)]
@@ -31,21 +45,52 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn values_keep_json_types() {
-        assert_eq!(parse_kv("nodes=3").unwrap(), ("nodes".into(), json!(3)));
-        assert_eq!(parse_kv("ok=true").unwrap(), ("ok".into(), json!(true)));
+    fn plain_values_are_strings() {
+        for (arg, value) in [
+            ("to=1.30", "1.30"),
+            ("from=1.29", "1.29"),
+            ("nodes=3", "3"),
+            ("ok=true", "true"),
+            ("q=\"3\"", "\"3\""),
+            ("e=", ""),
+            ("a=b=c", "b=c"),
+            ("az=eu-west-1a", "eu-west-1a"),
+        ] {
+            let (k, v) = parse_kv(arg).unwrap();
+            assert_eq!(v, json!(value), "{arg}");
+            assert_eq!(k, arg.split('=').next().unwrap());
+        }
+    }
+
+    #[test]
+    fn json_values_keep_their_type() {
+        assert_eq!(parse_kv_json("nodes=3").unwrap(), ("nodes".into(), json!(3)));
+        assert_eq!(parse_kv_json("ok=true").unwrap(), ("ok".into(), json!(true)));
         assert_eq!(
-            parse_kv("az=eu-west-1a").unwrap(),
-            ("az".into(), json!("eu-west-1a"))
+            parse_kv_json("v=\"1.30\"").unwrap(),
+            ("v".into(), json!("1.30"))
         );
-        assert_eq!(parse_kv("q=\"3\"").unwrap(), ("q".into(), json!("3")));
-        assert_eq!(parse_kv("e=").unwrap(), ("e".into(), json!("")));
-        assert_eq!(parse_kv("a=b=c").unwrap(), ("a".into(), json!("b=c")));
+        assert_eq!(
+            parse_kv_json("l=[1,{\"a\":null}]").unwrap(),
+            ("l".into(), json!([1, {"a": null}]))
+        );
+        let err = parse_kv_json("v=1.30.1").unwrap_err();
+        assert!(err.contains("not valid JSON"), "{err}");
     }
 
     #[test]
     fn malformed_pairs_are_rejected() {
         assert!(parse_kv("novalue").unwrap_err().contains("KEY=VALUE"));
         assert!(parse_kv("=3").unwrap_err().contains("empty key"));
+        assert!(parse_kv_json("=3").unwrap_err().contains("empty key"));
+    }
+
+    #[test]
+    fn typed_pairs_win_over_plain_ones() {
+        let m = to_map(
+            vec![("a".into(), json!("1")), ("b".into(), json!("x"))],
+            vec![("a".into(), json!(1))],
+        );
+        assert_eq!(Value::Object(m), json!({"a": 1, "b": "x"}));
     }
 }

@@ -136,6 +136,13 @@ impl Backend {
     }
 }
 
+/// Whether a command writes (and may create the data dir) or only reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
 /// What every subcommand gets.
 struct Ctx {
     output: Output,
@@ -149,6 +156,7 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The local store, created when missing (commands that write).
     fn store(&self) -> anyhow::Result<Arc<SqliteStore>> {
         let store = self.config.open_store().with_context(|| {
             format!(
@@ -157,6 +165,33 @@ impl Ctx {
             )
         })?;
         Ok(Arc::new(store))
+    }
+
+    /// The local store when it exists; a clear error naming the directory otherwise, and
+    /// nothing created (commands that only read).
+    fn existing_store(&self) -> anyhow::Result<Arc<SqliteStore>> {
+        match self.config.open_existing_store() {
+            Ok(store) => Ok(Arc::new(store)),
+            Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
+                "no store in {}: check --data-dir (or EUA_DATA_DIR); commands that write \
+                 (e.g. `progress upgrade create`) create it",
+                self.config.data_dir.display()
+            ),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "cannot open the store in {}",
+                    self.config.data_dir.display()
+                )
+            }),
+        }
+    }
+
+    /// [`Ctx::store`] or [`Ctx::existing_store`].
+    fn store_for(&self, access: Access) -> anyhow::Result<Arc<SqliteStore>> {
+        match access {
+            Access::Write => self.store(),
+            Access::Read => self.existing_store(),
+        }
     }
 
     fn artifacts(&self) -> anyhow::Result<TestArtifactsManager> {
@@ -206,7 +241,7 @@ impl Ctx {
     }
 
     /// Where progress lives: the local store, or the server's with `--server`.
-    fn progress_backend(&self) -> anyhow::Result<Backend> {
+    fn progress_backend(&self, access: Access) -> anyhow::Result<Backend> {
         if let Some(remote) = self.remote()? {
             return Ok(Backend {
                 tracker: ProgressTracker::new(remote.clone()),
@@ -214,7 +249,7 @@ impl Ctx {
                 remote: Some(remote),
             });
         }
-        let store = self.store()?;
+        let store = self.store_for(access)?;
         Ok(Backend {
             tracker: ProgressTracker::new(store.clone()),
             local: Some(store),
@@ -242,7 +277,9 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            let _ = writeln!(io::stderr(), "error: {err:#}");
+            // Messages may carry text from elsewhere (a server's reply, a stored name).
+            let text = format!("{err:#}");
+            let _ = writeln!(io::stderr(), "error: {}", render::printable(&text));
             ExitCode::FAILURE
         }
     }

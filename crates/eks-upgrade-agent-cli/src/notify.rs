@@ -121,7 +121,8 @@ pub(crate) fn after_commit(ctx: &Ctx, store: &Arc<SqliteStore>) {
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: NotifyCmd) -> anyhow::Result<ExitCode> {
-    let store = ctx.store()?;
+    // Nothing to show or deliver without a store: never create one here.
+    let store = ctx.existing_store()?;
     let Some(d) = ctx.dispatcher(&store)? else {
         anyhow::bail!(
             "no notification sink is configured: set --eventbridge-bus-name or --webhook-url (or EUA_EVENTBRIDGE_BUS_NAME, EUA_WEBHOOK_URL)"
@@ -146,7 +147,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: NotifyCmd) -> anyhow::Result<ExitCode> {
                             .unwrap_or_default(),
                         s.last_error
                             .as_ref()
-                            .map(|e| format!("; last error: {e}"))
+                            .map(|e| format!("; last error: {}", crate::render::printable(e)))
                             .unwrap_or_default()
                     );
                 }
@@ -168,7 +169,11 @@ pub(crate) fn run(ctx: &Ctx, cmd: NotifyCmd) -> anyhow::Result<ExitCode> {
                     .iter()
                     .filter(|s| s.last_error.is_some() && s.pending > 0)
                 {
-                    println!("{}: {}", s.sink, s.last_error.as_deref().unwrap_or(""));
+                    println!(
+                        "{}: {}",
+                        s.sink,
+                        crate::render::printable(s.last_error.as_deref().unwrap_or(""))
+                    );
                 }
             }
             Ok(if pending == 0 {

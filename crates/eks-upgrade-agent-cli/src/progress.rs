@@ -16,9 +16,9 @@ use eks_upgrade_agent::progress::apply::{self, ApplyOptions};
 use eks_upgrade_agent::progress::{Command, NewTask, reference};
 use eks_upgrade_agent::store::Committed;
 
-use crate::kv::{parse_kv, to_map};
+use crate::kv::{parse_kv, parse_kv_json, to_map};
 use crate::render;
-use crate::{Backend, Ctx, Output};
+use crate::{Access, Backend, Ctx, Output};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ProgressCmd {
@@ -39,9 +39,10 @@ pub(crate) enum ProgressCmd {
         /// prints one JSON object per line
         #[arg(long)]
         follow: bool,
-        /// Most events to print (without --follow)
-        #[arg(long, default_value_t = 10_000)]
-        limit: usize,
+        /// Print at most this many events (without --follow) and say on stderr how many more
+        /// there are [default: all, streamed]
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Show live progress bars until the upgrade ends
     Watch {
@@ -91,9 +92,12 @@ pub(crate) enum UpgradeCmd {
         /// Cluster name
         #[arg(long)]
         cluster: String,
-        /// Metadata KEY=VALUE (repeatable)
+        /// Metadata KEY=VALUE, the value a string (repeatable)
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_kv)]
         meta: Vec<(String, Value)>,
+        /// Metadata KEY=JSON, the value a JSON number, bool, array or object (repeatable)
+        #[arg(long = "meta-json", value_name = "KEY=JSON", value_parser = parse_kv_json)]
+        meta_json: Vec<(String, Value)>,
     },
     /// Start an upgrade
     Start {
@@ -170,9 +174,12 @@ pub(crate) enum TaskCmd {
         /// Weight in the parent's percentage (default 1)
         #[arg(long)]
         weight: Option<f64>,
-        /// Metadata KEY=VALUE (repeatable)
+        /// Metadata KEY=VALUE, the value a string (repeatable)
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_kv)]
         meta: Vec<(String, Value)>,
+        /// Metadata KEY=JSON, the value a JSON number, bool, array or object (repeatable)
+        #[arg(long = "meta-json", value_name = "KEY=JSON", value_parser = parse_kv_json)]
+        meta_json: Vec<(String, Value)>,
     },
     /// Start a task
     Start(TaskMsg),
@@ -186,9 +193,12 @@ pub(crate) enum TaskCmd {
         /// Message recorded with the event
         #[arg(long, short)]
         message: Option<String>,
-        /// Details KEY=VALUE (repeatable)
+        /// Details KEY=VALUE, the value a string (repeatable)
         #[arg(long = "detail", value_name = "KEY=VALUE", value_parser = parse_kv)]
         detail: Vec<(String, Value)>,
+        /// Details KEY=JSON, the value a JSON number, bool, array or object (repeatable)
+        #[arg(long = "detail-json", value_name = "KEY=JSON", value_parser = parse_kv_json)]
+        detail_json: Vec<(String, Value)>,
     },
     /// Report steps done
     Step {
@@ -232,7 +242,15 @@ fn parse_type(s: &str) -> Result<TaskType, String> {
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
-    let backend = ctx.progress_backend()?;
+    let writes = match &cmd {
+        ProgressCmd::Upgrade(c) => !matches!(c, UpgradeCmd::Show { .. } | UpgradeCmd::List),
+        ProgressCmd::Task(c) => !matches!(c, TaskCmd::Show(_)),
+        ProgressCmd::Events { .. } | ProgressCmd::Watch { .. } | ProgressCmd::Export { .. } => {
+            false
+        }
+        ProgressCmd::Import { .. } | ProgressCmd::Apply { .. } => true,
+    };
+    let backend = ctx.progress_backend(if writes { Access::Write } else { Access::Read })?;
     let tracker = &backend.tracker;
     match cmd {
         ProgressCmd::Upgrade(c) => {
@@ -365,8 +383,9 @@ fn upgrade(ctx: &Ctx, backend: &Backend, cmd: UpgradeCmd) -> anyhow::Result<Exit
             plan,
             cluster,
             meta,
+            meta_json,
         } => {
-            let c = tracker.create_upgrade(&upgrade, &plan, &cluster, to_map(meta))?;
+            let c = tracker.create_upgrade(&upgrade, &plan, &cluster, to_map(meta, meta_json))?;
             (upgrade, c)
         }
         UpgradeCmd::Start { upgrade, phase } => {
@@ -429,12 +448,13 @@ fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<Ex
             total_steps,
             weight,
             meta,
+            meta_json,
         } => {
             let mut t = NewTask::new(r.task.clone(), name, task_type);
             t.parent_task_id = parent;
             t.total_steps = total_steps;
             t.weight = weight;
-            t.metadata = to_map(meta);
+            t.metadata = to_map(meta, meta_json);
             let c = Command::add_task(r.upgrade.clone(), t);
             (r, c)
         }
@@ -448,13 +468,14 @@ fn task(ctx: &Ctx, tracker: &ProgressTracker, cmd: TaskCmd) -> anyhow::Result<Ex
             percent,
             message,
             detail,
+            detail_json,
         } => {
             let c = Command::TaskUpdate {
                 upgrade_id: r.upgrade.clone(),
                 task_id: r.task.clone(),
                 percentage: percent,
                 message,
-                details: to_map(detail),
+                details: to_map(detail, detail_json),
             };
             (r, c)
         }
@@ -539,19 +560,10 @@ fn events(
     upgrade: &str,
     since: u64,
     follow: bool,
-    limit: usize,
+    limit: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     if !follow {
-        let events = tracker.events_since(Some(upgrade), since, limit)?;
-        if ctx.json() {
-            print_json(&events)?;
-        } else {
-            let mut out = io::stdout().lock();
-            for e in &events {
-                render::event_line(&mut out, e)?;
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
+        return print_events(ctx, tracker, upgrade, since, limit);
     }
     // Follow: poll the store, so events written by other processes show up too.
     let mut since = since;
@@ -576,6 +588,73 @@ fn events(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Events read per store call when listing.
+const EVENT_PAGE: usize = 1000;
+
+/// Prints an upgrade's events after `since`, page by page (memory stays flat): all of them, or
+/// the first `limit` with a note on stderr saying how many more there are and how to get them.
+fn print_events(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    upgrade: &str,
+    mut since: u64,
+    limit: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut printed = 0usize;
+    if ctx.json() {
+        out.write_all(b"[")?;
+    }
+    let mut remaining = limit.unwrap_or(usize::MAX);
+    while remaining > 0 {
+        let want = remaining.min(EVENT_PAGE);
+        let page = tracker.events_since(Some(upgrade), since, want)?;
+        for e in &page {
+            if ctx.json() {
+                out.write_all(if printed == 0 { b"\n  " } else { b",\n  " })?;
+                serde_json::to_writer(&mut out, e)?;
+            } else {
+                render::event_line(&mut out, e)?;
+            }
+            printed += 1;
+            since = e.seq;
+        }
+        remaining -= page.len();
+        if page.len() < want {
+            break;
+        }
+    }
+    if ctx.json() {
+        out.write_all(if printed == 0 { b"]\n" } else { b"\n]\n" })?;
+    }
+    out.flush()?;
+    if limit.is_some_and(|l| printed == l) {
+        // Count what was left out, page by page (bounded: this is a hint, not a scan of a
+        // huge log).
+        let mut more = 0usize;
+        let mut after = since;
+        while more < 100_000 {
+            let page = tracker.events_since(Some(upgrade), after, EVENT_PAGE)?;
+            more += page.len();
+            match page.last() {
+                Some(e) if page.len() == EVENT_PAGE => after = e.seq,
+                _ => break,
+            }
+        }
+        if more > 0 {
+            let count = if more >= 100_000 {
+                format!("at least {more}")
+            } else {
+                more.to_string()
+            };
+            eprintln!(
+                "note: {printed} events shown, {count} more left out: continue with --since {since}, or drop --limit for all"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn export(

@@ -15,6 +15,41 @@ use eks_upgrade_agent::model::{ProgressEvent, ProgressStatus, ProgressSummary, T
 use crate::Ctx;
 use crate::progress::{is_bad, stdout_is_terminal};
 
+/// `text` made safe for a terminal: control characters (C0, DEL, C1: escape sequences, bells,
+/// carriage returns, newlines) and the bidirectional overrides that can reorder what is shown
+/// are written as Rust-style escapes (`\u{1b}`, `\n`). Everything stored may come from
+/// elsewhere (imports, other processes, servers), so every string a table prints goes through
+/// this.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// [`printable`] for an optional string, `-` when absent.
+fn opt(text: Option<&str>) -> std::borrow::Cow<'_, str> {
+    text.map_or(std::borrow::Cow::Borrowed("-"), printable)
+}
+
+/// A JSON object as one printable line.
+fn json_line(map: &eks_upgrade_agent::model::JsonMap) -> String {
+    printable(&serde_json::Value::Object(map.clone()).to_string()).into_owned()
+}
+
 /// `[#########-----------]` for a percentage.
 pub(crate) fn bar(pct: f64, width: usize) -> String {
     let filled = ((pct / 100.0) * width as f64)
@@ -49,13 +84,15 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
     writeln!(
         out,
         "upgrade {}  cluster {}  plan {}",
-        s.upgrade_id, s.cluster_name, s.plan_id
+        printable(&s.upgrade_id),
+        printable(&s.cluster_name),
+        printable(&s.plan_id)
     )?;
     writeln!(
         out,
         "status {}  phase {}  progress {} {:.1}%",
         s.status,
-        s.current_phase.as_deref().unwrap_or("-"),
+        opt(s.current_phase.as_deref()),
         bar(s.overall_progress, 20),
         s.overall_progress
     )?;
@@ -79,19 +116,17 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
         time(s.estimated_completion)
     )?;
     if let Some(e) = &s.error_message {
-        writeln!(out, "error: {e}")?;
+        writeln!(out, "error: {}", printable(e))?;
     }
     if !s.metadata.is_empty() {
-        writeln!(
-            out,
-            "metadata {}",
-            serde_json::Value::Object(s.metadata.clone())
-        )?;
+        writeln!(out, "metadata {}", json_line(&s.metadata))?;
     }
     Ok(())
 }
 
-/// The task tree, children under their parents, in the order tasks were added.
+/// The task tree, children under their parents, in the order tasks were added. Iterative and
+/// O(tasks): however deep a tree (an old store or a hand-made file), no recursion and no
+/// quadratic walk; indentation stops growing past [`MAX_INDENT`] levels.
 pub(crate) fn task_tree(
     out: &mut impl Write,
     tasks: &[Task],
@@ -100,17 +135,32 @@ pub(crate) fn task_tree(
     if tasks.is_empty() {
         return writeln!(out, "no tasks");
     }
-    let mut children: HashMap<&str, Vec<usize>> = HashMap::new();
+    let index: HashMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.task_id.as_str(), i))
+        .collect();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
     let mut roots = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
-        match &t.parent_task_id {
-            Some(p) => children.entry(p.as_str()).or_default().push(i),
-            None => roots.push(i),
+        match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
+            Some(&p) if p != i => children[p].push(i),
+            _ => roots.push(i),
+        }
+    }
+    // Depths, parents first (an explicit stack, never recursion).
+    let mut depth = vec![0usize; tasks.len()];
+    let mut stack: Vec<usize> = roots.clone();
+    while let Some(i) = stack.pop() {
+        for &k in &children[i] {
+            depth[k] = depth[i] + 1;
+            stack.push(k);
         }
     }
     let name_width = tasks
         .iter()
-        .map(|t| t.name.chars().count() + 3 * depth_of(t, tasks))
+        .enumerate()
+        .map(|(i, t)| printable(&t.name).chars().count() + 3 * depth[i].min(MAX_INDENT))
         .max()
         .unwrap_or(4)
         .clamp(4, 48);
@@ -119,106 +169,78 @@ pub(crate) fn task_tree(
         "{:<name_width$}  {:<12}   {:<10}  {:<30}  {:>7}  {:>9}",
         "TASK", "TYPE", "STATUS", "PROGRESS", "STEPS", "DURATION"
     )?;
-    struct Tree<'a> {
-        tasks: &'a [Task],
-        artifacts: &'a HashMap<String, u64>,
-        children: HashMap<&'a str, Vec<usize>>,
-        width: usize,
-    }
-    impl Tree<'_> {
-        fn walk(
-            &self,
-            out: &mut impl Write,
-            i: usize,
-            prefix: &str,
-            last: bool,
-            top: bool,
-        ) -> io::Result<()> {
-            let (tasks, width) = (self.tasks, self.width);
-            let t = &tasks[i];
-            let branch = if top {
-                String::new()
-            } else if last {
-                format!("{prefix}└─ ")
-            } else {
-                format!("{prefix}├─ ")
-            };
-            let label: String = format!("{branch}{}", t.name).chars().take(width).collect();
-            let steps = match t.total_steps {
-                Some(n) => format!("{}/{n}", t.completed_steps),
-                None if t.completed_steps > 0 => t.completed_steps.to_string(),
-                None => "-".into(),
-            };
-            let mark = if is_bad(t.status) { "!" } else { " " };
-            writeln!(
-                out,
-                "{label:<width$}  {:<12}  {mark}{:<10}  {} {:>6.1}%  {steps:>7}  {:>9}{}",
-                t.task_type.as_str(),
-                t.status.as_str(),
-                bar(t.percentage, 20),
-                t.percentage,
-                duration(t.duration),
-                match t.retry_count {
-                    0 => String::new(),
-                    1 => "  retried once".into(),
-                    n => format!("  retried {n} times"),
-                } + &match self.artifacts.get(&t.task_id) {
-                    None | Some(0) => String::new(),
-                    Some(1) => "  1 artifact".into(),
-                    Some(n) => format!("  {n} artifacts"),
-                }
-            )?;
-            let pad = if top {
-                String::new()
-            } else if last {
-                format!("{prefix}   ")
-            } else {
-                format!("{prefix}│  ")
-            };
-            if let Some(e) = &t.error_message {
-                writeln!(out, "{pad}   error: {e}")?;
-            } else if let Some(step) = t
-                .current_step
-                .as_ref()
-                .filter(|_| t.status == ProgressStatus::InProgress)
-            {
-                writeln!(out, "{pad}   now: {step}")?;
+    // (task, prefix of its line, last among its siblings, top level), in print order.
+    let mut todo: Vec<(usize, String, bool, bool)> = roots
+        .iter()
+        .rev()
+        .map(|&r| (r, String::new(), true, true))
+        .collect();
+    while let Some((i, prefix, last, top)) = todo.pop() {
+        let t = &tasks[i];
+        let deep = depth[i] > MAX_INDENT;
+        let branch = if top {
+            String::new()
+        } else if deep {
+            format!("{prefix}·  ")
+        } else if last {
+            format!("{prefix}└─ ")
+        } else {
+            format!("{prefix}├─ ")
+        };
+        let label: String = format!("{branch}{}", printable(&t.name))
+            .chars()
+            .take(name_width)
+            .collect();
+        let steps = match t.total_steps {
+            Some(n) => format!("{}/{n}", t.completed_steps),
+            None if t.completed_steps > 0 => t.completed_steps.to_string(),
+            None => "-".into(),
+        };
+        let mark = if is_bad(t.status) { "!" } else { " " };
+        writeln!(
+            out,
+            "{label:<name_width$}  {:<12}  {mark}{:<10}  {} {:>6.1}%  {steps:>7}  {:>9}{}",
+            t.task_type.as_str(),
+            t.status.as_str(),
+            bar(t.percentage, 20),
+            t.percentage,
+            duration(t.duration),
+            match t.retry_count {
+                0 => String::new(),
+                1 => "  retried once".into(),
+                n => format!("  retried {n} times"),
+            } + &match artifacts.get(&t.task_id) {
+                None | Some(0) => String::new(),
+                Some(1) => "  1 artifact".into(),
+                Some(n) => format!("  {n} artifacts"),
             }
-            if let Some(kids) = self.children.get(t.task_id.as_str()) {
-                for (n, k) in kids.iter().enumerate() {
-                    self.walk(out, *k, &pad, n + 1 == kids.len(), false)?;
-                }
-            }
-            Ok(())
+        )?;
+        let pad = if top || deep {
+            prefix
+        } else if last {
+            format!("{prefix}   ")
+        } else {
+            format!("{prefix}│  ")
+        };
+        if let Some(e) = &t.error_message {
+            writeln!(out, "{pad}   error: {}", printable(e))?;
+        } else if let Some(step) = t
+            .current_step
+            .as_ref()
+            .filter(|_| t.status == ProgressStatus::InProgress)
+        {
+            writeln!(out, "{pad}   now: {}", printable(step))?;
         }
-    }
-    let tree = Tree {
-        tasks,
-        artifacts,
-        children,
-        width: name_width,
-    };
-    for r in roots {
-        tree.walk(out, r, "", true, true)?;
+        let kids = &children[i];
+        for (n, &k) in kids.iter().enumerate().rev() {
+            todo.push((k, pad.clone(), n + 1 == kids.len(), false));
+        }
     }
     Ok(())
 }
 
-fn depth_of(t: &Task, tasks: &[Task]) -> usize {
-    let mut depth = 0;
-    let mut cur = t.parent_task_id.as_deref();
-    while let Some(p) = cur {
-        depth += 1;
-        if depth > 64 {
-            break;
-        }
-        cur = tasks
-            .iter()
-            .find(|x| x.task_id == p)
-            .and_then(|x| x.parent_task_id.as_deref());
-    }
-    depth
-}
+/// Deepest level the tree indents; deeper tasks are drawn at this level, marked `·`.
+const MAX_INDENT: usize = 32;
 
 pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io::Result<()> {
     if list.is_empty() {
@@ -233,10 +255,10 @@ pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io
         writeln!(
             out,
             "{:<24}  {:<20}  {:<11}  {:<16}  {} {:>6.1}%  {:>5}  {}",
-            s.upgrade_id,
-            s.cluster_name,
+            printable(&s.upgrade_id),
+            printable(&s.cluster_name),
             s.status.as_str(),
-            s.current_phase.as_deref().unwrap_or("-"),
+            opt(s.current_phase.as_deref()),
             bar(s.overall_progress, 20),
             s.overall_progress,
             s.total_tasks,
@@ -251,7 +273,9 @@ pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()
     writeln!(
         out,
         "task {} ({})  upgrade {}",
-        t.task_id, t.name, t.upgrade_id
+        printable(&t.task_id),
+        printable(&t.name),
+        printable(&t.upgrade_id)
     )?;
     writeln!(
         out,
@@ -265,11 +289,11 @@ pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()
     writeln!(
         out,
         "parent {}  children {}  steps {}/{}  current step {}  retries {}",
-        t.parent_task_id.as_deref().unwrap_or("-"),
+        opt(t.parent_task_id.as_deref()),
         t.children,
         t.completed_steps,
         t.total_steps.map_or("-".into(), |n| n.to_string()),
-        t.current_step.as_deref().unwrap_or("-"),
+        opt(t.current_step.as_deref()),
         t.retry_count
     )?;
     writeln!(
@@ -280,7 +304,7 @@ pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()
         duration(t.duration)
     )?;
     if let Some(e) = &t.error_message {
-        writeln!(out, "error: {e}")?;
+        writeln!(out, "error: {}", printable(e))?;
     }
     writeln!(out, "recent events:")?;
     for e in &d.recent_events {
@@ -296,15 +320,15 @@ pub(crate) fn event_line(out: &mut impl Write, e: &ProgressEvent) -> io::Result<
         e.seq,
         e.timestamp.format("%H:%M:%S%.3f"),
         e.kind.as_str(),
-        e.task_id.as_deref().unwrap_or("-"),
+        opt(e.task_id.as_deref()),
         e.status.as_str(),
         e.percentage
     )?;
     if let Some(m) = &e.message {
-        write!(out, "  {m}")?;
+        write!(out, "  {}", printable(m))?;
     }
     if !e.details.is_empty() {
-        write!(out, "  {}", serde_json::Value::Object(e.details.clone()))?;
+        write!(out, "  {}", json_line(&e.details))?;
     }
     writeln!(out)
 }
@@ -357,7 +381,11 @@ impl<'a> Watcher<'a> {
                     .expect("valid template")
                     .progress_chars("##-"),
             );
-            overall.set_prefix(format!("{} ({})", summary.upgrade_id, summary.cluster_name));
+            overall.set_prefix(format!(
+                "{} ({})",
+                printable(&summary.upgrade_id),
+                printable(&summary.cluster_name)
+            ));
             Bars {
                 multi,
                 overall,
@@ -395,7 +423,7 @@ impl<'a> Watcher<'a> {
                 "{:>5.1}%  {}  phase {}  {}/{} tasks done{}  eta {}",
                 s.overall_progress,
                 s.status,
-                s.current_phase.as_deref().unwrap_or("-"),
+                opt(s.current_phase.as_deref()),
                 s.completed_tasks,
                 s.total_tasks,
                 if s.failed_tasks > 0 {
@@ -423,13 +451,14 @@ impl<'a> Watcher<'a> {
         };
         let Some(task_id) = &e.task_id else {
             if let Some(m) = &e.message {
-                bars.multi.println(format!("» {}: {m}", e.kind))?;
+                bars.multi.println(format!("» {}: {}", e.kind, printable(m)))?;
             }
             return Ok(());
         };
         if e.kind == eks_upgrade_agent::model::EventKind::TaskAdded {
             if let Some(name) = &e.message {
-                bars.names.insert(task_id.clone(), name.clone());
+                bars.names
+                    .insert(task_id.clone(), printable(name).into_owned());
             }
             return Ok(());
         }
@@ -437,7 +466,7 @@ impl<'a> Watcher<'a> {
             .names
             .get(task_id)
             .cloned()
-            .unwrap_or_else(|| task_id.clone());
+            .unwrap_or_else(|| printable(task_id).into_owned());
         match e.status {
             ProgressStatus::InProgress | ProgressStatus::Paused => {
                 let bar = bars.tasks.entry(task_id.clone()).or_insert_with(|| {
@@ -451,8 +480,8 @@ impl<'a> Watcher<'a> {
                     b
                 });
                 bar.set_position((e.percentage * 10.0).round() as u64);
-                let msg = e.message.as_deref().unwrap_or("");
-                bar.set_message(format!("{:>5.1}% {}", e.percentage, truncate(msg, 60)));
+                let msg = printable(e.message.as_deref().unwrap_or(""));
+                bar.set_message(format!("{:>5.1}% {}", e.percentage, truncate(&msg, 60)));
             }
             status => {
                 if let Some(b) = bars.tasks.remove(task_id) {
@@ -468,7 +497,7 @@ impl<'a> Watcher<'a> {
                 let tail = e
                     .message
                     .as_deref()
-                    .map(|m| format!(": {m}"))
+                    .map(|m| format!(": {}", printable(m)))
                     .unwrap_or_default();
                 bars.multi
                     .println(format!("{mark} {name} {status}{tail}"))?;
@@ -526,5 +555,61 @@ mod tests {
         assert_eq!(duration(Some(3723.0)), "1h 02m 03s");
         assert_eq!(duration(None), "-");
         assert_eq!(truncate("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn a_deep_chain_renders_in_linear_time_without_recursion() {
+        use eks_upgrade_agent::model::{JsonMap, TaskType};
+        let n = 25_000;
+        let tasks: Vec<Task> = (0..n)
+            .map(|i| Task {
+                upgrade_id: "u".into(),
+                task_id: format!("t{i}"),
+                name: format!("task {i}"),
+                task_type: TaskType::UpgradeStep,
+                parent_task_id: (i > 0).then(|| format!("t{}", i - 1)),
+                status: ProgressStatus::InProgress,
+                percentage: 0.0,
+                current_step: None,
+                total_steps: None,
+                completed_steps: 0,
+                weight: 1.0,
+                children: u32::from(i + 1 < n),
+                error_message: None,
+                retry_count: 0,
+                last_message: None,
+                created_at: Utc::now(),
+                started_at: None,
+                completed_at: None,
+                duration: None,
+                metadata: JsonMap::new(),
+            })
+            .collect();
+        // On a small stack: the old recursive walk overflowed it.
+        let text = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let mut out = Vec::new();
+                task_tree(&mut out, &tasks, &HashMap::new()).unwrap();
+                String::from_utf8(out).unwrap()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(text.lines().count(), n as usize + 1);
+        assert!(text.lines().nth(2).unwrap().starts_with("└─ task 1"), "{}", &text[..300]);
+        let last = text.lines().last().unwrap();
+        assert!(last.contains("·  task 24999"), "{last}");
+        assert!(last.len() < 300, "indentation is bounded: {}", last.len());
+    }
+
+    #[test]
+    fn unprintable_characters_are_escaped() {
+        assert_eq!(printable("plain ünïcode ✔"), "plain ünïcode ✔");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("bell\u{7}\u{9b}31m"), "bell\\u{7}\\u{9b}31m");
+        assert_eq!(printable("l1\nl2\tx\ry"), r"l1\nl2\tx\ry");
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        assert_eq!(printable("\u{7f}"), "\\u{7f}");
     }
 }

@@ -135,15 +135,23 @@ impl Config {
         }
     }
 
-    /// Opens the embedded store these settings name.
+    /// Opens the embedded store these settings name, creating the data directory and the
+    /// store when missing (for commands that write).
     pub fn open_store(&self) -> Result<SqliteStore> {
-        SqliteStore::open(
-            &self.data_dir,
-            &SqliteOptions {
-                durability: self.durability,
-                ..SqliteOptions::default()
-            },
-        )
+        SqliteStore::open(&self.data_dir, &self.sqlite_options())
+    }
+
+    /// Opens the embedded store only if it exists: `NotFound` naming the directory otherwise,
+    /// and nothing is created (for commands that only read).
+    pub fn open_existing_store(&self) -> Result<SqliteStore> {
+        SqliteStore::open_existing(&self.data_dir, &self.sqlite_options())
+    }
+
+    fn sqlite_options(&self) -> SqliteOptions {
+        SqliteOptions {
+            durability: self.durability,
+            ..SqliteOptions::default()
+        }
     }
 }
 

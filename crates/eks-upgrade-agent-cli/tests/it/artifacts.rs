@@ -82,6 +82,10 @@ fn every_operation_through_the_cli() {
         "drain",
         "--meta",
         "node=ip-1",
+        "--meta",
+        "k8s=1.30",
+        "--meta-json",
+        "pods=3",
         "--description",
         "kubelet log",
     ]);
@@ -90,7 +94,10 @@ fn every_operation_through_the_cli() {
     assert_eq!(kubelet["artifact_type"], "log_file");
     assert_eq!(kubelet["file_size"], 11);
     assert_eq!(kubelet["tags"], serde_json::json!(["node", "kubelet"]));
-    assert_eq!(kubelet["metadata"]["node"], "ip-1");
+    assert_eq!(
+        kubelet["metadata"],
+        serde_json::json!({"node": "ip-1", "k8s": "1.30", "pods": 3})
+    );
     let kubelet_id = kubelet["artifact_id"].as_str().unwrap().to_owned();
 
     let dir = env.json(&[

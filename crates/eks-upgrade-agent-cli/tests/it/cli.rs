@@ -19,6 +19,8 @@ fn setup() -> Env {
         "--meta",
         "from=1.29",
         "--meta",
+        "to=1.30",
+        "--meta-json",
         "nodes=12",
     ]);
     env.ok(&["progress", "upgrade", "start", "u1", "--phase", "planning"]);
@@ -79,7 +81,7 @@ fn every_operation_through_the_cli() {
         "50",
         "-m",
         "half",
-        "--detail",
+        "--detail-json",
         "checked=3",
         "--detail",
         "az=eu-west-1a",
@@ -141,7 +143,12 @@ fn every_operation_through_the_cli() {
 
     let show = env.json(&["progress", "upgrade", "show", "u1"]);
     assert_eq!(show["current_phase"], "node-groups");
-    assert_eq!(show["metadata"], json!({"from": 1.29, "nodes": 12}));
+    // --meta values are strings (Kubernetes versions: "1.30" must not become 1.3);
+    // --meta-json keeps JSON types.
+    assert_eq!(
+        show["metadata"],
+        json!({"from": "1.29", "to": "1.30", "nodes": 12})
+    );
     assert_eq!(show["total_tasks"], 3);
     assert_eq!(show["completed_tasks"], 2);
     // plan 100 (w1) + nodes (w3) = mean of its one child, 100.

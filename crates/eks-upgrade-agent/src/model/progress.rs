@@ -335,22 +335,35 @@ impl Upgrade {
     }
 
     /// Linear estimate of when the upgrade will end, from elapsed time and overall percentage.
-    /// `None` unless the upgrade runs and has made some progress.
+    /// `None` unless the upgrade runs, has made some progress and is not wholly paused (no task
+    /// running, some paused); `None` too when the estimate lies more than [`MAX_ETA_YEARS`]
+    /// years ahead (an upgrade at 0.000001% has no meaningful end). Never panics: the
+    /// arithmetic saturates, whatever the stored times and percentages.
     pub fn estimated_completion(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         if self.status != ProgressStatus::InProgress {
-            return self.completed_at;
+            return None;
+        }
+        if self.count(ProgressStatus::InProgress) == 0 && self.count(ProgressStatus::Paused) > 0 {
+            return None;
         }
         let start = self.started_at?;
         let pct = self.overall_percentage;
-        if pct <= 0.0 || !pct.is_finite() {
+        if !(pct > 0.0 && pct.is_finite()) {
             return None;
         }
-        let elapsed = (now - start).num_microseconds()? as f64;
-        let total = elapsed * 100.0 / pct.min(100.0);
-        let remaining = (total - elapsed).max(0.0);
-        Some(now + chrono::Duration::microseconds(remaining as i64))
+        let elapsed = seconds_between(start, now).max(0.0);
+        let remaining = elapsed * (100.0 - pct.min(100.0)) / pct;
+        if !remaining.is_finite() || remaining > MAX_ETA_YEARS * 365.25 * 86_400.0 {
+            return None;
+        }
+        // At most MAX_ETA_YEARS years in microseconds: fits an i64 with room to spare.
+        now.checked_add_signed(chrono::TimeDelta::microseconds((remaining * 1e6) as i64))
     }
 }
+
+/// Estimates further ahead than this many years are no estimate at all (see
+/// [`Upgrade::estimated_completion`]).
+pub const MAX_ETA_YEARS: f64 = 10.0;
 
 /// Progress of one task (reference `TaskProgress`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -566,5 +579,57 @@ mod tests {
         );
         u.overall_percentage = 0.0;
         assert_eq!(u.estimated_completion(now), None);
+    }
+
+    #[test]
+    fn estimate_never_panics_and_is_absent_when_meaningless() {
+        let start = DateTime::parse_from_rfc3339("1970-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut u = Upgrade {
+            upgrade_id: "u".into(),
+            plan_id: "p".into(),
+            cluster_name: "c".into(),
+            status: ProgressStatus::InProgress,
+            current_phase: None,
+            overall_percentage: 0.01,
+            created_at: start,
+            started_at: Some(start),
+            completed_at: None,
+            error_message: None,
+            metadata: JsonMap::new(),
+            task_counts: [0, 1, 0, 0, 0, 0],
+            last_seq: 0,
+        };
+        let now = Utc::now();
+        // Started in 1970 at 0.01%: millions of years ahead, once a panic.
+        assert_eq!(u.estimated_completion(now), None);
+        for pct in [1e-9, f64::MIN_POSITIVE, 1e-300, 5e-324] {
+            u.overall_percentage = pct;
+            u.started_at = Some(now - chrono::Duration::seconds(90));
+            assert_eq!(u.estimated_completion(now), None, "{pct}");
+        }
+        for (start, end) in [
+            (DateTime::<Utc>::MIN_UTC, now),
+            (now, DateTime::<Utc>::MAX_UTC),
+            (DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC),
+        ] {
+            u.started_at = Some(start);
+            u.overall_percentage = 50.0;
+            let _ = u.estimated_completion(end);
+            let _ = u.duration_seconds(end);
+        }
+        // Ended, failed or wholly paused upgrades have no estimate.
+        u.started_at = Some(now - chrono::Duration::seconds(60));
+        u.overall_percentage = 50.0;
+        assert!(u.estimated_completion(now).is_some());
+        u.task_counts = [0, 0, 0, 0, 1, 0];
+        assert_eq!(u.estimated_completion(now), None, "paused");
+        u.task_counts = [0, 1, 0, 0, 1, 0];
+        for status in [ProgressStatus::Completed, ProgressStatus::Failed] {
+            u.status = status;
+            u.completed_at = Some(now);
+            assert_eq!(u.estimated_completion(now), None, "{status}");
+        }
     }
 }

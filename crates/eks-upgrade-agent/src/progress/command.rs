@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{JsonMap, TaskType};
+use crate::model::{JsonMap, ProgressEvent, Task, TaskType, Upgrade};
 
 /// Longest id (upgrade, plan, task), in bytes.
 pub const MAX_ID_LEN: usize = 128;
@@ -22,8 +22,10 @@ pub const MAX_MESSAGE_LEN: usize = 16 * 1024;
 pub const MAX_JSON_LEN: usize = 64 * 1024;
 /// Deepest task tree (a top-level task has depth 0).
 pub const MAX_DEPTH: u32 = 32;
-/// Most tasks one `task.add_many` may add.
+/// Most tasks one `task.add_many` may add, and most tasks of one imported upgrade.
 pub const MAX_BATCH_TASKS: usize = 100_000;
+/// Longest task duration a store accepts, in seconds (100 years).
+pub const MAX_DURATION_SECS: f64 = 100.0 * 365.25 * 86_400.0;
 
 /// A task to add: the fields a caller chooses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -513,6 +515,134 @@ impl Command {
     }
 }
 
+/// Checks an upgrade taken from elsewhere (a reference file, the store protocol, a copy) as
+/// the commands that would have built it are checked: ids, names, text, JSON sizes, finite
+/// and bounded numbers, steps within totals, parents known and listed before their children,
+/// no duplicate, depth at most [`MAX_DEPTH`], events naming tasks of the upgrade. Every
+/// import path runs it before writing anything.
+pub fn check_import(upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<()> {
+    check_id("upgrade_id", &upgrade.upgrade_id)?;
+    check_id("plan_id", &upgrade.plan_id)?;
+    check_name("cluster_name", &upgrade.cluster_name)?;
+    if let Some(p) = &upgrade.current_phase {
+        check_name("current_phase", p)?;
+    }
+    if let Some(e) = &upgrade.error_message {
+        check_text("error_message", e)?;
+    }
+    check_json("metadata", &upgrade.metadata)?;
+    if tasks.len() > MAX_BATCH_TASKS {
+        return Err(Error::invalid(format!(
+            "an upgrade may have at most {MAX_BATCH_TASKS} tasks, got {}",
+            tasks.len()
+        )));
+    }
+    let mut depth: std::collections::HashMap<&str, u32> =
+        std::collections::HashMap::with_capacity(tasks.len());
+    for t in tasks {
+        let what = |e: Error| match e {
+            Error::InvalidInput(m) => Error::invalid(format!("task {:?}: {m}", t.task_id)),
+            other => other,
+        };
+        check_id("task_id", &t.task_id)?;
+        if t.upgrade_id != upgrade.upgrade_id {
+            return Err(Error::invalid(format!(
+                "task {:?} belongs to upgrade {:?}, not {:?}",
+                t.task_id, t.upgrade_id, upgrade.upgrade_id
+            )));
+        }
+        check_name("name", &t.name).map_err(what)?;
+        check_percentage(t.percentage).map_err(what)?;
+        if !(t.weight.is_finite() && t.weight > 0.0 && t.weight <= 1e6) {
+            return Err(Error::invalid(format!(
+                "task {:?}: weight must be a number in (0, 1000000], got {}",
+                t.task_id, t.weight
+            )));
+        }
+        match t.total_steps {
+            Some(0) => {
+                return Err(Error::invalid(format!(
+                    "task {:?}: total_steps must be at least 1",
+                    t.task_id
+                )));
+            }
+            Some(total) if t.completed_steps > total => {
+                return Err(Error::invalid(format!(
+                    "task {:?}: completed_steps {} exceeds total_steps {total}",
+                    t.task_id, t.completed_steps
+                )));
+            }
+            _ => {}
+        }
+        if let Some(s) = &t.current_step {
+            check_name("current_step", s).map_err(what)?;
+        }
+        if let Some(e) = &t.error_message {
+            check_text("error_message", e).map_err(what)?;
+        }
+        if let Some(m) = &t.last_message {
+            check_text("last_message", m).map_err(what)?;
+        }
+        if let Some(d) = t.duration
+            && !(d.is_finite() && (0.0..=MAX_DURATION_SECS).contains(&d))
+        {
+            return Err(Error::invalid(format!(
+                "task {:?}: duration must be between 0 and {MAX_DURATION_SECS} seconds (100 years), got {d}",
+                t.task_id
+            )));
+        }
+        check_json("metadata", &t.metadata).map_err(what)?;
+        let d = match &t.parent_task_id {
+            None => 0,
+            Some(p) => {
+                check_id("parent_task_id", p).map_err(what)?;
+                let parent = depth.get(p.as_str()).copied().ok_or_else(|| {
+                    Error::invalid(format!(
+                        "task {:?} names parent {p:?}, which is not among the tasks before it",
+                        t.task_id
+                    ))
+                })?;
+                parent + 1
+            }
+        };
+        if d > MAX_DEPTH {
+            return Err(Error::invalid(format!(
+                "task {:?} is {d} levels deep; the limit is {MAX_DEPTH}",
+                t.task_id
+            )));
+        }
+        if depth.insert(&t.task_id, d).is_some() {
+            return Err(Error::invalid(format!("task {:?} appears twice", t.task_id)));
+        }
+    }
+    for e in events {
+        if e.upgrade_id != upgrade.upgrade_id {
+            return Err(Error::invalid(format!(
+                "event {} belongs to upgrade {:?}, not {:?}",
+                e.event_id, e.upgrade_id, upgrade.upgrade_id
+            )));
+        }
+        if let Some(t) = &e.task_id
+            && !depth.contains_key(t.as_str())
+        {
+            return Err(Error::invalid(format!(
+                "event {} names unknown task {t:?}",
+                e.event_id
+            )));
+        }
+        let what = |err: Error| match err {
+            Error::InvalidInput(m) => Error::invalid(format!("event {}: {m}", e.event_id)),
+            other => other,
+        };
+        if let Some(m) = &e.message {
+            check_text("message", m).map_err(what)?;
+        }
+        check_json("details", &e.details).map_err(what)?;
+        check_percentage(e.percentage).map_err(what)?;
+    }
+    Ok(())
+}
+
 /// Checks a percentage: a finite number in 0..=100.
 pub fn check_percentage(p: f64) -> Result<()> {
     if p.is_nan() {
@@ -575,19 +705,37 @@ pub fn check_name(field: &str, name: &str) -> Result<()> {
 
 fn check_message(field: &str, message: &Option<String>) -> Result<()> {
     match message {
-        Some(m) if m.len() > MAX_MESSAGE_LEN => Err(Error::invalid(format!(
-            "{field} is {} bytes long; the limit is {MAX_MESSAGE_LEN}",
-            m.len()
-        ))),
-        _ => Ok(()),
+        Some(m) => check_text(field, m),
+        None => Ok(()),
     }
+}
+
+/// Checks free text (messages, error messages): at most [`MAX_MESSAGE_LEN`] bytes, and no
+/// control characters but `\n` and `\t` (an escape sequence stored here would reach every
+/// terminal that prints it).
+pub fn check_text(field: &str, text: &str) -> Result<()> {
+    if text.len() > MAX_MESSAGE_LEN {
+        return Err(Error::invalid(format!(
+            "{field} is {} bytes long; the limit is {MAX_MESSAGE_LEN}",
+            text.len()
+        )));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+    {
+        return Err(Error::invalid(format!(
+            "{field} contains the control character {c:?}; only newlines and tabs are allowed"
+        )));
+    }
+    Ok(())
 }
 
 fn check_error(error_message: &str) -> Result<()> {
     if error_message.trim().is_empty() {
         return Err(Error::invalid("error_message must not be empty"));
     }
-    check_message("error_message", &Some(error_message.to_owned()))
+    check_text("error_message", error_message)
 }
 
 /// Checks a details or metadata object against [`MAX_JSON_LEN`].
@@ -679,6 +827,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("task.explode"), "{err}");
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_text_field() {
+        let hostile = ["\u{1b}[2J", "bell\u{7}", "csi\u{9b}31m", "cr\roverwrite", "nul\0"];
+        for bad in hostile {
+            let cmds = [
+                Command::TaskFail {
+                    upgrade_id: "u".into(),
+                    task_id: "t".into(),
+                    error_message: format!("boom {bad}"),
+                },
+                Command::TaskStart {
+                    upgrade_id: "u".into(),
+                    task_id: "t".into(),
+                    message: Some(bad.into()),
+                },
+                Command::UpgradePhase {
+                    upgrade_id: "u".into(),
+                    phase: bad.into(),
+                },
+                Command::UpgradeFail {
+                    upgrade_id: "u".into(),
+                    error_message: bad.into(),
+                },
+                Command::add_task("u", NewTask::new("t", bad, TaskType::Cleanup)),
+            ];
+            for c in cmds {
+                let err = c.validate().unwrap_err();
+                assert!(err.to_string().contains("control character"), "{bad:?}: {err}");
+            }
+        }
+        Command::TaskStart {
+            upgrade_id: "u".into(),
+            task_id: "t".into(),
+            message: Some("line 1\n\tline 2".into()),
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

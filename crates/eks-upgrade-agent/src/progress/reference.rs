@@ -31,7 +31,14 @@ pub fn py_datetime(t: DateTime<Utc>) -> String {
 }
 
 /// Formats seconds the way Python's `str(timedelta)` does (`H:MM:SS[.ffffff]`, with days).
+/// Out-of-range values (not finite, negative, beyond a century) are clamped into
+/// `0..=100 years` so the output always parses back.
 pub fn py_timedelta(seconds: f64) -> String {
+    let seconds = if seconds.is_finite() {
+        seconds.clamp(0.0, crate::progress::command::MAX_DURATION_SECS)
+    } else {
+        0.0
+    };
     let micros = (seconds * 1e6).round() as i64;
     let (sign, micros) = if micros < 0 {
         ("-", -micros)

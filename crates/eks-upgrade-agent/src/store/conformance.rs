@@ -8,7 +8,9 @@ use serde_json::json;
 
 use super::{EventQuery, ProgressStore};
 use crate::error::Error;
-use crate::model::{EventKind, JsonMap, ProgressStatus, TaskType};
+use crate::model::{
+    EventKind, JsonMap, ProgressEvent, ProgressStatus, Task, TaskType, Upgrade,
+};
 use crate::progress::command::{Command, NewTask};
 use crate::progress::tracker::ProgressTracker;
 
@@ -17,7 +19,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 12] = [
+    let cases: [Case; 13] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -39,6 +41,10 @@ pub fn run(factory: Factory<'_>) {
         ),
         ("add_many_is_all_or_nothing", add_many_is_all_or_nothing),
         ("latest_events_of_an_upgrade", latest_events_of_an_upgrade),
+        (
+            "hostile_imports_are_refused_whole",
+            hostile_imports_are_refused_whole,
+        ),
     ];
     for (name, case) in cases {
         let store: Arc<dyn ProgressStore> = Arc::from(factory());
@@ -537,4 +543,125 @@ fn add_many_is_all_or_nothing(t: ProgressTracker) {
     assert_eq!(t.task_detail("u", "root").unwrap().task.children, 1);
     let q = EventQuery::upgrade("u", 0, 10);
     assert_eq!(t.store().events(&q).unwrap().len(), 3);
+}
+
+/// A small, valid upgrade to import: `a` with child `b`, one event each.
+fn importable() -> (Upgrade, Vec<Task>, Vec<ProgressEvent>) {
+    let now = crate::model::now();
+    let upgrade = Upgrade {
+        upgrade_id: "imp".into(),
+        plan_id: "p".into(),
+        cluster_name: "c".into(),
+        status: ProgressStatus::InProgress,
+        current_phase: Some("nodes".into()),
+        overall_percentage: 0.0,
+        created_at: now,
+        started_at: Some(now),
+        completed_at: None,
+        error_message: None,
+        metadata: JsonMap::new(),
+        task_counts: [0; 6],
+        last_seq: 0,
+    };
+    let task = |id: &str, parent: Option<&str>| Task {
+        upgrade_id: "imp".into(),
+        task_id: id.into(),
+        name: id.to_uppercase(),
+        task_type: TaskType::UpgradeStep,
+        parent_task_id: parent.map(Into::into),
+        status: ProgressStatus::InProgress,
+        percentage: 10.0,
+        current_step: None,
+        total_steps: Some(4),
+        completed_steps: 1,
+        weight: 1.0,
+        children: 0,
+        error_message: None,
+        retry_count: 0,
+        last_message: None,
+        created_at: now,
+        started_at: Some(now),
+        completed_at: None,
+        duration: Some(1.5),
+        metadata: JsonMap::new(),
+    };
+    let event = |task: Option<&str>| ProgressEvent {
+        seq: 0,
+        event_id: uuid::Uuid::now_v7().to_string(),
+        kind: EventKind::TaskProgress,
+        upgrade_id: "imp".into(),
+        timestamp: now,
+        task_id: task.map(Into::into),
+        task_type: task.map(|_| TaskType::UpgradeStep),
+        status: ProgressStatus::InProgress,
+        message: Some("m".into()),
+        details: JsonMap::new(),
+        percentage: 10.0,
+    };
+    (
+        upgrade,
+        vec![task("a", None), task("b", Some("a"))],
+        vec![event(Some("a")), event(Some("b")), event(None)],
+    )
+}
+
+/// Every way in is validated alike: what a command may not do, an import may not either
+/// (weights of 1e308 once made the overall NaN, a 25,000-deep chain overflowed the renderer,
+/// ids with `/` wrote exports elsewhere). A refused import writes nothing.
+fn hostile_imports_are_refused_whole(t: ProgressTracker) {
+    type Mutation = fn(&mut Upgrade, &mut Vec<Task>, &mut Vec<ProgressEvent>);
+    let cases: [(&str, Mutation); 16] = [
+        ("weight", |_, t, _| t[1].weight = 1e308),
+        ("weight", |_, t, _| t[0].weight = 0.0),
+        ("completed_steps", |_, t, _| t[0].completed_steps = 5),
+        ("total_steps", |_, t, _| t[0].total_steps = Some(0)),
+        ("duration", |_, t, _| t[1].duration = Some(1e308 * 86_400.0)),
+        ("duration", |_, t, _| t[1].duration = Some(-3.0)),
+        ("upgrade_id", |u, t, e| {
+            u.upgrade_id = "../escape".into();
+            t.iter_mut().for_each(|t| t.upgrade_id = "../escape".into());
+            e.iter_mut().for_each(|e| e.upgrade_id = "../escape".into());
+        }),
+        ("task_id", |_, t, e| {
+            t[1].task_id = "a/b".into();
+            e[1].task_id = Some("a/b".into());
+        }),
+        ("current_phase", |u, _, _| u.current_phase = Some("p".repeat(100_000))),
+        ("control character", |u, _, _| {
+            u.error_message = Some("\u{1b}[2J".into())
+        }),
+        ("control character", |_, _, e| e[0].message = Some("\u{9b}1m".into())),
+        ("percentage", |_, t, _| t[0].percentage = 100.5),
+        ("unknown task", |_, _, e| e[0].task_id = Some("ghost".into())),
+        ("appears twice", |_, t, _| {
+            let dup = t[0].clone();
+            t.push(dup);
+        }),
+        ("levels deep", |_, t, _| {
+            for i in 0..40 {
+                let mut x = t[1].clone();
+                x.task_id = format!("d{i}");
+                x.parent_task_id = Some(if i == 0 { "b".into() } else { format!("d{}", i - 1) });
+                t.push(x);
+            }
+        }),
+        ("not among the tasks before it", |_, t, _| t.swap(0, 1)),
+    ];
+    let before = t.store().last_seq().unwrap();
+    for (needle, mutate) in cases {
+        let (mut u, mut tasks, mut events) = importable();
+        mutate(&mut u, &mut tasks, &mut events);
+        let err = t.store().import(&u, &tasks, &events).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput(_)) && err.to_string().contains(needle),
+            "{needle}: {err}"
+        );
+        assert!(t.list_upgrades().unwrap().is_empty(), "{needle}: wrote");
+        assert_eq!(t.store().last_seq().unwrap(), before, "{needle}");
+    }
+    let (u, tasks, events) = importable();
+    t.store().import(&u, &tasks, &events).unwrap();
+    let s = t.summary("imp").unwrap();
+    assert_eq!(s.total_tasks, 2);
+    assert!(s.overall_progress.is_finite());
 }

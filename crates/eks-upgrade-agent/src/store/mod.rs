@@ -111,7 +111,9 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
 
     /// Writes a whole upgrade taken from elsewhere (import): the upgrade, its tasks (parents
     /// before children) and its history, which gets new `seq`s but keeps ids and timestamps.
-    /// Fails with `AlreadyExists` if the upgrade exists.
+    /// Fails with `AlreadyExists` if the upgrade exists, and with `InvalidInput` (nothing
+    /// written) unless it passes [`check_import`](crate::progress::command::check_import),
+    /// which every implementation runs first.
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64>;
 
     /// One upgrade.

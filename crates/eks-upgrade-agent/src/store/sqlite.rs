@@ -209,6 +209,18 @@ impl SqliteStore {
         })
     }
 
+    /// Opens the store in `data_dir` only if it exists there; creates nothing. A directory
+    /// without a store (or no directory at all) is `NotFound`, naming it.
+    pub fn open_existing(data_dir: &Path, options: &SqliteOptions) -> Result<SqliteStore> {
+        if !data_dir.join(DB_FILE).is_file() {
+            return Err(Error::not_found(format!(
+                "store in {} (no {DB_FILE} there)",
+                data_dir.display()
+            )));
+        }
+        SqliteStore::open(data_dir, options)
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -1078,6 +1090,7 @@ impl ProgressStore for SqliteStore {
     }
 
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
+        crate::progress::command::check_import(upgrade, tasks, events)?;
         self.write(|tx| import_upgrade(tx, upgrade, tasks, events))
     }
 
