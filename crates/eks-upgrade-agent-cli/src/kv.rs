@@ -64,8 +64,14 @@ mod tests {
 
     #[test]
     fn json_values_keep_their_type() {
-        assert_eq!(parse_kv_json("nodes=3").unwrap(), ("nodes".into(), json!(3)));
-        assert_eq!(parse_kv_json("ok=true").unwrap(), ("ok".into(), json!(true)));
+        assert_eq!(
+            parse_kv_json("nodes=3").unwrap(),
+            ("nodes".into(), json!(3))
+        );
+        assert_eq!(
+            parse_kv_json("ok=true").unwrap(),
+            ("ok".into(), json!(true))
+        );
         assert_eq!(
             parse_kv_json("v=\"1.30\"").unwrap(),
             ("v".into(), json!("1.30"))

@@ -22,7 +22,8 @@ use crate::progress::{is_bad, stdout_is_terminal};
 /// this.
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     fn unsafe_char(c: char) -> bool {
-        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     }
     if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
@@ -160,10 +161,10 @@ pub(crate) fn task_tree(
     let name_width = tasks
         .iter()
         .enumerate()
-        .map(|(i, t)| printable(&t.name).chars().count() + 3 * depth[i].min(MAX_INDENT))
+        .map(|(i, t)| printable(&t.name).chars().count() + 3 * depth[i].min(MAX_INDENT + 1))
         .max()
         .unwrap_or(4)
-        .clamp(4, 48);
+        .clamp(4, 60);
     writeln!(
         out,
         "{:<name_width$}  {:<12}   {:<10}  {:<30}  {:>7}  {:>9}",
@@ -240,7 +241,7 @@ pub(crate) fn task_tree(
 }
 
 /// Deepest level the tree indents; deeper tasks are drawn at this level, marked `·`.
-const MAX_INDENT: usize = 32;
+const MAX_INDENT: usize = 12;
 
 pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io::Result<()> {
     if list.is_empty() {
@@ -403,6 +404,7 @@ impl<'a> Watcher<'a> {
 
     /// Applies new events; returns true once the upgrade has ended and every event is shown.
     pub(crate) fn poll(&mut self, ctx: &Ctx) -> anyhow::Result<bool> {
+        let mut changed = false;
         loop {
             let page = self
                 .tracker
@@ -411,9 +413,15 @@ impl<'a> Watcher<'a> {
                 self.since = e.seq;
                 self.event(ctx, e)?;
             }
+            changed |= !page.is_empty();
             if page.len() < 1000 {
                 break;
             }
+        }
+        if changed && let Some(b) = &self.bars {
+            // A parent's percentage moves with its children's updates, which are not its own
+            // events: take every running task's figure from the store.
+            refresh_bars(&b.tasks, &self.tracker.tasks(&self.upgrade)?);
         }
         let s = self.tracker.summary(&self.upgrade)?;
         if let Some(b) = &self.bars {
@@ -451,7 +459,8 @@ impl<'a> Watcher<'a> {
         };
         let Some(task_id) = &e.task_id else {
             if let Some(m) = &e.message {
-                bars.multi.println(format!("» {}: {}", e.kind, printable(m)))?;
+                bars.multi
+                    .println(format!("» {}: {}", e.kind, printable(m)))?;
             }
             return Ok(());
         };
@@ -531,6 +540,20 @@ impl<'a> Watcher<'a> {
     }
 }
 
+/// Sets each task bar to its task's current (rolled-up) percentage.
+fn refresh_bars(bars: &HashMap<String, ProgressBar>, tasks: &[Task]) {
+    for t in tasks {
+        if let Some(bar) = bars.get(&t.task_id) {
+            let position = (t.percentage * 10.0).round() as u64;
+            if bar.position() != position {
+                bar.set_position(position);
+                let msg = printable(t.last_message.as_deref().unwrap_or(""));
+                bar.set_message(format!("{:>5.1}% {}", t.percentage, truncate(&msg, 60)));
+            }
+        }
+    }
+}
+
 fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_owned()
@@ -597,10 +620,48 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(text.lines().count(), n as usize + 1);
-        assert!(text.lines().nth(2).unwrap().starts_with("└─ task 1"), "{}", &text[..300]);
+        assert!(
+            text.lines().nth(2).unwrap().starts_with("└─ task 1"),
+            "{}",
+            &text[..300]
+        );
         let last = text.lines().last().unwrap();
         assert!(last.contains("·  task 24999"), "{last}");
         assert!(last.len() < 300, "indentation is bounded: {}", last.len());
+    }
+
+    #[test]
+    fn parent_bars_follow_the_rolled_up_percentage() {
+        use eks_upgrade_agent::model::{JsonMap, TaskType};
+        let task = |id: &str, pct: f64| Task {
+            upgrade_id: "u".into(),
+            task_id: id.into(),
+            name: id.into(),
+            task_type: TaskType::UpgradeStep,
+            parent_task_id: None,
+            status: ProgressStatus::InProgress,
+            percentage: pct,
+            current_step: None,
+            total_steps: None,
+            completed_steps: 0,
+            weight: 1.0,
+            children: 2,
+            error_message: None,
+            retry_count: 0,
+            last_message: Some("draining".into()),
+            created_at: Utc::now(),
+            started_at: None,
+            completed_at: None,
+            duration: None,
+            metadata: JsonMap::new(),
+        };
+        let bars: HashMap<String, ProgressBar> = [("nodes".to_owned(), ProgressBar::hidden())]
+            .into_iter()
+            .collect();
+        bars["nodes"].set_length(1000);
+        refresh_bars(&bars, &[task("nodes", 65.0), task("other", 10.0)]);
+        assert_eq!(bars["nodes"].position(), 650);
+        assert!(bars["nodes"].message().contains("65.0%"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod crash;
 mod dashboard;
 mod eventbridge;
 mod reference;
-mod trust;
 mod remote;
 mod s3;
+mod trust;
 mod util;

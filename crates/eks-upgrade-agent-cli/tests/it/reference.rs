@@ -97,7 +97,8 @@ fn imports_a_file_the_python_agent_wrote() {
             show["completed_tasks"].as_u64(),
             show["failed_tasks"].as_u64()
         ),
-        (Some(1), Some(1))
+        (Some(1), Some(2)),
+        "task-2 takes the status of its failed child (hierarchy rules)"
     );
     // task-2 shows its child's 30%; the upgrade shows (100 + 30) / 2.
     assert_eq!(show["overall_progress"], 65.0);

@@ -31,7 +31,14 @@ fn apply_all(env: &Env, input: &str) {
 
 fn create(env: &Env, upgrade: &str) {
     env.ok(&[
-        "progress", "upgrade", "create", upgrade, "--plan", "p", "--cluster", "c",
+        "progress",
+        "upgrade",
+        "create",
+        upgrade,
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
     ]);
 }
 
@@ -65,17 +72,33 @@ fn reads_never_create_a_data_dir() {
             "{args:?}: {stderr}"
         );
         assert!(out.stdout.is_empty(), "{args:?}");
-        assert!(!root.path().join("nonexistent").exists(), "{args:?} created it");
+        assert!(
+            !root.path().join("nonexistent").exists(),
+            "{args:?} created it"
+        );
     }
     // A command that writes creates it.
     let out = Command::new(BIN)
         .arg("--data-dir")
         .arg(&missing)
-        .args(["progress", "upgrade", "create", "u1", "--plan", "p", "--cluster", "c"])
+        .args([
+            "progress",
+            "upgrade",
+            "create",
+            "u1",
+            "--plan",
+            "p",
+            "--cluster",
+            "c",
+        ])
         .env("XDG_CONFIG_HOME", root.path().join("config"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(missing.is_dir());
 }
 
@@ -114,7 +137,11 @@ fn events_lists_everything_by_default_and_a_limit_says_what_it_left_out() {
     );
     // A limit that covers everything says nothing.
     let out = env.run(&["progress", "events", "u1", "--limit", "20000"]);
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let empty = env.json(&["progress", "events", "u1", "--since", "999999"]);
     assert_eq!(empty, json!([]));
 }
@@ -144,16 +171,33 @@ fn an_absurd_eta_does_not_take_listings_down() {
     create(&env, "slow");
     env.ok(&["progress", "upgrade", "start", "slow"]);
     env.ok(&[
-        "progress", "task", "add", "slow", "t", "--name", "T", "--type", "upgrade_step",
+        "progress",
+        "task",
+        "add",
+        "slow",
+        "t",
+        "--name",
+        "T",
+        "--type",
+        "upgrade_step",
     ]);
     env.ok(&[
-        "progress", "task", "update", "slow", "t", "--percent", "0.000000001",
+        "progress",
+        "task",
+        "update",
+        "slow",
+        "t",
+        "--percent",
+        "0.000000001",
     ]);
     let list = env.json(&["progress", "upgrade", "list"]);
     assert_eq!(list[0]["upgrade_id"], "old");
     assert_eq!(list[0]["estimated_completion"], Value::Null);
     assert!(env.ok(&["progress", "upgrade", "list"]).contains("old"));
-    assert!(env.ok(&["progress", "upgrade", "show", "old"]).contains("eta -"));
+    assert!(
+        env.ok(&["progress", "upgrade", "show", "old"])
+            .contains("eta -")
+    );
     let served = serve(&env, &[]);
     let resp = http(
         served.port,
@@ -163,7 +207,10 @@ fn an_absurd_eta_does_not_take_listings_down() {
         ),
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.contains("\"old\"") && resp.contains("\"slow\""), "{resp}");
+    assert!(
+        resp.contains("\"old\"") && resp.contains("\"slow\""),
+        "{resp}"
+    );
     // A failed upgrade has no ETA (the dashboard said "any moment").
     env.ok(&["progress", "upgrade", "fail", "slow", "--error", "gave up"]);
     let s = env.json(&["progress", "upgrade", "show", "slow"]);
@@ -175,14 +222,45 @@ fn control_characters_are_refused_and_never_printed_raw() {
     let env = Env::new();
     create(&env, "u1");
     env.ok(&[
-        "progress", "task", "add", "u1", "t", "--name", "T", "--type", "upgrade_step",
+        "progress",
+        "task",
+        "add",
+        "u1",
+        "t",
+        "--name",
+        "T",
+        "--type",
+        "upgrade_step",
     ]);
     for args in [
-        &["progress", "task", "fail", "u1", "t", "--error", "boom\u{1b}[2J"][..],
-        &["progress", "task", "start", "u1", "t", "-m", "csi \u{9b}31m red"],
+        &[
+            "progress",
+            "task",
+            "fail",
+            "u1",
+            "t",
+            "--error",
+            "boom\u{1b}[2J",
+        ][..],
+        &[
+            "progress",
+            "task",
+            "start",
+            "u1",
+            "t",
+            "-m",
+            "csi \u{9b}31m red",
+        ],
         &["progress", "task", "start", "u1", "t", "-m", "bell\u{7}"],
         &["progress", "upgrade", "phase", "u1", "x\u{1b}]0;title\u{7}"],
-        &["progress", "upgrade", "fail", "u1", "--error", "cr\roverwrite"],
+        &[
+            "progress",
+            "upgrade",
+            "fail",
+            "u1",
+            "--error",
+            "cr\roverwrite",
+        ],
     ] {
         let err = env.fails(1, args);
         assert!(err.contains("control character"), "{args:?}: {err}");
@@ -229,4 +307,95 @@ fn control_characters_are_refused_and_never_printed_raw() {
     assert!(err.contains("control character"), "{err}");
     let list = env.json(&["progress", "upgrade", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "nothing imported");
+}
+
+/// Parents follow their children (DESIGN.md "Hierarchy semantics"): completing a parent while
+/// a child runs once succeeded (100% with children at 0%), and a parent stayed `in_progress`
+/// after its child and the upgrade failed.
+#[test]
+fn parents_follow_their_children() {
+    let env = Env::new();
+    create(&env, "u1");
+    env.ok(&["progress", "upgrade", "start", "u1"]);
+    for (id, parent) in [
+        ("nodes", None),
+        ("ng-1", Some("nodes")),
+        ("ng-2", Some("nodes")),
+    ] {
+        let mut args = vec![
+            "progress",
+            "task",
+            "add",
+            "u1",
+            id,
+            "--name",
+            id,
+            "--type",
+            "upgrade_step",
+        ];
+        if let Some(p) = parent {
+            args.extend(["--parent", p]);
+        }
+        env.ok(&args);
+    }
+    env.ok(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "ng-1",
+        "--percent",
+        "30",
+    ]);
+    let err = env.fails(1, &["progress", "task", "complete", "u1", "nodes"]);
+    assert!(
+        err.contains("unfinished") && err.contains("ng-1, ng-2"),
+        "{err}"
+    );
+    let nodes = env.json(&["progress", "task", "show", "u1", "nodes"]);
+    assert_eq!(nodes["status"], "in_progress");
+    assert_eq!(nodes["percentage"], 15.0);
+
+    env.ok(&[
+        "progress",
+        "task",
+        "fail",
+        "u1",
+        "ng-1",
+        "--error",
+        "PDB blocks eviction",
+    ]);
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "fail",
+        "u1",
+        "--error",
+        "node groups failed",
+    ]);
+    let nodes = env.json(&["progress", "task", "show", "u1", "nodes"]);
+    assert_eq!(nodes["status"], "failed");
+    assert_eq!(
+        nodes["error_message"],
+        "subtask \"ng-1\" failed: PDB blocks eviction"
+    );
+    // The parent's own events are in the log (and so in streams, watch and notifications).
+    let events = env.events("u1");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["task_id"] == "nodes" && e["kind"] == "task.failed"),
+        "{events:?}"
+    );
+    // The export says the same.
+    let export = env.json(&["progress", "export", "u1", "--out", "-"]);
+    assert_eq!(export["tasks"]["nodes"]["status"], "failed");
+    // `watch` (no terminal: event lines) shows the parent's changes too.
+    let watch = env.ok(&["progress", "watch", "u1"]);
+    assert!(
+        watch
+            .lines()
+            .any(|l| l.contains("task.failed") && l.contains("nodes")),
+        "{watch}"
+    );
 }

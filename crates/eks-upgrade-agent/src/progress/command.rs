@@ -382,6 +382,25 @@ impl Command {
         })
     }
 
+    /// The same task command for another task of the same upgrade (a parent's operation
+    /// applied to its children). Other commands are returned unchanged.
+    pub(crate) fn for_task(&self, other: &str) -> Command {
+        let mut c = self.clone();
+        match &mut c {
+            Command::TaskStart { task_id, .. }
+            | Command::TaskUpdate { task_id, .. }
+            | Command::TaskStep { task_id, .. }
+            | Command::TaskComplete { task_id, .. }
+            | Command::TaskFail { task_id, .. }
+            | Command::TaskPause { task_id, .. }
+            | Command::TaskResume { task_id, .. }
+            | Command::TaskCancel { task_id, .. }
+            | Command::TaskRetry { task_id, .. } => other.clone_into(task_id),
+            _ => {}
+        }
+        c
+    }
+
     /// Builds the command that adds `task` to `upgrade_id`.
     pub fn add_task(upgrade_id: impl Into<String>, task: NewTask) -> Command {
         Command::TaskAdd {
@@ -612,7 +631,10 @@ pub fn check_import(upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent])
             )));
         }
         if depth.insert(&t.task_id, d).is_some() {
-            return Err(Error::invalid(format!("task {:?} appears twice", t.task_id)));
+            return Err(Error::invalid(format!(
+                "task {:?} appears twice",
+                t.task_id
+            )));
         }
     }
     for e in events {
@@ -831,7 +853,13 @@ mod tests {
 
     #[test]
     fn control_characters_are_refused_in_every_text_field() {
-        let hostile = ["\u{1b}[2J", "bell\u{7}", "csi\u{9b}31m", "cr\roverwrite", "nul\0"];
+        let hostile = [
+            "\u{1b}[2J",
+            "bell\u{7}",
+            "csi\u{9b}31m",
+            "cr\roverwrite",
+            "nul\0",
+        ];
         for bad in hostile {
             let cmds = [
                 Command::TaskFail {
@@ -856,7 +884,10 @@ mod tests {
             ];
             for c in cmds {
                 let err = c.validate().unwrap_err();
-                assert!(err.to_string().contains("control character"), "{bad:?}: {err}");
+                assert!(
+                    err.to_string().contains("control character"),
+                    "{bad:?}: {err}"
+                );
             }
         }
         Command::TaskStart {

@@ -32,6 +32,24 @@
 //! it is completed); the upgrade shows the weighted mean of its top-level tasks. Stores keep, per
 //! parent, the sum of weights and of weighted percentages of its children, so a change costs
 //! O(depth), never O(tasks).
+//!
+//! Statuses roll up too ([`derived_status`]): a task with children takes its status from them.
+//! Stores keep, per parent, the number of children in each status, so deriving costs O(1) per
+//! level. Operations on a task with children:
+//!
+//! | operation | on a task with children                                                  |
+//! |-----------|--------------------------------------------------------------------------|
+//! | start     | marks it started (as for a leaf)                                         |
+//! | update    | refused: its percentage is its children's                                |
+//! | complete  | refused while a subtask is unfinished (naming them); a no-op once done   |
+//! | fail      | fails every unfinished leaf below it                                     |
+//! | cancel    | cancels every unfinished leaf below it                                   |
+//! | pause     | pauses every running leaf below it                                       |
+//! | resume    | resumes every paused leaf below it                                       |
+//! | retry     | retries every failed or cancelled leaf below it                          |
+//!
+//! A change below a completed task that would reopen it (a retried subtask) is refused:
+//! `completed` stays final at every level. The upgrade's own status stays explicit.
 
 use chrono::{DateTime, Utc};
 
@@ -222,6 +240,108 @@ pub(crate) fn effective_percentage(
     }
 }
 
+/// The status of a task with children, from the number of children in each status (indexed
+/// like [`ProgressStatus::ALL`]) and whether the task itself was started: any child running ->
+/// `in_progress`; else any failed -> `failed`; else any paused -> `paused`; else all completed
+/// or cancelled -> `completed` when at least one completed, `cancelled` otherwise; else (some
+/// not started) `in_progress` when work under it has begun (a child finished, or the task was
+/// started itself), `not_started` otherwise.
+///
+/// The last rule refines DESIGN.md's "else `not_started`": a group whose first child completed
+/// and whose second has not started yet is under way, not unstarted.
+pub(crate) fn derived_status(children: [u32; 6], started: bool) -> ProgressStatus {
+    let n = |s: ProgressStatus| children[s.index()];
+    let total: u32 = children.iter().sum();
+    let finished = n(Completed) + n(Cancelled);
+    if n(InProgress) > 0 {
+        InProgress
+    } else if n(Failed) > 0 {
+        Failed
+    } else if n(Paused) > 0 {
+        Paused
+    } else if total > 0 && finished == total {
+        if n(Completed) > 0 {
+            Completed
+        } else {
+            Cancelled
+        }
+    } else if started || finished > 0 {
+        InProgress
+    } else {
+        NotStarted
+    }
+}
+
+/// Moves a task with children to `to` (its newly derived status): timestamps, error and the
+/// event to append. `cause` is the error of the failed child that made it fail, if any.
+/// Refuses to reopen a completed task.
+pub(crate) fn derive_parent(
+    task: &mut Task,
+    to: ProgressStatus,
+    cause: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<TaskEffect> {
+    let from = task.status;
+    if from == Completed {
+        return Err(Error::InvalidTransition {
+            what: format!(
+                "task {:?} of upgrade {:?} (completed; a change below it would reopen it)",
+                task.task_id, task.upgrade_id
+            ),
+            from,
+            to,
+        });
+    }
+    let finish = |task: &mut Task| {
+        task.completed_at = Some(now);
+        task.duration = task.started_at.map(|s| seconds_between(s, now));
+    };
+    let (kind, message) = match to {
+        InProgress => {
+            if task.started_at.is_none() {
+                task.started_at = Some(now);
+            }
+            task.completed_at = None;
+            task.duration = None;
+            task.error_message = None;
+            let kind = match from {
+                NotStarted => EventKind::TaskStarted,
+                Paused => EventKind::TaskResumed,
+                _ => EventKind::TaskRetried,
+            };
+            (kind, "subtasks running")
+        }
+        Completed => {
+            if let Some(total) = task.total_steps {
+                task.completed_steps = total;
+            }
+            finish(task);
+            (EventKind::TaskCompleted, "all subtasks finished")
+        }
+        Failed => {
+            task.error_message = Some(cause.unwrap_or("a subtask failed").to_owned());
+            finish(task);
+            (EventKind::TaskFailed, "a subtask failed")
+        }
+        Paused => (EventKind::TaskPaused, "subtasks paused"),
+        Cancelled => {
+            finish(task);
+            (EventKind::TaskCancelled, "all subtasks cancelled")
+        }
+        NotStarted => (EventKind::TaskProgress, "no subtask started"),
+    };
+    task.status = to;
+    let message = match (to, &task.error_message) {
+        (Failed, Some(e)) => e.clone(),
+        _ => message.to_owned(),
+    };
+    task.last_message = Some(message.clone());
+    Ok(TaskEffect {
+        kind,
+        message: Some(message),
+    })
+}
+
 /// Orders tasks so every parent comes before its children, otherwise keeping the given order.
 /// `parents[i]` is the parent id of `ids[i]`; parents not among `ids` are ignored (the caller
 /// checks them). Rejects duplicate ids and parent cycles.
@@ -408,6 +528,62 @@ mod tests {
         assert_eq!(effective_percentage(InProgress, 10.0, 0.0, 0.0), 10.0);
         assert_eq!(clamp_pct(100.000000000001), 100.0);
         assert_eq!(clamp_pct(-1e-12), 0.0);
+    }
+
+    #[test]
+    fn derived_status_rules() {
+        // Counts indexed like ProgressStatus::ALL:
+        // [not_started, in_progress, completed, failed, paused, cancelled].
+        let cases: [([u32; 6], bool, ProgressStatus); 12] = [
+            ([2, 0, 0, 0, 0, 0], false, NotStarted),
+            ([2, 0, 0, 0, 0, 0], true, InProgress),
+            ([1, 1, 0, 0, 0, 0], false, InProgress),
+            ([0, 1, 0, 1, 1, 0], false, InProgress),
+            ([1, 0, 1, 1, 1, 0], false, Failed),
+            ([1, 0, 1, 0, 1, 0], false, Paused),
+            ([0, 0, 2, 0, 0, 1], false, Completed),
+            ([0, 0, 0, 0, 0, 3], false, Cancelled),
+            ([0, 0, 0, 0, 0, 3], true, Cancelled),
+            ([1, 0, 1, 0, 0, 0], false, InProgress),
+            ([1, 0, 0, 0, 0, 1], false, InProgress),
+            ([0, 0, 1, 0, 0, 0], false, Completed),
+        ];
+        for (counts, started, expected) in cases {
+            assert_eq!(
+                derived_status(counts, started),
+                expected,
+                "{counts:?} {started}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_derived_change_never_reopens_a_completed_task() {
+        let now = Utc::now();
+        let mut t = task(Completed);
+        let err = derive_parent(&mut t, InProgress, None, now).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidTransition {
+                    from: Completed,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut t = task(InProgress);
+        t.started_at = Some(now);
+        let e = derive_parent(&mut t, Failed, Some("subtask \"a\" failed: boom"), now).unwrap();
+        assert_eq!(e.kind, EventKind::TaskFailed);
+        assert_eq!(
+            t.error_message.as_deref(),
+            Some("subtask \"a\" failed: boom")
+        );
+        assert!(t.completed_at.is_some());
+        let e = derive_parent(&mut t, InProgress, None, now).unwrap();
+        assert_eq!(e.kind, EventKind::TaskRetried);
+        assert_eq!((t.error_message.as_deref(), t.completed_at), (None, None));
     }
 
     #[test]

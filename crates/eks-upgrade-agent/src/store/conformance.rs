@@ -8,9 +8,7 @@ use serde_json::json;
 
 use super::{EventQuery, ProgressStore};
 use crate::error::Error;
-use crate::model::{
-    EventKind, JsonMap, ProgressEvent, ProgressStatus, Task, TaskType, Upgrade,
-};
+use crate::model::{EventKind, JsonMap, ProgressEvent, ProgressStatus, Task, TaskType, Upgrade};
 use crate::progress::command::{Command, NewTask};
 use crate::progress::tracker::ProgressTracker;
 
@@ -19,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 13] = [
+    let cases: [Case; 14] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -41,6 +39,10 @@ pub fn run(factory: Factory<'_>) {
         ),
         ("add_many_is_all_or_nothing", add_many_is_all_or_nothing),
         ("latest_events_of_an_upgrade", latest_events_of_an_upgrade),
+        (
+            "hierarchy_statuses_follow_children",
+            hierarchy_statuses_follow_children,
+        ),
         (
             "hostile_imports_are_refused_whole",
             hostile_imports_are_refused_whole,
@@ -366,20 +368,171 @@ fn rollup_weighted_and_nested(t: ProgressTracker) {
     assert!(err.to_string().contains("rolled up"), "{err}");
     t.complete_task("u", "plan", None).unwrap();
     assert_eq!(t.summary("u").unwrap().overall_progress, 75.0);
-    // Completing a parent shows 100 whatever its children say.
-    t.complete_task("u", "ng1", None).unwrap();
+    // A parent with unfinished children cannot be completed; the error names them.
+    let err = t.complete_task("u", "ng1", None).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidTransition { .. }) && err.to_string().contains("n1, n2"),
+        "{err}"
+    );
+    t.complete_task("u", "n1", None).unwrap();
+    t.complete_task("u", "n2", None).unwrap();
+    // ...and completes with its last child.
+    assert_eq!(status(&t, "u", "ng1"), ProgressStatus::Completed);
     assert_eq!(pct(&t, "u", "ng1"), 100.0);
     assert_eq!(pct(&t, "u", "nodes"), 62.5); // (100 + 150) / 4
     // Adding a child dilutes its parent.
     add(&t, "u", "ng3", Some("nodes"), 4.0);
     assert_eq!(pct(&t, "u", "nodes"), 31.25); // 250 / 8
     assert_eq!(t.task_detail("u", "nodes").unwrap().task.children, 3);
-    for id in ["n2", "ng2", "ng3"] {
+    for id in ["ng2", "ng3"] {
         t.complete_task("u", id, None).unwrap();
     }
     assert_eq!(pct(&t, "u", "nodes"), 100.0);
+    assert_eq!(status(&t, "u", "nodes"), ProgressStatus::Completed);
+    // Completing it again is a no-op, not an error (agents complete the group after its
+    // children, as the reference did).
+    let seq = t.store().last_seq().unwrap();
     t.complete_task("u", "nodes", None).unwrap();
+    assert_eq!(t.store().last_seq().unwrap(), seq);
     assert_eq!(t.summary("u").unwrap().overall_progress, 100.0);
+}
+
+fn status(t: &ProgressTracker, u: &str, id: &str) -> ProgressStatus {
+    t.task_detail(u, id).unwrap().task.status
+}
+
+/// DESIGN.md "Hierarchy semantics": a task with children takes its status from them, in every
+/// backend, with the parent's own events, status changes and notifications.
+fn hierarchy_statuses_follow_children(t: ProgressTracker) {
+    use ProgressStatus::*;
+    setup(&t, "u");
+    t.start_upgrade("u", None).unwrap();
+    add(&t, "u", "nodes", None, 1.0);
+    add(&t, "u", "ng1", Some("nodes"), 1.0);
+    add(&t, "u", "ng2", Some("nodes"), 1.0);
+    add(&t, "u", "n1", Some("ng1"), 1.0);
+    add(&t, "u", "n2", Some("ng1"), 1.0);
+    let all = |t: &ProgressTracker| -> Vec<ProgressStatus> {
+        ["nodes", "ng1", "ng2", "n1", "n2"]
+            .iter()
+            .map(|id| status(t, "u", id))
+            .collect()
+    };
+    assert_eq!(all(&t), [NotStarted; 5]);
+
+    // A child starting starts every ancestor, each with its own event and status change.
+    let c = t.start_task("u", "n1", None).unwrap();
+    let kinds: Vec<_> = c
+        .events
+        .iter()
+        .map(|e| (e.task_id.clone().unwrap(), e.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("n1".into(), EventKind::TaskStarted),
+            ("ng1".into(), EventKind::TaskStarted),
+            ("nodes".into(), EventKind::TaskStarted)
+        ]
+    );
+    assert_eq!(c.status_changes.len(), 3);
+    assert_eq!(
+        all(&t),
+        [InProgress, InProgress, NotStarted, InProgress, NotStarted]
+    );
+    let s = t.summary("u").unwrap();
+    assert_eq!((s.in_progress_tasks, s.not_started_tasks), (3, 2));
+
+    // A failed child fails its parent (while nothing else runs there), with the cause.
+    t.fail_task("u", "n1", "PDB blocks eviction").unwrap();
+    assert_eq!(all(&t), [Failed, Failed, NotStarted, Failed, NotStarted]);
+    let ng1 = t.task_detail("u", "ng1").unwrap();
+    assert_eq!(
+        ng1.task.error_message.as_deref(),
+        Some("subtask \"n1\" failed: PDB blocks eviction")
+    );
+    assert_eq!(ng1.recent_events[0].kind, EventKind::TaskFailed);
+    assert_eq!(t.summary("u").unwrap().failed_tasks, 3);
+    // A retry of the child reopens its ancestors.
+    t.retry_task("u", "n1", None).unwrap();
+    assert_eq!(
+        all(&t),
+        [InProgress, InProgress, NotStarted, InProgress, NotStarted]
+    );
+    assert_eq!(t.task_detail("u", "ng1").unwrap().task.error_message, None);
+
+    // Completing a parent with unfinished children is refused and changes nothing.
+    let seq = t.store().last_seq().unwrap();
+    let err = t.complete_task("u", "nodes", None).unwrap_err();
+    assert!(err.to_string().contains("ng1, ng2"), "{err}");
+    assert_eq!(t.store().last_seq().unwrap(), seq);
+
+    // Pausing a parent pauses its running leaves; resuming resumes them.
+    t.start_task("u", "ng2", None).unwrap();
+    t.pause_task("u", "nodes", Some("maintenance window"))
+        .unwrap();
+    assert_eq!(all(&t), [Paused, Paused, Paused, Paused, NotStarted]);
+    t.resume_task("u", "nodes", None).unwrap();
+    assert_eq!(
+        all(&t),
+        [InProgress, InProgress, InProgress, InProgress, NotStarted]
+    );
+    let err = t.resume_task("u", "nodes", None).unwrap_err();
+    assert!(matches!(err, Error::InvalidTransition { .. }), "{err}");
+
+    // Failing a parent fails its unfinished leaves.
+    t.fail_task("u", "ng1", "node group unhealthy").unwrap();
+    assert_eq!(status(&t, "u", "n1"), Failed);
+    assert_eq!(status(&t, "u", "n2"), Failed);
+    assert_eq!(status(&t, "u", "ng1"), Failed);
+    assert_eq!(status(&t, "u", "nodes"), InProgress, "ng2 still runs");
+    // Retrying it retries them.
+    t.retry_task("u", "ng1", None).unwrap();
+    assert_eq!(status(&t, "u", "n1"), InProgress);
+    assert_eq!(status(&t, "u", "n2"), InProgress);
+
+    // Cancelling a parent cancels its unfinished leaves; with one completed, it completes.
+    t.complete_task("u", "n1", None).unwrap();
+    t.cancel_task("u", "ng1", None).unwrap();
+    assert_eq!(status(&t, "u", "n2"), Cancelled);
+    assert_eq!(status(&t, "u", "ng1"), Completed);
+    // Nothing below a completed task may reopen it, nor can it get a new child.
+    let seq = t.store().last_seq().unwrap();
+    let err = t.retry_task("u", "n2", None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidTransition {
+                from: Completed,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let task = NewTask::new("n3", "N3", TaskType::UpgradeStep).parent("ng1");
+    let err = t.add_task("u", task).unwrap_err();
+    assert!(matches!(err, Error::InvalidTransition { .. }), "{err}");
+    assert_eq!(t.store().last_seq().unwrap(), seq);
+
+    // The last child completing completes the group; percentages and counters agree.
+    t.complete_task("u", "ng2", None).unwrap();
+    assert_eq!(status(&t, "u", "nodes"), Completed);
+    let s = t.summary("u").unwrap();
+    assert_eq!(s.overall_progress, 100.0);
+    assert_eq!(
+        (s.completed_tasks, s.cancelled_tasks, s.total_tasks),
+        (4, 1, 5)
+    );
+    // Every task's stored counters agree with a recount.
+    let tasks = t.tasks("u").unwrap();
+    let mut counts = [0u64; 6];
+    for task in &tasks {
+        counts[ProgressStatus::ALL
+            .iter()
+            .position(|x| *x == task.status)
+            .unwrap()] += 1;
+    }
+    assert_eq!(t.upgrade("u").unwrap().task_counts, counts);
 }
 
 fn steps_set_percentage(t: ProgressTracker) {
@@ -626,13 +779,19 @@ fn hostile_imports_are_refused_whole(t: ProgressTracker) {
             t[1].task_id = "a/b".into();
             e[1].task_id = Some("a/b".into());
         }),
-        ("current_phase", |u, _, _| u.current_phase = Some("p".repeat(100_000))),
+        ("current_phase", |u, _, _| {
+            u.current_phase = Some("p".repeat(100_000))
+        }),
         ("control character", |u, _, _| {
             u.error_message = Some("\u{1b}[2J".into())
         }),
-        ("control character", |_, _, e| e[0].message = Some("\u{9b}1m".into())),
+        ("control character", |_, _, e| {
+            e[0].message = Some("\u{9b}1m".into())
+        }),
         ("percentage", |_, t, _| t[0].percentage = 100.5),
-        ("unknown task", |_, _, e| e[0].task_id = Some("ghost".into())),
+        ("unknown task", |_, _, e| {
+            e[0].task_id = Some("ghost".into())
+        }),
         ("appears twice", |_, t, _| {
             let dup = t[0].clone();
             t.push(dup);
@@ -641,7 +800,11 @@ fn hostile_imports_are_refused_whole(t: ProgressTracker) {
             for i in 0..40 {
                 let mut x = t[1].clone();
                 x.task_id = format!("d{i}");
-                x.parent_task_id = Some(if i == 0 { "b".into() } else { format!("d{}", i - 1) });
+                x.parent_task_id = Some(if i == 0 {
+                    "b".into()
+                } else {
+                    format!("d{}", i - 1)
+                });
                 t.push(x);
             }
         }),

@@ -26,13 +26,13 @@ use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
 };
-use crate::progress::command::{Command, MAX_DEPTH, NewTask};
+use crate::progress::command::{Command, MAX_DEPTH, NewTask, TaskOp};
 use crate::progress::machine;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -100,6 +100,29 @@ CREATE TABLE IF NOT EXISTS events (
     percentage    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_upgrade ON events (ukey, seq);
+"#;
+
+/// Schema 5: per parent, the number of children in each status (`k0`..`k5`, indexed like
+/// `ProgressStatus::ALL`), so a parent's derived status costs O(1) per level; and an index of
+/// children by parent for the operations that walk a subtree (fail, cancel, pause, resume or
+/// retry a parent) or name unfinished children. Existing rows get their counts; their stored
+/// statuses are left as they were.
+const HIERARCHY_SCHEMA: &str = r#"
+ALTER TABLE tasks ADD COLUMN k0 INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN k1 INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN k2 INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN k3 INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN k4 INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN k5 INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (parent_tkey) WHERE parent_tkey IS NOT NULL;
+UPDATE tasks SET
+    k0 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 0),
+    k1 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 1),
+    k2 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 2),
+    k3 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 3),
+    k4 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 4),
+    k5 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 5)
+WHERE children > 0;
 "#;
 
 /// Options for opening a [`SqliteStore`].
@@ -309,6 +332,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         if version < 4 {
             conn.execute_batch(super::sqlite_artifacts::UPLOAD_SCHEMA)?;
         }
+        if version < 5 {
+            conn.execute_batch(HIERARCHY_SCHEMA)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
     };
@@ -435,7 +461,7 @@ fn overall(top_weight: f64, top_sum: f64) -> f64 {
 const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, last_event_seq, \
     task_id, name, task_type, parent_task_id, status, percentage, current_step, total_steps, \
     completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
-    started_at, completed_at, duration, metadata";
+    started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5";
 
 struct TaskRow {
     tkey: i64,
@@ -444,11 +470,18 @@ struct TaskRow {
     child_weight: f64,
     child_sum: f64,
     last_event_seq: i64,
+    /// Children per status, indexed like `ProgressStatus::ALL`.
+    child_counts: [u32; 6],
     task: Task,
 }
 
 fn task_row(r: &Row<'_>, upgrade_id: &str) -> rusqlite::Result<TaskRow> {
+    let mut child_counts = [0u32; 6];
+    for (i, c) in child_counts.iter_mut().enumerate() {
+        *c = r.get(25 + i)?;
+    }
     Ok(TaskRow {
+        child_counts,
         tkey: r.get(0)?,
         parent_tkey: r.get(1)?,
         depth: r.get(2)?,
@@ -621,7 +654,8 @@ fn save_task(tx: &Transaction<'_>, row: &TaskRow) -> Result<()> {
         "UPDATE tasks SET status = ?2, percentage = ?3, current_step = ?4, completed_steps = ?5, \
          error_message = ?6, retry_count = ?7, last_message = ?8, started_at = ?9, \
          completed_at = ?10, duration = ?11, last_event_seq = ?12, children = ?13, \
-         child_weight = ?14, child_sum = ?15 WHERE tkey = ?1",
+         child_weight = ?14, child_sum = ?15, k0 = ?16, k1 = ?17, k2 = ?18, k3 = ?19, k4 = ?20, \
+         k5 = ?21 WHERE tkey = ?1",
     )?
     .execute(params![
         row.tkey,
@@ -638,46 +672,361 @@ fn save_task(tx: &Transaction<'_>, row: &TaskRow) -> Result<()> {
         row.last_event_seq,
         t.children,
         row.child_weight,
-        row.child_sum
+        row.child_sum,
+        row.child_counts[0],
+        row.child_counts[1],
+        row.child_counts[2],
+        row.child_counts[3],
+        row.child_counts[4],
+        row.child_counts[5]
     ])?;
     Ok(())
 }
 
-/// Adds `d_sum` (a change of weighted percentage) and `d_weight` to the children sums of
-/// `parent` and carries the parent's own change upwards. Stops as soon as a level does not
-/// change. The change that reaches the top is added to `delta` (the upgrade's mean).
-fn propagate(
-    tx: &Transaction<'_>,
-    upgrade_id: &str,
-    mut parent: Option<i64>,
-    mut d_sum: f64,
-    mut d_weight: f64,
-    mut d_children: u32,
-    delta: &mut UpgradeDelta,
-) -> Result<()> {
-    while let Some(pkey) = parent {
-        if d_sum == 0.0 && d_weight == 0.0 && d_children == 0 {
-            return Ok(());
+/// What one task command writes beyond its own row: the events it appends (its own and its
+/// ancestors'), the status changes, and the upgrade row's delta.
+struct TaskWrite<'a, 't> {
+    tx: &'a Transaction<'t>,
+    ukey: i64,
+    upgrade_id: &'a str,
+    now: DateTime<Utc>,
+    delta: UpgradeDelta,
+    committed: Committed,
+    cluster: Option<String>,
+}
+
+/// A change of one child's status, carried up the tree: `from` is `None` for a new child.
+#[derive(Clone, Copy)]
+struct ChildChange {
+    from: Option<ProgressStatus>,
+    to: ProgressStatus,
+}
+
+impl<'a, 't> TaskWrite<'a, 't> {
+    fn new(tx: &'a Transaction<'t>, ukey: i64, upgrade_id: &'a str, now: DateTime<Utc>) -> Self {
+        TaskWrite {
+            tx,
+            ukey,
+            upgrade_id,
+            now,
+            delta: UpgradeDelta::default(),
+            committed: Committed::default(),
+            cluster: None,
         }
-        let mut row = tx
-            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
-            .query_row([pkey], |r| task_row(r, upgrade_id))?;
-        row.child_weight += d_weight;
-        row.child_sum += d_sum;
-        row.task.children += d_children;
-        let old = row.task.percentage;
-        let new =
-            machine::effective_percentage(row.task.status, old, row.child_weight, row.child_sum);
-        row.task.percentage = new;
-        save_task(tx, &row)?;
-        d_sum = row.task.weight * (new - old);
-        d_weight = 0.0;
-        d_children = 0;
-        parent = row.parent_tkey;
     }
-    delta.top_sum += d_sum;
-    delta.top_weight += d_weight;
-    Ok(())
+
+    fn finish(self) -> Result<Committed> {
+        self.delta.flush(self.tx, self.ukey)?;
+        Ok(self.committed)
+    }
+
+    /// Appends the event of a change to `row` (whose status was `from`), with its status
+    /// change and notification; sets the row's `last_event_seq` (the caller saves the row).
+    fn record(
+        &mut self,
+        row: &mut TaskRow,
+        from: ProgressStatus,
+        effect: &machine::TaskEffect,
+        details: Option<&JsonMap>,
+    ) -> Result<()> {
+        let event = NewEvent {
+            ukey: self.ukey,
+            tkey: Some(row.tkey),
+            prev_task_seq: Some(row.last_event_seq).filter(|s| *s > 0),
+            kind: effect.kind,
+            status: row.task.status,
+            ts: self.now,
+            message: effect.message.as_deref(),
+            details,
+            percentage: row.task.percentage,
+            event_id: None,
+        };
+        let (seq, id) = insert_event(self.tx, &event)?;
+        row.last_event_seq = seq;
+        self.delta.last_seq = seq;
+        let to = row.task.status;
+        if from != to {
+            self.delta.status(Some(from), to);
+            self.committed.status_changes.push(StatusChange {
+                seq: seq as u64,
+                upgrade_id: self.upgrade_id.to_owned(),
+                task_id: Some(row.task.task_id.clone()),
+                from,
+                to,
+            });
+        }
+        let committed_event = to_event(
+            &event,
+            seq,
+            id,
+            self.upgrade_id,
+            Some((&row.task.task_id, row.task.task_type)),
+        );
+        if crate::notify::detail_type(effect.kind, Some(from)).is_some() {
+            if self.cluster.is_none() {
+                self.cluster = Some(
+                    self.tx
+                        .prepare_cached("SELECT cluster_name FROM upgrades WHERE ukey = ?1")?
+                        .query_row([self.ukey], |r| r.get(0))?,
+                );
+            }
+            super::sqlite_outbox::enqueue(
+                self.tx,
+                &committed_event,
+                Some(from),
+                self.cluster.as_deref().unwrap_or_default(),
+                None,
+                Some(&row.task),
+            )?;
+        }
+        self.committed.events.push(committed_event);
+        Ok(())
+    }
+
+    /// Carries a change of a child of `parent` upwards: `d_sum` (weighted percentage), `d_weight`
+    /// and `d_children` to the children sums, `change` to the status counts. Each ancestor
+    /// recomputes its percentage and derived status; a derived status change appends the
+    /// ancestor's own event (and notification) and travels further up. Stops as soon as a
+    /// level does not change; what reaches the top goes to the upgrade's mean.
+    fn propagate(
+        &mut self,
+        mut parent: Option<i64>,
+        mut d_sum: f64,
+        mut d_weight: f64,
+        mut d_children: u32,
+        mut change: Option<ChildChange>,
+        mut cause: Option<String>,
+    ) -> Result<()> {
+        while let Some(pkey) = parent {
+            if d_sum == 0.0 && d_weight == 0.0 && d_children == 0 && change.is_none() {
+                return Ok(());
+            }
+            let mut row = self
+                .tx
+                .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
+                .query_row([pkey], |r| task_row(r, self.upgrade_id))?;
+            row.child_weight += d_weight;
+            row.child_sum += d_sum;
+            row.task.children += d_children;
+            if let Some(c) = change {
+                if let Some(f) = c.from {
+                    row.child_counts[f.index()] = row.child_counts[f.index()].saturating_sub(1);
+                }
+                row.child_counts[c.to.index()] += 1;
+            }
+            let old_pct = row.task.percentage;
+            let old_status = row.task.status;
+            let derived = machine::derived_status(row.child_counts, row.task.started_at.is_some());
+            let mut effect = None;
+            if derived != old_status {
+                if derived == ProgressStatus::Failed && cause.is_none() {
+                    cause = self.failed_child(pkey)?;
+                }
+                effect = Some(machine::derive_parent(
+                    &mut row.task,
+                    derived,
+                    cause.as_deref(),
+                    self.now,
+                )?);
+            }
+            let new_pct = machine::effective_percentage(
+                row.task.status,
+                old_pct,
+                row.child_weight,
+                row.child_sum,
+            );
+            row.task.percentage = new_pct;
+            if let Some(effect) = &effect {
+                self.record(&mut row, old_status, effect, None)?;
+            }
+            save_task(self.tx, &row)?;
+            d_sum = row.task.weight * (new_pct - old_pct);
+            d_weight = 0.0;
+            d_children = 0;
+            change = (derived != old_status).then_some(ChildChange {
+                from: Some(old_status),
+                to: derived,
+            });
+            if derived != ProgressStatus::Failed {
+                cause = None;
+            }
+            parent = row.parent_tkey;
+        }
+        self.delta.top_sum += d_sum;
+        self.delta.top_weight += d_weight;
+        Ok(())
+    }
+
+    /// "subtask "x" failed: error" for the first failed child of `parent`.
+    fn failed_child(&self, parent: i64) -> Result<Option<String>> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT task_id, error_message FROM tasks WHERE parent_tkey = ?1 AND status = ?2 \
+                 ORDER BY tkey LIMIT 1",
+            )?
+            .query_row(params![parent, status_code(ProgressStatus::Failed)], |r| {
+                Ok(failure_cause(
+                    &r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?.as_deref(),
+                ))
+            })
+            .optional()?)
+    }
+
+    /// Executes a task command on `row`: the state machine, the event, the rollups.
+    fn task_op(&mut self, mut row: TaskRow, command: &Command) -> Result<()> {
+        let from = row.task.status;
+        let old_pct = row.task.percentage;
+        let effect = machine::apply_task(&mut row.task, command, self.now)?;
+        if row.task.children > 0 {
+            // start and step on a parent: its status still comes from its children.
+            row.task.status =
+                machine::derived_status(row.child_counts, row.task.started_at.is_some());
+        }
+        let to = row.task.status;
+        row.task.percentage =
+            machine::effective_percentage(to, row.task.percentage, row.child_weight, row.child_sum);
+        let details = match command {
+            Command::TaskUpdate { details, .. } => Some(details),
+            _ => None,
+        };
+        self.record(&mut row, from, &effect, details)?;
+        save_task(self.tx, &row)?;
+        let d_sum = row.task.weight * (row.task.percentage - old_pct);
+        let cause = (to == ProgressStatus::Failed)
+            .then(|| failure_cause(&row.task.task_id, row.task.error_message.as_deref()));
+        let change = (from != to).then_some(ChildChange {
+            from: Some(from),
+            to,
+        });
+        self.propagate(row.parent_tkey, d_sum, 0.0, 0, change, cause)
+    }
+
+    /// A task command on a task with children (see the table in `progress/machine.rs`).
+    fn parent_op(&mut self, row: TaskRow, command: &Command) -> Result<()> {
+        let Some((_, op)) = command.task_op() else {
+            return Err(Error::invalid("not a task operation"));
+        };
+        let upgrade_id = self.upgrade_id;
+        let what = || format!("task {:?} of upgrade {upgrade_id:?}", row.task.task_id);
+        match op {
+            TaskOp::Start | TaskOp::Step | TaskOp::Update => self.task_op(row, command),
+            TaskOp::Complete => {
+                let finished = row.child_counts[ProgressStatus::Completed.index()]
+                    + row.child_counts[ProgressStatus::Cancelled.index()];
+                let unfinished = row.task.children.saturating_sub(finished);
+                if unfinished > 0 {
+                    let names: Vec<String> = self
+                        .tx
+                        .prepare_cached(
+                            "SELECT task_id FROM tasks WHERE parent_tkey = ?1 \
+                             AND status NOT IN (?2, ?3) ORDER BY tkey LIMIT 5",
+                        )?
+                        .query_map(
+                            params![
+                                row.tkey,
+                                status_code(ProgressStatus::Completed),
+                                status_code(ProgressStatus::Cancelled)
+                            ],
+                            |r| r.get::<_, String>(0),
+                        )?
+                        .collect::<rusqlite::Result<_>>()?;
+                    let more = if unfinished as usize > names.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    };
+                    return Err(Error::InvalidTransition {
+                        what: format!(
+                            "{} ({unfinished} unfinished subtask{}: {}{more})",
+                            what(),
+                            if unfinished == 1 { "" } else { "s" },
+                            names.join(", ")
+                        ),
+                        from: row.task.status,
+                        to: ProgressStatus::Completed,
+                    });
+                }
+                if row.task.status == ProgressStatus::Completed {
+                    // Completed already, with its last child: nothing to do.
+                    return Ok(());
+                }
+                Err(Error::InvalidTransition {
+                    what: what(),
+                    from: row.task.status,
+                    to: ProgressStatus::Completed,
+                })
+            }
+            TaskOp::Fail | TaskOp::Cancel | TaskOp::Pause | TaskOp::Resume | TaskOp::Retry => {
+                let to = machine::task_transition(&row.task, op)?;
+                let what = what();
+                let mut applied = 0;
+                for leaf in self.leaves_below(row.tkey)? {
+                    let leaf = self
+                        .tx
+                        .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
+                        .query_row([leaf], |r| task_row(r, self.upgrade_id))?;
+                    if machine::task_transition(&leaf.task, op).is_err() {
+                        continue;
+                    }
+                    let c = command.for_task(&leaf.task.task_id);
+                    self.task_op(leaf, &c)?;
+                    applied += 1;
+                }
+                if applied == 0 {
+                    return Err(Error::InvalidTransition {
+                        what: format!("{what} (no subtask to {})", command.op_name()),
+                        from: row.task.status,
+                        to,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Leaf tasks below `tkey`, in the order they were added, skipping completed subtrees (nothing below a
+    /// completed task can change).
+    fn leaves_below(&self, tkey: i64) -> Result<Vec<i64>> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT tkey, children, status FROM tasks WHERE parent_tkey = ?1 ORDER BY tkey",
+        )?;
+        let mut leaves = Vec::new();
+        let mut stack = vec![tkey];
+        while let Some(k) = stack.pop() {
+            let kids: Vec<(i64, u32, i64)> = stmt
+                .query_map([k], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (child, grandkids, status) in kids.into_iter().rev() {
+                if grandkids == 0 {
+                    leaves.push(child);
+                } else if status != status_code(ProgressStatus::Completed) {
+                    stack.push(child);
+                }
+            }
+        }
+        // In the order they were added.
+        leaves.sort_unstable();
+        Ok(leaves)
+    }
+}
+
+/// The error a parent shows when its child `task_id` failed with `error`, within the message
+/// limit.
+fn failure_cause(task_id: &str, error: Option<&str>) -> String {
+    let mut text = format!(
+        "subtask {task_id:?} failed: {}",
+        error.unwrap_or("no error given")
+    );
+    if text.len() > crate::progress::command::MAX_MESSAGE_LEN {
+        let mut end = crate::progress::command::MAX_MESSAGE_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 fn execute_batch(
@@ -881,75 +1230,14 @@ fn execute_one(
             let upgrade_id = command.upgrade_id();
             let (task_id, _) = command.task_op().expect("remaining commands are task ops");
             let ukey = cached_upgrade_key(tx, keys, upgrade_id)?;
-            let mut row = load_task(tx, ukey, upgrade_id, task_id)?;
-            let from = row.task.status;
-            let old_pct = row.task.percentage;
-            let effect = machine::apply_task(&mut row.task, command, now)?;
-            let to = row.task.status;
-            row.task.percentage = machine::effective_percentage(
-                to,
-                row.task.percentage,
-                row.child_weight,
-                row.child_sum,
-            );
-            let details = match command {
-                Command::TaskUpdate { details, .. } => Some(details),
-                _ => None,
-            };
-            let event = NewEvent {
-                ukey,
-                tkey: Some(row.tkey),
-                prev_task_seq: Some(row.last_event_seq).filter(|s| *s > 0),
-                kind: effect.kind,
-                status: to,
-                ts: now,
-                message: effect.message.as_deref(),
-                details,
-                percentage: row.task.percentage,
-                event_id: None,
-            };
-            let (seq, id) = insert_event(tx, &event)?;
-            row.last_event_seq = seq;
-            save_task(tx, &row)?;
-            let mut delta = UpgradeDelta {
-                last_seq: seq,
-                ..Default::default()
-            };
-            if from != to {
-                delta.status(Some(from), to);
+            let row = load_task(tx, ukey, upgrade_id, task_id)?;
+            let mut w = TaskWrite::new(tx, ukey, upgrade_id, now);
+            if row.task.children > 0 {
+                w.parent_op(row, command)?;
+            } else {
+                w.task_op(row, command)?;
             }
-            let d_sum = row.task.weight * (row.task.percentage - old_pct);
-            propagate(tx, upgrade_id, row.parent_tkey, d_sum, 0.0, 0, &mut delta)?;
-            delta.flush(tx, ukey)?;
-            let mut status_changes = Vec::new();
-            if from != to {
-                status_changes.push(StatusChange {
-                    seq: seq as u64,
-                    upgrade_id: upgrade_id.to_owned(),
-                    task_id: Some(task_id.to_owned()),
-                    from,
-                    to,
-                });
-            }
-            let task_type = row.task.task_type;
-            let committed_event = to_event(&event, seq, id, upgrade_id, Some((task_id, task_type)));
-            if crate::notify::detail_type(effect.kind, Some(from)).is_some() {
-                let cluster: String = tx
-                    .prepare_cached("SELECT cluster_name FROM upgrades WHERE ukey = ?1")?
-                    .query_row([ukey], |r| r.get(0))?;
-                super::sqlite_outbox::enqueue(
-                    tx,
-                    &committed_event,
-                    Some(from),
-                    &cluster,
-                    None,
-                    Some(&row.task),
-                )?;
-            }
-            Ok(Committed {
-                events: vec![committed_event],
-                status_changes,
-            })
+            w.finish()
         }
     }
 }
@@ -991,8 +1279,7 @@ fn add_tasks(
 ) -> Result<Committed> {
     let ukey = upgrade_key(tx, upgrade_id)?;
     let order = order_batch(tasks)?;
-    let mut delta = UpgradeDelta::default();
-    let mut committed = Committed::default();
+    let mut w = TaskWrite::new(tx, ukey, upgrade_id, now);
     for i in order {
         let t = &tasks[i];
         let exists: Option<i64> = tx
@@ -1020,6 +1307,17 @@ fn add_tasks(
                         t.task_id,
                         parent.depth + 1
                     )));
+                }
+                if parent.task.status.is_terminal() {
+                    // A new, unstarted child would reopen a finished task.
+                    return Err(Error::InvalidTransition {
+                        what: format!(
+                            "task {p:?} of upgrade {upgrade_id:?} (it is {}: a subtask {:?} cannot be added; retry it first)",
+                            parent.task.status, t.task_id
+                        ),
+                        from: parent.task.status,
+                        to: ProgressStatus::InProgress,
+                    });
                 }
                 (Some(parent.tkey), parent.depth + 1)
             }
@@ -1060,19 +1358,22 @@ fn add_tasks(
         let (seq, id) = insert_event(tx, &event)?;
         tx.prepare_cached("UPDATE tasks SET last_event_seq = ?2 WHERE tkey = ?1")?
             .execute(params![tkey, seq])?;
-        delta.status(None, ProgressStatus::NotStarted);
-        delta.last_seq = seq;
-        propagate(tx, upgrade_id, parent_tkey, 0.0, weight, 1, &mut delta)?;
-        committed.events.push(to_event(
+        w.delta.status(None, ProgressStatus::NotStarted);
+        w.delta.last_seq = seq;
+        w.committed.events.push(to_event(
             &event,
             seq,
             id,
             upgrade_id,
             Some((&t.task_id, t.task_type)),
         ));
+        let change = ChildChange {
+            from: None,
+            to: ProgressStatus::NotStarted,
+        };
+        w.propagate(parent_tkey, 0.0, weight, 1, Some(change), None)?;
     }
-    delta.flush(tx, ukey)?;
-    Ok(committed)
+    w.finish()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1205,26 +1506,33 @@ fn import_upgrade(
             what: format!("upgrade {:?}", upgrade.upgrade_id),
         });
     }
-    // Rebuild the rollup sums bottom-up (tasks come parents first, so walk them backwards):
-    // a parent's effective percentage depends on its children's effective percentages.
+    // Rebuild the rollup sums and the derived statuses bottom-up (tasks come parents first, so
+    // walk them backwards): a parent's effective percentage and status depend on its
+    // children's.
     let index: HashMap<&str, usize> = tasks
         .iter()
         .enumerate()
         .map(|(i, t)| (t.task_id.as_str(), i))
         .collect();
     let mut child = vec![(0u32, 0.0f64, 0.0f64); tasks.len()];
+    let mut child_counts = vec![[0u32; 6]; tasks.len()];
+    let mut status: Vec<ProgressStatus> = tasks.iter().map(|t| t.status).collect();
     let mut effective = vec![0.0f64; tasks.len()];
     let mut counts = [0i64; 6];
     let (mut top_w, mut top_s) = (0.0, 0.0);
     for (i, t) in tasks.iter().enumerate().rev() {
-        counts[t.status.index()] += 1;
-        let (_, cw, cs) = child[i];
-        effective[i] = machine::effective_percentage(t.status, t.percentage, cw, cs);
+        let (n, cw, cs) = child[i];
+        if n > 0 {
+            status[i] = machine::derived_status(child_counts[i], t.started_at.is_some());
+        }
+        counts[status[i].index()] += 1;
+        effective[i] = machine::effective_percentage(status[i], t.percentage, cw, cs);
         match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
             Some(&p) => {
                 child[p].0 += 1;
                 child[p].1 += t.weight;
                 child[p].2 += t.weight * effective[i];
+                child_counts[p][status[i].index()] += 1;
             }
             None => {
                 top_w += t.weight;
@@ -1275,12 +1583,20 @@ fn import_upgrade(
         };
         let (children, cw, cs) = child[i];
         let pct = effective[i];
+        let k = child_counts[i];
+        // A parent whose derived status is not terminal has no end yet.
+        let (completed_at, duration) = if status[i].is_terminal() || children == 0 {
+            (t.completed_at, t.duration)
+        } else {
+            (None, None)
+        };
         tx.prepare_cached(
             "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
              status, percentage, current_step, total_steps, completed_steps, weight, children, \
              child_weight, child_sum, error_message, retry_count, last_message, created_at, \
-             started_at, completed_at, duration, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
-             ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+             started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5) VALUES (?1, ?2, \
+             ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
+             ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
         )
         .map_err(Error::from)
         .and_then(|mut s| {
@@ -1292,7 +1608,7 @@ fn import_upgrade(
                 parent_tkey,
                 t.parent_task_id,
                 depth,
-                status_code(t.status),
+                status_code(status[i]),
                 pct,
                 t.current_step,
                 t.total_steps,
@@ -1306,9 +1622,15 @@ fn import_upgrade(
                 t.last_message,
                 micros(t.created_at),
                 t.started_at.map(micros),
-                t.completed_at.map(micros),
-                t.duration,
-                json_text(&t.metadata)
+                completed_at.map(micros),
+                duration,
+                json_text(&t.metadata),
+                k[0],
+                k[1],
+                k[2],
+                k[3],
+                k[4],
+                k[5]
             ])
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _)
