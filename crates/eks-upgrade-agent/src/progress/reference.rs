@@ -662,6 +662,77 @@ mod tests {
         assert_eq!(imp.tasks[0].children, 1);
     }
 
+    /// The issue's hostile reference files: each refused, nothing written.
+    #[test]
+    fn hostile_files_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::SqliteStore::open(dir.path(), &Default::default()).unwrap();
+        let tracker = ProgressTracker::new(std::sync::Arc::new(store));
+        let file = |tasks: Value, extra: Value| {
+            let mut v = json!({"upgrade_id": "u", "cluster_name": "c", "status": "in_progress",
+                               "tasks": tasks});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v.to_string()
+        };
+        let t = |extra: Value| {
+            let mut v = json!({"task_name": "T", "task_type": "upgrade_step"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let chain: serde_json::Map<String, Value> = (0..25_000)
+            .map(|i| {
+                let parent = if i == 0 {
+                    Value::Null
+                } else {
+                    json!(format!("t{}", i - 1))
+                };
+                (format!("t{i}"), t(json!({"parent_task_id": parent})))
+            })
+            .collect();
+        let cases = [
+            (
+                "weight",
+                file(json!({"a": t(json!({"weight": 1e308}))}), json!({})),
+            ),
+            ("levels deep", file(Value::Object(chain), json!({}))),
+            (
+                "exceeds total_steps",
+                file(
+                    json!({"a": t(json!({"total_steps": 2, "completed_steps": 9}))}),
+                    json!({}),
+                ),
+            ),
+            (
+                "duration",
+                file(
+                    json!({"a": t(json!({"duration": "1e308 days, 0:00:00"}))}),
+                    json!({}),
+                ),
+            ),
+            (
+                "upgrade_id",
+                json!({"upgrade_id": "../../etc/x", "cluster_name": "c"}).to_string(),
+            ),
+            ("task_id", file(json!({"a/b": t(json!({}))}), json!({}))),
+            (
+                "current_phase",
+                file(json!({}), json!({"current_phase": "p".repeat(100_000)})),
+            ),
+        ];
+        for (needle, text) in cases {
+            let err = import(&tracker, &text).unwrap_err();
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+            assert!(tracker.list_upgrades().unwrap().is_empty(), "{needle}");
+        }
+        assert_eq!(py_timedelta(f64::INFINITY), "0:00:00");
+        assert_eq!(py_timedelta(-5.0), "0:00:00");
+        assert!(parse_timedelta(&py_timedelta(1e300)).unwrap() <= 100.0 * 365.25 * 86_400.0);
+    }
+
     #[test]
     fn truncated_json_is_reported() {
         let err = parse(r#"{"upgrade_id":"u","cluster_na"#)
