@@ -83,7 +83,6 @@ fn outbox_rows_are_written_with_the_change_and_delivered_in_order() {
         expected
     );
     assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "seq order");
-    assert!(sink.calls().iter().all(|c| *c <= 10));
     let failed = &got[2];
     assert_eq!(failed.detail["task_name"], "Drain");
     assert_eq!(failed.detail["error_message"], "PDB");
@@ -376,4 +375,99 @@ fn webhook_delivers_signed_cloudevents_to_a_real_receiver() {
     d.run_once().unwrap();
     let st = &d.status().unwrap()[0];
     assert_eq!((st.delivered, st.pending), (0, 9));
+}
+
+/// Batches: never more than 10 entries, and full batches when there is enough (a check of
+/// "at most 10" alone passes with 9 notifications and batches of one).
+#[test]
+fn batches_hold_at_most_ten_and_fill_up_to_ten() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    let tasks = (0..24)
+        .map(|i| NewTask::new(format!("t{i}"), format!("T{i}"), TaskType::UpgradeStep))
+        .collect();
+    t.add_tasks("u", tasks).unwrap();
+    for i in 0..24 {
+        t.start_task("u", &format!("t{i}"), None).unwrap();
+    }
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    let d = Dispatcher::new(s.clone(), vec![sink.clone()], fast());
+    d.flush(Duration::from_secs(5)).unwrap();
+    let calls = sink.calls();
+    assert_eq!(calls.iter().sum::<usize>(), 25, "{calls:?}");
+    assert!(calls.iter().all(|c| *c <= 10), "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| **c == 10).count(), 2, "{calls:?}");
+}
+
+/// The 256 KB cap with entries as large as real ones get (16 KiB error messages, 256-byte
+/// names), on a sink whose count limit does not bind: batches are cut by bytes, and each
+/// batch's PutEvents size (Source + DetailType + Detail + Time per entry, as AWS counts it)
+/// stays under 256 KiB.
+#[test]
+fn real_sized_entries_are_cut_by_the_256_kb_cap() {
+    use crate::progress::command::{MAX_MESSAGE_LEN, MAX_NAME_LEN};
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    let name = "n".repeat(MAX_NAME_LEN - 4);
+    let tasks = (0..40)
+        .map(|i| {
+            NewTask::new(
+                format!("t{i}"),
+                format!("{name}{i:04}"),
+                TaskType::UpgradeStep,
+            )
+        })
+        .collect();
+    t.add_tasks("u", tasks).unwrap();
+    let error = "e".repeat(MAX_MESSAGE_LEN);
+    for i in 0..40 {
+        t.fail_task("u", &format!("t{i}"), &error).unwrap();
+    }
+    #[derive(Debug)]
+    struct Wide(InMemoryEventSink);
+    impl EventSink for Wide {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn max_batch(&self) -> usize {
+            1000
+        }
+        fn deliver(&self, b: &[Notification]) -> Vec<EntryResult> {
+            self.0.deliver(b)
+        }
+    }
+    let sink = Arc::new(Wide(InMemoryEventSink::new("wide")));
+    let d = Dispatcher::new(s.clone(), vec![sink.clone()], fast());
+    d.flush(Duration::from_secs(5)).unwrap();
+    let got = sink.0.received();
+    assert_eq!(got.len(), 41, "every notification delivered");
+    let calls = sink.0.calls();
+    assert!(calls.len() >= 3, "cut by bytes: {calls:?}");
+    let entry = |x: &Notification| {
+        DEFAULT_SOURCE.len()
+            + x.detail_type.len()
+            + serde_json::to_vec(&x.detail).unwrap().len()
+            + 14
+    };
+    let largest_entry = got.iter().map(entry).max().unwrap();
+    assert!(largest_entry > 16 * 1024, "real-sized: {largest_entry}");
+    let mut at = 0;
+    for (k, n) in calls.iter().enumerate() {
+        let size: usize = got[at..at + n].iter().map(entry).sum();
+        assert!(size <= 256 * 1024, "batch of {n} is {size} bytes");
+        // Not cut needlessly early: every batch but the last is within two entries of full.
+        if k + 1 < calls.len() {
+            assert!(
+                size > 256 * 1024 - 2 * largest_entry,
+                "batch {k}: {size} of {calls:?}"
+            );
+        }
+        at += n;
+    }
 }

@@ -44,6 +44,19 @@ impl EventBridgeSink {
         region: Option<&str>,
         timeout: Duration,
     ) -> Result<EventBridgeSink> {
+        Self::build(bus, source, format, region, timeout, |l| l)
+    }
+
+    /// [`from_env`](Self::from_env), then `customize` on the AWS configuration (tests: an
+    /// endpoint and static credentials).
+    fn build(
+        bus: &str,
+        source: &str,
+        format: Format,
+        region: Option<&str>,
+        timeout: Duration,
+        customize: impl FnOnce(aws_config::ConfigLoader) -> aws_config::ConfigLoader,
+    ) -> Result<EventBridgeSink> {
         if bus.trim().is_empty() {
             return Err(Error::invalid("the EventBridge bus name must not be empty"));
         }
@@ -63,7 +76,7 @@ impl EventBridgeSink {
         if let Some(r) = region {
             loader = loader.region(aws_config::Region::new(r.to_owned()));
         }
-        let config = runtime.block_on(loader.load());
+        let config = runtime.block_on(customize(loader).load());
         if config.region().is_none() {
             return Err(Error::invalid(
                 "no AWS region for EventBridge: set AWS_REGION or --aws-region",
@@ -145,5 +158,104 @@ impl EventSink for EventBridgeSink {
                 vec![EntryResult::Retry(msg); batch.len()]
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::model::JsonMap;
+
+    /// A PutEvents endpoint on loopback that answers every call with `body` (HTTP 200).
+    fn endpoint(body: &'static str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = l.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut req = vec![0; len];
+                let _ = reader.read_exact(&mut req);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    fn notification(i: u64) -> Notification {
+        Notification {
+            nid: i,
+            event_id: format!("e{i}"),
+            seq: i,
+            upgrade_id: "u".into(),
+            detail_type: "task.failed".into(),
+            time: chrono::Utc::now(),
+            detail: JsonMap::new(),
+        }
+    }
+
+    /// `FailedEntryCount` with per-entry codes: throttling and internal errors are retried,
+    /// anything else (validation, access) is rejected for good, entries without a code are
+    /// delivered, and a reply shorter than the batch retries the rest.
+    #[test]
+    fn per_entry_errors_map_to_retry_or_reject() {
+        let url = endpoint(
+            r#"{"FailedEntryCount":5,"Entries":[
+                {"EventId":"a"},
+                {"ErrorCode":"ThrottlingException","ErrorMessage":"slow down"},
+                {"ErrorCode":"InternalFailure","ErrorMessage":"oops"},
+                {"ErrorCode":"ValidationException","ErrorMessage":"bad detail"},
+                {"ErrorCode":"AccessDeniedException","ErrorMessage":"no"},
+                {"ErrorCode":"ServiceUnavailable","ErrorMessage":"later"}]}"#,
+        );
+        let sink = EventBridgeSink::build(
+            "bus",
+            "eks-upgrade-agent",
+            Format::Reference,
+            Some("us-east-1"),
+            Duration::from_secs(5),
+            |l| {
+                l.endpoint_url(url).credentials_provider(
+                    aws_sdk_eventbridge::config::Credentials::new(
+                        "test", "test", None, None, "test",
+                    ),
+                )
+            },
+        )
+        .unwrap();
+        let batch: Vec<Notification> = (0..7).map(notification).collect();
+        let got = sink.deliver(&batch);
+        assert_eq!(got.len(), 7);
+        assert_eq!(got[0], EntryResult::Delivered);
+        assert!(matches!(&got[1], EntryResult::Retry(m) if m.starts_with("ThrottlingException")));
+        assert!(matches!(&got[2], EntryResult::Retry(m) if m.starts_with("InternalFailure")));
+        assert!(matches!(&got[3], EntryResult::Reject(m) if m.contains("bad detail")));
+        assert!(matches!(&got[4], EntryResult::Reject(m) if m.starts_with("AccessDenied")));
+        assert!(matches!(&got[5], EntryResult::Retry(m) if m.starts_with("ServiceUnavailable")));
+        assert!(matches!(&got[6], EntryResult::Retry(m) if m.contains("fewer results")));
     }
 }
