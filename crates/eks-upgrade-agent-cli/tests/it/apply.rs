@@ -128,7 +128,7 @@ fn two_processes_write_the_same_store_at_once() {
             })
             .collect()
     };
-    let spawn = |input: String| {
+    let spawn = || {
         let mut child = env
             .command()
             .args(["progress", "apply", "--max-batch", "7"])
@@ -136,24 +136,61 @@ fn two_processes_write_the_same_store_at_once() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
-        (child, writer)
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        (child, stdin, stdout)
     };
-    let (a, wa) = spawn(lines("a"));
-    let (b, wb) = spawn(lines("b"));
+    let (mut a, mut a_in, mut a_out) = spawn();
+    let (mut b, mut b_in, mut b_out) = spawn();
+    // Overlap, shown rather than hoped for: each process acknowledges a first line while the
+    // other is running with its input still open; only then do both get the rest at once.
+    let first = |input: &mut std::process::ChildStdin,
+                 output: &mut std::io::BufReader<std::process::ChildStdout>,
+                 task: &str| {
+        writeln!(
+            input,
+            "{{\"op\":\"task.update\",\"upgrade_id\":\"u\",\"task_id\":\"{task}\",\"percentage\":0}}"
+        )
+        .unwrap();
+        input.flush().unwrap();
+        let mut ack = String::new();
+        std::io::BufRead::read_line(output, &mut ack).unwrap();
+        let v: Value = serde_json::from_str(&ack).unwrap();
+        assert_eq!(v["ok"], true, "{ack}");
+        v["seq"].as_u64().unwrap()
+    };
+    let mut seqs = vec![
+        first(&mut a_in, &mut a_out, "a"),
+        first(&mut b_in, &mut b_out, "b"),
+    ];
+    assert!(a.try_wait().unwrap().is_none() && b.try_wait().unwrap().is_none());
+    let wa = std::thread::spawn({
+        let input = lines("a");
+        move || a_in.write_all(input.as_bytes()).unwrap()
+    });
+    let wb = std::thread::spawn({
+        let input = lines("b");
+        move || b_in.write_all(input.as_bytes()).unwrap()
+    });
+    let read_all = |out: std::io::BufReader<std::process::ChildStdout>| {
+        std::thread::spawn(move || {
+            std::io::BufRead::lines(out)
+                .map(|l| {
+                    let l = l.unwrap();
+                    let v: Value = serde_json::from_str(&l).unwrap();
+                    assert_eq!(v["ok"], true, "{l}");
+                    v["seq"].as_u64().unwrap()
+                })
+                .collect::<Vec<u64>>()
+        })
+    };
+    let (ra, rb) = (read_all(a_out), read_all(b_out));
     wa.join().unwrap();
     wb.join().unwrap();
-    let mut seqs = Vec::new();
-    for child in [a, b] {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        for l in String::from_utf8(out.stdout).unwrap().lines() {
-            let v: Value = serde_json::from_str(l).unwrap();
-            assert_eq!(v["ok"], true, "{l}");
-            seqs.push(v["seq"].as_u64().unwrap());
-        }
-    }
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    seqs.extend(ra.join().unwrap());
+    seqs.extend(rb.join().unwrap());
+    let n = n + 1;
     assert_eq!(seqs.len(), 2 * n as usize);
     seqs.sort_unstable();
     seqs.dedup();

@@ -586,17 +586,45 @@ fn demo_runs_a_full_upgrade_with_a_retried_failure() {
 
 #[test]
 fn follow_and_watch_see_other_processes_and_end_with_the_upgrade() {
+    use std::io::BufRead;
+    use std::sync::mpsc;
     let env = setup();
+    let history = env.events("u1").len();
+    // Each follower's stdout, line by line, through a channel.
     let spawn = |args: &[&str]| {
-        env.command()
+        let mut child = env
+            .command()
             .args(args)
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .unwrap()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
     };
-    let follow = spawn(&["-o", "json", "progress", "events", "u1", "--follow"]);
-    let watch = spawn(&["progress", "watch", "u1", "--interval-ms", "20"]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let take = |rx: &mpsc::Receiver<String>, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                rx.recv_timeout(std::time::Duration::from_secs(20))
+                    .expect("follower printed a line")
+            })
+            .collect()
+    };
+    let (mut follow, follow_rx) = spawn(&["-o", "json", "progress", "events", "u1", "--follow"]);
+    let (mut watch, watch_rx) = spawn(&["progress", "watch", "u1", "--interval-ms", "20"]);
+    // Both have printed the whole history before anything new is written: what follows can
+    // only reach them by following.
+    let mut follow_lines = take(&follow_rx, history);
+    let mut watch_lines = take(&watch_rx, history);
+    assert!(follow_rx.try_recv().is_err() && watch_rx.try_recv().is_err());
     env.ok(&[
         "progress",
         "task",
@@ -608,22 +636,29 @@ fn follow_and_watch_see_other_processes_and_end_with_the_upgrade() {
         "-m",
         "from another process",
     ]);
+    let live = take(&follow_rx, 1);
+    assert!(live[0].contains("from another process"), "{live:?}");
+    let live_watch = take(&watch_rx, 1);
+    assert!(
+        live_watch[0].contains("from another process"),
+        "{live_watch:?}"
+    );
+    follow_lines.extend(live);
+    watch_lines.extend(live_watch);
     env.ok(&["progress", "task", "complete", "u1", "plan"]);
     env.ok(&["progress", "upgrade", "complete", "u1"]);
-    let out = follow.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
+    assert!(follow.wait().unwrap().success());
+    follow_lines.extend(follow_rx.iter());
+    let lines: Vec<Value> = follow_lines
+        .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), env.events("u1").len());
-    assert!(lines.iter().any(|e| e["message"] == "from another process"));
     assert_eq!(lines.last().unwrap()["kind"], "upgrade.completed");
-    let out = watch.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("from another process"), "{text}");
+    assert!(watch.wait().unwrap().success());
+    watch_lines.extend(watch_rx.iter());
+    let text = watch_lines.join("\n");
+    assert!(text.contains("upgrade.completed"), "{text}");
     assert!(text.contains("status completed"), "{text}");
 }
 

@@ -471,3 +471,86 @@ fn real_sized_entries_are_cut_by_the_256_kb_cap() {
         at += n;
     }
 }
+
+/// "An outage never slows the progress call": with one sink refusing connections and one that
+/// accepts and never answers (5 s timeout, longer than the bound below), both delivering in the background the whole time,
+/// every notified progress call (start, complete) returns well within a bound a blocked call
+/// could not meet.
+#[test]
+fn sinks_that_are_down_or_hang_never_slow_a_progress_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    // Accepts connections and never answers.
+    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_url = format!("http://{}/hook", hang.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let hanging = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (h, still) = (held.clone(), hanging.clone());
+    std::thread::spawn(move || {
+        for stream in hang.incoming().flatten() {
+            if still.load(Ordering::SeqCst) {
+                h.lock().unwrap().push(stream);
+            }
+        }
+    });
+    let refused_url = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let sink = |url: &str| -> Arc<dyn EventSink> {
+        Arc::new(
+            WebhookSink::new(
+                url,
+                None,
+                Format::Reference,
+                DEFAULT_SOURCE,
+                Duration::from_secs(30),
+            )
+            .unwrap(),
+        )
+    };
+    let d = Arc::new(Dispatcher::new(
+        s.clone(),
+        vec![sink(&hang_url), sink(&refused_url)],
+        fast(),
+    ));
+    let handle = d.clone().spawn();
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    let tasks = (0..200)
+        .map(|i| NewTask::new(format!("t{i}"), format!("T{i}"), TaskType::UpgradeStep))
+        .collect();
+    t.add_tasks("u", tasks).unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..200 {
+        let id = format!("t{i}");
+        for call in 0..2 {
+            let started = std::time::Instant::now();
+            if call == 0 {
+                t.start_task("u", &id, None).unwrap();
+            } else {
+                t.complete_task("u", &id, None).unwrap();
+            }
+            slowest = slowest.max(started.elapsed());
+        }
+    }
+    // The hanging sink really held a delivery open, the other really failed.
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the hanging sink was called"
+    );
+    let status = d.status().unwrap();
+    assert!(
+        status.iter().all(|s| s.delivered == 0 && s.pending > 0),
+        "{status:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a progress call took {slowest:?} while sinks were down"
+    );
+    // Let the background pass end quickly: close what the sink holds, hang no more.
+    hanging.store(false, Ordering::SeqCst);
+    held.lock().unwrap().clear();
+    drop(handle);
+}
