@@ -222,6 +222,11 @@ fn rejected(env: &Env, code: i32, args: &[&str], needle: &str) {
         err.contains(needle),
         "{args:?}: expected {needle:?} in {err:?}"
     );
+    // One message, said once, with the documented prefix.
+    assert!(err.starts_with("error: "), "{args:?}: {err:?}");
+    if code == 1 {
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err:?}");
+    }
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(env.events("u1"), before, "{args:?} changed the event log");
     let mut after_show = env.json(&["progress", "upgrade", "show", "u1"]);

@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod dashboard;
 mod eventbridge;
+mod limits;
 mod reference;
 mod remote;
 mod s3;
