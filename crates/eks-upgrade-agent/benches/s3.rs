@@ -4,8 +4,8 @@
 //! prints:
 //! - `s3_upload_MBps size=256MiB`: one 256 MiB artifact uploaded by `artifacts upload` (multipart,
 //!   parts in flight, streamed from the local blob);
-//! - `awscli_upload_MBps size=256MiB`: the same file by `aws s3 cp`, same server, same run
-//!   (needs `aws` from `pip install awscli`; reported as unavailable otherwise);
+//!   (in process: the library's figure; `eks-upgrade-agent-cli`'s `s3_cli` bench compares our
+//!   CLI with `aws s3 cp`, both as processes);
 //! - `s3_upload_files_per_s n=1000 size=4KiB`.
 
 use std::net::TcpListener;
@@ -139,25 +139,7 @@ fn main() {
     assert_eq!(r.uploaded, 1, "{r:?}");
     println!("s3_upload_MBps size=256MiB: {:.0}", size / secs / 1e6);
 
-    // aws s3 cp, same server.
-    let start = Instant::now();
-    let aws = Command::new("aws")
-        .args(["s3", "cp", "--quiet", "--endpoint-url", &url])
-        .arg(&big)
-        .arg("s3://bench/awscli/big.bin")
-        .env("AWS_ACCESS_KEY_ID", KEY.0)
-        .env("AWS_SECRET_ACCESS_KEY", KEY.1)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .status();
-    match aws {
-        Ok(st) if st.success() => {
-            let secs = start.elapsed().as_secs_f64();
-            println!("awscli_upload_MBps size=256MiB: {:.0}", size / secs / 1e6);
-        }
-        Ok(st) => println!("awscli_upload_MBps size=256MiB: failed ({st})"),
-        Err(e) => println!("awscli_upload_MBps size=256MiB: unavailable ({e}; pip install awscli)"),
-    }
+    // The comparison with `aws s3 cp` times both as processes: the CLI crate's `s3_cli` bench.
 
     // Many small files.
     let small: Vec<(String, Vec<u8>, AddOptions)> = (0..1000)
