@@ -7,7 +7,8 @@
 //!   `{"type":"pong"}`; `{"type":"heartbeat","seq":N}` when idle, where every event up to `N`
 //!   has been sent; `{"type":"resync","seq":N,"data":summary}` when the client fell too far
 //!   behind: events up to `N` were skipped, `data` is a fresh summary (the skipped events can
-//!   be fetched with `GET .../events?since=`); `{"type":"error","message":...}` for a bad
+//!   be fetched with `GET .../events?since=`), also sent when `since` is beyond the store's
+//!   last seq (`N` is then that seq); `{"type":"error","message":...}` for a bad
 //!   client message.
 //! - client -> server: `{"type":"ping"}`, `{"type":"get_summary"}`.
 //!
