@@ -4,9 +4,10 @@
 //! Request bodies use the model's field names, the same as `progress apply` (a task operation's
 //! body is the `apply` line without `op`, `upgrade_id` and `task_id`, which come from the path).
 //! Errors have one JSON shape, `{"error": {"code": "...", "message": "..."}}`: 400 malformed JSON
-//! or query, 401 missing or wrong token, 403 read token on a write route, 404 unknown upgrade,
-//! task or route, 409 already exists or invalid transition, 413 body too large, 422 invalid
-//! values; 5xx say "internal error" and the detail goes to the log.
+//! or query, 401 missing or wrong token, 403 read token on a write route or a host or origin
+//! that is not allowed ([`guard`]), 404 unknown upgrade, task or route, 409 already exists or
+//! invalid transition, 413 body too large, 415 a body that is not `application/json`, 422
+//! invalid values; 5xx say "internal error" and the detail goes to the log.
 //!
 //! The library is synchronous (SQLite); handlers call it on the blocking pool. Live streams
 //! (WebSocket and SSE) are fed by one [`hub::Hub`] per state.
@@ -45,6 +46,7 @@ pub mod auth;
 mod committer;
 mod dashboard;
 mod error;
+pub mod guard;
 pub mod hub;
 mod maintenance;
 mod metrics;
@@ -57,6 +59,7 @@ pub use metrics::Metrics;
 
 pub use auth::{Auth, Role};
 pub use error::ApiError;
+pub use guard::Guard;
 
 /// Largest JSON body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -74,6 +77,8 @@ pub struct AppState {
     pub hub: hub::Hub,
     /// Tokens (none: everything allowed).
     pub auth: Arc<Auth>,
+    /// Hosts and origins allowed beyond loopback (see [`guard`]).
+    pub guard: Arc<Guard>,
     /// Idle time before a stream sends a heartbeat.
     pub heartbeat: Duration,
     /// Artifacts (none: the artifact routes answer 404).
@@ -99,6 +104,7 @@ impl AppState {
             committer: Arc::new(committer::Committer::new(Arc::clone(&tracker))),
             tracker,
             auth: Arc::new(Auth::open()),
+            guard: Arc::new(Guard::new()),
             heartbeat: HEARTBEAT,
             artifacts: None,
             uploads: None,
@@ -136,6 +142,12 @@ impl AppState {
     /// With tokens.
     pub fn with_auth(mut self, auth: Auth) -> AppState {
         self.auth = Arc::new(auth);
+        self
+    }
+
+    /// With the hosts and origins allowed beyond loopback (`serve` adds its listen address).
+    pub fn with_guard(mut self, guard: Guard) -> AppState {
+        self.guard = Arc::new(guard);
         self
     }
 
@@ -255,6 +267,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check,
+        ))
         .with_state(state)
 }
 
@@ -277,9 +293,12 @@ async fn healthz(
 /// Serves `router(state)` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    state: AppState,
+    mut state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let mut guard = (*state.guard).clone();
+    guard.allow_listen_addr(listener.local_addr()?);
+    state.guard = Arc::new(guard);
     // Start following the store now, so metrics count events from the start.
     if let Err(e) = state.hub.start().await {
         tracing::warn!(error = %e, "cannot read the store's last seq; streams start on demand");

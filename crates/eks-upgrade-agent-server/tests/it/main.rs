@@ -4,6 +4,7 @@
 mod api;
 mod artifacts;
 mod auth;
+mod guard;
 mod remote;
 mod stream;
 mod util;
