@@ -70,9 +70,48 @@ impl From<eks_upgrade_agent::Error> for ApiError {
     }
 }
 
+/// 413 naming the route's limit.
+pub(crate) fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the body is larger than this route's limit of {limit} bytes ({} MiB); send less per request",
+            limit / (1024 * 1024)
+        ),
+    )
+}
+
+/// A JSON body, with the route's body limit named when it is too large.
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>, limit: usize) -> ApiResult<T> {
+    match body {
+        Ok(Json(v)) => Ok(v),
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large(limit)),
+        Err(r) => Err(r.into()),
+    }
+}
+
+/// `limit` if it is at most [`crate::MAX_EVENTS`], else 400 naming the maximum.
+pub(crate) fn page_limit(name: &str, limit: usize) -> ApiResult<usize> {
+    if limit > crate::MAX_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "{name} must be at most {} (got {limit}); read the next page with since=<the last seq you got>",
+                crate::MAX_EVENTS
+            ),
+        ));
+    }
+    Ok(limit)
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(crate::MAX_BODY);
+        }
         let code = match status {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
@@ -122,11 +161,10 @@ impl From<QueryRejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> Self {
         let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "bad_request"
-        };
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(crate::MAX_BODY);
+        }
+        let code = "bad_request";
         ApiError::new(status, code, r.body_text())
     }
 }

@@ -63,8 +63,17 @@ pub use guard::Guard;
 
 /// Largest JSON body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Most events one `GET .../events` returns.
+/// Most events one `GET .../events` (or store protocol list) returns; a larger `limit` or
+/// `latest` is a 400 naming it (the next page is `?since=<last seq>`).
 pub const MAX_EVENTS: usize = 10_000;
+/// Largest `POST /api/v1/store/execute` body (the library's `RemoteStore` splits its batches
+/// below it).
+pub const MAX_EXECUTE_BODY: usize = 4 * 1024 * 1024;
+/// Largest `POST /api/v1/store/import` body.
+pub const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
+/// Largest WebSocket message or frame a client may send (clients send small control
+/// messages); a larger one closes the connection.
+pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 /// Default idle time before a stream sends a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -227,11 +236,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/maintenance/pull", post(maintenance::pull))
         .route(
             "/api/v1/store/execute",
-            post(store_api::execute).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),
+            post(store_api::execute).layer(DefaultBodyLimit::max(MAX_EXECUTE_BODY)),
         )
         .route(
             "/api/v1/store/import",
-            post(store_api::import).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),
+            post(store_api::import).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
         )
         .route("/api/v1/store/upgrades", get(store_api::upgrades))
         .route("/api/v1/store/upgrades/{upgrade}", get(store_api::upgrade))

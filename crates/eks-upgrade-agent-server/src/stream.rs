@@ -97,6 +97,8 @@ pub(crate) async fn upgrade_ws(
     let sub = s.hub.subscribe(Some(upgrade.clone()), q.since).await?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
+        .max_message_size(crate::MAX_WS_MESSAGE)
+        .max_frame_size(crate::MAX_WS_MESSAGE)
         .on_upgrade(move |socket| ws_client(socket, s, Some(upgrade), sub)))
 }
 
@@ -110,6 +112,8 @@ pub(crate) async fn all_ws(
     let sub = s.hub.subscribe(None, q.since).await?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
+        .max_message_size(crate::MAX_WS_MESSAGE)
+        .max_frame_size(crate::MAX_WS_MESSAGE)
         .on_upgrade(move |socket| ws_client(socket, s, None, sub)))
 }
 

@@ -467,3 +467,40 @@ async fn events_latest_gives_the_newest_oldest_first() {
     let (st, _) = call(&s, "GET", "/api/v1/upgrades/nope/events?latest=2", None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
+
+/// Bodies and pages are bounded: the store protocol's execute (4 MiB) and import (16 MiB)
+/// refuse larger bodies with 413 naming the limit; event pages above 10,000 are a 400 naming the
+/// maximum (they were silently cut before).
+#[tokio::test]
+async fn bodies_and_pages_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    crate::util::seed(&s.tracker, "u1");
+    for (uri, size, limit) in [
+        ("/api/v1/store/execute", 5 * 1024 * 1024, "4194304"),
+        ("/api/v1/store/import", 17 * 1024 * 1024, "16777216"),
+        ("/api/v1/upgrades", 2 * 1024 * 1024, "1048576"),
+    ] {
+        let body = format!("[\"{}\"]", "x".repeat(size));
+        let (st, v) = call(&s, "POST", uri, Some(&body)).await;
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {v}");
+        assert_eq!(v["error"]["code"], "too_large");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(limit), "{uri}: {msg}");
+    }
+    for uri in [
+        "/api/v1/upgrades/u1/events?limit=10001",
+        "/api/v1/upgrades/u1/events?latest=10001",
+        "/api/v1/store/events?limit=10001",
+        "/api/v1/store/upgrades/u1/latest?limit=10001",
+        "/api/v1/store/upgrades/u1/tasks/a/recent?limit=10001",
+    ] {
+        let (st, v) = call(&s, "GET", uri, None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("at most 10000") && msg.contains("since="), "{uri}: {msg}");
+    }
+    let (st, v) = call(&s, "GET", "/api/v1/upgrades/u1/events?limit=10000", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 3);
+}

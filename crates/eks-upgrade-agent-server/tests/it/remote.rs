@@ -90,3 +90,40 @@ fn remote_writes_reach_the_servers_state_and_tokens_apply() {
         "refused writes changed nothing"
     );
 }
+
+/// The server takes at most 4 MiB per `execute`: `RemoteStore` sends a larger batch in groups
+/// below it (each command commits on its own either way), so nothing a local store accepts is
+/// refused remotely for its batch size.
+#[test]
+fn a_batch_larger_than_one_request_is_split() {
+    use eks_upgrade_agent::progress::Command;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let server_tracker = Arc::clone(&s.tracker);
+    let url = serve_on(&runtime, s);
+    let remote = RemoteStore::new(&url, None).unwrap();
+    let writer = ProgressTracker::new(Arc::new(remote));
+    crate::util::seed(&writer, "u1");
+    // 100 updates with 60 KB of details each: about 6 MB in all.
+    let details: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({"log": "x".repeat(60_000)})).unwrap();
+    let cmds: Vec<Command> = (0..100)
+        .map(|i| Command::TaskUpdate {
+            upgrade_id: "u1".into(),
+            task_id: "a".into(),
+            percentage: f64::from(i) / 2.0,
+            message: None,
+            details: details.clone(),
+        })
+        .collect();
+    let results = writer.execute_batch(&cmds).unwrap();
+    assert_eq!(results.len(), 100);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let seqs: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().last_seq()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(
+        server_tracker.task_detail("u1", "a").unwrap().task.percentage,
+        49.5
+    );
+}

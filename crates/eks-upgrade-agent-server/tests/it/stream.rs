@@ -377,3 +377,37 @@ async fn a_since_beyond_the_last_seq_gets_a_resync_then_live_events() {
         read_until(&mut text, &format!("id: {seq}\nevent: progress_event")).await;
     }
 }
+
+/// Clients send small control messages: a message (or frame) over 64 KiB closes the connection
+/// instead of being buffered, and the server keeps serving others.
+#[tokio::test]
+async fn an_oversized_websocket_message_closes_the_connection() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+    let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(100 * 1024));
+    // Either the send fails or the server answers with a close (or drops the socket).
+    let _ = ws.send(Message::Text(big.into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(Message::Text(t))) if t.contains("pong") => return false,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server reacts within 10 s");
+    assert!(closed, "a 100 KiB message must close the connection");
+    // The server still serves.
+    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+    ws_send(&mut ws, r#"{"type":"ping"}"#).await;
+    until_type(&mut ws, "pong").await;
+}
