@@ -55,6 +55,15 @@ pub(crate) struct ServeArgs {
         value_delimiter = ','
     )]
     pub(crate) allowed_origins: Vec<String>,
+    /// Connections served at once, WebSockets included; more wait until one closes
+    #[arg(
+        long,
+        value_name = "N",
+        env = "EUA_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) max_connections: u32,
 }
 
 impl ServeArgs {
@@ -170,7 +179,13 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let guard = args.guard(ctx)?;
     check_exposure(args.listen, &auth, args.insecure_no_auth)?;
     let store = ctx.store()?;
-    let state = state(ctx, store.clone(), auth)?.with_guard(guard);
+    let options = eks_upgrade_agent_server::ServeOptions {
+        max_connections: args.max_connections as usize,
+        ..Default::default()
+    };
+    let state = state(ctx, store.clone(), auth)?
+        .with_guard(guard)
+        .with_serve_options(options);
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
     let _uploader = spawn_uploader(ctx, &store, &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;

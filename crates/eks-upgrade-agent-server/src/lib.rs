@@ -44,6 +44,7 @@ use eks_upgrade_agent::store::UploadQueue;
 mod artifacts_api;
 pub mod auth;
 mod committer;
+mod conn;
 mod dashboard;
 mod error;
 pub mod guard;
@@ -55,6 +56,7 @@ mod progress_api;
 mod store_api;
 mod stream;
 
+pub use conn::ServeOptions;
 pub use metrics::Metrics;
 
 pub use auth::{Auth, Role};
@@ -101,6 +103,8 @@ pub struct AppState {
     /// The configured S3 store (upload runs through the API).
     #[cfg(feature = "aws")]
     pub s3: Option<Arc<eks_upgrade_agent::blob::S3BlobStore>>,
+    /// Header-read timeout and connection cap of [`serve`].
+    pub serve_options: ServeOptions,
     /// Group commit of the REST API's progress writes.
     committer: Arc<committer::Committer>,
 }
@@ -114,6 +118,7 @@ impl AppState {
             tracker,
             auth: Arc::new(Auth::open()),
             guard: Arc::new(Guard::new()),
+            serve_options: ServeOptions::default(),
             heartbeat: HEARTBEAT,
             artifacts: None,
             uploads: None,
@@ -157,6 +162,12 @@ impl AppState {
     /// With the hosts and origins allowed beyond loopback (`serve` adds its listen address).
     pub fn with_guard(mut self, guard: Guard) -> AppState {
         self.guard = Arc::new(guard);
+        self
+    }
+
+    /// With another header-read timeout or connection cap for [`serve`].
+    pub fn with_serve_options(mut self, options: ServeOptions) -> AppState {
+        self.serve_options = options;
         self
     }
 
@@ -299,7 +310,9 @@ async fn healthz(
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` completes.
+/// Serves `router(state)` on `listener` until `shutdown` completes, then finishes the requests
+/// in flight. Connections get TCP_NODELAY, a header-read timeout and a cap on their number
+/// (`state.serve_options`, see [`ServeOptions`]); the listen address joins the allowed hosts.
 pub async fn serve(
     listener: TcpListener,
     mut state: AppState,
@@ -312,14 +325,6 @@ pub async fn serve(
     if let Err(e) = state.hub.start().await {
         tracing::warn!(error = %e, "cannot read the store's last seq; streams start on demand");
     }
-    // Streams send small messages: no Nagle delay behind a delayed ACK.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let options = state.serve_options;
+    conn::run(listener, router(state), options, shutdown).await
 }

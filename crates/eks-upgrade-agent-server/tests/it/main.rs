@@ -4,6 +4,7 @@
 mod api;
 mod artifacts;
 mod auth;
+mod conn;
 mod guard;
 mod remote;
 mod stream;
