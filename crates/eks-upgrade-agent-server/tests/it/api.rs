@@ -504,3 +504,39 @@ async fn bodies_and_pages_are_bounded() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v.as_array().unwrap().len(), 3);
 }
+
+/// Every error has the one JSON shape, including axum's own rejections (they were
+/// `text/plain` or empty).
+#[tokio::test]
+async fn every_rejection_has_the_json_error_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    crate::util::seed(&s.tracker, "u1");
+    for (method, uri, status) in [
+        ("GET", "/api/v1/upgrades/%FF", 400),
+        ("GET", "/api/v1/upgrades/u1/tasks/%FF%FE", 400),
+        ("POST", "/api/v1/upgrades/u1/tasks/%C3%28/start", 400),
+        ("GET", "/api/v1/artifacts/%FF", 400),
+        ("GET", "/api/v1/ws", 400),
+        ("GET", "/api/v1/upgrades/u1/ws", 400),
+        ("PUT", "/api/v1/upgrades", 405),
+        ("DELETE", "/api/v1/upgrades/u1", 405),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let resp = router(s.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {uri}");
+        assert_eq!(
+            resp.headers()["content-type"], "application/json",
+            "{method} {uri}"
+        );
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty() && v["error"]["code"].is_string(), "{uri}: {v}");
+        assert!(!msg.starts_with(char::is_uppercase), "{uri}: {msg}");
+    }
+}
