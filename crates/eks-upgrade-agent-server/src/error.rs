@@ -175,7 +175,10 @@ const MAX_REWRITTEN: usize = 16 * 1024;
 /// Gives every error response the one JSON shape: axum's own rejections (a path segment that is
 /// not UTF-8, a request that is not a WebSocket upgrade, a method the route does not take, ...)
 /// answer in `text/plain` or with no body at all.
-pub(crate) async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+pub(crate) async fn json_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let resp = next.run(req).await;
     let status = resp.status();
     let is_json = resp

@@ -17,12 +17,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use axum::body::HttpBody as _;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::uri::{Authority, Uri};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::body::HttpBody as _;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -219,18 +219,18 @@ pub(crate) async fn check(State(s): State<AppState>, req: Request, next: Next) -
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if changes || websocket {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let origin = origin.to_str().unwrap_or("<not text>");
-            if !s.guard.origin_allowed(origin, host) {
-                return refuse(
-                    StatusCode::FORBIDDEN,
-                    "origin_not_allowed",
-                    format!(
-                        "cross-site request from origin {origin:?} refused; if that page may change this server, start serve with --allowed-origin {origin}"
-                    ),
-                );
-            }
+    if (changes || websocket)
+        && let Some(origin) = headers.get(header::ORIGIN)
+    {
+        let origin = origin.to_str().unwrap_or("<not text>");
+        if !s.guard.origin_allowed(origin, host) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                format!(
+                    "cross-site request from origin {origin:?} refused; if that page may change this server, start serve with --allowed-origin {origin}"
+                ),
+            );
         }
     }
     let raw = req
@@ -308,7 +308,8 @@ mod tests {
 
     #[test]
     fn origins() {
-        let g = Guard::from_specs(&["https://eua.example.com"], &[], &["http://tool:3000"]).unwrap();
+        let g =
+            Guard::from_specs(&["https://eua.example.com"], &[], &["http://tool:3000"]).unwrap();
         assert!(g.origin_allowed("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
         assert!(g.origin_allowed("https://eua.example.com", Some("10.1.1.1")));
         assert!(g.origin_allowed("http://TOOL:3000", None));

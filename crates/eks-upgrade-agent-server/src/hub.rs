@@ -280,9 +280,7 @@ impl Subscription {
         if self.ahead {
             self.ahead = false;
             self.replaying = false;
-            return Ok(Some(Item::Resync {
-                seq: self.position,
-            }));
+            return Ok(Some(Item::Resync { seq: self.position }));
         }
         let published = self.hub.published();
         if published.saturating_sub(self.position) > self.hub.inner.max_lag {

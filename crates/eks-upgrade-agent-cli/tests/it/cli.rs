@@ -809,7 +809,10 @@ fn serve_takes_tokens_from_a_file_and_answers_only_to_its_names() {
     let file = env.dir.path().join("tokens");
     std::fs::write(&file, format!("# the team's tokens\n\n  {token}:write\n")).unwrap();
     let err = env.fails(1, &["serve", "--token-file", "/nonexistent/tokens"]);
-    assert!(err.contains("cannot read the token file /nonexistent/tokens"), "{err}");
+    assert!(
+        err.contains("cannot read the token file /nonexistent/tokens"),
+        "{err}"
+    );
     let empty = env.dir.path().join("empty");
     std::fs::write(&empty, "# nothing\n").unwrap();
     let err = env.fails(1, &["serve", "--token-file", empty.to_str().unwrap()]);

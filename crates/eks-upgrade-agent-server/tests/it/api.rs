@@ -498,7 +498,10 @@ async fn bodies_and_pages_are_bounded() {
         let (st, v) = call(&s, "GET", uri, None).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("at most 10000") && msg.contains("since="), "{uri}: {msg}");
+        assert!(
+            msg.contains("at most 10000") && msg.contains("since="),
+            "{uri}: {msg}"
+        );
     }
     let (st, v) = call(&s, "GET", "/api/v1/upgrades/u1/events?limit=10000", None).await;
     assert_eq!(st, StatusCode::OK);
@@ -530,13 +533,17 @@ async fn every_rejection_has_the_json_error_shape() {
         let resp = router(s.clone()).oneshot(req).await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{method} {uri}");
         assert_eq!(
-            resp.headers()["content-type"], "application/json",
+            resp.headers()["content-type"],
+            "application/json",
             "{method} {uri}"
         );
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(!msg.is_empty() && v["error"]["code"].is_string(), "{uri}: {v}");
+        assert!(
+            !msg.is_empty() && v["error"]["code"].is_string(),
+            "{uri}: {v}"
+        );
         assert!(!msg.starts_with(char::is_uppercase), "{uri}: {msg}");
     }
 }

@@ -34,7 +34,9 @@ async fn half_sent_headers_are_cut_off() {
     };
     let server = Server::start(state(dir.path()).with_serve_options(options)).await;
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0").await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0")
+        .await
+        .unwrap();
     let start = Instant::now();
     let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))

@@ -70,7 +70,10 @@ async fn foreign_hosts_origins_and_content_types_are_refused() {
         assert_eq!(st, 403, "{v}");
         assert_eq!(v["error"]["code"], "host_not_allowed", "{v}");
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("--allowed-host") && msg.contains("--public-url"), "{msg}");
+        assert!(
+            msg.contains("--allowed-host") && msg.contains("--public-url"),
+            "{msg}"
+        );
         let (st, _) = http(
             addr,
             &format!(
@@ -92,7 +95,12 @@ async fn foreign_hosts_origins_and_content_types_are_refused() {
             .await;
             assert_eq!(st, 415, "{v}");
             assert_eq!(v["error"]["code"], "unsupported_media_type");
-            assert!(v["error"]["message"].as_str().unwrap().contains("application/json"));
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("application/json")
+            );
         }
         // No content type with a body: refused too; an empty body needs none.
         let (st, _) = http(
@@ -113,7 +121,12 @@ async fn foreign_hosts_origins_and_content_types_are_refused() {
         .await;
         assert_eq!(st, 403, "{v}");
         assert_eq!(v["error"]["code"], "origin_not_allowed");
-        assert!(v["error"]["message"].as_str().unwrap().contains("--allowed-origin"));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--allowed-origin")
+        );
         assert_eq!(upgrades(addr, &auth).await, 0, "nothing changed");
 
         // The server's own origin (the dashboard), loopback names and the listen address work.
@@ -143,7 +156,11 @@ async fn foreign_hosts_origins_and_content_types_are_refused() {
         let url = format!(
             "{}{}",
             server.ws_url("/api/v1/ws"),
-            if tokens { format!("?access_token={W}") } else { String::new() }
+            if tokens {
+                format!("?access_token={W}")
+            } else {
+                String::new()
+            }
         );
         let mut req = url.as_str().into_client_request().unwrap();
         req.headers_mut()
@@ -155,8 +172,10 @@ async fn foreign_hosts_origins_and_content_types_are_refused() {
             other => panic!("expected 403, got {other:?}"),
         }
         let mut req = url.as_str().into_client_request().unwrap();
-        req.headers_mut()
-            .insert("origin", format!("http://127.0.0.1:{port}").parse().unwrap());
+        req.headers_mut().insert(
+            "origin",
+            format!("http://127.0.0.1:{port}").parse().unwrap(),
+        );
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
     }

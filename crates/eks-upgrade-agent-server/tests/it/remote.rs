@@ -120,10 +120,17 @@ fn a_batch_larger_than_one_request_is_split() {
     let results = writer.execute_batch(&cmds).unwrap();
     assert_eq!(results.len(), 100);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let seqs: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().last_seq()).collect();
+    let seqs: Vec<u64> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().last_seq())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
     assert_eq!(
-        server_tracker.task_detail("u1", "a").unwrap().task.percentage,
+        server_tracker
+            .task_detail("u1", "a")
+            .unwrap()
+            .task
+            .percentage,
         49.5
     );
 }

@@ -339,7 +339,10 @@ async fn a_since_beyond_the_last_seq_gets_a_resync_then_live_events() {
         let mut ws = ws_connect(&server.ws_url(path)).await;
         let (_, resync) = until_type(&mut ws, "resync").await;
         assert_eq!(resync["seq"].as_u64(), Some(last), "{path}: {resync}");
-        assert!(resync["data"].is_object() || resync["data"].is_array(), "{resync}");
+        assert!(
+            resync["data"].is_object() || resync["data"].is_array(),
+            "{resync}"
+        );
         let t = Arc::clone(&s.tracker);
         let seq = blocking(move || update(&t, 5.0)).await;
         let (_, ev) = until_type(&mut ws, "progress_event").await;
