@@ -134,3 +134,48 @@ fn a_batch_larger_than_one_request_is_split() {
         49.5
     );
 }
+
+/// An import larger than the server takes (16 MiB) is refused by `RemoteStore` before sending,
+/// saying what to do instead; the server is unchanged.
+#[test]
+fn an_import_larger_than_the_server_takes_says_what_to_do() {
+    use eks_upgrade_agent::store::EventQuery;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let server_tracker = Arc::clone(&s.tracker);
+    let url = serve_on(&runtime, s);
+    // A local upgrade with about 18 MB of events.
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = crate::util::tracker(local_dir.path());
+    crate::util::seed(&local, "big");
+    let details: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({"log": "x".repeat(60_000)})).unwrap();
+    for i in 0..300 {
+        local
+            .update_task("big", "a", f64::from(i) / 4.0, None, details.clone())
+            .unwrap();
+    }
+    let store = local.store();
+    let events = store
+        .events(&EventQuery {
+            upgrade_id: Some("big".into()),
+            since: 0,
+            limit: usize::MAX,
+        })
+        .unwrap();
+    let remote = RemoteStore::new(&url, None).unwrap();
+    let e = remote
+        .import(
+            &store.upgrade("big").unwrap(),
+            &store.tasks("big").unwrap(),
+            &events,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("at most 16777216 bytes")
+            && e.to_string().contains("server's machine"),
+        "{e}"
+    );
+    assert!(server_tracker.list_upgrades().unwrap().is_empty());
+}

@@ -22,6 +22,8 @@ use crate::progress::command::Command;
 const MAX_RESPONSE: u64 = 512 * 1024 * 1024;
 /// Largest `execute` body a server takes (`eks_upgrade_agent_server::MAX_EXECUTE_BODY`).
 const MAX_EXECUTE_BODY: usize = 4 * 1024 * 1024;
+/// Largest `import` body a server takes (`eks_upgrade_agent_server::MAX_IMPORT_BODY`).
+const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
 
 /// A store behind a server.
 pub struct RemoteStore {
@@ -257,7 +259,16 @@ impl ProgressStore for RemoteStore {
 
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
         let body = serde_json::json!({"upgrade": upgrade, "tasks": tasks, "events": events});
-        let r: LastSeq = self.post_json("/api/v1/store/import", &body)?;
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| Error::invalid(format!("cannot encode the request: {e}")))?;
+        if body.len() > MAX_IMPORT_BODY {
+            return Err(Error::invalid(format!(
+                "upgrade {:?} is {} bytes as JSON; a server imports at most {MAX_IMPORT_BODY} bytes at once: import it on the server's machine, into its data dir",
+                upgrade.upgrade_id,
+                body.len()
+            )));
+        }
+        let r: LastSeq = self.post_encoded("/api/v1/store/import", &body)?;
         Ok(r.last_seq)
     }
 
