@@ -9,7 +9,9 @@
 //!   listen backlog until one closes.
 //!
 //! Every socket gets TCP_NODELAY. On shutdown the loop stops accepting, asks every connection to
-//! finish its request in flight, and returns when they have (as `axum::serve` did).
+//! finish its request in flight, and returns when they have, or after
+//! [`ServeOptions::shutdown_grace`] (a live SSE stream never finishes: `axum::serve` waited for
+//! it forever).
 
 use std::future::Future;
 use std::io;
@@ -33,6 +35,9 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Connections served at once (WebSockets included); more wait until one closes.
     pub max_connections: usize,
+    /// On shutdown, how long requests in flight may take to finish; connections still busy
+    /// after it (a live SSE stream never finishes) are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -40,6 +45,7 @@ impl Default for ServeOptions {
         ServeOptions {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -114,6 +120,7 @@ pub(crate) async fn run(
         .header_read_timeout(options.header_read_timeout);
     // Connections watch `stop`; `closed` completes when every connection task has ended.
     let (stop_tx, stop_rx) = watch::channel(());
+    let (kill_tx, kill_rx) = watch::channel(());
     let (closed_tx, closed_rx) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
@@ -148,7 +155,7 @@ pub(crate) async fn run(
         let conn = http
             .serve_connection(io, TowerToHyperService::new(app.clone()))
             .with_upgrades();
-        let mut stop = stop_rx.clone();
+        let (mut stop, mut kill) = (stop_rx.clone(), kill_rx.clone());
         let closed = closed_rx.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
@@ -156,7 +163,11 @@ pub(crate) async fn run(
                 r = conn.as_mut() => r,
                 _ = stop.changed() => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        // Past the grace period: dropping the connection closes the socket.
+                        _ = kill.changed() => Ok(()),
+                    }
                 }
             };
             if let Err(e) = result {
@@ -166,9 +177,20 @@ pub(crate) async fn run(
         });
     }
     drop(listener);
-    drop(stop_rx);
+    drop((stop_rx, kill_rx));
     let _ = stop_tx.send(());
     drop(closed_rx);
-    closed_tx.closed().await;
+    if tokio::time::timeout(options.shutdown_grace, closed_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = closed_tx.receiver_count(),
+            grace = ?options.shutdown_grace,
+            "connections still busy after the shutdown grace period; closing them"
+        );
+        let _ = kill_tx.send(());
+        closed_tx.closed().await;
+    }
     Ok(())
 }

@@ -143,7 +143,10 @@ pub(crate) const ROUTES: &[Route] = &[
         body: Body::None,
         query: &[
             ("since", "seq to start after [0]"),
-            ("limit", "most events [1000; above 10000 is a 400: page with since]"),
+            (
+                "limit",
+                "most events [1000; above 10000 is a 400: page with since]",
+            ),
         ],
         ok: (200, JSON),
     },

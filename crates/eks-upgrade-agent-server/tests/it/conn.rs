@@ -143,3 +143,50 @@ async fn shutdown_finishes_requests_in_flight() {
     // New connections are no longer accepted.
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+/// A live SSE stream never finishes: shutdown closes it after the grace period instead of
+/// waiting forever (`serve` did not return on SIGTERM while a stream was open).
+#[tokio::test]
+async fn shutdown_closes_streams_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServeOptions {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(eks_upgrade_agent_server::serve(
+        listener,
+        state(dir.path()).with_serve_options(options),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut sse = TcpStream::connect(addr).await.unwrap();
+    sse.write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = sse.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    tx.send(()).unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns after the grace period")
+        .unwrap()
+        .unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    // The stream's socket is closed.
+    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sse.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "the SSE socket is closed");
+}
