@@ -6,6 +6,7 @@ mod artifacts;
 mod auth;
 mod conn;
 mod guard;
+mod hostile;
 mod remote;
 mod stream;
 mod util;
