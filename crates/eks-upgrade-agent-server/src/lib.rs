@@ -7,8 +7,9 @@
 //! or query, 401 missing or wrong token, 403 read token on a write route or a host or origin
 //! that is not allowed ([`guard`]), 404 unknown upgrade, task or route, 405 a method the route
 //! does not take, 409 already exists or invalid transition, 413 body too large, 415 a body
-//! that is not `application/json`, 422 invalid values; 5xx say "internal error" and the detail goes to the log. axum's own
-//! rejections (a path segment that is not UTF-8, a missing WebSocket upgrade) get the same shape.
+//! that is not `application/json`, 422 invalid values; 5xx say "internal error" and the detail
+//! goes to the log. axum's own rejections (a path segment that is not UTF-8, a missing
+//! WebSocket upgrade) get the same shape.
 //!
 //! The library is synchronous (SQLite); handlers call it on the blocking pool. Live streams
 //! (WebSocket and SSE) are fed by one [`hub::Hub`] per state.
