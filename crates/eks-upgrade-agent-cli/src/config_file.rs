@@ -16,6 +16,9 @@
 //! s3_prefix = "eks-upgrade-agent/artifacts"
 //! auto_upload = true
 //! tokens = ["<read token>:read", "<write token>:write"]   # for `serve`
+//! public_urls = ["https://eua.example.com"]  # for `serve`: names and origins it answers to
+//! allowed_hosts = ["upgrade-box:8080"]
+//! allowed_origins = ["https://tools.example.com"]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,9 +48,32 @@ pub(crate) struct FileConfig {
     pub(crate) auto_upload: Option<bool>,
     /// `serve`'s bearer tokens, `TOKEN:ROLE`.
     pub(crate) tokens: Option<Vec<String>>,
+    /// `serve --public-url`.
+    pub(crate) public_urls: Option<Vec<String>>,
+    /// `serve --allowed-host`.
+    pub(crate) allowed_hosts: Option<Vec<String>>,
+    /// `serve --allowed-origin`.
+    pub(crate) allowed_origins: Option<Vec<String>>,
+}
+
+/// `serve`'s allowed hosts and origins from the file.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FileGuard {
+    pub(crate) public_urls: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 impl FileConfig {
+    /// `serve`'s allowed hosts and origins.
+    pub(crate) fn guard(&self) -> FileGuard {
+        FileGuard {
+            public_urls: self.public_urls.clone().unwrap_or_default(),
+            allowed_hosts: self.allowed_hosts.clone().unwrap_or_default(),
+            allowed_origins: self.allowed_origins.clone().unwrap_or_default(),
+        }
+    }
+
     /// Fills what the flags and variables left unset.
     pub(crate) fn notify(&self, mut n: NotifyConfig) -> NotifyConfig {
         n.eventbridge_bus_name = n.eventbridge_bus_name.or(self.eventbridge_bus_name.clone());

@@ -149,6 +149,8 @@ struct Ctx {
     config: Config,
     /// `tokens` from the configuration file (for `serve`).
     file_tokens: Vec<String>,
+    /// Allowed hosts and origins from the configuration file (for `serve`).
+    file_guard: config_file::FileGuard,
     /// `--token` values.
     tokens: Vec<String>,
     /// `--server`.
@@ -317,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         output: cli.output,
         config,
         file_tokens: file.tokens.clone().unwrap_or_default(),
+        file_guard: file.guard(),
         tokens: cli.tokens,
         server: cli.server.filter(|s| !s.is_empty()),
     };

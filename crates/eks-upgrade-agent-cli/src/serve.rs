@@ -2,6 +2,7 @@
 //! notification dispatcher running meanwhile.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 
 use eks_upgrade_agent::store::sqlite::SqliteStore;
-use eks_upgrade_agent_server::{AppState, Auth};
+use eks_upgrade_agent_server::{AppState, Auth, Guard};
 
 use crate::{Ctx, notify};
 
@@ -22,11 +23,72 @@ pub(crate) struct ServeArgs {
     /// progress and artifacts)
     #[arg(long)]
     pub(crate) insecure_no_auth: bool,
+    /// Tokens from a file, one TOKEN:ROLE per line, `#` comments (unlike --token, not shown in
+    /// the process list)
+    #[arg(long, value_name = "PATH", env = "EUA_TOKEN_FILE")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// The URL people and clients reach this server under (a DNS name, a proxy): its host is
+    /// accepted in `Host` and its origin may make changes (repeatable; env EUA_PUBLIC_URL,
+    /// comma-separated). Loopback names and the listen address are always accepted
+    #[arg(
+        long = "public-url",
+        value_name = "URL",
+        env = "EUA_PUBLIC_URL",
+        value_delimiter = ','
+    )]
+    pub(crate) public_urls: Vec<String>,
+    /// Another name this server answers to in `Host`, HOST or HOST:PORT (repeatable; env
+    /// EUA_ALLOWED_HOSTS, comma-separated)
+    #[arg(
+        long = "allowed-host",
+        value_name = "HOST[:PORT]",
+        env = "EUA_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_hosts: Vec<String>,
+    /// A web page origin (scheme://host[:port]) allowed to make changes and open WebSockets
+    /// (repeatable; env EUA_ALLOWED_ORIGINS, comma-separated)
+    #[arg(
+        long = "allowed-origin",
+        value_name = "ORIGIN",
+        env = "EUA_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub(crate) allowed_origins: Vec<String>,
+    /// Connections served at once, WebSockets included; more wait until one closes
+    #[arg(
+        long,
+        value_name = "N",
+        env = "EUA_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) max_connections: u32,
 }
 
 impl ServeArgs {
-    /// The tokens from `--token TOKEN:ROLE`, else `EUA_TOKENS`, else the config file's
-    /// `tokens`.
+    /// The hosts and origins allowed beyond loopback and the listen address: flags (or their
+    /// variables), else the config file's lists.
+    fn guard(&self, ctx: &Ctx) -> anyhow::Result<Guard> {
+        let pick = |flag: &Vec<String>, file: &Vec<String>| -> Vec<String> {
+            let flag: Vec<String> = flag
+                .iter()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect();
+            if flag.is_empty() { file.clone() } else { flag }
+        };
+        let f = &ctx.file_guard;
+        Guard::from_specs(
+            &pick(&self.public_urls, &f.public_urls),
+            &pick(&self.allowed_hosts, &f.allowed_hosts),
+            &pick(&self.allowed_origins, &f.allowed_origins),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The tokens from `--token TOKEN:ROLE` and `--token-file`, else `EUA_TOKENS`, else the
+    /// config file's `tokens`.
     fn auth(&self, ctx: &Ctx) -> anyhow::Result<Auth> {
         let env: Vec<String> = std::env::var("EUA_TOKENS")
             .unwrap_or_default()
@@ -35,8 +97,12 @@ impl ServeArgs {
             .filter(|t| !t.is_empty())
             .map(str::to_owned)
             .collect();
-        let specs = if !ctx.tokens.is_empty() {
-            &ctx.tokens
+        let mut given = ctx.tokens.clone();
+        if let Some(path) = &self.token_file {
+            given.extend(read_token_file(path)?);
+        }
+        let specs = if !given.is_empty() {
+            &given
         } else if !env.is_empty() {
             &env
         } else {
@@ -44,6 +110,37 @@ impl ServeArgs {
         };
         Auth::from_specs(specs).map_err(|e| anyhow::anyhow!("invalid token: {e}"))
     }
+}
+
+/// `TOKEN:ROLE` lines of `path`; blank lines and `#` comments are skipped.
+fn read_token_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let specs: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if specs.is_empty() {
+        anyhow::bail!(
+            "the token file {} holds no token: write one TOKEN:ROLE per line",
+            path.display()
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            eprintln!(
+                "warning: the token file {} is readable by other users (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
+    Ok(specs)
 }
 
 /// Checks the listen address against the auth settings.
@@ -79,9 +176,16 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("serve runs on a data dir; --server (EUA_SERVER) is for the client commands");
     }
     let auth = args.auth(ctx)?;
+    let guard = args.guard(ctx)?;
     check_exposure(args.listen, &auth, args.insecure_no_auth)?;
     let store = ctx.store()?;
-    let state = state(ctx, store.clone(), auth)?;
+    let options = eks_upgrade_agent_server::ServeOptions {
+        max_connections: args.max_connections as usize,
+        ..Default::default()
+    };
+    let state = state(ctx, store.clone(), auth)?
+        .with_guard(guard)
+        .with_serve_options(options);
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
     let _uploader = spawn_uploader(ctx, &store, &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;

@@ -260,7 +260,7 @@ async fn other_writer_bench() {
 /// One keep-alive HTTP/1.1 POST; returns the status.
 async fn post(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, path: &str, body: &str) -> u16 {
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(req.as_bytes()).await.unwrap();

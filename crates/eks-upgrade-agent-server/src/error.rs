@@ -70,9 +70,48 @@ impl From<eks_upgrade_agent::Error> for ApiError {
     }
 }
 
+/// 413 naming the route's limit.
+pub(crate) fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the body is larger than this route's limit of {limit} bytes ({} MiB); send less per request",
+            limit / (1024 * 1024)
+        ),
+    )
+}
+
+/// A JSON body, with the route's body limit named when it is too large.
+pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>, limit: usize) -> ApiResult<T> {
+    match body {
+        Ok(Json(v)) => Ok(v),
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large(limit)),
+        Err(r) => Err(r.into()),
+    }
+}
+
+/// `limit` if it is at most [`crate::MAX_EVENTS`], else 400 naming the maximum.
+pub(crate) fn page_limit(name: &str, limit: usize) -> ApiResult<usize> {
+    if limit > crate::MAX_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "{name} must be at most {} (got {limit}); read the next page with since=<the last seq you got>",
+                crate::MAX_EVENTS
+            ),
+        ));
+    }
+    Ok(limit)
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(crate::MAX_BODY);
+        }
         let code = match status {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
@@ -122,13 +161,79 @@ impl From<QueryRejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> Self {
         let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "bad_request"
-        };
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(crate::MAX_BODY);
+        }
+        let code = "bad_request";
         ApiError::new(status, code, r.body_text())
     }
+}
+
+/// Most bytes of an error body read back to rewrite it (rejection messages are short).
+const MAX_REWRITTEN: usize = 16 * 1024;
+
+/// Gives every error response the one JSON shape: axum's own rejections (a path segment that is
+/// not UTF-8, a request that is not a WebSocket upgrade, a method the route does not take, ...)
+/// answer in `text/plain` or with no body at all.
+pub(crate) async fn json_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REWRITTEN)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_input",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    };
+    let message = if status.is_server_error() {
+        tracing::error!(status = %status, detail = %text, "request failed");
+        "internal error".to_owned()
+    } else if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = parts
+            .headers
+            .get(axum::http::header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        format!("this route does not take this method (it takes {allow})")
+    } else if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_lowercase()
+    } else {
+        // axum's messages start with a capital: the house style is lower case.
+        let mut c = text.chars();
+        c.next()
+            .map(|f| f.to_lowercase().chain(c).collect())
+            .unwrap_or_default()
+    };
+    let mut resp = ApiError::new(status, code, message).into_response();
+    for (k, v) in &parts.headers {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            resp.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    resp
 }
 
 impl std::fmt::Display for ApiError {

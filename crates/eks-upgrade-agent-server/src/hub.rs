@@ -12,6 +12,8 @@
 //!   [`Subscription`]). Slow clients never delay others, and memory does not grow with them.
 //! - A [`Subscription`] starting at `since` replays older events from the store page by page,
 //!   then continues from the ring, skipping what it already sent: no gap, no duplicate.
+//!   A `since` beyond the store's last seq (a restored data dir) gets a [`Item::Resync`] to
+//!   the store's last seq first, then live events.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -156,11 +158,22 @@ impl Hub {
         // Subscribe before reading `published`: whatever is published later is in the ring.
         let rx = self.inner.tx.subscribe();
         let published = self.published();
+        // A `since` beyond the store's last seq (a restored data dir, another server's seq)
+        // would wait for events that never come: answer with a resync to the store's position.
+        let ahead = match since {
+            Some(s) if s > published => {
+                let tracker = Arc::clone(&self.inner.tracker);
+                let last = blocking(move || tracker.store().last_seq()).await?;
+                (s > last).then_some(last)
+            }
+            _ => None,
+        };
         self.inner.clients.fetch_add(1, Ordering::Relaxed);
-        let (position, replay) = match since {
-            Some(s) if s < published => (s, true),
-            Some(s) => (s, false),
-            None => (published, false),
+        let (position, replay) = match (since, ahead) {
+            (_, Some(last)) => (last, true),
+            (Some(s), None) if s < published => (s, true),
+            (Some(s), None) => (s, false),
+            (None, _) => (published, false),
         };
         Ok(Subscription {
             hub: self.clone(),
@@ -168,6 +181,7 @@ impl Hub {
             upgrade_id,
             position,
             replaying: replay,
+            ahead: ahead.is_some(),
             queue: VecDeque::new(),
         })
     }
@@ -230,6 +244,8 @@ pub struct Subscription {
     /// Every event with seq <= position has been delivered or filtered out.
     position: u64,
     replaying: bool,
+    /// `since` was beyond the store's last seq: the first item is a resync to `position`.
+    ahead: bool,
     queue: VecDeque<Arc<HubEvent>>,
 }
 
@@ -260,6 +276,11 @@ impl Subscription {
     pub async fn replay_page(&mut self) -> ApiResult<Option<Item>> {
         if !self.replaying {
             return Ok(None);
+        }
+        if self.ahead {
+            self.ahead = false;
+            self.replaying = false;
+            return Ok(Some(Item::Resync { seq: self.position }));
         }
         let published = self.hub.published();
         if published.saturating_sub(self.position) > self.hub.inner.max_lag {

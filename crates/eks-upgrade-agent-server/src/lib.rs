@@ -4,9 +4,12 @@
 //! Request bodies use the model's field names, the same as `progress apply` (a task operation's
 //! body is the `apply` line without `op`, `upgrade_id` and `task_id`, which come from the path).
 //! Errors have one JSON shape, `{"error": {"code": "...", "message": "..."}}`: 400 malformed JSON
-//! or query, 401 missing or wrong token, 403 read token on a write route, 404 unknown upgrade,
-//! task or route, 409 already exists or invalid transition, 413 body too large, 422 invalid
-//! values; 5xx say "internal error" and the detail goes to the log.
+//! or query, 401 missing or wrong token, 403 read token on a write route or a host or origin
+//! that is not allowed ([`guard`]), 404 unknown upgrade, task or route, 405 a method the route
+//! does not take, 409 already exists or invalid transition, 413 body too large, 415 a body
+//! that is not `application/json`, 422 invalid values; 5xx say "internal error" and the detail
+//! goes to the log. axum's own rejections (a path segment that is not UTF-8, a missing
+//! WebSocket upgrade) get the same shape.
 //!
 //! The library is synchronous (SQLite); handlers call it on the blocking pool. Live streams
 //! (WebSocket and SSE) are fed by one [`hub::Hub`] per state.
@@ -43,8 +46,10 @@ use eks_upgrade_agent::store::UploadQueue;
 mod artifacts_api;
 pub mod auth;
 mod committer;
+mod conn;
 mod dashboard;
 mod error;
+pub mod guard;
 pub mod hub;
 mod maintenance;
 mod metrics;
@@ -53,15 +58,26 @@ mod progress_api;
 mod store_api;
 mod stream;
 
+pub use conn::ServeOptions;
 pub use metrics::Metrics;
 
 pub use auth::{Auth, Role};
 pub use error::ApiError;
+pub use guard::Guard;
 
 /// Largest JSON body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Most events one `GET .../events` returns.
+/// Most events one `GET .../events` (or store protocol list) returns; a larger `limit` or
+/// `latest` is a 400 naming it (the next page is `?since=<last seq>`).
 pub const MAX_EVENTS: usize = 10_000;
+/// Largest `POST /api/v1/store/execute` body (the library's `RemoteStore` splits its batches
+/// below it).
+pub const MAX_EXECUTE_BODY: usize = 4 * 1024 * 1024;
+/// Largest `POST /api/v1/store/import` body.
+pub const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
+/// Largest WebSocket message or frame a client may send (clients send small control
+/// messages); a larger one closes the connection.
+pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 /// Default idle time before a stream sends a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -74,6 +90,8 @@ pub struct AppState {
     pub hub: hub::Hub,
     /// Tokens (none: everything allowed).
     pub auth: Arc<Auth>,
+    /// Hosts and origins allowed beyond loopback (see [`guard`]).
+    pub guard: Arc<Guard>,
     /// Idle time before a stream sends a heartbeat.
     pub heartbeat: Duration,
     /// Artifacts (none: the artifact routes answer 404).
@@ -87,6 +105,8 @@ pub struct AppState {
     /// The configured S3 store (upload runs through the API).
     #[cfg(feature = "aws")]
     pub s3: Option<Arc<eks_upgrade_agent::blob::S3BlobStore>>,
+    /// Header-read timeout and connection cap of [`serve`].
+    pub serve_options: ServeOptions,
     /// Group commit of the REST API's progress writes.
     committer: Arc<committer::Committer>,
 }
@@ -99,6 +119,8 @@ impl AppState {
             committer: Arc::new(committer::Committer::new(Arc::clone(&tracker))),
             tracker,
             auth: Arc::new(Auth::open()),
+            guard: Arc::new(Guard::new()),
+            serve_options: ServeOptions::default(),
             heartbeat: HEARTBEAT,
             artifacts: None,
             uploads: None,
@@ -136,6 +158,18 @@ impl AppState {
     /// With tokens.
     pub fn with_auth(mut self, auth: Auth) -> AppState {
         self.auth = Arc::new(auth);
+        self
+    }
+
+    /// With the hosts and origins allowed beyond loopback (`serve` adds its listen address).
+    pub fn with_guard(mut self, guard: Guard) -> AppState {
+        self.guard = Arc::new(guard);
+        self
+    }
+
+    /// With another header-read timeout or connection cap for [`serve`].
+    pub fn with_serve_options(mut self, options: ServeOptions) -> AppState {
+        self.serve_options = options;
         self
     }
 
@@ -215,11 +249,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/maintenance/pull", post(maintenance::pull))
         .route(
             "/api/v1/store/execute",
-            post(store_api::execute).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),
+            post(store_api::execute).layer(DefaultBodyLimit::max(MAX_EXECUTE_BODY)),
         )
         .route(
             "/api/v1/store/import",
-            post(store_api::import).layer(DefaultBodyLimit::max(store_api::MAX_STORE_BODY)),
+            post(store_api::import).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
         )
         .route("/api/v1/store/upgrades", get(store_api::upgrades))
         .route("/api/v1/store/upgrades/{upgrade}", get(store_api::upgrade))
@@ -255,6 +289,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check,
+        ))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }
 
@@ -274,24 +313,21 @@ async fn healthz(
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` completes.
+/// Serves `router(state)` on `listener` until `shutdown` completes, then finishes the requests
+/// in flight. Connections get TCP_NODELAY, a header-read timeout and a cap on their number
+/// (`state.serve_options`, see [`ServeOptions`]); the listen address joins the allowed hosts.
 pub async fn serve(
     listener: TcpListener,
-    state: AppState,
+    mut state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let mut guard = (*state.guard).clone();
+    guard.allow_listen_addr(listener.local_addr()?);
+    state.guard = Arc::new(guard);
     // Start following the store now, so metrics count events from the start.
     if let Err(e) = state.hub.start().await {
         tracing::warn!(error = %e, "cannot read the store's last seq; streams start on demand");
     }
-    // Streams send small messages: no Nagle delay behind a delayed ACK.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let options = state.serve_options;
+    conn::run(listener, router(state), options, shutdown).await
 }

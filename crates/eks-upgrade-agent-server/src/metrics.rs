@@ -1,5 +1,6 @@
 //! `/metrics` in the OpenMetrics text format (which Prometheus scrapes): request latencies by
-//! route, progress updates through the API, events seen by the stream hub, stream clients,
+//! method (standard ones, else `other`), route template (`unmatched` for unknown paths) and
+//! status, progress updates through the API, events seen by the stream hub, stream clients,
 //! artifact uploads and downloads, queued S3 uploads and pending notifications (the last two
 //! read from the store at scrape time, so they include other processes' work).
 
@@ -133,7 +134,8 @@ impl Default for Metrics {
 /// Records the latency of every request under its route template.
 pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
+    // Labels come from fixed sets: a client must not be able to mint time series.
+    let method = method_label(req.method()).to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -148,6 +150,23 @@ pub(crate) async fn track(State(s): State<AppState>, req: Request, next: Next) -
         })
         .observe(start.elapsed().as_secs_f64());
     resp
+}
+
+/// The method as a label: one of the standard methods, else `other`.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// `GET /metrics`

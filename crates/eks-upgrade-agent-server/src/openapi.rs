@@ -143,7 +143,10 @@ pub(crate) const ROUTES: &[Route] = &[
         body: Body::None,
         query: &[
             ("since", "seq to start after [0]"),
-            ("limit", "most events [1000, at most 10000]"),
+            (
+                "limit",
+                "most events [1000; above 10000 is a 400: page with since]",
+            ),
         ],
         ok: (200, JSON),
     },
@@ -408,7 +411,7 @@ pub(crate) fn document() -> OpenApi {
         op = op.response(
             "default",
             ResponseBuilder::new()
-                .description("400 malformed, 401 no or wrong token, 403 read token on a write route, 404 unknown, 409 conflict or invalid transition, 413 too large, 422 invalid values")
+                .description("400 malformed, 401 no or wrong token, 403 read token on a write route, or a Host or Origin the server does not answer to, 404 unknown, 405 method not allowed, 409 conflict or invalid transition, 413 too large, 415 a JSON body without Content-Type: application/json, 422 invalid values")
                 .content(JSON, error)
                 .build(),
         );

@@ -14,8 +14,8 @@ use eks_upgrade_agent::model::ProgressSummary;
 use eks_upgrade_agent::progress::Command;
 use eks_upgrade_agent::store::Committed;
 
-use crate::error::{ApiError, ApiResult, blocking};
-use crate::{AppState, MAX_EVENTS};
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, blocking, page_limit};
 
 /// An optional JSON body: empty means none.
 fn optional_json(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<Json<Value>>> {
@@ -240,11 +240,11 @@ pub(crate) async fn events(
             ));
         }
         Some(n) => {
-            let n = n.min(MAX_EVENTS);
+            let n = page_limit("latest", n)?;
             blocking(move || tracker.store().latest_events(&upgrade, n)).await?
         }
         None => {
-            let limit = q.limit.unwrap_or(1000).min(MAX_EVENTS);
+            let limit = page_limit("limit", q.limit.unwrap_or(1000))?;
             blocking(move || tracker.events_since(Some(&upgrade), q.since, limit)).await?
         }
     };

@@ -6,7 +6,10 @@
 //!
 //! - `POST /api/v1/store/execute`: a JSON array of commands (the `apply` format), committed as
 //!   one group; the answer has one entry per command, `{"ok": Committed}` or `{"error": {...}}`.
-//! - `POST /api/v1/store/import`: `{"upgrade", "tasks", "events"}` -> `{"last_seq"}`.
+//!   At most [`MAX_EXECUTE_BODY`] bytes (`RemoteStore` splits larger batches).
+//! - `POST /api/v1/store/import`: `{"upgrade", "tasks", "events"}` -> `{"last_seq"}`; at most
+//!   [`MAX_IMPORT_BODY`] bytes.
+//! - Event lists take `limit` up to [`crate::MAX_EVENTS`] (400 above).
 //! - `GET /api/v1/store/upgrades[/{u}[/tasks[/{t}[/recent?limit=]]]]`, `GET .../events?
 //!   upgrade_id=&since=&limit=`, `GET .../last_seq`.
 
@@ -22,17 +25,14 @@ use eks_upgrade_agent::model::{ProgressEvent, Task, Upgrade};
 use eks_upgrade_agent::progress::Command;
 use eks_upgrade_agent::store::EventQuery;
 
-use crate::error::{ApiError, ApiResult, blocking};
-use crate::{AppState, MAX_EVENTS};
-
-/// Largest `execute` or `import` body.
-pub(crate) const MAX_STORE_BODY: usize = 64 * 1024 * 1024;
+use crate::error::{ApiError, ApiResult, blocking, json_body, page_limit};
+use crate::{AppState, MAX_EXECUTE_BODY, MAX_IMPORT_BODY};
 
 pub(crate) async fn execute(
     State(s): State<AppState>,
     body: Result<Json<Vec<Command>>, JsonRejection>,
 ) -> ApiResult<Json<Vec<Value>>> {
-    let Json(commands) = body?;
+    let commands = json_body(body, MAX_EXECUTE_BODY)?;
     let tracker = Arc::clone(&s.tracker);
     let n = commands.len() as u64;
     // Through the tracker, so this server's callbacks (the stream hub) see the events at once.
@@ -61,7 +61,7 @@ pub(crate) async fn import(
     State(s): State<AppState>,
     body: Result<Json<ImportBody>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
-    let Json(b) = body?;
+    let b = json_body(body, MAX_IMPORT_BODY)?;
     let tracker = Arc::clone(&s.tracker);
     let last = blocking(move || tracker.store().import(&b.upgrade, &b.tasks, &b.events)).await?;
     Ok(Json(json!({ "last_seq": last })))
@@ -110,7 +110,7 @@ pub(crate) async fn recent(
     q: Result<Query<LimitQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<ProgressEvent>>> {
     let Query(q) = q?;
-    let limit = q.limit.min(MAX_EVENTS);
+    let limit = page_limit("limit", q.limit)?;
     let tracker = Arc::clone(&s.tracker);
     Ok(Json(
         blocking(move || tracker.store().recent_task_events(&u, &t, limit)).await?,
@@ -123,7 +123,7 @@ pub(crate) async fn latest(
     q: Result<Query<LimitQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<ProgressEvent>>> {
     let Query(q) = q?;
-    let limit = q.limit.min(MAX_EVENTS);
+    let limit = page_limit("limit", q.limit)?;
     let tracker = Arc::clone(&s.tracker);
     Ok(Json(
         blocking(move || tracker.store().latest_events(&u, limit)).await?,
@@ -147,7 +147,7 @@ pub(crate) async fn events(
     let query = EventQuery {
         upgrade_id: q.upgrade_id,
         since: q.since,
-        limit: q.limit.min(MAX_EVENTS),
+        limit: page_limit("limit", q.limit)?,
     };
     let tracker = Arc::clone(&s.tracker);
     Ok(Json(

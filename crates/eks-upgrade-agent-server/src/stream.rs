@@ -7,7 +7,8 @@
 //!   `{"type":"pong"}`; `{"type":"heartbeat","seq":N}` when idle, where every event up to `N`
 //!   has been sent; `{"type":"resync","seq":N,"data":summary}` when the client fell too far
 //!   behind: events up to `N` were skipped, `data` is a fresh summary (the skipped events can
-//!   be fetched with `GET .../events?since=`); `{"type":"error","message":...}` for a bad
+//!   be fetched with `GET .../events?since=`), also sent when `since` is beyond the store's
+//!   last seq (`N` is then that seq); `{"type":"error","message":...}` for a bad
 //!   client message.
 //! - client -> server: `{"type":"ping"}`, `{"type":"get_summary"}`.
 //!
@@ -96,6 +97,8 @@ pub(crate) async fn upgrade_ws(
     let sub = s.hub.subscribe(Some(upgrade.clone()), q.since).await?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
+        .max_message_size(crate::MAX_WS_MESSAGE)
+        .max_frame_size(crate::MAX_WS_MESSAGE)
         .on_upgrade(move |socket| ws_client(socket, s, Some(upgrade), sub)))
 }
 
@@ -109,6 +112,8 @@ pub(crate) async fn all_ws(
     let sub = s.hub.subscribe(None, q.since).await?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
+        .max_message_size(crate::MAX_WS_MESSAGE)
+        .max_frame_size(crate::MAX_WS_MESSAGE)
         .on_upgrade(move |socket| ws_client(socket, s, None, sub)))
 }
 

@@ -818,7 +818,7 @@ fn serve_listens_on_loopback_only_and_answers() {
     let served = serve(&env, &[]);
     let resp = http(
         served.port,
-        "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"cluster_name\":\"prod-eu\""), "{resp}");
@@ -833,7 +833,7 @@ fn serve_with_tokens_from_the_environment() {
         http(
             served.port,
             &format!(
-                "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+                "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
             ),
         )
     };
@@ -844,10 +844,54 @@ fn serve_with_tokens_from_the_environment() {
     let resp = http(
         served.port,
         &format!(
-            "POST /api/v1/upgrades/u1/complete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "POST /api/v1/upgrades/u1/complete HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         ),
     );
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+}
+
+#[test]
+fn serve_takes_tokens_from_a_file_and_answers_only_to_its_names() {
+    let env = setup();
+    let token = "a-write-token-from-a-file";
+    let file = env.dir.path().join("tokens");
+    std::fs::write(&file, format!("# the team's tokens\n\n  {token}:write\n")).unwrap();
+    let err = env.fails(1, &["serve", "--token-file", "/nonexistent/tokens"]);
+    assert!(
+        err.contains("cannot read the token file /nonexistent/tokens"),
+        "{err}"
+    );
+    let empty = env.dir.path().join("empty");
+    std::fs::write(&empty, "# nothing\n").unwrap();
+    let err = env.fails(1, &["serve", "--token-file", empty.to_str().unwrap()]);
+    assert!(err.contains("holds no token"), "{err}");
+    let err = env.fails(1, &["serve", "--public-url", "ftp://x"]);
+    assert!(err.contains("invalid public URL"), "{err}");
+    let served = serve(
+        &env,
+        &[
+            ("EUA_TOKEN_FILE", file.to_str().unwrap()),
+            ("EUA_PUBLIC_URL", "https://eua.example.com"),
+        ],
+    );
+    let get = |host: &str, auth: &str| {
+        http(
+            served.port,
+            &format!(
+                "GET /api/v1/upgrades/u1 HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+            ),
+        )
+    };
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let resp = get("127.0.0.1", "");
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    for host in ["127.0.0.1", "localhost:1", "eua.example.com"] {
+        let resp = get(host, &bearer);
+        assert!(resp.starts_with("HTTP/1.1 200"), "{host}: {resp}");
+    }
+    let resp = get("evil.example", &bearer);
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("--allowed-host evil.example"), "{resp}");
 }
 
 #[test]
@@ -857,7 +901,7 @@ fn a_cli_write_reaches_the_servers_stream() {
     let served = serve(&env, &[]);
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", served.port)).unwrap();
     stream
-        .write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(20)))
@@ -923,7 +967,7 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
         .unwrap();
     let page = http(
         port,
-        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("<title>EKS Upgrade Agent</title>"), "{page}");
@@ -935,7 +979,7 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
         .expect("the demo finishes and says it keeps serving");
     let resp = http(
         port,
-        "GET /api/v1/upgrades/d1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /api/v1/upgrades/d1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     let _ = child.kill();
     let _ = child.wait();
@@ -949,7 +993,7 @@ fn serve_stops_cleanly_on_sigterm() {
     let mut served = serve(&env, &[]);
     let health = http(
         served.port,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     assert!(health.contains(r#""status":"ok""#), "{health}");
     let pid = served.child.id().to_string();

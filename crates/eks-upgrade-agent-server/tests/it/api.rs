@@ -467,3 +467,83 @@ async fn events_latest_gives_the_newest_oldest_first() {
     let (st, _) = call(&s, "GET", "/api/v1/upgrades/nope/events?latest=2", None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
+
+/// Bodies and pages are bounded: the store protocol's execute (4 MiB) and import (16 MiB)
+/// refuse larger bodies with 413 naming the limit; event pages above 10,000 are a 400 naming the
+/// maximum (they were silently cut before).
+#[tokio::test]
+async fn bodies_and_pages_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    crate::util::seed(&s.tracker, "u1");
+    for (uri, size, limit) in [
+        ("/api/v1/store/execute", 5 * 1024 * 1024, "4194304"),
+        ("/api/v1/store/import", 17 * 1024 * 1024, "16777216"),
+        ("/api/v1/upgrades", 2 * 1024 * 1024, "1048576"),
+    ] {
+        let body = format!("[\"{}\"]", "x".repeat(size));
+        let (st, v) = call(&s, "POST", uri, Some(&body)).await;
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {v}");
+        assert_eq!(v["error"]["code"], "too_large");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(limit), "{uri}: {msg}");
+    }
+    for uri in [
+        "/api/v1/upgrades/u1/events?limit=10001",
+        "/api/v1/upgrades/u1/events?latest=10001",
+        "/api/v1/store/events?limit=10001",
+        "/api/v1/store/upgrades/u1/latest?limit=10001",
+        "/api/v1/store/upgrades/u1/tasks/a/recent?limit=10001",
+    ] {
+        let (st, v) = call(&s, "GET", uri, None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("at most 10000") && msg.contains("since="),
+            "{uri}: {msg}"
+        );
+    }
+    let (st, v) = call(&s, "GET", "/api/v1/upgrades/u1/events?limit=10000", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 3);
+}
+
+/// Every error has the one JSON shape, including axum's own rejections (they were
+/// `text/plain` or empty).
+#[tokio::test]
+async fn every_rejection_has_the_json_error_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    crate::util::seed(&s.tracker, "u1");
+    for (method, uri, status) in [
+        ("GET", "/api/v1/upgrades/%FF", 400),
+        ("GET", "/api/v1/upgrades/u1/tasks/%FF%FE", 400),
+        ("POST", "/api/v1/upgrades/u1/tasks/%C3%28/start", 400),
+        ("GET", "/api/v1/artifacts/%FF", 400),
+        ("GET", "/api/v1/ws", 400),
+        ("GET", "/api/v1/upgrades/u1/ws", 400),
+        ("PUT", "/api/v1/upgrades", 405),
+        ("DELETE", "/api/v1/upgrades/u1", 405),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let resp = router(s.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {uri}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/json",
+            "{method} {uri}"
+        );
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !msg.is_empty() && v["error"]["code"].is_string(),
+            "{uri}: {v}"
+        );
+        assert!(!msg.starts_with(char::is_uppercase), "{uri}: {msg}");
+    }
+}

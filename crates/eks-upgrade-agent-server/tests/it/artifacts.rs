@@ -437,3 +437,52 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Labels come from fixed sets (a 5,000-character method was once a label) and sinks are shown
+/// without their secrets (a webhook URL's path).
+#[tokio::test]
+async fn metrics_labels_are_bounded_and_hold_no_secrets() {
+    use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions, Format, WebhookSink};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        eks_upgrade_agent::config::Config::new(dir.path())
+            .open_store()
+            .unwrap(),
+    );
+    let sink = WebhookSink::new(
+        "http://user:pw@127.0.0.1:9/hooks/T0ps3cr3t",
+        None,
+        Format::Reference,
+        "eua",
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let d = Arc::new(Dispatcher::new(
+        store,
+        vec![Arc::new(sink)],
+        DispatcherOptions::default(),
+    ));
+    let s = state(dir.path()).with_dispatcher(d);
+    let long = "X".repeat(5000);
+    for method in ["FOOBAR", long.as_str(), "GET"] {
+        req(&s, method, "/api/v1/upgrades", &[], Body::empty()).await;
+        req(&s, method, "/no/such/route/1", &[], Body::empty()).await;
+        req(&s, method, "/no/such/route/2", &[], Body::empty()).await;
+    }
+    let text = String::from_utf8(get(&s, "/metrics").await.body).unwrap();
+    assert!(!text.contains("FOOBAR") && !text.contains("XXXX"), "{text}");
+    assert!(
+        text.contains(r#"method="other",route="/api/v1/upgrades""#),
+        "{text}"
+    );
+    assert!(!text.contains("/no/such"), "{text}");
+    assert!(text.contains(r#"route="unmatched""#), "{text}");
+    assert!(
+        text.contains("eua_notifications_pending{sink=\"webhook:127.0.0.1:9#"),
+        "{text}"
+    );
+    for secret in ["T0ps3cr3t", "hooks", "user", "pw@"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}

@@ -4,6 +4,9 @@
 mod api;
 mod artifacts;
 mod auth;
+mod conn;
+mod guard;
+mod hostile;
 mod remote;
 mod stream;
 mod util;

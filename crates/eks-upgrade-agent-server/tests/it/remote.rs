@@ -90,3 +90,92 @@ fn remote_writes_reach_the_servers_state_and_tokens_apply() {
         "refused writes changed nothing"
     );
 }
+
+/// The server takes at most 4 MiB per `execute`: `RemoteStore` sends a larger batch in groups
+/// below it (each command commits on its own either way), so nothing a local store accepts is
+/// refused remotely for its batch size.
+#[test]
+fn a_batch_larger_than_one_request_is_split() {
+    use eks_upgrade_agent::progress::Command;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let server_tracker = Arc::clone(&s.tracker);
+    let url = serve_on(&runtime, s);
+    let remote = RemoteStore::new(&url, None).unwrap();
+    let writer = ProgressTracker::new(Arc::new(remote));
+    crate::util::seed(&writer, "u1");
+    // 100 updates with 60 KB of details each: about 6 MB in all.
+    let details: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({"log": "x".repeat(60_000)})).unwrap();
+    let cmds: Vec<Command> = (0..100)
+        .map(|i| Command::TaskUpdate {
+            upgrade_id: "u1".into(),
+            task_id: "a".into(),
+            percentage: f64::from(i) / 2.0,
+            message: None,
+            details: details.clone(),
+        })
+        .collect();
+    let results = writer.execute_batch(&cmds).unwrap();
+    assert_eq!(results.len(), 100);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let seqs: Vec<u64> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().last_seq())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(
+        server_tracker
+            .task_detail("u1", "a")
+            .unwrap()
+            .task
+            .percentage,
+        49.5
+    );
+}
+
+/// An import larger than the server takes (16 MiB) is refused by `RemoteStore` before sending,
+/// saying what to do instead; the server is unchanged.
+#[test]
+fn an_import_larger_than_the_server_takes_says_what_to_do() {
+    use eks_upgrade_agent::store::EventQuery;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let server_tracker = Arc::clone(&s.tracker);
+    let url = serve_on(&runtime, s);
+    // A local upgrade with about 18 MB of events.
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = crate::util::tracker(local_dir.path());
+    crate::util::seed(&local, "big");
+    let details: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({"log": "x".repeat(60_000)})).unwrap();
+    for i in 0..300 {
+        local
+            .update_task("big", "a", f64::from(i) / 4.0, None, details.clone())
+            .unwrap();
+    }
+    let store = local.store();
+    let events = store
+        .events(&EventQuery {
+            upgrade_id: Some("big".into()),
+            since: 0,
+            limit: usize::MAX,
+        })
+        .unwrap();
+    let remote = RemoteStore::new(&url, None).unwrap();
+    let e = remote
+        .import(
+            &store.upgrade("big").unwrap(),
+            &store.tasks("big").unwrap(),
+            &events,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("at most 16777216 bytes")
+            && e.to_string().contains("server's machine"),
+        "{e}"
+    );
+    assert!(server_tracker.list_upgrades().unwrap().is_empty());
+}

@@ -324,3 +324,93 @@ async fn a_burst_larger_than_one_write_batch_arrives_whole() {
     }
     assert_eq!(got, seqs_written);
 }
+
+/// A `since` beyond the store's last seq (a restored data dir) is answered with a `resync` to
+/// the last seq, then live events flow (before: the client waited silently for seqs that never
+/// came).
+#[tokio::test]
+async fn a_since_beyond_the_last_seq_gets_a_resync_then_live_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    for path in ["/api/v1/upgrades/u1/ws?since=1000", "/api/v1/ws?since=1000"] {
+        let last = s.tracker.store().last_seq().unwrap();
+        let mut ws = ws_connect(&server.ws_url(path)).await;
+        let (_, resync) = until_type(&mut ws, "resync").await;
+        assert_eq!(resync["seq"].as_u64(), Some(last), "{path}: {resync}");
+        assert!(
+            resync["data"].is_object() || resync["data"].is_array(),
+            "{resync}"
+        );
+        let t = Arc::clone(&s.tracker);
+        let seq = blocking(move || update(&t, 5.0)).await;
+        let (_, ev) = until_type(&mut ws, "progress_event").await;
+        assert_eq!(ev["seq"].as_u64(), Some(seq), "{path}");
+    }
+
+    // SSE, with `?since=` and with `Last-Event-ID`.
+    for (path, header) in [
+        ("/api/v1/upgrades/u1/events/stream?since=1000", None),
+        ("/api/v1/events/stream", Some("1000")),
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let last = s.tracker.store().last_seq().unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let extra = header.map_or_else(String::new, |h| format!("Last-Event-ID: {h}\r\n"));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        let mut read_until = async |text: &mut String, want: &str| {
+            while !text.contains(want) {
+                let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("{path}: no {want:?} within 10 s in {text}"))
+                    .unwrap();
+                assert!(n > 0, "{path}: closed: {text}");
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        };
+        read_until(&mut text, "event: resync").await;
+        let want = format!("\"type\":\"resync\",\"seq\":{last}");
+        read_until(&mut text, &want).await;
+        let t = Arc::clone(&s.tracker);
+        let seq = blocking(move || update(&t, 6.0)).await;
+        read_until(&mut text, &format!("id: {seq}\nevent: progress_event")).await;
+    }
+}
+
+/// Clients send small control messages: a message (or frame) over 64 KiB closes the connection
+/// instead of being buffered, and the server keeps serving others.
+#[tokio::test]
+async fn an_oversized_websocket_message_closes_the_connection() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+    let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(100 * 1024));
+    // Either the send fails or the server answers with a close (or drops the socket).
+    let _ = ws.send(Message::Text(big.into())).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(Message::Text(t))) if t.contains("pong") => return false,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server reacts within 10 s");
+    assert!(closed, "a 100 KiB message must close the connection");
+    // The server still serves.
+    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+    ws_send(&mut ws, r#"{"type":"ping"}"#).await;
+    until_type(&mut ws, "pong").await;
+}

@@ -190,7 +190,7 @@ impl Dispatcher {
                             DeliveryOutcome::Dead {
                                 error: format!(
                                     "entry is {size} bytes; {} accepts at most {}",
-                                    sink.name(),
+                                    sink.label(),
                                     sink.max_batch_bytes()
                                 ),
                             },
@@ -300,7 +300,12 @@ impl Dispatcher {
     pub fn status(&self) -> Result<Vec<SinkStatus>> {
         self.sinks
             .iter()
-            .map(|s| self.outbox.sink_status(s.name()))
+            .map(|s| {
+                // Shown to people (notify status, /metrics): the label, not the key.
+                let mut st = self.outbox.sink_status(s.name())?;
+                st.sink = s.label().to_owned();
+                Ok(st)
+            })
             .collect()
     }
 

@@ -153,8 +153,13 @@ pub enum EntryResult {
 /// an error of the whole call (endpoint down) is reported as `Retry` for every entry. Sinks
 /// never drop silently: anything not `Delivered` stays in the outbox.
 pub trait EventSink: Send + Sync + fmt::Debug {
-    /// A stable name for this sink (delivery state is kept per name).
+    /// A stable name for this sink (delivery state is kept per name). It may hold secrets (a
+    /// webhook's URL): show [`label`](EventSink::label) instead.
     fn name(&self) -> &str;
+    /// The sink's name as shown to people (status, metrics, logs, error messages): no secrets.
+    fn label(&self) -> &str {
+        self.name()
+    }
     /// Most notifications per call.
     fn max_batch(&self) -> usize {
         10

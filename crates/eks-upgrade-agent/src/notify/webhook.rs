@@ -15,7 +15,10 @@ pub const SIGNATURE_HEADER: &str = "X-EUA-Signature";
 
 /// HTTP POST of JSON to a URL.
 pub struct WebhookSink {
+    /// The delivery-state key (holds the URL: never shown).
     name: String,
+    /// What people see: `webhook:HOST#digest`, without the URL's path or credentials.
+    label: String,
     url: String,
     secret: Option<Vec<u8>>,
     format: Format,
@@ -26,8 +29,7 @@ pub struct WebhookSink {
 impl std::fmt::Debug for WebhookSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookSink")
-            .field("name", &self.name)
-            .field("url", &self.url)
+            .field("label", &self.label)
             .field("secret", &self.secret.as_ref().map(|_| "<hidden>"))
             .field("format", &self.format)
             .finish()
@@ -39,6 +41,18 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// `webhook:HOST[:PORT]#xxxxxx`: the host without credentials, path or query (a webhook URL's
+/// path is often its secret), and 6 hex digits of the URL's SHA-256 so two hooks on one host
+/// stay apart.
+fn label(url: &str) -> String {
+    use sha2::Digest as _;
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let digest = hex::encode(&Sha256::digest(url.as_bytes())[..3]);
+    format!("webhook:{host}#{digest}")
 }
 
 impl WebhookSink {
@@ -62,6 +76,7 @@ impl WebhookSink {
             .into();
         Ok(WebhookSink {
             name: format!("webhook:{url}"),
+            label: label(url),
             url: url.to_owned(),
             secret: secret.map(|s| s.as_bytes().to_vec()),
             format,
@@ -74,6 +89,10 @@ impl WebhookSink {
 impl EventSink for WebhookSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn label(&self) -> &str {
+        &self.label
     }
 
     fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
@@ -97,15 +116,19 @@ impl EventSink for WebhookSink {
                     200..=299 => all(EntryResult::Delivered),
                     400 | 413 | 422 => all(EntryResult::Reject(format!(
                         "{} answered {status}",
-                        self.url
+                        self.label
                     ))),
                     _ => all(EntryResult::Retry(format!(
                         "{} answered {status}",
-                        self.url
+                        self.label
                     ))),
                 }
             }
-            Err(e) => all(EntryResult::Retry(format!("{}: {e}", self.url))),
+            Err(e) => all(EntryResult::Retry(format!(
+                "{}: {}",
+                self.label,
+                e.to_string().replace(&self.url, "<url>")
+            ))),
         }
     }
 }
@@ -113,6 +136,27 @@ impl EventSink for WebhookSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_hide_the_path_and_credentials() {
+        let a = label("https://user:pw@hooks.example.com:8443/T0/B1/s3cr3t?k=v");
+        assert!(a.starts_with("webhook:hooks.example.com:8443#"), "{a}");
+        assert_eq!(a.len(), "webhook:hooks.example.com:8443#".len() + 6, "{a}");
+        for secret in ["s3cr3t", "user", "pw", "k=v"] {
+            assert!(!a.contains(secret), "{a}");
+        }
+        assert_ne!(a, label("https://hooks.example.com:8443/other"));
+        let sink = WebhookSink::new(
+            "http://127.0.0.1:9/hook/s3cr3t",
+            None,
+            Format::Reference,
+            "s",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(!format!("{sink:?}").contains("s3cr3t"));
+        assert!(!sink.label().contains("s3cr3t"));
+    }
 
     #[test]
     fn signature_is_hmac_sha256_hex() {

@@ -20,6 +20,10 @@ use crate::progress::command::Command;
 
 /// Largest response read (event pages, task lists).
 const MAX_RESPONSE: u64 = 512 * 1024 * 1024;
+/// Largest `execute` body a server takes (`eks_upgrade_agent_server::MAX_EXECUTE_BODY`).
+const MAX_EXECUTE_BODY: usize = 4 * 1024 * 1024;
+/// Largest `import` body a server takes (`eks_upgrade_agent_server::MAX_IMPORT_BODY`).
+const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
 
 /// A store behind a server.
 pub struct RemoteStore {
@@ -109,6 +113,11 @@ impl RemoteStore {
     pub fn post_json<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         let body = serde_json::to_vec(body)
             .map_err(|e| Error::invalid(format!("cannot encode the request: {e}")))?;
+        self.post_encoded(path, &body)
+    }
+
+    /// `POST path` with an encoded JSON body, answer as JSON.
+    fn post_encoded<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> Result<T> {
         let mut req = self
             .agent
             .post(format!("{}{path}", self.base))
@@ -116,8 +125,43 @@ impl RemoteStore {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let resp = req.send(&body[..]).map_err(|e| self.unreachable(&e))?;
+        let resp = req.send(body).map_err(|e| self.unreachable(&e))?;
         self.answer(resp)
+    }
+
+    /// One `POST /api/v1/store/execute` of already encoded commands.
+    fn execute_encoded(&self, encoded: &[Vec<u8>]) -> Result<Vec<Result<Committed>>> {
+        let mut body = Vec::with_capacity(encoded.iter().map(|c| c.len() + 1).sum::<usize>() + 2);
+        body.push(b'[');
+        for (i, c) in encoded.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(c);
+        }
+        body.push(b']');
+        let answers: Vec<Value> = self.post_encoded("/api/v1/store/execute", &body)?;
+        if answers.len() != encoded.len() {
+            return Err(Error::Backend {
+                message: format!(
+                    "the server at {} answered {} results for {} commands",
+                    self.base,
+                    answers.len(),
+                    encoded.len()
+                ),
+                source: None,
+            });
+        }
+        Ok(answers
+            .into_iter()
+            .map(|mut a| match a.get_mut("ok") {
+                Some(ok) => serde_json::from_value(ok.take()).map_err(|e| Error::Backend {
+                    message: format!("unexpected answer from {}: {e}", self.base),
+                    source: None,
+                }),
+                None => Err(self.error_of(200, &a["error"])),
+            })
+            .collect())
     }
 
     /// Reads a JSON answer, or turns an error answer into the library error it reports.
@@ -181,33 +225,50 @@ struct LastSeq {
 
 impl ProgressStore for RemoteStore {
     fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
-        let answers: Vec<Value> = self.post_json("/api/v1/store/execute", &commands)?;
-        if answers.len() != commands.len() {
-            return Err(Error::Backend {
-                message: format!(
-                    "the server at {} answered {} results for {} commands",
-                    self.base,
-                    answers.len(),
-                    commands.len()
-                ),
-                source: None,
-            });
+        // The server takes at most MAX_EXECUTE_BODY bytes per request: send the batch in
+        // groups below it (each command commits on its own either way). A command too large
+        // for any request fails alone.
+        let mut out: Vec<Result<Committed>> = Vec::with_capacity(commands.len());
+        let mut group: Vec<Vec<u8>> = Vec::new();
+        let mut size = 2;
+        for c in commands {
+            let encoded = serde_json::to_vec(c)
+                .map_err(|e| Error::invalid(format!("cannot encode the request: {e}")))?;
+            if encoded.len() + 2 > MAX_EXECUTE_BODY {
+                out.extend(self.execute_encoded(&std::mem::take(&mut group))?);
+                size = 2;
+                out.push(Err(Error::invalid(format!(
+                    "this {} command is {} bytes as JSON; a server takes at most {MAX_EXECUTE_BODY} bytes per request: send it in smaller parts (fewer tasks per add, shorter details)",
+                    c.op_name(),
+                    encoded.len()
+                ))));
+                continue;
+            }
+            if size + encoded.len() + 1 > MAX_EXECUTE_BODY {
+                out.extend(self.execute_encoded(&std::mem::take(&mut group))?);
+                size = 2;
+            }
+            size += encoded.len() + 1;
+            group.push(encoded);
         }
-        Ok(answers
-            .into_iter()
-            .map(|mut a| match a.get_mut("ok") {
-                Some(ok) => serde_json::from_value(ok.take()).map_err(|e| Error::Backend {
-                    message: format!("unexpected answer from {}: {e}", self.base),
-                    source: None,
-                }),
-                None => Err(self.error_of(200, &a["error"])),
-            })
-            .collect())
+        if !group.is_empty() || commands.is_empty() {
+            out.extend(self.execute_encoded(&group)?);
+        }
+        Ok(out)
     }
 
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
         let body = serde_json::json!({"upgrade": upgrade, "tasks": tasks, "events": events});
-        let r: LastSeq = self.post_json("/api/v1/store/import", &body)?;
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| Error::invalid(format!("cannot encode the request: {e}")))?;
+        if body.len() > MAX_IMPORT_BODY {
+            return Err(Error::invalid(format!(
+                "upgrade {:?} is {} bytes as JSON; a server imports at most {MAX_IMPORT_BODY} bytes at once: import it on the server's machine, into its data dir",
+                upgrade.upgrade_id,
+                body.len()
+            )));
+        }
+        let r: LastSeq = self.post_encoded("/api/v1/store/import", &body)?;
         Ok(r.last_seq)
     }
 

@@ -1,0 +1,192 @@
+//! The connection loop: a client sending half its headers is cut off after the header-read
+//! timeout (slowloris), connections over the cap wait until one closes, and shutdown finishes
+//! the requests in flight.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use eks_upgrade_agent_server::ServeOptions;
+
+use crate::util::*;
+
+const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+/// Reads one response head and its (small, Content-Length) body.
+async fn response(tcp: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let mut text = String::new();
+    while !(text.contains("\r\n\r\n") && text.ends_with('}')) {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text
+}
+
+#[tokio::test]
+async fn half_sent_headers_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServeOptions {
+        header_read_timeout: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let server = Server::start(state(dir.path()).with_serve_options(options)).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("the server closes a half-open request within 5 s");
+    // Closed (EOF or reset), perhaps after a 408.
+    if let Ok(n) = read
+        && n > 0
+    {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    // Whole requests are still answered.
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(HEALTH).await.unwrap();
+    assert!(response(&mut tcp).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let options = ServeOptions {
+        max_connections: 2,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(s.with_serve_options(options)).await;
+    // A WebSocket and a keep-alive connection take both slots.
+    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    next_json(&mut ws).await;
+    let mut first = TcpStream::connect(server.addr).await.unwrap();
+    first.write_all(HEALTH).await.unwrap();
+    assert!(response(&mut first).await.starts_with("HTTP/1.1 200"));
+    // A third client is not served while they stay open...
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    third.write_all(HEALTH).await.unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf))
+            .await
+            .is_err(),
+        "over the cap: no answer yet"
+    );
+    // ...nor when only the keep-alive one closes (the WebSocket still holds its slot)...
+    drop(first);
+    let got = tokio::time::timeout(Duration::from_secs(5), response(&mut third))
+        .await
+        .expect("served once a slot is free");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    // ...and the WebSocket's slot comes back when it closes.
+    let mut fourth = TcpStream::connect(server.addr).await.unwrap();
+    fourth.write_all(HEALTH).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), fourth.read(&mut buf))
+            .await
+            .is_err(),
+        "the WebSocket and the third client hold both slots"
+    );
+    drop(ws);
+    let got = tokio::time::timeout(Duration::from_secs(5), response(&mut fourth))
+        .await
+        .expect("served once the WebSocket closed");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(eks_upgrade_agent_server::serve(
+        listener,
+        state(dir.path()),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    // Headers sent, body still on its way when shutdown starts.
+    let body = r#"{"upgrade_id":"u1","plan_id":"p","cluster_name":"c"}"#;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/upgrades HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!server.is_finished(), "waits for the request in flight");
+    tcp.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), response(&mut tcp))
+        .await
+        .unwrap();
+    assert!(got.starts_with("HTTP/1.1 201"), "{got}");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns once the request is done")
+        .unwrap()
+        .unwrap();
+    // New connections are no longer accepted.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// A live SSE stream never finishes: shutdown closes it after the grace period instead of
+/// waiting forever (`serve` did not return on SIGTERM while a stream was open).
+#[tokio::test]
+async fn shutdown_closes_streams_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServeOptions {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(eks_upgrade_agent_server::serve(
+        listener,
+        state(dir.path()).with_serve_options(options),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut sse = TcpStream::connect(addr).await.unwrap();
+    sse.write_all(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = sse.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    tx.send(()).unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve returns after the grace period")
+        .unwrap()
+        .unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    // The stream's socket is closed.
+    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sse.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "the SSE socket is closed");
+}
