@@ -209,7 +209,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/upgrades/{upgrade}/ws", get(stream::upgrade_ws))
         .route("/api/v1/ws", get(stream::all_ws))
         .route("/api/v1/events/stream", get(stream::all_sse))
-        .route("/api/v1/upgrades/{upgrade}/tasks", post(p::add_tasks))
+        .route(
+            "/api/v1/upgrades/{upgrade}/tasks",
+            get(p::list_tasks).post(p::add_tasks),
+        )
         .route("/api/v1/upgrades/{upgrade}/tasks/{task}", get(p::show_task))
         .route(
             "/api/v1/upgrades/{upgrade}/tasks/{task}/{op}",

@@ -74,9 +74,12 @@ pub(crate) const ROUTES: &[Route] = &[
         method: "get",
         path: "/api/v1/upgrades",
         tag: "progress",
-        summary: "Summaries of every upgrade",
+        summary: "Summaries of the upgrades, oldest first, a page at a time (X-Next-Cursor)",
         body: Body::None,
-        query: &[],
+        query: &[
+            ("limit", "most upgrades [10000, the maximum: 400 above]"),
+            ("cursor", "the X-Next-Cursor of the previous page"),
+        ],
         ok: (200, JSON),
     },
     Route {
@@ -92,7 +95,7 @@ pub(crate) const ROUTES: &[Route] = &[
         method: "get",
         path: "/api/v1/upgrades/{upgrade}",
         tag: "progress",
-        summary: "An upgrade's summary and tasks",
+        summary: "An upgrade's summary and its first 10000 tasks (tasks_next_cursor when more)",
         body: Body::None,
         query: &[],
         ok: (200, JSON),
@@ -104,6 +107,18 @@ pub(crate) const ROUTES: &[Route] = &[
         summary: "Upgrade operation: op is start (phase), phase (phase), complete or fail (error_message)",
         body: Body::Json("phase | error_message, as the operation needs (may be empty)"),
         query: &[],
+        ok: (200, JSON),
+    },
+    Route {
+        method: "get",
+        path: "/api/v1/upgrades/{upgrade}/tasks",
+        tag: "progress",
+        summary: "An upgrade's tasks in the order they were added, a page at a time (X-Next-Cursor)",
+        body: Body::None,
+        query: &[
+            ("limit", "most tasks [10000, the maximum: 400 above]"),
+            ("cursor", "the X-Next-Cursor of the previous page"),
+        ],
         ok: (200, JSON),
     },
     Route {

@@ -6,13 +6,14 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use eks_upgrade_agent::model::ProgressSummary;
 use eks_upgrade_agent::progress::Command;
-use eks_upgrade_agent::store::Committed;
+use eks_upgrade_agent::store::{Committed, MAX_PAGE};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, blocking, page_limit};
@@ -78,15 +79,62 @@ async fn execute(state: &AppState, c: Command) -> ApiResult<Committed> {
     Ok(committed)
 }
 
+/// `?limit=` (at most [`MAX_PAGE`], the default) and `?cursor=` (from `X-Next-Cursor`) of a
+/// paged listing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    /// Accepted for browser clients (see `auth`).
+    #[serde(rename = "access_token")]
+    _access_token: Option<String>,
+}
+
+impl PageQuery {
+    fn limit(&self) -> ApiResult<usize> {
+        page_limit("limit", self.limit.unwrap_or(MAX_PAGE))
+    }
+}
+
+/// A JSON array answer, with `X-Next-Cursor` when the page is full (there may be more).
+fn paged<T: serde::Serialize>(items: &[T], limit: usize, cursor: Option<&str>) -> Response {
+    let mut resp = Json(serde_json::to_value(items).unwrap_or_default()).into_response();
+    if items.len() >= limit
+        && let Some(c) = cursor.and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        resp.headers_mut().insert("x-next-cursor", c);
+    }
+    resp
+}
+
 pub(crate) async fn list_upgrades(
     State(s): State<AppState>,
-) -> ApiResult<Json<Vec<ProgressSummary>>> {
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let limit = q.limit()?;
     let tracker = Arc::clone(&s.tracker);
-    let list = blocking(move || tracker.list_upgrades()).await?;
+    let list = blocking(move || tracker.upgrades_page(q.cursor.as_deref(), limit)).await?;
     let now = eks_upgrade_agent::model::now();
-    Ok(Json(
-        list.iter().map(|u| ProgressSummary::of(u, now)).collect(),
-    ))
+    let summaries: Vec<ProgressSummary> =
+        list.iter().map(|u| ProgressSummary::of(u, now)).collect();
+    let last = list.last().map(|u| u.upgrade_id.as_str());
+    Ok(paged(&summaries, limit, last))
+}
+
+/// `GET /api/v1/upgrades/{u}/tasks`: the tasks, a page at a time.
+pub(crate) async fn list_tasks(
+    State(s): State<AppState>,
+    Path(upgrade): Path<String>,
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let limit = q.limit()?;
+    let tracker = Arc::clone(&s.tracker);
+    let tasks = blocking(move || tracker.tasks_page(&upgrade, q.cursor.as_deref(), limit)).await?;
+    let last = tasks.last().map(|t| t.task_id.as_str());
+    Ok(paged(&tasks, limit, last))
 }
 
 pub(crate) async fn create_upgrade(
@@ -112,16 +160,33 @@ pub(crate) async fn summary_json(s: &AppState, upgrade: &str, seq: u64) -> ApiRe
     Ok(v)
 }
 
+/// The summary with the first [`MAX_PAGE`] tasks; when there are more, `tasks_next_cursor`
+/// (and `X-Next-Cursor`) leads to `GET .../tasks?cursor=`.
 pub(crate) async fn show_upgrade(
     State(s): State<AppState>,
     Path(upgrade): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let tracker = Arc::clone(&s.tracker);
-    let (summary, tasks) =
-        blocking(move || Ok((tracker.summary(&upgrade)?, tracker.tasks(&upgrade)?))).await?;
+    let (summary, tasks) = blocking(move || {
+        Ok((
+            tracker.summary(&upgrade)?,
+            tracker.tasks_page(&upgrade, None, MAX_PAGE)?,
+        ))
+    })
+    .await?;
     let mut v = serde_json::to_value(summary).unwrap_or_default();
+    let next = (tasks.len() >= MAX_PAGE)
+        .then(|| tasks.last().map(|t| t.task_id.clone()))
+        .flatten();
     v["tasks"] = serde_json::to_value(tasks).unwrap_or_default();
-    Ok(Json(v))
+    if let Some(c) = &next {
+        v["tasks_next_cursor"] = json!(c);
+    }
+    let mut resp = Json(v).into_response();
+    if let Some(c) = next.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert("x-next-cursor", c);
+    }
+    Ok(resp)
 }
 
 pub(crate) async fn upgrade_op(

@@ -9,7 +9,8 @@
 //!   At most [`MAX_EXECUTE_BODY`] bytes (`RemoteStore` splits larger batches).
 //! - `POST /api/v1/store/import`: `{"upgrade", "tasks", "events"}` -> `{"last_seq"}`; at most
 //!   [`MAX_IMPORT_BODY`] bytes.
-//! - Event lists take `limit` up to [`crate::MAX_EVENTS`] (400 above).
+//! - Event lists take `limit` up to [`crate::MAX_EVENTS`] (400 above); the upgrade and task
+//!   lists are pages too (`?after=ID&limit=N`, at most 10,000), which `RemoteStore` follows.
 //! - `GET /api/v1/store/upgrades[/{u}[/tasks[/{t}[/recent?limit=]]]]`, `GET .../events?
 //!   upgrade_id=&since=&limit=`, `GET .../last_seq`.
 
@@ -23,7 +24,7 @@ use serde_json::{Value, json};
 
 use eks_upgrade_agent::model::{ProgressEvent, Task, Upgrade};
 use eks_upgrade_agent::progress::Command;
-use eks_upgrade_agent::store::EventQuery;
+use eks_upgrade_agent::store::{EventQuery, MAX_PAGE};
 
 use crate::error::{ApiError, ApiResult, blocking, json_body, page_limit};
 use crate::{AppState, MAX_EXECUTE_BODY, MAX_IMPORT_BODY};
@@ -67,10 +68,29 @@ pub(crate) async fn import(
     Ok(Json(json!({ "last_seq": last })))
 }
 
-pub(crate) async fn upgrades(State(s): State<AppState>) -> ApiResult<Json<Vec<Upgrade>>> {
+/// `?after=` (an id) and `?limit=` (at most `MAX_PAGE`, the default) of the store's pages.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Page {
+    fn limit(&self) -> ApiResult<usize> {
+        page_limit("limit", self.limit.unwrap_or(MAX_PAGE))
+    }
+}
+
+pub(crate) async fn upgrades(
+    State(s): State<AppState>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> ApiResult<Json<Vec<Upgrade>>> {
+    let Query(q) = q?;
+    let limit = q.limit()?;
     let tracker = Arc::clone(&s.tracker);
     Ok(Json(
-        blocking(move || tracker.store().list_upgrades()).await?,
+        blocking(move || tracker.store().upgrades_page(q.after.as_deref(), limit)).await?,
     ))
 }
 
@@ -85,9 +105,14 @@ pub(crate) async fn upgrade(
 pub(crate) async fn tasks(
     State(s): State<AppState>,
     Path(u): Path<String>,
+    q: Result<Query<Page>, QueryRejection>,
 ) -> ApiResult<Json<Vec<Task>>> {
+    let Query(q) = q?;
+    let limit = q.limit()?;
     let tracker = Arc::clone(&s.tracker);
-    Ok(Json(blocking(move || tracker.store().tasks(&u)).await?))
+    Ok(Json(
+        blocking(move || tracker.store().tasks_page(&u, q.after.as_deref(), limit)).await?,
+    ))
 }
 
 pub(crate) async fn task(

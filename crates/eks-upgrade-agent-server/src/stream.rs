@@ -61,8 +61,9 @@ async fn summary(s: &AppState, upgrade: Option<&str>) -> ApiResult<Value> {
         Ok(match id {
             Some(id) => serde_json::to_value(tracker.summary(&id)?).unwrap_or_default(),
             None => {
+                // One page (the first 10,000 upgrades); `GET /api/v1/upgrades` pages on.
                 let all: Vec<ProgressSummary> = tracker
-                    .list_upgrades()?
+                    .upgrades_page(None, eks_upgrade_agent::store::MAX_PAGE)?
                     .iter()
                     .map(|u| ProgressSummary::of(u, now))
                     .collect();

@@ -179,7 +179,7 @@ fn power_loss_durability_syncs_the_wal_at_every_commit() {
             })
             .collect();
         let trace = env.data_dir().join("strace.out");
-        let mut cmd = env.command();
+        let cmd = env.command();
         let program = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
         let mut strace = std::process::Command::new("strace");

@@ -547,3 +547,71 @@ async fn every_rejection_has_the_json_error_shape() {
         assert!(!msg.starts_with(char::is_uppercase), "{uri}: {msg}");
     }
 }
+
+/// Listings of upgrades and tasks are pages of at most 10,000, linked by `X-Next-Cursor`; an
+/// upgrade's summary carries its first 10,000 tasks and a `tasks_next_cursor` (they were whole
+/// lists, as large as the store).
+#[tokio::test]
+async fn upgrade_and_task_listings_are_pages() {
+    use eks_upgrade_agent::model::TaskType;
+    use eks_upgrade_agent::progress::NewTask;
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    for i in 0..3 {
+        crate::util::seed(&s.tracker, &format!("u{i}"));
+    }
+    let get = |uri: String| {
+        let s = s.clone();
+        async move {
+            let req = Request::builder().uri(&uri).body(Body::empty()).unwrap();
+            let resp = router(s).oneshot(req).await.unwrap();
+            let status = resp.status();
+            let next = resp
+                .headers()
+                .get("x-next-cursor")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                next,
+                serde_json::from_slice::<Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    let (st, next, v) = get("/api/v1/upgrades?limit=2".into()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let next = next.expect("a full page names the next");
+    let (_, after, v) = get(format!("/api/v1/upgrades?limit=2&cursor={next}")).await;
+    assert_eq!(v[0]["upgrade_id"], "u2");
+    assert_eq!(after, None, "the last page names none");
+    for uri in [
+        "/api/v1/upgrades?limit=10001",
+        "/api/v1/upgrades/u0/tasks?limit=10001",
+        "/api/v1/store/upgrades?limit=10001",
+        "/api/v1/store/upgrades/u0/tasks?limit=10001",
+    ] {
+        let (st, _, v) = get(uri.into()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("10000"),
+            "{v}"
+        );
+    }
+    let (st, _, v) = get("/api/v1/upgrades?cursor=ghost".into()).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+
+    let tasks: Vec<NewTask> = (0..10_005)
+        .map(|i| NewTask::new(format!("x{i}"), "X", TaskType::UpgradeStep))
+        .collect();
+    s.tracker.add_tasks("u1", tasks).unwrap();
+    let (st, next, v) = get("/api/v1/upgrades/u1".into()).await;
+    assert_eq!(st, StatusCode::OK);
+    let first = v["tasks"].as_array().unwrap().len();
+    assert_eq!(first, 10_000);
+    let cursor = v["tasks_next_cursor"].as_str().unwrap().to_owned();
+    assert_eq!(next.as_deref(), Some(cursor.as_str()));
+    let (_, _, rest) = get(format!("/api/v1/upgrades/u1/tasks?cursor={cursor}")).await;
+    let total = v["total_tasks"].as_u64().unwrap() as usize;
+    assert_eq!(first + rest.as_array().unwrap().len(), total);
+}

@@ -410,6 +410,21 @@ impl ProgressTracker {
         self.store.list_upgrades()
     }
 
+    /// At most `limit` upgrades, oldest first, after the upgrade `after`.
+    pub fn upgrades_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Upgrade>> {
+        self.store.upgrades_page(after, limit)
+    }
+
+    /// At most `limit` tasks of an upgrade, in the order they were added, after task `after`.
+    pub fn tasks_page(
+        &self,
+        upgrade_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Task>> {
+        self.store.tasks_page(upgrade_id, after, limit)
+    }
+
     /// The tasks of an upgrade, in the order they were added.
     pub fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
         self.store.tasks(upgrade_id)

@@ -17,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 14] = [
+    let cases: [Case; 15] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -43,6 +43,7 @@ pub fn run(factory: Factory<'_>) {
             "hierarchy_statuses_follow_children",
             hierarchy_statuses_follow_children,
         ),
+        ("pages_of_upgrades_and_tasks", pages_of_upgrades_and_tasks),
         (
             "hostile_imports_are_refused_whole",
             hostile_imports_are_refused_whole,
@@ -827,4 +828,45 @@ fn hostile_imports_are_refused_whole(t: ProgressTracker) {
     let s = t.summary("imp").unwrap();
     assert_eq!(s.total_tasks, 2);
     assert!(s.overall_progress.is_finite());
+}
+
+/// Listings come a page at a time, in creation order, each page after the last id of the one
+/// before; an unknown cursor is `NotFound`.
+fn pages_of_upgrades_and_tasks(t: ProgressTracker) {
+    for i in 0..5 {
+        setup(&t, &format!("u{i}"));
+    }
+    let ids = |v: Vec<crate::model::Upgrade>| -> Vec<String> {
+        v.into_iter().map(|u| u.upgrade_id).collect()
+    };
+    assert_eq!(ids(t.upgrades_page(None, 2).unwrap()), ["u0", "u1"]);
+    assert_eq!(ids(t.upgrades_page(Some("u1"), 2).unwrap()), ["u2", "u3"]);
+    assert_eq!(ids(t.upgrades_page(Some("u3"), 2).unwrap()), ["u4"]);
+    assert!(t.upgrades_page(Some("u4"), 2).unwrap().is_empty());
+    assert!(matches!(
+        t.upgrades_page(Some("ghost"), 2).unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    assert_eq!(ids(t.list_upgrades().unwrap()).len(), 5);
+    for i in 0..5 {
+        add(&t, "u2", &format!("t{i}"), None, 1.0);
+    }
+    let tids = |v: Vec<Task>| -> Vec<String> { v.into_iter().map(|t| t.task_id).collect() };
+    assert_eq!(
+        tids(t.tasks_page("u2", None, 3).unwrap()),
+        ["t0", "t1", "t2"]
+    );
+    assert_eq!(
+        tids(t.tasks_page("u2", Some("t2"), 3).unwrap()),
+        ["t3", "t4"]
+    );
+    assert!(matches!(
+        t.tasks_page("u2", Some("ghost"), 3).unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    assert!(matches!(
+        t.tasks_page("ghost", None, 3).unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    assert!(t.tasks_page("u1", None, 3).unwrap().is_empty());
 }

@@ -119,11 +119,31 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
     /// One upgrade.
     fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade>;
 
-    /// Every upgrade, oldest first.
-    fn list_upgrades(&self) -> Result<Vec<Upgrade>>;
+    /// Every upgrade, oldest first (all pages of [`upgrades_page`](Self::upgrades_page)).
+    fn list_upgrades(&self) -> Result<Vec<Upgrade>> {
+        all_pages(
+            |after| self.upgrades_page(after, MAX_PAGE),
+            |u| &u.upgrade_id,
+        )
+    }
 
-    /// The tasks of an upgrade, in the order they were added.
-    fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>>;
+    /// At most `limit` upgrades, oldest first, after the upgrade `after` (from the first when
+    /// `None`; `NotFound` when `after` names no upgrade). Costs O(limit).
+    fn upgrades_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Upgrade>>;
+
+    /// The tasks of an upgrade, in the order they were added (all pages of
+    /// [`tasks_page`](Self::tasks_page)).
+    fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
+        all_pages(
+            |after| self.tasks_page(upgrade_id, after, MAX_PAGE),
+            |t| &t.task_id,
+        )
+    }
+
+    /// At most `limit` tasks of an upgrade, in the order they were added, after task `after`
+    /// (from the first when `None`; `NotFound` when `after` names no task of it). Costs
+    /// O(limit).
+    fn tasks_page(&self, upgrade_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<Task>>;
 
     /// One task.
     fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task>;
@@ -144,6 +164,27 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
 
     /// The highest `seq` in the store (0 when empty).
     fn last_seq(&self) -> Result<u64>;
+}
+
+/// The most items one page of a listing holds (upgrades, tasks, events over HTTP): what one
+/// request can make a server hold.
+pub const MAX_PAGE: usize = 10_000;
+
+/// Concatenates pages: `page(after)` returns the page after the item with that id.
+fn all_pages<T>(
+    mut page: impl FnMut(Option<&str>) -> Result<Vec<T>>,
+    id: impl Fn(&T) -> &String,
+) -> Result<Vec<T>> {
+    let mut out: Vec<T> = Vec::new();
+    loop {
+        let after = out.last().map(|x| id(x).clone());
+        let next = page(after.as_deref())?;
+        let full = next.len() >= MAX_PAGE;
+        out.extend(next);
+        if !full {
+            return Ok(out);
+        }
+    }
 }
 
 /// An artifact to index; its blob is already stored.

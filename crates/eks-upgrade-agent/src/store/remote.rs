@@ -276,14 +276,22 @@ impl ProgressStore for RemoteStore {
         self.get_json(&format!("/api/v1/store/upgrades/{}", encode(upgrade_id)))
     }
 
-    fn list_upgrades(&self) -> Result<Vec<Upgrade>> {
-        self.get_json("/api/v1/store/upgrades")
+    fn upgrades_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Upgrade>> {
+        self.get_json(&format!(
+            "/api/v1/store/upgrades?limit={limit}{}",
+            after
+                .map(|a| format!("&after={}", encode(a)))
+                .unwrap_or_default()
+        ))
     }
 
-    fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
+    fn tasks_page(&self, upgrade_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<Task>> {
         self.get_json(&format!(
-            "/api/v1/store/upgrades/{}/tasks",
-            encode(upgrade_id)
+            "/api/v1/store/upgrades/{}/tasks?limit={limit}{}",
+            encode(upgrade_id),
+            after
+                .map(|a| format!("&after={}", encode(a)))
+                .unwrap_or_default()
         ))
     }
 

@@ -1408,6 +1408,20 @@ impl ProgressStore for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn upgrades_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Upgrade>> {
+        let conn = self.reader();
+        let from = match after {
+            Some(id) => upgrade_key(&conn, id)?,
+            None => 0,
+        };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {UPGRADE_COLS} FROM upgrades WHERE ukey > ?1 ORDER BY ukey LIMIT ?2"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![from, limit], |r| upgrade_row(r).map(|u| u.upgrade))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn tasks(&self, upgrade_id: &str) -> Result<Vec<Task>> {
         let conn = self.reader();
         let ukey = upgrade_key(&conn, upgrade_id)?;
@@ -1415,6 +1429,23 @@ impl ProgressStore for SqliteStore {
             "SELECT {TASK_COLS} FROM tasks WHERE ukey = ?1 ORDER BY tkey"
         ))?;
         let rows = stmt.query_map([ukey], |r| task_row(r, upgrade_id).map(|t| t.task))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn tasks_page(&self, upgrade_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<Task>> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        let from = match after {
+            Some(id) => load_task(&conn, ukey, upgrade_id, id)?.tkey,
+            None => 0,
+        };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE ukey = ?1 AND tkey > ?2 ORDER BY tkey LIMIT ?3"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![ukey, from, limit], |r| {
+            task_row(r, upgrade_id).map(|t| t.task)
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
