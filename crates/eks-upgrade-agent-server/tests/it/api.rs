@@ -615,3 +615,25 @@ async fn upgrade_and_task_listings_are_pages() {
     let total = v["total_tasks"].as_u64().unwrap() as usize;
     assert_eq!(first + rest.as_array().unwrap().len(), total);
 }
+
+/// `/healthz` reads the store: 503 with the reason when it does not answer (here a store
+/// whose server is gone), 200 with the last seq when it does.
+#[tokio::test]
+async fn healthz_is_503_when_the_store_does_not_answer() {
+    use std::sync::Arc;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let store = eks_upgrade_agent::store::remote::RemoteStore::new(&dead, None).unwrap();
+    let s = AppState::new(Arc::new(eks_upgrade_agent::ProgressTracker::new(Arc::new(
+        store,
+    ))));
+    let (st, v) = call(&s, "GET", "/healthz", None).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["status"], "unavailable");
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    let dir = tempfile::tempdir().unwrap();
+    let (st, v) = call(&state(dir.path()), "GET", "/healthz", None).await;
+    assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+}

@@ -122,6 +122,15 @@ async fn tokens_and_roles_are_enforced() {
     // Health is open.
     let (st, _, _) = call(&s, "GET", "/healthz", None, "").await;
     assert_eq!(st, StatusCode::OK);
+    // HEAD is a read; DELETE is a write, refused to a read token before anything happens.
+    let (st, _, _) = call(&s, "HEAD", "/api/v1/upgrades/u1", Some(READ), "").await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, _) = call(&s, "HEAD", "/api/v1/upgrades/u1", None, "").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v, _) = call(&s, "DELETE", "/api/v1/artifacts/anything", Some(READ), "").await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    let (st, v, _) = call(&s, "DELETE", "/api/v1/artifacts/anything", Some(WRITE), "").await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "past the role check: {v}");
 }
 
 #[tokio::test]
