@@ -1,21 +1,29 @@
 //! `cargo bench -p eks-upgrade-agent-server --bench stream`
 //!
 //! Prints one figure per line:
-//! - `stream_p99_ms clients=1000`: 1,000 WebSocket clients on loopback watch one upgrade while a
-//!   writer commits 1,000 task updates per second for 10 s; the latency of an event is from just
-//!   before its `update_task` call to its arrival at a client (every client, every event); also
-//!   `stream_p50_ms` and `stream_max_ms`;
-//! - `stream_gaps clients=1000`: events a client missed or got twice (summed over clients);
-//! - `other_writer_p99_ms`: latency to a WebSocket client of events written through a second,
-//!   independent store handle on the same data dir (what another process, the CLI or `apply`,
-//!   does): the server sees them only by polling the database; 200 events at 20/s;
+//! - `stream_p99_ms clients=1000 writer=W`: 1,000 WebSocket clients on loopback watch one upgrade
+//!   while a writer commits 1,000 task updates per second for 10 s; the latency of an event is
+//!   from just before its write to its arrival at a client (every client, every event); also
+//!   `stream_p50_ms` and `stream_max_ms`. `writer=in-process`: the server's own tracker calls
+//!   `update_task` (the server is woken by its own commit); `writer=http-process`: another
+//!   process POSTs the updates to the REST API over one keep-alive connection, as an agent
+//!   would (times are taken with the system clock, shared by both processes);
+//! - `stream_gaps clients=1000 writer=W`: events a client missed or got twice (summed over
+//!   clients);
+//! - `probe_stream_p99_ms clients=1000`: the same client harness and writer rate against a
+//!   minimal fan-out server in this process (one broadcast channel, no store, no replay): what
+//!   this machine can do, to read the figures above against;
+//! - `other_writer_p50_ms`, `_p99_ms`, `_max_ms`: latency to a WebSocket client of events written
+//!   through a second, independent store handle on the same data dir (what another process, the
+//!   CLI or `apply`, does): the server sees them only by polling the database every 50 ms; 200
+//!   events at 20/s;
 //! - `http_updates_per_s concurrency=16`: `POST .../tasks/{t}/update` through the REST API over
 //!   keep-alive HTTP/1.1 connections, 16 at a time, each acknowledged (committed) before the next.
 //!
 //! Server, clients and writer share this process and the machine's cores.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -35,6 +43,10 @@ const SECONDS: u64 = 10;
 const HTTP_CONCURRENCY: usize = 16;
 
 fn main() {
+    if let Ok(spec) = std::env::var(HTTP_WRITER_ENV) {
+        http_writer(&spec);
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -79,28 +91,36 @@ fn seq_of(text: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
+/// Microseconds on the system clock: comparable across processes on this machine.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// What one client saw: the arrival time of each event (by index; `u64::MAX` when it never came)
+/// and how many it missed or got twice.
 struct ClientResult {
-    latencies_us: Vec<u32>,
+    arrivals_us: Vec<u64>,
     gaps: u64,
 }
 
-async fn stream_bench() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = tracker(dir.path(), 10);
-    let first_seq = t.store().last_seq().unwrap() + 1;
+/// Connects `CLIENTS` WebSocket clients to `url` (each waits for its first message, the
+/// summary), then runs `write` (which returns the submit time of each event, by index) and
+/// prints the latency figures under `label`.
+async fn measure(
+    label: &str,
+    url: String,
+    first_seq: u64,
+    write: impl FnOnce() -> Vec<u64> + Send + 'static,
+) {
     let total = RATE * SECONDS;
-    let addr = start(AppState::new(Arc::clone(&t))).await;
-    let epoch = Instant::now();
-    // Submit time of each event, by seq - first_seq, in microseconds since `epoch`.
-    let submitted: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
-    let done = Arc::new(AtomicBool::new(false));
-
+    let started = Instant::now();
     let mut clients = Vec::with_capacity(CLIENTS);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(CLIENTS);
     for _ in 0..CLIENTS {
-        let url = format!("ws://{addr}/api/v1/upgrades/bench/ws");
-        let (submitted, done, ready) =
-            (Arc::clone(&submitted), Arc::clone(&done), ready_tx.clone());
+        let (url, ready) = (url.clone(), ready_tx.clone());
         clients.push(tokio::spawn(async move {
             // A small read buffer, as a browser's: tungstenite zero-fills its 128 KiB default
             // before every read.
@@ -112,7 +132,7 @@ async fn stream_bench() {
             let _ = ws.next().await;
             ready.send(()).await.unwrap();
             let mut result = ClientResult {
-                latencies_us: Vec::with_capacity(total as usize),
+                arrivals_us: vec![u64::MAX; total as usize],
                 gaps: 0,
             };
             let mut expected = first_seq;
@@ -133,7 +153,7 @@ async fn stream_bench() {
                 let Some(seq) = seq_of(text.as_str()) else {
                     continue;
                 };
-                let now = epoch.elapsed().as_micros() as u64;
+                let now = now_us();
                 if seq != expected {
                     // Missed (seq ahead) or duplicated/out of order (seq behind).
                     result.gaps += seq.abs_diff(expected);
@@ -142,13 +162,13 @@ async fn stream_bench() {
                     }
                 }
                 expected = seq + 1;
-                let sent = submitted[(seq - first_seq) as usize].load(Ordering::Acquire);
-                result.latencies_us.push(now.saturating_sub(sent) as u32);
+                if let Some(slot) = result.arrivals_us.get_mut((seq - first_seq) as usize) {
+                    *slot = now;
+                }
             }
             if expected <= last {
                 result.gaps += last + 1 - expected; // never arrived
             }
-            let _ = done.load(Ordering::Relaxed);
             result
         }));
     }
@@ -156,21 +176,63 @@ async fn stream_bench() {
     for _ in 0..CLIENTS {
         ready_rx.recv().await.unwrap();
     }
-    eprintln!("{CLIENTS} clients connected in {:?}", epoch.elapsed());
+    eprintln!(
+        "{label}: {CLIENTS} clients connected in {:?}",
+        started.elapsed()
+    );
+    let writer = tokio::task::spawn_blocking(write);
+    let submitted = writer.await.unwrap();
+    assert_eq!(submitted.len() as u64, total);
+    let mut all: Vec<u32> = Vec::with_capacity(CLIENTS * total as usize);
+    let mut gaps = 0;
+    for c in clients {
+        let r = c.await.unwrap();
+        gaps += r.gaps;
+        for (i, at) in r.arrivals_us.iter().enumerate() {
+            if *at != u64::MAX {
+                all.push(at.saturating_sub(submitted[i]) as u32);
+            }
+        }
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(f64::NAN, |us| f64::from(*us) / 1000.0)
+    };
+    eprintln!("{label}: {} deliveries of {total} events", all.len());
+    println!("{label}_p50_ms: {:.2}", pct(0.50));
+    println!("{label}_p99_ms: {:.2}", pct(0.99));
+    println!("{label}_max_ms: {:.2}", pct(1.0));
+    println!("{label}_gaps: {gaps}");
+}
 
-    // The writer: RATE updates per second on absolute deadlines.
-    let writer = {
-        let (t, submitted) = (Arc::clone(&t), Arc::clone(&submitted));
-        std::thread::spawn(move || {
+/// Sleeps until the `i`-th event is due (RATE per second from `start`, absolute deadlines).
+fn pace(start: Instant, i: u64) {
+    let due = start + Duration::from_micros(i * 1_000_000 / RATE);
+    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
+async fn stream_bench() {
+    let total = RATE * SECONDS;
+    // The server's own tracker writes.
+    let dir = tempfile::tempdir().unwrap();
+    let t = tracker(dir.path(), 10);
+    let first_seq = t.store().last_seq().unwrap() + 1;
+    let addr = start(AppState::new(Arc::clone(&t))).await;
+    let url = format!("ws://{addr}/api/v1/upgrades/bench/ws");
+    measure(
+        &format!("stream clients={CLIENTS} writer=in-process"),
+        url,
+        first_seq,
+        move || {
             let start = Instant::now();
+            let mut submitted = Vec::with_capacity(total as usize);
             for i in 0..total {
-                let due = start + Duration::from_micros(i * 1_000_000 / RATE);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                let us = epoch.elapsed().as_micros() as u64;
+                pace(start, i);
                 // Recorded before the call: the seq is known to be the next one (sole writer).
-                submitted[i as usize].store(us, Ordering::Release);
+                submitted.push(now_us());
                 let c = t
                     .update_task(
                         "bench",
@@ -182,30 +244,157 @@ async fn stream_bench() {
                     .unwrap();
                 assert_eq!(c.last_seq(), first_seq + i, "sole writer");
             }
-            start.elapsed()
-        })
+            submitted
+        },
+    )
+    .await;
+
+    // Another process writes through the REST API.
+    let dir = tempfile::tempdir().unwrap();
+    let t = tracker(dir.path(), 10);
+    let first_seq = t.store().last_seq().unwrap() + 1;
+    let addr = start(AppState::new(Arc::clone(&t))).await;
+    let url = format!("ws://{addr}/api/v1/upgrades/bench/ws");
+    measure(
+        &format!("stream clients={CLIENTS} writer=http-process"),
+        url,
+        first_seq,
+        move || {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .env(HTTP_WRITER_ENV, format!("{addr}|{first_seq}|{total}"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        },
+    )
+    .await;
+
+    // What this machine can do: the same harness against a bare fan-out server.
+    let (tx, _) = tokio::sync::broadcast::channel::<axum::extract::ws::Utf8Bytes>(4096);
+    let probe = {
+        use axum::extract::ws::{Message as Msg, WebSocketUpgrade};
+        let tx = tx.clone();
+        axum::Router::new().route(
+            "/ws",
+            axum::routing::get(move |ws: WebSocketUpgrade| {
+                let mut rx = tx.subscribe();
+                async move {
+                    ws.on_upgrade(move |mut socket| async move {
+                        if socket
+                            .send(Msg::Text("{\"type\":\"progress_summary\"}".into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        while let Ok(text) = rx.recv().await {
+                            if socket.send(Msg::Text(text)).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                }
+            }),
+        )
     };
-    let took = tokio::task::spawn_blocking(move || writer.join().unwrap())
-        .await
-        .unwrap();
-    done.store(true, Ordering::Relaxed);
-    let mut all = Vec::with_capacity(CLIENTS * total as usize);
-    let mut gaps = 0;
-    for c in clients {
-        let r = c.await.unwrap();
-        gaps += r.gaps;
-        all.extend(r.latencies_us);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, probe).await });
+    measure(
+        &format!("probe_stream clients={CLIENTS}"),
+        format!("ws://{addr}/ws"),
+        1,
+        move || {
+            let start = Instant::now();
+            let mut submitted = Vec::with_capacity(total as usize);
+            for i in 0..total {
+                pace(start, i);
+                submitted.push(now_us());
+                // About the size of a real progress_event message.
+                let text = format!(
+                    r#"{{"type":"progress_event","seq":{},"data":{{"seq":{},"event_id":"0194a0c2-8f6e-7c3a-9d41-5b2e1f0a7c11","kind":"task.progress","upgrade_id":"bench","timestamp":"2026-11-30T02:00:00.000000Z","task_id":"t{}","task_type":"upgrade_step","status":"in_progress","message":null,"details":{{}},"percentage":{}}}}}"#,
+                    i + 1,
+                    i + 1,
+                    i % 10,
+                    i % 100
+                );
+                let _ = tx.send(text.into());
+            }
+            submitted
+        },
+    )
+    .await;
+}
+
+/// Set in the child process that writes through the REST API: `addr|first_seq|total`.
+const HTTP_WRITER_ENV: &str = "EUA_BENCH_HTTP_WRITER";
+
+/// The child: `total` task updates at RATE over one keep-alive connection; prints the submit
+/// time of each (system clock, microseconds), in order.
+fn http_writer(spec: &str) {
+    use std::io::{Read, Write};
+    let mut parts = spec.split('|');
+    let addr = parts.next().unwrap();
+    let first_seq: u64 = parts.next().unwrap().parse().unwrap();
+    let total: u64 = parts.next().unwrap().parse().unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let mut submitted = Vec::with_capacity(total as usize);
+    let mut buf = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    for i in 0..total {
+        pace(start, i);
+        let body = format!(r#"{{"percentage":{}}}"#, i % 100);
+        let req = format!(
+            "POST /api/v1/upgrades/bench/tasks/t{}/update HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            i % 10,
+            body.len()
+        );
+        submitted.push(now_us());
+        conn.write_all(req.as_bytes()).unwrap();
+        // Read the whole answer (headers, then Content-Length bytes).
+        let mut got = Vec::new();
+        let (head_end, len) = loop {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed");
+            got.extend_from_slice(&buf[..n]);
+            if let Some(h) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..h]).to_string();
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                break (h, len);
+            }
+        };
+        while got.len() < head_end + 4 + len {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body: serde_json::Value = serde_json::from_slice(&got[head_end + 4..]).unwrap();
+        assert_eq!(body["seq"].as_u64(), Some(first_seq + i), "sole writer");
     }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(f64::NAN, |us| f64::from(*us) / 1000.0)
-    };
-    eprintln!("wrote {total} events in {took:?}; {} deliveries", all.len());
-    println!("stream_p50_ms clients={CLIENTS}: {:.2}", pct(0.50));
-    println!("stream_p99_ms clients={CLIENTS}: {:.2}", pct(0.99));
-    println!("stream_max_ms clients={CLIENTS}: {:.2}", pct(1.0));
-    println!("stream_gaps clients={CLIENTS}: {gaps}");
+    let mut out = String::with_capacity(submitted.len() * 18);
+    for us in submitted {
+        out.push_str(&us.to_string());
+        out.push('\n');
+    }
+    print!("{out}");
 }
 
 async fn other_writer_bench() {
