@@ -84,11 +84,43 @@ impl std::fmt::Debug for S3BlobStore {
     }
 }
 
-/// Whether `url` points at this machine.
-fn is_loopback(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host = rest.split(['/', ':']).next().unwrap_or("");
-    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+/// Whether `url` points at this machine, decided on the host of the parsed URL (as the HTTP
+/// client will parse it): `localhost`, `127.0.0.0/8` or `::1`. Anything else, including names
+/// that merely start with `127.` or `localhost` and URLs with user info, is not loopback.
+pub(crate) fn is_loopback(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return false;
+    }
+    match parsed.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Whether `url` uses plain http (any case).
+fn is_plain_http(url: &str) -> bool {
+    url.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+}
+
+/// Checks an AWS endpoint URL: it parses, and uses plain http only towards loopback.
+pub(crate) fn check_endpoint(what: &str, e: &str) -> Result<()> {
+    if url::Url::parse(e).is_err() {
+        return Err(Error::invalid(format!(
+            "invalid {what} endpoint {e:?}: expected a URL such as https://s3.example.com"
+        )));
+    }
+    if is_plain_http(e) && !is_loopback(e) {
+        return Err(Error::invalid(format!(
+            "refusing plain http to {e}: only loopback endpoints (localhost, 127.0.0.0/8, \
+             [::1]) may use http"
+        )));
+    }
+    Ok(())
 }
 
 fn backend(what: String, e: object_store::Error) -> Error {
@@ -146,15 +178,11 @@ impl S3BlobStore {
             b = b.with_access_key_id(key).with_secret_access_key(secret);
         }
         if let Some(e) = &options.endpoint {
-            if e.starts_with("http://") && !is_loopback(e) {
-                return Err(Error::invalid(format!(
-                    "refusing plain http to {e}: only loopback endpoints may use http"
-                )));
-            }
+            check_endpoint("S3", e)?;
             b = b
                 .with_endpoint(e)
                 .with_virtual_hosted_style_request(false)
-                .with_allow_http(e.starts_with("http://"));
+                .with_allow_http(is_plain_http(e));
         }
         let prefix = options.prefix.as_str();
         let store = b
@@ -575,9 +603,54 @@ mod tests {
 
     #[test]
     fn loopback_detection() {
-        assert!(is_loopback("http://127.0.0.1:9000"));
-        assert!(is_loopback("http://localhost:9000/x"));
-        assert!(!is_loopback("http://s3.example.com"));
+        for yes in [
+            "http://127.0.0.1:9000",
+            "http://127.1.2.3",
+            "http://localhost:9000/x",
+            "http://LOCALHOST",
+            "http://[::1]:9",
+            "http://[::1]",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "http://s3.example.com",
+            "http://127.evil.example:9",
+            "http://127.0.0.1.evil.example",
+            "http://localhost.evil",
+            "http://localhost.evil:9000",
+            "http://127.0.0.1@evil.example",
+            "http://127.0.0.1:9000@evil.example/",
+            "http://user:pw@127.0.0.1:9000",
+            "http://evil.example#@127.0.0.1",
+            "http://evil.example?127.0.0.1",
+            "http://[::2]:9",
+            "http://10.0.0.1",
+            "http://0.0.0.0:9",
+            "not a url",
+            "",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
+        for hostile in [
+            "http://127.evil.example:9",
+            "http://127.0.0.1.evil.example",
+            "http://localhost.evil",
+            "http://127.0.0.1@evil.example",
+            "HTTP://evil.example",
+        ] {
+            let err = S3BlobStore::new(&S3Options {
+                bucket: "b".into(),
+                endpoint: Some(hostile.into()),
+                ..S3Options::default()
+            })
+            .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("only loopback endpoints (localhost, 127.0.0.0/8, [::1]) may use http"),
+                "{hostile}: {err}"
+            );
+        }
         let err = S3BlobStore::new(&S3Options {
             bucket: "b".into(),
             endpoint: Some("http://s3.example.com".into()),
@@ -585,8 +658,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(
-            err.to_string()
-                .contains("only loopback endpoints may use http"),
+            err.to_string().contains("only loopback endpoints"),
             "{err}"
         );
     }
