@@ -385,3 +385,166 @@ fn serve_uploads_what_the_api_receives() {
     let got = env.ok(&["--server", &url2, "artifacts", "get", id]);
     assert_eq!(got, "kubelet ok\n");
 }
+
+/// Runs the CLI with S3 settings and `-o json`; returns the output, success or not.
+fn run_s3(env: &Env, endpoint: &str, args: &[&str]) -> std::process::Output {
+    let mut c = env.command();
+    with_s3(&mut c, endpoint);
+    c.arg("-o").arg("json").args(args).output().unwrap()
+}
+
+/// Puts `body` at `bucket`/`key` with boto3.
+fn put_object(moto: &Moto, bucket: &str, key: &str, body: &str) {
+    let body = serde_json::to_string(body).unwrap();
+    moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\n\
+         s3.put_object(Bucket={bucket:?}, Key={key:?}, Body=json.loads({body:?}).encode())\n\
+         print('null')"
+    ));
+}
+
+/// Whether `bucket`/`key` exists.
+fn object_exists(moto: &Moto, bucket: &str, key: &str) -> bool {
+    moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\n\
+         print(json.dumps(s3.list_objects_v2(Bucket={bucket:?}, Prefix={key:?}).get('KeyCount', 0) > 0))"
+    ))
+    .as_bool()
+    .unwrap()
+}
+
+/// A manifest of session `sid` (completed in 2000, so any cleanup removes it) whose artifacts
+/// claim `keys` (key, bucket).
+fn forged_manifest(sid: &str, keys: &[(String, &str)]) -> String {
+    let artifacts: Vec<Value> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, bucket))| {
+            serde_json::json!({
+                "artifact_id": format!("a{i}"),
+                "session_id": sid,
+                "collection_id": "col1",
+                "name": format!("results-{i}.xml"),
+                "export_name": format!("results-{i}.xml"),
+                "description": null,
+                "artifact_type": "test_result",
+                "file_size": 3,
+                "file_hash": "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD",
+                "status": "uploaded",
+                "s3_bucket": bucket,
+                "s3_key": key,
+                "s3_url": format!("s3://{bucket}/{key}"),
+                "created_at": "2000-01-01T00:00:00Z",
+                "uploaded_at": "2000-01-01T00:00:00Z",
+                "task_id": null,
+                "step_id": null,
+                "upgrade_id": "u-evil",
+                "tags": [],
+                "metadata": {}
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "format": 1,
+        "session": {
+            "session_id": sid,
+            "upgrade_id": "u-evil",
+            "cluster_name": "c",
+            "name": "evil",
+            "description": null,
+            "started_at": "2000-01-01T00:00:00Z",
+            "completed_at": "2000-01-01T00:00:00Z",
+            "retention_days": 1
+        },
+        "collections": [{
+            "collection_id": "col1",
+            "session_id": sid,
+            "name": "logs",
+            "description": null,
+            "task_id": null,
+            "created_at": "2000-01-01T00:00:00Z"
+        }],
+        "artifacts": artifacts
+    })
+    .to_string()
+}
+
+/// Issue #10, item 1: a forged manifest names other people's objects (another session's, an
+/// object outside the layout, an object in another bucket) and a completion in 2000. `pull`
+/// refuses it and stores nothing; a manifest whose keys are right but which names another
+/// bucket is stored with the bucket pulled from; after `cleanup` every victim still exists.
+#[test]
+fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
+    let moto = Moto::start();
+    moto.python(
+        "s3 = boto3.client('s3', **kw)\n\
+         s3.create_bucket(Bucket='team')\n\
+         s3.create_bucket(Bucket='other')\n\
+         print('null')",
+    );
+    let prefix = "eks-upgrade-agent/artifacts";
+    let victims = [
+        (format!("{prefix}/VICTIM/col1/results.xml"), "team"),
+        ("other-team/secret-backup.tar".to_owned(), "team"),
+        ("secret-backup.tar".to_owned(), "other"),
+    ];
+    for (key, bucket) in &victims {
+        put_object(&moto, bucket, key, "precious");
+    }
+    put_object(
+        &moto,
+        "team",
+        &format!("{prefix}/EVIL/manifest.json"),
+        &forged_manifest("EVIL", &victims),
+    );
+    let env = Env::new();
+    let out = run_s3(&env, &moto.url, &["artifacts", "pull", "EVIL", "--bucket", "team"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refusing manifest s3://team/eks-upgrade-agent/artifacts/EVIL/manifest.json")
+            && stderr.contains("claims S3 key"),
+        "{stderr}"
+    );
+    let sessions = json_s3(&env, &moto.url, &["artifacts", "session", "list"]);
+    assert_eq!(sessions, serde_json::json!([]), "nothing stored");
+
+    // Each bad key alone is refused too.
+    for victim in &victims {
+        put_object(
+            &moto,
+            "team",
+            &format!("{prefix}/EVIL/manifest.json"),
+            &forged_manifest("EVIL", std::slice::from_ref(victim)),
+        );
+        let out = run_s3(&env, &moto.url, &["artifacts", "pull", "EVIL", "--bucket", "team"]);
+        assert_eq!(out.status.code(), Some(1), "{victim:?}");
+    }
+
+    // The layout key, but the manifest names the other bucket: stored with this bucket.
+    let own = format!("{prefix}/EVIL/col1/results-0.xml");
+    put_object(&moto, "other", &own, "precious");
+    put_object(&moto, "team", &own, "abc");
+    put_object(
+        &moto,
+        "team",
+        &format!("{prefix}/EVIL/manifest.json"),
+        &forged_manifest("EVIL", &[(own.clone(), "other")]),
+    );
+    let pulled = json_s3(&env, &moto.url, &["artifacts", "pull", "EVIL", "--bucket", "team"]);
+    assert_eq!(pulled["artifacts"], 1, "{pulled}");
+    let a = json_s3(&env, &moto.url, &["artifacts", "show", "a0"]);
+    assert_eq!(a["s3_bucket"], "team", "{a}");
+    assert_eq!(a["s3_url"], format!("s3://team/{own}"), "{a}");
+    assert_eq!(
+        a["file_hash"], "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        "normalised"
+    );
+    let report = json_s3(&env, &moto.url, &["artifacts", "cleanup"]);
+    assert_eq!(report["sessions"].as_array().unwrap().len(), 1, "{report}");
+    for (key, bucket) in &victims {
+        assert!(object_exists(&moto, bucket, key), "{bucket}/{key} was deleted");
+    }
+    assert!(object_exists(&moto, "other", &own), "the other bucket was touched");
+    assert!(!object_exists(&moto, "team", &own), "its own object goes");
+}

@@ -223,6 +223,19 @@ impl fmt::Debug for TestArtifactsManager {
     }
 }
 
+/// Longest retention, in days (100 years).
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
+
+/// Checks a retention: 1..=[`MAX_RETENTION_DAYS`] days.
+pub fn check_retention_days(days: u32) -> Result<()> {
+    if days == 0 || days > MAX_RETENTION_DAYS {
+        return Err(Error::invalid(format!(
+            "retention_days must be in 1..={MAX_RETENTION_DAYS}, got {days}"
+        )));
+    }
+    Ok(())
+}
+
 fn check_tags(tags: &[String]) -> Result<()> {
     if tags.len() > MAX_TAGS {
         return Err(Error::invalid(format!(
@@ -322,11 +335,7 @@ impl TestArtifactsManager {
         let retention_days = new
             .retention_days
             .unwrap_or(self.options.default_retention_days);
-        if retention_days == 0 || retention_days > 36_500 {
-            return Err(Error::invalid(format!(
-                "retention_days must be in 1..=36500, got {retention_days}"
-            )));
-        }
+        check_retention_days(retention_days)?;
         let session = TestSession {
             session_id: Uuid::now_v7().to_string(),
             upgrade_id: new.upgrade_id,
@@ -768,10 +777,19 @@ impl TestArtifactsManager {
     fn delete_uploaded_objects(&self, session_id: &str) -> Result<u64> {
         #[cfg(feature = "aws")]
         if let Some(s3) = &self.s3 {
+            // Only keys derived from the layout, in the configured bucket: a recorded key that
+            // is anything else is left alone (it may be somebody else's object).
             let mut keys = Vec::new();
             self.index.for_each_artifact(Some(session_id), &mut |a| {
-                if let Some(k) = a.s3_key {
-                    keys.push(k);
+                match upload::owned_key(s3, &a) {
+                    Some(k) => keys.push(k),
+                    None if a.s3_key.is_some() => tracing::warn!(
+                        artifact = %a.artifact_id,
+                        bucket = a.s3_bucket.as_deref().unwrap_or("?"),
+                        key = a.s3_key.as_deref().unwrap_or("?"),
+                        "not deleting an S3 object outside this store's bucket and layout"
+                    ),
+                    None => {}
                 }
                 Ok(())
             })?;
@@ -794,11 +812,13 @@ impl TestArtifactsManager {
         }
         #[cfg(feature = "aws")]
         if let Some(key) = &a.s3_key {
-            match &self.s3 {
-                Some(s3) => s3.delete_object(key)?,
+            // The key deleted is derived from the layout, never taken from the row as is.
+            match self.s3.as_ref().and_then(|s3| Some((s3, upload::owned_key(s3, &a)?))) {
+                Some((s3, owned)) => s3.delete_object(&owned)?,
                 None => {
                     return Err(Error::invalid(format!(
-                        "artifact {artifact_id:?} is in s3://{}/{key}; configure that bucket to delete it",
+                        "artifact {artifact_id:?} is in s3://{}/{key}; configure that bucket \
+                         (and key prefix) to delete it",
                         a.s3_bucket.as_deref().unwrap_or("?")
                     )));
                 }
