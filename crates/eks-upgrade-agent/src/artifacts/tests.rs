@@ -793,3 +793,46 @@ fn gc_removes_orphans_but_not_referenced_or_young_blobs() {
     let report = g.m.gc().unwrap();
     assert_eq!((report.blobs_removed, report.blobs_in_grace), (0, 1));
 }
+
+/// Issue #10, item 9: a session with a retention beyond the calendar (an old store, a hand
+/// edit) never panics `cleanup`; it simply never expires. Every way in refuses such values.
+#[test]
+fn cleanup_saturates_huge_retentions_and_every_way_in_bounds_them() {
+    let f = fixture_with(ArtifactsOptions {
+        failed_retention_factor: u32::MAX,
+        ..ArtifactsOptions::default()
+    });
+    let (s, _) = session(&f, "u1");
+    f.m.complete_session(&s.session_id).unwrap();
+    f.store
+        .write(|tx| {
+            tx.execute("UPDATE sessions SET retention_days = 4294967295", [])?;
+            Ok(())
+        })
+        .unwrap();
+    for as_of in [Utc::now(), chrono::DateTime::<Utc>::MAX_UTC] {
+        let r = f.m.cleanup(true, Some(as_of)).unwrap();
+        assert!(
+            r.sessions.iter().all(|e| e.expired_at == chrono::DateTime::<Utc>::MAX_UTC),
+            "{r:?}"
+        );
+    }
+    assert!(f.m.cleanup(false, None).unwrap().sessions.is_empty());
+    // The library, and the index below it, refuse retentions outside 1..=36500.
+    for days in [0, 36_501, u32::MAX] {
+        let err =
+            f.m.create_session(NewSession {
+                upgrade_id: "u2".into(),
+                cluster_name: "c".into(),
+                retention_days: Some(days),
+                ..NewSession::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("1..=36500"), "{err}");
+        let mut bad = s.clone();
+        bad.session_id = format!("direct-{days}");
+        bad.retention_days = days;
+        let err = f.m.index().create_session(&bad).unwrap_err();
+        assert!(err.to_string().contains("1..=36500"), "{err}");
+    }
+}

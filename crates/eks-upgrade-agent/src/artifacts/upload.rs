@@ -396,7 +396,10 @@ impl TestArtifactsManager {
         if eager {
             let mut p = Progress {
                 files_total: m.artifacts.len() as u64,
-                bytes_total: m.artifacts.iter().map(|a| a.file_size).sum(),
+                bytes_total: m
+                    .artifacts
+                    .iter()
+                    .fold(0u64, |n, a| n.saturating_add(a.file_size)),
                 ..Progress::default()
             };
             for a in &m.artifacts {
@@ -415,7 +418,7 @@ impl TestArtifactsManager {
                     report.bytes += info.size;
                 }
                 p.files_done += 1;
-                p.bytes_done += a.file_size;
+                p.bytes_done = p.bytes_done.saturating_add(a.file_size);
                 progress(p);
             }
         }
@@ -492,12 +495,16 @@ impl TestArtifactsManager {
                     Err(e) => {
                         let error = e.to_string();
                         report.failed.push((a.artifact_id.clone(), error.clone()));
-                        let delay =
+                        // Saturating: a huge max_backoff means "much later", never a panic.
+                        let now = Utc::now();
+                        let next_at =
                             chrono::Duration::from_std(backoff(attempts, options.max_backoff))
-                                .unwrap_or_default();
+                                .ok()
+                                .and_then(|d| now.checked_add_signed(d))
+                                .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
                         UploadOutcome::Failed {
                             error,
-                            next_at: Some(Utc::now() + delay),
+                            next_at: Some(next_at),
                         }
                     }
                 };

@@ -390,6 +390,7 @@ fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64
 
 impl ArtifactIndex for SqliteStore {
     fn create_session(&self, s: &TestSession) -> Result<()> {
+        crate::artifacts::check_retention_days(s.retention_days)?;
         self.write(|tx| {
             insert_session(tx, s).map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _)
@@ -679,14 +680,16 @@ impl ArtifactIndex for SqliteStore {
             while let Some(r) = rows.next()? {
                 let session = session_row(r)?;
                 let failed: bool = r.get(8)?;
-                let days = i64::from(session.retention_days)
-                    * if failed {
-                        i64::from(failed_factor.max(1))
-                    } else {
-                        1
-                    };
+                let days = i64::from(session.retention_days).saturating_mul(if failed {
+                    i64::from(failed_factor.max(1))
+                } else {
+                    1
+                });
                 let completed = session.completed_at.expect("filtered on completed_at");
-                let expired_at = completed + chrono::Duration::days(days);
+                // Saturating: a retention beyond the calendar never expires (and never panics).
+                let expired_at = chrono::TimeDelta::try_days(days)
+                    .and_then(|d| completed.checked_add_signed(d))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
                 if expired_at <= as_of {
                     out.push(ExpiredSession {
                         session,
@@ -773,6 +776,7 @@ impl ArtifactIndex for SqliteStore {
         collections: &[ArtifactCollection],
         artifacts: &[TestArtifact],
     ) -> Result<()> {
+        crate::artifacts::check_retention_days(session.retention_days)?;
         self.write(|tx| import_session_tx(tx, session, collections, artifacts))
     }
 
