@@ -621,3 +621,61 @@ fn two_processes_add_to_the_same_session_at_once() {
             .is_empty()
     );
 }
+
+/// Issue #10, item 15: corrupt a blob on disk (a file blob and an inline one), add the same
+/// bytes again: the add repairs the store, and both artifacts read back intact.
+#[test]
+fn adding_the_same_bytes_again_repairs_a_corrupt_blob() {
+    let env = Env::new();
+    let ids = setup(&env);
+    for (i, data) in [vec![b'x'; 40_000], b"small content\n".to_vec()].iter().enumerate() {
+        let file = env.dir.path().join(format!("in-{i}.bin"));
+        fs::write(&file, data).unwrap();
+        let add = |name: &str| {
+            env.json(&[
+                "artifacts", "add", &ids.session, &ids.collection,
+                file.to_str().unwrap(), "--name", name,
+            ])[0]
+                .clone()
+        };
+        let first = add(&format!("first-{i}.bin"));
+        let hash = first["file_hash"].as_str().unwrap().to_owned();
+        let blob = env
+            .dir
+            .path()
+            .join("blobs/sha256")
+            .join(&hash[..2])
+            .join(&hash[2..]);
+        if blob.exists() {
+            let mut perms = fs::metadata(&blob).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            fs::set_permissions(&blob, perms).unwrap();
+            fs::write(&blob, b"bit rot").unwrap();
+        } else {
+            let out = std::process::Command::new("python3")
+                .arg("-c")
+                .arg(format!(
+                    "import sqlite3; c = sqlite3.connect({:?}); \
+                     c.execute(\"UPDATE blobs SET data = x'00' WHERE hex(digest) = upper('{hash}')\"); \
+                     c.commit(); print(c.total_changes)",
+                    env.dir.path().join("blobs/small.sqlite3").to_str().unwrap()
+                ))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+        }
+        env.fails(1, &["artifacts", "verify"]);
+        let second = add(&format!("second-{i}.bin"));
+        assert_eq!(second["file_hash"], hash.as_str());
+        env.ok(&["artifacts", "verify"]);
+        for a in [&first, &second] {
+            let out = env
+                .command()
+                .args(["artifacts", "get", a["artifact_id"].as_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(out.status.success() && out.stdout == *data, "{out:?}");
+        }
+    }
+}

@@ -850,6 +850,17 @@ impl TestArtifactsManager {
     }
 
     fn delete_blobs(&self, digests: &[Digest]) -> Result<(u64, u64)> {
+        self.delete_blobs_older(digests, None)
+    }
+
+    /// Deletes the unreferenced blobs of `digests`, inside an index write transaction; with a
+    /// `cutoff`, only those last put before it (checked at deletion, atomically with respect to
+    /// puts: a re-add of the same bytes refreshes the blob before it is indexed, so it is kept).
+    fn delete_blobs_older(
+        &self,
+        digests: &[Digest],
+        cutoff: Option<SystemTime>,
+    ) -> Result<(u64, u64)> {
         let (mut n, mut bytes) = (0, 0);
         for chunk in digests.chunks(1000) {
             let sizes: HashMap<Digest, u64> = chunk
@@ -859,7 +870,10 @@ impl TestArtifactsManager {
             let blobs = Arc::clone(&self.blobs);
             let deleted = self
                 .index
-                .delete_unreferenced(chunk, &move |d: &Digest| blobs.delete(d))?;
+                .delete_unreferenced(chunk, &move |d: &Digest| match cutoff {
+                    Some(c) => blobs.delete_if_older(d, c),
+                    None => blobs.delete(d),
+                })?;
             n += deleted.len() as u64;
             bytes += deleted.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
         }
@@ -885,14 +899,14 @@ impl TestArtifactsManager {
                 candidates.push(m.digest);
             }
             if candidates.len() >= 1000 {
-                let (n, b) = self.delete_blobs(&candidates)?;
+                let (n, b) = self.delete_blobs_older(&candidates, Some(cutoff))?;
                 report.blobs_removed += n;
                 report.bytes_freed += b;
                 candidates.clear();
             }
             Ok(())
         })?;
-        let (n, b) = self.delete_blobs(&candidates)?;
+        let (n, b) = self.delete_blobs_older(&candidates, Some(cutoff))?;
         report.blobs_removed += n;
         report.bytes_freed += b;
         // Count the young ones that are unreferenced, without deleting them.

@@ -532,8 +532,19 @@ impl TestArtifactsManager {
                 key.len()
             )));
         }
+        // An object already there counts only when its bytes verify against the digest: the
+        // `file-hash` metadata alone is a claim anybody with write access can make.
         if s3.object_hash(key)?.as_deref() == Some(a.file_hash.as_str()) {
-            return Ok(false);
+            let digest: crate::blob::Digest = a.file_hash.parse()?;
+            let verified = s3
+                .open_object(key, &digest)
+                .and_then(|mut r| crate::blob::drain_verified(&mut r));
+            match verified {
+                Ok(_) => return Ok(false),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "the object in S3 does not match its file-hash; uploading again");
+                }
+            }
         }
         let (_, mut reader) = self.open(&a.artifact_id)?;
         let mut metadata = vec![
@@ -784,6 +795,60 @@ mod tests {
         assert_eq!(report.sessions.len(), 1);
         assert_eq!(target.object_hash(&key).unwrap(), None);
         assert_eq!(target.object_hash(&manifest).unwrap(), None);
+    }
+
+    /// Issue #10, item 15: an object with the right `file-hash` metadata but other bytes is
+    /// not trusted as "already there": the upload replaces it.
+    #[test]
+    fn an_object_with_a_matching_file_hash_but_wrong_bytes_is_uploaded_again() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = Arc::new(s3(&moto.url));
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        )
+        .with_s3(target.clone());
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m.create_collection(&s.session_id, "logs", None, None).unwrap();
+        let a = m
+            .add_bytes(&s.session_id, &c.collection_id, b"the real bytes", "r.log", &AddOptions::default())
+            .unwrap();
+        let key = object_key(target.prefix(), &a);
+        target
+            .upload_object(
+                &key,
+                &mut &b"forged"[..],
+                6,
+                &[("file-hash", a.file_hash.clone())],
+                1 << 20,
+                &mut |_| {},
+            )
+            .unwrap();
+        let r = m
+            .upload(store.as_ref(), &target, &UploadOptions::default(), None, false, &mut |_| {})
+            .unwrap();
+        assert_eq!((r.uploaded, r.already_there), (1, 0), "{r:?}");
+        let digest: Digest = a.file_hash.parse().unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut target.open_object(&key, &digest).unwrap(), &mut back)
+            .unwrap();
+        assert_eq!(back, b"the real bytes");
     }
 
     mod manifest_properties {
