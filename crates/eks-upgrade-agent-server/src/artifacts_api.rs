@@ -253,13 +253,69 @@ pub(crate) async fn upload(
         .into_data_stream()
         .map_err(|e| std::io::Error::other(format!("request body: {e}")));
     let reader = tokio_util::io::StreamReader::new(stream);
-    let a = blocking(move || {
-        let mut reader = tokio_util::io::SyncIoBridge::new(reader);
+    let body_error = Arc::new(std::sync::Mutex::new(None::<(String, u64)>));
+    let seen = Arc::clone(&body_error);
+    let result = blocking(move || {
+        let mut reader = BodyReader {
+            inner: tokio_util::io::SyncIoBridge::new(reader),
+            received: 0,
+            error: seen,
+        };
         m.add_reader(&session, &collection, &mut reader, &name, &opts)
     })
-    .await?;
+    .await;
+    let a = match result {
+        Ok(a) => a,
+        Err(e) => {
+            // The client's body failed (cut short, too large): its fault, not ours.
+            let failed = body_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((why, received)) = failed {
+                tracing::debug!(error = %why, received, "upload body ended early");
+                return Err(if why.contains("length limit") {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        "the request body is larger than this server accepts; nothing was stored",
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "incomplete_body",
+                        format!(
+                            "the request body ended early after {received} bytes ({why}); \
+                             nothing was stored: send the file again"
+                        ),
+                    )
+                });
+            }
+            return Err(e);
+        }
+    };
     s.metrics.uploads.inc();
     Ok((StatusCode::CREATED, Json(to_json(&a))))
+}
+
+/// The request body as a blocking reader that remembers why it failed (and how much came).
+struct BodyReader<R> {
+    inner: R,
+    received: u64,
+    error: Arc<std::sync::Mutex<Option<(String, u64)>>>,
+}
+
+impl<R: Read> Read for BodyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.received += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                *self.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((e.to_string(), self.received));
+                Err(e)
+            }
+        }
+    }
 }
 
 // --- reading --------------------------------------------------------------------------------
