@@ -369,6 +369,25 @@ fn run_on(
                 step_id,
                 metadata: to_map(meta),
             };
+            // Links are never followed (in or out of the directory): say which were skipped,
+            // on stderr so the JSON on stdout keeps its shape.
+            let skipped = eks_upgrade_agent::artifacts::skipped_entries(&paths)?;
+            for p in &skipped {
+                let what = if p.is_symlink() {
+                    "symbolic link"
+                } else {
+                    "special file"
+                };
+                eprintln!("skipped {what} {} (not followed)", p.display());
+            }
+            if !skipped.is_empty() {
+                eprintln!(
+                    "skipped {} entr{} that {} not regular files; add the targets by path to store them",
+                    skipped.len(),
+                    if skipped.len() == 1 { "y" } else { "ies" },
+                    if skipped.len() == 1 { "is" } else { "are" }
+                );
+            }
             let pb = bar(ctx, "adding");
             let added = m.add_paths(&session, &collection, &paths, &opts, &mut track(&pb));
             pb.finish_and_clear();

@@ -679,3 +679,34 @@ fn adding_the_same_bytes_again_repairs_a_corrupt_blob() {
         }
     }
 }
+
+/// Issue #10, item 8: a directory add skips symbolic links (inside or out of the directory)
+/// and says so on stderr, per link and as a count; the JSON on stdout stays parseable.
+#[test]
+fn a_directory_add_says_which_links_it_skipped() {
+    let env = Env::new();
+    let ids = setup(&env);
+    let dir = env.dir.path().join("results");
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    fs::write(dir.join("a.txt"), b"a").unwrap();
+    std::os::unix::fs::symlink(dir.join("a.txt"), dir.join("inside-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("sub/outside-link")).unwrap();
+    let out = env
+        .command()
+        .args(["-o", "json", "artifacts", "add", &ids.session, &ids.collection])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let added: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(added.as_array().unwrap().len(), 1, "{added}");
+    assert_eq!(added[0]["name"], "a.txt");
+    for link in ["inside-link", "sub/outside-link"] {
+        assert!(
+            stderr.contains(&format!("skipped symbolic link {}", dir.join(link).display())),
+            "{stderr}"
+        );
+    }
+    assert!(stderr.contains("skipped 2 entries"), "{stderr}");
+}

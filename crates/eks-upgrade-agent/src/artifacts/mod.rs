@@ -1054,8 +1054,31 @@ pub struct PlannedFile {
     pub size: u64,
 }
 
-/// The files `add_paths` would store for `paths` (directories walked in name order) and their
-/// names, all checked; nothing is read or stored. Remote clients use it to add the same way.
+/// What an add of `paths` skips: the symbolic links (never followed, whether they point
+/// inside the directory or out of it) and special files (sockets, FIFOs, devices) found
+/// below the directories among `paths`. Callers tell the user about them.
+pub fn skipped_entries(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        for e in walkdir::WalkDir::new(path).sort_by_file_name() {
+            let e = e.map_err(|e| {
+                Error::invalid(format!("cannot read directory {}: {e}", path.display()))
+            })?;
+            let t = e.file_type();
+            if e.depth() > 0 && !t.is_file() && !t.is_dir() {
+                out.push(e.into_path());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The files `add_paths` would store for `paths` (directories walked in name order, symbolic
+/// links and special files below them skipped: see [`skipped_entries`]) and their names, all
+/// checked; nothing is read or stored. Remote clients use it to add the same way.
 pub fn plan_paths(paths: &[PathBuf], opts: &AddOptions) -> Result<Vec<PlannedFile>> {
     let mut plan: Vec<PlannedFile> = Vec::new();
     for path in paths {
