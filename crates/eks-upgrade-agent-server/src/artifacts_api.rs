@@ -509,7 +509,7 @@ pub(crate) async fn counts_by_task(
 pub(crate) async fn search(
     State(s): State<AppState>,
     q: Result<Query<Pairs>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let Query(q) = q?;
     check_keys(
         &q,
@@ -526,6 +526,7 @@ pub(crate) async fn search(
             "max_size",
             "since",
             "limit",
+            "cursor",
             "access_token",
         ],
     )?;
@@ -542,13 +543,30 @@ pub(crate) async fn search(
             Some(eks_upgrade_agent::model::now() - d)
         }
     };
+    let max = eks_upgrade_agent::model::MAX_SEARCH_LIMIT;
     let limit = match one(&q, "limit")? {
-        None => 100,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1_000_000).contains(n))
-            .ok_or_else(|| invalid(format!("limit must be in 1..=1000000, got {v:?}")))?,
+        None => eks_upgrade_agent::model::DEFAULT_SEARCH_LIMIT,
+        // Any number above the maximum (however many digits) names the maximum.
+        Some(v) => match v.parse::<u64>().or_else(|e| {
+            if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                Ok(u64::MAX)
+            } else {
+                Err(e)
+            }
+        }) {
+            Ok(n) if n > max as u64 => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!(
+                        "limit {v} is above the maximum of {max} per page; follow the \
+                         X-Next-Cursor header (?cursor=) for more"
+                    ),
+                ));
+            }
+            Ok(n) if n >= 1 => n as usize,
+            _ => return Err(invalid(format!("limit must be in 1..={max}, got {v:?}"))),
+        },
     };
     let query = ArtifactQuery {
         session_id: one(&q, "session")?.map(str::to_owned),
@@ -572,8 +590,18 @@ pub(crate) async fn search(
         max_size: size("max_size")?,
         created_since,
         limit,
+        cursor: one(&q, "cursor")?.map(str::to_owned),
     };
-    answer(&s, move |m| m.search(&query)).await
+    let m = manager(&s)?;
+    let page = blocking(move || m.search_page(&query)).await?;
+    let mut resp = Json(to_json(&page.artifacts)).into_response();
+    // The body stays a plain array; the next page is announced in headers.
+    if let Some(c) = &page.next_cursor
+        && let Ok(v) = HeaderValue::from_str(c)
+    {
+        resp.headers_mut().insert("x-next-cursor", v);
+    }
+    Ok(resp)
 }
 
 pub(crate) async fn stats(

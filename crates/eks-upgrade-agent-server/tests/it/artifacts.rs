@@ -443,3 +443,48 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Issue #10, items 3 and 14: a search page holds at most 10,000 (a larger `limit` is a 400
+/// naming the maximum); `X-Next-Cursor` leads to the next page until the last, which has none.
+#[tokio::test]
+async fn search_pages_are_capped_and_linked_by_a_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let (sid, cid) = session(&s).await;
+    for i in 0..5 {
+        let r = req(
+            &s,
+            "POST",
+            &format!("/api/v1/sessions/{sid}/collections/{cid}/artifacts?name=f{i}.log"),
+            &[],
+            Body::from(format!("content {i}")),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+    }
+    for bad in ["10001", "1000000", "99999999999999999999"] {
+        let r = get(&s, &format!("/api/v1/artifacts?limit={bad}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.json());
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("maximum of 10000"), "{message}");
+    }
+    let mut names = Vec::new();
+    let mut uri = "/api/v1/artifacts?limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let r = get(&s, &uri).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+        pages += 1;
+        for a in r.json().as_array().unwrap() {
+            names.push(a["name"].as_str().unwrap().to_owned());
+        }
+        match r.headers.get("x-next-cursor") {
+            Some(c) => uri = format!("/api/v1/artifacts?limit=2&cursor={}", c.to_str().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names, ["f4.log", "f3.log", "f2.log", "f1.log", "f0.log"]);
+    let r = get(&s, "/api/v1/artifacts?cursor=x").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json());
+}

@@ -376,6 +376,7 @@ impl TestArtifactsManager {
                     limit: 1,
                     ..ArtifactQuery::default()
                 })?
+                .artifacts
                 .is_empty()
             && let Err(e) = self.write_manifest(s3, session_id)
         {
@@ -664,8 +665,24 @@ impl TestArtifactsManager {
         write_atomically(path, &mut r)
     }
 
-    /// Artifacts matching `query`, newest first.
+    /// The first page of the artifacts matching `query` (`query.limit`, 100 by default),
+    /// newest first; see [`search_page`](Self::search_page) for the rest.
     pub fn search(&self, query: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+        Ok(self.search_page(query)?.artifacts)
+    }
+
+    /// One page of the artifacts matching `query`, newest first, from `query.cursor` on, and
+    /// the cursor of the next page when more match. A page holds at most
+    /// [`MAX_SEARCH_LIMIT`](crate::model::MAX_SEARCH_LIMIT) results; a larger limit is refused.
+    /// Index-backed: a page costs its own rows, whatever page it is.
+    pub fn search_page(&self, query: &ArtifactQuery) -> Result<crate::model::ArtifactPage> {
+        if query.limit > crate::model::MAX_SEARCH_LIMIT {
+            return Err(Error::invalid(format!(
+                "limit {} is above the maximum of {} per page; use the cursor for more",
+                query.limit,
+                crate::model::MAX_SEARCH_LIMIT
+            )));
+        }
         if let Some(n) = &query.name
             && n.len() > names::MAX_NAME_BYTES
         {

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::blob::Digest;
 use crate::error::Result;
 use crate::model::{
-    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, JsonMap,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, JsonMap,
     ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
 };
 use crate::progress::command::Command;
@@ -222,8 +222,8 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     ) -> Result<Vec<TestArtifact>>;
     /// One artifact.
     fn artifact(&self, artifact_id: &str) -> Result<TestArtifact>;
-    /// Artifacts matching `query`, newest first.
-    fn search(&self, query: &ArtifactQuery) -> Result<Vec<TestArtifact>>;
+    /// One page of the artifacts matching `query`, newest first, from `query.cursor` on.
+    fn search(&self, query: &ArtifactQuery) -> Result<ArtifactPage>;
     /// Statistics over one session or all.
     fn stats(&self, session_id: Option<&str>) -> Result<ArtifactStats>;
     /// Calls `f` for every artifact (of one session, or all), oldest first, a page at a time.

@@ -22,7 +22,7 @@ use super::{ArtifactIndex, ExpiredSession, NewArtifact};
 use crate::blob::Digest;
 use crate::error::{Error, Result};
 use crate::model::{
-    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, ProgressStatus,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, ProgressStatus,
     SessionSummary, TestArtifact, TestSession,
 };
 
@@ -134,7 +134,6 @@ fn index_names(tx: &Transaction<'_>, force: bool) -> Result<()> {
 }
 
 /// Default number of search results.
-const DEFAULT_LIMIT: usize = 100;
 /// Page size of [`ArtifactIndex::for_each_artifact`].
 const PAGE: i64 = 1000;
 
@@ -275,6 +274,15 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
         args.push(v);
         format!("?{}", args.len())
     };
+    if let Some(c) = &q.cursor {
+        // The cursor is the row key of the last artifact of the previous page.
+        let after = c
+            .parse::<i64>()
+            .ok()
+            .filter(|k| *k > 0)
+            .ok_or_else(|| Error::invalid(format!("invalid cursor {c:?}: use the next_cursor of a previous page")))?;
+        clauses.push(format!("a.akey < {}", arg(after.into(), &mut args)));
+    }
     if let Some(id) = &q.session_id {
         let k = session_key(conn, id)?;
         clauses.push(format!("a.skey = {}", arg(k.into(), &mut args)));
@@ -376,12 +384,17 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
         sql.push_str(" WHERE ");
         sql.push_str(&clauses.join(" AND "));
     }
-    let limit = if q.limit == 0 { DEFAULT_LIMIT } else { q.limit };
-    sql.push_str(&format!(
-        " ORDER BY a.akey DESC LIMIT {}",
-        limit.min(1_000_000)
-    ));
+    // One row more than the page, to know whether another page follows.
+    sql.push_str(&format!(" ORDER BY a.akey DESC LIMIT {}", page_limit(q) + 1));
     Ok((sql, args))
+}
+
+/// The page size of a query: its limit, the default for 0, never above the maximum.
+fn page_limit(q: &ArtifactQuery) -> usize {
+    match q.limit {
+        0 => crate::model::DEFAULT_SEARCH_LIMIT,
+        n => n.min(crate::model::MAX_SEARCH_LIMIT),
+    }
 }
 
 fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64>> {
@@ -584,12 +597,26 @@ impl ArtifactIndex for SqliteStore {
         self.read(|c| load_artifact(c, artifact_id))
     }
 
-    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+    fn search(&self, q: &ArtifactQuery) -> Result<ArtifactPage> {
         self.read(|c| {
             let (sql, args) = search_sql(c, q)?;
             let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params_from_iter(args), artifact_row)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let rows = stmt.query_map(params_from_iter(args), |r| {
+                Ok((r.get::<_, i64>(20)?, artifact_row(r)?))
+            })?;
+            let mut rows: Vec<(i64, TestArtifact)> = rows.collect::<rusqlite::Result<_>>()?;
+            let limit = page_limit(q);
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            let next_cursor = if more {
+                rows.last().map(|(k, _)| k.to_string())
+            } else {
+                None
+            };
+            Ok(ArtifactPage {
+                artifacts: rows.into_iter().map(|(_, a)| a).collect(),
+                next_cursor,
+            })
         })
     }
 
