@@ -548,3 +548,132 @@ fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
     assert!(object_exists(&moto, "other", &own), "the other bucket was touched");
     assert!(!object_exists(&moto, "team", &own), "its own object goes");
 }
+
+/// A TCP proxy in front of `upstream` that keeps every request byte its clients send, to
+/// count the requests that really reached S3 (moto keeps no request log).
+struct RecordingProxy {
+    url: String,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RecordingProxy {
+    fn start(upstream: &str) -> RecordingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, o) = (sent.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let mut server = std::net::TcpStream::connect(&upstream).unwrap();
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Both);
+                });
+                let (s, o) = (s.clone(), o.clone());
+                o.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    let mut buf = [0u8; 64 * 1024];
+                    loop {
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                all.extend_from_slice(&buf[..n]);
+                                if server.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                    s.lock().unwrap().push(all);
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        RecordingProxy { url, sent, open }
+    }
+
+    /// The request lines (`PUT /bucket/key`) of every finished connection.
+    fn request_lines(&self) -> Vec<String> {
+        let start = std::time::Instant::now();
+        while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(20), "connections stay open");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut lines = Vec::new();
+        for conn in self.sent.lock().unwrap().iter() {
+            let text = String::from_utf8_lossy(conn);
+            for line in text.split("\r\n") {
+                for method in ["PUT ", "POST ", "GET ", "HEAD ", "DELETE "] {
+                    if let Some(i) = line.find(method)
+                        && line.ends_with(" HTTP/1.1")
+                    {
+                        lines.push(line[i..line.len() - 9].to_owned());
+                    }
+                }
+            }
+        }
+        lines
+    }
+}
+
+/// Issue #10, item 16: two `artifacts upload` runs at once send each object exactly once
+/// (queue entries are claimed with a lease), counted by a proxy in front of moto.
+#[test]
+fn two_concurrent_uploads_send_each_object_once() {
+    let moto = Moto::start();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let proxy = RecordingProxy::start(&moto.url);
+    let env = Env::new();
+    let run = |args: &[&str]| json_s3(&env, &moto.url, args);
+    let s = run(&["artifacts", "session", "create", "--upgrade", "u1", "--cluster", "prod"]);
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let c = run(&["artifacts", "collection", "create", &sid, "--name", "logs"]);
+    let cid = c["collection_id"].as_str().unwrap().to_owned();
+    let dir = env.dir.path().join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..60 {
+        std::fs::write(dir.join(format!("f{i:02}.log")), format!("object number {i}\n")).unwrap();
+    }
+    run(&["--auto-upload", "artifacts", "add", &sid, &cid, dir.to_str().unwrap()]);
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = env.command();
+            with_s3(&mut c, &proxy.url);
+            c.args(["-o", "json", "artifacts", "upload"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut uploaded = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        uploaded += r["uploaded"].as_u64().unwrap();
+    }
+    let object_prefix = format!("PUT /team/eks-upgrade-agent/artifacts/{sid}/{cid}/");
+    let puts: Vec<String> = proxy
+        .request_lines()
+        .into_iter()
+        .filter(|l| l.starts_with(&object_prefix))
+        .collect();
+    let mut unique = puts.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 60, "{unique:?}");
+    assert_eq!(puts.len(), 60, "each object sent once: {} PUTs", puts.len());
+    assert_eq!(uploaded, 60);
+    let found = run(&["artifacts", "search", "--session", &sid, "--status", "uploaded", "--limit", "1000"]);
+    assert_eq!(found.as_array().unwrap().len(), 60);
+}

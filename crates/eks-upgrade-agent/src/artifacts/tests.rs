@@ -916,3 +916,61 @@ fn gc_never_deletes_a_blob_a_concurrent_add_is_about_to_index() {
     }
     assert!(f.m.verify(&mut |_| {}).unwrap().ok());
 }
+
+/// Issue #10, item 16: uploaders claim queue entries with a lease; a live lease keeps others
+/// off, an expired one (a crashed uploader) is taken over, and recording releases the claim.
+#[test]
+fn upload_claims_exclude_others_until_the_lease_expires() {
+    use crate::store::{UploadOutcome, UploadQueue};
+    let f = fixture_with(ArtifactsOptions {
+        auto_upload: true,
+        ..ArtifactsOptions::default()
+    });
+    let (s, c) = session(&f, "u1");
+    for i in 0..5 {
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            format!("content {i}").as_bytes(),
+            &format!("f{i}.log"),
+            &AddOptions::default(),
+        )
+        .unwrap();
+    }
+    let q: &dyn UploadQueue = f.store.as_ref();
+    let now = Utc::now();
+    let lease = now + chrono::Duration::minutes(30);
+    let ids = |v: Vec<(TestArtifact, u32)>| -> Vec<String> {
+        v.into_iter().map(|(a, _)| a.artifact_id).collect()
+    };
+    let a = ids(q.claim_uploads("A", now, lease, 3).unwrap());
+    let b = ids(q.claim_uploads("B", now, lease, 10).unwrap());
+    assert_eq!((a.len(), b.len()), (3, 2));
+    assert!(a.iter().all(|x| !b.contains(x)), "disjoint claims");
+    assert!(q.claim_uploads("C", now, lease, 10).unwrap().is_empty());
+    // A records one and crashes; after its lease the other two are C's.
+    q.record_upload(
+        &a[0],
+        &UploadOutcome::Uploaded {
+            bucket: "b".into(),
+            key: "k".into(),
+            at: now,
+        },
+    )
+    .unwrap();
+    let before_expiry = lease - chrono::Duration::seconds(1);
+    assert!(
+        q.claim_uploads("C", before_expiry, lease, 10)
+            .unwrap()
+            .is_empty()
+    );
+    let after = lease + chrono::Duration::seconds(1);
+    let mut c_ids = ids(
+        q.claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
+            .unwrap(),
+    );
+    c_ids.sort();
+    let mut expected = [a[1].clone(), a[2].clone(), b[0].clone(), b[1].clone()];
+    expected.sort();
+    assert_eq!(c_ids, expected, "expired leases (A's and B's) are taken over");
+}

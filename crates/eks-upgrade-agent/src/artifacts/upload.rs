@@ -35,6 +35,9 @@ pub struct UploadOptions {
     pub multipart_threshold: u64,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// How long a run holds the artifacts it claimed from the queue (a batch of
+    /// [`CLAIM_BATCH`]); another run takes them over only after that (a crashed run).
+    pub lease: Duration,
 }
 
 impl Default for UploadOptions {
@@ -42,9 +45,13 @@ impl Default for UploadOptions {
         UploadOptions {
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             max_backoff: Duration::from_secs(600),
+            lease: Duration::from_secs(30 * 60),
         }
     }
 }
+
+/// Artifacts an upload run claims at a time.
+pub const CLAIM_BATCH: usize = 8;
 
 /// What `{prefix}/{session_id}/manifest.json` holds: enough to rebuild the session's index on
 /// another machine.
@@ -453,9 +460,17 @@ impl TestArtifactsManager {
         progress(p);
         let mut tried: HashSet<String> = HashSet::new();
         let mut sessions: HashSet<String> = HashSet::new();
+        // Concurrent runs (other processes too) claim disjoint batches with a lease, so no
+        // object is sent twice; the lease of a crashed run expires and its batch is retaken.
+        let owner = uuid::Uuid::now_v7().to_string();
         loop {
+            let now = Utc::now();
+            let lease_until = chrono::Duration::from_std(options.lease)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
             let due: Vec<(TestArtifact, u32)> = queue
-                .due_uploads(Utc::now(), 64)?
+                .claim_uploads(&owner, now, lease_until, CLAIM_BATCH)?
                 .into_iter()
                 .filter(|(a, _)| !tried.contains(&a.artifact_id))
                 .collect();

@@ -345,11 +345,20 @@ pub enum UploadOutcome {
 pub trait UploadQueue: Send + Sync + fmt::Debug {
     /// Queues artifacts not yet uploaded (and failed ones with `retry_failed`); returns how many.
     fn queue_uploads(&self, selector: &UploadSelector, retry_failed: bool) -> Result<u64>;
-    /// Queued artifacts and failed ones whose retry time has come, oldest first, with the
-    /// number of attempts so far.
-    fn due_uploads(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(TestArtifact, u32)>>;
+    /// Claims up to `limit` due uploads for `owner` until `lease_until`, atomically: queued
+    /// artifacts and failed ones whose retry time has come, that no other uploader holds a
+    /// live lease on (an expired lease, left by a crashed uploader, is taken over). Oldest
+    /// first, with the number of attempts so far. Two concurrent uploaders never claim the
+    /// same artifact while a lease lasts.
+    fn claim_uploads(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(TestArtifact, u32)>>;
     /// Number and bytes of queued artifacts.
     fn pending_uploads(&self) -> Result<(u64, u64)>;
-    /// Records an attempt.
+    /// Records an attempt (and releases its claim).
     fn record_upload(&self, artifact_id: &str, outcome: &UploadOutcome) -> Result<TestArtifact>;
 }

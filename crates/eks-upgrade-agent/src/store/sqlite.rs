@@ -32,7 +32,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -296,6 +296,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 4 {
             conn.execute_batch(super::sqlite_artifacts::UPLOAD_SCHEMA)?;
+        }
+        if version < 5 {
+            conn.execute_batch(super::sqlite_artifacts::UPLOAD_CLAIM_SCHEMA)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())

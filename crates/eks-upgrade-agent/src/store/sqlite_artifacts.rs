@@ -109,6 +109,13 @@ ALTER TABLE artifacts ADD COLUMN upload_error TEXT;
 CREATE INDEX IF NOT EXISTS artifacts_upload_queue ON artifacts (upload_state, upload_next_at);
 "#;
 
+/// Claims of the upload queue (schema 5): the uploader that holds an artifact and until when.
+/// A claim whose lease has passed (a crashed uploader) is free to take over.
+pub(super) const UPLOAD_CLAIM_SCHEMA: &str = r#"
+ALTER TABLE artifacts ADD COLUMN upload_claimed_by TEXT;
+ALTER TABLE artifacts ADD COLUMN upload_lease_until INTEGER NOT NULL DEFAULT 0;
+"#;
+
 /// Names indexed per FTS5 transaction.
 const FTS_BATCH: i64 = 256;
 
@@ -968,18 +975,36 @@ impl crate::store::UploadQueue for SqliteStore {
         })
     }
 
-    fn due_uploads(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(TestArtifact, u32)>> {
-        self.read(|c| {
+    fn claim_uploads(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(TestArtifact, u32)>> {
+        self.write(|tx| {
             let select = ARTIFACT_SELECT
                 .replace(" FROM artifacts a", ", a.upload_attempts FROM artifacts a");
-            let mut stmt = c.prepare_cached(&format!(
-                "{select} WHERE a.upload_state IN (1, 3) AND a.upload_next_at <= ?1 \
-                 ORDER BY a.akey LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![micros(now), limit as i64], |r| {
-                Ok((artifact_row(r)?, r.get::<_, i64>(21)? as u32))
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let due: Vec<(TestArtifact, u32)> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "{select} WHERE a.upload_state IN (1, 3) AND a.upload_next_at <= ?1 \
+                     AND (a.upload_claimed_by IS NULL OR a.upload_claimed_by = ?3 \
+                          OR a.upload_lease_until <= ?1) \
+                     ORDER BY a.akey LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![micros(now), limit as i64, owner], |r| {
+                    Ok((artifact_row(r)?, r.get::<_, i64>(21)? as u32))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut claim = tx.prepare_cached(
+                "UPDATE artifacts SET upload_claimed_by = ?2, upload_lease_until = ?3 \
+                 WHERE artifact_id = ?1",
+            )?;
+            for (a, _) in &due {
+                claim.execute(params![a.artifact_id, owner, micros(lease_until)])?;
+            }
+            Ok(due)
         })
     }
 
@@ -1003,7 +1028,8 @@ impl crate::store::UploadQueue for SqliteStore {
                 UploadOutcome::Uploaded { bucket, key, at } => {
                     tx.prepare_cached(
                         "UPDATE artifacts SET upload_state = 2, status = ?2, s3_bucket = ?3, s3_key = ?4, \
-                         s3_url = ?5, uploaded_at = ?6, upload_error = NULL WHERE artifact_id = ?1",
+                         s3_url = ?5, uploaded_at = ?6, upload_error = NULL, \
+                         upload_claimed_by = NULL, upload_lease_until = 0 WHERE artifact_id = ?1",
                     )?
                     .execute(params![
                         artifact_id,
@@ -1017,7 +1043,8 @@ impl crate::store::UploadQueue for SqliteStore {
                 UploadOutcome::Failed { error, next_at } => {
                     tx.prepare_cached(
                         "UPDATE artifacts SET upload_state = 3, status = ?2, upload_attempts = upload_attempts + 1, \
-                         upload_next_at = ?3, upload_error = ?4 WHERE artifact_id = ?1",
+                         upload_next_at = ?3, upload_error = ?4, upload_claimed_by = NULL, \
+                         upload_lease_until = 0 WHERE artifact_id = ?1",
                     )?
                     .execute(params![
                         artifact_id,
