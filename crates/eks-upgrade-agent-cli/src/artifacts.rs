@@ -812,7 +812,12 @@ fn pull_local(
 /// Prints the results of a search: one page, or every page with `all` (streamed; with
 /// `-o json` still one JSON array). A listing cut at the page size says so on stderr, with
 /// how to get the rest.
-fn search(ctx: &Ctx, m: &dyn Artifacts, mut q: ArtifactQuery, all: bool) -> anyhow::Result<ExitCode> {
+fn search(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    mut q: ArtifactQuery,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
     let mut out = io::stdout().lock();
     let mut shown = 0u64;
     if ctx.json() {

@@ -16,7 +16,8 @@ use eks_upgrade_agent::artifacts::{
 use crate::artifacts::{PullRequest, UploadRequest};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
-    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact, TestSession,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact,
+    TestSession,
 };
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{Error, Result, TestArtifactsManager};

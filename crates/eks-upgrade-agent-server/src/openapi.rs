@@ -279,7 +279,10 @@ pub(crate) const ROUTES: &[Route] = &[
             ("max_size", "e.g. 5MB"),
             ("since", "added within, e.g. 30m, 6h, 2d"),
             ("limit", "most results per page [100, at most 10000]"),
-            ("cursor", "the X-Next-Cursor header of the previous page; that header is absent on the last page"),
+            (
+                "cursor",
+                "the X-Next-Cursor header of the previous page; that header is absent on the last page",
+            ),
         ],
         ok: (200, JSON),
     },

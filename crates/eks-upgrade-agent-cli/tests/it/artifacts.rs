@@ -628,13 +628,21 @@ fn two_processes_add_to_the_same_session_at_once() {
 fn adding_the_same_bytes_again_repairs_a_corrupt_blob() {
     let env = Env::new();
     let ids = setup(&env);
-    for (i, data) in [vec![b'x'; 40_000], b"small content\n".to_vec()].iter().enumerate() {
+    for (i, data) in [vec![b'x'; 40_000], b"small content\n".to_vec()]
+        .iter()
+        .enumerate()
+    {
         let file = env.dir.path().join(format!("in-{i}.bin"));
         fs::write(&file, data).unwrap();
         let add = |name: &str| {
             env.json(&[
-                "artifacts", "add", &ids.session, &ids.collection,
-                file.to_str().unwrap(), "--name", name,
+                "artifacts",
+                "add",
+                &ids.session,
+                &ids.collection,
+                file.to_str().unwrap(),
+                "--name",
+                name,
             ])[0]
                 .clone()
         };
@@ -693,7 +701,14 @@ fn a_directory_add_says_which_links_it_skipped() {
     std::os::unix::fs::symlink("/etc/hostname", dir.join("sub/outside-link")).unwrap();
     let out = env
         .command()
-        .args(["-o", "json", "artifacts", "add", &ids.session, &ids.collection])
+        .args([
+            "-o",
+            "json",
+            "artifacts",
+            "add",
+            &ids.session,
+            &ids.collection,
+        ])
         .arg(&dir)
         .output()
         .unwrap();
@@ -704,7 +719,10 @@ fn a_directory_add_says_which_links_it_skipped() {
     assert_eq!(added[0]["name"], "a.txt");
     for link in ["inside-link", "sub/outside-link"] {
         assert!(
-            stderr.contains(&format!("skipped symbolic link {}", dir.join(link).display())),
+            stderr.contains(&format!(
+                "skipped symbolic link {}",
+                dir.join(link).display()
+            )),
             "{stderr}"
         );
     }
@@ -723,15 +741,32 @@ fn a_search_cut_at_the_page_size_says_how_to_get_the_rest() {
     for i in 0..130 {
         fs::write(dir.join(format!("f{i:03}.log")), format!("file {i}")).unwrap();
     }
-    env.ok(&["artifacts", "add", &ids.session, &ids.collection, dir.to_str().unwrap()]);
+    env.ok(&[
+        "artifacts",
+        "add",
+        &ids.session,
+        &ids.collection,
+        dir.to_str().unwrap(),
+    ]);
     let search = |args: &[&str]| {
         let out = env
             .command()
-            .args(["-o", "json", "artifacts", "search", "--session", &ids.session])
+            .args([
+                "-o",
+                "json",
+                "artifacts",
+                "search",
+                "--session",
+                &ids.session,
+            ])
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let names: Vec<String> = v
             .as_array()
@@ -765,7 +800,14 @@ fn a_search_cut_at_the_page_size_says_how_to_get_the_rest() {
     // Table output says it too.
     let out = env
         .command()
-        .args(["artifacts", "search", "--session", &ids.session, "--limit", "5"])
+        .args([
+            "artifacts",
+            "search",
+            "--session",
+            &ids.session,
+            "--limit",
+            "5",
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("showing 5 results; more match"));
@@ -781,17 +823,36 @@ fn a_search_cut_at_the_page_size_says_how_to_get_the_rest() {
     let remote = |args: &[&str]| {
         let out = client
             .command()
-            .args(["--server", &url, "-o", "json", "artifacts", "search", "--session", &ids.session])
+            .args([
+                "--server",
+                &url,
+                "-o",
+                "json",
+                "artifacts",
+                "search",
+                "--session",
+                &ids.session,
+            ])
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        (v.as_array().unwrap().len(), String::from_utf8(out.stderr).unwrap())
+        (
+            v.as_array().unwrap().len(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
     };
     let (n, note) = remote(&[]);
     assert_eq!(n, 100);
-    assert!(note.contains("showing 100 results; more match: add --cursor"), "{note}");
+    assert!(
+        note.contains("showing 100 results; more match: add --cursor"),
+        "{note}"
+    );
     assert_eq!(remote(&["--all", "--limit", "40"]).0, 130);
     assert_eq!(remote(&["--cursor", &cursor]).0, 30);
 }

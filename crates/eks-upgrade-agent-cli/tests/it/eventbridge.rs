@@ -294,13 +294,21 @@ fn plain_http_to_a_host_that_only_looks_local_is_refused() {
             &env,
             hostile,
             &[
-                "progress", "upgrade", "create", "u1", "--plan", "p1", "--cluster", "c",
+                "progress",
+                "upgrade",
+                "create",
+                "u1",
+                "--plan",
+                "p1",
+                "--cluster",
+                "c",
             ],
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains("notifications are kept in the outbox but not sent")
-                && stderr.contains("refusing plain http") && stderr.contains("only loopback endpoints"),
+                && stderr.contains("refusing plain http")
+                && stderr.contains("only loopback endpoints"),
             "{hostile}: {stderr}"
         );
     }

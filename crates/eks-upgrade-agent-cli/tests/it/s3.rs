@@ -498,11 +498,16 @@ fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
         &forged_manifest("EVIL", &victims),
     );
     let env = Env::new();
-    let out = run_s3(&env, &moto.url, &["artifacts", "pull", "EVIL", "--bucket", "team"]);
+    let out = run_s3(
+        &env,
+        &moto.url,
+        &["artifacts", "pull", "EVIL", "--bucket", "team"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("refusing manifest s3://team/eks-upgrade-agent/artifacts/EVIL/manifest.json")
+        stderr
+            .contains("refusing manifest s3://team/eks-upgrade-agent/artifacts/EVIL/manifest.json")
             && stderr.contains("claims S3 key"),
         "{stderr}"
     );
@@ -517,7 +522,11 @@ fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
             &format!("{prefix}/EVIL/manifest.json"),
             &forged_manifest("EVIL", std::slice::from_ref(victim)),
         );
-        let out = run_s3(&env, &moto.url, &["artifacts", "pull", "EVIL", "--bucket", "team"]);
+        let out = run_s3(
+            &env,
+            &moto.url,
+            &["artifacts", "pull", "EVIL", "--bucket", "team"],
+        );
         assert_eq!(out.status.code(), Some(1), "{victim:?}");
     }
 
@@ -531,7 +540,11 @@ fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
         &format!("{prefix}/EVIL/manifest.json"),
         &forged_manifest("EVIL", &[(own.clone(), "other")]),
     );
-    let pulled = json_s3(&env, &moto.url, &["artifacts", "pull", "EVIL", "--bucket", "team"]);
+    let pulled = json_s3(
+        &env,
+        &moto.url,
+        &["artifacts", "pull", "EVIL", "--bucket", "team"],
+    );
     assert_eq!(pulled["artifacts"], 1, "{pulled}");
     let a = json_s3(&env, &moto.url, &["artifacts", "show", "a0"]);
     assert_eq!(a["s3_bucket"], "team", "{a}");
@@ -543,9 +556,15 @@ fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
     let report = json_s3(&env, &moto.url, &["artifacts", "cleanup"]);
     assert_eq!(report["sessions"].as_array().unwrap().len(), 1, "{report}");
     for (key, bucket) in &victims {
-        assert!(object_exists(&moto, bucket, key), "{bucket}/{key} was deleted");
+        assert!(
+            object_exists(&moto, bucket, key),
+            "{bucket}/{key} was deleted"
+        );
     }
-    assert!(object_exists(&moto, "other", &own), "the other bucket was touched");
+    assert!(
+        object_exists(&moto, "other", &own),
+        "the other bucket was touched"
+    );
     assert!(!object_exists(&moto, "team", &own), "its own object goes");
 }
 
@@ -605,7 +624,10 @@ impl RecordingProxy {
     fn request_lines(&self) -> Vec<String> {
         let start = std::time::Instant::now();
         while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            assert!(start.elapsed() < std::time::Duration::from_secs(20), "connections stay open");
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "connections stay open"
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let mut lines = Vec::new();
@@ -634,16 +656,35 @@ fn two_concurrent_uploads_send_each_object_once() {
     let proxy = RecordingProxy::start(&moto.url);
     let env = Env::new();
     let run = |args: &[&str]| json_s3(&env, &moto.url, args);
-    let s = run(&["artifacts", "session", "create", "--upgrade", "u1", "--cluster", "prod"]);
+    let s = run(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u1",
+        "--cluster",
+        "prod",
+    ]);
     let sid = s["session_id"].as_str().unwrap().to_owned();
     let c = run(&["artifacts", "collection", "create", &sid, "--name", "logs"]);
     let cid = c["collection_id"].as_str().unwrap().to_owned();
     let dir = env.dir.path().join("many");
     std::fs::create_dir_all(&dir).unwrap();
     for i in 0..60 {
-        std::fs::write(dir.join(format!("f{i:02}.log")), format!("object number {i}\n")).unwrap();
+        std::fs::write(
+            dir.join(format!("f{i:02}.log")),
+            format!("object number {i}\n"),
+        )
+        .unwrap();
     }
-    run(&["--auto-upload", "artifacts", "add", &sid, &cid, dir.to_str().unwrap()]);
+    run(&[
+        "--auto-upload",
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        dir.to_str().unwrap(),
+    ]);
     let children: Vec<_> = (0..2)
         .map(|_| {
             let mut c = env.command();
@@ -658,7 +699,11 @@ fn two_concurrent_uploads_send_each_object_once() {
     let mut uploaded = 0;
     for child in children {
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         uploaded += r["uploaded"].as_u64().unwrap();
     }
@@ -674,6 +719,15 @@ fn two_concurrent_uploads_send_each_object_once() {
     assert_eq!(unique.len(), 60, "{unique:?}");
     assert_eq!(puts.len(), 60, "each object sent once: {} PUTs", puts.len());
     assert_eq!(uploaded, 60);
-    let found = run(&["artifacts", "search", "--session", &sid, "--status", "uploaded", "--limit", "1000"]);
+    let found = run(&[
+        "artifacts",
+        "search",
+        "--session",
+        &sid,
+        "--status",
+        "uploaded",
+        "--limit",
+        "1000",
+    ]);
     assert_eq!(found.as_array().unwrap().len(), 60);
 }

@@ -419,7 +419,8 @@ async fn an_upload_cut_short_stores_nothing() {
     assert_eq!(r.json()["error"]["code"], "incomplete_body", "{}", r.json());
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(
-        message.contains("ended early after 2097152 bytes") && message.contains("nothing was stored"),
+        message.contains("ended early after 2097152 bytes")
+            && message.contains("nothing was stored"),
         "{message}"
     );
     assert_eq!(

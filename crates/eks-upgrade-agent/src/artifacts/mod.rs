@@ -830,7 +830,11 @@ impl TestArtifactsManager {
         #[cfg(feature = "aws")]
         if let Some(key) = &a.s3_key {
             // The key deleted is derived from the layout, never taken from the row as is.
-            match self.s3.as_ref().and_then(|s3| Some((s3, upload::owned_key(s3, &a)?))) {
+            match self
+                .s3
+                .as_ref()
+                .and_then(|s3| Some((s3, upload::owned_key(s3, &a)?)))
+            {
                 Some((s3, owned)) => s3.delete_object(&owned)?,
                 None => {
                     return Err(Error::invalid(format!(
@@ -885,12 +889,12 @@ impl TestArtifactsManager {
                 .filter_map(|d| self.blobs.size(d).ok().map(|s| (*d, s)))
                 .collect();
             let blobs = Arc::clone(&self.blobs);
-            let deleted = self
-                .index
-                .delete_unreferenced(chunk, &move |d: &Digest| match cutoff {
-                    Some(c) => blobs.delete_if_older(d, c),
-                    None => blobs.delete(d),
-                })?;
+            let deleted =
+                self.index
+                    .delete_unreferenced(chunk, &move |d: &Digest| match cutoff {
+                        Some(c) => blobs.delete_if_older(d, c),
+                        None => blobs.delete(d),
+                    })?;
             n += deleted.len() as u64;
             bytes += deleted.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
         }

@@ -813,7 +813,9 @@ fn cleanup_saturates_huge_retentions_and_every_way_in_bounds_them() {
     for as_of in [Utc::now(), chrono::DateTime::<Utc>::MAX_UTC] {
         let r = f.m.cleanup(true, Some(as_of)).unwrap();
         assert!(
-            r.sessions.iter().all(|e| e.expired_at == chrono::DateTime::<Utc>::MAX_UTC),
+            r.sessions
+                .iter()
+                .all(|e| e.expired_at == chrono::DateTime::<Utc>::MAX_UTC),
             "{r:?}"
         );
     }
@@ -843,17 +845,29 @@ fn cleanup_saturates_huge_retentions_and_every_way_in_bounds_them() {
 fn re_adding_good_bytes_repairs_a_corrupt_blob() {
     let f = fixture();
     let (s, c) = session(&f, "u1");
-    let blobs = LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default())
-        .unwrap();
+    let blobs =
+        LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
     for (i, data) in [vec![5u8; 100], vec![6u8; 100_000]].into_iter().enumerate() {
         let first =
-            f.m.add_bytes(&s.session_id, &c.collection_id, &data, &format!("f{i}.log"), &AddOptions::default())
-                .unwrap();
+            f.m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &data,
+                &format!("f{i}.log"),
+                &AddOptions::default(),
+            )
+            .unwrap();
         blobs.corrupt_for_tests(&first.file_hash.parse().unwrap());
         assert!(!f.m.verify(&mut |_| {}).unwrap().ok());
         let second =
-            f.m.add_bytes(&s.session_id, &c.collection_id, &data, &format!("g{i}.log"), &AddOptions::default())
-                .unwrap();
+            f.m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &data,
+                &format!("g{i}.log"),
+                &AddOptions::default(),
+            )
+            .unwrap();
         assert_eq!(second.file_hash, first.file_hash);
         assert!(f.m.verify(&mut |_| {}).unwrap().ok(), "repaired");
         assert!(f.m.read(&first.artifact_id).unwrap() == data);
@@ -871,8 +885,8 @@ fn gc_never_deletes_a_blob_a_concurrent_add_is_about_to_index() {
         ..ArtifactsOptions::default()
     });
     let (s, c) = session(&f, "u1");
-    let blobs = LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default())
-        .unwrap();
+    let blobs =
+        LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
     let small_db = f.dir.path().join("data/blobs/small.sqlite3");
     let old = std::time::SystemTime::now() - Duration::from_secs(3600);
     for round in 0..60u32 {
@@ -965,12 +979,14 @@ fn upload_claims_exclude_others_until_the_lease_expires() {
             .is_empty()
     );
     let after = lease + chrono::Duration::seconds(1);
-    let mut c_ids = ids(
-        q.claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
-            .unwrap(),
-    );
+    let mut c_ids = ids(q
+        .claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
+        .unwrap());
     c_ids.sort();
     let mut expected = [a[1].clone(), a[2].clone(), b[0].clone(), b[1].clone()];
     expected.sort();
-    assert_eq!(c_ids, expected, "expired leases (A's and B's) are taken over");
+    assert_eq!(
+        c_ids, expected,
+        "expired leases (A's and B's) are taken over"
+    );
 }

@@ -83,7 +83,12 @@ impl SessionManifest {
     /// `s3_key` is exactly the layout key `{prefix}/{session}/{collection}/{export name}`
     /// (refused otherwise). Bucket and URL are not taken from the manifest: an uploaded
     /// artifact is recorded in `bucket`, the one the manifest was read from. Pure: no I/O.
-    pub fn validate(&self, bucket: &str, prefix: &str, session_id: &str) -> Result<SessionManifest> {
+    pub fn validate(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        session_id: &str,
+    ) -> Result<SessionManifest> {
         use crate::progress::command::{MAX_MESSAGE_LEN, check_id, check_json, check_name};
         use std::collections::HashSet;
 
@@ -106,7 +111,8 @@ impl SessionManifest {
                 _ => Ok(()),
             }
         };
-        let in_manifest = |e: Error| Error::invalid(format!("manifest of session {session_id:?}: {e}"));
+        let in_manifest =
+            |e: Error| Error::invalid(format!("manifest of session {session_id:?}: {e}"));
 
         if self.format != 1 {
             return Err(Error::invalid(format!(
@@ -389,12 +395,11 @@ impl TestArtifactsManager {
         })?;
         drop(text);
         // Untrusted: nothing from it is used or stored before it is checked.
-        let m = m.validate(s3.bucket(), s3.prefix(), session_id).map_err(|e| {
-            Error::invalid(format!(
-                "refusing manifest s3://{}/{key}: {e}",
-                s3.bucket()
-            ))
-        })?;
+        let m = m
+            .validate(s3.bucket(), s3.prefix(), session_id)
+            .map_err(|e| {
+                Error::invalid(format!("refusing manifest s3://{}/{key}: {e}", s3.bucket()))
+            })?;
         let mut report = PullReport {
             session_id: session_id.to_owned(),
             artifacts: m.artifacts.len() as u64,
@@ -840,9 +845,17 @@ mod tests {
                 ..NewSession::default()
             })
             .unwrap();
-        let c = m.create_collection(&s.session_id, "logs", None, None).unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
         let a = m
-            .add_bytes(&s.session_id, &c.collection_id, b"the real bytes", "r.log", &AddOptions::default())
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                b"the real bytes",
+                "r.log",
+                &AddOptions::default(),
+            )
             .unwrap();
         let key = object_key(target.prefix(), &a);
         target
@@ -856,7 +869,14 @@ mod tests {
             )
             .unwrap();
         let r = m
-            .upload(store.as_ref(), &target, &UploadOptions::default(), None, false, &mut |_| {})
+            .upload(
+                store.as_ref(),
+                &target,
+                &UploadOptions::default(),
+                None,
+                false,
+                &mut |_| {},
+            )
             .unwrap();
         assert_eq!((r.uploaded, r.already_there), (1, 0), "{r:?}");
         let digest: Digest = a.file_hash.parse().unwrap();
@@ -931,7 +951,11 @@ mod tests {
                 1 => Just(KeyChoice::OtherPrefix),
                 1 => hostile().prop_map(KeyChoice::Given),
             ];
-            let bucket = prop_oneof![Just(None), Just(Some("team".to_owned())), Just(Some("other".to_owned()))];
+            let bucket = prop_oneof![
+                Just(None),
+                Just(Some("team".to_owned())),
+                Just(Some("other".to_owned()))
+            ];
             let tags = prop::collection::vec(field("smoke"), 0..3);
             let misc = (
                 any::<u64>(),
@@ -942,7 +966,15 @@ mod tests {
                 prop_oneof![4 => Just(0usize), 1 => Just(70_000usize)],
             );
             (ids, names, hash, key, bucket, tags, misc).prop_map(
-                |((id, sid, cid, uid), (name, export), hash, key, bucket, tags, (size, status, ty, at, task, meta))| {
+                |(
+                    (id, sid, cid, uid),
+                    (name, export),
+                    hash,
+                    key,
+                    bucket,
+                    tags,
+                    (size, status, ty, at, task, meta),
+                )| {
                     let mut metadata = JsonMap::new();
                     if meta > 0 {
                         metadata.insert("big".into(), "x".repeat(meta).into());
@@ -984,51 +1016,58 @@ mod tests {
                 prop::option::of(time()),
                 prop_oneof![9 => Just(1u32), 1 => any::<u32>()],
             );
-            let collections = prop::collection::vec(
-                (field("c1"), field("S1"), field("logs"), time()),
-                0..3,
-            );
-            (session, collections, prop::collection::vec(artifact(), 0..4)).prop_map(
-                |(((sid, uid, cluster, name), retention, started, completed, format), cols, arts)| {
-                    let artifacts = arts
-                        .into_iter()
-                        .map(|(mut a, key)| {
-                            a.s3_key = match key {
-                                KeyChoice::None => None,
-                                KeyChoice::Layout => Some(object_key(PREFIX, &a)),
-                                KeyChoice::OtherPrefix => Some(object_key("elsewhere", &a)),
-                                KeyChoice::Given(k) => Some(k),
-                            };
-                            a
-                        })
-                        .collect();
-                    SessionManifest {
-                        format,
-                        session: TestSession {
-                            session_id: sid,
-                            upgrade_id: uid,
-                            cluster_name: cluster,
-                            name,
-                            description: None,
-                            started_at: started,
-                            completed_at: completed,
-                            retention_days: retention,
-                        },
-                        collections: cols
+            let collections =
+                prop::collection::vec((field("c1"), field("S1"), field("logs"), time()), 0..3);
+            (
+                session,
+                collections,
+                prop::collection::vec(artifact(), 0..4),
+            )
+                .prop_map(
+                    |(
+                        ((sid, uid, cluster, name), retention, started, completed, format),
+                        cols,
+                        arts,
+                    )| {
+                        let artifacts = arts
                             .into_iter()
-                            .map(|(id, sid, name, at)| ArtifactCollection {
-                                collection_id: id,
+                            .map(|(mut a, key)| {
+                                a.s3_key = match key {
+                                    KeyChoice::None => None,
+                                    KeyChoice::Layout => Some(object_key(PREFIX, &a)),
+                                    KeyChoice::OtherPrefix => Some(object_key("elsewhere", &a)),
+                                    KeyChoice::Given(k) => Some(k),
+                                };
+                                a
+                            })
+                            .collect();
+                        SessionManifest {
+                            format,
+                            session: TestSession {
                                 session_id: sid,
+                                upgrade_id: uid,
+                                cluster_name: cluster,
                                 name,
                                 description: None,
-                                task_id: None,
-                                created_at: at,
-                            })
-                            .collect(),
-                        artifacts,
-                    }
-                },
-            )
+                                started_at: started,
+                                completed_at: completed,
+                                retention_days: retention,
+                            },
+                            collections: cols
+                                .into_iter()
+                                .map(|(id, sid, name, at)| ArtifactCollection {
+                                    collection_id: id,
+                                    session_id: sid,
+                                    name,
+                                    description: None,
+                                    task_id: None,
+                                    created_at: at,
+                                })
+                                .collect(),
+                            artifacts,
+                        }
+                    },
+                )
         }
 
         proptest! {
@@ -1127,7 +1166,10 @@ mod tests {
             assert_eq!(v.artifacts[0].file_hash, "ab".repeat(32));
             m.artifacts[0].s3_key = Some("eks-upgrade-agent/artifacts/VICTIM/c1/r.xml".into());
             let err = m.validate("team", PREFIX, "S1").unwrap_err().to_string();
-            assert!(err.contains("claims S3 key") && err.contains("S1/c1/r.xml"), "{err}");
+            assert!(
+                err.contains("claims S3 key") && err.contains("S1/c1/r.xml"),
+                "{err}"
+            );
             m.artifacts[0].s3_key = Some(object_key(PREFIX, &m.artifacts[0]));
             m.session.retention_days = u32::MAX;
             let err = m.validate("team", PREFIX, "S1").unwrap_err().to_string();

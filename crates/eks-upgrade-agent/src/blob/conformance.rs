@@ -107,12 +107,21 @@ pub(crate) fn run(factory: Factory<'_>) {
         let info = store
             .put(&mut bytes(n, seed).as_slice(), &mut |_| {})
             .unwrap();
-        assert!(!store.delete_if_older(&info.digest, before).unwrap(), "size {n}");
+        assert!(
+            !store.delete_if_older(&info.digest, before).unwrap(),
+            "size {n}"
+        );
         assert!(store.exists(&info.digest).unwrap(), "size {n}");
         let after = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
-        assert!(store.delete_if_older(&info.digest, after).unwrap(), "size {n}");
+        assert!(
+            store.delete_if_older(&info.digest, after).unwrap(),
+            "size {n}"
+        );
         assert!(!store.exists(&info.digest).unwrap(), "size {n}");
-        assert!(!store.delete_if_older(&info.digest, after).unwrap(), "size {n}");
+        assert!(
+            !store.delete_if_older(&info.digest, after).unwrap(),
+            "size {n}"
+        );
     }
 
     // A failing reader stores nothing.

@@ -104,7 +104,8 @@ pub(crate) fn is_loopback(url: &str) -> bool {
 
 /// Whether `url` uses plain http (any case).
 fn is_plain_http(url: &str) -> bool {
-    url.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+    url.get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
 }
 
 /// Checks an AWS endpoint URL: it parses, and uses plain http only towards loopback.
@@ -659,8 +660,9 @@ mod tests {
             })
             .unwrap_err();
             assert!(
-                err.to_string()
-                    .contains("only loopback endpoints (localhost, 127.0.0.0/8, [::1]) may use http"),
+                err.to_string().contains(
+                    "only loopback endpoints (localhost, 127.0.0.0/8, [::1]) may use http"
+                ),
                 "{hostile}: {err}"
             );
         }
@@ -670,10 +672,7 @@ mod tests {
             ..S3Options::default()
         })
         .unwrap_err();
-        assert!(
-            err.to_string().contains("only loopback endpoints"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("only loopback endpoints"), "{err}");
     }
 
     #[test]

@@ -68,7 +68,11 @@ impl EventBridgeSink {
         let service_endpoint = std::env::var("AWS_ENDPOINT_URL_EVENTBRIDGE")
             .ok()
             .filter(|e| !e.is_empty());
-        for e in service_endpoint.iter().map(String::as_str).chain(config.endpoint_url()) {
+        for e in service_endpoint
+            .iter()
+            .map(String::as_str)
+            .chain(config.endpoint_url())
+        {
             crate::blob::s3::check_endpoint("EventBridge", e)?;
         }
         if config.region().is_none() {

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use crate::blob::Digest;
 use crate::error::Result;
 use crate::model::{
-    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, JsonMap,
-    ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
+    JsonMap, ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
 };
 use crate::progress::command::Command;
 

@@ -22,8 +22,8 @@ use super::{ArtifactIndex, ExpiredSession, NewArtifact};
 use crate::blob::Digest;
 use crate::error::{Error, Result};
 use crate::model::{
-    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, ProgressStatus,
-    SessionSummary, TestArtifact, TestSession,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
+    ProgressStatus, SessionSummary, TestArtifact, TestSession,
 };
 
 pub(super) const SCHEMA: &str = r#"
@@ -283,11 +283,11 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
     };
     if let Some(c) = &q.cursor {
         // The cursor is the row key of the last artifact of the previous page.
-        let after = c
-            .parse::<i64>()
-            .ok()
-            .filter(|k| *k > 0)
-            .ok_or_else(|| Error::invalid(format!("invalid cursor {c:?}: use the next_cursor of a previous page")))?;
+        let after = c.parse::<i64>().ok().filter(|k| *k > 0).ok_or_else(|| {
+            Error::invalid(format!(
+                "invalid cursor {c:?}: use the next_cursor of a previous page"
+            ))
+        })?;
         clauses.push(format!("a.akey < {}", arg(after.into(), &mut args)));
     }
     if let Some(id) = &q.session_id {
@@ -392,7 +392,10 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
         sql.push_str(&clauses.join(" AND "));
     }
     // One row more than the page, to know whether another page follows.
-    sql.push_str(&format!(" ORDER BY a.akey DESC LIMIT {}", page_limit(q) + 1));
+    sql.push_str(&format!(
+        " ORDER BY a.akey DESC LIMIT {}",
+        page_limit(q) + 1
+    ));
     Ok((sql, args))
 }
 
