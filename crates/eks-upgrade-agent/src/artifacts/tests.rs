@@ -962,7 +962,27 @@ fn upload_claims_exclude_others_until_the_lease_expires() {
     assert_eq!((a.len(), b.len()), (3, 2));
     assert!(a.iter().all(|x| !b.contains(x)), "disjoint claims");
     assert!(q.claim_uploads("C", now, lease, 10).unwrap().is_empty());
-    // A records one and crashes; after its lease the other two are C's.
+    assert_eq!(q.claimed_by_others("C", now).unwrap(), 5);
+    assert_eq!(q.claimed_by_others("A", now).unwrap(), 2);
+    // A live uploader's heartbeat keeps its claims past the first lease; B's lapse.
+    let renewed = lease + chrono::Duration::minutes(30);
+    q.renew_upload_claims("A", renewed).unwrap();
+    let between = lease + chrono::Duration::seconds(1);
+    let taken = ids(q.claim_uploads("C", between, renewed, 10).unwrap());
+    assert_eq!(taken.len(), 2, "only B's lapsed claims");
+    assert!(taken.iter().all(|x| b.contains(x)));
+    for id in &taken {
+        q.record_upload(
+            id,
+            &UploadOutcome::Uploaded {
+                bucket: "b".into(),
+                key: "k".into(),
+                at: now,
+            },
+        )
+        .unwrap();
+    }
+    // A records one and crashes; after its (renewed) lease the other two are C's.
     q.record_upload(
         &a[0],
         &UploadOutcome::Uploaded {
@@ -972,21 +992,22 @@ fn upload_claims_exclude_others_until_the_lease_expires() {
         },
     )
     .unwrap();
-    let before_expiry = lease - chrono::Duration::seconds(1);
+    let before_expiry = renewed - chrono::Duration::seconds(1);
     assert!(
-        q.claim_uploads("C", before_expiry, lease, 10)
+        q.claim_uploads("C", before_expiry, renewed, 10)
             .unwrap()
             .is_empty()
     );
-    let after = lease + chrono::Duration::seconds(1);
+    let after = renewed + chrono::Duration::seconds(1);
     let mut c_ids = ids(q
         .claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
         .unwrap());
     c_ids.sort();
-    let mut expected = [a[1].clone(), a[2].clone(), b[0].clone(), b[1].clone()];
+    let mut expected = [a[1].clone(), a[2].clone()];
     expected.sort();
     assert_eq!(
         c_ids, expected,
-        "expired leases (A's and B's) are taken over"
+        "an expired lease (a crashed uploader) is taken over"
     );
+    assert_eq!(q.claimed_by_others("A", after).unwrap(), 2);
 }

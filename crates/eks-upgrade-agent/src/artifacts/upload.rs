@@ -35,8 +35,9 @@ pub struct UploadOptions {
     pub multipart_threshold: u64,
     /// Longest retry delay.
     pub max_backoff: Duration,
-    /// How long a run holds the artifacts it claimed from the queue (a batch of
-    /// [`CLAIM_BATCH`]); another run takes them over only after that (a crashed run).
+    /// How long a claim on queue entries (a batch of [`CLAIM_BATCH`]) lasts unless renewed; a
+    /// live run renews its claims every quarter of it, so another run takes them over only
+    /// when their run was killed, at most this long after.
     pub lease: Duration,
 }
 
@@ -45,7 +46,7 @@ impl Default for UploadOptions {
         UploadOptions {
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             max_backoff: Duration::from_secs(600),
-            lease: Duration::from_secs(30 * 60),
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -463,38 +464,93 @@ impl TestArtifactsManager {
             ..Progress::default()
         };
         progress(p);
-        let mut tried: HashSet<String> = HashSet::new();
-        let mut sessions: HashSet<String> = HashSet::new();
         // Concurrent runs (other processes too) claim disjoint batches with a lease, so no
         // object is sent twice; the lease of a crashed run expires and its batch is retaken.
+        // A live run renews its leases (a heartbeat thread); a killed one stops renewing, and
+        // its claims are taken over once its lease runs out.
         let owner = uuid::Uuid::now_v7().to_string();
-        loop {
-            let now = Utc::now();
-            let lease_until = chrono::Duration::from_std(options.lease)
+        let lease_end = |now: chrono::DateTime<Utc>| {
+            chrono::Duration::from_std(options.lease)
                 .ok()
                 .and_then(|d| now.checked_add_signed(d))
-                .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
+                .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let beat = (options.lease / 4).max(Duration::from_millis(50));
+                let mut last = std::time::Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50).min(beat));
+                    if last.elapsed() >= beat {
+                        last = std::time::Instant::now();
+                        if let Err(e) = queue.renew_upload_claims(&owner, lease_end(Utc::now())) {
+                            tracing::warn!(error = %e, "cannot renew the upload leases");
+                        }
+                    }
+                }
+            });
+            let result = self.upload_claimed(
+                queue,
+                s3,
+                options,
+                &owner,
+                &lease_end,
+                &mut report,
+                &mut p,
+                progress,
+            );
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            result
+        })?;
+        Ok(report)
+    }
+
+    /// The claim-upload-record loop of [`upload`](Self::upload).
+    #[allow(clippy::too_many_arguments)]
+    fn upload_claimed(
+        &self,
+        queue: &dyn UploadQueue,
+        s3: &S3BlobStore,
+        options: &UploadOptions,
+        owner: &str,
+        lease_end: &dyn Fn(chrono::DateTime<Utc>) -> chrono::DateTime<Utc>,
+        report: &mut UploadReport,
+        p: &mut Progress,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let mut tried: HashSet<String> = HashSet::new();
+        let mut sessions: HashSet<String> = HashSet::new();
+        loop {
+            let now = Utc::now();
             let due: Vec<(TestArtifact, u32)> = queue
-                .claim_uploads(&owner, now, lease_until, CLAIM_BATCH)?
+                .claim_uploads(owner, now, lease_end(now), CLAIM_BATCH)?
                 .into_iter()
                 .filter(|(a, _)| !tried.contains(&a.artifact_id))
                 .collect();
             if due.is_empty() {
+                // Another run holds the rest: wait until it records them, or its lease ends
+                // (killed) and they are ours to take over.
+                if queue.claimed_by_others(owner, now)? > 0 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
                 // Every session that got objects gets an up-to-date manifest.
                 for sid in &sessions {
                     self.write_manifest(s3, sid)?;
                     report.manifests += 1;
                 }
-                return Ok(report);
+                return Ok(());
             }
             for (a, attempts) in due {
                 tried.insert(a.artifact_id.clone());
                 let key = object_key(s3.prefix(), &a);
                 let base = p.bytes_done;
+                let current = *p;
                 let result = self.upload_one(s3, options, &a, &key, &mut |b| {
                     progress(Progress {
                         bytes_done: base + b,
-                        ..p
+                        ..current
                     })
                 });
                 let outcome = match result {
@@ -531,7 +587,7 @@ impl TestArtifactsManager {
                 queue.record_upload(&a.artifact_id, &outcome)?;
                 p.files_done += 1;
                 p.bytes_done = base + a.file_size;
-                progress(p);
+                progress(*p);
             }
         }
     }

@@ -357,6 +357,10 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(TestArtifact, u32)>>;
+    /// Extends every claim of `owner` to `lease_until` (the heartbeat of a live uploader).
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()>;
+    /// Due artifacts that other uploaders hold a live lease on at `now`.
+    fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
     /// Number and bytes of queued artifacts.
     fn pending_uploads(&self) -> Result<(u64, u64)>;
     /// Records an attempt (and releases its claim).

@@ -1011,6 +1011,27 @@ impl crate::store::UploadQueue for SqliteStore {
         })
     }
 
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE artifacts SET upload_lease_until = ?2 WHERE upload_claimed_by = ?1",
+            )?
+            .execute(params![owner, micros(lease_until)])?;
+            Ok(())
+        })
+    }
+
+    fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT count(*) FROM artifacts WHERE upload_state IN (1, 3) \
+                 AND upload_next_at <= ?1 AND upload_claimed_by IS NOT NULL \
+                 AND upload_claimed_by != ?2 AND upload_lease_until > ?1",
+            )?
+            .query_row(params![micros(now), owner], |r| r.get::<_, i64>(0))? as u64)
+        })
+    }
+
     fn pending_uploads(&self) -> Result<(u64, u64)> {
         self.read(|c| {
             Ok(c.prepare_cached(
