@@ -489,3 +489,26 @@ async fn search_pages_are_capped_and_linked_by_a_cursor() {
     let r = get(&s, "/api/v1/artifacts?cursor=x").await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json());
 }
+
+/// Issue #10, item 9: retention_days outside 1..=36500 is refused at the HTTP way in too.
+#[tokio::test]
+async fn sessions_with_a_retention_outside_the_bounds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    for days in ["0", "36501", "4294967295", "4294967296", "-1"] {
+        let r = post_json(
+            &s,
+            "/api/v1/sessions",
+            &format!(r#"{{"upgrade_id":"u1","cluster_name":"prod","retention_days":{days}}}"#),
+        )
+        .await;
+        assert!(r.status.is_client_error(), "{days}: {}", r.json());
+        assert!(
+            r.json()["error"]["message"].is_string(),
+            "{days}: {}",
+            r.json()
+        );
+    }
+    let r = get(&s, "/api/v1/sessions").await;
+    assert_eq!(r.json(), serde_json::json!([]), "nothing stored");
+}
