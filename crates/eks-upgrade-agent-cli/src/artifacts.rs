@@ -117,9 +117,15 @@ pub(crate) enum ArtifactsCmd {
         /// Added within this long, e.g. 30m, 6h, 2d
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         since: Option<Duration>,
-        /// Most results
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        /// Most results per page (at most 10000); see --all and --cursor for more
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         limit: u64,
+        /// Every result, a page at a time (streamed)
+        #[arg(long)]
+        all: bool,
+        /// Start after this point: the cursor a previous search printed
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Counts and bytes by type and status, for one session or all
     Stats {
@@ -373,6 +379,25 @@ fn run_on(
                 step_id,
                 metadata: to_map(meta, meta_json),
             };
+            // Links are never followed (in or out of the directory): say which were skipped,
+            // on stderr so the JSON on stdout keeps its shape.
+            let skipped = eks_upgrade_agent::artifacts::skipped_entries(&paths)?;
+            for p in &skipped {
+                let what = if p.is_symlink() {
+                    "symbolic link"
+                } else {
+                    "special file"
+                };
+                eprintln!("skipped {what} {} (not followed)", p.display());
+            }
+            if !skipped.is_empty() {
+                eprintln!(
+                    "skipped {} entr{} that {} not regular files; add the targets by path to store them",
+                    skipped.len(),
+                    if skipped.len() == 1 { "y" } else { "ies" },
+                    if skipped.len() == 1 { "is" } else { "are" }
+                );
+            }
             let pb = bar(ctx, "adding");
             let added = m.add_paths(&session, &collection, &paths, &opts, &mut track(&pb));
             pb.finish_and_clear();
@@ -407,6 +432,8 @@ fn run_on(
             max_size,
             since,
             limit,
+            all,
+            cursor,
         } => {
             let created_since = since
                 .map(|d| chrono::Duration::from_std(d).map(|d| Utc::now() - d))
@@ -424,20 +451,16 @@ fn run_on(
                 min_size,
                 max_size,
                 created_since,
-                limit: limit as usize,
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                cursor,
             };
-            let found = m.search(&q)?;
-            if ctx.json() {
-                print_json(&found)?;
-            } else if found.is_empty() {
-                println!("no artifacts found");
-            } else {
-                let mut out = io::stdout().lock();
-                for a in &found {
-                    artifact_line(&mut out, a)?;
-                }
+            let max = eks_upgrade_agent::model::MAX_SEARCH_LIMIT;
+            if q.limit > max {
+                anyhow::bail!(
+                    "--limit {limit} is above the maximum of {max} per page; use --all for every result"
+                );
             }
-            Ok(ExitCode::SUCCESS)
+            search(ctx, m, q, all)
         }
         ArtifactsCmd::Stats { session } => {
             let st = m.stats(session.as_deref())?;
@@ -788,6 +811,51 @@ fn pull_local(
     _: &ProgressBar,
 ) -> anyhow::Result<PullReport> {
     anyhow::bail!("this build has no S3 support (feature `aws`)")
+}
+
+/// Prints the results of a search: one page, or every page with `all` (streamed; with
+/// `-o json` still one JSON array). A listing cut at the page size says so on stderr, with
+/// how to get the rest.
+fn search(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    mut q: ArtifactQuery,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut out = io::stdout().lock();
+    let mut shown = 0u64;
+    if ctx.json() {
+        write!(out, "[")?;
+    }
+    let next = loop {
+        let page = m.search_page(&q)?;
+        for a in &page.artifacts {
+            if ctx.json() {
+                write!(out, "{}\n  ", if shown == 0 { "" } else { "," })?;
+                serde_json::to_writer(&mut out, a)?;
+            } else {
+                artifact_line(&mut out, a)?;
+            }
+            shown += 1;
+        }
+        match page.next_cursor {
+            Some(c) if all => q.cursor = Some(c),
+            other => break other,
+        }
+    };
+    if ctx.json() {
+        writeln!(out, "{}]", if shown == 0 { "" } else { "\n" })?;
+    } else if shown == 0 {
+        writeln!(out, "no artifacts found")?;
+    }
+    out.flush()?;
+    if let Some(c) = next {
+        eprintln!(
+            "showing {shown} results; more match: add --cursor {c} for the next page, or --all \
+             for every result"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn pull(ctx: &Ctx, place: Place<'_>, req: &PullRequest) -> anyhow::Result<ExitCode> {

@@ -16,7 +16,8 @@ use eks_upgrade_agent::artifacts::{
 use crate::artifacts::{PullRequest, UploadRequest};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
-    ArtifactCollection, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact, TestSession,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact,
+    TestSession,
 };
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{Error, Result, TestArtifactsManager};
@@ -43,7 +44,8 @@ pub(crate) trait Artifacts {
         opts: &AddOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Vec<TestArtifact>>;
-    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>>;
+    /// One page of results and the cursor of the next.
+    fn search_page(&self, q: &ArtifactQuery) -> Result<ArtifactPage>;
     fn stats(&self, session: Option<&str>) -> Result<ArtifactStats>;
     fn artifact(&self, id: &str) -> Result<TestArtifact>;
     fn delete_artifact(&self, id: &str) -> Result<TestArtifact>;
@@ -100,8 +102,8 @@ impl Artifacts for TestArtifactsManager {
     ) -> Result<Vec<TestArtifact>> {
         TestArtifactsManager::add_paths(self, session, collection, paths, opts, progress)
     }
-    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
-        TestArtifactsManager::search(self, q)
+    fn search_page(&self, q: &ArtifactQuery) -> Result<ArtifactPage> {
+        TestArtifactsManager::search_page(self, q)
     }
     fn stats(&self, session: Option<&str>) -> Result<ArtifactStats> {
         TestArtifactsManager::stats(self, session)
@@ -370,8 +372,12 @@ impl Artifacts for RemoteArtifacts {
         Ok(out)
     }
 
-    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
-        let mut query = vec![format!("limit={}", q.limit.max(1))];
+    fn search_page(&self, q: &ArtifactQuery) -> Result<ArtifactPage> {
+        let limit = match q.limit {
+            0 => eks_upgrade_agent::model::DEFAULT_SEARCH_LIMIT,
+            n => n,
+        };
+        let mut query = vec![format!("limit={limit}")];
         let mut push = |k: &str, v: &str| query.push(format!("{k}={}", encode(v)));
         for (k, v) in [
             ("session", &q.session_id),
@@ -403,8 +409,23 @@ impl Artifacts for RemoteArtifacts {
             let secs = (eks_upgrade_agent::model::now() - t).num_seconds().max(0);
             push("since", &format!("{secs}s"));
         }
-        self.store
-            .get_json(&format!("/api/v1/artifacts?{}", query.join("&")))
+        if let Some(c) = &q.cursor {
+            push("cursor", c);
+        }
+        let path = format!("/api/v1/artifacts?{}", query.join("&"));
+        let resp = self
+            .authorize(self.store.agent().get(self.url(&path)))
+            .call()
+            .map_err(|e| self.unreachable(&e))?;
+        let next_cursor = resp
+            .headers()
+            .get("x-next-cursor")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(ArtifactPage {
+            artifacts: self.store.answer(resp)?,
+            next_cursor,
+        })
     }
 
     fn stats(&self, session: Option<&str>) -> Result<ArtifactStats> {
@@ -482,12 +503,21 @@ impl ExportSource for RemoteArtifacts {
         session_id: &str,
         f: &mut dyn FnMut(TestArtifact) -> Result<()>,
     ) -> Result<()> {
-        let all = self.search(&ArtifactQuery {
-            session_id: Some(session_id.to_owned()),
-            limit: 1_000_000,
-            ..ArtifactQuery::default()
-        })?;
-        all.into_iter().try_for_each(f)
+        // Every page, not only the first (a page holds at most 10,000).
+        let mut cursor = None;
+        loop {
+            let page = self.search_page(&ArtifactQuery {
+                session_id: Some(session_id.to_owned()),
+                limit: eks_upgrade_agent::model::MAX_SEARCH_LIMIT,
+                cursor: cursor.take(),
+                ..ArtifactQuery::default()
+            })?;
+            page.artifacts.into_iter().try_for_each(&mut *f)?;
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(()),
+            }
+        }
     }
     fn open(&self, artifact_id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
         Artifacts::open(self, artifact_id)

@@ -253,13 +253,69 @@ pub(crate) async fn upload(
         .into_data_stream()
         .map_err(|e| std::io::Error::other(format!("request body: {e}")));
     let reader = tokio_util::io::StreamReader::new(stream);
-    let a = blocking(move || {
-        let mut reader = tokio_util::io::SyncIoBridge::new(reader);
+    let body_error = Arc::new(std::sync::Mutex::new(None::<(String, u64)>));
+    let seen = Arc::clone(&body_error);
+    let result = blocking(move || {
+        let mut reader = BodyReader {
+            inner: tokio_util::io::SyncIoBridge::new(reader),
+            received: 0,
+            error: seen,
+        };
         m.add_reader(&session, &collection, &mut reader, &name, &opts)
     })
-    .await?;
+    .await;
+    let a = match result {
+        Ok(a) => a,
+        Err(e) => {
+            // The client's body failed (cut short, too large): its fault, not ours.
+            let failed = body_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((why, received)) = failed {
+                tracing::debug!(error = %why, received, "upload body ended early");
+                return Err(if why.contains("length limit") {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        "the request body is larger than this server accepts; nothing was stored",
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "incomplete_body",
+                        format!(
+                            "the request body ended early after {received} bytes ({why}); \
+                             nothing was stored: send the file again"
+                        ),
+                    )
+                });
+            }
+            return Err(e);
+        }
+    };
     s.metrics.uploads.inc();
     Ok((StatusCode::CREATED, Json(to_json(&a))))
+}
+
+/// The request body as a blocking reader that remembers why it failed (and how much came).
+struct BodyReader<R> {
+    inner: R,
+    received: u64,
+    error: Arc<std::sync::Mutex<Option<(String, u64)>>>,
+}
+
+impl<R: Read> Read for BodyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.received += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                *self.error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((e.to_string(), self.received));
+                Err(e)
+            }
+        }
+    }
 }
 
 // --- reading --------------------------------------------------------------------------------
@@ -453,7 +509,7 @@ pub(crate) async fn counts_by_task(
 pub(crate) async fn search(
     State(s): State<AppState>,
     q: Result<Query<Pairs>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let Query(q) = q?;
     check_keys(
         &q,
@@ -470,6 +526,7 @@ pub(crate) async fn search(
             "max_size",
             "since",
             "limit",
+            "cursor",
             "access_token",
         ],
     )?;
@@ -486,13 +543,30 @@ pub(crate) async fn search(
             Some(eks_upgrade_agent::model::now() - d)
         }
     };
+    let max = eks_upgrade_agent::model::MAX_SEARCH_LIMIT;
     let limit = match one(&q, "limit")? {
-        None => 100,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1_000_000).contains(n))
-            .ok_or_else(|| invalid(format!("limit must be in 1..=1000000, got {v:?}")))?,
+        None => eks_upgrade_agent::model::DEFAULT_SEARCH_LIMIT,
+        // Any number above the maximum (however many digits) names the maximum.
+        Some(v) => match v.parse::<u64>().or_else(|e| {
+            if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                Ok(u64::MAX)
+            } else {
+                Err(e)
+            }
+        }) {
+            Ok(n) if n > max as u64 => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!(
+                        "limit {v} is above the maximum of {max} per page; follow the \
+                         X-Next-Cursor header (?cursor=) for more"
+                    ),
+                ));
+            }
+            Ok(n) if n >= 1 => n as usize,
+            _ => return Err(invalid(format!("limit must be in 1..={max}, got {v:?}"))),
+        },
     };
     let query = ArtifactQuery {
         session_id: one(&q, "session")?.map(str::to_owned),
@@ -516,8 +590,18 @@ pub(crate) async fn search(
         max_size: size("max_size")?,
         created_since,
         limit,
+        cursor: one(&q, "cursor")?.map(str::to_owned),
     };
-    answer(&s, move |m| m.search(&query)).await
+    let m = manager(&s)?;
+    let page = blocking(move || m.search_page(&query)).await?;
+    let mut resp = Json(to_json(&page.artifacts)).into_response();
+    // The body stays a plain array; the next page is announced in headers.
+    if let Some(c) = &page.next_cursor
+        && let Ok(v) = HeaderValue::from_str(c)
+    {
+        resp.headers_mut().insert("x-next-cursor", v);
+    }
+    Ok(resp)
 }
 
 pub(crate) async fn stats(

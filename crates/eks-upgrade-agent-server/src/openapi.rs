@@ -296,7 +296,11 @@ pub(crate) const ROUTES: &[Route] = &[
             ("min_size", "e.g. 1024, 10KiB"),
             ("max_size", "e.g. 5MB"),
             ("since", "added within, e.g. 30m, 6h, 2d"),
-            ("limit", "most results [100]"),
+            ("limit", "most results per page [100, at most 10000]"),
+            (
+                "cursor",
+                "the X-Next-Cursor header of the previous page; that header is absent on the last page",
+            ),
         ],
         ok: (200, JSON),
     },

@@ -628,3 +628,238 @@ fn two_processes_add_to_the_same_session_at_once() {
             .is_empty()
     );
 }
+
+/// Issue #10, item 15: corrupt a blob on disk (a file blob and an inline one), add the same
+/// bytes again: the add repairs the store, and both artifacts read back intact.
+#[test]
+fn adding_the_same_bytes_again_repairs_a_corrupt_blob() {
+    let env = Env::new();
+    let ids = setup(&env);
+    for (i, data) in [vec![b'x'; 40_000], b"small content\n".to_vec()]
+        .iter()
+        .enumerate()
+    {
+        let file = env.dir.path().join(format!("in-{i}.bin"));
+        fs::write(&file, data).unwrap();
+        let add = |name: &str| {
+            env.json(&[
+                "artifacts",
+                "add",
+                &ids.session,
+                &ids.collection,
+                file.to_str().unwrap(),
+                "--name",
+                name,
+            ])[0]
+                .clone()
+        };
+        let first = add(&format!("first-{i}.bin"));
+        let hash = first["file_hash"].as_str().unwrap().to_owned();
+        let blob = env
+            .dir
+            .path()
+            .join("blobs/sha256")
+            .join(&hash[..2])
+            .join(&hash[2..]);
+        if blob.exists() {
+            let mut perms = fs::metadata(&blob).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            fs::set_permissions(&blob, perms).unwrap();
+            fs::write(&blob, b"bit rot").unwrap();
+        } else {
+            let out = std::process::Command::new("python3")
+                .arg("-c")
+                .arg(format!(
+                    "import sqlite3; c = sqlite3.connect({:?}); \
+                     c.execute(\"UPDATE blobs SET data = x'00' WHERE hex(digest) = upper('{hash}')\"); \
+                     c.commit(); print(c.total_changes)",
+                    env.dir.path().join("blobs/small.sqlite3").to_str().unwrap()
+                ))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+        }
+        env.fails(1, &["artifacts", "verify"]);
+        let second = add(&format!("second-{i}.bin"));
+        assert_eq!(second["file_hash"], hash.as_str());
+        env.ok(&["artifacts", "verify"]);
+        for a in [&first, &second] {
+            let out = env
+                .command()
+                .args(["artifacts", "get", a["artifact_id"].as_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(out.status.success() && out.stdout == *data, "{out:?}");
+        }
+    }
+}
+
+/// Issue #10, item 8: a directory add skips symbolic links (inside or out of the directory)
+/// and says so on stderr, per link and as a count; the JSON on stdout stays parseable.
+#[test]
+fn a_directory_add_says_which_links_it_skipped() {
+    let env = Env::new();
+    let ids = setup(&env);
+    let dir = env.dir.path().join("results");
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    fs::write(dir.join("a.txt"), b"a").unwrap();
+    std::os::unix::fs::symlink(dir.join("a.txt"), dir.join("inside-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("sub/outside-link")).unwrap();
+    let out = env
+        .command()
+        .args([
+            "-o",
+            "json",
+            "artifacts",
+            "add",
+            &ids.session,
+            &ids.collection,
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let added: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(added.as_array().unwrap().len(), 1, "{added}");
+    assert_eq!(added[0]["name"], "a.txt");
+    for link in ["inside-link", "sub/outside-link"] {
+        assert!(
+            stderr.contains(&format!(
+                "skipped symbolic link {}",
+                dir.join(link).display()
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(stderr.contains("skipped 2 entries"), "{stderr}");
+}
+
+/// Issue #10, item 14: a search cut at its page size says so on stderr (JSON on stdout stays
+/// parseable) with the cursor of the next page; `--all` streams every page; a limit above the
+/// maximum is refused naming it.
+#[test]
+fn a_search_cut_at_the_page_size_says_how_to_get_the_rest() {
+    let env = Env::new();
+    let ids = setup(&env);
+    let dir = env.dir.path().join("many");
+    fs::create_dir_all(&dir).unwrap();
+    for i in 0..130 {
+        fs::write(dir.join(format!("f{i:03}.log")), format!("file {i}")).unwrap();
+    }
+    env.ok(&[
+        "artifacts",
+        "add",
+        &ids.session,
+        &ids.collection,
+        dir.to_str().unwrap(),
+    ]);
+    let search = |args: &[&str]| {
+        let out = env
+            .command()
+            .args([
+                "-o",
+                "json",
+                "artifacts",
+                "search",
+                "--session",
+                &ids.session,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let names: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_owned())
+            .collect();
+        (names, String::from_utf8(out.stderr).unwrap())
+    };
+    let (first, note) = search(&[]);
+    assert_eq!(first.len(), 100);
+    assert_eq!(first[0], "f129.log", "newest first");
+    assert!(note.contains("showing 100 results; more match"), "{note}");
+    let cursor = note
+        .split("--cursor ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no cursor in {note:?}"))
+        .to_owned();
+    let (rest, note) = search(&["--cursor", &cursor]);
+    assert_eq!(rest.len(), 30);
+    assert_eq!(rest[0], "f029.log");
+    assert!(note.is_empty(), "the last page says nothing: {note}");
+    let (all, note) = search(&["--all", "--limit", "7"]);
+    assert_eq!(all.len(), 130);
+    assert!(note.is_empty(), "{note}");
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 130);
+    // Table output says it too.
+    let out = env
+        .command()
+        .args([
+            "artifacts",
+            "search",
+            "--session",
+            &ids.session,
+            "--limit",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("showing 5 results; more match"));
+    let err = env.fails(1, &["artifacts", "search", "--limit", "10001"]);
+    assert!(err.contains("above the maximum of 10000"), "{err}");
+    let err = env.fails(1, &["artifacts", "search", "--cursor", "nonsense"]);
+    assert!(err.contains("invalid cursor"), "{err}");
+
+    // Through a server (--server): the same pages, the same note.
+    let served = crate::util::serve(&env, &[]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let remote = |args: &[&str]| {
+        let out = client
+            .command()
+            .args([
+                "--server",
+                &url,
+                "-o",
+                "json",
+                "artifacts",
+                "search",
+                "--session",
+                &ids.session,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v.as_array().unwrap().len(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (n, note) = remote(&[]);
+    assert_eq!(n, 100);
+    assert!(
+        note.contains("showing 100 results; more match: add --cursor"),
+        "{note}"
+    );
+    assert_eq!(remote(&["--all", "--limit", "40"]).0, 130);
+    assert_eq!(remote(&["--cursor", &cursor]).0, 30);
+}

@@ -277,3 +277,39 @@ fn an_upgrade_reaches_eventbridge_and_an_outage_loses_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no notification sink is configured"));
 }
+
+/// `AWS_ENDPOINT_URL` with plain http is allowed only towards this machine, judged on the
+/// parsed host: names that merely start with `127.` or `localhost` are refused (the progress
+/// call itself still succeeds: notifications stay in the outbox, with a warning).
+#[test]
+fn plain_http_to_a_host_that_only_looks_local_is_refused() {
+    for hostile in [
+        "http://127.evil.example:9",
+        "http://127.0.0.1.evil.example",
+        "http://localhost.evil:9",
+        "http://127.0.0.1@evil.example",
+    ] {
+        let env = Env::new();
+        let out = run(
+            &env,
+            hostile,
+            &[
+                "progress",
+                "upgrade",
+                "create",
+                "u1",
+                "--plan",
+                "p1",
+                "--cluster",
+                "c",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("notifications are kept in the outbox but not sent")
+                && stderr.contains("refusing plain http")
+                && stderr.contains("only loopback endpoints"),
+            "{hostile}: {stderr}"
+        );
+    }
+}

@@ -385,3 +385,349 @@ fn serve_uploads_what_the_api_receives() {
     let got = env.ok(&["--server", &url2, "artifacts", "get", id]);
     assert_eq!(got, "kubelet ok\n");
 }
+
+/// Runs the CLI with S3 settings and `-o json`; returns the output, success or not.
+fn run_s3(env: &Env, endpoint: &str, args: &[&str]) -> std::process::Output {
+    let mut c = env.command();
+    with_s3(&mut c, endpoint);
+    c.arg("-o").arg("json").args(args).output().unwrap()
+}
+
+/// Puts `body` at `bucket`/`key` with boto3.
+fn put_object(moto: &Moto, bucket: &str, key: &str, body: &str) {
+    let body = serde_json::to_string(body).unwrap();
+    moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\n\
+         s3.put_object(Bucket={bucket:?}, Key={key:?}, Body=json.loads({body:?}).encode())\n\
+         print('null')"
+    ));
+}
+
+/// Whether `bucket`/`key` exists.
+fn object_exists(moto: &Moto, bucket: &str, key: &str) -> bool {
+    moto.python(&format!(
+        "s3 = boto3.client('s3', **kw)\n\
+         print(json.dumps(s3.list_objects_v2(Bucket={bucket:?}, Prefix={key:?}).get('KeyCount', 0) > 0))"
+    ))
+    .as_bool()
+    .unwrap()
+}
+
+/// A manifest of session `sid` (completed in 2000, so any cleanup removes it) whose artifacts
+/// claim `keys` (key, bucket).
+fn forged_manifest(sid: &str, keys: &[(String, &str)]) -> String {
+    let artifacts: Vec<Value> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (key, bucket))| {
+            serde_json::json!({
+                "artifact_id": format!("a{i}"),
+                "session_id": sid,
+                "collection_id": "col1",
+                "name": format!("results-{i}.xml"),
+                "export_name": format!("results-{i}.xml"),
+                "description": null,
+                "artifact_type": "test_result",
+                "file_size": 3,
+                "file_hash": "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD",
+                "status": "uploaded",
+                "s3_bucket": bucket,
+                "s3_key": key,
+                "s3_url": format!("s3://{bucket}/{key}"),
+                "created_at": "2000-01-01T00:00:00Z",
+                "uploaded_at": "2000-01-01T00:00:00Z",
+                "task_id": null,
+                "step_id": null,
+                "upgrade_id": "u-evil",
+                "tags": [],
+                "metadata": {}
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "format": 1,
+        "session": {
+            "session_id": sid,
+            "upgrade_id": "u-evil",
+            "cluster_name": "c",
+            "name": "evil",
+            "description": null,
+            "started_at": "2000-01-01T00:00:00Z",
+            "completed_at": "2000-01-01T00:00:00Z",
+            "retention_days": 1
+        },
+        "collections": [{
+            "collection_id": "col1",
+            "session_id": sid,
+            "name": "logs",
+            "description": null,
+            "task_id": null,
+            "created_at": "2000-01-01T00:00:00Z"
+        }],
+        "artifacts": artifacts
+    })
+    .to_string()
+}
+
+/// Issue #10, item 1: a forged manifest names other people's objects (another session's, an
+/// object outside the layout, an object in another bucket) and a completion in 2000. `pull`
+/// refuses it and stores nothing; a manifest whose keys are right but which names another
+/// bucket is stored with the bucket pulled from; after `cleanup` every victim still exists.
+#[test]
+fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
+    let moto = Moto::start();
+    moto.python(
+        "s3 = boto3.client('s3', **kw)\n\
+         s3.create_bucket(Bucket='team')\n\
+         s3.create_bucket(Bucket='other')\n\
+         print('null')",
+    );
+    let prefix = "eks-upgrade-agent/artifacts";
+    let victims = [
+        (format!("{prefix}/VICTIM/col1/results.xml"), "team"),
+        ("other-team/secret-backup.tar".to_owned(), "team"),
+        ("secret-backup.tar".to_owned(), "other"),
+    ];
+    for (key, bucket) in &victims {
+        put_object(&moto, bucket, key, "precious");
+    }
+    put_object(
+        &moto,
+        "team",
+        &format!("{prefix}/EVIL/manifest.json"),
+        &forged_manifest("EVIL", &victims),
+    );
+    let env = Env::new();
+    let out = run_s3(
+        &env,
+        &moto.url,
+        &["artifacts", "pull", "EVIL", "--bucket", "team"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("refusing manifest s3://team/eks-upgrade-agent/artifacts/EVIL/manifest.json")
+            && stderr.contains("claims S3 key"),
+        "{stderr}"
+    );
+    let sessions = json_s3(&env, &moto.url, &["artifacts", "session", "list"]);
+    assert_eq!(sessions, serde_json::json!([]), "nothing stored");
+
+    // Each bad key alone is refused too.
+    for victim in &victims {
+        put_object(
+            &moto,
+            "team",
+            &format!("{prefix}/EVIL/manifest.json"),
+            &forged_manifest("EVIL", std::slice::from_ref(victim)),
+        );
+        let out = run_s3(
+            &env,
+            &moto.url,
+            &["artifacts", "pull", "EVIL", "--bucket", "team"],
+        );
+        assert_eq!(out.status.code(), Some(1), "{victim:?}");
+    }
+
+    // The layout key, but the manifest names the other bucket: stored with this bucket.
+    let own = format!("{prefix}/EVIL/col1/results-0.xml");
+    put_object(&moto, "other", &own, "precious");
+    put_object(&moto, "team", &own, "abc");
+    put_object(
+        &moto,
+        "team",
+        &format!("{prefix}/EVIL/manifest.json"),
+        &forged_manifest("EVIL", &[(own.clone(), "other")]),
+    );
+    let pulled = json_s3(
+        &env,
+        &moto.url,
+        &["artifacts", "pull", "EVIL", "--bucket", "team"],
+    );
+    assert_eq!(pulled["artifacts"], 1, "{pulled}");
+    let a = json_s3(&env, &moto.url, &["artifacts", "show", "a0"]);
+    assert_eq!(a["s3_bucket"], "team", "{a}");
+    assert_eq!(a["s3_url"], format!("s3://team/{own}"), "{a}");
+    assert_eq!(
+        a["file_hash"], "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        "normalised"
+    );
+    let report = json_s3(&env, &moto.url, &["artifacts", "cleanup"]);
+    assert_eq!(report["sessions"].as_array().unwrap().len(), 1, "{report}");
+    for (key, bucket) in &victims {
+        assert!(
+            object_exists(&moto, bucket, key),
+            "{bucket}/{key} was deleted"
+        );
+    }
+    assert!(
+        object_exists(&moto, "other", &own),
+        "the other bucket was touched"
+    );
+    assert!(!object_exists(&moto, "team", &own), "its own object goes");
+}
+
+/// A TCP proxy in front of `upstream` that keeps every request byte its clients send, to
+/// count the requests that really reached S3 (moto keeps no request log).
+struct RecordingProxy {
+    url: String,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RecordingProxy {
+    fn start(upstream: &str) -> RecordingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, o) = (sent.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let mut server = std::net::TcpStream::connect(&upstream).unwrap();
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Both);
+                });
+                let (s, o) = (s.clone(), o.clone());
+                o.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    let mut buf = [0u8; 64 * 1024];
+                    loop {
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                all.extend_from_slice(&buf[..n]);
+                                if server.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                    s.lock().unwrap().push(all);
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        RecordingProxy { url, sent, open }
+    }
+
+    /// The request lines (`PUT /bucket/key`) of every finished connection.
+    fn request_lines(&self) -> Vec<String> {
+        let start = std::time::Instant::now();
+        while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "connections stay open"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut lines = Vec::new();
+        for conn in self.sent.lock().unwrap().iter() {
+            let text = String::from_utf8_lossy(conn);
+            for line in text.split("\r\n") {
+                for method in ["PUT ", "POST ", "GET ", "HEAD ", "DELETE "] {
+                    if let Some(i) = line.find(method)
+                        && line.ends_with(" HTTP/1.1")
+                    {
+                        lines.push(line[i..line.len() - 9].to_owned());
+                    }
+                }
+            }
+        }
+        lines
+    }
+}
+
+/// Issue #10, item 16: two `artifacts upload` runs at once send each object exactly once
+/// (queue entries are claimed with a lease), counted by a proxy in front of moto.
+#[test]
+fn two_concurrent_uploads_send_each_object_once() {
+    let moto = Moto::start();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let proxy = RecordingProxy::start(&moto.url);
+    let env = Env::new();
+    let run = |args: &[&str]| json_s3(&env, &moto.url, args);
+    let s = run(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u1",
+        "--cluster",
+        "prod",
+    ]);
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let c = run(&["artifacts", "collection", "create", &sid, "--name", "logs"]);
+    let cid = c["collection_id"].as_str().unwrap().to_owned();
+    let dir = env.dir.path().join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..60 {
+        std::fs::write(
+            dir.join(format!("f{i:02}.log")),
+            format!("object number {i}\n"),
+        )
+        .unwrap();
+    }
+    run(&[
+        "--auto-upload",
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        dir.to_str().unwrap(),
+    ]);
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = env.command();
+            with_s3(&mut c, &proxy.url);
+            c.args(["-o", "json", "artifacts", "upload"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut uploaded = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        uploaded += r["uploaded"].as_u64().unwrap();
+    }
+    let object_prefix = format!("PUT /team/eks-upgrade-agent/artifacts/{sid}/{cid}/");
+    let puts: Vec<String> = proxy
+        .request_lines()
+        .into_iter()
+        .filter(|l| l.starts_with(&object_prefix))
+        .collect();
+    let mut unique = puts.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 60, "{unique:?}");
+    assert_eq!(puts.len(), 60, "each object sent once: {} PUTs", puts.len());
+    assert_eq!(uploaded, 60);
+    let found = run(&[
+        "artifacts",
+        "search",
+        "--session",
+        &sid,
+        "--status",
+        "uploaded",
+        "--limit",
+        "1000",
+    ]);
+    assert_eq!(found.as_array().unwrap().len(), 60);
+}

@@ -414,8 +414,15 @@ async fn an_upload_cut_short_stores_nothing() {
         Body::from_stream(futures_util::stream::iter(chunks)),
     )
     .await;
-    assert!(!r.status.is_success(), "{}: {}", r.status, r.json());
-    assert!(r.json()["error"]["message"].is_string(), "{}", r.json());
+    // The client's fault: a 400 in the JSON error shape (issue #10, item 8), not a 500.
+    assert_eq!(r.status, 400, "{}", r.json());
+    assert_eq!(r.json()["error"]["code"], "incomplete_body", "{}", r.json());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("ended early after 2097152 bytes")
+            && message.contains("nothing was stored"),
+        "{message}"
+    );
     assert_eq!(
         get(&s, "/api/v1/artifacts").await.json(),
         serde_json::json!([])
@@ -485,4 +492,72 @@ async fn metrics_labels_are_bounded_and_hold_no_secrets() {
     for secret in ["T0ps3cr3t", "hooks", "user", "pw@"] {
         assert!(!text.contains(secret), "{secret} in {text}");
     }
+}
+
+/// Issue #10, items 3 and 14: a search page holds at most 10,000 (a larger `limit` is a 400
+/// naming the maximum); `X-Next-Cursor` leads to the next page until the last, which has none.
+#[tokio::test]
+async fn search_pages_are_capped_and_linked_by_a_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let (sid, cid) = session(&s).await;
+    for i in 0..5 {
+        let r = req(
+            &s,
+            "POST",
+            &format!("/api/v1/sessions/{sid}/collections/{cid}/artifacts?name=f{i}.log"),
+            &[],
+            Body::from(format!("content {i}")),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+    }
+    for bad in ["10001", "1000000", "99999999999999999999"] {
+        let r = get(&s, &format!("/api/v1/artifacts?limit={bad}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.json());
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("maximum of 10000"), "{message}");
+    }
+    let mut names = Vec::new();
+    let mut uri = "/api/v1/artifacts?limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let r = get(&s, &uri).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+        pages += 1;
+        for a in r.json().as_array().unwrap() {
+            names.push(a["name"].as_str().unwrap().to_owned());
+        }
+        match r.headers.get("x-next-cursor") {
+            Some(c) => uri = format!("/api/v1/artifacts?limit=2&cursor={}", c.to_str().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names, ["f4.log", "f3.log", "f2.log", "f1.log", "f0.log"]);
+    let r = get(&s, "/api/v1/artifacts?cursor=x").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json());
+}
+
+/// Issue #10, item 9: retention_days outside 1..=36500 is refused at the HTTP way in too.
+#[tokio::test]
+async fn sessions_with_a_retention_outside_the_bounds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    for days in ["0", "36501", "4294967295", "4294967296", "-1"] {
+        let r = post_json(
+            &s,
+            "/api/v1/sessions",
+            &format!(r#"{{"upgrade_id":"u1","cluster_name":"prod","retention_days":{days}}}"#),
+        )
+        .await;
+        assert!(r.status.is_client_error(), "{days}: {}", r.json());
+        assert!(
+            r.json()["error"]["message"].is_string(),
+            "{days}: {}",
+            r.json()
+        );
+    }
+    let r = get(&s, "/api/v1/sessions").await;
+    assert_eq!(r.json(), serde_json::json!([]), "nothing stored");
 }

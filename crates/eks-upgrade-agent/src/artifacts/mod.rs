@@ -223,6 +223,19 @@ impl fmt::Debug for TestArtifactsManager {
     }
 }
 
+/// Longest retention, in days (100 years).
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
+
+/// Checks a retention: 1..=[`MAX_RETENTION_DAYS`] days.
+pub fn check_retention_days(days: u32) -> Result<()> {
+    if days == 0 || days > MAX_RETENTION_DAYS {
+        return Err(Error::invalid(format!(
+            "retention_days must be in 1..={MAX_RETENTION_DAYS}, got {days}"
+        )));
+    }
+    Ok(())
+}
+
 fn check_tags(tags: &[String]) -> Result<()> {
     if tags.len() > MAX_TAGS {
         return Err(Error::invalid(format!(
@@ -322,11 +335,7 @@ impl TestArtifactsManager {
         let retention_days = new
             .retention_days
             .unwrap_or(self.options.default_retention_days);
-        if retention_days == 0 || retention_days > 36_500 {
-            return Err(Error::invalid(format!(
-                "retention_days must be in 1..=36500, got {retention_days}"
-            )));
-        }
+        check_retention_days(retention_days)?;
         let session = TestSession {
             session_id: Uuid::now_v7().to_string(),
             upgrade_id: new.upgrade_id,
@@ -367,6 +376,7 @@ impl TestArtifactsManager {
                     limit: 1,
                     ..ArtifactQuery::default()
                 })?
+                .artifacts
                 .is_empty()
             && let Err(e) = self.write_manifest(s3, session_id)
         {
@@ -655,8 +665,24 @@ impl TestArtifactsManager {
         write_atomically(path, &mut r)
     }
 
-    /// Artifacts matching `query`, newest first.
+    /// The first page of the artifacts matching `query` (`query.limit`, 100 by default),
+    /// newest first; see [`search_page`](Self::search_page) for the rest.
     pub fn search(&self, query: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+        Ok(self.search_page(query)?.artifacts)
+    }
+
+    /// One page of the artifacts matching `query`, newest first, from `query.cursor` on, and
+    /// the cursor of the next page when more match. A page holds at most
+    /// [`MAX_SEARCH_LIMIT`](crate::model::MAX_SEARCH_LIMIT) results; a larger limit is refused.
+    /// Index-backed: a page costs its own rows, whatever page it is.
+    pub fn search_page(&self, query: &ArtifactQuery) -> Result<crate::model::ArtifactPage> {
+        if query.limit > crate::model::MAX_SEARCH_LIMIT {
+            return Err(Error::invalid(format!(
+                "limit {} is above the maximum of {} per page; use the cursor for more",
+                query.limit,
+                crate::model::MAX_SEARCH_LIMIT
+            )));
+        }
         if let Some(n) = &query.name
             && n.len() > names::MAX_NAME_BYTES
         {
@@ -768,10 +794,19 @@ impl TestArtifactsManager {
     fn delete_uploaded_objects(&self, session_id: &str) -> Result<u64> {
         #[cfg(feature = "aws")]
         if let Some(s3) = &self.s3 {
+            // Only keys derived from the layout, in the configured bucket: a recorded key that
+            // is anything else is left alone (it may be somebody else's object).
             let mut keys = Vec::new();
             self.index.for_each_artifact(Some(session_id), &mut |a| {
-                if let Some(k) = a.s3_key {
-                    keys.push(k);
+                match upload::owned_key(s3, &a) {
+                    Some(k) => keys.push(k),
+                    None if a.s3_key.is_some() => tracing::warn!(
+                        artifact = %a.artifact_id,
+                        bucket = a.s3_bucket.as_deref().unwrap_or("?"),
+                        key = a.s3_key.as_deref().unwrap_or("?"),
+                        "not deleting an S3 object outside this store's bucket and layout"
+                    ),
+                    None => {}
                 }
                 Ok(())
             })?;
@@ -794,11 +829,17 @@ impl TestArtifactsManager {
         }
         #[cfg(feature = "aws")]
         if let Some(key) = &a.s3_key {
-            match &self.s3 {
-                Some(s3) => s3.delete_object(key)?,
+            // The key deleted is derived from the layout, never taken from the row as is.
+            match self
+                .s3
+                .as_ref()
+                .and_then(|s3| Some((s3, upload::owned_key(s3, &a)?)))
+            {
+                Some((s3, owned)) => s3.delete_object(&owned)?,
                 None => {
                     return Err(Error::invalid(format!(
-                        "artifact {artifact_id:?} is in s3://{}/{key}; configure that bucket to delete it",
+                        "artifact {artifact_id:?} is in s3://{}/{key}; configure that bucket \
+                         (and key prefix) to delete it",
                         a.s3_bucket.as_deref().unwrap_or("?")
                     )));
                 }
@@ -830,6 +871,17 @@ impl TestArtifactsManager {
     }
 
     fn delete_blobs(&self, digests: &[Digest]) -> Result<(u64, u64)> {
+        self.delete_blobs_older(digests, None)
+    }
+
+    /// Deletes the unreferenced blobs of `digests`, inside an index write transaction; with a
+    /// `cutoff`, only those last put before it (checked at deletion, atomically with respect to
+    /// puts: a re-add of the same bytes refreshes the blob before it is indexed, so it is kept).
+    fn delete_blobs_older(
+        &self,
+        digests: &[Digest],
+        cutoff: Option<SystemTime>,
+    ) -> Result<(u64, u64)> {
         let (mut n, mut bytes) = (0, 0);
         for chunk in digests.chunks(1000) {
             let sizes: HashMap<Digest, u64> = chunk
@@ -837,9 +889,12 @@ impl TestArtifactsManager {
                 .filter_map(|d| self.blobs.size(d).ok().map(|s| (*d, s)))
                 .collect();
             let blobs = Arc::clone(&self.blobs);
-            let deleted = self
-                .index
-                .delete_unreferenced(chunk, &move |d: &Digest| blobs.delete(d))?;
+            let deleted =
+                self.index
+                    .delete_unreferenced(chunk, &move |d: &Digest| match cutoff {
+                        Some(c) => blobs.delete_if_older(d, c),
+                        None => blobs.delete(d),
+                    })?;
             n += deleted.len() as u64;
             bytes += deleted.iter().filter_map(|d| sizes.get(d)).sum::<u64>();
         }
@@ -865,14 +920,14 @@ impl TestArtifactsManager {
                 candidates.push(m.digest);
             }
             if candidates.len() >= 1000 {
-                let (n, b) = self.delete_blobs(&candidates)?;
+                let (n, b) = self.delete_blobs_older(&candidates, Some(cutoff))?;
                 report.blobs_removed += n;
                 report.bytes_freed += b;
                 candidates.clear();
             }
             Ok(())
         })?;
-        let (n, b) = self.delete_blobs(&candidates)?;
+        let (n, b) = self.delete_blobs_older(&candidates, Some(cutoff))?;
         report.blobs_removed += n;
         report.bytes_freed += b;
         // Count the young ones that are unreferenced, without deleting them.
@@ -1020,8 +1075,31 @@ pub struct PlannedFile {
     pub size: u64,
 }
 
-/// The files `add_paths` would store for `paths` (directories walked in name order) and their
-/// names, all checked; nothing is read or stored. Remote clients use it to add the same way.
+/// What an add of `paths` skips: the symbolic links (never followed, whether they point
+/// inside the directory or out of it) and special files (sockets, FIFOs, devices) found
+/// below the directories among `paths`. Callers tell the user about them.
+pub fn skipped_entries(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        for e in walkdir::WalkDir::new(path).sort_by_file_name() {
+            let e = e.map_err(|e| {
+                Error::invalid(format!("cannot read directory {}: {e}", path.display()))
+            })?;
+            let t = e.file_type();
+            if e.depth() > 0 && !t.is_file() && !t.is_dir() {
+                out.push(e.into_path());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The files `add_paths` would store for `paths` (directories walked in name order, symbolic
+/// links and special files below them skipped: see [`skipped_entries`]) and their names, all
+/// checked; nothing is read or stored. Remote clients use it to add the same way.
 pub fn plan_paths(paths: &[PathBuf], opts: &AddOptions) -> Result<Vec<PlannedFile>> {
     let mut plan: Vec<PlannedFile> = Vec::new();
     for path in paths {

@@ -793,3 +793,221 @@ fn gc_removes_orphans_but_not_referenced_or_young_blobs() {
     let report = g.m.gc().unwrap();
     assert_eq!((report.blobs_removed, report.blobs_in_grace), (0, 1));
 }
+
+/// Issue #10, item 9: a session with a retention beyond the calendar (an old store, a hand
+/// edit) never panics `cleanup`; it simply never expires. Every way in refuses such values.
+#[test]
+fn cleanup_saturates_huge_retentions_and_every_way_in_bounds_them() {
+    let f = fixture_with(ArtifactsOptions {
+        failed_retention_factor: u32::MAX,
+        ..ArtifactsOptions::default()
+    });
+    let (s, _) = session(&f, "u1");
+    f.m.complete_session(&s.session_id).unwrap();
+    f.store
+        .write(|tx| {
+            tx.execute("UPDATE sessions SET retention_days = 4294967295", [])?;
+            Ok(())
+        })
+        .unwrap();
+    for as_of in [Utc::now(), chrono::DateTime::<Utc>::MAX_UTC] {
+        let r = f.m.cleanup(true, Some(as_of)).unwrap();
+        assert!(
+            r.sessions
+                .iter()
+                .all(|e| e.expired_at == chrono::DateTime::<Utc>::MAX_UTC),
+            "{r:?}"
+        );
+    }
+    assert!(f.m.cleanup(false, None).unwrap().sessions.is_empty());
+    // The library, and the index below it, refuse retentions outside 1..=36500.
+    for days in [0, 36_501, u32::MAX] {
+        let err =
+            f.m.create_session(NewSession {
+                upgrade_id: "u2".into(),
+                cluster_name: "c".into(),
+                retention_days: Some(days),
+                ..NewSession::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("1..=36500"), "{err}");
+        let mut bad = s.clone();
+        bad.session_id = format!("direct-{days}");
+        bad.retention_days = days;
+        let err = f.m.index().create_session(&bad).unwrap_err();
+        assert!(err.to_string().contains("1..=36500"), "{err}");
+    }
+}
+
+/// Issue #10, item 15: corrupt a blob on disk, add the same bytes again: the add repairs the
+/// blob instead of pointing a new artifact at the corrupt copy (small inline and file blobs).
+#[test]
+fn re_adding_good_bytes_repairs_a_corrupt_blob() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let blobs =
+        LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
+    for (i, data) in [vec![5u8; 100], vec![6u8; 100_000]].into_iter().enumerate() {
+        let first =
+            f.m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &data,
+                &format!("f{i}.log"),
+                &AddOptions::default(),
+            )
+            .unwrap();
+        blobs.corrupt_for_tests(&first.file_hash.parse().unwrap());
+        assert!(!f.m.verify(&mut |_| {}).unwrap().ok());
+        let second =
+            f.m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &data,
+                &format!("g{i}.log"),
+                &AddOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(second.file_hash, first.file_hash);
+        assert!(f.m.verify(&mut |_| {}).unwrap().ok(), "repaired");
+        assert!(f.m.read(&first.artifact_id).unwrap() == data);
+        assert!(f.m.read(&second.artifact_id).unwrap() == data);
+    }
+}
+
+/// Issue #10, item 17: gc racing a re-add of an old orphan blob. The add's put refreshes the
+/// blob before the index transaction, and gc re-checks the age at deletion under the same
+/// lock, so the add never finds its blob gone. Many rounds, both sides released by a barrier.
+#[test]
+fn gc_never_deletes_a_blob_a_concurrent_add_is_about_to_index() {
+    let f = fixture_with(ArtifactsOptions {
+        gc_grace: Duration::from_secs(60),
+        ..ArtifactsOptions::default()
+    });
+    let (s, c) = session(&f, "u1");
+    let blobs =
+        LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
+    let small_db = f.dir.path().join("data/blobs/small.sqlite3");
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for round in 0..60u32 {
+        // An orphan, aged past the grace period (alternately inline and a file).
+        let size = if round % 2 == 0 { 1000 } else { 40_000 };
+        let data: Vec<u8> = (0..size).map(|i| (i as u32 ^ round) as u8).collect();
+        let info = f.m.blobs().put(&mut data.as_slice(), &mut |_| {}).unwrap();
+        if size > crate::blob::local::INLINE_MAX {
+            fs::File::open(blobs.path_of(&info.digest))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        } else {
+            rusqlite::Connection::open(&small_db)
+                .unwrap()
+                .execute("UPDATE blobs SET created_at = 0", [])
+                .unwrap();
+        }
+        let barrier = std::sync::Barrier::new(2);
+        let (added, gc) = std::thread::scope(|scope| {
+            let gc = scope.spawn(|| {
+                barrier.wait();
+                f.m.gc()
+            });
+            barrier.wait();
+            let added = f.m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &data,
+                &format!("r{round}.bin"),
+                &AddOptions::default(),
+            );
+            (added, gc.join().unwrap())
+        });
+        let added = added.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        gc.unwrap();
+        assert!(
+            f.m.read(&added.artifact_id).unwrap() == data,
+            "round {round}"
+        );
+    }
+    assert!(f.m.verify(&mut |_| {}).unwrap().ok());
+}
+
+/// Issue #10, item 16: uploaders claim queue entries with a lease; a live lease keeps others
+/// off, an expired one (a crashed uploader) is taken over, and recording releases the claim.
+#[test]
+fn upload_claims_exclude_others_until_the_lease_expires() {
+    use crate::store::{UploadOutcome, UploadQueue};
+    let f = fixture_with(ArtifactsOptions {
+        auto_upload: true,
+        ..ArtifactsOptions::default()
+    });
+    let (s, c) = session(&f, "u1");
+    for i in 0..5 {
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            format!("content {i}").as_bytes(),
+            &format!("f{i}.log"),
+            &AddOptions::default(),
+        )
+        .unwrap();
+    }
+    let q: &dyn UploadQueue = f.store.as_ref();
+    let now = Utc::now();
+    let lease = now + chrono::Duration::minutes(30);
+    let ids = |v: Vec<(TestArtifact, u32)>| -> Vec<String> {
+        v.into_iter().map(|(a, _)| a.artifact_id).collect()
+    };
+    let a = ids(q.claim_uploads("A", now, lease, 3).unwrap());
+    let b = ids(q.claim_uploads("B", now, lease, 10).unwrap());
+    assert_eq!((a.len(), b.len()), (3, 2));
+    assert!(a.iter().all(|x| !b.contains(x)), "disjoint claims");
+    assert!(q.claim_uploads("C", now, lease, 10).unwrap().is_empty());
+    assert_eq!(q.claimed_by_others("C", now).unwrap(), 5);
+    assert_eq!(q.claimed_by_others("A", now).unwrap(), 2);
+    // A live uploader's heartbeat keeps its claims past the first lease; B's lapse.
+    let renewed = lease + chrono::Duration::minutes(30);
+    q.renew_upload_claims("A", renewed).unwrap();
+    let between = lease + chrono::Duration::seconds(1);
+    let taken = ids(q.claim_uploads("C", between, renewed, 10).unwrap());
+    assert_eq!(taken.len(), 2, "only B's lapsed claims");
+    assert!(taken.iter().all(|x| b.contains(x)));
+    for id in &taken {
+        q.record_upload(
+            id,
+            &UploadOutcome::Uploaded {
+                bucket: "b".into(),
+                key: "k".into(),
+                at: now,
+            },
+        )
+        .unwrap();
+    }
+    // A records one and crashes; after its (renewed) lease the other two are C's.
+    q.record_upload(
+        &a[0],
+        &UploadOutcome::Uploaded {
+            bucket: "b".into(),
+            key: "k".into(),
+            at: now,
+        },
+    )
+    .unwrap();
+    let before_expiry = renewed - chrono::Duration::seconds(1);
+    assert!(
+        q.claim_uploads("C", before_expiry, renewed, 10)
+            .unwrap()
+            .is_empty()
+    );
+    let after = renewed + chrono::Duration::seconds(1);
+    let mut c_ids = ids(q
+        .claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
+        .unwrap());
+    c_ids.sort();
+    let mut expected = [a[1].clone(), a[2].clone()];
+    expected.sort();
+    assert_eq!(
+        c_ids, expected,
+        "an expired lease (a crashed uploader) is taken over"
+    );
+    assert_eq!(q.claimed_by_others("A", after).unwrap(), 2);
+}

@@ -82,6 +82,48 @@ pub(crate) fn run(factory: Factory<'_>) {
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains(&info.digest.to_hex()), "{err}");
 
+    // A put of bytes whose blob is corrupt repairs it (small and large content): the stored
+    // copy is never trusted (issue #10, item 15).
+    let (store, corrupt) = factory();
+    for (n, seed) in [(100usize, 11u64), (100_000, 12)] {
+        let data = bytes(n, seed);
+        let info = store.put(&mut data.as_slice(), &mut |_| {}).unwrap();
+        corrupt(&info.digest);
+        assert!(read_all(store.as_ref(), &info.digest).is_err(), "size {n}");
+        let again = store.put(&mut data.as_slice(), &mut |_| {}).unwrap();
+        assert_eq!(again.digest, info.digest);
+        assert!(!again.created, "size {n}");
+        assert_eq!(
+            read_all(store.as_ref(), &info.digest).unwrap(),
+            data,
+            "size {n}: re-adding good bytes repairs the blob"
+        );
+    }
+
+    // delete_if_older keeps a blob put after the cutoff and removes one put before it.
+    let (store, _) = factory();
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for (n, seed) in [(10usize, 21u64), (100_000, 22)] {
+        let info = store
+            .put(&mut bytes(n, seed).as_slice(), &mut |_| {})
+            .unwrap();
+        assert!(
+            !store.delete_if_older(&info.digest, before).unwrap(),
+            "size {n}"
+        );
+        assert!(store.exists(&info.digest).unwrap(), "size {n}");
+        let after = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        assert!(
+            store.delete_if_older(&info.digest, after).unwrap(),
+            "size {n}"
+        );
+        assert!(!store.exists(&info.digest).unwrap(), "size {n}");
+        assert!(
+            !store.delete_if_older(&info.digest, after).unwrap(),
+            "size {n}"
+        );
+    }
+
     // A failing reader stores nothing.
     struct Failing(usize);
     impl Read for Failing {

@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, mpsc};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -77,18 +77,40 @@ impl LocalBlobStore {
         }))
     }
 
+    /// Stores `data` (which hashes to `digest`) inline. An existing row is never trusted: it
+    /// gets these bytes (repairing a corrupt copy) and a fresh `created_at` (what gc's grace
+    /// period judges). Returns whether the row is new.
     fn small_put(&self, digest: &Digest, data: &[u8]) -> Result<bool> {
-        let n = self
-            .small()
-            .prepare_cached(
-                "INSERT OR IGNORE INTO blobs (digest, data, created_at) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![
-                digest.0.as_slice(),
-                data,
-                chrono::Utc::now().timestamp_micros()
-            ])?;
-        Ok(n == 1)
+        let conn = self.small();
+        let stored: Option<bool> = conn
+            .prepare_cached("SELECT data = ?2 FROM blobs WHERE digest = ?1")?
+            .query_row(params![digest.0.as_slice(), data], |r| r.get(0))
+            .optional()?;
+        if stored == Some(false) {
+            tracing::warn!(digest = %digest, "replacing a corrupt inline blob with good bytes");
+        }
+        conn.prepare_cached(
+            "INSERT INTO blobs (digest, data, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (digest) DO UPDATE SET data = excluded.data, created_at = excluded.created_at",
+        )?
+        .execute(params![
+            digest.0.as_slice(),
+            data,
+            chrono::Utc::now().timestamp_micros()
+        ])?;
+        Ok(stored.is_none())
+    }
+
+    /// The lock that orders the final rename of a put (shared) against a gc deletion
+    /// (exclusive), across processes.
+    fn gc_lock(&self) -> Result<File> {
+        let path = self.root.join("gc.lock");
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::backend(format!("cannot open {}", path.display()), e))
     }
 
     fn file_exists(&self, digest: &Digest) -> Result<bool> {
@@ -248,6 +270,18 @@ pub(super) fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+fn remove_blob_file(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)
+}
+
+/// Microseconds since the epoch (saturating), as `small.sqlite3` keeps `created_at`.
+fn micros_of(t: SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -260,7 +294,17 @@ impl BlobStore for LocalBlobStore {
             head.truncate(n);
             let digest = Digest::of(&head);
             progress(n as u64);
-            let created = !self.file_exists(&digest)? && self.small_put(&digest, &head)?;
+            let created = self.small_put(&digest, &head)?;
+            // A file copy of small content (older layouts) is superseded by the inline one,
+            // which open() reads first.
+            let created = if self.file_exists(&digest)? {
+                let lock = self.gc_lock()?;
+                lock.lock()?;
+                let _ = remove_blob_file(&self.path_of(&digest));
+                false
+            } else {
+                created
+            };
             return Ok(BlobInfo {
                 digest,
                 size: n as u64,
@@ -296,15 +340,12 @@ impl BlobStore for LocalBlobStore {
             }
         };
         let path = self.path_of(&digest);
-        if path.exists() {
-            drop(file);
-            let _ = fs::remove_file(&tmp);
-            return Ok(BlobInfo {
-                digest,
-                size,
-                created: false,
-            });
-        }
+        // The stored copy, if any, is not trusted: the new file, which hashes to the digest,
+        // replaces it atomically (repairing a corrupt copy, refreshing the modification time gc
+        // judges). The shared lock keeps a gc deletion from landing between the two.
+        let lock = self.gc_lock()?;
+        lock.lock_shared()?;
+        let existed = path.exists();
         let dir = path.parent().expect("blob paths have a parent");
         let finish = || -> io::Result<()> {
             fs::create_dir_all(dir)?;
@@ -325,10 +366,11 @@ impl BlobStore for LocalBlobStore {
                 e,
             ));
         }
+        drop(lock);
         Ok(BlobInfo {
             digest,
             size,
-            created: true,
+            created: !existed,
         })
     }
 
@@ -449,6 +491,30 @@ impl BlobStore for LocalBlobStore {
             }
         }
         Ok(())
+    }
+
+    fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+        let small = self
+            .small()
+            .prepare_cached("DELETE FROM blobs WHERE digest = ?1 AND created_at <= ?2")?
+            .execute(params![digest.0.as_slice(), micros_of(cutoff)])?
+            > 0;
+        let path = self.path_of(digest);
+        let lock = self.gc_lock()?;
+        lock.lock()?;
+        let modified = match fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(small),
+            Err(e) => return Err(e.into()),
+        };
+        if modified > cutoff {
+            return Ok(small);
+        }
+        match remove_blob_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(small),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn sweep_incomplete(&self) -> Result<u64> {

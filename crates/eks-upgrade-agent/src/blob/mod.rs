@@ -97,6 +97,9 @@ pub struct BlobMeta {
 ///   [`Error::Corrupt`] error (as an `io::Error` from `read`). A missing blob is
 ///   [`Error::NotFound`].
 /// - [`delete`](BlobStore::delete) is idempotent.
+/// - A put of bytes whose blob exists never trusts the stored copy: it replaces (or verifies)
+///   it, so re-adding good bytes repairs a corrupt blob, and it refreshes the blob's
+///   modification time, which [`delete_if_older`](BlobStore::delete_if_older) judges.
 pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Stores the bytes of `reader`; `progress` is called with the bytes stored so far.
     fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo>;
@@ -115,6 +118,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
     /// Calls `f` for every blob, without holding the list in memory.
     fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()>;
+
+    /// Removes the blob only if it was last put before `cutoff`, deciding atomically with
+    /// respect to concurrent puts (a put that refreshed the blob keeps it); `Ok(false)` if it
+    /// is younger or absent. What `gc` uses, so it never deletes a blob an add is about to
+    /// index.
+    fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool>;
 
     /// Removes leftovers of interrupted puts (e.g. temp files of killed processes); returns how
     /// many were removed. Never touches a put in progress.
@@ -142,6 +151,9 @@ impl<T: BlobStore + ?Sized> BlobStore for std::sync::Arc<T> {
     }
     fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
         (**self).list(f)
+    }
+    fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+        (**self).delete_if_older(digest, cutoff)
     }
     fn sweep_incomplete(&self) -> Result<u64> {
         (**self).sweep_incomplete()

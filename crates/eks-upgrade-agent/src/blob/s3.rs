@@ -84,11 +84,44 @@ impl std::fmt::Debug for S3BlobStore {
     }
 }
 
-/// Whether `url` points at this machine.
-fn is_loopback(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host = rest.split(['/', ':']).next().unwrap_or("");
-    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+/// Whether `url` points at this machine, decided on the host of the parsed URL (as the HTTP
+/// client will parse it): `localhost`, `127.0.0.0/8` or `::1`. Anything else, including names
+/// that merely start with `127.` or `localhost` and URLs with user info, is not loopback.
+pub(crate) fn is_loopback(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return false;
+    }
+    match parsed.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Whether `url` uses plain http (any case).
+fn is_plain_http(url: &str) -> bool {
+    url.get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+}
+
+/// Checks an AWS endpoint URL: it parses, and uses plain http only towards loopback.
+pub(crate) fn check_endpoint(what: &str, e: &str) -> Result<()> {
+    if url::Url::parse(e).is_err() {
+        return Err(Error::invalid(format!(
+            "invalid {what} endpoint {e:?}: expected a URL such as https://s3.example.com"
+        )));
+    }
+    if is_plain_http(e) && !is_loopback(e) {
+        return Err(Error::invalid(format!(
+            "refusing plain http to {e}: only loopback endpoints (localhost, 127.0.0.0/8, \
+             [::1]) may use http"
+        )));
+    }
+    Ok(())
 }
 
 fn backend(what: String, e: object_store::Error) -> Error {
@@ -146,15 +179,11 @@ impl S3BlobStore {
             b = b.with_access_key_id(key).with_secret_access_key(secret);
         }
         if let Some(e) = &options.endpoint {
-            if e.starts_with("http://") && !is_loopback(e) {
-                return Err(Error::invalid(format!(
-                    "refusing plain http to {e}: only loopback endpoints may use http"
-                )));
-            }
+            check_endpoint("S3", e)?;
             b = b
                 .with_endpoint(e)
                 .with_virtual_hosted_style_request(false)
-                .with_allow_http(e.starts_with("http://"));
+                .with_allow_http(is_plain_http(e));
         }
         let prefix = options.prefix.as_str();
         let store = b
@@ -445,14 +474,9 @@ impl BlobStore for S3BlobStore {
         head.truncate(n);
         if n <= SINGLE_PUT_MAX {
             let digest = Digest::of(&head);
-            if self.head(&digest)?.is_some() {
-                progress(n as u64);
-                return Ok(BlobInfo {
-                    digest,
-                    size: n as u64,
-                    created: false,
-                });
-            }
+            // An object already there is not trusted: these bytes (known to hash to the
+            // digest) replace it, which also refreshes its modification time.
+            let existed = self.head(&digest)?.is_some();
             let key = self.path(&digest);
             self.runtime
                 .block_on(self.store.put(&key, PutPayload::from(head)))
@@ -461,19 +485,17 @@ impl BlobStore for S3BlobStore {
             return Ok(BlobInfo {
                 digest,
                 size: n as u64,
-                created: true,
+                created: !existed,
             });
         }
         let (digest, size, tmp) = self.upload_large(head, reader, progress)?;
-        let created = if self.head(&digest)?.is_some() {
-            false
-        } else {
-            let key = self.path(&digest);
-            self.runtime
-                .block_on(self.store.copy(&tmp, &key))
-                .map_err(|e| backend(format!("cannot store s3://{}/{key}", self.bucket), e))?;
-            true
-        };
+        // As above: the verified upload replaces whatever is under the digest.
+        let existed = self.head(&digest)?.is_some();
+        let key = self.path(&digest);
+        self.runtime
+            .block_on(self.store.copy(&tmp, &key))
+            .map_err(|e| backend(format!("cannot store s3://{}/{key}", self.bucket), e))?;
+        let created = !existed;
         let _ = self.runtime.block_on(self.store.delete(&tmp));
         Ok(BlobInfo {
             digest,
@@ -547,6 +569,26 @@ impl BlobStore for S3BlobStore {
         Ok(())
     }
 
+    fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+        // S3 has no conditional delete on age: check, then delete (a put landing in between
+        // is the one race left; gc's grace period makes it unlikely).
+        let path = self.path(digest);
+        let modified = match self.runtime.block_on(self.store.head(&path)) {
+            Ok(meta) => SystemTime::from(meta.last_modified),
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => {
+                return Err(backend(
+                    format!("cannot read s3://{}/{}", self.bucket, self.key(digest)),
+                    e,
+                ));
+            }
+        };
+        if modified > cutoff {
+            return Ok(false);
+        }
+        self.delete(digest)
+    }
+
     fn sweep_incomplete(&self) -> Result<u64> {
         let cutoff = chrono::Utc::now() - chrono::Duration::from_std(TMP_GRACE).unwrap_or_default();
         let tmp = self.tmp_dir();
@@ -575,20 +617,62 @@ mod tests {
 
     #[test]
     fn loopback_detection() {
-        assert!(is_loopback("http://127.0.0.1:9000"));
-        assert!(is_loopback("http://localhost:9000/x"));
-        assert!(!is_loopback("http://s3.example.com"));
+        for yes in [
+            "http://127.0.0.1:9000",
+            "http://127.1.2.3",
+            "http://localhost:9000/x",
+            "http://LOCALHOST",
+            "http://[::1]:9",
+            "http://[::1]",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "http://s3.example.com",
+            "http://127.evil.example:9",
+            "http://127.0.0.1.evil.example",
+            "http://localhost.evil",
+            "http://localhost.evil:9000",
+            "http://127.0.0.1@evil.example",
+            "http://127.0.0.1:9000@evil.example/",
+            "http://user:pw@127.0.0.1:9000",
+            "http://evil.example#@127.0.0.1",
+            "http://evil.example?127.0.0.1",
+            "http://[::2]:9",
+            "http://10.0.0.1",
+            "http://0.0.0.0:9",
+            "not a url",
+            "",
+        ] {
+            assert!(!is_loopback(no), "{no}");
+        }
+        for hostile in [
+            "http://127.evil.example:9",
+            "http://127.0.0.1.evil.example",
+            "http://localhost.evil",
+            "http://127.0.0.1@evil.example",
+            "HTTP://evil.example",
+        ] {
+            let err = S3BlobStore::new(&S3Options {
+                bucket: "b".into(),
+                endpoint: Some(hostile.into()),
+                ..S3Options::default()
+            })
+            .unwrap_err();
+            assert!(
+                err.to_string().contains(
+                    "only loopback endpoints (localhost, 127.0.0.0/8, [::1]) may use http"
+                ),
+                "{hostile}: {err}"
+            );
+        }
         let err = S3BlobStore::new(&S3Options {
             bucket: "b".into(),
             endpoint: Some("http://s3.example.com".into()),
             ..S3Options::default()
         })
         .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("only loopback endpoints may use http"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("only loopback endpoints"), "{err}");
     }
 
     #[test]

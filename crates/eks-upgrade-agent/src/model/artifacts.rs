@@ -247,8 +247,26 @@ pub struct ArtifactQuery {
     pub max_size: Option<u64>,
     /// Added at or after this time.
     pub created_since: Option<DateTime<Utc>>,
-    /// At most this many results (newest first); 0 means the default of 100.
+    /// At most this many results (newest first); 0 means the default of
+    /// [`DEFAULT_SEARCH_LIMIT`]; more than [`MAX_SEARCH_LIMIT`] is refused.
     pub limit: usize,
+    /// Continue after this point: the `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Results per search page unless a limit is given.
+pub const DEFAULT_SEARCH_LIMIT: usize = 100;
+/// Most results per search page.
+pub const MAX_SEARCH_LIMIT: usize = 10_000;
+
+/// One page of search results.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactPage {
+    /// The artifacts, newest first.
+    pub artifacts: Vec<TestArtifact>,
+    /// Where the next page starts (pass it as [`ArtifactQuery::cursor`]); `None` when this page
+    /// holds the last match.
+    pub next_cursor: Option<String>,
 }
 
 #[cfg(test)]

@@ -77,6 +77,17 @@ impl EventBridgeSink {
             loader = loader.region(aws_config::Region::new(r.to_owned()));
         }
         let config = runtime.block_on(customize(loader).load());
+        // Events go signed but unencrypted over plain http: only to this machine.
+        let service_endpoint = std::env::var("AWS_ENDPOINT_URL_EVENTBRIDGE")
+            .ok()
+            .filter(|e| !e.is_empty());
+        for e in service_endpoint
+            .iter()
+            .map(String::as_str)
+            .chain(config.endpoint_url())
+        {
+            crate::blob::s3::check_endpoint("EventBridge", e)?;
+        }
         if config.region().is_none() {
             return Err(Error::invalid(
                 "no AWS region for EventBridge: set AWS_REGION or --aws-region",

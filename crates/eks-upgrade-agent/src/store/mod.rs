@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use crate::blob::Digest;
 use crate::error::Result;
 use crate::model::{
-    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, JsonMap,
-    ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
+    JsonMap, ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
 };
 use crate::progress::command::Command;
 
@@ -265,8 +265,8 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     ) -> Result<Vec<TestArtifact>>;
     /// One artifact.
     fn artifact(&self, artifact_id: &str) -> Result<TestArtifact>;
-    /// Artifacts matching `query`, newest first.
-    fn search(&self, query: &ArtifactQuery) -> Result<Vec<TestArtifact>>;
+    /// One page of the artifacts matching `query`, newest first, from `query.cursor` on.
+    fn search(&self, query: &ArtifactQuery) -> Result<ArtifactPage>;
     /// Statistics over one session or all.
     fn stats(&self, session_id: Option<&str>) -> Result<ArtifactStats>;
     /// Calls `f` for every artifact (of one session, or all), oldest first, a page at a time.
@@ -388,11 +388,24 @@ pub enum UploadOutcome {
 pub trait UploadQueue: Send + Sync + fmt::Debug {
     /// Queues artifacts not yet uploaded (and failed ones with `retry_failed`); returns how many.
     fn queue_uploads(&self, selector: &UploadSelector, retry_failed: bool) -> Result<u64>;
-    /// Queued artifacts and failed ones whose retry time has come, oldest first, with the
-    /// number of attempts so far.
-    fn due_uploads(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(TestArtifact, u32)>>;
+    /// Claims up to `limit` due uploads for `owner` until `lease_until`, atomically: queued
+    /// artifacts and failed ones whose retry time has come, that no other uploader holds a
+    /// live lease on (an expired lease, left by a crashed uploader, is taken over). Oldest
+    /// first, with the number of attempts so far. Two concurrent uploaders never claim the
+    /// same artifact while a lease lasts.
+    fn claim_uploads(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(TestArtifact, u32)>>;
+    /// Extends every claim of `owner` to `lease_until` (the heartbeat of a live uploader).
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()>;
+    /// Due artifacts that other uploaders hold a live lease on at `now`.
+    fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
     /// Number and bytes of queued artifacts.
     fn pending_uploads(&self) -> Result<(u64, u64)>;
-    /// Records an attempt.
+    /// Records an attempt (and releases its claim).
     fn record_upload(&self, artifact_id: &str, outcome: &UploadOutcome) -> Result<TestArtifact>;
 }

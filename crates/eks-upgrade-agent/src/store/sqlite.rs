@@ -32,7 +32,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -334,6 +334,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 5 {
             conn.execute_batch(HIERARCHY_SCHEMA)?;
+        }
+        if version < 6 {
+            conn.execute_batch(super::sqlite_artifacts::UPLOAD_CLAIM_SCHEMA)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())

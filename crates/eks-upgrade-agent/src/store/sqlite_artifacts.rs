@@ -22,8 +22,8 @@ use super::{ArtifactIndex, ExpiredSession, NewArtifact};
 use crate::blob::Digest;
 use crate::error::{Error, Result};
 use crate::model::{
-    ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType, ProgressStatus,
-    SessionSummary, TestArtifact, TestSession,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
+    ProgressStatus, SessionSummary, TestArtifact, TestSession,
 };
 
 pub(super) const SCHEMA: &str = r#"
@@ -109,6 +109,13 @@ ALTER TABLE artifacts ADD COLUMN upload_error TEXT;
 CREATE INDEX IF NOT EXISTS artifacts_upload_queue ON artifacts (upload_state, upload_next_at);
 "#;
 
+/// Claims of the upload queue (schema 6): the uploader that holds an artifact and until when.
+/// A claim whose lease has passed (a crashed uploader) is free to take over.
+pub(super) const UPLOAD_CLAIM_SCHEMA: &str = r#"
+ALTER TABLE artifacts ADD COLUMN upload_claimed_by TEXT;
+ALTER TABLE artifacts ADD COLUMN upload_lease_until INTEGER NOT NULL DEFAULT 0;
+"#;
+
 /// Names indexed per FTS5 transaction.
 const FTS_BATCH: i64 = 256;
 
@@ -134,7 +141,6 @@ fn index_names(tx: &Transaction<'_>, force: bool) -> Result<()> {
 }
 
 /// Default number of search results.
-const DEFAULT_LIMIT: usize = 100;
 /// Page size of [`ArtifactIndex::for_each_artifact`].
 const PAGE: i64 = 1000;
 
@@ -275,6 +281,15 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
         args.push(v);
         format!("?{}", args.len())
     };
+    if let Some(c) = &q.cursor {
+        // The cursor is the row key of the last artifact of the previous page.
+        let after = c.parse::<i64>().ok().filter(|k| *k > 0).ok_or_else(|| {
+            Error::invalid(format!(
+                "invalid cursor {c:?}: use the next_cursor of a previous page"
+            ))
+        })?;
+        clauses.push(format!("a.akey < {}", arg(after.into(), &mut args)));
+    }
     if let Some(id) = &q.session_id {
         let k = session_key(conn, id)?;
         clauses.push(format!("a.skey = {}", arg(k.into(), &mut args)));
@@ -376,12 +391,20 @@ fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlVa
         sql.push_str(" WHERE ");
         sql.push_str(&clauses.join(" AND "));
     }
-    let limit = if q.limit == 0 { DEFAULT_LIMIT } else { q.limit };
+    // One row more than the page, to know whether another page follows.
     sql.push_str(&format!(
         " ORDER BY a.akey DESC LIMIT {}",
-        limit.min(1_000_000)
+        page_limit(q) + 1
     ));
     Ok((sql, args))
+}
+
+/// The page size of a query: its limit, the default for 0, never above the maximum.
+fn page_limit(q: &ArtifactQuery) -> usize {
+    match q.limit {
+        0 => crate::model::DEFAULT_SEARCH_LIMIT,
+        n => n.min(crate::model::MAX_SEARCH_LIMIT),
+    }
 }
 
 fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64>> {
@@ -390,6 +413,7 @@ fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64
 
 impl ArtifactIndex for SqliteStore {
     fn create_session(&self, s: &TestSession) -> Result<()> {
+        crate::artifacts::check_retention_days(s.retention_days)?;
         self.write(|tx| {
             insert_session(tx, s).map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _)
@@ -583,12 +607,26 @@ impl ArtifactIndex for SqliteStore {
         self.read(|c| load_artifact(c, artifact_id))
     }
 
-    fn search(&self, q: &ArtifactQuery) -> Result<Vec<TestArtifact>> {
+    fn search(&self, q: &ArtifactQuery) -> Result<ArtifactPage> {
         self.read(|c| {
             let (sql, args) = search_sql(c, q)?;
             let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params_from_iter(args), artifact_row)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let rows = stmt.query_map(params_from_iter(args), |r| {
+                Ok((r.get::<_, i64>(20)?, artifact_row(r)?))
+            })?;
+            let mut rows: Vec<(i64, TestArtifact)> = rows.collect::<rusqlite::Result<_>>()?;
+            let limit = page_limit(q);
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            let next_cursor = if more {
+                rows.last().map(|(k, _)| k.to_string())
+            } else {
+                None
+            };
+            Ok(ArtifactPage {
+                artifacts: rows.into_iter().map(|(_, a)| a).collect(),
+                next_cursor,
+            })
         })
     }
 
@@ -679,14 +717,16 @@ impl ArtifactIndex for SqliteStore {
             while let Some(r) = rows.next()? {
                 let session = session_row(r)?;
                 let failed: bool = r.get(8)?;
-                let days = i64::from(session.retention_days)
-                    * if failed {
-                        i64::from(failed_factor.max(1))
-                    } else {
-                        1
-                    };
+                let days = i64::from(session.retention_days).saturating_mul(if failed {
+                    i64::from(failed_factor.max(1))
+                } else {
+                    1
+                });
                 let completed = session.completed_at.expect("filtered on completed_at");
-                let expired_at = completed + chrono::Duration::days(days);
+                // Saturating: a retention beyond the calendar never expires (and never panics).
+                let expired_at = chrono::TimeDelta::try_days(days)
+                    .and_then(|d| completed.checked_add_signed(d))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
                 if expired_at <= as_of {
                     out.push(ExpiredSession {
                         session,
@@ -773,6 +813,7 @@ impl ArtifactIndex for SqliteStore {
         collections: &[ArtifactCollection],
         artifacts: &[TestArtifact],
     ) -> Result<()> {
+        crate::artifacts::check_retention_days(session.retention_days)?;
         self.write(|tx| import_session_tx(tx, session, collections, artifacts))
     }
 
@@ -937,18 +978,57 @@ impl crate::store::UploadQueue for SqliteStore {
         })
     }
 
-    fn due_uploads(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<(TestArtifact, u32)>> {
-        self.read(|c| {
+    fn claim_uploads(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(TestArtifact, u32)>> {
+        self.write(|tx| {
             let select = ARTIFACT_SELECT
                 .replace(" FROM artifacts a", ", a.upload_attempts FROM artifacts a");
-            let mut stmt = c.prepare_cached(&format!(
-                "{select} WHERE a.upload_state IN (1, 3) AND a.upload_next_at <= ?1 \
-                 ORDER BY a.akey LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![micros(now), limit as i64], |r| {
-                Ok((artifact_row(r)?, r.get::<_, i64>(21)? as u32))
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let due: Vec<(TestArtifact, u32)> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "{select} WHERE a.upload_state IN (1, 3) AND a.upload_next_at <= ?1 \
+                     AND (a.upload_claimed_by IS NULL OR a.upload_claimed_by = ?3 \
+                          OR a.upload_lease_until <= ?1) \
+                     ORDER BY a.akey LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![micros(now), limit as i64, owner], |r| {
+                    Ok((artifact_row(r)?, r.get::<_, i64>(21)? as u32))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut claim = tx.prepare_cached(
+                "UPDATE artifacts SET upload_claimed_by = ?2, upload_lease_until = ?3 \
+                 WHERE artifact_id = ?1",
+            )?;
+            for (a, _) in &due {
+                claim.execute(params![a.artifact_id, owner, micros(lease_until)])?;
+            }
+            Ok(due)
+        })
+    }
+
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE artifacts SET upload_lease_until = ?2 WHERE upload_claimed_by = ?1",
+            )?
+            .execute(params![owner, micros(lease_until)])?;
+            Ok(())
+        })
+    }
+
+    fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT count(*) FROM artifacts WHERE upload_state IN (1, 3) \
+                 AND upload_next_at <= ?1 AND upload_claimed_by IS NOT NULL \
+                 AND upload_claimed_by != ?2 AND upload_lease_until > ?1",
+            )?
+            .query_row(params![micros(now), owner], |r| r.get::<_, i64>(0))? as u64)
         })
     }
 
@@ -972,7 +1052,8 @@ impl crate::store::UploadQueue for SqliteStore {
                 UploadOutcome::Uploaded { bucket, key, at } => {
                     tx.prepare_cached(
                         "UPDATE artifacts SET upload_state = 2, status = ?2, s3_bucket = ?3, s3_key = ?4, \
-                         s3_url = ?5, uploaded_at = ?6, upload_error = NULL WHERE artifact_id = ?1",
+                         s3_url = ?5, uploaded_at = ?6, upload_error = NULL, \
+                         upload_claimed_by = NULL, upload_lease_until = 0 WHERE artifact_id = ?1",
                     )?
                     .execute(params![
                         artifact_id,
@@ -986,7 +1067,8 @@ impl crate::store::UploadQueue for SqliteStore {
                 UploadOutcome::Failed { error, next_at } => {
                     tx.prepare_cached(
                         "UPDATE artifacts SET upload_state = 3, status = ?2, upload_attempts = upload_attempts + 1, \
-                         upload_next_at = ?3, upload_error = ?4 WHERE artifact_id = ?1",
+                         upload_next_at = ?3, upload_error = ?4, upload_claimed_by = NULL, \
+                         upload_lease_until = 0 WHERE artifact_id = ?1",
                     )?
                     .execute(params![
                         artifact_id,
