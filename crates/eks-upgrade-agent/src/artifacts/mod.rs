@@ -766,6 +766,8 @@ impl TestArtifactsManager {
     /// Removes completed sessions whose retention has passed at `as_of` (now by default):
     /// their rows, then the blobs no other artifact uses. A dry run only reports.
     pub fn cleanup(&self, dry_run: bool, as_of: Option<DateTime<Utc>>) -> Result<CleanupReport> {
+        // Blobs put after this instant (a concurrent re-add of the same bytes) are kept.
+        let started = SystemTime::now();
         let as_of = as_of.unwrap_or_else(crate::model::now);
         let sessions = self
             .index
@@ -780,7 +782,7 @@ impl TestArtifactsManager {
                 // Shared copies go first: if S3 cannot delete them, the session stays whole.
                 self.delete_uploaded_objects(&s.session.session_id)?;
                 let digests = self.index.delete_session(&s.session.session_id)?;
-                let (n, bytes) = self.delete_blobs(&digests)?;
+                let (n, bytes) = self.delete_blobs_older(&digests, Some(started))?;
                 report.blobs_removed += n;
                 report.bytes_freed += bytes;
                 tracing::info!(session = %s.session.session_id, blobs = n, bytes, "session removed by retention");
@@ -823,6 +825,7 @@ impl TestArtifactsManager {
     /// Deletes an artifact: its S3 object (when uploaded), then marks it `deleted` (the row is
     /// kept as a record), then releases its local blob if nothing else uses it.
     pub fn delete_artifact(&self, artifact_id: &str) -> Result<TestArtifact> {
+        let started = SystemTime::now();
         let a = self.index.artifact(artifact_id)?;
         if a.status == crate::model::ArtifactStatus::Deleted {
             return Ok(a);
@@ -849,7 +852,7 @@ impl TestArtifactsManager {
             .index
             .set_artifact_status(artifact_id, crate::model::ArtifactStatus::Deleted)?;
         let digest: Digest = a.file_hash.parse()?;
-        self.delete_blobs(&[digest])?;
+        self.delete_blobs_older(&[digest], Some(started))?;
         Ok(deleted)
     }
 
@@ -870,13 +873,11 @@ impl TestArtifactsManager {
         Ok(false)
     }
 
-    fn delete_blobs(&self, digests: &[Digest]) -> Result<(u64, u64)> {
-        self.delete_blobs_older(digests, None)
-    }
-
     /// Deletes the unreferenced blobs of `digests`, inside an index write transaction; with a
     /// `cutoff`, only those last put before it (checked at deletion, atomically with respect to
     /// puts: a re-add of the same bytes refreshes the blob before it is indexed, so it is kept).
+    /// gc passes its grace period; `cleanup` and `delete_artifact` the instant they began, so
+    /// none of them can take a blob from under a concurrent add.
     fn delete_blobs_older(
         &self,
         digests: &[Digest],
