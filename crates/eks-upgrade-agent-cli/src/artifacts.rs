@@ -18,11 +18,13 @@ use eks_upgrade_agent::artifacts::{PullReport, UploadReport};
 use eks_upgrade_agent::model::{ArtifactQuery, ArtifactStatus, ArtifactType, TestArtifact};
 use eks_upgrade_agent::units::{parse_duration, parse_size};
 
+use crate::Access;
 use crate::Ctx;
 use crate::kv::{parse_kv, parse_kv_json, to_map};
 use crate::progress::print_json;
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::render;
+use crate::render::printable;
 
 /// S3 settings, global flags.
 #[derive(Debug, Args)]
@@ -318,15 +320,15 @@ fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
     writeln!(
         out,
         "{}  {:<13}  {:>10}  {}  {}{}",
-        a.artifact_id,
+        printable(&a.artifact_id),
         a.artifact_type.as_str(),
         a.file_size,
         a.created_at.format("%Y-%m-%d %H:%M:%S"),
-        a.name,
+        printable(&a.name),
         if a.tags.is_empty() {
             String::new()
         } else {
-            format!("  [{}]", a.tags.join(", "))
+            format!("  [{}]", printable(&a.tags.join(", ")))
         }
     )
 }
@@ -336,7 +338,15 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
         let r = RemoteArtifacts::new(remote);
         return run_on(ctx, &r, Place::Remote(&r), cmd);
     }
-    let m = ctx.artifacts()?;
+    // Only creating a session or pulling one may create the data dir; every other command
+    // needs a store to be there and says so, naming the directory.
+    let access = match &cmd {
+        ArtifactsCmd::Session(SessionCmd::Create { .. }) | ArtifactsCmd::Pull { .. } => {
+            Access::Write
+        }
+        _ => Access::Read,
+    };
+    let m = ctx.artifacts_on(ctx.store_for(access)?)?;
     run_on(ctx, &m, Place::Local(&m), cmd)
 }
 
@@ -501,7 +511,7 @@ fn run_on(
                         Value::Null => "-".into(),
                         other => other.to_string(),
                     };
-                    writeln!(out, "{k:<14} {text}")?;
+                    writeln!(out, "{k:<14} {}", printable(&text))?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -904,7 +914,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
             if ctx.json() {
                 print_json(&s)?;
             } else {
-                println!("{}  {}", s.session_id, s.name);
+                println!("{}  {}", s.session_id, printable(&s.name));
             }
         }
         SessionCmd::Complete { session } => {
@@ -928,11 +938,16 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 print_json(&v)?;
             } else {
                 let s = &sum.session;
-                println!("session {}  {}", s.session_id, s.name);
+                println!("session {}  {}", s.session_id, printable(&s.name));
                 println!(
                     "upgrade {}  cluster {}  retention {} days",
-                    s.upgrade_id, s.cluster_name, s.retention_days
+                    printable(&s.upgrade_id),
+                    printable(&s.cluster_name),
+                    s.retention_days
                 );
+                if let Some(d) = &s.description {
+                    println!("description {}", printable(d));
+                }
                 println!(
                     "started {}  completed {}",
                     render::time(Some(s.started_at)),
@@ -952,7 +967,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                     println!(
                         "collection {}  {}{}",
                         c.collection_id,
-                        c.name,
+                        printable(&c.name),
                         c.task_id
                             .as_deref()
                             .map(|t| format!("  (task {t})"))
@@ -972,8 +987,8 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                     println!(
                         "{}  {:<40}  upgrade {:<20}  {}",
                         s.session_id,
-                        s.name,
-                        s.upgrade_id,
+                        printable(&s.name),
+                        printable(&s.upgrade_id),
                         if s.completed_at.is_some() {
                             "completed"
                         } else {
@@ -1000,7 +1015,7 @@ fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Resul
             if ctx.json() {
                 print_json(&c)?;
             } else {
-                println!("{}  {}", c.collection_id, c.name);
+                println!("{}  {}", c.collection_id, printable(&c.name));
             }
         }
         CollectionCmd::List { session } => {
@@ -1009,7 +1024,7 @@ fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Resul
                 print_json(&list)?;
             } else {
                 for c in &list {
-                    println!("{}  {}", c.collection_id, c.name);
+                    println!("{}  {}", c.collection_id, printable(&c.name));
                 }
             }
         }

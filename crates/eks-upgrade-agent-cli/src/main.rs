@@ -196,10 +196,6 @@ impl Ctx {
         }
     }
 
-    fn artifacts(&self) -> anyhow::Result<TestArtifactsManager> {
-        self.artifacts_on(self.store()?)
-    }
-
     fn artifacts_on(&self, store: Arc<SqliteStore>) -> anyhow::Result<TestArtifactsManager> {
         self.config.artifacts_manager(store).with_context(|| {
             format!(

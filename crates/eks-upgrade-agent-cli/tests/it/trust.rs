@@ -77,6 +77,34 @@ fn reads_never_create_a_data_dir() {
             "{args:?} created it"
         );
     }
+    let artifact_reads: [&[&str]; 9] = [
+        &["artifacts", "search"],
+        &["artifacts", "stats"],
+        &["artifacts", "session", "list"],
+        &["artifacts", "session", "show", "s"],
+        &["artifacts", "collection", "list", "s"],
+        &["artifacts", "show", "a"],
+        &["artifacts", "verify"],
+        &["artifacts", "gc"],
+        &["artifacts", "cleanup", "--dry-run"],
+    ];
+    for args in artifact_reads {
+        let out = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&missing)
+            .args(args)
+            .env_remove("EUA_SERVER")
+            .env("XDG_CONFIG_HOME", root.path().join("config"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("no store in"), "{args:?}: {stderr}");
+        assert!(
+            !root.path().join("nonexistent").exists(),
+            "{args:?} created it"
+        );
+    }
     // A command that writes creates it.
     let out = Command::new(BIN)
         .arg("--data-dir")
@@ -307,6 +335,52 @@ fn control_characters_are_refused_and_never_printed_raw() {
     assert!(err.contains("control character"), "{err}");
     let list = env.json(&["progress", "upgrade", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "nothing imported");
+
+    // Artifacts: descriptions are text like messages; what tables print is escaped.
+    let err = env.fails(
+        1,
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u1",
+            "--cluster",
+            "c",
+            "--description",
+            "\u{1b}[2Jgone",
+        ],
+    );
+    assert!(err.contains("control character"), "{err}");
+    let s = env.json(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u1",
+        "--cluster",
+        "c",
+    ]);
+    let s = s["session_id"].as_str().unwrap().to_owned();
+    let c = env.json(&["artifacts", "collection", "create", &s, "--name", "logs"]);
+    let c = c["collection_id"].as_str().unwrap().to_owned();
+    let file = env.data_dir().join("k.log");
+    std::fs::write(&file, "log").unwrap();
+    let added = env.json(&[
+        "artifacts",
+        "add",
+        &s,
+        &c,
+        file.to_str().unwrap(),
+        "--meta",
+        "k=\u{9b}2J\u{1b}]0;x\u{7}",
+    ]);
+    let id = added[0]["artifact_id"].as_str().unwrap().to_owned();
+    let show = env.ok(&["artifacts", "show", &id]);
+    for bad in ['\u{1b}', '\u{7}', '\u{9b}'] {
+        assert!(!show.contains(bad), "printed {bad:?} raw: {show:?}");
+    }
+    assert!(show.contains(r"\u{9b}2J"), "{show}");
 }
 
 /// Parents follow their children (DESIGN.md "Hierarchy semantics"): completing a parent while

@@ -25,7 +25,7 @@ use crate::model::{
     ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactType, JsonMap, SessionSummary,
     TestArtifact, TestSession,
 };
-use crate::progress::command::{check_id, check_json, check_name};
+use crate::progress::command::{check_id, check_json, check_name, check_text};
 use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
 
 pub mod names;
@@ -332,6 +332,9 @@ impl TestArtifactsManager {
             None => format!("upgrade-{}-{}", new.upgrade_id, now.format("%Y%m%d-%H%M%S")),
         };
         check_name("name", &name)?;
+        if let Some(d) = &new.description {
+            check_text("description", d)?;
+        }
         let retention_days = new
             .retention_days
             .unwrap_or(self.options.default_retention_days);
@@ -399,6 +402,9 @@ impl TestArtifactsManager {
         task_id: Option<&str>,
     ) -> Result<ArtifactCollection> {
         check_name("collection name", name)?;
+        if let Some(d) = description {
+            check_text("description", d)?;
+        }
         if let Some(t) = task_id {
             check_id("task_id", t)?;
         }
@@ -441,10 +447,8 @@ impl TestArtifactsManager {
         if let Some(s) = &opts.step_id {
             check_id("step_id", s)?;
         }
-        if let Some(d) = &opts.description
-            && d.len() > crate::progress::command::MAX_MESSAGE_LEN
-        {
-            return Err(Error::invalid("description is longer than 16 KiB"));
+        if let Some(d) = &opts.description {
+            check_text("description", d)?;
         }
         check_json("metadata", &opts.metadata)
     }

@@ -90,7 +90,7 @@ impl SessionManifest {
         prefix: &str,
         session_id: &str,
     ) -> Result<SessionManifest> {
-        use crate::progress::command::{MAX_MESSAGE_LEN, check_id, check_json, check_name};
+        use crate::progress::command::{check_id, check_json, check_name};
         use std::collections::HashSet;
 
         let now = Utc::now();
@@ -105,11 +105,8 @@ impl SessionManifest {
         };
         let check_description = |field: &str, d: &Option<String>| -> Result<()> {
             match d {
-                Some(d) if d.len() > MAX_MESSAGE_LEN => Err(Error::invalid(format!(
-                    "{field} is {} bytes long; the limit is {MAX_MESSAGE_LEN}",
-                    d.len()
-                ))),
-                _ => Ok(()),
+                Some(d) => crate::progress::command::check_text(field, d),
+                None => Ok(()),
             }
         };
         let in_manifest =
