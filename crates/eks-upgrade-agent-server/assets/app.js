@@ -6,6 +6,9 @@
 (() => {
   const ARTIFACT_TYPES = ['log_file', 'test_result', 'configuration', 'screenshot', 'metrics_data', 'backup', 'report', 'diagnostic'];
   const TIMELINE_MAX = 300;
+  // Listings follow X-Next-Cursor up to these, then say how many they show.
+  const UPGRADES_MAX = 10000;
+  const ARTIFACTS_MAX = 5000;
   const $ = (s) => document.querySelector(s);
   const state = {
     token: null,
@@ -49,7 +52,7 @@
     return path + (path.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(state.token);
   }
 
-  async function api(path) {
+  async function get(path) {
     const headers = state.token ? { Authorization: 'Bearer ' + state.token } : {};
     const r = await fetch(path, { headers, cache: 'no-store' });
     if (r.status === 401) {
@@ -57,7 +60,25 @@
       throw new Error('unauthorized');
     }
     if (!r.ok) throw new Error(path + ': HTTP ' + r.status);
-    return r.json();
+    return r;
+  }
+
+  async function api(path) {
+    return (await get(path)).json();
+  }
+
+  // Follows X-Next-Cursor until the end or `max` items; says whether more were left.
+  async function pages(path, max) {
+    const items = [];
+    let cursor = null;
+    for (;;) {
+      const sep = path.includes('?') ? '&' : '?';
+      const r = await get(path + (cursor ? sep + 'cursor=' + encodeURIComponent(cursor) : ''));
+      items.push(...await r.json());
+      cursor = r.headers.get('x-next-cursor');
+      if (!cursor) return { items, more: false };
+      if (items.length >= max) return { items, more: true };
+    }
   }
 
   function setConn(s, text) {
@@ -122,7 +143,11 @@
   }
 
   async function refreshUpgrades() {
-    setUpgrades(await api('/api/v1/upgrades'));
+    const { items, more } = await pages('/api/v1/upgrades', UPGRADES_MAX);
+    setUpgrades(items);
+    const note = $('#more-upgrades');
+    note.hidden = !more;
+    note.textContent = more ? 'Showing the first ' + items.length + ' upgrades; the CLI lists them all.' : '';
   }
 
   function later(name, ms, f) {
@@ -166,6 +191,11 @@
     err.textContent = u.error_message || '';
     state.upgrades.set(u.upgrade_id, { ...state.upgrades.get(u.upgrade_id), ...u });
     renderTasks(u.tasks || []);
+    const more = $('#more-tasks');
+    more.hidden = !u.tasks_next_cursor;
+    more.textContent = u.tasks_next_cursor
+      ? 'Showing the first ' + u.tasks.length + ' of ' + u.total_tasks + ' tasks; the CLI shows them all.'
+      : '';
   }
 
   function renderTasks(tasks) {
@@ -226,12 +256,21 @@
     const tag = $('#artifact-tag').value.trim();
     const sessions = await api('/api/v1/sessions?upgrade_id=' + encodeURIComponent(id));
     const rows = [];
+    let more = false;
     for (const s of sessions) {
       let q = '/api/v1/artifacts?limit=1000&session=' + encodeURIComponent(s.session_id);
       if (type) q += '&type=' + encodeURIComponent(type);
       if (tag) q += '&tag=' + encodeURIComponent(tag);
-      rows.push(...await api(q));
+      const page = await pages(q, ARTIFACTS_MAX - rows.length);
+      rows.push(...page.items);
+      more = more || page.more;
+      if (rows.length >= ARTIFACTS_MAX) break;
     }
+    const note = $('#more-artifacts');
+    note.hidden = !more;
+    note.textContent = more
+      ? 'Showing ' + rows.length + ' artifacts; more match: narrow the filters, or search with the CLI (artifacts search --all).'
+      : '';
     if (id !== state.selected) return;
     const body = $('#artifacts tbody');
     body.replaceChildren();

@@ -100,6 +100,8 @@ try {
   });
   page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   page.on('console', (m) => { if (m.type() === 'error') console.error('page:', m.text()); });
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws.url()));
   await page.goto(`${base}/?token=${READ}`);
   await page.waitForSelector('#conn[data-state="live"]', { timeout: T });
   await page.waitForSelector('tr.upgrade[data-upgrade-id="upg-1"]', { timeout: T });
@@ -159,8 +161,21 @@ try {
   });
   if (failedHighlighted !== 'rgb(207, 34, 46)') throw new Error('the failure is not highlighted: ' + failedHighlighted);
   if (await page.evaluate(() => window.__eua.loadId) !== loadId) throw new Error('the page reloaded');
+  // It caught up through the stream, resuming after the last seq it had (not from scratch).
+  const resumed = sockets.slice(1).map((u) => Number(new URL(u).searchParams.get('since')));
+  if (sockets.length < 2 || !resumed.every((n) => n > 0)) throw new Error('reconnects without ?since=: ' + sockets.join(' '));
   await page.screenshot({ path: path.join(shots, '3-caught-up.png'), fullPage: true });
-  console.log('dashboard ok: live update, artifacts, reconnect catch-up; screenshots in ' + shots);
+
+  // More artifacts than one search page (1,000): the table follows the cursor to the end.
+  const many = await api('POST', `/api/v1/sessions/${session.session_id}/collections`, { name: 'many' });
+  const upMany = `/api/v1/sessions/${session.session_id}/collections/${many.collection_id}/artifacts`;
+  for (let i = 0; i < 1005; i++) {
+    await api('POST', `${upMany}?name=f${i}.log`, `line ${i}\n`, 'application/octet-stream');
+  }
+  await page.fill('#artifact-tag', '');
+  await page.waitForFunction(() => document.querySelectorAll('#artifacts tbody tr').length === 1007, null, { timeout: T });
+  if (!(await page.evaluate(() => document.querySelector('#more-artifacts').hidden))) throw new Error('a complete list says there is more');
+  console.log('dashboard ok: live update, artifacts (paged), reconnect catch-up with since; screenshots in ' + shots);
 } catch (e) {
   failed = true;
   console.error('dashboard test failed:', e);

@@ -191,21 +191,25 @@ fn big_artifact(env: &Env, endpoint: &str, mib: u64) -> String {
     added[0]["artifact_id"].as_str().unwrap().to_owned()
 }
 
+/// A run killed mid-transfer (a quarter of the object on the wire, through a proxy that counts
+/// the bytes) loses nothing: the next run uploads it whole, as multipart (32 parts of 8 MiB)
+/// with `x-amz-checksum-sha256` on every part.
 #[test]
 fn a_killed_upload_is_finished_by_the_next_run() {
     let moto = Moto::start();
     moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
     let env = Env::new();
     let id = big_artifact(&env, &moto.url, 256);
+    let proxy = RecordingProxy::start(&moto.url);
     let mut c = env.command();
-    with_s3(&mut c, &moto.url);
+    with_s3(&mut c, &proxy.url);
     let mut child = c
         .args(["artifacts", "upload"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    proxy.wait_for_bytes(64 << 20);
     assert!(
         child.try_wait().unwrap().is_none(),
         "the upload finished before it could be killed"
@@ -217,8 +221,9 @@ fn a_killed_upload_is_finished_by_the_next_run() {
         "created",
         "still queued after the kill"
     );
+    let second = RecordingProxy::start(&moto.url);
     let mut c = env.command();
-    with_s3(&mut c, &moto.url);
+    with_s3(&mut c, &second.url);
     let out = c
         .args(["-o", "json", "artifacts", "upload"])
         .output()
@@ -236,6 +241,20 @@ fn a_killed_upload_is_finished_by_the_next_run() {
     ));
     assert_eq!(meta[0], 256u64 << 20);
     assert_eq!(meta[1], a["file_hash"]);
+    // Multipart really used, and every part carried its SHA-256 checksum.
+    let parts: Vec<String> = second
+        .request_heads()
+        .into_iter()
+        .filter(|h| h.starts_with("PUT ") && h.lines().next().unwrap().contains("partNumber="))
+        .collect();
+    assert_eq!(parts.len(), 32, "8 MiB parts of 256 MiB");
+    for h in &parts {
+        assert!(
+            h.to_ascii_lowercase()
+                .contains("\r\nx-amz-checksum-sha256:"),
+            "a part without its checksum: {h}"
+        );
+    }
 }
 
 #[test]
@@ -256,15 +275,21 @@ fn outage_during_upload(mib: u64) {
     moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
     let env = Env::new();
     let id = big_artifact(&env, &url, mib);
+    // Through a proxy that counts the bytes, so the outage strikes mid-transfer.
+    let proxy = RecordingProxy::start(&url);
     let mut c = env.command();
-    with_s3(&mut c, &url);
-    let child = c
+    with_s3(&mut c, &proxy.url);
+    let mut child = c
         .args(["artifacts", "upload"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    proxy.wait_for_bytes(16 << 20);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished before the outage"
+    );
     moto.stop();
     let out = child.wait_with_output().unwrap();
     assert_eq!(
@@ -275,7 +300,7 @@ fn outage_during_upload(mib: u64) {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&id) && err.contains("s3://team/"), "{err}");
-    let a = status(&env, &url, &id);
+    let a = status(&env, &proxy.url, &id);
     assert_eq!(a["status"], "failed");
     // The local bytes are intact.
     let mut c = env.command();
@@ -574,6 +599,8 @@ struct RecordingProxy {
     url: String,
     sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes forwarded from clients to the server so far.
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RecordingProxy {
@@ -585,7 +612,8 @@ impl RecordingProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (s, o) = (sent.clone(), open.clone());
+        let forwarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, o, f) = (sent.clone(), open.clone(), forwarded.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { return };
@@ -595,7 +623,7 @@ impl RecordingProxy {
                     let _ = std::io::copy(&mut s2, &mut c2);
                     let _ = c2.shutdown(std::net::Shutdown::Both);
                 });
-                let (s, o) = (s.clone(), o.clone());
+                let (s, o, f) = (s.clone(), o.clone(), f.clone());
                 o.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
                     let mut all = Vec::new();
@@ -608,6 +636,7 @@ impl RecordingProxy {
                                 if server.write_all(&buf[..n]).is_err() {
                                     break;
                                 }
+                                f.fetch_add(n as u64, Ordering::SeqCst);
                             }
                         }
                     }
@@ -617,7 +646,49 @@ impl RecordingProxy {
                 });
             }
         });
-        RecordingProxy { url, sent, open }
+        RecordingProxy {
+            url,
+            sent,
+            open,
+            forwarded,
+        }
+    }
+
+    /// Waits until `n` bytes went through to the server: a transfer is under way.
+    fn wait_for_bytes(&self, n: u64) {
+        let start = std::time::Instant::now();
+        while self.forwarded.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "only {} bytes reached the server",
+                self.forwarded.load(std::sync::atomic::Ordering::SeqCst)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// The head (request line and headers) of every request of the finished connections.
+    fn request_heads(&self) -> Vec<String> {
+        let _ = self.request_lines(); // waits for the connections to close
+        let mut heads = Vec::new();
+        for conn in self.sent.lock().unwrap().iter() {
+            let mut rest: &[u8] = conn;
+            // Requests follow each other on a keep-alive connection: head, then its body.
+            while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                heads.push(head);
+                rest = rest.get(end + 4 + len..).unwrap_or(&[]);
+            }
+        }
+        heads
     }
 
     /// The request lines (`PUT /bucket/key`) of every finished connection.

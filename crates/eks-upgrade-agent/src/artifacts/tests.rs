@@ -282,7 +282,7 @@ fn bad_input_changes_nothing() {
         (
             f.m.add_bytes("nope", &c.collection_id, b"x", "a", &o)
                 .unwrap_err(),
-            "not in session",
+            "\"nope\" not found",
         ),
         (
             f.m.add_bytes(&s2.session_id, &c.collection_id, b"x", "a", &o)
@@ -344,11 +344,7 @@ fn bad_input_changes_nothing() {
     ];
     for (err, needle) in cases {
         let text = err.to_string();
-        assert!(
-            text.contains(needle)
-                || (needle == "not in session" && matches!(err, Error::NotFound { .. })),
-            "{needle}: {text}"
-        );
+        assert!(text.contains(needle), "{needle}: {text}");
     }
     assert_eq!(f.m.stats(None).unwrap().total_artifacts, 0);
     let mut blobs = 0;
@@ -623,6 +619,44 @@ fn corrupt_and_missing_blobs_are_reported() {
     );
 }
 
+/// An export meets a corrupt blob: that artifact is reported as a failure and leaves no file
+/// (not even a partial one); the others are exported whole.
+#[test]
+fn export_of_a_corrupt_blob_fails_it_and_leaves_no_file() {
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let o = AddOptions::default();
+    let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    let bad =
+        f.m.add_bytes(&s.session_id, &c.collection_id, &big, "bad.bin", &o)
+            .unwrap();
+    f.m.add_bytes(&s.session_id, &c.collection_id, b"fine", "good.log", &o)
+        .unwrap();
+    let blobs =
+        LocalBlobStore::open(&f.dir.path().join("data/blobs"), Durability::default()).unwrap();
+    blobs.corrupt_for_tests(&bad.file_hash.parse().unwrap());
+    let out = f.dir.path().join("export");
+    let report =
+        f.m.export_session(&s.session_id, &out, false, &mut |_| {})
+            .unwrap();
+    assert_eq!(report.files, 1, "{report:?}");
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    assert_eq!(report.failures[0].0, bad.artifact_id, "{report:?}");
+    assert_eq!(
+        fs::read(out.join("Upgrade Logs/good.log")).unwrap(),
+        b"fine"
+    );
+    let left: Vec<_> = fs::read_dir(out.join("Upgrade Logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["good.log"],
+        "no file, partial or temporary, for the corrupt one"
+    );
+}
+
 #[test]
 fn export_writes_collections_and_never_escapes() {
     let f = fixture();
@@ -747,6 +781,42 @@ fn retention_removes_expired_sessions_and_their_unshared_blobs() {
     let done = f.m.cleanup(false, Some(in_100_days)).unwrap();
     assert_eq!(done.sessions.len(), 1);
     assert!(done.sessions[0].upgrade_failed);
+}
+
+/// The retention boundaries: 30 days after completion (90 for a failed upgrade's session),
+/// not a day before or after: at 29 and 89 days nothing goes, at 31 the normal session goes,
+/// at 91 the failed upgrade's too (a 40/100-day check passes with 35- or 60-day rules).
+#[test]
+fn retention_keeps_30_days_and_90_for_failed_upgrades() {
+    let f = fixture();
+    let tracker = ProgressTracker::new(f.store.clone());
+    tracker
+        .create_upgrade("bad", "p", "c", JsonMap::new())
+        .unwrap();
+    tracker.fail_upgrade("bad", "boom").unwrap();
+    let (ok, _) = session(&f, "good");
+    let (failed, _) = session(&f, "bad");
+    let done = |id: &str| f.m.complete_session(id).unwrap().completed_at.unwrap();
+    let t_ok = done(&ok.session_id);
+    let t_failed = done(&failed.session_id);
+    let plan = |at: chrono::DateTime<Utc>| -> Vec<String> {
+        let mut ids: Vec<String> =
+            f.m.cleanup(true, Some(at))
+                .unwrap()
+                .sessions
+                .into_iter()
+                .map(|e| e.session.session_id)
+                .collect();
+        ids.sort();
+        ids
+    };
+    let day = chrono::Duration::days(1);
+    assert!(plan(t_ok + day * 29).is_empty());
+    assert_eq!(plan(t_ok + day * 31), [ok.session_id.clone()]);
+    assert_eq!(plan(t_failed + day * 89), [ok.session_id.clone()]);
+    let mut both = vec![ok.session_id.clone(), failed.session_id.clone()];
+    both.sort();
+    assert_eq!(plan(t_failed + day * 91), both);
 }
 
 impl TestSession {
