@@ -342,9 +342,9 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     // needs a store to be there and says so, naming the directory.
     let access = match &cmd {
         ArtifactsCmd::Session(SessionCmd::Create { .. }) | ArtifactsCmd::Pull { .. } => {
-            Access::Write
+            Access::Create
         }
-        _ => Access::Read,
+        _ => Access::Existing,
     };
     let m = ctx.artifacts_on(ctx.store_for(access)?)?;
     run_on(ctx, &m, Place::Local(&m), cmd)
@@ -398,7 +398,10 @@ fn run_on(
                 } else {
                     "special file"
                 };
-                eprintln!("skipped {what} {} (not followed)", p.display());
+                eprintln!(
+                    "skipped {what} {} (not followed)",
+                    printable(&p.to_string_lossy())
+                );
             }
             if !skipped.is_empty() {
                 eprintln!(
@@ -548,7 +551,7 @@ fn run_on(
                     dir.display()
                 );
                 for (id, e) in &report.failures {
-                    eprintln!("error: artifact {id}: {e}");
+                    eprintln!("error: artifact {id}: {}", printable(&e.to_string()));
                 }
             }
             Ok(if report.failures.is_empty() {
@@ -790,7 +793,7 @@ fn upload(ctx: &Ctx, place: Place<'_>, req: &UploadRequest) -> anyhow::Result<Ex
             report.failed.len()
         );
         for (id, e) in &report.failed {
-            eprintln!("error: artifact {id}: {e}");
+            eprintln!("error: artifact {id}: {}", printable(&e.to_string()));
         }
     }
     Ok(if report.failed.is_empty() {

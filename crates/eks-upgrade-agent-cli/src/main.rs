@@ -136,11 +136,13 @@ impl Backend {
     }
 }
 
-/// Whether a command writes (and may create the data dir) or only reads.
+/// Whether a command may create the data dir and its store (`Create`: it creates something,
+/// e.g. an upgrade or a session) or needs them to exist (`Existing`: it reads, or changes what
+/// is there, and a missing store is an error that names the directory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
-    Read,
-    Write,
+    Existing,
+    Create,
 }
 
 /// What every subcommand gets.
@@ -158,7 +160,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// The local store, created when missing (commands that write).
+    /// The local store, created when missing (commands that create things).
     fn store(&self) -> anyhow::Result<Arc<SqliteStore>> {
         let store = self.config.open_store().with_context(|| {
             format!(
@@ -170,13 +172,13 @@ impl Ctx {
     }
 
     /// The local store when it exists; a clear error naming the directory otherwise, and
-    /// nothing created (commands that only read).
+    /// nothing created (every command but those that create).
     fn existing_store(&self) -> anyhow::Result<Arc<SqliteStore>> {
         match self.config.open_existing_store() {
             Ok(store) => Ok(Arc::new(store)),
             Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
-                "no store in {}: check --data-dir (or EUA_DATA_DIR); commands that write \
-                 (e.g. `progress upgrade create`) create it",
+                "no store in {}: check --data-dir (or EUA_DATA_DIR); commands that create things \
+                 (`progress upgrade create`, `artifacts session create`, ...) create it",
                 self.config.data_dir.display()
             ),
             Err(e) => Err(e).with_context(|| {
@@ -191,8 +193,8 @@ impl Ctx {
     /// [`Ctx::store`] or [`Ctx::existing_store`].
     fn store_for(&self, access: Access) -> anyhow::Result<Arc<SqliteStore>> {
         match access {
-            Access::Write => self.store(),
-            Access::Read => self.existing_store(),
+            Access::Create => self.store(),
+            Access::Existing => self.existing_store(),
         }
     }
 
@@ -287,6 +289,9 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
         e.downcast_ref::<io::Error>()
             .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            // `-o json` writes through serde_json, whose error wraps the I/O error.
+            || e.downcast_ref::<serde_json::Error>()
+                .is_some_and(|e| e.io_error_kind() == Some(io::ErrorKind::BrokenPipe))
     })
 }
 

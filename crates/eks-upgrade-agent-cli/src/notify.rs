@@ -92,7 +92,10 @@ pub(crate) fn dispatcher_or_warn(ctx: &Ctx, store: &Arc<SqliteStore>) -> Option<
     match ctx.dispatcher(store) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("warning: notifications are kept in the outbox but not sent: {e:#}");
+            eprintln!(
+                "warning: notifications are kept in the outbox but not sent: {}",
+                crate::render::printable(&format!("{e:#}"))
+            );
             None
         }
     }
@@ -116,7 +119,10 @@ pub(crate) fn after_commit(ctx: &Ctx, store: &Arc<SqliteStore>) {
                 );
             }
         }
-        Err(e) => eprintln!("warning: notifications not delivered yet: {e:#}"),
+        Err(e) => eprintln!(
+            "warning: notifications not delivered yet: {}",
+            crate::render::printable(&format!("{e:#}"))
+        ),
     }
 }
 

@@ -242,15 +242,15 @@ fn parse_type(s: &str) -> Result<TaskType, String> {
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
-    let writes = match &cmd {
-        ProgressCmd::Upgrade(c) => !matches!(c, UpgradeCmd::Show { .. } | UpgradeCmd::List),
-        ProgressCmd::Task(c) => !matches!(c, TaskCmd::Show(_)),
-        ProgressCmd::Events { .. } | ProgressCmd::Watch { .. } | ProgressCmd::Export { .. } => {
-            false
-        }
-        ProgressCmd::Import { .. } | ProgressCmd::Apply { .. } => true,
+    // Only what creates an upgrade may create the store: anything else on a missing store
+    // fails naming the directory and leaves nothing behind.
+    let access = match &cmd {
+        ProgressCmd::Upgrade(UpgradeCmd::Create { .. })
+        | ProgressCmd::Import { .. }
+        | ProgressCmd::Apply { .. } => Access::Create,
+        _ => Access::Existing,
     };
-    let backend = ctx.progress_backend(if writes { Access::Write } else { Access::Read })?;
+    let backend = ctx.progress_backend(access)?;
     let tracker = &backend.tracker;
     match cmd {
         ProgressCmd::Upgrade(c) => {

@@ -10,9 +10,10 @@
 //!   would (times are taken with the system clock, shared by both processes);
 //! - `stream_gaps clients=1000 writer=W`: events a client missed or got twice (summed over
 //!   clients);
-//! - `probe_stream_p99_ms clients=1000`: the same client harness and writer rate against a
-//!   minimal fan-out server in this process (one broadcast channel, no store, no replay): what
-//!   this machine can do, to read the figures above against;
+//! - `probe_stream_p99_ms clients=1000 server=bare-broadcast`: the same client harness and
+//!   writer rate against a minimal fan-out server in this process (one broadcast channel, each
+//!   client writing what is there in one flush, as ours does; no store, no replay, no
+//!   catch-up): about what this machine can do, to read the figures above against;
 //! - `other_writer_p50_ms`, `_p99_ms`, `_max_ms`: latency to a WebSocket client of events written
 //!   through a second, independent store handle on the same data dir (what another process, the
 //!   CLI or `apply`, does): the server sees them only by polling the database every 50 ms; 200
@@ -110,7 +111,8 @@ struct ClientResult {
 /// summary), then runs `write` (which returns the submit time of each event, by index) and
 /// prints the latency figures under `label`.
 async fn measure(
-    label: &str,
+    name: &str,
+    params: &str,
     url: String,
     first_seq: u64,
     write: impl FnOnce() -> Vec<u64> + Send + 'static,
@@ -177,7 +179,7 @@ async fn measure(
         ready_rx.recv().await.unwrap();
     }
     eprintln!(
-        "{label}: {CLIENTS} clients connected in {:?}",
+        "{name} {params}: {CLIENTS} clients connected in {:?}",
         started.elapsed()
     );
     let writer = tokio::task::spawn_blocking(write);
@@ -199,11 +201,14 @@ async fn measure(
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .map_or(f64::NAN, |us| f64::from(*us) / 1000.0)
     };
-    eprintln!("{label}: {} deliveries of {total} events", all.len());
-    println!("{label}_p50_ms: {:.2}", pct(0.50));
-    println!("{label}_p99_ms: {:.2}", pct(0.99));
-    println!("{label}_max_ms: {:.2}", pct(1.0));
-    println!("{label}_gaps: {gaps}");
+    eprintln!(
+        "{name} {params}: {} deliveries of {total} events",
+        all.len()
+    );
+    println!("{name}_p50_ms {params}: {:.2}", pct(0.50));
+    println!("{name}_p99_ms {params}: {:.2}", pct(0.99));
+    println!("{name}_max_ms {params}: {:.2}", pct(1.0));
+    println!("{name}_gaps {params}: {gaps}");
 }
 
 /// Sleeps until the `i`-th event is due (RATE per second from `start`, absolute deadlines).
@@ -223,7 +228,8 @@ async fn stream_bench() {
     let addr = start(AppState::new(Arc::clone(&t))).await;
     let url = format!("ws://{addr}/api/v1/upgrades/bench/ws");
     measure(
-        &format!("stream clients={CLIENTS} writer=in-process"),
+        "stream",
+        &format!("clients={CLIENTS} writer=in-process"),
         url,
         first_seq,
         move || {
@@ -256,7 +262,8 @@ async fn stream_bench() {
     let addr = start(AppState::new(Arc::clone(&t))).await;
     let url = format!("ws://{addr}/api/v1/upgrades/bench/ws");
     measure(
-        &format!("stream clients={CLIENTS} writer=http-process"),
+        "stream",
+        &format!("clients={CLIENTS} writer=http-process"),
         url,
         first_seq,
         move || {
@@ -289,6 +296,7 @@ async fn stream_bench() {
                 let mut rx = tx.subscribe();
                 async move {
                     ws.on_upgrade(move |mut socket| async move {
+                        use futures_util::SinkExt;
                         if socket
                             .send(Msg::Text("{\"type\":\"progress_summary\"}".into()))
                             .await
@@ -296,8 +304,17 @@ async fn stream_bench() {
                         {
                             return;
                         }
+                        // Everything already there in one write, as the real server does.
                         while let Ok(text) = rx.recv().await {
-                            if socket.send(Msg::Text(text)).await.is_err() {
+                            if socket.feed(Msg::Text(text)).await.is_err() {
+                                return;
+                            }
+                            while let Ok(more) = rx.try_recv() {
+                                if socket.feed(Msg::Text(more)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if socket.flush().await.is_err() {
                                 return;
                             }
                         }
@@ -310,7 +327,8 @@ async fn stream_bench() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, probe).await });
     measure(
-        &format!("probe_stream clients={CLIENTS}"),
+        "probe_stream",
+        &format!("clients={CLIENTS} server=bare-broadcast"),
         format!("ws://{addr}/ws"),
         1,
         move || {

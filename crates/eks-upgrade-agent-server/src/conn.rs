@@ -38,6 +38,9 @@ pub struct ServeOptions {
     /// On shutdown, how long requests in flight may take to finish; connections still busy
     /// after it (a live SSE stream never finishes) are closed.
     pub shutdown_grace: Duration,
+    /// A request body that sends nothing for this long fails (400): a slow body cannot hold
+    /// a connection forever. Long uploads are fine as long as bytes keep coming.
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -46,6 +49,7 @@ impl Default for ServeOptions {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -114,6 +118,10 @@ pub(crate) async fn run(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    let idle = options.body_idle_timeout;
+    let app = app.layer(axum::middleware::map_request(
+        move |req: axum::extract::Request| async move { idle_limited(req, idle) },
+    ));
     let permits = Arc::new(Semaphore::new(options.max_connections.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -193,4 +201,41 @@ pub(crate) async fn run(
         closed_tx.closed().await;
     }
     Ok(())
+}
+
+/// `req` with a body that fails once it sends nothing for `idle` (requests without a body are
+/// left alone: a WebSocket or SSE client may be quiet for as long as it likes after its
+/// request).
+fn idle_limited(req: axum::extract::Request, idle: Duration) -> axum::extract::Request {
+    use futures_util::StreamExt;
+    // An empty body keeps its exact (zero) size, which the guard reads to tell a body from
+    // none.
+    use axum::body::HttpBody;
+    if req.body().size_hint().exact() == Some(0) {
+        return req;
+    }
+    req.map(|body| {
+        let stream = body.into_data_stream();
+        axum::body::Body::from_stream(futures_util::stream::unfold(
+            Some(stream),
+            move |state| async move {
+                let mut s = state?;
+                match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(s))),
+                    Ok(Some(Err(e))) => Some((Err(io::Error::other(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the request body stalled: nothing arrived for {} s",
+                                idle.as_secs_f64()
+                            ),
+                        )),
+                        None,
+                    )),
+                }
+            },
+        ))
+    })
 }

@@ -93,12 +93,22 @@ pub(crate) fn json_body<T>(body: Result<Json<T>, JsonRejection>, limit: usize) -
 
 /// `limit` if it is at most [`crate::MAX_EVENTS`], else 400 naming the maximum.
 pub(crate) fn page_limit(name: &str, limit: usize) -> ApiResult<usize> {
+    limit_with(
+        name,
+        limit,
+        "read the next page with since=<the last seq you got>",
+    )
+}
+
+/// `limit` if it is at most [`crate::MAX_EVENTS`] (one page), else 400 naming the maximum and
+/// `next`, how to read on.
+pub(crate) fn limit_with(name: &str, limit: usize, next: &str) -> ApiResult<usize> {
     if limit > crate::MAX_EVENTS {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_query",
             format!(
-                "{name} must be at most {} (got {limit}); read the next page with since=<the last seq you got>",
+                "{name} must be at most {} (got {limit}); {next}",
                 crate::MAX_EVENTS
             ),
         ));

@@ -16,7 +16,7 @@ use eks_upgrade_agent::progress::Command;
 use eks_upgrade_agent::store::{Committed, MAX_PAGE};
 
 use crate::AppState;
-use crate::error::{ApiError, ApiResult, blocking, page_limit};
+use crate::error::{ApiError, ApiResult, blocking, limit_with, page_limit};
 
 /// An optional JSON body: empty means none.
 fn optional_json(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<Json<Value>>> {
@@ -93,7 +93,11 @@ pub(crate) struct PageQuery {
 
 impl PageQuery {
     fn limit(&self) -> ApiResult<usize> {
-        page_limit("limit", self.limit.unwrap_or(MAX_PAGE))
+        limit_with(
+            "limit",
+            self.limit.unwrap_or(MAX_PAGE),
+            "read the next page with cursor=<its X-Next-Cursor>",
+        )
     }
 }
 

@@ -26,7 +26,7 @@ use eks_upgrade_agent::model::{ProgressEvent, Task, Upgrade};
 use eks_upgrade_agent::progress::Command;
 use eks_upgrade_agent::store::{EventQuery, MAX_PAGE};
 
-use crate::error::{ApiError, ApiResult, blocking, json_body, page_limit};
+use crate::error::{ApiError, ApiResult, blocking, json_body, limit_with, page_limit};
 use crate::{AppState, MAX_EXECUTE_BODY, MAX_IMPORT_BODY};
 
 pub(crate) async fn execute(
@@ -78,7 +78,11 @@ pub(crate) struct Page {
 
 impl Page {
     fn limit(&self) -> ApiResult<usize> {
-        page_limit("limit", self.limit.unwrap_or(MAX_PAGE))
+        limit_with(
+            "limit",
+            self.limit.unwrap_or(MAX_PAGE),
+            "read the next page with after=<the last id you got>",
+        )
     }
 }
 

@@ -277,23 +277,27 @@ impl Model {
                 let mut leaves = Vec::new();
                 self.leaves_below(i, &mut leaves);
                 leaves.sort_unstable();
-                let mut applied = 0;
-                for leaf in leaves {
-                    if leaf_target(self.tasks[leaf].status, kind).is_some() {
-                        assert!(self.leaf_op(leaf, kind));
-                        applied += 1;
-                    }
+                leaves.retain(|&l| leaf_target(self.tasks[l].status, kind).is_some());
+                // A group's retry retries what failed; cancelled leaves only when none failed.
+                if kind == Kind::Retry && leaves.iter().any(|&l| self.tasks[l].status == Failed) {
+                    leaves.retain(|&l| self.tasks[l].status == Failed);
                 }
-                applied > 0
+                for &leaf in &leaves {
+                    assert!(self.leaf_op(leaf, kind));
+                }
+                !leaves.is_empty()
             }
         }
     }
 
     fn add(&mut self, parent: Option<usize>, weight: f64, steps: Option<u32>) -> bool {
-        if let Some(p) = parent
-            && matches!(self.tasks[p].status, Completed | Failed | Cancelled)
-        {
-            return false;
+        if let Some(p) = parent {
+            let t = &self.tasks[p];
+            if matches!(t.status, Completed | Failed | Cancelled)
+                || (t.status == Paused && t.children.is_empty())
+            {
+                return false;
+            }
         }
         let depth = {
             let mut d = 0;

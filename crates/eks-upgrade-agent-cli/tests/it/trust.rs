@@ -46,8 +46,22 @@ fn create(env: &Env, upgrade: &str) {
 fn reads_never_create_a_data_dir() {
     let root = tempfile::tempdir().unwrap();
     let missing = root.path().join("nonexistent/x/y");
-    let reads: [&[&str]; 8] = [
+    let reads: [&[&str]; 11] = [
         &["progress", "upgrade", "list"],
+        // Changes to what is not there fail alike, creating nothing.
+        &["progress", "upgrade", "start", "u1"],
+        &[
+            "progress",
+            "task",
+            "add",
+            "u1",
+            "t",
+            "--name",
+            "n",
+            "--type",
+            "upgrade_step",
+        ],
+        &["progress", "task", "update", "u1", "t", "--percent", "5"],
         &["progress", "upgrade", "show", "u1"],
         &["progress", "task", "show", "u1", "t1"],
         &["progress", "events", "u1"],

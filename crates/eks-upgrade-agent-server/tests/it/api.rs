@@ -585,18 +585,16 @@ async fn upgrade_and_task_listings_are_pages() {
     let (_, after, v) = get(format!("/api/v1/upgrades?limit=2&cursor={next}")).await;
     assert_eq!(v[0]["upgrade_id"], "u2");
     assert_eq!(after, None, "the last page names none");
-    for uri in [
-        "/api/v1/upgrades?limit=10001",
-        "/api/v1/upgrades/u0/tasks?limit=10001",
-        "/api/v1/store/upgrades?limit=10001",
-        "/api/v1/store/upgrades/u0/tasks?limit=10001",
+    for (uri, next) in [
+        ("/api/v1/upgrades?limit=10001", "cursor="),
+        ("/api/v1/upgrades/u0/tasks?limit=10001", "cursor="),
+        ("/api/v1/store/upgrades?limit=10001", "after="),
+        ("/api/v1/store/upgrades/u0/tasks?limit=10001", "after="),
     ] {
         let (st, _, v) = get(uri.into()).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
-        assert!(
-            v["error"]["message"].as_str().unwrap().contains("10000"),
-            "{v}"
-        );
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("10000") && msg.contains(next), "{uri}: {msg}");
     }
     let (st, _, v) = get("/api/v1/upgrades?cursor=ghost".into()).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");

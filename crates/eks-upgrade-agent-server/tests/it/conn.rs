@@ -56,6 +56,49 @@ async fn half_sent_headers_are_cut_off() {
     assert!(response(&mut tcp).await.starts_with("HTTP/1.1 200"));
 }
 
+/// A body that stops arriving is cut off too (a slow body once held its connection forever),
+/// while a body that keeps coming, however slowly, is read whole.
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServeOptions {
+        body_idle_timeout: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let server = Server::start(state(dir.path()).with_serve_options(options)).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(
+        b"POST /api/v1/upgrades HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(5), response(&mut tcp))
+        .await
+        .expect("the server answers a stalled body within 5 s");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("stalled"), "{answer}");
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    // Slow but steady: one byte every 100 ms, under the 300 ms limit.
+    let body = br#"{"upgrade_id":"slow","plan_id":"p","cluster_name":"c"}"#;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST /api/v1/upgrades HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for chunk in body.chunks(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tcp.write_all(chunk).await.unwrap();
+    }
+    let answer = response(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+}
+
 #[tokio::test]
 async fn connections_over_the_cap_wait_for_a_free_slot() {
     let dir = tempfile::tempdir().unwrap();

@@ -812,8 +812,11 @@ fn retention_keeps_30_days_and_90_for_failed_upgrades() {
     };
     let day = chrono::Duration::days(1);
     assert!(plan(t_ok + day * 29).is_empty());
-    assert_eq!(plan(t_ok + day * 31), [ok.session_id.clone()]);
-    assert_eq!(plan(t_failed + day * 89), [ok.session_id.clone()]);
+    assert_eq!(plan(t_ok + day * 31), std::slice::from_ref(&ok.session_id));
+    assert_eq!(
+        plan(t_failed + day * 89),
+        std::slice::from_ref(&ok.session_id)
+    );
     let mut both = vec![ok.session_id.clone(), failed.session_id.clone()];
     both.sort();
     assert_eq!(plan(t_failed + day * 91), both);

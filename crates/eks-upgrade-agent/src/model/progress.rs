@@ -331,7 +331,8 @@ impl Upgrade {
     pub fn duration_seconds(&self, now: DateTime<Utc>) -> Option<f64> {
         let start = self.started_at?;
         let end = self.completed_at.unwrap_or(now);
-        Some(seconds_between(start, end))
+        // Never negative, whatever the clocks or an old store say.
+        Some(seconds_between(start, end).max(0.0))
     }
 
     /// Linear estimate of when the upgrade will end, from elapsed time and overall percentage.

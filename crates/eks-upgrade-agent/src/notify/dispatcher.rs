@@ -216,6 +216,13 @@ impl Dispatcher {
                         let result = results.get(k).cloned().unwrap_or_else(|| {
                             EntryResult::Retry("sink returned no result".into())
                         });
+                        // A sink's error is kept per entry and shown by `notify status`: at most
+                        // 1 KiB of it (an SDK's dump of a whole request was once 10 KB a row).
+                        let result = match result {
+                            EntryResult::Retry(e) => EntryResult::Retry(clip(e)),
+                            EntryResult::Reject(e) => EntryResult::Reject(clip(e)),
+                            other => other,
+                        };
                         let result = match result {
                             EntryResult::Delivered
                                 if failed_upgrades.contains(n.upgrade_id.as_str()) =>
@@ -376,5 +383,37 @@ impl Drop for DispatcherHandle {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Longest sink error kept per entry, in bytes.
+const MAX_ERROR: usize = 1024;
+
+/// `error` cut to [`MAX_ERROR`] bytes (on a character boundary), marked when cut.
+fn clip(mut error: String) -> String {
+    if error.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+        error.push_str("… (cut)");
+    }
+    error
+}
+
+#[cfg(test)]
+mod clip_tests {
+    #[test]
+    fn long_errors_are_cut_on_a_character_boundary() {
+        assert_eq!(super::clip("short".into()), "short");
+        let long = "é".repeat(2000);
+        let cut = super::clip(long);
+        assert!(
+            cut.len() <= super::MAX_ERROR + "… (cut)".len(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with("… (cut)"));
     }
 }

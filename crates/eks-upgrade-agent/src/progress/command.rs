@@ -540,6 +540,40 @@ impl Command {
 /// no duplicate, depth at most [`MAX_DEPTH`], events naming tasks of the upgrade. Every
 /// import path runs it before writing anything.
 pub fn check_import(upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<()> {
+    // Times lie between 1970 and a day from now (clocks drift), and an end never precedes its
+    // start: a start in 9999 once showed a duration of minus 250 billion seconds.
+    let latest = crate::model::now() + chrono::TimeDelta::days(1);
+    let check_time = |what: &str, t: Option<chrono::DateTime<chrono::Utc>>| -> Result<()> {
+        match t {
+            Some(t) if t.timestamp() < 0 || t > latest => Err(Error::invalid(format!(
+                "{what} {t} is not between 1970 and now"
+            ))),
+            _ => Ok(()),
+        }
+    };
+    let check_span = |what: &str,
+                      created: chrono::DateTime<chrono::Utc>,
+                      started: Option<chrono::DateTime<chrono::Utc>>,
+                      completed: Option<chrono::DateTime<chrono::Utc>>|
+     -> Result<()> {
+        check_time(&format!("{what}: created_at"), Some(created))?;
+        check_time(&format!("{what}: started_at"), started)?;
+        check_time(&format!("{what}: completed_at"), completed)?;
+        if let (Some(s), Some(c)) = (started, completed)
+            && c < s
+        {
+            return Err(Error::invalid(format!(
+                "{what}: completed_at {c} is before started_at {s}"
+            )));
+        }
+        Ok(())
+    };
+    check_span(
+        &format!("upgrade {:?}", upgrade.upgrade_id),
+        upgrade.created_at,
+        upgrade.started_at,
+        upgrade.completed_at,
+    )?;
     check_id("upgrade_id", &upgrade.upgrade_id)?;
     check_id("plan_id", &upgrade.plan_id)?;
     check_name("cluster_name", &upgrade.cluster_name)?;
@@ -611,6 +645,12 @@ pub fn check_import(upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent])
             )));
         }
         check_json("metadata", &t.metadata).map_err(what)?;
+        check_span(
+            &format!("task {:?}", t.task_id),
+            t.created_at,
+            t.started_at,
+            t.completed_at,
+        )?;
         let d = match &t.parent_task_id {
             None => 0,
             Some(p) => {
@@ -661,6 +701,10 @@ pub fn check_import(upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent])
         }
         check_json("details", &e.details).map_err(what)?;
         check_percentage(e.percentage).map_err(what)?;
+        check_time(
+            &format!("event {}: timestamp", e.event_id),
+            Some(e.timestamp),
+        )?;
     }
     Ok(())
 }

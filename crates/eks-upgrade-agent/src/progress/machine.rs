@@ -46,10 +46,12 @@
 //! | cancel    | cancels every unfinished leaf below it                                   |
 //! | pause     | pauses every running leaf below it                                       |
 //! | resume    | resumes every paused leaf below it                                       |
-//! | retry     | retries every failed or cancelled leaf below it                          |
+//! | retry     | retries every failed leaf below it (the cancelled ones when none failed) |
 //!
 //! A change below a completed task that would reopen it (a retried subtask) is refused:
-//! `completed` stays final at every level. The upgrade's own status stays explicit.
+//! `completed` stays final at every level. A subtask cannot be added where it would change its
+//! parent's status (under a finished task, or a paused one with no subtasks yet). The
+//! upgrade's own status stays explicit.
 
 use chrono::{DateTime, Utc};
 

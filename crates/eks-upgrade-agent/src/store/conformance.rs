@@ -524,6 +524,26 @@ fn hierarchy_statuses_follow_children(t: ProgressTracker) {
         (s.completed_tasks, s.cancelled_tasks, s.total_tasks),
         (4, 1, 5)
     );
+    // A group's retry retries what failed, not what was cancelled on purpose; a paused task
+    // without subtasks takes none (it would be resumed behind the operator's back).
+    add(&t, "u", "grp", None, 1.0);
+    for id in ["g1", "g2"] {
+        add(&t, "u", id, Some("grp"), 1.0);
+    }
+    t.cancel_task("u", "g1", None).unwrap();
+    t.fail_task("u", "g2", "boom").unwrap();
+    t.retry_task("u", "grp", None).unwrap();
+    assert_eq!(status(&t, "u", "g1"), Cancelled);
+    assert_eq!(status(&t, "u", "g2"), InProgress);
+    t.pause_task("u", "g2", None).unwrap();
+    let err = t
+        .add_task(
+            "u",
+            NewTask::new("g2a", "G2A", TaskType::UpgradeStep).parent("g2"),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("resume it first"), "{err}");
+    assert_eq!(status(&t, "u", "g2"), Paused);
     // Every task's stored counters agree with a recount.
     let tasks = t.tasks("u").unwrap();
     let mut counts = [0u64; 6];
@@ -764,7 +784,18 @@ fn importable() -> (Upgrade, Vec<Task>, Vec<ProgressEvent>) {
 /// ids with `/` wrote exports elsewhere). A refused import writes nothing.
 fn hostile_imports_are_refused_whole(t: ProgressTracker) {
     type Mutation = fn(&mut Upgrade, &mut Vec<Task>, &mut Vec<ProgressEvent>);
-    let cases: [(&str, Mutation); 16] = [
+    let cases: [(&str, Mutation); 19] = [
+        ("not between 1970 and now", |u, _, _| {
+            u.started_at = chrono::DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+                .ok()
+                .map(|t| t.to_utc())
+        }),
+        ("is before started_at", |_, t, _| {
+            t[0].completed_at = t[0].started_at.map(|s| s - chrono::TimeDelta::hours(1))
+        }),
+        ("not between 1970 and now", |_, _, e| {
+            e[1].timestamp = chrono::DateTime::<chrono::Utc>::MIN_UTC
+        }),
         ("weight", |_, t, _| t[1].weight = 1e308),
         ("weight", |_, t, _| t[0].weight = 0.0),
         ("completed_steps", |_, t, _| t[0].completed_steps = 5),

@@ -964,18 +964,29 @@ impl<'a, 't> TaskWrite<'a, 't> {
             TaskOp::Fail | TaskOp::Cancel | TaskOp::Pause | TaskOp::Resume | TaskOp::Retry => {
                 let to = machine::task_transition(&row.task, op)?;
                 let what = what();
-                let mut applied = 0;
+                let mut eligible = Vec::new();
                 for leaf in self.leaves_below(row.tkey)? {
                     let leaf = self
                         .tx
                         .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
                         .query_row([leaf], |r| task_row(r, self.upgrade_id))?;
-                    if machine::task_transition(&leaf.task, op).is_err() {
-                        continue;
+                    if machine::task_transition(&leaf.task, op).is_ok() {
+                        eligible.push(leaf);
                     }
+                }
+                // Retrying a group retries what failed; only a group with no failure (a
+                // cancelled one) has its cancelled leaves retried.
+                if op == TaskOp::Retry
+                    && eligible
+                        .iter()
+                        .any(|l| l.task.status == ProgressStatus::Failed)
+                {
+                    eligible.retain(|l| l.task.status == ProgressStatus::Failed);
+                }
+                let applied = eligible.len();
+                for leaf in eligible {
                     let c = command.for_task(&leaf.task.task_id);
                     self.task_op(leaf, &c)?;
-                    applied += 1;
                 }
                 if applied == 0 {
                     return Err(Error::InvalidTransition {
@@ -1311,12 +1322,23 @@ fn add_tasks(
                         parent.depth + 1
                     )));
                 }
-                if parent.task.status.is_terminal() {
-                    // A new, unstarted child would reopen a finished task.
+                // A new, unstarted child must not change its parent's status: it would reopen
+                // a finished task, or resume a paused one behind the operator's back.
+                let refuse = match parent.task.status {
+                    ProgressStatus::Completed => Some("completed, which is final"),
+                    ProgressStatus::Failed | ProgressStatus::Cancelled => {
+                        Some("finished; retry it first")
+                    }
+                    ProgressStatus::Paused if parent.task.children == 0 => {
+                        Some("paused; resume it first")
+                    }
+                    _ => None,
+                };
+                if let Some(why) = refuse {
                     return Err(Error::InvalidTransition {
                         what: format!(
-                            "task {p:?} of upgrade {upgrade_id:?} (it is {}: a subtask {:?} cannot be added; retry it first)",
-                            parent.task.status, t.task_id
+                            "task {p:?} of upgrade {upgrade_id:?} (it is {why}: subtask {:?} cannot be added)",
+                            t.task_id
                         ),
                         from: parent.task.status,
                         to: ProgressStatus::InProgress,
