@@ -147,7 +147,13 @@ fn main() {
         let collection = collection["collection_id"].as_str().unwrap().to_owned();
         ours(
             &dir,
+            // Queued for upload as it is added; the timed upload below sends it.
             &[
+                "--s3-bucket",
+                "bench",
+                "--s3-prefix",
+                &prefix,
+                "--auto-upload",
                 "artifacts",
                 "add",
                 &session,

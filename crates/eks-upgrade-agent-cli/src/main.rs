@@ -332,3 +332,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(&ctx, args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    /// "`--help` works at every level": every command and subcommand, walked from the
+    /// definition (so a new one is covered without listing it), answers `--help` with its usage.
+    #[test]
+    fn help_works_at_every_level() {
+        Cli::command().debug_assert();
+        fn walk(cmd: &clap::Command, path: &mut Vec<String>, seen: &mut usize) {
+            let mut args = vec!["eks-upgrade-agent".to_owned()];
+            args.extend(path.iter().cloned());
+            args.push("--help".into());
+            let err = Cli::try_parse_from(&args).expect_err("--help exits");
+            assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{args:?}");
+            let text = err.to_string();
+            assert!(text.contains("Usage:"), "{args:?}: {text}");
+            *seen += 1;
+            for sub in cmd.get_subcommands() {
+                path.push(sub.get_name().to_owned());
+                walk(sub, path, seen);
+                path.pop();
+            }
+        }
+        let mut seen = 0;
+        walk(&Cli::command(), &mut Vec::new(), &mut seen);
+        assert!(seen > 40, "only {seen} commands");
+    }
+}

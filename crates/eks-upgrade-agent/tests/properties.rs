@@ -398,6 +398,7 @@ fn run_model(t: &ProgressTracker, u: &str, ops: &[Op]) -> Result<(), TestCaseErr
     t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
     t.start_upgrade(u, None).unwrap();
     let mut m = Model::default();
+    let mut history = t.events_since(Some(u), 0, usize::MAX).unwrap().len();
     for (step, op) in ops.iter().enumerate() {
         let before_seq = t.store().last_seq().unwrap();
         let pick = |i: u8| (!m.tasks.is_empty()).then(|| usize::from(i) % m.tasks.len());
@@ -450,6 +451,12 @@ fn run_model(t: &ProgressTracker, u: &str, ops: &[Op]) -> Result<(), TestCaseErr
         if !store_ok {
             prop_assert_eq!(t.store().last_seq().unwrap(), before_seq, "a refusal wrote");
         }
+        // Events are never deleted and seq never goes back: the log only grows, at its end.
+        let events = t.events_since(Some(u), 0, usize::MAX).unwrap();
+        prop_assert!(events.len() >= history, "step {}: the log shrank", step);
+        prop_assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+        prop_assert!(t.store().last_seq().unwrap() >= before_seq);
+        history = events.len();
         check(t, u, &m, step)?;
     }
     Ok(())

@@ -554,3 +554,64 @@ fn sinks_that_are_down_or_hang_never_slow_a_progress_call() {
     held.lock().unwrap().clear();
     drop(handle);
 }
+
+/// "One delivery pass runs at a time per process": passes started together from several
+/// threads (a background pass and a `flush`, say) never call the sink at the same time, and
+/// so never send an entry twice.
+#[test]
+fn one_delivery_pass_at_a_time() {
+    use std::sync::atomic::AtomicUsize;
+    #[derive(Debug)]
+    struct Slow {
+        inner: InMemoryEventSink,
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+    impl EventSink for Slow {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn deliver(&self, b: &[Notification]) -> Vec<EntryResult> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(30));
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.inner.deliver(b)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    for u in ["u1", "u2", "u3"] {
+        run_upgrade(&t, u);
+    }
+    let sink = Arc::new(Slow {
+        inner: InMemoryEventSink::new("slow"),
+        now: AtomicUsize::new(0),
+        most: AtomicUsize::new(0),
+    });
+    let d = Arc::new(Dispatcher::new(s.clone(), vec![sink.clone()], fast()));
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let passes: Vec<_> = (0..4)
+        .map(|_| {
+            let (d, barrier) = (d.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                d.run_once().unwrap()
+            })
+        })
+        .collect();
+    for p in passes {
+        p.join().unwrap();
+    }
+    assert_eq!(
+        sink.most.load(Ordering::SeqCst),
+        1,
+        "two passes called the sink at once"
+    );
+    let got = sink.inner.received();
+    let mut ids: Vec<_> = got.iter().map(|n| n.event_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((got.len(), ids.len()), (27, 27), "each entry sent once");
+}

@@ -196,3 +196,96 @@ fn commit<W: Write>(
     output.flush()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::model::{ProgressEvent, Task, Upgrade};
+    use crate::store::{Committed, EventQuery, ProgressStore, SqliteStore};
+
+    /// A SQLite store that counts the transactions `execute` runs and their sizes.
+    #[derive(Debug)]
+    struct Counting {
+        inner: SqliteStore,
+        calls: AtomicUsize,
+        largest: AtomicUsize,
+    }
+
+    impl ProgressStore for Counting {
+        fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.largest.fetch_max(commands.len(), Ordering::SeqCst);
+            self.inner.execute(commands)
+        }
+        fn import(&self, u: &Upgrade, t: &[Task], e: &[ProgressEvent]) -> Result<u64> {
+            self.inner.import(u, t, e)
+        }
+        fn upgrade(&self, id: &str) -> Result<Upgrade> {
+            self.inner.upgrade(id)
+        }
+        fn upgrades_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Upgrade>> {
+            self.inner.upgrades_page(after, limit)
+        }
+        fn tasks_page(&self, u: &str, after: Option<&str>, limit: usize) -> Result<Vec<Task>> {
+            self.inner.tasks_page(u, after, limit)
+        }
+        fn task(&self, u: &str, t: &str) -> Result<Task> {
+            self.inner.task(u, t)
+        }
+        fn recent_task_events(&self, u: &str, t: &str, n: usize) -> Result<Vec<ProgressEvent>> {
+            self.inner.recent_task_events(u, t, n)
+        }
+        fn events(&self, q: &EventQuery) -> Result<Vec<ProgressEvent>> {
+            self.inner.events(q)
+        }
+        fn latest_events(&self, u: &str, n: usize) -> Result<Vec<ProgressEvent>> {
+            self.inner.latest_events(u, n)
+        }
+        fn last_seq(&self) -> Result<u64> {
+            self.inner.last_seq()
+        }
+    }
+
+    /// "`apply` commits the lines already waiting together": 2,000 buffered lines take a few
+    /// transactions of up to `max_batch` lines, not 2,000; with `max_batch` 1, one each. Every
+    /// line is still acknowledged once.
+    #[test]
+    fn buffered_lines_share_a_transaction() {
+        for (max_batch, most_calls, largest) in [(1024, 4, 1024), (1, 2002, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Counting {
+                inner: SqliteStore::open(dir.path(), &Default::default()).unwrap(),
+                calls: AtomicUsize::new(0),
+                largest: AtomicUsize::new(0),
+            });
+            let t = ProgressTracker::new(store.clone());
+            let mut input = String::from(
+                "{\"op\":\"upgrade.create\",\"upgrade_id\":\"u\",\"plan_id\":\"p\",\"cluster_name\":\"c\"}\n\
+                 {\"op\":\"task.add\",\"upgrade_id\":\"u\",\"task_id\":\"t\",\"name\":\"T\",\"task_type\":\"cleanup\"}\n",
+            );
+            for i in 0..2000 {
+                input.push_str(&format!(
+                    "{{\"op\":\"task.update\",\"upgrade_id\":\"u\",\"task_id\":\"t\",\"percentage\":{}}}\n",
+                    i % 100
+                ));
+            }
+            let mut out = Vec::new();
+            let stats = run(&t, input.as_bytes(), &mut out, &ApplyOptions { max_batch }).unwrap();
+            assert_eq!((stats.lines, stats.ok), (2002, 2002));
+            assert_eq!(String::from_utf8(out).unwrap().lines().count(), 2002);
+            let calls = store.calls.load(Ordering::SeqCst);
+            assert!(
+                calls <= most_calls,
+                "max_batch {max_batch}: {calls} transactions"
+            );
+            assert_eq!(
+                store.largest.load(Ordering::SeqCst),
+                largest,
+                "max_batch {max_batch}"
+            );
+        }
+    }
+}
