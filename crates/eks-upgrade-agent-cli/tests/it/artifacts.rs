@@ -591,6 +591,8 @@ fn two_processes_add_to_the_same_session_at_once() {
         );
     }
     let mut ids_seen = std::collections::HashSet::new();
+    // Each process's first and last add (RFC 3339 in UTC sorts as text).
+    let mut spans = Vec::new();
     for c in children {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -599,10 +601,19 @@ fn two_processes_add_to_the_same_session_at_once() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut times = Vec::new();
         for a in v.as_array().unwrap() {
             ids_seen.insert(a["artifact_id"].as_str().unwrap().to_owned());
+            times.push(a["created_at"].as_str().unwrap().to_owned());
         }
+        times.sort();
+        spans.push((times[0].clone(), times[times.len() - 1].clone()));
     }
+    // They really ran at once: each added while the other was adding.
+    assert!(
+        spans[0].0 < spans[1].1 && spans[1].0 < spans[0].1,
+        "the two adds did not overlap: {spans:?}"
+    );
     assert_eq!(ids_seen.len(), 300);
     assert_eq!(env.json(&["artifacts", "stats"])["total_artifacts"], 300);
     let export = env.dir.path().join("export");

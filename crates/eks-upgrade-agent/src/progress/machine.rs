@@ -33,7 +33,7 @@
 //! parent, the sum of weights and of weighted percentages of its children, so a change costs
 //! O(depth), never O(tasks).
 //!
-//! Statuses roll up too ([`derived_status`]): a task with children takes its status from them.
+//! Statuses roll up too (`derived_status`): a task with children takes its status from them.
 //! Stores keep, per parent, the number of children in each status, so deriving costs O(1) per
 //! level. Operations on a task with children:
 //!
