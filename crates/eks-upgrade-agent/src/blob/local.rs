@@ -101,6 +101,36 @@ impl LocalBlobStore {
         Ok(stored.is_none())
     }
 
+    /// A new temp file for a put, locked (the lock tells `sweep_incomplete` this put is alive;
+    /// it ends with the process). Creating and locking are two steps: a sweep in between may
+    /// remove the file, so once locked it must still be the file at its path, else try again.
+    fn locked_temp(&self) -> Result<(PathBuf, File)> {
+        use std::os::unix::fs::MetadataExt;
+        for _ in 0..8 {
+            let tmp = self
+                .root
+                .join("tmp")
+                .join(format!("{}.part", Uuid::now_v7()));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| Error::backend(format!("cannot create {}", tmp.display()), e))?;
+            file.lock()?;
+            let ours = file.metadata()?.ino();
+            if fs::metadata(&tmp).is_ok_and(|m| m.ino() == ours) {
+                return Ok((tmp, file));
+            }
+        }
+        Err(Error::Backend {
+            message: format!(
+                "cannot keep a temp file in {} (removed as soon as created)",
+                self.root.join("tmp").display()
+            ),
+            source: None,
+        })
+    }
+
     /// The lock that orders the final rename of a put (shared) against a gc deletion
     /// (exclusive), across processes.
     fn gc_lock(&self) -> Result<File> {
@@ -312,17 +342,7 @@ impl BlobStore for LocalBlobStore {
             });
         }
         head.truncate(n);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.part", Uuid::now_v7()));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::backend(format!("cannot create {}", tmp.display()), e))?;
-        // The lock tells sweep_incomplete that this put is alive; it ends with the process.
-        file.lock()?;
+        let (tmp, mut file) = self.locked_temp()?;
         let written = self
             .write_stream(head, reader, &mut file, progress)
             .and_then(|r| {
@@ -524,13 +544,13 @@ impl BlobStore for LocalBlobStore {
             let Ok(file) = OpenOptions::new().write(true).open(&path) else {
                 continue;
             };
-            // A live put holds the lock; a killed one released it with its process.
-            if file.try_lock().is_ok() {
-                drop(file);
-                if fs::remove_file(&path).is_ok() {
-                    removed += 1;
-                }
+            // A live put holds the lock; a killed one released it with its process. The file
+            // goes while the lock is held, so a put that creates it and locks it a moment
+            // later either keeps it or sees it gone (see `locked_temp`).
+            if file.try_lock().is_ok() && fs::remove_file(&path).is_ok() {
+                removed += 1;
             }
+            drop(file);
         }
         Ok(removed)
     }
