@@ -563,6 +563,10 @@ fn kill_during_a_large_add_leaves_no_half_artifact_and_gc_cleans_up() {
 fn two_processes_add_to_the_same_session_at_once() {
     let env = Env::new();
     let ids = setup(&env);
+    // A barrier across processes: the test holds the store's write lock while both adds
+    // start, so neither can finish before the other has begun.
+    let db = rusqlite::Connection::open(env.data_dir().join("eks-upgrade-agent.sqlite3")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let mut children = Vec::new();
     for p in 0..2 {
         let dir = env.dir.path().join(format!("src{p}"));
@@ -590,9 +594,16 @@ fn two_processes_add_to_the_same_session_at_once() {
                 .unwrap(),
         );
     }
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    for c in &mut children {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "an add finished while the store was locked"
+        );
+    }
+    // Both are running (and waiting on the lock) at once: let them go together.
+    db.execute_batch("COMMIT").unwrap();
     let mut ids_seen = std::collections::HashSet::new();
-    // Each process's first and last add (RFC 3339 in UTC sorts as text).
-    let mut spans = Vec::new();
     for c in children {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -601,19 +612,10 @@ fn two_processes_add_to_the_same_session_at_once() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let mut times = Vec::new();
         for a in v.as_array().unwrap() {
             ids_seen.insert(a["artifact_id"].as_str().unwrap().to_owned());
-            times.push(a["created_at"].as_str().unwrap().to_owned());
         }
-        times.sort();
-        spans.push((times[0].clone(), times[times.len() - 1].clone()));
     }
-    // They really ran at once: each added while the other was adding.
-    assert!(
-        spans[0].0 < spans[1].1 && spans[1].0 < spans[0].1,
-        "the two adds did not overlap: {spans:?}"
-    );
     assert_eq!(ids_seen.len(), 300);
     assert_eq!(env.json(&["artifacts", "stats"])["total_artifacts"], 300);
     let export = env.dir.path().join("export");
