@@ -143,7 +143,7 @@ fn sigkill_never_loses_an_acknowledged_update() {
 }
 
 /// `--durability power_loss` really syncs the WAL at every commit, and the default does not
-/// (it syncs at checkpoints): the fsync/fdatasync calls on the `-wal` file, counted with
+/// (it syncs at checkpoints only): the fsync/fdatasync calls on the `-wal` file, counted with
 /// strace, over 200 commits of one `apply` (one line per transaction).
 #[test]
 fn power_loss_durability_syncs_the_wal_at_every_commit() {
@@ -223,8 +223,10 @@ fn power_loss_durability_syncs_the_wal_at_every_commit() {
     let full = count_wal_syncs("power_loss");
     let normal = count_wal_syncs("process_crash");
     assert!(full >= 200, "power_loss: {full} WAL syncs for 200 commits");
+    // The default syncs only at checkpoints (every 20 ms at most, whatever the commit rate):
+    // far fewer than one per commit, even on a slow machine.
     assert!(
-        normal < 20,
+        normal < 150,
         "process_crash: {normal} WAL syncs for 200 commits"
     );
 }
