@@ -181,6 +181,18 @@ mod tests {
         assert_eq!(a.role_of("a:b:c:d:e:f:g:h:i:j"), Some(Role::Read));
     }
 
+    /// Only the SHA-256 digest of a token is kept (compared with `ct_eq`), and `Debug` shows
+    /// how many tokens there are, never one of them.
+    #[test]
+    fn only_digests_of_tokens_are_kept() {
+        let a = Auth::from_specs(&["secret-token-0123456789:write"]).unwrap();
+        let digest: [u8; 32] = Sha256::digest(b"secret-token-0123456789").into();
+        assert_eq!(a.tokens, [(digest, Role::Write)]);
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(shown, "Auth { tokens: 1 }");
+    }
+
     #[test]
     fn bad_specs_are_refused() {
         for (spec, want) in [

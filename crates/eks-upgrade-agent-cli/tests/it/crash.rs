@@ -234,3 +234,51 @@ fn power_loss_durability_syncs_the_wal_at_every_commit() {
         "process_crash: {normal} WAL syncs for 200 commits"
     );
 }
+
+/// Reads never block writes (WAL: a long read transaction elsewhere does not stop a commit),
+/// and a write that cannot get the lock waits the busy timeout (10 s), then fails clearly
+/// instead of hanging or corrupting.
+#[test]
+fn reads_never_block_writes_and_a_held_write_lock_times_out_clearly() {
+    let env = Env::new();
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    let db = rusqlite::Connection::open(env.data_dir().join("eks-upgrade-agent.sqlite3")).unwrap();
+    // A read transaction held open.
+    db.execute_batch("BEGIN").unwrap();
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert!(n >= 1);
+    let started = std::time::Instant::now();
+    env.ok(&["progress", "upgrade", "start", "u"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a read held the write back for {:?}",
+        started.elapsed()
+    );
+    db.execute_batch("COMMIT").unwrap();
+    // The write lock held: a write waits about 10 s, then fails with a clear error.
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    let err = env.fails(1, &["progress", "upgrade", "phase", "u", "nodes"]);
+    let waited = started.elapsed();
+    assert!(err.contains("locked"), "{err}");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(30),
+        "waited {waited:?}"
+    );
+    db.execute_batch("ROLLBACK").unwrap();
+    // Nothing was half done: the refused change is not there, the next one goes through.
+    let s = env.json(&["progress", "upgrade", "show", "u"]);
+    assert_eq!(s["current_phase"], serde_json::Value::Null);
+    env.ok(&["progress", "upgrade", "phase", "u", "nodes"]);
+}

@@ -386,3 +386,105 @@ fn remote_commands_match_local_ones() {
         "the client's data dir stays empty: {leftovers:?}"
     );
 }
+
+/// A TCP proxy to `port` that replaces `from` with `to` (same length) in what the server
+/// sends back: content corrupted on the wire, headers and framing intact.
+fn tampering_proxy(port: u16, from: &'static [u8], to: &'static [u8]) -> String {
+    use std::io::{Read, Write};
+    assert_eq!(from.len(), to.len());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let mut server = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let chunk = &mut buf[..n];
+                    if let Some(i) = chunk.windows(from.len()).position(|w| w == from) {
+                        chunk[i..i + from.len()].copy_from_slice(to);
+                    }
+                    if client.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    url
+}
+
+/// Downloads through `--server` are verified on arrival: bytes changed on the way make `get`
+/// fail naming the corruption, and leave no output file.
+#[test]
+fn remote_downloads_are_verified_on_arrival() {
+    let env = Env::new();
+    let served = serve(&env, &[("EUA_TOKENS", &format!("{WRITE}:write"))]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let s = client.json(&on(
+        &url,
+        WRITE,
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u1",
+            "--cluster",
+            "c",
+        ],
+    ));
+    let s = s["session_id"].as_str().unwrap().to_owned();
+    let c = client.json(&on(
+        &url,
+        WRITE,
+        &["artifacts", "collection", "create", &s, "--name", "logs"],
+    ));
+    let c = c["collection_id"].as_str().unwrap().to_owned();
+    let file = client.data_dir().join("k.log");
+    std::fs::write(&file, "kubelet says MARKER-AAAA and more\n").unwrap();
+    let added = client.json(&on(
+        &url,
+        WRITE,
+        &["artifacts", "add", &s, &c, file.to_str().unwrap()],
+    ));
+    let id = added[0]["artifact_id"].as_str().unwrap().to_owned();
+    // Straight from the server: intact.
+    let good = client.data_dir().join("good.log");
+    client.ok(&on(
+        &url,
+        WRITE,
+        &["artifacts", "get", &id, "--out", good.to_str().unwrap()],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(&good).unwrap(),
+        "kubelet says MARKER-AAAA and more\n"
+    );
+    // Through a proxy that changes four bytes of the content.
+    let bad_url = tampering_proxy(served.port, b"MARKER-AAAA", b"MARKER-BBBB");
+    let bad = client.data_dir().join("bad.log");
+    let err = client.fails(
+        1,
+        &on(
+            &bad_url,
+            WRITE,
+            &["artifacts", "get", &id, "--out", bad.to_str().unwrap()],
+        ),
+    );
+    assert!(
+        err.to_lowercase().contains("corrupt") || err.contains("digest"),
+        "{err}"
+    );
+    assert!(!bad.exists(), "no file is left for corrupt content");
+}
