@@ -78,12 +78,13 @@ let page;
 let failed = false;
 try {
   await waitHealthy();
-  // An upgrade with three tasks, and two artifacts.
+  // An upgrade with three top-level tasks (one a group with a subtask), and two artifacts.
   await api('POST', '/api/v1/upgrades', { upgrade_id: 'upg-1', plan_id: 'plan-1', cluster_name: 'prod-eu', metadata: { to: '1.30' } });
   await api('POST', '/api/v1/upgrades/upg-1/start', { phase: 'control_plane' });
   await api('POST', '/api/v1/upgrades/upg-1/tasks', [
     { task_id: 'cp', name: 'Upgrade control plane', task_type: 'upgrade_step' },
-    { task_id: 'ng', name: 'Node group ng-1', task_type: 'upgrade_step', total_steps: 3 },
+    { task_id: 'groups', name: 'Node groups', task_type: 'upgrade_step' },
+    { task_id: 'ng', name: 'Node group ng-1', task_type: 'upgrade_step', total_steps: 3, parent_task_id: 'groups' },
     { task_id: 'val', name: 'Validate workloads', task_type: 'validation' },
   ]);
   const session = await api('POST', '/api/v1/sessions', { upgrade_id: 'upg-1', cluster_name: 'prod-eu' });
@@ -154,6 +155,8 @@ try {
   await page.waitForSelector('#conn[data-state="live"]', { timeout: T });
   await taskIs(page, 'cp', 'completed', '100.0%');
   await taskIs(page, 'ng', 'failed', '0.0%', 'PodDisruptionBudget blocked the drain of web-1');
+  // The parent takes its status from its child (hierarchy rules), with the cause.
+  await taskIs(page, 'groups', 'failed', '0.0%', 'subtask "ng" failed: PodDisruptionBudget');
   await page.waitForFunction(() => document.querySelector('#timeline').textContent.includes('control plane on 1.30'), null, { timeout: T });
   const failedHighlighted = await page.evaluate(() => {
     const e = document.querySelector('.task[data-task-id="ng"] .error');
