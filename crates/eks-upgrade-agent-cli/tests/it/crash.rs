@@ -26,28 +26,7 @@ impl Rng {
 
 #[test]
 fn sigkill_never_loses_an_acknowledged_update() {
-    let env = Env::new();
-    env.ok(&[
-        "progress",
-        "upgrade",
-        "create",
-        "u",
-        "--plan",
-        "p",
-        "--cluster",
-        "c",
-    ]);
-    env.ok(&[
-        "progress",
-        "task",
-        "add",
-        "u",
-        "t",
-        "--name",
-        "T",
-        "--type",
-        "upgrade_step",
-    ]);
+    let env = Env::with_task();
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -148,28 +127,7 @@ fn sigkill_never_loses_an_acknowledged_update() {
 #[test]
 fn power_loss_durability_syncs_the_wal_at_every_commit() {
     let count_wal_syncs = |durability: &str| -> usize {
-        let env = Env::new();
-        env.ok(&[
-            "progress",
-            "upgrade",
-            "create",
-            "u",
-            "--plan",
-            "p",
-            "--cluster",
-            "c",
-        ]);
-        env.ok(&[
-            "progress",
-            "task",
-            "add",
-            "u",
-            "t",
-            "--name",
-            "T",
-            "--type",
-            "upgrade_step",
-        ]);
+        let env = Env::with_task();
         let input: String = (0..200)
             .map(|i| {
                 format!(

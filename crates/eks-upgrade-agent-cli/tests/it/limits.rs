@@ -2,64 +2,18 @@
 //! accepted, the next is refused with a message naming the limit, and nothing changes. Plus the
 //! documented exit code on a closed stdout.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::process::Stdio;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::util::Env;
 
 const KIB: usize = 1024;
 
-fn env_with_task() -> Env {
-    let env = Env::new();
-    env.ok(&[
-        "progress",
-        "upgrade",
-        "create",
-        "u",
-        "--plan",
-        "p",
-        "--cluster",
-        "c",
-    ]);
-    env.ok(&[
-        "progress",
-        "task",
-        "add",
-        "u",
-        "t",
-        "--name",
-        "T",
-        "--type",
-        "upgrade_step",
-    ]);
-    env
-}
-
-/// Runs `progress apply` on `input`; returns the acknowledgements.
-fn apply(env: &Env, input: String) -> Vec<Value> {
-    let mut child = env
-        .command()
-        .args(["progress", "apply"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn message_and_details_limits_hold_at_their_boundary() {
-    let env = env_with_task();
+    let env = Env::with_task();
     let at = "m".repeat(16 * KIB);
     let over = "m".repeat(16 * KIB + 1);
     env.ok(&[
@@ -149,7 +103,7 @@ fn message_and_details_limits_hold_at_their_boundary() {
 
 #[test]
 fn task_trees_are_32_levels_deep_and_no_deeper() {
-    let env = env_with_task();
+    let env = Env::with_task();
     // t is depth 0; d1..d32 are depths 1..32; d33 would be 33.
     let mut input = String::new();
     for i in 1..=33 {
@@ -165,7 +119,7 @@ fn task_trees_are_32_levels_deep_and_no_deeper() {
         );
         input.push('\n');
     }
-    let acks = apply(&env, input);
+    let acks = env.apply(&input);
     assert_eq!(acks.len(), 33);
     assert!(acks[..32].iter().all(|a| a["ok"] == true), "{acks:?}");
     assert_eq!(acks[32]["ok"], false);
@@ -182,7 +136,7 @@ fn task_trees_are_32_levels_deep_and_no_deeper() {
 
 #[test]
 fn apply_lines_are_one_mib_and_no_longer() {
-    let env = env_with_task();
+    let env = Env::with_task();
     let line = |len: usize, pct: u32| {
         let mut l =
             json!({"op": "task.update", "upgrade_id": "u", "task_id": "t", "percentage": pct})
@@ -192,10 +146,7 @@ fn apply_lines_are_one_mib_and_no_longer() {
         l.push('\n');
         l
     };
-    let acks = apply(
-        &env,
-        line(KIB * KIB, 10) + &line(KIB * KIB + 1, 20) + &line(100, 30),
-    );
+    let acks = env.apply(&(line(KIB * KIB, 10) + &line(KIB * KIB + 1, 20) + &line(100, 30)));
     assert_eq!(acks.len(), 3, "{acks:?}");
     assert_eq!(acks[0]["ok"], true);
     assert_eq!(acks[1]["ok"], false);
@@ -222,7 +173,7 @@ fn apply_lines_are_one_mib_and_no_longer() {
 /// `| head` closes stdout early: the command exits 0, quietly (README, main.rs exit codes).
 #[test]
 fn a_closed_stdout_exits_zero_quietly() {
-    let env = env_with_task();
+    let env = Env::with_task();
     let input: String = (0..20_000)
         .map(|i| {
             format!(
@@ -231,7 +182,7 @@ fn a_closed_stdout_exits_zero_quietly() {
             )
         })
         .collect();
-    assert_eq!(apply(&env, input).len(), 20_000);
+    assert_eq!(env.apply(&input).len(), 20_000);
     let mut child = env
         .command()
         .args(["progress", "events", "u"])

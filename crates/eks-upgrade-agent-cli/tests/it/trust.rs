@@ -1,33 +1,10 @@
 //! Issue #10's defects seen through the CLI: every test here failed on the code before its fix.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
 use crate::util::{BIN, Env, http, serve};
-
-/// Runs `progress apply` with `input`; asserts every line was acknowledged.
-fn apply_all(env: &Env, input: &str) {
-    let mut child = env
-        .command()
-        .args(["progress", "apply"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn create(env: &Env, upgrade: &str) {
     env.ok(&[
@@ -159,7 +136,11 @@ fn events_lists_everything_by_default_and_a_limit_says_what_it_left_out() {
             "{{\"op\":\"task.update\",\"upgrade_id\":\"u1\",\"task_id\":\"t\",\"percentage\":{pct}}}\n"
         ));
     }
-    apply_all(&env, &input);
+    let acks = env.apply(&input);
+    assert!(
+        acks.iter().all(|a| a["ok"] == true),
+        "every line acknowledged"
+    );
     let total = 10_100 + 3;
     let all = env.json(&["progress", "events", "u1"]);
     assert_eq!(all.as_array().unwrap().len(), total, "JSON: every event");

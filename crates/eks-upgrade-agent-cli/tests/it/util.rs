@@ -78,6 +78,57 @@ impl Env {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// A fresh data dir holding upgrade `u` (plan `p`, cluster `c`) with one task `t`.
+    pub(crate) fn with_task() -> Env {
+        let env = Env::new();
+        env.ok(&[
+            "progress",
+            "upgrade",
+            "create",
+            "u",
+            "--plan",
+            "p",
+            "--cluster",
+            "c",
+        ]);
+        env.ok(&[
+            "progress",
+            "task",
+            "add",
+            "u",
+            "t",
+            "--name",
+            "T",
+            "--type",
+            "upgrade_step",
+        ]);
+        env
+    }
+
+    /// Runs `progress apply` on `input` (written while the acknowledgements are read); returns
+    /// them, one JSON object per line.
+    pub(crate) fn apply(&self, input: &str) -> Vec<Value> {
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(["progress", "apply"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_owned();
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// Every event of an upgrade, as JSON.
     pub(crate) fn events(&self, upgrade: &str) -> Vec<Value> {
         self.json(&["progress", "events", upgrade])
