@@ -28,6 +28,8 @@ use crate::model::{
 use crate::progress::command::{check_id, check_json, check_name, check_text};
 use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
 
+#[cfg(feature = "aws")]
+pub mod manifest;
 pub mod names;
 #[cfg(feature = "aws")]
 pub mod upload;

@@ -19,7 +19,9 @@ use crate::progress::command::Command;
 
 pub mod sqlite;
 mod sqlite_artifacts;
+mod sqlite_import;
 mod sqlite_outbox;
+mod sqlite_tasks;
 
 #[cfg(any(test, feature = "conformance"))]
 #[doc(hidden)]

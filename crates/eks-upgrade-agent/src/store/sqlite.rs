@@ -21,12 +21,14 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::sqlite_import::import_upgrade;
+use super::sqlite_tasks::{TaskWrite, add_tasks};
 use super::{Committed, Durability, EventQuery, ProgressStore};
 use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
 };
-use crate::progress::command::{Command, MAX_DEPTH, NewTask, TaskOp};
+use crate::progress::command::Command;
 use crate::progress::machine;
 
 /// File name of the database inside the data directory.
@@ -374,7 +376,7 @@ pub(super) fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.map(from_micros)
 }
 
-fn status_code(s: ProgressStatus) -> i64 {
+pub(super) fn status_code(s: ProgressStatus) -> i64 {
     s.index() as i64
 }
 
@@ -385,7 +387,7 @@ fn status_from(code: i64) -> rusqlite::Result<ProgressStatus> {
         .ok_or_else(|| bad_column(format!("unknown status code {code}")))
 }
 
-fn type_code(t: TaskType) -> i64 {
+pub(super) fn type_code(t: TaskType) -> i64 {
     TaskType::ALL.iter().position(|x| *x == t).unwrap_or(0) as i64
 }
 
@@ -461,24 +463,24 @@ fn overall(top_weight: f64, top_sum: f64) -> f64 {
     }
 }
 
-const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, last_event_seq, \
+pub(super) const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, last_event_seq, \
     task_id, name, task_type, parent_task_id, status, percentage, current_step, total_steps, \
     completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
     started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5";
 
-struct TaskRow {
-    tkey: i64,
-    parent_tkey: Option<i64>,
-    depth: u32,
-    child_weight: f64,
-    child_sum: f64,
-    last_event_seq: i64,
+pub(super) struct TaskRow {
+    pub(super) tkey: i64,
+    pub(super) parent_tkey: Option<i64>,
+    pub(super) depth: u32,
+    pub(super) child_weight: f64,
+    pub(super) child_sum: f64,
+    pub(super) last_event_seq: i64,
     /// Children per status, indexed like `ProgressStatus::ALL`.
-    child_counts: [u32; 6],
-    task: Task,
+    pub(super) child_counts: [u32; 6],
+    pub(super) task: Task,
 }
 
-fn task_row(r: &Row<'_>, upgrade_id: &str) -> rusqlite::Result<TaskRow> {
+pub(super) fn task_row(r: &Row<'_>, upgrade_id: &str) -> rusqlite::Result<TaskRow> {
     let mut child_counts = [0u32; 6];
     for (i, c) in child_counts.iter_mut().enumerate() {
         *c = r.get(25 + i)?;
@@ -555,22 +557,22 @@ fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
 
 /// Everything one command changes on the upgrade row, applied in one statement at the end.
 #[derive(Default)]
-struct UpgradeDelta {
-    counts: [i64; 6],
-    top_weight: f64,
-    top_sum: f64,
-    last_seq: i64,
+pub(super) struct UpgradeDelta {
+    pub(super) counts: [i64; 6],
+    pub(super) top_weight: f64,
+    pub(super) top_sum: f64,
+    pub(super) last_seq: i64,
 }
 
 impl UpgradeDelta {
-    fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
+    pub(super) fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
         if let Some(f) = from {
             self.counts[f.index()] -= 1;
         }
         self.counts[to.index()] += 1;
     }
 
-    fn flush(&self, tx: &Transaction<'_>, ukey: i64) -> Result<()> {
+    pub(super) fn flush(&self, tx: &Transaction<'_>, ukey: i64) -> Result<()> {
         tx.prepare_cached(
             "UPDATE upgrades SET c0 = c0 + ?2, c1 = c1 + ?3, c2 = c2 + ?4, c3 = c3 + ?5, \
              c4 = c4 + ?6, c5 = c5 + ?7, top_weight = top_weight + ?8, top_sum = top_sum + ?9, \
@@ -592,20 +594,20 @@ impl UpgradeDelta {
     }
 }
 
-struct NewEvent<'a> {
-    ukey: i64,
-    tkey: Option<i64>,
-    prev_task_seq: Option<i64>,
-    kind: EventKind,
-    status: ProgressStatus,
-    ts: DateTime<Utc>,
-    message: Option<&'a str>,
-    details: Option<&'a JsonMap>,
-    percentage: f64,
-    event_id: Option<Uuid>,
+pub(super) struct NewEvent<'a> {
+    pub(super) ukey: i64,
+    pub(super) tkey: Option<i64>,
+    pub(super) prev_task_seq: Option<i64>,
+    pub(super) kind: EventKind,
+    pub(super) status: ProgressStatus,
+    pub(super) ts: DateTime<Utc>,
+    pub(super) message: Option<&'a str>,
+    pub(super) details: Option<&'a JsonMap>,
+    pub(super) percentage: f64,
+    pub(super) event_id: Option<Uuid>,
 }
 
-fn insert_event(tx: &Transaction<'_>, e: &NewEvent<'_>) -> Result<(i64, Uuid)> {
+pub(super) fn insert_event(tx: &Transaction<'_>, e: &NewEvent<'_>) -> Result<(i64, Uuid)> {
     let id = e.event_id.unwrap_or_else(Uuid::now_v7);
     tx.prepare_cached(
         "INSERT INTO events (event_id, ukey, tkey, prev_task_seq, kind, status, ts, message, \
@@ -635,14 +637,19 @@ fn load_upgrade(tx: &Connection, upgrade_id: &str) -> Result<UpgradeRow> {
     .ok_or_else(|| upgrade_not_found(upgrade_id))
 }
 
-fn upgrade_key(tx: &Connection, upgrade_id: &str) -> Result<i64> {
+pub(super) fn upgrade_key(tx: &Connection, upgrade_id: &str) -> Result<i64> {
     tx.prepare_cached("SELECT ukey FROM upgrades WHERE upgrade_id = ?1")?
         .query_row([upgrade_id], |r| r.get(0))
         .optional()?
         .ok_or_else(|| upgrade_not_found(upgrade_id))
 }
 
-fn load_task(tx: &Connection, ukey: i64, upgrade_id: &str, task_id: &str) -> Result<TaskRow> {
+pub(super) fn load_task(
+    tx: &Connection,
+    ukey: i64,
+    upgrade_id: &str,
+    task_id: &str,
+) -> Result<TaskRow> {
     tx.prepare_cached(&format!(
         "SELECT {TASK_COLS} FROM tasks WHERE ukey = ?1 AND task_id = ?2"
     ))?
@@ -651,7 +658,7 @@ fn load_task(tx: &Connection, ukey: i64, upgrade_id: &str, task_id: &str) -> Res
     .ok_or_else(|| task_not_found(upgrade_id, task_id))
 }
 
-fn save_task(tx: &Transaction<'_>, row: &TaskRow) -> Result<()> {
+pub(super) fn save_task(tx: &Transaction<'_>, row: &TaskRow) -> Result<()> {
     let t = &row.task;
     tx.prepare_cached(
         "UPDATE tasks SET status = ?2, percentage = ?3, current_step = ?4, completed_steps = ?5, \
@@ -684,363 +691,6 @@ fn save_task(tx: &Transaction<'_>, row: &TaskRow) -> Result<()> {
         row.child_counts[5]
     ])?;
     Ok(())
-}
-
-/// What one task command writes beyond its own row: the events it appends (its own and its
-/// ancestors'), the status changes, and the upgrade row's delta.
-struct TaskWrite<'a, 't> {
-    tx: &'a Transaction<'t>,
-    ukey: i64,
-    upgrade_id: &'a str,
-    now: DateTime<Utc>,
-    delta: UpgradeDelta,
-    committed: Committed,
-    cluster: Option<String>,
-}
-
-/// A change of one child's status, carried up the tree: `from` is `None` for a new child.
-#[derive(Clone, Copy)]
-struct ChildChange {
-    from: Option<ProgressStatus>,
-    to: ProgressStatus,
-}
-
-impl<'a, 't> TaskWrite<'a, 't> {
-    fn new(tx: &'a Transaction<'t>, ukey: i64, upgrade_id: &'a str, now: DateTime<Utc>) -> Self {
-        TaskWrite {
-            tx,
-            ukey,
-            upgrade_id,
-            now,
-            delta: UpgradeDelta::default(),
-            committed: Committed::default(),
-            cluster: None,
-        }
-    }
-
-    fn finish(self) -> Result<Committed> {
-        self.delta.flush(self.tx, self.ukey)?;
-        Ok(self.committed)
-    }
-
-    /// Appends the event of a change to `row` (whose status was `from`), with its status
-    /// change and notification; sets the row's `last_event_seq` (the caller saves the row).
-    fn record(
-        &mut self,
-        row: &mut TaskRow,
-        from: ProgressStatus,
-        effect: &machine::TaskEffect,
-        details: Option<&JsonMap>,
-    ) -> Result<()> {
-        let event = NewEvent {
-            ukey: self.ukey,
-            tkey: Some(row.tkey),
-            prev_task_seq: Some(row.last_event_seq).filter(|s| *s > 0),
-            kind: effect.kind,
-            status: row.task.status,
-            ts: self.now,
-            message: effect.message.as_deref(),
-            details,
-            percentage: row.task.percentage,
-            event_id: None,
-        };
-        let (seq, id) = insert_event(self.tx, &event)?;
-        row.last_event_seq = seq;
-        self.delta.last_seq = seq;
-        let to = row.task.status;
-        if from != to {
-            self.delta.status(Some(from), to);
-            self.committed.status_changes.push(StatusChange {
-                seq: seq as u64,
-                upgrade_id: self.upgrade_id.to_owned(),
-                task_id: Some(row.task.task_id.clone()),
-                from,
-                to,
-            });
-        }
-        let committed_event = to_event(
-            &event,
-            seq,
-            id,
-            self.upgrade_id,
-            Some((&row.task.task_id, row.task.task_type)),
-        );
-        if crate::notify::detail_type(effect.kind, Some(from)).is_some() {
-            if self.cluster.is_none() {
-                self.cluster = Some(
-                    self.tx
-                        .prepare_cached("SELECT cluster_name FROM upgrades WHERE ukey = ?1")?
-                        .query_row([self.ukey], |r| r.get(0))?,
-                );
-            }
-            super::sqlite_outbox::enqueue(
-                self.tx,
-                &committed_event,
-                Some(from),
-                self.cluster.as_deref().unwrap_or_default(),
-                None,
-                Some(&row.task),
-            )?;
-        }
-        self.committed.events.push(committed_event);
-        Ok(())
-    }
-
-    /// Carries a change of a child of `parent` upwards: `d_sum` (weighted percentage), `d_weight`
-    /// and `d_children` to the children sums, `change` to the status counts. Each ancestor
-    /// recomputes its percentage and derived status; a derived status change appends the
-    /// ancestor's own event (and notification) and travels further up. Stops as soon as a
-    /// level does not change; what reaches the top goes to the upgrade's mean.
-    fn propagate(
-        &mut self,
-        mut parent: Option<i64>,
-        mut d_sum: f64,
-        mut d_weight: f64,
-        mut d_children: u32,
-        mut change: Option<ChildChange>,
-        mut cause: Option<String>,
-    ) -> Result<()> {
-        while let Some(pkey) = parent {
-            if d_sum == 0.0 && d_weight == 0.0 && d_children == 0 && change.is_none() {
-                return Ok(());
-            }
-            let mut row = self
-                .tx
-                .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
-                .query_row([pkey], |r| task_row(r, self.upgrade_id))?;
-            row.child_weight += d_weight;
-            row.child_sum += d_sum;
-            row.task.children += d_children;
-            if let Some(c) = change {
-                if let Some(f) = c.from {
-                    row.child_counts[f.index()] = row.child_counts[f.index()].saturating_sub(1);
-                }
-                row.child_counts[c.to.index()] += 1;
-            }
-            let old_pct = row.task.percentage;
-            let old_status = row.task.status;
-            let derived = machine::derived_status(row.child_counts, row.task.started_at.is_some());
-            let mut effect = None;
-            if derived != old_status {
-                if derived == ProgressStatus::Failed && cause.is_none() {
-                    cause = self.failed_child(pkey)?;
-                }
-                effect = Some(machine::derive_parent(
-                    &mut row.task,
-                    derived,
-                    cause.as_deref(),
-                    self.now,
-                )?);
-            }
-            let new_pct = machine::effective_percentage(
-                row.task.status,
-                old_pct,
-                row.child_weight,
-                row.child_sum,
-            );
-            row.task.percentage = new_pct;
-            if let Some(effect) = &effect {
-                self.record(&mut row, old_status, effect, None)?;
-            }
-            save_task(self.tx, &row)?;
-            d_sum = row.task.weight * (new_pct - old_pct);
-            d_weight = 0.0;
-            d_children = 0;
-            change = (derived != old_status).then_some(ChildChange {
-                from: Some(old_status),
-                to: derived,
-            });
-            if derived != ProgressStatus::Failed {
-                cause = None;
-            }
-            parent = row.parent_tkey;
-        }
-        self.delta.top_sum += d_sum;
-        self.delta.top_weight += d_weight;
-        Ok(())
-    }
-
-    /// "subtask "x" failed: error" for the first failed child of `parent`.
-    fn failed_child(&self, parent: i64) -> Result<Option<String>> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT task_id, error_message FROM tasks WHERE parent_tkey = ?1 AND status = ?2 \
-                 ORDER BY tkey LIMIT 1",
-            )?
-            .query_row(params![parent, status_code(ProgressStatus::Failed)], |r| {
-                Ok(failure_cause(
-                    &r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?.as_deref(),
-                ))
-            })
-            .optional()?)
-    }
-
-    /// Executes a task command on `row`: the state machine, the event, the rollups.
-    fn task_op(&mut self, mut row: TaskRow, command: &Command) -> Result<()> {
-        let from = row.task.status;
-        let old_pct = row.task.percentage;
-        let effect = machine::apply_task(&mut row.task, command, self.now)?;
-        if row.task.children > 0 {
-            // start and step on a parent: its status still comes from its children.
-            row.task.status =
-                machine::derived_status(row.child_counts, row.task.started_at.is_some());
-        }
-        let to = row.task.status;
-        row.task.percentage =
-            machine::effective_percentage(to, row.task.percentage, row.child_weight, row.child_sum);
-        let details = match command {
-            Command::TaskUpdate { details, .. } => Some(details),
-            _ => None,
-        };
-        self.record(&mut row, from, &effect, details)?;
-        save_task(self.tx, &row)?;
-        let d_sum = row.task.weight * (row.task.percentage - old_pct);
-        let cause = (to == ProgressStatus::Failed)
-            .then(|| failure_cause(&row.task.task_id, row.task.error_message.as_deref()));
-        let change = (from != to).then_some(ChildChange {
-            from: Some(from),
-            to,
-        });
-        self.propagate(row.parent_tkey, d_sum, 0.0, 0, change, cause)
-    }
-
-    /// A task command on a task with children (see the table in `progress/machine.rs`).
-    fn parent_op(&mut self, row: TaskRow, command: &Command) -> Result<()> {
-        let Some((_, op)) = command.task_op() else {
-            return Err(Error::invalid("not a task operation"));
-        };
-        let upgrade_id = self.upgrade_id;
-        let what = || format!("task {:?} of upgrade {upgrade_id:?}", row.task.task_id);
-        match op {
-            TaskOp::Start | TaskOp::Step | TaskOp::Update => self.task_op(row, command),
-            TaskOp::Complete => {
-                let finished = row.child_counts[ProgressStatus::Completed.index()]
-                    + row.child_counts[ProgressStatus::Cancelled.index()];
-                let unfinished = row.task.children.saturating_sub(finished);
-                if unfinished > 0 {
-                    let names: Vec<String> = self
-                        .tx
-                        .prepare_cached(
-                            "SELECT task_id FROM tasks WHERE parent_tkey = ?1 \
-                             AND status NOT IN (?2, ?3) ORDER BY tkey LIMIT 5",
-                        )?
-                        .query_map(
-                            params![
-                                row.tkey,
-                                status_code(ProgressStatus::Completed),
-                                status_code(ProgressStatus::Cancelled)
-                            ],
-                            |r| r.get::<_, String>(0),
-                        )?
-                        .collect::<rusqlite::Result<_>>()?;
-                    let more = if unfinished as usize > names.len() {
-                        ", ..."
-                    } else {
-                        ""
-                    };
-                    return Err(Error::InvalidTransition {
-                        what: format!(
-                            "{} ({unfinished} unfinished subtask{}: {}{more})",
-                            what(),
-                            if unfinished == 1 { "" } else { "s" },
-                            names.join(", ")
-                        ),
-                        from: row.task.status,
-                        to: ProgressStatus::Completed,
-                    });
-                }
-                if row.task.status == ProgressStatus::Completed {
-                    // Completed already, with its last child: nothing to do.
-                    return Ok(());
-                }
-                Err(Error::InvalidTransition {
-                    what: what(),
-                    from: row.task.status,
-                    to: ProgressStatus::Completed,
-                })
-            }
-            TaskOp::Fail | TaskOp::Cancel | TaskOp::Pause | TaskOp::Resume | TaskOp::Retry => {
-                let to = machine::task_transition(&row.task, op)?;
-                let what = what();
-                let mut eligible = Vec::new();
-                for leaf in self.leaves_below(row.tkey)? {
-                    let leaf = self
-                        .tx
-                        .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = ?1"))?
-                        .query_row([leaf], |r| task_row(r, self.upgrade_id))?;
-                    if machine::task_transition(&leaf.task, op).is_ok() {
-                        eligible.push(leaf);
-                    }
-                }
-                // Retrying a group retries what failed; only a group with no failure (a
-                // cancelled one) has its cancelled leaves retried.
-                if op == TaskOp::Retry
-                    && eligible
-                        .iter()
-                        .any(|l| l.task.status == ProgressStatus::Failed)
-                {
-                    eligible.retain(|l| l.task.status == ProgressStatus::Failed);
-                }
-                let applied = eligible.len();
-                for leaf in eligible {
-                    let c = command.for_task(&leaf.task.task_id);
-                    self.task_op(leaf, &c)?;
-                }
-                if applied == 0 {
-                    return Err(Error::InvalidTransition {
-                        what: format!("{what} (no subtask to {})", command.op_name()),
-                        from: row.task.status,
-                        to,
-                    });
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Leaf tasks below `tkey`, in the order they were added, skipping completed subtrees (nothing below a
-    /// completed task can change).
-    fn leaves_below(&self, tkey: i64) -> Result<Vec<i64>> {
-        let mut stmt = self.tx.prepare_cached(
-            "SELECT tkey, children, status FROM tasks WHERE parent_tkey = ?1 ORDER BY tkey",
-        )?;
-        let mut leaves = Vec::new();
-        let mut stack = vec![tkey];
-        while let Some(k) = stack.pop() {
-            let kids: Vec<(i64, u32, i64)> = stmt
-                .query_map([k], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            for (child, grandkids, status) in kids.into_iter().rev() {
-                if grandkids == 0 {
-                    leaves.push(child);
-                } else if status != status_code(ProgressStatus::Completed) {
-                    stack.push(child);
-                }
-            }
-        }
-        // In the order they were added.
-        leaves.sort_unstable();
-        Ok(leaves)
-    }
-}
-
-/// The error a parent shows when its child `task_id` failed with `error`, within the message
-/// limit.
-fn failure_cause(task_id: &str, error: Option<&str>) -> String {
-    let mut text = format!(
-        "subtask {task_id:?} failed: {}",
-        error.unwrap_or("no error given")
-    );
-    if text.len() > crate::progress::command::MAX_MESSAGE_LEN {
-        let mut end = crate::progress::command::MAX_MESSAGE_LEN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 fn execute_batch(
@@ -1256,7 +906,7 @@ fn execute_one(
     }
 }
 
-fn to_event(
+pub(super) fn to_event(
     e: &NewEvent<'_>,
     seq: i64,
     id: Uuid,
@@ -1276,129 +926,6 @@ fn to_event(
         details: e.details.cloned().unwrap_or_default(),
         percentage: e.percentage,
     }
-}
-
-/// Orders a batch so that parents come before children, and rejects duplicates and cycles.
-fn order_batch(tasks: &[NewTask]) -> Result<Vec<usize>> {
-    let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
-    let parents: Vec<Option<&str>> = tasks.iter().map(|t| t.parent_task_id.as_deref()).collect();
-    machine::parents_first(&ids, &parents)
-}
-
-fn add_tasks(
-    tx: &Transaction<'_>,
-    upgrade_id: &str,
-    tasks: &[NewTask],
-    now: DateTime<Utc>,
-) -> Result<Committed> {
-    let ukey = upgrade_key(tx, upgrade_id)?;
-    let order = order_batch(tasks)?;
-    let mut w = TaskWrite::new(tx, ukey, upgrade_id, now);
-    for i in order {
-        let t = &tasks[i];
-        let exists: Option<i64> = tx
-            .prepare_cached("SELECT tkey FROM tasks WHERE ukey = ?1 AND task_id = ?2")?
-            .query_row(params![ukey, t.task_id], |r| r.get(0))
-            .optional()?;
-        if exists.is_some() {
-            return Err(Error::AlreadyExists {
-                what: format!("task {:?} of upgrade {upgrade_id:?}", t.task_id),
-            });
-        }
-        let (parent_tkey, depth) = match &t.parent_task_id {
-            None => (None, 0),
-            Some(p) => {
-                let parent = load_task(tx, ukey, upgrade_id, p).map_err(|e| match e {
-                    Error::NotFound { .. } => Error::not_found(format!(
-                        "parent task {p:?} of task {:?} in upgrade {upgrade_id:?}",
-                        t.task_id
-                    )),
-                    other => other,
-                })?;
-                if parent.depth + 1 > MAX_DEPTH {
-                    return Err(Error::invalid(format!(
-                        "task {:?} would be {} levels deep; the limit is {MAX_DEPTH}",
-                        t.task_id,
-                        parent.depth + 1
-                    )));
-                }
-                // A new, unstarted child must not change its parent's status: it would reopen
-                // a finished task, or resume a paused one behind the operator's back.
-                let refuse = match parent.task.status {
-                    ProgressStatus::Completed => Some("completed, which is final"),
-                    ProgressStatus::Failed | ProgressStatus::Cancelled => {
-                        Some("finished; retry it first")
-                    }
-                    ProgressStatus::Paused if parent.task.children == 0 => {
-                        Some("paused; resume it first")
-                    }
-                    _ => None,
-                };
-                if let Some(why) = refuse {
-                    return Err(Error::InvalidTransition {
-                        what: format!(
-                            "task {p:?} of upgrade {upgrade_id:?} (it is {why}: subtask {:?} cannot be added)",
-                            t.task_id
-                        ),
-                        from: parent.task.status,
-                        to: ProgressStatus::InProgress,
-                    });
-                }
-                (Some(parent.tkey), parent.depth + 1)
-            }
-        };
-        let weight = t.weight.unwrap_or(1.0);
-        tx.prepare_cached(
-            "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
-             status, percentage, total_steps, completed_steps, weight, created_at, metadata) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, 0, ?10, ?11, ?12)",
-        )?
-        .execute(params![
-            ukey,
-            t.task_id,
-            t.name,
-            type_code(t.task_type),
-            parent_tkey,
-            t.parent_task_id,
-            depth,
-            status_code(ProgressStatus::NotStarted),
-            t.total_steps,
-            weight,
-            micros(now),
-            json_text(&t.metadata)
-        ])?;
-        let tkey = tx.last_insert_rowid();
-        let event = NewEvent {
-            ukey,
-            tkey: Some(tkey),
-            prev_task_seq: None,
-            kind: EventKind::TaskAdded,
-            status: ProgressStatus::NotStarted,
-            ts: now,
-            message: Some(&t.name),
-            details: None,
-            percentage: 0.0,
-            event_id: None,
-        };
-        let (seq, id) = insert_event(tx, &event)?;
-        tx.prepare_cached("UPDATE tasks SET last_event_seq = ?2 WHERE tkey = ?1")?
-            .execute(params![tkey, seq])?;
-        w.delta.status(None, ProgressStatus::NotStarted);
-        w.delta.last_seq = seq;
-        w.committed.events.push(to_event(
-            &event,
-            seq,
-            id,
-            upgrade_id,
-            Some((&t.task_id, t.task_type)),
-        ));
-        let change = ChildChange {
-            from: None,
-            to: ProgressStatus::NotStarted,
-        };
-        w.propagate(parent_tkey, 0.0, weight, 1, Some(change), None)?;
-    }
-    w.finish()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1551,199 +1078,9 @@ impl ProgressStore for SqliteStore {
     }
 }
 
-fn import_upgrade(
-    tx: &Transaction<'_>,
-    upgrade: &Upgrade,
-    tasks: &[Task],
-    events: &[ProgressEvent],
-) -> Result<u64> {
-    if upgrade_key(tx, &upgrade.upgrade_id).is_ok() {
-        return Err(Error::AlreadyExists {
-            what: format!("upgrade {:?}", upgrade.upgrade_id),
-        });
-    }
-    // Rebuild the rollup sums and the derived statuses bottom-up (tasks come parents first, so
-    // walk them backwards): a parent's effective percentage and status depend on its
-    // children's.
-    let index: HashMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.task_id.as_str(), i))
-        .collect();
-    let mut child = vec![(0u32, 0.0f64, 0.0f64); tasks.len()];
-    let mut child_counts = vec![[0u32; 6]; tasks.len()];
-    let mut status: Vec<ProgressStatus> = tasks.iter().map(|t| t.status).collect();
-    let mut effective = vec![0.0f64; tasks.len()];
-    let mut counts = [0i64; 6];
-    let (mut top_w, mut top_s) = (0.0, 0.0);
-    for (i, t) in tasks.iter().enumerate().rev() {
-        let (n, cw, cs) = child[i];
-        if n > 0 {
-            status[i] = machine::derived_status(child_counts[i], t.started_at.is_some());
-        }
-        counts[status[i].index()] += 1;
-        effective[i] = machine::effective_percentage(status[i], t.percentage, cw, cs);
-        match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
-            Some(&p) => {
-                child[p].0 += 1;
-                child[p].1 += t.weight;
-                child[p].2 += t.weight * effective[i];
-                child_counts[p][status[i].index()] += 1;
-            }
-            None => {
-                top_w += t.weight;
-                top_s += t.weight * effective[i];
-            }
-        }
-    }
-    tx.prepare_cached(
-        "INSERT INTO upgrades (upgrade_id, plan_id, cluster_name, status, current_phase, created_at, \
-         started_at, completed_at, error_message, metadata, top_weight, top_sum, \
-         c0, c1, c2, c3, c4, c5) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-    )?
-    .execute(params![
-        upgrade.upgrade_id,
-        upgrade.plan_id,
-        upgrade.cluster_name,
-        status_code(upgrade.status),
-        upgrade.current_phase,
-        micros(upgrade.created_at),
-        upgrade.started_at.map(micros),
-        upgrade.completed_at.map(micros),
-        upgrade.error_message,
-        json_text(&upgrade.metadata),
-        top_w,
-        top_s,
-        counts[0],
-        counts[1],
-        counts[2],
-        counts[3],
-        counts[4],
-        counts[5]
-    ])?;
-    let ukey = tx.last_insert_rowid();
-    let mut tkeys: HashMap<&str, (i64, u32)> = HashMap::new();
-    for (i, t) in tasks.iter().enumerate() {
-        let (parent_tkey, depth) = match &t.parent_task_id {
-            None => (None, 0),
-            Some(p) => {
-                let (k, d) = tkeys.get(p.as_str()).copied().ok_or_else(|| {
-                    Error::invalid(format!(
-                        "task {:?} names parent {p:?}, which is not among the tasks before it",
-                        t.task_id
-                    ))
-                })?;
-                (Some(k), d + 1)
-            }
-        };
-        let (children, cw, cs) = child[i];
-        let pct = effective[i];
-        let k = child_counts[i];
-        // A parent whose derived status is not terminal has no end yet.
-        let (completed_at, duration) = if status[i].is_terminal() || children == 0 {
-            (t.completed_at, t.duration)
-        } else {
-            (None, None)
-        };
-        tx.prepare_cached(
-            "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
-             status, percentage, current_step, total_steps, completed_steps, weight, children, \
-             child_weight, child_sum, error_message, retry_count, last_message, created_at, \
-             started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5) VALUES (?1, ?2, \
-             ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
-             ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
-        )
-        .map_err(Error::from)
-        .and_then(|mut s| {
-            s.execute(params![
-                ukey,
-                t.task_id,
-                t.name,
-                type_code(t.task_type),
-                parent_tkey,
-                t.parent_task_id,
-                depth,
-                status_code(status[i]),
-                pct,
-                t.current_step,
-                t.total_steps,
-                t.completed_steps,
-                t.weight,
-                children,
-                cw,
-                cs,
-                t.error_message,
-                t.retry_count,
-                t.last_message,
-                micros(t.created_at),
-                t.started_at.map(micros),
-                completed_at.map(micros),
-                duration,
-                json_text(&t.metadata),
-                k[0],
-                k[1],
-                k[2],
-                k[3],
-                k[4],
-                k[5]
-            ])
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    Error::invalid(format!("task {:?} appears twice", t.task_id))
-                }
-                other => other.into(),
-            })
-        })?;
-        tkeys.insert(&t.task_id, (tx.last_insert_rowid(), depth));
-    }
-    let mut last_seq = 0;
-    let mut last_task_seq: HashMap<i64, i64> = HashMap::new();
-    for e in events {
-        let tkey = match &e.task_id {
-            Some(t) => Some(
-                tkeys
-                    .get(t.as_str())
-                    .map(|(k, _)| *k)
-                    .ok_or_else(|| Error::invalid(format!("event names unknown task {t:?}")))?,
-            ),
-            None => None,
-        };
-        let prev = tkey.and_then(|k| last_task_seq.get(&k).copied());
-        let event_id = Uuid::parse_str(&e.event_id).ok();
-        let (seq, _) = insert_event(
-            tx,
-            &NewEvent {
-                ukey,
-                tkey,
-                prev_task_seq: prev,
-                kind: e.kind,
-                status: e.status,
-                ts: e.timestamp,
-                message: e.message.as_deref(),
-                details: Some(&e.details),
-                percentage: e.percentage,
-                event_id,
-            },
-        )?;
-        if let Some(k) = tkey {
-            last_task_seq.insert(k, seq);
-        }
-        last_seq = seq;
-    }
-    for (tkey, seq) in &last_task_seq {
-        tx.prepare_cached("UPDATE tasks SET last_event_seq = ?2 WHERE tkey = ?1")?
-            .execute(params![tkey, seq])?;
-    }
-    tx.prepare_cached("UPDATE upgrades SET last_seq = ?2 WHERE ukey = ?1")?
-        .execute(params![ukey, last_seq])?;
-    Ok(last_seq as u64)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::sqlite_tasks::order_batch;
     use super::*;
     use crate::progress::command::NewTask;
 
