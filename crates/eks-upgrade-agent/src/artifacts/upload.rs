@@ -413,6 +413,81 @@ mod tests {
         .unwrap()
     }
 
+    /// A live run keeps its claims for as long as it runs, however short the lease: a second
+    /// run started meanwhile takes none of them (it waits, then finds nothing left). Without the
+    /// heartbeat, the second run takes over after one lease and sends the objects again.
+    #[test]
+    fn a_live_run_keeps_its_claims_beyond_its_lease() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = s3(&moto.url);
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        );
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
+        for i in 0..4 {
+            m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                format!("log {i}").as_bytes(),
+                &format!("f{i}.log"),
+                &AddOptions::default(),
+            )
+            .unwrap();
+        }
+        let options = UploadOptions {
+            lease: Duration::from_millis(200),
+            ..UploadOptions::default()
+        };
+        let started = std::sync::Barrier::new(2);
+        let (first, second) = std::thread::scope(|scope| {
+            let first = scope.spawn(|| {
+                let mut told = false;
+                m.upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                    // The first report after the start: the run holds its claims.
+                    if !told && (p.bytes_done > 0 || p.files_done > 0) {
+                        told = true;
+                        started.wait();
+                    }
+                    // A slow run: every progress report takes 300 ms, so the run lasts
+                    // many leases.
+                    std::thread::sleep(Duration::from_millis(300));
+                })
+                .unwrap()
+            });
+            started.wait();
+            let second = m
+                .upload(store.as_ref(), &target, &options, None, false, &mut |_| {})
+                .unwrap();
+            (first.join().unwrap(), second)
+        });
+        assert_eq!(first.uploaded, 4, "{first:?}");
+        assert_eq!(
+            (second.uploaded, second.already_there, second.failed.len()),
+            (0, 0, 0),
+            "the second run took over a live run's claims: {second:?}"
+        );
+    }
+
     #[test]
     fn uploads_use_the_reference_layout_survive_outages_and_back_reads() {
         let moto = Moto::start();
