@@ -10,5 +10,6 @@ mod limits;
 mod reference;
 mod remote;
 mod s3;
+mod settings;
 mod trust;
 mod util;

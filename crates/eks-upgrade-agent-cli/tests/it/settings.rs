@@ -1,0 +1,300 @@
+//! Where settings come from, as the README states it: flags, then `EUA_*` variables, then the
+//! configuration file (`--config`, `EUA_CONFIG`, or the default location), then defaults. Each
+//! test sets a value in one place only, or in two places that disagree, and checks which one is
+//! used.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::util::{BIN, Env, http, serve};
+
+/// The binary with no `--data-dir` flag and a hermetic environment: no `EUA_*` variable, the
+/// default configuration file looked up under `home`.
+fn bare(home: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EUA_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("XDG_CONFIG_HOME", home.join("config-home"))
+        .env("XDG_DATA_HOME", home.join("data-home"))
+        .env("HOME", home)
+        .stdin(Stdio::null());
+    c
+}
+
+fn ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The upgrade ids stored in `data_dir` (read with an explicit `--data-dir`).
+fn upgrades_in(data_dir: &Path) -> Vec<String> {
+    let home = tempfile::tempdir().unwrap();
+    let mut c = bare(home.path());
+    c.args(["--data-dir", data_dir.to_str().unwrap(), "-o", "json"])
+        .args(["progress", "upgrade", "list"]);
+    if !data_dir.join("eks-upgrade-agent.sqlite3").exists() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_str(&ok(c)).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["upgrade_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn create(mut c: Command, id: &str) -> String {
+    c.args(["progress", "upgrade", "create", id, "--plan", "p"])
+        .args(["--cluster", "c"]);
+    ok(c)
+}
+
+#[test]
+fn data_dir_and_output_come_from_the_environment() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("from-env");
+    let mut c = bare(home.path());
+    c.env("EUA_DATA_DIR", &dir).env("EUA_OUTPUT", "json");
+    let out = create(c, "u-env");
+    let v: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("EUA_OUTPUT=json did not give JSON ({e}): {out}"));
+    assert_eq!(v["upgrade_id"], "u-env", "{v}");
+    assert_eq!(upgrades_in(&dir), ["u-env"]);
+    // The flag wins over the variable.
+    let flag_dir = home.path().join("from-flag");
+    let mut c = bare(home.path());
+    c.env("EUA_DATA_DIR", &dir)
+        .args(["--data-dir", flag_dir.to_str().unwrap()]);
+    let out = create(c, "u-flag");
+    assert!(
+        serde_json::from_str::<Value>(&out).is_err(),
+        "table by default: {out}"
+    );
+    assert_eq!(upgrades_in(&flag_dir), ["u-flag"]);
+    assert_eq!(upgrades_in(&dir), ["u-env"]);
+    // Neither: $XDG_DATA_HOME/eks-upgrade-agent.
+    create(bare(home.path()), "u-default");
+    assert_eq!(
+        upgrades_in(&home.path().join("data-home/eks-upgrade-agent")),
+        ["u-default"]
+    );
+}
+
+#[test]
+fn the_configuration_file_is_found_and_variables_and_flags_win_over_it() {
+    let home = tempfile::tempdir().unwrap();
+    let write = |path: &Path, dir: &str| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            path,
+            format!("data_dir = {:?}\n", home.path().join(dir).to_str().unwrap()),
+        )
+        .unwrap();
+    };
+    // The default location: $XDG_CONFIG_HOME/eks-upgrade-agent/config.toml.
+    write(
+        &home.path().join("config-home/eks-upgrade-agent/config.toml"),
+        "default-file",
+    );
+    create(bare(home.path()), "u1");
+    assert_eq!(upgrades_in(&home.path().join("default-file")), ["u1"]);
+    // EUA_CONFIG names another file, which replaces the default one.
+    let named = home.path().join("named.toml");
+    write(&named, "named-file");
+    let mut c = bare(home.path());
+    c.env("EUA_CONFIG", &named);
+    create(c, "u2");
+    assert_eq!(upgrades_in(&home.path().join("named-file")), ["u2"]);
+    // An EUA_* variable wins over the file.
+    let mut c = bare(home.path());
+    c.env("EUA_CONFIG", &named)
+        .env("EUA_DATA_DIR", home.path().join("variable"));
+    create(c, "u3");
+    assert_eq!(upgrades_in(&home.path().join("variable")), ["u3"]);
+    assert_eq!(upgrades_in(&home.path().join("named-file")), ["u2"]);
+    // A named file that does not exist is an error, not a silent default.
+    let mut c = bare(home.path());
+    c.env("EUA_CONFIG", home.path().join("missing.toml"))
+        .args(["progress", "upgrade", "list"]);
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read the configuration file") && err.contains("missing.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn export_without_out_writes_the_reference_file_name_in_the_working_directory() {
+    let env = Env::with_task();
+    let cwd = tempfile::tempdir().unwrap();
+    let out = env
+        .command()
+        .current_dir(cwd.path())
+        .args(["progress", "export", "u"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let file = cwd.path().join("upgrade_u.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(v["upgrade_id"], "u");
+    assert!(v["tasks"]["t"].is_object(), "{v}");
+}
+
+/// GET /api/v1/upgrades with a bearer token; returns the status line.
+fn status_with(port: u16, host: &str, token: &str) -> String {
+    let resp = http(
+        port,
+        &format!(
+            "GET /api/v1/upgrades HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    resp.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn serve_takes_tokens_from_flags_then_the_environment_then_the_file() {
+    const FILE: &str = "token-from-the-config-file";
+    const ENV: &str = "token-from-the-environment";
+    const FLAG: &str = "token-from-the-command-line";
+    let env = Env::with_task();
+    let config = env.dir.path().join("config.toml");
+    std::fs::write(&config, format!("tokens = [\"{FILE}:read\"]\n")).unwrap();
+    let config = config.to_str().unwrap();
+
+    // Only the file: its token is the one accepted.
+    let served = serve(&env, &[("EUA_CONFIG", config)]);
+    assert!(status_with(served.port, "127.0.0.1", FILE).contains(" 200 "));
+    assert!(status_with(served.port, "127.0.0.1", ENV).contains(" 401 "));
+    drop(served);
+
+    // The variable replaces the file.
+    let served = serve(&env, &[("EUA_CONFIG", config), ("EUA_TOKENS", &format!("{ENV}:read"))]);
+    assert!(status_with(served.port, "127.0.0.1", ENV).contains(" 200 "));
+    assert!(status_with(served.port, "127.0.0.1", FILE).contains(" 401 "));
+    drop(served);
+
+    // The flag replaces both.
+    let port = free_port();
+    let mut c = env.command();
+    c.env("EUA_CONFIG", config)
+        .env("EUA_TOKENS", format!("{ENV}:read"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--token", &format!("{FLAG}:read")])
+        .stderr(Stdio::null());
+    let served = crate::util::Served {
+        child: c.spawn().unwrap(),
+        port,
+    };
+    wait_listening(port);
+    assert!(status_with(served.port, "127.0.0.1", FLAG).contains(" 200 "));
+    for other in [ENV, FILE] {
+        assert!(status_with(served.port, "127.0.0.1", other).contains(" 401 "));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "serve did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// POST a new upgrade with `origin`; returns the status code.
+fn post_with_origin(port: u16, host: &str, origin: &str, id: &str) -> u16 {
+    let body = format!(r#"{{"upgrade_id":"{id}","plan_id":"p","cluster_name":"c"}}"#);
+    let resp = http(
+        port,
+        &format!(
+            "POST /api/v1/upgrades HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    resp[9..12].parse().unwrap()
+}
+
+fn get_status(port: u16, host: &str) -> u16 {
+    let resp = http(
+        port,
+        &format!("GET /api/v1/upgrades HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    );
+    resp[9..12].parse().unwrap()
+}
+
+#[test]
+fn serve_takes_its_names_and_origins_from_the_file_and_the_environment() {
+    let env = Env::with_task();
+    // From the configuration file.
+    let config = env.dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "public_urls = [\"https://eua.example.com\"]\n\
+         allowed_hosts = [\"upgrade-box:8080\"]\n\
+         allowed_origins = [\"https://tools.example.com\"]\n",
+    )
+    .unwrap();
+    let served = serve(&env, &[("EUA_CONFIG", config.to_str().unwrap())]);
+    let p = served.port;
+    assert_eq!(get_status(p, "eua.example.com"), 200);
+    assert_eq!(get_status(p, "upgrade-box:8080"), 200);
+    assert_eq!(get_status(p, "other-box:8080"), 403);
+    assert_eq!(
+        post_with_origin(p, "127.0.0.1", "https://eua.example.com", "a"),
+        201
+    );
+    assert_eq!(
+        post_with_origin(p, "127.0.0.1", "https://tools.example.com", "b"),
+        201
+    );
+    assert_eq!(
+        post_with_origin(p, "127.0.0.1", "https://evil.example", "c"),
+        403
+    );
+    drop(served);
+    // From the environment (comma-separated lists).
+    let served = serve(
+        &env,
+        &[
+            ("EUA_ALLOWED_HOSTS", "box-a:1,box-b:2"),
+            ("EUA_ALLOWED_ORIGINS", "https://one.example,https://two.example"),
+        ],
+    );
+    let p = served.port;
+    for host in ["box-a:1", "box-b:2"] {
+        assert_eq!(get_status(p, host), 200, "{host}");
+    }
+    assert_eq!(get_status(p, "eua.example.com"), 403);
+    for (i, origin) in ["https://one.example", "https://two.example"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(post_with_origin(p, "127.0.0.1", origin, &format!("e{i}")), 201);
+    }
+    assert_eq!(
+        post_with_origin(p, "127.0.0.1", "https://tools.example.com", "f"),
+        403
+    );
+}
