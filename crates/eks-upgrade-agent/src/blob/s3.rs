@@ -185,7 +185,12 @@ impl S3BlobStore {
                 .with_virtual_hosted_style_request(false)
                 .with_allow_http(is_plain_http(e));
         }
-        let prefix = options.prefix.as_str();
+        let prefix = options.prefix.as_str().trim_matches('/');
+        if !prefix.is_empty() {
+            object_path(prefix).map_err(|e| {
+                Error::invalid(format!("invalid S3 key prefix {:?}: {e}", options.prefix))
+            })?;
+        }
         let store = b
             .build()
             .map_err(|e| Error::backend(format!("cannot configure S3 bucket {bucket:?}"), e))?;
@@ -197,7 +202,7 @@ impl S3BlobStore {
         Ok(S3BlobStore {
             store: Arc::new(store),
             bucket: bucket.to_owned(),
-            prefix: prefix.trim_matches('/').to_owned(),
+            prefix: prefix.to_owned(),
             runtime: Arc::new(runtime),
         })
     }
@@ -226,20 +231,20 @@ impl S3BlobStore {
         self.under_prefix(&format!("blobs/sha256/{}/{}", &hex[..2], &hex[2..]))
     }
 
-    fn blob_dir(&self) -> ObjPath {
-        ObjPath::from(self.under_prefix("blobs/sha256"))
+    fn blob_dir(&self) -> Result<ObjPath> {
+        object_path(&self.under_prefix("blobs/sha256"))
     }
 
-    fn path(&self, digest: &Digest) -> ObjPath {
-        ObjPath::from(self.key(digest))
+    fn path(&self, digest: &Digest) -> Result<ObjPath> {
+        object_path(&self.key(digest))
     }
 
-    fn tmp_dir(&self) -> ObjPath {
-        ObjPath::from(self.under_prefix("tmp"))
+    fn tmp_dir(&self) -> Result<ObjPath> {
+        object_path(&self.under_prefix("tmp"))
     }
 
     fn head(&self, digest: &Digest) -> Result<Option<u64>> {
-        match self.runtime.block_on(self.store.head(&self.path(digest))) {
+        match self.runtime.block_on(self.store.head(&self.path(digest)?)) {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(backend(
@@ -257,7 +262,7 @@ impl S3BlobStore {
         reader: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(Digest, u64, ObjPath)> {
-        let tmp = self.tmp_dir().join(format!("{}.part", Uuid::now_v7()));
+        let tmp = self.tmp_dir()?.join(format!("{}.part", Uuid::now_v7()));
         let store = Arc::clone(&self.store);
         let rt = &self.runtime;
         // Parts are uploaded by tasks spawned on the runtime's workers while this thread reads.
@@ -311,7 +316,7 @@ impl S3BlobStore {
 impl S3BlobStore {
     /// The `file-hash` user metadata of the object at `key`, `None` if there is no object.
     pub fn object_hash(&self, key: &str) -> Result<Option<String>> {
-        let path = ObjPath::from(key);
+        let path = object_path(key)?;
         let opts = GetOptions {
             head: true,
             ..GetOptions::default()
@@ -341,7 +346,7 @@ impl S3BlobStore {
         multipart_threshold: u64,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
-        let path = ObjPath::from(key);
+        let path = object_path(key)?;
         let mut attributes = Attributes::new();
         for (k, v) in metadata {
             attributes.insert(
@@ -407,7 +412,7 @@ impl S3BlobStore {
 
     /// A reader of the object at `key` that verifies it hashes to `digest`.
     pub fn open_object(&self, key: &str, digest: &Digest) -> Result<Box<dyn Read + Send>> {
-        let path = ObjPath::from(key);
+        let path = object_path(key)?;
         let got = self
             .runtime
             .block_on(self.store.get(&path))
@@ -425,7 +430,7 @@ impl S3BlobStore {
     /// A reader of the object at `key`, not verified (for objects without a known digest, such
     /// as manifests).
     pub fn open_object_unverified(&self, key: &str) -> Result<Box<dyn Read + Send>> {
-        let path = ObjPath::from(key);
+        let path = object_path(key)?;
         let got = self
             .runtime
             .block_on(self.store.get(&path))
@@ -440,9 +445,17 @@ impl S3BlobStore {
     /// Deletes the object at `key` (no error if it is absent).
     pub fn delete_object(&self, key: &str) -> Result<()> {
         self.runtime
-            .block_on(self.store.delete(&ObjPath::from(key)))
+            .block_on(self.store.delete(&object_path(key)?))
             .map_err(|e| backend(format!("cannot delete s3://{}/{key}", self.bucket), e))
     }
+}
+
+/// The object path of the S3 key `key`, exactly as written. `ObjPath::from` would
+/// percent-encode characters such as `~`, `[` or `#` into the key itself (`report~2.xml`
+/// stored as `report%7E2.xml`); `parse` takes the key as is and refuses only empty, `.` and
+/// `..` segments and control characters.
+pub(crate) fn object_path(key: &str) -> Result<ObjPath> {
+    ObjPath::parse(key).map_err(|e| Error::invalid(format!("invalid S3 key {key:?}: {e}")))
 }
 
 /// A blocking reader over an object's byte stream.
@@ -477,7 +490,7 @@ impl BlobStore for S3BlobStore {
             // An object already there is not trusted: these bytes (known to hash to the
             // digest) replace it, which also refreshes its modification time.
             let existed = self.head(&digest)?.is_some();
-            let key = self.path(&digest);
+            let key = self.path(&digest)?;
             self.runtime
                 .block_on(self.store.put(&key, PutPayload::from(head)))
                 .map_err(|e| backend(format!("cannot upload s3://{}/{key}", self.bucket), e))?;
@@ -491,7 +504,7 @@ impl BlobStore for S3BlobStore {
         let (digest, size, tmp) = self.upload_large(head, reader, progress)?;
         // As above: the verified upload replaces whatever is under the digest.
         let existed = self.head(&digest)?.is_some();
-        let key = self.path(&digest);
+        let key = self.path(&digest)?;
         self.runtime
             .block_on(self.store.copy(&tmp, &key))
             .map_err(|e| backend(format!("cannot store s3://{}/{key}", self.bucket), e))?;
@@ -505,7 +518,7 @@ impl BlobStore for S3BlobStore {
     }
 
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
-        let key = self.path(digest);
+        let key = self.path(digest)?;
         let got = self.runtime.block_on(self.store.get(&key)).map_err(|e| {
             backend(
                 format!("blob sha256:{digest} (s3://{}/{key})", self.bucket),
@@ -535,7 +548,7 @@ impl BlobStore for S3BlobStore {
         if self.head(digest)?.is_none() {
             return Ok(false);
         }
-        let key = self.path(digest);
+        let key = self.path(digest)?;
         self.runtime
             .block_on(self.store.delete(&key))
             .map_err(|e| backend(format!("cannot delete s3://{}/{key}", self.bucket), e))?;
@@ -543,7 +556,7 @@ impl BlobStore for S3BlobStore {
     }
 
     fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
-        let prefix = self.blob_dir();
+        let prefix = self.blob_dir()?;
         let mut stream = self.store.list(Some(&prefix));
         while let Some(item) = self.runtime.block_on(stream.next()) {
             let meta =
@@ -572,7 +585,7 @@ impl BlobStore for S3BlobStore {
     fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
         // S3 has no conditional delete on age: check, then delete (a put landing in between
         // is the one race left; gc's grace period makes it unlikely).
-        let path = self.path(digest);
+        let path = self.path(digest)?;
         let modified = match self.runtime.block_on(self.store.head(&path)) {
             Ok(meta) => SystemTime::from(meta.last_modified),
             Err(object_store::Error::NotFound { .. }) => return Ok(false),
@@ -591,7 +604,7 @@ impl BlobStore for S3BlobStore {
 
     fn sweep_incomplete(&self) -> Result<u64> {
         let cutoff = chrono::Utc::now() - chrono::Duration::from_std(TMP_GRACE).unwrap_or_default();
-        let tmp = self.tmp_dir();
+        let tmp = self.tmp_dir()?;
         let mut stream = self.store.list(Some(&tmp));
         let mut removed = 0;
         while let Some(item) = self.runtime.block_on(stream.next()) {
@@ -776,7 +789,7 @@ mod tests {
             );
             let handle = Arc::clone(&store);
             let corrupt: Box<dyn Fn(&Digest)> = Box::new(move |d: &Digest| {
-                let key = handle.path(d);
+                let key = handle.path(d).unwrap();
                 handle
                     .runtime
                     .block_on(
