@@ -10,6 +10,7 @@ mod limits;
 mod reference;
 mod remote;
 mod s3;
+mod s3_settings;
 mod settings;
 mod trust;
 mod util;

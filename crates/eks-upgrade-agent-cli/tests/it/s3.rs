@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::util::{Env, Moto};
 
 /// The AWS settings that point at a local server (no bucket).
-fn aws_env(endpoint: &str) -> [(&'static str, &str); 5] {
+pub(crate) fn aws_env(endpoint: &str) -> [(&'static str, &str); 5] {
     [
         ("AWS_ENDPOINT_URL", endpoint),
         ("AWS_REGION", "us-east-1"),
@@ -18,12 +18,12 @@ fn aws_env(endpoint: &str) -> [(&'static str, &str); 5] {
     ]
 }
 
-fn with_s3(c: &mut Command, endpoint: &str) {
+pub(crate) fn with_s3(c: &mut Command, endpoint: &str) {
     c.envs(aws_env(endpoint)).env("EUA_S3_BUCKET", "team");
 }
 
 /// Runs the CLI with S3 settings and `-o json`; asserts success and parses stdout.
-fn json_s3(env: &Env, endpoint: &str, args: &[&str]) -> Value {
+pub(crate) fn json_s3(env: &Env, endpoint: &str, args: &[&str]) -> Value {
     let mut c = env.command();
     with_s3(&mut c, endpoint);
     let out = c.arg("-o").arg("json").args(args).output().unwrap();
@@ -137,7 +137,7 @@ fn artifacts_upload_to_s3_with_reference_keys_and_metadata() {
     assert!(err.contains("no S3 bucket is configured"), "{err}");
 }
 
-fn status(env: &Env, endpoint: &str, id: &str) -> Value {
+pub(crate) fn status(env: &Env, endpoint: &str, id: &str) -> Value {
     let mut c = env.command();
     with_s3(&mut c, endpoint);
     let out = c
@@ -150,6 +150,45 @@ fn status(env: &Env, endpoint: &str, id: &str) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits for `child` (stdout and stderr piped), sampling its peak resident set size
+/// (`VmHWM`) until it exits; returns its output and the last peak seen, in KiB.
+pub(crate) fn wait_with_peak_rss(mut child: std::process::Child) -> (std::process::Output, u64) {
+    use std::io::Read;
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let outs = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).unwrap();
+        v
+    });
+    let errs = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        err.read_to_end(&mut v).unwrap();
+        v
+    });
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let output = std::process::Output {
+        status,
+        stdout: outs.join().unwrap(),
+        stderr: errs.join().unwrap(),
+    };
+    (output, peak)
 }
 
 /// A large artifact queued for upload, returns its id.
@@ -221,17 +260,30 @@ fn a_killed_upload_is_finished_by_the_next_run() {
         "created",
         "still queued after the kill"
     );
-    let second = RecordingProxy::start(&moto.url);
+    // A slow network (at most 8 MB/s per connection), so that parts would pile up if more
+    // than four were sent at once.
+    let second = RecordingProxy::start_throttled(&moto.url, std::time::Duration::from_millis(8));
     let mut c = env.command();
     with_s3(&mut c, &second.url);
-    let out = c
+    let child = c
         .args(["-o", "json", "artifacts", "upload"])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let (out, peak_kib) = wait_with_peak_rss(child);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Streamed from the blob, four 8 MiB parts at a time: the process never holds the object.
+    let max = second.max_in_flight();
+    eprintln!("256 MiB upload: peak RSS {peak_kib} KiB, at most {max} requests in flight");
+    assert_eq!(max, 4, "parts in flight at once");
+    assert!(
+        peak_kib < 128 * 1024,
+        "peak RSS {peak_kib} KiB while uploading 256 MiB"
     );
     let a = status(&env, &moto.url, &id);
     assert_eq!(a["status"], "uploaded");
@@ -412,14 +464,14 @@ fn serve_uploads_what_the_api_receives() {
 }
 
 /// Runs the CLI with S3 settings and `-o json`; returns the output, success or not.
-fn run_s3(env: &Env, endpoint: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn run_s3(env: &Env, endpoint: &str, args: &[&str]) -> std::process::Output {
     let mut c = env.command();
     with_s3(&mut c, endpoint);
     c.arg("-o").arg("json").args(args).output().unwrap()
 }
 
 /// Puts `body` at `bucket`/`key` with boto3.
-fn put_object(moto: &Moto, bucket: &str, key: &str, body: &str) {
+pub(crate) fn put_object(moto: &Moto, bucket: &str, key: &str, body: &str) {
     let body = serde_json::to_string(body).unwrap();
     moto.python(&format!(
         "s3 = boto3.client('s3', **kw)\n\
@@ -429,7 +481,7 @@ fn put_object(moto: &Moto, bucket: &str, key: &str, body: &str) {
 }
 
 /// Whether `bucket`/`key` exists.
-fn object_exists(moto: &Moto, bucket: &str, key: &str) -> bool {
+pub(crate) fn object_exists(moto: &Moto, bucket: &str, key: &str) -> bool {
     moto.python(&format!(
         "s3 = boto3.client('s3', **kw)\n\
          print(json.dumps(s3.list_objects_v2(Bucket={bucket:?}, Prefix={key:?}).get('KeyCount', 0) > 0))"
@@ -595,16 +647,63 @@ fn a_forged_manifest_cannot_make_pull_or_cleanup_touch_other_objects() {
 
 /// A TCP proxy in front of `upstream` that keeps every request byte its clients send, to
 /// count the requests that really reached S3 (moto keeps no request log).
-struct RecordingProxy {
-    url: String,
+pub(crate) struct RecordingProxy {
+    pub(crate) url: String,
     sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Bytes forwarded from clients to the server so far.
     forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Requests sent whose response has not started yet (now, and the most ever).
+    in_flight: std::sync::Arc<[std::sync::atomic::AtomicI64; 2]>,
+}
+
+/// Counts the occurrences of `pattern` followed by `after` more bytes that satisfy `accept`,
+/// in a stream that arrives in chunks (a match may straddle two chunks).
+struct StreamCounter {
+    pattern: &'static [u8],
+    after: usize,
+    tail: Vec<u8>,
+}
+
+impl StreamCounter {
+    fn new(pattern: &'static [u8], after: usize) -> StreamCounter {
+        StreamCounter {
+            pattern,
+            after,
+            tail: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8], accept: impl Fn(&[u8]) -> bool) -> i64 {
+        self.tail.extend_from_slice(chunk);
+        let need = self.pattern.len() + self.after;
+        let mut count = 0;
+        let mut i = 0;
+        while i + need <= self.tail.len() {
+            if &self.tail[i..i + self.pattern.len()] == self.pattern {
+                if accept(&self.tail[i + self.pattern.len()..i + need]) {
+                    count += 1;
+                }
+                i += self.pattern.len();
+            } else {
+                i += 1;
+            }
+        }
+        // Keep what could still start a match.
+        let keep_from = i.max(self.tail.len().saturating_sub(need - 1));
+        self.tail.drain(..keep_from);
+        count
+    }
 }
 
 impl RecordingProxy {
-    fn start(upstream: &str) -> RecordingProxy {
+    pub(crate) fn start(upstream: &str) -> RecordingProxy {
+        RecordingProxy::start_throttled(upstream, std::time::Duration::ZERO)
+    }
+
+    /// A proxy that waits `pause` after forwarding each read of up to 64 KiB from a client: a
+    /// slow network, so that requests pile up when a client sends several at once.
+    pub(crate) fn start_throttled(upstream: &str, pause: std::time::Duration) -> RecordingProxy {
         use std::io::{Read, Write};
         use std::sync::atomic::Ordering;
         let upstream = upstream.trim_start_matches("http://").to_owned();
@@ -613,30 +712,63 @@ impl RecordingProxy {
         let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let forwarded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (s, o, f) = (sent.clone(), open.clone(), forwarded.clone());
+        let in_flight = std::sync::Arc::new([
+            std::sync::atomic::AtomicI64::new(0),
+            std::sync::atomic::AtomicI64::new(0),
+        ]);
+        let (s, o, f, fl) = (
+            sent.clone(),
+            open.clone(),
+            forwarded.clone(),
+            in_flight.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { return };
                 let mut server = std::net::TcpStream::connect(&upstream).unwrap();
                 let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let fl2 = fl.clone();
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s2, &mut c2);
+                    // Each final status line (not `100 Continue`) ends a request in flight.
+                    let mut statuses = StreamCounter::new(b"HTTP/1.1 ", 3);
+                    let mut buf = [0u8; 64 * 1024];
+                    loop {
+                        match s2.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                let done = statuses.feed(&buf[..n], |code| code != b"100");
+                                fl2[0].fetch_sub(done, Ordering::SeqCst);
+                                if c2.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     let _ = c2.shutdown(std::net::Shutdown::Both);
                 });
-                let (s, o, f) = (s.clone(), o.clone(), f.clone());
+                let (s, o, f, fl) = (s.clone(), o.clone(), f.clone(), fl.clone());
                 o.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
                     let mut all = Vec::new();
                     let mut buf = [0u8; 64 * 1024];
+                    let mut requests = StreamCounter::new(b" HTTP/1.1\r\n", 0);
                     loop {
                         match client.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
+                                let started = requests.feed(&buf[..n], |_| true);
+                                if started > 0 {
+                                    let now = fl[0].fetch_add(started, Ordering::SeqCst) + started;
+                                    fl[1].fetch_max(now, Ordering::SeqCst);
+                                }
                                 all.extend_from_slice(&buf[..n]);
                                 if server.write_all(&buf[..n]).is_err() {
                                     break;
                                 }
                                 f.fetch_add(n as u64, Ordering::SeqCst);
+                                if !pause.is_zero() {
+                                    std::thread::sleep(pause);
+                                }
                             }
                         }
                     }
@@ -651,11 +783,17 @@ impl RecordingProxy {
             sent,
             open,
             forwarded,
+            in_flight,
         }
     }
 
+    /// The most requests that were ever in flight at once.
+    pub(crate) fn max_in_flight(&self) -> i64 {
+        self.in_flight[1].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Waits until `n` bytes went through to the server: a transfer is under way.
-    fn wait_for_bytes(&self, n: u64) {
+    pub(crate) fn wait_for_bytes(&self, n: u64) {
         let start = std::time::Instant::now();
         while self.forwarded.load(std::sync::atomic::Ordering::SeqCst) < n {
             assert!(
@@ -668,7 +806,7 @@ impl RecordingProxy {
     }
 
     /// The head (request line and headers) of every request of the finished connections.
-    fn request_heads(&self) -> Vec<String> {
+    pub(crate) fn request_heads(&self) -> Vec<String> {
         let _ = self.request_lines(); // waits for the connections to close
         let mut heads = Vec::new();
         for conn in self.sent.lock().unwrap().iter() {
@@ -692,7 +830,7 @@ impl RecordingProxy {
     }
 
     /// The request lines (`PUT /bucket/key`) of every finished connection.
-    fn request_lines(&self) -> Vec<String> {
+    pub(crate) fn request_lines(&self) -> Vec<String> {
         let start = std::time::Instant::now();
         while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 {
             assert!(

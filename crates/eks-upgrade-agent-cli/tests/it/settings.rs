@@ -103,7 +103,9 @@ fn the_configuration_file_is_found_and_variables_and_flags_win_over_it() {
     };
     // The default location: $XDG_CONFIG_HOME/eks-upgrade-agent/config.toml.
     write(
-        &home.path().join("config-home/eks-upgrade-agent/config.toml"),
+        &home
+            .path()
+            .join("config-home/eks-upgrade-agent/config.toml"),
         "default-file",
     );
     create(bare(home.path()), "u1");
@@ -180,7 +182,13 @@ fn serve_takes_tokens_from_flags_then_the_environment_then_the_file() {
     drop(served);
 
     // The variable replaces the file.
-    let served = serve(&env, &[("EUA_CONFIG", config), ("EUA_TOKENS", &format!("{ENV}:read"))]);
+    let served = serve(
+        &env,
+        &[
+            ("EUA_CONFIG", config),
+            ("EUA_TOKENS", &format!("{ENV}:read")),
+        ],
+    );
     assert!(status_with(served.port, "127.0.0.1", ENV).contains(" 200 "));
     assert!(status_with(served.port, "127.0.0.1", FILE).contains(" 401 "));
     drop(served);
@@ -279,7 +287,10 @@ fn serve_takes_its_names_and_origins_from_the_file_and_the_environment() {
         &env,
         &[
             ("EUA_ALLOWED_HOSTS", "box-a:1,box-b:2"),
-            ("EUA_ALLOWED_ORIGINS", "https://one.example,https://two.example"),
+            (
+                "EUA_ALLOWED_ORIGINS",
+                "https://one.example,https://two.example",
+            ),
         ],
     );
     let p = served.port;
@@ -291,7 +302,10 @@ fn serve_takes_its_names_and_origins_from_the_file_and_the_environment() {
         .iter()
         .enumerate()
     {
-        assert_eq!(post_with_origin(p, "127.0.0.1", origin, &format!("e{i}")), 201);
+        assert_eq!(
+            post_with_origin(p, "127.0.0.1", origin, &format!("e{i}")),
+            201
+        );
     }
     assert_eq!(
         post_with_origin(p, "127.0.0.1", "https://tools.example.com", "f"),
