@@ -278,12 +278,21 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
         ProgressCmd::Watch {
             upgrade,
             interval_ms,
-        } => render::watch(
-            ctx,
-            tracker,
-            &upgrade,
-            Duration::from_millis(interval_ms.max(10)),
-        ),
+        } => {
+            // While it watches, it delivers what is pending (its own data dir; a server
+            // delivers its own).
+            let _notifier = backend
+                .local
+                .as_ref()
+                .and_then(|store| crate::notify::dispatcher_or_warn(ctx, store))
+                .map(|d| d.spawn());
+            render::watch(
+                ctx,
+                tracker,
+                &upgrade,
+                Duration::from_millis(interval_ms.max(10)),
+            )
+        }
         ProgressCmd::Export { upgrade, out } => export(ctx, tracker, &upgrade, out),
         ProgressCmd::Import { file } => {
             let text = std::fs::read_to_string(&file)
