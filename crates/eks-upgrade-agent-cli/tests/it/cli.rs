@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::util::{Env, http, serve};
+use crate::util::{Env, http, serve, webhook_receiver};
 
 fn setup() -> Env {
     let env = Env::new();
@@ -665,46 +665,6 @@ fn follow_and_watch_see_other_processes_and_end_with_the_upgrade() {
     let text = watch_lines.join("\n");
     assert!(text.contains("upgrade.completed"), "{text}");
     assert!(text.contains("status completed"), "{text}");
-}
-
-/// A one-shot HTTP receiver on 127.0.0.1 answering 200; returns its URL and the bodies it got.
-fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let g = got.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0;
-            let mut sig = String::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-                    break;
-                }
-                let lower = line.to_ascii_lowercase();
-                if let Some(v) = lower.strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                if lower.starts_with("x-eua-signature:") {
-                    sig = line.trim().to_owned();
-                }
-            }
-            let mut body = vec![0; len];
-            reader.read_exact(&mut body).unwrap();
-            g.lock()
-                .unwrap()
-                .push(format!("{sig}\n{}", String::from_utf8_lossy(&body)));
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (url, got)
 }
 
 #[test]

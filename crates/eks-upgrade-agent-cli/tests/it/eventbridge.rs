@@ -313,3 +313,51 @@ fn plain_http_to_a_host_that_only_looks_local_is_refused() {
         );
     }
 }
+
+/// `--aws-region` stands in for `AWS_REGION`, and `--event-source` replaces the `Source`: a
+/// rule matching only the custom source gets the notification.
+#[test]
+fn region_and_source_come_from_flags() {
+    let moto = Moto::start();
+    let queue = moto
+        .python(&SETUP.replace(
+            "'source': ['eks-upgrade-agent']",
+            "'source': ['team.upgrades']",
+        ))
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let env = Env::with_task();
+    let mut c = env.command();
+    aws(&mut c, &moto.url);
+    c.env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", env.dir.path().join("no-aws-config"))
+        .args([
+            "--aws-region",
+            "us-east-1",
+            "--event-source",
+            "team.upgrades",
+        ])
+        .args(["progress", "task", "start", "u", "t"]);
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("not delivered"), "{stderr}");
+    let got = receive_all(&moto, &queue);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["source"], "team.upgrades");
+    assert_eq!(got[0]["detail-type"], "task.started");
+    assert_eq!(got[0]["region"], "us-east-1");
+
+    // Without a region anywhere, the sink says what to set.
+    let mut c = env.command();
+    aws(&mut c, &moto.url);
+    c.env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", env.dir.path().join("no-aws-config"))
+        .args(["notify", "flush"]);
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("region"), "{stderr}");
+}

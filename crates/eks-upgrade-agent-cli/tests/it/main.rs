@@ -5,6 +5,7 @@ mod artifacts;
 mod cli;
 mod crash;
 mod dashboard;
+mod delivery;
 mod eventbridge;
 mod limits;
 mod reference;

@@ -271,3 +271,66 @@ pub(crate) fn http(port: u16, request: &str) -> String {
     stream.read_to_string(&mut resp).unwrap();
     resp
 }
+
+/// Bodies a webhook receiver got (each prefixed by its signature header line, if any).
+pub(crate) type Received = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// An HTTP receiver on 127.0.0.1 answering 200; returns its URL and the bodies it got.
+pub(crate) fn webhook_receiver() -> (String, Received) {
+    webhook_receiver_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// [`webhook_receiver`] on a given listener (e.g. a port a sink was down on before).
+pub(crate) fn webhook_receiver_on(listener: std::net::TcpListener) -> (String, Received) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0;
+            let mut sig = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if lower.starts_with("x-eua-signature:") {
+                    sig = line.trim().to_owned();
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            g.lock()
+                .unwrap()
+                .push(format!("{sig}\n{}", String::from_utf8_lossy(&body)));
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, got)
+}
+
+/// Waits up to 20 s until `got` holds a body containing `needle`.
+pub(crate) fn wait_for_body(got: &Received, needle: &str) {
+    let start = Instant::now();
+    loop {
+        if got.lock().unwrap().iter().any(|b| b.contains(needle)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no delivery containing {needle:?}: {:?}",
+            got.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
