@@ -1021,7 +1021,7 @@ fn serve_stops_cleanly_on_sigterm_and_sigint_finishing_a_request_in_flight() {
             served.child.try_wait().unwrap().is_none(),
             "{signal}: serve must wait for the request in flight"
         );
-        tcp.write_all(body[10..].as_bytes()).unwrap();
+        tcp.write_all(&body.as_bytes()[10..]).unwrap();
         let mut resp = String::new();
         tcp.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 201"), "{signal}: {resp}");
