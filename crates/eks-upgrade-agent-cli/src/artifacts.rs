@@ -1053,7 +1053,13 @@ mod tests {
         );
         assert!(parse_size("-1").is_err());
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("6h").unwrap(), Duration::from_secs(21_600));
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert_eq!(parse_duration("1w").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(
+            parse_time("2026-12-01T00:00:00+02:00").unwrap(),
+            "2026-11-30T22:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
         assert!(
             parse_duration("soon")
                 .unwrap_err()

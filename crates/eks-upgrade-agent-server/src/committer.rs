@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use axum::http::StatusCode;
 use eks_upgrade_agent::progress::{Command, ProgressTracker};
 use eks_upgrade_agent::store::Committed;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ApiResult};
@@ -26,7 +27,8 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    pub(crate) fn new(tracker: Arc<ProgressTracker>) -> Committer {
+    /// `commits` counts the transactions (`/metrics`: `eua_progress_commits`).
+    pub(crate) fn new(tracker: Arc<ProgressTracker>, commits: Counter) -> Committer {
         let (tx, rx) = mpsc::channel::<(Command, Reply)>();
         std::thread::Builder::new()
             .name("eua-committer".into())
@@ -40,6 +42,7 @@ impl Committer {
                         }
                     }
                     let (commands, replies): (Vec<Command>, Vec<Reply>) = jobs.into_iter().unzip();
+                    commits.inc();
                     match tracker.execute_batch(&commands) {
                         Ok(results) => {
                             for (reply, result) in replies.into_iter().zip(results) {

@@ -114,9 +114,13 @@ pub struct AppState {
 impl AppState {
     /// A state over `tracker`, no tokens, default heartbeat.
     pub fn new(tracker: Arc<ProgressTracker>) -> AppState {
+        let metrics = Arc::new(Metrics::default());
         AppState {
             hub: hub::Hub::new(Arc::clone(&tracker)),
-            committer: Arc::new(committer::Committer::new(Arc::clone(&tracker))),
+            committer: Arc::new(committer::Committer::new(
+                Arc::clone(&tracker),
+                metrics.commits.clone(),
+            )),
             tracker,
             auth: Arc::new(Auth::open()),
             guard: Arc::new(Guard::new()),
@@ -125,7 +129,7 @@ impl AppState {
             artifacts: None,
             uploads: None,
             dispatcher: None,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             #[cfg(feature = "aws")]
             s3: None,
         }

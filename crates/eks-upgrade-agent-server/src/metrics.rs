@@ -1,6 +1,6 @@
 //! `/metrics` in the OpenMetrics text format (which Prometheus scrapes): request latencies by
 //! method (standard ones, else `other`), route template (`unmatched` for unknown paths) and
-//! status, progress updates through the API, events seen by the stream hub, stream clients,
+//! status, progress updates through the API and the transactions they took, events seen by the stream hub, stream clients,
 //! artifact uploads and downloads, queued S3 uploads and pending notifications (the last two
 //! read from the store at scrape time, so they include other processes' work).
 
@@ -41,6 +41,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Histogram>,
     /// Progress commands committed through the API.
     pub(crate) updates: Counter,
+    pub(crate) commits: Counter,
     /// Artifacts uploaded through the API.
     pub(crate) uploads: Counter,
     /// Artifact downloads started through the API.
@@ -69,6 +70,7 @@ impl Default for Metrics {
         let m = Metrics {
             requests,
             updates: Counter::default(),
+            commits: Counter::default(),
             uploads: Counter::default(),
             downloads: Counter::default(),
             events: Counter::default(),
@@ -86,6 +88,12 @@ impl Default for Metrics {
             "progress_updates",
             "Progress commands committed through the API",
             m.updates.clone(),
+        );
+        r.register(
+            "progress_commits",
+            "Transactions the API's progress commands were committed in (group commit: concurrent \
+             requests share one)",
+            m.commits.clone(),
         );
         r.register(
             "artifact_uploads",

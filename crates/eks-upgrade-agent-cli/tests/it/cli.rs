@@ -948,30 +948,59 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
 }
 
 #[test]
-fn serve_stops_cleanly_on_sigterm() {
-    let env = setup();
-    let mut served = serve(&env, &[]);
-    let health = http(
-        served.port,
-        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    );
-    assert!(health.contains(r#""status":"ok""#), "{health}");
-    let pid = served.child.id().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(st) = served.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "serve did not stop on SIGTERM"
+fn serve_stops_cleanly_on_sigterm_and_sigint_finishing_a_request_in_flight() {
+    for signal in ["-TERM", "-INT"] {
+        let env = setup();
+        let mut served = serve(&env, &[]);
+        let health = http(
+            served.port,
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(status.success(), "graceful stop exits 0: {status:?}");
+        assert!(health.contains(r#""status":"ok""#), "{health}");
+        // A request in flight when the signal comes: half its body is sent before, half after.
+        use std::io::{Read, Write};
+        let body = r#"{"upgrade_id":"late","plan_id":"p","cluster_name":"c"}"#;
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+        write!(
+            tcp,
+            "POST /api/v1/upgrades HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            &body[..10]
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let pid = served.child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            served.child.try_wait().unwrap().is_none(),
+            "{signal}: serve must wait for the request in flight"
+        );
+        tcp.write_all(&body.as_bytes()[10..]).unwrap();
+        let mut resp = String::new();
+        tcp.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 201"), "{signal}: {resp}");
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = served.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "serve did not stop on {signal}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(
+            status.success(),
+            "{signal}: graceful stop exits 0: {status:?}"
+        );
+        // The request finished: its upgrade is in the store.
+        env.ok(&["progress", "upgrade", "show", "late"]);
+    }
 }

@@ -26,6 +26,15 @@ async fn call(s: &AppState, method: &str, uri: &str, body: Option<&str>) -> (Sta
     (status, v)
 }
 
+/// The `/metrics` page.
+pub(crate) async fn metrics_text(s: &AppState) -> String {
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let resp = router(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
 #[tokio::test]
 async fn progress_through_the_api() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,6 +234,53 @@ async fn bad_requests_say_what_to_fix_and_change_nothing() {
     let (_, after) = call(&s, "GET", "/api/v1/upgrades/u1/events", None).await;
     assert_eq!(after, before, "rejected requests changed nothing");
     let _ = json!(null);
+}
+
+/// README "Server": `/metrics` counts the events the streams see (any writer) and the last seq.
+#[tokio::test]
+async fn metrics_count_the_events_streams_see() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let server = crate::util::Server::start(s.clone()).await;
+    // Once `/healthz` answers over TCP, the hub follows the store.
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let counter = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(counter(&metrics_text(&s).await, "eua_events_total"), 0);
+    crate::util::seed(&s.tracker, "u1");
+    for p in [10, 20, 30, 40, 50] {
+        s.tracker
+            .update_task("u1", "a", f64::from(p), None, Default::default())
+            .unwrap();
+    }
+    let last = s.tracker.store().last_seq().unwrap();
+    assert_eq!(last, 8);
+    let start = std::time::Instant::now();
+    loop {
+        let text = metrics_text(&s).await;
+        if counter(&text, "eua_last_seq") == last {
+            assert_eq!(counter(&text, "eua_events_total"), last, "{text}");
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the hub never published seq {last}:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -430,6 +486,21 @@ async fn concurrent_writes_are_grouped_and_fail_alone() {
         events.len(),
         ok,
         "one event per accepted update, none for the rejected ones"
+    );
+    // Grouped: the 64 commands took fewer transactions than requests (`/metrics` counts both).
+    let text = metrics_text(&s).await;
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(counter("eua_progress_updates_total"), ok as u64);
+    let commits = counter("eua_progress_commits_total");
+    assert!(
+        (1..64).contains(&commits),
+        "64 concurrent updates took {commits} transactions"
     );
 }
 

@@ -56,6 +56,50 @@ async fn half_sent_headers_are_cut_off() {
     assert!(response(&mut tcp).await.starts_with("HTTP/1.1 200"));
 }
 
+/// README "Server": the header-read limit is also the keep-alive idle limit: a connection that
+/// got its answer and then sends nothing is closed after it.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    // The documented defaults: 30 s for headers (and idle keep-alive), 10 s of shutdown grace.
+    let defaults = ServeOptions::default();
+    assert_eq!(defaults.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(defaults.shutdown_grace, Duration::from_secs(10));
+    let dir = tempfile::tempdir().unwrap();
+    let options = ServeOptions {
+        header_read_timeout: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let server = Server::start(state(dir.path()).with_serve_options(options)).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    // Two requests on one connection: it is kept alive while used.
+    for _ in 0..2 {
+        tcp.write_all(HEALTH).await.unwrap();
+        let text = response(&mut tcp).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+    }
+    let idle = Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("the server closes an idle keep-alive connection within 5 s");
+    // Closed: EOF or reset, perhaps after a 408.
+    if let Ok(n) = read
+        && n > 0
+    {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert!(
+        idle.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        idle.elapsed()
+    );
+}
+
 /// A body that stops arriving is cut off too (a slow body once held its connection forever),
 /// while a body that keeps coming, however slowly, is read whole.
 #[tokio::test]

@@ -414,3 +414,53 @@ async fn an_oversized_websocket_message_closes_the_connection() {
     ws_send(&mut ws, r#"{"type":"ping"}"#).await;
     until_type(&mut ws, "pong").await;
 }
+
+/// README "Using it": a parent's derived status change is an event of its own, so streams see
+/// it: a subtask fails, and the WebSocket receives the parent's `task.failed` after the
+/// subtask's, naming the cause.
+#[tokio::test]
+async fn a_parents_derived_change_reaches_the_stream() {
+    use eks_upgrade_agent::model::TaskType;
+    use eks_upgrade_agent::progress::NewTask;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    s.tracker
+        .add_tasks(
+            "u1",
+            vec![
+                NewTask::new("p", "Node groups", TaskType::UpgradeStep),
+                NewTask::new("c", "ng-1", TaskType::UpgradeStep).parent("p"),
+            ],
+        )
+        .unwrap();
+    s.tracker.start_task("u1", "c", None).unwrap();
+    let server = Server::start(s.clone()).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/upgrades/u1/ws")).await;
+    until_type(&mut ws, "progress_summary").await;
+    let t = s.tracker.clone();
+    blocking(move || {
+        t.fail_task("u1", "c", "drain timed out").unwrap();
+    })
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "progress_event" {
+            got.push(m["data"].clone());
+        }
+    }
+    let brief: Vec<_> = got
+        .iter()
+        .map(|d| (d["task_id"].clone(), d["kind"].clone(), d["status"].clone()))
+        .collect();
+    assert_eq!(
+        brief,
+        [
+            (json!("c"), json!("task.failed"), json!("failed")),
+            (json!("p"), json!("task.failed"), json!("failed")),
+        ]
+    );
+    assert_eq!(got[1]["message"], "subtask \"c\" failed: drain timed out");
+}

@@ -488,6 +488,33 @@ mod tests {
         );
     }
 
+    /// README "Sharing artifacts through S3": a failed upload is retried after a capped
+    /// exponential backoff with jitter: 10 s doubled per attempt, each draw in [50%, 100%] of
+    /// it, never above the cap, and draws differ.
+    #[test]
+    fn the_upload_retry_delay_grows_exponentially_up_to_the_cap_with_jitter() {
+        let cap = Duration::from_secs(600);
+        for attempt in 0..40u32 {
+            let full = Duration::from_secs(10)
+                .saturating_mul(1 << attempt.min(16))
+                .min(cap);
+            for _ in 0..20 {
+                let delay = backoff(attempt, cap);
+                assert!(
+                    delay >= full / 2 && delay <= full,
+                    "attempt {attempt}: {delay:?} not within [{:?}, {full:?}]",
+                    full / 2
+                );
+            }
+        }
+        assert!(backoff(3, cap) >= Duration::from_secs(40));
+        assert!(backoff(u32::MAX, cap) <= cap);
+        assert!(backoff(u32::MAX, Duration::MAX) >= Duration::from_secs(10 << 15));
+        let draws: std::collections::HashSet<Duration> =
+            (0..100).map(|_| backoff(2, cap)).collect();
+        assert!(draws.len() > 20, "{} distinct delays of 100", draws.len());
+    }
+
     #[test]
     fn uploads_use_the_reference_layout_survive_outages_and_back_reads() {
         let moto = Moto::start();

@@ -196,6 +196,7 @@ impl S3BlobStore {
             .map_err(|e| Error::backend(format!("cannot configure S3 bucket {bucket:?}"), e))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name("eua-s3")
             .enable_all()
             .build()
             .map_err(|e| Error::backend("cannot start the S3 client runtime", e))?;

@@ -291,6 +291,10 @@ mod tests {
              screenshot, metrics_data, backup, report, diagnostic"
         );
         let err = "gone".parse::<ArtifactStatus>().unwrap_err().to_string();
-        assert!(err.starts_with("invalid artifact status \"gone\""), "{err}");
+        assert_eq!(
+            err,
+            "invalid artifact status \"gone\": expected one of created, uploaded, archived, \
+             deleted, failed"
+        );
     }
 }

@@ -542,6 +542,48 @@ mod tests {
         assert_eq!(EventKind::from_code(99), None);
     }
 
+    /// The lists README "Using it" documents, copied literally (guarantee P2).
+    #[test]
+    fn the_documented_types_and_statuses_are_exactly_these() {
+        let statuses: Vec<&str> = ProgressStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            statuses,
+            [
+                "not_started",
+                "in_progress",
+                "completed",
+                "failed",
+                "paused",
+                "cancelled"
+            ]
+        );
+        let types: Vec<&str> = TaskType::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "upgrade_plan",
+                "upgrade_step",
+                "validation",
+                "rollback",
+                "cleanup"
+            ]
+        );
+        let err = "x".parse::<ProgressStatus>().unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "expected one of not_started, in_progress, completed, failed, paused, cancelled"
+            ),
+            "{err}"
+        );
+        let err = "x".parse::<TaskType>().unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "expected one of upgrade_plan, upgrade_step, validation, rollback, cleanup"
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn bad_enum_names_say_what_is_allowed() {
         let err = "done".parse::<ProgressStatus>().unwrap_err().to_string();

@@ -615,3 +615,207 @@ fn one_delivery_pass_at_a_time() {
     ids.dedup();
     assert_eq!((got.len(), ids.len()), (27, 27), "each entry sent once");
 }
+
+/// README "Notifications": the types are exactly the reference seven plus `task.paused`,
+/// `task.cancelled` and `task.retried`; percentage updates are not notified. README "Using it":
+/// a parent's derived change is an event of its own, so callbacks and notifications see it.
+#[test]
+fn pauses_cancels_and_derived_parent_changes_are_notified() {
+    use crate::model::EventKind;
+    let mut types: Vec<&str> = EventKind::ALL
+        .iter()
+        .flat_map(|k| {
+            [ProgressStatus::NotStarted, ProgressStatus::InProgress]
+                .map(|from| detail_type(*k, Some(from)))
+        })
+        .flatten()
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(
+        types,
+        [
+            "task.cancelled",
+            "task.completed",
+            "task.failed",
+            "task.paused",
+            "task.retried",
+            "task.started",
+            "upgrade.completed",
+            "upgrade.failed",
+            "upgrade.phase_changed",
+            "upgrade.started",
+        ]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let (e, c) = (seen.clone(), changes.clone());
+    t.on_event(move |ev| {
+        e.lock()
+            .unwrap()
+            .push((ev.task_id.clone(), ev.kind, ev.message.clone()));
+    });
+    t.on_status_change(move |ch| {
+        c.lock().unwrap().push((ch.task_id.clone(), ch.from, ch.to));
+    });
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    t.add_tasks(
+        "u",
+        vec![
+            NewTask::new("a", "A", TaskType::UpgradeStep),
+            NewTask::new("p", "Node groups", TaskType::UpgradeStep),
+            NewTask::new("c1", "ng-1", TaskType::UpgradeStep).parent("p"),
+            NewTask::new("c2", "ng-2", TaskType::UpgradeStep).parent("p"),
+        ],
+    )
+    .unwrap();
+    t.start_task("u", "a", None).unwrap();
+    t.pause_task("u", "a", None).unwrap();
+    t.resume_task("u", "a", None).unwrap();
+    t.update_task("u", "a", 40.0, None, JsonMap::new()).unwrap();
+    t.cancel_task("u", "a", None).unwrap();
+    t.start_task("u", "c1", None).unwrap();
+    t.fail_task("u", "c1", "disk full").unwrap();
+
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    let d = Dispatcher::new(s.clone(), vec![sink.clone()], fast());
+    d.flush(Duration::from_secs(5)).unwrap();
+    let got: Vec<(Option<String>, String)> = sink
+        .received()
+        .iter()
+        .map(|n| {
+            (
+                n.detail
+                    .get("task_id")
+                    .and_then(|v| v.as_str())
+                    .map(String::from),
+                n.detail_type.clone(),
+            )
+        })
+        .collect();
+    let some = |t: &str, k: &str| (Some(t.to_owned()), k.to_owned());
+    assert_eq!(
+        got,
+        [
+            (None, "upgrade.started".to_owned()),
+            some("a", "task.started"),
+            some("a", "task.paused"),
+            some("a", "task.cancelled"),
+            some("c1", "task.started"),
+            some("p", "task.started"),
+            some("c1", "task.failed"),
+            some("p", "task.failed"),
+        ]
+    );
+    let failed = sink.received().pop().unwrap();
+    assert_eq!(
+        failed.detail["error_message"],
+        "subtask \"c1\" failed: disk full"
+    );
+    // The in-process callbacks see the parent's own event and status change too.
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(t, k, _)| t.as_deref() == Some("p") && *k == EventKind::TaskFailed),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert!(
+        changes.lock().unwrap().contains(&(
+            Some("p".into()),
+            ProgressStatus::InProgress,
+            ProgressStatus::Failed
+        )),
+        "{:?}",
+        changes.lock().unwrap()
+    );
+}
+
+/// README "Notifications": an entry that keeps failing is dead after 24 h even with attempts
+/// left, and by default after 25 attempts.
+#[test]
+fn entries_failing_for_a_day_are_dead_and_the_default_is_25_attempts() {
+    let defaults = DispatcherOptions::default();
+    assert_eq!(defaults.max_attempts, 25);
+    assert_eq!(defaults.max_age, Duration::from_secs(24 * 3600));
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    for u in ["old", "recent", "young"] {
+        t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+    }
+    // Backdate the changes: 25 h for "old", 23 h for "recent".
+    for (u, hours) in [("old", 25), ("recent", 23)] {
+        let back = chrono::Duration::hours(hours).num_microseconds().unwrap();
+        s.write(|tx| {
+            tx.execute(
+                "UPDATE notifications SET time = time - ?2 WHERE upgrade_id = ?1",
+                rusqlite::params![u, back],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    let down = Arc::new(InMemoryEventSink::new("down"));
+    down.set_rule(Some(Box::new(|_| {
+        Some(EntryResult::Retry("connection refused".into()))
+    })));
+    let d = Dispatcher::new(
+        s.clone(),
+        vec![down.clone()],
+        DispatcherOptions {
+            base_backoff: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(60),
+            ..DispatcherOptions::default()
+        },
+    );
+    let report = d.run_once().unwrap();
+    assert_eq!((report.dead, report.retried), (1, 2), "{report:?}");
+    let st = &d.status().unwrap()[0];
+    assert_eq!((st.total, st.dead, st.pending), (3, 1, 2), "{st:?}");
+}
+
+/// README "Notifications": failed entries are resent after a capped exponential backoff with
+/// jitter: each delay lies in [50%, 100%] of `base * 2^attempts`, never above the cap, and
+/// draws differ.
+#[test]
+fn the_retry_delay_grows_exponentially_up_to_the_cap_with_jitter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dispatcher::new(
+        store(dir.path()),
+        Vec::new(),
+        DispatcherOptions {
+            base_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(300),
+            ..DispatcherOptions::default()
+        },
+    );
+    for attempts in 0..30u32 {
+        let full = Duration::from_millis(500)
+            .saturating_mul(1 << attempts.min(20))
+            .min(Duration::from_secs(300));
+        for _ in 0..20 {
+            let delay = d.backoff(attempts);
+            assert!(
+                delay >= full / 2 && delay <= full,
+                "attempt {attempts}: {delay:?} not within [{:?}, {full:?}]",
+                full / 2
+            );
+        }
+    }
+    // Exponential: attempt 4 waits at least twice as long as attempt 2 can.
+    assert!(d.backoff(4) >= d.backoff(2).max(Duration::from_secs(2)));
+    // Capped: far attempts never exceed the cap (and never overflow).
+    assert!(d.backoff(u32::MAX) <= Duration::from_secs(300));
+    // Jitter: draws differ.
+    let draws: std::collections::HashSet<Duration> = (0..100).map(|_| d.backoff(3)).collect();
+    assert!(draws.len() > 20, "{} distinct delays of 100", draws.len());
+}

@@ -866,6 +866,30 @@ mod tests {
                 .contains("limit is 128")
         );
         check_id("task_id", "node-group.ng-1:drain@ip-10-0-0-1").unwrap();
+        // README "Limits": no `\`, named as the character found (the message's fixed tail
+        // names it too, so match the part that quotes the id and the character).
+        let err = check_id("task_id", "a\\b").unwrap_err().to_string();
+        assert!(
+            err.starts_with("task_id \"a\\\\b\" contains '\\\\';"),
+            "{err}"
+        );
+        for (id, needle) in [("a\tb", "'\\t'"), ("a\u{a0}b", "'\\u{a0}'")] {
+            let err = check_id("task_id", id).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("contains {needle};")),
+                "{id:?}: {err}"
+            );
+        }
+        // 1 to 128 bytes, counted in bytes: 128 ASCII bytes pass, 65 two-byte characters do not.
+        check_id("task_id", &"x".repeat(MAX_ID_LEN)).unwrap();
+        check_id("task_id", "x").unwrap();
+        let wide = "é".repeat(65);
+        assert!(
+            check_id("task_id", &wide)
+                .unwrap_err()
+                .to_string()
+                .contains("is 130 bytes long; the limit is 128")
+        );
     }
 
     #[test]

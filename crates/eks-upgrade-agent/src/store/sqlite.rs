@@ -34,7 +34,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -125,6 +125,19 @@ UPDATE tasks SET
     k4 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 4),
     k5 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 5)
 WHERE children > 0;
+"#;
+
+/// Schema 7: children indexed by parent and status, so the failed child that a parent names as
+/// its cause is one index seek, not a walk over its siblings (a parent turns failed when its last
+/// running child stops while another is failed). Artifacts indexed by collection and by upgrade
+/// alone, so a search on either walks its index newest first instead of sorting every match
+/// (the older indexes on `(ckey, name)` and `(upgrade_id, task_id)` end in another column).
+const SCHEMA_7: &str = r#"
+DROP INDEX IF EXISTS tasks_by_parent;
+CREATE INDEX IF NOT EXISTS tasks_by_parent_status ON tasks (parent_tkey, status)
+    WHERE parent_tkey IS NOT NULL;
+CREATE INDEX IF NOT EXISTS artifacts_by_collection ON artifacts (ckey);
+CREATE INDEX IF NOT EXISTS artifacts_by_upgrade_newest ON artifacts (upgrade_id);
 "#;
 
 /// Options for opening a [`SqliteStore`].
@@ -339,6 +352,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 6 {
             conn.execute_batch(super::sqlite_artifacts::UPLOAD_CLAIM_SCHEMA)?;
+        }
+        if version < 7 {
+            conn.execute_batch(SCHEMA_7)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
@@ -1018,17 +1034,17 @@ impl ProgressStore for SqliteStore {
         let row = load_task(&conn, ukey, upgrade_id, task_id)?;
         let mut out = Vec::with_capacity(limit.min(64));
         let mut next = Some(row.last_event_seq).filter(|s| *s > 0);
-        let mut stmt = conn.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
-        let mut prev = conn.prepare_cached("SELECT prev_task_seq FROM events WHERE seq = ?1")?;
+        // One primary-key read per event: the event and the link to the task's previous one.
+        let sql = EVENT_SELECT.replacen(" FROM ", ", e.prev_task_seq FROM ", 1);
+        let mut stmt = conn.prepare_cached(&format!("{sql} WHERE e.seq = ?1"))?;
         while let Some(seq) = next {
             if out.len() >= limit {
                 break;
             }
-            out.push(stmt.query_row([seq], event_row)?);
-            next = prev
-                .query_row([seq], |r| r.get::<_, Option<i64>>(0))
-                .optional()?
-                .flatten();
+            let (event, prev) =
+                stmt.query_row([seq], |r| Ok((event_row(r)?, r.get::<_, Option<i64>>(11)?)))?;
+            out.push(event);
+            next = prev;
         }
         Ok(out)
     }
@@ -1077,6 +1093,10 @@ impl ProgressStore for SqliteStore {
         Ok(seq.unwrap_or(0) as u64)
     }
 }
+
+#[cfg(test)]
+#[path = "sqlite_structure_tests.rs"]
+mod structure_tests;
 
 #[cfg(test)]
 mod tests {

@@ -273,7 +273,7 @@ fn free_export_name(tx: &Transaction<'_>, ckey: i64, name: &str) -> Result<Strin
 }
 
 /// Builds the WHERE clause and parameters of a search.
-fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlValue>)> {
+pub(super) fn search_sql(conn: &Connection, q: &ArtifactQuery) -> Result<(String, Vec<SqlValue>)> {
     let mut sql = String::from(ARTIFACT_SELECT);
     let mut clauses: Vec<String> = Vec::new();
     let mut args: Vec<SqlValue> = Vec::new();

@@ -1,0 +1,508 @@
+//! Tests of how the SQLite store does its work, not only of what it returns (ARCHITECTURE
+//! "O(depth) updates", "Per-task history without an index", "Searches use indexes"): every
+//! statement a call runs is traced with SQLite's own counters (`sqlite3_stmt_status`: virtual
+//! machine steps and full-scan steps), and the search plans are read with `EXPLAIN QUERY PLAN`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::trace::{TraceEvent, TraceEventCodes};
+use rusqlite::{Connection, StatementStatus};
+
+use super::*;
+use crate::progress::ProgressTracker;
+use crate::progress::command::NewTask;
+
+/// One run of one statement: its SQL, and the virtual machine steps and full-scan steps it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    sql: String,
+    vm_steps: i64,
+    fullscan_steps: i64,
+}
+
+/// Records every statement run on `conn` until the returned guard is dropped.
+fn trace(conn: &Mutex<Connection>) -> Arc<Mutex<Vec<Run>>> {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&runs);
+    let mut started: HashMap<String, (i64, i64)> = HashMap::new();
+    conn.lock()
+        .unwrap()
+        .trace_v2(
+            TraceEventCodes::SQLITE_TRACE_STMT | TraceEventCodes::SQLITE_TRACE_PROFILE,
+            Some(move |event: TraceEvent<'_>| match event {
+                TraceEvent::Stmt(stmt, text) if !text.starts_with("--") => {
+                    started.insert(
+                        stmt.sql().into_owned(),
+                        (
+                            stmt.get_status(StatementStatus::VmStep).into(),
+                            stmt.get_status(StatementStatus::FullscanStep).into(),
+                        ),
+                    );
+                }
+                TraceEvent::Profile(stmt, _) => {
+                    let sql = stmt.sql().into_owned();
+                    let (vm0, scan0) = started.remove(&sql).unwrap_or_default();
+                    let vm: i64 = stmt.get_status(StatementStatus::VmStep).into();
+                    let scan: i64 = stmt.get_status(StatementStatus::FullscanStep).into();
+                    sink.lock().unwrap().push(Run {
+                        sql,
+                        vm_steps: vm - vm0,
+                        fullscan_steps: scan - scan0,
+                    });
+                }
+                _ => {}
+            }),
+        )
+        .unwrap();
+    runs
+}
+
+fn untrace(conn: &Mutex<Connection>) {
+    conn.lock()
+        .unwrap()
+        .trace_v2(TraceEventCodes::empty(), None::<fn(TraceEvent<'_>)>)
+        .unwrap();
+}
+
+/// The statements `f` runs on the store's writer connection.
+fn writes(store: &SqliteStore, f: impl FnOnce()) -> Vec<Run> {
+    let runs = trace(&store.writer);
+    f();
+    untrace(&store.writer);
+    std::mem::take(&mut *runs.lock().unwrap())
+}
+
+/// The statements `f` runs on the store's reader connection.
+fn reads(store: &SqliteStore, f: impl FnOnce()) -> Vec<Run> {
+    let runs = trace(&store.reader);
+    f();
+    untrace(&store.reader);
+    std::mem::take(&mut *runs.lock().unwrap())
+}
+
+fn total(runs: &[Run]) -> i64 {
+    runs.iter().map(|r| r.vm_steps).sum()
+}
+
+/// An upgrade whose tree is three levels deep (`root` > `mid` > `x`, `y`), with `fillers`
+/// further tasks spread over every level: beside `x` and `y` under `mid`, under `root`, and at
+/// the top. `y` is added last of `mid`'s children, so anything that looks for it among its
+/// siblings walks them all.
+fn tree(fillers: usize) -> (tempfile::TempDir, Arc<SqliteStore>, ProgressTracker) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let t = ProgressTracker::new(store.clone());
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    let mut tasks = vec![
+        NewTask::new("root", "Root", TaskType::UpgradePlan),
+        NewTask::new("mid", "Mid", TaskType::UpgradeStep).parent("root"),
+        NewTask::new("x", "X", TaskType::UpgradeStep).parent("mid"),
+    ];
+    for i in 0..fillers {
+        let task = NewTask::new(format!("f{i}"), "Filler", TaskType::Validation);
+        tasks.push(match i % 3 {
+            0 => task.parent("mid"),
+            1 => task.parent("root"),
+            _ => task,
+        });
+    }
+    tasks.push(NewTask::new("y", "Y", TaskType::UpgradeStep).parent("mid"));
+    t.add_tasks("u", tasks).unwrap();
+    assert_eq!(t.tasks("u").unwrap().len(), fillers + 4);
+    (dir, store, t)
+}
+
+/// The statements of each step of a task's life, a few of its neighbours' and a summary read.
+fn costs(fillers: usize) -> Vec<(&'static str, Vec<Run>)> {
+    let (_dir, store, t) = tree(fillers);
+    let s = store.as_ref();
+    let mut out = Vec::new();
+    let mut step = |name: &'static str, f: &dyn Fn()| out.push((name, writes(s, f)));
+    step("update (implicit start)", &|| {
+        t.update_task("u", "x", 10.0, None, JsonMap::new()).unwrap();
+    });
+    step("update", &|| {
+        t.update_task("u", "x", 50.0, Some("half"), JsonMap::new())
+            .unwrap();
+    });
+    step("fail", &|| {
+        t.fail_task("u", "x", "boom").unwrap();
+    });
+    step("retry", &|| {
+        t.retry_task("u", "x", None).unwrap();
+    });
+    step("pause", &|| {
+        t.pause_task("u", "x", None).unwrap();
+    });
+    step("resume", &|| {
+        t.resume_task("u", "x", None).unwrap();
+    });
+    step("add a subtask", &|| {
+        t.add_task(
+            "u",
+            NewTask::new("z", "Z", TaskType::UpgradeStep).parent("mid"),
+        )
+        .unwrap();
+    });
+    step("cancel", &|| {
+        t.cancel_task("u", "z", None).unwrap();
+    });
+    step("a sibling fails", &|| {
+        t.fail_task("u", "y", "elsewhere").unwrap();
+    });
+    // `x` stops running while `y` is failed: `mid` turns failed and must name `y` as the cause.
+    step("complete beside a failed sibling", &|| {
+        t.complete_task("u", "x", None).unwrap();
+    });
+    out.push(("summary", reads(s, || drop(t.summary("u").unwrap()))));
+    out.push(("upgrade", reads(s, || drop(t.upgrade("u").unwrap()))));
+    out
+}
+
+/// ARCHITECTURE "O(depth) updates": the same operations in trees of 10 and 10,000 tasks of the
+/// same depth run the same statements with the same number of SQLite virtual machine steps (a
+/// statement that walked tasks or events would take thousands more), and none scans a table.
+#[test]
+fn updates_cost_the_same_in_a_tree_of_ten_and_of_ten_thousand_tasks() {
+    let small = costs(6);
+    let large = costs(9_996);
+    for ((name, s), (_, l)) in small.iter().zip(&large) {
+        let sql = |runs: &[Run]| runs.iter().map(|r| r.sql.clone()).collect::<Vec<_>>();
+        assert_eq!(sql(s), sql(l), "{name}: different statements");
+        for (a, b) in s.iter().zip(l) {
+            assert!(
+                b.vm_steps <= a.vm_steps + 2,
+                "{name}: {} took {} VM steps with 10,000 tasks, {} with 10",
+                b.sql,
+                b.vm_steps,
+                a.vm_steps
+            );
+            assert_eq!(b.fullscan_steps, 0, "{name}: {} scans a table", b.sql);
+        }
+        assert!(total(s) > 0, "{name}: nothing traced");
+    }
+    // A summary is one row read.
+    for name in ["summary", "upgrade"] {
+        let (_, runs) = large.iter().find(|(n, _)| *n == name).unwrap();
+        let touching: Vec<_> = runs.iter().filter(|r| r.sql.contains("upgrades")).collect();
+        assert_eq!(touching.len(), 1, "{name}: {runs:#?}");
+        assert!(touching[0].vm_steps < 60, "{name}: {runs:#?}");
+    }
+}
+
+/// ARCHITECTURE "Per-task history without an index": `events (ukey, seq)` is the event log's
+/// only secondary index, and a task's five most recent events are five primary-key reads of
+/// the log, whatever the length of the task's history or of the log.
+#[test]
+fn a_tasks_recent_events_are_five_primary_key_reads() {
+    let (_dir, store, t) = tree(50);
+    for i in 0..40 {
+        t.update_task("u", "x", f64::from(i), None, JsonMap::new())
+            .unwrap();
+        t.update_task("u", "y", f64::from(i), None, JsonMap::new())
+            .unwrap();
+    }
+    let conn = store.reader();
+    let indexes: Vec<(String, String)> = conn
+        .prepare("SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        indexes,
+        [(
+            "events_by_upgrade".to_owned(),
+            "CREATE INDEX events_by_upgrade ON events (ukey, seq)".to_owned()
+        )]
+    );
+    drop(conn);
+
+    let mut got = Vec::new();
+    let runs = reads(&store, || {
+        got = store.recent_task_events("u", "x", 5).unwrap();
+    });
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs.len(), 5);
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seqs:?}"
+    );
+    let on_events: Vec<&Run> = runs.iter().filter(|r| r.sql.contains("events")).collect();
+    assert_eq!(on_events.len(), 5, "one read per event: {runs:#?}");
+    let conn = store.reader();
+    for run in on_events {
+        let plan = query_plan(&conn, &run.sql);
+        assert!(
+            plan.iter()
+                .all(|p| p.contains("USING INTEGER PRIMARY KEY (rowid=?)")),
+            "{}: {plan:?}",
+            run.sql
+        );
+        assert!(run.vm_steps < 60, "{run:?}");
+    }
+}
+
+/// `EXPLAIN QUERY PLAN` of `sql` with every parameter bound to NULL: one line per step.
+fn query_plan(conn: &Connection, sql: &str) -> Vec<String> {
+    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let n = stmt.parameter_count();
+    stmt.query_map(
+        rusqlite::params_from_iter(vec![rusqlite::types::Null; n]),
+        |r| r.get::<_, String>(3),
+    )
+    .unwrap()
+    .collect::<rusqlite::Result<_>>()
+    .unwrap()
+}
+
+/// ARCHITECTURE "Searches use indexes": each equality filter walks its own index newest first
+/// (no table scan, no sort of the matches), tags go through `artifact_tags (tag, akey)`, names
+/// of three or more characters through the FTS5 trigram index plus the rows above its mark;
+/// range filters (sizes, `since`) and shorter names walk the table newest first and stop at a
+/// full page.
+#[test]
+fn searches_walk_an_index_newest_first() {
+    use crate::artifacts::{AddOptions, NewSession, TestArtifactsManager};
+    use crate::blob::local::LocalBlobStore;
+    use crate::model::{ArtifactQuery, ArtifactStatus, ArtifactType};
+    use crate::store::ArtifactIndex;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let blobs =
+        Arc::new(LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap());
+    let m = TestArtifactsManager::new(store.clone(), blobs, Default::default());
+    let s = m
+        .create_session(NewSession {
+            upgrade_id: "u".into(),
+            cluster_name: "c".into(),
+            ..NewSession::default()
+        })
+        .unwrap();
+    let c = m
+        .create_collection(&s.session_id, "logs", None, None)
+        .unwrap();
+    // The names' index is filled in batches: whatever the count, at most 255 rows lie above
+    // its mark (the tail a name search reads from the table).
+    for i in 0..300 {
+        m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            format!("{i}").as_bytes(),
+            &format!("node-{i}.log"),
+            &AddOptions::default(),
+        )
+        .unwrap();
+        let tail: i64 = store
+            .reader()
+            .query_row(
+                "SELECT count(*) FROM artifacts WHERE akey > \
+                 (SELECT value FROM artifact_meta WHERE key = 'fts_upto')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(tail <= 255, "{tail} names unindexed after {} adds", i + 1);
+    }
+
+    let q = ArtifactQuery::default;
+    let indexed = [
+        (
+            "session",
+            ArtifactQuery {
+                session_id: Some(s.session_id.clone()),
+                ..q()
+            },
+            "artifacts_by_session (skey=?)",
+        ),
+        (
+            "collection",
+            ArtifactQuery {
+                collection_id: Some(c.collection_id.clone()),
+                ..q()
+            },
+            "artifacts_by_collection (ckey=?)",
+        ),
+        (
+            "upgrade",
+            ArtifactQuery {
+                upgrade_id: Some("u".into()),
+                ..q()
+            },
+            "artifacts_by_upgrade_newest (upgrade_id=?)",
+        ),
+        (
+            "type",
+            ArtifactQuery {
+                artifact_type: Some(ArtifactType::Report),
+                ..q()
+            },
+            "artifacts_by_type (artifact_type=?)",
+        ),
+        (
+            "task",
+            ArtifactQuery {
+                task_id: Some("t".into()),
+                ..q()
+            },
+            "artifacts_by_task (task_id=?)",
+        ),
+        (
+            "status",
+            ArtifactQuery {
+                status: Some(ArtifactStatus::Uploaded),
+                ..q()
+            },
+            "artifacts_by_status (status=?)",
+        ),
+    ];
+    let by_key = [
+        (
+            "tag",
+            ArtifactQuery {
+                tags: vec!["node".into()],
+                ..q()
+            },
+            "SEARCH artifact_tags USING PRIMARY KEY (tag=?)",
+        ),
+        (
+            "name",
+            ArtifactQuery {
+                name: Some("kubelet".into()),
+                ..q()
+            },
+            "SCAN artifact_names VIRTUAL TABLE INDEX 0:M",
+        ),
+        (
+            "glob",
+            ArtifactQuery {
+                name: Some("node-*.log".into()),
+                ..q()
+            },
+            "SCAN artifact_names VIRTUAL TABLE INDEX 0:M",
+        ),
+    ];
+    let walks = [
+        ("none", q()),
+        (
+            "short name",
+            ArtifactQuery {
+                name: Some("ab".into()),
+                ..q()
+            },
+        ),
+        (
+            "min size",
+            ArtifactQuery {
+                min_size: Some(5),
+                ..q()
+            },
+        ),
+        (
+            "max size",
+            ArtifactQuery {
+                max_size: Some(5),
+                ..q()
+            },
+        ),
+        (
+            "since",
+            ArtifactQuery {
+                created_since: Some(chrono::Utc::now()),
+                ..q()
+            },
+        ),
+    ];
+    let conn = store.reader();
+    let plan = |query: &ArtifactQuery| {
+        let (sql, _) = super::super::sqlite_artifacts::search_sql(&conn, query).unwrap();
+        let plan = query_plan(&conn, &sql);
+        assert!(
+            !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+            "newest first must be an index walk, not a sort: {plan:#?}"
+        );
+        plan
+    };
+    for (name, query, index) in &indexed {
+        let plan = plan(query);
+        assert!(
+            plan.contains(&format!("SEARCH a USING INDEX {index}")),
+            "{name}: {plan:#?}"
+        );
+    }
+    for (name, query, lookup) in &by_key {
+        let plan = plan(query);
+        assert!(
+            plan.contains(&"SEARCH a USING INTEGER PRIMARY KEY (rowid=?)".to_owned())
+                && plan.iter().any(|p| p.starts_with(lookup)),
+            "{name}: {plan:#?}"
+        );
+        if name.starts_with("name") || name.starts_with("glob") {
+            // The tail above the mark is read by primary key, never a table scan.
+            assert!(
+                plan.contains(&"SEARCH artifacts USING INTEGER PRIMARY KEY (rowid>?)".to_owned()),
+                "{name}: {plan:#?}"
+            );
+        }
+    }
+    for (name, query) in &walks {
+        let plan = plan(query);
+        assert_eq!(plan[0], "SCAN a", "{name}: {plan:#?}");
+    }
+    drop(conn);
+    // Every search with a page's worth of matches stops at the page: a walk newest first.
+    let runs = reads(&store, || {
+        let page = store
+            .search(&ArtifactQuery {
+                min_size: Some(1),
+                limit: 10,
+                ..q()
+            })
+            .unwrap();
+        assert_eq!(page.artifacts.len(), 10);
+    });
+    let search = runs
+        .iter()
+        .find(|r| r.sql.contains("FROM artifacts a"))
+        .unwrap();
+    assert!(search.fullscan_steps <= 11, "{search:?}");
+}
+
+/// A store of schema 6 gets the indexes of schema 7 when opened (and loses the one it replaces).
+#[test]
+fn schema_6_stores_get_the_new_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute_batch(
+        "DROP INDEX tasks_by_parent_status; DROP INDEX artifacts_by_collection; \
+         DROP INDEX artifacts_by_upgrade_newest; \
+         CREATE INDEX tasks_by_parent ON tasks (parent_tkey) WHERE parent_tkey IS NOT NULL; \
+         PRAGMA user_version = 6;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+    let names: Vec<String> = store
+        .reader()
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    for index in [
+        "tasks_by_parent_status",
+        "artifacts_by_collection",
+        "artifacts_by_upgrade_newest",
+    ] {
+        assert!(names.iter().any(|n| n == index), "{index}: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n == "tasks_by_parent"), "{names:?}");
+}
