@@ -384,3 +384,43 @@ fn cleanup_with_s3_down_keeps_the_session_whole() {
         "{out:?}"
     );
 }
+
+/// `serve` uploads queued artifacts every 2 s, whoever queued them: here another CLI process
+/// adds with `--auto-upload` and never runs `upload`.
+#[test]
+fn serve_uploads_what_another_process_queued() {
+    let moto = Moto::start();
+    moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
+    let env = Env::new();
+    let (sid, cid) = session(|| s3_command(&env, &moto.url));
+    let vars = [
+        ("AWS_ENDPOINT_URL", moto.url.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("EUA_S3_BUCKET", "team"),
+    ];
+    let _served = crate::util::serve(&env, &vars);
+    let file = env.dir.path().join("kubelet.log");
+    std::fs::write(&file, b"from another process").unwrap();
+    let mut c = s3_command(&env, &moto.url);
+    c.arg("--auto-upload");
+    let a = add(c, &sid, &cid, &file, "kubelet.log");
+    let id = a["artifact_id"].as_str().unwrap().to_owned();
+    let key = format!("eks-upgrade-agent/artifacts/{sid}/{cid}/kubelet.log");
+    let start = std::time::Instant::now();
+    loop {
+        let shown = json(s3_command(&env, &moto.url), &["artifacts", "show", &id]);
+        if shown["status"] == "uploaded" {
+            assert_eq!(shown["s3_key"], key.as_str());
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "serve did not upload it: {shown}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(object_exists(&moto, "team", &key));
+}
