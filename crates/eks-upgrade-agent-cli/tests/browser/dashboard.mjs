@@ -103,12 +103,20 @@ try {
   page.on('console', (m) => { if (m.type() === 'error') console.error('page:', m.text()); });
   const sockets = [];
   page.on('websocket', (ws) => sockets.push(ws.url()));
+  // Everything the page loads comes from the server itself (files embedded, no CDN).
+  const foreign = [];
+  page.on('request', (r) => {
+    const u = r.url();
+    if (!u.startsWith(base + '/') && !u.startsWith(base.replace('http', 'ws') + '/') && !u.startsWith('data:')) foreign.push(u);
+  });
   await page.goto(`${base}/?token=${READ}`);
   await page.waitForSelector('#conn[data-state="live"]', { timeout: T });
   await page.waitForSelector('tr.upgrade[data-upgrade-id="upg-1"]', { timeout: T });
   const loadId = await page.evaluate(() => window.__eua.loadId);
   const tokenInUrl = await page.evaluate(() => location.href.includes('token='));
   if (tokenInUrl) throw new Error('the token stayed in the address bar');
+  const kept = await page.evaluate(() => sessionStorage.getItem('eua-token'));
+  if (kept !== READ) throw new Error('the token is not kept in session storage: ' + kept);
 
   // Live: a progress update through the API shows on the page.
   await api('POST', '/api/v1/upgrades/upg-1/tasks/cp/update', { percentage: 40, message: 'upgrading the API server' });
@@ -118,6 +126,15 @@ try {
     return r && r.querySelector('.pct').textContent === '13.3%' && r.textContent.includes('in progress');
   }, null, { timeout: T });
   await page.waitForFunction(() => document.querySelector('#timeline').textContent.includes('upgrading the API server'), null, { timeout: T });
+  // The upgrades list shows cluster, phase and an ETA (a rate is known now).
+  const cells = await page.evaluate(() => [...document.querySelectorAll('tr.upgrade[data-upgrade-id="upg-1"] td')].map((td) => td.textContent));
+  if (cells[1] !== 'prod-eu' || cells[3] !== 'control_plane' || !/min|h$|moment/.test(cells[5])) throw new Error('upgrade row: ' + JSON.stringify(cells));
+  // Steps show on the task row.
+  await api('POST', '/api/v1/upgrades/upg-1/tasks/ng/step', { completed_steps: 1, current_step: 'cordon ip-10-0-1-7' });
+  await page.waitForFunction(() => {
+    const r = document.querySelector('.task[data-task-id="ng"] .steps');
+    return r && r.textContent === '1/3 steps · cordon ip-10-0-1-7';
+  }, null, { timeout: T });
 
   // Artifacts with working download links and filters.
   await page.waitForFunction(() => document.querySelectorAll('#artifacts tbody tr').length === 2, null, { timeout: T });
@@ -145,7 +162,6 @@ try {
   await new Promise((r) => server.once('exit', r));
   await page.waitForSelector('#conn[data-state="reconnecting"]', { timeout: T });
   cli('progress', 'task', 'complete', 'upg-1', 'cp', '-m', 'control plane on 1.30');
-  cli('progress', 'task', 'start', 'upg-1', 'ng');
   cli('progress', 'task', 'fail', 'upg-1', 'ng', '--error', 'PodDisruptionBudget blocked the drain of web-1');
   await page.screenshot({ path: path.join(shots, '2-server-down.png'), fullPage: true });
 
@@ -154,9 +170,9 @@ try {
   await waitHealthy();
   await page.waitForSelector('#conn[data-state="live"]', { timeout: T });
   await taskIs(page, 'cp', 'completed', '100.0%');
-  await taskIs(page, 'ng', 'failed', '0.0%', 'PodDisruptionBudget blocked the drain of web-1');
+  await taskIs(page, 'ng', 'failed', '33.3%', 'PodDisruptionBudget blocked the drain of web-1');
   // The parent takes its status from its child (hierarchy rules), with the cause.
-  await taskIs(page, 'groups', 'failed', '0.0%', 'subtask "ng" failed: PodDisruptionBudget');
+  await taskIs(page, 'groups', 'failed', '33.3%', 'subtask "ng" failed: PodDisruptionBudget');
   await page.waitForFunction(() => document.querySelector('#timeline').textContent.includes('control plane on 1.30'), null, { timeout: T });
   const failedHighlighted = await page.evaluate(() => {
     const e = document.querySelector('.task[data-task-id="ng"] .error');
@@ -178,6 +194,7 @@ try {
   await page.fill('#artifact-tag', '');
   await page.waitForFunction(() => document.querySelectorAll('#artifacts tbody tr').length === 1007, null, { timeout: T });
   if (!(await page.evaluate(() => document.querySelector('#more-artifacts').hidden))) throw new Error('a complete list says there is more');
+  if (foreign.length) throw new Error('requests left the server: ' + foreign.join(' '));
   console.log('dashboard ok: live update, artifacts (paged), reconnect catch-up with since; screenshots in ' + shots);
 } catch (e) {
   failed = true;
