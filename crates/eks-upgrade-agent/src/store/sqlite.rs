@@ -34,7 +34,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -126,6 +126,12 @@ UPDATE tasks SET
     k5 = (SELECT count(*) FROM tasks c WHERE c.parent_tkey = tasks.tkey AND c.status = 5)
 WHERE children > 0;
 "#;
+
+/// Schema 7: tasks by status, so the summary's running and failed tasks (reference
+/// `active_task_names`, `failed_task_names`, `current_task`) are an index walk. Only status
+/// changes touch it; percentage updates do not.
+const STATUS_INDEX_SCHEMA: &str =
+    "CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (ukey, status, tkey);";
 
 /// Options for opening a [`SqliteStore`].
 #[derive(Debug, Clone)]
@@ -339,6 +345,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 6 {
             conn.execute_batch(super::sqlite_artifacts::UPLOAD_CLAIM_SCHEMA)?;
+        }
+        if version < 7 {
+            conn.execute_batch(STATUS_INDEX_SCHEMA)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
@@ -996,6 +1005,27 @@ impl ProgressStore for SqliteStore {
         ))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(params![ukey, from, limit], |r| {
+            task_row(r, upgrade_id).map(|t| t.task)
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn tasks_in_status(
+        &self,
+        upgrade_id: &str,
+        status: ProgressStatus,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Task>> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_by_status \
+             WHERE ukey = ?1 AND status = ?2 ORDER BY tkey {order} LIMIT ?3"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![ukey, status_code(status), limit], |r| {
             task_row(r, upgrade_id).map(|t| t.task)
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
