@@ -206,6 +206,13 @@ pub(crate) enum ArtifactsCmd {
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         as_of: Option<DateTime<Utc>>,
     },
+    /// Read requests as JSON Lines on stdin, one acknowledgement line each on stdout, e.g.
+    /// {"op":"artifact.add","session_id":"S","collection_id":"C","path":"a.log","tags":["x"]}.
+    /// Ops: session.create|complete|get|list, collection.create, artifact.add|get|search,
+    /// stats, with the model's field names. Each line gets {"ok":true,"result":...} once done
+    /// (durable) or {"ok":false,"line":L,"code":"...","error":"..."}; bad lines do not stop
+    /// the stream. Exits 1 if any line was rejected.
+    Apply,
     /// Remove leftovers of interrupted adds and blobs no artifact references
     Gc,
 }
@@ -341,9 +348,9 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     // Only creating a session or pulling one may create the data dir; every other command
     // needs a store to be there and says so, naming the directory.
     let access = match &cmd {
-        ArtifactsCmd::Session(SessionCmd::Create { .. }) | ArtifactsCmd::Pull { .. } => {
-            Access::Create
-        }
+        ArtifactsCmd::Session(SessionCmd::Create { .. })
+        | ArtifactsCmd::Pull { .. }
+        | ArtifactsCmd::Apply => Access::Create,
         _ => Access::Existing,
     };
     let m = ctx.artifacts_on(ctx.store_for(access)?)?;
@@ -367,6 +374,14 @@ fn run_on(
     match cmd {
         ArtifactsCmd::Session(c) => session(ctx, m, c),
         ArtifactsCmd::Collection(c) => collection(ctx, m, c),
+        ArtifactsCmd::Apply => {
+            let stats = crate::artifacts_apply::run(m, io::stdin().lock(), io::stdout().lock())?;
+            if stats.failed > 0 {
+                eprintln!("apply: {} of {} lines rejected", stats.failed, stats.lines);
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ArtifactsCmd::Add {
             session,
             collection,

@@ -21,6 +21,7 @@ use eks_upgrade_agent::store::remote::RemoteStore;
 use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
 mod artifacts;
+mod artifacts_apply;
 mod config_file;
 mod demo;
 mod kv;
@@ -279,7 +280,17 @@ fn main() -> ExitCode {
             }
             // Messages may carry text from elsewhere (a server's reply, a stored name).
             let text = format!("{err:#}");
-            let _ = writeln!(io::stderr(), "error: {}", render::printable(&text));
+            if std::env::var_os("EUA_ERROR_FORMAT").is_some_and(|v| v == "json") {
+                // For programs (the Python package): the library error's code with the message.
+                let code = err
+                    .chain()
+                    .find_map(|e| e.downcast_ref::<eks_upgrade_agent::Error>())
+                    .map_or("failed", |e| e.code());
+                let v = serde_json::json!({"error": {"code": code, "message": text}});
+                let _ = writeln!(io::stderr(), "{v}");
+            } else {
+                let _ = writeln!(io::stderr(), "error: {}", render::printable(&text));
+            }
             ExitCode::FAILURE
         }
     }

@@ -77,6 +77,10 @@ pub(crate) enum ProgressCmd {
         /// Most lines committed in one transaction
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         max_batch: u64,
+        /// Add to each success the events and status changes it committed:
+        /// {"ok":true,"seq":N,"events":[...],"status_changes":[...]}
+        #[arg(long)]
+        ack_events: bool,
     },
 }
 
@@ -311,7 +315,10 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ProgressCmd::Apply { max_batch } => {
+        ProgressCmd::Apply {
+            max_batch,
+            ack_events,
+        } => {
             let notifier = backend
                 .local
                 .as_ref()
@@ -325,6 +332,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
                 stdout,
                 &ApplyOptions {
                     max_batch: max_batch as usize,
+                    ack_events,
                 },
             )?;
             drop(notifier);
@@ -373,7 +381,7 @@ fn mutated(
                 s.current_phase
                     .map(|p| format!(", phase {p}"))
                     .unwrap_or_default(),
-                s.overall_progress
+                s.overall_percentage
             );
         }
         (Output::Table, Some(t)) => {
@@ -430,12 +438,11 @@ fn upgrade(ctx: &Ctx, backend: &Backend, cmd: UpgradeCmd) -> anyhow::Result<Exit
             return Ok(ExitCode::SUCCESS);
         }
         UpgradeCmd::List => {
-            let now = chrono::Utc::now();
-            let summaries: Vec<_> = tracker
+            let summaries = tracker
                 .list_upgrades()?
                 .iter()
-                .map(|u| eks_upgrade_agent::model::ProgressSummary::of(u, now))
-                .collect();
+                .map(|u| tracker.summary_of(u))
+                .collect::<Result<Vec<_>, _>>()?;
             if ctx.json() {
                 print_json(&summaries)?;
             } else {

@@ -94,15 +94,15 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
         "status {}  phase {}  progress {} {:.1}%",
         s.status,
         opt(s.current_phase.as_deref()),
-        bar(s.overall_progress, 20),
-        s.overall_progress
+        bar(s.overall_percentage, 20),
+        s.overall_percentage
     )?;
     writeln!(
         out,
         "tasks {} total: {} completed, {} in progress, {} failed, {} paused, {} cancelled, {} not started",
         s.total_tasks,
         s.completed_tasks,
-        s.in_progress_tasks,
+        s.active_tasks,
         s.failed_tasks,
         s.paused_tasks,
         s.cancelled_tasks,
@@ -116,6 +116,16 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
         duration(s.duration),
         time(s.estimated_completion)
     )?;
+    if let Some(c) = &s.current_task {
+        writeln!(
+            out,
+            "current task {} ({}) {} {:.1}%",
+            printable(&c.task_name),
+            printable(&c.task_id),
+            c.status,
+            c.percentage
+        )?;
+    }
     if let Some(e) = &s.error_message {
         writeln!(out, "error: {}", printable(e))?;
     }
@@ -260,8 +270,8 @@ pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io
             printable(&s.cluster_name),
             s.status.as_str(),
             opt(s.current_phase.as_deref()),
-            bar(s.overall_progress, 20),
-            s.overall_progress,
+            bar(s.overall_percentage, 20),
+            s.overall_percentage,
             s.total_tasks,
             time(s.estimated_completion)
         )?;
@@ -426,10 +436,10 @@ impl<'a> Watcher<'a> {
         let s = self.tracker.summary(&self.upgrade)?;
         if let Some(b) = &self.bars {
             b.overall
-                .set_position((s.overall_progress * 10.0).round() as u64);
+                .set_position((s.overall_percentage * 10.0).round() as u64);
             b.overall.set_message(format!(
                 "{:>5.1}%  {}  phase {}  {}/{} tasks done{}  eta {}",
-                s.overall_progress,
+                s.overall_percentage,
                 s.status,
                 opt(s.current_phase.as_deref()),
                 s.completed_tasks,

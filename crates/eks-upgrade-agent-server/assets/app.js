@@ -129,7 +129,7 @@
         el('td', {}, s.cluster_name),
         el('td', {}, statusBadge(s.status)),
         el('td', {}, s.current_phase || ''),
-        el('td', {}, bar(s.overall_progress, s.status), ' ', el('span', { class: 'pct' }, pct(s.overall_progress))),
+        el('td', {}, bar(s.overall_percentage, s.status), ' ', el('span', { class: 'pct' }, pct(s.overall_percentage))),
         el('td', {}, eta(s)));
       tr.addEventListener('click', () => select(s.upgrade_id));
       body.append(tr);
@@ -182,10 +182,14 @@
     $('#detail').hidden = false;
     $('#detail-title').textContent = u.upgrade_id + ' on ' + u.cluster_name;
     $('#detail-summary').replaceChildren(
-      statusBadge(u.status), ' ', pct(u.overall_progress), ' overall · ',
+      statusBadge(u.status), ' ', pct(u.overall_percentage), ' overall · ',
       (u.current_phase ? 'phase ' + u.current_phase + ' · ' : ''),
       u.completed_tasks + '/' + u.total_tasks + ' tasks done',
-      (u.failed_tasks ? ' · ' + u.failed_tasks + ' failed' : ''));
+      (u.failed_tasks ? ' · ' + u.failed_tasks + ' failed' : ''),
+      (u.current_task
+        ? el('span', { 'data-testid': 'current-task' }, ' · ' + (u.current_task.status === 'failed' ? 'failed: ' : 'now: ')
+          + u.current_task.task_name + ' ' + pct(u.current_task.percentage))
+        : ''));
     const err = $('#detail-error');
     err.hidden = !u.error_message;
     err.textContent = u.error_message || '';
@@ -211,7 +215,7 @@
       for (const t of children.get(parent) || []) {
         const steps = t.total_steps ? t.completed_steps + '/' + t.total_steps + ' steps' + (t.current_step ? ' · ' + t.current_step : '') : (t.current_step || '');
         const row = el('div', { class: 'task ' + t.status, dataset: { taskId: t.task_id, status: t.status } },
-          el('span', { class: 'name', title: t.task_id }, t.name),
+          el('span', { class: 'name', title: t.task_id }, t.task_name),
           el('span', { class: 'steps' }, steps),
           statusBadge(t.status),
           el('span', {}, bar(t.percentage, t.status), ' ', el('span', { class: 'pct' }, pct(t.percentage))),
@@ -304,7 +308,7 @@
         const s = state.upgrades.get(e.upgrade_id);
         if (s && e.kind.startsWith('upgrade')) {
           s.status = e.status;
-          s.overall_progress = e.percentage;
+          s.overall_percentage = e.percentage;
         }
         later('list', 150, refreshUpgrades);
         if (e.upgrade_id === state.selected) {

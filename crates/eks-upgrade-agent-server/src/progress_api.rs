@@ -119,11 +119,15 @@ pub(crate) async fn list_upgrades(
     let Query(q) = q?;
     let limit = q.limit()?;
     let tracker = Arc::clone(&s.tracker);
-    let list = blocking(move || tracker.upgrades_page(q.cursor.as_deref(), limit)).await?;
-    let now = eks_upgrade_agent::model::now();
-    let summaries: Vec<ProgressSummary> =
-        list.iter().map(|u| ProgressSummary::of(u, now)).collect();
-    let last = list.last().map(|u| u.upgrade_id.as_str());
+    let summaries: Vec<ProgressSummary> = blocking(move || {
+        tracker
+            .upgrades_page(q.cursor.as_deref(), limit)?
+            .iter()
+            .map(|u| tracker.summary_of(u))
+            .collect()
+    })
+    .await?;
+    let last = summaries.last().map(|u| u.upgrade_id.as_str());
     Ok(paged(&summaries, limit, last))
 }
 
@@ -282,6 +286,9 @@ pub(crate) async fn task_op(
     let detail = blocking(move || tracker.task_detail(&upgrade, &task)).await?;
     let mut v = serde_json::to_value(detail.task).unwrap_or_default();
     v["seq"] = json!(committed.last_seq());
+    // What the operation committed (the task's own event first, then its ancestors'), as
+    // `progress apply --ack-events` acknowledges it.
+    v["events"] = serde_json::to_value(&committed.events).unwrap_or_default();
     Ok(Json(v))
 }
 

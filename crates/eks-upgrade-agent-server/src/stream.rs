@@ -57,7 +57,6 @@ async fn summary(s: &AppState, upgrade: Option<&str>) -> ApiResult<Value> {
     let tracker = Arc::clone(&s.tracker);
     let id = upgrade.map(str::to_owned);
     blocking(move || {
-        let now = eks_upgrade_agent::model::now();
         Ok(match id {
             Some(id) => serde_json::to_value(tracker.summary(&id)?).unwrap_or_default(),
             None => {
@@ -65,8 +64,8 @@ async fn summary(s: &AppState, upgrade: Option<&str>) -> ApiResult<Value> {
                 let all: Vec<ProgressSummary> = tracker
                     .upgrades_page(None, eks_upgrade_agent::store::MAX_PAGE)?
                     .iter()
-                    .map(|u| ProgressSummary::of(u, now))
-                    .collect();
+                    .map(|u| tracker.summary_of(u))
+                    .collect::<Result<_, _>>()?;
                 serde_json::to_value(all).unwrap_or_default()
             }
         })

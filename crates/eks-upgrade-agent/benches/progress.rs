@@ -219,7 +219,10 @@ fn apply_updates_per_s(tasks: usize, lines: usize, max_batch: usize) -> f64 {
         &t,
         Cursor::new(input),
         &mut out,
-        &ApplyOptions { max_batch },
+        &ApplyOptions {
+            max_batch,
+            ..Default::default()
+        },
     )
     .unwrap();
     let secs = start.elapsed().as_secs_f64();

@@ -24,7 +24,7 @@
 //! ])?;
 //! tracker.update_task("u1", "ng-1", 50.0, Some("draining"), Default::default())?;
 //! assert_eq!(tracker.task_detail("u1", "nodes")?.task.percentage, 25.0);
-//! assert_eq!(tracker.summary("u1")?.overall_progress, 25.0);
+//! assert_eq!(tracker.summary("u1")?.overall_percentage, 25.0);
 //! # Ok::<(), eks_upgrade_agent::Error>(())
 //! ```
 //!

@@ -609,7 +609,10 @@ fn hostile_apply_lines_get_one_answer_each_and_never_panic() {
                 &tracker,
                 input.as_bytes(),
                 &mut out,
-                &ApplyOptions { max_batch: 7 },
+                &ApplyOptions {
+                    max_batch: 7,
+                    ..Default::default()
+                },
             )
             .unwrap();
             let acks: Vec<Value> = String::from_utf8(out)
@@ -734,7 +737,7 @@ fn hostile_reference_files_are_refused_or_round_trip() {
             let text = text.replace("\"ref\"", &format!("\"ref{k}\""));
             if let Ok(id) = reference::import(&tracker, &text) {
                 let s = tracker.summary(&id).unwrap();
-                prop_assert!(s.overall_progress.is_finite());
+                prop_assert!(s.overall_percentage.is_finite());
                 let exported = reference::export(&tracker, &id).unwrap().to_string();
                 // What we accepted and wrote, we (and so the Python agent) can read back.
                 let again = exported.replace(&format!("\"{id}\""), &format!("\"{id}-again\""));

@@ -120,7 +120,12 @@ try {
 
   // Live: a progress update through the API shows on the page.
   await api('POST', '/api/v1/upgrades/upg-1/tasks/cp/update', { percentage: 40, message: 'upgrading the API server' });
-  await taskIs(page, 'cp', 'in_progress', '40.0%');
+  await taskIs(page, 'cp', 'in_progress', '40.0%', 'Upgrade control plane');
+  // The summary's reference keys: the current task (its task_name and percentage).
+  await page.waitForFunction(() => {
+    const c = document.querySelector('[data-testid="current-task"]');
+    return c && c.textContent.includes('now: Upgrade control plane 40.0%');
+  }, null, { timeout: T });
   await page.waitForFunction(() => {
     const r = document.querySelector('tr.upgrade[data-upgrade-id="upg-1"]');
     return r && r.querySelector('.pct').textContent === '13.3%' && r.textContent.includes('in progress');
@@ -173,6 +178,10 @@ try {
   await taskIs(page, 'ng', 'failed', '33.3%', 'PodDisruptionBudget blocked the drain of web-1');
   // The parent takes its status from its child (hierarchy rules), with the cause.
   await taskIs(page, 'groups', 'failed', '33.3%', 'subtask "ng" failed: PodDisruptionBudget');
+  await page.waitForFunction(() => {
+    const c = document.querySelector('[data-testid="current-task"]');
+    return c && c.textContent.includes('failed: Node group ng-1');
+  }, null, { timeout: T });
   await page.waitForFunction(() => document.querySelector('#timeline').textContent.includes('control plane on 1.30'), null, { timeout: T });
   const failedHighlighted = await page.evaluate(() => {
     const e = document.querySelector('.task[data-task-id="ng"] .error');

@@ -1,5 +1,6 @@
 //! `progress apply`: one acknowledgement per line, bad lines reported and skipped, and two
-//! processes writing the same store at once.
+//! processes writing the same store at once; `--ack-events`; `artifacts apply`; errors as JSON
+//! for programs (`EUA_ERROR_FORMAT=json`).
 
 use std::io::Write;
 use std::process::Stdio;
@@ -9,9 +10,13 @@ use serde_json::Value;
 use crate::util::Env;
 
 fn apply(env: &Env, input: &str) -> (Option<i32>, Vec<Value>, String) {
+    apply_with(env, &["progress", "apply"], input)
+}
+
+fn apply_with(env: &Env, args: &[&str], input: &str) -> (Option<i32>, Vec<Value>, String) {
     let mut child = env
         .command()
-        .args(["progress", "apply"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -202,6 +207,157 @@ fn two_processes_write_the_same_store_at_once() {
         "nothing lost, nothing doubled"
     );
     let show = env.json(&["progress", "upgrade", "show", "u"]);
-    assert_eq!(show["overall_progress"], 100.0, "both tasks ended at 100");
-    assert_eq!(show["in_progress_tasks"], 2);
+    assert_eq!(show["overall_percentage"], 100.0, "both tasks ended at 100");
+    assert_eq!(show["active_tasks"], 2);
+}
+
+#[test]
+fn ack_events_returns_what_each_line_committed() {
+    let env = Env::new();
+    let input = [
+        r#"{"op":"upgrade.create","upgrade_id":"u1","plan_id":"p","cluster_name":"c"}"#,
+        r#"{"op":"task.add","upgrade_id":"u1","task_id":"g","task_name":"Group","task_type":"upgrade_step"}"#,
+        r#"{"op":"task.add","upgrade_id":"u1","task_id":"t","name":"T","task_type":"upgrade_step","parent_task_id":"g"}"#,
+        r#"{"op":"task.start","upgrade_id":"u1","task_id":"t","message":"go"}"#,
+        r#"{"op":"task.update","upgrade_id":"u1","task_id":"t","percentage":40.0,"message":"m","details":{"k":1}}"#,
+        r#"{"op":"task.update","upgrade_id":"u1","task_id":"nope","percentage":1}"#,
+    ]
+    .join("\n");
+    let (code, acks, stderr) = apply_with(&env, &["progress", "apply", "--ack-events"], &input);
+    assert_eq!(code, Some(1), "{stderr}");
+    let start = &acks[3];
+    assert_eq!(start["ok"], true);
+    let events = start["events"].as_array().unwrap();
+    // The task's own event first, then the parent it set running.
+    assert_eq!(events[0]["task_id"], "t");
+    assert_eq!(events[0]["kind"], "task.started");
+    assert_eq!(events[0]["message"], "go");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["task_id"] == "g" && e["status"] == "in_progress")
+    );
+    assert_eq!(start["seq"], events.last().unwrap()["seq"]);
+    let changes = start["status_changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["task_id"] == "t" && c["to"] == "in_progress")
+    );
+    let update = &acks[4]["events"][0];
+    assert_eq!(update["percentage"], 40.0);
+    assert_eq!(update["details"], serde_json::json!({"k": 1}));
+    assert_eq!(acks[5]["code"], "not_found");
+    // task_name (the reference's name) was accepted for task.add.
+    assert_eq!(
+        env.json(&["progress", "task", "show", "u1", "g"])["task_name"],
+        "Group"
+    );
+    // Without the flag, acknowledgements stay small.
+    let (_, plain, _) = apply(
+        &env,
+        r#"{"op":"task.update","upgrade_id":"u1","task_id":"t","percentage":50}"#,
+    );
+    assert!(plain[0].get("events").is_none(), "{plain:?}");
+}
+
+#[test]
+fn artifacts_apply_answers_each_request() {
+    let env = Env::new();
+    let file = env.dir.path().join("kubelet.log");
+    std::fs::write(&file, b"kubelet started\n").unwrap();
+    let (code, acks, stderr) = apply_with(
+        &env,
+        &["artifacts", "apply"],
+        r#"{"op":"session.create","upgrade_id":"u1","cluster_name":"prod","name":"s1","retention_days":7}"#,
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let session = acks[0]["result"]["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(acks[0]["result"]["retention_days"], 7);
+    let lines = [
+        format!(
+            r#"{{"op":"collection.create","session_id":"{session}","name":"logs","task_id":"t1"}}"#
+        ),
+        format!(r#"{{"op":"session.get","session_id":"{session}"}}"#),
+        r#"{"op":"session.get","session_id":"nope"}"#.to_owned(),
+        "not json".to_owned(),
+        String::new(),
+        r#"{"op":"artifact.fly"}"#.to_owned(),
+    ];
+    let (code, acks, stderr) = apply_with(&env, &["artifacts", "apply"], &lines.join("\n"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("3 of 5 lines rejected"), "{stderr}");
+    assert_eq!(
+        acks.len(),
+        5,
+        "one acknowledgement per non-blank line: {acks:?}"
+    );
+    let collection = acks[0]["result"]["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(acks[1]["result"]["collections"][0]["name"], "logs");
+    assert_eq!(acks[1]["result"]["total_artifacts"], 0);
+    assert_eq!(
+        (&acks[2]["code"], &acks[2]["line"]),
+        (&"not_found".into(), &3.into())
+    );
+    assert!(
+        acks[3]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed request")
+    );
+    assert!(acks[4]["error"].as_str().unwrap().contains("artifact.fly"));
+
+    let add = |extra: &str| {
+        format!(
+            r#"{{"op":"artifact.add","session_id":"{session}","collection_id":"{collection}","path":{:?}{extra}}}"#,
+            file.to_str().unwrap()
+        )
+    };
+    let lines = [
+        add(r#","tags":["node"],"task_id":"t1","metadata":{"n":1}"#),
+        add(r#","name":"other.log","artifact_type":"diagnostic""#),
+        format!(
+            r#"{{"op":"artifact.add","session_id":"{session}","collection_id":"nope","path":"/etc/hostname"}}"#
+        ),
+        format!(r#"{{"op":"artifact.search","session_id":"{session}","tags":["node"]}}"#),
+        format!(r#"{{"op":"stats","session_id":"{session}"}}"#),
+    ];
+    let (_, acks, _) = apply_with(&env, &["artifacts", "apply"], &lines.join("\n"));
+    let a = &acks[0]["result"][0];
+    assert_eq!(a["name"], "kubelet.log");
+    assert_eq!(a["file_size"], 16);
+    assert_eq!(a["metadata"], serde_json::json!({"n": 1}));
+    assert_eq!(acks[1]["result"][0]["artifact_type"], "diagnostic");
+    assert_eq!(acks[2]["code"], "not_found");
+    let found = acks[3]["result"]["artifacts"].as_array().unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["artifact_id"], a["artifact_id"]);
+    assert_eq!(acks[4]["result"]["total_artifacts"], 2);
+    // What apply added, the other commands see.
+    let listed = env.json(&["artifacts", "search", "--session", &session]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn errors_as_json_for_programs() {
+    let env = Env::with_task();
+    let out = env
+        .command()
+        .env("EUA_ERROR_FORMAT", "json")
+        .args(["progress", "task", "show", "u", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("\"nope\""),
+        "{v}"
+    );
+    // Without it, the usual line.
+    let err = env.fails(1, &["progress", "task", "show", "u", "nope"]);
+    assert!(err.starts_with("error: "), "{err}");
 }

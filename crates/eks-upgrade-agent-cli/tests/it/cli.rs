@@ -153,7 +153,7 @@ fn every_operation_through_the_cli() {
     // plan, ng1, and nodes, completed with its only child.
     assert_eq!(show["completed_tasks"], 3);
     // plan 100 (w1) + nodes (w3) = mean of its one child, 100.
-    assert_eq!(show["overall_progress"], 100.0);
+    assert_eq!(show["overall_percentage"], 100.0);
     assert_eq!(show["tasks"].as_array().unwrap().len(), 3);
 
     let table = env.ok(&["progress", "upgrade", "show", "u1"]);
@@ -511,7 +511,7 @@ fn export_writes_the_reference_shape_atomically() {
     assert_eq!(v["upgrade_id"], "u1");
     let plan = &v["tasks"]["plan"];
     assert_eq!(plan["task_name"], "Plan");
-    assert_eq!(plan["progress_percentage"], 40.0);
+    assert_eq!(plan["percentage"], 40.0);
     assert_eq!(plan["events"].as_array().unwrap().len(), 2);
     assert_eq!(v["tasks"]["nodes"]["subtasks"], json!(["ng1"]));
     // Python str(datetime): space separator, microseconds, +00:00.
@@ -531,7 +531,7 @@ fn demo_runs_a_full_upgrade_with_a_retried_failure() {
     let env = Env::new();
     let v = env.json(&["demo", "--speed", "200", "--upgrade-id", "demo-1"]);
     assert_eq!(v["status"], "completed");
-    assert_eq!(v["overall_progress"], 100.0);
+    assert_eq!(v["overall_percentage"], 100.0);
     assert_eq!(v["completed_tasks"], v["total_tasks"]);
     let tasks = v["tasks"].as_array().unwrap();
     assert!(tasks.len() >= 12, "{}", tasks.len());

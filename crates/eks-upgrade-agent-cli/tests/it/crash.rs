@@ -112,7 +112,7 @@ fn sigkill_never_loses_an_acknowledged_update() {
             );
         }
         let summary = tracker.summary("u").unwrap();
-        assert_eq!(summary.overall_progress, detail.task.percentage);
+        assert_eq!(summary.overall_percentage, detail.task.percentage);
         assert_eq!(summary.last_seq, newest.seq);
     }
     assert!(

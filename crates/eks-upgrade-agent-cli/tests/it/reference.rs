@@ -5,14 +5,16 @@ use serde_json::json;
 
 use crate::util::Env;
 
-/// A progress file as the reference `ProgressTracker` wrote it (`json.dump(default=str)`).
+/// A progress file as the reference `ProgressTracker` wrote it (`json.dump(default=str)`, its
+/// field names: `overall_percentage`, task and event `percentage`).
 const PYTHON_FILE: &str = r#"{
   "upgrade_id": "upgrade-123",
   "plan_id": "plan-456",
   "cluster_name": "my-cluster",
   "status": "in_progress",
   "current_phase": "Initialization",
-  "overall_progress": 50.0,
+  "overall_percentage": 50.0,
+  "duration": "0:00:01.500000",
   "started_at": "2025-10-20 05:25:00.869209+00:00",
   "completed_at": null,
   "estimated_completion": null,
@@ -22,7 +24,7 @@ const PYTHON_FILE: &str = r#"{
       "task_name": "Deploy Infrastructure",
       "task_type": "upgrade_step",
       "status": "completed",
-      "progress_percentage": 100.0,
+      "percentage": 100.0,
       "current_step": null,
       "total_steps": null,
       "completed_steps": 0,
@@ -32,17 +34,16 @@ const PYTHON_FILE: &str = r#"{
       "error_message": null,
       "retry_count": 0,
       "parent_task_id": null,
-      "subtasks": [],
       "events": [
         {"event_id": "0b7c1c52-9f1e-4a57-b7a8-0a4f3f0d9d11", "timestamp": "2025-10-20 05:25:00.870001+00:00",
          "task_id": "task-1", "task_type": "upgrade_step", "status": "in_progress",
-         "message": "Starting infrastructure deployment", "details": {}, "progress_percentage": 0.0},
+         "message": "Starting infrastructure deployment", "details": {}, "percentage": 0.0},
         {"event_id": "1b7c1c52-9f1e-4a57-b7a8-0a4f3f0d9d12", "timestamp": "2025-10-20 05:25:00.870500+00:00",
          "task_id": "task-1", "task_type": "upgrade_step", "status": "in_progress",
-         "message": "Half way complete", "details": {"nodes": 3}, "progress_percentage": 50.0},
+         "message": "Half way complete", "details": {"nodes": 3}, "percentage": 50.0},
         {"event_id": "2b7c1c52-9f1e-4a57-b7a8-0a4f3f0d9d13", "timestamp": "2025-10-20T05:25:00.870781",
          "task_id": "task-1", "task_type": "upgrade_step", "status": "completed",
-         "message": "Infrastructure deployed successfully", "details": null, "progress_percentage": 100.0}
+         "message": "Infrastructure deployed successfully", "details": null, "percentage": 100.0}
       ],
       "metadata": {}
     },
@@ -51,7 +52,7 @@ const PYTHON_FILE: &str = r#"{
       "task_name": "Validate",
       "task_type": "validation",
       "status": "not_started",
-      "progress_percentage": 0.0,
+      "percentage": 0.0,
       "started_at": null,
       "completed_at": null,
       "duration": null,
@@ -66,7 +67,7 @@ const PYTHON_FILE: &str = r#"{
       "task_name": "Smoke tests",
       "task_type": "validation",
       "status": "failed",
-      "progress_percentage": 30.0,
+      "percentage": 30.0,
       "error_message": "coredns not ready",
       "retry_count": 2,
       "parent_task_id": "task-2",
@@ -77,11 +78,26 @@ const PYTHON_FILE: &str = r#"{
   "metadata": {"requested_by": "ops"}
 }"#;
 
+/// The same file with the names our exports used before (`overall_progress`, task and event
+/// `progress_percentage`, `name`): still read alike.
+fn old_names_file() -> String {
+    PYTHON_FILE
+        .replace("\"overall_percentage\"", "\"overall_progress\"")
+        .replace("\"percentage\"", "\"progress_percentage\"")
+        .replace("\"task_name\"", "\"name\"")
+}
+
 #[test]
 fn imports_a_file_the_python_agent_wrote() {
+    for text in [PYTHON_FILE.to_owned(), old_names_file()] {
+        imports_the_python_file(&text);
+    }
+}
+
+fn imports_the_python_file(text: &str) {
     let env = Env::new();
     let file = env.dir.path().join("upgrade_upgrade-123.json");
-    std::fs::write(&file, PYTHON_FILE).unwrap();
+    std::fs::write(&file, text).unwrap();
     let out = env.ok(&["progress", "import", file.to_str().unwrap()]);
     assert!(
         out.contains("imported upgrade upgrade-123 (3 tasks"),
@@ -101,12 +117,14 @@ fn imports_a_file_the_python_agent_wrote() {
         "task-2 takes the status of its failed child (hierarchy rules)"
     );
     // task-2 shows its child's 30%; the upgrade shows (100 + 30) / 2.
-    assert_eq!(show["overall_progress"], 65.0);
+    assert_eq!(show["overall_percentage"], 65.0);
     let t1 = env.json(&["progress", "task", "show", "upgrade-123", "task-1"]);
     assert_eq!(t1["duration"], 0.00078);
-    assert_eq!(t1["name"], "Deploy Infrastructure");
+    assert_eq!(t1["task_name"], "Deploy Infrastructure");
+    assert_eq!(t1["percentage"], 100.0);
     let recent = t1["recent_events"].as_array().unwrap();
     assert_eq!(recent.len(), 3);
+    assert_eq!(recent[1]["percentage"], 50.0, "event percentages are read");
     assert_eq!(recent[0]["message"], "Infrastructure deployed successfully");
     assert_eq!(recent[0]["kind"], "task.completed");
     assert_eq!(recent[1]["details"], json!({"nodes": 3}));
@@ -148,7 +166,7 @@ fn export_then_import_round_trips() {
     for key in [
         "status",
         "current_phase",
-        "overall_progress",
+        "overall_percentage",
         "total_tasks",
         "completed_tasks",
         "started_at",
@@ -216,4 +234,191 @@ fn malformed_files_are_rejected_and_change_nothing() {
         "{err}"
     );
     assert_eq!(env.json(&["progress", "upgrade", "list"]), json!([]));
+}
+
+/// Every key of an object, recursively: names the old spellings wherever they hide.
+fn keys(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                out.insert(k.clone());
+                keys(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| keys(x, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn export_writes_the_reference_names() {
+    let env = Env::new();
+    env.json(&["demo", "--speed", "500", "--upgrade-id", "d1"]);
+    let file = env.dir.path().join("upgrade_d1.json");
+    env.ok(&["progress", "export", "d1", "--out", file.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    for key in [
+        "upgrade_id",
+        "plan_id",
+        "cluster_name",
+        "status",
+        "started_at",
+        "completed_at",
+        "duration",
+        "overall_percentage",
+        "current_phase",
+        "tasks",
+        "metadata",
+    ] {
+        assert!(v.get(key).is_some(), "upgrade key {key} missing");
+    }
+    assert_eq!(v["overall_percentage"], 100.0);
+    let duration = v["duration"].as_str().expect("duration as str(timedelta)");
+    assert!(duration.starts_with("0:00:"), "{duration}");
+    let tasks = v["tasks"].as_object().unwrap();
+    assert!(!tasks.is_empty());
+    for (id, t) in tasks {
+        for key in [
+            "task_id",
+            "task_name",
+            "task_type",
+            "parent_task_id",
+            "status",
+            "started_at",
+            "completed_at",
+            "duration",
+            "percentage",
+            "current_step",
+            "total_steps",
+            "completed_steps",
+            "error_message",
+            "retry_count",
+            "events",
+        ] {
+            assert!(t.get(key).is_some(), "task {id}: key {key} missing");
+        }
+        for e in t["events"].as_array().unwrap() {
+            for key in [
+                "event_id",
+                "timestamp",
+                "task_id",
+                "task_type",
+                "status",
+                "message",
+                "details",
+                "percentage",
+            ] {
+                assert!(e.get(key).is_some(), "task {id} event: key {key} missing");
+            }
+        }
+    }
+    let completed = tasks.values().find(|t| t["status"] == "completed").unwrap();
+    assert!(completed["duration"].as_str().unwrap().starts_with("0:00:"));
+    let mut all = std::collections::BTreeSet::new();
+    keys(&v, &mut all);
+    for old in ["overall_progress", "progress_percentage", "name"] {
+        assert!(!all.contains(old), "export still writes {old}");
+    }
+}
+
+#[test]
+fn summary_and_task_detail_carry_the_reference_keys() {
+    let env = Env::new();
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    env.ok(&["progress", "upgrade", "start", "u", "--phase", "nodes"]);
+    for (id, name) in [
+        ("a", "Alpha"),
+        ("b", "Beta"),
+        ("c", "Gamma"),
+        ("d", "Delta"),
+    ] {
+        env.ok(&[
+            "progress",
+            "task",
+            "add",
+            "u",
+            id,
+            "--name",
+            name,
+            "--type",
+            "upgrade_step",
+        ]);
+    }
+    env.ok(&["progress", "task", "start", "u", "b"]);
+    env.ok(&["progress", "task", "update", "u", "b", "--percent", "40"]);
+    env.ok(&["progress", "task", "start", "u", "c"]);
+    env.ok(&["progress", "task", "start", "u", "a"]);
+    env.ok(&["progress", "task", "fail", "u", "a", "--error", "boom"]);
+    env.ok(&["progress", "task", "start", "u", "d"]);
+    env.ok(&["progress", "task", "fail", "u", "d", "--error", "bang"]);
+    let s = env.json(&["progress", "upgrade", "show", "u"]);
+    assert_eq!(s["overall_percentage"], 10.0);
+    assert_eq!(s["progress_percentage"], 10.0);
+    assert_eq!(s["active_tasks"], 2);
+    assert_eq!(s["failed_tasks"], 2);
+    assert_eq!(s["completed_tasks"], 0);
+    assert_eq!(s["total_tasks"], 4);
+    assert_eq!(s["active_task_names"], json!(["Beta", "Gamma"]));
+    assert_eq!(s["failed_task_names"], json!(["Alpha", "Delta"]));
+    assert_eq!(
+        s["current_task"],
+        json!({"task_id": "b", "task_name": "Beta", "status": "in_progress", "percentage": 40.0})
+    );
+    assert_eq!(s["current_phase"], "nodes");
+    assert!(s["started_at"].is_string());
+    assert!(s["duration"].as_f64().unwrap() >= 0.0);
+    for old in ["overall_progress", "in_progress_tasks"] {
+        assert!(s.get(old).is_none(), "summary still has {old}");
+    }
+    // No task running: the most recently added failed one.
+    env.ok(&["progress", "task", "complete", "u", "b"]);
+    env.ok(&["progress", "task", "complete", "u", "c"]);
+    let s = env.json(&["progress", "upgrade", "show", "u"]);
+    assert_eq!(s["active_task_names"], json!([]));
+    assert_eq!(s["current_task"]["task_id"], "d");
+    assert_eq!(s["current_task"]["status"], "failed");
+    // A retry runs the task again: it is the current task once more.
+    env.ok(&["progress", "task", "retry", "u", "d"]);
+    let s = env.json(&["progress", "upgrade", "show", "u"]);
+    assert_eq!(s["current_task"]["task_id"], "d");
+    assert_eq!(s["failed_task_names"], json!(["Alpha"]));
+    env.ok(&["progress", "task", "complete", "u", "d"]);
+    env.ok(&["progress", "task", "retry", "u", "a"]);
+    env.ok(&["progress", "task", "complete", "u", "a"]);
+    let s = env.json(&["progress", "upgrade", "show", "u"]);
+    assert_eq!(s["current_task"], serde_json::Value::Null);
+    assert_eq!(s["failed_task_names"], json!([]));
+
+    let t = env.json(&["progress", "task", "show", "u", "b"]);
+    for key in [
+        "task_id",
+        "task_name",
+        "task_type",
+        "status",
+        "percentage",
+        "current_step",
+        "completed_steps",
+        "total_steps",
+        "started_at",
+        "duration",
+        "error_message",
+        "recent_events",
+    ] {
+        assert!(t.get(key).is_some(), "task detail key {key} missing");
+    }
+    assert!(t.get("name").is_none());
+    let e = &t["recent_events"][0];
+    for key in ["timestamp", "status", "message", "percentage"] {
+        assert!(e.get(key).is_some(), "recent event key {key} missing");
+    }
+    assert_eq!(e["percentage"], 100.0);
 }

@@ -82,7 +82,7 @@ async fn progress_through_the_api() {
     let (_, v) = call(&s, "GET", "/api/v1/upgrades/u1", None).await;
     assert_eq!(v["current_phase"], "plan");
     assert_eq!(v["tasks"].as_array().unwrap().len(), 2);
-    assert_eq!(v["overall_progress"], 100.0);
+    assert_eq!(v["overall_percentage"], 100.0);
     let (_, v) = call(&s, "GET", "/api/v1/upgrades/u1/tasks/b", None).await;
     assert_eq!(v["recent_events"][0]["kind"], "task.completed");
     let (_, all) = call(&s, "GET", "/api/v1/upgrades/u1/events", None).await;

@@ -46,8 +46,8 @@ async fn websocket_speaks_the_reference_messages() {
 
     ws_send(&mut ws, r#"{"type":"get_summary"}"#).await;
     let (_, sum) = until_type(&mut ws, "progress_summary").await;
-    assert_eq!(sum["data"]["in_progress_tasks"], 1);
-    assert!(sum["data"]["overall_progress"].as_f64().unwrap() > 0.0);
+    assert_eq!(sum["data"]["active_tasks"], 1);
+    assert!(sum["data"]["overall_percentage"].as_f64().unwrap() > 0.0);
 
     ws_send(&mut ws, r#"{"type":"dance"}"#).await;
     let (_, err) = until_type(&mut ws, "error").await;

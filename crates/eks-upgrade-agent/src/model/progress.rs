@@ -373,7 +373,8 @@ pub struct Task {
     pub upgrade_id: String,
     /// Caller-chosen id, unique within the upgrade.
     pub task_id: String,
-    /// Display name.
+    /// Display name (`task_name` on the wire, as in the reference; `name` is read too).
+    #[serde(rename = "task_name", alias = "name")]
     pub name: String,
     /// Kind of task.
     pub task_type: TaskType,
@@ -421,7 +422,9 @@ pub struct TaskDetail {
     pub recent_events: Vec<ProgressEvent>,
 }
 
-/// The reference `get_progress_summary` fields, plus the failed upgrade's error and metadata.
+/// The reference `get_progress_summary` keys (with the same names and meanings; `status` in
+/// lower case, `duration` in seconds), plus the counts of the other statuses, the end and
+/// estimated end, the failed upgrade's error, its metadata and its latest seq.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgressSummary {
     /// Upgrade id.
@@ -434,22 +437,30 @@ pub struct ProgressSummary {
     pub status: ProgressStatus,
     /// Current phase.
     pub current_phase: Option<String>,
-    /// Overall percentage, 0..=100.
-    pub overall_progress: f64,
+    /// Overall percentage, 0..=100 (the weighted mean of the top-level tasks).
+    pub overall_percentage: f64,
+    /// The same value as `overall_percentage` (the reference keeps both).
+    pub progress_percentage: f64,
+    /// The first running task, else the most recently added failed one, else `None`.
+    pub current_task: Option<CurrentTask>,
     /// Number of tasks.
     pub total_tasks: u64,
+    /// Tasks running (`in_progress`).
+    pub active_tasks: u64,
     /// Tasks completed.
     pub completed_tasks: u64,
     /// Tasks failed.
     pub failed_tasks: u64,
-    /// Tasks running.
-    pub in_progress_tasks: u64,
     /// Tasks paused.
     pub paused_tasks: u64,
     /// Tasks cancelled.
     pub cancelled_tasks: u64,
     /// Tasks not started.
     pub not_started_tasks: u64,
+    /// Names of the running tasks, in the order they were added (at most [`MAX_NAMES`]).
+    pub active_task_names: Vec<String>,
+    /// Names of the failed tasks, in the order they were added (at most [`MAX_NAMES`]).
+    pub failed_task_names: Vec<String>,
     /// Start time.
     pub started_at: Option<DateTime<Utc>>,
     /// End time.
@@ -466,23 +477,65 @@ pub struct ProgressSummary {
     pub last_seq: u64,
 }
 
+/// The most names [`ProgressSummary::active_task_names`] and
+/// [`ProgressSummary::failed_task_names`] hold (the counts are always exact).
+pub const MAX_NAMES: usize = 10_000;
+
+/// The reference summary's `current_task`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurrentTask {
+    /// Task id.
+    pub task_id: String,
+    /// Task name.
+    pub task_name: String,
+    /// Task status.
+    pub status: ProgressStatus,
+    /// Task percentage.
+    pub percentage: f64,
+}
+
+impl CurrentTask {
+    fn of(t: &Task) -> CurrentTask {
+        CurrentTask {
+            task_id: t.task_id.clone(),
+            task_name: t.name.clone(),
+            status: t.status,
+            percentage: t.percentage,
+        }
+    }
+}
+
 impl ProgressSummary {
-    /// Builds the summary of `upgrade` as seen at `now`.
-    pub fn of(upgrade: &Upgrade, now: DateTime<Utc>) -> ProgressSummary {
+    /// Builds the summary of `upgrade` as seen at `now`, from its running tasks and its failed
+    /// tasks (each in the order they were added; the lists may be cut at [`MAX_NAMES`], but
+    /// `last_failed` is the most recently added failed task).
+    pub fn of(
+        upgrade: &Upgrade,
+        now: DateTime<Utc>,
+        active: &[Task],
+        failed: &[Task],
+        last_failed: Option<&Task>,
+    ) -> ProgressSummary {
+        let current_task = active.first().or(last_failed).map(CurrentTask::of);
+        let names = |ts: &[Task]| ts.iter().take(MAX_NAMES).map(|t| t.name.clone()).collect();
         ProgressSummary {
             upgrade_id: upgrade.upgrade_id.clone(),
             plan_id: upgrade.plan_id.clone(),
             cluster_name: upgrade.cluster_name.clone(),
             status: upgrade.status,
             current_phase: upgrade.current_phase.clone(),
-            overall_progress: upgrade.overall_percentage,
+            overall_percentage: upgrade.overall_percentage,
+            progress_percentage: upgrade.overall_percentage,
+            current_task,
             total_tasks: upgrade.total_tasks(),
+            active_tasks: upgrade.count(ProgressStatus::InProgress),
             completed_tasks: upgrade.count(ProgressStatus::Completed),
             failed_tasks: upgrade.count(ProgressStatus::Failed),
-            in_progress_tasks: upgrade.count(ProgressStatus::InProgress),
             paused_tasks: upgrade.count(ProgressStatus::Paused),
             cancelled_tasks: upgrade.count(ProgressStatus::Cancelled),
             not_started_tasks: upgrade.count(ProgressStatus::NotStarted),
+            active_task_names: names(active),
+            failed_task_names: names(failed),
             started_at: upgrade.started_at,
             completed_at: upgrade.completed_at,
             duration: upgrade.duration_seconds(now),

@@ -7,7 +7,10 @@
 //! acknowledgement gets it at once.
 //!
 //! Acknowledgements: `{"ok":true,"seq":N}` (the seq of the last event the line appended) or
-//! `{"ok":false,"line":L,"code":"...","error":"..."}`; a bad line never stops the stream.
+//! `{"ok":false,"line":L,"code":"...","error":"..."}`; a bad line never stops the stream. With
+//! [`ApplyOptions::ack_events`], a success also carries what the line committed:
+//! `{"ok":true,"seq":N,"events":[...],"status_changes":[...]}` (the drop-in Python package
+//! returns those events and runs its callbacks on them).
 
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -25,11 +28,16 @@ pub const MAX_LINE: usize = 1024 * 1024;
 pub struct ApplyOptions {
     /// Most lines committed in one transaction.
     pub max_batch: usize,
+    /// Acknowledge each success with the events and status changes it committed.
+    pub ack_events: bool,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { max_batch: 1024 }
+        ApplyOptions {
+            max_batch: 1024,
+            ack_events: false,
+        }
     }
 }
 
@@ -74,9 +82,9 @@ pub fn run<R: Read, W: Write>(
                 None => break,
             }
         }
-        commit(tracker, &mut batch, &mut output, &mut stats)?;
+        commit(tracker, &mut batch, &mut output, &mut stats, options)?;
     }
-    commit(tracker, &mut batch, &mut output, &mut stats)?;
+    commit(tracker, &mut batch, &mut output, &mut stats, options)?;
     Ok(stats)
 }
 
@@ -142,6 +150,7 @@ fn commit<W: Write>(
     batch: &mut Vec<Line>,
     output: &mut W,
     stats: &mut ApplyStats,
+    options: &ApplyOptions,
 ) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
@@ -154,7 +163,7 @@ fn commit<W: Write>(
         })
         .collect();
     let mut results = match tracker.execute_batch(&commands) {
-        Ok(r) => r.into_iter().map(|r| r.map(|c| c.last_seq())).collect(),
+        Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "apply batch failed; nothing in it was committed");
             let msg = e.to_string();
@@ -175,10 +184,18 @@ fn commit<W: Write>(
         stats.lines += 1;
         let ack = match line {
             Line::Command(no, _) => match results.next().expect("one result per command") {
-                Ok(seq) => {
+                Ok(committed) => {
                     stats.ok += 1;
                     out.extend_from_slice(b"{\"ok\":true,\"seq\":");
-                    out.extend_from_slice(seq.to_string().as_bytes());
+                    out.extend_from_slice(committed.last_seq().to_string().as_bytes());
+                    if options.ack_events {
+                        out.extend_from_slice(b",\"events\":");
+                        serde_json::to_writer(&mut out, &committed.events)
+                            .map_err(|e| Error::invalid(e.to_string()))?;
+                        out.extend_from_slice(b",\"status_changes\":");
+                        serde_json::to_writer(&mut out, &committed.status_changes)
+                            .map_err(|e| Error::invalid(e.to_string()))?;
+                    }
                     out.extend_from_slice(b"}\n");
                     continue;
                 }
@@ -273,7 +290,16 @@ mod tests {
                 ));
             }
             let mut out = Vec::new();
-            let stats = run(&t, input.as_bytes(), &mut out, &ApplyOptions { max_batch }).unwrap();
+            let stats = run(
+                &t,
+                input.as_bytes(),
+                &mut out,
+                &ApplyOptions {
+                    max_batch,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert_eq!((stats.lines, stats.ok), (2002, 2002));
             assert_eq!(String::from_utf8(out).unwrap().lines().count(), 2002);
             let calls = store.calls.load(Ordering::SeqCst);

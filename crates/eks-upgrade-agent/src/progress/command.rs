@@ -33,7 +33,8 @@ pub const MAX_DURATION_SECS: f64 = 100.0 * 365.25 * 86_400.0;
 pub struct NewTask {
     /// Id, unique within the upgrade.
     pub task_id: String,
-    /// Display name.
+    /// Display name (`task_name`, the reference's name for it, is accepted too).
+    #[serde(alias = "task_name")]
     pub name: String,
     /// Kind of task.
     pub task_type: TaskType,
@@ -172,7 +173,8 @@ pub enum Command {
         upgrade_id: String,
         /// Id, unique within the upgrade.
         task_id: String,
-        /// Display name.
+        /// Display name (`task_name`, the reference's name for it, is accepted too).
+        #[serde(alias = "task_name")]
         name: String,
         /// Kind of task.
         task_type: TaskType,

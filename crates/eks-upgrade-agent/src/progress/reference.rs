@@ -5,9 +5,13 @@
 //! The reference wrote pydantic models with `json.dump(..., default=str)`: timestamps as Python
 //! `str(datetime)` (`2025-10-20 05:25:00.869209+00:00`), durations as `str(timedelta)`
 //! (`0:00:00.000780`), enums by value, `null` for missing fields, tasks as an object keyed by
-//! task id, each task with its own `events`. Import also takes ISO 8601 / RFC 3339 timestamps,
-//! durations in seconds, tasks as a list, and a few field spellings (`name` for `task_name`,
-//! `percentage` for `progress_percentage`, `phase` for `current_phase`).
+//! task id, each task with its own `events`. Export writes every reference field under its
+//! reference name (`overall_percentage`, task and event `percentage`, `duration` as
+//! `str(timedelta)`), plus a few of ours (`created_at`, `weight`, `subtasks`, `metadata`, the event's
+//! `event_type` and `seq`, upgrade-level `events`) that the reference's models ignore. Import
+//! also takes ISO 8601 / RFC 3339 timestamps, durations in seconds, tasks as a list, and the
+//! older spellings (`name` for `task_name`, `progress_percentage` for `percentage`, `phase` for
+//! `current_phase`).
 
 use std::collections::HashMap;
 
@@ -131,7 +135,7 @@ fn event_value(e: &ProgressEvent) -> Value {
         "status": e.status,
         "message": e.message,
         "details": e.details,
-        "progress_percentage": e.percentage,
+        "percentage": e.percentage,
         "event_type": e.kind,
         "seq": e.seq,
     })
@@ -172,7 +176,7 @@ pub fn export(tracker: &ProgressTracker, upgrade_id: &str) -> Result<Value> {
                 "task_type": t.task_type,
                 "status": t.status,
                 "created_at": py_datetime(t.created_at),
-                "progress_percentage": t.percentage,
+                "percentage": t.percentage,
                 "current_step": t.current_step,
                 "total_steps": t.total_steps,
                 "completed_steps": t.completed_steps,
@@ -196,10 +200,11 @@ pub fn export(tracker: &ProgressTracker, upgrade_id: &str) -> Result<Value> {
         "cluster_name": upgrade.cluster_name,
         "status": upgrade.status,
         "current_phase": upgrade.current_phase,
-        "overall_progress": upgrade.overall_percentage,
+        "overall_percentage": upgrade.overall_percentage,
         "created_at": py_datetime(upgrade.created_at),
         "started_at": time_value(upgrade.started_at),
         "completed_at": time_value(upgrade.completed_at),
+        "duration": upgrade.duration_seconds(now).map(py_timedelta),
         "estimated_completion": time_value(upgrade.estimated_completion(now)),
         "error_message": upgrade.error_message,
         "tasks": Value::Object(task_map),
@@ -408,7 +413,7 @@ pub fn parse(text: &str) -> Result<Imported> {
             .unwrap_or_else(|| task_id.clone());
         check_name("task_name", &name)?;
         let percentage = t
-            .number(&["progress_percentage", "percentage", "progress"])?
+            .number(&["percentage", "progress_percentage", "progress"])?
             .unwrap_or(0.0);
         check_percentage(percentage)
             .map_err(|e| Error::invalid(format!("task {task_id:?}: {e}")))?;
@@ -522,7 +527,7 @@ fn parse_event(
         },
     };
     let percentage = e
-        .number(&["progress_percentage", "percentage"])?
+        .number(&["percentage", "progress_percentage"])?
         .unwrap_or(0.0)
         .clamp(0.0, 100.0);
     Ok(ProgressEvent {

@@ -11,7 +11,8 @@ use chrono::Utc;
 
 use crate::error::Result;
 use crate::model::{
-    JsonMap, ProgressEvent, ProgressSummary, StatusChange, Task, TaskDetail, Upgrade,
+    JsonMap, MAX_NAMES, ProgressEvent, ProgressStatus, ProgressSummary, StatusChange, Task,
+    TaskDetail, Upgrade,
 };
 use crate::progress::command::{Command, NewTask};
 use crate::store::{Committed, EventQuery, ProgressStore};
@@ -46,7 +47,7 @@ struct Callbacks {
 /// tracker.complete_upgrade("upgrade-123")?;
 /// let summary = tracker.summary("upgrade-123")?;
 /// assert_eq!(summary.status, ProgressStatus::Completed);
-/// assert_eq!(summary.overall_progress, 100.0);
+/// assert_eq!(summary.overall_percentage, 100.0);
 /// # Ok::<(), eks_upgrade_agent::Error>(())
 /// ```
 pub struct ProgressTracker {
@@ -397,11 +398,37 @@ impl ProgressTracker {
         self.store.upgrade(upgrade_id)
     }
 
-    /// The reference `get_progress_summary`. O(1): counters are kept up to date.
+    /// The reference `get_progress_summary`. Counters are kept up to date; the running and
+    /// failed tasks are read by status (an index walk in SQLite), only when there are some.
     pub fn summary(&self, upgrade_id: &str) -> Result<ProgressSummary> {
+        self.summary_of(&self.store.upgrade(upgrade_id)?)
+    }
+
+    /// The summary of an upgrade already read (listings): [`summary`](Self::summary) without
+    /// reading the upgrade row again.
+    pub fn summary_of(&self, upgrade: &Upgrade) -> Result<ProgressSummary> {
+        let id = upgrade.upgrade_id.as_str();
+        let read = |status: ProgressStatus, limit: usize, newest_first: bool| {
+            if upgrade.count(status) == 0 {
+                Ok(Vec::new())
+            } else {
+                self.store.tasks_in_status(id, status, limit, newest_first)
+            }
+        };
+        let active = read(ProgressStatus::InProgress, MAX_NAMES, false)?;
+        let failed = read(ProgressStatus::Failed, MAX_NAMES, false)?;
+        let last_failed =
+            if active.is_empty() && upgrade.count(ProgressStatus::Failed) as usize > failed.len() {
+                read(ProgressStatus::Failed, 1, true)?.pop()
+            } else {
+                failed.last().cloned()
+            };
         Ok(ProgressSummary::of(
-            &self.store.upgrade(upgrade_id)?,
-            Utc::now(),
+            upgrade,
+            crate::model::now(),
+            &active,
+            &failed,
+            last_failed.as_ref(),
         ))
     }
 

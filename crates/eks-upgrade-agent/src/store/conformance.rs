@@ -359,7 +359,7 @@ fn rollup_weighted_and_nested(t: ProgressTracker) {
         .unwrap();
     assert_eq!(pct(&t, "u", "ng1"), 50.0);
     assert_eq!(pct(&t, "u", "nodes"), 12.5); // (1*50 + 3*0) / 4
-    assert_eq!(t.summary("u").unwrap().overall_progress, 6.25);
+    assert_eq!(t.summary("u").unwrap().overall_percentage, 6.25);
     t.update_task("u", "ng2", 50.0, None, JsonMap::new())
         .unwrap();
     assert_eq!(pct(&t, "u", "nodes"), 50.0); // (50 + 150) / 4
@@ -368,7 +368,7 @@ fn rollup_weighted_and_nested(t: ProgressTracker) {
         .unwrap_err();
     assert!(err.to_string().contains("rolled up"), "{err}");
     t.complete_task("u", "plan", None).unwrap();
-    assert_eq!(t.summary("u").unwrap().overall_progress, 75.0);
+    assert_eq!(t.summary("u").unwrap().overall_percentage, 75.0);
     // A parent with unfinished children cannot be completed; the error names them.
     let err = t.complete_task("u", "ng1", None).unwrap_err();
     assert!(
@@ -395,7 +395,7 @@ fn rollup_weighted_and_nested(t: ProgressTracker) {
     let seq = t.store().last_seq().unwrap();
     t.complete_task("u", "nodes", None).unwrap();
     assert_eq!(t.store().last_seq().unwrap(), seq);
-    assert_eq!(t.summary("u").unwrap().overall_progress, 100.0);
+    assert_eq!(t.summary("u").unwrap().overall_percentage, 100.0);
 }
 
 fn status(t: &ProgressTracker, u: &str, id: &str) -> ProgressStatus {
@@ -442,7 +442,7 @@ fn hierarchy_statuses_follow_children(t: ProgressTracker) {
         [InProgress, InProgress, NotStarted, InProgress, NotStarted]
     );
     let s = t.summary("u").unwrap();
-    assert_eq!((s.in_progress_tasks, s.not_started_tasks), (3, 2));
+    assert_eq!((s.active_tasks, s.not_started_tasks), (3, 2));
 
     // A failed child fails its parent (while nothing else runs there), with the cause.
     t.fail_task("u", "n1", "PDB blocks eviction").unwrap();
@@ -519,7 +519,7 @@ fn hierarchy_statuses_follow_children(t: ProgressTracker) {
     t.complete_task("u", "ng2", None).unwrap();
     assert_eq!(status(&t, "u", "nodes"), Completed);
     let s = t.summary("u").unwrap();
-    assert_eq!(s.overall_progress, 100.0);
+    assert_eq!(s.overall_percentage, 100.0);
     assert_eq!(
         (s.completed_tasks, s.cancelled_tasks, s.total_tasks),
         (4, 1, 5)
@@ -595,7 +595,7 @@ fn summary_counters(t: ProgressTracker) {
     assert_eq!(
         (
             s.total_tasks,
-            s.in_progress_tasks,
+            s.active_tasks,
             s.completed_tasks,
             s.failed_tasks,
             s.paused_tasks,
@@ -606,7 +606,7 @@ fn summary_counters(t: ProgressTracker) {
     );
     t.retry_task("u", "t2", None).unwrap();
     let s = t.summary("u").unwrap();
-    assert_eq!((s.in_progress_tasks, s.failed_tasks), (2, 0));
+    assert_eq!((s.active_tasks, s.failed_tasks), (2, 0));
     assert!(s.estimated_completion.is_some(), "progress was made");
 }
 
@@ -858,7 +858,7 @@ fn hostile_imports_are_refused_whole(t: ProgressTracker) {
     t.store().import(&u, &tasks, &events).unwrap();
     let s = t.summary("imp").unwrap();
     assert_eq!(s.total_tasks, 2);
-    assert!(s.overall_progress.is_finite());
+    assert!(s.overall_percentage.is_finite());
 }
 
 /// Listings come a page at a time, in creation order, each page after the last id of the one

@@ -13,7 +13,8 @@ use crate::blob::Digest;
 use crate::error::Result;
 use crate::model::{
     ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
-    JsonMap, ProgressEvent, SessionSummary, StatusChange, Task, TestArtifact, TestSession, Upgrade,
+    JsonMap, ProgressEvent, ProgressStatus, SessionSummary, StatusChange, Task, TestArtifact,
+    TestSession, Upgrade,
 };
 use crate::progress::command::Command;
 
@@ -149,6 +150,28 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
 
     /// One task.
     fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task>;
+
+    /// At most `limit` tasks of an upgrade in `status`, in the order they were added (the most
+    /// recently added first when `newest_first`). The default pages through every task; a
+    /// backend with an index on status answers in O(limit).
+    fn tasks_in_status(
+        &self,
+        upgrade_id: &str,
+        status: ProgressStatus,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Task>> {
+        let mut out: Vec<Task> = self
+            .tasks(upgrade_id)?
+            .into_iter()
+            .filter(|t| t.status == status)
+            .collect();
+        if newest_first {
+            out.reverse();
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
 
     /// The `limit` most recent events of a task, newest first. Costs O(limit).
     fn recent_task_events(

@@ -129,13 +129,17 @@ WHERE children > 0;
 
 /// Schema 7: children indexed by parent and status, so the failed child that a parent names as
 /// its cause is one index seek, not a walk over its siblings (a parent turns failed when its last
-/// running child stops while another is failed). Artifacts indexed by collection and by upgrade
-/// alone, so a search on either walks its index newest first instead of sorting every match
-/// (the older indexes on `(ckey, name)` and `(upgrade_id, task_id)` end in another column).
+/// running child stops while another is failed). Tasks by status, so the summary's running and
+/// failed tasks (reference `active_task_names`, `failed_task_names`, `current_task`) are an
+/// index walk (only status changes touch it; percentage updates do not). Artifacts indexed by
+/// collection and by upgrade alone, so a search on either walks its index newest first instead
+/// of sorting every match (the older indexes on `(ckey, name)` and `(upgrade_id, task_id)` end
+/// in another column).
 const SCHEMA_7: &str = r#"
 DROP INDEX IF EXISTS tasks_by_parent;
 CREATE INDEX IF NOT EXISTS tasks_by_parent_status ON tasks (parent_tkey, status)
     WHERE parent_tkey IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (ukey, status, tkey);
 CREATE INDEX IF NOT EXISTS artifacts_by_collection ON artifacts (ckey);
 CREATE INDEX IF NOT EXISTS artifacts_by_upgrade_newest ON artifacts (upgrade_id);
 "#;
@@ -1012,6 +1016,27 @@ impl ProgressStore for SqliteStore {
         ))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(params![ukey, from, limit], |r| {
+            task_row(r, upgrade_id).map(|t| t.task)
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn tasks_in_status(
+        &self,
+        upgrade_id: &str,
+        status: ProgressStatus,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Task>> {
+        let conn = self.reader();
+        let ukey = upgrade_key(&conn, upgrade_id)?;
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_by_status \
+             WHERE ukey = ?1 AND status = ?2 ORDER BY tkey {order} LIMIT ?3"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![ukey, status_code(status), limit], |r| {
             task_row(r, upgrade_id).map(|t| t.task)
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
