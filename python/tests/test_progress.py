@@ -7,8 +7,12 @@ import os
 import re
 import socket
 import json
+import subprocess
+import sys
 import threading
 import time
+
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +305,31 @@ def test_enable_websocket_serves_the_reference_messages(local):
     tracker.cleanup()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_the_apply_child_is_closed_at_interpreter_exit(eua_bin, tmp_path):
+    """A program that never calls ``cleanup()``: at exit, the interpreter closes the ``apply``
+    child and waits for it, so no process of ours outlives the program."""
+    pkg = str(Path(__file__).resolve().parent.parent)
+    script = (
+        f"import sys; sys.path.insert(0, {pkg!r})\n"
+        "from eks_upgrade_agent import ProgressTracker, TaskType\n"
+        f"t = ProgressTracker('u-exit', 'p', 'c', storage_path={str(tmp_path)!r})\n"
+        "t.add_task('t', 'T', TaskType.UPGRADE_STEP)\n"
+        "print(t._backend.apply._proc.pid, flush=True)\n"
+    )
+    # Output to a file, not a pipe: waiting for a pipe's end would also wait for the child.
+    log = tmp_path / "out.txt"
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, "-c", script], env={**os.environ, "EUA_BIN": eua_bin},
+                              stdout=f, stderr=subprocess.STDOUT, timeout=60).returncode
+    assert code == 0, log.read_text()
+    pid = int(log.read_text().split()[-1])
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        state = ""
+    assert "State:" not in state or "Z (zombie)" in state, f"apply child {pid} outlived the program: {state[:200]}"
+    # And what it acknowledged is there.
+    with ProgressTracker("u-exit", "p", "c", storage_path=str(tmp_path)) as again:
+        assert again.get_task_progress("t") is not None
