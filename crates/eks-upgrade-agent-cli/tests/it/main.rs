@@ -13,5 +13,6 @@ mod remote;
 mod s3;
 mod s3_settings;
 mod settings;
+mod stream_memory;
 mod trust;
 mod util;
