@@ -51,7 +51,10 @@ pub struct HubEvent {
 
 impl HubEvent {
     fn new(e: &ProgressEvent) -> HubEvent {
-        let text = json!({"type": "progress_event", "seq": e.seq, "data": e}).to_string();
+        let mut text = json!({"type": "progress_event", "seq": e.seq, "data": e}).to_string();
+        // The bytes keep the string's allocation: without this a replay page or the ring
+        // holds up to twice the text.
+        text.shrink_to_fit();
         HubEvent {
             seq: e.seq,
             upgrade_id: e.upgrade_id.clone(),

@@ -240,3 +240,158 @@ fn reads_never_block_writes_and_a_held_write_lock_times_out_clearly() {
     assert_eq!(s["current_phase"], serde_json::Value::Null);
     env.ok(&["progress", "upgrade", "phase", "u", "nodes"]);
 }
+
+/// README "Notifications": every notification is written to the outbox in the same transaction
+/// as its change, so a crash or an outage delays it but never loses it. `apply` children
+/// streaming task start/complete pairs with a webhook on a closed port are killed with SIGKILL
+/// at random moments; after each kill every notifying event in the store (acknowledged or not)
+/// has exactly one outbox row, and no row lacks its event. Then, with a receiver on that port,
+/// `notify flush` delivers every one.
+#[test]
+fn sigkill_with_a_sink_down_never_loses_a_notification() {
+    use eks_upgrade_agent::notify::detail_type;
+
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("http://127.0.0.1:{port}/hook");
+    const TASKS: usize = 30 * 1_500;
+    let mut setup = String::from(
+        "{\"op\":\"upgrade.create\",\"upgrade_id\":\"u\",\"plan_id\":\"p\",\"cluster_name\":\"c\"}\n",
+    );
+    for t in 0..TASKS {
+        setup.push_str(&format!(
+            "{{\"op\":\"task.add\",\"upgrade_id\":\"u\",\"task_id\":\"t{t}\",\"name\":\"T\",\"task_type\":\"upgrade_step\"}}\n"
+        ));
+    }
+    assert!(env.apply(&setup).iter().all(|a| a["ok"] == true));
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("notification crash test seed {seed}");
+    let mut rng = Rng(seed);
+    let db = env.data_dir().join("eks-upgrade-agent.sqlite3");
+    let (mut next_task, mut total_acked) = (0usize, 0usize);
+    let mut notifying = std::collections::BTreeSet::new();
+    let mut checked = 0u64;
+    for round in 0..30 {
+        let mut child = env
+            .command()
+            .env("EUA_WEBHOOK_URL", &url)
+            .args(["progress", "apply"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let first = next_task;
+        next_task += 1_500;
+        let writer = std::thread::spawn(move || {
+            for t in first..first + 1_500 {
+                let line = format!(
+                    "{{\"op\":\"task.start\",\"upgrade_id\":\"u\",\"task_id\":\"t{t}\"}}\n{{\"op\":\"task.complete\",\"upgrade_id\":\"u\",\"task_id\":\"t{t}\"}}\n"
+                );
+                if stdin.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+        let reader = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: serde_json::Value = serde_json::from_str(&line).expect("whole ack lines");
+                assert_eq!(v["ok"], true, "{line}");
+                acked.push(v["seq"].as_u64().unwrap());
+            }
+            acked
+        });
+        std::thread::sleep(Duration::from_millis(60 + rng.next() % 100));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        writer.join().unwrap();
+        let acked = reader.join().unwrap();
+        total_acked += acked.len();
+        eprintln!("round {round}: {} acknowledged", acked.len());
+
+        // Every notifying event in the store has exactly one outbox row, and every row its event.
+        let store = SqliteStore::open(env.data_dir(), &SqliteOptions::default())
+            .unwrap_or_else(|e| panic!("round {round} (seed {seed}): store does not reopen: {e}"));
+        let tracker = ProgressTracker::new(Arc::new(store));
+        // Only what this round wrote (earlier rounds were checked already).
+        let events = tracker
+            .events_since(Some("u"), checked, 10_000_000)
+            .unwrap();
+        let round_notifying: std::collections::BTreeSet<u64> = events
+            .iter()
+            .filter(|e| detail_type(e.kind, None).is_some())
+            .map(|e| e.seq)
+            .collect();
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let mut rows: Vec<u64> = conn
+            .prepare("SELECT seq FROM notifications WHERE seq > ?1 ORDER BY seq")
+            .unwrap()
+            .query_map([checked as i64], |r| r.get::<_, i64>(0).map(|s| s as u64))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let outbox: std::collections::BTreeSet<u64> = rows.iter().copied().collect();
+        rows.dedup();
+        assert_eq!(
+            rows.len(),
+            outbox.len(),
+            "round {round}: an event has two outbox rows"
+        );
+        let missing: Vec<_> = round_notifying.difference(&outbox).take(5).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round} (seed {seed}): committed events without an outbox row: {missing:?}"
+        );
+        assert_eq!(
+            outbox, round_notifying,
+            "round {round}: outbox rows without their event"
+        );
+        checked = events.last().map_or(checked, |e| e.seq);
+        notifying.extend(round_notifying);
+        for seq in &acked {
+            assert!(
+                events.iter().any(|e| e.seq == *seq),
+                "round {round}: acknowledged seq {seq} lost"
+            );
+        }
+    }
+    assert!(
+        total_acked > 1_000,
+        "the children acknowledged too little to test: {total_acked}"
+    );
+    // The outage shows as pending, all of them.
+    let status = env.json(&["--webhook-url", &url, "notify", "status"]);
+    assert_eq!(status[0]["total"], notifying.len() as u64, "{status}");
+    assert_eq!(status[0]["pending"], notifying.len() as u64, "{status}");
+
+    // The sink is back: everything is delivered.
+    let (_, got) =
+        crate::util::webhook_receiver_on(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    env.ok(&["--webhook-url", &url, "notify", "flush"]);
+    let delivered: std::collections::BTreeSet<u64> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| {
+            let body = b.split_once('\n').unwrap().1;
+            let batch: serde_json::Value = serde_json::from_str(body).unwrap();
+            batch
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["Detail"]["seq"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(delivered, notifying);
+}

@@ -13,6 +13,7 @@ mod remote;
 mod s3;
 mod s3_settings;
 mod settings;
+mod stream_memory;
 mod terminal;
 mod trust;
 mod util;
