@@ -25,6 +25,7 @@ from .errors import (
     ClosedError,
     EksUpgradeAgentError,
     InvalidInputError,
+    InvalidTransitionError,
     NotFoundError,
 )
 from .models import ProgressEvent, ProgressStatus, TaskProgress, TaskType, py_timedelta
@@ -244,12 +245,15 @@ class ProgressTracker:
                 self._binary = Binary(binary or find_binary(), args)
                 self._res.backend = _LocalBackend(self._binary, upgrade_id, timeout)
             self.resumed = False
+            self.imported_from: Optional[str] = None
+            self._import_reference_file()
             try:
                 self._backend.execute(
                     {"op": "upgrade.create", "upgrade_id": upgrade_id, "plan_id": plan_id, "cluster_name": cluster_name}
                 )
             except AlreadyExistsError:
                 self.resumed = True
+                self._adopt_stored()
             if follow:
                 self._start_follow()
             if enable_websocket and not self.server:
@@ -258,6 +262,36 @@ class ProgressTracker:
             self._closed = True
             self._finalizer()
             raise
+
+    # --- resuming -------------------------------------------------------------------------
+
+    def _import_reference_file(self) -> None:
+        """A migrating team's agent saved ``{storage_path}/progress/upgrade_{id}.json``: when
+        our store has no such upgrade, import that file (``progress import``) so the tracker
+        resumes it as the reference would. Local mode only (a server's store is its own)."""
+        if self.server or self.storage_path is None or not is_id(self.upgrade_id):
+            return
+        path = os.path.join(self.storage_path, "progress", f"upgrade_{self.upgrade_id}.json")
+        if not os.path.isfile(path):
+            return
+        try:
+            self._res.backend.import_file(path)
+        except AlreadyExistsError:
+            return  # already in our store: ours is newer than the file
+        self.imported_from = path
+
+    def _adopt_stored(self) -> None:
+        """On resume, the stored plan and cluster win over the constructor's (as the reference,
+        which loaded its file); a difference is logged."""
+        s = self._backend.summary()
+        for field in ("plan_id", "cluster_name"):
+            stored = s.get(field)
+            if stored is not None and stored != getattr(self, field):
+                log.warning(
+                    "upgrade %s resumed: its stored %s %r is kept (this tracker was given %r)",
+                    self.upgrade_id, field, stored, getattr(self, field),
+                )
+                setattr(self, field, stored)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -364,14 +398,42 @@ class ProgressTracker:
 
     # --- the upgrade ----------------------------------------------------------------------
 
+    def _upgrade_status(self) -> str:
+        return str(self._backend.summary()["status"])
+
     def start_upgrade(self, phase: str = "Initialization") -> None:
-        self._exec("upgrade.start", phase=phase)
+        """Starts the upgrade. Already running (a restarted agent's usual code): sets the
+        phase and returns, as the reference did."""
+        try:
+            self._exec("upgrade.start", phase=phase)
+        except InvalidTransitionError:
+            if self._upgrade_status() != ProgressStatus.IN_PROGRESS.value:
+                raise
+            self.set_current_phase(phase)
 
     def complete_upgrade(self) -> None:
-        self._exec("upgrade.complete")
+        """Completes the upgrade; one never started is started first (the reference set the
+        status whatever it was). Completing a completed upgrade is a no-op."""
+        try:
+            self._exec("upgrade.complete")
+        except InvalidTransitionError:
+            status = self._upgrade_status()
+            if status == ProgressStatus.COMPLETED.value:
+                return
+            if status != ProgressStatus.NOT_STARTED.value:
+                raise
+            self._exec("upgrade.start")
+            self._exec("upgrade.complete")
 
     def fail_upgrade(self, error_message: str) -> None:
-        self._exec("upgrade.fail", error_message=error_message)
+        """Fails the upgrade; one never started is started first, as for ``complete_upgrade``."""
+        try:
+            self._exec("upgrade.fail", error_message=error_message)
+        except InvalidTransitionError:
+            if self._upgrade_status() != ProgressStatus.NOT_STARTED.value:
+                raise
+            self._exec("upgrade.start")
+            self._exec("upgrade.fail", error_message=error_message)
 
     def set_current_phase(self, phase: str) -> None:
         self._exec("upgrade.phase", phase=phase)
@@ -420,10 +482,27 @@ class ProgressTracker:
         )
 
     def start_task(self, task_id: str, message: str = "Task started") -> Optional[ProgressEvent]:
-        return self._task_op("task.start", task_id, message=message)
+        """Starts a task; ``None`` for an unknown one, and also for one already running (a
+        restarted agent starting it again: nothing changes, nothing is recorded)."""
+        try:
+            return self._task_op("task.start", task_id, message=message)
+        except InvalidTransitionError:
+            if self._task_status_now(task_id) == ProgressStatus.IN_PROGRESS.value:
+                return None
+            raise
 
     def complete_task(self, task_id: str, message: str = "Task completed") -> Optional[ProgressEvent]:
-        return self._task_op("task.complete", task_id, message=message)
+        """Completes a task; ``None`` for an unknown one or one already completed."""
+        try:
+            return self._task_op("task.complete", task_id, message=message)
+        except InvalidTransitionError:
+            if self._task_status_now(task_id) == ProgressStatus.COMPLETED.value:
+                return None
+            raise
+
+    def _task_status_now(self, task_id: str) -> Optional[str]:
+        d = self.get_task_progress(task_id)
+        return None if d is None else str(d["status"])
 
     def fail_task(self, task_id: str, error_message: str) -> Optional[ProgressEvent]:
         return self._task_op("task.fail", task_id, error_message=error_message)

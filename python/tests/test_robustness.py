@@ -351,3 +351,79 @@ def test_the_same_bad_input_raises_the_same_class_on_both(backend):
     assert t.update_task_progress("a", 9, "ok").percentage == 9
     assert not isinstance(InvalidInputError("x"), BackendError)
     assert issubclass(ClosedError, EksUpgradeAgentError)
+
+
+def test_reference_restart_code_keeps_working_after_a_resume(backend, caplog):
+    first = backend.tracker()
+    first.start_upgrade("planning")
+    first.add_task("t", "T", TaskType.UPGRADE_STEP)
+    first.start_task("t")
+    first.add_task("done", "D", TaskType.CLEANUP)
+    first.start_task("done")
+    first.complete_task("done")
+    first.cleanup()
+    with caplog.at_level(logging.WARNING, logger="eks_upgrade_agent"):
+        again = backend.tracker(plan_id="other-plan", cluster_name="other-cluster")
+    assert again.resumed
+    # The stored plan and cluster win, as the reference loaded them from its file.
+    info = again.get_system_info()
+    assert (info["plan_id"], info["cluster_name"]) == ("plan-456", "my-cluster")
+    assert "other-plan" in caplog.text
+    assert again.start_upgrade("control-plane") is None
+    assert again.get_progress_summary()["current_phase"] == "control-plane"
+    assert again.start_task("t") is None
+    assert again.complete_task("done") is None
+    assert again.update_task_progress("t", 60, "on").percentage == 60
+    assert again.complete_task("t").kind == "task.completed"
+    again.complete_upgrade()
+    again.complete_upgrade()
+    assert again.get_progress_summary()["status"] == "COMPLETED"
+    # Never started: complete_upgrade() and fail_upgrade() start it first, as the reference.
+    fresh = backend.tracker("never-started")
+    fresh.complete_upgrade()
+    assert fresh.get_progress_summary()["status"] == "COMPLETED"
+    failing = backend.tracker("never-started-2")
+    failing.fail_upgrade("gave up")
+    assert failing.get_progress_summary()["status"] == "FAILED"
+
+
+REFERENCE_FILE = """{
+  "upgrade_id": "upgrade-123", "plan_id": "plan-456", "cluster_name": "my-cluster",
+  "status": "in_progress", "current_phase": "Initialization", "overall_percentage": 50.0,
+  "duration": "0:00:01.500000", "started_at": "2025-10-20 05:25:00.869209+00:00",
+  "completed_at": null, "estimated_completion": null,
+  "tasks": {
+    "task-1": {"task_id": "task-1", "task_name": "Deploy Infrastructure", "task_type": "upgrade_step",
+      "status": "completed", "percentage": 100.0, "current_step": null, "total_steps": null,
+      "completed_steps": 0, "started_at": "2025-10-20 05:25:00.870001+00:00",
+      "completed_at": "2025-10-20 05:25:00.870781+00:00", "duration": "0:00:00.000780",
+      "error_message": null, "retry_count": 0, "parent_task_id": null,
+      "events": [{"event_id": "0b7c1c52-9f1e-4a57-b7a8-0a4f3f0d9d11",
+        "timestamp": "2025-10-20 05:25:00.870001+00:00", "task_id": "task-1",
+        "task_type": "upgrade_step", "status": "in_progress", "message": "Starting",
+        "details": {}, "percentage": 0.0}], "metadata": {}},
+    "task-2": {"task_id": "task-2", "task_name": "Validate", "task_type": "validation",
+      "status": "in_progress", "percentage": 40.0, "started_at": "2025-10-20 05:25:01.0+00:00",
+      "completed_at": null, "duration": null, "error_message": null, "retry_count": 0,
+      "parent_task_id": null, "events": [], "metadata": {}}
+  },
+  "metadata": {}
+}"""
+
+
+def test_a_tracker_resumes_what_the_reference_saved_in_storage_path(local):
+    progress = local.data_dir / "progress"
+    progress.mkdir(parents=True)
+    (progress / "upgrade_upgrade-123.json").write_text(REFERENCE_FILE)
+    t = local.tracker()
+    assert t.resumed and t.imported_from == str(progress / "upgrade_upgrade-123.json")
+    s = t.get_progress_summary()
+    assert (s["status"], s["total_tasks"], s["completed_tasks"]) == ("IN_PROGRESS", 2, 1)
+    assert t.get_task_progress("task-2")["percentage"] == 40.0
+    assert t.start_task("task-2") is None
+    t.complete_task("task-2")
+    t.cleanup()
+    # Once in our store, ours is newer: the file is not imported again.
+    again = local.tracker()
+    assert again.resumed and again.imported_from is None
+    assert again.get_task_progress("task-2")["status"] == "completed"
