@@ -9,7 +9,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from .errors import BackendError, error_from
+from .errors import BackendError, InvalidInputError, error_from
 
 
 def q(s: str) -> str:
@@ -32,7 +32,13 @@ class Http:
             data = raw
             h["Content-Type"] = "application/octet-stream"
         elif body is not None or method == "POST":
-            data = json.dumps(body if body is not None else {}, default=str, allow_nan=False).encode()
+            try:
+                data = json.dumps(body if body is not None else {}, default=str, allow_nan=False).encode()
+            except ValueError as e:
+                raise InvalidInputError(
+                    f"cannot send this request: {e}; details and metadata must hold finite numbers, "
+                    "strings, booleans, None, lists and dicts"
+                ) from None
             h["Content-Type"] = "application/json"
         h.update(headers or {})
         return urllib.request.Request(self.base + path, data=data, method=method, headers=h)

@@ -3,7 +3,6 @@ dir, through one long-lived ``artifacts apply`` child) or a server."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import threading
@@ -16,7 +15,8 @@ from typing import Any, Dict, List, Optional
 from ._binary import find_binary
 from ._http import Http, q
 from ._local import ApplyChild, Binary
-from .errors import EksUpgradeAgentError, NotFoundError
+from .errors import ClosedError, EksUpgradeAgentError, InvalidInputError, NotFoundError
+from .progress import is_id
 from .models import ArtifactCollection, ArtifactStatus, ArtifactType, TestArtifact, TestSession
 
 DEFAULT_PREFIX = "eks-upgrade-agent/artifacts"
@@ -32,10 +32,13 @@ def _iso(v: Optional[str]) -> Optional[str]:
     return datetime.fromisoformat(v.replace("Z", "+00:00")).isoformat()
 
 
+MAX_RETENTION_DAYS = 36500
+
+
 class _LocalBackend:
-    def __init__(self, binary: Binary):
+    def __init__(self, binary: Binary, timeout: Optional[float] = None):
         self.binary = binary
-        self.apply = ApplyChild(binary, "artifacts", "apply")
+        self.apply = ApplyChild(binary, "artifacts", "apply", timeout=timeout)
 
     def call(self, op: str, **fields: Any) -> Any:
         req = {"op": op}
@@ -70,15 +73,15 @@ class _LocalBackend:
     def upload(self, session: Optional[str] = None, artifact: Optional[str] = None) -> None:
         args = ["artifacts", "upload"]
         if session:
-            args += ["--session", session]
+            args.append(f"--session={session}")
         if artifact:
-            args += ["--artifact", artifact]
+            args.append(f"--artifact={artifact}")
         self.binary.json(*args)
 
     def cleanup_expired(self, as_of: Optional[str]) -> Dict[str, Any]:
         args = ["artifacts", "cleanup"]
         if as_of:
-            args += ["--as-of", as_of]
+            args.append(f"--as-of={as_of}")
         return self.binary.json(*args)
 
     def close(self) -> None:
@@ -186,7 +189,14 @@ class TestArtifactsManager:
         server: Optional[str] = None,
         token: Optional[str] = None,
         binary: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> None:
+        if isinstance(retention_days, bool) or not isinstance(retention_days, int) or not (
+            1 <= retention_days <= MAX_RETENTION_DAYS
+        ):
+            raise InvalidInputError(
+                f"retention_days must be a whole number of days in 1..={MAX_RETENTION_DAYS}, got {retention_days!r}"
+            )
         self.base_directory = None if base_directory is None else str(base_directory)
         self.s3_bucket = s3_bucket
         self.s3_prefix = s3_prefix or DEFAULT_PREFIX
@@ -197,7 +207,7 @@ class TestArtifactsManager:
         token = token if token is not None else (os.environ.get("EUA_TOKEN") or None)
         self._closed = False
         if self.server:
-            self._backend: Any = _ServerBackend(Http(self.server, token))
+            backend: Any = _ServerBackend(Http(self.server, token, **({} if timeout is None else {"timeout": timeout})))
         else:
             args: List[str] = []
             if self.base_directory is not None:
@@ -208,9 +218,17 @@ class TestArtifactsManager:
                 if auto_upload:
                     args.append("--auto-upload")
                 env["AWS_REGION"] = aws_region
-            self._backend = _LocalBackend(Binary(binary or find_binary(), args, env))
+            backend = _LocalBackend(Binary(binary or find_binary(), args, env), timeout)
+        self._res = backend
+        # Closes the apply child when this manager is collected without cleanup(), or at exit.
+        self._finalizer = weakref.finalize(self, backend.close)
         self._lock = threading.Lock()
-        _live.add(self)
+
+    @property
+    def _backend(self) -> Any:
+        if self._closed:
+            raise ClosedError("this manager was cleaned up; create a new TestArtifactsManager to go on")
+        return self._res
 
     # --- conversions ----------------------------------------------------------------------
 
@@ -245,6 +263,8 @@ class TestArtifactsManager:
         return self._session(v, {})
 
     def get_session(self, session_id: str) -> Optional[TestSession]:
+        if not is_id(session_id):
+            return None
         try:
             v = self._backend.session_get(session_id)
         except NotFoundError:
@@ -259,6 +279,8 @@ class TestArtifactsManager:
         return self._session(v, cols)
 
     def complete_session(self, session_id: str) -> bool:
+        if not is_id(session_id):
+            return False
         try:
             self._backend.session_complete(session_id)
         except NotFoundError:
@@ -270,6 +292,8 @@ class TestArtifactsManager:
     def create_collection(
         self, session_id: str, collection_name: str, description: Optional[str] = None, task_id: Optional[str] = None
     ) -> Optional[ArtifactCollection]:
+        if not is_id(session_id):
+            return None
         try:
             v = self._backend.collection_create(
                 session_id=session_id, name=collection_name, description=description, task_id=task_id
@@ -296,9 +320,19 @@ class TestArtifactsManager:
     ) -> Optional[TestArtifact]:
         """Adds a file (its bytes are stored once per SHA-256); ``None`` for an unknown
         session or collection, as in the reference."""
+        if not (is_id(session_id) and is_id(collection_id)):
+            return None
+        path = os.path.abspath(os.fspath(file_path))
+        if os.path.isdir(path):
+            raise InvalidInputError(
+                f"file_path {path!r} is a directory; add_artifact adds one file: pass a file, or "
+                "call it once per file"
+            )
+        if not os.path.isfile(path):
+            return None  # as the reference: a file that is not there adds nothing
         try:
             v = self._backend.add(
-                os.path.abspath(os.fspath(file_path)),
+                path,
                 session_id=session_id,
                 collection_id=collection_id,
                 name=artifact_name,
@@ -309,7 +343,7 @@ class TestArtifactsManager:
                 tags=list(tags) if tags else None,
                 metadata=metadata or None,
             )
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return None
         return self._artifact(v)
 
@@ -326,6 +360,8 @@ class TestArtifactsManager:
             return False
 
     def upload_session_artifacts(self, session_id: str) -> Dict[str, bool]:
+        if not is_id(session_id) or self.get_session_summary(session_id) is None:
+            return {}
         if not (self.s3_bucket or self.server):
             return {a.artifact_id: False for a in self._all({"session_id": session_id})}
         try:
@@ -365,10 +401,14 @@ class TestArtifactsManager:
 
     def get_recent_artifacts(self, hours: float = 24, session_id: Optional[str] = None) -> List[TestArtifact]:
         since = datetime.now(timezone.utc) - timedelta(hours=hours)
+        if session_id is not None and (not is_id(session_id) or self.get_session_summary(session_id) is None):
+            return []
         found = self._all({"session_id": session_id}) if session_id else self._all({})
         return [a for a in found if a.created_at >= since]
 
     def get_session_summary(self, session_id: str) -> Optional[Dict[str, Any]]:
+        if not is_id(session_id):
+            return None
         try:
             v = self._backend.session_get(session_id)
         except NotFoundError:
@@ -400,7 +440,21 @@ class TestArtifactsManager:
         return [s["session"]["session_id"] for s in report.get("sessions") or []]
 
     def get_artifact_statistics(self, session_id: Optional[str] = None) -> Dict[str, Any]:
-        s = self._backend.stats(session_id)
+        """Totals over every session, or one; an unknown session counts nothing (as the
+        reference, which searched no session)."""
+        try:
+            if session_id is not None and not is_id(session_id):
+                raise NotFoundError(session_id)
+            s = self._backend.stats(session_id)
+        except NotFoundError:
+            return {
+                "total_artifacts": 0,
+                "total_size_bytes": 0,
+                "average_size_bytes": 0,
+                "type_distribution": {},
+                "status_distribution": {},
+                "sessions_searched": 0,
+            }
         return {
             "total_artifacts": s["total_artifacts"],
             "total_size_bytes": s["total_size_bytes"],
@@ -414,23 +468,10 @@ class TestArtifactsManager:
         if self._closed:
             return
         self._closed = True
-        self._backend.close()
-        _live.discard(self)
+        self._finalizer()
 
     def __enter__(self) -> "TestArtifactsManager":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.cleanup()
-
-
-_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-@atexit.register
-def _cleanup_all() -> None:
-    for m in list(_live):
-        try:
-            m.cleanup()
-        except Exception:  # noqa: BLE001
-            pass

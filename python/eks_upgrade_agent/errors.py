@@ -41,6 +41,18 @@ class BackendError(EksUpgradeAgentError):
     code = "backend"
 
 
+class CallTimeoutError(BackendError, TimeoutError):
+    """The binary did not answer a call in time (``timeout=``, ``EUA_CALL_TIMEOUT``)."""
+
+    code = "timeout"
+
+
+class ClosedError(EksUpgradeAgentError):
+    """The tracker or manager was cleaned up; create a new one."""
+
+    code = "closed"
+
+
 class BinaryNotFoundError(EksUpgradeAgentError, FileNotFoundError):
     code = "binary_not_found"
 
@@ -54,8 +66,13 @@ _BY_CODE = {
         InvalidInputError,
         CorruptError,
         BackendError,
+        CallTimeoutError,
+        ClosedError,
     )
 }
+# The server's codes for a request it could not read: bad input too, whichever backend.
+for _code in ("malformed_json", "too_large", "invalid_query", "bad_request", "unsupported_media_type"):
+    _BY_CODE[_code] = InvalidInputError
 
 
 def error_from(code: str, message: str) -> EksUpgradeAgentError:

@@ -2,7 +2,8 @@
 //! (the drop-in Python package) without a process per call. One request per input line, one
 //! acknowledgement per line on stdout once the operation is done (and, for a change, durable):
 //! `{"ok":true,"result":...}` or `{"ok":false,"line":L,"code":"...","error":"..."}`. A bad line
-//! never stops the stream. Works on a data dir or, with `--server`, on a server.
+//! never stops the stream. Works on a data dir or, with `--server`, on a server. A request may
+//! carry an `"id"` (any JSON value); its acknowledgement carries the same `"id"`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -190,6 +191,7 @@ pub(crate) fn run(
             break;
         }
         line_no += 1;
+        let mut id = None;
         let answer = if buf.len() > MAX_LINE && buf.last() != Some(&b'\n') {
             skip_rest(&mut input)?;
             Err(Error::InvalidInput(format!(
@@ -199,19 +201,26 @@ pub(crate) fn run(
             match std::str::from_utf8(&buf).map(str::trim) {
                 Err(_) => Err(Error::InvalidInput("line is not valid UTF-8".into())),
                 Ok("") => continue,
-                Ok(text) => serde_json::from_str::<Request>(text)
+                Ok(text) => eks_upgrade_agent::progress::apply::split_id(text)
+                    .and_then(|(i, v)| {
+                        id = i;
+                        serde_json::from_value::<Request>(v)
+                    })
                     .map_err(|e| Error::InvalidInput(format!("malformed request: {e}")))
                     .and_then(|r| run_one(m, r)),
             }
         };
         stats.lines += 1;
-        let ack = match answer {
+        let mut ack = match answer {
             Ok(result) => json!({"ok": true, "result": result}),
             Err(e) => {
                 stats.failed += 1;
                 json!({"ok": false, "line": line_no, "code": e.code(), "error": e.to_string()})
             }
         };
+        if let Some(id) = id {
+            ack["id"] = id;
+        }
         serde_json::to_writer(&mut output, &ack)?;
         output.write_all(b"\n")?;
         output.flush()?;

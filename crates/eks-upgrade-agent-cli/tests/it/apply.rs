@@ -361,3 +361,50 @@ fn errors_as_json_for_programs() {
     let err = env.fails(1, &["progress", "task", "show", "u", "nope"]);
     assert!(err.starts_with("error: "), "{err}");
 }
+
+#[test]
+fn an_id_on_a_request_comes_back_on_its_acknowledgement() {
+    let env = Env::new();
+    let input = [
+        r#"{"id":1,"op":"upgrade.create","upgrade_id":"u1","plan_id":"p","cluster_name":"c"}"#,
+        r#"{"op":"task.add","upgrade_id":"u1","task_id":"t","name":"T","task_type":"upgrade_step","id":"two"}"#,
+        r#"{"id":3,"op":"task.update","upgrade_id":"u1","task_id":"nope","percentage":1}"#,
+        r#"{"id":4,"op":"task.fly","upgrade_id":"u1"}"#,
+        r#"{"op":"task.start","upgrade_id":"u1","task_id":"t"}"#,
+    ]
+    .join("\n");
+    for args in [
+        &["progress", "apply"][..],
+        &["progress", "apply", "--ack-events"][..],
+    ] {
+        let env = if args.len() == 2 { &env } else { &Env::new() };
+        let (code, acks, stderr) = apply_with(env, args, &input);
+        assert_eq!(code, Some(1), "{stderr}");
+        let ids: Vec<&Value> = acks.iter().map(|a| &a["id"]).collect();
+        assert_eq!(
+            ids,
+            [&1.into(), &"two".into(), &3.into(), &4.into(), &Value::Null],
+            "{acks:?}"
+        );
+        assert_eq!(acks[1]["ok"], true);
+        assert_eq!(acks[2]["code"], "not_found");
+        assert_eq!(acks[3]["code"], "invalid_input");
+        assert!(acks[4]["seq"].as_u64().unwrap() > 0, "{acks:?}");
+    }
+
+    let (_, acks, stderr) = apply_with(
+        &env,
+        &["artifacts", "apply"],
+        &[
+            r#"{"id":7,"op":"session.create","upgrade_id":"u1","cluster_name":"prod"}"#,
+            r#"{"op":"session.get","session_id":"nope","id":[8]}"#,
+            r#"{"op":"session.get","session_id":"nope"}"#,
+        ]
+        .join("\n"),
+    );
+    assert_eq!(acks[0]["id"], 7, "{stderr}");
+    assert_eq!(acks[0]["ok"], true);
+    assert_eq!(acks[1]["id"], serde_json::json!([8]));
+    assert_eq!(acks[1]["code"], "not_found");
+    assert!(acks[2].get("id").is_none(), "{acks:?}");
+}

@@ -11,10 +11,14 @@
 //! [`ApplyOptions::ack_events`], a success also carries what the line committed:
 //! `{"ok":true,"seq":N,"events":[...],"status_changes":[...]}` (the drop-in Python package
 //! returns those events and runs its callbacks on them).
+//!
+//! A line may carry an `"id"` (any JSON value) beside its command's fields; its acknowledgement
+//! then carries the same `"id"`, so a writer matches answers to requests instead of assuming
+//! their order (an interrupted writer can tell a late answer from the one it waits for).
 
 use std::io::{BufRead, BufReader, Read, Write};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::progress::command::Command;
@@ -53,8 +57,16 @@ pub struct ApplyStats {
 }
 
 enum Line {
-    Command(u64, Box<Command>),
-    Bad(u64, Error),
+    Command(u64, Option<Value>, Box<Command>),
+    Bad(u64, Option<Value>, Error),
+}
+
+/// Splits the optional `"id"` off a request line; the rest is the request itself.
+/// Lines without an `"id"` are parsed once, as before.
+pub fn split_id(text: &str) -> std::result::Result<(Option<Value>, Value), serde_json::Error> {
+    let mut v: Value = serde_json::from_str(text)?;
+    let id = v.as_object_mut().and_then(|m| m.remove("id"));
+    Ok((id, v))
 }
 
 /// Reads commands from `input` until end of input and acknowledges each on `output`.
@@ -124,6 +136,7 @@ fn read_line<R: Read>(
         }
         return Ok(Some(Some(Line::Bad(
             no,
+            None,
             Error::invalid(format!("line is longer than {MAX_LINE} bytes")),
         ))));
     }
@@ -132,6 +145,7 @@ fn read_line<R: Read>(
         Err(_) => {
             return Ok(Some(Some(Line::Bad(
                 no,
+                None,
                 Error::invalid("line is not valid UTF-8"),
             ))));
         }
@@ -139,9 +153,18 @@ fn read_line<R: Read>(
     if text.is_empty() {
         return Ok(Some(None));
     }
-    Ok(Some(Some(match serde_json::from_str::<Command>(text) {
-        Ok(c) => Line::Command(no, Box::new(c)),
-        Err(e) => Line::Bad(no, Error::invalid(format!("malformed command: {e}"))),
+    if !text.contains("\"id\"") {
+        return Ok(Some(Some(match serde_json::from_str::<Command>(text) {
+            Ok(c) => Line::Command(no, None, Box::new(c)),
+            Err(e) => Line::Bad(no, None, Error::invalid(format!("malformed command: {e}"))),
+        })));
+    }
+    Ok(Some(Some(match split_id(text) {
+        Err(e) => Line::Bad(no, None, Error::invalid(format!("malformed command: {e}"))),
+        Ok((id, v)) => match serde_json::from_value::<Command>(v) {
+            Ok(c) => Line::Command(no, id, Box::new(c)),
+            Err(e) => Line::Bad(no, id, Error::invalid(format!("malformed command: {e}"))),
+        },
     })))
 }
 
@@ -158,7 +181,7 @@ fn commit<W: Write>(
     let commands: Vec<Command> = batch
         .iter()
         .filter_map(|l| match l {
-            Line::Command(_, c) => Some((**c).clone()),
+            Line::Command(_, _, c) => Some((**c).clone()),
             Line::Bad(..) => None,
         })
         .collect();
@@ -183,10 +206,17 @@ fn commit<W: Write>(
     for line in batch.drain(..) {
         stats.lines += 1;
         let ack = match line {
-            Line::Command(no, _) => match results.next().expect("one result per command") {
+            Line::Command(no, id, _) => match results.next().expect("one result per command") {
                 Ok(committed) => {
                     stats.ok += 1;
-                    out.extend_from_slice(b"{\"ok\":true,\"seq\":");
+                    out.extend_from_slice(b"{\"ok\":true,");
+                    if let Some(id) = &id {
+                        out.extend_from_slice(b"\"id\":");
+                        serde_json::to_writer(&mut out, id)
+                            .map_err(|e| Error::invalid(e.to_string()))?;
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(b"\"seq\":");
                     out.extend_from_slice(committed.last_seq().to_string().as_bytes());
                     if options.ack_events {
                         out.extend_from_slice(b",\"events\":");
@@ -199,13 +229,16 @@ fn commit<W: Write>(
                     out.extend_from_slice(b"}\n");
                     continue;
                 }
-                Err(e) => (no, e),
+                Err(e) => (no, id, e),
             },
-            Line::Bad(no, e) => (no, e),
+            Line::Bad(no, id, e) => (no, id, e),
         };
         stats.failed += 1;
-        let (no, e) = ack;
-        let v = json!({"ok": false, "line": no, "code": e.code(), "error": e.to_string()});
+        let (no, id, e) = ack;
+        let mut v = json!({"ok": false, "line": no, "code": e.code(), "error": e.to_string()});
+        if let Some(id) = id {
+            v["id"] = id;
+        }
         serde_json::to_writer(&mut out, &v).map_err(|e| Error::invalid(e.to_string()))?;
         out.push(b'\n');
     }
