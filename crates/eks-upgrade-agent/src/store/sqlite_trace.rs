@@ -109,3 +109,49 @@ fn task_attempt(
     seqs.reverse();
     Ok((attempt, seqs))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ProgressTracker;
+    use crate::model::TaskType;
+    use crate::progress::NewTask;
+    use crate::store::sqlite::SqliteOptions;
+
+    /// A task with 300 updates in its second attempt: the span gets 128 events, the attempt's
+    /// first and last among them, evenly spaced, and the count of all; the first attempt's
+    /// events stay out; the attempt is the number of retries before `upto`.
+    #[test]
+    fn long_attempts_are_sampled_and_attempts_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let t = ProgressTracker::new(store.clone());
+        t.create_upgrade("u", "p", "c", Default::default()).unwrap();
+        t.start_upgrade("u", None).unwrap();
+        t.add_tasks("u", vec![NewTask::new("t", "T", TaskType::UpgradeStep)])
+            .unwrap();
+        t.start_task("u", "t", None).unwrap();
+        let failed = t.fail_task("u", "t", "boom").unwrap().last_seq();
+        t.retry_task("u", "t", None).unwrap();
+        for i in 0..300 {
+            t.update_task("u", "t", f64::from(i % 100), None, Default::default())
+                .unwrap();
+        }
+        let done = t.complete_task("u", "t", None).unwrap().last_seq();
+        let h = store.span_history("u", Some("t"), done, 128).unwrap();
+        assert_eq!(h.attempt, 1);
+        assert_eq!(h.total_events, 302, "retried + 300 updates + completed");
+        assert_eq!(h.events.len(), 128);
+        assert_eq!(h.events[0].kind, EventKind::TaskRetried);
+        assert_eq!(h.events[127].kind, EventKind::TaskCompleted);
+        assert_eq!(h.start, Some(h.events[0].timestamp));
+        assert!(h.events.windows(2).all(|w| w[0].seq < w[1].seq));
+        // The failed attempt, asked for later: still attempt 0, its own two events.
+        let h = store.span_history("u", Some("t"), failed, 128).unwrap();
+        assert_eq!(h.attempt, 0);
+        let kinds: Vec<EventKind> = h.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
+    }
+}
