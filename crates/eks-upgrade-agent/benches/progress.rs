@@ -315,7 +315,7 @@ fn updates_with_sink_per_s(otlp: bool) -> (f64, u64) {
                 .unwrap();
                 n += 1;
                 calls += 1;
-                if n % 50 == 0 {
+                if n.is_multiple_of(50) {
                     let old = (n / 50) % live;
                     t.complete_task("bench", &format!("task-{}", slots[old]), None)
                         .unwrap();
