@@ -12,6 +12,11 @@
 //! webhook_url = "https://hooks.example.com/eks"
 //! webhook_secret = "..."
 //! webhook_format = "cloudevents"       # or "reference" (default)
+//! otlp_endpoint = "https://otel.example.com:4318"   # traces go to .../v1/traces
+//! otlp_headers = ["x-honeycomb-team=..."]
+//! otlp_compression = "gzip"            # or "none" (default)
+//! otlp_service_name = "eks-upgrade-agent"
+//! otlp_resource_attributes = ["deployment.environment=prod"]
 //! s3_bucket = "team-upgrade-artifacts"
 //! s3_prefix = "eks-upgrade-agent/artifacts"
 //! auto_upload = true
@@ -28,6 +33,7 @@ use serde::Deserialize;
 
 use eks_upgrade_agent::config::NotifyConfig;
 use eks_upgrade_agent::notify::Format;
+use eks_upgrade_agent::notify::otlp::{self, OtlpSettings};
 use eks_upgrade_agent::store::Durability;
 
 /// Settings read from the file; every field optional.
@@ -43,6 +49,11 @@ pub(crate) struct FileConfig {
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
     webhook_format: Option<Format>,
+    otlp_endpoint: Option<String>,
+    otlp_headers: Option<Vec<String>>,
+    otlp_compression: Option<String>,
+    otlp_service_name: Option<String>,
+    otlp_resource_attributes: Option<Vec<String>>,
     pub(crate) s3_bucket: Option<String>,
     pub(crate) s3_prefix: Option<String>,
     pub(crate) auto_upload: Option<bool>,
@@ -75,7 +86,7 @@ impl FileConfig {
     }
 
     /// Fills what the flags and variables left unset.
-    pub(crate) fn notify(&self, mut n: NotifyConfig) -> NotifyConfig {
+    pub(crate) fn notify(&self, mut n: NotifyConfig) -> anyhow::Result<NotifyConfig> {
         n.eventbridge_bus_name = n.eventbridge_bus_name.or(self.eventbridge_bus_name.clone());
         n.aws_region = n.aws_region.or(self.aws_region.clone());
         if !n.eventbridge_format_set
@@ -91,7 +102,31 @@ impl FileConfig {
         {
             n.webhook_format = f;
         }
-        n
+        let pairs = |key: &str, items: &Option<Vec<String>>| {
+            items
+                .iter()
+                .flatten()
+                .map(|i| otlp::parse_pair(key, i))
+                .collect::<eks_upgrade_agent::Result<Vec<_>>>()
+        };
+        let file = OtlpSettings {
+            endpoint: self
+                .otlp_endpoint
+                .as_deref()
+                .filter(|e| !e.trim().is_empty())
+                .map(otlp::endpoint_url),
+            headers: pairs("otlp_headers", &self.otlp_headers)?,
+            compression: self
+                .otlp_compression
+                .as_deref()
+                .map(str::parse)
+                .transpose()?,
+            service_name: self.otlp_service_name.clone(),
+            resource_attributes: pairs("otlp_resource_attributes", &self.otlp_resource_attributes)?,
+            timeout: None,
+        };
+        n.otlp = std::mem::take(&mut n.otlp).over(file);
+        Ok(n)
     }
 }
 
@@ -130,7 +165,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.durability, Some(Durability::PowerLoss));
-        let n = f.notify(NotifyConfig::default());
+        let n = f.notify(NotifyConfig::default()).unwrap();
         assert_eq!(n.eventbridge_bus_name.as_deref(), Some("bus"));
         assert_eq!(n.webhook_format, Format::Cloudevents);
         let flagged = NotifyConfig {
@@ -138,7 +173,7 @@ mod tests {
             webhook_format_set: true,
             ..NotifyConfig::default()
         };
-        let n = f.notify(flagged);
+        let n = f.notify(flagged).unwrap();
         assert_eq!(n.eventbridge_bus_name.as_deref(), Some("flag"));
         assert_eq!(n.webhook_format, Format::Reference);
         let err = toml::from_str::<FileConfig>("eventbridge_bus = \"x\"")

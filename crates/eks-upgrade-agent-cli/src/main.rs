@@ -216,7 +216,7 @@ impl Ctx {
         let sinks = self
             .config
             .notify
-            .sinks()
+            .sinks(store.clone())
             .context("cannot set up notification sinks")?;
         Ok(Some(Arc::new(Dispatcher::new(
             store.clone(),
@@ -317,7 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(d) = cli.durability.or(file.durability) {
         config.durability = d;
     }
-    config.notify = file.notify(cli.notify.into_config());
+    config.notify = file.notify(cli.notify.into_config()?)?;
     config.s3 = eks_upgrade_agent::config::S3Config {
         s3_bucket: cli
             .s3

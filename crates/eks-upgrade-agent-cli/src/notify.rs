@@ -10,6 +10,7 @@ use serde_json::json;
 
 use eks_upgrade_agent::SqliteStore;
 use eks_upgrade_agent::config::NotifyConfig;
+use eks_upgrade_agent::notify::otlp::{self, OtlpSettings};
 use eks_upgrade_agent::notify::{Dispatcher, Format};
 
 use crate::Ctx;
@@ -55,11 +56,32 @@ pub(crate) struct NotifyArgs {
     /// Webhook payload: reference or cloudevents [default: reference]
     #[arg(long, global = true, env = "EUA_WEBHOOK_FORMAT", value_name = "FORMAT")]
     webhook_format: Option<Format>,
+    /// Send every upgrade as an OpenTelemetry trace (OTLP/HTTP protobuf) to this collector
+    /// (`/v1/traces` is appended) [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT]
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// A header of every OTLP export, KEY=VALUE (repeatable; adds to OTEL_EXPORTER_OTLP_HEADERS)
+    #[arg(long = "otlp-header", global = true, value_name = "KEY=VALUE")]
+    otlp_headers: Vec<String>,
 }
 
 impl NotifyArgs {
-    pub(crate) fn into_config(self) -> NotifyConfig {
-        NotifyConfig {
+    /// The flags and variables, the OTLP flags over the standard `OTEL_*` variables.
+    pub(crate) fn into_config(self) -> anyhow::Result<NotifyConfig> {
+        let mut flags = OtlpSettings {
+            endpoint: self
+                .otlp_endpoint
+                .filter(|e| !e.trim().is_empty())
+                .map(|e| otlp::endpoint_url(&e)),
+            ..OtlpSettings::default()
+        };
+        for h in &self.otlp_headers {
+            let (k, v) = otlp::parse_pair("--otlp-header", h)?;
+            flags.headers.push((k, v));
+        }
+        let otlp = flags.over(OtlpSettings::from_env()?);
+        Ok(NotifyConfig {
             eventbridge_bus_name: self.eventbridge_bus_name.filter(|s| !s.is_empty()),
             eventbridge_format: self.eventbridge_format.unwrap_or_default(),
             eventbridge_format_set: self.eventbridge_format.is_some(),
@@ -69,8 +91,9 @@ impl NotifyArgs {
             webhook_secret: self.webhook_secret.filter(|s| !s.is_empty()),
             webhook_format: self.webhook_format.unwrap_or_default(),
             webhook_format_set: self.webhook_format.is_some(),
+            otlp,
             timeout: None,
-        }
+        })
     }
 }
 
@@ -131,7 +154,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: NotifyCmd) -> anyhow::Result<ExitCode> {
     let store = ctx.existing_store()?;
     let Some(d) = ctx.dispatcher(&store)? else {
         anyhow::bail!(
-            "no notification sink is configured: set --eventbridge-bus-name or --webhook-url (or EUA_EVENTBRIDGE_BUS_NAME, EUA_WEBHOOK_URL)"
+            "no notification sink is configured: set --eventbridge-bus-name, --webhook-url or --otlp-endpoint (or EUA_EVENTBRIDGE_BUS_NAME, EUA_WEBHOOK_URL, OTEL_EXPORTER_OTLP_ENDPOINT)"
         );
     };
     match cmd {

@@ -9,6 +9,12 @@
 //!   refuses connections (`eventbridge-down`), and with a webhook that accepts the connection
 //!   and never answers (`webhook-hang`), both delivering in the background all along; the
 //!   ratios to no sink show whether an outage slows progress calls;
+//! - `progress_updates_per_s tasks=1000 sinks=S`: acknowledged calls per second, round-robin
+//!   `update_task` over 1,000 running tasks where every 50th update also completes the oldest
+//!   task and starts a fresh one (2 notified calls, so spans end all along), with no sink and
+//!   with an OTLP sink exporting to a loopback receiver in the background (`otlp`; the
+//!   receiver decodes the spans, their count is printed); `otlp_ratio` is the ratio. Run only
+//!   these rows with `cargo bench -p eks-upgrade-agent --bench progress -- otlp`;
 //! - `apply_updates_per_s tasks=1000 group=1` and `group<=1024`: JSON Lines through the
 //!   `progress apply` engine, acknowledged lines per second, one transaction per line and with
 //!   group commit (lines already buffered share a transaction, up to 1,024);
@@ -197,6 +203,151 @@ fn notified_calls_per_s(sink: Sink) -> (f64, u64) {
     (rate, pending)
 }
 
+/// A loopback OTLP/HTTP receiver answering 200; counts the spans it decodes.
+fn otlp_receiver() -> (String, Arc<std::sync::atomic::AtomicU64>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let spans = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = spans.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            let n: usize = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, spans)
+}
+
+/// See `progress_updates_per_s tasks=1000 sinks=S` in the header. Returns the rate and the
+/// spans the receiver decoded (0 without the sink).
+fn updates_with_sink_per_s(otlp: bool) -> (f64, u64) {
+    use eks_upgrade_agent::notify::OtlpSink;
+    use eks_upgrade_agent::notify::otlp::OtlpSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let t = ProgressTracker::new(store.clone());
+    let live = 1000;
+    let tasks = 200_000;
+    t.create_upgrade("bench", "plan", "cluster", JsonMap::new())
+        .unwrap();
+    t.start_upgrade("bench", Some("nodes")).unwrap();
+    for chunk in 0..tasks / 50_000 {
+        let new: Vec<_> = (chunk * 50_000..(chunk + 1) * 50_000)
+            .map(|i| {
+                NewTask::new(
+                    format!("task-{i}"),
+                    format!("Task {i}"),
+                    TaskType::UpgradeStep,
+                )
+            })
+            .collect();
+        t.add_tasks("bench", new).unwrap();
+    }
+    let mut slots: Vec<usize> = (0..live).collect();
+    for i in 0..live {
+        t.start_task("bench", &format!("task-{i}"), None).unwrap();
+    }
+    let (dispatcher, spans) = if otlp {
+        let (url, spans) = otlp_receiver();
+        let sink = OtlpSink::new(
+            &OtlpSettings {
+                endpoint: Some(format!("{url}/v1/traces")),
+                ..OtlpSettings::default()
+            },
+            store.clone(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let d = Arc::new(Dispatcher::new(
+            store.clone(),
+            vec![Arc::new(sink)],
+            DispatcherOptions::default(),
+        ));
+        (Some(d), Some(spans))
+    } else {
+        (None, None)
+    };
+    let handle = dispatcher.clone().map(|d| d.spawn());
+    let mut next = live;
+    let mut n = 0usize;
+    let mut run = |limit: Duration| {
+        let start = Instant::now();
+        let mut calls = 0usize;
+        while start.elapsed() < limit && next + 100 < tasks {
+            for _ in 0..1000 {
+                let slot = n % live;
+                let pct = ((n / live) % 100) as f64;
+                t.update_task(
+                    "bench",
+                    &format!("task-{}", slots[slot]),
+                    pct,
+                    Some("working"),
+                    JsonMap::new(),
+                )
+                .unwrap();
+                n += 1;
+                calls += 1;
+                if n.is_multiple_of(50) {
+                    let old = (n / 50) % live;
+                    t.complete_task("bench", &format!("task-{}", slots[old]), None)
+                        .unwrap();
+                    slots[old] = next;
+                    t.start_task("bench", &format!("task-{next}"), None)
+                        .unwrap();
+                    next += 1;
+                    calls += 2;
+                }
+            }
+        }
+        calls as f64 / start.elapsed().as_secs_f64()
+    };
+    run(Duration::from_millis(500));
+    let rate = run(Duration::from_secs(3));
+    drop(handle);
+    let delivered = match (&dispatcher, &spans) {
+        (Some(d), Some(spans)) => {
+            d.flush(Duration::from_secs(30)).unwrap();
+            let st = &d.status().unwrap()[0];
+            assert_eq!(
+                (st.pending, st.dead),
+                (0, 0),
+                "the OTLP sink delivered everything"
+            );
+            spans.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        _ => 0,
+    };
+    (rate, delivered)
+}
+
 fn apply_updates_per_s(tasks: usize, lines: usize, max_batch: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let t = tracker(dir.path());
@@ -330,13 +481,25 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; accept and ignore libtest-style arguments.
     let quick = std::env::args().any(|a| a == "quick");
-    for tasks in [10, 1000, 10_000] {
-        println!(
-            "progress_updates_per_s tasks={tasks} txn=1: {:.0}",
-            updates_per_s(tasks)
-        );
+    let only_otlp = std::env::args().any(|a| a == "otlp");
+    if !only_otlp {
+        for tasks in [10, 1000, 10_000] {
+            println!(
+                "progress_updates_per_s tasks={tasks} txn=1: {:.0}",
+                updates_per_s(tasks)
+            );
+        }
     }
     if quick {
+        return;
+    }
+    let (none, _) = updates_with_sink_per_s(false);
+    let (otlp, spans) = updates_with_sink_per_s(true);
+    assert!(spans > 0, "the OTLP receiver must have decoded spans");
+    println!("progress_updates_per_s tasks=1000 sinks=none: {none:.0}");
+    println!("progress_updates_per_s tasks=1000 sinks=otlp: {otlp:.0} (spans exported: {spans})");
+    println!("otlp_ratio: {:.2}", otlp / none);
+    if only_otlp {
         return;
     }
     let (base, _) = notified_calls_per_s(Sink::None);

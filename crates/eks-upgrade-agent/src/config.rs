@@ -61,6 +61,8 @@ pub struct NotifyConfig {
     pub webhook_format: crate::notify::Format,
     /// Whether `webhook_format` was given explicitly (so a lower layer must not override it).
     pub webhook_format_set: bool,
+    /// OpenTelemetry (OTLP/HTTP traces); the OTLP sink is on when it names an endpoint.
+    pub otlp: crate::notify::otlp::OtlpSettings,
     /// Timeout of one delivery call.
     pub timeout: Option<std::time::Duration>,
 }
@@ -78,6 +80,7 @@ impl std::fmt::Debug for NotifyConfig {
                 &self.webhook_secret.as_ref().map(|_| "<hidden>"),
             )
             .field("webhook_format", &self.webhook_format)
+            .field("otlp", &self.otlp)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -86,11 +89,17 @@ impl std::fmt::Debug for NotifyConfig {
 impl NotifyConfig {
     /// True when no sink is configured.
     pub fn is_empty(&self) -> bool {
-        self.eventbridge_bus_name.is_none() && self.webhook_url.is_none()
+        self.eventbridge_bus_name.is_none()
+            && self.webhook_url.is_none()
+            && self.otlp.endpoint.is_none()
     }
 
-    /// Builds the configured sinks.
-    pub fn sinks(&self) -> Result<Vec<Arc<dyn EventSink>>> {
+    /// Builds the configured sinks; the OTLP sink reads the spans' history from `traces` (the
+    /// store whose outbox feeds it).
+    pub fn sinks(
+        &self,
+        traces: Arc<dyn crate::notify::otlp::TraceSource>,
+    ) -> Result<Vec<Arc<dyn EventSink>>> {
         let source = self
             .source
             .as_deref()
@@ -118,6 +127,11 @@ impl NotifyConfig {
                 self.webhook_format,
                 source,
                 timeout,
+            )?));
+        }
+        if self.otlp.endpoint.is_some() {
+            sinks.push(Arc::new(crate::notify::OtlpSink::new(
+                &self.otlp, traces, timeout,
             )?));
         }
         Ok(sinks)

@@ -36,6 +36,7 @@ pub mod blob;
 pub mod config;
 pub mod error;
 pub mod model;
+pub(crate) mod net;
 pub mod notify;
 pub mod progress;
 pub mod store;

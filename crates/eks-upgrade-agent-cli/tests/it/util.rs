@@ -36,6 +36,14 @@ impl Env {
             .env_remove("EUA_TOKENS")
             .env_remove("EUA_SERVER")
             .env_remove("EUA_TOKEN")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_HEADERS")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .env_remove("OTEL_EXPORTER_OTLP_COMPRESSION")
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("OTEL_RESOURCE_ATTRIBUTES")
             .env("XDG_CONFIG_HOME", self.dir.path().join("config-home"));
         c.stdin(Stdio::null());
         c

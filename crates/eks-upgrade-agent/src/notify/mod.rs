@@ -20,12 +20,14 @@ pub mod dispatcher;
 #[cfg(feature = "aws")]
 pub mod eventbridge;
 pub mod memory;
+pub mod otlp;
 pub mod webhook;
 
 pub use dispatcher::{Dispatcher, DispatcherOptions, SinkStatus};
 #[cfg(feature = "aws")]
 pub use eventbridge::EventBridgeSink;
 pub use memory::InMemoryEventSink;
+pub use otlp::OtlpSink;
 pub use webhook::WebhookSink;
 
 /// Default `Source` of EventBridge entries and CloudEvents.

@@ -23,6 +23,7 @@ mod sqlite_artifacts;
 mod sqlite_import;
 mod sqlite_outbox;
 mod sqlite_tasks;
+mod sqlite_trace;
 
 #[cfg(any(test, feature = "conformance"))]
 #[doc(hidden)]

@@ -538,11 +538,11 @@ pub(super) fn task_row(r: &Row<'_>, upgrade_id: &str) -> rusqlite::Result<TaskRo
     })
 }
 
-const EVENT_SELECT: &str = "SELECT e.seq, e.event_id, u.upgrade_id, e.ts, t.task_id, t.task_type, \
+pub(super) const EVENT_SELECT: &str = "SELECT e.seq, e.event_id, u.upgrade_id, e.ts, t.task_id, t.task_type, \
     e.kind, e.status, e.message, e.details, e.percentage \
     FROM events e JOIN upgrades u ON u.ukey = e.ukey LEFT JOIN tasks t ON t.tkey = e.tkey";
 
-fn event_row(r: &Row<'_>) -> rusqlite::Result<ProgressEvent> {
+pub(super) fn event_row(r: &Row<'_>) -> rusqlite::Result<ProgressEvent> {
     let id: Vec<u8> = r.get(1)?;
     let event_id = Uuid::from_slice(&id)
         .map(|u| u.to_string())

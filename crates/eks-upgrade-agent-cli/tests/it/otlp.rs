@@ -1,0 +1,594 @@
+//! The OTLP sink end to end: a scripted upgrade (nested tasks, a failure, a retry) run by the
+//! binary, exported to a test OTLP/HTTP receiver on loopback that decodes the protobuf with the
+//! official definitions (`opentelemetry-proto`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::{Span, status::StatusCode};
+use prost::Message as _;
+use serde_json::Value;
+
+use crate::util::Env;
+
+/// One request the receiver got.
+struct Export {
+    path: String,
+    /// Header names lowercased.
+    headers: HashMap<String, String>,
+    request: ExportTraceServiceRequest,
+}
+
+type Exports = Arc<Mutex<Vec<Export>>>;
+
+/// An OTLP/HTTP receiver on `listener` answering 200; returns the exports it decoded.
+fn receiver_on(listener: TcpListener) -> Exports {
+    let got: Exports = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                continue;
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let mut headers = HashMap::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+                }
+            }
+            let len: usize = headers
+                .get("content-length")
+                .map_or(0, |l| l.parse().unwrap());
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            if headers.get("content-encoding").map(String::as_str) == Some("gzip") {
+                let mut plain = Vec::new();
+                flate2::read::GzDecoder::new(&body[..])
+                    .read_to_end(&mut plain)
+                    .unwrap();
+                body = plain;
+            }
+            let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            g.lock().unwrap().push(Export {
+                path,
+                headers,
+                request,
+            });
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    got
+}
+
+/// Every span received, the last copy of each span id (delivery is at least once).
+fn spans(got: &Exports) -> HashMap<Vec<u8>, Span> {
+    let mut out = HashMap::new();
+    for e in got.lock().unwrap().iter() {
+        for rs in &e.request.resource_spans {
+            for ss in &rs.scope_spans {
+                for s in &ss.spans {
+                    out.insert(s.span_id.clone(), s.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn value(kvs: &[KeyValue], key: &str) -> Option<String> {
+    let v = kvs
+        .iter()
+        .find(|k| k.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match v {
+        any_value::Value::StringValue(s) => s.clone(),
+        any_value::Value::IntValue(i) => i.to_string(),
+        any_value::Value::DoubleValue(d) => d.to_string(),
+        any_value::Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn attr(span: &Span, key: &str) -> String {
+    value(&span.attributes, key).unwrap_or_else(|| panic!("{} has no {key}", span.name))
+}
+
+fn nanos(ts: &Value) -> u64 {
+    chrono::DateTime::parse_from_rfc3339(ts.as_str().unwrap())
+        .unwrap()
+        .timestamp_nanos_opt()
+        .unwrap() as u64
+}
+
+/// The scripted upgrade: `nodes` holds `ng-1` and `ng-2`; `addons` stands alone; `ng-1` fails
+/// (and with it `nodes`), is retried and completes; then the upgrade completes.
+fn script(env: &Env, flags: &[&str]) {
+    let run = |args: &[&str]| {
+        let mut a: Vec<&str> = flags.to_vec();
+        a.extend_from_slice(args);
+        env.ok(&a);
+    };
+    run(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p1",
+        "--cluster",
+        "prod",
+        "--meta",
+        "team=platform",
+    ]);
+    run(&["progress", "upgrade", "start", "u1"]);
+    for (id, parent) in [
+        ("nodes", None),
+        ("ng-1", Some("nodes")),
+        ("ng-2", Some("nodes")),
+        ("addons", None),
+    ] {
+        let mut a = vec!["progress", "task", "add", "u1", id, "--name", id];
+        a.extend(["--type", "upgrade_step"]);
+        if let Some(p) = parent {
+            a.extend(["--parent", p]);
+        }
+        if id == "ng-2" {
+            a.extend(["--total-steps", "2"]);
+        }
+        run(&a);
+    }
+    run(&["progress", "task", "start", "u1", "addons"]);
+    run(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "addons",
+        "--percent",
+        "50",
+        "-m",
+        "half",
+    ]);
+    run(&["progress", "task", "complete", "u1", "addons"]);
+    run(&["progress", "task", "start", "u1", "ng-1"]);
+    run(&[
+        "progress",
+        "task",
+        "update",
+        "u1",
+        "ng-1",
+        "--percent",
+        "40",
+        "-m",
+        "draining",
+    ]);
+    run(&[
+        "progress",
+        "task",
+        "fail",
+        "u1",
+        "ng-1",
+        "--error",
+        "drain timed out",
+    ]);
+    run(&["progress", "task", "retry", "u1", "ng-1"]);
+    run(&["progress", "task", "complete", "u1", "ng-1"]);
+    run(&["progress", "task", "start", "u1", "ng-2"]);
+    run(&[
+        "progress",
+        "task",
+        "step",
+        "u1",
+        "ng-2",
+        "--completed",
+        "1",
+        "--name",
+        "cordon",
+    ]);
+    run(&["progress", "task", "complete", "u1", "ng-2"]);
+    run(&["progress", "upgrade", "complete", "u1"]);
+}
+
+/// Checks the trace of [`script`] against the store's own events.
+fn check_trace(env: &Env, spans: &HashMap<Vec<u8>, Span>, service: &str, got: &Exports) {
+    let events = env.events("u1");
+    // The timestamp of the n-th (0-based) event of `kind` for `task`.
+    let at = |kind: &str, task: Option<&str>, n: usize| -> u64 {
+        let e = events
+            .iter()
+            .filter(|e| e["kind"] == kind && e["task_id"].as_str() == task)
+            .nth(n)
+            .unwrap_or_else(|| panic!("no {kind} #{n} of {task:?}"));
+        nanos(&e["timestamp"])
+    };
+    assert_eq!(
+        spans.len(),
+        7,
+        "{:?}",
+        spans.values().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let trace = &spans.values().next().unwrap().trace_id;
+    assert_eq!(trace.len(), 16);
+    assert!(spans.values().all(|s| &s.trace_id == trace), "one trace");
+    let by = |name: &str, attempt: &str| -> &Span {
+        spans
+            .values()
+            .find(|s| {
+                s.name == name
+                    && (attempt.is_empty()
+                        || value(&s.attributes, "eks.task.attempt").as_deref() == Some(attempt))
+            })
+            .unwrap_or_else(|| panic!("no span {name} attempt {attempt}"))
+    };
+    let root = by("eks upgrade prod", "");
+    assert!(root.parent_span_id.is_empty());
+    assert_eq!(root.status.as_ref().unwrap().code, StatusCode::Ok as i32);
+    assert_eq!(attr(root, "cicd.pipeline.result"), "success");
+    assert_eq!(attr(root, "cicd.pipeline.run.id"), "u1");
+    assert_eq!(attr(root, "cicd.pipeline.name"), "eks upgrade prod");
+    assert_eq!(attr(root, "eks.upgrade.id"), "u1");
+    assert_eq!(attr(root, "eks.cluster.name"), "prod");
+    assert_eq!(attr(root, "eks.plan.id"), "p1");
+    assert_eq!(attr(root, "eks.meta.team"), "platform");
+    assert_eq!(root.start_time_unix_nano, at("upgrade.started", None, 0));
+    assert_eq!(root.end_time_unix_nano, at("upgrade.completed", None, 0));
+    assert!(root.events.iter().any(|e| e.name == "upgrade.started"));
+
+    let addons = by("addons", "0");
+    let nodes0 = by("nodes", "0");
+    let nodes1 = by("nodes", "1");
+    let ng1_0 = by("ng-1", "0");
+    let ng1_1 = by("ng-1", "1");
+    let ng2 = by("ng-2", "0");
+    // Parents: top-level tasks under the root; each attempt of a subtask under the attempt of
+    // its parent that was running.
+    for (child, parent) in [
+        (addons, root),
+        (nodes0, root),
+        (nodes1, root),
+        (ng1_0, nodes0),
+        (ng1_1, nodes1),
+        (ng2, nodes1),
+    ] {
+        assert_eq!(
+            child.parent_span_id, parent.span_id,
+            "{} under {}",
+            child.name, parent.name
+        );
+        assert!(
+            child.start_time_unix_nano >= parent.start_time_unix_nano,
+            "{}",
+            child.name
+        );
+        assert!(
+            child.end_time_unix_nano <= parent.end_time_unix_nano,
+            "{}",
+            child.name
+        );
+        assert!(child.start_time_unix_nano <= child.end_time_unix_nano);
+        for key in [
+            "eks.upgrade.id",
+            "eks.cluster.name",
+            "eks.plan.id",
+            "eks.meta.team",
+        ] {
+            assert_eq!(attr(child, key), attr(root, key), "{key} of {}", child.name);
+        }
+        assert_eq!(attr(child, "eks.task.type"), "upgrade_step");
+        assert_eq!(attr(child, "eks.task.id"), child.name);
+        assert_eq!(attr(child, "cicd.pipeline.task.name"), child.name);
+        assert_eq!(attr(child, "cicd.pipeline.run.id"), "u1");
+    }
+    // Statuses: the failed attempt and its group are errors with the message.
+    for (s, message) in [
+        (ng1_0, "drain timed out"),
+        (nodes0, "subtask \"ng-1\" failed: drain timed out"),
+    ] {
+        let st = s.status.as_ref().unwrap();
+        assert_eq!(st.code, StatusCode::Error as i32, "{}", s.name);
+        assert_eq!(st.message, message, "{}", s.name);
+        assert_eq!(attr(s, "cicd.pipeline.task.run.result"), "failure");
+    }
+    for s in [addons, nodes1, ng1_1, ng2] {
+        assert_eq!(
+            s.status.as_ref().unwrap().code,
+            StatusCode::Ok as i32,
+            "{}",
+            s.name
+        );
+        assert_eq!(attr(s, "cicd.pipeline.task.run.result"), "success");
+    }
+    // A retry is a new span linked to the failed attempt's span.
+    assert_ne!(ng1_0.span_id, ng1_1.span_id);
+    assert_eq!(ng1_1.links.len(), 1);
+    assert_eq!(ng1_1.links[0].span_id, ng1_0.span_id);
+    assert_eq!(&ng1_1.links[0].trace_id, trace);
+    assert_eq!(nodes1.links[0].span_id, nodes0.span_id);
+    assert!(ng1_0.links.is_empty() && addons.links.is_empty());
+    assert_ne!(
+        attr(ng1_0, "cicd.pipeline.task.run.id"),
+        attr(ng1_1, "cicd.pipeline.task.run.id")
+    );
+    // Timings: each attempt from its first event to its ending event.
+    assert_eq!(
+        addons.start_time_unix_nano,
+        at("task.started", Some("addons"), 0)
+    );
+    assert_eq!(
+        addons.end_time_unix_nano,
+        at("task.completed", Some("addons"), 0)
+    );
+    assert_eq!(
+        ng1_0.start_time_unix_nano,
+        at("task.started", Some("ng-1"), 0)
+    );
+    assert_eq!(ng1_0.end_time_unix_nano, at("task.failed", Some("ng-1"), 0));
+    assert_eq!(
+        ng1_1.start_time_unix_nano,
+        at("task.retried", Some("ng-1"), 0)
+    );
+    assert_eq!(
+        ng1_1.end_time_unix_nano,
+        at("task.completed", Some("ng-1"), 0)
+    );
+    assert_eq!(
+        nodes0.start_time_unix_nano,
+        at("task.started", Some("nodes"), 0)
+    );
+    assert_eq!(
+        nodes1.start_time_unix_nano,
+        at("task.retried", Some("nodes"), 0)
+    );
+    assert_eq!(
+        nodes1.end_time_unix_nano,
+        at("task.completed", Some("nodes"), 0)
+    );
+    // Span events: progress updates and steps of that attempt, in order, with their messages.
+    let names = |s: &Span| s.events.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(addons),
+        ["task.started", "task.progress", "task.completed"]
+    );
+    assert_eq!(
+        value(&addons.events[1].attributes, "eks.message").as_deref(),
+        Some("half")
+    );
+    assert_eq!(
+        value(&addons.events[1].attributes, "eks.percentage").as_deref(),
+        Some("50")
+    );
+    assert_eq!(
+        names(ng1_0),
+        ["task.started", "task.progress", "task.failed"]
+    );
+    assert_eq!(names(ng1_1), ["task.retried", "task.completed"]);
+    assert_eq!(names(ng2), ["task.started", "task.step", "task.completed"]);
+    assert!(spans.values().all(|s| s.dropped_events_count == 0));
+    // Resource and transport.
+    for e in got.lock().unwrap().iter() {
+        assert_eq!(e.path, "/v1/traces");
+        assert_eq!(e.headers["content-type"], "application/x-protobuf");
+        let resource = e.request.resource_spans[0].resource.as_ref().unwrap();
+        assert_eq!(
+            value(&resource.attributes, "service.name").as_deref(),
+            Some(service)
+        );
+    }
+}
+
+#[test]
+fn a_scripted_upgrade_is_one_trace_with_its_headers() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let flags = [
+        "--otlp-endpoint",
+        base.as_str(),
+        "--otlp-header",
+        "x-team=ops",
+    ];
+    let run = |args: &[&str]| {
+        let mut a = flags.to_vec();
+        a.extend_from_slice(args);
+        env.ok(&a)
+    };
+    script(&env, &flags);
+    let flushed = run(&["notify", "flush", "--timeout", "20"]);
+    assert!(flushed.contains("0 still pending"), "{flushed}");
+    let spans = spans(&got);
+    check_trace(&env, &spans, "eks-upgrade-agent", &got);
+    let exports = got.lock().unwrap();
+    assert!(exports.iter().all(|e| e.headers["x-team"] == "ops"));
+    assert!(
+        exports
+            .iter()
+            .all(|e| !e.headers.contains_key("content-encoding"))
+    );
+    drop(exports);
+    let status: Value = serde_json::from_str(&run(&["-o", "json", "notify", "status"])).unwrap();
+    let otlp = &status.as_array().unwrap()[0];
+    assert!(
+        otlp["sink"]
+            .as_str()
+            .unwrap()
+            .starts_with("otlp:127.0.0.1:"),
+        "{otlp}"
+    );
+    assert_eq!(otlp["pending"], 0, "{otlp}");
+    assert_eq!(otlp["dead"], 0, "{otlp}");
+}
+
+#[test]
+fn the_variable_s_headers_reach_the_receiver() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let mut c = env.command();
+    c.env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=Bearer%20t0k,x-team=env",
+        )
+        .args(["--otlp-header", "x-team=flag"]);
+    c.args([
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    assert!(c.output().unwrap().status.success());
+    for args in [
+        ["progress", "upgrade", "start", "u"],
+        ["progress", "upgrade", "fail", "u"],
+    ] {
+        let mut c = env.command();
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+            .env(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "authorization=Bearer%20t0k,x-team=env",
+            )
+            .args(["--otlp-header", "x-team=flag"])
+            .args(args);
+        if args[2] == "fail" {
+            c.args(["--error", "control plane stuck"]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let exports = got.lock().unwrap();
+    assert_eq!(exports.len(), 1, "one span: the failed upgrade");
+    assert_eq!(exports[0].headers["authorization"], "Bearer t0k");
+    assert_eq!(
+        exports[0].headers["x-team"], "flag",
+        "the flag wins over the variable"
+    );
+    let span = &exports[0].request.resource_spans[0].scope_spans[0].spans[0];
+    let st = span.status.as_ref().unwrap();
+    assert_eq!(st.code, StatusCode::Error as i32);
+    assert_eq!(st.message, "control plane stuck");
+    assert_eq!(attr(span, "cicd.pipeline.result"), "failure");
+}
+
+#[test]
+fn a_receiver_down_for_seconds_loses_nothing_and_gzip_decodes() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    // Endpoint from the standard variable, compression and resource from the file.
+    let config = env.data_dir().join("config.toml");
+    std::fs::write(
+        &config,
+        "otlp_compression = \"gzip\"\notlp_resource_attributes = [\"deployment.environment=prod\"]\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let base = format!("http://{addr}");
+    let vars = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str()),
+        ("OTEL_SERVICE_NAME", "upgrader"),
+        ("EUA_CONFIG", config.as_str()),
+    ];
+    let run = |args: &[&str]| {
+        let mut c = env.command();
+        c.envs(vars).args(args);
+        c.output().unwrap()
+    };
+    let down_since = Instant::now();
+    // The whole script runs while the receiver is down: every command still succeeds.
+    {
+        // `script` uses `env.ok` (no variables): give it the endpoint as a flag, the rest comes
+        // from the flush below.
+        let flag = ["--otlp-endpoint", base.as_str()];
+        script(&env, &flag);
+    }
+    let status = run(&["-o", "json", "notify", "status"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status[0]["pending"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        status[0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Connection refused"),
+        "{status}"
+    );
+    // Up again after 4 s.
+    let up = std::thread::spawn(move || {
+        let wait = Duration::from_secs(4).saturating_sub(down_since.elapsed());
+        std::thread::sleep(wait);
+        receiver_on(TcpListener::bind(addr).unwrap())
+    });
+    let out = run(&["notify", "flush", "--timeout", "40"]);
+    let got = up.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(down_since.elapsed() >= Duration::from_secs(4));
+    let spans = spans(&got);
+    check_trace(&env, &spans, "upgrader", &got);
+    for e in got.lock().unwrap().iter() {
+        assert_eq!(e.headers["content-encoding"], "gzip");
+        let resource = e.request.resource_spans[0].resource.as_ref().unwrap();
+        assert_eq!(
+            value(&resource.attributes, "deployment.environment").as_deref(),
+            Some("prod")
+        );
+    }
+}
+
+#[test]
+fn plain_http_goes_only_to_loopback() {
+    let env = Env::with_task();
+    let out = env
+        .command()
+        .args([
+            "--otlp-endpoint",
+            "http://collector.example:4318",
+            "notify",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("refusing plain http to the OTLP endpoint"),
+        "{err}"
+    );
+    let err = env.fails(1, &["--otlp-header", "novalue", "notify", "status"]);
+    assert!(
+        err.contains("invalid --otlp-header entry \"novalue\": expected key=value"),
+        "{err}"
+    );
+}

@@ -1,0 +1,1020 @@
+//! [`OtlpSink`]: every upgrade as one OpenTelemetry trace, sent as OTLP/HTTP with protobuf
+//! bodies (`POST .../v1/traces`, the official generated messages of `opentelemetry-proto`),
+//! gzip-compressed when asked.
+//!
+//! The trace model:
+//! - one trace per upgrade, its id derived from the upgrade id ([`trace_id`]);
+//! - the root span is the upgrade (from its start to its end), exported when the upgrade
+//!   completes or fails;
+//! - each task attempt is a span under its parent task's span (or the root), exported when the
+//!   attempt ends (completed, failed or cancelled), so a long upgrade exports its finished task
+//!   spans as it goes. The attempt is the number of `task.retried` events of the task before the
+//!   end; a retried task's new span carries a link to the failed attempt's span. Span ids derive
+//!   from the upgrade id, the task id and the attempt ([`span_id`]): re-sending gives the same
+//!   ids, and the same bytes.
+//! - span events: the task's events of that attempt (the upgrade's own events for the root), at
+//!   most [`MAX_SPAN_EVENTS`]: the first, the last and evenly spaced ones between
+//!   ([`sample_indices`]); the others are counted in `dropped_events_count`.
+//!
+//! The outbox entry carries the ids, the seq and the time of the ending event; the sink reads the
+//! rest when it delivers, through [`TraceSource`], only from what never changes after that event
+//! (the append-only event log up to the entry's seq, a task's name, type and parent, an upgrade's
+//! cluster, plan, metadata and start), so a late or repeated delivery sends the same span. See
+//! ARCHITECTURE.md ("Notifications go through the outbox").
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status, span, status,
+};
+use prost::Message as _;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use super::{EntryResult, EventSink, Notification};
+use crate::error::{Error, Result};
+use crate::model::{ProgressEvent, Task, Upgrade};
+
+/// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
+pub const DEFAULT_SERVICE_NAME: &str = "eks-upgrade-agent";
+/// Most span events per span.
+pub const MAX_SPAN_EVENTS: usize = 128;
+/// Largest `details` object (serialized) copied into a span event, in bytes.
+pub const MAX_EVENT_DETAILS: usize = 1024;
+
+/// Compression of request bodies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// None (the OTLP default).
+    #[default]
+    None,
+    /// gzip (`Content-Encoding: gzip`).
+    Gzip,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Compression> {
+        match s.trim() {
+            "gzip" => Ok(Compression::Gzip),
+            "none" | "" => Ok(Compression::None),
+            _ => Err(Error::invalid(format!(
+                "invalid OTLP compression {s:?}: expected gzip or none"
+            ))),
+        }
+    }
+}
+
+/// OTLP settings of one layer (the configuration file, the environment, the flags); see
+/// [`OtlpSettings::over`]. The sink is on when an endpoint is set.
+#[derive(Clone, Default, PartialEq)]
+pub struct OtlpSettings {
+    /// The traces URL, e.g. `https://collector.example.com:4318/v1/traces`.
+    pub endpoint: Option<String>,
+    /// Request headers (values hidden from `Debug`: they often carry API keys).
+    pub headers: Vec<(String, String)>,
+    /// Body compression.
+    pub compression: Option<Compression>,
+    /// `service.name` of the resource.
+    pub service_name: Option<String>,
+    /// Further resource attributes.
+    pub resource_attributes: Vec<(String, String)>,
+    /// Timeout of one export.
+    pub timeout: Option<Duration>,
+}
+
+impl fmt::Debug for OtlpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpSettings")
+            .field("endpoint", &self.endpoint)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(k, _)| format!("{k}=<hidden>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("compression", &self.compression)
+            .field("service_name", &self.service_name)
+            .field("resource_attributes", &self.resource_attributes)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `base` with the traces path appended, as `OTEL_EXPORTER_OTLP_ENDPOINT` is used:
+/// `http://localhost:4318` -> `http://localhost:4318/v1/traces`.
+pub fn traces_url(base: &str) -> String {
+    format!("{}/v1/traces", base.trim_end_matches('/'))
+}
+
+/// The traces URL of an endpoint given on the command line or in the configuration file:
+/// `/v1/traces` is appended unless it is already there.
+pub fn endpoint_url(given: &str) -> String {
+    let given = given.trim();
+    if given.trim_end_matches('/').ends_with("/v1/traces") {
+        given.trim_end_matches('/').to_owned()
+    } else {
+        traces_url(given)
+    }
+}
+
+/// Parses `k=v,k2=v2` (the format of `OTEL_EXPORTER_OTLP_HEADERS` and
+/// `OTEL_RESOURCE_ATTRIBUTES`; values percent-decoded, blanks around items ignored). `what`
+/// names the setting in errors.
+pub fn parse_pairs(what: &str, s: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        if item.trim().is_empty() {
+            continue;
+        }
+        out.push(parse_pair(what, item)?);
+    }
+    Ok(out)
+}
+
+/// Parses one `k=v` (value percent-decoded).
+pub fn parse_pair(what: &str, item: &str) -> Result<(String, String)> {
+    let Some((k, v)) = item.split_once('=') else {
+        return Err(Error::invalid(format!(
+            "invalid {what} entry {:?}: expected key=value",
+            item.trim()
+        )));
+    };
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(Error::invalid(format!(
+            "invalid {what} entry {:?}: the key is empty",
+            item.trim()
+        )));
+    }
+    let v = url::form_urlencoded::parse(format!("v={}", v.trim().replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    Ok((k.to_owned(), v))
+}
+
+/// Sets `k` to `v` in `pairs` (keys compared without case when `fold`), or appends it.
+fn upsert(pairs: &mut Vec<(String, String)>, k: String, v: String, fold: bool) {
+    match pairs.iter_mut().find(|(x, _)| {
+        if fold {
+            x.eq_ignore_ascii_case(&k)
+        } else {
+            *x == k
+        }
+    }) {
+        Some(p) => p.1 = v,
+        None => pairs.push((k, v)),
+    }
+}
+
+impl OtlpSettings {
+    /// The standard `OTEL_*` variables of this process (see [`from_vars`](Self::from_vars)).
+    pub fn from_env() -> Result<OtlpSettings> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// The standard variables, read through `var`: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as
+    /// is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended), `..._HEADERS`,
+    /// `..._COMPRESSION`, `..._TIMEOUT` (milliseconds; the `TRACES_` form wins over the general
+    /// one), `OTEL_EXPORTER_OTLP_PROTOCOL` (only `http/protobuf`), `OTEL_SERVICE_NAME`,
+    /// `OTEL_RESOURCE_ATTRIBUTES`. Empty variables count as unset.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<OtlpSettings> {
+        let get = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+        let either = |name: &str| {
+            let traces = format!("OTEL_EXPORTER_OTLP_TRACES_{name}");
+            let general = format!("OTEL_EXPORTER_OTLP_{name}");
+            get(&traces)
+                .map(|v| (traces.clone(), v))
+                .or_else(|| get(&general).map(|v| (general.clone(), v)))
+        };
+        let mut s = OtlpSettings {
+            endpoint: get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .map(|e| e.trim().to_owned())
+                .or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT").map(|e| traces_url(e.trim()))),
+            ..OtlpSettings::default()
+        };
+        // Another tool's protocol setting matters only when the environment turns us on.
+        if let Some((name, p)) = either("PROTOCOL")
+            && s.endpoint.is_some()
+            && p.trim() != "http/protobuf"
+        {
+            return Err(Error::invalid(format!(
+                "{name}={:?} is not supported: the OTLP sink sends http/protobuf; set it to \
+                 http/protobuf or unset it",
+                p.trim()
+            )));
+        }
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
+            if let Some(h) = get(name) {
+                for (k, v) in parse_pairs(name, &h)? {
+                    upsert(&mut s.headers, k, v, true);
+                }
+            }
+        }
+        if let Some((name, c)) = either("COMPRESSION") {
+            s.compression = Some(c.parse().map_err(|_| {
+                Error::invalid(format!(
+                    "invalid {name} {:?}: expected gzip or none",
+                    c.trim()
+                ))
+            })?);
+        }
+        if let Some((name, t)) = either("TIMEOUT") {
+            let ms: u64 = t.trim().parse().map_err(|_| {
+                Error::invalid(format!(
+                    "invalid {name} {:?}: expected milliseconds, e.g. 10000",
+                    t.trim()
+                ))
+            })?;
+            s.timeout = Some(Duration::from_millis(ms.max(1)));
+        }
+        s.service_name = get("OTEL_SERVICE_NAME").map(|n| n.trim().to_owned());
+        if let Some(a) = get("OTEL_RESOURCE_ATTRIBUTES") {
+            s.resource_attributes = parse_pairs("OTEL_RESOURCE_ATTRIBUTES", &a)?;
+        }
+        Ok(s)
+    }
+
+    /// `self` over `lower`: what `self` sets wins; headers and resource attributes merge key by
+    /// key, `self`'s value winning.
+    pub fn over(self, lower: OtlpSettings) -> OtlpSettings {
+        let mut headers = lower.headers;
+        for (k, v) in self.headers {
+            upsert(&mut headers, k, v, true);
+        }
+        let mut resource_attributes = lower.resource_attributes;
+        for (k, v) in self.resource_attributes {
+            upsert(&mut resource_attributes, k, v, false);
+        }
+        OtlpSettings {
+            endpoint: self.endpoint.or(lower.endpoint),
+            headers,
+            compression: self.compression.or(lower.compression),
+            service_name: self.service_name.or(lower.service_name),
+            resource_attributes,
+            timeout: self.timeout.or(lower.timeout),
+        }
+    }
+}
+
+/// What the sink reads, when it delivers, to build a span beyond what the outbox entry carries.
+/// Everything it asks for is fixed once the entry's event is committed.
+pub trait TraceSource: Send + Sync + fmt::Debug {
+    /// The upgrade (cluster, plan, metadata, start).
+    fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade>;
+    /// The task (name, type, parent).
+    fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task>;
+    /// The history of one attempt: of task `task_id` (the attempt running at `upto`), or of
+    /// the upgrade itself (`None`), from the events with `seq <= upto`. `max_events` bounds the
+    /// events returned (see [`sample_indices`]).
+    fn span_history(
+        &self,
+        upgrade_id: &str,
+        task_id: Option<&str>,
+        upto: u64,
+        max_events: usize,
+    ) -> Result<SpanHistory>;
+}
+
+/// One attempt's history, as [`TraceSource::span_history`] finds it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanHistory {
+    /// The attempt: the number of `task.retried` events of the task up to `upto` (0 for the
+    /// upgrade).
+    pub attempt: u32,
+    /// When the attempt began: its first event (not counting `task.added`).
+    pub start: Option<DateTime<Utc>>,
+    /// Its events, oldest first, sampled down to `max_events`.
+    pub events: Vec<ProgressEvent>,
+    /// How many events the attempt has in all.
+    pub total_events: u64,
+}
+
+/// Which of `n` items to keep when at most `max` may be: all when they fit; otherwise the
+/// first, the last and evenly spaced ones between (`i * (n - 1) / (max - 1)`), in order.
+pub fn sample_indices(n: usize, max: usize) -> Vec<usize> {
+    if n <= max {
+        return (0..n).collect();
+    }
+    match max {
+        0 => Vec::new(),
+        1 => vec![n - 1],
+        _ => (0..max)
+            .map(|i| ((i as u128 * (n as u128 - 1)) / (max as u128 - 1)) as usize)
+            .collect(),
+    }
+}
+
+fn hash(parts: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The trace id of an upgrade: the first 16 bytes of SHA-256 over a fixed tag and the id
+/// (never all zero).
+pub fn trace_id(upgrade_id: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&hash(&["eks-upgrade-agent/trace", upgrade_id])[..16]);
+    if id == [0; 16] {
+        id[15] = 1;
+    }
+    id
+}
+
+/// The span id of the upgrade (`task` `None`: the root span) or of attempt `attempt` of a task:
+/// the first 8 bytes of SHA-256 over a fixed tag, the ids and the attempt (never all zero).
+pub fn span_id(upgrade_id: &str, task: Option<(&str, u32)>) -> [u8; 8] {
+    let digest = match task {
+        None => hash(&["eks-upgrade-agent/upgrade", upgrade_id]),
+        Some((task_id, attempt)) => hash(&[
+            "eks-upgrade-agent/task",
+            upgrade_id,
+            task_id,
+            &attempt.to_string(),
+        ]),
+    };
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+fn kv(key: impl Into<String>, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..KeyValue::default()
+    }
+}
+
+fn s(key: &str, v: impl Into<String>) -> KeyValue {
+    kv(key, any_value::Value::StringValue(v.into()))
+}
+
+fn json_kv(key: String, v: &Value) -> KeyValue {
+    use any_value::Value as V;
+    let value = match v {
+        Value::String(x) => V::StringValue(x.clone()),
+        Value::Bool(b) => V::BoolValue(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => V::IntValue(i),
+            (None, Some(f)) => V::DoubleValue(f),
+            _ => V::StringValue(n.to_string()),
+        },
+        other => V::StringValue(other.to_string()),
+    };
+    kv(key, value)
+}
+
+fn nanos(t: DateTime<Utc>) -> u64 {
+    t.timestamp_nanos_opt().map_or(0, |n| n.max(0) as u64)
+}
+
+/// `otlp:HOST[:PORT]#xxxxxx`: no path, query or credentials; 6 hex digits of the URL's SHA-256
+/// tell two endpoints on one host apart.
+fn label(url: &str) -> String {
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            let h = u.host_str()?.to_owned();
+            Some(match u.port() {
+                Some(p) => format!("{h}:{p}"),
+                None => h,
+            })
+        })
+        .unwrap_or_default();
+    let digest = hex::encode(&Sha256::digest(url.as_bytes())[..3]);
+    format!("otlp:{host}#{digest}")
+}
+
+/// Sends every upgrade as a trace to an OTLP/HTTP endpoint.
+pub struct OtlpSink {
+    /// Delivery-state key (holds the URL: never shown).
+    name: String,
+    label: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    compression: Compression,
+    resource: Resource,
+    source: Arc<dyn TraceSource>,
+    agent: ureq::Agent,
+}
+
+impl fmt::Debug for OtlpSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpSink")
+            .field("label", &self.label)
+            .field("headers", &self.headers.len())
+            .field("compression", &self.compression)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_header(k: &str, v: &str) -> Result<()> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if k.is_empty() || !k.chars().all(token) {
+        return Err(Error::invalid(format!(
+            "invalid OTLP header name {k:?}: use letters, digits and -"
+        )));
+    }
+    if v.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(Error::invalid(format!(
+            "invalid value of OTLP header {k:?}: it must not hold control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl OtlpSink {
+    /// A sink for `settings` (which must name an endpoint), reading spans' history from
+    /// `source`. The endpoint must be an http(s) URL; plain http only to this machine (headers
+    /// often carry API keys).
+    pub fn new(
+        settings: &OtlpSettings,
+        source: Arc<dyn TraceSource>,
+        timeout: Duration,
+    ) -> Result<OtlpSink> {
+        let Some(url) = settings.endpoint.as_deref() else {
+            return Err(Error::invalid(
+                "no OTLP endpoint: set --otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT",
+            ));
+        };
+        let parsed = url::Url::parse(url).map_err(|_| {
+            Error::invalid(format!(
+                "invalid OTLP endpoint {url:?}: expected a URL such as https://collector.example.com:4318"
+            ))
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Error::invalid(format!(
+                "invalid OTLP endpoint {url:?}: expected http:// or https://"
+            )));
+        }
+        if crate::net::is_plain_http(url) && !crate::net::is_loopback(url) {
+            return Err(Error::invalid(format!(
+                "refusing plain http to the OTLP endpoint {}: only loopback endpoints \
+                 (localhost, 127.0.0.0/8, [::1]) may use http; use https",
+                label(url)
+            )));
+        }
+        for (k, v) in &settings.headers {
+            check_header(k, v)?;
+        }
+        let mut attributes = Vec::new();
+        let service = settings
+            .service_name
+            .clone()
+            .or_else(|| {
+                settings
+                    .resource_attributes
+                    .iter()
+                    .find(|(k, _)| k == "service.name")
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
+        attributes.push(s("service.name", service));
+        if !settings
+            .resource_attributes
+            .iter()
+            .any(|(k, _)| k == "service.version")
+        {
+            attributes.push(s("service.version", env!("CARGO_PKG_VERSION")));
+        }
+        for (k, v) in &settings.resource_attributes {
+            if k != "service.name" {
+                attributes.push(s(k, v.clone()));
+            }
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(settings.timeout.unwrap_or(timeout)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(OtlpSink {
+            name: format!("otlp:{url}"),
+            label: label(url),
+            url: url.to_owned(),
+            headers: settings.headers.clone(),
+            compression: settings.compression.unwrap_or_default(),
+            resource: Resource {
+                attributes,
+                ..Resource::default()
+            },
+            source,
+            agent,
+        })
+    }
+
+    /// The export request for `batch`, and for each entry whether it carries a span (`None`:
+    /// nothing to send for it) or why it could not be built.
+    pub fn request(
+        &self,
+        batch: &[Notification],
+    ) -> (ExportTraceServiceRequest, Vec<Option<EntryResult>>) {
+        let mut upgrades: HashMap<String, Upgrade> = HashMap::new();
+        let mut spans = Vec::new();
+        let mut fates = Vec::with_capacity(batch.len());
+        for n in batch {
+            match self.span(n, &mut upgrades) {
+                Ok(Some(span)) => {
+                    spans.push(span);
+                    fates.push(None);
+                }
+                Ok(None) => fates.push(Some(EntryResult::Delivered)),
+                Err(e @ Error::NotFound { .. }) => fates.push(Some(EntryResult::Reject(format!(
+                    "{}: cannot build the span: {e}",
+                    self.label
+                )))),
+                Err(e) => fates.push(Some(EntryResult::Retry(format!(
+                    "{}: cannot build the span: {e}",
+                    self.label
+                )))),
+            }
+        }
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "eks-upgrade-agent".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..InstrumentationScope::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        (request, fates)
+    }
+
+    /// The span a notification ends, if any.
+    fn span(
+        &self,
+        n: &Notification,
+        upgrades: &mut HashMap<String, Upgrade>,
+    ) -> Result<Option<Span>> {
+        let ends_task = matches!(
+            n.detail_type.as_str(),
+            "task.completed" | "task.failed" | "task.cancelled"
+        );
+        let ends_upgrade = matches!(
+            n.detail_type.as_str(),
+            "upgrade.completed" | "upgrade.failed"
+        );
+        if !ends_task && !ends_upgrade {
+            return Ok(None);
+        }
+        if !upgrades.contains_key(&n.upgrade_id) {
+            let u = self.source.upgrade(&n.upgrade_id)?;
+            upgrades.insert(n.upgrade_id.clone(), u);
+        }
+        let upgrade = &upgrades[&n.upgrade_id];
+        let uid = upgrade.upgrade_id.as_str();
+        let mut attributes = vec![
+            s("eks.upgrade.id", uid),
+            s("eks.cluster.name", upgrade.cluster_name.clone()),
+            s("eks.plan.id", upgrade.plan_id.clone()),
+            s("cicd.pipeline.name", pipeline_name(upgrade)),
+            s("cicd.pipeline.run.id", uid),
+        ];
+        for (k, v) in &upgrade.metadata {
+            attributes.push(json_kv(format!("eks.meta.{k}"), v));
+        }
+        let error = n
+            .detail
+            .get("error_message")
+            .and_then(Value::as_str)
+            .or_else(|| n.detail.get("message").and_then(Value::as_str))
+            .unwrap_or("failed")
+            .to_owned();
+        let result = match n.detail_type.as_str() {
+            "task.completed" | "upgrade.completed" => "success",
+            "task.failed" | "upgrade.failed" => "failure",
+            _ => "cancellation",
+        };
+        let status = Some(match result {
+            "success" => Status {
+                code: status::StatusCode::Ok as i32,
+                message: String::new(),
+            },
+            "failure" => Status {
+                code: status::StatusCode::Error as i32,
+                message: error,
+            },
+            _ => Status::default(),
+        });
+        let (name, span_id, parent, history, links) = if ends_upgrade {
+            attributes.push(s("cicd.pipeline.result", result));
+            let h = self
+                .source
+                .span_history(uid, None, n.seq, MAX_SPAN_EVENTS)?;
+            (
+                pipeline_name(upgrade),
+                span_id(uid, None),
+                Vec::new(),
+                SpanHistory {
+                    start: upgrade.started_at.or(Some(upgrade.created_at)),
+                    ..h
+                },
+                Vec::new(),
+            )
+        } else {
+            let task_id = n
+                .detail
+                .get("task_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::invalid("a task notification without a task_id"))?;
+            let task = self.source.task(uid, task_id)?;
+            let h = self
+                .source
+                .span_history(uid, Some(task_id), n.seq, MAX_SPAN_EVENTS)?;
+            let parent = match &task.parent_task_id {
+                Some(p) => {
+                    let pa = self.source.span_history(uid, Some(p), n.seq, 0)?.attempt;
+                    span_id(uid, Some((p, pa)))
+                }
+                None => span_id(uid, None),
+            };
+            let run_id = format!("{task_id}#{}", h.attempt);
+            attributes.extend([
+                s("eks.task.id", task_id),
+                s("eks.task.type", task.task_type.as_str()),
+                kv(
+                    "eks.task.attempt",
+                    any_value::Value::IntValue(h.attempt.into()),
+                ),
+                s("cicd.pipeline.task.name", task.name.clone()),
+                s("cicd.pipeline.task.run.id", run_id),
+                s("cicd.pipeline.task.run.result", result),
+            ]);
+            let links = if h.attempt > 0 {
+                vec![span::Link {
+                    trace_id: trace_id(uid).to_vec(),
+                    span_id: span_id(uid, Some((task_id, h.attempt - 1))).to_vec(),
+                    attributes: vec![s("eks.link", "previous_attempt")],
+                    ..span::Link::default()
+                }]
+            } else {
+                Vec::new()
+            };
+            (
+                task.name.clone(),
+                span_id(uid, Some((task_id, h.attempt))),
+                parent.to_vec(),
+                h,
+                links,
+            )
+        };
+        let events: Vec<span::Event> = history.events.iter().map(span_event).collect();
+        let dropped = history
+            .total_events
+            .saturating_sub(events.len() as u64)
+            .min(u64::from(u32::MAX)) as u32;
+        Ok(Some(Span {
+            trace_id: trace_id(uid).to_vec(),
+            span_id: span_id.to_vec(),
+            parent_span_id: parent,
+            name,
+            kind: span::SpanKind::Internal as i32,
+            start_time_unix_nano: nanos(history.start.unwrap_or(n.time).min(n.time)),
+            end_time_unix_nano: nanos(n.time),
+            attributes,
+            events,
+            dropped_events_count: dropped,
+            links,
+            status,
+            ..Span::default()
+        }))
+    }
+
+    fn body(&self, request: &ExportTraceServiceRequest) -> Vec<u8> {
+        let raw = request.encode_to_vec();
+        match self.compression {
+            Compression::None => raw,
+            Compression::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                // Writing to a Vec cannot fail.
+                let _ = gz.write_all(&raw);
+                gz.finish().unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// `cicd.pipeline.name` and the root span's name.
+fn pipeline_name(u: &Upgrade) -> String {
+    format!("eks upgrade {}", u.cluster_name)
+}
+
+fn span_event(e: &ProgressEvent) -> span::Event {
+    let mut attributes = vec![
+        kv("eks.event.seq", any_value::Value::IntValue(e.seq as i64)),
+        s("eks.event.id", e.event_id.clone()),
+        s("eks.status", e.status.as_str()),
+        kv(
+            "eks.percentage",
+            any_value::Value::DoubleValue(e.percentage),
+        ),
+    ];
+    if let Some(m) = &e.message {
+        attributes.push(s("eks.message", m.clone()));
+    }
+    if !e.details.is_empty()
+        && let Ok(d) = serde_json::to_string(&e.details)
+        && d.len() <= MAX_EVENT_DETAILS
+    {
+        attributes.push(s("eks.details", d));
+    }
+    span::Event {
+        time_unix_nano: nanos(e.timestamp),
+        name: e.kind.as_str().to_owned(),
+        attributes,
+        dropped_attributes_count: 0,
+    }
+}
+
+impl EventSink for OtlpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn max_batch(&self) -> usize {
+        50
+    }
+
+    fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
+        let (request, fates) = self.request(batch);
+        let spans = request.resource_spans[0].scope_spans[0].spans.len();
+        if spans == 0 {
+            return fates
+                .into_iter()
+                .map(|f| f.unwrap_or(EntryResult::Delivered))
+                .collect();
+        }
+        let body = self.body(&request);
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/x-protobuf");
+        if self.compression == Compression::Gzip {
+            req = req.header("Content-Encoding", "gzip");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let sent = match req.send(&body[..]) {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                match status {
+                    200..=299 => EntryResult::Delivered,
+                    // OTLP/HTTP: 400 is a malformed request, never retried.
+                    400 | 413 | 422 => {
+                        EntryResult::Reject(format!("{} answered {status}", self.label))
+                    }
+                    _ => EntryResult::Retry(format!("{} answered {status}", self.label)),
+                }
+            }
+            Err(e) => EntryResult::Retry(format!(
+                "{}: {}",
+                self.label,
+                e.to_string().replace(&self.url, "<url>")
+            )),
+        };
+        fates
+            .into_iter()
+            .map(|f| f.unwrap_or_else(|| sent.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn standard_variables() {
+        let s = OtlpSettings::from_vars(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318/"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=a%20b,x-team = ops"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "API-KEY=c"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2500"),
+            ("OTEL_SERVICE_NAME", "upgrader"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod,team=a%2Cb",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.endpoint.as_deref(),
+            Some("http://localhost:4318/v1/traces")
+        );
+        assert_eq!(
+            s.headers,
+            vec![
+                ("api-key".to_owned(), "c".to_owned()),
+                ("x-team".to_owned(), "ops".to_owned())
+            ]
+        );
+        assert_eq!(s.compression, Some(Compression::Gzip));
+        assert_eq!(s.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(s.service_name.as_deref(), Some("upgrader"));
+        assert_eq!(s.resource_attributes[1].1, "a,b");
+        assert!(!format!("{s:?}").contains("ops"), "{s:?}");
+        // The signal-specific endpoint is used as is and wins.
+        let s = OtlpSettings::from_vars(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c.example/x"),
+        ]))
+        .unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("https://c.example/x"));
+        for (k, v, needle) in [
+            (
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
+                "zstd",
+                "expected gzip or none",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s", "expected milliseconds"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "novalue",
+                "expected key=value",
+            ),
+        ] {
+            let e = OtlpSettings::from_vars(vars(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle) && e.contains(k), "{e}");
+        }
+        let e = OtlpSettings::from_vars(vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && e.contains("http/protobuf"),
+            "{e}"
+        );
+        // Without an endpoint, nobody asked us to export: another tool's protocol is fine.
+        assert!(OtlpSettings::from_vars(vars(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])).is_ok());
+        assert_eq!(
+            OtlpSettings::from_vars(vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])).unwrap(),
+            OtlpSettings::default()
+        );
+    }
+
+    #[test]
+    fn layers_merge_headers_by_key() {
+        let flags = OtlpSettings {
+            headers: vec![("X-Key".into(), "flag".into())],
+            ..OtlpSettings::default()
+        };
+        let env = OtlpSettings {
+            endpoint: Some("https://env/v1/traces".into()),
+            headers: vec![("x-key".into(), "env".into()), ("other".into(), "1".into())],
+            compression: Some(Compression::Gzip),
+            ..OtlpSettings::default()
+        };
+        let m = flags.over(env);
+        assert_eq!(m.endpoint.as_deref(), Some("https://env/v1/traces"));
+        assert_eq!(m.compression, Some(Compression::Gzip));
+        assert_eq!(
+            m.headers,
+            vec![
+                ("x-key".to_owned(), "flag".to_owned()),
+                ("other".to_owned(), "1".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        assert_eq!(trace_id("u1"), trace_id("u1"));
+        assert_ne!(trace_id("u1"), trace_id("u2"));
+        let a = span_id("u1", Some(("t", 0)));
+        assert_eq!(a, span_id("u1", Some(("t", 0))));
+        assert_ne!(a, span_id("u1", Some(("t", 1))));
+        assert_ne!(a, span_id("u1", None));
+        assert_ne!(a, span_id("u2", Some(("t", 0))));
+        // Length-prefixed parts: ("ab", "c") and ("a", "bc") differ.
+        assert_ne!(span_id("ab", Some(("c", 0))), span_id("a", Some(("bc", 0))));
+        // Pinned: the ids are a wire contract (re-sending must give the same).
+        assert_eq!(hex::encode(trace_id("u1")).len(), 32);
+        assert_eq!(hex::encode(span_id("u1", None)).len(), 16);
+    }
+
+    #[test]
+    fn sampling_keeps_first_last_and_even_spacing() {
+        assert_eq!(sample_indices(3, 128), vec![0, 1, 2]);
+        assert_eq!(sample_indices(10, 0), Vec::<usize>::new());
+        assert_eq!(sample_indices(10, 1), vec![9]);
+        assert_eq!(sample_indices(10, 4), vec![0, 3, 6, 9]);
+        let s = sample_indices(100_000, MAX_SPAN_EVENTS);
+        assert_eq!(s.len(), MAX_SPAN_EVENTS);
+        assert_eq!((s[0], s[127]), (0, 99_999));
+        let gaps: Vec<usize> = s.windows(2).map(|w| w[1] - w[0]).collect();
+        let (lo, hi) = (gaps.iter().min().unwrap(), gaps.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{lo}..{hi}");
+        let s = sample_indices(129, MAX_SPAN_EVENTS);
+        assert!(s.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[derive(Debug)]
+    struct NoSource;
+    impl TraceSource for NoSource {
+        fn upgrade(&self, u: &str) -> Result<Upgrade> {
+            Err(Error::not_found(u))
+        }
+        fn task(&self, _: &str, t: &str) -> Result<Task> {
+            Err(Error::not_found(t))
+        }
+        fn span_history(&self, _: &str, _: Option<&str>, _: u64, _: usize) -> Result<SpanHistory> {
+            Ok(SpanHistory::default())
+        }
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        let mk = |url: &str, headers: Vec<(String, String)>| {
+            OtlpSink::new(
+                &OtlpSettings {
+                    endpoint: Some(url.into()),
+                    headers,
+                    ..OtlpSettings::default()
+                },
+                Arc::new(NoSource),
+                Duration::from_secs(1),
+            )
+        };
+        let e = mk("http://collector.example:4318/v1/traces", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refusing plain http") && e.contains("use https"),
+            "{e}"
+        );
+        assert!(mk("http://127.0.0.1:4318/v1/traces", vec![]).is_ok());
+        assert!(mk("https://collector.example/v1/traces", vec![]).is_ok());
+        let e = mk("ftp://x/v1/traces", vec![]).unwrap_err().to_string();
+        assert!(e.contains("expected http:// or https://"), "{e}");
+        let e = mk("not a url", vec![]).unwrap_err().to_string();
+        assert!(e.contains("invalid OTLP endpoint"), "{e}");
+        let e = mk(
+            "https://c.example/v1/traces",
+            vec![("bad name".into(), "v".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid OTLP header name"), "{e}");
+        let sink = mk(
+            "https://user:pw@c.example:4318/v1/traces?token=s3cr3t",
+            vec![("api-key".into(), "hunter2".into())],
+        )
+        .unwrap();
+        assert!(
+            sink.label().starts_with("otlp:c.example:4318#"),
+            "{}",
+            sink.label()
+        );
+        for secret in ["s3cr3t", "pw", "hunter2"] {
+            assert!(!sink.label().contains(secret));
+            assert!(!format!("{sink:?}").contains(secret));
+        }
+    }
+}

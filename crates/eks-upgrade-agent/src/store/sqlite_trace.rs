@@ -1,0 +1,157 @@
+//! [`TraceSource`] over the SQLite store: what the OTLP sink reads when it delivers a span.
+//! A task's history is its `prev_task_seq` chain (one primary-key read per event, newest
+//! first, from the ending event back to the task's first); the upgrade's own events are an
+//! index range of `events_by_upgrade`. Only events with `seq <= upto` count, so the answer for
+//! a committed ending event never changes.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::ProgressStore;
+use super::sqlite::{EVENT_SELECT, SqliteStore, event_row, load_task, upgrade_key};
+use crate::error::Result;
+use crate::model::{EventKind, ProgressEvent, Task, Upgrade};
+use crate::notify::otlp::{SpanHistory, TraceSource, sample_indices};
+
+impl TraceSource for SqliteStore {
+    fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
+        ProgressStore::upgrade(self, upgrade_id)
+    }
+
+    fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task> {
+        ProgressStore::task(self, upgrade_id, task_id)
+    }
+
+    fn span_history(
+        &self,
+        upgrade_id: &str,
+        task_id: Option<&str>,
+        upto: u64,
+        max_events: usize,
+    ) -> Result<SpanHistory> {
+        let upto = i64::try_from(upto).unwrap_or(i64::MAX);
+        self.read(|c| {
+            let ukey = upgrade_key(c, upgrade_id)?;
+            let (attempt, seqs) = match task_id {
+                Some(t) => task_attempt(c, ukey, upgrade_id, t, upto)?,
+                None => {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT seq FROM events WHERE ukey = ?1 AND seq <= ?2 AND tkey IS NULL \
+                         ORDER BY seq",
+                    )?;
+                    let seqs = stmt
+                        .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()?;
+                    (0, seqs)
+                }
+            };
+            let mut stmt = c.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
+            let mut read =
+                |seq: i64| -> Result<ProgressEvent> { Ok(stmt.query_row([seq], event_row)?) };
+            let start = match seqs.first() {
+                Some(first) => Some(read(*first)?.timestamp),
+                None => None,
+            };
+            let events = sample_indices(seqs.len(), max_events)
+                .into_iter()
+                .map(|i| read(seqs[i]))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(SpanHistory {
+                attempt,
+                start,
+                events,
+                total_events: seqs.len() as u64,
+            })
+        })
+    }
+}
+
+/// The attempt of task `task_id` running at `upto` (its `task.retried` events up to there) and
+/// the seqs of that attempt's events, oldest first (`task.added` left out).
+fn task_attempt(
+    c: &Connection,
+    ukey: i64,
+    upgrade_id: &str,
+    task_id: &str,
+    upto: i64,
+) -> Result<(u32, Vec<i64>)> {
+    let row = load_task(c, ukey, upgrade_id, task_id)?;
+    let mut link =
+        c.prepare_cached("SELECT tkey, kind, prev_task_seq FROM events WHERE seq = ?1")?;
+    // Start at `upto` when it is this task's event (the usual case: its ending event), else
+    // at the task's latest event, skipping what came after `upto`.
+    let at_upto: Option<(Option<i64>, i64, Option<i64>)> = link
+        .query_row([upto], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let mut next = match at_upto {
+        Some((Some(tkey), _, _)) if tkey == row.tkey => Some(upto),
+        _ => Some(row.last_event_seq).filter(|s| *s > 0),
+    };
+    let retried = EventKind::TaskRetried.code();
+    let added = EventKind::TaskAdded.code();
+    let mut seqs = Vec::new();
+    let mut attempt = 0u32;
+    let mut in_attempt = true;
+    while let Some(seq) = next {
+        let (kind, prev): (i64, Option<i64>) =
+            link.query_row([seq], |r| Ok((r.get(1)?, r.get(2)?)))?;
+        next = prev;
+        if seq > upto {
+            continue;
+        }
+        if in_attempt && kind != added {
+            seqs.push(seq);
+        }
+        if kind == retried {
+            attempt += 1;
+            in_attempt = false;
+        }
+    }
+    seqs.reverse();
+    Ok((attempt, seqs))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ProgressTracker;
+    use crate::model::TaskType;
+    use crate::progress::NewTask;
+    use crate::store::sqlite::SqliteOptions;
+
+    /// A task with 300 updates in its second attempt: the span gets 128 events, the attempt's
+    /// first and last among them, evenly spaced, and the count of all; the first attempt's
+    /// events stay out; the attempt is the number of retries before `upto`.
+    #[test]
+    fn long_attempts_are_sampled_and_attempts_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let t = ProgressTracker::new(store.clone());
+        t.create_upgrade("u", "p", "c", Default::default()).unwrap();
+        t.start_upgrade("u", None).unwrap();
+        t.add_tasks("u", vec![NewTask::new("t", "T", TaskType::UpgradeStep)])
+            .unwrap();
+        t.start_task("u", "t", None).unwrap();
+        let failed = t.fail_task("u", "t", "boom").unwrap().last_seq();
+        t.retry_task("u", "t", None).unwrap();
+        for i in 0..300 {
+            t.update_task("u", "t", f64::from(i % 100), None, Default::default())
+                .unwrap();
+        }
+        let done = t.complete_task("u", "t", None).unwrap().last_seq();
+        let h = store.span_history("u", Some("t"), done, 128).unwrap();
+        assert_eq!(h.attempt, 1);
+        assert_eq!(h.total_events, 302, "retried + 300 updates + completed");
+        assert_eq!(h.events.len(), 128);
+        assert_eq!(h.events[0].kind, EventKind::TaskRetried);
+        assert_eq!(h.events[127].kind, EventKind::TaskCompleted);
+        assert_eq!(h.start, Some(h.events[0].timestamp));
+        assert!(h.events.windows(2).all(|w| w[0].seq < w[1].seq));
+        // The failed attempt, asked for later: still attempt 0, its own two events.
+        let h = store.span_history("u", Some("t"), failed, 128).unwrap();
+        assert_eq!(h.attempt, 0);
+        let kinds: Vec<EventKind> = h.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
+    }
+}
