@@ -162,8 +162,12 @@ def test_bad_input_raises_and_changes_nothing(backend):
     with pytest.raises(InvalidInputError) as e:
         tracker.update_task_progress("t", 150, "too much")
     assert isinstance(e.value, ValueError) and "150" in str(e.value)
+    assert e.value.code == "invalid_input", e.value.code
     with pytest.raises(ValueError):
         tracker.update_task_progress("t", float("nan"), "nan")
+    # Nothing changed: still 40 % with the last good message.
+    after = tracker.get_task_progress("t")
+    assert after["percentage"] == 40.0 and after["recent_events"][-1]["message"] == "ok", after
     tracker.complete_task("t")
     with pytest.raises(InvalidTransitionError):
         tracker.start_task("t")

@@ -92,7 +92,29 @@ fn add_and_upload_show_a_progress_bar_on_a_terminal() {
     assert_bar(&added, "add");
     let uploaded = on_a_terminal(&env, Some(&moto.url), &["artifacts", "upload"]);
     assert_bar(&uploaded, "upload");
-    // Not a terminal (the usual test run): no bar at all.
+    // Not a terminal (the usual test run): no bar at all, for an add and an upload with work.
+    let more = env.dir.path().join("more");
+    std::fs::create_dir(&more).unwrap();
+    std::fs::write(more.join("dump-2.bin"), vec![7u8; 24 << 20]).unwrap();
+    let out = env
+        .command()
+        .envs(crate::s3::aws_env(&moto.url))
+        .env("EUA_S3_BUCKET", "team")
+        .args([
+            "--auto-upload",
+            "artifacts",
+            "add",
+            &sid,
+            &cid,
+            more.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("eta "),
+        "{out:?}"
+    );
     let out = env
         .command()
         .envs(crate::s3::aws_env(&moto.url))
@@ -101,5 +123,11 @@ fn add_and_upload_show_a_progress_bar_on_a_terminal() {
         .output()
         .unwrap();
     let plain = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{plain}");
     assert!(!plain.contains("eta "), "{plain}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("uploaded 1 ("),
+        "there was work to show a bar for: {said}"
+    );
 }
