@@ -137,3 +137,19 @@ fn a_webhook_is_shown_only_by_its_host_and_a_hash() {
         }
     }
 }
+
+#[test]
+fn the_webhook_format_flag_sends_cloudevents() {
+    let env = Env::with_task();
+    let (url, got) = webhook_receiver();
+    let out = env
+        .command()
+        .args(["--webhook-url", &url, "--webhook-format", "cloudevents"])
+        .args(["progress", "task", "start", "u", "t"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_for_body(&got, "task.started");
+    let body = got.lock().unwrap()[0].clone();
+    assert!(body.contains("\"specversion\":\"1.0\""), "{body}");
+}

@@ -312,3 +312,99 @@ fn serve_takes_its_names_and_origins_from_the_file_and_the_environment() {
         403
     );
 }
+
+/// Several tokens at once: `--token` repeated, and `EUA_TOKENS` comma-separated; a read token
+/// is refused on the maintenance routes (they change things), a write token is not.
+#[test]
+fn several_tokens_from_the_flag_and_the_environment_with_their_roles() {
+    const R: &str = "a-read-token-for-tests-1";
+    const W: &str = "a-write-token-for-tests-1";
+    let env = Env::with_task();
+    let served = serve(&env, &[("EUA_TOKENS", &format!("{R}:read,{W}:write"))]);
+    let post = |port: u16, token: &str| {
+        let resp = http(
+            port,
+            &format!(
+                "POST /api/v1/maintenance/verify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        resp[9..12].parse::<u16>().unwrap()
+    };
+    assert!(status_with(served.port, "127.0.0.1", R).contains(" 200 "));
+    assert!(status_with(served.port, "127.0.0.1", W).contains(" 200 "));
+    assert_eq!(
+        post(served.port, R),
+        403,
+        "a read token may not run maintenance"
+    );
+    assert_eq!(post(served.port, W), 200);
+    drop(served);
+
+    let port = free_port();
+    let mut c = env.command();
+    c.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--token",
+            &format!("{R}:read"),
+            "--token",
+            &format!("{W}:write"),
+        ])
+        .stderr(Stdio::null());
+    let served = crate::util::Served {
+        child: c.spawn().unwrap(),
+        port,
+    };
+    wait_listening(port);
+    assert!(status_with(served.port, "127.0.0.1", R).contains(" 200 "));
+    assert!(status_with(served.port, "127.0.0.1", W).contains(" 200 "));
+    assert_eq!(post(served.port, R), 403);
+    assert_eq!(post(served.port, W), 200);
+}
+
+/// `EUA_SERVER` and `EUA_TOKEN` stand in for `--server` and `--token`: the CLI reads and writes
+/// through the server, not the data dir it was given.
+#[test]
+fn server_and_token_come_from_the_environment() {
+    const W: &str = "a-write-token-for-tests-2";
+    let served_env = Env::with_task();
+    let served = serve(&served_env, &[("EUA_TOKENS", &format!("{W}:write"))]);
+    let elsewhere = Env::new();
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let out = elsewhere
+        .command()
+        .env("EUA_SERVER", &url)
+        .env("EUA_TOKEN", W)
+        .args([
+            "-o",
+            "json",
+            "progress",
+            "task",
+            "update",
+            "u",
+            "t",
+            "--percent",
+            "25",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown = served_env.json(&["progress", "task", "show", "u", "t"]);
+    assert_eq!(shown["percentage"], 25.0, "{shown}");
+    assert!(
+        !elsewhere
+            .data_dir()
+            .join("eks-upgrade-agent.sqlite3")
+            .exists(),
+        "the local data dir was used"
+    );
+    // Without the token: refused by the server, said clearly.
+    let out = elsewhere
+        .command()
+        .env("EUA_SERVER", &url)
+        .args(["progress", "upgrade", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") || err.contains("token"), "{err}");
+}
