@@ -3,7 +3,9 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (bad input, unknown id, invalid transition,
 //! storage error; for `progress apply`, at least one line was rejected); 2 usage error (unknown
-//! flag, malformed value). A closed stdout (e.g. `| head`) exits 0.
+//! flag, malformed value); 3 `progress wait` (or `watch --exit-status`): the upgrade ended
+//! without reaching the condition; 4 `progress wait`: timed out. A closed stdout (e.g. `| head`)
+//! exits 0.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -30,6 +32,7 @@ mod progress;
 mod remote_artifacts;
 mod render;
 mod serve;
+mod wait;
 
 /// Progress tracking and test artifacts for EKS cluster upgrades.
 #[derive(Debug, Parser)]

@@ -16,3 +16,4 @@ mod settings;
 mod terminal;
 mod trust;
 mod util;
+mod wait;
