@@ -8,6 +8,7 @@ mod dashboard;
 mod delivery;
 mod eventbridge;
 mod limits;
+mod profiles;
 mod reference;
 mod remote;
 mod s3;
