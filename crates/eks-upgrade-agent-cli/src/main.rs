@@ -106,6 +106,15 @@ enum Command {
     Notify(notify::NotifyCmd),
     /// Serve the HTTP API, live streams and the dashboard
     Serve(serve::ServeArgs),
+    /// Print shell completions
+    #[command(after_help = "Examples:\n  \
+        eks-upgrade-agent completion bash > ~/.local/share/bash-completion/completions/eks-upgrade-agent\n  \
+        eks-upgrade-agent completion zsh > \"${fpath[1]}/_eks-upgrade-agent\"\n  \
+        eks-upgrade-agent completion fish > ~/.config/fish/completions/eks-upgrade-agent.fish")]
+    Completion {
+        /// bash, zsh, fish, powershell or elvish
+        shell: clap_complete::Shell,
+    },
 }
 
 /// A tracker over the local store or a server's, and which one it is.
@@ -310,6 +319,28 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Completion { shell } = cli.command {
+        // Reads no configuration and touches no store.
+        let mut script = Vec::new();
+        clap_complete::generate(
+            shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "eks-upgrade-agent",
+            &mut script,
+        );
+        let mut script = String::from_utf8(script).context("completion script")?;
+        if shell == clap_complete::Shell::Bash {
+            // clap_complete 4.6 spells a hyphenated binary's state two ways in bash (the loop
+            // `eks__upgrade__agent__subcmd__progress`, the case arms
+            // `eks__subcmd__upgrade__subcmd__agent__subcmd__progress`), so nothing past the
+            // first word would complete (clap-rs/clap#6421): use the loop's spelling.
+            script = script.replace("eks__subcmd__upgrade__subcmd__agent", "eks__upgrade__agent");
+        }
+        let mut out = io::stdout().lock();
+        out.write_all(script.as_bytes())?;
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     // Defaults, then the config file, then EUA_* variables and flags (clap merges those two).
     let file = config_file::load(cli.config.as_deref())?;
     let mut config = Config::new(
@@ -344,6 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(&ctx, args),
         Command::Notify(cmd) => notify::run(&ctx, cmd),
         Command::Serve(args) => serve::run(&ctx, args),
+        Command::Completion { .. } => unreachable!("handled before the configuration is read"),
     }
 }
 

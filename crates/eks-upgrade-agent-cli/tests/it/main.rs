@@ -3,6 +3,7 @@
 mod apply;
 mod artifacts;
 mod cli;
+mod completion;
 mod crash;
 mod dashboard;
 mod delivery;
