@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::config::{Config, default_data_dir};
@@ -26,6 +26,7 @@ mod artifacts;
 mod artifacts_apply;
 mod config_file;
 mod demo;
+mod help;
 mod kv;
 mod notify;
 mod progress;
@@ -107,10 +108,6 @@ enum Command {
     /// Serve the HTTP API, live streams and the dashboard
     Serve(serve::ServeArgs),
     /// Print shell completions
-    #[command(after_help = "Examples:\n  \
-        eks-upgrade-agent completion bash > ~/.local/share/bash-completion/completions/eks-upgrade-agent\n  \
-        eks-upgrade-agent completion zsh > \"${fpath[1]}/_eks-upgrade-agent\"\n  \
-        eks-upgrade-agent completion fish > ~/.config/fish/completions/eks-upgrade-agent.fish")]
     Completion {
         /// bash, zsh, fish, powershell or elvish
         shell: clap_complete::Shell,
@@ -283,7 +280,8 @@ fn main() -> ExitCode {
         )
         .with_writer(io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = help::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -381,32 +379,81 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, Parser};
-
-    use super::Cli;
-
     /// "`--help` works at every level": every command and subcommand, walked from the
-    /// definition (so a new one is covered without listing it), answers `--help` with its usage.
+    /// definition (so a new one is covered without listing it), answers `--help` with its usage;
+    /// every leaf command has examples, and each example parses.
     #[test]
     fn help_works_at_every_level() {
-        Cli::command().debug_assert();
-        fn walk(cmd: &clap::Command, path: &mut Vec<String>, seen: &mut usize) {
+        let root = super::help::command();
+        root.clone().debug_assert();
+        fn walk(
+            root: &clap::Command,
+            cmd: &clap::Command,
+            path: &mut Vec<String>,
+            seen: &mut usize,
+        ) {
             let mut args = vec!["eks-upgrade-agent".to_owned()];
             args.extend(path.iter().cloned());
             args.push("--help".into());
-            let err = Cli::try_parse_from(&args).expect_err("--help exits");
+            let err = root
+                .clone()
+                .try_get_matches_from(&args)
+                .expect_err("--help exits");
             assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{args:?}");
             let text = err.to_string();
             assert!(text.contains("Usage:"), "{args:?}: {text}");
             *seen += 1;
+            if cmd.get_subcommands().next().is_none() && cmd.get_name() != "help" {
+                let examples = super::help::examples(&path.join(" "))
+                    .unwrap_or_else(|| panic!("no examples for {path:?}"));
+                assert!(text.contains("Examples:"), "{args:?}: {text}");
+                for line in examples.lines() {
+                    let words = shell_words(line.trim_start_matches("  eks-upgrade-agent "));
+                    let mut argv = vec!["eks-upgrade-agent".to_owned()];
+                    argv.extend(words);
+                    if let Err(e) = root.clone().try_get_matches_from(&argv) {
+                        panic!("example {line:?} of {path:?} does not parse: {e}");
+                    }
+                }
+            }
             for sub in cmd.get_subcommands() {
                 path.push(sub.get_name().to_owned());
-                walk(sub, path, seen);
+                walk(root, sub, path, seen);
                 path.pop();
             }
         }
         let mut seen = 0;
-        walk(&Cli::command(), &mut Vec::new(), &mut seen);
+        walk(&root, &root, &mut Vec::new(), &mut seen);
         assert!(seen > 40, "only {seen} commands");
+    }
+
+    /// Words of an example line: double quotes group, `#`, `|`, `<` and `>` end the command.
+    fn shell_words(line: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut word = String::new();
+        let (mut quoted, mut any) = (false, false);
+        for c in line.chars() {
+            match c {
+                '"' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                '#' | '|' | '<' | '>' if !quoted => break,
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        words.push(std::mem::take(&mut word));
+                        any = false;
+                    }
+                }
+                c => {
+                    word.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            words.push(word);
+        }
+        words
     }
 }

@@ -60,10 +60,6 @@ pub(crate) enum ProgressCmd {
     /// Exit 0 when the condition is reached, 3 when the upgrade ended otherwise (failed or
     /// cancelled), 4 on timeout, 1 when the upgrade does not exist. Sees changes made by other
     /// processes and, with --server, on the server.
-    #[command(after_help = "Examples:\n  \
-        eks-upgrade-agent progress wait u1 --timeout 2h\n  \
-        eks-upgrade-agent progress wait u1 --for phase=validation --timeout 30m\n  \
-        eks-upgrade-agent --server http://agent:8080 progress wait u1 --for started")]
     Wait {
         /// Upgrade id
         upgrade: String,

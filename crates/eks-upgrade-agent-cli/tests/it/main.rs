@@ -8,6 +8,7 @@ mod crash;
 mod dashboard;
 mod delivery;
 mod eventbridge;
+mod help;
 mod limits;
 mod profiles;
 mod reference;
