@@ -28,7 +28,7 @@ use crate::render::printable;
 
 /// S3 settings, global flags.
 #[derive(Debug, Args)]
-#[command(next_help_heading = "S3 (off unless a bucket is set)")]
+#[command(next_help_heading = crate::help::S3_HEADING)]
 pub(crate) struct S3Args {
     /// Share artifacts through this S3 bucket (standard AWS credentials, region, endpoint)
     #[arg(long, global = true, env = "EUA_S3_BUCKET", value_name = "BUCKET")]

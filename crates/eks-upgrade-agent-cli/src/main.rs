@@ -3,7 +3,9 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (bad input, unknown id, invalid transition,
 //! storage error; for `progress apply`, at least one line was rejected); 2 usage error (unknown
-//! flag, malformed value). A closed stdout (e.g. `| head`) exits 0.
+//! flag, malformed value); 3 `progress wait` (or `watch --exit-status`): the upgrade ended
+//! without reaching the condition; 4 `progress wait`: timed out. A closed stdout (e.g. `| head`)
+//! exits 0.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::config::{Config, default_data_dir};
@@ -24,12 +26,14 @@ mod artifacts;
 mod artifacts_apply;
 mod config_file;
 mod demo;
+mod help;
 mod kv;
 mod notify;
 mod progress;
 mod remote_artifacts;
 mod render;
 mod serve;
+mod wait;
 
 /// Progress tracking and test artifacts for EKS cluster upgrades.
 #[derive(Debug, Parser)]
@@ -50,7 +54,7 @@ struct Cli {
     output: Output,
 
     /// Commit durability: `process_crash` survives kill -9 (default), `power_loss` also
-    /// survives power loss (fsync per commit)
+    /// fsyncs the WAL at every commit (for power cuts)
     #[arg(long, global = true, env = "EUA_DURABILITY", value_name = "LEVEL")]
     durability: Option<Durability>,
 
@@ -103,6 +107,11 @@ enum Command {
     Notify(notify::NotifyCmd),
     /// Serve the HTTP API, live streams and the dashboard
     Serve(serve::ServeArgs),
+    /// Print shell completions
+    Completion {
+        /// bash, zsh, fish, powershell or elvish
+        shell: clap_complete::Shell,
+    },
 }
 
 /// A tracker over the local store or a server's, and which one it is.
@@ -271,7 +280,8 @@ fn main() -> ExitCode {
         )
         .with_writer(io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = help::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -307,6 +317,28 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Completion { shell } = cli.command {
+        // Reads no configuration and touches no store.
+        let mut script = Vec::new();
+        clap_complete::generate(
+            shell,
+            &mut <Cli as clap::CommandFactory>::command(),
+            "eks-upgrade-agent",
+            &mut script,
+        );
+        let mut script = String::from_utf8(script).context("completion script")?;
+        if shell == clap_complete::Shell::Bash {
+            // clap_complete 4.6 spells a hyphenated binary's state two ways in bash (the loop
+            // `eks__upgrade__agent__subcmd__progress`, the case arms
+            // `eks__subcmd__upgrade__subcmd__agent__subcmd__progress`), so nothing past the
+            // first word would complete (clap-rs/clap#6421): use the loop's spelling.
+            script = script.replace("eks__subcmd__upgrade__subcmd__agent", "eks__upgrade__agent");
+        }
+        let mut out = io::stdout().lock();
+        out.write_all(script.as_bytes())?;
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     // Defaults, then the config file, then EUA_* variables and flags (clap merges those two).
     let file = config_file::load(cli.config.as_deref())?;
     let mut config = Config::new(
@@ -341,37 +373,87 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(&ctx, args),
         Command::Notify(cmd) => notify::run(&ctx, cmd),
         Command::Serve(args) => serve::run(&ctx, args),
+        Command::Completion { .. } => unreachable!("handled before the configuration is read"),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, Parser};
-
-    use super::Cli;
-
     /// "`--help` works at every level": every command and subcommand, walked from the
-    /// definition (so a new one is covered without listing it), answers `--help` with its usage.
+    /// definition (so a new one is covered without listing it), answers `--help` with its usage;
+    /// every leaf command has examples, and each example parses.
     #[test]
     fn help_works_at_every_level() {
-        Cli::command().debug_assert();
-        fn walk(cmd: &clap::Command, path: &mut Vec<String>, seen: &mut usize) {
+        let root = super::help::command();
+        root.clone().debug_assert();
+        fn walk(
+            root: &clap::Command,
+            cmd: &clap::Command,
+            path: &mut Vec<String>,
+            seen: &mut usize,
+        ) {
             let mut args = vec!["eks-upgrade-agent".to_owned()];
             args.extend(path.iter().cloned());
             args.push("--help".into());
-            let err = Cli::try_parse_from(&args).expect_err("--help exits");
+            let err = root
+                .clone()
+                .try_get_matches_from(&args)
+                .expect_err("--help exits");
             assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{args:?}");
             let text = err.to_string();
             assert!(text.contains("Usage:"), "{args:?}: {text}");
             *seen += 1;
+            if cmd.get_subcommands().next().is_none() && cmd.get_name() != "help" {
+                let examples = super::help::examples(&path.join(" "))
+                    .unwrap_or_else(|| panic!("no examples for {path:?}"));
+                assert!(text.contains("Examples:"), "{args:?}: {text}");
+                for line in examples.lines() {
+                    let words = shell_words(line.trim_start_matches("  eks-upgrade-agent "));
+                    let mut argv = vec!["eks-upgrade-agent".to_owned()];
+                    argv.extend(words);
+                    if let Err(e) = root.clone().try_get_matches_from(&argv) {
+                        panic!("example {line:?} of {path:?} does not parse: {e}");
+                    }
+                }
+            }
             for sub in cmd.get_subcommands() {
                 path.push(sub.get_name().to_owned());
-                walk(sub, path, seen);
+                walk(root, sub, path, seen);
                 path.pop();
             }
         }
         let mut seen = 0;
-        walk(&Cli::command(), &mut Vec::new(), &mut seen);
+        walk(&root, &root, &mut Vec::new(), &mut seen);
         assert!(seen > 40, "only {seen} commands");
+    }
+
+    /// Words of an example line: double quotes group, `#`, `|`, `<` and `>` end the command.
+    fn shell_words(line: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut word = String::new();
+        let (mut quoted, mut any) = (false, false);
+        for c in line.chars() {
+            match c {
+                '"' => {
+                    quoted = !quoted;
+                    any = true;
+                }
+                '#' | '|' | '<' | '>' if !quoted => break,
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        words.push(std::mem::take(&mut word));
+                        any = false;
+                    }
+                }
+                c => {
+                    word.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            words.push(word);
+        }
+        words
     }
 }

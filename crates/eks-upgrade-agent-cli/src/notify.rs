@@ -17,7 +17,7 @@ use crate::Ctx;
 use crate::progress::print_json;
 
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Notifications (all off unless set)")]
+#[command(next_help_heading = crate::help::NOTIFY_HEADING)]
 pub(crate) struct NotifyArgs {
     /// Send notifications to this EventBridge bus (standard AWS credentials, region, endpoint)
     #[arg(

@@ -51,6 +51,27 @@ pub(crate) enum ProgressCmd {
         /// How often to look for changes, in milliseconds
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
+        /// Exit 0 if the upgrade completed, 3 if it failed or was cancelled
+        #[arg(long)]
+        exit_status: bool,
+    },
+    /// Wait until an upgrade reaches a condition; the exit code tells the outcome
+    ///
+    /// Exit 0 when the condition is reached, 3 when the upgrade ended otherwise (failed or
+    /// cancelled), 4 on timeout, 1 when the upgrade does not exist. Sees changes made by other
+    /// processes and, with --server, on the server.
+    Wait {
+        /// Upgrade id
+        upgrade: String,
+        /// completed, started or phase=NAME (reached if the upgrade entered that phase)
+        #[arg(long = "for", value_name = "CONDITION", default_value = "completed", value_parser = crate::wait::parse_condition)]
+        condition: crate::wait::Condition,
+        /// Give up after this long (e.g. 45s, 30m, 2h) and exit 4 [default: wait forever]
+        #[arg(long, value_name = "DURATION", value_parser = eks_upgrade_agent::units::parse_duration)]
+        timeout: Option<Duration>,
+        /// How often to look for changes, in milliseconds
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
     },
     /// Write the reference JSON (upgrade_<id>.json) of an upgrade
     Export {
@@ -279,9 +300,23 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
             follow,
             limit,
         } => events(ctx, tracker, &upgrade, since, follow, limit),
+        ProgressCmd::Wait {
+            upgrade,
+            condition,
+            timeout,
+            interval_ms,
+        } => wait(
+            ctx,
+            tracker,
+            &upgrade,
+            &condition,
+            timeout,
+            Duration::from_millis(interval_ms.max(10)),
+        ),
         ProgressCmd::Watch {
             upgrade,
             interval_ms,
+            exit_status,
         } => {
             // While it watches, it delivers what is pending (its own data dir; a server
             // delivers its own).
@@ -290,12 +325,17 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .and_then(|store| crate::notify::dispatcher_or_warn(ctx, store))
                 .map(|d| d.spawn());
-            render::watch(
+            let status = render::watch(
                 ctx,
                 tracker,
                 &upgrade,
                 Duration::from_millis(interval_ms.max(10)),
-            )
+            )?;
+            Ok(if exit_status {
+                crate::wait::ended_status(status).exit_code()
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         ProgressCmd::Export { upgrade, out } => export(ctx, tracker, &upgrade, out),
         ProgressCmd::Import { file } => {
@@ -671,6 +711,51 @@ fn print_events(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `progress wait`: the outcome on stdout (reached) or stderr (not), and as the exit code.
+fn wait(
+    ctx: &Ctx,
+    tracker: &ProgressTracker,
+    upgrade: &str,
+    condition: &crate::wait::Condition,
+    timeout: Option<Duration>,
+    interval: Duration,
+) -> anyhow::Result<ExitCode> {
+    use crate::wait::Outcome;
+    let (outcome, s) = crate::wait::wait(tracker, upgrade, condition, timeout, interval)?;
+    if ctx.json() {
+        print_json(&json!({
+            "upgrade_id": upgrade,
+            "for": condition.to_string(),
+            "outcome": outcome.as_str(),
+            "summary": s,
+        }))?;
+        return Ok(outcome.exit_code());
+    }
+    let id = render::printable(upgrade);
+    let phase = s
+        .current_phase
+        .as_deref()
+        .map(|p| format!(", phase {}", render::printable(p)))
+        .unwrap_or_default();
+    match outcome {
+        Outcome::Reached => println!("upgrade {id}: {condition} ({}{phase})", s.status),
+        Outcome::EndedOtherwise => eprintln!(
+            "upgrade {id} {} without reaching {condition}{}",
+            s.status,
+            s.error_message
+                .as_deref()
+                .map(|e| format!(": {}", render::printable(e)))
+                .unwrap_or_default()
+        ),
+        Outcome::TimedOut => eprintln!(
+            "timed out after {}: upgrade {id} is {}{phase}, not yet {condition}",
+            render::duration(timeout.map(|t| t.as_secs_f64())),
+            s.status
+        ),
+    }
+    Ok(outcome.exit_code())
 }
 
 fn export(

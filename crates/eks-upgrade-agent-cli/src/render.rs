@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -345,12 +344,13 @@ pub(crate) fn event_line(out: &mut impl Write, e: &ProgressEvent) -> io::Result<
 }
 
 /// Live view until the upgrade ends. Polls the store, so changes by other processes show.
+/// Returns the status the upgrade ended with.
 pub(crate) fn watch(
     ctx: &Ctx,
     tracker: &ProgressTracker,
     upgrade: &str,
     interval: Duration,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<ProgressStatus> {
     let mut watcher = Watcher::new(tracker, upgrade, !ctx.json() && stdout_is_terminal())?;
     loop {
         if watcher.poll(ctx)? {
@@ -358,8 +358,7 @@ pub(crate) fn watch(
         }
         std::thread::sleep(interval);
     }
-    watcher.finish(ctx)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(watcher.finish(ctx)?.status)
 }
 
 /// Incremental renderer shared by `watch` and `demo`.
@@ -535,7 +534,8 @@ impl<'a> Watcher<'a> {
         }
     }
 
-    pub(crate) fn finish(self, ctx: &Ctx) -> anyhow::Result<()> {
+    /// Closes the bars and prints the final summary, which it returns.
+    pub(crate) fn finish(self, ctx: &Ctx) -> anyhow::Result<ProgressSummary> {
         let (tracker, upgrade) = (self.tracker, self.upgrade.clone());
         self.close();
         let s = tracker.summary(&upgrade)?;
@@ -546,7 +546,7 @@ impl<'a> Watcher<'a> {
             writeln!(out)?;
             summary(&mut out, &s)?;
         }
-        Ok(())
+        Ok(s)
     }
 }
 
