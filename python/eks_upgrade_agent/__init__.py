@@ -27,11 +27,13 @@ from .models import (
     TaskType,
     TestArtifact,
     TestSession,
+    UpgradeProgress,
 )
 from .progress import ProgressTracker
 from ._binary import find_binary
 
 __all__ = [
+    "UpgradeProgress",
     "AlreadyExistsError",
     "ArtifactCollection",
     "ArtifactStatus",

@@ -106,6 +106,42 @@ class TaskProgress(_Model):
         return cls.model_validate(v)
 
 
+class UpgradeProgress(_Model):
+    """The reference's upgrade model (the saved file's top level): the upgrade and its tasks
+    keyed by id. Task ``events`` are not filled (read them with ``get_task_progress``)."""
+
+    upgrade_id: str
+    plan_id: str
+    cluster_name: str
+    status: ProgressStatus = ProgressStatus.NOT_STARTED
+    started_at: Optional[datetime] = None
+    completed_at: Optional[datetime] = None
+    duration: Optional[timedelta] = None
+    overall_percentage: float = 0.0
+    current_phase: Optional[str] = None
+    tasks: Dict[str, TaskProgress] = Field(default_factory=dict)
+    metadata: Dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, v: Dict[str, Any]) -> "UpgradeProgress":
+        tasks = {t["task_id"]: TaskProgress.from_wire(t) for t in (v.get("tasks") or [])}
+        return cls.model_validate(
+            {
+                "upgrade_id": v["upgrade_id"],
+                "plan_id": v["plan_id"],
+                "cluster_name": v["cluster_name"],
+                "status": v.get("status") or "not_started",
+                "started_at": v.get("started_at"),
+                "completed_at": v.get("completed_at"),
+                "duration": _seconds(v.get("duration")),
+                "overall_percentage": v.get("overall_percentage") or 0.0,
+                "current_phase": v.get("current_phase"),
+                "tasks": tasks,
+                "metadata": v.get("metadata") or {},
+            }
+        )
+
+
 class TestArtifact(_Model):
     __test__ = False  # not a pytest test class
 

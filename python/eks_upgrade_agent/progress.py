@@ -28,7 +28,7 @@ from .errors import (
     InvalidTransitionError,
     NotFoundError,
 )
-from .models import ProgressEvent, ProgressStatus, TaskProgress, TaskType, py_timedelta
+from .models import ProgressEvent, ProgressStatus, TaskProgress, TaskType, UpgradeProgress, py_timedelta
 
 #: Event kinds by which a task enters a status (its event's ``status``).
 _STATUS_KINDS = {
@@ -597,6 +597,12 @@ class ProgressTracker:
         if not ct or ct["status"] != ProgressStatus.IN_PROGRESS.value:
             return None
         return self._task_model(ct["task_id"])
+
+    @property
+    def progress(self) -> UpgradeProgress:
+        """The upgrade and its tasks as the reference's ``tracker.progress`` model, read now
+        (the first 10,000 tasks; a snapshot, not a live object)."""
+        return UpgradeProgress.from_wire(self._backend.summary())
 
     def get_estimated_completion_time(self) -> Optional[str]:
         return _iso(self._backend.summary().get("estimated_completion"))

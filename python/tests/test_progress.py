@@ -337,3 +337,28 @@ def test_the_apply_child_is_closed_at_interpreter_exit(eua_bin, tmp_path):
     # And what it acknowledged is there.
     with ProgressTracker("u-exit", "p", "c", storage_path=str(tmp_path)) as again:
         assert again.get_task_progress("t") is not None
+
+
+def test_the_upgrade_model_is_the_reference_one(backend):
+    """``tracker.progress`` is the reference's upgrade model: its field names, the tasks keyed
+    by id, the overall percentage as the summary gives it."""
+    from eks_upgrade_agent import UpgradeProgress
+
+    tracker = backend.tracker()
+    tracker.start_upgrade("Planning")
+    tracker.add_task("a", "A", TaskType.UPGRADE_STEP)
+    tracker.add_task("b", "B", TaskType.VALIDATION)
+    tracker.start_task("a")
+    tracker.update_task_progress("a", 50, "half")
+    p = tracker.progress
+    assert isinstance(p, UpgradeProgress)
+    assert set(p.model_dump()) == {
+        "upgrade_id", "plan_id", "cluster_name", "status", "started_at", "completed_at",
+        "duration", "overall_percentage", "current_phase", "tasks", "metadata",
+    }
+    assert p.status == ProgressStatus.IN_PROGRESS and p.current_phase == "Planning"
+    assert set(p.tasks) == {"a", "b"}
+    assert p.tasks["a"].percentage == 50.0 and p.tasks["a"].task_name == "A"
+    assert p.tasks["b"].task_type == TaskType.VALIDATION
+    assert p.overall_percentage == tracker.calculate_progress_percentage() == 25.0
+    assert p.started_at is not None
