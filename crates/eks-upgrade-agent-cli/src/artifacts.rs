@@ -25,6 +25,7 @@ use crate::progress::print_json;
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::render;
 use crate::render::printable;
+use eks_upgrade_agent::store::IdKind;
 
 /// S3 settings, global flags.
 #[derive(Debug, Args)]
@@ -323,11 +324,12 @@ fn track(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
     }
 }
 
-fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
+/// One artifact in a table, its id in its shortest unambiguous form.
+fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> io::Result<()> {
     writeln!(
         out,
         "{}  {:<13}  {:>10}  {}  {}{}",
-        printable(&a.artifact_id),
+        printable(&m.short(IdKind::Artifact, &a.artifact_id)),
         a.artifact_type.as_str(),
         a.file_size,
         a.created_at.format("%Y-%m-%d %H:%M:%S"),
@@ -364,13 +366,71 @@ enum Place<'a> {
     Remote(&'a RemoteArtifacts),
 }
 
+/// Replaces each session, collection and artifact id of `cmd` by the full id it abbreviates
+/// (a unique prefix, or a unique suffix of 6+ characters); an ambiguous one fails listing the
+/// candidates. `pull` keeps its session id: that session is in S3, not here.
+fn resolve_ids(m: &dyn Artifacts, cmd: &mut ArtifactsCmd) -> eks_upgrade_agent::Result<()> {
+    use IdKind::{Artifact, Collection, Session};
+    let one = |kind, id: &mut String| -> eks_upgrade_agent::Result<()> {
+        *id = m.resolve(kind, id)?;
+        Ok(())
+    };
+    let opt = |kind, id: &mut Option<String>| -> eks_upgrade_agent::Result<()> {
+        if let Some(id) = id {
+            *id = m.resolve(kind, id)?;
+        }
+        Ok(())
+    };
+    match cmd {
+        ArtifactsCmd::Session(SessionCmd::Complete { session } | SessionCmd::Show { session })
+        | ArtifactsCmd::Collection(
+            CollectionCmd::Create { session, .. } | CollectionCmd::List { session },
+        )
+        | ArtifactsCmd::Export { session, .. } => one(Session, session)?,
+        ArtifactsCmd::Add {
+            session,
+            collection,
+            ..
+        } => {
+            one(Session, session)?;
+            one(Collection, collection)?;
+        }
+        ArtifactsCmd::Search {
+            session,
+            collection,
+            ..
+        } => {
+            opt(Session, session)?;
+            opt(Collection, collection)?;
+        }
+        ArtifactsCmd::Stats { session } => opt(Session, session)?,
+        ArtifactsCmd::Show { artifact }
+        | ArtifactsCmd::Get { artifact, .. }
+        | ArtifactsCmd::Delete { artifact } => one(Artifact, artifact)?,
+        ArtifactsCmd::Upload {
+            session, artifact, ..
+        } => {
+            opt(Session, session)?;
+            opt(Artifact, artifact)?;
+        }
+        ArtifactsCmd::Session(SessionCmd::Create { .. } | SessionCmd::List { .. })
+        | ArtifactsCmd::Pull { .. }
+        | ArtifactsCmd::Verify
+        | ArtifactsCmd::Cleanup { .. }
+        | ArtifactsCmd::Apply
+        | ArtifactsCmd::Gc => {}
+    }
+    Ok(())
+}
+
 /// Runs `cmd` on `m`, which is the one at `place`.
 fn run_on(
     ctx: &Ctx,
     m: &dyn Artifacts,
     place: Place<'_>,
-    cmd: ArtifactsCmd,
+    mut cmd: ArtifactsCmd,
 ) -> anyhow::Result<ExitCode> {
+    resolve_ids(m, &mut cmd)?;
     match cmd {
         ArtifactsCmd::Session(c) => session(ctx, m, c),
         ArtifactsCmd::Collection(c) => collection(ctx, m, c),
@@ -435,7 +495,7 @@ fn run_on(
             } else {
                 let mut out = io::stdout().lock();
                 for a in &added {
-                    artifact_line(&mut out, a)?;
+                    artifact_line(&mut out, m, a)?;
                 }
                 writeln!(
                     out,
@@ -862,7 +922,7 @@ fn search(
                 write!(out, "{}\n  ", if shown == 0 { "" } else { "," })?;
                 serde_json::to_writer(&mut out, a)?;
             } else {
-                artifact_line(&mut out, a)?;
+                artifact_line(&mut out, m, a)?;
             }
             shown += 1;
         }
@@ -984,7 +1044,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 for c in &collections {
                     println!(
                         "collection {}  {}{}",
-                        c.collection_id,
+                        printable(&m.short(IdKind::Collection, &c.collection_id)),
                         printable(&c.name),
                         c.task_id
                             .as_deref()
@@ -1004,7 +1064,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 for s in &list {
                     println!(
                         "{}  {:<40}  upgrade {:<20}  {}",
-                        s.session_id,
+                        printable(&m.short(IdKind::Session, &s.session_id)),
                         printable(&s.name),
                         printable(&s.upgrade_id),
                         if s.completed_at.is_some() {
@@ -1042,7 +1102,11 @@ fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Resul
                 print_json(&list)?;
             } else {
                 for c in &list {
-                    println!("{}  {}", c.collection_id, printable(&c.name));
+                    println!(
+                        "{}  {}",
+                        printable(&m.short(IdKind::Collection, &c.collection_id)),
+                        printable(&c.name)
+                    );
                 }
             }
         }

@@ -9,6 +9,7 @@ mod dashboard;
 mod delivery;
 mod eventbridge;
 mod help;
+mod ids;
 mod limits;
 mod profiles;
 mod reference;
