@@ -324,14 +324,22 @@ fn track(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
     }
 }
 
-/// One artifact in a table, its id in its shortest unambiguous form.
+/// The header row of [`artifact_line`]s.
+fn artifact_header(out: &mut impl Write) -> io::Result<()> {
+    let line = format!(
+        "{:<12}  {:<13}  {:>10}  {:<19}  NAME",
+        "ID", "TYPE", "SIZE", "CREATED (UTC)"
+    );
+    writeln!(out, "{}", crate::render::fit(&line, crate::render::width()))
+}
+
+/// One artifact in a table, its id in its shortest unambiguous form, its size for people.
 fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> io::Result<()> {
-    writeln!(
-        out,
-        "{}  {:<13}  {:>10}  {}  {}{}",
+    let line = format!(
+        "{:<12}  {:<13}  {:>10}  {}  {}{}",
         printable(&m.short(IdKind::Artifact, &a.artifact_id)),
         a.artifact_type.as_str(),
-        a.file_size,
+        crate::render::size(a.file_size),
         a.created_at.format("%Y-%m-%d %H:%M:%S"),
         printable(&a.name),
         if a.tags.is_empty() {
@@ -339,7 +347,8 @@ fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> i
         } else {
             format!("  [{}]", printable(&a.tags.join(", ")))
         }
-    )
+    );
+    writeln!(out, "{}", crate::render::fit(&line, crate::render::width()))
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
@@ -494,15 +503,18 @@ fn run_on(
                 print_json(&added)?;
             } else {
                 let mut out = io::stdout().lock();
+                if !added.is_empty() {
+                    artifact_header(&mut out)?;
+                }
                 for a in &added {
                     artifact_line(&mut out, m, a)?;
                 }
                 writeln!(
                     out,
-                    "added {} artifact{} ({} bytes)",
+                    "added {} artifact{} ({})",
                     added.len(),
                     if added.len() == 1 { "" } else { "s" },
-                    added.iter().map(|a| a.file_size).sum::<u64>()
+                    crate::render::size(added.iter().map(|a| a.file_size).sum::<u64>())
                 )?;
             }
             Ok(ExitCode::SUCCESS)
@@ -918,6 +930,9 @@ fn search(
     let next = loop {
         let page = m.search_page(&q)?;
         for a in &page.artifacts {
+            if shown == 0 && !ctx.json() {
+                artifact_header(&mut out)?;
+            }
             if ctx.json() {
                 write!(out, "{}\n  ", if shown == 0 { "" } else { "," })?;
                 serde_json::to_writer(&mut out, a)?;

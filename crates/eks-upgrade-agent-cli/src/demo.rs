@@ -385,8 +385,9 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
             sim.artifacts.complete_session(&sim.session_id)?;
             Ok(())
         });
-        if live {
-            let mut watcher = Watcher::new(tracker.as_ref(), &upgrade_id, true)?;
+        // On a terminal, live bars; otherwise one timestamped line per event (CI logs).
+        if live || !ctx.json() {
+            let mut watcher = Watcher::new(tracker.as_ref(), &upgrade_id, live)?;
             while !worker.is_finished() {
                 watcher.poll(ctx)?;
                 std::thread::sleep(Duration::from_millis(80));

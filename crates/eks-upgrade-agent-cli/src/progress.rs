@@ -624,6 +624,9 @@ fn events(
     // Follow: poll the store, so events written by other processes show up too.
     let mut since = since;
     let mut out = io::stdout().lock();
+    if !ctx.json() {
+        render::event_header(&mut out)?;
+    }
     loop {
         let page = tracker.events_since(Some(upgrade), since, 1000)?;
         for e in &page {
@@ -662,6 +665,8 @@ fn print_events(
     let mut printed = 0usize;
     if ctx.json() {
         out.write_all(b"[")?;
+    } else {
+        render::event_header(&mut out)?;
     }
     let mut remaining = limit.unwrap_or(usize::MAX);
     while remaining > 0 {

@@ -50,6 +50,69 @@ fn json_line(map: &eks_upgrade_agent::model::JsonMap) -> String {
     printable(&serde_json::Value::Object(map.clone()).to_string()).into_owned()
 }
 
+/// The width tables fit: `COLUMNS` when set, else the terminal's; none (no truncation) when
+/// stdout is not a terminal and `COLUMNS` is unset.
+pub(crate) fn width() -> Option<usize> {
+    if let Some(n) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok())
+        .filter(|n| *n >= 20)
+    {
+        return Some(n);
+    }
+    console::Term::stdout()
+        .size_checked()
+        .map(|(_, cols)| usize::from(cols))
+        .filter(|n| *n >= 20)
+}
+
+/// `line` cut to `width` characters, its end replaced by `…` when cut.
+pub(crate) fn fit(line: &str, width: Option<usize>) -> String {
+    let line = line.trim_end();
+    match width {
+        Some(w) if line.chars().count() > w => {
+            let mut t: String = line.chars().take(w - 1).collect();
+            t.push('…');
+            t
+        }
+        _ => line.to_owned(),
+    }
+}
+
+/// `812 B`, `2.9 MiB`, `1.2 GiB`.
+pub(crate) fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// An estimate as a duration from now: `in 12m`, `in 1h 05m`, `in 3d 4h`, `now`; `-` for none.
+pub(crate) fn eta(t: Option<DateTime<Utc>>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let secs = (t - Utc::now()).num_seconds();
+    if secs <= 0 {
+        return "now".into();
+    }
+    let (d, h, m) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60);
+    if d > 0 {
+        format!("in {d}d {h}h")
+    } else if h > 0 {
+        format!("in {h}h {m:02}m")
+    } else if m > 0 {
+        format!("in {m}m")
+    } else {
+        format!("in {secs}s")
+    }
+}
+
 /// `[#########-----------]` for a percentage.
 pub(crate) fn bar(pct: f64, width: usize) -> String {
     let filled = ((pct / 100.0) * width as f64)
@@ -113,7 +176,7 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
         time(s.started_at),
         time(s.completed_at),
         duration(s.duration),
-        time(s.estimated_completion)
+        eta(s.estimated_completion)
     )?;
     if let Some(c) = &s.current_task {
         writeln!(
@@ -174,11 +237,12 @@ pub(crate) fn task_tree(
         .max()
         .unwrap_or(4)
         .clamp(4, 60);
-    writeln!(
-        out,
+    let w = width();
+    let header = format!(
         "{:<name_width$}  {:<12}   {:<10}  {:<30}  {:>7}  {:>9}",
         "TASK", "TYPE", "STATUS", "PROGRESS", "STEPS", "DURATION"
-    )?;
+    );
+    writeln!(out, "{}", fit(&header, w))?;
     // (task, prefix of its line, last among its siblings, top level), in print order.
     let mut todo: Vec<(usize, String, bool, bool)> = roots
         .iter()
@@ -207,8 +271,7 @@ pub(crate) fn task_tree(
             None => "-".into(),
         };
         let mark = if is_bad(t.status) { "!" } else { " " };
-        writeln!(
-            out,
+        let line = format!(
             "{label:<name_width$}  {:<12}  {mark}{:<10}  {} {:>6.1}%  {steps:>7}  {:>9}{}",
             t.task_type.as_str(),
             t.status.as_str(),
@@ -224,7 +287,8 @@ pub(crate) fn task_tree(
                 Some(1) => "  1 artifact".into(),
                 Some(n) => format!("  {n} artifacts"),
             }
-        )?;
+        );
+        writeln!(out, "{}", fit(&line, w))?;
         let pad = if top || deep {
             prefix
         } else if last {
@@ -233,13 +297,21 @@ pub(crate) fn task_tree(
             format!("{prefix}│  ")
         };
         if let Some(e) = &t.error_message {
-            writeln!(out, "{pad}   error: {}", printable(e))?;
+            writeln!(
+                out,
+                "{}",
+                fit(&format!("{pad}   error: {}", printable(e)), w)
+            )?;
         } else if let Some(step) = t
             .current_step
             .as_ref()
             .filter(|_| t.status == ProgressStatus::InProgress)
         {
-            writeln!(out, "{pad}   now: {}", printable(step))?;
+            writeln!(
+                out,
+                "{}",
+                fit(&format!("{pad}   now: {}", printable(step)), w)
+            )?;
         }
         let kids = &children[i];
         for (n, &k) in kids.iter().enumerate().rev() {
@@ -256,26 +328,60 @@ pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io
     if list.is_empty() {
         return writeln!(out, "no upgrades");
     }
-    writeln!(
-        out,
-        "{:<24}  {:<20}  {:<11}  {:<16}  {:<30}  {:>5}  ETA",
-        "UPGRADE", "CLUSTER", "STATUS", "PHASE", "PROGRESS", "TASKS"
-    )?;
+    let w = width();
+    // Below 100 columns: narrower id, cluster and phase columns and no bar (the percentage
+    // stays), so a row fits 80; then any line still too long is cut with `…`.
+    let narrow = w.is_some_and(|n| n < 100);
+    let (id_max, cluster_max, phase_width) = if narrow { (16, 12, 10) } else { (24, 20, 16) };
+    let id_width = list
+        .iter()
+        .map(|s| printable(&s.upgrade_id).chars().count())
+        .max()
+        .unwrap_or(7)
+        .clamp(7, id_max);
+    let cluster_width = list
+        .iter()
+        .map(|s| printable(&s.cluster_name).chars().count())
+        .max()
+        .unwrap_or(7)
+        .clamp(7, cluster_max);
+    let progress_width = if narrow { 6 } else { 29 };
+    let header = format!(
+        "{:<id_width$}  {:<cluster_width$}  {:<11}  {:<phase_width$}  {:<progress_width$}  {:>5}  ETA",
+        "UPGRADE", "CLUSTER", "STATUS", "PHASE", "PROGRESS", "TASKS",
+    );
+    writeln!(out, "{}", fit(&header, w))?;
     for s in list {
-        writeln!(
-            out,
-            "{:<24}  {:<20}  {:<11}  {:<16}  {} {:>6.1}%  {:>5}  {}",
-            printable(&s.upgrade_id),
-            printable(&s.cluster_name),
+        let progress = if narrow {
+            format!("{:>5.1}%", s.overall_percentage)
+        } else {
+            format!(
+                "{} {:>6.1}%",
+                bar(s.overall_percentage, 20),
+                s.overall_percentage
+            )
+        };
+        let line = format!(
+            "{:<id_width$}  {:<cluster_width$}  {:<11}  {:<phase_width$}  {progress:<progress_width$}  {:>5}  {}",
+            cut(&printable(&s.upgrade_id), id_width),
+            cut(&printable(&s.cluster_name), cluster_width),
             s.status.as_str(),
-            opt(s.current_phase.as_deref()),
-            bar(s.overall_percentage, 20),
-            s.overall_percentage,
+            cut(&opt(s.current_phase.as_deref()), phase_width),
             s.total_tasks,
-            time(s.estimated_completion)
-        )?;
+            if s.status.is_terminal() {
+                "-".into()
+            } else {
+                eta(s.estimated_completion)
+            }
+        );
+        writeln!(out, "{}", fit(&line, w))?;
     }
     Ok(())
+}
+
+/// `s` cut to `n` characters with `…`.
+fn cut(s: &str, n: usize) -> String {
+    truncate(s, n)
 }
 
 pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
@@ -323,24 +429,34 @@ pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()
     Ok(())
 }
 
+/// The header row of [`event_line`]s.
+pub(crate) fn event_header(out: &mut impl Write) -> io::Result<()> {
+    let line = format!(
+        "{:>8}  {:<24}  {:<21}  {:<24}  {:<11}  {:>6}  MESSAGE",
+        "SEQ", "TIME", "KIND", "TASK", "STATUS", "PCT"
+    );
+    writeln!(out, "{}", fit(&line, width()))
+}
+
+/// One event on one line, with its date and time (UTC): what `events`, and `watch` and `demo`
+/// when not on a terminal (CI logs), print.
 pub(crate) fn event_line(out: &mut impl Write, e: &ProgressEvent) -> io::Result<()> {
-    write!(
-        out,
+    let mut line = format!(
         "{:>8}  {}  {:<21}  {:<24}  {:<11}  {:>5.1}%",
         e.seq,
-        e.timestamp.format("%H:%M:%S%.3f"),
+        e.timestamp.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
         e.kind.as_str(),
         opt(e.task_id.as_deref()),
         e.status.as_str(),
         e.percentage
-    )?;
+    );
     if let Some(m) = &e.message {
-        write!(out, "  {}", printable(m))?;
+        line.push_str(&format!("  {}", printable(m)));
     }
     if !e.details.is_empty() {
-        write!(out, "  {}", json_line(&e.details))?;
+        line.push_str(&format!("  {}", json_line(&e.details)));
     }
-    writeln!(out)
+    writeln!(out, "{}", fit(&line, width()))
 }
 
 /// Live view until the upgrade ends. Polls the store, so changes by other processes show.
@@ -387,15 +503,11 @@ impl<'a> Watcher<'a> {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
             let overall = multi.add(ProgressBar::new(1000));
             overall.set_style(
-                ProgressStyle::with_template("{prefix:.bold} [{bar:40.cyan/blue}] {msg}")
+                ProgressStyle::with_template("{prefix:.bold} [{wide_bar:.cyan/blue}] {msg}")
                     .expect("valid template")
                     .progress_chars("##-"),
             );
-            overall.set_prefix(format!(
-                "{} ({})",
-                printable(&summary.upgrade_id),
-                printable(&summary.cluster_name)
-            ));
+            overall.set_prefix(truncate(&printable(&summary.upgrade_id), 16));
             Bars {
                 multi,
                 overall,
@@ -436,21 +548,7 @@ impl<'a> Watcher<'a> {
         if let Some(b) = &self.bars {
             b.overall
                 .set_position((s.overall_percentage * 10.0).round() as u64);
-            b.overall.set_message(format!(
-                "{:>5.1}%  {}  phase {}  {}/{} tasks done{}  eta {}",
-                s.overall_percentage,
-                s.status,
-                opt(s.current_phase.as_deref()),
-                s.completed_tasks,
-                s.total_tasks,
-                if s.failed_tasks > 0 {
-                    format!(", {} failed", s.failed_tasks)
-                } else {
-                    String::new()
-                },
-                s.estimated_completion
-                    .map_or_else(|| "-".into(), |t| t.format("%H:%M:%S").to_string())
-            ));
+            b.overall.set_message(watch_header(&s));
         }
         Ok(s.status.is_terminal() && s.last_seq <= self.since)
     }
@@ -549,6 +647,30 @@ impl<'a> Watcher<'a> {
         Ok(s)
     }
 }
+
+/// The message of `watch`'s top line (`45% in_progress planning 3/10 1✘ in 12m`): at most
+/// [`WATCH_HEADER_MAX`] characters, so that with the id (16) and a bar of 10 the line fits 80
+/// columns; the bar takes what the terminal has left.
+fn watch_header(s: &ProgressSummary) -> String {
+    let text = format!(
+        "{:.0}% {} {} {}/{}{} {}",
+        s.overall_percentage,
+        s.status,
+        truncate(&opt(s.current_phase.as_deref()), 10),
+        s.completed_tasks,
+        s.total_tasks,
+        if s.failed_tasks > 0 {
+            format!(" {}✘", s.failed_tasks)
+        } else {
+            String::new()
+        },
+        eta(s.estimated_completion)
+    );
+    truncate(&text, WATCH_HEADER_MAX)
+}
+
+/// Longest `watch` header message.
+const WATCH_HEADER_MAX: usize = 50;
 
 /// Sets each task bar to its task's current (rolled-up) percentage.
 fn refresh_bars(bars: &HashMap<String, ProgressBar>, tasks: &[Task]) {
@@ -672,6 +794,69 @@ mod tests {
         refresh_bars(&bars, &[task("nodes", 65.0), task("other", 10.0)]);
         assert_eq!(bars["nodes"].position(), 650);
         assert!(bars["nodes"].message().contains("65.0%"));
+    }
+
+    #[test]
+    fn sizes_etas_and_fitting() {
+        assert_eq!(size(812), "812 B");
+        assert_eq!(size(3_040_870), "2.9 MiB");
+        assert_eq!(size(1 << 30), "1.0 GiB");
+        let now = Utc::now();
+        assert_eq!(eta(None), "-");
+        assert_eq!(eta(Some(now - chrono::Duration::seconds(5))), "now");
+        assert_eq!(
+            eta(Some(now + chrono::Duration::seconds(12 * 60 + 30))),
+            "in 12m"
+        );
+        assert_eq!(
+            eta(Some(now + chrono::Duration::seconds(3900 + 30))),
+            "in 1h 05m"
+        );
+        assert_eq!(
+            eta(Some(
+                now + chrono::Duration::seconds(3 * 86_400 + 4 * 3600 + 30)
+            )),
+            "in 3d 4h"
+        );
+        assert_eq!(fit("abcdef", Some(4)), "abc…");
+        assert_eq!(fit("abc  ", Some(4)), "abc");
+        assert_eq!(fit("abcdef", None), "abcdef");
+    }
+
+    /// "The watch header fits one line at 80 columns": id (16) + ` [` + bar (10) + `] ` +
+    /// message, for the widest message there can be.
+    #[test]
+    fn the_watch_header_fits_80_columns() {
+        use eks_upgrade_agent::model::JsonMap;
+        let s = ProgressSummary {
+            upgrade_id: "u".repeat(128),
+            plan_id: "p".into(),
+            cluster_name: "c".repeat(100),
+            status: ProgressStatus::InProgress,
+            current_phase: Some("a-very-long-phase-name".into()),
+            overall_percentage: 100.0,
+            total_tasks: 100_000,
+            completed_tasks: 99_999,
+            failed_tasks: 99_999,
+            active_tasks: 0,
+            paused_tasks: 0,
+            cancelled_tasks: 0,
+            not_started_tasks: 0,
+            started_at: None,
+            completed_at: None,
+            duration: None,
+            estimated_completion: Some(Utc::now() + chrono::Duration::days(3000)),
+            error_message: None,
+            current_task: None,
+            metadata: JsonMap::new(),
+            last_seq: 0,
+            progress_percentage: 100.0,
+            active_task_names: Vec::new(),
+            failed_task_names: Vec::new(),
+        };
+        let msg = watch_header(&s);
+        let line = 16 + 2 + 10 + 2 + msg.chars().count();
+        assert!(line <= 80, "{line}: {msg}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod remote;
 mod s3;
 mod s3_settings;
 mod settings;
+mod tables;
 mod terminal;
 mod trust;
 mod util;
