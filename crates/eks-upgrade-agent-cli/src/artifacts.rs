@@ -324,6 +324,32 @@ fn track(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
     }
 }
 
+/// The AWS cause every failure shares ("no AWS credentials found (...)", "access denied to
+/// s3://b", "bucket b does not exist"), when there are failures and they all share one.
+fn common_cause(failed: &[(String, String)]) -> Option<&str> {
+    const CAUSES: [&str; 3] = [
+        "no AWS credentials found",
+        "access denied to s3://",
+        "bucket ",
+    ];
+    let cause_of = |e: &'_ str| -> Option<usize> {
+        CAUSES
+            .iter()
+            .filter_map(|c| e.rfind(&format!(": {c}")).map(|i| i + 2))
+            .max()
+    };
+    let (_, first) = failed.first()?;
+    let start = cause_of(first)?;
+    let cause = first[start..]
+        .split("; check")
+        .next()
+        .unwrap_or(&first[start..]);
+    failed
+        .iter()
+        .all(|(_, e)| cause_of(e).is_some_and(|i| e[i..].starts_with(cause)))
+        .then_some(cause)
+}
+
 /// The header row of [`artifact_line`]s.
 fn artifact_header(out: &mut impl Write) -> io::Result<()> {
     let line = format!(
@@ -872,15 +898,28 @@ fn upload(ctx: &Ctx, place: Place<'_>, req: &UploadRequest) -> anyhow::Result<Ex
     if ctx.json() {
         print_json(&report)?;
     } else {
-        println!(
-            "uploaded {} ({} bytes), {} already in s3://{bucket}, {} failed",
-            report.uploaded,
-            report.bytes,
-            report.already_there,
-            report.failed.len()
-        );
-        for (id, e) in &report.failed {
-            eprintln!("error: artifact {id}: {}", printable(&e.to_string()));
+        let total = report.uploaded + report.already_there + report.failed.len() as u64;
+        match common_cause(&report.failed) {
+            // The same AWS failure for every artifact: said once.
+            Some(cause) => {
+                println!(
+                    "{}/{total} uploaded: {}",
+                    report.uploaded + report.already_there,
+                    printable(cause)
+                );
+            }
+            None => {
+                println!(
+                    "uploaded {} ({}), {} already in s3://{bucket}, {} failed",
+                    report.uploaded,
+                    crate::render::size(report.bytes),
+                    report.already_there,
+                    report.failed.len()
+                );
+                for (id, e) in &report.failed {
+                    eprintln!("error: artifact {id}: {}", printable(&e.to_string()));
+                }
+            }
         }
     }
     Ok(if report.failed.is_empty() {

@@ -2,6 +2,7 @@
 
 mod apply;
 mod artifacts;
+mod aws_errors;
 mod cli;
 mod completion;
 mod crash;
