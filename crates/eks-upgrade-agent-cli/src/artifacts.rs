@@ -21,10 +21,10 @@ use eks_upgrade_agent::units::{parse_duration, parse_size};
 use crate::Access;
 use crate::Ctx;
 use crate::kv::{parse_kv, parse_kv_json, to_map};
-use crate::progress::print_json;
+use crate::output::print_json;
+use crate::output::printable;
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
-use crate::render;
-use crate::render::printable;
+use crate::requests::{PullRequest, UploadRequest};
 use eks_upgrade_agent::store::IdKind;
 
 /// S3 settings, global flags.
@@ -356,7 +356,7 @@ fn artifact_header(out: &mut impl Write) -> io::Result<()> {
         "{:<12}  {:<13}  {:>10}  {:<19}  NAME",
         "ID", "TYPE", "SIZE", "CREATED (UTC)"
     );
-    writeln!(out, "{}", crate::render::fit(&line, crate::render::width()))
+    writeln!(out, "{}", crate::output::fit(&line, crate::output::width()))
 }
 
 /// One artifact in a table, its id in its shortest unambiguous form, its size for people.
@@ -365,7 +365,7 @@ fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> i
         "{:<12}  {:<13}  {:>10}  {}  {}{}",
         printable(&m.short(IdKind::Artifact, &a.artifact_id)),
         a.artifact_type.as_str(),
-        crate::render::size(a.file_size),
+        crate::output::size(a.file_size),
         a.created_at.format("%Y-%m-%d %H:%M:%S"),
         printable(&a.name),
         if a.tags.is_empty() {
@@ -374,7 +374,7 @@ fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> i
             format!("  [{}]", printable(&a.tags.join(", ")))
         }
     );
-    writeln!(out, "{}", crate::render::fit(&line, crate::render::width()))
+    writeln!(out, "{}", crate::output::fit(&line, crate::output::width()))
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
@@ -540,7 +540,7 @@ fn run_on(
                     "added {} artifact{} ({})",
                     added.len(),
                     if added.len() == 1 { "" } else { "s" },
-                    crate::render::size(added.iter().map(|a| a.file_size).sum::<u64>())
+                    crate::output::size(added.iter().map(|a| a.file_size).sum::<u64>())
                 )?;
             }
             Ok(ExitCode::SUCCESS)
@@ -749,7 +749,7 @@ fn run_on(
                         if e.upgrade_failed { ", failed" } else { "" },
                         e.artifacts,
                         e.bytes,
-                        render::time(Some(e.expired_at))
+                        crate::output::time(Some(e.expired_at))
                     );
                 }
                 println!(
@@ -815,25 +815,6 @@ fn get(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// What `artifacts upload` asks for.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub(crate) struct UploadRequest {
-    pub(crate) session: Option<String>,
-    pub(crate) artifact: Option<String>,
-    pub(crate) all: bool,
-    pub(crate) retry_failed: bool,
-    pub(crate) multipart_threshold: Option<u64>,
-}
-
-/// What `artifacts pull` asks for.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct PullRequest {
-    pub(crate) session_id: String,
-    pub(crate) bucket: String,
-    pub(crate) prefix: Option<String>,
-    pub(crate) eager: bool,
 }
 
 /// An upload run on the data dir; returns the bucket and the report.
@@ -912,7 +893,7 @@ fn upload(ctx: &Ctx, place: Place<'_>, req: &UploadRequest) -> anyhow::Result<Ex
                 println!(
                     "uploaded {} ({}), {} already in s3://{bucket}, {} failed",
                     report.uploaded,
-                    crate::render::size(report.bytes),
+                    crate::output::size(report.bytes),
                     report.already_there,
                     report.failed.len()
                 );
@@ -1057,7 +1038,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 println!(
                     "session {} completed at {}",
                     s.session_id,
-                    render::time(s.completed_at)
+                    crate::output::time(s.completed_at)
                 );
             }
         }
@@ -1082,8 +1063,8 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 }
                 println!(
                     "started {}  completed {}",
-                    render::time(Some(s.started_at)),
-                    render::time(s.completed_at)
+                    crate::output::time(Some(s.started_at)),
+                    crate::output::time(s.completed_at)
                 );
                 println!(
                     "{} collections, {} artifacts, {} bytes, {} uploaded",

@@ -18,7 +18,7 @@ use eks_upgrade_agent::progress::NewTask;
 use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
 use crate::Ctx;
-use crate::progress::stdout_is_terminal;
+use crate::output::stdout_is_terminal;
 use crate::render::{self, Watcher};
 
 #[derive(Debug, Args)]
@@ -410,7 +410,7 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         v["tasks"] = serde_json::to_value(tracker.tasks(&upgrade_id)?)?;
         v["artifacts_session"] =
             serde_json::to_value(artifacts.session_summary(&session.session_id)?)?;
-        crate::progress::print_json(&v)?;
+        crate::output::print_json(&v)?;
     } else {
         let mut out = io::stdout().lock();
         writeln!(out)?;

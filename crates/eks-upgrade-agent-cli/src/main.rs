@@ -29,9 +29,11 @@ mod demo;
 mod help;
 mod kv;
 mod notify;
+mod output;
 mod progress;
 mod remote_artifacts;
 mod render;
+mod requests;
 mod serve;
 mod wait;
 
@@ -318,7 +320,7 @@ fn main() -> ExitCode {
                 let v = serde_json::json!({"error": {"code": code, "message": text}});
                 let _ = writeln!(io::stderr(), "{v}");
             } else {
-                let _ = writeln!(io::stderr(), "error: {}", render::printable(&text));
+                let _ = writeln!(io::stderr(), "error: {}", output::printable(&text));
             }
             ExitCode::FAILURE
         }

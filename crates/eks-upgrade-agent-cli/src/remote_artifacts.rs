@@ -13,7 +13,7 @@ use eks_upgrade_agent::artifacts::{
     PullReport, UploadReport, VerifyReport, export_session_from, plan_paths,
 };
 
-use crate::artifacts::{PullRequest, UploadRequest};
+use crate::requests::{PullRequest, UploadRequest};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
     ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact,

@@ -1,44 +1,20 @@
-//! Output made for people: the summary block, the task tree with bars, event lines, and the
-//! live `watch` view (indicatif bars on a terminal, event lines otherwise).
+//! Progress made for people: the summary block, the task tree with bars, event lines, and the
+//! live `watch` view (indicatif bars on a terminal, event lines otherwise). The generic helpers
+//! (escaping, widths, sizes, durations) are in [`crate::output`].
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::model::{ProgressEvent, ProgressStatus, ProgressSummary, Task, TaskDetail};
 
 use crate::Ctx;
-use crate::progress::{is_bad, stdout_is_terminal};
-
-/// `text` made safe for a terminal: control characters (C0, DEL, C1: escape sequences, bells,
-/// carriage returns, newlines) and the bidirectional overrides that can reorder what is shown
-/// are written as Rust-style escapes (`\u{1b}`, `\n`). Everything stored may come from
-/// elsewhere (imports, other processes, servers), so every string a table prints goes through
-/// this.
-pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    fn unsafe_char(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
-    if !text.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
+use crate::output::{
+    bar, duration, eta, fit, print_json, printable, stdout_is_terminal, time, truncate, width,
+};
 
 /// [`printable`] for an optional string, `-` when absent.
 fn opt(text: Option<&str>) -> std::borrow::Cow<'_, str> {
@@ -48,99 +24,6 @@ fn opt(text: Option<&str>) -> std::borrow::Cow<'_, str> {
 /// A JSON object as one printable line.
 fn json_line(map: &eks_upgrade_agent::model::JsonMap) -> String {
     printable(&serde_json::Value::Object(map.clone()).to_string()).into_owned()
-}
-
-/// The width tables fit: `COLUMNS` when set, else the terminal's; none (no truncation) when
-/// stdout is not a terminal and `COLUMNS` is unset.
-pub(crate) fn width() -> Option<usize> {
-    if let Some(n) = std::env::var("COLUMNS")
-        .ok()
-        .and_then(|c| c.trim().parse::<usize>().ok())
-        .filter(|n| *n >= 20)
-    {
-        return Some(n);
-    }
-    console::Term::stdout()
-        .size_checked()
-        .map(|(_, cols)| usize::from(cols))
-        .filter(|n| *n >= 20)
-}
-
-/// `line` cut to `width` characters, its end replaced by `…` when cut.
-pub(crate) fn fit(line: &str, width: Option<usize>) -> String {
-    let line = line.trim_end();
-    match width {
-        Some(w) if line.chars().count() > w => {
-            let mut t: String = line.chars().take(w - 1).collect();
-            t.push('…');
-            t
-        }
-        _ => line.to_owned(),
-    }
-}
-
-/// `812 B`, `2.9 MiB`, `1.2 GiB`.
-pub(crate) fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut v = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
-/// An estimate as a duration from now: `in 12m`, `in 1h 05m`, `in 3d 4h`, `now`; `-` for none.
-pub(crate) fn eta(t: Option<DateTime<Utc>>) -> String {
-    let Some(t) = t else { return "-".into() };
-    let secs = (t - Utc::now()).num_seconds();
-    if secs <= 0 {
-        return "now".into();
-    }
-    let (d, h, m) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60);
-    if d > 0 {
-        format!("in {d}d {h}h")
-    } else if h > 0 {
-        format!("in {h}h {m:02}m")
-    } else if m > 0 {
-        format!("in {m}m")
-    } else {
-        format!("in {secs}s")
-    }
-}
-
-/// `[#########-----------]` for a percentage.
-pub(crate) fn bar(pct: f64, width: usize) -> String {
-    let filled = ((pct / 100.0) * width as f64)
-        .round()
-        .clamp(0.0, width as f64) as usize;
-    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
-}
-
-pub(crate) fn time(t: Option<DateTime<Utc>>) -> String {
-    t.map_or_else(
-        || "-".into(),
-        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-    )
-}
-
-/// `1h 02m 03s`, `4m 05s`, `6.2s`.
-pub(crate) fn duration(secs: Option<f64>) -> String {
-    let Some(s) = secs else { return "-".into() };
-    if s < 60.0 {
-        return format!("{s:.1}s");
-    }
-    let s = s.round() as u64;
-    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    if h > 0 {
-        format!("{h}h {m:02}m {s:02}s")
-    } else {
-        format!("{m}m {s:02}s")
-    }
 }
 
 pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<()> {
@@ -319,6 +202,11 @@ pub(crate) fn task_tree(
         }
     }
     Ok(())
+}
+
+/// Statuses the table renderer marks as failures.
+fn is_bad(s: ProgressStatus) -> bool {
+    matches!(s, ProgressStatus::Failed | ProgressStatus::Cancelled)
 }
 
 /// Deepest level the tree indents; deeper tasks are drawn at this level, marked `·`.
@@ -638,7 +526,7 @@ impl<'a> Watcher<'a> {
         self.close();
         let s = tracker.summary(&upgrade)?;
         if ctx.json() {
-            crate::progress::print_json(&s)?;
+            print_json(&s)?;
         } else {
             let mut out = io::stdout().lock();
             writeln!(out)?;
@@ -686,31 +574,10 @@ fn refresh_bars(bars: &HashMap<String, ProgressBar>, tasks: &[Task]) {
     }
 }
 
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_owned()
-    } else {
-        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bars_and_durations() {
-        assert_eq!(bar(0.0, 4), "[----]");
-        assert_eq!(bar(50.0, 4), "[##--]");
-        assert_eq!(bar(100.0, 4), "[####]");
-        assert_eq!(duration(Some(6.25)), "6.2s");
-        assert_eq!(duration(Some(245.0)), "4m 05s");
-        assert_eq!(duration(Some(3723.0)), "1h 02m 03s");
-        assert_eq!(duration(None), "-");
-        assert_eq!(truncate("abcdef", 4), "abc…");
-    }
+    use chrono::Utc;
 
     #[test]
     fn a_deep_chain_renders_in_linear_time_without_recursion() {
@@ -796,33 +663,6 @@ mod tests {
         assert!(bars["nodes"].message().contains("65.0%"));
     }
 
-    #[test]
-    fn sizes_etas_and_fitting() {
-        assert_eq!(size(812), "812 B");
-        assert_eq!(size(3_040_870), "2.9 MiB");
-        assert_eq!(size(1 << 30), "1.0 GiB");
-        let now = Utc::now();
-        assert_eq!(eta(None), "-");
-        assert_eq!(eta(Some(now - chrono::Duration::seconds(5))), "now");
-        assert_eq!(
-            eta(Some(now + chrono::Duration::seconds(12 * 60 + 30))),
-            "in 12m"
-        );
-        assert_eq!(
-            eta(Some(now + chrono::Duration::seconds(3900 + 30))),
-            "in 1h 05m"
-        );
-        assert_eq!(
-            eta(Some(
-                now + chrono::Duration::seconds(3 * 86_400 + 4 * 3600 + 30)
-            )),
-            "in 3d 4h"
-        );
-        assert_eq!(fit("abcdef", Some(4)), "abc…");
-        assert_eq!(fit("abc  ", Some(4)), "abc");
-        assert_eq!(fit("abcdef", None), "abcdef");
-    }
-
     /// "The watch header fits one line at 80 columns": id (16) + ` [` + bar (10) + `] ` +
     /// message, for the widest message there can be.
     #[test]
@@ -857,15 +697,5 @@ mod tests {
         let msg = watch_header(&s);
         let line = 16 + 2 + 10 + 2 + msg.chars().count();
         assert!(line <= 80, "{line}: {msg}");
-    }
-
-    #[test]
-    fn unprintable_characters_are_escaped() {
-        assert_eq!(printable("plain ünïcode ✔"), "plain ünïcode ✔");
-        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
-        assert_eq!(printable("bell\u{7}\u{9b}31m"), "bell\\u{7}\\u{9b}31m");
-        assert_eq!(printable("l1\nl2\tx\ry"), r"l1\nl2\tx\ry");
-        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
-        assert_eq!(printable("\u{7f}"), "\\u{7f}");
     }
 }

@@ -18,6 +18,7 @@ mod remote;
 mod s3;
 mod s3_settings;
 mod settings;
+mod structure;
 mod tables;
 mod terminal;
 mod trust;
