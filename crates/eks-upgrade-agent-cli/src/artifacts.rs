@@ -21,10 +21,11 @@ use eks_upgrade_agent::units::{parse_duration, parse_size};
 use crate::Access;
 use crate::Ctx;
 use crate::kv::{parse_kv, parse_kv_json, to_map};
-use crate::progress::print_json;
+use crate::output::print_json;
+use crate::output::printable;
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
-use crate::render;
-use crate::render::printable;
+use crate::requests::{PullRequest, UploadRequest};
+use eks_upgrade_agent::store::IdKind;
 
 /// S3 settings, global flags.
 #[derive(Debug, Args)]
@@ -323,13 +324,48 @@ fn track(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
     }
 }
 
-fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
-    writeln!(
-        out,
-        "{}  {:<13}  {:>10}  {}  {}{}",
-        printable(&a.artifact_id),
+/// The AWS cause every failure shares ("no AWS credentials found (...)", "access denied to
+/// s3://b", "bucket b does not exist"), when there are failures and they all share one.
+fn common_cause(failed: &[(String, String)]) -> Option<&str> {
+    const CAUSES: [&str; 3] = [
+        "no AWS credentials found",
+        "access denied to s3://",
+        "bucket ",
+    ];
+    let cause_of = |e: &'_ str| -> Option<usize> {
+        CAUSES
+            .iter()
+            .filter_map(|c| e.rfind(&format!(": {c}")).map(|i| i + 2))
+            .max()
+    };
+    let (_, first) = failed.first()?;
+    let start = cause_of(first)?;
+    let cause = first[start..]
+        .split("; check")
+        .next()
+        .unwrap_or(&first[start..]);
+    failed
+        .iter()
+        .all(|(_, e)| cause_of(e).is_some_and(|i| e[i..].starts_with(cause)))
+        .then_some(cause)
+}
+
+/// The header row of [`artifact_line`]s.
+fn artifact_header(out: &mut impl Write) -> io::Result<()> {
+    let line = format!(
+        "{:<12}  {:<13}  {:>10}  {:<19}  NAME",
+        "ID", "TYPE", "SIZE", "CREATED (UTC)"
+    );
+    writeln!(out, "{}", crate::output::fit(&line, crate::output::width()))
+}
+
+/// One artifact in a table, its id in its shortest unambiguous form, its size for people.
+fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> io::Result<()> {
+    let line = format!(
+        "{:<12}  {:<13}  {:>10}  {}  {}{}",
+        printable(&m.short(IdKind::Artifact, &a.artifact_id)),
         a.artifact_type.as_str(),
-        a.file_size,
+        crate::output::size(a.file_size),
         a.created_at.format("%Y-%m-%d %H:%M:%S"),
         printable(&a.name),
         if a.tags.is_empty() {
@@ -337,7 +373,8 @@ fn artifact_line(out: &mut impl Write, a: &TestArtifact) -> io::Result<()> {
         } else {
             format!("  [{}]", printable(&a.tags.join(", ")))
         }
-    )
+    );
+    writeln!(out, "{}", crate::output::fit(&line, crate::output::width()))
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
@@ -364,13 +401,71 @@ enum Place<'a> {
     Remote(&'a RemoteArtifacts),
 }
 
+/// Replaces each session, collection and artifact id of `cmd` by the full id it abbreviates
+/// (a unique prefix, or a unique suffix of 6+ characters); an ambiguous one fails listing the
+/// candidates. `pull` keeps its session id: that session is in S3, not here.
+fn resolve_ids(m: &dyn Artifacts, cmd: &mut ArtifactsCmd) -> eks_upgrade_agent::Result<()> {
+    use IdKind::{Artifact, Collection, Session};
+    let one = |kind, id: &mut String| -> eks_upgrade_agent::Result<()> {
+        *id = m.resolve(kind, id)?;
+        Ok(())
+    };
+    let opt = |kind, id: &mut Option<String>| -> eks_upgrade_agent::Result<()> {
+        if let Some(id) = id {
+            *id = m.resolve(kind, id)?;
+        }
+        Ok(())
+    };
+    match cmd {
+        ArtifactsCmd::Session(SessionCmd::Complete { session } | SessionCmd::Show { session })
+        | ArtifactsCmd::Collection(
+            CollectionCmd::Create { session, .. } | CollectionCmd::List { session },
+        )
+        | ArtifactsCmd::Export { session, .. } => one(Session, session)?,
+        ArtifactsCmd::Add {
+            session,
+            collection,
+            ..
+        } => {
+            one(Session, session)?;
+            one(Collection, collection)?;
+        }
+        ArtifactsCmd::Search {
+            session,
+            collection,
+            ..
+        } => {
+            opt(Session, session)?;
+            opt(Collection, collection)?;
+        }
+        ArtifactsCmd::Stats { session } => opt(Session, session)?,
+        ArtifactsCmd::Show { artifact }
+        | ArtifactsCmd::Get { artifact, .. }
+        | ArtifactsCmd::Delete { artifact } => one(Artifact, artifact)?,
+        ArtifactsCmd::Upload {
+            session, artifact, ..
+        } => {
+            opt(Session, session)?;
+            opt(Artifact, artifact)?;
+        }
+        ArtifactsCmd::Session(SessionCmd::Create { .. } | SessionCmd::List { .. })
+        | ArtifactsCmd::Pull { .. }
+        | ArtifactsCmd::Verify
+        | ArtifactsCmd::Cleanup { .. }
+        | ArtifactsCmd::Apply
+        | ArtifactsCmd::Gc => {}
+    }
+    Ok(())
+}
+
 /// Runs `cmd` on `m`, which is the one at `place`.
 fn run_on(
     ctx: &Ctx,
     m: &dyn Artifacts,
     place: Place<'_>,
-    cmd: ArtifactsCmd,
+    mut cmd: ArtifactsCmd,
 ) -> anyhow::Result<ExitCode> {
+    resolve_ids(m, &mut cmd)?;
     match cmd {
         ArtifactsCmd::Session(c) => session(ctx, m, c),
         ArtifactsCmd::Collection(c) => collection(ctx, m, c),
@@ -434,15 +529,18 @@ fn run_on(
                 print_json(&added)?;
             } else {
                 let mut out = io::stdout().lock();
+                if !added.is_empty() {
+                    artifact_header(&mut out)?;
+                }
                 for a in &added {
-                    artifact_line(&mut out, a)?;
+                    artifact_line(&mut out, m, a)?;
                 }
                 writeln!(
                     out,
-                    "added {} artifact{} ({} bytes)",
+                    "added {} artifact{} ({})",
                     added.len(),
                     if added.len() == 1 { "" } else { "s" },
-                    added.iter().map(|a| a.file_size).sum::<u64>()
+                    crate::output::size(added.iter().map(|a| a.file_size).sum::<u64>())
                 )?;
             }
             Ok(ExitCode::SUCCESS)
@@ -651,7 +749,7 @@ fn run_on(
                         if e.upgrade_failed { ", failed" } else { "" },
                         e.artifacts,
                         e.bytes,
-                        render::time(Some(e.expired_at))
+                        crate::output::time(Some(e.expired_at))
                     );
                 }
                 println!(
@@ -719,25 +817,6 @@ fn get(
     Ok(ExitCode::SUCCESS)
 }
 
-/// What `artifacts upload` asks for.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub(crate) struct UploadRequest {
-    pub(crate) session: Option<String>,
-    pub(crate) artifact: Option<String>,
-    pub(crate) all: bool,
-    pub(crate) retry_failed: bool,
-    pub(crate) multipart_threshold: Option<u64>,
-}
-
-/// What `artifacts pull` asks for.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct PullRequest {
-    pub(crate) session_id: String,
-    pub(crate) bucket: String,
-    pub(crate) prefix: Option<String>,
-    pub(crate) eager: bool,
-}
-
 /// An upload run on the data dir; returns the bucket and the report.
 #[cfg(feature = "aws")]
 fn upload_local(
@@ -800,15 +879,28 @@ fn upload(ctx: &Ctx, place: Place<'_>, req: &UploadRequest) -> anyhow::Result<Ex
     if ctx.json() {
         print_json(&report)?;
     } else {
-        println!(
-            "uploaded {} ({} bytes), {} already in s3://{bucket}, {} failed",
-            report.uploaded,
-            report.bytes,
-            report.already_there,
-            report.failed.len()
-        );
-        for (id, e) in &report.failed {
-            eprintln!("error: artifact {id}: {}", printable(&e.to_string()));
+        let total = report.uploaded + report.already_there + report.failed.len() as u64;
+        match common_cause(&report.failed) {
+            // The same AWS failure for every artifact: said once.
+            Some(cause) => {
+                println!(
+                    "{}/{total} uploaded: {}",
+                    report.uploaded + report.already_there,
+                    printable(cause)
+                );
+            }
+            None => {
+                println!(
+                    "uploaded {} ({}), {} already in s3://{bucket}, {} failed",
+                    report.uploaded,
+                    crate::output::size(report.bytes),
+                    report.already_there,
+                    report.failed.len()
+                );
+                for (id, e) in &report.failed {
+                    eprintln!("error: artifact {id}: {}", printable(&e.to_string()));
+                }
+            }
         }
     }
     Ok(if report.failed.is_empty() {
@@ -858,11 +950,14 @@ fn search(
     let next = loop {
         let page = m.search_page(&q)?;
         for a in &page.artifacts {
+            if shown == 0 && !ctx.json() {
+                artifact_header(&mut out)?;
+            }
             if ctx.json() {
                 write!(out, "{}\n  ", if shown == 0 { "" } else { "," })?;
                 serde_json::to_writer(&mut out, a)?;
             } else {
-                artifact_line(&mut out, a)?;
+                artifact_line(&mut out, m, a)?;
             }
             shown += 1;
         }
@@ -943,7 +1038,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 println!(
                     "session {} completed at {}",
                     s.session_id,
-                    render::time(s.completed_at)
+                    crate::output::time(s.completed_at)
                 );
             }
         }
@@ -968,8 +1063,8 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 }
                 println!(
                     "started {}  completed {}",
-                    render::time(Some(s.started_at)),
-                    render::time(s.completed_at)
+                    crate::output::time(Some(s.started_at)),
+                    crate::output::time(s.completed_at)
                 );
                 println!(
                     "{} collections, {} artifacts, {} bytes, {} uploaded",
@@ -984,7 +1079,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 for c in &collections {
                     println!(
                         "collection {}  {}{}",
-                        c.collection_id,
+                        printable(&m.short(IdKind::Collection, &c.collection_id)),
                         printable(&c.name),
                         c.task_id
                             .as_deref()
@@ -1004,7 +1099,7 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 for s in &list {
                     println!(
                         "{}  {:<40}  upgrade {:<20}  {}",
-                        s.session_id,
+                        printable(&m.short(IdKind::Session, &s.session_id)),
                         printable(&s.name),
                         printable(&s.upgrade_id),
                         if s.completed_at.is_some() {
@@ -1042,7 +1137,11 @@ fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Resul
                 print_json(&list)?;
             } else {
                 for c in &list {
-                    println!("{}  {}", c.collection_id, printable(&c.name));
+                    println!(
+                        "{}  {}",
+                        printable(&m.short(IdKind::Collection, &c.collection_id)),
+                        printable(&c.name)
+                    );
                 }
             }
         }

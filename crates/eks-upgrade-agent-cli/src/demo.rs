@@ -18,7 +18,7 @@ use eks_upgrade_agent::progress::NewTask;
 use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
 use crate::Ctx;
-use crate::progress::stdout_is_terminal;
+use crate::output::stdout_is_terminal;
 use crate::render::{self, Watcher};
 
 #[derive(Debug, Args)]
@@ -385,8 +385,9 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
             sim.artifacts.complete_session(&sim.session_id)?;
             Ok(())
         });
-        if live {
-            let mut watcher = Watcher::new(tracker.as_ref(), &upgrade_id, true)?;
+        // On a terminal, live bars; otherwise one timestamped line per event (CI logs).
+        if live || !ctx.json() {
+            let mut watcher = Watcher::new(tracker.as_ref(), &upgrade_id, live)?;
             while !worker.is_finished() {
                 watcher.poll(ctx)?;
                 std::thread::sleep(Duration::from_millis(80));
@@ -409,7 +410,7 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         v["tasks"] = serde_json::to_value(tracker.tasks(&upgrade_id)?)?;
         v["artifacts_session"] =
             serde_json::to_value(artifacts.session_summary(&session.session_id)?)?;
-        crate::progress::print_json(&v)?;
+        crate::output::print_json(&v)?;
     } else {
         let mut out = io::stdout().lock();
         writeln!(out)?;

@@ -226,8 +226,8 @@ fn tidy(mut cmd: Command, path: &str, globals: &[(clap::Arg, &'static str)]) -> 
         after.push_str(&format!("Examples:\n  eks-upgrade-agent {e}\n\n"));
     }
     after.push_str(
-        "Global options (--data-dir, -o/--output, --server, --token, --config, --durability): \
-         see eks-upgrade-agent --help",
+        "Global options (--data-dir, -o/--output, --server, --token, --config, --durability, \
+         -v): see eks-upgrade-agent --help",
     );
     cmd = cmd.after_help(after);
     let subs: Vec<String> = cmd

@@ -29,9 +29,11 @@ mod demo;
 mod help;
 mod kv;
 mod notify;
+mod output;
 mod progress;
 mod remote_artifacts;
 mod render;
+mod requests;
 mod serve;
 mod wait;
 
@@ -72,6 +74,11 @@ struct Cli {
         hide_env_values = true
     )]
     tokens: Vec<String>,
+
+    /// More log output on stderr: -v adds the AWS SDK's and libraries' warnings, -vv info,
+    /// -vvv debug (EUA_LOG or RUST_LOG, e.g. `aws_config=debug`, override)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
 
     #[command(flatten)]
     notify: notify::NotifyArgs,
@@ -272,16 +279,30 @@ impl Ctx {
     }
 }
 
+/// The log filter: EUA_LOG, else RUST_LOG, else by `-v`: without it only this program's own
+/// warnings (the AWS SDK and HTTP libraries stay quiet: their failures reach the user as one
+/// summarised error), `-v` everyone's warnings, `-vv` info, `-vvv` debug.
+fn log_filter(verbose: u8) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    EnvFilter::try_from_env("EUA_LOG")
+        .or_else(|_| EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| {
+            EnvFilter::new(match verbose {
+                0 => "off,eks_upgrade_agent=warn,eks_upgrade_agent_server=warn",
+                1 => "warn",
+                2 => "info",
+                _ => "debug",
+            })
+        })
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EUA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(io::stderr)
-        .init();
     let matches = help::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter(cli.verbose))
+        .with_writer(io::stderr)
+        .init();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -299,7 +320,7 @@ fn main() -> ExitCode {
                 let v = serde_json::json!({"error": {"code": code, "message": text}});
                 let _ = writeln!(io::stderr(), "{v}");
             } else {
-                let _ = writeln!(io::stderr(), "error: {}", render::printable(&text));
+                let _ = writeln!(io::stderr(), "error: {}", output::printable(&text));
             }
             ExitCode::FAILURE
         }

@@ -14,7 +14,7 @@ use eks_upgrade_agent::notify::otlp::{self, OtlpSettings};
 use eks_upgrade_agent::notify::{Dispatcher, Format};
 
 use crate::Ctx;
-use crate::progress::print_json;
+use crate::output::print_json;
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = crate::help::NOTIFY_HEADING)]
@@ -117,7 +117,7 @@ pub(crate) fn dispatcher_or_warn(ctx: &Ctx, store: &Arc<SqliteStore>) -> Option<
         Err(e) => {
             eprintln!(
                 "warning: notifications are kept in the outbox but not sent: {}",
-                crate::render::printable(&format!("{e:#}"))
+                crate::output::printable(&format!("{e:#}"))
             );
             None
         }
@@ -144,7 +144,7 @@ pub(crate) fn after_commit(ctx: &Ctx, store: &Arc<SqliteStore>) {
         }
         Err(e) => eprintln!(
             "warning: notifications not delivered yet: {}",
-            crate::render::printable(&format!("{e:#}"))
+            crate::output::printable(&format!("{e:#}"))
         ),
     }
 }
@@ -176,7 +176,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: NotifyCmd) -> anyhow::Result<ExitCode> {
                             .unwrap_or_default(),
                         s.last_error
                             .as_ref()
-                            .map(|e| format!("; last error: {}", crate::render::printable(e)))
+                            .map(|e| format!("; last error: {}", crate::output::printable(e)))
                             .unwrap_or_default()
                     );
                 }
@@ -201,7 +201,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: NotifyCmd) -> anyhow::Result<ExitCode> {
                     println!(
                         "{}: {}",
                         s.sink,
-                        crate::render::printable(s.last_error.as_deref().unwrap_or(""))
+                        crate::output::printable(s.last_error.as_deref().unwrap_or(""))
                     );
                 }
             }

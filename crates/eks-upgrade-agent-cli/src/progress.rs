@@ -1,7 +1,7 @@
 //! `eks-upgrade-agent progress ...`: every progress operation of the library, one subcommand
 //! each, plus `events`, `watch`, `export`, `import` and `apply`.
 
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,12 +11,13 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use eks_upgrade_agent::ProgressTracker;
-use eks_upgrade_agent::model::{ProgressStatus, TaskType};
+use eks_upgrade_agent::model::TaskType;
 use eks_upgrade_agent::progress::apply::{self, ApplyOptions};
 use eks_upgrade_agent::progress::{Command, NewTask, reference};
 use eks_upgrade_agent::store::Committed;
 
 use crate::kv::{parse_kv, parse_kv_json, to_map};
+use crate::output::print_json;
 use crate::render;
 use crate::{Access, Backend, Ctx, Output};
 
@@ -386,13 +387,6 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
-}
-
 /// Prints the outcome of a mutation: the upgrade's summary or the task, with the seq.
 fn mutated(
     ctx: &Ctx,
@@ -624,6 +618,9 @@ fn events(
     // Follow: poll the store, so events written by other processes show up too.
     let mut since = since;
     let mut out = io::stdout().lock();
+    if !ctx.json() {
+        render::event_header(&mut out)?;
+    }
     loop {
         let page = tracker.events_since(Some(upgrade), since, 1000)?;
         for e in &page {
@@ -662,6 +659,8 @@ fn print_events(
     let mut printed = 0usize;
     if ctx.json() {
         out.write_all(b"[")?;
+    } else {
+        render::event_header(&mut out)?;
     }
     let mut remaining = limit.unwrap_or(usize::MAX);
     while remaining > 0 {
@@ -733,11 +732,11 @@ fn wait(
         }))?;
         return Ok(outcome.exit_code());
     }
-    let id = render::printable(upgrade);
+    let id = crate::output::printable(upgrade);
     let phase = s
         .current_phase
         .as_deref()
-        .map(|p| format!(", phase {}", render::printable(p)))
+        .map(|p| format!(", phase {}", crate::output::printable(p)))
         .unwrap_or_default();
     match outcome {
         Outcome::Reached => println!("upgrade {id}: {condition} ({}{phase})", s.status),
@@ -746,12 +745,12 @@ fn wait(
             s.status,
             s.error_message
                 .as_deref()
-                .map(|e| format!(": {}", render::printable(e)))
+                .map(|e| format!(": {}", crate::output::printable(e)))
                 .unwrap_or_default()
         ),
         Outcome::TimedOut => eprintln!(
             "timed out after {}: upgrade {id} is {}{phase}, not yet {condition}",
-            render::duration(timeout.map(|t| t.as_secs_f64())),
+            crate::output::duration(timeout.map(|t| t.as_secs_f64())),
             s.status
         ),
     }
@@ -800,14 +799,4 @@ fn export(
         println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Statuses the table renderer colours as failures.
-pub(crate) fn is_bad(s: ProgressStatus) -> bool {
-    matches!(s, ProgressStatus::Failed | ProgressStatus::Cancelled)
-}
-
-/// True when stdout is a terminal (progress bars and colours only then).
-pub(crate) fn stdout_is_terminal() -> bool {
-    io::stdout().is_terminal()
 }

@@ -13,17 +13,26 @@ use eks_upgrade_agent::artifacts::{
     PullReport, UploadReport, VerifyReport, export_session_from, plan_paths,
 };
 
-use crate::artifacts::{PullRequest, UploadRequest};
+use crate::requests::{PullRequest, UploadRequest};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
     ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact,
     TestSession,
 };
+use eks_upgrade_agent::store::IdKind;
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{Error, Result, TestArtifactsManager};
 
 /// What the `artifacts` commands need from where artifacts live.
 pub(crate) trait Artifacts {
+    /// The full id an abbreviation names (a unique prefix, or suffix of 6+ characters).
+    fn resolve(&self, kind: IdKind, abbrev: &str) -> Result<String>;
+    /// The shortest form of `id` that [`Artifacts::resolve`] takes back to it (the id itself
+    /// when that cannot be told, e.g. from a server).
+    fn short(&self, kind: IdKind, id: &str) -> String {
+        let _ = kind;
+        id.to_owned()
+    }
     fn create_session(&self, new: NewSession) -> Result<TestSession>;
     fn complete_session(&self, id: &str) -> Result<TestSession>;
     fn session_summary(&self, id: &str) -> Result<SessionSummary>;
@@ -73,6 +82,12 @@ impl Artifacts for TestArtifactsManager {
     }
     fn complete_session(&self, id: &str) -> Result<TestSession> {
         TestArtifactsManager::complete_session(self, id)
+    }
+    fn resolve(&self, kind: IdKind, abbrev: &str) -> Result<String> {
+        TestArtifactsManager::resolve_id(self, kind, abbrev)
+    }
+    fn short(&self, kind: IdKind, id: &str) -> String {
+        self.abbreviate(kind, id).unwrap_or_else(|_| id.to_owned())
     }
     fn session_summary(&self, id: &str) -> Result<SessionSummary> {
         TestArtifactsManager::session_summary(self, id)
@@ -264,6 +279,12 @@ impl Artifacts for RemoteArtifacts {
         from_value(self.send("POST", &format!("/api/v1/sessions/{}/complete", encode(id)))?)
     }
 
+    fn resolve(&self, kind: IdKind, abbrev: &str) -> Result<String> {
+        let mut v: Value =
+            self.store
+                .get_json(&format!("/api/v1/ids/{}/{}", kind.as_str(), encode(abbrev)))?;
+        from_value(v["id"].take())
+    }
     fn session_summary(&self, id: &str) -> Result<SessionSummary> {
         let mut v: Value = self
             .store

@@ -1,44 +1,20 @@
-//! Output made for people: the summary block, the task tree with bars, event lines, and the
-//! live `watch` view (indicatif bars on a terminal, event lines otherwise).
+//! Progress made for people: the summary block, the task tree with bars, event lines, and the
+//! live `watch` view (indicatif bars on a terminal, event lines otherwise). The generic helpers
+//! (escaping, widths, sizes, durations) are in [`crate::output`].
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::model::{ProgressEvent, ProgressStatus, ProgressSummary, Task, TaskDetail};
 
 use crate::Ctx;
-use crate::progress::{is_bad, stdout_is_terminal};
-
-/// `text` made safe for a terminal: control characters (C0, DEL, C1: escape sequences, bells,
-/// carriage returns, newlines) and the bidirectional overrides that can reorder what is shown
-/// are written as Rust-style escapes (`\u{1b}`, `\n`). Everything stored may come from
-/// elsewhere (imports, other processes, servers), so every string a table prints goes through
-/// this.
-pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    fn unsafe_char(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
-    if !text.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
+use crate::output::{
+    bar, duration, eta, fit, print_json, printable, stdout_is_terminal, time, truncate, width,
+};
 
 /// [`printable`] for an optional string, `-` when absent.
 fn opt(text: Option<&str>) -> std::borrow::Cow<'_, str> {
@@ -48,36 +24,6 @@ fn opt(text: Option<&str>) -> std::borrow::Cow<'_, str> {
 /// A JSON object as one printable line.
 fn json_line(map: &eks_upgrade_agent::model::JsonMap) -> String {
     printable(&serde_json::Value::Object(map.clone()).to_string()).into_owned()
-}
-
-/// `[#########-----------]` for a percentage.
-pub(crate) fn bar(pct: f64, width: usize) -> String {
-    let filled = ((pct / 100.0) * width as f64)
-        .round()
-        .clamp(0.0, width as f64) as usize;
-    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
-}
-
-pub(crate) fn time(t: Option<DateTime<Utc>>) -> String {
-    t.map_or_else(
-        || "-".into(),
-        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-    )
-}
-
-/// `1h 02m 03s`, `4m 05s`, `6.2s`.
-pub(crate) fn duration(secs: Option<f64>) -> String {
-    let Some(s) = secs else { return "-".into() };
-    if s < 60.0 {
-        return format!("{s:.1}s");
-    }
-    let s = s.round() as u64;
-    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    if h > 0 {
-        format!("{h}h {m:02}m {s:02}s")
-    } else {
-        format!("{m}m {s:02}s")
-    }
 }
 
 pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<()> {
@@ -113,7 +59,7 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
         time(s.started_at),
         time(s.completed_at),
         duration(s.duration),
-        time(s.estimated_completion)
+        eta(s.estimated_completion)
     )?;
     if let Some(c) = &s.current_task {
         writeln!(
@@ -174,11 +120,12 @@ pub(crate) fn task_tree(
         .max()
         .unwrap_or(4)
         .clamp(4, 60);
-    writeln!(
-        out,
+    let w = width();
+    let header = format!(
         "{:<name_width$}  {:<12}   {:<10}  {:<30}  {:>7}  {:>9}",
         "TASK", "TYPE", "STATUS", "PROGRESS", "STEPS", "DURATION"
-    )?;
+    );
+    writeln!(out, "{}", fit(&header, w))?;
     // (task, prefix of its line, last among its siblings, top level), in print order.
     let mut todo: Vec<(usize, String, bool, bool)> = roots
         .iter()
@@ -207,8 +154,7 @@ pub(crate) fn task_tree(
             None => "-".into(),
         };
         let mark = if is_bad(t.status) { "!" } else { " " };
-        writeln!(
-            out,
+        let line = format!(
             "{label:<name_width$}  {:<12}  {mark}{:<10}  {} {:>6.1}%  {steps:>7}  {:>9}{}",
             t.task_type.as_str(),
             t.status.as_str(),
@@ -224,7 +170,8 @@ pub(crate) fn task_tree(
                 Some(1) => "  1 artifact".into(),
                 Some(n) => format!("  {n} artifacts"),
             }
-        )?;
+        );
+        writeln!(out, "{}", fit(&line, w))?;
         let pad = if top || deep {
             prefix
         } else if last {
@@ -233,13 +180,21 @@ pub(crate) fn task_tree(
             format!("{prefix}│  ")
         };
         if let Some(e) = &t.error_message {
-            writeln!(out, "{pad}   error: {}", printable(e))?;
+            writeln!(
+                out,
+                "{}",
+                fit(&format!("{pad}   error: {}", printable(e)), w)
+            )?;
         } else if let Some(step) = t
             .current_step
             .as_ref()
             .filter(|_| t.status == ProgressStatus::InProgress)
         {
-            writeln!(out, "{pad}   now: {}", printable(step))?;
+            writeln!(
+                out,
+                "{}",
+                fit(&format!("{pad}   now: {}", printable(step)), w)
+            )?;
         }
         let kids = &children[i];
         for (n, &k) in kids.iter().enumerate().rev() {
@@ -249,6 +204,11 @@ pub(crate) fn task_tree(
     Ok(())
 }
 
+/// Statuses the table renderer marks as failures.
+fn is_bad(s: ProgressStatus) -> bool {
+    matches!(s, ProgressStatus::Failed | ProgressStatus::Cancelled)
+}
+
 /// Deepest level the tree indents; deeper tasks are drawn at this level, marked `·`.
 const MAX_INDENT: usize = 12;
 
@@ -256,26 +216,60 @@ pub(crate) fn upgrade_list(out: &mut impl Write, list: &[ProgressSummary]) -> io
     if list.is_empty() {
         return writeln!(out, "no upgrades");
     }
-    writeln!(
-        out,
-        "{:<24}  {:<20}  {:<11}  {:<16}  {:<30}  {:>5}  ETA",
-        "UPGRADE", "CLUSTER", "STATUS", "PHASE", "PROGRESS", "TASKS"
-    )?;
+    let w = width();
+    // Below 100 columns: narrower id, cluster and phase columns and no bar (the percentage
+    // stays), so a row fits 80; then any line still too long is cut with `…`.
+    let narrow = w.is_some_and(|n| n < 100);
+    let (id_max, cluster_max, phase_width) = if narrow { (16, 12, 10) } else { (24, 20, 16) };
+    let id_width = list
+        .iter()
+        .map(|s| printable(&s.upgrade_id).chars().count())
+        .max()
+        .unwrap_or(7)
+        .clamp(7, id_max);
+    let cluster_width = list
+        .iter()
+        .map(|s| printable(&s.cluster_name).chars().count())
+        .max()
+        .unwrap_or(7)
+        .clamp(7, cluster_max);
+    let progress_width = if narrow { 6 } else { 29 };
+    let header = format!(
+        "{:<id_width$}  {:<cluster_width$}  {:<11}  {:<phase_width$}  {:<progress_width$}  {:>5}  ETA",
+        "UPGRADE", "CLUSTER", "STATUS", "PHASE", "PROGRESS", "TASKS",
+    );
+    writeln!(out, "{}", fit(&header, w))?;
     for s in list {
-        writeln!(
-            out,
-            "{:<24}  {:<20}  {:<11}  {:<16}  {} {:>6.1}%  {:>5}  {}",
-            printable(&s.upgrade_id),
-            printable(&s.cluster_name),
+        let progress = if narrow {
+            format!("{:>5.1}%", s.overall_percentage)
+        } else {
+            format!(
+                "{} {:>6.1}%",
+                bar(s.overall_percentage, 20),
+                s.overall_percentage
+            )
+        };
+        let line = format!(
+            "{:<id_width$}  {:<cluster_width$}  {:<11}  {:<phase_width$}  {progress:<progress_width$}  {:>5}  {}",
+            cut(&printable(&s.upgrade_id), id_width),
+            cut(&printable(&s.cluster_name), cluster_width),
             s.status.as_str(),
-            opt(s.current_phase.as_deref()),
-            bar(s.overall_percentage, 20),
-            s.overall_percentage,
+            cut(&opt(s.current_phase.as_deref()), phase_width),
             s.total_tasks,
-            time(s.estimated_completion)
-        )?;
+            if s.status.is_terminal() {
+                "-".into()
+            } else {
+                eta(s.estimated_completion)
+            }
+        );
+        writeln!(out, "{}", fit(&line, w))?;
     }
     Ok(())
+}
+
+/// `s` cut to `n` characters with `…`.
+fn cut(s: &str, n: usize) -> String {
+    truncate(s, n)
 }
 
 pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
@@ -323,24 +317,34 @@ pub(crate) fn task_detail(out: &mut impl Write, d: &TaskDetail) -> io::Result<()
     Ok(())
 }
 
+/// The header row of [`event_line`]s.
+pub(crate) fn event_header(out: &mut impl Write) -> io::Result<()> {
+    let line = format!(
+        "{:>8}  {:<24}  {:<21}  {:<24}  {:<11}  {:>6}  MESSAGE",
+        "SEQ", "TIME", "KIND", "TASK", "STATUS", "PCT"
+    );
+    writeln!(out, "{}", fit(&line, width()))
+}
+
+/// One event on one line, with its date and time (UTC): what `events`, and `watch` and `demo`
+/// when not on a terminal (CI logs), print.
 pub(crate) fn event_line(out: &mut impl Write, e: &ProgressEvent) -> io::Result<()> {
-    write!(
-        out,
+    let mut line = format!(
         "{:>8}  {}  {:<21}  {:<24}  {:<11}  {:>5.1}%",
         e.seq,
-        e.timestamp.format("%H:%M:%S%.3f"),
+        e.timestamp.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
         e.kind.as_str(),
         opt(e.task_id.as_deref()),
         e.status.as_str(),
         e.percentage
-    )?;
+    );
     if let Some(m) = &e.message {
-        write!(out, "  {}", printable(m))?;
+        line.push_str(&format!("  {}", printable(m)));
     }
     if !e.details.is_empty() {
-        write!(out, "  {}", json_line(&e.details))?;
+        line.push_str(&format!("  {}", json_line(&e.details)));
     }
-    writeln!(out)
+    writeln!(out, "{}", fit(&line, width()))
 }
 
 /// Live view until the upgrade ends. Polls the store, so changes by other processes show.
@@ -387,15 +391,11 @@ impl<'a> Watcher<'a> {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
             let overall = multi.add(ProgressBar::new(1000));
             overall.set_style(
-                ProgressStyle::with_template("{prefix:.bold} [{bar:40.cyan/blue}] {msg}")
+                ProgressStyle::with_template("{prefix:.bold} [{wide_bar:.cyan/blue}] {msg}")
                     .expect("valid template")
                     .progress_chars("##-"),
             );
-            overall.set_prefix(format!(
-                "{} ({})",
-                printable(&summary.upgrade_id),
-                printable(&summary.cluster_name)
-            ));
+            overall.set_prefix(truncate(&printable(&summary.upgrade_id), 16));
             Bars {
                 multi,
                 overall,
@@ -436,21 +436,7 @@ impl<'a> Watcher<'a> {
         if let Some(b) = &self.bars {
             b.overall
                 .set_position((s.overall_percentage * 10.0).round() as u64);
-            b.overall.set_message(format!(
-                "{:>5.1}%  {}  phase {}  {}/{} tasks done{}  eta {}",
-                s.overall_percentage,
-                s.status,
-                opt(s.current_phase.as_deref()),
-                s.completed_tasks,
-                s.total_tasks,
-                if s.failed_tasks > 0 {
-                    format!(", {} failed", s.failed_tasks)
-                } else {
-                    String::new()
-                },
-                s.estimated_completion
-                    .map_or_else(|| "-".into(), |t| t.format("%H:%M:%S").to_string())
-            ));
+            b.overall.set_message(watch_header(&s));
         }
         Ok(s.status.is_terminal() && s.last_seq <= self.since)
     }
@@ -540,7 +526,7 @@ impl<'a> Watcher<'a> {
         self.close();
         let s = tracker.summary(&upgrade)?;
         if ctx.json() {
-            crate::progress::print_json(&s)?;
+            print_json(&s)?;
         } else {
             let mut out = io::stdout().lock();
             writeln!(out)?;
@@ -549,6 +535,30 @@ impl<'a> Watcher<'a> {
         Ok(s)
     }
 }
+
+/// The message of `watch`'s top line (`45% in_progress planning 3/10 1✘ in 12m`): at most
+/// [`WATCH_HEADER_MAX`] characters, so that with the id (16) and a bar of 10 the line fits 80
+/// columns; the bar takes what the terminal has left.
+fn watch_header(s: &ProgressSummary) -> String {
+    let text = format!(
+        "{:.0}% {} {} {}/{}{} {}",
+        s.overall_percentage,
+        s.status,
+        truncate(&opt(s.current_phase.as_deref()), 10),
+        s.completed_tasks,
+        s.total_tasks,
+        if s.failed_tasks > 0 {
+            format!(" {}✘", s.failed_tasks)
+        } else {
+            String::new()
+        },
+        eta(s.estimated_completion)
+    );
+    truncate(&text, WATCH_HEADER_MAX)
+}
+
+/// Longest `watch` header message.
+const WATCH_HEADER_MAX: usize = 50;
 
 /// Sets each task bar to its task's current (rolled-up) percentage.
 fn refresh_bars(bars: &HashMap<String, ProgressBar>, tasks: &[Task]) {
@@ -564,31 +574,10 @@ fn refresh_bars(bars: &HashMap<String, ProgressBar>, tasks: &[Task]) {
     }
 }
 
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_owned()
-    } else {
-        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bars_and_durations() {
-        assert_eq!(bar(0.0, 4), "[----]");
-        assert_eq!(bar(50.0, 4), "[##--]");
-        assert_eq!(bar(100.0, 4), "[####]");
-        assert_eq!(duration(Some(6.25)), "6.2s");
-        assert_eq!(duration(Some(245.0)), "4m 05s");
-        assert_eq!(duration(Some(3723.0)), "1h 02m 03s");
-        assert_eq!(duration(None), "-");
-        assert_eq!(truncate("abcdef", 4), "abc…");
-    }
+    use chrono::Utc;
 
     #[test]
     fn a_deep_chain_renders_in_linear_time_without_recursion() {
@@ -674,13 +663,39 @@ mod tests {
         assert!(bars["nodes"].message().contains("65.0%"));
     }
 
+    /// "The watch header fits one line at 80 columns": id (16) + ` [` + bar (10) + `] ` +
+    /// message, for the widest message there can be.
     #[test]
-    fn unprintable_characters_are_escaped() {
-        assert_eq!(printable("plain ünïcode ✔"), "plain ünïcode ✔");
-        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
-        assert_eq!(printable("bell\u{7}\u{9b}31m"), "bell\\u{7}\\u{9b}31m");
-        assert_eq!(printable("l1\nl2\tx\ry"), r"l1\nl2\tx\ry");
-        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
-        assert_eq!(printable("\u{7f}"), "\\u{7f}");
+    fn the_watch_header_fits_80_columns() {
+        use eks_upgrade_agent::model::JsonMap;
+        let s = ProgressSummary {
+            upgrade_id: "u".repeat(128),
+            plan_id: "p".into(),
+            cluster_name: "c".repeat(100),
+            status: ProgressStatus::InProgress,
+            current_phase: Some("a-very-long-phase-name".into()),
+            overall_percentage: 100.0,
+            total_tasks: 100_000,
+            completed_tasks: 99_999,
+            failed_tasks: 99_999,
+            active_tasks: 0,
+            paused_tasks: 0,
+            cancelled_tasks: 0,
+            not_started_tasks: 0,
+            started_at: None,
+            completed_at: None,
+            duration: None,
+            estimated_completion: Some(Utc::now() + chrono::Duration::days(3000)),
+            error_message: None,
+            current_task: None,
+            metadata: JsonMap::new(),
+            last_seq: 0,
+            progress_percentage: 100.0,
+            active_task_names: Vec::new(),
+            failed_task_names: Vec::new(),
+        };
+        let msg = watch_header(&s);
+        let line = 16 + 2 + 10 + 2 + msg.chars().count();
+        assert!(line <= 80, "{line}: {msg}");
     }
 }

@@ -105,6 +105,30 @@ pub(crate) async fn list_sessions(
     answer(&s, move |m| m.sessions(q.upgrade_id.as_deref())).await
 }
 
+/// `GET /api/v1/ids/{kind}/{abbrev}`: the full session, collection or artifact id that an
+/// abbreviation (a unique prefix, or a unique suffix of at least six characters) names, as
+/// `{"id": ...}`; an ambiguous one is `invalid_input` listing the candidates.
+pub(crate) async fn resolve_id(
+    State(s): State<AppState>,
+    Path((kind, abbrev)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    use eks_upgrade_agent::store::IdKind;
+    let kind = match kind.as_str() {
+        "session" => IdKind::Session,
+        "collection" => IdKind::Collection,
+        "artifact" => IdKind::Artifact,
+        other => {
+            return Err(eks_upgrade_agent::Error::InvalidInput(format!(
+                "unknown id kind {other:?}: expected session, collection or artifact"
+            ))
+            .into());
+        }
+    };
+    let m = manager(&s)?;
+    let id = blocking(move || m.resolve_id(kind, &abbrev)).await?;
+    Ok(Json(serde_json::json!({ "id": id })))
+}
+
 pub(crate) async fn show_session(
     State(s): State<AppState>,
     Path(session): Path<String>,

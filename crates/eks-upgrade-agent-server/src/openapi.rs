@@ -227,6 +227,15 @@ pub(crate) const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/api/v1/ids/{kind}/{abbrev}",
+        tag: "artifacts",
+        summary: "The full session, collection or artifact id an abbreviation names (a unique prefix, or a unique suffix of 6+ characters); ambiguous ones list the candidates",
+        body: Body::None,
+        query: &[],
+        ok: (200, JSON),
+    },
+    Route {
+        method: "get",
         path: "/api/v1/sessions/{session}",
         tag: "artifacts",
         summary: "A session with its summary and collections",

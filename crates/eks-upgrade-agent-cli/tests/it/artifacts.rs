@@ -134,7 +134,7 @@ fn every_operation_through_the_cli() {
         &ids.collection,
         src.join("kubelet.log").to_str().unwrap(),
     ]);
-    assert!(table.contains("added 1 artifact (11 bytes)"), "{table}");
+    assert!(table.contains("added 1 artifact (11 B)"), "{table}");
 
     let search = |args: &[&str]| -> Vec<String> {
         let mut a = vec!["artifacts", "search"];

@@ -2,6 +2,7 @@
 
 mod apply;
 mod artifacts;
+mod aws_errors;
 mod cli;
 mod completion;
 mod crash;
@@ -9,6 +10,7 @@ mod dashboard;
 mod delivery;
 mod eventbridge;
 mod help;
+mod ids;
 mod limits;
 mod otlp;
 mod profiles;
@@ -18,6 +20,8 @@ mod s3;
 mod s3_settings;
 mod settings;
 mod stream_memory;
+mod structure;
+mod tables;
 mod terminal;
 mod trust;
 mod util;

@@ -145,7 +145,11 @@ fn events_lists_everything_by_default_and_a_limit_says_what_it_left_out() {
     let all = env.json(&["progress", "events", "u1"]);
     assert_eq!(all.as_array().unwrap().len(), total, "JSON: every event");
     let table = env.ok(&["progress", "events", "u1"]);
-    assert_eq!(table.lines().count(), total, "table: every event");
+    assert_eq!(
+        table.lines().count(),
+        total + 1,
+        "table: a header row and every event"
+    );
 
     let out = env.run(&["-o", "json", "progress", "events", "u1", "--limit", "100"]);
     assert!(out.status.success());

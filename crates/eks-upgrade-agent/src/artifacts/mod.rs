@@ -613,6 +613,18 @@ impl TestArtifactsManager {
 
     // --- reading --------------------------------------------------------------------------
 
+    /// The full id that `abbrev` names (the id, a unique prefix, or a unique suffix of at least
+    /// six characters); see [`ArtifactIndex::resolve_id`](crate::store::ArtifactIndex::resolve_id).
+    pub fn resolve_id(&self, kind: crate::store::IdKind, abbrev: &str) -> Result<String> {
+        self.index.resolve_id(kind, abbrev)
+    }
+
+    /// The shortest abbreviation of `id` that [`resolve_id`](Self::resolve_id) takes back to
+    /// it, for tables.
+    pub fn abbreviate(&self, kind: crate::store::IdKind, id: &str) -> Result<String> {
+        self.index.abbreviate(kind, id)
+    }
+
     /// One artifact.
     pub fn artifact(&self, artifact_id: &str) -> Result<TestArtifact> {
         self.index.artifact(artifact_id)

@@ -104,15 +104,76 @@ pub(crate) fn check_endpoint(what: &str, e: &str) -> Result<()> {
 
 fn backend(what: String, e: object_store::Error) -> Error {
     match e {
-        object_store::Error::NotFound { .. } => Error::not_found(what),
+        // A missing bucket is not a missing object: say which.
+        e @ object_store::Error::NotFound { .. } => match aws_cause(&what, &e) {
+            Some(cause) if cause.starts_with("bucket ") => {
+                Error::backend(format!("{what}: {cause}"), e)
+            }
+            _ => Error::not_found(what),
+        },
         e @ (object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. }) => Error::backend(
-            format!("{what}: access denied; check the AWS credentials and the bucket policy"),
+            format!(
+                "{what}: {}; check the AWS credentials and the bucket policy",
+                access_denied(&what)
+            ),
             e,
         ),
-        other => Error::backend(what, other),
+        other => match aws_cause(&what, &other) {
+            Some(cause) => Error::backend(format!("{what}: {cause}"), other),
+            None => Error::backend(what, other),
+        },
     }
 }
+
+/// `access denied to s3://BUCKET` for `what` naming `s3://BUCKET/...`.
+fn access_denied(what: &str) -> String {
+    format!("access denied to s3://{}", bucket_of(what))
+}
+
+/// The bucket of the first `s3://BUCKET/...` in `what`.
+fn bucket_of(what: &str) -> &str {
+    what.split("s3://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', ' ', '"']).next())
+        .unwrap_or("?")
+}
+
+/// What people can act on, when an S3 error is one of the usual ones: no credentials, access
+/// denied, no such bucket (the same words for every artifact, so a report can say it once).
+pub fn aws_cause(what: &str, e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut text = format!("{e:?}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push('\n');
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    // No credentials in the environment: the last place looked is the instance metadata
+    // service, whose failure is what comes back.
+    if lower.contains("169.254.169.254")
+        || lower.contains("/latest/api/token")
+        || lower.contains("/latest/meta-data")
+        || lower.contains("missing credentials")
+        || lower.contains("instance metadata")
+    {
+        Some(NO_CREDENTIALS.to_owned())
+    } else if lower.contains("nosuchbucket") || lower.contains("specified bucket does not exist") {
+        Some(format!("bucket {} does not exist", bucket_of(what)))
+    } else if lower.contains("accessdenied")
+        || lower.contains("access denied")
+        || lower.contains("403 forbidden")
+    {
+        Some(access_denied(what))
+    } else {
+        None
+    }
+}
+
+/// What [`aws_cause`] says when no credentials were found.
+pub const NO_CREDENTIALS: &str =
+    "no AWS credentials found (environment, profile, instance metadata)";
 
 impl S3BlobStore {
     /// A store in `bucket` under `prefix`, configured from the environment.
@@ -809,7 +870,7 @@ mod tests {
         }
         assert!(chain.contains("s3://eua/"), "{chain}");
         assert!(
-            chain.contains("access denied; check the AWS credentials"),
+            chain.contains("access denied to s3://eua; check the AWS credentials"),
             "{chain}"
         );
         assert!(chain.contains("403"), "{chain}");

@@ -32,6 +32,35 @@ pub mod remote;
 
 pub use sqlite::SqliteStore;
 
+/// Kinds of generated ids that can be abbreviated ([`ArtifactIndex::resolve_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    /// A test session.
+    Session,
+    /// An artifact collection.
+    Collection,
+    /// An artifact.
+    Artifact,
+}
+
+impl IdKind {
+    /// `session`, `collection`, `artifact`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdKind::Session => "session",
+            IdKind::Collection => "collection",
+            IdKind::Artifact => "artifact",
+        }
+    }
+}
+
+/// Fewest characters tables abbreviate an id to as a prefix.
+pub const MIN_PREFIX: usize = 4;
+/// Fewest characters of a suffix abbreviation (a prefix may be shorter).
+pub const MIN_SUFFIX: usize = 6;
+/// Most candidates an ambiguous abbreviation lists.
+pub const MAX_CANDIDATES: usize = 10;
+
 /// How hard a commit tries to survive failures. Both levels keep every acknowledged change when
 /// the process is killed (`kill -9`) at any instant; they differ on power loss or an OS crash.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -266,6 +295,21 @@ pub struct ExpiredSession {
 /// (collection, name, digest) and never reuses another artifact's `export_name`; searches are
 /// served by indexes and return newest first.
 pub trait ArtifactIndex: Send + Sync + fmt::Debug {
+    /// The full id that `abbrev` names: the id itself, else the one id it is a prefix of, else
+    /// (6 characters or more) the one id it is a suffix of. An abbreviation of several ids is
+    /// [`Error::InvalidInput`] listing them (at most [`MAX_CANDIDATES`]); of none,
+    /// [`Error::NotFound`]. Backends without abbreviations take ids only in full.
+    fn resolve_id(&self, kind: IdKind, abbrev: &str) -> Result<String> {
+        let _ = kind;
+        Ok(abbrev.to_owned())
+    }
+    /// The shortest abbreviation of `id` that [`resolve_id`](Self::resolve_id) resolves to it
+    /// (a prefix of at least [`MIN_PREFIX`] characters, or a suffix of at least [`MIN_SUFFIX`]),
+    /// for tables. Backends without abbreviations return the id.
+    fn abbreviate(&self, kind: IdKind, id: &str) -> Result<String> {
+        let _ = kind;
+        Ok(id.to_owned())
+    }
     /// Creates a session.
     fn create_session(&self, session: &TestSession) -> Result<()>;
     /// One session.

@@ -34,7 +34,7 @@ use crate::progress::machine;
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 const PAGE_SIZE: i64 = 1024;
 const WRITER_CACHE_KIB: i64 = 2_000;
 const READER_CACHE_KIB: i64 = 32_000;
@@ -142,6 +142,15 @@ CREATE INDEX IF NOT EXISTS tasks_by_parent_status ON tasks (parent_tkey, status)
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (ukey, status, tkey);
 CREATE INDEX IF NOT EXISTS artifacts_by_collection ON artifacts (ckey);
 CREATE INDEX IF NOT EXISTS artifacts_by_upgrade_newest ON artifacts (upgrade_id);
+"#;
+
+/// Schema 8: session, collection and artifact ids indexed by their last six characters, so an
+/// id abbreviated to a suffix (UUIDv7 ids made in the same minute share their leading time
+/// bits: the tail is what people copy) is one index seek; prefixes use the ids' unique indexes.
+const SCHEMA_8: &str = r#"
+CREATE INDEX IF NOT EXISTS sessions_by_id_tail ON sessions (substr(session_id, -6));
+CREATE INDEX IF NOT EXISTS collections_by_id_tail ON collections (substr(collection_id, -6));
+CREATE INDEX IF NOT EXISTS artifacts_by_id_tail ON artifacts (substr(artifact_id, -6));
 "#;
 
 /// Options for opening a [`SqliteStore`].
@@ -359,6 +368,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 7 {
             conn.execute_batch(SCHEMA_7)?;
+        }
+        if version < 8 {
+            conn.execute_batch(SCHEMA_8)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())

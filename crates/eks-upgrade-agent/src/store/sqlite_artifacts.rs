@@ -18,7 +18,9 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params, params_from_iter};
 
 use super::sqlite::{SqliteStore, bad_column, from_micros, json_map, json_text, micros, opt_time};
-use super::{ArtifactIndex, ExpiredSession, NewArtifact};
+use super::{
+    ArtifactIndex, ExpiredSession, IdKind, MAX_CANDIDATES, MIN_PREFIX, MIN_SUFFIX, NewArtifact,
+};
 use crate::blob::Digest;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -411,7 +413,116 @@ fn sessions_in(conn: &Connection, session_id: Option<&str>) -> Result<Option<i64
     session_id.map(|id| session_key(conn, id)).transpose()
 }
 
+/// The table and column of a kind of id.
+fn id_column(kind: IdKind) -> (&'static str, &'static str) {
+    match kind {
+        IdKind::Session => ("sessions", "session_id"),
+        IdKind::Collection => ("collections", "collection_id"),
+        IdKind::Artifact => ("artifacts", "artifact_id"),
+    }
+}
+
 impl ArtifactIndex for SqliteStore {
+    fn abbreviate(&self, kind: IdKind, id: &str) -> Result<String> {
+        let (table, col) = id_column(kind);
+        let chars: Vec<char> = id.chars().collect();
+        let common = |a: &[char], b: &str| {
+            a.iter()
+                .zip(b.chars())
+                .take_while(|(x, y)| **x == *y)
+                .count()
+        };
+        self.read(|c| {
+            // Prefix: longer than what it shares with its neighbours in the unique index.
+            let mut need = MIN_PREFIX;
+            for sql in [
+                format!("SELECT max({col}) FROM {table} WHERE {col} < ?1"),
+                format!("SELECT min({col}) FROM {table} WHERE {col} > ?1"),
+            ] {
+                let next: Option<String> = c.prepare_cached(&sql)?.query_row([id], |r| r.get(0))?;
+                if let Some(n) = next {
+                    need = need.max(common(&chars, &n) + 1);
+                }
+            }
+            let prefix: String = chars.iter().take(need).collect();
+            // Suffix: longer than what it shares with the ids of the same last six characters,
+            // and no id's prefix (a prefix match wins when resolving).
+            if chars.len() > MIN_SUFFIX {
+                let mut stmt = c.prepare_cached(&format!(
+                    "SELECT {col} FROM {table} WHERE substr({col}, -6) = substr(?1, -6) AND {col} <> ?1 LIMIT 100"
+                ))?;
+                let others: Vec<String> = stmt.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                let rev: Vec<char> = chars.iter().rev().copied().collect();
+                let mut s = MIN_SUFFIX;
+                for o in &others {
+                    let o: String = o.chars().rev().collect();
+                    s = s.max(common(&rev, &o) + 1);
+                }
+                if s < need && s < chars.len() {
+                    let suffix: String = chars[chars.len() - s..].iter().collect();
+                    let prefix_of_some: Option<String> = c
+                        .prepare_cached(&format!(
+                            "SELECT {col} FROM {table} WHERE {col} >= ?1 AND {col} < ?1 || char(1114111) LIMIT 1"
+                        ))?
+                        .query_row([&suffix], |r| r.get(0))
+                        .optional()?;
+                    if prefix_of_some.is_none() {
+                        return Ok(suffix);
+                    }
+                }
+            }
+            Ok(prefix)
+        })
+    }
+
+    fn resolve_id(&self, kind: IdKind, abbrev: &str) -> Result<String> {
+        let (table, col) = id_column(kind);
+        let what = kind.as_str();
+        if abbrev.is_empty() {
+            return Err(Error::invalid(format!("empty {what} id")));
+        }
+        let limit = (MAX_CANDIDATES + 1) as i64;
+        self.read(|c| {
+            // Exact, then prefix: a range on the unique index of ids.
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {col} FROM {table} WHERE {col} >= ?1 AND {col} < ?1 || char(1114111) \
+                 ORDER BY {col} LIMIT ?2"
+            ))?;
+            let mut found: Vec<String> = stmt
+                .query_map(params![abbrev, limit], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            if found.iter().any(|f| f == abbrev) {
+                return Ok(abbrev.to_owned());
+            }
+            if found.is_empty() && abbrev.chars().count() >= MIN_SUFFIX {
+                // Suffix: a seek on the index of the ids' last six characters.
+                let mut stmt = c.prepare_cached(&format!(
+                    "SELECT {col} FROM {table} WHERE substr({col}, -6) = substr(?1, -6) \
+                     AND substr({col}, -length(?1)) = ?1 ORDER BY {col} LIMIT ?2"
+                ))?;
+                found = stmt
+                    .query_map(params![abbrev, limit], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            match found.len() {
+                0 => Err(Error::not_found(format!("{what} {abbrev:?}"))),
+                1 => Ok(found.pop().expect("one")),
+                n => {
+                    let more = if n > MAX_CANDIDATES {
+                        found.truncate(MAX_CANDIDATES);
+                        ", ..."
+                    } else {
+                        ""
+                    };
+                    Err(Error::invalid(format!(
+                        "{what} id {abbrev:?} is ambiguous: it matches {}{more}; give more characters",
+                        found.join(", ")
+                    )))
+                }
+            }
+        })
+    }
+
     fn create_session(&self, s: &TestSession) -> Result<()> {
         crate::artifacts::check_retention_days(s.retention_days)?;
         self.write(|tx| {

@@ -516,3 +516,94 @@ fn schema_6_stores_get_the_new_indexes() {
     }
     assert!(!names.iter().any(|n| n == "tasks_by_parent"), "{names:?}");
 }
+
+/// Abbreviated ids (ARCHITECTURE "Searches use indexes"): a prefix is a range on the ids'
+/// unique index, a suffix a seek on the index of their last six characters; with 3,000
+/// sessions, neither scans the table. And what they resolve to: the one id, or an error that
+/// lists the candidates.
+#[test]
+fn abbreviated_ids_resolve_through_indexes() {
+    use crate::store::{ArtifactIndex, IdKind};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+    store
+        .write(|tx| {
+            let mut stmt = tx.prepare(
+                "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, started_at, \
+                 retention_days) VALUES (?1, 'u', 'c', 'n', 0, 30)",
+            )?;
+            for i in 0..3000u32 {
+                stmt.execute([format!("0193aaaa-{i:04}-7000-8000-{:012x}", i * 7919)])?;
+            }
+            stmt.execute(["0193bbbb-0000-7000-8000-00000000beef"])?;
+            stmt.execute(["0193bbbc-0000-7000-8000-00111100beef"])?;
+            Ok(())
+        })
+        .unwrap();
+    let runs = reads(&store, || {
+        let prefix = store.resolve_id(IdKind::Session, "0193bbbb").unwrap();
+        assert_eq!(prefix, "0193bbbb-0000-7000-8000-00000000beef");
+        let suffix = store.resolve_id(IdKind::Session, "111100beef").unwrap();
+        assert_eq!(suffix, "0193bbbc-0000-7000-8000-00111100beef");
+    });
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    for run in &runs {
+        assert_eq!(run.fullscan_steps, 0, "{run:?}");
+        assert!(run.vm_steps < 200, "{run:?}");
+    }
+    // Ambiguous: the candidates are listed.
+    let err = store.resolve_id(IdKind::Session, "0193bbb").unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "session id \"0193bbb\" is ambiguous: it matches 0193bbbb-0000-7000-8000-00000000beef, 0193bbbc-0000-7000-8000-00111100beef"
+        ),
+        "{err}"
+    );
+    let err = store.resolve_id(IdKind::Session, "00beef").unwrap_err();
+    assert!(err.to_string().contains("ambiguous"), "{err}");
+    // A suffix needs six characters; an unknown id is not found.
+    assert!(matches!(
+        store.resolve_id(IdKind::Session, "beef"),
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.resolve_id(IdKind::Artifact, "0193bbbb"),
+        Err(Error::NotFound { .. })
+    ));
+    // Many matches: ten listed, then "...".
+    let err = store.resolve_id(IdKind::Session, "0193aaaa").unwrap_err();
+    assert!(
+        err.to_string().ends_with(", ...; give more characters"),
+        "{err}"
+    );
+}
+
+/// A store of schema 7 gets the id-tail indexes of schema 8 when opened.
+#[test]
+fn schema_7_stores_get_the_id_tail_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute_batch(
+        "DROP INDEX sessions_by_id_tail; DROP INDEX collections_by_id_tail; \
+         DROP INDEX artifacts_by_id_tail; PRAGMA user_version = 7;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+    let names: Vec<String> = store
+        .reader()
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    for index in [
+        "sessions_by_id_tail",
+        "collections_by_id_tail",
+        "artifacts_by_id_tail",
+    ] {
+        assert!(names.iter().any(|n| n == index), "{index}: {names:?}");
+    }
+}
