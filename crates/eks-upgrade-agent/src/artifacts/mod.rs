@@ -614,7 +614,7 @@ impl TestArtifactsManager {
     // --- reading --------------------------------------------------------------------------
 
     /// The full id that `abbrev` names (the id, a unique prefix, or a unique suffix of at least
-    /// six characters); see [`ArtifactIndex::resolve_id`](crate::store::ArtifactIndex::resolve_id).
+    /// six characters); see [`crate::store::ArtifactIndex::resolve_id`].
     pub fn resolve_id(&self, kind: crate::store::IdKind, abbrev: &str) -> Result<String> {
         self.index.resolve_id(kind, abbrev)
     }

@@ -297,8 +297,8 @@ pub struct ExpiredSession {
 pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     /// The full id that `abbrev` names: the id itself, else the one id it is a prefix of, else
     /// (6 characters or more) the one id it is a suffix of. An abbreviation of several ids is
-    /// [`Error::InvalidInput`] listing them (at most [`MAX_CANDIDATES`]); of none,
-    /// [`Error::NotFound`]. Backends without abbreviations take ids only in full.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) listing them (at most [`MAX_CANDIDATES`]); of none,
+    /// [`Error::NotFound`](crate::Error::NotFound). Backends without abbreviations take ids only in full.
     fn resolve_id(&self, kind: IdKind, abbrev: &str) -> Result<String> {
         let _ = kind;
         Ok(abbrev.to_owned())
