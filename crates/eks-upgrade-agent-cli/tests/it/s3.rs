@@ -352,6 +352,21 @@ fn outage_during_upload(mib: u64) {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&id) && err.contains("s3://team/"), "{err}");
+    // Multipart above the 64 MiB threshold, one PUT at or below it.
+    let heads = proxy.request_heads();
+    let multipart = heads.iter().any(|h| {
+        let line = h.lines().next().unwrap_or_default();
+        line.contains("partNumber=") || (line.starts_with("POST ") && line.contains("?uploads"))
+    });
+    assert_eq!(
+        multipart,
+        mib > 64,
+        "{mib} MiB: multipart {multipart}; requests: {:?}",
+        heads
+            .iter()
+            .map(|h| h.lines().next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    );
     let a = status(&env, &proxy.url, &id);
     assert_eq!(a["status"], "failed");
     // The local bytes are intact.
@@ -862,7 +877,8 @@ impl RecordingProxy {
 fn two_concurrent_uploads_send_each_object_once() {
     let moto = Moto::start();
     moto.python("s3 = boto3.client('s3', **kw)\ns3.create_bucket(Bucket='team')\nprint('null')");
-    let proxy = RecordingProxy::start(&moto.url);
+    // A slow network (5 ms per request), so that both runs are at work at once.
+    let proxy = RecordingProxy::start_throttled(&moto.url, std::time::Duration::from_millis(5));
     let env = Env::new();
     let run = |args: &[&str]| json_s3(&env, &moto.url, args);
     let s = run(&[
@@ -914,6 +930,11 @@ fn two_concurrent_uploads_send_each_object_once() {
             String::from_utf8_lossy(&out.stderr)
         );
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Both runs worked the queue at the same time (each sent some of it).
+        assert!(
+            r["uploaded"].as_u64().unwrap() > 0,
+            "one run sent nothing: {r}"
+        );
         uploaded += r["uploaded"].as_u64().unwrap();
     }
     let object_prefix = format!("PUT /team/eks-upgrade-agent/artifacts/{sid}/{cid}/");
