@@ -22,6 +22,7 @@ pub mod sqlite;
 mod sqlite_artifacts;
 mod sqlite_import;
 mod sqlite_outbox;
+mod sqlite_schema;
 mod sqlite_tasks;
 mod sqlite_trace;
 
