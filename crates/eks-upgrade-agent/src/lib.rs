@@ -34,6 +34,9 @@
 pub mod artifacts;
 pub mod blob;
 pub mod config;
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
 pub mod error;
 pub mod model;
 pub(crate) mod net;

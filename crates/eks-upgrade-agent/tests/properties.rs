@@ -1,7 +1,7 @@
 //! Property tests through the public API (issue #10, "Tests that keep it so"):
 //!
 //! - random command sequences against a reference model of the state machine, the hierarchy
-//!   rules and the rollups, written here independently of `progress/machine.rs`: after every
+//!   rules and the rollups, written here independently of `store/domain/machine.rs`: after every
 //!   step the store's statuses, percentages and counters equal the model's, a rejected command
 //!   changes nothing, and nothing is NaN;
 //! - random and hostile `progress apply` lines: one acknowledgement per line, never a panic;

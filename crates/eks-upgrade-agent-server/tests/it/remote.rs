@@ -28,7 +28,7 @@ fn serve_on(runtime: &tokio::runtime::Runtime, s: AppState) -> String {
 fn remote_store_passes_the_conformance_suite() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dirs = Mutex::new(Vec::new());
-    eks_upgrade_agent::store::conformance::run(&|| {
+    eks_upgrade_agent::conformance::run(&|| {
         let dir = tempfile::tempdir().unwrap();
         let url = serve_on(&runtime, state(dir.path()));
         dirs.lock().unwrap().push(dir);

@@ -45,7 +45,7 @@ impl SessionManifest {
         prefix: &str,
         session_id: &str,
     ) -> Result<SessionManifest> {
-        use crate::progress::command::{check_id, check_json, check_name};
+        use crate::store::domain::command::{check_id, check_json, check_name};
         use std::collections::HashSet;
 
         let now = Utc::now();
@@ -60,7 +60,7 @@ impl SessionManifest {
         };
         let check_description = |field: &str, d: &Option<String>| -> Result<()> {
             match d {
-                Some(d) => crate::progress::command::check_text(field, d),
+                Some(d) => crate::store::domain::command::check_text(field, d),
                 None => Ok(()),
             }
         };
@@ -455,12 +455,12 @@ mod tests {
             let Ok(v) = m.validate("team", PREFIX, "S1") else { return Ok(()) };
             prop_assert_eq!(&v.session.session_id, "S1");
             prop_assert!((1..=36_500).contains(&v.session.retention_days));
-            crate::progress::command::check_id("upgrade_id", &v.session.upgrade_id).unwrap();
+            crate::store::domain::command::check_id("upgrade_id", &v.session.upgrade_id).unwrap();
             let cols: std::collections::HashSet<&str> =
                 v.collections.iter().map(|c| c.collection_id.as_str()).collect();
             for c in &v.collections {
                 prop_assert_eq!(&c.session_id, "S1");
-                crate::progress::command::check_id("collection_id", &c.collection_id).unwrap();
+                crate::store::domain::command::check_id("collection_id", &c.collection_id).unwrap();
             }
             for a in &v.artifacts {
                 prop_assert_eq!(&a.session_id, "S1");

@@ -25,7 +25,7 @@ use crate::model::{
     ArtifactCollection, ArtifactQuery, ArtifactStats, ArtifactType, JsonMap, SessionSummary,
     TestArtifact, TestSession,
 };
-use crate::progress::command::{check_id, check_json, check_name, check_text};
+use crate::store::domain::command::{check_id, check_json, check_name, check_text};
 use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
 
 #[cfg(feature = "aws")]

@@ -113,7 +113,7 @@ impl TestArtifactsManager {
         eager: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<PullReport> {
-        crate::progress::command::check_id("session_id", session_id)?;
+        crate::store::domain::command::check_id("session_id", session_id)?;
         let key = manifest_key(s3.prefix(), session_id);
         let mut text = Vec::new();
         // The manifest has no digest of its own: read it unverified.

@@ -3,7 +3,7 @@
 //! ([`progress`]), sessions, collections and artifacts ([`artifacts`]).
 //!
 //! Types here are plain data. The rules that change progress live in
-//! [`crate::progress::machine`]; storage lives in [`crate::store`] and [`crate::blob`].
+//! [`crate::store::domain::machine`]; storage lives in [`crate::store`] and [`crate::blob`].
 
 pub mod artifacts;
 pub mod progress;

@@ -408,7 +408,7 @@ fn batches_hold_at_most_ten_and_fill_up_to_ten() {
 /// stays under 256 KiB.
 #[test]
 fn real_sized_entries_are_cut_by_the_256_kb_cap() {
-    use crate::progress::command::{MAX_MESSAGE_LEN, MAX_NAME_LEN};
+    use crate::store::domain::command::{MAX_MESSAGE_LEN, MAX_NAME_LEN};
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let t = ProgressTracker::new(s.clone());

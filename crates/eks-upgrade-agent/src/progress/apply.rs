@@ -21,8 +21,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-use crate::progress::command::Command;
 use crate::progress::tracker::ProgressTracker;
+use crate::store::domain::command::Command;
 
 /// Longest accepted input line, in bytes.
 pub const MAX_LINE: usize = 1024 * 1024;

@@ -3,10 +3,10 @@
 //! import/export.
 
 pub mod apply;
-pub mod command;
-pub mod machine;
 pub mod reference;
 pub mod tracker;
 
-pub use command::{Command, NewTask};
+pub use crate::store::domain::command::{Command, NewTask};
+/// The commands and the state machine live with the stores that execute them.
+pub use crate::store::domain::{command, machine};
 pub use tracker::ProgressTracker;

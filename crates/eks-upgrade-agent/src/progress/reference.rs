@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::model::{EventKind, JsonMap, ProgressEvent, ProgressStatus, Task, TaskType, Upgrade};
-use crate::progress::command::{check_id, check_name, check_percentage};
 use crate::progress::tracker::ProgressTracker;
+use crate::store::domain::command::{check_id, check_name, check_percentage};
 
 /// The reference file name of an upgrade: `upgrade_<id>.json`.
 pub fn file_name(upgrade_id: &str) -> String {
@@ -39,7 +39,7 @@ pub fn py_datetime(t: DateTime<Utc>) -> String {
 /// `0..=100 years` so the output always parses back.
 pub fn py_timedelta(seconds: f64) -> String {
     let seconds = if seconds.is_finite() {
-        seconds.clamp(0.0, crate::progress::command::MAX_DURATION_SECS)
+        seconds.clamp(0.0, crate::store::domain::command::MAX_DURATION_SECS)
     } else {
         0.0
     };
@@ -554,7 +554,7 @@ fn parse_event(
 fn order_tasks(tasks: Vec<Task>) -> Result<Vec<Task>> {
     let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
     let parents: Vec<Option<&str>> = tasks.iter().map(|t| t.parent_task_id.as_deref()).collect();
-    let order = crate::progress::machine::parents_first(&ids, &parents)?;
+    let order = crate::store::domain::machine::parents_first(&ids, &parents)?;
     let known: std::collections::HashSet<&str> = ids.iter().copied().collect();
     for t in &tasks {
         if let Some(p) = &t.parent_task_id

@@ -14,7 +14,7 @@ use crate::model::{
     JsonMap, MAX_NAMES, ProgressEvent, ProgressStatus, ProgressSummary, StatusChange, Task,
     TaskDetail, Upgrade,
 };
-use crate::progress::command::{Command, NewTask};
+use crate::store::domain::command::{Command, NewTask};
 use crate::store::{Committed, EventQuery, ProgressStore};
 
 /// How many events [`ProgressTracker::task_detail`] returns.

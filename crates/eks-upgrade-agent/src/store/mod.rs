@@ -1,7 +1,11 @@
 //! Storage backends for progress. [`ProgressStore`] is the boundary: every backend executes
 //! [`Command`]s atomically (event appended with a store-wide increasing `seq`, current state
 //! updated, in one transaction) and answers the read queries. [`SqliteStore`] is the embedded
-//! default; `conformance` holds the suite every backend must pass.
+//! default; `crate::conformance` holds the suite every backend must pass.
+//!
+//! Layers: [`domain`] is the pure logic every backend executes (commands, the state machine,
+//! rollup math); each backend lives in its own folder and depends only on `domain`, the traits
+//! here and the model. Nothing in `store` imports from `progress`, which sits on top.
 
 use std::fmt;
 
@@ -16,20 +20,11 @@ use crate::model::{
     JsonMap, ProgressEvent, ProgressStatus, SessionSummary, StatusChange, Task, TestArtifact,
     TestSession, Upgrade,
 };
-use crate::progress::command::Command;
+use crate::store::domain::command::Command;
 
-pub mod sqlite;
-mod sqlite_artifacts;
-mod sqlite_import;
-mod sqlite_outbox;
-mod sqlite_schema;
-mod sqlite_tasks;
-mod sqlite_trace;
-
-#[cfg(any(test, feature = "conformance"))]
-#[doc(hidden)]
-pub mod conformance;
+pub mod domain;
 pub mod remote;
+pub mod sqlite;
 
 pub use sqlite::SqliteStore;
 
@@ -146,7 +141,7 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
     /// Writes a whole upgrade taken from elsewhere (import): the upgrade, its tasks (parents
     /// before children) and its history, which gets new `seq`s but keeps ids and timestamps.
     /// Fails with `AlreadyExists` if the upgrade exists, and with `InvalidInput` (nothing
-    /// written) unless it passes [`check_import`](crate::progress::command::check_import),
+    /// written) unless it passes [`check_import`](crate::store::domain::command::check_import),
     /// which every implementation runs first.
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64>;
 
@@ -479,4 +474,82 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
     fn pending_uploads(&self) -> Result<(u64, u64)>;
     /// Records an attempt (and releases its claim).
     fn record_upload(&self, artifact_id: &str, outcome: &UploadOutcome) -> Result<TestArtifact>;
+}
+
+#[cfg(test)]
+mod layering {
+    //! The store layers, read from the sources: nothing in `store` imports from `progress`
+    //! (which sits on top), and `domain` imports only `model`, `error` and itself. Test-only
+    //! files (`*tests.rs`) may drive a backend through the tracker and are not counted.
+
+    use std::path::Path;
+
+    fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && !path.to_str().unwrap().ends_with("tests.rs")
+            {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The top-level modules of the crate a source text names (`crate::x`, `crate::{x, y}`).
+    fn crate_modules(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices("crate::") {
+            let rest = &text[i + 7..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let group = &group[..group.find('}').unwrap_or(group.len())];
+                out.extend(
+                    group
+                        .split(',')
+                        .map(|s| s.trim().split("::").next().unwrap().to_owned()),
+                );
+            } else {
+                let name = rest
+                    .split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .next()
+                    .unwrap();
+                out.push(name.to_owned());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn store_depends_only_downward() {
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store"));
+        let mut all = Vec::new();
+        files(root, &mut all);
+        assert!(all.len() >= 10, "{all:?}");
+        let mut bad = Vec::new();
+        for path in &all {
+            let text = std::fs::read_to_string(path).unwrap();
+            let in_domain = path.starts_with(root.join("domain"));
+            for m in crate_modules(&text) {
+                let allowed = if in_domain {
+                    matches!(m.as_str(), "model" | "error" | "store")
+                } else {
+                    m != "progress"
+                };
+                if !allowed {
+                    bad.push(format!("{} imports crate::{m}", path.display()));
+                }
+            }
+            if in_domain && text.contains("crate::store::") {
+                for (i, _) in text.match_indices("crate::store::") {
+                    if !text[i..].starts_with("crate::store::domain")
+                        && !text[i..].starts_with("crate::store::ProgressStore")
+                    {
+                        bad.push(format!("{} reaches into a backend", path.display()));
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
+    }
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::{Committed, EventQuery, ProgressStore};
 use crate::error::{Error, Result};
 use crate::model::{ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::progress::command::Command;
+use crate::store::domain::command::Command;
 
 /// Largest response read (event pages, task lists).
 const MAX_RESPONSE: u64 = 512 * 1024 * 1024;

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{EventQuery, ProgressStore};
 use crate::error::Error;
 use crate::model::{EventKind, JsonMap, ProgressEvent, ProgressStatus, Task, TaskType, Upgrade};
-use crate::progress::command::{Command, NewTask};
 use crate::progress::tracker::ProgressTracker;
+use crate::store::domain::command::{Command, NewTask};
+use crate::store::{EventQuery, ProgressStore};
 
 pub type Factory<'a> = &'a dyn Fn() -> Box<dyn ProgressStore>;
 type Case = (&'static str, fn(ProgressTracker));

@@ -8,11 +8,11 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::json;
 
-use super::sqlite::{SqliteStore, from_micros, json_map, micros};
-use super::{DeliveryOutcome, Outbox};
+use super::progress::{SqliteStore, from_micros, json_map, micros};
 use crate::error::Result;
 use crate::model::{JsonMap, ProgressEvent, ProgressStatus, Task, Upgrade};
 use crate::notify::{Notification, SinkStatus, detail_type};
+use crate::store::{DeliveryOutcome, Outbox};
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS notifications (

@@ -57,7 +57,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressStatus, Task, seconds_between};
-use crate::progress::command::{Command, TaskOp};
+use crate::store::domain::command::{Command, TaskOp};
 
 use ProgressStatus::*;
 

@@ -140,19 +140,19 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
             conn.execute_batch(SCHEMA)?;
         }
         if version < 2 {
-            conn.execute_batch(super::sqlite_artifacts::SCHEMA)?;
+            conn.execute_batch(super::artifacts::SCHEMA)?;
         }
         if version < 3 {
-            conn.execute_batch(super::sqlite_outbox::SCHEMA)?;
+            conn.execute_batch(super::outbox::SCHEMA)?;
         }
         if version < 4 {
-            conn.execute_batch(super::sqlite_artifacts::UPLOAD_SCHEMA)?;
+            conn.execute_batch(super::artifacts::UPLOAD_SCHEMA)?;
         }
         if version < 5 {
             conn.execute_batch(HIERARCHY_SCHEMA)?;
         }
         if version < 6 {
-            conn.execute_batch(super::sqlite_artifacts::UPLOAD_CLAIM_SCHEMA)?;
+            conn.execute_batch(super::artifacts::UPLOAD_CLAIM_SCHEMA)?;
         }
         if version < 7 {
             conn.execute_batch(SCHEMA_7)?;

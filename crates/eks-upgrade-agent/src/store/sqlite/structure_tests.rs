@@ -11,7 +11,7 @@ use rusqlite::{Connection, StatementStatus};
 
 use super::*;
 use crate::progress::ProgressTracker;
-use crate::progress::command::NewTask;
+use crate::store::domain::command::NewTask;
 
 /// One run of one statement: its SQL, and the virtual machine steps and full-scan steps it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,7 +429,7 @@ fn searches_walk_an_index_newest_first() {
     ];
     let conn = store.reader();
     let plan = |query: &ArtifactQuery| {
-        let (sql, _) = super::super::sqlite_artifacts::search_sql(&conn, query).unwrap();
+        let (sql, _) = super::super::artifacts::search_sql(&conn, query).unwrap();
         let plan = query_plan(&conn, &sql);
         assert!(
             !plan.iter().any(|p| p.contains("TEMP B-TREE")),

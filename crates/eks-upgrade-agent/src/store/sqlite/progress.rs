@@ -21,15 +21,15 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use uuid::Uuid;
 
-use super::sqlite_import::import_upgrade;
-use super::sqlite_tasks::{TaskWrite, add_tasks};
-use super::{Committed, Durability, EventQuery, ProgressStore};
+use super::import::import_upgrade;
+use super::tasks::{TaskWrite, add_tasks};
 use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
 };
-use crate::progress::command::Command;
-use crate::progress::machine;
+use crate::store::domain::command::Command;
+use crate::store::domain::machine;
+use crate::store::{Committed, Durability, EventQuery, ProgressStore};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "eks-upgrade-agent.sqlite3";
@@ -133,7 +133,7 @@ impl SqliteStore {
         })?;
         let path = data_dir.join(DB_FILE);
         let writer = open_connection(&path, options, WRITER_CACHE_KIB)?;
-        super::sqlite_schema::migrate(&writer)?;
+        super::schema::migrate(&writer)?;
         let reader = open_connection(&path, options, READER_CACHE_KIB)?;
         reader.pragma_update(None, "query_only", true)?;
         let checkpointer = Checkpointer::start(&path, options)?;
@@ -731,7 +731,7 @@ fn execute_one(
             }
             let committed_event = to_event(&event, seq, id, upgrade_id, None);
             u.status = to;
-            super::sqlite_outbox::enqueue(
+            super::outbox::enqueue(
                 tx,
                 &committed_event,
                 Some(from),
@@ -801,7 +801,7 @@ impl ProgressStore for SqliteStore {
     }
 
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
-        crate::progress::command::check_import(upgrade, tasks, events)?;
+        crate::store::domain::command::check_import(upgrade, tasks, events)?;
         self.write(|tx| import_upgrade(tx, upgrade, tasks, events))
     }
 
@@ -958,14 +958,14 @@ impl ProgressStore for SqliteStore {
 }
 
 #[cfg(test)]
-#[path = "sqlite_structure_tests.rs"]
+#[path = "structure_tests.rs"]
 mod structure_tests;
 
 #[cfg(test)]
 mod tests {
-    use super::super::sqlite_tasks::order_batch;
+    use super::super::tasks::order_batch;
     use super::*;
-    use crate::progress::command::NewTask;
+    use crate::store::domain::command::NewTask;
 
     #[test]
     fn batch_order_puts_parents_first_and_finds_cycles() {
@@ -995,7 +995,7 @@ mod tests {
     #[test]
     fn conformance() {
         let dir = tempfile::tempdir().unwrap();
-        crate::store::conformance::run(&|| {
+        crate::conformance::run(&|| {
             let sub = dir.path().join(Uuid::now_v7().to_string());
             Box::new(SqliteStore::open(&sub, &SqliteOptions::default()).unwrap())
         });

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use rusqlite::{Transaction, params};
 use uuid::Uuid;
 
-use super::sqlite::*;
+use super::progress::*;
 use crate::error::{Error, Result};
 use crate::model::{ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::progress::machine;
+use crate::store::domain::machine;
 
 pub(super) fn import_upgrade(
     tx: &Transaction<'_>,

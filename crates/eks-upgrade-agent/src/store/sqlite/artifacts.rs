@@ -17,15 +17,17 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params, params_from_iter};
 
-use super::sqlite::{SqliteStore, bad_column, from_micros, json_map, json_text, micros, opt_time};
-use super::{
-    ArtifactIndex, ExpiredSession, IdKind, MAX_CANDIDATES, MIN_PREFIX, MIN_SUFFIX, NewArtifact,
+use super::progress::{
+    SqliteStore, bad_column, from_micros, json_map, json_text, micros, opt_time,
 };
 use crate::blob::Digest;
 use crate::error::{Error, Result};
 use crate::model::{
     ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
     ProgressStatus, SessionSummary, TestArtifact, TestSession,
+};
+use crate::store::{
+    ArtifactIndex, ExpiredSession, IdKind, MAX_CANDIDATES, MIN_PREFIX, MIN_SUFFIX, NewArtifact,
 };
 
 pub(super) const SCHEMA: &str = r#"

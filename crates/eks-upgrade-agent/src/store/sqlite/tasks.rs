@@ -1,17 +1,17 @@
 //! Task writes of [`SqliteStore`](super::SqliteStore): a task command's own row and event,
 //! then the rollups up the tree (percentages, child status counters, derived parent statuses
 //! with their own events and notifications), and adding tasks. The hierarchy rules themselves
-//! are pure functions in `progress/machine.rs`; this file applies them to the rows.
+//! are pure functions in `store/domain/machine.rs`; this file applies them to the rows.
 
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::sqlite::*;
+use super::progress::*;
 use crate::error::{Error, Result};
 use crate::model::{EventKind, JsonMap, ProgressStatus, StatusChange};
-use crate::progress::command::{Command, MAX_DEPTH, NewTask, TaskOp};
-use crate::progress::machine;
 use crate::store::Committed;
+use crate::store::domain::command::{Command, MAX_DEPTH, NewTask, TaskOp};
+use crate::store::domain::machine;
 
 /// What one task command writes beyond its own row: the events it appends (its own and its
 /// ancestors'), the status changes, and the upgrade row's delta.
@@ -105,7 +105,7 @@ impl<'a, 't> TaskWrite<'a, 't> {
                         .query_row([self.ukey], |r| r.get(0))?,
                 );
             }
-            super::sqlite_outbox::enqueue(
+            super::outbox::enqueue(
                 self.tx,
                 &committed_event,
                 Some(from),
@@ -238,7 +238,7 @@ impl<'a, 't> TaskWrite<'a, 't> {
         self.propagate(row.parent_tkey, d_sum, 0.0, 0, change, cause)
     }
 
-    /// A task command on a task with children (see the table in `progress/machine.rs`).
+    /// A task command on a task with children (see the table in `store/domain/machine.rs`).
     pub(super) fn parent_op(&mut self, row: TaskRow, command: &Command) -> Result<()> {
         let Some((_, op)) = command.task_op() else {
             return Err(Error::invalid("not a task operation"));
@@ -365,8 +365,8 @@ fn failure_cause(task_id: &str, error: Option<&str>) -> String {
         "subtask {task_id:?} failed: {}",
         error.unwrap_or("no error given")
     );
-    if text.len() > crate::progress::command::MAX_MESSAGE_LEN {
-        let mut end = crate::progress::command::MAX_MESSAGE_LEN;
+    if text.len() > crate::store::domain::command::MAX_MESSAGE_LEN {
+        let mut end = crate::store::domain::command::MAX_MESSAGE_LEN;
         while !text.is_char_boundary(end) {
             end -= 1;
         }

@@ -6,11 +6,11 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::ProgressStore;
-use super::sqlite::{EVENT_SELECT, SqliteStore, event_row, load_task, upgrade_key};
+use super::progress::{EVENT_SELECT, SqliteStore, event_row, load_task, upgrade_key};
 use crate::error::Result;
 use crate::model::{EventKind, ProgressEvent, Task, Upgrade};
 use crate::notify::otlp::{SpanHistory, TraceSource, sample_indices};
+use crate::store::ProgressStore;
 
 impl TraceSource for SqliteStore {
     fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
@@ -117,7 +117,7 @@ mod tests {
     use super::*;
     use crate::ProgressTracker;
     use crate::model::TaskType;
-    use crate::progress::NewTask;
+    use crate::store::domain::command::NewTask;
     use crate::store::sqlite::SqliteOptions;
 
     /// A task with 300 updates in its second attempt: the span gets 128 events, the attempt's

@@ -1,0 +1,19 @@
+//! The embedded SQLite backend: one database file in WAL mode inside the data directory.
+//!
+//! - [`progress`]: the store itself (connections, durability, the `ProgressStore` impl) and the
+//!   row helpers the other files share;
+//! - `tasks`, `import`: task writes and whole-upgrade imports;
+//! - `artifacts`: the artifact index and the upload queue;
+//! - `outbox`: notifications waiting for delivery;
+//! - `trace`: the per-upgrade trace model read by the OTLP sink;
+//! - `schema`: versioned migrations.
+
+mod artifacts;
+mod import;
+mod outbox;
+pub mod progress;
+mod schema;
+mod tasks;
+mod trace;
+
+pub use progress::{DB_FILE, SqliteOptions, SqliteStore};
