@@ -35,7 +35,7 @@ pub(crate) struct DemoArgs {
     /// Also serve the dashboard and API while the demo runs (and after, until Ctrl-C), on
     /// ADDR [default: 127.0.0.1:8080]
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
-    serve: Option<std::net::SocketAddr>,
+    pub(crate) serve: Option<std::net::SocketAddr>,
 }
 
 struct Sim<'a> {

@@ -400,6 +400,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
+    /// The defaults the README states: `serve` and `demo --serve` listen on 127.0.0.1:8080,
+    /// `serve` serves 1,024 connections at once; `--max-connections` changes it, and 0 is
+    /// refused.
+    #[test]
+    fn serve_defaults_and_the_connection_cap_settings() {
+        let serve = |argv: &[&str]| match super::Cli::try_parse_from(argv).unwrap().command {
+            super::Command::Serve(args) => args,
+            _ => unreachable!(),
+        };
+        // (`EUA_MAX_CONNECTIONS` is proven end to end by tests/it/settings.rs.)
+        assert!(
+            std::env::var_os("EUA_MAX_CONNECTIONS").is_none(),
+            "run the tests without EUA_MAX_CONNECTIONS"
+        );
+        let args = serve(&["eks-upgrade-agent", "serve"]);
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.max_connections, 1024);
+        assert_eq!(
+            serve(&["eks-upgrade-agent", "serve", "--max-connections", "7"]).max_connections,
+            7
+        );
+        assert!(
+            super::Cli::try_parse_from(["eks-upgrade-agent", "serve", "--max-connections", "0"])
+                .is_err()
+        );
+        match super::Cli::try_parse_from(["eks-upgrade-agent", "demo", "--serve"])
+            .unwrap()
+            .command
+        {
+            super::Command::Demo(args) => {
+                assert_eq!(args.serve.unwrap().to_string(), "127.0.0.1:8080")
+            }
+            _ => unreachable!(),
+        }
+    }
+
     /// "`--help` works at every level": every command and subcommand, walked from the
     /// definition (so a new one is covered without listing it), answers `--help` with its usage;
     /// every leaf command has examples, and each example parses.

@@ -747,6 +747,34 @@ fn a_directory_add_says_which_links_it_skipped() {
         );
     }
     assert!(stderr.contains("skipped 2 entries"), "{stderr}");
+    // "Name a link's target to add it": a path named on the command line is read through its
+    // link, and its target's bytes are stored.
+    let out = env
+        .command()
+        .args([
+            "-o",
+            "json",
+            "artifacts",
+            "add",
+            &ids.session,
+            &ids.collection,
+        ])
+        .arg(dir.join("inside-link"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let added: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(added[0]["file_size"], 1, "{added}");
+    let got = env
+        .command()
+        .args([
+            "artifacts",
+            "get",
+            added[0]["artifact_id"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(got.stdout, b"a");
 }
 
 /// Issue #10, item 14: a search cut at its page size says so on stderr (JSON on stdout stays

@@ -123,10 +123,17 @@ fn sigkill_never_loses_an_acknowledged_update() {
 
 /// `--durability power_loss` really syncs the WAL at every commit, and the default does not
 /// (it syncs at checkpoints only): the fsync/fdatasync calls on the `-wal` file, counted with
-/// strace, over 200 commits of one `apply` (one line per transaction).
+/// strace, over 200 commits of one `apply` (one line per transaction). The level is taken from
+/// the flag, from `EUA_DURABILITY` and from the configuration file's `durability` key alike.
 #[test]
 fn power_loss_durability_syncs_the_wal_at_every_commit() {
-    let count_wal_syncs = |durability: &str| -> usize {
+    #[derive(Clone, Copy)]
+    enum From {
+        Flag,
+        Variable,
+        File,
+    }
+    let count_wal_syncs = |durability: &str, from: From| -> usize {
         let env = Env::with_task();
         let input: String = (0..200)
             .map(|i| {
@@ -146,15 +153,20 @@ fn power_loss_durability_syncs_the_wal_at_every_commit() {
             .arg(&trace)
             .arg(program)
             .args(args)
-            .args([
-                "--durability",
-                durability,
-                "progress",
-                "apply",
-                "--max-batch",
-                "1",
-            ])
             .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .env_remove("EUA_DURABILITY")
+            .env_remove("EUA_CONFIG");
+        match from {
+            From::Flag => drop(strace.args(["--durability", durability])),
+            From::Variable => drop(strace.env("EUA_DURABILITY", durability)),
+            From::File => {
+                let file = env.data_dir().join("config.toml");
+                std::fs::write(&file, format!("durability = {durability:?}\n")).unwrap();
+                strace.env("EUA_CONFIG", file);
+            }
+        }
+        strace
+            .args(["progress", "apply", "--max-batch", "1"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = strace.spawn().unwrap_or_else(|e| {
@@ -182,15 +194,25 @@ fn power_loss_durability_syncs_the_wal_at_every_commit() {
             })
             .count()
     };
-    let full = count_wal_syncs("power_loss");
-    let normal = count_wal_syncs("process_crash");
-    assert!(full >= 200, "power_loss: {full} WAL syncs for 200 commits");
-    // The default syncs only at checkpoints (every 20 ms at most, whatever the commit rate):
-    // far fewer than one per commit, even on a slow machine.
-    assert!(
-        normal < 150,
-        "process_crash: {normal} WAL syncs for 200 commits"
-    );
+    for from in [From::Flag, From::Variable, From::File] {
+        let full = count_wal_syncs("power_loss", from);
+        let normal = count_wal_syncs("process_crash", from);
+        let name = match from {
+            From::Flag => "--durability",
+            From::Variable => "EUA_DURABILITY",
+            From::File => "the config file's durability",
+        };
+        assert!(
+            full >= 200,
+            "power_loss from {name}: {full} WAL syncs for 200 commits"
+        );
+        // The default syncs only at checkpoints (every 20 ms at most, whatever the commit
+        // rate): far fewer than one per commit, even on a slow machine.
+        assert!(
+            normal < 150,
+            "process_crash from {name}: {normal} WAL syncs for 200 commits"
+        );
+    }
 }
 
 /// Reads never block writes (WAL: a long read transaction elsewhere does not stop a commit),

@@ -424,3 +424,62 @@ fn serve_uploads_what_another_process_queued() {
     }
     assert!(object_exists(&moto, "team", &key));
 }
+
+/// Retention deletes only layout keys in the configured bucket: a session whose records name
+/// a foreign key in the same bucket and a layout key in another bucket is cleaned up, and
+/// both foreign objects remain, while the session's own layout object is deleted.
+#[test]
+fn cleanup_never_touches_an_object_recorded_outside_the_layout() {
+    let moto = Moto::start();
+    moto.python(
+        "s3 = boto3.client('s3', **kw)\n\
+         s3.create_bucket(Bucket='team')\n\
+         s3.create_bucket(Bucket='other')\n\
+         print('null')",
+    );
+    let env = Env::new();
+    let (sid, cid) = session(|| s3_command(&env, &moto.url));
+    let mut ids = Vec::new();
+    for name in ["a.log", "b.log", "c.log"] {
+        let file = env.dir.path().join(name);
+        std::fs::write(&file, name).unwrap();
+        let a = add(s3_command(&env, &moto.url), &sid, &cid, &file, name);
+        ids.push(a["artifact_id"].as_str().unwrap().to_owned());
+    }
+    json(
+        s3_command(&env, &moto.url),
+        &["artifacts", "upload", "--all"],
+    );
+    let layout = |name: &str| format!("eks-upgrade-agent/artifacts/{sid}/{cid}/{name}");
+    put_object(&moto, "team", "other-team/backup.tar", "precious");
+    record_location(&env, &ids[0], "team", "other-team/backup.tar");
+    put_object(&moto, "other", &layout("b.log"), "precious");
+    record_location(&env, &ids[1], "other", &layout("b.log"));
+    assert!(object_exists(&moto, "team", &layout("c.log")));
+    json(
+        s3_command(&env, &moto.url),
+        &["artifacts", "session", "complete", &sid],
+    );
+    let later = (chrono::Utc::now() + chrono::Duration::days(400)).to_rfc3339();
+    let out = s3_command(&env, &moto.url)
+        .args(["-o", "json", "artifacts", "cleanup", "--as-of", &later])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        object_exists(&moto, "team", "other-team/backup.tar"),
+        "a foreign key in the bucket was deleted: {stdout} {stderr}"
+    );
+    assert!(
+        object_exists(&moto, "other", &layout("b.log")),
+        "an object in another bucket was deleted: {stdout} {stderr}"
+    );
+    assert!(
+        !object_exists(&moto, "team", &layout("c.log")),
+        "the session's own layout object stays: {stdout} {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sessions"].as_array().unwrap().len(), 1, "{report}");
+}

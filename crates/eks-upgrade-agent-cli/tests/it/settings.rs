@@ -408,3 +408,100 @@ fn server_and_token_come_from_the_environment() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") || err.contains("token"), "{err}");
 }
+
+/// Without `XDG_CONFIG_HOME`, the default configuration file is
+/// `~/.config/eks-upgrade-agent/config.toml`.
+#[test]
+fn without_xdg_config_home_the_file_is_under_dot_config() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join(".config/eks-upgrade-agent/config.toml");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let dir = home.path().join("from-dot-config");
+    std::fs::write(&file, format!("data_dir = {:?}\n", dir.to_str().unwrap())).unwrap();
+    let mut c = bare(home.path());
+    c.env_remove("XDG_CONFIG_HOME");
+    create(c, "u1");
+    assert_eq!(upgrades_in(&dir), ["u1"]);
+    // With XDG_CONFIG_HOME set (to a folder without the file), that file is not read.
+    create(bare(home.path()), "u2");
+    assert_eq!(upgrades_in(&dir), ["u1"]);
+    assert_eq!(
+        upgrades_in(&home.path().join("data-home/eks-upgrade-agent")),
+        ["u2"]
+    );
+}
+
+/// `EUA_MAX_CONNECTIONS` reaches the server: with a cap of 1, a kept-alive connection holds
+/// the only slot and a second client is answered only once it closes.
+#[test]
+fn the_connection_cap_comes_from_the_variable() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let env = Env::new();
+    let served = serve(&env, &[("EUA_MAX_CONNECTIONS", "1")]);
+    let request = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let answered = |s: &mut std::net::TcpStream, wait: Duration| -> bool {
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 12];
+        matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+    };
+    // The probe connection of `serve` may still hold the slot for a moment.
+    let mut first = std::net::TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    first.write_all(request.as_bytes()).unwrap();
+    assert!(answered(&mut first, Duration::from_secs(10)));
+    let mut second = std::net::TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    second.write_all(request.as_bytes()).unwrap();
+    assert!(
+        !answered(&mut second, Duration::from_millis(700)),
+        "a second connection is served while the first holds the only slot"
+    );
+    drop(first);
+    assert!(
+        answered(&mut second, Duration::from_secs(10)),
+        "the second connection is served once the first closes"
+    );
+}
+
+/// ARCHITECTURE "conn.rs": every accepted connection gets `TCP_NODELAY` (small responses and
+/// stream frames leave at once instead of waiting on the client's delayed ACK). Seen with
+/// strace attached to a running `serve`: a `setsockopt(..., TCP_NODELAY, [1], ...)` per
+/// accepted connection. (strace attaches to the server rather than starting it, so killing
+/// the server is killing the process the test started.)
+#[test]
+fn serve_sets_tcp_nodelay_on_every_connection() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let served = serve(&env, &[]);
+    let trace = env.dir.path().join("strace.out");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-e", "trace=setsockopt", "-o"])
+        .arg(&trace)
+        .args(["-p", &served.child.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run strace ({e}): scripts/test installs it (apt-get install strace)")
+        });
+    // strace says on stderr when it has attached (to each thread).
+    let mut err = std::io::BufReader::new(strace.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("attached"), "strace: {line}");
+    for _ in 0..3 {
+        let got = http(
+            served.port,
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    }
+    drop(served);
+    let _ = strace.kill();
+    strace.wait().unwrap();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let nodelay = text
+        .lines()
+        .filter(|l| l.contains("TCP_NODELAY, [1]"))
+        .count();
+    assert!(nodelay >= 3, "{nodelay} TCP_NODELAY calls:\n{text}");
+}

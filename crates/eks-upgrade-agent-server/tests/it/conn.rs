@@ -191,6 +191,43 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
 
+/// README "Server": streams may stay open and quiet as long as their clients like, past the
+/// idle limit of a keep-alive connection, and each holds a connection slot all along.
+#[tokio::test]
+async fn a_quiet_stream_outlives_the_idle_limit_and_keeps_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let options = ServeOptions {
+        header_read_timeout: Duration::from_millis(300),
+        max_connections: 1,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(s.with_serve_options(options)).await;
+    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+    // Quiet for over three idle limits...
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // ...and still open: it answers.
+    ws_send(&mut ws, r#"{"type":"ping"}"#).await;
+    until_type(&mut ws, "pong").await;
+    // All along it holds the only slot: another client waits until it closes.
+    let mut other = TcpStream::connect(server.addr).await.unwrap();
+    other.write_all(HEALTH).await.unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), other.read(&mut buf))
+            .await
+            .is_err(),
+        "the quiet stream holds the only slot"
+    );
+    drop(ws);
+    let got = tokio::time::timeout(Duration::from_secs(5), response(&mut other))
+        .await
+        .expect("served once the stream closed");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight() {
     let dir = tempfile::tempdir().unwrap();

@@ -391,23 +391,40 @@ async fn an_oversized_websocket_message_closes_the_connection() {
     let s = state(dir.path());
     seed(&s.tracker, "u1");
     let server = Server::start(s).await;
-    let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
-    assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
-    let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(100 * 1024));
-    // Either the send fails or the server answers with a close (or drops the socket).
-    let _ = ws.send(Message::Text(big.into())).await;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
-                Some(Ok(Message::Text(t))) if t.contains("pong") => return false,
-                Some(Ok(_)) => {}
+    // A message of exactly `MAX_WS_MESSAGE` bytes is answered; one byte more, or 100 KiB,
+    // closes the connection.
+    assert_eq!(eks_upgrade_agent_server::MAX_WS_MESSAGE, 64 * 1024);
+    let ping_of = |len: usize| {
+        let frame = r#"{"type":"ping","pad":""}"#;
+        format!(
+            r#"{{"type":"ping","pad":"{}"}}"#,
+            "x".repeat(len - frame.len())
+        )
+    };
+    for (len, closes) in [
+        (eks_upgrade_agent_server::MAX_WS_MESSAGE, false),
+        (eks_upgrade_agent_server::MAX_WS_MESSAGE + 1, true),
+        (100 * 1024, true),
+    ] {
+        let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+        assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+        let message = ping_of(len);
+        assert_eq!(message.len(), len);
+        // Either the send fails or the server answers with a close (or drops the socket).
+        let _ = ws.send(Message::Text(message.into())).await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ws.next().await {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                    Some(Ok(Message::Text(t))) if t.contains("pong") => return false,
+                    Some(Ok(_)) => {}
+                }
             }
-        }
-    })
-    .await
-    .expect("the server reacts within 10 s");
-    assert!(closed, "a 100 KiB message must close the connection");
+        })
+        .await
+        .expect("the server reacts within 10 s");
+        assert_eq!(closed, closes, "a message of {len} bytes");
+    }
     // The server still serves.
     let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
     assert_eq!(next_json(&mut ws).await["type"], "progress_summary");

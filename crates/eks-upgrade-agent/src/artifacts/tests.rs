@@ -1136,3 +1136,45 @@ fn upload_claims_exclude_others_until_the_lease_expires() {
     );
     assert_eq!(q.claimed_by_others("A", after).unwrap(), 2);
 }
+
+/// ARCHITECTURE "Blobs are immutable": an artifact row is committed only after its blob
+/// exists, checked inside the index transaction. Indexing a digest whose blob is not in the
+/// blob store is refused, and no row is left; the same row with its blob present is indexed.
+#[test]
+fn an_artifact_row_is_committed_only_after_its_blob_exists() {
+    use crate::store::{ArtifactIndex, NewArtifact};
+    let f = fixture();
+    let (s, c) = session(&f, "u1");
+    let data = b"bytes that were never put".to_vec();
+    let digest = crate::blob::Digest::of(&data);
+    let row = NewArtifact {
+        artifact_id: uuid::Uuid::now_v7().to_string(),
+        collection_id: c.collection_id.clone(),
+        name: "ghost.log".into(),
+        description: None,
+        artifact_type: ArtifactType::LogFile,
+        file_size: data.len() as u64,
+        digest,
+        task_id: None,
+        step_id: None,
+        tags: Vec::new(),
+        metadata: JsonMap::new(),
+        created_at: Utc::now(),
+        queue_upload: false,
+    };
+    let blobs = f.m.blobs().clone();
+    let present = move |d: &crate::blob::Digest| blobs.exists(d);
+    let err = f
+        .store
+        .insert_artifacts(std::slice::from_ref(&row), &present)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("disappeared before it was indexed"), "{err}");
+    let summary = f.m.session_summary(&s.session_id).unwrap();
+    assert_eq!(summary.total_artifacts, 0, "{summary:?}");
+    // With its blob in the store, the same row is indexed.
+    f.m.blobs().put(&mut data.as_slice(), &mut |_| {}).unwrap();
+    let added = f.store.insert_artifacts(&[row], &present).unwrap();
+    assert_eq!(added.len(), 1);
+    assert_eq!(f.m.read(&added[0].artifact_id).unwrap(), data);
+}

@@ -589,6 +589,38 @@ mod tests {
         assert!(meta.permissions().readonly());
     }
 
+    /// The boundary of `small.sqlite3`: exactly `INLINE_MAX` bytes is a row and no file;
+    /// one byte more is a file and no row. Both read back whole.
+    #[test]
+    fn blobs_up_to_16_kib_are_rows_and_larger_ones_files() {
+        assert_eq!(INLINE_MAX, 16 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::open(dir.path(), Durability::default()).unwrap();
+        let rows = |d: &Digest| -> i64 {
+            let conn = Connection::open(dir.path().join("small.sqlite3")).unwrap();
+            conn.query_row(
+                "SELECT count(*) FROM blobs WHERE digest = ?1",
+                [d.0.as_slice()],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        for (len, inline) in [(INLINE_MAX, true), (INLINE_MAX + 1, false)] {
+            let data = vec![b'x'; len];
+            let info = store.put(&mut data.as_slice(), &mut |_| {}).unwrap();
+            assert_eq!(info.size, len as u64);
+            assert_eq!(store.path_of(&info.digest).exists(), !inline, "{len} bytes");
+            assert_eq!(rows(&info.digest), i64::from(inline), "{len} bytes");
+            let mut back = Vec::new();
+            store
+                .open(&info.digest)
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, data, "{len} bytes");
+        }
+    }
+
     #[test]
     fn sweep_removes_abandoned_temp_files_only() {
         let dir = tempfile::tempdir().unwrap();

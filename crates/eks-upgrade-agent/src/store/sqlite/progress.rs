@@ -1001,6 +1001,61 @@ mod tests {
         });
     }
 
+    /// ARCHITECTURE "Performance": 1 KiB pages, and checkpoints on a background thread. The
+    /// database file's header says 1,024; after a burst of commits (far below the writers'
+    /// automatic checkpoint mark), the WAL's frames get copied back (`nBackfill` reaches
+    /// `mxFrame` in the wal-index, read from the `-shm` file as https://www.sqlite.org/walformat.html
+    /// lays it out) with no checkpoint asked for by this test or the writer.
+    #[test]
+    fn pages_are_1_kib_and_a_background_thread_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+        let run = |c: Command| store.execute(&[c]).unwrap().remove(0).unwrap();
+        run(Command::UpgradeCreate {
+            upgrade_id: "u".into(),
+            plan_id: "p".into(),
+            cluster_name: "c".into(),
+            metadata: JsonMap::new(),
+        });
+        for i in 0..50 {
+            run(Command::UpgradePhase {
+                upgrade_id: "u".into(),
+                phase: format!("phase-{i}"),
+            });
+        }
+        let header = std::fs::read(dir.path().join(DB_FILE)).unwrap();
+        assert_eq!(u16::from_be_bytes([header[16], header[17]]), 1024);
+        let autocheckpoint: i64 = store
+            .writer()
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .unwrap();
+        assert_eq!(autocheckpoint, WAL_CHECKPOINT_PAGES);
+        let shm = dir.path().join(format!("{DB_FILE}-shm"));
+        let frames = || {
+            let b = std::fs::read(&shm).unwrap();
+            let at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
+            // WalIndexHdr.mxFrame at 16; WalCkptInfo.nBackfill at 96.
+            (at(16), at(96))
+        };
+        let (written, _) = frames();
+        assert!(
+            written > 50 && (written as i64) < WAL_CHECKPOINT_PAGES,
+            "{written} WAL frames"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (max, backfilled) = frames();
+            if max > 0 && backfilled == max {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint: {backfilled} of {max} frames copied back after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn durability_levels_set_sqlite_synchronous() {
         for (durability, expected) in [(Durability::ProcessCrash, 1), (Durability::PowerLoss, 2)] {
