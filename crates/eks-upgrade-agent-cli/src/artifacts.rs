@@ -22,7 +22,7 @@ use crate::Access;
 use crate::Ctx;
 use crate::kv::{parse_kv, parse_kv_json, to_map};
 use crate::output::print_json;
-use crate::output::printable;
+use crate::output::{printable, truncate};
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::requests::{PullRequest, UploadRequest};
 use eks_upgrade_agent::store::IdKind;
@@ -348,6 +348,35 @@ fn common_cause(failed: &[(String, String)]) -> Option<&str> {
         .iter()
         .all(|(_, e)| cause_of(e).is_some_and(|i| e[i..].starts_with(cause)))
         .then_some(cause)
+}
+
+/// A table with a header row: each column as wide as its widest cell, the last one free, each
+/// line cut to the terminal's width.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let w = crate::output::width();
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i + 1 < N {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            } else {
+                out.push_str(cell);
+            }
+        }
+        crate::output::fit(&out, w)
+    };
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", line(&mut header.iter().copied()))?;
+    for row in rows {
+        writeln!(out, "{}", line(&mut row.iter().map(String::as_str)))?;
+    }
+    Ok(())
 }
 
 /// The header row of [`artifact_line`]s.
@@ -1067,10 +1096,10 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                     crate::output::time(s.completed_at)
                 );
                 println!(
-                    "{} collections, {} artifacts, {} bytes, {} uploaded",
+                    "{} collections, {} artifacts, {}, {} uploaded",
                     sum.collections_count,
                     sum.total_artifacts,
-                    sum.total_size_bytes,
+                    crate::output::size(sum.total_size_bytes),
                     sum.uploaded_artifacts
                 );
                 for (ty, n) in &sum.artifact_types {
@@ -1096,19 +1125,35 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
             } else if list.is_empty() {
                 println!("no sessions");
             } else {
-                for s in &list {
-                    println!(
-                        "{}  {:<40}  upgrade {:<20}  {}",
-                        printable(&m.short(IdKind::Session, &s.session_id)),
-                        printable(&s.name),
-                        printable(&s.upgrade_id),
-                        if s.completed_at.is_some() {
-                            "completed"
-                        } else {
-                            "open"
-                        }
-                    );
-                }
+                let rows: Vec<[String; 6]> = list
+                    .iter()
+                    .map(|s| {
+                        [
+                            printable(&m.short(IdKind::Session, &s.session_id)).into_owned(),
+                            if s.completed_at.is_some() {
+                                "completed"
+                            } else {
+                                "open"
+                            }
+                            .into(),
+                            s.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                            truncate(&printable(&s.upgrade_id), 24),
+                            truncate(&printable(&s.cluster_name), 20),
+                            printable(&s.name).into_owned(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    [
+                        "ID",
+                        "STATUS",
+                        "STARTED (UTC)",
+                        "UPGRADE",
+                        "CLUSTER",
+                        "NAME",
+                    ],
+                    &rows,
+                )?;
             }
         }
     }
@@ -1136,13 +1181,17 @@ fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Resul
             if ctx.json() {
                 print_json(&list)?;
             } else {
-                for c in &list {
-                    println!(
-                        "{}  {}",
-                        printable(&m.short(IdKind::Collection, &c.collection_id)),
-                        printable(&c.name)
-                    );
-                }
+                let rows: Vec<[String; 3]> = list
+                    .iter()
+                    .map(|c| {
+                        [
+                            printable(&m.short(IdKind::Collection, &c.collection_id)).into_owned(),
+                            truncate(&printable(c.task_id.as_deref().unwrap_or("-")), 24),
+                            printable(&c.name).into_owned(),
+                        ]
+                    })
+                    .collect();
+                print_table(["ID", "TASK", "NAME"], &rows)?;
             }
         }
     }

@@ -361,3 +361,73 @@ fn region_and_source_come_from_flags() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("region"), "{stderr}");
 }
+
+/// EventBridge failures are said once per sink, in the words of the S3 reports: no
+/// credentials, and a bus that does not exist (moto); never the SDK's debug dump.
+#[test]
+fn eventbridge_failures_are_named_once_in_plain_words() {
+    let moto = Moto::start();
+    let env = Env::new();
+    env.ok(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    env.ok(&["progress", "upgrade", "start", "u"]);
+    let flush = |vars: &[(&str, &str)], remove: &[&str]| {
+        let mut c = env.command();
+        aws(&mut c, &moto.url);
+        for k in remove {
+            c.env_remove(k);
+        }
+        c.env("HOME", env.dir.path()).envs(vars.iter().copied());
+        let out = c
+            .args(["notify", "flush", "--timeout", "3"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // No region anywhere: said before anything is sent.
+    let mut c = env.command();
+    aws(&mut c, &moto.url);
+    c.env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("HOME", env.dir.path());
+    let out = c.args(["notify", "flush"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no AWS region configured for EventBridge: set AWS_REGION or --aws-region"),
+        "{err}"
+    );
+    // No credentials anywhere (IMDS off, as on a laptop).
+    let (code, text) = flush(&[], &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(
+            "eventbridge:upgrades: PutEvents to bus upgrades: no AWS credentials found (environment, profile, instance metadata)"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("DispatchFailure"), "{text}");
+    assert_eq!(
+        text.matches("no AWS credentials found").count(),
+        1,
+        "{text}"
+    );
+    // The bus was never created.
+    let (code, text) = flush(&[], &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("PutEvents to bus upgrades: event bus upgrades does not exist"),
+        "{text}"
+    );
+}

@@ -171,3 +171,50 @@ fn not_on_a_terminal_watch_and_demo_print_timestamped_event_lines() {
     assert!(lines.len() > 50, "one line per event: {demo}");
     assert!(!demo.contains('\u{1b}'), "no bars: {demo:?}");
 }
+
+#[test]
+fn session_and_collection_lists_fit_with_headers() {
+    let env = Env::new();
+    let s = env.json(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "upgrade-of-the-production-cluster-in-eu-west-1-2026",
+        "--cluster",
+        "production-eu-west-1-with-a-very-long-cluster-name",
+    ]);
+    let s = s["session_id"].as_str().unwrap().to_owned();
+    env.ok(&[
+        "artifacts",
+        "collection",
+        "create",
+        &s,
+        "--name",
+        "node group ng-general-purpose-1 drain logs, kubelet journals and pod events",
+        "--task-id",
+        "upgrade-node-group-ng-general-purpose-1",
+    ]);
+    let sessions = at_80(&env, &["artifacts", "session", "list"]);
+    assert_fits(&sessions, "session list");
+    let mut lines = sessions.lines();
+    let header = lines.next().unwrap();
+    assert!(
+        header.starts_with("ID ") && header.contains("CLUSTER"),
+        "{sessions}"
+    );
+    let row = lines.next().unwrap();
+    assert!(row.contains(" open "), "{sessions}");
+    assert!(row.contains("upgrade-of-the-producti…"), "{row}");
+    let today = chrono::Utc::now().format("%Y-%m-%d ").to_string();
+    assert!(row.contains(&today), "dates with the day: {row}");
+    let collections = at_80(&env, &["artifacts", "collection", "list", &s]);
+    assert_fits(&collections, "collection list");
+    let mut lines = collections.lines();
+    assert!(lines.next().unwrap().starts_with("ID "), "{collections}");
+    let row = lines.next().unwrap();
+    assert!(row.ends_with('…'), "the long name is cut: {row}");
+    assert!(row.contains("upgrade-node-group"), "{row}");
+    let shown = at_80(&env, &["artifacts", "session", "show", &s]);
+    assert!(shown.contains("0 B"), "sizes for people: {shown}");
+}

@@ -90,7 +90,7 @@ impl EventBridgeSink {
         }
         if config.region().is_none() {
             return Err(Error::invalid(
-                "no AWS region for EventBridge: set AWS_REGION or --aws-region",
+                "no AWS region configured for EventBridge: set AWS_REGION or --aws-region",
             ));
         }
         Ok(EventBridgeSink {
@@ -101,6 +101,32 @@ impl EventBridgeSink {
             client: Client::new(&config),
             runtime,
         })
+    }
+}
+
+/// What people can act on, when a failed call is one of the usual AWS failures (the same
+/// words as the S3 reports): no credentials, access denied, no such bus. `None` keeps the
+/// SDK's own text.
+fn cause(bus: &str, detail: &str) -> Option<String> {
+    let lower = detail.to_ascii_lowercase();
+    if lower.contains("credentialsnotloaded")
+        || lower.contains("no providers in chain provided credentials")
+        || lower.contains("failed to load credentials")
+    {
+        Some(crate::blob::s3::NO_CREDENTIALS.to_owned())
+    } else if lower.contains("resourcenotfoundexception") || lower.contains("does not exist") {
+        Some(format!("event bus {bus} does not exist"))
+    } else if lower.contains("accessdenied")
+        || lower.contains("not authorized")
+        || lower.contains("unrecognizedclientexception")
+        || lower.contains("invalidsignatureexception")
+        || lower.contains("403 forbidden")
+    {
+        Some(format!(
+            "access denied to event bus {bus}; check the AWS credentials and the bus policy"
+        ))
+    } else {
+        None
     }
 }
 
@@ -161,10 +187,11 @@ impl EventSink for EventBridgeSink {
                     .collect()
             }
             Err(e) => {
+                let detail = format!("{}", aws_sdk_eventbridge::error::DisplayErrorContext(&e));
                 let msg = format!(
                     "PutEvents to bus {}: {}",
                     self.bus,
-                    aws_sdk_eventbridge::error::DisplayErrorContext(&e)
+                    cause(&self.bus, &detail).unwrap_or(detail)
                 );
                 vec![EntryResult::Retry(msg); batch.len()]
             }
@@ -179,6 +206,31 @@ mod tests {
 
     use super::*;
     use crate::model::JsonMap;
+
+    #[test]
+    fn usual_failures_get_plain_words() {
+        assert_eq!(
+            cause("b", "dispatch failure: other: the credential provider was not enabled: no providers in chain provided credentials (DispatchFailure(..))").as_deref(),
+            Some(crate::blob::s3::NO_CREDENTIALS)
+        );
+        assert_eq!(
+            cause(
+                "b",
+                "service error: ResourceNotFoundException: Event bus b does not exist."
+            )
+            .as_deref(),
+            Some("event bus b does not exist")
+        );
+        assert!(
+            cause(
+                "b",
+                "service error: AccessDeniedException: User is not authorized"
+            )
+            .unwrap()
+            .starts_with("access denied to event bus b")
+        );
+        assert_eq!(cause("b", "io error: connection refused"), None);
+    }
 
     /// A PutEvents endpoint on loopback that answers every call with `body` (HTTP 200).
     fn endpoint(body: &'static str) -> String {
