@@ -389,10 +389,10 @@ fn artifact_header(out: &mut impl Write) -> io::Result<()> {
 }
 
 /// One artifact in a table, its id in its shortest unambiguous form, its size for people.
-fn artifact_line(out: &mut impl Write, m: &dyn Artifacts, a: &TestArtifact) -> io::Result<()> {
+fn artifact_line(out: &mut impl Write, short: &str, a: &TestArtifact) -> io::Result<()> {
     let line = format!(
         "{:<12}  {:<13}  {:>10}  {}  {}{}",
-        printable(&m.short(IdKind::Artifact, &a.artifact_id)),
+        printable(short),
         a.artifact_type.as_str(),
         crate::output::size(a.file_size),
         a.created_at.format("%Y-%m-%d %H:%M:%S"),
@@ -561,8 +561,9 @@ fn run_on(
                 if !added.is_empty() {
                     artifact_header(&mut out)?;
                 }
-                for a in &added {
-                    artifact_line(&mut out, m, a)?;
+                let ids: Vec<&str> = added.iter().map(|a| a.artifact_id.as_str()).collect();
+                for (a, short) in added.iter().zip(m.shorts(IdKind::Artifact, &ids)) {
+                    artifact_line(&mut out, &short, a)?;
                 }
                 writeln!(
                     out,
@@ -978,7 +979,17 @@ fn search(
     }
     let next = loop {
         let page = m.search_page(&q)?;
-        for a in &page.artifacts {
+        let shorts = if ctx.json() {
+            Vec::new()
+        } else {
+            let ids: Vec<&str> = page
+                .artifacts
+                .iter()
+                .map(|a| a.artifact_id.as_str())
+                .collect();
+            m.shorts(IdKind::Artifact, &ids)
+        };
+        for (i, a) in page.artifacts.iter().enumerate() {
             if shown == 0 && !ctx.json() {
                 artifact_header(&mut out)?;
             }
@@ -986,7 +997,7 @@ fn search(
                 write!(out, "{}\n  ", if shown == 0 { "" } else { "," })?;
                 serde_json::to_writer(&mut out, a)?;
             } else {
-                artifact_line(&mut out, m, a)?;
+                artifact_line(&mut out, &shorts[i], a)?;
             }
             shown += 1;
         }
@@ -1105,10 +1116,14 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
                 for (ty, n) in &sum.artifact_types {
                     println!("  {:<14} {n}", ty.as_str());
                 }
-                for c in &collections {
+                let ids: Vec<&str> = collections
+                    .iter()
+                    .map(|c| c.collection_id.as_str())
+                    .collect();
+                for (c, short) in collections.iter().zip(m.shorts(IdKind::Collection, &ids)) {
                     println!(
                         "collection {}  {}{}",
-                        printable(&m.short(IdKind::Collection, &c.collection_id)),
+                        printable(&short),
                         printable(&c.name),
                         c.task_id
                             .as_deref()
@@ -1125,11 +1140,13 @@ fn session(ctx: &Ctx, m: &dyn Artifacts, cmd: SessionCmd) -> anyhow::Result<Exit
             } else if list.is_empty() {
                 println!("no sessions");
             } else {
+                let ids: Vec<&str> = list.iter().map(|s| s.session_id.as_str()).collect();
                 let rows: Vec<[String; 6]> = list
                     .iter()
-                    .map(|s| {
+                    .zip(m.shorts(IdKind::Session, &ids))
+                    .map(|(s, short)| {
                         [
-                            printable(&m.short(IdKind::Session, &s.session_id)).into_owned(),
+                            printable(&short).into_owned(),
                             if s.completed_at.is_some() {
                                 "completed"
                             } else {
@@ -1181,11 +1198,13 @@ fn collection(ctx: &Ctx, m: &dyn Artifacts, cmd: CollectionCmd) -> anyhow::Resul
             if ctx.json() {
                 print_json(&list)?;
             } else {
+                let ids: Vec<&str> = list.iter().map(|c| c.collection_id.as_str()).collect();
                 let rows: Vec<[String; 3]> = list
                     .iter()
-                    .map(|c| {
+                    .zip(m.shorts(IdKind::Collection, &ids))
+                    .map(|(c, short)| {
                         [
-                            printable(&m.short(IdKind::Collection, &c.collection_id)).into_owned(),
+                            printable(&short).into_owned(),
                             truncate(&printable(c.task_id.as_deref().unwrap_or("-")), 24),
                             printable(&c.name).into_owned(),
                         ]

@@ -33,6 +33,10 @@ pub(crate) trait Artifacts {
         let _ = kind;
         id.to_owned()
     }
+    /// [`Artifacts::short`] of each id, in order (one round trip per chunk for a server).
+    fn shorts(&self, kind: IdKind, ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| self.short(kind, id)).collect()
+    }
     fn create_session(&self, new: NewSession) -> Result<TestSession>;
     fn complete_session(&self, id: &str) -> Result<TestSession>;
     fn session_summary(&self, id: &str) -> Result<SessionSummary>;
@@ -277,6 +281,26 @@ impl Artifacts for RemoteArtifacts {
 
     fn complete_session(&self, id: &str) -> Result<TestSession> {
         from_value(self.send("POST", &format!("/api/v1/sessions/{}/complete", encode(id)))?)
+    }
+
+    fn shorts(&self, kind: IdKind, ids: &[&str]) -> Vec<String> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(100) {
+            let list = chunk
+                .iter()
+                .map(|i| encode(i))
+                .collect::<Vec<_>>()
+                .join(",");
+            let got: Result<Value> = self
+                .store
+                .get_json(&format!("/api/v1/ids/{}?shortest={list}", kind.as_str()));
+            // An older server, or an error: the full ids (still valid, just long).
+            match got.map(|mut v| from_value::<Vec<String>>(v["shortest"].take())) {
+                Ok(Ok(s)) if s.len() == chunk.len() => out.extend(s),
+                _ => out.extend(chunk.iter().map(|i| (*i).to_owned())),
+            }
+        }
+        out
     }
 
     fn resolve(&self, kind: IdKind, abbrev: &str) -> Result<String> {

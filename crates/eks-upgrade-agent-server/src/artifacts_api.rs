@@ -105,6 +105,59 @@ pub(crate) async fn list_sessions(
     answer(&s, move |m| m.sessions(q.upgrade_id.as_deref())).await
 }
 
+/// Most ids one `GET /api/v1/ids/{kind}?shortest=` takes.
+pub(crate) const MAX_SHORTEST: usize = 100;
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ShortestQuery {
+    shortest: String,
+}
+
+/// `GET /api/v1/ids/{kind}?shortest=ID,ID,...`: the shortest unambiguous form of each id (at
+/// most [`MAX_SHORTEST`]), in order, as `{"shortest": [...]}`, as tables show them.
+pub(crate) async fn shortest_ids(
+    State(s): State<AppState>,
+    Path(kind): Path<String>,
+    q: Result<Query<ShortestQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q?;
+    let kind = id_kind(&kind)?;
+    let ids: Vec<String> = q
+        .shortest
+        .split(',')
+        .filter(|i| !i.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ids.len() > MAX_SHORTEST {
+        return Err(eks_upgrade_agent::Error::InvalidInput(format!(
+            "at most {MAX_SHORTEST} ids per request, got {}",
+            ids.len()
+        ))
+        .into());
+    }
+    let m = manager(&s)?;
+    let shortest = blocking(move || {
+        ids.iter()
+            .map(|id| m.abbreviate(kind, id))
+            .collect::<eks_upgrade_agent::Result<Vec<_>>>()
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "shortest": shortest })))
+}
+
+fn id_kind(kind: &str) -> Result<eks_upgrade_agent::store::IdKind, eks_upgrade_agent::Error> {
+    use eks_upgrade_agent::store::IdKind;
+    match kind {
+        "session" => Ok(IdKind::Session),
+        "collection" => Ok(IdKind::Collection),
+        "artifact" => Ok(IdKind::Artifact),
+        other => Err(eks_upgrade_agent::Error::InvalidInput(format!(
+            "unknown id kind {other:?}: expected session, collection or artifact"
+        ))),
+    }
+}
+
 /// `GET /api/v1/ids/{kind}/{abbrev}`: the full session, collection or artifact id that an
 /// abbreviation (a unique prefix, or a unique suffix of at least six characters) names, as
 /// `{"id": ...}`; an ambiguous one is `invalid_input` listing the candidates.
@@ -112,18 +165,7 @@ pub(crate) async fn resolve_id(
     State(s): State<AppState>,
     Path((kind, abbrev)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    use eks_upgrade_agent::store::IdKind;
-    let kind = match kind.as_str() {
-        "session" => IdKind::Session,
-        "collection" => IdKind::Collection,
-        "artifact" => IdKind::Artifact,
-        other => {
-            return Err(eks_upgrade_agent::Error::InvalidInput(format!(
-                "unknown id kind {other:?}: expected session, collection or artifact"
-            ))
-            .into());
-        }
-    };
+    let kind = id_kind(&kind)?;
     let m = manager(&s)?;
     let id = blocking(move || m.resolve_id(kind, &abbrev)).await?;
     Ok(Json(serde_json::json!({ "id": id })))

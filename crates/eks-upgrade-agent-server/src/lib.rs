@@ -227,6 +227,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/sessions",
             get(a::list_sessions).post(a::create_session),
         )
+        .route("/api/v1/ids/{kind}", get(a::shortest_ids))
         .route("/api/v1/ids/{kind}/{abbrev}", get(a::resolve_id))
         .route("/api/v1/sessions/{session}", get(a::show_session))
         .route(

@@ -227,6 +227,15 @@ pub(crate) const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/api/v1/ids/{kind}",
+        tag: "artifacts",
+        summary: "The shortest unambiguous form of each of up to 100 session, collection or artifact ids, in order, as tables show them",
+        body: Body::None,
+        query: &[("shortest", "comma-separated full ids (at most 100)")],
+        ok: (200, JSON),
+    },
+    Route {
+        method: "get",
         path: "/api/v1/ids/{kind}/{abbrev}",
         tag: "artifacts",
         summary: "The full session, collection or artifact id an abbreviation names (a unique prefix, or a unique suffix of 6+ characters); ambiguous ones list the candidates",

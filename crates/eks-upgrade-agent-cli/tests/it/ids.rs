@@ -118,6 +118,7 @@ fn tables_show_the_shortest_form_that_resolves_back() {
     let table = env.ok(&["artifacts", "session", "list"]);
     let shorts: Vec<&str> = table
         .lines()
+        .skip(1)
         .map(|l| l.split_whitespace().next().unwrap())
         .collect();
     assert_eq!(shorts.len(), 2, "{table}");
@@ -130,7 +131,13 @@ fn tables_show_the_shortest_form_that_resolves_back() {
         assert_eq!(v["session_id"], full.as_str());
     }
     let table = env.ok(&["artifacts", "collection", "list", &s1]);
-    let short = table.split_whitespace().next().unwrap();
+    let short = table
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     assert!(
         short.len() <= 8 && c.ends_with(short) || c.starts_with(short),
         "{short}"
@@ -191,4 +198,25 @@ fn abbreviations_work_through_a_server() {
         ],
     );
     assert!(err.contains("is ambiguous"), "{err}");
+    // Tables through the server show the same shortest forms as on the data dir itself.
+    for args in [
+        vec!["artifacts", "session", "list"],
+        vec!["artifacts", "search", "--session", s1.as_str()],
+    ] {
+        let local = server_env.ok(&args);
+        let mut remote_args = vec!["--server", url.as_str(), "--token", TOKEN];
+        remote_args.extend(args.iter().copied());
+        let remote = client.ok(&remote_args);
+        let ids = |t: &str| -> Vec<String> {
+            t.lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().next().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(ids(&remote), ids(&local), "{remote}");
+        assert!(
+            ids(&remote).iter().all(|i| i.len() < 36),
+            "abbreviated: {remote}"
+        );
+    }
 }
