@@ -690,6 +690,7 @@ mod tests {
             current_task: None,
             metadata: JsonMap::new(),
             last_seq: 0,
+            created_at: Utc::now(),
             progress_percentage: 100.0,
             active_task_names: Vec::new(),
             failed_task_names: Vec::new(),
