@@ -41,7 +41,16 @@ fn dashboard_in_headless_chromium() {
         "dashboard test failed (screenshots in {}):\n{stdout}\n{stderr}",
         shots.display()
     );
-    for shot in ["1-live.png", "2-server-down.png", "3-caught-up.png"] {
+    for shot in [
+        "1-live.png",
+        "2-server-down.png",
+        "3-caught-up.png",
+        "4-timeline.png",
+        "5-viewer-text.png",
+        "6-viewer-image.png",
+        "7-width-1024.png",
+        "7-width-2560.png",
+    ] {
         let len = std::fs::metadata(shots.join(shot))
             .map(|m| m.len())
             .unwrap_or(0);
