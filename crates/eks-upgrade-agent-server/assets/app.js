@@ -362,6 +362,8 @@
     }
     $('#jump-failure').disabled = !tasks.some((t) => t.status === 'failed');
     layoutTasks();
+    // Events name their tasks.
+    renderEvents();
   }
 
   function hasChildren(t) {
