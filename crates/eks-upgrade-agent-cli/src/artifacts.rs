@@ -324,11 +324,13 @@ fn track(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
     }
 }
 
-/// The AWS cause every failure shares ("no AWS credentials found (...)", "access denied to
-/// s3://b", "bucket b does not exist"), when there are failures and they all share one.
+/// The AWS cause every failure shares ("no AWS credentials found (...)", "no AWS region
+/// configured (...)", "access denied to s3://b", "bucket b does not exist"), when there are
+/// failures and they all share one.
 fn common_cause(failed: &[(String, String)]) -> Option<&str> {
-    const CAUSES: [&str; 3] = [
+    const CAUSES: [&str; 4] = [
         "no AWS credentials found",
+        "no AWS region configured",
         "access denied to s3://",
         "bucket ",
     ];

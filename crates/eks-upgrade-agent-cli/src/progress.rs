@@ -55,6 +55,10 @@ pub(crate) enum ProgressCmd {
         /// Exit 0 if the upgrade completed, 3 if it failed or was cancelled
         #[arg(long)]
         exit_status: bool,
+        /// Stop watching after this long (e.g. 45s, 30m, 2h) and exit 4 if the upgrade has not
+        /// ended [default: until it ends]
+        #[arg(long, value_name = "DURATION", value_parser = eks_upgrade_agent::units::parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Wait until an upgrade reaches a condition; the exit code tells the outcome
     ///
@@ -318,6 +322,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
             upgrade,
             interval_ms,
             exit_status,
+            timeout,
         } => {
             // While it watches, it delivers what is pending (its own data dir; a server
             // delivers its own).
@@ -326,12 +331,21 @@ pub(crate) fn run(ctx: &Ctx, cmd: ProgressCmd) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .and_then(|store| crate::notify::dispatcher_or_warn(ctx, store))
                 .map(|d| d.spawn());
-            let status = render::watch(
+            let ended = render::watch(
                 ctx,
                 tracker,
                 &upgrade,
                 Duration::from_millis(interval_ms.max(10)),
+                timeout,
             )?;
+            let Some(status) = ended else {
+                eprintln!(
+                    "timed out after {}: upgrade {} has not ended",
+                    crate::output::duration(timeout.map(|t| t.as_secs_f64())),
+                    crate::output::printable(&upgrade)
+                );
+                return Ok(crate::wait::Outcome::TimedOut.exit_code());
+            };
             Ok(if exit_status {
                 crate::wait::ended_status(status).exit_code()
             } else {

@@ -347,22 +347,29 @@ pub(crate) fn event_line(out: &mut impl Write, e: &ProgressEvent) -> io::Result<
     writeln!(out, "{}", fit(&line, width()))
 }
 
-/// Live view until the upgrade ends. Polls the store, so changes by other processes show.
-/// Returns the status the upgrade ended with.
+/// Live view until the upgrade ends, or `timeout` passes. Polls the store, so changes by other
+/// processes show. Returns the status the upgrade ended with, `None` on timeout.
 pub(crate) fn watch(
     ctx: &Ctx,
     tracker: &ProgressTracker,
     upgrade: &str,
     interval: Duration,
-) -> anyhow::Result<ProgressStatus> {
+    timeout: Option<Duration>,
+) -> anyhow::Result<Option<ProgressStatus>> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
     let mut watcher = Watcher::new(tracker, upgrade, !ctx.json() && stdout_is_terminal())?;
     loop {
         if watcher.poll(ctx)? {
             break;
         }
-        std::thread::sleep(interval);
+        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        if left == Some(Duration::ZERO) {
+            watcher.finish(ctx)?;
+            return Ok(None);
+        }
+        std::thread::sleep(left.map_or(interval, |l| l.min(interval)));
     }
-    Ok(watcher.finish(ctx)?.status)
+    Ok(Some(watcher.finish(ctx)?.status))
 }
 
 /// Incremental renderer shared by `watch` and `demo`.
@@ -690,6 +697,7 @@ mod tests {
             current_task: None,
             metadata: JsonMap::new(),
             last_seq: 0,
+            created_at: Utc::now(),
             progress_percentage: 100.0,
             active_task_names: Vec::new(),
             failed_task_names: Vec::new(),

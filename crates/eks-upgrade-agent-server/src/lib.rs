@@ -219,6 +219,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/upgrades/{upgrade}/tasks/{task}", get(p::show_task))
         .route(
+            "/api/v1/upgrades/{upgrade}/tasks/{task}/events",
+            get(p::task_events),
+        )
+        .route(
             "/api/v1/upgrades/{upgrade}/tasks/{task}/{op}",
             post(p::task_op),
         )

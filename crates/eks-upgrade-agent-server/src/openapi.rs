@@ -142,6 +142,21 @@ pub(crate) const ROUTES: &[Route] = &[
         ok: (200, JSON),
     },
     Route {
+        method: "get",
+        path: "/api/v1/upgrades/{upgrade}/tasks/{task}/events",
+        tag: "progress",
+        summary: "A task's events, newest first (its retry history with kind=task.failed,task.retried)",
+        body: Body::None,
+        query: &[
+            (
+                "kind",
+                "only these kinds, comma-separated wire names (task.failed, ...)",
+            ),
+            ("limit", "at most this many [1000, at most 10000]"),
+        ],
+        ok: (200, JSON),
+    },
+    Route {
         method: "post",
         path: "/api/v1/upgrades/{upgrade}/tasks/{task}/{op}",
         tag: "progress",

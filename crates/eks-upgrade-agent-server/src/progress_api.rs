@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use eks_upgrade_agent::model::ProgressSummary;
+use eks_upgrade_agent::model::{EventKind, ProgressSummary};
 use eks_upgrade_agent::progress::Command;
 use eks_upgrade_agent::store::{Committed, MAX_PAGE};
 
@@ -255,6 +255,70 @@ pub(crate) async fn show_task(
     let tracker = Arc::clone(&s.tracker);
     let detail = blocking(move || tracker.task_detail(&upgrade, &task)).await?;
     Ok(Json(serde_json::to_value(detail).unwrap_or_default()))
+}
+
+/// `?kind=` (comma-separated wire names) and `?limit=` of a task's events.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TaskEventsQuery {
+    kind: Option<String>,
+    limit: Option<usize>,
+    /// Accepted for browser clients (see `auth`).
+    #[serde(rename = "access_token")]
+    _access_token: Option<String>,
+}
+
+/// `GET /api/v1/upgrades/{u}/tasks/{t}/events`: the task's events, newest first (at most
+/// `limit`, 1000 by default), only the kinds in `kind` when given. The dashboard reads a task's
+/// retry history here (`kind=task.failed,task.retried`). The task's newest [`MAX_PAGE`] events
+/// are read.
+pub(crate) async fn task_events(
+    State(s): State<AppState>,
+    Path((upgrade, task)): Path<(String, String)>,
+    q: Result<Query<TaskEventsQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q?;
+    let limit = limit_with(
+        "limit",
+        q.limit.unwrap_or(1000),
+        "the newest events come first; filter with kind=",
+    )?;
+    let kinds = match q.kind.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+        None => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(|k| {
+                    let k = k.trim();
+                    EventKind::ALL
+                        .into_iter()
+                        .find(|e| e.as_str() == k)
+                        .ok_or_else(|| {
+                            ApiError::new(
+                                StatusCode::BAD_REQUEST,
+                                "invalid_query",
+                                format!(
+                                    "unknown event kind {k:?}: expected one of {}",
+                                    EventKind::ALL.map(EventKind::as_str).join(", ")
+                                ),
+                            )
+                        })
+                })
+                .collect::<ApiResult<Vec<_>>>()?,
+        ),
+    };
+    let tracker = Arc::clone(&s.tracker);
+    let events = blocking(move || {
+        let all = tracker
+            .store()
+            .recent_task_events(&upgrade, &task, MAX_PAGE)?;
+        Ok(all
+            .into_iter()
+            .filter(|e| kinds.as_ref().is_none_or(|k| k.contains(&e.kind)))
+            .take(limit)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(serde_json::to_value(events).unwrap_or_default()))
 }
 
 pub(crate) async fn task_op(

@@ -118,3 +118,88 @@ fn a_missing_bucket_is_named_once() {
     );
     assert!(stderr.trim().is_empty(), "{stderr}");
 }
+
+/// An S3 endpoint that answers every request as S3 answers one signed for the wrong region: 400,
+/// with `AuthorizationHeaderMalformed` in the body (none for `HEAD`). Answers its URL; the
+/// thread ends with the test process.
+fn wrong_region_s3() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let _ = reader
+                    .by_ref()
+                    .take(len as u64)
+                    .read_to_end(&mut Vec::new());
+                let body = if first.starts_with("HEAD") {
+                    String::new()
+                } else {
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AuthorizationHeaderMalformed</Code>\
+                     <Message>The authorization header is malformed; the region 'us-east-1' is wrong; \
+                     expecting 'eu-west-1'</Message><Region>eu-west-1</Region></Error>"
+                        .to_owned()
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                     x-amz-bucket-region: eu-west-1\r\nConnection: close\r\n\r\n{body}",
+                    if first.starts_with("HEAD") {
+                        0
+                    } else {
+                        body.len()
+                    }
+                );
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn no_region_is_said_once() {
+    let env = two_artifacts();
+    let url = wrong_region_s3();
+    let vars = [
+        ("AWS_ENDPOINT_URL", url.as_str()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("EUA_S3_BUCKET", "team"),
+    ];
+    let out = upload(&env, &vars, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "0/2 uploaded: no AWS region configured (set AWS_REGION to the bucket's region)",
+        "{stderr}"
+    );
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    // With a region configured, the same answers are not blamed on a missing region.
+    let mut with_region = vars.to_vec();
+    with_region.push(("AWS_REGION", "us-east-1"));
+    let out = upload(&env, &with_region, &[]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(!all.contains("no AWS region configured"), "{all}");
+}

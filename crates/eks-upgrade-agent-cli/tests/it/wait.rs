@@ -211,6 +211,63 @@ fn watch_exit_status_tells_the_outcome() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// `watch --timeout` gives up when the upgrade has not ended in time (exit 4, said on stderr);
+/// an upgrade that ends first keeps its `--exit-status` code.
+#[test]
+fn watch_timeout_exits_4_when_the_upgrade_has_not_ended() {
+    let env = started();
+    let start = Instant::now();
+    let child = spawn(
+        &env,
+        &[
+            "progress",
+            "watch",
+            "u",
+            "--exit-status",
+            "--timeout",
+            "1s",
+            "--interval-ms",
+            "20",
+        ],
+    );
+    let (code, out, err) = finish(child);
+    let took = start.elapsed();
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("timed out after 1.0s: upgrade u has not ended"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    // Without --exit-status too: a timeout is not a success.
+    let (code, _, err) = finish(spawn(&env, &["progress", "watch", "u", "--timeout", "1s"]));
+    assert_eq!(code, 4, "{err}");
+
+    let mut child = spawn(
+        &env,
+        &[
+            "progress",
+            "watch",
+            "u",
+            "--exit-status",
+            "--timeout",
+            "30s",
+            "--interval-ms",
+            "20",
+        ],
+    );
+    still_waiting(&mut child);
+    env.ok(&["progress", "upgrade", "fail", "u", "--error", "boom"]);
+    let (code, out, err) = finish(child);
+    assert_eq!(code, 3, "{out}{err}");
+    let out = env
+        .command()
+        .args(["progress", "watch", "u", "--timeout", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout"));
+}
+
 #[test]
 fn wait_and_watch_follow_a_server() {
     const TOKEN: &str = "wait-test-write-token-0001";

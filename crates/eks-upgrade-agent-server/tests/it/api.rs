@@ -706,3 +706,127 @@ async fn healthz_is_503_when_the_store_does_not_answer() {
     let (st, v) = call(&state(dir.path()), "GET", "/healthz", None).await;
     assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("ok")));
 }
+
+/// A task's events, newest first, filtered by kind: the dashboard's retry history. Each failed
+/// attempt keeps its error and time after the retry; bad kinds and limits are 400s.
+#[tokio::test]
+async fn task_events_keep_every_failed_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    let post = |uri: &'static str, body: &'static str| {
+        let s = s.clone();
+        async move {
+            let (st, v) = call(&s, "POST", uri, Some(body)).await;
+            assert!(st.is_success(), "{uri}: {st} {v}");
+        }
+    };
+    post(
+        "/api/v1/upgrades",
+        r#"{"upgrade_id":"u1","plan_id":"p","cluster_name":"c"}"#,
+    )
+    .await;
+    post(
+        "/api/v1/upgrades/u1/tasks",
+        r#"[{"task_id":"t","name":"T","task_type":"upgrade_step"},{"task_id":"o","name":"O","task_type":"upgrade_step"}]"#,
+    )
+    .await;
+    post("/api/v1/upgrades/u1/tasks/t/update", r#"{"percentage":10}"#).await;
+    post(
+        "/api/v1/upgrades/u1/tasks/t/fail",
+        r#"{"error_message":"first"}"#,
+    )
+    .await;
+    post("/api/v1/upgrades/u1/tasks/t/retry", "{}").await;
+    post(
+        "/api/v1/upgrades/u1/tasks/o/fail",
+        r#"{"error_message":"other"}"#,
+    )
+    .await;
+    for _ in 0..10 {
+        post("/api/v1/upgrades/u1/tasks/t/update", r#"{"percentage":20}"#).await;
+    }
+    post(
+        "/api/v1/upgrades/u1/tasks/t/fail",
+        r#"{"error_message":"second"}"#,
+    )
+    .await;
+
+    let (st, v) = call(
+        &s,
+        "GET",
+        "/api/v1/upgrades/u1/tasks/t/events?kind=task.failed,task.retried",
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let got: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["task_id"], "t");
+            assert!(e["timestamp"].is_string(), "{e}");
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("task.failed", "second"),
+        ("task.retried", ""),
+        ("task.failed", "first"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(k, m)| (k.to_owned(), m.to_owned())),
+        "newest first, only the task's failures and retries"
+    );
+    // All kinds, newest first, with a limit.
+    let (st, v) = call(
+        &s,
+        "GET",
+        "/api/v1/upgrades/u1/tasks/t/events?limit=2",
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let kinds: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].clone())
+        .collect();
+    assert_eq!(kinds, [json!("task.failed"), json!("task.progress")]);
+    let (st, v) = call(&s, "GET", "/api/v1/upgrades/u1/tasks/t/events", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 15, "{v}");
+
+    for (uri, status, says) in [
+        (
+            "/api/v1/upgrades/u1/tasks/t/events?kind=task.exploded",
+            StatusCode::BAD_REQUEST,
+            "unknown event kind \"task.exploded\"",
+        ),
+        (
+            "/api/v1/upgrades/u1/tasks/t/events?limit=10001",
+            StatusCode::BAD_REQUEST,
+            "10000",
+        ),
+        (
+            "/api/v1/upgrades/u1/tasks/nope/events",
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+        (
+            "/api/v1/upgrades/nope/tasks/t/events",
+            StatusCode::NOT_FOUND,
+            "nope",
+        ),
+    ] {
+        let (st, v) = call(&s, "GET", uri, None).await;
+        assert_eq!(st, status, "{uri}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(says), "{uri}: {v}");
+    }
+}

@@ -73,6 +73,9 @@ pub struct S3BlobStore {
     bucket: String,
     prefix: String,
     runtime: Arc<Runtime>,
+    /// Whether a region was given (options or `AWS_REGION` / `AWS_DEFAULT_REGION`); without
+    /// one, requests go to us-east-1.
+    region_configured: bool,
 }
 
 impl std::fmt::Debug for S3BlobStore {
@@ -171,6 +174,33 @@ pub fn aws_cause(what: &str, e: &(dyn std::error::Error + 'static)) -> Option<St
     }
 }
 
+/// What an S3 failure says when no region was configured and S3 refused the request the way it
+/// refuses one sent to the wrong region (a 400 or a redirect).
+pub const NO_REGION: &str = "no AWS region configured (set AWS_REGION to the bucket's region)";
+
+/// Whether `e` is how S3 answers a request signed for, or sent to, the wrong region: a 400
+/// (`AuthorizationHeaderMalformed`; a `HEAD` gets no body) or a redirect (`PermanentRedirect`).
+fn wrong_region(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut text = format!("{e:?}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push('\n');
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    [
+        "authorizationheadermalformed",
+        "permanentredirect",
+        "status 400",
+        "400 bad request",
+        "status 301",
+        "redirect",
+    ]
+    .iter()
+    .any(|k| lower.contains(k))
+}
+
 /// What [`aws_cause`] says when no credentials were found.
 pub const NO_CREDENTIALS: &str =
     "no AWS credentials found (environment, profile, instance metadata)";
@@ -239,12 +269,26 @@ impl S3BlobStore {
             .enable_all()
             .build()
             .map_err(|e| Error::backend("cannot start the S3 client runtime", e))?;
+        let region_configured = options.region.is_some()
+            || ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .iter()
+                .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
         Ok(S3BlobStore {
+            region_configured,
             store: Arc::new(store),
             bucket: bucket.to_owned(),
             prefix: prefix.to_owned(),
             runtime: Arc::new(runtime),
         })
+    }
+
+    /// [`backend`], naming the missing region when none was configured and S3 answered as it
+    /// does to the wrong region.
+    fn backend(&self, what: String, e: object_store::Error) -> Error {
+        if !self.region_configured && wrong_region(&e) {
+            return Error::backend(format!("{what}: {NO_REGION}"), e);
+        }
+        backend(what, e)
     }
 
     /// The bucket.
@@ -287,7 +331,7 @@ impl S3BlobStore {
         match self.runtime.block_on(self.store.head(&self.path(digest)?)) {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(backend(
+            Err(e) => Err(self.backend(
                 format!("cannot read s3://{}/{}", self.bucket, self.key(digest)),
                 e,
             )),
@@ -308,7 +352,7 @@ impl S3BlobStore {
         // Parts are uploaded by tasks spawned on the runtime's workers while this thread reads.
         let _context = rt.enter();
         let upload = rt.block_on(store.put_multipart(&tmp)).map_err(|e| {
-            backend(
+            self.backend(
                 format!("cannot start an upload to s3://{}/{tmp}", self.bucket),
                 e,
             )
@@ -326,7 +370,7 @@ impl S3BlobStore {
                 total += chunk.len() as u64;
                 rt.block_on(writer.wait_for_capacity(PARTS_IN_FLIGHT))
                     .map_err(|e| {
-                        backend(format!("upload to s3://{}/{tmp} failed", self.bucket), e)
+                        self.backend(format!("upload to s3://{}/{tmp} failed", self.bucket), e)
                     })?;
                 writer.put(Bytes::from(std::mem::take(&mut chunk)));
                 progress(total);
@@ -339,7 +383,7 @@ impl S3BlobStore {
         match result {
             Ok(()) => {
                 rt.block_on(writer.finish()).map_err(|e| {
-                    backend(format!("upload to s3://{}/{tmp} failed", self.bucket), e)
+                    self.backend(format!("upload to s3://{}/{tmp} failed", self.bucket), e)
                 })?;
                 Ok((Digest(hasher.finalize().into()), total, tmp))
             }
@@ -368,10 +412,7 @@ impl S3BlobStore {
                 .map(|v| v.as_ref().to_owned())
                 .or(Some(String::new()))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(backend(
-                format!("cannot read s3://{}/{key}", self.bucket),
-                e,
-            )),
+            Err(e) => Err(self.backend(format!("cannot read s3://{}/{key}", self.bucket), e)),
         }
     }
 
@@ -395,7 +436,7 @@ impl S3BlobStore {
             );
         }
         let fail = |e: object_store::Error| {
-            backend(format!("upload to s3://{}/{key} failed", self.bucket), e)
+            self.backend(format!("upload to s3://{}/{key} failed", self.bucket), e)
         };
         if size <= multipart_threshold {
             let mut body = Vec::with_capacity(size as usize);
@@ -456,7 +497,7 @@ impl S3BlobStore {
         let got = self
             .runtime
             .block_on(self.store.get(&path))
-            .map_err(|e| backend(format!("s3://{}/{key}", self.bucket), e))?;
+            .map_err(|e| self.backend(format!("s3://{}/{key}", self.bucket), e))?;
         Ok(Box::new(VerifyingReader::new(
             ObjectReader {
                 runtime: Arc::clone(&self.runtime),
@@ -474,7 +515,7 @@ impl S3BlobStore {
         let got = self
             .runtime
             .block_on(self.store.get(&path))
-            .map_err(|e| backend(format!("s3://{}/{key}", self.bucket), e))?;
+            .map_err(|e| self.backend(format!("s3://{}/{key}", self.bucket), e))?;
         Ok(Box::new(ObjectReader {
             runtime: Arc::clone(&self.runtime),
             stream: got.into_stream(),
@@ -486,7 +527,7 @@ impl S3BlobStore {
     pub fn delete_object(&self, key: &str) -> Result<()> {
         self.runtime
             .block_on(self.store.delete(&object_path(key)?))
-            .map_err(|e| backend(format!("cannot delete s3://{}/{key}", self.bucket), e))
+            .map_err(|e| self.backend(format!("cannot delete s3://{}/{key}", self.bucket), e))
     }
 }
 
@@ -533,7 +574,9 @@ impl BlobStore for S3BlobStore {
             let key = self.path(&digest)?;
             self.runtime
                 .block_on(self.store.put(&key, PutPayload::from(head)))
-                .map_err(|e| backend(format!("cannot upload s3://{}/{key}", self.bucket), e))?;
+                .map_err(|e| {
+                    self.backend(format!("cannot upload s3://{}/{key}", self.bucket), e)
+                })?;
             progress(n as u64);
             return Ok(BlobInfo {
                 digest,
@@ -547,7 +590,7 @@ impl BlobStore for S3BlobStore {
         let key = self.path(&digest)?;
         self.runtime
             .block_on(self.store.copy(&tmp, &key))
-            .map_err(|e| backend(format!("cannot store s3://{}/{key}", self.bucket), e))?;
+            .map_err(|e| self.backend(format!("cannot store s3://{}/{key}", self.bucket), e))?;
         let created = !existed;
         let _ = self.runtime.block_on(self.store.delete(&tmp));
         Ok(BlobInfo {
@@ -560,7 +603,7 @@ impl BlobStore for S3BlobStore {
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
         let key = self.path(digest)?;
         let got = self.runtime.block_on(self.store.get(&key)).map_err(|e| {
-            backend(
+            self.backend(
                 format!("blob sha256:{digest} (s3://{}/{key})", self.bucket),
                 e,
             )
@@ -591,7 +634,7 @@ impl BlobStore for S3BlobStore {
         let key = self.path(digest)?;
         self.runtime
             .block_on(self.store.delete(&key))
-            .map_err(|e| backend(format!("cannot delete s3://{}/{key}", self.bucket), e))?;
+            .map_err(|e| self.backend(format!("cannot delete s3://{}/{key}", self.bucket), e))?;
         Ok(true)
     }
 
@@ -599,8 +642,9 @@ impl BlobStore for S3BlobStore {
         let prefix = self.blob_dir()?;
         let mut stream = self.store.list(Some(&prefix));
         while let Some(item) = self.runtime.block_on(stream.next()) {
-            let meta =
-                item.map_err(|e| backend(format!("cannot list s3://{}/{prefix}", self.bucket), e))?;
+            let meta = item.map_err(|e| {
+                self.backend(format!("cannot list s3://{}/{prefix}", self.bucket), e)
+            })?;
             let parts: Vec<String> = meta
                 .location
                 .parts()
@@ -630,7 +674,7 @@ impl BlobStore for S3BlobStore {
             Ok(meta) => SystemTime::from(meta.last_modified),
             Err(object_store::Error::NotFound { .. }) => return Ok(false),
             Err(e) => {
-                return Err(backend(
+                return Err(self.backend(
                     format!("cannot read s3://{}/{}", self.bucket, self.key(digest)),
                     e,
                 ));
@@ -648,8 +692,8 @@ impl BlobStore for S3BlobStore {
         let mut stream = self.store.list(Some(&tmp));
         let mut removed = 0;
         while let Some(item) = self.runtime.block_on(stream.next()) {
-            let meta =
-                item.map_err(|e| backend(format!("cannot list s3://{}/{tmp}", self.bucket), e))?;
+            let meta = item
+                .map_err(|e| self.backend(format!("cannot list s3://{}/{tmp}", self.bucket), e))?;
             if meta.last_modified < cutoff
                 && self
                     .runtime

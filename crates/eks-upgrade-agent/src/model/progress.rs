@@ -475,6 +475,13 @@ pub struct ProgressSummary {
     pub metadata: JsonMap,
     /// Seq of the upgrade's latest event.
     pub last_seq: u64,
+    /// When the upgrade was created (lists show the newest first).
+    #[serde(default = "epoch")]
+    pub created_at: DateTime<Utc>,
+}
+
+fn epoch() -> DateTime<Utc> {
+    DateTime::UNIX_EPOCH
 }
 
 /// The most names [`ProgressSummary::active_task_names`] and
@@ -543,6 +550,7 @@ impl ProgressSummary {
             error_message: upgrade.error_message.clone(),
             metadata: upgrade.metadata.clone(),
             last_seq: upgrade.last_seq,
+            created_at: upgrade.created_at,
         }
     }
 }
