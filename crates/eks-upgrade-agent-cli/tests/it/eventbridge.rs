@@ -367,19 +367,25 @@ fn region_and_source_come_from_flags() {
 #[test]
 fn eventbridge_failures_are_named_once_in_plain_words() {
     let moto = Moto::start();
-    let env = Env::new();
-    env.ok(&[
-        "progress",
-        "upgrade",
-        "create",
-        "u",
-        "--plan",
-        "p",
-        "--cluster",
-        "c",
-    ]);
-    env.ok(&["progress", "upgrade", "start", "u"]);
+    // Each case on a fresh data dir: a failed attempt puts the sink in backoff.
+    let started = || {
+        let env = Env::new();
+        env.ok(&[
+            "progress",
+            "upgrade",
+            "create",
+            "u",
+            "--plan",
+            "p",
+            "--cluster",
+            "c",
+        ]);
+        env.ok(&["progress", "upgrade", "start", "u"]);
+        env
+    };
+    let env = started();
     let flush = |vars: &[(&str, &str)], remove: &[&str]| {
+        let env = started();
         let mut c = env.command();
         aws(&mut c, &moto.url);
         for k in remove {
