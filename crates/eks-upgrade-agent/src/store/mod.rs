@@ -479,8 +479,9 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
 #[cfg(test)]
 mod layering {
     //! The store layers, read from the sources: nothing in `store` imports from `progress`
-    //! (which sits on top), and `domain` imports only `model`, `error` and itself. Test-only
-    //! files (`*tests.rs`) may drive a backend through the tracker and are not counted.
+    //! (which sits on top), and `domain` imports only `model`, `error` and itself. Test code
+    //! (`*tests.rs` files, a file's `#[cfg(test)] mod tests`) may drive a backend through the
+    //! tracker and is not counted.
 
     use std::path::Path;
 
@@ -529,6 +530,8 @@ mod layering {
         let mut bad = Vec::new();
         for path in &all {
             let text = std::fs::read_to_string(path).unwrap();
+            // A file's own test module may drive the backend through the tracker.
+            let text = text.split("#[cfg(test)]\nmod tests").next().unwrap();
             let in_domain = path.starts_with(root.join("domain"));
             for m in crate_modules(&text) {
                 let allowed = if in_domain {
