@@ -1,0 +1,110 @@
+//! Task duration history of [`SqliteStore`](super::SqliteStore) (schema 10): one row per
+//! (scope, task id) holding its last samples (`store/domain/history.rs` has the encoding and the
+//! math). A completion reads and rewrites its two rows (the upgrade's cluster, every cluster) by
+//! primary key, in the completion's transaction: O(1) whatever the number of events, tasks or
+//! samples; a summary reads one row per unfinished task and scope.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::progress::status_code;
+use crate::error::Result;
+use crate::model::ProgressStatus;
+use crate::store::domain::history::{TaskHistory, TaskStats, push_sample};
+
+/// The scope of every cluster (cluster names are never empty).
+const GLOBAL: &str = "";
+
+/// Schema 10: `cluster` is the cluster's name, or `''` for every cluster; `samples` and
+/// `step_samples` the last 50 durations and per-step durations (little-endian `f32` seconds,
+/// oldest first); `total` how many samples were ever recorded.
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS task_history (
+    cluster      TEXT NOT NULL,
+    task_id      TEXT NOT NULL,
+    total        INTEGER NOT NULL,
+    samples      BLOB NOT NULL,
+    step_samples BLOB NOT NULL,
+    PRIMARY KEY (cluster, task_id)
+) WITHOUT ROWID;
+"#;
+
+/// Appends one sample of `task_id` (its duration and, when stepped, its per-step time) on
+/// `cluster` and on every cluster.
+pub(super) fn record(
+    conn: &Connection,
+    cluster: &str,
+    task_id: &str,
+    secs: f64,
+    per_step: Option<f64>,
+) -> Result<()> {
+    for scope in [cluster, GLOBAL] {
+        let old: Option<(Vec<u8>, Vec<u8>)> = conn
+            .prepare_cached(
+                "SELECT samples, step_samples FROM task_history WHERE cluster = ?1 AND task_id = ?2",
+            )?
+            .query_row(params![scope, task_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (samples, steps) = old.unwrap_or_default();
+        let samples = push_sample(&samples, secs);
+        let steps = match per_step {
+            Some(s) => push_sample(&steps, s),
+            None => steps,
+        };
+        conn.prepare_cached(
+            "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
+             VALUES (?1, ?2, 1, ?3, ?4) ON CONFLICT (cluster, task_id) DO UPDATE SET \
+             total = total + 1, samples = excluded.samples, step_samples = excluded.step_samples",
+        )?
+        .execute(params![scope, task_id, samples, steps])?;
+    }
+    Ok(())
+}
+
+/// The history of each of `task_ids` on `cluster` and on every cluster.
+pub(super) fn read(conn: &Connection, cluster: &str, task_ids: &[&str]) -> Result<Vec<TaskHistory>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT samples, step_samples FROM task_history WHERE cluster = ?1 AND task_id = ?2",
+    )?;
+    let mut one = |scope: &str, id: &str| -> Result<Option<TaskStats>> {
+        Ok(stmt
+            .query_row(params![scope, id], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?
+            .and_then(|(d, s)| TaskStats::from_blobs(&d, &s)))
+    };
+    task_ids
+        .iter()
+        .map(|id| {
+            Ok(TaskHistory {
+                cluster: one(cluster, id)?,
+                global: one(GLOBAL, id)?,
+            })
+        })
+        .collect()
+}
+
+/// Seeds the history from the completed leaf tasks already in a store that predates it (the
+/// migration to schema 10), oldest completion first, one row at a time. A task completed at the
+/// instant it started (`task.complete` straight from `not_started`) is not timed.
+pub(super) fn seed(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare(
+        "SELECT u.cluster_name, t.task_id, t.duration, t.total_steps FROM tasks t \
+         JOIN upgrades u ON u.ukey = t.ukey \
+         WHERE t.status = ?1 AND t.children = 0 AND t.duration IS NOT NULL \
+         AND t.completed_at > t.started_at ORDER BY t.completed_at",
+    )?;
+    let mut rows = stmt.query([status_code(ProgressStatus::Completed)])?;
+    while let Some(r) = rows.next()? {
+        let cluster: String = r.get(0)?;
+        let task_id: String = r.get(1)?;
+        let secs: f64 = r.get(2)?;
+        let steps: Option<u32> = r.get(3)?;
+        if !(secs.is_finite() && secs >= 0.0) {
+            continue;
+        }
+        let per_step = steps.filter(|n| *n > 0).map(|n| secs / f64::from(n));
+        record(conn, &cluster, &task_id, secs, per_step)?;
+    }
+    Ok(())
+}
