@@ -1,15 +1,15 @@
 //! Task duration history of [`SqliteStore`](super::SqliteStore) (schema 10): one row per
 //! (scope, task id) holding its last samples (`store/domain/history.rs` has the encoding and the
-//! math). A completion reads and rewrites its two rows (the upgrade's cluster, every cluster) by
-//! primary key, in the completion's transaction: O(1) whatever the number of events, tasks or
-//! samples; a summary reads one row per unfinished task and scope.
+//! math). A completion upserts its two rows (the upgrade's cluster, every cluster) by primary
+//! key in one statement, in the completion's transaction: O(1) whatever the number of events,
+//! tasks or samples; a summary reads one row per unfinished task and scope.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::progress::status_code;
 use crate::error::Result;
 use crate::model::ProgressStatus;
-use crate::store::domain::history::{TaskHistory, TaskStats, push_sample};
+use crate::store::domain::history::{MAX_SAMPLES, TaskHistory, TaskStats};
 
 /// The scope of every cluster (cluster names are never empty).
 const GLOBAL: &str = "";
@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS task_history (
 "#;
 
 /// Appends one sample of `task_id` (its duration and, when stepped, its per-step time) on
-/// `cluster` and on every cluster.
+/// `cluster` and on every cluster: one statement, an upsert of both rows that appends the
+/// 4-byte sample to the last 49 kept (the encoding of `history::push_sample`, done in SQL so a
+/// completion costs one statement and no read round trip).
 pub(super) fn record(
     conn: &Connection,
     cluster: &str,
@@ -37,28 +39,28 @@ pub(super) fn record(
     secs: f64,
     per_step: Option<f64>,
 ) -> Result<()> {
-    for scope in [cluster, GLOBAL] {
-        let old: Option<(Vec<u8>, Vec<u8>)> = conn
-            .prepare_cached(
-                "SELECT samples, step_samples FROM task_history WHERE cluster = ?1 AND task_id = ?2",
-            )?
-            .query_row(params![scope, task_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let (samples, steps) = old.unwrap_or_default();
-        let samples = push_sample(&samples, secs);
-        let steps = match per_step {
-            Some(s) => push_sample(&steps, s),
-            None => steps,
-        };
-        conn.prepare_cached(
-            "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
-             VALUES (?1, ?2, 1, ?3, ?4) ON CONFLICT (cluster, task_id) DO UPDATE SET \
-             total = total + 1, samples = excluded.samples, step_samples = excluded.step_samples",
-        )?
-        .execute(params![scope, task_id, samples, steps])?;
-    }
+    let sample = (secs as f32).to_le_bytes();
+    let step = per_step.map(|s| (s as f32).to_le_bytes());
+    conn.prepare_cached(&format!(
+        "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
+         VALUES (?1, ?3, 1, ?4, coalesce(?5, x'')), (?2, ?3, 1, ?4, coalesce(?5, x'')) \
+         ON CONFLICT (cluster, task_id) DO UPDATE SET total = total + 1, \
+         samples = CAST(substr(samples, -{KEEP}) || excluded.samples AS BLOB), \
+         step_samples = CASE WHEN length(excluded.step_samples) = 0 THEN step_samples \
+         ELSE CAST(substr(step_samples, -{KEEP}) || excluded.step_samples AS BLOB) END"
+    ))?
+    .execute(params![
+        cluster,
+        GLOBAL,
+        task_id,
+        sample.as_slice(),
+        step.as_ref().map(|s| s.as_slice())
+    ])?;
     Ok(())
 }
+
+/// Bytes of the samples a row keeps before appending one: the last `MAX_SAMPLES - 1`.
+const KEEP: usize = (MAX_SAMPLES - 1) * 4;
 
 /// The history of each of `task_ids` on `cluster` and on every cluster.
 pub(super) fn read(conn: &Connection, cluster: &str, task_ids: &[&str]) -> Result<Vec<TaskHistory>> {

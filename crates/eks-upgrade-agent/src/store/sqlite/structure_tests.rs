@@ -12,6 +12,7 @@ use rusqlite::{Connection, StatementStatus};
 use super::*;
 use crate::progress::ProgressTracker;
 use crate::store::domain::command::NewTask;
+use crate::store::domain::history;
 
 /// One run of one statement: its SQL, and the virtual machine steps and full-scan steps it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -620,7 +621,7 @@ fn schema_7_stores_get_the_id_tail_indexes() {
 }
 
 /// ETA from history (guarantee E7): a completion appends its samples by primary key in its own
-/// transaction — two reads and two upserts of `task_history`, never a read of `events` — and
+/// transaction — one upsert of its two `task_history` rows, never a read of `events` — and
 /// costs the same for the 5th sample of a task as for the 120th (the row keeps the last 50).
 #[test]
 fn a_completion_updates_the_history_by_key_without_reading_events() {
@@ -654,7 +655,8 @@ fn a_completion_updates_the_history_by_key_without_reading_events() {
         .iter()
         .filter(|r| r.sql.contains("task_history"))
         .collect();
-    assert_eq!(history.len(), 4, "two scopes, a read and a write each: {last:#?}");
+    assert_eq!(history.len(), 1, "one upsert of both scopes: {last:#?}");
+    assert!(history[0].sql.starts_with("INSERT INTO task_history"));
     let conn = store.reader();
     for r in &history {
         assert_eq!(r.fullscan_steps, 0, "{r:?}");
@@ -698,6 +700,26 @@ fn a_completion_updates_the_history_by_key_without_reading_events() {
         total(&after_many),
         total(&after_few)
     );
+    // The SQL append keeps what `push_sample` keeps: the last 50 durations, oldest first.
+    let durations: Vec<f64> = (0..120)
+        .map(|i| {
+            let u = if i < 5 { format!("a{i}") } else { format!("b{}", i - 5) };
+            store.task(&u, "x").unwrap().duration.unwrap()
+        })
+        .collect();
+    let expected = durations
+        .iter()
+        .fold(Vec::new(), |blob, d| history::push_sample(&blob, *d));
+    let blob: Vec<u8> = store
+        .reader()
+        .query_row(
+            "SELECT samples FROM task_history WHERE cluster = 'c' AND task_id = 'x'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(blob, expected);
+    assert_eq!(history::samples(&blob).len(), 50);
     let h = store.task_history("c", &["x"]).unwrap();
     assert_eq!(h[0].cluster.unwrap().duration.samples, 50);
 }
