@@ -16,7 +16,8 @@ const GLOBAL: &str = "";
 
 /// Schema 10: `cluster` is the cluster's name, or `''` for every cluster; `samples` and
 /// `step_samples` the last 50 durations and per-step durations (little-endian `f32` seconds,
-/// oldest first); `total` how many samples were ever recorded.
+/// oldest first); `total` how many samples were ever recorded. Keyed by task id first, so a
+/// completion's two rows are neighbours (usually one page written, not two).
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS task_history (
     cluster      TEXT NOT NULL,
@@ -24,7 +25,7 @@ CREATE TABLE IF NOT EXISTS task_history (
     total        INTEGER NOT NULL,
     samples      BLOB NOT NULL,
     step_samples BLOB NOT NULL,
-    PRIMARY KEY (cluster, task_id)
+    PRIMARY KEY (task_id, cluster)
 ) WITHOUT ROWID;
 "#;
 
@@ -44,7 +45,7 @@ pub(super) fn record(
     conn.prepare_cached(&format!(
         "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
          VALUES (?1, ?3, 1, ?4, coalesce(?5, x'')), (?2, ?3, 1, ?4, coalesce(?5, x'')) \
-         ON CONFLICT (cluster, task_id) DO UPDATE SET total = total + 1, \
+         ON CONFLICT (task_id, cluster) DO UPDATE SET total = total + 1, \
          samples = CAST(substr(samples, -{KEEP}) || excluded.samples AS BLOB), \
          step_samples = CASE WHEN length(excluded.step_samples) = 0 THEN step_samples \
          ELSE CAST(substr(step_samples, -{KEEP}) || excluded.step_samples AS BLOB) END"
