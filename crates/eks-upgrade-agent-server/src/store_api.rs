@@ -166,11 +166,14 @@ pub(crate) async fn task_history(
     let Query(q) = q?;
     let ids: Vec<String> = q.task_ids.split_whitespace().map(str::to_owned).collect();
     if ids.len() > MAX_HISTORY_IDS {
-        return Err(eks_upgrade_agent::Error::invalid(format!(
-            "task_ids names {} tasks; ask for at most {MAX_HISTORY_IDS} at a time",
-            ids.len()
-        ))
-        .into());
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "task_ids names {} tasks; ask for at most {MAX_HISTORY_IDS} at a time",
+                ids.len()
+            ),
+        ));
     }
     let tracker = Arc::clone(&s.tracker);
     Ok(Json(

@@ -374,8 +374,12 @@ fn the_remote_cli_estimates_from_the_servers_history() {
     about(time(&s["estimated_completion"]), before, after, 100, "remote");
     let resp = crate::util::http(
         served.port,
-        "GET /api/v1/store/task_history?cluster=c&task_ids=a%20zz HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer eta-read-token-0001\r\nConnection: close\r\n\r\n",
+        &format!(
+            "GET /api/v1/store/task_history?cluster=c&task_ids=a%20zz HTTP/1.1\r\n\
+             Host: 127.0.0.1:{}\r\nAuthorization: Bearer eta-read-token-0001\r\n\
+             Connection: close\r\n\r\n",
+            served.port
+        ),
     );
     let body: Value = serde_json::from_str(&resp[resp.find("\r\n\r\n").unwrap() + 4..]).unwrap();
     assert_eq!(body[0]["cluster"]["duration"]["samples"], 3, "{body}");
