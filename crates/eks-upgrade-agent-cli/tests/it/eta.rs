@@ -79,9 +79,11 @@ fn started(id: &str, cluster: &str, tasks: &[&str]) -> Vec<Value> {
         json!({"op": "upgrade.create", "upgrade_id": id, "plan_id": "p", "cluster_name": cluster}),
         json!({"op": "upgrade.start", "upgrade_id": id}),
     ];
-    lines.push(json!({"op": "task.add_many", "upgrade_id": id, "tasks": tasks.iter().map(|t| json!({
+    lines.push(
+        json!({"op": "task.add_many", "upgrade_id": id, "tasks": tasks.iter().map(|t| json!({
         "task_id": t, "name": format!("Task {t}"), "task_type": "upgrade_step"
-    })).collect::<Vec<_>>()}));
+    })).collect::<Vec<_>>()}),
+    );
     lines
 }
 
@@ -129,7 +131,13 @@ fn the_estimate_comes_from_imported_history_at_the_narrowest_scope() {
         &[json!({"op": "task.start", "upgrade_id": "now", "task_id": "a"})],
     );
     let (s, before, after) = show(&env, "now");
-    about(time(&s["estimated_completion"]), before, after, 260, "a running");
+    about(
+        time(&s["estimated_completion"]),
+        before,
+        after,
+        260,
+        "a running",
+    );
 
     // Fewer than 3 samples for one unfinished task: the rate, and no range.
     apply_ok(&env, &started("few", "c", &["a", "two"]));
@@ -190,7 +198,13 @@ fn live_completions_in_earlier_upgrades_feed_the_history() {
 fn no_estimate_for_paused_completed_or_failed_upgrades() {
     let env = Env::new();
     for i in 0..3 {
-        upgrade_file(&env, &format!("h{i}"), "c", "completed", vec![done("a", 100, 100)]);
+        upgrade_file(
+            &env,
+            &format!("h{i}"),
+            "c",
+            "completed",
+            vec![done("a", 100, 100)],
+        );
     }
     let mut lines = started("p", "c", &["a"]);
     lines.push(json!({"op": "task.start", "upgrade_id": "p", "task_id": "a"}));
@@ -202,7 +216,11 @@ fn no_estimate_for_paused_completed_or_failed_upgrades() {
     );
     let (s, _, _) = show(&env, "p");
     assert_eq!(
-        (&s["estimated_completion"], &s["eta_source"], &s["eta_range"]),
+        (
+            &s["estimated_completion"],
+            &s["eta_source"],
+            &s["eta_range"]
+        ),
         (&Value::Null, &Value::Null, &Value::Null),
         "paused: {s}"
     );
@@ -217,7 +235,11 @@ fn no_estimate_for_paused_completed_or_failed_upgrades() {
     let (s, _, _) = show(&env, "p");
     assert_eq!(s["status"], "completed");
     assert_eq!(
-        (&s["estimated_completion"], &s["eta_source"], &s["eta_range"]),
+        (
+            &s["estimated_completion"],
+            &s["eta_source"],
+            &s["eta_range"]
+        ),
         (&Value::Null, &Value::Null, &Value::Null),
         "completed: {s}"
     );
@@ -226,7 +248,11 @@ fn no_estimate_for_paused_completed_or_failed_upgrades() {
     apply_ok(&env, &lines);
     let (s, _, _) = show(&env, "f");
     assert_eq!(
-        (&s["estimated_completion"], &s["eta_source"], &s["eta_range"]),
+        (
+            &s["estimated_completion"],
+            &s["eta_source"],
+            &s["eta_range"]
+        ),
         (&Value::Null, &Value::Null, &Value::Null),
         "failed: {s}"
     );
@@ -352,7 +378,13 @@ fn uuid(task: &str) -> String {
 fn the_remote_cli_estimates_from_the_servers_history() {
     let env = Env::new();
     for i in 0..3 {
-        upgrade_file(&env, &format!("h{i}"), "c", "completed", vec![done("a", 100, 100)]);
+        upgrade_file(
+            &env,
+            &format!("h{i}"),
+            "c",
+            "completed",
+            vec![done("a", 100, 100)],
+        );
     }
     apply_ok(&env, &started("now", "c", &["a"]));
     let served = crate::util::serve(&env, &[("EUA_TOKENS", "eta-read-token-0001:read")]);
@@ -371,7 +403,13 @@ fn the_remote_cli_estimates_from_the_servers_history() {
     ]);
     let after = Utc::now();
     assert_eq!(s["eta_source"], "history", "{s}");
-    about(time(&s["estimated_completion"]), before, after, 100, "remote");
+    about(
+        time(&s["estimated_completion"]),
+        before,
+        after,
+        100,
+        "remote",
+    );
     let resp = crate::util::http(
         served.port,
         &format!(

@@ -564,9 +564,7 @@ impl ProgressSummary {
             completed_at: upgrade.completed_at,
             duration: upgrade.duration_seconds(now),
             estimated_completion: upgrade.estimated_completion(now),
-            eta_source: upgrade
-                .estimated_completion(now)
-                .map(|_| EtaSource::Rate),
+            eta_source: upgrade.estimated_completion(now).map(|_| EtaSource::Rate),
             eta_range: None,
             stalled_tasks: 0,
             stalled_task_names: Vec::new(),

@@ -12,8 +12,8 @@ use chrono::Utc;
 
 use crate::error::Result;
 use crate::model::{
-    EtaSource, JsonMap, MAX_NAMES, ProgressEvent, ProgressStatus, ProgressSummary, StatusChange, Task,
-    TaskDetail, Upgrade,
+    EtaSource, JsonMap, MAX_NAMES, ProgressEvent, ProgressStatus, ProgressSummary, StatusChange,
+    Task, TaskDetail, Upgrade,
 };
 use crate::store::domain::command::{Command, NewTask};
 use crate::store::domain::history;
@@ -436,9 +436,8 @@ impl ProgressTracker {
                 failed.last().cloned()
             };
         let now = crate::model::now();
-        let mut summary =
-            ProgressSummary::of(upgrade, now, &active, &failed, last_failed.as_ref());
-        self.from_history(upgrade, &active, now, &mut summary)?;
+        let mut summary = ProgressSummary::of(upgrade, now, &active, &failed, last_failed.as_ref());
+        self.add_history(upgrade, &active, now, &mut summary)?;
         Ok(summary)
     }
 
@@ -447,7 +446,7 @@ impl ProgressTracker {
     /// task has enough history) and the stalled tasks. Only for upgrades in progress with at
     /// most [`MAX_ETA_TASKS`](history::MAX_ETA_TASKS) unfinished tasks, so a summary reads at
     /// most that many tasks and history rows.
-    fn from_history(
+    fn add_history(
         &self,
         upgrade: &Upgrade,
         active: &[Task],
@@ -459,8 +458,7 @@ impl ProgressTracker {
             .iter()
             .map(|s| upgrade.count(*s))
             .sum();
-        if upgrade.status != InProgress || unfinished == 0 || unfinished > history::MAX_ETA_TASKS
-        {
+        if upgrade.status != InProgress || unfinished == 0 || unfinished > history::MAX_ETA_TASKS {
             return Ok(());
         }
         let id = upgrade.upgrade_id.as_str();
@@ -680,7 +678,8 @@ mod tests {
         assert_eq!(s.stalled_tasks, 1);
         // A task that failed, was cancelled or completed untimed is no sample.
         t.fail_task("live", "a", "x").unwrap();
-        t.create_upgrade("untimed", "p", "c", JsonMap::new()).unwrap();
+        t.create_upgrade("untimed", "p", "c", JsonMap::new())
+            .unwrap();
         t.add_task("untimed", NewTask::new("a", "A", TaskType::UpgradeStep))
             .unwrap();
         t.complete_task("untimed", "a", None).unwrap();

@@ -257,8 +257,7 @@ pub fn is_stalled(
         && history
             .pick()
             .is_some_and(|s| spent(task, now) > s.duration.p90)
-        && last_event_at
-            .is_some_and(|t| seconds_between(t, now) >= quiet.as_secs_f64())
+        && last_event_at.is_some_and(|t| seconds_between(t, now) >= quiet.as_secs_f64())
 }
 
 /// Whether [`is_stalled`] could hold for `task` before its last event is read (so the event is
@@ -483,7 +482,10 @@ mod tests {
         let long = task(ProgressStatus::InProgress, Some(400), now);
         assert!(is_stalled(&long, &h, old, now, quiet));
         assert!(past_p90(&long, &h, now));
-        assert!(!is_stalled(&long, &h, recent, now, quiet), "an event 4 min ago");
+        assert!(
+            !is_stalled(&long, &h, recent, now, quiet),
+            "an event 4 min ago"
+        );
         assert!(!is_stalled(&long, &h, None, now, quiet));
         let short = task(ProgressStatus::InProgress, Some(300), now);
         assert!(!is_stalled(&short, &h, old, now, quiet), "within p90");

@@ -64,7 +64,11 @@ pub(super) fn record(
 const KEEP: usize = (MAX_SAMPLES - 1) * 4;
 
 /// The history of each of `task_ids` on `cluster` and on every cluster.
-pub(super) fn read(conn: &Connection, cluster: &str, task_ids: &[&str]) -> Result<Vec<TaskHistory>> {
+pub(super) fn read(
+    conn: &Connection,
+    cluster: &str,
+    task_ids: &[&str],
+) -> Result<Vec<TaskHistory>> {
     let mut stmt = conn.prepare_cached(
         "SELECT samples, step_samples FROM task_history WHERE cluster = ?1 AND task_id = ?2",
     )?;

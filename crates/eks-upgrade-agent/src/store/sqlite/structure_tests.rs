@@ -672,7 +672,10 @@ fn a_completion_updates_the_history_by_key_without_reading_events() {
     for r in &last {
         assert_eq!(r.fullscan_steps, 0, "{r:?}");
         if r.sql.contains("events") {
-            assert!(r.sql.starts_with("INSERT INTO events"), "reads events: {r:?}");
+            assert!(
+                r.sql.starts_with("INSERT INTO events"),
+                "reads events: {r:?}"
+            );
         }
     }
     drop(conn);
@@ -703,7 +706,11 @@ fn a_completion_updates_the_history_by_key_without_reading_events() {
     // The SQL append keeps what `push_sample` keeps: the last 50 durations, oldest first.
     let durations: Vec<f64> = (0..120)
         .map(|i| {
-            let u = if i < 5 { format!("a{i}") } else { format!("b{}", i - 5) };
+            let u = if i < 5 {
+                format!("a{i}")
+            } else {
+                format!("b{}", i - 5)
+            };
             store.task(&u, "x").unwrap().duration.unwrap()
         })
         .collect();
