@@ -685,6 +685,19 @@ mod tests {
         t.complete_task("untimed", "a", None).unwrap();
         let h = store.task_history("c", &["a"]).unwrap();
         assert_eq!(h[0].global.unwrap().duration.samples, 3);
+        // A task id's first stepped run after an unstepped one (once refused by SQLite: the
+        // empty per-step blob's substr is NULL).
+        for (u, steps) in [("plain", None), ("stepped", Some(2))] {
+            t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+            let mut task = NewTask::new("m", "M", TaskType::UpgradeStep);
+            task.total_steps = steps;
+            t.add_task(u, task).unwrap();
+            t.start_task(u, "m", None).unwrap();
+            t.complete_task(u, "m", None).unwrap();
+        }
+        let m = store.task_history("c", &["m"]).unwrap()[0].cluster.unwrap();
+        assert_eq!(m.duration.samples, 2);
+        assert_eq!(m.per_step.unwrap().samples, 1);
     }
 
     #[test]

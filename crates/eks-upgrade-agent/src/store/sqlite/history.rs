@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS task_history (
 /// Appends one sample of `task_id` (its duration and, when stepped, its per-step time) on
 /// `cluster` and on every cluster: one statement, an upsert of both rows that appends the
 /// 4-byte sample to the last 49 kept (the encoding of `history::push_sample`, done in SQL so a
-/// completion costs one statement and no read round trip).
+/// completion costs one statement and no read round trip). `substr` of an empty blob is NULL,
+/// hence the `coalesce`: a task's first stepped run after unstepped ones.
 pub(super) fn record(
     conn: &Connection,
     cluster: &str,
@@ -46,9 +47,10 @@ pub(super) fn record(
         "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
          VALUES (?1, ?3, 1, ?4, coalesce(?5, x'')), (?2, ?3, 1, ?4, coalesce(?5, x'')) \
          ON CONFLICT (task_id, cluster) DO UPDATE SET total = total + 1, \
-         samples = CAST(substr(samples, -{KEEP}) || excluded.samples AS BLOB), \
+         samples = CAST(coalesce(substr(samples, -{KEEP}), x'') || excluded.samples AS BLOB), \
          step_samples = CASE WHEN length(excluded.step_samples) = 0 THEN step_samples \
-         ELSE CAST(substr(step_samples, -{KEEP}) || excluded.step_samples AS BLOB) END"
+         ELSE CAST(coalesce(substr(step_samples, -{KEEP}), x'') || excluded.step_samples AS BLOB) \
+         END"
     ))?
     .execute(params![
         cluster,
