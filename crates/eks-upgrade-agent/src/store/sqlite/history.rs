@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::progress::status_code;
 use crate::error::Result;
 use crate::model::ProgressStatus;
-use crate::store::domain::history::{MAX_SAMPLES, TaskHistory, TaskStats};
+use crate::store::domain::history::{TaskHistory, TaskStats};
 
 /// The scope of every cluster (cluster names are never empty).
 const GLOBAL: &str = "";
@@ -43,16 +43,7 @@ pub(super) fn record(
 ) -> Result<()> {
     let sample = (secs as f32).to_le_bytes();
     let step = per_step.map(|s| (s as f32).to_le_bytes());
-    conn.prepare_cached(&format!(
-        "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
-         VALUES (?1, ?3, 1, ?4, coalesce(?5, x'')), (?2, ?3, 1, ?4, coalesce(?5, x'')) \
-         ON CONFLICT (task_id, cluster) DO UPDATE SET total = total + 1, \
-         samples = CAST(coalesce(substr(samples, -{KEEP}), x'') || excluded.samples AS BLOB), \
-         step_samples = CASE WHEN length(excluded.step_samples) = 0 THEN step_samples \
-         ELSE CAST(coalesce(substr(step_samples, -{KEEP}), x'') || excluded.step_samples AS BLOB) \
-         END"
-    ))?
-    .execute(params![
+    conn.prepare_cached(RECORD_SQL)?.execute(params![
         cluster,
         GLOBAL,
         task_id,
@@ -62,8 +53,21 @@ pub(super) fn record(
     Ok(())
 }
 
-/// Bytes of the samples a row keeps before appending one: the last `MAX_SAMPLES - 1`.
-const KEEP: usize = (MAX_SAMPLES - 1) * 4;
+/// The upsert of [`record`] (a constant: no formatting on the completion path). A row keeps the
+/// last `MAX_SAMPLES - 1` samples (196 bytes) before appending one; a test checks they agree.
+const RECORD_SQL: &str = "INSERT INTO task_history (cluster, task_id, total, samples, step_samples) \
+     VALUES (?1, ?3, 1, ?4, coalesce(?5, x'')), (?2, ?3, 1, ?4, coalesce(?5, x'')) \
+     ON CONFLICT (task_id, cluster) DO UPDATE SET total = total + 1, \
+     samples = CAST(coalesce(substr(samples, -196), x'') || excluded.samples AS BLOB), \
+     step_samples = CASE WHEN length(excluded.step_samples) = 0 THEN step_samples \
+     ELSE CAST(coalesce(substr(step_samples, -196), x'') || excluded.step_samples AS BLOB) END";
+
+#[cfg(test)]
+#[test]
+fn the_upsert_keeps_max_samples_minus_one() {
+    assert_eq!((crate::store::domain::history::MAX_SAMPLES - 1) * 4, 196);
+    assert_eq!(RECORD_SQL.matches("-196)").count(), 2);
+}
 
 /// The history of each of `task_ids` on `cluster` and on every cluster.
 pub(super) fn read(
