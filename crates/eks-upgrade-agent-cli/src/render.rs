@@ -9,7 +9,9 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use eks_upgrade_agent::ProgressTracker;
-use eks_upgrade_agent::model::{ProgressEvent, ProgressStatus, ProgressSummary, Task, TaskDetail};
+use eks_upgrade_agent::model::{
+    EtaSource, ProgressEvent, ProgressStatus, ProgressSummary, Task, TaskDetail,
+};
 
 use crate::Ctx;
 use crate::output::{
@@ -55,12 +57,16 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
     )?;
     writeln!(
         out,
-        "started {}  completed {}  duration {}  eta {}",
+        "started {}  completed {}  duration {}  eta {}{}",
         time(s.started_at),
         time(s.completed_at),
         duration(s.duration),
-        eta(s.estimated_completion)
+        eta(s.estimated_completion),
+        eta_source(s)
     )?;
+    if !s.stalled_task_names.is_empty() {
+        writeln!(out, "stalled {}: {}", s.stalled_tasks, stalled_names(s))?;
+    }
     if let Some(c) = &s.current_task {
         writeln!(
             out,
@@ -78,6 +84,31 @@ pub(crate) fn summary(out: &mut impl Write, s: &ProgressSummary) -> io::Result<(
         writeln!(out, "metadata {}", json_line(&s.metadata))?;
     }
     Ok(())
+}
+
+/// ` (history, 10m–14m)` or ` (rate)` after an estimate; empty without one.
+fn eta_source(s: &ProgressSummary) -> String {
+    let short = |t| {
+        let e = eta(Some(t));
+        e.strip_prefix("in ").map(str::to_owned).unwrap_or(e)
+    };
+    match (s.eta_source, s.eta_range) {
+        (Some(EtaSource::History), Some([low, high])) => {
+            format!(" (history, {}–{})", short(low), short(high))
+        }
+        (Some(EtaSource::History), None) => " (history)".into(),
+        (Some(EtaSource::Rate), _) => " (rate)".into(),
+        (None, _) => String::new(),
+    }
+}
+
+/// The stalled tasks' names, printable, comma-separated.
+fn stalled_names(s: &ProgressSummary) -> String {
+    s.stalled_task_names
+        .iter()
+        .map(|n| printable(n).into_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The task tree, children under their parents, in the order tasks were added. Iterative and
@@ -378,6 +409,8 @@ pub(crate) struct Watcher<'a> {
     upgrade: String,
     since: u64,
     bars: Option<Bars>,
+    /// The stalled tasks last shown.
+    stalled: Vec<String>,
 }
 
 struct Bars {
@@ -415,6 +448,7 @@ impl<'a> Watcher<'a> {
             upgrade: upgrade.to_owned(),
             since: 0,
             bars,
+            stalled: Vec::new(),
         })
     }
 
@@ -445,6 +479,19 @@ impl<'a> Watcher<'a> {
                 .set_position((s.overall_percentage * 10.0).round() as u64);
             b.overall.set_message(watch_header(&s));
         }
+        if s.stalled_task_names != self.stalled && !ctx.json() {
+            // Said once each time the set changes (live: above the bars; else a log line).
+            let line = if s.stalled_task_names.is_empty() {
+                "no task stalled".to_owned()
+            } else {
+                format!("stalled {}: {}", s.stalled_tasks, stalled_names(&s))
+            };
+            match &self.bars {
+                Some(b) => b.multi.println(format!("⚠ {line}"))?,
+                None => writeln!(io::stdout().lock(), "{}", fit(&line, width()))?,
+            }
+        }
+        self.stalled = s.stalled_task_names.clone();
         Ok(s.status.is_terminal() && s.last_seq <= self.since)
     }
 
@@ -548,7 +595,7 @@ impl<'a> Watcher<'a> {
 /// columns; the bar takes what the terminal has left.
 fn watch_header(s: &ProgressSummary) -> String {
     let text = format!(
-        "{:.0}% {} {} {}/{}{} {}",
+        "{:.0}% {} {} {}/{}{}{} {}",
         s.overall_percentage,
         s.status,
         truncate(&opt(s.current_phase.as_deref()), 10),
@@ -556,6 +603,11 @@ fn watch_header(s: &ProgressSummary) -> String {
         s.total_tasks,
         if s.failed_tasks > 0 {
             format!(" {}✘", s.failed_tasks)
+        } else {
+            String::new()
+        },
+        if s.stalled_tasks > 0 {
+            format!(" {} stalled", s.stalled_tasks)
         } else {
             String::new()
         },
@@ -701,6 +753,10 @@ mod tests {
             progress_percentage: 100.0,
             active_task_names: Vec::new(),
             failed_task_names: Vec::new(),
+            eta_source: Some(EtaSource::History),
+            eta_range: None,
+            stalled_tasks: 99_999,
+            stalled_task_names: Vec::new(),
         };
         let msg = watch_header(&s);
         let line = 16 + 2 + 10 + 2 + msg.chars().count();

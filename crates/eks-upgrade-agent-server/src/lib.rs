@@ -288,6 +288,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/store/events", get(store_api::events))
         .route("/api/v1/store/last_seq", get(store_api::last_seq))
+        .route("/api/v1/store/task_history", get(store_api::task_history))
         .route(
             "/api/v1/upgrades/{upgrade}/artifact_counts",
             get(artifacts_api::counts_by_task),

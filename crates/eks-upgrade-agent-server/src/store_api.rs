@@ -12,7 +12,8 @@
 //! - Event lists take `limit` up to [`crate::MAX_EVENTS`] (400 above); the upgrade and task
 //!   lists are pages too (`?after=ID&limit=N`, at most 10,000), which `RemoteStore` follows.
 //! - `GET /api/v1/store/upgrades[/{u}[/tasks[/{t}[/recent?limit=]]]]`, `GET .../events?
-//!   upgrade_id=&since=&limit=`, `GET .../last_seq`.
+//!   upgrade_id=&since=&limit=`, `GET .../last_seq`, `GET .../task_history?cluster=&task_ids=`
+//!   (ids space-separated, at most [`MAX_HISTORY_IDS`]).
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 
 use eks_upgrade_agent::model::{ProgressEvent, Task, Upgrade};
 use eks_upgrade_agent::progress::Command;
+use eks_upgrade_agent::store::domain::history::TaskHistory;
 use eks_upgrade_agent::store::{EventQuery, MAX_PAGE};
 
 use crate::error::{ApiError, ApiResult, blocking, json_body, limit_with, page_limit};
@@ -143,6 +145,43 @@ pub(crate) async fn recent(
     let tracker = Arc::clone(&s.tracker);
     Ok(Json(
         blocking(move || tracker.store().recent_task_events(&u, &t, limit)).await?,
+    ))
+}
+
+/// `?cluster=` and `?task_ids=` (space-separated: ids hold no whitespace) of `task_history`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    cluster: String,
+    task_ids: String,
+}
+
+/// Most task ids one `task_history` request may name (`RemoteStore` sends them in chunks).
+pub(crate) const MAX_HISTORY_IDS: usize = 1_000;
+
+pub(crate) async fn task_history(
+    State(s): State<AppState>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<TaskHistory>>> {
+    let Query(q) = q?;
+    let ids: Vec<String> = q.task_ids.split_whitespace().map(str::to_owned).collect();
+    if ids.len() > MAX_HISTORY_IDS {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "task_ids names {} tasks; ask for at most {MAX_HISTORY_IDS} at a time",
+                ids.len()
+            ),
+        ));
+    }
+    let tracker = Arc::clone(&s.tracker);
+    Ok(Json(
+        blocking(move || {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            tracker.store().task_history(&q.cluster, &refs)
+        })
+        .await?,
     ))
 }
 

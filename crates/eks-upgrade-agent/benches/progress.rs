@@ -15,6 +15,9 @@
 //!   with an OTLP sink exporting to a loopback receiver in the background (`otlp`; the
 //!   receiver decodes the spans, their count is printed); `otlp_ratio` is the ratio. Run only
 //!   these rows with `cargo bench -p eks-upgrade-agent --bench progress -- otlp`;
+//! - `-- completions` runs only the rows whose calls complete tasks (`progress_updates_per_s
+//!   tasks=1000 sinks=none` and `notified_calls_per_s ... sinks=none`), for before/after
+//!   comparisons of the completion path;
 //! - `apply_updates_per_s tasks=1000 group=1` and `group<=1024`: JSON Lines through the
 //!   `progress apply` engine, acknowledged lines per second, one transaction per line and with
 //!   group commit (lines already buffered share a transaction, up to 1,024);
@@ -480,6 +483,15 @@ fn main() {
         return;
     }
     // `cargo bench` passes `--bench`; accept and ignore libtest-style arguments.
+    if std::env::args().any(|a| a == "completions") {
+        // Only the rows whose calls complete tasks (each completion feeds the duration
+        // history): for before/after comparisons.
+        let (none, _) = updates_with_sink_per_s(false);
+        println!("progress_updates_per_s tasks=1000 sinks=none: {none:.0}");
+        let (base, _) = notified_calls_per_s(Sink::None);
+        println!("notified_calls_per_s tasks=1000 txn=1 sinks=none: {base:.0}");
+        return;
+    }
     let quick = std::env::args().any(|a| a == "quick");
     let only_otlp = std::env::args().any(|a| a == "otlp");
     if !only_otlp {

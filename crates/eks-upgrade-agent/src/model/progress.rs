@@ -467,8 +467,22 @@ pub struct ProgressSummary {
     pub completed_at: Option<DateTime<Utc>>,
     /// Seconds since start (until end).
     pub duration: Option<f64>,
-    /// Linear estimate of the end.
+    /// Estimated end: from the duration history of the unfinished tasks when every one has
+    /// some (`eta_source` `history`), else linear in elapsed time (`rate`); `None` for ended,
+    /// failed or wholly paused upgrades and before any progress.
     pub estimated_completion: Option<DateTime<Utc>>,
+    /// Where `estimated_completion` came from; `None` when there is no estimate.
+    #[serde(default)]
+    pub eta_source: Option<EtaSource>,
+    /// With a `history` estimate: `[earliest, latest]`, from the p25 and p75 of the history.
+    #[serde(default)]
+    pub eta_range: Option<[DateTime<Utc>; 2]>,
+    /// Running tasks past the p90 of their history with no event for 5 minutes.
+    #[serde(default)]
+    pub stalled_tasks: u64,
+    /// Names of the stalled tasks, in the order they were added.
+    #[serde(default)]
+    pub stalled_task_names: Vec<String>,
     /// Error of a failed upgrade.
     pub error_message: Option<String>,
     /// Upgrade metadata.
@@ -482,6 +496,16 @@ pub struct ProgressSummary {
 
 fn epoch() -> DateTime<Utc> {
     DateTime::UNIX_EPOCH
+}
+
+/// Where a summary's `estimated_completion` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EtaSource {
+    /// The medians of the unfinished tasks' past durations.
+    History,
+    /// The current rate: elapsed time and overall percentage.
+    Rate,
 }
 
 /// The most names [`ProgressSummary::active_task_names`] and
@@ -547,6 +571,10 @@ impl ProgressSummary {
             completed_at: upgrade.completed_at,
             duration: upgrade.duration_seconds(now),
             estimated_completion: upgrade.estimated_completion(now),
+            eta_source: upgrade.estimated_completion(now).map(|_| EtaSource::Rate),
+            eta_range: None,
+            stalled_tasks: 0,
+            stalled_task_names: Vec::new(),
             error_message: upgrade.error_message.clone(),
             metadata: upgrade.metadata.clone(),
             last_seq: upgrade.last_seq,

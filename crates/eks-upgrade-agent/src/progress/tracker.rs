@@ -6,15 +6,17 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use chrono::Utc;
 
 use crate::error::Result;
 use crate::model::{
-    JsonMap, MAX_NAMES, ProgressEvent, ProgressStatus, ProgressSummary, StatusChange, Task,
-    TaskDetail, Upgrade,
+    EtaSource, JsonMap, MAX_NAMES, ProgressEvent, ProgressStatus, ProgressSummary, StatusChange,
+    Task, TaskDetail, Upgrade,
 };
 use crate::store::domain::command::{Command, NewTask};
+use crate::store::domain::history;
 use crate::store::{Committed, EventQuery, ProgressStore};
 
 /// How many events [`ProgressTracker::task_detail`] returns.
@@ -59,6 +61,8 @@ pub struct ProgressTracker {
     draining: Mutex<()>,
     /// Held around commit + enqueue while callbacks exist, so the queue is in seq order.
     ordering: Mutex<()>,
+    /// How long a running task past its history's p90 must go without an event to be stalled.
+    stall_after: Duration,
 }
 
 impl fmt::Debug for ProgressTracker {
@@ -78,7 +82,15 @@ impl ProgressTracker {
             pending: Mutex::new(VecDeque::new()),
             draining: Mutex::new(()),
             ordering: Mutex::new(()),
+            stall_after: history::STALL_AFTER,
         }
+    }
+
+    /// Sets how long a running task past the p90 of its history must go without an event to be
+    /// listed as stalled (default [`STALL_AFTER`](history::STALL_AFTER), 5 minutes).
+    pub fn with_stall_after(mut self, quiet: Duration) -> ProgressTracker {
+        self.stall_after = quiet;
+        self
     }
 
     /// The store behind this tracker.
@@ -423,13 +435,74 @@ impl ProgressTracker {
             } else {
                 failed.last().cloned()
             };
-        Ok(ProgressSummary::of(
-            upgrade,
-            crate::model::now(),
-            &active,
-            &failed,
-            last_failed.as_ref(),
-        ))
+        let now = crate::model::now();
+        let mut summary = ProgressSummary::of(upgrade, now, &active, &failed, last_failed.as_ref());
+        self.add_history(upgrade, &active, now, &mut summary)?;
+        Ok(summary)
+    }
+
+    /// The parts of a summary that come from the task duration history (see
+    /// [`history`](crate::store::domain::history)): the estimate (when every unfinished leaf
+    /// task has enough history) and the stalled tasks. Only for upgrades in progress with at
+    /// most [`MAX_ETA_TASKS`](history::MAX_ETA_TASKS) unfinished tasks, so a summary reads at
+    /// most that many tasks and history rows.
+    fn add_history(
+        &self,
+        upgrade: &Upgrade,
+        active: &[Task],
+        now: chrono::DateTime<Utc>,
+        summary: &mut ProgressSummary,
+    ) -> Result<()> {
+        use ProgressStatus::{InProgress, NotStarted, Paused};
+        let unfinished: u64 = [NotStarted, InProgress, Paused]
+            .iter()
+            .map(|s| upgrade.count(*s))
+            .sum();
+        if upgrade.status != InProgress || unfinished == 0 || unfinished > history::MAX_ETA_TASKS {
+            return Ok(());
+        }
+        let id = upgrade.upgrade_id.as_str();
+        let limit = history::MAX_ETA_TASKS as usize;
+        let mut tasks: Vec<Task> = active.iter().take(limit).cloned().collect();
+        for status in [NotStarted, Paused] {
+            if upgrade.count(status) > 0 {
+                tasks.extend(self.store.tasks_in_status(id, status, limit, false)?);
+            }
+        }
+        tasks.retain(|t| t.children == 0);
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+        let stats = self.store.task_history(&upgrade.cluster_name, &ids)?;
+        let Some(stats) = (stats.len() == tasks.len()).then_some(stats) else {
+            return Ok(());
+        };
+        let wholly_paused = upgrade.count(InProgress) == 0 && upgrade.count(Paused) > 0;
+        let pairs: Vec<(&Task, &history::TaskHistory)> = tasks.iter().zip(&stats).collect();
+        if !wholly_paused
+            && let history::EtaFrom::History { at, range } = history::estimate(&pairs, now)
+        {
+            summary.estimated_completion = Some(at);
+            summary.eta_source = Some(EtaSource::History);
+            summary.eta_range = Some(range);
+        }
+        let quiet = self.stall_after;
+        for (task, h) in pairs {
+            if !history::past_p90(task, h, now) {
+                continue;
+            }
+            let last = self
+                .store
+                .recent_task_events(id, &task.task_id, 1)?
+                .first()
+                .map(|e| e.timestamp);
+            if history::is_stalled(task, h, last, now, quiet) {
+                summary.stalled_task_names.push(task.name.clone());
+            }
+        }
+        summary.stalled_tasks = summary.stalled_task_names.len() as u64;
+        Ok(())
     }
 
     /// Every upgrade, oldest first.
@@ -483,12 +556,9 @@ impl ProgressTracker {
         })
     }
 
-    /// Linear estimate of the upgrade's end, `None` until it has made progress.
+    /// The summary's estimate of the upgrade's end (from history, else the current rate).
     pub fn estimated_completion(&self, upgrade_id: &str) -> Result<Option<chrono::DateTime<Utc>>> {
-        Ok(self
-            .store
-            .upgrade(upgrade_id)?
-            .estimated_completion(Utc::now()))
+        Ok(self.summary(upgrade_id)?.estimated_completion)
     }
 }
 
@@ -560,6 +630,74 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// Guarantee E2 (library): each timed completion is one sample at the cluster's scope and
+    /// every cluster's, read back by `task_history`; the third gives a `history` estimate; the
+    /// stall threshold is the tracker's parameter.
+    #[test]
+    fn completions_feed_the_history_and_the_stall_threshold_is_a_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let run = |t: &ProgressTracker, u: &str, cluster: &str| {
+            t.create_upgrade(u, "p", cluster, JsonMap::new()).unwrap();
+            t.start_upgrade(u, None).unwrap();
+            t.add_task(u, NewTask::new("a", "A", TaskType::UpgradeStep).steps(4))
+                .unwrap();
+            t.start_task(u, "a", None).unwrap();
+        };
+        let t = ProgressTracker::new(store.clone());
+        for (i, cluster) in ["c", "c", "d"].iter().enumerate() {
+            let u = format!("done{i}");
+            run(&t, &u, cluster);
+            std::thread::sleep(std::time::Duration::from_millis(4));
+            t.complete_task(&u, "a", None).unwrap();
+        }
+        let h = store.task_history("c", &["a", "b"]).unwrap();
+        assert_eq!(h.len(), 2);
+        let c = h[0].cluster.unwrap();
+        let g = h[0].global.unwrap();
+        assert_eq!((c.duration.samples, g.duration.samples), (2, 3));
+        assert!(c.duration.p50 >= 0.004, "{c:?}");
+        let step = c.per_step.unwrap();
+        assert!((step.p50 - c.duration.p50 / 4.0).abs() < 1e-6, "{c:?}");
+        assert_eq!(h[1], history::TaskHistory::default());
+        // Cluster c has 2 samples, every cluster 3: the estimate comes from history.
+        run(&t, "live", "c");
+        let s = t.summary("live").unwrap();
+        assert_eq!(s.eta_source, Some(EtaSource::History), "{s:?}");
+        let [low, high] = s.eta_range.unwrap();
+        let at = s.estimated_completion.unwrap();
+        assert!(low <= at && at <= high, "{s:?}");
+        assert!(s.stalled_task_names.is_empty(), "quiet for 5 minutes first");
+        // Past its p90 (milliseconds) and quiet for 0 s: stalled.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let eager = ProgressTracker::new(store.clone()).with_stall_after(Duration::ZERO);
+        let s = eager.summary("live").unwrap();
+        assert_eq!(s.stalled_task_names, ["A"], "{s:?}");
+        assert_eq!(s.stalled_tasks, 1);
+        // A task that failed, was cancelled or completed untimed is no sample.
+        t.fail_task("live", "a", "x").unwrap();
+        t.create_upgrade("untimed", "p", "c", JsonMap::new())
+            .unwrap();
+        t.add_task("untimed", NewTask::new("a", "A", TaskType::UpgradeStep))
+            .unwrap();
+        t.complete_task("untimed", "a", None).unwrap();
+        let h = store.task_history("c", &["a"]).unwrap();
+        assert_eq!(h[0].global.unwrap().duration.samples, 3);
+        // A task id's first stepped run after an unstepped one (once refused by SQLite: the
+        // empty per-step blob's substr is NULL).
+        for (u, steps) in [("plain", None), ("stepped", Some(2))] {
+            t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+            let mut task = NewTask::new("m", "M", TaskType::UpgradeStep);
+            task.total_steps = steps;
+            t.add_task(u, task).unwrap();
+            t.start_task(u, "m", None).unwrap();
+            t.complete_task(u, "m", None).unwrap();
+        }
+        let m = store.task_history("c", &["m"]).unwrap()[0].cluster.unwrap();
+        assert_eq!(m.duration.samples, 2);
+        assert_eq!(m.per_step.unwrap().samples, 1);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::model::{
     TestSession, Upgrade,
 };
 use crate::store::domain::command::Command;
+use crate::store::domain::history::TaskHistory;
 
 pub mod domain;
 pub mod remote;
@@ -215,6 +216,16 @@ pub trait ProgressStore: Send + Sync + fmt::Debug {
 
     /// The highest `seq` in the store (0 when empty).
     fn last_seq(&self) -> Result<u64>;
+
+    /// The duration history of `task_ids` on `cluster_name` and on every cluster, one entry per
+    /// id, in order (ETA from history, stalled tasks; see [`domain::history`]). A backend that
+    /// records history appends a sample in the same transaction as each completion of a timed
+    /// leaf task, and for each completed leaf task of an import; reads cost one key lookup per
+    /// id and scope. The default has no history, so estimates fall back to the rate.
+    fn task_history(&self, cluster_name: &str, task_ids: &[&str]) -> Result<Vec<TaskHistory>> {
+        let _ = cluster_name;
+        Ok(vec![TaskHistory::default(); task_ids.len()])
+    }
 }
 
 /// The most items one page of a listing holds (upgrades, tasks, events over HTTP): what one

@@ -350,6 +350,42 @@ impl ProgressStore for RemoteStore {
         let r: LastSeq = self.get_json("/api/v1/store/last_seq")?;
         Ok(r.last_seq)
     }
+
+    fn task_history(
+        &self,
+        cluster_name: &str,
+        task_ids: &[&str],
+    ) -> Result<Vec<crate::store::domain::history::TaskHistory>> {
+        // Ids hold no whitespace: space-separated, 100 at a time (short URLs).
+        let mut out = Vec::with_capacity(task_ids.len());
+        for chunk in task_ids.chunks(100) {
+            let page: Vec<crate::store::domain::history::TaskHistory> =
+                match self.get_json(&format!(
+                    "/api/v1/store/task_history?cluster={}&task_ids={}",
+                    encode(cluster_name),
+                    encode(&chunk.join(" "))
+                )) {
+                    Ok(page) => page,
+                    // A server older than the route: no history (estimates use the rate).
+                    Err(Error::NotFound { .. }) => {
+                        return Ok(vec![Default::default(); task_ids.len()]);
+                    }
+                    Err(e) => return Err(e),
+                };
+            if page.len() != chunk.len() {
+                return Err(Error::Backend {
+                    message: format!(
+                        "the server answered {} task histories for {} tasks",
+                        page.len(),
+                        chunk.len()
+                    ),
+                    source: None,
+                });
+            }
+            out.extend(page);
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::progress::*;
 use crate::error::{Error, Result};
 use crate::model::{ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::store::domain::machine;
+use crate::store::domain::{history, machine};
 
 pub(super) fn import_upgrade(
     tx: &Transaction<'_>,
@@ -200,5 +200,21 @@ pub(super) fn import_upgrade(
     }
     tx.prepare_cached("UPDATE upgrades SET last_seq = ?2 WHERE ukey = ?1")?
         .execute(params![ukey, last_seq])?;
+    // Imported history counts: each timed, completed leaf task is a sample, oldest first. A
+    // task that ended at the instant it started (completed straight from not_started) is not
+    // timed.
+    let mut timed: Vec<(&Task, f64, Option<f64>)> = tasks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| child[*i].0 == 0)
+        .filter_map(|(_, t)| {
+            let started = matches!((t.started_at, t.completed_at), (Some(s), Some(c)) if c > s);
+            history::sample_of(t, started).map(|(d, s)| (t, d, s))
+        })
+        .collect();
+    timed.sort_by_key(|(t, _, _)| t.completed_at);
+    for (t, secs, per_step) in timed {
+        super::history::record(tx, &upgrade.cluster_name, &t.task_id, secs, per_step)?;
+    }
     Ok(last_seq as u64)
 }

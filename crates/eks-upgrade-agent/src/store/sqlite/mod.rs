@@ -5,10 +5,12 @@
 //! - `tasks`, `import`: task writes and whole-upgrade imports;
 //! - `artifacts`: the artifact index and the upload queue;
 //! - `outbox`: notifications waiting for delivery;
+//! - `history`: task duration history (ETA from history, stalled tasks);
 //! - `trace`: the per-upgrade trace model read by the OTLP sink;
 //! - `schema`: versioned migrations.
 
 mod artifacts;
+mod history;
 mod import;
 mod outbox;
 pub mod progress;

@@ -955,6 +955,14 @@ impl ProgressStore for SqliteStore {
             .query_row([], |r| r.get(0))?;
         Ok(seq.unwrap_or(0) as u64)
     }
+
+    fn task_history(
+        &self,
+        cluster_name: &str,
+        task_ids: &[&str],
+    ) -> Result<Vec<crate::store::domain::history::TaskHistory>> {
+        super::history::read(&self.reader(), cluster_name, task_ids)
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use rusqlite::{Connection, StatementStatus};
 use super::*;
 use crate::progress::ProgressTracker;
 use crate::store::domain::command::NewTask;
+use crate::store::domain::history;
 
 /// One run of one statement: its SQL, and the virtual machine steps and full-scan steps it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +171,17 @@ fn updates_cost_the_same_in_a_tree_of_ten_and_of_ten_thousand_tasks() {
     let large = costs(9_996);
     for ((name, s), (_, l)) in small.iter().zip(&large) {
         let sql = |runs: &[Run]| runs.iter().map(|r| r.sql.clone()).collect::<Vec<_>>();
+        if *name == "summary" {
+            // The history part of a summary reads the unfinished tasks only up to
+            // MAX_ETA_TASKS (see `history_reads_of_a_summary_are_bounded_key_lookups`): the
+            // large tree is past it, so its summary runs a subset of the small one's.
+            assert!(
+                sql(l).iter().all(|q| sql(s).contains(q)),
+                "{name}: {l:#?} vs {s:#?}"
+            );
+            assert!(l.iter().all(|r| r.fullscan_steps == 0), "{l:#?}");
+            continue;
+        }
         assert_eq!(sql(s), sql(l), "{name}: different statements");
         for (a, b) in s.iter().zip(l) {
             assert!(
@@ -606,4 +618,191 @@ fn schema_7_stores_get_the_id_tail_indexes() {
     ] {
         assert!(names.iter().any(|n| n == index), "{index}: {names:?}");
     }
+}
+
+/// ETA from history (guarantee E7): a completion appends its samples by primary key in its own
+/// transaction — one upsert of its two `task_history` rows, never a read of `events` — and
+/// costs the same for the 5th sample of a task as for the 120th (the row keeps the last 50).
+#[test]
+fn a_completion_updates_the_history_by_key_without_reading_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let t = ProgressTracker::new(store.clone());
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    let tasks = (0..501)
+        .map(|i| NewTask::new(format!("t{i}"), "T", TaskType::UpgradeStep))
+        .collect();
+    t.add_tasks("u", tasks).unwrap();
+    // Each task a different upgrade's "same" task: one history row, growing.
+    let complete = |i: usize| {
+        let id = format!("t{i}");
+        t.start_task("u", &id, None).unwrap();
+        writes(&store, || {
+            t.complete_task("u", &id, None).unwrap();
+        })
+    };
+    let first = complete(0);
+    for i in 1..500 {
+        t.start_task("u", &format!("t{i}"), None).unwrap();
+        t.complete_task("u", &format!("t{i}"), None).unwrap();
+    }
+    let last = complete(500);
+    let sql = |runs: &[Run]| runs.iter().map(|r| r.sql.clone()).collect::<Vec<_>>();
+    // Different task ids: same statements, same cost (no row of history grows).
+    assert_eq!(sql(&first), sql(&last));
+    let history: Vec<&Run> = last
+        .iter()
+        .filter(|r| r.sql.contains("task_history"))
+        .collect();
+    assert_eq!(history.len(), 1, "one upsert of both scopes: {last:#?}");
+    assert!(history[0].sql.starts_with("INSERT INTO task_history"));
+    let conn = store.reader();
+    for r in &history {
+        assert_eq!(r.fullscan_steps, 0, "{r:?}");
+        if r.sql.starts_with("SELECT") {
+            let plan = query_plan(&conn, &r.sql);
+            assert!(
+                plan.iter().all(|p| p.contains("USING PRIMARY KEY")),
+                "{}: {plan:?}",
+                r.sql
+            );
+        }
+    }
+    for r in &last {
+        assert_eq!(r.fullscan_steps, 0, "{r:?}");
+        if r.sql.contains("events") {
+            assert!(
+                r.sql.starts_with("INSERT INTO events"),
+                "reads events: {r:?}"
+            );
+        }
+    }
+    drop(conn);
+    // The same task id again and again: the row holds 50 samples, the cost stays flat.
+    let same = |prefix: &str, n: usize| {
+        let mut runs = Vec::new();
+        for i in 0..n {
+            let u = format!("{prefix}{i}");
+            t.create_upgrade(&u, "p", "c", JsonMap::new()).unwrap();
+            t.add_task(&u, NewTask::new("x", "X", TaskType::UpgradeStep))
+                .unwrap();
+            t.start_task(&u, "x", None).unwrap();
+            runs = writes(&store, || {
+                t.complete_task(&u, "x", None).unwrap();
+            });
+        }
+        runs
+    };
+    let after_few = same("a", 5);
+    let after_many = same("b", 115);
+    assert_eq!(sql(&after_few), sql(&after_many));
+    assert!(
+        total(&after_many) <= total(&after_few) + 20,
+        "{} VM steps for the 120th sample, {} for the 5th",
+        total(&after_many),
+        total(&after_few)
+    );
+    // The SQL append keeps what `push_sample` keeps: the last 50 durations, oldest first.
+    let durations: Vec<f64> = (0..120)
+        .map(|i| {
+            let u = if i < 5 {
+                format!("a{i}")
+            } else {
+                format!("b{}", i - 5)
+            };
+            store.task(&u, "x").unwrap().duration.unwrap()
+        })
+        .collect();
+    let expected = durations
+        .iter()
+        .fold(Vec::new(), |blob, d| history::push_sample(&blob, *d));
+    let blob: Vec<u8> = store
+        .reader()
+        .query_row(
+            "SELECT samples FROM task_history WHERE cluster = 'c' AND task_id = 'x'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(blob, expected);
+    assert_eq!(history::samples(&blob).len(), 50);
+    let h = store.task_history("c", &["x"]).unwrap();
+    assert_eq!(h[0].cluster.unwrap().duration.samples, 50);
+}
+
+/// ETA from history (guarantee E7): a summary reads each unfinished task through the status
+/// index and its history by primary key, at most MAX_ETA_TASKS of them: past that it reads no
+/// history (the estimate falls back to the rate).
+#[test]
+fn history_reads_of_a_summary_are_bounded_key_lookups() {
+    use crate::store::domain::history::MAX_ETA_TASKS;
+    let n = MAX_ETA_TASKS as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let t = ProgressTracker::new(store.clone());
+    t.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u", None).unwrap();
+    let tasks = (0..n)
+        .map(|i| NewTask::new(format!("t{i}"), "T", TaskType::UpgradeStep))
+        .collect();
+    t.add_tasks("u", tasks).unwrap();
+    let runs = reads(&store, || drop(t.summary("u").unwrap()));
+    let lookups = runs
+        .iter()
+        .filter(|r| r.sql.contains("task_history"))
+        .count();
+    assert_eq!(lookups, 2 * n, "one per task and scope");
+    let conn = store.reader();
+    for r in &runs {
+        assert_eq!(r.fullscan_steps, 0, "{r:?}");
+        if r.sql.contains(" FROM tasks") {
+            assert!(r.sql.contains("INDEXED BY tasks_by_status"), "{r:?}");
+        }
+        if r.sql.contains("task_history") {
+            let plan = query_plan(&conn, &r.sql);
+            assert!(
+                plan.iter().all(|p| p.contains("USING PRIMARY KEY")),
+                "{plan:?}"
+            );
+        }
+    }
+    drop(conn);
+    t.add_task("u", NewTask::new("one-more", "T", TaskType::UpgradeStep))
+        .unwrap();
+    let runs = reads(&store, || drop(t.summary("u").unwrap()));
+    assert!(
+        !runs.iter().any(|r| r.sql.contains("task_history")),
+        "{runs:#?}"
+    );
+    assert!(runs.len() < 10, "{runs:#?}");
+}
+
+/// A store of schema 8 gets the history table of schema 10 when opened, seeded from the
+/// completed leaf tasks it already holds (guarantee E5).
+#[test]
+fn schema_8_stores_get_the_history_seeded_from_their_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+    let t = ProgressTracker::new(Arc::new(store));
+    for i in 0..3 {
+        let u = format!("u{i}");
+        t.create_upgrade(&u, "p", "c", JsonMap::new()).unwrap();
+        t.add_task(&u, NewTask::new("a", "A", TaskType::UpgradeStep))
+            .unwrap();
+        t.start_task(&u, "a", None).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        t.complete_task(&u, "a", None).unwrap();
+    }
+    drop(t);
+    let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute_batch("DROP TABLE task_history; PRAGMA user_version = 8;")
+        .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+    let h = store.task_history("c", &["a"]).unwrap();
+    let c = h[0].cluster.unwrap();
+    assert_eq!(c.duration.samples, 3);
+    assert!(c.duration.p50 > 0.0, "{c:?}");
+    assert_eq!(h[0].global.unwrap().duration.samples, 3);
 }

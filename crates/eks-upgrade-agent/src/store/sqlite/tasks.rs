@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::{EventKind, JsonMap, ProgressStatus, StatusChange};
 use crate::store::Committed;
 use crate::store::domain::command::{Command, MAX_DEPTH, NewTask, TaskOp};
-use crate::store::domain::machine;
+use crate::store::domain::{history, machine};
 
 /// What one task command writes beyond its own row: the events it appends (its own and its
 /// ancestors'), the status changes, and the upgrade row's delta.
@@ -98,13 +98,7 @@ impl<'a, 't> TaskWrite<'a, 't> {
             Some((&row.task.task_id, row.task.task_type)),
         );
         if crate::notify::detail_type(effect.kind, Some(from)).is_some() {
-            if self.cluster.is_none() {
-                self.cluster = Some(
-                    self.tx
-                        .prepare_cached("SELECT cluster_name FROM upgrades WHERE ukey = ?1")?
-                        .query_row([self.ukey], |r| r.get(0))?,
-                );
-            }
+            self.load_cluster()?;
             super::outbox::enqueue(
                 self.tx,
                 &committed_event,
@@ -115,6 +109,18 @@ impl<'a, 't> TaskWrite<'a, 't> {
             )?;
         }
         self.committed.events.push(committed_event);
+        Ok(())
+    }
+
+    /// Reads the upgrade's cluster name once per command.
+    fn load_cluster(&mut self) -> Result<()> {
+        if self.cluster.is_none() {
+            self.cluster = Some(
+                self.tx
+                    .prepare_cached("SELECT cluster_name FROM upgrades WHERE ukey = ?1")?
+                    .query_row([self.ukey], |r| r.get(0))?,
+            );
+        }
         Ok(())
     }
 
@@ -228,6 +234,19 @@ impl<'a, 't> TaskWrite<'a, 't> {
         };
         self.record(&mut row, from, &effect, details)?;
         save_task(self.tx, &row)?;
+        // A timed leaf completion feeds the duration history, in this transaction.
+        if let Some((secs, per_step)) =
+            history::sample_of(&row.task, from != ProgressStatus::NotStarted)
+        {
+            self.load_cluster()?;
+            super::history::record(
+                self.tx,
+                self.cluster.as_deref().unwrap_or_default(),
+                &row.task.task_id,
+                secs,
+                per_step,
+            )?;
+        }
         let d_sum = row.task.weight * (row.task.percentage - old_pct);
         let cause = (to == ProgressStatus::Failed)
             .then(|| failure_cause(&row.task.task_id, row.task.error_message.as_deref()));
