@@ -751,6 +751,21 @@ mod tests {
             let _ = u.estimated_completion(end);
             let _ = u.duration_seconds(end);
         }
+        // The 10-year bound: at 50%, the remaining time equals the elapsed time, so an
+        // upgrade started 9.9 years ago has an estimate and one started 10.1 years ago none.
+        assert_eq!(MAX_ETA_YEARS, 10.0);
+        let year = 365.25 * 86_400.0;
+        u.task_counts = [0, 1, 0, 0, 0, 0];
+        u.overall_percentage = 50.0;
+        for (years, some) in [(9.9, true), (10.1, false)] {
+            u.started_at = Some(now - chrono::Duration::seconds((years * year) as i64));
+            let eta = u.estimated_completion(now);
+            assert_eq!(eta.is_some(), some, "{years} years: {eta:?}");
+            if let Some(eta) = eta {
+                let ahead = seconds_between(now, eta) / year;
+                assert!((ahead - years).abs() < 0.01, "{ahead}");
+            }
+        }
         // Ended, failed or wholly paused upgrades have no estimate.
         u.started_at = Some(now - chrono::Duration::seconds(60));
         u.overall_percentage = 50.0;
