@@ -213,7 +213,8 @@ fn notified_calls_per_s(sink: Sink) -> (f64, u64) {
     (rate, pending)
 }
 
-/// A loopback OTLP/HTTP receiver answering 200; counts the spans it decodes.
+/// A loopback OTLP/HTTP receiver answering 200, keeping connections open as collectors do;
+/// counts the spans it decodes.
 fn otlp_receiver() -> (String, Arc<std::sync::atomic::AtomicU64>) {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message as _;
@@ -225,32 +226,42 @@ fn otlp_receiver() -> (String, Arc<std::sync::atomic::AtomicU64>) {
     std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
             let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            // One request after the other on this connection, until the client closes it.
+            'requests: loop {
+                let mut len = 0;
+                let mut head = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'requests;
+                    }
+                    if line.trim().is_empty() {
+                        if head == 0 {
+                            continue;
+                        }
+                        break;
+                    }
+                    head += 1;
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_err() {
                     break;
                 }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
+                let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+                let n: usize = req
+                    .resource_spans
+                    .iter()
+                    .flat_map(|r| &r.scope_spans)
+                    .map(|s| s.spans.len())
+                    .sum();
+                count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+                    break;
                 }
             }
-            let mut body = vec![0; len];
-            if reader.read_exact(&mut body).is_err() {
-                continue;
-            }
-            let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
-            let n: usize = req
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
-            count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
         }
     });
     (url, spans)
