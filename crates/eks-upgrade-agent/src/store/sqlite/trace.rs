@@ -8,9 +8,7 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::progress::{
-    EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, upgrade_key,
-};
+use super::progress::{EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, upgrade_key};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressEvent, Task, Upgrade};
 use crate::notify::otlp::{SpanAsk, SpanFacts, SpanHistory, TraceSource, sample_indices};
@@ -236,5 +234,103 @@ mod tests {
         assert_eq!(h.attempt, 0);
         let kinds: Vec<EventKind> = h.events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
+    }
+
+    /// The batch answer (one read transaction) is what the single calls answer, ask by ask:
+    /// a subtask under the second attempt of its parent, the parent, the root, and an ask for
+    /// a task that does not exist (its own `NotFound`, the others unharmed).
+    #[test]
+    fn a_batch_answers_as_the_single_calls_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let t = ProgressTracker::new(store.clone());
+        t.create_upgrade("u", "p", "c", Default::default()).unwrap();
+        t.start_upgrade("u", None).unwrap();
+        t.add_tasks(
+            "u",
+            vec![
+                NewTask::new("p", "P", TaskType::UpgradeStep),
+                NewTask::new("c", "C", TaskType::UpgradeStep).parent("p"),
+            ],
+        )
+        .unwrap();
+        t.start_task("u", "p", None).unwrap();
+        t.fail_task("u", "p", "boom").unwrap();
+        t.retry_task("u", "p", None).unwrap();
+        if TraceSource::task(&*store, "u", "c").unwrap().status
+            != crate::model::ProgressStatus::InProgress
+        {
+            t.start_task("u", "c", None).unwrap();
+        }
+        t.update_task("u", "c", 50.0, Some("half"), Default::default())
+            .unwrap();
+        let c_done = t.complete_task("u", "c", None).unwrap().last_seq();
+        // The parent completes with its only child (its rollup).
+        let u_done = t.complete_upgrade("u").unwrap().last_seq();
+        let asks = [
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: Some("c"),
+                upto: c_done,
+            },
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: Some("nope"),
+                upto: c_done,
+            },
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: Some("p"),
+                upto: u_done,
+            },
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: None,
+                upto: u_done,
+            },
+        ];
+        let got = store.span_facts(&asks, 128);
+        assert_eq!(got.len(), 4);
+        assert!(
+            matches!(got[1], Err(Error::NotFound { .. })),
+            "{:?}",
+            got[1]
+        );
+        let single = |a: &SpanAsk<'_>| SpanFacts {
+            upgrade: TraceSource::upgrade(&*store, a.upgrade_id).unwrap(),
+            task: a
+                .task_id
+                .map(|id| TraceSource::task(&*store, "u", id).unwrap()),
+            history: store.span_history("u", a.task_id, a.upto, 128).unwrap(),
+            parent_attempt: a
+                .task_id
+                .and_then(|id| TraceSource::task(&*store, "u", id).unwrap().parent_task_id)
+                .map(|p| {
+                    store
+                        .span_history("u", Some(&p), a.upto, 0)
+                        .unwrap()
+                        .attempt
+                }),
+        };
+        for i in [0, 2, 3] {
+            assert_eq!(got[i].as_ref().unwrap(), &single(&asks[i]), "ask {i}");
+        }
+        let child = got[0].as_ref().unwrap();
+        assert_eq!(
+            child.parent_attempt,
+            Some(1),
+            "under the parent's second attempt"
+        );
+        let kinds: Vec<EventKind> = child.history.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.last(), Some(&EventKind::TaskCompleted), "{kinds:?}");
+        assert!(kinds.contains(&EventKind::TaskProgress), "{kinds:?}");
+        let h = &got[2].as_ref().unwrap().history;
+        let kinds: Vec<(u64, EventKind)> = h.events.iter().map(|e| (e.seq, e.kind)).collect();
+        assert_eq!(h.attempt, 1, "{kinds:?}");
+        assert_eq!(
+            kinds.last().map(|k| k.1),
+            Some(EventKind::TaskCompleted),
+            "{kinds:?}"
+        );
     }
 }
