@@ -644,3 +644,59 @@ fn metrics_show_the_otlp_sink_by_its_label_only() {
         assert!(!text.contains(s), "{s:?} shown in /metrics: {text}");
     }
 }
+
+/// Rows N21 and N13 for the OTLP sink: a one-shot command's stderr, with the library's logs at
+/// their most verbose (-vvv), names the sink by its label only, whether the export fails (the
+/// collector is down) or the sink cannot be set up (credentials over plain http).
+#[test]
+fn one_shot_stderr_holds_no_otlp_secret() {
+    let env = Env::with_task();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let secrets = ["alice", "hunter2", "private", "s3cr3t", "hdr-key"];
+    env.ok(&[
+        "progress",
+        "task",
+        "add",
+        "u",
+        "t2",
+        "--name",
+        "T2",
+        "--type",
+        "upgrade_step",
+    ]);
+    for (task, url, expect) in [
+        (
+            "t",
+            format!("http://127.0.0.1:{port}/private/v1/traces?token=s3cr3t"),
+            "not delivered yet",
+        ),
+        (
+            "t2",
+            format!("http://alice:hunter2@127.0.0.1:{port}/private/v1/traces?token=s3cr3t"),
+            "refusing plain http to the OTLP endpoint otlp:127.0.0.1:",
+        ),
+    ] {
+        for action in ["start", "complete"] {
+            let out = env
+                .command()
+                .env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &url)
+                .env("OTEL_EXPORTER_OTLP_HEADERS", "api-key=hdr-key")
+                .args(["-vvv", "progress", "task", action, "u", task])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if action == "start" {
+                assert!(out.status.success(), "{out:?}");
+                continue;
+            }
+            // The completion ends a span: it is what the sink tries to export.
+            assert!(out.status.success(), "{out:?}");
+            assert!(stderr.contains(expect), "{stderr}");
+            for s in secrets {
+                assert!(!stderr.contains(s), "{s:?} shown on stderr: {stderr}");
+            }
+        }
+    }
+}
