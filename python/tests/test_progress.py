@@ -212,7 +212,11 @@ def test_follow_runs_callbacks_for_other_writers(backend):
     writer.start_task("t")
     writer.complete_task("t")
     assert done.wait(15), f"saw only {[e.kind for e in seen]}"
-    assert [e.kind for e in seen if e.task_id == "t"][-3:] == ["task.added", "task.started", "task.completed"]
+    # Each of the other writer's events once: all of the task's events, not just the last
+    # ones, and no seq twice, also after a while of following.
+    time.sleep(0.5)
+    assert [e.kind for e in seen if e.task_id == "t"] == ["task.added", "task.started", "task.completed"]
+    assert len({e.seq for e in seen}) == len(seen), [(e.seq, e.kind) for e in seen]
     # The watcher's own changes run its callbacks once, not twice.
     watcher.add_task("w", "W", TaskType.CLEANUP)
     time.sleep(0.5)

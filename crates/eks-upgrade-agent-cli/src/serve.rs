@@ -221,17 +221,19 @@ fn spawn_uploader(
     let handle = std::thread::Builder::new()
         .name("eua-uploader".into())
         .spawn(move || {
-            loop {
-                match artifacts.upload(store.as_ref(), &s3, &options, None, false, &mut |_| {}) {
-                    Ok(r) => {
-                        for (id, e) in &r.failed {
-                            tracing::warn!(artifact = %id, error = %e, "upload failed; it stays queued");
-                        }
+            // A normal run (not `--retry-failed`): failed uploads wait for the queue's backoff.
+            let pass = || match artifacts.upload(store.as_ref(), &s3, &options, None, false, &mut |_| {}) {
+                Ok(r) => {
+                    for (id, e) in &r.failed {
+                        tracing::warn!(artifact = %id, error = %e, "upload failed; it stays queued");
                     }
-                    Err(e) => tracing::warn!(error = %e, "upload run failed"),
                 }
-                std::thread::sleep(UPLOAD_EVERY);
-            }
+                Err(e) => tracing::warn!(error = %e, "upload run failed"),
+            };
+            every(UPLOAD_EVERY, pass, |d| {
+                std::thread::sleep(d);
+                std::ops::ControlFlow::Continue(())
+            });
         })
         .context("cannot start the upload thread")?;
     eprintln!(
@@ -252,6 +254,23 @@ fn spawn_uploader(
 
 /// How often `serve` looks for queued uploads.
 const UPLOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The uploader's schedule: `pass`, then `sleep(period)`, again and again until `sleep` says
+/// stop (the uploader's never does). The clock is `sleep`'s, so a test counts passes without
+/// waiting.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
+fn every(
+    period: std::time::Duration,
+    mut pass: impl FnMut(),
+    mut sleep: impl FnMut(std::time::Duration) -> std::ops::ControlFlow<()>,
+) {
+    loop {
+        pass();
+        if sleep(period).is_break() {
+            return;
+        }
+    }
+}
 
 /// Ctrl-C, or SIGTERM (what a container runtime sends to stop the server).
 pub(crate) async fn stop_signal() {
@@ -303,5 +322,34 @@ mod tests {
         );
         assert!(check_exposure(lan, &tokens, false).is_ok());
         assert!(check_exposure(lan, &open, true).is_ok());
+    }
+
+    /// Row H23: the uploader runs a pass every 2 s: over 60 s of a mocked clock, 30 passes,
+    /// each followed by a 2 s sleep, the first pass at once.
+    #[test]
+    fn the_uploader_runs_a_pass_every_two_seconds() {
+        use std::cell::RefCell;
+        use std::ops::ControlFlow;
+        use std::time::Duration;
+        assert_eq!(UPLOAD_EVERY, Duration::from_secs(2));
+        let clock = RefCell::new(Duration::ZERO);
+        let passes = RefCell::new(Vec::new());
+        every(
+            UPLOAD_EVERY,
+            || passes.borrow_mut().push(*clock.borrow()),
+            |d| {
+                *clock.borrow_mut() += d;
+                if *clock.borrow() >= Duration::from_secs(60) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        let passes = passes.into_inner();
+        assert_eq!(passes.len(), 30, "{passes:?}");
+        for (i, at) in passes.iter().enumerate() {
+            assert_eq!(*at, Duration::from_secs(2 * i as u64), "pass {i}");
+        }
     }
 }

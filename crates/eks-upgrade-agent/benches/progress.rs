@@ -13,8 +13,10 @@
 //!   `update_task` over 1,000 running tasks where every 50th update also completes the oldest
 //!   task and starts a fresh one (2 notified calls, so spans end all along), with no sink and
 //!   with an OTLP sink exporting to a loopback receiver in the background (`otlp`; the
-//!   receiver decodes the spans, their count is printed); `otlp_ratio` is the ratio. Run only
-//!   these rows with `cargo bench -p eks-upgrade-agent --bench progress -- otlp`;
+//!   receiver decodes the spans, their count is printed); each the median of 3 rounds run
+//!   alternately (none, otlp, none, ...) on copies of one store, each round's pair printed;
+//!   `otlp_ratio` is the ratio of the medians. Run only these rows with
+//!   `cargo bench -p eks-upgrade-agent --bench progress -- otlp`;
 //! - `-- completions` runs only the rows whose calls complete tasks (`progress_updates_per_s
 //!   tasks=1000 sinks=none` and `notified_calls_per_s ... sinks=none`), for before/after
 //!   comparisons of the completion path;
@@ -42,6 +44,14 @@ use eks_upgrade_agent::progress::{Command, NewTask};
 use eks_upgrade_agent::store::sqlite::{SqliteOptions, SqliteStore};
 
 const REOPEN_ENV: &str = "EUA_BENCH_REOPEN";
+
+/// Rounds of each `sinks=S` measurement.
+const SINK_ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
 
 /// Set (with the AWS variables) in the child process that measures with a dead sink.
 const SINK_ENV: &str = "EUA_BENCH_SINK_DOWN";
@@ -206,7 +216,8 @@ fn notified_calls_per_s(sink: Sink) -> (f64, u64) {
     (rate, pending)
 }
 
-/// A loopback OTLP/HTTP receiver answering 200; counts the spans it decodes.
+/// A loopback OTLP/HTTP receiver answering 200, keeping connections open as collectors do;
+/// counts the spans it decodes.
 fn otlp_receiver() -> (String, Arc<std::sync::atomic::AtomicU64>) {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message as _;
@@ -218,51 +229,60 @@ fn otlp_receiver() -> (String, Arc<std::sync::atomic::AtomicU64>) {
     std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
             let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            // One request after the other on this connection, until the client closes it.
+            'requests: loop {
+                let mut len = 0;
+                let mut head = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'requests;
+                    }
+                    if line.trim().is_empty() {
+                        if head == 0 {
+                            continue;
+                        }
+                        break;
+                    }
+                    head += 1;
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                if reader.read_exact(&mut body).is_err() {
                     break;
                 }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
+                let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+                let n: usize = req
+                    .resource_spans
+                    .iter()
+                    .flat_map(|r| &r.scope_spans)
+                    .map(|s| s.spans.len())
+                    .sum();
+                count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+                    break;
                 }
             }
-            let mut body = vec![0; len];
-            if reader.read_exact(&mut body).is_err() {
-                continue;
-            }
-            let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
-            let n: usize = req
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
-            count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
         }
     });
     (url, spans)
 }
 
-/// See `progress_updates_per_s tasks=1000 sinks=S` in the header. Returns the rate and the
-/// spans the receiver decoded (0 without the sink).
-fn updates_with_sink_per_s(otlp: bool) -> (f64, u64) {
-    use eks_upgrade_agent::notify::OtlpSink;
-    use eks_upgrade_agent::notify::otlp::OtlpSettings;
+/// Running tasks of the `sinks=S` rows, and tasks in all.
+const SINK_LIVE: usize = 1000;
+const SINK_TASKS: usize = 200_000;
+
+/// The store every `sinks=S` round starts from (an upgrade of [`SINK_TASKS`] tasks, the first
+/// [`SINK_LIVE`] running), built once and copied per round.
+fn sink_template() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
-    let t = ProgressTracker::new(store.clone());
-    let live = 1000;
-    let tasks = 200_000;
+    let t = tracker(dir.path());
     t.create_upgrade("bench", "plan", "cluster", JsonMap::new())
         .unwrap();
     t.start_upgrade("bench", Some("nodes")).unwrap();
-    for chunk in 0..tasks / 50_000 {
+    for chunk in 0..SINK_TASKS / 50_000 {
         let new: Vec<_> = (chunk * 50_000..(chunk + 1) * 50_000)
             .map(|i| {
                 NewTask::new(
@@ -274,10 +294,26 @@ fn updates_with_sink_per_s(otlp: bool) -> (f64, u64) {
             .collect();
         t.add_tasks("bench", new).unwrap();
     }
-    let mut slots: Vec<usize> = (0..live).collect();
-    for i in 0..live {
+    for i in 0..SINK_LIVE {
         t.start_task("bench", &format!("task-{i}"), None).unwrap();
     }
+    // Closing the last connection checkpoints the WAL into the database file.
+    drop(t);
+    dir
+}
+
+/// See `progress_updates_per_s tasks=1000 sinks=S` in the header: one round, on a copy of
+/// `template`. Returns the rate and the spans the receiver decoded (0 without the sink).
+fn updates_with_sink_per_s(template: &Path, otlp: bool) -> (f64, u64) {
+    use eks_upgrade_agent::notify::OtlpSink;
+    use eks_upgrade_agent::notify::otlp::OtlpSettings;
+    use eks_upgrade_agent::store::sqlite::DB_FILE;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(template.join(DB_FILE), dir.path().join(DB_FILE)).unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+    let t = ProgressTracker::new(store.clone());
+    let (live, tasks) = (SINK_LIVE, SINK_TASKS);
+    let mut slots: Vec<usize> = (0..live).collect();
     let (dispatcher, spans) = if otlp {
         let (url, spans) = otlp_receiver();
         let sink = OtlpSink::new(
@@ -505,11 +541,31 @@ fn main() {
     if quick {
         return;
     }
-    let (none, _) = updates_with_sink_per_s(false);
-    let (otlp, spans) = updates_with_sink_per_s(true);
-    assert!(spans > 0, "the OTLP receiver must have decoded spans");
-    println!("progress_updates_per_s tasks=1000 sinks=none: {none:.0}");
-    println!("progress_updates_per_s tasks=1000 sinks=otlp: {otlp:.0} (spans exported: {spans})");
+    // Rounds alternate between no sink and the OTLP sink, so that a burst of load from
+    // elsewhere on the machine weighs on both; the medians are compared.
+    let template = sink_template();
+    let (mut none, mut otlp, mut spans) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SINK_ROUNDS {
+        none.push(updates_with_sink_per_s(template.path(), false).0);
+        let (rate, n) = updates_with_sink_per_s(template.path(), true);
+        assert!(n > 0, "the OTLP receiver must have decoded spans");
+        otlp.push(rate);
+        spans.push(n);
+    }
+    let rounds: Vec<String> = none
+        .iter()
+        .zip(&otlp)
+        .map(|(a, b)| format!("{a:.0}/{b:.0}"))
+        .collect();
+    let (none, otlp) = (median(none), median(otlp));
+    println!(
+        "progress_updates_per_s tasks=1000 sinks=none: {none:.0} (median of {SINK_ROUNDS} rounds)"
+    );
+    println!(
+        "progress_updates_per_s tasks=1000 sinks=otlp: {otlp:.0} (median of {SINK_ROUNDS} rounds; \
+         spans exported per round: {spans:?})"
+    );
+    println!("otlp_rounds none/otlp: {}", rounds.join(" "));
     println!("otlp_ratio: {:.2}", otlp / none);
     if only_otlp {
         return;

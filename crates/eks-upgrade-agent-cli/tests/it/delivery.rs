@@ -105,13 +105,21 @@ fn a_webhook_is_shown_only_by_its_host_and_a_hash() {
     let url = format!("http://alice:hunter2@127.0.0.1:{port}/private/T0KEN-PATH?token=s3cr3t");
     let secrets = ["alice", "hunter2", "private", "T0KEN-PATH", "s3cr3t"];
     let label_prefix = format!("webhook:127.0.0.1:{port}#");
+    // The one-shot command's delivery attempt fails; its stderr, with the library's logs at
+    // their most verbose (-vvv), holds none of the secrets either.
     let out = env
         .command()
         .env("EUA_WEBHOOK_URL", &url)
-        .args(["progress", "task", "start", "u", "t"])
+        .args(["-vvv", "progress", "task", "start", "u", "t"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not delivered yet"), "{stderr}");
+    assert!(stderr.contains("DEBUG"), "the library logs: {stderr}");
+    for s in secrets {
+        assert!(!stderr.contains(s), "{s:?} shown on stderr: {stderr}");
+    }
     let status = env
         .command()
         .env("EUA_WEBHOOK_URL", &url)

@@ -592,3 +592,111 @@ fn plain_http_goes_only_to_loopback() {
         "{err}"
     );
 }
+
+/// Row N21, `/metrics`: `serve` with the OTLP sink (down, its URL holding a secret path and a
+/// query token, a header holding an API key; credentials in a plain-http URL are refused) shows it in
+/// `eua_notifications_pending` by its label `otlp:HOST:PORT#xxxxxx` only, with the span that
+/// waits for it counted.
+#[test]
+fn metrics_show_the_otlp_sink_by_its_label_only() {
+    let env = Env::with_task();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("http://127.0.0.1:{port}/private/v1/traces?token=s3cr3t");
+    let secrets = ["private", "v1/traces", "s3cr3t", "hdr-key"];
+    let served = crate::util::serve(
+        &env,
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.as_str()),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=hdr-key"),
+        ],
+    );
+    for action in ["start", "complete"] {
+        let resp = crate::util::http(
+            served.port,
+            &format!(
+                "POST /api/v1/upgrades/u/tasks/t/{action} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            ),
+        );
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    let text = crate::util::http(
+        served.port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let prefix = format!("eua_notifications_pending{{sink=\"otlp:127.0.0.1:{port}#");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no OTLP sink in /metrics: {text}"));
+    // `otlp:127.0.0.1:PORT#` and six hex digits, then the value.
+    let (label, value) = line[prefix.len()..].split_once("\"} ").unwrap();
+    assert!(
+        label.len() == 6 && label.chars().all(|c| c.is_ascii_hexdigit()),
+        "{line}"
+    );
+    let pending: u64 = value.trim().parse().unwrap();
+    assert!(pending >= 1, "the task's span waits for the sink: {line}");
+    for s in secrets {
+        assert!(!text.contains(s), "{s:?} shown in /metrics: {text}");
+    }
+}
+
+/// Rows N21 and N13 for the OTLP sink: a one-shot command's stderr, with the library's logs at
+/// their most verbose (-vvv), names the sink by its label only, whether the export fails (the
+/// collector is down) or the sink cannot be set up (credentials over plain http).
+#[test]
+fn one_shot_stderr_holds_no_otlp_secret() {
+    let env = Env::with_task();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let secrets = ["alice", "hunter2", "private", "s3cr3t", "hdr-key"];
+    env.ok(&[
+        "progress",
+        "task",
+        "add",
+        "u",
+        "t2",
+        "--name",
+        "T2",
+        "--type",
+        "upgrade_step",
+    ]);
+    for (task, url, expect) in [
+        (
+            "t",
+            format!("http://127.0.0.1:{port}/private/v1/traces?token=s3cr3t"),
+            "not delivered yet",
+        ),
+        (
+            "t2",
+            format!("http://alice:hunter2@127.0.0.1:{port}/private/v1/traces?token=s3cr3t"),
+            "refusing plain http to the OTLP endpoint otlp:127.0.0.1:",
+        ),
+    ] {
+        for action in ["start", "complete"] {
+            let out = env
+                .command()
+                .env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &url)
+                .env("OTEL_EXPORTER_OTLP_HEADERS", "api-key=hdr-key")
+                .args(["-vvv", "progress", "task", action, "u", task])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if action == "start" {
+                assert!(out.status.success(), "{out:?}");
+                continue;
+            }
+            // The completion ends a span: it is what the sink tries to export.
+            assert!(out.status.success(), "{out:?}");
+            assert!(stderr.contains(expect), "{stderr}");
+            for s in secrets {
+                assert!(!stderr.contains(s), "{s:?} shown on stderr: {stderr}");
+            }
+        }
+    }
+}

@@ -22,7 +22,6 @@
 //! cluster, plan, metadata and start), so a late or repeated delivery sends the same span. See
 //! ARCHITECTURE.md ("Notifications go through the outbox").
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::Write as _;
 use std::sync::Arc;
@@ -288,6 +287,66 @@ pub trait TraceSource: Send + Sync + fmt::Debug {
         upto: u64,
         max_events: usize,
     ) -> Result<SpanHistory>;
+
+    /// Everything the spans of one batch need, one answer per ask, in order. The default asks
+    /// [`TraceSource::upgrade`], [`TraceSource::task`] and [`TraceSource::span_history`] for
+    /// each; a backend can answer the whole batch from one snapshot instead (the SQLite store
+    /// reads it in one read transaction: one snapshot and a page cache that stays warm, where
+    /// one statement at a time began a transaction and dropped the cache per statement while
+    /// progress calls were committing).
+    fn span_facts(&self, asks: &[SpanAsk<'_>], max_events: usize) -> Vec<Result<SpanFacts>> {
+        asks.iter()
+            .map(|a| {
+                let upgrade = self.upgrade(a.upgrade_id)?;
+                let Some(task_id) = a.task_id else {
+                    let history = self.span_history(a.upgrade_id, None, a.upto, max_events)?;
+                    return Ok(SpanFacts {
+                        upgrade,
+                        task: None,
+                        history,
+                        parent_attempt: None,
+                    });
+                };
+                let task = self.task(a.upgrade_id, task_id)?;
+                let history = self.span_history(a.upgrade_id, Some(task_id), a.upto, max_events)?;
+                let parent_attempt = match &task.parent_task_id {
+                    Some(p) => Some(self.span_history(a.upgrade_id, Some(p), a.upto, 0)?.attempt),
+                    None => None,
+                };
+                Ok(SpanFacts {
+                    upgrade,
+                    task: Some(task),
+                    history,
+                    parent_attempt,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One span the sink is about to build: the span of the upgrade (`task_id` `None`) or of the
+/// attempt of a task running at `upto`, the seq of the event that ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanAsk<'a> {
+    /// The upgrade.
+    pub upgrade_id: &'a str,
+    /// The task, or `None` for the upgrade's root span.
+    pub task_id: Option<&'a str>,
+    /// The seq of the ending event.
+    pub upto: u64,
+}
+
+/// What [`TraceSource::span_facts`] answers for one [`SpanAsk`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanFacts {
+    /// The upgrade.
+    pub upgrade: Upgrade,
+    /// The task (`None` for the root span).
+    pub task: Option<Task>,
+    /// The attempt's history, as [`TraceSource::span_history`] gives it.
+    pub history: SpanHistory,
+    /// The attempt of the task's parent running at `upto` (`None` without a parent).
+    pub parent_attempt: Option<u32>,
 }
 
 /// One attempt's history, as [`TraceSource::span_history`] finds it.
@@ -530,24 +589,35 @@ impl OtlpSink {
         &self,
         batch: &[Notification],
     ) -> (ExportTraceServiceRequest, Vec<Option<EntryResult>>) {
-        let mut upgrades: HashMap<String, Upgrade> = HashMap::new();
-        let mut spans = Vec::new();
-        let mut fates = Vec::with_capacity(batch.len());
-        for n in batch {
-            match self.span(n, &mut upgrades) {
-                Ok(Some(span)) => {
-                    spans.push(span);
+        let mut fates: Vec<Option<EntryResult>> = Vec::with_capacity(batch.len());
+        // The entries that end a span, with what to ask the source for them.
+        let mut asks = Vec::new();
+        let mut asked = Vec::new();
+        for (i, n) in batch.iter().enumerate() {
+            match span_ask(n) {
+                Ok(Some(ask)) => {
+                    asks.push(ask);
+                    asked.push(i);
                     fates.push(None);
                 }
                 Ok(None) => fates.push(Some(EntryResult::Delivered)),
-                Err(e @ Error::NotFound { .. }) => fates.push(Some(EntryResult::Reject(format!(
-                    "{}: cannot build the span: {e}",
-                    self.label
-                )))),
-                Err(e) => fates.push(Some(EntryResult::Retry(format!(
-                    "{}: cannot build the span: {e}",
-                    self.label
-                )))),
+                Err(e) => fates.push(Some(self.unbuilt(e))),
+            }
+        }
+        let facts = if asks.is_empty() {
+            Vec::new()
+        } else {
+            self.source.span_facts(&asks, MAX_SPAN_EVENTS)
+        };
+        let mut facts = facts.into_iter();
+        let mut spans = Vec::with_capacity(asks.len());
+        for i in asked {
+            let f = facts
+                .next()
+                .unwrap_or_else(|| Err(Error::invalid("the trace source answered too few asks")));
+            match f {
+                Ok(f) => spans.push(self.span(&batch[i], f)),
+                Err(e) => fates[i] = Some(self.unbuilt(e)),
             }
         }
         let request = ExportTraceServiceRequest {
@@ -568,34 +638,30 @@ impl OtlpSink {
         (request, fates)
     }
 
-    /// The span a notification ends, if any.
-    fn span(
-        &self,
-        n: &Notification,
-        upgrades: &mut HashMap<String, Upgrade>,
-    ) -> Result<Option<Span>> {
-        let ends_task = matches!(
-            n.detail_type.as_str(),
-            "task.completed" | "task.failed" | "task.cancelled"
-        );
-        let ends_upgrade = matches!(
-            n.detail_type.as_str(),
-            "upgrade.completed" | "upgrade.failed"
-        );
-        if !ends_task && !ends_upgrade {
-            return Ok(None);
+    /// The fate of an entry whose span could not be built: a missing upgrade or task never
+    /// appears later (dead), anything else is retried.
+    fn unbuilt(&self, e: Error) -> EntryResult {
+        let message = format!("{}: cannot build the span: {e}", self.label);
+        match e {
+            Error::NotFound { .. } => EntryResult::Reject(message),
+            _ => EntryResult::Retry(message),
         }
-        if !upgrades.contains_key(&n.upgrade_id) {
-            let u = self.source.upgrade(&n.upgrade_id)?;
-            upgrades.insert(n.upgrade_id.clone(), u);
-        }
-        let upgrade = &upgrades[&n.upgrade_id];
+    }
+
+    /// The span notification `n` ends, from what the source answered for it.
+    fn span(&self, n: &Notification, facts: SpanFacts) -> Span {
+        let SpanFacts {
+            upgrade,
+            task,
+            history,
+            parent_attempt,
+        } = facts;
         let uid = upgrade.upgrade_id.as_str();
         let mut attributes = vec![
             s("eks.upgrade.id", uid),
             s("eks.cluster.name", upgrade.cluster_name.clone()),
             s("eks.plan.id", upgrade.plan_id.clone()),
-            s("cicd.pipeline.name", pipeline_name(upgrade)),
+            s("cicd.pipeline.name", pipeline_name(&upgrade)),
             s("cicd.pipeline.run.id", uid),
         ];
         for (k, v) in &upgrade.metadata {
@@ -624,74 +690,64 @@ impl OtlpSink {
             },
             _ => Status::default(),
         });
-        let (name, span_id, parent, history, links) = if ends_upgrade {
-            attributes.push(s("cicd.pipeline.result", result));
-            let h = self
-                .source
-                .span_history(uid, None, n.seq, MAX_SPAN_EVENTS)?;
-            (
-                pipeline_name(upgrade),
-                span_id(uid, None),
-                Vec::new(),
-                SpanHistory {
-                    start: upgrade.started_at.or(Some(upgrade.created_at)),
-                    ..h
-                },
-                Vec::new(),
-            )
-        } else {
-            let task_id = n
-                .detail
-                .get("task_id")
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::invalid("a task notification without a task_id"))?;
-            let task = self.source.task(uid, task_id)?;
-            let h = self
-                .source
-                .span_history(uid, Some(task_id), n.seq, MAX_SPAN_EVENTS)?;
-            let parent = match &task.parent_task_id {
-                Some(p) => {
-                    let pa = self.source.span_history(uid, Some(p), n.seq, 0)?.attempt;
-                    span_id(uid, Some((p, pa)))
-                }
-                None => span_id(uid, None),
-            };
-            let run_id = format!("{task_id}#{}", h.attempt);
-            attributes.extend([
-                s("eks.task.id", task_id),
-                s("eks.task.type", task.task_type.as_str()),
-                kv(
-                    "eks.task.attempt",
-                    any_value::Value::IntValue(h.attempt.into()),
-                ),
-                s("cicd.pipeline.task.name", task.name.clone()),
-                s("cicd.pipeline.task.run.id", run_id),
-                s("cicd.pipeline.task.run.result", result),
-            ]);
-            let links = if h.attempt > 0 {
-                vec![span::Link {
-                    trace_id: trace_id(uid).to_vec(),
-                    span_id: span_id(uid, Some((task_id, h.attempt - 1))).to_vec(),
-                    attributes: vec![s("eks.link", "previous_attempt")],
-                    ..span::Link::default()
-                }]
-            } else {
-                Vec::new()
-            };
-            (
-                task.name.clone(),
-                span_id(uid, Some((task_id, h.attempt))),
-                parent.to_vec(),
-                h,
-                links,
-            )
+        let (name, span_id, parent, history, links) = match task {
+            None => {
+                attributes.push(s("cicd.pipeline.result", result));
+                (
+                    pipeline_name(&upgrade),
+                    span_id(uid, None),
+                    Vec::new(),
+                    SpanHistory {
+                        start: upgrade.started_at.or(Some(upgrade.created_at)),
+                        ..history
+                    },
+                    Vec::new(),
+                )
+            }
+            Some(task) => {
+                let task_id = task.task_id.as_str();
+                let h = history;
+                let parent = match (&task.parent_task_id, parent_attempt) {
+                    (Some(p), Some(pa)) => span_id(uid, Some((p, pa))),
+                    _ => span_id(uid, None),
+                };
+                let run_id = format!("{task_id}#{}", h.attempt);
+                attributes.extend([
+                    s("eks.task.id", task_id),
+                    s("eks.task.type", task.task_type.as_str()),
+                    kv(
+                        "eks.task.attempt",
+                        any_value::Value::IntValue(h.attempt.into()),
+                    ),
+                    s("cicd.pipeline.task.name", task.name.clone()),
+                    s("cicd.pipeline.task.run.id", run_id),
+                    s("cicd.pipeline.task.run.result", result),
+                ]);
+                let links = if h.attempt > 0 {
+                    vec![span::Link {
+                        trace_id: trace_id(uid).to_vec(),
+                        span_id: span_id(uid, Some((task_id, h.attempt - 1))).to_vec(),
+                        attributes: vec![s("eks.link", "previous_attempt")],
+                        ..span::Link::default()
+                    }]
+                } else {
+                    Vec::new()
+                };
+                (
+                    task.name.clone(),
+                    span_id(uid, Some((task_id, h.attempt))),
+                    parent.to_vec(),
+                    h,
+                    links,
+                )
+            }
         };
         let events: Vec<span::Event> = history.events.iter().map(span_event).collect();
         let dropped = history
             .total_events
             .saturating_sub(events.len() as u64)
             .min(u64::from(u32::MAX)) as u32;
-        Ok(Some(Span {
+        Span {
             trace_id: trace_id(uid).to_vec(),
             span_id: span_id.to_vec(),
             parent_span_id: parent,
@@ -705,7 +761,7 @@ impl OtlpSink {
             links,
             status,
             ..Span::default()
-        }))
+        }
     }
 
     fn body(&self, request: &ExportTraceServiceRequest) -> Vec<u8> {
@@ -721,6 +777,36 @@ impl OtlpSink {
             }
         }
     }
+}
+
+/// What to ask the source for the span notification `n` ends (`None`: it ends none).
+fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
+    let ends_task = matches!(
+        n.detail_type.as_str(),
+        "task.completed" | "task.failed" | "task.cancelled"
+    );
+    let ends_upgrade = matches!(
+        n.detail_type.as_str(),
+        "upgrade.completed" | "upgrade.failed"
+    );
+    if !ends_task && !ends_upgrade {
+        return Ok(None);
+    }
+    let task_id = if ends_task {
+        Some(
+            n.detail
+                .get("task_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::invalid("a task notification without a task_id"))?,
+        )
+    } else {
+        None
+    };
+    Ok(Some(SpanAsk {
+        upgrade_id: &n.upgrade_id,
+        task_id,
+        upto: n.seq,
+    }))
 }
 
 /// `cicd.pipeline.name` and the root span's name.
@@ -816,6 +902,7 @@ impl EventSink for OtlpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: HashMap<String, String> = pairs

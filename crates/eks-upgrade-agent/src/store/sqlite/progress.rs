@@ -281,9 +281,9 @@ const UPGRADE_COLS: &str = "ukey, upgrade_id, plan_id, cluster_name, status, cur
     created_at, started_at, completed_at, error_message, metadata, top_weight, top_sum, \
     c0, c1, c2, c3, c4, c5, last_seq";
 
-struct UpgradeRow {
-    ukey: i64,
-    upgrade: Upgrade,
+pub(super) struct UpgradeRow {
+    pub(super) ukey: i64,
+    pub(super) upgrade: Upgrade,
 }
 
 fn upgrade_row(r: &Row<'_>) -> rusqlite::Result<UpgradeRow> {
@@ -486,7 +486,7 @@ pub(super) fn insert_event(tx: &Transaction<'_>, e: &NewEvent<'_>) -> Result<(i6
     Ok((tx.last_insert_rowid(), id))
 }
 
-fn load_upgrade(tx: &Connection, upgrade_id: &str) -> Result<UpgradeRow> {
+pub(super) fn load_upgrade(tx: &Connection, upgrade_id: &str) -> Result<UpgradeRow> {
     tx.prepare_cached(&format!(
         "SELECT {UPGRADE_COLS} FROM upgrades WHERE upgrade_id = ?1"
     ))?

@@ -74,6 +74,15 @@ fn writes(store: &SqliteStore, f: impl FnOnce()) -> Vec<Run> {
     std::mem::take(&mut *runs.lock().unwrap())
 }
 
+/// The statements `f` runs on both of the store's connections, the writer's first: a write
+/// that also read through the reader is checked as well.
+fn both(store: &SqliteStore, f: impl FnOnce()) -> Vec<Run> {
+    let mut on_reader = Vec::new();
+    let mut runs = writes(store, || on_reader = reads(store, f));
+    runs.append(&mut on_reader);
+    runs
+}
+
 /// The statements `f` runs on the store's reader connection.
 fn reads(store: &SqliteStore, f: impl FnOnce()) -> Vec<Run> {
     let runs = trace(&store.reader);
@@ -120,7 +129,7 @@ fn costs(fillers: usize) -> Vec<(&'static str, Vec<Run>)> {
     let (_dir, store, t) = tree(fillers);
     let s = store.as_ref();
     let mut out = Vec::new();
-    let mut step = |name: &'static str, f: &dyn Fn()| out.push((name, writes(s, f)));
+    let mut step = |name: &'static str, f: &dyn Fn()| out.push((name, both(s, f)));
     step("update (implicit start)", &|| {
         t.update_task("u", "x", 10.0, None, JsonMap::new()).unwrap();
     });

@@ -4,12 +4,14 @@
 //! index range of `events_by_upgrade`. Only events with `seq <= upto` count, so the answer for
 //! a committed ending event never changes.
 
+use std::collections::HashMap;
+
 use rusqlite::{Connection, OptionalExtension};
 
-use super::progress::{EVENT_SELECT, SqliteStore, event_row, load_task, upgrade_key};
-use crate::error::Result;
+use super::progress::{EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, upgrade_key};
+use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressEvent, Task, Upgrade};
-use crate::notify::otlp::{SpanHistory, TraceSource, sample_indices};
+use crate::notify::otlp::{SpanAsk, SpanFacts, SpanHistory, TraceSource, sample_indices};
 use crate::store::ProgressStore;
 
 impl TraceSource for SqliteStore {
@@ -28,41 +30,120 @@ impl TraceSource for SqliteStore {
         upto: u64,
         max_events: usize,
     ) -> Result<SpanHistory> {
-        let upto = i64::try_from(upto).unwrap_or(i64::MAX);
         self.read(|c| {
             let ukey = upgrade_key(c, upgrade_id)?;
-            let (attempt, seqs) = match task_id {
-                Some(t) => task_attempt(c, ukey, upgrade_id, t, upto)?,
-                None => {
-                    let mut stmt = c.prepare_cached(
-                        "SELECT seq FROM events WHERE ukey = ?1 AND seq <= ?2 AND tkey IS NULL \
-                         ORDER BY seq",
-                    )?;
-                    let seqs = stmt
-                        .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
-                        .collect::<rusqlite::Result<Vec<i64>>>()?;
-                    (0, seqs)
-                }
-            };
-            let mut stmt = c.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
-            let mut read =
-                |seq: i64| -> Result<ProgressEvent> { Ok(stmt.query_row([seq], event_row)?) };
-            let start = match seqs.first() {
-                Some(first) => Some(read(*first)?.timestamp),
-                None => None,
-            };
-            let events = sample_indices(seqs.len(), max_events)
-                .into_iter()
-                .map(|i| read(seqs[i]))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(SpanHistory {
-                attempt,
-                start,
-                events,
-                total_events: seqs.len() as u64,
-            })
+            history(c, ukey, upgrade_id, task_id, upto, max_events)
         })
     }
+
+    /// The whole batch in one read transaction: one snapshot, and a page cache that stays warm
+    /// from one statement to the next (outside a transaction each statement is its own, and
+    /// SQLite drops the reader's cache whenever a commit came in between, which progress calls
+    /// make all the time); each upgrade is read once.
+    fn span_facts(&self, asks: &[SpanAsk<'_>], max_events: usize) -> Vec<Result<SpanFacts>> {
+        let answered = self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut upgrades: HashMap<&str, (i64, Upgrade)> = HashMap::new();
+            let mut out = Vec::with_capacity(asks.len());
+            for a in asks {
+                out.push(span_facts(&tx, &mut upgrades, a, max_events));
+            }
+            // Read only: ending it either way keeps nothing.
+            tx.commit()?;
+            Ok(out)
+        });
+        match answered {
+            Ok(out) => out,
+            Err(e) => {
+                let message = e.to_string();
+                asks.iter()
+                    .map(|_| {
+                        Err(Error::Backend {
+                            message: message.clone(),
+                            source: None,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// [`TraceSource::span_facts`] of one ask, on `c` (inside the batch's read transaction).
+fn span_facts<'a>(
+    c: &Connection,
+    upgrades: &mut HashMap<&'a str, (i64, Upgrade)>,
+    a: &SpanAsk<'a>,
+    max_events: usize,
+) -> Result<SpanFacts> {
+    let (ukey, upgrade) = match upgrades.get(a.upgrade_id) {
+        Some(known) => known.clone(),
+        None => {
+            let row = load_upgrade(c, a.upgrade_id)?;
+            upgrades.insert(a.upgrade_id, (row.ukey, row.upgrade.clone()));
+            (row.ukey, row.upgrade)
+        }
+    };
+    let task = match a.task_id {
+        Some(t) => Some(load_task(c, ukey, a.upgrade_id, t)?.task),
+        None => None,
+    };
+    let history = history(c, ukey, a.upgrade_id, a.task_id, a.upto, max_events)?;
+    let parent_attempt = match task.as_ref().and_then(|t| t.parent_task_id.as_deref()) {
+        Some(p) => Some(task_attempt(c, ukey, a.upgrade_id, p, clamp(a.upto))?.0),
+        None => None,
+    };
+    Ok(SpanFacts {
+        upgrade,
+        task,
+        history,
+        parent_attempt,
+    })
+}
+
+fn clamp(upto: u64) -> i64 {
+    i64::try_from(upto).unwrap_or(i64::MAX)
+}
+
+/// [`TraceSource::span_history`] on `c`.
+fn history(
+    c: &Connection,
+    ukey: i64,
+    upgrade_id: &str,
+    task_id: Option<&str>,
+    upto: u64,
+    max_events: usize,
+) -> Result<SpanHistory> {
+    let upto = clamp(upto);
+    let (attempt, seqs) = match task_id {
+        Some(t) => task_attempt(c, ukey, upgrade_id, t, upto)?,
+        None => {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq FROM events WHERE ukey = ?1 AND seq <= ?2 AND tkey IS NULL \
+                 ORDER BY seq",
+            )?;
+            let seqs = stmt
+                .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            (0, seqs)
+        }
+    };
+    let mut stmt = c.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
+    let mut read = |seq: i64| -> Result<ProgressEvent> { Ok(stmt.query_row([seq], event_row)?) };
+    let start = match seqs.first() {
+        Some(first) => Some(read(*first)?.timestamp),
+        None => None,
+    };
+    let events = sample_indices(seqs.len(), max_events)
+        .into_iter()
+        .map(|i| read(seqs[i]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SpanHistory {
+        attempt,
+        start,
+        events,
+        total_events: seqs.len() as u64,
+    })
 }
 
 /// The attempt of task `task_id` running at `upto` (its `task.retried` events up to there) and
@@ -153,5 +234,103 @@ mod tests {
         assert_eq!(h.attempt, 0);
         let kinds: Vec<EventKind> = h.events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
+    }
+
+    /// The batch answer (one read transaction) is what the single calls answer, ask by ask:
+    /// a subtask under the second attempt of its parent, the parent, the root, and an ask for
+    /// a task that does not exist (its own `NotFound`, the others unharmed).
+    #[test]
+    fn a_batch_answers_as_the_single_calls_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let t = ProgressTracker::new(store.clone());
+        t.create_upgrade("u", "p", "c", Default::default()).unwrap();
+        t.start_upgrade("u", None).unwrap();
+        t.add_tasks(
+            "u",
+            vec![
+                NewTask::new("p", "P", TaskType::UpgradeStep),
+                NewTask::new("c", "C", TaskType::UpgradeStep).parent("p"),
+            ],
+        )
+        .unwrap();
+        t.start_task("u", "p", None).unwrap();
+        t.fail_task("u", "p", "boom").unwrap();
+        t.retry_task("u", "p", None).unwrap();
+        if TraceSource::task(&*store, "u", "c").unwrap().status
+            != crate::model::ProgressStatus::InProgress
+        {
+            t.start_task("u", "c", None).unwrap();
+        }
+        t.update_task("u", "c", 50.0, Some("half"), Default::default())
+            .unwrap();
+        let c_done = t.complete_task("u", "c", None).unwrap().last_seq();
+        // The parent completes with its only child (its rollup).
+        let u_done = t.complete_upgrade("u").unwrap().last_seq();
+        let asks = [
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: Some("c"),
+                upto: c_done,
+            },
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: Some("nope"),
+                upto: c_done,
+            },
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: Some("p"),
+                upto: u_done,
+            },
+            SpanAsk {
+                upgrade_id: "u",
+                task_id: None,
+                upto: u_done,
+            },
+        ];
+        let got = store.span_facts(&asks, 128);
+        assert_eq!(got.len(), 4);
+        assert!(
+            matches!(got[1], Err(Error::NotFound { .. })),
+            "{:?}",
+            got[1]
+        );
+        let single = |a: &SpanAsk<'_>| SpanFacts {
+            upgrade: TraceSource::upgrade(&*store, a.upgrade_id).unwrap(),
+            task: a
+                .task_id
+                .map(|id| TraceSource::task(&*store, "u", id).unwrap()),
+            history: store.span_history("u", a.task_id, a.upto, 128).unwrap(),
+            parent_attempt: a
+                .task_id
+                .and_then(|id| TraceSource::task(&*store, "u", id).unwrap().parent_task_id)
+                .map(|p| {
+                    store
+                        .span_history("u", Some(&p), a.upto, 0)
+                        .unwrap()
+                        .attempt
+                }),
+        };
+        for i in [0, 2, 3] {
+            assert_eq!(got[i].as_ref().unwrap(), &single(&asks[i]), "ask {i}");
+        }
+        let child = got[0].as_ref().unwrap();
+        assert_eq!(
+            child.parent_attempt,
+            Some(1),
+            "under the parent's second attempt"
+        );
+        let kinds: Vec<EventKind> = child.history.events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.last(), Some(&EventKind::TaskCompleted), "{kinds:?}");
+        assert!(kinds.contains(&EventKind::TaskProgress), "{kinds:?}");
+        let h = &got[2].as_ref().unwrap().history;
+        let kinds: Vec<(u64, EventKind)> = h.events.iter().map(|e| (e.seq, e.kind)).collect();
+        assert_eq!(h.attempt, 1, "{kinds:?}");
+        assert_eq!(
+            kinds.last().map(|k| k.1),
+            Some(EventKind::TaskCompleted),
+            "{kinds:?}"
+        );
     }
 }
