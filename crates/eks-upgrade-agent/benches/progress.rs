@@ -522,7 +522,8 @@ fn main() {
     if std::env::args().any(|a| a == "completions") {
         // Only the rows whose calls complete tasks (each completion feeds the duration
         // history): for before/after comparisons.
-        let (none, _) = updates_with_sink_per_s(false);
+        let template = sink_template();
+        let (none, _) = updates_with_sink_per_s(template.path(), false);
         println!("progress_updates_per_s tasks=1000 sinks=none: {none:.0}");
         let (base, _) = notified_calls_per_s(Sink::None);
         println!("notified_calls_per_s tasks=1000 txn=1 sinks=none: {base:.0}");
