@@ -6,6 +6,7 @@
 //! - `artifacts`: the artifact index and the upload queue;
 //! - `outbox`: notifications waiting for delivery;
 //! - `trace`: the per-upgrade trace model read by the OTLP sink;
+//! - `test_results`: test runs, results, history and flaky statistics (`TestResultStore`);
 //! - `schema`: versioned migrations.
 
 mod artifacts;
@@ -14,6 +15,7 @@ mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
+mod test_results;
 mod trace;
 
 pub use progress::{DB_FILE, SqliteOptions, SqliteStore};

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 8;
+pub(super) const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS upgrades (
@@ -159,6 +159,10 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
         }
         if version < 8 {
             conn.execute_batch(SCHEMA_8)?;
+        }
+        if version < 9 {
+            // Schema 9: test runs, results, the test identity dictionary and flaky statistics.
+            conn.execute_batch(super::test_results::SCHEMA)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())
