@@ -402,7 +402,9 @@ pub struct Comparison {
     pub added: Vec<ComparedTest>,
     /// In the first run, not in the second (usually a suite that crashed).
     pub missing: Vec<ComparedTest>,
-    /// Flaky in either run, or flaky on the cluster by history.
+    /// Flaky in either run (passed on a retry), or flaky on the cluster by history before the
+    /// second run (passed and failed within the last 14 days, not cleared by 5 passes in a
+    /// row), so a failure the upgrade caused is not called flaky for itself.
     pub flaky: Vec<ComparedTest>,
     /// Passing in the second run at least 1.5× the median of up to 20 earlier passing runs on
     /// the cluster and at least 5 s slower (not when that history is erratic).

@@ -40,6 +40,9 @@ use crate::model::{
 };
 use crate::store::TestResultStore;
 
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
 pub mod junit;
 
 pub use junit::{ParseOptions, ParseSummary};
@@ -345,15 +348,10 @@ impl TestResults {
     fn compare_runs(&self, a: TestRun, b: TestRun) -> Result<Comparison> {
         let before = self.store.results(&a.run_id, false)?;
         let after = self.store.results(&b.run_id, false)?;
-        let flaky: HashSet<String> = self
-            .store
-            .flaky(
-                Some(&b.cluster_name),
-                b.created_at - ChronoDuration::days(i64::from(DEFAULT_FLAKY_DAYS)),
-            )?
-            .into_iter()
-            .map(|f| f.test_id)
-            .collect();
+        let flaky = self.store.flaky_before(
+            &b.run_id,
+            b.created_at - ChronoDuration::days(i64::from(DEFAULT_FLAKY_DAYS)),
+        )?;
         let candidates: Vec<&str> = after
             .iter()
             .filter(|r| r.status == TestStatus::Passed && r.duration >= DURATION_MIN_SLOWER)

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -525,6 +525,9 @@ pub trait TestResultStore: Send + Sync + fmt::Debug {
     /// have not passed [`FLAKY_CLEARED_AFTER`](crate::model::FLAKY_CLEARED_AFTER) times in a row
     /// since; sorted by cluster, suite, class name and name.
     fn flaky(&self, cluster_name: Option<&str>, since: DateTime<Utc>) -> Result<Vec<FlakyTest>>;
+    /// The tests of `run_id`'s cluster that were flaky (as [`flaky`](TestResultStore::flaky)
+    /// says) before that run: its own results are not counted when it is the cluster's latest.
+    fn flaky_before(&self, run_id: &str, since: DateTime<Utc>) -> Result<HashSet<String>>;
     /// For each of `test_ids`: the durations of its passing results on `cluster_name` in runs
     /// recorded before `before_run`, newest first, at most `limit` each.
     fn passing_durations(

@@ -9,9 +9,11 @@
 //!   so a test's history on a cluster and its earlier passing durations are index walks.
 //! - `test_stats`: per (cluster, test), the last pass, the last failure, the passes in a row
 //!   since, and `both_at` (the older of the two), indexed, so the flaky tests of a window are a
-//!   range of that index, not a scan of results.
+//!   range of that index, not a scan of results; and the same three as they were before the
+//!   latest run (`prev_*`), so a comparison can ask "flaky before this run?" without counting
+//!   the run it judges.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
@@ -75,6 +77,9 @@ CREATE TABLE IF NOT EXISTS test_stats (
     pass_streak  INTEGER NOT NULL,
     message      TEXT,
     both_at      INTEGER,
+    prev_pass_at INTEGER,
+    prev_fail_at INTEGER,
+    prev_streak  INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (cluster, ckey)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS test_stats_flaky ON test_stats (cluster, both_at)
@@ -274,6 +279,11 @@ impl TestResultStore for SqliteStore {
                    CASE WHEN status = 0 AND fails > 0 THEN ?3 END \
                  FROM test_results WHERE rkey = ?1 AND status != 3 \
                  ON CONFLICT (cluster, ckey) DO UPDATE SET \
+                   prev_pass_at = CASE WHEN excluded.last_pass_at IS NULL THEN prev_pass_at \
+                                  ELSE last_pass_at END, \
+                   prev_fail_at = CASE WHEN excluded.last_fail_at IS NULL THEN prev_fail_at \
+                                  ELSE last_fail_at END, \
+                   prev_streak = pass_streak, \
                    last_pass_at = coalesce(excluded.last_pass_at, last_pass_at), \
                    last_fail_at = coalesce(excluded.last_fail_at, last_fail_at), \
                    pass_streak = CASE WHEN excluded.pass_streak = 1 THEN pass_streak + 1 ELSE 0 END, \
@@ -504,6 +514,29 @@ impl TestResultStore for SqliteStore {
         })
     }
 
+    fn flaky_before(&self, run_id: &str, since: DateTime<Utc>) -> Result<HashSet<String>> {
+        self.read(|c| {
+            let (_, run) = run_key(c, run_id)?;
+            let at = micros(run.created_at);
+            let mut stmt = c.prepare_cached(
+                "SELECT c.test_id FROM test_stats s INDEXED BY test_stats_flaky \
+                 JOIN test_cases c ON c.ckey = s.ckey \
+                 WHERE s.cluster = ?1 AND s.both_at IS NOT NULL AND s.both_at >= ?2 \
+                 AND (CASE WHEN s.last_pass_at = ?3 THEN s.prev_pass_at ELSE s.last_pass_at END) >= ?2 \
+                 AND (CASE WHEN s.last_fail_at = ?3 THEN s.prev_fail_at ELSE s.last_fail_at END) >= ?2 \
+                 AND (CASE WHEN s.last_pass_at = ?3 OR s.last_fail_at = ?3 THEN s.prev_streak \
+                      ELSE s.pass_streak END) < ?4",
+            )?;
+            let ids = stmt
+                .query_map(
+                    params![run.cluster_name, micros(since), at, FLAKY_CLEARED_AFTER as i64],
+                    |r| r.get::<_, String>(0),
+                )?
+                .collect::<rusqlite::Result<HashSet<_>>>()?;
+            Ok(ids)
+        })
+    }
+
     fn passing_durations(
         &self,
         cluster_name: &str,
@@ -581,4 +614,146 @@ fn notify_gate(tx: &Transaction<'_>, post: i64, run: &TestRun) -> Result<()> {
         run.created_at,
         &d,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::RunPhase;
+    use crate::results::conformance::attempt;
+    use crate::results::{Ingest, TestResults};
+    use crate::store::sqlite::SqliteOptions;
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::conformance::run(&|| {
+            let sub = dir.path().join(uuid::Uuid::now_v7().to_string());
+            let store = Arc::new(SqliteStore::open(&sub, &SqliteOptions::default()).unwrap());
+            (store.clone(), Some(store))
+        });
+    }
+
+    /// A store of schema 8 (before test results) gets the schema 9 tables when opened, and
+    /// keeps what it held.
+    #[test]
+    fn schema_8_store_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+            store
+                .writer()
+                .execute_batch(
+                    "DROP TABLE test_runs; DROP TABLE test_cases; DROP TABLE test_results; \
+                     DROP TABLE test_stats; PRAGMA user_version = 8;",
+                )
+                .unwrap();
+        }
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let v: i64 = store
+            .reader()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 9);
+        let r = TestResults::new(store);
+        let run = r
+            .record(
+                &Ingest::new("u", "c", RunPhase::Pre),
+                vec![],
+                vec![],
+                &mut vec![attempt("a", TestStatus::Passed, 1.0)].into_iter(),
+            )
+            .unwrap();
+        assert_eq!(run.counts.tests, 1);
+    }
+
+    /// `EXPLAIN QUERY PLAN` of `sql` with every parameter bound to NULL: one line per step.
+    fn query_plan(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        stmt.query_map(
+            rusqlite::params_from_iter(vec![rusqlite::types::Null; n]),
+            |r| r.get::<_, String>(3),
+        )
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    /// ARCHITECTURE "Test results are indexed": every statement the reads run (traced, so
+    /// these are the statements themselves) reaches `test_results`, `test_stats`, `test_runs`
+    /// and `test_cases` by a seek on an index or the primary key, never by a scan of a table or
+    /// of a whole index (listing every run, newest first, is the one rowid walk).
+    #[test]
+    fn reads_walk_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let r = TestResults::new(store.clone());
+        let mut runs = Vec::new();
+        for (i, status) in [TestStatus::Passed, TestStatus::Failed, TestStatus::Passed]
+            .into_iter()
+            .enumerate()
+        {
+            let run = r
+                .record(
+                    &Ingest::new(&format!("u{i}"), "prod", RunPhase::Post),
+                    vec![],
+                    vec![],
+                    &mut (0..50)
+                        .map(|j| attempt(&format!("t{j}"), status, 6.0 + i as f64))
+                        .collect::<Vec<_>>()
+                        .into_iter(),
+                )
+                .unwrap();
+            runs.push(run.run_id);
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&seen);
+        store.reader().trace_v2(
+            rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT,
+            Some(move |e: rusqlite::trace::TraceEvent<'_>| {
+                if let rusqlite::trace::TraceEvent::Stmt(stmt, _) = e {
+                    sink.lock().unwrap().push(stmt.sql().into_owned());
+                }
+            }),
+        ).unwrap();
+        r.history("t1", Some("prod"), 10).unwrap();
+        r.history("t1", None, 10).unwrap();
+        r.flaky(Some("prod"), None).unwrap();
+        r.flaky(None, None).unwrap();
+        r.compare(&runs[0], &runs[2]).unwrap();
+        r.runs(&RunQuery {
+            upgrade_id: Some("u1".into()),
+            ..RunQuery::default()
+        })
+        .unwrap();
+        r.runs(&RunQuery {
+            cluster_name: Some("prod".into()),
+            ..RunQuery::default()
+        })
+        .unwrap();
+        store
+            .reader()
+            .trace_v2(
+                rusqlite::trace::TraceEventCodes::empty(),
+                None::<fn(rusqlite::trace::TraceEvent<'_>)>,
+            )
+            .unwrap();
+        let statements = seen.lock().unwrap().clone();
+        assert!(statements.len() >= 8, "{statements:#?}");
+        let conn = store.reader();
+        for sql in statements {
+            if sql.contains("FROM test_runs WHERE ?1 IS NULL") || sql.contains("SELECT run_id FROM test_runs WHERE run_id >=") {
+                // Every run, newest first (rowid walk), or the id's own unique index.
+                continue;
+            }
+            for step in query_plan(&conn, &sql) {
+                // A SCAN walks a whole table or index; every read here must SEARCH (seek).
+                let scan = step.starts_with("SCAN") && !step.starts_with("SCAN CONSTANT ROW");
+                assert!(!scan, "{sql}\n  scans: {step}");
+            }
+        }
+    }
 }
