@@ -95,6 +95,9 @@ pub struct KeepFiles<'a> {
     pub session_id: Option<&'a str>,
     /// The collection [default: the session's `validation` collection, created when missing].
     pub collection_id: Option<&'a str>,
+    /// Name, description, tags, task and metadata of the artifacts (the type is always
+    /// `test_result`; the phase is added as a tag, the run id and phase to the metadata).
+    pub options: Option<&'a AddOptions>,
 }
 
 /// Test runs over a [`TestResultStore`].
@@ -165,17 +168,15 @@ impl TestResults {
         let mut artifact_ids = Vec::new();
         if let Some(keep) = keep {
             let (session, collection) = self.target(keep, ingest)?;
-            let opts = AddOptions {
-                artifact_type: Some(ArtifactType::TestResult),
-                tags: vec![ingest.phase.as_str().to_owned()],
-                metadata: [
-                    ("run_id".to_owned(), serde_json::json!(run_id)),
-                    ("phase".to_owned(), serde_json::json!(ingest.phase)),
-                ]
-                .into_iter()
-                .collect(),
-                ..AddOptions::default()
-            };
+            let mut opts = keep.options.cloned().unwrap_or_default();
+            opts.artifact_type = Some(ArtifactType::TestResult);
+            if !opts.tags.iter().any(|t| t == ingest.phase.as_str()) {
+                opts.tags.push(ingest.phase.as_str().to_owned());
+            }
+            opts.metadata
+                .insert("run_id".to_owned(), serde_json::json!(run_id));
+            opts.metadata
+                .insert("phase".to_owned(), serde_json::json!(ingest.phase));
             let added =
                 keep.artifacts
                     .add_paths(&session, &collection, files, &opts, &mut |_| {})?;
