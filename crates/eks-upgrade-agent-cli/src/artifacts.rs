@@ -456,6 +456,7 @@ fn add_test_results(
                 phase,
                 suite: None,
                 framework: None,
+                labels: Vec::new(),
             },
             Some(session),
             Some(collection),

@@ -460,7 +460,10 @@ impl DemoServer {
         }
         let artifacts = std::sync::Arc::new(ctx.artifacts_on(store.clone())?);
         let state = eks_upgrade_agent_server::AppState::new(std::sync::Arc::clone(tracker))
-            .with_artifacts(artifacts, Some(store.clone()));
+            .with_artifacts(artifacts, Some(store.clone()))
+            .with_test_results(std::sync::Arc::new(eks_upgrade_agent::TestResults::new(
+                store.clone(),
+            )));
         let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
         let listener = runtime.block_on(crate::serve::bind(addr))?;
         let url = format!("http://{}/", listener.local_addr()?);

@@ -146,6 +146,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                     phase,
                     suite,
                     framework,
+                    labels: Vec::new(),
                 },
                 session.as_deref(),
                 collection.as_deref(),

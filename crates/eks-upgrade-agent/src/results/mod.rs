@@ -71,6 +71,9 @@ pub struct Ingest {
     pub suite: Option<String>,
     /// Framework [default: detected from the report].
     pub framework: Option<String>,
+    /// The files' names in messages and in the run, one per file [default: the paths as
+    /// given] (a server names an uploaded report, not its temporary file).
+    pub labels: Vec<String>,
 }
 
 impl Ingest {
@@ -82,7 +85,15 @@ impl Ingest {
             phase,
             suite: None,
             framework: None,
+            labels: Vec::new(),
         }
+    }
+
+    fn label(&self, i: usize, path: &Path) -> String {
+        self.labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| path.display().to_string())
     }
 }
 
@@ -113,10 +124,6 @@ fn check_label(what: &str, v: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn label_of(path: &Path) -> String {
-    path.display().to_string()
 }
 
 impl TestResults {
@@ -161,8 +168,11 @@ impl TestResults {
             suite: ingest.suite.clone(),
             framework: ingest.framework.clone(),
         };
-        for f in files {
-            junit::parse_file(f, &label_of(f), &options, &mut |_| Ok(()))?;
+        if !ingest.labels.is_empty() && ingest.labels.len() != files.len() {
+            return Err(Error::invalid("give one label per report file"));
+        }
+        for (i, f) in files.iter().enumerate() {
+            junit::parse_file(f, &ingest.label(i, f), &options, &mut |_| Ok(()))?;
         }
         let run_id = Uuid::now_v7().to_string();
         let mut artifact_ids = Vec::new();
@@ -188,12 +198,16 @@ impl TestResults {
             cluster_name: ingest.cluster_name.clone(),
             phase: ingest.phase,
             created_at: crate::model::now(),
-            files: files.iter().map(|f| label_of(f)).collect(),
+            files: files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| ingest.label(i, f))
+                .collect(),
             artifact_ids: artifact_ids.clone(),
         };
         self.store.record_run(&new, &mut |sink| {
             for (i, f) in files.iter().enumerate() {
-                let label = label_of(f);
+                let label = ingest.label(i, f);
                 match (keep, artifact_ids.get(i)) {
                     (Some(keep), Some(id)) => {
                         let (_, reader) = keep.artifacts.open(id)?;
