@@ -1,7 +1,8 @@
 //! The dashboard in a real headless Chromium: `tests/browser/dashboard.mjs` (playwright-core
 //! driving Debian's /usr/bin/chromium) serves with tokens, reports through the API, checks the
 //! page live, kills the server, writes with the CLI, restarts it and checks the page caught up
-//! without a reload. `.ci/run` (through `scripts/test`) installs chromium and playwright-core;
+//! without a reload, and that the upgrade page shows the pre → post test comparison
+//! (`data-testid="tests-compare"`, new failures first with their messages). `.ci/run` (through `scripts/test`) installs chromium and playwright-core;
 //! when they are missing this test fails and says how to install them.
 
 use std::path::Path;
@@ -41,7 +42,12 @@ fn dashboard_in_headless_chromium() {
         "dashboard test failed (screenshots in {}):\n{stdout}\n{stderr}",
         shots.display()
     );
-    for shot in ["1-live.png", "2-server-down.png", "3-caught-up.png"] {
+    for shot in [
+        "1-live.png",
+        "2-server-down.png",
+        "3-caught-up.png",
+        "4-tests-compare.png",
+    ] {
         let len = std::fs::metadata(shots.join(shot))
             .map(|m| m.len())
             .unwrap_or(0);

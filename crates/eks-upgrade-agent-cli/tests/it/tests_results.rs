@@ -360,3 +360,26 @@ fn a_50_mb_report_ingests_in_flat_memory() {
     eprintln!("50 MB ingest: {cases} cases, peak RSS {} MiB", peak_kib / 1024);
     assert!(peak_kib <= 64 * 1024, "peak RSS {peak_kib} KiB over 64 MiB");
 }
+
+/// The demo records a pre and a post run of its smoke suite: one new failure, one flaky test.
+#[test]
+fn the_demo_produces_pre_and_post_runs() {
+    let env = Env::new();
+    env.json(&["demo", "--speed", "500", "--upgrade-id", "d1"]);
+    let out = env.run(&["-o", "json", "tests", "compare", "--upgrade", "d1"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&c["new_failures"]), ["test_list_pods"]);
+    assert!(
+        c["new_failures"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("503"),
+        "{c}"
+    );
+    assert_eq!(names(&c["flaky"]), ["test_resolve_service"]);
+    assert_eq!(c["gate"]["reasons"], serde_json::json!(["1 new failure"]));
+    let runs = env.json(&["tests", "runs", "--upgrade", "d1"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2);
+    assert_eq!(runs[0]["artifact_ids"].as_array().unwrap().len(), 1);
+}
