@@ -399,7 +399,8 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
 }
 
 fn parse_phase(s: &str) -> Result<eks_upgrade_agent::model::RunPhase, String> {
-    s.parse().map_err(|e: eks_upgrade_agent::Error| e.to_string())
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
 }
 
 /// `artifacts add --type test_result --phase P`: the JUnit XML files are kept and recorded as
@@ -602,7 +603,16 @@ fn run_on(
                 metadata: to_map(meta, meta_json),
             };
             if let Some(phase) = phase {
-                return add_test_results(ctx, m, place, &session, &collection, &paths, &opts, phase);
+                return add_test_results(
+                    ctx,
+                    m,
+                    place,
+                    &session,
+                    &collection,
+                    &paths,
+                    &opts,
+                    phase,
+                );
             }
             // Links are never followed (in or out of the directory): say which were skipped,
             // on stderr so the JSON on stdout keeps its shape.

@@ -72,9 +72,15 @@ fn smoke_junit(after: bool) -> String {
         cases.push("<testcase classname=\"tests.smoke.test_api\" name=\"test_list_pods\" time=\"1.5\"><failure message=\"AssertionError: GET /api/v1/pods returned 503 after the control plane upgrade\">assert 503 == 200</failure></testcase>".to_owned());
         cases.push("<testcase classname=\"tests.smoke.test_dns\" name=\"test_resolve_service\" time=\"2.0\"><failure message=\"TimeoutError: coredns lookup timed out\">TimeoutError</failure></testcase>".to_owned());
     } else {
-        cases.push("<testcase classname=\"tests.smoke.test_api\" name=\"test_list_pods\" time=\"1.1\"/>".to_owned());
+        cases.push(
+            "<testcase classname=\"tests.smoke.test_api\" name=\"test_list_pods\" time=\"1.1\"/>"
+                .to_owned(),
+        );
     }
-    cases.push("<testcase classname=\"tests.smoke.test_dns\" name=\"test_resolve_service\" time=\"0.8\"/>".to_owned());
+    cases.push(
+        "<testcase classname=\"tests.smoke.test_dns\" name=\"test_resolve_service\" time=\"0.8\"/>"
+            .to_owned(),
+    );
     format!(
         "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<testsuites name=\"pytest tests\"><testsuite name=\"pytest\">\n{}\n</testsuite></testsuites>\n",
         cases.join("\n")

@@ -47,7 +47,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "tests compare",
         "tests compare --upgrade u1   # exit 0 gate passed, 3 failed\n  eks-upgrade-agent -o json tests compare 0193a1b2 0193a1c4",
     ),
-    ("tests runs", "tests runs --upgrade u1\n  eks-upgrade-agent tests runs --cluster prod-eu"),
+    (
+        "tests runs",
+        "tests runs --upgrade u1\n  eks-upgrade-agent tests runs --cluster prod-eu",
+    ),
     ("tests show", "tests show 0193a1b2"),
     (
         "tests history",

@@ -107,7 +107,8 @@ pub(crate) enum TestsCmd {
 }
 
 fn parse_phase(s: &str) -> Result<RunPhase, String> {
-    s.parse().map_err(|e: eks_upgrade_agent::Error| e.to_string())
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
@@ -200,8 +201,16 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                 writeln!(
                     out,
                     "{:<36}  {:<16}  {:<14}  {:<5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}  {:>5}  CREATED",
-                    "RUN", "UPGRADE", "CLUSTER", "PHASE", "TESTS", "PASSED", "FAILED", "ERRORS",
-                    "SKIPPED", "FLAKY"
+                    "RUN",
+                    "UPGRADE",
+                    "CLUSTER",
+                    "PHASE",
+                    "TESTS",
+                    "PASSED",
+                    "FAILED",
+                    "ERRORS",
+                    "SKIPPED",
+                    "FLAKY"
                 )?;
                 for r in &runs {
                     let c = &r.counts;
@@ -432,9 +441,8 @@ fn print_comparison(out: &mut impl Write, c: &Comparison) -> io::Result<()> {
         }
         writeln!(out, "\n{} ({})", title.to_uppercase(), list.len())?;
         for t in list {
-            let status = |s: Option<eks_upgrade_agent::model::TestStatus>| {
-                s.map_or("-", |s| s.as_str())
-            };
+            let status =
+                |s: Option<eks_upgrade_agent::model::TestStatus>| s.map_or("-", |s| s.as_str());
             let mut line = format!(
                 "  {}  [{} → {}]",
                 printable(&qualified(&t.suite, &t.classname, &t.name)),

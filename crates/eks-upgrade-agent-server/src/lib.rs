@@ -227,7 +227,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/tests/runs", get(tests_api::runs))
         .route("/api/v1/tests/runs/{run}", get(tests_api::show_run))
-        .route("/api/v1/tests/runs/{run}/results", get(tests_api::run_results))
+        .route(
+            "/api/v1/tests/runs/{run}/results",
+            get(tests_api::run_results),
+        )
         .route("/api/v1/tests/compare", get(tests_api::compare))
         .route("/api/v1/tests/history", get(tests_api::history))
         .route("/api/v1/tests/flaky", get(tests_api::flaky))

@@ -242,10 +242,16 @@ pub(crate) const ROUTES: &[Route] = &[
             test_result artifact in the upgrade's validation collection when artifacts are on",
         body: Body::Bytes,
         query: &[
-            ("upgrade", "the upgrade (required; its cluster is the run's)"),
+            (
+                "upgrade",
+                "the upgrade (required; its cluster is the run's)",
+            ),
             ("phase", "pre, post or adhoc (required)"),
             ("suite", "suite name for every test [each <testsuite name>]"),
-            ("framework", "framework, part of each test's identity [detected]"),
+            (
+                "framework",
+                "framework, part of each test's identity [detected]",
+            ),
             ("name", "the report's file name [junit.xml]"),
         ],
         ok: (201, JSON),
@@ -322,10 +328,7 @@ pub(crate) const ROUTES: &[Route] = &[
         summary: "Tests that passed and failed on a cluster within the window, not cleared by \
             5 passes in a row",
         body: Body::None,
-        query: &[
-            ("cluster", "only this cluster's"),
-            ("days", "window [14]"),
-        ],
+        query: &[("cluster", "only this cluster's"), ("days", "window [14]")],
         ok: (200, JSON),
     },
     Route {

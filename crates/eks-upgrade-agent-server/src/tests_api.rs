@@ -102,7 +102,11 @@ pub(crate) async fn run_results(
     let failing = match q.get("failing").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
-        Some(v) => return Err(invalid(format!("invalid failing {v:?}: give true or false"))),
+        Some(v) => {
+            return Err(invalid(format!(
+                "invalid failing {v:?}: give true or false"
+            )));
+        }
     };
     answer(&s, move |r| r.results(&run, failing)).await
 }
@@ -135,7 +139,9 @@ pub(crate) async fn history(
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
     let Some(name) = q.get("name").cloned() else {
-        return Err(invalid("give the test: ?name=NAME (a test name or test id)"));
+        return Err(invalid(
+            "give the test: ?name=NAME (a test name or test id)",
+        ));
     };
     let cluster = q.get("cluster").cloned();
     let limit = number(&q, "limit")?.unwrap_or(0);

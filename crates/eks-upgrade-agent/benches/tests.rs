@@ -37,7 +37,7 @@ fn junit(run: usize) -> String {
     for s in 0..10 {
         x.push_str(&format!("<testsuite name=\"suite-{s}\">\n"));
         for i in 0..CASES / 10 {
-            if (i + run) % 97 == 0 {
+            if (i + run).is_multiple_of(97) {
                 x.push_str(&format!(
                     "<testcase classname=\"pkg.Class{}\" name=\"test_{i}\" time=\"0.5\">\
                      <failure message=\"assertion {i} failed\">trace</failure></testcase>\n",
@@ -62,13 +62,13 @@ fn attempts(run: usize) -> impl Iterator<Item = CaseAttempt> {
         suite: format!("suite-{}", i % 10),
         classname: format!("pkg.Class{}", i % 50),
         name: format!("test_{i}"),
-        status: if (i + run) % 97 == 0 {
+        status: if (i + run).is_multiple_of(97) {
             TestStatus::Failed
         } else {
             TestStatus::Passed
         },
         duration: 0.5,
-        message: ((i + run) % 97 == 0).then(|| format!("assertion {i} failed")),
+        message: ((i + run).is_multiple_of(97)).then(|| format!("assertion {i} failed")),
     })
 }
 
@@ -149,7 +149,10 @@ fn main() {
         history_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(h.len(), 50);
     }
-    println!("tests_history_ms results=1000000: {:.2}", median(history_ms));
+    println!(
+        "tests_history_ms results=1000000: {:.2}",
+        median(history_ms)
+    );
     let mut flaky_ms = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();

@@ -48,12 +48,22 @@ fn ingest_compare_and_the_gate_exit_code() {
     let pre = report(
         &env,
         "pre.xml",
-        &[("health", "pass"), ("pods", "pass"), ("dns", "pass"), ("old", "fail")],
+        &[
+            ("health", "pass"),
+            ("pods", "pass"),
+            ("dns", "pass"),
+            ("old", "fail"),
+        ],
     );
     let post = report(
         &env,
         "post.xml",
-        &[("health", "pass"), ("pods", "fail"), ("old", "pass"), ("new", "pass")],
+        &[
+            ("health", "pass"),
+            ("pods", "fail"),
+            ("old", "pass"),
+            ("new", "pass"),
+        ],
     );
     let run = env.json(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "pre"]);
     for key in [
@@ -62,22 +72,44 @@ fn ingest_compare_and_the_gate_exit_code() {
         assert!(run.get(key).is_some(), "{key} missing: {run}");
     }
     assert_eq!(
-        (&run["tests"], &run["passed"], &run["failed"], &run["cluster_name"]),
+        (
+            &run["tests"],
+            &run["passed"],
+            &run["failed"],
+            &run["cluster_name"]
+        ),
         (&4.into(), &3.into(), &1.into(), &"c".into())
     );
-    env.json(&["tests", "ingest", &post, "--upgrade", "u", "--phase", "post"]);
+    env.json(&[
+        "tests",
+        "ingest",
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "post",
+    ]);
 
     // The gate fails: exit 3, both for people and for programs.
     let out = env.run(&["tests", "compare", "--upgrade", "u"]);
     assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("gate: FAILED (1 new failure, 1 missing test)"), "{text}");
+    assert!(
+        text.contains("gate: FAILED (1 new failure, 1 missing test)"),
+        "{text}"
+    );
     let (nf, fixed) = (
         text.find("NEW FAILURES (1)").unwrap(),
         text.find("FIXED (1)").unwrap(),
     );
-    assert!(nf < text.find("MISSING (1)").unwrap() && nf < fixed, "worst first: {text}");
-    assert!(text.contains("pods broke"), "new failures show their message: {text}");
+    assert!(
+        nf < text.find("MISSING (1)").unwrap() && nf < fixed,
+        "worst first: {text}"
+    );
+    assert!(
+        text.contains("pods broke"),
+        "new failures show their message: {text}"
+    );
     let out = env.run(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
     assert_eq!(out.status.code(), Some(3));
     let c: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -113,18 +145,45 @@ fn files_are_kept_in_the_validation_collection() {
     let pre = report(&env, "pre.xml", &[("a", "pass")]);
     let post = report(&env, "post.xml", &[("a", "fail")]);
     let run = env.json(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "pre"]);
-    env.json(&["tests", "ingest", &post, "--upgrade", "u", "--phase", "post"]);
+    env.json(&[
+        "tests",
+        "ingest",
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "post",
+    ]);
     // The same bytes under the same name are kept once (artifacts are content-addressed).
-    let again = env.json(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "adhoc"]);
+    let again = env.json(&[
+        "tests",
+        "ingest",
+        &pre,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+    ]);
     assert_eq!(again["artifact_ids"], run["artifact_ids"]);
     let sessions = env.json(&["artifacts", "session", "list", "--upgrade", "u"]);
-    assert_eq!(sessions.as_array().unwrap().len(), 1, "one session, created once: {sessions}");
+    assert_eq!(
+        sessions.as_array().unwrap().len(),
+        1,
+        "one session, created once: {sessions}"
+    );
     let sid = sessions[0]["session_id"].as_str().unwrap();
     assert_eq!(sessions[0]["cluster_name"], "c");
     let cols = env.json(&["artifacts", "collection", "list", sid]);
     assert_eq!(cols.as_array().unwrap().len(), 1, "{cols}");
     assert_eq!(cols[0]["name"], "validation");
-    let found = env.json(&["artifacts", "search", "--type", "test_result", "--upgrade", "u"]);
+    let found = env.json(&[
+        "artifacts",
+        "search",
+        "--type",
+        "test_result",
+        "--upgrade",
+        "u",
+    ]);
     let found = found.as_array().unwrap();
     assert_eq!(found.len(), 2, "{found:?}");
     let kept = found
@@ -162,12 +221,28 @@ fn bad_xml_fails_naming_file_and_line_and_stores_nothing() {
     );
     let err = env.fails(
         1,
-        &["tests", "ingest", &good, "--upgrade", "ghost", "--phase", "pre"],
+        &[
+            "tests",
+            "ingest",
+            &good,
+            "--upgrade",
+            "ghost",
+            "--phase",
+            "pre",
+        ],
     );
     assert!(err.contains("upgrade \"ghost\" not found"), "{err}");
     let err = env.fails(
         2,
-        &["tests", "ingest", &good, "--upgrade", "u", "--phase", "later"],
+        &[
+            "tests",
+            "ingest",
+            &good,
+            "--upgrade",
+            "u",
+            "--phase",
+            "later",
+        ],
     );
     assert!(err.contains("expected pre, post or adhoc"), "{err}");
     assert_eq!(env.json(&["tests", "runs"]), serde_json::json!([]));
@@ -176,9 +251,24 @@ fn bad_xml_fails_naming_file_and_line_and_stores_nothing() {
 #[test]
 fn artifacts_add_with_a_phase_ingests_junit_files() {
     let env = Env::with_task();
-    let s = env.json(&["artifacts", "session", "create", "--upgrade", "u", "--cluster", "c"]);
+    let s = env.json(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u",
+        "--cluster",
+        "c",
+    ]);
     let sid = s["session_id"].as_str().unwrap();
-    let c = env.json(&["artifacts", "collection", "create", sid, "--name", "results"]);
+    let c = env.json(&[
+        "artifacts",
+        "collection",
+        "create",
+        sid,
+        "--name",
+        "results",
+    ]);
     let cid = c["collection_id"].as_str().unwrap();
     let xml = fixture("surefire_flaky.xml");
     let log = env.data_dir().join("runner.log");
@@ -199,20 +289,43 @@ fn artifacts_add_with_a_phase_ingests_junit_files() {
     ]);
     assert_eq!(added.as_array().unwrap().len(), 2, "{added}");
     let runs = env.json(&["tests", "runs", "--upgrade", "u"]);
-    assert_eq!(runs.as_array().unwrap().len(), 1, "only the JUnit file is a run: {runs}");
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        1,
+        "only the JUnit file is a run: {runs}"
+    );
     let r = &runs[0];
-    assert_eq!((&r["tests"], &r["flaky"], &r["failed"], &r["skipped"]), (&4.into(), &1.into(), &1.into(), &1.into()));
+    assert_eq!(
+        (&r["tests"], &r["flaky"], &r["failed"], &r["skipped"]),
+        (&4.into(), &1.into(), &1.into(), &1.into())
+    );
     assert_eq!(r["artifact_ids"].as_array().unwrap().len(), 1);
     let kept = env.json(&["artifacts", "show", r["artifact_ids"][0].as_str().unwrap()]);
     assert_eq!(kept["collection_id"], cid);
     assert_eq!(kept["tags"], serde_json::json!(["java", "pre"]));
     let err = env.fails(
         1,
-        &["artifacts", "add", sid, cid, xml.to_str().unwrap(), "--phase", "pre"],
+        &[
+            "artifacts",
+            "add",
+            sid,
+            cid,
+            xml.to_str().unwrap(),
+            "--phase",
+            "pre",
+        ],
     );
     assert!(err.contains("--type test_result"), "{err}");
     // Without --phase a JUnit file is an opaque artifact, as before.
-    env.json(&["artifacts", "add", sid, cid, xml.to_str().unwrap(), "--type", "test_result"]);
+    env.json(&[
+        "artifacts",
+        "add",
+        sid,
+        cid,
+        xml.to_str().unwrap(),
+        "--type",
+        "test_result",
+    ]);
     assert_eq!(env.json(&["tests", "runs"]).as_array().unwrap().len(), 1);
 }
 
@@ -221,7 +334,11 @@ fn runs_show_history_and_flaky() {
     let env = Env::with_task();
     let mut ids = Vec::new();
     for (i, outcome) in ["pass", "fail", "pass"].iter().enumerate() {
-        let f = report(&env, &format!("r{i}.xml"), &[("wobbly", outcome), ("solid", "pass")]);
+        let f = report(
+            &env,
+            &format!("r{i}.xml"),
+            &[("wobbly", outcome), ("solid", "pass")],
+        );
         let run = env.json(&["tests", "ingest", &f, "--upgrade", "u", "--phase", "adhoc"]);
         ids.push(run["run_id"].as_str().unwrap().to_owned());
     }
@@ -241,7 +358,10 @@ fn runs_show_history_and_flaky() {
     assert_eq!(show["run"]["run_id"], ids[1].as_str());
     assert_eq!(names(&show["failures"]), ["wobbly"]);
     let text = env.ok(&["tests", "show", &ids[1]]);
-    assert!(text.contains("FAILED  smoke › tests.api › wobbly"), "{text}");
+    assert!(
+        text.contains("FAILED  smoke › tests.api › wobbly"),
+        "{text}"
+    );
     assert!(text.contains("wobbly broke"), "{text}");
     let h = env.json(&["tests", "history", "wobbly", "--cluster", "c"]);
     assert_eq!(
@@ -261,7 +381,10 @@ fn runs_show_history_and_flaky() {
     assert_eq!(f[0]["passes_since"], 1);
     let text = env.ok(&["tests", "flaky"]);
     assert!(text.contains("smoke › tests.api › wobbly"), "{text}");
-    assert!(env.ok(&["tests", "flaky", "--cluster", "other"]).contains("no flaky tests"));
+    assert!(
+        env.ok(&["tests", "flaky", "--cluster", "other"])
+            .contains("no flaky tests")
+    );
     let err = env.fails(1, &["tests", "flaky", "--days", "0"]);
     assert!(err.contains("give 1 to 3650"), "{err}");
     let err = env.fails(1, &["tests", "show", "nope"]);
@@ -278,10 +401,24 @@ fn a_post_run_failing_the_gate_is_notified() {
         let out = env
             .command()
             .env("EUA_WEBHOOK_URL", &url)
-            .args(["-o", "json", "tests", "ingest", f, "--upgrade", "u", "--phase", phase])
+            .args([
+                "-o",
+                "json",
+                "tests",
+                "ingest",
+                f,
+                "--upgrade",
+                "u",
+                "--phase",
+                phase,
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     run(&pre, "pre");
@@ -353,11 +490,18 @@ fn a_50_mb_report_ingests_in_flat_memory() {
         .spawn()
         .unwrap();
     let (out, peak_kib) = crate::s3::wait_with_peak_rss(child);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(run["tests"], cases);
     assert_eq!(run["failed"], cases / 10);
-    eprintln!("50 MB ingest: {cases} cases, peak RSS {} MiB", peak_kib / 1024);
+    eprintln!(
+        "50 MB ingest: {cases} cases, peak RSS {} MiB",
+        peak_kib / 1024
+    );
     assert!(peak_kib <= 64 * 1024, "peak RSS {peak_kib} KiB over 64 MiB");
 }
 
@@ -367,7 +511,12 @@ fn the_demo_produces_pre_and_post_runs() {
     let env = Env::new();
     env.json(&["demo", "--speed", "500", "--upgrade-id", "d1"]);
     let out = env.run(&["-o", "json", "tests", "compare", "--upgrade", "d1"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(names(&c["new_failures"]), ["test_list_pods"]);
     assert!(

@@ -10,7 +10,12 @@ use eks_upgrade_agent_server::{AppState, router};
 
 use crate::util::{seed, state};
 
-async fn send(s: &AppState, method: &str, uri: &str, body: Option<(&str, &str)>) -> (StatusCode, Value) {
+async fn send(
+    s: &AppState,
+    method: &str,
+    uri: &str,
+    body: Option<(&str, &str)>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some((ct, _)) = body {
         req = req.header("content-type", ct);
@@ -21,14 +26,19 @@ async fn send(s: &AppState, method: &str, uri: &str, body: Option<(&str, &str)>)
     let resp = router(s.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn xml(cases: &[(&str, bool)]) -> String {
     let mut x = String::from("<testsuite name=\"smoke\">\n");
     for (name, ok) in cases {
         if *ok {
-            x.push_str(&format!("<testcase classname=\"api\" name=\"{name}\" time=\"1\"/>\n"));
+            x.push_str(&format!(
+                "<testcase classname=\"api\" name=\"{name}\" time=\"1\"/>\n"
+            ));
         } else {
             x.push_str(&format!(
                 "<testcase classname=\"api\" name=\"{name}\" time=\"1\"><failure message=\"{name} broke\"/></testcase>\n"
@@ -55,7 +65,11 @@ async fn ingest_compare_history_and_flaky_over_http() {
     assert_eq!((&pre["tests"], &pre["passed"]), (&2.into(), &2.into()));
     assert_eq!(pre["files"], serde_json::json!(["pre.xml"]));
     assert_eq!(pre["cluster_name"], cluster.as_str());
-    assert_eq!(pre["artifact_ids"].as_array().unwrap().len(), 1, "kept as an artifact");
+    assert_eq!(
+        pre["artifact_ids"].as_array().unwrap().len(),
+        1,
+        "kept as an artifact"
+    );
     let (st, post) = send(
         &s,
         "POST",
@@ -100,7 +114,13 @@ async fn ingest_compare_history_and_flaky_over_http() {
             .collect::<Vec<_>>(),
         ["failed", "passed"]
     );
-    let (st, f) = send(&s, "GET", &format!("/api/v1/tests/flaky?cluster={cluster}"), None).await;
+    let (st, f) = send(
+        &s,
+        "GET",
+        &format!("/api/v1/tests/flaky?cluster={cluster}"),
+        None,
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(f[0]["name"], "a");
 }
@@ -114,7 +134,10 @@ async fn bad_requests_get_the_error_shape_and_store_nothing() {
         &s,
         "POST",
         "/api/v1/tests/ingest?upgrade=u1&phase=pre&name=r.xml",
-        Some(("application/xml", "<testsuite name=\"s\">\n<testcase name=\"a\">\n</testsuit>")),
+        Some((
+            "application/xml",
+            "<testsuite name=\"s\">\n<testcase name=\"a\">\n</testsuit>",
+        )),
     )
     .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
@@ -124,16 +147,29 @@ async fn bad_requests_get_the_error_shape_and_store_nothing() {
     let (_, runs) = send(&s, "GET", "/api/v1/tests/runs", None).await;
     assert_eq!(runs, serde_json::json!([]));
     let (_, found) = send(&s, "GET", "/api/v1/artifacts", None).await;
-    assert_eq!(found["artifacts"].as_array().map_or(0, Vec::len), 0, "{found}");
+    assert_eq!(
+        found["artifacts"].as_array().map_or(0, Vec::len),
+        0,
+        "{found}"
+    );
     for (uri, needle) in [
         ("/api/v1/tests/ingest?phase=pre", "give the upgrade"),
         ("/api/v1/tests/ingest?upgrade=u1", "give the phase"),
-        ("/api/v1/tests/ingest?upgrade=u1&phase=later", "expected pre, post or adhoc"),
-        ("/api/v1/tests/ingest?upgrade=u1&phase=pre&name=../x.xml", "plain file name"),
+        (
+            "/api/v1/tests/ingest?upgrade=u1&phase=later",
+            "expected pre, post or adhoc",
+        ),
+        (
+            "/api/v1/tests/ingest?upgrade=u1&phase=pre&name=../x.xml",
+            "plain file name",
+        ),
     ] {
         let (st, e) = send(&s, "POST", uri, Some(("application/xml", "<testsuite/>"))).await;
         assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {e}");
-        assert!(e["error"]["message"].as_str().unwrap().contains(needle), "{uri}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{uri}: {e}"
+        );
     }
     let (st, e) = send(
         &s,

@@ -112,7 +112,9 @@ impl FromStr for RunPhase {
         RunPhase::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| Error::invalid(format!("invalid phase {s:?}: expected pre, post or adhoc")))
+            .ok_or_else(|| {
+                Error::invalid(format!("invalid phase {s:?}: expected pre, post or adhoc"))
+            })
     }
 }
 
@@ -362,9 +364,8 @@ impl Gate {
     /// tests. Every backend and the comparison use this one definition.
     pub fn judge(new_failures: u64, new_errors: u64, missing: u64) -> Gate {
         let mut reasons = Vec::new();
-        let plural = |n: u64, one: &str, many: &str| {
-            format!("{n} {}", if n == 1 { one } else { many })
-        };
+        let plural =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
         if new_failures > 0 {
             reasons.push(plural(new_failures, "new failure", "new failures"));
         }

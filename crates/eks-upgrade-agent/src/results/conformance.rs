@@ -19,10 +19,16 @@ type Case = (&'static str, fn(TestResults, Option<Arc<dyn Outbox>>));
 pub fn run(factory: Factory<'_>) {
     let cases: [Case; 8] = [
         ("attempts_fold_last_decides", attempts_fold_last_decides),
-        ("a_failing_source_stores_nothing", a_failing_source_stores_nothing),
+        (
+            "a_failing_source_stores_nothing",
+            a_failing_source_stores_nothing,
+        ),
         ("compare_classifies_and_gates", compare_classifies_and_gates),
         ("gate_failure_is_notified", gate_failure_is_notified),
-        ("history_newest_first_per_cluster", history_newest_first_per_cluster),
+        (
+            "history_newest_first_per_cluster",
+            history_newest_first_per_cluster,
+        ),
         ("flaky_window_and_clearing", flaky_window_and_clearing),
         ("duration_regressions", duration_regressions),
         ("run_lookups", run_lookups),
@@ -106,7 +112,11 @@ fn attempts_fold_last_decides(r: TestResults, _: Option<Arc<dyn Outbox>>) {
     let b = by("b");
     assert_eq!((b.status, b.attempts, b.flaky), (Passed, 2, true));
     assert_eq!(b.duration, 3.0, "the last attempt's duration");
-    assert_eq!(b.message.as_deref(), Some("b broke (failed)"), "the failure it recovered from");
+    assert_eq!(
+        b.message.as_deref(),
+        Some("b broke (failed)"),
+        "the failure it recovered from"
+    );
     let c = by("c");
     assert_eq!((c.status, c.attempts, c.flaky), (Errored, 2, false));
     assert_eq!(c.message.as_deref(), Some("c broke (error)"));
@@ -123,7 +133,13 @@ fn attempts_fold_last_decides(r: TestResults, _: Option<Arc<dyn Outbox>>) {
 }
 
 fn a_failing_source_stores_nothing(r: TestResults, outbox: Option<Arc<dyn Outbox>>) {
-    record(&r, "u1", "prod", RunPhase::Pre, vec![attempt("a", Passed, 1.0)]);
+    record(
+        &r,
+        "u1",
+        "prod",
+        RunPhase::Pre,
+        vec![attempt("a", Passed, 1.0)],
+    );
     let new = crate::model::NewRun {
         run_id: "run-broken".into(),
         upgrade_id: "u1".into(),
@@ -169,8 +185,20 @@ fn a_failing_source_stores_nothing(r: TestResults, outbox: Option<Arc<dyn Outbox
 
 fn compare_classifies_and_gates(r: TestResults, _: Option<Arc<dyn Outbox>>) {
     // Flaky on the cluster before the runs compared: failed once, passed once.
-    record(&r, "u0", "prod", RunPhase::Adhoc, vec![attempt("wobbly", Failed, 1.0)]);
-    record(&r, "u0", "prod", RunPhase::Adhoc, vec![attempt("wobbly", Passed, 1.0)]);
+    record(
+        &r,
+        "u0",
+        "prod",
+        RunPhase::Adhoc,
+        vec![attempt("wobbly", Failed, 1.0)],
+    );
+    record(
+        &r,
+        "u0",
+        "prod",
+        RunPhase::Adhoc,
+        vec![attempt("wobbly", Passed, 1.0)],
+    );
     let pre = record(
         &r,
         "u1",
@@ -239,7 +267,13 @@ fn compare_classifies_and_gates(r: TestResults, _: Option<Arc<dyn Outbox>>) {
     let e = r.compare_upgrade("nope").unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
     assert!(e.to_string().contains("--phase pre"), "{e}");
-    record(&r, "u2", "prod", RunPhase::Pre, vec![attempt("a", Passed, 1.0)]);
+    record(
+        &r,
+        "u2",
+        "prod",
+        RunPhase::Pre,
+        vec![attempt("a", Passed, 1.0)],
+    );
     let e = r.compare_upgrade("u2").unwrap_err().to_string();
     assert!(e.contains("--phase post"), "{e}");
 }
@@ -258,7 +292,13 @@ fn gate_failure_is_notified(r: TestResults, outbox: Option<Arc<dyn Outbox>>) {
             .collect::<Vec<_>>()
     };
     // A post run without a pre run: nothing to judge.
-    record(&r, "u1", "prod", RunPhase::Post, vec![attempt("a", Failed, 1.0)]);
+    record(
+        &r,
+        "u1",
+        "prod",
+        RunPhase::Post,
+        vec![attempt("a", Failed, 1.0)],
+    );
     assert!(due().is_empty());
     let pre = record(
         &r,
@@ -275,7 +315,13 @@ fn gate_failure_is_notified(r: TestResults, outbox: Option<Arc<dyn Outbox>>) {
         RunPhase::Post,
         vec![attempt("a", Passed, 1.0), attempt("b", Passed, 1.0)],
     );
-    record(&r, "u1", "prod", RunPhase::Adhoc, vec![attempt("a", Failed, 1.0)]);
+    record(
+        &r,
+        "u1",
+        "prod",
+        RunPhase::Adhoc,
+        vec![attempt("a", Failed, 1.0)],
+    );
     assert!(due().is_empty());
     let post = record(
         &r,
@@ -315,7 +361,10 @@ fn history_newest_first_per_cluster(r: TestResults, _: Option<Arc<dyn Outbox>>) 
             &format!("u{i}"),
             cluster,
             RunPhase::Post,
-            vec![attempt("x", status, i as f64), attempt("other", Passed, 1.0)],
+            vec![
+                attempt("x", status, i as f64),
+                attempt("other", Passed, 1.0),
+            ],
         );
         ids.push(run.run_id);
     }
@@ -337,7 +386,10 @@ fn history_newest_first_per_cluster(r: TestResults, _: Option<Arc<dyn Outbox>>) 
     let id = crate::model::test_id("pytest", "smoke", "tests.api", "x");
     assert_eq!(r.history(&id, Some("staging"), 0).unwrap().len(), 1);
     assert!(r.history("nothing", None, 0).unwrap().is_empty());
-    assert!(matches!(r.history("", None, 0), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        r.history("", None, 0),
+        Err(Error::InvalidInput(_))
+    ));
     assert!(matches!(
         r.history("x", None, 10_001),
         Err(Error::InvalidInput(_))
@@ -351,7 +403,10 @@ fn flaky_window_and_clearing(r: TestResults, _: Option<Arc<dyn Outbox>>) {
             "u1",
             cluster,
             RunPhase::Adhoc,
-            vec![attempt("wobbly", status, 1.0), attempt("solid", Passed, 1.0)],
+            vec![
+                attempt("wobbly", status, 1.0),
+                attempt("solid", Passed, 1.0),
+            ],
         );
     };
     run(Passed, "prod");
@@ -386,7 +441,10 @@ fn flaky_window_and_clearing(r: TestResults, _: Option<Arc<dyn Outbox>>) {
     // The window: both the pass and the failure must fall inside it.
     let future = Utc::now() + Duration::days(1);
     assert!(r.store().flaky(Some("dev"), future).unwrap().is_empty());
-    assert!(matches!(r.flaky(None, Some(0)), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        r.flaky(None, Some(0)),
+        Err(Error::InvalidInput(_))
+    ));
 }
 
 fn duration_regressions(r: TestResults, _: Option<Arc<dyn Outbox>>) {
@@ -463,10 +521,25 @@ fn duration_regressions(r: TestResults, _: Option<Arc<dyn Outbox>>) {
 }
 
 fn run_lookups(r: TestResults, _: Option<Arc<dyn Outbox>>) {
-    let a = record(&r, "u1", "prod", RunPhase::Pre, vec![attempt("a", Passed, 1.0)]);
-    let b = record(&r, "u2", "staging", RunPhase::Post, vec![attempt("a", Passed, 1.0)]);
+    let a = record(
+        &r,
+        "u1",
+        "prod",
+        RunPhase::Pre,
+        vec![attempt("a", Passed, 1.0)],
+    );
+    let b = record(
+        &r,
+        "u2",
+        "staging",
+        RunPhase::Post,
+        vec![attempt("a", Passed, 1.0)],
+    );
     assert_eq!(r.run(&a.run_id).unwrap(), a);
-    assert_eq!(r.run(&b.run_id[..b.run_id.len() - 2]).unwrap().run_id, b.run_id);
+    assert_eq!(
+        r.run(&b.run_id[..b.run_id.len() - 2]).unwrap().run_id,
+        b.run_id
+    );
     assert!(matches!(r.run("no-such-run"), Err(Error::NotFound { .. })));
     let e = r.run(&a.run_id[..4]).unwrap_err();
     assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
@@ -478,20 +551,23 @@ fn run_lookups(r: TestResults, _: Option<Arc<dyn Outbox>>) {
             .map(|x| x.run_id)
             .collect::<Vec<_>>()
     };
-    assert_eq!(runs(RunQuery::default()), [b.run_id.clone(), a.run_id.clone()]);
+    assert_eq!(
+        runs(RunQuery::default()),
+        [b.run_id.clone(), a.run_id.clone()]
+    );
     assert_eq!(
         runs(RunQuery {
             upgrade_id: Some("u1".into()),
             ..RunQuery::default()
         }),
-        [a.run_id.clone()]
+        std::slice::from_ref(&a.run_id)
     );
     assert_eq!(
         runs(RunQuery {
             cluster_name: Some("staging".into()),
             ..RunQuery::default()
         }),
-        [b.run_id.clone()]
+        std::slice::from_ref(&b.run_id)
     );
     assert!(
         runs(RunQuery {
@@ -506,7 +582,7 @@ fn run_lookups(r: TestResults, _: Option<Arc<dyn Outbox>>) {
             limit: 1,
             ..RunQuery::default()
         }),
-        [b.run_id.clone()]
+        std::slice::from_ref(&b.run_id)
     );
     assert!(matches!(
         r.runs(&RunQuery {
@@ -519,6 +595,9 @@ fn run_lookups(r: TestResults, _: Option<Arc<dyn Outbox>>) {
         r.results("no-such-run", false),
         Err(Error::NotFound { .. })
     ));
-    assert_eq!(r.store().latest_run("u2", RunPhase::Post).unwrap().unwrap(), b);
+    assert_eq!(
+        r.store().latest_run("u2", RunPhase::Post).unwrap().unwrap(),
+        b
+    );
     assert!(r.store().latest_run("u2", RunPhase::Pre).unwrap().is_none());
 }

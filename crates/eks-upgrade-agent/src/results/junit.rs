@@ -84,7 +84,12 @@ pub fn parse_file(
             "cannot read {label}: {e} (give the path of a JUnit XML report)"
         ))
     })?;
-    parse(BufReader::with_capacity(64 * 1024, file), label, options, sink)
+    parse(
+        BufReader::with_capacity(64 * 1024, file),
+        label,
+        options,
+        sink,
+    )
 }
 
 /// Counts the newlines a reader's consumer has consumed, so an error can name its line.
@@ -279,17 +284,17 @@ pub fn parse<R: BufRead>(
                 depth = depth.saturating_sub(1);
                 p.end(e.local_name().as_ref(), sink)?;
             }
-            Event::Text(t) => {
-                if p.wants_text() {
-                    let s = t.decode().map_err(|e| at(format!("invalid JUnit XML: {e}")))?;
-                    p.text(&s);
-                }
+            Event::Text(t) if p.wants_text() => {
+                let s = t
+                    .decode()
+                    .map_err(|e| at(format!("invalid JUnit XML: {e}")))?;
+                p.text(&s);
             }
-            Event::CData(t) => {
-                if p.wants_text() {
-                    let s = t.decode().map_err(|e| at(format!("invalid JUnit XML: {e}")))?;
-                    p.text(&s);
-                }
+            Event::CData(t) if p.wants_text() => {
+                let s = t
+                    .decode()
+                    .map_err(|e| at(format!("invalid JUnit XML: {e}")))?;
+                p.text(&s);
             }
             Event::GeneralRef(r) => {
                 // Checked everywhere (an unknown entity is malformed XML), kept in messages.
@@ -405,9 +410,9 @@ impl Parser<'_> {
                 let a = attrs(e)?;
                 match get(&a, b"name").unwrap_or("") {
                     "go.version" => self.hints.go = true,
-                    "SuiteSucceeded" | "SuiteHasProgrammaticFocus" | "SpecialSuiteFailureReason" => {
-                        self.hints.ginkgo = true
-                    }
+                    "SuiteSucceeded"
+                    | "SuiteHasProgrammaticFocus"
+                    | "SpecialSuiteFailureReason" => self.hints.ginkgo = true,
                     n if n.starts_with("surefire.") || n == "java.version" => {
                         self.hints.surefire = true
                     }
@@ -591,9 +596,14 @@ mod tests {
     }
 
     fn error(text: &str) -> String {
-        parse(text.as_bytes(), "r.xml", &ParseOptions::default(), &mut |_| Ok(()))
-            .unwrap_err()
-            .to_string()
+        parse(
+            text.as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |_| Ok(()),
+        )
+        .unwrap_err()
+        .to_string()
     }
 
     #[test]
@@ -645,11 +655,19 @@ mod tests {
             records("ginkgo_k8s_e2e.xml"),
             [
                 format!("{s}[SynchronizedBeforeSuite]|passed|3.2|"),
-                format!("{s}[It] [sig-network] DNS should provide DNS for the cluster [Conformance]|passed|12.5|"),
-                format!("{s}[It] [sig-apps] Deployment should run the lifecycle of a Deployment [Conformance]|failed|301|[FAILED] timed out waiting for the condition"),
-                format!("{s}[It] [sig-storage] CSI Volumes [Driver: csi-hostpath] should mount [Serial]|skipped|0|skipped"),
+                format!(
+                    "{s}[It] [sig-network] DNS should provide DNS for the cluster [Conformance]|passed|12.5|"
+                ),
+                format!(
+                    "{s}[It] [sig-apps] Deployment should run the lifecycle of a Deployment [Conformance]|failed|301|[FAILED] timed out waiting for the condition"
+                ),
+                format!(
+                    "{s}[It] [sig-storage] CSI Volumes [Driver: csi-hostpath] should mount [Serial]|skipped|0|skipped"
+                ),
                 format!("{s}[It] [sig-node] Pods should be updated [Slow]|skipped|0|skipped"),
-                format!("{s}[It] [sig-cli] Kubectl client should panic|error|1|[PANICKED] runtime error: invalid memory address"),
+                format!(
+                    "{s}[It] [sig-cli] Kubectl client should panic|error|1|[PANICKED] runtime error: invalid memory address"
+                ),
             ]
         );
     }
@@ -672,7 +690,10 @@ mod tests {
             r[2],
             "jest|orders API|orders API paginates|orders API paginates|skipped|0|"
         );
-        assert_eq!(r[3], "jest|health|health responds|health responds|passed|1.1|");
+        assert_eq!(
+            r[3],
+            "jest|health|health responds|health responds|passed|1.1|"
+        );
     }
 
     #[test]
@@ -752,7 +773,11 @@ mod tests {
             "not_junit.xml:2: not a JUnit report: the root element is <html>, expected \
              <testsuites> or <testsuite>"
         );
-        assert!(error("").contains("r.xml:1: not a JUnit report"), "{}", error(""));
+        assert!(
+            error("").contains("r.xml:1: not a JUnit report"),
+            "{}",
+            error("")
+        );
         assert!(
             error("<testsuite>\n<testcase classname=\"x\"/>\n</testsuite>")
                 .starts_with("r.xml:2: a <testcase> has no name attribute"),
@@ -781,10 +806,15 @@ mod tests {
              <testcase name=\"b\"><failure message=\"{long}\"/></testcase></testsuite>"
         );
         let mut out = Vec::new();
-        parse(text.as_bytes(), "r.xml", &ParseOptions::default(), &mut |a| {
-            out.push(a.message.unwrap());
-            Ok(())
-        })
+        parse(
+            text.as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |a| {
+                out.push(a.message.unwrap());
+                Ok(())
+            },
+        )
         .unwrap();
         for m in out {
             assert!(m.len() <= MAX_MESSAGE_BYTES, "{}", m.len());

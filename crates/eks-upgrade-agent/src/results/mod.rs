@@ -148,7 +148,9 @@ impl TestResults {
         keep: Option<KeepFiles<'_>>,
     ) -> Result<TestRun> {
         if files.is_empty() {
-            return Err(Error::invalid("no report files: give one or more JUnit XML files"));
+            return Err(Error::invalid(
+                "no report files: give one or more JUnit XML files",
+            ));
         }
         if files.len() > MAX_FILES {
             return Err(Error::invalid(format!(
@@ -301,8 +303,7 @@ impl TestResults {
 
     /// A run's results.
     pub fn results(&self, run_id: &str, failing_only: bool) -> Result<Vec<TestResult>> {
-        self.store
-            .results(&self.resolve_run(run_id)?, failing_only)
+        self.store.results(&self.resolve_run(run_id)?, failing_only)
     }
 
     /// A test's history, newest first.
@@ -313,7 +314,9 @@ impl TestResults {
         limit: usize,
     ) -> Result<Vec<HistoryEntry>> {
         if name.is_empty() {
-            return Err(Error::invalid("give a test name (or a test id) to show the history of"));
+            return Err(Error::invalid(
+                "give a test name (or a test id) to show the history of",
+            ));
         }
         self.store.history(name, cluster_name, limit)
     }

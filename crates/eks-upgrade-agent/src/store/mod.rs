@@ -17,9 +17,9 @@ use crate::blob::Digest;
 use crate::error::Result;
 use crate::model::{
     ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
-    CaseAttempt, FlakyTest, HistoryEntry, JsonMap, NewRun, ProgressEvent, ProgressStatus,
-    RunPhase, RunQuery, SessionSummary, StatusChange, Task, TestArtifact, TestResult, TestRun,
-    TestSession, Upgrade,
+    CaseAttempt, FlakyTest, HistoryEntry, JsonMap, NewRun, ProgressEvent, ProgressStatus, RunPhase,
+    RunQuery, SessionSummary, StatusChange, Task, TestArtifact, TestResult, TestRun, TestSession,
+    Upgrade,
 };
 use crate::store::domain::command::Command;
 

@@ -572,10 +572,9 @@ fn notify_gate(tx: &Transaction<'_>, post: i64, run: &TestRun) -> Result<()> {
             "SELECT rkey, run_id FROM test_runs WHERE upgrade_id = ?1 AND phase = ?2 \
              AND rkey < ?3 ORDER BY rkey DESC LIMIT 1",
         )?
-        .query_row(
-            params![run.upgrade_id, RunPhase::Pre.code(), post],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row(params![run.upgrade_id, RunPhase::Pre.code(), post], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
     let Some((pre, pre_id)) = pre else {
         return Ok(());
@@ -711,14 +710,17 @@ mod tests {
         }
         let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let sink = Arc::clone(&seen);
-        store.reader().trace_v2(
-            rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT,
-            Some(move |e: rusqlite::trace::TraceEvent<'_>| {
-                if let rusqlite::trace::TraceEvent::Stmt(stmt, _) = e {
-                    sink.lock().unwrap().push(stmt.sql().into_owned());
-                }
-            }),
-        ).unwrap();
+        store
+            .reader()
+            .trace_v2(
+                rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT,
+                Some(move |e: rusqlite::trace::TraceEvent<'_>| {
+                    if let rusqlite::trace::TraceEvent::Stmt(stmt, _) = e {
+                        sink.lock().unwrap().push(stmt.sql().into_owned());
+                    }
+                }),
+            )
+            .unwrap();
         r.history("t1", Some("prod"), 10).unwrap();
         r.history("t1", None, 10).unwrap();
         r.flaky(Some("prod"), None).unwrap();
@@ -745,7 +747,9 @@ mod tests {
         assert!(statements.len() >= 8, "{statements:#?}");
         let conn = store.reader();
         for sql in statements {
-            if sql.contains("FROM test_runs WHERE ?1 IS NULL") || sql.contains("SELECT run_id FROM test_runs WHERE run_id >=") {
+            if sql.contains("FROM test_runs WHERE ?1 IS NULL")
+                || sql.contains("SELECT run_id FROM test_runs WHERE run_id >=")
+            {
                 // Every run, newest first (rowid walk), or the id's own unique index.
                 continue;
             }
