@@ -98,7 +98,6 @@ impl Sim<'_> {
         let opts = AddOptions {
             artifact_type: Some(ArtifactType::TestResult),
             tags: vec!["junit".into(), phase.as_str().into()],
-            task_id: Some("validation".into()),
             ..AddOptions::default()
         };
         let kept = self.artifacts.add_bytes(
