@@ -67,7 +67,7 @@ pub struct Ingest {
     pub cluster_name: String,
     /// Phase.
     pub phase: RunPhase,
-    /// Suite name for every case [default: each `<testsuite name>`].
+    /// Suite name for every case (default: each `<testsuite name>`).
     pub suite: Option<String>,
     /// Framework [default: detected from the report].
     pub framework: Option<String>,
