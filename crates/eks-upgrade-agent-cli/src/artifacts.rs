@@ -84,6 +84,10 @@ pub(crate) enum ArtifactsCmd {
         /// Metadata KEY=JSON, the value a JSON number, bool, array or object (repeatable)
         #[arg(long = "meta-json", value_name = "KEY=JSON", value_parser = parse_kv_json)]
         meta_json: Vec<(String, Value)>,
+        /// With --type test_result: pre, post or adhoc; the JUnit XML files among the paths
+        /// are also recorded as one test run of the session's upgrade (`tests ...`)
+        #[arg(long, value_name = "PHASE", value_parser = parse_phase)]
+        phase: Option<eks_upgrade_agent::model::RunPhase>,
     },
     /// Find artifacts (newest first); every filter narrows the result
     Search {
@@ -425,6 +429,105 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     run_on(ctx, &m, Place::Local(&m), cmd)
 }
 
+fn parse_phase(s: &str) -> Result<eks_upgrade_agent::model::RunPhase, String> {
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
+}
+
+/// `artifacts add --type test_result --phase P`: the JUnit XML files are kept and recorded as
+/// one run of the session's upgrade (through `tests ingest`); other files are only kept.
+#[allow(clippy::too_many_arguments)]
+fn add_test_results(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    place: Place<'_>,
+    session: &str,
+    collection: &str,
+    paths: &[PathBuf],
+    opts: &AddOptions,
+    phase: eks_upgrade_agent::model::RunPhase,
+) -> anyhow::Result<ExitCode> {
+    if opts.artifact_type != Some(ArtifactType::TestResult) {
+        anyhow::bail!("--phase records test results: give it with --type test_result");
+    }
+    let Place::Local(local) = place else {
+        anyhow::bail!(
+            "--phase works on a local data dir; against a server, upload the file and use \
+             POST /api/v1/tests/ingest"
+        );
+    };
+    let mut junit = Vec::new();
+    let mut other = Vec::new();
+    for p in paths {
+        if !p.is_file() {
+            anyhow::bail!(
+                "{} is not a file: with --phase, give the JUnit XML files themselves",
+                printable(&p.to_string_lossy())
+            );
+        }
+        if eks_upgrade_agent::results::junit::is_junit(p)? {
+            junit.push(p.clone());
+        } else {
+            other.push(p.clone());
+        }
+    }
+    let s = local.session(session)?;
+    let mut added = Vec::new();
+    let mut run = None;
+    if !junit.is_empty() {
+        let store = ctx.store_for(Access::Existing)?;
+        let results = eks_upgrade_agent::TestResults::new(store.clone());
+        let r = crate::test_results::ingest(
+            &store,
+            &results,
+            local,
+            &junit,
+            eks_upgrade_agent::results::Ingest {
+                upgrade_id: s.upgrade_id.clone(),
+                cluster_name: s.cluster_name.clone(),
+                phase,
+                suite: None,
+                framework: None,
+                labels: Vec::new(),
+            },
+            Some(session),
+            Some(collection),
+            Some(opts),
+        )?;
+        crate::notify::after_commit(ctx, &store);
+        for id in &r.artifact_ids {
+            added.push(local.artifact(id)?);
+        }
+        run = Some(r);
+    }
+    if !other.is_empty() {
+        added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
+    }
+    if ctx.json() {
+        print_json(&added)?;
+    } else {
+        let mut out = io::stdout().lock();
+        artifact_header(&mut out)?;
+        let ids: Vec<&str> = added.iter().map(|a| a.artifact_id.as_str()).collect();
+        for (a, short) in added.iter().zip(m.shorts(IdKind::Artifact, &ids)) {
+            artifact_line(&mut out, &short, a)?;
+        }
+        writeln!(
+            out,
+            "added {} artifact{}",
+            added.len(),
+            if added.len() == 1 { "" } else { "s" }
+        )?;
+        if let Some(r) = &run {
+            crate::test_results::print_run_line(&mut out, "recorded", r)?;
+        }
+    }
+    if let Some(r) = &run {
+        eprintln!("test run {} recorded ({} tests)", r.run_id, r.counts.tests);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Where the artifacts are: a data dir, or a server (`--server`).
 #[derive(Clone, Copy)]
 enum Place<'a> {
@@ -520,6 +623,7 @@ fn run_on(
             step_id,
             meta,
             meta_json,
+            phase,
         } => {
             let opts = AddOptions {
                 artifact_type,
@@ -530,6 +634,18 @@ fn run_on(
                 step_id,
                 metadata: to_map(meta, meta_json),
             };
+            if let Some(phase) = phase {
+                return add_test_results(
+                    ctx,
+                    m,
+                    place,
+                    &session,
+                    &collection,
+                    &paths,
+                    &opts,
+                    phase,
+                );
+            }
             // Links are never followed (in or out of the directory): say which were skipped,
             // on stderr so the JSON on stdout keeps its shape.
             let skipped = eks_upgrade_agent::artifacts::skipped_entries(&paths)?;

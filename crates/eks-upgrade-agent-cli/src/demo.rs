@@ -41,8 +41,10 @@ pub(crate) struct DemoArgs {
 struct Sim<'a> {
     t: &'a ProgressTracker,
     u: &'a str,
+    cluster: &'a str,
     step: Duration,
     artifacts: &'a TestArtifactsManager,
+    results: &'a eks_upgrade_agent::TestResults,
     session_id: String,
     /// Collection id per phase.
     collections: HashMap<&'static str, String>,
@@ -57,7 +59,73 @@ const PNG: &[u8] = &[
     0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
 ];
 
+/// The demo's smoke suite as pytest writes it (xunit2, a rerun plugin writing one testcase per
+/// attempt). After the upgrade, `test_list_pods` fails (new) and `test_resolve_service` passes
+/// on its second attempt (flaky).
+fn smoke_junit(after: bool) -> String {
+    let mut cases = vec![
+        "<testcase classname=\"tests.smoke.test_api\" name=\"test_health\" time=\"0.12\"/>".to_owned(),
+        "<testcase classname=\"tests.smoke.test_storage\" name=\"test_ebs_attach\" time=\"6.4\"/>".to_owned(),
+        "<testcase classname=\"tests.smoke.test_ingress\" name=\"test_alb_reachable\" time=\"2.1\"/>".to_owned(),
+    ];
+    if after {
+        cases.push("<testcase classname=\"tests.smoke.test_api\" name=\"test_list_pods\" time=\"1.5\"><failure message=\"AssertionError: GET /api/v1/pods returned 503 after the control plane upgrade\">assert 503 == 200</failure></testcase>".to_owned());
+        cases.push("<testcase classname=\"tests.smoke.test_dns\" name=\"test_resolve_service\" time=\"2.0\"><failure message=\"TimeoutError: coredns lookup timed out\">TimeoutError</failure></testcase>".to_owned());
+    } else {
+        cases.push(
+            "<testcase classname=\"tests.smoke.test_api\" name=\"test_list_pods\" time=\"1.1\"/>"
+                .to_owned(),
+        );
+    }
+    cases.push(
+        "<testcase classname=\"tests.smoke.test_dns\" name=\"test_resolve_service\" time=\"0.8\"/>"
+            .to_owned(),
+    );
+    format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<testsuites name=\"pytest tests\"><testsuite name=\"pytest\">\n{}\n</testsuite></testsuites>\n",
+        cases.join("\n")
+    )
+}
+
 impl Sim<'_> {
+    /// Keeps `junit` in the validation collection and records it as a test run of the upgrade.
+    fn test_run(
+        &self,
+        phase: eks_upgrade_agent::model::RunPhase,
+        junit: &str,
+    ) -> eks_upgrade_agent::Result<()> {
+        let name = format!("junit/smoke-{phase}.xml");
+        let opts = AddOptions {
+            artifact_type: Some(ArtifactType::TestResult),
+            tags: vec!["junit".into(), phase.as_str().into()],
+            ..AddOptions::default()
+        };
+        let kept = self.artifacts.add_bytes(
+            &self.session_id,
+            &self.collections["validation"],
+            junit.as_bytes(),
+            &name,
+            &opts,
+        )?;
+        let mut attempts = Vec::new();
+        eks_upgrade_agent::results::junit::parse(
+            junit.as_bytes(),
+            &name,
+            &Default::default(),
+            &mut |a| {
+                attempts.push(a);
+                Ok(())
+            },
+        )?;
+        self.results.record(
+            &eks_upgrade_agent::results::Ingest::new(self.u, self.cluster, phase),
+            vec![name],
+            vec![kept.artifact_id],
+            &mut attempts.into_iter(),
+        )?;
+        Ok(())
+    }
+
     fn pause(&self, steps: f64) {
         std::thread::sleep(self.step.mul_f64(steps));
     }
@@ -290,11 +358,14 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         collections.insert(phase, c.collection_id);
     }
     let live = !ctx.json() && stdout_is_terminal();
+    let results = eks_upgrade_agent::TestResults::new(store.clone());
     let sim = Sim {
         t: tracker.as_ref(),
         u: &upgrade_id,
+        cluster: &args.cluster,
         step: Duration::from_secs_f64(0.35 / args.speed),
         artifacts: &artifacts,
+        results: &results,
         session_id: session.session_id.clone(),
         collections,
     };
@@ -311,6 +382,8 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 &["config", "pre-upgrade"],
             )?;
             sim.run_steps("planning", "plan", &plan_steps)?;
+            // The smoke suite before the upgrade: the baseline `tests compare` judges by.
+            sim.test_run(eks_upgrade_agent::model::RunPhase::Pre, &smoke_junit(false))?;
             t.set_phase(u, "control-plane")?;
             sim.run_steps("control-plane", "control-plane", &cp_steps)?;
             t.set_phase(u, "add-ons")?;
@@ -377,6 +450,9 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
             junit.push_str("</testsuites>\n");
             sim.record("validation", "validation", "junit/validation.xml", junit.as_bytes(), ArtifactType::TestResult, &["junit", "post-upgrade"])?;
+            // The smoke suite again: one new failure (the gate fails, `upgrade.validation_failed`
+            // is notified) and one test that passed only on a retry (flaky).
+            sim.test_run(eks_upgrade_agent::model::RunPhase::Post, &smoke_junit(true))?;
             sim.record("validation", "validation", "screenshots/dashboard.png", PNG, ArtifactType::Screenshot, &["screenshot"])?;
             t.complete_task(u, "validation", None)?;
             t.set_phase(u, "cleanup")?;
@@ -460,7 +536,10 @@ impl DemoServer {
         }
         let artifacts = std::sync::Arc::new(ctx.artifacts_on(store.clone())?);
         let state = eks_upgrade_agent_server::AppState::new(std::sync::Arc::clone(tracker))
-            .with_artifacts(artifacts, Some(store.clone()));
+            .with_artifacts(artifacts, Some(store.clone()))
+            .with_test_results(std::sync::Arc::new(eks_upgrade_agent::TestResults::new(
+                store.clone(),
+            )));
         let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
         let listener = runtime.block_on(crate::serve::bind(addr))?;
         let url = format!("http://{}/", listener.local_addr()?);

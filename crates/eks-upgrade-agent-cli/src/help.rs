@@ -27,6 +27,8 @@ const USES_S3: &[&str] = &[
 
 /// Commands that use the notification flags (they deliver notifications while they run).
 const USES_NOTIFY: &[&str] = &[
+    "artifacts add",
+    "tests ingest",
     "notify status",
     "notify flush",
     "progress apply",
@@ -37,6 +39,24 @@ const USES_NOTIFY: &[&str] = &[
 
 /// Examples per command (path below the binary), shown at the end of its help.
 const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "tests ingest",
+        "tests ingest junit/*.xml --upgrade u1 --phase pre\n  eks-upgrade-agent tests ingest e2e.xml --upgrade u1 --phase post --suite conformance",
+    ),
+    (
+        "tests compare",
+        "tests compare --upgrade u1   # exit 0 gate passed, 3 failed\n  eks-upgrade-agent -o json tests compare 0193a1b2 0193a1c4",
+    ),
+    (
+        "tests runs",
+        "tests runs --upgrade u1\n  eks-upgrade-agent tests runs --cluster prod-eu",
+    ),
+    ("tests show", "tests show 0193a1b2"),
+    (
+        "tests history",
+        "tests history test_list_pods --cluster prod-eu",
+    ),
+    ("tests flaky", "tests flaky --cluster prod-eu --days 30"),
     (
         "progress upgrade create",
         "progress upgrade create u1 --plan plan-1 --cluster prod-eu --meta to=1.30",
@@ -126,7 +146,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     (
         "artifacts add",
-        "artifacts add 0193a1b2 4c5d6e ./logs --type log_file --tag node",
+        "artifacts add 0193a1b2 4c5d6e ./logs --type log_file --tag node\n  eks-upgrade-agent artifacts add 0193a1b2 4c5d6e junit.xml --type test_result --phase post",
     ),
     (
         "artifacts search",

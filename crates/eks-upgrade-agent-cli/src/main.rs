@@ -4,7 +4,8 @@
 //! Exit codes: 0 success; 1 the operation failed (bad input, unknown id, invalid transition,
 //! storage error; for `progress apply`, at least one line was rejected); 2 usage error (unknown
 //! flag, malformed value); 3 `progress wait` (or `watch --exit-status`): the upgrade ended
-//! without reaching the condition; 4 `progress wait`: timed out. A closed stdout (e.g. `| head`)
+//! without reaching the condition, or `tests compare`: the gate failed (new failures, new errors
+//! or missing tests); 4 `progress wait`: timed out. A closed stdout (e.g. `| head`)
 //! exits 0.
 
 use std::io::{self, Write};
@@ -35,6 +36,7 @@ mod remote_artifacts;
 mod render;
 mod requests;
 mod serve;
+mod test_results;
 mod wait;
 
 /// Progress tracking and test artifacts for EKS cluster upgrades.
@@ -107,6 +109,9 @@ enum Command {
     /// Keep, find, verify and export test artifacts
     #[command(subcommand)]
     Artifacts(artifacts::ArtifactsCmd),
+    /// Test results as data: ingest JUnit XML, compare pre/post with a gate, history, flaky
+    #[command(subcommand)]
+    Tests(test_results::TestsCmd),
     /// Simulate a realistic EKS upgrade into the store, with live progress bars
     Demo(demo::DemoArgs),
     /// See and deliver pending notifications (EventBridge, webhook)
@@ -391,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Progress(cmd) => progress::run(&ctx, cmd),
         Command::Artifacts(cmd) => artifacts::run(&ctx, cmd),
+        Command::Tests(cmd) => test_results::run(&ctx, cmd),
         Command::Demo(args) => demo::run(&ctx, args),
         Command::Notify(cmd) => notify::run(&ctx, cmd),
         Command::Serve(args) => serve::run(&ctx, args),

@@ -158,8 +158,10 @@ pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::R
     let artifacts = Arc::new(ctx.artifacts_on(Arc::clone(&store))?);
     let dispatcher = notify::dispatcher_or_warn(ctx, &store);
     let tracker = Arc::new(eks_upgrade_agent::ProgressTracker::new(store.clone()));
+    let tests = Arc::new(eks_upgrade_agent::TestResults::new(store.clone()));
     let mut state = AppState::new(tracker)
         .with_artifacts(artifacts, Some(store))
+        .with_test_results(tests)
         .with_auth(auth);
     if let Some(d) = dispatcher {
         state = state.with_dispatcher(d);

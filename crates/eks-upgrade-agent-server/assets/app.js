@@ -281,6 +281,7 @@
     loadDetail().catch((e) => console.warn(e));
     loadEvents().catch((e) => console.warn(e));
     loadArtifacts().catch((e) => console.warn(e));
+    loadTestsCompare().catch((e) => console.warn(e));
   }
 
   async function loadDetail() {
@@ -900,6 +901,55 @@
     renderEvents();
   }
 
+  // --- test results: the upgrade's pre → post comparison (self-contained) ----------------
+
+  // Fills #tests-compare from GET /api/v1/upgrades/{u}/tests/compare: the gate, then the
+  // groups worst first, new failures first with their messages. Hidden when the upgrade has
+  // no pre and post runs (404).
+  async function loadTestsCompare() {
+    const id = state.selected;
+    const box = $('#tests-compare');
+    const headers = state.token ? { Authorization: 'Bearer ' + state.token } : {};
+    const r = await fetch('/api/v1/upgrades/' + encodeURIComponent(id) + '/tests/compare', { headers, cache: 'no-store' });
+    if (id !== state.selected) return;
+    if (!r.ok) {
+      box.hidden = true;
+      box.replaceChildren();
+      return;
+    }
+    const c = await r.json();
+    const groups = [
+      ['new_failures', 'New failures'], ['new_errors', 'New errors'], ['missing', 'Missing'],
+      ['still_failing', 'Still failing'], ['duration_regressions', 'Slower'], ['flaky', 'Flaky'],
+      ['newly_skipped', 'Newly skipped'], ['fixed', 'Fixed'], ['added', 'Added'],
+    ];
+    const children = [
+      el('h3', {}, 'Tests: pre → post'),
+      el('p', { 'data-testid': 'tests-gate', class: c.gate.passed ? 'gate passed' : 'gate failed' },
+        c.gate.passed ? 'Gate passed' : 'Gate failed: ' + c.gate.reasons.join(', '),
+        el('span', { class: 'muted' }, ' · pre ' + c.run_a.passed + '/' + c.run_a.tests + ' passed, post '
+          + c.run_b.passed + '/' + c.run_b.tests + ' passed')),
+    ];
+    for (const [key, title] of groups) {
+      const list = c[key] || [];
+      if (!list.length) continue;
+      const ul = el('ul', { class: 'tests ' + key, dataset: { group: key } });
+      for (const t of list.slice(0, 200)) {
+        const name = (t.classname && t.classname !== t.suite && t.classname !== t.name ? t.classname + ' › ' : '') + t.name;
+        const li = el('li', { 'data-testid': 'tests-' + key.replace(/_/g, '-'), dataset: { testId: t.test_id } },
+          el('span', { class: 'muted' }, t.suite + ' › '), name,
+          el('span', { class: 'muted' }, ' [' + (t.before || '-') + ' → ' + (t.after || '-') + ']'));
+        if (t.message && ['new_failures', 'new_errors', 'still_failing'].includes(key)) {
+          li.append(el('div', { class: 'error' }, t.message.split('\n')[0]));
+        }
+        ul.append(li);
+      }
+      children.push(el('h4', {}, title + ' (' + list.length + ')'), ul);
+    }
+    box.replaceChildren(...children);
+    box.hidden = false;
+  }
+
   // --- the live stream -------------------------------------------------------------------
 
   function detailDelay() {
@@ -931,6 +981,7 @@
           later('events', 100, async () => renderEvents());
           later('detail', detailDelay(), loadDetail);
           later('artifacts', 1000, loadArtifacts);
+          later('tests', 1000, loadTestsCompare);
         }
         break;
       }

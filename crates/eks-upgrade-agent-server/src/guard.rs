@@ -27,8 +27,11 @@ use axum::response::{IntoResponse, Response};
 use crate::AppState;
 use crate::error::ApiError;
 
-/// The route that takes a raw body (artifact bytes).
-const RAW_BODY_ROUTE: &str = "/api/v1/sessions/{session}/collections/{collection}/artifacts";
+/// The routes that take a raw body (artifact bytes, a JUnit report).
+const RAW_BODY_ROUTES: &[&str] = &[
+    "/api/v1/sessions/{session}/collections/{collection}/artifacts",
+    "/api/v1/tests/ingest",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HostRule {
@@ -236,7 +239,7 @@ pub(crate) async fn check(State(s): State<AppState>, req: Request, next: Next) -
     let raw = req
         .extensions()
         .get::<MatchedPath>()
-        .is_some_and(|p| p.as_str() == RAW_BODY_ROUTE);
+        .is_some_and(|p| RAW_BODY_ROUTES.contains(&p.as_str()));
     if changes && !raw {
         let content_type = headers
             .get(header::CONTENT_TYPE)

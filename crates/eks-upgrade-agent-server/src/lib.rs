@@ -57,6 +57,7 @@ mod openapi;
 mod progress_api;
 mod store_api;
 mod stream;
+mod tests_api;
 
 pub use conn::ServeOptions;
 pub use metrics::Metrics;
@@ -96,6 +97,8 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// Artifacts (none: the artifact routes answer 404).
     pub artifacts: Option<Arc<TestArtifactsManager>>,
+    /// Test results (none: the `/api/v1/tests` routes answer 404).
+    pub tests: Option<Arc<eks_upgrade_agent::TestResults>>,
     /// The upload queue, for `/metrics`.
     pub uploads: Option<Arc<dyn UploadQueue>>,
     /// The notification dispatcher, for `/metrics`.
@@ -127,6 +130,7 @@ impl AppState {
             serve_options: ServeOptions::default(),
             heartbeat: HEARTBEAT,
             artifacts: None,
+            tests: None,
             uploads: None,
             dispatcher: None,
             metrics,
@@ -150,6 +154,12 @@ impl AppState {
     ) -> AppState {
         self.artifacts = Some(artifacts);
         self.uploads = uploads;
+        self
+    }
+
+    /// With test results (`/api/v1/tests/...`).
+    pub fn with_test_results(mut self, tests: Arc<eks_upgrade_agent::TestResults>) -> AppState {
+        self.tests = Some(tests);
         self
     }
 
@@ -211,6 +221,20 @@ pub fn router(state: AppState) -> Router {
             get(stream::upgrade_sse),
         )
         .route("/api/v1/upgrades/{upgrade}/ws", get(stream::upgrade_ws))
+        .route(
+            "/api/v1/upgrades/{upgrade}/tests/compare",
+            get(tests_api::compare_upgrade),
+        )
+        .route("/api/v1/tests/runs", get(tests_api::runs))
+        .route("/api/v1/tests/runs/{run}", get(tests_api::show_run))
+        .route(
+            "/api/v1/tests/runs/{run}/results",
+            get(tests_api::run_results),
+        )
+        .route("/api/v1/tests/compare", get(tests_api::compare))
+        .route("/api/v1/tests/history", get(tests_api::history))
+        .route("/api/v1/tests/flaky", get(tests_api::flaky))
+        .route("/api/v1/tests/ingest", post(tests_api::ingest))
         .route("/api/v1/ws", get(stream::all_ws))
         .route("/api/v1/events/stream", get(stream::all_sse))
         .route(

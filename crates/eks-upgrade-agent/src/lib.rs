@@ -42,6 +42,7 @@ pub mod model;
 pub(crate) mod net;
 pub mod notify;
 pub mod progress;
+pub mod results;
 pub mod store;
 pub mod units;
 
@@ -51,4 +52,5 @@ pub(crate) mod test_support;
 pub use artifacts::TestArtifactsManager;
 pub use error::{Error, Result};
 pub use progress::ProgressTracker;
+pub use results::TestResults;
 pub use store::SqliteStore;

@@ -457,9 +457,31 @@ try {
   await page.fill('#artifact-tag', '');
   await page.waitForFunction(() => document.querySelectorAll('#artifacts tbody tr').length === 1009, null, { timeout: T });
   if (!(await page.evaluate(() => document.querySelector('#more-artifacts').hidden))) throw new Error('a complete list says there is more');
+  // Test results: JUnit reports before and after; the upgrade page shows the comparison, the
+  // gate first, then new failures (with their messages) before anything else.
+  const junit = (podsFail) => '<testsuite name="smoke">'
+    + '<testcase classname="api" name="test_health" time="0.1"/>'
+    + '<testcase classname="api" name="test_list_pods" time="0.2">'
+    + (podsFail ? '<failure message="GET /pods returned 503 after the upgrade"/>' : '') + '</testcase>'
+    + '<testcase classname="api" name="test_dns" time="0.1">' + (podsFail ? '' : '<failure message="timeout"/>') + '</testcase>'
+    + '</testsuite>';
+  await api('POST', '/api/v1/tests/ingest?upgrade=upg-1&phase=pre&name=pre.xml', junit(false), 'application/xml');
+  await api('POST', '/api/v1/tests/ingest?upgrade=upg-1&phase=post&name=post.xml', junit(true), 'application/xml');
+  await api('POST', '/api/v1/upgrades/upg-1/tasks/val/update', { percentage: 50, message: 'smoke tests done' });
+  await page.waitForFunction(() => {
+    const box = document.querySelector('[data-testid="tests-compare"]');
+    if (!box || box.hidden) return false;
+    const groups = [...box.querySelectorAll('ul.tests')].map((u) => u.dataset.group);
+    const nf = box.querySelector('[data-testid="tests-new-failures"]');
+    const gate = box.querySelector('[data-testid="tests-gate"]');
+    return groups[0] === 'new_failures' && groups.includes('fixed')
+      && nf && nf.textContent.includes('test_list_pods') && nf.textContent.includes('GET /pods returned 503 after the upgrade')
+      && gate && gate.textContent.startsWith('Gate failed: 1 new failure');
+  }, null, { timeout: T });
+  await page.screenshot({ path: path.join(shots, '8-tests-compare.png'), fullPage: true });
   if (foreign.length) throw new Error('requests left the server: ' + foreign.join(' '));
   console.log('dashboard ok: live update, list badges and filters, timeline, retry history, groups, jump to failure, '
-    + 'artifact viewer (Range, load more, search, image), events, keyboard, 1024/2560 px, artifacts (paged), reconnect catch-up with since; screenshots in ' + shots);
+    + 'artifact viewer (Range, load more, search, image), events, keyboard, 1024/2560 px, artifacts (paged), reconnect catch-up with since, tests compare; screenshots in ' + shots);
 } catch (e) {
   failed = true;
   console.error('dashboard test failed:', e);

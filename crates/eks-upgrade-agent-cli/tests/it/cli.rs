@@ -561,7 +561,14 @@ fn demo_runs_a_full_upgrade_with_a_retried_failure() {
         "--type",
         "test_result",
     ]);
-    let id = junit[0]["artifact_id"].as_str().unwrap();
+    let id = junit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "junit/validation.xml")
+        .unwrap()["artifact_id"]
+        .as_str()
+        .unwrap();
     assert!(
         env.ok(&["artifacts", "get", id])
             .contains("<testsuite name=\"validate-nodes\"")

@@ -3,7 +3,9 @@
 //! page live (every `data-testid` part: list badges and filters, timeline, durations, retry
 //! history, groups, jump to failure, artifact links and viewer, events, keyboard, 1024 and
 //! 2560 px), kills the server, writes with the CLI, restarts it and checks the page caught up
-//! without a reload. `tests/browser/dashboard-scale.mjs` measures the 1,000-task render and
+//! without a reload, and that the upgrade page shows the pre → post test comparison
+//! (`data-testid="tests-compare"`, new failures first with their messages).
+//! `tests/browser/dashboard-scale.mjs` measures the 1,000-task render and
 //! checks that 10,000 tasks stay usable. `.ci/run` (through `scripts/test`) installs chromium
 //! and playwright-core; when they are missing these tests fail and say how to install them.
 
@@ -70,6 +72,7 @@ fn dashboard_in_headless_chromium() {
             "6-viewer-image.png",
             "7-width-1024.png",
             "7-width-2560.png",
+            "8-tests-compare.png",
         ],
     );
 }

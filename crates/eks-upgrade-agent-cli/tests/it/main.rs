@@ -24,6 +24,7 @@ mod stream_memory;
 mod structure;
 mod tables;
 mod terminal;
+mod tests_results;
 mod trust;
 mod util;
 mod wait;

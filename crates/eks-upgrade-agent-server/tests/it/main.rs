@@ -9,4 +9,5 @@ mod guard;
 mod hostile;
 mod remote;
 mod stream;
+mod tests_api;
 mod util;

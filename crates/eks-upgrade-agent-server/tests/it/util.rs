@@ -25,7 +25,10 @@ pub(crate) fn state(dir: &std::path::Path) -> AppState {
     let store = Arc::new(cfg.open_store().unwrap());
     let artifacts = Arc::new(cfg.artifacts_manager(Arc::clone(&store)).unwrap());
     let tracker = Arc::new(ProgressTracker::new(store.clone()));
-    AppState::new(tracker).with_artifacts(artifacts, Some(store))
+    let tests = Arc::new(eks_upgrade_agent::TestResults::new(store.clone()));
+    AppState::new(tracker)
+        .with_artifacts(artifacts, Some(store))
+        .with_test_results(tests)
 }
 
 /// `state` served on 127.0.0.1 until dropped.

@@ -5,7 +5,9 @@
 //!
 //! Notification types: the reference seven (`upgrade.started`, `upgrade.completed`,
 //! `upgrade.failed`, `upgrade.phase_changed`, `task.started`, `task.completed`, `task.failed`)
-//! plus `task.paused`, `task.cancelled` and `task.retried`. Percentage updates are not notified.
+//! plus `task.paused`, `task.cancelled` and `task.retried`, and `upgrade.validation_failed` (a
+//! post-upgrade test run failed its gate; written by the run's transaction, see
+//! [`crate::store::TestResultStore`]). Percentage updates are not notified.
 
 use std::fmt;
 

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -17,8 +17,9 @@ use crate::blob::Digest;
 use crate::error::Result;
 use crate::model::{
     ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, ArtifactStatus, ArtifactType,
-    JsonMap, ProgressEvent, ProgressStatus, SessionSummary, StatusChange, Task, TestArtifact,
-    TestSession, Upgrade,
+    CaseAttempt, FlakyTest, HistoryEntry, JsonMap, NewRun, ProgressEvent, ProgressStatus, RunPhase,
+    RunQuery, SessionSummary, StatusChange, Task, TestArtifact, TestResult, TestRun, TestSession,
+    Upgrade,
 };
 use crate::store::domain::command::Command;
 use crate::store::domain::history::TaskHistory;
@@ -485,6 +486,68 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
     fn pending_uploads(&self) -> Result<(u64, u64)>;
     /// Records an attempt (and releases its claim).
     fn record_upload(&self, artifact_id: &str, outcome: &UploadOutcome) -> Result<TestArtifact>;
+}
+
+/// What [`TestResultStore::record_run`]'s source feeds attempts to.
+pub type AttemptSink<'a> = dyn FnMut(CaseAttempt) -> Result<()> + 'a;
+
+/// Test runs and their results (issue #12): a run is one ingest of JUnit reports for an
+/// upgrade, its cluster and a phase; each test's records fold into one result.
+///
+/// Contract: [`record_run`](TestResultStore::record_run) is one transaction: it calls `source`
+/// once with a sink that takes the attempts in order (streamed: a backend keeps no more than
+/// one in memory), and stores nothing when `source` or the sink fails (the error is returned as
+/// is); records
+/// of one test (same [`test_id`](crate::model::test_id)) fold into one result whose status is
+/// the last attempt's, `attempts` their count and `flaky` "passed after a failed attempt". The
+/// same transaction updates the cluster's per-test flaky statistics and, for a `post` run that
+/// fails [`Gate::judge`](crate::model::Gate::judge) against the upgrade's latest `pre` run,
+/// writes an `upgrade.validation_failed` notification to the outbox. Unknown run ids are
+/// `NotFound`. History, flaky tests and the durations behind duration regressions are index
+/// walks, never scans of all results.
+pub trait TestResultStore: Send + Sync + fmt::Debug {
+    /// Records a run; see the trait's contract.
+    fn record_run(
+        &self,
+        run: &NewRun,
+        source: &mut dyn FnMut(&mut AttemptSink<'_>) -> Result<()>,
+    ) -> Result<TestRun>;
+    /// The full id of the run `abbrev` names (the id, or the one id it is a prefix of, 4+
+    /// characters).
+    fn resolve_run(&self, abbrev: &str) -> Result<String>;
+    /// One run.
+    fn run(&self, run_id: &str) -> Result<TestRun>;
+    /// Runs, newest first.
+    fn runs(&self, query: &RunQuery) -> Result<Vec<TestRun>>;
+    /// The latest run of an upgrade in a phase.
+    fn latest_run(&self, upgrade_id: &str, phase: RunPhase) -> Result<Option<TestRun>>;
+    /// A run's results (only failed and error ones with `failing_only`), sorted by suite,
+    /// class name and name.
+    fn results(&self, run_id: &str, failing_only: bool) -> Result<Vec<TestResult>>;
+    /// Results of the tests named `name` (exact name, or a test id), newest first, at most
+    /// `limit`, of one cluster when given.
+    fn history(
+        &self,
+        name: &str,
+        cluster_name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>>;
+    /// Tests that passed and failed on a cluster (every cluster when `None`) since `since`, and
+    /// have not passed [`FLAKY_CLEARED_AFTER`](crate::model::FLAKY_CLEARED_AFTER) times in a row
+    /// since; sorted by cluster, suite, class name and name.
+    fn flaky(&self, cluster_name: Option<&str>, since: DateTime<Utc>) -> Result<Vec<FlakyTest>>;
+    /// The tests of `run_id`'s cluster that were flaky (as [`flaky`](TestResultStore::flaky)
+    /// says) before that run: its own results are not counted when it is the cluster's latest.
+    fn flaky_before(&self, run_id: &str, since: DateTime<Utc>) -> Result<HashSet<String>>;
+    /// For each of `test_ids`: the durations of its passing results on `cluster_name` in runs
+    /// recorded before `before_run`, newest first, at most `limit` each.
+    fn passing_durations(
+        &self,
+        cluster_name: &str,
+        before_run: &str,
+        test_ids: &[&str],
+        limit: usize,
+    ) -> Result<HashMap<String, Vec<f64>>>;
 }
 
 #[cfg(test)]

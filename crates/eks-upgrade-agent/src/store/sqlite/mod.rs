@@ -7,6 +7,7 @@
 //! - `outbox`: notifications waiting for delivery;
 //! - `history`: task duration history (ETA from history, stalled tasks);
 //! - `trace`: the per-upgrade trace model read by the OTLP sink;
+//! - `test_results`: test runs, results, history and flaky statistics (`TestResultStore`);
 //! - `schema`: versioned migrations.
 
 mod artifacts;
@@ -16,6 +17,7 @@ mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
+mod test_results;
 mod trace;
 
 pub use progress::{DB_FILE, SqliteOptions, SqliteStore};

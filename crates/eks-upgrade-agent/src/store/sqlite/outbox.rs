@@ -109,6 +109,32 @@ pub(super) fn enqueue(
     Ok(())
 }
 
+/// Writes a notification that is not a progress event's (e.g. `upgrade.validation_failed`) in
+/// the caller's transaction. `event_id` is its stable id; `seq` the upgrade's last event's.
+pub(super) fn enqueue_detail(
+    tx: &Transaction<'_>,
+    event_id: &str,
+    seq: i64,
+    upgrade_id: &str,
+    detail_type: &str,
+    time: DateTime<Utc>,
+    detail: &JsonMap,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        event_id,
+        seq,
+        upgrade_id,
+        detail_type,
+        micros(time),
+        serde_json::to_string(detail).unwrap_or_default()
+    ])?;
+    Ok(())
+}
+
 impl Outbox for SqliteStore {
     fn ingest(&self, sink: &str) -> Result<u64> {
         self.write(|tx| {

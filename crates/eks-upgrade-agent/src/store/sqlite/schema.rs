@@ -160,7 +160,10 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
         if version < 8 {
             conn.execute_batch(SCHEMA_8)?;
         }
-        // 9: test results, on another branch
+        if version < 9 {
+            // Schema 9: test runs, results, the test identity dictionary and flaky statistics.
+            conn.execute_batch(super::test_results::SCHEMA)?;
+        }
         if version < 10 {
             conn.execute_batch(super::history::SCHEMA)?;
             super::history::seed(conn)?;

@@ -1,0 +1,468 @@
+//! `eks-upgrade-agent tests ...`: JUnit reports as data. `ingest` records a run (and keeps the
+//! files as `test_result` artifacts), `compare` classifies pre → post and gates (exit 3 when the
+//! gate fails), `runs`, `show`, `history` and `flaky` read them back. Local data dir only.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use eks_upgrade_agent::artifacts::AddOptions;
+use eks_upgrade_agent::model::{ComparedTest, Comparison, RunPhase, RunQuery, TestRun};
+use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
+use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
+
+use crate::output::{duration, print_json, printable, time, truncate};
+use crate::{Access, Ctx};
+
+/// Exit code of `tests compare` when the gate fails.
+pub(crate) const GATE_FAILED: u8 = 3;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TestsCmd {
+    /// Record one run from JUnit XML files (kept as test_result artifacts)
+    Ingest {
+        /// JUnit XML reports (one run for all of them)
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The upgrade the run belongs to
+        #[arg(long)]
+        upgrade: String,
+        /// pre, post or adhoc
+        #[arg(long, value_parser = parse_phase)]
+        phase: RunPhase,
+        /// Suite name for every test [default: each <testsuite name>]
+        #[arg(long)]
+        suite: Option<String>,
+        /// Framework, part of each test's identity [default: detected: pytest, surefire,
+        /// ginkgo, jest, go or junit]
+        #[arg(long)]
+        framework: Option<String>,
+        /// Cluster [default: the upgrade's]
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Session keeping the files [default: the upgrade's latest, created when missing]
+        #[arg(long)]
+        session: Option<String>,
+        /// Collection keeping the files [default: the session's `validation` collection]
+        #[arg(long, requires = "session")]
+        collection: Option<String>,
+    },
+    /// Compare two runs: the upgrade's latest pre and post runs, or RUN_A then RUN_B; exit 3
+    /// when the gate fails (new failures, new errors or missing tests)
+    Compare {
+        /// The first (pre) run
+        #[arg(requires = "run_b", conflicts_with = "upgrade")]
+        run_a: Option<String>,
+        /// The second (post) run
+        run_b: Option<String>,
+        /// Compare this upgrade's latest pre and post runs
+        #[arg(long, required_unless_present = "run_a")]
+        upgrade: Option<String>,
+    },
+    /// List runs, newest first
+    Runs {
+        /// Only this upgrade's
+        #[arg(long)]
+        upgrade: Option<String>,
+        /// Only this cluster's
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only pre, post or adhoc runs
+        #[arg(long, value_parser = parse_phase)]
+        phase: Option<RunPhase>,
+        /// At most this many
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show a run: counts, then its failures and errors with their messages
+    Show {
+        /// Run id (a prefix of 4+ characters works)
+        run: String,
+    },
+    /// Every result of the tests named NAME (or with that test id), newest first
+    History {
+        /// Test name, or test id
+        name: String,
+        /// Only this cluster's
+        #[arg(long)]
+        cluster: Option<String>,
+        /// At most this many
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Tests that passed and failed on a cluster within the window (cleared after 5 passes in
+    /// a row)
+    Flaky {
+        /// Only this cluster's
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Window, days
+        #[arg(long, default_value_t = 14)]
+        days: u32,
+    },
+}
+
+fn parse_phase(s: &str) -> Result<RunPhase, String> {
+    s.parse()
+        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
+}
+
+pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
+    if ctx.server.is_some() {
+        anyhow::bail!(
+            "`tests` works on a local data dir; against a server use its HTTP API \
+             (/api/v1/tests/...) or drop --server"
+        );
+    }
+    let access = match &cmd {
+        TestsCmd::Ingest { .. } => Access::Create,
+        _ => Access::Existing,
+    };
+    let store = ctx.store_for(access)?;
+    let results = TestResults::new(store.clone());
+    match cmd {
+        TestsCmd::Ingest {
+            files,
+            upgrade,
+            phase,
+            suite,
+            framework,
+            cluster,
+            session,
+            collection,
+        } => {
+            let artifacts = ctx.artifacts_on(store.clone())?;
+            let run = ingest(
+                &store,
+                &results,
+                &artifacts,
+                &files,
+                Ingest {
+                    upgrade_id: upgrade,
+                    cluster_name: cluster.unwrap_or_default(),
+                    phase,
+                    suite,
+                    framework,
+                    labels: Vec::new(),
+                },
+                session.as_deref(),
+                collection.as_deref(),
+                None,
+            )?;
+            crate::notify::after_commit(ctx, &store);
+            if ctx.json() {
+                print_json(&run)?;
+            } else {
+                print_run_line(&mut io::stdout().lock(), "recorded", &run)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TestsCmd::Compare {
+            run_a,
+            run_b,
+            upgrade,
+        } => {
+            let c = match (run_a, run_b, upgrade) {
+                (Some(a), Some(b), _) => results.compare(&a, &b)?,
+                (_, _, Some(u)) => results.compare_upgrade(&u)?,
+                _ => anyhow::bail!("give RUN_A and RUN_B, or --upgrade"),
+            };
+            if ctx.json() {
+                print_json(&c)?;
+            } else {
+                print_comparison(&mut io::stdout().lock(), &c)?;
+            }
+            Ok(if c.gate.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(GATE_FAILED)
+            })
+        }
+        TestsCmd::Runs {
+            upgrade,
+            cluster,
+            phase,
+            limit,
+        } => {
+            let runs = results.runs(&RunQuery {
+                upgrade_id: upgrade,
+                cluster_name: cluster,
+                phase,
+                limit,
+            })?;
+            if ctx.json() {
+                print_json(&runs)?;
+            } else {
+                let mut out = io::stdout().lock();
+                writeln!(
+                    out,
+                    "{:<36}  {:<16}  {:<14}  {:<5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}  {:>5}  CREATED",
+                    "RUN",
+                    "UPGRADE",
+                    "CLUSTER",
+                    "PHASE",
+                    "TESTS",
+                    "PASSED",
+                    "FAILED",
+                    "ERRORS",
+                    "SKIPPED",
+                    "FLAKY"
+                )?;
+                for r in &runs {
+                    let c = &r.counts;
+                    writeln!(
+                        out,
+                        "{:<36}  {:<16}  {:<14}  {:<5}  {:>6}  {:>6}  {:>6}  {:>6}  {:>7}  {:>5}  {}",
+                        r.run_id,
+                        printable(&truncate(&r.upgrade_id, 16)),
+                        printable(&truncate(&r.cluster_name, 14)),
+                        r.phase,
+                        c.tests,
+                        c.passed,
+                        c.failed,
+                        c.errors,
+                        c.skipped,
+                        c.flaky,
+                        time(Some(r.created_at))
+                    )?;
+                }
+                if runs.is_empty() {
+                    writeln!(out, "no test runs")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TestsCmd::Show { run } => {
+            let r = results.run(&run)?;
+            let failing = results.results(&r.run_id, true)?;
+            if ctx.json() {
+                print_json(&serde_json::json!({ "run": r, "failures": failing }))?;
+            } else {
+                let mut out = io::stdout().lock();
+                print_run_line(&mut out, "run", &r)?;
+                writeln!(out, "suites: {}", printable(&r.suites.join(", ")))?;
+                writeln!(out, "files: {}", printable(&r.files.join(", ")))?;
+                for t in &failing {
+                    writeln!(
+                        out,
+                        "{:<7} {}  ({}, {} attempt{})",
+                        t.status.as_str().to_uppercase(),
+                        printable(&qualified(&t.suite, &t.classname, &t.name)),
+                        duration(Some(t.duration)),
+                        t.attempts,
+                        if t.attempts == 1 { "" } else { "s" }
+                    )?;
+                    if let Some(m) = &t.message {
+                        writeln!(out, "        {}", printable(&first_line(m)))?;
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TestsCmd::History {
+            name,
+            cluster,
+            limit,
+        } => {
+            let h = results.history(&name, cluster.as_deref(), limit)?;
+            if ctx.json() {
+                print_json(&h)?;
+            } else {
+                let mut out = io::stdout().lock();
+                writeln!(
+                    out,
+                    "{:<23}  {:<36}  {:<16}  {:<14}  {:<5}  {:<7}  {:>8}  TEST",
+                    "CREATED", "RUN", "UPGRADE", "CLUSTER", "PHASE", "STATUS", "DURATION"
+                )?;
+                for e in &h {
+                    writeln!(
+                        out,
+                        "{:<23}  {:<36}  {:<16}  {:<14}  {:<5}  {:<7}  {:>8}  {}",
+                        time(Some(e.created_at)),
+                        e.run_id,
+                        printable(&truncate(&e.upgrade_id, 16)),
+                        printable(&truncate(&e.cluster_name, 14)),
+                        e.phase,
+                        if e.flaky { "flaky" } else { e.status.as_str() },
+                        duration(Some(e.duration)),
+                        printable(&qualified(&e.suite, &e.classname, &e.name))
+                    )?;
+                }
+                if h.is_empty() {
+                    writeln!(out, "no results for {}", printable(&name))?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TestsCmd::Flaky { cluster, days } => {
+            let f = results.flaky(cluster.as_deref(), Some(days))?;
+            if ctx.json() {
+                print_json(&f)?;
+            } else {
+                let mut out = io::stdout().lock();
+                writeln!(
+                    out,
+                    "{:<14}  {:<23}  {:>6}  TEST / LAST FAILURE",
+                    "CLUSTER", "LAST FAILED", "PASSES"
+                )?;
+                for t in &f {
+                    writeln!(
+                        out,
+                        "{:<14}  {:<23}  {:>6}  {}",
+                        printable(&truncate(&t.cluster_name, 14)),
+                        time(Some(t.last_failed_at)),
+                        t.passes_since,
+                        printable(&qualified(&t.suite, &t.classname, &t.name))
+                    )?;
+                    if let Some(m) = &t.message {
+                        writeln!(out, "{:>50}{}", "", printable(&first_line(m)))?;
+                    }
+                }
+                if f.is_empty() {
+                    writeln!(out, "no flaky tests in the last {days} days")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Records a run of `files`: the cluster is the upgrade's unless given; the files are kept as
+/// artifacts (in `session`/`collection`, or the upgrade's `validation` collection).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ingest(
+    store: &Arc<SqliteStore>,
+    results: &TestResults,
+    artifacts: &TestArtifactsManager,
+    files: &[PathBuf],
+    mut ingest: Ingest,
+    session: Option<&str>,
+    collection: Option<&str>,
+    options: Option<&AddOptions>,
+) -> anyhow::Result<TestRun> {
+    if ingest.cluster_name.is_empty() {
+        let tracker = ProgressTracker::new(store.clone());
+        ingest.cluster_name = match tracker.upgrade(&ingest.upgrade_id) {
+            Ok(u) => u.cluster_name,
+            Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
+                "upgrade {:?} not found: create it (`progress upgrade create`) or give --cluster",
+                ingest.upgrade_id
+            ),
+            Err(e) => return Err(e.into()),
+        };
+    }
+    let session = session
+        .map(|s| artifacts.resolve_id(eks_upgrade_agent::store::IdKind::Session, s))
+        .transpose()?;
+    let collection = collection
+        .map(|c| artifacts.resolve_id(eks_upgrade_agent::store::IdKind::Collection, c))
+        .transpose()?;
+    results
+        .ingest(
+            files,
+            &ingest,
+            Some(KeepFiles {
+                artifacts,
+                session_id: session.as_deref(),
+                collection_id: collection.as_deref(),
+                options,
+            }),
+        )
+        .context("cannot ingest the test results")
+}
+
+pub(crate) fn print_run_line(out: &mut impl Write, verb: &str, r: &TestRun) -> io::Result<()> {
+    let c = &r.counts;
+    writeln!(
+        out,
+        "{verb} {} ({}) of upgrade {} on {}: {} tests, {} passed, {} failed, {} errors, {} \
+         skipped, {} flaky, {}",
+        r.run_id,
+        r.phase,
+        printable(&r.upgrade_id),
+        printable(&r.cluster_name),
+        c.tests,
+        c.passed,
+        c.failed,
+        c.errors,
+        c.skipped,
+        c.flaky,
+        duration(Some(c.duration))
+    )
+}
+
+fn qualified(suite: &str, classname: &str, name: &str) -> String {
+    if classname.is_empty() || classname == suite || classname == name {
+        format!("{suite} › {name}")
+    } else {
+        format!("{suite} › {classname} › {name}")
+    }
+}
+
+fn first_line(m: &str) -> String {
+    truncate(m.lines().find(|l| !l.trim().is_empty()).unwrap_or(""), 160)
+}
+
+/// The comparison for people: the gate, then the groups worst first.
+fn print_comparison(out: &mut impl Write, c: &Comparison) -> io::Result<()> {
+    writeln!(
+        out,
+        "{} ({}) → {} ({}) of upgrade {} on {}",
+        c.run_a.run_id,
+        c.run_a.phase,
+        c.run_b.run_id,
+        c.run_b.phase,
+        printable(&c.run_b.upgrade_id),
+        printable(&c.run_b.cluster_name)
+    )?;
+    if c.gate.passed {
+        writeln!(out, "gate: passed")?;
+    } else {
+        writeln!(out, "gate: FAILED ({})", c.gate.reasons.join(", "))?;
+    }
+    let groups: [(&str, &[ComparedTest]); 9] = [
+        ("new failures", &c.new_failures),
+        ("new errors", &c.new_errors),
+        ("missing", &c.missing),
+        ("still failing", &c.still_failing),
+        ("duration regressions", &c.duration_regressions),
+        ("flaky", &c.flaky),
+        ("newly skipped", &c.newly_skipped),
+        ("fixed", &c.fixed),
+        ("added", &c.added),
+    ];
+    for (title, list) in groups {
+        if list.is_empty() {
+            continue;
+        }
+        writeln!(out, "\n{} ({})", title.to_uppercase(), list.len())?;
+        for t in list {
+            let status =
+                |s: Option<eks_upgrade_agent::model::TestStatus>| s.map_or("-", |s| s.as_str());
+            let mut line = format!(
+                "  {}  [{} → {}]",
+                printable(&qualified(&t.suite, &t.classname, &t.name)),
+                status(t.before),
+                status(t.after)
+            );
+            if let Some(b) = t.baseline_duration {
+                line.push_str(&format!(
+                    "  {} (median {})",
+                    duration(t.duration_after),
+                    duration(Some(b))
+                ));
+            }
+            writeln!(out, "{line}")?;
+            if matches!(title, "new failures" | "new errors" | "still failing")
+                && let Some(m) = &t.message
+            {
+                writeln!(out, "      {}", printable(&first_line(m)))?;
+            }
+        }
+    }
+    Ok(())
+}

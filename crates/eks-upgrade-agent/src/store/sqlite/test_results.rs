@@ -1,0 +1,763 @@
+//! The `TestResultStore` in the progress database (schema 9).
+//!
+//! - `test_runs`: one row per run, with its counts; indexed by upgrade and by cluster, newest
+//!   first.
+//! - `test_cases`: the identity dictionary (test id → framework, suite, class name, name), so a
+//!   result row holds an integer key; indexed by name for `history`.
+//! - `test_results`: one row per (run, test), attempts folded in place by an upsert as records
+//!   stream in (memory stays flat whatever the report's size); indexed by (test, cluster, run),
+//!   so a test's history on a cluster and its earlier passing durations are index walks.
+//! - `test_stats`: per (cluster, test), the last pass, the last failure, the passes in a row
+//!   since, and `both_at` (the older of the two), indexed, so the flaky tests of a window are a
+//!   range of that index, not a scan of results; and the same three as they were before the
+//!   latest run (`prev_*`), so a comparison can ask "flaky before this run?" without counting
+//!   the run it judges.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use serde_json::json;
+
+use super::progress::{SqliteStore, from_micros, micros};
+use crate::error::{Error, Result};
+use crate::model::{
+    CaseAttempt, FLAKY_CLEARED_AFTER, FlakyTest, Gate, HistoryEntry, JsonMap, NewRun, RunCounts,
+    RunPhase, RunQuery, TestResult, TestRun, TestStatus,
+};
+use crate::store::{AttemptSink, MAX_PAGE, TestResultStore};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS test_runs (
+    rkey          INTEGER PRIMARY KEY,
+    run_id        TEXT NOT NULL UNIQUE,
+    upgrade_id    TEXT NOT NULL,
+    cluster_name  TEXT NOT NULL,
+    phase         INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL,
+    suites        TEXT NOT NULL,
+    files         TEXT NOT NULL,
+    artifact_ids  TEXT NOT NULL,
+    tests         INTEGER NOT NULL DEFAULT 0,
+    passed        INTEGER NOT NULL DEFAULT 0,
+    failed        INTEGER NOT NULL DEFAULT 0,
+    errors        INTEGER NOT NULL DEFAULT 0,
+    skipped       INTEGER NOT NULL DEFAULT 0,
+    flaky         INTEGER NOT NULL DEFAULT 0,
+    duration      REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS test_runs_by_upgrade ON test_runs (upgrade_id, phase, rkey);
+CREATE INDEX IF NOT EXISTS test_runs_by_cluster ON test_runs (cluster_name, rkey);
+CREATE TABLE IF NOT EXISTS test_cases (
+    ckey      INTEGER PRIMARY KEY,
+    test_id   TEXT NOT NULL UNIQUE,
+    framework TEXT NOT NULL,
+    suite     TEXT NOT NULL,
+    classname TEXT NOT NULL,
+    name      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS test_cases_by_name ON test_cases (name);
+CREATE TABLE IF NOT EXISTS test_results (
+    rkey     INTEGER NOT NULL,
+    ckey     INTEGER NOT NULL,
+    cluster  TEXT NOT NULL,
+    status   INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    fails    INTEGER NOT NULL,
+    duration REAL NOT NULL,
+    message  TEXT,
+    PRIMARY KEY (rkey, ckey)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS test_results_by_test ON test_results (ckey, cluster, rkey);
+CREATE TABLE IF NOT EXISTS test_stats (
+    cluster      TEXT NOT NULL,
+    ckey         INTEGER NOT NULL,
+    last_pass_at INTEGER,
+    last_fail_at INTEGER,
+    pass_streak  INTEGER NOT NULL,
+    message      TEXT,
+    both_at      INTEGER,
+    prev_pass_at INTEGER,
+    prev_fail_at INTEGER,
+    prev_streak  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, ckey)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS test_stats_flaky ON test_stats (cluster, both_at)
+    WHERE both_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS test_stats_flaky_all ON test_stats (both_at)
+    WHERE both_at IS NOT NULL;
+"#;
+
+const RUN_COLUMNS: &str = "run_id, upgrade_id, cluster_name, phase, created_at, suites, files, \
+                           artifact_ids, tests, passed, failed, errors, skipped, flaky, duration";
+
+fn strings(text: String) -> Vec<String> {
+    serde_json::from_str(&text).unwrap_or_default()
+}
+
+fn run_row(r: &Row<'_>) -> rusqlite::Result<TestRun> {
+    Ok(TestRun {
+        run_id: r.get(0)?,
+        upgrade_id: r.get(1)?,
+        cluster_name: r.get(2)?,
+        phase: RunPhase::from_code(r.get(3)?).unwrap_or(RunPhase::Adhoc),
+        created_at: from_micros(r.get(4)?),
+        suites: strings(r.get(5)?),
+        files: strings(r.get(6)?),
+        artifact_ids: strings(r.get(7)?),
+        counts: RunCounts {
+            tests: r.get::<_, i64>(8)? as u64,
+            passed: r.get::<_, i64>(9)? as u64,
+            failed: r.get::<_, i64>(10)? as u64,
+            errors: r.get::<_, i64>(11)? as u64,
+            skipped: r.get::<_, i64>(12)? as u64,
+            flaky: r.get::<_, i64>(13)? as u64,
+            duration: r.get(14)?,
+        },
+    })
+}
+
+fn status_of(code: i64) -> TestStatus {
+    TestStatus::from_code(code).unwrap_or(TestStatus::Error)
+}
+
+fn run_key(c: &Connection, run_id: &str) -> Result<(i64, TestRun)> {
+    c.prepare_cached(&format!(
+        "SELECT {RUN_COLUMNS}, rkey FROM test_runs WHERE run_id = ?1"
+    ))?
+    .query_row([run_id], |r| Ok((r.get::<_, i64>(15)?, run_row(r)?)))
+    .optional()?
+    .ok_or_else(|| Error::not_found(format!("test run {run_id:?}")))
+}
+
+/// Stores one attempt, folding it into the run's result for its test.
+fn fold_attempt(tx: &Transaction<'_>, rkey: i64, cluster: &str, a: &CaseAttempt) -> Result<()> {
+    let id = a.test_id();
+    let found: Option<i64> = tx
+        .prepare_cached("SELECT ckey FROM test_cases WHERE test_id = ?1")?
+        .query_row([&id], |r| r.get(0))
+        .optional()?;
+    let ckey = match found {
+        Some(k) => k,
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO test_cases (test_id, framework, suite, classname, name) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![id, a.framework, a.suite, a.classname, a.name])?;
+            tx.last_insert_rowid()
+        }
+    };
+    tx.prepare_cached(
+        "INSERT INTO test_results (rkey, ckey, cluster, status, attempts, fails, duration, message) \
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7) \
+         ON CONFLICT (rkey, ckey) DO UPDATE SET status = excluded.status, \
+         attempts = attempts + 1, fails = fails + excluded.fails, duration = excluded.duration, \
+         message = coalesce(excluded.message, message)",
+    )?
+    .execute(params![
+        rkey,
+        ckey,
+        cluster,
+        a.status.code(),
+        a.status.is_failure() as i64,
+        a.duration,
+        a.message
+    ])?;
+    Ok(())
+}
+
+/// Counts of a post run against a pre run, as the gate judges them.
+fn gate_counts(tx: &Transaction<'_>, pre: i64, post: i64) -> Result<(u64, u64, u64)> {
+    let changed = |to: TestStatus| -> Result<u64> {
+        Ok(tx
+            .prepare_cached(
+                "SELECT count(*) FROM test_results a JOIN test_results b \
+                 ON b.rkey = ?2 AND b.ckey = a.ckey \
+                 WHERE a.rkey = ?1 AND a.status IN (?3, ?4) AND b.status = ?5",
+            )?
+            .query_row(
+                params![
+                    pre,
+                    post,
+                    TestStatus::Passed.code(),
+                    TestStatus::Skipped.code(),
+                    to.code()
+                ],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+    };
+    let missing = tx
+        .prepare_cached(
+            "SELECT count(*) FROM test_results a WHERE a.rkey = ?1 AND NOT EXISTS \
+             (SELECT 1 FROM test_results b WHERE b.rkey = ?2 AND b.ckey = a.ckey)",
+        )?
+        .query_row(params![pre, post], |r| r.get::<_, i64>(0))? as u64;
+    Ok((
+        changed(TestStatus::Failed)?,
+        changed(TestStatus::Error)?,
+        missing,
+    ))
+}
+
+fn check_new_run(run: &NewRun) -> Result<()> {
+    for (what, v) in [
+        ("run_id", &run.run_id),
+        ("upgrade_id", &run.upgrade_id),
+        ("cluster_name", &run.cluster_name),
+    ] {
+        if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(Error::invalid(format!(
+                "invalid {what} {v:?}: give 1 to 256 characters without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl TestResultStore for SqliteStore {
+    fn record_run(
+        &self,
+        run: &NewRun,
+        source: &mut dyn FnMut(&mut AttemptSink<'_>) -> Result<()>,
+    ) -> Result<TestRun> {
+        check_new_run(run)?;
+        let out = self.write(|tx| {
+            let taken: bool = tx
+                .prepare_cached("SELECT 1 FROM test_runs WHERE run_id = ?1")?
+                .query_row([&run.run_id], |_| Ok(true))
+                .optional()?
+                .unwrap_or(false);
+            if taken {
+                return Err(Error::AlreadyExists {
+                    what: format!("test run {:?}", run.run_id),
+                });
+            }
+            let at = micros(run.created_at);
+            tx.prepare_cached(
+                "INSERT INTO test_runs (run_id, upgrade_id, cluster_name, phase, created_at, \
+                 suites, files, artifact_ids) VALUES (?1, ?2, ?3, ?4, ?5, '[]', ?6, ?7)",
+            )?
+            .execute(params![
+                run.run_id,
+                run.upgrade_id,
+                run.cluster_name,
+                run.phase.code(),
+                at,
+                serde_json::to_string(&run.files).unwrap_or_default(),
+                serde_json::to_string(&run.artifact_ids).unwrap_or_default(),
+            ])?;
+            let rkey = tx.last_insert_rowid();
+            let mut suites = BTreeSet::new();
+            source(&mut |a: CaseAttempt| {
+                if !suites.contains(&a.suite) {
+                    suites.insert(a.suite.clone());
+                }
+                fold_attempt(tx, rkey, &run.cluster_name, &a)
+            })?;
+            tx.prepare_cached(
+                "UPDATE test_runs SET suites = ?2, (tests, passed, failed, errors, skipped, flaky, \
+                 duration) = (SELECT count(*), coalesce(sum(status = 0), 0), \
+                 coalesce(sum(status = 1), 0), coalesce(sum(status = 2), 0), \
+                 coalesce(sum(status = 3), 0), coalesce(sum(status = 0 AND fails > 0), 0), \
+                 total(duration) FROM test_results WHERE rkey = ?1) WHERE rkey = ?1",
+            )?
+            .execute(params![
+                rkey,
+                serde_json::to_string(&suites).unwrap_or_default()
+            ])?;
+            // Per-cluster flaky statistics: a pass extends the streak; a failure, or a pass
+            // only on a retry, resets it and counts as failing.
+            tx.prepare_cached(
+                "INSERT INTO test_stats (cluster, ckey, last_pass_at, last_fail_at, pass_streak, \
+                 message, both_at) \
+                 SELECT ?2, ckey, \
+                   CASE WHEN status = 0 THEN ?3 END, \
+                   CASE WHEN status IN (1, 2) OR fails > 0 THEN ?3 END, \
+                   CASE WHEN status = 0 AND fails = 0 THEN 1 ELSE 0 END, \
+                   CASE WHEN status IN (1, 2) OR fails > 0 THEN message END, \
+                   CASE WHEN status = 0 AND fails > 0 THEN ?3 END \
+                 FROM test_results WHERE rkey = ?1 AND status != 3 \
+                 ON CONFLICT (cluster, ckey) DO UPDATE SET \
+                   prev_pass_at = CASE WHEN excluded.last_pass_at IS NULL THEN prev_pass_at \
+                                  ELSE last_pass_at END, \
+                   prev_fail_at = CASE WHEN excluded.last_fail_at IS NULL THEN prev_fail_at \
+                                  ELSE last_fail_at END, \
+                   prev_streak = pass_streak, \
+                   last_pass_at = coalesce(excluded.last_pass_at, last_pass_at), \
+                   last_fail_at = coalesce(excluded.last_fail_at, last_fail_at), \
+                   pass_streak = CASE WHEN excluded.pass_streak = 1 THEN pass_streak + 1 ELSE 0 END, \
+                   message = coalesce(excluded.message, message), \
+                   both_at = min(coalesce(excluded.last_pass_at, last_pass_at), \
+                                 coalesce(excluded.last_fail_at, last_fail_at))",
+            )?
+            .execute(params![rkey, run.cluster_name, at])?;
+            let (_, stored) = run_key(tx, &run.run_id)?;
+            if run.phase == RunPhase::Post {
+                notify_gate(tx, rkey, &stored)?;
+            }
+            Ok(stored)
+        })?;
+        Ok(out)
+    }
+
+    fn resolve_run(&self, abbrev: &str) -> Result<String> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT run_id FROM test_runs WHERE run_id >= ?1 ORDER BY run_id LIMIT 11",
+            )?;
+            let ids: Vec<String> = stmt
+                .query_map([abbrev], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            if ids.first().is_some_and(|i| i == abbrev) {
+                return Ok(abbrev.to_owned());
+            }
+            let matching: Vec<&String> = ids.iter().filter(|i| i.starts_with(abbrev)).collect();
+            match matching.as_slice() {
+                [one] if abbrev.len() >= 4 => Ok((*one).clone()),
+                [] | [_] => Err(Error::not_found(format!("test run {abbrev:?}"))),
+                many => Err(Error::invalid(format!(
+                    "test run {abbrev:?} is ambiguous: it starts {}; give more characters",
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        })
+    }
+
+    fn run(&self, run_id: &str) -> Result<TestRun> {
+        self.read(|c| Ok(run_key(c, run_id)?.1))
+    }
+
+    fn runs(&self, q: &RunQuery) -> Result<Vec<TestRun>> {
+        let limit = match q.limit {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(Error::invalid(format!(
+                    "limit {n} is too large: give at most {MAX_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        self.read(|c| {
+            let phase = q.phase.map(|p| p.code());
+            let (sql, key) = match (&q.upgrade_id, &q.cluster_name) {
+                (Some(u), _) => (
+                    "FROM test_runs INDEXED BY test_runs_by_upgrade WHERE upgrade_id = ?1 \
+                     AND (?2 IS NULL OR cluster_name = ?2)",
+                    Some(u.clone()),
+                ),
+                (None, Some(cl)) => (
+                    "FROM test_runs INDEXED BY test_runs_by_cluster WHERE cluster_name = ?1 \
+                     AND (?2 IS NULL OR ?2 = ?1)",
+                    Some(cl.clone()),
+                ),
+                (None, None) => ("FROM test_runs WHERE ?1 IS NULL AND ?2 IS NULL", None),
+            };
+            let sql = format!(
+                "SELECT {RUN_COLUMNS} {sql} AND (?3 IS NULL OR phase = ?3) ORDER BY rkey DESC LIMIT ?4"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        key,
+                        if q.upgrade_id.is_some() {
+                            q.cluster_name.clone()
+                        } else {
+                            None
+                        },
+                        phase,
+                        limit as i64
+                    ],
+                    run_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn latest_run(&self, upgrade_id: &str, phase: RunPhase) -> Result<Option<TestRun>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM test_runs WHERE upgrade_id = ?1 AND phase = ?2 \
+                 ORDER BY rkey DESC LIMIT 1"
+            ))?
+            .query_row(params![upgrade_id, phase.code()], run_row)
+            .optional()?)
+        })
+    }
+
+    fn results(&self, run_id: &str, failing_only: bool) -> Result<Vec<TestResult>> {
+        self.read(|c| {
+            let (rkey, _) = run_key(c, run_id)?;
+            let mut stmt = c.prepare_cached(
+                "SELECT c.test_id, c.framework, c.suite, c.classname, c.name, r.status, \
+                 r.attempts, r.fails, r.duration, r.message \
+                 FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+                 WHERE r.rkey = ?1 AND (?2 = 0 OR r.status IN (1, 2)) \
+                 ORDER BY c.suite, c.classname, c.name",
+            )?;
+            let rows = stmt
+                .query_map(params![rkey, failing_only as i64], |r| {
+                    let status = status_of(r.get(5)?);
+                    Ok(TestResult {
+                        test_id: r.get(0)?,
+                        framework: r.get(1)?,
+                        suite: r.get(2)?,
+                        classname: r.get(3)?,
+                        name: r.get(4)?,
+                        status,
+                        attempts: r.get::<_, i64>(6)? as u32,
+                        flaky: status == TestStatus::Passed && r.get::<_, i64>(7)? > 0,
+                        duration: r.get(8)?,
+                        message: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn history(
+        &self,
+        name: &str,
+        cluster_name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>> {
+        let limit = match limit {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(Error::invalid(format!(
+                    "limit {n} is too large: give at most {MAX_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT u.run_id, u.upgrade_id, u.cluster_name, u.phase, u.created_at, c.test_id, \
+                 c.suite, c.classname, c.name, r.status, r.attempts, r.fails, r.duration, r.message \
+                 FROM test_cases c \
+                 JOIN test_results r INDEXED BY test_results_by_test ON r.ckey = c.ckey \
+                   AND (?2 IS NULL OR r.cluster = ?2) \
+                 JOIN test_runs u ON u.rkey = r.rkey \
+                 WHERE c.ckey IN (SELECT ckey FROM test_cases WHERE name = ?1 \
+                                  UNION SELECT ckey FROM test_cases WHERE test_id = ?1) \
+                 ORDER BY r.rkey DESC LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![name, cluster_name, limit as i64], |r| {
+                    let status = status_of(r.get(9)?);
+                    Ok(HistoryEntry {
+                        run_id: r.get(0)?,
+                        upgrade_id: r.get(1)?,
+                        cluster_name: r.get(2)?,
+                        phase: RunPhase::from_code(r.get(3)?).unwrap_or(RunPhase::Adhoc),
+                        created_at: from_micros(r.get(4)?),
+                        test_id: r.get(5)?,
+                        suite: r.get(6)?,
+                        classname: r.get(7)?,
+                        name: r.get(8)?,
+                        status,
+                        attempts: r.get::<_, i64>(10)? as u32,
+                        flaky: status == TestStatus::Passed && r.get::<_, i64>(11)? > 0,
+                        duration: r.get(12)?,
+                        message: r.get(13)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn flaky(&self, cluster_name: Option<&str>, since: DateTime<Utc>) -> Result<Vec<FlakyTest>> {
+        self.read(|c| {
+            let from = match cluster_name {
+                Some(_) => {
+                    "FROM test_stats s INDEXED BY test_stats_flaky \
+                     JOIN test_cases c ON c.ckey = s.ckey WHERE s.cluster = ?1"
+                }
+                None => {
+                    "FROM test_stats s INDEXED BY test_stats_flaky_all \
+                     JOIN test_cases c ON c.ckey = s.ckey WHERE ?1 IS NULL"
+                }
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT s.cluster, c.test_id, c.framework, c.suite, c.classname, c.name, \
+                 s.last_pass_at, s.last_fail_at, s.pass_streak, s.message {from} \
+                 AND s.both_at IS NOT NULL AND s.both_at >= ?2 AND s.pass_streak < ?3 \
+                 ORDER BY s.cluster, c.suite, c.classname, c.name"
+            ))?;
+            let rows = stmt
+                .query_map(
+                    params![cluster_name, micros(since), FLAKY_CLEARED_AFTER as i64],
+                    |r| {
+                        Ok(FlakyTest {
+                            cluster_name: r.get(0)?,
+                            test_id: r.get(1)?,
+                            framework: r.get(2)?,
+                            suite: r.get(3)?,
+                            classname: r.get(4)?,
+                            name: r.get(5)?,
+                            last_passed_at: from_micros(r.get(6)?),
+                            last_failed_at: from_micros(r.get(7)?),
+                            passes_since: r.get::<_, i64>(8)? as u32,
+                            message: r.get(9)?,
+                        })
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn flaky_before(&self, run_id: &str, since: DateTime<Utc>) -> Result<HashSet<String>> {
+        self.read(|c| {
+            let (_, run) = run_key(c, run_id)?;
+            let at = micros(run.created_at);
+            let mut stmt = c.prepare_cached(
+                "SELECT c.test_id FROM test_stats s INDEXED BY test_stats_flaky \
+                 JOIN test_cases c ON c.ckey = s.ckey \
+                 WHERE s.cluster = ?1 AND s.both_at IS NOT NULL AND s.both_at >= ?2 \
+                 AND (CASE WHEN s.last_pass_at = ?3 THEN s.prev_pass_at ELSE s.last_pass_at END) >= ?2 \
+                 AND (CASE WHEN s.last_fail_at = ?3 THEN s.prev_fail_at ELSE s.last_fail_at END) >= ?2 \
+                 AND (CASE WHEN s.last_pass_at = ?3 OR s.last_fail_at = ?3 THEN s.prev_streak \
+                      ELSE s.pass_streak END) < ?4",
+            )?;
+            let ids = stmt
+                .query_map(
+                    params![run.cluster_name, micros(since), at, FLAKY_CLEARED_AFTER as i64],
+                    |r| r.get::<_, String>(0),
+                )?
+                .collect::<rusqlite::Result<HashSet<_>>>()?;
+            Ok(ids)
+        })
+    }
+
+    fn passing_durations(
+        &self,
+        cluster_name: &str,
+        before_run: &str,
+        test_ids: &[&str],
+        limit: usize,
+    ) -> Result<HashMap<String, Vec<f64>>> {
+        self.read(|c| {
+            let (rkey, _) = run_key(c, before_run)?;
+            let mut stmt = c.prepare_cached(
+                "SELECT r.duration FROM test_cases c \
+                 JOIN test_results r INDEXED BY test_results_by_test \
+                   ON r.ckey = c.ckey AND r.cluster = ?2 AND r.rkey < ?3 \
+                 WHERE c.test_id = ?1 AND r.status = 0 ORDER BY r.rkey DESC LIMIT ?4",
+            )?;
+            let mut out = HashMap::new();
+            for id in test_ids {
+                let d: Vec<f64> = stmt
+                    .query_map(params![id, cluster_name, rkey, limit as i64], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                out.insert((*id).to_owned(), d);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// In a post run's transaction: when it fails the gate against the upgrade's latest pre run,
+/// the `upgrade.validation_failed` notification goes to the outbox.
+fn notify_gate(tx: &Transaction<'_>, post: i64, run: &TestRun) -> Result<()> {
+    let pre: Option<(i64, String)> = tx
+        .prepare_cached(
+            "SELECT rkey, run_id FROM test_runs WHERE upgrade_id = ?1 AND phase = ?2 \
+             AND rkey < ?3 ORDER BY rkey DESC LIMIT 1",
+        )?
+        .query_row(params![run.upgrade_id, RunPhase::Pre.code(), post], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((pre, pre_id)) = pre else {
+        return Ok(());
+    };
+    let (new_failures, new_errors, missing) = gate_counts(tx, pre, post)?;
+    let gate = Gate::judge(new_failures, new_errors, missing);
+    if gate.passed {
+        return Ok(());
+    }
+    let seq: i64 = tx
+        .prepare_cached("SELECT last_seq FROM upgrades WHERE upgrade_id = ?1")?
+        .query_row([&run.upgrade_id], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let mut d = JsonMap::new();
+    d.insert("event_id".into(), json!(run.run_id));
+    d.insert("seq".into(), json!(seq));
+    d.insert("upgrade_id".into(), json!(run.upgrade_id));
+    d.insert("cluster_name".into(), json!(run.cluster_name));
+    d.insert("run_id".into(), json!(run.run_id));
+    d.insert("pre_run_id".into(), json!(pre_id));
+    d.insert("new_failures".into(), json!(new_failures));
+    d.insert("new_errors".into(), json!(new_errors));
+    d.insert("missing".into(), json!(missing));
+    d.insert("reasons".into(), json!(gate.reasons));
+    d.insert("tests".into(), json!(run.counts.tests));
+    d.insert("failed".into(), json!(run.counts.failed));
+    d.insert("errors".into(), json!(run.counts.errors));
+    d.insert("timestamp".into(), json!(run.created_at));
+    super::outbox::enqueue_detail(
+        tx,
+        &run.run_id,
+        seq,
+        &run.upgrade_id,
+        "upgrade.validation_failed",
+        run.created_at,
+        &d,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::RunPhase;
+    use crate::results::conformance::attempt;
+    use crate::results::{Ingest, TestResults};
+    use crate::store::sqlite::SqliteOptions;
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::results::conformance::run(&|| {
+            let sub = dir.path().join(uuid::Uuid::now_v7().to_string());
+            let store = Arc::new(SqliteStore::open(&sub, &SqliteOptions::default()).unwrap());
+            (store.clone(), Some(store))
+        });
+    }
+
+    /// A store of schema 8 (before test results) gets the schema 9 tables when opened, and
+    /// keeps what it held.
+    #[test]
+    fn schema_8_store_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+            store
+                .writer()
+                .execute_batch(
+                    "DROP TABLE test_runs; DROP TABLE test_cases; DROP TABLE test_results; \
+                     DROP TABLE test_stats; DROP TABLE task_history; PRAGMA user_version = 8;",
+                )
+                .unwrap();
+        }
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let v: i64 = store
+            .reader()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 10);
+        let r = TestResults::new(store);
+        let run = r
+            .record(
+                &Ingest::new("u", "c", RunPhase::Pre),
+                vec![],
+                vec![],
+                &mut vec![attempt("a", TestStatus::Passed, 1.0)].into_iter(),
+            )
+            .unwrap();
+        assert_eq!(run.counts.tests, 1);
+    }
+
+    /// `EXPLAIN QUERY PLAN` of `sql` with every parameter bound to NULL: one line per step.
+    fn query_plan(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        stmt.query_map(
+            rusqlite::params_from_iter(vec![rusqlite::types::Null; n]),
+            |r| r.get::<_, String>(3),
+        )
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    /// ARCHITECTURE "Test results are indexed": every statement the reads run (traced, so
+    /// these are the statements themselves) reaches `test_results`, `test_stats`, `test_runs`
+    /// and `test_cases` by a seek on an index or the primary key, never by a scan of a table or
+    /// of a whole index (listing every run, newest first, is the one rowid walk).
+    #[test]
+    fn reads_walk_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let r = TestResults::new(store.clone());
+        let mut runs = Vec::new();
+        for (i, status) in [TestStatus::Passed, TestStatus::Failed, TestStatus::Passed]
+            .into_iter()
+            .enumerate()
+        {
+            let run = r
+                .record(
+                    &Ingest::new(&format!("u{i}"), "prod", RunPhase::Post),
+                    vec![],
+                    vec![],
+                    &mut (0..50)
+                        .map(|j| attempt(&format!("t{j}"), status, 6.0 + i as f64))
+                        .collect::<Vec<_>>()
+                        .into_iter(),
+                )
+                .unwrap();
+            runs.push(run.run_id);
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&seen);
+        store
+            .reader()
+            .trace_v2(
+                rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT,
+                Some(move |e: rusqlite::trace::TraceEvent<'_>| {
+                    if let rusqlite::trace::TraceEvent::Stmt(stmt, _) = e {
+                        sink.lock().unwrap().push(stmt.sql().into_owned());
+                    }
+                }),
+            )
+            .unwrap();
+        r.history("t1", Some("prod"), 10).unwrap();
+        r.history("t1", None, 10).unwrap();
+        r.flaky(Some("prod"), None).unwrap();
+        r.flaky(None, None).unwrap();
+        r.compare(&runs[0], &runs[2]).unwrap();
+        r.runs(&RunQuery {
+            upgrade_id: Some("u1".into()),
+            ..RunQuery::default()
+        })
+        .unwrap();
+        r.runs(&RunQuery {
+            cluster_name: Some("prod".into()),
+            ..RunQuery::default()
+        })
+        .unwrap();
+        store
+            .reader()
+            .trace_v2(
+                rusqlite::trace::TraceEventCodes::empty(),
+                None::<fn(rusqlite::trace::TraceEvent<'_>)>,
+            )
+            .unwrap();
+        let statements = seen.lock().unwrap().clone();
+        assert!(statements.len() >= 8, "{statements:#?}");
+        let conn = store.reader();
+        for sql in statements {
+            if sql.contains("FROM test_runs WHERE ?1 IS NULL")
+                || sql.contains("SELECT run_id FROM test_runs WHERE run_id >=")
+            {
+                // Every run, newest first (rowid walk), or the id's own unique index.
+                continue;
+            }
+            for step in query_plan(&conn, &sql) {
+                // A SCAN walks a whole table or index; every read here must SEARCH (seek).
+                let scan = step.starts_with("SCAN") && !step.starts_with("SCAN CONSTANT ROW");
+                assert!(!scan, "{sql}\n  scans: {step}");
+            }
+        }
+    }
+}
