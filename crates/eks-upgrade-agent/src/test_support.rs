@@ -166,12 +166,20 @@ impl PgCluster {
             )
         });
         use std::os::unix::fs::MetadataExt;
-        let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        let root = std::fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false);
         let dir = std::env::temp_dir().join(format!("eua-pg-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         if root {
-            let pg = Command::new("id").args(["-u", "postgres"]).output().unwrap();
-            let gid = Command::new("id").args(["-g", "postgres"]).output().unwrap();
+            let pg = Command::new("id")
+                .args(["-u", "postgres"])
+                .output()
+                .unwrap();
+            let gid = Command::new("id")
+                .args(["-g", "postgres"])
+                .output()
+                .unwrap();
             assert!(pg.status.success(), "no postgres user: run scripts/test");
             let uid: u32 = String::from_utf8_lossy(&pg.stdout).trim().parse().unwrap();
             let gid: u32 = String::from_utf8_lossy(&gid.stdout).trim().parse().unwrap();
