@@ -19,3 +19,6 @@ mod schema;
 mod tasks;
 
 pub use progress::{PostgresOptions, PostgresStore};
+
+#[cfg(test)]
+mod concurrency_tests;
