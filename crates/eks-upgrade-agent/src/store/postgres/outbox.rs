@@ -11,6 +11,9 @@ use crate::error::Result;
 use crate::notify::{Notification, SinkStatus};
 use crate::store::{DeliveryOutcome, Outbox};
 
+/// How long a replica holds the notifications it claimed before another may deliver them.
+pub(crate) const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
 const PENDING: i64 = 0;
 const DELIVERED: i64 = 1;
 const DEAD: i64 = 2;
@@ -47,29 +50,48 @@ impl Outbox for PostgresStore {
         })
     }
 
+    /// Claims what it returns: each entry gets a lease for this store ([`LEASE`]), so other
+    /// replicas skip it until [`record`](Outbox::record) settles it or the lease expires (its
+    /// replica died). Claims of one sink run one at a time (the sink's cursor row is locked), so
+    /// per-upgrade order holds across replicas: an upgrade whose earlier entry another replica
+    /// holds, or that waits for a retry, is skipped whole.
     fn due(
         &self,
         sink: &str,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(Notification, u32)>> {
-        self.read(|db| {
-            let rows = db.query(
+        let owner = self.instance();
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO sink_cursors (sink, upto) VALUES ($1, 0) ON CONFLICT (sink) DO NOTHING",
+                &[&sink],
+            )?;
+            tx.exec(
+                "SELECT 1 FROM sink_cursors WHERE sink = $1 FOR UPDATE",
+                &[&sink],
+            )?;
+            let rows = tx.query(
                 "SELECT n.nid, n.event_id, n.seq, n.upgrade_id, n.detail_type, n.time, n.detail, \
-                 d.attempts, d.next_at FROM deliveries d JOIN notifications n ON n.nid = d.nid \
+                 d.attempts, d.next_at, d.lease_owner, d.lease_until FROM deliveries d \
+                 JOIN notifications n ON n.nid = d.nid \
                  WHERE d.sink = $1 AND d.status = 0 ORDER BY d.nid LIMIT 1000",
                 &[&sink],
             )?;
             let mut blocked: HashSet<String> = HashSet::new();
             let mut out = Vec::new();
-            let now = micros(now);
+            let now_us = micros(now);
+            let wall = micros(Utc::now());
             for r in rows {
                 let upgrade_id: String = r.get(3);
                 if blocked.contains(&upgrade_id) {
                     continue;
                 }
                 let next_at: i64 = r.get(8);
-                if next_at > now {
+                let lease_owner: Option<String> = r.get(9);
+                let lease_until: i64 = r.get(10);
+                let held = lease_until > wall && lease_owner.as_deref() != Some(owner);
+                if next_at > now_us || held {
                     // Keep per-upgrade order: later notifications wait for this one.
                     blocked.insert(upgrade_id);
                     continue;
@@ -90,6 +112,13 @@ impl Outbox for PostgresStore {
                     break;
                 }
             }
+            let nids: Vec<i64> = out.iter().map(|(n, _)| n.nid as i64).collect();
+            let until = wall + LEASE.as_micros() as i64;
+            tx.exec(
+                "UPDATE deliveries SET lease_owner = $2, lease_until = $3 \
+                 WHERE sink = $1 AND nid = ANY($4)",
+                &[&sink, &owner, &until, &nids],
+            )?;
             Ok(out)
         })
     }
@@ -107,7 +136,8 @@ impl Outbox for PostgresStore {
                 };
                 tx.exec(
                     "UPDATE deliveries SET status = $3, attempts = attempts + 1, next_at = $4, \
-                     last_error = $5, updated_at = $6 WHERE sink = $1 AND nid = $2",
+                     last_error = $5, updated_at = $6, lease_owner = NULL, lease_until = 0 \
+                     WHERE sink = $1 AND nid = $2",
                     &[&sink, &(*nid as i64), &status, &next_at, &error, &now],
                 )?;
             }
@@ -160,5 +190,77 @@ impl Outbox for PostgresStore {
                 .map(from_micros);
             Ok(status)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use chrono::Utc;
+
+    use super::super::progress::{PostgresOptions, PostgresStore};
+    use crate::model::{JsonMap, TaskType};
+    use crate::progress::ProgressTracker;
+    use crate::store::domain::command::NewTask;
+    use crate::store::{DeliveryOutcome, Outbox};
+    use crate::test_support::pg_database;
+
+    /// Two replicas claiming one sink's deliveries never get the same entry; per-upgrade order
+    /// holds (an upgrade whose earlier entry the other holds is skipped whole); a settled entry
+    /// is never claimed again; an expired lease (its replica died) is claimed by the other.
+    #[test]
+    fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
+        let url = pg_database();
+        let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+        let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+        let t = ProgressTracker::new(a.clone());
+        for u in ["u1", "u2", "u3"] {
+            t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+            t.start_upgrade(u, None).unwrap();
+            t.add_task(u, NewTask::new("x", "X", TaskType::UpgradeStep))
+                .unwrap();
+            t.start_task(u, "x", None).unwrap();
+            t.complete_task(u, "x", None).unwrap();
+        }
+        assert!(a.ingest("hook").unwrap() >= 6);
+        assert_eq!(b.ingest("hook").unwrap(), 0, "ingest is idempotent");
+        let now = Utc::now();
+        // A takes one entry: u1's first. B must skip all of u1 (order) and take u2, u3.
+        let first = a.due("hook", now, 1).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].0.upgrade_id, "u1");
+        let second = b.due("hook", now, 100).unwrap();
+        assert!(!second.is_empty());
+        assert!(
+            second.iter().all(|(n, _)| n.upgrade_id != "u1"),
+            "B took an entry of u1 while A holds an earlier one: {second:?}"
+        );
+        let nids_a: HashSet<u64> = first.iter().map(|(n, _)| n.nid).collect();
+        let nids_b: HashSet<u64> = second.iter().map(|(n, _)| n.nid).collect();
+        assert!(nids_a.is_disjoint(&nids_b));
+        // Nothing left for A but its own claim (u1's later entries are behind it).
+        let again = a.due("hook", now, 100).unwrap();
+        assert!(again.iter().all(|(n, _)| !nids_b.contains(&n.nid)), "{again:?}");
+        // B settles its entries: they are never handed out again.
+        let outcomes: Vec<_> = second
+            .iter()
+            .map(|(n, _)| (n.nid, DeliveryOutcome::Delivered))
+            .collect();
+        b.record("hook", &outcomes).unwrap();
+        // A dies holding u1's entry: once its lease expires, B takes u1 over.
+        assert!(b.due("hook", now, 100).unwrap().is_empty());
+        a.write(|tx| {
+            tx.exec("UPDATE deliveries SET lease_until = 1 WHERE lease_until > 0", &[])?;
+            Ok(())
+        })
+        .unwrap();
+        let taken = b.due("hook", now, 100).unwrap();
+        assert!(!taken.is_empty());
+        assert!(taken.iter().all(|(n, _)| n.upgrade_id == "u1"), "{taken:?}");
+        assert!(taken.iter().any(|(n, _)| nids_a.contains(&n.nid)));
+        let status = a.sink_status("hook").unwrap();
+        assert_eq!(status.delivered as usize, second.len());
     }
 }

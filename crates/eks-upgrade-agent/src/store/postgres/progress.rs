@@ -144,6 +144,8 @@ pub(crate) type Tx<'a, 'c> = Db<'a, postgres::Transaction<'c>>;
 pub struct PostgresStore {
     pool: r2d2::Pool<Manager>,
     url: String,
+    /// This store's name in work leases (outbox deliveries): unique per open.
+    instance: String,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -219,9 +221,18 @@ impl PostgresStore {
             .connection_timeout(options.connect_timeout)
             .build(Manager { config })
             .map_err(|e| Error::backend(format!("cannot connect to {shown}"), e))?;
-        let store = PostgresStore { pool, url: shown };
+        let store = PostgresStore {
+            pool,
+            url: shown,
+            instance: Uuid::now_v7().to_string(),
+        };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
+    }
+
+    /// This store's name in work leases.
+    pub(crate) fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The database URL, password redacted.
