@@ -35,6 +35,7 @@ impl Env {
             .env_remove("EUA_EVENTBRIDGE_BUS_NAME")
             .env_remove("EUA_TOKENS")
             .env_remove("EUA_SERVER")
+            .env_remove("EUA_DATABASE_URL")
             .env_remove("EUA_TOKEN")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")

@@ -12,7 +12,7 @@ use crate::notify::{Notification, SinkStatus};
 use crate::store::{DeliveryOutcome, Outbox};
 
 /// How long a replica holds the notifications it claimed before another may deliver them.
-pub(crate) const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const LEASE: std::time::Duration = std::time::Duration::from_secs(15);
 
 const PENDING: i64 = 0;
 const DELIVERED: i64 = 1;
@@ -242,7 +242,10 @@ mod tests {
         assert!(nids_a.is_disjoint(&nids_b));
         // Nothing left for A but its own claim (u1's later entries are behind it).
         let again = a.due("hook", now, 100).unwrap();
-        assert!(again.iter().all(|(n, _)| !nids_b.contains(&n.nid)), "{again:?}");
+        assert!(
+            again.iter().all(|(n, _)| !nids_b.contains(&n.nid)),
+            "{again:?}"
+        );
         // B settles its entries: they are never handed out again.
         let outcomes: Vec<_> = second
             .iter()
@@ -252,7 +255,10 @@ mod tests {
         // A dies holding u1's entry: once its lease expires, B takes u1 over.
         assert!(b.due("hook", now, 100).unwrap().is_empty());
         a.write(|tx| {
-            tx.exec("UPDATE deliveries SET lease_until = 1 WHERE lease_until > 0", &[])?;
+            tx.exec(
+                "UPDATE deliveries SET lease_until = 1 WHERE lease_until > 0",
+                &[],
+            )?;
             Ok(())
         })
         .unwrap();
