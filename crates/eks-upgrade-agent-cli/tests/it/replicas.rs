@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use eks_upgrade_agent::test_support::PgCluster;
 
-use crate::util::{Env, Served, serve, webhook_receiver};
+use crate::util::{Env, Served, serve, webhook_receiver_slow};
 
 /// Reads progress events from a WebSocket until `until(seq)` or the socket ends; returns
 /// `(seq, event_id)` pairs.
@@ -55,7 +55,12 @@ fn three_replicas_share_one_database_without_gaps_or_double_sends() {
     let pg = PgCluster::start();
     let db = pg.create_database();
     let env = Env::new();
-    let (hook, got) = webhook_receiver();
+    // A slow receiver: replicas' delivery passes overlap, so only the leases keep them from
+    // sending the same notification twice.
+    let (hook, got) = webhook_receiver_slow(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        Duration::from_millis(150),
+    );
     let vars = [
         ("EUA_DATABASE_URL", db.as_str()),
         ("EUA_WEBHOOK_URL", hook.as_str()),
