@@ -152,13 +152,25 @@ pub struct PgCluster {
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
     as_postgres: bool,
+    /// fsync on (benchmarks); tests run with fsync off.
+    durable: bool,
     /// The port on 127.0.0.1.
     pub port: u16,
 }
 
 impl PgCluster {
-    /// Initialises and starts a cluster; panics (never skips) when PostgreSQL is missing.
+    /// Initialises and starts a cluster with fsync off (tests); panics (never skips) when
+    /// PostgreSQL is missing.
     pub fn start() -> PgCluster {
+        PgCluster::start_with(false)
+    }
+
+    /// [`start`](Self::start) with PostgreSQL's default durability (fsync on: benchmarks).
+    pub fn start_durable() -> PgCluster {
+        PgCluster::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PgCluster {
         let bin = postgres_bin_dir().unwrap_or_else(|| {
             panic!(
                 "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): run scripts/test, \
@@ -190,6 +202,7 @@ impl PgCluster {
             dir,
             bin,
             as_postgres: root,
+            durable,
             port: 0,
         };
         let data = cluster.dir.join("data");
@@ -230,7 +243,7 @@ impl PgCluster {
         let me = std::process::id();
         let script = format!(
             "{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
-             -c fsync=off -c full_page_writes=off -c max_connections=400 \
+             -c fsync={sync} -c full_page_writes={sync} -c max_connections=400 \
              -c shared_buffers=64MB >{dir}/log 2>&1 & pid=$!; \
              while [ -d /proc/{me} ] && kill -0 $pid 2>/dev/null; do sleep 0.2; done; \
              kill -INT $pid 2>/dev/null; wait $pid; \
@@ -239,6 +252,7 @@ impl PgCluster {
             data = data.display(),
             port = self.port,
             dir = self.dir.display(),
+            sync = if self.durable { "on" } else { "off" },
         );
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
