@@ -312,9 +312,12 @@ impl PgCluster {
         }
     }
 
-    /// Starts the server again after [`stop`](Self::stop), on the same port.
+    /// Starts the server again after [`stop`](Self::stop), on the same port (or stops and
+    /// starts it).
     pub fn restart(&mut self) {
-        self.stop();
+        if self.child.is_some() {
+            self.stop();
+        }
         self.run_server();
     }
 }

@@ -212,3 +212,116 @@ fn three_replicas_share_one_database_without_gaps_or_double_sends() {
     assert_eq!(entries.len(), expected, "{entries:#?}");
     drop((a, b, pg));
 }
+
+fn healthz(port: u16) -> String {
+    crate::util::http(
+        port,
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// `store migrate` and `store info` on a database; data-dir-only commands refuse a database URL
+/// (and create no data dir store); `/healthz` answers 503 while the database is down and 200 once
+/// it is back, and writes work again without restarting the replica.
+#[test]
+fn store_commands_refusals_and_health_follow_the_database() {
+    let mut pg = PgCluster::start();
+    let db = pg.create_database();
+    let env = Env::new();
+    let with_db = |args: &[&str]| {
+        env.command()
+            .env("EUA_DATABASE_URL", &db)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = with_db(&["store", "migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("postgresql store at postgres://postgres@127.0.0.1"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = with_db(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "k",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_db(&["-o", "json", "store", "info"]);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["backend"], "postgresql");
+    assert_eq!(info["schema_version"], 1);
+    assert_eq!(info["counts"]["upgrades"], 1);
+    assert_eq!(info["counts"]["events"], 1);
+
+    let out = with_db(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u",
+        "--cluster",
+        "k",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not work with --database-url"), "{err}");
+    assert!(
+        !env.data_dir().join("eks-upgrade-agent.sqlite3").exists(),
+        "a data dir store was created"
+    );
+    // The data dir is untouched by progress commands on the database too.
+    let out = env.run(&["progress", "upgrade", "show", "u"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let replica = serve(&env, &[("EUA_DATABASE_URL", db.as_str())]);
+    assert!(
+        healthz(replica.port).starts_with("HTTP/1.1 200"),
+        "{}",
+        healthz(replica.port)
+    );
+    pg.stop();
+    let down = healthz(replica.port);
+    assert!(down.starts_with("HTTP/1.1 503"), "{down}");
+    let server = format!("http://127.0.0.1:{}", replica.port);
+    let out = env.run(&["--server", &server, "progress", "upgrade", "start", "u"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a write while the database is down fails"
+    );
+    pg.restart();
+    let start = Instant::now();
+    while !healthz(replica.port).starts_with("HTTP/1.1 200") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            healthz(replica.port)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = env.run(&["--server", &server, "progress", "upgrade", "start", "u"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_db(&["-o", "json", "store", "info"]);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["counts"]["events"], 2, "nothing acknowledged was lost");
+}
