@@ -629,7 +629,8 @@ impl Staged {
     }
 }
 
-/// A new event (seq assigned later).
+/// A new event (seq assigned later): every field of the event but its id and `seq`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn new_event(
     upgrade_id: &str,
     task: Option<(&str, TaskType)>,
@@ -655,6 +656,18 @@ pub(super) fn new_event(
     }
 }
 
+/// The notifications of a transaction, column by column (event id, seq, upgrade, detail type,
+/// time, detail), for one `INSERT ... SELECT FROM UNNEST`.
+#[derive(Default)]
+struct NoteColumns(
+    Vec<String>,
+    Vec<i64>,
+    Vec<String>,
+    Vec<String>,
+    Vec<i64>,
+    Vec<String>,
+);
+
 /// The last statements of a writing transaction: takes `seq`s for every staged event from the
 /// counter, writes the events, their notifications and each upgrade's `last_seq`, and notifies
 /// followers. Numbers the staged events in place; returns the last `seq` (0: nothing staged).
@@ -678,14 +691,7 @@ pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<
     let mut details: Vec<Option<String>> = Vec::with_capacity(n as usize);
     let mut pcts = Vec::with_capacity(n as usize);
     let mut upgrade_last: HashMap<i64, i64> = HashMap::new();
-    let mut notes: (
-        Vec<String>,
-        Vec<i64>,
-        Vec<String>,
-        Vec<String>,
-        Vec<i64>,
-        Vec<String>,
-    ) = Default::default();
+    let mut notes = NoteColumns::default();
     for s in staged.iter_mut() {
         let base = next;
         for (e, (ukey, tkey)) in s.committed.events.iter_mut().zip(&s.keys) {
