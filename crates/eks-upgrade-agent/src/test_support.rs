@@ -1,9 +1,9 @@
 //! Test fixtures shared by the library's tests: a moto server (S3, EventBridge, SQS) on
 //! 127.0.0.1, started per test and killed on drop. moto is installed by `.ci/run`; a missing
 //! `moto_server` fails the test, it never skips it. [`PgCluster`]: a throwaway PostgreSQL
-//! cluster from Debian's packages (installed by `scripts/test`), shared by the tests of one
-//! process ([`pg_database`] gives each test its own database). Public under the `conformance`
-//! feature, so the server and CLI tests use the same fixtures.
+//! cluster from Debian's packages (installed by `scripts/test`), one per test (no global
+//! state), with a fresh database per store ([`PgCluster::create_database`]). Public under the
+//! `conformance` feature, so the server and CLI tests use the same fixtures.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -339,18 +339,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The cluster shared by the tests of this process, started on first use (never dropped: the
-/// watchdog stops it when the process exits).
-pub fn shared_pg() -> &'static PgCluster {
-    static CLUSTER: std::sync::OnceLock<PgCluster> = std::sync::OnceLock::new();
-    CLUSTER.get_or_init(PgCluster::start)
-}
-
-/// A fresh, empty database on the shared cluster; returns its URL.
-pub fn pg_database() -> String {
-    shared_pg().create_database()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use crate::model::{JsonMap, TaskType};
 use crate::progress::ProgressTracker;
 use crate::store::domain::command::NewTask;
 use crate::store::{EventQuery, ProgressStore};
-use crate::test_support::pg_database;
+use crate::test_support::PgCluster;
 
 const REPLICAS: usize = 3;
 const WRITERS: usize = 12;
@@ -18,7 +18,8 @@ const UPDATES: usize = 150;
 
 #[test]
 fn a_reader_following_seq_never_skips_an_event_that_commits_later() {
-    let url = pg_database();
+    let pg = PgCluster::start();
+    let url = pg.create_database();
     let options = PostgresOptions {
         pool_size: 6,
         ..PostgresOptions::default()

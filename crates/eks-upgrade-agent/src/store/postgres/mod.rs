@@ -22,3 +22,5 @@ pub use progress::{PostgresOptions, PostgresStore};
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod outbox_tests;

@@ -1175,24 +1175,24 @@ impl ProgressStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::pg_database;
+    use crate::test_support::PgCluster;
 
-    pub(crate) fn open_fresh() -> PostgresStore {
+    #[test]
+    fn conformance() {
+        let pg = PgCluster::start();
         let options = PostgresOptions {
             pool_size: 4,
             ..PostgresOptions::default()
         };
-        PostgresStore::open(&pg_database(), &options).unwrap()
-    }
-
-    #[test]
-    fn conformance() {
-        crate::conformance::run(&|| Box::new(open_fresh()));
+        crate::conformance::run(&|| {
+            Box::new(PostgresStore::open(&pg.create_database(), &options).unwrap())
+        });
     }
 
     #[test]
     fn newer_schema_is_refused_and_migrations_run_once() {
-        let url = pg_database();
+        let pg = PgCluster::start();
+        let url = pg.create_database();
         let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
         assert_eq!(
             store.schema_version().unwrap(),
