@@ -50,7 +50,7 @@ impl Outbox for PostgresStore {
         })
     }
 
-    /// Claims what it returns: each entry gets a lease for this store ([`LEASE`]), so other
+    /// Claims what it returns: each entry gets a 15 s lease for this store, so other
     /// replicas skip it until [`record`](Outbox::record) settles it or the lease expires (its
     /// replica died). Claims of one sink run one at a time (the sink's cursor row is locked), so
     /// per-upgrade order holds across replicas: an upgrade whose earlier entry another replica
