@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! data_dir = "/var/lib/eks-upgrade-agent"
+//! database_url = "postgres://eua:...@db.example.com/eua"   # team mode: PostgreSQL instead of the data dir
 //! durability = "power_loss"            # or "process_crash" (default)
 //! eventbridge_bus_name = "upgrade-events"
 //! eventbridge_format = "reference"     # or "cloudevents"
@@ -41,6 +42,8 @@ use eks_upgrade_agent::store::Durability;
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileConfig {
     pub(crate) data_dir: Option<PathBuf>,
+    /// `--database-url`: PostgreSQL instead of the data dir.
+    pub(crate) database_url: Option<String>,
     pub(crate) durability: Option<Durability>,
     eventbridge_bus_name: Option<String>,
     eventbridge_format: Option<Format>,

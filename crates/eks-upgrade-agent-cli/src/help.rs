@@ -186,6 +186,14 @@ const EXAMPLES: &[(&str, &str)] = &[
         "serve --listen 127.0.0.1:8080 --token \"$TOKEN:write\"",
     ),
     (
+        "store migrate",
+        "store migrate --database-url postgres://eua@db/eua",
+    ),
+    (
+        "store info",
+        "store info --database-url postgres://eua@db/eua\n  eks-upgrade-agent store info --data-dir /var/lib/eks-upgrade-agent",
+    ),
+    (
         "completion",
         "completion bash > ~/.local/share/bash-completion/completions/eks-upgrade-agent\n  eks-upgrade-agent completion zsh > \"${fpath[1]}/_eks-upgrade-agent\"",
     ),

@@ -20,6 +20,7 @@ use eks_upgrade_agent::ProgressTracker;
 use eks_upgrade_agent::config::{Config, default_data_dir};
 use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions};
 use eks_upgrade_agent::store::Durability;
+use eks_upgrade_agent::store::postgres::{PostgresOptions, PostgresStore};
 use eks_upgrade_agent::store::remote::RemoteStore;
 use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
@@ -36,6 +37,7 @@ mod remote_artifacts;
 mod render;
 mod requests;
 mod serve;
+mod store_cmd;
 mod test_results;
 mod wait;
 
@@ -52,6 +54,17 @@ struct Cli {
     /// ~/.local/share/eks-upgrade-agent]
     #[arg(long, global = true, env = "EUA_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+
+    /// PostgreSQL instead of the data dir (team mode: several `serve` replicas share it), e.g.
+    /// postgres://user:password@host:5432/db?sslmode=disable
+    #[arg(
+        long,
+        global = true,
+        env = "EUA_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
 
     /// Output format: `table` for people, `json` for programs
     #[arg(short, long, global = true, env = "EUA_OUTPUT", value_enum, default_value_t = Output::Table)]
@@ -119,6 +132,9 @@ enum Command {
     Notify(notify::NotifyCmd),
     /// Serve the HTTP API, live streams and the dashboard
     Serve(serve::ServeArgs),
+    /// The store itself: schema migrations and what it holds
+    #[command(subcommand)]
+    Store(store_cmd::StoreCmd),
     /// Print shell completions
     Completion {
         /// bash, zsh, fish, powershell or elvish
@@ -126,11 +142,12 @@ enum Command {
     },
 }
 
-/// A tracker over the local store or a server's, and which one it is.
+/// A tracker over the local store, a server's or a database, and which one it is.
 struct Backend {
     tracker: ProgressTracker,
     local: Option<Arc<SqliteStore>>,
     remote: Option<Arc<RemoteStore>>,
+    database: Option<Arc<PostgresStore>>,
 }
 
 impl Backend {
@@ -152,6 +169,10 @@ impl Backend {
                 "/api/v1/upgrades/{}/artifact_counts",
                 eks_upgrade_agent::store::remote::encode(upgrade)
             ))?);
+        }
+        if self.database.is_some() {
+            // Artifacts are not kept in the database (yet): none to count.
+            return Ok(std::collections::HashMap::new());
         }
         let store = self.local.clone().expect("local or remote");
         Ok(ctx.artifacts_on(store)?.counts_by_task(upgrade)?)
@@ -179,11 +200,44 @@ struct Ctx {
     tokens: Vec<String>,
     /// `--server`.
     server: Option<String>,
+    /// `--database-url` (or the file's `database_url`).
+    database_url: Option<String>,
 }
 
 impl Ctx {
+    /// The PostgreSQL store of `--database-url`, migrated; `None` without one.
+    fn database(&self, pool_size: u32) -> anyhow::Result<Option<Arc<PostgresStore>>> {
+        let Some(url) = &self.database_url else {
+            return Ok(None);
+        };
+        let options = PostgresOptions {
+            pool_size,
+            ..PostgresOptions::default()
+        };
+        let store = PostgresStore::open(url, &options).with_context(|| {
+            format!(
+                "cannot open the database {}",
+                eks_upgrade_agent::store::postgres::progress::redact(url)
+            )
+        })?;
+        Ok(Some(Arc::new(store)))
+    }
+
+    /// Refuses data-dir commands that the database does not serve yet, rather than quietly
+    /// using the data dir.
+    fn no_database(&self) -> anyhow::Result<()> {
+        if self.database_url.is_some() {
+            anyhow::bail!(
+                "this command does not work with --database-url (EUA_DATABASE_URL) yet: only \
+                 `progress`, `serve` and `store` do; unset it to use the data dir"
+            );
+        }
+        Ok(())
+    }
+
     /// The local store, created when missing (commands that create things).
     fn store(&self) -> anyhow::Result<Arc<SqliteStore>> {
+        self.no_database()?;
         let store = self.config.open_store().with_context(|| {
             format!(
                 "cannot open the store in {}",
@@ -196,6 +250,7 @@ impl Ctx {
     /// The local store when it exists; a clear error naming the directory otherwise, and
     /// nothing created (every command but those that create).
     fn existing_store(&self) -> anyhow::Result<Arc<SqliteStore>> {
+        self.no_database()?;
         match self.config.open_existing_store() {
             Ok(store) => Ok(Arc::new(store)),
             Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
@@ -269,6 +324,15 @@ impl Ctx {
                 tracker: ProgressTracker::new(remote.clone()),
                 local: None,
                 remote: Some(remote),
+                database: None,
+            });
+        }
+        if let Some(db) = self.database(4)? {
+            return Ok(Backend {
+                tracker: ProgressTracker::new(db.clone()),
+                local: None,
+                remote: None,
+                database: Some(db),
             });
         }
         let store = self.store_for(access)?;
@@ -276,6 +340,7 @@ impl Ctx {
             tracker: ProgressTracker::new(store.clone()),
             local: Some(store),
             remote: None,
+            database: None,
         })
     }
 
@@ -392,7 +457,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         file_guard: file.guard(),
         tokens: cli.tokens,
         server: cli.server.filter(|s| !s.is_empty()),
+        database_url: cli
+            .database_url
+            .filter(|u| !u.is_empty())
+            .or(file.database_url.clone()),
     };
+    if ctx.database_url.is_some() && ctx.server.is_some() {
+        anyhow::bail!(
+            "give either --server (a server's store) or --database-url (a database), not both"
+        );
+    }
     match cli.command {
         Command::Progress(cmd) => progress::run(&ctx, cmd),
         Command::Artifacts(cmd) => artifacts::run(&ctx, cmd),
@@ -400,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(&ctx, args),
         Command::Notify(cmd) => notify::run(&ctx, cmd),
         Command::Serve(args) => serve::run(&ctx, args),
+        Command::Store(cmd) => store_cmd::run(&ctx, cmd),
         Command::Completion { .. } => unreachable!("handled before the configuration is read"),
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use eks_upgrade_agent::store::postgres::PostgresStore;
 use eks_upgrade_agent::store::sqlite::SqliteStore;
 use eks_upgrade_agent_server::{AppState, Auth, Guard};
 
@@ -175,11 +176,16 @@ pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::R
 
 pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     if ctx.server.is_some() {
-        anyhow::bail!("serve runs on a data dir; --server (EUA_SERVER) is for the client commands");
+        anyhow::bail!(
+            "serve runs on a data dir or a database; --server (EUA_SERVER) is for the client commands"
+        );
     }
     let auth = args.auth(ctx)?;
     let guard = args.guard(ctx)?;
     check_exposure(args.listen, &auth, args.insecure_no_auth)?;
+    if let Some(db) = ctx.database(DATABASE_POOL)? {
+        return run_on_database(ctx, args, db, auth, guard);
+    }
     let store = ctx.store()?;
     let options = eks_upgrade_agent_server::ServeOptions {
         max_connections: args.max_connections as usize,
@@ -202,6 +208,90 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
             .context("server failed")
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connections each `serve` replica keeps to the database at most.
+const DATABASE_POOL: u32 = 32;
+
+/// `serve` on PostgreSQL (team mode): progress, streams and notifications from the shared
+/// database, so any number of replicas serve the same upgrades. Streams find other replicas'
+/// events by polling the database (`hub::POLL`). Artifacts are not served from a database yet
+/// (their routes answer 404).
+fn run_on_database(
+    ctx: &Ctx,
+    args: ServeArgs,
+    db: Arc<PostgresStore>,
+    auth: Auth,
+    guard: Guard,
+) -> anyhow::Result<ExitCode> {
+    let tracker = Arc::new(eks_upgrade_agent::ProgressTracker::new(db.clone()));
+    let options = eks_upgrade_agent_server::ServeOptions {
+        max_connections: args.max_connections as usize,
+        ..Default::default()
+    };
+    let mut state = AppState::new(tracker)
+        .with_auth(auth)
+        .with_guard(guard)
+        .with_serve_options(options);
+    if !ctx.config.notify.is_empty() {
+        if ctx.config.notify.otlp.endpoint.is_some() {
+            anyhow::bail!(
+                "the OTLP sink does not work with --database-url yet: unset otlp_endpoint \
+                 (EventBridge and webhooks do)"
+            );
+        }
+        let sinks = ctx
+            .config
+            .notify
+            .sinks(Arc::new(NoTraces))
+            .context("cannot set up notification sinks")?;
+        let outbox: Arc<dyn eks_upgrade_agent::store::Outbox> = db.clone();
+        state = state.with_dispatcher(Arc::new(eks_upgrade_agent::notify::Dispatcher::new(
+            outbox,
+            sinks,
+            eks_upgrade_agent::notify::DispatcherOptions::default(),
+        )));
+    }
+    let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
+    runtime.block_on(async {
+        let listener = bind(args.listen).await?;
+        eprintln!(
+            "serving http://{}/ on the database {} (API under /api/v1; Ctrl-C to stop)",
+            listener.local_addr()?,
+            db.url()
+        );
+        eks_upgrade_agent_server::serve(listener, state, stop_signal())
+            .await
+            .context("server failed")
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The trace source of sinks without an OTLP sink (which alone reads it).
+#[derive(Debug)]
+struct NoTraces;
+
+impl eks_upgrade_agent::notify::otlp::TraceSource for NoTraces {
+    fn upgrade(&self, _: &str) -> eks_upgrade_agent::Result<eks_upgrade_agent::model::Upgrade> {
+        Err(no_traces())
+    }
+    fn task(&self, _: &str, _: &str) -> eks_upgrade_agent::Result<eks_upgrade_agent::model::Task> {
+        Err(no_traces())
+    }
+    fn span_history(
+        &self,
+        _: &str,
+        _: Option<&str>,
+        _: u64,
+        _: usize,
+    ) -> eks_upgrade_agent::Result<eks_upgrade_agent::notify::otlp::SpanHistory> {
+        Err(no_traces())
+    }
+}
+
+fn no_traces() -> eks_upgrade_agent::Error {
+    eks_upgrade_agent::Error::InvalidInput("no trace source with --database-url".into())
 }
 
 /// With a bucket configured: a thread that uploads queued artifacts (those added with

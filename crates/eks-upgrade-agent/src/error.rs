@@ -91,6 +91,19 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Error {
+        let message = match e.as_db_error() {
+            Some(db) => format!("postgresql: {}", db.message()),
+            None if e.is_closed() => {
+                "postgresql: the connection to the database is closed".to_owned()
+            }
+            None => "postgresql".to_owned(),
+        };
+        Error::backend(message, e)
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
         // A verifying reader reports corruption as an I/O error carrying our error.

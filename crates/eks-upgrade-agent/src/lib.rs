@@ -46,8 +46,10 @@ pub mod results;
 pub mod store;
 pub mod units;
 
-#[cfg(test)]
-pub(crate) mod test_support;
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub mod test_support;
 
 pub use artifacts::TestArtifactsManager;
 pub use error::{Error, Result};

@@ -1,6 +1,9 @@
 //! Test fixtures shared by the library's tests: a moto server (S3, EventBridge, SQS) on
 //! 127.0.0.1, started per test and killed on drop. moto is installed by `.ci/run`; a missing
-//! `moto_server` fails the test, it never skips it.
+//! `moto_server` fails the test, it never skips it. [`PgCluster`]: a throwaway PostgreSQL
+//! cluster from Debian's packages (installed by `scripts/test`), one per test (no global
+//! state), with a fresh database per store ([`PgCluster::create_database`]). Public under the
+//! `conformance` feature, so the server and CLI tests use the same fixtures.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -115,5 +118,249 @@ impl Drop for S3sFs {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// The bin directory of Debian's PostgreSQL packages (`/usr/lib/postgresql/<major>/bin`, the
+/// newest), or `None` when they are not installed.
+pub fn postgres_bin_dir() -> Option<std::path::PathBuf> {
+    let mut found: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
+
+/// A throwaway PostgreSQL cluster on a free 127.0.0.1 port, in a temporary directory, with
+/// `trust` authentication for the `postgres` user. As root, `initdb` and `postgres` run as the
+/// `postgres` user through `runuser`. The server is stopped and its directory removed on drop,
+/// and also when the test process exits without dropping it (a watchdog shell beside the server
+/// waits for this process to go), so no server outlives its tests. Missing packages fail the
+/// test, saying how to install them (`scripts/test` does).
+#[derive(Debug)]
+pub struct PgCluster {
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    as_postgres: bool,
+    /// fsync on (benchmarks); tests run with fsync off.
+    durable: bool,
+    /// The port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// Initialises and starts a cluster with fsync off (tests); panics (never skips) when
+    /// PostgreSQL is missing.
+    pub fn start() -> PgCluster {
+        PgCluster::start_with(false)
+    }
+
+    /// [`start`](Self::start) with PostgreSQL's default durability (fsync on: benchmarks).
+    pub fn start_durable() -> PgCluster {
+        PgCluster::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PgCluster {
+        let bin = postgres_bin_dir().unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): run scripts/test, \
+                 which installs Debian's postgresql package with apt-get"
+            )
+        });
+        use std::os::unix::fs::MetadataExt;
+        let root = std::fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false);
+        let dir = std::env::temp_dir().join(format!("eua-pg-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if root {
+            let pg = Command::new("id")
+                .args(["-u", "postgres"])
+                .output()
+                .unwrap();
+            let gid = Command::new("id")
+                .args(["-g", "postgres"])
+                .output()
+                .unwrap();
+            assert!(pg.status.success(), "no postgres user: run scripts/test");
+            let uid: u32 = String::from_utf8_lossy(&pg.stdout).trim().parse().unwrap();
+            let gid: u32 = String::from_utf8_lossy(&gid.stdout).trim().parse().unwrap();
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        }
+        let mut cluster = PgCluster {
+            child: None,
+            dir,
+            bin,
+            as_postgres: root,
+            durable,
+            port: 0,
+        };
+        let data = cluster.dir.join("data");
+        let out = cluster
+            .command("initdb")
+            .args(["-D", data.to_str().unwrap()])
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .args(["--locale=C.UTF-8"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.run_server();
+        cluster
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// Starts the server (on a new free port the first time, the same port after a stop) and
+    /// waits until it accepts connections.
+    fn run_server(&mut self) {
+        if self.port == 0 {
+            self.port = free_port();
+        }
+        let data = self.dir.join("data");
+        let me = std::process::id();
+        let script = format!(
+            "{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
+             -c fsync={sync} -c full_page_writes={sync} -c max_connections=400 \
+             -c shared_buffers=64MB >{dir}/log 2>&1 & pid=$!; \
+             while [ -d /proc/{me} ] && kill -0 $pid 2>/dev/null; do sleep 0.2; done; \
+             kill -INT $pid 2>/dev/null; wait $pid; \
+             [ -d /proc/{me} ] || rm -rf {dir}",
+            postgres = self.bin.join("postgres").display(),
+            data = data.display(),
+            port = self.port,
+            dir = self.dir.display(),
+            sync = if self.durable { "on" } else { "off" },
+        );
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", &script]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
+                Ok(_) => return,
+                Err(e) => {
+                    if start.elapsed() > Duration::from_secs(60) {
+                        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+                        panic!("PostgreSQL did not start on port {}: {e}\n{log}", self.port);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// The URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates an empty database with a fresh name; returns its URL.
+    pub fn create_database(&self) -> String {
+        let name = format!("t{}", uuid::Uuid::now_v7().simple());
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        self.url(&name)
+    }
+
+    /// Stops the server (fast shutdown: open connections are cut) and waits for it.
+    pub fn stop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", data.to_str().unwrap(), "stop", "-m", "fast", "-w"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), on the same port (or stops and
+    /// starts it).
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.run_server();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+        if self.as_postgres {
+            let _ = Command::new("rm").arg("-rf").arg(&self.dir).status();
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throwaway_cluster_serves_fresh_databases_and_is_gone_after_drop() {
+        let cluster = PgCluster::start();
+        let port = cluster.port;
+        let dir = cluster.dir.clone();
+        let (a, b) = (cluster.create_database(), cluster.create_database());
+        assert_ne!(a, b);
+        let mut c = postgres::Client::connect(&a, postgres::NoTls).unwrap();
+        let one: i32 = c.query_one("SELECT 1", &[]).unwrap().get(0);
+        assert_eq!(one, 1);
+        drop(c);
+        drop(cluster);
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server still listens after drop"
+        );
+        assert!(!dir.exists(), "{} is left behind", dir.display());
     }
 }

@@ -17,6 +17,7 @@ mod otlp;
 mod profiles;
 mod reference;
 mod remote;
+mod replicas;
 mod s3;
 mod s3_settings;
 mod settings;

@@ -35,6 +35,7 @@ impl Env {
             .env_remove("EUA_EVENTBRIDGE_BUS_NAME")
             .env_remove("EUA_TOKENS")
             .env_remove("EUA_SERVER")
+            .env_remove("EUA_DATABASE_URL")
             .env_remove("EUA_TOKEN")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -290,6 +291,15 @@ pub(crate) fn webhook_receiver() -> (String, Received) {
 
 /// [`webhook_receiver`] on a given listener (e.g. a port a sink was down on before).
 pub(crate) fn webhook_receiver_on(listener: std::net::TcpListener) -> (String, Received) {
+    webhook_receiver_slow(listener, Duration::ZERO)
+}
+
+/// [`webhook_receiver_on`] answering each request only after `delay` (a slow sink, so that
+/// several senders' deliveries overlap).
+pub(crate) fn webhook_receiver_slow(
+    listener: std::net::TcpListener,
+    delay: Duration,
+) -> (String, Received) {
     use std::io::{BufRead, BufReader, Read, Write};
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -315,6 +325,7 @@ pub(crate) fn webhook_receiver_on(listener: std::net::TcpListener) -> (String, R
             }
             let mut body = vec![0; len];
             reader.read_exact(&mut body).unwrap();
+            std::thread::sleep(delay);
             g.lock()
                 .unwrap()
                 .push(format!("{sig}\n{}", String::from_utf8_lossy(&body)));

@@ -25,9 +25,12 @@ use crate::store::domain::command::Command;
 use crate::store::domain::history::TaskHistory;
 
 pub mod domain;
+pub(crate) mod notification;
+pub mod postgres;
 pub mod remote;
 pub mod sqlite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Kinds of generated ids that can be abbreviated ([`ArtifactIndex::resolve_id`]).

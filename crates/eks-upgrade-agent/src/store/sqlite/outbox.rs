@@ -6,12 +6,11 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, Transaction, params};
-use serde_json::json;
 
 use super::progress::{SqliteStore, from_micros, json_map, micros};
 use crate::error::Result;
 use crate::model::{JsonMap, ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::notify::{Notification, SinkStatus, detail_type};
+use crate::notify::{Notification, SinkStatus};
 use crate::store::{DeliveryOutcome, Outbox};
 
 pub(super) const SCHEMA: &str = r#"
@@ -54,46 +53,11 @@ pub(super) fn enqueue(
     upgrade: Option<&Upgrade>,
     task: Option<&Task>,
 ) -> Result<()> {
-    let Some(kind) = detail_type(event.kind, from) else {
+    let Some((kind, d)) =
+        crate::store::notification::detail(event, from, cluster_name, upgrade, task)
+    else {
         return Ok(());
     };
-    let mut d = JsonMap::new();
-    d.insert("event_id".into(), json!(event.event_id));
-    d.insert("seq".into(), json!(event.seq));
-    d.insert("upgrade_id".into(), json!(event.upgrade_id));
-    d.insert("cluster_name".into(), json!(cluster_name));
-    d.insert("status".into(), json!(event.status));
-    d.insert("timestamp".into(), json!(event.timestamp));
-    if let Some(u) = upgrade {
-        d.insert("plan_id".into(), json!(u.plan_id));
-        if let Some(p) = &u.current_phase {
-            d.insert("phase".into(), json!(p));
-        }
-        if let (Some(s), Some(e)) = (u.started_at, u.completed_at) {
-            d.insert(
-                "duration".into(),
-                json!(crate::model::seconds_between(s, e)),
-            );
-        }
-        if let Some(e) = &u.error_message {
-            d.insert("error_message".into(), json!(e));
-        }
-    }
-    if let Some(t) = task {
-        d.insert("task_id".into(), json!(t.task_id));
-        d.insert("task_name".into(), json!(t.name));
-        d.insert("task_type".into(), json!(t.task_type));
-        d.insert("retry_count".into(), json!(t.retry_count));
-        if let Some(x) = t.duration {
-            d.insert("duration".into(), json!(x));
-        }
-        if let Some(e) = &t.error_message {
-            d.insert("error_message".into(), json!(e));
-        }
-    }
-    if let Some(m) = &event.message {
-        d.insert("message".into(), json!(m));
-    }
     tx.prepare_cached(
         "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

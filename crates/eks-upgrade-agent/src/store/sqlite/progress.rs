@@ -163,6 +163,36 @@ impl SqliteStore {
         &self.path
     }
 
+    /// The schema version of the database (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<i64> {
+        self.read(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+    }
+
+    /// Number of rows in the main tables, by name (`store info`).
+    pub fn counts(&self) -> Result<Vec<(String, u64)>> {
+        self.read(|c| {
+            let mut out = Vec::new();
+            for table in [
+                "upgrades",
+                "tasks",
+                "events",
+                "sessions",
+                "collections",
+                "artifacts",
+                "notifications",
+                "test_runs",
+                "test_results",
+                "task_history",
+                "deliveries",
+            ] {
+                let n: i64 =
+                    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
+                out.push((table.to_owned(), n as u64));
+            }
+            Ok(out)
+        })
+    }
+
     pub(super) fn writer(&self) -> MutexGuard<'_, Connection> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,0 +1,154 @@
+//! `cargo bench -p eks-upgrade-agent-cli --bench postgres`
+//!
+//! Team mode on a throwaway PostgreSQL cluster (Debian's packages, fsync on, on this machine):
+//! - `pg_apply_updates_per_s tasks=1000 group<=1024`: task updates as JSON Lines through the
+//!   `progress apply` engine on the database, acknowledged lines per second;
+//! - `pg_updates_per_s writers=16 replicas=3`: acknowledged task updates through the HTTP API
+//!   of three `serve` replicas on one database, 16 writers (each on its own task, spread over
+//!   the replicas), per second.
+
+use std::io::Cursor;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eks_upgrade_agent::ProgressTracker;
+use eks_upgrade_agent::model::{JsonMap, TaskType};
+use eks_upgrade_agent::progress::NewTask;
+use eks_upgrade_agent::progress::apply::{self, ApplyOptions};
+use eks_upgrade_agent::store::domain::command::Command as Cmd;
+use eks_upgrade_agent::store::postgres::{PostgresOptions, PostgresStore};
+use eks_upgrade_agent::test_support::PgCluster;
+
+const BIN: &str = env!("CARGO_BIN_EXE_eks-upgrade-agent");
+
+struct Served(Child, u16);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(db: &str) -> Served {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("EUA_DATABASE_URL", db)
+        .env_remove("EUA_CONFIG")
+        .env("XDG_CONFIG_HOME", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Served(child, port)
+}
+
+fn tracker(db: &str) -> ProgressTracker {
+    let store = PostgresStore::open(db, &PostgresOptions::default()).unwrap();
+    ProgressTracker::new(Arc::new(store))
+}
+
+fn setup(t: &ProgressTracker, tasks: usize) {
+    t.create_upgrade("bench", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("bench", None).unwrap();
+    let all: Vec<NewTask> = (0..tasks)
+        .map(|i| NewTask::new(format!("task-{i}"), "T", TaskType::UpgradeStep))
+        .collect();
+    t.add_tasks("bench", all).unwrap();
+}
+
+fn pg_apply_updates_per_s(pg: &PgCluster, tasks: usize, lines: usize) -> f64 {
+    let db = pg.create_database();
+    let t = tracker(&db);
+    setup(&t, tasks);
+    let mut input = Vec::with_capacity(lines * 120);
+    for n in 0..lines {
+        let c = Cmd::TaskUpdate {
+            upgrade_id: "bench".into(),
+            task_id: format!("task-{}", n % tasks),
+            percentage: ((n / tasks) % 100) as f64,
+            message: Some("working".into()),
+            details: JsonMap::new(),
+        };
+        serde_json::to_writer(&mut input, &c).unwrap();
+        input.push(b'\n');
+    }
+    let mut out = Vec::with_capacity(lines * 24);
+    let start = Instant::now();
+    let stats = apply::run(
+        &t,
+        Cursor::new(input),
+        &mut out,
+        &ApplyOptions {
+            max_batch: 1024,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(stats.ok as usize, lines, "every line acknowledged ok");
+    stats.ok as f64 / secs
+}
+
+fn pg_updates_per_s(pg: &PgCluster, writers: usize, replicas: usize, secs: f64) -> f64 {
+    let db = pg.create_database();
+    setup(&tracker(&db), writers);
+    let servers: Vec<Served> = (0..replicas).map(|_| serve(&db)).collect();
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let port = servers[w % replicas].1;
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(true)
+                    .build()
+                    .into();
+                let url =
+                    format!("http://127.0.0.1:{port}/api/v1/upgrades/bench/tasks/task-{w}/update");
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let body = format!("{{\"percentage\": {}}}", n % 100);
+                    agent
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(body.as_str())
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let pg = PgCluster::start_durable();
+    println!(
+        "pg_apply_updates_per_s tasks=1000 group<=1024: {:.0}",
+        pg_apply_updates_per_s(&pg, 1000, 100_000)
+    );
+    println!(
+        "pg_updates_per_s writers=16 replicas=3: {:.0}",
+        pg_updates_per_s(&pg, 16, 3, 5.0)
+    );
+}

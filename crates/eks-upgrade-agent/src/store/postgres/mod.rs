@@ -1,0 +1,26 @@
+//! The PostgreSQL backend (team mode): several server replicas share one database.
+//!
+//! - [`progress`]: the store (the connection pool, `seq` assignment, the `ProgressStore` impl)
+//!   and the row helpers the other files share;
+//! - `tasks`, `import`: task writes and whole-upgrade imports (the same rules as the SQLite
+//!   backend, from `store/domain`);
+//! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
+//! - `schema`: versioned migrations (a `schema_version` table).
+//!
+//! Ordering across replicas: a transaction takes the one-row `seq_counter` (`UPDATE ...
+//! RETURNING`) as its last statement before `COMMIT`, so the row lock serializes commits only
+//! at their end and `seq` order is commit order: a reader following `seq` never misses an
+//! event that commits later with a smaller `seq`.
+
+mod import;
+mod outbox;
+pub mod progress;
+mod schema;
+mod tasks;
+
+pub use progress::{PostgresOptions, PostgresStore};
+
+#[cfg(test)]
+mod concurrency_tests;
+#[cfg(test)]
+mod outbox_tests;

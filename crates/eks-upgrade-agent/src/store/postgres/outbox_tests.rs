@@ -1,0 +1,77 @@
+//! The PostgreSQL outbox's claims, across two stores on one database (as two replicas).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use super::progress::{PostgresOptions, PostgresStore};
+use crate::model::{JsonMap, TaskType};
+use crate::progress::ProgressTracker;
+use crate::store::domain::command::NewTask;
+use crate::store::{DeliveryOutcome, Outbox};
+use crate::test_support::PgCluster;
+
+/// Two replicas claiming one sink's deliveries never get the same entry; per-upgrade order
+/// holds (an upgrade whose earlier entry the other holds is skipped whole); a settled entry
+/// is never claimed again; an expired lease (its replica died) is claimed by the other.
+#[test]
+fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let t = ProgressTracker::new(a.clone());
+    for u in ["u1", "u2", "u3"] {
+        t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+        t.add_task(u, NewTask::new("x", "X", TaskType::UpgradeStep))
+            .unwrap();
+        t.start_task(u, "x", None).unwrap();
+        t.complete_task(u, "x", None).unwrap();
+    }
+    assert!(a.ingest("hook").unwrap() >= 6);
+    assert_eq!(b.ingest("hook").unwrap(), 0, "ingest is idempotent");
+    let now = Utc::now();
+    // A takes one entry: u1's first. B must skip all of u1 (order) and take u2, u3.
+    let first = a.due("hook", now, 1).unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0.upgrade_id, "u1");
+    let second = b.due("hook", now, 100).unwrap();
+    assert!(!second.is_empty());
+    assert!(
+        second.iter().all(|(n, _)| n.upgrade_id != "u1"),
+        "B took an entry of u1 while A holds an earlier one: {second:?}"
+    );
+    let nids_a: HashSet<u64> = first.iter().map(|(n, _)| n.nid).collect();
+    let nids_b: HashSet<u64> = second.iter().map(|(n, _)| n.nid).collect();
+    assert!(nids_a.is_disjoint(&nids_b));
+    // Nothing left for A but its own claim (u1's later entries are behind it).
+    let again = a.due("hook", now, 100).unwrap();
+    assert!(
+        again.iter().all(|(n, _)| !nids_b.contains(&n.nid)),
+        "{again:?}"
+    );
+    // B settles its entries: they are never handed out again.
+    let outcomes: Vec<_> = second
+        .iter()
+        .map(|(n, _)| (n.nid, DeliveryOutcome::Delivered))
+        .collect();
+    b.record("hook", &outcomes).unwrap();
+    // A dies holding u1's entry: once its lease expires, B takes u1 over.
+    assert!(b.due("hook", now, 100).unwrap().is_empty());
+    a.write(|tx| {
+        tx.exec(
+            "UPDATE deliveries SET lease_until = 1 WHERE lease_until > 0",
+            &[],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let taken = b.due("hook", now, 100).unwrap();
+    assert!(!taken.is_empty());
+    assert!(taken.iter().all(|(n, _)| n.upgrade_id == "u1"), "{taken:?}");
+    assert!(taken.iter().any(|(n, _)| nids_a.contains(&n.nid)));
+    let status = a.sink_status("hook").unwrap();
+    assert_eq!(status.delivered as usize, second.len());
+}

@@ -1,0 +1,1228 @@
+//! [`PostgresStore`]: progress on a shared PostgreSQL database. Current state lives in
+//! `upgrades` and `tasks`, history in `events` keyed by the store-wide `seq`, like the SQLite
+//! backend; the differences are how `seq` is assigned and how writers share rows.
+//!
+//! - Each command locks its upgrade's row first (`SELECT ... FOR UPDATE`), so commands on one
+//!   upgrade run one at a time whatever replica sends them, and commands on different upgrades
+//!   run in parallel.
+//! - Events are staged while the transaction runs; as its last statements it takes the
+//!   one-row counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`), writes the staged
+//!   events (one `INSERT ... SELECT FROM UNNEST`) with their `seq`s, then commits. The counter's
+//!   row lock is held only from there to `COMMIT`, and makes `seq` order commit order.
+//! - A deadlock or serialization failure retries the whole transaction.
+//! - Every commit that appends events sends `NOTIFY eua_events` with its last `seq`, a wake-up
+//!   for followers on other replicas (which still poll).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls, Row, Statement};
+use r2d2_postgres::r2d2;
+use uuid::Uuid;
+
+use super::import::import_upgrade;
+use super::tasks::{TaskWrite, add_tasks};
+use crate::error::{Error, Result};
+use crate::model::{
+    EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
+};
+use crate::store::domain::command::Command;
+use crate::store::domain::machine;
+use crate::store::{Committed, EventQuery, ProgressStore};
+
+/// The channel commits notify (payload: the last `seq` committed).
+pub const EVENTS_CHANNEL: &str = "eua_events";
+
+/// Options for opening a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most connections the pool holds.
+    pub pool_size: u32,
+    /// How long taking a connection from the pool (or making one) may wait.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One pooled connection with its prepared statements.
+pub(crate) struct Conn {
+    pub(crate) client: Client,
+    stmts: HashMap<String, Statement>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("statements", &self.stmts.len())
+            .finish()
+    }
+}
+
+/// Makes [`Conn`]s for the pool.
+#[derive(Debug)]
+pub(crate) struct Manager {
+    config: postgres::Config,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+        Ok(Conn {
+            client: self.config.connect(NoTls)?,
+            stmts: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        conn.client.simple_query("")?;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// A client (or transaction) with the connection's statement cache.
+pub(crate) struct Db<'a, C: GenericClient> {
+    pub(crate) c: &'a mut C,
+    stmts: &'a mut HashMap<String, Statement>,
+}
+
+impl<C: GenericClient> Db<'_, C> {
+    fn stmt(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.c.prepare(sql)?;
+        if self.stmts.len() >= 256 {
+            self.stmts.clear();
+        }
+        self.stmts.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.query(&s, params)?)
+    }
+
+    pub(crate) fn opt(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.query_opt(&s, params)?)
+    }
+
+    pub(crate) fn one(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.query_one(&s, params)?)
+    }
+
+    pub(crate) fn exec(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let s = self.stmt(sql)?;
+        Ok(self.c.execute(&s, params)?)
+    }
+
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
+        Ok(self.c.batch_execute(sql)?)
+    }
+}
+
+pub(crate) type Tx<'a, 'c> = Db<'a, postgres::Transaction<'c>>;
+
+/// The PostgreSQL backend. Cheap to share behind an `Arc`; every replica opens its own.
+pub struct PostgresStore {
+    pool: r2d2::Pool<Manager>,
+    url: String,
+    /// This store's name in work leases (outbox deliveries): unique per open.
+    instance: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// Figures of the connection pool (for `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open.
+    pub connections: u32,
+    /// Of which idle.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}
+
+/// `url` with any password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparsable database URL)".to_owned(),
+    }
+}
+
+/// Parses a `postgres://` URL (libpq's options: `sslmode`, `connect_timeout`,
+/// `application_name`, ...); a bad one is `InvalidInput` saying what to fix.
+pub fn parse_url(url: &str) -> Result<postgres::Config> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(Error::invalid(format!(
+            "invalid database URL {}: expected postgres://user:password@host:port/database",
+            redact(url)
+        )));
+    }
+    let mut config: postgres::Config = url.parse().map_err(|e| {
+        Error::invalid(format!(
+            "invalid database URL {}: {e} (expected postgres://user:password@host:port/database)",
+            redact(url)
+        ))
+    })?;
+    if config.get_application_name().is_none() {
+        config.application_name("eks-upgrade-agent");
+    }
+    if matches!(config.get_ssl_mode(), postgres::config::SslMode::Require) {
+        return Err(Error::invalid(format!(
+            "database URL {}: sslmode=require is not supported by this build yet; use \
+             sslmode=disable (or prefer) on a trusted network",
+            redact(url)
+        )));
+    }
+    Ok(config)
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` and brings its schema up to date.
+    pub fn open(url: &str, options: &PostgresOptions) -> Result<PostgresStore> {
+        let mut config = parse_url(url)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.connect_timeout);
+        }
+        let shown = redact(url);
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(options.connect_timeout)
+            .build(Manager { config })
+            .map_err(|e| Error::backend(format!("cannot connect to {shown}"), e))?;
+        let store = PostgresStore {
+            pool,
+            url: shown,
+            instance: Uuid::now_v7().to_string(),
+        };
+        store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
+        Ok(store)
+    }
+
+    /// This store's name in work leases.
+    pub(crate) fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The database URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Pool figures.
+    pub fn pool_stats(&self) -> PoolStats {
+        let s = self.pool.state();
+        PoolStats {
+            connections: s.connections,
+            idle: s.idle_connections,
+            max: self.pool.max_size(),
+        }
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&self) -> Result<i64> {
+        self.with_conn(|c| super::schema::version(&mut c.client))
+    }
+
+    /// Checks that the database answers (`/healthz`).
+    pub fn ping(&self) -> Result<()> {
+        self.with_conn(|c| {
+            c.client.simple_query("SELECT 1")?;
+            Ok(())
+        })
+    }
+
+    /// Number of rows in each table, by name (`store info`).
+    pub fn counts(&self) -> Result<Vec<(String, u64)>> {
+        self.read(|db| {
+            let mut out = Vec::new();
+            for table in ["upgrades", "tasks", "events", "notifications", "deliveries"] {
+                let n: i64 = db
+                    .one(&format!("SELECT count(*) FROM {table}"), &[])?
+                    .get(0);
+                out.push((table.to_owned(), n as u64));
+            }
+            Ok(out)
+        })
+    }
+
+    pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| Error::backend(format!("no database connection to {}", self.url), e))?;
+        f(&mut conn)
+    }
+
+    /// Runs `f` outside a transaction (each statement sees the latest commits).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut Db<'_, Client>) -> Result<T>) -> Result<T> {
+        self.with_conn(|conn| {
+            let Conn { client, stmts } = conn;
+            f(&mut Db { c: client, stmts })
+        })
+    }
+
+    /// Runs `f` in a transaction, again from the start (at most a few times) when PostgreSQL
+    /// aborts it for a deadlock or a serialization failure.
+    pub(crate) fn write<T>(&self, mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<T>) -> Result<T> {
+        self.write_or_roll_back(|tx| f(tx).map(|t| (t, true)))
+    }
+
+    /// [`write`](Self::write) where `f` also says whether to commit (`false`: roll back and
+    /// still return its value).
+    pub(crate) fn write_or_roll_back<T>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<(T, bool)>,
+    ) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.with_conn(|conn| {
+                let Conn { client, stmts } = conn;
+                let mut tx = client.transaction()?;
+                let (out, commit) = f(&mut Db { c: &mut tx, stmts })?;
+                if commit {
+                    tx.commit()?;
+                } else {
+                    tx.rollback()?;
+                }
+                Ok(out)
+            });
+            match result {
+                Err(e) if attempt < 5 && retryable(&e) => {
+                    std::thread::sleep(Duration::from_millis(2 * attempt));
+                    continue;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Whether `e` is a transient conflict worth running the transaction again for.
+fn retryable(e: &Error) -> bool {
+    let Error::Backend {
+        source: Some(source),
+        ..
+    } = e
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| {
+            *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(super) fn from_micros(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(v).unwrap_or_default()
+}
+
+pub(super) fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(from_micros)
+}
+
+pub(super) fn status_code(s: ProgressStatus) -> i64 {
+    s.index() as i64
+}
+
+pub(super) fn status_from(code: i64) -> Result<ProgressStatus> {
+    ProgressStatus::ALL
+        .get(code as usize)
+        .copied()
+        .ok_or_else(|| bad_column(format!("unknown status code {code}")))
+}
+
+pub(super) fn type_code(t: TaskType) -> i64 {
+    TaskType::ALL.iter().position(|x| *x == t).unwrap_or(0) as i64
+}
+
+fn type_from(code: i64) -> Result<TaskType> {
+    TaskType::ALL
+        .get(code as usize)
+        .copied()
+        .ok_or_else(|| bad_column(format!("unknown task type code {code}")))
+}
+
+pub(super) fn bad_column(msg: String) -> Error {
+    Error::Backend {
+        message: format!("corrupt row in the database: {msg}"),
+        source: None,
+    }
+}
+
+pub(super) fn json_text(map: &JsonMap) -> Option<String> {
+    if map.is_empty() {
+        None
+    } else {
+        serde_json::to_string(map).ok()
+    }
+}
+
+pub(super) fn json_map(text: Option<String>) -> JsonMap {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+const UPGRADE_COLS: &str = "ukey, upgrade_id, plan_id, cluster_name, status, current_phase, \
+    created_at, started_at, completed_at, error_message, metadata, top_weight, top_sum, \
+    c0, c1, c2, c3, c4, c5, last_seq";
+
+pub(super) struct UpgradeRow {
+    pub(super) ukey: i64,
+    pub(super) upgrade: Upgrade,
+}
+
+fn upgrade_row(r: &Row) -> Result<UpgradeRow> {
+    let top_weight: f64 = r.get(11);
+    let top_sum: f64 = r.get(12);
+    let mut counts = [0u64; 6];
+    for (i, c) in counts.iter_mut().enumerate() {
+        *c = r.get::<_, i64>(13 + i) as u64;
+    }
+    Ok(UpgradeRow {
+        ukey: r.get(0),
+        upgrade: Upgrade {
+            upgrade_id: r.get(1),
+            plan_id: r.get(2),
+            cluster_name: r.get(3),
+            status: status_from(r.get(4))?,
+            current_phase: r.get(5),
+            created_at: from_micros(r.get(6)),
+            started_at: opt_time(r.get(7)),
+            completed_at: opt_time(r.get(8)),
+            error_message: r.get(9),
+            metadata: json_map(r.get(10)),
+            overall_percentage: if top_weight > 0.0 {
+                machine::clamp_pct(top_sum / top_weight)
+            } else {
+                0.0
+            },
+            task_counts: counts,
+            last_seq: r.get::<_, i64>(19) as u64,
+        },
+    })
+}
+
+pub(super) const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, \
+    task_id, name, task_type, parent_task_id, status, percentage, current_step, total_steps, \
+    completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
+    started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5";
+
+pub(super) struct TaskRow {
+    pub(super) tkey: i64,
+    pub(super) parent_tkey: Option<i64>,
+    pub(super) depth: u32,
+    pub(super) child_weight: f64,
+    pub(super) child_sum: f64,
+    /// Children per status, indexed like `ProgressStatus::ALL`.
+    pub(super) child_counts: [u32; 6],
+    pub(super) task: Task,
+}
+
+pub(super) fn task_row(r: &Row, upgrade_id: &str) -> Result<TaskRow> {
+    let mut child_counts = [0u32; 6];
+    for (i, c) in child_counts.iter_mut().enumerate() {
+        *c = u32_of(r.get(24 + i));
+    }
+    Ok(TaskRow {
+        child_counts,
+        tkey: r.get(0),
+        parent_tkey: r.get(1),
+        depth: u32_of(r.get(2)),
+        child_weight: r.get(3),
+        child_sum: r.get(4),
+        task: Task {
+            upgrade_id: upgrade_id.to_owned(),
+            task_id: r.get(5),
+            name: r.get(6),
+            task_type: type_from(r.get(7))?,
+            parent_task_id: r.get(8),
+            status: status_from(r.get(9))?,
+            percentage: r.get(10),
+            current_step: r.get(11),
+            total_steps: r.get::<_, Option<i64>>(12).map(u32_of),
+            completed_steps: u32_of(r.get(13)),
+            weight: r.get(14),
+            children: u32_of(r.get(15)),
+            error_message: r.get(16),
+            retry_count: u32_of(r.get(17)),
+            last_message: r.get(18),
+            created_at: from_micros(r.get(19)),
+            started_at: opt_time(r.get(20)),
+            completed_at: opt_time(r.get(21)),
+            duration: r.get(22),
+            metadata: json_map(r.get(23)),
+        },
+    })
+}
+
+const EVENT_SELECT: &str = "SELECT e.seq, e.event_id, u.upgrade_id, e.ts, t.task_id, t.task_type, \
+    e.kind, e.status, e.message, e.details, e.percentage \
+    FROM events e JOIN upgrades u ON u.ukey = e.ukey LEFT JOIN tasks t ON t.tkey = e.tkey";
+
+fn event_row(r: &Row) -> Result<ProgressEvent> {
+    let id: Uuid = r.get(1);
+    let kind: i64 = r.get(6);
+    Ok(ProgressEvent {
+        seq: r.get::<_, i64>(0) as u64,
+        event_id: id.to_string(),
+        upgrade_id: r.get(2),
+        timestamp: from_micros(r.get(3)),
+        task_id: r.get(4),
+        task_type: r.get::<_, Option<i64>>(5).map(type_from).transpose()?,
+        kind: EventKind::from_code(kind)
+            .ok_or_else(|| bad_column(format!("unknown event kind {kind}")))?,
+        status: status_from(r.get(7))?,
+        message: r.get(8),
+        details: json_map(r.get(9)),
+        percentage: r.get(10),
+    })
+}
+
+fn events_of(rows: Vec<Row>) -> Result<Vec<ProgressEvent>> {
+    rows.iter().map(event_row).collect()
+}
+
+fn upgrade_not_found(upgrade_id: &str) -> Error {
+    Error::not_found(format!("upgrade {upgrade_id:?}"))
+}
+
+pub(super) fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
+    Error::not_found(format!("task {task_id:?} of upgrade {upgrade_id:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+/// Everything one command changes on the upgrade row's counters, applied in one statement.
+#[derive(Default)]
+pub(super) struct UpgradeDelta {
+    pub(super) counts: [i64; 6],
+    pub(super) top_weight: f64,
+    pub(super) top_sum: f64,
+}
+
+impl UpgradeDelta {
+    pub(super) fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
+        if let Some(f) = from {
+            self.counts[f.index()] -= 1;
+        }
+        self.counts[to.index()] += 1;
+    }
+
+    pub(super) fn flush(&self, tx: &mut Tx<'_, '_>, ukey: i64) -> Result<()> {
+        if self.counts == [0; 6] && self.top_weight == 0.0 && self.top_sum == 0.0 {
+            return Ok(());
+        }
+        tx.exec(
+            "UPDATE upgrades SET c0 = c0 + $2, c1 = c1 + $3, c2 = c2 + $4, c3 = c3 + $5, \
+             c4 = c4 + $6, c5 = c5 + $7, top_weight = top_weight + $8, top_sum = top_sum + $9 \
+             WHERE ukey = $1",
+            &[
+                &ukey,
+                &self.counts[0],
+                &self.counts[1],
+                &self.counts[2],
+                &self.counts[3],
+                &self.counts[4],
+                &self.counts[5],
+                &self.top_weight,
+                &self.top_sum,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// A notification to write once its event has a `seq`.
+pub(super) struct Note {
+    /// Index of its event in the command's events.
+    pub(super) event: usize,
+    pub(super) from: Option<ProgressStatus>,
+    pub(super) cluster: String,
+    pub(super) upgrade: Option<Upgrade>,
+    pub(super) task: Option<Task>,
+}
+
+/// What one command wrote, its events still without `seq`: `committed.events[i].seq` and the
+/// status changes' `seq` hold the index of the event in the command (from 1) until
+/// [`assign`] numbers them.
+#[derive(Default)]
+pub(super) struct Staged {
+    pub(super) committed: Committed,
+    /// Row keys of each event (upgrade, task).
+    pub(super) keys: Vec<(i64, Option<i64>)>,
+    pub(super) notes: Vec<Note>,
+}
+
+impl Staged {
+    /// Stages `event` (its `seq` is ignored); returns its index.
+    pub(super) fn push(&mut self, ukey: i64, tkey: Option<i64>, mut event: ProgressEvent) -> u64 {
+        self.keys.push((ukey, tkey));
+        let local = self.keys.len() as u64;
+        event.seq = local;
+        self.committed.events.push(event);
+        local
+    }
+
+    pub(super) fn status_change(
+        &mut self,
+        local: u64,
+        upgrade_id: &str,
+        task_id: Option<&str>,
+        from: ProgressStatus,
+        to: ProgressStatus,
+    ) {
+        self.committed.status_changes.push(StatusChange {
+            seq: local,
+            upgrade_id: upgrade_id.to_owned(),
+            task_id: task_id.map(str::to_owned),
+            from,
+            to,
+        });
+    }
+}
+
+/// A new event (seq assigned later): every field of the event but its id and `seq`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn new_event(
+    upgrade_id: &str,
+    task: Option<(&str, TaskType)>,
+    kind: EventKind,
+    status: ProgressStatus,
+    ts: DateTime<Utc>,
+    message: Option<&str>,
+    details: Option<&JsonMap>,
+    percentage: f64,
+) -> ProgressEvent {
+    ProgressEvent {
+        seq: 0,
+        event_id: Uuid::now_v7().to_string(),
+        kind,
+        upgrade_id: upgrade_id.to_owned(),
+        timestamp: ts,
+        task_id: task.map(|(t, _)| t.to_owned()),
+        task_type: task.map(|(_, ty)| ty),
+        status,
+        message: message.map(str::to_owned),
+        details: details.cloned().unwrap_or_default(),
+        percentage,
+    }
+}
+
+/// The notifications of a transaction, column by column (event id, seq, upgrade, detail type,
+/// time, detail), for one `INSERT ... SELECT FROM UNNEST`.
+#[derive(Default)]
+struct NoteColumns(
+    Vec<String>,
+    Vec<i64>,
+    Vec<String>,
+    Vec<String>,
+    Vec<i64>,
+    Vec<String>,
+);
+
+/// The last statements of a writing transaction: takes `seq`s for every staged event from the
+/// counter, writes the events, their notifications and each upgrade's `last_seq`, and notifies
+/// followers. Numbers the staged events in place; returns the last `seq` (0: nothing staged).
+pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<u64> {
+    let n: i64 = staged.iter().map(|s| s.keys.len() as i64).sum();
+    if n == 0 {
+        return Ok(0);
+    }
+    let last: i64 = tx
+        .one("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n])?
+        .get(0);
+    let mut next = last - n;
+    let mut seqs = Vec::with_capacity(n as usize);
+    let mut ids = Vec::with_capacity(n as usize);
+    let mut ukeys = Vec::with_capacity(n as usize);
+    let mut tkeys: Vec<Option<i64>> = Vec::with_capacity(n as usize);
+    let mut kinds = Vec::with_capacity(n as usize);
+    let mut statuses = Vec::with_capacity(n as usize);
+    let mut tss = Vec::with_capacity(n as usize);
+    let mut messages: Vec<Option<String>> = Vec::with_capacity(n as usize);
+    let mut details: Vec<Option<String>> = Vec::with_capacity(n as usize);
+    let mut pcts = Vec::with_capacity(n as usize);
+    let mut upgrade_last: HashMap<i64, i64> = HashMap::new();
+    let mut notes = NoteColumns::default();
+    for s in staged.iter_mut() {
+        let base = next;
+        for (e, (ukey, tkey)) in s.committed.events.iter_mut().zip(&s.keys) {
+            next += 1;
+            e.seq = next as u64;
+            seqs.push(next);
+            ids.push(Uuid::parse_str(&e.event_id).unwrap_or_else(|_| Uuid::now_v7()));
+            ukeys.push(*ukey);
+            tkeys.push(*tkey);
+            kinds.push(e.kind.code());
+            statuses.push(status_code(e.status));
+            tss.push(micros(e.timestamp));
+            messages.push(e.message.clone());
+            details.push(json_text(&e.details));
+            pcts.push(e.percentage);
+            upgrade_last.insert(*ukey, next);
+        }
+        for c in &mut s.committed.status_changes {
+            c.seq += base as u64;
+        }
+        for note in &s.notes {
+            let event = &s.committed.events[note.event];
+            if let Some((kind, d)) = crate::store::notification::detail(
+                event,
+                note.from,
+                &note.cluster,
+                note.upgrade.as_ref(),
+                note.task.as_ref(),
+            ) {
+                notes.0.push(event.event_id.clone());
+                notes.1.push(event.seq as i64);
+                notes.2.push(event.upgrade_id.clone());
+                notes.3.push(kind.to_owned());
+                notes.4.push(micros(event.timestamp));
+                notes.5.push(serde_json::to_string(&d).unwrap_or_default());
+            }
+        }
+    }
+    tx.exec(
+        "INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, details, \
+         percentage) SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], $4::bigint[], \
+         $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::float8[])",
+        &[
+            &seqs, &ids, &ukeys, &tkeys, &kinds, &statuses, &tss, &messages, &details, &pcts,
+        ],
+    )?;
+    if !notes.0.is_empty() {
+        tx.exec(
+            "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+             $5::bigint[], $6::text[])",
+            &[&notes.0, &notes.1, &notes.2, &notes.3, &notes.4, &notes.5],
+        )?;
+    }
+    let (uk, us): (Vec<i64>, Vec<i64>) = upgrade_last.into_iter().unzip();
+    tx.exec(
+        "UPDATE upgrades u SET last_seq = x.s FROM UNNEST($1::bigint[], $2::bigint[]) AS x(k, s) \
+         WHERE u.ukey = x.k",
+        &[&uk, &us],
+    )?;
+    tx.exec(
+        "SELECT pg_notify($1, $2)",
+        &[&EVENTS_CHANNEL, &last.to_string()],
+    )?;
+    Ok(last as u64)
+}
+
+fn load_upgrade(
+    db: &mut Db<'_, impl GenericClient>,
+    upgrade_id: &str,
+    lock: bool,
+) -> Result<UpgradeRow> {
+    let sql = if lock {
+        "SELECT ukey, upgrade_id, plan_id, cluster_name, status, current_phase, created_at, \
+         started_at, completed_at, error_message, metadata, top_weight, top_sum, c0, c1, c2, c3, \
+         c4, c5, last_seq FROM upgrades WHERE upgrade_id = $1 FOR UPDATE"
+    } else {
+        "SELECT ukey, upgrade_id, plan_id, cluster_name, status, current_phase, created_at, \
+         started_at, completed_at, error_message, metadata, top_weight, top_sum, c0, c1, c2, c3, \
+         c4, c5, last_seq FROM upgrades WHERE upgrade_id = $1"
+    };
+    let row = db
+        .opt(sql, &[&upgrade_id])?
+        .ok_or_else(|| upgrade_not_found(upgrade_id))?;
+    upgrade_row(&row)
+}
+
+pub(super) fn upgrade_key(db: &mut Db<'_, impl GenericClient>, upgrade_id: &str) -> Result<i64> {
+    Ok(db
+        .opt(
+            "SELECT ukey FROM upgrades WHERE upgrade_id = $1",
+            &[&upgrade_id],
+        )?
+        .ok_or_else(|| upgrade_not_found(upgrade_id))?
+        .get(0))
+}
+
+/// Locks the upgrade's row for the rest of the transaction (commands on one upgrade run one at
+/// a time); returns its key.
+pub(super) fn lock_upgrade(tx: &mut Tx<'_, '_>, upgrade_id: &str) -> Result<i64> {
+    Ok(tx
+        .opt(
+            "SELECT ukey FROM upgrades WHERE upgrade_id = $1 FOR UPDATE",
+            &[&upgrade_id],
+        )?
+        .ok_or_else(|| upgrade_not_found(upgrade_id))?
+        .get(0))
+}
+
+pub(super) fn load_task(
+    db: &mut Db<'_, impl GenericClient>,
+    ukey: i64,
+    upgrade_id: &str,
+    task_id: &str,
+) -> Result<TaskRow> {
+    let row = db
+        .opt(
+            &format!("SELECT {TASK_COLS} FROM tasks WHERE ukey = $1 AND task_id = $2"),
+            &[&ukey, &task_id],
+        )?
+        .ok_or_else(|| task_not_found(upgrade_id, task_id))?;
+    task_row(&row, upgrade_id)
+}
+
+pub(super) fn save_task(tx: &mut Tx<'_, '_>, row: &TaskRow) -> Result<()> {
+    let t = &row.task;
+    let k: Vec<i64> = row.child_counts.iter().map(|c| i64::from(*c)).collect();
+    tx.exec(
+        "UPDATE tasks SET status = $2, percentage = $3, current_step = $4, completed_steps = $5, \
+         error_message = $6, retry_count = $7, last_message = $8, started_at = $9, \
+         completed_at = $10, duration = $11, children = $12, child_weight = $13, \
+         child_sum = $14, k0 = $15, k1 = $16, k2 = $17, k3 = $18, k4 = $19, k5 = $20 \
+         WHERE tkey = $1",
+        &[
+            &row.tkey,
+            &status_code(t.status),
+            &t.percentage,
+            &t.current_step,
+            &i64::from(t.completed_steps),
+            &t.error_message,
+            &i64::from(t.retry_count),
+            &t.last_message,
+            &t.started_at.map(micros),
+            &t.completed_at.map(micros),
+            &t.duration,
+            &i64::from(t.children),
+            &row.child_weight,
+            &row.child_sum,
+            &k[0],
+            &k[1],
+            &k[2],
+            &k[3],
+            &k[4],
+            &k[5],
+        ],
+    )?;
+    Ok(())
+}
+
+/// Executes `commands`; says whether there is anything to commit.
+fn execute_batch(
+    tx: &mut Tx<'_, '_>,
+    commands: &[Command],
+) -> Result<(Vec<Result<Committed>>, bool)> {
+    let now = crate::model::now();
+    let mut results: Vec<Result<Staged>> = Vec::with_capacity(commands.len());
+    // One command needs no savepoint: a failure rolls the transaction back.
+    let single = commands.len() == 1;
+    for command in commands {
+        if !single {
+            tx.batch("SAVEPOINT cmd")?;
+        }
+        match execute_one(tx, command, now) {
+            Ok(s) => {
+                if !single {
+                    tx.batch("RELEASE cmd")?;
+                }
+                results.push(Ok(s));
+            }
+            Err(e @ Error::Backend { .. }) => return Err(e),
+            Err(e) => {
+                if !single {
+                    tx.batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                }
+                results.push(Err(e));
+            }
+        }
+    }
+    let mut staged: Vec<&mut Staged> = results.iter_mut().filter_map(|r| r.as_mut().ok()).collect();
+    let commit = !staged.is_empty();
+    assign(tx, &mut staged)?;
+    let results = results
+        .into_iter()
+        .map(|r| r.map(|s| s.committed))
+        .collect();
+    Ok((results, commit))
+}
+
+fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Result<Staged> {
+    command.validate()?;
+    let mut staged = Staged::default();
+    match command {
+        Command::UpgradeCreate {
+            upgrade_id,
+            plan_id,
+            cluster_name,
+            metadata,
+        } => {
+            let row = tx.opt(
+                "INSERT INTO upgrades (upgrade_id, plan_id, cluster_name, status, created_at, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (upgrade_id) DO NOTHING RETURNING ukey",
+                &[
+                    upgrade_id,
+                    plan_id,
+                    cluster_name,
+                    &status_code(ProgressStatus::NotStarted),
+                    &micros(now),
+                    &json_text(metadata),
+                ],
+            )?;
+            let Some(row) = row else {
+                return Err(Error::AlreadyExists {
+                    what: format!("upgrade {upgrade_id:?}"),
+                });
+            };
+            let ukey: i64 = row.get(0);
+            staged.push(
+                ukey,
+                None,
+                new_event(
+                    upgrade_id,
+                    None,
+                    EventKind::UpgradeCreated,
+                    ProgressStatus::NotStarted,
+                    now,
+                    None,
+                    None,
+                    0.0,
+                ),
+            );
+            Ok(staged)
+        }
+        Command::UpgradeStart { upgrade_id, .. }
+        | Command::UpgradePhase { upgrade_id, .. }
+        | Command::UpgradeComplete { upgrade_id, .. }
+        | Command::UpgradeFail { upgrade_id, .. } => {
+            let row = load_upgrade(tx, upgrade_id, true)?;
+            let from = row.upgrade.status;
+            let to = machine::upgrade_transition(upgrade_id, from, command)?.unwrap_or(from);
+            let mut u = row.upgrade;
+            let (kind, message) = match command {
+                Command::UpgradeStart { phase, .. } => {
+                    u.started_at = Some(now);
+                    if phase.is_some() {
+                        u.current_phase.clone_from(phase);
+                    }
+                    (EventKind::UpgradeStarted, phase.clone())
+                }
+                Command::UpgradePhase { phase, .. } => {
+                    u.current_phase = Some(phase.clone());
+                    (EventKind::UpgradePhaseChanged, Some(phase.clone()))
+                }
+                Command::UpgradeComplete { message, .. } => {
+                    u.completed_at = Some(now);
+                    (EventKind::UpgradeCompleted, message.clone())
+                }
+                Command::UpgradeFail { error_message, .. } => {
+                    u.completed_at = Some(now);
+                    u.error_message = Some(error_message.clone());
+                    (EventKind::UpgradeFailed, Some(error_message.clone()))
+                }
+                _ => unreachable!(),
+            };
+            tx.exec(
+                "UPDATE upgrades SET status = $2, current_phase = $3, started_at = $4, \
+                 completed_at = $5, error_message = $6 WHERE ukey = $1",
+                &[
+                    &row.ukey,
+                    &status_code(to),
+                    &u.current_phase,
+                    &u.started_at.map(micros),
+                    &u.completed_at.map(micros),
+                    &u.error_message,
+                ],
+            )?;
+            let local = staged.push(
+                row.ukey,
+                None,
+                new_event(
+                    upgrade_id,
+                    None,
+                    kind,
+                    to,
+                    now,
+                    message.as_deref(),
+                    None,
+                    u.overall_percentage,
+                ),
+            );
+            if from != to {
+                staged.status_change(local, upgrade_id, None, from, to);
+            }
+            u.status = to;
+            staged.notes.push(Note {
+                event: local as usize - 1,
+                from: Some(from),
+                cluster: u.cluster_name.clone(),
+                upgrade: Some(u),
+                task: None,
+            });
+            Ok(staged)
+        }
+        Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {
+            let tasks = command.new_tasks();
+            add_tasks(tx, &mut staged, upgrade_id, &tasks, now)?;
+            Ok(staged)
+        }
+        _ => {
+            let upgrade_id = command.upgrade_id();
+            let (task_id, _) = command.task_op().expect("remaining commands are task ops");
+            let ukey = lock_upgrade(tx, upgrade_id)?;
+            let row = load_task(tx, ukey, upgrade_id, task_id)?;
+            let mut w = TaskWrite::new(tx, &mut staged, ukey, upgrade_id, now);
+            if row.task.children > 0 {
+                w.parent_op(row, command)?;
+            } else {
+                w.task_op(row, command)?;
+            }
+            w.finish()?;
+            Ok(staged)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl ProgressStore for PostgresStore {
+    fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
+        self.write_or_roll_back(|tx| execute_batch(tx, commands))
+    }
+
+    fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {
+        crate::store::domain::command::check_import(upgrade, tasks, events)?;
+        self.write(|tx| import_upgrade(tx, upgrade, tasks, events))
+    }
+
+    fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
+        self.read(|db| Ok(load_upgrade(db, upgrade_id, false)?.upgrade))
+    }
+
+    fn upgrades_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Upgrade>> {
+        self.read(|db| {
+            let from = match after {
+                Some(id) => upgrade_key(db, id)?,
+                None => 0,
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            db.query(
+                &format!(
+                    "SELECT {UPGRADE_COLS} FROM upgrades WHERE ukey > $1 ORDER BY ukey LIMIT $2"
+                ),
+                &[&from, &limit],
+            )?
+            .iter()
+            .map(|r| upgrade_row(r).map(|u| u.upgrade))
+            .collect()
+        })
+    }
+
+    fn tasks_page(&self, upgrade_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<Task>> {
+        self.read(|db| {
+            let ukey = upgrade_key(db, upgrade_id)?;
+            let from = match after {
+                Some(id) => load_task(db, ukey, upgrade_id, id)?.tkey,
+                None => 0,
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            db.query(
+                &format!(
+                    "SELECT {TASK_COLS} FROM tasks WHERE ukey = $1 AND tkey > $2 ORDER BY tkey LIMIT $3"
+                ),
+                &[&ukey, &from, &limit],
+            )?
+            .iter()
+            .map(|r| task_row(r, upgrade_id).map(|t| t.task))
+            .collect()
+        })
+    }
+
+    fn tasks_in_status(
+        &self,
+        upgrade_id: &str,
+        status: ProgressStatus,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Task>> {
+        self.read(|db| {
+            let ukey = upgrade_key(db, upgrade_id)?;
+            let order = if newest_first { "DESC" } else { "ASC" };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            db.query(
+                &format!(
+                    "SELECT {TASK_COLS} FROM tasks WHERE ukey = $1 AND status = $2 \
+                     ORDER BY tkey {order} LIMIT $3"
+                ),
+                &[&ukey, &status_code(status), &limit],
+            )?
+            .iter()
+            .map(|r| task_row(r, upgrade_id).map(|t| t.task))
+            .collect()
+        })
+    }
+
+    fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task> {
+        self.read(|db| {
+            let ukey = upgrade_key(db, upgrade_id)?;
+            Ok(load_task(db, ukey, upgrade_id, task_id)?.task)
+        })
+    }
+
+    fn recent_task_events(
+        &self,
+        upgrade_id: &str,
+        task_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ProgressEvent>> {
+        self.read(|db| {
+            let ukey = upgrade_key(db, upgrade_id)?;
+            let row = load_task(db, ukey, upgrade_id, task_id)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            events_of(db.query(
+                &format!("{EVENT_SELECT} WHERE e.tkey = $1 ORDER BY e.seq DESC LIMIT $2"),
+                &[&row.tkey, &limit],
+            )?)
+        })
+    }
+
+    fn events(&self, query: &EventQuery) -> Result<Vec<ProgressEvent>> {
+        self.read(|db| {
+            let since = i64::try_from(query.since).unwrap_or(i64::MAX);
+            let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+            match &query.upgrade_id {
+                Some(upgrade_id) => {
+                    let ukey = upgrade_key(db, upgrade_id)?;
+                    events_of(db.query(
+                        &format!(
+                            "{EVENT_SELECT} WHERE e.ukey = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3"
+                        ),
+                        &[&ukey, &since, &limit],
+                    )?)
+                }
+                None => events_of(db.query(
+                    &format!("{EVENT_SELECT} WHERE e.seq > $1 ORDER BY e.seq LIMIT $2"),
+                    &[&since, &limit],
+                )?),
+            }
+        })
+    }
+
+    fn latest_events(&self, upgrade_id: &str, limit: usize) -> Result<Vec<ProgressEvent>> {
+        self.read(|db| {
+            let ukey = upgrade_key(db, upgrade_id)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mut out = events_of(db.query(
+                &format!("{EVENT_SELECT} WHERE e.ukey = $1 ORDER BY e.seq DESC LIMIT $2"),
+                &[&ukey, &limit],
+            )?)?;
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    fn last_seq(&self) -> Result<u64> {
+        self.read(|db| {
+            let seq: Option<i64> = db.one("SELECT max(seq) FROM events", &[])?.get(0);
+            Ok(seq.unwrap_or(0) as u64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::PgCluster;
+
+    #[test]
+    fn conformance() {
+        let pg = PgCluster::start();
+        let options = PostgresOptions {
+            pool_size: 4,
+            ..PostgresOptions::default()
+        };
+        crate::conformance::run(&|| {
+            Box::new(PostgresStore::open(&pg.create_database(), &options).unwrap())
+        });
+    }
+
+    #[test]
+    fn newer_schema_is_refused_and_migrations_run_once() {
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        assert_eq!(
+            store.schema_version().unwrap(),
+            super::super::schema::SCHEMA_VERSION
+        );
+        drop(store);
+        // Opening again migrates nothing.
+        let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        store
+            .with_conn(|c| {
+                Ok(c.client
+                    .batch_execute("UPDATE schema_version SET version = 99")?)
+            })
+            .unwrap();
+        drop(store);
+        let err = PostgresStore::open(&url, &PostgresOptions::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("newer version (schema 99"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_what_to_fix() {
+        for url in ["mysql://x", "postgres://h:notaport/db"] {
+            let err = PostgresStore::open(url, &PostgresOptions::default()).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{url}: {err}");
+            assert!(err.to_string().contains("postgres://"), "{err}");
+        }
+        let err = parse_url("postgres://u:secret@h/db?sslmode=require").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+}

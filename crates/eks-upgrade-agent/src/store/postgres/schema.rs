@@ -1,0 +1,167 @@
+//! The PostgreSQL schema and its versioned migrations: each version's DDL, applied in order in
+//! one transaction at open, under an advisory lock so replicas starting together migrate once;
+//! a database written by a newer build is refused.
+
+use postgres::Client;
+
+use crate::error::{Error, Result};
+
+/// The schema version this build writes (`schema_version.version`).
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+/// Key of the advisory lock migrations hold.
+const MIGRATION_LOCK: i64 = 0x6575_615f_6d69_6772;
+
+const SCHEMA_1: &str = r#"
+CREATE TABLE seq_counter (
+    id  BOOLEAN PRIMARY KEY DEFAULT true CHECK (id),
+    seq BIGINT NOT NULL
+);
+INSERT INTO seq_counter (id, seq) VALUES (true, 0);
+CREATE TABLE upgrades (
+    ukey          BIGSERIAL PRIMARY KEY,
+    upgrade_id    TEXT NOT NULL UNIQUE,
+    plan_id       TEXT NOT NULL,
+    cluster_name  TEXT NOT NULL,
+    status        BIGINT NOT NULL,
+    current_phase TEXT,
+    created_at    BIGINT NOT NULL,
+    started_at    BIGINT,
+    completed_at  BIGINT,
+    error_message TEXT,
+    metadata      TEXT,
+    top_weight    DOUBLE PRECISION NOT NULL DEFAULT 0,
+    top_sum       DOUBLE PRECISION NOT NULL DEFAULT 0,
+    c0 BIGINT NOT NULL DEFAULT 0, c1 BIGINT NOT NULL DEFAULT 0, c2 BIGINT NOT NULL DEFAULT 0,
+    c3 BIGINT NOT NULL DEFAULT 0, c4 BIGINT NOT NULL DEFAULT 0, c5 BIGINT NOT NULL DEFAULT 0,
+    last_seq      BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE tasks (
+    tkey            BIGSERIAL PRIMARY KEY,
+    ukey            BIGINT NOT NULL REFERENCES upgrades (ukey),
+    task_id         TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    task_type       BIGINT NOT NULL,
+    parent_tkey     BIGINT,
+    parent_task_id  TEXT,
+    depth           BIGINT NOT NULL,
+    status          BIGINT NOT NULL,
+    percentage      DOUBLE PRECISION NOT NULL,
+    current_step    TEXT,
+    total_steps     BIGINT,
+    completed_steps BIGINT NOT NULL,
+    weight          DOUBLE PRECISION NOT NULL,
+    children        BIGINT NOT NULL DEFAULT 0,
+    child_weight    DOUBLE PRECISION NOT NULL DEFAULT 0,
+    child_sum       DOUBLE PRECISION NOT NULL DEFAULT 0,
+    error_message   TEXT,
+    retry_count     BIGINT NOT NULL DEFAULT 0,
+    last_message    TEXT,
+    created_at      BIGINT NOT NULL,
+    started_at      BIGINT,
+    completed_at    BIGINT,
+    duration        DOUBLE PRECISION,
+    metadata        TEXT,
+    k0 BIGINT NOT NULL DEFAULT 0, k1 BIGINT NOT NULL DEFAULT 0, k2 BIGINT NOT NULL DEFAULT 0,
+    k3 BIGINT NOT NULL DEFAULT 0, k4 BIGINT NOT NULL DEFAULT 0, k5 BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (ukey, task_id)
+);
+CREATE INDEX tasks_by_parent_status ON tasks (parent_tkey, status) WHERE parent_tkey IS NOT NULL;
+CREATE INDEX tasks_by_status ON tasks (ukey, status, tkey);
+CREATE TABLE events (
+    seq        BIGINT PRIMARY KEY,
+    event_id   UUID NOT NULL,
+    ukey       BIGINT NOT NULL,
+    tkey       BIGINT,
+    kind       BIGINT NOT NULL,
+    status     BIGINT NOT NULL,
+    ts         BIGINT NOT NULL,
+    message    TEXT,
+    details    TEXT,
+    percentage DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX events_by_upgrade ON events (ukey, seq);
+CREATE INDEX events_by_task ON events (tkey, seq) WHERE tkey IS NOT NULL;
+CREATE TABLE notifications (
+    nid         BIGSERIAL PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    seq         BIGINT NOT NULL,
+    upgrade_id  TEXT NOT NULL,
+    detail_type TEXT NOT NULL,
+    time        BIGINT NOT NULL,
+    detail      TEXT NOT NULL
+);
+CREATE TABLE sink_cursors (
+    sink TEXT PRIMARY KEY,
+    upto BIGINT NOT NULL
+);
+CREATE TABLE deliveries (
+    sink        TEXT NOT NULL,
+    nid         BIGINT NOT NULL,
+    status      BIGINT NOT NULL,
+    attempts    BIGINT NOT NULL,
+    next_at     BIGINT NOT NULL,
+    last_error  TEXT,
+    updated_at  BIGINT NOT NULL,
+    lease_owner TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (sink, nid)
+);
+CREATE INDEX deliveries_by_status ON deliveries (sink, status, nid);
+"#;
+
+/// The schema version of the database `client` is connected to (0: empty).
+pub(crate) fn version(client: &mut Client) -> Result<i64> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = 'schema_version')",
+            &[],
+        )?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client
+        .query_opt("SELECT version FROM schema_version", &[])?
+        .map_or(0, |r| r.get(0)))
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`]; returns the version found before.
+pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
+    let found = version(client)?;
+    if found > SCHEMA_VERSION {
+        return Err(newer_schema(found));
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(found);
+    }
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let version: i64 = tx
+        .query_opt("SELECT version FROM schema_version", &[])?
+        .map_or(0, |r| r.get(0));
+    if version > SCHEMA_VERSION {
+        return Err(newer_schema(version));
+    }
+    if version < 1 {
+        tx.batch_execute(SCHEMA_1)?;
+    }
+    tx.execute("DELETE FROM schema_version", &[])?;
+    tx.execute(
+        "INSERT INTO schema_version (version) VALUES ($1)",
+        &[&SCHEMA_VERSION],
+    )?;
+    tx.commit()?;
+    Ok(found)
+}
+
+fn newer_schema(version: i64) -> Error {
+    Error::Backend {
+        message: format!(
+            "the database was written by a newer version (schema {version}, this build knows {SCHEMA_VERSION}): upgrade eks-upgrade-agent"
+        ),
+        source: None,
+    }
+}
