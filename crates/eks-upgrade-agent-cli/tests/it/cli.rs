@@ -938,6 +938,21 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
     );
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("<title>EKS Upgrade Agent</title>"), "{page}");
+    // Its files come from the binary itself (no CDN, nothing on disk): every asset the page
+    // names is served.
+    for asset in ["/assets/app.css", "/assets/app.js"] {
+        assert!(page.contains(asset), "{page}");
+        let got = http(
+            port,
+            &format!("GET {asset} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(got.starts_with("HTTP/1.1 200"), "{asset}: {got}");
+        assert!(got.len() > 1000, "{asset}: {got}");
+    }
+    assert!(
+        !page.contains("https://") && !page.contains("//cdn"),
+        "{page}"
+    );
     // The demo ends; the server stays up and shows the finished upgrade.
     lines
         .by_ref()

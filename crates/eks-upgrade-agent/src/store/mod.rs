@@ -610,7 +610,7 @@ mod layering {
             // A file's own test module may drive the backend through the tracker.
             let text = text.split("#[cfg(test)]\nmod tests").next().unwrap();
             let in_domain = path.starts_with(root.join("domain"));
-            for m in crate_modules(&text) {
+            for m in crate_modules(text) {
                 let allowed = if in_domain {
                     matches!(m.as_str(), "model" | "error" | "store")
                 } else {
