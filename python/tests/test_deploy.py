@@ -95,6 +95,13 @@ def test_deployment_fits_the_server(eua_bin):
     for line in secret["stringData"]["tokens"].splitlines():
         assert re.fullmatch(r"[^:\s]+:(read|write)", line), line
 
+    # A read-only root file system leaves the server somewhere to write: the data dir (the blob
+    # cache) and /tmp (spooled uploads) are volumes.
+    if c["securityContext"].get("readOnlyRootFilesystem"):
+        data_dir = next(e["value"] for e in c["env"] if e["name"] == "EUA_DATA_DIR")
+        assert data_dir in mounts.values(), mounts
+        assert "/tmp" in mounts.values(), mounts
+
     # Every setting the Deployment passes is one the binary reads.
     (ref,) = c["envFrom"]
     assert ref["secretRef"]["name"] == secret["metadata"]["name"]

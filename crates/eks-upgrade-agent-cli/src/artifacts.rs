@@ -467,6 +467,22 @@ fn add_test_results(
         }
         if eks_upgrade_agent::results::junit::is_junit(p)? {
             junit.push(p.clone());
+        } else if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("xml")) {
+            // An XML file given as a test result with a phase is meant to be a report: an
+            // empty or broken one (what a crashed suite leaves) is an error, not an opaque
+            // artifact that hides the missing run.
+            let label = p.to_string_lossy();
+            eks_upgrade_agent::results::junit::parse_file(
+                p,
+                &label,
+                &Default::default(),
+                &mut |_| Ok(()),
+            )?;
+            anyhow::bail!(
+                "{}: not a JUnit XML report (its root is not <testsuites> or <testsuite>); \
+                 nothing was stored",
+                printable(&label)
+            );
         } else {
             other.push(p.clone());
         }

@@ -316,6 +316,40 @@ fn artifacts_add_with_a_phase_ingests_junit_files() {
         ],
     );
     assert!(err.contains("--type test_result"), "{err}");
+    // An empty or broken XML report (what a crashed suite leaves) is an error naming it, and
+    // nothing of the call is stored (not the good report beside it either).
+    let empty = env.data_dir().join("junit.xml");
+    std::fs::write(&empty, "").unwrap();
+    let artifacts_before = env.json(&["artifacts", "search", "--session", sid]);
+    for bad in [
+        empty.clone(),
+        fixture("broken_tag.xml"),
+        fixture("not_junit.xml"),
+    ] {
+        let err = env.fails(
+            1,
+            &[
+                "artifacts",
+                "add",
+                sid,
+                cid,
+                xml.to_str().unwrap(),
+                bad.to_str().unwrap(),
+                "--type",
+                "test_result",
+                "--phase",
+                "post",
+            ],
+        );
+        let name = bad.file_name().unwrap().to_str().unwrap();
+        assert!(err.contains(name), "{err}");
+        assert_eq!(
+            env.json(&["artifacts", "search", "--session", sid]),
+            artifacts_before,
+            "nothing stored for {name}"
+        );
+    }
+    assert_eq!(env.json(&["tests", "runs"]).as_array().unwrap().len(), 1);
     // Without --phase a JUnit file is an opaque artifact, as before.
     env.json(&[
         "artifacts",

@@ -218,8 +218,17 @@ fn bounded(mut s: String) -> String {
 fn seconds(v: &str) -> f64 {
     // Surefire writes locale-formatted times ("1,234.5"); anything unreadable counts as 0.
     let x: f64 = v.trim().replace(',', "").parse().unwrap_or(0.0);
-    if x.is_finite() && x >= 0.0 { x } else { 0.0 }
+    // At most 100 years (the limit of every duration here), so sums over any number of cases
+    // stay finite (`1e308` twice would be infinite, and JSON has no infinity).
+    if x.is_finite() && x >= 0.0 {
+        x.min(MAX_SECONDS)
+    } else {
+        0.0
+    }
 }
+
+/// The longest duration a `time` attribute counts for: 100 years.
+const MAX_SECONDS: f64 = 100.0 * 365.25 * 86_400.0;
 
 /// Parses a report from `reader`; see [`parse_file`].
 pub fn parse<R: BufRead>(
@@ -820,6 +829,17 @@ mod tests {
             assert!(m.len() <= MAX_MESSAGE_BYTES, "{}", m.len());
             assert!(m.ends_with('…'));
         }
+    }
+
+    #[test]
+    fn times_are_bounded_and_finite() {
+        assert_eq!(seconds("1.5"), 1.5);
+        assert_eq!(seconds("1,234.5"), 1234.5);
+        assert_eq!(seconds("-3"), 0.0);
+        assert_eq!(seconds("NaN"), 0.0);
+        assert_eq!(seconds("later"), 0.0);
+        assert_eq!(seconds("1e308"), MAX_SECONDS);
+        assert!((seconds("1e308") + seconds("1e308")).is_finite());
     }
 
     #[test]

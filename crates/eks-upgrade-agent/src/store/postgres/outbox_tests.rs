@@ -74,4 +74,34 @@ fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
     assert!(taken.iter().any(|(n, _)| nids_a.contains(&n.nid)));
     let status = a.sink_status("hook").unwrap();
     assert_eq!(status.delivered as usize, second.len());
+    // B delivers what it took over; A, waking up late, reports a retry for its old claim:
+    // the entry stays delivered (a late outcome of a lost lease is ignored), and nothing is
+    // handed out again.
+    let outcomes: Vec<_> = taken
+        .iter()
+        .map(|(n, _)| (n.nid, DeliveryOutcome::Delivered))
+        .collect();
+    b.record("hook", &outcomes).unwrap();
+    let late: Vec<_> = first
+        .iter()
+        .map(|(n, _)| {
+            (
+                n.nid,
+                DeliveryOutcome::Retry {
+                    next_at: Utc::now(),
+                    error: "timed out".into(),
+                },
+            )
+        })
+        .collect();
+    a.record("hook", &late).unwrap();
+    let status = a.sink_status("hook").unwrap();
+    assert_eq!(
+        status.delivered as usize,
+        second.len() + taken.len(),
+        "{status:?}"
+    );
+    assert_eq!(status.pending, 0, "{status:?}");
+    assert!(a.due("hook", Utc::now(), 100).unwrap().is_empty());
+    assert!(b.due("hook", Utc::now(), 100).unwrap().is_empty());
 }

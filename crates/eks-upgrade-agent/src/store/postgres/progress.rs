@@ -170,13 +170,34 @@ pub struct PoolStats {
 /// `url` with any password replaced by `***`, for messages.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            // libpq also takes the password (and an SSL key's passphrase) as query options.
+            if u.query_pairs().any(|(k, _)| secret_option(&k)) {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret_option(&k) {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
-        Ok(u) => u.to_string(),
         Err(_) => "(unparsable database URL)".to_owned(),
     }
+}
+
+/// Query options of a database URL that carry secrets.
+fn secret_option(key: &str) -> bool {
+    matches!(key, "password" | "sslpassword")
 }
 
 /// Parses a `postgres://` URL (libpq's options: `sslmode`, `connect_timeout`,
@@ -1224,5 +1245,11 @@ mod tests {
         }
         let err = parse_url("postgres://u:secret@h/db?sslmode=require").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+        // The password as a query option is hidden too, wherever the URL is shown.
+        let err = parse_url("postgres://u@h/db?password=s3cret&sslmode=require").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let shown = redact("postgres://u@h/db?application_name=eua&password=s3cret");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("application_name=eua"), "{shown}");
     }
 }
