@@ -15,14 +15,14 @@ use serde_json::{Value, json};
 use eks_upgrade_agent::TestArtifactsManager;
 use eks_upgrade_agent::artifacts::{AddOptions, NewSession, Progress};
 use eks_upgrade_agent::artifacts::{PullReport, UploadReport};
-use eks_upgrade_agent::model::{ArtifactQuery, ArtifactStatus, ArtifactType, TestArtifact};
+use eks_upgrade_agent::model::{ArtifactQuery, ArtifactStatus, ArtifactType};
 use eks_upgrade_agent::units::{parse_duration, parse_size};
 
 use crate::Access;
 use crate::Ctx;
 use crate::kv::{parse_kv, parse_kv_json, to_map};
 use crate::output::print_json;
-use crate::output::{printable, truncate};
+use crate::output::{artifact_header, artifact_line, print_table, printable, truncate};
 use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::requests::{PullRequest, UploadRequest};
 use eks_upgrade_agent::store::IdKind;
@@ -86,7 +86,7 @@ pub(crate) enum ArtifactsCmd {
         meta_json: Vec<(String, Value)>,
         /// With --type test_result: pre, post or adhoc; the JUnit XML files among the paths
         /// are also recorded as one test run of the session's upgrade (`tests ...`)
-        #[arg(long, value_name = "PHASE", value_parser = parse_phase)]
+        #[arg(long, value_name = "PHASE", value_parser = crate::test_results::parse_phase)]
         phase: Option<eks_upgrade_agent::model::RunPhase>,
     },
     /// Find artifacts (newest first); every filter narrows the result
@@ -356,62 +356,6 @@ fn common_cause(failed: &[(String, String)]) -> Option<&str> {
         .then_some(cause)
 }
 
-/// A table with a header row: each column as wide as its widest cell, the last one free, each
-/// line cut to the terminal's width.
-fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> io::Result<()> {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let w = crate::output::width();
-    let line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut out = String::new();
-        for (i, cell) in cells.enumerate() {
-            if i + 1 < N {
-                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
-            } else {
-                out.push_str(cell);
-            }
-        }
-        crate::output::fit(&out, w)
-    };
-    let mut out = io::stdout().lock();
-    writeln!(out, "{}", line(&mut header.iter().copied()))?;
-    for row in rows {
-        writeln!(out, "{}", line(&mut row.iter().map(String::as_str)))?;
-    }
-    Ok(())
-}
-
-/// The header row of [`artifact_line`]s.
-fn artifact_header(out: &mut impl Write) -> io::Result<()> {
-    let line = format!(
-        "{:<12}  {:<13}  {:>10}  {:<19}  NAME",
-        "ID", "TYPE", "SIZE", "CREATED (UTC)"
-    );
-    writeln!(out, "{}", crate::output::fit(&line, crate::output::width()))
-}
-
-/// One artifact in a table, its id in its shortest unambiguous form, its size for people.
-fn artifact_line(out: &mut impl Write, short: &str, a: &TestArtifact) -> io::Result<()> {
-    let line = format!(
-        "{:<12}  {:<13}  {:>10}  {}  {}{}",
-        printable(short),
-        a.artifact_type.as_str(),
-        crate::output::size(a.file_size),
-        a.created_at.format("%Y-%m-%d %H:%M:%S"),
-        printable(&a.name),
-        if a.tags.is_empty() {
-            String::new()
-        } else {
-            format!("  [{}]", printable(&a.tags.join(", ")))
-        }
-    );
-    writeln!(out, "{}", crate::output::fit(&line, crate::output::width()))
-}
-
 pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     if let Some(remote) = ctx.remote()? {
         let r = RemoteArtifacts::new(remote);
@@ -427,121 +371,6 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
     };
     let m = ctx.artifacts_on(ctx.store_for(access)?)?;
     run_on(ctx, &m, Place::Local(&m), cmd)
-}
-
-fn parse_phase(s: &str) -> Result<eks_upgrade_agent::model::RunPhase, String> {
-    s.parse()
-        .map_err(|e: eks_upgrade_agent::Error| e.to_string())
-}
-
-/// `artifacts add --type test_result --phase P`: the JUnit XML files are kept and recorded as
-/// one run of the session's upgrade (through `tests ingest`); other files are only kept.
-#[allow(clippy::too_many_arguments)]
-fn add_test_results(
-    ctx: &Ctx,
-    m: &dyn Artifacts,
-    place: Place<'_>,
-    session: &str,
-    collection: &str,
-    paths: &[PathBuf],
-    opts: &AddOptions,
-    phase: eks_upgrade_agent::model::RunPhase,
-) -> anyhow::Result<ExitCode> {
-    if opts.artifact_type != Some(ArtifactType::TestResult) {
-        anyhow::bail!("--phase records test results: give it with --type test_result");
-    }
-    let Place::Local(local) = place else {
-        anyhow::bail!(
-            "--phase works on a local data dir; against a server, upload the file and use \
-             POST /api/v1/tests/ingest"
-        );
-    };
-    let mut junit = Vec::new();
-    let mut other = Vec::new();
-    for p in paths {
-        if !p.is_file() {
-            anyhow::bail!(
-                "{} is not a file: with --phase, give the JUnit XML files themselves",
-                printable(&p.to_string_lossy())
-            );
-        }
-        if eks_upgrade_agent::results::junit::is_junit(p)? {
-            junit.push(p.clone());
-        } else if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("xml")) {
-            // An XML file given as a test result with a phase is meant to be a report: an
-            // empty or broken one (what a crashed suite leaves) is an error, not an opaque
-            // artifact that hides the missing run.
-            let label = p.to_string_lossy();
-            eks_upgrade_agent::results::junit::parse_file(
-                p,
-                &label,
-                &Default::default(),
-                &mut |_| Ok(()),
-            )?;
-            anyhow::bail!(
-                "{}: not a JUnit XML report (its root is not <testsuites> or <testsuite>); \
-                 nothing was stored",
-                printable(&label)
-            );
-        } else {
-            other.push(p.clone());
-        }
-    }
-    let s = local.session(session)?;
-    let mut added = Vec::new();
-    let mut run = None;
-    if !junit.is_empty() {
-        let store = ctx.store_for(Access::Existing)?;
-        let results = eks_upgrade_agent::TestResults::new(store.clone());
-        let r = crate::test_results::ingest(
-            &store,
-            &results,
-            local,
-            &junit,
-            eks_upgrade_agent::results::Ingest {
-                upgrade_id: s.upgrade_id.clone(),
-                cluster_name: s.cluster_name.clone(),
-                phase,
-                suite: None,
-                framework: None,
-                labels: Vec::new(),
-            },
-            Some(session),
-            Some(collection),
-            Some(opts),
-        )?;
-        crate::notify::after_commit(ctx, &store);
-        for id in &r.artifact_ids {
-            added.push(local.artifact(id)?);
-        }
-        run = Some(r);
-    }
-    if !other.is_empty() {
-        added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
-    }
-    if ctx.json() {
-        print_json(&added)?;
-    } else {
-        let mut out = io::stdout().lock();
-        artifact_header(&mut out)?;
-        let ids: Vec<&str> = added.iter().map(|a| a.artifact_id.as_str()).collect();
-        for (a, short) in added.iter().zip(m.shorts(IdKind::Artifact, &ids)) {
-            artifact_line(&mut out, &short, a)?;
-        }
-        writeln!(
-            out,
-            "added {} artifact{}",
-            added.len(),
-            if added.len() == 1 { "" } else { "s" }
-        )?;
-        if let Some(r) = &run {
-            crate::test_results::print_run_line(&mut out, "recorded", r)?;
-        }
-    }
-    if let Some(r) = &run {
-        eprintln!("test run {} recorded ({} tests)", r.run_id, r.counts.tests);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the artifacts are: a data dir, or a server (`--server`).
@@ -651,10 +480,14 @@ fn run_on(
                 metadata: to_map(meta, meta_json),
             };
             if let Some(phase) = phase {
-                return add_test_results(
+                let local = match place {
+                    Place::Local(l) => Some(l),
+                    Place::Remote(_) => None,
+                };
+                return crate::test_results::add_with_phase(
                     ctx,
                     m,
-                    place,
+                    local,
                     &session,
                     &collection,
                     &paths,

@@ -6,6 +6,7 @@
 use std::io::{self, IsTerminal, Write};
 
 use chrono::{DateTime, Utc};
+use eks_upgrade_agent::model::TestArtifact;
 
 /// Writes `v` as pretty JSON on stdout.
 pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -148,6 +149,65 @@ pub(crate) fn truncate(s: &str, n: usize) -> String {
         t.push('…');
         t
     }
+}
+
+/// A table with a header row: each column as wide as its widest cell, the last one free, each
+/// line cut to the terminal's width.
+pub(crate) fn print_table<const N: usize>(
+    header: [&str; N],
+    rows: &[[String; N]],
+) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let w = width();
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i + 1 < N {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            } else {
+                out.push_str(cell);
+            }
+        }
+        fit(&out, w)
+    };
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", line(&mut header.iter().copied()))?;
+    for row in rows {
+        writeln!(out, "{}", line(&mut row.iter().map(String::as_str)))?;
+    }
+    Ok(())
+}
+
+/// The header row of [`artifact_line`]s.
+pub(crate) fn artifact_header(out: &mut impl Write) -> io::Result<()> {
+    let line = format!(
+        "{:<12}  {:<13}  {:>10}  {:<19}  NAME",
+        "ID", "TYPE", "SIZE", "CREATED (UTC)"
+    );
+    writeln!(out, "{}", fit(&line, width()))
+}
+
+/// One artifact in a table, its id in its shortest unambiguous form, its size for people.
+pub(crate) fn artifact_line(out: &mut impl Write, short: &str, a: &TestArtifact) -> io::Result<()> {
+    let line = format!(
+        "{:<12}  {:<13}  {:>10}  {}  {}{}",
+        printable(short),
+        a.artifact_type.as_str(),
+        size(a.file_size),
+        a.created_at.format("%Y-%m-%d %H:%M:%S"),
+        printable(&a.name),
+        if a.tags.is_empty() {
+            String::new()
+        } else {
+            format!("  [{}]", printable(&a.tags.join(", ")))
+        }
+    );
+    writeln!(out, "{}", fit(&line, width()))
 }
 
 #[cfg(test)]

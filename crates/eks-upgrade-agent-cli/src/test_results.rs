@@ -15,8 +15,13 @@ use eks_upgrade_agent::model::{ComparedTest, Comparison, RunPhase, RunQuery, Tes
 use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
 use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
 
-use crate::output::{duration, print_json, printable, time, truncate};
+use crate::output::{
+    artifact_header, artifact_line, duration, print_json, printable, time, truncate,
+};
+use crate::remote_artifacts::Artifacts;
 use crate::{Access, Ctx};
+use eks_upgrade_agent::model::ArtifactType;
+use eks_upgrade_agent::store::IdKind;
 
 /// Exit code of `tests compare` when the gate fails.
 pub(crate) const GATE_FAILED: u8 = 3;
@@ -106,9 +111,119 @@ pub(crate) enum TestsCmd {
     },
 }
 
-fn parse_phase(s: &str) -> Result<RunPhase, String> {
+pub(crate) fn parse_phase(s: &str) -> Result<RunPhase, String> {
     s.parse()
         .map_err(|e: eks_upgrade_agent::Error| e.to_string())
+}
+
+/// `artifacts add --type test_result --phase P`: the JUnit XML files are kept and recorded as
+/// one run of the session's upgrade (through `tests ingest`); other files are only kept.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_with_phase(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    local: Option<&TestArtifactsManager>,
+    session: &str,
+    collection: &str,
+    paths: &[PathBuf],
+    opts: &AddOptions,
+    phase: RunPhase,
+) -> anyhow::Result<ExitCode> {
+    if opts.artifact_type != Some(ArtifactType::TestResult) {
+        anyhow::bail!("--phase records test results: give it with --type test_result");
+    }
+    let Some(local) = local else {
+        anyhow::bail!(
+            "--phase works on a local data dir; against a server, upload the file and use \
+             POST /api/v1/tests/ingest"
+        );
+    };
+    let mut junit = Vec::new();
+    let mut other = Vec::new();
+    for p in paths {
+        if !p.is_file() {
+            anyhow::bail!(
+                "{} is not a file: with --phase, give the JUnit XML files themselves",
+                printable(&p.to_string_lossy())
+            );
+        }
+        if eks_upgrade_agent::results::junit::is_junit(p)? {
+            junit.push(p.clone());
+        } else if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("xml")) {
+            // An XML file given as a test result with a phase is meant to be a report: an
+            // empty or broken one (what a crashed suite leaves) is an error, not an opaque
+            // artifact that hides the missing run.
+            let label = p.to_string_lossy();
+            eks_upgrade_agent::results::junit::parse_file(
+                p,
+                &label,
+                &Default::default(),
+                &mut |_| Ok(()),
+            )?;
+            anyhow::bail!(
+                "{}: not a JUnit XML report (its root is not <testsuites> or <testsuite>); \
+                 nothing was stored",
+                printable(&label)
+            );
+        } else {
+            other.push(p.clone());
+        }
+    }
+    let s = local.session(session)?;
+    let mut added = Vec::new();
+    let mut run = None;
+    if !junit.is_empty() {
+        let store = ctx.store_for(Access::Existing)?;
+        let results = TestResults::new(store.clone());
+        let r = ingest(
+            &store,
+            &results,
+            local,
+            &junit,
+            Ingest {
+                upgrade_id: s.upgrade_id.clone(),
+                cluster_name: s.cluster_name.clone(),
+                phase,
+                suite: None,
+                framework: None,
+                labels: Vec::new(),
+            },
+            Some(session),
+            Some(collection),
+            Some(opts),
+        )?;
+        crate::notify::after_commit(ctx, &store);
+        for id in &r.artifact_ids {
+            added.push(local.artifact(id)?);
+        }
+        run = Some(r);
+    }
+    if !other.is_empty() {
+        added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
+    }
+    if ctx.json() {
+        print_json(&added)?;
+    } else {
+        let mut out = io::stdout().lock();
+        artifact_header(&mut out)?;
+        let ids: Vec<&str> = added.iter().map(|a| a.artifact_id.as_str()).collect();
+        for (a, short) in added.iter().zip(m.shorts(IdKind::Artifact, &ids)) {
+            artifact_line(&mut out, &short, a)?;
+        }
+        writeln!(
+            out,
+            "added {} artifact{}",
+            added.len(),
+            if added.len() == 1 { "" } else { "s" }
+        )?;
+        if let Some(r) = &run {
+            print_run_line(&mut out, "recorded", r)?;
+        }
+    }
+    if let Some(r) = &run {
+        eprintln!("test run {} recorded ({} tests)", r.run_id, r.counts.tests);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
