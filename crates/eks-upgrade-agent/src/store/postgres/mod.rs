@@ -12,6 +12,7 @@
 //! at their end and `seq` order is commit order: a reader following `seq` never misses an
 //! event that commits later with a smaller `seq`.
 
+mod connect;
 mod import;
 mod outbox;
 pub mod progress;
