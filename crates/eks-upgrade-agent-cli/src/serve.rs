@@ -214,8 +214,8 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
 const DATABASE_POOL: u32 = 32;
 
 /// `serve` on PostgreSQL (team mode): progress, streams and notifications from the shared
-/// database, so any number of replicas serve the same upgrades. Streams find other replicas'
-/// events by polling the database (`hub::POLL`). Artifacts are not served from a database yet
+/// database, so any number of replicas serve the same upgrades. Streams wake for other
+/// replicas' events on a `LISTEN` connection (polling every `hub::POLL` while it is down). Artifacts are not served from a database yet
 /// (their routes answer 404).
 fn run_on_database(
     ctx: &Ctx,
@@ -232,7 +232,13 @@ fn run_on_database(
     let mut state = AppState::new(tracker)
         .with_auth(auth)
         .with_guard(guard)
-        .with_serve_options(options);
+        .with_serve_options(options)
+        .with_database(
+            db.clone(),
+            eks_upgrade_agent::store::postgres::ListenOptions::default(),
+            eks_upgrade_agent_server::DATABASE_QUIET_POLL,
+        )
+        .context("cannot start listening for other replicas' events")?;
     if !ctx.config.notify.is_empty() {
         if ctx.config.notify.otlp.endpoint.is_some() {
             anyhow::bail!(

@@ -3,7 +3,9 @@
 //!
 //! - Events committed by this process wake the poller at once (a tracker callback); events of
 //!   other processes on the same data dir are found by polling every [`POLL`] (well inside the
-//!   250 ms promise).
+//!   250 ms promise). On a database, other replicas' commits wake it through
+//!   [`Hub::waker`] (PostgreSQL `LISTEN`), and [`Hub::follow_wakeups`] slows the polling to a
+//!   safety net while that works.
 //! - Each event is serialized once, as the reference `progress_event` message; clients share the
 //!   bytes.
 //! - The ring holds [`RING`] events and nobody waits for a slow client. A client that falls out
@@ -75,12 +77,29 @@ struct Inner {
     tx: broadcast::Sender<Arc<HubEvent>>,
     /// Highest seq published.
     published: AtomicU64,
-    wake: Notify,
+    wake: Arc<Notify>,
     started: AtomicBool,
     clients: AtomicUsize,
     /// Events published since start (metrics).
     events: AtomicU64,
     max_lag: u64,
+    /// External wake-ups and how long to wait for them (see [`Hub::follow_wakeups`]).
+    follow: std::sync::OnceLock<Follow>,
+}
+
+/// An external source of wake-ups: while `up()` the poller waits up to `quiet` between reads.
+struct Follow {
+    up: Box<dyn Fn() -> bool + Send + Sync>,
+    quiet: Duration,
+}
+
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follow")
+            .field("up", &(self.up)())
+            .field("quiet", &self.quiet)
+            .finish()
+    }
 }
 
 impl Hub {
@@ -96,11 +115,12 @@ impl Hub {
             tracker: Arc::clone(&tracker),
             tx,
             published: AtomicU64::new(0),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             started: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
             events: AtomicU64::new(0),
             max_lag,
+            follow: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&inner);
         tracker.on_event(move |_| {
@@ -109,6 +129,26 @@ impl Hub {
             }
         });
         Hub { inner }
+    }
+
+    /// A function that wakes the poller (for another process's commits: PostgreSQL
+    /// `LISTEN`); it holds no reference to the hub.
+    pub fn waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let weak = Arc::downgrade(&self.inner);
+        move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.wake.notify_one();
+            }
+        }
+    }
+
+    /// While `up()` says the [`waker`](Self::waker) is fed, the poller reads only when woken
+    /// or every `quiet`; otherwise it polls every [`POLL`]. Set once (later calls are ignored).
+    pub fn follow_wakeups(&self, up: impl Fn() -> bool + Send + Sync + 'static, quiet: Duration) {
+        let _ = self.inner.follow.set(Follow {
+            up: Box::new(up),
+            quiet,
+        });
     }
 
     /// The tracker.
@@ -190,34 +230,49 @@ impl Hub {
     }
 }
 
+/// The poller. It holds the hub only on the blocking pool, while it reads and publishes a
+/// page: the last reference to a store may be dropped there, never on a runtime thread (a
+/// PostgreSQL client blocks when it closes).
 async fn poll(inner: Weak<Inner>, mut last: u64) {
+    let Some(wake) = inner.upgrade().map(|hub| Arc::clone(&hub.wake)) else {
+        return;
+    };
     loop {
-        let Some(hub) = inner.upgrade() else { return };
-        let tracker = Arc::clone(&hub.tracker);
-        let page =
-            tokio::task::spawn_blocking(move || tracker.events_since(None, last, PAGE)).await;
-        let full = match page {
-            Ok(Ok(page)) => {
-                let full = page.len() == PAGE;
-                for e in &page {
-                    last = e.seq;
-                    // No receivers is fine: nobody is watching.
-                    let _ = hub.tx.send(Arc::new(HubEvent::new(e)));
-                    hub.published.store(e.seq, Ordering::Release);
+        let weak = Weak::clone(&inner);
+        let read = tokio::task::spawn_blocking(move || {
+            let hub = weak.upgrade()?;
+            let wait = match hub.follow.get() {
+                Some(f) if (f.up)() => f.quiet,
+                _ => POLL,
+            };
+            let full = match hub.tracker.events_since(None, last, PAGE) {
+                Ok(page) => {
+                    let full = page.len() == PAGE;
+                    for e in &page {
+                        last = e.seq;
+                        // No receivers is fine: nobody is watching.
+                        let _ = hub.tx.send(Arc::new(HubEvent::new(e)));
+                        hub.published.store(e.seq, Ordering::Release);
+                    }
+                    hub.events.fetch_add(page.len() as u64, Ordering::Relaxed);
+                    full
                 }
-                hub.events.fetch_add(page.len() as u64, Ordering::Relaxed);
-                full
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "event poller: store read failed");
-                false
-            }
-            Err(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event poller: store read failed");
+                    false
+                }
+            };
+            Some((last, full, wait))
+        })
+        .await;
+        let Ok(Some((seq, full, wait))) = read else {
+            return;
         };
+        last = seq;
         if full {
             continue;
         }
-        let _ = tokio::time::timeout(POLL, hub.wake.notified()).await;
+        let _ = tokio::time::timeout(wait, wake.notified()).await;
     }
 }
 

@@ -42,6 +42,7 @@ use eks_upgrade_agent::TestArtifactsManager;
 use eks_upgrade_agent::notify::Dispatcher;
 use eks_upgrade_agent::progress::ProgressTracker;
 use eks_upgrade_agent::store::UploadQueue;
+use eks_upgrade_agent::store::postgres::{ListenOptions, ListenStats, Listener, PostgresStore};
 
 mod artifacts_api;
 pub mod auth;
@@ -112,7 +113,25 @@ pub struct AppState {
     pub serve_options: ServeOptions,
     /// Group commit of the REST API's progress writes.
     committer: Arc<committer::Committer>,
+    /// The shared database (team mode), for `/healthz` and `/metrics`, with the connection
+    /// that wakes streams on other replicas' commits.
+    pub database: Option<Database>,
 }
+
+/// The PostgreSQL side of a replica (see [`AppState::with_database`]).
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The store.
+    pub store: Arc<PostgresStore>,
+    /// Its `LISTEN` connection's figures.
+    pub listen: Arc<ListenStats>,
+    /// Keeps the listening thread running.
+    _listener: Arc<Listener>,
+}
+
+/// How often streams on a database read it while `LISTEN` works (a safety net: notifications
+/// wake them at once); while it does not, they poll every [`hub::POLL`].
+pub const DATABASE_QUIET_POLL: Duration = Duration::from_secs(1);
 
 impl AppState {
     /// A state over `tracker`, no tokens, default heartbeat.
@@ -136,7 +155,30 @@ impl AppState {
             metrics,
             #[cfg(feature = "aws")]
             s3: None,
+            database: None,
         }
+    }
+
+    /// On the shared database `store` (team mode): a `LISTEN` connection wakes the streams
+    /// for every commit (any replica's); streams read the database every `quiet` while it
+    /// works and every [`hub::POLL`] while it does not. `/healthz` and `/metrics` report on the
+    /// database. Call after [`with_stream_limits`](Self::with_stream_limits).
+    pub fn with_database(
+        mut self,
+        store: Arc<PostgresStore>,
+        listen: ListenOptions,
+        quiet: Duration,
+    ) -> std::io::Result<AppState> {
+        let listener = store.listen(listen, self.hub.waker())?;
+        let stats = listener.stats();
+        let up = Arc::clone(&stats);
+        self.hub.follow_wakeups(move || up.connected(), quiet);
+        self.database = Some(Database {
+            store,
+            listen: stats,
+            _listener: Arc::new(listener),
+        });
+        Ok(self)
     }
 
     /// With the configured S3 store (for `POST /api/v1/maintenance/upload`).

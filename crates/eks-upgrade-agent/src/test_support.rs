@@ -274,6 +274,8 @@ impl PgCluster {
         loop {
             match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
                 Ok(_) => return,
+                // The server answers (it refuses connections without TLS).
+                Err(e) if e.as_db_error().is_some() => return,
                 Err(e) => {
                     if start.elapsed() > Duration::from_secs(60) {
                         let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
@@ -296,6 +298,51 @@ impl PgCluster {
         let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         self.url(&name)
+    }
+
+    /// Turns TLS on with this certificate and key (PEM) and restarts the server; `only_tls`:
+    /// connections without TLS are refused (`hostnossl ... reject` in `pg_hba.conf`).
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str, only_tls: bool) {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.join("data");
+        let owner = std::fs::metadata(data.join("PG_VERSION")).unwrap();
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if self.as_postgres {
+                use std::os::unix::fs::MetadataExt;
+                std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+        )
+        .unwrap();
+        if only_tls {
+            let hba = data.join("pg_hba.conf");
+            let old = std::fs::read_to_string(&hba).unwrap();
+            std::fs::write(&hba, format!("hostnossl all all all reject\n{old}")).unwrap();
+        }
+        self.restart();
+    }
+
+    /// Ends every connection whose `application_name` is `app` (as a network failure would);
+    /// returns how many.
+    pub fn terminate_connections(&self, app: &str) -> u64 {
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        c.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .len() as u64
     }
 
     /// Stops the server (fast shutdown: open connections are cut) and waits for it.

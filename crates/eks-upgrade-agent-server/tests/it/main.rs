@@ -5,6 +5,7 @@ mod api;
 mod artifacts;
 mod auth;
 mod conn;
+mod database;
 mod guard;
 mod hostile;
 mod remote;

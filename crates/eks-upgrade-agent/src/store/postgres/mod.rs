@@ -4,6 +4,7 @@
 //!   and the row helpers the other files share;
 //! - `tasks`, `import`: task writes and whole-upgrade imports (the same rules as the SQLite
 //!   backend, from `store/domain`);
+//! - [`listen`]: wake-ups of followers (`LISTEN`), with polling while it is down;
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
 //! - `schema`: versioned migrations (a `schema_version` table).
 //!
@@ -14,14 +15,18 @@
 
 mod connect;
 mod import;
+pub mod listen;
 mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
 
+pub use listen::{ListenOptions, ListenStats, Listener};
 pub use progress::{PostgresOptions, PostgresStore};
 
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
 mod outbox_tests;
+#[cfg(test)]
+mod tls_tests;

@@ -42,6 +42,8 @@ pub struct PostgresStore {
     url: String,
     /// This store's name in work leases (outbox deliveries): unique per open.
     instance: String,
+    /// Where and how it connects (for connections outside the pool: `listen`).
+    target: super::connect::Target,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -66,24 +68,43 @@ pub struct PoolStats {
 impl PostgresStore {
     /// Connects to the database at `url` and brings its schema up to date.
     pub fn open(url: &str, options: &PostgresOptions) -> Result<PostgresStore> {
-        let mut config = parse_url(url)?;
+        let super::connect::Target { mut config, tls } = super::connect::parse_target(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
         let shown = redact(url);
+        let target = super::connect::Target { config, tls };
+        let manager = Manager::new(target.config.clone(), target.tls.clone());
+        let last_error = std::sync::Arc::clone(&manager.last_error);
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(options.connect_timeout)
-            .build(Manager { config })
-            .map_err(|e| Error::backend(format!("cannot connect to {shown}"), e))?;
+            .build_unchecked(manager);
+        // Wait for the first connection here, so a failure says why (the pool's own error
+        // keeps only the outermost message).
+        pool.get().map_err(|e| {
+            let cause = last_error
+                .lock()
+                .ok()
+                .and_then(|l| l.clone())
+                .unwrap_or_else(|| e.to_string());
+            let hint = super::connect::connect_hint(&cause);
+            Error::backend(format!("cannot connect to {shown}: {cause}{hint}"), e)
+        })?;
         let store = PostgresStore {
             pool,
             url: shown,
             instance: Uuid::now_v7().to_string(),
+            target,
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
+    }
+
+    /// Where and how it connects.
+    pub(crate) fn target(&self) -> &super::connect::Target {
+        &self.target
     }
 
     /// This store's name in work leases.
@@ -1078,10 +1099,10 @@ mod tests {
             assert!(matches!(err, Error::InvalidInput(_)), "{url}: {err}");
             assert!(err.to_string().contains("postgres://"), "{err}");
         }
-        let err = parse_url("postgres://u:secret@h/db?sslmode=require").unwrap_err();
+        let err = parse_url("postgres://u:secret@h/db?sslmode=bogus").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
         // The password as a query option is hidden too, wherever the URL is shown.
-        let err = parse_url("postgres://u@h/db?password=s3cret&sslmode=require").unwrap_err();
+        let err = parse_url("postgres://u@h/db?password=s3cret&sslmode=bogus").unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
         let shown = redact("postgres://u@h/db?application_name=eua&password=s3cret");
         assert!(!shown.contains("s3cret"), "{shown}");

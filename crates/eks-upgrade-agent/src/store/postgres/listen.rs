@@ -1,0 +1,188 @@
+//! Wake-ups for followers: one connection per replica `LISTEN`s on
+//! [`EVENTS_CHANNEL`](super::progress::EVENTS_CHANNEL), which every commit that appends events
+//! notifies. A notification only says "read from your `seq`": followers still read the events
+//! themselves, so a lost notification costs latency, never an event. While the connection is
+//! down followers poll (see [`Listener::connected`]); it is made again after a pause, and a
+//! fresh connection wakes followers once (notifications sent meanwhile are lost).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use super::connect::Target;
+use super::progress::{EVENTS_CHANNEL, PostgresStore};
+
+/// The `application_name` of listening connections (seen in `pg_stat_activity`).
+pub const LISTEN_APPLICATION: &str = "eks-upgrade-agent-listen";
+
+/// Options of [`PostgresStore::listen`].
+#[derive(Debug, Clone, Copy)]
+pub struct ListenOptions {
+    /// Pause before connecting again after the connection dropped or could not be made.
+    pub reconnect_after: Duration,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        ListenOptions {
+            reconnect_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Figures of a [`Listener`].
+#[derive(Debug, Default)]
+pub struct ListenStats {
+    connected: AtomicBool,
+    notifications: AtomicU64,
+    connects: AtomicU64,
+}
+
+impl ListenStats {
+    /// Whether the listening connection is up now (when it is not, followers poll).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Notifications received.
+    pub fn notifications(&self) -> u64 {
+        self.notifications.load(Ordering::Relaxed)
+    }
+
+    /// Connections made (1 + reconnects).
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+}
+
+/// The listening thread; dropping it stops the thread and closes its connection.
+#[derive(Debug)]
+pub struct Listener {
+    stats: Arc<ListenStats>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Its figures, shared (followers read [`ListenStats::connected`]).
+    pub fn stats(&self) -> Arc<ListenStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Starts a thread that calls `wake` whenever another commit (of any replica) appended
+    /// events, and once each time its connection is made.
+    pub fn listen(
+        &self,
+        options: ListenOptions,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Listener> {
+        let stats = Arc::new(ListenStats::default());
+        let (stop_tx, stop_rx) = mpsc::channel();
+        let mut target = self.target().clone();
+        target.config.application_name(LISTEN_APPLICATION);
+        let thread_stats = Arc::clone(&stats);
+        let url = self.url().to_owned();
+        let thread = std::thread::Builder::new()
+            .name("eua-pg-listen".into())
+            .spawn(move || run(&target, &url, options, &thread_stats, &stop_rx, &wake))?;
+        Ok(Listener {
+            stats,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// How often the thread looks at its stop channel while waiting for notifications.
+const CHECK_STOP: Duration = Duration::from_millis(200);
+
+fn run(
+    target: &Target,
+    url: &str,
+    options: ListenOptions,
+    stats: &ListenStats,
+    stop: &mpsc::Receiver<()>,
+    wake: &dyn Fn(),
+) {
+    let stopped = |wait: Duration| {
+        !matches!(
+            stop.recv_timeout(wait),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        )
+    };
+    loop {
+        let mut client = match target.tls.connect(&target.config).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {EVENTS_CHANNEL}"))?;
+            Ok(c)
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(database = %url, error = %super::connect::chain(&e),
+                    "cannot listen for new events; streams poll until it works");
+                if stopped(options.reconnect_after) {
+                    return;
+                }
+                continue;
+            }
+        };
+        stats.connects.fetch_add(1, Ordering::Relaxed);
+        stats.connected.store(true, Ordering::Release);
+        // Whatever was committed while no one listened.
+        wake();
+        let error = loop {
+            if stopped(Duration::ZERO) {
+                stats.connected.store(false, Ordering::Release);
+                return;
+            }
+            use postgres::fallible_iterator::FallibleIterator;
+            let began = std::time::Instant::now();
+            let (first, queued) = {
+                let mut notifications = client.notifications();
+                let first = notifications.timeout_iter(CHECK_STOP).next();
+                // Drain what else is queued: one wake-up is enough.
+                let mut queued = 0;
+                if matches!(first, Ok(Some(_))) {
+                    let mut rest = notifications.iter();
+                    while let Ok(Some(_)) = rest.next() {
+                        queued += 1;
+                    }
+                }
+                (first, queued)
+            };
+            match first {
+                Ok(Some(_)) => {
+                    stats.notifications.fetch_add(1 + queued, Ordering::Relaxed);
+                    wake();
+                }
+                // Nothing within the wait, or the connection ended: an early return is
+                // checked with an empty query (an error there means it is gone).
+                Ok(None) if began.elapsed() < CHECK_STOP / 2 || client.is_closed() => {
+                    if let Err(e) = client.simple_query("") {
+                        break e;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => break e,
+            }
+        };
+        stats.connected.store(false, Ordering::Release);
+        // Followers read once now, then poll until the connection is back.
+        wake();
+        tracing::warn!(database = %url, error = %super::connect::chain(&error),
+            "the listening connection dropped; streams poll until it is back");
+        if stopped(options.reconnect_after) {
+            return;
+        }
+    }
+}
