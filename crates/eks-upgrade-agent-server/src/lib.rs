@@ -125,9 +125,16 @@ pub struct Database {
     pub store: Arc<PostgresStore>,
     /// Its `LISTEN` connection's figures.
     pub listen: Arc<ListenStats>,
+    /// `/healthz` answers 503 when a session has held the `seq` counter longer than this.
+    pub stall_after: Duration,
     /// Keeps the listening thread running.
     _listener: Arc<Listener>,
+    /// Pool, lease and listener figures.
+    metrics: Arc<metrics::DatabaseMetrics>,
 }
+
+/// `/healthz` on a database: 503 when a session has held the `seq` counter longer than this.
+pub const COUNTER_STALL: Duration = Duration::from_secs(10);
 
 /// How often streams on a database read it while `LISTEN` works (a safety net: notifications
 /// wake them at once); while it does not, they poll every [`hub::POLL`].
@@ -176,9 +183,20 @@ impl AppState {
         self.database = Some(Database {
             store,
             listen: stats,
+            stall_after: COUNTER_STALL,
             _listener: Arc::new(listener),
+            metrics: Arc::new(metrics::DatabaseMetrics::default()),
         });
         Ok(self)
+    }
+
+    /// With another limit for the `seq` counter's hold before `/healthz` says 503 (after
+    /// [`with_database`](Self::with_database); default [`COUNTER_STALL`]).
+    pub fn with_counter_stall(mut self, after: Duration) -> AppState {
+        if let Some(db) = &mut self.database {
+            db.stall_after = after;
+        }
+        self
     }
 
     /// With the configured S3 store (for `POST /api/v1/maintenance/upload`).
@@ -377,14 +395,30 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `GET /healthz`: 200 `{"status":"ok","last_seq":N}` when the store answers, else 503.
+/// `GET /healthz`: 200 `{"status":"ok","last_seq":N}` when the store answers, else 503; on a
+/// database also 503 when a session has held the `seq` counter too long (every write waits).
 async fn healthz(
     axum::extract::State(s): axum::extract::State<AppState>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let tracker = Arc::clone(&s.tracker);
-    match error::blocking(move || tracker.store().last_seq()).await {
-        Ok(seq) => Json(json!({"status": "ok", "last_seq": seq})).into_response(),
+    let db = s.database.clone();
+    let checked = error::blocking(move || {
+        let seq = tracker.store().last_seq()?;
+        let stall = match &db {
+            Some(db) => db.store.counter_stall(db.stall_after)?,
+            None => None,
+        };
+        Ok((seq, stall))
+    })
+    .await;
+    match checked {
+        Ok((seq, None)) => Json(json!({"status": "ok", "last_seq": seq})).into_response(),
+        Ok((_, Some(reason))) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": reason})),
+        )
+            .into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "unavailable", "error": e.message()})),

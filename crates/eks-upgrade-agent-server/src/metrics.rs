@@ -2,7 +2,9 @@
 //! method (standard ones, else `other`), route template (`unmatched` for unknown paths) and
 //! status, progress updates through the API and the transactions they took, events seen by the stream hub, stream clients,
 //! artifact uploads and downloads, queued S3 uploads and pending notifications (the last two
-//! read from the store at scrape time, so they include other processes' work).
+//! read from the store at scrape time, so they include other processes' work); on a database
+//! (team mode) also `eua_db_*`: the connection pool, the outbox's leases, the `LISTEN`
+//! connection.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -177,6 +179,111 @@ fn method_label(m: &axum::http::Method) -> &'static str {
     }
 }
 
+/// Team mode's figures: the database pool, the outbox leases, the `LISTEN` connection.
+#[derive(Debug)]
+pub(crate) struct DatabaseMetrics {
+    registry: Registry,
+    connections: Gauge,
+    idle: Gauge,
+    in_use: Gauge,
+    max: Gauge,
+    waits: Counter<u64, AtomicU64>,
+    waited: Counter<f64, std::sync::atomic::AtomicU64>,
+    leases_held: Gauge,
+    leases_expired: Gauge,
+    listening: Gauge,
+    notifications: Counter<u64, AtomicU64>,
+    /// Two scrapes at once must not both add the same amounts to the counters.
+    sync: std::sync::Mutex<()>,
+}
+
+impl Default for DatabaseMetrics {
+    fn default() -> Self {
+        let mut m = DatabaseMetrics {
+            registry: Registry::with_prefix("eua_db"),
+            connections: Gauge::default(),
+            idle: Gauge::default(),
+            in_use: Gauge::default(),
+            max: Gauge::default(),
+            waits: Counter::default(),
+            waited: Counter::default(),
+            leases_held: Gauge::default(),
+            leases_expired: Gauge::default(),
+            listening: Gauge::default(),
+            notifications: Counter::default(),
+            sync: std::sync::Mutex::new(()),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "pool_connections",
+            "Database connections open (pool size now)",
+            m.connections.clone(),
+        );
+        r.register("pool_idle", "Open connections idle", m.idle.clone());
+        r.register("pool_in_use", "Open connections in use", m.in_use.clone());
+        r.register("pool_max", "Most connections the pool opens", m.max.clone());
+        r.register(
+            "pool_waits",
+            "Times a request found no idle connection (it waited, or one was opened)",
+            m.waits.clone(),
+        );
+        r.register(
+            "pool_wait_seconds",
+            "Time requests waited for a connection",
+            m.waited.clone(),
+        );
+        r.register(
+            "outbox_leases_held",
+            "Notification deliveries claimed by a replica, lease running",
+            m.leases_held.clone(),
+        );
+        r.register(
+            "outbox_leases_expired",
+            "Notification deliveries whose replica's lease ran out (another takes them over)",
+            m.leases_expired.clone(),
+        );
+        r.register(
+            "listening",
+            "1 while the LISTEN connection that wakes streams is up (else streams poll)",
+            m.listening.clone(),
+        );
+        r.register(
+            "notifications",
+            "Commit notifications received on the LISTEN connection",
+            m.notifications.clone(),
+        );
+        m
+    }
+}
+
+fn gauge(g: &Gauge, v: u64) {
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
+}
+
+/// Reads the database figures (blocking) into `db`'s metrics.
+fn database_figures(db: &crate::Database) -> eks_upgrade_agent::Result<()> {
+    let m = &db.metrics;
+    let pool = db.store.pool_stats();
+    let leases = db.store.lease_counts()?;
+    let _sync = m.sync.lock().unwrap_or_else(|e| e.into_inner());
+    gauge(&m.connections, pool.connections.into());
+    gauge(&m.idle, pool.idle.into());
+    gauge(&m.in_use, pool.connections.saturating_sub(pool.idle).into());
+    gauge(&m.max, pool.max.into());
+    m.waits.inc_by(pool.waits.saturating_sub(m.waits.get()));
+    m.waited
+        .inc_by((pool.waited.as_secs_f64() - m.waited.get()).max(0.0));
+    gauge(&m.leases_held, leases.held);
+    gauge(&m.leases_expired, leases.expired);
+    m.listening.set(i64::from(db.listen.connected()));
+    m.notifications.inc_by(
+        db.listen
+            .notifications()
+            .saturating_sub(m.notifications.get()),
+    );
+    Ok(())
+}
+
 /// `GET /metrics`
 pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     let m = Arc::clone(&s.metrics);
@@ -190,9 +297,13 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     m.last_seq
         .set(i64::try_from(s.hub.published()).unwrap_or(i64::MAX));
     let (queue, dispatcher) = (s.uploads.clone(), s.dispatcher.clone());
+    let db = s.database.clone();
     let (pending_uploads, sinks) = blocking(move || {
         let uploads = queue.map(|q| q.pending_uploads()).transpose()?;
         let sinks = dispatcher.map(|d| d.status()).transpose()?;
+        if let Some(db) = &db {
+            database_figures(db)?;
+        }
         Ok((uploads, sinks))
     })
     .await?;
@@ -206,8 +317,15 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
             .set(i64::try_from(sink.pending).unwrap_or(i64::MAX));
     }
     let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &m.registry)
-        .map_err(|e| eks_upgrade_agent::Error::InvalidInput(format!("metrics: {e}")))?;
+    let encoded = (|| {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        encode_registry(&mut text, &m.registry)?;
+        if let Some(db) = &s.database {
+            encode_registry(&mut text, &db.metrics.registry)?;
+        }
+        encode_eof(&mut text)
+    })();
+    encoded.map_err(|e| eks_upgrade_agent::Error::InvalidInput(format!("metrics: {e}")))?;
     let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -152,3 +152,119 @@ fn the_listening_connection_comes_back_and_wakes_streams_again() {
     assert_eq!(next_event(&rt, &mut sub).upgrade_id, "u2");
     assert!(listen.notifications() > before);
 }
+
+/// `GET path` on `state`'s router: status and body.
+fn get(rt: &tokio::runtime::Runtime, state: &AppState, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let app = eks_upgrade_agent_server::router(state.clone());
+    rt.block_on(async {
+        let req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    })
+}
+
+#[test]
+fn healthz_reports_a_session_that_holds_the_seq_counter() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let rt = runtime();
+    let state = replica(&url, ListenOptions::default(), NEVER)
+        .with_counter_stall(Duration::from_millis(500));
+    assert_eq!(get(&rt, &state, "/healthz").0, 200);
+    // A session takes the counter and sits on it (as a stuck writer would).
+    let mut stuck = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    stuck
+        .batch_execute("BEGIN; UPDATE seq_counter SET seq = seq")
+        .unwrap();
+    let pid: i32 = stuck
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let mut answer = (200, String::new());
+    for _ in 0..600 {
+        answer = get(&rt, &state, "/healthz");
+        if answer.0 != 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = answer;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!(
+            "the seq counter is held by database session {pid}"
+        )),
+        "{body}"
+    );
+    assert!(body.contains("pg_terminate_backend"), "{body}");
+    // Released: healthy again.
+    stuck.batch_execute("ROLLBACK").unwrap();
+    let (status, body) = get(&rt, &state, "/healthz");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The value of the sample `name` (without labels) in an OpenMetrics text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_show_the_pool_the_listener_and_the_outbox_leases() {
+    use eks_upgrade_agent::store::Outbox;
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let rt = runtime();
+    let state = replica(&url, ListenOptions::default(), NEVER);
+    let listen = Arc::clone(&state.database.as_ref().unwrap().listen);
+    wait_until("listening", || listen.connected());
+    let t = &state.tracker;
+    for u in ["u1", "u2"] {
+        t.create_upgrade(u, "p", "c", Default::default()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+    }
+    let (status, text) = get(&rt, &state, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&text, "eua_db_pool_max"), 4.0);
+    let open = sample(&text, "eua_db_pool_connections");
+    assert!(open >= 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "eua_db_pool_idle") + sample(&text, "eua_db_pool_in_use"),
+        open
+    );
+    sample(&text, "eua_db_pool_waits_total");
+    sample(&text, "eua_db_pool_wait_seconds_total");
+    assert_eq!(sample(&text, "eua_db_listening"), 1.0);
+    assert_eq!(sample(&text, "eua_db_outbox_leases_held"), 0.0);
+    assert_eq!(sample(&text, "eua_db_outbox_leases_expired"), 0.0);
+    // Another replica claims deliveries: leases held; then they run out (it died).
+    let other = store(&url);
+    other.ingest("hook").unwrap();
+    let claimed = other.due("hook", chrono::Utc::now(), 100).unwrap().len();
+    assert!(claimed >= 2, "{claimed}");
+    let text = get(&rt, &state, "/metrics").1;
+    assert_eq!(sample(&text, "eua_db_outbox_leases_held"), claimed as f64);
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute("UPDATE deliveries SET lease_until = 1 WHERE lease_owner IS NOT NULL")
+        .unwrap();
+    let text = get(&rt, &state, "/metrics").1;
+    assert_eq!(sample(&text, "eua_db_outbox_leases_held"), 0.0);
+    assert_eq!(
+        sample(&text, "eua_db_outbox_leases_expired"),
+        claimed as f64
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    // A replica on SQLite has none of these.
+    let dir = tempfile::tempdir().unwrap();
+    let text = get(&rt, &crate::util::state(dir.path()), "/metrics").1;
+    assert!(!text.contains("eua_db_"), "{text}");
+}

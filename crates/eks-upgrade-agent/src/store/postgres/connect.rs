@@ -323,6 +323,11 @@ fn take_tls_options(url: &str) -> std::result::Result<(String, SslMode, Option<S
 
 /// The connector for `mode`, trusting the CAs of `rootcert` (a PEM file, or `system`).
 fn tls_for(mode: SslMode, rootcert: Option<&str>) -> std::result::Result<Tls, String> {
+    // The AWS SDK's crypto when it is linked anyway (a second provider would cost binary
+    // size), else ring.
+    #[cfg(feature = "aws")]
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    #[cfg(not(feature = "aws"))]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()

@@ -14,6 +14,7 @@
 //! event that commits later with a smaller `seq`.
 
 mod connect;
+mod health;
 mod import;
 pub mod listen;
 mod outbox;
@@ -22,6 +23,7 @@ mod schema;
 mod tasks;
 
 pub use listen::{ListenOptions, ListenStats, Listener};
+pub use outbox::LeaseCounts;
 pub use progress::{PostgresOptions, PostgresStore};
 
 #[cfg(test)]

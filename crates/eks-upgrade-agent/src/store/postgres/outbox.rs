@@ -18,6 +18,34 @@ const PENDING: i64 = 0;
 const DELIVERED: i64 = 1;
 const DEAD: i64 = 2;
 
+/// Notification deliveries claimed by a replica and not yet settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseCounts {
+    /// Whose lease runs.
+    pub held: u64,
+    /// Whose lease ran out (their replica died or stalled): another replica takes them over.
+    pub expired: u64,
+}
+
+impl PostgresStore {
+    /// The outbox's leases now (`/metrics`).
+    pub fn lease_counts(&self) -> Result<LeaseCounts> {
+        let now = micros(Utc::now());
+        self.read(|db| {
+            let r = db.one(
+                "SELECT count(*) FILTER (WHERE lease_until > $1), \
+                 count(*) FILTER (WHERE lease_until <= $1) FROM deliveries \
+                 WHERE status = 0 AND lease_owner IS NOT NULL",
+                &[&now],
+            )?;
+            Ok(LeaseCounts {
+                held: r.get::<_, i64>(0) as u64,
+                expired: r.get::<_, i64>(1) as u64,
+            })
+        })
+    }
+}
+
 impl Outbox for PostgresStore {
     fn ingest(&self, sink: &str) -> Result<u64> {
         self.write(|tx| {

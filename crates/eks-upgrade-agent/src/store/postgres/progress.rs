@@ -44,6 +44,9 @@ pub struct PostgresStore {
     instance: String,
     /// Where and how it connects (for connections outside the pool: `listen`).
     target: super::connect::Target,
+    /// Takes of a connection that found none idle, and the time they waited (µs).
+    waits: std::sync::atomic::AtomicU64,
+    waited_us: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -63,6 +66,10 @@ pub struct PoolStats {
     pub idle: u32,
     /// The most the pool opens.
     pub max: u32,
+    /// Times a connection was taken when none was idle (it waited, or one was opened).
+    pub waits: u64,
+    /// The time those takes waited, in total.
+    pub waited: Duration,
 }
 
 impl PostgresStore {
@@ -97,6 +104,8 @@ impl PostgresStore {
             url: shown,
             instance: Uuid::now_v7().to_string(),
             target,
+            waits: Default::default(),
+            waited_us: Default::default(),
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
@@ -124,6 +133,10 @@ impl PostgresStore {
             connections: s.connections,
             idle: s.idle_connections,
             max: self.pool.max_size(),
+            waits: self.waits.load(std::sync::atomic::Ordering::Relaxed),
+            waited: Duration::from_micros(
+                self.waited_us.load(std::sync::atomic::Ordering::Relaxed),
+            ),
         }
     }
 
@@ -155,10 +168,20 @@ impl PostgresStore {
     }
 
     pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let mut conn = self
-            .pool
-            .get()
-            .map_err(|e| Error::backend(format!("no database connection to {}", self.url), e))?;
+        let mut conn = match self.pool.try_get() {
+            Some(conn) => conn,
+            None => {
+                let began = std::time::Instant::now();
+                let conn = self.pool.get().map_err(|e| {
+                    Error::backend(format!("no database connection to {}", self.url), e)
+                });
+                use std::sync::atomic::Ordering::Relaxed;
+                self.waits.fetch_add(1, Relaxed);
+                self.waited_us
+                    .fetch_add(began.elapsed().as_micros() as u64, Relaxed);
+                conn?
+            }
+        };
         f(&mut conn)
     }
 
