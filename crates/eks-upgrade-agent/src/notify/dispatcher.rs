@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -172,115 +172,143 @@ impl Dispatcher {
             if due.is_empty() {
                 return Ok(report);
             }
-            let mut sent_any = false;
-            let mut i = 0;
-            while i < due.len() {
-                // Fill a batch within the sink's count and byte limits.
-                let mut batch: Vec<(Notification, u32)> = Vec::new();
-                let mut bytes = 0;
-                let mut outcomes = Vec::new();
-                while i < due.len() && batch.len() < sink.max_batch() {
-                    let size = serde_json::to_vec(&due[i].0.detail)
-                        .map(|v| v.len())
-                        .unwrap_or(0)
-                        + 256;
-                    if size > sink.max_batch_bytes() {
-                        outcomes.push((
-                            due[i].0.nid,
-                            DeliveryOutcome::Dead {
-                                error: format!(
-                                    "entry is {size} bytes; {} accepts at most {}",
-                                    sink.label(),
-                                    sink.max_batch_bytes()
-                                ),
-                            },
-                        ));
-                        report.dead += 1;
-                        i += 1;
-                        continue;
-                    }
-                    if bytes + size > sink.max_batch_bytes() && !batch.is_empty() {
-                        break;
-                    }
-                    bytes += size;
-                    batch.push(due[i].clone());
-                    i += 1;
+            // Claims last a lease (team mode): renew them while this pass delivers, so a pass
+            // longer than the lease never lets another replica send the same entries.
+            let held = Mutex::new(due.iter().map(|(n, _)| n.nid).collect::<Vec<u64>>());
+            let again = std::thread::scope(|scope| {
+                let (stop, stopped) = mpsc::channel::<()>();
+                if let Some(lease) = self.outbox.lease() {
+                    let (outbox, held, name) = (self.outbox.as_ref(), &held, sink.name());
+                    scope.spawn(move || renew_claims(outbox, name, held, lease, &stopped));
                 }
-                if !batch.is_empty() {
-                    let notes: Vec<Notification> = batch.iter().map(|(n, _)| n.clone()).collect();
-                    let results = sink.deliver(&notes);
-                    report.calls += 1;
-                    sent_any = true;
-                    let mut failed_upgrades: HashSet<&str> = HashSet::new();
-                    for (k, (n, attempts)) in batch.iter().enumerate() {
-                        let result = results.get(k).cloned().unwrap_or_else(|| {
-                            EntryResult::Retry("sink returned no result".into())
-                        });
-                        // A sink's error is kept per entry and shown by `notify status`: at most
-                        // 1 KiB of it (an SDK's dump of a whole request was once 10 KB a row).
-                        let result = match result {
-                            EntryResult::Retry(e) => EntryResult::Retry(clip(e)),
-                            EntryResult::Reject(e) => EntryResult::Reject(clip(e)),
-                            other => other,
-                        };
-                        let result = match result {
-                            EntryResult::Delivered
-                                if failed_upgrades.contains(n.upgrade_id.as_str()) =>
-                            {
-                                EntryResult::Retry(
-                                    "resent to keep order after an earlier entry failed".into(),
-                                )
-                            }
-                            other => other,
-                        };
-                        let outcome = match result {
-                            EntryResult::Delivered => {
-                                report.delivered += 1;
-                                DeliveryOutcome::Delivered
-                            }
-                            EntryResult::Reject(error) => {
-                                report.dead += 1;
-                                DeliveryOutcome::Dead { error }
-                            }
-                            EntryResult::Retry(error) => {
-                                failed_upgrades.insert(&n.upgrade_id);
-                                let age = (Utc::now() - n.time).to_std().unwrap_or_default();
-                                if attempts + 1 >= self.options.max_attempts
-                                    || age > self.options.max_age
-                                {
-                                    report.dead += 1;
-                                    DeliveryOutcome::Dead {
-                                        error: format!(
-                                            "gave up after {} attempts: {error}",
-                                            attempts + 1
-                                        ),
-                                    }
-                                } else {
-                                    report.retried += 1;
-                                    let delay = chrono::Duration::from_std(self.backoff(*attempts))
-                                        .unwrap_or_default();
-                                    DeliveryOutcome::Retry {
-                                        next_at: Utc::now() + delay,
-                                        error,
-                                    }
-                                }
-                            }
-                        };
-                        outcomes.push((n.nid, outcome));
-                    }
-                }
-                if !outcomes.is_empty() {
-                    self.outbox.record(sink.name(), &outcomes)?;
-                }
-                if report.retried > 0 {
-                    // Something is failing: stop this pass, let the backoff work.
-                    return Ok(report);
-                }
-            }
-            if !sent_any {
+                let again = self.deliver_claimed(sink, &due, &mut report, &held);
+                drop(stop);
+                again
+            })?;
+            if !again {
                 return Ok(report);
             }
         }
+    }
+
+    /// Delivers claimed entries in batches, recording outcomes; false: stop this pass.
+    fn deliver_claimed(
+        &self,
+        sink: &dyn EventSink,
+        due: &[(Notification, u32)],
+        report: &mut PassReport,
+        held: &Mutex<Vec<u64>>,
+    ) -> Result<bool> {
+        let mut sent_any = false;
+        let mut i = 0;
+        while i < due.len() {
+            // Fill a batch within the sink's count and byte limits.
+            let mut batch: Vec<(Notification, u32)> = Vec::new();
+            let mut bytes = 0;
+            let mut outcomes = Vec::new();
+            while i < due.len() && batch.len() < sink.max_batch() {
+                let size = serde_json::to_vec(&due[i].0.detail)
+                    .map(|v| v.len())
+                    .unwrap_or(0)
+                    + 256;
+                if size > sink.max_batch_bytes() {
+                    outcomes.push((
+                        due[i].0.nid,
+                        DeliveryOutcome::Dead {
+                            error: format!(
+                                "entry is {size} bytes; {} accepts at most {}",
+                                sink.label(),
+                                sink.max_batch_bytes()
+                            ),
+                        },
+                    ));
+                    report.dead += 1;
+                    i += 1;
+                    continue;
+                }
+                if bytes + size > sink.max_batch_bytes() && !batch.is_empty() {
+                    break;
+                }
+                bytes += size;
+                batch.push(due[i].clone());
+                i += 1;
+            }
+            if !batch.is_empty() {
+                let notes: Vec<Notification> = batch.iter().map(|(n, _)| n.clone()).collect();
+                let results = sink.deliver(&notes);
+                report.calls += 1;
+                sent_any = true;
+                let mut failed_upgrades: HashSet<&str> = HashSet::new();
+                for (k, (n, attempts)) in batch.iter().enumerate() {
+                    let result = results
+                        .get(k)
+                        .cloned()
+                        .unwrap_or_else(|| EntryResult::Retry("sink returned no result".into()));
+                    // A sink's error is kept per entry and shown by `notify status`: at most
+                    // 1 KiB of it (an SDK's dump of a whole request was once 10 KB a row).
+                    let result = match result {
+                        EntryResult::Retry(e) => EntryResult::Retry(clip(e)),
+                        EntryResult::Reject(e) => EntryResult::Reject(clip(e)),
+                        other => other,
+                    };
+                    let result = match result {
+                        EntryResult::Delivered
+                            if failed_upgrades.contains(n.upgrade_id.as_str()) =>
+                        {
+                            EntryResult::Retry(
+                                "resent to keep order after an earlier entry failed".into(),
+                            )
+                        }
+                        other => other,
+                    };
+                    let outcome = match result {
+                        EntryResult::Delivered => {
+                            report.delivered += 1;
+                            DeliveryOutcome::Delivered
+                        }
+                        EntryResult::Reject(error) => {
+                            report.dead += 1;
+                            DeliveryOutcome::Dead { error }
+                        }
+                        EntryResult::Retry(error) => {
+                            failed_upgrades.insert(&n.upgrade_id);
+                            let age = (Utc::now() - n.time).to_std().unwrap_or_default();
+                            if attempts + 1 >= self.options.max_attempts
+                                || age > self.options.max_age
+                            {
+                                report.dead += 1;
+                                DeliveryOutcome::Dead {
+                                    error: format!(
+                                        "gave up after {} attempts: {error}",
+                                        attempts + 1
+                                    ),
+                                }
+                            } else {
+                                report.retried += 1;
+                                let delay = chrono::Duration::from_std(self.backoff(*attempts))
+                                    .unwrap_or_default();
+                                DeliveryOutcome::Retry {
+                                    next_at: Utc::now() + delay,
+                                    error,
+                                }
+                            }
+                        }
+                    };
+                    outcomes.push((n.nid, outcome));
+                }
+            }
+            if !outcomes.is_empty() {
+                self.outbox.record(sink.name(), &outcomes)?;
+                if let Ok(mut held) = held.lock() {
+                    held.retain(|nid| !outcomes.iter().any(|(n, _)| n == nid));
+                }
+            }
+            if report.retried > 0 {
+                // Something is failing: stop this pass, let the backoff work.
+                return Ok(false);
+            }
+        }
+        Ok(sent_any)
     }
 
     /// Delivers what is pending, for at most `limit`; returns what was done. Stops early when
@@ -390,6 +418,23 @@ impl Drop for DispatcherHandle {
 const MAX_ERROR: usize = 1024;
 
 /// `error` cut to [`MAX_ERROR`] bytes (on a character boundary), marked when cut.
+/// Renews the claims in `held` every third of `lease` until `stop` is dropped.
+fn renew_claims(
+    outbox: &dyn Outbox,
+    sink: &str,
+    held: &Mutex<Vec<u64>>,
+    lease: Duration,
+    stop: &mpsc::Receiver<()>,
+) {
+    let every = (lease / 3).max(Duration::from_millis(10));
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        let nids = held.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Err(e) = outbox.renew(sink, &nids) {
+            tracing::warn!(sink, error = %e, "cannot renew the claims on notifications");
+        }
+    }
+}
+
 fn clip(mut error: String) -> String {
     if error.len() > MAX_ERROR {
         let mut end = MAX_ERROR;

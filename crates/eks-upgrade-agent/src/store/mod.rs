@@ -428,6 +428,17 @@ pub trait Outbox: Send + Sync + fmt::Debug {
     fn record(&self, sink: &str, outcomes: &[(u64, DeliveryOutcome)]) -> Result<()>;
     /// Counts and last error for a sink.
     fn sink_status(&self, sink: &str) -> Result<crate::notify::SinkStatus>;
+    /// How long a claim of [`due`](Outbox::due) lasts before another process may take the
+    /// entry (none: claims do not expire; one process delivers). A deliverer whose pass may
+    /// last longer [`renew`](Outbox::renew)s its claims meanwhile.
+    fn lease(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Extends this store's claims on `nids` (still pending) by another lease; returns how
+    /// many it still held.
+    fn renew(&self, _sink: &str, _nids: &[u64]) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Which artifacts `artifacts upload` queues.

@@ -30,6 +30,9 @@ pub struct PostgresOptions {
     pub pool_size: u32,
     /// How long taking a connection from the pool (or making one) may wait.
     pub connect_timeout: Duration,
+    /// How long a claim on work (a notification delivery) lasts before another replica may
+    /// take it over; renewed while the work lasts.
+    pub lease: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -37,6 +40,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(10),
+            lease: super::outbox::LEASE,
         }
     }
 }

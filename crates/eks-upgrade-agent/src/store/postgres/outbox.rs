@@ -11,7 +11,9 @@ use crate::error::Result;
 use crate::notify::{Notification, SinkStatus};
 use crate::store::{DeliveryOutcome, Outbox};
 
-/// How long a replica holds the notifications it claimed before another may deliver them.
+/// How long a replica holds the notifications it claimed before another may deliver them
+/// (the default of [`PostgresOptions::lease`](super::PostgresOptions::lease)); the dispatcher
+/// renews its claims while a pass lasts.
 pub(crate) const LEASE: std::time::Duration = std::time::Duration::from_secs(15);
 
 const PENDING: i64 = 0;
@@ -141,7 +143,7 @@ impl Outbox for PostgresStore {
                 }
             }
             let nids: Vec<i64> = out.iter().map(|(n, _)| n.nid as i64).collect();
-            let until = wall + LEASE.as_micros() as i64;
+            let until = wall + self.lease().as_micros() as i64;
             tx.exec(
                 "UPDATE deliveries SET lease_owner = $2, lease_until = $3 \
                  WHERE sink = $1 AND nid = ANY($4)",
@@ -183,6 +185,26 @@ impl Outbox for PostgresStore {
                 )?;
             }
             Ok(())
+        })
+    }
+
+    fn lease(&self) -> Option<std::time::Duration> {
+        Some(PostgresStore::lease(self))
+    }
+
+    fn renew(&self, sink: &str, nids: &[u64]) -> Result<u64> {
+        if nids.is_empty() {
+            return Ok(0);
+        }
+        let owner = self.instance();
+        let nids: Vec<i64> = nids.iter().map(|n| *n as i64).collect();
+        let until = micros(Utc::now()) + self.lease().as_micros() as i64;
+        self.write(|tx| {
+            tx.exec(
+                "UPDATE deliveries SET lease_until = $3 \
+                 WHERE sink = $1 AND nid = ANY($2) AND status = 0 AND lease_owner = $4",
+                &[&sink, &nids, &until, &owner],
+            )
         })
     }
 

@@ -105,3 +105,84 @@ fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
     assert!(a.due("hook", Utc::now(), 100).unwrap().is_empty());
     assert!(b.due("hook", Utc::now(), 100).unwrap().is_empty());
 }
+
+/// A pass longer than the lease renews its claims: another replica asking meanwhile gets none
+/// of them, so nothing is sent twice; the pass's outcomes still count.
+#[test]
+fn a_long_pass_renews_its_leases_so_no_other_replica_sends_them() {
+    use crate::notify::{Dispatcher, DispatcherOptions, EntryResult, EventSink, Notification};
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// Blocks in its first delivery until told to go on.
+    #[derive(Debug)]
+    struct Stuck {
+        entered: Mutex<Option<mpsc::Sender<()>>>,
+        go: Mutex<mpsc::Receiver<()>>,
+        sent: Mutex<Vec<u64>>,
+    }
+    impl EventSink for Stuck {
+        fn name(&self) -> &str {
+            "hook"
+        }
+        fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
+            if let Some(entered) = self.entered.lock().unwrap().take() {
+                entered.send(()).unwrap();
+                self.go.lock().unwrap().recv().unwrap();
+            }
+            self.sent
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|n| n.nid));
+            batch.iter().map(|_| EntryResult::Delivered).collect()
+        }
+    }
+
+    let lease = Duration::from_millis(1500);
+    let options = PostgresOptions {
+        pool_size: 4,
+        lease,
+        ..PostgresOptions::default()
+    };
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &options).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &options).unwrap());
+    let t = ProgressTracker::new(a.clone());
+    for u in ["u1", "u2"] {
+        t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+    }
+    let (entered_tx, entered) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let sink = Arc::new(Stuck {
+        entered: Mutex::new(Some(entered_tx)),
+        go: Mutex::new(go_rx),
+        sent: Mutex::new(Vec::new()),
+    });
+    let d = Dispatcher::new(a.clone(), vec![sink.clone()], DispatcherOptions::default());
+    let pass = std::thread::spawn(move || d.run_once().unwrap());
+    entered.recv().unwrap();
+    // The pass holds its claims for several leases; B keeps asking for work meanwhile.
+    let began = Instant::now();
+    b.ingest("hook").unwrap();
+    while began.elapsed() < lease * 4 {
+        let taken = b.due("hook", Utc::now(), 100).unwrap();
+        assert!(
+            taken.is_empty(),
+            "B took claimed entries after {:?}: {taken:?}",
+            began.elapsed()
+        );
+        std::thread::sleep(lease / 6);
+    }
+    go.send(()).unwrap();
+    let report = pass.join().unwrap();
+    let sent = sink.sent.lock().unwrap().clone();
+    assert_eq!(report.delivered as usize, sent.len());
+    assert!(sent.len() >= 2, "{sent:?}");
+    let unique: HashSet<u64> = sent.iter().copied().collect();
+    assert_eq!(unique.len(), sent.len(), "sent twice: {sent:?}");
+    assert_eq!(a.sink_status("hook").unwrap().delivered, sent.len() as u64);
+    assert!(b.due("hook", Utc::now(), 100).unwrap().is_empty());
+}

@@ -47,6 +47,8 @@ pub struct PostgresStore {
     /// Takes of a connection that found none idle, and the time they waited (µs).
     waits: std::sync::atomic::AtomicU64,
     waited_us: std::sync::atomic::AtomicU64,
+    /// How long claims on work last (see [`PostgresOptions::lease`]).
+    lease: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -106,9 +108,15 @@ impl PostgresStore {
             target,
             waits: Default::default(),
             waited_us: Default::default(),
+            lease: options.lease.max(Duration::from_millis(100)),
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
+    }
+
+    /// How long claims on work last.
+    pub(crate) fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// Where and how it connects.

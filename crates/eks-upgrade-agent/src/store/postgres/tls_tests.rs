@@ -29,6 +29,7 @@ fn options() -> PostgresOptions {
     PostgresOptions {
         pool_size: 2,
         connect_timeout: Duration::from_secs(2),
+        ..PostgresOptions::default()
     }
 }
 
