@@ -5,7 +5,10 @@
 //!   `progress apply` engine on the database, acknowledged lines per second;
 //! - `pg_updates_per_s writers=16 replicas=3`: acknowledged task updates through the HTTP API
 //!   of three `serve` replicas on one database, 16 writers (each on its own task, spread over
-//!   the replicas), per second.
+//!   the replicas), per second;
+//! - `cross_replica_stream_p99_ms clients=300`: a task update written through one replica,
+//!   received by each of 300 WebSocket clients of another replica (woken by `LISTEN`): the
+//!   99th percentile of the delay from sending the update to each client's receipt.
 
 use std::io::Cursor;
 use std::process::{Child, Command, Stdio};
@@ -141,6 +144,76 @@ fn pg_updates_per_s(pg: &PgCluster, writers: usize, replicas: usize, secs: f64) 
     total as f64 / start.elapsed().as_secs_f64()
 }
 
+fn cross_replica_stream_p99_ms(pg: &PgCluster, clients: usize, events: usize) -> f64 {
+    use futures_util::StreamExt;
+    let db = pg.create_database();
+    setup(&tracker(&db), 1);
+    let (writer, reader) = (serve(&db), serve(&db));
+    let base = Instant::now();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (connected_tx, connected) = std::sync::mpsc::channel::<()>();
+    let delays: Vec<tokio::task::JoinHandle<Vec<f64>>> = (0..clients)
+        .map(|_| {
+            let url = format!("ws://127.0.0.1:{}/api/v1/upgrades/bench/ws", reader.1);
+            let connected = connected_tx.clone();
+            rt.spawn(async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+                connected.send(()).unwrap();
+                let mut out = Vec::with_capacity(events);
+                while out.len() < events {
+                    let Some(Ok(msg)) = ws.next().await else { break };
+                    let Ok(text) = msg.to_text() else { continue };
+                    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+                    let sent = v["data"]["message"]
+                        .as_str()
+                        .and_then(|m| m.strip_prefix("t="))
+                        .and_then(|m| m.parse::<f64>().ok());
+                    if let Some(sent) = sent {
+                        out.push(base.elapsed().as_secs_f64() * 1000.0 - sent);
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    for _ in 0..clients {
+        connected.recv().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(true)
+        .build()
+        .into();
+    let url = format!(
+        "http://127.0.0.1:{}/api/v1/upgrades/bench/tasks/task-0/update",
+        writer.1
+    );
+    for n in 0..events {
+        let sent = base.elapsed().as_secs_f64() * 1000.0;
+        let body = format!(r#"{{"percentage": {}, "message": "t={sent:.3}"}}"#, n % 100);
+        agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(body.as_str())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut all: Vec<f64> = rt.block_on(async {
+        let mut all = Vec::new();
+        for d in delays {
+            let got = tokio::time::timeout(Duration::from_secs(30), d)
+                .await
+                .expect("a client missed events")
+                .unwrap();
+            all.extend(got);
+        }
+        all
+    });
+    assert_eq!(all.len(), clients * events, "every client got every event");
+    all.sort_by(f64::total_cmp);
+    all[(all.len() * 99 / 100).min(all.len() - 1)]
+}
+
 fn main() {
     let pg = PgCluster::start_durable();
     println!(
@@ -150,5 +223,9 @@ fn main() {
     println!(
         "pg_updates_per_s writers=16 replicas=3: {:.0}",
         pg_updates_per_s(&pg, 16, 3, 5.0)
+    );
+    println!(
+        "cross_replica_stream_p99_ms clients=300: {:.1}",
+        cross_replica_stream_p99_ms(&pg, 300, 200)
     );
 }
