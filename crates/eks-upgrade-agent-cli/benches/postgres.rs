@@ -157,11 +157,15 @@ fn cross_replica_stream_p99_ms(pg: &PgCluster, clients: usize, events: usize) ->
             let url = format!("ws://127.0.0.1:{}/api/v1/upgrades/bench/ws", reader.1);
             let connected = connected_tx.clone();
             rt.spawn(async move {
-                let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+                let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                    .await
+                    .unwrap();
                 connected.send(()).unwrap();
                 let mut out = Vec::with_capacity(events);
                 while out.len() < events {
-                    let Some(Ok(msg)) = ws.next().await else { break };
+                    let Some(Ok(msg)) = ws.next().await else {
+                        break;
+                    };
                     let Ok(text) = msg.to_text() else { continue };
                     let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
                     let sent = v["data"]["message"]

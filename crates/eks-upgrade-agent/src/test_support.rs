@@ -127,7 +127,12 @@ impl Drop for S3sFs {
 /// The bin directory of Debian's PostgreSQL packages (`/usr/lib/postgresql/<major>/bin`, the
 /// newest), or `None` when they are not installed.
 pub fn postgres_bin_dir() -> Option<std::path::PathBuf> {
-    let mut found: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    postgres_bin_dir_in(std::path::Path::new("/usr/lib/postgresql"))
+}
+
+/// The newest `<root>/<major>/bin` holding `initdb`.
+fn postgres_bin_dir_in(root: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut found: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(root)
         .ok()?
         .filter_map(|e| {
             let e = e.ok()?;
@@ -156,6 +161,8 @@ pub struct PgCluster {
     durable: bool,
     /// The port on 127.0.0.1.
     pub port: u16,
+    /// The process whose exit stops the server (this one, but in the watchdog's test).
+    watch: u32,
 }
 
 impl PgCluster {
@@ -171,10 +178,20 @@ impl PgCluster {
     }
 
     fn start_with(durable: bool) -> PgCluster {
-        let bin = postgres_bin_dir().unwrap_or_else(|| {
+        PgCluster::start_from(
+            std::path::Path::new("/usr/lib/postgresql"),
+            durable,
+            std::process::id(),
+        )
+    }
+
+    /// A cluster from the packages under `root`, stopped when process `watch` exits.
+    fn start_from(root: &std::path::Path, durable: bool, watch: u32) -> PgCluster {
+        let bin = postgres_bin_dir_in(root).unwrap_or_else(|| {
             panic!(
-                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): run scripts/test, \
-                 which installs Debian's postgresql package with apt-get"
+                "PostgreSQL is not installed (no {}/*/bin/initdb): run scripts/test, \
+                 which installs Debian's postgresql package with apt-get",
+                root.display()
             )
         });
         use std::os::unix::fs::MetadataExt;
@@ -204,6 +221,7 @@ impl PgCluster {
             as_postgres: root,
             durable,
             port: 0,
+            watch,
         };
         let data = cluster.dir.join("data");
         let out = cluster
@@ -240,7 +258,7 @@ impl PgCluster {
             self.port = free_port();
         }
         let data = self.dir.join("data");
-        let me = std::process::id();
+        let me = self.watch;
         let script = format!(
             "{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
              -c fsync={sync} -c full_page_writes={sync} -c max_connections=400 \
@@ -409,5 +427,52 @@ mod tests {
             "the server still listens after drop"
         );
         assert!(!dir.exists(), "{} is left behind", dir.display());
+    }
+
+    /// The watchdog: when the process the cluster watches exits without dropping it (a test
+    /// process killed, or `exit`ing), the server stops and its directory goes.
+    #[test]
+    fn the_server_stops_and_is_removed_when_its_process_exits_without_dropping_it() {
+        let mut watched = Command::new("sleep").arg("600").spawn().unwrap();
+        let cluster = PgCluster::start_from(
+            std::path::Path::new("/usr/lib/postgresql"),
+            false,
+            watched.id(),
+        );
+        let (port, dir) = (cluster.port, cluster.dir.clone());
+        postgres::Client::connect(&cluster.url("postgres"), postgres::NoTls).unwrap();
+        // As if the process had died: nobody drops the cluster.
+        std::mem::forget(cluster);
+        watched.kill().unwrap();
+        watched.wait().unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || dir.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the server on port {port} outlived its process (dir {} exists: {})",
+                dir.display(),
+                dir.exists()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Without the packages the test fails (never skips), naming what installs them.
+    #[test]
+    fn missing_packages_fail_the_test_naming_scripts_test() {
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(postgres_bin_dir_in(empty.path()), None);
+        let root = empty.path().to_path_buf();
+        let panic = std::panic::catch_unwind(move || {
+            PgCluster::start_from(&root, false, std::process::id())
+        })
+        .unwrap_err();
+        let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("PostgreSQL is not installed"), "{msg}");
+        assert!(msg.contains("run scripts/test"), "{msg}");
+        assert!(msg.contains("apt-get"), "{msg}");
+        // A version directory without initdb does not count.
+        std::fs::create_dir_all(empty.path().join("15/bin")).unwrap();
+        assert_eq!(postgres_bin_dir_in(empty.path()), None);
     }
 }

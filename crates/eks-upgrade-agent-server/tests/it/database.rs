@@ -139,8 +139,10 @@ fn the_listening_connection_comes_back_and_wakes_streams_again() {
     });
     let other = store(&url);
     create_elsewhere(&other, "u1");
-    assert_eq!(next_event(&rt, &mut sub).upgrade_id, "u1");
-    // A database restart: the listener comes back with it.
+    let first = next_event(&rt, &mut sub);
+    assert_eq!(first.upgrade_id, "u1");
+    // A database restart mid-stream: the listener comes back with it, and the stream goes on
+    // from where it was, without a gap.
     drop(other);
     pg.restart();
     wait_until("reconnected after a restart", || {
@@ -149,7 +151,9 @@ fn the_listening_connection_comes_back_and_wakes_streams_again() {
     let before = listen.notifications();
     let other = store(&url);
     create_elsewhere(&other, "u2");
-    assert_eq!(next_event(&rt, &mut sub).upgrade_id, "u2");
+    let second = next_event(&rt, &mut sub);
+    assert_eq!(second.upgrade_id, "u2");
+    assert_eq!(second.seq, first.seq + 1, "a gap across the restart");
     assert!(listen.notifications() > before);
 }
 
