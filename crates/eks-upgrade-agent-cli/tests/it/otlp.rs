@@ -700,3 +700,213 @@ fn one_shot_stderr_holds_no_otlp_secret() {
         }
     }
 }
+
+/// A JUnit report of suite `smoke`: `(name, outcome)`, outcome `pass`, `fail`, `error` or
+/// `skip`, one second each.
+fn junit(env: &Env, file: &str, cases: &[(&str, &str)]) -> String {
+    let mut xml = String::from("<?xml version=\"1.0\"?>\n<testsuite name=\"smoke\">\n");
+    for (name, outcome) in cases {
+        let inner = match *outcome {
+            "pass" => String::new(),
+            "fail" => format!("<failure message=\"{name} broke\">trace</failure>"),
+            "error" => format!("<error message=\"{name} errored\"/>"),
+            "skip" => "<skipped/>".into(),
+            other => panic!("{other}"),
+        };
+        xml.push_str(&format!(
+            "  <testcase classname=\"tests.api\" name=\"{name}\" time=\"1.0\">{inner}</testcase>\n"
+        ));
+    }
+    xml.push_str("</testsuite>\n");
+    let path = env.data_dir().join(file);
+    std::fs::write(&path, xml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Issue #14 "a validation run as a span with one event per failed test": the upgrade's test
+/// runs are spans under its root span (name with phase and suite, from the run's start to its
+/// recording, the counts as attributes, `ERROR` when tests failed, one event per failing test
+/// with its name and message), exported with the root span; a post run that fails its gate is
+/// exported at once by its `upgrade.validation_failed` (so one recorded after the upgrade
+/// ended reaches the trace too), and every copy of a span is the same bytes.
+#[test]
+fn test_runs_are_spans_of_the_upgrade_trace() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let flags = ["--otlp-endpoint", base.as_str()];
+    let run = |args: &[&str]| {
+        let mut a = flags.to_vec();
+        a.extend_from_slice(args);
+        env.ok(&a)
+    };
+    let ingest = |file: &str, phase: &str| -> Value {
+        let mut a = flags.to_vec();
+        a.extend(["tests", "ingest", file, "--upgrade", "u1"]);
+        a.extend(["--phase", phase]);
+        env.json(&a)
+    };
+    run(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p1",
+        "--cluster",
+        "prod",
+        "--meta",
+        "team=platform",
+    ]);
+    run(&["progress", "upgrade", "start", "u1"]);
+    let pre = junit(
+        &env,
+        "pre.xml",
+        &[("health", "pass"), ("pods", "pass"), ("dns", "pass")],
+    );
+    let pre = ingest(&pre, "pre");
+    let post = junit(
+        &env,
+        "post.xml",
+        &[
+            ("health", "pass"),
+            ("pods", "fail"),
+            ("dns", "error"),
+            ("later", "skip"),
+        ],
+    );
+    let post = ingest(&post, "post");
+    // The failing post run is exported with its notification, before the upgrade ends.
+    let id_of = |r: &Value| r["run_id"].as_str().unwrap().to_owned();
+    let find = |run_id: &str| -> Option<Span> {
+        spans(&got)
+            .into_values()
+            .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(run_id))
+    };
+    assert!(
+        find(&id_of(&post)).is_some(),
+        "the failing post run at once"
+    );
+    assert!(
+        find(&id_of(&pre)).is_none(),
+        "the pre run waits for the root"
+    );
+    run(&["progress", "upgrade", "complete", "u1"]);
+    let late = junit(&env, "late.xml", &[("health", "fail"), ("pods", "pass")]);
+    let late = ingest(&late, "post");
+    let flushed = run(&["notify", "flush", "--timeout", "20"]);
+    assert!(flushed.contains("0 still pending"), "{flushed}");
+
+    let all = spans(&got);
+    let root = all
+        .values()
+        .find(|s| s.name == "eks upgrade prod")
+        .expect("the root span");
+    assert_eq!(all.len(), 4, "the root and three runs");
+    for (r, name, phase, status, message) in [
+        (&pre, "tests pre: smoke", "pre", StatusCode::Ok, ""),
+        (
+            &post,
+            "tests post: smoke",
+            "post",
+            StatusCode::Error,
+            "2 of 4 tests failed",
+        ),
+        (
+            &late,
+            "tests post: smoke",
+            "post",
+            StatusCode::Error,
+            "1 of 2 tests failed",
+        ),
+    ] {
+        let id = id_of(r);
+        let s = find(&id).unwrap_or_else(|| panic!("no span for run {id}"));
+        assert_eq!(s.name, name);
+        assert_eq!(s.trace_id, root.trace_id);
+        assert_eq!(s.parent_span_id, root.span_id, "{name} under the root");
+        let st = s.status.as_ref().unwrap();
+        assert_eq!((st.code, st.message.as_str()), (status as i32, message));
+        assert_eq!(attr(&s, "eks.test_run.phase"), phase);
+        assert_eq!(attr(&s, "cicd.pipeline.task.type"), "test");
+        assert_eq!(attr(&s, "cicd.pipeline.task.run.id"), id);
+        assert_eq!(attr(&s, "test.suite.name"), "smoke");
+        for key in [
+            "eks.upgrade.id",
+            "eks.cluster.name",
+            "eks.plan.id",
+            "eks.meta.team",
+            "cicd.pipeline.name",
+            "cicd.pipeline.run.id",
+        ] {
+            assert_eq!(attr(&s, key), attr(root, key), "{key} of {name}");
+        }
+        for key in ["tests", "passed", "failed", "errors", "skipped"] {
+            assert_eq!(
+                attr(
+                    &s,
+                    &format!("eks.tests.{}", if key == "tests" { "total" } else { key })
+                ),
+                r[key].to_string(),
+                "{key} of {name}"
+            );
+        }
+        // From the run's start (its recording less its tests' time) to its recording.
+        assert_eq!(s.end_time_unix_nano, nanos(&r["created_at"]));
+        let secs = r["duration"].as_f64().unwrap();
+        assert_eq!(
+            s.end_time_unix_nano - s.start_time_unix_nano,
+            (secs * 1e9) as u64
+        );
+    }
+    let post = find(&id_of(&post)).unwrap();
+    let events: Vec<(String, String, String)> = post
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                value(&e.attributes, "test.case.name").unwrap(),
+                value(&e.attributes, "eks.message").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (
+                "test.error".to_owned(),
+                "tests.api.dns".to_owned(),
+                "dns errored".to_owned()
+            ),
+            (
+                "test.failed".to_owned(),
+                "tests.api.pods".to_owned(),
+                "pods broke".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(post.dropped_events_count, 0);
+    assert!(
+        post.events
+            .iter()
+            .all(|e| e.time_unix_nano == post.end_time_unix_nano)
+    );
+    assert!(find(&id_of(&pre)).unwrap().events.is_empty());
+    // At least once, the same bytes: every copy of a span is identical (the post run came
+    // twice: with its notification and with the root).
+    let mut copies: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for e in got.lock().unwrap().iter() {
+        for s in &e.request.resource_spans[0].scope_spans[0].spans {
+            copies
+                .entry(s.span_id.clone())
+                .or_default()
+                .push(s.encode_to_vec());
+        }
+    }
+    assert!(copies.values().any(|c| c.len() > 1), "a span sent twice");
+    for c in copies.values() {
+        assert!(c.windows(2).all(|w| w[0] == w[1]), "copies differ");
+    }
+}

@@ -8,10 +8,18 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::progress::{EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, upgrade_key};
+use chrono::{DateTime, Utc};
+
+use super::progress::{
+    EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, micros, upgrade_key,
+};
+use super::test_results::{RUN_COLUMNS, run_row, status_of};
 use crate::error::{Error, Result};
-use crate::model::{EventKind, ProgressEvent, Task, Upgrade};
-use crate::notify::otlp::{SpanAsk, SpanFacts, SpanHistory, TraceSource, sample_indices};
+use crate::model::{EventKind, ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
+use crate::notify::otlp::{
+    MAX_EVENT_DETAILS, MAX_RUN_SPANS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource,
+    sample_indices,
+};
 use crate::store::ProgressStore;
 
 impl TraceSource for SqliteStore {
@@ -67,6 +75,115 @@ impl TraceSource for SqliteStore {
             }
         }
     }
+
+    fn test_runs(
+        &self,
+        upgrade_id: &str,
+        until: DateTime<Utc>,
+        max_events: usize,
+    ) -> Result<Vec<RunFacts>> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let runs = tx
+                .prepare_cached(&format!(
+                    "SELECT {RUN_COLUMNS}, rkey FROM test_runs \
+                     WHERE upgrade_id = ?1 AND created_at <= ?2 ORDER BY rkey LIMIT ?3"
+                ))?
+                .query_map(
+                    rusqlite::params![upgrade_id, micros(until), MAX_RUN_SPANS as i64],
+                    |r| Ok((r.get::<_, i64>(15)?, run_row(r)?)),
+                )?
+                .collect::<rusqlite::Result<Vec<(i64, TestRun)>>>()?;
+            let out = runs
+                .into_iter()
+                .map(|(rkey, run)| run_facts(&tx, rkey, run, max_events))
+                .collect::<Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let found = tx
+                .prepare_cached(&format!(
+                    "SELECT {RUN_COLUMNS}, rkey FROM test_runs WHERE run_id = ?1"
+                ))?
+                .query_row([run_id], |r| Ok((r.get::<_, i64>(15)?, run_row(r)?)))
+                .optional()?;
+            let Some((rkey, run)) = found else {
+                return Err(Error::not_found(format!("test run {run_id:?}")));
+            };
+            let out = run_facts(&tx, rkey, run, max_events)?;
+            tx.commit()?;
+            Ok(Some(out))
+        })
+    }
+}
+
+/// A run's failing tests, sampled: one pass over them in (suite, class name, name) order,
+/// keeping only the sampled ones (memory stays flat whatever the count), messages cut.
+fn run_facts(c: &Connection, rkey: i64, run: TestRun, max_events: usize) -> Result<RunFacts> {
+    let total = run.counts.failed.saturating_add(run.counts.errors);
+    let keep = sample_indices(usize::try_from(total).unwrap_or(usize::MAX), max_events);
+    let mut failures = Vec::with_capacity(keep.len());
+    if !keep.is_empty() {
+        let mut stmt = c.prepare_cached(
+            "SELECT c.test_id, c.framework, c.suite, c.classname, c.name, r.status, \
+             r.attempts, r.duration, substr(r.message, 1, ?4) \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = ?1 AND r.status IN (?2, ?3) \
+             ORDER BY c.suite, c.classname, c.name",
+        )?;
+        let mut rows = stmt.query(rusqlite::params![
+            rkey,
+            TestStatus::Failed.code(),
+            TestStatus::Error.code(),
+            MAX_EVENT_DETAILS as i64 + 1
+        ])?;
+        let mut wanted = keep.iter().copied().peekable();
+        let mut i = 0usize;
+        while let Some(r) = rows.next()? {
+            let Some(&next) = wanted.peek() else { break };
+            if i == next {
+                wanted.next();
+                let message: Option<String> = r.get(8)?;
+                failures.push(TestResult {
+                    test_id: r.get(0)?,
+                    framework: r.get(1)?,
+                    suite: r.get(2)?,
+                    classname: r.get(3)?,
+                    name: r.get(4)?,
+                    status: status_of(r.get(5)?),
+                    attempts: r.get::<_, i64>(6)?.clamp(0, i64::from(u32::MAX)) as u32,
+                    flaky: false,
+                    duration: r.get(7)?,
+                    message: message.map(cut),
+                });
+            }
+            i += 1;
+        }
+    }
+    Ok(RunFacts {
+        run,
+        failures,
+        total_failures: total,
+    })
+}
+
+/// `m` cut to at most [`MAX_EVENT_DETAILS`] bytes on a character boundary, `…` marking a cut.
+fn cut(mut m: String) -> String {
+    if m.len() <= MAX_EVENT_DETAILS {
+        return m;
+    }
+    let mut end = MAX_EVENT_DETAILS - '…'.len_utf8();
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m.truncate(end);
+    m.push('…');
+    m
 }
 
 /// [`TraceSource::span_facts`] of one ask, on `c` (inside the batch's read transaction).
@@ -234,6 +351,110 @@ mod tests {
         assert_eq!(h.attempt, 0);
         let kinds: Vec<EventKind> = h.events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
+    }
+
+    /// Test runs for the trace: those of the upgrade recorded by `until`, oldest first (one
+    /// recorded later and another upgrade's left out); a run's failing tests (failed and
+    /// error, not passed, skipped or flaky) sampled to 128 in name order, the first and the
+    /// last among them, all counted; long messages cut on a character boundary.
+    #[test]
+    fn test_runs_are_read_with_their_failures_sampled() {
+        use crate::model::{CaseAttempt, NewRun, RunPhase};
+        use crate::store::TestResultStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let record = |id: &str, upgrade: &str, when: i64, cases: Vec<CaseAttempt>| {
+            let run = NewRun {
+                run_id: id.into(),
+                upgrade_id: upgrade.into(),
+                cluster_name: "prod".into(),
+                phase: RunPhase::Post,
+                created_at: at(when),
+                files: vec!["r.xml".into()],
+                artifact_ids: Vec::new(),
+            };
+            store
+                .record_run(&run, &mut |sink| {
+                    for c in cases.clone() {
+                        sink(c)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        };
+        let case = |name: String, status: TestStatus, message: Option<String>| CaseAttempt {
+            framework: "pytest".into(),
+            suite: "smoke".into(),
+            classname: "tests.api".into(),
+            name,
+            status,
+            duration: 0.5,
+            message,
+        };
+        let mut cases = Vec::new();
+        for i in 0..300 {
+            let (status, message) = match i % 3 {
+                0 => (TestStatus::Passed, None),
+                1 => (TestStatus::Failed, Some(format!("é{}", "x".repeat(5000)))),
+                _ => (TestStatus::Error, Some(format!("t{i:03} errored"))),
+            };
+            cases.push(case(format!("t{i:03}"), status, message));
+        }
+        cases.push(case(
+            "t999".into(),
+            TestStatus::Skipped,
+            Some("skip".into()),
+        ));
+        record("r1", "u", 10, cases);
+        record(
+            "r2",
+            "u",
+            20,
+            vec![case("ok".into(), TestStatus::Passed, None)],
+        );
+        record(
+            "r3",
+            "u",
+            30,
+            vec![case("late".into(), TestStatus::Failed, None)],
+        );
+        record(
+            "other",
+            "v",
+            15,
+            vec![case("x".into(), TestStatus::Failed, None)],
+        );
+        let runs = store.test_runs("u", at(20), 128).unwrap();
+        let ids: Vec<&str> = runs.iter().map(|r| r.run.run_id.as_str()).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+        let r1 = &runs[0];
+        assert_eq!(r1.total_failures, 200);
+        assert_eq!(r1.failures.len(), 128);
+        assert_eq!(r1.failures[0].name, "t001");
+        assert_eq!(r1.failures[127].name, "t299");
+        assert!(r1.failures.windows(2).all(|w| w[0].name < w[1].name));
+        assert!(r1.failures.iter().all(|t| t.status.is_failure()));
+        let long = r1.failures[0].message.as_deref().unwrap();
+        assert!(
+            long.len() <= MAX_EVENT_DETAILS && long.ends_with('…'),
+            "{long}"
+        );
+        assert!(long.starts_with("éxxx"));
+        assert_eq!(
+            r1.failures[127].message.as_deref(),
+            Some("t299 errored"),
+            "short messages whole"
+        );
+        assert_eq!(runs[1].total_failures, 0);
+        assert!(runs[1].failures.is_empty());
+        // One run by id; an unknown id is NotFound.
+        let r3 = store.test_run("r3", 128).unwrap().unwrap();
+        assert_eq!(r3.failures.len(), 1);
+        assert!(matches!(
+            store.test_run("nope", 128),
+            Err(Error::NotFound { .. })
+        ));
     }
 
     /// The batch answer (one read transaction) is what the single calls answer, ask by ask:
