@@ -167,6 +167,9 @@ pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::R
     if let Some(d) = dispatcher {
         state = state.with_dispatcher(d);
     }
+    if let Some(spans) = request_spans(ctx) {
+        state = state.with_request_spans(spans);
+    }
     #[cfg(feature = "aws")]
     if let Some(s3) = ctx.config.s3_store()? {
         state = state.with_s3(Arc::new(s3));
@@ -266,6 +269,26 @@ fn run_on_database(
             .context("server failed")
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// With an OTLP endpoint (the sink's settings): the server's own request spans. Settings the
+/// sink refused were already reported by its setup (`dispatcher_or_warn`): none then.
+fn request_spans(ctx: &Ctx) -> Option<eks_upgrade_agent_server::request_spans::RequestSpans> {
+    let settings = &ctx.config.notify.otlp;
+    settings.endpoint.as_ref()?;
+    let timeout = ctx
+        .config
+        .notify
+        .timeout
+        .unwrap_or(std::time::Duration::from_secs(10));
+    let exporter = eks_upgrade_agent::notify::otlp::OtlpExporter::new(settings, timeout).ok()?;
+    match eks_upgrade_agent_server::request_spans::RequestSpans::start(exporter) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("warning: request spans are off: cannot start their exporter: {e}");
+            None
+        }
+    }
 }
 
 /// The trace source of sinks without an OTLP sink (which alone reads it).

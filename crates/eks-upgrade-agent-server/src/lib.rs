@@ -55,6 +55,7 @@ mod maintenance;
 mod metrics;
 mod openapi;
 mod progress_api;
+pub mod request_spans;
 mod store_api;
 mod stream;
 mod tests_api;
@@ -112,6 +113,8 @@ pub struct AppState {
     pub serve_options: ServeOptions,
     /// Group commit of the REST API's progress writes.
     committer: Arc<committer::Committer>,
+    /// Request spans to an OTLP endpoint (none: not traced).
+    pub request_spans: Option<Arc<request_spans::RequestSpans>>,
 }
 
 impl AppState {
@@ -136,7 +139,14 @@ impl AppState {
             metrics,
             #[cfg(feature = "aws")]
             s3: None,
+            request_spans: None,
         }
+    }
+
+    /// With request spans (see [`request_spans`]).
+    pub fn with_request_spans(mut self, spans: request_spans::RequestSpans) -> AppState {
+        self.request_spans = Some(Arc::new(spans));
+        self
     }
 
     /// With the configured S3 store (for `POST /api/v1/maintenance/upload`).
@@ -332,6 +342,10 @@ pub fn router(state: AppState) -> Router {
             guard::check,
         ))
         .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_spans::record,
+        ))
         .with_state(state)
 }
 

@@ -519,25 +519,40 @@ fn label(url: &str) -> String {
     format!("otlp:{host}#{digest}")
 }
 
-/// Sends every upgrade as a trace to an OTLP/HTTP endpoint.
-pub struct OtlpSink {
-    /// Delivery-state key (holds the URL: never shown).
-    name: String,
+/// The transport of traces to one OTLP/HTTP endpoint: its URL, headers, compression and
+/// resource. [`OtlpSink`] sends through one; so can other producers of spans (the server's
+/// request spans). Checked once, by [`OtlpExporter::new`].
+pub struct OtlpExporter {
     label: String,
     url: String,
     headers: Vec<(String, String)>,
     compression: Compression,
     resource: Resource,
-    source: Arc<dyn TraceSource>,
     agent: ureq::Agent,
+}
+
+impl fmt::Debug for OtlpExporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpExporter")
+            .field("label", &self.label)
+            .field("headers", &self.headers.len())
+            .field("compression", &self.compression)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends every upgrade as a trace to an OTLP/HTTP endpoint.
+pub struct OtlpSink {
+    /// Delivery-state key (holds the URL: never shown).
+    name: String,
+    exporter: OtlpExporter,
+    source: Arc<dyn TraceSource>,
 }
 
 impl fmt::Debug for OtlpSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OtlpSink")
-            .field("label", &self.label)
-            .field("headers", &self.headers.len())
-            .field("compression", &self.compression)
+            .field("exporter", &self.exporter)
             .finish_non_exhaustive()
     }
 }
@@ -557,15 +572,11 @@ fn check_header(k: &str, v: &str) -> Result<()> {
     Ok(())
 }
 
-impl OtlpSink {
-    /// A sink for `settings` (which must name an endpoint), reading spans' history from
-    /// `source`. The endpoint must be an http(s) URL; plain http only to this machine (headers
+impl OtlpExporter {
+    /// The exporter of `settings` (which must name an endpoint; `timeout` unless they set
+    /// one). The endpoint must be an http(s) URL; plain http only to this machine (headers
     /// often carry API keys).
-    pub fn new(
-        settings: &OtlpSettings,
-        source: Arc<dyn TraceSource>,
-        timeout: Duration,
-    ) -> Result<OtlpSink> {
+    pub fn new(settings: &OtlpSettings, timeout: Duration) -> Result<OtlpExporter> {
         let Some(url) = settings.endpoint.as_deref() else {
             return Err(Error::invalid(
                 "no OTLP endpoint: set --otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -621,8 +632,7 @@ impl OtlpSink {
             .http_status_as_error(false)
             .build()
             .into();
-        Ok(OtlpSink {
-            name: format!("otlp:{url}"),
+        Ok(OtlpExporter {
             label: label(url),
             url: url.to_owned(),
             headers: settings.headers.clone(),
@@ -631,8 +641,98 @@ impl OtlpSink {
                 attributes,
                 ..Resource::default()
             },
-            source,
             agent,
+        })
+    }
+
+    /// `otlp:HOST:PORT#xxxxxx`: the endpoint as shown to people (no secrets).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The export request of `spans` under this exporter's resource and the instrumentation
+    /// scope `scope` (with this crate's version).
+    pub fn request(&self, scope: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: scope.into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..InstrumentationScope::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    /// Sends `request` (one POST, no retry): `Delivered` on 2xx, `Reject` when the collector
+    /// refuses the request itself (400, 413, 422), `Retry` otherwise; errors name the endpoint
+    /// by its label only.
+    pub fn send(&self, request: &ExportTraceServiceRequest) -> EntryResult {
+        let body = self.body(request);
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/x-protobuf");
+        if self.compression == Compression::Gzip {
+            req = req.header("Content-Encoding", "gzip");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        match req.send(&body[..]) {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                match status {
+                    200..=299 => EntryResult::Delivered,
+                    // OTLP/HTTP: 400 is a malformed request, never retried.
+                    400 | 413 | 422 => {
+                        EntryResult::Reject(format!("{} answered {status}", self.label))
+                    }
+                    _ => EntryResult::Retry(format!("{} answered {status}", self.label)),
+                }
+            }
+            Err(e) => EntryResult::Retry(format!(
+                "{}: {}",
+                self.label,
+                e.to_string().replace(&self.url, "<url>")
+            )),
+        }
+    }
+
+    fn body(&self, request: &ExportTraceServiceRequest) -> Vec<u8> {
+        let raw = request.encode_to_vec();
+        match self.compression {
+            Compression::None => raw,
+            Compression::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                // Writing to a Vec cannot fail.
+                let _ = gz.write_all(&raw);
+                gz.finish().unwrap_or_default()
+            }
+        }
+    }
+}
+
+impl OtlpSink {
+    /// A sink for `settings` (which must name an endpoint, see [`OtlpExporter::new`]),
+    /// reading spans' history from `source`.
+    pub fn new(
+        settings: &OtlpSettings,
+        source: Arc<dyn TraceSource>,
+        timeout: Duration,
+    ) -> Result<OtlpSink> {
+        let exporter = OtlpExporter::new(settings, timeout)?;
+        Ok(OtlpSink {
+            name: format!("otlp:{}", exporter.url),
+            exporter,
+            source,
         })
     }
 
@@ -730,28 +830,14 @@ impl OtlpSink {
             };
             spans.push(run_span(upgrade.as_ref(), &r));
         }
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "eks-upgrade-agent".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..InstrumentationScope::default()
-                    }),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        };
+        let request = self.exporter.request("eks-upgrade-agent", spans);
         (request, fates)
     }
 
     /// The fate of an entry whose span could not be built: a missing upgrade or task never
     /// appears later (dead), anything else is retried.
     fn unbuilt(&self, e: Error) -> EntryResult {
-        let message = format!("{}: cannot build the span: {e}", self.label);
+        let message = format!("{}: cannot build the span: {e}", self.exporter.label);
         match e {
             Error::NotFound { .. } => EntryResult::Reject(message),
             _ => EntryResult::Retry(message),
@@ -871,20 +957,6 @@ impl OtlpSink {
             links,
             status,
             ..Span::default()
-        }
-    }
-
-    fn body(&self, request: &ExportTraceServiceRequest) -> Vec<u8> {
-        let raw = request.encode_to_vec();
-        match self.compression {
-            Compression::None => raw,
-            Compression::Gzip => {
-                let mut gz =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                // Writing to a Vec cannot fail.
-                let _ = gz.write_all(&raw);
-                gz.finish().unwrap_or_default()
-            }
         }
     }
 }
@@ -1101,7 +1173,7 @@ impl EventSink for OtlpSink {
     }
 
     fn label(&self) -> &str {
-        &self.label
+        self.exporter.label()
     }
 
     fn max_batch(&self) -> usize {
@@ -1117,35 +1189,7 @@ impl EventSink for OtlpSink {
                 .map(|f| f.unwrap_or(EntryResult::Delivered))
                 .collect();
         }
-        let body = self.body(&request);
-        let mut req = self
-            .agent
-            .post(&self.url)
-            .header("Content-Type", "application/x-protobuf");
-        if self.compression == Compression::Gzip {
-            req = req.header("Content-Encoding", "gzip");
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let sent = match req.send(&body[..]) {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                match status {
-                    200..=299 => EntryResult::Delivered,
-                    // OTLP/HTTP: 400 is a malformed request, never retried.
-                    400 | 413 | 422 => {
-                        EntryResult::Reject(format!("{} answered {status}", self.label))
-                    }
-                    _ => EntryResult::Retry(format!("{} answered {status}", self.label)),
-                }
-            }
-            Err(e) => EntryResult::Retry(format!(
-                "{}: {}",
-                self.label,
-                e.to_string().replace(&self.url, "<url>")
-            )),
-        };
+        let sent = self.exporter.send(&request);
         fates
             .into_iter()
             .map(|f| f.unwrap_or_else(|| sent.clone()))
