@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension};
 use chrono::{DateTime, Utc};
 
 use super::progress::{
-    EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, micros, upgrade_key,
+    SqliteStore, TaskRow, event_row, load_task, load_upgrade, micros, type_code, upgrade_key,
 };
 use super::test_results::{RUN_COLUMNS, run_row, status_of};
 use crate::error::{Error, Result};
@@ -40,7 +40,11 @@ impl TraceSource for SqliteStore {
     ) -> Result<SpanHistory> {
         self.read(|c| {
             let ukey = upgrade_key(c, upgrade_id)?;
-            history(c, ukey, upgrade_id, task_id, upto, max_events)
+            let row = match task_id {
+                Some(t) => Some(load_task(c, ukey, upgrade_id, t)?),
+                None => None,
+            };
+            history(c, ukey, upgrade_id, row.as_ref(), upto, max_events)
         })
     }
 
@@ -201,11 +205,12 @@ fn span_facts<'a>(
             (row.ukey, row.upgrade)
         }
     };
-    let task = match a.task_id {
-        Some(t) => Some(load_task(c, ukey, a.upgrade_id, t)?.task),
+    let row = match a.task_id {
+        Some(t) => Some(load_task(c, ukey, a.upgrade_id, t)?),
         None => None,
     };
-    let history = history(c, ukey, a.upgrade_id, a.task_id, a.upto, max_events)?;
+    let history = history(c, ukey, a.upgrade_id, row.as_ref(), a.upto, max_events)?;
+    let task = row.map(|r| r.task);
     let parent_attempt = match task.as_ref().and_then(|t| t.parent_task_id.as_deref()) {
         Some(p) => Some(task_attempt(c, ukey, a.upgrade_id, p, clamp(a.upto))?.0),
         None => None,
@@ -222,31 +227,129 @@ fn clamp(upto: u64) -> i64 {
     i64::try_from(upto).unwrap_or(i64::MAX)
 }
 
-/// [`TraceSource::span_history`] on `c`.
+/// One event read by seq without a join: [`event_row`]'s columns with the upgrade id, task id
+/// and task type code bound as `?2..?4` (the caller knows them), then `tkey` and
+/// `prev_task_seq`. The walk of a task's chain reads each event once with it.
+const LEAN_EVENT: &str = "SELECT seq, event_id, ?2, ts, ?3, ?4, kind, status, message, details, \
+     percentage, tkey, prev_task_seq FROM events WHERE seq = ?1";
+
+/// [`TraceSource::span_history`] on `c`: of the task whose row is `task`, or of the upgrade.
 fn history(
     c: &Connection,
     ukey: i64,
     upgrade_id: &str,
-    task_id: Option<&str>,
+    task: Option<&TaskRow>,
     upto: u64,
     max_events: usize,
 ) -> Result<SpanHistory> {
     let upto = clamp(upto);
-    let (attempt, seqs) = match task_id {
-        Some(t) => task_attempt(c, ukey, upgrade_id, t, upto)?,
-        None => {
-            let mut stmt = c.prepare_cached(
+    let mut stmt = c.prepare_cached(LEAN_EVENT)?;
+    let task_id = task.map(|t| t.task.task_id.as_str());
+    let task_type = task.map(|t| type_code(t.task.task_type));
+    let Some(row) = task else {
+        let seqs = c
+            .prepare_cached(
                 "SELECT seq FROM events WHERE ukey = ?1 AND seq <= ?2 AND tkey IS NULL \
                  ORDER BY seq",
-            )?;
-            let seqs = stmt
-                .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()?;
-            (0, seqs)
-        }
+            )?
+            .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        return sampled(
+            &mut stmt,
+            (upgrade_id, task_id, task_type),
+            0,
+            &seqs,
+            max_events,
+        );
     };
-    let mut stmt = c.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
-    let mut read = |seq: i64| -> Result<ProgressEvent> { Ok(stmt.query_row([seq], event_row)?) };
+    // The task's chain, newest first, from `upto` when it is this task's event (the usual
+    // case: its ending event), else from the task's latest event, skipping what came after
+    // `upto`. The attempt's events are built as they are read while they fit in
+    // `max_events` (the usual case: one read per event); past that only their seqs are kept
+    // and the sampled ones read again.
+    let retried = EventKind::TaskRetried.code();
+    let added = EventKind::TaskAdded.code();
+    let first: Option<i64> = c
+        .prepare_cached("SELECT tkey FROM events WHERE seq = ?1")?
+        .query_row([upto], |r| r.get(0))
+        .optional()?
+        .flatten();
+    let mut next = if first == Some(row.tkey) {
+        Some(upto)
+    } else {
+        Some(row.last_event_seq).filter(|s| *s > 0)
+    };
+    let (mut seqs, mut kept) = (Vec::new(), Vec::new());
+    let (mut attempt, mut in_attempt, mut overflow) = (0u32, true, false);
+    while let Some(seq) = next {
+        let wanted = seq <= upto && in_attempt && !overflow;
+        let (kind, prev, event) = stmt.query_row(
+            rusqlite::params![seq, upgrade_id, task_id, task_type],
+            |r| {
+                let kind: i64 = r.get(6)?;
+                let event = if wanted && kind != added {
+                    Some(event_row(r)?)
+                } else {
+                    None
+                };
+                Ok((kind, r.get::<_, Option<i64>>(12)?, event))
+            },
+        )?;
+        next = prev;
+        if seq > upto {
+            continue;
+        }
+        if in_attempt && kind != added {
+            seqs.push(seq);
+            if let Some(e) = event {
+                if kept.len() < max_events {
+                    kept.push(e);
+                } else {
+                    overflow = true;
+                    kept = Vec::new();
+                }
+            }
+        }
+        if kind == retried {
+            attempt += 1;
+            in_attempt = false;
+        }
+    }
+    seqs.reverse();
+    if overflow {
+        return sampled(
+            &mut stmt,
+            (upgrade_id, task_id, task_type),
+            attempt,
+            &seqs,
+            max_events,
+        );
+    }
+    kept.reverse();
+    Ok(SpanHistory {
+        attempt,
+        start: kept.first().map(|e| e.timestamp),
+        total_events: seqs.len() as u64,
+        events: kept,
+    })
+}
+
+/// The history of the events `seqs` (oldest first): the first one's time, the sampled ones
+/// read with `stmt` ([`LEAN_EVENT`]) under `ids`.
+fn sampled(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    ids: (&str, Option<&str>, Option<i64>),
+    attempt: u32,
+    seqs: &[i64],
+    max_events: usize,
+) -> Result<SpanHistory> {
+    let (upgrade_id, task_id, task_type) = ids;
+    let mut read = |seq: i64| -> Result<ProgressEvent> {
+        Ok(stmt.query_row(
+            rusqlite::params![seq, upgrade_id, task_id, task_type],
+            event_row,
+        )?)
+    };
     let start = match seqs.first() {
         Some(first) => Some(read(*first)?.timestamp),
         None => None,
