@@ -237,16 +237,10 @@ fn run_on_database(
         .with_guard(guard)
         .with_serve_options(options);
     if !ctx.config.notify.is_empty() {
-        if ctx.config.notify.otlp.endpoint.is_some() {
-            anyhow::bail!(
-                "the OTLP sink does not work with --database-url yet: unset otlp_endpoint \
-                 (EventBridge and webhooks do)"
-            );
-        }
         let sinks = ctx
             .config
             .notify
-            .sinks(Arc::new(NoTraces))
+            .sinks(db.clone())
             .context("cannot set up notification sinks")?;
         let outbox: Arc<dyn eks_upgrade_agent::store::Outbox> = db.clone();
         state = state.with_dispatcher(Arc::new(eks_upgrade_agent::notify::Dispatcher::new(
@@ -254,6 +248,9 @@ fn run_on_database(
             sinks,
             eks_upgrade_agent::notify::DispatcherOptions::default(),
         )));
+    }
+    if let Some(spans) = request_spans(ctx) {
+        state = state.with_request_spans(spans);
     }
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
@@ -289,32 +286,6 @@ fn request_spans(ctx: &Ctx) -> Option<eks_upgrade_agent_server::request_spans::R
             None
         }
     }
-}
-
-/// The trace source of sinks without an OTLP sink (which alone reads it).
-#[derive(Debug)]
-struct NoTraces;
-
-impl eks_upgrade_agent::notify::otlp::TraceSource for NoTraces {
-    fn upgrade(&self, _: &str) -> eks_upgrade_agent::Result<eks_upgrade_agent::model::Upgrade> {
-        Err(no_traces())
-    }
-    fn task(&self, _: &str, _: &str) -> eks_upgrade_agent::Result<eks_upgrade_agent::model::Task> {
-        Err(no_traces())
-    }
-    fn span_history(
-        &self,
-        _: &str,
-        _: Option<&str>,
-        _: u64,
-        _: usize,
-    ) -> eks_upgrade_agent::Result<eks_upgrade_agent::notify::otlp::SpanHistory> {
-        Err(no_traces())
-    }
-}
-
-fn no_traces() -> eks_upgrade_agent::Error {
-    eks_upgrade_agent::Error::InvalidInput("no trace source with --database-url".into())
 }
 
 /// With a bucket configured: a thread that uploads queued artifacts (those added with

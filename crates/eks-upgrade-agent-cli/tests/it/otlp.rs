@@ -1142,3 +1142,119 @@ fn a_hung_collector_never_slows_or_fails_requests() {
         all.elapsed()
     );
 }
+
+/// Issue #14 on PostgreSQL (team mode): `serve --database-url` with an OTLP endpoint exports
+/// the upgrade's trace from the shared database (the PostgreSQL `TraceSource`): a task's failed
+/// attempt and its retry (linked), under the root span, each with its own events.
+#[test]
+fn serve_on_a_database_exports_the_upgrade_trace() {
+    let pg = eks_upgrade_agent::test_support::PgCluster::start();
+    let db = pg.create_database();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let served = crate::util::serve(
+        &env,
+        &[
+            ("EUA_DATABASE_URL", db.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str()),
+        ],
+    );
+    let server = format!("http://127.0.0.1:{}", served.port);
+    for args in [
+        &[
+            "progress",
+            "upgrade",
+            "create",
+            "u",
+            "--plan",
+            "p",
+            "--cluster",
+            "team",
+        ][..],
+        &["progress", "upgrade", "start", "u"],
+        &[
+            "progress",
+            "task",
+            "add",
+            "u",
+            "t",
+            "--name",
+            "T",
+            "--type",
+            "upgrade_step",
+        ],
+        &["progress", "task", "start", "u", "t"],
+        &[
+            "progress",
+            "task",
+            "update",
+            "u",
+            "t",
+            "--percent",
+            "30",
+            "-m",
+            "draining",
+        ],
+        &[
+            "progress",
+            "task",
+            "fail",
+            "u",
+            "t",
+            "--error",
+            "drain timed out",
+        ],
+        &["progress", "task", "retry", "u", "t"],
+        &["progress", "task", "complete", "u", "t"],
+        &["progress", "upgrade", "complete", "u"],
+    ] {
+        let mut a = vec!["--server", server.as_str()];
+        a.extend_from_slice(args);
+        env.ok(&a);
+    }
+    wait_until(&got, "the upgrade's three spans", |g| {
+        scope_spans(g, "eks-upgrade-agent")
+            .iter()
+            .any(|s| s.name == "eks upgrade team")
+    });
+    let mut by_id: HashMap<Vec<u8>, Span> = HashMap::new();
+    for s in scope_spans(&got, "eks-upgrade-agent") {
+        by_id.insert(s.span_id.clone(), s);
+    }
+    assert_eq!(
+        by_id.len(),
+        3,
+        "{:?}",
+        by_id.values().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let root = by_id
+        .values()
+        .find(|s| s.name == "eks upgrade team")
+        .unwrap();
+    let attempt = |n: &str| {
+        by_id
+            .values()
+            .find(|s| s.name == "T" && attr(s, "eks.task.attempt") == n)
+            .unwrap_or_else(|| panic!("no attempt {n}"))
+    };
+    let (first, second) = (attempt("0"), attempt("1"));
+    for s in [first, second] {
+        assert_eq!(s.parent_span_id, root.span_id);
+        assert_eq!(s.trace_id, root.trace_id);
+    }
+    let st = first.status.as_ref().unwrap();
+    assert_eq!(
+        (st.code, st.message.as_str()),
+        (StatusCode::Error as i32, "drain timed out")
+    );
+    let names = |s: &Span| s.events.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(first),
+        ["task.started", "task.progress", "task.failed"]
+    );
+    assert_eq!(names(second), ["task.retried", "task.completed"]);
+    assert_eq!(second.links[0].span_id, first.span_id);
+    assert_eq!(root.status.as_ref().unwrap().code, StatusCode::Ok as i32);
+}

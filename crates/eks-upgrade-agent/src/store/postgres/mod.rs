@@ -18,6 +18,7 @@ mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
+mod trace;
 
 pub use progress::{PostgresOptions, PostgresStore};
 
