@@ -167,6 +167,9 @@ pub(crate) fn state(ctx: &Ctx, store: Arc<SqliteStore>, auth: Auth) -> anyhow::R
     if let Some(d) = dispatcher {
         state = state.with_dispatcher(d);
     }
+    if let Some(spans) = request_spans(ctx) {
+        state = state.with_request_spans(spans);
+    }
     #[cfg(feature = "aws")]
     if let Some(s3) = ctx.config.s3_store()? {
         state = state.with_s3(Arc::new(s3));
@@ -240,16 +243,10 @@ fn run_on_database(
         )
         .context("cannot start listening for other replicas' events")?;
     if !ctx.config.notify.is_empty() {
-        if ctx.config.notify.otlp.endpoint.is_some() {
-            anyhow::bail!(
-                "the OTLP sink does not work with --database-url yet: unset otlp_endpoint \
-                 (EventBridge and webhooks do)"
-            );
-        }
         let sinks = ctx
             .config
             .notify
-            .sinks(Arc::new(NoTraces))
+            .sinks(db.clone())
             .context("cannot set up notification sinks")?;
         let outbox: Arc<dyn eks_upgrade_agent::store::Outbox> = db.clone();
         state = state.with_dispatcher(Arc::new(eks_upgrade_agent::notify::Dispatcher::new(
@@ -257,6 +254,9 @@ fn run_on_database(
             sinks,
             eks_upgrade_agent::notify::DispatcherOptions::default(),
         )));
+    }
+    if let Some(spans) = request_spans(ctx) {
+        state = state.with_request_spans(spans);
     }
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
@@ -274,30 +274,24 @@ fn run_on_database(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The trace source of sinks without an OTLP sink (which alone reads it).
-#[derive(Debug)]
-struct NoTraces;
-
-impl eks_upgrade_agent::notify::otlp::TraceSource for NoTraces {
-    fn upgrade(&self, _: &str) -> eks_upgrade_agent::Result<eks_upgrade_agent::model::Upgrade> {
-        Err(no_traces())
+/// With an OTLP endpoint (the sink's settings): the server's own request spans. Settings the
+/// sink refused were already reported by its setup (`dispatcher_or_warn`): none then.
+fn request_spans(ctx: &Ctx) -> Option<eks_upgrade_agent_server::request_spans::RequestSpans> {
+    let settings = &ctx.config.notify.otlp;
+    settings.endpoint.as_ref()?;
+    let timeout = ctx
+        .config
+        .notify
+        .timeout
+        .unwrap_or(std::time::Duration::from_secs(10));
+    let exporter = eks_upgrade_agent::notify::otlp::OtlpExporter::new(settings, timeout).ok()?;
+    match eks_upgrade_agent_server::request_spans::RequestSpans::start(exporter) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("warning: request spans are off: cannot start their exporter: {e}");
+            None
+        }
     }
-    fn task(&self, _: &str, _: &str) -> eks_upgrade_agent::Result<eks_upgrade_agent::model::Task> {
-        Err(no_traces())
-    }
-    fn span_history(
-        &self,
-        _: &str,
-        _: Option<&str>,
-        _: u64,
-        _: usize,
-    ) -> eks_upgrade_agent::Result<eks_upgrade_agent::notify::otlp::SpanHistory> {
-        Err(no_traces())
-    }
-}
-
-fn no_traces() -> eks_upgrade_agent::Error {
-    eks_upgrade_agent::Error::InvalidInput("no trace source with --database-url".into())
 }
 
 /// With a bucket configured: a thread that uploads queued artifacts (those added with

@@ -56,6 +56,7 @@ mod maintenance;
 mod metrics;
 mod openapi;
 mod progress_api;
+pub mod request_spans;
 mod store_api;
 mod stream;
 mod tests_api;
@@ -116,6 +117,8 @@ pub struct AppState {
     /// The shared database (team mode), for `/healthz` and `/metrics`, with the connection
     /// that wakes streams on other replicas' commits.
     pub database: Option<Database>,
+    /// Request spans to an OTLP endpoint (none: not traced).
+    pub request_spans: Option<Arc<request_spans::RequestSpans>>,
 }
 
 /// The PostgreSQL side of a replica (see [`AppState::with_database`]).
@@ -163,6 +166,7 @@ impl AppState {
             #[cfg(feature = "aws")]
             s3: None,
             database: None,
+            request_spans: None,
         }
     }
 
@@ -196,6 +200,12 @@ impl AppState {
         if let Some(db) = &mut self.database {
             db.stall_after = after;
         }
+        self
+    }
+
+    /// With request spans (see [`request_spans`]).
+    pub fn with_request_spans(mut self, spans: request_spans::RequestSpans) -> AppState {
+        self.request_spans = Some(Arc::new(spans));
         self
     }
 
@@ -392,6 +402,10 @@ pub fn router(state: AppState) -> Router {
             guard::check,
         ))
         .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_spans::record,
+        ))
         .with_state(state)
 }
 

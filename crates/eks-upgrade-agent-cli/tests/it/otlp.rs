@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
-use opentelemetry_proto::tonic::trace::v1::{Span, status::StatusCode};
+use opentelemetry_proto::tonic::trace::v1::{Span, span, status::StatusCode};
 use prost::Message as _;
 use serde_json::Value;
 
@@ -699,4 +699,562 @@ fn one_shot_stderr_holds_no_otlp_secret() {
             }
         }
     }
+}
+
+/// A JUnit report of suite `smoke`: `(name, outcome)`, outcome `pass`, `fail`, `error` or
+/// `skip`, one second each.
+fn junit(env: &Env, file: &str, cases: &[(&str, &str)]) -> String {
+    let mut xml = String::from("<?xml version=\"1.0\"?>\n<testsuite name=\"smoke\">\n");
+    for (name, outcome) in cases {
+        let inner = match *outcome {
+            "pass" => String::new(),
+            "fail" => format!("<failure message=\"{name} broke\">trace</failure>"),
+            "error" => format!("<error message=\"{name} errored\"/>"),
+            "skip" => "<skipped/>".into(),
+            other => panic!("{other}"),
+        };
+        xml.push_str(&format!(
+            "  <testcase classname=\"tests.api\" name=\"{name}\" time=\"1.0\">{inner}</testcase>\n"
+        ));
+    }
+    xml.push_str("</testsuite>\n");
+    let path = env.data_dir().join(file);
+    std::fs::write(&path, xml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Issue #14 "a validation run as a span with one event per failed test": the upgrade's test
+/// runs are spans under its root span (name with phase and suite, from the run's start to its
+/// recording, the counts as attributes, `ERROR` when tests failed, one event per failing test
+/// with its name and message), exported with the root span; a post run that fails its gate is
+/// exported at once by its `upgrade.validation_failed` (so one recorded after the upgrade
+/// ended reaches the trace too), and every copy of a span is the same bytes.
+#[test]
+fn test_runs_are_spans_of_the_upgrade_trace() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let flags = ["--otlp-endpoint", base.as_str()];
+    let run = |args: &[&str]| {
+        let mut a = flags.to_vec();
+        a.extend_from_slice(args);
+        env.ok(&a)
+    };
+    let ingest = |file: &str, phase: &str| -> Value {
+        let mut a = flags.to_vec();
+        a.extend(["tests", "ingest", file, "--upgrade", "u1"]);
+        a.extend(["--phase", phase]);
+        env.json(&a)
+    };
+    run(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p1",
+        "--cluster",
+        "prod",
+        "--meta",
+        "team=platform",
+    ]);
+    run(&["progress", "upgrade", "start", "u1"]);
+    let pre = junit(
+        &env,
+        "pre.xml",
+        &[("health", "pass"), ("pods", "pass"), ("dns", "pass")],
+    );
+    let pre = ingest(&pre, "pre");
+    let post = junit(
+        &env,
+        "post.xml",
+        &[
+            ("health", "pass"),
+            ("pods", "fail"),
+            ("dns", "error"),
+            ("later", "skip"),
+        ],
+    );
+    let post = ingest(&post, "post");
+    // The failing post run is exported with its notification, before the upgrade ends.
+    let id_of = |r: &Value| r["run_id"].as_str().unwrap().to_owned();
+    let find = |run_id: &str| -> Option<Span> {
+        spans(&got)
+            .into_values()
+            .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(run_id))
+    };
+    assert!(
+        find(&id_of(&post)).is_some(),
+        "the failing post run at once"
+    );
+    assert!(
+        find(&id_of(&pre)).is_none(),
+        "the pre run waits for the root"
+    );
+    run(&["progress", "upgrade", "complete", "u1"]);
+    let late = junit(&env, "late.xml", &[("health", "fail"), ("pods", "pass")]);
+    let late = ingest(&late, "post");
+    let flushed = run(&["notify", "flush", "--timeout", "20"]);
+    assert!(flushed.contains("0 still pending"), "{flushed}");
+
+    let all = spans(&got);
+    let root = all
+        .values()
+        .find(|s| s.name == "eks upgrade prod")
+        .expect("the root span");
+    assert_eq!(all.len(), 4, "the root and three runs");
+    for (r, name, phase, status, message) in [
+        (&pre, "tests pre: smoke", "pre", StatusCode::Ok, ""),
+        (
+            &post,
+            "tests post: smoke",
+            "post",
+            StatusCode::Error,
+            "2 of 4 tests failed",
+        ),
+        (
+            &late,
+            "tests post: smoke",
+            "post",
+            StatusCode::Error,
+            "1 of 2 tests failed",
+        ),
+    ] {
+        let id = id_of(r);
+        let s = find(&id).unwrap_or_else(|| panic!("no span for run {id}"));
+        assert_eq!(s.name, name);
+        assert_eq!(s.trace_id, root.trace_id);
+        assert_eq!(s.parent_span_id, root.span_id, "{name} under the root");
+        let st = s.status.as_ref().unwrap();
+        assert_eq!((st.code, st.message.as_str()), (status as i32, message));
+        assert_eq!(attr(&s, "eks.test_run.phase"), phase);
+        assert_eq!(attr(&s, "cicd.pipeline.task.type"), "test");
+        assert_eq!(attr(&s, "cicd.pipeline.task.run.id"), id);
+        assert_eq!(attr(&s, "test.suite.name"), "smoke");
+        for key in [
+            "eks.upgrade.id",
+            "eks.cluster.name",
+            "eks.plan.id",
+            "eks.meta.team",
+            "cicd.pipeline.name",
+            "cicd.pipeline.run.id",
+        ] {
+            assert_eq!(attr(&s, key), attr(root, key), "{key} of {name}");
+        }
+        for key in ["tests", "passed", "failed", "errors", "skipped"] {
+            assert_eq!(
+                attr(
+                    &s,
+                    &format!("eks.tests.{}", if key == "tests" { "total" } else { key })
+                ),
+                r[key].to_string(),
+                "{key} of {name}"
+            );
+        }
+        // From the run's start (its recording less its tests' time) to its recording.
+        assert_eq!(s.end_time_unix_nano, nanos(&r["created_at"]));
+        let secs = r["duration"].as_f64().unwrap();
+        assert_eq!(
+            s.end_time_unix_nano - s.start_time_unix_nano,
+            (secs * 1e9) as u64
+        );
+    }
+    let post = find(&id_of(&post)).unwrap();
+    let events: Vec<(String, String, String)> = post
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                value(&e.attributes, "test.case.name").unwrap(),
+                value(&e.attributes, "eks.message").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (
+                "test.error".to_owned(),
+                "tests.api.dns".to_owned(),
+                "dns errored".to_owned()
+            ),
+            (
+                "test.failed".to_owned(),
+                "tests.api.pods".to_owned(),
+                "pods broke".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(post.dropped_events_count, 0);
+    assert!(
+        post.events
+            .iter()
+            .all(|e| e.time_unix_nano == post.end_time_unix_nano)
+    );
+    assert!(find(&id_of(&pre)).unwrap().events.is_empty());
+    // At least once, the same bytes: every copy of a span is identical (the post run came
+    // twice: with its notification and with the root).
+    let mut copies: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for e in got.lock().unwrap().iter() {
+        for s in &e.request.resource_spans[0].scope_spans[0].spans {
+            copies
+                .entry(s.span_id.clone())
+                .or_default()
+                .push(s.encode_to_vec());
+        }
+    }
+    assert!(copies.values().any(|c| c.len() > 1), "a span sent twice");
+    for c in copies.values() {
+        assert!(c.windows(2).all(|w| w[0] == w[1]), "copies differ");
+    }
+}
+
+/// The spans of `scope` received so far.
+fn scope_spans(got: &Exports, scope: &str) -> Vec<Span> {
+    let mut out = Vec::new();
+    for e in got.lock().unwrap().iter() {
+        for rs in &e.request.resource_spans {
+            for ss in &rs.scope_spans {
+                if ss.scope.as_ref().map(|s| s.name.as_str()) == Some(scope) {
+                    out.extend(ss.spans.iter().cloned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Waits (at most 20 s) until `done` holds of what the receiver got.
+fn wait_until(got: &Exports, what: &str, done: impl Fn(&Exports) -> bool) {
+    let start = Instant::now();
+    while !done(got) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn post(port: u16, path: &str, extra: &str) -> String {
+    crate::util::http(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\
+             Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        ),
+    )
+}
+
+fn get(port: u16, path: &str, extra: &str) -> String {
+    crate::util::http(
+        port,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Connection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// A GET whose answer must come within `limit` (a request that waits fails, not hangs).
+fn get_within(port: u16, path: &str, limit: Duration) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    if let Err(e) = stream.read_to_string(&mut resp) {
+        panic!("{path}: no answer within {limit:?}: {e}");
+    }
+    resp
+}
+
+/// Issue #14 "the server can also export its own request spans ... linked to the upgrade trace
+/// for progress writes": `serve` with `OTEL_EXPORTER_OTLP_ENDPOINT` sends one `SERVER` span per
+/// request (method, route, status, path without the query, server address and port); a progress
+/// write carries a link to the root span of the upgrade's trace, the very span the OTLP sink
+/// exports when the upgrade ends; a read has no link; a `traceparent` header makes the span a
+/// child of the caller's.
+#[test]
+fn the_server_exports_request_spans_linked_to_the_upgrade_trace() {
+    let env = Env::with_task();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let served = crate::util::serve(&env, &[("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str())]);
+    let port = served.port;
+    for path in [
+        "/api/v1/upgrades/u/start?token=s3cr3t",
+        "/api/v1/upgrades/u/tasks/t/start",
+        "/api/v1/upgrades/u/tasks/t/complete",
+        "/api/v1/upgrades/u/complete",
+    ] {
+        let resp = post(port, path, "");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+    }
+    let resp = get(
+        port,
+        "/api/v1/upgrades/u",
+        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n",
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    wait_until(&got, "5 request spans and the root span", |g| {
+        scope_spans(g, "eks-upgrade-agent-server").len() >= 5
+            && spans(g).values().any(|s| s.name == "eks upgrade c")
+    });
+    let requests = scope_spans(&got, "eks-upgrade-agent-server");
+    let root = spans(&got)
+        .into_values()
+        .find(|s| s.name == "eks upgrade c")
+        .unwrap();
+    let by_path = |p: &str| -> &Span {
+        requests
+            .iter()
+            .find(|s| value(&s.attributes, "url.path").as_deref() == Some(p))
+            .unwrap_or_else(|| panic!("no span for {p}"))
+    };
+    let start = by_path("/api/v1/upgrades/u/start");
+    assert_eq!(start.name, "POST /api/v1/upgrades/{upgrade}/{op}");
+    assert_eq!(start.kind, span::SpanKind::Server as i32);
+    assert_eq!(attr(start, "http.request.method"), "POST");
+    assert_eq!(attr(start, "http.route"), "/api/v1/upgrades/{upgrade}/{op}");
+    assert_eq!(attr(start, "http.response.status_code"), "200");
+    assert_eq!(attr(start, "server.address"), "127.0.0.1");
+    assert_eq!(attr(start, "server.port"), port.to_string());
+    assert_eq!(attr(start, "eks.upgrade.id"), "u");
+    assert!(start.start_time_unix_nano <= start.end_time_unix_nano);
+    for s in &requests {
+        let text = format!("{s:?}");
+        assert!(
+            !text.contains("s3cr3t"),
+            "the query is never exported: {text}"
+        );
+    }
+    // Every write is linked to the upgrade's root span, the one the sink exported.
+    for p in [
+        "/api/v1/upgrades/u/start",
+        "/api/v1/upgrades/u/tasks/t/start",
+        "/api/v1/upgrades/u/tasks/t/complete",
+        "/api/v1/upgrades/u/complete",
+    ] {
+        let s = by_path(p);
+        assert_eq!(s.links.len(), 1, "{p}");
+        assert_eq!(s.links[0].trace_id, root.trace_id, "{p}");
+        assert_eq!(s.links[0].span_id, root.span_id, "{p}");
+        assert_ne!(s.trace_id, root.trace_id, "{p}: a request is its own trace");
+    }
+    assert_eq!(
+        by_path("/api/v1/upgrades/u/tasks/t/start").name,
+        "POST /api/v1/upgrades/{upgrade}/tasks/{task}/{op}"
+    );
+    // A read: no link; the caller's trace context is followed.
+    let read = by_path("/api/v1/upgrades/u");
+    assert!(read.links.is_empty());
+    let hexed = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(hexed(&read.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hexed(&read.parent_span_id), "00f067aa0ba902b7");
+    assert_eq!(attr(read, "http.request.method"), "GET");
+    // Requests of one trace each otherwise, with distinct ids.
+    let mut ids: Vec<&Vec<u8>> = requests.iter().map(|s| &s.span_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), requests.len());
+    let resource = got.lock().unwrap()[0].request.resource_spans[0]
+        .resource
+        .clone()
+        .unwrap();
+    assert_eq!(
+        value(&resource.attributes, "service.name").as_deref(),
+        Some("eks-upgrade-agent")
+    );
+}
+
+/// Without an OTLP endpoint the server exports nothing, not even to the usual default
+/// collector address (`localhost:4318`, which SDKs fall back to).
+#[test]
+fn without_the_variable_the_server_exports_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:4318")
+        .expect("port 4318 must be free for this test (the default OTLP/HTTP port)");
+    let got = receiver_on(listener);
+    let env = Env::with_task();
+    let served = crate::util::serve(&env, &[]);
+    for path in [
+        "/api/v1/upgrades/u/tasks/t/start",
+        "/api/v1/upgrades/u/start",
+    ] {
+        let resp = post(served.port, path, "");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+    }
+    // Longer than a batch waits before it is sent.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(served);
+    assert!(got.lock().unwrap().is_empty(), "nothing exported");
+}
+
+/// A collector that accepts connections and never answers (its exports would wait for the
+/// 60 s timeout) never slows or fails a request: 5,000 requests (more than the span queue
+/// holds, so spans are dropped too) all succeed, none of them taking seconds.
+#[test]
+fn a_hung_collector_never_slows_or_fails_requests() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    // Accept and hold every connection, reading nothing back.
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            h.lock().unwrap().push(stream);
+        }
+    });
+    let env = Env::with_task();
+    let served = crate::util::serve(
+        &env,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str()),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+        ],
+    );
+    let resp = post(served.port, "/api/v1/upgrades/u/tasks/t/start", "");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let all = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..5000 {
+        let one = Instant::now();
+        let resp = get_within(served.port, "/favicon.ico", Duration::from_secs(10));
+        slowest = slowest.max(one.elapsed());
+        assert!(resp.starts_with("HTTP/1.1 204"), "request {i}: {resp}");
+    }
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the exporter reached the collector"
+    );
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a request took {slowest:?} (an export waits 60 s)"
+    );
+    assert!(
+        all.elapsed() < Duration::from_secs(55),
+        "{:?} for all",
+        all.elapsed()
+    );
+}
+
+/// Issue #14 on PostgreSQL (team mode): `serve --database-url` with an OTLP endpoint exports
+/// the upgrade's trace from the shared database (the PostgreSQL `TraceSource`): a task's failed
+/// attempt and its retry (linked), under the root span, each with its own events.
+#[test]
+fn serve_on_a_database_exports_the_upgrade_trace() {
+    let pg = eks_upgrade_agent::test_support::PgCluster::start();
+    let db = pg.create_database();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let served = crate::util::serve(
+        &env,
+        &[
+            ("EUA_DATABASE_URL", db.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str()),
+        ],
+    );
+    let server = format!("http://127.0.0.1:{}", served.port);
+    for args in [
+        &[
+            "progress",
+            "upgrade",
+            "create",
+            "u",
+            "--plan",
+            "p",
+            "--cluster",
+            "team",
+        ][..],
+        &["progress", "upgrade", "start", "u"],
+        &[
+            "progress",
+            "task",
+            "add",
+            "u",
+            "t",
+            "--name",
+            "T",
+            "--type",
+            "upgrade_step",
+        ],
+        &["progress", "task", "start", "u", "t"],
+        &[
+            "progress",
+            "task",
+            "update",
+            "u",
+            "t",
+            "--percent",
+            "30",
+            "-m",
+            "draining",
+        ],
+        &[
+            "progress",
+            "task",
+            "fail",
+            "u",
+            "t",
+            "--error",
+            "drain timed out",
+        ],
+        &["progress", "task", "retry", "u", "t"],
+        &["progress", "task", "complete", "u", "t"],
+        &["progress", "upgrade", "complete", "u"],
+    ] {
+        let mut a = vec!["--server", server.as_str()];
+        a.extend_from_slice(args);
+        env.ok(&a);
+    }
+    wait_until(&got, "the upgrade's three spans", |g| {
+        scope_spans(g, "eks-upgrade-agent")
+            .iter()
+            .any(|s| s.name == "eks upgrade team")
+    });
+    let mut by_id: HashMap<Vec<u8>, Span> = HashMap::new();
+    for s in scope_spans(&got, "eks-upgrade-agent") {
+        by_id.insert(s.span_id.clone(), s);
+    }
+    assert_eq!(
+        by_id.len(),
+        3,
+        "{:?}",
+        by_id.values().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let root = by_id
+        .values()
+        .find(|s| s.name == "eks upgrade team")
+        .unwrap();
+    let attempt = |n: &str| {
+        by_id
+            .values()
+            .find(|s| s.name == "T" && attr(s, "eks.task.attempt") == n)
+            .unwrap_or_else(|| panic!("no attempt {n}"))
+    };
+    let (first, second) = (attempt("0"), attempt("1"));
+    for s in [first, second] {
+        assert_eq!(s.parent_span_id, root.span_id);
+        assert_eq!(s.trace_id, root.trace_id);
+    }
+    let st = first.status.as_ref().unwrap();
+    assert_eq!(
+        (st.code, st.message.as_str()),
+        (StatusCode::Error as i32, "drain timed out")
+    );
+    let names = |s: &Span| s.events.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(first),
+        ["task.started", "task.progress", "task.failed"]
+    );
+    assert_eq!(names(second), ["task.retried", "task.completed"]);
+    assert_eq!(second.links[0].span_id, first.span_id);
+    assert_eq!(root.status.as_ref().unwrap().code, StatusCode::Ok as i32);
 }

@@ -15,6 +15,10 @@
 //! - span events: the task's events of that attempt (the upgrade's own events for the root), at
 //!   most [`MAX_SPAN_EVENTS`]: the first, the last and evenly spaced ones between
 //!   ([`sample_indices`]); the others are counted in `dropped_events_count`.
+//! - test runs of the upgrade: spans under the root ([`run_span_id`]), one event per failing
+//!   test (sampled as above); the runs recorded by the upgrade's end go with the root span
+//!   ([`TraceSource::test_runs`]), a run named by an `upgrade.validation_failed` with it
+//!   ([`TraceSource::test_run`]).
 //!
 //! The outbox entry carries the ids, the seq and the time of the ending event; the sink reads the
 //! rest when it delivers, through [`TraceSource`], only from what never changes after that event
@@ -40,7 +44,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{EntryResult, EventSink, Notification};
 use crate::error::{Error, Result};
-use crate::model::{ProgressEvent, Task, Upgrade};
+use crate::model::{ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
 
 /// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
 pub const DEFAULT_SERVICE_NAME: &str = "eks-upgrade-agent";
@@ -322,6 +326,43 @@ pub trait TraceSource: Send + Sync + fmt::Debug {
             })
             .collect()
     }
+
+    /// The test runs of the upgrade recorded at or before `until` (the upgrade's end), oldest
+    /// first, at most [`MAX_RUN_SPANS`], each with its failing tests sampled to `max_events`:
+    /// exported with the upgrade's root span. The default (a backend without test results)
+    /// has none.
+    fn test_runs(
+        &self,
+        upgrade_id: &str,
+        until: DateTime<Utc>,
+        max_events: usize,
+    ) -> Result<Vec<RunFacts>> {
+        let _ = (upgrade_id, until, max_events);
+        Ok(Vec::new())
+    }
+
+    /// One test run (`None` when the backend keeps no test results): the run an
+    /// `upgrade.validation_failed` notification names, exported with it (so a post run
+    /// recorded after the upgrade ended still reaches the trace when it fails its gate).
+    fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
+        let _ = (run_id, max_events);
+        Ok(None)
+    }
+}
+
+/// Most test runs exported with one upgrade's root span ([`TraceSource::test_runs`]).
+pub const MAX_RUN_SPANS: usize = 100;
+
+/// A test run as its span needs it ([`TraceSource::test_runs`], [`TraceSource::test_run`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunFacts {
+    /// The run (its counts, suites, phase, time).
+    pub run: TestRun,
+    /// Its failing tests (failed or error), in (suite, class name, name) order, sampled down
+    /// to `max_events` as [`sample_indices`] does; messages cut to [`MAX_EVENT_DETAILS`] bytes.
+    pub failures: Vec<TestResult>,
+    /// How many failing tests the run has in all.
+    pub total_failures: u64,
 }
 
 /// One span the sink is about to build: the span of the upgrade (`task_id` `None`) or of the
@@ -398,6 +439,18 @@ pub fn trace_id(upgrade_id: &str) -> [u8; 16] {
     id
 }
 
+/// The span id of a test run of the upgrade (a child of the root span): the first 8 bytes of
+/// SHA-256 over a fixed tag and the ids (never all zero).
+pub fn run_span_id(upgrade_id: &str, run_id: &str) -> [u8; 8] {
+    let digest = hash(&["eks-upgrade-agent/test_run", upgrade_id, run_id]);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
 /// The span id of the upgrade (`task` `None`: the root span) or of attempt `attempt` of a task:
 /// the first 8 bytes of SHA-256 over a fixed tag, the ids and the attempt (never all zero).
 pub fn span_id(upgrade_id: &str, task: Option<(&str, u32)>) -> [u8; 8] {
@@ -466,25 +519,40 @@ fn label(url: &str) -> String {
     format!("otlp:{host}#{digest}")
 }
 
-/// Sends every upgrade as a trace to an OTLP/HTTP endpoint.
-pub struct OtlpSink {
-    /// Delivery-state key (holds the URL: never shown).
-    name: String,
+/// The transport of traces to one OTLP/HTTP endpoint: its URL, headers, compression and
+/// resource. [`OtlpSink`] sends through one; so can other producers of spans (the server's
+/// request spans). Checked once, by [`OtlpExporter::new`].
+pub struct OtlpExporter {
     label: String,
     url: String,
     headers: Vec<(String, String)>,
     compression: Compression,
     resource: Resource,
-    source: Arc<dyn TraceSource>,
     agent: ureq::Agent,
+}
+
+impl fmt::Debug for OtlpExporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpExporter")
+            .field("label", &self.label)
+            .field("headers", &self.headers.len())
+            .field("compression", &self.compression)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends every upgrade as a trace to an OTLP/HTTP endpoint.
+pub struct OtlpSink {
+    /// Delivery-state key (holds the URL: never shown).
+    name: String,
+    exporter: OtlpExporter,
+    source: Arc<dyn TraceSource>,
 }
 
 impl fmt::Debug for OtlpSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OtlpSink")
-            .field("label", &self.label)
-            .field("headers", &self.headers.len())
-            .field("compression", &self.compression)
+            .field("exporter", &self.exporter)
             .finish_non_exhaustive()
     }
 }
@@ -504,15 +572,11 @@ fn check_header(k: &str, v: &str) -> Result<()> {
     Ok(())
 }
 
-impl OtlpSink {
-    /// A sink for `settings` (which must name an endpoint), reading spans' history from
-    /// `source`. The endpoint must be an http(s) URL; plain http only to this machine (headers
+impl OtlpExporter {
+    /// The exporter of `settings` (which must name an endpoint; `timeout` unless they set
+    /// one). The endpoint must be an http(s) URL; plain http only to this machine (headers
     /// often carry API keys).
-    pub fn new(
-        settings: &OtlpSettings,
-        source: Arc<dyn TraceSource>,
-        timeout: Duration,
-    ) -> Result<OtlpSink> {
+    pub fn new(settings: &OtlpSettings, timeout: Duration) -> Result<OtlpExporter> {
         let Some(url) = settings.endpoint.as_deref() else {
             return Err(Error::invalid(
                 "no OTLP endpoint: set --otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -568,8 +632,7 @@ impl OtlpSink {
             .http_status_as_error(false)
             .build()
             .into();
-        Ok(OtlpSink {
-            name: format!("otlp:{url}"),
+        Ok(OtlpExporter {
             label: label(url),
             url: url.to_owned(),
             headers: settings.headers.clone(),
@@ -578,8 +641,98 @@ impl OtlpSink {
                 attributes,
                 ..Resource::default()
             },
-            source,
             agent,
+        })
+    }
+
+    /// `otlp:HOST:PORT#xxxxxx`: the endpoint as shown to people (no secrets).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The export request of `spans` under this exporter's resource and the instrumentation
+    /// scope `scope` (with this crate's version).
+    pub fn request(&self, scope: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: scope.into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..InstrumentationScope::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    /// Sends `request` (one POST, no retry): `Delivered` on 2xx, `Reject` when the collector
+    /// refuses the request itself (400, 413, 422), `Retry` otherwise; errors name the endpoint
+    /// by its label only.
+    pub fn send(&self, request: &ExportTraceServiceRequest) -> EntryResult {
+        let body = self.body(request);
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/x-protobuf");
+        if self.compression == Compression::Gzip {
+            req = req.header("Content-Encoding", "gzip");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        match req.send(&body[..]) {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                match status {
+                    200..=299 => EntryResult::Delivered,
+                    // OTLP/HTTP: 400 is a malformed request, never retried.
+                    400 | 413 | 422 => {
+                        EntryResult::Reject(format!("{} answered {status}", self.label))
+                    }
+                    _ => EntryResult::Retry(format!("{} answered {status}", self.label)),
+                }
+            }
+            Err(e) => EntryResult::Retry(format!(
+                "{}: {}",
+                self.label,
+                e.to_string().replace(&self.url, "<url>")
+            )),
+        }
+    }
+
+    fn body(&self, request: &ExportTraceServiceRequest) -> Vec<u8> {
+        let raw = request.encode_to_vec();
+        match self.compression {
+            Compression::None => raw,
+            Compression::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                // Writing to a Vec cannot fail.
+                let _ = gz.write_all(&raw);
+                gz.finish().unwrap_or_default()
+            }
+        }
+    }
+}
+
+impl OtlpSink {
+    /// A sink for `settings` (which must name an endpoint, see [`OtlpExporter::new`]),
+    /// reading spans' history from `source`.
+    pub fn new(
+        settings: &OtlpSettings,
+        source: Arc<dyn TraceSource>,
+        timeout: Duration,
+    ) -> Result<OtlpSink> {
+        let exporter = OtlpExporter::new(settings, timeout)?;
+        Ok(OtlpSink {
+            name: format!("otlp:{}", exporter.url),
+            exporter,
+            source,
         })
     }
 
@@ -593,7 +746,21 @@ impl OtlpSink {
         // The entries that end a span, with what to ask the source for them.
         let mut asks = Vec::new();
         let mut asked = Vec::new();
+        // The `upgrade.validation_failed` entries, with the run each names.
+        let mut runs_asked = Vec::new();
         for (i, n) in batch.iter().enumerate() {
+            if n.detail_type == "upgrade.validation_failed" {
+                match n.detail.get("run_id").and_then(Value::as_str) {
+                    Some(run_id) => {
+                        runs_asked.push((i, run_id));
+                        fates.push(None);
+                    }
+                    None => fates.push(Some(self.unbuilt(Error::invalid(
+                        "an upgrade.validation_failed notification without a run_id",
+                    )))),
+                }
+                continue;
+            }
             match span_ask(n) {
                 Ok(Some(ask)) => {
                     asks.push(ask);
@@ -616,32 +783,61 @@ impl OtlpSink {
                 .next()
                 .unwrap_or_else(|| Err(Error::invalid("the trace source answered too few asks")));
             match f {
-                Ok(f) => spans.push(self.span(&batch[i], f)),
+                Ok(f) => {
+                    // The root span brings the upgrade's test runs recorded by its end.
+                    if f.task.is_none() {
+                        match self.source.test_runs(
+                            &f.upgrade.upgrade_id,
+                            batch[i].time,
+                            MAX_SPAN_EVENTS,
+                        ) {
+                            Ok(runs) => {
+                                for r in &runs {
+                                    spans.push(run_span(Some(&f.upgrade), r));
+                                }
+                            }
+                            Err(e) => {
+                                fates[i] = Some(self.unbuilt(e));
+                                continue;
+                            }
+                        }
+                    }
+                    spans.push(self.span(&batch[i], f));
+                }
                 Err(e) => fates[i] = Some(self.unbuilt(e)),
             }
         }
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "eks-upgrade-agent".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..InstrumentationScope::default()
-                    }),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        };
+        for (i, run_id) in runs_asked {
+            let r = match self.source.test_run(run_id, MAX_SPAN_EVENTS) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    fates[i] = Some(EntryResult::Delivered);
+                    continue;
+                }
+                Err(e) => {
+                    fates[i] = Some(self.unbuilt(e));
+                    continue;
+                }
+            };
+            // Test runs may name an upgrade the progress store does not track.
+            let upgrade = match self.source.upgrade(&r.run.upgrade_id) {
+                Ok(u) => Some(u),
+                Err(Error::NotFound { .. }) => None,
+                Err(e) => {
+                    fates[i] = Some(self.unbuilt(e));
+                    continue;
+                }
+            };
+            spans.push(run_span(upgrade.as_ref(), &r));
+        }
+        let request = self.exporter.request("eks-upgrade-agent", spans);
         (request, fates)
     }
 
     /// The fate of an entry whose span could not be built: a missing upgrade or task never
     /// appears later (dead), anything else is retried.
     fn unbuilt(&self, e: Error) -> EntryResult {
-        let message = format!("{}: cannot build the span: {e}", self.label);
+        let message = format!("{}: cannot build the span: {e}", self.exporter.label);
         match e {
             Error::NotFound { .. } => EntryResult::Reject(message),
             _ => EntryResult::Retry(message),
@@ -763,20 +959,6 @@ impl OtlpSink {
             ..Span::default()
         }
     }
-
-    fn body(&self, request: &ExportTraceServiceRequest) -> Vec<u8> {
-        let raw = request.encode_to_vec();
-        match self.compression {
-            Compression::None => raw,
-            Compression::Gzip => {
-                let mut gz =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                // Writing to a Vec cannot fail.
-                let _ = gz.write_all(&raw);
-                gz.finish().unwrap_or_default()
-            }
-        }
-    }
 }
 
 /// What to ask the source for the span notification `n` ends (`None`: it ends none).
@@ -807,6 +989,150 @@ fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
         task_id,
         upto: n.seq,
     }))
+}
+
+/// The span of a test run: a child of the upgrade's root span, from the run's start (its
+/// recording time less the sum of its tests' durations) to its recording; the run's counts as
+/// attributes; `ERROR` when tests failed; one event per failing test (sampled).
+fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
+    let run = &f.run;
+    let uid = run.upgrade_id.as_str();
+    let c = &run.counts;
+    let failing = c.failed.saturating_add(c.errors);
+    let result = if failing > 0 { "failure" } else { "success" };
+    let name = run_span_name(run);
+    let pipeline = match upgrade {
+        Some(u) => pipeline_name(u),
+        None => format!("eks upgrade {}", run.cluster_name),
+    };
+    let int = |k: &str, v: u64| kv(k, any_value::Value::IntValue(v.min(i64::MAX as u64) as i64));
+    let mut attributes = vec![
+        s("eks.upgrade.id", uid),
+        s("eks.cluster.name", run.cluster_name.clone()),
+    ];
+    if let Some(u) = upgrade {
+        attributes.push(s("eks.plan.id", u.plan_id.clone()));
+    }
+    attributes.extend([
+        s("cicd.pipeline.name", pipeline),
+        s("cicd.pipeline.run.id", uid),
+        s("cicd.pipeline.task.name", name.clone()),
+        s("cicd.pipeline.task.run.id", run.run_id.clone()),
+        s("cicd.pipeline.task.type", "test"),
+        s("cicd.pipeline.task.run.result", result),
+        s("eks.test_run.id", run.run_id.clone()),
+        s("eks.test_run.phase", run.phase.as_str()),
+        s("test.suite.name", run.suites.join(", ")),
+        s("test.suite.run.status", result),
+        int("eks.tests.total", c.tests),
+        int("eks.tests.passed", c.passed),
+        int("eks.tests.failed", c.failed),
+        int("eks.tests.errors", c.errors),
+        int("eks.tests.skipped", c.skipped),
+        int("eks.tests.flaky", c.flaky),
+        kv(
+            "eks.tests.duration",
+            any_value::Value::DoubleValue(c.duration),
+        ),
+    ]);
+    if let Some(u) = upgrade {
+        for (k, v) in &u.metadata {
+            attributes.push(json_kv(format!("eks.meta.{k}"), v));
+        }
+    }
+    let status = if failing > 0 {
+        Status {
+            code: status::StatusCode::Error as i32,
+            message: format!("{failing} of {} tests failed", c.tests),
+        }
+    } else {
+        Status {
+            code: status::StatusCode::Ok as i32,
+            message: String::new(),
+        }
+    };
+    let end = nanos(run.created_at);
+    let lasted = if c.duration.is_finite() && c.duration > 0.0 {
+        (c.duration * 1e9).min(end as f64) as u64
+    } else {
+        0
+    };
+    let events: Vec<span::Event> = f.failures.iter().map(|t| failure_event(t, end)).collect();
+    let dropped = f
+        .total_failures
+        .saturating_sub(events.len() as u64)
+        .min(u64::from(u32::MAX)) as u32;
+    Span {
+        trace_id: trace_id(uid).to_vec(),
+        span_id: run_span_id(uid, &run.run_id).to_vec(),
+        parent_span_id: span_id(uid, None).to_vec(),
+        name,
+        kind: span::SpanKind::Internal as i32,
+        start_time_unix_nano: end.saturating_sub(lasted),
+        end_time_unix_nano: end,
+        attributes,
+        events,
+        dropped_events_count: dropped,
+        status: Some(status),
+        ..Span::default()
+    }
+}
+
+/// `tests post: smoke, api` (at most three suites named, then how many more).
+fn run_span_name(run: &TestRun) -> String {
+    let mut name = format!("tests {}", run.phase.as_str());
+    if !run.suites.is_empty() {
+        name.push_str(": ");
+        name.push_str(
+            &run.suites
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        if run.suites.len() > 3 {
+            name.push_str(&format!(" (+{} more)", run.suites.len() - 3));
+        }
+    }
+    name
+}
+
+/// The span event of a failing test, at the run's end (tests carry no time of their own).
+fn failure_event(t: &TestResult, at: u64) -> span::Event {
+    let full = if t.classname.is_empty() {
+        t.name.clone()
+    } else {
+        format!("{}.{}", t.classname, t.name)
+    };
+    let mut attributes = vec![
+        s("test.case.name", full),
+        s("test.case.result.status", "fail"),
+        s("test.suite.name", t.suite.clone()),
+        s("eks.test.id", t.test_id.clone()),
+        s("eks.test.status", t.status.as_str()),
+        kv(
+            "eks.test.attempts",
+            any_value::Value::IntValue(t.attempts.into()),
+        ),
+        kv(
+            "eks.test.duration",
+            any_value::Value::DoubleValue(t.duration),
+        ),
+    ];
+    if let Some(m) = &t.message {
+        attributes.push(s("eks.message", m.clone()));
+    }
+    span::Event {
+        time_unix_nano: at,
+        name: if t.status == TestStatus::Error {
+            "test.error".into()
+        } else {
+            "test.failed".into()
+        },
+        attributes,
+        dropped_attributes_count: 0,
+    }
 }
 
 /// `cicd.pipeline.name` and the root span's name.
@@ -847,7 +1173,7 @@ impl EventSink for OtlpSink {
     }
 
     fn label(&self) -> &str {
-        &self.label
+        self.exporter.label()
     }
 
     fn max_batch(&self) -> usize {
@@ -863,35 +1189,7 @@ impl EventSink for OtlpSink {
                 .map(|f| f.unwrap_or(EntryResult::Delivered))
                 .collect();
         }
-        let body = self.body(&request);
-        let mut req = self
-            .agent
-            .post(&self.url)
-            .header("Content-Type", "application/x-protobuf");
-        if self.compression == Compression::Gzip {
-            req = req.header("Content-Encoding", "gzip");
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let sent = match req.send(&body[..]) {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                match status {
-                    200..=299 => EntryResult::Delivered,
-                    // OTLP/HTTP: 400 is a malformed request, never retried.
-                    400 | 413 | 422 => {
-                        EntryResult::Reject(format!("{} answered {status}", self.label))
-                    }
-                    _ => EntryResult::Retry(format!("{} answered {status}", self.label)),
-                }
-            }
-            Err(e) => EntryResult::Retry(format!(
-                "{}: {}",
-                self.label,
-                e.to_string().replace(&self.url, "<url>")
-            )),
-        };
+        let sent = self.exporter.send(&request);
         fates
             .into_iter()
             .map(|f| f.unwrap_or_else(|| sent.clone()))

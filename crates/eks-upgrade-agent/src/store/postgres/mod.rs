@@ -21,6 +21,7 @@ mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
+mod trace;
 
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;

@@ -88,14 +88,14 @@ CREATE INDEX IF NOT EXISTS test_stats_flaky_all ON test_stats (both_at)
     WHERE both_at IS NOT NULL;
 "#;
 
-const RUN_COLUMNS: &str = "run_id, upgrade_id, cluster_name, phase, created_at, suites, files, \
+pub(super) const RUN_COLUMNS: &str = "run_id, upgrade_id, cluster_name, phase, created_at, suites, files, \
                            artifact_ids, tests, passed, failed, errors, skipped, flaky, duration";
 
 fn strings(text: String) -> Vec<String> {
     serde_json::from_str(&text).unwrap_or_default()
 }
 
-fn run_row(r: &Row<'_>) -> rusqlite::Result<TestRun> {
+pub(super) fn run_row(r: &Row<'_>) -> rusqlite::Result<TestRun> {
     Ok(TestRun {
         run_id: r.get(0)?,
         upgrade_id: r.get(1)?,
@@ -117,7 +117,7 @@ fn run_row(r: &Row<'_>) -> rusqlite::Result<TestRun> {
     })
 }
 
-fn status_of(code: i64) -> TestStatus {
+pub(super) fn status_of(code: i64) -> TestStatus {
     TestStatus::from_code(code).unwrap_or(TestStatus::Error)
 }
 

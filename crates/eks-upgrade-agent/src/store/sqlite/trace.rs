@@ -8,10 +8,18 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::progress::{EVENT_SELECT, SqliteStore, event_row, load_task, load_upgrade, upgrade_key};
+use chrono::{DateTime, Utc};
+
+use super::progress::{
+    SqliteStore, TaskRow, event_row, load_task, load_upgrade, micros, type_code, upgrade_key,
+};
+use super::test_results::{RUN_COLUMNS, run_row, status_of};
 use crate::error::{Error, Result};
-use crate::model::{EventKind, ProgressEvent, Task, Upgrade};
-use crate::notify::otlp::{SpanAsk, SpanFacts, SpanHistory, TraceSource, sample_indices};
+use crate::model::{EventKind, ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
+use crate::notify::otlp::{
+    MAX_EVENT_DETAILS, MAX_RUN_SPANS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource,
+    sample_indices,
+};
 use crate::store::ProgressStore;
 
 impl TraceSource for SqliteStore {
@@ -32,7 +40,11 @@ impl TraceSource for SqliteStore {
     ) -> Result<SpanHistory> {
         self.read(|c| {
             let ukey = upgrade_key(c, upgrade_id)?;
-            history(c, ukey, upgrade_id, task_id, upto, max_events)
+            let row = match task_id {
+                Some(t) => Some(load_task(c, ukey, upgrade_id, t)?),
+                None => None,
+            };
+            history(c, ukey, upgrade_id, row.as_ref(), upto, max_events)
         })
     }
 
@@ -67,6 +79,115 @@ impl TraceSource for SqliteStore {
             }
         }
     }
+
+    fn test_runs(
+        &self,
+        upgrade_id: &str,
+        until: DateTime<Utc>,
+        max_events: usize,
+    ) -> Result<Vec<RunFacts>> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let runs = tx
+                .prepare_cached(&format!(
+                    "SELECT {RUN_COLUMNS}, rkey FROM test_runs \
+                     WHERE upgrade_id = ?1 AND created_at <= ?2 ORDER BY rkey LIMIT ?3"
+                ))?
+                .query_map(
+                    rusqlite::params![upgrade_id, micros(until), MAX_RUN_SPANS as i64],
+                    |r| Ok((r.get::<_, i64>(15)?, run_row(r)?)),
+                )?
+                .collect::<rusqlite::Result<Vec<(i64, TestRun)>>>()?;
+            let out = runs
+                .into_iter()
+                .map(|(rkey, run)| run_facts(&tx, rkey, run, max_events))
+                .collect::<Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let found = tx
+                .prepare_cached(&format!(
+                    "SELECT {RUN_COLUMNS}, rkey FROM test_runs WHERE run_id = ?1"
+                ))?
+                .query_row([run_id], |r| Ok((r.get::<_, i64>(15)?, run_row(r)?)))
+                .optional()?;
+            let Some((rkey, run)) = found else {
+                return Err(Error::not_found(format!("test run {run_id:?}")));
+            };
+            let out = run_facts(&tx, rkey, run, max_events)?;
+            tx.commit()?;
+            Ok(Some(out))
+        })
+    }
+}
+
+/// A run's failing tests, sampled: one pass over them in (suite, class name, name) order,
+/// keeping only the sampled ones (memory stays flat whatever the count), messages cut.
+fn run_facts(c: &Connection, rkey: i64, run: TestRun, max_events: usize) -> Result<RunFacts> {
+    let total = run.counts.failed.saturating_add(run.counts.errors);
+    let keep = sample_indices(usize::try_from(total).unwrap_or(usize::MAX), max_events);
+    let mut failures = Vec::with_capacity(keep.len());
+    if !keep.is_empty() {
+        let mut stmt = c.prepare_cached(
+            "SELECT c.test_id, c.framework, c.suite, c.classname, c.name, r.status, \
+             r.attempts, r.duration, substr(r.message, 1, ?4) \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = ?1 AND r.status IN (?2, ?3) \
+             ORDER BY c.suite, c.classname, c.name",
+        )?;
+        let mut rows = stmt.query(rusqlite::params![
+            rkey,
+            TestStatus::Failed.code(),
+            TestStatus::Error.code(),
+            MAX_EVENT_DETAILS as i64 + 1
+        ])?;
+        let mut wanted = keep.iter().copied().peekable();
+        let mut i = 0usize;
+        while let Some(r) = rows.next()? {
+            let Some(&next) = wanted.peek() else { break };
+            if i == next {
+                wanted.next();
+                let message: Option<String> = r.get(8)?;
+                failures.push(TestResult {
+                    test_id: r.get(0)?,
+                    framework: r.get(1)?,
+                    suite: r.get(2)?,
+                    classname: r.get(3)?,
+                    name: r.get(4)?,
+                    status: status_of(r.get(5)?),
+                    attempts: r.get::<_, i64>(6)?.clamp(0, i64::from(u32::MAX)) as u32,
+                    flaky: false,
+                    duration: r.get(7)?,
+                    message: message.map(cut),
+                });
+            }
+            i += 1;
+        }
+    }
+    Ok(RunFacts {
+        run,
+        failures,
+        total_failures: total,
+    })
+}
+
+/// `m` cut to at most [`MAX_EVENT_DETAILS`] bytes on a character boundary, `…` marking a cut.
+fn cut(mut m: String) -> String {
+    if m.len() <= MAX_EVENT_DETAILS {
+        return m;
+    }
+    let mut end = MAX_EVENT_DETAILS - '…'.len_utf8();
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m.truncate(end);
+    m.push('…');
+    m
 }
 
 /// [`TraceSource::span_facts`] of one ask, on `c` (inside the batch's read transaction).
@@ -84,11 +205,12 @@ fn span_facts<'a>(
             (row.ukey, row.upgrade)
         }
     };
-    let task = match a.task_id {
-        Some(t) => Some(load_task(c, ukey, a.upgrade_id, t)?.task),
+    let row = match a.task_id {
+        Some(t) => Some(load_task(c, ukey, a.upgrade_id, t)?),
         None => None,
     };
-    let history = history(c, ukey, a.upgrade_id, a.task_id, a.upto, max_events)?;
+    let history = history(c, ukey, a.upgrade_id, row.as_ref(), a.upto, max_events)?;
+    let task = row.map(|r| r.task);
     let parent_attempt = match task.as_ref().and_then(|t| t.parent_task_id.as_deref()) {
         Some(p) => Some(task_attempt(c, ukey, a.upgrade_id, p, clamp(a.upto))?.0),
         None => None,
@@ -105,31 +227,129 @@ fn clamp(upto: u64) -> i64 {
     i64::try_from(upto).unwrap_or(i64::MAX)
 }
 
-/// [`TraceSource::span_history`] on `c`.
+/// One event read by seq without a join: [`event_row`]'s columns with the upgrade id, task id
+/// and task type code bound as `?2..?4` (the caller knows them), then `tkey` and
+/// `prev_task_seq`. The walk of a task's chain reads each event once with it.
+const LEAN_EVENT: &str = "SELECT seq, event_id, ?2, ts, ?3, ?4, kind, status, message, details, \
+     percentage, tkey, prev_task_seq FROM events WHERE seq = ?1";
+
+/// [`TraceSource::span_history`] on `c`: of the task whose row is `task`, or of the upgrade.
 fn history(
     c: &Connection,
     ukey: i64,
     upgrade_id: &str,
-    task_id: Option<&str>,
+    task: Option<&TaskRow>,
     upto: u64,
     max_events: usize,
 ) -> Result<SpanHistory> {
     let upto = clamp(upto);
-    let (attempt, seqs) = match task_id {
-        Some(t) => task_attempt(c, ukey, upgrade_id, t, upto)?,
-        None => {
-            let mut stmt = c.prepare_cached(
+    let mut stmt = c.prepare_cached(LEAN_EVENT)?;
+    let task_id = task.map(|t| t.task.task_id.as_str());
+    let task_type = task.map(|t| type_code(t.task.task_type));
+    let Some(row) = task else {
+        let seqs = c
+            .prepare_cached(
                 "SELECT seq FROM events WHERE ukey = ?1 AND seq <= ?2 AND tkey IS NULL \
                  ORDER BY seq",
-            )?;
-            let seqs = stmt
-                .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()?;
-            (0, seqs)
-        }
+            )?
+            .query_map([ukey, upto], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        return sampled(
+            &mut stmt,
+            (upgrade_id, task_id, task_type),
+            0,
+            &seqs,
+            max_events,
+        );
     };
-    let mut stmt = c.prepare_cached(&format!("{EVENT_SELECT} WHERE e.seq = ?1"))?;
-    let mut read = |seq: i64| -> Result<ProgressEvent> { Ok(stmt.query_row([seq], event_row)?) };
+    // The task's chain, newest first, from `upto` when it is this task's event (the usual
+    // case: its ending event), else from the task's latest event, skipping what came after
+    // `upto`. The attempt's events are built as they are read while they fit in
+    // `max_events` (the usual case: one read per event); past that only their seqs are kept
+    // and the sampled ones read again.
+    let retried = EventKind::TaskRetried.code();
+    let added = EventKind::TaskAdded.code();
+    let first: Option<i64> = c
+        .prepare_cached("SELECT tkey FROM events WHERE seq = ?1")?
+        .query_row([upto], |r| r.get(0))
+        .optional()?
+        .flatten();
+    let mut next = if first == Some(row.tkey) {
+        Some(upto)
+    } else {
+        Some(row.last_event_seq).filter(|s| *s > 0)
+    };
+    let (mut seqs, mut kept) = (Vec::new(), Vec::new());
+    let (mut attempt, mut in_attempt, mut overflow) = (0u32, true, false);
+    while let Some(seq) = next {
+        let wanted = seq <= upto && in_attempt && !overflow;
+        let (kind, prev, event) = stmt.query_row(
+            rusqlite::params![seq, upgrade_id, task_id, task_type],
+            |r| {
+                let kind: i64 = r.get(6)?;
+                let event = if wanted && kind != added {
+                    Some(event_row(r)?)
+                } else {
+                    None
+                };
+                Ok((kind, r.get::<_, Option<i64>>(12)?, event))
+            },
+        )?;
+        next = prev;
+        if seq > upto {
+            continue;
+        }
+        if in_attempt && kind != added {
+            seqs.push(seq);
+            if let Some(e) = event {
+                if kept.len() < max_events {
+                    kept.push(e);
+                } else {
+                    overflow = true;
+                    kept = Vec::new();
+                }
+            }
+        }
+        if kind == retried {
+            attempt += 1;
+            in_attempt = false;
+        }
+    }
+    seqs.reverse();
+    if overflow {
+        return sampled(
+            &mut stmt,
+            (upgrade_id, task_id, task_type),
+            attempt,
+            &seqs,
+            max_events,
+        );
+    }
+    kept.reverse();
+    Ok(SpanHistory {
+        attempt,
+        start: kept.first().map(|e| e.timestamp),
+        total_events: seqs.len() as u64,
+        events: kept,
+    })
+}
+
+/// The history of the events `seqs` (oldest first): the first one's time, the sampled ones
+/// read with `stmt` ([`LEAN_EVENT`]) under `ids`.
+fn sampled(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    ids: (&str, Option<&str>, Option<i64>),
+    attempt: u32,
+    seqs: &[i64],
+    max_events: usize,
+) -> Result<SpanHistory> {
+    let (upgrade_id, task_id, task_type) = ids;
+    let mut read = |seq: i64| -> Result<ProgressEvent> {
+        Ok(stmt.query_row(
+            rusqlite::params![seq, upgrade_id, task_id, task_type],
+            event_row,
+        )?)
+    };
     let start = match seqs.first() {
         Some(first) => Some(read(*first)?.timestamp),
         None => None,
@@ -234,6 +454,110 @@ mod tests {
         assert_eq!(h.attempt, 0);
         let kinds: Vec<EventKind> = h.events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
+    }
+
+    /// Test runs for the trace: those of the upgrade recorded by `until`, oldest first (one
+    /// recorded later and another upgrade's left out); a run's failing tests (failed and
+    /// error, not passed, skipped or flaky) sampled to 128 in name order, the first and the
+    /// last among them, all counted; long messages cut on a character boundary.
+    #[test]
+    fn test_runs_are_read_with_their_failures_sampled() {
+        use crate::model::{CaseAttempt, NewRun, RunPhase};
+        use crate::store::TestResultStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let record = |id: &str, upgrade: &str, when: i64, cases: Vec<CaseAttempt>| {
+            let run = NewRun {
+                run_id: id.into(),
+                upgrade_id: upgrade.into(),
+                cluster_name: "prod".into(),
+                phase: RunPhase::Post,
+                created_at: at(when),
+                files: vec!["r.xml".into()],
+                artifact_ids: Vec::new(),
+            };
+            store
+                .record_run(&run, &mut |sink| {
+                    for c in cases.clone() {
+                        sink(c)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        };
+        let case = |name: String, status: TestStatus, message: Option<String>| CaseAttempt {
+            framework: "pytest".into(),
+            suite: "smoke".into(),
+            classname: "tests.api".into(),
+            name,
+            status,
+            duration: 0.5,
+            message,
+        };
+        let mut cases = Vec::new();
+        for i in 0..300 {
+            let (status, message) = match i % 3 {
+                0 => (TestStatus::Passed, None),
+                1 => (TestStatus::Failed, Some(format!("é{}", "x".repeat(5000)))),
+                _ => (TestStatus::Error, Some(format!("t{i:03} errored"))),
+            };
+            cases.push(case(format!("t{i:03}"), status, message));
+        }
+        cases.push(case(
+            "t999".into(),
+            TestStatus::Skipped,
+            Some("skip".into()),
+        ));
+        record("r1", "u", 10, cases);
+        record(
+            "r2",
+            "u",
+            20,
+            vec![case("ok".into(), TestStatus::Passed, None)],
+        );
+        record(
+            "r3",
+            "u",
+            30,
+            vec![case("late".into(), TestStatus::Failed, None)],
+        );
+        record(
+            "other",
+            "v",
+            15,
+            vec![case("x".into(), TestStatus::Failed, None)],
+        );
+        let runs = store.test_runs("u", at(20), 128).unwrap();
+        let ids: Vec<&str> = runs.iter().map(|r| r.run.run_id.as_str()).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+        let r1 = &runs[0];
+        assert_eq!(r1.total_failures, 200);
+        assert_eq!(r1.failures.len(), 128);
+        assert_eq!(r1.failures[0].name, "t001");
+        assert_eq!(r1.failures[127].name, "t299");
+        assert!(r1.failures.windows(2).all(|w| w[0].name < w[1].name));
+        assert!(r1.failures.iter().all(|t| t.status.is_failure()));
+        let long = r1.failures[0].message.as_deref().unwrap();
+        assert!(
+            long.len() <= MAX_EVENT_DETAILS && long.ends_with('…'),
+            "{long}"
+        );
+        assert!(long.starts_with("éxxx"));
+        assert_eq!(
+            r1.failures[127].message.as_deref(),
+            Some("t299 errored"),
+            "short messages whole"
+        );
+        assert_eq!(runs[1].total_failures, 0);
+        assert!(runs[1].failures.is_empty());
+        // One run by id; an unknown id is NotFound.
+        let r3 = store.test_run("r3", 128).unwrap().unwrap();
+        assert_eq!(r3.failures.len(), 1);
+        assert!(matches!(
+            store.test_run("nope", 128),
+            Err(Error::NotFound { .. })
+        ));
     }
 
     /// The batch answer (one read transaction) is what the single calls answer, ask by ask:
