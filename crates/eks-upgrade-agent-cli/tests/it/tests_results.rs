@@ -154,7 +154,8 @@ fn files_are_kept_in_the_validation_collection() {
         "--phase",
         "post",
     ]);
-    // The same bytes under the same name are kept once (artifacts are content-addressed).
+    // T16: the same bytes under the same name again are a new run with its own artifact
+    // (its own phase tag and run id), named after the run.
     let again = env.json(&[
         "tests",
         "ingest",
@@ -164,7 +165,8 @@ fn files_are_kept_in_the_validation_collection() {
         "--phase",
         "adhoc",
     ]);
-    assert_eq!(again["artifact_ids"], run["artifact_ids"]);
+    assert_ne!(again["run_id"], run["run_id"]);
+    assert_ne!(again["artifact_ids"], run["artifact_ids"]);
     let sessions = env.json(&["artifacts", "session", "list", "--upgrade", "u"]);
     assert_eq!(
         sessions.as_array().unwrap().len(),
@@ -185,13 +187,24 @@ fn files_are_kept_in_the_validation_collection() {
         "u",
     ]);
     let found = found.as_array().unwrap();
-    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found.len(), 3, "{found:?}");
     let kept = found
         .iter()
         .find(|a| a["tags"] == serde_json::json!(["pre"]))
         .unwrap();
     assert_eq!(kept["metadata"]["run_id"], run["run_id"]);
     assert_eq!(run["artifact_ids"][0], kept["artifact_id"]);
+    let rekept = found
+        .iter()
+        .find(|a| a["tags"] == serde_json::json!(["adhoc"]))
+        .unwrap();
+    assert_eq!(rekept["metadata"]["run_id"], again["run_id"]);
+    assert_eq!(again["artifact_ids"][0], rekept["artifact_id"]);
+    let id = again["run_id"].as_str().unwrap();
+    assert_eq!(
+        rekept["name"],
+        format!("pre.run-{}.xml", &id[id.len() - 12..])
+    );
 }
 
 #[test]
