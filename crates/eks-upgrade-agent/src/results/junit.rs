@@ -194,7 +194,6 @@ struct Case {
 }
 
 struct Parser<'a> {
-    label: &'a str,
     options: &'a ParseOptions,
     hints: Hints,
     framework: Option<String>,
@@ -242,7 +241,6 @@ pub fn parse<R: BufRead>(
         lines: 0,
     });
     let mut p = Parser {
-        label,
         options,
         hints: Hints::default(),
         framework: options.framework.clone(),
