@@ -1,6 +1,7 @@
 //! `eks-upgrade-agent tests ...`: JUnit reports as data. `ingest` records a run (and keeps the
 //! files as `test_result` artifacts), `compare` classifies pre → post and gates (exit 3 when the
-//! gate fails), `runs`, `show`, `history` and `flaky` read them back. Local data dir only.
+//! gate fails), `runs`, `show`, `history` and `flaky` read them back. On the local data dir,
+//! or with `--server` through the server's `/api/v1/tests/...` API (the same output).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -11,8 +12,11 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use eks_upgrade_agent::artifacts::AddOptions;
-use eks_upgrade_agent::model::{ComparedTest, Comparison, RunPhase, RunQuery, TestRun};
+use eks_upgrade_agent::model::{
+    ComparedTest, Comparison, FlakyTest, HistoryEntry, RunPhase, RunQuery, TestResult, TestRun,
+};
 use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
+use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
 
 use crate::output::{
@@ -226,19 +230,184 @@ pub(crate) fn add_with_phase(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
-    if ctx.server.is_some() {
-        anyhow::bail!(
-            "`tests` works on a local data dir; against a server use its HTTP API \
-             (/api/v1/tests/...) or drop --server"
-        );
+/// Where test results live: the local store, or a server's API (`--server`).
+enum Results {
+    Local(TestResults),
+    Remote(Arc<RemoteStore>),
+}
+
+/// `?k=v&...` of the pairs that have a value (empty when none has).
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
     }
-    let access = match &cmd {
-        TestsCmd::Ingest { .. } => Access::Create,
-        _ => Access::Existing,
+}
+
+impl Results {
+    fn compare(&self, a: &str, b: &str) -> eks_upgrade_agent::Result<Comparison> {
+        match self {
+            Results::Local(r) => r.compare(a, b),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/compare{}",
+                query(&[("a", Some(a.to_owned())), ("b", Some(b.to_owned()))])
+            )),
+        }
+    }
+
+    fn compare_upgrade(&self, u: &str) -> eks_upgrade_agent::Result<Comparison> {
+        match self {
+            Results::Local(r) => r.compare_upgrade(u),
+            Results::Remote(s) => {
+                s.get_json(&format!("/api/v1/upgrades/{}/tests/compare", encode(u)))
+            }
+        }
+    }
+
+    fn runs(&self, q: &RunQuery) -> eks_upgrade_agent::Result<Vec<TestRun>> {
+        match self {
+            Results::Local(r) => r.runs(q),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/runs{}",
+                query(&[
+                    ("upgrade", q.upgrade_id.clone()),
+                    ("cluster", q.cluster_name.clone()),
+                    ("phase", q.phase.map(|p| p.to_string())),
+                    ("limit", Some(q.limit.to_string())),
+                ])
+            )),
+        }
+    }
+
+    fn show(&self, run: &str) -> eks_upgrade_agent::Result<(TestRun, Vec<TestResult>)> {
+        match self {
+            Results::Local(r) => {
+                let run = r.run(run)?;
+                let failing = r.results(&run.run_id, true)?;
+                Ok((run, failing))
+            }
+            Results::Remote(s) => {
+                #[derive(serde::Deserialize)]
+                struct Shown {
+                    run: TestRun,
+                    failures: Vec<TestResult>,
+                }
+                let v: Shown = s.get_json(&format!("/api/v1/tests/runs/{}", encode(run)))?;
+                Ok((v.run, v.failures))
+            }
+        }
+    }
+
+    fn history(
+        &self,
+        name: &str,
+        cluster: Option<&str>,
+        limit: usize,
+    ) -> eks_upgrade_agent::Result<Vec<HistoryEntry>> {
+        match self {
+            Results::Local(r) => r.history(name, cluster, limit),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/history{}",
+                query(&[
+                    ("name", Some(name.to_owned())),
+                    ("cluster", cluster.map(str::to_owned)),
+                    ("limit", Some(limit.to_string())),
+                ])
+            )),
+        }
+    }
+
+    fn flaky(&self, cluster: Option<&str>, days: u32) -> eks_upgrade_agent::Result<Vec<FlakyTest>> {
+        match self {
+            Results::Local(r) => r.flaky(cluster, Some(days)),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/flaky{}",
+                query(&[
+                    ("cluster", cluster.map(str::to_owned)),
+                    ("days", Some(days.to_string())),
+                ])
+            )),
+        }
+    }
+}
+
+/// `tests ingest --server`: one report per call (the API records one report per run), streamed
+/// to `POST /api/v1/tests/ingest` with the same options as a local ingest.
+#[allow(clippy::too_many_arguments)]
+fn ingest_remote(
+    remote: &RemoteStore,
+    files: &[PathBuf],
+    upgrade: String,
+    phase: RunPhase,
+    suite: Option<String>,
+    framework: Option<String>,
+    cluster: Option<String>,
+    session: Option<String>,
+    collection: Option<String>,
+) -> anyhow::Result<TestRun> {
+    let [file] = files else {
+        anyhow::bail!(
+            "against a server, ingest one report per command (the API records one report per \
+             run): give one file, or drop --server"
+        );
     };
-    let store = ctx.store_for(access)?;
-    let results = TestResults::new(store.clone());
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let body = std::fs::File::open(file).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {e} (give the path of a JUnit XML report)",
+            printable(&file.to_string_lossy())
+        )
+    })?;
+    let path = format!(
+        "/api/v1/tests/ingest{}",
+        query(&[
+            ("upgrade", Some(upgrade)),
+            ("phase", Some(phase.to_string())),
+            ("name", Some(name)),
+            ("suite", suite),
+            ("framework", framework),
+            ("cluster", cluster),
+            ("session", session),
+            ("collection", collection),
+        ])
+    );
+    let mut req = remote
+        .agent()
+        .post(format!("{}{path}", remote.url()))
+        .header("Content-Type", "application/xml");
+    if let Some(t) = remote.token() {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, body);
+    let resp = req
+        .send(ureq::SendBody::from_reader(&mut reader))
+        .map_err(|e| anyhow::anyhow!("cannot reach the server at {}: {e}", remote.url()))?;
+    Ok(remote
+        .answer(resp)
+        .context("cannot ingest the test results")?)
+}
+
+pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
+    let remote = ctx.remote()?;
+    let (results, local) = match remote {
+        Some(r) => (Results::Remote(r), None),
+        None => {
+            let access = match &cmd {
+                TestsCmd::Ingest { .. } => Access::Create,
+                _ => Access::Existing,
+            };
+            let store = ctx.store_for(access)?;
+            (Results::Local(TestResults::new(store.clone())), Some(store))
+        }
+    };
     match cmd {
         TestsCmd::Ingest {
             files,
@@ -250,25 +419,34 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
             session,
             collection,
         } => {
-            let artifacts = ctx.artifacts_on(store.clone())?;
-            let run = ingest(
-                &store,
-                &results,
-                &artifacts,
-                &files,
-                Ingest {
-                    upgrade_id: upgrade,
-                    cluster_name: cluster.unwrap_or_default(),
-                    phase,
-                    suite,
-                    framework,
-                    labels: Vec::new(),
-                },
-                session.as_deref(),
-                collection.as_deref(),
-                None,
-            )?;
-            crate::notify::after_commit(ctx, &store);
+            let run = match (&results, &local) {
+                (Results::Local(r), Some(store)) => {
+                    let artifacts = ctx.artifacts_on(store.clone())?;
+                    let run = ingest(
+                        store,
+                        r,
+                        &artifacts,
+                        &files,
+                        Ingest {
+                            upgrade_id: upgrade,
+                            cluster_name: cluster.unwrap_or_default(),
+                            phase,
+                            suite,
+                            framework,
+                            labels: Vec::new(),
+                        },
+                        session.as_deref(),
+                        collection.as_deref(),
+                        None,
+                    )?;
+                    crate::notify::after_commit(ctx, store);
+                    run
+                }
+                (Results::Remote(remote), _) => ingest_remote(
+                    remote, &files, upgrade, phase, suite, framework, cluster, session, collection,
+                )?,
+                _ => unreachable!("a local store goes with local results"),
+            };
             if ctx.json() {
                 print_json(&run)?;
             } else {
@@ -352,8 +530,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TestsCmd::Show { run } => {
-            let r = results.run(&run)?;
-            let failing = results.results(&r.run_id, true)?;
+            let (r, failing) = results.show(&run)?;
             if ctx.json() {
                 print_json(&serde_json::json!({ "run": r, "failures": failing }))?;
             } else {
@@ -414,7 +591,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TestsCmd::Flaky { cluster, days } => {
-            let f = results.flaky(cluster.as_deref(), Some(days))?;
+            let f = results.flaky(cluster.as_deref(), days)?;
             if ctx.json() {
                 print_json(&f)?;
             } else {

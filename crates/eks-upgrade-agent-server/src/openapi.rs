@@ -272,6 +272,15 @@ pub(crate) const ROUTES: &[Route] = &[
                 "the upgrade (required; its cluster is the run's)",
             ),
             ("phase", "pre, post or adhoc (required)"),
+            ("cluster", "the run's cluster [the upgrade's]"),
+            (
+                "session",
+                "session keeping the file [the upgrade's latest, created when missing]",
+            ),
+            (
+                "collection",
+                "collection keeping the file, with session [the session's validation collection]",
+            ),
             ("suite", "suite name for every test [each <testsuite name>]"),
             (
                 "framework",

@@ -579,3 +579,92 @@ fn the_demo_produces_pre_and_post_runs() {
     assert_eq!(runs.as_array().unwrap().len(), 2);
     assert_eq!(runs[0]["artifact_ids"].as_array().unwrap().len(), 1);
 }
+
+/// T17: every `tests` command works with `--server URL` through the HTTP API and says what the
+/// same command says on the server's data dir: ingest (kept as an artifact on the server),
+/// compare (exit 3 when the gate fails, 0 when it passes), runs, show, history and flaky. More
+/// than one file per remote ingest is refused (the API records one report per run).
+#[test]
+fn tests_commands_work_against_a_server() {
+    let server_env = Env::with_task();
+    let served = crate::util::serve(&server_env, &[]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let on = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["--server".to_owned(), url.clone()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        a
+    };
+    let remote = |args: &[&str]| -> Value {
+        let a = on(args);
+        client.json(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let pre = report(&client, "pre.xml", &[("health", "pass"), ("pods", "pass")]);
+    let post = report(&client, "post.xml", &[("health", "pass"), ("pods", "fail")]);
+    let pre_run = remote(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "pre"]);
+    assert_eq!(pre_run["cluster_name"], "c");
+    assert_eq!(pre_run["files"], serde_json::json!(["pre.xml"]));
+    assert_eq!(pre_run["artifact_ids"].as_array().unwrap().len(), 1);
+    let post_run = remote(&[
+        "tests",
+        "ingest",
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "post",
+    ]);
+    assert_eq!(post_run["failed"], 1);
+    // Kept on the server.
+    let kept = server_env.json(&["artifacts", "search", "--type", "test_result"]);
+    assert_eq!(kept.as_array().unwrap().len(), 2, "{kept}");
+    // compare: exit 3 on a failed gate, the same JSON as on the server's data dir.
+    let a = on(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
+    let out = client.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&c["new_failures"]), ["pods"]);
+    let local = server_env.run(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
+    assert_eq!(local.status.code(), Some(3));
+    assert_eq!(c, serde_json::from_slice::<Value>(&local.stdout).unwrap());
+    let text = on(&["tests", "compare", "--upgrade", "u"]);
+    let out = client.run(&text.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("gate: FAILED (1 new failure)"),
+        "{out:?}"
+    );
+    let post_id = post_run["run_id"].as_str().unwrap();
+    let same = remote(&["tests", "compare", post_id, post_id]);
+    assert_eq!(same["gate"]["passed"], true);
+    // runs, show, history, flaky: what the server's data dir says.
+    for args in [
+        vec!["tests", "runs", "--upgrade", "u"],
+        vec!["tests", "runs", "--cluster", "c", "--phase", "post"],
+        vec!["tests", "show", post_id],
+        vec!["tests", "history", "pods", "--cluster", "c"],
+        vec!["tests", "flaky", "--cluster", "c"],
+    ] {
+        assert_eq!(remote(&args), server_env.json(&args), "{args:?}");
+    }
+    let shown = remote(&["tests", "show", post_id]);
+    assert_eq!(names(&shown["failures"]), ["pods"]);
+    assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 2);
+    // Errors come back as errors.
+    let a = on(&["tests", "show", "no-such-run"]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("no-such-run"), "{e}");
+    let a = on(&[
+        "tests",
+        "ingest",
+        &pre,
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+    ]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("one report per command"), "{e}");
+    assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 2);
+}
