@@ -550,6 +550,58 @@ fn a_50_mb_report_ingests_in_flat_memory() {
         peak_kib / 1024
     );
     assert!(peak_kib <= 64 * 1024, "peak RSS {peak_kib} KiB over 64 MiB");
+
+    // T4: one huge text node is not buffered whole either: a report whose failure message
+    // attribute is one 50 MB value and whose system-out is one 50 MB CDATA block.
+    let path = env.data_dir().join("block.xml");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let chunk = "0123456789abcdef&amp;".repeat(1024);
+    write!(
+        f,
+        "<?xml version=\"1.0\"?>\n<testsuite name=\"block\">\n\
+         <testcase classname=\"c\" name=\"huge\" time=\"1\"><failure message=\""
+    )
+    .unwrap();
+    for _ in 0..(50 * 1024 * 1024 / chunk.len() + 1) {
+        f.write_all(chunk.as_bytes()).unwrap();
+    }
+    write!(f, "\"/><system-out><![CDATA[").unwrap();
+    let line = format!("{}\n", "x".repeat(1023));
+    for _ in 0..(50 * 1024 + 1) {
+        f.write_all(line.as_bytes()).unwrap();
+    }
+    writeln!(
+        f,
+        "]]></system-out></testcase>\n<testcase classname=\"c\" name=\"after\"/>\n</testsuite>"
+    )
+    .unwrap();
+    drop(f);
+    let child = env
+        .command()
+        .args(["-o", "json", "tests", "ingest", path.to_str().unwrap()])
+        .args(["--upgrade", "u", "--phase", "adhoc"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, peak_kib) = crate::s3::wait_with_peak_rss(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&run["tests"], &run["failed"]), (&2.into(), &1.into()));
+    eprintln!(
+        "one 50 MB attribute and one 50 MB CDATA block: peak RSS {} MiB",
+        peak_kib / 1024
+    );
+    assert!(peak_kib <= 64 * 1024, "peak RSS {peak_kib} KiB over 64 MiB");
+    let id = run["run_id"].as_str().unwrap();
+    let shown = env.json(&["tests", "show", id]);
+    let m = shown["failures"][0]["message"].as_str().unwrap();
+    assert!(m.starts_with("0123456789abcdef&0123"), "{}", &m[..40]);
+    assert!(m.ends_with('…'), "the cut is marked");
 }
 
 /// The demo records a pre and a post run of its smoke suite: one new failure, one flaky test.

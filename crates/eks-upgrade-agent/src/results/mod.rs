@@ -40,6 +40,7 @@ use crate::model::{
 };
 use crate::store::TestResultStore;
 
+mod bounded;
 #[cfg(any(test, feature = "conformance"))]
 #[doc(hidden)]
 pub mod conformance;
