@@ -431,17 +431,22 @@ impl TestResultStore for SqliteStore {
             n => n,
         };
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
+            // With a cluster, the seek is on (test, cluster) of the index, not a filter of
+            // every result of the test.
+            let on = match cluster_name {
+                Some(_) => "r.ckey = c.ckey AND r.cluster = ?2",
+                None => "r.ckey = c.ckey AND ?2 IS NULL",
+            };
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT u.run_id, u.upgrade_id, u.cluster_name, u.phase, u.created_at, c.test_id, \
                  c.suite, c.classname, c.name, r.status, r.attempts, r.fails, r.duration, r.message \
                  FROM test_cases c \
-                 JOIN test_results r INDEXED BY test_results_by_test ON r.ckey = c.ckey \
-                   AND (?2 IS NULL OR r.cluster = ?2) \
+                 JOIN test_results r INDEXED BY test_results_by_test ON {on} \
                  JOIN test_runs u ON u.rkey = r.rkey \
                  WHERE c.ckey IN (SELECT ckey FROM test_cases WHERE name = ?1 \
                                   UNION SELECT ckey FROM test_cases WHERE test_id = ?1) \
-                 ORDER BY r.rkey DESC LIMIT ?3",
-            )?;
+                 ORDER BY r.rkey DESC LIMIT ?3"
+            ))?;
             let rows = stmt
                 .query_map(params![name, cluster_name, limit as i64], |r| {
                     let status = status_of(r.get(9)?);
@@ -927,6 +932,18 @@ mod tests {
         let statements = seen.lock().unwrap().clone();
         assert!(statements.len() >= 8, "{statements:#?}");
         let conn = store.reader();
+        // T18: `history NAME --cluster C` seeks the results of the test on that cluster (both
+        // columns of the index), it does not read every result of the test and filter.
+        let history = statements
+            .iter()
+            .find(|s| s.contains("r.cluster = ?2"))
+            .expect("the history statement with a cluster");
+        let plan = query_plan(&conn, history);
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("test_results_by_test (ckey=? AND cluster=?)")),
+            "{plan:#?}"
+        );
         for sql in statements {
             if sql.contains("FROM test_runs WHERE ?1 IS NULL")
                 || sql.contains("SELECT run_id FROM test_runs WHERE run_id >=")
