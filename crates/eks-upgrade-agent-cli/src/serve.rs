@@ -244,7 +244,8 @@ fn run_on_database(
     let mut state = AppState::new(tracker)
         .with_auth(auth)
         .with_guard(guard)
-        .with_serve_options(options);
+        .with_serve_options(options)
+        .with_test_results(Arc::new(eks_upgrade_agent::TestResults::new(db.clone())));
     if !ctx.config.notify.is_empty() {
         if ctx.config.notify.otlp.endpoint.is_some() {
             anyhow::bail!(

@@ -397,9 +397,14 @@ fn ingest_remote(
 
 pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
     let remote = ctx.remote()?;
-    let (results, local) = match remote {
-        Some(r) => (Results::Remote(r), None),
-        None => {
+    let database = match &remote {
+        Some(_) => None,
+        None => ctx.database(4)?,
+    };
+    let (results, local) = match (remote, &database) {
+        (Some(r), _) => (Results::Remote(r), None),
+        (None, Some(db)) => (Results::Local(TestResults::new(db.clone())), None),
+        (None, None) => {
             let access = match &cmd {
                 TestsCmd::Ingest { .. } => Access::Create,
                 _ => Access::Existing,
@@ -442,10 +447,40 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                     crate::notify::after_commit(ctx, store);
                     run
                 }
+                (Results::Local(r), None) => {
+                    // On the database (team mode): artifacts are not in the database yet, so
+                    // the reports are recorded, not kept.
+                    let Some(db) = &database else {
+                        unreachable!("local results without a store are the database's")
+                    };
+                    if session.is_some() || collection.is_some() {
+                        anyhow::bail!(
+                            "with --database-url the reports are recorded but not kept as \
+                             artifacts (artifacts are not in the database yet): drop --session \
+                             and --collection"
+                        );
+                    }
+                    let cluster = match cluster {
+                        Some(c) => c,
+                        None => cluster_of(&ProgressTracker::new(db.clone()), &upgrade)?,
+                    };
+                    r.ingest(
+                        &files,
+                        &Ingest {
+                            upgrade_id: upgrade,
+                            cluster_name: cluster,
+                            phase,
+                            suite,
+                            framework,
+                            labels: Vec::new(),
+                        },
+                        None,
+                    )
+                    .context("cannot ingest the test results")?
+                }
                 (Results::Remote(remote), _) => ingest_remote(
                     remote, &files, upgrade, phase, suite, framework, cluster, session, collection,
                 )?,
-                _ => unreachable!("a local store goes with local results"),
             };
             if ctx.json() {
                 print_json(&run)?;
@@ -637,15 +672,7 @@ pub(crate) fn ingest(
     options: Option<&AddOptions>,
 ) -> anyhow::Result<TestRun> {
     if ingest.cluster_name.is_empty() {
-        let tracker = ProgressTracker::new(store.clone());
-        ingest.cluster_name = match tracker.upgrade(&ingest.upgrade_id) {
-            Ok(u) => u.cluster_name,
-            Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
-                "upgrade {:?} not found: create it (`progress upgrade create`) or give --cluster",
-                ingest.upgrade_id
-            ),
-            Err(e) => return Err(e.into()),
-        };
+        ingest.cluster_name = cluster_of(&ProgressTracker::new(store.clone()), &ingest.upgrade_id)?;
     }
     let session = session
         .map(|s| artifacts.resolve_id(eks_upgrade_agent::store::IdKind::Session, s))
@@ -665,6 +692,17 @@ pub(crate) fn ingest(
             }),
         )
         .context("cannot ingest the test results")
+}
+
+/// The cluster of `upgrade`, for a run given no `--cluster`.
+fn cluster_of(tracker: &ProgressTracker, upgrade: &str) -> anyhow::Result<String> {
+    match tracker.upgrade(upgrade) {
+        Ok(u) => Ok(u.cluster_name),
+        Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
+            "upgrade {upgrade:?} not found: create it (`progress upgrade create`) or give --cluster"
+        ),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub(crate) fn print_run_line(out: &mut impl Write, verb: &str, r: &TestRun) -> io::Result<()> {

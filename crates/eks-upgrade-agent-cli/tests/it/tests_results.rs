@@ -720,3 +720,81 @@ fn tests_commands_work_against_a_server() {
     assert!(e.contains("one report per command"), "{e}");
     assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 2);
 }
+
+/// G61: with `--database-url` (team mode) the `tests` commands record and read runs in
+/// PostgreSQL (the reports are recorded, not kept: artifacts are not in the database yet), and
+/// `serve` on the database answers `/api/v1/tests/...` from it; the data dir is not touched.
+#[test]
+fn tests_commands_on_a_database() {
+    let pg = eks_upgrade_agent::test_support::PgCluster::start();
+    let db = pg.create_database();
+    let env = Env::new();
+    let with_db = |args: &[&str]| -> std::process::Output {
+        env.command()
+            .env("EUA_DATABASE_URL", &db)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |args: &[&str]| -> Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let out = with_db(&a);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    json(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "k",
+    ]);
+    let pre = report(&env, "pre.xml", &[("health", "pass"), ("pods", "pass")]);
+    let post = report(&env, "post.xml", &[("health", "pass"), ("pods", "fail")]);
+    let pre_run = json(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "pre"]);
+    assert_eq!(pre_run["cluster_name"], "k");
+    assert_eq!(pre_run["artifact_ids"], serde_json::json!([]));
+    json(&[
+        "tests",
+        "ingest",
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "post",
+    ]);
+    let out = with_db(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&c["new_failures"]), ["pods"]);
+    let h = json(&["tests", "history", "pods", "--cluster", "k"]);
+    assert_eq!(h.as_array().unwrap().len(), 2, "{h}");
+    let out = with_db(&[
+        "tests",
+        "ingest",
+        &pre,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+        "--session",
+        "s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not kept as artifacts"),
+        "{out:?}"
+    );
+    let served = crate::util::serve(&env, &[("EUA_DATABASE_URL", db.as_str())]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let runs = env.json(&["--server", &url, "tests", "runs", "--upgrade", "u"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
+    assert!(
+        !env.data_dir().join("eks-upgrade-agent.sqlite3").exists(),
+        "a data dir store was created"
+    );
+}

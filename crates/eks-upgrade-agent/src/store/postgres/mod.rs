@@ -5,6 +5,7 @@
 //! - `tasks`, `import`: task writes and whole-upgrade imports (the same rules as the SQLite
 //!   backend, from `store/domain`);
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
+//! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `schema`: versioned migrations (a `schema_version` table).
 //!
 //! Ordering across replicas: a transaction takes the one-row `seq_counter` (`UPDATE ...
@@ -18,6 +19,7 @@ mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
+mod test_results;
 
 pub use progress::{PostgresOptions, PostgresStore};
 
