@@ -138,8 +138,9 @@ pub(crate) fn add_with_phase(
     }
     let Some(local) = local else {
         anyhow::bail!(
-            "--phase works on a local data dir; against a server, upload the file and use \
-             POST /api/v1/tests/ingest"
+            "--phase works on a local data dir; against a server, record the report with \
+             `tests ingest FILE --upgrade U --phase P --session S --collection C --server URL` \
+             (or upload it with ?type=test_result&phase=P)"
         );
     };
     let mut junit = Vec::new();

@@ -53,7 +53,8 @@ pub struct ParseSummary {
 pub fn is_junit(path: &Path) -> Result<bool> {
     let file = File::open(path)
         .map_err(|e| Error::backend(format!("cannot open {}", path.display()), e))?;
-    let mut reader = quick_xml::Reader::from_reader(BufReader::new(file));
+    let mut reader =
+        quick_xml::Reader::from_reader(super::bounded::Bounded::new(BufReader::new(file)));
     let mut buf = Vec::new();
     loop {
         match reader.read_event_into(&mut buf) {

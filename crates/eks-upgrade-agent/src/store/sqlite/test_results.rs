@@ -781,7 +781,7 @@ mod tests {
         assert!(m.exists(&run.artifact_ids[0]).unwrap());
     }
 
-    /// T15: a suite without a name is the empty suite, never the file's path: the same report
+    /// T14: a suite without a name is the empty suite, never the file's path: the same report
     /// written to another path (another name) holds the same tests.
     #[test]
     fn unnamed_suites_are_the_same_tests_at_any_path() {
