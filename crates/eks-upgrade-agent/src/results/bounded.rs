@@ -356,12 +356,7 @@ mod tests {
             assert!(out.contains(keeps), "{}", &out[out.len() - 40..]);
             // Still well-formed (and valid UTF-8: `through` read it as a String).
             let mut r = quick_xml::Reader::from_str(&out);
-            loop {
-                match r.read_event().unwrap() {
-                    quick_xml::events::Event::Eof => break,
-                    _ => {}
-                }
-            }
+            while r.read_event().unwrap() != quick_xml::events::Event::Eof {}
         }
     }
 
