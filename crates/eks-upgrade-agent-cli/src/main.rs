@@ -229,7 +229,7 @@ impl Ctx {
         if self.database_url.is_some() {
             anyhow::bail!(
                 "this command does not work with --database-url (EUA_DATABASE_URL) yet: only \
-                 `progress`, `serve` and `store` do; unset it to use the data dir"
+                 `progress`, `tests`, `serve` and `store` do; unset it to use the data dir"
             );
         }
         Ok(())

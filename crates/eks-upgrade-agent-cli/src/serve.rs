@@ -65,6 +65,16 @@ pub(crate) struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub(crate) max_connections: u32,
+    /// Largest JUnit report one ingest takes (POST /api/v1/tests/ingest, or an artifact
+    /// upload with a phase), bytes; a larger one is refused (413) and nothing is stored
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "EUA_MAX_INGEST_BYTES",
+        default_value_t = eks_upgrade_agent_server::DEFAULT_MAX_INGEST_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub(crate) max_ingest_bytes: u64,
 }
 
 impl ServeArgs {
@@ -192,6 +202,7 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = ctx.store()?;
     let options = eks_upgrade_agent_server::ServeOptions {
         max_connections: args.max_connections as usize,
+        max_ingest_bytes: args.max_ingest_bytes,
         ..Default::default()
     };
     let state = state(ctx, store.clone(), auth)?
@@ -230,12 +241,14 @@ fn run_on_database(
     let tracker = Arc::new(eks_upgrade_agent::ProgressTracker::new(db.clone()));
     let options = eks_upgrade_agent_server::ServeOptions {
         max_connections: args.max_connections as usize,
+        max_ingest_bytes: args.max_ingest_bytes,
         ..Default::default()
     };
     let mut state = AppState::new(tracker)
         .with_auth(auth)
         .with_guard(guard)
         .with_serve_options(options)
+        .with_test_results(Arc::new(eks_upgrade_agent::TestResults::new(db.clone())))
         .with_database(
             db.clone(),
             eks_upgrade_agent::store::postgres::ListenOptions::default(),

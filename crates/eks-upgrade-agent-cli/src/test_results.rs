@@ -1,6 +1,7 @@
 //! `eks-upgrade-agent tests ...`: JUnit reports as data. `ingest` records a run (and keeps the
 //! files as `test_result` artifacts), `compare` classifies pre → post and gates (exit 3 when the
-//! gate fails), `runs`, `show`, `history` and `flaky` read them back. Local data dir only.
+//! gate fails), `runs`, `show`, `history` and `flaky` read them back. On the local data dir,
+//! or with `--server` through the server's `/api/v1/tests/...` API (the same output).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -11,8 +12,11 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use eks_upgrade_agent::artifacts::AddOptions;
-use eks_upgrade_agent::model::{ComparedTest, Comparison, RunPhase, RunQuery, TestRun};
+use eks_upgrade_agent::model::{
+    ComparedTest, Comparison, FlakyTest, HistoryEntry, RunPhase, RunQuery, TestResult, TestRun,
+};
 use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
+use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
 
 use crate::output::{
@@ -134,8 +138,9 @@ pub(crate) fn add_with_phase(
     }
     let Some(local) = local else {
         anyhow::bail!(
-            "--phase works on a local data dir; against a server, upload the file and use \
-             POST /api/v1/tests/ingest"
+            "--phase works on a local data dir; against a server, record the report with \
+             `tests ingest FILE --upgrade U --phase P --session S --collection C --server URL` \
+             (or upload it with ?type=test_result&phase=P)"
         );
     };
     let mut junit = Vec::new();
@@ -226,19 +231,189 @@ pub(crate) fn add_with_phase(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
-    if ctx.server.is_some() {
-        anyhow::bail!(
-            "`tests` works on a local data dir; against a server use its HTTP API \
-             (/api/v1/tests/...) or drop --server"
-        );
+/// Where test results live: the local store, or a server's API (`--server`).
+enum Results {
+    Local(TestResults),
+    Remote(Arc<RemoteStore>),
+}
+
+/// `?k=v&...` of the pairs that have a value (empty when none has).
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
     }
-    let access = match &cmd {
-        TestsCmd::Ingest { .. } => Access::Create,
-        _ => Access::Existing,
+}
+
+impl Results {
+    fn compare(&self, a: &str, b: &str) -> eks_upgrade_agent::Result<Comparison> {
+        match self {
+            Results::Local(r) => r.compare(a, b),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/compare{}",
+                query(&[("a", Some(a.to_owned())), ("b", Some(b.to_owned()))])
+            )),
+        }
+    }
+
+    fn compare_upgrade(&self, u: &str) -> eks_upgrade_agent::Result<Comparison> {
+        match self {
+            Results::Local(r) => r.compare_upgrade(u),
+            Results::Remote(s) => {
+                s.get_json(&format!("/api/v1/upgrades/{}/tests/compare", encode(u)))
+            }
+        }
+    }
+
+    fn runs(&self, q: &RunQuery) -> eks_upgrade_agent::Result<Vec<TestRun>> {
+        match self {
+            Results::Local(r) => r.runs(q),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/runs{}",
+                query(&[
+                    ("upgrade", q.upgrade_id.clone()),
+                    ("cluster", q.cluster_name.clone()),
+                    ("phase", q.phase.map(|p| p.to_string())),
+                    ("limit", Some(q.limit.to_string())),
+                ])
+            )),
+        }
+    }
+
+    fn show(&self, run: &str) -> eks_upgrade_agent::Result<(TestRun, Vec<TestResult>)> {
+        match self {
+            Results::Local(r) => {
+                let run = r.run(run)?;
+                let failing = r.results(&run.run_id, true)?;
+                Ok((run, failing))
+            }
+            Results::Remote(s) => {
+                #[derive(serde::Deserialize)]
+                struct Shown {
+                    run: TestRun,
+                    failures: Vec<TestResult>,
+                }
+                let v: Shown = s.get_json(&format!("/api/v1/tests/runs/{}", encode(run)))?;
+                Ok((v.run, v.failures))
+            }
+        }
+    }
+
+    fn history(
+        &self,
+        name: &str,
+        cluster: Option<&str>,
+        limit: usize,
+    ) -> eks_upgrade_agent::Result<Vec<HistoryEntry>> {
+        match self {
+            Results::Local(r) => r.history(name, cluster, limit),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/history{}",
+                query(&[
+                    ("name", Some(name.to_owned())),
+                    ("cluster", cluster.map(str::to_owned)),
+                    ("limit", Some(limit.to_string())),
+                ])
+            )),
+        }
+    }
+
+    fn flaky(&self, cluster: Option<&str>, days: u32) -> eks_upgrade_agent::Result<Vec<FlakyTest>> {
+        match self {
+            Results::Local(r) => r.flaky(cluster, Some(days)),
+            Results::Remote(s) => s.get_json(&format!(
+                "/api/v1/tests/flaky{}",
+                query(&[
+                    ("cluster", cluster.map(str::to_owned)),
+                    ("days", Some(days.to_string())),
+                ])
+            )),
+        }
+    }
+}
+
+/// `tests ingest --server`: one report per call (the API records one report per run), streamed
+/// to `POST /api/v1/tests/ingest` with the same options as a local ingest.
+#[allow(clippy::too_many_arguments)]
+fn ingest_remote(
+    remote: &RemoteStore,
+    files: &[PathBuf],
+    upgrade: String,
+    phase: RunPhase,
+    suite: Option<String>,
+    framework: Option<String>,
+    cluster: Option<String>,
+    session: Option<String>,
+    collection: Option<String>,
+) -> anyhow::Result<TestRun> {
+    let [file] = files else {
+        anyhow::bail!(
+            "against a server, ingest one report per command (the API records one report per \
+             run): give one file, or drop --server"
+        );
     };
-    let store = ctx.store_for(access)?;
-    let results = TestResults::new(store.clone());
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let body = std::fs::File::open(file).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {e} (give the path of a JUnit XML report)",
+            printable(&file.to_string_lossy())
+        )
+    })?;
+    let path = format!(
+        "/api/v1/tests/ingest{}",
+        query(&[
+            ("upgrade", Some(upgrade)),
+            ("phase", Some(phase.to_string())),
+            ("name", Some(name)),
+            ("suite", suite),
+            ("framework", framework),
+            ("cluster", cluster),
+            ("session", session),
+            ("collection", collection),
+        ])
+    );
+    let mut req = remote
+        .agent()
+        .post(format!("{}{path}", remote.url()))
+        .header("Content-Type", "application/xml");
+    if let Some(t) = remote.token() {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, body);
+    let resp = req
+        .send(ureq::SendBody::from_reader(&mut reader))
+        .map_err(|e| anyhow::anyhow!("cannot reach the server at {}: {e}", remote.url()))?;
+    remote
+        .answer(resp)
+        .context("cannot ingest the test results")
+}
+
+pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
+    let remote = ctx.remote()?;
+    let database = match &remote {
+        Some(_) => None,
+        None => ctx.database(4)?,
+    };
+    let (results, local) = match (remote, &database) {
+        (Some(r), _) => (Results::Remote(r), None),
+        (None, Some(db)) => (Results::Local(TestResults::new(db.clone())), None),
+        (None, None) => {
+            let access = match &cmd {
+                TestsCmd::Ingest { .. } => Access::Create,
+                _ => Access::Existing,
+            };
+            let store = ctx.store_for(access)?;
+            (Results::Local(TestResults::new(store.clone())), Some(store))
+        }
+    };
     match cmd {
         TestsCmd::Ingest {
             files,
@@ -250,25 +425,64 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
             session,
             collection,
         } => {
-            let artifacts = ctx.artifacts_on(store.clone())?;
-            let run = ingest(
-                &store,
-                &results,
-                &artifacts,
-                &files,
-                Ingest {
-                    upgrade_id: upgrade,
-                    cluster_name: cluster.unwrap_or_default(),
-                    phase,
-                    suite,
-                    framework,
-                    labels: Vec::new(),
-                },
-                session.as_deref(),
-                collection.as_deref(),
-                None,
-            )?;
-            crate::notify::after_commit(ctx, &store);
+            let run = match (&results, &local) {
+                (Results::Local(r), Some(store)) => {
+                    let artifacts = ctx.artifacts_on(store.clone())?;
+                    let run = ingest(
+                        store,
+                        r,
+                        &artifacts,
+                        &files,
+                        Ingest {
+                            upgrade_id: upgrade,
+                            cluster_name: cluster.unwrap_or_default(),
+                            phase,
+                            suite,
+                            framework,
+                            labels: Vec::new(),
+                        },
+                        session.as_deref(),
+                        collection.as_deref(),
+                        None,
+                    )?;
+                    crate::notify::after_commit(ctx, store);
+                    run
+                }
+                (Results::Local(r), None) => {
+                    // On the database (team mode): artifacts are not in the database yet, so
+                    // the reports are recorded, not kept.
+                    let Some(db) = &database else {
+                        unreachable!("local results without a store are the database's")
+                    };
+                    if session.is_some() || collection.is_some() {
+                        anyhow::bail!(
+                            "with --database-url the reports are recorded but not kept as \
+                             artifacts (artifacts are not in the database yet): drop --session \
+                             and --collection"
+                        );
+                    }
+                    let cluster = match cluster {
+                        Some(c) => c,
+                        None => cluster_of(&ProgressTracker::new(db.clone()), &upgrade)?,
+                    };
+                    r.ingest(
+                        &files,
+                        &Ingest {
+                            upgrade_id: upgrade,
+                            cluster_name: cluster,
+                            phase,
+                            suite,
+                            framework,
+                            labels: Vec::new(),
+                        },
+                        None,
+                    )
+                    .context("cannot ingest the test results")?
+                }
+                (Results::Remote(remote), _) => ingest_remote(
+                    remote, &files, upgrade, phase, suite, framework, cluster, session, collection,
+                )?,
+            };
             if ctx.json() {
                 print_json(&run)?;
             } else {
@@ -352,8 +566,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TestsCmd::Show { run } => {
-            let r = results.run(&run)?;
-            let failing = results.results(&r.run_id, true)?;
+            let (r, failing) = results.show(&run)?;
             if ctx.json() {
                 print_json(&serde_json::json!({ "run": r, "failures": failing }))?;
             } else {
@@ -414,7 +627,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TestsCmd::Flaky { cluster, days } => {
-            let f = results.flaky(cluster.as_deref(), Some(days))?;
+            let f = results.flaky(cluster.as_deref(), days)?;
             if ctx.json() {
                 print_json(&f)?;
             } else {
@@ -460,15 +673,7 @@ pub(crate) fn ingest(
     options: Option<&AddOptions>,
 ) -> anyhow::Result<TestRun> {
     if ingest.cluster_name.is_empty() {
-        let tracker = ProgressTracker::new(store.clone());
-        ingest.cluster_name = match tracker.upgrade(&ingest.upgrade_id) {
-            Ok(u) => u.cluster_name,
-            Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
-                "upgrade {:?} not found: create it (`progress upgrade create`) or give --cluster",
-                ingest.upgrade_id
-            ),
-            Err(e) => return Err(e.into()),
-        };
+        ingest.cluster_name = cluster_of(&ProgressTracker::new(store.clone()), &ingest.upgrade_id)?;
     }
     let session = session
         .map(|s| artifacts.resolve_id(eks_upgrade_agent::store::IdKind::Session, s))
@@ -488,6 +693,17 @@ pub(crate) fn ingest(
             }),
         )
         .context("cannot ingest the test results")
+}
+
+/// The cluster of `upgrade`, for a run given no `--cluster`.
+fn cluster_of(tracker: &ProgressTracker, upgrade: &str) -> anyhow::Result<String> {
+    match tracker.upgrade(upgrade) {
+        Ok(u) => Ok(u.cluster_name),
+        Err(eks_upgrade_agent::Error::NotFound { .. }) => anyhow::bail!(
+            "upgrade {upgrade:?} not found: create it (`progress upgrade create`) or give --cluster"
+        ),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub(crate) fn print_run_line(out: &mut impl Write, verb: &str, r: &TestRun) -> io::Result<()> {

@@ -275,6 +275,7 @@ pub(crate) async fn upload(
     State(s): State<AppState>,
     Path((session, collection)): Path<(String, String)>,
     q: Result<Query<Pairs>, QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let Query(q) = q?;
@@ -283,6 +284,7 @@ pub(crate) async fn upload(
         &[
             "name",
             "type",
+            "phase",
             "tag",
             "task_id",
             "step_id",
@@ -315,6 +317,15 @@ pub(crate) async fn upload(
         metadata,
     };
     let m = manager(&s)?;
+    if let Some(phase) = one(&q, "phase")? {
+        let phase = phase
+            .parse::<eks_upgrade_agent::model::RunPhase>()
+            .map_err(|e| invalid(e.to_string()))?;
+        return crate::tests_api::upload_with_phase(
+            &s, m, session, collection, name, opts, phase, &headers, body,
+        )
+        .await;
+    }
     let stream = body
         .into_data_stream()
         .map_err(|e| std::io::Error::other(format!("request body: {e}")));

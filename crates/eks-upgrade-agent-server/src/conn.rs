@@ -41,7 +41,13 @@ pub struct ServeOptions {
     /// A request body that sends nothing for this long fails (400): a slow body cannot hold
     /// a connection forever. Long uploads are fine as long as bytes keep coming.
     pub body_idle_timeout: Duration,
+    /// Largest JUnit report `POST /api/v1/tests/ingest` (and an artifact upload with a
+    /// `phase`) takes, in bytes; a larger one is a 413 naming the limit, and nothing is stored.
+    pub max_ingest_bytes: u64,
 }
+
+/// Default of [`ServeOptions::max_ingest_bytes`]: 256 MiB.
+pub const DEFAULT_MAX_INGEST_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Default for ServeOptions {
     fn default() -> Self {
@@ -50,6 +56,7 @@ impl Default for ServeOptions {
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
             body_idle_timeout: Duration::from_secs(30),
+            max_ingest_bytes: DEFAULT_MAX_INGEST_BYTES,
         }
     }
 }

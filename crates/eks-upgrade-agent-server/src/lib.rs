@@ -61,7 +61,7 @@ mod store_api;
 mod stream;
 mod tests_api;
 
-pub use conn::ServeOptions;
+pub use conn::{DEFAULT_MAX_INGEST_BYTES, ServeOptions};
 pub use metrics::Metrics;
 
 pub use auth::{Auth, Role};

@@ -262,8 +262,9 @@ pub(crate) const ROUTES: &[Route] = &[
         method: "post",
         path: "/api/v1/tests/ingest",
         tag: "tests",
-        summary: "Record a test run from one JUnit XML report (the raw body); kept as a \
-            test_result artifact in the upgrade's validation collection when artifacts are on",
+        summary: "Record a test run from one JUnit XML report (the raw body, at most the \
+            server's --max-ingest-bytes, else 413); kept as a test_result artifact in the \
+            upgrade's validation collection when artifacts are on",
         body: Body::Bytes,
         query: &[
             (
@@ -271,6 +272,15 @@ pub(crate) const ROUTES: &[Route] = &[
                 "the upgrade (required; its cluster is the run's)",
             ),
             ("phase", "pre, post or adhoc (required)"),
+            ("cluster", "the run's cluster [the upgrade's]"),
+            (
+                "session",
+                "session keeping the file [the upgrade's latest, created when missing]",
+            ),
+            (
+                "collection",
+                "collection keeping the file, with session [the session's validation collection]",
+            ),
             ("suite", "suite name for every test [each <testsuite name>]"),
             (
                 "framework",
@@ -405,6 +415,11 @@ pub(crate) const ROUTES: &[Route] = &[
             ("step_id", "step"),
             ("description", "description"),
             ("metadata", "a JSON object"),
+            (
+                "phase",
+                "pre, post or adhoc, with type=test_result: a JUnit XML body is also recorded \
+                 as a test run of the session's upgrade (answered as test_run)",
+            ),
         ],
         ok: (201, JSON),
     },

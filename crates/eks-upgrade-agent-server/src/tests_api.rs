@@ -5,19 +5,22 @@
 //! comparison answers 200 whatever its gate says (`gate.passed` tells).
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::TryStreamExt;
 use serde_json::{Value, json};
 
-use eks_upgrade_agent::model::{RunPhase, RunQuery};
-use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
+use eks_upgrade_agent::TestArtifactsManager;
+use eks_upgrade_agent::artifacts::AddOptions;
+use eks_upgrade_agent::model::{ArtifactType, RunPhase, RunQuery};
+use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults, junit};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, blocking};
@@ -159,11 +162,105 @@ pub(crate) async fn flaky(
     answer(&s, move |r| r.flaky(cluster.as_deref(), days)).await
 }
 
+/// A request body that fails once more than `left` bytes came, remembering that it did.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    over: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let room = usize::try_from(self.left.saturating_add(1))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = self.inner.read(&mut buf[..room])?;
+        if n as u64 > self.left {
+            self.over.store(true, Ordering::SeqCst);
+            return Err(std::io::Error::other("the report is over the ingest limit"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// 413: the report is over the server's ingest limit.
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the report is larger than this server's ingest limit of {limit} bytes ({} MiB); \
+             nothing was stored: split the report, or raise the server's --max-ingest-bytes",
+            limit / (1024 * 1024)
+        ),
+    )
+}
+
+/// A report body received into a temporary directory (removed on drop).
+pub(crate) struct Received {
+    _dir: tempfile::TempDir,
+    /// The file.
+    pub(crate) path: std::path::PathBuf,
+}
+
+/// Streams `body` to a temporary file named `file_name`, refusing (413) more than the
+/// server's `max_ingest_bytes` (at once when `Content-Length` says so); `then` runs on the
+/// file in the same blocking task.
+pub(crate) async fn receive<T: Send + 'static>(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    file_name: &str,
+    then: impl FnOnce(&Received) -> eks_upgrade_agent::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    let limit = s.serve_options.max_ingest_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(limit));
+    }
+    let stream = body
+        .into_data_stream()
+        .map_err(|e| std::io::Error::other(e.to_string()));
+    let reader = tokio_util::io::StreamReader::new(stream);
+    let over = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&over);
+    let file_name = file_name.to_owned();
+    let out = blocking(move || {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(&file_name);
+        {
+            let mut file = std::fs::File::create(&path)?;
+            let mut body = Capped {
+                inner: tokio_util::io::SyncIoBridge::new(reader),
+                left: limit,
+                over: seen,
+            };
+            std::io::copy(&mut body, &mut file).map_err(|e| {
+                eks_upgrade_agent::Error::InvalidInput(format!(
+                    "the request body ended early ({e}); nothing was stored: send the report again"
+                ))
+            })?;
+            file.flush()?;
+        }
+        then(&Received { _dir: dir, path })
+    })
+    .await;
+    if over.load(Ordering::SeqCst) {
+        return Err(too_large(limit));
+    }
+    out
+}
+
 /// `POST /api/v1/tests/ingest?upgrade=U&phase=P[&suite=][&framework=][&name=FILE]`, the body
-/// one JUnit XML report.
+/// one JUnit XML report (at most the server's `max_ingest_bytes`, else 413).
 pub(crate) async fn ingest(
     State(s): State<AppState>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let Query(q) = q?;
@@ -184,31 +281,22 @@ pub(crate) async fn ingest(
     let framework = q.get("framework").cloned();
     let tracker = Arc::clone(&s.tracker);
     let artifacts = s.artifacts.clone();
-    let stream = body
-        .into_data_stream()
-        .map_err(|e| std::io::Error::other(e.to_string()));
-    let reader = tokio_util::io::StreamReader::new(stream);
-    let run = blocking(move || {
-        let cluster = tracker.upgrade(&upgrade)?.cluster_name;
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join(&name);
-        {
-            let mut file = std::fs::File::create(&path)?;
-            let mut body = tokio_util::io::SyncIoBridge::new(reader);
-            std::io::copy(&mut body, &mut file).map_err(|e| {
-                eks_upgrade_agent::Error::InvalidInput(format!(
-                    "the request body ended early ({e}); nothing was stored: send the report again"
-                ))
-            })?;
-            file.flush()?;
-        }
+    let cluster = {
+        let tracker = Arc::clone(&tracker);
+        let upgrade = upgrade.clone();
+        blocking(move || tracker.upgrade(&upgrade))
+            .await?
+            .cluster_name
+    };
+    let label = name.clone();
+    let run = receive(&s, &headers, body, &name, move |file| {
         let ingest = Ingest {
             upgrade_id: upgrade,
             cluster_name: cluster,
             phase,
             suite,
             framework,
-            labels: vec![name],
+            labels: vec![label],
         };
         let keep = artifacts.as_deref().map(|a| KeepFiles {
             artifacts: a,
@@ -216,8 +304,78 @@ pub(crate) async fn ingest(
             collection_id: None,
             options: None,
         });
-        r.ingest(&[path], &ingest, keep)
+        r.ingest(std::slice::from_ref(&file.path), &ingest, keep)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(to_json(&run))))
+}
+
+/// `POST .../artifacts?name=FILE&type=test_result&phase=P...`: an upload with a phase. A JUnit
+/// XML body is kept and recorded as a run of the session's upgrade, as `artifacts add --phase`
+/// does (201: the artifact, with the run as `test_run`); an `.xml` body that is not a report
+/// is a 422 naming the line and nothing is stored; any other body is only kept.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn upload_with_phase(
+    s: &AppState,
+    m: Arc<TestArtifactsManager>,
+    session: String,
+    collection: String,
+    name: String,
+    mut opts: AddOptions,
+    phase: RunPhase,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if opts.artifact_type != Some(ArtifactType::TestResult) {
+        return Err(invalid(
+            "phase records test results: give it with type=test_result",
+        ));
+    }
+    let r = results(s)?;
+    let label = name.clone();
+    let (artifact, run) = receive(s, headers, body, "report", move |file| {
+        let path = &file.path;
+        if junit::is_junit(path)? {
+            let sess = m.session(&session)?;
+            opts.name = Some(label.clone());
+            let ingest = Ingest {
+                upgrade_id: sess.upgrade_id.clone(),
+                cluster_name: sess.cluster_name.clone(),
+                phase,
+                suite: None,
+                framework: None,
+                labels: vec![label],
+            };
+            let run = r.ingest(
+                std::slice::from_ref(path),
+                &ingest,
+                Some(KeepFiles {
+                    artifacts: &m,
+                    session_id: Some(&session),
+                    collection_id: Some(&collection),
+                    options: Some(&opts),
+                }),
+            )?;
+            let artifact = m.artifact(&run.artifact_ids[0])?;
+            return Ok((artifact, Some(run)));
+        }
+        if label.to_ascii_lowercase().ends_with(".xml") {
+            junit::parse_file(path, &label, &Default::default(), &mut |_| Ok(()))?;
+            return Err(eks_upgrade_agent::Error::InvalidInput(format!(
+                "{label}: not a JUnit XML report (its root is not <testsuites> or <testsuite>); \
+                 nothing was stored"
+            )));
+        }
+        let mut f = std::fs::File::open(path)?;
+        Ok((
+            m.add_reader(&session, &collection, &mut f, &label, &opts)?,
+            None,
+        ))
+    })
+    .await?;
+    let mut v = to_json(&artifact);
+    if let (Some(run), Value::Object(o)) = (run, &mut v) {
+        o.insert("test_run".into(), to_json(&run));
+    }
+    Ok((StatusCode::CREATED, Json(v)))
 }

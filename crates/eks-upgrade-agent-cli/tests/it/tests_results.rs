@@ -154,7 +154,8 @@ fn files_are_kept_in_the_validation_collection() {
         "--phase",
         "post",
     ]);
-    // The same bytes under the same name are kept once (artifacts are content-addressed).
+    // T16: the same bytes under the same name again are a new run with its own artifact
+    // (its own phase tag and run id), named after the run.
     let again = env.json(&[
         "tests",
         "ingest",
@@ -164,7 +165,8 @@ fn files_are_kept_in_the_validation_collection() {
         "--phase",
         "adhoc",
     ]);
-    assert_eq!(again["artifact_ids"], run["artifact_ids"]);
+    assert_ne!(again["run_id"], run["run_id"]);
+    assert_ne!(again["artifact_ids"], run["artifact_ids"]);
     let sessions = env.json(&["artifacts", "session", "list", "--upgrade", "u"]);
     assert_eq!(
         sessions.as_array().unwrap().len(),
@@ -185,13 +187,24 @@ fn files_are_kept_in_the_validation_collection() {
         "u",
     ]);
     let found = found.as_array().unwrap();
-    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found.len(), 3, "{found:?}");
     let kept = found
         .iter()
         .find(|a| a["tags"] == serde_json::json!(["pre"]))
         .unwrap();
     assert_eq!(kept["metadata"]["run_id"], run["run_id"]);
     assert_eq!(run["artifact_ids"][0], kept["artifact_id"]);
+    let rekept = found
+        .iter()
+        .find(|a| a["tags"] == serde_json::json!(["adhoc"]))
+        .unwrap();
+    assert_eq!(rekept["metadata"]["run_id"], again["run_id"]);
+    assert_eq!(again["artifact_ids"][0], rekept["artifact_id"]);
+    let id = again["run_id"].as_str().unwrap();
+    assert_eq!(
+        rekept["name"],
+        format!("pre.run-{}.xml", &id[id.len() - 12..])
+    );
 }
 
 #[test]
@@ -537,6 +550,58 @@ fn a_50_mb_report_ingests_in_flat_memory() {
         peak_kib / 1024
     );
     assert!(peak_kib <= 64 * 1024, "peak RSS {peak_kib} KiB over 64 MiB");
+
+    // T4: one huge text node is not buffered whole either: a report whose failure message
+    // attribute is one 50 MB value and whose system-out is one 50 MB CDATA block.
+    let path = env.data_dir().join("block.xml");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let chunk = "0123456789abcdef&amp;".repeat(1024);
+    write!(
+        f,
+        "<?xml version=\"1.0\"?>\n<testsuite name=\"block\">\n\
+         <testcase classname=\"c\" name=\"huge\" time=\"1\"><failure message=\""
+    )
+    .unwrap();
+    for _ in 0..(50 * 1024 * 1024 / chunk.len() + 1) {
+        f.write_all(chunk.as_bytes()).unwrap();
+    }
+    write!(f, "\"/><system-out><![CDATA[").unwrap();
+    let line = format!("{}\n", "x".repeat(1023));
+    for _ in 0..(50 * 1024 + 1) {
+        f.write_all(line.as_bytes()).unwrap();
+    }
+    writeln!(
+        f,
+        "]]></system-out></testcase>\n<testcase classname=\"c\" name=\"after\"/>\n</testsuite>"
+    )
+    .unwrap();
+    drop(f);
+    let child = env
+        .command()
+        .args(["-o", "json", "tests", "ingest", path.to_str().unwrap()])
+        .args(["--upgrade", "u", "--phase", "adhoc"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, peak_kib) = crate::s3::wait_with_peak_rss(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&run["tests"], &run["failed"]), (&2.into(), &1.into()));
+    eprintln!(
+        "one 50 MB attribute and one 50 MB CDATA block: peak RSS {} MiB",
+        peak_kib / 1024
+    );
+    assert!(peak_kib <= 64 * 1024, "peak RSS {peak_kib} KiB over 64 MiB");
+    let id = run["run_id"].as_str().unwrap();
+    let shown = env.json(&["tests", "show", id]);
+    let m = shown["failures"][0]["message"].as_str().unwrap();
+    assert!(m.starts_with("0123456789abcdef&0123"), "{}", &m[..40]);
+    assert!(m.ends_with('…'), "the cut is marked");
 }
 
 /// The demo records a pre and a post run of its smoke suite: one new failure, one flaky test.
@@ -565,4 +630,171 @@ fn the_demo_produces_pre_and_post_runs() {
     let runs = env.json(&["tests", "runs", "--upgrade", "d1"]);
     assert_eq!(runs.as_array().unwrap().len(), 2);
     assert_eq!(runs[0]["artifact_ids"].as_array().unwrap().len(), 1);
+}
+
+/// T17: every `tests` command works with `--server URL` through the HTTP API and says what the
+/// same command says on the server's data dir: ingest (kept as an artifact on the server),
+/// compare (exit 3 when the gate fails, 0 when it passes), runs, show, history and flaky. More
+/// than one file per remote ingest is refused (the API records one report per run).
+#[test]
+fn tests_commands_work_against_a_server() {
+    let server_env = Env::with_task();
+    let served = crate::util::serve(&server_env, &[]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let on = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["--server".to_owned(), url.clone()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        a
+    };
+    let remote = |args: &[&str]| -> Value {
+        let a = on(args);
+        client.json(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let pre = report(&client, "pre.xml", &[("health", "pass"), ("pods", "pass")]);
+    let post = report(&client, "post.xml", &[("health", "pass"), ("pods", "fail")]);
+    let pre_run = remote(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "pre"]);
+    assert_eq!(pre_run["cluster_name"], "c");
+    assert_eq!(pre_run["files"], serde_json::json!(["pre.xml"]));
+    assert_eq!(pre_run["artifact_ids"].as_array().unwrap().len(), 1);
+    let post_run = remote(&[
+        "tests",
+        "ingest",
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "post",
+    ]);
+    assert_eq!(post_run["failed"], 1);
+    // Kept on the server.
+    let kept = server_env.json(&["artifacts", "search", "--type", "test_result"]);
+    assert_eq!(kept.as_array().unwrap().len(), 2, "{kept}");
+    // compare: exit 3 on a failed gate, the same JSON as on the server's data dir.
+    let a = on(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
+    let out = client.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&c["new_failures"]), ["pods"]);
+    let local = server_env.run(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
+    assert_eq!(local.status.code(), Some(3));
+    assert_eq!(c, serde_json::from_slice::<Value>(&local.stdout).unwrap());
+    let text = on(&["tests", "compare", "--upgrade", "u"]);
+    let out = client.run(&text.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("gate: FAILED (1 new failure)"),
+        "{out:?}"
+    );
+    let post_id = post_run["run_id"].as_str().unwrap();
+    let same = remote(&["tests", "compare", post_id, post_id]);
+    assert_eq!(same["gate"]["passed"], true);
+    // runs, show, history, flaky: what the server's data dir says.
+    for args in [
+        vec!["tests", "runs", "--upgrade", "u"],
+        vec!["tests", "runs", "--cluster", "c", "--phase", "post"],
+        vec!["tests", "show", post_id],
+        vec!["tests", "history", "pods", "--cluster", "c"],
+        vec!["tests", "flaky", "--cluster", "c"],
+    ] {
+        assert_eq!(remote(&args), server_env.json(&args), "{args:?}");
+    }
+    let shown = remote(&["tests", "show", post_id]);
+    assert_eq!(names(&shown["failures"]), ["pods"]);
+    assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 2);
+    // Errors come back as errors.
+    let a = on(&["tests", "show", "no-such-run"]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("no-such-run"), "{e}");
+    let a = on(&[
+        "tests",
+        "ingest",
+        &pre,
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+    ]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("one report per command"), "{e}");
+    assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 2);
+}
+
+/// G61: with `--database-url` (team mode) the `tests` commands record and read runs in
+/// PostgreSQL (the reports are recorded, not kept: artifacts are not in the database yet), and
+/// `serve` on the database answers `/api/v1/tests/...` from it; the data dir is not touched.
+#[test]
+fn tests_commands_on_a_database() {
+    let pg = eks_upgrade_agent::test_support::PgCluster::start();
+    let db = pg.create_database();
+    let env = Env::new();
+    let with_db = |args: &[&str]| -> std::process::Output {
+        env.command()
+            .env("EUA_DATABASE_URL", &db)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |args: &[&str]| -> Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let out = with_db(&a);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    json(&[
+        "progress",
+        "upgrade",
+        "create",
+        "u",
+        "--plan",
+        "p",
+        "--cluster",
+        "k",
+    ]);
+    let pre = report(&env, "pre.xml", &[("health", "pass"), ("pods", "pass")]);
+    let post = report(&env, "post.xml", &[("health", "pass"), ("pods", "fail")]);
+    let pre_run = json(&["tests", "ingest", &pre, "--upgrade", "u", "--phase", "pre"]);
+    assert_eq!(pre_run["cluster_name"], "k");
+    assert_eq!(pre_run["artifact_ids"], serde_json::json!([]));
+    json(&[
+        "tests",
+        "ingest",
+        &post,
+        "--upgrade",
+        "u",
+        "--phase",
+        "post",
+    ]);
+    let out = with_db(&["-o", "json", "tests", "compare", "--upgrade", "u"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let c: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&c["new_failures"]), ["pods"]);
+    let h = json(&["tests", "history", "pods", "--cluster", "k"]);
+    assert_eq!(h.as_array().unwrap().len(), 2, "{h}");
+    let out = with_db(&[
+        "tests",
+        "ingest",
+        &pre,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+        "--session",
+        "s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not kept as artifacts"),
+        "{out:?}"
+    );
+    let served = crate::util::serve(&env, &[("EUA_DATABASE_URL", db.as_str())]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let runs = env.json(&["--server", &url, "tests", "runs", "--upgrade", "u"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
+    assert!(
+        !env.data_dir().join("eks-upgrade-agent.sqlite3").exists(),
+        "a data dir store was created"
+    );
 }

@@ -198,3 +198,150 @@ async fn bad_requests_get_the_error_shape_and_store_nothing() {
         assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {e}");
     }
 }
+
+/// E9: a report over the server's ingest limit is a 413 naming the limit, and nothing is
+/// stored: whether `Content-Length` says so or a streamed body (no length) runs over. The
+/// limit is `ServeOptions::max_ingest_bytes` (`serve --max-ingest-bytes`).
+#[tokio::test]
+async fn an_ingest_over_the_limit_is_413_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path()).with_serve_options(eks_upgrade_agent_server::ServeOptions {
+        max_ingest_bytes: 1000,
+        ..Default::default()
+    });
+    seed(&s.tracker, "u1");
+    let big = xml(&(0..40).map(|_| ("a", true)).collect::<Vec<_>>());
+    assert!(big.len() > 1000);
+    let (st, e) = send(
+        &s,
+        "POST",
+        "/api/v1/tests/ingest?upgrade=u1&phase=pre",
+        Some(("application/xml", &big)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+    assert_eq!(e["error"]["code"], "too_large");
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(m.contains("ingest limit of 1000 bytes"), "{m}");
+    assert!(m.contains("--max-ingest-bytes"), "{m}");
+    // Streamed, without a length: refused once the limit is passed.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.as_bytes().chunks(300).map(|c| Ok(c.to_vec())).collect();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/tests/ingest?upgrade=u1&phase=pre")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let resp = router(s.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (_, runs) = send(&s, "GET", "/api/v1/tests/runs", None).await;
+    assert_eq!(runs, serde_json::json!([]));
+    let (_, found) = send(&s, "GET", "/api/v1/artifacts", None).await;
+    assert_eq!(found, serde_json::json!([]), "nothing kept");
+    // Under the limit it ingests.
+    let (st, run) = send(
+        &s,
+        "POST",
+        "/api/v1/tests/ingest?upgrade=u1&phase=pre",
+        Some(("application/xml", &xml(&[("a", true)]))),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{run}");
+}
+
+/// E10: an artifact upload with `type=test_result&phase=P` whose body is JUnit XML is kept and
+/// recorded as a run of the session's upgrade (the artifact answers with its `test_run`); a
+/// broken `.xml` body is a 422 naming the line and stores nothing; a phase without
+/// `type=test_result` is refused; another body is only kept.
+#[tokio::test]
+async fn an_artifact_upload_with_a_phase_ingests_junit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let cluster = s.tracker.upgrade("u1").unwrap().cluster_name;
+    let (st, sess) = send(
+        &s,
+        "POST",
+        "/api/v1/sessions",
+        Some((
+            "application/json",
+            &serde_json::json!({"upgrade_id": "u1", "cluster_name": cluster}).to_string(),
+        )),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{sess}");
+    let sid = sess["session_id"].as_str().unwrap().to_owned();
+    let (st, col) = send(
+        &s,
+        "POST",
+        &format!("/api/v1/sessions/{sid}/collections"),
+        Some(("application/json", r#"{"name":"smoke"}"#)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{col}");
+    let cid = col["collection_id"].as_str().unwrap().to_owned();
+    let url = |q: &str| format!("/api/v1/sessions/{sid}/collections/{cid}/artifacts?{q}");
+    let (st, a) = send(
+        &s,
+        "POST",
+        &url("name=pre.xml&type=test_result&phase=pre&tag=nightly"),
+        Some(("application/xml", &xml(&[("a", true), ("b", false)]))),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{a}");
+    assert_eq!(a["name"], "pre.xml");
+    assert_eq!(a["artifact_type"], "test_result");
+    assert_eq!(a["tags"], serde_json::json!(["nightly", "pre"]));
+    let run = &a["test_run"];
+    assert_eq!(run["upgrade_id"], "u1");
+    assert_eq!(run["phase"], "pre");
+    assert_eq!((&run["tests"], &run["failed"]), (&2.into(), &1.into()));
+    assert_eq!(run["artifact_ids"], serde_json::json!([a["artifact_id"]]));
+    let (_, runs) = send(&s, "GET", "/api/v1/tests/runs?upgrade=u1", None).await;
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    // A broken report: 422 with the line, nothing stored.
+    let (st, e) = send(
+        &s,
+        "POST",
+        &url("name=post.xml&type=test_result&phase=post"),
+        Some(("application/xml", "<testsuite>\n<testcase name=\"a\">\n")),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("post.xml:"),
+        "{e}"
+    );
+    // A phase needs type=test_result.
+    let (st, e) = send(
+        &s,
+        "POST",
+        &url("name=x.xml&type=log_file&phase=post"),
+        Some(("application/xml", &xml(&[("a", true)]))),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("type=test_result")
+    );
+    // Not XML: only kept.
+    let (st, a) = send(
+        &s,
+        "POST",
+        &url("name=notes.txt&type=test_result&phase=post"),
+        Some(("text/plain", "the suite crashed")),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{a}");
+    assert!(a.get("test_run").is_none(), "{a}");
+    let (_, runs) = send(&s, "GET", "/api/v1/tests/runs?upgrade=u1", None).await;
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    let (_, found) = send(&s, "GET", &format!("/api/v1/artifacts?session={sid}"), None).await;
+    assert_eq!(found.as_array().unwrap().len(), 2, "{found}");
+}

@@ -399,7 +399,8 @@ pub struct Comparison {
     pub fixed: Vec<ComparedTest>,
     /// Passed or failing → skipped.
     pub newly_skipped: Vec<ComparedTest>,
-    /// Only in the second run.
+    /// Run in the second run and not in the first: absent from it, or skipped there (a test
+    /// skipped before and failing now is not a new failure: there was no result to break).
     pub added: Vec<ComparedTest>,
     /// In the first run, not in the second (usually a suite that crashed).
     pub missing: Vec<ComparedTest>,

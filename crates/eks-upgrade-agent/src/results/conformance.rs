@@ -215,6 +215,7 @@ fn compare_classifies_and_gates(r: TestResults, _: Option<Arc<dyn Outbox>>) {
             attempt("flaky-pre", Failed, 1.0),
             attempt("flaky-pre", Passed, 1.0),
             attempt("wobbly", Passed, 1.0),
+            attempt("was-skipped", Skipped, 0.0),
         ],
     );
     let post = record(
@@ -232,6 +233,7 @@ fn compare_classifies_and_gates(r: TestResults, _: Option<Arc<dyn Outbox>>) {
             attempt("flaky-pre", Passed, 1.0),
             attempt("added", Failed, 1.0),
             attempt("wobbly", Passed, 1.0),
+            attempt("was-skipped", Failed, 1.0),
         ],
     );
     for c in [
@@ -251,7 +253,8 @@ fn compare_classifies_and_gates(r: TestResults, _: Option<Arc<dyn Outbox>>) {
         assert_eq!(names(&c.still_failing), ["still"]);
         assert_eq!(names(&c.fixed), ["fixed"]);
         assert_eq!(names(&c.newly_skipped), ["skipped-now"]);
-        assert_eq!(names(&c.added), ["added"]);
+        // Skipped before, failing now: no result to break, so added (T15), not a new failure.
+        assert_eq!(names(&c.added), ["added", "was-skipped"]);
         assert_eq!(names(&c.missing), ["missing"]);
         // Not the new failures, errors or fixes of these very runs.
         assert_eq!(names(&c.flaky), ["flaky-pre", "wobbly"]);
@@ -307,6 +310,22 @@ fn gate_failure_is_notified(r: TestResults, outbox: Option<Arc<dyn Outbox>>) {
         RunPhase::Pre,
         vec![attempt("a", Passed, 1.0), attempt("b", Passed, 1.0)],
     );
+    // Skipped in the pre run, failing in a post run: not a new failure, no notification.
+    record(
+        &r,
+        "u9",
+        "prod",
+        RunPhase::Pre,
+        vec![attempt("s", Skipped, 0.0)],
+    );
+    record(
+        &r,
+        "u9",
+        "prod",
+        RunPhase::Post,
+        vec![attempt("s", Failed, 1.0)],
+    );
+    assert!(due().is_empty());
     // Passing post: no notification; pre and adhoc runs never notify.
     record(
         &r,

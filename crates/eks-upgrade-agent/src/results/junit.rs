@@ -53,7 +53,8 @@ pub struct ParseSummary {
 pub fn is_junit(path: &Path) -> Result<bool> {
     let file = File::open(path)
         .map_err(|e| Error::backend(format!("cannot open {}", path.display()), e))?;
-    let mut reader = quick_xml::Reader::from_reader(BufReader::new(file));
+    let mut reader =
+        quick_xml::Reader::from_reader(super::bounded::Bounded::new(BufReader::new(file)));
     let mut buf = Vec::new();
     loop {
         match reader.read_event_into(&mut buf) {
@@ -194,7 +195,6 @@ struct Case {
 }
 
 struct Parser<'a> {
-    label: &'a str,
     options: &'a ParseOptions,
     hints: Hints,
     framework: Option<String>,
@@ -238,11 +238,10 @@ pub fn parse<R: BufRead>(
     sink: &mut dyn FnMut(CaseAttempt) -> Result<()>,
 ) -> Result<ParseSummary> {
     let mut xml = quick_xml::Reader::from_reader(LineCounter {
-        inner: reader,
+        inner: super::bounded::Bounded::new(reader),
         lines: 0,
     });
     let mut p = Parser {
-        label,
         options,
         hints: Hints::default(),
         framework: options.framework.clone(),
@@ -255,7 +254,7 @@ pub fn parse<R: BufRead>(
     let mut root_seen = false;
     loop {
         buf.clear();
-        let line = xml.get_ref().lines + 1;
+        let line = xml.get_ref().lines + xml.get_ref().inner.dropped_lines + 1;
         let at = |what: String| Error::invalid(format!("{label}:{line}: {what}"));
         let event = match xml.read_event_into(&mut buf) {
             Ok(e) => e,
@@ -534,12 +533,7 @@ impl Parser<'_> {
     fn emit(&mut self, case: Case, sink: &mut dyn FnMut(CaseAttempt) -> Result<()>) -> Result<()> {
         let suite = match &self.options.suite {
             Some(s) => s.clone(),
-            None => self
-                .suites
-                .last()
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .unwrap_or_else(|| self.label.to_owned()),
+            None => self.suites.last().cloned().unwrap_or_default(),
         };
         let framework = self
             .framework
@@ -742,8 +736,9 @@ mod tests {
             },
         )
         .unwrap();
-        // No suite name: the file names the suite.
-        assert_eq!(out, [("junit".to_owned(), "r.xml".to_owned())]);
+        // No suite name: the suite is empty, never the file's path (the same tests written to
+        // another path are the same tests).
+        assert_eq!(out, [("junit".to_owned(), String::new())]);
     }
 
     #[test]
@@ -829,6 +824,46 @@ mod tests {
             assert!(m.len() <= MAX_MESSAGE_BYTES, "{}", m.len());
             assert!(m.ends_with('…'));
         }
+    }
+
+    /// T4: one huge text node or attribute is cut as it streams (see `bounded`), so it is
+    /// never buffered whole; the cases after it are read, messages stay bounded and marked,
+    /// and later errors still name their line (the newlines cut away are counted).
+    #[test]
+    fn huge_text_nodes_and_attributes_are_cut_as_they_stream() {
+        let out = "line\n".repeat(300_000);
+        let head = format!(
+            "<testsuite name=\"s\">\n<testcase name=\"a\"><failure message=\"{}\"/>\
+             <system-out><![CDATA[{out}]]></system-out></testcase>\n<testcase name=\"b\">\
+             <error>{}</error></testcase>",
+            "q&quot;".repeat(200_000),
+            "é".repeat(400_000)
+        );
+        let mut got = Vec::new();
+        parse(
+            format!("{head}</testsuite>").as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |a| {
+                got.push((a.name, a.status, a.message.unwrap_or_default()));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got.len(), 2);
+        for (_, _, m) in &got {
+            assert!(
+                m.len() <= MAX_MESSAGE_BYTES && m.ends_with('…'),
+                "{}",
+                m.len()
+            );
+        }
+        assert!(got[0].2.starts_with("q\"q\""), "{}", &got[0].2[..20]);
+        assert_eq!(got[1].1, TestStatus::Error);
+        let e = error(&format!(
+            "{head}\n<testcase name=\"c\">&bogus;</testcase></testsuite>"
+        ));
+        assert!(e.starts_with("r.xml:300004: invalid JUnit XML"), "{e}");
     }
 
     #[test]

@@ -40,10 +40,12 @@ use crate::model::{
 };
 use crate::store::TestResultStore;
 
+mod bounded;
 #[cfg(any(test, feature = "conformance"))]
 #[doc(hidden)]
 pub mod conformance;
 pub mod junit;
+mod spool;
 
 pub use junit::{ParseOptions, ParseSummary};
 
@@ -111,6 +113,57 @@ pub struct KeepFiles<'a> {
     pub options: Option<&'a AddOptions>,
 }
 
+/// The artifact options of a run's files: the caller's, typed `test_result`, tagged with the
+/// phase, the run id and phase in the metadata.
+fn keep_options(keep: KeepFiles<'_>, ingest: &Ingest, run_id: &str) -> AddOptions {
+    let mut opts = keep.options.cloned().unwrap_or_default();
+    opts.artifact_type = Some(ArtifactType::TestResult);
+    if !opts.tags.iter().any(|t| t == ingest.phase.as_str()) {
+        opts.tags.push(ingest.phase.as_str().to_owned());
+    }
+    opts.metadata
+        .insert("run_id".to_owned(), serde_json::json!(run_id));
+    opts.metadata
+        .insert("phase".to_owned(), serde_json::json!(ingest.phase));
+    opts
+}
+
+/// `name` with `.run-<the end of run_id>` before its extension: the name a run's report gets
+/// when the same name and bytes are already an earlier run's artifact.
+fn run_name(name: &str, run_id: &str) -> String {
+    let tag = format!("run-{}", &run_id[run_id.len().saturating_sub(12)..]);
+    let base = name.rfind('/').map_or(0, |i| i + 1);
+    match name[base..].rfind('.') {
+        Some(dot) if dot > 0 => format!("{}.{tag}{}", &name[..base + dot], &name[base + dot..]),
+        _ => format!("{name}.{tag}"),
+    }
+}
+
+/// What an ingest stored before recording its run, to remove when recording fails.
+#[derive(Debug, Default)]
+struct Kept {
+    session: Option<String>,
+    artifacts: Vec<String>,
+}
+
+impl Kept {
+    /// Deletes the artifacts (their rows stay as `deleted` records and their blobs are
+    /// released), then the session when this ingest created it (with its collection and
+    /// those rows). Best effort: the caller returns the error that made it undo.
+    fn undo(&self, artifacts: &TestArtifactsManager) {
+        for id in &self.artifacts {
+            if let Err(e) = artifacts.delete_artifact(id) {
+                tracing::warn!(artifact_id = %id, error = %e, "cannot remove the artifact of a test run that was not recorded");
+            }
+        }
+        if let Some(s) = &self.session
+            && let Err(e) = artifacts.index().delete_session(s)
+        {
+            tracing::warn!(session_id = %s, error = %e, "cannot remove the session of a test run that was not recorded");
+        }
+    }
+}
+
 /// Test runs over a [`TestResultStore`].
 #[derive(Debug, Clone)]
 pub struct TestResults {
@@ -137,10 +190,14 @@ impl TestResults {
         &self.store
     }
 
-    /// Records one run from `files` (JUnit XML). Every file is read once to check it before
-    /// anything is stored: a malformed file is [`Error::InvalidInput`] naming the file and the
-    /// line, and nothing is stored. With `keep`, the files are then kept as `test_result`
-    /// artifacts and the run is read back from the kept bytes (so the run is what was kept).
+    /// Records one run from `files` (JUnit XML). In this order, so that a failure stores
+    /// nothing: the artifacts' names and options are checked; every file is read once, into a
+    /// spool on disk (a malformed file is [`Error::InvalidInput`] naming the file and the
+    /// line); with `keep`, the files are kept as `test_result` artifacts (and checked to be the
+    /// bytes that were read); then one write transaction records the run from the spool (no
+    /// XML is parsed while the store's write lock is held). When keeping or recording fails,
+    /// what was kept is removed again: the artifacts are deleted, and the session when this
+    /// ingest created it.
     pub fn ingest(
         &self,
         files: &[PathBuf],
@@ -173,56 +230,77 @@ impl TestResults {
         if !ingest.labels.is_empty() && ingest.labels.len() != files.len() {
             return Err(Error::invalid("give one label per report file"));
         }
-        for (i, f) in files.iter().enumerate() {
-            junit::parse_file(f, &ingest.label(i, f), &options, &mut |_| Ok(()))?;
-        }
         let run_id = Uuid::now_v7().to_string();
-        let mut artifact_ids = Vec::new();
-        if let Some(keep) = keep {
-            let (session, collection) = self.target(keep, ingest)?;
-            let mut opts = keep.options.cloned().unwrap_or_default();
-            opts.artifact_type = Some(ArtifactType::TestResult);
-            if !opts.tags.iter().any(|t| t == ingest.phase.as_str()) {
-                opts.tags.push(ingest.phase.as_str().to_owned());
-            }
-            opts.metadata
-                .insert("run_id".to_owned(), serde_json::json!(run_id));
-            opts.metadata
-                .insert("phase".to_owned(), serde_json::json!(ingest.phase));
-            let added =
-                keep.artifacts
-                    .add_paths(&session, &collection, files, &opts, &mut |_| {})?;
-            artifact_ids = added.into_iter().map(|a| a.artifact_id).collect();
+        let keep = keep.map(|k| (k, keep_options(k, ingest, &run_id)));
+        if let Some((_, opts)) = &keep {
+            crate::artifacts::plan_paths(files, opts)?;
         }
-        let new = NewRun {
-            run_id,
-            upgrade_id: ingest.upgrade_id.clone(),
-            cluster_name: ingest.cluster_name.clone(),
-            phase: ingest.phase,
-            created_at: crate::model::now(),
-            files: files
-                .iter()
-                .enumerate()
-                .map(|(i, f)| ingest.label(i, f))
-                .collect(),
-            artifact_ids: artifact_ids.clone(),
-        };
-        self.store.record_run(&new, &mut |sink| {
-            for (i, f) in files.iter().enumerate() {
-                let label = ingest.label(i, f);
-                match (keep, artifact_ids.get(i)) {
-                    (Some(keep), Some(id)) => {
-                        let (_, reader) = keep.artifacts.open(id)?;
-                        let reader = std::io::BufReader::with_capacity(64 * 1024, reader);
-                        junit::parse(reader, &label, &options, sink)?;
-                    }
-                    _ => {
-                        junit::parse_file(f, &label, &options, sink)?;
+        let mut spool = spool::Spool::new()?;
+        let mut digests = Vec::with_capacity(files.len());
+        for (i, f) in files.iter().enumerate() {
+            digests.push(spool.parse_file(f, &ingest.label(i, f), &options)?.0);
+        }
+        let mut kept = Kept::default();
+        let recorded = (|| {
+            if let Some((k, opts)) = &keep {
+                let (session, collection) = self.target(*k, ingest, &mut kept)?;
+                let added =
+                    k.artifacts
+                        .add_paths(&session, &collection, files, opts, &mut |_| {})?;
+                for (i, a) in added.into_iter().enumerate() {
+                    let ours = a.metadata.get("run_id") == Some(&serde_json::json!(run_id));
+                    let a = if ours {
+                        a
+                    } else {
+                        // The same name and bytes are an earlier run's artifact in this
+                        // collection (an add of them is that artifact): these bytes are kept
+                        // again, as this run's, under a name of this run.
+                        let mut file = std::fs::File::open(&files[i]).map_err(|e| {
+                            Error::invalid(format!(
+                                "cannot read {}: {e}",
+                                ingest.label(i, &files[i])
+                            ))
+                        })?;
+                        k.artifacts.add_reader(
+                            &session,
+                            &collection,
+                            &mut file,
+                            &run_name(&a.name, &run_id),
+                            opts,
+                        )?
+                    };
+                    kept.artifacts.push(a.artifact_id.clone());
+                    let d = &digests[i];
+                    if a.file_hash.parse::<crate::blob::Digest>().ok().as_ref() != Some(d) {
+                        return Err(Error::invalid(format!(
+                            "{} changed while it was being ingested; nothing was stored: \
+                             ingest it again once it is complete",
+                            ingest.label(i, &files[i])
+                        )));
                     }
                 }
             }
-            Ok(())
-        })
+            let new = NewRun {
+                run_id: run_id.clone(),
+                upgrade_id: ingest.upgrade_id.clone(),
+                cluster_name: ingest.cluster_name.clone(),
+                phase: ingest.phase,
+                created_at: crate::model::now(),
+                files: files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| ingest.label(i, f))
+                    .collect(),
+                artifact_ids: kept.artifacts.clone(),
+            };
+            self.store.record_run(&new, &mut |sink| spool.replay(sink))
+        })();
+        if recorded.is_err()
+            && let Some((k, _)) = &keep
+        {
+            kept.undo(k.artifacts);
+        }
+        recorded
     }
 
     /// Records a run from attempts already read (e.g. by another parser).
@@ -251,17 +329,26 @@ impl TestResults {
     }
 
     /// The session and collection the files of a run go to.
-    fn target(&self, keep: KeepFiles<'_>, ingest: &Ingest) -> Result<(String, String)> {
+    fn target(
+        &self,
+        keep: KeepFiles<'_>,
+        ingest: &Ingest,
+        kept: &mut Kept,
+    ) -> Result<(String, String)> {
         let a = keep.artifacts;
         let session = match keep.session_id {
             Some(s) => a.session(s)?,
             None => match a.sessions(Some(&ingest.upgrade_id))?.pop() {
                 Some(s) => s,
-                None => a.create_session(crate::artifacts::NewSession {
-                    upgrade_id: ingest.upgrade_id.clone(),
-                    cluster_name: ingest.cluster_name.clone(),
-                    ..Default::default()
-                })?,
+                None => {
+                    let s = a.create_session(crate::artifacts::NewSession {
+                        upgrade_id: ingest.upgrade_id.clone(),
+                        cluster_name: ingest.cluster_name.clone(),
+                        ..Default::default()
+                    })?;
+                    kept.session = Some(s.session_id.clone());
+                    s
+                }
             },
         };
         let collection = match keep.collection_id {
@@ -472,13 +559,14 @@ pub fn classify(
             t.baseline_duration = Some(median);
             c.duration_regressions.push(t);
         }
-        let Some(a) = a else {
+        // A test skipped before has no result to compare with: it is added to what ran.
+        let Some(a) = a.filter(|a| a.status != Skipped || b.status == Skipped) else {
             c.added.push(t);
             continue;
         };
         match (a.status, b.status) {
-            (Passed | Skipped, Failed) => c.new_failures.push(t),
-            (Passed | Skipped, Error) => c.new_errors.push(t),
+            (Passed, Failed) => c.new_failures.push(t),
+            (Passed, Error) => c.new_errors.push(t),
             (Failed | Error, Failed | Error) => c.still_failing.push(t),
             (Failed | Error, Passed) => c.fixed.push(t),
             (Passed | Failed | Error, Skipped) => c.newly_skipped.push(t),

@@ -6,6 +6,7 @@
 //!   backend, from `store/domain`);
 //! - [`listen`]: wake-ups of followers (`LISTEN`), with polling while it is down;
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
+//! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `schema`: versioned migrations (a `schema_version` table).
 //!
 //! Ordering across replicas: a transaction takes the one-row `seq_counter` (`UPDATE ...
@@ -22,6 +23,7 @@ pub mod progress;
 mod schema;
 mod tasks;
 mod trace;
+mod test_results;
 
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;

@@ -7,7 +7,7 @@ use postgres::Client;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`schema_version.version`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// Key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6575_615f_6d69_6772;
@@ -147,6 +147,10 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
     }
     if version < 1 {
         tx.batch_execute(SCHEMA_1)?;
+    }
+    if version < 5 {
+        // Test results (issue #12).
+        tx.batch_execute(super::test_results::SCHEMA_5)?;
     }
     tx.execute("DELETE FROM schema_version", &[])?;
     tx.execute(

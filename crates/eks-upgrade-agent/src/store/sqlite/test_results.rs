@@ -174,16 +174,10 @@ fn gate_counts(tx: &Transaction<'_>, pre: i64, post: i64) -> Result<(u64, u64, u
             .prepare_cached(
                 "SELECT count(*) FROM test_results a JOIN test_results b \
                  ON b.rkey = ?2 AND b.ckey = a.ckey \
-                 WHERE a.rkey = ?1 AND a.status IN (?3, ?4) AND b.status = ?5",
+                 WHERE a.rkey = ?1 AND a.status = ?3 AND b.status = ?4",
             )?
             .query_row(
-                params![
-                    pre,
-                    post,
-                    TestStatus::Passed.code(),
-                    TestStatus::Skipped.code(),
-                    to.code()
-                ],
+                params![pre, post, TestStatus::Passed.code(), to.code()],
                 |r| r.get::<_, i64>(0),
             )? as u64)
     };
@@ -437,17 +431,22 @@ impl TestResultStore for SqliteStore {
             n => n,
         };
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
+            // With a cluster, the seek is on (test, cluster) of the index, not a filter of
+            // every result of the test.
+            let on = match cluster_name {
+                Some(_) => "r.ckey = c.ckey AND r.cluster = ?2",
+                None => "r.ckey = c.ckey AND ?2 IS NULL",
+            };
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT u.run_id, u.upgrade_id, u.cluster_name, u.phase, u.created_at, c.test_id, \
                  c.suite, c.classname, c.name, r.status, r.attempts, r.fails, r.duration, r.message \
                  FROM test_cases c \
-                 JOIN test_results r INDEXED BY test_results_by_test ON r.ckey = c.ckey \
-                   AND (?2 IS NULL OR r.cluster = ?2) \
+                 JOIN test_results r INDEXED BY test_results_by_test ON {on} \
                  JOIN test_runs u ON u.rkey = r.rkey \
                  WHERE c.ckey IN (SELECT ckey FROM test_cases WHERE name = ?1 \
                                   UNION SELECT ckey FROM test_cases WHERE test_id = ?1) \
-                 ORDER BY r.rkey DESC LIMIT ?3",
-            )?;
+                 ORDER BY r.rkey DESC LIMIT ?3"
+            ))?;
             let rows = stmt
                 .query_map(params![name, cluster_name, limit as i64], |r| {
                     let status = status_of(r.get(9)?);
@@ -620,9 +619,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::TestArtifactsManager;
     use crate::model::RunPhase;
     use crate::results::conformance::attempt;
-    use crate::results::{Ingest, TestResults};
+    use crate::results::{Ingest, KeepFiles, TestResults};
     use crate::store::sqlite::SqliteOptions;
 
     #[test]
@@ -666,6 +666,192 @@ mod tests {
             )
             .unwrap();
         assert_eq!(run.counts.tests, 1);
+    }
+
+    /// A store, its artifacts manager and test results over it.
+    fn kept_store(dir: &std::path::Path) -> (Arc<SqliteStore>, TestArtifactsManager, TestResults) {
+        let store = Arc::new(SqliteStore::open(dir, &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            crate::blob::LocalBlobStore::open(&dir.join("blobs"), Default::default()).unwrap(),
+        );
+        let m = TestArtifactsManager::new(store.clone(), blobs, Default::default());
+        (store.clone(), m, TestResults::new(store))
+    }
+
+    fn keep(m: &TestArtifactsManager) -> KeepFiles<'_> {
+        KeepFiles {
+            artifacts: m,
+            session_id: None,
+            collection_id: None,
+            options: None,
+        }
+    }
+
+    const REPORT: &str =
+        r#"<testsuite name="smoke"><testcase classname="api" name="health"/></testsuite>"#;
+
+    /// T13: an ingest whose artifact cannot be named (a control character in the file name,
+    /// refused by `sanitize_name`) fails before anything is stored: no session, no collection,
+    /// no artifact, no run.
+    #[test]
+    fn a_refused_file_name_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, r) = kept_store(dir.path());
+        let report = dir.path().join("smoke\u{1}.xml");
+        std::fs::write(&report, REPORT).unwrap();
+        let e = r
+            .ingest(
+                &[report],
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
+        assert!(e.to_string().contains("control character"), "{e}");
+        assert!(
+            m.sessions(None).unwrap().is_empty(),
+            "a session was created"
+        );
+        assert!(r.runs(&RunQuery::default()).unwrap().is_empty());
+    }
+
+    /// T13: when recording the run fails after the files were kept (a store error), the kept
+    /// files are removed again: the artifacts are deleted (their blobs released) and the
+    /// session the ingest created is gone; with a session that existed, its artifacts are all
+    /// `deleted`.
+    #[test]
+    fn a_failed_record_removes_the_kept_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, m, r) = kept_store(dir.path());
+        let report = dir.path().join("smoke.xml");
+        std::fs::write(&report, REPORT).unwrap();
+        store
+            .writer()
+            .execute_batch(
+                "CREATE TRIGGER boom BEFORE INSERT ON test_runs \
+                 BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END",
+            )
+            .unwrap();
+        let e = r
+            .ingest(
+                std::slice::from_ref(&report),
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap_err();
+        assert!(format!("{e:?}").contains("disk full (test)"), "{e:?}");
+        assert!(m.sessions(None).unwrap().is_empty(), "the session was left");
+        let s = m
+            .create_session(crate::artifacts::NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        r.ingest(
+            std::slice::from_ref(&report),
+            &Ingest::new("u1", "prod", RunPhase::Pre),
+            Some(keep(&m)),
+        )
+        .unwrap_err();
+        let left = m
+            .search(&crate::model::ArtifactQuery {
+                session_id: Some(s.session_id.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            left.iter()
+                .all(|a| a.status == crate::model::ArtifactStatus::Deleted),
+            "{left:?}"
+        );
+        assert!(!m.exists(&left[0].artifact_id).unwrap());
+        assert!(r.runs(&RunQuery::default()).unwrap().is_empty());
+        // Once the store works again the same ingest succeeds.
+        store.writer().execute_batch("DROP TRIGGER boom").unwrap();
+        let run = r
+            .ingest(
+                &[report],
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        assert_eq!(run.artifact_ids.len(), 1);
+        assert!(m.exists(&run.artifact_ids[0]).unwrap());
+    }
+
+    /// T14: a suite without a name is the empty suite, never the file's path: the same report
+    /// written to another path (another name) holds the same tests.
+    #[test]
+    fn unnamed_suites_are_the_same_tests_at_any_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, r) = kept_store(dir.path());
+        let text = r#"<testsuites><testsuite><testcase classname="api" name="health"/></testsuite></testsuites>"#;
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("junit.xml"), text).unwrap();
+        std::fs::write(b.join("report-2.xml"), text).unwrap();
+        let pre = r
+            .ingest(
+                &[a.join("junit.xml")],
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        let post = r
+            .ingest(
+                &[b.join("report-2.xml")],
+                &Ingest::new("u1", "prod", RunPhase::Post),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        let c = r.compare(&pre.run_id, &post.run_id).unwrap();
+        assert!(c.added.is_empty() && c.missing.is_empty(), "{c:#?}");
+        assert!(c.gate.passed);
+        assert_eq!(r.results(&post.run_id, false).unwrap()[0].suite, "");
+    }
+
+    /// T16: ingesting the same bytes again records a new run with its own artifact, tagged
+    /// with its own phase and naming its own run (a pre and a post run of one unchanged report
+    /// are two runs).
+    #[test]
+    fn identical_bytes_make_a_new_run_with_its_own_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, r) = kept_store(dir.path());
+        let report = dir.path().join("smoke.xml");
+        std::fs::write(&report, REPORT).unwrap();
+        let pre = r
+            .ingest(
+                std::slice::from_ref(&report),
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        let post = r
+            .ingest(
+                &[report],
+                &Ingest::new("u1", "prod", RunPhase::Post),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        assert_ne!(pre.run_id, post.run_id);
+        assert_eq!(r.runs(&RunQuery::default()).unwrap().len(), 2);
+        for (run, phase) in [(&pre, "pre"), (&post, "post")] {
+            assert_eq!(run.artifact_ids.len(), 1);
+            let a = m.artifact(&run.artifact_ids[0]).unwrap();
+            assert_eq!(a.tags, [phase]);
+            assert_eq!(a.metadata["run_id"], run.run_id.as_str());
+        }
+        assert_ne!(pre.artifact_ids, post.artifact_ids);
+        let names: Vec<String> = [&pre, &post]
+            .iter()
+            .map(|run| m.artifact(&run.artifact_ids[0]).unwrap().name)
+            .collect();
+        assert_eq!(names[0], "smoke.xml");
+        let tail = &post.run_id[post.run_id.len() - 12..];
+        assert_eq!(names[1], format!("smoke.run-{tail}.xml"));
     }
 
     /// `EXPLAIN QUERY PLAN` of `sql` with every parameter bound to NULL: one line per step.
@@ -746,6 +932,18 @@ mod tests {
         let statements = seen.lock().unwrap().clone();
         assert!(statements.len() >= 8, "{statements:#?}");
         let conn = store.reader();
+        // T18: `history NAME --cluster C` seeks the results of the test on that cluster (both
+        // columns of the index), it does not read every result of the test and filter.
+        let history = statements
+            .iter()
+            .find(|s| s.contains("r.cluster = ?2"))
+            .expect("the history statement with a cluster");
+        let plan = query_plan(&conn, history);
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("test_results_by_test (ckey=? AND cluster=?)")),
+            "{plan:#?}"
+        );
         for sql in statements {
             if sql.contains("FROM test_runs WHERE ?1 IS NULL")
                 || sql.contains("SELECT run_id FROM test_runs WHERE run_id >=")
