@@ -28,6 +28,9 @@ use crate::model::{
 use crate::store::domain::command::{check_id, check_json, check_name, check_text};
 use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
 
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
 #[cfg(feature = "aws")]
 mod export;
 pub mod manifest;

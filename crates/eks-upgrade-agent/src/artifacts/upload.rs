@@ -330,7 +330,7 @@ impl TestArtifactsManager {
                         }
                     }
                 };
-                queue.record_upload(&a.artifact_id, &outcome)?;
+                queue.record_upload(owner, &a.artifact_id, &outcome)?;
                 p.files_done += 1;
                 p.bytes_done = base + a.file_size;
                 progress(*p);
