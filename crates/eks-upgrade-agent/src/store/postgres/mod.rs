@@ -5,6 +5,8 @@
 //! - `tasks`, `import`: task writes and whole-upgrade imports (the same rules as the SQLite
 //!   backend, from `store/domain`);
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
+//! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
+//!   `FOR UPDATE SKIP LOCKED` and a lease); `lease`: the lease conditions both queues share;
 //! - `schema`: versioned migrations (a `schema_version` table).
 //!
 //! Ordering across replicas: a transaction takes the one-row `seq_counter` (`UPDATE ...
@@ -12,12 +14,15 @@
 //! at their end and `seq` order is commit order: a reader following `seq` never misses an
 //! event that commits later with a smaller `seq`.
 
+mod artifacts;
 mod connect;
 mod import;
+mod lease;
 mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
+mod uploads;
 
 pub use progress::{PostgresOptions, PostgresStore};
 
@@ -25,3 +30,5 @@ pub use progress::{PostgresOptions, PostgresStore};
 mod concurrency_tests;
 #[cfg(test)]
 mod outbox_tests;
+#[cfg(test)]
+mod uploads_tests;
