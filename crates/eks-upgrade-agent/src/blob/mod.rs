@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 
+pub mod cached;
 pub mod local;
 #[cfg(feature = "aws")]
 pub mod s3;
@@ -21,6 +22,7 @@ pub mod s3;
 #[cfg(test)]
 pub(crate) mod conformance;
 
+pub use cached::CachedBlobStore;
 pub use local::LocalBlobStore;
 #[cfg(feature = "aws")]
 pub use s3::{S3BlobStore, S3Options};
