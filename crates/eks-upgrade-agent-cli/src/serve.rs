@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use eks_upgrade_agent::store::UploadQueue;
 use eks_upgrade_agent::store::postgres::PostgresStore;
 use eks_upgrade_agent::store::sqlite::SqliteStore;
 use eks_upgrade_agent_server::{AppState, Auth, Guard};
@@ -195,7 +196,7 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_guard(guard)
         .with_serve_options(options);
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
-    let _uploader = spawn_uploader(ctx, &store, &state)?;
+    let _uploader = spawn_uploader(ctx, store.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
     runtime.block_on(async {
         let listener = bind(args.listen).await?;
@@ -213,10 +214,11 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// Connections each `serve` replica keeps to the database at most.
 const DATABASE_POOL: u32 = 32;
 
-/// `serve` on PostgreSQL (team mode): progress, streams and notifications from the shared
-/// database, so any number of replicas serve the same upgrades. Streams find other replicas'
-/// events by polling the database (`hub::POLL`). Artifacts are not served from a database yet
-/// (their routes answer 404).
+/// `serve` on PostgreSQL (team mode): progress, streams, notifications and artifacts from the
+/// shared database, so any number of replicas serve the same upgrades. Streams find other
+/// replicas' events by polling the database (`hub::POLL`). Artifact bytes are in S3 (required)
+/// before their rows commit, so any replica serves any artifact; each replica's data dir keeps
+/// a capped cache of them. Every replica runs the uploader: the queue's leases share the work.
 fn run_on_database(
     ctx: &Ctx,
     args: ServeArgs,
@@ -252,7 +254,21 @@ fn run_on_database(
             eks_upgrade_agent::notify::DispatcherOptions::default(),
         )));
     }
+    if ctx.config.s3.s3_bucket.is_some() {
+        let artifacts = Arc::new(ctx.team_artifacts(db.clone())?);
+        state = state.with_artifacts(artifacts, Some(db.clone()));
+    } else {
+        eprintln!(
+            "warning: artifacts are off: with --database-url they are kept in S3; set --s3-bucket \
+             (or EUA_S3_BUCKET, or s3_bucket in the config file) to serve them"
+        );
+    }
+    #[cfg(feature = "aws")]
+    if let Some(s3) = ctx.config.s3_store()? {
+        state = state.with_s3(Arc::new(s3));
+    }
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let _uploader = spawn_uploader(ctx, db.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
     runtime.block_on(async {
         let listener = bind(args.listen).await?;
@@ -300,13 +316,13 @@ fn no_traces() -> eks_upgrade_agent::Error {
 #[cfg(feature = "aws")]
 fn spawn_uploader(
     ctx: &Ctx,
-    store: &Arc<SqliteStore>,
+    store: Arc<dyn UploadQueue>,
     state: &AppState,
 ) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
     let Some(s3) = ctx.config.s3_store()? else {
         return Ok(None);
     };
-    let (Some(artifacts), store) = (state.artifacts.clone(), Arc::clone(store)) else {
+    let Some(artifacts) = state.artifacts.clone() else {
         return Ok(None);
     };
     let options = eks_upgrade_agent::artifacts::upload::UploadOptions::default();
@@ -338,7 +354,7 @@ fn spawn_uploader(
 #[cfg(not(feature = "aws"))]
 fn spawn_uploader(
     _: &Ctx,
-    _: &Arc<SqliteStore>,
+    _: Arc<dyn UploadQueue>,
     _: &AppState,
 ) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
     Ok(None)

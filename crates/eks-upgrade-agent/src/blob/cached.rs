@@ -192,6 +192,13 @@ impl BlobStore for CachedBlobStore {
         Ok(reader)
     }
 
+    fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        match self.cache.open(digest) {
+            Err(Error::NotFound { .. }) => self.shared.open(digest),
+            other => other,
+        }
+    }
+
     fn exists(&self, digest: &Digest) -> Result<bool> {
         self.shared.exists(digest)
     }
@@ -320,6 +327,30 @@ mod tests {
         assert!(!other.is_cached(&digests[3]).unwrap());
         assert_eq!(read(&other, &digests[3]), blobs[3]);
         assert!(other.is_cached(&digests[3]).unwrap(), "read through");
+        // One pass that is not worth caching (an upload run) leaves no copy.
+        let (d4, b4) = (digests[3], &blobs[3]);
+        let third = CachedBlobStore::new(
+            shared.clone(),
+            LocalBlobStore::open(&dir.path().join("cache3"), Durability::default()).unwrap(),
+            200_000,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        third
+            .open_uncached(&d4)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == *b4);
+        assert!(!third.is_cached(&d4).unwrap());
+        // `exists` asks the shared store: bytes only in a cache are not there (so no index row
+        // commits before the shared copy exists).
+        let only_local = blob(7, 1000);
+        let info = third
+            .cache
+            .put(&mut only_local.as_slice(), &mut |_| {})
+            .unwrap();
+        assert!(!third.exists(&info.digest).unwrap());
         // A corrupt shared copy is refused, and not cached.
         shared.corrupt_for_tests(&digests[2]);
         let mut out = Vec::new();

@@ -109,6 +109,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// A verifying reader over a blob.
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>>;
 
+    /// [`open`](BlobStore::open) for one pass over a blob that is not worth caching (an upload
+    /// run copying it elsewhere): a store with a cache reads a blob it lacks without keeping it.
+    fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        self.open(digest)
+    }
+
     /// Whether the blob exists.
     fn exists(&self, digest: &Digest) -> Result<bool>;
 
@@ -141,6 +147,9 @@ impl<T: BlobStore + ?Sized> BlobStore for std::sync::Arc<T> {
     }
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
         (**self).open(digest)
+    }
+    fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        (**self).open_uncached(digest)
     }
     fn exists(&self, digest: &Digest) -> Result<bool> {
         (**self).exists(digest)
