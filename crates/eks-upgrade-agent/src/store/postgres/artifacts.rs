@@ -264,10 +264,10 @@ fn glob_regex(glob: &str) -> String {
 }
 
 /// Whether a `[` starts a class that a later `]` closes.
-fn glob_class_closes(mut rest: impl Iterator<Item = char>) -> bool {
+fn glob_class_closes(rest: impl Iterator<Item = char>) -> bool {
     let mut first = true;
     let mut negated = false;
-    while let Some(c) = rest.next() {
+    for c in rest {
         if first && c == '!' && !negated {
             negated = true;
             continue;
