@@ -40,6 +40,10 @@ pub(crate) struct S3Args {
     /// Queue every added artifact for upload
     #[arg(long, global = true, env = "EUA_AUTO_UPLOAD", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub(crate) auto_upload: Option<bool>,
+    /// With --database-url: most bytes the data dir keeps as a cache of the S3 blobs, least
+    /// recently used evicted first (e.g. 10GiB) [default: 1GiB]
+    #[arg(long, global = true, env = "EUA_BLOB_CACHE_SIZE", value_name = "BYTES", value_parser = parse_size)]
+    pub(crate) blob_cache_size: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -369,6 +373,10 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
         | ArtifactsCmd::Apply => Access::Create,
         _ => Access::Existing,
     };
+    if let Some(db) = ctx.database(4)? {
+        let m = ctx.team_artifacts(db)?;
+        return run_on(ctx, &m, Place::Local(&m), cmd);
+    }
     let m = ctx.artifacts_on(ctx.store_for(access)?)?;
     run_on(ctx, &m, Place::Local(&m), cmd)
 }
@@ -835,7 +843,7 @@ fn upload_local(
         (_, _, true) => Some(UploadSelector::All),
         _ => None,
     };
-    let store = ctx.store()?;
+    let queue = ctx.upload_queue()?;
     let mut options = UploadOptions::default();
     if let Some(t) = req.multipart_threshold {
         anyhow::ensure!(
@@ -845,7 +853,7 @@ fn upload_local(
         options.multipart_threshold = t;
     }
     let report = m.upload(
-        store.as_ref(),
+        queue.as_ref(),
         &s3,
         &options,
         selector.as_ref(),

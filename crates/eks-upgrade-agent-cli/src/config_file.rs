@@ -21,6 +21,7 @@
 //! s3_bucket = "team-upgrade-artifacts"
 //! s3_prefix = "eks-upgrade-agent/artifacts"
 //! auto_upload = true
+//! blob_cache_size = "10GiB"            # team mode: the local cache of S3 blobs (default 1GiB)
 //! tokens = ["<read token>:read", "<write token>:write"]   # for `serve`
 //! public_urls = ["https://eua.example.com"]  # for `serve`: names and origins it answers to
 //! allowed_hosts = ["upgrade-box:8080"]
@@ -60,6 +61,8 @@ pub(crate) struct FileConfig {
     pub(crate) s3_bucket: Option<String>,
     pub(crate) s3_prefix: Option<String>,
     pub(crate) auto_upload: Option<bool>,
+    /// `--blob-cache-size`: team mode's local cache of S3 blobs, e.g. "10GiB".
+    pub(crate) blob_cache_size: Option<String>,
     /// `serve`'s bearer tokens, `TOKEN:ROLE`.
     pub(crate) tokens: Option<Vec<String>>,
     /// `serve --public-url`.

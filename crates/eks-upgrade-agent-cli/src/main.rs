@@ -170,9 +170,9 @@ impl Backend {
                 eks_upgrade_agent::store::remote::encode(upgrade)
             ))?);
         }
-        if self.database.is_some() {
-            // Artifacts are not kept in the database (yet): none to count.
-            return Ok(std::collections::HashMap::new());
+        if let Some(db) = &self.database {
+            use eks_upgrade_agent::store::ArtifactIndex;
+            return Ok(db.artifact_counts_by_task(upgrade)?);
         }
         let store = self.local.clone().expect("local or remote");
         Ok(ctx.artifacts_on(store)?.counts_by_task(upgrade)?)
@@ -229,7 +229,7 @@ impl Ctx {
         if self.database_url.is_some() {
             anyhow::bail!(
                 "this command does not work with --database-url (EUA_DATABASE_URL) yet: only \
-                 `progress`, `tests`, `serve` and `store` do; unset it to use the data dir"
+                 `progress`, `artifacts`, `tests`, `serve` and `store` do; unset it to use the data dir"
             );
         }
         Ok(())
@@ -273,6 +273,29 @@ impl Ctx {
             Access::Create => self.store(),
             Access::Existing => self.existing_store(),
         }
+    }
+
+    /// Team mode: the artifacts of the database, their bytes in S3 (required) behind the data
+    /// dir's blob cache.
+    #[cfg(feature = "aws")]
+    fn team_artifacts(&self, db: Arc<PostgresStore>) -> anyhow::Result<TestArtifactsManager> {
+        Ok(self.config.team_artifacts_manager(db)?)
+    }
+
+    #[cfg(not(feature = "aws"))]
+    fn team_artifacts(&self, _: Arc<PostgresStore>) -> anyhow::Result<TestArtifactsManager> {
+        anyhow::bail!(
+            "artifacts with --database-url need S3: this build has no S3 support (feature `aws`)"
+        )
+    }
+
+    /// The upload queue: the database's, else the data dir's.
+    #[cfg_attr(not(feature = "aws"), allow(dead_code))]
+    fn upload_queue(&self) -> anyhow::Result<Arc<dyn eks_upgrade_agent::store::UploadQueue>> {
+        if let Some(db) = self.database(4)? {
+            return Ok(db);
+        }
+        Ok(self.store()?)
     }
 
     fn artifacts_on(&self, store: Arc<SqliteStore>) -> anyhow::Result<TestArtifactsManager> {
@@ -450,6 +473,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         s3_prefix: cli.s3.s3_prefix.or(file.s3_prefix.clone()),
         auto_upload: cli.s3.auto_upload.or(file.auto_upload).unwrap_or(false),
     };
+    if let Some(n) = cli.s3.blob_cache_size {
+        config.blob_cache_bytes = n;
+    } else if let Some(text) = &file.blob_cache_size {
+        config.blob_cache_bytes = eks_upgrade_agent::units::parse_size(text).map_err(|e| {
+            anyhow::anyhow!("invalid blob_cache_size in the configuration file: {e}")
+        })?;
+    }
     let ctx = Ctx {
         output: cli.output,
         config,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use eks_upgrade_agent::store::UploadQueue;
 use eks_upgrade_agent::store::postgres::PostgresStore;
 use eks_upgrade_agent::store::sqlite::SqliteStore;
 use eks_upgrade_agent_server::{AppState, Auth, Guard};
@@ -209,7 +210,7 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_guard(guard)
         .with_serve_options(options);
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
-    let _uploader = spawn_uploader(ctx, &store, &state)?;
+    let _uploader = spawn_uploader(ctx, store.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
     runtime.block_on(async {
         let listener = bind(args.listen).await?;
@@ -227,10 +228,12 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// Connections each `serve` replica keeps to the database at most.
 const DATABASE_POOL: u32 = 32;
 
-/// `serve` on PostgreSQL (team mode): progress, streams and notifications from the shared
-/// database, so any number of replicas serve the same upgrades. Streams wake for other
-/// replicas' events on a `LISTEN` connection (polling every `hub::POLL` while it is down). Artifacts are not served from a database yet
-/// (their routes answer 404).
+/// `serve` on PostgreSQL (team mode): progress, streams, notifications and artifacts from the
+/// shared database, so any number of replicas serve the same upgrades. Streams wake for other
+/// replicas' events on a `LISTEN` connection (polling every `hub::POLL` while it is down).
+/// Artifact bytes are in S3 (required) before their rows commit, so any replica serves any
+/// artifact; each replica's data dir keeps a capped cache of them. Every replica runs the
+/// uploader: the queue's leases share the work.
 fn run_on_database(
     ctx: &Ctx,
     args: ServeArgs,
@@ -271,7 +274,21 @@ fn run_on_database(
     if let Some(spans) = request_spans(ctx) {
         state = state.with_request_spans(spans);
     }
+    if ctx.config.s3.s3_bucket.is_some() {
+        let artifacts = Arc::new(ctx.team_artifacts(db.clone())?);
+        state = state.with_artifacts(artifacts, Some(db.clone()));
+    } else {
+        eprintln!(
+            "warning: artifacts are off: with --database-url they are kept in S3; set --s3-bucket \
+             (or EUA_S3_BUCKET, or s3_bucket in the config file) to serve them"
+        );
+    }
+    #[cfg(feature = "aws")]
+    if let Some(s3) = ctx.config.s3_store()? {
+        state = state.with_s3(Arc::new(s3));
+    }
     let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let _uploader = spawn_uploader(ctx, db.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
     runtime.block_on(async {
         let listener = bind(args.listen).await?;
@@ -313,13 +330,13 @@ fn request_spans(ctx: &Ctx) -> Option<eks_upgrade_agent_server::request_spans::R
 #[cfg(feature = "aws")]
 fn spawn_uploader(
     ctx: &Ctx,
-    store: &Arc<SqliteStore>,
+    store: Arc<dyn UploadQueue>,
     state: &AppState,
 ) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
     let Some(s3) = ctx.config.s3_store()? else {
         return Ok(None);
     };
-    let (Some(artifacts), store) = (state.artifacts.clone(), Arc::clone(store)) else {
+    let Some(artifacts) = state.artifacts.clone() else {
         return Ok(None);
     };
     let options = eks_upgrade_agent::artifacts::upload::UploadOptions::default();
@@ -351,7 +368,7 @@ fn spawn_uploader(
 #[cfg(not(feature = "aws"))]
 fn spawn_uploader(
     _: &Ctx,
-    _: &Arc<SqliteStore>,
+    _: Arc<dyn UploadQueue>,
     _: &AppState,
 ) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
     Ok(None)

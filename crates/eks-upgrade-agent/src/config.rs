@@ -27,6 +27,8 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// Shared artifact storage in S3 (off by default).
     pub s3: S3Config,
+    /// Team mode (a database): most bytes the local blob directory keeps as a cache of S3.
+    pub blob_cache_bytes: u64,
 }
 
 /// S3 settings (reference names: `s3_bucket`, `s3_prefix`, `auto_upload`).
@@ -146,6 +148,7 @@ impl Config {
             durability: Durability::default(),
             notify: NotifyConfig::default(),
             s3: S3Config::default(),
+            blob_cache_bytes: crate::blob::cached::DEFAULT_CACHE_BYTES,
         }
     }
 
@@ -192,6 +195,35 @@ impl Config {
             return Ok(manager.with_s3(Arc::new(s3)));
         }
         Ok(manager)
+    }
+
+    /// Team mode: an artifacts manager over the database's index, with the bytes in S3 (which
+    /// is then required) and the local blob directory as a read-through cache of at most
+    /// `blob_cache_bytes`. Every put is in S3 before its artifact row commits, so any replica
+    /// serves any artifact.
+    #[cfg(feature = "aws")]
+    pub fn team_artifacts_manager(
+        &self,
+        index: Arc<crate::store::PostgresStore>,
+    ) -> Result<TestArtifactsManager> {
+        let Some(s3) = self.s3_store()? else {
+            return Err(crate::Error::invalid(
+                "with a database (--database-url, EUA_DATABASE_URL) artifacts are kept in S3: \
+                 set --s3-bucket (or EUA_S3_BUCKET, or s3_bucket in the config file)",
+            ));
+        };
+        let s3 = Arc::new(s3);
+        let cache = LocalBlobStore::open(&self.blob_dir(), self.durability)?;
+        let blobs = crate::blob::CachedBlobStore::new(s3.clone(), cache, self.blob_cache_bytes)?;
+        Ok(TestArtifactsManager::new(
+            index,
+            Arc::new(blobs),
+            ArtifactsOptions {
+                auto_upload: self.s3.auto_upload,
+                ..ArtifactsOptions::default()
+            },
+        )
+        .with_s3(s3))
     }
 
     /// The configured S3 store, if any.

@@ -2,7 +2,8 @@
 //! once; a WebSocket follower on the third sees every event once, in `seq` order; the third is
 //! killed (SIGKILL) mid-stream and the follower resumes on another replica with `?since=`
 //! without a gap; a webhook receiver gets every notification, and each one written after the
-//! kill exactly once, whichever live replica sends it.
+//! kill exactly once, whichever live replica sends it. An artifact added through one replica
+//! downloads, verified, from another (its bytes in S3, each replica's blob cache its own).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -299,6 +300,14 @@ fn store_commands_refusals_and_health_follow_the_database() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    // Artifacts on a database keep their bytes in S3: without a bucket, say which setting.
+    assert!(
+        err.contains("--s3-bucket") && err.contains("EUA_S3_BUCKET"),
+        "{err}"
+    );
+    let out = with_db(&["notify", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not work with --database-url"), "{err}");
     assert!(
         !env.data_dir().join("eks-upgrade-agent.sqlite3").exists(),
@@ -343,4 +352,180 @@ fn store_commands_refusals_and_health_follow_the_database() {
     let out = with_db(&["-o", "json", "store", "info"]);
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["counts"]["events"], 2, "nothing acknowledged was lost");
+}
+
+/// Team-mode artifacts: added through one replica, the bytes go to S3 before the row commits,
+/// and another replica (its own data dir, an empty cache) downloads them verified, reading
+/// through into its cache; a replica's cache stays within `EUA_BLOB_CACHE_SIZE` (least
+/// recently used out). With `auto_upload` on every replica, the layout object is uploaded once
+/// (one version in a versioned bucket), and so is the blob.
+#[test]
+fn an_artifact_added_through_one_replica_downloads_verified_from_another() {
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let moto = crate::util::Moto::start();
+    moto.python(
+        "s3 = boto3.client('s3', **kw)\n\
+         s3.create_bucket(Bucket='team')\n\
+         s3.put_bucket_versioning(Bucket='team', VersioningConfiguration={'Status': 'Enabled'})\n\
+         print('null')",
+    );
+    let env = Env::new();
+    // Each replica its own data dir (its own blob cache).
+    let homes: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let mut vars: Vec<(&str, &str)> = crate::s3::aws_env(&moto.url).to_vec();
+    vars.extend([
+        ("EUA_DATABASE_URL", db.as_str()),
+        ("EUA_S3_BUCKET", "team"),
+        ("EUA_AUTO_UPLOAD", "true"),
+    ]);
+    let replica = |i: usize, cache: &str| {
+        let mut v = vars.clone();
+        v.push(("EUA_BLOB_CACHE_SIZE", cache));
+        serve(&homes[i], &v)
+    };
+    let a = replica(0, "1GiB");
+    let b = replica(1, "1GiB");
+    let c = replica(2, "150KiB");
+    let on = |s: &Served, args: &[&str]| -> Value {
+        let server = format!("http://127.0.0.1:{}", s.port);
+        let out = env
+            .command()
+            .args(["--server", &server, "-o", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let s = on(
+        &a,
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u",
+            "--cluster",
+            "k",
+        ],
+    );
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let col = on(
+        &a,
+        &["artifacts", "collection", "create", &sid, "--name", "logs"],
+    );
+    let cid = col["collection_id"].as_str().unwrap().to_owned();
+    // Files (not inline rows) in the caches: 100 KB each.
+    let bodies: Vec<Vec<u8>> = (0..2u8)
+        .map(|k| (0..100_000u32).map(|i| (i % 251) as u8 ^ k).collect())
+        .collect();
+    let mut ids = Vec::new();
+    let mut hashes = Vec::new();
+    for (k, body) in bodies.iter().enumerate() {
+        let file = env.dir.path().join(format!("node-{k}.log"));
+        std::fs::write(&file, body).unwrap();
+        let added = on(
+            &a,
+            &["artifacts", "add", &sid, &cid, file.to_str().unwrap()],
+        );
+        ids.push(added[0]["artifact_id"].as_str().unwrap().to_owned());
+        hashes.push(added[0]["file_hash"].as_str().unwrap().to_owned());
+    }
+    let cached = |i: usize, hash: &str| {
+        homes[i]
+            .data_dir()
+            .join("blobs/sha256")
+            .join(&hash[..2])
+            .join(&hash[2..])
+            .exists()
+    };
+    assert!(cached(0, &hashes[0]), "the adding replica keeps a copy");
+    assert!(
+        !cached(1, &hashes[0]),
+        "another replica has none before reading"
+    );
+    // Downloads from the other replicas, verified (the server checks the digest, and so do we).
+    let out = env.dir.path().join("got.log");
+    on(
+        &b,
+        &["artifacts", "get", &ids[0], "--out", out.to_str().unwrap()],
+    );
+    assert!(std::fs::read(&out).unwrap() == bodies[0]);
+    assert!(cached(1, &hashes[0]), "read through into B's cache");
+    // C's cache holds 150 KiB: the second artifact pushes the first one out.
+    on(
+        &c,
+        &["artifacts", "get", &ids[0], "--out", out.to_str().unwrap()],
+    );
+    assert!(cached(2, &hashes[0]));
+    on(
+        &c,
+        &["artifacts", "get", &ids[1], "--out", out.to_str().unwrap()],
+    );
+    assert!(std::fs::read(&out).unwrap() == bodies[1]);
+    assert!(cached(2, &hashes[1]));
+    assert!(
+        !cached(2, &hashes[0]),
+        "least recently used evicted at the cap"
+    );
+    on(
+        &c,
+        &["artifacts", "get", &ids[0], "--out", out.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == bodies[0],
+        "read through again"
+    );
+    // Every replica runs the uploader (every 2 s): each artifact is uploaded once.
+    let start = Instant::now();
+    loop {
+        let shown = on(&b, &["artifacts", "show", &ids[1]]);
+        if shown["status"] == "uploaded"
+            && on(&b, &["artifacts", "show", &ids[0]])["status"] == "uploaded"
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not uploaded: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Several more passes of all three uploaders.
+    std::thread::sleep(Duration::from_secs(5));
+    let versions = moto.python(
+        "s3 = boto3.client('s3', **kw)\n\
+         v = s3.list_object_versions(Bucket='team').get('Versions', [])\n\
+         print(json.dumps([x['Key'] for x in v]))",
+    );
+    let keys: Vec<&str> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    for (k, hash) in hashes.iter().enumerate() {
+        let layout = format!("eks-upgrade-agent/artifacts/{sid}/{cid}/node-{k}.log");
+        assert_eq!(
+            keys.iter().filter(|x| **x == layout).count(),
+            1,
+            "uploaded once: {keys:?}"
+        );
+        let blob = format!(
+            "eks-upgrade-agent/artifacts/blobs/sha256/{}/{}",
+            &hash[..2],
+            &hash[2..]
+        );
+        assert_eq!(
+            keys.iter().filter(|x| **x == blob).count(),
+            1,
+            "blob stored once: {keys:?}"
+        );
+    }
+    drop((a, b, c, pg));
 }

@@ -28,6 +28,9 @@ use crate::model::{
 use crate::store::domain::command::{check_id, check_json, check_name, check_text};
 use crate::store::{ArtifactIndex, ExpiredSession, NewArtifact};
 
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
 #[cfg(feature = "aws")]
 mod export;
 pub mod manifest;
@@ -635,6 +638,16 @@ impl TestArtifactsManager {
 
     /// A reader of the artifact's bytes that fails with [`Error::Corrupt`] on a digest mismatch.
     pub fn open(&self, artifact_id: &str) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
+        self.open_with(artifact_id, true)
+    }
+
+    /// [`open`](Self::open); without `cache`, a blob store with a cache does not keep what it
+    /// reads (see [`BlobStore::open_uncached`]).
+    pub(crate) fn open_with(
+        &self,
+        artifact_id: &str,
+        cache: bool,
+    ) -> Result<(TestArtifact, Box<dyn Read + Send>)> {
         let a = self.index.artifact(artifact_id)?;
         if a.status == crate::model::ArtifactStatus::Deleted {
             return Err(Error::not_found(format!(
@@ -662,7 +675,12 @@ impl TestArtifactsManager {
             };
             return Ok((a, reader));
         }
-        let reader = self.blobs.open(&digest).map_err(|e| match e {
+        let opened = if cache {
+            self.blobs.open(&digest)
+        } else {
+            self.blobs.open_uncached(&digest)
+        };
+        let reader = opened.map_err(|e| match e {
             Error::NotFound { .. } => Error::not_found(format!(
                 "the content of artifact {artifact_id:?} (blob sha256:{digest})"
             )),

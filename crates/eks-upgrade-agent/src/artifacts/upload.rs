@@ -330,7 +330,7 @@ impl TestArtifactsManager {
                         }
                     }
                 };
-                queue.record_upload(&a.artifact_id, &outcome)?;
+                queue.record_upload(owner, &a.artifact_id, &outcome)?;
                 p.files_done += 1;
                 p.bytes_done = base + a.file_size;
                 progress(*p);
@@ -368,7 +368,8 @@ impl TestArtifactsManager {
                 }
             }
         }
-        let (_, mut reader) = self.open(&a.artifact_id)?;
+        // One pass: a replica's blob cache does not keep what it uploads for others.
+        let (_, mut reader) = self.open_with(&a.artifact_id, false)?;
         let mut metadata = vec![
             ("artifact-id", a.artifact_id.clone()),
             ("artifact-type", a.artifact_type.as_str().to_owned()),

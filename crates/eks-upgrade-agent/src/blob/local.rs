@@ -372,6 +372,10 @@ impl BlobStore for LocalBlobStore {
             let mut perms = file.metadata()?.permissions();
             perms.set_readonly(true);
             file.set_permissions(perms)?;
+            // The age gc and removals judge, from the precise clock: the kernel stamps writes
+            // with its coarse one (a few ms behind), which could date this put before a removal
+            // that began after it.
+            file.set_modified(SystemTime::now())?;
             fs::rename(&tmp, &path)?;
             if self.durability == Durability::PowerLoss {
                 sync_dir(dir)?;

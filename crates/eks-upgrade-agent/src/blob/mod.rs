@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 
+pub mod cached;
 pub mod local;
 #[cfg(feature = "aws")]
 pub mod s3;
@@ -21,6 +22,7 @@ pub mod s3;
 #[cfg(test)]
 pub(crate) mod conformance;
 
+pub use cached::CachedBlobStore;
 pub use local::LocalBlobStore;
 #[cfg(feature = "aws")]
 pub use s3::{S3BlobStore, S3Options};
@@ -107,6 +109,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// A verifying reader over a blob.
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>>;
 
+    /// [`open`](BlobStore::open) for one pass over a blob that is not worth caching (an upload
+    /// run copying it elsewhere): a store with a cache reads a blob it lacks without keeping it.
+    fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        self.open(digest)
+    }
+
     /// Whether the blob exists.
     fn exists(&self, digest: &Digest) -> Result<bool>;
 
@@ -139,6 +147,9 @@ impl<T: BlobStore + ?Sized> BlobStore for std::sync::Arc<T> {
     }
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
         (**self).open(digest)
+    }
+    fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        (**self).open_uncached(digest)
     }
     fn exists(&self, digest: &Digest) -> Result<bool> {
         (**self).exists(digest)

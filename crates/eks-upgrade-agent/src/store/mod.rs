@@ -498,8 +498,16 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
     fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
     /// Number and bytes of queued artifacts.
     fn pending_uploads(&self) -> Result<(u64, u64)>;
-    /// Records an attempt (and releases its claim).
-    fn record_upload(&self, artifact_id: &str, outcome: &UploadOutcome) -> Result<TestArtifact>;
+    /// Records an attempt of `owner` (and releases its claim); returns the artifact as it now
+    /// is. Only while the entry is still queued and `owner`'s (or unclaimed): a late outcome
+    /// from an uploader that lost its lease to another changes nothing, and a recorded upload
+    /// is never reopened.
+    fn record_upload(
+        &self,
+        owner: &str,
+        artifact_id: &str,
+        outcome: &UploadOutcome,
+    ) -> Result<TestArtifact>;
 }
 
 /// What [`TestResultStore::record_run`]'s source feeds attempts to.

@@ -7,6 +7,8 @@
 //! - [`listen`]: wake-ups of followers (`LISTEN`), with polling while it is down;
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
 //! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
+//! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
+//!   `FOR UPDATE SKIP LOCKED` and a lease); `lease`: the lease conditions both queues share;
 //! - `schema`: versioned migrations (a `schema_version` table).
 //!
 //! Ordering across replicas: a transaction takes the one-row `seq_counter` (`UPDATE ...
@@ -14,16 +16,19 @@
 //! at their end and `seq` order is commit order: a reader following `seq` never misses an
 //! event that commits later with a smaller `seq`.
 
+mod artifacts;
 mod connect;
 mod health;
 mod import;
 pub mod listen;
+mod lease;
 mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
 mod trace;
 mod test_results;
+mod uploads;
 
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;
@@ -35,3 +40,4 @@ mod concurrency_tests;
 mod outbox_tests;
 #[cfg(test)]
 mod tls_tests;
+mod uploads_tests;

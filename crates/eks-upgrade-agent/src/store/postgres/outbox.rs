@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
+use super::lease;
 use super::progress::{PostgresStore, from_micros, json_map, micros};
 use crate::error::Result;
 use crate::notify::{Notification, SinkStatus};
@@ -155,6 +156,15 @@ impl Outbox for PostgresStore {
 
     fn record(&self, sink: &str, outcomes: &[(u64, DeliveryOutcome)]) -> Result<()> {
         let owner = self.instance();
+        // Only while the entry is still ours and pending: a replica that took it over after
+        // our lease ran out decides it, and a settled entry stays settled (a late retry never
+        // reopens a delivered one).
+        let sql = format!(
+            "UPDATE deliveries SET status = $3, attempts = attempts + 1, next_at = $4, \
+             last_error = $5, updated_at = $6, lease_owner = NULL, lease_until = 0 \
+             WHERE sink = $1 AND nid = $2 AND status = 0 AND {}",
+            lease::ours("lease_owner", "$7")
+        );
         self.write(|tx| {
             let now = micros(Utc::now());
             for (nid, outcome) in outcomes {
@@ -165,14 +175,8 @@ impl Outbox for PostgresStore {
                     }
                     DeliveryOutcome::Dead { error } => (DEAD, 0, Some(error.as_str())),
                 };
-                // Only while the entry is still ours and pending: a replica that took it over
-                // after our lease ran out decides it, and a settled entry stays settled (a late
-                // retry never reopens a delivered one).
                 tx.exec(
-                    "UPDATE deliveries SET status = $3, attempts = attempts + 1, next_at = $4, \
-                     last_error = $5, updated_at = $6, lease_owner = NULL, lease_until = 0 \
-                     WHERE sink = $1 AND nid = $2 AND status = 0 \
-                     AND (lease_owner = $7 OR lease_owner IS NULL)",
+                    &sql,
                     &[
                         &sink,
                         &(*nid as i64),

@@ -110,6 +110,89 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_by_status ON deliveries (sink, status, nid);
 "#;
 
+/// Schema 3: the artifact index and its upload queue (`artifacts.rs`, `uploads.rs`), the
+/// SQLite backend's tables with PostgreSQL's indexes: ids compare bytewise (`COLLATE "C"`), so
+/// a prefix is a range of the unique index, and a suffix a seek on `right(id, 6)`; names are
+/// found by trigrams (`pg_trgm`, a trusted extension) on `lower(name)`; the queue's due rows
+/// by a partial index.
+const SCHEMA_3: &str = r#"
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE TABLE sessions (
+    skey           BIGSERIAL PRIMARY KEY,
+    session_id     TEXT COLLATE "C" NOT NULL UNIQUE,
+    upgrade_id     TEXT NOT NULL,
+    cluster_name   TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    description    TEXT,
+    started_at     BIGINT NOT NULL,
+    completed_at   BIGINT,
+    retention_days BIGINT NOT NULL
+);
+CREATE INDEX sessions_by_upgrade ON sessions (upgrade_id, skey);
+CREATE INDEX sessions_by_completion ON sessions (completed_at) WHERE completed_at IS NOT NULL;
+CREATE INDEX sessions_by_id_tail ON sessions (right(session_id, 6));
+CREATE TABLE collections (
+    ckey          BIGSERIAL PRIMARY KEY,
+    collection_id TEXT COLLATE "C" NOT NULL UNIQUE,
+    skey          BIGINT NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    description   TEXT,
+    task_id       TEXT,
+    created_at    BIGINT NOT NULL,
+    UNIQUE (skey, name)
+);
+CREATE INDEX collections_by_id_tail ON collections (right(collection_id, 6));
+CREATE TABLE artifacts (
+    akey               BIGSERIAL PRIMARY KEY,
+    artifact_id        TEXT COLLATE "C" NOT NULL UNIQUE,
+    skey               BIGINT NOT NULL REFERENCES sessions (skey) ON DELETE CASCADE,
+    ckey               BIGINT NOT NULL REFERENCES collections (ckey) ON DELETE CASCADE,
+    name               TEXT NOT NULL,
+    export_name        TEXT NOT NULL,
+    description        TEXT,
+    artifact_type      BIGINT NOT NULL,
+    file_size          BIGINT NOT NULL,
+    file_hash          TEXT NOT NULL,
+    status             BIGINT NOT NULL,
+    s3_bucket          TEXT,
+    s3_key             TEXT,
+    s3_url             TEXT,
+    created_at         BIGINT NOT NULL,
+    uploaded_at        BIGINT,
+    task_id            TEXT,
+    step_id            TEXT,
+    upgrade_id         TEXT NOT NULL,
+    tags               TEXT,
+    metadata           TEXT,
+    upload_state       BIGINT NOT NULL DEFAULT 0,
+    upload_attempts    BIGINT NOT NULL DEFAULT 0,
+    upload_next_at     BIGINT NOT NULL DEFAULT 0,
+    upload_error       TEXT,
+    upload_claimed_by  TEXT,
+    upload_lease_until BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (ckey, export_name)
+);
+CREATE INDEX artifacts_by_name ON artifacts (ckey, name);
+CREATE INDEX artifacts_by_session ON artifacts (skey, akey);
+CREATE INDEX artifacts_by_upgrade ON artifacts (upgrade_id, task_id);
+CREATE INDEX artifacts_by_type ON artifacts (artifact_type, akey);
+CREATE INDEX artifacts_by_task ON artifacts (task_id, akey);
+CREATE INDEX artifacts_by_status ON artifacts (status, akey);
+CREATE INDEX artifacts_by_created ON artifacts (created_at);
+CREATE INDEX artifacts_by_hash ON artifacts (file_hash);
+CREATE INDEX artifacts_by_size ON artifacts (file_size);
+CREATE INDEX artifacts_by_id_tail ON artifacts (right(artifact_id, 6));
+CREATE INDEX artifacts_name_trigrams ON artifacts USING gin (lower(name) gin_trgm_ops);
+CREATE INDEX artifacts_upload_queue ON artifacts (upload_next_at, akey)
+    WHERE upload_state IN (1, 3);
+CREATE TABLE artifact_tags (
+    tag  TEXT NOT NULL,
+    akey BIGINT NOT NULL REFERENCES artifacts (akey) ON DELETE CASCADE,
+    PRIMARY KEY (tag, akey)
+);
+CREATE INDEX artifact_tags_by_artifact ON artifact_tags (akey);
+"#;
+
 /// The schema version of the database `client` is connected to (0: empty).
 pub(crate) fn version(client: &mut Client) -> Result<i64> {
     let exists: bool = client
@@ -147,6 +230,9 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
     }
     if version < 1 {
         tx.batch_execute(SCHEMA_1)?;
+    }
+    if version < 3 {
+        tx.batch_execute(SCHEMA_3)?;
     }
     if version < 5 {
         // Test results (issue #12).

@@ -1156,6 +1156,7 @@ impl crate::store::UploadQueue for SqliteStore {
 
     fn record_upload(
         &self,
+        owner: &str,
         artifact_id: &str,
         outcome: &crate::store::UploadOutcome,
     ) -> Result<TestArtifact> {
@@ -1166,7 +1167,9 @@ impl crate::store::UploadQueue for SqliteStore {
                     tx.prepare_cached(
                         "UPDATE artifacts SET upload_state = 2, status = ?2, s3_bucket = ?3, s3_key = ?4, \
                          s3_url = ?5, uploaded_at = ?6, upload_error = NULL, \
-                         upload_claimed_by = NULL, upload_lease_until = 0 WHERE artifact_id = ?1",
+                         upload_claimed_by = NULL, upload_lease_until = 0 WHERE artifact_id = ?1 \
+                         AND upload_state IN (1, 3) \
+                         AND (upload_claimed_by = ?7 OR upload_claimed_by IS NULL)",
                     )?
                     .execute(params![
                         artifact_id,
@@ -1174,24 +1177,51 @@ impl crate::store::UploadQueue for SqliteStore {
                         bucket,
                         key,
                         format!("s3://{bucket}/{key}"),
-                        micros(*at)
+                        micros(*at),
+                        owner
                     ])?;
                 }
                 UploadOutcome::Failed { error, next_at } => {
                     tx.prepare_cached(
                         "UPDATE artifacts SET upload_state = 3, status = ?2, upload_attempts = upload_attempts + 1, \
                          upload_next_at = ?3, upload_error = ?4, upload_claimed_by = NULL, \
-                         upload_lease_until = 0 WHERE artifact_id = ?1",
+                         upload_lease_until = 0 WHERE artifact_id = ?1 AND upload_state IN (1, 3) \
+                         AND (upload_claimed_by = ?5 OR upload_claimed_by IS NULL)",
                     )?
                     .execute(params![
                         artifact_id,
                         ArtifactStatus::Failed.code(),
                         next_at.map_or(0, micros),
-                        error
+                        error,
+                        owner
                     ])?;
                 }
             }
             load_artifact(tx, artifact_id)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::sqlite::SqliteOptions;
+
+    /// The artifact index and upload queue suite on SQLite.
+    #[test]
+    fn conformance() {
+        let dirs = std::sync::Mutex::new(Vec::new());
+        crate::artifacts::conformance::run(&|| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+            dirs.lock().unwrap().push(dir);
+            crate::artifacts::conformance::Backend {
+                index: store.clone(),
+                uploads: store.clone(),
+                progress: store,
+            }
+        });
     }
 }

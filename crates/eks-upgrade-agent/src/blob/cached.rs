@@ -1,0 +1,374 @@
+//! [`CachedBlobStore`]: a shared blob store (S3 in team mode) with a local read-through cache of
+//! bounded size.
+//!
+//! The shared store is the truth: a put is in it before the put returns (so before any index
+//! row that points at the digest commits), and `exists`, `list` and deletions ask it. The local
+//! store only caches: a put keeps its bytes there too (it hashed them there first), a read of a
+//! blob the cache lacks downloads it, verified, into the cache and reads it from there. After
+//! each put and download the least recently used blobs are evicted until the cache holds at
+//! most its cap (a blob larger than the cap is evicted as soon as it was opened; its open
+//! reader keeps working). Recency is this process's: at open, the cache's blobs are ranked by
+//! their modification times.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use super::{BlobInfo, BlobMeta, BlobStore, Digest, LocalBlobStore};
+use crate::error::{Error, Result};
+
+/// Default cap of the local cache: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// A shared blob store with a bounded local cache; see the module docs.
+pub struct CachedBlobStore {
+    shared: Arc<dyn BlobStore>,
+    cache: LocalBlobStore,
+    cap: u64,
+    lru: Mutex<Lru>,
+}
+
+impl std::fmt::Debug for CachedBlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedBlobStore")
+            .field("shared", &self.shared)
+            .field("cache", &self.cache)
+            .field("cap", &self.cap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which cached blobs were used when, and their total size.
+#[derive(Debug, Default)]
+struct Lru {
+    tick: u64,
+    by_digest: HashMap<Digest, (u64, u64)>,
+    by_tick: BTreeMap<u64, Digest>,
+    bytes: u64,
+}
+
+impl Lru {
+    /// Marks `d` (of `size` bytes) used now.
+    fn touch(&mut self, d: Digest, size: u64) {
+        self.tick += 1;
+        if let Some((old, old_size)) = self.by_digest.insert(d, (self.tick, size)) {
+            self.by_tick.remove(&old);
+            self.bytes -= old_size;
+        }
+        self.by_tick.insert(self.tick, d);
+        self.bytes += size;
+    }
+
+    fn forget(&mut self, d: &Digest) {
+        if let Some((t, size)) = self.by_digest.remove(d) {
+            self.by_tick.remove(&t);
+            self.bytes -= size;
+        }
+    }
+
+    /// The least recently used blob while more than `cap` bytes are cached.
+    fn over(&self, cap: u64) -> Option<Digest> {
+        (self.bytes > cap)
+            .then(|| self.by_tick.values().next().copied())
+            .flatten()
+    }
+}
+
+impl CachedBlobStore {
+    /// `shared` with `cache` in front of it, holding at most `cap` bytes.
+    pub fn new(shared: Arc<dyn BlobStore>, cache: LocalBlobStore, cap: u64) -> Result<Self> {
+        let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
+        cache.list(&mut |m| {
+            found.push((
+                m.modified.unwrap_or(SystemTime::UNIX_EPOCH),
+                m.digest,
+                m.size,
+            ));
+            Ok(())
+        })?;
+        found.sort();
+        let mut lru = Lru::default();
+        for (_, d, size) in found {
+            lru.touch(d, size);
+        }
+        let store = CachedBlobStore {
+            shared,
+            cache,
+            cap,
+            lru: Mutex::new(lru),
+        };
+        store.evict()?;
+        Ok(store)
+    }
+
+    /// The cap of the local cache, in bytes.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    /// Bytes in the local cache (as this process knows it).
+    pub fn cached_bytes(&self) -> u64 {
+        self.lru.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    /// Whether `digest` is in the local cache.
+    pub fn is_cached(&self, digest: &Digest) -> Result<bool> {
+        self.cache.exists(digest)
+    }
+
+    fn touch(&self, d: Digest, size: u64) {
+        self.lru
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .touch(d, size);
+    }
+
+    /// Evicts least recently used blobs until the cache holds at most the cap.
+    fn evict(&self) -> Result<()> {
+        loop {
+            let victim = {
+                let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(d) = lru.over(self.cap) else {
+                    return Ok(());
+                };
+                lru.forget(&d);
+                d
+            };
+            self.cache.delete(&victim)?;
+        }
+    }
+}
+
+impl BlobStore for CachedBlobStore {
+    fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+        // Hashed into the cache first; then into the shared store, from the cached copy.
+        let local = self.cache.put(reader, progress)?;
+        let shared = self
+            .shared
+            .put(&mut self.cache.open(&local.digest)?, &mut |_| {})?;
+        if shared.digest != local.digest {
+            return Err(Error::Corrupt {
+                what: format!(
+                    "blob sha256:{} changed while it was copied to the shared store",
+                    local.digest
+                ),
+            });
+        }
+        self.touch(local.digest, local.size);
+        self.evict()?;
+        Ok(BlobInfo {
+            created: shared.created,
+            ..local
+        })
+    }
+
+    fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        match self.cache.open(digest) {
+            Ok(r) => {
+                if let Ok(size) = self.cache.size(digest) {
+                    self.touch(*digest, size);
+                }
+                return Ok(r);
+            }
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        // Read through: download (verified: a corrupt object fails the put) into the cache.
+        let mut remote = self.shared.open(digest)?;
+        let info = self.cache.put(&mut remote, &mut |_| {})?;
+        if info.digest != *digest {
+            let _ = self.cache.delete(&info.digest);
+            return Err(Error::Corrupt {
+                what: format!(
+                    "the shared copy of blob sha256:{digest} hashes to {}",
+                    info.digest
+                ),
+            });
+        }
+        let reader = self.cache.open(digest)?;
+        self.touch(*digest, info.size);
+        self.evict()?;
+        Ok(reader)
+    }
+
+    fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        match self.cache.open(digest) {
+            Err(Error::NotFound { .. }) => self.shared.open(digest),
+            other => other,
+        }
+    }
+
+    fn exists(&self, digest: &Digest) -> Result<bool> {
+        self.shared.exists(digest)
+    }
+
+    fn size(&self, digest: &Digest) -> Result<u64> {
+        match self.cache.size(digest) {
+            Ok(n) => Ok(n),
+            Err(Error::NotFound { .. }) => self.shared.size(digest),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn delete(&self, digest: &Digest) -> Result<bool> {
+        self.drop_cached(digest)?;
+        self.shared.delete(digest)
+    }
+
+    fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+        self.shared.list(f)
+    }
+
+    fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+        let deleted = self.shared.delete_if_older(digest, cutoff)?;
+        if deleted {
+            self.drop_cached(digest)?;
+        }
+        Ok(deleted)
+    }
+
+    fn sweep_incomplete(&self) -> Result<u64> {
+        Ok(self.cache.sweep_incomplete()? + self.shared.sweep_incomplete()?)
+    }
+}
+
+impl CachedBlobStore {
+    fn drop_cached(&self, digest: &Digest) -> Result<()> {
+        self.lru
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(digest);
+        self.cache.delete(digest)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Durability;
+
+    fn stores(cap: u64) -> (tempfile::TempDir, Arc<LocalBlobStore>, CachedBlobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(
+            LocalBlobStore::open(&dir.path().join("shared"), Durability::default()).unwrap(),
+        );
+        let cache = LocalBlobStore::open(&dir.path().join("cache"), Durability::default()).unwrap();
+        let store = CachedBlobStore::new(shared.clone(), cache, cap).unwrap();
+        (dir, shared, store)
+    }
+
+    fn blob(i: u8, size: usize) -> Vec<u8> {
+        (0..size).map(|j| (j as u8).wrapping_mul(31) ^ i).collect()
+    }
+
+    fn read(s: &dyn BlobStore, d: &Digest) -> Vec<u8> {
+        let mut out = Vec::new();
+        s.open(d).unwrap().read_to_end(&mut out).unwrap();
+        out
+    }
+
+    /// The blob conformance suite passes over a cache in front of a shared store.
+    #[test]
+    fn conformance() {
+        let dirs = Mutex::new(Vec::new());
+        crate::blob::conformance::run(&|| {
+            let (dir, shared, store) = stores(DEFAULT_CACHE_BYTES);
+            dirs.lock().unwrap().push(dir);
+            let store = Arc::new(store);
+            let handle = Arc::clone(&store);
+            // Both copies: the cached one is what a read sees first.
+            let corrupt: Box<dyn Fn(&Digest)> = Box::new(move |d: &Digest| {
+                if handle.cache.exists(d).unwrap() {
+                    handle.cache.corrupt_for_tests(d);
+                }
+                shared.corrupt_for_tests(d);
+            });
+            (Box::new(store) as Box<dyn BlobStore>, corrupt)
+        });
+    }
+
+    /// A put is in the shared store when it returns; another process's cache (an empty one)
+    /// reads it through, verified, and keeps it; the least recently used blobs go first when
+    /// the cap is passed, and what was evicted is read through again.
+    #[test]
+    fn puts_reach_the_shared_store_and_the_cache_keeps_the_most_recent_within_its_cap() {
+        let (dir, shared, a) = stores(200_000);
+        let blobs: Vec<Vec<u8>> = (0..4).map(|i| blob(i, 60_000)).collect();
+        let digests: Vec<Digest> = blobs
+            .iter()
+            .map(|b| a.put(&mut b.as_slice(), &mut |_| {}).unwrap().digest)
+            .collect();
+        for d in &digests {
+            assert!(shared.exists(d).unwrap(), "in the shared store");
+        }
+        // 4 x 60,000 > 200,000: the oldest went.
+        assert!(!a.is_cached(&digests[0]).unwrap());
+        assert!(digests[1..].iter().all(|d| a.is_cached(d).unwrap()));
+        assert!(a.cached_bytes() <= 200_000);
+        // Reading blob 1 makes it recent: the next put evicts blob 2, not 1.
+        assert_eq!(read(&a, &digests[1]), blobs[1]);
+        let e = a.put(&mut blob(9, 60_000).as_slice(), &mut |_| {}).unwrap();
+        assert!(a.is_cached(&digests[1]).unwrap());
+        assert!(!a.is_cached(&digests[2]).unwrap(), "least recently used");
+        assert!(a.is_cached(&e.digest).unwrap());
+        // An evicted blob reads through again.
+        assert_eq!(read(&a, &digests[0]), blobs[0]);
+        assert!(a.is_cached(&digests[0]).unwrap());
+        assert!(a.cached_bytes() <= 200_000);
+        // A second "replica" with its own empty cache, over the same shared store.
+        let other = CachedBlobStore::new(
+            shared.clone(),
+            LocalBlobStore::open(&dir.path().join("cache2"), Durability::default()).unwrap(),
+            200_000,
+        )
+        .unwrap();
+        assert!(!other.is_cached(&digests[3]).unwrap());
+        assert_eq!(read(&other, &digests[3]), blobs[3]);
+        assert!(other.is_cached(&digests[3]).unwrap(), "read through");
+        // One pass that is not worth caching (an upload run) leaves no copy.
+        let (d4, b4) = (digests[3], &blobs[3]);
+        let third = CachedBlobStore::new(
+            shared.clone(),
+            LocalBlobStore::open(&dir.path().join("cache3"), Durability::default()).unwrap(),
+            200_000,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        third
+            .open_uncached(&d4)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == *b4);
+        assert!(!third.is_cached(&d4).unwrap());
+        // `exists` asks the shared store: bytes only in a cache are not there (so no index row
+        // commits before the shared copy exists).
+        let only_local = blob(7, 1000);
+        let info = third
+            .cache
+            .put(&mut only_local.as_slice(), &mut |_| {})
+            .unwrap();
+        assert!(!third.exists(&info.digest).unwrap());
+        // A corrupt shared copy is refused, and not cached.
+        shared.corrupt_for_tests(&digests[2]);
+        let mut out = Vec::new();
+        let err = other
+            .open(&digests[2])
+            .and_then(|mut r| Ok(r.read_to_end(&mut out)?))
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(!other.is_cached(&digests[2]).unwrap());
+        // Reopened, a cache is ranked by age and trimmed to its cap.
+        drop(other);
+        let small = CachedBlobStore::new(
+            shared,
+            LocalBlobStore::open(&dir.path().join("cache2"), Durability::default()).unwrap(),
+            10,
+        )
+        .unwrap();
+        assert_eq!(small.cached_bytes(), 0);
+        assert!(!small.is_cached(&digests[3]).unwrap());
+    }
+}
