@@ -40,4 +40,5 @@ mod concurrency_tests;
 mod outbox_tests;
 #[cfg(test)]
 mod tls_tests;
+#[cfg(test)]
 mod uploads_tests;
