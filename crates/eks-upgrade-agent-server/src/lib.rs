@@ -410,7 +410,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// `GET /healthz`: 200 `{"status":"ok","last_seq":N}` when the store answers, else 503; on a
-/// database also 503 when a session has held the `seq` counter too long (every write waits).
+/// database, 200 `{"status":"degraded",...,"warning":...}` naming the session that has held the
+/// `seq` counter too long (every write waits for it, reads do not).
 async fn healthz(
     axum::extract::State(s): axum::extract::State<AppState>,
 ) -> axum::response::Response {
@@ -428,11 +429,11 @@ async fn healthz(
     .await;
     match checked {
         Ok((seq, None)) => Json(json!({"status": "ok", "last_seq": seq})).into_response(),
-        Ok((_, Some(reason))) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "error": reason})),
-        )
-            .into_response(),
+        // Still ready: reads and streams work while writes wait, and the counter is shared,
+        // so a 503 here would take every replica out of its Service at once.
+        Ok((seq, Some(reason))) => {
+            Json(json!({"status": "degraded", "last_seq": seq, "warning": reason})).into_response()
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "unavailable", "error": e.message()})),

@@ -35,7 +35,7 @@ type Case = (&'static str, fn(Fixture));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 16] = [
+    let cases: [Case; 17] = [
         ("sessions_and_collections", sessions_and_collections),
         (
             "add_files_directories_and_bytes",
@@ -83,6 +83,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "a_late_upload_outcome_from_a_lost_lease_changes_nothing",
             a_late_upload_outcome_from_a_lost_lease_changes_nothing,
+        ),
+        (
+            "a_deleted_artifact_leaves_the_upload_queue",
+            a_deleted_artifact_leaves_the_upload_queue,
         ),
         (
             "an_artifact_row_is_committed_only_after_its_blob_exists",
@@ -604,6 +608,22 @@ fn search_by_every_filter(f: Fixture) {
         Vec::<String>::new(),
         "special characters are literal"
     );
+    // Hostile patterns and ids: no match or a clear InvalidInput, never a backend failure.
+    for hostile in ["[z-a]*", "a\0b", "[!z-a]", "\\"] {
+        let found = f.m.search(&ArtifactQuery {
+            name: Some(hostile.into()),
+            ..q()
+        });
+        match found {
+            Ok(v) => assert!(v.is_empty(), "{hostile:?}: {v:?}"),
+            Err(crate::Error::InvalidInput(_)) => {}
+            Err(e) => panic!("{hostile:?}: {e:?}"),
+        }
+    }
+    match f.m.artifact("a\0b") {
+        Err(crate::Error::NotFound { .. } | crate::Error::InvalidInput(_)) => {}
+        other => panic!("an id with a NUL byte: {other:?}"),
+    }
     assert_eq!(
         ids(ArtifactQuery {
             min_size: Some(200),
@@ -1342,4 +1362,54 @@ fn a_late_upload_outcome_from_a_lost_lease_changes_nothing(f: Fixture) {
         q.claim_uploads("any", later, later, 10).unwrap().is_empty(),
         "nothing is handed out again"
     );
+}
+
+/// Deleting a queued artifact takes it out of the upload queue: no claim hands it out, and the
+/// late outcome of an upload that was running never brings it back as failed or uploaded.
+fn a_deleted_artifact_leaves_the_upload_queue(f: Fixture) {
+    let q = f.uploads.as_ref();
+    let (s, c) = session(&f, "u1");
+    let add = |name: &str| {
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            name.as_bytes(),
+            name,
+            &AddOptions::default(),
+        )
+        .unwrap()
+    };
+    let (queued, running) = (add("queued.log"), add("running.log"));
+    q.queue_uploads(&UploadSelector::All, false).unwrap();
+    let now = Utc::now();
+    let until = now + chrono::Duration::seconds(10);
+    let claimed = q.claim_uploads("up", now, until, 1).unwrap();
+    assert_eq!(claimed.len(), 1);
+    let (running, queued) = if claimed[0].0.artifact_id == running.artifact_id {
+        (running, queued)
+    } else {
+        (queued, running)
+    };
+    f.m.delete_artifact(&queued.artifact_id).unwrap();
+    f.m.delete_artifact(&running.artifact_id).unwrap();
+    let later = now + chrono::Duration::hours(2);
+    assert!(
+        q.claim_uploads("other", later, later, 10)
+            .unwrap()
+            .is_empty(),
+        "a deleted artifact is never handed out"
+    );
+    q.record_upload("up", &running.artifact_id, &uploaded(now))
+        .unwrap();
+    let failed = UploadOutcome::Failed {
+        error: "gone".into(),
+        next_at: Some(now),
+    };
+    q.record_upload("up", &running.artifact_id, &failed)
+        .unwrap();
+    for a in [&queued, &running] {
+        let row = f.m.artifact(&a.artifact_id).unwrap();
+        assert_eq!(row.status, ArtifactStatus::Deleted, "{row:?}");
+        assert_eq!(row.s3_key, None, "{row:?}");
+    }
 }

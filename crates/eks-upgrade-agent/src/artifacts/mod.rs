@@ -727,6 +727,20 @@ impl TestArtifactsManager {
         {
             return Err(Error::invalid("name filter is longer than 512 bytes"));
         }
+        // No stored text holds a NUL byte, and neither backend takes one in a pattern.
+        let texts = [
+            &query.session_id,
+            &query.collection_id,
+            &query.upgrade_id,
+            &query.task_id,
+            &query.name,
+            &query.cursor,
+        ];
+        if texts.into_iter().flatten().chain(&query.tags).any(|t| t.contains('\0')) {
+            return Err(Error::invalid(
+                "a search filter holds a NUL byte: remove it (no name, id or tag has one)",
+            ));
+        }
         if let (Some(a), Some(b)) = (query.min_size, query.max_size)
             && a > b
         {

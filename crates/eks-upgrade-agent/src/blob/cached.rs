@@ -144,6 +144,8 @@ impl BlobStore for CachedBlobStore {
     fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
         // Hashed into the cache first; then into the shared store, from the cached copy.
         let local = self.cache.put(reader, progress)?;
+        // Counted at once, so a copy left behind by a failed shared put is still under the cap.
+        self.touch(local.digest, local.size);
         let shared = self
             .shared
             .put(&mut self.cache.open(&local.digest)?, &mut |_| {})?;
@@ -155,7 +157,6 @@ impl BlobStore for CachedBlobStore {
                 ),
             });
         }
-        self.touch(local.digest, local.size);
         self.evict()?;
         Ok(BlobInfo {
             created: shared.created,

@@ -919,8 +919,17 @@ impl ArtifactIndex for PostgresStore {
     ) -> Result<TestArtifact> {
         self.write(|tx| {
             let n = tx.exec(
-                "UPDATE artifacts SET status = $2 WHERE artifact_id = $1",
-                &[&artifact_id, &status.code()],
+                // A deleted artifact leaves the upload queue: no claim takes it and an
+                // uploader's late outcome finds no queued row to settle.
+                "UPDATE artifacts SET status = $2, upload_state = CASE WHEN $3 AND \
+                 upload_state IN (1, 3) THEN 0 ELSE upload_state END, \
+                 upload_claimed_by = CASE WHEN $3 THEN NULL ELSE upload_claimed_by END \
+                 WHERE artifact_id = $1",
+                &[
+                    &artifact_id,
+                    &status.code(),
+                    &(status == ArtifactStatus::Deleted),
+                ],
             )?;
             if n == 0 {
                 return Err(Error::not_found(format!("artifact {artifact_id:?}")));

@@ -107,6 +107,11 @@ impl PostgresStore {
 /// How often the thread looks at its stop channel while waiting for notifications.
 const CHECK_STOP: Duration = Duration::from_millis(200);
 
+/// How often a quiet listening connection is probed with an empty query, and how long it
+/// stays idle before TCP keepalives start: a connection that died silently (a NAT timeout, a
+/// failover without a reset) is found within about this long, not after the kernel's hours.
+const PROBE: Duration = Duration::from_secs(30);
+
 fn run(
     target: &Target,
     url: &str,
@@ -121,8 +126,10 @@ fn run(
             Err(mpsc::RecvTimeoutError::Timeout)
         )
     };
+    let mut config = target.config.clone();
+    config.keepalives(true).keepalives_idle(PROBE);
     loop {
-        let mut client = match target.tls.connect(&target.config).and_then(|mut c| {
+        let mut client = match target.tls.connect(&config).and_then(|mut c| {
             c.batch_execute(&format!("LISTEN {EVENTS_CHANNEL}"))?;
             Ok(c)
         }) {
@@ -140,6 +147,7 @@ fn run(
         stats.connected.store(true, Ordering::Release);
         // Whatever was committed while no one listened.
         wake();
+        let mut probed = std::time::Instant::now();
         let error = loop {
             if stopped(Duration::ZERO) {
                 stats.connected.store(false, Ordering::Release);
@@ -167,7 +175,12 @@ fn run(
                 }
                 // Nothing within the wait, or the connection ended: an early return is
                 // checked with an empty query (an error there means it is gone).
-                Ok(None) if began.elapsed() < CHECK_STOP / 2 || client.is_closed() => {
+                Ok(None)
+                    if began.elapsed() < CHECK_STOP / 2
+                        || client.is_closed()
+                        || probed.elapsed() >= PROBE =>
+                {
+                    probed = std::time::Instant::now();
                     if let Err(e) = client.simple_query("") {
                         break e;
                     }

@@ -20,14 +20,14 @@ mod artifacts;
 mod connect;
 mod health;
 mod import;
-pub mod listen;
 mod lease;
+pub mod listen;
 mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
-mod trace;
 mod test_results;
+mod trace;
 mod uploads;
 
 pub use listen::{ListenOptions, ListenStats, Listener};

@@ -937,8 +937,18 @@ impl ArtifactIndex for SqliteStore {
     ) -> Result<TestArtifact> {
         self.write(|tx| {
             let n = tx
-                .prepare_cached("UPDATE artifacts SET status = ?2 WHERE artifact_id = ?1")?
-                .execute(params![artifact_id, status.code()])?;
+                // A deleted artifact leaves the upload queue: no claim takes it and an
+                // uploader's late outcome finds no queued row to settle.
+                .prepare_cached(
+                    "UPDATE artifacts SET status = ?2, \
+                     upload_state = CASE WHEN ?3 AND upload_state IN (1, 3) THEN 0 \
+                     ELSE upload_state END WHERE artifact_id = ?1",
+                )?
+                .execute(params![
+                    artifact_id,
+                    status.code(),
+                    status == ArtifactStatus::Deleted
+                ])?;
             if n == 0 {
                 return Err(Error::not_found(format!("artifact {artifact_id:?}")));
             }
