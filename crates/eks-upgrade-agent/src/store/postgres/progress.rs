@@ -24,13 +24,14 @@ use uuid::Uuid;
 pub(crate) use super::connect::{Conn, Db, Manager, Tx};
 pub use super::connect::{PostgresOptions, parse_url, redact};
 use super::import::import_upgrade;
-use super::tasks::{TaskWrite, add_tasks};
+use super::tasks::{add_tasks, task_command};
 use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
 };
 use crate::store::domain::command::Command;
 use crate::store::domain::machine;
+pub(super) use crate::store::domain::tasks::{TaskRow, UpgradeDelta};
 use crate::store::{Committed, EventQuery, ProgressStore};
 
 /// The channel commits notify (payload: the last `seq` committed).
@@ -310,17 +311,6 @@ pub(super) const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, chil
     completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
     started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5";
 
-pub(super) struct TaskRow {
-    pub(super) tkey: i64,
-    pub(super) parent_tkey: Option<i64>,
-    pub(super) depth: u32,
-    pub(super) child_weight: f64,
-    pub(super) child_sum: f64,
-    /// Children per status, indexed like `ProgressStatus::ALL`.
-    pub(super) child_counts: [u32; 6],
-    pub(super) task: Task,
-}
-
 pub(super) fn task_row(r: &Row, upgrade_id: &str) -> Result<TaskRow> {
     let mut child_counts = [0u32; 6];
     for (i, c) in child_counts.iter_mut().enumerate() {
@@ -333,6 +323,7 @@ pub(super) fn task_row(r: &Row, upgrade_id: &str) -> Result<TaskRow> {
         depth: u32_of(r.get(2)),
         child_weight: r.get(3),
         child_sum: r.get(4),
+        last_event_seq: 0,
         task: Task {
             upgrade_id: upgrade_id.to_owned(),
             task_id: r.get(5),
@@ -396,44 +387,28 @@ pub(super) fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Writes
 
-/// Everything one command changes on the upgrade row's counters, applied in one statement.
-#[derive(Default)]
-pub(super) struct UpgradeDelta {
-    pub(super) counts: [i64; 6],
-    pub(super) top_weight: f64,
-    pub(super) top_sum: f64,
-}
-
-impl UpgradeDelta {
-    pub(super) fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
-        if let Some(f) = from {
-            self.counts[f.index()] -= 1;
-        }
-        self.counts[to.index()] += 1;
+/// Writes everything one command changed on the upgrade row's counters, in one statement.
+pub(super) fn flush_delta(tx: &mut Tx<'_, '_>, ukey: i64, delta: &UpgradeDelta) -> Result<()> {
+    if delta.is_empty() {
+        return Ok(());
     }
-
-    pub(super) fn flush(&self, tx: &mut Tx<'_, '_>, ukey: i64) -> Result<()> {
-        if self.counts == [0; 6] && self.top_weight == 0.0 && self.top_sum == 0.0 {
-            return Ok(());
-        }
-        tx.exec(
-            "UPDATE upgrades SET c0 = c0 + $2, c1 = c1 + $3, c2 = c2 + $4, c3 = c3 + $5, \
-             c4 = c4 + $6, c5 = c5 + $7, top_weight = top_weight + $8, top_sum = top_sum + $9 \
-             WHERE ukey = $1",
-            &[
-                &ukey,
-                &self.counts[0],
-                &self.counts[1],
-                &self.counts[2],
-                &self.counts[3],
-                &self.counts[4],
-                &self.counts[5],
-                &self.top_weight,
-                &self.top_sum,
-            ],
-        )?;
-        Ok(())
-    }
+    tx.exec(
+        "UPDATE upgrades SET c0 = c0 + $2, c1 = c1 + $3, c2 = c2 + $4, c3 = c3 + $5, \
+         c4 = c4 + $6, c5 = c5 + $7, top_weight = top_weight + $8, top_sum = top_sum + $9 \
+         WHERE ukey = $1",
+        &[
+            &ukey,
+            &delta.counts[0],
+            &delta.counts[1],
+            &delta.counts[2],
+            &delta.counts[3],
+            &delta.counts[4],
+            &delta.counts[5],
+            &delta.top_weight,
+            &delta.top_sum,
+        ],
+    )?;
+    Ok(())
 }
 
 /// A notification to write once its event has a `seq`.
@@ -795,32 +770,9 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
         | Command::UpgradeComplete { upgrade_id, .. }
         | Command::UpgradeFail { upgrade_id, .. } => {
             let row = load_upgrade(tx, upgrade_id, true)?;
-            let from = row.upgrade.status;
-            let to = machine::upgrade_transition(upgrade_id, from, command)?.unwrap_or(from);
             let mut u = row.upgrade;
-            let (kind, message) = match command {
-                Command::UpgradeStart { phase, .. } => {
-                    u.started_at = Some(now);
-                    if phase.is_some() {
-                        u.current_phase.clone_from(phase);
-                    }
-                    (EventKind::UpgradeStarted, phase.clone())
-                }
-                Command::UpgradePhase { phase, .. } => {
-                    u.current_phase = Some(phase.clone());
-                    (EventKind::UpgradePhaseChanged, Some(phase.clone()))
-                }
-                Command::UpgradeComplete { message, .. } => {
-                    u.completed_at = Some(now);
-                    (EventKind::UpgradeCompleted, message.clone())
-                }
-                Command::UpgradeFail { error_message, .. } => {
-                    u.completed_at = Some(now);
-                    u.error_message = Some(error_message.clone());
-                    (EventKind::UpgradeFailed, Some(error_message.clone()))
-                }
-                _ => unreachable!(),
-            };
+            let (from, effect) = machine::apply_upgrade(&mut u, command, now)?;
+            let (to, kind, message) = (u.status, effect.kind, effect.message);
             tx.exec(
                 "UPDATE upgrades SET status = $2, current_phase = $3, started_at = $4, \
                  completed_at = $5, error_message = $6 WHERE ukey = $1",
@@ -850,7 +802,6 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
             if from != to {
                 staged.status_change(local, upgrade_id, None, from, to);
             }
-            u.status = to;
             staged.notes.push(Note {
                 event: local as usize - 1,
                 from: Some(from),
@@ -866,17 +817,7 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
             Ok(staged)
         }
         _ => {
-            let upgrade_id = command.upgrade_id();
-            let (task_id, _) = command.task_op().expect("remaining commands are task ops");
-            let ukey = lock_upgrade(tx, upgrade_id)?;
-            let row = load_task(tx, ukey, upgrade_id, task_id)?;
-            let mut w = TaskWrite::new(tx, &mut staged, ukey, upgrade_id, now);
-            if row.task.children > 0 {
-                w.parent_op(row, command)?;
-            } else {
-                w.task_op(row, command)?;
-            }
-            w.finish()?;
+            task_command(tx, &mut staged, command, now)?;
             Ok(staged)
         }
     }
