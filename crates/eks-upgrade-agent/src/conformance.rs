@@ -17,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 15] = [
+    let cases: [Case; 16] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -47,6 +47,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "hostile_imports_are_refused_whole",
             hostile_imports_are_refused_whole,
+        ),
+        (
+            "completions_and_imports_feed_the_history",
+            completions_and_imports_feed_the_history,
         ),
     ];
     for (name, case) in cases {
@@ -900,4 +904,117 @@ fn pages_of_upgrades_and_tasks(t: ProgressTracker) {
         Error::NotFound { .. }
     ));
     assert!(t.tasks_page("u1", None, 3).unwrap().is_empty());
+}
+
+/// Guarantees E2, E5, E7: each timed completion of a leaf task is one duration sample (and a
+/// per-step one when stepped) on its upgrade's cluster and on every cluster, written with the
+/// completion: a command of a batch that fails adds none; failed, cancelled and untimed
+/// completions add none; an import adds its timed completed leaf tasks; the last 50 are kept.
+fn completions_and_imports_feed_the_history(t: ProgressTracker) {
+    use crate::store::domain::history::{MAX_SAMPLES, TaskHistory};
+    let store = t.store().clone();
+    let run = |u: &str, cluster: &str| {
+        t.create_upgrade(u, "p", cluster, JsonMap::new()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+        t.add_task(u, NewTask::new("a", "A", TaskType::UpgradeStep).steps(4))
+            .unwrap();
+        t.start_task(u, "a", None).unwrap();
+    };
+    for (i, cluster) in ["c", "c", "d"].iter().enumerate() {
+        run(&format!("done{i}"), cluster);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(4));
+    // The three completions in one batch, with a failing command between them.
+    let complete = |u: &str, task: &str| Command::TaskComplete {
+        upgrade_id: u.into(),
+        task_id: task.into(),
+        message: None,
+    };
+    let results = t
+        .execute_batch(&[
+            complete("done0", "a"),
+            complete("done1", "a"),
+            complete("done1", "ghost"),
+            complete("done2", "a"),
+        ])
+        .unwrap();
+    assert!(results[2].is_err());
+    assert!(results.iter().filter(|r| r.is_ok()).count() == 3);
+    let h = store.task_history("c", &["a", "b"]).unwrap();
+    assert_eq!(h.len(), 2);
+    let c = h[0].cluster.unwrap();
+    let g = h[0].global.unwrap();
+    assert_eq!((c.duration.samples, g.duration.samples), (2, 3));
+    assert!(c.duration.p50 >= 0.004, "{c:?}");
+    let step = c.per_step.unwrap();
+    assert!((step.p50 - c.duration.p50 / 4.0).abs() < 1e-6, "{c:?}");
+    assert_eq!(h[1], TaskHistory::default());
+    assert_eq!(
+        store.task_history("d", &["a"]).unwrap()[0]
+            .cluster
+            .unwrap()
+            .duration
+            .samples,
+        1
+    );
+    // A task that failed, was cancelled or completed untimed is no sample.
+    run("live", "c");
+    t.fail_task("live", "a", "x").unwrap();
+    t.create_upgrade("untimed", "p", "c", JsonMap::new())
+        .unwrap();
+    t.add_tasks(
+        "untimed",
+        vec![
+            NewTask::new("a", "A", TaskType::UpgradeStep),
+            NewTask::new("x", "X", TaskType::UpgradeStep),
+        ],
+    )
+    .unwrap();
+    t.complete_task("untimed", "a", None).unwrap();
+    t.start_task("untimed", "x", None).unwrap();
+    t.cancel_task("untimed", "x", None).unwrap();
+    let h = store.task_history("c", &["a", "x"]).unwrap();
+    assert_eq!(h[0].global.unwrap().duration.samples, 3);
+    assert_eq!(h[1], TaskHistory::default());
+    // A task id's first stepped run after an unstepped one.
+    for (u, steps) in [("plain", None), ("stepped", Some(2))] {
+        t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+        let mut task = NewTask::new("m", "M", TaskType::UpgradeStep);
+        task.total_steps = steps;
+        t.add_task(u, task).unwrap();
+        t.start_task(u, "m", None).unwrap();
+        t.complete_task(u, "m", None).unwrap();
+    }
+    let m = store.task_history("c", &["m"]).unwrap()[0].cluster.unwrap();
+    assert_eq!(m.duration.samples, 2);
+    assert_eq!(m.per_step.unwrap().samples, 1);
+    // Imports: a timed completed leaf is a sample (of its duration), a parent is not; past
+    // 50 samples the oldest go.
+    for i in 0..MAX_SAMPLES + 2 {
+        let (mut u, mut tasks, mut events) = importable();
+        u.upgrade_id = format!("imp{i}");
+        u.cluster_name = "e".into();
+        for task in &mut tasks {
+            task.upgrade_id = u.upgrade_id.clone();
+            task.status = ProgressStatus::Completed;
+            task.percentage = 100.0;
+            task.completed_steps = 4;
+            task.duration = Some(if i < 2 { 1000.0 } else { 10.0 + i as f64 });
+            task.completed_at = task
+                .started_at
+                .map(|s| s + chrono::TimeDelta::milliseconds(i as i64 + 1));
+        }
+        for e in &mut events {
+            e.upgrade_id = u.upgrade_id.clone();
+        }
+        t.store().import(&u, &tasks, &events).unwrap();
+    }
+    let h = store.task_history("e", &["a", "b"]).unwrap();
+    assert_eq!(h[0].cluster, None, "a parent is no sample");
+    assert_eq!(h[0].global.unwrap().duration.samples, 3);
+    let b = h[1].cluster.unwrap();
+    assert_eq!(b.duration.samples as usize, MAX_SAMPLES);
+    assert!(b.duration.p90 < 1000.0, "the two oldest are gone: {b:?}");
+    assert!((b.duration.p50 - 36.5).abs() < 1e-3, "{b:?}");
+    assert!((b.per_step.unwrap().p50 - 36.5 / 4.0).abs() < 1e-3, "{b:?}");
 }

@@ -110,6 +110,15 @@ pub(super) fn import_upgrade(
         .map(|(t, k)| (t.task_id.as_str(), *k))
         .collect();
     let mut staged = Staged::default();
+    // Imported history counts: each timed, completed leaf task is a sample, oldest first.
+    for (i, secs, per_step) in plan.samples {
+        staged.samples.push(super::history::Sample {
+            cluster: upgrade.cluster_name.clone(),
+            task_id: tasks[i].task_id.clone(),
+            secs,
+            per_step,
+        });
+    }
     for e in events {
         let tkey = match &e.task_id {
             Some(t) => Some(

@@ -4,6 +4,7 @@
 //!   and the row helpers the other files share;
 //! - `tasks`, `import`: task writes and whole-upgrade imports (the same rules as the SQLite
 //!   backend, from `store/domain`);
+//! - `history`: task duration history (schema 2), written with the completions;
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
 //! - `schema`: versioned migrations (a `schema_version` table).
 //!
@@ -13,6 +14,7 @@
 //! event that commits later with a smaller `seq`.
 
 mod connect;
+mod history;
 mod import;
 mod outbox;
 pub mod progress;

@@ -124,7 +124,14 @@ impl PostgresStore {
     pub fn counts(&self) -> Result<Vec<(String, u64)>> {
         self.read(|db| {
             let mut out = Vec::new();
-            for table in ["upgrades", "tasks", "events", "notifications", "deliveries"] {
+            for table in [
+                "upgrades",
+                "tasks",
+                "events",
+                "notifications",
+                "task_history",
+                "deliveries",
+            ] {
                 let n: i64 = db
                     .one(&format!("SELECT count(*) FROM {table}"), &[])?
                     .get(0);
@@ -430,6 +437,8 @@ pub(super) struct Staged {
     /// Row keys of each event (upgrade, task).
     pub(super) keys: Vec<(i64, Option<i64>)>,
     pub(super) notes: Vec<Note>,
+    /// Duration samples of the completions (and imported tasks) to add to the history.
+    pub(super) samples: Vec<super::history::Sample>,
 }
 
 impl Staged {
@@ -503,6 +512,11 @@ struct NoteColumns(
 /// counter, writes the events, their notifications and each upgrade's `last_seq`, and notifies
 /// followers. Numbers the staged events in place; returns the last `seq` (0: nothing staged).
 pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<u64> {
+    let samples: Vec<super::history::Sample> = staged
+        .iter_mut()
+        .flat_map(|s| std::mem::take(&mut s.samples))
+        .collect();
+    super::history::record(tx, &samples)?;
     let n: i64 = staged.iter().map(|s| s.keys.len() as i64).sum();
     if n == 0 {
         return Ok(0);
@@ -967,6 +981,14 @@ impl ProgressStore for PostgresStore {
             Ok(seq.unwrap_or(0) as u64)
         })
     }
+
+    fn task_history(
+        &self,
+        cluster_name: &str,
+        task_ids: &[&str],
+    ) -> Result<Vec<crate::store::domain::history::TaskHistory>> {
+        self.read(|db| super::history::read(db, cluster_name, task_ids))
+    }
 }
 
 #[cfg(test)]
@@ -1010,6 +1032,43 @@ mod tests {
             err.to_string().contains("newer version (schema 99"),
             "{err}"
         );
+    }
+
+    /// Guarantee E5 on PostgreSQL: a database of schema 1 (no history) gets its history seeded
+    /// from its completed tasks when it migrates to schema 2, as the completions wrote it.
+    #[test]
+    fn schema_1_databases_get_the_history_seeded_from_their_tasks() {
+        use crate::model::TaskType;
+        use crate::progress::ProgressTracker;
+        use crate::store::domain::command::NewTask;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let store =
+            std::sync::Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+        let t = ProgressTracker::new(store.clone());
+        for (i, cluster) in ["c", "c", "d"].iter().enumerate() {
+            let u = format!("u{i}");
+            t.create_upgrade(&u, "p", cluster, JsonMap::new()).unwrap();
+            t.add_task(&u, NewTask::new("a", "A", TaskType::UpgradeStep).steps(2))
+                .unwrap();
+            t.start_task(&u, "a", None).unwrap();
+            std::thread::sleep(Duration::from_millis(3));
+            t.complete_task(&u, "a", None).unwrap();
+        }
+        let written = store.task_history("c", &["a"]).unwrap();
+        assert_eq!(written[0].global.unwrap().duration.samples, 3);
+        store
+            .with_conn(|c| {
+                Ok(c.client.batch_execute(
+                    "DROP TABLE task_history; UPDATE schema_version SET version = 1",
+                )?)
+            })
+            .unwrap();
+        drop(t);
+        drop(store);
+        let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.task_history("c", &["a"]).unwrap(), written);
     }
 
     #[test]

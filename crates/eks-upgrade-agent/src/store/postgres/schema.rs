@@ -7,7 +7,7 @@ use postgres::Client;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`schema_version.version`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// Key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6575_615f_6d69_6772;
@@ -147,6 +147,15 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
     }
     if version < 1 {
         tx.batch_execute(SCHEMA_1)?;
+    }
+    if version < 2 {
+        // Task duration history, seeded from the tasks the store holds.
+        tx.batch_execute(super::history::SCHEMA_2)?;
+        let mut stmts = std::collections::HashMap::new();
+        super::history::seed(&mut super::connect::Db {
+            c: &mut tx,
+            stmts: &mut stmts,
+        })?;
     }
     tx.execute("DELETE FROM schema_version", &[])?;
     tx.execute(

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::history::Sample;
 use super::progress::*;
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressStatus};
@@ -33,6 +34,21 @@ impl<'a, 'b, 'c> PgRows<'a, 'b, 'c> {
             upgrade_id,
             cluster: None,
         }
+    }
+
+    /// The upgrade's cluster name, read once per command.
+    fn cluster(&mut self) -> Result<String> {
+        if self.cluster.is_none() {
+            self.cluster = Some(
+                self.tx
+                    .one(
+                        "SELECT cluster_name FROM upgrades WHERE ukey = $1",
+                        &[&self.ukey],
+                    )?
+                    .get(0),
+            );
+        }
+        Ok(self.cluster.clone().unwrap_or_default())
     }
 }
 
@@ -176,20 +192,11 @@ impl TaskRows for PgRows<'_, '_, '_> {
                 .status_change(local, self.upgrade_id, Some(&row.task.task_id), from, to);
         }
         if crate::notify::detail_type(e.kind, Some(from)).is_some() {
-            if self.cluster.is_none() {
-                self.cluster = Some(
-                    self.tx
-                        .one(
-                            "SELECT cluster_name FROM upgrades WHERE ukey = $1",
-                            &[&self.ukey],
-                        )?
-                        .get(0),
-                );
-            }
+            let cluster = self.cluster()?;
             self.staged.notes.push(Note {
                 event: local as usize - 1,
                 from: Some(from),
-                cluster: self.cluster.clone().unwrap_or_default(),
+                cluster,
                 upgrade: None,
                 task: Some(row.task.clone()),
             });
@@ -197,8 +204,14 @@ impl TaskRows for PgRows<'_, '_, '_> {
         Ok(())
     }
 
-    fn history_sample(&mut self, _task_id: &str, _secs: f64, _per_step: Option<f64>) -> Result<()> {
-        // No history on PostgreSQL yet: `task_history` answers "none".
+    fn history_sample(&mut self, task_id: &str, secs: f64, per_step: Option<f64>) -> Result<()> {
+        let cluster = self.cluster()?;
+        self.staged.samples.push(Sample {
+            cluster,
+            task_id: task_id.to_owned(),
+            secs,
+            per_step,
+        });
         Ok(())
     }
 }
