@@ -54,8 +54,9 @@ pub(super) fn record(db: &mut Db<'_, impl GenericClient>, samples: &[Sample]) ->
     if samples.is_empty() {
         return Ok(());
     }
-    // (task id, scope) -> (count, duration blob, per-step blob), in the order first seen.
-    let mut rows: Vec<(&str, &str, i64, Vec<u8>, Vec<u8>)> = Vec::new();
+    // (task id, scope, count, duration blob, per-step blob), in the order first seen.
+    type Row<'s> = (&'s str, &'s str, i64, Vec<u8>, Vec<u8>);
+    let mut rows: Vec<Row<'_>> = Vec::new();
     let mut index: HashMap<(&str, &str), usize> = HashMap::new();
     for s in samples {
         for scope in [s.cluster.as_str(), GLOBAL] {
