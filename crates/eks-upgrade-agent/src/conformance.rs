@@ -17,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 16] = [
+    let cases: [Case; 17] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -51,6 +51,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "completions_and_imports_feed_the_history",
             completions_and_imports_feed_the_history,
+        ),
+        (
+            "a_batch_ends_where_its_commands_one_by_one_end",
+            a_batch_ends_where_its_commands_one_by_one_end,
         ),
     ];
     for (name, case) in cases {
@@ -1017,4 +1021,123 @@ fn completions_and_imports_feed_the_history(t: ProgressTracker) {
     assert!(b.duration.p90 < 1000.0, "the two oldest are gone: {b:?}");
     assert!((b.duration.p50 - 36.5).abs() < 1e-3, "{b:?}");
     assert!((b.per_step.unwrap().p50 - 36.5 / 4.0).abs() < 1e-3, "{b:?}");
+}
+
+/// Guarantee G10: a batch (one transaction; a backend may keep the rows it changes in memory
+/// until the end, or until a query reads across rows) ends in the state the same commands
+/// reach one by one, failing commands included: the same statuses, percentages, counters,
+/// errors and events, over a tree where parents derive their status and parent commands walk
+/// their leaves; batches may touch several upgrades and the same task several times.
+fn a_batch_ends_where_its_commands_one_by_one_end(t: ProgressTracker) {
+    let script = |u: &str| -> Vec<Command> {
+        let c = |v: serde_json::Value| -> Command {
+            let mut v = v;
+            v["upgrade_id"] = json!(u);
+            serde_json::from_value(v).unwrap()
+        };
+        vec![
+            c(json!({"op": "task.start", "task_id": "a"})),
+            c(json!({"op": "task.update", "task_id": "a", "percentage": 40.0})),
+            c(json!({"op": "task.update", "task_id": "a", "percentage": 60.0})),
+            c(json!({"op": "task.start", "task_id": "c1"})),
+            c(json!({"op": "task.fail", "task_id": "c1", "error_message": "boom"})),
+            c(json!({"op": "task.complete", "task_id": "ghost"})),
+            c(json!({"op": "task.complete", "task_id": "a"})),
+            c(json!({"op": "task.complete", "task_id": "c1"})),
+            c(json!({"op": "task.retry", "task_id": "b"})),
+            c(json!({"op": "task.start", "task_id": "c1"})),
+            c(json!({"op": "task.start", "task_id": "c2"})),
+            c(json!({"op": "task.pause", "task_id": "g"})),
+            c(json!({"op": "task.resume", "task_id": "g"})),
+            c(json!({"op": "task.step", "task_id": "c2", "completed_steps": 1})),
+            c(json!({"op": "task.complete", "task_id": "c1"})),
+            c(json!({"op": "task.cancel", "task_id": "c2"})),
+            c(json!({"op": "task.complete", "task_id": "b"})),
+            c(json!({"op": "task.complete", "task_id": "g"})),
+        ]
+    };
+    let tree = |u: &str| {
+        setup(&t, u);
+        t.start_upgrade(u, None).unwrap();
+        add(&t, u, "g", None, 1.0);
+        add(&t, u, "a", Some("g"), 1.0);
+        add(&t, u, "b", Some("g"), 3.0);
+        add(&t, u, "c1", Some("b"), 1.0);
+        t.add_task(
+            u,
+            NewTask::new("c2", "C2", TaskType::UpgradeStep)
+                .parent("b")
+                .steps(4),
+        )
+        .unwrap();
+        add(&t, u, "z", None, 2.0);
+    };
+    for u in ["one", "batch1", "batch2"] {
+        tree(u);
+    }
+    let one: Vec<bool> = script("one")
+        .iter()
+        .map(|c| t.execute_batch(std::slice::from_ref(c)).unwrap()[0].is_ok())
+        .collect();
+    // Two upgrades' scripts interleaved in one batch.
+    let mut both = Vec::new();
+    for (x, y) in script("batch1").into_iter().zip(script("batch2")) {
+        both.push(x);
+        both.push(y);
+    }
+    let batch: Vec<bool> = t
+        .execute_batch(&both)
+        .unwrap()
+        .iter()
+        .map(|r| r.is_ok())
+        .collect();
+    assert!(
+        one.iter().any(|ok| !ok) && one.iter().filter(|ok| **ok).count() > 10,
+        "{one:?}"
+    );
+    for u in ["batch1", "batch2"] {
+        let mine: Vec<bool> = batch
+            .iter()
+            .skip(usize::from(u == "batch2"))
+            .step_by(2)
+            .copied()
+            .collect();
+        assert_eq!(mine, one, "{u}");
+        let view = |u: &str| {
+            let tasks: Vec<_> = t
+                .store()
+                .tasks(u)
+                .unwrap()
+                .into_iter()
+                .map(|x| {
+                    (
+                        x.task_id,
+                        x.status,
+                        x.percentage,
+                        x.children,
+                        x.error_message,
+                        x.retry_count,
+                        x.completed_steps,
+                        x.started_at.is_some(),
+                        x.completed_at.is_some(),
+                    )
+                })
+                .collect();
+            let up = t.store().upgrade(u).unwrap();
+            let events: Vec<_> = t
+                .events_since(Some(u), 0, 10_000)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.kind, e.task_id, e.status, e.message, e.percentage))
+                .collect();
+            (
+                tasks,
+                up.task_counts,
+                up.overall_percentage,
+                up.status,
+                events,
+            )
+        };
+        assert_eq!(view(u), view("one"), "{u}");
+    }
 }

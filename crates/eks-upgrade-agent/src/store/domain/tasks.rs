@@ -96,6 +96,15 @@ impl UpgradeDelta {
         self.counts[to.index()] += 1;
     }
 
+    /// Adds `other` to this.
+    pub(crate) fn add(&mut self, other: &UpgradeDelta) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.top_weight += other.top_weight;
+        self.top_sum += other.top_sum;
+    }
+
     /// Whether nothing changes.
     pub(crate) fn is_empty(&self) -> bool {
         self.counts == [0; 6] && self.top_weight == 0.0 && self.top_sum == 0.0

@@ -24,7 +24,7 @@ use uuid::Uuid;
 pub(crate) use super::connect::{Conn, Db, Manager, Tx};
 pub use super::connect::{PostgresOptions, parse_url, redact};
 use super::import::import_upgrade;
-use super::tasks::{add_tasks, task_command};
+use super::tasks::Batch;
 use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
@@ -313,6 +313,9 @@ fn upgrade_row(r: &Row) -> Result<UpgradeRow> {
     })
 }
 
+/// Number of columns in [`TASK_COLS`].
+pub(super) const TASK_COL_COUNT: usize = 30;
+
 pub(super) const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, \
     task_id, name, task_type, parent_task_id, status, percentage, current_step, total_steps, \
     completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
@@ -394,26 +397,29 @@ pub(super) fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Writes
 
-/// Writes everything one command changed on the upgrade row's counters, in one statement.
-pub(super) fn flush_delta(tx: &mut Tx<'_, '_>, ukey: i64, delta: &UpgradeDelta) -> Result<()> {
-    if delta.is_empty() {
+/// Writes what commands changed on upgrade rows' counters (per upgrade key): one statement.
+pub(super) fn flush_deltas(tx: &mut Tx<'_, '_>, deltas: &HashMap<i64, UpgradeDelta>) -> Result<()> {
+    let deltas: Vec<(i64, &UpgradeDelta)> = deltas
+        .iter()
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(k, d)| (*k, d))
+        .collect();
+    if deltas.is_empty() {
         return Ok(());
     }
+    let keys: Vec<i64> = deltas.iter().map(|(k, _)| *k).collect();
+    let count = |i: usize| -> Vec<i64> { deltas.iter().map(|(_, d)| d.counts[i]).collect() };
+    let (c0, c1, c2, c3, c4, c5) = (count(0), count(1), count(2), count(3), count(4), count(5));
+    let weights: Vec<f64> = deltas.iter().map(|(_, d)| d.top_weight).collect();
+    let sums: Vec<f64> = deltas.iter().map(|(_, d)| d.top_sum).collect();
     tx.exec(
-        "UPDATE upgrades SET c0 = c0 + $2, c1 = c1 + $3, c2 = c2 + $4, c3 = c3 + $5, \
-         c4 = c4 + $6, c5 = c5 + $7, top_weight = top_weight + $8, top_sum = top_sum + $9 \
-         WHERE ukey = $1",
-        &[
-            &ukey,
-            &delta.counts[0],
-            &delta.counts[1],
-            &delta.counts[2],
-            &delta.counts[3],
-            &delta.counts[4],
-            &delta.counts[5],
-            &delta.top_weight,
-            &delta.top_sum,
-        ],
+        "UPDATE upgrades u SET c0 = u.c0 + x.c0, c1 = u.c1 + x.c1, c2 = u.c2 + x.c2, \
+         c3 = u.c3 + x.c3, c4 = u.c4 + x.c4, c5 = u.c5 + x.c5, \
+         top_weight = u.top_weight + x.w, top_sum = u.top_sum + x.s \
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+         $6::bigint[], $7::bigint[], $8::float8[], $9::float8[]) \
+         AS x(k, c0, c1, c2, c3, c4, c5, w, s) WHERE u.ukey = x.k",
+        &[&keys, &c0, &c1, &c2, &c3, &c4, &c5, &weights, &sums],
     )?;
     Ok(())
 }
@@ -575,31 +581,42 @@ pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<
             }
         }
     }
-    tx.exec(
-        "INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, details, \
-         percentage) SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], $4::bigint[], \
-         $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::float8[])",
-        &[
-            &seqs, &ids, &ukeys, &tkeys, &kinds, &statuses, &tss, &messages, &details, &pcts,
-        ],
-    )?;
-    if !notes.0.is_empty() {
-        tx.exec(
-            "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
-             $5::bigint[], $6::text[])",
-            &[&notes.0, &notes.1, &notes.2, &notes.3, &notes.4, &notes.5],
-        )?;
-    }
     let (uk, us): (Vec<i64>, Vec<i64>) = upgrade_last.into_iter().unzip();
+    // One statement after the counter's: the events, their notifications, each upgrade's
+    // `last_seq` and the wake-up of followers.
     tx.exec(
-        "UPDATE upgrades u SET last_seq = x.s FROM UNNEST($1::bigint[], $2::bigint[]) AS x(k, s) \
-         WHERE u.ukey = x.k",
-        &[&uk, &us],
-    )?;
-    tx.exec(
-        "SELECT pg_notify($1, $2)",
-        &[&EVENTS_CHANNEL, &last.to_string()],
+        "WITH e AS (INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, \
+         details, percentage) SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], \
+         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], \
+         $10::float8[])), \
+         n AS (INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+         SELECT * FROM UNNEST($11::text[], $12::bigint[], $13::text[], $14::text[], \
+         $15::bigint[], $16::text[])), \
+         l AS (UPDATE upgrades u SET last_seq = x.s FROM UNNEST($17::bigint[], $18::bigint[]) \
+         AS x(k, s) WHERE u.ukey = x.k) \
+         SELECT pg_notify($19, $20)",
+        &[
+            &seqs,
+            &ids,
+            &ukeys,
+            &tkeys,
+            &kinds,
+            &statuses,
+            &tss,
+            &messages,
+            &details,
+            &pcts,
+            &notes.0,
+            &notes.1,
+            &notes.2,
+            &notes.3,
+            &notes.4,
+            &notes.5,
+            &uk,
+            &us,
+            &EVENTS_CHANNEL,
+            &last.to_string(),
+        ],
     )?;
     Ok(last as u64)
 }
@@ -661,73 +678,121 @@ pub(super) fn load_task(
     task_row(&row, upgrade_id)
 }
 
-pub(super) fn save_task(tx: &mut Tx<'_, '_>, row: &TaskRow) -> Result<()> {
-    let t = &row.task;
-    let k: Vec<i64> = row.child_counts.iter().map(|c| i64::from(*c)).collect();
+/// Writes `rows` back (every column a command may change): one statement.
+pub(super) fn save_tasks<'r>(
+    tx: &mut Tx<'_, '_>,
+    rows: impl Iterator<Item = &'r TaskRow>,
+) -> Result<()> {
+    let mut c = TaskColumns::default();
+    for row in rows {
+        let t = &row.task;
+        c.tkey.push(row.tkey);
+        c.status.push(status_code(t.status));
+        c.percentage.push(t.percentage);
+        c.current_step.push(t.current_step.clone());
+        c.completed_steps.push(i64::from(t.completed_steps));
+        c.error_message.push(t.error_message.clone());
+        c.retry_count.push(i64::from(t.retry_count));
+        c.last_message.push(t.last_message.clone());
+        c.started_at.push(t.started_at.map(micros));
+        c.completed_at.push(t.completed_at.map(micros));
+        c.duration.push(t.duration);
+        c.children.push(i64::from(t.children));
+        c.child_weight.push(row.child_weight);
+        c.child_sum.push(row.child_sum);
+        for (k, n) in c.k.iter_mut().zip(row.child_counts) {
+            k.push(i64::from(n));
+        }
+    }
+    if c.tkey.is_empty() {
+        return Ok(());
+    }
     tx.exec(
-        "UPDATE tasks SET status = $2, percentage = $3, current_step = $4, completed_steps = $5, \
-         error_message = $6, retry_count = $7, last_message = $8, started_at = $9, \
-         completed_at = $10, duration = $11, children = $12, child_weight = $13, \
-         child_sum = $14, k0 = $15, k1 = $16, k2 = $17, k3 = $18, k4 = $19, k5 = $20 \
-         WHERE tkey = $1",
+        "UPDATE tasks t SET status = x.status, percentage = x.percentage, \
+         current_step = x.current_step, completed_steps = x.completed_steps, \
+         error_message = x.error_message, retry_count = x.retry_count, \
+         last_message = x.last_message, started_at = x.started_at, \
+         completed_at = x.completed_at, duration = x.duration, children = x.children, \
+         child_weight = x.child_weight, child_sum = x.child_sum, k0 = x.k0, k1 = x.k1, \
+         k2 = x.k2, k3 = x.k3, k4 = x.k4, k5 = x.k5 \
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::bigint[], \
+         $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::float8[], \
+         $12::bigint[], $13::float8[], $14::float8[], $15::bigint[], $16::bigint[], \
+         $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[]) \
+         AS x(tkey, status, percentage, current_step, completed_steps, error_message, \
+         retry_count, last_message, started_at, completed_at, duration, children, \
+         child_weight, child_sum, k0, k1, k2, k3, k4, k5) WHERE t.tkey = x.tkey",
         &[
-            &row.tkey,
-            &status_code(t.status),
-            &t.percentage,
-            &t.current_step,
-            &i64::from(t.completed_steps),
-            &t.error_message,
-            &i64::from(t.retry_count),
-            &t.last_message,
-            &t.started_at.map(micros),
-            &t.completed_at.map(micros),
-            &t.duration,
-            &i64::from(t.children),
-            &row.child_weight,
-            &row.child_sum,
-            &k[0],
-            &k[1],
-            &k[2],
-            &k[3],
-            &k[4],
-            &k[5],
+            &c.tkey,
+            &c.status,
+            &c.percentage,
+            &c.current_step,
+            &c.completed_steps,
+            &c.error_message,
+            &c.retry_count,
+            &c.last_message,
+            &c.started_at,
+            &c.completed_at,
+            &c.duration,
+            &c.children,
+            &c.child_weight,
+            &c.child_sum,
+            &c.k[0],
+            &c.k[1],
+            &c.k[2],
+            &c.k[3],
+            &c.k[4],
+            &c.k[5],
         ],
     )?;
     Ok(())
 }
 
-/// Executes `commands`; says whether there is anything to commit.
+/// The columns [`save_tasks`] writes, one array each.
+#[derive(Default)]
+struct TaskColumns {
+    tkey: Vec<i64>,
+    status: Vec<i64>,
+    percentage: Vec<f64>,
+    current_step: Vec<Option<String>>,
+    completed_steps: Vec<i64>,
+    error_message: Vec<Option<String>>,
+    retry_count: Vec<i64>,
+    last_message: Vec<Option<String>>,
+    started_at: Vec<Option<i64>>,
+    completed_at: Vec<Option<i64>>,
+    duration: Vec<Option<f64>>,
+    children: Vec<i64>,
+    child_weight: Vec<f64>,
+    child_sum: Vec<f64>,
+    k: [Vec<i64>; 6],
+}
+
+/// Executes `commands` in one transaction through one row cache (see `tasks.rs`); says
+/// whether there is anything to commit.
 fn execute_batch(
     tx: &mut Tx<'_, '_>,
     commands: &[Command],
 ) -> Result<(Vec<Result<Committed>>, bool)> {
     let now = crate::model::now();
+    let mut batch = Batch::default();
+    batch.prepare(tx, commands)?;
     let mut results: Vec<Result<Staged>> = Vec::with_capacity(commands.len());
     // One command needs no savepoint: a failure rolls the transaction back.
-    let single = commands.len() == 1;
+    let savepoints = commands.len() > 1;
     for command in commands {
-        if !single {
-            tx.batch("SAVEPOINT cmd")?;
-        }
-        match execute_one(tx, command, now) {
-            Ok(s) => {
-                if !single {
-                    tx.batch("RELEASE cmd")?;
-                }
-                results.push(Ok(s));
-            }
+        match execute_one(tx, &mut batch, command, now, savepoints) {
+            Ok(s) => results.push(Ok(s)),
             Err(e @ Error::Backend { .. }) => return Err(e),
-            Err(e) => {
-                if !single {
-                    tx.batch("ROLLBACK TO cmd; RELEASE cmd")?;
-                }
-                results.push(Err(e));
-            }
+            Err(e) => results.push(Err(e)),
         }
     }
     let mut staged: Vec<&mut Staged> = results.iter_mut().filter_map(|r| r.as_mut().ok()).collect();
     let commit = !staged.is_empty();
-    assign(tx, &mut staged)?;
+    if commit {
+        batch.flush(tx)?;
+        assign(tx, &mut staged)?;
+    }
     let results = results
         .into_iter()
         .map(|r| r.map(|s| s.committed))
@@ -735,8 +800,39 @@ fn execute_batch(
     Ok((results, commit))
 }
 
-fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Result<Staged> {
+fn execute_one(
+    tx: &mut Tx<'_, '_>,
+    batch: &mut Batch,
+    command: &Command,
+    now: DateTime<Utc>,
+    savepoint: bool,
+) -> Result<Staged> {
     command.validate()?;
+    let mut staged = Staged::default();
+    match command {
+        Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {
+            let tasks = command.new_tasks();
+            batch.isolated(tx, savepoint, |b, tx| {
+                b.add_tasks(tx, &mut staged, upgrade_id, &tasks, now)
+            })?;
+            Ok(staged)
+        }
+        Command::UpgradeCreate { .. }
+        | Command::UpgradeStart { .. }
+        | Command::UpgradePhase { .. }
+        | Command::UpgradeComplete { .. }
+        | Command::UpgradeFail { .. } => {
+            batch.isolated(tx, savepoint, |_, tx| upgrade_command(tx, command, now))
+        }
+        _ => {
+            batch.task_command(tx, &mut staged, command, now)?;
+            Ok(staged)
+        }
+    }
+}
+
+/// Executes an upgrade command (create, start, phase, complete, fail).
+fn upgrade_command(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Result<Staged> {
     let mut staged = Staged::default();
     match command {
         Command::UpgradeCreate {
@@ -825,15 +921,7 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
             });
             Ok(staged)
         }
-        Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {
-            let tasks = command.new_tasks();
-            add_tasks(tx, &mut staged, upgrade_id, &tasks, now)?;
-            Ok(staged)
-        }
-        _ => {
-            task_command(tx, &mut staged, command, now)?;
-            Ok(staged)
-        }
+        _ => Err(Error::invalid("not an upgrade operation")),
     }
 }
 

@@ -1,6 +1,13 @@
 //! Task rows of [`PostgresStore`](super::PostgresStore) for the write path of
-//! `store/domain/tasks.rs` ([`TaskRows`]): reads and writes go to the transaction; events and
-//! notifications are staged ([`Staged`]) and get their `seq` at the end of the transaction.
+//! `store/domain/tasks.rs` ([`TaskRows`]), through the batch's row cache ([`Batch`]): a
+//! batch (one transaction) locks its upgrades in key order and reads the rows its task commands
+//! name in one statement each; commands change the cached rows, and the changed rows are
+//! written back in one statement (before any query that reads across rows, and at the end).
+//! Events and notifications are staged ([`Staged`]) and get their `seq` at the end of the
+//! transaction. A task command that fails puts back the rows it changed (its undo log); other
+//! commands of a batch (adding tasks, upgrade commands) run under a savepoint.
+
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
@@ -9,73 +16,307 @@ use super::progress::*;
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressStatus};
 use crate::store::domain::command::{Command, NewTask};
-use crate::store::domain::tasks::{TaskEvent, TaskRow, TaskRows, TaskWrite};
+use crate::store::domain::tasks::{TaskEvent, TaskRow, TaskRows, TaskWrite, UpgradeDelta};
+
+/// The rows one batch has read or changed, and what it owes the upgrade rows.
+#[derive(Default)]
+pub(super) struct Batch {
+    /// Upgrades locked by this transaction: id -> (key, cluster name).
+    upgrades: HashMap<String, (i64, String)>,
+    rows: HashMap<i64, TaskRow>,
+    /// (upgrade key, task id) -> task key, for the cached rows.
+    by_id: HashMap<(i64, String), i64>,
+    /// Rows changed since they were last written, in key order.
+    dirty: BTreeSet<i64>,
+    /// The current command's undo log: each row it changed, as it was before (and whether it
+    /// was waiting to be written then).
+    undo: Vec<TaskRow>,
+    undone: BTreeSet<i64>,
+    /// The upgrade rows' counters, per upgrade key.
+    deltas: HashMap<i64, UpgradeDelta>,
+}
+
+impl Batch {
+    /// Locks every upgrade `commands` name, in key order (so batches on several upgrades
+    /// cannot deadlock each other), and reads the task rows their task commands name: two
+    /// statements.
+    pub(super) fn prepare(&mut self, tx: &mut Tx<'_, '_>, commands: &[Command]) -> Result<()> {
+        let mut ids: Vec<&str> = commands.iter().map(|c| c.upgrade_id()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for r in tx.query(
+            "SELECT ukey, upgrade_id, cluster_name FROM upgrades WHERE upgrade_id = ANY($1) \
+             ORDER BY ukey FOR UPDATE",
+            &[&ids],
+        )? {
+            self.upgrades.insert(r.get(1), (r.get(0), r.get(2)));
+        }
+        let (mut ukeys, mut tids): (Vec<i64>, Vec<&str>) = (Vec::new(), Vec::new());
+        for c in commands {
+            if let (Some((task_id, _)), Some((ukey, _))) =
+                (c.task_op(), self.upgrades.get(c.upgrade_id()))
+            {
+                ukeys.push(*ukey);
+                tids.push(task_id);
+            }
+        }
+        if ukeys.is_empty() {
+            return Ok(());
+        }
+        let rows = tx.query(
+            &format!(
+                "SELECT {TASK_COLS}, t.ukey FROM tasks t JOIN UNNEST($1::bigint[], $2::text[]) \
+                 AS x(u, id) ON t.ukey = x.u AND t.task_id = x.id"
+            ),
+            &[&ukeys, &tids],
+        )?;
+        for r in &rows {
+            let ukey: i64 = r.get(TASK_COL_COUNT);
+            // The upgrade id is filled in when a command reads the row.
+            self.cache(ukey, task_row(r, "")?);
+        }
+        Ok(())
+    }
+
+    fn cache(&mut self, ukey: i64, row: TaskRow) {
+        self.by_id
+            .insert((ukey, row.task.task_id.clone()), row.tkey);
+        self.rows.insert(row.tkey, row);
+    }
+
+    /// The key and cluster of upgrade `upgrade_id`, locking its row if this batch has not.
+    fn upgrade(&mut self, tx: &mut Tx<'_, '_>, upgrade_id: &str) -> Result<(i64, String)> {
+        if let Some(u) = self.upgrades.get(upgrade_id) {
+            return Ok(u.clone());
+        }
+        let ukey = lock_upgrade(tx, upgrade_id)?;
+        let cluster: String = tx
+            .one(
+                "SELECT cluster_name FROM upgrades WHERE ukey = $1",
+                &[&ukey],
+            )?
+            .get(0);
+        self.upgrades
+            .insert(upgrade_id.to_owned(), (ukey, cluster.clone()));
+        Ok((ukey, cluster))
+    }
+
+    /// Writes the changed rows and the upgrade counters owed so far.
+    pub(super) fn flush(&mut self, tx: &mut Tx<'_, '_>) -> Result<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        save_tasks(tx, dirty.iter().filter_map(|k| self.rows.get(k)))?;
+        let deltas = std::mem::take(&mut self.deltas);
+        flush_deltas(tx, &deltas)
+    }
+
+    /// Starts a command: an empty undo log.
+    fn begin(&mut self) {
+        self.undo.clear();
+        self.undone.clear();
+    }
+
+    /// Ends a command that failed: its changed rows as they were before it (written again at
+    /// the next flush, in case a flush wrote them meanwhile).
+    fn roll_back(&mut self) {
+        for row in self.undo.drain(..) {
+            self.dirty.insert(row.tkey);
+            self.rows.insert(row.tkey, row);
+        }
+        self.undone.clear();
+    }
+
+    /// Forgets every cached row (after a rollback to a savepoint: the database is right, the
+    /// cache may not be). Nothing may be waiting to be written.
+    fn forget(&mut self) {
+        debug_assert!(self.dirty.is_empty());
+        self.rows.clear();
+        self.by_id.clear();
+        self.undo.clear();
+        self.undone.clear();
+    }
+
+    /// Executes a task command (a leaf's or a parent's) through the cache.
+    pub(super) fn task_command(
+        &mut self,
+        tx: &mut Tx<'_, '_>,
+        staged: &mut Staged,
+        command: &Command,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.begin();
+        let result = self.task_command_inner(tx, staged, command, now);
+        if result.is_err() {
+            self.roll_back();
+        }
+        result
+    }
+
+    fn task_command_inner(
+        &mut self,
+        tx: &mut Tx<'_, '_>,
+        staged: &mut Staged,
+        command: &Command,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let upgrade_id = command.upgrade_id();
+        let (task_id, _) = command.task_op().expect("remaining commands are task ops");
+        let (ukey, cluster) = self.upgrade(tx, upgrade_id)?;
+        let mut rows = PgRows {
+            tx,
+            batch: self,
+            staged,
+            ukey,
+            upgrade_id,
+            cluster,
+        };
+        let row = rows
+            .task_by_id(task_id)?
+            .ok_or_else(|| task_not_found(upgrade_id, task_id))?;
+        let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
+        w.execute(row, command)?;
+        let delta = w.delta;
+        self.owe(ukey, &delta);
+        Ok(())
+    }
+
+    /// Adds `tasks` to the upgrade `upgrade_id` (under a savepoint when in a batch: see
+    /// [`forget`](Self::forget)).
+    pub(super) fn add_tasks(
+        &mut self,
+        tx: &mut Tx<'_, '_>,
+        staged: &mut Staged,
+        upgrade_id: &str,
+        tasks: &[NewTask],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.begin();
+        let (ukey, cluster) = self.upgrade(tx, upgrade_id)?;
+        let mut rows = PgRows {
+            tx,
+            batch: self,
+            staged,
+            ukey,
+            upgrade_id,
+            cluster,
+        };
+        let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
+        w.add_tasks(tasks)?;
+        let delta = w.delta;
+        self.owe(ukey, &delta);
+        Ok(())
+    }
+
+    fn owe(&mut self, ukey: i64, delta: &UpgradeDelta) {
+        if !delta.is_empty() {
+            self.deltas.entry(ukey).or_default().add(delta);
+        }
+    }
+
+    /// Runs `f` (a command that writes to the database itself) under a savepoint when
+    /// `savepoint`: everything owed is written first, and a failure rolls back to it.
+    pub(super) fn isolated<T>(
+        &mut self,
+        tx: &mut Tx<'_, '_>,
+        savepoint: bool,
+        f: impl FnOnce(&mut Batch, &mut Tx<'_, '_>) -> Result<T>,
+    ) -> Result<T> {
+        self.flush(tx)?;
+        if !savepoint {
+            return f(self, tx);
+        }
+        tx.batch("SAVEPOINT cmd")?;
+        match f(self, tx) {
+            Ok(out) => {
+                tx.batch("RELEASE cmd")?;
+                Ok(out)
+            }
+            Err(e @ Error::Backend { .. }) => Err(e),
+            Err(e) => {
+                tx.batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                self.dirty.clear();
+                self.deltas.clear();
+                self.forget();
+                Err(e)
+            }
+        }
+    }
+}
 
 /// One command's rows on one upgrade, and the events it staged.
 pub(super) struct PgRows<'a, 'b, 'c> {
     tx: &'a mut Tx<'b, 'c>,
+    batch: &'a mut Batch,
     staged: &'a mut Staged,
     ukey: i64,
     upgrade_id: &'a str,
-    cluster: Option<String>,
+    cluster: String,
 }
 
-impl<'a, 'b, 'c> PgRows<'a, 'b, 'c> {
-    pub(super) fn new(
-        tx: &'a mut Tx<'b, 'c>,
-        staged: &'a mut Staged,
-        ukey: i64,
-        upgrade_id: &'a str,
-    ) -> Self {
-        PgRows {
-            tx,
-            staged,
-            ukey,
-            upgrade_id,
-            cluster: None,
-        }
+impl PgRows<'_, '_, '_> {
+    /// `row` from the cache (or the database), with its upgrade id.
+    fn cached(&mut self, tkey: i64) -> Option<TaskRow> {
+        self.batch.rows.get(&tkey).map(|r| {
+            let mut r = r.clone();
+            r.task.upgrade_id = self.upgrade_id.to_owned();
+            r
+        })
     }
 
-    /// The upgrade's cluster name, read once per command.
-    fn cluster(&mut self) -> Result<String> {
-        if self.cluster.is_none() {
-            self.cluster = Some(
-                self.tx
-                    .one(
-                        "SELECT cluster_name FROM upgrades WHERE ukey = $1",
-                        &[&self.ukey],
-                    )?
-                    .get(0),
-            );
-        }
-        Ok(self.cluster.clone().unwrap_or_default())
+    /// Writes the changed rows before a query that reads across rows.
+    fn sync(&mut self) -> Result<()> {
+        self.batch.flush(self.tx)
     }
 }
 
 impl TaskRows for PgRows<'_, '_, '_> {
     fn task(&mut self, tkey: i64) -> Result<TaskRow> {
-        task_row(
+        if let Some(row) = self.cached(tkey) {
+            return Ok(row);
+        }
+        let row = task_row(
             &self.tx.one(
                 &format!("SELECT {TASK_COLS} FROM tasks WHERE tkey = $1"),
                 &[&tkey],
             )?,
             self.upgrade_id,
-        )
+        )?;
+        self.batch.cache(self.ukey, row.clone());
+        Ok(row)
     }
 
     fn task_by_id(&mut self, task_id: &str) -> Result<Option<TaskRow>> {
+        if let Some(k) = self
+            .batch
+            .by_id
+            .get(&(self.ukey, task_id.to_owned()))
+            .copied()
+        {
+            return Ok(self.cached(k));
+        }
         match load_task(self.tx, self.ukey, self.upgrade_id, task_id) {
-            Ok(row) => Ok(Some(row)),
+            Ok(row) => {
+                self.batch.cache(self.ukey, row.clone());
+                Ok(Some(row))
+            }
             Err(Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     fn save(&mut self, row: &TaskRow) -> Result<()> {
-        save_task(self.tx, row)
+        let b = &mut *self.batch;
+        if b.undone.insert(row.tkey)
+            && let Some(old) = b.rows.get(&row.tkey)
+        {
+            b.undo.push(old.clone());
+        }
+        b.dirty.insert(row.tkey);
+        b.rows.insert(row.tkey, row.clone());
+        Ok(())
     }
 
     fn children(&mut self, parent: i64) -> Result<Vec<(i64, u32, ProgressStatus)>> {
+        self.sync()?;
         self.tx
             .query(
                 "SELECT tkey, children, status FROM tasks WHERE parent_tkey = $1 ORDER BY tkey",
@@ -93,6 +334,7 @@ impl TaskRows for PgRows<'_, '_, '_> {
     }
 
     fn first_failed_child(&mut self, parent: i64) -> Result<Option<(String, Option<String>)>> {
+        self.sync()?;
         Ok(self
             .tx
             .opt(
@@ -104,6 +346,7 @@ impl TaskRows for PgRows<'_, '_, '_> {
     }
 
     fn unfinished_children(&mut self, parent: i64, limit: usize) -> Result<Vec<String>> {
+        self.sync()?;
         Ok(self
             .tx
             .query(
@@ -192,7 +435,7 @@ impl TaskRows for PgRows<'_, '_, '_> {
                 .status_change(local, self.upgrade_id, Some(&row.task.task_id), from, to);
         }
         if crate::notify::detail_type(e.kind, Some(from)).is_some() {
-            let cluster = self.cluster()?;
+            let cluster = self.cluster.clone();
             self.staged.notes.push(Note {
                 event: local as usize - 1,
                 from: Some(from),
@@ -205,7 +448,7 @@ impl TaskRows for PgRows<'_, '_, '_> {
     }
 
     fn history_sample(&mut self, task_id: &str, secs: f64, per_step: Option<f64>) -> Result<()> {
-        let cluster = self.cluster()?;
+        let cluster = self.cluster.clone();
         self.staged.samples.push(Sample {
             cluster,
             task_id: task_id.to_owned(),
@@ -214,38 +457,4 @@ impl TaskRows for PgRows<'_, '_, '_> {
         });
         Ok(())
     }
-}
-
-/// Executes a task command on task `task_id` of the upgrade `upgrade_id`.
-pub(super) fn task_command(
-    tx: &mut Tx<'_, '_>,
-    staged: &mut Staged,
-    command: &Command,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let upgrade_id = command.upgrade_id();
-    let (task_id, _) = command.task_op().expect("remaining commands are task ops");
-    let ukey = lock_upgrade(tx, upgrade_id)?;
-    let row = load_task(tx, ukey, upgrade_id, task_id)?;
-    let mut rows = PgRows::new(tx, staged, ukey, upgrade_id);
-    let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
-    w.execute(row, command)?;
-    let delta = w.delta;
-    flush_delta(tx, ukey, &delta)
-}
-
-/// Adds `tasks` to the upgrade `upgrade_id`.
-pub(super) fn add_tasks(
-    tx: &mut Tx<'_, '_>,
-    staged: &mut Staged,
-    upgrade_id: &str,
-    tasks: &[NewTask],
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let ukey = lock_upgrade(tx, upgrade_id)?;
-    let mut rows = PgRows::new(tx, staged, ukey, upgrade_id);
-    let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
-    w.add_tasks(tasks)?;
-    let delta = w.delta;
-    flush_delta(tx, ukey, &delta)
 }
