@@ -67,10 +67,20 @@ pub struct PoolStats {
 impl PostgresStore {
     /// Connects to the database at `url` and brings its schema up to date.
     pub fn open(url: &str, options: &PostgresOptions) -> Result<PostgresStore> {
+        Self::open_with_limits(url, options, &SessionLimits::default())
+    }
+
+    /// [`open`](Self::open) with other session limits (tests).
+    pub(crate) fn open_with_limits(
+        url: &str,
+        options: &PostgresOptions,
+        limits: &SessionLimits,
+    ) -> Result<PostgresStore> {
         let mut config = parse_url(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
+        limits.apply(&mut config);
         let shown = redact(url);
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size.max(1))
@@ -191,6 +201,45 @@ impl PostgresStore {
                 other => return other,
             }
         }
+    }
+}
+
+/// Limits the server enforces on each of our sessions, so that a replica that freezes (or
+/// loses its network) inside a transaction cannot hold an upgrade's row or the `seq` counter,
+/// and so every other replica's commits, for longer than `idle_in_transaction`: the server ends
+/// such a session and rolls its transaction back. `statement` bounds any one statement
+/// (a lock wait included). Options of the database URL's `options` naming the same settings
+/// win.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionLimits {
+    pub(crate) idle_in_transaction: Duration,
+    pub(crate) statement: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            idle_in_transaction: Duration::from_secs(15),
+            statement: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SessionLimits {
+    fn apply(&self, config: &mut postgres::Config) {
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        for (name, value) in [
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction,
+            ),
+            ("statement_timeout", self.statement),
+        ] {
+            if !options.contains(name) {
+                options.push_str(&format!(" -c {name}={}", value.as_millis().max(1)));
+            }
+        }
+        config.options(options.trim());
     }
 }
 
@@ -1157,6 +1206,166 @@ mod tests {
         let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
         assert_eq!(store.schema_version().unwrap(), 2);
         assert_eq!(store.task_history("c", &["a"]).unwrap(), written);
+    }
+
+    /// Guarantee G15: a replica frozen inside a transaction that holds the `seq` counter (so
+    /// every commit waits for it) loses it after `idle_in_transaction_session_timeout`: another
+    /// replica's command, blocked meanwhile, then commits; the frozen one's commit fails. Our
+    /// sessions carry the limits.
+    #[test]
+    fn a_frozen_replica_cannot_hold_the_counter() {
+        use std::time::Instant;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let options = PostgresOptions {
+            pool_size: 2,
+            ..PostgresOptions::default()
+        };
+        let defaults = PostgresStore::open(&url, &options).unwrap();
+        defaults
+            .with_conn(|c| {
+                let show = |c: &mut Conn, name: &str| -> String {
+                    c.client
+                        .query_one(&format!("SHOW {name}"), &[])
+                        .unwrap()
+                        .get(0)
+                };
+                assert_eq!(show(c, "idle_in_transaction_session_timeout"), "15s");
+                assert_eq!(show(c, "statement_timeout"), "1min");
+                Ok(())
+            })
+            .unwrap();
+        let frozen = PostgresStore::open_with_limits(
+            &url,
+            &options,
+            &SessionLimits {
+                idle_in_transaction: Duration::from_millis(700),
+                statement: Duration::from_secs(30),
+            },
+        )
+        .unwrap();
+        // The live replica gives up on a statement after 8 s (so this test fails, not hangs,
+        // without the limit).
+        let live = PostgresStore::open_with_limits(
+            &url,
+            &options,
+            &SessionLimits {
+                idle_in_transaction: Duration::from_secs(15),
+                statement: Duration::from_secs(8),
+            },
+        )
+        .unwrap();
+        let create = Command::UpgradeCreate {
+            upgrade_id: "u".into(),
+            plan_id: "p".into(),
+            cluster_name: "c".into(),
+            metadata: JsonMap::new(),
+        };
+        live.execute(&[create]).unwrap().remove(0).unwrap();
+        frozen
+            .with_conn(|c| {
+                c.client
+                    .batch_execute("BEGIN; UPDATE seq_counter SET seq = seq")?;
+                // Frozen from here: the live replica's command waits for the counter.
+                let start = Instant::now();
+                let phase = Command::UpgradePhase {
+                    upgrade_id: "u".into(),
+                    phase: "nodes".into(),
+                };
+                let result =
+                    std::thread::scope(|s| s.spawn(|| live.execute(&[phase])).join().unwrap());
+                let waited = start.elapsed();
+                let committed = result.unwrap().remove(0);
+                assert!(committed.is_ok(), "{committed:?}");
+                assert!(
+                    waited >= Duration::from_millis(500) && waited < Duration::from_secs(6),
+                    "{waited:?}"
+                );
+                assert!(c.client.batch_execute("COMMIT").is_err());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(live.last_seq().unwrap(), 2);
+    }
+
+    /// Guarantee G16: batches that touch several upgrades lock them in one order (by key), so
+    /// replicas writing batches in opposite orders never deadlock (PostgreSQL's own count of
+    /// deadlocks stays 0), and every command commits.
+    #[test]
+    fn batches_in_opposite_orders_do_not_deadlock() {
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let options = PostgresOptions {
+            pool_size: 2,
+            ..PostgresOptions::default()
+        };
+        let a = PostgresStore::open(&url, &options).unwrap();
+        let b = PostgresStore::open(&url, &options).unwrap();
+        let ids = ["u1", "u2", "u3"];
+        for u in ids {
+            let setup = [
+                Command::UpgradeCreate {
+                    upgrade_id: u.into(),
+                    plan_id: "p".into(),
+                    cluster_name: "c".into(),
+                    metadata: JsonMap::new(),
+                },
+                Command::TaskAddMany {
+                    upgrade_id: u.into(),
+                    tasks: vec![crate::store::domain::command::NewTask::new(
+                        "t",
+                        "T",
+                        crate::model::TaskType::UpgradeStep,
+                    )],
+                },
+            ];
+            for r in a.execute(&setup).unwrap() {
+                r.unwrap();
+            }
+        }
+        let update = |u: &str, n: usize| Command::TaskUpdate {
+            upgrade_id: u.into(),
+            task_id: "t".into(),
+            percentage: (n % 100) as f64,
+            message: None,
+            details: JsonMap::new(),
+        };
+        const ROUNDS: usize = 150;
+        std::thread::scope(|s| {
+            for (store, forward) in [(&a, true), (&b, false)] {
+                s.spawn(move || {
+                    for n in 0..ROUNDS {
+                        let mut order = ids.to_vec();
+                        if !forward {
+                            order.reverse();
+                        }
+                        let batch: Vec<Command> = order.iter().map(|u| update(u, n)).collect();
+                        for r in store.execute(&batch).unwrap() {
+                            r.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        // Each backend reports its statistics within a second of going idle.
+        std::thread::sleep(Duration::from_millis(1500));
+        let deadlocks: i64 = a
+            .read(|db| {
+                db.batch("SELECT pg_stat_clear_snapshot()")?;
+                Ok(db
+                    .one(
+                        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+                        &[],
+                    )?
+                    .get(0))
+            })
+            .unwrap();
+        assert_eq!(deadlocks, 0);
+        // Create + add per upgrade, then 2 x ROUNDS updates of each.
+        assert_eq!(
+            a.last_seq().unwrap(),
+            (ids.len() * 2 + 2 * ROUNDS * ids.len()) as u64
+        );
     }
 
     #[test]
