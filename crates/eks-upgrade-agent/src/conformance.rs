@@ -910,7 +910,7 @@ fn pages_of_upgrades_and_tasks(t: ProgressTracker) {
     assert!(t.tasks_page("u1", None, 3).unwrap().is_empty());
 }
 
-/// Guarantees E2, E5, E7: each timed completion of a leaf task is one duration sample (and a
+/// Guarantees E2, E5, G9: each timed completion of a leaf task is one duration sample (and a
 /// per-step one when stepped) on its upgrade's cluster and on every cluster, written with the
 /// completion: a command of a batch that fails adds none; failed, cancelled and untimed
 /// completions add none; an import adds its timed completed leaf tasks; the last 50 are kept.

@@ -1208,7 +1208,7 @@ mod tests {
         assert_eq!(store.task_history("c", &["a"]).unwrap(), written);
     }
 
-    /// Guarantee G15: a replica frozen inside a transaction that holds the `seq` counter (so
+    /// Guarantee G11: a replica frozen inside a transaction that holds the `seq` counter (so
     /// every commit waits for it) loses it after `idle_in_transaction_session_timeout`: another
     /// replica's command, blocked meanwhile, then commits; the frozen one's commit fails. Our
     /// sessions carry the limits.
@@ -1288,7 +1288,7 @@ mod tests {
         assert_eq!(live.last_seq().unwrap(), 2);
     }
 
-    /// Guarantee G16: batches that touch several upgrades lock them in one order (by key), so
+    /// Guarantee G12: batches that touch several upgrades lock them in one order (by key), so
     /// replicas writing batches in opposite orders never deadlock (PostgreSQL's own count of
     /// deadlocks stays 0), and every command commits.
     #[test]
