@@ -17,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 15] = [
+    let cases: [Case; 17] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -47,6 +47,14 @@ pub fn run(factory: Factory<'_>) {
         (
             "hostile_imports_are_refused_whole",
             hostile_imports_are_refused_whole,
+        ),
+        (
+            "completions_and_imports_feed_the_history",
+            completions_and_imports_feed_the_history,
+        ),
+        (
+            "a_batch_ends_where_its_commands_one_by_one_end",
+            a_batch_ends_where_its_commands_one_by_one_end,
         ),
     ];
     for (name, case) in cases {
@@ -900,4 +908,236 @@ fn pages_of_upgrades_and_tasks(t: ProgressTracker) {
         Error::NotFound { .. }
     ));
     assert!(t.tasks_page("u1", None, 3).unwrap().is_empty());
+}
+
+/// Guarantees E2, E5, G9: each timed completion of a leaf task is one duration sample (and a
+/// per-step one when stepped) on its upgrade's cluster and on every cluster, written with the
+/// completion: a command of a batch that fails adds none; failed, cancelled and untimed
+/// completions add none; an import adds its timed completed leaf tasks; the last 50 are kept.
+fn completions_and_imports_feed_the_history(t: ProgressTracker) {
+    use crate::store::domain::history::{MAX_SAMPLES, TaskHistory};
+    let store = t.store().clone();
+    let run = |u: &str, cluster: &str| {
+        t.create_upgrade(u, "p", cluster, JsonMap::new()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+        t.add_task(u, NewTask::new("a", "A", TaskType::UpgradeStep).steps(4))
+            .unwrap();
+        t.start_task(u, "a", None).unwrap();
+    };
+    for (i, cluster) in ["c", "c", "d"].iter().enumerate() {
+        run(&format!("done{i}"), cluster);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(4));
+    // The three completions in one batch, with a failing command between them.
+    let complete = |u: &str, task: &str| Command::TaskComplete {
+        upgrade_id: u.into(),
+        task_id: task.into(),
+        message: None,
+    };
+    let results = t
+        .execute_batch(&[
+            complete("done0", "a"),
+            complete("done1", "a"),
+            complete("done1", "ghost"),
+            complete("done2", "a"),
+        ])
+        .unwrap();
+    assert!(results[2].is_err());
+    assert!(results.iter().filter(|r| r.is_ok()).count() == 3);
+    let h = store.task_history("c", &["a", "b"]).unwrap();
+    assert_eq!(h.len(), 2);
+    let c = h[0].cluster.unwrap();
+    let g = h[0].global.unwrap();
+    assert_eq!((c.duration.samples, g.duration.samples), (2, 3));
+    assert!(c.duration.p50 >= 0.004, "{c:?}");
+    let step = c.per_step.unwrap();
+    assert!((step.p50 - c.duration.p50 / 4.0).abs() < 1e-6, "{c:?}");
+    assert_eq!(h[1], TaskHistory::default());
+    assert_eq!(
+        store.task_history("d", &["a"]).unwrap()[0]
+            .cluster
+            .unwrap()
+            .duration
+            .samples,
+        1
+    );
+    // A task that failed, was cancelled or completed untimed is no sample.
+    run("live", "c");
+    t.fail_task("live", "a", "x").unwrap();
+    t.create_upgrade("untimed", "p", "c", JsonMap::new())
+        .unwrap();
+    t.add_tasks(
+        "untimed",
+        vec![
+            NewTask::new("a", "A", TaskType::UpgradeStep),
+            NewTask::new("x", "X", TaskType::UpgradeStep),
+        ],
+    )
+    .unwrap();
+    t.complete_task("untimed", "a", None).unwrap();
+    t.start_task("untimed", "x", None).unwrap();
+    t.cancel_task("untimed", "x", None).unwrap();
+    let h = store.task_history("c", &["a", "x"]).unwrap();
+    assert_eq!(h[0].global.unwrap().duration.samples, 3);
+    assert_eq!(h[1], TaskHistory::default());
+    // A task id's first stepped run after an unstepped one.
+    for (u, steps) in [("plain", None), ("stepped", Some(2))] {
+        t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+        let mut task = NewTask::new("m", "M", TaskType::UpgradeStep);
+        task.total_steps = steps;
+        t.add_task(u, task).unwrap();
+        t.start_task(u, "m", None).unwrap();
+        t.complete_task(u, "m", None).unwrap();
+    }
+    let m = store.task_history("c", &["m"]).unwrap()[0].cluster.unwrap();
+    assert_eq!(m.duration.samples, 2);
+    assert_eq!(m.per_step.unwrap().samples, 1);
+    // Imports: a timed completed leaf is a sample (of its duration), a parent is not; past
+    // 50 samples the oldest go.
+    for i in 0..MAX_SAMPLES + 2 {
+        let (mut u, mut tasks, mut events) = importable();
+        u.upgrade_id = format!("imp{i}");
+        u.cluster_name = "e".into();
+        for task in &mut tasks {
+            task.upgrade_id = u.upgrade_id.clone();
+            task.status = ProgressStatus::Completed;
+            task.percentage = 100.0;
+            task.completed_steps = 4;
+            task.duration = Some(if i < 2 { 1000.0 } else { 10.0 + i as f64 });
+            task.completed_at = task
+                .started_at
+                .map(|s| s + chrono::TimeDelta::milliseconds(i as i64 + 1));
+        }
+        for e in &mut events {
+            e.upgrade_id = u.upgrade_id.clone();
+        }
+        t.store().import(&u, &tasks, &events).unwrap();
+    }
+    let h = store.task_history("e", &["a", "b"]).unwrap();
+    assert_eq!(h[0].cluster, None, "a parent is no sample");
+    assert_eq!(h[0].global.unwrap().duration.samples, 3);
+    let b = h[1].cluster.unwrap();
+    assert_eq!(b.duration.samples as usize, MAX_SAMPLES);
+    assert!(b.duration.p90 < 1000.0, "the two oldest are gone: {b:?}");
+    assert!((b.duration.p50 - 36.5).abs() < 1e-3, "{b:?}");
+    assert!((b.per_step.unwrap().p50 - 36.5 / 4.0).abs() < 1e-3, "{b:?}");
+}
+
+/// Guarantee G10: a batch (one transaction; a backend may keep the rows it changes in memory
+/// until the end, or until a query reads across rows) ends in the state the same commands
+/// reach one by one, failing commands included: the same statuses, percentages, counters,
+/// errors and events, over a tree where parents derive their status and parent commands walk
+/// their leaves; batches may touch several upgrades and the same task several times.
+fn a_batch_ends_where_its_commands_one_by_one_end(t: ProgressTracker) {
+    let script = |u: &str| -> Vec<Command> {
+        let c = |v: serde_json::Value| -> Command {
+            let mut v = v;
+            v["upgrade_id"] = json!(u);
+            serde_json::from_value(v).unwrap()
+        };
+        vec![
+            c(json!({"op": "task.start", "task_id": "a"})),
+            c(json!({"op": "task.update", "task_id": "a", "percentage": 40.0})),
+            c(json!({"op": "task.update", "task_id": "a", "percentage": 60.0})),
+            c(json!({"op": "task.start", "task_id": "c1"})),
+            c(json!({"op": "task.fail", "task_id": "c1", "error_message": "boom"})),
+            c(json!({"op": "task.complete", "task_id": "ghost"})),
+            c(json!({"op": "task.complete", "task_id": "a"})),
+            c(json!({"op": "task.complete", "task_id": "c1"})),
+            c(json!({"op": "task.retry", "task_id": "b"})),
+            c(json!({"op": "task.start", "task_id": "c1"})),
+            c(json!({"op": "task.start", "task_id": "c2"})),
+            c(json!({"op": "task.pause", "task_id": "g"})),
+            c(json!({"op": "task.resume", "task_id": "g"})),
+            c(json!({"op": "task.step", "task_id": "c2", "completed_steps": 1})),
+            c(json!({"op": "task.complete", "task_id": "c1"})),
+            c(json!({"op": "task.cancel", "task_id": "c2"})),
+            c(json!({"op": "task.complete", "task_id": "b"})),
+            c(json!({"op": "task.complete", "task_id": "g"})),
+        ]
+    };
+    let tree = |u: &str| {
+        setup(&t, u);
+        t.start_upgrade(u, None).unwrap();
+        add(&t, u, "g", None, 1.0);
+        add(&t, u, "a", Some("g"), 1.0);
+        add(&t, u, "b", Some("g"), 3.0);
+        add(&t, u, "c1", Some("b"), 1.0);
+        t.add_task(
+            u,
+            NewTask::new("c2", "C2", TaskType::UpgradeStep)
+                .parent("b")
+                .steps(4),
+        )
+        .unwrap();
+        add(&t, u, "z", None, 2.0);
+    };
+    for u in ["one", "batch1", "batch2"] {
+        tree(u);
+    }
+    let one: Vec<bool> = script("one")
+        .iter()
+        .map(|c| t.execute_batch(std::slice::from_ref(c)).unwrap()[0].is_ok())
+        .collect();
+    // Two upgrades' scripts interleaved in one batch.
+    let mut both = Vec::new();
+    for (x, y) in script("batch1").into_iter().zip(script("batch2")) {
+        both.push(x);
+        both.push(y);
+    }
+    let batch: Vec<bool> = t
+        .execute_batch(&both)
+        .unwrap()
+        .iter()
+        .map(|r| r.is_ok())
+        .collect();
+    assert!(
+        one.iter().any(|ok| !ok) && one.iter().filter(|ok| **ok).count() > 10,
+        "{one:?}"
+    );
+    for u in ["batch1", "batch2"] {
+        let mine: Vec<bool> = batch
+            .iter()
+            .skip(usize::from(u == "batch2"))
+            .step_by(2)
+            .copied()
+            .collect();
+        assert_eq!(mine, one, "{u}");
+        let view = |u: &str| {
+            let tasks: Vec<_> = t
+                .store()
+                .tasks(u)
+                .unwrap()
+                .into_iter()
+                .map(|x| {
+                    (
+                        x.task_id,
+                        x.status,
+                        x.percentage,
+                        x.children,
+                        x.error_message,
+                        x.retry_count,
+                        x.completed_steps,
+                        x.started_at.is_some(),
+                        x.completed_at.is_some(),
+                    )
+                })
+                .collect();
+            let up = t.store().upgrade(u).unwrap();
+            let events: Vec<_> = t
+                .events_since(Some(u), 0, 10_000)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.kind, e.task_id, e.status, e.message, e.percentage))
+                .collect();
+            (
+                tasks,
+                up.task_counts,
+                up.overall_percentage,
+                up.status,
+                events,
+            )
+        };
+        assert_eq!(view(u), view("one"), "{u}");
+    }
 }

@@ -56,7 +56,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
-use crate::model::{EventKind, ProgressStatus, Task, seconds_between};
+use crate::model::{EventKind, ProgressStatus, Task, Upgrade, seconds_between};
 use crate::store::domain::command::{Command, TaskOp};
 
 use ProgressStatus::*;
@@ -108,6 +108,43 @@ pub(crate) fn upgrade_transition(
             to,
         })
     }
+}
+
+/// Applies an upgrade command (start, phase, complete, fail) to `u`: the transition (an
+/// `InvalidTransition` error), the times, phase, error and status. Returns the status it had
+/// and the event to append (its percentage is the upgrade's overall percentage).
+pub(crate) fn apply_upgrade(
+    u: &mut Upgrade,
+    command: &Command,
+    now: DateTime<Utc>,
+) -> Result<(ProgressStatus, TaskEffect)> {
+    let from = u.status;
+    let to = upgrade_transition(&u.upgrade_id, from, command)?.unwrap_or(from);
+    let (kind, message) = match command {
+        Command::UpgradeStart { phase, .. } => {
+            u.started_at = Some(now);
+            if phase.is_some() {
+                u.current_phase.clone_from(phase);
+            }
+            (EventKind::UpgradeStarted, phase.clone())
+        }
+        Command::UpgradePhase { phase, .. } => {
+            u.current_phase = Some(phase.clone());
+            (EventKind::UpgradePhaseChanged, Some(phase.clone()))
+        }
+        Command::UpgradeComplete { message, .. } => {
+            u.completed_at = Some(now);
+            (EventKind::UpgradeCompleted, message.clone())
+        }
+        Command::UpgradeFail { error_message, .. } => {
+            u.completed_at = Some(now);
+            u.error_message = Some(error_message.clone());
+            (EventKind::UpgradeFailed, Some(error_message.clone()))
+        }
+        _ => return Err(Error::invalid("not an upgrade operation")),
+    };
+    u.status = to;
+    Ok((from, TaskEffect { kind, message }))
 }
 
 /// What a task command did, for the event the store appends.

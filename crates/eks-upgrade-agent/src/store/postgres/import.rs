@@ -1,14 +1,14 @@
 //! Importing a whole upgrade into [`PostgresStore`](super::PostgresStore)
-//! (`ProgressStore::import`), as the SQLite backend does: the rollups and derived statuses
-//! rebuilt bottom-up, then tasks written and the events staged for new `seq`s. The input was
-//! checked by `check_import` first.
+//! (`ProgressStore::import`), as the SQLite backend does: the rows of the plan of
+//! `store/domain/import.rs` (rollups and derived statuses rebuilt bottom-up), then the events
+//! staged for new `seq`s. The input was checked by `check_import` first.
 
 use std::collections::HashMap;
 
 use super::progress::*;
 use crate::error::{Error, Result};
-use crate::model::{ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::store::domain::machine;
+use crate::model::{ProgressEvent, Task, Upgrade};
+use crate::store::domain::import;
 
 pub(super) fn import_upgrade(
     tx: &mut Tx<'_, '_>,
@@ -16,40 +16,12 @@ pub(super) fn import_upgrade(
     tasks: &[Task],
     events: &[ProgressEvent],
 ) -> Result<u64> {
-    // Rebuild the rollup sums and the derived statuses bottom-up (tasks come parents first, so
-    // walk them backwards): a parent's effective percentage and status depend on its
-    // children's.
-    let index: HashMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.task_id.as_str(), i))
-        .collect();
-    let mut child = vec![(0u32, 0.0f64, 0.0f64); tasks.len()];
-    let mut child_counts = vec![[0u32; 6]; tasks.len()];
-    let mut status: Vec<ProgressStatus> = tasks.iter().map(|t| t.status).collect();
-    let mut effective = vec![0.0f64; tasks.len()];
-    let mut counts = [0i64; 6];
-    let (mut top_w, mut top_s) = (0.0, 0.0);
-    for (i, t) in tasks.iter().enumerate().rev() {
-        let (n, cw, cs) = child[i];
-        if n > 0 {
-            status[i] = machine::derived_status(child_counts[i], t.started_at.is_some());
-        }
-        counts[status[i].index()] += 1;
-        effective[i] = machine::effective_percentage(status[i], t.percentage, cw, cs);
-        match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
-            Some(&p) => {
-                child[p].0 += 1;
-                child[p].1 += t.weight;
-                child[p].2 += t.weight * effective[i];
-                child_counts[p][status[i].index()] += 1;
-            }
-            None => {
-                top_w += t.weight;
-                top_s += t.weight * effective[i];
-            }
-        }
+    if upgrade_key(tx, &upgrade.upgrade_id).is_ok() {
+        return Err(Error::AlreadyExists {
+            what: format!("upgrade {:?}", upgrade.upgrade_id),
+        });
     }
+    let plan = import::plan(tasks)?;
     let ukey: i64 = match tx.opt(
         "INSERT INTO upgrades (upgrade_id, plan_id, cluster_name, status, current_phase, \
          created_at, started_at, completed_at, error_message, metadata, top_weight, top_sum, \
@@ -66,14 +38,14 @@ pub(super) fn import_upgrade(
             &upgrade.completed_at.map(micros),
             &upgrade.error_message,
             &json_text(&upgrade.metadata),
-            &top_w,
-            &top_s,
-            &counts[0],
-            &counts[1],
-            &counts[2],
-            &counts[3],
-            &counts[4],
-            &counts[5],
+            &plan.top_weight,
+            &plan.top_sum,
+            &plan.counts[0],
+            &plan.counts[1],
+            &plan.counts[2],
+            &plan.counts[3],
+            &plan.counts[4],
+            &plan.counts[5],
         ],
     )? {
         Some(r) => r.get(0),
@@ -83,35 +55,10 @@ pub(super) fn import_upgrade(
             });
         }
     };
-    let mut tkeys: HashMap<&str, (i64, u32)> = HashMap::new();
-    for (i, t) in tasks.iter().enumerate() {
-        let (parent_tkey, depth) = match &t.parent_task_id {
-            None => (None, 0),
-            Some(p) => {
-                let (k, d) = tkeys.get(p.as_str()).copied().ok_or_else(|| {
-                    Error::invalid(format!(
-                        "task {:?} names parent {p:?}, which is not among the tasks before it",
-                        t.task_id
-                    ))
-                })?;
-                (Some(k), d + 1)
-            }
-        };
-        if tkeys.contains_key(t.task_id.as_str()) {
-            return Err(Error::invalid(format!(
-                "task {:?} appears twice",
-                t.task_id
-            )));
-        }
-        let (children, cw, cs) = child[i];
-        let pct = effective[i];
-        let k: Vec<i64> = child_counts[i].iter().map(|c| i64::from(*c)).collect();
-        // A parent whose derived status is not terminal has no end yet.
-        let (completed_at, duration) = if status[i].is_terminal() || children == 0 {
-            (t.completed_at, t.duration)
-        } else {
-            (None, None)
-        };
+    let mut tkeys: Vec<i64> = Vec::with_capacity(tasks.len());
+    for (t, r) in tasks.iter().zip(&plan.rows) {
+        let parent_tkey = r.parent.map(|p| tkeys[p]);
+        let k: Vec<i64> = r.child_counts.iter().map(|c| i64::from(*c)).collect();
         let tkey: i64 = tx
             .one(
                 "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, \
@@ -128,23 +75,23 @@ pub(super) fn import_upgrade(
                     &type_code(t.task_type),
                     &parent_tkey,
                     &t.parent_task_id,
-                    &i64::from(depth),
-                    &status_code(status[i]),
-                    &pct,
+                    &i64::from(r.depth),
+                    &status_code(r.status),
+                    &r.percentage,
                     &t.current_step,
                     &t.total_steps.map(i64::from),
                     &i64::from(t.completed_steps),
                     &t.weight,
-                    &i64::from(children),
-                    &cw,
-                    &cs,
+                    &i64::from(r.children),
+                    &r.child_weight,
+                    &r.child_sum,
                     &t.error_message,
                     &i64::from(t.retry_count),
                     &t.last_message,
                     &micros(t.created_at),
                     &t.started_at.map(micros),
-                    &completed_at.map(micros),
-                    &duration,
+                    &r.completed_at.map(micros),
+                    &r.duration,
                     &json_text(&t.metadata),
                     &k[0],
                     &k[1],
@@ -155,15 +102,29 @@ pub(super) fn import_upgrade(
                 ],
             )?
             .get(0);
-        tkeys.insert(&t.task_id, (tkey, depth));
+        tkeys.push(tkey);
     }
+    let tkey_of: HashMap<&str, i64> = tasks
+        .iter()
+        .zip(&tkeys)
+        .map(|(t, k)| (t.task_id.as_str(), *k))
+        .collect();
     let mut staged = Staged::default();
+    // Imported history counts: each timed, completed leaf task is a sample, oldest first.
+    for (i, secs, per_step) in plan.samples {
+        staged.samples.push(super::history::Sample {
+            cluster: upgrade.cluster_name.clone(),
+            task_id: tasks[i].task_id.clone(),
+            secs,
+            per_step,
+        });
+    }
     for e in events {
         let tkey = match &e.task_id {
             Some(t) => Some(
-                tkeys
+                tkey_of
                     .get(t.as_str())
-                    .map(|(k, _)| *k)
+                    .copied()
                     .ok_or_else(|| Error::invalid(format!("event names unknown task {t:?}")))?,
             ),
             None => None,

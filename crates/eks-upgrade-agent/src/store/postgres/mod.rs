@@ -5,6 +5,7 @@
 //! - `tasks`, `import`: task writes and whole-upgrade imports (the same rules as the SQLite
 //!   backend, from `store/domain`);
 //! - [`listen`]: wake-ups of followers (`LISTEN`), with polling while it is down;
+//! - `history`: task duration history (schema 2), written with the completions;
 //! - `outbox`: notifications waiting for delivery, claimed by replicas with a lease;
 //! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
@@ -19,6 +20,7 @@
 mod artifacts;
 mod connect;
 mod health;
+mod history;
 mod import;
 mod lease;
 pub mod listen;

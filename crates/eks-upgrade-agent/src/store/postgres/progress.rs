@@ -24,13 +24,14 @@ use uuid::Uuid;
 pub(crate) use super::connect::{Conn, Db, Manager, Tx};
 pub use super::connect::{PostgresOptions, parse_url, redact};
 use super::import::import_upgrade;
-use super::tasks::{TaskWrite, add_tasks};
+use super::tasks::Batch;
 use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
 };
 use crate::store::domain::command::Command;
 use crate::store::domain::machine;
+pub(super) use crate::store::domain::tasks::{TaskRow, UpgradeDelta};
 use crate::store::{Committed, EventQuery, ProgressStore};
 
 /// The channel commits notify (payload: the last `seq` committed).
@@ -77,10 +78,20 @@ pub struct PoolStats {
 impl PostgresStore {
     /// Connects to the database at `url` and brings its schema up to date.
     pub fn open(url: &str, options: &PostgresOptions) -> Result<PostgresStore> {
+        Self::open_with_limits(url, options, &SessionLimits::default())
+    }
+
+    /// [`open`](Self::open) with other session limits (tests).
+    pub(crate) fn open_with_limits(
+        url: &str,
+        options: &PostgresOptions,
+        limits: &SessionLimits,
+    ) -> Result<PostgresStore> {
         let super::connect::Target { mut config, tls } = super::connect::parse_target(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
+        limits.apply(&mut config);
         let shown = redact(url);
         let target = super::connect::Target { config, tls };
         let manager = Manager::new(target.config.clone(), target.tls.clone());
@@ -165,7 +176,14 @@ impl PostgresStore {
     pub fn counts(&self) -> Result<Vec<(String, u64)>> {
         self.read(|db| {
             let mut out = Vec::new();
-            for table in ["upgrades", "tasks", "events", "notifications", "deliveries"] {
+            for table in [
+                "upgrades",
+                "tasks",
+                "events",
+                "notifications",
+                "task_history",
+                "deliveries",
+            ] {
                 let n: i64 = db
                     .one(&format!("SELECT count(*) FROM {table}"), &[])?
                     .get(0);
@@ -235,6 +253,45 @@ impl PostgresStore {
                 other => return other,
             }
         }
+    }
+}
+
+/// Limits the server enforces on each of our sessions, so that a replica that freezes (or
+/// loses its network) inside a transaction cannot hold an upgrade's row or the `seq` counter,
+/// and so every other replica's commits, for longer than `idle_in_transaction`: the server ends
+/// such a session and rolls its transaction back. `statement` bounds any one statement
+/// (a lock wait included). Options of the database URL's `options` naming the same settings
+/// win.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionLimits {
+    pub(crate) idle_in_transaction: Duration,
+    pub(crate) statement: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            idle_in_transaction: Duration::from_secs(15),
+            statement: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SessionLimits {
+    fn apply(&self, config: &mut postgres::Config) {
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        for (name, value) in [
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction,
+            ),
+            ("statement_timeout", self.statement),
+        ] {
+            if !options.contains(name) {
+                options.push_str(&format!(" -c {name}={}", value.as_millis().max(1)));
+            }
+        }
+        config.options(options.trim());
     }
 }
 
@@ -357,21 +414,13 @@ fn upgrade_row(r: &Row) -> Result<UpgradeRow> {
     })
 }
 
+/// Number of columns in [`TASK_COLS`].
+pub(super) const TASK_COL_COUNT: usize = 30;
+
 pub(super) const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, child_sum, \
     task_id, name, task_type, parent_task_id, status, percentage, current_step, total_steps, \
     completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
     started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5";
-
-pub(super) struct TaskRow {
-    pub(super) tkey: i64,
-    pub(super) parent_tkey: Option<i64>,
-    pub(super) depth: u32,
-    pub(super) child_weight: f64,
-    pub(super) child_sum: f64,
-    /// Children per status, indexed like `ProgressStatus::ALL`.
-    pub(super) child_counts: [u32; 6],
-    pub(super) task: Task,
-}
 
 pub(super) fn task_row(r: &Row, upgrade_id: &str) -> Result<TaskRow> {
     let mut child_counts = [0u32; 6];
@@ -385,6 +434,7 @@ pub(super) fn task_row(r: &Row, upgrade_id: &str) -> Result<TaskRow> {
         depth: u32_of(r.get(2)),
         child_weight: r.get(3),
         child_sum: r.get(4),
+        last_event_seq: 0,
         task: Task {
             upgrade_id: upgrade_id.to_owned(),
             task_id: r.get(5),
@@ -448,44 +498,31 @@ pub(super) fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Writes
 
-/// Everything one command changes on the upgrade row's counters, applied in one statement.
-#[derive(Default)]
-pub(super) struct UpgradeDelta {
-    pub(super) counts: [i64; 6],
-    pub(super) top_weight: f64,
-    pub(super) top_sum: f64,
-}
-
-impl UpgradeDelta {
-    pub(super) fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
-        if let Some(f) = from {
-            self.counts[f.index()] -= 1;
-        }
-        self.counts[to.index()] += 1;
+/// Writes what commands changed on upgrade rows' counters (per upgrade key): one statement.
+pub(super) fn flush_deltas(tx: &mut Tx<'_, '_>, deltas: &HashMap<i64, UpgradeDelta>) -> Result<()> {
+    let deltas: Vec<(i64, &UpgradeDelta)> = deltas
+        .iter()
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(k, d)| (*k, d))
+        .collect();
+    if deltas.is_empty() {
+        return Ok(());
     }
-
-    pub(super) fn flush(&self, tx: &mut Tx<'_, '_>, ukey: i64) -> Result<()> {
-        if self.counts == [0; 6] && self.top_weight == 0.0 && self.top_sum == 0.0 {
-            return Ok(());
-        }
-        tx.exec(
-            "UPDATE upgrades SET c0 = c0 + $2, c1 = c1 + $3, c2 = c2 + $4, c3 = c3 + $5, \
-             c4 = c4 + $6, c5 = c5 + $7, top_weight = top_weight + $8, top_sum = top_sum + $9 \
-             WHERE ukey = $1",
-            &[
-                &ukey,
-                &self.counts[0],
-                &self.counts[1],
-                &self.counts[2],
-                &self.counts[3],
-                &self.counts[4],
-                &self.counts[5],
-                &self.top_weight,
-                &self.top_sum,
-            ],
-        )?;
-        Ok(())
-    }
+    let keys: Vec<i64> = deltas.iter().map(|(k, _)| *k).collect();
+    let count = |i: usize| -> Vec<i64> { deltas.iter().map(|(_, d)| d.counts[i]).collect() };
+    let (c0, c1, c2, c3, c4, c5) = (count(0), count(1), count(2), count(3), count(4), count(5));
+    let weights: Vec<f64> = deltas.iter().map(|(_, d)| d.top_weight).collect();
+    let sums: Vec<f64> = deltas.iter().map(|(_, d)| d.top_sum).collect();
+    tx.exec(
+        "UPDATE upgrades u SET c0 = u.c0 + x.c0, c1 = u.c1 + x.c1, c2 = u.c2 + x.c2, \
+         c3 = u.c3 + x.c3, c4 = u.c4 + x.c4, c5 = u.c5 + x.c5, \
+         top_weight = u.top_weight + x.w, top_sum = u.top_sum + x.s \
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+         $6::bigint[], $7::bigint[], $8::float8[], $9::float8[]) \
+         AS x(k, c0, c1, c2, c3, c4, c5, w, s) WHERE u.ukey = x.k",
+        &[&keys, &c0, &c1, &c2, &c3, &c4, &c5, &weights, &sums],
+    )?;
+    Ok(())
 }
 
 /// A notification to write once its event has a `seq`.
@@ -507,6 +544,8 @@ pub(super) struct Staged {
     /// Row keys of each event (upgrade, task).
     pub(super) keys: Vec<(i64, Option<i64>)>,
     pub(super) notes: Vec<Note>,
+    /// Duration samples of the completions (and imported tasks) to add to the history.
+    pub(super) samples: Vec<super::history::Sample>,
 }
 
 impl Staged {
@@ -580,6 +619,11 @@ struct NoteColumns(
 /// counter, writes the events, their notifications and each upgrade's `last_seq`, and notifies
 /// followers. Numbers the staged events in place; returns the last `seq` (0: nothing staged).
 pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<u64> {
+    let samples: Vec<super::history::Sample> = staged
+        .iter_mut()
+        .flat_map(|s| std::mem::take(&mut s.samples))
+        .collect();
+    super::history::record(tx, &samples)?;
     let n: i64 = staged.iter().map(|s| s.keys.len() as i64).sum();
     if n == 0 {
         return Ok(0);
@@ -638,31 +682,42 @@ pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<
             }
         }
     }
-    tx.exec(
-        "INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, details, \
-         percentage) SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], $4::bigint[], \
-         $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::float8[])",
-        &[
-            &seqs, &ids, &ukeys, &tkeys, &kinds, &statuses, &tss, &messages, &details, &pcts,
-        ],
-    )?;
-    if !notes.0.is_empty() {
-        tx.exec(
-            "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
-             $5::bigint[], $6::text[])",
-            &[&notes.0, &notes.1, &notes.2, &notes.3, &notes.4, &notes.5],
-        )?;
-    }
     let (uk, us): (Vec<i64>, Vec<i64>) = upgrade_last.into_iter().unzip();
+    // One statement after the counter's: the events, their notifications, each upgrade's
+    // `last_seq` and the wake-up of followers.
     tx.exec(
-        "UPDATE upgrades u SET last_seq = x.s FROM UNNEST($1::bigint[], $2::bigint[]) AS x(k, s) \
-         WHERE u.ukey = x.k",
-        &[&uk, &us],
-    )?;
-    tx.exec(
-        "SELECT pg_notify($1, $2)",
-        &[&EVENTS_CHANNEL, &last.to_string()],
+        "WITH e AS (INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, \
+         details, percentage) SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], \
+         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], \
+         $10::float8[])), \
+         n AS (INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+         SELECT * FROM UNNEST($11::text[], $12::bigint[], $13::text[], $14::text[], \
+         $15::bigint[], $16::text[])), \
+         l AS (UPDATE upgrades u SET last_seq = x.s FROM UNNEST($17::bigint[], $18::bigint[]) \
+         AS x(k, s) WHERE u.ukey = x.k) \
+         SELECT pg_notify($19, $20)",
+        &[
+            &seqs,
+            &ids,
+            &ukeys,
+            &tkeys,
+            &kinds,
+            &statuses,
+            &tss,
+            &messages,
+            &details,
+            &pcts,
+            &notes.0,
+            &notes.1,
+            &notes.2,
+            &notes.3,
+            &notes.4,
+            &notes.5,
+            &uk,
+            &us,
+            &EVENTS_CHANNEL,
+            &last.to_string(),
+        ],
     )?;
     Ok(last as u64)
 }
@@ -724,73 +779,121 @@ pub(super) fn load_task(
     task_row(&row, upgrade_id)
 }
 
-pub(super) fn save_task(tx: &mut Tx<'_, '_>, row: &TaskRow) -> Result<()> {
-    let t = &row.task;
-    let k: Vec<i64> = row.child_counts.iter().map(|c| i64::from(*c)).collect();
+/// Writes `rows` back (every column a command may change): one statement.
+pub(super) fn save_tasks<'r>(
+    tx: &mut Tx<'_, '_>,
+    rows: impl Iterator<Item = &'r TaskRow>,
+) -> Result<()> {
+    let mut c = TaskColumns::default();
+    for row in rows {
+        let t = &row.task;
+        c.tkey.push(row.tkey);
+        c.status.push(status_code(t.status));
+        c.percentage.push(t.percentage);
+        c.current_step.push(t.current_step.clone());
+        c.completed_steps.push(i64::from(t.completed_steps));
+        c.error_message.push(t.error_message.clone());
+        c.retry_count.push(i64::from(t.retry_count));
+        c.last_message.push(t.last_message.clone());
+        c.started_at.push(t.started_at.map(micros));
+        c.completed_at.push(t.completed_at.map(micros));
+        c.duration.push(t.duration);
+        c.children.push(i64::from(t.children));
+        c.child_weight.push(row.child_weight);
+        c.child_sum.push(row.child_sum);
+        for (k, n) in c.k.iter_mut().zip(row.child_counts) {
+            k.push(i64::from(n));
+        }
+    }
+    if c.tkey.is_empty() {
+        return Ok(());
+    }
     tx.exec(
-        "UPDATE tasks SET status = $2, percentage = $3, current_step = $4, completed_steps = $5, \
-         error_message = $6, retry_count = $7, last_message = $8, started_at = $9, \
-         completed_at = $10, duration = $11, children = $12, child_weight = $13, \
-         child_sum = $14, k0 = $15, k1 = $16, k2 = $17, k3 = $18, k4 = $19, k5 = $20 \
-         WHERE tkey = $1",
+        "UPDATE tasks t SET status = x.status, percentage = x.percentage, \
+         current_step = x.current_step, completed_steps = x.completed_steps, \
+         error_message = x.error_message, retry_count = x.retry_count, \
+         last_message = x.last_message, started_at = x.started_at, \
+         completed_at = x.completed_at, duration = x.duration, children = x.children, \
+         child_weight = x.child_weight, child_sum = x.child_sum, k0 = x.k0, k1 = x.k1, \
+         k2 = x.k2, k3 = x.k3, k4 = x.k4, k5 = x.k5 \
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::float8[], $4::text[], $5::bigint[], \
+         $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::float8[], \
+         $12::bigint[], $13::float8[], $14::float8[], $15::bigint[], $16::bigint[], \
+         $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[]) \
+         AS x(tkey, status, percentage, current_step, completed_steps, error_message, \
+         retry_count, last_message, started_at, completed_at, duration, children, \
+         child_weight, child_sum, k0, k1, k2, k3, k4, k5) WHERE t.tkey = x.tkey",
         &[
-            &row.tkey,
-            &status_code(t.status),
-            &t.percentage,
-            &t.current_step,
-            &i64::from(t.completed_steps),
-            &t.error_message,
-            &i64::from(t.retry_count),
-            &t.last_message,
-            &t.started_at.map(micros),
-            &t.completed_at.map(micros),
-            &t.duration,
-            &i64::from(t.children),
-            &row.child_weight,
-            &row.child_sum,
-            &k[0],
-            &k[1],
-            &k[2],
-            &k[3],
-            &k[4],
-            &k[5],
+            &c.tkey,
+            &c.status,
+            &c.percentage,
+            &c.current_step,
+            &c.completed_steps,
+            &c.error_message,
+            &c.retry_count,
+            &c.last_message,
+            &c.started_at,
+            &c.completed_at,
+            &c.duration,
+            &c.children,
+            &c.child_weight,
+            &c.child_sum,
+            &c.k[0],
+            &c.k[1],
+            &c.k[2],
+            &c.k[3],
+            &c.k[4],
+            &c.k[5],
         ],
     )?;
     Ok(())
 }
 
-/// Executes `commands`; says whether there is anything to commit.
+/// The columns [`save_tasks`] writes, one array each.
+#[derive(Default)]
+struct TaskColumns {
+    tkey: Vec<i64>,
+    status: Vec<i64>,
+    percentage: Vec<f64>,
+    current_step: Vec<Option<String>>,
+    completed_steps: Vec<i64>,
+    error_message: Vec<Option<String>>,
+    retry_count: Vec<i64>,
+    last_message: Vec<Option<String>>,
+    started_at: Vec<Option<i64>>,
+    completed_at: Vec<Option<i64>>,
+    duration: Vec<Option<f64>>,
+    children: Vec<i64>,
+    child_weight: Vec<f64>,
+    child_sum: Vec<f64>,
+    k: [Vec<i64>; 6],
+}
+
+/// Executes `commands` in one transaction through one row cache (see `tasks.rs`); says
+/// whether there is anything to commit.
 fn execute_batch(
     tx: &mut Tx<'_, '_>,
     commands: &[Command],
 ) -> Result<(Vec<Result<Committed>>, bool)> {
     let now = crate::model::now();
+    let mut batch = Batch::default();
+    batch.prepare(tx, commands)?;
     let mut results: Vec<Result<Staged>> = Vec::with_capacity(commands.len());
     // One command needs no savepoint: a failure rolls the transaction back.
-    let single = commands.len() == 1;
+    let savepoints = commands.len() > 1;
     for command in commands {
-        if !single {
-            tx.batch("SAVEPOINT cmd")?;
-        }
-        match execute_one(tx, command, now) {
-            Ok(s) => {
-                if !single {
-                    tx.batch("RELEASE cmd")?;
-                }
-                results.push(Ok(s));
-            }
+        match execute_one(tx, &mut batch, command, now, savepoints) {
+            Ok(s) => results.push(Ok(s)),
             Err(e @ Error::Backend { .. }) => return Err(e),
-            Err(e) => {
-                if !single {
-                    tx.batch("ROLLBACK TO cmd; RELEASE cmd")?;
-                }
-                results.push(Err(e));
-            }
+            Err(e) => results.push(Err(e)),
         }
     }
     let mut staged: Vec<&mut Staged> = results.iter_mut().filter_map(|r| r.as_mut().ok()).collect();
     let commit = !staged.is_empty();
-    assign(tx, &mut staged)?;
+    if commit {
+        batch.flush(tx)?;
+        assign(tx, &mut staged)?;
+    }
     let results = results
         .into_iter()
         .map(|r| r.map(|s| s.committed))
@@ -798,8 +901,39 @@ fn execute_batch(
     Ok((results, commit))
 }
 
-fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Result<Staged> {
+fn execute_one(
+    tx: &mut Tx<'_, '_>,
+    batch: &mut Batch,
+    command: &Command,
+    now: DateTime<Utc>,
+    savepoint: bool,
+) -> Result<Staged> {
     command.validate()?;
+    let mut staged = Staged::default();
+    match command {
+        Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {
+            let tasks = command.new_tasks();
+            batch.isolated(tx, savepoint, |b, tx| {
+                b.add_tasks(tx, &mut staged, upgrade_id, &tasks, now)
+            })?;
+            Ok(staged)
+        }
+        Command::UpgradeCreate { .. }
+        | Command::UpgradeStart { .. }
+        | Command::UpgradePhase { .. }
+        | Command::UpgradeComplete { .. }
+        | Command::UpgradeFail { .. } => {
+            batch.isolated(tx, savepoint, |_, tx| upgrade_command(tx, command, now))
+        }
+        _ => {
+            batch.task_command(tx, &mut staged, command, now)?;
+            Ok(staged)
+        }
+    }
+}
+
+/// Executes an upgrade command (create, start, phase, complete, fail).
+fn upgrade_command(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Result<Staged> {
     let mut staged = Staged::default();
     match command {
         Command::UpgradeCreate {
@@ -847,32 +981,9 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
         | Command::UpgradeComplete { upgrade_id, .. }
         | Command::UpgradeFail { upgrade_id, .. } => {
             let row = load_upgrade(tx, upgrade_id, true)?;
-            let from = row.upgrade.status;
-            let to = machine::upgrade_transition(upgrade_id, from, command)?.unwrap_or(from);
             let mut u = row.upgrade;
-            let (kind, message) = match command {
-                Command::UpgradeStart { phase, .. } => {
-                    u.started_at = Some(now);
-                    if phase.is_some() {
-                        u.current_phase.clone_from(phase);
-                    }
-                    (EventKind::UpgradeStarted, phase.clone())
-                }
-                Command::UpgradePhase { phase, .. } => {
-                    u.current_phase = Some(phase.clone());
-                    (EventKind::UpgradePhaseChanged, Some(phase.clone()))
-                }
-                Command::UpgradeComplete { message, .. } => {
-                    u.completed_at = Some(now);
-                    (EventKind::UpgradeCompleted, message.clone())
-                }
-                Command::UpgradeFail { error_message, .. } => {
-                    u.completed_at = Some(now);
-                    u.error_message = Some(error_message.clone());
-                    (EventKind::UpgradeFailed, Some(error_message.clone()))
-                }
-                _ => unreachable!(),
-            };
+            let (from, effect) = machine::apply_upgrade(&mut u, command, now)?;
+            let (to, kind, message) = (u.status, effect.kind, effect.message);
             tx.exec(
                 "UPDATE upgrades SET status = $2, current_phase = $3, started_at = $4, \
                  completed_at = $5, error_message = $6 WHERE ukey = $1",
@@ -902,7 +1013,6 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
             if from != to {
                 staged.status_change(local, upgrade_id, None, from, to);
             }
-            u.status = to;
             staged.notes.push(Note {
                 event: local as usize - 1,
                 from: Some(from),
@@ -912,25 +1022,7 @@ fn execute_one(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -> Re
             });
             Ok(staged)
         }
-        Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {
-            let tasks = command.new_tasks();
-            add_tasks(tx, &mut staged, upgrade_id, &tasks, now)?;
-            Ok(staged)
-        }
-        _ => {
-            let upgrade_id = command.upgrade_id();
-            let (task_id, _) = command.task_op().expect("remaining commands are task ops");
-            let ukey = lock_upgrade(tx, upgrade_id)?;
-            let row = load_task(tx, ukey, upgrade_id, task_id)?;
-            let mut w = TaskWrite::new(tx, &mut staged, ukey, upgrade_id, now);
-            if row.task.children > 0 {
-                w.parent_op(row, command)?;
-            } else {
-                w.task_op(row, command)?;
-            }
-            w.finish()?;
-            Ok(staged)
-        }
+        _ => Err(Error::invalid("not an upgrade operation")),
     }
 }
 
@@ -1078,6 +1170,14 @@ impl ProgressStore for PostgresStore {
             Ok(seq.unwrap_or(0) as u64)
         })
     }
+
+    fn task_history(
+        &self,
+        cluster_name: &str,
+        task_ids: &[&str],
+    ) -> Result<Vec<crate::store::domain::history::TaskHistory>> {
+        self.read(|db| super::history::read(db, cluster_name, task_ids))
+    }
 }
 
 #[cfg(test)]
@@ -1120,6 +1220,203 @@ mod tests {
         assert!(
             err.to_string().contains("newer version (schema 99"),
             "{err}"
+        );
+    }
+
+    /// Guarantee E5 on PostgreSQL: a database of schema 1 (no history) gets its history seeded
+    /// from its completed tasks when it migrates to schema 2, as the completions wrote it.
+    #[test]
+    fn schema_1_databases_get_the_history_seeded_from_their_tasks() {
+        use crate::model::TaskType;
+        use crate::progress::ProgressTracker;
+        use crate::store::domain::command::NewTask;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let store =
+            std::sync::Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+        let t = ProgressTracker::new(store.clone());
+        for (i, cluster) in ["c", "c", "d"].iter().enumerate() {
+            let u = format!("u{i}");
+            t.create_upgrade(&u, "p", cluster, JsonMap::new()).unwrap();
+            t.add_task(&u, NewTask::new("a", "A", TaskType::UpgradeStep).steps(2))
+                .unwrap();
+            t.start_task(&u, "a", None).unwrap();
+            std::thread::sleep(Duration::from_millis(3));
+            t.complete_task(&u, "a", None).unwrap();
+        }
+        let written = store.task_history("c", &["a"]).unwrap();
+        assert_eq!(written[0].global.unwrap().duration.samples, 3);
+        store
+            .with_conn(|c| {
+                Ok(c.client.batch_execute(
+                    "DROP TABLE task_history; UPDATE schema_version SET version = 1",
+                )?)
+            })
+            .unwrap();
+        drop(t);
+        drop(store);
+        let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.task_history("c", &["a"]).unwrap(), written);
+    }
+
+    /// Guarantee G11: a replica frozen inside a transaction that holds the `seq` counter (so
+    /// every commit waits for it) loses it after `idle_in_transaction_session_timeout`: another
+    /// replica's command, blocked meanwhile, then commits; the frozen one's commit fails. Our
+    /// sessions carry the limits.
+    #[test]
+    fn a_frozen_replica_cannot_hold_the_counter() {
+        use std::time::Instant;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let options = PostgresOptions {
+            pool_size: 2,
+            ..PostgresOptions::default()
+        };
+        let defaults = PostgresStore::open(&url, &options).unwrap();
+        defaults
+            .with_conn(|c| {
+                let show = |c: &mut Conn, name: &str| -> String {
+                    c.client
+                        .query_one(&format!("SHOW {name}"), &[])
+                        .unwrap()
+                        .get(0)
+                };
+                assert_eq!(show(c, "idle_in_transaction_session_timeout"), "15s");
+                assert_eq!(show(c, "statement_timeout"), "1min");
+                Ok(())
+            })
+            .unwrap();
+        let frozen = PostgresStore::open_with_limits(
+            &url,
+            &options,
+            &SessionLimits {
+                idle_in_transaction: Duration::from_millis(700),
+                statement: Duration::from_secs(30),
+            },
+        )
+        .unwrap();
+        // The live replica gives up on a statement after 8 s (so this test fails, not hangs,
+        // without the limit).
+        let live = PostgresStore::open_with_limits(
+            &url,
+            &options,
+            &SessionLimits {
+                idle_in_transaction: Duration::from_secs(15),
+                statement: Duration::from_secs(8),
+            },
+        )
+        .unwrap();
+        let create = Command::UpgradeCreate {
+            upgrade_id: "u".into(),
+            plan_id: "p".into(),
+            cluster_name: "c".into(),
+            metadata: JsonMap::new(),
+        };
+        live.execute(&[create]).unwrap().remove(0).unwrap();
+        frozen
+            .with_conn(|c| {
+                c.client
+                    .batch_execute("BEGIN; UPDATE seq_counter SET seq = seq")?;
+                // Frozen from here: the live replica's command waits for the counter.
+                let start = Instant::now();
+                let phase = Command::UpgradePhase {
+                    upgrade_id: "u".into(),
+                    phase: "nodes".into(),
+                };
+                let result =
+                    std::thread::scope(|s| s.spawn(|| live.execute(&[phase])).join().unwrap());
+                let waited = start.elapsed();
+                let committed = result.unwrap().remove(0);
+                assert!(committed.is_ok(), "{committed:?}");
+                assert!(
+                    waited >= Duration::from_millis(500) && waited < Duration::from_secs(6),
+                    "{waited:?}"
+                );
+                assert!(c.client.batch_execute("COMMIT").is_err());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(live.last_seq().unwrap(), 2);
+    }
+
+    /// Guarantee G12: batches that touch several upgrades lock them in one order (by key), so
+    /// replicas writing batches in opposite orders never deadlock (PostgreSQL's own count of
+    /// deadlocks stays 0), and every command commits.
+    #[test]
+    fn batches_in_opposite_orders_do_not_deadlock() {
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let options = PostgresOptions {
+            pool_size: 2,
+            ..PostgresOptions::default()
+        };
+        let a = PostgresStore::open(&url, &options).unwrap();
+        let b = PostgresStore::open(&url, &options).unwrap();
+        let ids = ["u1", "u2", "u3"];
+        for u in ids {
+            let setup = [
+                Command::UpgradeCreate {
+                    upgrade_id: u.into(),
+                    plan_id: "p".into(),
+                    cluster_name: "c".into(),
+                    metadata: JsonMap::new(),
+                },
+                Command::TaskAddMany {
+                    upgrade_id: u.into(),
+                    tasks: vec![crate::store::domain::command::NewTask::new(
+                        "t",
+                        "T",
+                        crate::model::TaskType::UpgradeStep,
+                    )],
+                },
+            ];
+            for r in a.execute(&setup).unwrap() {
+                r.unwrap();
+            }
+        }
+        let update = |u: &str, n: usize| Command::TaskUpdate {
+            upgrade_id: u.into(),
+            task_id: "t".into(),
+            percentage: (n % 100) as f64,
+            message: None,
+            details: JsonMap::new(),
+        };
+        const ROUNDS: usize = 150;
+        std::thread::scope(|s| {
+            for (store, forward) in [(&a, true), (&b, false)] {
+                s.spawn(move || {
+                    for n in 0..ROUNDS {
+                        let mut order = ids.to_vec();
+                        if !forward {
+                            order.reverse();
+                        }
+                        let batch: Vec<Command> = order.iter().map(|u| update(u, n)).collect();
+                        for r in store.execute(&batch).unwrap() {
+                            r.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        // Each backend reports its statistics within a second of going idle.
+        std::thread::sleep(Duration::from_millis(1500));
+        let deadlocks: i64 = a
+            .read(|db| {
+                db.batch("SELECT pg_stat_clear_snapshot()")?;
+                Ok(db
+                    .one(
+                        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+                        &[],
+                    )?
+                    .get(0))
+            })
+            .unwrap();
+        assert_eq!(deadlocks, 0);
+        // Create + add per upgrade, then 2 x ROUNDS updates of each.
+        assert_eq!(
+            a.last_seq().unwrap(),
+            (ids.len() * 2 + 2 * ROUNDS * ids.len()) as u64
         );
     }
 

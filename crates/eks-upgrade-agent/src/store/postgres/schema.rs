@@ -231,6 +231,15 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
     if version < 1 {
         tx.batch_execute(SCHEMA_1)?;
     }
+    if version < 2 {
+        // Task duration history, seeded from the tasks the store holds.
+        tx.batch_execute(super::history::SCHEMA_2)?;
+        let mut stmts = std::collections::HashMap::new();
+        super::history::seed(&mut super::connect::Db {
+            c: &mut tx,
+            stmts: &mut stmts,
+        })?;
+    }
     if version < 3 {
         tx.batch_execute(SCHEMA_3)?;
     }

@@ -1,6 +1,7 @@
 //! Importing a whole upgrade into [`SqliteStore`](super::SqliteStore) (`ProgressStore::import`):
-//! the rollups and derived statuses rebuilt bottom-up, then tasks and events written with new
-//! `seq`s. The input was checked by `check_import` first.
+//! the rows of the plan of `store/domain/import.rs` (rollups and derived statuses rebuilt
+//! bottom-up, history samples), then the events with new `seq`s. The input was checked by
+//! `check_import` first.
 
 use std::collections::HashMap;
 
@@ -9,8 +10,8 @@ use uuid::Uuid;
 
 use super::progress::*;
 use crate::error::{Error, Result};
-use crate::model::{ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::store::domain::{history, machine};
+use crate::model::{ProgressEvent, Task, Upgrade};
+use crate::store::domain::import;
 
 pub(super) fn import_upgrade(
     tx: &Transaction<'_>,
@@ -23,40 +24,7 @@ pub(super) fn import_upgrade(
             what: format!("upgrade {:?}", upgrade.upgrade_id),
         });
     }
-    // Rebuild the rollup sums and the derived statuses bottom-up (tasks come parents first, so
-    // walk them backwards): a parent's effective percentage and status depend on its
-    // children's.
-    let index: HashMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.task_id.as_str(), i))
-        .collect();
-    let mut child = vec![(0u32, 0.0f64, 0.0f64); tasks.len()];
-    let mut child_counts = vec![[0u32; 6]; tasks.len()];
-    let mut status: Vec<ProgressStatus> = tasks.iter().map(|t| t.status).collect();
-    let mut effective = vec![0.0f64; tasks.len()];
-    let mut counts = [0i64; 6];
-    let (mut top_w, mut top_s) = (0.0, 0.0);
-    for (i, t) in tasks.iter().enumerate().rev() {
-        let (n, cw, cs) = child[i];
-        if n > 0 {
-            status[i] = machine::derived_status(child_counts[i], t.started_at.is_some());
-        }
-        counts[status[i].index()] += 1;
-        effective[i] = machine::effective_percentage(status[i], t.percentage, cw, cs);
-        match t.parent_task_id.as_deref().and_then(|p| index.get(p)) {
-            Some(&p) => {
-                child[p].0 += 1;
-                child[p].1 += t.weight;
-                child[p].2 += t.weight * effective[i];
-                child_counts[p][status[i].index()] += 1;
-            }
-            None => {
-                top_w += t.weight;
-                top_s += t.weight * effective[i];
-            }
-        }
-    }
+    let plan = import::plan(tasks)?;
     tx.prepare_cached(
         "INSERT INTO upgrades (upgrade_id, plan_id, cluster_name, status, current_phase, created_at, \
          started_at, completed_at, error_message, metadata, top_weight, top_sum, \
@@ -74,39 +42,20 @@ pub(super) fn import_upgrade(
         upgrade.completed_at.map(micros),
         upgrade.error_message,
         json_text(&upgrade.metadata),
-        top_w,
-        top_s,
-        counts[0],
-        counts[1],
-        counts[2],
-        counts[3],
-        counts[4],
-        counts[5]
+        plan.top_weight,
+        plan.top_sum,
+        plan.counts[0],
+        plan.counts[1],
+        plan.counts[2],
+        plan.counts[3],
+        plan.counts[4],
+        plan.counts[5]
     ])?;
     let ukey = tx.last_insert_rowid();
-    let mut tkeys: HashMap<&str, (i64, u32)> = HashMap::new();
-    for (i, t) in tasks.iter().enumerate() {
-        let (parent_tkey, depth) = match &t.parent_task_id {
-            None => (None, 0),
-            Some(p) => {
-                let (k, d) = tkeys.get(p.as_str()).copied().ok_or_else(|| {
-                    Error::invalid(format!(
-                        "task {:?} names parent {p:?}, which is not among the tasks before it",
-                        t.task_id
-                    ))
-                })?;
-                (Some(k), d + 1)
-            }
-        };
-        let (children, cw, cs) = child[i];
-        let pct = effective[i];
-        let k = child_counts[i];
-        // A parent whose derived status is not terminal has no end yet.
-        let (completed_at, duration) = if status[i].is_terminal() || children == 0 {
-            (t.completed_at, t.duration)
-        } else {
-            (None, None)
-        };
+    let mut tkeys: Vec<i64> = Vec::with_capacity(tasks.len());
+    for (t, r) in tasks.iter().zip(&plan.rows) {
+        let parent_tkey = r.parent.map(|p| tkeys[p]);
+        let k = r.child_counts;
         tx.prepare_cached(
             "INSERT INTO tasks (ukey, task_id, name, task_type, parent_tkey, parent_task_id, depth, \
              status, percentage, current_step, total_steps, completed_steps, weight, children, \
@@ -114,33 +63,31 @@ pub(super) fn import_upgrade(
              started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5) VALUES (?1, ?2, \
              ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
              ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
-        )
-        .map_err(Error::from)
-        .and_then(|mut s| {
-            s.execute(params![
+        )?
+        .execute(params![
                 ukey,
                 t.task_id,
                 t.name,
                 type_code(t.task_type),
                 parent_tkey,
                 t.parent_task_id,
-                depth,
-                status_code(status[i]),
-                pct,
+                r.depth,
+                status_code(r.status),
+                r.percentage,
                 t.current_step,
                 t.total_steps,
                 t.completed_steps,
                 t.weight,
-                children,
-                cw,
-                cs,
+                r.children,
+                r.child_weight,
+                r.child_sum,
                 t.error_message,
                 t.retry_count,
                 t.last_message,
                 micros(t.created_at),
                 t.started_at.map(micros),
-                completed_at.map(micros),
-                duration,
+                r.completed_at.map(micros),
+                r.duration,
                 json_text(&t.metadata),
                 k[0],
                 k[1],
@@ -148,26 +95,22 @@ pub(super) fn import_upgrade(
                 k[3],
                 k[4],
                 k[5]
-            ])
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    Error::invalid(format!("task {:?} appears twice", t.task_id))
-                }
-                other => other.into(),
-            })
-        })?;
-        tkeys.insert(&t.task_id, (tx.last_insert_rowid(), depth));
+            ])?;
+        tkeys.push(tx.last_insert_rowid());
     }
+    let tkey_of: HashMap<&str, i64> = tasks
+        .iter()
+        .zip(&tkeys)
+        .map(|(t, k)| (t.task_id.as_str(), *k))
+        .collect();
     let mut last_seq = 0;
     let mut last_task_seq: HashMap<i64, i64> = HashMap::new();
     for e in events {
         let tkey = match &e.task_id {
             Some(t) => Some(
-                tkeys
+                tkey_of
                     .get(t.as_str())
-                    .map(|(k, _)| *k)
+                    .copied()
                     .ok_or_else(|| Error::invalid(format!("event names unknown task {t:?}")))?,
             ),
             None => None,
@@ -200,21 +143,10 @@ pub(super) fn import_upgrade(
     }
     tx.prepare_cached("UPDATE upgrades SET last_seq = ?2 WHERE ukey = ?1")?
         .execute(params![ukey, last_seq])?;
-    // Imported history counts: each timed, completed leaf task is a sample, oldest first. A
-    // task that ended at the instant it started (completed straight from not_started) is not
-    // timed.
-    let mut timed: Vec<(&Task, f64, Option<f64>)> = tasks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| child[*i].0 == 0)
-        .filter_map(|(_, t)| {
-            let started = matches!((t.started_at, t.completed_at), (Some(s), Some(c)) if c > s);
-            history::sample_of(t, started).map(|(d, s)| (t, d, s))
-        })
-        .collect();
-    timed.sort_by_key(|(t, _, _)| t.completed_at);
-    for (t, secs, per_step) in timed {
-        super::history::record(tx, &upgrade.cluster_name, &t.task_id, secs, per_step)?;
+    // Imported history counts: each timed, completed leaf task is a sample, oldest first.
+    for (i, secs, per_step) in plan.samples {
+        let task_id = &tasks[i].task_id;
+        super::history::record(tx, &upgrade.cluster_name, task_id, secs, per_step)?;
     }
     Ok(last_seq as u64)
 }

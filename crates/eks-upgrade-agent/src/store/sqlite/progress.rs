@@ -22,13 +22,14 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use uuid::Uuid;
 
 use super::import::import_upgrade;
-use super::tasks::{TaskWrite, add_tasks};
+use super::tasks::{add_tasks, task_command};
 use crate::error::{Error, Result};
 use crate::model::{
     EventKind, JsonMap, ProgressEvent, ProgressStatus, StatusChange, Task, TaskType, Upgrade,
 };
 use crate::store::domain::command::Command;
 use crate::store::domain::machine;
+pub(super) use crate::store::domain::tasks::{TaskRow, UpgradeDelta};
 use crate::store::{Committed, Durability, EventQuery, ProgressStore};
 
 /// File name of the database inside the data directory.
@@ -268,7 +269,7 @@ pub(super) fn status_code(s: ProgressStatus) -> i64 {
     s.index() as i64
 }
 
-fn status_from(code: i64) -> rusqlite::Result<ProgressStatus> {
+pub(super) fn status_from(code: i64) -> rusqlite::Result<ProgressStatus> {
     ProgressStatus::ALL
         .get(code as usize)
         .copied()
@@ -356,18 +357,6 @@ pub(super) const TASK_COLS: &str = "tkey, parent_tkey, depth, child_weight, chil
     completed_steps, weight, children, error_message, retry_count, last_message, created_at, \
     started_at, completed_at, duration, metadata, k0, k1, k2, k3, k4, k5";
 
-pub(super) struct TaskRow {
-    pub(super) tkey: i64,
-    pub(super) parent_tkey: Option<i64>,
-    pub(super) depth: u32,
-    pub(super) child_weight: f64,
-    pub(super) child_sum: f64,
-    pub(super) last_event_seq: i64,
-    /// Children per status, indexed like `ProgressStatus::ALL`.
-    pub(super) child_counts: [u32; 6],
-    pub(super) task: Task,
-}
-
 pub(super) fn task_row(r: &Row<'_>, upgrade_id: &str) -> rusqlite::Result<TaskRow> {
     let mut child_counts = [0u32; 6];
     for (i, c) in child_counts.iter_mut().enumerate() {
@@ -443,43 +432,32 @@ fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Writes
 
-/// Everything one command changes on the upgrade row, applied in one statement at the end.
-#[derive(Default)]
-pub(super) struct UpgradeDelta {
-    pub(super) counts: [i64; 6],
-    pub(super) top_weight: f64,
-    pub(super) top_sum: f64,
-    pub(super) last_seq: i64,
-}
-
-impl UpgradeDelta {
-    pub(super) fn status(&mut self, from: Option<ProgressStatus>, to: ProgressStatus) {
-        if let Some(f) = from {
-            self.counts[f.index()] -= 1;
-        }
-        self.counts[to.index()] += 1;
-    }
-
-    pub(super) fn flush(&self, tx: &Transaction<'_>, ukey: i64) -> Result<()> {
-        tx.prepare_cached(
-            "UPDATE upgrades SET c0 = c0 + ?2, c1 = c1 + ?3, c2 = c2 + ?4, c3 = c3 + ?5, \
-             c4 = c4 + ?6, c5 = c5 + ?7, top_weight = top_weight + ?8, top_sum = top_sum + ?9, \
-             last_seq = max(last_seq, ?10) WHERE ukey = ?1",
-        )?
-        .execute(params![
-            ukey,
-            self.counts[0],
-            self.counts[1],
-            self.counts[2],
-            self.counts[3],
-            self.counts[4],
-            self.counts[5],
-            self.top_weight,
-            self.top_sum,
-            self.last_seq
-        ])?;
-        Ok(())
-    }
+/// Writes everything one command changed on the upgrade row, in one statement at the end: its
+/// counters and `last_seq` (at least `last_seq`).
+pub(super) fn flush_delta(
+    tx: &Transaction<'_>,
+    ukey: i64,
+    delta: &UpgradeDelta,
+    last_seq: i64,
+) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE upgrades SET c0 = c0 + ?2, c1 = c1 + ?3, c2 = c2 + ?4, c3 = c3 + ?5, \
+         c4 = c4 + ?6, c5 = c5 + ?7, top_weight = top_weight + ?8, top_sum = top_sum + ?9, \
+         last_seq = max(last_seq, ?10) WHERE ukey = ?1",
+    )?
+    .execute(params![
+        ukey,
+        delta.counts[0],
+        delta.counts[1],
+        delta.counts[2],
+        delta.counts[3],
+        delta.counts[4],
+        delta.counts[5],
+        delta.top_weight,
+        delta.top_sum,
+        last_seq
+    ])?;
+    Ok(())
 }
 
 pub(super) struct NewEvent<'a> {
@@ -682,11 +660,7 @@ fn execute_one(
                 event_id: None,
             };
             let (seq, id) = insert_event(tx, &event)?;
-            UpgradeDelta {
-                last_seq: seq,
-                ..Default::default()
-            }
-            .flush(tx, ukey)?;
+            flush_delta(tx, ukey, &UpgradeDelta::default(), seq)?;
             Ok(Committed {
                 events: vec![to_event(&event, seq, id, upgrade_id, None)],
                 status_changes: Vec::new(),
@@ -697,32 +671,9 @@ fn execute_one(
         | Command::UpgradeComplete { upgrade_id, .. }
         | Command::UpgradeFail { upgrade_id, .. } => {
             let row = load_upgrade(tx, upgrade_id)?;
-            let from = row.upgrade.status;
-            let to = machine::upgrade_transition(upgrade_id, from, command)?.unwrap_or(from);
             let mut u = row.upgrade;
-            let (kind, message) = match command {
-                Command::UpgradeStart { phase, .. } => {
-                    u.started_at = Some(now);
-                    if phase.is_some() {
-                        u.current_phase.clone_from(phase);
-                    }
-                    (EventKind::UpgradeStarted, phase.clone())
-                }
-                Command::UpgradePhase { phase, .. } => {
-                    u.current_phase = Some(phase.clone());
-                    (EventKind::UpgradePhaseChanged, Some(phase.clone()))
-                }
-                Command::UpgradeComplete { message, .. } => {
-                    u.completed_at = Some(now);
-                    (EventKind::UpgradeCompleted, message.clone())
-                }
-                Command::UpgradeFail { error_message, .. } => {
-                    u.completed_at = Some(now);
-                    u.error_message = Some(error_message.clone());
-                    (EventKind::UpgradeFailed, Some(error_message.clone()))
-                }
-                _ => unreachable!(),
-            };
+            let (from, effect) = machine::apply_upgrade(&mut u, command, now)?;
+            let (to, kind, message) = (u.status, effect.kind, effect.message);
             let event = NewEvent {
                 ukey: row.ukey,
                 tkey: None,
@@ -760,7 +711,6 @@ fn execute_one(
                 });
             }
             let committed_event = to_event(&event, seq, id, upgrade_id, None);
-            u.status = to;
             super::outbox::enqueue(
                 tx,
                 &committed_event,
@@ -782,14 +732,7 @@ fn execute_one(
             let upgrade_id = command.upgrade_id();
             let (task_id, _) = command.task_op().expect("remaining commands are task ops");
             let ukey = cached_upgrade_key(tx, keys, upgrade_id)?;
-            let row = load_task(tx, ukey, upgrade_id, task_id)?;
-            let mut w = TaskWrite::new(tx, ukey, upgrade_id, now);
-            if row.task.children > 0 {
-                w.parent_op(row, command)?;
-            } else {
-                w.task_op(row, command)?;
-            }
-            w.finish()
+            task_command(tx, ukey, upgrade_id, task_id, command, now)
         }
     }
 }
@@ -1001,34 +944,7 @@ mod structure_tests;
 
 #[cfg(test)]
 mod tests {
-    use super::super::tasks::order_batch;
     use super::*;
-    use crate::store::domain::command::NewTask;
-
-    #[test]
-    fn batch_order_puts_parents_first_and_finds_cycles() {
-        let tasks = vec![
-            NewTask::new("c", "C", TaskType::UpgradeStep).parent("b"),
-            NewTask::new("b", "B", TaskType::UpgradeStep).parent("a"),
-            NewTask::new("a", "A", TaskType::UpgradeStep),
-        ];
-        let order = order_batch(&tasks).unwrap();
-        let ids: Vec<_> = order.iter().map(|i| tasks[*i].task_id.as_str()).collect();
-        assert_eq!(ids, ["a", "b", "c"]);
-
-        let cyclic = vec![
-            NewTask::new("a", "A", TaskType::UpgradeStep).parent("b"),
-            NewTask::new("b", "B", TaskType::UpgradeStep).parent("a"),
-        ];
-        let err = order_batch(&cyclic).unwrap_err().to_string();
-        assert!(err.starts_with("parent cycle: a -> b -> a"), "{err}");
-
-        let dup = vec![
-            NewTask::new("a", "A", TaskType::UpgradeStep),
-            NewTask::new("a", "A2", TaskType::UpgradeStep),
-        ];
-        assert!(order_batch(&dup).unwrap_err().to_string().contains("twice"));
-    }
 
     #[test]
     fn conformance() {
