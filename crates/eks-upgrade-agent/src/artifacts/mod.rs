@@ -736,7 +736,12 @@ impl TestArtifactsManager {
             &query.name,
             &query.cursor,
         ];
-        if texts.into_iter().flatten().chain(&query.tags).any(|t| t.contains('\0')) {
+        if texts
+            .into_iter()
+            .flatten()
+            .chain(&query.tags)
+            .any(|t| t.contains('\0'))
+        {
             return Err(Error::invalid(
                 "a search filter holds a NUL byte: remove it (no name, id or tag has one)",
             ));
