@@ -279,6 +279,11 @@ fn notify_gate(tx: &mut Tx<'_, '_>, post: i64, run: &TestRun) -> Result<()> {
     if gate.passed {
         return Ok(());
     }
+    // The counter's row lock, as progress writes take it, held to COMMIT: notification `nid`s
+    // are then handed out in commit order, which the outbox's cursor (`nid > upto`) relies on.
+    // A notification inserted without it could commit after a later `nid` was read, and be
+    // skipped for good.
+    tx.exec("UPDATE seq_counter SET seq = seq", &[])?;
     let seq: i64 = tx
         .opt(
             "SELECT last_seq FROM upgrades WHERE upgrade_id = $1",
