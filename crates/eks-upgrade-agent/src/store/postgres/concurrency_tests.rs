@@ -179,7 +179,9 @@ fn a_gate_notification_committing_late_is_still_delivered() {
         )
         .unwrap();
     let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    holder.execute("SELECT pg_advisory_lock(4242)", &[]).unwrap();
+    holder
+        .execute("SELECT pg_advisory_lock(4242)", &[])
+        .unwrap();
     let waiting = |admin: &mut postgres::Client, advisory: bool| -> i64 {
         admin
             .query_one(

@@ -22,8 +22,8 @@ mod outbox;
 pub mod progress;
 mod schema;
 mod tasks;
-mod trace;
 mod test_results;
+mod trace;
 
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;
