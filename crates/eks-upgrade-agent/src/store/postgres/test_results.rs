@@ -683,30 +683,6 @@ impl TestResultStore for PostgresStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::super::progress::PostgresOptions;
-    use super::*;
-    use crate::test_support::PgCluster;
-
-    /// G60: the test results conformance suite (the one the SQLite backend passes) on
-    /// PostgreSQL, outbox included.
-    #[test]
-    fn conformance() {
-        let pg = PgCluster::start();
-        let options = PostgresOptions {
-            pool_size: 4,
-            ..PostgresOptions::default()
-        };
-        crate::results::conformance::run(&|| {
-            let store = Arc::new(PostgresStore::open(&pg.create_database(), &options).unwrap());
-            (store.clone(), Some(store))
-        });
-    }
-}
-
 /// The OTLP sink's reads of test runs (`store/postgres/trace.rs`), the same answers as the
 /// SQLite store's (`store/sqlite/trace.rs`): the upgrade's runs recorded at or before `until`,
 /// oldest first, at most `limit`, each with its failing tests sampled.
@@ -795,4 +771,28 @@ fn run_facts(
         failures,
         total_failures: total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::progress::PostgresOptions;
+    use super::*;
+    use crate::test_support::PgCluster;
+
+    /// G60: the test results conformance suite (the one the SQLite backend passes) on
+    /// PostgreSQL, outbox included.
+    #[test]
+    fn conformance() {
+        let pg = PgCluster::start();
+        let options = PostgresOptions {
+            pool_size: 4,
+            ..PostgresOptions::default()
+        };
+        crate::results::conformance::run(&|| {
+            let store = Arc::new(PostgresStore::open(&pg.create_database(), &options).unwrap());
+            (store.clone(), Some(store))
+        });
+    }
 }
