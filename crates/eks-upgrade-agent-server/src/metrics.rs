@@ -56,6 +56,8 @@ pub struct Metrics {
     queued_uploads: Gauge,
     queued_upload_bytes: Gauge,
     pending_notifications: Family<SinkLabels, Gauge>,
+    request_spans: Gauge,
+    request_spans_dropped: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -82,6 +84,8 @@ impl Default for Metrics {
             queued_uploads: Gauge::default(),
             queued_upload_bytes: Gauge::default(),
             pending_notifications: Family::default(),
+            request_spans: Gauge::default(),
+            request_spans_dropped: Counter::default(),
             registry,
         };
         let mut m = m;
@@ -136,6 +140,16 @@ impl Default for Metrics {
             "notifications_pending",
             "Notifications not yet delivered, by sink",
             m.pending_notifications.clone(),
+        );
+        r.register(
+            "request_spans_exporting",
+            "1 when request spans are exported (an OTLP endpoint is configured), else 0",
+            m.request_spans.clone(),
+        );
+        r.register(
+            "request_spans_dropped",
+            "Request spans dropped because the export queue was full",
+            m.request_spans_dropped.clone(),
         );
         m
     }
@@ -291,7 +305,11 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
         let _sync = m.events_sync.lock().unwrap_or_else(|e| e.into_inner());
         let published = s.hub.events_published();
         m.events.inc_by(published.saturating_sub(m.events.get()));
+        let dropped = s.request_spans.as_ref().map_or(0, |r| r.dropped());
+        m.request_spans_dropped
+            .inc_by(dropped.saturating_sub(m.request_spans_dropped.get()));
     }
+    m.request_spans.set(i64::from(s.request_spans.is_some()));
     m.clients
         .set(i64::try_from(s.hub.clients()).unwrap_or(i64::MAX));
     m.last_seq

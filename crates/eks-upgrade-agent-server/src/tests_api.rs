@@ -21,6 +21,7 @@ use eks_upgrade_agent::TestArtifactsManager;
 use eks_upgrade_agent::artifacts::AddOptions;
 use eks_upgrade_agent::model::{ArtifactType, RunPhase, RunQuery};
 use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults, junit};
+use eks_upgrade_agent::store::IdKind;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, blocking};
@@ -281,12 +282,43 @@ pub(crate) async fn ingest(
     let framework = q.get("framework").cloned();
     let tracker = Arc::clone(&s.tracker);
     let artifacts = s.artifacts.clone();
-    let cluster = {
-        let tracker = Arc::clone(&tracker);
-        let upgrade = upgrade.clone();
-        blocking(move || tracker.upgrade(&upgrade))
+    let given = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    let (session, collection) = (given("session"), given("collection"));
+    if collection.is_some() && session.is_none() {
+        return Err(invalid(
+            "a collection is given with its session: add ?session=S, or drop ?collection",
+        ));
+    }
+    if artifacts.is_none() && session.is_some() {
+        return Err(invalid(
+            "on the database the reports are recorded but not kept as artifacts (artifacts \
+             are not in the database yet): drop ?session and ?collection",
+        ));
+    }
+    let cluster = match given("cluster") {
+        Some(c) => c,
+        None => {
+            let tracker = Arc::clone(&tracker);
+            let upgrade = upgrade.clone();
+            blocking(move || tracker.upgrade(&upgrade))
+                .await?
+                .cluster_name
+        }
+    };
+    // The session and collection as given (ids or their prefixes), resolved as the CLI does.
+    let (session, collection) = match (&artifacts, session) {
+        (Some(a), Some(sid)) => {
+            let a = Arc::clone(a);
+            blocking(move || {
+                let s = a.resolve_id(IdKind::Session, &sid)?;
+                let c = collection
+                    .map(|c| a.resolve_id(IdKind::Collection, &c))
+                    .transpose()?;
+                Ok((Some(s), c))
+            })
             .await?
-            .cluster_name
+        }
+        _ => (None, None),
     };
     let label = name.clone();
     let run = receive(&s, &headers, body, &name, move |file| {
@@ -300,8 +332,8 @@ pub(crate) async fn ingest(
         };
         let keep = artifacts.as_deref().map(|a| KeepFiles {
             artifacts: a,
-            session_id: None,
-            collection_id: None,
+            session_id: session.as_deref(),
+            collection_id: collection.as_deref(),
             options: None,
         });
         r.ingest(std::slice::from_ref(&file.path), &ingest, keep)

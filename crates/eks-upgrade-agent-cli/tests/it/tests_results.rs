@@ -719,6 +719,61 @@ fn tests_commands_work_against_a_server() {
     let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("one report per command"), "{e}");
     assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 2);
+    // --cluster, --session and --collection reach the server: the run is on the given cluster
+    // and its file in the given collection (by id prefix), not the upgrade's defaults.
+    let s = server_env.json(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u",
+        "--cluster",
+        "c",
+    ]);
+    let session = s["session_id"].as_str().unwrap().to_owned();
+    let c = server_env.json(&[
+        "artifacts",
+        "collection",
+        "create",
+        &session,
+        "--name",
+        "mine",
+    ]);
+    let collection = c["collection_id"].as_str().unwrap().to_owned();
+    let run = remote(&[
+        "tests",
+        "ingest",
+        &pre,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+        "--cluster",
+        "elsewhere",
+        "--session",
+        &session[..12],
+        "--collection",
+        &collection,
+    ]);
+    assert_eq!(run["cluster_name"], "elsewhere", "{run}");
+    let id = run["artifact_ids"][0].as_str().unwrap();
+    let kept = server_env.json(&["artifacts", "show", id]);
+    assert_eq!(kept["session_id"], session.as_str(), "{kept}");
+    assert_eq!(kept["collection_id"], collection.as_str(), "{kept}");
+    let a = on(&[
+        "tests",
+        "ingest",
+        &pre,
+        "--upgrade",
+        "u",
+        "--phase",
+        "adhoc",
+        "--session",
+        "no-such-session",
+    ]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("no-such-session"), "{e}");
+    assert_eq!(remote(&["tests", "runs"]).as_array().unwrap().len(), 3);
 }
 
 /// G61: with `--database-url` (team mode) the `tests` commands record and read runs in

@@ -350,6 +350,20 @@ pub trait TraceSource: Send + Sync + fmt::Debug {
     }
 }
 
+/// `m` cut to at most [`MAX_EVENT_DETAILS`] bytes on a character boundary, `…` marking a cut.
+pub(crate) fn cut(mut m: String) -> String {
+    if m.len() <= MAX_EVENT_DETAILS {
+        return m;
+    }
+    let mut end = MAX_EVENT_DETAILS - '…'.len_utf8();
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m.truncate(end);
+    m.push('…');
+    m
+}
+
 /// Most test runs exported with one upgrade's root span ([`TraceSource::test_runs`]).
 pub const MAX_RUN_SPANS: usize = 100;
 

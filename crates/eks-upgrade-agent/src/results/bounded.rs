@@ -23,8 +23,10 @@ enum St {
     Text,
     /// After `<`.
     Lt,
-    /// After `<!`, with how much of `--` or `[CDATA[` matched.
+    /// After `<!`, with how much of `[CDATA[` matched.
     Bang(u8),
+    /// After `<!-`.
+    BangDash,
     /// In a tag; the quote of the attribute value being read, if any.
     Tag(u8),
     /// In a comment, with the `-` seen in a row.
@@ -130,6 +132,15 @@ impl<R: BufRead> Bounded<R> {
         Ok(())
     }
 
+    /// After `<!` and `b`, not a comment or CDATA: a declaration (or `<!>`, back to text).
+    fn declaration(&mut self, b: u8) {
+        self.st = St::Decl(u32::from(b == b'['), 0);
+        if b == b'>' {
+            self.st = St::Text;
+            self.start_run();
+        }
+    }
+
     fn byte(&mut self, b: u8) -> io::Result<()> {
         match self.st {
             St::Text => {
@@ -156,15 +167,9 @@ impl<R: BufRead> Bounded<R> {
             St::Bang(n) => {
                 self.markup_byte(b)?;
                 let n = n as usize;
-                if n < 2 && b == b'-' && (n == 0 || self.out.ends_with(b"--")) {
-                    if n == 1 {
-                        self.st = St::Comment(0);
-                        self.start_run();
-                    } else {
-                        self.st = St::Bang(1);
-                    }
-                } else if n < CDATA.len() && CDATA[n] == b && (n == 0 || !self.out.ends_with(b"!-"))
-                {
+                if n == 0 && b == b'-' {
+                    self.st = St::BangDash;
+                } else if n < CDATA.len() && CDATA[n] == b {
                     if n + 1 == CDATA.len() {
                         self.st = St::CData(0);
                         self.start_run();
@@ -172,11 +177,16 @@ impl<R: BufRead> Bounded<R> {
                         self.st = St::Bang(n as u8 + 1);
                     }
                 } else {
-                    self.st = St::Decl(u32::from(b == b'['), 0);
-                    if b == b'>' {
-                        self.st = St::Text;
-                        self.start_run();
-                    }
+                    self.declaration(b);
+                }
+            }
+            St::BangDash => {
+                self.markup_byte(b)?;
+                if b == b'-' {
+                    self.st = St::Comment(0);
+                    self.start_run();
+                } else {
+                    self.declaration(b);
                 }
             }
             St::Tag(0) => {
@@ -357,6 +367,29 @@ mod tests {
             // Still well-formed (and valid UTF-8: `through` read it as a String).
             let mut r = quick_xml::Reader::from_str(&out);
             while r.read_event().unwrap() != quick_xml::events::Event::Eof {}
+        }
+    }
+
+    /// A comment or CDATA opener split across the chunks read (where `out` is cleared) is
+    /// still read as one: the long text after a comment holding a quote is cut as a run.
+    #[test]
+    fn openers_split_across_chunks_are_matched() {
+        use std::io::BufReader;
+        let long = "x".repeat(MAX_RUN_BYTES + 10);
+        for doc in [
+            format!("<a><!-- it's --><b>{long}</b></a>"),
+            format!("<a><![CDATA[ it's ]]><b>{long}</b></a>"),
+        ] {
+            let whole = through(&doc);
+            assert!(whole.contains(TRUNCATED));
+            for split in 1..16 {
+                let (a, b) = doc.as_bytes().split_at(split);
+                let mut out = String::new();
+                Bounded::new(BufReader::new(a.chain(b)))
+                    .read_to_string(&mut out)
+                    .unwrap();
+                assert!(out == whole, "split at {split}: {}", &doc[..16]);
+            }
         }
     }
 

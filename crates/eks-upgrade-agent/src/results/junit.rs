@@ -229,6 +229,10 @@ fn seconds(v: &str) -> f64 {
 
 /// The longest duration a `time` attribute counts for: 100 years.
 const MAX_SECONDS: f64 = 100.0 * 365.25 * 86_400.0;
+/// Deepest `<testsuite>` nesting taken (each level keeps its name while open).
+pub(crate) const MAX_SUITE_DEPTH: usize = 64;
+/// Deepest element nesting taken (the XML reader keeps every open element's name).
+pub(crate) const MAX_DEPTH: usize = 256;
 
 /// Parses a report from `reader`; see [`parse_file`].
 pub fn parse<R: BufRead>(
@@ -282,6 +286,12 @@ pub fn parse<R: BufRead>(
             }
             Event::Start(e) => {
                 depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(at(format!(
+                        "invalid JUnit XML: elements nested more than {MAX_DEPTH} deep (not a \
+                         report this reader takes: regenerate the report)"
+                    )));
+                }
                 p.start(&e).map_err(at)?;
             }
             Event::Empty(e) => {
@@ -411,6 +421,12 @@ impl Parser<'_> {
                     self.hints.surefire = true;
                 }
                 if name == b"testsuite" {
+                    if self.suites.len() >= MAX_SUITE_DEPTH {
+                        return Err(format!(
+                            "invalid JUnit XML: <testsuite> nested more than {MAX_SUITE_DEPTH} \
+                             deep (flatten the suites or regenerate the report)"
+                        ));
+                    }
                     self.suites.push(n.to_owned());
                 }
             }
@@ -739,6 +755,45 @@ mod tests {
         // No suite name: the suite is empty, never the file's path (the same tests written to
         // another path are the same tests).
         assert_eq!(out, [("junit".to_owned(), String::new())]);
+    }
+
+    /// T4: nesting is capped, so a file of nested suites cannot grow the parser's memory
+    /// with its size: `<testsuite>` past 64 levels, any element past 256, refused naming the
+    /// line; 64 nested suites are taken.
+    #[test]
+    fn deep_nesting_is_refused_naming_the_line() {
+        let parse_doc = |doc: &str| {
+            parse(
+                doc.as_bytes(),
+                "r.xml",
+                &ParseOptions::default(),
+                &mut |_| Ok(()),
+            )
+        };
+        let suites = |n: usize| {
+            let open: String = (0..n)
+                .map(|i| format!("<testsuite name=\"s{i}\">\n"))
+                .collect();
+            format!("{open}<testcase name=\"t\"/>{}", "</testsuite>".repeat(n))
+        };
+        parse_doc(&suites(MAX_SUITE_DEPTH)).unwrap();
+        let e = parse_doc(&suites(MAX_SUITE_DEPTH + 1)).unwrap_err();
+        assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "r.xml:65: invalid JUnit XML: <testsuite> nested more than 64 deep (flatten the \
+             suites or regenerate the report)"
+        );
+        let deep = format!(
+            "<testsuites>\n{}{}</testsuites>",
+            "<x>".repeat(MAX_DEPTH),
+            "</x>".repeat(MAX_DEPTH)
+        );
+        let e = parse_doc(&deep).unwrap_err().to_string();
+        assert!(
+            e.starts_with("r.xml:2: invalid JUnit XML: elements nested more than 256"),
+            "{e}"
+        );
     }
 
     #[test]

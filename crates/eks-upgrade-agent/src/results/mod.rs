@@ -141,23 +141,24 @@ fn run_name(name: &str, run_id: &str) -> String {
 
 /// What an ingest stored before recording its run, to remove when recording fails.
 #[derive(Debug, Default)]
-struct Kept {
-    session: Option<String>,
-    artifacts: Vec<String>,
+pub(crate) struct Kept {
+    pub(crate) session: Option<String>,
+    pub(crate) artifacts: Vec<String>,
 }
 
 impl Kept {
-    /// Deletes the artifacts (their rows stay as `deleted` records and their blobs are
-    /// released), then the session when this ingest created it (with its collection and
-    /// those rows). Best effort: the caller returns the error that made it undo.
-    fn undo(&self, artifacts: &TestArtifactsManager) {
+    /// Deletes this ingest's artifacts (their rows stay as `deleted` records and their blobs
+    /// are released), then the session when this ingest created it and no artifact of it is
+    /// live (checked in the deleting transaction: a concurrent ingest's files in the session
+    /// keep it). Best effort: the caller returns the error that made it undo.
+    pub(crate) fn undo(&self, artifacts: &TestArtifactsManager) {
         for id in &self.artifacts {
             if let Err(e) = artifacts.delete_artifact(id) {
                 tracing::warn!(artifact_id = %id, error = %e, "cannot remove the artifact of a test run that was not recorded");
             }
         }
         if let Some(s) = &self.session
-            && let Err(e) = artifacts.index().delete_session(s)
+            && let Err(e) = artifacts.index().delete_session_if_empty(s)
         {
             tracing::warn!(session_id = %s, error = %e, "cannot remove the session of a test run that was not recorded");
         }

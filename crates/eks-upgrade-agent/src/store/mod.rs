@@ -365,6 +365,10 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     ) -> Result<Vec<ExpiredSession>>;
     /// Removes a session's rows; returns the digests its artifacts used.
     fn delete_session(&self, session_id: &str) -> Result<Vec<Digest>>;
+    /// [`delete_session`](Self::delete_session) when no artifact of the session is live
+    /// (all are `deleted` records), checked in the same write transaction; `None` (nothing
+    /// removed) when one is.
+    fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>>;
     /// In one write transaction, calls `delete` for each digest no live artifact references.
     /// Returns the digests deleted.
     fn delete_unreferenced(

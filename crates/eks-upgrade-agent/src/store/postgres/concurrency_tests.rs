@@ -125,3 +125,106 @@ fn a_reader_following_seq_never_skips_an_event_that_commits_later() {
     assert_eq!(shared.len(), WRITERS / 2);
     assert!(shared.iter().all(|t| t.percentage == 99.0), "{shared:?}");
 }
+
+/// A post run failing the gate puts `upgrade.validation_failed` in the outbox in its own
+/// transaction. Held open between that insert and its commit (a deferred trigger waits on an
+/// advisory lock the test holds), a progress write that notifies meanwhile must not commit a
+/// later `nid` first: the outbox's cursor (`nid > upto`) would pass the run's and never deliver
+/// it. The run's transaction holds the counter row, so the progress write waits for it.
+#[test]
+fn a_gate_notification_committing_late_is_still_delivered() {
+    use crate::model::{CaseAttempt, NewRun, RunPhase, TestStatus};
+    use crate::store::{Outbox, TestResultStore};
+    use chrono::Utc;
+
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let store = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let tracker = ProgressTracker::new(store.clone());
+    for u in ["u1", "u2"] {
+        tracker.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+    }
+    let attempt = |status| CaseAttempt {
+        framework: "pytest".into(),
+        suite: "s".into(),
+        classname: "k".into(),
+        name: "a".into(),
+        status,
+        duration: 1.0,
+        message: None,
+    };
+    let run = |id: &str, phase| NewRun {
+        run_id: id.into(),
+        upgrade_id: "u1".into(),
+        cluster_name: "c".into(),
+        phase,
+        created_at: Utc::now(),
+        files: vec!["r.xml".into()],
+        artifact_ids: Vec::new(),
+    };
+    store
+        .record_run(&run("pre", RunPhase::Pre), &mut |sink| {
+            sink(attempt(TestStatus::Passed))
+        })
+        .unwrap();
+    store.ingest("sink").unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER hold AFTER INSERT ON notifications \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+             WHEN (NEW.detail_type = 'upgrade.validation_failed') EXECUTE FUNCTION hold_commit();",
+        )
+        .unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    holder
+        .execute("SELECT pg_advisory_lock(4242)", &[])
+        .unwrap();
+    let waiting = |admin: &mut postgres::Client, advisory: bool| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND (wait_event = 'advisory') = $1",
+                &[&advisory],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let post = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.record_run(&run("post", RunPhase::Post), &mut |sink| {
+                sink(attempt(TestStatus::Failed))
+            })
+        })
+    };
+    // The run's transaction sits at its commit, its notification inserted.
+    while waiting(&mut admin, true) == 0 {
+        assert!(!post.is_finished(), "{:?}", post.join());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let progress = {
+        let tracker = ProgressTracker::new(store.clone());
+        std::thread::spawn(move || tracker.start_upgrade("u2", None).map(|_| ()))
+    };
+    // The progress write either committed (the bug) or waits for the counter row.
+    while !progress.is_finished() && waiting(&mut admin, false) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    store.ingest("sink").unwrap();
+    holder
+        .execute("SELECT pg_advisory_unlock(4242)", &[])
+        .unwrap();
+    post.join().unwrap().unwrap();
+    progress.join().unwrap().unwrap();
+    store.ingest("sink").unwrap();
+    let due = store.due("sink", Utc::now(), 1000).unwrap();
+    let kinds: Vec<&str> = due.iter().map(|(n, _)| n.detail_type.as_str()).collect();
+    assert!(
+        kinds.contains(&"upgrade.validation_failed"),
+        "the run's notification was skipped by the outbox: {kinds:?}"
+    );
+    assert!(kinds.contains(&"upgrade.started"), "{kinds:?}");
+}

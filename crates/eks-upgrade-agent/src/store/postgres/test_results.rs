@@ -20,6 +20,7 @@ use crate::model::{
     CaseAttempt, FLAKY_CLEARED_AFTER, FlakyTest, Gate, HistoryEntry, JsonMap, NewRun, RunCounts,
     RunPhase, RunQuery, TestResult, TestRun, TestStatus,
 };
+use crate::notify::otlp::{MAX_EVENT_DETAILS, RunFacts, cut, sample_indices};
 use crate::store::{AttemptSink, MAX_PAGE, TestResultStore};
 
 /// Attempts folded per statement.
@@ -279,6 +280,11 @@ fn notify_gate(tx: &mut Tx<'_, '_>, post: i64, run: &TestRun) -> Result<()> {
     if gate.passed {
         return Ok(());
     }
+    // The counter's row lock, as progress writes take it, held to COMMIT: notification `nid`s
+    // are then handed out in commit order, which the outbox's cursor (`nid > upto`) relies on.
+    // A notification inserted without it could commit after a later `nid` was read, and be
+    // skipped for good.
+    tx.exec("UPDATE seq_counter SET seq = seq", &[])?;
     let seq: i64 = tx
         .opt(
             "SELECT last_seq FROM upgrades WHERE upgrade_id = $1",
@@ -675,6 +681,96 @@ impl TestResultStore for PostgresStore {
             Ok(out)
         })
     }
+}
+
+/// The OTLP sink's reads of test runs (`store/postgres/trace.rs`), the same answers as the
+/// SQLite store's (`store/sqlite/trace.rs`): the upgrade's runs recorded at or before `until`,
+/// oldest first, at most `limit`, each with its failing tests sampled.
+pub(super) fn trace_runs(
+    db: &mut Db<'_, impl GenericClient>,
+    upgrade_id: &str,
+    until: i64,
+    limit: i64,
+    max_events: usize,
+) -> Result<Vec<RunFacts>> {
+    let runs: Vec<(i64, TestRun)> = db
+        .query(
+            &format!(
+                "SELECT {RUN_COLUMNS}, rkey FROM test_runs \
+                 WHERE upgrade_id = $1 AND created_at <= $2 ORDER BY rkey LIMIT $3"
+            ),
+            &[&upgrade_id, &until, &limit],
+        )?
+        .iter()
+        .map(|r| (r.get(15), run_row(r)))
+        .collect();
+    runs.into_iter()
+        .map(|(rkey, run)| run_facts(db, rkey, run, max_events))
+        .collect()
+}
+
+/// One run for the OTLP sink (see [`trace_runs`]); `NotFound` when there is none.
+pub(super) fn trace_run(
+    db: &mut Db<'_, impl GenericClient>,
+    run_id: &str,
+    max_events: usize,
+) -> Result<RunFacts> {
+    let (rkey, run) = run_key(db, run_id)?;
+    run_facts(db, rkey, run, max_events)
+}
+
+/// A run's failing tests in (suite, class name, name) byte order, only the sampled ones read
+/// (numbered in the query, so memory stays flat whatever the count), messages cut.
+fn run_facts(
+    db: &mut Db<'_, impl GenericClient>,
+    rkey: i64,
+    run: TestRun,
+    max_events: usize,
+) -> Result<RunFacts> {
+    let total = run.counts.failed.saturating_add(run.counts.errors);
+    let keep: Vec<i64> = sample_indices(usize::try_from(total).unwrap_or(usize::MAX), max_events)
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    let mut failures = Vec::with_capacity(keep.len());
+    if !keep.is_empty() {
+        let rows = db.query(
+            "SELECT test_id, framework, suite, classname, name, status, attempts, duration, \
+             message FROM (SELECT c.test_id, c.framework, c.suite, c.classname, c.name, \
+             r.status, r.attempts, r.duration, left(r.message, $5) AS message, \
+             row_number() OVER (ORDER BY c.suite COLLATE \"C\", c.classname COLLATE \"C\", \
+             c.name COLLATE \"C\") - 1 AS i \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = $1 AND r.status IN ($3, $4)) f WHERE i = ANY($2) ORDER BY i",
+            &[
+                &rkey,
+                &keep,
+                &TestStatus::Failed.code(),
+                &TestStatus::Error.code(),
+                &(MAX_EVENT_DETAILS as i32 + 1),
+            ],
+        )?;
+        for r in rows {
+            let message: Option<String> = r.get(8);
+            failures.push(TestResult {
+                test_id: r.get(0),
+                framework: r.get(1),
+                suite: r.get(2),
+                classname: r.get(3),
+                name: r.get(4),
+                status: status_of(r.get(5)),
+                attempts: r.get::<_, i64>(6).clamp(0, i64::from(u32::MAX)) as u32,
+                flaky: false,
+                duration: r.get(7),
+                message: message.map(cut),
+            });
+        }
+    }
+    Ok(RunFacts {
+        run,
+        failures,
+        total_failures: total,
+    })
 }
 
 #[cfg(test)]

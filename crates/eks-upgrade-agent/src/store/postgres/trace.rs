@@ -8,10 +8,14 @@
 
 use uuid::Uuid;
 
-use super::progress::{PostgresStore, from_micros, json_map, load_task, status_from, upgrade_key};
+use chrono::{DateTime, Utc};
+
+use super::progress::{
+    PostgresStore, from_micros, json_map, load_task, micros, status_from, upgrade_key,
+};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressEvent, Task, TaskType, Upgrade};
-use crate::notify::otlp::{SpanHistory, TraceSource, sample_indices};
+use crate::notify::otlp::{MAX_RUN_SPANS, RunFacts, SpanHistory, TraceSource, sample_indices};
 use crate::store::ProgressStore;
 
 /// The columns of one event, in [`event`]'s order.
@@ -20,6 +24,27 @@ const COLS: &str = "seq, event_id, ts, kind, status, message, details, percentag
 impl TraceSource for PostgresStore {
     fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
         ProgressStore::upgrade(self, upgrade_id)
+    }
+
+    fn test_runs(
+        &self,
+        upgrade_id: &str,
+        until: DateTime<Utc>,
+        max_events: usize,
+    ) -> Result<Vec<RunFacts>> {
+        self.read(|db| {
+            super::test_results::trace_runs(
+                db,
+                upgrade_id,
+                micros(until),
+                MAX_RUN_SPANS as i64,
+                max_events,
+            )
+        })
+    }
+
+    fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
+        self.read(|db| super::test_results::trace_run(db, run_id, max_events).map(Some))
     }
 
     fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task> {
@@ -233,6 +258,106 @@ mod tests {
         );
         assert!(matches!(
             pg_store.span_history("u", Some("nope"), 1, 128),
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    /// N23 on PostgreSQL: the test runs the OTLP sink exports are read from the PostgreSQL
+    /// test-result tables with the same answers as from SQLite's: which runs (by the upgrade's
+    /// end, oldest first), their counts, the failing tests sampled in byte order of (suite,
+    /// class name, name) with their messages cut; one run by id, `NotFound` for none.
+    #[test]
+    fn postgres_reads_test_runs_as_sqlite_does() {
+        use crate::model::{CaseAttempt, NewRun, RunPhase, TestStatus};
+        use crate::store::TestResultStore;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let pg_store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let lite = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap();
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let case =
+            |suite: &str, name: String, status: TestStatus, message: Option<String>| CaseAttempt {
+                framework: "pytest".into(),
+                suite: suite.into(),
+                classname: "tests.api".into(),
+                name,
+                status,
+                duration: 0.5,
+                message,
+            };
+        let mut big = Vec::new();
+        for i in 0..300 {
+            let suite = ["alpha", "Zeta", "Émile", "beta"][i % 4];
+            let (status, message) = match i % 3 {
+                0 => (TestStatus::Passed, None),
+                1 => (TestStatus::Failed, Some(format!("é{}", "x".repeat(5000)))),
+                _ => (TestStatus::Error, Some(format!("t{i:03} errored"))),
+            };
+            big.push(case(suite, format!("T{i:03}"), status, message));
+        }
+        let runs = [
+            ("r1", "u", 10, big),
+            (
+                "r2",
+                "u",
+                20,
+                vec![case("s", "ok".into(), TestStatus::Passed, None)],
+            ),
+            (
+                "r3",
+                "u",
+                30,
+                vec![case("s", "late".into(), TestStatus::Failed, None)],
+            ),
+            (
+                "other",
+                "v",
+                15,
+                vec![case("s", "x".into(), TestStatus::Failed, None)],
+            ),
+        ];
+        for store in [&pg_store as &dyn TestResultStore, &lite] {
+            for (id, upgrade, when, cases) in &runs {
+                let run = NewRun {
+                    run_id: (*id).into(),
+                    upgrade_id: (*upgrade).into(),
+                    cluster_name: "prod".into(),
+                    phase: RunPhase::Post,
+                    created_at: at(*when),
+                    files: vec!["r.xml".into()],
+                    artifact_ids: Vec::new(),
+                };
+                store
+                    .record_run(&run, &mut |sink| {
+                        for c in cases.clone() {
+                            sink(c)?;
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+            }
+        }
+        for until in [5, 10, 20, 40] {
+            for max in [128, 3, 0] {
+                let a = pg_store.test_runs("u", at(until), max).unwrap();
+                let b = lite.test_runs("u", at(until), max).unwrap();
+                assert_eq!(a, b, "runs until {until}, {max} events");
+            }
+        }
+        let all = pg_store.test_runs("u", at(40), 128).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].failures.len(), 128);
+        assert_eq!(all[0].total_failures, 200);
+        for id in ["r1", "r2", "r3", "other"] {
+            assert_eq!(
+                pg_store.test_run(id, 128).unwrap(),
+                lite.test_run(id, 128).unwrap(),
+                "{id}"
+            );
+        }
+        assert!(matches!(
+            pg_store.test_run("nope", 128),
             Err(Error::NotFound { .. })
         ));
     }

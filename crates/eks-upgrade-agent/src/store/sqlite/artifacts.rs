@@ -219,6 +219,37 @@ fn session_not_found(id: &str) -> Error {
     Error::not_found(format!("session {id:?}"))
 }
 
+/// Removes a session's rows (artifacts, names, tags, collections); returns the digests its
+/// artifacts used.
+fn remove_session(tx: &Transaction<'_>, skey: i64) -> Result<Vec<Digest>> {
+    let mut digests = Vec::new();
+    {
+        let mut stmt =
+            tx.prepare_cached("SELECT DISTINCT file_hash FROM artifacts WHERE skey = ?1")?;
+        let mut rows = stmt.query([skey])?;
+        while let Some(r) = rows.next()? {
+            let h: String = r.get(0)?;
+            if let Ok(d) = h.parse::<Digest>() {
+                digests.push(d);
+            }
+        }
+    }
+    // Index everything first, so every row to delete has its entry in the index.
+    index_names(tx, true)?;
+    tx.execute(
+        "DELETE FROM artifact_names WHERE rowid IN (SELECT akey FROM artifacts WHERE skey = ?1)",
+        [skey],
+    )?;
+    tx.execute(
+        "DELETE FROM artifact_tags WHERE akey IN (SELECT akey FROM artifacts WHERE skey = ?1)",
+        [skey],
+    )?;
+    tx.execute("DELETE FROM artifacts WHERE skey = ?1", [skey])?;
+    tx.execute("DELETE FROM collections WHERE skey = ?1", [skey])?;
+    tx.execute("DELETE FROM sessions WHERE skey = ?1", [skey])?;
+    Ok(digests)
+}
+
 fn session_key(conn: &Connection, id: &str) -> Result<i64> {
     conn.prepare_cached("SELECT skey FROM sessions WHERE session_id = ?1")?
         .query_row([id], |r| r.get(0))
@@ -857,33 +888,20 @@ impl ArtifactIndex for SqliteStore {
     fn delete_session(&self, session_id: &str) -> Result<Vec<Digest>> {
         self.write(|tx| {
             let skey = session_key(tx, session_id)?;
-            let mut digests = Vec::new();
-            {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT DISTINCT file_hash FROM artifacts WHERE skey = ?1",
-                )?;
-                let mut rows = stmt.query([skey])?;
-                while let Some(r) = rows.next()? {
-                    let h: String = r.get(0)?;
-                    if let Ok(d) = h.parse::<Digest>() {
-                        digests.push(d);
-                    }
-                }
+            remove_session(tx, skey)
+        })
+    }
+
+    fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>> {
+        self.write(|tx| {
+            let skey = session_key(tx, session_id)?;
+            let live = tx
+                .prepare_cached("SELECT 1 FROM artifacts WHERE skey = ?1 AND status != ?2 LIMIT 1")?
+                .exists(params![skey, ArtifactStatus::Deleted.code()])?;
+            if live {
+                return Ok(None);
             }
-            // Index everything first, so every row to delete has its entry in the index.
-            index_names(tx, true)?;
-            tx.execute(
-                "DELETE FROM artifact_names WHERE rowid IN (SELECT akey FROM artifacts WHERE skey = ?1)",
-                [skey],
-            )?;
-            tx.execute(
-                "DELETE FROM artifact_tags WHERE akey IN (SELECT akey FROM artifacts WHERE skey = ?1)",
-                [skey],
-            )?;
-            tx.execute("DELETE FROM artifacts WHERE skey = ?1", [skey])?;
-            tx.execute("DELETE FROM collections WHERE skey = ?1", [skey])?;
-            tx.execute("DELETE FROM sessions WHERE skey = ?1", [skey])?;
-            Ok(digests)
+            remove_session(tx, skey).map(Some)
         })
     }
 

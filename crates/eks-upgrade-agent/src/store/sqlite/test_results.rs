@@ -687,6 +687,66 @@ mod tests {
         }
     }
 
+    /// T13: undoing a failed ingest deletes only its own artifacts; the session it created
+    /// goes only when nothing live is left in it (a concurrent ingest's acknowledged file in
+    /// the same session keeps the session and the file).
+    #[test]
+    fn undoing_an_ingest_keeps_a_concurrent_ingests_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, _r) = kept_store(dir.path());
+        let s = m
+            .create_session(crate::artifacts::NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "validation", None, None)
+            .unwrap();
+        let add = |name: &str| {
+            m.add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                name.as_bytes(),
+                name,
+                &Default::default(),
+            )
+            .unwrap()
+            .artifact_id
+        };
+        let mine = add("mine.xml");
+        let theirs = add("theirs.xml");
+        let kept = crate::results::Kept {
+            session: Some(s.session_id.clone()),
+            artifacts: vec![mine.clone()],
+        };
+        kept.undo(&m);
+        assert!(
+            !m.exists(&mine).unwrap(),
+            "the failed ingest's file is left"
+        );
+        assert!(
+            m.exists(&theirs).unwrap(),
+            "the concurrent ingest's file was deleted"
+        );
+        assert_eq!(
+            m.sessions(None).unwrap().len(),
+            1,
+            "the session was deleted"
+        );
+        // Once nothing live is left, the session goes.
+        crate::results::Kept {
+            session: Some(s.session_id.clone()),
+            artifacts: vec![theirs],
+        }
+        .undo(&m);
+        assert!(
+            m.sessions(None).unwrap().is_empty(),
+            "the empty session was left"
+        );
+    }
+
     const REPORT: &str =
         r#"<testsuite name="smoke"><testcase classname="api" name="health"/></testsuite>"#;
 

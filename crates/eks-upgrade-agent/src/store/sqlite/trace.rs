@@ -17,7 +17,7 @@ use super::test_results::{RUN_COLUMNS, run_row, status_of};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
 use crate::notify::otlp::{
-    MAX_EVENT_DETAILS, MAX_RUN_SPANS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource,
+    MAX_EVENT_DETAILS, MAX_RUN_SPANS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource, cut,
     sample_indices,
 };
 use crate::store::ProgressStore;
@@ -174,20 +174,6 @@ fn run_facts(c: &Connection, rkey: i64, run: TestRun, max_events: usize) -> Resu
         failures,
         total_failures: total,
     })
-}
-
-/// `m` cut to at most [`MAX_EVENT_DETAILS`] bytes on a character boundary, `…` marking a cut.
-fn cut(mut m: String) -> String {
-    if m.len() <= MAX_EVENT_DETAILS {
-        return m;
-    }
-    let mut end = MAX_EVENT_DETAILS - '…'.len_utf8();
-    while !m.is_char_boundary(end) {
-        end -= 1;
-    }
-    m.truncate(end);
-    m.push('…');
-    m
 }
 
 /// [`TraceSource::span_facts`] of one ask, on `c` (inside the batch's read transaction).
