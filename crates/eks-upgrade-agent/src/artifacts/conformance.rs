@@ -35,7 +35,7 @@ type Case = (&'static str, fn(Fixture));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 17] = [
+    let cases: [Case; 18] = [
         ("sessions_and_collections", sessions_and_collections),
         (
             "add_files_directories_and_bytes",
@@ -87,6 +87,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "a_deleted_artifact_leaves_the_upload_queue",
             a_deleted_artifact_leaves_the_upload_queue,
+        ),
+        (
+            "a_session_is_removed_only_when_empty",
+            a_session_is_removed_only_when_empty,
         ),
         (
             "an_artifact_row_is_committed_only_after_its_blob_exists",
@@ -1412,4 +1416,38 @@ fn a_deleted_artifact_leaves_the_upload_queue(f: Fixture) {
         assert_eq!(row.status, ArtifactStatus::Deleted, "{row:?}");
         assert_eq!(row.s3_key, None, "{row:?}");
     }
+}
+
+/// `delete_session_if_empty` keeps a session that has a live artifact, and removes it (rows
+/// and all, returning its digests) once every artifact is a `deleted` record.
+fn a_session_is_removed_only_when_empty(f: Fixture) {
+    let (s, c) = session(&f, "u1");
+    let a =
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"kept",
+            "kept.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        f.index.delete_session_if_empty(&s.session_id).unwrap(),
+        None
+    );
+    assert!(
+        f.m.artifact(&a.artifact_id).is_ok(),
+        "a live artifact keeps its session"
+    );
+    f.m.delete_artifact(&a.artifact_id).unwrap();
+    let digests = f
+        .index
+        .delete_session_if_empty(&s.session_id)
+        .unwrap()
+        .expect("removed once only deleted records are left");
+    assert_eq!(digests.len(), 1);
+    assert!(matches!(
+        f.index.delete_session_if_empty(&s.session_id),
+        Err(crate::Error::NotFound { .. })
+    ));
 }

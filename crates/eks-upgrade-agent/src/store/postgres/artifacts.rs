@@ -873,6 +873,37 @@ impl ArtifactIndex for PostgresStore {
         })
     }
 
+    fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>> {
+        self.write(|tx| {
+            let skey = session_key(tx, session_id)?;
+            // Adds lock their collection's row: once we hold them all, an add either
+            // committed before (its row is seen below) or waits and then finds no collection.
+            tx.query(
+                "SELECT 1 FROM collections WHERE skey = $1 ORDER BY ckey FOR UPDATE",
+                &[&skey],
+            )?;
+            let live = tx
+                .opt(
+                    "SELECT 1 FROM artifacts WHERE skey = $1 AND status != $2 LIMIT 1",
+                    &[&skey, &ArtifactStatus::Deleted.code()],
+                )?
+                .is_some();
+            if live {
+                return Ok(None);
+            }
+            let digests = tx
+                .query(
+                    "SELECT DISTINCT file_hash FROM artifacts WHERE skey = $1",
+                    &[&skey],
+                )?
+                .iter()
+                .filter_map(|r| r.get::<_, String>(0).parse::<Digest>().ok())
+                .collect();
+            tx.exec("DELETE FROM sessions WHERE skey = $1", &[&skey])?;
+            Ok(Some(digests))
+        })
+    }
+
     fn delete_unreferenced(
         &self,
         digests: &[Digest],
