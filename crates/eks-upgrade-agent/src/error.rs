@@ -96,19 +96,18 @@ impl From<postgres::Error> for Error {
         use postgres::error::SqlState;
         // Input the database cannot take (a NUL byte in text, a pattern that is no regular
         // expression) is the caller's to fix, not a failure of the store.
-        if let Some(db) = e.as_db_error() {
-            if [
+        if let Some(db) = e.as_db_error()
+            && [
                 SqlState::CHARACTER_NOT_IN_REPERTOIRE,
                 SqlState::UNTRANSLATABLE_CHARACTER,
                 SqlState::INVALID_REGULAR_EXPRESSION,
             ]
             .contains(db.code())
-            {
-                return Error::invalid(format!(
-                    "the database refused this input: {} (remove NUL bytes; check patterns)",
-                    db.message()
-                ));
-            }
+        {
+            return Error::invalid(format!(
+                "the database refused this input: {} (remove NUL bytes; check patterns)",
+                db.message()
+            ));
         }
         let message = match e.as_db_error() {
             Some(db) => format!("postgresql: {}", db.message()),
