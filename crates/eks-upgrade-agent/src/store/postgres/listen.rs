@@ -1,8 +1,8 @@
 //! Wake-ups for followers: one connection per replica `LISTEN`s on
-//! [`EVENTS_CHANNEL`](super::progress::EVENTS_CHANNEL), which every commit that appends events
+//! `EVENTS_CHANNEL` (see `store/postgres/progress.rs`), which every commit that appends events
 //! notifies. A notification only says "read from your `seq`": followers still read the events
 //! themselves, so a lost notification costs latency, never an event. While the connection is
-//! down followers poll (see [`Listener::connected`]); it is made again after a pause, and a
+//! down followers poll (see [`ListenStats::connected`]); it is made again after a pause, and a
 //! fresh connection wakes followers once (notifications sent meanwhile are lost).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
