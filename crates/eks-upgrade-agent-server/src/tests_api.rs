@@ -295,33 +295,26 @@ pub(crate) async fn ingest(
              are not in the database yet): drop ?session and ?collection",
         ));
     }
-    let cluster = match given("cluster") {
-        Some(c) => c,
-        None => {
-            let tracker = Arc::clone(&tracker);
-            let upgrade = upgrade.clone();
-            blocking(move || tracker.upgrade(&upgrade))
-                .await?
-                .cluster_name
-        }
-    };
-    // The session and collection as given (ids or their prefixes), resolved as the CLI does.
-    let (session, collection) = match (&artifacts, session) {
-        (Some(a), Some(sid)) => {
-            let a = Arc::clone(a);
-            blocking(move || {
+    let cluster = given("cluster");
+    let label = name.clone();
+    // The upgrade, session and collection are looked up once the body is in: a refusal sent
+    // while the client still writes would reach it as a broken pipe, not as this answer.
+    let run = receive(&s, &headers, body, &name, move |file| {
+        let cluster = match cluster {
+            Some(c) => c,
+            None => tracker.upgrade(&upgrade)?.cluster_name,
+        };
+        // The session and collection as given (ids or their prefixes), resolved as the CLI does.
+        let (session, collection) = match (&artifacts, session) {
+            (Some(a), Some(sid)) => {
                 let s = a.resolve_id(IdKind::Session, &sid)?;
                 let c = collection
                     .map(|c| a.resolve_id(IdKind::Collection, &c))
                     .transpose()?;
-                Ok((Some(s), c))
-            })
-            .await?
-        }
-        _ => (None, None),
-    };
-    let label = name.clone();
-    let run = receive(&s, &headers, body, &name, move |file| {
+                (Some(s), c)
+            }
+            _ => (None, None),
+        };
         let ingest = Ingest {
             upgrade_id: upgrade,
             cluster_name: cluster,
