@@ -62,6 +62,29 @@ pub const MIN_SUFFIX: usize = 6;
 /// Most candidates an ambiguous abbreviation lists.
 pub const MAX_CANDIDATES: usize = 10;
 
+/// The answer to an abbreviated id, from the ids it matched (at most [`MAX_CANDIDATES`] + 1,
+/// in the order to show): the one id, not found, or ambiguous listing the candidates. Both
+/// backends answer through it.
+pub(crate) fn one_match(what: &str, abbrev: &str, mut found: Vec<String>) -> Result<String> {
+    use crate::error::Error;
+    match found.len() {
+        0 => Err(Error::not_found(format!("{what} {abbrev:?}"))),
+        1 => Ok(found.pop().expect("one")),
+        n => {
+            let more = if n > MAX_CANDIDATES {
+                found.truncate(MAX_CANDIDATES);
+                ", ..."
+            } else {
+                ""
+            };
+            Err(Error::invalid(format!(
+                "{what} id {abbrev:?} is ambiguous: it matches {}{more}; give more characters",
+                found.join(", ")
+            )))
+        }
+    }
+}
+
 /// How hard a commit tries to survive failures. Both levels keep every acknowledged change when
 /// the process is killed (`kill -9`) at any instant; they differ on power loss or an OS crash.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -484,22 +484,7 @@ impl ArtifactIndex for PostgresStore {
                     .map(|r| r.get(0))
                     .collect();
             }
-            match found.len() {
-                0 => Err(Error::not_found(format!("{what} {abbrev:?}"))),
-                1 => Ok(found.pop().expect("one")),
-                n => {
-                    let more = if n > MAX_CANDIDATES {
-                        found.truncate(MAX_CANDIDATES);
-                        ", ..."
-                    } else {
-                        ""
-                    };
-                    Err(Error::invalid(format!(
-                        "{what} id {abbrev:?} is ambiguous: it matches {}{more}; give more characters",
-                        found.join(", ")
-                    )))
-                }
-            }
+            super::super::one_match(what, abbrev, found)
         })
     }
 

@@ -537,22 +537,7 @@ impl ArtifactIndex for SqliteStore {
                     .query_map(params![abbrev, limit], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
             }
-            match found.len() {
-                0 => Err(Error::not_found(format!("{what} {abbrev:?}"))),
-                1 => Ok(found.pop().expect("one")),
-                n => {
-                    let more = if n > MAX_CANDIDATES {
-                        found.truncate(MAX_CANDIDATES);
-                        ", ..."
-                    } else {
-                        ""
-                    };
-                    Err(Error::invalid(format!(
-                        "{what} id {abbrev:?} is ambiguous: it matches {}{more}; give more characters",
-                        found.join(", ")
-                    )))
-                }
-            }
+            super::super::one_match(what, abbrev, found)
         })
     }
 
