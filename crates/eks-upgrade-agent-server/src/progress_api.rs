@@ -347,8 +347,9 @@ pub(crate) async fn task_op(
     )?;
     let committed = execute(&s, c).await?;
     let tracker = Arc::clone(&s.tracker);
-    let detail = blocking(move || tracker.task_detail(&upgrade, &task)).await?;
-    let mut v = serde_json::to_value(detail.task).unwrap_or_default();
+    // The task alone (its recent events are not part of this answer): one read.
+    let task = blocking(move || tracker.store().task(&upgrade, &task)).await?;
+    let mut v = serde_json::to_value(task).unwrap_or_default();
     v["seq"] = json!(committed.last_seq());
     // What the operation committed (the task's own event first, then its ancestors'), as
     // `progress apply --ack-events` acknowledges it.

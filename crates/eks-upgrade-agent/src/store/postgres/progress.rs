@@ -1107,8 +1107,22 @@ impl ProgressStore for PostgresStore {
 
     fn task(&self, upgrade_id: &str, task_id: &str) -> Result<Task> {
         self.read(|db| {
-            let ukey = upgrade_key(db, upgrade_id)?;
-            Ok(load_task(db, ukey, upgrade_id, task_id)?.task)
+            // One round trip (every acknowledged update over HTTP answers with its task); the
+            // upgrade is looked up apart only to say which of the two is missing.
+            let row = db.opt(
+                &format!(
+                    "SELECT {TASK_COLS} FROM tasks WHERE task_id = $2 \
+                     AND ukey = (SELECT ukey FROM upgrades WHERE upgrade_id = $1)"
+                ),
+                &[&upgrade_id, &task_id],
+            )?;
+            match row {
+                Some(r) => Ok(task_row(&r, upgrade_id)?.task),
+                None => {
+                    upgrade_key(db, upgrade_id)?;
+                    Err(task_not_found(upgrade_id, task_id))
+                }
+            }
         })
     }
 
