@@ -292,6 +292,10 @@ impl PgCluster {
         loop {
             match postgres::Client::connect(&self.url("postgres"), postgres::NoTls) {
                 Ok(_) => return,
+                // Still starting up (it answers, but takes no connection yet): wait.
+                Err(e) if e.code() == Some(&postgres::error::SqlState::CANNOT_CONNECT_NOW) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 // The server answers (it refuses connections without TLS).
                 Err(e) if e.as_db_error().is_some() => return,
                 Err(e) => {
