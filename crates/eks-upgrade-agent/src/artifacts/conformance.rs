@@ -871,8 +871,12 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
         .unwrap();
     }
     let q: &dyn UploadQueue = f.uploads.as_ref();
+    // Real time, short leases: a backend may judge leases on its own clock (PostgreSQL judges
+    // them on the database's), so expiry is waited for, not simulated with a later `now`.
+    let ms = chrono::Duration::milliseconds;
+    let wait = |d: chrono::Duration| std::thread::sleep(d.to_std().unwrap());
     let now = Utc::now();
-    let lease = now + chrono::Duration::minutes(30);
+    let lease = now + ms(400);
     let ids = |v: Vec<(TestArtifact, u32)>| -> Vec<String> {
         v.into_iter().map(|(a, _)| a.artifact_id).collect()
     };
@@ -884,9 +888,11 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
     assert_eq!(q.claimed_by_others("C", now).unwrap(), 5);
     assert_eq!(q.claimed_by_others("A", now).unwrap(), 2);
     // A live uploader's heartbeat keeps its claims past the first lease; B's lapse.
-    let renewed = lease + chrono::Duration::minutes(30);
-    q.renew_upload_claims("A", renewed).unwrap();
-    let between = lease + chrono::Duration::seconds(1);
+    q.renew_upload_claims("A", Utc::now() + chrono::Duration::minutes(30))
+        .unwrap();
+    wait(ms(700));
+    let between = Utc::now();
+    let renewed = between + chrono::Duration::minutes(30);
     let taken = ids(q.claim_uploads("C", between, renewed, 10).unwrap());
     assert_eq!(taken.len(), 2, "only B's lapsed claims");
     assert!(taken.iter().all(|x| b.contains(x)));
@@ -913,13 +919,16 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
         },
     )
     .unwrap();
-    let before_expiry = renewed - chrono::Duration::seconds(1);
+    let before_expiry = Utc::now();
     assert!(
         q.claim_uploads("C", before_expiry, renewed, 10)
             .unwrap()
             .is_empty()
     );
-    let after = renewed + chrono::Duration::seconds(1);
+    // A's last heartbeat: a short lease, which then runs out.
+    q.renew_upload_claims("A", Utc::now() + ms(300)).unwrap();
+    wait(ms(600));
+    let after = Utc::now();
     let mut c_ids = ids(q
         .claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
         .unwrap());
@@ -1335,10 +1344,12 @@ fn a_late_upload_outcome_from_a_lost_lease_changes_nothing(f: Fixture) {
     q.queue_uploads(&UploadSelector::All, false).unwrap();
     let now = Utc::now();
     let first = q
-        .claim_uploads("slow", now, now + chrono::Duration::seconds(10), 10)
+        .claim_uploads("slow", now, now + chrono::Duration::milliseconds(300), 10)
         .unwrap();
     assert_eq!(first.len(), 1);
-    let after = now + chrono::Duration::seconds(11);
+    // Real time (a backend may judge leases on its own clock): slow's lease runs out.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let after = Utc::now();
     let taken = q
         .claim_uploads("fast", after, after + chrono::Duration::seconds(10), 10)
         .unwrap();

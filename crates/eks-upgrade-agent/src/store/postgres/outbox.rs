@@ -33,13 +33,15 @@ pub struct LeaseCounts {
 impl PostgresStore {
     /// The outbox's leases now (`/metrics`).
     pub fn lease_counts(&self) -> Result<LeaseCounts> {
-        let now = micros(Utc::now());
         self.read(|db| {
             let r = db.one(
-                "SELECT count(*) FILTER (WHERE lease_until > $1), \
-                 count(*) FILTER (WHERE lease_until <= $1) FROM deliveries \
-                 WHERE status = 0 AND lease_owner IS NOT NULL",
-                &[&now],
+                &format!(
+                    "SELECT count(*) FILTER (WHERE lease_until > {now}), \
+                     count(*) FILTER (WHERE lease_until <= {now}) FROM deliveries \
+                     WHERE status = 0 AND lease_owner IS NOT NULL",
+                    now = lease::DB_NOW
+                ),
+                &[],
             )?;
             Ok(LeaseCounts {
                 held: r.get::<_, i64>(0) as u64,
@@ -63,7 +65,7 @@ impl Outbox for PostgresStore {
                     &[&sink],
                 )?
                 .get(0);
-            let now = micros(Utc::now());
+            let now = micros(self.clock());
             let n = tx.exec(
                 "INSERT INTO deliveries (sink, nid, status, attempts, next_at, updated_at) \
                  SELECT $1, nid, 0, 0, 0, $3 FROM notifications WHERE nid > $2 ORDER BY nid \
@@ -102,17 +104,20 @@ impl Outbox for PostgresStore {
                 "SELECT 1 FROM sink_cursors WHERE sink = $1 FOR UPDATE",
                 &[&sink],
             )?;
+            // Whether a lease runs is the database clock's call (`lease.rs`).
             let rows = tx.query(
-                "SELECT n.nid, n.event_id, n.seq, n.upgrade_id, n.detail_type, n.time, n.detail, \
-                 d.attempts, d.next_at, d.lease_owner, d.lease_until FROM deliveries d \
-                 JOIN notifications n ON n.nid = d.nid \
-                 WHERE d.sink = $1 AND d.status = 0 ORDER BY d.nid LIMIT 1000",
+                &format!(
+                    "SELECT n.nid, n.event_id, n.seq, n.upgrade_id, n.detail_type, n.time, \
+                     n.detail, d.attempts, d.next_at, d.lease_owner, d.lease_until > {} \
+                     FROM deliveries d JOIN notifications n ON n.nid = d.nid \
+                     WHERE d.sink = $1 AND d.status = 0 ORDER BY d.nid LIMIT 1000",
+                    lease::DB_NOW
+                ),
                 &[&sink],
             )?;
             let mut blocked: HashSet<String> = HashSet::new();
             let mut out = Vec::new();
             let now_us = micros(now);
-            let wall = micros(Utc::now());
             for r in rows {
                 let upgrade_id: String = r.get(3);
                 if blocked.contains(&upgrade_id) {
@@ -120,8 +125,8 @@ impl Outbox for PostgresStore {
                 }
                 let next_at: i64 = r.get(8);
                 let lease_owner: Option<String> = r.get(9);
-                let lease_until: i64 = r.get(10);
-                let held = lease_until > wall && lease_owner.as_deref() != Some(owner);
+                let running: bool = r.get(10);
+                let held = running && lease_owner.as_deref() != Some(owner);
                 if next_at > now_us || held {
                     // Keep per-upgrade order: later notifications wait for this one.
                     blocked.insert(upgrade_id);
@@ -144,11 +149,14 @@ impl Outbox for PostgresStore {
                 }
             }
             let nids: Vec<i64> = out.iter().map(|(n, _)| n.nid as i64).collect();
-            let until = wall + self.lease().as_micros() as i64;
+            let span = self.lease().as_micros() as i64;
             tx.exec(
-                "UPDATE deliveries SET lease_owner = $2, lease_until = $3 \
-                 WHERE sink = $1 AND nid = ANY($4)",
-                &[&sink, &owner, &until, &nids],
+                &format!(
+                    "UPDATE deliveries SET lease_owner = $2, lease_until = {} + $3 \
+                     WHERE sink = $1 AND nid = ANY($4)",
+                    lease::DB_NOW
+                ),
+                &[&sink, &owner, &span, &nids],
             )?;
             Ok(out)
         })
@@ -166,7 +174,7 @@ impl Outbox for PostgresStore {
             lease::ours("lease_owner", "$7")
         );
         self.write(|tx| {
-            let now = micros(Utc::now());
+            let now = micros(self.clock());
             for (nid, outcome) in outcomes {
                 let (status, next_at, error) = match outcome {
                     DeliveryOutcome::Delivered => (DELIVERED, 0, None),
@@ -202,12 +210,15 @@ impl Outbox for PostgresStore {
         }
         let owner = self.instance();
         let nids: Vec<i64> = nids.iter().map(|n| *n as i64).collect();
-        let until = micros(Utc::now()) + self.lease().as_micros() as i64;
+        let span = self.lease().as_micros() as i64;
         self.write(|tx| {
             tx.exec(
-                "UPDATE deliveries SET lease_until = $3 \
-                 WHERE sink = $1 AND nid = ANY($2) AND status = 0 AND lease_owner = $4",
-                &[&sink, &nids, &until, &owner],
+                &format!(
+                    "UPDATE deliveries SET lease_until = {} + $3 \
+                     WHERE sink = $1 AND nid = ANY($2) AND status = 0 AND lease_owner = $4",
+                    lease::DB_NOW
+                ),
+                &[&sink, &nids, &span, &owner],
             )
         })
     }

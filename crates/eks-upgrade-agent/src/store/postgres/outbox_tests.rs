@@ -186,3 +186,68 @@ fn a_long_pass_renews_its_leases_so_no_other_replica_sends_them() {
     assert_eq!(a.sink_status("hook").unwrap().delivered, sent.len() as u64);
     assert!(b.due("hook", Utc::now(), 100).unwrap().is_empty());
 }
+
+/// Guarantee G90: delivery leases are judged on the database's clock, not the replica's. A
+/// replica whose clock runs an hour ahead cannot take a delivery another replica holds (by its
+/// own clock that lease ran out long ago), and a replica whose clock runs an hour behind takes
+/// over a lease that ran out by the database's clock (by its own it still has an hour to go).
+#[test]
+fn delivery_leases_are_judged_on_the_database_clock() {
+    use std::time::Duration;
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let short = PostgresOptions {
+        lease: Duration::from_millis(400),
+        ..PostgresOptions::default()
+    };
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let ahead = PostgresStore::open(&url, &PostgresOptions::default())
+        .unwrap()
+        .with_clock_skew(chrono::Duration::hours(1));
+    let behind = PostgresStore::open(&url, &PostgresOptions::default())
+        .unwrap()
+        .with_clock_skew(chrono::Duration::hours(-1));
+    let dies = PostgresStore::open(&url, &short).unwrap();
+    let t = ProgressTracker::new(a.clone());
+    for u in ["u1", "u2"] {
+        t.create_upgrade(u, "p", "c", JsonMap::new()).unwrap();
+        t.start_upgrade(u, None).unwrap();
+        t.add_task(u, NewTask::new("x", "X", TaskType::UpgradeStep))
+            .unwrap();
+        t.start_task(u, "x", None).unwrap();
+        t.complete_task(u, "x", None).unwrap();
+    }
+    assert!(a.ingest("hook").unwrap() >= 4);
+    // A holds u1 (a 15 s lease); the replica an hour ahead gets only u2.
+    let held = a.due("hook", Utc::now(), 1).unwrap();
+    assert_eq!(held[0].0.upgrade_id, "u1");
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let got = ahead.due("hook", later, 100).unwrap();
+    assert!(
+        got.iter().all(|(n, _)| n.upgrade_id != "u1"),
+        "a replica with its clock ahead stole a live lease: {got:?}"
+    );
+    let settled: Vec<_> = got
+        .iter()
+        .chain(&held)
+        .map(|(n, _)| (n.nid, DeliveryOutcome::Delivered))
+        .collect();
+    ahead.record("hook", &settled).unwrap();
+    a.record("hook", &settled).unwrap();
+    // A replica holding 400 ms leases dies with u1's rest; after the lease (by the database's
+    // clock), the replica an hour behind takes them over.
+    let dead = dies.due("hook", Utc::now(), 100).unwrap();
+    assert!(!dead.is_empty(), "u1 has more entries");
+    drop(dies);
+    std::thread::sleep(Duration::from_millis(800));
+    let earlier = Utc::now() - chrono::Duration::hours(1);
+    let taken = behind.due("hook", earlier, 100).unwrap();
+    let taken: HashSet<u64> = taken.iter().map(|(n, _)| n.nid).collect();
+    assert!(
+        dead.iter().all(|(n, _)| taken.contains(&n.nid)),
+        "a lease past its end by the database's clock was not taken over by a replica whose \
+         clock is behind: {taken:?}"
+    );
+    let counts = a.lease_counts().unwrap();
+    assert_eq!(counts.held as usize, taken.len(), "{counts:?}");
+}

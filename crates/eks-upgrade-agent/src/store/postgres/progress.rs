@@ -50,6 +50,8 @@ pub struct PostgresStore {
     waited_us: std::sync::atomic::AtomicU64,
     /// How long claims on work last (see [`PostgresOptions::lease`]).
     lease: Duration,
+    /// Added to this replica's clock (tests: a replica whose clock is wrong).
+    skew: chrono::Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -120,6 +122,7 @@ impl PostgresStore {
             waits: Default::default(),
             waited_us: Default::default(),
             lease: options.lease.max(Duration::from_millis(100)),
+            skew: chrono::Duration::zero(),
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
@@ -128,6 +131,19 @@ impl PostgresStore {
     /// How long claims on work last.
     pub(crate) fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// This replica's clock (for what it stamps; never for judging a lease, which the
+    /// database's clock does: see `lease.rs`).
+    pub(crate) fn clock(&self) -> DateTime<Utc> {
+        Utc::now() + self.skew
+    }
+
+    /// The same store with its clock `skew` off (tests).
+    #[cfg(test)]
+    pub(crate) fn with_clock_skew(mut self, skew: chrono::Duration) -> Self {
+        self.skew = skew;
+        self
     }
 
     /// Where and how it connects.

@@ -55,16 +55,19 @@ impl UploadQueue for PostgresStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(TestArtifact, u32)>> {
+        // Due by the claimer's clock (retry times are the uploaders'), free by the database's;
+        // the lease ends its length after the database's clock.
         let sql = format!(
             "WITH due AS (SELECT akey FROM artifacts \
              WHERE upload_state IN (1, 3) AND upload_next_at <= $1 AND {} \
              ORDER BY akey LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE artifacts a SET upload_claimed_by = $3, upload_lease_until = $4 \
+             UPDATE artifacts a SET upload_claimed_by = $3, upload_lease_until = {} + $4 \
              FROM due WHERE a.akey = due.akey RETURNING a.akey",
-            lease::free("upload_claimed_by", "upload_lease_until", "$3", "$1")
+            lease::free("upload_claimed_by", "upload_lease_until", "$3"),
+            lease::DB_NOW
         );
+        let until = lease::span(now, lease_until);
         let now = micros(now);
-        let until = micros(lease_until);
         let limit = limit.min(i64::MAX as usize) as i64;
         self.write(|tx| {
             let keys: Vec<i64> = tx
@@ -91,11 +94,15 @@ impl UploadQueue for PostgresStore {
     }
 
     fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()> {
+        let span = lease::span(Utc::now(), lease_until);
         self.write(|tx| {
             tx.exec(
-                "UPDATE artifacts SET upload_lease_until = $2 \
-                 WHERE upload_claimed_by = $1 AND upload_state IN (1, 3)",
-                &[&owner, &micros(lease_until)],
+                &format!(
+                    "UPDATE artifacts SET upload_lease_until = {} + $2 \
+                     WHERE upload_claimed_by = $1 AND upload_state IN (1, 3)",
+                    lease::DB_NOW
+                ),
+                &[&owner, &span],
             )?;
             Ok(())
         })
@@ -105,9 +112,12 @@ impl UploadQueue for PostgresStore {
         self.read(|db| {
             Ok(db
                 .one(
-                    "SELECT count(*) FROM artifacts WHERE upload_state IN (1, 3) \
-                     AND upload_next_at <= $1 AND upload_claimed_by IS NOT NULL \
-                     AND upload_claimed_by != $2 AND upload_lease_until > $1",
+                    &format!(
+                        "SELECT count(*) FROM artifacts WHERE upload_state IN (1, 3) \
+                         AND upload_next_at <= $1 AND upload_claimed_by IS NOT NULL \
+                         AND upload_claimed_by != $2 AND upload_lease_until > {}",
+                        lease::DB_NOW
+                    ),
                     &[&micros(now), &owner],
                 )?
                 .get::<_, i64>(0) as u64)

@@ -115,3 +115,102 @@ fn two_replicas_never_claim_the_same_upload() {
             .is_empty()
     );
 }
+
+/// Guarantee G90: upload leases are judged on the database's clock, not the claimer's. A
+/// claimer whose clock runs an hour ahead cannot take an upload another holds, nor counts it as
+/// free; one whose clock runs an hour behind takes over a lease that ran out by the database's
+/// clock.
+#[test]
+fn upload_leases_are_judged_on_the_database_clock() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Arc::new(LocalBlobStore::open(dir.path(), Durability::default()).unwrap());
+    let m = TestArtifactsManager::new(
+        a.clone(),
+        blobs,
+        ArtifactsOptions {
+            auto_upload: true,
+            ..ArtifactsOptions::default()
+        },
+    );
+    let s = m
+        .create_session(NewSession {
+            upgrade_id: "u1".into(),
+            cluster_name: "c".into(),
+            ..NewSession::default()
+        })
+        .unwrap();
+    let c = m
+        .create_collection(&s.session_id, "logs", None, None)
+        .unwrap();
+    for i in 0..2 {
+        m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            format!("{i}").as_bytes(),
+            &format!("f{i}.log"),
+            &AddOptions::default(),
+        )
+        .unwrap();
+    }
+    let now = Utc::now();
+    let held = a
+        .claim_uploads("held", now, now + chrono::Duration::minutes(10), 1)
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let short = a
+        .claim_uploads("dies", now, now + chrono::Duration::milliseconds(400), 1)
+        .unwrap();
+    assert_eq!(short.len(), 1);
+    // An hour ahead: both leases look over to that claimer's clock; the 10 min one is not.
+    let ahead = Utc::now() + chrono::Duration::hours(1);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let stolen = a
+        .claim_uploads("ahead", ahead, ahead + chrono::Duration::minutes(10), 10)
+        .unwrap();
+    let stolen: Vec<&str> = stolen.iter().map(|(t, _)| t.artifact_id.as_str()).collect();
+    assert!(
+        !stolen.contains(&held[0].0.artifact_id.as_str()),
+        "a claimer with its clock ahead stole a live lease"
+    );
+    assert_eq!(
+        stolen,
+        [short[0].0.artifact_id.as_str()],
+        "only the lapsed lease is taken"
+    );
+    assert_eq!(a.claimed_by_others("other", ahead).unwrap(), 2);
+    // An hour behind: a lease that ran out by the database's clock is free.
+    let at = Utc::now();
+    let lapsed = a
+        .claim_uploads("lapses", at, at + chrono::Duration::milliseconds(300), 1)
+        .unwrap();
+    assert!(lapsed.is_empty(), "every upload is held");
+    a.record_upload(
+        "ahead",
+        &short[0].0.artifact_id,
+        &UploadOutcome::Failed {
+            error: "x".into(),
+            next_at: Some(now - chrono::Duration::hours(2)),
+        },
+    )
+    .unwrap();
+    let at = Utc::now();
+    let quick = a
+        .claim_uploads("quick", at, at + chrono::Duration::milliseconds(300), 1)
+        .unwrap();
+    assert_eq!(quick.len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let behind = Utc::now() - chrono::Duration::hours(1);
+    let taken = a
+        .claim_uploads("behind", behind, behind + chrono::Duration::minutes(10), 10)
+        .unwrap();
+    assert_eq!(
+        taken.len(),
+        1,
+        "a lease past its end by the database's clock is free to a claimer whose clock is behind"
+    );
+    assert_eq!(taken[0].0.artifact_id, quick[0].0.artifact_id);
+    assert_eq!(a.claimed_by_others("other", behind).unwrap(), 2);
+}
