@@ -888,8 +888,13 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
     assert_eq!(q.claimed_by_others("C", now).unwrap(), 5);
     assert_eq!(q.claimed_by_others("A", now).unwrap(), 2);
     // A live uploader's heartbeat keeps its claims past the first lease; B's lapse.
-    q.renew_upload_claims("A", Utc::now() + chrono::Duration::minutes(30))
+    let mut renewed_ids = q
+        .renew_upload_claims("A", Utc::now() + chrono::Duration::minutes(30))
         .unwrap();
+    renewed_ids.sort();
+    let mut held = a.clone();
+    held.sort();
+    assert_eq!(renewed_ids, held, "a renewal names the claims it extended");
     wait(ms(700));
     let between = Utc::now();
     let renewed = between + chrono::Duration::minutes(30);
@@ -1377,6 +1382,50 @@ fn a_late_upload_outcome_from_a_lost_lease_changes_nothing(f: Fixture) {
         q.claim_uploads("any", later, later, 10).unwrap().is_empty(),
         "nothing is handed out again"
     );
+    // Guarantee G92: the claim is the fencing token. The one who took the entry over records
+    // a failure (the entry is unclaimed again); the late success of the one who lost its
+    // lease is still not recorded, and a renewal does not bring the claim back.
+    let b =
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"y",
+            "y.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    q.queue_uploads(&UploadSelector::All, false).unwrap();
+    let now = Utc::now();
+    let first = q
+        .claim_uploads("slow", now, now + chrono::Duration::milliseconds(300), 10)
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let now = Utc::now();
+    let taken = q
+        .claim_uploads("fast", now, now + chrono::Duration::seconds(10), 10)
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    q.record_upload(
+        "fast",
+        &b.artifact_id,
+        &UploadOutcome::Failed {
+            error: "fast failed".into(),
+            next_at: Some(now + chrono::Duration::hours(1)),
+        },
+    )
+    .unwrap();
+    assert!(
+        q.renew_upload_claims("slow", now + chrono::Duration::seconds(10))
+            .unwrap()
+            .is_empty(),
+        "a lost claim is not renewed"
+    );
+    q.record_upload("slow", &b.artifact_id, &uploaded(now))
+        .unwrap();
+    let row = f.m.artifact(&b.artifact_id).unwrap();
+    assert_eq!(row.status, ArtifactStatus::Failed, "{row:?}");
+    assert_eq!(row.s3_key, None, "{row:?}");
 }
 
 /// Deleting a queued artifact takes it out of the upload queue: no claim hands it out, and the

@@ -195,6 +195,10 @@ pub struct UploadReport {
     pub bytes: u64,
     /// Failures (artifact id, error); they stay queued for a retry.
     pub failed: Vec<(String, String)>,
+    /// Uploads given up because their lease was lost (another uploader took them over after
+    /// this run stalled past the lease): stopped, their outcome not recorded.
+    #[serde(default)]
+    pub lost: u64,
     /// Session manifests written.
     pub manifests: u64,
 }

@@ -222,6 +222,7 @@ impl TestArtifactsManager {
                 .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
         };
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let claims = Claims::default();
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 let beat = (options.lease / 4).max(Duration::from_millis(50));
@@ -230,8 +231,14 @@ impl TestArtifactsManager {
                     std::thread::sleep(Duration::from_millis(50).min(beat));
                     if last.elapsed() >= beat {
                         last = std::time::Instant::now();
-                        if let Err(e) = queue.renew_upload_claims(&owner, lease_end(Utc::now())) {
-                            tracing::warn!(error = %e, "cannot renew the upload leases");
+                        // Judged: what was held before the renewal began (a claim made
+                        // meanwhile may not be seen by it).
+                        let before = claims.held();
+                        match queue.renew_upload_claims(&owner, lease_end(Utc::now())) {
+                            Ok(renewed) => claims.lost_unless(&before, &renewed),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot renew the upload leases");
+                            }
                         }
                     }
                 }
@@ -242,6 +249,7 @@ impl TestArtifactsManager {
                 options,
                 &owner,
                 &lease_end,
+                &claims,
                 &mut report,
                 &mut p,
                 progress,
@@ -261,6 +269,7 @@ impl TestArtifactsManager {
         options: &UploadOptions,
         owner: &str,
         lease_end: &dyn Fn(chrono::DateTime<Utc>) -> chrono::DateTime<Utc>,
+        claims: &Claims,
         report: &mut UploadReport,
         p: &mut Progress,
         progress: &mut dyn FnMut(Progress),
@@ -288,17 +297,34 @@ impl TestArtifactsManager {
                 }
                 return Ok(());
             }
+            claims.hold(due.iter().map(|(a, _)| a.artifact_id.clone()));
             for (a, attempts) in due {
                 tried.insert(a.artifact_id.clone());
                 let key = object_key(s3.prefix(), &a);
                 let base = p.bytes_done;
                 let current = *p;
-                let result = self.upload_one(s3, options, &a, &key, &mut |b| {
-                    progress(Progress {
-                        bytes_done: base + b,
-                        ..current
+                let id = a.artifact_id.as_str();
+                let result = if claims.is_lost(id) {
+                    Err(lease_lost(id))
+                } else {
+                    self.upload_one(s3, options, &a, &key, &|| claims.is_lost(id), &mut |b| {
+                        progress(Progress {
+                            bytes_done: base + b,
+                            ..current
+                        })
                     })
-                });
+                };
+                // Lost to another uploader (this run stalled past its lease): stopped, and
+                // its outcome is not ours to record.
+                if claims.is_lost(id) {
+                    tracing::warn!(artifact = id, "upload lease lost: stopped, outcome dropped");
+                    claims.release(id);
+                    report.lost += 1;
+                    p.files_done += 1;
+                    p.bytes_done = base + a.file_size;
+                    progress(*p);
+                    continue;
+                }
                 let outcome = match result {
                     Ok(sent) => {
                         sessions.insert(a.session_id.clone());
@@ -331,6 +357,7 @@ impl TestArtifactsManager {
                     }
                 };
                 queue.record_upload(owner, &a.artifact_id, &outcome)?;
+                claims.release(id);
                 p.files_done += 1;
                 p.bytes_done = base + a.file_size;
                 progress(*p);
@@ -345,6 +372,7 @@ impl TestArtifactsManager {
         options: &UploadOptions,
         a: &TestArtifact,
         key: &str,
+        lost: &(dyn Fn() -> bool + Sync),
         progress: &mut dyn FnMut(u64),
     ) -> Result<bool> {
         if key.len() > MAX_KEY_BYTES {
@@ -369,7 +397,13 @@ impl TestArtifactsManager {
             }
         }
         // One pass: a replica's blob cache does not keep what it uploads for others.
-        let (_, mut reader) = self.open_with(&a.artifact_id, false)?;
+        let (_, reader) = self.open_with(&a.artifact_id, false)?;
+        // Stops sending as soon as the heartbeat finds the lease lost.
+        let mut reader = Fenced {
+            inner: reader,
+            lost,
+            id: &a.artifact_id,
+        };
         let mut metadata = vec![
             ("artifact-id", a.artifact_id.clone()),
             ("artifact-type", a.artifact_type.as_str().to_owned()),
@@ -388,6 +422,77 @@ impl TestArtifactsManager {
             progress,
         )?;
         Ok(true)
+    }
+}
+
+/// The claims of an upload run, as its heartbeat sees them: the artifacts it holds, and those
+/// whose lease a renewal found lost.
+#[derive(Debug, Default)]
+struct Claims {
+    held: std::sync::Mutex<HashSet<String>>,
+    lost: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Claims {
+    fn held(&self) -> HashSet<String> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn hold(&self, ids: impl Iterator<Item = String>) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
+    }
+
+    fn release(&self, id: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// After a renewal that extended `renewed`: what was held before it and still is, but
+    /// was not renewed, is lost.
+    fn lost_unless(&self, before: &HashSet<String>, renewed: &[String]) {
+        let renewed: HashSet<&str> = renewed.iter().map(String::as_str).collect();
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        for id in before {
+            if held.contains(id) && !renewed.contains(id.as_str()) {
+                lost.insert(id.clone());
+            }
+        }
+    }
+
+    fn is_lost(&self, id: &str) -> bool {
+        self.lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+}
+
+fn lease_lost(id: &str) -> Error {
+    Error::Backend {
+        message: format!("the upload lease of artifact {id} was lost to another uploader"),
+        source: None,
+    }
+}
+
+/// A reader that fails once `lost` says the upload's lease is gone.
+struct Fenced<'a, R> {
+    inner: R,
+    lost: &'a (dyn Fn() -> bool + Sync),
+    id: &'a str,
+}
+
+impl<R: std::io::Read> std::io::Read for Fenced<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.lost)() {
+            return Err(std::io::Error::other(lease_lost(self.id)));
+        }
+        self.inner.read(buf)
     }
 }
 
@@ -486,6 +591,92 @@ mod tests {
             (second.uploaded, second.already_there, second.failed.len()),
             (0, 0, 0),
             "the second run took over a live run's claims: {second:?}"
+        );
+    }
+
+    /// Guarantee G92: a run that stalls past its lease while another uploader takes the
+    /// artifact over finds out at its next heartbeat (the renewal no longer names it): it
+    /// stops, and its outcome is not recorded, even after the other recorded a failure (the
+    /// claim is the fencing token).
+    #[test]
+    fn a_run_that_lost_its_lease_stops_and_records_nothing() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = s3(&moto.url);
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        );
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
+        let a = m
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                b"a log",
+                "a.log",
+                &AddOptions::default(),
+            )
+            .unwrap();
+        let options = UploadOptions {
+            lease: Duration::from_millis(200),
+            ..UploadOptions::default()
+        };
+        let mut stolen = false;
+        let report = m
+            .upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                if stolen || p.bytes_done == 0 {
+                    return;
+                }
+                stolen = true;
+                // The run stalls here past its lease; another uploader (whose claim is judged
+                // an hour later) takes the artifact over, fails, and records that.
+                let later = Utc::now() + chrono::Duration::hours(1);
+                let taken = store
+                    .claim_uploads("other", later, later + chrono::Duration::minutes(1), 10)
+                    .unwrap();
+                assert_eq!(taken.len(), 1);
+                store
+                    .record_upload(
+                        "other",
+                        &a.artifact_id,
+                        &UploadOutcome::Failed {
+                            error: "other failed".into(),
+                            next_at: Some(later + chrono::Duration::hours(1)),
+                        },
+                    )
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(400));
+            })
+            .unwrap();
+        assert!(stolen);
+        assert_eq!(
+            (report.uploaded, report.lost, report.failed.len()),
+            (0, 1, 0),
+            "{report:?}"
+        );
+        let row = m.artifact(&a.artifact_id).unwrap();
+        assert_eq!(row.status, ArtifactStatus::Failed, "{row:?}");
+        assert_eq!(
+            row.s3_key, None,
+            "the lost run's outcome was recorded: {row:?}"
         );
     }
 

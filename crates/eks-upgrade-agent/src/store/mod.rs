@@ -519,16 +519,20 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(TestArtifact, u32)>>;
-    /// Extends every claim of `owner` to `lease_until` (the heartbeat of a live uploader).
-    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()>;
+    /// Extends every claim of `owner` on a queued entry to `lease_until` (the heartbeat of a
+    /// live uploader); returns the artifacts whose claims it extended. An entry the uploader
+    /// claimed that is not among them was lost (its lease ran out and another took it over, or
+    /// it was settled or deleted): the uploader stops working on it.
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<Vec<String>>;
     /// Due artifacts that other uploaders hold a live lease on at `now`.
     fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64>;
     /// Number and bytes of queued artifacts.
     fn pending_uploads(&self) -> Result<(u64, u64)>;
     /// Records an attempt of `owner` (and releases its claim); returns the artifact as it now
-    /// is. Only while the entry is still queued and `owner`'s (or unclaimed): a late outcome
-    /// from an uploader that lost its lease to another changes nothing, and a recorded upload
-    /// is never reopened.
+    /// is. Only while the entry is still queued and claimed by `owner` (the claim is the
+    /// fencing token): a late outcome from an uploader that lost its lease changes nothing,
+    /// whether another uploader holds the entry now or already recorded a failure of its own,
+    /// and a recorded upload is never reopened.
     fn record_upload(
         &self,
         owner: &str,

@@ -93,18 +93,22 @@ impl UploadQueue for PostgresStore {
         })
     }
 
-    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()> {
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<Vec<String>> {
         let span = lease::span(Utc::now(), lease_until);
         self.write(|tx| {
-            tx.exec(
-                &format!(
-                    "UPDATE artifacts SET upload_lease_until = {} + $2 \
-                     WHERE upload_claimed_by = $1 AND upload_state IN (1, 3)",
-                    lease::DB_NOW
-                ),
-                &[&owner, &span],
-            )?;
-            Ok(())
+            Ok(tx
+                .query(
+                    &format!(
+                        "UPDATE artifacts SET upload_lease_until = {} + $2 \
+                         WHERE upload_claimed_by = $1 AND upload_state IN (1, 3) \
+                         RETURNING artifact_id",
+                        lease::DB_NOW
+                    ),
+                    &[&owner, &span],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
         })
     }
 
@@ -141,7 +145,8 @@ impl UploadQueue for PostgresStore {
         artifact_id: &str,
         outcome: &UploadOutcome,
     ) -> Result<TestArtifact> {
-        let ours = lease::ours("upload_claimed_by", "$2");
+        // The claim is the fencing token: only its holder's outcome counts.
+        let ours = "upload_claimed_by = $2";
         self.write(|tx| {
             let recorded = match outcome {
                 UploadOutcome::Uploaded { bucket, key, at } => tx.exec(

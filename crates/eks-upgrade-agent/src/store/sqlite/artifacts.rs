@@ -1137,13 +1137,16 @@ impl crate::store::UploadQueue for SqliteStore {
         })
     }
 
-    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<()> {
+    fn renew_upload_claims(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<Vec<String>> {
         self.write(|tx| {
-            tx.prepare_cached(
-                "UPDATE artifacts SET upload_lease_until = ?2 WHERE upload_claimed_by = ?1",
-            )?
-            .execute(params![owner, micros(lease_until)])?;
-            Ok(())
+            let mut stmt = tx.prepare_cached(
+                "UPDATE artifacts SET upload_lease_until = ?2 \
+                 WHERE upload_claimed_by = ?1 AND upload_state IN (1, 3) RETURNING artifact_id",
+            )?;
+            let ids = stmt
+                .query_map(params![owner, micros(lease_until)], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(ids)
         })
     }
 
@@ -1181,8 +1184,7 @@ impl crate::store::UploadQueue for SqliteStore {
                         "UPDATE artifacts SET upload_state = 2, status = ?2, s3_bucket = ?3, s3_key = ?4, \
                          s3_url = ?5, uploaded_at = ?6, upload_error = NULL, \
                          upload_claimed_by = NULL, upload_lease_until = 0 WHERE artifact_id = ?1 \
-                         AND upload_state IN (1, 3) \
-                         AND (upload_claimed_by = ?7 OR upload_claimed_by IS NULL)",
+                         AND upload_state IN (1, 3) AND upload_claimed_by = ?7",
                     )?
                     .execute(params![
                         artifact_id,
@@ -1199,7 +1201,7 @@ impl crate::store::UploadQueue for SqliteStore {
                         "UPDATE artifacts SET upload_state = 3, status = ?2, upload_attempts = upload_attempts + 1, \
                          upload_next_at = ?3, upload_error = ?4, upload_claimed_by = NULL, \
                          upload_lease_until = 0 WHERE artifact_id = ?1 AND upload_state IN (1, 3) \
-                         AND (upload_claimed_by = ?5 OR upload_claimed_by IS NULL)",
+                         AND upload_claimed_by = ?5",
                     )?
                     .execute(params![
                         artifact_id,
