@@ -4,7 +4,10 @@
 //! The shared store is the truth: a put is in it before the put returns (so before any index
 //! row that points at the digest commits), and `exists`, `list` and deletions ask it. The local
 //! store only caches: a put keeps its bytes there too (it hashed them there first), a read of a
-//! blob the cache lacks downloads it, verified, into the cache and reads it from there. After
+//! blob the cache lacks downloads it, verified, into the cache and reads it from there: one
+//! download however many readers ask at once (single flight: the others wait for it and read
+//! the cached copy), streamed to a temporary file and checked against the digest before the
+//! file is renamed into the cache (a corrupt or truncated download is never cached). After
 //! each put and download the least recently used blobs are evicted until the cache holds at
 //! most its cap (a blob larger than the cap is evicted as soon as it was opened; its open
 //! reader keeps working). Recency is this process's: at open, the cache's blobs are ranked by
@@ -27,6 +30,9 @@ pub struct CachedBlobStore {
     cache: LocalBlobStore,
     cap: u64,
     lru: Mutex<Lru>,
+    /// Downloads in flight, by digest: a reader of a blob being downloaded waits for that
+    /// download (and then reads the cached copy) instead of starting its own.
+    filling: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for CachedBlobStore {
@@ -97,6 +103,7 @@ impl CachedBlobStore {
             cache,
             cap,
             lru: Mutex::new(lru),
+            filling: Mutex::new(HashMap::new()),
         };
         store.evict()?;
         Ok(store)
@@ -165,32 +172,31 @@ impl BlobStore for CachedBlobStore {
     }
 
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
-        match self.cache.open(digest) {
-            Ok(r) => {
-                if let Ok(size) = self.cache.size(digest) {
-                    self.touch(*digest, size);
-                }
-                return Ok(r);
+        if let Some(r) = self.open_cached(digest)? {
+            return Ok(r);
+        }
+        // Single flight: one download per digest at a time; whoever waited for it finds the
+        // blob cached (or, if it failed, tries again itself).
+        let gate = {
+            let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(filling.entry(*digest).or_default())
+        };
+        let result = {
+            let _turn = gate.lock().unwrap_or_else(|e| e.into_inner());
+            match self.open_cached(digest) {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => self.fill(digest),
+                Err(e) => Err(e),
             }
-            Err(Error::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+        };
+        {
+            let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+            // The map's handle and ours: nobody else waits on this download.
+            if Arc::strong_count(&gate) == 2 {
+                filling.remove(digest);
+            }
         }
-        // Read through: download (verified: a corrupt object fails the put) into the cache.
-        let mut remote = self.shared.open(digest)?;
-        let info = self.cache.put(&mut remote, &mut |_| {})?;
-        if info.digest != *digest {
-            let _ = self.cache.delete(&info.digest);
-            return Err(Error::Corrupt {
-                what: format!(
-                    "the shared copy of blob sha256:{digest} hashes to {}",
-                    info.digest
-                ),
-            });
-        }
-        let reader = self.cache.open(digest)?;
-        self.touch(*digest, info.size);
-        self.evict()?;
-        Ok(reader)
+        result
     }
 
     fn open_uncached(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
@@ -235,6 +241,42 @@ impl BlobStore for CachedBlobStore {
 }
 
 impl CachedBlobStore {
+    /// The cached copy of `digest`, if the cache has it (marked used).
+    fn open_cached(&self, digest: &Digest) -> Result<Option<Box<dyn Read + Send>>> {
+        match self.cache.open(digest) {
+            Ok(r) => {
+                if let Ok(size) = self.cache.size(digest) {
+                    self.touch(*digest, size);
+                }
+                Ok(Some(r))
+            }
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Downloads `digest` from the shared store into the cache (streamed to a temporary file,
+    /// checked against the digest before it is renamed in) and opens the cached copy.
+    fn fill(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        let mut remote = self.shared.open(digest)?;
+        let info = self
+            .cache
+            .put_expecting(&mut remote, digest)
+            .map_err(|e| match e {
+                Error::Corrupt { what } => Error::Corrupt {
+                    what: format!(
+                        "the shared store's copy of blob sha256:{digest} is corrupt or \
+                         truncated; it was not cached: {what}"
+                    ),
+                },
+                other => other,
+            })?;
+        let reader = self.cache.open(digest)?;
+        self.touch(*digest, info.size);
+        self.evict()?;
+        Ok(reader)
+    }
+
     fn drop_cached(&self, digest: &Digest) -> Result<()> {
         self.lru
             .lock()
@@ -371,5 +413,139 @@ mod tests {
         .unwrap();
         assert_eq!(small.cached_bytes(), 0);
         assert!(!small.is_cached(&digests[3]).unwrap());
+    }
+
+    /// A shared store that counts its reads, makes each slow (so concurrent readers overlap),
+    /// and can serve a truncated copy.
+    #[derive(Debug)]
+    struct Counting {
+        inner: Arc<dyn BlobStore>,
+        opens: std::sync::atomic::AtomicUsize,
+        truncate: std::sync::atomic::AtomicBool,
+    }
+
+    impl BlobStore for Counting {
+        fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+            self.inner.put(reader, progress)
+        }
+        fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.opens.fetch_add(1, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let size = self.inner.size(digest)?;
+            let r = self.inner.open(digest)?;
+            Ok(if self.truncate.load(SeqCst) {
+                Box::new(r.take(size / 2))
+            } else {
+                r
+            })
+        }
+        fn exists(&self, digest: &Digest) -> Result<bool> {
+            self.inner.exists(digest)
+        }
+        fn size(&self, digest: &Digest) -> Result<u64> {
+            self.inner.size(digest)
+        }
+        fn delete(&self, digest: &Digest) -> Result<bool> {
+            self.inner.delete(digest)
+        }
+        fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+            self.inner.list(f)
+        }
+        fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+            self.inner.delete_if_older(digest, cutoff)
+        }
+    }
+
+    fn counting(dir: &std::path::Path) -> (Arc<Counting>, CachedBlobStore) {
+        let shared = Arc::new(Counting {
+            inner: Arc::new(
+                LocalBlobStore::open(&dir.join("shared"), Durability::default()).unwrap(),
+            ),
+            opens: Default::default(),
+            truncate: Default::default(),
+        });
+        let cache = LocalBlobStore::open(&dir.join("cache"), Durability::default()).unwrap();
+        let store = CachedBlobStore::new(shared.clone(), cache, DEFAULT_CACHE_BYTES).unwrap();
+        (shared, store)
+    }
+
+    /// Guarantee G93: N concurrent reads of one blob the cache lacks fetch it from the shared
+    /// store once (single flight); every reader gets the whole blob, from the cached copy.
+    #[test]
+    fn concurrent_cold_reads_fetch_a_blob_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, store) = counting(dir.path());
+        for (size, readers) in [(300_000, 8), (1000, 6)] {
+            let bytes = blob(size as u8, size);
+            let d = shared
+                .put(&mut bytes.as_slice(), &mut |_| {})
+                .unwrap()
+                .digest;
+            shared.opens.store(0, SeqCst);
+            let barrier = std::sync::Barrier::new(readers);
+            std::thread::scope(|scope| {
+                for _ in 0..readers {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        assert!(read(&store, &d) == bytes, "a reader got other bytes");
+                    });
+                }
+            });
+            assert_eq!(
+                shared.opens.load(SeqCst),
+                1,
+                "{readers} concurrent cold reads of a {size}-byte blob fetched it more than once"
+            );
+            assert!(store.is_cached(&d).unwrap());
+            assert!(store.filling.lock().unwrap().is_empty(), "no download left");
+        }
+    }
+
+    /// Guarantee G93: a truncated copy in the shared store is refused with a clear error and
+    /// leaves nothing in the cache (under its digest or any other); the next read tries again.
+    #[test]
+    fn a_truncated_shared_copy_is_refused_and_not_cached() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, store) = counting(dir.path());
+        for size in [300_000, 1000] {
+            let bytes = blob(3, size);
+            let d = shared
+                .put(&mut bytes.as_slice(), &mut |_| {})
+                .unwrap()
+                .digest;
+            shared.truncate.store(true, SeqCst);
+            let err = match store.open(&d) {
+                Ok(mut r) => r
+                    .read_to_end(&mut Vec::new())
+                    .map(|_| ())
+                    .map_err(Error::from),
+                Err(e) => Err(e),
+            }
+            .unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("sha256:{d}")) && text.contains("truncated"),
+                "{text}"
+            );
+            assert!(!store.is_cached(&d).unwrap());
+            let mut cached = 0;
+            store
+                .cache
+                .list(&mut |_| {
+                    cached += 1;
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(cached, 0, "a truncated download left a blob in the cache");
+            assert_eq!(store.cached_bytes(), 0);
+            shared.truncate.store(false, SeqCst);
+            assert!(read(&store, &d) == bytes);
+            assert!(store.is_cached(&d).unwrap());
+            store.drop_cached(&d).unwrap();
+        }
     }
 }

@@ -312,90 +312,26 @@ fn micros_of(t: SystemTime) -> i64 {
     }
 }
 
+/// Refuses content that hashes to `got` (`size` bytes) when `expected` is another digest.
+fn check_expected(expected: Option<&Digest>, got: &Digest, size: u64) -> Result<()> {
+    match expected {
+        Some(e) if e != got => Err(Error::Corrupt {
+            what: format!(
+                "blob sha256:{e}: the {size} bytes received hash to sha256:{got} \
+                 (a corrupt or truncated copy)"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 impl BlobStore for LocalBlobStore {
     fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
-        let mut head = vec![0u8; INLINE_MAX + 1];
-        let n = fill(reader, &mut head)?;
-        if n <= INLINE_MAX {
-            head.truncate(n);
-            let digest = Digest::of(&head);
-            progress(n as u64);
-            let created = self.small_put(&digest, &head)?;
-            // A file copy of small content (older layouts) is superseded by the inline one,
-            // which open() reads first.
-            let created = if self.file_exists(&digest)? {
-                let lock = self.gc_lock()?;
-                lock.lock()?;
-                let _ = remove_blob_file(&self.path_of(&digest));
-                false
-            } else {
-                created
-            };
-            return Ok(BlobInfo {
-                digest,
-                size: n as u64,
-                created,
-            });
-        }
-        head.truncate(n);
-        let (tmp, mut file) = self.locked_temp()?;
-        let written = self
-            .write_stream(head, reader, &mut file, progress)
-            .and_then(|r| {
-                if self.durability == Durability::PowerLoss {
-                    file.sync_all()?;
-                }
-                Ok(r)
-            });
-        let (digest, size) = match written {
-            Ok(r) => r,
-            Err(e) => {
-                drop(file);
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        let path = self.path_of(&digest);
-        // The stored copy, if any, is not trusted: the new file, which hashes to the digest,
-        // replaces it atomically (repairing a corrupt copy, refreshing the modification time gc
-        // judges). The shared lock keeps a gc deletion from landing between the two.
-        let lock = self.gc_lock()?;
-        lock.lock_shared()?;
-        let existed = path.exists();
-        let dir = path.parent().expect("blob paths have a parent");
-        let finish = || -> io::Result<()> {
-            fs::create_dir_all(dir)?;
-            let mut perms = file.metadata()?.permissions();
-            perms.set_readonly(true);
-            file.set_permissions(perms)?;
-            // The age gc and removals judge, from the precise clock: the kernel stamps writes
-            // with its coarse one (a few ms behind), which could date this put before a removal
-            // that began after it.
-            file.set_modified(SystemTime::now())?;
-            fs::rename(&tmp, &path)?;
-            if self.durability == Durability::PowerLoss {
-                sync_dir(dir)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = finish() {
-            drop(file);
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::backend(
-                format!("cannot store blob {}", path.display()),
-                e,
-            ));
-        }
-        drop(lock);
-        Ok(BlobInfo {
-            digest,
-            size,
-            created: !existed,
-        })
+        self.put_checked(reader, progress, None)
     }
 
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
@@ -557,6 +493,107 @@ impl BlobStore for LocalBlobStore {
             drop(file);
         }
         Ok(removed)
+    }
+}
+
+impl LocalBlobStore {
+    /// [`put`](BlobStore::put), refused (nothing stored, nothing visible) unless the bytes hash
+    /// to `expected`: a read-through cache fills itself with this, so a corrupt or truncated
+    /// download never becomes a cached blob, under its digest or any other.
+    pub(crate) fn put_expecting(
+        &self,
+        reader: &mut dyn Read,
+        expected: &Digest,
+    ) -> Result<BlobInfo> {
+        self.put_checked(reader, &mut |_| {}, Some(expected))
+    }
+
+    fn put_checked(
+        &self,
+        reader: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+        expected: Option<&Digest>,
+    ) -> Result<BlobInfo> {
+        let mut head = vec![0u8; INLINE_MAX + 1];
+        let n = fill(reader, &mut head)?;
+        if n <= INLINE_MAX {
+            head.truncate(n);
+            let digest = Digest::of(&head);
+            check_expected(expected, &digest, n as u64)?;
+            progress(n as u64);
+            let created = self.small_put(&digest, &head)?;
+            // A file copy of small content (older layouts) is superseded by the inline one,
+            // which open() reads first.
+            let created = if self.file_exists(&digest)? {
+                let lock = self.gc_lock()?;
+                lock.lock()?;
+                let _ = remove_blob_file(&self.path_of(&digest));
+                false
+            } else {
+                created
+            };
+            return Ok(BlobInfo {
+                digest,
+                size: n as u64,
+                created,
+            });
+        }
+        head.truncate(n);
+        let (tmp, mut file) = self.locked_temp()?;
+        let written = self
+            .write_stream(head, reader, &mut file, progress)
+            .and_then(|r| {
+                if self.durability == Durability::PowerLoss {
+                    file.sync_all()?;
+                }
+                Ok(r)
+            });
+        let written = written.and_then(|(d, n)| check_expected(expected, &d, n).map(|()| (d, n)));
+        let (digest, size) = match written {
+            Ok(r) => r,
+            Err(e) => {
+                drop(file);
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let path = self.path_of(&digest);
+        // The stored copy, if any, is not trusted: the new file, which hashes to the digest,
+        // replaces it atomically (repairing a corrupt copy, refreshing the modification time gc
+        // judges). The shared lock keeps a gc deletion from landing between the two.
+        let lock = self.gc_lock()?;
+        lock.lock_shared()?;
+        let existed = path.exists();
+        let dir = path.parent().expect("blob paths have a parent");
+        let finish = || -> io::Result<()> {
+            fs::create_dir_all(dir)?;
+            let mut perms = file.metadata()?.permissions();
+            perms.set_readonly(true);
+            file.set_permissions(perms)?;
+            // The age gc and removals judge, from the precise clock: the kernel stamps writes
+            // with its coarse one (a few ms behind), which could date this put before a removal
+            // that began after it.
+            file.set_modified(SystemTime::now())?;
+            fs::rename(&tmp, &path)?;
+            if self.durability == Durability::PowerLoss {
+                sync_dir(dir)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            drop(file);
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::backend(
+                format!("cannot store blob {}", path.display()),
+                e,
+            ));
+        }
+        drop(lock);
+        Ok(BlobInfo {
+            digest,
+            size,
+            created: !existed,
+        })
     }
 }
 
