@@ -51,8 +51,37 @@ const RECORD_SQL: &str = "INSERT INTO task_history AS h (task_id, cluster, total
 /// Appends `samples` (in order) on their cluster and on every cluster: one statement, whatever
 /// their number; nothing without samples.
 pub(super) fn record(db: &mut Db<'_, impl GenericClient>, samples: &[Sample]) -> Result<()> {
-    if samples.is_empty() {
+    let Some((ids, scopes, totals, durations, steps)) = columns(samples) else {
         return Ok(());
+    };
+    db.exec(RECORD_SQL, &[&ids, &scopes, &totals, &durations, &steps])?;
+    Ok(())
+}
+
+/// Adds the statement of [`record`] to `w` (nothing without samples).
+pub(super) fn record_into(w: &mut super::progress::Writes, samples: &[Sample]) {
+    if let Some((ids, scopes, totals, durations, steps)) = columns(samples) {
+        let owned = |v: Vec<&str>| -> Vec<String> { v.into_iter().map(str::to_owned).collect() };
+        w.add(
+            RECORD_SQL,
+            vec![
+                Box::new(owned(ids)),
+                Box::new(owned(scopes)),
+                Box::new(totals),
+                Box::new(durations),
+                Box::new(steps),
+            ],
+        );
+    }
+}
+
+/// The columns of [`RECORD_SQL`] for `samples` (`None` without samples).
+#[allow(clippy::type_complexity)]
+fn columns(
+    samples: &[Sample],
+) -> Option<(Vec<&str>, Vec<&str>, Vec<i64>, Vec<Vec<u8>>, Vec<Vec<u8>>)> {
+    if samples.is_empty() {
+        return None;
     }
     // (task id, scope, count, duration blob, per-step blob), in the order first seen.
     type Row<'s> = (&'s str, &'s str, i64, Vec<u8>, Vec<u8>);
@@ -84,8 +113,7 @@ pub(super) fn record(db: &mut Db<'_, impl GenericClient>, samples: &[Sample]) ->
         durations.push(keep_last(d));
         steps.push(keep_last(s));
     }
-    db.exec(RECORD_SQL, &[&ids, &scopes, &totals, &durations, &steps])?;
-    Ok(())
+    Some((ids, scopes, totals, durations, steps))
 }
 
 /// The last `MAX_SAMPLES` samples of a blob.

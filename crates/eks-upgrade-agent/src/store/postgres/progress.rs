@@ -514,31 +514,127 @@ pub(super) fn task_not_found(upgrade_id: &str, task_id: &str) -> Error {
 // ---------------------------------------------------------------------------------------------
 // Writes
 
-/// Writes what commands changed on upgrade rows' counters (per upgrade key): one statement.
-pub(super) fn flush_deltas(tx: &mut Tx<'_, '_>, deltas: &HashMap<i64, UpgradeDelta>) -> Result<()> {
+/// Statements to run later as one, each a data-modifying `WITH` part of the statement that
+/// takes the `seq` counter (see [`assign`]): the end of a transaction is one round trip, not
+/// one per table, while it holds its upgrades' rows.
+#[derive(Default)]
+pub(super) struct Writes {
+    parts: Vec<String>,
+    params: Vec<Box<dyn postgres::types::ToSql + Sync>>,
+}
+
+impl Writes {
+    /// Adds `sql` (parameters `$1`.. are `params`).
+    pub(super) fn add(&mut self, sql: &str, params: Vec<Box<dyn postgres::types::ToSql + Sync>>) {
+        self.parts.push(renumber(sql, self.params.len()));
+        self.params.extend(params);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The parts as the `WITH` clause of `main` (whose parameters `$1`.. are `params`), and
+    /// every parameter.
+    fn with<'a>(
+        &'a self,
+        main: &str,
+        params: &[&'a (dyn postgres::types::ToSql + Sync)],
+    ) -> (String, Vec<&'a (dyn postgres::types::ToSql + Sync)>) {
+        let mut sql = String::new();
+        for (i, part) in self.parts.iter().enumerate() {
+            sql.push_str(if i == 0 { "WITH " } else { ", " });
+            sql.push_str(&format!("w{i} AS ({part})"));
+        }
+        sql.push(' ');
+        sql.push_str(&renumber(main, self.params.len()));
+        let mut all: Vec<&'a (dyn postgres::types::ToSql + Sync)> =
+            self.params.iter().map(|p| p.as_ref() as _).collect();
+        all.extend_from_slice(params);
+        (sql, all)
+    }
+
+    /// Runs the parts now: one statement (nothing if there are none).
+    pub(super) fn run(self, tx: &mut Tx<'_, '_>) -> Result<()> {
+        let Some((last, rest)) = self.parts.split_last() else {
+            return Ok(());
+        };
+        // The last part is the main statement (its parameters already numbered after the
+        // others').
+        let mut sql = String::new();
+        for (i, part) in rest.iter().enumerate() {
+            sql.push_str(if i == 0 { "WITH " } else { ", " });
+            sql.push_str(&format!("w{i} AS ({part})"));
+        }
+        sql.push(' ');
+        sql.push_str(last);
+        let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            self.params.iter().map(|p| p.as_ref()).collect();
+        tx.exec(&sql, &params)?;
+        Ok(())
+    }
+}
+
+/// `sql` with each parameter `$n` renumbered `$(n + by)`.
+fn renumber(sql: &str, by: usize) -> String {
+    if by == 0 {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = String::new();
+        while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+            n.push(d);
+            chars.next();
+        }
+        match n.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&n),
+        }
+    }
+    out
+}
+
+/// Adds to `w` the write of what commands changed on upgrade rows' counters (per upgrade
+/// key): one statement (nothing if no counter changed).
+pub(super) fn deltas_into(w: &mut Writes, deltas: &HashMap<i64, UpgradeDelta>) {
     let deltas: Vec<(i64, &UpgradeDelta)> = deltas
         .iter()
         .filter(|(_, d)| !d.is_empty())
         .map(|(k, d)| (*k, d))
         .collect();
     if deltas.is_empty() {
-        return Ok(());
+        return;
     }
     let keys: Vec<i64> = deltas.iter().map(|(k, _)| *k).collect();
     let count = |i: usize| -> Vec<i64> { deltas.iter().map(|(_, d)| d.counts[i]).collect() };
     let (c0, c1, c2, c3, c4, c5) = (count(0), count(1), count(2), count(3), count(4), count(5));
     let weights: Vec<f64> = deltas.iter().map(|(_, d)| d.top_weight).collect();
     let sums: Vec<f64> = deltas.iter().map(|(_, d)| d.top_sum).collect();
-    tx.exec(
+    w.add(
         "UPDATE upgrades u SET c0 = u.c0 + x.c0, c1 = u.c1 + x.c1, c2 = u.c2 + x.c2, \
          c3 = u.c3 + x.c3, c4 = u.c4 + x.c4, c5 = u.c5 + x.c5, \
          top_weight = u.top_weight + x.w, top_sum = u.top_sum + x.s \
          FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
          $6::bigint[], $7::bigint[], $8::float8[], $9::float8[]) \
          AS x(k, c0, c1, c2, c3, c4, c5, w, s) WHERE u.ukey = x.k",
-        &[&keys, &c0, &c1, &c2, &c3, &c4, &c5, &weights, &sums],
-    )?;
-    Ok(())
+        vec![
+            Box::new(keys),
+            Box::new(c0),
+            Box::new(c1),
+            Box::new(c2),
+            Box::new(c3),
+            Box::new(c4),
+            Box::new(c5),
+            Box::new(weights),
+            Box::new(sums),
+        ],
+    );
 }
 
 /// A notification to write once its event has a `seq`.
@@ -635,18 +731,35 @@ struct NoteColumns(
 /// counter, writes the events, their notifications and each upgrade's `last_seq`, and notifies
 /// followers. Numbers the staged events in place; returns the last `seq` (0: nothing staged).
 pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<u64> {
+    assign_with(tx, Writes::default(), staged)
+}
+
+/// [`assign`], running `pending` (the transaction's last row writes) in the statement that
+/// takes the counter.
+pub(super) fn assign_with(
+    tx: &mut Tx<'_, '_>,
+    mut pending: Writes,
+    staged: &mut [&mut Staged],
+) -> Result<u64> {
     let samples: Vec<super::history::Sample> = staged
         .iter_mut()
         .flat_map(|s| std::mem::take(&mut s.samples))
         .collect();
-    super::history::record(tx, &samples)?;
+    super::history::record_into(&mut pending, &samples);
     let n: i64 = staged.iter().map(|s| s.keys.len() as i64).sum();
     if n == 0 {
+        pending.run(tx)?;
         return Ok(0);
     }
-    let last: i64 = tx
-        .one("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n])?
-        .get(0);
+    // One round trip: the pending writes and the counter (still the transaction's last lock).
+    let last: i64 = if pending.is_empty() {
+        tx.one("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n])?
+            .get(0)
+    } else {
+        let (sql, params) =
+            pending.with("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n]);
+        tx.one(&sql, &params)?.get(0)
+    };
     let mut next = last - n;
     let mut seqs = Vec::with_capacity(n as usize);
     let mut ids = Vec::with_capacity(n as usize);
@@ -795,11 +908,9 @@ pub(super) fn load_task(
     task_row(&row, upgrade_id)
 }
 
-/// Writes `rows` back (every column a command may change): one statement.
-pub(super) fn save_tasks<'r>(
-    tx: &mut Tx<'_, '_>,
-    rows: impl Iterator<Item = &'r TaskRow>,
-) -> Result<()> {
+/// Adds to `w` the write of `rows` back (every column a command may change): one statement
+/// (nothing without rows).
+pub(super) fn save_tasks_into<'r>(w: &mut Writes, rows: impl Iterator<Item = &'r TaskRow>) {
     let mut c = TaskColumns::default();
     for row in rows {
         let t = &row.task;
@@ -822,9 +933,10 @@ pub(super) fn save_tasks<'r>(
         }
     }
     if c.tkey.is_empty() {
-        return Ok(());
+        return;
     }
-    tx.exec(
+    let [k0, k1, k2, k3, k4, k5] = c.k;
+    w.add(
         "UPDATE tasks t SET status = x.status, percentage = x.percentage, \
          current_step = x.current_step, completed_steps = x.completed_steps, \
          error_message = x.error_message, retry_count = x.retry_count, \
@@ -839,33 +951,32 @@ pub(super) fn save_tasks<'r>(
          AS x(tkey, status, percentage, current_step, completed_steps, error_message, \
          retry_count, last_message, started_at, completed_at, duration, children, \
          child_weight, child_sum, k0, k1, k2, k3, k4, k5) WHERE t.tkey = x.tkey",
-        &[
-            &c.tkey,
-            &c.status,
-            &c.percentage,
-            &c.current_step,
-            &c.completed_steps,
-            &c.error_message,
-            &c.retry_count,
-            &c.last_message,
-            &c.started_at,
-            &c.completed_at,
-            &c.duration,
-            &c.children,
-            &c.child_weight,
-            &c.child_sum,
-            &c.k[0],
-            &c.k[1],
-            &c.k[2],
-            &c.k[3],
-            &c.k[4],
-            &c.k[5],
+        vec![
+            Box::new(c.tkey),
+            Box::new(c.status),
+            Box::new(c.percentage),
+            Box::new(c.current_step),
+            Box::new(c.completed_steps),
+            Box::new(c.error_message),
+            Box::new(c.retry_count),
+            Box::new(c.last_message),
+            Box::new(c.started_at),
+            Box::new(c.completed_at),
+            Box::new(c.duration),
+            Box::new(c.children),
+            Box::new(c.child_weight),
+            Box::new(c.child_sum),
+            Box::new(k0),
+            Box::new(k1),
+            Box::new(k2),
+            Box::new(k3),
+            Box::new(k4),
+            Box::new(k5),
         ],
-    )?;
-    Ok(())
+    );
 }
 
-/// The columns [`save_tasks`] writes, one array each.
+/// The columns [`save_tasks_into`] writes, one array each.
 #[derive(Default)]
 struct TaskColumns {
     tkey: Vec<i64>,
@@ -907,8 +1018,9 @@ fn execute_batch(
     let mut staged: Vec<&mut Staged> = results.iter_mut().filter_map(|r| r.as_mut().ok()).collect();
     let commit = !staged.is_empty();
     if commit {
-        batch.flush(tx)?;
-        assign(tx, &mut staged)?;
+        // The batch's row writes go with the counter's statement: one round trip.
+        let pending = batch.pending();
+        assign_with(tx, pending, &mut staged)?;
     }
     let results = results
         .into_iter()

@@ -38,42 +38,42 @@ pub(super) struct Batch {
 
 impl Batch {
     /// Locks every upgrade `commands` name, in key order (so batches on several upgrades
-    /// cannot deadlock each other), and reads the task rows their task commands name: two
-    /// statements.
+    /// cannot deadlock each other), and reads the task rows their task commands name: one
+    /// statement (the lock is a materialized `WITH` part, taken before the rows are read).
     pub(super) fn prepare(&mut self, tx: &mut Tx<'_, '_>, commands: &[Command]) -> Result<()> {
         let mut ids: Vec<&str> = commands.iter().map(|c| c.upgrade_id()).collect();
         ids.sort_unstable();
         ids.dedup();
-        for r in tx.query(
-            "SELECT ukey, upgrade_id, cluster_name FROM upgrades WHERE upgrade_id = ANY($1) \
-             ORDER BY ukey FOR UPDATE",
-            &[&ids],
-        )? {
-            self.upgrades.insert(r.get(1), (r.get(0), r.get(2)));
-        }
-        let (mut ukeys, mut tids): (Vec<i64>, Vec<&str>) = (Vec::new(), Vec::new());
+        let (mut uids, mut tids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
         for c in commands {
-            if let (Some((task_id, _)), Some((ukey, _))) =
-                (c.task_op(), self.upgrades.get(c.upgrade_id()))
-            {
-                ukeys.push(*ukey);
+            if let Some((task_id, _)) = c.task_op() {
+                uids.push(c.upgrade_id());
                 tids.push(task_id);
             }
         }
-        if ukeys.is_empty() {
-            return Ok(());
-        }
+        let cols: Vec<String> = TASK_COLS
+            .split(',')
+            .map(|c| format!("t.{}", c.trim()))
+            .collect();
         let rows = tx.query(
             &format!(
-                "SELECT {TASK_COLS}, t.ukey FROM tasks t JOIN UNNEST($1::bigint[], $2::text[]) \
-                 AS x(u, id) ON t.ukey = x.u AND t.task_id = x.id"
+                "WITH u AS MATERIALIZED (SELECT ukey, upgrade_id, cluster_name FROM upgrades \
+                 WHERE upgrade_id = ANY($1) ORDER BY ukey FOR UPDATE) \
+                 SELECT {}, u.ukey, u.upgrade_id, u.cluster_name FROM u \
+                 LEFT JOIN (UNNEST($2::text[], $3::text[]) AS x(uid, id) \
+                 JOIN tasks t ON t.task_id = x.id) ON x.uid = u.upgrade_id AND t.ukey = u.ukey",
+                cols.join(", ")
             ),
-            &[&ukeys, &tids],
+            &[&ids, &uids, &tids],
         )?;
         for r in &rows {
             let ukey: i64 = r.get(TASK_COL_COUNT);
-            // The upgrade id is filled in when a command reads the row.
-            self.cache(ukey, task_row(r, "")?);
+            self.upgrades
+                .insert(r.get(TASK_COL_COUNT + 1), (ukey, r.get(TASK_COL_COUNT + 2)));
+            if r.get::<_, Option<i64>>(0).is_some() {
+                // The upgrade id is filled in when a command reads the row.
+                self.cache(ukey, task_row(r, "")?);
+            }
         }
         Ok(())
     }
@@ -103,10 +103,18 @@ impl Batch {
 
     /// Writes the changed rows and the upgrade counters owed so far.
     pub(super) fn flush(&mut self, tx: &mut Tx<'_, '_>) -> Result<()> {
+        self.pending().run(tx)
+    }
+
+    /// The writes of [`flush`](Self::flush), to run later (with the `seq` counter's
+    /// statement, at the end of the batch).
+    pub(super) fn pending(&mut self) -> Writes {
+        let mut w = Writes::default();
         let dirty = std::mem::take(&mut self.dirty);
-        save_tasks(tx, dirty.iter().filter_map(|k| self.rows.get(k)))?;
+        save_tasks_into(&mut w, dirty.iter().filter_map(|k| self.rows.get(k)));
         let deltas = std::mem::take(&mut self.deltas);
-        flush_deltas(tx, &deltas)
+        deltas_into(&mut w, &deltas);
+        w
     }
 
     /// Starts a command: an empty undo log.
