@@ -228,3 +228,184 @@ fn a_gate_notification_committing_late_is_still_delivered() {
     );
     assert!(kinds.contains(&"upgrade.started"), "{kinds:?}");
 }
+
+/// The consistency checks of an upgrade after a race: the upgrade's counters are the count of
+/// its task rows by status, and a parent's percentage is the weighted mean of its children's.
+fn assert_consistent(store: &Arc<PostgresStore>, upgrade_id: &str) {
+    use crate::model::ProgressStatus;
+    let tasks = store.tasks(upgrade_id).unwrap();
+    let upgrade = ProgressTracker::new(store.clone())
+        .upgrade(upgrade_id)
+        .unwrap();
+    let mut counts = [0u64; 6];
+    for t in &tasks {
+        counts[ProgressStatus::ALL
+            .iter()
+            .position(|s| *s == t.status)
+            .unwrap()] += 1;
+    }
+    assert_eq!(
+        upgrade.task_counts, counts,
+        "the upgrade's counters disagree with its task rows: {tasks:#?}"
+    );
+    for parent in tasks.iter().filter(|t| t.children > 0) {
+        let children: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.parent_task_id.as_deref() == Some(&parent.task_id))
+            .collect();
+        let weight: f64 = children.iter().map(|c| c.weight).sum();
+        let mean = children
+            .iter()
+            .map(|c| c.weight * c.percentage)
+            .sum::<f64>()
+            / weight;
+        assert!(
+            (parent.percentage - mean).abs() < 1e-6,
+            "parent {} at {} but its children's mean is {mean}: {children:#?}",
+            parent.task_id,
+            parent.percentage
+        );
+    }
+}
+
+/// Replica A completes a task while replica B's update of it waits for the upgrade's row
+/// lock (held here by a third connection, so the order is sure: A queued first). B must read
+/// the task as A left it (completed, which is final: its update is refused), not as it was
+/// when B's statement started: a stale read would write the task back as running.
+#[test]
+fn a_write_waiting_for_the_upgrade_lock_reads_the_tasks_as_the_holder_left_them() {
+    use crate::model::ProgressStatus;
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let setup = ProgressTracker::new(a.clone());
+    setup.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    setup
+        .add_task("u", NewTask::new("p", "P", TaskType::UpgradeStep))
+        .unwrap();
+    for c in ["c1", "c2"] {
+        setup
+            .add_task("u", NewTask::new(c, "C", TaskType::UpgradeStep).parent("p"))
+            .unwrap();
+    }
+    setup.start_task("u", "c1", None).unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute(
+        "SELECT 1 FROM upgrades WHERE upgrade_id = 'u' FOR UPDATE",
+        &[],
+    )
+    .unwrap();
+    let waiting = |admin: &mut postgres::Client| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let complete = {
+        let t = ProgressTracker::new(a.clone());
+        std::thread::spawn(move || t.complete_task("u", "c1", None).map(|_| ()))
+    };
+    while waiting(&mut admin) < 1 {
+        assert!(!complete.is_finished(), "{:?}", complete.join());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let update = {
+        let t = ProgressTracker::new(b.clone());
+        std::thread::spawn(move || {
+            t.update_task("u", "c1", 50.0, None, JsonMap::new())
+                .map(|_| ())
+        })
+    };
+    while waiting(&mut admin) < 2 {
+        assert!(!update.is_finished(), "{:?}", update.join());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    hold.commit().unwrap();
+    complete.join().unwrap().unwrap();
+    let updated = update.join().unwrap();
+    let c1 = b
+        .tasks("u")
+        .unwrap()
+        .into_iter()
+        .find(|t| t.task_id == "c1")
+        .unwrap();
+    assert_eq!(
+        c1.status,
+        ProgressStatus::Completed,
+        "replica B wrote back the task it read before A's commit: {c1:?}"
+    );
+    assert!(
+        updated.is_err(),
+        "the update of a completed task was accepted"
+    );
+    assert_consistent(&b, "u");
+}
+
+/// Two replicas race on the same tasks: one starts and completes each, the other updates them
+/// all the while. Whatever the interleaving, every task ends completed and the counters and the
+/// parent's rollup agree with the task rows.
+#[test]
+fn two_replicas_racing_on_the_same_tasks_lose_no_update() {
+    use crate::model::ProgressStatus;
+    const TASKS: usize = 30;
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let setup = ProgressTracker::new(a.clone());
+    setup.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    setup
+        .add_task("u", NewTask::new("p", "P", TaskType::UpgradeStep))
+        .unwrap();
+    for i in 0..TASKS {
+        setup
+            .add_task(
+                "u",
+                NewTask::new(format!("c{i}"), "C", TaskType::UpgradeStep).parent("p"),
+            )
+            .unwrap();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let updaters: Vec<_> = (0..3)
+        .map(|k| {
+            let t = ProgressTracker::new(b.clone());
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut i = k;
+                while !done.load(Ordering::SeqCst) {
+                    // Refused on a completed task (and it starts a pending one).
+                    let _ =
+                        t.update_task("u", &format!("c{}", i % TASKS), 50.0, None, JsonMap::new());
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let finisher = ProgressTracker::new(a.clone());
+    for i in 0..TASKS {
+        let id = format!("c{i}");
+        // Refused when an update started it already.
+        let _ = finisher.start_task("u", &id, None);
+        finisher.complete_task("u", &id, None).unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    for u in updaters {
+        u.join().unwrap();
+    }
+    let tasks = b.tasks("u").unwrap();
+    let stale: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.status != ProgressStatus::Completed)
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "tasks written back after completion: {stale:#?}"
+    );
+    assert_consistent(&b, "u");
+}

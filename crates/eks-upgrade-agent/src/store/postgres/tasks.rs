@@ -1,8 +1,8 @@
 //! Task rows of [`PostgresStore`](super::PostgresStore) for the write path of
 //! `store/domain/tasks.rs` ([`TaskRows`]), through the batch's row cache ([`Batch`]): a
-//! batch (one transaction) locks its upgrades in key order and reads the rows its task commands
-//! name in one statement each; commands change the cached rows, and the changed rows are
-//! written back in one statement (before any query that reads across rows, and at the end).
+//! batch (one transaction) locks its upgrades in key order, then reads the rows its task
+//! commands name (a statement of its own, started once the locks are held); commands change
+//! the cached rows, and the changed rows are written back in one statement (before any query that reads across rows, and at the end).
 //! Events and notifications are staged ([`Staged`]) and get their `seq` at the end of the
 //! transaction. A task command that fails puts back the rows it changed (its undo log); other
 //! commands of a batch (adding tasks, upgrade commands) run under a savepoint.
@@ -38,42 +38,45 @@ pub(super) struct Batch {
 
 impl Batch {
     /// Locks every upgrade `commands` name, in key order (so batches on several upgrades
-    /// cannot deadlock each other), and reads the task rows their task commands name: one
-    /// statement (the lock is a materialized `WITH` part, taken before the rows are read).
+    /// cannot deadlock each other), then reads the task rows their task commands name: two
+    /// statements, and they must stay two. At READ COMMITTED a statement sees the snapshot
+    /// taken when it started; a lock it waits for re-reads only the locked row, so task rows
+    /// read by the statement that waited would be as they were before the holder committed
+    /// (and written back over its changes). The second statement starts after the lock is ours.
     pub(super) fn prepare(&mut self, tx: &mut Tx<'_, '_>, commands: &[Command]) -> Result<()> {
         let mut ids: Vec<&str> = commands.iter().map(|c| c.upgrade_id()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let (mut uids, mut tids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+        for r in tx.query(
+            "SELECT ukey, upgrade_id, cluster_name FROM upgrades WHERE upgrade_id = ANY($1) \
+             ORDER BY ukey FOR UPDATE",
+            &[&ids],
+        )? {
+            self.upgrades.insert(r.get(1), (r.get(0), r.get(2)));
+        }
+        let (mut ukeys, mut tids): (Vec<i64>, Vec<&str>) = (Vec::new(), Vec::new());
         for c in commands {
-            if let Some((task_id, _)) = c.task_op() {
-                uids.push(c.upgrade_id());
+            if let (Some((task_id, _)), Some((ukey, _))) =
+                (c.task_op(), self.upgrades.get(c.upgrade_id()))
+            {
+                ukeys.push(*ukey);
                 tids.push(task_id);
             }
         }
-        let cols: Vec<String> = TASK_COLS
-            .split(',')
-            .map(|c| format!("t.{}", c.trim()))
-            .collect();
+        if ukeys.is_empty() {
+            return Ok(());
+        }
         let rows = tx.query(
             &format!(
-                "WITH u AS MATERIALIZED (SELECT ukey, upgrade_id, cluster_name FROM upgrades \
-                 WHERE upgrade_id = ANY($1) ORDER BY ukey FOR UPDATE) \
-                 SELECT {}, u.ukey, u.upgrade_id, u.cluster_name FROM u \
-                 LEFT JOIN (UNNEST($2::text[], $3::text[]) AS x(uid, id) \
-                 JOIN tasks t ON t.task_id = x.id) ON x.uid = u.upgrade_id AND t.ukey = u.ukey",
-                cols.join(", ")
+                "SELECT {TASK_COLS}, t.ukey FROM tasks t JOIN UNNEST($1::bigint[], $2::text[]) \
+                 AS x(u, id) ON t.ukey = x.u AND t.task_id = x.id"
             ),
-            &[&ids, &uids, &tids],
+            &[&ukeys, &tids],
         )?;
         for r in &rows {
             let ukey: i64 = r.get(TASK_COL_COUNT);
-            self.upgrades
-                .insert(r.get(TASK_COL_COUNT + 1), (ukey, r.get(TASK_COL_COUNT + 2)));
-            if r.get::<_, Option<i64>>(0).is_some() {
-                // The upgrade id is filled in when a command reads the row.
-                self.cache(ukey, task_row(r, "")?);
-            }
+            // The upgrade id is filled in when a command reads the row.
+            self.cache(ukey, task_row(r, "")?);
         }
         Ok(())
     }
