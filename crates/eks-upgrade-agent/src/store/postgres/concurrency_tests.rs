@@ -409,3 +409,54 @@ fn two_replicas_racing_on_the_same_tasks_lose_no_update() {
     );
     assert_consistent(&b, "u");
 }
+
+/// The `seq` counter is the transaction's last lock: every replica's writes wait for it, so
+/// nothing else may be waited for while it is held. A task write held up on its row (locked
+/// here by another connection) must not hold the counter meanwhile.
+#[test]
+fn a_write_waiting_for_a_task_row_does_not_hold_the_seq_counter() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let store = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let tracker = ProgressTracker::new(store.clone());
+    tracker
+        .create_upgrade("u", "p", "c", JsonMap::new())
+        .unwrap();
+    tracker
+        .add_task("u", NewTask::new("t", "T", TaskType::UpgradeStep))
+        .unwrap();
+    tracker.start_task("u", "t", None).unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute("SELECT 1 FROM tasks WHERE task_id = 't' FOR UPDATE", &[])
+        .unwrap();
+    let update = std::thread::spawn(move || {
+        tracker
+            .update_task("u", "t", 40.0, None, JsonMap::new())
+            .map(|_| ())
+    });
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(!update.is_finished(), "{:?}", update.join());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut probe = admin.transaction().unwrap();
+    let counter = probe.query("SELECT seq FROM seq_counter FOR UPDATE NOWAIT", &[]);
+    probe.rollback().unwrap();
+    hold.commit().unwrap();
+    update.join().unwrap().unwrap();
+    assert!(
+        counter.is_ok(),
+        "the seq counter was held while the write waited for a task row: {counter:?}"
+    );
+}

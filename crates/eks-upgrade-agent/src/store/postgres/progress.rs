@@ -534,23 +534,30 @@ impl Writes {
         self.parts.is_empty()
     }
 
-    /// The parts as the `WITH` clause of `main` (whose parameters `$1`.. are `params`), and
-    /// every parameter.
-    fn with<'a>(
+    /// The parts as the `WITH` clause of the statement that adds `n` (its parameter, after
+    /// the parts') to the `seq` counter and returns it, and every parameter. The counter's
+    /// condition reads every part's `RETURNING`, so the parts run to their end before the
+    /// counter row is locked: unreferenced parts would run after the main statement, with the
+    /// counter held (every replica waits for it) while they wait for rows.
+    fn then_counter<'a>(
         &'a self,
-        main: &str,
-        params: &[&'a (dyn postgres::types::ToSql + Sync)],
+        n: &'a i64,
     ) -> (String, Vec<&'a (dyn postgres::types::ToSql + Sync)>) {
         let mut sql = String::new();
+        let mut after = Vec::with_capacity(self.parts.len());
         for (i, part) in self.parts.iter().enumerate() {
             sql.push_str(if i == 0 { "WITH " } else { ", " });
-            sql.push_str(&format!("w{i} AS ({part})"));
+            sql.push_str(&format!("w{i} AS ({part} RETURNING 1)"));
+            after.push(format!("(SELECT count(*) FROM w{i})"));
         }
-        sql.push(' ');
-        sql.push_str(&renumber(main, self.params.len()));
+        sql.push_str(&format!(
+            " UPDATE seq_counter SET seq = seq + ${} WHERE {} >= 0 RETURNING seq",
+            self.params.len() + 1,
+            after.join(" + ")
+        ));
         let mut all: Vec<&'a (dyn postgres::types::ToSql + Sync)> =
             self.params.iter().map(|p| p.as_ref() as _).collect();
-        all.extend_from_slice(params);
+        all.push(n);
         (sql, all)
     }
 
@@ -751,13 +758,13 @@ pub(super) fn assign_with(
         pending.run(tx)?;
         return Ok(0);
     }
-    // One round trip: the pending writes and the counter (still the transaction's last lock).
+    // One round trip: the pending writes, then the counter (the transaction's last lock: see
+    // `Writes::then_counter`).
     let last: i64 = if pending.is_empty() {
         tx.one("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n])?
             .get(0)
     } else {
-        let (sql, params) =
-            pending.with("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n]);
+        let (sql, params) = pending.then_counter(&n);
         tx.one(&sql, &params)?.get(0)
     };
     let mut next = last - n;
