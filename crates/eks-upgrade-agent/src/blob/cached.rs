@@ -191,8 +191,13 @@ impl BlobStore for CachedBlobStore {
         };
         {
             let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
-            // The map's handle and ours: nobody else waits on this download.
-            if Arc::strong_count(&gate) == 2 {
+            // Handles are taken and dropped only under the map's lock, so the count is exact:
+            // the last reader out (only the map's handle left) removes the entry.
+            drop(gate);
+            if filling
+                .get(digest)
+                .is_some_and(|g| Arc::strong_count(g) == 1)
+            {
                 filling.remove(digest);
             }
         }
@@ -500,6 +505,38 @@ mod tests {
             );
             assert!(store.is_cached(&d).unwrap());
             assert!(store.filling.lock().unwrap().is_empty(), "no download left");
+        }
+    }
+
+    /// The single-flight entry of a blob goes once its last reader is out, however their
+    /// ends interleave (two readers ending together must not each leave it to the other).
+    #[test]
+    fn the_last_reader_out_removes_the_download_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(
+            LocalBlobStore::open(&dir.path().join("shared"), Durability::default()).unwrap(),
+        );
+        let cache = LocalBlobStore::open(&dir.path().join("cache"), Durability::default()).unwrap();
+        let store = CachedBlobStore::new(shared.clone(), cache, DEFAULT_CACHE_BYTES).unwrap();
+        for i in 0..200u32 {
+            let bytes = i.to_le_bytes().repeat(64);
+            let d = shared
+                .put(&mut bytes.as_slice(), &mut |_| {})
+                .unwrap()
+                .digest;
+            let barrier = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        assert!(read(&store, &d) == bytes);
+                    });
+                }
+            });
+            assert!(
+                store.filling.lock().unwrap().is_empty(),
+                "a download entry was left behind (round {i})"
+            );
         }
     }
 
