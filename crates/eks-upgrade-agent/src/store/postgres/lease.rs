@@ -4,7 +4,7 @@
 //! A claim is an owner (a store instance, or an upload run) and the end of its lease. A row is
 //! free for a claimer when nobody holds it, the claimer already does, or the lease has run
 //! out (its owner died or stalled); an outcome is recorded only while the row is still the
-//! recorder's (or nobody's), so a claimer that lost its lease to another changes nothing.
+//! recorder's, so a claimer that lost its lease to another changes nothing.
 //!
 //! Leases are judged on the database's clock ([`DB_NOW`]), never a replica's: a claim ends
 //! lease-length after the database's clock when it was made (or renewed), and a row is free
@@ -35,7 +35,9 @@ pub(super) fn free(owner: &str, until: &str, me: &str) -> String {
     format!("({owner} IS NULL OR {owner} = {me} OR {until} <= {DB_NOW})")
 }
 
-/// SQL: the row whose claim is in column `owner` may take the outcome of `me`.
+/// SQL: the row whose claim is in column `owner` may take the outcome of `me`: only while `me`
+/// holds it. An unclaimed row is not `me`'s: another may have taken it over and settled or
+/// rescheduled it meanwhile (which clears the claim), and a late outcome must not undo that.
 pub(super) fn ours(owner: &str, me: &str) -> String {
-    format!("({owner} = {me} OR {owner} IS NULL)")
+    format!("({owner} = {me})")
 }

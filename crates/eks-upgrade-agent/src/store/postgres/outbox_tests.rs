@@ -106,6 +106,63 @@ fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
     assert!(b.due("hook", Utc::now(), 100).unwrap().is_empty());
 }
 
+/// An outcome is taken only from the entry's current claimer: a stalled replica's late
+/// `Dead`, after another took the entry over and scheduled a retry (which leaves it
+/// unclaimed), changes nothing.
+#[test]
+fn a_late_outcome_of_a_lost_lease_does_not_overwrite_the_takeovers_retry() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let t = ProgressTracker::new(a.clone());
+    t.create_upgrade("u1", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u1", None).unwrap();
+    assert!(a.ingest("hook").unwrap() >= 1);
+    let first = a.due("hook", Utc::now(), 1).unwrap();
+    assert_eq!(first.len(), 1);
+    let nid = first[0].0.nid;
+    // A stalls: its lease runs out and B takes the entry over, then schedules a retry.
+    a.write(|tx| {
+        tx.exec(
+            "UPDATE deliveries SET lease_until = 1 WHERE lease_until > 0",
+            &[],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let taken = b.due("hook", Utc::now(), 1).unwrap();
+    assert_eq!(taken[0].0.nid, nid);
+    let retry_at = Utc::now() + chrono::Duration::hours(1);
+    b.record(
+        "hook",
+        &[(
+            nid,
+            DeliveryOutcome::Retry {
+                next_at: retry_at,
+                error: "503".into(),
+            },
+        )],
+    )
+    .unwrap();
+    a.record(
+        "hook",
+        &[(
+            nid,
+            DeliveryOutcome::Dead {
+                error: "gave up".into(),
+            },
+        )],
+    )
+    .unwrap();
+    let status = a.sink_status("hook").unwrap();
+    assert_eq!(
+        status.dead, 0,
+        "the stalled replica's late outcome was taken: {status:?}"
+    );
+    assert_eq!(status.last_error.as_deref(), Some("503"), "{status:?}");
+}
+
 /// A pass longer than the lease renews its claims: another replica asking meanwhile gets none
 /// of them, so nothing is sent twice; the pass's outcomes still count.
 #[test]
