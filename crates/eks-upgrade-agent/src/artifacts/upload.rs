@@ -18,7 +18,7 @@ pub use super::manifest::{MAX_MANIFEST_BYTES, SessionManifest, manifest_key, obj
 use super::{Progress, TestArtifactsManager};
 use crate::blob::S3BlobStore;
 use crate::error::{Error, Result};
-use crate::model::TestArtifact;
+use crate::model::{ArtifactStatus, TestArtifact};
 use crate::store::{UploadOutcome, UploadQueue, UploadSelector};
 
 /// Default key prefix (reference).
@@ -325,18 +325,13 @@ impl TestArtifactsManager {
                     progress(*p);
                     continue;
                 }
+                let mut sent = None;
                 let outcome = match result {
-                    Ok(sent) => {
-                        sessions.insert(a.session_id.clone());
-                        if sent {
-                            report.uploaded += 1;
-                            report.bytes += a.file_size;
-                        } else {
-                            report.already_there += 1;
-                        }
+                    Ok(s) => {
+                        sent = Some(s);
                         UploadOutcome::Uploaded {
                             bucket: s3.bucket().to_owned(),
-                            key,
+                            key: key.clone(),
                             at: crate::model::now(),
                         }
                     }
@@ -356,7 +351,24 @@ impl TestArtifactsManager {
                         }
                     }
                 };
-                queue.record_upload(owner, &a.artifact_id, &outcome)?;
+                let row = queue.record_upload(owner, &a.artifact_id, &outcome)?;
+                if let Some(sent) = sent {
+                    // Counted only if the store took it: it refuses the outcome of a claim
+                    // lost before the heartbeat noticed (another took the entry over).
+                    if row.status != ArtifactStatus::Uploaded
+                        || row.s3_key.as_deref() != Some(key.as_str())
+                    {
+                        tracing::warn!(artifact = id, "upload lease lost: outcome refused");
+                        report.lost += 1;
+                    } else if sent {
+                        sessions.insert(a.session_id.clone());
+                        report.uploaded += 1;
+                        report.bytes += a.file_size;
+                    } else {
+                        sessions.insert(a.session_id.clone());
+                        report.already_there += 1;
+                    }
+                }
                 claims.release(id);
                 p.files_done += 1;
                 p.bytes_done = base + a.file_size;
@@ -664,6 +676,89 @@ mod tests {
                     )
                     .unwrap();
                 std::thread::sleep(Duration::from_millis(400));
+            })
+            .unwrap();
+        assert!(stolen);
+        assert_eq!(
+            (report.uploaded, report.lost, report.failed.len()),
+            (0, 1, 0),
+            "{report:?}"
+        );
+        let row = m.artifact(&a.artifact_id).unwrap();
+        assert_eq!(row.status, ArtifactStatus::Failed, "{row:?}");
+        assert_eq!(
+            row.s3_key, None,
+            "the lost run's outcome was recorded: {row:?}"
+        );
+    }
+
+    /// Guarantee G92: when the store refuses a run's outcome (another took the artifact over
+    /// before the run's heartbeat noticed), the report counts it lost, not uploaded.
+    #[test]
+    fn an_outcome_the_store_refuses_is_not_counted_uploaded() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = s3(&moto.url);
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        );
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
+        let a = m
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                b"a log",
+                "a.log",
+                &AddOptions::default(),
+            )
+            .unwrap();
+        let options = UploadOptions {
+            lease: Duration::from_secs(600),
+            ..UploadOptions::default()
+        };
+        let mut stolen = false;
+        let report = m
+            .upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                if stolen || p.bytes_done == 0 {
+                    return;
+                }
+                stolen = true;
+                // The run stalls here past its lease; another uploader (whose claim is judged
+                // an hour later) takes the artifact over, fails, and records that.
+                let later = Utc::now() + chrono::Duration::hours(1);
+                let taken = store
+                    .claim_uploads("other", later, later + chrono::Duration::minutes(1), 10)
+                    .unwrap();
+                assert_eq!(taken.len(), 1);
+                store
+                    .record_upload(
+                        "other",
+                        &a.artifact_id,
+                        &UploadOutcome::Failed {
+                            error: "other failed".into(),
+                            next_at: Some(later + chrono::Duration::hours(1)),
+                        },
+                    )
+                    .unwrap();
             })
             .unwrap();
         assert!(stolen);
