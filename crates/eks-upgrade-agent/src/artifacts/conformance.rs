@@ -876,7 +876,9 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
     let ms = chrono::Duration::milliseconds;
     let wait = |d: chrono::Duration| std::thread::sleep(d.to_std().unwrap());
     let now = Utc::now();
-    let lease = now + ms(400);
+    // Leases long enough for the statements before the wait on a busy machine; only the
+    // waits for expiry are bounded below.
+    let lease = now + ms(2000);
     let ids = |v: Vec<(TestArtifact, u32)>| -> Vec<String> {
         v.into_iter().map(|(a, _)| a.artifact_id).collect()
     };
@@ -895,7 +897,7 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
     let mut held = a.clone();
     held.sort();
     assert_eq!(renewed_ids, held, "a renewal names the claims it extended");
-    wait(ms(700));
+    wait(ms(2300));
     let between = Utc::now();
     let renewed = between + chrono::Duration::minutes(30);
     let taken = ids(q.claim_uploads("C", between, renewed, 10).unwrap());
@@ -931,8 +933,8 @@ fn upload_claims_exclude_others_until_the_lease_expires(f: Fixture) {
             .is_empty()
     );
     // A's last heartbeat: a short lease, which then runs out.
-    q.renew_upload_claims("A", Utc::now() + ms(300)).unwrap();
-    wait(ms(600));
+    q.renew_upload_claims("A", Utc::now() + ms(1000)).unwrap();
+    wait(ms(1300));
     let after = Utc::now();
     let mut c_ids = ids(q
         .claim_uploads("C", after, after + chrono::Duration::minutes(30), 10)
