@@ -17,7 +17,7 @@ use eks_upgrade_agent::model::{
 };
 use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
-use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
+use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
 use crate::output::{
     artifact_header, artifact_line, duration, print_json, printable, time, truncate,
@@ -178,10 +178,20 @@ pub(crate) fn add_with_phase(
     let mut added = Vec::new();
     let mut run = None;
     if !junit.is_empty() {
-        let store = ctx.store_for(Access::Existing)?;
-        let results = TestResults::new(store.clone());
+        // The run goes where the artifacts are: the database (team mode) or the data dir.
+        let (results, tracker, sqlite) = match ctx.database(4)? {
+            Some(db) => (TestResults::new(db.clone()), ProgressTracker::new(db), None),
+            None => {
+                let store = ctx.store_for(Access::Existing)?;
+                (
+                    TestResults::new(store.clone()),
+                    ProgressTracker::new(store.clone()),
+                    Some(store),
+                )
+            }
+        };
         let r = ingest(
-            &store,
+            &tracker,
             &results,
             local,
             &junit,
@@ -197,7 +207,9 @@ pub(crate) fn add_with_phase(
             Some(collection),
             Some(opts),
         )?;
-        crate::notify::after_commit(ctx, &store);
+        if let Some(store) = &sqlite {
+            crate::notify::after_commit(ctx, store);
+        }
         for id in &r.artifact_ids {
             added.push(local.artifact(id)?);
         }
@@ -429,7 +441,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                 (Results::Local(r), Some(store)) => {
                     let artifacts = ctx.artifacts_on(store.clone())?;
                     let run = ingest(
-                        store,
+                        &ProgressTracker::new(store.clone()),
                         r,
                         &artifacts,
                         &files,
@@ -449,35 +461,44 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                     run
                 }
                 (Results::Local(r), None) => {
-                    // On the database (team mode): artifacts are not in the database yet, so
-                    // the reports are recorded, not kept.
+                    // On the database (team mode): the reports are kept in S3 + the database's
+                    // artifact index, as on a data dir; without a bucket they are recorded
+                    // only (a warning says so), and asking to keep them is refused.
                     let Some(db) = &database else {
                         unreachable!("local results without a store are the database's")
                     };
-                    if session.is_some() || collection.is_some() {
-                        anyhow::bail!(
-                            "with --database-url the reports are recorded but not kept as \
-                             artifacts (artifacts are not in the database yet): drop --session \
-                             and --collection"
-                        );
-                    }
-                    let cluster = match cluster {
-                        Some(c) => c,
-                        None => cluster_of(&ProgressTracker::new(db.clone()), &upgrade)?,
+                    let tracker = ProgressTracker::new(db.clone());
+                    let what = Ingest {
+                        upgrade_id: upgrade,
+                        cluster_name: cluster.unwrap_or_default(),
+                        phase,
+                        suite,
+                        framework,
+                        labels: Vec::new(),
                     };
-                    r.ingest(
-                        &files,
-                        &Ingest {
-                            upgrade_id: upgrade,
-                            cluster_name: cluster,
-                            phase,
-                            suite,
-                            framework,
-                            labels: Vec::new(),
-                        },
-                        None,
-                    )
-                    .context("cannot ingest the test results")?
+                    if ctx.config.s3.s3_bucket.is_some() {
+                        let artifacts = ctx.team_artifacts(db.clone())?;
+                        ingest(
+                            &tracker,
+                            r,
+                            &artifacts,
+                            &files,
+                            what,
+                            session.as_deref(),
+                            collection.as_deref(),
+                            None,
+                        )?
+                    } else {
+                        if session.is_some() || collection.is_some() {
+                            anyhow::bail!(NO_BUCKET_TO_KEEP);
+                        }
+                        let run = record_only(&tracker, r, &files, what)?;
+                        eprintln!(
+                            "warning: the report was recorded but not kept: with --database-url \
+                             reports are kept in S3; set --s3-bucket (or EUA_S3_BUCKET) to keep them"
+                        );
+                        run
+                    }
                 }
                 (Results::Remote(remote), _) => ingest_remote(
                     remote, &files, upgrade, phase, suite, framework, cluster, session, collection,
@@ -663,7 +684,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
 /// artifacts (in `session`/`collection`, or the upgrade's `validation` collection).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ingest(
-    store: &Arc<SqliteStore>,
+    tracker: &ProgressTracker,
     results: &TestResults,
     artifacts: &TestArtifactsManager,
     files: &[PathBuf],
@@ -673,7 +694,7 @@ pub(crate) fn ingest(
     options: Option<&AddOptions>,
 ) -> anyhow::Result<TestRun> {
     if ingest.cluster_name.is_empty() {
-        ingest.cluster_name = cluster_of(&ProgressTracker::new(store.clone()), &ingest.upgrade_id)?;
+        ingest.cluster_name = cluster_of(tracker, &ingest.upgrade_id)?;
     }
     let session = session
         .map(|s| artifacts.resolve_id(eks_upgrade_agent::store::IdKind::Session, s))
@@ -694,6 +715,26 @@ pub(crate) fn ingest(
         )
         .context("cannot ingest the test results")
 }
+
+/// Records a run of `files` without keeping them (a database without a bucket).
+fn record_only(
+    tracker: &ProgressTracker,
+    results: &TestResults,
+    files: &[PathBuf],
+    mut ingest: Ingest,
+) -> anyhow::Result<TestRun> {
+    if ingest.cluster_name.is_empty() {
+        ingest.cluster_name = cluster_of(tracker, &ingest.upgrade_id)?;
+    }
+    results
+        .ingest(files, &ingest, None)
+        .context("cannot ingest the test results")
+}
+
+/// Why `--session`/`--collection` are refused on a database without a bucket.
+const NO_BUCKET_TO_KEEP: &str = "with --database-url reports are kept as artifacts in S3: set \
+     --s3-bucket (or EUA_S3_BUCKET, or s3_bucket in the config file) to keep them in a session, \
+     or drop --session and --collection to record the run without keeping the report";
 
 /// The cluster of `upgrade`, for a run given no `--cluster`.
 fn cluster_of(tracker: &ProgressTracker, upgrade: &str) -> anyhow::Result<String> {

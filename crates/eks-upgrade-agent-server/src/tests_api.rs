@@ -1,7 +1,8 @@
 //! `/api/v1/tests/...` and `GET /api/v1/upgrades/{u}/tests/compare`: test results as data
 //! (issue #12) over [`TestResults`]. `POST /api/v1/tests/ingest` takes one JUnit XML report as
 //! the raw body (streamed to a temporary file, then read twice: checked, then recorded), keeps
-//! it as a `test_result` artifact when artifacts are enabled and answers the run (201). A
+//! it as a `test_result` artifact when artifacts are enabled (on a data dir always, on a
+//! database when S3 is configured) and answers the run (201). A
 //! comparison answers 200 whatever its gate says (`gate.passed` tells).
 
 use std::collections::HashMap;
@@ -291,8 +292,9 @@ pub(crate) async fn ingest(
     }
     if artifacts.is_none() && session.is_some() {
         return Err(invalid(
-            "on the database the reports are recorded but not kept as artifacts (artifacts \
-             are not in the database yet): drop ?session and ?collection",
+            "artifacts are off on this server (on a database they are kept in S3: start it \
+             with --s3-bucket), so the report cannot be kept in a session: drop ?session and \
+             ?collection to record the run without keeping the report",
         ));
     }
     let cluster = given("cluster");
