@@ -383,7 +383,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
 
 /// Where the artifacts are: a data dir, or a server (`--server`).
 #[derive(Clone, Copy)]
-enum Place<'a> {
+pub(crate) enum Place<'a> {
     Local(&'a TestArtifactsManager),
     Remote(&'a RemoteArtifacts),
 }
@@ -488,14 +488,10 @@ fn run_on(
                 metadata: to_map(meta, meta_json),
             };
             if let Some(phase) = phase {
-                let local = match place {
-                    Place::Local(l) => Some(l),
-                    Place::Remote(_) => None,
-                };
                 return crate::test_results::add_with_phase(
                     ctx,
                     m,
-                    local,
+                    place,
                     &session,
                     &collection,
                     &paths,

@@ -19,6 +19,7 @@ use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
+use crate::artifacts::Place;
 use crate::output::{
     artifact_header, artifact_line, duration, print_json, printable, time, truncate,
 };
@@ -121,12 +122,14 @@ pub(crate) fn parse_phase(s: &str) -> Result<RunPhase, String> {
 }
 
 /// `artifacts add --type test_result --phase P`: the JUnit XML files are kept and recorded as
-/// one run of the session's upgrade (through `tests ingest`); other files are only kept.
+/// one run of the session's upgrade (through `tests ingest`); other files are only kept. On a
+/// server the report is uploaded with `type=test_result&phase=P` (the server keeps and records
+/// it the same way), one report per command as `tests ingest --server`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_with_phase(
     ctx: &Ctx,
     m: &dyn Artifacts,
-    local: Option<&TestArtifactsManager>,
+    place: Place<'_>,
     session: &str,
     collection: &str,
     paths: &[PathBuf],
@@ -136,13 +139,6 @@ pub(crate) fn add_with_phase(
     if opts.artifact_type != Some(ArtifactType::TestResult) {
         anyhow::bail!("--phase records test results: give it with --type test_result");
     }
-    let Some(local) = local else {
-        anyhow::bail!(
-            "--phase works on a local data dir; against a server, record the report with \
-             `tests ingest FILE --upgrade U --phase P --session S --collection C --server URL` \
-             (or upload it with ?type=test_result&phase=P)"
-        );
-    };
     let mut junit = Vec::new();
     let mut other = Vec::new();
     for p in paths {
@@ -174,6 +170,30 @@ pub(crate) fn add_with_phase(
             other.push(p.clone());
         }
     }
+    let local = match place {
+        Place::Local(l) => l,
+        Place::Remote(r) => {
+            if junit.len() > 1 {
+                anyhow::bail!(
+                    "against a server, give one JUnit report per command (the server records \
+                     one report per run): {} given",
+                    junit.len()
+                );
+            }
+            // The report first: when the server refuses it, nothing else was stored.
+            let mut added = Vec::new();
+            let mut run = None;
+            if let Some(report) = junit.first() {
+                let (artifact, r) = r.add_report(session, collection, report, opts, phase)?;
+                added.push(artifact);
+                run = Some(r);
+            }
+            if !other.is_empty() {
+                added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
+            }
+            return print_added(ctx, m, &added, run.as_ref());
+        }
+    };
     let s = local.session(session)?;
     let mut added = Vec::new();
     let mut run = None;
@@ -218,6 +238,16 @@ pub(crate) fn add_with_phase(
     if !other.is_empty() {
         added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
     }
+    print_added(ctx, m, &added, run.as_ref())
+}
+
+/// What `artifacts add --phase` prints: the artifacts, then the run recorded.
+fn print_added(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    added: &[eks_upgrade_agent::model::TestArtifact],
+    run: Option<&TestRun>,
+) -> anyhow::Result<ExitCode> {
     if ctx.json() {
         print_json(&added)?;
     } else {
@@ -233,11 +263,11 @@ pub(crate) fn add_with_phase(
             added.len(),
             if added.len() == 1 { "" } else { "s" }
         )?;
-        if let Some(r) = &run {
+        if let Some(r) = run {
             print_run_line(&mut out, "recorded", r)?;
         }
     }
-    if let Some(r) = &run {
+    if let Some(r) = run {
         eprintln!("test run {} recorded ({} tests)", r.run_id, r.counts.tests);
     }
     Ok(ExitCode::SUCCESS)

@@ -376,6 +376,130 @@ fn artifacts_add_with_a_phase_ingests_junit_files() {
     assert_eq!(env.json(&["tests", "runs"]).as_array().unwrap().len(), 1);
 }
 
+/// G102: `artifacts add --phase P --server URL` works as on a data dir: the JUnit report is
+/// uploaded with `type=test_result&phase=P` and the server keeps it and records it as a run of
+/// the session's upgrade (tags and options kept), other files are only kept; more than one
+/// report per command, or a broken XML report, is refused and nothing is stored.
+#[test]
+fn artifacts_add_with_a_phase_works_against_a_server() {
+    let server_env = Env::with_task();
+    let served = crate::util::serve(&server_env, &[]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let on = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["--server".to_owned(), url.clone()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        a
+    };
+    let remote = |args: &[&str]| -> Value {
+        let a = on(args);
+        client.json(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let s = remote(&[
+        "artifacts",
+        "session",
+        "create",
+        "--upgrade",
+        "u",
+        "--cluster",
+        "c",
+    ]);
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    let c = remote(&[
+        "artifacts",
+        "collection",
+        "create",
+        &sid,
+        "--name",
+        "results",
+    ]);
+    let cid = c["collection_id"].as_str().unwrap().to_owned();
+    let xml = fixture("surefire_flaky.xml");
+    let log = client.data_dir().join("runner.log");
+    std::fs::write(&log, "not xml").unwrap();
+    let added = remote(&[
+        "artifacts",
+        "add",
+        &sid[..12],
+        &cid,
+        xml.to_str().unwrap(),
+        log.to_str().unwrap(),
+        "--type",
+        "test_result",
+        "--phase",
+        "pre",
+        "--tag",
+        "java",
+    ]);
+    assert_eq!(added.as_array().unwrap().len(), 2, "{added}");
+    let runs = server_env.json(&["tests", "runs", "--upgrade", "u"]);
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    let r = &runs[0];
+    assert_eq!(
+        (
+            &r["tests"],
+            &r["flaky"],
+            &r["failed"],
+            &r["skipped"],
+            &r["phase"]
+        ),
+        (&4.into(), &1.into(), &1.into(), &1.into(), &"pre".into())
+    );
+    assert_eq!(r["cluster_name"], "c");
+    assert_eq!(
+        r["artifact_ids"],
+        serde_json::json!([added[0]["artifact_id"]])
+    );
+    let kept = server_env.json(&["artifacts", "show", r["artifact_ids"][0].as_str().unwrap()]);
+    assert_eq!(kept["collection_id"], cid.as_str());
+    assert_eq!(kept["name"], "surefire_flaky.xml");
+    assert_eq!(kept["tags"], serde_json::json!(["java", "pre"]));
+    assert_eq!(added[1]["name"], "runner.log");
+    // Refusals store nothing: two reports in one command, a broken XML report.
+    let before = server_env.json(&["artifacts", "search", "--session", &sid]);
+    let two = client.data_dir().join("again.xml");
+    std::fs::copy(&xml, &two).unwrap();
+    let a = on(&[
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        xml.to_str().unwrap(),
+        two.to_str().unwrap(),
+        "--type",
+        "test_result",
+        "--phase",
+        "post",
+    ]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("one JUnit report per command"), "{e}");
+    let a = on(&[
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        fixture("broken_tag.xml").to_str().unwrap(),
+        "--type",
+        "test_result",
+        "--phase",
+        "post",
+    ]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("broken_tag.xml"), "{e}");
+    assert_eq!(
+        server_env.json(&["artifacts", "search", "--session", &sid]),
+        before
+    );
+    assert_eq!(
+        server_env
+            .json(&["tests", "runs"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 #[test]
 fn runs_show_history_and_flaky() {
     let env = Env::with_task();
