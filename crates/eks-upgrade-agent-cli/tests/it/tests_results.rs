@@ -989,6 +989,24 @@ fn tests_commands_on_a_database() {
     let url = format!("http://127.0.0.1:{}", served.port);
     let runs = env.json(&["--server", &url, "tests", "runs", "--upgrade", "u"]);
     assert_eq!(runs.as_array().unwrap().len(), 3, "{runs}");
+    // A server on the database without a bucket records, and refuses to keep in a session.
+    let e = env.fails(
+        1,
+        &[
+            "--server",
+            &url,
+            "tests",
+            "ingest",
+            &pre,
+            "--upgrade",
+            "u",
+            "--phase",
+            "adhoc",
+            "--session",
+            "s",
+        ],
+    );
+    assert!(e.contains("--s3-bucket"), "{e}");
     assert!(
         !env.data_dir().join("eks-upgrade-agent.sqlite3").exists(),
         "a data dir store was created"
@@ -1012,9 +1030,10 @@ fn psql(url: &str, sql: &str) {
 /// in the `--session`/`--collection` given (ids or prefixes), else the upgrade's latest
 /// session's `validation` collection; the run names its artifact and the artifact its run. The
 /// kept report downloads, verified, from a replica with its own (empty) cache; the same holds
-/// for `POST /api/v1/tests/ingest` on a replica and `artifacts add --phase` on the database.
+/// for `POST /api/v1/tests/ingest` and an upload with `type=test_result&phase=P` on a replica,
+/// and for `artifacts add --phase` on the database.
 /// G101: an ingest whose run cannot be recorded after its report was kept (a failing insert)
-/// leaves no live artifact and no run, on the CLI and over HTTP.
+/// leaves no live artifact and no run, on the CLI and over HTTP (ingest and upload).
 #[test]
 fn reports_are_kept_as_artifacts_on_a_database() {
     let pg = eks_upgrade_agent::test_support::PgCluster::start();
@@ -1197,15 +1216,45 @@ fn reports_are_kept_as_artifacts_on_a_database() {
         ],
     );
     let added_id = added[0]["artifact_id"].as_str().unwrap();
-    let runs = json(&env, &["tests", "runs", "--upgrade", "u"]);
-    assert_eq!(runs.as_array().unwrap().len(), 4, "{runs}");
-    assert!(
-        runs.as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["artifact_ids"] == serde_json::json!([added_id])),
-        "{runs}"
+    // And through the replica (an upload with `type=test_result&phase=P`).
+    let uploaded = client.json(&[
+        "--server",
+        &url,
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        &post,
+        "--type",
+        "test_result",
+        "--phase",
+        "adhoc",
+    ]);
+    let uploaded_id = uploaded[0]["artifact_id"].as_str().unwrap();
+    let got3 = third.dir.path().join("got3.xml");
+    let out = run(
+        &third,
+        &[
+            "artifacts",
+            "get",
+            uploaded_id,
+            "--out",
+            got3.to_str().unwrap(),
+        ],
     );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&got3).unwrap(), std::fs::read(&post).unwrap());
+    let runs = json(&env, &["tests", "runs", "--upgrade", "u"]);
+    assert_eq!(runs.as_array().unwrap().len(), 5, "{runs}");
+    for id in [added_id, uploaded_id] {
+        assert!(
+            runs.as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["artifact_ids"] == serde_json::json!([id])),
+            "{id}: {runs}"
+        );
+    }
 
     // A run that cannot be recorded after its report was kept: nothing is left.
     psql(
@@ -1262,13 +1311,28 @@ fn reports_are_kept_as_artifacts_on_a_database() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(live(&env), before, "the HTTP ingest left an artifact");
+    let out = client.run(&[
+        "--server",
+        &url,
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        &pre,
+        "--type",
+        "test_result",
+        "--phase",
+        "adhoc",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(live(&env), before, "the HTTP upload left an artifact");
     psql(&db, "DROP TRIGGER boom ON test_runs");
     assert_eq!(
         json(&env, &["tests", "runs", "--upgrade", "u"])
             .as_array()
             .unwrap()
             .len(),
-        4
+        5
     );
     drop((replica, moto, pg));
 }
