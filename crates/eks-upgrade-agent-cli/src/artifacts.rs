@@ -383,7 +383,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: ArtifactsCmd) -> anyhow::Result<ExitCode> {
 
 /// Where the artifacts are: a data dir, or a server (`--server`).
 #[derive(Clone, Copy)]
-pub(crate) enum Place<'a> {
+enum Place<'a> {
     Local(&'a TestArtifactsManager),
     Remote(&'a RemoteArtifacts),
 }
@@ -488,10 +488,15 @@ fn run_on(
                 metadata: to_map(meta, meta_json),
             };
             if let Some(phase) = phase {
+                let (local, remote) = match place {
+                    Place::Local(l) => (Some(l), None),
+                    Place::Remote(r) => (None, Some(r)),
+                };
                 return crate::test_results::add_with_phase(
                     ctx,
                     m,
-                    place,
+                    local,
+                    remote,
                     &session,
                     &collection,
                     &paths,

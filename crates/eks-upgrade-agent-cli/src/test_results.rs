@@ -19,11 +19,10 @@ use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
-use crate::artifacts::Place;
 use crate::output::{
     artifact_header, artifact_line, duration, print_json, printable, time, truncate,
 };
-use crate::remote_artifacts::Artifacts;
+use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::{Access, Ctx};
 use eks_upgrade_agent::model::ArtifactType;
 use eks_upgrade_agent::store::IdKind;
@@ -129,7 +128,8 @@ pub(crate) fn parse_phase(s: &str) -> Result<RunPhase, String> {
 pub(crate) fn add_with_phase(
     ctx: &Ctx,
     m: &dyn Artifacts,
-    place: Place<'_>,
+    local: Option<&TestArtifactsManager>,
+    remote: Option<&RemoteArtifacts>,
     session: &str,
     collection: &str,
     paths: &[PathBuf],
@@ -170,9 +170,10 @@ pub(crate) fn add_with_phase(
             other.push(p.clone());
         }
     }
-    let local = match place {
-        Place::Local(l) => l,
-        Place::Remote(r) => {
+    let local = match (local, remote) {
+        (Some(l), _) => l,
+        (None, None) => anyhow::bail!("--phase needs a data dir, a database or a server"),
+        (None, Some(r)) => {
             if junit.len() > 1 {
                 anyhow::bail!(
                     "against a server, give one JUnit report per command (the server records \
