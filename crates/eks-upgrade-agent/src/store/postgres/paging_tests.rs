@@ -33,16 +33,32 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
 /// an advisory lock the test holds); upgrade `early` is created meanwhile. A client that read a
 /// page then and continues from its last upgrade still gets `late`: creating upgrades takes a
 /// lock held to the commit, so a larger key never commits before a smaller one. Without that
-/// lock `early` commits first, the page ends with it, and `late` is on no page.
+/// lock `early` commits first, the page ends with it, and `late` is on no page. Both ways of
+/// creating an upgrade: a command, and an import (`progress import`, `store copy`).
 #[test]
 fn an_upgrade_committing_after_a_page_with_a_smaller_key_is_on_the_next_page() {
+    late_upgrade(|store, id| {
+        ProgressTracker::new(store)
+            .create_upgrade(id, "p", "c", JsonMap::new())
+            .map(|_| ())
+    });
+    late_upgrade(|store, id| {
+        let mut u = store.upgrade("template")?;
+        u.upgrade_id = id.to_owned();
+        store.import(&u, &[], &[]).map(|_| ())
+    });
+}
+
+fn late_upgrade(create: fn(Arc<PostgresStore>, &str) -> crate::Result<()>) {
     let pg = PgCluster::start();
     let url = pg.create_database();
     let store = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
     let tracker = ProgressTracker::new(store.clone());
-    tracker
-        .create_upgrade("first", "p", "c", JsonMap::new())
-        .unwrap();
+    for id in ["template", "first"] {
+        tracker
+            .create_upgrade(id, "p", "c", JsonMap::new())
+            .unwrap();
+    }
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     admin
         .batch_execute(
@@ -53,15 +69,15 @@ fn an_upgrade_committing_after_a_page_with_a_smaller_key_is_on_the_next_page() {
              SELECT pg_advisory_lock(4242);",
         )
         .unwrap();
-    let create = |id: &'static str| {
-        let t = ProgressTracker::new(store.clone());
-        std::thread::spawn(move || t.create_upgrade(id, "p", "c", JsonMap::new()).map(|_| ()))
+    let spawn = |id: &'static str| {
+        let store = store.clone();
+        std::thread::spawn(move || create(store, id))
     };
-    let late = create("late");
+    let late = spawn("late");
     until("the late upgrade never waited before its commit", || {
         waiting(&mut admin) >= 1
     });
-    let early = create("early");
+    let early = spawn("early");
     until("the early upgrade neither committed nor waited", || {
         early.is_finished() || waiting(&mut admin) >= 2
     });
@@ -74,27 +90,26 @@ fn an_upgrade_committing_after_a_page_with_a_smaller_key_is_on_the_next_page() {
         .unwrap();
     late.join().unwrap().unwrap();
     early.join().unwrap().unwrap();
-    let keys: Vec<(String, i64)> = admin
-        .query("SELECT upgrade_id, ukey FROM upgrades ORDER BY ukey", &[])
+    let keys: Vec<String> = admin
+        .query("SELECT upgrade_id FROM upgrades ORDER BY ukey", &[])
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| r.get(0))
         .collect();
-    let names: Vec<&str> = keys.iter().map(|(u, _)| u.as_str()).collect();
     assert_eq!(
-        names,
-        ["first", "late", "early"],
+        keys,
+        ["template", "first", "late", "early"],
         "the case is not the one meant"
     );
     let cursor = first_page
         .last()
-        .expect("the first upgrade is on the first page");
+        .expect("the first upgrades are on the first page");
     let next_page = ids(store.upgrades_page(Some(cursor), 100).unwrap());
     let mut seen = [first_page.clone(), next_page.clone()].concat();
     seen.sort();
     assert_eq!(
         seen,
-        ["early", "first", "late"],
+        ["early", "first", "late", "template"],
         "pages {first_page:?} then {next_page:?}"
     );
 }
