@@ -1,7 +1,8 @@
 //! `eks-upgrade-agent tests ...`: JUnit reports as data. `ingest` records a run (and keeps the
 //! files as `test_result` artifacts), `compare` classifies pre → post and gates (exit 3 when the
 //! gate fails), `runs`, `show`, `history` and `flaky` read them back. On the local data dir,
-//! or with `--server` through the server's `/api/v1/tests/...` API (the same output).
+//! with `--database-url` on PostgreSQL (the files kept in S3 when a bucket is set), or with
+//! `--server` through the server's `/api/v1/tests/...` API (the same output).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
