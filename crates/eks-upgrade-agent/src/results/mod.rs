@@ -242,12 +242,29 @@ impl TestResults {
             digests.push(spool.parse_file(f, &ingest.label(i, f), &options)?.0);
         }
         let mut kept = Kept::default();
+        let mut run_artifacts = Vec::with_capacity(files.len());
         let recorded = (|| {
             if let Some((k, opts)) = &keep {
                 let (session, collection) = self.target(*k, ingest, &mut kept)?;
-                let added =
-                    k.artifacts
-                        .add_paths(&session, &collection, files, opts, &mut |_| {})?;
+                let mut added = Vec::with_capacity(files.len());
+                let adding = k.artifacts.add_paths_into(
+                    &session,
+                    &collection,
+                    files,
+                    opts,
+                    &mut |_| {},
+                    &mut added,
+                );
+                // Every row of this run that committed is undone on any failure below (or of
+                // a later batch of the add); an earlier run's artifact (same name and bytes)
+                // is not ours to delete.
+                kept.artifacts.extend(
+                    added
+                        .iter()
+                        .filter(|a| a.metadata.get("run_id") == Some(&serde_json::json!(run_id)))
+                        .map(|a| a.artifact_id.clone()),
+                );
+                adding?;
                 for (i, a) in added.into_iter().enumerate() {
                     let ours = a.metadata.get("run_id") == Some(&serde_json::json!(run_id));
                     let a = if ours {
@@ -270,7 +287,10 @@ impl TestResults {
                             opts,
                         )?
                     };
-                    kept.artifacts.push(a.artifact_id.clone());
+                    if !ours {
+                        kept.artifacts.push(a.artifact_id.clone());
+                    }
+                    run_artifacts.push(a.artifact_id.clone());
                     let d = &digests[i];
                     if a.file_hash.parse::<crate::blob::Digest>().ok().as_ref() != Some(d) {
                         return Err(Error::invalid(format!(
@@ -292,7 +312,7 @@ impl TestResults {
                     .enumerate()
                     .map(|(i, f)| ingest.label(i, f))
                     .collect(),
-                artifact_ids: kept.artifacts.clone(),
+                artifact_ids: run_artifacts.clone(),
             };
             self.store.record_run(&new, &mut |sink| spool.replay(sink))
         })();
