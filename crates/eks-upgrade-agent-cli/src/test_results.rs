@@ -171,6 +171,11 @@ pub(crate) fn add_with_phase(
             other.push(p.clone());
         }
     }
+    // The other files' names are checked before the reports are recorded: a refused name
+    // fails the command before a run is stored (a retry would record a second run).
+    if !other.is_empty() {
+        eks_upgrade_agent::artifacts::plan_paths(&other, opts)?;
+    }
     let local = match (local, remote) {
         (Some(l), _) => l,
         (None, None) => anyhow::bail!("--phase needs a data dir, a database or a server"),

@@ -486,6 +486,24 @@ fn artifacts_add_with_a_phase_works_against_a_server() {
     ]);
     let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("broken_tag.xml"), "{e}");
+    // Another file whose name is refused (a control character): refused before the report
+    // is recorded, so a retry does not record a second run.
+    let bad = client.data_dir().join("runner\u{1}.log");
+    std::fs::write(&bad, "log").unwrap();
+    let a = on(&[
+        "artifacts",
+        "add",
+        &sid,
+        &cid,
+        xml.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--type",
+        "test_result",
+        "--phase",
+        "post",
+    ]);
+    let e = client.fails(1, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("control character"), "{e}");
     assert_eq!(
         server_env.json(&["artifacts", "search", "--session", &sid]),
         before
