@@ -165,6 +165,31 @@ impl Kept {
     }
 }
 
+/// Creates the session's `validation` collection; when a concurrent ingest (another replica)
+/// created it since this one looked, that collection is the answer (both ingests keep their
+/// reports in it, neither fails on the name).
+pub(crate) fn create_validation(a: &TestArtifactsManager, session_id: &str) -> Result<String> {
+    match a.create_collection(
+        session_id,
+        VALIDATION_COLLECTION,
+        Some("test reports (JUnit XML) of the upgrade's validation runs"),
+        None,
+    ) {
+        Ok(c) => Ok(c.collection_id),
+        Err(Error::AlreadyExists { .. }) => a
+            .collections(session_id)?
+            .into_iter()
+            .find(|c| c.name == VALIDATION_COLLECTION)
+            .map(|c| c.collection_id)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "collection {VALIDATION_COLLECTION:?} of session {session_id:?}"
+                ))
+            }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Test runs over a [`TestResultStore`].
 #[derive(Debug, Clone)]
 pub struct TestResults {
@@ -380,15 +405,7 @@ impl TestResults {
                 .find(|c| c.name == VALIDATION_COLLECTION)
             {
                 Some(c) => c.collection_id,
-                None => {
-                    a.create_collection(
-                        &session.session_id,
-                        VALIDATION_COLLECTION,
-                        Some("test reports (JUnit XML) of the upgrade's validation runs"),
-                        None,
-                    )?
-                    .collection_id
-                }
+                None => create_validation(a, &session.session_id)?,
             },
         };
         Ok((session.session_id, collection))

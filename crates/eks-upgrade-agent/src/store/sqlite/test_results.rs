@@ -970,6 +970,26 @@ mod tests {
         assert!(r.runs(&RunQuery::default()).unwrap().is_empty());
     }
 
+    /// T13: two ingests into one session that both find no `validation` collection both
+    /// create it; the one whose create loses (the name is taken) uses the other's collection
+    /// instead of failing.
+    #[test]
+    fn a_lost_race_to_create_the_validation_collection_uses_the_winners() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, _r) = kept_store(dir.path());
+        let s = m
+            .create_session(crate::artifacts::NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let won = crate::results::create_validation(&m, &s.session_id).unwrap();
+        let lost = crate::results::create_validation(&m, &s.session_id).unwrap();
+        assert_eq!(lost, won);
+        assert_eq!(m.collections(&s.session_id).unwrap().len(), 1);
+    }
+
     /// T14: a suite without a name is the empty suite, never the file's path: the same report
     /// written to another path (another name) holds the same tests.
     #[test]
