@@ -488,14 +488,15 @@ fn run_on(
                 metadata: to_map(meta, meta_json),
             };
             if let Some(phase) = phase {
-                let local = match place {
-                    Place::Local(l) => Some(l),
-                    Place::Remote(_) => None,
+                let (local, remote) = match place {
+                    Place::Local(l) => (Some(l), None),
+                    Place::Remote(r) => (None, Some(r)),
                 };
                 return crate::test_results::add_with_phase(
                     ctx,
                     m,
                     local,
+                    remote,
                     &session,
                     &collection,
                     &paths,

@@ -16,8 +16,8 @@ use eks_upgrade_agent::artifacts::{
 use crate::requests::{PullRequest, UploadRequest};
 use eks_upgrade_agent::blob::{Digest, VerifyingReader};
 use eks_upgrade_agent::model::{
-    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, SessionSummary, TestArtifact,
-    TestSession,
+    ArtifactCollection, ArtifactPage, ArtifactQuery, ArtifactStats, RunPhase, SessionSummary,
+    TestArtifact, TestRun, TestSession,
 };
 use eks_upgrade_agent::store::IdKind;
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
@@ -244,6 +244,97 @@ impl RemoteArtifacts {
     }
 }
 
+/// The query of an upload with `opts` (`&type=...&tag=...`), after `?name=`.
+fn add_query(opts: &AddOptions) -> String {
+    let mut query = String::new();
+    if let Some(t) = opts.artifact_type {
+        query.push_str(&format!("&type={}", t.as_str()));
+    }
+    for t in &opts.tags {
+        query.push_str(&format!("&tag={}", encode(t)));
+    }
+    for (k, v) in [
+        ("task_id", &opts.task_id),
+        ("step_id", &opts.step_id),
+        ("description", &opts.description),
+    ] {
+        if let Some(v) = v {
+            query.push_str(&format!("&{k}={}", encode(v)));
+        }
+    }
+    if !opts.metadata.is_empty() {
+        let m = serde_json::to_string(&opts.metadata).unwrap_or_default();
+        query.push_str(&format!("&metadata={}", encode(&m)));
+    }
+    query
+}
+
+impl RemoteArtifacts {
+    /// Streams the planned file `f` to the collection's upload route with `query`; the answer.
+    fn post_file(
+        &self,
+        session: &str,
+        collection: &str,
+        f: &eks_upgrade_agent::artifacts::PlannedFile,
+        query: &str,
+        report: &mut dyn FnMut(u64),
+    ) -> Result<Value> {
+        let file = std::fs::File::open(&f.path)
+            .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", f.path.display())))?;
+        let mut reader = Counting {
+            inner: std::io::BufReader::with_capacity(256 * 1024, file),
+            done: 0,
+            report,
+        };
+        let path = format!(
+            "/api/v1/sessions/{}/collections/{}/artifacts?name={}{query}",
+            encode(session),
+            encode(collection),
+            encode(&f.name)
+        );
+        let resp = self
+            .authorize(self.store.agent().post(self.url(&path)))
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_reader(&mut reader))
+            .map_err(|e| self.unreachable(&e))?;
+        self.store.answer(resp)
+    }
+
+    /// `artifacts add --phase` on a server: one JUnit report uploaded with
+    /// `type=test_result&phase=P`, which the server keeps and records as a run of the session's
+    /// upgrade; the artifact and the run.
+    pub(crate) fn add_report(
+        &self,
+        session: &str,
+        collection: &str,
+        path: &Path,
+        opts: &AddOptions,
+        phase: RunPhase,
+    ) -> Result<(TestArtifact, TestRun)> {
+        let plan = plan_paths(std::slice::from_ref(&path.to_path_buf()), opts)?;
+        let [f] = &plan[..] else {
+            return Err(Error::InvalidInput(format!(
+                "{} is not one file: give the JUnit XML report itself",
+                path.display()
+            )));
+        };
+        let query = format!("{}&phase={phase}", add_query(opts));
+        let mut v = self.post_file(session, collection, f, &query, &mut |_| {})?;
+        let run = v
+            .as_object_mut()
+            .and_then(|o| o.remove("test_run"))
+            .ok_or_else(|| Error::Backend {
+                message: format!(
+                    "the server at {} kept {} but recorded no test run: is it an older version?",
+                    self.store.url(),
+                    f.name
+                ),
+                source: None,
+            })?;
+        Ok((from_value(v)?, from_value(run)?))
+    }
+}
+
 fn from_value<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
     serde_json::from_value(v).map_err(|e| Error::Backend {
         message: format!("unexpected answer from the server: {e}"),
@@ -360,31 +451,9 @@ impl Artifacts for RemoteArtifacts {
             ..Progress::default()
         };
         progress(p);
-        let mut query = String::new();
-        if let Some(t) = opts.artifact_type {
-            query.push_str(&format!("&type={}", t.as_str()));
-        }
-        for t in &opts.tags {
-            query.push_str(&format!("&tag={}", encode(t)));
-        }
-        for (k, v) in [
-            ("task_id", &opts.task_id),
-            ("step_id", &opts.step_id),
-            ("description", &opts.description),
-        ] {
-            if let Some(v) = v {
-                query.push_str(&format!("&{k}={}", encode(v)));
-            }
-        }
-        if !opts.metadata.is_empty() {
-            let m = serde_json::to_string(&opts.metadata).unwrap_or_default();
-            query.push_str(&format!("&metadata={}", encode(&m)));
-        }
+        let query = add_query(opts);
         let mut out = Vec::with_capacity(plan.len());
         for f in plan {
-            let file = std::fs::File::open(&f.path).map_err(|e| {
-                Error::InvalidInput(format!("cannot read {}: {e}", f.path.display()))
-            })?;
             let base = p.bytes_done;
             let mut report = |done: u64| {
                 progress(Progress {
@@ -392,23 +461,8 @@ impl Artifacts for RemoteArtifacts {
                     ..p
                 })
             };
-            let mut reader = Counting {
-                inner: std::io::BufReader::with_capacity(256 * 1024, file),
-                done: 0,
-                report: &mut report,
-            };
-            let path = format!(
-                "/api/v1/sessions/{}/collections/{}/artifacts?name={}{query}",
-                encode(session),
-                encode(collection),
-                encode(&f.name)
-            );
-            let resp = self
-                .authorize(self.store.agent().post(self.url(&path)))
-                .header("Content-Type", "application/octet-stream")
-                .send(ureq::SendBody::from_reader(&mut reader))
-                .map_err(|e| self.unreachable(&e))?;
-            let a: TestArtifact = self.store.answer(resp)?;
+            let a: TestArtifact =
+                from_value(self.post_file(session, collection, &f, &query, &mut report)?)?;
             p.bytes_done = base + a.file_size;
             p.files_done += 1;
             progress(p);

@@ -1,7 +1,8 @@
 //! `eks-upgrade-agent tests ...`: JUnit reports as data. `ingest` records a run (and keeps the
 //! files as `test_result` artifacts), `compare` classifies pre → post and gates (exit 3 when the
 //! gate fails), `runs`, `show`, `history` and `flaky` read them back. On the local data dir,
-//! or with `--server` through the server's `/api/v1/tests/...` API (the same output).
+//! with `--database-url` on PostgreSQL (the files kept in S3 when a bucket is set), or with
+//! `--server` through the server's `/api/v1/tests/...` API (the same output).
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -17,12 +18,12 @@ use eks_upgrade_agent::model::{
 };
 use eks_upgrade_agent::results::{Ingest, KeepFiles, TestResults};
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
-use eks_upgrade_agent::{ProgressTracker, SqliteStore, TestArtifactsManager};
+use eks_upgrade_agent::{ProgressTracker, TestArtifactsManager};
 
 use crate::output::{
     artifact_header, artifact_line, duration, print_json, printable, time, truncate,
 };
-use crate::remote_artifacts::Artifacts;
+use crate::remote_artifacts::{Artifacts, RemoteArtifacts};
 use crate::{Access, Ctx};
 use eks_upgrade_agent::model::ArtifactType;
 use eks_upgrade_agent::store::IdKind;
@@ -121,12 +122,15 @@ pub(crate) fn parse_phase(s: &str) -> Result<RunPhase, String> {
 }
 
 /// `artifacts add --type test_result --phase P`: the JUnit XML files are kept and recorded as
-/// one run of the session's upgrade (through `tests ingest`); other files are only kept.
+/// one run of the session's upgrade (through `tests ingest`); other files are only kept. On a
+/// server the report is uploaded with `type=test_result&phase=P` (the server keeps and records
+/// it the same way), one report per command as `tests ingest --server`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_with_phase(
     ctx: &Ctx,
     m: &dyn Artifacts,
     local: Option<&TestArtifactsManager>,
+    remote: Option<&RemoteArtifacts>,
     session: &str,
     collection: &str,
     paths: &[PathBuf],
@@ -136,13 +140,6 @@ pub(crate) fn add_with_phase(
     if opts.artifact_type != Some(ArtifactType::TestResult) {
         anyhow::bail!("--phase records test results: give it with --type test_result");
     }
-    let Some(local) = local else {
-        anyhow::bail!(
-            "--phase works on a local data dir; against a server, record the report with \
-             `tests ingest FILE --upgrade U --phase P --session S --collection C --server URL` \
-             (or upload it with ?type=test_result&phase=P)"
-        );
-    };
     let mut junit = Vec::new();
     let mut other = Vec::new();
     for p in paths {
@@ -174,14 +171,54 @@ pub(crate) fn add_with_phase(
             other.push(p.clone());
         }
     }
+    // The other files' names are checked before the reports are recorded: a refused name
+    // fails the command before a run is stored (a retry would record a second run).
+    if !other.is_empty() {
+        eks_upgrade_agent::artifacts::plan_paths(&other, opts)?;
+    }
+    let local = match (local, remote) {
+        (Some(l), _) => l,
+        (None, None) => anyhow::bail!("--phase needs a data dir, a database or a server"),
+        (None, Some(r)) => {
+            if junit.len() > 1 {
+                anyhow::bail!(
+                    "against a server, give one JUnit report per command (the server records \
+                     one report per run): {} given",
+                    junit.len()
+                );
+            }
+            // The report first: when the server refuses it, nothing else was stored.
+            let mut added = Vec::new();
+            let mut run = None;
+            if let Some(report) = junit.first() {
+                let (artifact, r) = r.add_report(session, collection, report, opts, phase)?;
+                added.push(artifact);
+                run = Some(r);
+            }
+            if !other.is_empty() {
+                added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
+            }
+            return print_added(ctx, m, &added, run.as_ref());
+        }
+    };
     let s = local.session(session)?;
     let mut added = Vec::new();
     let mut run = None;
     if !junit.is_empty() {
-        let store = ctx.store_for(Access::Existing)?;
-        let results = TestResults::new(store.clone());
+        // The run goes where the artifacts are: the database (team mode) or the data dir.
+        let (results, tracker, sqlite) = match ctx.database(4)? {
+            Some(db) => (TestResults::new(db.clone()), ProgressTracker::new(db), None),
+            None => {
+                let store = ctx.store_for(Access::Existing)?;
+                (
+                    TestResults::new(store.clone()),
+                    ProgressTracker::new(store.clone()),
+                    Some(store),
+                )
+            }
+        };
         let r = ingest(
-            &store,
+            &tracker,
             &results,
             local,
             &junit,
@@ -197,7 +234,9 @@ pub(crate) fn add_with_phase(
             Some(collection),
             Some(opts),
         )?;
-        crate::notify::after_commit(ctx, &store);
+        if let Some(store) = &sqlite {
+            crate::notify::after_commit(ctx, store);
+        }
         for id in &r.artifact_ids {
             added.push(local.artifact(id)?);
         }
@@ -206,6 +245,16 @@ pub(crate) fn add_with_phase(
     if !other.is_empty() {
         added.extend(m.add_paths(session, collection, &other, opts, &mut |_| {})?);
     }
+    print_added(ctx, m, &added, run.as_ref())
+}
+
+/// What `artifacts add --phase` prints: the artifacts, then the run recorded.
+fn print_added(
+    ctx: &Ctx,
+    m: &dyn Artifacts,
+    added: &[eks_upgrade_agent::model::TestArtifact],
+    run: Option<&TestRun>,
+) -> anyhow::Result<ExitCode> {
     if ctx.json() {
         print_json(&added)?;
     } else {
@@ -221,11 +270,11 @@ pub(crate) fn add_with_phase(
             added.len(),
             if added.len() == 1 { "" } else { "s" }
         )?;
-        if let Some(r) = &run {
+        if let Some(r) = run {
             print_run_line(&mut out, "recorded", r)?;
         }
     }
-    if let Some(r) = &run {
+    if let Some(r) = run {
         eprintln!("test run {} recorded ({} tests)", r.run_id, r.counts.tests);
     }
     Ok(ExitCode::SUCCESS)
@@ -429,7 +478,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                 (Results::Local(r), Some(store)) => {
                     let artifacts = ctx.artifacts_on(store.clone())?;
                     let run = ingest(
-                        store,
+                        &ProgressTracker::new(store.clone()),
                         r,
                         &artifacts,
                         &files,
@@ -449,35 +498,44 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
                     run
                 }
                 (Results::Local(r), None) => {
-                    // On the database (team mode): artifacts are not in the database yet, so
-                    // the reports are recorded, not kept.
+                    // On the database (team mode): the reports are kept in S3 + the database's
+                    // artifact index, as on a data dir; without a bucket they are recorded
+                    // only (a warning says so), and asking to keep them is refused.
                     let Some(db) = &database else {
                         unreachable!("local results without a store are the database's")
                     };
-                    if session.is_some() || collection.is_some() {
-                        anyhow::bail!(
-                            "with --database-url the reports are recorded but not kept as \
-                             artifacts (artifacts are not in the database yet): drop --session \
-                             and --collection"
-                        );
-                    }
-                    let cluster = match cluster {
-                        Some(c) => c,
-                        None => cluster_of(&ProgressTracker::new(db.clone()), &upgrade)?,
+                    let tracker = ProgressTracker::new(db.clone());
+                    let what = Ingest {
+                        upgrade_id: upgrade,
+                        cluster_name: cluster.unwrap_or_default(),
+                        phase,
+                        suite,
+                        framework,
+                        labels: Vec::new(),
                     };
-                    r.ingest(
-                        &files,
-                        &Ingest {
-                            upgrade_id: upgrade,
-                            cluster_name: cluster,
-                            phase,
-                            suite,
-                            framework,
-                            labels: Vec::new(),
-                        },
-                        None,
-                    )
-                    .context("cannot ingest the test results")?
+                    if ctx.config.s3.s3_bucket.is_some() {
+                        let artifacts = ctx.team_artifacts(db.clone())?;
+                        ingest(
+                            &tracker,
+                            r,
+                            &artifacts,
+                            &files,
+                            what,
+                            session.as_deref(),
+                            collection.as_deref(),
+                            None,
+                        )?
+                    } else {
+                        if session.is_some() || collection.is_some() {
+                            anyhow::bail!(NO_BUCKET_TO_KEEP);
+                        }
+                        let run = record_only(&tracker, r, &files, what)?;
+                        eprintln!(
+                            "warning: the report was recorded but not kept: with --database-url \
+                             reports are kept in S3; set --s3-bucket (or EUA_S3_BUCKET) to keep them"
+                        );
+                        run
+                    }
                 }
                 (Results::Remote(remote), _) => ingest_remote(
                     remote, &files, upgrade, phase, suite, framework, cluster, session, collection,
@@ -663,7 +721,7 @@ pub(crate) fn run(ctx: &Ctx, cmd: TestsCmd) -> anyhow::Result<ExitCode> {
 /// artifacts (in `session`/`collection`, or the upgrade's `validation` collection).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ingest(
-    store: &Arc<SqliteStore>,
+    tracker: &ProgressTracker,
     results: &TestResults,
     artifacts: &TestArtifactsManager,
     files: &[PathBuf],
@@ -673,7 +731,7 @@ pub(crate) fn ingest(
     options: Option<&AddOptions>,
 ) -> anyhow::Result<TestRun> {
     if ingest.cluster_name.is_empty() {
-        ingest.cluster_name = cluster_of(&ProgressTracker::new(store.clone()), &ingest.upgrade_id)?;
+        ingest.cluster_name = cluster_of(tracker, &ingest.upgrade_id)?;
     }
     let session = session
         .map(|s| artifacts.resolve_id(eks_upgrade_agent::store::IdKind::Session, s))
@@ -694,6 +752,26 @@ pub(crate) fn ingest(
         )
         .context("cannot ingest the test results")
 }
+
+/// Records a run of `files` without keeping them (a database without a bucket).
+fn record_only(
+    tracker: &ProgressTracker,
+    results: &TestResults,
+    files: &[PathBuf],
+    mut ingest: Ingest,
+) -> anyhow::Result<TestRun> {
+    if ingest.cluster_name.is_empty() {
+        ingest.cluster_name = cluster_of(tracker, &ingest.upgrade_id)?;
+    }
+    results
+        .ingest(files, &ingest, None)
+        .context("cannot ingest the test results")
+}
+
+/// Why `--session`/`--collection` are refused on a database without a bucket.
+const NO_BUCKET_TO_KEEP: &str = "with --database-url reports are kept as artifacts in S3: set \
+     --s3-bucket (or EUA_S3_BUCKET, or s3_bucket in the config file) to keep them in a session, \
+     or drop --session and --collection to record the run without keeping the report";
 
 /// The cluster of `upgrade`, for a run given no `--cluster`.
 fn cluster_of(tracker: &ProgressTracker, upgrade: &str) -> anyhow::Result<String> {

@@ -1,7 +1,8 @@
 //! `/api/v1/tests/...` and `GET /api/v1/upgrades/{u}/tests/compare`: test results as data
 //! (issue #12) over [`TestResults`]. `POST /api/v1/tests/ingest` takes one JUnit XML report as
 //! the raw body (streamed to a temporary file, then read twice: checked, then recorded), keeps
-//! it as a `test_result` artifact when artifacts are enabled and answers the run (201). A
+//! it as a `test_result` artifact when artifacts are enabled (on a data dir always, on a
+//! database when S3 is configured) and answers the run (201). A
 //! comparison answers 200 whatever its gate says (`gate.passed` tells).
 
 use std::collections::HashMap;
@@ -284,22 +285,29 @@ pub(crate) async fn ingest(
     let artifacts = s.artifacts.clone();
     let given = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     let (session, collection) = (given("session"), given("collection"));
+    let cluster = given("cluster");
+    let label = name.clone();
+    // A collection without its session is refused from the query, before the body is spooled
+    // (up to the ingest limit); the CLI never sends it (it refuses --collection without
+    // --session), and the server's layer draining unread bodies lets a streaming client read it.
     if collection.is_some() && session.is_none() {
         return Err(invalid(
             "a collection is given with its session: add ?session=S, or drop ?collection",
         ));
     }
-    if artifacts.is_none() && session.is_some() {
-        return Err(invalid(
-            "on the database the reports are recorded but not kept as artifacts (artifacts \
-             are not in the database yet): drop ?session and ?collection",
-        ));
-    }
-    let cluster = given("cluster");
-    let label = name.clone();
     // The upgrade, session and collection are looked up once the body is in: a refusal sent
     // while the client still writes would reach it as a broken pipe, not as this answer.
     let run = receive(&s, &headers, body, &name, move |file| {
+        // Refused once the body is in until the server drains an unread body before answering
+        // (a CLI streaming its report got a broken pipe instead of this answer).
+        if artifacts.is_none() && session.is_some() {
+            return Err(eks_upgrade_agent::Error::InvalidInput(
+                "artifacts are off on this server (on a database they are kept in S3: start \
+                 it with --s3-bucket), so the report cannot be kept in a session: drop \
+                 ?session and ?collection to record the run without keeping the report"
+                    .into(),
+            ));
+        }
         let cluster = match cluster {
             Some(c) => c,
             None => tracker.upgrade(&upgrade)?.cluster_name,

@@ -234,6 +234,17 @@ async fn an_ingest_over_the_limit_is_413_and_stores_nothing() {
         .unwrap();
     let resp = router(s.clone()).oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // What the query alone refuses is refused before the body is read (not a 413 after it).
+    let (st, e) = send(
+        &s,
+        "POST",
+        "/api/v1/tests/ingest?upgrade=u1&phase=pre&collection=c1",
+        Some(("application/xml", &big)),
+    )
+    .await;
+    assert_eq!(e["error"]["code"], "invalid_input", "{st} {e}");
+    let m = e["error"]["message"].as_str().unwrap();
+    assert!(m.contains("add ?session=S"), "{m}");
     let (_, runs) = send(&s, "GET", "/api/v1/tests/runs", None).await;
     assert_eq!(runs, serde_json::json!([]));
     let (_, found) = send(&s, "GET", "/api/v1/artifacts", None).await;

@@ -554,6 +554,23 @@ impl TestArtifactsManager {
         opts: &AddOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Vec<TestArtifact>> {
+        let mut out = Vec::new();
+        self.add_paths_into(session_id, collection_id, paths, opts, progress, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`add_paths`](Self::add_paths) that pushes each indexed artifact to `out` as its batch
+    /// commits, so that a caller undoing a failed add knows what was committed before the
+    /// failure (a later batch's error leaves the earlier batches in `out`).
+    pub(crate) fn add_paths_into(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        paths: &[PathBuf],
+        opts: &AddOptions,
+        progress: &mut dyn FnMut(Progress),
+        out: &mut Vec<TestArtifact>,
+    ) -> Result<()> {
         self.check_target(session_id, collection_id)?;
         Self::check_options(opts)?;
         // Plan: every file and its name, checked before anything is stored.
@@ -567,7 +584,7 @@ impl TestArtifactsManager {
             ..Progress::default()
         };
         progress(p);
-        let mut out = Vec::with_capacity(plan.len());
+        out.reserve(plan.len());
         let mut batch = Vec::with_capacity(INDEX_BATCH.min(plan.len()));
         for (path, name, _) in plan {
             let mut source = Source {
@@ -600,7 +617,7 @@ impl TestArtifactsManager {
         if !batch.is_empty() {
             out.extend(self.index_batch(&batch)?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Stores many in-memory items and indexes them in one transaction (bulk loads).

@@ -165,6 +165,31 @@ impl Kept {
     }
 }
 
+/// Creates the session's `validation` collection; when a concurrent ingest (another replica)
+/// created it since this one looked, that collection is the answer (both ingests keep their
+/// reports in it, neither fails on the name).
+pub(crate) fn create_validation(a: &TestArtifactsManager, session_id: &str) -> Result<String> {
+    match a.create_collection(
+        session_id,
+        VALIDATION_COLLECTION,
+        Some("test reports (JUnit XML) of the upgrade's validation runs"),
+        None,
+    ) {
+        Ok(c) => Ok(c.collection_id),
+        Err(Error::AlreadyExists { .. }) => a
+            .collections(session_id)?
+            .into_iter()
+            .find(|c| c.name == VALIDATION_COLLECTION)
+            .map(|c| c.collection_id)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "collection {VALIDATION_COLLECTION:?} of session {session_id:?}"
+                ))
+            }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Test runs over a [`TestResultStore`].
 #[derive(Debug, Clone)]
 pub struct TestResults {
@@ -242,12 +267,29 @@ impl TestResults {
             digests.push(spool.parse_file(f, &ingest.label(i, f), &options)?.0);
         }
         let mut kept = Kept::default();
+        let mut run_artifacts = Vec::with_capacity(files.len());
         let recorded = (|| {
             if let Some((k, opts)) = &keep {
                 let (session, collection) = self.target(*k, ingest, &mut kept)?;
-                let added =
-                    k.artifacts
-                        .add_paths(&session, &collection, files, opts, &mut |_| {})?;
+                let mut added = Vec::with_capacity(files.len());
+                let adding = k.artifacts.add_paths_into(
+                    &session,
+                    &collection,
+                    files,
+                    opts,
+                    &mut |_| {},
+                    &mut added,
+                );
+                // Every row of this run that committed is undone on any failure below (or of
+                // a later batch of the add); an earlier run's artifact (same name and bytes)
+                // is not ours to delete.
+                kept.artifacts.extend(
+                    added
+                        .iter()
+                        .filter(|a| a.metadata.get("run_id") == Some(&serde_json::json!(run_id)))
+                        .map(|a| a.artifact_id.clone()),
+                );
+                adding?;
                 for (i, a) in added.into_iter().enumerate() {
                     let ours = a.metadata.get("run_id") == Some(&serde_json::json!(run_id));
                     let a = if ours {
@@ -270,7 +312,10 @@ impl TestResults {
                             opts,
                         )?
                     };
-                    kept.artifacts.push(a.artifact_id.clone());
+                    if !ours {
+                        kept.artifacts.push(a.artifact_id.clone());
+                    }
+                    run_artifacts.push(a.artifact_id.clone());
                     let d = &digests[i];
                     if a.file_hash.parse::<crate::blob::Digest>().ok().as_ref() != Some(d) {
                         return Err(Error::invalid(format!(
@@ -292,7 +337,7 @@ impl TestResults {
                     .enumerate()
                     .map(|(i, f)| ingest.label(i, f))
                     .collect(),
-                artifact_ids: kept.artifacts.clone(),
+                artifact_ids: run_artifacts.clone(),
             };
             self.store.record_run(&new, &mut |sink| spool.replay(sink))
         })();
@@ -360,15 +405,7 @@ impl TestResults {
                 .find(|c| c.name == VALIDATION_COLLECTION)
             {
                 Some(c) => c.collection_id,
-                None => {
-                    a.create_collection(
-                        &session.session_id,
-                        VALIDATION_COLLECTION,
-                        Some("test reports (JUnit XML) of the upgrade's validation runs"),
-                        None,
-                    )?
-                    .collection_id
-                }
+                None => create_validation(a, &session.session_id)?,
             },
         };
         Ok((session.session_id, collection))

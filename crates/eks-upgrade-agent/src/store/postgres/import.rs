@@ -16,6 +16,7 @@ pub(super) fn import_upgrade(
     tasks: &[Task],
     events: &[ProgressEvent],
 ) -> Result<u64> {
+    super::order::lock_upgrade_keys(tx)?;
     if upgrade_key(tx, &upgrade.upgrade_id).is_ok() {
         return Err(Error::AlreadyExists {
             what: format!("upgrade {:?}", upgrade.upgrade_id),

@@ -10,7 +10,9 @@
 //! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
 //!   `FOR UPDATE SKIP LOCKED` and a lease); `lease`: the lease conditions both queues share;
-//! - `schema`: versioned migrations (a `schema_version` table).
+//! - `schema`: versioned migrations (a `schema_version` table);
+//! - `order`: which keyset pages see rows that commit late, and the lock that makes upgrade
+//!   keys commit in order.
 //!
 //! Ordering across replicas: a transaction takes the one-row `seq_counter` (`UPDATE ...
 //! RETURNING`) as its last statement before `COMMIT`, so the row lock serializes commits only
@@ -24,6 +26,7 @@ mod history;
 mod import;
 mod lease;
 pub mod listen;
+mod order;
 mod outbox;
 pub mod progress;
 mod schema;
@@ -40,6 +43,8 @@ pub use progress::{PostgresOptions, PostgresStore};
 mod concurrency_tests;
 #[cfg(test)]
 mod outbox_tests;
+#[cfg(test)]
+mod paging_tests;
 #[cfg(test)]
 mod tls_tests;
 #[cfg(test)]

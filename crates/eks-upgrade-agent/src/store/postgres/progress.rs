@@ -1011,6 +1011,14 @@ fn execute_batch(
 ) -> Result<(Vec<Result<Committed>>, bool)> {
     let now = crate::model::now();
     let mut batch = Batch::default();
+    // Before any row lock (the lock order every transaction keeps): upgrade keys commit in
+    // key order, for clients paging the upgrade list (`order.rs`).
+    if commands
+        .iter()
+        .any(|c| matches!(c, Command::UpgradeCreate { .. }))
+    {
+        super::order::lock_upgrade_keys(tx)?;
+    }
     batch.prepare(tx, commands)?;
     let mut results: Vec<Result<Staged>> = Vec::with_capacity(commands.len());
     // One command needs no savepoint: a failure rolls the transaction back.

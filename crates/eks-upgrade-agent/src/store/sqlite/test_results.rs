@@ -841,6 +841,155 @@ mod tests {
         assert!(m.exists(&run.artifact_ids[0]).unwrap());
     }
 
+    /// A blob store whose puts fail from the `fail_at`-th on (1-based).
+    #[derive(Debug)]
+    struct FailingPuts {
+        inner: crate::blob::LocalBlobStore,
+        puts: std::sync::atomic::AtomicUsize,
+        fail_at: usize,
+    }
+
+    impl crate::blob::BlobStore for FailingPuts {
+        fn put(
+            &self,
+            reader: &mut dyn std::io::Read,
+            progress: &mut dyn FnMut(u64),
+        ) -> Result<crate::blob::BlobInfo> {
+            let n = 1 + self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n >= self.fail_at {
+                return Err(Error::Backend {
+                    message: "the bucket is unreachable (test)".into(),
+                    source: None,
+                });
+            }
+            self.inner.put(reader, progress)
+        }
+        fn open(&self, d: &crate::blob::Digest) -> Result<Box<dyn std::io::Read + Send>> {
+            self.inner.open(d)
+        }
+        fn exists(&self, d: &crate::blob::Digest) -> Result<bool> {
+            self.inner.exists(d)
+        }
+        fn size(&self, d: &crate::blob::Digest) -> Result<u64> {
+            self.inner.size(d)
+        }
+        fn delete(&self, d: &crate::blob::Digest) -> Result<bool> {
+            self.inner.delete(d)
+        }
+        fn list(&self, f: &mut dyn FnMut(crate::blob::BlobMeta) -> Result<()>) -> Result<()> {
+            self.inner.list(f)
+        }
+        fn delete_if_older(
+            &self,
+            d: &crate::blob::Digest,
+            cutoff: std::time::SystemTime,
+        ) -> Result<bool> {
+            self.inner.delete_if_older(d, cutoff)
+        }
+    }
+
+    /// A store whose artifacts manager's puts fail from the `fail_at`-th on.
+    fn failing_store(dir: &std::path::Path, fail_at: usize) -> (TestArtifactsManager, TestResults) {
+        let store = Arc::new(SqliteStore::open(dir, &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(FailingPuts {
+            inner: crate::blob::LocalBlobStore::open(&dir.join("blobs"), Default::default())
+                .unwrap(),
+            puts: Default::default(),
+            fail_at,
+        });
+        let m = TestArtifactsManager::new(store.clone(), blobs, Default::default());
+        (m, TestResults::new(store))
+    }
+
+    /// The artifacts of the store that are live.
+    fn live(m: &TestArtifactsManager) -> Vec<crate::model::TestArtifact> {
+        m.search(&crate::model::ArtifactQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.status != crate::model::ArtifactStatus::Deleted)
+        .collect()
+    }
+
+    /// T13: a failure after some of a run's files were indexed undoes every one of them: (1)
+    /// the second of two files is indexed and the first, an earlier run's name and bytes, cannot
+    /// be kept again under this run's name; (2) 257 files, the first batch of 256 indexed,
+    /// the last put fails. Nothing of the failed ingest stays live, no run is recorded.
+    #[test]
+    fn a_failure_after_some_files_were_indexed_leaves_none_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, r) = failing_store(dir.path(), 4);
+        let (a, b) = (dir.path().join("a.xml"), dir.path().join("b.xml"));
+        std::fs::write(&a, REPORT).unwrap();
+        std::fs::write(&b, REPORT.replace("health", "ready")).unwrap();
+        let first = r
+            .ingest(
+                std::slice::from_ref(&a),
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        // Puts 2 and 3 index a (the earlier run's artifact) and b; put 4, a kept again as this
+        // run's, fails.
+        let e = r
+            .ingest(
+                &[a, b],
+                &Ingest::new("u1", "prod", RunPhase::Post),
+                Some(keep(&m)),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("unreachable (test)"), "{e}");
+        let left: Vec<String> = live(&m).into_iter().map(|a| a.artifact_id).collect();
+        assert_eq!(
+            left, first.artifact_ids,
+            "a file of the failed ingest is live"
+        );
+        assert_eq!(r.runs(&RunQuery::default()).unwrap().len(), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (m, r) = failing_store(dir.path(), 257);
+        let files: Vec<_> = (0..257)
+            .map(|i| {
+                let f = dir.path().join(format!("r{i}.xml"));
+                std::fs::write(&f, REPORT.replace("health", &format!("t{i}"))).unwrap();
+                f
+            })
+            .collect();
+        let e = r
+            .ingest(
+                &files,
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("unreachable (test)"), "{e}");
+        assert!(live(&m).is_empty(), "the first batch is live");
+        assert!(m.sessions(None).unwrap().is_empty(), "the session was left");
+        assert!(r.runs(&RunQuery::default()).unwrap().is_empty());
+    }
+
+    /// T13: two ingests into one session that both find no `validation` collection both
+    /// create it; the one whose create loses (the name is taken) uses the other's collection
+    /// instead of failing.
+    #[test]
+    fn a_lost_race_to_create_the_validation_collection_uses_the_winners() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, _r) = kept_store(dir.path());
+        let s = m
+            .create_session(crate::artifacts::NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let won = crate::results::create_validation(&m, &s.session_id).unwrap();
+        let lost = crate::results::create_validation(&m, &s.session_id).unwrap();
+        assert_eq!(lost, won);
+        assert_eq!(m.collections(&s.session_id).unwrap().len(), 1);
+    }
+
     /// T14: a suite without a name is the empty suite, never the file's path: the same report
     /// written to another path (another name) holds the same tests.
     #[test]
