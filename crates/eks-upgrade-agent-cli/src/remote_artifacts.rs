@@ -404,10 +404,8 @@ impl Artifacts for RemoteArtifacts {
                 encode(&f.name)
             );
             let resp = self
-                .authorize(self.store.agent().post(self.url(&path)))
-                .header("Content-Type", "application/octet-stream")
-                .send(ureq::SendBody::from_reader(&mut reader))
-                .map_err(|e| self.unreachable(&e))?;
+                .store
+                .post_stream(&path, "application/octet-stream", &mut reader)?;
             let a: TestArtifact = self.store.answer(resp)?;
             p.bytes_done = base + a.file_size;
             p.files_done += 1;

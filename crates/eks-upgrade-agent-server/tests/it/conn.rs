@@ -314,3 +314,49 @@ async fn shutdown_closes_streams_after_the_grace_period() {
     .await;
     assert!(eof.is_ok(), "the SSE socket is closed");
 }
+
+/// TR2: an answer given before the body was read (here a refused query) drains a body of up
+/// to 1 MiB, so a client that sends it all reads the answer and the connection serves its next
+/// request; a body declared larger is answered at once with `Connection: close`.
+#[tokio::test]
+async fn a_refused_small_body_is_drained_and_a_large_one_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(state(dir.path())).await;
+    let head = |len: usize| {
+        format!(
+            "POST /api/v1/tests/ingest?upgrade=u&phase=bogus HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/xml\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let body = vec![b'x'; 1024 * 1024];
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(head(body.len()).as_bytes()).await.unwrap();
+    tcp.write_all(&body)
+        .await
+        .expect("the server reads the refused body");
+    let answer = response(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(answer.contains("phase"), "{answer}");
+    assert!(
+        !answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // The same connection answers the next request.
+    tcp.write_all(HEALTH).await.unwrap();
+    let next = response(&mut tcp).await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(head(64 * 1024 * 1024).as_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(&body[..1024]).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), response(&mut tcp))
+        .await
+        .expect("a large refused body is answered at once");
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}

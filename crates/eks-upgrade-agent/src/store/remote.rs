@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+mod stream;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -29,6 +31,7 @@ const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
 pub struct RemoteStore {
     base: String,
     token: Option<String>,
+    /// Reads the answer after a failed write of a body ([`stream`]).
     agent: ureq::Agent,
 }
 
@@ -64,12 +67,18 @@ impl RemoteStore {
                 "invalid server URL {url:?}: expected http://HOST:PORT or https://HOST"
             )));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_global(Some(Duration::from_secs(300)))
             .http_status_as_error(false)
-            .build()
-            .into();
+            .build();
+        use ureq::unversioned::transport::Connector as _;
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new()
+                .chain(stream::AnswerAfterWriteError),
+            ureq::unversioned::resolver::DefaultResolver::default(),
+        );
         Ok(RemoteStore {
             base: base.to_owned(),
             token: token.map(str::to_owned),
@@ -90,6 +99,27 @@ impl RemoteStore {
     /// The agent (shared connection pool) for other calls to the same server.
     pub fn agent(&self) -> &ureq::Agent {
         &self.agent
+    }
+
+    /// `POST {url}{path}` streaming `body` (with the token, if any), for uploads: when the
+    /// server answers and closes before reading it all (a refusal), the answer is returned, not
+    /// the failed write ("broken pipe"), as for every request of this store's agent. Read it
+    /// with [`RemoteStore::answer`].
+    pub fn post_stream(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &mut dyn std::io::Read,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", content_type);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        req.send(ureq::SendBody::from_reader(body))
+            .map_err(|e| self.unreachable(&e))
     }
 
     fn unreachable(&self, e: &ureq::Error) -> Error {
