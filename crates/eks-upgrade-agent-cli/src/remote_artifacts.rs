@@ -183,7 +183,7 @@ impl RemoteArtifacts {
 
     fn unreachable(&self, e: &ureq::Error) -> Error {
         Error::Backend {
-            message: format!("cannot reach the server at {}: {e}", self.store.url()),
+            message: format!("cannot reach the server at {}: {e}", self.store.shown_url()),
             source: None,
         }
     }
@@ -225,7 +225,10 @@ impl RemoteArtifacts {
 
     fn unreachable_status(&self) -> Error {
         Error::Backend {
-            message: format!("unexpected answer from the server at {}", self.store.url()),
+            message: format!(
+                "unexpected answer from the server at {}",
+                self.store.shown_url()
+            ),
             source: None,
         }
     }

@@ -30,6 +30,8 @@ const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
 /// A store behind a server.
 pub struct RemoteStore {
     base: String,
+    /// `base` with its password hidden, for messages.
+    shown: String,
     token: Option<String>,
     /// Reads the answer after a failed write of a body ([`stream`]).
     agent: ureq::Agent,
@@ -38,7 +40,7 @@ pub struct RemoteStore {
 impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore")
-            .field("base", &self.base)
+            .field("base", &self.shown)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -64,7 +66,8 @@ impl RemoteStore {
         let base = url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(Error::invalid(format!(
-                "invalid server URL {url:?}: expected http://HOST:PORT or https://HOST"
+                "invalid server URL {:?}: expected http://HOST:PORT or https://HOST",
+                crate::net::redact(url)
             )));
         }
         let config = ureq::Agent::config_builder()
@@ -81,6 +84,7 @@ impl RemoteStore {
         );
         Ok(RemoteStore {
             base: base.to_owned(),
+            shown: crate::net::redact(base),
             token: token.map(str::to_owned),
             agent,
         })
@@ -89,6 +93,11 @@ impl RemoteStore {
     /// The server's base URL.
     pub fn url(&self) -> &str {
         &self.base
+    }
+
+    /// The server's base URL with its password (if any) hidden, for messages.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// The bearer token, if any.
@@ -124,7 +133,7 @@ impl RemoteStore {
 
     fn unreachable(&self, e: &ureq::Error) -> Error {
         Error::Backend {
-            message: format!("cannot reach the server at {}: {e}", self.base),
+            message: format!("cannot reach the server at {}: {e}", self.shown),
             source: None,
         }
     }
@@ -175,7 +184,7 @@ impl RemoteStore {
             return Err(Error::Backend {
                 message: format!(
                     "the server at {} answered {} results for {} commands",
-                    self.base,
+                    self.shown,
                     answers.len(),
                     encoded.len()
                 ),
@@ -186,7 +195,7 @@ impl RemoteStore {
             .into_iter()
             .map(|mut a| match a.get_mut("ok") {
                 Some(ok) => serde_json::from_value(ok.take()).map_err(|e| Error::Backend {
-                    message: format!("unexpected answer from {}: {e}", self.base),
+                    message: format!("unexpected answer from {}: {e}", self.shown),
                     source: None,
                 }),
                 None => Err(self.error_of(200, &a["error"])),
@@ -208,7 +217,7 @@ impl RemoteStore {
             .map_err(|e| self.unreachable(&e))?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| Error::Backend {
-                message: format!("unexpected answer from {}: {e}", self.base),
+                message: format!("unexpected answer from {}: {e}", self.shown),
                 source: None,
             });
         }
@@ -233,15 +242,18 @@ impl RemoteStore {
                 Error::InvalidInput(message)
             }
             "unauthorized" | "forbidden" => Error::Backend {
-                message: format!("the server at {} refused the request: {message}", self.base),
+                message: format!(
+                    "the server at {} refused the request: {message}",
+                    self.shown
+                ),
                 source: None,
             },
             _ if message.is_empty() => Error::Backend {
-                message: format!("the server at {} answered {status}", self.base),
+                message: format!("the server at {} answered {status}", self.shown),
                 source: None,
             },
             _ => Error::Backend {
-                message: format!("the server at {} answered {status}: {message}", self.base),
+                message: format!("the server at {} answered {status}: {message}", self.shown),
                 source: None,
             },
         }
@@ -434,6 +446,25 @@ mod tests {
             !format!("{s:?}").contains("\"t\""),
             "the token is not printed"
         );
+    }
+
+    /// TR4: a server URL's password never reaches a message or `Debug`.
+    #[test]
+    fn server_urls_keep_their_passwords_out_of_messages() {
+        let s = RemoteStore::new("http://u:s3cr3t@127.0.0.1:1/", None).unwrap();
+        let e = s.last_seq().unwrap_err().to_string();
+        assert!(e.contains("http://u:***@127.0.0.1:1"), "{e}");
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+        assert_eq!(s.shown_url(), "http://u:***@127.0.0.1:1");
+        let e = s
+            .error_of(500, &serde_json::json!({"code":"internal"}))
+            .to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+        let e = RemoteStore::new("u:s3cr3t@h", None)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
     }
 
     #[test]
