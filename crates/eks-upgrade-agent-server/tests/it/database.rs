@@ -276,3 +276,53 @@ fn metrics_show_the_pool_the_listener_and_the_outbox_leases() {
     let text = get(&rt, &crate::util::state(dir.path()), "/metrics").1;
     assert!(!text.contains("eua_db_"), "{text}");
 }
+
+/// The last holders of a store (the server's state with its hub and listener, the store
+/// itself) dropped on a runtime thread: the postgres client owns a runtime of its own, which
+/// may not be dropped there. Everything else runs on the blocking pool, as the server does.
+async fn drop_the_last_store_in_async_code() {
+    let (pg, url) = tokio::task::spawn_blocking(|| {
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        (pg, url)
+    })
+    .await
+    .unwrap();
+    let u = url.clone();
+    let (state, db) = tokio::task::spawn_blocking(move || {
+        let state = replica(&u, ListenOptions::default(), NEVER);
+        let db = store(&u);
+        create_elsewhere(&db, "u1");
+        assert!(state.tracker.store().last_seq().unwrap() >= 1);
+        (state, db)
+    })
+    .await
+    .unwrap();
+    // Several clones, the last one dropped here.
+    let clones: Vec<_> = (0..3).map(|_| Arc::clone(&db)).collect();
+    drop(db);
+    drop(state);
+    drop(clones);
+    // The connections were closed by then: the database can be dropped at once.
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&pg.url("postgres"), postgres::NoTls).unwrap();
+        let name = url.rsplit('/').next().unwrap().to_owned();
+        c.batch_execute(&format!("DROP DATABASE {name}")).unwrap();
+        drop(c);
+        drop(pg);
+    })
+    .await
+    .unwrap();
+}
+
+/// TR5: on a current-thread runtime (a `#[tokio::test]`, `serve`'s CLI runtime alike).
+#[tokio::test(flavor = "current_thread")]
+async fn the_last_store_dropped_on_a_current_thread_runtime_does_not_panic() {
+    drop_the_last_store_in_async_code().await;
+}
+
+/// TR5: on a worker of a multi-thread runtime (the server's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_store_dropped_on_a_multi_thread_runtime_does_not_panic() {
+    drop_the_last_store_in_async_code().await;
+}
