@@ -417,13 +417,20 @@ fn serve_on_a_database_without_a_bucket_warns_and_turns_artifacts_off() {
         resp.starts_with("HTTP/1.1 404") && resp.contains("artifacts are not enabled"),
         "{resp}"
     );
-    assert!(healthz(port).starts_with("HTTP/1.1 200"), "{}", healthz(port));
+    assert!(
+        healthz(port).starts_with("HTTP/1.1 200"),
+        "{}",
+        healthz(port)
+    );
     served.child.kill().unwrap();
     let status = served.child.wait().unwrap();
     assert!(!status.success());
     let mut stdout = String::new();
     std::io::Read::read_to_string(&mut served.child.stdout.take().unwrap(), &mut stdout).unwrap();
-    assert!(!stdout.contains("warning"), "the warning goes to stderr: {stdout}");
+    assert!(
+        !stdout.contains("warning"),
+        "the warning goes to stderr: {stdout}"
+    );
     reader.join().unwrap();
     drop(pg);
 }
