@@ -43,12 +43,14 @@ fn userinfo_span(url: &str) -> Option<(usize, usize)> {
 }
 
 /// `url` with the password of its user info replaced by `***` (`https://user:***@host/`), for
-/// messages and logs; the rest is kept as given. A URL without a password is returned as is.
-pub(crate) fn redact(url: &str) -> String {
+/// messages and logs; a lone user info (`https://TOKEN@host/`, often a token) is replaced
+/// whole (`https://***@host/`). The rest is kept as given; a URL without user info is
+/// returned as is.
+pub fn redact(url: &str) -> String {
     match userinfo_span(url) {
         Some((start, end)) => match url[start..end].find(':') {
             Some(colon) => format!("{}***{}", &url[..start + colon + 1], &url[end..]),
-            None => url.to_owned(),
+            None => format!("{}***{}", &url[..start], &url[end..]),
         },
         None => url.to_owned(),
     }
@@ -71,7 +73,8 @@ mod tests {
             ),
             ("https://u:p:q@h/", "https://u:***@h/"),
             ("https://a@b:c@h:1/", "https://a@b:***@h:1/"),
-            ("http://only-user@h/", "http://only-user@h/"),
+            ("http://only-token@h/", "http://***@h/"),
+            ("https://ghp_T0KEN@h:1/x@y", "https://***@h:1/x@y"),
             ("https://h.example/x", "https://h.example/x"),
             // Unparsable, still hidden.
             ("http://u:s3cr3t@[bad/", "http://u:***@[bad/"),

@@ -57,7 +57,7 @@ impl std::fmt::Debug for S3Options {
         f.debug_struct("S3Options")
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.as_deref().map(crate::net::redact))
             .field("region", &self.region)
             .field(
                 "credentials",
@@ -721,6 +721,14 @@ mod tests {
             assert!(err.contains("u:***@") && !err.contains("s3cr3t"), "{err}");
         }
         assert!(check_endpoint("S3", "http://u:s3cr3t@127.0.0.1:9000").is_ok());
+        // Nor does Debug show them.
+        let options = S3Options {
+            bucket: "b".into(),
+            endpoint: Some("http://u:s3cr3t@127.0.0.1:9000".into()),
+            ..S3Options::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(shown.contains("u:***@127.0.0.1") && !shown.contains("s3cr3t"), "{shown}");
     }
 
     #[test]
