@@ -127,7 +127,9 @@ impl RemoteStore {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        req.send(ureq::SendBody::from_reader(body))
+        // Once a write fails, the body ends: the rest of the file is not read.
+        let mut body = stream::StopAfterWriteError::new(body);
+        req.send(ureq::SendBody::from_reader(&mut body))
             .map_err(|e| self.unreachable(&e))
     }
 
@@ -504,5 +506,62 @@ mod tests {
                 .contains("cannot reach the server at http://127.0.0.1:1"),
             "{e}"
         );
+    }
+
+    /// A body of zeros that counts what was read of it.
+    struct Counted {
+        left: u64,
+        read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+    impl std::io::Read for Counted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = (buf.len() as u64).min(self.left) as usize;
+            buf[..n].fill(0);
+            self.left -= n as u64;
+            self.read
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    /// A refused large upload: the answer comes once a write fails, without reading the rest
+    /// of the body (512 MiB here; a multi-GB file would take minutes).
+    #[test]
+    fn a_refused_large_upload_stops_reading_the_body() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let body = r#"{"error":{"code":"invalid_input","message":"unknown artifact type \"bogus\""}}"#;
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 422 Unprocessable Entity\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            // Closed with the body unread: the client's next writes fail.
+        });
+        let s = RemoteStore::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+        let total = 512u64 << 20;
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut body = Counted {
+            left: total,
+            read: read.clone(),
+        };
+        let resp = s
+            .post_stream("/api/v1/artifacts", "application/octet-stream", &mut body)
+            .unwrap();
+        let e = s.answer::<Value>(resp).unwrap_err().to_string();
+        server.join().unwrap();
+        assert!(e.contains("unknown artifact type"), "{e}");
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 64 << 20, "{read} bytes of {total} read");
     }
 }

@@ -6,8 +6,47 @@
 //! already in the socket's receive buffer. [`AnswerAfterWriteError`] wraps the connection: after
 //! such a write error it discards the rest of the body and lets ureq read the answer (what
 //! curl and urllib3 do). When no answer comes, the caller gets the write error.
+//!
+//! The body itself is read through [`StopAfterWriteError`], which ends it (EOF) once a write
+//! has failed, so the rest of a large file is not read (and thrown away) before the answer.
+//! The two meet through a flag of the sending thread: ureq reads the body and writes the
+//! connection on the thread that called `send`.
 
+use std::cell::Cell;
 use std::io;
+
+thread_local! {
+    /// Set by [`Forgiving`] when a write failed on this thread; read by [`StopAfterWriteError`].
+    static SENDING_FAILED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A request body that ends as soon as a write of this thread's request failed (the server
+/// stopped reading): the rest is not read. Clears the flag when created and dropped.
+pub(crate) struct StopAfterWriteError<'a> {
+    inner: &'a mut dyn io::Read,
+}
+
+impl<'a> StopAfterWriteError<'a> {
+    pub(crate) fn new(inner: &'a mut dyn io::Read) -> Self {
+        SENDING_FAILED.set(false);
+        StopAfterWriteError { inner }
+    }
+}
+
+impl io::Read for StopAfterWriteError<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if SENDING_FAILED.get() {
+            return Ok(0);
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl Drop for StopAfterWriteError<'_> {
+    fn drop(&mut self) {
+        SENDING_FAILED.set(false);
+    }
+}
 
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 
@@ -72,6 +111,7 @@ impl<T: Transport> Transport for Forgiving<T> {
             Err(e) => match peer_stopped_reading(&e) {
                 Some(kind) => {
                     self.write_error = Some(kind);
+                    SENDING_FAILED.set(true);
                     Ok(())
                 }
                 None => Err(e),
