@@ -70,6 +70,24 @@ impl RemoteStore {
                 crate::net::redact(url)
             )));
         }
+        // Credentials in the URL (a Basic header) and a bearer token travel in clear text over
+        // plain http: only to this machine.
+        let credentials = crate::net::has_credentials(base);
+        if crate::net::is_plain_http(base)
+            && (credentials || token.is_some())
+            && !crate::net::is_loopback(base)
+        {
+            return Err(Error::invalid(format!(
+                "refusing to send {} to the server at {} over plain http: use https:// (plain \
+                 http with credentials is only for localhost, 127.0.0.0/8, [::1])",
+                if credentials {
+                    "the URL's credentials"
+                } else {
+                    "the token (EUA_TOKEN)"
+                },
+                crate::net::redact(base)
+            )));
+        }
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_global(Some(Duration::from_secs(300)))
@@ -467,6 +485,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("s3cr3t"), "{e}");
+    }
+
+    /// Credentials or a token never travel over plain http beyond this machine.
+    #[test]
+    fn credentials_over_plain_http_only_to_loopback() {
+        for (url, token) in [
+            ("http://u:s3cr3t@eua.example.com", None),
+            ("http://s3cr3t@10.0.0.1:8080", None),
+            ("http://eua.example.com:8080", Some("s3cr3t")),
+            ("http://127.0.0.1.evil.example", Some("s3cr3t")),
+        ] {
+            let e = RemoteStore::new(url, token).unwrap_err().to_string();
+            assert!(
+                e.contains("over plain http") && e.contains("use https://"),
+                "{url}: {e}"
+            );
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
+        for (url, token) in [
+            ("https://u:s3cr3t@eua.example.com", Some("t")),
+            ("http://u:s3cr3t@127.0.0.1:1", Some("t")),
+            ("http://localhost:1", Some("t")),
+            ("http://[::1]:1", Some("t")),
+            ("http://eua.example.com:8080", None),
+        ] {
+            assert!(RemoteStore::new(url, token).is_ok(), "{url}");
+        }
     }
 
     #[test]
