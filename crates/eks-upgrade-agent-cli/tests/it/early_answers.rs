@@ -79,7 +79,7 @@ fn refusals_reach_a_cli_that_is_still_sending_the_body() {
         std::fs::copy(&file, &odd).unwrap();
         let file = file.to_str().unwrap();
         let odd = odd.to_str().unwrap();
-        let cases: [(&str, Vec<&str>, &str); 4] = [
+        let cases: [(&str, Vec<&str>, &str); 5] = [
             (
                 WRITE,
                 vec!["artifacts", "add", &s1, &c2, file],
@@ -100,6 +100,19 @@ fn refusals_reach_a_cli_that_is_still_sending_the_body() {
                 vec!["tests", "ingest", odd, "--upgrade", "u1", "--phase", "pre"],
                 "invalid file name",
             ),
+            (
+                WRITE,
+                vec![
+                    "tests",
+                    "ingest",
+                    file,
+                    "--upgrade",
+                    "nope",
+                    "--phase",
+                    "pre",
+                ],
+                "not found",
+            ),
         ];
         for (token, args, expected) in cases {
             let a = on(&url, token, &args);
@@ -113,6 +126,34 @@ fn refusals_reach_a_cli_that_is_still_sending_the_body() {
             assert!(
                 !lower.contains("broken pipe") && !lower.contains("reset"),
                 "{mib} MiB, {args:?}: {stderr}"
+            );
+        }
+    }
+    // A bad phase or artifact type never leaves the CLI (its arguments are typed): sent by
+    // the CLI's streaming client itself, they are refused by the server the same way.
+    let remote = eks_upgrade_agent::store::remote::RemoteStore::new(&url, Some(WRITE)).unwrap();
+    for mib in [1usize, 50] {
+        let body = vec![b'x'; mib * 1024 * 1024];
+        for (path, expected) in [
+            (
+                "/api/v1/tests/ingest?upgrade=u1&phase=bogus&name=r.xml",
+                "phase",
+            ),
+            (
+                &*format!("/api/v1/sessions/{s2}/collections/{c2}/artifacts?name=a.log&type=bogus"),
+                "type",
+            ),
+        ] {
+            let resp = remote
+                .post_stream(path, "application/octet-stream", &mut &body[..])
+                .unwrap_or_else(|e| panic!("{mib} MiB, {path}: {e}"));
+            let e = remote
+                .answer::<serde_json::Value>(resp)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(expected) && !e.to_lowercase().contains("broken pipe"),
+                "{mib} MiB, {path}: expected the server's error about {expected:?}, got: {e}"
             );
         }
     }

@@ -57,7 +57,10 @@ impl std::fmt::Debug for S3Options {
         f.debug_struct("S3Options")
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
-            .field("endpoint", &self.endpoint.as_deref().map(crate::net::redact))
+            .field(
+                "endpoint",
+                &self.endpoint.as_deref().map(crate::net::redact),
+            )
             .field("region", &self.region)
             .field(
                 "credentials",
@@ -728,7 +731,10 @@ mod tests {
             ..S3Options::default()
         };
         let shown = format!("{options:?}");
-        assert!(shown.contains("u:***@127.0.0.1") && !shown.contains("s3cr3t"), "{shown}");
+        assert!(
+            shown.contains("u:***@127.0.0.1") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
     }
 
     #[test]

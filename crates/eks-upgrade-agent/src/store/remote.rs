@@ -583,7 +583,8 @@ mod tests {
             while reader.read_line(&mut line).unwrap() > 2 {
                 line.clear();
             }
-            let body = r#"{"error":{"code":"invalid_input","message":"unknown artifact type \"bogus\""}}"#;
+            let body =
+                r#"{"error":{"code":"invalid_input","message":"unknown artifact type \"bogus\""}}"#;
             let mut conn = conn;
             write!(
                 conn,
