@@ -16,8 +16,30 @@ def q(s: str) -> str:
     return urllib.parse.quote(s, safe="")
 
 
+def _is_loopback(host: Optional[str]) -> bool:
+    import ipaddress
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Http:
     def __init__(self, base: str, token: Optional[str] = None, timeout: float = 60.0):
+        # A token or credentials in the URL travel in clear text over plain http: only to this
+        # machine (the rule of the Rust client, RemoteStore::new).
+        parts = urllib.parse.urlsplit(base)
+        creds = "@" in parts.netloc
+        if parts.scheme.lower() == "http" and (creds or token) and not _is_loopback(parts.hostname):
+            what = "the URL's credentials" if creds else "the token"
+            shown = base if not creds else f"{parts.scheme}://***@{parts.netloc.rsplit('@', 1)[1]}"
+            raise InvalidInputError(
+                f"refusing to send {what} to the server at {shown} over plain http: use https:// "
+                "(plain http with credentials is only for localhost, 127.0.0.0/8, [::1])")
         self.base = base.rstrip("/")
         self.token = token
         self.timeout = timeout

@@ -183,7 +183,7 @@ impl RemoteArtifacts {
 
     fn unreachable(&self, e: &ureq::Error) -> Error {
         Error::Backend {
-            message: format!("cannot reach the server at {}: {e}", self.store.url()),
+            message: format!("cannot reach the server at {}: {e}", self.store.shown_url()),
             source: None,
         }
     }
@@ -225,7 +225,10 @@ impl RemoteArtifacts {
 
     fn unreachable_status(&self) -> Error {
         Error::Backend {
-            message: format!("unexpected answer from the server at {}", self.store.url()),
+            message: format!(
+                "unexpected answer from the server at {}",
+                self.store.shown_url()
+            ),
             source: None,
         }
     }
@@ -293,10 +296,8 @@ impl RemoteArtifacts {
             encode(&f.name)
         );
         let resp = self
-            .authorize(self.store.agent().post(self.url(&path)))
-            .header("Content-Type", "application/octet-stream")
-            .send(ureq::SendBody::from_reader(&mut reader))
-            .map_err(|e| self.unreachable(&e))?;
+            .store
+            .post_stream(&path, "application/octet-stream", &mut reader)?;
         self.store.answer(resp)
     }
 
@@ -326,7 +327,7 @@ impl RemoteArtifacts {
             .ok_or_else(|| Error::Backend {
                 message: format!(
                     "the server at {} kept {} but recorded no test run: is it an older version?",
-                    self.store.url(),
+                    self.store.shown_url(),
                     f.name
                 ),
                 source: None,

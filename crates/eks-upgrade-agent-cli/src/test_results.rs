@@ -429,17 +429,8 @@ fn ingest_remote(
             ("collection", collection),
         ])
     );
-    let mut req = remote
-        .agent()
-        .post(format!("{}{path}", remote.url()))
-        .header("Content-Type", "application/xml");
-    if let Some(t) = remote.token() {
-        req = req.header("Authorization", &format!("Bearer {t}"));
-    }
     let mut reader = std::io::BufReader::with_capacity(256 * 1024, body);
-    let resp = req
-        .send(ureq::SendBody::from_reader(&mut reader))
-        .map_err(|e| anyhow::anyhow!("cannot reach the server at {}: {e}", remote.url()))?;
+    let resp = remote.post_stream(&path, "application/xml", &mut reader)?;
     remote
         .answer(resp)
         .context("cannot ingest the test results")

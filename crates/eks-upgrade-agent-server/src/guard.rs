@@ -86,7 +86,8 @@ impl Guard {
 
     /// Allows the host of `url` (any port unless the URL names one) and its origin.
     pub fn allow_public_url(&mut self, url: &str) -> Result<(), String> {
-        let bad = || format!("invalid public URL {url:?}: expected http(s)://HOST[:PORT][/PATH]");
+        let shown = eks_upgrade_agent::net::redact(url);
+        let bad = || format!("invalid public URL {shown:?}: expected http(s)://HOST[:PORT][/PATH]");
         let uri: Uri = url.trim().parse().map_err(|_| bad())?;
         let scheme = uri.scheme_str().ok_or_else(bad)?.to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
@@ -95,7 +96,7 @@ impl Guard {
         let authority = uri.authority().ok_or_else(bad)?;
         if authority.as_str().contains('@') {
             return Err(format!(
-                "invalid public URL {url:?}: it must not hold credentials"
+                "invalid public URL {shown:?}: it must not hold credentials"
             ));
         }
         self.hosts.push(HostRule {
@@ -304,6 +305,15 @@ mod tests {
         }
         for bad in ["ftp://x", "not a url", "https://u:p@x"] {
             assert!(Guard::from_specs(&[bad], &[], &[]).is_err(), "{bad}");
+        }
+        // A refused URL's password or token is not shown.
+        for (bad, shown) in [
+            ("https://u:s3cr3t@x", "u:***@x"),
+            ("https://s3cr3t@x", "***@x"),
+            ("ftp://u:s3cr3t@x", "u:***@x"),
+        ] {
+            let e = Guard::from_specs(&[bad], &[], &[]).unwrap_err();
+            assert!(e.contains(shown) && !e.contains("s3cr3t"), "{e}");
         }
         assert!(Guard::from_specs(&[], &["a b"], &[]).is_err());
         assert!(Guard::from_specs(&[], &[], &["https://x/path"]).is_err());

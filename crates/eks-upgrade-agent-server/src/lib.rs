@@ -49,6 +49,7 @@ pub mod auth;
 mod committer;
 mod conn;
 mod dashboard;
+mod drain;
 mod error;
 pub mod guard;
 pub mod hub;
@@ -402,6 +403,7 @@ pub fn router(state: AppState) -> Router {
             guard::check,
         ))
         .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(axum::middleware::from_fn(drain::drain_unread))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_spans::record,

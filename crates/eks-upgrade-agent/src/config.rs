@@ -76,7 +76,10 @@ impl std::fmt::Debug for NotifyConfig {
             .field("eventbridge_format", &self.eventbridge_format)
             .field("aws_region", &self.aws_region)
             .field("source", &self.source)
-            .field("webhook_url", &self.webhook_url)
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_deref().map(crate::net::redact),
+            )
             .field(
                 "webhook_secret",
                 &self.webhook_secret.as_ref().map(|_| "<hidden>"),
@@ -267,6 +270,23 @@ fn default_data_dir_from(xdg: Option<PathBuf>, home: Option<PathBuf>) -> PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TR4: `Debug` of the settings shows no URL password (webhook, OTLP endpoint).
+    #[test]
+    fn debug_hides_url_passwords() {
+        let n = NotifyConfig {
+            webhook_url: Some("https://u:s3cr3t@hooks.example.com/h".into()),
+            otlp: crate::notify::otlp::OtlpSettings {
+                endpoint: Some("https://u:s3cr3t@collector.example/v1/traces".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let shown = format!("{n:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("u:***@hooks.example.com"), "{shown}");
+        assert!(shown.contains("u:***@collector.example"), "{shown}");
+    }
 
     #[test]
     fn data_dir_follows_xdg_then_home() {

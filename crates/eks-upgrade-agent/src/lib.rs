@@ -39,7 +39,7 @@ pub mod config;
 pub mod conformance;
 pub mod error;
 pub mod model;
-pub(crate) mod net;
+pub mod net;
 pub mod notify;
 pub mod progress;
 pub mod results;

@@ -8,6 +8,7 @@ mod completion;
 mod crash;
 mod dashboard;
 mod delivery;
+mod early_answers;
 mod eta;
 mod eventbridge;
 mod help;

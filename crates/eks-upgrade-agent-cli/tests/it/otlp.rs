@@ -676,8 +676,10 @@ fn one_shot_stderr_holds_no_otlp_secret() {
         ),
         (
             "t2",
-            format!("http://alice:hunter2@127.0.0.1:{port}/private/v1/traces?token=s3cr3t"),
-            "refusing plain http to the OTLP endpoint otlp:127.0.0.1:",
+            // Loopback is judged on the host alone: credentials over plain http are refused
+            // beyond this machine.
+            format!("http://alice:hunter2@collector.invalid:{port}/private/v1/traces?token=s3cr3t"),
+            "refusing plain http to the OTLP endpoint otlp:collector.invalid:",
         ),
     ] {
         for action in ["start", "complete"] {

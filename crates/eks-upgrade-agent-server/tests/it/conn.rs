@@ -14,7 +14,7 @@ use crate::util::*;
 const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
 /// Reads one response head and its (small, Content-Length) body.
-async fn response(tcp: &mut TcpStream) -> String {
+async fn response(tcp: &mut (impl AsyncReadExt + Unpin)) -> String {
     let mut buf = vec![0u8; 4096];
     let mut text = String::new();
     while !(text.contains("\r\n\r\n") && text.ends_with('}')) {
@@ -313,4 +313,121 @@ async fn shutdown_closes_streams_after_the_grace_period() {
     })
     .await;
     assert!(eof.is_ok(), "the SSE socket is closed");
+}
+
+/// TR2: an answer given before the body was read (here a refused query) drains a body of up
+/// to 1 MiB, so a client that sends it all reads the answer and the connection serves its next
+/// request; a body declared larger is answered at once with `Connection: close`.
+#[tokio::test]
+async fn a_refused_small_body_is_drained_and_a_large_one_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(state(dir.path())).await;
+    let head = |len: usize| {
+        format!(
+            "POST /api/v1/tests/ingest?upgrade=u&phase=bogus HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/xml\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let body = vec![b'x'; 1024 * 1024];
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(head(body.len()).as_bytes()).await.unwrap();
+    tcp.write_all(&body)
+        .await
+        .expect("the server reads the refused body");
+    let answer = response(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(answer.contains("phase"), "{answer}");
+    assert!(
+        !answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // The same connection answers the next request.
+    tcp.write_all(HEALTH).await.unwrap();
+    let next = response(&mut tcp).await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(head(64 * 1024 * 1024).as_bytes())
+        .await
+        .unwrap();
+    tcp.write_all(&body[..1024]).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), response(&mut tcp))
+        .await
+        .expect("a large refused body is answered at once");
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}
+
+/// TR2 with chunked bodies (the CLI's uploads are all chunked: it never sets a length): a
+/// small one is drained and the connection serves the next request; one over 1 MiB is answered
+/// with `Connection: close`; a trickled one that never ends is answered within the 2 s budget.
+#[tokio::test]
+async fn refused_chunked_bodies_are_drained_up_to_the_limit_and_the_time_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(state(dir.path())).await;
+    const HEAD: &[u8] = b"POST /api/v1/tests/ingest?upgrade=u&phase=bogus HTTP/1.1\r\n\
+        Host: 127.0.0.1\r\nContent-Type: application/xml\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunk = |n: usize| {
+        let mut c = format!("{n:x}\r\n").into_bytes();
+        c.extend(std::iter::repeat_n(b'x', n));
+        c.extend_from_slice(b"\r\n");
+        c
+    };
+
+    // 512 KiB in 64 KiB chunks: drained, the connection stays.
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(HEAD).await.unwrap();
+    for _ in 0..8 {
+        tcp.write_all(&chunk(64 * 1024)).await.unwrap();
+    }
+    tcp.write_all(b"0\r\n\r\n").await.unwrap();
+    let answer = response(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(
+        !answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    tcp.write_all(HEALTH).await.unwrap();
+    let next = response(&mut tcp).await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+
+    // 4 MiB: more than the limit, answered with Connection: close.
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(HEAD).await;
+        for _ in 0..64 {
+            if wr.write_all(&chunk(64 * 1024)).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(5), response(&mut rd))
+        .await
+        .expect("a large refused chunked body is answered");
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    drop(writer.await);
+
+    // A trickle that never ends: answered once the 2 s budget is spent, not never.
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(HEAD).await.unwrap();
+    tcp.write_all(&chunk(1024)).await.unwrap();
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(6), response(&mut tcp))
+        .await
+        .expect("a trickled refused body is answered within the drain budget");
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -102,6 +102,7 @@ fn streams_poll_while_the_listening_connection_is_down() {
         &url,
         ListenOptions {
             reconnect_after: NEVER,
+            ..ListenOptions::default()
         },
         NEVER,
     );
@@ -127,6 +128,7 @@ fn the_listening_connection_comes_back_and_wakes_streams_again() {
         &url,
         ListenOptions {
             reconnect_after: Duration::from_millis(100),
+            ..ListenOptions::default()
         },
         NEVER,
     );
@@ -275,4 +277,214 @@ fn metrics_show_the_pool_the_listener_and_the_outbox_leases() {
     let dir = tempfile::tempdir().unwrap();
     let text = get(&rt, &crate::util::state(dir.path()), "/metrics").1;
     assert!(!text.contains("eua_db_"), "{text}");
+}
+
+/// The last holders of a store (the server's state with its hub and listener, the store
+/// itself) dropped on a runtime thread: the postgres client owns a runtime of its own, which
+/// may not be dropped there. Everything else runs on the blocking pool, as the server does.
+async fn drop_the_last_store_in_async_code() {
+    let (pg, url) = tokio::task::spawn_blocking(|| {
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        (pg, url)
+    })
+    .await
+    .unwrap();
+    let u = url.clone();
+    let (state, db) = tokio::task::spawn_blocking(move || {
+        let state = replica(&u, ListenOptions::default(), NEVER);
+        let db = store(&u);
+        create_elsewhere(&db, "u1");
+        assert!(state.tracker.store().last_seq().unwrap() >= 1);
+        (state, db)
+    })
+    .await
+    .unwrap();
+    // Several clones, the last one dropped here.
+    let clones: Vec<_> = (0..3).map(|_| Arc::clone(&db)).collect();
+    drop(db);
+    drop(state);
+    drop(clones);
+    // The connections were closed by then: the database can be dropped at once.
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&pg.url("postgres"), postgres::NoTls).unwrap();
+        let name = url.rsplit('/').next().unwrap().to_owned();
+        c.batch_execute(&format!("DROP DATABASE {name}")).unwrap();
+        drop(c);
+        drop(pg);
+    })
+    .await
+    .unwrap();
+}
+
+/// TR5: on a current-thread runtime (a `#[tokio::test]`, `serve`'s CLI runtime alike).
+#[tokio::test(flavor = "current_thread")]
+async fn the_last_store_dropped_on_a_current_thread_runtime_does_not_panic() {
+    drop_the_last_store_in_async_code().await;
+}
+
+/// TR5: on a worker of a multi-thread runtime (the server's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_store_dropped_on_a_multi_thread_runtime_does_not_panic() {
+    drop_the_last_store_in_async_code().await;
+}
+
+/// A TCP proxy to PostgreSQL whose listening connections (told apart by their startup
+/// message's `application_name`) can die silently: their server side ends, while the client's
+/// socket stays open and nothing arrives on it, as after a NAT timeout or a failover without a
+/// reset; the first bytes the client sends then get its socket closed. Other connections, and
+/// those made later, pass through.
+struct SilentProxy {
+    port: u16,
+    listeners: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl SilentProxy {
+    fn start(upstream: u16) -> SilentProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let accept = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = accept.local_addr().unwrap().port();
+        let listeners: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let all = Arc::clone(&listeners);
+        // Ends with the test process (blocked in accept).
+        std::thread::spawn(move || {
+            for client in accept.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let dead = Arc::new(AtomicBool::new(false));
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (all, d) = (Arc::clone(&all), Arc::clone(&dead));
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    // The startup message comes first, or after an SSL request.
+                    let mut early_reads = 3;
+                    loop {
+                        let n = match c_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if early_reads > 0 {
+                            early_reads -= 1;
+                            let needle = LISTEN_APPLICATION.as_bytes();
+                            if buf[..n].windows(needle.len()).any(|w| w == needle) {
+                                all.lock().unwrap().push(Arc::clone(&d));
+                                early_reads = 0;
+                            }
+                        }
+                        if d.load(Ordering::Acquire) {
+                            // The peer is gone: whatever is sent now meets a closed socket.
+                            let _ = c_in.shutdown(Shutdown::Both);
+                            break;
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(Shutdown::Both);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if dead.load(Ordering::Acquire) {
+                            continue; // lost on the way
+                        }
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    if !dead.load(Ordering::Acquire) {
+                        let _ = c_out.shutdown(Shutdown::Both);
+                    }
+                    // A dead connection's client socket stays open: silence, no end.
+                    drop(c_out);
+                });
+            }
+        });
+        SilentProxy { port, listeners }
+    }
+
+    /// From now on, the listening connections open so far hear nothing more.
+    fn silence_listeners(&self) -> usize {
+        let all = self.listeners.lock().unwrap();
+        for d in all.iter() {
+            d.store(true, std::sync::atomic::Ordering::Release);
+        }
+        all.len()
+    }
+}
+
+fn next_event_within(
+    rt: &tokio::runtime::Runtime,
+    sub: &mut Subscription,
+    within: Duration,
+) -> Arc<HubEvent> {
+    rt.block_on(async {
+        match tokio::time::timeout(within, sub.next_live()).await {
+            Ok(Some(Item::Event(e))) => e,
+            Ok(other) => panic!("expected an event, got {other:?}"),
+            Err(_) => panic!("no event within {within:?}"),
+        }
+    })
+}
+
+/// TR6: a listening connection that dies silently (its backend terminated, nothing reaching
+/// the client: no error, no end of stream) is found by the probe (set to 300 ms here; 30 s
+/// by default): the stream, which polls hourly while `LISTEN` looks up, gets the next event
+/// within seconds by polling, and the listener connects again and wakes it by notification.
+#[test]
+fn a_listening_connection_that_died_silently_is_found_by_the_probe() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let port: u16 = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .unwrap();
+    let proxy = SilentProxy::start(port);
+    let proxied = url.replacen(&format!(":{port}/"), &format!(":{}/", proxy.port), 1);
+    let rt = runtime();
+    let state = replica(
+        &proxied,
+        ListenOptions {
+            reconnect_after: Duration::from_secs(2),
+            probe: Duration::from_millis(300),
+        },
+        NEVER,
+    );
+    let listen = Arc::clone(&state.database.as_ref().unwrap().listen);
+    wait_until("listening", || listen.connected());
+    let mut sub = subscribe(&rt, &state);
+    let other = store(&url);
+    create_elsewhere(&other, "u1");
+    assert_eq!(next_event(&rt, &mut sub).upgrade_id, "u1");
+    assert_eq!(proxy.silence_listeners(), 1);
+    assert_eq!(pg.terminate_connections(LISTEN_APPLICATION), 1);
+    let heard = listen.notifications();
+    create_elsewhere(&other, "u2");
+    // No notification comes and the connection looks alive: only the probe can tell.
+    let e = next_event_within(&rt, &mut sub, Duration::from_secs(5));
+    assert_eq!(e.upgrade_id, "u2");
+    assert_eq!(
+        listen.notifications(),
+        heard,
+        "nothing was heard on the dead connection"
+    );
+    wait_until("listening again", || {
+        listen.connects() == 2 && listen.connected()
+    });
+    create_elsewhere(&other, "u3");
+    assert_eq!(next_event(&rt, &mut sub).upgrade_id, "u3");
+    assert!(
+        listen.notifications() > heard,
+        "woken by notification again"
+    );
 }

@@ -57,7 +57,10 @@ impl std::fmt::Debug for S3Options {
         f.debug_struct("S3Options")
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
-            .field("endpoint", &self.endpoint)
+            .field(
+                "endpoint",
+                &self.endpoint.as_deref().map(crate::net::redact),
+            )
             .field("region", &self.region)
             .field(
                 "credentials",
@@ -91,14 +94,15 @@ pub(crate) use crate::net::{is_loopback, is_plain_http};
 
 /// Checks an AWS endpoint URL: it parses, and uses plain http only towards loopback.
 pub(crate) fn check_endpoint(what: &str, e: &str) -> Result<()> {
+    let shown = crate::net::redact(e);
     if url::Url::parse(e).is_err() {
         return Err(Error::invalid(format!(
-            "invalid {what} endpoint {e:?}: expected a URL such as https://s3.example.com"
+            "invalid {what} endpoint {shown:?}: expected a URL such as https://s3.example.com"
         )));
     }
     if is_plain_http(e) && !is_loopback(e) {
         return Err(Error::invalid(format!(
-            "refusing plain http to {e}: only loopback endpoints (localhost, 127.0.0.0/8, \
+            "refusing plain http to {shown}: only loopback endpoints (localhost, 127.0.0.0/8, \
              [::1]) may use http"
         )));
     }
@@ -712,6 +716,27 @@ mod tests {
     use super::*;
     use crate::test_support::Moto;
 
+    /// TR4: an endpoint's password never reaches the refusal (S3 and EventBridge share it).
+    #[test]
+    fn endpoint_refusals_hide_passwords() {
+        for e in ["http://u:s3cr3t@s3.example.com", "http://u:s3cr3t@[s3"] {
+            let err = check_endpoint("S3", e).unwrap_err().to_string();
+            assert!(err.contains("u:***@") && !err.contains("s3cr3t"), "{err}");
+        }
+        assert!(check_endpoint("S3", "http://u:s3cr3t@127.0.0.1:9000").is_ok());
+        // Nor does Debug show them.
+        let options = S3Options {
+            bucket: "b".into(),
+            endpoint: Some("http://u:s3cr3t@127.0.0.1:9000".into()),
+            ..S3Options::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(
+            shown.contains("u:***@127.0.0.1") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn loopback_detection() {
         for yes in [
@@ -721,6 +746,9 @@ mod tests {
             "http://LOCALHOST",
             "http://[::1]:9",
             "http://[::1]",
+            // Loopback is about the host: user info does not change it.
+            "http://user:pw@127.0.0.1:9000",
+            "http://user@localhost/",
         ] {
             assert!(is_loopback(yes), "{yes}");
         }
@@ -732,7 +760,6 @@ mod tests {
             "http://localhost.evil:9000",
             "http://127.0.0.1@evil.example",
             "http://127.0.0.1:9000@evil.example/",
-            "http://user:pw@127.0.0.1:9000",
             "http://evil.example#@127.0.0.1",
             "http://evil.example?127.0.0.1",
             "http://[::2]:9",

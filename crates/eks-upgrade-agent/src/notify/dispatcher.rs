@@ -178,8 +178,9 @@ impl Dispatcher {
             let again = std::thread::scope(|scope| {
                 let (stop, stopped) = mpsc::channel::<()>();
                 if let Some(lease) = self.outbox.lease() {
-                    let (outbox, held, name) = (self.outbox.as_ref(), &held, sink.name());
-                    scope.spawn(move || renew_claims(outbox, name, held, lease, &stopped));
+                    let (outbox, held) = (self.outbox.as_ref(), &held);
+                    let (name, label) = (sink.name(), sink.label());
+                    scope.spawn(move || renew_claims(outbox, name, label, held, lease, &stopped));
                 }
                 let again = self.deliver_claimed(sink, &due, &mut report, &held);
                 drop(stop);
@@ -418,10 +419,13 @@ impl Drop for DispatcherHandle {
 const MAX_ERROR: usize = 1024;
 
 /// `error` cut to [`MAX_ERROR`] bytes (on a character boundary), marked when cut.
-/// Renews the claims in `held` every third of `lease` until `stop` is dropped.
+/// Renews the claims in `held` every third of `lease` until `stop` is dropped. `sink` is the
+/// sink's name (the outbox key; a webhook's or OTLP endpoint's full URL, credentials included),
+/// `label` what a log may show of it.
 fn renew_claims(
     outbox: &dyn Outbox,
     sink: &str,
+    label: &str,
     held: &Mutex<Vec<u64>>,
     lease: Duration,
     stop: &mpsc::Receiver<()>,
@@ -430,7 +434,7 @@ fn renew_claims(
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
         let nids = held.lock().map(|h| h.clone()).unwrap_or_default();
         if let Err(e) = outbox.renew(sink, &nids) {
-            tracing::warn!(sink, error = %e, "cannot renew the claims on notifications");
+            tracing::warn!(sink = label, error = %e, "cannot renew the claims on notifications");
         }
     }
 }
@@ -460,5 +464,98 @@ mod clip_tests {
             cut.len()
         );
         assert!(cut.ends_with("… (cut)"));
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use std::sync::{Arc, Mutex, mpsc};
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+
+    use crate::error::{Error, Result};
+    use crate::store::{DeliveryOutcome, Outbox};
+
+    /// An outbox whose renewals fail (a database blip).
+    #[derive(Debug)]
+    struct Blip;
+    impl Outbox for Blip {
+        fn ingest(&self, _: &str) -> Result<u64> {
+            Ok(0)
+        }
+        fn due(
+            &self,
+            _: &str,
+            _: DateTime<Utc>,
+            _: usize,
+        ) -> Result<Vec<(crate::notify::Notification, u32)>> {
+            Ok(Vec::new())
+        }
+        fn record(&self, _: &str, _: &[(u64, DeliveryOutcome)]) -> Result<()> {
+            Ok(())
+        }
+        fn sink_status(&self, _: &str) -> Result<crate::notify::SinkStatus> {
+            Err(Error::invalid("unused"))
+        }
+        fn renew(&self, _: &str, _: &[u64]) -> Result<u64> {
+            Err(Error::invalid("connection lost"))
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A failed renewal logs the sink's label, never its name (a webhook's full URL, with its
+    /// password and secret path).
+    #[test]
+    fn a_failed_renewal_logs_the_label_not_the_url() {
+        let sink = crate::notify::WebhookSink::new(
+            "https://user:s3cr3t@hooks.example.com/secret-path",
+            None,
+            crate::notify::Format::default(),
+            "test",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        use crate::notify::EventSink as _;
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let (stop, stopped) = mpsc::channel::<()>();
+            let held = Mutex::new(vec![1u64]);
+            // The subscriber is this thread's: renew here, stop from another thread.
+            let stopper = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                drop(stop);
+            });
+            super::renew_claims(
+                &Blip,
+                sink.name(),
+                sink.label(),
+                &held,
+                Duration::from_millis(30),
+                &stopped,
+            );
+            stopper.join().unwrap();
+        });
+        let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(log.contains("cannot renew the claims"), "{log}");
+        assert!(log.contains(sink.label()), "{log}");
+        assert!(!log.contains("s3cr3t"), "{log}");
+        assert!(!log.contains("secret-path"), "{log}");
     }
 }

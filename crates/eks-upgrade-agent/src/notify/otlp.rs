@@ -97,7 +97,10 @@ pub struct OtlpSettings {
 impl fmt::Debug for OtlpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OtlpSettings")
-            .field("endpoint", &self.endpoint)
+            .field(
+                "endpoint",
+                &self.endpoint.as_deref().map(crate::net::redact),
+            )
             .field(
                 "headers",
                 &self
@@ -596,14 +599,15 @@ impl OtlpExporter {
                 "no OTLP endpoint: set --otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT",
             ));
         };
+        let shown = crate::net::redact(url);
         let parsed = url::Url::parse(url).map_err(|_| {
             Error::invalid(format!(
-                "invalid OTLP endpoint {url:?}: expected a URL such as https://collector.example.com:4318"
+                "invalid OTLP endpoint {shown:?}: expected a URL such as https://collector.example.com:4318"
             ))
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(Error::invalid(format!(
-                "invalid OTLP endpoint {url:?}: expected http:// or https://"
+                "invalid OTLP endpoint {shown:?}: expected http:// or https://"
             )));
         }
         if crate::net::is_plain_http(url) && !crate::net::is_loopback(url) {
@@ -1394,6 +1398,15 @@ mod tests {
         assert!(e.contains("expected http:// or https://"), "{e}");
         let e = mk("not a url", vec![]).unwrap_err().to_string();
         assert!(e.contains("invalid OTLP endpoint"), "{e}");
+        // TR4: a password in the endpoint is never shown.
+        for url in ["ftp://u:s3cr3t@x/v1/traces", "http://u:s3cr3t@[x/v1/traces"] {
+            let e = mk(url, vec![]).unwrap_err().to_string();
+            assert!(e.contains("u:***@") && !e.contains("s3cr3t"), "{e}");
+        }
+        let e = mk("http://u:s3cr3t@collector.example:4318/v1/traces", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use https") && !e.contains("s3cr3t"), "{e}");
         let e = mk(
             "https://c.example/v1/traces",
             vec![("bad name".into(), "v".into())],

@@ -66,7 +66,20 @@ impl WebhookSink {
     ) -> crate::Result<WebhookSink> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(crate::Error::invalid(format!(
-                "invalid webhook URL {url:?}: expected http:// or https://"
+                "invalid webhook URL {:?}: expected http:// or https://",
+                crate::net::redact(url)
+            )));
+        }
+        // Credentials in the URL travel as a Basic Authorization header: in clear text over
+        // plain http, readable by anyone on the path.
+        if crate::net::is_plain_http(url)
+            && crate::net::has_credentials(url)
+            && !crate::net::is_loopback(url)
+        {
+            return Err(crate::Error::invalid(format!(
+                "refusing to send the credentials of webhook URL {} over plain http: use \
+                 https:// (plain http with credentials is only for localhost, 127.0.0.0/8, [::1])",
+                crate::net::redact(url)
             )));
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -156,6 +169,37 @@ mod tests {
         .unwrap();
         assert!(!format!("{sink:?}").contains("s3cr3t"));
         assert!(!sink.label().contains("s3cr3t"));
+    }
+
+    /// TR3: credentials in a webhook URL never travel over plain http beyond this machine,
+    /// and the refusal names https without showing the password.
+    #[test]
+    fn plain_http_with_credentials_is_refused_beyond_loopback() {
+        let new =
+            |url: &str| WebhookSink::new(url, None, Format::Reference, "s", Duration::from_secs(1));
+        for refused in [
+            "http://user:s3cr3t@hooks.example.com/h",
+            "http://user:s3cr3t@10.0.0.1:8080/h",
+            "http://user:s3cr3t@127.0.0.1.evil.example/h",
+            "http://s3cr3t@hooks.example.com/h",
+        ] {
+            let e = new(refused).unwrap_err().to_string();
+            assert!(
+                e.contains("over plain http") && e.contains("use https://"),
+                "{refused}: {e}"
+            );
+            assert!(!e.contains("s3cr3t") && e.contains("***@"), "{e}");
+        }
+        for allowed in [
+            "https://user:s3cr3t@hooks.example.com/h",
+            "http://user:s3cr3t@127.0.0.1:9/h",
+            "http://user:s3cr3t@localhost:9/h",
+            "http://hooks.example.com/h",
+        ] {
+            assert!(new(allowed).is_ok(), "{allowed}");
+        }
+        let e = new("ftp://user:s3cr3t@h/").unwrap_err().to_string();
+        assert!(e.contains("user:***@h") && !e.contains("s3cr3t"), "{e}");
     }
 
     #[test]

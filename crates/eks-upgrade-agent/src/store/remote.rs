@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+mod stream;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -28,14 +30,17 @@ const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
 /// A store behind a server.
 pub struct RemoteStore {
     base: String,
+    /// `base` with its password hidden, for messages.
+    shown: String,
     token: Option<String>,
+    /// Reads the answer after a failed write of a body ([`stream`]).
     agent: ureq::Agent,
 }
 
 impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore")
-            .field("base", &self.base)
+            .field("base", &self.shown)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -61,17 +66,43 @@ impl RemoteStore {
         let base = url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(Error::invalid(format!(
-                "invalid server URL {url:?}: expected http://HOST:PORT or https://HOST"
+                "invalid server URL {:?}: expected http://HOST:PORT or https://HOST",
+                crate::net::redact(url)
             )));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        // Credentials in the URL (a Basic header) and a bearer token travel in clear text over
+        // plain http: only to this machine.
+        let credentials = crate::net::has_credentials(base);
+        if crate::net::is_plain_http(base)
+            && (credentials || token.is_some())
+            && !crate::net::is_loopback(base)
+        {
+            return Err(Error::invalid(format!(
+                "refusing to send {} to the server at {} over plain http: use https:// (plain \
+                 http with credentials is only for localhost, 127.0.0.0/8, [::1])",
+                if credentials {
+                    "the URL's credentials"
+                } else {
+                    "the token (EUA_TOKEN)"
+                },
+                crate::net::redact(base)
+            )));
+        }
+        let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_global(Some(Duration::from_secs(300)))
             .http_status_as_error(false)
-            .build()
-            .into();
+            .build();
+        use ureq::unversioned::transport::Connector as _;
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new()
+                .chain(stream::AnswerAfterWriteError),
+            ureq::unversioned::resolver::DefaultResolver::default(),
+        );
         Ok(RemoteStore {
             base: base.to_owned(),
+            shown: crate::net::redact(base),
             token: token.map(str::to_owned),
             agent,
         })
@@ -80,6 +111,11 @@ impl RemoteStore {
     /// The server's base URL.
     pub fn url(&self) -> &str {
         &self.base
+    }
+
+    /// The server's base URL with its password (if any) hidden, for messages.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// The bearer token, if any.
@@ -92,9 +128,32 @@ impl RemoteStore {
         &self.agent
     }
 
+    /// `POST {url}{path}` streaming `body` (with the token, if any), for uploads: when the
+    /// server answers and closes before reading it all (a refusal), the answer is returned, not
+    /// the failed write ("broken pipe"), as for every request of this store's agent. Read it
+    /// with [`RemoteStore::answer`].
+    pub fn post_stream(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &mut dyn std::io::Read,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", content_type);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        // Once a write fails, the body ends: the rest of the file is not read.
+        let mut body = stream::StopAfterWriteError::new(body);
+        req.send(ureq::SendBody::from_reader(&mut body))
+            .map_err(|e| self.unreachable(&e))
+    }
+
     fn unreachable(&self, e: &ureq::Error) -> Error {
         Error::Backend {
-            message: format!("cannot reach the server at {}: {e}", self.base),
+            message: format!("cannot reach the server at {}: {e}", self.shown),
             source: None,
         }
     }
@@ -145,7 +204,7 @@ impl RemoteStore {
             return Err(Error::Backend {
                 message: format!(
                     "the server at {} answered {} results for {} commands",
-                    self.base,
+                    self.shown,
                     answers.len(),
                     encoded.len()
                 ),
@@ -156,7 +215,7 @@ impl RemoteStore {
             .into_iter()
             .map(|mut a| match a.get_mut("ok") {
                 Some(ok) => serde_json::from_value(ok.take()).map_err(|e| Error::Backend {
-                    message: format!("unexpected answer from {}: {e}", self.base),
+                    message: format!("unexpected answer from {}: {e}", self.shown),
                     source: None,
                 }),
                 None => Err(self.error_of(200, &a["error"])),
@@ -178,7 +237,7 @@ impl RemoteStore {
             .map_err(|e| self.unreachable(&e))?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| Error::Backend {
-                message: format!("unexpected answer from {}: {e}", self.base),
+                message: format!("unexpected answer from {}: {e}", self.shown),
                 source: None,
             });
         }
@@ -203,15 +262,18 @@ impl RemoteStore {
                 Error::InvalidInput(message)
             }
             "unauthorized" | "forbidden" => Error::Backend {
-                message: format!("the server at {} refused the request: {message}", self.base),
+                message: format!(
+                    "the server at {} refused the request: {message}",
+                    self.shown
+                ),
                 source: None,
             },
             _ if message.is_empty() => Error::Backend {
-                message: format!("the server at {} answered {status}", self.base),
+                message: format!("the server at {} answered {status}", self.shown),
                 source: None,
             },
             _ => Error::Backend {
-                message: format!("the server at {} answered {status}: {message}", self.base),
+                message: format!("the server at {} answered {status}: {message}", self.shown),
                 source: None,
             },
         }
@@ -406,6 +468,52 @@ mod tests {
         );
     }
 
+    /// TR4: a server URL's password never reaches a message or `Debug`.
+    #[test]
+    fn server_urls_keep_their_passwords_out_of_messages() {
+        let s = RemoteStore::new("http://u:s3cr3t@127.0.0.1:1/", None).unwrap();
+        let e = s.last_seq().unwrap_err().to_string();
+        assert!(e.contains("http://u:***@127.0.0.1:1"), "{e}");
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+        assert_eq!(s.shown_url(), "http://u:***@127.0.0.1:1");
+        let e = s
+            .error_of(500, &serde_json::json!({"code":"internal"}))
+            .to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+        let e = RemoteStore::new("u:s3cr3t@h", None)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+    }
+
+    /// Credentials or a token never travel over plain http beyond this machine.
+    #[test]
+    fn credentials_over_plain_http_only_to_loopback() {
+        for (url, token) in [
+            ("http://u:s3cr3t@eua.example.com", None),
+            ("http://s3cr3t@10.0.0.1:8080", None),
+            ("http://eua.example.com:8080", Some("s3cr3t")),
+            ("http://127.0.0.1.evil.example", Some("s3cr3t")),
+        ] {
+            let e = RemoteStore::new(url, token).unwrap_err().to_string();
+            assert!(
+                e.contains("over plain http") && e.contains("use https://"),
+                "{url}: {e}"
+            );
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
+        for (url, token) in [
+            ("https://u:s3cr3t@eua.example.com", Some("t")),
+            ("http://u:s3cr3t@127.0.0.1:1", Some("t")),
+            ("http://localhost:1", Some("t")),
+            ("http://[::1]:1", Some("t")),
+            ("http://eua.example.com:8080", None),
+        ] {
+            assert!(RemoteStore::new(url, token).is_ok(), "{url}");
+        }
+    }
+
     #[test]
     fn api_errors_become_library_errors() {
         let s = RemoteStore::new("http://127.0.0.1:1", None).unwrap();
@@ -443,5 +551,63 @@ mod tests {
                 .contains("cannot reach the server at http://127.0.0.1:1"),
             "{e}"
         );
+    }
+
+    /// A body of zeros that counts what was read of it.
+    struct Counted {
+        left: u64,
+        read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+    impl std::io::Read for Counted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = (buf.len() as u64).min(self.left) as usize;
+            buf[..n].fill(0);
+            self.left -= n as u64;
+            self.read
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    /// A refused large upload: the answer comes once a write fails, without reading the rest
+    /// of the body (512 MiB here; a multi-GB file would take minutes).
+    #[test]
+    fn a_refused_large_upload_stops_reading_the_body() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let body =
+                r#"{"error":{"code":"invalid_input","message":"unknown artifact type \"bogus\""}}"#;
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 422 Unprocessable Entity\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            // Closed with the body unread: the client's next writes fail.
+        });
+        let s = RemoteStore::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+        let total = 512u64 << 20;
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut body = Counted {
+            left: total,
+            read: read.clone(),
+        };
+        let resp = s
+            .post_stream("/api/v1/artifacts", "application/octet-stream", &mut body)
+            .unwrap();
+        let e = s.answer::<Value>(resp).unwrap_err().to_string();
+        server.join().unwrap();
+        assert!(e.contains("unknown artifact type"), "{e}");
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 64 << 20, "{read} bytes of {total} read");
     }
 }

@@ -59,6 +59,56 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// The connection pool of a [`PostgresStore`](super::PostgresStore), safe to drop anywhere.
+///
+/// Each `postgres::Client` drives its connection on a runtime of its own and blocks on it to
+/// close; on a thread that drives an async runtime (a tokio worker, a `#[tokio::test]`, any
+/// async task holding the last `Arc` of a store: server state, hub, dispatcher, uploader,
+/// stream) that panics ("cannot start a runtime from within a runtime"), and a panic in a drop
+/// aborts. So the pool's last handle is dropped on a thread of its own (`eua-pg-close`),
+/// joined: the connections are closed when the store's drop returns, wherever it ran.
+pub(crate) struct Pool(Option<r2d2::Pool<Manager>>);
+
+impl Pool {
+    pub(crate) fn new(pool: r2d2::Pool<Manager>) -> Pool {
+        Pool(Some(pool))
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
+
+impl std::ops::Deref for Pool {
+    type Target = r2d2::Pool<Manager>;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `drop` takes it.
+        self.0.as_ref().expect("the pool is there until drop")
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let Some(pool) = self.0.take() else { return };
+        match std::thread::Builder::new()
+            .name("eua-pg-close".into())
+            .spawn(move || drop(pool))
+        {
+            Ok(closer) => {
+                if closer.join().is_err() {
+                    tracing::warn!("closing the database connections failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to close the database connections")
+            }
+        }
+    }
+}
+
 /// Makes [`Conn`]s for the pool.
 #[derive(Debug)]
 pub(crate) struct Manager {

@@ -20,12 +20,21 @@ pub const LISTEN_APPLICATION: &str = "eks-upgrade-agent-listen";
 pub struct ListenOptions {
     /// Pause before connecting again after the connection dropped or could not be made.
     pub reconnect_after: Duration,
+    /// How often a quiet listening connection is probed with an empty query (and how long it
+    /// stays idle before TCP keepalives start, at least 1 s): a connection that died silently
+    /// (a NAT timeout, a failover without a reset) is found within about this long, not after
+    /// the kernel's hours. Default [`DEFAULT_PROBE`].
+    pub probe: Duration,
 }
+
+/// Default of [`ListenOptions::probe`]: 30 s.
+pub const DEFAULT_PROBE: Duration = Duration::from_secs(30);
 
 impl Default for ListenOptions {
     fn default() -> Self {
         ListenOptions {
             reconnect_after: Duration::from_secs(1),
+            probe: DEFAULT_PROBE,
         }
     }
 }
@@ -107,11 +116,6 @@ impl PostgresStore {
 /// How often the thread looks at its stop channel while waiting for notifications.
 const CHECK_STOP: Duration = Duration::from_millis(200);
 
-/// How often a quiet listening connection is probed with an empty query, and how long it
-/// stays idle before TCP keepalives start: a connection that died silently (a NAT timeout, a
-/// failover without a reset) is found within about this long, not after the kernel's hours.
-const PROBE: Duration = Duration::from_secs(30);
-
 fn run(
     target: &Target,
     url: &str,
@@ -127,7 +131,9 @@ fn run(
         )
     };
     let mut config = target.config.clone();
-    config.keepalives(true).keepalives_idle(PROBE);
+    config
+        .keepalives(true)
+        .keepalives_idle(options.probe.max(Duration::from_secs(1)));
     loop {
         let mut client = match target.tls.connect(&config).and_then(|mut c| {
             c.batch_execute(&format!("LISTEN {EVENTS_CHANNEL}"))?;
@@ -178,7 +184,7 @@ fn run(
                 Ok(None)
                     if began.elapsed() < CHECK_STOP / 2
                         || client.is_closed()
-                        || probed.elapsed() >= PROBE =>
+                        || probed.elapsed() >= options.probe =>
                 {
                     probed = std::time::Instant::now();
                     if let Err(e) = client.simple_query("") {

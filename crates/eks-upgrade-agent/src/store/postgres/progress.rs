@@ -39,7 +39,8 @@ pub const EVENTS_CHANNEL: &str = "eua_events";
 
 /// The PostgreSQL backend. Cheap to share behind an `Arc`; every replica opens its own.
 pub struct PostgresStore {
-    pool: r2d2::Pool<Manager>,
+    /// Dropped off any async runtime (see [`super::connect::Pool`]).
+    pool: super::connect::Pool,
     url: String,
     /// This store's name in work leases (outbox deliveries): unique per open.
     instance: String,
@@ -98,11 +99,13 @@ impl PostgresStore {
         let target = super::connect::Target { config, tls };
         let manager = Manager::new(target.config.clone(), target.tls.clone());
         let last_error = std::sync::Arc::clone(&manager.last_error);
-        let pool = r2d2::Pool::builder()
-            .max_size(options.pool_size.max(1))
-            .min_idle(Some(1))
-            .connection_timeout(options.connect_timeout)
-            .build_unchecked(manager);
+        let pool = super::connect::Pool::new(
+            r2d2::Pool::builder()
+                .max_size(options.pool_size.max(1))
+                .min_idle(Some(1))
+                .connection_timeout(options.connect_timeout)
+                .build_unchecked(manager),
+        );
         // Wait for the first connection here, so a failure says why (the pool's own error
         // keeps only the outermost message).
         pool.get().map_err(|e| {
