@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.error
+import os
 import urllib.parse
 import urllib.request
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -34,12 +35,15 @@ class Http:
         # machine (the rule of the Rust client, RemoteStore::new).
         parts = urllib.parse.urlsplit(base)
         creds = "@" in parts.netloc
-        if parts.scheme.lower() == "http" and (creds or token) and not _is_loopback(parts.hostname):
+        allow = os.environ.get("EUA_ALLOW_PLAIN_HTTP", "") in ("1", "true")
+        if (parts.scheme.lower() == "http" and (creds or token) and not allow
+                and not _is_loopback(parts.hostname)):
             what = "the URL's credentials" if creds else "the token"
             shown = base if not creds else f"{parts.scheme}://***@{parts.netloc.rsplit('@', 1)[1]}"
             raise InvalidInputError(
                 f"refusing to send {what} to the server at {shown} over plain http: use https:// "
-                "(plain http with credentials is only for localhost, 127.0.0.0/8, [::1])")
+                "(plain http with credentials is only for localhost, 127.0.0.0/8, [::1]; set "
+                "EUA_ALLOW_PLAIN_HTTP=1 if the network encrypts the hop, e.g. a service mesh)")
         self.base = base.rstrip("/")
         self.token = token
         self.timeout = timeout

@@ -14,12 +14,17 @@ from eks_upgrade_agent.errors import InvalidInputError
     ("http://eua.example.com:8080", "s3cr3t"),
     ("http://127.0.0.1.evil.example", "s3cr3t"),
 ])
-def test_plain_http_with_credentials_is_refused_beyond_loopback(url, token):
+def test_plain_http_with_credentials_is_refused_beyond_loopback(url, token, monkeypatch):
+    monkeypatch.delenv("EUA_ALLOW_PLAIN_HTTP", raising=False)
     with pytest.raises(InvalidInputError) as e:
         Http(url, token)
     msg = str(e.value)
     assert "over plain http" in msg and "use https://" in msg, msg
     assert "s3cr3t" not in msg, msg
+    assert "EUA_ALLOW_PLAIN_HTTP=1" in msg, msg
+    # The explicit opt-out (an encrypted hop underneath, e.g. a service mesh) lets it through.
+    monkeypatch.setenv("EUA_ALLOW_PLAIN_HTTP", "1")
+    Http(url, token)
 
 
 @pytest.mark.parametrize("url,token", [

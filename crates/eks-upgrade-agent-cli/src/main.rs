@@ -337,7 +337,12 @@ impl Ctx {
             .first()
             .cloned()
             .or_else(|| std::env::var("EUA_TOKEN").ok().filter(|t| !t.is_empty()));
-        Ok(Some(Arc::new(RemoteStore::new(url, token.as_deref())?)))
+        let remote = if allow_plain_http()? {
+            RemoteStore::new_allowing_plain_http(url, token.as_deref())?
+        } else {
+            RemoteStore::new(url, token.as_deref())?
+        };
+        Ok(Some(Arc::new(remote)))
     }
 
     /// Where progress lives: the local store, or the server's with `--server`.
@@ -625,5 +630,33 @@ mod tests {
             words.push(word);
         }
         words
+    }
+}
+
+/// `EUA_ALLOW_PLAIN_HTTP=1`: a token or credentials may go to `--server` over plain http beyond
+/// loopback (the hop is encrypted underneath, e.g. by a service mesh).
+fn allow_plain_http() -> anyhow::Result<bool> {
+    parse_allow_plain_http(std::env::var("EUA_ALLOW_PLAIN_HTTP").ok().as_deref())
+}
+
+fn parse_allow_plain_http(value: Option<&str>) -> anyhow::Result<bool> {
+    match value {
+        None | Some("") | Some("0") | Some("false") => Ok(false),
+        Some("1") | Some("true") => Ok(true),
+        Some(other) => anyhow::bail!("EUA_ALLOW_PLAIN_HTTP must be 1 or 0, not {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod allow_plain_http_tests {
+    #[test]
+    fn the_opt_out_takes_one_or_zero() {
+        let allow = super::parse_allow_plain_http;
+        assert!(allow(Some("1")).unwrap() && allow(Some("true")).unwrap());
+        for off in [None, Some(""), Some("0"), Some("false")] {
+            assert!(!allow(off).unwrap(), "{off:?}");
+        }
+        let e = allow(Some("yes please")).unwrap_err().to_string();
+        assert!(e.contains("EUA_ALLOW_PLAIN_HTTP must be 1 or 0"), "{e}");
     }
 }

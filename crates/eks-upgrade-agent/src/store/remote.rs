@@ -62,7 +62,22 @@ pub fn encode(s: &str) -> String {
 impl RemoteStore {
     /// The store of the server at `url` (e.g. `http://127.0.0.1:8080`), with an optional bearer
     /// token.
+    ///
+    /// A token or credentials in the URL are refused over plain `http://` to a host other than
+    /// loopback; [`RemoteStore::new_allowing_plain_http`] lifts that (a service mesh or a
+    /// private network that encrypts the hop).
     pub fn new(url: &str, token: Option<&str>) -> Result<RemoteStore> {
+        Self::connect(url, token, false)
+    }
+
+    /// As [`RemoteStore::new`], but a token or credentials may go over plain `http://` to any
+    /// host (the CLI's `EUA_ALLOW_PLAIN_HTTP=1`): for a hop that is encrypted underneath, such
+    /// as a service mesh's mTLS inside a cluster.
+    pub fn new_allowing_plain_http(url: &str, token: Option<&str>) -> Result<RemoteStore> {
+        Self::connect(url, token, true)
+    }
+
+    fn connect(url: &str, token: Option<&str>, allow_plain_http: bool) -> Result<RemoteStore> {
         let base = url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(Error::invalid(format!(
@@ -73,13 +88,15 @@ impl RemoteStore {
         // Credentials in the URL (a Basic header) and a bearer token travel in clear text over
         // plain http: only to this machine.
         let credentials = crate::net::has_credentials(base);
-        if crate::net::is_plain_http(base)
+        if !allow_plain_http
+            && crate::net::is_plain_http(base)
             && (credentials || token.is_some())
             && !crate::net::is_loopback(base)
         {
             return Err(Error::invalid(format!(
                 "refusing to send {} to the server at {} over plain http: use https:// (plain \
-                 http with credentials is only for localhost, 127.0.0.0/8, [::1])",
+                 http with credentials is only for localhost, 127.0.0.0/8, [::1]; set \
+                 EUA_ALLOW_PLAIN_HTTP=1 if the network encrypts the hop, e.g. a service mesh)",
                 if credentials {
                     "the URL's credentials"
                 } else {
@@ -502,6 +519,10 @@ mod tests {
                 "{url}: {e}"
             );
             assert!(!e.contains("s3cr3t"), "{e}");
+            assert!(e.contains("EUA_ALLOW_PLAIN_HTTP=1"), "{url}: {e}");
+            // The explicit opt-out (an encrypted hop underneath) lets it through.
+            let s = RemoteStore::new_allowing_plain_http(url, token).unwrap();
+            assert!(!format!("{s:?}").contains("s3cr3t"));
         }
         for (url, token) in [
             ("https://u:s3cr3t@eua.example.com", Some("t")),
