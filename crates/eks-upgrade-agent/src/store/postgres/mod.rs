@@ -19,6 +19,7 @@
 
 mod artifacts;
 mod connect;
+mod copy;
 mod health;
 mod history;
 mod import;

@@ -11,6 +11,7 @@
 //! - `schema`: versioned migrations.
 
 mod artifacts;
+mod copy;
 mod history;
 mod import;
 mod outbox;

@@ -1,0 +1,191 @@
+//! `store copy` on SQLite: the store read in one read transaction (a snapshot), or written in
+//! one write transaction (see `store/copy.rs`). A source without the per-task event chain (a
+//! database) gets it rebuilt as its events arrive in `seq` order: each event's
+//! `prev_task_seq` is its task's `last_event_seq` so far.
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ToSql, Transaction};
+
+use super::SqliteStore;
+use crate::error::{Error, Result};
+use crate::store::copy::{
+    Cell, CopySource, CopyStore, CopyTarget, Kind, Row, TABLES, Table, refuse_non_empty,
+};
+
+impl ToSql for Cell {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Cell::Null | Cell::Absent => ToSqlOutput::Borrowed(ValueRef::Null),
+            Cell::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
+            Cell::Real(v) => ToSqlOutput::Borrowed(ValueRef::Real(*v)),
+            Cell::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Cell::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        })
+    }
+}
+
+fn cell(v: ValueRef<'_>, kind: Kind, table: &str, column: &str) -> Result<Cell> {
+    Ok(match (v, kind) {
+        (ValueRef::Null, _) => Cell::Null,
+        (ValueRef::Integer(i), Kind::Int) => Cell::Int(i),
+        (ValueRef::Integer(i), Kind::Real) => Cell::Real(i as f64),
+        (ValueRef::Real(f), Kind::Real) => Cell::Real(f),
+        (ValueRef::Text(t), Kind::Text) => Cell::Text(String::from_utf8_lossy(t).into_owned()),
+        (ValueRef::Blob(b), Kind::Bytes | Kind::Uuid) => Cell::Bytes(b.to_vec()),
+        (v, kind) => {
+            return Err(Error::Backend {
+                message: format!(
+                    "{table}.{column} holds a {:?} where a {kind:?} belongs",
+                    v.data_type()
+                ),
+                source: None,
+            });
+        }
+    })
+}
+
+/// Row counts of the tables a user made that hold rows.
+fn non_empty(c: &Connection) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for t in TABLES.iter().filter(|t| t.user_data) {
+        let n: i64 = c.query_row(&format!("SELECT count(*) FROM {}", t.name), [], |r| r.get(0))?;
+        if n > 0 {
+            out.push((t.name.to_owned(), n as u64));
+        }
+    }
+    Ok(out)
+}
+
+struct Source<'c> {
+    c: &'c Connection,
+}
+
+impl CopySource for Source<'_> {
+    fn page(&mut self, table: &Table, after: Option<&[Cell]>, limit: usize) -> Result<Vec<Row>> {
+        let cols: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+        let keys = table.key.join(", ");
+        let mut sql = format!("SELECT {} FROM {}", cols.join(", "), table.name);
+        if after.is_some() {
+            let marks: Vec<String> = (1..=table.key.len()).map(|i| format!("?{i}")).collect();
+            sql.push_str(&format!(" WHERE ({keys}) > ({})", marks.join(", ")));
+        }
+        sql.push_str(&format!(" ORDER BY {keys} LIMIT {limit}"));
+        let mut stmt = self.c.prepare_cached(&sql)?;
+        let mut rows = match after {
+            Some(key) => stmt.query(rusqlite::params_from_iter(key.iter()))?,
+            None => stmt.query([])?,
+        };
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut row = Vec::with_capacity(cols.len());
+            for (i, c) in table.columns.iter().enumerate() {
+                row.push(cell(r.get_ref(i)?, c.kind, table.name, c.name)?);
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    fn count(&mut self, table: &Table) -> Result<u64> {
+        let n: i64 = self.c.query_row(
+            &format!("SELECT count(*) FROM {}", table.name),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+}
+
+struct Target<'t, 'c> {
+    tx: &'t Transaction<'c>,
+}
+
+impl CopyTarget for Target<'_, '_> {
+    fn insert(&mut self, table: &Table, rows: &[Row]) -> Result<()> {
+        for row in rows {
+            // The columns the source had (an absent one takes its default, or is derived).
+            let present: Vec<usize> = (0..table.columns.len())
+                .filter(|&i| row[i] != Cell::Absent)
+                .collect();
+            let names: Vec<&str> = present.iter().map(|&i| table.columns[i].name).collect();
+            let mut values: Vec<String> = (1..=present.len()).map(|i| format!("?{i}")).collect();
+            let mut extra_names = Vec::new();
+            let chain = table.name == "events" && row[col(table, "prev_task_seq")] == Cell::Absent;
+            if chain {
+                let tkey = present
+                    .iter()
+                    .position(|&i| table.columns[i].name == "tkey")
+                    .expect("events have a tkey");
+                extra_names.push("prev_task_seq");
+                values.push(format!(
+                    "(SELECT nullif(last_event_seq, 0) FROM tasks WHERE tkey = ?{})",
+                    tkey + 1
+                ));
+            }
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                table.name,
+                names
+                    .iter()
+                    .chain(extra_names.iter())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                values.join(", ")
+            );
+            self.tx
+                .prepare_cached(&sql)?
+                .execute(rusqlite::params_from_iter(present.iter().map(|&i| &row[i])))?;
+            if chain && row[col(table, "tkey")] != Cell::Null {
+                self.tx
+                    .prepare_cached("UPDATE tasks SET last_event_seq = ?1 WHERE tkey = ?2")?
+                    .execute([&row[col(table, "seq")], &row[col(table, "tkey")]])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        // `seq` and the keys are rowids: the next ones follow the largest copied. Names enter
+        // the trigram index.
+        super::artifacts::index_names(self.tx, true)
+    }
+}
+
+fn col(table: &Table, name: &str) -> usize {
+    table
+        .columns
+        .iter()
+        .position(|c| c.name == name)
+        .expect("a column of the table")
+}
+
+impl CopyStore for SqliteStore {
+    fn identity(&self) -> Result<String> {
+        let path = std::fs::canonicalize(self.path())
+            .map_err(|e| Error::backend(format!("cannot resolve {}", self.path().display()), e))?;
+        Ok(format!("sqlite {}", path.display()))
+    }
+
+    fn non_empty(&self) -> Result<Vec<(String, u64)>> {
+        self.read(non_empty)
+    }
+
+    fn read_snapshot(&self, f: &mut dyn FnMut(&mut dyn CopySource) -> Result<()>) -> Result<()> {
+        self.read(|c| {
+            // One read transaction: every page sees the same commit.
+            c.execute_batch("BEGIN")?;
+            let out = f(&mut Source { c });
+            let end = c.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+            out?;
+            Ok(end?)
+        })
+    }
+
+    fn write_all(&self, f: &mut dyn FnMut(&mut dyn CopyTarget) -> Result<()>) -> Result<()> {
+        self.write(|tx| {
+            refuse_non_empty(non_empty(tx)?)?;
+            f(&mut Target { tx })
+        })
+    }
+}
