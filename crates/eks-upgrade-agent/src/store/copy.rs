@@ -479,7 +479,12 @@ fn copy_bytes(table: &Table, rows: &[Row], blobs: &Blobs, report: &mut CopyRepor
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+
     use super::*;
+    use crate::store::ProgressStore;
+    use crate::store::domain::command::Command;
+    use crate::store::sqlite::{SqliteOptions, SqliteStore};
 
     #[test]
     fn every_key_is_a_column_and_only_sqlite_columns_are_never_keys() {
@@ -487,7 +492,137 @@ mod tests {
             for i in t.key_indexes() {
                 assert_eq!(t.columns[i].only, Only::Both, "{}", t.name);
             }
-            assert!(t.columns.len() * PAGE <= 65_535 * 1000, "{}", t.name);
+            // A PostgreSQL page insert binds one parameter per cell: at most 65,535.
+            assert!(t.columns.len() * PAGE <= 65_535, "{}", t.name);
         }
+    }
+
+    /// The largest page each side saw, and how many pages of events the source gave.
+    #[derive(Default)]
+    struct Seen {
+        largest_read: usize,
+        largest_insert: usize,
+        event_pages: usize,
+    }
+
+    /// A store that records the pages going through it.
+    struct Watched<'a> {
+        store: &'a SqliteStore,
+        seen: &'a RefCell<Seen>,
+    }
+
+    struct WatchedSource<'a, 'b> {
+        inner: &'b mut dyn CopySource,
+        seen: &'a RefCell<Seen>,
+    }
+
+    impl CopySource for WatchedSource<'_, '_> {
+        fn page(&mut self, t: &Table, after: Option<&[Cell]>, limit: usize) -> Result<Vec<Row>> {
+            let rows = self.inner.page(t, after, limit)?;
+            let mut seen = self.seen.borrow_mut();
+            seen.largest_read = seen.largest_read.max(rows.len());
+            seen.event_pages += usize::from(t.name == "events");
+            Ok(rows)
+        }
+        fn count(&mut self, t: &Table) -> Result<u64> {
+            self.inner.count(t)
+        }
+    }
+
+    struct WatchedTarget<'a, 'b> {
+        inner: &'b mut dyn CopyTarget,
+        seen: &'a RefCell<Seen>,
+    }
+
+    impl CopyTarget for WatchedTarget<'_, '_> {
+        fn insert(&mut self, t: &Table, rows: &[Row]) -> Result<()> {
+            let mut seen = self.seen.borrow_mut();
+            seen.largest_insert = seen.largest_insert.max(rows.len());
+            drop(seen);
+            self.inner.insert(t, rows)
+        }
+        fn finish(&mut self) -> Result<()> {
+            self.inner.finish()
+        }
+    }
+
+    impl CopyStore for Watched<'_> {
+        fn identity(&self) -> Result<String> {
+            self.store.identity()
+        }
+        fn non_empty(&self) -> Result<Vec<(String, u64)>> {
+            self.store.non_empty()
+        }
+        fn read_snapshot(
+            &self,
+            f: &mut dyn FnMut(&mut dyn CopySource) -> Result<()>,
+        ) -> Result<()> {
+            self.store.read_snapshot(&mut |inner| {
+                f(&mut WatchedSource {
+                    inner,
+                    seen: self.seen,
+                })
+            })
+        }
+        fn write_all(&self, f: &mut dyn FnMut(&mut dyn CopyTarget) -> Result<()>) -> Result<()> {
+            self.store.write_all(&mut |inner| {
+                f(&mut WatchedTarget {
+                    inner,
+                    seen: self.seen,
+                })
+            })
+        }
+    }
+
+    fn command(json: serde_json::Value) -> Command {
+        serde_json::from_value(json).unwrap()
+    }
+
+    /// Memory stays flat: a copy holds one page of one table at a time, whatever the size of
+    /// the tables (events here span several pages).
+    #[test]
+    fn a_copy_reads_and_writes_bounded_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = SqliteStore::open(&dir.path().join("a"), &SqliteOptions::default()).unwrap();
+        let mut commands = vec![
+            command(serde_json::json!({"op": "upgrade.create", "upgrade_id": "u",
+                "plan_id": "p", "cluster_name": "k"})),
+            command(serde_json::json!({"op": "task.add", "upgrade_id": "u", "task_id": "t",
+                "name": "T", "task_type": "upgrade_step"})),
+        ];
+        for k in 0..2 * PAGE + 500 {
+            commands.push(command(serde_json::json!({"op": "task.update", "upgrade_id": "u",
+                "task_id": "t", "percentage": (k % 100) as f64})));
+        }
+        for r in from.execute(&commands).unwrap() {
+            r.unwrap();
+        }
+        let events = from.counts().unwrap()[2].1;
+        assert!(events > 2 * PAGE as u64, "{events}");
+        let to = SqliteStore::open(&dir.path().join("b"), &SqliteOptions::default()).unwrap();
+        let seen = RefCell::new(Seen::default());
+        let blobs = Blobs {
+            from: Err("no blobs".into()),
+            to: Err("no blobs".into()),
+        };
+        let report = copy(
+            &Watched {
+                store: &from,
+                seen: &seen,
+            },
+            &Watched {
+                store: &to,
+                seen: &seen,
+            },
+            &blobs,
+            &mut NoProgress,
+        )
+        .unwrap();
+        let seen = seen.into_inner();
+        assert_eq!(seen.largest_read, PAGE);
+        assert_eq!(seen.largest_insert, PAGE);
+        assert_eq!(seen.event_pages, (events as usize).div_ceil(PAGE));
+        assert_eq!(report.tables[2], ("events".to_owned(), events));
+        assert_eq!(to.counts().unwrap(), from.counts().unwrap());
     }
 }
