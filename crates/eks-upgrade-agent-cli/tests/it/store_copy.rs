@@ -1,5 +1,5 @@
 //! `store copy --to URL` (issue #13): a data dir copied to a PostgreSQL database (bytes to S3,
-//! moto) and from there to a new data dir keeps every table with its identity: the events with
+//! moto), from there to another database and to a new data dir keeps every table with its identity: the events with
 //! their `seq`s and ids (new writes continue after them), the per-task event chain, artifacts
 //! (downloaded verified from each copy), test results, and the outbox (what was delivered is not
 //! sent again; what was pending is delivered once by the copy's dispatcher). Refusals (a bad
@@ -265,6 +265,17 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     let err = refused(&team, &on_db, &["store", "copy", "--to", &db]);
     assert!(err.contains("the source store itself"), "{err}");
     assert_eq!(info(&team, &on_db), src_counts);
+
+    // Database -> database (same bucket: every blob is there already).
+    let db2 = pg.create_database();
+    let copied = json(&team, &on_db, &["store", "copy", "--to", &db2]);
+    assert_eq!(copied["tables"], src_counts, "{copied}");
+    assert_eq!(copied["blobs"]["copied"], 0, "{copied}");
+    assert_eq!(copied["blobs"]["present"], 5, "{copied}");
+    let mut on_db2 = to_db.clone();
+    on_db2.push(("EUA_DATABASE_URL", db2.as_str()));
+    assert_eq!(json(&team, &on_db2, &["progress", "events", "u1"]), events);
+    assert_eq!(compare(&team, &on_db2), src_compare);
 
     // Database -> a new data dir (an empty directory).
     let back = Env::new();
