@@ -350,8 +350,8 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     }
 }
 
-/// A copy that fails midway (an artifact's bytes are missing from the source, found after
-/// the progress tables went in) leaves the target empty, data dir or database; a rerun once
+/// A copy that fails midway (an artifact's bytes are corrupt or missing in the source, found
+/// after the progress tables went in) leaves the target empty, data dir or database; a rerun once
 /// the cause is gone succeeds.
 #[test]
 fn a_copy_that_fails_midway_leaves_the_target_empty() {
@@ -383,12 +383,25 @@ fn a_copy_that_fails_midway_leaves_the_target_empty() {
         .join(&hex[..2])
         .join(&hex[2..]);
     let saved = src.data_dir().join("saved-blob");
-    std::fs::rename(&blob, &saved).unwrap();
+    std::fs::copy(&blob, &saved).unwrap();
 
     let mut to_db: Vec<(&str, &str)> = crate::s3::aws_env(&moto.url).to_vec();
     to_db.push(("EUA_S3_BUCKET", "team"));
     let dir = Env::new();
     let target = dir.data_dir();
+    // Corrupt bytes (the digest is checked as they are read), then missing bytes.
+    let mut perms = std::fs::metadata(&blob).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&blob, perms).unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    for to in [db.as_str(), target.to_str().unwrap()] {
+        let err = refused(&src, &to_db, &["store", "copy", "--to", to]);
+        assert!(err.contains("is corrupt"), "{err}");
+    }
+    std::fs::remove_file(&blob).unwrap();
     for to in [db.as_str(), target.to_str().unwrap()] {
         let err = refused(&src, &to_db, &["store", "copy", "--to", to]);
         assert!(err.contains("missing from the source's blob store"), "{err}");
