@@ -16,8 +16,8 @@ use serde_json::json;
 
 use eks_upgrade_agent::blob::{BlobStore, LocalBlobStore};
 use eks_upgrade_agent::store::copy::{Blobs, CopyProgress, CopyStore};
-use eks_upgrade_agent::store::postgres::progress::redact;
 use eks_upgrade_agent::store::postgres::PostgresOptions;
+use eks_upgrade_agent::store::postgres::progress::redact;
 use eks_upgrade_agent::store::sqlite::SqliteOptions;
 use eks_upgrade_agent::store::{PostgresStore, SqliteStore};
 
@@ -157,7 +157,10 @@ fn s3(bucket: Option<&str>, prefix: &str, hint: &str) -> Result<Arc<dyn BlobStor
 
 #[cfg(not(feature = "aws"))]
 fn s3(_: Option<&str>, _: &str, _: &str) -> Result<Arc<dyn BlobStore>, String> {
-    Err("artifact bytes of a database are in S3: this build has no S3 support (feature `aws`)".into())
+    Err(
+        "artifact bytes of a database are in S3: this build has no S3 support (feature `aws`)"
+            .into(),
+    )
 }
 
 fn copy(
@@ -190,10 +193,7 @@ fn copy(
         }
     };
     // Refuse what is known to fail before creating anything on the target.
-    let has_artifacts = source
-        .non_empty()?
-        .iter()
-        .any(|(t, _)| t == "artifacts");
+    let has_artifacts = source.non_empty()?.iter().any(|(t, _)| t == "artifacts");
     let to_bucket = to_bucket
         .filter(|b| !b.is_empty())
         .or(config.s3.s3_bucket.clone());
@@ -204,9 +204,7 @@ fn copy(
         );
     }
     if let (Target::DataDir(dir), None) = (&target, ctx.database_url.as_ref()) {
-        let same = |a: &std::path::Path, b: &std::path::Path| {
-            matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
-        };
+        let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
         if same(dir, &config.data_dir) {
             anyhow::bail!(
                 "the target is the source store itself ({}): give another database or an \
@@ -237,7 +235,10 @@ fn copy(
                 durability: config.durability,
                 ..Default::default()
             };
-            if dir.join(eks_upgrade_agent::store::sqlite::DB_FILE).is_file() {
+            if dir
+                .join(eks_upgrade_agent::store::sqlite::DB_FILE)
+                .is_file()
+            {
                 // An existing store: a clear refusal if it holds anything, before any change.
                 let existing = SqliteStore::open_existing(dir, &options)?;
                 eks_upgrade_agent::store::copy::refuse_non_empty(existing.non_empty()?)?;

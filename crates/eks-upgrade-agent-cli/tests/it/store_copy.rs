@@ -110,10 +110,39 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     // Delivered before the copy: u1, t1 started and completed (a duration sample), artifacts,
     // a pre run.
     for args in [
-        &["progress", "upgrade", "create", "u1", "--plan", "p", "--cluster", "k"][..],
+        &[
+            "progress",
+            "upgrade",
+            "create",
+            "u1",
+            "--plan",
+            "p",
+            "--cluster",
+            "k",
+        ][..],
         &["progress", "upgrade", "start", "u1"],
-        &["progress", "task", "add", "u1", "t1", "--name", "T1", "--type", "upgrade_step"],
-        &["progress", "task", "add", "u1", "t2", "--name", "T2", "--type", "validation"],
+        &[
+            "progress",
+            "task",
+            "add",
+            "u1",
+            "t1",
+            "--name",
+            "T1",
+            "--type",
+            "upgrade_step",
+        ],
+        &[
+            "progress",
+            "task",
+            "add",
+            "u1",
+            "t2",
+            "--name",
+            "T2",
+            "--type",
+            "validation",
+        ],
         &["progress", "task", "start", "u1", "t1"],
         &["progress", "task", "update", "u1", "t1", "--percent", "50"],
         &["progress", "task", "complete", "u1", "t1"],
@@ -123,7 +152,15 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     let session = json(
         &src,
         &[],
-        &["artifacts", "session", "create", "--upgrade", "u1", "--cluster", "k"],
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u1",
+            "--cluster",
+            "k",
+        ],
     )["session_id"]
         .as_str()
         .unwrap()
@@ -131,7 +168,14 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     let coll = json(
         &src,
         &[],
-        &["artifacts", "collection", "create", &session, "--name", "logs"],
+        &[
+            "artifacts",
+            "collection",
+            "create",
+            &session,
+            "--name",
+            "logs",
+        ],
     )["collection_id"]
         .as_str()
         .unwrap()
@@ -174,7 +218,10 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
         &["tests", "ingest", &pre, "--upgrade", "u1", "--phase", "pre"],
     );
     json(&src, hooked, &["notify", "flush"]);
-    let delivered = sent(&got, &event_id(&src.events("u1").into(), "task.completed", "t1"));
+    let delivered = sent(
+        &got,
+        &event_id(&src.events("u1").into(), "task.completed", "t1"),
+    );
     assert_eq!(delivered, 1, "the source delivered t1's completion");
 
     // Pending at the copy (no sink while they were written): t2 started and failed, a post
@@ -183,18 +230,38 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     json(
         &src,
         &[],
-        &["progress", "task", "fail", "u1", "t2", "--error", "pods broke"],
+        &[
+            "progress",
+            "task",
+            "fail",
+            "u1",
+            "t2",
+            "--error",
+            "pods broke",
+        ],
     );
     let post = report(files.path(), "post.xml", &[("dns", true), ("pods", false)]);
     let out = src
         .command()
-        .args(["tests", "ingest", &post, "--upgrade", "u1", "--phase", "post"])
+        .args([
+            "tests",
+            "ingest",
+            &post,
+            "--upgrade",
+            "u1",
+            "--phase",
+            "post",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success() || out.status.code() == Some(3), "{out:?}");
+    assert!(
+        out.status.success() || out.status.code() == Some(3),
+        "{out:?}"
+    );
 
     let events: Value = src.events("u1").into();
-    let info = |env: &Env, vars: &[(&str, &str)]| json(env, vars, &["store", "info"])["counts"].clone();
+    let info =
+        |env: &Env, vars: &[(&str, &str)]| json(env, vars, &["store", "info"])["counts"].clone();
     let src_counts = info(&src, &[]);
     let compare = |env: &Env, vars: &[(&str, &str)]| {
         let out = env
@@ -221,7 +288,12 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     let err = refused(
         &src,
         &[],
-        &["store", "copy", "--to", &format!("sqlite://{}", src.data_dir().display())],
+        &[
+            "store",
+            "copy",
+            "--to",
+            &format!("sqlite://{}", src.data_dir().display()),
+        ],
     );
     assert!(err.contains("the source store itself"), "{err}");
 
@@ -248,7 +320,11 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     assert_eq!(history(&team, &on_db), src_history);
     for (id, name) in &ids {
         let out = team.data_dir().join(format!("db-{name}"));
-        json(&team, &on_db, &["artifacts", "get", id, "--out", out.to_str().unwrap()]);
+        json(
+            &team,
+            &on_db,
+            &["artifacts", "get", id, "--out", out.to_str().unwrap()],
+        );
         assert_eq!(
             std::fs::read(&out).unwrap(),
             std::fs::read(files.path().join(name)).unwrap(),
@@ -282,7 +358,12 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     let copied = json(
         &team,
         &on_db,
-        &["store", "copy", "--to", &format!("file://{}", back.data_dir().display())],
+        &[
+            "store",
+            "copy",
+            "--to",
+            &format!("file://{}", back.data_dir().display()),
+        ],
     );
     assert_eq!(copied["tables"], src_counts, "{copied}");
     let in_back = |args: &[&str]| json(&back, &[], args);
@@ -303,8 +384,12 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     in_back(&["artifacts", "verify"]);
 
     // New writes continue after the copied seqs, on both copies.
-    let last = events.as_array().unwrap().last().unwrap()["seq"].as_u64().unwrap();
-    let t3 = ["progress", "task", "add", "u1", "t3", "--name", "T3", "--type", "cleanup"];
+    let last = events.as_array().unwrap().last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let t3 = [
+        "progress", "task", "add", "u1", "t3", "--name", "T3", "--type", "cleanup",
+    ];
     json(&team, &on_db, &t3);
     in_back(&t3);
     for seqs in [
@@ -363,19 +448,34 @@ fn a_copy_that_fails_midway_leaves_the_target_empty() {
     let session = json(
         &src,
         &[],
-        &["artifacts", "session", "create", "--upgrade", "u", "--cluster", "c"],
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u",
+            "--cluster",
+            "c",
+        ],
     )["session_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let coll = json(&src, &[], &["artifacts", "collection", "create", &session, "--name", "l"])
-        ["collection_id"]
+    let coll = json(
+        &src,
+        &[],
+        &["artifacts", "collection", "create", &session, "--name", "l"],
+    )["collection_id"]
         .as_str()
         .unwrap()
         .to_owned();
     let file = src.data_dir().join("big.log");
     std::fs::write(&file, vec![9u8; 30_000]).unwrap();
-    let a = json(&src, &[], &["artifacts", "add", &session, &coll, file.to_str().unwrap()]);
+    let a = json(
+        &src,
+        &[],
+        &["artifacts", "add", &session, &coll, file.to_str().unwrap()],
+    );
     let hex = a[0]["file_hash"].as_str().unwrap().to_owned();
     let blob = src
         .data_dir()
@@ -404,7 +504,10 @@ fn a_copy_that_fails_midway_leaves_the_target_empty() {
     std::fs::remove_file(&blob).unwrap();
     for to in [db.as_str(), target.to_str().unwrap()] {
         let err = refused(&src, &to_db, &["store", "copy", "--to", to]);
-        assert!(err.contains("missing from the source's blob store"), "{err}");
+        assert!(
+            err.contains("missing from the source's blob store"),
+            "{err}"
+        );
     }
     let team = Env::new();
     let mut on_db = to_db.clone();

@@ -585,14 +585,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let from = SqliteStore::open(&dir.path().join("a"), &SqliteOptions::default()).unwrap();
         let mut commands = vec![
-            command(serde_json::json!({"op": "upgrade.create", "upgrade_id": "u",
-                "plan_id": "p", "cluster_name": "k"})),
-            command(serde_json::json!({"op": "task.add", "upgrade_id": "u", "task_id": "t",
-                "name": "T", "task_type": "upgrade_step"})),
+            command(
+                serde_json::json!({"op": "upgrade.create", "upgrade_id": "u",
+                "plan_id": "p", "cluster_name": "k"}),
+            ),
+            command(
+                serde_json::json!({"op": "task.add", "upgrade_id": "u", "task_id": "t",
+                "name": "T", "task_type": "upgrade_step"}),
+            ),
         ];
         for k in 0..2 * PAGE + 500 {
-            commands.push(command(serde_json::json!({"op": "task.update", "upgrade_id": "u",
-                "task_id": "t", "percentage": (k % 100) as f64})));
+            commands.push(command(
+                serde_json::json!({"op": "task.update", "upgrade_id": "u",
+                "task_id": "t", "percentage": (k % 100) as f64}),
+            ));
         }
         for r in from.execute(&commands).unwrap() {
             r.unwrap();

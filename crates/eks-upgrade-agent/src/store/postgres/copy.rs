@@ -31,7 +31,14 @@ impl ToSql for Cell {
     }
 
     fn accepts(ty: &Type) -> bool {
-        [Type::INT8, Type::FLOAT8, Type::TEXT, Type::BYTEA, Type::UUID].contains(ty)
+        [
+            Type::INT8,
+            Type::FLOAT8,
+            Type::TEXT,
+            Type::BYTEA,
+            Type::UUID,
+        ]
+        .contains(ty)
     }
 
     to_sql_checked!();
@@ -98,7 +105,9 @@ impl CopySource for Source<'_, '_> {
                     Kind::Int => r.get::<_, Option<i64>>(j).map_or(Cell::Null, Cell::Int),
                     Kind::Real => r.get::<_, Option<f64>>(j).map_or(Cell::Null, Cell::Real),
                     Kind::Text => r.get::<_, Option<String>>(j).map_or(Cell::Null, Cell::Text),
-                    Kind::Bytes => r.get::<_, Option<Vec<u8>>>(j).map_or(Cell::Null, Cell::Bytes),
+                    Kind::Bytes => r
+                        .get::<_, Option<Vec<u8>>>(j)
+                        .map_or(Cell::Null, Cell::Bytes),
                     Kind::Uuid => r
                         .get::<_, Option<Uuid>>(j)
                         .map_or(Cell::Null, |u| Cell::Bytes(u.as_bytes().to_vec())),
@@ -227,7 +236,8 @@ impl CopyStore for PostgresStore {
             let mut db = Db { c: &mut tx, stmts };
             refuse_non_empty(non_empty(&mut db)?)?;
             f(&mut Target { db })?;
-            tx.commit().map_err(|e| Error::backend("cannot commit the copy", e))
+            tx.commit()
+                .map_err(|e| Error::backend("cannot commit the copy", e))
         })
     }
 }

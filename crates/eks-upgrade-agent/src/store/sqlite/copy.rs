@@ -48,7 +48,9 @@ fn cell(v: ValueRef<'_>, kind: Kind, table: &str, column: &str) -> Result<Cell> 
 fn non_empty(c: &Connection) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     for t in TABLES.iter().filter(|t| t.user_data) {
-        let n: i64 = c.query_row(&format!("SELECT count(*) FROM {}", t.name), [], |r| r.get(0))?;
+        let n: i64 = c.query_row(&format!("SELECT count(*) FROM {}", t.name), [], |r| {
+            r.get(0)
+        })?;
         if n > 0 {
             out.push((t.name.to_owned(), n as u64));
         }
@@ -87,11 +89,11 @@ impl CopySource for Source<'_> {
     }
 
     fn count(&mut self, table: &Table) -> Result<u64> {
-        let n: i64 = self.c.query_row(
-            &format!("SELECT count(*) FROM {}", table.name),
-            [],
-            |r| r.get(0),
-        )?;
+        let n: i64 =
+            self.c
+                .query_row(&format!("SELECT count(*) FROM {}", table.name), [], |r| {
+                    r.get(0)
+                })?;
         Ok(n as u64)
     }
 }
