@@ -524,3 +524,90 @@ fn a_copy_that_fails_midway_leaves_the_target_empty() {
         assert_eq!(copied["tables"]["artifacts"], 1, "{copied}");
     }
 }
+
+/// A data dir whose upgrade `u` has `events` events (task updates with 200-byte messages),
+/// written through the library in batches.
+fn store_with_events(events: usize) -> Env {
+    use eks_upgrade_agent::store::ProgressStore;
+    use eks_upgrade_agent::store::domain::command::Command;
+    use eks_upgrade_agent::store::sqlite::{SqliteOptions, SqliteStore};
+    let env = Env::new();
+    let store = SqliteStore::open(env.data_dir(), &SqliteOptions::default()).unwrap();
+    let command = |v: Value| serde_json::from_value::<Command>(v).unwrap();
+    let setup = [
+        command(
+            serde_json::json!({"op": "upgrade.create", "upgrade_id": "u", "plan_id": "p",
+            "cluster_name": "k"}),
+        ),
+        command(
+            serde_json::json!({"op": "task.add", "upgrade_id": "u", "task_id": "t",
+            "name": "T", "task_type": "upgrade_step"}),
+        ),
+    ];
+    for r in store.execute(&setup).unwrap() {
+        r.unwrap();
+    }
+    let pad = "m".repeat(192);
+    for batch in 0..events / 1000 {
+        let commands: Vec<Command> = (0..1000)
+            .map(|k| {
+                let n = batch * 1000 + k;
+                command(serde_json::json!({"op": "task.update", "upgrade_id": "u",
+                    "task_id": "t", "percentage": (n % 100) as f64,
+                    "message": format!("{n:08}{pad}")}))
+            })
+            .collect();
+        for r in store.execute(&commands).unwrap() {
+            r.unwrap();
+        }
+    }
+    env
+}
+
+/// The peak resident memory (KiB, `VmHWM`) of `store copy` from `env` to a new data dir, as
+/// last seen before it exits (the high-water mark only grows, so what is missed is the end).
+fn copy_peak_kib(env: &Env) -> u64 {
+    let target = tempfile::tempdir().unwrap();
+    let mut child = env
+        .command()
+        .args(["store", "copy", "--to", target.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status)
+            && let Some(line) = text.lines().find(|l| l.starts_with("VmHWM:"))
+        {
+            let kib: u64 = line[6..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap();
+            peak = peak.max(kib);
+        }
+        if let Some(exit) = child.try_wait().unwrap() {
+            assert!(exit.success(), "store copy failed");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(peak > 0, "no VmHWM read");
+    peak
+}
+
+/// Memory stays flat: copying ten times the events (200,000, about 60 MB of rows) takes no
+/// more memory than the small copy, give or take 16 MiB (holding the events would take
+/// well over 100 MiB).
+#[test]
+fn a_copy_takes_the_same_memory_whatever_the_number_of_events() {
+    let small = copy_peak_kib(&store_with_events(20_000));
+    let large = copy_peak_kib(&store_with_events(200_000));
+    assert!(
+        large <= small + 16 * 1024,
+        "peak {large} KiB for 200,000 events, {small} KiB for 20,000"
+    );
+}

@@ -175,12 +175,22 @@ impl CopyStore for SqliteStore {
 
     fn read_snapshot(&self, f: &mut dyn FnMut(&mut dyn CopySource) -> Result<()>) -> Result<()> {
         self.read(|c| {
+            // A copy reads each page once: a small page cache for it, so memory does not grow
+            // with the store up to the reader's usual cache.
+            let cache: i64 = c.pragma_query_value(None, "cache_size", |r| r.get(0))?;
+            c.pragma_update(None, "cache_size", -1000)?;
             // One read transaction: every page sees the same commit.
-            c.execute_batch("BEGIN")?;
-            let out = f(&mut Source { c });
-            let end = c.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
-            out?;
-            Ok(end?)
+            let out = c
+                .execute_batch("BEGIN")
+                .map_err(Error::from)
+                .and_then(|()| {
+                    let out = f(&mut Source { c });
+                    let end = c.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+                    out?;
+                    Ok(end?)
+                });
+            c.pragma_update(None, "cache_size", cache)?;
+            out
         })
     }
 
