@@ -275,6 +275,7 @@ fn copy(
             "blobs": {
                 "copied": report.blobs_copied,
                 "present": report.blobs_present,
+                "skipped": report.blobs_skipped,
                 "bytes": report.blob_bytes,
             },
         }))?;
@@ -284,11 +285,12 @@ fn copy(
         println!("{table:<15} {n}");
     }
     println!(
-        "{:<15} {} copied ({}), {} already there",
+        "{:<15} {} copied ({}), {} already there, {} without bytes (deleted, or only in S3)",
         "blobs",
         report.blobs_copied,
         crate::output::size(report.blob_bytes),
-        report.blobs_present
+        report.blobs_present,
+        report.blobs_skipped
     );
     println!(
         "copied {} to {}",

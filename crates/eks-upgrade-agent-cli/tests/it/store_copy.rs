@@ -211,6 +211,22 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
         })
         .collect();
     assert_eq!(ids.len(), 3);
+    // A deleted artifact: its row stays (status deleted), its bytes are gone.
+    let gone_dir = tempfile::tempdir().unwrap();
+    std::fs::write(gone_dir.path().join("gone.txt"), b"bytes deleted before the copy").unwrap();
+    let gone = json(
+        &src,
+        &[],
+        &[
+            "artifacts",
+            "add",
+            &session,
+            &coll,
+            gone_dir.path().join("gone.txt").to_str().unwrap(),
+        ],
+    );
+    let gone = gone[0]["artifact_id"].as_str().unwrap().to_owned();
+    json(&src, &[], &["artifacts", "delete", &gone]);
     let pre = report(files.path(), "pre.xml", &[("dns", true), ("pods", true)]);
     json(
         &src,
@@ -305,6 +321,7 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     // Four distinct blobs (the two reports are kept as artifacts too), one added twice.
     assert_eq!(copied["blobs"]["copied"], 4, "{copied}");
     assert_eq!(copied["blobs"]["present"], 1, "{copied}");
+    assert_eq!(copied["blobs"]["skipped"], 1, "the deleted artifact: {copied}");
 
     // The database: the same rows, events and answers.
     let team = Env::new();

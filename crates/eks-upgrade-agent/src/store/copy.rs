@@ -346,6 +346,10 @@ pub struct CopyReport {
     pub blobs_copied: u64,
     /// Blobs the target already had (skipped).
     pub blobs_present: u64,
+    /// Artifact rows copied without bytes: deleted ones, and uploaded ones whose bytes are only
+    /// in their S3 object (the target reads them there, as the source does).
+    #[serde(default)]
+    pub blobs_skipped: u64,
     /// Bytes written to the target's blob store.
     pub blob_bytes: u64,
 }
@@ -440,15 +444,28 @@ fn copy_bytes(table: &Table, rows: &[Row], blobs: &Blobs, report: &mut CopyRepor
             .expect("an artifacts column")
     };
     let (hash, id) = (col("file_hash"), col("artifact_id"));
+    let (status, s3_key) = (col("status"), col("s3_key"));
     for row in rows {
         let (Some(hex), Some(artifact)) = (row[hash].as_text(), row[id].as_text()) else {
             return Err(Error::invalid("an artifact row without a file hash"));
         };
+        // A deleted artifact keeps its row as a record, its bytes are gone: the row moves alone.
+        if row[status] == Cell::Int(crate::model::ArtifactStatus::Deleted.code()) {
+            report.blobs_skipped += 1;
+            continue;
+        }
         let digest: Digest = hex.parse()?;
         let (from, to) = match (&blobs.from, &blobs.to) {
             (Ok(from), Ok(to)) => (from, to),
             (Err(hint), _) | (_, Err(hint)) => return Err(Error::invalid(hint.clone())),
         };
+        // An uploaded artifact with no local blob (uploaded then cleaned, or indexed by a lazy
+        // `artifacts pull`) is read from its S3 object, as on the source: the row moves alone,
+        // keeping its bucket and key.
+        if row[s3_key].as_text().is_some() && !from.exists(&digest)? {
+            report.blobs_skipped += 1;
+            continue;
+        }
         if to.exists(&digest)? {
             report.blobs_present += 1;
             continue;
