@@ -41,6 +41,11 @@ pub(crate) enum StoreCmd {
         /// Key prefix in that bucket [default: --s3-prefix]
         #[arg(long, value_name = "PREFIX")]
         to_s3_prefix: Option<String>,
+        /// Database to database: let the target use the source's bucket and prefix (blobs
+        /// shared; only when the source is being retired: `artifacts gc` on either store would
+        /// delete blobs the other references)
+        #[arg(long)]
+        share_bucket: bool,
     },
 }
 
@@ -55,7 +60,8 @@ pub(crate) fn run(ctx: &Ctx, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             to,
             to_s3_bucket,
             to_s3_prefix,
-        } => return copy(ctx, &to, to_s3_bucket, to_s3_prefix),
+            share_bucket,
+        } => return copy(ctx, &to, to_s3_bucket, to_s3_prefix, share_bucket),
         StoreCmd::Migrate => true,
         StoreCmd::Info => false,
     };
@@ -111,7 +117,8 @@ enum Target {
     DataDir(PathBuf),
 }
 
-/// Reads `--to`: a database URL, or a data dir (a path, `file://` or `sqlite://`).
+/// Reads `--to`: a database URL, or a data dir (a path, `file://` or `sqlite://`). Schemes
+/// compare case-insensitively; an error never prints the URL (it may hold a password).
 fn parse_target(to: &str) -> anyhow::Result<Target> {
     let to = to.trim();
     if to.is_empty() {
@@ -119,20 +126,38 @@ fn parse_target(to: &str) -> anyhow::Result<Target> {
             "--to is empty: give a database (postgres://...) or a data dir (a path, file://DIR)"
         );
     }
-    if to.starts_with("postgres://") || to.starts_with("postgresql://") {
-        return Ok(Target::Database(to.to_owned()));
-    }
-    let path = match to.split_once("://") {
-        Some(("file" | "sqlite", path)) => path,
-        Some((scheme, _)) => anyhow::bail!(
-            "--to {:?}: unknown scheme {scheme:?}: give postgres://..., postgresql://..., \
-             file://DIR, sqlite://DIR or a directory",
-            crate::output::printable(to)
-        ),
+    // A scheme: letters first, then letters, digits, `+`, `-` or `.`, then `:`.
+    let scheme = to.split_once(':').filter(|(s, _)| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    let path = match scheme {
         None => to,
+        Some((scheme, rest)) => {
+            let lower = scheme.to_ascii_lowercase();
+            let Some(after) = rest.strip_prefix("//") else {
+                anyhow::bail!(
+                    "--to starts with {:?} but has no \"//\" after it: give postgres://..., \
+                     file://DIR, or ./{scheme}:... for a directory of that name",
+                    crate::output::printable(&format!("{scheme}:"))
+                );
+            };
+            match lower.as_str() {
+                "postgres" | "postgresql" => {
+                    return Ok(Target::Database(format!("{lower}://{after}")));
+                }
+                "file" | "sqlite" => after,
+                _ => anyhow::bail!(
+                    "--to: unknown scheme {:?}: give postgres://..., postgresql://..., \
+                     file://DIR, sqlite://DIR or a directory",
+                    crate::output::printable(scheme)
+                ),
+            }
+        }
     };
     if path.is_empty() {
-        anyhow::bail!("--to {to:?} names no directory");
+        anyhow::bail!("--to names no directory");
     }
     let path = PathBuf::from(path);
     if path.exists() && !path.is_dir() {
@@ -168,6 +193,7 @@ fn copy(
     to: &str,
     to_bucket: Option<String>,
     to_prefix: Option<String>,
+    share_bucket: bool,
 ) -> anyhow::Result<ExitCode> {
     let target = parse_target(to)?;
     let config = &ctx.config;
@@ -192,25 +218,79 @@ fn copy(
             (store, blobs, name)
         }
     };
-    // Refuse what is known to fail before creating anything on the target.
+    // Refuse what is known to fail before creating or migrating anything on the target.
     let has_artifacts = source.non_empty()?.iter().any(|(t, _)| t == "artifacts");
+    if let (true, Err(hint)) = (has_artifacts, &from_blobs) {
+        anyhow::bail!("{hint}");
+    }
     let to_bucket = to_bucket
         .filter(|b| !b.is_empty())
         .or(config.s3.s3_bucket.clone());
+    let to_prefix = to_prefix.unwrap_or_else(|| config.s3_prefix().to_owned());
     if let (Target::Database(_), true, None) = (&target, has_artifacts, &to_bucket) {
         anyhow::bail!(
             "the source has artifacts and a database keeps their bytes in S3: give \
              --to-s3-bucket (or --s3-bucket) for the target"
         );
     }
-    if let (Target::DataDir(dir), None) = (&target, ctx.database_url.as_ref()) {
-        let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
-        if same(dir, &config.data_dir) {
-            anyhow::bail!(
-                "the target is the source store itself ({}): give another database or an \
-                 empty data dir to --to",
-                dir.display()
-            );
+    let same_store = |what: &str| {
+        anyhow::anyhow!(
+            "the target is the source store itself ({what}): give another database or an \
+             empty data dir to --to"
+        )
+    };
+    match &target {
+        Target::Database(url) => {
+            // Read-only: the target is neither migrated nor written before these checks pass.
+            let (identity, _version, found) =
+                eks_upgrade_agent::store::postgres::probe_copy_target(url)
+                    .with_context(|| format!("cannot read the target database {}", redact(url)))?;
+            if identity == source.identity()? {
+                return Err(same_store(&identity));
+            }
+            eks_upgrade_agent::store::copy::refuse_non_empty(found)?;
+            if ctx.database_url.is_some()
+                && !share_bucket
+                && to_bucket.as_deref() == config.s3.s3_bucket.as_deref()
+                && to_prefix == config.s3_prefix()
+            {
+                anyhow::bail!(
+                    "the target database would share the source's bucket and prefix (s3://{}/{}): \
+                     `artifacts gc` on either would delete blobs the other references; give \
+                     --to-s3-bucket or --to-s3-prefix, or --share-bucket if the source is being \
+                     retired",
+                    to_bucket.as_deref().unwrap_or(""),
+                    to_prefix
+                );
+            }
+        }
+        Target::DataDir(dir) => {
+            if ctx.database_url.is_none() {
+                let same = |a: &std::path::Path, b: &std::path::Path| {
+                    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+                };
+                if same(dir, &config.data_dir) {
+                    return Err(same_store(&dir.display().to_string()));
+                }
+            }
+            // Read-only: nothing is created or migrated before these checks pass.
+            match eks_upgrade_agent::store::sqlite::probe_copy_target(dir)? {
+                Some((_version, found)) => {
+                    eks_upgrade_agent::store::copy::refuse_non_empty(found)?
+                }
+                None if dir.is_dir() => {
+                    let mut entries = std::fs::read_dir(dir)
+                        .with_context(|| format!("cannot read {}", dir.display()))?;
+                    if entries.next().is_some() {
+                        anyhow::bail!(
+                            "--to {}: the directory is not empty and holds no store: give a new \
+                             or empty directory",
+                            dir.display()
+                        );
+                    }
+                }
+                None => {}
+            }
         }
     }
     let (dest, to_blobs, to_name): (Arc<dyn CopyStore>, _, String) = match &target {
@@ -221,10 +301,9 @@ fn copy(
             };
             let db = PostgresStore::open(url, &options)
                 .with_context(|| format!("cannot open the target database {}", redact(url)))?;
-            let prefix = to_prefix.unwrap_or_else(|| config.s3_prefix().to_owned());
             let blobs = s3(
                 to_bucket.as_deref(),
-                &prefix,
+                &to_prefix,
                 "give --to-s3-bucket for the target database's artifact bytes",
             );
             let name = db.url().to_owned();
@@ -235,14 +314,6 @@ fn copy(
                 durability: config.durability,
                 ..Default::default()
             };
-            if dir
-                .join(eks_upgrade_agent::store::sqlite::DB_FILE)
-                .is_file()
-            {
-                // An existing store: a clear refusal if it holds anything, before any change.
-                let existing = SqliteStore::open_existing(dir, &options)?;
-                eks_upgrade_agent::store::copy::refuse_non_empty(existing.non_empty()?)?;
-            }
             let store = SqliteStore::open(dir, &options)
                 .with_context(|| format!("cannot create the store in {}", dir.display()))?;
             let blobs = LocalBlobStore::open(&dir.join("blobs"), config.durability)

@@ -359,9 +359,16 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     assert!(err.contains("the source store itself"), "{err}");
     assert_eq!(info(&team, &on_db), src_counts);
 
-    // Database -> database (same bucket: every blob is there already).
+    // Database -> database: the same bucket and prefix only when asked (the source retired:
+    // every blob is there already).
     let db2 = pg.create_database();
-    let copied = json(&team, &on_db, &["store", "copy", "--to", &db2]);
+    let err = refused(&team, &on_db, &["store", "copy", "--to", &db2]);
+    assert!(err.contains("--share-bucket"), "{err}");
+    let copied = json(
+        &team,
+        &on_db,
+        &["store", "copy", "--to", &db2, "--share-bucket"],
+    );
     assert_eq!(copied["tables"], src_counts, "{copied}");
     assert_eq!(copied["blobs"]["copied"], 0, "{copied}");
     assert_eq!(copied["blobs"]["present"], 5, "{copied}");
@@ -627,4 +634,126 @@ fn a_copy_takes_the_same_memory_whatever_the_number_of_events() {
         large <= small + 16 * 1024,
         "peak {large} KiB for 200,000 events, {small} KiB for 20,000"
     );
+}
+
+/// Refusals read the target without changing it: a database at an older schema holding rows
+/// keeps its schema version and gets no new table; a data dir store at an older version keeps
+/// its version; a directory that holds files but no store is refused; a URL in an error never
+/// shows its password; a source database's artifacts without a bucket are refused before a
+/// data dir is created.
+#[test]
+fn refusals_read_the_target_without_changing_it() {
+    let pg = PgCluster::start();
+    let src = Env::with_task();
+
+    // A database at schema version 1 with a row.
+    let old = pg.create_database();
+    let psql = |sql: &str| {
+        let out = std::process::Command::new("psql")
+            .args([old.as_str(), "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    psql(
+        "CREATE TABLE schema_version (version BIGINT NOT NULL); \
+         INSERT INTO schema_version VALUES (1); \
+         CREATE TABLE upgrades (ukey BIGSERIAL PRIMARY KEY, upgrade_id TEXT); \
+         INSERT INTO upgrades (upgrade_id) VALUES ('old')",
+    );
+    let err = refused(&src, &[], &["store", "copy", "--to", &old]);
+    assert!(
+        err.contains("not empty") && err.contains("upgrades: 1"),
+        "{err}"
+    );
+    assert_eq!(psql("SELECT version FROM schema_version"), "1");
+    assert_eq!(
+        psql("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"),
+        "2",
+        "no table created"
+    );
+
+    // A data dir store with a row, set back to an older version.
+    let full = Env::with_task();
+    let db_file = full
+        .data_dir()
+        .join(eks_upgrade_agent::store::sqlite::DB_FILE);
+    let set = rusqlite::Connection::open(&db_file).unwrap();
+    set.pragma_update(None, "user_version", 9).unwrap();
+    drop(set);
+    let err = refused(
+        &src,
+        &[],
+        &["store", "copy", "--to", full.data_dir().to_str().unwrap()],
+    );
+    assert!(err.contains("not empty") && err.contains("upgrades: 1"), "{err}");
+    let version: i64 = rusqlite::Connection::open(&db_file)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 9, "not migrated");
+
+    // A directory with files but no store.
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("notes.txt"), b"mine").unwrap();
+    let err = refused(
+        &src,
+        &[],
+        &["store", "copy", "--to", home.path().to_str().unwrap()],
+    );
+    assert!(err.contains("not empty and holds no store"), "{err}");
+    assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 1);
+
+    // Passwords stay out of errors; schemes compare case-insensitively; `scheme:` without `//`
+    // is not taken for a directory.
+    for (to, says) in [
+        ("pg://u:s3cret@127.0.0.1:1/db", "unknown scheme \"pg\""),
+        ("postgres:/u:s3cret@127.0.0.1:1/db", "no \"//\""),
+        ("POSTGRES://u:s3cret@127.0.0.1:1/db", "cannot"),
+    ] {
+        let err = refused(&src, &[], &["store", "copy", "--to", to]);
+        assert!(err.contains(says), "{to}: {err}");
+        assert!(!err.contains("s3cret"), "{to}: {err}");
+    }
+    assert!(!src.data_dir().join("postgres:").exists());
+
+    // A database source with artifacts and no bucket: refused before the data dir exists.
+    let db = pg.create_database();
+    let on_db: &[(&str, &str)] = &[("EUA_DATABASE_URL", db.as_str())];
+    let team = Env::new();
+    json(
+        &team,
+        on_db,
+        &["progress", "upgrade", "create", "u", "--plan", "p", "--cluster", "c"],
+    );
+    psql_on(
+        &db,
+        "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, started_at, \
+         retention_days) VALUES ('s1', 'u', 'c', 's', 0, 30); \
+         INSERT INTO collections (collection_id, skey, name, created_at) \
+         SELECT 'c1', skey, 'l', 0 FROM sessions",
+    );
+    psql_on(
+        &db,
+        "INSERT INTO artifacts (artifact_id, skey, ckey, name, export_name, artifact_type, \
+         file_size, file_hash, status, created_at, upgrade_id) SELECT 'a1', skey, ckey, 'n', \
+         'n', 0, 1, repeat('0', 64), 0, 0, 'u' FROM collections LIMIT 1",
+    );
+    let fresh = team.data_dir().join("fresh");
+    let err = refused(
+        &team,
+        on_db,
+        &["store", "copy", "--to", fresh.to_str().unwrap()],
+    );
+    assert!(err.contains("--s3-bucket"), "{err}");
+    assert!(!fresh.exists(), "nothing created");
+}
+
+fn psql_on(url: &str, sql: &str) {
+    let out = std::process::Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }

@@ -56,6 +56,20 @@ const SERIALS: &[(&str, &str)] = &[
     ("test_cases", "ckey"),
 ];
 
+/// What names a database: the server (its port and start time), the database and schema.
+const IDENTITY: &str = "SELECT current_setting('port'), pg_postmaster_start_time()::text, \
+                        current_database()::text, current_schema()::text";
+
+fn identity(r: &postgres::Row) -> String {
+    format!(
+        "postgresql server started {} on port {}, database {}, schema {}",
+        r.get::<_, String>(1),
+        r.get::<_, String>(0),
+        r.get::<_, String>(2),
+        r.get::<_, String>(3)
+    )
+}
+
 /// Row counts of the tables a user made that hold rows.
 fn non_empty<C: postgres::GenericClient>(db: &mut Db<'_, C>) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
@@ -186,20 +200,7 @@ const NO_LIMITS: &str =
 
 impl CopyStore for PostgresStore {
     fn identity(&self) -> Result<String> {
-        self.read(|db| {
-            let r = db.one(
-                "SELECT current_setting('port'), pg_postmaster_start_time()::text, \
-                 current_database()::text, current_schema()::text",
-                &[],
-            )?;
-            Ok(format!(
-                "postgresql server started {} on port {}, database {}, schema {}",
-                r.get::<_, String>(1),
-                r.get::<_, String>(0),
-                r.get::<_, String>(2),
-                r.get::<_, String>(3)
-            ))
-        })
+        self.read(|db| Ok(identity(&db.one(IDENTITY, &[])?)))
     }
 
     fn non_empty(&self) -> Result<Vec<(String, u64)>> {
@@ -240,4 +241,48 @@ impl CopyStore for PostgresStore {
                 .map_err(|e| Error::backend("cannot commit the copy", e))
         })
     }
+}
+
+/// What a `store copy` target database holds, read without changing it (no migration): its
+/// identity (as [`CopyStore::identity`]), its schema version and the row counts of the copied tables that exist there and hold rows. A
+/// copy checks this before it opens (and migrates) the target, so a refusal changes nothing.
+pub fn probe_target(url: &str) -> Result<(String, i64, Vec<(String, u64)>)> {
+    let super::connect::Target { mut config, tls } = super::connect::parse_target(url)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    let mut client = tls.connect(&config).map_err(|e| {
+        Error::backend(
+            format!("cannot connect to {}", super::progress::redact(url)),
+            e,
+        )
+    })?;
+    let version = super::schema::version(&mut client)?;
+    let r = client.query_one(IDENTITY, &[])?;
+    let identity = identity(&r);
+    let mut tx = client
+        .build_transaction()
+        .read_only(true)
+        .start()?;
+    let mut out = Vec::new();
+    for t in TABLES.iter().filter(|t| t.user_data) {
+        let exists: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = $1)",
+                &[&t.name],
+            )?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        let n: i64 = tx
+            .query_one(&format!("SELECT count(*) FROM {}", t.name), &[])?
+            .get(0);
+        if n > 0 {
+            out.push((t.name.to_owned(), n as u64));
+        }
+    }
+    tx.rollback()?;
+    Ok((identity, version, out))
 }

@@ -35,6 +35,7 @@ mod uploads;
 
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;
+pub use copy::probe_target as probe_copy_target;
 pub use progress::{PostgresOptions, PostgresStore};
 
 #[cfg(test)]

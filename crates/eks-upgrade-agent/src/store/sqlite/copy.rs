@@ -201,3 +201,37 @@ impl CopyStore for SqliteStore {
         })
     }
 }
+
+/// What the store in the data dir `dir` holds, read without changing it (opened read-only, no
+/// migration): its schema version and the row counts of the copied tables that exist there and
+/// hold rows; `None` when there is no store file. A copy checks this before it creates or
+/// migrates the target, so a refusal changes nothing.
+pub fn probe_target(dir: &std::path::Path) -> Result<Option<(i64, Vec<(String, u64)>)>> {
+    let path = dir.join(super::DB_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let c = Connection::open_with_flags(
+        &path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let mut out = Vec::new();
+    for t in TABLES.iter().filter(|t| t.user_data) {
+        let exists: bool = c.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [t.name],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            continue;
+        }
+        let n: i64 = c.query_row(&format!("SELECT count(*) FROM {}", t.name), [], |r| {
+            r.get(0)
+        })?;
+        if n > 0 {
+            out.push((t.name.to_owned(), n as u64));
+        }
+    }
+    Ok(Some((version, out)))
+}

@@ -21,4 +21,5 @@ mod tasks;
 mod test_results;
 mod trace;
 
+pub use copy::probe_target as probe_copy_target;
 pub use progress::{DB_FILE, SqliteOptions, SqliteStore};
