@@ -543,10 +543,17 @@ fn a_copy_that_fails_midway_leaves_the_target_empty() {
     assert!(zero(&counts), "{counts}");
 
     std::fs::rename(&saved, &blob).unwrap();
+    // A wrong blob under that digest already on the target is not trusted: it is replaced.
+    let planted = target.join("blobs/sha256").join(&hex[..2]).join(&hex[2..]);
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    std::fs::write(&planted, vec![7u8; 30_000]).unwrap();
     for to in [db.as_str(), target.to_str().unwrap()] {
         let copied = json(&src, &to_db, &["store", "copy", "--to", to]);
         assert_eq!(copied["tables"]["artifacts"], 1, "{copied}");
+        assert_eq!(copied["blobs"]["copied"], 1, "{copied}");
     }
+    assert_eq!(std::fs::read(&planted).unwrap(), vec![9u8; 30_000]);
+    json(&dir, &[], &["artifacts", "verify"]);
 }
 
 /// A data dir whose upgrade `u` has `events` events (task updates with 200-byte messages),

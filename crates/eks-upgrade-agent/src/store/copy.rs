@@ -466,9 +466,22 @@ fn copy_bytes(table: &Table, rows: &[Row], blobs: &Blobs, report: &mut CopyRepor
             report.blobs_skipped += 1;
             continue;
         }
+        // A blob already on the target is not trusted: it is read and hashed; a wrong one is
+        // replaced by the source's bytes.
         if to.exists(&digest)? {
-            report.blobs_present += 1;
-            continue;
+            match to
+                .open_uncached(&digest)
+                .and_then(|mut r| crate::blob::drain_verified(&mut r))
+            {
+                Ok(_) => {
+                    report.blobs_present += 1;
+                    continue;
+                }
+                Err(Error::Corrupt { .. }) => {
+                    to.delete(&digest)?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let mut reader = from.open_uncached(&digest).map_err(|e| match e {
             Error::NotFound { .. } => Error::invalid(format!(
