@@ -734,6 +734,20 @@ fn refusals_read_the_target_without_changing_it() {
         on_db,
         &["progress", "upgrade", "create", "u", "--plan", "p", "--cluster", "c"],
     );
+    // The same store in disguise: another host name for the server, extra parameters; a
+    // symlink to the data dir.
+    let disguised = format!(
+        "{}?application_name=other",
+        db.replace("127.0.0.1", "localhost")
+    );
+    assert_ne!(disguised, db);
+    let err = refused(&team, on_db, &["store", "copy", "--to", &disguised]);
+    assert!(err.contains("the source store itself"), "{err}");
+    let link = home.path().join("link");
+    std::os::unix::fs::symlink(src.data_dir(), &link).unwrap();
+    let err = refused(&src, &[], &["store", "copy", "--to", link.to_str().unwrap()]);
+    assert!(err.contains("the source store itself"), "{err}");
+
     psql_on(
         &db,
         "INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, started_at, \
