@@ -266,18 +266,14 @@ fn copy(
         }
         Target::DataDir(dir) => {
             if ctx.database_url.is_none() {
-                let same = |a: &std::path::Path, b: &std::path::Path| {
-                    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
-                };
+                let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
                 if same(dir, &config.data_dir) {
                     return Err(same_store(&dir.display().to_string()));
                 }
             }
             // Read-only: nothing is created or migrated before these checks pass.
             match eks_upgrade_agent::store::sqlite::probe_copy_target(dir)? {
-                Some((_version, found)) => {
-                    eks_upgrade_agent::store::copy::refuse_non_empty(found)?
-                }
+                Some((_version, found)) => eks_upgrade_agent::store::copy::refuse_non_empty(found)?,
                 None if dir.is_dir() => {
                     let mut entries = std::fs::read_dir(dir)
                         .with_context(|| format!("cannot read {}", dir.display()))?;

@@ -213,7 +213,11 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     assert_eq!(ids.len(), 3);
     // A deleted artifact: its row stays (status deleted), its bytes are gone.
     let gone_dir = tempfile::tempdir().unwrap();
-    std::fs::write(gone_dir.path().join("gone.txt"), b"bytes deleted before the copy").unwrap();
+    std::fs::write(
+        gone_dir.path().join("gone.txt"),
+        b"bytes deleted before the copy",
+    )
+    .unwrap();
     let gone = json(
         &src,
         &[],
@@ -321,7 +325,10 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     // Four distinct blobs (the two reports are kept as artifacts too), one added twice.
     assert_eq!(copied["blobs"]["copied"], 4, "{copied}");
     assert_eq!(copied["blobs"]["present"], 1, "{copied}");
-    assert_eq!(copied["blobs"]["skipped"], 1, "the deleted artifact: {copied}");
+    assert_eq!(
+        copied["blobs"]["skipped"], 1,
+        "the deleted artifact: {copied}"
+    );
 
     // The database: the same rows, events and answers.
     let team = Env::new();
@@ -694,7 +701,10 @@ fn refusals_read_the_target_without_changing_it() {
         &[],
         &["store", "copy", "--to", full.data_dir().to_str().unwrap()],
     );
-    assert!(err.contains("not empty") && err.contains("upgrades: 1"), "{err}");
+    assert!(
+        err.contains("not empty") && err.contains("upgrades: 1"),
+        "{err}"
+    );
     let version: i64 = rusqlite::Connection::open(&db_file)
         .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -732,7 +742,16 @@ fn refusals_read_the_target_without_changing_it() {
     json(
         &team,
         on_db,
-        &["progress", "upgrade", "create", "u", "--plan", "p", "--cluster", "c"],
+        &[
+            "progress",
+            "upgrade",
+            "create",
+            "u",
+            "--plan",
+            "p",
+            "--cluster",
+            "c",
+        ],
     );
     // The same store in disguise: another host name for the server, extra parameters; a
     // symlink to the data dir.
@@ -745,7 +764,11 @@ fn refusals_read_the_target_without_changing_it() {
     assert!(err.contains("the source store itself"), "{err}");
     let link = home.path().join("link");
     std::os::unix::fs::symlink(src.data_dir(), &link).unwrap();
-    let err = refused(&src, &[], &["store", "copy", "--to", link.to_str().unwrap()]);
+    let err = refused(
+        &src,
+        &[],
+        &["store", "copy", "--to", link.to_str().unwrap()],
+    );
     assert!(err.contains("the source store itself"), "{err}");
 
     psql_on(

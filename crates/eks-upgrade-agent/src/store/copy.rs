@@ -386,6 +386,9 @@ pub fn copy(
     Ok(report)
 }
 
+/// Row counts by table name.
+pub type RowCounts = Vec<(String, u64)>;
+
 /// The refusal of a target holding rows.
 pub fn refuse_non_empty(found: Vec<(String, u64)>) -> Result<()> {
     if found.is_empty() {
@@ -576,7 +579,11 @@ mod tests {
             true,
         );
         assert_eq!(unknown, Vec::<String>::new(), "columns a copy would drop");
-        assert_eq!(missing, Vec::<String>::new(), "listed columns the schema lacks");
+        assert_eq!(
+            missing,
+            Vec::<String>::new(),
+            "listed columns the schema lacks"
+        );
     }
 
     #[test]
@@ -607,7 +614,11 @@ mod tests {
             false,
         );
         assert_eq!(unknown, Vec::<String>::new(), "columns a copy would drop");
-        assert_eq!(missing, Vec::<String>::new(), "listed columns the schema lacks");
+        assert_eq!(
+            missing,
+            Vec::<String>::new(),
+            "listed columns the schema lacks"
+        );
     }
 
     #[test]

@@ -246,7 +246,7 @@ impl CopyStore for PostgresStore {
 /// What a `store copy` target database holds, read without changing it (no migration): its
 /// identity (as [`CopyStore::identity`]), its schema version and the row counts of the copied tables that exist there and hold rows. A
 /// copy checks this before it opens (and migrates) the target, so a refusal changes nothing.
-pub fn probe_target(url: &str) -> Result<(String, i64, Vec<(String, u64)>)> {
+pub fn probe_target(url: &str) -> Result<(String, i64, crate::store::copy::RowCounts)> {
     let super::connect::Target { mut config, tls } = super::connect::parse_target(url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
@@ -260,10 +260,7 @@ pub fn probe_target(url: &str) -> Result<(String, i64, Vec<(String, u64)>)> {
     let version = super::schema::version(&mut client)?;
     let r = client.query_one(IDENTITY, &[])?;
     let identity = identity(&r);
-    let mut tx = client
-        .build_transaction()
-        .read_only(true)
-        .start()?;
+    let mut tx = client.build_transaction().read_only(true).start()?;
     let mut out = Vec::new();
     for t in TABLES.iter().filter(|t| t.user_data) {
         let exists: bool = tx

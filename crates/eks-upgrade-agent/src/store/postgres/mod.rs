@@ -33,9 +33,9 @@ mod test_results;
 mod trace;
 mod uploads;
 
+pub use copy::probe_target as probe_copy_target;
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;
-pub use copy::probe_target as probe_copy_target;
 pub use progress::{PostgresOptions, PostgresStore};
 
 #[cfg(test)]

@@ -206,7 +206,7 @@ impl CopyStore for SqliteStore {
 /// migration): its schema version and the row counts of the copied tables that exist there and
 /// hold rows; `None` when there is no store file. A copy checks this before it creates or
 /// migrates the target, so a refusal changes nothing.
-pub fn probe_target(dir: &std::path::Path) -> Result<Option<(i64, Vec<(String, u64)>)>> {
+pub fn probe_target(dir: &std::path::Path) -> Result<Option<(i64, crate::store::copy::RowCounts)>> {
     let path = dir.join(super::DB_FILE);
     if !path.is_file() {
         return Ok(None);
