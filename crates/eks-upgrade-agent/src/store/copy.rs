@@ -713,6 +713,36 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
+    /// Text that is not UTF-8 stops the copy with the column named; it is not rewritten.
+    #[test]
+    fn text_that_is_not_utf8_stops_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = SqliteStore::open(&dir.path().join("a"), &SqliteOptions::default()).unwrap();
+        let create = command(
+            serde_json::json!({"op": "upgrade.create", "upgrade_id": "u",
+            "plan_id": "p", "cluster_name": "k"}),
+        );
+        for r in from.execute(&[create]).unwrap() {
+            r.unwrap();
+        }
+        drop(from);
+        let raw =
+            rusqlite::Connection::open(dir.path().join("a").join(crate::store::sqlite::DB_FILE))
+                .unwrap();
+        raw.execute("UPDATE upgrades SET plan_id = CAST(x'70ff' AS TEXT)", [])
+            .unwrap();
+        drop(raw);
+        let from = SqliteStore::open(&dir.path().join("a"), &SqliteOptions::default()).unwrap();
+        let to = SqliteStore::open(&dir.path().join("b"), &SqliteOptions::default()).unwrap();
+        let blobs = Blobs {
+            from: Err("no blobs".into()),
+            to: Err("no blobs".into()),
+        };
+        let err = copy(&from, &to, &blobs, &mut NoProgress).unwrap_err();
+        assert!(err.to_string().contains("upgrades.plan_id"), "{err}");
+        assert!(to.non_empty().unwrap().is_empty());
+    }
+
     /// Memory stays flat: a copy holds one page of one table at a time, whatever the size of
     /// the tables (events here span several pages).
     #[test]

@@ -30,7 +30,13 @@ fn cell(v: ValueRef<'_>, kind: Kind, table: &str, column: &str) -> Result<Cell> 
         (ValueRef::Integer(i), Kind::Int) => Cell::Int(i),
         (ValueRef::Integer(i), Kind::Real) => Cell::Real(i as f64),
         (ValueRef::Real(f), Kind::Real) => Cell::Real(f),
-        (ValueRef::Text(t), Kind::Text) => Cell::Text(String::from_utf8_lossy(t).into_owned()),
+        (ValueRef::Text(t), Kind::Text) => {
+            Cell::Text(String::from_utf8(t.to_vec()).map_err(|_| Error::Corrupt {
+                what: format!(
+                    "{table}.{column} holds text that is not UTF-8: fix that row and copy again"
+                ),
+            })?)
+        }
         (ValueRef::Blob(b), Kind::Bytes | Kind::Uuid) => Cell::Bytes(b.to_vec()),
         (v, kind) => {
             return Err(Error::Backend {
