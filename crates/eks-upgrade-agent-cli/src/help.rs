@@ -23,6 +23,7 @@ const USES_S3: &[&str] = &[
     "artifacts pull",
     "demo",
     "serve",
+    "store copy",
 ];
 
 /// Commands that use the notification flags (they deliver notifications while they run).
@@ -192,6 +193,10 @@ const EXAMPLES: &[(&str, &str)] = &[
     (
         "store info",
         "store info --database-url postgres://eua@db/eua\n  eks-upgrade-agent store info --data-dir /var/lib/eks-upgrade-agent",
+    ),
+    (
+        "store copy",
+        "store copy --to postgres://eua@db/eua --to-s3-bucket team-artifacts\n  eks-upgrade-agent store copy --database-url postgres://eua@db/eua --s3-bucket team-artifacts --to /backup/eua",
     ),
     (
         "completion",

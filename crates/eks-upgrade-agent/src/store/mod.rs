@@ -24,6 +24,7 @@ use crate::model::{
 use crate::store::domain::command::Command;
 use crate::store::domain::history::TaskHistory;
 
+pub mod copy;
 pub mod domain;
 pub(crate) mod notification;
 pub mod postgres;

@@ -21,6 +21,7 @@
 
 mod artifacts;
 mod connect;
+mod copy;
 mod health;
 mod history;
 mod import;
@@ -35,6 +36,7 @@ mod test_results;
 mod trace;
 mod uploads;
 
+pub use copy::probe_target as probe_copy_target;
 pub use listen::{ListenOptions, ListenStats, Listener};
 pub use outbox::LeaseCounts;
 pub use progress::{PostgresOptions, PostgresStore};

@@ -191,18 +191,12 @@ impl PostgresStore {
         })
     }
 
-    /// Number of rows in each table, by name (`store info`).
+    /// Number of rows in each table, by name (`store info`): the tables `store copy` copies,
+    /// the same list on both backends.
     pub fn counts(&self) -> Result<Vec<(String, u64)>> {
         self.read(|db| {
             let mut out = Vec::new();
-            for table in [
-                "upgrades",
-                "tasks",
-                "events",
-                "notifications",
-                "task_history",
-                "deliveries",
-            ] {
+            for table in crate::store::copy::table_names() {
                 let n: i64 = db
                     .one(&format!("SELECT count(*) FROM {table}"), &[])?
                     .get(0);

@@ -124,7 +124,7 @@ ALTER TABLE artifacts ADD COLUMN upload_lease_until INTEGER NOT NULL DEFAULT 0;
 const FTS_BATCH: i64 = 256;
 
 /// Indexes the names of rows above the mark when `force` or a full batch is waiting.
-fn index_names(tx: &Transaction<'_>, force: bool) -> Result<()> {
+pub(super) fn index_names(tx: &Transaction<'_>, force: bool) -> Result<()> {
     let upto: i64 = tx
         .prepare_cached("SELECT value FROM artifact_meta WHERE key = 'fts_upto'")?
         .query_row([], |r| r.get(0))?;

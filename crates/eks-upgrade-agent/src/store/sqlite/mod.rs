@@ -11,6 +11,7 @@
 //! - `schema`: versioned migrations.
 
 mod artifacts;
+mod copy;
 mod history;
 mod import;
 mod outbox;
@@ -20,4 +21,5 @@ mod tasks;
 mod test_results;
 mod trace;
 
+pub use copy::probe_target as probe_copy_target;
 pub use progress::{DB_FILE, SqliteOptions, SqliteStore};

@@ -169,23 +169,12 @@ impl SqliteStore {
         self.read(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
     }
 
-    /// Number of rows in the main tables, by name (`store info`).
+    /// Number of rows in each table, by name (`store info`): the tables `store copy` copies,
+    /// the same list on both backends.
     pub fn counts(&self) -> Result<Vec<(String, u64)>> {
         self.read(|c| {
             let mut out = Vec::new();
-            for table in [
-                "upgrades",
-                "tasks",
-                "events",
-                "sessions",
-                "collections",
-                "artifacts",
-                "notifications",
-                "test_runs",
-                "test_results",
-                "task_history",
-                "deliveries",
-            ] {
+            for table in crate::store::copy::table_names() {
                 let n: i64 =
                     c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
                 out.push((table.to_owned(), n as u64));
