@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,20 @@ struct Export {
     /// Header names lowercased.
     headers: HashMap<String, String>,
     request: ExportTraceServiceRequest,
+    /// Answered 200 (else 503: refused, to be re-sent).
+    accepted: bool,
 }
 
 type Exports = Arc<Mutex<Vec<Export>>>;
 
 /// An OTLP/HTTP receiver on `listener` answering 200; returns the exports it decoded.
 fn receiver_on(listener: TcpListener) -> Exports {
+    receiver_refusing(listener, Arc::new(AtomicUsize::new(0)))
+}
+
+/// [`receiver_on`] answering 503 to as many requests as `refuse` holds (counted down), which it
+/// decodes and keeps too (`accepted` false).
+fn receiver_refusing(listener: TcpListener, refuse: Arc<AtomicUsize>) -> Exports {
     let got: Exports = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     std::thread::spawn(move || {
@@ -63,14 +72,23 @@ fn receiver_on(listener: TcpListener) -> Exports {
                 body = plain;
             }
             let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            let accepted = refuse
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err();
             g.lock().unwrap().push(Export {
                 path,
                 headers,
                 request,
+                accepted,
             });
+            let status = if accepted {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
             let _ = write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
+                "HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\n\
                  Content-Length: 0\r\nConnection: close\r\n\r\n"
             );
         }
@@ -78,10 +96,10 @@ fn receiver_on(listener: TcpListener) -> Exports {
     got
 }
 
-/// Every span received, the last copy of each span id (delivery is at least once).
+/// Every span accepted, the last copy of each span id (delivery is at least once).
 fn spans(got: &Exports) -> HashMap<Vec<u8>, Span> {
     let mut out = HashMap::new();
-    for e in got.lock().unwrap().iter() {
+    for e in got.lock().unwrap().iter().filter(|e| e.accepted) {
         for rs in &e.request.resource_spans {
             for ss in &rs.scope_spans {
                 for s in &ss.spans {
@@ -725,18 +743,19 @@ fn junit(env: &Env, file: &str, cases: &[(&str, &str)]) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-/// Issue #14 "a validation run as a span with one event per failed test": the upgrade's test
-/// runs are spans under its root span (name with phase and suite, from the run's start to its
-/// recording, the counts as attributes, `ERROR` when tests failed, one event per failing test
-/// with its name and message), exported with the root span; a post run that fails its gate is
-/// exported at once by its `upgrade.validation_failed` (so one recorded after the upgrade
-/// ended reaches the trace too), and every copy of a span is the same bytes.
+/// Issue #14 "a validation run as a span with one event per failed test": every test run of
+/// the upgrade is a span under its root span (name with phase and suite, from the run's start
+/// to its recording, the counts as attributes, `ERROR` when tests failed, one event per failing
+/// test with its name and message), exported once, when recorded, whatever its phase and
+/// result, before or after the upgrade's end; a re-sent span is the same bytes.
 #[test]
 fn test_runs_are_spans_of_the_upgrade_trace() {
+    use eks_upgrade_agent::notify::otlp::{run_span_id, trace_id};
     let env = Env::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let got = receiver_on(listener);
+    let refuse = Arc::new(AtomicUsize::new(0));
+    let got = receiver_refusing(listener, refuse.clone());
     let flags = ["--otlp-endpoint", base.as_str()];
     let run = |args: &[&str]| {
         let mut a = flags.to_vec();
@@ -779,33 +798,38 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
         ],
     );
     let post = ingest(&post, "post");
-    // The failing post run is exported with its notification, before the upgrade ends.
+    // Both runs are exported when recorded, before the upgrade ends.
     let id_of = |r: &Value| r["run_id"].as_str().unwrap().to_owned();
     let find = |run_id: &str| -> Option<Span> {
         spans(&got)
             .into_values()
             .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(run_id))
     };
+    assert!(find(&id_of(&pre)).is_some(), "the pre run at once");
     assert!(
         find(&id_of(&post)).is_some(),
         "the failing post run at once"
     );
-    assert!(
-        find(&id_of(&pre)).is_none(),
-        "the pre run waits for the root"
-    );
     run(&["progress", "upgrade", "complete", "u1"]);
+    // After the end: a failing post run, then a passing post run whose first export the
+    // collector refuses (re-sent by the flush), then a pre run.
     let late = junit(&env, "late.xml", &[("health", "fail"), ("pods", "pass")]);
     let late = ingest(&late, "post");
+    refuse.store(1, Ordering::SeqCst);
+    let passing = junit(&env, "passing.xml", &[("health", "pass")]);
+    let passing = ingest(&passing, "post");
+    let late_pre = junit(&env, "late-pre.xml", &[("health", "pass"), ("dns", "skip")]);
+    let late_pre = ingest(&late_pre, "pre");
     let flushed = run(&["notify", "flush", "--timeout", "20"]);
     assert!(flushed.contains("0 still pending"), "{flushed}");
+    assert_eq!(refuse.load(Ordering::SeqCst), 0, "an export was refused");
 
     let all = spans(&got);
     let root = all
         .values()
         .find(|s| s.name == "eks upgrade prod")
         .expect("the root span");
-    assert_eq!(all.len(), 4, "the root and three runs");
+    assert_eq!(all.len(), 6, "the root and five runs");
     for (r, name, phase, status, message) in [
         (&pre, "tests pre: smoke", "pre", StatusCode::Ok, ""),
         (
@@ -822,11 +846,15 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
             StatusCode::Error,
             "1 of 2 tests failed",
         ),
+        (&passing, "tests post: smoke", "post", StatusCode::Ok, ""),
+        (&late_pre, "tests pre: smoke", "pre", StatusCode::Ok, ""),
     ] {
         let id = id_of(r);
         let s = find(&id).unwrap_or_else(|| panic!("no span for run {id}"));
         assert_eq!(s.name, name);
         assert_eq!(s.trace_id, root.trace_id);
+        assert_eq!(s.trace_id, trace_id("u1"));
+        assert_eq!(s.span_id, run_span_id("u1", &id), "the run's own id");
         assert_eq!(s.parent_span_id, root.span_id, "{name} under the root");
         let st = s.status.as_ref().unwrap();
         assert_eq!((st.code, st.message.as_str()), (status as i32, message));
@@ -896,21 +924,26 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
             .all(|e| e.time_unix_nano == post.end_time_unix_nano)
     );
     assert!(find(&id_of(&pre)).unwrap().events.is_empty());
-    // At least once, the same bytes: every copy of a span is identical (the post run came
-    // twice: with its notification and with the root).
-    let mut copies: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    // Once each, accepted; the refused export's copy is the re-sent one, byte for byte.
+    let mut copies: HashMap<Vec<u8>, Vec<(bool, Vec<u8>)>> = HashMap::new();
     for e in got.lock().unwrap().iter() {
         for s in &e.request.resource_spans[0].scope_spans[0].spans {
             copies
                 .entry(s.span_id.clone())
                 .or_default()
-                .push(s.encode_to_vec());
+                .push((e.accepted, s.encode_to_vec()));
         }
     }
-    assert!(copies.values().any(|c| c.len() > 1), "a span sent twice");
-    for c in copies.values() {
-        assert!(c.windows(2).all(|w| w[0] == w[1]), "copies differ");
+    for (id, c) in &copies {
+        assert_eq!(c.iter().filter(|(ok, _)| *ok).count(), 1, "{id:?} once");
+        assert!(c.windows(2).all(|w| w[0].1 == w[1].1), "copies differ");
     }
+    let resent = &copies[&run_span_id("u1", &id_of(&passing)).to_vec()];
+    assert_eq!(
+        resent.iter().map(|(ok, _)| *ok).collect::<Vec<_>>(),
+        [false, true],
+        "the passing post run refused, then re-sent"
+    );
 }
 
 /// The spans of `scope` received so far.

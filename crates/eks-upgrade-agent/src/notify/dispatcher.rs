@@ -164,7 +164,7 @@ impl Dispatcher {
 
     fn run_sink(&self, sink: &dyn EventSink) -> Result<PassReport> {
         let mut report = PassReport::default();
-        self.outbox.ingest(sink.name())?;
+        self.outbox.ingest(sink.name(), sink.kinds())?;
         loop {
             let due = self
                 .outbox
@@ -337,7 +337,7 @@ impl Dispatcher {
             .iter()
             .map(|s| {
                 // Shown to people (notify status, /metrics): the label, not the key.
-                let mut st = self.outbox.sink_status(s.name())?;
+                let mut st = self.outbox.sink_status(s.name(), s.kinds())?;
                 st.sink = s.label().to_owned();
                 Ok(st)
             })

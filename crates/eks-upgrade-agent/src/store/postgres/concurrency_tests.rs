@@ -167,7 +167,7 @@ fn a_gate_notification_committing_late_is_still_delivered() {
             sink(attempt(TestStatus::Passed))
         })
         .unwrap();
-    store.ingest("sink").unwrap();
+    store.ingest("sink", crate::notify::Kinds::Events).unwrap();
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     admin
         .batch_execute(
@@ -213,13 +213,13 @@ fn a_gate_notification_committing_late_is_still_delivered() {
     while !progress.is_finished() && waiting(&mut admin, false) == 0 {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    store.ingest("sink").unwrap();
+    store.ingest("sink", crate::notify::Kinds::Events).unwrap();
     holder
         .execute("SELECT pg_advisory_unlock(4242)", &[])
         .unwrap();
     post.join().unwrap().unwrap();
     progress.join().unwrap().unwrap();
-    store.ingest("sink").unwrap();
+    store.ingest("sink", crate::notify::Kinds::Events).unwrap();
     let due = store.due("sink", Utc::now(), 1000).unwrap();
     let kinds: Vec<&str> = due.iter().map(|(n, _)| n.detail_type.as_str()).collect();
     assert!(
