@@ -9,7 +9,11 @@
 //!
 //! A write (`POST`, `PUT`, `PATCH`, `DELETE`) under `/api/v1/upgrades/{upgrade}/...` carries
 //! `eks.upgrade.id` and a link to the upgrade's root span (the sink's deterministic ids), so a
-//! collector shows which requests drove an upgrade. A W3C `traceparent` header makes the span a
+//! collector shows which requests drove an upgrade. So do the writes that name their upgrades in
+//! the body (`POST /api/v1/upgrades`, `POST /api/v1/store/execute`): their handlers put the
+//! upgrades they committed to in the response's extensions ([`UpgradesWritten`]); a batch
+//! naming several gets a link to each (at most [`MAX_LINKS`]), and `eks.upgrade.id` only when
+//! it names one. A W3C `traceparent` header makes the span a
 //! child of the caller's; otherwise each request starts its own trace.
 
 use std::collections::hash_map::RandomState;
@@ -39,6 +43,27 @@ pub const MAX_BATCH: usize = 512;
 pub const BATCH_DELAY: Duration = Duration::from_millis(500);
 /// The instrumentation scope of the request spans.
 pub const SCOPE: &str = "eks-upgrade-agent-server";
+
+/// Most links to upgrade traces on one request span.
+pub const MAX_LINKS: usize = 32;
+
+/// The upgrades a request changed, when its path does not name them (the handler puts this in
+/// the response's extensions, in order, without repeats): read by [`record`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradesWritten(pub Vec<String>);
+
+impl UpgradesWritten {
+    /// The distinct upgrades of `ids`, in first-seen order.
+    pub fn of<'a>(ids: impl IntoIterator<Item = &'a str>) -> UpgradesWritten {
+        let mut out: Vec<String> = Vec::new();
+        for id in ids {
+            if !out.iter().any(|x| x == id) {
+                out.push(id.to_owned());
+            }
+        }
+        UpgradesWritten(out)
+    }
+}
 
 /// The queue of request spans and its exporting thread (which ends when the last clone of the
 /// state holding this is dropped, after sending what is queued).
@@ -217,15 +242,26 @@ pub(crate) async fn record(State(s): State<AppState>, req: Request, next: Next) 
             attributes.push(kv("server.port", any_value::Value::IntValue(p.into())));
         }
     }
-    let mut links = Vec::new();
-    if let Some(upgrade) = upgrade_written(&method, route.as_deref(), &path) {
-        links.push(span::Link {
-            trace_id: otlp::trace_id(&upgrade).to_vec(),
-            span_id: otlp::span_id(&upgrade, None).to_vec(),
+    let upgrades = match upgrade_written(&method, route.as_deref(), &path) {
+        Some(u) => vec![u],
+        None => resp
+            .extensions()
+            .get::<UpgradesWritten>()
+            .map(|w| w.0.clone())
+            .unwrap_or_default(),
+    };
+    let links = upgrades
+        .iter()
+        .take(MAX_LINKS)
+        .map(|upgrade| span::Link {
+            trace_id: otlp::trace_id(upgrade).to_vec(),
+            span_id: otlp::span_id(upgrade, None).to_vec(),
             attributes: vec![s_kv("eks.link", "upgrade")],
             ..span::Link::default()
-        });
-        attributes.push(s_kv("eks.upgrade.id", upgrade));
+        })
+        .collect();
+    if let [upgrade] = upgrades.as_slice() {
+        attributes.push(s_kv("eks.upgrade.id", upgrade.clone()));
     }
     spans.push(Span {
         trace_id,
@@ -399,6 +435,14 @@ mod tests {
         assert_eq!(
             upgrade_written(&Method::POST, None, "/api/v1/upgrades/u/x"),
             None
+        );
+    }
+
+    #[test]
+    fn upgrades_written_are_distinct_in_order() {
+        assert_eq!(
+            UpgradesWritten::of(["b", "a", "b", "c", "a"]).0,
+            ["b", "a", "c"]
         );
     }
 

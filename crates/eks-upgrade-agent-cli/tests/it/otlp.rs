@@ -1108,6 +1108,100 @@ fn the_server_exports_request_spans_linked_to_the_upgrade_trace() {
     );
 }
 
+/// A POST of `body` (JSON) to a served port; the response's head and body.
+fn post_json(port: u16, path: &str, body: &str) -> String {
+    crate::util::http(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// The progress writes whose path does not name the upgrade are linked to its trace too:
+/// `POST /api/v1/upgrades` (create) to the new upgrade's root span, and
+/// `POST /api/v1/store/execute` (the CLI's `--server` path) to the root span of each upgrade
+/// whose command committed (a command that failed links nothing; `eks.upgrade.id` only when
+/// the batch names one upgrade).
+#[test]
+fn creates_and_store_batches_are_linked_to_the_upgrade_trace() {
+    use eks_upgrade_agent::notify::otlp::{span_id, trace_id};
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let served = crate::util::serve(&env, &[("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str())]);
+    let port = served.port;
+    let server = format!("http://127.0.0.1:{port}");
+    let created = post_json(
+        port,
+        "/api/v1/upgrades",
+        r#"{"upgrade_id":"n1","plan_id":"p","cluster_name":"c"}"#,
+    );
+    assert!(created.starts_with("HTTP/1.1 201"), "{created}");
+    // Through the CLI: `--server` sends its commands to /api/v1/store/execute.
+    env.ok(&["--server", &server, "progress", "upgrade", "start", "n1"]);
+    // A batch naming two upgrades (one created by it), and one naming only an unknown one.
+    let both = post_json(
+        port,
+        "/api/v1/store/execute",
+        r#"[{"op":"upgrade.create","upgrade_id":"n2","plan_id":"p","cluster_name":"c"},
+            {"op":"upgrade.start","upgrade_id":"n2"},
+            {"op":"upgrade.phase","upgrade_id":"n1","phase":"nodes"}]"#,
+    );
+    assert!(both.starts_with("HTTP/1.1 200"), "{both}");
+    assert!(!both.contains("\"error\""), "{both}");
+    let failed = post_json(
+        port,
+        "/api/v1/store/execute",
+        r#"[{"op":"upgrade.start","upgrade_id":"nope"}]"#,
+    );
+    assert!(failed.starts_with("HTTP/1.1 200"), "{failed}");
+    assert!(failed.contains("\"error\""), "{failed}");
+    wait_until(&got, "4 request spans", |g| {
+        scope_spans(g, "eks-upgrade-agent-server").len() >= 4
+    });
+    let requests = scope_spans(&got, "eks-upgrade-agent-server");
+    let root = |u: &str| (trace_id(u).to_vec(), span_id(u, None).to_vec());
+    let linked = |s: &Span| -> Vec<(Vec<u8>, Vec<u8>)> {
+        s.links
+            .iter()
+            .map(|l| (l.trace_id.clone(), l.span_id.clone()))
+            .collect()
+    };
+    let create = requests
+        .iter()
+        .find(|s| s.name == "POST /api/v1/upgrades")
+        .expect("the create's span");
+    assert_eq!(linked(create), [root("n1")]);
+    assert_eq!(attr(create, "eks.upgrade.id"), "n1");
+    let mut batches: Vec<&Span> = requests
+        .iter()
+        .filter(|s| s.name == "POST /api/v1/store/execute")
+        .collect();
+    batches.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(batches.len(), 3, "{requests:?}");
+    assert_eq!(linked(batches[0]), [root("n1")], "the CLI's start");
+    assert_eq!(attr(batches[0], "eks.upgrade.id"), "n1");
+    assert_eq!(linked(batches[1]), [root("n2"), root("n1")]);
+    assert_eq!(value(&batches[1].attributes, "eks.upgrade.id"), None);
+    assert!(linked(batches[2]).is_empty(), "nothing committed");
+    assert_eq!(value(&batches[2].attributes, "eks.upgrade.id"), None);
+    for s in &batches {
+        assert!(
+            s.links
+                .iter()
+                .all(|l| attr_of(&l.attributes, "eks.link") == "upgrade")
+        );
+    }
+}
+
+fn attr_of(kvs: &[KeyValue], key: &str) -> String {
+    value(kvs, key).unwrap_or_else(|| panic!("no {key}"))
+}
+
 /// `GET /metrics` of a served port, the body.
 fn metrics_text(port: u16) -> String {
     let text = get(port, "/metrics", "");
