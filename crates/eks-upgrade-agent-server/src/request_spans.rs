@@ -5,7 +5,9 @@
 //! thread through the OTLP sink's transport ([`OtlpExporter`]), off the request path: a request
 //! only pushes its span into a bounded queue and never waits (a full queue drops the span and
 //! counts it; an export that fails is logged, not retried: these spans are best effort, the
-//! upgrade's own trace goes through the outbox).
+//! upgrade's own trace goes through the outbox). At a graceful stop, [`RequestSpans::shutdown`]
+//! sends what is queued and waits for the thread, within a bound, so the spans of the last
+//! requests reach the collector.
 //!
 //! A write (`POST`, `PUT`, `PATCH`, `DELETE`) under `/api/v1/upgrades/{upgrade}/...` carries
 //! `eks.upgrade.id` and a link to the upgrade's root span (the sink's deterministic ids), so a
@@ -19,8 +21,10 @@
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -65,13 +69,23 @@ impl UpgradesWritten {
     }
 }
 
-/// The queue of request spans and its exporting thread (which ends when the last clone of the
-/// state holding this is dropped, after sending what is queued).
+/// What the exporting thread receives.
+enum Msg {
+    Span(Box<Span>),
+    /// Send what is batched and stop ([`RequestSpans::shutdown`]).
+    Close,
+}
+
+/// The queue of request spans and its exporting thread (which ends at
+/// [`shutdown`](RequestSpans::shutdown), or when the last clone of the state holding this is
+/// dropped, after sending what is queued).
 pub struct RequestSpans {
-    tx: SyncSender<Span>,
+    tx: SyncSender<Msg>,
     label: String,
     dropped: AtomicU64,
     ids: IdSource,
+    /// The thread, and what it drops when it ends.
+    thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
 }
 
 impl fmt::Debug for RequestSpans {
@@ -88,15 +102,51 @@ impl RequestSpans {
     pub fn start(exporter: OtlpExporter) -> std::io::Result<RequestSpans> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let label = exporter.label().to_owned();
-        std::thread::Builder::new()
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
             .name("eua-request-spans".into())
-            .spawn(move || export_loop(&exporter, &rx))?;
+            .spawn(move || {
+                export_loop(&exporter, &rx);
+                drop(done_tx);
+            })?;
         Ok(RequestSpans {
             tx,
             label,
             dropped: AtomicU64::new(0),
             ids: IdSource::new(),
+            thread: Mutex::new(Some((handle, done_rx))),
         })
+    }
+
+    /// At a graceful stop, once no request runs: the thread sends what is queued (without
+    /// waiting for a batch to fill) and ends; waits for it at most `wait`. True when it ended
+    /// in time (false: the collector did not answer in time; the thread is left behind).
+    pub fn shutdown(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut msg = Msg::Close;
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(m)) => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let Some((handle, done)) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+        else {
+            return true;
+        };
+        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Timeout) => false,
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                let _ = handle.join();
+                true
+            }
+        }
     }
 
     /// Spans dropped because the queue was full.
@@ -105,7 +155,7 @@ impl RequestSpans {
     }
 
     fn push(&self, span: Span) {
-        match self.tx.try_send(span) {
+        match self.tx.try_send(Msg::Span(Box::new(span))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -119,16 +169,16 @@ impl RequestSpans {
     }
 }
 
-fn export_loop(exporter: &OtlpExporter, rx: &Receiver<Span>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+fn export_loop(exporter: &OtlpExporter, rx: &Receiver<Msg>) {
+    while let Ok(Msg::Span(first)) = rx.recv() {
+        let mut batch = vec![*first];
         let deadline = Instant::now() + BATCH_DELAY;
         let mut closed = false;
         while batch.len() < MAX_BATCH {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(s) => batch.push(s),
+                Ok(Msg::Span(s)) => batch.push(*s),
                 Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
+                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
                     closed = true;
                     break;
                 }

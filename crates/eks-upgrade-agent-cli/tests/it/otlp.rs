@@ -1202,6 +1202,38 @@ fn attr_of(kvs: &[KeyValue], key: &str) -> String {
     value(kvs, key).unwrap_or_else(|| panic!("no {key}"))
 }
 
+/// A graceful stop (SIGTERM) right after a request still exports the request's span: the
+/// exporter sends what is queued without waiting for its batch to fill, and `serve` waits for it
+/// (bounded) before exiting.
+#[test]
+fn a_request_span_reaches_the_collector_across_sigterm() {
+    let env = Env::with_task();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let mut served = crate::util::serve(&env, &[("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str())]);
+    let resp = post(served.port, "/api/v1/upgrades/u/start", "");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = served.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "serve exits cleanly on SIGTERM: {status:?}"
+    );
+    // Exited: whatever it exported is in.
+    let requests = scope_spans(&got, "eks-upgrade-agent-server");
+    assert!(
+        requests.iter().any(
+            |s| value(&s.attributes, "url.path").as_deref() == Some("/api/v1/upgrades/u/start")
+        ),
+        "the last request's span was lost at the stop: {requests:?}"
+    );
+}
+
 /// `GET /metrics` of a served port, the body.
 fn metrics_text(port: u16) -> String {
     let text = get(port, "/metrics", "");

@@ -923,3 +923,32 @@ fn the_retry_delay_grows_exponentially_up_to_the_cap_with_jitter() {
     let draws: std::collections::HashSet<Duration> = (0..100).map(|_| d.backoff(3)).collect();
     assert!(draws.len() > 20, "{} distinct delays of 100", draws.len());
 }
+
+/// `finish` (a graceful stop): the thread makes one more pass for what the last changes
+/// committed, and is waited for; entries committed while it slept are delivered before
+/// `finish` returns.
+#[test]
+fn finish_delivers_what_the_last_changes_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    let slow_poll = DispatcherOptions {
+        poll: Duration::from_secs(60),
+        ..fast()
+    };
+    let d = Arc::new(Dispatcher::new(s.clone(), vec![sink.clone()], slow_poll));
+    let handle = d.spawn();
+    // Let the thread's first pass (nothing to do) end; it then sleeps for a minute.
+    std::thread::sleep(Duration::from_millis(300));
+    t.create_upgrade("u1", "p", "prod", JsonMap::new()).unwrap();
+    t.start_upgrade("u1", None).unwrap();
+    assert!(sink.received().is_empty());
+    assert!(handle.finish(Duration::from_secs(10)));
+    let got: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|n| n.detail_type.clone())
+        .collect();
+    assert_eq!(got, ["upgrade.started"]);
+}
