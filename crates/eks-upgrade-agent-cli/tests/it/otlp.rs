@@ -946,6 +946,57 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
     );
 }
 
+/// A run's span lasts its longest suite's total time, not the sum over suites (which may run in
+/// parallel): suites of 2 s and 3 s give a 3 s span ending at the recording.
+#[test]
+fn a_run_span_lasts_its_longest_suite() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let flags = ["--otlp-endpoint", base.as_str()];
+    let mut a = flags.to_vec();
+    a.extend([
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    env.ok(&a);
+    let xml = r#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="alpha" timestamp="2026-01-01T00:00:00">
+    <testcase classname="t" name="a1" time="1.0"/>
+    <testcase classname="t" name="a2" time="1.0"/>
+  </testsuite>
+  <testsuite name="beta" timestamp="2026-01-01T00:00:00">
+    <testcase classname="t" name="b1" time="3.0"/>
+  </testsuite>
+</testsuites>
+"#;
+    let path = env.data_dir().join("two.xml");
+    std::fs::write(&path, xml).unwrap();
+    let mut a = flags.to_vec();
+    a.extend(["tests", "ingest", path.to_str().unwrap(), "--upgrade", "u1"]);
+    a.extend(["--phase", "adhoc"]);
+    let run = env.json(&a);
+    assert_eq!(run["duration"].as_f64(), Some(5.0), "{run}");
+    let id = run["run_id"].as_str().unwrap();
+    let span = spans(&got)
+        .into_values()
+        .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(id))
+        .expect("the run's span");
+    assert_eq!(span.end_time_unix_nano, nanos(&run["created_at"]));
+    assert_eq!(
+        span.end_time_unix_nano - span.start_time_unix_nano,
+        3_000_000_000
+    );
+}
+
 /// The spans of `scope` received so far.
 fn scope_spans(got: &Exports, scope: &str) -> Vec<Span> {
     let mut out = Vec::new();

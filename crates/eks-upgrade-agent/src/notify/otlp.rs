@@ -361,6 +361,9 @@ pub struct RunFacts {
     pub failures: Vec<TestResult>,
     /// How many failing tests the run has in all.
     pub total_failures: u64,
+    /// How long the run took, in seconds: its longest suite's total test time (suites may run
+    /// in parallel; the tests of one suite are taken to run one after another).
+    pub lasted: f64,
 }
 
 /// One span the sink is about to build: the span of the upgrade (`task_id` `None`) or of the
@@ -973,7 +976,8 @@ fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
 }
 
 /// The span of a test run: a child of the upgrade's root span, from the run's start (its
-/// recording time less the sum of its tests' durations) to its recording; the run's counts as
+/// recording time less its longest suite's total test time, [`RunFacts::lasted`]) to its
+/// recording; the run's counts as
 /// attributes; `ERROR` when tests failed; one event per failing test (sampled).
 fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
     let run = &f.run;
@@ -1033,8 +1037,8 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
         }
     };
     let end = nanos(run.created_at);
-    let lasted = if c.duration.is_finite() && c.duration > 0.0 {
-        (c.duration * 1e9).min(end as f64) as u64
+    let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
+        (f.lasted * 1e9).min(end as f64) as u64
     } else {
         0
     };

@@ -769,10 +769,20 @@ fn run_facts(
             });
         }
     }
+    // The longest suite's total time: suites may run in parallel.
+    let lasted: f64 = db
+        .one(
+            "SELECT coalesce(max(t), 0)::float8 FROM (SELECT sum(r.duration) AS t \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = $1 GROUP BY c.suite) s",
+            &[&rkey],
+        )?
+        .get(0);
     Ok(RunFacts {
         run,
         failures,
         total_failures: total,
+        lasted,
     })
 }
 

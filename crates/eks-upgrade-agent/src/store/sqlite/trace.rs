@@ -139,10 +139,19 @@ fn run_facts(c: &Connection, rkey: i64, run: TestRun, max_events: usize) -> Resu
             i += 1;
         }
     }
+    // The longest suite's total time: suites may run in parallel.
+    let lasted: f64 = c
+        .prepare_cached(
+            "SELECT coalesce(max(t), 0.0) FROM (SELECT total(r.duration) AS t \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = ?1 GROUP BY c.suite)",
+        )?
+        .query_row([rkey], |r| r.get(0))?;
     Ok(RunFacts {
         run,
         failures,
         total_failures: total,
+        lasted,
     })
 }
 
