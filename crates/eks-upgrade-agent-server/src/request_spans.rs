@@ -52,7 +52,7 @@ pub const SCOPE: &str = "eks-upgrade-agent-server";
 pub const MAX_LINKS: usize = 32;
 
 /// The upgrades a request changed, when its path does not name them (the handler puts this in
-/// the response's extensions, in order, without repeats): read by [`record`].
+/// the response's extensions, in order, without repeats): read by the request span middleware.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpgradesWritten(pub Vec<String>);
 
