@@ -57,11 +57,16 @@ pub const MAX_LINKS: usize = 32;
 pub struct UpgradesWritten(pub Vec<String>);
 
 impl UpgradesWritten {
-    /// The distinct upgrades of `ids`, in first-seen order.
+    /// The distinct upgrades of `ids`, in first-seen order, at most [`MAX_LINKS`] + 1 of them
+    /// (enough to link [`MAX_LINKS`] and to tell one upgrade from several): a batch of many
+    /// commands costs at most that many comparisons per command.
     pub fn of<'a>(ids: impl IntoIterator<Item = &'a str>) -> UpgradesWritten {
         let mut out: Vec<String> = Vec::new();
         for id in ids {
             if !out.iter().any(|x| x == id) {
+                if out.len() > MAX_LINKS {
+                    break;
+                }
                 out.push(id.to_owned());
             }
         }
@@ -494,6 +499,15 @@ mod tests {
             UpgradesWritten::of(["b", "a", "b", "c", "a"]).0,
             ["b", "a", "c"]
         );
+    }
+
+    #[test]
+    fn upgrades_written_stop_past_the_links_kept() {
+        // 50,000 distinct upgrades would be 1.25e9 comparisons on a tokio worker if all were kept.
+        let ids: Vec<String> = (0..50_000).map(|i| format!("u{i}")).collect();
+        let w = UpgradesWritten::of(ids.iter().map(String::as_str));
+        assert_eq!(w.0.len(), MAX_LINKS + 1);
+        assert_eq!(w.0[..], ids[..=MAX_LINKS]);
     }
 
     #[test]
