@@ -204,8 +204,7 @@ fn run_committing_late_is_still_delivered(
              CREATE CONSTRAINT TRIGGER hold AFTER INSERT ON notifications \
              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
              WHEN (NEW.detail_type = '{held}') EXECUTE FUNCTION hold_commit();"
-            ),
-        )
+        ))
         .unwrap();
     let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     holder
