@@ -213,7 +213,7 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let spans = state.request_spans.clone();
     let _uploader = spawn_uploader(ctx, store.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = bind(args.listen).await?;
         eprintln!(
             "serving http://{}/ (API under /api/v1; Ctrl-C to stop)",
@@ -222,8 +222,10 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         eks_upgrade_agent_server::serve(listener, state, stop_signal())
             .await
             .context("server failed")
-    })?;
+    });
+    // Also when the server failed (a port in use): the exporters end bounded, not at drop.
     finish_exports(notifier, spans);
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -293,7 +295,7 @@ fn run_on_database(
     let spans = state.request_spans.clone();
     let _uploader = spawn_uploader(ctx, db.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = bind(args.listen).await?;
         eprintln!(
             "serving http://{}/ on the database {} (API under /api/v1; Ctrl-C to stop)",
@@ -303,8 +305,10 @@ fn run_on_database(
         eks_upgrade_agent_server::serve(listener, state, stop_signal())
             .await
             .context("server failed")
-    })?;
+    });
+    // Also when the server failed (a port in use): the exporters end bounded, not at drop.
     finish_exports(notifier, spans);
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
