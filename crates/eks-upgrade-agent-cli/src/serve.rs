@@ -209,10 +209,11 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let state = state(ctx, store.clone(), auth)?
         .with_guard(guard)
         .with_serve_options(options);
-    let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let spans = state.request_spans.clone();
     let _uploader = spawn_uploader(ctx, store.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = bind(args.listen).await?;
         eprintln!(
             "serving http://{}/ (API under /api/v1; Ctrl-C to stop)",
@@ -221,7 +222,10 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
         eks_upgrade_agent_server::serve(listener, state, stop_signal())
             .await
             .context("server failed")
-    })?;
+    });
+    // Also when the server failed (a port in use): the exporters end bounded, not at drop.
+    finish_exports(notifier, spans);
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -287,10 +291,11 @@ fn run_on_database(
     if let Some(s3) = ctx.config.s3_store()? {
         state = state.with_s3(Arc::new(s3));
     }
-    let _notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let notifier = state.dispatcher.clone().map(|d| d.spawn());
+    let spans = state.request_spans.clone();
     let _uploader = spawn_uploader(ctx, db.clone(), &state)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the server runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = bind(args.listen).await?;
         eprintln!(
             "serving http://{}/ on the database {} (API under /api/v1; Ctrl-C to stop)",
@@ -300,8 +305,36 @@ fn run_on_database(
         eks_upgrade_agent_server::serve(listener, state, stop_signal())
             .await
             .context("server failed")
-    })?;
+    });
+    // Also when the server failed (a port in use): the exporters end bounded, not at drop.
+    finish_exports(notifier, spans);
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long a graceful stop waits for each exporter (the notification thread's last pass, the
+/// request spans still queued).
+const EXPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After the server stopped gracefully (no request runs any more): the notification thread
+/// makes a last pass and the request span exporter sends what is queued, each waited for at
+/// most [`EXPORT_GRACE`]; what a sink did not take stays in the outbox.
+fn finish_exports(
+    notifier: Option<eks_upgrade_agent::notify::dispatcher::DispatcherHandle>,
+    spans: Option<Arc<eks_upgrade_agent_server::request_spans::RequestSpans>>,
+) {
+    if let Some(s) = spans
+        && !s.shutdown(EXPORT_GRACE)
+    {
+        eprintln!(
+            "warning: request spans still queued were not exported (the collector did not answer in time)"
+        );
+    }
+    if let Some(n) = notifier
+        && !n.finish(EXPORT_GRACE)
+    {
+        eprintln!("warning: notifications still pending stay in the outbox for the next start");
+    }
 }
 
 /// With an OTLP endpoint (the sink's settings): the server's own request spans. Settings the

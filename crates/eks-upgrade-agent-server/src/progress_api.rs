@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -17,6 +17,7 @@ use eks_upgrade_agent::store::{Committed, MAX_PAGE};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, blocking, limit_with, page_limit};
+use crate::request_spans::UpgradesWritten;
 
 /// An optional JSON body: empty means none.
 fn optional_json(body: Result<Bytes, BytesRejection>) -> ApiResult<Option<Json<Value>>> {
@@ -148,13 +149,15 @@ pub(crate) async fn list_tasks(
 pub(crate) async fn create_upgrade(
     State(s): State<AppState>,
     body: Result<Json<Value>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Extension<UpgradesWritten>, Json<Value>)> {
     let body = object(Some(body?))?;
     let c = command(body, "upgrade.create", &[])?;
     let id = c.upgrade_id().to_owned();
     let committed = execute(&s, c).await?;
     Ok((
         StatusCode::CREATED,
+        // The request span's link to the new upgrade's trace (the path does not name it).
+        Extension(UpgradesWritten::of([id.as_str()])),
         Json(summary_json(&s, &id, committed.last_seq()).await?),
     ))
 }

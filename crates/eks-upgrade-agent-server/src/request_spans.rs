@@ -5,18 +5,26 @@
 //! thread through the OTLP sink's transport ([`OtlpExporter`]), off the request path: a request
 //! only pushes its span into a bounded queue and never waits (a full queue drops the span and
 //! counts it; an export that fails is logged, not retried: these spans are best effort, the
-//! upgrade's own trace goes through the outbox).
+//! upgrade's own trace goes through the outbox). At a graceful stop, [`RequestSpans::shutdown`]
+//! sends what is queued and waits for the thread, within a bound, so the spans of the last
+//! requests reach the collector.
 //!
 //! A write (`POST`, `PUT`, `PATCH`, `DELETE`) under `/api/v1/upgrades/{upgrade}/...` carries
 //! `eks.upgrade.id` and a link to the upgrade's root span (the sink's deterministic ids), so a
-//! collector shows which requests drove an upgrade. A W3C `traceparent` header makes the span a
+//! collector shows which requests drove an upgrade. So do the writes that name their upgrades in
+//! the body (`POST /api/v1/upgrades`, `POST /api/v1/store/execute`): their handlers put the
+//! upgrades they committed to in the response's extensions ([`UpgradesWritten`]); a batch
+//! naming several gets a link to each (at most [`MAX_LINKS`]), and `eks.upgrade.id` only when
+//! it names one. A W3C `traceparent` header makes the span a
 //! child of the caller's; otherwise each request starts its own trace.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -40,13 +48,49 @@ pub const BATCH_DELAY: Duration = Duration::from_millis(500);
 /// The instrumentation scope of the request spans.
 pub const SCOPE: &str = "eks-upgrade-agent-server";
 
-/// The queue of request spans and its exporting thread (which ends when the last clone of the
-/// state holding this is dropped, after sending what is queued).
+/// Most links to upgrade traces on one request span.
+pub const MAX_LINKS: usize = 32;
+
+/// The upgrades a request changed, when its path does not name them (the handler puts this in
+/// the response's extensions, in order, without repeats): read by the request span middleware.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradesWritten(pub Vec<String>);
+
+impl UpgradesWritten {
+    /// The distinct upgrades of `ids`, in first-seen order, at most [`MAX_LINKS`] + 1 of them
+    /// (enough to link [`MAX_LINKS`] and to tell one upgrade from several): a batch of many
+    /// commands costs at most that many comparisons per command.
+    pub fn of<'a>(ids: impl IntoIterator<Item = &'a str>) -> UpgradesWritten {
+        let mut out: Vec<String> = Vec::new();
+        for id in ids {
+            if !out.iter().any(|x| x == id) {
+                if out.len() > MAX_LINKS {
+                    break;
+                }
+                out.push(id.to_owned());
+            }
+        }
+        UpgradesWritten(out)
+    }
+}
+
+/// What the exporting thread receives.
+enum Msg {
+    Span(Box<Span>),
+    /// Send what is batched and stop ([`RequestSpans::shutdown`]).
+    Close,
+}
+
+/// The queue of request spans and its exporting thread (which ends at
+/// [`shutdown`](RequestSpans::shutdown), or when the last clone of the state holding this is
+/// dropped, after sending what is queued).
 pub struct RequestSpans {
-    tx: SyncSender<Span>,
+    tx: SyncSender<Msg>,
     label: String,
     dropped: AtomicU64,
     ids: IdSource,
+    /// The thread, and what it drops when it ends.
+    thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
 }
 
 impl fmt::Debug for RequestSpans {
@@ -63,15 +107,51 @@ impl RequestSpans {
     pub fn start(exporter: OtlpExporter) -> std::io::Result<RequestSpans> {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let label = exporter.label().to_owned();
-        std::thread::Builder::new()
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
             .name("eua-request-spans".into())
-            .spawn(move || export_loop(&exporter, &rx))?;
+            .spawn(move || {
+                export_loop(&exporter, &rx);
+                drop(done_tx);
+            })?;
         Ok(RequestSpans {
             tx,
             label,
             dropped: AtomicU64::new(0),
             ids: IdSource::new(),
+            thread: Mutex::new(Some((handle, done_rx))),
         })
+    }
+
+    /// At a graceful stop, once no request runs: the thread sends what is queued (without
+    /// waiting for a batch to fill) and ends; waits for it at most `wait`. True when it ended
+    /// in time (false: the collector did not answer in time; the thread is left behind).
+    pub fn shutdown(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut msg = Msg::Close;
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(m)) => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let Some((handle, done)) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+        else {
+            return true;
+        };
+        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Timeout) => false,
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                let _ = handle.join();
+                true
+            }
+        }
     }
 
     /// Spans dropped because the queue was full.
@@ -80,7 +160,7 @@ impl RequestSpans {
     }
 
     fn push(&self, span: Span) {
-        match self.tx.try_send(span) {
+        match self.tx.try_send(Msg::Span(Box::new(span))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -94,16 +174,16 @@ impl RequestSpans {
     }
 }
 
-fn export_loop(exporter: &OtlpExporter, rx: &Receiver<Span>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+fn export_loop(exporter: &OtlpExporter, rx: &Receiver<Msg>) {
+    while let Ok(Msg::Span(first)) = rx.recv() {
+        let mut batch = vec![*first];
         let deadline = Instant::now() + BATCH_DELAY;
         let mut closed = false;
         while batch.len() < MAX_BATCH {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(s) => batch.push(s),
+                Ok(Msg::Span(s)) => batch.push(*s),
                 Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
+                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
                     closed = true;
                     break;
                 }
@@ -217,15 +297,26 @@ pub(crate) async fn record(State(s): State<AppState>, req: Request, next: Next) 
             attributes.push(kv("server.port", any_value::Value::IntValue(p.into())));
         }
     }
-    let mut links = Vec::new();
-    if let Some(upgrade) = upgrade_written(&method, route.as_deref(), &path) {
-        links.push(span::Link {
-            trace_id: otlp::trace_id(&upgrade).to_vec(),
-            span_id: otlp::span_id(&upgrade, None).to_vec(),
+    let upgrades = match upgrade_written(&method, route.as_deref(), &path) {
+        Some(u) => vec![u],
+        None => resp
+            .extensions()
+            .get::<UpgradesWritten>()
+            .map(|w| w.0.clone())
+            .unwrap_or_default(),
+    };
+    let links = upgrades
+        .iter()
+        .take(MAX_LINKS)
+        .map(|upgrade| span::Link {
+            trace_id: otlp::trace_id(upgrade).to_vec(),
+            span_id: otlp::span_id(upgrade, None).to_vec(),
             attributes: vec![s_kv("eks.link", "upgrade")],
             ..span::Link::default()
-        });
-        attributes.push(s_kv("eks.upgrade.id", upgrade));
+        })
+        .collect();
+    if let [upgrade] = upgrades.as_slice() {
+        attributes.push(s_kv("eks.upgrade.id", upgrade.clone()));
     }
     spans.push(Span {
         trace_id,
@@ -400,6 +491,23 @@ mod tests {
             upgrade_written(&Method::POST, None, "/api/v1/upgrades/u/x"),
             None
         );
+    }
+
+    #[test]
+    fn upgrades_written_are_distinct_in_order() {
+        assert_eq!(
+            UpgradesWritten::of(["b", "a", "b", "c", "a"]).0,
+            ["b", "a", "c"]
+        );
+    }
+
+    #[test]
+    fn upgrades_written_stop_past_the_links_kept() {
+        // 50,000 distinct upgrades would be 1.25e9 comparisons on a tokio worker if all were kept.
+        let ids: Vec<String> = (0..50_000).map(|i| format!("u{i}")).collect();
+        let w = UpgradesWritten::of(ids.iter().map(String::as_str));
+        assert_eq!(w.0.len(), MAX_LINKS + 1);
+        assert_eq!(w.0[..], ids[..=MAX_LINKS]);
     }
 
     #[test]

@@ -17,9 +17,9 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -29,26 +29,39 @@ use eks_upgrade_agent::store::domain::history::TaskHistory;
 use eks_upgrade_agent::store::{EventQuery, MAX_PAGE};
 
 use crate::error::{ApiError, ApiResult, blocking, json_body, limit_with, page_limit};
+use crate::request_spans::UpgradesWritten;
 use crate::{AppState, MAX_EXECUTE_BODY, MAX_IMPORT_BODY};
 
 pub(crate) async fn execute(
     State(s): State<AppState>,
     body: Result<Json<Vec<Command>>, JsonRejection>,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<(Extension<UpgradesWritten>, Json<Vec<Value>>)> {
     let commands = json_body(body, MAX_EXECUTE_BODY)?;
+    let upgrades: Vec<String> = commands.iter().map(|c| c.upgrade_id().to_owned()).collect();
     let tracker = Arc::clone(&s.tracker);
     let n = commands.len() as u64;
     // Through the tracker, so this server's callbacks (the stream hub) see the events at once.
     let results = blocking(move || tracker.execute_batch(&commands)).await?;
     s.metrics.updates.inc_by(n);
-    Ok(Json(
-        results
-            .into_iter()
-            .map(|r| match r {
-                Ok(c) => json!({ "ok": c }),
-                Err(e) => ApiError::from(e).to_json(),
-            })
-            .collect(),
+    // The request span's links: the upgrades of the commands that committed.
+    let written = UpgradesWritten::of(
+        upgrades
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(u, _)| u.as_str()),
+    );
+    Ok((
+        Extension(written),
+        Json(
+            results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(c) => json!({ "ok": c }),
+                    Err(e) => ApiError::from(e).to_json(),
+                })
+                .collect(),
+        ),
     ))
 }
 

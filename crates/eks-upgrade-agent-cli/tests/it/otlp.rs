@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,12 +25,20 @@ struct Export {
     /// Header names lowercased.
     headers: HashMap<String, String>,
     request: ExportTraceServiceRequest,
+    /// Answered 200 (else 503: refused, to be re-sent).
+    accepted: bool,
 }
 
 type Exports = Arc<Mutex<Vec<Export>>>;
 
 /// An OTLP/HTTP receiver on `listener` answering 200; returns the exports it decoded.
 fn receiver_on(listener: TcpListener) -> Exports {
+    receiver_refusing(listener, Arc::new(AtomicUsize::new(0)))
+}
+
+/// [`receiver_on`] answering 503 to as many requests as `refuse` holds (counted down), which it
+/// decodes and keeps too (`accepted` false).
+fn receiver_refusing(listener: TcpListener, refuse: Arc<AtomicUsize>) -> Exports {
     let got: Exports = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     std::thread::spawn(move || {
@@ -63,14 +72,23 @@ fn receiver_on(listener: TcpListener) -> Exports {
                 body = plain;
             }
             let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            let accepted = refuse
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err();
             g.lock().unwrap().push(Export {
                 path,
                 headers,
                 request,
+                accepted,
             });
+            let status = if accepted {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
             let _ = write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
+                "HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\n\
                  Content-Length: 0\r\nConnection: close\r\n\r\n"
             );
         }
@@ -78,10 +96,10 @@ fn receiver_on(listener: TcpListener) -> Exports {
     got
 }
 
-/// Every span received, the last copy of each span id (delivery is at least once).
+/// Every span accepted, the last copy of each span id (delivery is at least once).
 fn spans(got: &Exports) -> HashMap<Vec<u8>, Span> {
     let mut out = HashMap::new();
-    for e in got.lock().unwrap().iter() {
+    for e in got.lock().unwrap().iter().filter(|e| e.accepted) {
         for rs in &e.request.resource_spans {
             for ss in &rs.scope_spans {
                 for s in &ss.spans {
@@ -727,18 +745,19 @@ fn junit(env: &Env, file: &str, cases: &[(&str, &str)]) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-/// Issue #14 "a validation run as a span with one event per failed test": the upgrade's test
-/// runs are spans under its root span (name with phase and suite, from the run's start to its
-/// recording, the counts as attributes, `ERROR` when tests failed, one event per failing test
-/// with its name and message), exported with the root span; a post run that fails its gate is
-/// exported at once by its `upgrade.validation_failed` (so one recorded after the upgrade
-/// ended reaches the trace too), and every copy of a span is the same bytes.
+/// Issue #14 "a validation run as a span with one event per failed test": every test run of
+/// the upgrade is a span under its root span (name with phase and suite, from the run's start
+/// to its recording, the counts as attributes, `ERROR` when tests failed, one event per failing
+/// test with its name and message), exported once, when recorded, whatever its phase and
+/// result, before or after the upgrade's end; a re-sent span is the same bytes.
 #[test]
 fn test_runs_are_spans_of_the_upgrade_trace() {
+    use eks_upgrade_agent::notify::otlp::{run_span_id, trace_id};
     let env = Env::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let got = receiver_on(listener);
+    let refuse = Arc::new(AtomicUsize::new(0));
+    let got = receiver_refusing(listener, refuse.clone());
     let flags = ["--otlp-endpoint", base.as_str()];
     let run = |args: &[&str]| {
         let mut a = flags.to_vec();
@@ -781,33 +800,38 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
         ],
     );
     let post = ingest(&post, "post");
-    // The failing post run is exported with its notification, before the upgrade ends.
+    // Both runs are exported when recorded, before the upgrade ends.
     let id_of = |r: &Value| r["run_id"].as_str().unwrap().to_owned();
     let find = |run_id: &str| -> Option<Span> {
         spans(&got)
             .into_values()
             .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(run_id))
     };
+    assert!(find(&id_of(&pre)).is_some(), "the pre run at once");
     assert!(
         find(&id_of(&post)).is_some(),
         "the failing post run at once"
     );
-    assert!(
-        find(&id_of(&pre)).is_none(),
-        "the pre run waits for the root"
-    );
     run(&["progress", "upgrade", "complete", "u1"]);
+    // After the end: a failing post run, then a passing post run whose first export the
+    // collector refuses (re-sent by the flush), then a pre run.
     let late = junit(&env, "late.xml", &[("health", "fail"), ("pods", "pass")]);
     let late = ingest(&late, "post");
+    refuse.store(1, Ordering::SeqCst);
+    let passing = junit(&env, "passing.xml", &[("health", "pass")]);
+    let passing = ingest(&passing, "post");
+    let late_pre = junit(&env, "late-pre.xml", &[("health", "pass"), ("dns", "skip")]);
+    let late_pre = ingest(&late_pre, "pre");
     let flushed = run(&["notify", "flush", "--timeout", "20"]);
     assert!(flushed.contains("0 still pending"), "{flushed}");
+    assert_eq!(refuse.load(Ordering::SeqCst), 0, "an export was refused");
 
     let all = spans(&got);
     let root = all
         .values()
         .find(|s| s.name == "eks upgrade prod")
         .expect("the root span");
-    assert_eq!(all.len(), 4, "the root and three runs");
+    assert_eq!(all.len(), 6, "the root and five runs");
     for (r, name, phase, status, message) in [
         (&pre, "tests pre: smoke", "pre", StatusCode::Ok, ""),
         (
@@ -824,11 +848,15 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
             StatusCode::Error,
             "1 of 2 tests failed",
         ),
+        (&passing, "tests post: smoke", "post", StatusCode::Ok, ""),
+        (&late_pre, "tests pre: smoke", "pre", StatusCode::Ok, ""),
     ] {
         let id = id_of(r);
         let s = find(&id).unwrap_or_else(|| panic!("no span for run {id}"));
         assert_eq!(s.name, name);
         assert_eq!(s.trace_id, root.trace_id);
+        assert_eq!(s.trace_id, trace_id("u1"));
+        assert_eq!(s.span_id, run_span_id("u1", &id), "the run's own id");
         assert_eq!(s.parent_span_id, root.span_id, "{name} under the root");
         let st = s.status.as_ref().unwrap();
         assert_eq!((st.code, st.message.as_str()), (status as i32, message));
@@ -898,21 +926,77 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
             .all(|e| e.time_unix_nano == post.end_time_unix_nano)
     );
     assert!(find(&id_of(&pre)).unwrap().events.is_empty());
-    // At least once, the same bytes: every copy of a span is identical (the post run came
-    // twice: with its notification and with the root).
-    let mut copies: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    // Once each, accepted; the refused export's copy is the re-sent one, byte for byte.
+    let mut copies: HashMap<Vec<u8>, Vec<(bool, Vec<u8>)>> = HashMap::new();
     for e in got.lock().unwrap().iter() {
         for s in &e.request.resource_spans[0].scope_spans[0].spans {
             copies
                 .entry(s.span_id.clone())
                 .or_default()
-                .push(s.encode_to_vec());
+                .push((e.accepted, s.encode_to_vec()));
         }
     }
-    assert!(copies.values().any(|c| c.len() > 1), "a span sent twice");
-    for c in copies.values() {
-        assert!(c.windows(2).all(|w| w[0] == w[1]), "copies differ");
+    for (id, c) in &copies {
+        assert_eq!(c.iter().filter(|(ok, _)| *ok).count(), 1, "{id:?} once");
+        assert!(c.windows(2).all(|w| w[0].1 == w[1].1), "copies differ");
     }
+    let resent = &copies[&run_span_id("u1", &id_of(&passing)).to_vec()];
+    assert_eq!(
+        resent.iter().map(|(ok, _)| *ok).collect::<Vec<_>>(),
+        [false, true],
+        "the passing post run refused, then re-sent"
+    );
+}
+
+/// A run's span lasts its longest suite's total time, not the sum over suites (which may run in
+/// parallel): suites of 2 s and 3 s give a 3 s span ending at the recording.
+#[test]
+fn a_run_span_lasts_its_longest_suite() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let flags = ["--otlp-endpoint", base.as_str()];
+    let mut a = flags.to_vec();
+    a.extend([
+        "progress",
+        "upgrade",
+        "create",
+        "u1",
+        "--plan",
+        "p",
+        "--cluster",
+        "c",
+    ]);
+    env.ok(&a);
+    let xml = r#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="alpha" timestamp="2026-01-01T00:00:00">
+    <testcase classname="t" name="a1" time="1.0"/>
+    <testcase classname="t" name="a2" time="1.0"/>
+  </testsuite>
+  <testsuite name="beta" timestamp="2026-01-01T00:00:00">
+    <testcase classname="t" name="b1" time="3.0"/>
+  </testsuite>
+</testsuites>
+"#;
+    let path = env.data_dir().join("two.xml");
+    std::fs::write(&path, xml).unwrap();
+    let mut a = flags.to_vec();
+    a.extend(["tests", "ingest", path.to_str().unwrap(), "--upgrade", "u1"]);
+    a.extend(["--phase", "adhoc"]);
+    let run = env.json(&a);
+    assert_eq!(run["duration"].as_f64(), Some(5.0), "{run}");
+    let id = run["run_id"].as_str().unwrap();
+    let span = spans(&got)
+        .into_values()
+        .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(id))
+        .expect("the run's span");
+    assert_eq!(span.end_time_unix_nano, nanos(&run["created_at"]));
+    assert_eq!(
+        span.end_time_unix_nano - span.start_time_unix_nano,
+        3_000_000_000
+    );
 }
 
 /// The spans of `scope` received so far.
@@ -1074,6 +1158,135 @@ fn the_server_exports_request_spans_linked_to_the_upgrade_trace() {
     assert_eq!(
         value(&resource.attributes, "service.name").as_deref(),
         Some("eks-upgrade-agent")
+    );
+}
+
+/// A POST of `body` (JSON) to a served port; the response's head and body.
+fn post_json(port: u16, path: &str, body: &str) -> String {
+    crate::util::http(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// The progress writes whose path does not name the upgrade are linked to its trace too:
+/// `POST /api/v1/upgrades` (create) to the new upgrade's root span, and
+/// `POST /api/v1/store/execute` (the CLI's `--server` path) to the root span of each upgrade
+/// whose command committed (a command that failed links nothing; `eks.upgrade.id` only when
+/// the batch names one upgrade).
+#[test]
+fn creates_and_store_batches_are_linked_to_the_upgrade_trace() {
+    use eks_upgrade_agent::notify::otlp::{span_id, trace_id};
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let served = crate::util::serve(&env, &[("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str())]);
+    let port = served.port;
+    let server = format!("http://127.0.0.1:{port}");
+    let created = post_json(
+        port,
+        "/api/v1/upgrades",
+        r#"{"upgrade_id":"n1","plan_id":"p","cluster_name":"c"}"#,
+    );
+    assert!(created.starts_with("HTTP/1.1 201"), "{created}");
+    // Through the CLI: `--server` sends its commands to /api/v1/store/execute.
+    env.ok(&["--server", &server, "progress", "upgrade", "start", "n1"]);
+    // A batch naming two upgrades (one created by it), and one naming only an unknown one.
+    let both = post_json(
+        port,
+        "/api/v1/store/execute",
+        r#"[{"op":"upgrade.create","upgrade_id":"n2","plan_id":"p","cluster_name":"c"},
+            {"op":"upgrade.start","upgrade_id":"n2"},
+            {"op":"upgrade.phase","upgrade_id":"n1","phase":"nodes"}]"#,
+    );
+    assert!(both.starts_with("HTTP/1.1 200"), "{both}");
+    assert!(!both.contains("\"error\""), "{both}");
+    let failed = post_json(
+        port,
+        "/api/v1/store/execute",
+        r#"[{"op":"upgrade.start","upgrade_id":"nope"}]"#,
+    );
+    assert!(failed.starts_with("HTTP/1.1 200"), "{failed}");
+    assert!(failed.contains("\"error\""), "{failed}");
+    // Other requests (a readiness probe) have spans too: wait for these four by name.
+    wait_until(&got, "the create's and the 3 batches' spans", |g| {
+        let spans = scope_spans(g, "eks-upgrade-agent-server");
+        let named = |n: &str| spans.iter().filter(|s| s.name == n).count();
+        named("POST /api/v1/upgrades") == 1 && named("POST /api/v1/store/execute") >= 3
+    });
+    let requests = scope_spans(&got, "eks-upgrade-agent-server");
+    let root = |u: &str| (trace_id(u).to_vec(), span_id(u, None).to_vec());
+    let linked = |s: &Span| -> Vec<(Vec<u8>, Vec<u8>)> {
+        s.links
+            .iter()
+            .map(|l| (l.trace_id.clone(), l.span_id.clone()))
+            .collect()
+    };
+    let create = requests
+        .iter()
+        .find(|s| s.name == "POST /api/v1/upgrades")
+        .expect("the create's span");
+    assert_eq!(linked(create), [root("n1")]);
+    assert_eq!(attr(create, "eks.upgrade.id"), "n1");
+    let mut batches: Vec<&Span> = requests
+        .iter()
+        .filter(|s| s.name == "POST /api/v1/store/execute")
+        .collect();
+    batches.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(batches.len(), 3, "{requests:?}");
+    assert_eq!(linked(batches[0]), [root("n1")], "the CLI's start");
+    assert_eq!(attr(batches[0], "eks.upgrade.id"), "n1");
+    assert_eq!(linked(batches[1]), [root("n2"), root("n1")]);
+    assert_eq!(value(&batches[1].attributes, "eks.upgrade.id"), None);
+    assert!(linked(batches[2]).is_empty(), "nothing committed");
+    assert_eq!(value(&batches[2].attributes, "eks.upgrade.id"), None);
+    for s in &batches {
+        assert!(
+            s.links
+                .iter()
+                .all(|l| attr_of(&l.attributes, "eks.link") == "upgrade")
+        );
+    }
+}
+
+fn attr_of(kvs: &[KeyValue], key: &str) -> String {
+    value(kvs, key).unwrap_or_else(|| panic!("no {key}"))
+}
+
+/// A graceful stop (SIGTERM) right after a request still exports the request's span: the
+/// exporter sends what is queued without waiting for its batch to fill, and `serve` waits for it
+/// (bounded) before exiting.
+#[test]
+fn a_request_span_reaches_the_collector_across_sigterm() {
+    let env = Env::with_task();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let got = receiver_on(listener);
+    let mut served = crate::util::serve(&env, &[("OTEL_EXPORTER_OTLP_ENDPOINT", base.as_str())]);
+    let resp = post(served.port, "/api/v1/upgrades/u/start", "");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = served.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "serve exits cleanly on SIGTERM: {status:?}"
+    );
+    // Exited: whatever it exported is in.
+    let requests = scope_spans(&got, "eks-upgrade-agent-server");
+    assert!(
+        requests.iter().any(
+            |s| value(&s.attributes, "url.path").as_deref() == Some("/api/v1/upgrades/u/start")
+        ),
+        "the last request's span was lost at the stop: {requests:?}"
     );
 }
 

@@ -627,6 +627,12 @@ fn a_post_run_failing_the_gate_is_notified() {
             .count(),
         1
     );
+    // The runs' trace-only entries (for the OTLP sink) never reach a webhook (each one-shot
+    // command delivered before it exited).
+    assert!(
+        !bodies.iter().any(|b| b.contains("trace.")),
+        "a trace-only entry reached the webhook: {bodies:?}"
+    );
 }
 
 /// Issue #12 "a 50 MB report streams (memory flat)": the ingest of a 50 MB JUnit file (every

@@ -258,7 +258,9 @@ fn metrics_show_the_pool_the_listener_and_the_outbox_leases() {
     assert_eq!(sample(&text, "eua_db_outbox_leases_expired"), 0.0);
     // Another replica claims deliveries: leases held; then they run out (it died).
     let other = store(&url);
-    other.ingest("hook").unwrap();
+    other
+        .ingest("hook", eks_upgrade_agent::notify::Kinds::Events)
+        .unwrap();
     let claimed = other.due("hook", chrono::Utc::now(), 100).unwrap().len();
     assert!(claimed >= 2, "{claimed}");
     let text = get(&rt, &state, "/metrics").1;

@@ -60,6 +60,110 @@ fn run_upgrade(t: &ProgressTracker, u: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// Every recorded test run writes a trace-only entry (any phase, any result, before or after
+/// the upgrade's end): a sink taking every kind (as the OTLP sink does) gets one per run, in
+/// order with the upgrade's notifications; the other sinks (EventBridge, webhooks, this
+/// in-memory one by default) never see them, nor count them in their status.
+#[test]
+fn trace_only_entries_reach_only_the_sinks_that_take_them() {
+    use crate::model::{CaseAttempt, NewRun, RunPhase, TestStatus};
+    use crate::store::TestResultStore;
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let record = |id: &str, phase: RunPhase, status: TestStatus| {
+        let run = NewRun {
+            run_id: id.into(),
+            upgrade_id: "u1".into(),
+            cluster_name: "prod".into(),
+            phase,
+            created_at: chrono::Utc::now(),
+            files: vec!["r.xml".into()],
+            artifact_ids: Vec::new(),
+        };
+        s.record_run(&run, &mut |sink| {
+            sink(CaseAttempt {
+                framework: "pytest".into(),
+                suite: "smoke".into(),
+                classname: "tests".into(),
+                name: "health".into(),
+                status,
+                duration: 1.0,
+                message: None,
+            })
+        })
+        .unwrap();
+    };
+    t.create_upgrade("u1", "p", "prod", JsonMap::new()).unwrap();
+    record("pre", RunPhase::Pre, TestStatus::Passed);
+    let mut expected = run_upgrade_rest(&t, "u1");
+    record("post", RunPhase::Post, TestStatus::Passed);
+    record("adhoc", RunPhase::Adhoc, TestStatus::Failed);
+    let events = Arc::new(InMemoryEventSink::new("events"));
+    let traces = Arc::new(InMemoryEventSink::new("traces").with_kinds(Kinds::All));
+    let d = Dispatcher::new(s.clone(), vec![events.clone(), traces.clone()], fast());
+    let status = d.status().unwrap();
+    assert_eq!((status[0].total, status[0].pending), (9, 9));
+    assert_eq!((status[1].total, status[1].pending), (12, 12));
+    d.run_once().unwrap();
+    let types = |sink: &InMemoryEventSink| -> Vec<String> {
+        sink.received()
+            .iter()
+            .map(|n| match n.detail_type.as_str() {
+                TEST_RUN_TRACE => format!("run {}", n.detail["run_id"].as_str().unwrap()),
+                other => other.to_owned(),
+            })
+            .collect()
+    };
+    assert_eq!(types(&events), expected);
+    expected.insert(0, "run pre".into());
+    expected.extend(["run post".to_owned(), "run adhoc".to_owned()]);
+    assert_eq!(types(&traces), expected);
+    let status = d.status().unwrap();
+    assert_eq!((status[0].delivered, status[0].pending), (9, 0));
+    assert_eq!((status[1].delivered, status[1].pending), (12, 0));
+    assert!(traces.received().iter().all(|n| n.upgrade_id == "u1"));
+}
+
+/// [`run_upgrade`] of an upgrade already created.
+fn run_upgrade_rest(t: &ProgressTracker, u: &str) -> Vec<String> {
+    t.start_upgrade(u, Some("plan")).unwrap();
+    t.add_tasks(
+        u,
+        vec![
+            NewTask::new("a", "Drain", TaskType::UpgradeStep),
+            NewTask::new("b", "Validate", TaskType::Validation),
+        ],
+    )
+    .unwrap();
+    t.update_task(u, "a", 10.0, None, JsonMap::new()).unwrap();
+    t.update_task(u, "a", 50.0, None, JsonMap::new()).unwrap();
+    t.fail_task(u, "a", "PDB").unwrap();
+    t.retry_task(u, "a", None).unwrap();
+    t.complete_task(u, "a", None).unwrap();
+    t.set_phase(u, "validate").unwrap();
+    t.start_task(u, "b", None).unwrap();
+    t.complete_task(u, "b", None).unwrap();
+    t.complete_upgrade(u).unwrap();
+    run_upgrade_types()
+}
+
+fn run_upgrade_types() -> Vec<String> {
+    [
+        "upgrade.started",
+        "task.started",
+        "task.failed",
+        "task.retried",
+        "task.completed",
+        "upgrade.phase_changed",
+        "task.started",
+        "task.completed",
+        "upgrade.completed",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 #[test]
 fn outbox_rows_are_written_with_the_change_and_delivered_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -818,4 +922,33 @@ fn the_retry_delay_grows_exponentially_up_to_the_cap_with_jitter() {
     // Jitter: draws differ.
     let draws: std::collections::HashSet<Duration> = (0..100).map(|_| d.backoff(3)).collect();
     assert!(draws.len() > 20, "{} distinct delays of 100", draws.len());
+}
+
+/// `finish` (a graceful stop): the thread makes one more pass for what the last changes
+/// committed, and is waited for; entries committed while it slept are delivered before
+/// `finish` returns.
+#[test]
+fn finish_delivers_what_the_last_changes_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let t = ProgressTracker::new(s.clone());
+    let sink = Arc::new(InMemoryEventSink::new("mem"));
+    let slow_poll = DispatcherOptions {
+        poll: Duration::from_secs(60),
+        ..fast()
+    };
+    let d = Arc::new(Dispatcher::new(s.clone(), vec![sink.clone()], slow_poll));
+    let handle = d.spawn();
+    // Let the thread's first pass (nothing to do) end; it then sleeps for a minute.
+    std::thread::sleep(Duration::from_millis(300));
+    t.create_upgrade("u1", "p", "prod", JsonMap::new()).unwrap();
+    t.start_upgrade("u1", None).unwrap();
+    assert!(sink.received().is_empty());
+    assert!(handle.finish(Duration::from_secs(10)));
+    let got: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|n| n.detail_type.clone())
+        .collect();
+    assert_eq!(got, ["upgrade.started"]);
 }

@@ -164,7 +164,7 @@ impl Dispatcher {
 
     fn run_sink(&self, sink: &dyn EventSink) -> Result<PassReport> {
         let mut report = PassReport::default();
-        self.outbox.ingest(sink.name())?;
+        self.outbox.ingest(sink.name(), sink.kinds())?;
         loop {
             let due = self
                 .outbox
@@ -338,18 +338,21 @@ impl Dispatcher {
             .iter()
             .map(|s| {
                 // Shown to people (notify status, /metrics): the label, not the key.
-                let mut st = self.outbox.sink_status(s.name())?;
+                let mut st = self.outbox.sink_status(s.name(), s.kinds())?;
                 st.sink = s.label().to_owned();
                 Ok(st)
             })
             .collect()
     }
 
-    /// Runs passes on a background thread until the handle is dropped (or `stop`ped).
+    /// Runs passes on a background thread until the handle is dropped (or
+    /// [`finish`](DispatcherHandle::finish)ed).
     pub fn spawn(self: Arc<Self>) -> DispatcherHandle {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let wake = Arc::new(AtomicBool::new(false));
-        let (s, w) = (Arc::clone(&stop), Arc::clone(&wake));
+        let last = Arc::new(AtomicBool::new(false));
+        let (s, w, l) = (Arc::clone(&stop), Arc::clone(&wake), Arc::clone(&last));
+        let (done_tx, done) = mpsc::channel::<()>();
         let this = Arc::clone(&self);
         let handle = std::thread::Builder::new()
             .name("eua-notify".into())
@@ -361,23 +364,31 @@ impl Dispatcher {
                     }
                     let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
                     if *guard {
-                        return;
+                        break;
                     }
                     if !w.swap(false, Ordering::SeqCst) {
                         let (guard, _) = cvar
                             .wait_timeout(guard, this.options.poll)
                             .unwrap_or_else(|p| p.into_inner());
                         if *guard {
-                            return;
+                            break;
                         }
                     }
                 }
+                // `finish`: one more pass for what the last changes committed.
+                if l.load(Ordering::SeqCst)
+                    && let Err(e) = this.run_once()
+                {
+                    tracing::warn!(error = %e, "notification pass failed");
+                }
+                drop(done_tx);
             })
             .expect("spawn the notification thread");
         DispatcherHandle {
             stop,
             wake,
-            handle: Some(handle),
+            last,
+            handle: Some((handle, done)),
             dispatcher: self,
         }
     }
@@ -388,7 +399,8 @@ impl Dispatcher {
 pub struct DispatcherHandle {
     stop: Arc<(Mutex<bool>, Condvar)>,
     wake: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    last: Arc<AtomicBool>,
+    handle: Option<(JoinHandle<()>, mpsc::Receiver<()>)>,
     dispatcher: Arc<Dispatcher>,
 }
 
@@ -403,13 +415,33 @@ impl DispatcherHandle {
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
         &self.dispatcher
     }
+
+    /// At a graceful stop: the thread finishes its pass, makes one more (for what the last
+    /// changes committed) and ends; waits for it at most `wait`. True when it ended in time
+    /// (false: a sink did not answer in time; the thread is left behind, its entries stay in
+    /// the outbox).
+    pub fn finish(mut self, wait: Duration) -> bool {
+        self.last.store(true, Ordering::SeqCst);
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        let Some((handle, done)) = self.handle.take() else {
+            return true;
+        };
+        match done.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = handle.join();
+                true
+            }
+        }
+    }
 }
 
 impl Drop for DispatcherHandle {
     fn drop(&mut self) {
         *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop.1.notify_all();
-        if let Some(h) = self.handle.take() {
+        if let Some((h, _)) = self.handle.take() {
             let _ = h.join();
         }
     }

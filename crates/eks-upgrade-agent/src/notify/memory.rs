@@ -3,13 +3,14 @@
 
 use std::sync::Mutex;
 
-use super::{EntryResult, EventSink, Notification};
+use super::{EntryResult, EventSink, Kinds, Notification};
 
 type Rule = Box<dyn Fn(&Notification) -> Option<EntryResult> + Send + Sync>;
 
 /// A sink that records notifications in memory.
 pub struct InMemoryEventSink {
     name: String,
+    kinds: Kinds,
     received: Mutex<Vec<Notification>>,
     calls: Mutex<Vec<usize>>,
     rule: Mutex<Option<Rule>>,
@@ -28,10 +29,18 @@ impl InMemoryEventSink {
     pub fn new(name: impl Into<String>) -> Self {
         InMemoryEventSink {
             name: name.into(),
+            kinds: Kinds::Events,
             received: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
             rule: Mutex::new(None),
         }
+    }
+
+    /// The same sink taking in `kinds` (trace-only types too with [`Kinds::All`], as the OTLP
+    /// sink does).
+    pub fn with_kinds(mut self, kinds: Kinds) -> Self {
+        self.kinds = kinds;
+        self
     }
 
     /// Sets a rule deciding the fate of each entry (`None` from the rule means delivered);
@@ -57,6 +66,10 @@ impl InMemoryEventSink {
 impl EventSink for InMemoryEventSink {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn kinds(&self) -> Kinds {
+        self.kinds
     }
 
     fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {

@@ -8,6 +8,11 @@
 //! plus `task.paused`, `task.cancelled` and `task.retried`, and `upgrade.validation_failed` (a
 //! post-upgrade test run failed its gate; written by the run's transaction, see
 //! [`crate::store::TestResultStore`]). Percentage updates are not notified.
+//!
+//! Trace-only types start with [`TRACE_ONLY_PREFIX`]: only sinks that take [`Kinds::All`] (the
+//! OTLP sink) ever see them; for the others they are not in the outbox at all (not ingested,
+//! not counted by `notify status`). One so far: [`TEST_RUN_TRACE`], written by every recorded
+//! test run (any phase, any result, whenever recorded) in the run's transaction.
 
 use std::fmt;
 
@@ -34,6 +39,28 @@ pub use webhook::WebhookSink;
 
 /// Default `Source` of EventBridge entries and CloudEvents.
 pub const DEFAULT_SOURCE: &str = "eks-upgrade-agent";
+
+/// The prefix of trace-only notification types (see the module documentation).
+pub const TRACE_ONLY_PREFIX: &str = "trace.";
+/// A test run was recorded (the detail names it by `run_id`): trace-only.
+pub const TEST_RUN_TRACE: &str = "trace.test_run";
+
+/// Which notifications a sink takes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kinds {
+    /// Every type but the trace-only ones (EventBridge, webhooks).
+    #[default]
+    Events,
+    /// Every type (the OTLP sink).
+    All,
+}
+
+impl Kinds {
+    /// Whether a sink of these kinds takes notifications of `detail_type`.
+    pub fn takes(self, detail_type: &str) -> bool {
+        self == Kinds::All || !detail_type.starts_with(TRACE_ONLY_PREFIX)
+    }
+}
 
 /// The notification type of an event, if it deserves one. `from` is the status before the event
 /// (an update that implicitly starts a task is a `task.started`).
@@ -163,6 +190,10 @@ pub trait EventSink: Send + Sync + fmt::Debug {
     /// The sink's name as shown to people (status, metrics, logs, error messages): no secrets.
     fn label(&self) -> &str {
         self.name()
+    }
+    /// Which notifications this sink takes in (trace-only types only with [`Kinds::All`]).
+    fn kinds(&self) -> Kinds {
+        Kinds::Events
     }
     /// Most notifications per call.
     fn max_batch(&self) -> usize {

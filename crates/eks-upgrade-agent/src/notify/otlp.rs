@@ -16,9 +16,10 @@
 //!   most [`MAX_SPAN_EVENTS`]: the first, the last and evenly spaced ones between
 //!   ([`sample_indices`]); the others are counted in `dropped_events_count`.
 //! - test runs of the upgrade: spans under the root ([`run_span_id`]), one event per failing
-//!   test (sampled as above); the runs recorded by the upgrade's end go with the root span
-//!   ([`TraceSource::test_runs`]), a run named by an `upgrade.validation_failed` with it
-//!   ([`TraceSource::test_run`]).
+//!   test (sampled as above); each recorded run is exported once, by the trace-only
+//!   [`TEST_RUN_TRACE`](super::TEST_RUN_TRACE) entry its transaction wrote
+//!   ([`TraceSource::test_run`]), whatever its phase and result, before or after the upgrade's
+//!   end.
 //!
 //! The outbox entry carries the ids, the seq and the time of the ending event; the sink reads the
 //! rest when it delivers, through [`TraceSource`], only from what never changes after that event
@@ -330,23 +331,9 @@ pub trait TraceSource: Send + Sync + fmt::Debug {
             .collect()
     }
 
-    /// The test runs of the upgrade recorded at or before `until` (the upgrade's end), oldest
-    /// first, at most [`MAX_RUN_SPANS`], each with its failing tests sampled to `max_events`:
-    /// exported with the upgrade's root span. The default (a backend without test results)
-    /// has none.
-    fn test_runs(
-        &self,
-        upgrade_id: &str,
-        until: DateTime<Utc>,
-        max_events: usize,
-    ) -> Result<Vec<RunFacts>> {
-        let _ = (upgrade_id, until, max_events);
-        Ok(Vec::new())
-    }
-
-    /// One test run (`None` when the backend keeps no test results): the run an
-    /// `upgrade.validation_failed` notification names, exported with it (so a post run
-    /// recorded after the upgrade ended still reaches the trace when it fails its gate).
+    /// One test run (`None` when the backend keeps no test results): the run a
+    /// [`TEST_RUN_TRACE`](super::TEST_RUN_TRACE) entry names, exported with it (whatever its
+    /// phase and result, before or after the upgrade's end).
     fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
         let _ = (run_id, max_events);
         Ok(None)
@@ -367,10 +354,7 @@ pub(crate) fn cut(mut m: String) -> String {
     m
 }
 
-/// Most test runs exported with one upgrade's root span ([`TraceSource::test_runs`]).
-pub const MAX_RUN_SPANS: usize = 100;
-
-/// A test run as its span needs it ([`TraceSource::test_runs`], [`TraceSource::test_run`]).
+/// A test run as its span needs it ([`TraceSource::test_run`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunFacts {
     /// The run (its counts, suites, phase, time).
@@ -380,6 +364,9 @@ pub struct RunFacts {
     pub failures: Vec<TestResult>,
     /// How many failing tests the run has in all.
     pub total_failures: u64,
+    /// How long the run took, in seconds: its longest suite's total test time (suites may run
+    /// in parallel; the tests of one suite are taken to run one after another).
+    pub lasted: f64,
 }
 
 /// One span the sink is about to build: the span of the upgrade (`task_id` `None`) or of the
@@ -764,18 +751,19 @@ impl OtlpSink {
         // The entries that end a span, with what to ask the source for them.
         let mut asks = Vec::new();
         let mut asked = Vec::new();
-        // The `upgrade.validation_failed` entries, with the run each names.
+        // The trace-only entries of recorded test runs, with the run each names.
         let mut runs_asked = Vec::new();
         for (i, n) in batch.iter().enumerate() {
-            if n.detail_type == "upgrade.validation_failed" {
+            if n.detail_type == super::TEST_RUN_TRACE {
                 match n.detail.get("run_id").and_then(Value::as_str) {
                     Some(run_id) => {
                         runs_asked.push((i, run_id));
                         fates.push(None);
                     }
-                    None => fates.push(Some(self.unbuilt(Error::invalid(
-                        "an upgrade.validation_failed notification without a run_id",
-                    )))),
+                    None => fates.push(Some(self.unbuilt(Error::invalid(format!(
+                        "a {} notification without a run_id",
+                        super::TEST_RUN_TRACE
+                    ))))),
                 }
                 continue;
             }
@@ -802,24 +790,6 @@ impl OtlpSink {
                 .unwrap_or_else(|| Err(Error::invalid("the trace source answered too few asks")));
             match f {
                 Ok(f) => {
-                    // The root span brings the upgrade's test runs recorded by its end.
-                    if f.task.is_none() {
-                        match self.source.test_runs(
-                            &f.upgrade.upgrade_id,
-                            batch[i].time,
-                            MAX_SPAN_EVENTS,
-                        ) {
-                            Ok(runs) => {
-                                for r in &runs {
-                                    spans.push(run_span(Some(&f.upgrade), r));
-                                }
-                            }
-                            Err(e) => {
-                                fates[i] = Some(self.unbuilt(e));
-                                continue;
-                            }
-                        }
-                    }
                     spans.push(self.span(&batch[i], f));
                 }
                 Err(e) => fates[i] = Some(self.unbuilt(e)),
@@ -1010,7 +980,8 @@ fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
 }
 
 /// The span of a test run: a child of the upgrade's root span, from the run's start (its
-/// recording time less the sum of its tests' durations) to its recording; the run's counts as
+/// recording time less its longest suite's total test time, [`RunFacts::lasted`]) to its
+/// recording; the run's counts as
 /// attributes; `ERROR` when tests failed; one event per failing test (sampled).
 fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
     let run = &f.run;
@@ -1070,8 +1041,8 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
         }
     };
     let end = nanos(run.created_at);
-    let lasted = if c.duration.is_finite() && c.duration > 0.0 {
-        (c.duration * 1e9).min(end as f64) as u64
+    let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
+        (f.lasted * 1e9).min(end as f64) as u64
     } else {
         0
     };
@@ -1192,6 +1163,10 @@ impl EventSink for OtlpSink {
 
     fn label(&self) -> &str {
         self.exporter.label()
+    }
+
+    fn kinds(&self) -> super::Kinds {
+        super::Kinds::All
     }
 
     fn max_batch(&self) -> usize {

@@ -167,8 +167,12 @@ fn a_failing_source_stores_nothing(r: TestResults, outbox: Option<Arc<dyn Outbox
     assert_eq!(r.history("a", None, 0).unwrap().len(), 1);
     assert!(r.flaky(None, None).unwrap().is_empty());
     if let Some(o) = outbox {
-        o.ingest("conformance").unwrap();
-        assert!(o.due("conformance", Utc::now(), 100).unwrap().is_empty());
+        o.ingest("conformance", crate::notify::Kinds::All).unwrap();
+        // Only the stored run's trace-only entry: the broken run wrote nothing.
+        let due = o.due("conformance", Utc::now(), 100).unwrap();
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(due[0].0.detail_type, crate::notify::TEST_RUN_TRACE);
+        assert_ne!(due[0].0.detail["run_id"], "run-broken");
     }
     // The id was not taken.
     let run = r
@@ -286,7 +290,9 @@ fn gate_failure_is_notified(r: TestResults, outbox: Option<Arc<dyn Outbox>>) {
         return;
     };
     let due = || {
-        outbox.ingest("conformance").unwrap();
+        outbox
+            .ingest("conformance", crate::notify::Kinds::Events)
+            .unwrap();
         outbox
             .due("conformance", Utc::now(), 100)
             .unwrap()
@@ -368,6 +374,37 @@ fn gate_failure_is_notified(r: TestResults, outbox: Option<Arc<dyn Outbox>>) {
     assert_eq!(
         r.compare_upgrade("u1").unwrap().gate.reasons,
         ["1 new failure", "1 missing test"]
+    );
+    // A trace sink (the OTLP sink) takes in one trace-only entry per recorded run, whatever
+    // its phase and result, naming the run; the others never see them (above).
+    outbox.ingest("trace", crate::notify::Kinds::All).unwrap();
+    let traced: Vec<_> = outbox
+        .due("trace", Utc::now(), 100)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.detail_type == crate::notify::TEST_RUN_TRACE)
+        .collect();
+    let runs = r.runs(&RunQuery::default()).unwrap();
+    assert_eq!(traced.len(), 7, "{traced:?}");
+    assert_eq!(traced.len(), runs.len());
+    for run in &runs {
+        let n: Vec<_> = traced
+            .iter()
+            .filter(|n| n.detail["run_id"] == run.run_id.as_str())
+            .collect();
+        assert_eq!(n.len(), 1, "one entry for {}", run.run_id);
+        assert_eq!(n[0].upgrade_id, run.upgrade_id);
+        assert_eq!(n[0].time, run.created_at);
+        assert_eq!(n[0].detail["phase"], run.phase.as_str());
+    }
+    assert_eq!(
+        outbox
+            .sink_status("conformance", crate::notify::Kinds::Events)
+            .unwrap()
+            .total,
+        1,
+        "only the gate's notification counts for the other sinks"
     );
 }
 

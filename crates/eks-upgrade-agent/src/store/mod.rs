@@ -443,8 +443,9 @@ pub enum DeliveryOutcome {
 /// outbox order, skipping every later entry of an upgrade whose earlier entry is waiting for a
 /// retry (so each upgrade's notifications arrive in `seq` order).
 pub trait Outbox: Send + Sync + fmt::Debug {
-    /// Makes notifications this sink has not seen yet pending for it; returns how many.
-    fn ingest(&self, sink: &str) -> Result<u64>;
+    /// Makes notifications this sink has not seen yet, of the `kinds` it takes, pending for
+    /// it; returns how many (the others are passed over for good).
+    fn ingest(&self, sink: &str, kinds: crate::notify::Kinds) -> Result<u64>;
     /// Entries due at `now`, at most `limit`, with their attempt counts.
     fn due(
         &self,
@@ -454,8 +455,12 @@ pub trait Outbox: Send + Sync + fmt::Debug {
     ) -> Result<Vec<(crate::notify::Notification, u32)>>;
     /// Records outcomes.
     fn record(&self, sink: &str, outcomes: &[(u64, DeliveryOutcome)]) -> Result<()>;
-    /// Counts and last error for a sink.
-    fn sink_status(&self, sink: &str) -> Result<crate::notify::SinkStatus>;
+    /// Counts and last error for a sink (of the notifications of the `kinds` it takes).
+    fn sink_status(
+        &self,
+        sink: &str,
+        kinds: crate::notify::Kinds,
+    ) -> Result<crate::notify::SinkStatus>;
     /// How long a claim of [`due`](Outbox::due) lasts before another process may take the
     /// entry (none: claims do not expire; one process delivers). A deliverer whose pass may
     /// last longer [`renew`](Outbox::renew)s its claims meanwhile.

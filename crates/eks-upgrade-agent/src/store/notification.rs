@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::model::{JsonMap, ProgressEvent, ProgressStatus, Task, Upgrade};
+use crate::model::{JsonMap, ProgressEvent, ProgressStatus, Task, TestRun, Upgrade};
 use crate::notify::detail_type;
 
 /// The detail type and detail of the notification `event` deserves (`None`: it deserves none).
@@ -54,4 +54,20 @@ pub(crate) fn detail(
         d.insert("message".into(), json!(m));
     }
     Some((kind, d))
+}
+
+/// The event id and detail of the trace-only [`TEST_RUN_TRACE`](crate::notify::TEST_RUN_TRACE)
+/// notification of a recorded run (written in the run's transaction; `seq` the upgrade's last
+/// event's, 0 when the progress store does not track it).
+pub(crate) fn run_trace(run: &TestRun, seq: i64) -> (String, JsonMap) {
+    let mut d = JsonMap::new();
+    let event_id = format!("{}/trace", run.run_id);
+    d.insert("event_id".into(), json!(event_id));
+    d.insert("seq".into(), json!(seq));
+    d.insert("upgrade_id".into(), json!(run.upgrade_id));
+    d.insert("cluster_name".into(), json!(run.cluster_name));
+    d.insert("run_id".into(), json!(run.run_id));
+    d.insert("phase".into(), json!(run.phase.as_str()));
+    d.insert("timestamp".into(), json!(run.created_at));
+    (event_id, d)
 }

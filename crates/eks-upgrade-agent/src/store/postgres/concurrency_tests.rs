@@ -133,6 +133,34 @@ fn a_reader_following_seq_never_skips_an_event_that_commits_later() {
 /// it. The run's transaction holds the counter row, so the progress write waits for it.
 #[test]
 fn a_gate_notification_committing_late_is_still_delivered() {
+    use crate::model::{RunPhase, TestStatus};
+    run_committing_late_is_still_delivered(
+        RunPhase::Post,
+        TestStatus::Failed,
+        "upgrade.validation_failed",
+        crate::notify::Kinds::Events,
+    );
+}
+
+/// The same for a run's trace-only entry (`trace.test_run`, written by every run, here a
+/// passing pre run): its transaction takes the counter row too.
+#[test]
+fn a_run_trace_entry_committing_late_is_still_delivered() {
+    use crate::model::{RunPhase, TestStatus};
+    run_committing_late_is_still_delivered(
+        RunPhase::Pre,
+        TestStatus::Passed,
+        crate::notify::TEST_RUN_TRACE,
+        crate::notify::Kinds::All,
+    );
+}
+
+fn run_committing_late_is_still_delivered(
+    late_phase: crate::model::RunPhase,
+    late_status: crate::model::TestStatus,
+    held: &str,
+    kinds: crate::notify::Kinds,
+) {
     use crate::model::{CaseAttempt, NewRun, RunPhase, TestStatus};
     use crate::store::{Outbox, TestResultStore};
     use chrono::Utc;
@@ -167,16 +195,16 @@ fn a_gate_notification_committing_late_is_still_delivered() {
             sink(attempt(TestStatus::Passed))
         })
         .unwrap();
-    store.ingest("sink").unwrap();
+    store.ingest("sink", kinds).unwrap();
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     admin
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$; \
              CREATE CONSTRAINT TRIGGER hold AFTER INSERT ON notifications \
              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
-             WHEN (NEW.detail_type = 'upgrade.validation_failed') EXECUTE FUNCTION hold_commit();",
-        )
+             WHEN (NEW.detail_type = '{held}') EXECUTE FUNCTION hold_commit();"
+        ))
         .unwrap();
     let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     holder
@@ -195,8 +223,8 @@ fn a_gate_notification_committing_late_is_still_delivered() {
     let post = {
         let store = store.clone();
         std::thread::spawn(move || {
-            store.record_run(&run("post", RunPhase::Post), &mut |sink| {
-                sink(attempt(TestStatus::Failed))
+            store.record_run(&run("late", late_phase), &mut |sink| {
+                sink(attempt(late_status))
             })
         })
     };
@@ -213,17 +241,26 @@ fn a_gate_notification_committing_late_is_still_delivered() {
     while !progress.is_finished() && waiting(&mut admin, false) == 0 {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    store.ingest("sink").unwrap();
+    store.ingest("sink", kinds).unwrap();
     holder
         .execute("SELECT pg_advisory_unlock(4242)", &[])
         .unwrap();
     post.join().unwrap().unwrap();
     progress.join().unwrap().unwrap();
-    store.ingest("sink").unwrap();
+    store.ingest("sink", kinds).unwrap();
     let due = store.due("sink", Utc::now(), 1000).unwrap();
     let kinds: Vec<&str> = due.iter().map(|(n, _)| n.detail_type.as_str()).collect();
-    assert!(
-        kinds.contains(&"upgrade.validation_failed"),
+    // Every entry of that kind (the earlier pre run's trace entry too) is due, the late one included.
+    let written: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM notifications WHERE detail_type = $1",
+            &[&held],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kinds.iter().filter(|k| **k == held).count() as i64,
+        written,
         "the run's notification was skipped by the outbox: {kinds:?}"
     );
     assert!(kinds.contains(&"upgrade.started"), "{kinds:?}");

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use super::lease;
 use super::progress::{PostgresStore, from_micros, json_map, micros};
 use crate::error::Result;
-use crate::notify::{Notification, SinkStatus};
+use crate::notify::{Kinds, Notification, SinkStatus};
 use crate::store::{DeliveryOutcome, Outbox};
 
 /// How long a replica holds the notifications it claimed before another may deliver them
@@ -52,7 +52,7 @@ impl PostgresStore {
 }
 
 impl Outbox for PostgresStore {
-    fn ingest(&self, sink: &str) -> Result<u64> {
+    fn ingest(&self, sink: &str, kinds: Kinds) -> Result<u64> {
         self.write(|tx| {
             // One ingester per sink at a time: the cursor row is locked (created if missing).
             tx.exec(
@@ -65,20 +65,29 @@ impl Outbox for PostgresStore {
                     &[&sink],
                 )?
                 .get(0);
+            // The window of unseen notifications taken in now; the cursor passes all of it,
+            // the kinds this sink does not take included.
+            let end: Option<i64> = tx
+                .one(
+                    "SELECT max(nid) FROM (SELECT nid FROM notifications WHERE nid > $1 \
+                     ORDER BY nid LIMIT 10000) w",
+                    &[&upto],
+                )?
+                .get(0);
+            let Some(end) = end else {
+                return Ok(0);
+            };
             let now = micros(self.clock());
             let n = tx.exec(
                 "INSERT INTO deliveries (sink, nid, status, attempts, next_at, updated_at) \
-                 SELECT $1, nid, 0, 0, 0, $3 FROM notifications WHERE nid > $2 ORDER BY nid \
-                 LIMIT 10000 ON CONFLICT DO NOTHING",
-                &[&sink, &upto, &now],
+                 SELECT $1, nid, 0, 0, 0, $3 FROM notifications WHERE nid > $2 AND nid <= $4 \
+                 AND ($5 OR detail_type NOT LIKE 'trace.%') ORDER BY nid ON CONFLICT DO NOTHING",
+                &[&sink, &upto, &now, &end, &(kinds == Kinds::All)],
             )?;
-            if n > 0 {
-                tx.exec(
-                    "UPDATE sink_cursors SET upto = \
-                     (SELECT max(nid) FROM deliveries WHERE sink = $1) WHERE sink = $1",
-                    &[&sink],
-                )?;
-            }
+            tx.exec(
+                "UPDATE sink_cursors SET upto = $2 WHERE sink = $1",
+                &[&sink, &end],
+            )?;
             Ok(n)
         })
     }
@@ -223,20 +232,27 @@ impl Outbox for PostgresStore {
         })
     }
 
-    fn sink_status(&self, sink: &str) -> Result<SinkStatus> {
+    fn sink_status(&self, sink: &str, kinds: Kinds) -> Result<SinkStatus> {
+        let all = kinds == Kinds::All;
         self.read(|db| {
             let mut status = SinkStatus {
                 sink: sink.to_owned(),
                 ..SinkStatus::default()
             };
-            let total: i64 = db.one("SELECT count(*) FROM notifications", &[])?.get(0);
+            let total: i64 = db
+                .one(
+                    "SELECT count(*) FROM notifications WHERE $1 OR detail_type NOT LIKE 'trace.%'",
+                    &[&all],
+                )?
+                .get(0);
             let upto: i64 = db
                 .opt("SELECT upto FROM sink_cursors WHERE sink = $1", &[&sink])?
                 .map_or(0, |r| r.get(0));
             let unseen: i64 = db
                 .one(
-                    "SELECT count(*) FROM notifications WHERE nid > $1",
-                    &[&upto],
+                    "SELECT count(*) FROM notifications WHERE nid > $1 \
+                     AND ($2 OR detail_type NOT LIKE 'trace.%')",
+                    &[&upto, &all],
                 )?
                 .get(0);
             for r in db.query(

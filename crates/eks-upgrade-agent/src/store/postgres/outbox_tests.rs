@@ -30,8 +30,12 @@ fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
         t.start_task(u, "x", None).unwrap();
         t.complete_task(u, "x", None).unwrap();
     }
-    assert!(a.ingest("hook").unwrap() >= 6);
-    assert_eq!(b.ingest("hook").unwrap(), 0, "ingest is idempotent");
+    assert!(a.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 6);
+    assert_eq!(
+        b.ingest("hook", crate::notify::Kinds::Events).unwrap(),
+        0,
+        "ingest is idempotent"
+    );
     let now = Utc::now();
     // A takes one entry: u1's first. B must skip all of u1 (order) and take u2, u3.
     let first = a.due("hook", now, 1).unwrap();
@@ -72,7 +76,7 @@ fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
     assert!(!taken.is_empty());
     assert!(taken.iter().all(|(n, _)| n.upgrade_id == "u1"), "{taken:?}");
     assert!(taken.iter().any(|(n, _)| nids_a.contains(&n.nid)));
-    let status = a.sink_status("hook").unwrap();
+    let status = a.sink_status("hook", crate::notify::Kinds::Events).unwrap();
     assert_eq!(status.delivered as usize, second.len());
     // B delivers what it took over; A, waking up late, reports a retry for its old claim:
     // the entry stays delivered (a late outcome of a lost lease is ignored), and nothing is
@@ -95,7 +99,7 @@ fn replicas_claim_disjoint_deliveries_and_take_over_expired_leases() {
         })
         .collect();
     a.record("hook", &late).unwrap();
-    let status = a.sink_status("hook").unwrap();
+    let status = a.sink_status("hook", crate::notify::Kinds::Events).unwrap();
     assert_eq!(
         status.delivered as usize,
         second.len() + taken.len(),
@@ -223,7 +227,7 @@ fn a_long_pass_renews_its_leases_so_no_other_replica_sends_them() {
     entered.recv().unwrap();
     // The pass holds its claims for several leases; B keeps asking for work meanwhile.
     let began = Instant::now();
-    b.ingest("hook").unwrap();
+    b.ingest("hook", crate::notify::Kinds::Events).unwrap();
     while began.elapsed() < lease * 4 {
         let taken = b.due("hook", Utc::now(), 100).unwrap();
         assert!(
@@ -240,7 +244,12 @@ fn a_long_pass_renews_its_leases_so_no_other_replica_sends_them() {
     assert!(sent.len() >= 2, "{sent:?}");
     let unique: HashSet<u64> = sent.iter().copied().collect();
     assert_eq!(unique.len(), sent.len(), "sent twice: {sent:?}");
-    assert_eq!(a.sink_status("hook").unwrap().delivered, sent.len() as u64);
+    assert_eq!(
+        a.sink_status("hook", crate::notify::Kinds::Events)
+            .unwrap()
+            .delivered,
+        sent.len() as u64
+    );
     assert!(b.due("hook", Utc::now(), 100).unwrap().is_empty());
 }
 

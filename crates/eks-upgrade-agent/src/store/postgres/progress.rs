@@ -1360,6 +1360,8 @@ mod tests {
             store.schema_version().unwrap(),
             super::super::schema::SCHEMA_VERSION
         );
+        // Builds of schema 5 and older do not know `trace.test_run` entries: they must refuse.
+        assert!(store.schema_version().unwrap() >= 7);
         drop(store);
         // Opening again migrates nothing.
         let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();

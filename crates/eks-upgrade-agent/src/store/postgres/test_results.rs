@@ -263,6 +263,33 @@ fn gate_counts(tx: &mut Tx<'_, '_>, pre: i64, post: i64) -> Result<(u64, u64, u6
     Ok((failed, errored, missing))
 }
 
+/// In every run's transaction: the trace-only notification of the run (its span, for the OTLP
+/// sink), whatever its phase and result, whenever recorded.
+fn notify_trace(tx: &mut Tx<'_, '_>, run: &TestRun) -> Result<()> {
+    // The counter's row lock, held to COMMIT, as `notify_gate` takes it: `nid`s in commit order.
+    tx.exec("UPDATE seq_counter SET seq = seq", &[])?;
+    let seq: i64 = tx
+        .opt(
+            "SELECT last_seq FROM upgrades WHERE upgrade_id = $1",
+            &[&run.upgrade_id],
+        )?
+        .map_or(0, |r| r.get(0));
+    let (event_id, d) = crate::store::notification::run_trace(run, seq);
+    tx.exec(
+        "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &event_id,
+            &seq,
+            &run.upgrade_id,
+            &crate::notify::TEST_RUN_TRACE,
+            &micros(run.created_at),
+            &serde_json::to_string(&d).unwrap_or_default(),
+        ],
+    )?;
+    Ok(())
+}
+
 /// In a post run's transaction: when it fails the gate against the upgrade's latest pre run,
 /// the `upgrade.validation_failed` notification goes to the outbox.
 fn notify_gate(tx: &mut Tx<'_, '_>, post: i64, run: &TestRun) -> Result<()> {
@@ -419,6 +446,7 @@ fn record(
     if run.phase == RunPhase::Post {
         notify_gate(tx, rkey, &stored)?;
     }
+    notify_trace(tx, &stored)?;
     Ok(stored)
 }
 
@@ -683,33 +711,8 @@ impl TestResultStore for PostgresStore {
     }
 }
 
-/// The OTLP sink's reads of test runs (`store/postgres/trace.rs`), the same answers as the
-/// SQLite store's (`store/sqlite/trace.rs`): the upgrade's runs recorded at or before `until`,
-/// oldest first, at most `limit`, each with its failing tests sampled.
-pub(super) fn trace_runs(
-    db: &mut Db<'_, impl GenericClient>,
-    upgrade_id: &str,
-    until: i64,
-    limit: i64,
-    max_events: usize,
-) -> Result<Vec<RunFacts>> {
-    let runs: Vec<(i64, TestRun)> = db
-        .query(
-            &format!(
-                "SELECT {RUN_COLUMNS}, rkey FROM test_runs \
-                 WHERE upgrade_id = $1 AND created_at <= $2 ORDER BY rkey LIMIT $3"
-            ),
-            &[&upgrade_id, &until, &limit],
-        )?
-        .iter()
-        .map(|r| (r.get(15), run_row(r)))
-        .collect();
-    runs.into_iter()
-        .map(|(rkey, run)| run_facts(db, rkey, run, max_events))
-        .collect()
-}
-
-/// One run for the OTLP sink (see [`trace_runs`]); `NotFound` when there is none.
+/// One run for the OTLP sink (`store/postgres/trace.rs`), the same answer as the SQLite
+/// store's (`store/sqlite/trace.rs`), its failing tests sampled; `NotFound` when there is none.
 pub(super) fn trace_run(
     db: &mut Db<'_, impl GenericClient>,
     run_id: &str,
@@ -766,10 +769,20 @@ fn run_facts(
             });
         }
     }
+    // The longest suite's total time: suites may run in parallel.
+    let lasted: f64 = db
+        .one(
+            "SELECT coalesce(max(t), 0)::float8 FROM (SELECT sum(r.duration) AS t \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = $1 GROUP BY c.suite) s",
+            &[&rkey],
+        )?
+        .get(0);
     Ok(RunFacts {
         run,
         failures,
         total_failures: total,
+        lasted,
     })
 }
 

@@ -8,14 +8,10 @@
 
 use uuid::Uuid;
 
-use chrono::{DateTime, Utc};
-
-use super::progress::{
-    PostgresStore, from_micros, json_map, load_task, micros, status_from, upgrade_key,
-};
+use super::progress::{PostgresStore, from_micros, json_map, load_task, status_from, upgrade_key};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressEvent, Task, TaskType, Upgrade};
-use crate::notify::otlp::{MAX_RUN_SPANS, RunFacts, SpanHistory, TraceSource, sample_indices};
+use crate::notify::otlp::{RunFacts, SpanHistory, TraceSource, sample_indices};
 use crate::store::ProgressStore;
 
 /// The columns of one event, in [`event`]'s order.
@@ -24,23 +20,6 @@ const COLS: &str = "seq, event_id, ts, kind, status, message, details, percentag
 impl TraceSource for PostgresStore {
     fn upgrade(&self, upgrade_id: &str) -> Result<Upgrade> {
         ProgressStore::upgrade(self, upgrade_id)
-    }
-
-    fn test_runs(
-        &self,
-        upgrade_id: &str,
-        until: DateTime<Utc>,
-        max_events: usize,
-    ) -> Result<Vec<RunFacts>> {
-        self.read(|db| {
-            super::test_results::trace_runs(
-                db,
-                upgrade_id,
-                micros(until),
-                MAX_RUN_SPANS as i64,
-                max_events,
-            )
-        })
     }
 
     fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
@@ -162,6 +141,8 @@ fn event(r: &postgres::Row, ids: (&str, Option<(&str, TaskType)>)) -> Result<Pro
 
 #[cfg(test)]
 mod tests {
+    use chrono::DateTime;
+
     use std::sync::Arc;
 
     use super::*;
@@ -263,9 +244,9 @@ mod tests {
     }
 
     /// N23 on PostgreSQL: the test runs the OTLP sink exports are read from the PostgreSQL
-    /// test-result tables with the same answers as from SQLite's: which runs (by the upgrade's
-    /// end, oldest first), their counts, the failing tests sampled in byte order of (suite,
-    /// class name, name) with their messages cut; one run by id, `NotFound` for none.
+    /// test-result tables with the same answers as from SQLite's: their counts, the failing
+    /// tests sampled in byte order of (suite, class name, name) with their messages cut, at
+    /// several event limits; `NotFound` for an unknown id.
     #[test]
     fn postgres_reads_test_runs_as_sqlite_does() {
         use crate::model::{CaseAttempt, NewRun, RunPhase, TestStatus};
@@ -338,24 +319,18 @@ mod tests {
                     .unwrap();
             }
         }
-        for until in [5, 10, 20, 40] {
+        for id in ["r1", "r2", "r3", "other"] {
             for max in [128, 3, 0] {
-                let a = pg_store.test_runs("u", at(until), max).unwrap();
-                let b = lite.test_runs("u", at(until), max).unwrap();
-                assert_eq!(a, b, "runs until {until}, {max} events");
+                assert_eq!(
+                    pg_store.test_run(id, max).unwrap(),
+                    lite.test_run(id, max).unwrap(),
+                    "{id}, {max} events"
+                );
             }
         }
-        let all = pg_store.test_runs("u", at(40), 128).unwrap();
-        assert_eq!(all.len(), 3);
-        assert_eq!(all[0].failures.len(), 128);
-        assert_eq!(all[0].total_failures, 200);
-        for id in ["r1", "r2", "r3", "other"] {
-            assert_eq!(
-                pg_store.test_run(id, 128).unwrap(),
-                lite.test_run(id, 128).unwrap(),
-                "{id}"
-            );
-        }
+        let r1 = pg_store.test_run("r1", 128).unwrap().unwrap();
+        assert_eq!(r1.failures.len(), 128);
+        assert_eq!(r1.total_failures, 200);
         assert!(matches!(
             pg_store.test_run("nope", 128),
             Err(Error::NotFound { .. })

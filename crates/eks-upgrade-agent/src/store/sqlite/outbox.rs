@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::progress::{SqliteStore, from_micros, json_map, micros};
 use crate::error::Result;
 use crate::model::{JsonMap, ProgressEvent, ProgressStatus, Task, Upgrade};
-use crate::notify::{Notification, SinkStatus};
+use crate::notify::{Kinds, Notification, SinkStatus};
 use crate::store::{DeliveryOutcome, Outbox};
 
 pub(super) const SCHEMA: &str = r#"
@@ -100,28 +100,37 @@ pub(super) fn enqueue_detail(
 }
 
 impl Outbox for SqliteStore {
-    fn ingest(&self, sink: &str) -> Result<u64> {
+    fn ingest(&self, sink: &str, kinds: Kinds) -> Result<u64> {
         self.write(|tx| {
             let upto: i64 = tx
                 .prepare_cached("SELECT upto FROM sink_cursors WHERE sink = ?1")?
                 .query_row([sink], |r| r.get(0))
                 .optional()?
                 .unwrap_or(0);
+            // The window of unseen notifications taken in now; the cursor passes all of it,
+            // the kinds this sink does not take included.
+            let Some(end): Option<i64> = tx
+                .prepare_cached(
+                    "SELECT max(nid) FROM (SELECT nid FROM notifications WHERE nid > ?1 \
+                     ORDER BY nid LIMIT 10000)",
+                )?
+                .query_row([upto], |r| r.get(0))?
+            else {
+                return Ok(0);
+            };
             let now = micros(Utc::now());
             let n = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO deliveries (sink, nid, status, attempts, next_at, updated_at) \
-                     SELECT ?1, nid, 0, 0, 0, ?3 FROM notifications WHERE nid > ?2 ORDER BY nid LIMIT 10000",
+                     SELECT ?1, nid, 0, 0, 0, ?3 FROM notifications WHERE nid > ?2 AND nid <= ?4 \
+                     AND (?5 OR detail_type NOT LIKE 'trace.%') ORDER BY nid",
                 )?
-                .execute(params![sink, upto, now])?;
-            if n > 0 {
-                tx.prepare_cached(
-                    "INSERT INTO sink_cursors (sink, upto) VALUES (?1, \
-                     (SELECT max(nid) FROM deliveries WHERE sink = ?1)) \
-                     ON CONFLICT (sink) DO UPDATE SET upto = excluded.upto",
-                )?
-                .execute([sink])?;
-            }
+                .execute(params![sink, upto, now, end, kinds == Kinds::All])?;
+            tx.prepare_cached(
+                "INSERT INTO sink_cursors (sink, upto) VALUES (?1, ?2) \
+                 ON CONFLICT (sink) DO UPDATE SET upto = excluded.upto",
+            )?
+            .execute(params![sink, end])?;
             Ok(n as u64)
         })
     }
@@ -194,23 +203,29 @@ impl Outbox for SqliteStore {
         })
     }
 
-    fn sink_status(&self, sink: &str) -> Result<SinkStatus> {
+    fn sink_status(&self, sink: &str, kinds: Kinds) -> Result<SinkStatus> {
+        let all = kinds == Kinds::All;
         self.read(|c| {
             let mut status = SinkStatus {
                 sink: sink.to_owned(),
                 ..SinkStatus::default()
             };
             let total: i64 = c
-                .prepare_cached("SELECT count(*) FROM notifications")?
-                .query_row([], |r| r.get(0))?;
+                .prepare_cached(
+                    "SELECT count(*) FROM notifications WHERE ?1 OR detail_type NOT LIKE 'trace.%'",
+                )?
+                .query_row([all], |r| r.get(0))?;
             let upto: i64 = c
                 .prepare_cached("SELECT upto FROM sink_cursors WHERE sink = ?1")?
                 .query_row([sink], |r| r.get(0))
                 .optional()?
                 .unwrap_or(0);
             let unseen: i64 = c
-                .prepare_cached("SELECT count(*) FROM notifications WHERE nid > ?1")?
-                .query_row([upto], |r| r.get(0))?;
+                .prepare_cached(
+                    "SELECT count(*) FROM notifications WHERE nid > ?1 \
+                     AND (?2 OR detail_type NOT LIKE 'trace.%')",
+                )?
+                .query_row(params![upto, all], |r| r.get(0))?;
             let mut stmt = c.prepare_cached(
                 "SELECT status, count(*) FROM deliveries WHERE sink = ?1 GROUP BY status",
             )?;

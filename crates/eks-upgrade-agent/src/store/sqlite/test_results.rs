@@ -290,6 +290,7 @@ impl TestResultStore for SqliteStore {
             if run.phase == RunPhase::Post {
                 notify_gate(tx, rkey, &stored)?;
             }
+            notify_trace(tx, &stored)?;
             Ok(stored)
         })?;
         Ok(out)
@@ -561,6 +562,26 @@ impl TestResultStore for SqliteStore {
             Ok(out)
         })
     }
+}
+
+/// In every run's transaction: the trace-only notification of the run (its span, for the OTLP
+/// sink), whatever its phase and result, whenever recorded.
+fn notify_trace(tx: &Transaction<'_>, run: &TestRun) -> Result<()> {
+    let seq: i64 = tx
+        .prepare_cached("SELECT last_seq FROM upgrades WHERE upgrade_id = ?1")?
+        .query_row([&run.upgrade_id], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let (event_id, d) = crate::store::notification::run_trace(run, seq);
+    super::outbox::enqueue_detail(
+        tx,
+        &event_id,
+        seq,
+        &run.upgrade_id,
+        crate::notify::TEST_RUN_TRACE,
+        run.created_at,
+        &d,
+    )
 }
 
 /// In a post run's transaction: when it fails the gate against the upgrade's latest pre run,

@@ -8,17 +8,14 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use chrono::{DateTime, Utc};
-
 use super::progress::{
-    SqliteStore, TaskRow, event_row, load_task, load_upgrade, micros, type_code, upgrade_key,
+    SqliteStore, TaskRow, event_row, load_task, load_upgrade, type_code, upgrade_key,
 };
 use super::test_results::{RUN_COLUMNS, run_row, status_of};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
 use crate::notify::otlp::{
-    MAX_EVENT_DETAILS, MAX_RUN_SPANS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource, cut,
-    sample_indices,
+    MAX_EVENT_DETAILS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource, cut, sample_indices,
 };
 use crate::store::ProgressStore;
 
@@ -78,33 +75,6 @@ impl TraceSource for SqliteStore {
                     .collect()
             }
         }
-    }
-
-    fn test_runs(
-        &self,
-        upgrade_id: &str,
-        until: DateTime<Utc>,
-        max_events: usize,
-    ) -> Result<Vec<RunFacts>> {
-        self.read(|c| {
-            let tx = c.unchecked_transaction()?;
-            let runs = tx
-                .prepare_cached(&format!(
-                    "SELECT {RUN_COLUMNS}, rkey FROM test_runs \
-                     WHERE upgrade_id = ?1 AND created_at <= ?2 ORDER BY rkey LIMIT ?3"
-                ))?
-                .query_map(
-                    rusqlite::params![upgrade_id, micros(until), MAX_RUN_SPANS as i64],
-                    |r| Ok((r.get::<_, i64>(15)?, run_row(r)?)),
-                )?
-                .collect::<rusqlite::Result<Vec<(i64, TestRun)>>>()?;
-            let out = runs
-                .into_iter()
-                .map(|(rkey, run)| run_facts(&tx, rkey, run, max_events))
-                .collect::<Result<Vec<_>>>()?;
-            tx.commit()?;
-            Ok(out)
-        })
     }
 
     fn test_run(&self, run_id: &str, max_events: usize) -> Result<Option<RunFacts>> {
@@ -169,10 +139,19 @@ fn run_facts(c: &Connection, rkey: i64, run: TestRun, max_events: usize) -> Resu
             i += 1;
         }
     }
+    // The longest suite's total time: suites may run in parallel.
+    let lasted: f64 = c
+        .prepare_cached(
+            "SELECT coalesce(max(t), 0.0) FROM (SELECT total(r.duration) AS t \
+             FROM test_results r JOIN test_cases c ON c.ckey = r.ckey \
+             WHERE r.rkey = ?1 GROUP BY c.suite)",
+        )?
+        .query_row([rkey], |r| r.get(0))?;
     Ok(RunFacts {
         run,
         failures,
         total_failures: total,
+        lasted,
     })
 }
 
@@ -399,6 +378,8 @@ fn task_attempt(
 
 #[cfg(test)]
 mod tests {
+    use chrono::DateTime;
+
     use std::sync::Arc;
 
     use super::*;
@@ -442,10 +423,9 @@ mod tests {
         assert_eq!(kinds, [EventKind::TaskStarted, EventKind::TaskFailed]);
     }
 
-    /// Test runs for the trace: those of the upgrade recorded by `until`, oldest first (one
-    /// recorded later and another upgrade's left out); a run's failing tests (failed and
-    /// error, not passed, skipped or flaky) sampled to 128 in name order, the first and the
-    /// last among them, all counted; long messages cut on a character boundary.
+    /// Test runs for the trace, by id: a run's failing tests (failed and error, not passed,
+    /// skipped or flaky) sampled to 128 in name order, the first and the last among them, all
+    /// counted; long messages cut on a character boundary; an unknown id is `NotFound`.
     #[test]
     fn test_runs_are_read_with_their_failures_sampled() {
         use crate::model::{CaseAttempt, NewRun, RunPhase};
@@ -514,9 +494,11 @@ mod tests {
             15,
             vec![case("x".into(), TestStatus::Failed, None)],
         );
-        let runs = store.test_runs("u", at(20), 128).unwrap();
-        let ids: Vec<&str> = runs.iter().map(|r| r.run.run_id.as_str()).collect();
-        assert_eq!(ids, ["r1", "r2"]);
+        let runs = [
+            store.test_run("r1", 128).unwrap().unwrap(),
+            store.test_run("r2", 128).unwrap().unwrap(),
+        ];
+        assert_eq!(runs[0].run.run_id, "r1");
         let r1 = &runs[0];
         assert_eq!(r1.total_failures, 200);
         assert_eq!(r1.failures.len(), 128);
