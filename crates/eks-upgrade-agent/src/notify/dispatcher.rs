@@ -513,7 +513,7 @@ mod log_tests {
     #[derive(Debug)]
     struct Blip;
     impl Outbox for Blip {
-        fn ingest(&self, _: &str) -> Result<u64> {
+        fn ingest(&self, _: &str, _: crate::notify::Kinds) -> Result<u64> {
             Ok(0)
         }
         fn due(
@@ -527,7 +527,11 @@ mod log_tests {
         fn record(&self, _: &str, _: &[(u64, DeliveryOutcome)]) -> Result<()> {
             Ok(())
         }
-        fn sink_status(&self, _: &str) -> Result<crate::notify::SinkStatus> {
+        fn sink_status(
+            &self,
+            _: &str,
+            _: crate::notify::Kinds,
+        ) -> Result<crate::notify::SinkStatus> {
             Err(Error::invalid("unused"))
         }
         fn renew(&self, _: &str, _: &[u64]) -> Result<u64> {

@@ -122,7 +122,7 @@ fn a_late_outcome_of_a_lost_lease_does_not_overwrite_the_takeovers_retry() {
     let t = ProgressTracker::new(a.clone());
     t.create_upgrade("u1", "p", "c", JsonMap::new()).unwrap();
     t.start_upgrade("u1", None).unwrap();
-    assert!(a.ingest("hook").unwrap() >= 1);
+    assert!(a.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 1);
     let first = a.due("hook", Utc::now(), 1).unwrap();
     assert_eq!(first.len(), 1);
     let nid = first[0].0.nid;
@@ -159,7 +159,7 @@ fn a_late_outcome_of_a_lost_lease_does_not_overwrite_the_takeovers_retry() {
         )],
     )
     .unwrap();
-    let status = a.sink_status("hook").unwrap();
+    let status = a.sink_status("hook", crate::notify::Kinds::Events).unwrap();
     assert_eq!(
         status.dead, 0,
         "the stalled replica's late outcome was taken: {status:?}"
@@ -283,7 +283,7 @@ fn delivery_leases_are_judged_on_the_database_clock() {
         t.start_task(u, "x", None).unwrap();
         t.complete_task(u, "x", None).unwrap();
     }
-    assert!(a.ingest("hook").unwrap() >= 4);
+    assert!(a.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 4);
     // A holds u1 (a 15 s lease); the replica an hour ahead gets only u2.
     let held = a.due("hook", Utc::now(), 1).unwrap();
     assert_eq!(held[0].0.upgrade_id, "u1");
