@@ -7,6 +7,8 @@
 //! Blocking (ureq), like the rest of the library's API. Without a token it sends none; with one,
 //! `Authorization: Bearer <token>`.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 mod stream;
@@ -114,7 +116,7 @@ impl RemoteStore {
         let agent = ureq::Agent::with_parts(
             config,
             ureq::unversioned::transport::DefaultConnector::new()
-                .chain(stream::AnswerAfterWriteError),
+                .chain(stream::AnswerAfterWriteError::default()),
             ureq::unversioned::resolver::DefaultResolver::default(),
         );
         Ok(RemoteStore {
@@ -155,15 +157,23 @@ impl RemoteStore {
         content_type: &str,
         body: &mut dyn std::io::Read,
     ) -> Result<ureq::http::Response<ureq::Body>> {
-        let mut req = self
-            .agent
+        // A connector of its own shares a flag with the body: once a write fails, the body
+        // ends, and the rest of the file is not read.
+        let failed = Arc::new(AtomicBool::new(false));
+        use ureq::unversioned::transport::Connector as _;
+        let agent = ureq::Agent::with_parts(
+            self.agent.config().clone(),
+            ureq::unversioned::transport::DefaultConnector::new()
+                .chain(stream::AnswerAfterWriteError::signalling(failed.clone())),
+            ureq::unversioned::resolver::DefaultResolver::default(),
+        );
+        let mut req = agent
             .post(format!("{}{path}", self.base))
             .header("Content-Type", content_type);
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        // Once a write fails, the body ends: the rest of the file is not read.
-        let mut body = stream::StopAfterWriteError::new(body);
+        let mut body = stream::StopAfterWriteError::new(body, failed);
         req.send(ureq::SendBody::from_reader(&mut body))
             .map_err(|e| self.unreachable(&e))
     }

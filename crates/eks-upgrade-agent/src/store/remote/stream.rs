@@ -9,50 +9,54 @@
 //!
 //! The body itself is read through [`StopAfterWriteError`], which ends it (EOF) once a write
 //! has failed, so the rest of a large file is not read (and thrown away) before the answer.
-//! The two meet through a flag of the sending thread: ureq reads the body and writes the
-//! connection on the thread that called `send`.
+//! The two meet through a flag the request owns: a streamed request gets a connector of its own
+//! ([`AnswerAfterWriteError::signalling`]) holding the same flag as its body (no global or
+//! thread-local state).
 
-use std::cell::Cell;
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-thread_local! {
-    /// Set by [`Forgiving`] when a write failed on this thread; read by [`StopAfterWriteError`].
-    static SENDING_FAILED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// A request body that ends as soon as a write of this thread's request failed (the server
-/// stopped reading): the rest is not read. Clears the flag when created and dropped.
+/// A request body that ends as soon as a write of its request failed (the server stopped
+/// reading): the rest is not read.
 pub(crate) struct StopAfterWriteError<'a> {
     inner: &'a mut dyn io::Read,
+    failed: Arc<AtomicBool>,
 }
 
 impl<'a> StopAfterWriteError<'a> {
-    pub(crate) fn new(inner: &'a mut dyn io::Read) -> Self {
-        SENDING_FAILED.set(false);
-        StopAfterWriteError { inner }
+    /// `failed` is the flag of the connector the request is sent through.
+    pub(crate) fn new(inner: &'a mut dyn io::Read, failed: Arc<AtomicBool>) -> Self {
+        StopAfterWriteError { inner, failed }
     }
 }
 
 impl io::Read for StopAfterWriteError<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if SENDING_FAILED.get() {
+        if self.failed.load(Ordering::Acquire) {
             return Ok(0);
         }
         self.inner.read(buf)
     }
 }
 
-impl Drop for StopAfterWriteError<'_> {
-    fn drop(&mut self) {
-        SENDING_FAILED.set(false);
-    }
-}
-
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 
 /// The connector that wraps each connection in [`Forgiving`].
-#[derive(Debug)]
-pub(crate) struct AnswerAfterWriteError;
+#[derive(Debug, Default)]
+pub(crate) struct AnswerAfterWriteError {
+    /// Set when a write failed, for the body of a streamed request ([`StopAfterWriteError`]).
+    failed: Option<Arc<AtomicBool>>,
+}
+
+impl AnswerAfterWriteError {
+    /// A connector for one streamed request whose body reads `failed`.
+    pub(crate) fn signalling(failed: Arc<AtomicBool>) -> Self {
+        AnswerAfterWriteError {
+            failed: Some(failed),
+        }
+    }
+}
 
 impl<In: Transport> Connector<In> for AnswerAfterWriteError {
     type Out = Forgiving<In>;
@@ -66,6 +70,7 @@ impl<In: Transport> Connector<In> for AnswerAfterWriteError {
             inner,
             write_error: None,
             answered: false,
+            failed: self.failed.clone(),
         }))
     }
 }
@@ -79,6 +84,8 @@ pub(crate) struct Forgiving<T> {
     write_error: Option<io::ErrorKind>,
     /// Bytes arrived after the write error.
     answered: bool,
+    /// Told of the write error (the streamed body's flag).
+    failed: Option<Arc<AtomicBool>>,
 }
 
 /// A write error after which the peer may still have answered.
@@ -111,7 +118,9 @@ impl<T: Transport> Transport for Forgiving<T> {
             Err(e) => match peer_stopped_reading(&e) {
                 Some(kind) => {
                     self.write_error = Some(kind);
-                    SENDING_FAILED.set(true);
+                    if let Some(failed) = &self.failed {
+                        failed.store(true, Ordering::Release);
+                    }
                     Ok(())
                 }
                 None => Err(e),
