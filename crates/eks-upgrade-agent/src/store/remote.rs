@@ -792,4 +792,36 @@ mod tests {
         );
         assert!(e.contains("http://127.0.0.1"), "{e}");
     }
+
+    /// A server that accepts an upload and then neither reads it nor answers is cut after the
+    /// idle limit once the socket buffers are full (a write that makes no progress).
+    #[test]
+    fn an_upload_the_server_stops_reading_is_cut_after_the_idle_limit() {
+        let idle = Duration::from_millis(500);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let _ = done_rx.recv();
+            drop(conn);
+        });
+        let s = RemoteStore::new_with_idle_limit(&format!("http://127.0.0.1:{port}"), None, idle)
+            .unwrap();
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let total = 1u64 << 30;
+        let mut body = Counted {
+            left: total,
+            read: read.clone(),
+        };
+        let e = s
+            .post_stream("/api/v1/artifacts", "application/octet-stream", &mut body)
+            .unwrap_err()
+            .to_string();
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
+        assert!(e.contains("stopped answering"), "unclear error: {e}");
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 256 << 20, "{read} bytes of {total} read");
+    }
 }
