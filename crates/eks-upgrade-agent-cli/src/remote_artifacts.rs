@@ -189,7 +189,8 @@ impl RemoteArtifacts {
     }
 
     /// `POST /api/v1/maintenance/{what}`: runs on the server's data dir, without a time limit
-    /// (a verify of a large store takes as long as reading it).
+    /// (a verify of a large store takes as long as reading it; the server is silent meanwhile,
+    /// so not even the store's limit on silence applies).
     fn maintain<T: serde::de::DeserializeOwned>(&self, what: &str, body: &Value) -> Result<T> {
         let body = serde_json::to_vec(body).unwrap_or_default();
         let resp = self
@@ -199,6 +200,7 @@ impl RemoteArtifacts {
                     .post(self.url(&format!("/api/v1/maintenance/{what}")))
                     .config()
                     .timeout_global(None)
+                    .timeout_per_read(None)
                     .build(),
             )
             .header("Content-Type", "application/json")

@@ -938,9 +938,9 @@ fn finish_delivers_what_the_last_changes_committed() {
         ..fast()
     };
     let d = Arc::new(Dispatcher::new(s.clone(), vec![sink.clone()], slow_poll));
-    let handle = d.spawn();
-    // Let the thread's first pass (nothing to do) end; it then sleeps for a minute.
-    std::thread::sleep(Duration::from_millis(300));
+    let handle = Arc::clone(&d).spawn();
+    // The thread's first pass (nothing to do) has ended; it then sleeps for a minute.
+    assert!(d.wait_for_passes(1, Duration::from_secs(30)));
     t.create_upgrade("u1", "p", "prod", JsonMap::new()).unwrap();
     t.start_upgrade("u1", None).unwrap();
     assert!(sink.received().is_empty());
@@ -951,4 +951,6 @@ fn finish_delivers_what_the_last_changes_committed() {
         .map(|n| n.detail_type.clone())
         .collect();
     assert_eq!(got, ["upgrade.started"]);
+    // Delivered by the last pass of `finish`, not by a second pass of the loop.
+    assert!(!d.wait_for_passes(2, Duration::ZERO), "a second pass ran");
 }

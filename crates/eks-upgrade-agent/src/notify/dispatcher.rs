@@ -97,6 +97,8 @@ pub struct Dispatcher {
     /// One pass at a time in this process (the background thread and a `flush` would otherwise
     /// both send the same due entries).
     pass: Mutex<()>,
+    /// Passes the background thread ([`Dispatcher::spawn`]) has ended, for tests to wait on.
+    passes_ended: (Mutex<u64>, Condvar),
 }
 
 impl fmt::Debug for Dispatcher {
@@ -133,7 +135,20 @@ impl Dispatcher {
             sinks,
             options,
             pass: Mutex::new(()),
+            passes_ended: (Mutex::new(0), Condvar::new()),
         }
+    }
+
+    /// Waits until the background thread has ended `n` passes, at most `limit`; true if it
+    /// has. Tests use it instead of sleeping.
+    #[cfg(test)]
+    pub(crate) fn wait_for_passes(&self, n: u64, limit: Duration) -> bool {
+        let (lock, cvar) = &self.passes_ended;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, limit, |ended| *ended < n)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard >= n
     }
 
     /// The configured sinks.
@@ -361,6 +376,11 @@ impl Dispatcher {
                 loop {
                     if let Err(e) = this.run_once() {
                         tracing::warn!(error = %e, "notification pass failed");
+                    }
+                    {
+                        let (ended, cvar) = &this.passes_ended;
+                        *ended.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                        cvar.notify_all();
                     }
                     let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
                     if *guard {

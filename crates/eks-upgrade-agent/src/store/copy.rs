@@ -363,6 +363,18 @@ pub fn copy(
     blobs: &Blobs,
     progress: &mut dyn CopyProgress,
 ) -> Result<CopyReport> {
+    copy_paged(from, to, blobs, progress, PAGE)
+}
+
+/// [`copy`] with pages of `page` rows (tests: small pages make every table span several).
+pub(crate) fn copy_paged(
+    from: &dyn CopyStore,
+    to: &dyn CopyStore,
+    blobs: &Blobs,
+    progress: &mut dyn CopyProgress,
+    page: usize,
+) -> Result<CopyReport> {
+    let page = page.clamp(1, PAGE);
     let (a, b) = (from.identity()?, to.identity()?);
     if a == b {
         return Err(Error::invalid(format!(
@@ -377,7 +389,7 @@ pub fn copy(
         to.write_all(&mut |dst| {
             report = CopyReport::default();
             for table in TABLES {
-                let n = copy_table(src, dst, table, blobs, &mut report, progress)?;
+                let n = copy_table(src, dst, table, blobs, &mut report, progress, page)?;
                 report.tables.push((table.name.to_owned(), n));
             }
             dst.finish()
@@ -408,6 +420,7 @@ fn copy_table(
     blobs: &Blobs,
     report: &mut CopyReport,
     progress: &mut dyn CopyProgress,
+    page: usize,
 ) -> Result<u64> {
     let total = src.count(table)?;
     progress.start(table.name, total);
@@ -415,11 +428,11 @@ fn copy_table(
     let mut after: Option<Vec<Cell>> = None;
     let mut n = 0u64;
     loop {
-        let rows = src.page(table, after.as_deref(), PAGE)?;
+        let rows = src.page(table, after.as_deref(), page)?;
         if rows.is_empty() {
             break;
         }
-        debug_assert!(rows.len() <= PAGE);
+        debug_assert!(rows.len() <= page);
         if table.name == "artifacts" {
             copy_bytes(table, &rows, blobs, report)?;
         }
@@ -428,7 +441,7 @@ fn copy_table(
         progress.advance(rows.len() as u64);
         let last = rows.last().expect("a page that is not empty");
         after = Some(keys.iter().map(|&i| last[i].clone()).collect());
-        if rows.len() < PAGE {
+        if rows.len() < page {
             break;
         }
     }

@@ -28,6 +28,12 @@ const MAX_RESPONSE: u64 = 512 * 1024 * 1024;
 const MAX_EXECUTE_BODY: usize = 4 * 1024 * 1024;
 /// Largest `import` body a server takes (`eks_upgrade_agent_server::MAX_IMPORT_BODY`).
 const MAX_IMPORT_BODY: usize = 16 * 1024 * 1024;
+/// Longest wait for a connection to the server.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// Longest silence of the server: one read (the answer, its body) or one write (the request,
+/// a streamed upload) that makes no progress for this long ends the request. There is no limit
+/// on a whole request: an upload that keeps being read may take hours.
+const IDLE_LIMIT: Duration = Duration::from_secs(300);
 
 /// A store behind a server.
 pub struct RemoteStore {
@@ -37,6 +43,8 @@ pub struct RemoteStore {
     token: Option<String>,
     /// Reads the answer after a failed write of a body ([`stream`]).
     agent: ureq::Agent,
+    /// Longest silence of the server ([`IDLE_LIMIT`]).
+    idle: Duration,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -69,17 +77,32 @@ impl RemoteStore {
     /// loopback; [`RemoteStore::new_allowing_plain_http`] lifts that (a service mesh or a
     /// private network that encrypts the hop).
     pub fn new(url: &str, token: Option<&str>) -> Result<RemoteStore> {
-        Self::connect(url, token, false)
+        Self::connect(url, token, false, IDLE_LIMIT)
+    }
+
+    /// As [`RemoteStore::new`], with another limit on the server's silence (tests).
+    #[cfg(test)]
+    pub(crate) fn new_with_idle_limit(
+        url: &str,
+        token: Option<&str>,
+        idle: Duration,
+    ) -> Result<RemoteStore> {
+        Self::connect(url, token, false, idle)
     }
 
     /// As [`RemoteStore::new`], but a token or credentials may go over plain `http://` to any
     /// host (the CLI's `EUA_ALLOW_PLAIN_HTTP=1`): for a hop that is encrypted underneath, such
     /// as a service mesh's mTLS inside a cluster.
     pub fn new_allowing_plain_http(url: &str, token: Option<&str>) -> Result<RemoteStore> {
-        Self::connect(url, token, true)
+        Self::connect(url, token, true, IDLE_LIMIT)
     }
 
-    fn connect(url: &str, token: Option<&str>, allow_plain_http: bool) -> Result<RemoteStore> {
+    fn connect(
+        url: &str,
+        token: Option<&str>,
+        allow_plain_http: bool,
+        idle: Duration,
+    ) -> Result<RemoteStore> {
         let base = url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(Error::invalid(format!(
@@ -108,8 +131,11 @@ impl RemoteStore {
             )));
         }
         let config = ureq::Agent::config_builder()
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_global(Some(Duration::from_secs(300)))
+            .timeout_connect(Some(CONNECT_LIMIT))
+            // Per read and per write, not per request: a long upload that keeps going
+            // succeeds, a silent server is cut.
+            .timeout_per_read(Some(idle))
+            .timeout_per_write(Some(idle))
             .http_status_as_error(false)
             .build();
         use ureq::unversioned::transport::Connector as _;
@@ -124,6 +150,7 @@ impl RemoteStore {
             shown: crate::net::redact(base),
             token: token.map(str::to_owned),
             agent,
+            idle,
         })
     }
 
@@ -179,8 +206,17 @@ impl RemoteStore {
     }
 
     fn unreachable(&self, e: &ureq::Error) -> Error {
+        let message = match e {
+            ureq::Error::Timeout(ureq::Timeout::PerRead | ureq::Timeout::PerWrite) => format!(
+                "the server at {} stopped answering: nothing received or sent for {} s \
+                 ({e}); check that the server is running and reachable",
+                self.shown,
+                self.idle.as_secs_f64()
+            ),
+            _ => format!("cannot reach the server at {}: {e}", self.shown),
+        };
         Error::Backend {
-            message: format!("cannot reach the server at {}: {e}", self.shown),
+            message,
             source: None,
         }
     }
@@ -640,5 +676,162 @@ mod tests {
         assert!(e.contains("unknown artifact type"), "{e}");
         let read = read.load(std::sync::atomic::Ordering::Relaxed);
         assert!(read < 64 << 20, "{read} bytes of {total} read");
+    }
+
+    /// An upload lasts longer than the limit on the server's silence: it succeeds while the
+    /// server keeps reading (there is no limit on a whole request; it was 300 s).
+    #[test]
+    fn an_upload_longer_than_the_idle_limit_succeeds_while_it_is_read() {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let idle = Duration::from_secs(1);
+        let total: u64 = 160 << 20;
+        // Paced for the first 96 MiB (2 MiB every 50 ms: at least 2.4 s), the rest read at
+        // once so the bytes held in socket buffers do not wait.
+        let paced: u64 = 96 << 20;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::with_capacity(64 << 10, conn.try_clone().unwrap());
+            let mut line = String::new();
+            let mut chunked = false;
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                if line
+                    .to_ascii_lowercase()
+                    .starts_with("transfer-encoding: chunked")
+                {
+                    chunked = true;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            assert!(chunked, "a streamed upload is chunked");
+            let mut got: u64 = 0;
+            let mut since_pause: u64 = 0;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let size = u64::from_str_radix(line.trim(), 16).unwrap();
+                if size == 0 {
+                    reader.read_line(&mut line).unwrap();
+                    break;
+                }
+                let mut left = size;
+                while left > 0 {
+                    let n = (left as usize).min(buf.len());
+                    reader.read_exact(&mut buf[..n]).unwrap();
+                    left -= n as u64;
+                    got += n as u64;
+                    since_pause += n as u64;
+                    if got < paced && since_pause >= 2 << 20 {
+                        since_pause = 0;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+            }
+            let body = format!(r#"{{"received":{got}}}"#);
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            got
+        });
+        let s = RemoteStore::new_with_idle_limit(&format!("http://127.0.0.1:{port}"), None, idle)
+            .unwrap();
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut body = Counted {
+            left: total,
+            read: read.clone(),
+        };
+        let start = std::time::Instant::now();
+        let resp = s
+            .post_stream("/api/v1/artifacts", "application/octet-stream", &mut body)
+            .unwrap();
+        let answer: Value = s.answer(resp).unwrap();
+        let took = start.elapsed();
+        assert_eq!(
+            server.join().unwrap(),
+            total,
+            "the server read the whole body"
+        );
+        assert_eq!(answer["received"], total);
+        assert!(
+            took > 2 * idle,
+            "the upload lasted {took:?}: not longer than the idle limit, the test proves nothing"
+        );
+    }
+
+    /// A server that accepts the connection and then says nothing is cut after the idle limit,
+    /// with a message that says so.
+    #[test]
+    fn a_silent_server_is_cut_after_the_idle_limit() {
+        let idle = Duration::from_millis(500);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            // Holds the connection open, reads nothing, answers nothing.
+            let _ = done_rx.recv();
+            drop(conn);
+        });
+        let s = RemoteStore::new_with_idle_limit(&format!("http://127.0.0.1:{port}"), None, idle)
+            .unwrap();
+        let start = std::time::Instant::now();
+        let e = s
+            .get_json::<Value>("/api/v1/store/upgrades")
+            .unwrap_err()
+            .to_string();
+        let took = start.elapsed();
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
+        assert!(took >= idle, "cut after {took:?}, before the idle limit");
+        assert!(took < Duration::from_secs(30), "cut after {took:?}");
+        assert!(
+            e.contains("stopped answering") && e.contains("0.5 s"),
+            "unclear error: {e}"
+        );
+        assert!(e.contains("http://127.0.0.1"), "{e}");
+    }
+
+    /// A server that accepts an upload and then neither reads it nor answers is cut after the
+    /// idle limit once the socket buffers are full (a write that makes no progress).
+    #[test]
+    fn an_upload_the_server_stops_reading_is_cut_after_the_idle_limit() {
+        let idle = Duration::from_millis(500);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let _ = done_rx.recv();
+            drop(conn);
+        });
+        let s = RemoteStore::new_with_idle_limit(&format!("http://127.0.0.1:{port}"), None, idle)
+            .unwrap();
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let total = 1u64 << 30;
+        let mut body = Counted {
+            left: total,
+            read: read.clone(),
+        };
+        let e = s
+            .post_stream("/api/v1/artifacts", "application/octet-stream", &mut body)
+            .unwrap_err()
+            .to_string();
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
+        assert!(e.contains("stopped answering"), "unclear error: {e}");
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 256 << 20, "{read} bytes of {total} read");
     }
 }

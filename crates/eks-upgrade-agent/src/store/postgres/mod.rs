@@ -44,6 +44,8 @@ pub use progress::{PostgresOptions, PostgresStore};
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
+mod copy_paging_tests;
+#[cfg(test)]
 mod outbox_tests;
 #[cfg(test)]
 mod paging_tests;
