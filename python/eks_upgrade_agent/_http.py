@@ -35,7 +35,11 @@ class Http:
         # machine (the rule of the Rust client, RemoteStore::new).
         parts = urllib.parse.urlsplit(base)
         creds = "@" in parts.netloc
-        allow = os.environ.get("EUA_ALLOW_PLAIN_HTTP", "") in ("1", "true")
+        allow_raw = os.environ.get("EUA_ALLOW_PLAIN_HTTP", "")
+        if allow_raw not in ("", "0", "false", "1", "true"):
+            raise InvalidInputError(
+                f"EUA_ALLOW_PLAIN_HTTP must be 1 or 0, not {allow_raw!r}")
+        allow = allow_raw in ("1", "true")
         if (parts.scheme.lower() == "http" and (creds or token) and not allow
                 and not _is_loopback(parts.hostname)):
             what = "the URL's credentials" if creds else "the token"

@@ -36,3 +36,11 @@ def test_plain_http_with_credentials_is_refused_beyond_loopback(url, token, monk
 ])
 def test_https_loopback_and_no_credentials_are_accepted(url, token):
     Http(url, token)
+
+
+def test_the_opt_out_takes_one_or_zero(monkeypatch):
+    # The Rust CLI's rule: anything else is an error, not a silent "off".
+    monkeypatch.setenv("EUA_ALLOW_PLAIN_HTTP", "yes please")
+    with pytest.raises(InvalidInputError) as e:
+        Http("http://127.0.0.1:1", None)
+    assert "EUA_ALLOW_PLAIN_HTTP must be 1 or 0" in str(e.value)

@@ -34,6 +34,9 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// a streamed upload) that makes no progress for this long ends the request. There is no limit
 /// on a whole request: an upload that keeps being read may take hours.
 const IDLE_LIMIT: Duration = Duration::from_secs(300);
+/// The answer to a streamed request may take this many idle limits (an hour by default): the
+/// server works on a received upload in silence before it answers.
+const ANSWER_FACTOR: u32 = 12;
 
 /// A store behind a server.
 pub struct RemoteStore {
@@ -200,6 +203,13 @@ impl RemoteStore {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
+        // Once the body is in, the server may work on it in silence (parse a report, copy the
+        // kept file into S3) before it answers: the answer gets a longer limit than the idle
+        // limit of sending.
+        let req = req
+            .config()
+            .timeout_per_read(Some(self.idle * ANSWER_FACTOR))
+            .build();
         let mut body = stream::StopAfterWriteError::new(body, failed);
         req.send(ureq::SendBody::from_reader(&mut body))
             .map_err(|e| self.unreachable(&e))
@@ -768,6 +778,57 @@ mod tests {
             took > 2 * idle,
             "the upload lasted {took:?}: not longer than the idle limit, the test proves nothing"
         );
+    }
+
+    /// After a streamed body is in, the server may work on it in silence for longer than the
+    /// idle limit (parsing a report, copying the kept file into S3): the answer has
+    /// `ANSWER_FACTOR` times the idle limit (an hour by default), so a slow answer still arrives.
+    #[test]
+    fn a_slow_answer_to_a_received_upload_still_arrives() {
+        use std::io::{BufRead, BufReader, Write};
+        let idle = Duration::from_millis(500);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            // Headers, then the chunked body up to its last (empty) chunk.
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let size = usize::from_str_radix(line.trim(), 16).unwrap();
+                let mut chunk = vec![0u8; size + 2];
+                std::io::Read::read_exact(&mut reader, &mut chunk).unwrap();
+                if size == 0 {
+                    break;
+                }
+            }
+            // Three idle limits of silence before the answer.
+            std::thread::sleep(3 * idle);
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{{\"ok\":true}}"
+            )
+            .unwrap();
+        });
+        let s = RemoteStore::new_with_idle_limit(&format!("http://127.0.0.1:{port}"), None, idle)
+            .unwrap();
+        let mut body: &[u8] = b"<testsuites/>";
+        let resp = s
+            .post_stream("/api/v1/tests/ingest", "application/xml", &mut body)
+            .unwrap();
+        let answer: Value = s.answer(resp).unwrap();
+        server.join().unwrap();
+        assert_eq!(answer["ok"], true);
     }
 
     /// A server that accepts the connection and then says nothing is cut after the idle limit,
