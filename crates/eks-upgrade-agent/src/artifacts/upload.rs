@@ -606,12 +606,10 @@ mod tests {
         );
     }
 
-    /// Guarantee G92: a run that stalls past its lease while another uploader takes the
-    /// artifact over finds out at its next heartbeat (the renewal no longer names it): it
-    /// stops, and its outcome is not recorded, even after the other recorded a failure (the
-    /// claim is the fencing token).
-    #[test]
-    fn a_run_that_lost_its_lease_stops_and_records_nothing() {
+    /// A run whose artifact another uploader takes over (and fails) while the run's progress
+    /// callback stalls for `stall`: the run counts it lost, records nothing, and the row keeps
+    /// the other's failure.
+    fn lost_to_a_takeover(lease: Duration, stall: Duration) {
         let moto = Moto::start();
         moto.create_bucket("team");
         let dir = tempfile::tempdir().unwrap();
@@ -648,7 +646,7 @@ mod tests {
             )
             .unwrap();
         let options = UploadOptions {
-            lease: Duration::from_millis(200),
+            lease,
             ..UploadOptions::default()
         };
         let mut stolen = false;
@@ -675,7 +673,7 @@ mod tests {
                         },
                     )
                     .unwrap();
-                std::thread::sleep(Duration::from_millis(400));
+                std::thread::sleep(stall);
             })
             .unwrap();
         assert!(stolen);
@@ -692,87 +690,22 @@ mod tests {
         );
     }
 
+    /// Guarantee G92: a run that stalls past its lease while another uploader takes the
+    /// artifact over finds out at its next heartbeat (the renewal no longer names it): it
+    /// stops, and its outcome is not recorded, even after the other recorded a failure (the
+    /// claim is the fencing token).
+    #[test]
+    fn a_run_that_lost_its_lease_stops_and_records_nothing() {
+        // Found at the next heartbeat: the lease (0.2 s) ends during the stall.
+        lost_to_a_takeover(Duration::from_millis(200), Duration::from_millis(400));
+    }
+
     /// Guarantee G92: when the store refuses a run's outcome (another took the artifact over
     /// before the run's heartbeat noticed), the report counts it lost, not uploaded.
     #[test]
     fn an_outcome_the_store_refuses_is_not_counted_uploaded() {
-        let moto = Moto::start();
-        moto.create_bucket("team");
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
-        let blobs = Arc::new(
-            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
-        );
-        let target = s3(&moto.url);
-        let m = TestArtifactsManager::new(
-            store.clone(),
-            blobs,
-            ArtifactsOptions {
-                auto_upload: true,
-                ..ArtifactsOptions::default()
-            },
-        );
-        let s = m
-            .create_session(NewSession {
-                upgrade_id: "u1".into(),
-                cluster_name: "prod".into(),
-                ..NewSession::default()
-            })
-            .unwrap();
-        let c = m
-            .create_collection(&s.session_id, "logs", None, None)
-            .unwrap();
-        let a = m
-            .add_bytes(
-                &s.session_id,
-                &c.collection_id,
-                b"a log",
-                "a.log",
-                &AddOptions::default(),
-            )
-            .unwrap();
-        let options = UploadOptions {
-            lease: Duration::from_secs(600),
-            ..UploadOptions::default()
-        };
-        let mut stolen = false;
-        let report = m
-            .upload(store.as_ref(), &target, &options, None, false, &mut |p| {
-                if stolen || p.bytes_done == 0 {
-                    return;
-                }
-                stolen = true;
-                // The run stalls here past its lease; another uploader (whose claim is judged
-                // an hour later) takes the artifact over, fails, and records that.
-                let later = Utc::now() + chrono::Duration::hours(1);
-                let taken = store
-                    .claim_uploads("other", later, later + chrono::Duration::minutes(1), 10)
-                    .unwrap();
-                assert_eq!(taken.len(), 1);
-                store
-                    .record_upload(
-                        "other",
-                        &a.artifact_id,
-                        &UploadOutcome::Failed {
-                            error: "other failed".into(),
-                            next_at: Some(later + chrono::Duration::hours(1)),
-                        },
-                    )
-                    .unwrap();
-            })
-            .unwrap();
-        assert!(stolen);
-        assert_eq!(
-            (report.uploaded, report.lost, report.failed.len()),
-            (0, 1, 0),
-            "{report:?}"
-        );
-        let row = m.artifact(&a.artifact_id).unwrap();
-        assert_eq!(row.status, ArtifactStatus::Failed, "{row:?}");
-        assert_eq!(
-            row.s3_key, None,
-            "the lost run's outcome was recorded: {row:?}"
-        );
+        // The lease outlives the run: only the store's refusal of the outcome tells.
+        lost_to_a_takeover(Duration::from_secs(600), Duration::ZERO);
     }
 
     /// README "Sharing artifacts through S3": a failed upload is retried after a capped
