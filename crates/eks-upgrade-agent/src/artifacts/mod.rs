@@ -44,6 +44,10 @@ pub use export::{ExportSource, export_session_from, write_atomically};
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 /// Files indexed per transaction when adding a directory.
 const INDEX_BATCH: usize = 256;
+/// How many times an add stores its bytes again after concurrent releases of them (G105).
+const RESTORES: u32 = 3;
+/// How long an add waits for a concurrent release of one of its blobs to end.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// Most tags per artifact, and longest tag.
 pub const MAX_TAGS: usize = 64;
 /// Longest tag, in bytes.
@@ -490,10 +494,43 @@ impl TestArtifactsManager {
         }
     }
 
+    /// Indexes a batch whose bytes are stored. When a concurrent release (another replica's
+    /// gc, cleanup or delete) of one of its digests is in progress, or deleted the bytes after
+    /// they were stored, the index refuses ([`crate::store::BlobReleased`]): the add waits for
+    /// the release to end, stores the bytes again (from the local copy) and indexes again, so
+    /// no artifact is indexed trusting bytes a release removes (G105).
     fn index_batch(&self, batch: &[NewArtifact]) -> Result<Vec<TestArtifact>> {
-        let blobs = Arc::clone(&self.blobs);
-        self.index
-            .insert_artifacts(batch, &move |d: &Digest| blobs.exists(d))
+        let mut restored = 0;
+        loop {
+            let blobs = Arc::clone(&self.blobs);
+            let err = match self
+                .index
+                .insert_artifacts(batch, &move |d: &Digest| blobs.exists(d))
+            {
+                Ok(added) => return Ok(added),
+                Err(e) => e,
+            };
+            let Some(d) = crate::store::BlobReleased::of(&err) else {
+                return Err(err);
+            };
+            if restored == RESTORES {
+                return Err(err);
+            }
+            restored += 1;
+            self.index.await_blob_release(&d, RELEASE_WAIT)?;
+            // The release kept the bytes (the put made them younger than its cutoff): index
+            // again (the index checks again). Else store them again from the local copy.
+            if !self.blobs.exists(&d)? && !self.blobs.restore(&d)? {
+                return Err(Error::Backend {
+                    message: format!(
+                        "blob sha256:{d} was deleted by a concurrent release (another \
+                         replica's gc, cleanup or delete) before this add indexed it, and no \
+                         local copy is left to store again: add it again"
+                    ),
+                    source: None,
+                });
+            }
+        }
     }
 
     /// Adds the bytes of `reader` as one artifact named `name`.
@@ -1012,9 +1049,14 @@ impl TestArtifactsManager {
         report.bytes_freed += b;
         // Count the young ones that are unreferenced, without deleting them.
         for chunk in young.chunks(1000) {
-            let unreferenced = self.index.delete_unreferenced(chunk, &|_| Ok(true))?;
-            report.blobs_in_grace += unreferenced.len() as u64;
+            report.blobs_in_grace += self.index.unreferenced(chunk)?.len() as u64;
         }
+        // Releases a deleter left unfinished (it stopped, or its delete failed): deleted
+        // again (when unreferenced and past the grace period) and their marks removed.
+        let stale = self.index.stale_blob_releases()?;
+        let (n, b) = self.delete_blobs_older(&stale, Some(cutoff))?;
+        report.blobs_removed += n;
+        report.bytes_freed += b;
         Ok(report)
     }
 }

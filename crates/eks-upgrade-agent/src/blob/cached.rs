@@ -240,6 +240,17 @@ impl BlobStore for CachedBlobStore {
         Ok(deleted)
     }
 
+    fn restore(&self, digest: &Digest) -> Result<bool> {
+        let mut local = match self.cache.open(digest) {
+            Ok(r) => r,
+            Err(Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        // Verified as it is read: a corrupt cached copy fails here and is not put.
+        self.shared.put(&mut local, &mut |_| {})?;
+        Ok(true)
+    }
+
     fn sweep_incomplete(&self) -> Result<u64> {
         Ok(self.cache.sweep_incomplete()? + self.shared.sweep_incomplete()?)
     }

@@ -133,6 +133,15 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// index.
     fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool>;
 
+    /// Puts `digest` into the shared store again from a copy this store keeps locally (team
+    /// mode: an add whose bytes a concurrent release deleted from S3 before the add was
+    /// indexed); `Ok(false)` when there is no such copy (the add must be given the bytes
+    /// again). A store that is its own truth has no shared store behind it: `Ok(false)`.
+    fn restore(&self, digest: &Digest) -> Result<bool> {
+        let _ = digest;
+        Ok(false)
+    }
+
     /// Removes leftovers of interrupted puts (e.g. temp files of killed processes); returns how
     /// many were removed. Never touches a put in progress.
     fn sweep_incomplete(&self) -> Result<u64> {
@@ -165,6 +174,9 @@ impl<T: BlobStore + ?Sized> BlobStore for std::sync::Arc<T> {
     }
     fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
         (**self).delete_if_older(digest, cutoff)
+    }
+    fn restore(&self, digest: &Digest) -> Result<bool> {
+        (**self).restore(digest)
     }
     fn sweep_incomplete(&self) -> Result<u64> {
         (**self).sweep_incomplete()

@@ -277,6 +277,38 @@ fn all_pages<T>(
     }
 }
 
+/// Why [`ArtifactIndex::insert_artifacts`] refused to index a digest (the source of its
+/// [`Error::Backend`](crate::Error::Backend)): a release of the blob (another replica's gc,
+/// cleanup or delete) is in progress, or finished after this add stored the bytes. The bytes
+/// the add stored may be gone: it waits for the release
+/// ([`ArtifactIndex::await_blob_release`]), stores them again and indexes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobReleased(pub Digest);
+
+impl fmt::Display for BlobReleased {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "blob sha256:{} was released by a concurrent deletion",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BlobReleased {}
+
+impl BlobReleased {
+    /// The digest `e` says was released, if it is that refusal.
+    pub fn of(e: &crate::Error) -> Option<Digest> {
+        match e {
+            crate::Error::Backend {
+                source: Some(s), ..
+            } => s.downcast_ref::<BlobReleased>().map(|b| b.0),
+            _ => None,
+        }
+    }
+}
+
 /// An artifact to index; its blob is already stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewArtifact {
@@ -393,13 +425,35 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     /// (all are `deleted` records), checked in the same write transaction; `None` (nothing
     /// removed) when one is.
     fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>>;
-    /// In one write transaction, calls `delete` for each digest no live artifact references.
-    /// Returns the digests deleted.
+    /// Calls `delete` for each digest no live artifact references, so that no add of the
+    /// digest can be indexed trusting bytes the deletion removes; returns the digests deleted.
+    /// SQLite calls it inside its one write transaction (one process owns the data dir). A
+    /// shared database never calls it inside a transaction: it commits a release mark first,
+    /// which adds of the digest wait for (see `store/postgres/releases.rs`, G105).
     fn delete_unreferenced(
         &self,
         digests: &[Digest],
         delete: &dyn Fn(&Digest) -> Result<bool>,
     ) -> Result<Vec<Digest>>;
+    /// The digests of `digests` that no live artifact references now (what `gc` counts
+    /// without deleting).
+    fn unreferenced(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        self.delete_unreferenced(digests, &|_| Ok(true))
+    }
+    /// Waits (at most `timeout`) until no release of `digest` is in progress, taking over
+    /// the mark of a deleter that stopped before it finished (older than the bound after which
+    /// its delete can no longer land). An add whose index transaction failed with
+    /// [`BlobReleased`] calls it, then stores the bytes again and indexes again. Backends
+    /// whose deletions run inside their write transaction return at once.
+    fn await_blob_release(&self, digest: &Digest, timeout: std::time::Duration) -> Result<()> {
+        let _ = (digest, timeout);
+        Ok(())
+    }
+    /// Digests whose release a deleter left unfinished (it stopped, or its delete failed)
+    /// and that nobody can be finishing now; `gc` finishes them.
+    fn stale_blob_releases(&self) -> Result<Vec<Digest>> {
+        Ok(Vec::new())
+    }
     /// Number of artifacts per task of an upgrade.
     fn artifact_counts_by_task(&self, upgrade_id: &str) -> Result<HashMap<String, u64>>;
     /// Sets an artifact's status.

@@ -6,9 +6,10 @@
 //!
 //! Writers on several replicas: adds to one collection are serialized on its row (`FOR
 //! UPDATE`), so the idempotent re-add and the free `export_name` are decided one add at a time;
-//! an add and a blob deletion of the same digest are serialized on a per-digest advisory lock
-//! held to the end of their transactions, so `gc`, `cleanup` and `delete` never take a blob
-//! from under an add being indexed on another replica (what SQLite's single writer gives).
+//! an add and a blob release of the same digest are serialized on a per-digest advisory lock,
+//! and a release deletes the S3 object outside any transaction under a committed mark that
+//! adds wait for (`releases.rs`), so `gc`, `cleanup` and `delete` never take a blob from under
+//! an add being indexed on another replica (what SQLite's single writer gives).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -175,7 +176,7 @@ fn unique_violation(e: &Error) -> bool {
 const DIGEST_LOCK_CLASS: i32 = 0x4555_4131;
 
 /// Holds the digest's advisory lock to the end of the transaction.
-fn lock_digest(tx: &mut Tx<'_, '_>, d: &Digest) -> Result<()> {
+pub(super) fn lock_digest(tx: &mut Tx<'_, '_>, d: &Digest) -> Result<()> {
     let key = i32::from_be_bytes([d.0[0], d.0[1], d.0[2], d.0[3]]);
     tx.exec(
         "SELECT pg_advisory_xact_lock($1, $2)",
@@ -651,17 +652,15 @@ impl ArtifactIndex for PostgresStore {
                     out.push(load_artifact(tx, &id)?);
                     continue;
                 }
-                // Serialized with any deletion of this digest until we commit.
+                // Serialized with any release of this digest until we commit: one in
+                // progress (marked), or one that deleted the bytes after they were stored, is
+                // a refusal the add answers by storing them again (G105).
                 lock_digest(tx, &a.digest)?;
+                if super::releases::pending(tx, &a.digest)? {
+                    return Err(super::releases::refused(&a.name, &a.digest, true));
+                }
                 if !blob_present(&a.digest)? {
-                    return Err(Error::Backend {
-                        message: format!(
-                            "the blob of {:?} (sha256:{hash}) disappeared before it was indexed \
-                             (a concurrent gc?); add it again",
-                            a.name
-                        ),
-                        source: None,
-                    });
+                    return Err(super::releases::refused(&a.name, &a.digest, false));
                 }
                 let export_name = free_export_name(tx, ckey, &a.name)?;
                 let tags = if a.tags.is_empty() {
@@ -894,24 +893,19 @@ impl ArtifactIndex for PostgresStore {
         digests: &[Digest],
         delete: &dyn Fn(&Digest) -> Result<bool>,
     ) -> Result<Vec<Digest>> {
-        self.write(|tx| {
-            let mut deleted = Vec::new();
-            for d in digests {
-                // An add of this digest on any replica either committed before (its row is
-                // seen now) or checks for the blob after we commit.
-                lock_digest(tx, d)?;
-                let used = tx
-                    .opt(
-                        "SELECT 1 FROM artifacts WHERE file_hash = $1 AND status != $2 LIMIT 1",
-                        &[&d.to_hex(), &ArtifactStatus::Deleted.code()],
-                    )?
-                    .is_some();
-                if !used && delete(d)? {
-                    deleted.push(*d);
-                }
-            }
-            Ok(deleted)
-        })
+        self.release_blobs(digests, delete)
+    }
+
+    fn unreferenced(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        self.unreferenced_digests(digests)
+    }
+
+    fn await_blob_release(&self, digest: &Digest, timeout: std::time::Duration) -> Result<()> {
+        self.await_release(digest, timeout)
+    }
+
+    fn stale_blob_releases(&self) -> Result<Vec<Digest>> {
+        self.stale_releases()
     }
 
     fn artifact_counts_by_task(&self, upgrade_id: &str) -> Result<HashMap<String, u64>> {

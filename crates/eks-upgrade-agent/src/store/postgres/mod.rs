@@ -10,6 +10,7 @@
 //! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
 //!   `FOR UPDATE SKIP LOCKED` and a lease); `lease`: the lease conditions both queues share;
+//!   `releases`: blob deletions marked in the database, the S3 delete outside any transaction;
 //! - `schema`: versioned migrations (a `schema_version` table);
 //! - `order`: which keyset pages see rows that commit late, and the lock that makes upgrade
 //!   keys commit in order.
@@ -30,6 +31,7 @@ pub mod listen;
 mod order;
 mod outbox;
 pub mod progress;
+mod releases;
 mod schema;
 mod tasks;
 mod test_results;
@@ -49,6 +51,8 @@ mod copy_paging_tests;
 mod outbox_tests;
 #[cfg(test)]
 mod paging_tests;
+#[cfg(all(test, feature = "aws"))]
+mod release_tests;
 #[cfg(test)]
 mod tls_tests;
 #[cfg(test)]

@@ -1,0 +1,348 @@
+//! Blob releases on a shared database (G105): a release's S3 delete runs outside any
+//! transaction under a committed mark, so a delete that lands late never removes the bytes of
+//! an artifact another replica added meanwhile; stale marks are taken over and finished.
+//! Real PostgreSQL (`PgCluster`) and real S3 (moto).
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use super::progress::{PostgresOptions, PostgresStore, SessionLimits};
+use crate::artifacts::{AddOptions, ArtifactsOptions, NewSession, TestArtifactsManager};
+use crate::blob::{
+    BlobInfo, BlobMeta, BlobStore, CachedBlobStore, Digest, LocalBlobStore, S3BlobStore, S3Options,
+};
+use crate::error::Result;
+use crate::model::{ArtifactCollection, ArtifactStatus, TestSession};
+use crate::store::Durability;
+use crate::test_support::{Moto, PgCluster};
+
+/// An S3 store whose deletes, once armed, check the blob's age and then wait for the test to
+/// let them through: a DELETE that S3 receives late, after its age check passed.
+#[derive(Debug)]
+struct Held {
+    inner: Arc<S3BlobStore>,
+    armed: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+}
+
+impl Held {
+    /// Arms the next delete: returns (entered, let through).
+    fn arm(&self) -> (Receiver<()>, Sender<()>) {
+        let (entered_tx, entered_rx) = channel();
+        let (go_tx, go_rx) = channel();
+        *self.armed.lock().unwrap() = Some((entered_tx, go_rx));
+        (entered_rx, go_tx)
+    }
+
+    fn modified(&self, d: &Digest) -> Result<Option<SystemTime>> {
+        let mut found = None;
+        self.inner.list(&mut |m| {
+            if m.digest == *d {
+                found = m.modified;
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+}
+
+impl BlobStore for Held {
+    fn put(&self, reader: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<BlobInfo> {
+        self.inner.put(reader, progress)
+    }
+    fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+        self.inner.open(digest)
+    }
+    fn exists(&self, digest: &Digest) -> Result<bool> {
+        self.inner.exists(digest)
+    }
+    fn size(&self, digest: &Digest) -> Result<u64> {
+        self.inner.size(digest)
+    }
+    fn delete(&self, digest: &Digest) -> Result<bool> {
+        self.inner.delete(digest)
+    }
+    fn list(&self, f: &mut dyn FnMut(BlobMeta) -> Result<()>) -> Result<()> {
+        self.inner.list(f)
+    }
+    fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+        let armed = self.armed.lock().unwrap().take();
+        let Some((entered, go)) = armed else {
+            return self.inner.delete_if_older(digest, cutoff);
+        };
+        // The age check, as S3BlobStore makes it; then the delete, held.
+        if self.modified(digest)?.is_none_or(|m| m > cutoff) {
+            return Ok(false);
+        }
+        entered.send(()).unwrap();
+        go.recv_timeout(Duration::from_secs(60)).unwrap();
+        self.inner.delete(digest)
+    }
+}
+
+fn s3(moto: &Moto) -> Arc<S3BlobStore> {
+    Arc::new(
+        S3BlobStore::new(&S3Options {
+            bucket: "blobs".into(),
+            prefix: String::new(),
+            endpoint: Some(moto.url.clone()),
+            region: Some("us-east-1".into()),
+            credentials: Some(("testing".into(), "testing".into())),
+        })
+        .unwrap(),
+    )
+}
+
+/// A replica: its own store (pool) on the database and its own blob cache over `shared`.
+fn replica(
+    store: PostgresStore,
+    shared: Arc<dyn BlobStore>,
+    cache: &Path,
+    gc_grace: Duration,
+) -> TestArtifactsManager {
+    let cache = LocalBlobStore::open(cache, Durability::default()).unwrap();
+    let blobs = CachedBlobStore::new(shared, cache, 1 << 30).unwrap();
+    TestArtifactsManager::new(
+        Arc::new(store),
+        Arc::new(blobs),
+        ArtifactsOptions {
+            gc_grace,
+            ..ArtifactsOptions::default()
+        },
+    )
+}
+
+fn session(m: &TestArtifactsManager) -> (TestSession, ArtifactCollection) {
+    let s = m
+        .create_session(NewSession {
+            upgrade_id: "u".into(),
+            cluster_name: "prod".into(),
+            ..NewSession::default()
+        })
+        .unwrap();
+    let c = m
+        .create_collection(&s.session_id, "logs", None, None)
+        .unwrap();
+    (s, c)
+}
+
+fn options() -> PostgresOptions {
+    PostgresOptions {
+        pool_size: 4,
+        ..PostgresOptions::default()
+    }
+}
+
+fn marks(url: &str) -> Vec<(String, String)> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.query(
+        "SELECT digest, token FROM blob_releases ORDER BY digest",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+fn psql(url: &str, sql: &str) {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    c.batch_execute(sql).unwrap();
+}
+
+/// Guarantee G105: replica A releases a blob (its artifact deleted) and its S3 delete is held
+/// after the age check, for longer than A's `idle_in_transaction_session_timeout`; replica B
+/// adds the same bytes meanwhile; then A's delete lands. B's artifact still downloads,
+/// verified, on a third replica (with an empty cache), and no mark is left. With the delete
+/// inside A's transaction, A's session ends at its idle limit, B commits trusting its put, and
+/// the late delete removes B's bytes.
+#[test]
+fn a_late_release_never_removes_the_bytes_of_a_later_add() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let moto = Moto::start();
+    moto.create_bucket("blobs");
+    let shared = s3(&moto);
+    let dir = tempfile::tempdir().unwrap();
+    // A's sessions end after 1 s idle inside a transaction (15 s in production).
+    let a_store = PostgresStore::open_with_limits(
+        &url,
+        &options(),
+        &SessionLimits {
+            idle_in_transaction: Duration::from_secs(1),
+            statement: Duration::from_secs(30),
+        },
+    )
+    .unwrap();
+    let held = Arc::new(Held {
+        inner: shared.clone(),
+        armed: Mutex::new(None),
+    });
+    let grace = ArtifactsOptions::default().gc_grace;
+    let a = replica(a_store, held.clone(), &dir.path().join("a"), grace);
+    let b = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("b"),
+        grace,
+    );
+    let bytes = b"the same bytes, added on two replicas\n".repeat(200);
+    let (sa, ca) = session(&a);
+    let first = a
+        .add_bytes(
+            &sa.session_id,
+            &ca.collection_id,
+            &bytes,
+            "one.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    // S3 keeps modification times to the second: the delete's cutoff (the instant it began)
+    // must be past the put's.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (sb, cb) = session(&b);
+    let (entered, go) = held.arm();
+    let (deleted, added) = std::thread::scope(|scope| {
+        let deleter = scope.spawn(|| a.delete_artifact(&first.artifact_id));
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("A's delete reached S3");
+        let adder = scope.spawn(|| {
+            b.add_bytes(
+                &sb.session_id,
+                &cb.collection_id,
+                &bytes,
+                "two.log",
+                &AddOptions::default(),
+            )
+        });
+        // Longer than A's idle limit: a transaction held open by the delete is ended by now.
+        std::thread::sleep(Duration::from_millis(2500));
+        go.send(()).unwrap();
+        (deleter.join().unwrap(), adder.join().unwrap())
+    });
+    let added = added.expect("B's add");
+    let c = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("c"),
+        grace,
+    );
+    let read = c.read(&added.artifact_id);
+    assert!(
+        matches!(&read, Ok(got) if *got == bytes),
+        "B's artifact lost its bytes to A's late delete: {:?}",
+        read.map(|b| b.len())
+    );
+    assert!(shared.exists(&Digest::of(&bytes)).unwrap());
+    let deleted = deleted.expect("A's delete");
+    assert_eq!(deleted.status, ArtifactStatus::Deleted);
+    assert_eq!(marks(&url), Vec::new(), "a release mark was left behind");
+}
+
+/// Guarantee G105: a mark older than the stale bound (a deleter that stopped) is taken over:
+/// an add of its digest stores its bytes and is indexed (instead of waiting for a mark that
+/// never goes); `gc` finishes a stale release whose delete had landed (removes the mark) and
+/// one whose delete had not (deletes the unreferenced blob, removes the mark); a fresh mark
+/// holds an add until it goes.
+#[test]
+fn stale_release_marks_are_taken_over_and_finished_by_gc() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let moto = Moto::start();
+    moto.create_bucket("blobs");
+    let shared = s3(&moto);
+    let dir = tempfile::tempdir().unwrap();
+    let m = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("a"),
+        Duration::ZERO,
+    );
+    let (s, c) = session(&m);
+    let add = |name: &str, bytes: &[u8]| {
+        m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            bytes,
+            name,
+            &AddOptions::default(),
+        )
+    };
+    let stale = |d: &Digest| {
+        psql(
+            &url,
+            &format!(
+                "INSERT INTO blob_releases (digest, token, marked_at) VALUES ('{}', 'dead', \
+                 clock_timestamp() - interval '31 minutes')",
+                d.to_hex()
+            ),
+        )
+    };
+    // An add of a digest a stopped deleter marked.
+    let y = b"bytes a stopped deleter had marked".to_vec();
+    let dy = Digest::of(&y);
+    stale(&dy);
+    let started = std::time::Instant::now();
+    let added = add("y.log", &y).expect("an add takes a stale mark over");
+    assert!(started.elapsed() < Duration::from_secs(10), "it waited");
+    assert_eq!(m.read(&added.artifact_id).unwrap(), y);
+    assert_eq!(marks(&url), Vec::new());
+
+    // Two released blobs whose deleters stopped: one after its delete landed, one before.
+    let landed = b"released, delete landed".to_vec();
+    let pending = b"released, delete not sent".to_vec();
+    let (dl, dp) = (Digest::of(&landed), Digest::of(&pending));
+    for (name, bytes) in [("l.log", &landed), ("p.log", &pending)] {
+        let a = add(name, bytes).unwrap();
+        m.index()
+            .set_artifact_status(&a.artifact_id, ArtifactStatus::Deleted)
+            .unwrap();
+    }
+    shared.delete(&dl).unwrap();
+    stale(&dl);
+    stale(&dp);
+    std::thread::sleep(Duration::from_millis(1100));
+    let report = m.gc().unwrap();
+    assert_eq!(marks(&url), Vec::new(), "gc left stale marks: {report:?}");
+    assert!(
+        !shared.exists(&dp).unwrap(),
+        "the pending release was finished"
+    );
+    assert!(
+        shared.exists(&dy).unwrap(),
+        "a live artifact's blob is kept"
+    );
+
+    // A fresh mark (a deleter at work) holds an add until it goes; then the add stores its
+    // bytes again and is indexed.
+    let z = b"bytes being released right now".to_vec();
+    let dz = Digest::of(&z);
+    psql(
+        &url,
+        &format!(
+            "INSERT INTO blob_releases (digest, token, marked_at) VALUES ('{}', 'busy', \
+             clock_timestamp())",
+            dz.to_hex()
+        ),
+    );
+    let added = std::thread::scope(|scope| {
+        let adder = scope.spawn(|| add("z.log", &z));
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(!adder.is_finished(), "the add did not wait for the release");
+        // The deleter's delete lands, then its mark goes.
+        shared.delete(&dz).unwrap();
+        psql(&url, "DELETE FROM blob_releases WHERE token = 'busy'");
+        adder.join().unwrap()
+    })
+    .expect("the add after the release");
+    let other = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("b"),
+        Duration::ZERO,
+    );
+    assert_eq!(other.read(&added.artifact_id).unwrap(), z);
+}
