@@ -7,15 +7,19 @@
 //! blob the cache lacks downloads it, verified, into the cache and reads it from there: one
 //! download however many readers ask at once (single flight: the others wait for it and read
 //! the cached copy), streamed to a temporary file and checked against the digest before the
-//! file is renamed into the cache (a corrupt or truncated download is never cached). After
-//! each put and download the least recently used blobs are evicted until the cache holds at
-//! most its cap (a blob larger than the cap is evicted as soon as it was opened; its open
-//! reader keeps working). Recency is this process's: at open, the cache's blobs are ranked by
-//! their modification times.
+//! file is renamed into the cache (a corrupt or truncated download is never cached). The
+//! readers that waited share the download's outcome (G93): its error (the same kind and text,
+//! naming the blob; none of them downloads again), or the downloaded blob, which stays in the
+//! cache until the last of them has opened it (pinned against eviction; a blob larger than the
+//! cap is kept outside the recency list, so it evicts nothing, and removed then: its open
+//! readers keep working, and the disk holds at most one copy per blob in flight). After each
+//! put and download the least recently used blobs are evicted until the cache holds at most
+//! its cap. Recency is this process's: at open, the cache's blobs are ranked by their
+//! modification times.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::SystemTime;
 
 use super::{BlobInfo, BlobMeta, BlobStore, Digest, LocalBlobStore};
@@ -31,8 +35,8 @@ pub struct CachedBlobStore {
     cap: u64,
     lru: Mutex<Lru>,
     /// Downloads in flight, by digest: a reader of a blob being downloaded waits for that
-    /// download (and then reads the cached copy) instead of starting its own.
-    filling: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// download and shares its outcome instead of starting its own.
+    filling: Mutex<HashMap<Digest, Arc<Flight>>>,
 }
 
 impl std::fmt::Debug for CachedBlobStore {
@@ -52,6 +56,8 @@ struct Lru {
     by_digest: HashMap<Digest, (u64, u64)>,
     by_tick: BTreeMap<u64, Digest>,
     bytes: u64,
+    /// Blobs a download's readers are still to open: never evicted.
+    pinned: HashSet<Digest>,
 }
 
 impl Lru {
@@ -76,8 +82,104 @@ impl Lru {
     /// The least recently used blob while more than `cap` bytes are cached.
     fn over(&self, cap: u64) -> Option<Digest> {
         (self.bytes > cap)
-            .then(|| self.by_tick.values().next().copied())
+            .then(|| {
+                self.by_tick
+                    .values()
+                    .find(|d| !self.pinned.contains(d))
+                    .copied()
+            })
             .flatten()
+    }
+}
+
+/// One download of a blob and the readers waiting for it.
+#[derive(Debug, Default)]
+struct Flight {
+    /// `None` while it runs; then whether the blob is larger than the cap (kept outside the
+    /// recency list), or the download's error.
+    outcome: Mutex<Option<std::result::Result<bool, SharedError>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn finish(&self, outcome: std::result::Result<bool, SharedError>) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> std::result::Result<bool, SharedError> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(o) = outcome.as_ref() {
+                return o.clone();
+            }
+            outcome = self.done.wait(outcome).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether the blob is outside the recency list (`None`: the download failed or runs).
+    fn transient(&self) -> Option<bool> {
+        match *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(t)) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// `e` naming the blob (a shared store's error may name only its key).
+fn name_blob(digest: &Digest, e: Error) -> Error {
+    match e {
+        Error::Backend { message, source } if !message.contains(&digest.to_hex()) => {
+            Error::Backend {
+                message: format!(
+                    "cannot read blob sha256:{digest} from the shared store: {message}"
+                ),
+                source,
+            }
+        }
+        other => other,
+    }
+}
+
+/// A download's error, as each of its waiting readers gets it: the same kind and text,
+/// naming the blob.
+#[derive(Debug, Clone)]
+enum SharedError {
+    Corrupt(String),
+    NotFound(String),
+    Other(String),
+}
+
+impl SharedError {
+    fn of(digest: &Digest, e: &Error) -> SharedError {
+        match e {
+            Error::Corrupt { what } => SharedError::Corrupt(what.clone()),
+            Error::NotFound { what } => SharedError::NotFound(what.clone()),
+            other => {
+                let mut text = other.to_string();
+                let mut source = std::error::Error::source(other);
+                while let Some(s) = source {
+                    text.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                if !text.contains(&digest.to_hex()) {
+                    text =
+                        format!("cannot read blob sha256:{digest} from the shared store: {text}");
+                }
+                SharedError::Other(text)
+            }
+        }
+    }
+
+    fn error(&self) -> Error {
+        match self {
+            SharedError::Corrupt(what) => Error::Corrupt { what: what.clone() },
+            SharedError::NotFound(what) => Error::NotFound { what: what.clone() },
+            SharedError::Other(message) => Error::Backend {
+                message: message.clone(),
+                source: None,
+            },
+        }
     }
 }
 
@@ -175,30 +277,63 @@ impl BlobStore for CachedBlobStore {
         if let Some(r) = self.open_cached(digest)? {
             return Ok(r);
         }
-        // Single flight: one download per digest at a time; whoever waited for it finds the
-        // blob cached (or, if it failed, tries again itself).
-        let gate = {
+        // Single flight: the first reader of a blob the cache lacks downloads it; whoever
+        // arrives meanwhile waits for that download and gets its outcome (G93).
+        let (flight, leader) = {
             let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(filling.entry(*digest).or_default())
+            match filling.get(digest) {
+                Some(f) => (Arc::clone(f), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    filling.insert(*digest, Arc::clone(&f));
+                    (f, true)
+                }
+            }
         };
-        let result = {
-            let _turn = gate.lock().unwrap_or_else(|e| e.into_inner());
-            match self.open_cached(digest) {
-                Ok(Some(r)) => Ok(r),
+        let result = if leader {
+            let result = match self.open_cached(digest) {
+                Ok(Some(r)) => {
+                    self.pin(digest);
+                    Ok((r, false))
+                }
                 Ok(None) => self.fill(digest),
                 Err(e) => Err(e),
             }
+            .map_err(|e| name_blob(digest, e));
+            flight.finish(match &result {
+                Ok((_, transient)) => Ok(*transient),
+                Err(e) => Err(SharedError::of(digest, e)),
+            });
+            result.map(|(r, _)| r)
+        } else {
+            match flight.wait() {
+                // Kept in the cache until the last reader of the download is out: pinned in
+                // the recency list, or (larger than the cap) outside it.
+                Ok(_) => self.cache.open(digest),
+                Err(e) => Err(e.error()),
+            }
         };
+        let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
+        // Handles are taken and dropped only under the map's lock, so the count is exact:
+        // the last reader out (only the map's handle left) removes the entry, and then lets
+        // the blob go (each reader has it open).
+        let transient = flight.transient();
+        drop(flight);
+        if filling
+            .get(digest)
+            .is_some_and(|g| Arc::strong_count(g) == 1)
         {
-            let mut filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
-            // Handles are taken and dropped only under the map's lock, so the count is exact:
-            // the last reader out (only the map's handle left) removes the entry.
-            drop(gate);
-            if filling
-                .get(digest)
-                .is_some_and(|g| Arc::strong_count(g) == 1)
-            {
-                filling.remove(digest);
+            filling.remove(digest);
+            drop(filling);
+            if transient == Some(true) {
+                self.drop_cached(digest)?;
+            } else {
+                self.lru
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pinned
+                    .remove(digest);
+                self.evict()?;
             }
         }
         result
@@ -272,8 +407,10 @@ impl CachedBlobStore {
     }
 
     /// Downloads `digest` from the shared store into the cache (streamed to a temporary file,
-    /// checked against the digest before it is renamed in) and opens the cached copy.
-    fn fill(&self, digest: &Digest) -> Result<Box<dyn Read + Send>> {
+    /// checked against the digest before it is renamed in) and opens the cached copy; pinned
+    /// in the recency list until the download's last reader is out, or, larger than the cap,
+    /// kept outside it until then (`true`: then removed, without evicting the others).
+    fn fill(&self, digest: &Digest) -> Result<(Box<dyn Read + Send>, bool)> {
         let mut remote = self.shared.open(digest)?;
         let info = self
             .cache
@@ -288,9 +425,21 @@ impl CachedBlobStore {
                 other => other,
             })?;
         let reader = self.cache.open(digest)?;
+        if info.size > self.cap {
+            return Ok((reader, true));
+        }
         self.touch(*digest, info.size);
+        self.pin(digest);
         self.evict()?;
-        Ok(reader)
+        Ok((reader, false))
+    }
+
+    fn pin(&self, digest: &Digest) {
+        self.lru
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pinned
+            .insert(*digest);
     }
 
     fn drop_cached(&self, digest: &Digest) -> Result<()> {
@@ -438,6 +587,7 @@ mod tests {
         inner: Arc<dyn BlobStore>,
         opens: std::sync::atomic::AtomicUsize,
         truncate: std::sync::atomic::AtomicBool,
+        fail: std::sync::atomic::AtomicBool,
     }
 
     impl BlobStore for Counting {
@@ -448,6 +598,12 @@ mod tests {
             use std::sync::atomic::Ordering::SeqCst;
             self.opens.fetch_add(1, SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(200));
+            if self.fail.load(SeqCst) {
+                return Err(Error::Backend {
+                    message: "cannot read s3://bucket/blob: service unavailable".into(),
+                    source: None,
+                });
+            }
             let size = self.inner.size(digest)?;
             let r = self.inner.open(digest)?;
             Ok(if self.truncate.load(SeqCst) {
@@ -474,16 +630,116 @@ mod tests {
     }
 
     fn counting(dir: &std::path::Path) -> (Arc<Counting>, CachedBlobStore) {
+        counting_with_cap(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    fn counting_with_cap(dir: &std::path::Path, cap: u64) -> (Arc<Counting>, CachedBlobStore) {
         let shared = Arc::new(Counting {
             inner: Arc::new(
                 LocalBlobStore::open(&dir.join("shared"), Durability::default()).unwrap(),
             ),
             opens: Default::default(),
             truncate: Default::default(),
+            fail: Default::default(),
         });
         let cache = LocalBlobStore::open(&dir.join("cache"), Durability::default()).unwrap();
-        let store = CachedBlobStore::new(shared.clone(), cache, DEFAULT_CACHE_BYTES).unwrap();
+        let store = CachedBlobStore::new(shared.clone(), cache, cap).unwrap();
         (shared, store)
+    }
+
+    /// `readers` concurrent reads of `d`, each to the end: their results.
+    fn concurrent_reads(
+        store: &CachedBlobStore,
+        d: &Digest,
+        readers: usize,
+    ) -> Vec<Result<Vec<u8>>> {
+        let barrier = std::sync::Barrier::new(readers);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..readers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let mut out = Vec::new();
+                        store
+                            .open(d)
+                            .and_then(|mut r| Ok(r.read_to_end(&mut out).map(|_| out)?))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Guarantee G93: when the download that concurrent cold readers share fails (a
+    /// truncated object, an S3 error), every reader gets its error, naming the blob, and none
+    /// downloads again; the next read tries again.
+    #[test]
+    fn waiters_share_a_failed_download() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, store) = counting(dir.path());
+        let bytes = blob(5, 300_000);
+        let d = shared
+            .put(&mut bytes.as_slice(), &mut |_| {})
+            .unwrap()
+            .digest;
+        for (flag, corrupt) in [(&shared.truncate, true), (&shared.fail, false)] {
+            flag.store(true, SeqCst);
+            shared.opens.store(0, SeqCst);
+            let results = concurrent_reads(&store, &d, 6);
+            assert_eq!(
+                shared.opens.load(SeqCst),
+                1,
+                "6 readers of a failing download downloaded it more than once"
+            );
+            for r in results {
+                let err = r.unwrap_err();
+                assert_eq!(matches!(err, Error::Corrupt { .. }), corrupt, "{err}");
+                assert!(err.to_string().contains(&d.to_hex()), "{err}");
+            }
+            assert!(!store.is_cached(&d).unwrap());
+            assert!(store.filling.lock().unwrap().is_empty(), "no download left");
+            flag.store(false, SeqCst);
+            assert!(read(&store, &d) == bytes, "the next read tries again");
+            store.drop_cached(&d).unwrap();
+        }
+    }
+
+    /// Guarantee G93: concurrent cold readers of a blob larger than the cache's cap download
+    /// it once and each read it whole; it evicts nothing else and is gone from the cache once
+    /// they are done.
+    #[test]
+    fn waiters_share_a_download_larger_than_the_cap() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, store) = counting_with_cap(dir.path(), 100_000);
+        let small = blob(1, 50_000);
+        let ds = store
+            .put(&mut small.as_slice(), &mut |_| {})
+            .unwrap()
+            .digest;
+        let big = blob(2, 300_000);
+        let d = shared.put(&mut big.as_slice(), &mut |_| {}).unwrap().digest;
+        shared.opens.store(0, SeqCst);
+        for r in concurrent_reads(&store, &d, 6) {
+            assert!(r.unwrap() == big, "a reader got other bytes");
+        }
+        assert_eq!(
+            shared.opens.load(SeqCst),
+            1,
+            "6 readers of a blob larger than the cap downloaded it more than once"
+        );
+        assert!(
+            !store.is_cached(&d).unwrap(),
+            "larger than the cap: not kept"
+        );
+        assert!(
+            store.is_cached(&ds).unwrap(),
+            "it evicted a blob within the cap"
+        );
+        assert_eq!(store.cached_bytes(), 50_000);
+        assert!(store.filling.lock().unwrap().is_empty(), "no download left");
+        assert!(store.lru.lock().unwrap().pinned.is_empty(), "no pin left");
     }
 
     /// Guarantee G93: N concurrent reads of one blob the cache lacks fetch it from the shared
