@@ -10,6 +10,12 @@
 //! read snapshot) and [`CopyTarget`] (inserts inside one write transaction, then its
 //! counters); [`copy`] drives them and the artifact bytes.
 //!
+//! Not copied: PostgreSQL's `blob_releases` (schema 9), the marks of blob deletions in
+//! progress. They belong to the source's deleting processes, and the digest a mark names has
+//! no live artifact (a mark is set only when none references it, and no add commits while it
+//! is there), so its bytes are never copied: only `deleted` rows name it, and those move
+//! without bytes.
+//!
 //! Memory: one page ([`PAGE`] rows at most) of one table at a time, whatever the table sizes.
 //! Atomicity: the target writes everything in one transaction, so a copy that fails (or is
 //! killed) midway leaves the target as it was: empty. Artifact bytes are content-addressed, so
