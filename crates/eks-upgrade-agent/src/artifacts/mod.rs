@@ -44,7 +44,7 @@ pub use export::{ExportSource, export_session_from, write_atomically};
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 /// Files indexed per transaction when adding a directory.
 const INDEX_BATCH: usize = 256;
-/// How many times an add stores its bytes again after concurrent releases of them (G105).
+/// How many times an add stores a blob again after concurrent releases of it (G105).
 const RESTORES: u32 = 3;
 /// How long an add waits for a concurrent release of one of its blobs to end.
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
@@ -500,7 +500,8 @@ impl TestArtifactsManager {
     /// the release to end, stores the bytes again (from the local copy) and indexes again, so
     /// no artifact is indexed trusting bytes a release removes (G105).
     fn index_batch(&self, batch: &[NewArtifact]) -> Result<Vec<TestArtifact>> {
-        let mut restored = 0;
+        // Times each digest was stored again (a batch may meet several releases).
+        let mut restored: HashMap<Digest, u32> = HashMap::new();
         loop {
             let blobs = Arc::clone(&self.blobs);
             let err = match self
@@ -513,10 +514,11 @@ impl TestArtifactsManager {
             let Some(d) = crate::store::BlobReleased::of(&err) else {
                 return Err(err);
             };
-            if restored == RESTORES {
+            let n = restored.entry(d).or_insert(0);
+            if *n == RESTORES {
                 return Err(err);
             }
-            restored += 1;
+            *n += 1;
             self.index.await_blob_release(&d, RELEASE_WAIT)?;
             // The release kept the bytes (the put made them younger than its cutoff): index
             // again (the index checks again). Else store them again from the local copy.

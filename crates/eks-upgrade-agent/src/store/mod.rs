@@ -393,8 +393,11 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     fn collection(&self, collection_id: &str) -> Result<ArtifactCollection>;
     /// The collections of a session, oldest first.
     fn collections(&self, session_id: &str) -> Result<Vec<ArtifactCollection>>;
-    /// Indexes artifacts in one transaction. `blob_present` is asked, inside the transaction,
-    /// whether each digest is stored (so a concurrent garbage collection cannot race the add).
+    /// Indexes artifacts in one transaction. `blob_present` is asked whether each digest is
+    /// stored, so a concurrent garbage collection cannot race the add: inside the transaction
+    /// on SQLite; before it on a shared database (no S3 call inside a transaction), which then
+    /// refuses ([`BlobReleased`]) a digest whose release is in progress or finished after the
+    /// check began.
     fn insert_artifacts(
         &self,
         artifacts: &[NewArtifact],

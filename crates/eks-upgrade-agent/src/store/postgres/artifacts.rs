@@ -629,6 +629,15 @@ impl ArtifactIndex for PostgresStore {
         artifacts: &[NewArtifact],
         blob_present: &dyn Fn(&Digest) -> Result<bool>,
     ) -> Result<Vec<TestArtifact>> {
+        // The bytes are checked before the transaction (no S3 call inside one); a release
+        // that finished since the check began refuses the add inside it.
+        let checked = self.db_clock()?;
+        let mut seen = std::collections::HashSet::new();
+        for a in artifacts {
+            if seen.insert(a.digest) && !blob_present(&a.digest)? {
+                return Err(super::releases::refused(&a.name, &a.digest, false));
+            }
+        }
         self.write(|tx| {
             let mut out = Vec::with_capacity(artifacts.len());
             let mut locked: HashMap<&str, (i64, i64, String)> = HashMap::new();
@@ -653,14 +662,11 @@ impl ArtifactIndex for PostgresStore {
                     continue;
                 }
                 // Serialized with any release of this digest until we commit: one in
-                // progress (marked), or one that deleted the bytes after they were stored, is
-                // a refusal the add answers by storing them again (G105).
+                // progress, or one that finished after the bytes were checked, is a refusal
+                // the add answers by storing them again (G105).
                 lock_digest(tx, &a.digest)?;
-                if super::releases::pending(tx, &a.digest)? {
-                    return Err(super::releases::refused(&a.name, &a.digest, true));
-                }
-                if !blob_present(&a.digest)? {
-                    return Err(super::releases::refused(&a.name, &a.digest, false));
+                if let Some(pending) = super::releases::conflict(tx, &a.digest, checked)? {
+                    return Err(super::releases::refused(&a.name, &a.digest, pending));
                 }
                 let export_name = free_export_name(tx, ckey, &a.name)?;
                 let tags = if a.tags.is_empty() {

@@ -138,7 +138,7 @@ fn options() -> PostgresOptions {
 fn marks(url: &str) -> Vec<(String, String)> {
     let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
     c.query(
-        "SELECT digest, token FROM blob_releases ORDER BY digest",
+        "SELECT digest, token FROM blob_releases WHERE finished_at IS NULL ORDER BY digest",
         &[],
     )
     .unwrap()
@@ -334,7 +334,10 @@ fn stale_release_marks_are_taken_over_and_finished_by_gc() {
         assert!(!adder.is_finished(), "the add did not wait for the release");
         // The deleter's delete lands, then its mark goes.
         shared.delete(&dz).unwrap();
-        psql(&url, "DELETE FROM blob_releases WHERE token = 'busy'");
+        psql(
+            &url,
+            "UPDATE blob_releases SET finished_at = clock_timestamp() WHERE token = 'busy'",
+        );
         adder.join().unwrap()
     })
     .expect("the add after the release");
@@ -345,4 +348,85 @@ fn stale_release_marks_are_taken_over_and_finished_by_gc() {
         Duration::ZERO,
     );
     assert_eq!(other.read(&added.artifact_id).unwrap(), z);
+}
+
+/// Guarantee G105: an add checks its bytes in S3 before its index transaction (no S3 call
+/// inside one); a release that runs to its end between that check and the transaction refuses
+/// the add ([`crate::store::BlobReleased`]) and nothing is indexed; the manager's add then
+/// stores the bytes again and is indexed, readable.
+#[test]
+fn a_release_finishing_after_an_adds_check_refuses_the_add() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let moto = Moto::start();
+    moto.create_bucket("blobs");
+    let shared = s3(&moto);
+    let dir = tempfile::tempdir().unwrap();
+    let m = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("a"),
+        Duration::ZERO,
+    );
+    let (s, c) = session(&m);
+    let bytes = b"checked, then released, then indexed".to_vec();
+    let d = Digest::of(&bytes);
+    let first = m
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            &bytes,
+            "first.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    m.index()
+        .set_artifact_status(&first.artifact_id, ArtifactStatus::Deleted)
+        .unwrap();
+    let row = crate::store::NewArtifact {
+        artifact_id: uuid::Uuid::now_v7().to_string(),
+        collection_id: c.collection_id.clone(),
+        name: "second.log".into(),
+        description: None,
+        artifact_type: crate::model::ArtifactType::LogFile,
+        file_size: bytes.len() as u64,
+        digest: d,
+        task_id: None,
+        step_id: None,
+        tags: Vec::new(),
+        metadata: Default::default(),
+        created_at: chrono::Utc::now(),
+        queue_upload: false,
+    };
+    let index = m.index().clone();
+    let present = |digest: &Digest| {
+        let there = shared.exists(digest)?;
+        // Meanwhile another replica releases the blob, to the end.
+        let released = index.delete_unreferenced(&[*digest], &|x: &Digest| shared.delete(x))?;
+        assert_eq!(released, vec![*digest]);
+        Ok(there)
+    };
+    let err = index
+        .insert_artifacts(std::slice::from_ref(&row), &present)
+        .expect_err("indexed trusting bytes a release removed");
+    assert_eq!(crate::store::BlobReleased::of(&err), Some(d), "{err}");
+    assert!(!shared.exists(&d).unwrap());
+    assert_eq!(m.session_summary(&s.session_id).unwrap().total_artifacts, 0);
+    // The manager's add: refused the same way if need be, stores the bytes again.
+    let again = m
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            &bytes,
+            "second.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    let other = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("b"),
+        Duration::ZERO,
+    );
+    assert_eq!(other.read(&again.artifact_id).unwrap(), bytes);
 }

@@ -11,14 +11,16 @@
 //!    (`blob_releases`: the digest, the deleter's token, the database time it was set);
 //! 2. delete the S3 object, outside any transaction, unless the mark has grown older (by the
 //!    deleter's own clock) than [`SEND_BUDGET`];
-//! 3. remove the mark if it is still the deleter's.
+//! 3. mark the release finished if the mark is still the deleter's.
 //!
-//! An add of the digest checks, under the same lock in its index transaction, that there is
-//! no mark and that the bytes are in S3; otherwise it refuses ([`BlobReleased`]), and the
-//! add waits for the mark to go ([`ArtifactIndex::await_blob_release`]), stores the bytes
+//! A finished release keeps its row ([`KEEP_FINISHED`]) with the time it finished. An add of
+//! the digest checks that its bytes are in S3 before its index transaction (no S3 call inside
+//! either), then, under the same lock in that transaction, that no release is in progress and
+//! none finished since the check began; otherwise it refuses ([`BlobReleased`]), and the add
+//! waits for the release to end ([`ArtifactIndex::await_blob_release`]), stores the bytes
 //! again and indexes again. So an add commits only when every release that began before it
-//! has finished (its delete landed before the add's check) and every later one sees the
-//! add's row. A mark older than [`STALE`] belongs to a deleter that stopped (or whose delete
+//! finished before its check (its delete landed before the check saw the bytes) and every
+//! later one sees the add's row. A mark older than [`STALE`] belongs to a deleter that stopped (or whose delete
 //! failed): its delete can no longer land (it sends none after [`SEND_BUDGET`], and S3
 //! requests time out well within the rest), so an add may take it over and a deleter (`gc`)
 //! finishes it.
@@ -37,9 +39,10 @@ use crate::store::BlobReleased;
 /// Schema 9: the marks of releases in progress.
 pub(super) const SCHEMA_9: &str = r#"
 CREATE TABLE blob_releases (
-    digest    TEXT PRIMARY KEY,
-    token     TEXT NOT NULL,
-    marked_at TIMESTAMPTZ NOT NULL
+    digest      TEXT PRIMARY KEY,
+    token       TEXT NOT NULL,
+    marked_at   TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ
 );
 "#;
 
@@ -51,6 +54,11 @@ pub(crate) const SEND_BUDGET: Duration = Duration::from_secs(60);
 /// [`SEND_BUDGET`] plus the longest an S3 delete can take (`S3BlobStore`: up to three
 /// requests of at most 300 s each, retries within 20 s), so its delete can no longer land.
 pub(crate) const STALE: Duration = Duration::from_secs(30 * 60);
+
+/// A finished release is kept this long (by the database's clock), so that an add that
+/// checked its bytes before the release finished, and is indexed after, knows to check again.
+/// An add whose check is older than this checks again.
+pub(crate) const KEEP_FINISHED: Duration = Duration::from_secs(10 * 60);
 
 /// How often a waiting add looks at a mark again.
 const POLL: Duration = Duration::from_millis(50);
@@ -65,14 +73,20 @@ fn used<C: postgres::GenericClient>(db: &mut Db<'_, C>, d: &Digest) -> Result<bo
         .is_some())
 }
 
-/// Whether a release of `d` is marked (call it holding the digest's lock).
-pub(super) fn pending(tx: &mut Tx<'_, '_>, d: &Digest) -> Result<bool> {
-    Ok(tx
-        .opt(
-            "SELECT 1 FROM blob_releases WHERE digest = $1",
-            &[&d.to_hex()],
-        )?
-        .is_some())
+/// What stops an add of `d` whose bytes were found in the shared store at `checked` (the
+/// database's clock, seconds since the epoch): `Some(true)`, a release in progress;
+/// `Some(false)`, a release that finished since (its delete may have landed after the
+/// check), or a check too old to judge; `None`, nothing. Call it holding the digest's lock.
+pub(super) fn conflict(tx: &mut Tx<'_, '_>, d: &Digest, checked: f64) -> Result<Option<bool>> {
+    let row = tx.one(
+        "SELECT (SELECT finished_at IS NULL FROM blob_releases WHERE digest = $1 \
+         AND (finished_at IS NULL OR extract(epoch FROM finished_at)::float8 >= $2)), \
+         extract(epoch FROM clock_timestamp())::float8 - $2 > $3",
+        &[&d.to_hex(), &checked, &KEEP_FINISHED.as_secs_f64()],
+    )?;
+    let release: Option<bool> = row.get(0);
+    let too_old: bool = row.get(1);
+    Ok(release.or(too_old.then_some(false)))
 }
 
 /// The refusal of an add whose blob a release holds or removed.
@@ -119,8 +133,9 @@ impl PostgresStore {
                     "INSERT INTO blob_releases (digest, token, marked_at) \
                      VALUES ($1, $2, clock_timestamp()) \
                      ON CONFLICT (digest) DO UPDATE SET token = excluded.token, \
-                     marked_at = excluded.marked_at \
-                     WHERE blob_releases.marked_at < clock_timestamp() - make_interval(secs => $3)",
+                     marked_at = excluded.marked_at, finished_at = NULL \
+                     WHERE blob_releases.finished_at IS NOT NULL \
+                     OR blob_releases.marked_at < clock_timestamp() - make_interval(secs => $3)",
                     &[&hex, &token, &stale_secs()],
                 )?;
                 Ok(n == 1)
@@ -135,9 +150,16 @@ impl PostgresStore {
             }
             let gone = delete(d)?;
             self.write(|tx| {
+                // Kept a while as finished, for adds that checked their bytes before now.
                 tx.exec(
-                    "DELETE FROM blob_releases WHERE digest = $1 AND token = $2",
+                    "UPDATE blob_releases SET finished_at = clock_timestamp() \
+                     WHERE digest = $1 AND token = $2 AND finished_at IS NULL",
                     &[&hex, &token],
+                )?;
+                tx.exec(
+                    "DELETE FROM blob_releases WHERE finished_at < clock_timestamp() \
+                     - make_interval(secs => $1)",
+                    &[&KEEP_FINISHED.as_secs_f64()],
                 )
             })?;
             if gone {
@@ -145,6 +167,15 @@ impl PostgresStore {
             }
         }
         Ok(deleted)
+    }
+
+    /// The database's clock, in seconds since the epoch.
+    pub(super) fn db_clock(&self) -> Result<f64> {
+        self.read(|db| {
+            Ok(db
+                .one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])?
+                .get(0))
+        })
     }
 
     /// The digests of `digests` no live artifact references (one read each).
@@ -172,12 +203,18 @@ impl PostgresStore {
                 let age: Option<f64> = tx
                     .opt(
                         "SELECT extract(epoch FROM clock_timestamp() - marked_at)::float8 \
-                         FROM blob_releases WHERE digest = $1",
+                         FROM blob_releases WHERE digest = $1 AND finished_at IS NULL",
                         &[&hex],
                     )?
                     .map(|r| r.get(0));
                 if age.is_some_and(|a| a > stale_secs()) {
-                    tx.exec("DELETE FROM blob_releases WHERE digest = $1", &[&hex])?;
+                    // Its delete can no longer land: finished now (adds that checked their
+                    // bytes before now check again).
+                    tx.exec(
+                        "UPDATE blob_releases SET finished_at = clock_timestamp() \
+                         WHERE digest = $1",
+                        &[&hex],
+                    )?;
                     return Ok(None);
                 }
                 Ok(age)
@@ -206,8 +243,8 @@ impl PostgresStore {
         self.read(|db| {
             Ok(db
                 .query(
-                    "SELECT digest FROM blob_releases \
-                     WHERE marked_at < clock_timestamp() - make_interval(secs => $1) \
+                    "SELECT digest FROM blob_releases WHERE finished_at IS NULL \
+                     AND marked_at < clock_timestamp() - make_interval(secs => $1) \
                      ORDER BY digest LIMIT 1000",
                     &[&stale_secs()],
                 )?
