@@ -126,6 +126,30 @@ impl Flight {
     }
 }
 
+/// Held by a download's leader: if it unwinds (a panic) before the outcome is known, its
+/// waiters get an error instead of waiting forever, and the next reader starts a new download.
+struct Lead<'a>(&'a CachedBlobStore, &'a Arc<Flight>, Digest);
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let Lead(store, flight, digest) = self;
+        let mut outcome = flight.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if outcome.is_some() {
+            return;
+        }
+        *outcome = Some(Err(SharedError::Other(format!(
+            "the download of blob sha256:{digest} was abandoned (the reader doing it failed); \
+             read it again"
+        ))));
+        flight.done.notify_all();
+        drop(outcome);
+        let mut filling = store.filling.lock().unwrap_or_else(|e| e.into_inner());
+        if filling.get(digest).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            filling.remove(digest);
+        }
+    }
+}
+
 /// `e` naming the blob (a shared store's error may name only its key).
 fn name_blob(digest: &Digest, e: Error) -> Error {
     match e {
@@ -291,6 +315,7 @@ impl BlobStore for CachedBlobStore {
             }
         };
         let result = if leader {
+            let _lead = Lead(self, &flight, *digest);
             let result = match self.open_cached(digest) {
                 Ok(Some(r)) => {
                     self.pin(digest);
@@ -588,6 +613,7 @@ mod tests {
         opens: std::sync::atomic::AtomicUsize,
         truncate: std::sync::atomic::AtomicBool,
         fail: std::sync::atomic::AtomicBool,
+        panic: std::sync::atomic::AtomicBool,
     }
 
     impl BlobStore for Counting {
@@ -598,6 +624,9 @@ mod tests {
             use std::sync::atomic::Ordering::SeqCst;
             self.opens.fetch_add(1, SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(200));
+            if self.panic.swap(false, SeqCst) {
+                panic!("a shared store that panics once");
+            }
             if self.fail.load(SeqCst) {
                 return Err(Error::Backend {
                     message: "cannot read s3://bucket/blob: service unavailable".into(),
@@ -641,6 +670,7 @@ mod tests {
             opens: Default::default(),
             truncate: Default::default(),
             fail: Default::default(),
+            panic: Default::default(),
         });
         let cache = LocalBlobStore::open(&dir.join("cache"), Durability::default()).unwrap();
         let store = CachedBlobStore::new(shared.clone(), cache, cap).unwrap();
@@ -703,6 +733,56 @@ mod tests {
             assert!(read(&store, &d) == bytes, "the next read tries again");
             store.drop_cached(&d).unwrap();
         }
+    }
+
+    /// Guarantee G93: a download whose reader panics ends its waiters' wait with an error
+    /// naming the blob (they do not wait forever); the next read downloads it.
+    #[test]
+    fn waiters_of_an_abandoned_download_get_an_error() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, store) = counting(dir.path());
+        let store = Arc::new(store);
+        let bytes = blob(6, 5000);
+        let d = shared
+            .put(&mut bytes.as_slice(), &mut |_| {})
+            .unwrap()
+            .digest;
+        shared.panic.store(true, SeqCst);
+        // Threads of their own, so that a waiter that never wakes fails the test, not hangs it.
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let (store, barrier, tx) = (Arc::clone(&store), Arc::clone(&barrier), tx.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    store.open(&d).map(drop)
+                }));
+                let _ = tx.send(r);
+            });
+        }
+        let (mut panics, mut errors) = (0, Vec::new());
+        for _ in 0..4 {
+            match rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("a reader still waits for the abandoned download")
+            {
+                Err(_) => panics += 1,
+                Ok(r) => errors.push(r.unwrap_err()),
+            }
+        }
+        assert_eq!(panics, 1, "the leader panics, once");
+        for e in &errors {
+            let text = e.to_string();
+            assert!(
+                text.contains(&d.to_hex()) && text.contains("abandoned"),
+                "{text}"
+            );
+        }
+        assert_eq!(shared.opens.load(SeqCst), 1);
+        assert!(read(&*store, &d) == bytes, "the next read downloads it");
+        assert!(store.filling.lock().unwrap().is_empty());
     }
 
     /// Guarantee G93: concurrent cold readers of a blob larger than the cache's cap download
