@@ -614,6 +614,42 @@ mod tests {
         truncate: std::sync::atomic::AtomicBool,
         fail: std::sync::atomic::AtomicBool,
         panic: std::sync::atomic::AtomicBool,
+        /// While set, reads wait (at most 20 s) before they start: the test lets them go once
+        /// every reader joined the download.
+        held: Mutex<bool>,
+        let_go: Condvar,
+    }
+
+    impl Counting {
+        fn hold(&self) {
+            *self.held.lock().unwrap() = true;
+        }
+
+        fn release(&self) {
+            *self.held.lock().unwrap() = false;
+            self.let_go.notify_all();
+        }
+    }
+
+    /// Waits until `readers` readers take part in the download of `d` (the map holds one more
+    /// handle), then lets the shared store answer.
+    fn release_when_joined(store: &CachedBlobStore, shared: &Counting, d: &Digest, readers: usize) {
+        let began = std::time::Instant::now();
+        while store
+            .filling
+            .lock()
+            .unwrap()
+            .get(d)
+            .map_or(0, Arc::strong_count)
+            != readers + 1
+        {
+            assert!(
+                began.elapsed() < std::time::Duration::from_secs(20),
+                "the readers did not all join the download"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        shared.release();
     }
 
     impl BlobStore for Counting {
@@ -624,6 +660,12 @@ mod tests {
             use std::sync::atomic::Ordering::SeqCst;
             self.opens.fetch_add(1, SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(200));
+            let held = self.held.lock().unwrap();
+            drop(
+                self.let_go
+                    .wait_timeout_while(held, std::time::Duration::from_secs(20), |h| *h)
+                    .unwrap(),
+            );
             if self.panic.swap(false, SeqCst) {
                 panic!("a shared store that panics once");
             }
@@ -671,6 +713,8 @@ mod tests {
             truncate: Default::default(),
             fail: Default::default(),
             panic: Default::default(),
+            held: Default::default(),
+            let_go: Default::default(),
         });
         let cache = LocalBlobStore::open(&dir.join("cache"), Durability::default()).unwrap();
         let store = CachedBlobStore::new(shared.clone(), cache, cap).unwrap();
@@ -680,10 +724,12 @@ mod tests {
     /// `readers` concurrent reads of `d`, each to the end: their results.
     fn concurrent_reads(
         store: &CachedBlobStore,
+        shared: &Counting,
         d: &Digest,
         readers: usize,
     ) -> Vec<Result<Vec<u8>>> {
         let barrier = std::sync::Barrier::new(readers);
+        shared.hold();
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..readers)
                 .map(|_| {
@@ -696,6 +742,7 @@ mod tests {
                     })
                 })
                 .collect();
+            release_when_joined(store, shared, d, readers);
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
     }
@@ -716,7 +763,7 @@ mod tests {
         for (flag, corrupt) in [(&shared.truncate, true), (&shared.fail, false)] {
             flag.store(true, SeqCst);
             shared.opens.store(0, SeqCst);
-            let results = concurrent_reads(&store, &d, 6);
+            let results = concurrent_reads(&store, &shared, &d, 6);
             assert_eq!(
                 shared.opens.load(SeqCst),
                 1,
@@ -752,6 +799,7 @@ mod tests {
         // Threads of their own, so that a waiter that never wakes fails the test, not hangs it.
         let barrier = Arc::new(std::sync::Barrier::new(4));
         let (tx, rx) = std::sync::mpsc::channel();
+        shared.hold();
         for _ in 0..4 {
             let (store, barrier, tx) = (Arc::clone(&store), Arc::clone(&barrier), tx.clone());
             std::thread::spawn(move || {
@@ -762,6 +810,7 @@ mod tests {
                 let _ = tx.send(r);
             });
         }
+        release_when_joined(&store, &shared, &d, 4);
         let (mut panics, mut errors) = (0, Vec::new());
         for _ in 0..4 {
             match rx
@@ -801,7 +850,7 @@ mod tests {
         let big = blob(2, 300_000);
         let d = shared.put(&mut big.as_slice(), &mut |_| {}).unwrap().digest;
         shared.opens.store(0, SeqCst);
-        for r in concurrent_reads(&store, &d, 6) {
+        for r in concurrent_reads(&store, &shared, &d, 6) {
             assert!(r.unwrap() == big, "a reader got other bytes");
         }
         assert_eq!(
