@@ -394,8 +394,13 @@ impl BlobStore for CachedBlobStore {
 
     fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
         let deleted = self.shared.delete_if_older(digest, cutoff)?;
-        if deleted {
-            self.drop_cached(digest)?;
+        // The cached copy goes by the same rule: one an add of this replica put after the
+        // cutoff stays, so that add can store it again if the shared copy was deleted.
+        if deleted && self.cache.delete_if_older(digest, cutoff)? {
+            self.lru
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget(digest);
         }
         Ok(deleted)
     }
@@ -421,7 +426,11 @@ impl CachedBlobStore {
     fn open_cached(&self, digest: &Digest) -> Result<Option<Box<dyn Read + Send>>> {
         match self.cache.open(digest) {
             Ok(r) => {
-                if let Ok(size) = self.cache.size(digest) {
+                // A blob larger than the cap (a download's, until its readers are out) is
+                // kept out of the recency list: counted, it would evict every other blob.
+                if let Ok(size) = self.cache.size(digest)
+                    && size <= self.cap
+                {
                     self.touch(*digest, size);
                 }
                 Ok(Some(r))

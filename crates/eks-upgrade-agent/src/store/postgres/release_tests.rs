@@ -25,6 +25,8 @@ use crate::test_support::{Moto, PgCluster};
 struct Held {
     inner: Arc<S3BlobStore>,
     armed: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    /// Deletes fail (S3 answering 503).
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl Held {
@@ -68,6 +70,12 @@ impl BlobStore for Held {
         self.inner.list(f)
     }
     fn delete_if_older(&self, digest: &Digest, cutoff: SystemTime) -> Result<bool> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::Error::Backend {
+                message: "cannot delete s3://blobs/...: 503 SlowDown".into(),
+                source: None,
+            });
+        }
         let armed = self.armed.lock().unwrap().take();
         let Some((entered, go)) = armed else {
             return self.inner.delete_if_older(digest, cutoff);
@@ -179,6 +187,7 @@ fn a_late_release_never_removes_the_bytes_of_a_later_add() {
     let held = Arc::new(Held {
         inner: shared.clone(),
         armed: Mutex::new(None),
+        fail: Default::default(),
     });
     let grace = ArtifactsOptions::default().gc_grace;
     let a = replica(a_store, held.clone(), &dir.path().join("a"), grace);
@@ -429,4 +438,83 @@ fn a_release_finishing_after_an_adds_check_refuses_the_add() {
         Duration::ZERO,
     );
     assert_eq!(other.read(&again.artifact_id).unwrap(), bytes);
+}
+
+/// A release whose S3 delete fails leaves its mark to go stale within
+/// [`super::releases::FAILED_GRACE`] (not the 30 min of a deleter that stopped): the call is
+/// over, so no request of it can land later; past that, an add of the digest takes the mark
+/// over at once and is indexed, readable.
+#[test]
+fn a_failed_release_holds_adds_for_seconds_not_half_an_hour() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let moto = Moto::start();
+    moto.create_bucket("blobs");
+    let shared = s3(&moto);
+    let dir = tempfile::tempdir().unwrap();
+    let held = Arc::new(Held {
+        inner: shared.clone(),
+        armed: Mutex::new(None),
+        fail: std::sync::atomic::AtomicBool::new(true),
+    });
+    let a = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        held,
+        &dir.path().join("a"),
+        Duration::ZERO,
+    );
+    let (s, c) = session(&a);
+    let bytes = b"released while S3 answers 503".to_vec();
+    let first = a
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            &bytes,
+            "x.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    a.index()
+        .set_artifact_status(&first.artifact_id, ArtifactStatus::Deleted)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = a.gc().expect_err("the delete fails");
+    assert!(err.to_string().contains("503"), "{err}");
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let stale_in: f64 = db
+        .query_one(
+            "SELECT extract(epoch FROM marked_at + make_interval(secs => $1) \
+             - clock_timestamp())::float8 FROM blob_releases WHERE finished_at IS NULL",
+            &[&super::releases::STALE.as_secs_f64()],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        stale_in <= super::releases::FAILED_GRACE.as_secs_f64(),
+        "a failed release holds adds for {stale_in:.0} s"
+    );
+    // Once the grace is over (moved back here rather than waited for), an add takes over.
+    psql(
+        &url,
+        "UPDATE blob_releases SET marked_at = marked_at - interval '30 seconds'",
+    );
+    let b = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("b"),
+        Duration::ZERO,
+    );
+    let started = std::time::Instant::now();
+    let again = b
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            &bytes,
+            "y.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "it waited");
+    assert_eq!(b.read(&again.artifact_id).unwrap(), bytes);
+    assert_eq!(marks(&url), Vec::new());
 }

@@ -55,6 +55,10 @@ pub(crate) const SEND_BUDGET: Duration = Duration::from_secs(60);
 /// requests of at most 300 s each, retries within 20 s), so its delete can no longer land.
 pub(crate) const STALE: Duration = Duration::from_secs(30 * 60);
 
+/// A mark whose delete failed goes stale this long after the failure: longer than S3 takes to
+/// carry out a request it received before the client gave up on it.
+pub(crate) const FAILED_GRACE: Duration = Duration::from_secs(20);
+
 /// A finished release is kept this long (by the database's clock), so that an add that
 /// checked its bytes before the release finished, and is indexed after, knows to check again.
 /// An add whose check is older than this checks again.
@@ -145,28 +149,57 @@ impl PostgresStore {
             }
             if began.elapsed() > SEND_BUDGET {
                 // Too late to send: the mark could be taken for stale before the delete
-                // lands. `gc` finishes it.
+                // lands. Nothing was sent, so nothing can land: finished at once.
+                self.finish_release(&hex, &token)?;
                 continue;
             }
-            let gone = delete(d)?;
-            self.write(|tx| {
-                // Kept a while as finished, for adds that checked their bytes before now.
-                tx.exec(
-                    "UPDATE blob_releases SET finished_at = clock_timestamp() \
-                     WHERE digest = $1 AND token = $2 AND finished_at IS NULL",
-                    &[&hex, &token],
-                )?;
-                tx.exec(
-                    "DELETE FROM blob_releases WHERE finished_at < clock_timestamp() \
-                     - make_interval(secs => $1)",
-                    &[&KEEP_FINISHED.as_secs_f64()],
-                )
-            })?;
+            let gone = match delete(d) {
+                Ok(gone) => gone,
+                Err(e) => {
+                    // The call is over (S3 answered with an error, or the client gave up and
+                    // dropped its request): a request S3 received lands within moments or not
+                    // at all. The mark goes stale after `FAILED_GRACE` instead of `STALE`, so
+                    // adds of the digest are held seconds, not half an hour; `gc` finishes it.
+                    self.write(|tx| {
+                        tx.exec(
+                            "UPDATE blob_releases SET marked_at = clock_timestamp() \
+                             - make_interval(secs => $3) \
+                             WHERE digest = $1 AND token = $2 AND finished_at IS NULL",
+                            &[
+                                &hex,
+                                &token,
+                                &(STALE.as_secs_f64() - FAILED_GRACE.as_secs_f64()),
+                            ],
+                        )
+                    })?;
+                    return Err(e);
+                }
+            };
+            self.finish_release(&hex, &token)?;
             if gone {
                 deleted.push(*d);
             }
         }
         Ok(deleted)
+    }
+
+    /// Marks a release finished if the mark is still `token`'s (kept a while, for adds that
+    /// checked their bytes before now), and forgets releases finished long ago.
+    fn finish_release(&self, hex: &str, token: &str) -> Result<()> {
+        self.write(|tx| {
+            // Kept a while as finished, for adds that checked their bytes before now.
+            tx.exec(
+                "UPDATE blob_releases SET finished_at = clock_timestamp() \
+                     WHERE digest = $1 AND token = $2 AND finished_at IS NULL",
+                &[&hex, &token],
+            )?;
+            tx.exec(
+                "DELETE FROM blob_releases WHERE finished_at < clock_timestamp() \
+                     - make_interval(secs => $1)",
+                &[&KEEP_FINISHED.as_secs_f64()],
+            )
+        })?;
+        Ok(())
     }
 
     /// The database's clock, in seconds since the epoch.
