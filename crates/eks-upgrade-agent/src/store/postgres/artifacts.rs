@@ -1042,7 +1042,21 @@ fn import_session_tx(
                 a.artifact_id, a.collection_id
             ))
         })?;
-        a.file_hash.parse::<Digest>()?;
+        let digest = a.file_hash.parse::<Digest>()?;
+        if a.status != ArtifactStatus::Deleted {
+            // As an add: serialized with releases of the digest, refused during one (G105).
+            lock_digest(tx, &digest)?;
+            if super::releases::in_progress(tx, &digest)? {
+                return Err(Error::Backend {
+                    message: format!(
+                        "the blob of {:?} (sha256:{digest}) is being released by another \
+                         replica (its gc, cleanup or delete); pull the session again",
+                        a.name
+                    ),
+                    source: Some(Box::new(crate::store::BlobReleased(digest))),
+                });
+            }
+        }
         let tags = (!a.tags.is_empty()).then(|| serde_json::to_string(&a.tags).unwrap_or_default());
         let state: i64 = if a.s3_key.is_some() { 2 } else { 0 };
         let akey: i64 = tx

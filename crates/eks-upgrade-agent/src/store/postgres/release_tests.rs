@@ -518,3 +518,66 @@ fn a_failed_release_holds_adds_for_seconds_not_half_an_hour() {
     assert_eq!(b.read(&again.artifact_id).unwrap(), bytes);
     assert_eq!(marks(&url), Vec::new());
 }
+
+/// Review L1: a session import (`artifacts pull`) that would commit live rows of a digest
+/// whose release is in progress is refused (nothing imported), as an add is; once the release
+/// is over it imports.
+#[test]
+fn an_import_is_refused_while_a_release_of_its_blob_is_in_progress() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let moto = Moto::start();
+    moto.create_bucket("blobs");
+    let shared = s3(&moto);
+    let dir = tempfile::tempdir().unwrap();
+    let m = replica(
+        PostgresStore::open(&url, &options()).unwrap(),
+        shared.clone(),
+        &dir.path().join("a"),
+        Duration::ZERO,
+    );
+    let (s, c) = session(&m);
+    let bytes = b"pulled while being released".to_vec();
+    let a = m
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            &bytes,
+            "p.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    let (session, collection) = (
+        m.session(&s.session_id).unwrap(),
+        m.index().collection(&c.collection_id).unwrap(),
+    );
+    m.index().delete_session(&s.session_id).unwrap();
+    psql(
+        &url,
+        &format!(
+            "INSERT INTO blob_releases (digest, token, marked_at) VALUES ('{}', 'busy', \
+             clock_timestamp())",
+            Digest::of(&bytes).to_hex()
+        ),
+    );
+    let import = || {
+        m.index().import_session(
+            &session,
+            std::slice::from_ref(&collection),
+            std::slice::from_ref(&a),
+        )
+    };
+    let err = import().expect_err("imported during a release");
+    assert_eq!(
+        crate::store::BlobReleased::of(&err),
+        Some(Digest::of(&bytes)),
+        "{err}"
+    );
+    assert!(m.session(&s.session_id).is_err(), "nothing imported");
+    psql(
+        &url,
+        "UPDATE blob_releases SET finished_at = clock_timestamp() WHERE token = 'busy'",
+    );
+    import().unwrap();
+    assert_eq!(m.session(&s.session_id).unwrap().session_id, s.session_id);
+}

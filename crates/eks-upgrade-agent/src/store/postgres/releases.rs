@@ -93,6 +93,16 @@ pub(super) fn conflict(tx: &mut Tx<'_, '_>, d: &Digest, checked: f64) -> Result<
     Ok(release.or(too_old.then_some(false)))
 }
 
+/// Whether a release of `d` is in progress (call it holding the digest's lock).
+pub(super) fn in_progress(tx: &mut Tx<'_, '_>, d: &Digest) -> Result<bool> {
+    Ok(tx
+        .opt(
+            "SELECT 1 FROM blob_releases WHERE digest = $1 AND finished_at IS NULL",
+            &[&d.to_hex()],
+        )?
+        .is_some())
+}
+
 /// The refusal of an add whose blob a release holds or removed.
 pub(super) fn refused(name: &str, d: &Digest, marked: bool) -> Error {
     let why = if marked {
@@ -129,6 +139,14 @@ impl PostgresStore {
                 // checks for the mark after we commit.
                 lock_digest(tx, d)?;
                 if used(tx, d)? {
+                    // A stale mark on a digest in use (an import committed rows meanwhile)
+                    // is finished, so `gc` does not find it again.
+                    tx.exec(
+                        "UPDATE blob_releases SET finished_at = clock_timestamp() \
+                         WHERE digest = $1 AND finished_at IS NULL \
+                         AND marked_at < clock_timestamp() - make_interval(secs => $2)",
+                        &[&hex, &stale_secs()],
+                    )?;
                     return Ok(false);
                 }
                 // A fresh mark is another deleter's, at work: left to it. A stale one is
