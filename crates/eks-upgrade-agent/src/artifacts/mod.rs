@@ -991,7 +991,9 @@ impl TestArtifactsManager {
         Ok(false)
     }
 
-    /// Deletes the unreferenced blobs of `digests`, inside an index write transaction; with a
+    /// Deletes the unreferenced blobs of `digests` through the index (inside its write
+    /// transaction on SQLite; under a committed release mark, outside any transaction, on a
+    /// database: [`crate::store::ArtifactIndex::delete_unreferenced`]); with a
     /// `cutoff`, only those last put before it (checked at deletion, atomically with respect to
     /// puts: a re-add of the same bytes refreshes the blob before it is indexed, so it is kept).
     /// gc passes its grace period; `cleanup` and `delete_artifact` the instant they began, so

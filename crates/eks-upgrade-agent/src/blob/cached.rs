@@ -8,8 +8,9 @@
 //! download however many readers ask at once (single flight: the others wait for it and read
 //! the cached copy), streamed to a temporary file and checked against the digest before the
 //! file is renamed into the cache (a corrupt or truncated download is never cached). The
-//! readers that waited share the download's outcome (G93): its error (the same kind and text,
-//! naming the blob; none of them downloads again), or the downloaded blob, which stays in the
+//! readers that waited share the download's outcome (G93): its error (a corrupt or missing blob
+//! as such, any other as a backend error, with its text, naming the blob; none of them
+//! downloads again), or the downloaded blob, which stays in the
 //! cache until the last of them has opened it (pinned against eviction; a blob larger than the
 //! cap is kept outside the recency list, so it evicts nothing, and removed then: its open
 //! readers keep working, and the disk holds at most one copy per blob in flight). After each
