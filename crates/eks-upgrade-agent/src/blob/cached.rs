@@ -144,6 +144,12 @@ impl Drop for Lead<'_> {
         ))));
         flight.done.notify_all();
         drop(outcome);
+        store
+            .lru
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pinned
+            .remove(digest);
         let mut filling = store.filling.lock().unwrap_or_else(|e| e.into_inner());
         if filling.get(digest).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             filling.remove(digest);
@@ -790,6 +796,38 @@ mod tests {
             assert!(read(&store, &d) == bytes, "the next read tries again");
             store.drop_cached(&d).unwrap();
         }
+    }
+
+    /// Review L2: a release that deletes the shared copy keeps this replica's cached copy when
+    /// it was put after the release's cutoff (an add of this replica), so the add can store it
+    /// again; one put before the cutoff goes.
+    #[test]
+    fn a_release_keeps_a_cached_copy_put_after_its_cutoff() {
+        let (_dir, shared, store) = stores(DEFAULT_CACHE_BYTES);
+        let (young, old) = (blob(1, 30_000), blob(2, 30_000));
+        let dy = shared
+            .put(&mut young.as_slice(), &mut |_| {})
+            .unwrap()
+            .digest;
+        let d_old = store.put(&mut old.as_slice(), &mut |_| {}).unwrap().digest;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let cutoff = SystemTime::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // An add on this replica stores the bytes in its cache after the cutoff.
+        store.cache.put(&mut young.as_slice(), &mut |_| {}).unwrap();
+        assert!(
+            store.delete_if_older(&dy, cutoff).unwrap(),
+            "the shared copy goes"
+        );
+        assert!(!shared.exists(&dy).unwrap());
+        assert!(store.is_cached(&dy).unwrap(), "the add's cached copy stays");
+        assert!(store.restore(&dy).unwrap(), "and is stored again");
+        assert!(shared.exists(&dy).unwrap());
+        assert!(store.delete_if_older(&d_old, cutoff).unwrap());
+        assert!(
+            !store.is_cached(&d_old).unwrap(),
+            "a copy older than the cutoff goes"
+        );
     }
 
     /// Guarantee G93: a download whose reader panics ends its waiters' wait with an error

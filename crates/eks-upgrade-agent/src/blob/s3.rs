@@ -36,6 +36,13 @@ const PART: usize = 8 * 1024 * 1024;
 const PARTS_IN_FLIGHT: usize = 4;
 /// Temp objects older than this are leftovers of interrupted puts.
 const TMP_GRACE: Duration = Duration::from_secs(3600);
+/// The longest one request may take (a large part upload).
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Retries of a failed request stop this long after the first attempt.
+pub(crate) const RETRY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Requests a delete makes at most (`delete_if_older`: the age check, `delete`'s check, the
+/// delete).
+pub(crate) const DELETE_REQUESTS: u32 = 3;
 
 /// Where an [`S3BlobStore`] lives.
 #[derive(Clone, Default)]
@@ -237,13 +244,13 @@ impl S3BlobStore {
             // A few quick retries for transient errors; the upload queue does the long ones.
             .with_retry(object_store::RetryConfig {
                 max_retries: 2,
-                retry_timeout: Duration::from_secs(20),
+                retry_timeout: RETRY_TIMEOUT,
                 ..object_store::RetryConfig::default()
             })
             .with_client_options(
                 object_store::ClientOptions::new()
                     .with_connect_timeout(Duration::from_secs(3))
-                    .with_timeout(Duration::from_secs(300)),
+                    .with_timeout(REQUEST_TIMEOUT),
             );
         if let Some(region) = &options.region {
             b = b.with_region(region);

@@ -581,3 +581,17 @@ fn an_import_is_refused_while_a_release_of_its_blob_is_in_progress() {
     import().unwrap();
     assert_eq!(m.session(&s.session_id).unwrap().session_id, s.session_id);
 }
+
+/// Guarantee G110's bound: a mark is stale only after its deleter's delete can no longer land
+/// (it sends none after the send budget, and each of its S3 requests ends within the
+/// client's timeouts), with `S3BlobStore`'s own settings.
+#[test]
+fn a_mark_goes_stale_only_after_its_delete_can_no_longer_land() {
+    use super::releases::{SEND_BUDGET, STALE};
+    use crate::blob::s3::{DELETE_REQUESTS, REQUEST_TIMEOUT, RETRY_TIMEOUT};
+    let longest_delete = (REQUEST_TIMEOUT + RETRY_TIMEOUT) * DELETE_REQUESTS;
+    assert!(
+        STALE > SEND_BUDGET + longest_delete,
+        "STALE {STALE:?} <= {SEND_BUDGET:?} + {longest_delete:?}"
+    );
+}
