@@ -41,7 +41,8 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Retries of a failed request stop this long after the first attempt.
 pub(crate) const RETRY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests a delete makes at most (`delete_if_older`: the age check, `delete`'s check, the
-/// delete).
+/// delete); what the bound on a release mark's age is checked against.
+#[cfg(test)]
 pub(crate) const DELETE_REQUESTS: u32 = 3;
 
 /// Where an [`S3BlobStore`] lives.
