@@ -948,10 +948,8 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
     );
 }
 
-/// A run's span lasts its longest suite's total time, not the sum over suites (which may run in
-/// parallel): suites of 2 s and 3 s give a 3 s span ending at the recording.
-#[test]
-fn a_run_span_lasts_its_longest_suite() {
+/// The run an ingest of `xml` records for a new upgrade, and its span as the sink exports it.
+fn run_span_of(xml: &str) -> (Value, Span, String) {
     let env = Env::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -969,33 +967,90 @@ fn a_run_span_lasts_its_longest_suite() {
         "c",
     ]);
     env.ok(&a);
-    let xml = r#"<?xml version="1.0"?>
-<testsuites>
-  <testsuite name="alpha" timestamp="2026-01-01T00:00:00">
-    <testcase classname="t" name="a1" time="1.0"/>
-    <testcase classname="t" name="a2" time="1.0"/>
-  </testsuite>
-  <testsuite name="beta" timestamp="2026-01-01T00:00:00">
-    <testcase classname="t" name="b1" time="3.0"/>
-  </testsuite>
-</testsuites>
-"#;
     let path = env.data_dir().join("two.xml");
     std::fs::write(&path, xml).unwrap();
-    let mut a = flags.to_vec();
+    let mut a = vec!["-o", "json"];
+    a.extend(flags);
     a.extend(["tests", "ingest", path.to_str().unwrap(), "--upgrade", "u1"]);
     a.extend(["--phase", "adhoc"]);
-    let run = env.json(&a);
-    assert_eq!(run["duration"].as_f64(), Some(5.0), "{run}");
+    let out = env.run(&a);
+    assert!(out.status.success(), "{out:?}");
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = run["run_id"].as_str().unwrap();
     let span = spans(&got)
         .into_values()
         .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(id))
         .expect("the run's span");
+    (run, span, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A run's span lasts its longest suite's total time, not the sum over suites (which may run in
+/// parallel): suites of 2 s and 3 s without timestamps give a 3 s span ending at the recording.
+#[test]
+fn a_run_span_lasts_its_longest_suite() {
+    let (run, span, _) = run_span_of(
+        r#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="alpha">
+    <testcase classname="t" name="a1" time="1.0"/>
+    <testcase classname="t" name="a2" time="1.0"/>
+  </testsuite>
+  <testsuite name="beta">
+    <testcase classname="t" name="b1" time="3.0"/>
+  </testsuite>
+</testsuites>
+"#,
+    );
+    assert_eq!(run["duration"].as_f64(), Some(5.0), "{run}");
     assert_eq!(span.end_time_unix_nano, nanos(&run["created_at"]));
     assert_eq!(
         span.end_time_unix_nano - span.start_time_unix_nano,
         3_000_000_000
+    );
+}
+
+/// N27: with `<testsuite timestamp>`s, a run's span starts at the earliest suite timestamp and
+/// ends at the latest suite end (timestamp + `time`), whatever the recording time: a zone-less
+/// timestamp is UTC, an offset is honoured, fractions kept; a suite without a timestamp counts
+/// for nothing; an unreadable timestamp is ignored with a warning, the report still taken.
+#[test]
+fn a_run_span_runs_from_its_suites_timestamps() {
+    let (run, span, stderr) = run_span_of(
+        r#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="alpha" timestamp="2026-01-01T00:00:10.5" time="2.0">
+    <testcase classname="t" name="a1" time="1.0"/>
+    <testcase classname="t" name="a2" time="1.0"/>
+  </testsuite>
+  <testsuite name="beta" timestamp="2026-01-01T01:00:20+01:00" time="7">
+    <testcase classname="t" name="b1" time="3.0"/>
+  </testsuite>
+  <testsuite name="gamma" time="500">
+    <testcase classname="t" name="c1" time="500"/>
+  </testsuite>
+  <testsuite name="delta" timestamp="the day before" time="900">
+    <testcase classname="t" name="d1" time="1"/>
+  </testsuite>
+</testsuites>
+"#,
+    );
+    assert_eq!(run["tests"].as_u64(), Some(5), "{run}");
+    let at = |s: &str| nanos(&Value::String(s.into()));
+    assert_eq!(span.start_time_unix_nano, at("2026-01-01T00:00:10.500Z"));
+    assert_eq!(span.end_time_unix_nano, at("2026-01-01T00:00:27Z"));
+    // Without the colours of a terminal's log.
+    let mut plain = String::new();
+    let mut rest = stderr.as_str();
+    while let Some(i) = rest.find('\x1b') {
+        plain.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |m| &rest[i + m + 1..]);
+    }
+    plain.push_str(rest);
+    assert!(
+        plain.contains("ignoring a <testsuite> timestamp")
+            && plain.contains("timestamp=the day before")
+            && plain.contains("two.xml\" line=13"),
+        "{plain}"
     );
 }
 

@@ -45,7 +45,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{EntryResult, EventSink, Notification};
 use crate::error::{Error, Result};
-use crate::model::{ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
+use crate::model::{ProgressEvent, SuiteWindow, Task, TestResult, TestRun, TestStatus, Upgrade};
 
 /// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
 pub const DEFAULT_SERVICE_NAME: &str = "eks-upgrade-agent";
@@ -365,8 +365,12 @@ pub struct RunFacts {
     /// How many failing tests the run has in all.
     pub total_failures: u64,
     /// How long the run took, in seconds: its longest suite's total test time (suites may run
-    /// in parallel; the tests of one suite are taken to run one after another).
+    /// in parallel; the tests of one suite are taken to run one after another). Used only
+    /// without a [`window`](RunFacts::window).
     pub lasted: f64,
+    /// When its suites ran, from their earliest `<testsuite timestamp>` to their latest end
+    /// (timestamp plus `time`); `None` when no report gave a timestamp.
+    pub window: Option<SuiteWindow>,
 }
 
 /// One span the sink is about to build: the span of the upgrade (`task_id` `None`) or of the
@@ -979,9 +983,10 @@ fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
     }))
 }
 
-/// The span of a test run: a child of the upgrade's root span, from the run's start (its
-/// recording time less its longest suite's total test time, [`RunFacts::lasted`]) to its
-/// recording; the run's counts as
+/// The span of a test run: a child of the upgrade's root span, over its suites' times
+/// ([`RunFacts::window`]: the earliest suite timestamp to the latest suite end) when the
+/// reports give them, else from the run's start (its recording time less its longest suite's
+/// total test time, [`RunFacts::lasted`]) to its recording; the run's counts as
 /// attributes; `ERROR` when tests failed; one event per failing test (sampled).
 fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
     let run = &f.run;
@@ -1040,11 +1045,20 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
             message: String::new(),
         }
     };
-    let end = nanos(run.created_at);
-    let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
-        (f.lasted * 1e9).min(end as f64) as u64
-    } else {
-        0
+    let (start, end) = match f.window {
+        Some(w) => {
+            let start = nanos(w.start);
+            (start, nanos(w.end).max(start))
+        }
+        None => {
+            let end = nanos(run.created_at);
+            let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
+                (f.lasted * 1e9).min(end as f64) as u64
+            } else {
+                0
+            };
+            (end.saturating_sub(lasted), end)
+        }
     };
     let events: Vec<span::Event> = f.failures.iter().map(|t| failure_event(t, end)).collect();
     let dropped = f
@@ -1057,7 +1071,7 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
         parent_span_id: span_id(uid, None).to_vec(),
         name,
         kind: span::SpanKind::Internal as i32,
-        start_time_unix_nano: end.saturating_sub(lasted),
+        start_time_unix_nano: start,
         end_time_unix_nano: end,
         attributes,
         events,

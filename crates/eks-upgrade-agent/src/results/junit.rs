@@ -16,6 +16,12 @@
 //! folding attempts into results is the store's job (see [`crate::store::TestResultStore`]).
 //!
 //! Errors name the file and the line: `report.xml:12: invalid JUnit XML: ...`.
+//!
+//! Suite times: a `<testsuite timestamp="...">` (ISO 8601 / RFC 3339; a timestamp without a
+//! zone, as Surefire, jest-junit and pytest write it, is taken as UTC) and its `time` give each
+//! attempt its [`SuiteWindow`]; a suite without a timestamp takes its enclosing suite's. A
+//! timestamp that cannot be read is ignored with a warning naming the file and the line: the
+//! report is still taken.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -26,7 +32,9 @@ use quick_xml::XmlVersion;
 use quick_xml::events::{BytesStart, Event};
 
 use crate::error::{Error, Result};
-use crate::model::{CaseAttempt, MAX_MESSAGE_BYTES, TestStatus};
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+
+use crate::model::{CaseAttempt, MAX_MESSAGE_BYTES, SuiteWindow, TestStatus};
 
 /// How to read a report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +54,8 @@ pub struct ParseSummary {
     pub suites: BTreeSet<String>,
     /// The framework (detected or given).
     pub framework: String,
+    /// `<testsuite timestamp>` values that could not be read (ignored, each with a warning).
+    pub bad_timestamps: u64,
 }
 
 /// Whether `path` looks like a JUnit report: its first element is `<testsuites>` or
@@ -198,9 +208,12 @@ struct Parser<'a> {
     options: &'a ParseOptions,
     hints: Hints,
     framework: Option<String>,
-    suites: Vec<String>,
+    /// The open suites: name and window (its own, or its enclosing suite's).
+    suites: Vec<(String, Option<SuiteWindow>)>,
     case: Option<Case>,
     summary: ParseSummary,
+    /// A `timestamp` the last `start` could not read, for the caller to warn about.
+    bad_timestamp: Option<String>,
 }
 
 fn bounded(mut s: String) -> String {
@@ -225,6 +238,28 @@ fn seconds(v: &str) -> f64 {
     } else {
         0.0
     }
+}
+
+/// A `<testsuite timestamp>`: RFC 3339 (`2026-01-01T12:00:00.5+02:00`, `...Z`), or without a
+/// zone (`2026-01-01T12:00:00`, a space for the `T` too), taken as UTC. `None` when it cannot
+/// be read or lies outside what a span can carry (1970 to 2262).
+pub(crate) fn timestamp(v: &str) -> Option<DateTime<Utc>> {
+    let v = v.trim();
+    let t = DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| {
+            DateTime::parse_from_str(v, "%Y-%m-%dT%H:%M:%S%.f%z").map(|t| t.with_timezone(&Utc))
+        })
+        .ok()
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(v, f).ok())
+                .map(|n| n.and_utc())
+        })?;
+    // Within unix nanoseconds, with room for the longest `time` after it.
+    (t.timestamp() >= 0 && t.timestamp() < i64::MAX / 1_000_000_000 - MAX_SECONDS as i64)
+        .then_some(t)
 }
 
 /// The longest duration a `time` attribute counts for: 100 years.
@@ -252,6 +287,7 @@ pub fn parse<R: BufRead>(
         suites: Vec::new(),
         case: None,
         summary: ParseSummary::default(),
+        bad_timestamp: None,
     };
     let mut buf = Vec::with_capacity(8 * 1024);
     let mut depth = 0usize;
@@ -280,6 +316,7 @@ pub fn parse<R: BufRead>(
                     )));
                 }
                 p.start(e).map_err(at)?;
+                p.warn_timestamp(label, line);
                 if matches!(event, Event::Start(_)) {
                     depth += 1;
                 }
@@ -293,9 +330,11 @@ pub fn parse<R: BufRead>(
                     )));
                 }
                 p.start(&e).map_err(at)?;
+                p.warn_timestamp(label, line);
             }
             Event::Empty(e) => {
                 p.start(&e).map_err(at)?;
+                p.warn_timestamp(label, line);
                 p.end(e.local_name().as_ref(), sink)?;
             }
             Event::End(e) => {
@@ -384,6 +423,20 @@ fn get<'a>(attrs: &'a [(Vec<u8>, String)], key: &[u8]) -> Option<&'a str> {
 }
 
 impl Parser<'_> {
+    /// Warns about (and counts) the timestamp the last `start` could not read.
+    fn warn_timestamp(&mut self, label: &str, line: u64) {
+        if let Some(v) = self.bad_timestamp.take() {
+            self.summary.bad_timestamps += 1;
+            tracing::warn!(
+                file = label,
+                line,
+                timestamp = %v,
+                "ignoring a <testsuite> timestamp that is not an ISO 8601 time (the report is \
+                 kept; fix the timestamp for the suite's time to count in the run's span)"
+            );
+        }
+    }
+
     fn wants_text(&self) -> bool {
         self.case.as_ref().is_some_and(|c| c.open.is_some())
     }
@@ -427,7 +480,24 @@ impl Parser<'_> {
                              deep (flatten the suites or regenerate the report)"
                         ));
                     }
-                    self.suites.push(n.to_owned());
+                    let window = match get(&a, b"timestamp").filter(|t| !t.trim().is_empty()) {
+                        Some(t) => match timestamp(t) {
+                            Some(start) => {
+                                let time = get(&a, b"time").map(seconds).unwrap_or(0.0);
+                                Some(SuiteWindow {
+                                    start,
+                                    end: start + TimeDelta::microseconds((time * 1e6) as i64),
+                                })
+                            }
+                            None => {
+                                self.bad_timestamp = Some(t.chars().take(64).collect());
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    let window = window.or_else(|| self.suites.last().and_then(|s| s.1));
+                    self.suites.push((n.to_owned(), window));
                 }
             }
             b"property" => {
@@ -549,8 +619,9 @@ impl Parser<'_> {
     fn emit(&mut self, case: Case, sink: &mut dyn FnMut(CaseAttempt) -> Result<()>) -> Result<()> {
         let suite = match &self.options.suite {
             Some(s) => s.clone(),
-            None => self.suites.last().cloned().unwrap_or_default(),
+            None => self.suites.last().map(|s| s.0.clone()).unwrap_or_default(),
         };
+        let suite_window = self.suites.last().and_then(|s| s.1);
         let framework = self
             .framework
             .clone()
@@ -577,6 +648,7 @@ impl Parser<'_> {
                 status,
                 duration,
                 message,
+                suite_window,
             })?;
         }
         Ok(())
@@ -919,6 +991,76 @@ mod tests {
             "{head}\n<testcase name=\"c\">&bogus;</testcase></testsuite>"
         ));
         assert!(e.starts_with("r.xml:300004: invalid JUnit XML"), "{e}");
+    }
+
+    /// N27: each attempt carries its suite's window, from `timestamp` (zone-less is UTC,
+    /// offsets and fractions read) to timestamp + `time`; a nested suite without a timestamp
+    /// takes its enclosing suite's, one outside any has none; an unreadable timestamp is
+    /// counted and ignored, the report still read.
+    #[test]
+    fn suite_timestamps_give_each_attempt_its_window() {
+        let text = r#"<testsuites>
+<testsuite name="a" timestamp="2026-03-01T10:00:00" time="1.5">
+  <testcase name="a1"/>
+  <testsuite name="inner"><testcase name="i1"/></testsuite>
+</testsuite>
+<testsuite name="b" timestamp="2026-03-01T12:00:00.25+02:00"><testcase name="b1"/></testsuite>
+<testsuite name="c" timestamp="2026-03-01 10:00:05Z" time="2"><testcase name="c1"/></testsuite>
+<testsuite name="d"><testcase name="d1"/></testsuite>
+<testsuite name="e" timestamp="31/02/2026" time="9"><testcase name="e1"/></testsuite>
+<testsuite name="f" timestamp="1969-12-31T23:59:59Z"><testcase name="f1"/></testsuite>
+</testsuites>"#;
+        let mut got = Vec::new();
+        let summary = parse(
+            text.as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |a| {
+                got.push((a.name, a.suite_window));
+                Ok(())
+            },
+        )
+        .unwrap();
+        let at = |s: &str| Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc));
+        let w = |from: &str, to: &str| {
+            Some(SuiteWindow {
+                start: at(from).unwrap(),
+                end: at(to).unwrap(),
+            })
+        };
+        assert_eq!(
+            got,
+            [
+                (
+                    "a1".into(),
+                    w("2026-03-01T10:00:00Z", "2026-03-01T10:00:01.5Z")
+                ),
+                (
+                    "i1".into(),
+                    w("2026-03-01T10:00:00Z", "2026-03-01T10:00:01.5Z")
+                ),
+                (
+                    "b1".into(),
+                    w("2026-03-01T10:00:00.25Z", "2026-03-01T10:00:00.25Z")
+                ),
+                (
+                    "c1".into(),
+                    w("2026-03-01T10:00:05Z", "2026-03-01T10:00:07Z")
+                ),
+                ("d1".into(), None),
+                ("e1".into(), None),
+                ("f1".into(), None),
+            ]
+        );
+        assert_eq!(summary.bad_timestamps, 2);
+        assert_eq!(timestamp("2026-03-01T10:00:00"), at("2026-03-01T10:00:00Z"));
+        assert_eq!(
+            timestamp("2026-03-01T10:00:00-0130"),
+            at("2026-03-01T11:30:00Z")
+        );
+        for bad in ["", "yesterday", "2026-13-01T00:00:00", "1e9", "2026-03-01"] {
+            assert_eq!(timestamp(bad), None, "{bad}");
+        }
     }
 
     #[test]
