@@ -1345,6 +1345,101 @@ fn a_request_span_reaches_the_collector_across_sigterm() {
     );
 }
 
+/// N26's bound: with a collector that accepts connections and never answers (exports wait for
+/// a 10 min timeout), a graceful stop waits for the request span exporter and for the
+/// notification thread's last pass at most 5 s each (`EXPORT_GRACE`), says so, and exits 0:
+/// SIGTERM while both exporters hang ends `serve` after both waits (at least 9 s) and well
+/// before the exports' timeout (under 14 s).
+#[test]
+fn a_hung_collector_delays_a_graceful_stop_by_the_bound_only() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    // Accept and hold every connection, reading nothing back.
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            h.lock().unwrap().push(stream);
+        }
+    });
+    let env = Env::with_task();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = env
+        .command()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "600000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed on drop, whatever happens below.
+    let mut served = crate::util::Served { child, port };
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for path in [
+        "/api/v1/upgrades/u/tasks/t/start",
+        "/api/v1/upgrades/u/tasks/t/complete",
+    ] {
+        let resp = post(port, path, "");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+    }
+    // Both exporters are stuck: the sink in the task's span, the request spans in their batch.
+    let start = Instant::now();
+    while held.lock().unwrap().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the exporters did not reach the collector"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopping = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        // Far past the bound, far before the exports' timeout.
+        assert!(
+            stopping.elapsed() < Duration::from_secs(60),
+            "serve did not exit 60 s after SIGTERM: the stop waits for the hung collector"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = stopping.elapsed();
+    let mut stderr = String::new();
+    served
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(14),
+        "stopped in {took:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains("request spans still queued were not exported")
+            && stderr.contains("notifications still pending stay in the outbox"),
+        "{stderr}"
+    );
+}
+
 /// `GET /metrics` of a served port, the body.
 fn metrics_text(port: u16) -> String {
     let text = get(port, "/metrics", "");
