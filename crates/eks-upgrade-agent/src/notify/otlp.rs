@@ -1081,6 +1081,67 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
     }
 }
 
+/// Most notifications the OTLP sink takes per delivery (at most one span each): a pass of the
+/// notification thread over a busy upgrade sends few large requests rather than many small
+/// ones (each request is a read transaction, a write transaction recording the outcomes and a
+/// round trip; N22).
+pub const MAX_BATCH_SPANS: usize = 200;
+
+/// Most bytes of one export request (encoded, before compression): a batch whose spans encode
+/// to more goes as several requests ([`split_request`]), so long spans (128 events with 1 KiB
+/// details each) stay under collectors' request limits.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// `request` (one resource, one scope, as [`OtlpExporter::request`] builds it) as requests of
+/// at most `max` encoded bytes each, its spans in order, each request with the same resource
+/// and scope; a span larger than `max` alone goes in a request of its own.
+pub fn split_request(
+    request: ExportTraceServiceRequest,
+    max: usize,
+) -> Vec<ExportTraceServiceRequest> {
+    if request.encoded_len() <= max {
+        return vec![request];
+    }
+    let mut out = Vec::new();
+    for rs in request.resource_spans {
+        for ScopeSpans {
+            scope,
+            spans: all,
+            schema_url,
+        } in rs.scope_spans
+        {
+            let part = |spans: Vec<Span>| ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    resource: rs.resource.clone(),
+                    scope_spans: vec![ScopeSpans {
+                        scope: scope.clone(),
+                        spans,
+                        schema_url: schema_url.clone(),
+                    }],
+                    schema_url: rs.schema_url.clone(),
+                }],
+            };
+            // With room for the length prefixes of the scope and resource growing.
+            let base = part(Vec::new()).encoded_len() + 16;
+            let (mut spans, mut bytes) = (Vec::new(), base);
+            for span in all {
+                // The span's bytes with its field key and length prefix.
+                let n = span.encoded_len() + 8;
+                if bytes + n > max && !spans.is_empty() {
+                    out.push(part(std::mem::take(&mut spans)));
+                    bytes = base;
+                }
+                bytes += n;
+                spans.push(span);
+            }
+            if !spans.is_empty() {
+                out.push(part(spans));
+            }
+        }
+    }
+    out
+}
+
 /// `tests post: smoke, api` (at most three suites named, then how many more).
 fn run_span_name(run: &TestRun) -> String {
     let mut name = format!("tests {}", run.phase.as_str());
@@ -1183,10 +1244,14 @@ impl EventSink for OtlpSink {
         super::Kinds::All
     }
 
+    /// [`MAX_BATCH_SPANS`].
     fn max_batch(&self) -> usize {
-        50
+        MAX_BATCH_SPANS
     }
 
+    /// One export request for the batch's spans, or several when they encode to more than
+    /// [`MAX_REQUEST_BYTES`] ([`split_request`]), sent in order until one fails; every entry
+    /// with a span shares the outcome (a retry sends them all again: the same span ids).
     fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
         let (request, fates) = self.request(batch);
         let spans = request.resource_spans[0].scope_spans[0].spans.len();
@@ -1196,7 +1261,13 @@ impl EventSink for OtlpSink {
                 .map(|f| f.unwrap_or(EntryResult::Delivered))
                 .collect();
         }
-        let sent = self.exporter.send(&request);
+        let mut sent = EntryResult::Delivered;
+        for part in split_request(request, MAX_REQUEST_BYTES) {
+            sent = self.exporter.send(&part);
+            if !matches!(sent, EntryResult::Delivered) {
+                break;
+            }
+        }
         fates
             .into_iter()
             .map(|f| f.unwrap_or_else(|| sent.clone()))
@@ -1215,6 +1286,58 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    /// N22's larger batches stay under collectors' request limits: a request over the limit
+    /// goes as several, each at most the limit, the spans in order, each with the resource and
+    /// scope; one under it is sent as is; a span over the limit alone goes on its own.
+    #[test]
+    fn large_requests_are_split() {
+        let exporter = OtlpExporter::new(
+            &OtlpSettings {
+                endpoint: Some("http://127.0.0.1:1/v1/traces".into()),
+                ..OtlpSettings::default()
+            },
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let span = |i: usize, size: usize| Span {
+            span_id: (i as u64).to_be_bytes().to_vec(),
+            name: format!("s{i}"),
+            attributes: vec![s("pad", "x".repeat(size))],
+            ..Span::default()
+        };
+        let spans: Vec<Span> = (0..30).map(|i| span(i, 100_000)).collect();
+        let whole = exporter.request("scope", spans.clone());
+        assert!(whole.encoded_len() > 2_900_000);
+        let parts = split_request(whole.clone(), 1_000_000);
+        assert!(parts.len() >= 3, "{}", parts.len());
+        let mut again = Vec::new();
+        for p in &parts {
+            assert!(p.encoded_len() <= 1_000_000, "{}", p.encoded_len());
+            let rs = &p.resource_spans[0];
+            assert_eq!(rs.resource, whole.resource_spans[0].resource);
+            assert_eq!(
+                rs.scope_spans[0].scope,
+                whole.resource_spans[0].scope_spans[0].scope
+            );
+            again.extend(rs.scope_spans[0].spans.iter().cloned());
+        }
+        assert_eq!(again, spans);
+        assert_eq!(split_request(whole.clone(), 4_000_000), vec![whole]);
+        let big = exporter.request("scope", vec![span(0, 10), span(1, 2_000_000), span(2, 10)]);
+        let parts = split_request(big, 1_000_000);
+        let names: Vec<Vec<&str>> = parts
+            .iter()
+            .map(|p| {
+                p.resource_spans[0].scope_spans[0]
+                    .spans
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(names, [vec!["s0"], vec!["s1"], vec!["s2"]]);
     }
 
     #[test]
