@@ -977,7 +977,7 @@ fn demo_serve_delivers_what_was_written_while_serving_by_its_stop() {
     use std::io::{BufRead, BufReader};
     let env = Env::new();
     let (hook, got) = webhook_receiver();
-    let mut child = env
+    let child = env
         .command()
         .args([
             "demo",
@@ -993,7 +993,9 @@ fn demo_serve_delivers_what_was_written_while_serving_by_its_stop() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Killed on drop, whatever fails below.
+    let mut served = crate::util::Served { child, port: 0 };
+    let mut lines = BufReader::new(served.child.stderr.take().unwrap()).lines();
     let url = lines
         .by_ref()
         .map(Result::unwrap)
@@ -1011,6 +1013,8 @@ fn demo_serve_delivers_what_was_written_while_serving_by_its_stop() {
         .map(Result::unwrap)
         .find(|l| l.starts_with("demo finished; still serving"))
         .expect("the demo finishes and says it keeps serving");
+    // The rest of its log, read as it comes (a full pipe would block it).
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
     let body = r#"{"upgrade_id":"late","plan_id":"p","cluster_name":"c"}"#;
     let resp = http(
         port,
@@ -1031,23 +1035,22 @@ fn demo_serve_delivers_what_was_written_while_serving_by_its_stop() {
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &served.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let start = std::time::Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = served.child.try_wait().unwrap() {
             break status;
         }
-        if start.elapsed() > std::time::Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("demo --serve did not stop within 30 s of SIGTERM");
-        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "demo --serve did not stop within 30 s of SIGTERM"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let rest = rest.join().unwrap();
     assert!(status.success(), "{status:?}: {rest:?}");
     let bodies = got.lock().unwrap();
     assert!(

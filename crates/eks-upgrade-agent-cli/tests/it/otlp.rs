@@ -1054,6 +1054,50 @@ fn a_run_span_runs_from_its_suites_timestamps() {
     );
 }
 
+/// N27: suite times that end after the run was recorded (more than 5 min: a zone-less local
+/// time east of UTC read as UTC) are not used: the span falls back to ending at the recording
+/// and lasting its longest suite's test time.
+#[test]
+fn suite_times_after_the_recording_are_not_used() {
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    let (run, span, _) = run_span_of(&format!(
+        r#"<testsuite name="east" timestamp="{later}" time="60">
+  <testcase classname="t" name="e1" time="2.0"/>
+</testsuite>"#
+    ));
+    assert_eq!(span.end_time_unix_nano, nanos(&run["created_at"]));
+    assert_eq!(
+        span.end_time_unix_nano - span.start_time_unix_nano,
+        2_000_000_000
+    );
+}
+
+/// A report with many unreadable suite timestamps warns about the first five, each with its
+/// line, and counts the rest in one warning (a log line per suite would flood the log).
+#[test]
+fn unreadable_timestamps_warn_a_few_times_then_count() {
+    let suites: String = (0..8)
+        .map(|i| {
+            format!(
+                "<testsuite name=\"s{i}\" timestamp=\"bad{i}\"><testcase name=\"t\"/></testsuite>\n"
+            )
+        })
+        .collect();
+    let (run, _, stderr) = run_span_of(&format!("<testsuites>\n{suites}</testsuites>"));
+    assert_eq!(run["tests"].as_u64(), Some(8), "{run}");
+    assert_eq!(
+        stderr.matches("ignoring a <testsuite> timestamp").count(),
+        5,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ignoring more <testsuite> timestamps") && stderr.contains("3"),
+        "{stderr}"
+    );
+}
+
 /// The spans of `scope` received so far.
 fn scope_spans(got: &Exports, scope: &str) -> Vec<Span> {
     let mut out = Vec::new();
@@ -1378,6 +1422,13 @@ fn a_hung_collector_delays_a_graceful_stop_by_the_bound_only() {
         .unwrap();
     // Killed on drop, whatever happens below.
     let mut served = crate::util::Served { child, port };
+    // Its log, read as it comes (a full pipe would block it).
+    let mut err = served.child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text);
+        text
+    });
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -1420,14 +1471,7 @@ fn a_hung_collector_delays_a_graceful_stop_by_the_bound_only() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let took = stopping.elapsed();
-    let mut stderr = String::new();
-    served
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = log.join().unwrap();
     assert!(status.success(), "{status:?}: {stderr}");
     assert!(
         took >= Duration::from_secs(9) && took < Duration::from_secs(14),

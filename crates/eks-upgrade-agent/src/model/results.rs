@@ -152,7 +152,7 @@ pub struct CaseAttempt {
 }
 
 /// When a suite ran: from its `<testsuite timestamp>` (ISO 8601; one without a zone is taken
-/// as UTC) to that time plus its `time` attribute (0 when absent). A run's span in the trace
+/// as UTC) to that time plus its `time` attribute (without one, plus its cases' times). A run's span in the trace
 /// lasts from its suites' earliest start to their latest end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SuiteWindow {

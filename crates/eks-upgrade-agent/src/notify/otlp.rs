@@ -985,7 +985,7 @@ fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
 
 /// The span of a test run: a child of the upgrade's root span, over its suites' times
 /// ([`RunFacts::window`]: the earliest suite timestamp to the latest suite end) when the
-/// reports give them, else from the run's start (its recording time less its longest suite's
+/// reports give them and they end before the recording (5 min of clock skew allowed), else from the run's start (its recording time less its longest suite's
 /// total test time, [`RunFacts::lasted`]) to its recording; the run's counts as
 /// attributes; `ERROR` when tests failed; one event per failing test (sampled).
 fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
@@ -1045,13 +1045,16 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
             message: String::new(),
         }
     };
+    let recorded = nanos(run.created_at);
     let (start, end) = match f.window {
-        Some(w) => {
+        // Tests cannot end after their report was recorded: a window that does was read in
+        // the wrong zone (a zone-less local time east of UTC) and is not used.
+        Some(w) if nanos(w.end) <= recorded.saturating_add(WINDOW_SLACK_NANOS) => {
             let start = nanos(w.start);
             (start, nanos(w.end).max(start))
         }
-        None => {
-            let end = nanos(run.created_at);
+        _ => {
+            let end = recorded;
             let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
                 (f.lasted * 1e9).min(end as f64) as u64
             } else {
@@ -1141,6 +1144,10 @@ pub fn split_request(
     }
     out
 }
+
+/// How far past a run's recording its suites' window may end (clock skew between the test
+/// runner and the recorder) before the window is taken as misread and not used.
+const WINDOW_SLACK_NANOS: u64 = 300 * 1_000_000_000;
 
 /// `tests post: smoke, api` (at most three suites named, then how many more).
 fn run_span_name(run: &TestRun) -> String {

@@ -208,8 +208,9 @@ struct Parser<'a> {
     options: &'a ParseOptions,
     hints: Hints,
     framework: Option<String>,
-    /// The open suites: name and window (its own, or its enclosing suite's).
-    suites: Vec<(String, Option<SuiteWindow>)>,
+    /// The open suites: name, window (its own, or its enclosing suite's), and whether the
+    /// window grows with its cases' times (a timestamp without `time`).
+    suites: Vec<(String, Option<SuiteWindow>, bool)>,
     case: Option<Case>,
     summary: ParseSummary,
     /// A `timestamp` the last `start` could not read, for the caller to warn about.
@@ -261,6 +262,9 @@ pub(crate) fn timestamp(v: &str) -> Option<DateTime<Utc>> {
     (t.timestamp() >= 0 && t.timestamp() < i64::MAX / 1_000_000_000 - MAX_SECONDS as i64)
         .then_some(t)
 }
+
+/// Unreadable suite timestamps warned about one by one per report; the rest are counted.
+const WARNED_TIMESTAMPS: u64 = 5;
 
 /// The longest duration a `time` attribute counts for: 100 years.
 const MAX_SECONDS: f64 = 100.0 * 365.25 * 86_400.0;
@@ -400,6 +404,13 @@ pub fn parse<R: BufRead>(
         .framework
         .clone()
         .unwrap_or_else(|| p.hints.framework().to_owned());
+    if p.summary.bad_timestamps > WARNED_TIMESTAMPS {
+        tracing::warn!(
+            file = label,
+            count = p.summary.bad_timestamps - WARNED_TIMESTAMPS,
+            "ignoring more <testsuite> timestamps that are not ISO 8601 times"
+        );
+    }
     Ok(p.summary)
 }
 
@@ -423,10 +434,14 @@ fn get<'a>(attrs: &'a [(Vec<u8>, String)], key: &[u8]) -> Option<&'a str> {
 }
 
 impl Parser<'_> {
-    /// Warns about (and counts) the timestamp the last `start` could not read.
+    /// Warns about (and counts) the timestamp the last `start` could not read: the first
+    /// [`WARNED_TIMESTAMPS`] each with its line, the rest counted in one warning at the end.
     fn warn_timestamp(&mut self, label: &str, line: u64) {
         if let Some(v) = self.bad_timestamp.take() {
             self.summary.bad_timestamps += 1;
+            if self.summary.bad_timestamps > WARNED_TIMESTAMPS {
+                return;
+            }
             tracing::warn!(
                 file = label,
                 line,
@@ -480,9 +495,11 @@ impl Parser<'_> {
                              deep (flatten the suites or regenerate the report)"
                         ));
                     }
+                    let mut grows = false;
                     let window = match get(&a, b"timestamp").filter(|t| !t.trim().is_empty()) {
                         Some(t) => match timestamp(t) {
                             Some(start) => {
+                                grows = get(&a, b"time").is_none();
                                 let time = get(&a, b"time").map(seconds).unwrap_or(0.0);
                                 Some(SuiteWindow {
                                     start,
@@ -497,7 +514,7 @@ impl Parser<'_> {
                         None => None,
                     };
                     let window = window.or_else(|| self.suites.last().and_then(|s| s.1));
-                    self.suites.push((n.to_owned(), window));
+                    self.suites.push((n.to_owned(), window, grows));
                 }
             }
             b"property" => {
@@ -621,7 +638,6 @@ impl Parser<'_> {
             Some(s) => s.clone(),
             None => self.suites.last().map(|s| s.0.clone()).unwrap_or_default(),
         };
-        let suite_window = self.suites.last().and_then(|s| s.1);
         let framework = self
             .framework
             .clone()
@@ -640,6 +656,15 @@ impl Parser<'_> {
         }
         for (status, duration, message) in attempts {
             self.summary.records += 1;
+            // A suite without `time` lasts its attempts' times, one after the other.
+            let suite_window = match self.suites.last_mut() {
+                Some((_, Some(w), true)) => {
+                    w.end += TimeDelta::microseconds((duration * 1e6) as i64);
+                    Some(*w)
+                }
+                Some((_, w, _)) => *w,
+                None => None,
+            };
             sink(CaseAttempt {
                 framework: framework.clone(),
                 suite: suite.clone(),
@@ -994,7 +1019,8 @@ mod tests {
     }
 
     /// N27: each attempt carries its suite's window, from `timestamp` (zone-less is UTC,
-    /// offsets and fractions read) to timestamp + `time`; a nested suite without a timestamp
+    /// offsets and fractions read) to timestamp + `time` (without `time`, + its cases' times
+    /// so far); a nested suite without a timestamp
     /// takes its enclosing suite's, one outside any has none; an unreadable timestamp is
     /// counted and ignored, the report still read.
     #[test]
@@ -1004,7 +1030,7 @@ mod tests {
   <testcase name="a1"/>
   <testsuite name="inner"><testcase name="i1"/></testsuite>
 </testsuite>
-<testsuite name="b" timestamp="2026-03-01T12:00:00.25+02:00"><testcase name="b1"/></testsuite>
+<testsuite name="b" timestamp="2026-03-01T12:00:00.25+02:00"><testcase name="b1" time="2"/><testcase name="b2" time="1.5"/></testsuite>
 <testsuite name="c" timestamp="2026-03-01 10:00:05Z" time="2"><testcase name="c1"/></testsuite>
 <testsuite name="d"><testcase name="d1"/></testsuite>
 <testsuite name="e" timestamp="31/02/2026" time="9"><testcase name="e1"/></testsuite>
@@ -1041,7 +1067,11 @@ mod tests {
                 ),
                 (
                     "b1".into(),
-                    w("2026-03-01T10:00:00.25Z", "2026-03-01T10:00:00.25Z")
+                    w("2026-03-01T10:00:00.25Z", "2026-03-01T10:00:02.25Z")
+                ),
+                (
+                    "b2".into(),
+                    w("2026-03-01T10:00:00.25Z", "2026-03-01T10:00:03.75Z")
                 ),
                 (
                     "c1".into(),

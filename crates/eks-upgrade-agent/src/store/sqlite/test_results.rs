@@ -747,7 +747,7 @@ mod tests {
             .reader()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 11);
+        assert_eq!(v, super::super::schema::SCHEMA_VERSION);
         let old = store.test_run("old", 128).unwrap().unwrap();
         assert_eq!((old.run.counts.tests, old.window), (1, None));
         let window = SuiteWindow {
@@ -816,8 +816,10 @@ mod tests {
                 .unwrap();
         }
         let err = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap_err();
+        let newer = super::super::schema::SCHEMA_VERSION + 1;
         assert!(
-            err.to_string().contains("newer version (schema 12"),
+            err.to_string()
+                .contains(&format!("newer version (schema {newer}")),
             "{err}"
         );
     }
