@@ -838,4 +838,68 @@ mod tests {
             (store.clone(), Some(store))
         });
     }
+
+    /// N27 on PostgreSQL: a database of schema 7 holding a run (no suite time columns) opens
+    /// at the current schema; the old run has no window, a new run stores its own, both read
+    /// back through the trace source.
+    #[test]
+    fn schema_7_database_gets_the_suite_times() {
+        use crate::model::SuiteWindow;
+        use crate::notify::otlp::TraceSource;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let run = |id: &str| NewRun {
+            run_id: id.into(),
+            upgrade_id: "u".into(),
+            cluster_name: "c".into(),
+            phase: RunPhase::Pre,
+            created_at: at(10),
+            files: Vec::new(),
+            artifact_ids: Vec::new(),
+        };
+        {
+            let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+            store
+                .record_run(&run("old"), &mut |sink| {
+                    sink(crate::results::conformance::attempt(
+                        "a",
+                        TestStatus::Passed,
+                        2.0,
+                    ))
+                })
+                .unwrap();
+            store
+                .with_conn(|c| {
+                    Ok(c.client.batch_execute(
+                        "ALTER TABLE test_runs DROP COLUMN started_at, DROP COLUMN ended_at; \
+                         UPDATE schema_version SET version = 7",
+                    )?)
+                })
+                .unwrap();
+        }
+        let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        assert_eq!(
+            store.schema_version().unwrap(),
+            super::super::schema::SCHEMA_VERSION
+        );
+        let old = store.test_run("old", 128).unwrap().unwrap();
+        assert_eq!((old.run.counts.tests, old.window), (1, None));
+        let window = SuiteWindow {
+            start: at(1),
+            end: at(5),
+        };
+        store
+            .record_run(&run("new"), &mut |sink| {
+                sink(CaseAttempt {
+                    suite_window: Some(window),
+                    ..crate::results::conformance::attempt("a", TestStatus::Passed, 2.0)
+                })
+            })
+            .unwrap();
+        assert_eq!(
+            store.test_run("new", 128).unwrap().unwrap().window,
+            Some(window)
+        );
+    }
 }
