@@ -659,7 +659,12 @@ impl Parser<'_> {
             // A suite without `time` lasts its attempts' times, one after the other.
             let suite_window = match self.suites.last_mut() {
                 Some((_, Some(w), true)) => {
-                    w.end += TimeDelta::microseconds((duration * 1e6) as i64);
+                    // At most 100 years in all, however many cases (no overflow).
+                    let cap = w.start + TimeDelta::microseconds((MAX_SECONDS * 1e6) as i64);
+                    w.end = w
+                        .end
+                        .checked_add_signed(TimeDelta::microseconds((duration * 1e6) as i64))
+                        .map_or(cap, |e| e.min(cap));
                     Some(*w)
                 }
                 Some((_, w, _)) => *w,
@@ -1083,6 +1088,28 @@ mod tests {
             ]
         );
         assert_eq!(summary.bad_timestamps, 2);
+        // A suite without `time` whose cases add up past any date: capped at 100 years, no
+        // overflow (chrono's `+=` panics).
+        let many: String = (0..3000)
+            .map(|i| format!("<testcase name=\"t{i}\" time=\"3e9\"/>"))
+            .collect();
+        let mut last = None;
+        parse(
+            format!("<testsuite name=\"x\" timestamp=\"2150-01-01T00:00:00Z\">{many}</testsuite>")
+                .as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |a| {
+                last = a.suite_window;
+                Ok(())
+            },
+        )
+        .unwrap();
+        let last = last.unwrap();
+        assert_eq!(
+            last.end - last.start,
+            TimeDelta::microseconds((MAX_SECONDS * 1e6) as i64)
+        );
         assert_eq!(timestamp("2026-03-01T10:00:00"), at("2026-03-01T10:00:00Z"));
         assert_eq!(
             timestamp("2026-03-01T10:00:00-0130"),
