@@ -510,7 +510,12 @@ pub(crate) fn run(ctx: &Ctx, args: DemoArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     if let Some(server) = server {
+        // What is written through the dashboard's API while it serves is delivered as it
+        // commits, and at the stop the notification thread makes its last pass, waited for
+        // as `serve` waits for it (bounded).
+        let notifier = crate::notify::dispatcher_or_warn(ctx, &store).map(|d| d.spawn());
         server.wait_for_ctrl_c()?;
+        crate::serve::finish_exports(notifier, None);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -319,7 +319,7 @@ const EXPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// After the server stopped gracefully (no request runs any more): the notification thread
 /// makes a last pass and the request span exporter sends what is queued, each waited for at
 /// most [`EXPORT_GRACE`]; what a sink did not take stays in the outbox.
-fn finish_exports(
+pub(crate) fn finish_exports(
     notifier: Option<eks_upgrade_agent::notify::dispatcher::DispatcherHandle>,
     spans: Option<Arc<eks_upgrade_agent_server::request_spans::RequestSpans>>,
 ) {

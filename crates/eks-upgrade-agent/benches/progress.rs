@@ -567,7 +567,7 @@ fn main() {
          spans exported per round: {spans:?})"
     );
     println!("otlp_rounds none/otlp: {}", rounds.join(" "));
-    println!("otlp_ratio: {:.2}", otlp / none);
+    println!("otlp_ratio: {:.3}", otlp / none);
     if only_otlp {
         return;
     }

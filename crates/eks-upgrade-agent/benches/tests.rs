@@ -69,6 +69,7 @@ fn attempts(run: usize) -> impl Iterator<Item = CaseAttempt> {
         },
         duration: 0.5,
         message: ((i + run).is_multiple_of(97)).then(|| format!("assertion {i} failed")),
+        suite_window: None,
     })
 }
 

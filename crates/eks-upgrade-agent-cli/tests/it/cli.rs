@@ -969,6 +969,102 @@ fn demo_serve_shows_the_run_and_keeps_serving() {
     assert!(resp.contains("\"status\":\"completed\""), "{resp}");
 }
 
+/// N26 for `demo --serve`: a change written through the dashboard's API after the demo
+/// finished (an upgrade created and started) is delivered by the time a SIGTERM stop ends the process (the notification
+/// thread's last pass), and the stop exits 0.
+#[test]
+fn demo_serve_delivers_what_was_written_while_serving_by_its_stop() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let (hook, got) = webhook_receiver();
+    let child = env
+        .command()
+        .args([
+            "demo",
+            "--speed",
+            "50",
+            "--upgrade-id",
+            "d1",
+            "--serve",
+            "127.0.0.1:0",
+        ])
+        .env("EUA_WEBHOOK_URL", &hook)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed on drop, whatever fails below.
+    let mut served = crate::util::Served { child, port: 0 };
+    let mut lines = BufReader::new(served.child.stderr.take().unwrap()).lines();
+    let url = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find_map(|l| l.strip_prefix("dashboard: ").map(str::to_owned))
+        .expect("the dashboard URL is printed");
+    let port: u16 = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("demo finished; still serving"))
+        .expect("the demo finishes and says it keeps serving");
+    // The rest of its log, read as it comes (a full pipe would block it).
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
+    let body = r#"{"upgrade_id":"late","plan_id":"p","cluster_name":"c"}"#;
+    let resp = http(
+        port,
+        &format!(
+            "POST /api/v1/upgrades HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 201") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    let resp = http(
+        port,
+        "POST /api/v1/upgrades/late/start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: \
+         application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "demo --serve did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let rest = rest.join().unwrap();
+    assert!(status.success(), "{status:?}: {rest:?}");
+    let bodies = got.lock().unwrap();
+    assert!(
+        bodies.iter().any(|b| b.contains("\"late\"")),
+        "the upgrade started while serving was not delivered: {rest:?} {} bodies: {}",
+        bodies.len(),
+        bodies
+            .iter()
+            .map(|b| &b[..b.len().min(300)])
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 #[test]
 fn serve_stops_cleanly_on_sigterm_and_sigint_finishing_a_request_in_flight() {
     for signal in ["-TERM", "-INT"] {

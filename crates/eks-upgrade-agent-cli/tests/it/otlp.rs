@@ -948,10 +948,8 @@ fn test_runs_are_spans_of_the_upgrade_trace() {
     );
 }
 
-/// A run's span lasts its longest suite's total time, not the sum over suites (which may run in
-/// parallel): suites of 2 s and 3 s give a 3 s span ending at the recording.
-#[test]
-fn a_run_span_lasts_its_longest_suite() {
+/// The run an ingest of `xml` records for a new upgrade, and its span as the sink exports it.
+fn run_span_of(xml: &str) -> (Value, Span, String) {
     let env = Env::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -969,33 +967,134 @@ fn a_run_span_lasts_its_longest_suite() {
         "c",
     ]);
     env.ok(&a);
-    let xml = r#"<?xml version="1.0"?>
-<testsuites>
-  <testsuite name="alpha" timestamp="2026-01-01T00:00:00">
-    <testcase classname="t" name="a1" time="1.0"/>
-    <testcase classname="t" name="a2" time="1.0"/>
-  </testsuite>
-  <testsuite name="beta" timestamp="2026-01-01T00:00:00">
-    <testcase classname="t" name="b1" time="3.0"/>
-  </testsuite>
-</testsuites>
-"#;
     let path = env.data_dir().join("two.xml");
     std::fs::write(&path, xml).unwrap();
-    let mut a = flags.to_vec();
+    let mut a = vec!["-o", "json"];
+    a.extend(flags);
     a.extend(["tests", "ingest", path.to_str().unwrap(), "--upgrade", "u1"]);
     a.extend(["--phase", "adhoc"]);
-    let run = env.json(&a);
-    assert_eq!(run["duration"].as_f64(), Some(5.0), "{run}");
+    let out = env.run(&a);
+    assert!(out.status.success(), "{out:?}");
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = run["run_id"].as_str().unwrap();
     let span = spans(&got)
         .into_values()
         .find(|s| value(&s.attributes, "eks.test_run.id").as_deref() == Some(id))
         .expect("the run's span");
+    (run, span, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A run's span lasts its longest suite's total time, not the sum over suites (which may run in
+/// parallel): suites of 2 s and 3 s without timestamps give a 3 s span ending at the recording.
+#[test]
+fn a_run_span_lasts_its_longest_suite() {
+    let (run, span, _) = run_span_of(
+        r#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="alpha">
+    <testcase classname="t" name="a1" time="1.0"/>
+    <testcase classname="t" name="a2" time="1.0"/>
+  </testsuite>
+  <testsuite name="beta">
+    <testcase classname="t" name="b1" time="3.0"/>
+  </testsuite>
+</testsuites>
+"#,
+    );
+    assert_eq!(run["duration"].as_f64(), Some(5.0), "{run}");
     assert_eq!(span.end_time_unix_nano, nanos(&run["created_at"]));
     assert_eq!(
         span.end_time_unix_nano - span.start_time_unix_nano,
         3_000_000_000
+    );
+}
+
+/// N27: with `<testsuite timestamp>`s, a run's span starts at the earliest suite timestamp and
+/// ends at the latest suite end (timestamp + `time`), whatever the recording time: a zone-less
+/// timestamp is UTC, an offset is honoured, fractions kept; a suite without a timestamp counts
+/// for nothing; an unreadable timestamp is ignored with a warning, the report still taken.
+#[test]
+fn a_run_span_runs_from_its_suites_timestamps() {
+    let (run, span, stderr) = run_span_of(
+        r#"<?xml version="1.0"?>
+<testsuites>
+  <testsuite name="alpha" timestamp="2026-01-01T00:00:10.5" time="2.0">
+    <testcase classname="t" name="a1" time="1.0"/>
+    <testcase classname="t" name="a2" time="1.0"/>
+  </testsuite>
+  <testsuite name="beta" timestamp="2026-01-01T01:00:20+01:00" time="7">
+    <testcase classname="t" name="b1" time="3.0"/>
+  </testsuite>
+  <testsuite name="gamma" time="500">
+    <testcase classname="t" name="c1" time="500"/>
+  </testsuite>
+  <testsuite name="delta" timestamp="the day before" time="900">
+    <testcase classname="t" name="d1" time="1"/>
+  </testsuite>
+</testsuites>
+"#,
+    );
+    assert_eq!(run["tests"].as_u64(), Some(5), "{run}");
+    let at = |s: &str| nanos(&Value::String(s.into()));
+    assert_eq!(span.start_time_unix_nano, at("2026-01-01T00:00:10.500Z"));
+    assert_eq!(span.end_time_unix_nano, at("2026-01-01T00:00:27Z"));
+    // Without the colours of a terminal's log.
+    let mut plain = String::new();
+    let mut rest = stderr.as_str();
+    while let Some(i) = rest.find('\x1b') {
+        plain.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |m| &rest[i + m + 1..]);
+    }
+    plain.push_str(rest);
+    assert!(
+        plain.contains("ignoring a <testsuite> timestamp")
+            && plain.contains("timestamp=the day before")
+            && plain.contains("two.xml\" line=13"),
+        "{plain}"
+    );
+}
+
+/// N27: suite times that end after the run was recorded (more than 5 min: a zone-less local
+/// time east of UTC read as UTC) are not used: the span falls back to ending at the recording
+/// and lasting its longest suite's test time.
+#[test]
+fn suite_times_after_the_recording_are_not_used() {
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    let (run, span, _) = run_span_of(&format!(
+        r#"<testsuite name="east" timestamp="{later}" time="60">
+  <testcase classname="t" name="e1" time="2.0"/>
+</testsuite>"#
+    ));
+    assert_eq!(span.end_time_unix_nano, nanos(&run["created_at"]));
+    assert_eq!(
+        span.end_time_unix_nano - span.start_time_unix_nano,
+        2_000_000_000
+    );
+}
+
+/// A report with many unreadable suite timestamps warns about the first five, each with its
+/// line, and counts the rest in one warning (a log line per suite would flood the log).
+#[test]
+fn unreadable_timestamps_warn_a_few_times_then_count() {
+    let suites: String = (0..8)
+        .map(|i| {
+            format!(
+                "<testsuite name=\"s{i}\" timestamp=\"bad{i}\"><testcase name=\"t\"/></testsuite>\n"
+            )
+        })
+        .collect();
+    let (run, _, stderr) = run_span_of(&format!("<testsuites>\n{suites}</testsuites>"));
+    assert_eq!(run["tests"].as_u64(), Some(8), "{run}");
+    assert_eq!(
+        stderr.matches("ignoring a <testsuite> timestamp").count(),
+        5,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ignoring more <testsuite> timestamps") && stderr.contains("3"),
+        "{stderr}"
     );
 }
 
@@ -1287,6 +1386,101 @@ fn a_request_span_reaches_the_collector_across_sigterm() {
             |s| value(&s.attributes, "url.path").as_deref() == Some("/api/v1/upgrades/u/start")
         ),
         "the last request's span was lost at the stop: {requests:?}"
+    );
+}
+
+/// N26's bound: with a collector that accepts connections and never answers (exports wait for
+/// a 10 min timeout), a graceful stop waits for the request span exporter and for the
+/// notification thread's last pass at most 5 s each (`EXPORT_GRACE`), says so, and exits 0:
+/// SIGTERM while both exporters hang ends `serve` after both waits (at least 9 s) and well
+/// before the exports' timeout (under 14 s).
+#[test]
+fn a_hung_collector_delays_a_graceful_stop_by_the_bound_only() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    // Accept and hold every connection, reading nothing back.
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            h.lock().unwrap().push(stream);
+        }
+    });
+    let env = Env::with_task();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = env
+        .command()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "600000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed on drop, whatever happens below.
+    let mut served = crate::util::Served { child, port };
+    // Its log, read as it comes (a full pipe would block it).
+    let mut err = served.child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text);
+        text
+    });
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for path in [
+        "/api/v1/upgrades/u/tasks/t/start",
+        "/api/v1/upgrades/u/tasks/t/complete",
+    ] {
+        let resp = post(port, path, "");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+    }
+    // Both exporters are stuck: the sink in the task's span, the request spans in their batch.
+    let start = Instant::now();
+    while held.lock().unwrap().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the exporters did not reach the collector"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopping = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        // Far past the bound, far before the exports' timeout.
+        assert!(
+            stopping.elapsed() < Duration::from_secs(60),
+            "serve did not exit 60 s after SIGTERM: the stop waits for the hung collector"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = stopping.elapsed();
+    let stderr = log.join().unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(14),
+        "stopped in {took:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains("request spans still queued were not exported")
+            && stderr.contains("notifications still pending stay in the outbox"),
+        "{stderr}"
     );
 }
 

@@ -146,6 +146,30 @@ pub struct CaseAttempt {
     pub duration: f64,
     /// The failure, error or skip message (bounded, see [`MAX_MESSAGE_BYTES`]).
     pub message: Option<String>,
+    /// When the attempt's suite ran, from its `<testsuite timestamp>` and `time` (`None`
+    /// when the report gives no readable timestamp).
+    pub suite_window: Option<SuiteWindow>,
+}
+
+/// When a suite ran: from its `<testsuite timestamp>` (ISO 8601; one without a zone is taken
+/// as UTC) to that time plus its `time` attribute (without one, plus its cases' times). A run's span in the trace
+/// lasts from its suites' earliest start to their latest end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuiteWindow {
+    /// The suite's `timestamp`.
+    pub start: DateTime<Utc>,
+    /// `start` plus the suite's `time`.
+    pub end: DateTime<Utc>,
+}
+
+impl SuiteWindow {
+    /// The window covering both.
+    pub fn union(self, other: SuiteWindow) -> SuiteWindow {
+        SuiteWindow {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
+    }
 }
 
 impl CaseAttempt {

@@ -90,6 +90,7 @@ fn trace_only_entries_reach_only_the_sinks_that_take_them() {
                 status,
                 duration: 1.0,
                 message: None,
+                suite_window: None,
             })
         })
         .unwrap();

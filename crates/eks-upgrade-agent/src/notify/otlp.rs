@@ -45,7 +45,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{EntryResult, EventSink, Notification};
 use crate::error::{Error, Result};
-use crate::model::{ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
+use crate::model::{ProgressEvent, SuiteWindow, Task, TestResult, TestRun, TestStatus, Upgrade};
 
 /// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
 pub const DEFAULT_SERVICE_NAME: &str = "eks-upgrade-agent";
@@ -365,8 +365,12 @@ pub struct RunFacts {
     /// How many failing tests the run has in all.
     pub total_failures: u64,
     /// How long the run took, in seconds: its longest suite's total test time (suites may run
-    /// in parallel; the tests of one suite are taken to run one after another).
+    /// in parallel; the tests of one suite are taken to run one after another). Used only
+    /// without a [`window`](RunFacts::window).
     pub lasted: f64,
+    /// When its suites ran, from their earliest `<testsuite timestamp>` to their latest end
+    /// (timestamp plus `time`); `None` when no report gave a timestamp.
+    pub window: Option<SuiteWindow>,
 }
 
 /// One span the sink is about to build: the span of the upgrade (`task_id` `None`) or of the
@@ -979,9 +983,10 @@ fn span_ask(n: &Notification) -> Result<Option<SpanAsk<'_>>> {
     }))
 }
 
-/// The span of a test run: a child of the upgrade's root span, from the run's start (its
-/// recording time less its longest suite's total test time, [`RunFacts::lasted`]) to its
-/// recording; the run's counts as
+/// The span of a test run: a child of the upgrade's root span, over its suites' times
+/// ([`RunFacts::window`]: the earliest suite timestamp to the latest suite end) when the
+/// reports give them and they end before the recording (5 min of clock skew allowed), else from the run's start (its recording time less its longest suite's
+/// total test time, [`RunFacts::lasted`]) to its recording; the run's counts as
 /// attributes; `ERROR` when tests failed; one event per failing test (sampled).
 fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
     let run = &f.run;
@@ -1040,11 +1045,23 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
             message: String::new(),
         }
     };
-    let end = nanos(run.created_at);
-    let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
-        (f.lasted * 1e9).min(end as f64) as u64
-    } else {
-        0
+    let recorded = nanos(run.created_at);
+    let (start, end) = match f.window {
+        // Tests cannot end after their report was recorded: a window that does was read in
+        // the wrong zone (a zone-less local time east of UTC) and is not used.
+        Some(w) if nanos(w.end) <= recorded.saturating_add(WINDOW_SLACK_NANOS) => {
+            let start = nanos(w.start);
+            (start, nanos(w.end).max(start))
+        }
+        _ => {
+            let end = recorded;
+            let lasted = if f.lasted.is_finite() && f.lasted > 0.0 {
+                (f.lasted * 1e9).min(end as f64) as u64
+            } else {
+                0
+            };
+            (end.saturating_sub(lasted), end)
+        }
     };
     let events: Vec<span::Event> = f.failures.iter().map(|t| failure_event(t, end)).collect();
     let dropped = f
@@ -1057,7 +1074,7 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
         parent_span_id: span_id(uid, None).to_vec(),
         name,
         kind: span::SpanKind::Internal as i32,
-        start_time_unix_nano: end.saturating_sub(lasted),
+        start_time_unix_nano: start,
         end_time_unix_nano: end,
         attributes,
         events,
@@ -1066,6 +1083,71 @@ fn run_span(upgrade: Option<&Upgrade>, f: &RunFacts) -> Span {
         ..Span::default()
     }
 }
+
+/// Most notifications the OTLP sink takes per delivery (at most one span each): a pass of the
+/// notification thread over a busy upgrade sends few large requests rather than many small
+/// ones (each request is a read transaction, a write transaction recording the outcomes and a
+/// round trip; N22).
+pub const MAX_BATCH_SPANS: usize = 200;
+
+/// Most bytes of one export request (encoded, before compression): a batch whose spans encode
+/// to more goes as several requests ([`split_request`]), so long spans (128 events with 1 KiB
+/// details each) stay under collectors' request limits.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// `request` (one resource, one scope, as [`OtlpExporter::request`] builds it) as requests of
+/// at most `max` encoded bytes each, its spans in order, each request with the same resource
+/// and scope; a span larger than `max` alone goes in a request of its own.
+pub fn split_request(
+    request: ExportTraceServiceRequest,
+    max: usize,
+) -> Vec<ExportTraceServiceRequest> {
+    if request.encoded_len() <= max {
+        return vec![request];
+    }
+    let mut out = Vec::new();
+    for rs in request.resource_spans {
+        for ScopeSpans {
+            scope,
+            spans: all,
+            schema_url,
+        } in rs.scope_spans
+        {
+            let part = |spans: Vec<Span>| ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    resource: rs.resource.clone(),
+                    scope_spans: vec![ScopeSpans {
+                        scope: scope.clone(),
+                        spans,
+                        schema_url: schema_url.clone(),
+                    }],
+                    schema_url: rs.schema_url.clone(),
+                }],
+            };
+            // With room for the length prefixes of the scope and resource growing.
+            let base = part(Vec::new()).encoded_len() + 16;
+            let (mut spans, mut bytes) = (Vec::new(), base);
+            for span in all {
+                // The span's bytes with its field key and length prefix.
+                let n = span.encoded_len() + 8;
+                if bytes + n > max && !spans.is_empty() {
+                    out.push(part(std::mem::take(&mut spans)));
+                    bytes = base;
+                }
+                bytes += n;
+                spans.push(span);
+            }
+            if !spans.is_empty() {
+                out.push(part(spans));
+            }
+        }
+    }
+    out
+}
+
+/// How far past a run's recording its suites' window may end (clock skew between the test
+/// runner and the recorder) before the window is taken as misread and not used.
+const WINDOW_SLACK_NANOS: u64 = 300 * 1_000_000_000;
 
 /// `tests post: smoke, api` (at most three suites named, then how many more).
 fn run_span_name(run: &TestRun) -> String {
@@ -1169,10 +1251,14 @@ impl EventSink for OtlpSink {
         super::Kinds::All
     }
 
+    /// [`MAX_BATCH_SPANS`].
     fn max_batch(&self) -> usize {
-        50
+        MAX_BATCH_SPANS
     }
 
+    /// One export request for the batch's spans, or several when they encode to more than
+    /// [`MAX_REQUEST_BYTES`] ([`split_request`]), sent in order until one fails; every entry
+    /// with a span shares the outcome (a retry sends them all again: the same span ids).
     fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
         let (request, fates) = self.request(batch);
         let spans = request.resource_spans[0].scope_spans[0].spans.len();
@@ -1182,7 +1268,13 @@ impl EventSink for OtlpSink {
                 .map(|f| f.unwrap_or(EntryResult::Delivered))
                 .collect();
         }
-        let sent = self.exporter.send(&request);
+        let mut sent = EntryResult::Delivered;
+        for part in split_request(request, MAX_REQUEST_BYTES) {
+            sent = self.exporter.send(&part);
+            if !matches!(sent, EntryResult::Delivered) {
+                break;
+            }
+        }
         fates
             .into_iter()
             .map(|f| f.unwrap_or_else(|| sent.clone()))
@@ -1201,6 +1293,58 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    /// N22's larger batches stay under collectors' request limits: a request over the limit
+    /// goes as several, each at most the limit, the spans in order, each with the resource and
+    /// scope; one under it is sent as is; a span over the limit alone goes on its own.
+    #[test]
+    fn large_requests_are_split() {
+        let exporter = OtlpExporter::new(
+            &OtlpSettings {
+                endpoint: Some("http://127.0.0.1:1/v1/traces".into()),
+                ..OtlpSettings::default()
+            },
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let span = |i: usize, size: usize| Span {
+            span_id: (i as u64).to_be_bytes().to_vec(),
+            name: format!("s{i}"),
+            attributes: vec![s("pad", "x".repeat(size))],
+            ..Span::default()
+        };
+        let spans: Vec<Span> = (0..30).map(|i| span(i, 100_000)).collect();
+        let whole = exporter.request("scope", spans.clone());
+        assert!(whole.encoded_len() > 2_900_000);
+        let parts = split_request(whole.clone(), 1_000_000);
+        assert!(parts.len() >= 3, "{}", parts.len());
+        let mut again = Vec::new();
+        for p in &parts {
+            assert!(p.encoded_len() <= 1_000_000, "{}", p.encoded_len());
+            let rs = &p.resource_spans[0];
+            assert_eq!(rs.resource, whole.resource_spans[0].resource);
+            assert_eq!(
+                rs.scope_spans[0].scope,
+                whole.resource_spans[0].scope_spans[0].scope
+            );
+            again.extend(rs.scope_spans[0].spans.iter().cloned());
+        }
+        assert_eq!(again, spans);
+        assert_eq!(split_request(whole.clone(), 4_000_000), vec![whole]);
+        let big = exporter.request("scope", vec![span(0, 10), span(1, 2_000_000), span(2, 10)]);
+        let parts = split_request(big, 1_000_000);
+        let names: Vec<Vec<&str>> = parts
+            .iter()
+            .map(|p| {
+                p.resource_spans[0].scope_spans[0]
+                    .spans
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(names, [vec!["s0"], vec!["s1"], vec!["s2"]]);
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub fn attempt(name: &str, status: TestStatus, secs: f64) -> CaseAttempt {
         message: status
             .is_failure()
             .then(|| format!("{name} broke ({status})")),
+        suite_window: None,
     }
 }
 

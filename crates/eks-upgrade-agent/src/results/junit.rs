@@ -16,6 +16,12 @@
 //! folding attempts into results is the store's job (see [`crate::store::TestResultStore`]).
 //!
 //! Errors name the file and the line: `report.xml:12: invalid JUnit XML: ...`.
+//!
+//! Suite times: a `<testsuite timestamp="...">` (ISO 8601 / RFC 3339; a timestamp without a
+//! zone, as Surefire, jest-junit and pytest write it, is taken as UTC) and its `time` give each
+//! attempt its [`SuiteWindow`]; a suite without a timestamp takes its enclosing suite's. A
+//! timestamp that cannot be read is ignored with a warning naming the file and the line: the
+//! report is still taken.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -26,7 +32,9 @@ use quick_xml::XmlVersion;
 use quick_xml::events::{BytesStart, Event};
 
 use crate::error::{Error, Result};
-use crate::model::{CaseAttempt, MAX_MESSAGE_BYTES, TestStatus};
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+
+use crate::model::{CaseAttempt, MAX_MESSAGE_BYTES, SuiteWindow, TestStatus};
 
 /// How to read a report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +54,8 @@ pub struct ParseSummary {
     pub suites: BTreeSet<String>,
     /// The framework (detected or given).
     pub framework: String,
+    /// `<testsuite timestamp>` values that could not be read (ignored, each with a warning).
+    pub bad_timestamps: u64,
 }
 
 /// Whether `path` looks like a JUnit report: its first element is `<testsuites>` or
@@ -198,9 +208,13 @@ struct Parser<'a> {
     options: &'a ParseOptions,
     hints: Hints,
     framework: Option<String>,
-    suites: Vec<String>,
+    /// The open suites: name, window (its own, or its enclosing suite's), and whether the
+    /// window grows with its cases' times (a timestamp without `time`).
+    suites: Vec<(String, Option<SuiteWindow>, bool)>,
     case: Option<Case>,
     summary: ParseSummary,
+    /// A `timestamp` the last `start` could not read, for the caller to warn about.
+    bad_timestamp: Option<String>,
 }
 
 fn bounded(mut s: String) -> String {
@@ -227,6 +241,31 @@ fn seconds(v: &str) -> f64 {
     }
 }
 
+/// A `<testsuite timestamp>`: RFC 3339 (`2026-01-01T12:00:00.5+02:00`, `...Z`), or without a
+/// zone (`2026-01-01T12:00:00`, a space for the `T` too), taken as UTC. `None` when it cannot
+/// be read or lies outside what a span can carry (1970 to 2262).
+pub(crate) fn timestamp(v: &str) -> Option<DateTime<Utc>> {
+    let v = v.trim();
+    let t = DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| {
+            DateTime::parse_from_str(v, "%Y-%m-%dT%H:%M:%S%.f%z").map(|t| t.with_timezone(&Utc))
+        })
+        .ok()
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(v, f).ok())
+                .map(|n| n.and_utc())
+        })?;
+    // Within unix nanoseconds, with room for the longest `time` after it.
+    (t.timestamp() >= 0 && t.timestamp() < i64::MAX / 1_000_000_000 - MAX_SECONDS as i64)
+        .then_some(t)
+}
+
+/// Unreadable suite timestamps warned about one by one per report; the rest are counted.
+const WARNED_TIMESTAMPS: u64 = 5;
+
 /// The longest duration a `time` attribute counts for: 100 years.
 const MAX_SECONDS: f64 = 100.0 * 365.25 * 86_400.0;
 /// Deepest `<testsuite>` nesting taken (each level keeps its name while open).
@@ -252,6 +291,7 @@ pub fn parse<R: BufRead>(
         suites: Vec::new(),
         case: None,
         summary: ParseSummary::default(),
+        bad_timestamp: None,
     };
     let mut buf = Vec::with_capacity(8 * 1024);
     let mut depth = 0usize;
@@ -280,6 +320,7 @@ pub fn parse<R: BufRead>(
                     )));
                 }
                 p.start(e).map_err(at)?;
+                p.warn_timestamp(label, line);
                 if matches!(event, Event::Start(_)) {
                     depth += 1;
                 }
@@ -293,9 +334,11 @@ pub fn parse<R: BufRead>(
                     )));
                 }
                 p.start(&e).map_err(at)?;
+                p.warn_timestamp(label, line);
             }
             Event::Empty(e) => {
                 p.start(&e).map_err(at)?;
+                p.warn_timestamp(label, line);
                 p.end(e.local_name().as_ref(), sink)?;
             }
             Event::End(e) => {
@@ -361,6 +404,13 @@ pub fn parse<R: BufRead>(
         .framework
         .clone()
         .unwrap_or_else(|| p.hints.framework().to_owned());
+    if p.summary.bad_timestamps > WARNED_TIMESTAMPS {
+        tracing::warn!(
+            file = label,
+            count = p.summary.bad_timestamps - WARNED_TIMESTAMPS,
+            "ignoring more <testsuite> timestamps that are not ISO 8601 times"
+        );
+    }
     Ok(p.summary)
 }
 
@@ -384,6 +434,24 @@ fn get<'a>(attrs: &'a [(Vec<u8>, String)], key: &[u8]) -> Option<&'a str> {
 }
 
 impl Parser<'_> {
+    /// Warns about (and counts) the timestamp the last `start` could not read: the first
+    /// [`WARNED_TIMESTAMPS`] each with its line, the rest counted in one warning at the end.
+    fn warn_timestamp(&mut self, label: &str, line: u64) {
+        if let Some(v) = self.bad_timestamp.take() {
+            self.summary.bad_timestamps += 1;
+            if self.summary.bad_timestamps > WARNED_TIMESTAMPS {
+                return;
+            }
+            tracing::warn!(
+                file = label,
+                line,
+                timestamp = %v,
+                "ignoring a <testsuite> timestamp that is not an ISO 8601 time (the report is \
+                 kept; fix the timestamp for the suite's time to count in the run's span)"
+            );
+        }
+    }
+
     fn wants_text(&self) -> bool {
         self.case.as_ref().is_some_and(|c| c.open.is_some())
     }
@@ -427,7 +495,26 @@ impl Parser<'_> {
                              deep (flatten the suites or regenerate the report)"
                         ));
                     }
-                    self.suites.push(n.to_owned());
+                    let mut grows = false;
+                    let window = match get(&a, b"timestamp").filter(|t| !t.trim().is_empty()) {
+                        Some(t) => match timestamp(t) {
+                            Some(start) => {
+                                grows = get(&a, b"time").is_none();
+                                let time = get(&a, b"time").map(seconds).unwrap_or(0.0);
+                                Some(SuiteWindow {
+                                    start,
+                                    end: start + TimeDelta::microseconds((time * 1e6) as i64),
+                                })
+                            }
+                            None => {
+                                self.bad_timestamp = Some(t.chars().take(64).collect());
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    let window = window.or_else(|| self.suites.last().and_then(|s| s.1));
+                    self.suites.push((n.to_owned(), window, grows));
                 }
             }
             b"property" => {
@@ -549,7 +636,7 @@ impl Parser<'_> {
     fn emit(&mut self, case: Case, sink: &mut dyn FnMut(CaseAttempt) -> Result<()>) -> Result<()> {
         let suite = match &self.options.suite {
             Some(s) => s.clone(),
-            None => self.suites.last().cloned().unwrap_or_default(),
+            None => self.suites.last().map(|s| s.0.clone()).unwrap_or_default(),
         };
         let framework = self
             .framework
@@ -569,6 +656,20 @@ impl Parser<'_> {
         }
         for (status, duration, message) in attempts {
             self.summary.records += 1;
+            // A suite without `time` lasts its attempts' times, one after the other.
+            let suite_window = match self.suites.last_mut() {
+                Some((_, Some(w), true)) => {
+                    // At most 100 years in all, however many cases (no overflow).
+                    let cap = w.start + TimeDelta::microseconds((MAX_SECONDS * 1e6) as i64);
+                    w.end = w
+                        .end
+                        .checked_add_signed(TimeDelta::microseconds((duration * 1e6) as i64))
+                        .map_or(cap, |e| e.min(cap));
+                    Some(*w)
+                }
+                Some((_, w, _)) => *w,
+                None => None,
+            };
             sink(CaseAttempt {
                 framework: framework.clone(),
                 suite: suite.clone(),
@@ -577,6 +678,7 @@ impl Parser<'_> {
                 status,
                 duration,
                 message,
+                suite_window,
             })?;
         }
         Ok(())
@@ -919,6 +1021,103 @@ mod tests {
             "{head}\n<testcase name=\"c\">&bogus;</testcase></testsuite>"
         ));
         assert!(e.starts_with("r.xml:300004: invalid JUnit XML"), "{e}");
+    }
+
+    /// N27: each attempt carries its suite's window, from `timestamp` (zone-less is UTC,
+    /// offsets and fractions read) to timestamp + `time` (without `time`, + its cases' times
+    /// so far); a nested suite without a timestamp
+    /// takes its enclosing suite's, one outside any has none; an unreadable timestamp is
+    /// counted and ignored, the report still read.
+    #[test]
+    fn suite_timestamps_give_each_attempt_its_window() {
+        let text = r#"<testsuites>
+<testsuite name="a" timestamp="2026-03-01T10:00:00" time="1.5">
+  <testcase name="a1"/>
+  <testsuite name="inner"><testcase name="i1"/></testsuite>
+</testsuite>
+<testsuite name="b" timestamp="2026-03-01T12:00:00.25+02:00"><testcase name="b1" time="2"/><testcase name="b2" time="1.5"/></testsuite>
+<testsuite name="c" timestamp="2026-03-01 10:00:05Z" time="2"><testcase name="c1"/></testsuite>
+<testsuite name="d"><testcase name="d1"/></testsuite>
+<testsuite name="e" timestamp="31/02/2026" time="9"><testcase name="e1"/></testsuite>
+<testsuite name="f" timestamp="1969-12-31T23:59:59Z"><testcase name="f1"/></testsuite>
+</testsuites>"#;
+        let mut got = Vec::new();
+        let summary = parse(
+            text.as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |a| {
+                got.push((a.name, a.suite_window));
+                Ok(())
+            },
+        )
+        .unwrap();
+        let at = |s: &str| Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc));
+        let w = |from: &str, to: &str| {
+            Some(SuiteWindow {
+                start: at(from).unwrap(),
+                end: at(to).unwrap(),
+            })
+        };
+        assert_eq!(
+            got,
+            [
+                (
+                    "a1".into(),
+                    w("2026-03-01T10:00:00Z", "2026-03-01T10:00:01.5Z")
+                ),
+                (
+                    "i1".into(),
+                    w("2026-03-01T10:00:00Z", "2026-03-01T10:00:01.5Z")
+                ),
+                (
+                    "b1".into(),
+                    w("2026-03-01T10:00:00.25Z", "2026-03-01T10:00:02.25Z")
+                ),
+                (
+                    "b2".into(),
+                    w("2026-03-01T10:00:00.25Z", "2026-03-01T10:00:03.75Z")
+                ),
+                (
+                    "c1".into(),
+                    w("2026-03-01T10:00:05Z", "2026-03-01T10:00:07Z")
+                ),
+                ("d1".into(), None),
+                ("e1".into(), None),
+                ("f1".into(), None),
+            ]
+        );
+        assert_eq!(summary.bad_timestamps, 2);
+        // A suite without `time` whose cases add up past any date: capped at 100 years, no
+        // overflow (chrono's `+=` panics).
+        let many: String = (0..3000)
+            .map(|i| format!("<testcase name=\"t{i}\" time=\"3e9\"/>"))
+            .collect();
+        let mut last = None;
+        parse(
+            format!("<testsuite name=\"x\" timestamp=\"2150-01-01T00:00:00Z\">{many}</testsuite>")
+                .as_bytes(),
+            "r.xml",
+            &ParseOptions::default(),
+            &mut |a| {
+                last = a.suite_window;
+                Ok(())
+            },
+        )
+        .unwrap();
+        let last = last.unwrap();
+        assert_eq!(
+            last.end - last.start,
+            TimeDelta::microseconds((MAX_SECONDS * 1e6) as i64)
+        );
+        assert_eq!(timestamp("2026-03-01T10:00:00"), at("2026-03-01T10:00:00Z"));
+        assert_eq!(
+            timestamp("2026-03-01T10:00:00-0130"),
+            at("2026-03-01T11:30:00Z")
+        );
+        for bad in ["", "yesterday", "2026-13-01T00:00:00", "1e9", "2026-03-01"] {
+            assert_eq!(timestamp(bad), None, "{bad}");
+        }
     }
 
     #[test]

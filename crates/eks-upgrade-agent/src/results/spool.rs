@@ -13,7 +13,9 @@ use sha2::{Digest as _, Sha256};
 use super::junit::{self, ParseOptions, ParseSummary};
 use crate::blob::Digest;
 use crate::error::{Error, Result};
-use crate::model::{CaseAttempt, TestStatus};
+use chrono::{DateTime, Utc};
+
+use crate::model::{CaseAttempt, SuiteWindow, TestStatus};
 
 /// Attempts written once, replayed once.
 pub(crate) struct Spool {
@@ -80,8 +82,16 @@ impl Spool {
             w.write_all(s.as_bytes())
         };
         (|| -> std::io::Result<()> {
-            w.write_all(&[a.status.code() as u8, u8::from(a.message.is_some())])?;
+            w.write_all(&[
+                a.status.code() as u8,
+                u8::from(a.message.is_some()),
+                u8::from(a.suite_window.is_some()),
+            ])?;
             w.write_all(&a.duration.to_le_bytes())?;
+            if let Some(t) = &a.suite_window {
+                w.write_all(&t.start.timestamp_micros().to_le_bytes())?;
+                w.write_all(&t.end.timestamp_micros().to_le_bytes())?;
+            }
             for s in [&a.framework, &a.suite, &a.classname, &a.name] {
                 put(w, s)?;
             }
@@ -144,8 +154,20 @@ impl Spool {
             String::from_utf8(b).map_err(|_| corrupt())
         };
         for _ in 0..self.records {
-            let [status, has_message] = take::<2>(&mut r).map_err(io)?;
+            let [status, has_message, has_window] = take::<3>(&mut r).map_err(io)?;
             let duration = f64::from_le_bytes(take::<8>(&mut r).map_err(io)?);
+            let suite_window = if has_window == 1 {
+                let mut at = || -> Result<DateTime<Utc>> {
+                    let us = i64::from_le_bytes(take::<8>(&mut r).map_err(io)?);
+                    DateTime::from_timestamp_micros(us).ok_or_else(corrupt)
+                };
+                Some(SuiteWindow {
+                    start: at()?,
+                    end: at()?,
+                })
+            } else {
+                None
+            };
             let status = TestStatus::from_code(i64::from(status)).ok_or_else(corrupt)?;
             let framework = text(&mut r)?;
             let suite = text(&mut r)?;
@@ -164,6 +186,7 @@ impl Spool {
                 status,
                 duration,
                 message,
+                suite_window,
             })?;
         }
         Ok(())

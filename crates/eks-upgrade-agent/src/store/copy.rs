@@ -246,7 +246,7 @@ pub const TABLES: &[Table] = &[
         columns: cols!(rkey: Int, run_id: Text, upgrade_id: Text, cluster_name: Text,
             phase: Int, created_at: Int, suites: Text, files: Text, artifact_ids: Text,
             tests: Int, passed: Int, failed: Int, errors: Int, skipped: Int, flaky: Int,
-            duration: Real),
+            duration: Real, started_at: Int, ended_at: Int),
     },
     Table {
         name: "test_cases",

@@ -180,6 +180,7 @@ fn run_committing_late_is_still_delivered(
         status,
         duration: 1.0,
         message: None,
+        suite_window: None,
     };
     let run = |id: &str, phase| NewRun {
         run_id: id.into(),

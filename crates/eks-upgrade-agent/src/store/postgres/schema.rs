@@ -252,6 +252,10 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
         // schema 5 would hand to EventBridge and webhooks and mark delivered unexported; the
         // version makes such a build refuse the database during a rolling deploy.
     }
+    if version < 8 {
+        // A run's suite times (issue #14, N27).
+        tx.batch_execute(super::test_results::SCHEMA_8)?;
+    }
     if version < 9 {
         // Blob releases in progress (G105).
         tx.batch_execute(super::releases::SCHEMA_9)?;

@@ -1,4 +1,4 @@
-//! The `TestResultStore` on PostgreSQL (schema 5): the tables, indexes and statements of the
+//! The `TestResultStore` on PostgreSQL (schema 5, 8): the tables, indexes and statements of the
 //! SQLite backend's (`store/sqlite/test_results.rs`), so a replica answers the same.
 //!
 //! Differences: a run's attempts are folded in batches of [`BATCH`] (folded in memory first,
@@ -18,7 +18,7 @@ use super::progress::{Conn, Db, PostgresStore, Tx, from_micros, micros};
 use crate::error::{Error, Result};
 use crate::model::{
     CaseAttempt, FLAKY_CLEARED_AFTER, FlakyTest, Gate, HistoryEntry, JsonMap, NewRun, RunCounts,
-    RunPhase, RunQuery, TestResult, TestRun, TestStatus,
+    RunPhase, RunQuery, SuiteWindow, TestResult, TestRun, TestStatus,
 };
 use crate::notify::otlp::{MAX_EVENT_DETAILS, RunFacts, cut, sample_indices};
 use crate::store::{AttemptSink, MAX_PAGE, TestResultStore};
@@ -83,6 +83,12 @@ CREATE TABLE test_stats (
 );
 CREATE INDEX test_stats_flaky ON test_stats (cluster, both_at) WHERE both_at IS NOT NULL;
 CREATE INDEX test_stats_flaky_all ON test_stats (both_at) WHERE both_at IS NOT NULL;
+"#;
+
+/// Schema 8: the suite times of a run (N27), as SQLite's schema 11.
+pub(super) const SCHEMA_8: &str = r#"
+ALTER TABLE test_runs ADD COLUMN started_at BIGINT;
+ALTER TABLE test_runs ADD COLUMN ended_at BIGINT;
 "#;
 
 const RUN_COLUMNS: &str = "run_id, upgrade_id, cluster_name, phase, created_at, suites, files, \
@@ -390,10 +396,14 @@ fn record(
         )?
         .get(0);
     let mut suites = BTreeSet::new();
+    let mut window: Option<SuiteWindow> = None;
     let mut batch: Vec<CaseAttempt> = Vec::with_capacity(BATCH);
     source(&mut |a: CaseAttempt| {
         if !suites.contains(&a.suite) {
             suites.insert(a.suite.clone());
+        }
+        if let Some(w) = a.suite_window {
+            window = Some(window.map_or(w, |x| x.union(w)));
         }
         batch.push(a);
         if batch.len() >= BATCH {
@@ -406,12 +416,17 @@ fn record(
         fold_batch(tx, rkey, &run.cluster_name, &batch)?;
     }
     tx.exec(
-        "UPDATE test_runs SET suites = $2, (tests, passed, failed, errors, skipped, flaky, \
+        "UPDATE test_runs SET suites = $2, started_at = $3, ended_at = $4, (tests, passed, failed, errors, skipped, flaky, \
          duration) = (SELECT count(*), count(*) FILTER (WHERE status = 0), \
          count(*) FILTER (WHERE status = 1), count(*) FILTER (WHERE status = 2), \
          count(*) FILTER (WHERE status = 3), count(*) FILTER (WHERE status = 0 AND fails > 0), \
          coalesce(sum(duration), 0) FROM test_results WHERE rkey = $1) WHERE rkey = $1",
-        &[&rkey, &serde_json::to_string(&suites).unwrap_or_default()],
+        &[
+            &rkey,
+            &serde_json::to_string(&suites).unwrap_or_default(),
+            &window.map(|w| micros(w.start)),
+            &window.map(|w| micros(w.end)),
+        ],
     )?;
     // Per-cluster flaky statistics, as the SQLite backend keeps them (in key order).
     tx.exec(
@@ -778,11 +793,26 @@ fn run_facts(
             &[&rkey],
         )?
         .get(0);
+    let times = db.one(
+        "SELECT started_at, ended_at FROM test_runs WHERE rkey = $1",
+        &[&rkey],
+    )?;
+    let window = match (
+        times.get::<_, Option<i64>>(0),
+        times.get::<_, Option<i64>>(1),
+    ) {
+        (Some(start), Some(end)) => Some(SuiteWindow {
+            start: from_micros(start),
+            end: from_micros(end),
+        }),
+        _ => None,
+    };
     Ok(RunFacts {
         run,
         failures,
         total_failures: total,
         lasted,
+        window,
     })
 }
 
@@ -807,5 +837,70 @@ mod tests {
             let store = Arc::new(PostgresStore::open(&pg.create_database(), &options).unwrap());
             (store.clone(), Some(store))
         });
+    }
+
+    /// N27 on PostgreSQL: a database of schema 7 holding a run (no suite time columns) opens
+    /// at the current schema; the old run has no window, a new run stores its own, both read
+    /// back through the trace source.
+    #[test]
+    fn schema_7_database_gets_the_suite_times() {
+        use crate::model::SuiteWindow;
+        use crate::notify::otlp::TraceSource;
+        let pg = PgCluster::start();
+        let url = pg.create_database();
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let run = |id: &str| NewRun {
+            run_id: id.into(),
+            upgrade_id: "u".into(),
+            cluster_name: "c".into(),
+            phase: RunPhase::Pre,
+            created_at: at(10),
+            files: Vec::new(),
+            artifact_ids: Vec::new(),
+        };
+        {
+            let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+            store
+                .record_run(&run("old"), &mut |sink| {
+                    sink(crate::results::conformance::attempt(
+                        "a",
+                        TestStatus::Passed,
+                        2.0,
+                    ))
+                })
+                .unwrap();
+            store
+                .with_conn(|c| {
+                    Ok(c.client.batch_execute(
+                        "ALTER TABLE test_runs DROP COLUMN started_at, DROP COLUMN ended_at; \
+                         DROP TABLE blob_releases; \
+                         UPDATE schema_version SET version = 7",
+                    )?)
+                })
+                .unwrap();
+        }
+        let store = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+        assert_eq!(
+            store.schema_version().unwrap(),
+            super::super::schema::SCHEMA_VERSION
+        );
+        let old = store.test_run("old", 128).unwrap().unwrap();
+        assert_eq!((old.run.counts.tests, old.window), (1, None));
+        let window = SuiteWindow {
+            start: at(1),
+            end: at(5),
+        };
+        store
+            .record_run(&run("new"), &mut |sink| {
+                sink(CaseAttempt {
+                    suite_window: Some(window),
+                    ..crate::results::conformance::attempt("a", TestStatus::Passed, 2.0)
+                })
+            })
+            .unwrap();
+        assert_eq!(
+            store.test_run("new", 128).unwrap().unwrap().window,
+            Some(window)
+        );
     }
 }

@@ -249,7 +249,7 @@ mod tests {
     /// several event limits; `NotFound` for an unknown id.
     #[test]
     fn postgres_reads_test_runs_as_sqlite_does() {
-        use crate::model::{CaseAttempt, NewRun, RunPhase, TestStatus};
+        use crate::model::{CaseAttempt, NewRun, RunPhase, SuiteWindow, TestStatus};
         use crate::store::TestResultStore;
         let pg = PgCluster::start();
         let url = pg.create_database();
@@ -266,6 +266,7 @@ mod tests {
                 status,
                 duration: 0.5,
                 message,
+                suite_window: None,
             };
         let mut big = Vec::new();
         for i in 0..300 {
@@ -297,6 +298,22 @@ mod tests {
                 15,
                 vec![case("s", "x".into(), TestStatus::Failed, None)],
             ),
+            // N27: suite times (one suite without), stored and read back alike.
+            ("timed", "u", 40, {
+                let timed = |suite: &str, from: i64, to: i64| CaseAttempt {
+                    suite_window: Some(SuiteWindow {
+                        start: at(from),
+                        end: at(to),
+                    }),
+                    ..case(suite, format!("{suite}1"), TestStatus::Passed, None)
+                };
+                vec![
+                    timed("b", 3, 9),
+                    case("none", "n".into(), TestStatus::Passed, None),
+                    timed("a", 1, 4),
+                    timed("a", 1, 4),
+                ]
+            }),
         ];
         for store in [&pg_store as &dyn TestResultStore, &lite] {
             for (id, upgrade, when, cases) in &runs {
@@ -319,7 +336,7 @@ mod tests {
                     .unwrap();
             }
         }
-        for id in ["r1", "r2", "r3", "other"] {
+        for id in ["r1", "r2", "r3", "other", "timed"] {
             for max in [128, 3, 0] {
                 assert_eq!(
                     pg_store.test_run(id, max).unwrap(),
@@ -328,6 +345,15 @@ mod tests {
                 );
             }
         }
+        let timed = pg_store.test_run("timed", 128).unwrap().unwrap();
+        assert_eq!(
+            timed.window,
+            Some(SuiteWindow {
+                start: at(1),
+                end: at(9)
+            })
+        );
+        assert_eq!(pg_store.test_run("r2", 128).unwrap().unwrap().window, None);
         let r1 = pg_store.test_run("r1", 128).unwrap().unwrap();
         assert_eq!(r1.failures.len(), 128);
         assert_eq!(r1.total_failures, 200);

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 10;
+pub(super) const SCHEMA_VERSION: i64 = 11;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS upgrades (
@@ -167,6 +167,12 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
         if version < 10 {
             conn.execute_batch(super::history::SCHEMA)?;
             super::history::seed(conn)?;
+        }
+        if version < 11 {
+            // Schema 11: a run's suite times (issue #14, N27). The version also makes builds
+            // of schema 10 and older, which would hand the `trace.test_run` outbox entries
+            // runs write to EventBridge and webhooks, refuse a store this build wrote (N28).
+            super::test_results::schema_11(conn)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(())

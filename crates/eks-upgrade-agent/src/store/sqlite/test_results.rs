@@ -1,7 +1,8 @@
-//! The `TestResultStore` in the progress database (schema 9).
+//! The `TestResultStore` in the progress database (schema 9, 11).
 //!
 //! - `test_runs`: one row per run, with its counts; indexed by upgrade and by cluster, newest
-//!   first.
+//!   first. Schema 11 adds `started_at`/`ended_at` (microseconds): the earliest suite
+//!   timestamp and the latest suite end of the run's reports, `NULL` when none gives one.
 //! - `test_cases`: the identity dictionary (test id → framework, suite, class name, name), so a
 //!   result row holds an integer key; indexed by name for `history`.
 //! - `test_results`: one row per (run, test), attempts folded in place by an upsert as records
@@ -23,7 +24,7 @@ use super::progress::{SqliteStore, from_micros, micros};
 use crate::error::{Error, Result};
 use crate::model::{
     CaseAttempt, FLAKY_CLEARED_AFTER, FlakyTest, Gate, HistoryEntry, JsonMap, NewRun, RunCounts,
-    RunPhase, RunQuery, TestResult, TestRun, TestStatus,
+    RunPhase, RunQuery, SuiteWindow, TestResult, TestRun, TestStatus,
 };
 use crate::store::{AttemptSink, MAX_PAGE, TestResultStore};
 
@@ -87,6 +88,25 @@ CREATE INDEX IF NOT EXISTS test_stats_flaky ON test_stats (cluster, both_at)
 CREATE INDEX IF NOT EXISTS test_stats_flaky_all ON test_stats (both_at)
     WHERE both_at IS NOT NULL;
 "#;
+
+/// Schema 11: the suite times of a run (N27). Each column is added unless the table has it
+/// (as the `IF NOT EXISTS` of the earlier versions' DDL: a store whose version was set back
+/// migrates again).
+pub(super) fn schema_11(conn: &Connection) -> Result<()> {
+    for column in ["started_at", "ended_at"] {
+        let has: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('test_runs') WHERE name = ?1)",
+            [column],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!(
+                "ALTER TABLE test_runs ADD COLUMN {column} INTEGER"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 pub(super) const RUN_COLUMNS: &str = "run_id, upgrade_id, cluster_name, phase, created_at, suites, files, \
                            artifact_ids, tests, passed, failed, errors, skipped, flaky, duration";
@@ -243,14 +263,18 @@ impl TestResultStore for SqliteStore {
             ])?;
             let rkey = tx.last_insert_rowid();
             let mut suites = BTreeSet::new();
+            let mut window: Option<SuiteWindow> = None;
             source(&mut |a: CaseAttempt| {
                 if !suites.contains(&a.suite) {
                     suites.insert(a.suite.clone());
                 }
+                if let Some(w) = a.suite_window {
+                    window = Some(window.map_or(w, |x| x.union(w)));
+                }
                 fold_attempt(tx, rkey, &run.cluster_name, &a)
             })?;
             tx.prepare_cached(
-                "UPDATE test_runs SET suites = ?2, (tests, passed, failed, errors, skipped, flaky, \
+                "UPDATE test_runs SET suites = ?2, started_at = ?3, ended_at = ?4, (tests, passed, failed, errors, skipped, flaky, \
                  duration) = (SELECT count(*), coalesce(sum(status = 0), 0), \
                  coalesce(sum(status = 1), 0), coalesce(sum(status = 2), 0), \
                  coalesce(sum(status = 3), 0), coalesce(sum(status = 0 AND fails > 0), 0), \
@@ -258,7 +282,9 @@ impl TestResultStore for SqliteStore {
             )?
             .execute(params![
                 rkey,
-                serde_json::to_string(&suites).unwrap_or_default()
+                serde_json::to_string(&suites).unwrap_or_default(),
+                window.map(|w| micros(w.start)),
+                window.map(|w| micros(w.end)),
             ])?;
             // Per-cluster flaky statistics: a pass extends the streak; a failure, or a pass
             // only on a retry, resets it and counts as failing.
@@ -676,7 +702,7 @@ mod tests {
             .reader()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 10);
+        assert_eq!(v, super::super::schema::SCHEMA_VERSION);
         let r = TestResults::new(store);
         let run = r
             .record(
@@ -687,6 +713,115 @@ mod tests {
             )
             .unwrap();
         assert_eq!(run.counts.tests, 1);
+    }
+
+    /// N27: a store of schema 10 (runs without suite times) gets the suite time columns when
+    /// opened; its runs keep their rows (no times: their spans fall back to the test times), a
+    /// new run stores its suites' window, and both read back through the trace source.
+    #[test]
+    fn schema_10_store_migrates() {
+        use crate::model::SuiteWindow;
+        use crate::notify::otlp::TraceSource;
+        let dir = tempfile::tempdir().unwrap();
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        {
+            let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+            store
+                .writer()
+                .execute_batch(
+                    "ALTER TABLE test_runs DROP COLUMN started_at; \
+                     ALTER TABLE test_runs DROP COLUMN ended_at; PRAGMA user_version = 10;",
+                )
+                .unwrap();
+            store
+                .writer()
+                .execute_batch(
+                    "INSERT INTO test_runs (run_id, upgrade_id, cluster_name, phase, created_at, \
+                     suites, files, artifact_ids, tests, passed) \
+                     VALUES ('old', 'u', 'c', 0, 1800000010000000, '[\"smoke\"]', '[]', '[]', 1, 1)",
+                )
+                .unwrap();
+        }
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let v: i64 = store
+            .reader()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, super::super::schema::SCHEMA_VERSION);
+        let old = store.test_run("old", 128).unwrap().unwrap();
+        assert_eq!((old.run.counts.tests, old.window), (1, None));
+        let window = SuiteWindow {
+            start: at(1),
+            end: at(5),
+        };
+        store
+            .record_run(
+                &NewRun {
+                    run_id: "new".into(),
+                    upgrade_id: "u".into(),
+                    cluster_name: "c".into(),
+                    phase: RunPhase::Post,
+                    created_at: at(10),
+                    files: Vec::new(),
+                    artifact_ids: Vec::new(),
+                },
+                &mut |sink| {
+                    sink(CaseAttempt {
+                        suite_window: Some(window),
+                        ..attempt("a", TestStatus::Passed, 2.0)
+                    })
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            store.test_run("new", 128).unwrap().unwrap().window,
+            Some(window)
+        );
+    }
+
+    /// N28: a store that recorded a run (and so wrote a `trace.test_run` outbox entry) is at
+    /// schema 11 or later, which builds of schema 10 and older refuse (as this build refuses a
+    /// newer one), so they never hand those entries to EventBridge or webhooks after a
+    /// downgrade.
+    #[test]
+    fn a_store_with_trace_entries_is_refused_by_older_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+            TestResults::new(store.clone())
+                .record(
+                    &Ingest::new("u", "c", RunPhase::Pre),
+                    vec![],
+                    vec![],
+                    &mut vec![attempt("a", TestStatus::Passed, 1.0)].into_iter(),
+                )
+                .unwrap();
+            let entries: i64 = store
+                .reader()
+                .query_row(
+                    "SELECT count(*) FROM notifications WHERE detail_type = 'trace.test_run'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(entries, 1);
+            let v: i64 = store
+                .reader()
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert!(v >= 11, "schema {v}: a build of schema 10 would open it");
+            store
+                .writer()
+                .pragma_update(None, "user_version", v + 1)
+                .unwrap();
+        }
+        let err = SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap_err();
+        let newer = super::super::schema::SCHEMA_VERSION + 1;
+        assert!(
+            err.to_string()
+                .contains(&format!("newer version (schema {newer}")),
+            "{err}"
+        );
     }
 
     /// A store, its artifacts manager and test results over it.

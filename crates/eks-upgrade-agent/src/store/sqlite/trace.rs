@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::progress::{
-    SqliteStore, TaskRow, event_row, load_task, load_upgrade, type_code, upgrade_key,
+    SqliteStore, TaskRow, event_row, from_micros, load_task, load_upgrade, type_code, upgrade_key,
 };
 use super::test_results::{RUN_COLUMNS, run_row, status_of};
 use crate::error::{Error, Result};
-use crate::model::{EventKind, ProgressEvent, Task, TestResult, TestRun, TestStatus, Upgrade};
+use crate::model::{
+    EventKind, ProgressEvent, SuiteWindow, Task, TestResult, TestRun, TestStatus, Upgrade,
+};
 use crate::notify::otlp::{
     MAX_EVENT_DETAILS, RunFacts, SpanAsk, SpanFacts, SpanHistory, TraceSource, cut, sample_indices,
 };
@@ -147,11 +149,25 @@ fn run_facts(c: &Connection, rkey: i64, run: TestRun, max_events: usize) -> Resu
              WHERE r.rkey = ?1 GROUP BY c.suite)",
         )?
         .query_row([rkey], |r| r.get(0))?;
+    let window = c
+        .prepare_cached("SELECT started_at, ended_at FROM test_runs WHERE rkey = ?1")?
+        .query_row([rkey], |r| {
+            Ok(
+                match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
+                    (Some(start), Some(end)) => Some(SuiteWindow {
+                        start: from_micros(start),
+                        end: from_micros(end),
+                    }),
+                    _ => None,
+                },
+            )
+        })?;
     Ok(RunFacts {
         run,
         failures,
         total_failures: total,
         lasted,
+        window,
     })
 }
 
@@ -460,6 +476,7 @@ mod tests {
             status,
             duration: 0.5,
             message,
+            suite_window: None,
         };
         let mut cases = Vec::new();
         for i in 0..300 {
