@@ -10,6 +10,7 @@
 //! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
 //!   `FOR UPDATE SKIP LOCKED` and a lease); `lease`: the lease conditions both queues share;
+//!   `clock`: their retry due-times, kept on the database's clock;
 //! - `schema`: versioned migrations (a `schema_version` table);
 //! - `order`: which keyset pages see rows that commit late, and the lock that makes upgrade
 //!   keys commit in order.
@@ -20,6 +21,7 @@
 //! event that commits later with a smaller `seq`.
 
 mod artifacts;
+mod clock;
 mod connect;
 mod copy;
 mod health;

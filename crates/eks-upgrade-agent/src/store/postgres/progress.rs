@@ -53,6 +53,8 @@ pub struct PostgresStore {
     lease: Duration,
     /// Added to this replica's clock (tests: a replica whose clock is wrong).
     skew: chrono::Duration,
+    /// The database's clock minus this replica's, for retry due-times (`clock.rs`).
+    clock_offset: super::clock::ClockOffset,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -126,6 +128,7 @@ impl PostgresStore {
             waited_us: Default::default(),
             lease: options.lease.max(Duration::from_millis(100)),
             skew: chrono::Duration::zero(),
+            clock_offset: Default::default(),
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
@@ -136,10 +139,15 @@ impl PostgresStore {
         self.lease
     }
 
-    /// This replica's clock (for what it stamps; never for judging a lease, which the
-    /// database's clock does: see `lease.rs`).
+    /// This replica's clock (for what it stamps; never for judging a lease or a retry time,
+    /// which the database's clock does: see `lease.rs`, `clock.rs`).
     pub(crate) fn clock(&self) -> DateTime<Utc> {
         Utc::now() + self.skew
+    }
+
+    /// The offset of the database's clock from this replica's (`clock.rs`).
+    pub(super) fn clock_offset(&self) -> &super::clock::ClockOffset {
+        &self.clock_offset
     }
 
     /// The same store with its clock `skew` off (tests).
