@@ -536,16 +536,36 @@ mod tests {
     /// heartbeat, the second run takes over after one lease and sends the objects again.
     #[test]
     fn a_live_run_keeps_its_claims_beyond_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        live_run_keeps_its_claims(store.clone(), store.as_ref());
+    }
+
+    /// Guarantee G92: the heartbeat on PostgreSQL (leases judged on the database's clock): a
+    /// run longer than its lease keeps its claims through renewals.
+    #[test]
+    fn a_live_run_keeps_its_claims_beyond_its_lease_on_postgresql() {
+        use crate::store::postgres::{PostgresOptions, PostgresStore};
+        let pg = crate::test_support::PgCluster::start();
+        let store =
+            Arc::new(PostgresStore::open(&pg.create_database(), &PostgresOptions::default()).unwrap());
+        live_run_keeps_its_claims(store.clone(), store.as_ref());
+    }
+
+    fn live_run_keeps_its_claims(
+        index: Arc<dyn crate::store::ArtifactIndex>,
+        queue: &dyn UploadQueue,
+    ) {
+        let store = queue;
         let moto = Moto::start();
         moto.create_bucket("team");
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
         let blobs = Arc::new(
             LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
         );
         let target = s3(&moto.url);
         let m = TestArtifactsManager::new(
-            store.clone(),
+            index,
             blobs,
             ArtifactsOptions {
                 auto_upload: true,
@@ -580,7 +600,7 @@ mod tests {
         let (first, second) = std::thread::scope(|scope| {
             let first = scope.spawn(|| {
                 let mut told = false;
-                m.upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                m.upload(store, &target, &options, None, false, &mut |p| {
                     // The first report after the start: the run holds its claims.
                     if !told && (p.bytes_done > 0 || p.files_done > 0) {
                         told = true;
@@ -594,7 +614,7 @@ mod tests {
             });
             started.wait();
             let second = m
-                .upload(store.as_ref(), &target, &options, None, false, &mut |_| {})
+                .upload(store, &target, &options, None, false, &mut |_| {})
                 .unwrap();
             (first.join().unwrap(), second)
         });
@@ -606,10 +626,24 @@ mod tests {
         );
     }
 
-    /// A run whose artifact another uploader takes over (and fails) while the run's progress
-    /// callback stalls for `stall`: the run counts it lost, records nothing, and the row keeps
-    /// the other's failure.
-    fn lost_to_a_takeover(lease: Duration, stall: Duration) {
+    /// What [`lost_to_a_takeover`] saw of the lost run's sending.
+    struct Sent {
+        /// The most bytes the run reported sent while it was sending.
+        bytes: u64,
+        /// Whether the object is in S3 after the run.
+        in_s3: bool,
+    }
+
+    /// A run whose artifact (`body`, sent in one request up to `multipart_threshold`, else in
+    /// parts of 8 MiB) another uploader takes over (and fails) while the run's progress
+    /// callback stalls for `stall` at the first report of bytes sent: the run counts it lost,
+    /// records nothing, and the row keeps the other's failure.
+    fn lost_to_a_takeover(
+        lease: Duration,
+        stall: Duration,
+        body: &[u8],
+        multipart_threshold: u64,
+    ) -> Sent {
         let moto = Moto::start();
         moto.create_bucket("team");
         let dir = tempfile::tempdir().unwrap();
@@ -640,18 +674,24 @@ mod tests {
             .add_bytes(
                 &s.session_id,
                 &c.collection_id,
-                b"a log",
+                body,
                 "a.log",
                 &AddOptions::default(),
             )
             .unwrap();
         let options = UploadOptions {
             lease,
+            multipart_threshold,
             ..UploadOptions::default()
         };
         let mut stolen = false;
+        let mut bytes = 0;
         let report = m
             .upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                if p.files_done == 0 {
+                    // While sending (the file counts done, sent or not, once it ends).
+                    bytes = bytes.max(p.bytes_done);
+                }
                 if stolen || p.bytes_done == 0 {
                     return;
                 }
@@ -688,6 +728,11 @@ mod tests {
             row.s3_key, None,
             "the lost run's outcome was recorded: {row:?}"
         );
+        let key = object_key(target.prefix(), &a);
+        Sent {
+            bytes,
+            in_s3: target.object_hash(&key).unwrap().is_some(),
+        }
     }
 
     /// Guarantee G92: a run that stalls past its lease while another uploader takes the
@@ -697,7 +742,33 @@ mod tests {
     #[test]
     fn a_run_that_lost_its_lease_stops_and_records_nothing() {
         // Found at the next heartbeat: the lease (0.2 s) ends during the stall.
-        lost_to_a_takeover(Duration::from_millis(200), Duration::from_millis(400));
+        lost_to_a_takeover(
+            Duration::from_millis(200),
+            Duration::from_millis(400),
+            b"a log",
+            DEFAULT_MULTIPART_THRESHOLD,
+        );
+    }
+
+    /// Guarantee G92: a run that finds its lease lost in the middle of an object's body stops
+    /// sending it: the rest of the body is not read, the multipart upload is abandoned (no
+    /// object in S3), and nothing is recorded.
+    #[test]
+    fn a_run_that_loses_its_lease_mid_body_stops_sending() {
+        // 20 MiB in parts of 8 MiB: the stall comes after the first part.
+        let body = vec![b'x'; 20 * 1024 * 1024];
+        let sent = lost_to_a_takeover(
+            Duration::from_millis(200),
+            Duration::from_millis(400),
+            &body,
+            1024 * 1024,
+        );
+        assert!(
+            sent.bytes < body.len() as u64,
+            "the whole body was sent after the lease was lost ({} bytes)",
+            sent.bytes
+        );
+        assert!(!sent.in_s3, "the object was completed after the lease was lost");
     }
 
     /// Guarantee G92: when the store refuses a run's outcome (another took the artifact over
@@ -705,7 +776,12 @@ mod tests {
     #[test]
     fn an_outcome_the_store_refuses_is_not_counted_uploaded() {
         // The lease outlives the run: only the store's refusal of the outcome tells.
-        lost_to_a_takeover(Duration::from_secs(600), Duration::ZERO);
+        lost_to_a_takeover(
+            Duration::from_secs(600),
+            Duration::ZERO,
+            b"a log",
+            DEFAULT_MULTIPART_THRESHOLD,
+        );
     }
 
     /// README "Sharing artifacts through S3": a failed upload is retried after a capped
