@@ -33,6 +33,11 @@ impl ApiError {
     }
 
     /// The error as the JSON body says it.
+    /// The HTTP status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let mut e = self.fields.clone();
         e.insert("code".into(), json!(self.code));

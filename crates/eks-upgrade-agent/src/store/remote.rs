@@ -38,6 +38,26 @@ const IDLE_LIMIT: Duration = Duration::from_secs(300);
 /// server works on a received upload in silence before it answers.
 const ANSWER_FACTOR: u32 = 12;
 
+/// How a [`RemoteStore`] talks to its server.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// A token or credentials may go over plain `http://` to any host (the CLI's
+    /// `EUA_ALLOW_PLAIN_HTTP=1`; see [`RemoteStore::new_allowing_plain_http`]).
+    pub allow_plain_http: bool,
+    /// Longest silence of the server: a read or a write that makes no progress for this long
+    /// ends the request (default 300 s; the CLI's `EUA_SERVER_IDLE_LIMIT`).
+    pub idle_limit: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            allow_plain_http: false,
+            idle_limit: IDLE_LIMIT,
+        }
+    }
+}
+
 /// A store behind a server.
 pub struct RemoteStore {
     base: String,
@@ -98,6 +118,25 @@ impl RemoteStore {
     /// as a service mesh's mTLS inside a cluster.
     pub fn new_allowing_plain_http(url: &str, token: Option<&str>) -> Result<RemoteStore> {
         Self::connect(url, token, true, IDLE_LIMIT)
+    }
+
+    /// As [`RemoteStore::new`], with `options`.
+    pub fn with_options(
+        url: &str,
+        token: Option<&str>,
+        options: &RemoteOptions,
+    ) -> Result<RemoteStore> {
+        if options.idle_limit.is_zero() {
+            return Err(Error::invalid(
+                "the idle limit must be above 0 s (it bounds the server's silence)",
+            ));
+        }
+        Self::connect(url, token, options.allow_plain_http, options.idle_limit)
+    }
+
+    /// The longest silence of the server a request waits out.
+    pub fn idle_limit(&self) -> Duration {
+        self.idle
     }
 
     fn connect(
@@ -215,7 +254,9 @@ impl RemoteStore {
             .map_err(|e| self.unreachable(&e))
     }
 
-    fn unreachable(&self, e: &ureq::Error) -> Error {
+    /// The error for a request to this server that failed on the way (not an answer): a
+    /// silence past the idle limit says so, anything else says the server cannot be reached.
+    pub fn unreachable(&self, e: &ureq::Error) -> Error {
         let message = match e {
             ureq::Error::Timeout(ureq::Timeout::PerRead | ureq::Timeout::PerWrite) => format!(
                 "the server at {} stopped answering: nothing received or sent for {} s \
