@@ -488,3 +488,73 @@ fn remote_downloads_are_verified_on_arrival() {
     );
     assert!(!bad.exists(), "no file is left for corrupt content");
 }
+
+/// TR9: the files of one `artifacts add --server` go over one connection while the server
+/// keeps it open (keep-alive): counted by a proxy in front of `serve`, 6 files take at most 2
+/// connections (one for the uploads, one for the other calls); every request of a streamed
+/// upload opened a connection of its own before.
+#[test]
+fn the_files_of_one_add_share_a_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = Env::new();
+    let served = serve(&env, &[("EUA_TOKENS", &format!("{WRITE}:write"))]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let s = client.json(&on(
+        &url,
+        WRITE,
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u1",
+            "--cluster",
+            "c",
+        ],
+    ));
+    let s = s["session_id"].as_str().unwrap().to_owned();
+    let c = client.json(&on(
+        &url,
+        WRITE,
+        &["artifacts", "collection", "create", &s, "--name", "logs"],
+    ));
+    let c = c["collection_id"].as_str().unwrap().to_owned();
+    // A proxy that counts the connections it is given.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.local_addr().unwrap().port());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let port = served.port;
+    std::thread::spawn(move || {
+        for conn in proxy.incoming() {
+            let Ok(down) = conn else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let up = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (mut d2, mut u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut d2, &mut u2);
+                let _ = u2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut up, mut down) = (up, down);
+                let _ = std::io::copy(&mut up, &mut down);
+                let _ = down.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let files: Vec<String> = (0..6)
+        .map(|i| {
+            let f = client.data_dir().join(format!("f{i}.log"));
+            std::fs::write(&f, format!("file {i}\n").repeat(1000)).unwrap();
+            f.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut args = vec!["artifacts", "add", &s, &c];
+    args.extend(files.iter().map(String::as_str));
+    let added = client.json(&on(&proxy_url, WRITE, &args));
+    assert_eq!(added.as_array().unwrap().len(), 6, "{added}");
+    let n = accepted.load(Ordering::SeqCst);
+    assert!(n <= 2, "{n} connections for 6 files");
+}

@@ -68,6 +68,11 @@ pub struct RemoteStore {
     agent: ureq::Agent,
     /// Longest silence of the server ([`IDLE_LIMIT`]).
     idle: Duration,
+    /// The agent of streamed requests with the flag its connector shares with their bodies
+    /// ([`stream`]), kept between requests so that the files of one command go over one
+    /// connection (while the server keeps it open); a request takes it, so concurrent ones
+    /// get agents of their own.
+    streaming: std::sync::Mutex<Option<(ureq::Agent, Arc<AtomicBool>)>>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -193,6 +198,7 @@ impl RemoteStore {
             token: token.map(str::to_owned),
             agent,
             idle,
+            streaming: std::sync::Mutex::new(None),
         })
     }
 
@@ -227,15 +233,26 @@ impl RemoteStore {
         body: &mut dyn std::io::Read,
     ) -> Result<ureq::http::Response<ureq::Body>> {
         // A connector of its own shares a flag with the body: once a write fails, the body
-        // ends, and the rest of the file is not read.
-        let failed = Arc::new(AtomicBool::new(false));
-        use ureq::unversioned::transport::Connector as _;
-        let agent = ureq::Agent::with_parts(
-            self.agent.config().clone(),
-            ureq::unversioned::transport::DefaultConnector::new()
-                .chain(stream::AnswerAfterWriteError::signalling(failed.clone())),
-            ureq::unversioned::resolver::DefaultResolver::default(),
-        );
+        // ends, and the rest of the file is not read. The agent is this request's alone while
+        // it is sent (its flag cleared first), then kept for the next one (its pool keeps the
+        // connection once the answer is read).
+        let taken = self
+            .streaming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (agent, failed) = taken.unwrap_or_else(|| {
+            let failed = Arc::new(AtomicBool::new(false));
+            use ureq::unversioned::transport::Connector as _;
+            let agent = ureq::Agent::with_parts(
+                self.agent.config().clone(),
+                ureq::unversioned::transport::DefaultConnector::new()
+                    .chain(stream::AnswerAfterWriteError::signalling(failed.clone())),
+                ureq::unversioned::resolver::DefaultResolver::default(),
+            );
+            (agent, failed)
+        });
+        failed.store(false, std::sync::atomic::Ordering::Release);
         let mut req = agent
             .post(format!("{}{path}", self.base))
             .header("Content-Type", content_type);
@@ -249,9 +266,14 @@ impl RemoteStore {
             .config()
             .timeout_per_read(Some(self.idle * ANSWER_FACTOR))
             .build();
-        let mut body = stream::StopAfterWriteError::new(body, failed);
-        req.send(ureq::SendBody::from_reader(&mut body))
-            .map_err(|e| self.unreachable(&e))
+        let mut body = stream::StopAfterWriteError::new(body, failed.clone());
+        let answer = req.send(ureq::SendBody::from_reader(&mut body));
+        let mut slot = self.streaming.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((agent, failed));
+        }
+        drop(slot);
+        answer.map_err(|e| self.unreachable(&e))
     }
 
     /// The error for a request to this server that failed on the way (not an answer): a
