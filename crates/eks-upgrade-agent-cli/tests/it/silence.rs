@@ -92,17 +92,20 @@ fn assert_cut(out: &Output, took: Duration) {
 
 /// TR8: a black hole (accepts, never reads or writes) and a paused server end a maintenance
 /// call with a clear error after the limit on silence (it waited forever before: no read
-/// limit at all on these calls).
+/// limit at all on these calls). TR10: every artifact call words it alike.
 #[test]
 fn maintenance_on_a_silent_server_ends_with_a_clear_error() {
     let hole = Fake::start(|s| {
         std::thread::sleep(Duration::from_secs(30));
         drop(s);
     });
+    // The other artifact calls (here a search) say it in the same words (they said "cannot
+    // reach the server at URL: timeout: per read" before).
     for args in [
         &["artifacts", "verify"][..],
         &["artifacts", "gc"],
         &["artifacts", "cleanup", "--dry-run"],
+        &["artifacts", "search", "--upgrade", "u1"],
     ] {
         let (out, took) = run_bounded(&hole.url(), "1", args, Duration::from_secs(20));
         assert_cut(&out, took);
