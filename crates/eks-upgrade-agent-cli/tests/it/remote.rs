@@ -558,3 +558,60 @@ fn the_files_of_one_add_share_a_connection() {
     let n = accepted.load(Ordering::SeqCst);
     assert!(n <= 2, "{n} connections for 6 files");
 }
+
+/// TR11: the CLI's `EUA_ALLOW_PLAIN_HTTP` end to end. `http://0.0.0.0:PORT` is not a loopback
+/// URL to the rule (only `localhost`, 127.0.0.0/8 and `::1` are), yet on Linux it reaches the
+/// server listening on 127.0.0.1, so no packet leaves the machine: a token over it is refused
+/// (nothing sent), and sent with `EUA_ALLOW_PLAIN_HTTP=1`; a value other than 1/0 is refused.
+#[test]
+fn a_token_over_plain_http_beyond_loopback_needs_the_opt_out() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = env.command();
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--allowed-host", &format!("0.0.0.0:{port}")])
+        .env("EUA_TOKENS", format!("{WRITE}:write"))
+        .stderr(std::process::Stdio::null());
+    let _served = crate::util::Served {
+        child: cmd.spawn().unwrap(),
+        port,
+    };
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = format!("http://0.0.0.0:{port}");
+    let args = on(&url, WRITE, &["progress", "upgrade", "list"]);
+    let client = Env::new();
+    let e = client.fails(1, &args);
+    assert!(
+        e.contains("refusing to send the token (EUA_TOKEN)")
+            && e.contains("use https://")
+            && e.contains("EUA_ALLOW_PLAIN_HTTP=1"),
+        "{e}"
+    );
+    let run = |value: &str| {
+        client
+            .command()
+            .env("EUA_ALLOW_PLAIN_HTTP", value)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run("1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("0");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to send the token"));
+    let out = run("yes");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("EUA_ALLOW_PLAIN_HTTP must be 1 or 0"), "{e}");
+}
