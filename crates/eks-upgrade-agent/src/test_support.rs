@@ -165,6 +165,23 @@ pub struct PgCluster {
     watch: u32,
 }
 
+/// Fails unless a new session on `url` reads `clock_timestamp()` `offset_s` seconds off the
+/// real one (the override took), so an offset test cannot pass on an unmoved clock.
+fn assert_clock_offset(url: &str, offset_s: i64) {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let off: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM clock_timestamp() - pg_catalog.clock_timestamp())::float8",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        (off - offset_s as f64).abs() < 5.0,
+        "the database's clock is {off} s off, not {offset_s} s"
+    );
+}
+
 impl PgCluster {
     /// Initialises and starts a cluster with fsync off (tests); panics (never skips) when
     /// PostgreSQL is missing.
@@ -374,6 +391,7 @@ impl PgCluster {
              ALTER DATABASE {name} SET search_path = public, eua_test_clock, pg_catalog;"
         ))
         .unwrap();
+        assert_clock_offset(&url, offset_s);
         url
     }
 
@@ -387,6 +405,7 @@ impl PgCluster {
             &[&(offset_s as f64)],
         )
         .unwrap();
+        assert_clock_offset(url, offset_s);
     }
 
     /// Ends every connection whose `application_name` is `app` (as a network failure would);

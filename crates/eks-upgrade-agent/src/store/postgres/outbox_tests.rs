@@ -358,10 +358,12 @@ fn delivery_leases_are_judged_on_the_database_clock() {
 }
 
 /// Guarantee G90: a delivery's retry time is judged on the database's clock (whose own clock
-/// is off the machine's here), whichever replica set it and whichever asks: a retry in 0.5 s
-/// set by a replica whose clock runs an hour ahead is due for the others after 0.5 s (not an
-/// hour late), and a retry in 10 minutes set by one whose clock runs an hour behind is not due
-/// for the others at once (not 50 minutes early); `next_retry` shows it on the asker's clock.
+/// is off the machine's here), whichever replica set it and whichever asks: a retry in 2 s set
+/// by a replica whose clock runs an hour ahead is due for the others after 2 s (not an hour
+/// late), and a retry in 10 minutes set by one whose clock runs an hour behind is not due for
+/// the others at once (not 50 minutes early); `next_retry` shows it on the asker's clock. A
+/// replica whose clock steps an hour (NTP) after it measured the database's offset sees the
+/// step at once: its next retry time is not an hour off.
 #[test]
 fn delivery_retry_times_are_judged_on_the_database_clock() {
     use std::time::Duration;
@@ -392,16 +394,16 @@ fn delivery_retry_times_are_judged_on_the_database_clock() {
             )
             .unwrap();
     };
-    // The replica an hour ahead fails the first delivery: retry in 0.5 s, by its clock.
+    // The replica an hour ahead fails the first delivery: retry in 2 s, by its clock.
     let first = ahead.due("hook", ahead.clock(), 1).unwrap();
     assert_eq!(first.len(), 1);
     let nid = first[0].0.nid;
-    retry(&ahead, nid, chrono::Duration::milliseconds(500));
+    retry(&ahead, nid, chrono::Duration::seconds(2));
     assert!(
         b.due("hook", Utc::now(), 100).unwrap().is_empty(),
         "due before its retry time"
     );
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(3000));
     let again = b.due("hook", Utc::now(), 100).unwrap();
     assert_eq!(
         again.first().map(|(n, _)| n.nid),
@@ -439,5 +441,20 @@ fn delivery_retry_times_are_judged_on_the_database_clock() {
     assert!(
         (shown - in_10).num_seconds().abs() <= 5,
         "next retry {shown}, expected about {in_10}"
+    );
+    // B's clock steps an hour ahead; its retry in 1 s (by its new clock) is due after 1 s.
+    t.create_upgrade("u2", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u2", None).unwrap();
+    assert!(b.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 1);
+    let u2 = b.due("hook", b.clock(), 100).unwrap();
+    assert_eq!(u2.len(), 1, "{u2:?}");
+    b.set_clock_skew(chrono::Duration::hours(1));
+    retry(&b, u2[0].0.nid, chrono::Duration::seconds(1));
+    std::thread::sleep(Duration::from_millis(2000));
+    let c = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+    let again = c.due("hook", Utc::now(), 100).unwrap();
+    assert!(
+        again.iter().any(|(n, _)| n.nid == u2[0].0.nid),
+        "a retry set right after the replica's clock stepped came late: {again:?}"
     );
 }

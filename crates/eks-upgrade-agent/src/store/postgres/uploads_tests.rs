@@ -216,8 +216,8 @@ fn upload_leases_are_judged_on_the_database_clock() {
 }
 
 /// Guarantee G90: an upload's retry time is judged on the database's clock (whose own clock is
-/// off the machine's here), whichever uploader set it and whichever claims: a retry in 0.5 s set
-/// by an uploader whose clock runs an hour ahead is due for the others after 0.5 s (not an hour
+/// off the machine's here), whichever uploader set it and whichever claims: a retry in 2 s set
+/// by an uploader whose clock runs an hour ahead is due for the others after 2 s (not an hour
 /// late), and a retry in 10 minutes set by one whose clock runs an hour behind is neither due nor
 /// waited for by the others at once (not 50 minutes early).
 #[test]
@@ -277,7 +277,7 @@ fn upload_retry_times_are_judged_on_the_database_clock() {
             )
             .unwrap();
     };
-    fail(&ahead, "ahead", chrono::Duration::milliseconds(500));
+    fail(&ahead, "ahead", chrono::Duration::seconds(2));
     let now = Utc::now();
     assert!(
         b.claim_uploads("b", now, now + chrono::Duration::minutes(1), 10)
@@ -285,7 +285,7 @@ fn upload_retry_times_are_judged_on_the_database_clock() {
             .is_empty(),
         "due before its retry time"
     );
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    std::thread::sleep(std::time::Duration::from_millis(3000));
     // Due now for B (it would wait an hour if the retry time were the ahead clock's).
     fail(&b, "b", chrono::Duration::zero());
     fail(&behind, "behind", chrono::Duration::minutes(10));
