@@ -227,6 +227,9 @@ impl TestArtifactsManager {
             scope.spawn(|| {
                 let beat = (options.lease / 4).max(Duration::from_millis(50));
                 let mut last = std::time::Instant::now();
+                // The last renewal that reached the store: a run that cannot renew for a whole
+                // lease (the store unreachable from here) may have lost every claim to another.
+                let mut renewed_at = std::time::Instant::now();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50).min(beat));
                     if last.elapsed() >= beat {
@@ -235,9 +238,15 @@ impl TestArtifactsManager {
                         // meanwhile may not be seen by it).
                         let before = claims.held();
                         match queue.renew_upload_claims(&owner, lease_end(Utc::now())) {
-                            Ok(renewed) => claims.lost_unless(&before, &renewed),
+                            Ok(renewed) => {
+                                renewed_at = std::time::Instant::now();
+                                claims.lost_unless(&before, &renewed);
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot renew the upload leases");
+                                if renewed_at.elapsed() >= options.lease {
+                                    claims.lost_unless(&before, &[]);
+                                }
                             }
                         }
                     }
@@ -782,6 +791,112 @@ mod tests {
             b"a log",
             DEFAULT_MULTIPART_THRESHOLD,
         );
+    }
+
+    /// An upload queue whose renewals fail (the store unreachable from this replica).
+    #[derive(Debug)]
+    struct NoRenewals(Arc<SqliteStore>);
+
+    impl UploadQueue for NoRenewals {
+        fn queue_uploads(&self, selector: &UploadSelector, retry_failed: bool) -> Result<u64> {
+            self.0.queue_uploads(selector, retry_failed)
+        }
+        fn claim_uploads(
+            &self,
+            owner: &str,
+            now: chrono::DateTime<Utc>,
+            lease_until: chrono::DateTime<Utc>,
+            limit: usize,
+        ) -> Result<Vec<(TestArtifact, u32)>> {
+            self.0.claim_uploads(owner, now, lease_until, limit)
+        }
+        fn renew_upload_claims(
+            &self,
+            _: &str,
+            _: chrono::DateTime<Utc>,
+        ) -> Result<Vec<String>> {
+            Err(Error::Backend {
+                message: "the database is unreachable".into(),
+                source: None,
+            })
+        }
+        fn claimed_by_others(&self, owner: &str, now: chrono::DateTime<Utc>) -> Result<u64> {
+            self.0.claimed_by_others(owner, now)
+        }
+        fn pending_uploads(&self) -> Result<(u64, u64)> {
+            self.0.pending_uploads()
+        }
+        fn record_upload(
+            &self,
+            owner: &str,
+            artifact_id: &str,
+            outcome: &UploadOutcome,
+        ) -> Result<TestArtifact> {
+            self.0.record_upload(owner, artifact_id, outcome)
+        }
+    }
+
+    /// Guarantee G92: a run whose renewals fail for a whole lease (the store unreachable from
+    /// here, S3 reachable) counts its claims lost and stops sending: another uploader may
+    /// hold them by now.
+    #[test]
+    fn a_run_that_cannot_renew_for_a_lease_stops_sending() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = s3(&moto.url);
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        );
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
+        let a = m
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &vec![b'x'; 20 * 1024 * 1024],
+                "a.log",
+                &AddOptions::default(),
+            )
+            .unwrap();
+        let options = UploadOptions {
+            lease: Duration::from_millis(200),
+            multipart_threshold: 1024 * 1024,
+            ..UploadOptions::default()
+        };
+        let mut stalled = false;
+        let report = m
+            .upload(&NoRenewals(store.clone()), &target, &options, None, false, &mut |p| {
+                if !stalled && p.bytes_done > 0 {
+                    stalled = true;
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            (report.uploaded, report.lost),
+            (0, 1),
+            "a run that could not renew its lease kept sending: {report:?}"
+        );
+        let key = object_key(target.prefix(), &a);
+        assert!(target.object_hash(&key).unwrap().is_none());
     }
 
     /// README "Sharing artifacts through S3": a failed upload is retried after a capped
