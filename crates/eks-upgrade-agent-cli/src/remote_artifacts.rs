@@ -236,9 +236,13 @@ impl RemoteArtifacts {
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| self.unreachable(&ureq::Error::from(e)))?;
+            let n = reader.read_until(b'\n', &mut line).map_err(|e| {
+                match ureq::Error::from(e) {
+                    // Silence, or the connection lost: the server's fault, said as usual.
+                    e @ (ureq::Error::Timeout(_) | ureq::Error::Io(_)) => self.unreachable(&e),
+                    e => unexpected(e.to_string()),
+                }
+            })?;
             if n == 0 {
                 return Err(unexpected(
                     "the answer ended before the result (see the server's log)".into(),

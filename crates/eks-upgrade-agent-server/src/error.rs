@@ -32,12 +32,12 @@ impl ApiError {
         }
     }
 
-    /// The error as the JSON body says it.
     /// The HTTP status it answers with.
     pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
 
+    /// The error as the JSON body says it.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let mut e = self.fields.clone();
         e.insert("code".into(), json!(self.code));

@@ -7,7 +7,9 @@
 //! stopped process) by a limit on silence: once the request is taken (its body checked), `200`
 //! at once, then `{"working": SECONDS}` each heartbeat interval (`AppState::with_heartbeat`,
 //! 15 s) while the work runs, and last `{"ok": ANSWER}` or `{"status": HTTP_STATUS, "error":
-//! {...}}` (the error object every route answers with). Other clients get the answer as before.
+//! {...}}` (the error object every route answers with), with `X-Accel-Buffering: no` and
+//! `Cache-Control: no-cache` so that proxies pass each line on. Other clients (or an `Accept`
+//! with `q=0` for it) get the answer as before.
 //!
 //! - `POST /api/v1/maintenance/verify` -> `VerifyReport`
 //! - `POST /api/v1/maintenance/cleanup` `{"dry_run": bool, "as_of": RFC 3339?}` -> `CleanupReport`
@@ -21,7 +23,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HeaderName};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -41,10 +43,20 @@ async fn answer<F>(s: &AppState, headers: &HeaderMap, work: F) -> Response
 where
     F: FnOnce() -> eks_upgrade_agent::Result<Value> + Send + 'static,
 {
+    // Asked for: a media range `application/x-ndjson` without `q=0`.
     let lines = headers
         .get_all(ACCEPT)
         .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.contains(PROGRESS_LINES)));
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            parts.next() == Some(PROGRESS_LINES)
+                && !parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                })
+        });
     if !lines {
         return match blocking(work).await {
             Ok(v) => Json(v).into_response(),
@@ -77,7 +89,16 @@ where
             }
         }
     });
-    ([(CONTENT_TYPE, PROGRESS_LINES)], Body::from_stream(stream)).into_response()
+    // Proxies must pass each line on as it comes (nginx buffers unless told not to).
+    (
+        [
+            (CONTENT_TYPE, PROGRESS_LINES),
+            (CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// A JSON object body whose fields all have defaults; empty means `{}`.

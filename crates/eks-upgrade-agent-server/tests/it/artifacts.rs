@@ -618,6 +618,7 @@ async fn maintenance_answers_in_progress_lines_when_asked() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.headers["content-type"], "application/x-ndjson");
+    assert_eq!(r.headers["x-accel-buffering"], "no");
     let lines: Vec<Value> = r
         .body
         .split(|b| *b == b'\n')
@@ -628,10 +629,13 @@ async fn maintenance_answers_in_progress_lines_when_asked() {
     assert!(!working.is_empty(), "no progress line: {lines:?}");
     assert!(working.iter().all(|l| l["working"].is_u64()), "{lines:?}");
     assert_eq!(last["ok"]["artifacts_checked"], 8, "{last}");
-    // Without the header: one JSON answer, as before.
-    let r = req(&state, "POST", "/api/v1/maintenance/verify", &[], Body::empty()).await;
-    assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.json()["artifacts_checked"], 8, "{}", r.json());
+    // Without the header (or refusing lines): one JSON answer, as before.
+    for accept in [None, Some("application/json, application/x-ndjson;q=0")] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
+        let r = req(&state, "POST", "/api/v1/maintenance/verify", &headers, Body::empty()).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["artifacts_checked"], 8, "{accept:?}: {}", r.json());
+    }
     // A request refused before the work begins is refused as before.
     let r = req(
         &state,
