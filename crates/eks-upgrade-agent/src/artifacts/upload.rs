@@ -641,6 +641,8 @@ mod tests {
         bytes: u64,
         /// Whether the object is in S3 after the run.
         in_s3: bool,
+        /// Multipart uploads left open in the bucket (parts S3 would keep and bill).
+        open_multipart: usize,
     }
 
     /// A run whose artifact (`body`, sent in one request up to `multipart_threshold`, else in
@@ -738,9 +740,17 @@ mod tests {
             "the lost run's outcome was recorded: {row:?}"
         );
         let key = object_key(target.prefix(), &a);
+        let listing = ureq::get(format!("{}/team?uploads", moto.url))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        assert!(listing.contains("ListMultipartUploadsResult"), "{listing}");
         Sent {
             bytes,
             in_s3: target.object_hash(&key).unwrap().is_some(),
+            open_multipart: listing.matches("<Upload>").count(),
         }
     }
 
@@ -778,6 +788,7 @@ mod tests {
             sent.bytes
         );
         assert!(!sent.in_s3, "the object was completed after the lease was lost");
+        assert_eq!(sent.open_multipart, 0, "the multipart upload was left open");
     }
 
     /// Guarantee G92: when the store refuses a run's outcome (another took the artifact over
