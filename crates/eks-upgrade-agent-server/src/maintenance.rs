@@ -124,7 +124,10 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
 
 pub(crate) async fn verify(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     let m = crate::artifacts_api::manager(&s)?;
-    Ok(answer(&s, &headers, move || m.verify(&mut |_| {}).map(|r| to_json(&r))).await)
+    Ok(answer(&s, &headers, move || {
+        m.verify(&mut |_| {}).map(|r| to_json(&r))
+    })
+    .await)
 }
 
 #[derive(Debug, Default, Deserialize)]

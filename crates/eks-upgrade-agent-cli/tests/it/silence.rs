@@ -144,7 +144,9 @@ fn answer_in_lines(s: TcpStream, every: Duration, lines: u32, last: Option<&str>
     );
     for i in 0..lines {
         std::thread::sleep(every);
-        if s.write_all(format!("{{\"working\":{i}}}\n").as_bytes()).is_err() {
+        if s.write_all(format!("{{\"working\":{i}}}\n").as_bytes())
+            .is_err()
+        {
             return;
         }
     }

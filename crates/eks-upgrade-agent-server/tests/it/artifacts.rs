@@ -632,7 +632,14 @@ async fn maintenance_answers_in_progress_lines_when_asked() {
     // Without the header (or refusing lines): one JSON answer, as before.
     for accept in [None, Some("application/json, application/x-ndjson;q=0")] {
         let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
-        let r = req(&state, "POST", "/api/v1/maintenance/verify", &headers, Body::empty()).await;
+        let r = req(
+            &state,
+            "POST",
+            "/api/v1/maintenance/verify",
+            &headers,
+            Body::empty(),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.json()["artifacts_checked"], 8, "{accept:?}: {}", r.json());
     }

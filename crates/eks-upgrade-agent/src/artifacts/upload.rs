@@ -556,8 +556,9 @@ mod tests {
     fn a_live_run_keeps_its_claims_beyond_its_lease_on_postgresql() {
         use crate::store::postgres::{PostgresOptions, PostgresStore};
         let pg = crate::test_support::PgCluster::start();
-        let store =
-            Arc::new(PostgresStore::open(&pg.create_database(), &PostgresOptions::default()).unwrap());
+        let store = Arc::new(
+            PostgresStore::open(&pg.create_database(), &PostgresOptions::default()).unwrap(),
+        );
         live_run_keeps_its_claims(store.clone(), store.as_ref());
     }
 
@@ -787,7 +788,10 @@ mod tests {
             "the whole body was sent after the lease was lost ({} bytes)",
             sent.bytes
         );
-        assert!(!sent.in_s3, "the object was completed after the lease was lost");
+        assert!(
+            !sent.in_s3,
+            "the object was completed after the lease was lost"
+        );
         assert_eq!(sent.open_multipart, 0, "the multipart upload was left open");
     }
 
@@ -821,11 +825,7 @@ mod tests {
         ) -> Result<Vec<(TestArtifact, u32)>> {
             self.0.claim_uploads(owner, now, lease_until, limit)
         }
-        fn renew_upload_claims(
-            &self,
-            _: &str,
-            _: chrono::DateTime<Utc>,
-        ) -> Result<Vec<String>> {
+        fn renew_upload_claims(&self, _: &str, _: chrono::DateTime<Utc>) -> Result<Vec<String>> {
             Err(Error::Backend {
                 message: "the database is unreachable".into(),
                 source: None,
@@ -894,12 +894,19 @@ mod tests {
         };
         let mut stalled = false;
         let report = m
-            .upload(&NoRenewals(store.clone()), &target, &options, None, false, &mut |p| {
-                if !stalled && p.bytes_done > 0 {
-                    stalled = true;
-                    std::thread::sleep(Duration::from_millis(600));
-                }
-            })
+            .upload(
+                &NoRenewals(store.clone()),
+                &target,
+                &options,
+                None,
+                false,
+                &mut |p| {
+                    if !stalled && p.bytes_done > 0 {
+                        stalled = true;
+                        std::thread::sleep(Duration::from_millis(600));
+                    }
+                },
+            )
             .unwrap();
         assert_eq!(
             (report.uploaded, report.lost),
