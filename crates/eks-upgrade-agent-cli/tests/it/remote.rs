@@ -585,9 +585,20 @@ fn a_token_over_plain_http_beyond_loopback_needs_the_opt_out() {
         assert!(start.elapsed() < std::time::Duration::from_secs(20));
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // Refused before anything is sent: a listener behind the refused URL is never called.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_url = format!("http://0.0.0.0:{}", trap.local_addr().unwrap().port());
+    let client = Env::new();
+    let e = client.fails(1, &on(&trap_url, WRITE, &["progress", "upgrade", "list"]));
+    assert!(e.contains("refusing to send the token (EUA_TOKEN)"), "{e}");
+    assert!(
+        trap.accept()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a refused request connected"
+    );
     let url = format!("http://0.0.0.0:{port}");
     let args = on(&url, WRITE, &["progress", "upgrade", "list"]);
-    let client = Env::new();
     let e = client.fails(1, &args);
     assert!(
         e.contains("refusing to send the token (EUA_TOKEN)")
@@ -610,6 +621,7 @@ fn a_token_over_plain_http_beyond_loopback_needs_the_opt_out() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = run("0");
+    assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to send the token"));
     let out = run("yes");
     let e = String::from_utf8_lossy(&out.stderr);

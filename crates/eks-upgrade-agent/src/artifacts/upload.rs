@@ -237,14 +237,18 @@ impl TestArtifactsManager {
                         // Judged: what was held before the renewal began (a claim made
                         // meanwhile may not be seen by it).
                         let before = claims.held();
+                        let asked = std::time::Instant::now();
                         match queue.renew_upload_claims(&owner, lease_end(Utc::now())) {
                             Ok(renewed) => {
-                                renewed_at = std::time::Instant::now();
+                                // The lease runs from when it was asked for, at the latest.
+                                renewed_at = asked;
                                 claims.lost_unless(&before, &renewed);
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot renew the upload leases");
-                                if renewed_at.elapsed() >= options.lease {
+                                // Given up a beat before the lease ends (beats come every
+                                // quarter lease), so no other takes over while this one sends.
+                                if renewed_at.elapsed() + beat >= options.lease {
                                     claims.lost_unless(&before, &[]);
                                 }
                             }

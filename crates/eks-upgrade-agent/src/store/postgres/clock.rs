@@ -65,18 +65,15 @@ impl PostgresStore {
             let before = micros(self.clock());
             let db_now: i64 = db.one(&sql, &[])?.get(0);
             let after = micros(self.clock());
-            Ok((after, db_now - before / 2 - after / 2))
+            Ok(((Instant::now(), after), db_now - before / 2 - after / 2))
         })?;
         let mut kept = cell.lock().unwrap_or_else(|e| e.into_inner());
         let offset = match *kept {
             Some(m) if !stepped && (measured - m.offset).abs() <= TOLERANCE => m.offset,
             _ => measured,
         };
-        *kept = Some(Measured {
-            at: Instant::now(),
-            wall,
-            offset,
-        });
+        let (at, wall) = wall;
+        *kept = Some(Measured { at, wall, offset });
         Ok(offset)
     }
 }
