@@ -21,7 +21,7 @@ use eks_upgrade_agent::config::{Config, default_data_dir};
 use eks_upgrade_agent::notify::{Dispatcher, DispatcherOptions};
 use eks_upgrade_agent::store::Durability;
 use eks_upgrade_agent::store::postgres::{PostgresOptions, PostgresStore};
-use eks_upgrade_agent::store::remote::RemoteStore;
+use eks_upgrade_agent::store::remote::{RemoteOptions, RemoteStore};
 use eks_upgrade_agent::{SqliteStore, TestArtifactsManager};
 
 mod artifacts;
@@ -337,11 +337,14 @@ impl Ctx {
             .first()
             .cloned()
             .or_else(|| std::env::var("EUA_TOKEN").ok().filter(|t| !t.is_empty()));
-        let remote = if allow_plain_http()? {
-            RemoteStore::new_allowing_plain_http(url, token.as_deref())?
-        } else {
-            RemoteStore::new(url, token.as_deref())?
+        let mut options = RemoteOptions {
+            allow_plain_http: allow_plain_http()?,
+            ..RemoteOptions::default()
         };
+        if let Some(limit) = server_idle_limit()? {
+            options.idle_limit = limit;
+        }
+        let remote = RemoteStore::with_options(url, token.as_deref(), &options)?;
         Ok(Some(Arc::new(remote)))
     }
 
@@ -639,6 +642,25 @@ fn allow_plain_http() -> anyhow::Result<bool> {
     parse_allow_plain_http(std::env::var("EUA_ALLOW_PLAIN_HTTP").ok().as_deref())
 }
 
+/// `EUA_SERVER_IDLE_LIMIT=SECONDS`: how long a `--server` request waits out the server's
+/// silence before it gives up (default 300 s; a server at work sends a line at least every
+/// 15 s, see README "Remote CLI").
+fn server_idle_limit() -> anyhow::Result<Option<std::time::Duration>> {
+    parse_server_idle_limit(std::env::var("EUA_SERVER_IDLE_LIMIT").ok().as_deref())
+}
+
+fn parse_server_idle_limit(value: Option<&str>) -> anyhow::Result<Option<std::time::Duration>> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
+        _ => anyhow::bail!(
+            "EUA_SERVER_IDLE_LIMIT must be a number of seconds above 0 and at most 86400, not {v:?}"
+        ),
+    }
+}
+
 fn parse_allow_plain_http(value: Option<&str>) -> anyhow::Result<bool> {
     match value {
         None | Some("") | Some("0") | Some("false") => Ok(false),
@@ -658,5 +680,20 @@ mod allow_plain_http_tests {
         }
         let e = allow(Some("yes please")).unwrap_err().to_string();
         assert!(e.contains("EUA_ALLOW_PLAIN_HTTP must be 1 or 0"), "{e}");
+    }
+
+    #[test]
+    fn the_idle_limit_takes_positive_seconds() {
+        let limit = super::parse_server_idle_limit;
+        assert_eq!(limit(None).unwrap(), None);
+        assert_eq!(limit(Some("")).unwrap(), None);
+        assert_eq!(
+            limit(Some("1.5")).unwrap(),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        for bad in ["0", "-1", "soon", "NaN", "inf", "1e9"] {
+            let e = limit(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("EUA_SERVER_IDLE_LIMIT must be"), "{bad}: {e}");
+        }
     }
 }

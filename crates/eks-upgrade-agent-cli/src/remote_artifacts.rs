@@ -23,6 +23,11 @@ use eks_upgrade_agent::store::IdKind;
 use eks_upgrade_agent::store::remote::{RemoteStore, encode};
 use eks_upgrade_agent::{Error, Result, TestArtifactsManager};
 
+/// The media type of a maintenance answer in progress lines (the server's `maintenance.rs`).
+const PROGRESS_LINES: &str = "application/x-ndjson";
+/// Largest maintenance answer read (a verify report lists every problem it found).
+const MAX_ANSWER: u64 = 512 * 1024 * 1024;
+
 /// What the `artifacts` commands need from where artifacts live.
 pub(crate) trait Artifacts {
     /// The full id an abbreviation names (a unique prefix, or suffix of 6+ characters).
@@ -181,17 +186,18 @@ impl RemoteArtifacts {
         }
     }
 
+    /// The store's wording, so every failed request reads alike.
     fn unreachable(&self, e: &ureq::Error) -> Error {
-        Error::Backend {
-            message: format!("cannot reach the server at {}: {e}", self.store.shown_url()),
-            source: None,
-        }
+        self.store.unreachable(e)
     }
 
     /// `POST /api/v1/maintenance/{what}`: runs on the server's data dir, without a time limit
-    /// (a verify of a large store takes as long as reading it; the server is silent meanwhile,
-    /// so not even the store's limit on silence applies).
+    /// on the whole (a verify of a large store takes as long as reading it), but with the
+    /// store's limit on silence: the answer comes in progress lines (`{"working": s}` at least
+    /// every 15 s while the server works, then `{"ok": ...}` or the error), so a server that
+    /// died, stopped or was cut off is given up after the idle limit.
     fn maintain<T: serde::de::DeserializeOwned>(&self, what: &str, body: &Value) -> Result<T> {
+        use std::io::BufRead;
         let body = serde_json::to_vec(body).unwrap_or_default();
         let resp = self
             .authorize(
@@ -200,13 +206,62 @@ impl RemoteArtifacts {
                     .post(self.url(&format!("/api/v1/maintenance/{what}")))
                     .config()
                     .timeout_global(None)
-                    .timeout_per_read(None)
                     .build(),
             )
             .header("Content-Type", "application/json")
+            .header("Accept", PROGRESS_LINES)
             .send(&body[..])
             .map_err(|e| self.unreachable(&e))?;
-        self.store.answer(resp)
+        let lines = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(PROGRESS_LINES.as_bytes()));
+        if !lines {
+            // Refused before the work began (or a server without progress lines).
+            return self.store.answer(resp);
+        }
+        let unexpected = |why: String| Error::Backend {
+            message: format!(
+                "unexpected answer from the server at {}: {why}",
+                self.store.shown_url()
+            ),
+            source: None,
+        };
+        let mut reader = std::io::BufReader::new(
+            resp.into_body()
+                .into_with_config()
+                .limit(MAX_ANSWER)
+                .reader(),
+        );
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(|e| {
+                match ureq::Error::from(e) {
+                    // Silence, or the connection lost: the server's fault, said as usual.
+                    e @ (ureq::Error::Timeout(_) | ureq::Error::Io(_)) => self.unreachable(&e),
+                    e => unexpected(e.to_string()),
+                }
+            })?;
+            if n == 0 {
+                return Err(unexpected(
+                    "the answer ended before the result (see the server's log)".into(),
+                ));
+            }
+            let mut v: Value =
+                serde_json::from_slice(&line).map_err(|e| unexpected(e.to_string()))?;
+            if v.get("working").is_some() {
+                continue;
+            }
+            if let Some(ok) = v.get_mut("ok") {
+                return serde_json::from_value(ok.take()).map_err(|e| unexpected(e.to_string()));
+            }
+            if v.get("error").is_some() {
+                let status = v["status"].as_u64().and_then(|s| u16::try_from(s).ok());
+                return Err(self.store.error_of(status.unwrap_or(500), &v["error"]));
+            }
+            return Err(unexpected(format!("a line without a result: {v}")));
+        }
     }
 
     /// An upload run on the server, to its bucket; returns the bucket and the report.

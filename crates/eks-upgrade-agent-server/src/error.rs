@@ -32,6 +32,11 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// The error as the JSON body says it.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let mut e = self.fields.clone();

@@ -2,6 +2,15 @@
 //! upload|pull` with `--server`); write role. They run to completion before answering (a
 //! `verify` of a large store takes as long as reading it).
 //!
+//! A client that sends `Accept: application/x-ndjson` (the CLI does) gets progress lines
+//! instead, so that it can tell a server at work from a dead one (a black-holed connection, a
+//! stopped process) by a limit on silence: once the request is taken (its body checked), `200`
+//! at once, then `{"working": SECONDS}` each heartbeat interval (`AppState::with_heartbeat`,
+//! 15 s) while the work runs, and last `{"ok": ANSWER}` or `{"status": HTTP_STATUS, "error":
+//! {...}}` (the error object every route answers with), with `X-Accel-Buffering: no` and
+//! `Cache-Control: no-cache` so that proxies pass each line on. Other clients (or an `Accept`
+//! with `q=0` for it) get the answer as before.
+//!
 //! - `POST /api/v1/maintenance/verify` -> `VerifyReport`
 //! - `POST /api/v1/maintenance/cleanup` `{"dry_run": bool, "as_of": RFC 3339?}` -> `CleanupReport`
 //! - `POST /api/v1/maintenance/gc` -> `GcReport`
@@ -11,17 +20,86 @@
 //!   `PullReport` (into the server's data dir)
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HeaderName};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult, blocking};
+
+/// The media type of an answer in progress lines (see the module docs).
+const PROGRESS_LINES: &str = "application/x-ndjson";
+
+/// Runs `work` on the blocking pool; answers with its result, in progress lines when the
+/// client asks for them (see the module docs).
+async fn answer<F>(s: &AppState, headers: &HeaderMap, work: F) -> Response
+where
+    F: FnOnce() -> eks_upgrade_agent::Result<Value> + Send + 'static,
+{
+    // Asked for: a media range `application/x-ndjson` without `q=0`.
+    let lines = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            parts.next() == Some(PROGRESS_LINES)
+                && !parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                })
+        });
+    if !lines {
+        return match blocking(work).await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
+    let every = s.heartbeat.max(std::time::Duration::from_millis(1));
+    let began = tokio::time::Instant::now();
+    let task = tokio::task::spawn_blocking(work);
+    let line = |v: Value| Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\n")));
+    let stream = futures_util::stream::unfold(Some(task), move |task| async move {
+        let mut task = task?;
+        tokio::select! {
+            done = &mut task => {
+                let e = match done {
+                    Ok(Ok(v)) => return Some((line(json!({ "ok": v })), None)),
+                    Ok(Err(e)) => ApiError::from(e),
+                    Err(e) => {
+                        tracing::error!(error = %e, "blocking task failed");
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                    }
+                };
+                let mut v = e.to_json();
+                v["status"] = json!(e.status().as_u16());
+                Some((line(v), None))
+            }
+            _ = tokio::time::sleep(every) => {
+                let working = json!({ "working": began.elapsed().as_secs() });
+                Some((line(working), Some(task)))
+            }
+        }
+    });
+    // Proxies must pass each line on as it comes (nginx buffers unless told not to).
+    (
+        [
+            (CONTENT_TYPE, PROGRESS_LINES),
+            (CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
 
 /// A JSON object body whose fields all have defaults; empty means `{}`.
 fn body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
@@ -44,10 +122,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or_default()
 }
 
-pub(crate) async fn verify(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+pub(crate) async fn verify(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     let m = crate::artifacts_api::manager(&s)?;
-    let r = blocking(move || m.verify(&mut |_| {})).await?;
-    Ok(Json(to_json(&r)))
+    Ok(answer(&s, &headers, move || {
+        m.verify(&mut |_| {}).map(|r| to_json(&r))
+    })
+    .await)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,18 +139,18 @@ pub(crate) struct CleanupBody {
 
 pub(crate) async fn cleanup(
     State(s): State<AppState>,
+    headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let b: CleanupBody = body(b)?;
     let m = crate::artifacts_api::manager(&s)?;
-    let r = blocking(move || m.cleanup(b.dry_run, b.as_of)).await?;
-    Ok(Json(to_json(&r)))
+    let work = move || m.cleanup(b.dry_run, b.as_of).map(|r| to_json(&r));
+    Ok(answer(&s, &headers, work).await)
 }
 
-pub(crate) async fn gc(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+pub(crate) async fn gc(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     let m = crate::artifacts_api::manager(&s)?;
-    let r = blocking(move || m.gc()).await?;
-    Ok(Json(to_json(&r)))
+    Ok(answer(&s, &headers, move || m.gc().map(|r| to_json(&r))).await)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,8 +177,9 @@ pub(crate) struct PullBody {
 #[cfg(feature = "aws")]
 pub(crate) async fn upload(
     State(s): State<AppState>,
+    headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     use eks_upgrade_agent::artifacts::upload::UploadOptions;
     use eks_upgrade_agent::store::UploadSelector;
     let b: UploadBody = body(b)?;
@@ -130,38 +211,37 @@ pub(crate) async fn upload(
         _ => None,
     };
     let bucket = s3.bucket().to_owned();
-    let report = blocking(move || {
-        m.upload(
+    let work = move || {
+        let report = m.upload(
             queue.as_ref(),
             &s3,
             &options,
             selector.as_ref(),
             b.retry_failed,
             &mut |_| {},
-        )
-    })
-    .await?;
-    Ok(Json(
-        serde_json::json!({"bucket": bucket, "report": to_json(&report)}),
-    ))
+        )?;
+        Ok(json!({"bucket": bucket, "report": to_json(&report)}))
+    };
+    Ok(answer(&s, &headers, work).await)
 }
 
 #[cfg(feature = "aws")]
 pub(crate) async fn pull(
     State(s): State<AppState>,
+    headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let b: PullBody = body(b)?;
     let m = crate::artifacts_api::manager(&s)?;
-    let report = blocking(move || {
+    let work = move || {
         let prefix = b
             .prefix
             .unwrap_or_else(|| eks_upgrade_agent::artifacts::upload::DEFAULT_PREFIX.to_owned());
         let s3 = eks_upgrade_agent::blob::S3BlobStore::from_env(&b.bucket, &prefix)?;
         m.pull(&s3, &b.session_id, b.eager, &mut |_| {})
-    })
-    .await?;
-    Ok(Json(to_json(&report)))
+            .map(|r| to_json(&r))
+    };
+    Ok(answer(&s, &headers, work).await)
 }
 
 #[cfg(not(feature = "aws"))]

@@ -165,6 +165,23 @@ pub struct PgCluster {
     watch: u32,
 }
 
+/// Fails unless a new session on `url` reads `clock_timestamp()` `offset_s` seconds off the
+/// real one (the override took), so an offset test cannot pass on an unmoved clock.
+fn assert_clock_offset(url: &str, offset_s: i64) {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let off: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM clock_timestamp() - pg_catalog.clock_timestamp())::float8",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        (off - offset_s as f64).abs() < 5.0,
+        "the database's clock is {off} s off, not {offset_s} s"
+    );
+}
+
 impl PgCluster {
     /// Initialises and starts a cluster with fsync off (tests); panics (never skips) when
     /// PostgreSQL is missing.
@@ -353,6 +370,42 @@ impl PgCluster {
             std::fs::write(&hba, format!("hostnossl all all all reject\n{old}")).unwrap();
         }
         self.restart();
+    }
+
+    /// Creates an empty database whose clock runs `offset_s` seconds off the machine's (the
+    /// replicas'): its `clock_timestamp()` is a function that adds the offset kept in the table
+    /// `eua_test_clock.skew` (change it with [`set_clock_offset`](Self::set_clock_offset)),
+    /// found before `pg_catalog`'s by the database's `search_path` (tables still go to
+    /// `public`). Returns its URL; open stores after this, so their sessions take the path.
+    pub fn create_database_with_clock_offset(&self, offset_s: i64) -> String {
+        let url = self.create_database();
+        let name = url.rsplit('/').next().unwrap().to_owned();
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE SCHEMA eua_test_clock; \
+             CREATE TABLE eua_test_clock.skew (off interval NOT NULL); \
+             INSERT INTO eua_test_clock.skew VALUES (make_interval(secs => {offset_s})); \
+             CREATE FUNCTION eua_test_clock.clock_timestamp() RETURNS timestamptz \
+             LANGUAGE sql VOLATILE AS \
+             'SELECT pg_catalog.clock_timestamp() + (SELECT off FROM eua_test_clock.skew)'; \
+             ALTER DATABASE {name} SET search_path = public, eua_test_clock, pg_catalog;"
+        ))
+        .unwrap();
+        assert_clock_offset(&url, offset_s);
+        url
+    }
+
+    /// Moves the clock of a database made by
+    /// [`create_database_with_clock_offset`](Self::create_database_with_clock_offset) to
+    /// `offset_s` seconds off the machine's.
+    pub fn set_clock_offset(&self, url: &str, offset_s: i64) {
+        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        c.execute(
+            "UPDATE eua_test_clock.skew SET off = make_interval(secs => $1)",
+            &[&(offset_s as f64)],
+        )
+        .unwrap();
+        assert_clock_offset(url, offset_s);
     }
 
     /// Ends every connection whose `application_name` is `app` (as a network failure would);

@@ -22,6 +22,7 @@ mod replicas;
 mod s3;
 mod s3_settings;
 mod settings;
+mod silence;
 mod store_copy;
 mod stream_memory;
 mod structure;

@@ -488,3 +488,142 @@ fn remote_downloads_are_verified_on_arrival() {
     );
     assert!(!bad.exists(), "no file is left for corrupt content");
 }
+
+/// TR9: the files of one `artifacts add --server` go over one connection while the server
+/// keeps it open (keep-alive): counted by a proxy in front of `serve`, 6 files take at most 2
+/// connections (one for the uploads, one for the other calls); every request of a streamed
+/// upload opened a connection of its own before.
+#[test]
+fn the_files_of_one_add_share_a_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = Env::new();
+    let served = serve(&env, &[("EUA_TOKENS", &format!("{WRITE}:write"))]);
+    let url = format!("http://127.0.0.1:{}", served.port);
+    let client = Env::new();
+    let s = client.json(&on(
+        &url,
+        WRITE,
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u1",
+            "--cluster",
+            "c",
+        ],
+    ));
+    let s = s["session_id"].as_str().unwrap().to_owned();
+    let c = client.json(&on(
+        &url,
+        WRITE,
+        &["artifacts", "collection", "create", &s, "--name", "logs"],
+    ));
+    let c = c["collection_id"].as_str().unwrap().to_owned();
+    // A proxy that counts the connections it is given.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.local_addr().unwrap().port());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let port = served.port;
+    std::thread::spawn(move || {
+        for conn in proxy.incoming() {
+            let Ok(down) = conn else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let up = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let (mut d2, mut u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut d2, &mut u2);
+                let _ = u2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut up, mut down) = (up, down);
+                let _ = std::io::copy(&mut up, &mut down);
+                let _ = down.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let files: Vec<String> = (0..6)
+        .map(|i| {
+            let f = client.data_dir().join(format!("f{i}.log"));
+            std::fs::write(&f, format!("file {i}\n").repeat(1000)).unwrap();
+            f.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut args = vec!["artifacts", "add", &s, &c];
+    args.extend(files.iter().map(String::as_str));
+    let added = client.json(&on(&proxy_url, WRITE, &args));
+    assert_eq!(added.as_array().unwrap().len(), 6, "{added}");
+    let n = accepted.load(Ordering::SeqCst);
+    assert!(n <= 2, "{n} connections for 6 files");
+}
+
+/// TR11: the CLI's `EUA_ALLOW_PLAIN_HTTP` end to end. `http://0.0.0.0:PORT` is not a loopback
+/// URL to the rule (only `localhost`, 127.0.0.0/8 and `::1` are), yet on Linux it reaches the
+/// server listening on 127.0.0.1, so no packet leaves the machine: a token over it is refused
+/// (nothing sent), and sent with `EUA_ALLOW_PLAIN_HTTP=1`; a value other than 1/0 is refused.
+#[test]
+fn a_token_over_plain_http_beyond_loopback_needs_the_opt_out() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = env.command();
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--allowed-host", &format!("0.0.0.0:{port}")])
+        .env("EUA_TOKENS", format!("{WRITE}:write"))
+        .stderr(std::process::Stdio::null());
+    let _served = crate::util::Served {
+        child: cmd.spawn().unwrap(),
+        port,
+    };
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Refused before anything is sent: a listener behind the refused URL is never called.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_url = format!("http://0.0.0.0:{}", trap.local_addr().unwrap().port());
+    let client = Env::new();
+    let e = client.fails(1, &on(&trap_url, WRITE, &["progress", "upgrade", "list"]));
+    assert!(e.contains("refusing to send the token (EUA_TOKEN)"), "{e}");
+    assert!(
+        trap.accept()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "a refused request connected"
+    );
+    let url = format!("http://0.0.0.0:{port}");
+    let args = on(&url, WRITE, &["progress", "upgrade", "list"]);
+    let e = client.fails(1, &args);
+    assert!(
+        e.contains("refusing to send the token (EUA_TOKEN)")
+            && e.contains("use https://")
+            && e.contains("EUA_ALLOW_PLAIN_HTTP=1"),
+        "{e}"
+    );
+    let run = |value: &str| {
+        client
+            .command()
+            .env("EUA_ALLOW_PLAIN_HTTP", value)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run("1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("0");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to send the token"));
+    let out = run("yes");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("EUA_ALLOW_PLAIN_HTTP must be 1 or 0"), "{e}");
+}

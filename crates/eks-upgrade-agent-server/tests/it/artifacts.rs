@@ -571,3 +571,89 @@ async fn sessions_with_a_retention_outside_the_bounds_are_refused() {
     let r = get(&s, "/api/v1/sessions").await;
     assert_eq!(r.json(), serde_json::json!([]), "nothing stored");
 }
+
+/// A maintenance call whose client asks for progress lines (`Accept: application/x-ndjson`,
+/// the CLI) is answered `200` at once, then gets `{"working": s}` each heartbeat while the
+/// server works, then `{"ok": ...}`: a client can tell a server at work from a dead one by a
+/// limit on silence. A client that does not ask gets the answer as before.
+#[tokio::test]
+async fn maintenance_answers_in_progress_lines_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = eks_upgrade_agent::config::Config::new(dir.path());
+    let store = std::sync::Arc::new(cfg.open_store().unwrap());
+    let m = std::sync::Arc::new(cfg.artifacts_manager(store.clone()).unwrap());
+    let s = m
+        .create_session(eks_upgrade_agent::artifacts::NewSession {
+            upgrade_id: "u1".into(),
+            cluster_name: "prod".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let c = m
+        .create_collection(&s.session_id, "logs", None, None)
+        .unwrap();
+    for i in 0..8 {
+        let mut body = content(512 * 1024);
+        body[0] = i;
+        m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            &body,
+            &format!("f{i}.log"),
+            &Default::default(),
+        )
+        .unwrap();
+    }
+    let tracker = std::sync::Arc::new(eks_upgrade_agent::ProgressTracker::new(store.clone()));
+    let state = AppState::new(tracker)
+        .with_artifacts(m, Some(store))
+        .with_heartbeat(std::time::Duration::from_millis(1));
+    let r = req(
+        &state,
+        "POST",
+        "/api/v1/maintenance/verify",
+        &[("accept", "application/x-ndjson")],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["content-type"], "application/x-ndjson");
+    assert_eq!(r.headers["x-accel-buffering"], "no");
+    let lines: Vec<Value> = r
+        .body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let (last, working) = lines.split_last().unwrap();
+    assert!(!working.is_empty(), "no progress line: {lines:?}");
+    assert!(working.iter().all(|l| l["working"].is_u64()), "{lines:?}");
+    assert_eq!(last["ok"]["artifacts_checked"], 8, "{last}");
+    // Without the header (or refusing lines): one JSON answer, as before.
+    for accept in [None, Some("application/json, application/x-ndjson;q=0")] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
+        let r = req(
+            &state,
+            "POST",
+            "/api/v1/maintenance/verify",
+            &headers,
+            Body::empty(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["artifacts_checked"], 8, "{accept:?}: {}", r.json());
+    }
+    // A request refused before the work begins is refused as before.
+    let r = req(
+        &state,
+        "POST",
+        "/api/v1/maintenance/cleanup",
+        &[
+            ("accept", "application/x-ndjson"),
+            ("content-type", "application/json"),
+        ],
+        Body::from("{\"dry_run\": 3}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json());
+}

@@ -227,6 +227,9 @@ impl TestArtifactsManager {
             scope.spawn(|| {
                 let beat = (options.lease / 4).max(Duration::from_millis(50));
                 let mut last = std::time::Instant::now();
+                // The last renewal that reached the store: a run that cannot renew for a whole
+                // lease (the store unreachable from here) may have lost every claim to another.
+                let mut renewed_at = std::time::Instant::now();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50).min(beat));
                     if last.elapsed() >= beat {
@@ -234,10 +237,20 @@ impl TestArtifactsManager {
                         // Judged: what was held before the renewal began (a claim made
                         // meanwhile may not be seen by it).
                         let before = claims.held();
+                        let asked = std::time::Instant::now();
                         match queue.renew_upload_claims(&owner, lease_end(Utc::now())) {
-                            Ok(renewed) => claims.lost_unless(&before, &renewed),
+                            Ok(renewed) => {
+                                // The lease runs from when it was asked for, at the latest.
+                                renewed_at = asked;
+                                claims.lost_unless(&before, &renewed);
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot renew the upload leases");
+                                // Given up a beat before the lease ends (beats come every
+                                // quarter lease), so no other takes over while this one sends.
+                                if renewed_at.elapsed() + beat >= options.lease {
+                                    claims.lost_unless(&before, &[]);
+                                }
                             }
                         }
                     }
@@ -536,16 +549,37 @@ mod tests {
     /// heartbeat, the second run takes over after one lease and sends the objects again.
     #[test]
     fn a_live_run_keeps_its_claims_beyond_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        live_run_keeps_its_claims(store.clone(), store.as_ref());
+    }
+
+    /// Guarantee G92: the heartbeat on PostgreSQL (leases judged on the database's clock): a
+    /// run longer than its lease keeps its claims through renewals.
+    #[test]
+    fn a_live_run_keeps_its_claims_beyond_its_lease_on_postgresql() {
+        use crate::store::postgres::{PostgresOptions, PostgresStore};
+        let pg = crate::test_support::PgCluster::start();
+        let store = Arc::new(
+            PostgresStore::open(&pg.create_database(), &PostgresOptions::default()).unwrap(),
+        );
+        live_run_keeps_its_claims(store.clone(), store.as_ref());
+    }
+
+    fn live_run_keeps_its_claims(
+        index: Arc<dyn crate::store::ArtifactIndex>,
+        queue: &dyn UploadQueue,
+    ) {
+        let store = queue;
         let moto = Moto::start();
         moto.create_bucket("team");
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
         let blobs = Arc::new(
             LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
         );
         let target = s3(&moto.url);
         let m = TestArtifactsManager::new(
-            store.clone(),
+            index,
             blobs,
             ArtifactsOptions {
                 auto_upload: true,
@@ -580,7 +614,7 @@ mod tests {
         let (first, second) = std::thread::scope(|scope| {
             let first = scope.spawn(|| {
                 let mut told = false;
-                m.upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                m.upload(store, &target, &options, None, false, &mut |p| {
                     // The first report after the start: the run holds its claims.
                     if !told && (p.bytes_done > 0 || p.files_done > 0) {
                         told = true;
@@ -594,7 +628,7 @@ mod tests {
             });
             started.wait();
             let second = m
-                .upload(store.as_ref(), &target, &options, None, false, &mut |_| {})
+                .upload(store, &target, &options, None, false, &mut |_| {})
                 .unwrap();
             (first.join().unwrap(), second)
         });
@@ -606,10 +640,26 @@ mod tests {
         );
     }
 
-    /// A run whose artifact another uploader takes over (and fails) while the run's progress
-    /// callback stalls for `stall`: the run counts it lost, records nothing, and the row keeps
-    /// the other's failure.
-    fn lost_to_a_takeover(lease: Duration, stall: Duration) {
+    /// What [`lost_to_a_takeover`] saw of the lost run's sending.
+    struct Sent {
+        /// The most bytes the run reported sent while it was sending.
+        bytes: u64,
+        /// Whether the object is in S3 after the run.
+        in_s3: bool,
+        /// Multipart uploads left open in the bucket (parts S3 would keep and bill).
+        open_multipart: usize,
+    }
+
+    /// A run whose artifact (`body`, sent in one request up to `multipart_threshold`, else in
+    /// parts of 8 MiB) another uploader takes over (and fails) while the run's progress
+    /// callback stalls for `stall` at the first report of bytes sent: the run counts it lost,
+    /// records nothing, and the row keeps the other's failure.
+    fn lost_to_a_takeover(
+        lease: Duration,
+        stall: Duration,
+        body: &[u8],
+        multipart_threshold: u64,
+    ) -> Sent {
         let moto = Moto::start();
         moto.create_bucket("team");
         let dir = tempfile::tempdir().unwrap();
@@ -640,18 +690,24 @@ mod tests {
             .add_bytes(
                 &s.session_id,
                 &c.collection_id,
-                b"a log",
+                body,
                 "a.log",
                 &AddOptions::default(),
             )
             .unwrap();
         let options = UploadOptions {
             lease,
+            multipart_threshold,
             ..UploadOptions::default()
         };
         let mut stolen = false;
+        let mut bytes = 0;
         let report = m
             .upload(store.as_ref(), &target, &options, None, false, &mut |p| {
+                if p.files_done == 0 {
+                    // While sending (the file counts done, sent or not, once it ends).
+                    bytes = bytes.max(p.bytes_done);
+                }
                 if stolen || p.bytes_done == 0 {
                     return;
                 }
@@ -688,6 +744,19 @@ mod tests {
             row.s3_key, None,
             "the lost run's outcome was recorded: {row:?}"
         );
+        let key = object_key(target.prefix(), &a);
+        let listing = ureq::get(format!("{}/team?uploads", moto.url))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        assert!(listing.contains("ListMultipartUploadsResult"), "{listing}");
+        Sent {
+            bytes,
+            in_s3: target.object_hash(&key).unwrap().is_some(),
+            open_multipart: listing.matches("<Upload>").count(),
+        }
     }
 
     /// Guarantee G92: a run that stalls past its lease while another uploader takes the
@@ -697,7 +766,37 @@ mod tests {
     #[test]
     fn a_run_that_lost_its_lease_stops_and_records_nothing() {
         // Found at the next heartbeat: the lease (0.2 s) ends during the stall.
-        lost_to_a_takeover(Duration::from_millis(200), Duration::from_millis(400));
+        lost_to_a_takeover(
+            Duration::from_millis(200),
+            Duration::from_millis(400),
+            b"a log",
+            DEFAULT_MULTIPART_THRESHOLD,
+        );
+    }
+
+    /// Guarantee G92: a run that finds its lease lost in the middle of an object's body stops
+    /// sending it: the rest of the body is not read, the multipart upload is abandoned (no
+    /// object in S3), and nothing is recorded.
+    #[test]
+    fn a_run_that_loses_its_lease_mid_body_stops_sending() {
+        // 20 MiB in parts of 8 MiB: the stall comes after the first part.
+        let body = vec![b'x'; 20 * 1024 * 1024];
+        let sent = lost_to_a_takeover(
+            Duration::from_millis(200),
+            Duration::from_millis(400),
+            &body,
+            1024 * 1024,
+        );
+        assert!(
+            sent.bytes < body.len() as u64,
+            "the whole body was sent after the lease was lost ({} bytes)",
+            sent.bytes
+        );
+        assert!(
+            !sent.in_s3,
+            "the object was completed after the lease was lost"
+        );
+        assert_eq!(sent.open_multipart, 0, "the multipart upload was left open");
     }
 
     /// Guarantee G92: when the store refuses a run's outcome (another took the artifact over
@@ -705,7 +804,121 @@ mod tests {
     #[test]
     fn an_outcome_the_store_refuses_is_not_counted_uploaded() {
         // The lease outlives the run: only the store's refusal of the outcome tells.
-        lost_to_a_takeover(Duration::from_secs(600), Duration::ZERO);
+        lost_to_a_takeover(
+            Duration::from_secs(600),
+            Duration::ZERO,
+            b"a log",
+            DEFAULT_MULTIPART_THRESHOLD,
+        );
+    }
+
+    /// An upload queue whose renewals fail (the store unreachable from this replica).
+    #[derive(Debug)]
+    struct NoRenewals(Arc<SqliteStore>);
+
+    impl UploadQueue for NoRenewals {
+        fn queue_uploads(&self, selector: &UploadSelector, retry_failed: bool) -> Result<u64> {
+            self.0.queue_uploads(selector, retry_failed)
+        }
+        fn claim_uploads(
+            &self,
+            owner: &str,
+            now: chrono::DateTime<Utc>,
+            lease_until: chrono::DateTime<Utc>,
+            limit: usize,
+        ) -> Result<Vec<(TestArtifact, u32)>> {
+            self.0.claim_uploads(owner, now, lease_until, limit)
+        }
+        fn renew_upload_claims(&self, _: &str, _: chrono::DateTime<Utc>) -> Result<Vec<String>> {
+            Err(Error::Backend {
+                message: "the database is unreachable".into(),
+                source: None,
+            })
+        }
+        fn claimed_by_others(&self, owner: &str, now: chrono::DateTime<Utc>) -> Result<u64> {
+            self.0.claimed_by_others(owner, now)
+        }
+        fn pending_uploads(&self) -> Result<(u64, u64)> {
+            self.0.pending_uploads()
+        }
+        fn record_upload(
+            &self,
+            owner: &str,
+            artifact_id: &str,
+            outcome: &UploadOutcome,
+        ) -> Result<TestArtifact> {
+            self.0.record_upload(owner, artifact_id, outcome)
+        }
+    }
+
+    /// Guarantee G92: a run whose renewals fail for a whole lease (the store unreachable from
+    /// here, S3 reachable) counts its claims lost and stops sending: another uploader may
+    /// hold them by now.
+    #[test]
+    fn a_run_that_cannot_renew_for_a_lease_stops_sending() {
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = s3(&moto.url);
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        );
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
+        let a = m
+            .add_bytes(
+                &s.session_id,
+                &c.collection_id,
+                &vec![b'x'; 20 * 1024 * 1024],
+                "a.log",
+                &AddOptions::default(),
+            )
+            .unwrap();
+        let options = UploadOptions {
+            lease: Duration::from_millis(200),
+            multipart_threshold: 1024 * 1024,
+            ..UploadOptions::default()
+        };
+        let mut stalled = false;
+        let report = m
+            .upload(
+                &NoRenewals(store.clone()),
+                &target,
+                &options,
+                None,
+                false,
+                &mut |p| {
+                    if !stalled && p.bytes_done > 0 {
+                        stalled = true;
+                        std::thread::sleep(Duration::from_millis(600));
+                    }
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (report.uploaded, report.lost),
+            (0, 1),
+            "a run that could not renew its lease kept sending: {report:?}"
+        );
+        let key = object_key(target.prefix(), &a);
+        assert!(target.object_hash(&key).unwrap().is_none());
     }
 
     /// README "Sharing artifacts through S3": a failed upload is retried after a capped

@@ -97,7 +97,9 @@ pub struct Dispatcher {
     /// One pass at a time in this process (the background thread and a `flush` would otherwise
     /// both send the same due entries).
     pass: Mutex<()>,
-    /// Passes the background thread ([`Dispatcher::spawn`]) has ended, for tests to wait on.
+    /// Passes the background thread ([`Dispatcher::spawn`]) has ended, for tests to wait on
+    /// (test builds only: a release build neither keeps nor signals it).
+    #[cfg(test)]
     passes_ended: (Mutex<u64>, Condvar),
 }
 
@@ -135,6 +137,7 @@ impl Dispatcher {
             sinks,
             options,
             pass: Mutex::new(()),
+            #[cfg(test)]
             passes_ended: (Mutex::new(0), Condvar::new()),
         }
     }
@@ -377,6 +380,7 @@ impl Dispatcher {
                     if let Err(e) = this.run_once() {
                         tracing::warn!(error = %e, "notification pass failed");
                     }
+                    #[cfg(test)]
                     {
                         let (ended, cvar) = &this.passes_ended;
                         *ended.lock().unwrap_or_else(|p| p.into_inner()) += 1;

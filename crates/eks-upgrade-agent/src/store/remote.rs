@@ -38,6 +38,26 @@ const IDLE_LIMIT: Duration = Duration::from_secs(300);
 /// server works on a received upload in silence before it answers.
 const ANSWER_FACTOR: u32 = 12;
 
+/// How a [`RemoteStore`] talks to its server.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// A token or credentials may go over plain `http://` to any host (the CLI's
+    /// `EUA_ALLOW_PLAIN_HTTP=1`; see [`RemoteStore::new_allowing_plain_http`]).
+    pub allow_plain_http: bool,
+    /// Longest silence of the server: a read or a write that makes no progress for this long
+    /// ends the request (default 300 s; the CLI's `EUA_SERVER_IDLE_LIMIT`).
+    pub idle_limit: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            allow_plain_http: false,
+            idle_limit: IDLE_LIMIT,
+        }
+    }
+}
+
 /// A store behind a server.
 pub struct RemoteStore {
     base: String,
@@ -48,6 +68,11 @@ pub struct RemoteStore {
     agent: ureq::Agent,
     /// Longest silence of the server ([`IDLE_LIMIT`]).
     idle: Duration,
+    /// The agent of streamed requests with the flag its connector shares with their bodies
+    /// ([`stream`]), kept between requests so that the files of one command go over one
+    /// connection (while the server keeps it open); a request takes it, so concurrent ones
+    /// get agents of their own.
+    streaming: std::sync::Mutex<Option<(ureq::Agent, Arc<AtomicBool>)>>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -98,6 +123,25 @@ impl RemoteStore {
     /// as a service mesh's mTLS inside a cluster.
     pub fn new_allowing_plain_http(url: &str, token: Option<&str>) -> Result<RemoteStore> {
         Self::connect(url, token, true, IDLE_LIMIT)
+    }
+
+    /// As [`RemoteStore::new`], with `options`.
+    pub fn with_options(
+        url: &str,
+        token: Option<&str>,
+        options: &RemoteOptions,
+    ) -> Result<RemoteStore> {
+        if options.idle_limit.is_zero() {
+            return Err(Error::invalid(
+                "the idle limit must be above 0 s (it bounds the server's silence)",
+            ));
+        }
+        Self::connect(url, token, options.allow_plain_http, options.idle_limit)
+    }
+
+    /// The longest silence of the server a request waits out.
+    pub fn idle_limit(&self) -> Duration {
+        self.idle
     }
 
     fn connect(
@@ -154,6 +198,7 @@ impl RemoteStore {
             token: token.map(str::to_owned),
             agent,
             idle,
+            streaming: std::sync::Mutex::new(None),
         })
     }
 
@@ -188,15 +233,26 @@ impl RemoteStore {
         body: &mut dyn std::io::Read,
     ) -> Result<ureq::http::Response<ureq::Body>> {
         // A connector of its own shares a flag with the body: once a write fails, the body
-        // ends, and the rest of the file is not read.
-        let failed = Arc::new(AtomicBool::new(false));
-        use ureq::unversioned::transport::Connector as _;
-        let agent = ureq::Agent::with_parts(
-            self.agent.config().clone(),
-            ureq::unversioned::transport::DefaultConnector::new()
-                .chain(stream::AnswerAfterWriteError::signalling(failed.clone())),
-            ureq::unversioned::resolver::DefaultResolver::default(),
-        );
+        // ends, and the rest of the file is not read. The agent is this request's alone while
+        // it is sent (its flag cleared first), then kept for the next one (its pool keeps the
+        // connection once the answer is read).
+        let taken = self
+            .streaming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (agent, failed) = taken.unwrap_or_else(|| {
+            let failed = Arc::new(AtomicBool::new(false));
+            use ureq::unversioned::transport::Connector as _;
+            let agent = ureq::Agent::with_parts(
+                self.agent.config().clone(),
+                ureq::unversioned::transport::DefaultConnector::new()
+                    .chain(stream::AnswerAfterWriteError::signalling(failed.clone())),
+                ureq::unversioned::resolver::DefaultResolver::default(),
+            );
+            (agent, failed)
+        });
+        failed.store(false, std::sync::atomic::Ordering::Release);
         let mut req = agent
             .post(format!("{}{path}", self.base))
             .header("Content-Type", content_type);
@@ -210,12 +266,19 @@ impl RemoteStore {
             .config()
             .timeout_per_read(Some(self.idle * ANSWER_FACTOR))
             .build();
-        let mut body = stream::StopAfterWriteError::new(body, failed);
-        req.send(ureq::SendBody::from_reader(&mut body))
-            .map_err(|e| self.unreachable(&e))
+        let mut body = stream::StopAfterWriteError::new(body, failed.clone());
+        let answer = req.send(ureq::SendBody::from_reader(&mut body));
+        let mut slot = self.streaming.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((agent, failed));
+        }
+        drop(slot);
+        answer.map_err(|e| self.unreachable(&e))
     }
 
-    fn unreachable(&self, e: &ureq::Error) -> Error {
+    /// The error for a request to this server that failed on the way (not an answer): a
+    /// silence past the idle limit says so, anything else says the server cannot be reached.
+    pub fn unreachable(&self, e: &ureq::Error) -> Error {
         let message = match e {
             ureq::Error::Timeout(ureq::Timeout::PerRead | ureq::Timeout::PerWrite) => format!(
                 "the server at {} stopped answering: nothing received or sent for {} s \

@@ -10,7 +10,8 @@
 //! - `test_results`: test runs and their results (issue #12), the SQLite backend's tables;
 //! - `artifacts`, `uploads`: the artifact index and its upload queue (claimed with
 //!   `FOR UPDATE SKIP LOCKED` and a lease); `lease`: the lease conditions both queues share;
-//!   `releases`: blob deletions marked in the database, the S3 delete outside any transaction;
+//!   `clock`: their retry due-times, kept on the database's clock; `releases`: blob deletions
+//!   marked in the database, the S3 delete outside any transaction;
 //! - `schema`: versioned migrations (a `schema_version` table);
 //! - `order`: which keyset pages see rows that commit late, and the lock that makes upgrade
 //!   keys commit in order.
@@ -21,6 +22,7 @@
 //! event that commits later with a smaller `seq`.
 
 mod artifacts;
+mod clock;
 mod connect;
 mod copy;
 mod health;

@@ -104,6 +104,8 @@ impl Outbox for PostgresStore {
         limit: usize,
     ) -> Result<Vec<(Notification, u32)>> {
         let owner = self.instance();
+        // Retry times are on the database's clock (`clock.rs`): so is `now`.
+        let now_us = micros(now).saturating_add(self.db_clock_offset()?);
         self.write(|tx| {
             tx.exec(
                 "INSERT INTO sink_cursors (sink, upto) VALUES ($1, 0) ON CONFLICT (sink) DO NOTHING",
@@ -126,7 +128,6 @@ impl Outbox for PostgresStore {
             )?;
             let mut blocked: HashSet<String> = HashSet::new();
             let mut out = Vec::new();
-            let now_us = micros(now);
             for r in rows {
                 let upgrade_id: String = r.get(3);
                 if blocked.contains(&upgrade_id) {
@@ -182,14 +183,18 @@ impl Outbox for PostgresStore {
              WHERE sink = $1 AND nid = $2 AND status = 0 AND {}",
             lease::ours("lease_owner", "$7")
         );
+        // A retry time goes onto the database's clock (`clock.rs`).
+        let offset = self.db_clock_offset()?;
         self.write(|tx| {
             let now = micros(self.clock());
             for (nid, outcome) in outcomes {
                 let (status, next_at, error) = match outcome {
                     DeliveryOutcome::Delivered => (DELIVERED, 0, None),
-                    DeliveryOutcome::Retry { next_at, error } => {
-                        (PENDING, micros(*next_at), Some(error.as_str()))
-                    }
+                    DeliveryOutcome::Retry { next_at, error } => (
+                        PENDING,
+                        micros(*next_at).saturating_add(offset),
+                        Some(error.as_str()),
+                    ),
                     DeliveryOutcome::Dead { error } => (DEAD, 0, Some(error.as_str())),
                 };
                 tx.exec(
@@ -234,6 +239,8 @@ impl Outbox for PostgresStore {
 
     fn sink_status(&self, sink: &str, kinds: Kinds) -> Result<SinkStatus> {
         let all = kinds == Kinds::All;
+        // The next retry is shown on this replica's clock (stored on the database's).
+        let offset = self.db_clock_offset()?;
         self.read(|db| {
             let mut status = SinkStatus {
                 sink: sink.to_owned(),
@@ -281,7 +288,7 @@ impl Outbox for PostgresStore {
                     &[&sink],
                 )?
                 .get::<_, Option<i64>>(0)
-                .map(from_micros);
+                .map(|t| from_micros(t.saturating_sub(offset)));
             Ok(status)
         })
     }

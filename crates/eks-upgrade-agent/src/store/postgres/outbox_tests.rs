@@ -257,11 +257,15 @@ fn a_long_pass_renews_its_leases_so_no_other_replica_sends_them() {
 /// replica whose clock runs an hour ahead cannot take a delivery another replica holds (by its
 /// own clock that lease ran out long ago), and a replica whose clock runs an hour behind takes
 /// over a lease that ran out by the database's clock (by its own it still has an hour to go).
+/// The database's own clock is off the machine's too (by an hour, either way), and a lease a
+/// peer wrote on it (the lease columns are on the database's clock) is honoured: a store that
+/// judged leases on its machine's wall clock (as before issue #13) takes the live one and
+/// leaves the ended one.
 #[test]
 fn delivery_leases_are_judged_on_the_database_clock() {
     use std::time::Duration;
     let pg = PgCluster::start();
-    let url = pg.create_database();
+    let url = pg.create_database_with_clock_offset(-3600);
     let short = PostgresOptions {
         lease: Duration::from_millis(400),
         ..PostgresOptions::default()
@@ -316,4 +320,141 @@ fn delivery_leases_are_judged_on_the_database_clock() {
     );
     let counts = a.lease_counts().unwrap();
     assert_eq!(counts.held as usize, taken.len(), "{counts:?}");
+
+    // A peer's leases, written on the database's clock (an hour behind the machine's): one
+    // with 10 minutes to go is honoured.
+    t.create_upgrade("u3", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u3", None).unwrap();
+    assert!(a.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 1);
+    let peer_lease = |until: &str| {
+        a.write(|tx| {
+            tx.exec(
+                &format!(
+                    "UPDATE deliveries SET lease_owner = 'peer', lease_until = {} + {until} \
+                     WHERE nid IN (SELECT nid FROM notifications WHERE upgrade_id = 'u3')",
+                    super::lease::DB_NOW
+                ),
+                &[],
+            )
+        })
+        .unwrap()
+    };
+    assert!(peer_lease("600000000") >= 1);
+    let got = a.due("hook", Utc::now(), 100).unwrap();
+    assert!(
+        got.iter().all(|(n, _)| n.upgrade_id != "u3"),
+        "a live lease (by the database's clock) was taken: {got:?}"
+    );
+    assert_eq!(a.lease_counts().unwrap().held as usize, taken.len() + 1);
+    // The database's clock an hour ahead of the machine's: a peer lease that ended a second
+    // ago by it is free (by the machine's clock it has an hour to go).
+    pg.set_clock_offset(&url, 3600);
+    peer_lease("-1000000");
+    let got = a.due("hook", Utc::now(), 100).unwrap();
+    assert!(
+        got.iter().any(|(n, _)| n.upgrade_id == "u3"),
+        "a lease that ended by the database's clock was not taken over: {got:?}"
+    );
+}
+
+/// Guarantee G90: a delivery's retry time is judged on the database's clock (whose own clock
+/// is off the machine's here), whichever replica set it and whichever asks: a retry in 2 s set
+/// by a replica whose clock runs an hour ahead is due for the others after 2 s (not an hour
+/// late), and a retry in 10 minutes set by one whose clock runs an hour behind is not due for
+/// the others at once (not 50 minutes early); `next_retry` shows it on the asker's clock. A
+/// replica whose clock steps an hour (NTP) after it measured the database's offset sees the
+/// step at once: its next retry time is not an hour off.
+#[test]
+fn delivery_retry_times_are_judged_on_the_database_clock() {
+    use std::time::Duration;
+    let pg = PgCluster::start();
+    let url = pg.create_database_with_clock_offset(1800);
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let ahead = PostgresStore::open(&url, &PostgresOptions::default())
+        .unwrap()
+        .with_clock_skew(chrono::Duration::hours(1));
+    let behind = PostgresStore::open(&url, &PostgresOptions::default())
+        .unwrap()
+        .with_clock_skew(chrono::Duration::hours(-1));
+    let t = ProgressTracker::new(b.clone());
+    t.create_upgrade("u1", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u1", None).unwrap();
+    assert!(b.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 1);
+    let retry = |store: &PostgresStore, nid: u64, delay: chrono::Duration| {
+        store
+            .record(
+                "hook",
+                &[(
+                    nid,
+                    DeliveryOutcome::Retry {
+                        next_at: store.clock() + delay,
+                        error: "503".into(),
+                    },
+                )],
+            )
+            .unwrap();
+    };
+    // The replica an hour ahead fails the first delivery: retry in 2 s, by its clock.
+    let first = ahead.due("hook", ahead.clock(), 1).unwrap();
+    assert_eq!(first.len(), 1);
+    let nid = first[0].0.nid;
+    retry(&ahead, nid, chrono::Duration::seconds(2));
+    assert!(
+        b.due("hook", Utc::now(), 100).unwrap().is_empty(),
+        "due before its retry time"
+    );
+    std::thread::sleep(Duration::from_millis(3000));
+    let again = b.due("hook", Utc::now(), 100).unwrap();
+    assert_eq!(
+        again.first().map(|(n, _)| n.nid),
+        Some(nid),
+        "a retry set by a replica whose clock runs ahead came late: {again:?}"
+    );
+    // B fails it too (retry now); the replica an hour behind takes it and fails it: retry in
+    // 10 minutes by its clock.
+    b.record(
+        "hook",
+        &[(
+            nid,
+            DeliveryOutcome::Retry {
+                next_at: Utc::now(),
+                error: "503".into(),
+            },
+        )],
+    )
+    .unwrap();
+    let taken = behind.due("hook", behind.clock(), 1).unwrap();
+    assert_eq!(taken.first().map(|(n, _)| n.nid), Some(nid));
+    retry(&behind, nid, chrono::Duration::minutes(10));
+    let early = b.due("hook", Utc::now(), 100).unwrap();
+    assert!(
+        early.is_empty(),
+        "a retry set by a replica whose clock runs behind came early: {early:?}"
+    );
+    assert!(ahead.due("hook", ahead.clock(), 100).unwrap().is_empty());
+    let shown = b
+        .sink_status("hook", crate::notify::Kinds::Events)
+        .unwrap()
+        .next_retry
+        .expect("a retry is pending");
+    let in_10 = Utc::now() + chrono::Duration::minutes(10);
+    assert!(
+        (shown - in_10).num_seconds().abs() <= 5,
+        "next retry {shown}, expected about {in_10}"
+    );
+    // B's clock steps an hour ahead; its retry in 1 s (by its new clock) is due after 1 s.
+    t.create_upgrade("u2", "p", "c", JsonMap::new()).unwrap();
+    t.start_upgrade("u2", None).unwrap();
+    assert!(b.ingest("hook", crate::notify::Kinds::Events).unwrap() >= 1);
+    let u2 = b.due("hook", b.clock(), 100).unwrap();
+    assert_eq!(u2.len(), 1, "{u2:?}");
+    b.set_clock_skew(chrono::Duration::hours(1));
+    retry(&b, u2[0].0.nid, chrono::Duration::seconds(1));
+    std::thread::sleep(Duration::from_millis(2000));
+    let c = PostgresStore::open(&url, &PostgresOptions::default()).unwrap();
+    let again = c.due("hook", Utc::now(), 100).unwrap();
+    assert!(
+        again.iter().any(|(n, _)| n.nid == u2[0].0.nid),
+        "a retry set right after the replica's clock stepped came late: {again:?}"
+    );
 }

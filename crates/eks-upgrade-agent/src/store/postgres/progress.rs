@@ -51,8 +51,10 @@ pub struct PostgresStore {
     waited_us: std::sync::atomic::AtomicU64,
     /// How long claims on work last (see [`PostgresOptions::lease`]).
     lease: Duration,
-    /// Added to this replica's clock (tests: a replica whose clock is wrong).
-    skew: chrono::Duration,
+    /// Added to this replica's clock (µs; tests: a replica whose clock is wrong).
+    skew_us: std::sync::atomic::AtomicI64,
+    /// The database's clock minus this replica's, for retry due-times (`clock.rs`).
+    clock_offset: super::clock::ClockOffset,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -125,7 +127,8 @@ impl PostgresStore {
             waits: Default::default(),
             waited_us: Default::default(),
             lease: options.lease.max(Duration::from_millis(100)),
-            skew: chrono::Duration::zero(),
+            skew_us: std::sync::atomic::AtomicI64::new(0),
+            clock_offset: Default::default(),
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
         Ok(store)
@@ -136,17 +139,30 @@ impl PostgresStore {
         self.lease
     }
 
-    /// This replica's clock (for what it stamps; never for judging a lease, which the
-    /// database's clock does: see `lease.rs`).
+    /// This replica's clock (for what it stamps; never for judging a lease or a retry time,
+    /// which the database's clock does: see `lease.rs`, `clock.rs`).
     pub(crate) fn clock(&self) -> DateTime<Utc> {
-        Utc::now() + self.skew
+        let skew = self.skew_us.load(std::sync::atomic::Ordering::Relaxed);
+        Utc::now() + chrono::Duration::microseconds(skew)
+    }
+
+    /// The offset of the database's clock from this replica's (`clock.rs`).
+    pub(super) fn clock_offset(&self) -> &super::clock::ClockOffset {
+        &self.clock_offset
     }
 
     /// The same store with its clock `skew` off (tests).
     #[cfg(test)]
-    pub(crate) fn with_clock_skew(mut self, skew: chrono::Duration) -> Self {
-        self.skew = skew;
+    pub(crate) fn with_clock_skew(self, skew: chrono::Duration) -> Self {
+        self.set_clock_skew(skew);
         self
+    }
+
+    /// Steps this store's clock to `skew` off (tests: a replica whose clock is stepped).
+    #[cfg(test)]
+    pub(crate) fn set_clock_skew(&self, skew: chrono::Duration) {
+        let us = skew.num_microseconds().unwrap_or(0);
+        self.skew_us.store(us, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where and how it connects.

@@ -1,9 +1,10 @@
 //! The upload queue on PostgreSQL, in the artifact rows as on SQLite (`upload_state`: 0 not
-//! queued, 1 queued, 2 uploaded, 3 failed and retried after `upload_next_at`), shared by every
-//! replica's uploader: a claim takes due rows with `FOR UPDATE SKIP LOCKED`, so concurrent
-//! claimers on any replica skip each other's rows instead of waiting for them, and marks them
-//! with the claimer and its lease (`lease.rs`); an expired lease is free to take over, and an
-//! outcome counts only while the row is still the recorder's.
+//! queued, 1 queued, 2 uploaded, 3 failed and retried after `upload_next_at`, on the database's
+//! clock: `clock.rs`), shared by every replica's uploader: a claim takes due rows with
+//! `FOR UPDATE SKIP LOCKED`, so concurrent claimers on any replica skip each other's rows
+//! instead of waiting for them, and marks them with the claimer and its lease (`lease.rs`); an
+//! expired lease is free to take over, and an outcome counts only while the row is still the
+//! recorder's.
 
 use chrono::{DateTime, Utc};
 
@@ -55,8 +56,8 @@ impl UploadQueue for PostgresStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(TestArtifact, u32)>> {
-        // Due by the claimer's clock (retry times are the uploaders'), free by the database's;
-        // the lease ends its length after the database's clock.
+        // Due and free by the database's clock (the retry time and `now` moved onto it:
+        // `clock.rs`); the lease ends its length after the database's clock.
         let sql = format!(
             "WITH due AS (SELECT akey FROM artifacts \
              WHERE upload_state IN (1, 3) AND upload_next_at <= $1 AND {} \
@@ -67,7 +68,7 @@ impl UploadQueue for PostgresStore {
             lease::DB_NOW
         );
         let until = lease::span(now, lease_until);
-        let now = micros(now);
+        let now = micros(now).saturating_add(self.db_clock_offset()?);
         let limit = limit.min(i64::MAX as usize) as i64;
         self.write(|tx| {
             let keys: Vec<i64> = tx
@@ -113,6 +114,7 @@ impl UploadQueue for PostgresStore {
     }
 
     fn claimed_by_others(&self, owner: &str, now: DateTime<Utc>) -> Result<u64> {
+        let now = micros(now).saturating_add(self.db_clock_offset()?);
         self.read(|db| {
             Ok(db
                 .one(
@@ -122,7 +124,7 @@ impl UploadQueue for PostgresStore {
                          AND upload_claimed_by != $2 AND upload_lease_until > {}",
                         lease::DB_NOW
                     ),
-                    &[&micros(now), &owner],
+                    &[&now, &owner],
                 )?
                 .get::<_, i64>(0) as u64)
         })
@@ -147,6 +149,13 @@ impl UploadQueue for PostgresStore {
     ) -> Result<TestArtifact> {
         // The claim is the fencing token: only its holder's outcome counts.
         let ours = "upload_claimed_by = $2";
+        // A retry time goes onto the database's clock (`clock.rs`).
+        let offset = match outcome {
+            UploadOutcome::Failed {
+                next_at: Some(_), ..
+            } => self.db_clock_offset()?,
+            _ => 0,
+        };
         self.write(|tx| {
             let recorded = match outcome {
                 UploadOutcome::Uploaded { bucket, key, at } => tx.exec(
@@ -177,7 +186,7 @@ impl UploadQueue for PostgresStore {
                         &artifact_id,
                         &owner,
                         &ArtifactStatus::Failed.code(),
-                        &next_at.map_or(0, micros),
+                        &next_at.map_or(0, |t| micros(t).saturating_add(offset)),
                         error,
                     ],
                 )?,

@@ -214,3 +214,95 @@ fn upload_leases_are_judged_on_the_database_clock() {
     assert_eq!(taken[0].0.artifact_id, quick[0].0.artifact_id);
     assert_eq!(a.claimed_by_others("other", behind).unwrap(), 2);
 }
+
+/// Guarantee G90: an upload's retry time is judged on the database's clock (whose own clock is
+/// off the machine's here), whichever uploader set it and whichever claims: a retry in 2 s set
+/// by an uploader whose clock runs an hour ahead is due for the others after 2 s (not an hour
+/// late), and a retry in 10 minutes set by one whose clock runs an hour behind is neither due nor
+/// waited for by the others at once (not 50 minutes early).
+#[test]
+fn upload_retry_times_are_judged_on_the_database_clock() {
+    let pg = PgCluster::start();
+    let url = pg.create_database_with_clock_offset(1800);
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let ahead = PostgresStore::open(&url, &PostgresOptions::default())
+        .unwrap()
+        .with_clock_skew(chrono::Duration::hours(1));
+    let behind = PostgresStore::open(&url, &PostgresOptions::default())
+        .unwrap()
+        .with_clock_skew(chrono::Duration::hours(-1));
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Arc::new(LocalBlobStore::open(dir.path(), Durability::default()).unwrap());
+    let m = TestArtifactsManager::new(
+        b.clone(),
+        blobs,
+        ArtifactsOptions {
+            auto_upload: true,
+            ..ArtifactsOptions::default()
+        },
+    );
+    let s = m
+        .create_session(NewSession {
+            upgrade_id: "u1".into(),
+            cluster_name: "c".into(),
+            ..NewSession::default()
+        })
+        .unwrap();
+    let c = m
+        .create_collection(&s.session_id, "logs", None, None)
+        .unwrap();
+    let art = m
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"x",
+            "x.log",
+            &AddOptions::default(),
+        )
+        .unwrap();
+    let fail = |store: &PostgresStore, owner: &str, delay: chrono::Duration| {
+        let now = store.clock();
+        let claimed = store
+            .claim_uploads(owner, now, now + chrono::Duration::minutes(1), 10)
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "{owner} claims it");
+        store
+            .record_upload(
+                owner,
+                &art.artifact_id,
+                &UploadOutcome::Failed {
+                    error: "503".into(),
+                    next_at: Some(now + delay),
+                },
+            )
+            .unwrap();
+    };
+    fail(&ahead, "ahead", chrono::Duration::seconds(2));
+    let now = Utc::now();
+    assert!(
+        b.claim_uploads("b", now, now + chrono::Duration::minutes(1), 10)
+            .unwrap()
+            .is_empty(),
+        "due before its retry time"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    // Due now for B (it would wait an hour if the retry time were the ahead clock's).
+    fail(&b, "b", chrono::Duration::zero());
+    fail(&behind, "behind", chrono::Duration::minutes(10));
+    let now = Utc::now();
+    let early = b
+        .claim_uploads("b", now, now + chrono::Duration::minutes(1), 10)
+        .unwrap();
+    assert!(
+        early.is_empty(),
+        "a retry set by an uploader whose clock runs behind came early: {early:?}"
+    );
+    assert_eq!(b.claimed_by_others("b", now).unwrap(), 0);
+    let now = ahead.clock();
+    assert!(
+        ahead
+            .claim_uploads("ahead", now, now + chrono::Duration::minutes(1), 10)
+            .unwrap()
+            .is_empty()
+    );
+}

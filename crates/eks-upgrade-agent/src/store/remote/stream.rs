@@ -11,7 +11,8 @@
 //! has failed, so the rest of a large file is not read (and thrown away) before the answer.
 //! The two meet through a flag the request owns: a streamed request gets a connector of its own
 //! ([`AnswerAfterWriteError::signalling`]) holding the same flag as its body (no global or
-//! thread-local state).
+//! thread-local state). That agent and its flag are reused by the next streamed request (one
+//! at a time, the flag cleared before each), so the files of a command share a connection.
 
 use std::io;
 use std::sync::Arc;
