@@ -149,7 +149,10 @@ fn pg_updates_per_s(pg: &PgCluster, writers: usize, replicas: usize, secs: f64) 
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     let secs = start.elapsed().as_secs_f64();
     // Where the time goes: the replicas' group commits (`/metrics`).
-    let commits: f64 = servers.iter().map(|s| counter(s.1, "eua_progress_commits")).sum();
+    let commits: f64 = servers
+        .iter()
+        .map(|s| counter(s.1, "eua_progress_commits"))
+        .sum();
     println!(
         "  ({total} updates in {secs:.1} s; {commits:.0} commits: {:.0} commits/s, {:.2} updates per commit)",
         commits / secs,

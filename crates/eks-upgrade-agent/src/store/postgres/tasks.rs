@@ -120,6 +120,15 @@ impl Batch {
         w
     }
 
+    /// The writes of [`pending`](Self::pending) but the upgrade counters owed, and those
+    /// apart ([`assign_with`] writes them with each upgrade's `last_seq`, in one statement).
+    pub(super) fn last_writes(&mut self) -> (Writes, HashMap<i64, UpgradeDelta>) {
+        let mut w = Writes::default();
+        let dirty = std::mem::take(&mut self.dirty);
+        save_tasks_into(&mut w, dirty.iter().filter_map(|k| self.rows.get(k)));
+        (w, std::mem::take(&mut self.deltas))
+    }
+
     /// Starts a command: an empty undo log.
     fn begin(&mut self) {
         self.undo.clear();
