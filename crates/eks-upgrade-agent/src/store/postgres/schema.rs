@@ -7,7 +7,7 @@ use postgres::Client;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`schema_version.version`).
-pub(crate) const SCHEMA_VERSION: i64 = 7;
+pub(crate) const SCHEMA_VERSION: i64 = 11;
 
 /// Key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6575_615f_6d69_6772;
@@ -193,6 +193,27 @@ CREATE TABLE artifact_tags (
 CREATE INDEX artifact_tags_by_artifact ON artifact_tags (akey);
 "#;
 
+/// Locks the upgrades named `ids` (in key order), then reads the tasks named by the pairs
+/// (`task_upgrades[i]`, `task_ids[i]`): one round trip for a writing transaction's first step.
+/// The task read is a statement of its own inside the function, so at READ COMMITTED it takes
+/// its snapshot once the locks are held and sees what a transaction that held one committed
+/// (a single `SELECT` that waited for a lock would read the tasks as they were before: G91).
+/// Rows: the upgrades (`lk_cluster` set, `lk_task` null), then the tasks (`lk_cluster` null).
+const SCHEMA_11: &str = r#"
+CREATE OR REPLACE FUNCTION eua_lock_and_read(ids TEXT[], task_upgrades TEXT[], task_ids TEXT[])
+RETURNS TABLE (lk_ukey BIGINT, lk_upgrade TEXT, lk_cluster TEXT, lk_task tasks)
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    RETURN QUERY SELECT u.ukey, u.upgrade_id, u.cluster_name, NULL::tasks FROM upgrades u
+        WHERE u.upgrade_id = ANY (ids) ORDER BY u.ukey FOR UPDATE;
+    RETURN QUERY SELECT t.ukey, x.u, NULL::TEXT, t
+        FROM UNNEST(task_upgrades, task_ids) AS x (u, id)
+        JOIN upgrades u ON u.upgrade_id = x.u
+        JOIN tasks t ON t.ukey = u.ukey AND t.task_id = x.id;
+END
+$fn$;
+"#;
+
 /// The schema version of the database `client` is connected to (0: empty).
 pub(crate) fn version(client: &mut Client) -> Result<i64> {
     let exists: bool = client
@@ -251,6 +272,10 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
         // No DDL: runs write `trace.test_run` outbox entries (issue #14), which a build of
         // schema 5 would hand to EventBridge and webhooks and mark delivered unexported; the
         // version makes such a build refuse the database during a rolling deploy.
+    }
+    if version < 11 {
+        // The write path's first statement (`store/postgres/tasks.rs`: `Batch::prepare`).
+        tx.batch_execute(SCHEMA_11)?;
     }
     tx.execute("DELETE FROM schema_version", &[])?;
     tx.execute(
