@@ -110,21 +110,51 @@ fn pg_apply_updates_per_s(pg: &PgCluster, tasks: usize, lines: usize) -> f64 {
     stats.ok as f64 / secs
 }
 
-fn pg_updates_per_s(pg: &PgCluster, writers: usize, replicas: usize, secs: f64) -> f64 {
+/// `upgrades` 1: every writer updates its own task of one upgrade; `upgrades` = `writers`:
+/// each writer updates the one task of its own upgrade.
+fn pg_updates_per_s(
+    pg: &PgCluster,
+    writers: usize,
+    replicas: usize,
+    upgrades: usize,
+    secs: f64,
+) -> f64 {
     let db = pg.create_database();
-    setup(&tracker(&db), writers);
+    let paths: Vec<String> = if upgrades == 1 {
+        setup(&tracker(&db), writers);
+        (0..writers)
+            .map(|w| format!("bench/tasks/task-{w}"))
+            .collect()
+    } else {
+        assert_eq!(upgrades, writers, "one upgrade per writer");
+        let t = tracker(&db);
+        for w in 0..writers {
+            let id = format!("bench-{w}");
+            t.create_upgrade(&id, "p", &format!("c{w}"), JsonMap::new())
+                .unwrap();
+            t.start_upgrade(&id, None).unwrap();
+            t.add_tasks(
+                &id,
+                vec![NewTask::new("task-0", "T", TaskType::UpgradeStep)],
+            )
+            .unwrap();
+        }
+        (0..writers)
+            .map(|w| format!("bench-{w}/tasks/task-0"))
+            .collect()
+    };
     let servers: Vec<Served> = (0..replicas).map(|_| serve(&db)).collect();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let threads: Vec<_> = (0..writers)
         .map(|w| {
             let port = servers[w % replicas].1;
+            let path = paths[w].clone();
             std::thread::spawn(move || {
                 let agent: ureq::Agent = ureq::Agent::config_builder()
                     .http_status_as_error(true)
                     .build()
                     .into();
-                let url =
-                    format!("http://127.0.0.1:{port}/api/v1/upgrades/bench/tasks/task-{w}/update");
+                let url = format!("http://127.0.0.1:{port}/api/v1/upgrades/{path}/update");
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let body = format!("{{\"percentage\": {}}}", n % 100);
@@ -270,7 +300,11 @@ fn main() {
     if wanted("http") {
         println!(
             "pg_updates_per_s writers=16 replicas=3: {:.0}",
-            pg_updates_per_s(&pg, 16, 3, 5.0)
+            pg_updates_per_s(&pg, 16, 3, 1, 5.0)
+        );
+        println!(
+            "pg_updates_per_s writers=16 replicas=3 upgrades=16: {:.0}",
+            pg_updates_per_s(&pg, 16, 3, 16, 5.0)
         );
     }
     if wanted("stream") {
