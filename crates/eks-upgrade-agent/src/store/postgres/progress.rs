@@ -5,10 +5,11 @@
 //! - Each command locks its upgrade's row first (`SELECT ... FOR UPDATE`), so commands on one
 //!   upgrade run one at a time whatever replica sends them, and commands on different upgrades
 //!   run in parallel.
-//! - Events are staged while the transaction runs; as its last statements it takes the
-//!   one-row counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`), writes the staged
-//!   events (one `INSERT ... SELECT FROM UNNEST`) with their `seq`s, then commits. The counter's
-//!   row lock is held only from there to `COMMIT`, and makes `seq` order commit order.
+//! - Events are staged while the transaction runs; its last statement takes the one-row
+//!   counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`) and writes the staged events
+//!   (`INSERT ... SELECT FROM UNNEST`) with their `seq`s (see [`assign_with`]), then it commits.
+//!   The counter's row lock is held only from there to `COMMIT`, and makes `seq` order commit
+//!   order.
 //! - A deadlock or serialization failure retries the whole transaction.
 //! - Every commit that appends events sends `NOTIFY eua_events` with its last `seq`, a wake-up
 //!   for followers on other replicas (which still poll).
