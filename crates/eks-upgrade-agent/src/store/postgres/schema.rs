@@ -203,13 +203,18 @@ const SCHEMA_11: &str = r#"
 CREATE OR REPLACE FUNCTION eua_lock_and_read(ids TEXT[], task_upgrades TEXT[], task_ids TEXT[])
 RETURNS TABLE (lk_ukey BIGINT, lk_upgrade TEXT, lk_cluster TEXT, lk_task tasks)
 LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    keys BIGINT[];
 BEGIN
     RETURN QUERY SELECT u.ukey, u.upgrade_id, u.cluster_name, NULL::tasks FROM upgrades u
         WHERE u.upgrade_id = ANY (ids) ORDER BY u.ukey FOR UPDATE;
-    RETURN QUERY SELECT t.ukey, x.u, NULL::TEXT, t
-        FROM UNNEST(task_upgrades, task_ids) AS x (u, id)
-        JOIN upgrades u ON u.upgrade_id = x.u
-        JOIN tasks t ON t.ukey = u.ukey AND t.task_id = x.id;
+    -- The tasks by (upgrade key, task id), so the read is an index lookup per task whatever
+    -- the plan (joined on the upgrade id, the plan may use only the task id).
+    keys := ARRAY(SELECT (SELECT u.ukey FROM upgrades u WHERE u.upgrade_id = x.u)
+        FROM UNNEST(task_upgrades) WITH ORDINALITY AS x (u, n) ORDER BY x.n);
+    RETURN QUERY SELECT t.ukey, NULL::TEXT, NULL::TEXT, t
+        FROM UNNEST(keys, task_ids) AS x (k, id)
+        JOIN tasks t ON t.ukey = x.k AND t.task_id = x.id;
 END
 $fn$;
 "#;
