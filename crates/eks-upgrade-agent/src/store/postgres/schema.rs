@@ -198,19 +198,27 @@ CREATE INDEX artifact_tags_by_artifact ON artifact_tags (akey);
 /// The task read is a statement of its own inside the function, so at READ COMMITTED it takes
 /// its snapshot once the locks are held and sees what a transaction that held one committed
 /// (a single `SELECT` that waited for a lock would read the tasks as they were before: G91).
-/// Rows: the upgrades (`lk_cluster` set, `lk_task` null), then the tasks (`lk_cluster` null).
+/// It must stay VOLATILE (a STABLE function's statements share the caller's snapshot).
+/// Rows: the upgrades locked (`lk_cluster` set, `lk_task` null), then the tasks of those
+/// (`lk_cluster` null).
 const SCHEMA_11: &str = r#"
 CREATE OR REPLACE FUNCTION eua_lock_and_read(ids TEXT[], task_upgrades TEXT[], task_ids TEXT[])
 RETURNS TABLE (lk_ukey BIGINT, lk_upgrade TEXT, lk_cluster TEXT, lk_task tasks)
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
+    locked BIGINT[];
     keys BIGINT[];
 BEGIN
+    SELECT array_agg(l.ukey) INTO locked FROM (SELECT u.ukey FROM upgrades u
+        WHERE u.upgrade_id = ANY (ids) ORDER BY u.ukey FOR UPDATE) AS l;
     RETURN QUERY SELECT u.ukey, u.upgrade_id, u.cluster_name, NULL::tasks FROM upgrades u
-        WHERE u.upgrade_id = ANY (ids) ORDER BY u.ukey FOR UPDATE;
-    -- The tasks by (upgrade key, task id), so the read is an index lookup per task whatever
-    -- the plan (joined on the upgrade id, the plan may use only the task id).
-    keys := ARRAY(SELECT (SELECT u.ukey FROM upgrades u WHERE u.upgrade_id = x.u)
+        WHERE u.ukey = ANY (locked);
+    -- Only the tasks of upgrades locked above (an upgrade created while the lock statement
+    -- waited is visible from here on, but not locked: its tasks are read after its lock),
+    -- by (upgrade key, task id), so the read is an index lookup per task whatever the plan
+    -- (joined on the upgrade id, the plan may use only the task id).
+    keys := ARRAY(SELECT (SELECT u.ukey FROM upgrades u
+            WHERE u.upgrade_id = x.u AND u.ukey = ANY (locked))
         FROM UNNEST(task_upgrades) WITH ORDINALITY AS x (u, n) ORDER BY x.n);
     RETURN QUERY SELECT t.ukey, NULL::TEXT, NULL::TEXT, t
         FROM UNNEST(keys, task_ids) AS x (k, id)

@@ -73,8 +73,13 @@ impl Batch {
                     self.upgrades
                         .insert(r.get(TASK_COL_COUNT + 1), (ukey, cluster));
                 }
-                // The upgrade id is filled in when a command reads the row.
-                None => self.cache(ukey, task_row(r, "")?),
+                // The upgrade id is filled in when a command reads the row. Only rows of
+                // upgrades this batch holds (the upgrade rows come first): a row of another
+                // would be read before its lock (the function reads none).
+                None if self.upgrades.values().any(|(k, _)| *k == ukey) => {
+                    self.cache(ukey, task_row(r, "")?)
+                }
+                None => {}
             }
         }
         Ok(())
