@@ -295,11 +295,26 @@ fn cross_replica_stream_p99_ms(pg: &PgCluster, clients: usize, events: usize) ->
 /// The figures named on the command line (`cargo bench ... -- http`: `apply`, `http`,
 /// `stream`), or all of them.
 fn wanted(figure: &str) -> bool {
+    let names = figure_names();
+    names.is_empty() || names.iter().any(|n| figure.contains(n.as_str()))
+}
+
+const FIGURES: [&str; 3] = ["apply", "http", "stream"];
+
+/// The names given on the command line; panics on one that names no figure.
+fn figure_names() -> Vec<String> {
     let names: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    names.is_empty() || names.iter().any(|n| figure.contains(n.as_str()))
+    for n in &names {
+        assert!(
+            FIGURES.iter().any(|f| f.contains(n.as_str())),
+            "no figure named {n:?}: name one of {}",
+            FIGURES.join(", ")
+        );
+    }
+    names
 }
 
 fn main() {

@@ -7,7 +7,8 @@
 //!   run in parallel.
 //! - Events are staged while the transaction runs; its last statement takes the one-row
 //!   counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`) and writes the staged events
-//!   (`INSERT ... SELECT FROM UNNEST`) with their `seq`s (see [`assign_with`]), then it commits.
+//!   (`INSERT ... SELECT FROM UNNEST`) with their `seq`s (see [`assign_with`]; notifications,
+//!   when there are any, in one more statement), then it commits.
 //!   The counter's row lock is held only from there to `COMMIT`, and makes `seq` order commit
 //!   order.
 //! - A deadlock or serialization failure retries the whole transaction.
@@ -738,7 +739,9 @@ pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<
 /// adding `deltas` (what commands owe the upgrade rows' counters, per upgrade key) with each
 /// upgrade's `last_seq`, all in the statement that takes the counter: one round trip from the
 /// end of the commands to `COMMIT` (a second one only for notifications, whose detail holds
-/// the `seq`).
+/// the `seq`). Every upgrade in `deltas` or `staged` must be locked by this transaction already
+/// (or created by it): its row is written after the counter's lock is taken, where waiting for
+/// a row lock would hold up every replica's commits.
 pub(super) fn assign_with(
     tx: &mut Tx<'_, '_>,
     mut pending: Writes,
@@ -1095,6 +1098,10 @@ fn execute_batch(
     if commit {
         // The batch's row writes go with the counter's statement: one round trip.
         let (pending, deltas) = batch.last_writes();
+        debug_assert!(
+            deltas.keys().all(|k| batch.holds(*k)),
+            "upgrade counters owed to an upgrade the batch has not locked"
+        );
         assign_with(tx, pending, &deltas, &mut staged)?;
     }
     let results = results

@@ -76,13 +76,16 @@ impl Batch {
                 // The upgrade id is filled in when a command reads the row. Only rows of
                 // upgrades this batch holds (the upgrade rows come first): a row of another
                 // would be read before its lock (the function reads none).
-                None if self.upgrades.values().any(|(k, _)| *k == ukey) => {
-                    self.cache(ukey, task_row(r, "")?)
-                }
+                None if self.holds(ukey) => self.cache(ukey, task_row(r, "")?),
                 None => {}
             }
         }
         Ok(())
+    }
+
+    /// Whether this batch holds the lock of the upgrade with key `ukey`.
+    pub(super) fn holds(&self, ukey: i64) -> bool {
+        self.upgrades.values().any(|(k, _)| *k == ukey)
     }
 
     fn cache(&mut self, ukey: i64, row: TaskRow) {
