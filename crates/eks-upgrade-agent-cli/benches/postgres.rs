@@ -18,9 +18,12 @@
 //! `cargo bench -p eks-upgrade-agent-cli --bench postgres -- http` runs only the figures whose
 //! name contains `http` (also `apply`, `stream`). Measured 2026-11-30 on this machine (2 shared
 //! cores, fsync on; `pg_test_fsync`: fdatasync 0.1 ms): 36,582 / 1,514 (572 commits/s, 2.64
-//! updates per commit) / 1,562 (upgrades=16) / 30.2 ms. The two HTTP figures are alike because
-//! the machine's CPU, not the upgrade row's lock nor the flush, is what runs out (`perf record
-//! -a`: idle ~4%; PostgreSQL ~50%, the servers' runtime threads ~30%, committers ~7%, this
+//! updates per commit) / 1,562 (upgrades=16) / 30.2 ms; the store code before the round-trip
+//! cuts of issue #13's G6 pass, with this client: 49,495 / 1,407-1,633 / 1,531-1,895. The HTTP
+//! writers read each answer (unread, ureq closes the connection: a TCP connect per update, as
+//! measured before that pass). The two HTTP figures are alike because the machine's CPU, not
+//! the upgrade row's lock nor the flush, is what runs out (`perf record -a`: idle ~4%;
+//! PostgreSQL ~50%, the servers' runtime threads ~30%, committers ~7%, this
 //! client ~5%): about 1.3 ms of CPU per acknowledged update. See guarantee G6.
 
 use std::io::Cursor;
