@@ -7,7 +7,7 @@
 //!   run in parallel.
 //! - Events are staged while the transaction runs; its last statement takes the one-row
 //!   counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`) and writes the staged events
-//!   (`INSERT ... SELECT FROM UNNEST`) with their `seq`s (see [`assign_with`]; notifications,
+//!   (`INSERT ... SELECT FROM UNNEST`) with their `seq`s (see `assign_with`; notifications,
 //!   when there are any, in one more statement), then it commits.
 //!   The counter's row lock is held only from there to `COMMIT`, and makes `seq` order commit
 //!   order.
