@@ -4,11 +4,27 @@
 //! - `pg_apply_updates_per_s tasks=1000 group<=1024`: task updates as JSON Lines through the
 //!   `progress apply` engine on the database, acknowledged lines per second;
 //! - `pg_updates_per_s writers=16 replicas=3`: acknowledged task updates through the HTTP API
-//!   of three `serve` replicas on one database, 16 writers (each on its own task, spread over
-//!   the replicas), per second;
+//!   of three `serve` replicas on one database, 16 writers (each on its own task of one
+//!   upgrade, spread over the replicas, each reading every answer on a kept-alive
+//!   connection), per second; below it, the replicas' commits per second and updates per
+//!   commit (their `/metrics`);
+//! - `pg_updates_per_s writers=16 replicas=3 upgrades=16`: the same with each writer on the
+//!   one task of its own upgrade (a team upgrading several clusters at once: no upgrade row
+//!   shared, only the `seq` counter);
 //! - `cross_replica_stream_p99_ms clients=300`: a task update written through one replica,
 //!   received by each of 300 WebSocket clients of another replica (woken by `LISTEN`): the
 //!   99th percentile of the delay from sending the update to each client's receipt.
+//!
+//! `cargo bench -p eks-upgrade-agent-cli --bench postgres -- http` runs only the figures whose
+//! name contains `http` (also `apply`, `stream`). Measured 2026-11-30 on this machine (2 shared
+//! cores, fsync on; `pg_test_fsync`: fdatasync 0.1 ms): 36,582 / 1,514 (572 commits/s, 2.64
+//! updates per commit) / 1,562 (upgrades=16) / 30.2 ms; the store code before the round-trip
+//! cuts of issue #13's G6 pass, with this client: 49,495 / 1,407-1,633 / 1,531-1,895. The HTTP
+//! writers read each answer (unread, ureq closes the connection: a TCP connect per update, as
+//! measured before that pass). The two HTTP figures are alike because the machine's CPU, not
+//! the upgrade row's lock nor the flush, is what runs out (`perf record -a`: idle ~4%;
+//! PostgreSQL ~50%, the servers' runtime threads ~30%, committers ~7%, this
+//! client ~5%): about 1.3 ms of CPU per acknowledged update. See guarantee G6.
 
 use std::io::Cursor;
 use std::process::{Child, Command, Stdio};
@@ -110,29 +126,65 @@ fn pg_apply_updates_per_s(pg: &PgCluster, tasks: usize, lines: usize) -> f64 {
     stats.ok as f64 / secs
 }
 
-fn pg_updates_per_s(pg: &PgCluster, writers: usize, replicas: usize, secs: f64) -> f64 {
+/// `upgrades` 1: every writer updates its own task of one upgrade; `upgrades` = `writers`:
+/// each writer updates the one task of its own upgrade.
+fn pg_updates_per_s(
+    pg: &PgCluster,
+    writers: usize,
+    replicas: usize,
+    upgrades: usize,
+    secs: f64,
+) -> f64 {
     let db = pg.create_database();
-    setup(&tracker(&db), writers);
+    let paths: Vec<String> = if upgrades == 1 {
+        setup(&tracker(&db), writers);
+        (0..writers)
+            .map(|w| format!("bench/tasks/task-{w}"))
+            .collect()
+    } else {
+        assert_eq!(upgrades, writers, "one upgrade per writer");
+        let t = tracker(&db);
+        for w in 0..writers {
+            let id = format!("bench-{w}");
+            t.create_upgrade(&id, "p", &format!("c{w}"), JsonMap::new())
+                .unwrap();
+            t.start_upgrade(&id, None).unwrap();
+            t.add_tasks(
+                &id,
+                vec![NewTask::new("task-0", "T", TaskType::UpgradeStep)],
+            )
+            .unwrap();
+        }
+        (0..writers)
+            .map(|w| format!("bench-{w}/tasks/task-0"))
+            .collect()
+    };
     let servers: Vec<Served> = (0..replicas).map(|_| serve(&db)).collect();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let threads: Vec<_> = (0..writers)
         .map(|w| {
             let port = servers[w % replicas].1;
+            let path = paths[w].clone();
             std::thread::spawn(move || {
                 let agent: ureq::Agent = ureq::Agent::config_builder()
                     .http_status_as_error(true)
                     .build()
                     .into();
-                let url =
-                    format!("http://127.0.0.1:{port}/api/v1/upgrades/bench/tasks/task-{w}/update");
+                let url = format!("http://127.0.0.1:{port}/api/v1/upgrades/{path}/update");
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let body = format!("{{\"percentage\": {}}}", n % 100);
-                    agent
+                    // The answer read to its end, as clients do (the connection is kept
+                    // alive for the next request; unread, ureq closes it).
+                    let answer = agent
                         .post(&url)
                         .header("content-type", "application/json")
                         .send(body.as_str())
+                        .unwrap()
+                        .into_body()
+                        .read_to_string()
                         .unwrap();
+                    assert!(answer.contains("\"seq\""), "{answer}");
                     n += 1;
                 }
                 n
@@ -141,7 +193,32 @@ fn pg_updates_per_s(pg: &PgCluster, writers: usize, replicas: usize, secs: f64) 
         .collect();
     let start = Instant::now();
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    total as f64 / start.elapsed().as_secs_f64()
+    let secs = start.elapsed().as_secs_f64();
+    // Where the time goes: the replicas' group commits (`/metrics`).
+    let commits: f64 = servers
+        .iter()
+        .map(|s| counter(s.1, "eua_progress_commits"))
+        .sum();
+    println!(
+        "  ({total} updates in {secs:.1} s; {commits:.0} commits: {:.0} commits/s, {:.2} updates per commit)",
+        commits / secs,
+        total as f64 / commits.max(1.0)
+    );
+    total as f64 / secs
+}
+
+/// The value of counter `name` in the `/metrics` of the server on `port`.
+fn counter(port: u16, name: &str) -> f64 {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
 fn cross_replica_stream_p99_ms(pg: &PgCluster, clients: usize, events: usize) -> f64 {
@@ -218,18 +295,53 @@ fn cross_replica_stream_p99_ms(pg: &PgCluster, clients: usize, events: usize) ->
     all[(all.len() * 99 / 100).min(all.len() - 1)]
 }
 
+/// The figures named on the command line (`cargo bench ... -- http`: `apply`, `http`,
+/// `stream`), or all of them.
+fn wanted(figure: &str) -> bool {
+    let names = figure_names();
+    names.is_empty() || names.iter().any(|n| figure.contains(n.as_str()))
+}
+
+const FIGURES: [&str; 3] = ["apply", "http", "stream"];
+
+/// The names given on the command line; panics on one that names no figure.
+fn figure_names() -> Vec<String> {
+    let names: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for n in &names {
+        assert!(
+            FIGURES.iter().any(|f| f.contains(n.as_str())),
+            "no figure named {n:?}: name one of {}",
+            FIGURES.join(", ")
+        );
+    }
+    names
+}
+
 fn main() {
     let pg = PgCluster::start_durable();
-    println!(
-        "pg_apply_updates_per_s tasks=1000 group<=1024: {:.0}",
-        pg_apply_updates_per_s(&pg, 1000, 100_000)
-    );
-    println!(
-        "pg_updates_per_s writers=16 replicas=3: {:.0}",
-        pg_updates_per_s(&pg, 16, 3, 5.0)
-    );
-    println!(
-        "cross_replica_stream_p99_ms clients=300: {:.1}",
-        cross_replica_stream_p99_ms(&pg, 300, 200)
-    );
+    if wanted("apply") {
+        println!(
+            "pg_apply_updates_per_s tasks=1000 group<=1024: {:.0}",
+            pg_apply_updates_per_s(&pg, 1000, 100_000)
+        );
+    }
+    if wanted("http") {
+        println!(
+            "pg_updates_per_s writers=16 replicas=3: {:.0}",
+            pg_updates_per_s(&pg, 16, 3, 1, 5.0)
+        );
+        println!(
+            "pg_updates_per_s writers=16 replicas=3 upgrades=16: {:.0}",
+            pg_updates_per_s(&pg, 16, 3, 16, 5.0)
+        );
+    }
+    if wanted("stream") {
+        println!(
+            "cross_replica_stream_p99_ms clients=300: {:.1}",
+            cross_replica_stream_p99_ms(&pg, 300, 200)
+        );
+    }
 }

@@ -385,6 +385,102 @@ fn a_write_waiting_for_the_upgrade_lock_reads_the_tasks_as_the_holder_left_them(
     assert_consistent(&b, "u");
 }
 
+/// Replica B's batch names upgrades x and u; u does not exist yet when B's lock statement
+/// starts (it waits for x's lock, held here). Meanwhile u is created with a task, and a third
+/// connection locks u and changes the task. B must read u's task only once u's lock is its
+/// own: read with x's lock (the snapshot after the wait sees u), it would write the task back
+/// over the third connection's change (review finding on schema 11).
+#[test]
+fn a_batch_does_not_read_the_tasks_of_an_upgrade_it_has_not_locked() {
+    use crate::store::domain::command::Command;
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let setup = ProgressTracker::new(a.clone());
+    setup.create_upgrade("x", "p", "c", JsonMap::new()).unwrap();
+    setup
+        .add_task("x", NewTask::new("t", "T", TaskType::UpgradeStep))
+        .unwrap();
+    setup.start_task("x", "t", None).unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let waiting_on = |admin: &mut postgres::Client, like: &str| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE $1",
+                &[&like],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute(
+        "SELECT 1 FROM upgrades WHERE upgrade_id = 'x' FOR UPDATE",
+        &[],
+    )
+    .unwrap();
+    let update = |u: &str, pct: f64| Command::TaskUpdate {
+        upgrade_id: u.into(),
+        task_id: "t".into(),
+        percentage: pct,
+        message: Some("from B".into()),
+        details: JsonMap::new(),
+    };
+    let batch = {
+        let b = b.clone();
+        let commands = vec![update("x", 10.0), update("u", 20.0)];
+        std::thread::spawn(move || b.execute(&commands))
+    };
+    while waiting_on(&mut admin, "%eua_lock_and_read%") < 1 {
+        assert!(!batch.is_finished(), "{:?}", batch.join());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    setup.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    setup
+        .add_task("u", NewTask::new("t", "T", TaskType::UpgradeStep))
+        .unwrap();
+    setup.start_task("u", "t", None).unwrap();
+    let mut third = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut change = third.transaction().unwrap();
+    change
+        .execute(
+            "SELECT 1 FROM upgrades WHERE upgrade_id = 'u' FOR UPDATE",
+            &[],
+        )
+        .unwrap();
+    change
+        .execute(
+            "UPDATE tasks SET current_step = 'from the third' WHERE task_id = 't' \
+             AND ukey = (SELECT ukey FROM upgrades WHERE upgrade_id = 'u')",
+            &[],
+        )
+        .unwrap();
+    hold.commit().unwrap();
+    // B now holds x and waits for u's lock (taken apart, as u was not locked with x).
+    while waiting_on(
+        &mut admin,
+        "SELECT ukey FROM upgrades WHERE upgrade_id = $1 FOR UPDATE",
+    ) < 1
+    {
+        assert!(!batch.is_finished(), "{:?}", batch.join());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    change.commit().unwrap();
+    for r in batch.join().unwrap().unwrap() {
+        r.unwrap();
+    }
+    let t = b.task("u", "t").unwrap();
+    assert_eq!(
+        t.current_step.as_deref(),
+        Some("from the third"),
+        "replica B wrote back a task it read before holding its upgrade's lock: {t:?}"
+    );
+    assert_eq!(t.percentage, 20.0);
+    assert_consistent(&b, "u");
+}
+
 /// Two replicas race on the same tasks: one starts and completes each, the other updates them
 /// all the while. Whatever the interleaving, every task ends completed and the counters and the
 /// parent's rollup agree with the task rows.

@@ -5,10 +5,12 @@
 //! - Each command locks its upgrade's row first (`SELECT ... FOR UPDATE`), so commands on one
 //!   upgrade run one at a time whatever replica sends them, and commands on different upgrades
 //!   run in parallel.
-//! - Events are staged while the transaction runs; as its last statements it takes the
-//!   one-row counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`), writes the staged
-//!   events (one `INSERT ... SELECT FROM UNNEST`) with their `seq`s, then commits. The counter's
-//!   row lock is held only from there to `COMMIT`, and makes `seq` order commit order.
+//! - Events are staged while the transaction runs; its last statement takes the one-row
+//!   counter (`UPDATE seq_counter SET seq = seq + n RETURNING seq`) and writes the staged events
+//!   (`INSERT ... SELECT FROM UNNEST`) with their `seq`s (see `assign_with`; notifications,
+//!   when there are any, in one more statement), then it commits.
+//!   The counter's row lock is held only from there to `COMMIT`, and makes `seq` order commit
+//!   order.
 //! - A deadlock or serialization failure retries the whole transaction.
 //! - Every commit that appends events sends `NOTIFY eua_events` with its last `seq`, a wake-up
 //!   for followers on other replicas (which still poll).
@@ -543,35 +545,30 @@ impl Writes {
         self.params.extend(params);
     }
 
-    fn is_empty(&self) -> bool {
-        self.parts.is_empty()
+    /// The parts as the start of a `WITH` clause (each part `wI AS (...)`, then a comma, ready
+    /// for more parts), and their parameters.
+    fn before_counter(&self) -> (String, Vec<&(dyn postgres::types::ToSql + Sync)>) {
+        let mut sql = String::from("WITH");
+        for (i, part) in self.parts.iter().enumerate() {
+            sql.push_str(&format!(" w{i} AS ({part} RETURNING 1),"));
+        }
+        let params = self.params.iter().map(|p| p.as_ref() as _).collect();
+        (sql, params)
     }
 
-    /// The parts as the `WITH` clause of the statement that adds `n` (its parameter, after
-    /// the parts') to the `seq` counter and returns it, and every parameter. The counter's
-    /// condition reads every part's `RETURNING`, so the parts run to their end before the
-    /// counter row is locked: unreferenced parts would run after the main statement, with the
-    /// counter held (every replica waits for it) while they wait for rows.
-    fn then_counter<'a>(
-        &'a self,
-        n: &'a i64,
-    ) -> (String, Vec<&'a (dyn postgres::types::ToSql + Sync)>) {
-        let mut sql = String::new();
-        let mut after = Vec::with_capacity(self.parts.len());
-        for (i, part) in self.parts.iter().enumerate() {
-            sql.push_str(if i == 0 { "WITH " } else { ", " });
-            sql.push_str(&format!("w{i} AS ({part} RETURNING 1)"));
-            after.push(format!("(SELECT count(*) FROM w{i})"));
+    /// The condition of the counter's `UPDATE` in a statement that starts with
+    /// [`before_counter`](Self::before_counter): it reads every part's `RETURNING`, so the
+    /// parts run to their end before the counter row is locked (unreferenced parts would run
+    /// after the main statement, with the counter held, every replica waiting for it, while
+    /// they wait for rows).
+    fn counter_condition(&self) -> String {
+        if self.parts.is_empty() {
+            return "true".into();
         }
-        sql.push_str(&format!(
-            " UPDATE seq_counter SET seq = seq + ${} WHERE {} >= 0 RETURNING seq",
-            self.params.len() + 1,
-            after.join(" + ")
-        ));
-        let mut all: Vec<&'a (dyn postgres::types::ToSql + Sync)> =
-            self.params.iter().map(|p| p.as_ref() as _).collect();
-        all.push(n);
-        (sql, all)
+        let reads: Vec<String> = (0..self.parts.len())
+            .map(|i| format!("(SELECT count(*) FROM w{i})"))
+            .collect();
+        format!("{} >= 0", reads.join(" + "))
     }
 
     /// Runs the parts now: one statement (nothing if there are none).
@@ -751,14 +748,20 @@ struct NoteColumns(
 /// counter, writes the events, their notifications and each upgrade's `last_seq`, and notifies
 /// followers. Numbers the staged events in place; returns the last `seq` (0: nothing staged).
 pub(super) fn assign(tx: &mut Tx<'_, '_>, staged: &mut [&mut Staged]) -> Result<u64> {
-    assign_with(tx, Writes::default(), staged)
+    assign_with(tx, Writes::default(), &HashMap::new(), staged)
 }
 
-/// [`assign`], running `pending` (the transaction's last row writes) in the statement that
-/// takes the counter.
+/// [`assign`], running `pending` (the transaction's last row writes) before the counter, and
+/// adding `deltas` (what commands owe the upgrade rows' counters, per upgrade key) with each
+/// upgrade's `last_seq`, all in the statement that takes the counter: one round trip from the
+/// end of the commands to `COMMIT` (a second one only for notifications, whose detail holds
+/// the `seq`). Every upgrade in `deltas` or `staged` must be locked by this transaction already
+/// (or created by it): its row is written after the counter's lock is taken, where waiting for
+/// a row lock would hold up every replica's commits.
 pub(super) fn assign_with(
     tx: &mut Tx<'_, '_>,
     mut pending: Writes,
+    deltas: &HashMap<i64, UpgradeDelta>,
     staged: &mut [&mut Staged],
 ) -> Result<u64> {
     let samples: Vec<super::history::Sample> = staged
@@ -768,20 +771,13 @@ pub(super) fn assign_with(
     super::history::record_into(&mut pending, &samples);
     let n: i64 = staged.iter().map(|s| s.keys.len() as i64).sum();
     if n == 0 {
+        deltas_into(&mut pending, deltas);
         pending.run(tx)?;
         return Ok(0);
     }
-    // One round trip: the pending writes, then the counter (the transaction's last lock: see
-    // `Writes::then_counter`).
-    let last: i64 = if pending.is_empty() {
-        tx.one("UPDATE seq_counter SET seq = seq + $1 RETURNING seq", &[&n])?
-            .get(0)
-    } else {
-        let (sql, params) = pending.then_counter(&n);
-        tx.one(&sql, &params)?.get(0)
-    };
-    let mut next = last - n;
-    let mut seqs = Vec::with_capacity(n as usize);
+    // Each event's place in the transaction (from 1): its `seq` is the counter's value before
+    // this transaction plus that.
+    let mut locals = Vec::with_capacity(n as usize);
     let mut ids = Vec::with_capacity(n as usize);
     let mut ukeys = Vec::with_capacity(n as usize);
     let mut tkeys: Vec<Option<i64>> = Vec::with_capacity(n as usize);
@@ -791,14 +787,17 @@ pub(super) fn assign_with(
     let mut messages: Vec<Option<String>> = Vec::with_capacity(n as usize);
     let mut details: Vec<Option<String>> = Vec::with_capacity(n as usize);
     let mut pcts = Vec::with_capacity(n as usize);
-    let mut upgrade_last: HashMap<i64, i64> = HashMap::new();
-    let mut notes = NoteColumns::default();
-    for s in staged.iter_mut() {
-        let base = next;
-        for (e, (ukey, tkey)) in s.committed.events.iter_mut().zip(&s.keys) {
-            next += 1;
-            e.seq = next as u64;
-            seqs.push(next);
+    // Per upgrade: what it is owed and the place of its last event.
+    let mut upgrades: HashMap<i64, (UpgradeDelta, i64)> = deltas
+        .iter()
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(k, d)| (*k, (*d, 0)))
+        .collect();
+    let mut local = 0i64;
+    for s in staged.iter() {
+        for (e, (ukey, tkey)) in s.committed.events.iter().zip(&s.keys) {
+            local += 1;
+            locals.push(local);
             ids.push(Uuid::parse_str(&e.event_id).unwrap_or_else(|_| Uuid::now_v7()));
             ukeys.push(*ukey);
             tkeys.push(*tkey);
@@ -808,7 +807,93 @@ pub(super) fn assign_with(
             messages.push(e.message.clone());
             details.push(json_text(&e.details));
             pcts.push(e.percentage);
-            upgrade_last.insert(*ukey, next);
+            upgrades.entry(*ukey).or_default().1 = local;
+        }
+    }
+    let mut u = UpgradeColumns::default();
+    for (k, (d, l)) in &upgrades {
+        u.key.push(*k);
+        for (c, v) in u.counts.iter_mut().zip(d.counts) {
+            c.push(v);
+        }
+        u.weight.push(d.top_weight);
+        u.sum.push(d.top_sum);
+        u.last.push(*l);
+    }
+    let [c0, c1, c2, c3, c4, c5] = &u.counts;
+    let (mut sql, mut params) = pending.before_counter();
+    let at = params.len();
+    sql.push_str(&format!(
+        " c AS (UPDATE seq_counter SET seq = seq + ${n} WHERE {cond} RETURNING seq - ${n} AS base, seq), \
+         e AS (INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, details, \
+         percentage) SELECT c.base + x.o, x.id, x.u, x.t, x.k, x.st, x.ts, x.m, x.d, x.p FROM c, \
+         UNNEST(${p1}::bigint[], ${p2}::uuid[], ${p3}::bigint[], ${p4}::bigint[], ${p5}::bigint[], \
+         ${p6}::bigint[], ${p7}::bigint[], ${p8}::text[], ${p9}::text[], ${p10}::float8[]) \
+         AS x(o, id, u, t, k, st, ts, m, d, p)), \
+         l AS (UPDATE upgrades u SET c0 = u.c0 + x.c0, c1 = u.c1 + x.c1, c2 = u.c2 + x.c2, \
+         c3 = u.c3 + x.c3, c4 = u.c4 + x.c4, c5 = u.c5 + x.c5, \
+         top_weight = u.top_weight + x.w, top_sum = u.top_sum + x.s, \
+         last_seq = CASE WHEN x.l > 0 THEN c.base + x.l ELSE u.last_seq END \
+         FROM c, UNNEST(${p11}::bigint[], ${p12}::bigint[], ${p13}::bigint[], ${p14}::bigint[], \
+         ${p15}::bigint[], ${p16}::bigint[], ${p17}::bigint[], ${p18}::float8[], ${p19}::float8[], \
+         ${p20}::bigint[]) AS x(k, c0, c1, c2, c3, c4, c5, w, s, l) WHERE u.ukey = x.k) \
+         SELECT c.seq, pg_notify(${p21}, c.seq::text) FROM c",
+        n = at + 1,
+        cond = pending.counter_condition(),
+        p1 = at + 2,
+        p2 = at + 3,
+        p3 = at + 4,
+        p4 = at + 5,
+        p5 = at + 6,
+        p6 = at + 7,
+        p7 = at + 8,
+        p8 = at + 9,
+        p9 = at + 10,
+        p10 = at + 11,
+        p11 = at + 12,
+        p12 = at + 13,
+        p13 = at + 14,
+        p14 = at + 15,
+        p15 = at + 16,
+        p16 = at + 17,
+        p17 = at + 18,
+        p18 = at + 19,
+        p19 = at + 20,
+        p20 = at + 21,
+        p21 = at + 22,
+    ));
+    params.extend([
+        &n as &(dyn postgres::types::ToSql + Sync),
+        &locals,
+        &ids,
+        &ukeys,
+        &tkeys,
+        &kinds,
+        &statuses,
+        &tss,
+        &messages,
+        &details,
+        &pcts,
+        &u.key,
+        c0,
+        c1,
+        c2,
+        c3,
+        c4,
+        c5,
+        &u.weight,
+        &u.sum,
+        &u.last,
+        &EVENTS_CHANNEL,
+    ]);
+    let last: i64 = tx.one(&sql, &params)?.get(0);
+    let mut next = last - n;
+    let mut notes = NoteColumns::default();
+    for s in staged.iter_mut() {
+        let base = next;
+        for e in s.committed.events.iter_mut() {
+            next += 1;
+            e.seq = next as u64;
         }
         for c in &mut s.committed.status_changes {
             c.seq += base as u64;
@@ -831,44 +916,25 @@ pub(super) fn assign_with(
             }
         }
     }
-    let (uk, us): (Vec<i64>, Vec<i64>) = upgrade_last.into_iter().unzip();
-    // One statement after the counter's: the events, their notifications, each upgrade's
-    // `last_seq` and the wake-up of followers.
-    tx.exec(
-        "WITH e AS (INSERT INTO events (seq, event_id, ukey, tkey, kind, status, ts, message, \
-         details, percentage) SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::bigint[], \
-         $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], \
-         $10::float8[])), \
-         n AS (INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
-         SELECT * FROM UNNEST($11::text[], $12::bigint[], $13::text[], $14::text[], \
-         $15::bigint[], $16::text[])), \
-         l AS (UPDATE upgrades u SET last_seq = x.s FROM UNNEST($17::bigint[], $18::bigint[]) \
-         AS x(k, s) WHERE u.ukey = x.k) \
-         SELECT pg_notify($19, $20)",
-        &[
-            &seqs,
-            &ids,
-            &ukeys,
-            &tkeys,
-            &kinds,
-            &statuses,
-            &tss,
-            &messages,
-            &details,
-            &pcts,
-            &notes.0,
-            &notes.1,
-            &notes.2,
-            &notes.3,
-            &notes.4,
-            &notes.5,
-            &uk,
-            &us,
-            &EVENTS_CHANNEL,
-            &last.to_string(),
-        ],
-    )?;
+    if !notes.0.is_empty() {
+        tx.exec(
+            "INSERT INTO notifications (event_id, seq, upgrade_id, detail_type, time, detail) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+             $5::bigint[], $6::text[])",
+            &[&notes.0, &notes.1, &notes.2, &notes.3, &notes.4, &notes.5],
+        )?;
+    }
     Ok(last as u64)
+}
+
+/// The upgrade rows' part of [`assign_with`]'s statement, column by column.
+#[derive(Default)]
+struct UpgradeColumns {
+    key: Vec<i64>,
+    counts: [Vec<i64>; 6],
+    weight: Vec<f64>,
+    sum: Vec<f64>,
+    last: Vec<i64>,
 }
 
 fn load_upgrade(
@@ -1047,8 +1113,12 @@ fn execute_batch(
     let commit = !staged.is_empty();
     if commit {
         // The batch's row writes go with the counter's statement: one round trip.
-        let pending = batch.pending();
-        assign_with(tx, pending, &mut staged)?;
+        let (pending, deltas) = batch.last_writes();
+        debug_assert!(
+            deltas.keys().all(|k| batch.holds(*k)),
+            "upgrade counters owed to an upgrade the batch has not locked"
+        );
+        assign_with(tx, pending, &deltas, &mut staged)?;
     }
     let results = results
         .into_iter()

@@ -7,7 +7,7 @@ use postgres::Client;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`schema_version.version`).
-pub(crate) const SCHEMA_VERSION: i64 = 9;
+pub(crate) const SCHEMA_VERSION: i64 = 11;
 
 /// Key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6575_615f_6d69_6772;
@@ -193,6 +193,40 @@ CREATE TABLE artifact_tags (
 CREATE INDEX artifact_tags_by_artifact ON artifact_tags (akey);
 "#;
 
+/// Locks the upgrades named `ids` (in key order), then reads the tasks named by the pairs
+/// (`task_upgrades[i]`, `task_ids[i]`): one round trip for a writing transaction's first step.
+/// The task read is a statement of its own inside the function, so at READ COMMITTED it takes
+/// its snapshot once the locks are held and sees what a transaction that held one committed
+/// (a single `SELECT` that waited for a lock would read the tasks as they were before: G91).
+/// It must stay VOLATILE (a STABLE function's statements share the caller's snapshot).
+/// Rows: the upgrades locked (`lk_cluster` set, `lk_task` null), then the tasks of those
+/// (`lk_cluster` null).
+const SCHEMA_11: &str = r#"
+CREATE OR REPLACE FUNCTION eua_lock_and_read(ids TEXT[], task_upgrades TEXT[], task_ids TEXT[])
+RETURNS TABLE (lk_ukey BIGINT, lk_upgrade TEXT, lk_cluster TEXT, lk_task tasks)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    locked BIGINT[];
+    keys BIGINT[];
+BEGIN
+    SELECT array_agg(l.ukey) INTO locked FROM (SELECT u.ukey FROM upgrades u
+        WHERE u.upgrade_id = ANY (ids) ORDER BY u.ukey FOR UPDATE) AS l;
+    RETURN QUERY SELECT u.ukey, u.upgrade_id, u.cluster_name, NULL::tasks FROM upgrades u
+        WHERE u.ukey = ANY (locked);
+    -- Only the tasks of upgrades locked above (an upgrade created while the lock statement
+    -- waited is visible from here on, but not locked: its tasks are read after its lock),
+    -- by (upgrade key, task id), so the read is an index lookup per task whatever the plan
+    -- (joined on the upgrade id, the plan may use only the task id).
+    keys := ARRAY(SELECT (SELECT u.ukey FROM upgrades u
+            WHERE u.upgrade_id = x.u AND u.ukey = ANY (locked))
+        FROM UNNEST(task_upgrades) WITH ORDINALITY AS x (u, n) ORDER BY x.n);
+    RETURN QUERY SELECT t.ukey, NULL::TEXT, NULL::TEXT, t
+        FROM UNNEST(keys, task_ids) AS x (k, id)
+        JOIN tasks t ON t.ukey = x.k AND t.task_id = x.id;
+END
+$fn$;
+"#;
+
 /// The schema version of the database `client` is connected to (0: empty).
 pub(crate) fn version(client: &mut Client) -> Result<i64> {
     let exists: bool = client
@@ -259,6 +293,10 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
     if version < 9 {
         // Blob releases in progress (G105).
         tx.batch_execute(super::releases::SCHEMA_9)?;
+    }
+    if version < 11 {
+        // The write path's first statement (`store/postgres/tasks.rs`: `Batch::prepare`).
+        tx.batch_execute(SCHEMA_11)?;
     }
     tx.execute("DELETE FROM schema_version", &[])?;
     tx.execute(

@@ -38,47 +38,54 @@ pub(super) struct Batch {
 
 impl Batch {
     /// Locks every upgrade `commands` name, in key order (so batches on several upgrades
-    /// cannot deadlock each other), then reads the task rows their task commands name: two
-    /// statements, and they must stay two. At READ COMMITTED a statement sees the snapshot
-    /// taken when it started; a lock it waits for re-reads only the locked row, so task rows
-    /// read by the statement that waited would be as they were before the holder committed
-    /// (and written back over its changes). The second statement starts after the lock is ours.
+    /// cannot deadlock each other), then reads the task rows their task commands name: one
+    /// round trip (the function `eua_lock_and_read` of schema 11), two statements inside it,
+    /// and they must stay two. At READ COMMITTED a statement sees the snapshot taken when it
+    /// started; a lock it waits for re-reads only the locked row, so task rows read by the
+    /// statement that waited would be as they were before the holder committed (and written
+    /// back over its changes). The second statement starts after the locks are ours.
     pub(super) fn prepare(&mut self, tx: &mut Tx<'_, '_>, commands: &[Command]) -> Result<()> {
         let mut ids: Vec<&str> = commands.iter().map(|c| c.upgrade_id()).collect();
         ids.sort_unstable();
         ids.dedup();
-        for r in tx.query(
-            "SELECT ukey, upgrade_id, cluster_name FROM upgrades WHERE upgrade_id = ANY($1) \
-             ORDER BY ukey FOR UPDATE",
-            &[&ids],
-        )? {
-            self.upgrades.insert(r.get(1), (r.get(0), r.get(2)));
-        }
-        let (mut ukeys, mut tids): (Vec<i64>, Vec<&str>) = (Vec::new(), Vec::new());
+        let (mut task_upgrades, mut task_ids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
         for c in commands {
-            if let (Some((task_id, _)), Some((ukey, _))) =
-                (c.task_op(), self.upgrades.get(c.upgrade_id()))
-            {
-                ukeys.push(*ukey);
-                tids.push(task_id);
+            if let Some((task_id, _)) = c.task_op() {
+                task_upgrades.push(c.upgrade_id());
+                task_ids.push(task_id);
             }
         }
-        if ukeys.is_empty() {
-            return Ok(());
-        }
+        let cols: Vec<String> = TASK_COLS
+            .split(',')
+            .map(|c| format!("(lk_task).{}", c.trim()))
+            .collect();
         let rows = tx.query(
             &format!(
-                "SELECT {TASK_COLS}, t.ukey FROM tasks t JOIN UNNEST($1::bigint[], $2::text[]) \
-                 AS x(u, id) ON t.ukey = x.u AND t.task_id = x.id"
+                "SELECT {}, lk_ukey, lk_upgrade, lk_cluster FROM eua_lock_and_read($1, $2, $3)",
+                cols.join(", ")
             ),
-            &[&ukeys, &tids],
+            &[&ids, &task_upgrades, &task_ids],
         )?;
         for r in &rows {
             let ukey: i64 = r.get(TASK_COL_COUNT);
-            // The upgrade id is filled in when a command reads the row.
-            self.cache(ukey, task_row(r, "")?);
+            match r.get::<_, Option<String>>(TASK_COL_COUNT + 2) {
+                Some(cluster) => {
+                    self.upgrades
+                        .insert(r.get(TASK_COL_COUNT + 1), (ukey, cluster));
+                }
+                // The upgrade id is filled in when a command reads the row. Only rows of
+                // upgrades this batch holds (the upgrade rows come first): a row of another
+                // would be read before its lock (the function reads none).
+                None if self.holds(ukey) => self.cache(ukey, task_row(r, "")?),
+                None => {}
+            }
         }
         Ok(())
+    }
+
+    /// Whether this batch holds the lock of the upgrade with key `ukey`.
+    pub(super) fn holds(&self, ukey: i64) -> bool {
+        self.upgrades.values().any(|(k, _)| *k == ukey)
     }
 
     fn cache(&mut self, ukey: i64, row: TaskRow) {
@@ -118,6 +125,15 @@ impl Batch {
         let deltas = std::mem::take(&mut self.deltas);
         deltas_into(&mut w, &deltas);
         w
+    }
+
+    /// The writes of [`pending`](Self::pending) but the upgrade counters owed, and those
+    /// apart ([`assign_with`] writes them with each upgrade's `last_seq`, in one statement).
+    pub(super) fn last_writes(&mut self) -> (Writes, HashMap<i64, UpgradeDelta>) {
+        let mut w = Writes::default();
+        let dirty = std::mem::take(&mut self.dirty);
+        save_tasks_into(&mut w, dirty.iter().filter_map(|k| self.rows.get(k)));
+        (w, std::mem::take(&mut self.deltas))
     }
 
     /// Starts a command: an empty undo log.
