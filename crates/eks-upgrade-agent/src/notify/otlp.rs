@@ -751,6 +751,21 @@ impl OtlpSink {
         &self,
         batch: &[Notification],
     ) -> (ExportTraceServiceRequest, Vec<Option<EntryResult>>) {
+        let (request, fates, _) = self.request_with_owners(batch);
+        (request, fates)
+    }
+
+    /// [`request`](Self::request), with the index in `batch` of the entry each span is for,
+    /// in span order.
+    fn request_with_owners(
+        &self,
+        batch: &[Notification],
+    ) -> (
+        ExportTraceServiceRequest,
+        Vec<Option<EntryResult>>,
+        Vec<usize>,
+    ) {
+        let mut owners = Vec::new();
         let mut fates: Vec<Option<EntryResult>> = Vec::with_capacity(batch.len());
         // The entries that end a span, with what to ask the source for them.
         let mut asks = Vec::new();
@@ -795,6 +810,7 @@ impl OtlpSink {
             match f {
                 Ok(f) => {
                     spans.push(self.span(&batch[i], f));
+                    owners.push(i);
                 }
                 Err(e) => fates[i] = Some(self.unbuilt(e)),
             }
@@ -821,9 +837,10 @@ impl OtlpSink {
                 }
             };
             spans.push(run_span(upgrade.as_ref(), &r));
+            owners.push(i);
         }
         let request = self.exporter.request("eks-upgrade-agent", spans);
-        (request, fates)
+        (request, fates, owners)
     }
 
     /// The fate of an entry whose span could not be built: a missing upgrade or task never
@@ -1257,29 +1274,67 @@ impl EventSink for OtlpSink {
     }
 
     /// One export request for the batch's spans, or several when they encode to more than
-    /// [`MAX_REQUEST_BYTES`] ([`split_request`]), sent in order until one fails; every entry
-    /// with a span shares the outcome (a retry sends them all again: the same span ids).
+    /// [`MAX_REQUEST_BYTES`] ([`split_request`]), sent in order until one fails
+    /// ([`part_outcomes`]): each entry gets the outcome of the request its span went in, and
+    /// the entries of requests not sent after a failure are retried.
     fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
-        let (request, fates) = self.request(batch);
-        let spans = request.resource_spans[0].scope_spans[0].spans.len();
-        if spans == 0 {
+        let (request, fates, owners) = self.request_with_owners(batch);
+        if owners.is_empty() {
             return fates
                 .into_iter()
                 .map(|f| f.unwrap_or(EntryResult::Delivered))
                 .collect();
         }
-        let mut sent = EntryResult::Delivered;
-        for part in split_request(request, MAX_REQUEST_BYTES) {
-            sent = self.exporter.send(&part);
-            if !matches!(sent, EntryResult::Delivered) {
-                break;
+        let parts = split_request(request, MAX_REQUEST_BYTES);
+        part_outcomes(fates, &owners, &parts, |part| self.exporter.send(part))
+    }
+}
+
+/// The spans of one request built by [`OtlpExporter::request`] or [`split_request`].
+fn span_count(request: &ExportTraceServiceRequest) -> usize {
+    request
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len())
+        .sum()
+}
+
+/// Sends `parts` in order with `send` until one is not delivered, and gives each entry
+/// without a fate yet the outcome of the part its span went in (`owners`: the entry of each
+/// span, in span order, as the parts hold them): `Delivered` for the parts sent before, the
+/// failed part's own outcome for its entries, and `Retry` for the entries of the parts never
+/// sent (a refused part says nothing of them, so none is dead-lettered unsent).
+fn part_outcomes(
+    mut fates: Vec<Option<EntryResult>>,
+    owners: &[usize],
+    parts: &[ExportTraceServiceRequest],
+    mut send: impl FnMut(&ExportTraceServiceRequest) -> EntryResult,
+) -> Vec<EntryResult> {
+    let mut owners = owners.iter();
+    let mut failed: Option<String> = None;
+    for part in parts {
+        let outcome = match &failed {
+            None => send(part),
+            Some(why) => EntryResult::Retry(format!(
+                "not sent: an earlier request of the same batch failed ({why})"
+            )),
+        };
+        if failed.is_none() {
+            match &outcome {
+                EntryResult::Delivered => {}
+                EntryResult::Retry(m) | EntryResult::Reject(m) => failed = Some(m.clone()),
             }
         }
-        fates
-            .into_iter()
-            .map(|f| f.unwrap_or_else(|| sent.clone()))
-            .collect()
+        for &i in owners.by_ref().take(span_count(part)) {
+            fates[i] = Some(outcome.clone());
+        }
     }
+    // Every span went in a part; an entry left without a fate would be a bug: retry it.
+    fates
+        .into_iter()
+        .map(|f| f.unwrap_or_else(|| EntryResult::Retry("not sent".into())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1293,6 +1348,63 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    /// A batch sent as several requests: the entries of the parts delivered before a refused
+    /// one are delivered, the refused part's entries take its outcome, and the entries of the
+    /// parts never sent are retried, not dead-lettered with it; entries decided before the
+    /// send (no span) keep their fate.
+    #[test]
+    fn each_entry_gets_the_outcome_of_its_own_request() {
+        let exporter = OtlpExporter::new(
+            &OtlpSettings {
+                endpoint: Some("http://127.0.0.1:1/v1/traces".into()),
+                ..OtlpSettings::default()
+            },
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let span = |i: usize| Span {
+            span_id: (i as u64).to_be_bytes().to_vec(),
+            name: format!("s{i}"),
+            attributes: vec![s("pad", "x".repeat(100_000))],
+            ..Span::default()
+        };
+        // Entries 0..=6; entry 3 has no span (decided before the send); the spans are for
+        // entries 0, 1, 2, 4, 5, 6 in that order, two to a part.
+        let owners = [0, 1, 2, 4, 5, 6];
+        let whole = exporter.request("scope", owners.iter().map(|&i| span(i)).collect());
+        let parts = split_request(whole, 250_000);
+        assert_eq!(parts.iter().map(span_count).collect::<Vec<_>>(), [2, 2, 2]);
+        let mut fates: Vec<Option<EntryResult>> = vec![None; 7];
+        fates[3] = Some(EntryResult::Reject("no such task".into()));
+        let mut sent = 0;
+        let out = part_outcomes(fates, &owners, &parts, |_| {
+            sent += 1;
+            if sent == 2 {
+                EntryResult::Reject("collector answered 400".into())
+            } else {
+                EntryResult::Delivered
+            }
+        });
+        assert_eq!(sent, 2, "nothing is sent after a refused part");
+        let kind = |r: &EntryResult| match r {
+            EntryResult::Delivered => "delivered",
+            EntryResult::Retry(_) => "retry",
+            EntryResult::Reject(_) => "reject",
+        };
+        assert_eq!(
+            out.iter().map(kind).collect::<Vec<_>>(),
+            ["delivered", "delivered", "reject", "reject", "reject", "retry", "retry"]
+        );
+        // All delivered: every entry with a span is delivered.
+        let mut fates: Vec<Option<EntryResult>> = vec![None; 7];
+        fates[3] = Some(EntryResult::Delivered);
+        let out = part_outcomes(fates, &owners, &parts, |_| EntryResult::Delivered);
+        assert_eq!(
+            out.iter().map(kind).filter(|k| *k == "delivered").count(),
+            7
+        );
     }
 
     /// N22's larger batches stay under collectors' request limits: a request over the limit
