@@ -35,7 +35,7 @@ type Case = (&'static str, fn(Fixture));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 18] = [
+    let cases: [Case; 19] = [
         ("sessions_and_collections", sessions_and_collections),
         (
             "add_files_directories_and_bytes",
@@ -91,6 +91,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "a_session_is_removed_only_when_empty",
             a_session_is_removed_only_when_empty,
+        ),
+        (
+            "an_upgrades_first_session_is_created_once",
+            an_upgrades_first_session_is_created_once,
         ),
         (
             "an_artifact_row_is_committed_only_after_its_blob_exists",
@@ -1478,6 +1482,29 @@ fn a_deleted_artifact_leaves_the_upload_queue(f: Fixture) {
         assert_eq!(row.status, ArtifactStatus::Deleted, "{row:?}");
         assert_eq!(row.s3_key, None, "{row:?}");
     }
+}
+
+/// `latest_session_or_create` creates a session only for an upgrade that has none, and
+/// otherwise answers the upgrade's latest session (G120).
+fn an_upgrades_first_session_is_created_once(f: Fixture) {
+    let new = |u: &str| NewSession {
+        upgrade_id: u.into(),
+        cluster_name: "c".into(),
+        ..NewSession::default()
+    };
+    let (first, created) = f.m.latest_session_or_create(new("u1")).unwrap();
+    assert!(created);
+    let (again, created) = f.m.latest_session_or_create(new("u1")).unwrap();
+    assert!(!created);
+    assert_eq!(again, first);
+    let later = f.m.create_session(new("u1")).unwrap();
+    let (latest, created) = f.m.latest_session_or_create(new("u1")).unwrap();
+    assert!(!created);
+    assert_eq!(latest, later);
+    let (other, created) = f.m.latest_session_or_create(new("u2")).unwrap();
+    assert!(created);
+    assert_eq!(other.upgrade_id, "u2");
+    assert_eq!(f.m.sessions(None).unwrap().len(), 3);
 }
 
 /// `delete_session_if_empty` keeps a session that has a live artifact, and removes it (rows

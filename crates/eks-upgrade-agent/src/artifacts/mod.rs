@@ -336,6 +336,24 @@ impl TestArtifactsManager {
 
     /// Creates a session.
     pub fn create_session(&self, new: NewSession) -> Result<TestSession> {
+        let session = self.new_session(new)?;
+        self.index.create_session(&session)?;
+        Ok(session)
+    }
+
+    /// The upgrade's latest session, or a session created from `new` when the upgrade has
+    /// none, and whether it was created here. Concurrent callers for one upgrade (ingests on
+    /// several replicas) end with one session, all of them using it
+    /// ([`ArtifactIndex::create_first_session`](crate::store::ArtifactIndex::create_first_session)).
+    pub fn latest_session_or_create(&self, new: NewSession) -> Result<(TestSession, bool)> {
+        let session = self.new_session(new)?;
+        let latest = self.index.create_first_session(&session)?;
+        let created = latest.session_id == session.session_id;
+        Ok((latest, created))
+    }
+
+    /// A new session's row, checked.
+    fn new_session(&self, new: NewSession) -> Result<TestSession> {
         check_id("upgrade_id", &new.upgrade_id)?;
         check_name("cluster_name", &new.cluster_name)?;
         let now = crate::model::now();
@@ -361,7 +379,6 @@ impl TestArtifactsManager {
             completed_at: None,
             retention_days,
         };
-        self.index.create_session(&session)?;
         Ok(session)
     }
 

@@ -387,12 +387,18 @@ impl TestResults {
             None => match a.sessions(Some(&ingest.upgrade_id))?.pop() {
                 Some(s) => s,
                 None => {
-                    let s = a.create_session(crate::artifacts::NewSession {
-                        upgrade_id: ingest.upgrade_id.clone(),
-                        cluster_name: ingest.cluster_name.clone(),
-                        ..Default::default()
-                    })?;
-                    kept.session = Some(s.session_id.clone());
+                    // Created only if still none (a concurrent ingest, maybe on another
+                    // replica, may have created it since): that session is the answer then,
+                    // and not this ingest's to remove on undo.
+                    let (s, created) =
+                        a.latest_session_or_create(crate::artifacts::NewSession {
+                            upgrade_id: ingest.upgrade_id.clone(),
+                            cluster_name: ingest.cluster_name.clone(),
+                            ..Default::default()
+                        })?;
+                    if created {
+                        kept.session = Some(s.session_id.clone());
+                    }
                     s
                 }
             },

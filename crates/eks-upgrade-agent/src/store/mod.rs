@@ -347,6 +347,13 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     }
     /// Creates a session.
     fn create_session(&self, session: &TestSession) -> Result<()>;
+    /// Creates `session` unless its upgrade has a session already, and returns the upgrade's
+    /// latest session (`session` itself when it was created). One write transaction,
+    /// serialized per upgrade (SQLite: the single writer; PostgreSQL: an advisory lock of the
+    /// upgrade id held to the commit, taken before the upgrade's sessions are read), so
+    /// callers racing for an upgrade's first session (ingests on several replicas) end with
+    /// one session, all of them using it.
+    fn create_first_session(&self, session: &TestSession) -> Result<TestSession>;
     /// One session.
     fn session(&self, session_id: &str) -> Result<TestSession>;
     /// Sessions, oldest first, optionally of one upgrade.

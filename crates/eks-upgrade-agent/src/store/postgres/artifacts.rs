@@ -174,6 +174,10 @@ fn unique_violation(e: &Error) -> bool {
 /// migration lock); the second key is the digest's first four bytes.
 const DIGEST_LOCK_CLASS: i32 = 0x4555_4131;
 
+/// Class of the advisory locks of an upgrade's first session (two-key locks); the second
+/// key is `hashtext(upgrade_id)`.
+const FIRST_SESSION_LOCK_CLASS: i32 = 0x4555_4132;
+
 /// Holds the digest's advisory lock to the end of the transaction.
 fn lock_digest(tx: &mut Tx<'_, '_>, d: &Digest) -> Result<()> {
     let key = i32::from_be_bytes([d.0[0], d.0[1], d.0[2], d.0[3]]);
@@ -500,6 +504,33 @@ impl ArtifactIndex for PostgresStore {
                     e
                 }
             })
+    }
+
+    fn create_first_session(&self, s: &TestSession) -> Result<TestSession> {
+        crate::artifacts::check_retention_days(s.retention_days)?;
+        self.write(|tx| {
+            // Held to the commit, before the read: a concurrent caller for the same upgrade
+            // waits here, then (READ COMMITTED: a new statement, a new snapshot) reads the
+            // session this one committed.
+            tx.exec(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&FIRST_SESSION_LOCK_CLASS, &s.upgrade_id],
+            )?;
+            let latest = tx
+                .opt(
+                    &format!(
+                        "SELECT {SESSION_COLS} FROM sessions s WHERE s.upgrade_id = $1 \
+                         ORDER BY s.skey DESC LIMIT 1"
+                    ),
+                    &[&s.upgrade_id],
+                )?
+                .map(|r| session_row(&r));
+            if let Some(latest) = latest {
+                return Ok(latest);
+            }
+            insert_session(tx, s)?;
+            Ok(s.clone())
+        })
     }
 
     fn session(&self, session_id: &str) -> Result<TestSession> {

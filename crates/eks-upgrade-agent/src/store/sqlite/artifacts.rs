@@ -558,6 +558,26 @@ impl ArtifactIndex for SqliteStore {
         })
     }
 
+    fn create_first_session(&self, s: &TestSession) -> Result<TestSession> {
+        crate::artifacts::check_retention_days(s.retention_days)?;
+        // `BEGIN IMMEDIATE`: the read below runs under the write lock, so no other writer
+        // (thread or process) creates a session between it and the insert.
+        self.write(|tx| {
+            let latest = tx
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions s WHERE s.upgrade_id = ?1 \
+                     ORDER BY s.skey DESC LIMIT 1"
+                ))?
+                .query_row([&s.upgrade_id], session_row)
+                .optional()?;
+            if let Some(latest) = latest {
+                return Ok(latest);
+            }
+            insert_session(tx, s)?;
+            Ok(s.clone())
+        })
+    }
+
     fn session(&self, session_id: &str) -> Result<TestSession> {
         self.read(|c| load_session(c, session_id))
     }

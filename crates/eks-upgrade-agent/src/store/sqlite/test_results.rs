@@ -1011,6 +1011,57 @@ mod tests {
         assert_eq!(m.collections(&s.session_id).unwrap().len(), 1);
     }
 
+    /// G120: two first ingests of an upgrade (two stores on one data dir, as two processes)
+    /// that both find no session end with one session, both runs' reports in it. A third
+    /// connection holds the write lock while both look: each finds no session before either
+    /// can write (without the check under the write lock both created a session).
+    #[test]
+    fn two_first_ingests_of_an_upgrade_share_one_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_a, ma, ra) = kept_store(dir.path());
+        let (_b, mb, rb) = kept_store(dir.path());
+        let report = dir.path().join("junit.xml");
+        std::fs::write(
+            &report,
+            r#"<testsuite name="s"><testcase classname="api" name="health"/></testsuite>"#,
+        )
+        .unwrap();
+        let holder = rusqlite::Connection::open(dir.path().join(super::super::DB_FILE)).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let runs = std::thread::scope(|scope| {
+            let ingests: Vec<_> = [(&ma, &ra), (&mb, &rb)]
+                .into_iter()
+                .map(|(m, r)| {
+                    let report = &report;
+                    scope.spawn(move || {
+                        r.ingest(
+                            std::slice::from_ref(report),
+                            &Ingest::new("u1", "prod", RunPhase::Pre),
+                            Some(keep(m)),
+                        )
+                    })
+                })
+                .collect();
+            // Both have looked for the upgrade's session (reads do not wait for the writer)
+            // and wait for the write lock (the busy timeout is 10 s).
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            holder.execute_batch("COMMIT").unwrap();
+            ingests
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let sessions = ma.sessions(Some("u1")).unwrap();
+        assert_eq!(sessions.len(), 1, "{sessions:#?}");
+        let collections = ma.collections(&sessions[0].session_id).unwrap();
+        assert_eq!(collections.len(), 1, "{collections:#?}");
+        for run in &runs {
+            let a = ma.artifact(&run.artifact_ids[0]).unwrap();
+            assert_eq!(a.session_id, sessions[0].session_id);
+            assert_eq!(a.collection_id, collections[0].collection_id);
+        }
+    }
+
     /// T14: a suite without a name is the empty suite, never the file's path: the same report
     /// written to another path (another name) holds the same tests.
     #[test]
