@@ -27,6 +27,8 @@ pub struct Backend {
     pub uploads: Arc<dyn UploadQueue>,
     /// Progress in the same database (retention reads the upgrade's status).
     pub progress: Arc<dyn ProgressStore>,
+    /// Test runs in the same database (`gc` removes the reports of runs never recorded).
+    pub results: Arc<dyn crate::store::TestResultStore>,
 }
 
 /// Returns a fresh, empty store.
@@ -35,7 +37,7 @@ type Case = (&'static str, fn(Fixture));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 19] = [
+    let cases: [Case; 20] = [
         ("sessions_and_collections", sessions_and_collections),
         (
             "add_files_directories_and_bytes",
@@ -95,6 +97,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "an_upgrades_first_session_is_created_once",
             an_upgrades_first_session_is_created_once,
+        ),
+        (
+            "gc_removes_the_reports_of_runs_never_recorded",
+            gc_removes_the_reports_of_runs_never_recorded,
         ),
         (
             "an_artifact_row_is_committed_only_after_its_blob_exists",
@@ -1482,6 +1488,76 @@ fn a_deleted_artifact_leaves_the_upload_queue(f: Fixture) {
         assert_eq!(row.status, ArtifactStatus::Deleted, "{row:?}");
         assert_eq!(row.s3_key, None, "{row:?}");
     }
+}
+
+/// `gc` deletes the reports an ingest left when neither its run nor its undo could be written
+/// (`test_result` artifacts whose `metadata.run_id` names no run, with a `phase`) once older
+/// than `orphan_report_age`, releasing their blobs, and nothing else; a run naming a report
+/// deleted so is refused and stores nothing (G121).
+fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
+    let (s, c) = session(&f, "u1");
+    let add = |name: &str, ty: ArtifactType, meta: serde_json::Value| {
+        let metadata: JsonMap = serde_json::from_value(meta).unwrap();
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            name.as_bytes(),
+            name,
+            &AddOptions {
+                artifact_type: Some(ty),
+                metadata,
+                ..AddOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let report = ArtifactType::TestResult;
+    let orphan = add("orphan.xml", report, json!({"run_id": "r-gone", "phase": "pre"}));
+    let recorded = add("recorded.xml", report, json!({"run_id": "r-kept", "phase": "pre"}));
+    let run = |id: &str, artifact: &str| crate::model::NewRun {
+        run_id: id.into(),
+        upgrade_id: "u1".into(),
+        cluster_name: "c".into(),
+        phase: crate::model::RunPhase::Pre,
+        created_at: Utc::now(),
+        files: vec!["r.xml".into()],
+        artifact_ids: vec![artifact.into()],
+    };
+    f.backend
+        .results
+        .record_run(&run("r-kept", &recorded.artifact_id), &mut |_| Ok(()))
+        .unwrap();
+    // Not a report of an ingest: no phase, not a test result, not a string.
+    let others = [
+        add("user.xml", report, json!({"run_id": "r-gone"})),
+        add("log.txt", ArtifactType::LogFile, json!({"run_id": "r-gone", "phase": "pre"})),
+        add("odd.xml", report, json!({"run_id": 7, "phase": "pre"})),
+    ];
+    assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 0, "younger than an hour");
+    assert_eq!(f.m.artifact(&orphan.artifact_id).unwrap().status, ArtifactStatus::Created);
+    let f = f.with_options(ArtifactsOptions {
+        orphan_report_age: std::time::Duration::ZERO,
+        ..ArtifactsOptions::default()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 1);
+    assert_eq!(f.m.artifact(&orphan.artifact_id).unwrap().status, ArtifactStatus::Deleted);
+    let digest: crate::blob::Digest = orphan.file_hash.parse().unwrap();
+    assert!(!f.blobs.exists(&digest).unwrap(), "the orphan's blob is released");
+    for a in others.iter().chain([&recorded]) {
+        assert_ne!(f.m.artifact(&a.artifact_id).unwrap().status, ArtifactStatus::Deleted, "{a:?}");
+    }
+    assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 0);
+    // The late run of the deleted report is refused whole.
+    let late = f
+        .backend
+        .results
+        .record_run(&run("r-gone", &orphan.artifact_id), &mut |_| Ok(()));
+    match late {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("ingest the report again"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(f.backend.results.run("r-gone"), Err(Error::NotFound { .. })));
 }
 
 /// `latest_session_or_create` creates a session only for an upgrade that has none, and

@@ -61,6 +61,10 @@ pub struct ArtifactsOptions {
     pub gc_grace: Duration,
     /// Queue every added artifact for upload to S3 (reference `auto_upload`).
     pub auto_upload: bool,
+    /// `gc` removes the reports of ingests whose run was never recorded (`test_result`
+    /// artifacts whose `metadata.run_id` names no run) once they are this old; younger ones
+    /// may belong to an ingest still in progress.
+    pub orphan_report_age: Duration,
 }
 
 impl Default for ArtifactsOptions {
@@ -70,9 +74,13 @@ impl Default for ArtifactsOptions {
             failed_retention_factor: 3,
             gc_grace: Duration::from_secs(600),
             auto_upload: false,
+            orphan_report_age: ORPHAN_REPORT_AGE,
         }
     }
 }
+
+/// Default [`ArtifactsOptions::orphan_report_age`]: an hour.
+pub const ORPHAN_REPORT_AGE: Duration = Duration::from_secs(3600);
 
 /// A session to create.
 #[derive(Debug, Clone, Default)]
@@ -180,6 +188,10 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced blobs kept because they are younger than the grace period.
     pub blobs_in_grace: u64,
+    /// Reports of ingests whose run was never recorded (older than
+    /// [`ArtifactsOptions::orphan_report_age`]) deleted.
+    #[serde(default)]
+    pub orphan_reports_removed: u64,
 }
 
 /// What an upload run did.
@@ -998,10 +1010,56 @@ impl TestArtifactsManager {
         Ok((n, bytes))
     }
 
+    /// Deletes the reports of ingests whose run was never recorded (the record and its undo
+    /// both failed), once older than [`ArtifactsOptions::orphan_report_age`], as
+    /// [`delete_artifact`](Self::delete_artifact) does (the row kept as a `deleted` record,
+    /// the S3 object and the blob released). An ingest still in progress loses nothing
+    /// silently: the index marks a report deleted only if its run is not recorded, under a
+    /// lock that recording the run takes too, so either the run committed first (and the
+    /// report is kept) or the run is refused and the ingest fails, removing what it kept.
+    fn delete_orphan_reports(&self) -> Result<u64> {
+        let started = SystemTime::now();
+        let cutoff = crate::model::now()
+            - chrono::Duration::from_std(self.options.orphan_report_age)
+                .unwrap_or(chrono::Duration::MAX);
+        let mut removed = 0;
+        loop {
+            let batch = self.index.delete_orphan_reports(cutoff, 1000)?;
+            removed += batch.len() as u64;
+            let mut digests = Vec::with_capacity(batch.len());
+            for a in &batch {
+                tracing::info!(artifact_id = %a.artifact_id, run_id = ?a.metadata.get("run_id"), "deleted the report of a test run that was never recorded");
+                #[cfg(feature = "aws")]
+                if a.s3_key.is_some() {
+                    // The key deleted is derived from the layout, never taken from the row.
+                    let deleted = match self
+                        .s3
+                        .as_ref()
+                        .and_then(|s3| Some((s3, upload::owned_key(s3, a)?)))
+                    {
+                        Some((s3, owned)) => s3.delete_object(&owned),
+                        None => Err(Error::invalid("its bucket is not configured")),
+                    };
+                    if let Err(e) = deleted {
+                        tracing::warn!(artifact_id = %a.artifact_id, key = ?a.s3_key, error = %e, "cannot delete the S3 object of a deleted report");
+                    }
+                }
+                if let Ok(d) = a.file_hash.parse::<Digest>() {
+                    digests.push(d);
+                }
+            }
+            self.delete_blobs_older(&digests, Some(started))?;
+            if batch.len() < 1000 {
+                return Ok(removed);
+            }
+        }
+    }
+
     /// Removes leftovers of interrupted adds and blobs that no artifact references (older
-    /// than the grace period).
+    /// than the grace period), and the reports of ingests whose run was never recorded.
     pub fn gc(&self) -> Result<GcReport> {
         let mut report = GcReport {
+            orphan_reports_removed: self.delete_orphan_reports()?,
             incomplete_removed: self.blobs.sweep_incomplete()?,
             ..GcReport::default()
         };

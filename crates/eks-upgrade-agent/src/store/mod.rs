@@ -400,6 +400,18 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     /// (all are `deleted` records), checked in the same write transaction; `None` (nothing
     /// removed) when one is.
     fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>>;
+    /// Marks `deleted`, in one write transaction, up to `limit` reports of ingests whose run
+    /// was never recorded: live `test_result` artifacts created before `created_before` whose
+    /// metadata has a `phase` and a `run_id` naming no test run (what an ingest leaves when
+    /// both its record and its undo fail). Returns them as they were, for the caller to
+    /// release their bytes. Each is locked before its run is looked up, and
+    /// [`TestResultStore::record_run`] checks its artifacts are live under the same lock
+    /// (refusing the run otherwise), so a run and the removal of its report never both commit.
+    fn delete_orphan_reports(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TestArtifact>>;
     /// In one write transaction, calls `delete` for each digest no live artifact references.
     /// Returns the digests deleted.
     fn delete_unreferenced(
@@ -554,6 +566,14 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
     ) -> Result<TestArtifact>;
 }
 
+/// The error of a run whose report was deleted before the run was recorded.
+pub(crate) fn report_deleted(id: &str) -> crate::Error {
+    crate::Error::invalid(format!(
+        "report artifact {id:?} was deleted before its run was recorded (gc removes the reports \
+         of ingests whose run was not recorded after an hour): ingest the report again"
+    ))
+}
+
 /// What [`TestResultStore::record_run`]'s source feeds attempts to.
 pub type AttemptSink<'a> = dyn FnMut(CaseAttempt) -> Result<()> + 'a;
 
@@ -569,8 +589,11 @@ pub type AttemptSink<'a> = dyn FnMut(CaseAttempt) -> Result<()> + 'a;
 /// same transaction updates the cluster's per-test flaky statistics and, for a `post` run that
 /// fails [`Gate::judge`](crate::model::Gate::judge) against the upgrade's latest `pre` run,
 /// writes an `upgrade.validation_failed` notification to the outbox. Unknown run ids are
-/// `NotFound`. History, flaky tests and the durations behind duration regressions are index
-/// walks, never scans of all results.
+/// `NotFound`. A run naming an artifact (`artifact_ids`) of the same store that is `deleted`
+/// (removed by [`ArtifactIndex::delete_orphan_reports`] while the run was being ingested) is
+/// refused (`InvalidInput`), the artifact's row locked while it is checked. History, flaky
+/// tests and the durations behind duration regressions are index walks, never scans of all
+/// results.
 pub trait TestResultStore: Send + Sync + fmt::Debug {
     /// Records a run; see the trait's contract.
     fn record_run(

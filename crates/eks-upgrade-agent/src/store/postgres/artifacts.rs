@@ -959,6 +959,56 @@ impl ArtifactIndex for PostgresStore {
         })
     }
 
+    fn delete_orphan_reports(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TestArtifact>> {
+        let (ty, deleted) = (ArtifactType::TestResult.code(), ArtifactStatus::Deleted.code());
+        self.write(|tx| {
+            let keys: Vec<i64> = tx
+                .query(
+                    "SELECT a.akey FROM artifacts a WHERE a.artifact_type = $1 \
+                     AND a.status <> $2 AND a.created_at < $3 \
+                     AND a.metadata::jsonb ->> 'phase' IS NOT NULL \
+                     AND jsonb_typeof(a.metadata::jsonb -> 'run_id') = 'string' \
+                     AND NOT EXISTS (SELECT 1 FROM test_runs r \
+                       WHERE r.run_id = a.metadata::jsonb ->> 'run_id') \
+                     ORDER BY a.akey LIMIT $4 FOR UPDATE OF a",
+                    &[&ty, &deleted, &micros(created_before), &(limit as i64)],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            // Locked now: a `record_run` naming one of them either committed before the lock
+            // (its run is seen here: a new statement, a new snapshot) or waits for this
+            // transaction and then finds its report deleted.
+            let found = tx
+                .query(
+                    &format!(
+                        "{ARTIFACT_SELECT} WHERE a.akey = ANY($1) AND a.status <> $2 \
+                         AND NOT EXISTS (SELECT 1 FROM test_runs r \
+                           WHERE r.run_id = a.metadata::jsonb ->> 'run_id') ORDER BY a.akey"
+                    ),
+                    &[&keys, &deleted],
+                )?
+                .iter()
+                .map(artifact_row)
+                .collect::<Result<Vec<_>>>()?;
+            let ids: Vec<&str> = found.iter().map(|a| a.artifact_id.as_str()).collect();
+            tx.exec(
+                "UPDATE artifacts SET status = $2, upload_state = CASE WHEN upload_state IN (1, 3) \
+                 THEN 0 ELSE upload_state END, upload_claimed_by = NULL \
+                 WHERE artifact_id = ANY($1)",
+                &[&ids, &deleted],
+            )?;
+            Ok(found)
+        })
+    }
+
     fn set_artifact_status(
         &self,
         artifact_id: &str,
@@ -1134,6 +1184,7 @@ mod tests {
             crate::artifacts::conformance::Backend {
                 index: store.clone(),
                 uploads: store.clone(),
+                results: store.clone(),
                 progress: store,
             }
         });

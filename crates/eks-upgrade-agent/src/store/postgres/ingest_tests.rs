@@ -102,3 +102,97 @@ fn two_first_ingests_on_two_replicas_share_one_session() {
         assert_eq!(a.collection_id, collections[0].collection_id);
     }
 }
+
+/// G121: a `gc` on one replica while another records the run of a report older than
+/// `orphan_report_age` (a slow ingest) keeps the report: the run's transaction holds the
+/// report's row (`FOR SHARE`) while it folds its records, so the sweep's `FOR UPDATE` waits and
+/// then sees the run. Deterministic: the run's source blocks until the sweep waits on the
+/// lock (without the run's lock the sweep deleted the report under the run being recorded).
+#[test]
+fn a_sweep_waits_for_a_run_being_recorded_and_keeps_its_report() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = replicas(&url, &dir.path().join("blobs"));
+    let (m, r) = &replicas[0];
+    let (s, _) = m
+        .latest_session_or_create(crate::artifacts::NewSession {
+            upgrade_id: "u1".into(),
+            cluster_name: "c".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let c = m
+        .create_collection(&s.session_id, "validation", None, None)
+        .unwrap();
+    let report = m
+        .add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            b"<testsuite/>",
+            "r.xml",
+            &crate::artifacts::AddOptions {
+                artifact_type: Some(crate::model::ArtifactType::TestResult),
+                metadata: serde_json::from_value(
+                    serde_json::json!({"run_id": "r-slow", "phase": "pre"}),
+                )
+                .unwrap(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let sweeper = TestArtifactsManager::new(
+        m.index().clone(),
+        m.blobs().clone(),
+        ArtifactsOptions {
+            orphan_report_age: std::time::Duration::ZERO,
+            ..ArtifactsOptions::default()
+        },
+    );
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let (in_source, source_entered) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let report = &report;
+        let recording = scope.spawn(move || {
+            let run = crate::model::NewRun {
+                run_id: "r-slow".into(),
+                upgrade_id: "u1".into(),
+                cluster_name: "c".into(),
+                phase: RunPhase::Pre,
+                created_at: chrono::Utc::now(),
+                files: vec!["r.xml".into()],
+                artifact_ids: vec![report.artifact_id.clone()],
+            };
+            r.store().record_run(&run, &mut |_| {
+                in_source.send(()).unwrap();
+                released.recv().unwrap();
+                Ok(())
+            })
+        });
+        source_entered.recv().unwrap();
+        let sweeping = scope.spawn(|| sweeper.gc());
+        loop {
+            let waiting: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting == 1 || sweeping.is_finished() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        release.send(()).unwrap();
+        recording.join().unwrap().unwrap();
+        assert_eq!(sweeping.join().unwrap().unwrap().orphan_reports_removed, 0);
+    });
+    assert_eq!(
+        m.artifact(&report.artifact_id).unwrap().status,
+        crate::model::ArtifactStatus::Created
+    );
+    assert_eq!(r.run("r-slow").unwrap().artifact_ids, [report.artifact_id]);
+}

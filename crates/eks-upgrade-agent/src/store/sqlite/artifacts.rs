@@ -953,6 +953,44 @@ impl ArtifactIndex for SqliteStore {
         self.write(|tx| import_session_tx(tx, session, collections, artifacts))
     }
 
+    fn delete_orphan_reports(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TestArtifact>> {
+        // Under the write lock: no run is recorded between the look-up and the update.
+        self.write(|tx| {
+            let found: Vec<TestArtifact> = tx
+                .prepare_cached(&format!(
+                    "{ARTIFACT_SELECT} WHERE a.artifact_type = ?1 AND a.status != ?2 \
+                     AND a.created_at < ?3 AND json_valid(a.metadata) \
+                     AND json_extract(a.metadata, '$.phase') IS NOT NULL \
+                     AND json_type(a.metadata, '$.run_id') = 'text' \
+                     AND NOT EXISTS (SELECT 1 FROM test_runs r \
+                       WHERE r.run_id = json_extract(a.metadata, '$.run_id')) \
+                     ORDER BY a.akey LIMIT ?4"
+                ))?
+                .query_map(
+                    params![
+                        ArtifactType::TestResult.code(),
+                        ArtifactStatus::Deleted.code(),
+                        micros(created_before),
+                        limit as i64
+                    ],
+                    artifact_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut stmt = tx.prepare_cached(
+                "UPDATE artifacts SET status = ?2, upload_state = CASE WHEN upload_state IN (1, 3) \
+                 THEN 0 ELSE upload_state END WHERE artifact_id = ?1",
+            )?;
+            for a in &found {
+                stmt.execute(params![a.artifact_id, ArtifactStatus::Deleted.code()])?;
+            }
+            Ok(found)
+        })
+    }
+
     fn set_artifact_status(
         &self,
         artifact_id: &str,
@@ -1255,6 +1293,7 @@ mod tests {
             crate::artifacts::conformance::Backend {
                 index: store.clone(),
                 uploads: store.clone(),
+                results: store.clone(),
                 progress: store,
             }
         });

@@ -209,6 +209,19 @@ fn check_new_run(run: &NewRun) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a run naming a `deleted` artifact: its report was removed (as an orphan, by `gc`)
+/// while the run was ingested. Read under the write lock, so no removal commits in between.
+fn reports_live(tx: &Transaction<'_>, artifact_ids: &[String]) -> Result<()> {
+    let mut stmt = tx.prepare_cached("SELECT status FROM artifacts WHERE artifact_id = ?1")?;
+    for id in artifact_ids {
+        let status: Option<i64> = stmt.query_row([id], |r| r.get(0)).optional()?;
+        if status == Some(crate::model::ArtifactStatus::Deleted.code()) {
+            return Err(crate::store::report_deleted(id));
+        }
+    }
+    Ok(())
+}
+
 impl TestResultStore for SqliteStore {
     fn record_run(
         &self,
@@ -227,6 +240,7 @@ impl TestResultStore for SqliteStore {
                     what: format!("test run {:?}", run.run_id),
                 });
             }
+            reports_live(tx, &run.artifact_ids)?;
             let at = micros(run.created_at);
             tx.prepare_cached(
                 "INSERT INTO test_runs (run_id, upgrade_id, cluster_name, phase, created_at, \
