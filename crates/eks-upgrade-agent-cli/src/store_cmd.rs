@@ -46,6 +46,10 @@ pub(crate) enum StoreCmd {
         /// delete blobs the other references)
         #[arg(long)]
         share_bucket: bool,
+        /// A database target: how long to wait for other sessions' locks on its tables (a
+        /// server using it) before giving up, nothing copied
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = eks_upgrade_agent::units::parse_duration)]
+        lock_timeout: std::time::Duration,
     },
 }
 
@@ -61,7 +65,17 @@ pub(crate) fn run(ctx: &Ctx, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             to_s3_bucket,
             to_s3_prefix,
             share_bucket,
-        } => return copy(ctx, &to, to_s3_bucket, to_s3_prefix, share_bucket),
+            lock_timeout,
+        } => {
+            return copy(
+                ctx,
+                &to,
+                to_s3_bucket,
+                to_s3_prefix,
+                share_bucket,
+                lock_timeout,
+            );
+        }
         StoreCmd::Migrate => true,
         StoreCmd::Info => false,
     };
@@ -194,6 +208,7 @@ fn copy(
     to_bucket: Option<String>,
     to_prefix: Option<String>,
     share_bucket: bool,
+    lock_timeout: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
     let target = parse_target(to)?;
     let config = &ctx.config;
@@ -293,6 +308,7 @@ fn copy(
         Target::Database(url) => {
             let options = PostgresOptions {
                 pool_size: 2,
+                copy_lock_timeout: lock_timeout,
                 ..PostgresOptions::default()
             };
             let db = PostgresStore::open(url, &options)

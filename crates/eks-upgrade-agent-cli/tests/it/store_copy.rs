@@ -801,3 +801,86 @@ fn psql_on(url: &str, sql: &str) {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A `psql` session holding a transaction open (killed on drop).
+struct PsqlSession(std::process::Child);
+
+impl PsqlSession {
+    /// Runs `sql` in a transaction left open, once `psql` has answered it.
+    fn hold(url: &str, sql: &str) -> PsqlSession {
+        use std::io::{BufRead, Write};
+        let mut child = std::process::Command::new("psql")
+            .args([url, "-v", "ON_ERROR_STOP=1", "-tAq"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "BEGIN; {sql}; SELECT 'held';").unwrap();
+        stdin.flush().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "held");
+        child.stdin = Some(stdin);
+        PsqlSession(child)
+    }
+}
+
+impl Drop for PsqlSession {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A copy into a database another session is writing to (it holds a lock on a copied table)
+/// gives up after `--lock-timeout` with an error saying so, and copies nothing; once the
+/// session is gone, the copy succeeds (G122). Before, the copy waited forever (the test kills
+/// it after a minute).
+#[test]
+fn a_copy_into_a_database_in_use_gives_up_after_the_lock_timeout() {
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let src = Env::with_task();
+    let team = Env::new();
+    let on_db = [("EUA_DATABASE_URL", db.as_str())];
+    json(&team, &on_db, &["store", "migrate"]);
+    let holder = PsqlSession::hold(&db, "LOCK TABLE upgrades IN ROW EXCLUSIVE MODE");
+    let mut copy = src
+        .command()
+        .args(["store", "copy", "--to", &db, "--lock-timeout", "1s"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = copy.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = copy.kill();
+            let _ = copy.wait();
+            panic!("the copy still waits for the lock after a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut copy.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("the target database is in use")
+            && err.contains("for 1 s")
+            && err.contains("nothing was copied"),
+        "{err}"
+    );
+    drop(holder);
+    let counts = json(&team, &on_db, &["store", "info"])["counts"].clone();
+    assert!(
+        counts.as_object().unwrap().values().all(|n| n == 0),
+        "{counts}"
+    );
+    let copied = json(&src, &[], &["store", "copy", "--to", &db]);
+    assert_eq!(copied["tables"]["upgrades"], 1, "{copied}");
+}

@@ -228,12 +228,29 @@ impl CopyStore for PostgresStore {
             let Conn { client, stmts } = conn;
             let mut tx = client.transaction()?;
             tx.batch_execute(NO_LIMITS)?;
-            // Other writers wait until the copy commits (or rolls back); readers do not.
+            // Other writers wait until the copy commits (or rolls back); readers do not. The
+            // copy waits for the locks only so long: a database in use (a server writing, a
+            // transaction left open) is an error saying so, not a copy that hangs.
             let names: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
+            let wait_ms = self.copy_lock_timeout.as_millis().clamp(1, i32::MAX as u128);
             tx.batch_execute(&format!(
-                "LOCK TABLE {}, seq_counter IN EXCLUSIVE MODE",
+                "SET LOCAL lock_timeout = {wait_ms}; \
+                 LOCK TABLE {}, seq_counter IN EXCLUSIVE MODE; SET LOCAL lock_timeout = 0",
                 names.join(", ")
-            ))?;
+            ))
+            .map_err(|e| {
+                if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                    Error::invalid(format!(
+                        "the target database is in use: another session held a lock on its \
+                         tables for {} s (a server or another client writing, or a transaction \
+                         left open); stop what uses it and run the copy again (nothing was \
+                         copied)",
+                        self.copy_lock_timeout.as_secs_f64()
+                    ))
+                } else {
+                    Error::backend("cannot lock the target's tables for the copy", e)
+                }
+            })?;
             let mut db = Db { c: &mut tx, stmts };
             refuse_non_empty(non_empty(&mut db)?)?;
             f(&mut Target { db })?;

@@ -51,6 +51,8 @@ pub struct PostgresStore {
     waited_us: std::sync::atomic::AtomicU64,
     /// How long claims on work last (see [`PostgresOptions::lease`]).
     lease: Duration,
+    /// See [`PostgresOptions::copy_lock_timeout`].
+    pub(super) copy_lock_timeout: Duration,
     /// Added to this replica's clock (tests: a replica whose clock is wrong).
     skew: chrono::Duration,
 }
@@ -125,6 +127,7 @@ impl PostgresStore {
             waits: Default::default(),
             waited_us: Default::default(),
             lease: options.lease.max(Duration::from_millis(100)),
+            copy_lock_timeout: options.copy_lock_timeout,
             skew: chrono::Duration::zero(),
         };
         store.with_conn(|conn| super::schema::migrate(&mut conn.client))?;
