@@ -884,3 +884,70 @@ fn a_copy_into_a_database_in_use_gives_up_after_the_lock_timeout() {
     let copied = json(&src, &[], &["store", "copy", "--to", &db]);
     assert_eq!(copied["tables"]["upgrades"], 1, "{copied}");
 }
+
+/// A data dir (no foreign keys) holding an artifact whose collection was removed by hand
+/// copies to a database with an error naming the artifact, its missing collection and what
+/// to do, and copies nothing (before: the database's bare foreign-key error) (G123).
+#[test]
+fn an_orphan_artifact_is_named_when_a_database_refuses_it() {
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let moto = Moto::start();
+    moto.python("boto3.client('s3', **kw).create_bucket(Bucket='team')\nprint('null')");
+    let src = Env::with_task();
+    let session = json(
+        &src,
+        &[],
+        &[
+            "artifacts", "session", "create", "--upgrade", "u", "--cluster", "c",
+        ],
+    )["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let coll = json(
+        &src,
+        &[],
+        &["artifacts", "collection", "create", &session, "--name", "l"],
+    )["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file = src.data_dir().join("a.log");
+    std::fs::write(&file, b"orphan").unwrap();
+    let a = json(
+        &src,
+        &[],
+        &["artifacts", "add", &session, &coll, file.to_str().unwrap()],
+    );
+    let artifact = a[0]["artifact_id"].as_str().unwrap().to_owned();
+    let conn = rusqlite::Connection::open(src.data_dir().join("eks-upgrade-agent.sqlite3")).unwrap();
+    let ckey: i64 = conn
+        .query_row(
+            "SELECT ckey FROM collections WHERE collection_id = ?1",
+            [&coll],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute("DELETE FROM collections WHERE ckey = ?1", [ckey])
+        .unwrap();
+    drop(conn);
+    let mut to_db: Vec<(&str, &str)> = crate::s3::aws_env(&moto.url).to_vec();
+    to_db.push(("EUA_S3_BUCKET", "team"));
+    let err = refused(&src, &to_db, &["store", "copy", "--to", &db]);
+    assert!(
+        err.contains(&format!("artifact_id \"{artifact}\""))
+            && err.contains(&format!("collections row ckey = {ckey}"))
+            && err.contains("delete that artifacts row from the source")
+            && err.contains("nothing was copied"),
+        "{err}"
+    );
+    let team = Env::new();
+    let mut on_db = to_db.clone();
+    on_db.push(("EUA_DATABASE_URL", db.as_str()));
+    let counts = json(&team, &on_db, &["store", "info"])["counts"].clone();
+    assert!(
+        counts.as_object().unwrap().values().all(|n| n == 0),
+        "{counts}"
+    );
+}
