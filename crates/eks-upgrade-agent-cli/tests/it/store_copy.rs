@@ -970,3 +970,107 @@ fn an_orphan_artifact_is_named_when_a_database_refuses_it() {
         "{counts}"
     );
 }
+
+/// `text` without its ANSI escape sequences (`ESC [ ... letter`).
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `cmd` as one `sh` word list, each argument single-quoted.
+fn shell_line(cmd: &std::process::Command) -> String {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_str().unwrap().replace('\'', r"'\''"));
+    std::iter::once(quote(cmd.get_program()))
+        .chain(cmd.get_args().map(quote))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// G87: on a terminal (a pseudo-terminal from util-linux `script`) `store copy` draws a
+/// progress bar per table on stderr, then its summary; not on a terminal it prints the
+/// summary alone (stdout) and nothing on stderr.
+#[test]
+fn store_copy_draws_bars_on_a_terminal_and_only_the_result_elsewhere() {
+    let src = Env::with_task();
+    let summary = |out: &str| {
+        let tables: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        tables.contains(&"upgrades") && tables.contains(&"events") && out.contains("copied ")
+    };
+    // Not a terminal: the result only.
+    let plain = Env::new();
+    let out = src
+        .command()
+        .args(["store", "copy", "--to", plain.data_dir().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(summary(&stdout), "{stdout}");
+    assert!(!stdout.contains('\u{1b}') && !stdout.contains('['), "{stdout}");
+
+    // A terminal: `script` runs the copy on a pseudo-terminal and writes what it shows.
+    let on_a_terminal = |args: &[&str]| {
+        let mut copy = src.command();
+        copy.args(args);
+        let mut script = std::process::Command::new("script");
+        script
+            .args(["-qfec", &shell_line(&copy), "/dev/null"])
+            .env("COLUMNS", "120")
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in copy.get_envs() {
+            match v {
+                Some(v) => script.env(k, v),
+                None => script.env_remove(k),
+            };
+        }
+        script.output().expect("script (util-linux) runs")
+    };
+    // With `-o json`, the JSON alone, even there.
+    let json_dir = Env::new();
+    let out = on_a_terminal(&[
+        "-o",
+        "json",
+        "store",
+        "copy",
+        "--to",
+        json_dir.data_dir().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed: Value = serde_json::from_str(&printed).expect("only JSON on the terminal");
+    assert_eq!(parsed["tables"]["events"], 2, "{printed}");
+    let tty = Env::new();
+    let out = on_a_terminal(&["store", "copy", "--to", tty.data_dir().to_str().unwrap()]);
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    // Without the terminal's escape sequences (colours, cursor moves): what a reader sees.
+    let shown = strip_escapes(&raw);
+    // A bar per table: its name, the full bar, and rows done of the total.
+    for (table, rows) in [("upgrades", 1), ("tasks", 1), ("events", 2)] {
+        let bar = format!("{table:<15} [{}] {rows}/{rows}", "#".repeat(30));
+        assert!(shown.contains(&bar), "no progress bar {bar:?} in {shown:?}");
+    }
+    assert!(raw.contains('\u{1b}'), "drawn with terminal sequences: {raw:?}");
+    assert!(summary(&shown), "{shown:?}");
+    // The copy on the terminal copied the same as the other.
+    let counts = |env: &Env| json(env, &[], &["store", "info"])["counts"].clone();
+    assert_eq!(counts(&tty), counts(&plain));
+}
