@@ -918,7 +918,13 @@ fn an_orphan_artifact_is_named_when_a_database_refuses_it() {
         &src,
         &[],
         &[
-            "artifacts", "session", "create", "--upgrade", "u", "--cluster", "c",
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u",
+            "--cluster",
+            "c",
         ],
     )["session_id"]
         .as_str()
@@ -940,7 +946,8 @@ fn an_orphan_artifact_is_named_when_a_database_refuses_it() {
         &["artifacts", "add", &session, &coll, file.to_str().unwrap()],
     );
     let artifact = a[0]["artifact_id"].as_str().unwrap().to_owned();
-    let conn = rusqlite::Connection::open(src.data_dir().join("eks-upgrade-agent.sqlite3")).unwrap();
+    let conn =
+        rusqlite::Connection::open(src.data_dir().join("eks-upgrade-agent.sqlite3")).unwrap();
     let ckey: i64 = conn
         .query_row(
             "SELECT ckey FROM collections WHERE collection_id = ?1",
@@ -1021,9 +1028,16 @@ fn store_copy_draws_bars_on_a_terminal_and_only_the_result_elsewhere() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(summary(&stdout), "{stdout}");
-    assert!(!stdout.contains('\u{1b}') && !stdout.contains('['), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('['),
+        "{stdout}"
+    );
 
     // A terminal: `script` runs the copy on a pseudo-terminal and writes what it shows.
     let on_a_terminal = |args: &[&str]| {
@@ -1068,7 +1082,10 @@ fn store_copy_draws_bars_on_a_terminal_and_only_the_result_elsewhere() {
         let bar = format!("{table:<15} [{}] {rows}/{rows}", "#".repeat(30));
         assert!(shown.contains(&bar), "no progress bar {bar:?} in {shown:?}");
     }
-    assert!(raw.contains('\u{1b}'), "drawn with terminal sequences: {raw:?}");
+    assert!(
+        raw.contains('\u{1b}'),
+        "drawn with terminal sequences: {raw:?}"
+    );
     assert!(summary(&shown), "{shown:?}");
     // The copy on the terminal copied the same as the other.
     let counts = |env: &Env| json(env, &[], &["store", "info"])["counts"].clone();

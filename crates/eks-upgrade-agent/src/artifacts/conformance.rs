@@ -1512,8 +1512,16 @@ fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
         .unwrap()
     };
     let report = ArtifactType::TestResult;
-    let orphan = add("orphan.xml", report, json!({"run_id": "r-gone", "phase": "pre"}));
-    let recorded = add("recorded.xml", report, json!({"run_id": "r-kept", "phase": "pre"}));
+    let orphan = add(
+        "orphan.xml",
+        report,
+        json!({"run_id": "r-gone", "phase": "pre"}),
+    );
+    let recorded = add(
+        "recorded.xml",
+        report,
+        json!({"run_id": "r-kept", "phase": "pre"}),
+    );
     let run = |id: &str, artifact: &str| crate::model::NewRun {
         run_id: id.into(),
         upgrade_id: "u1".into(),
@@ -1530,22 +1538,43 @@ fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
     // Not a report of an ingest: no phase, not a test result, not a string.
     let others = [
         add("user.xml", report, json!({"run_id": "r-gone"})),
-        add("log.txt", ArtifactType::LogFile, json!({"run_id": "r-gone", "phase": "pre"})),
+        add(
+            "log.txt",
+            ArtifactType::LogFile,
+            json!({"run_id": "r-gone", "phase": "pre"}),
+        ),
         add("odd.xml", report, json!({"run_id": 7, "phase": "pre"})),
     ];
-    assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 0, "younger than an hour");
-    assert_eq!(f.m.artifact(&orphan.artifact_id).unwrap().status, ArtifactStatus::Created);
+    assert_eq!(
+        f.m.gc().unwrap().orphan_reports_removed,
+        0,
+        "younger than an hour"
+    );
+    assert_eq!(
+        f.m.artifact(&orphan.artifact_id).unwrap().status,
+        ArtifactStatus::Created
+    );
     let f = f.with_options(ArtifactsOptions {
         orphan_report_age: std::time::Duration::ZERO,
         ..ArtifactsOptions::default()
     });
     std::thread::sleep(std::time::Duration::from_millis(2));
     assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 1);
-    assert_eq!(f.m.artifact(&orphan.artifact_id).unwrap().status, ArtifactStatus::Deleted);
+    assert_eq!(
+        f.m.artifact(&orphan.artifact_id).unwrap().status,
+        ArtifactStatus::Deleted
+    );
     let digest: crate::blob::Digest = orphan.file_hash.parse().unwrap();
-    assert!(!f.blobs.exists(&digest).unwrap(), "the orphan's blob is released");
+    assert!(
+        !f.blobs.exists(&digest).unwrap(),
+        "the orphan's blob is released"
+    );
     for a in others.iter().chain([&recorded]) {
-        assert_ne!(f.m.artifact(&a.artifact_id).unwrap().status, ArtifactStatus::Deleted, "{a:?}");
+        assert_ne!(
+            f.m.artifact(&a.artifact_id).unwrap().status,
+            ArtifactStatus::Deleted,
+            "{a:?}"
+        );
     }
     assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 0);
     // The late run of the deleted report is refused whole.
@@ -1557,7 +1586,10 @@ fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
         Err(Error::InvalidInput(m)) => assert!(m.contains("ingest the report again"), "{m}"),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(f.backend.results.run("r-gone"), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        f.backend.results.run("r-gone"),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 /// `latest_session_or_create` creates a session only for an upgrade that has none, and

@@ -356,7 +356,7 @@ impl TestArtifactsManager {
     /// The upgrade's latest session, or a session created from `new` when the upgrade has
     /// none, and whether it was created here. Concurrent callers for one upgrade (ingests on
     /// several replicas) end with one session, all of them using it
-    /// ([`ArtifactIndex::create_first_session`](crate::store::ArtifactIndex::create_first_session)).
+    /// ([`ArtifactIndex::create_first_session`]).
     pub fn latest_session_or_create(&self, new: NewSession) -> Result<(TestSession, bool)> {
         let session = self.new_session(new)?;
         let latest = self.index.create_first_session(&session)?;

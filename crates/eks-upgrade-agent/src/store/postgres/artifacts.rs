@@ -964,7 +964,10 @@ impl ArtifactIndex for PostgresStore {
         created_before: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<TestArtifact>> {
-        let (ty, deleted) = (ArtifactType::TestResult.code(), ArtifactStatus::Deleted.code());
+        let (ty, deleted) = (
+            ArtifactType::TestResult.code(),
+            ArtifactStatus::Deleted.code(),
+        );
         self.write(|tx| {
             let keys: Vec<i64> = tx
                 .query(

@@ -245,7 +245,11 @@ fn orphan_row(e: Error, table: &Table, rows: &[Row]) -> Error {
         let id = (0..table.columns.len())
             .find(|&i| table.columns[i].name.ends_with("_id") && matches!(r[i], Cell::Text(_)));
         let named: Vec<String> = match id {
-            Some(i) => vec![format!("{} {:?}", table.columns[i].name, r[i].as_text().unwrap_or(""))],
+            Some(i) => vec![format!(
+                "{} {:?}",
+                table.columns[i].name,
+                r[i].as_text().unwrap_or("")
+            )],
             None => table
                 .key_indexes()
                 .into_iter()
@@ -300,7 +304,10 @@ impl CopyStore for PostgresStore {
             // copy waits for the locks only so long: a database in use (a server writing, a
             // transaction left open) is an error saying so, not a copy that hangs.
             let names: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
-            let wait_ms = self.copy_lock_timeout.as_millis().clamp(1, i32::MAX as u128);
+            let wait_ms = self
+                .copy_lock_timeout
+                .as_millis()
+                .clamp(1, i32::MAX as u128);
             tx.batch_execute(&format!(
                 "SET LOCAL lock_timeout = {wait_ms}; \
                  LOCK TABLE {}, seq_counter IN EXCLUSIVE MODE; SET LOCAL lock_timeout = 0",

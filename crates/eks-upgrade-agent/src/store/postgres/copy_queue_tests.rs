@@ -44,7 +44,9 @@ fn queued_and_leased_work_copied_between_databases_is_claimable_on_the_target() 
             ..NewSession::default()
         })
         .unwrap();
-    let c = m.create_collection(&s.session_id, "logs", None, None).unwrap();
+    let c = m
+        .create_collection(&s.session_id, "logs", None, None)
+        .unwrap();
     for i in 0..3 {
         m.add_bytes(
             &s.session_id,
@@ -99,5 +101,9 @@ fn queued_and_leased_work_copied_between_databases_is_claimable_on_the_target() 
         ids.sort();
         ids
     };
-    assert_eq!(ids(&due), ids(&claimed), "every claimed delivery is due on the copy");
+    assert_eq!(
+        ids(&due),
+        ids(&claimed),
+        "every claimed delivery is due on the copy"
+    );
 }

@@ -18,7 +18,11 @@ fn replicas(url: &str, blobs: &std::path::Path) -> Vec<(TestArtifactsManager, Te
         .map(|_| {
             let store = Arc::new(PostgresStore::open(url, &PostgresOptions::default()).unwrap());
             (
-                TestArtifactsManager::new(store.clone(), blobs.clone(), ArtifactsOptions::default()),
+                TestArtifactsManager::new(
+                    store.clone(),
+                    blobs.clone(),
+                    ArtifactsOptions::default(),
+                ),
                 TestResults::new(store),
             )
         })
