@@ -1491,9 +1491,11 @@ fn a_deleted_artifact_leaves_the_upload_queue(f: Fixture) {
 }
 
 /// `gc` deletes the reports an ingest left when neither its run nor its undo could be written
-/// (`test_result` artifacts whose `metadata.run_id` names no run, with a `phase`) once older
-/// than `orphan_report_age`, releasing their blobs, and nothing else; a run naming a report
-/// deleted so is refused and stores nothing (G121).
+/// (`test_result` artifacts still marked with [`crate::store::PENDING_RUN_KEY`] naming no
+/// run) once older than `orphan_report_age`, releasing their blobs, and nothing else (a
+/// report with a `run_id` and a `phase` of a run this store does not hold, as a pulled session
+/// or a user's metadata has, stays); recording a run unmarks its reports; a run naming a
+/// report deleted so is refused and stores nothing (G121).
 fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
     let (s, c) = session(&f, "u1");
     let add = |name: &str, ty: ArtifactType, meta: serde_json::Value| {
@@ -1512,15 +1514,16 @@ fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
         .unwrap()
     };
     let report = ArtifactType::TestResult;
+    let key = crate::store::PENDING_RUN_KEY;
     let orphan = add(
         "orphan.xml",
         report,
-        json!({"run_id": "r-gone", "phase": "pre"}),
+        json!({"run_id": "r-gone", "phase": "pre", key: "r-gone"}),
     );
     let recorded = add(
         "recorded.xml",
         report,
-        json!({"run_id": "r-kept", "phase": "pre"}),
+        json!({"run_id": "r-kept", "phase": "pre", key: "r-kept"}),
     );
     let run = |id: &str, artifact: &str| crate::model::NewRun {
         run_id: id.into(),
@@ -1535,15 +1538,23 @@ fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
         .results
         .record_run(&run("r-kept", &recorded.artifact_id), &mut |_| Ok(()))
         .unwrap();
-    // Not a report of an ingest: no phase, not a test result, not a string.
+    assert!(
+        !f.m.artifact(&recorded.artifact_id)
+            .unwrap()
+            .metadata
+            .contains_key(key),
+        "recording the run unmarks its report"
+    );
+    // Not a report of an unrecorded ingest here: a pulled report (or a user's metadata) of a
+    // run this store does not hold, another type, a mark that is not a run id.
     let others = [
-        add("user.xml", report, json!({"run_id": "r-gone"})),
         add(
-            "log.txt",
-            ArtifactType::LogFile,
+            "pulled.xml",
+            report,
             json!({"run_id": "r-gone", "phase": "pre"}),
         ),
-        add("odd.xml", report, json!({"run_id": 7, "phase": "pre"})),
+        add("log.txt", ArtifactType::LogFile, json!({key: "r-gone"})),
+        add("odd.xml", report, json!({key: 7})),
     ];
     assert_eq!(
         f.m.gc().unwrap().orphan_reports_removed,

@@ -1013,7 +1013,7 @@ impl TestArtifactsManager {
     /// Deletes the reports of ingests whose run was never recorded (the record and its undo
     /// both failed), once older than [`ArtifactsOptions::orphan_report_age`], as
     /// [`delete_artifact`](Self::delete_artifact) does (the row kept as a `deleted` record,
-    /// the S3 object and the blob released). An ingest still in progress loses nothing
+    /// the blob released; an S3 copy under the session's layout is left alone). An ingest still in progress loses nothing
     /// silently: the index marks a report deleted only if its run is not recorded, under a
     /// lock that recording the run takes too, so either the run committed first (and the
     /// report is kept) or the run is refused and the ingest fails, removing what it kept.
@@ -1028,22 +1028,10 @@ impl TestArtifactsManager {
             removed += batch.len() as u64;
             let mut digests = Vec::with_capacity(batch.len());
             for a in &batch {
-                tracing::info!(artifact_id = %a.artifact_id, run_id = ?a.metadata.get("run_id"), "deleted the report of a test run that was never recorded");
-                #[cfg(feature = "aws")]
-                if a.s3_key.is_some() {
-                    // The key deleted is derived from the layout, never taken from the row.
-                    let deleted = match self
-                        .s3
-                        .as_ref()
-                        .and_then(|s3| Some((s3, upload::owned_key(s3, a)?)))
-                    {
-                        Some((s3, owned)) => s3.delete_object(&owned),
-                        None => Err(Error::invalid("its bucket is not configured")),
-                    };
-                    if let Err(e) = deleted {
-                        tracing::warn!(artifact_id = %a.artifact_id, key = ?a.s3_key, error = %e, "cannot delete the S3 object of a deleted report");
-                    }
-                }
+                // Its S3 object under the session's layout (if the upload queue sent it)
+                // is left alone: this row was found by inference, and deleting objects in a
+                // shared bucket is kept to explicit `delete` and `cleanup`.
+                tracing::info!(artifact_id = %a.artifact_id, run_id = ?a.metadata.get(crate::store::PENDING_RUN_KEY), "deleted the report of a test run that was never recorded");
                 if let Ok(d) = a.file_hash.parse::<Digest>() {
                     digests.push(d);
                 }

@@ -125,6 +125,12 @@ fn keep_options(keep: KeepFiles<'_>, ingest: &Ingest, run_id: &str) -> AddOption
         .insert("run_id".to_owned(), serde_json::json!(run_id));
     opts.metadata
         .insert("phase".to_owned(), serde_json::json!(ingest.phase));
+    // Until the run is recorded: what `gc` finds when neither the record nor the undo could
+    // be written.
+    opts.metadata.insert(
+        crate::store::PENDING_RUN_KEY.to_owned(),
+        serde_json::json!(run_id),
+    );
     opts
 }
 

@@ -402,7 +402,7 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>>;
     /// Marks `deleted`, in one write transaction, up to `limit` reports of ingests whose run
     /// was never recorded: live `test_result` artifacts created before `created_before` whose
-    /// metadata has a `phase` and a `run_id` naming no test run (what an ingest leaves when
+    /// metadata still has [`PENDING_RUN_KEY`] naming no test run (what an ingest leaves when
     /// both its record and its undo fail). Returns them as they were, for the caller to
     /// release their bytes. Each is locked before its run is looked up, and
     /// [`TestResultStore::record_run`] checks its artifacts are live under the same lock
@@ -566,6 +566,12 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
     ) -> Result<TestArtifact>;
 }
 
+/// The metadata key an ingest marks the reports it keeps with, naming its run until the run
+/// is recorded ([`TestResultStore::record_run`] removes it in the run's transaction): a
+/// report still marked long after is one whose run and undo both failed, which
+/// [`ArtifactIndex::delete_orphan_reports`] removes. Reserved: not for users' metadata.
+pub const PENDING_RUN_KEY: &str = "eua_pending_run";
+
 /// The error of a run whose report was deleted before the run was recorded.
 pub(crate) fn report_deleted(id: &str) -> crate::Error {
     crate::Error::invalid(format!(
@@ -591,7 +597,8 @@ pub type AttemptSink<'a> = dyn FnMut(CaseAttempt) -> Result<()> + 'a;
 /// writes an `upgrade.validation_failed` notification to the outbox. Unknown run ids are
 /// `NotFound`. A run naming an artifact (`artifact_ids`) of the same store that is `deleted`
 /// (removed by [`ArtifactIndex::delete_orphan_reports`] while the run was being ingested) is
-/// refused (`InvalidInput`), the artifact's row locked while it is checked. History, flaky
+/// refused (`InvalidInput`), the artifact's row locked while it is checked; the run's
+/// artifacts lose their [`PENDING_RUN_KEY`] in the same transaction. History, flaky
 /// tests and the durations behind duration regressions are index walks, never scans of all
 /// results.
 pub trait TestResultStore: Send + Sync + fmt::Debug {

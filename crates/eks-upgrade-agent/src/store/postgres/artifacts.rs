@@ -973,12 +973,18 @@ impl ArtifactIndex for PostgresStore {
                 .query(
                     "SELECT a.akey FROM artifacts a WHERE a.artifact_type = $1 \
                      AND a.status <> $2 AND a.created_at < $3 \
-                     AND a.metadata::jsonb ->> 'phase' IS NOT NULL \
-                     AND jsonb_typeof(a.metadata::jsonb -> 'run_id') = 'string' \
+                     AND (CASE WHEN strpos(a.metadata, $5) > 0 \
+                       THEN jsonb_typeof(a.metadata::jsonb -> $5::text) END) = 'string' \
                      AND NOT EXISTS (SELECT 1 FROM test_runs r \
-                       WHERE r.run_id = a.metadata::jsonb ->> 'run_id') \
+                       WHERE r.run_id = a.metadata::jsonb ->> $5::text) \
                      ORDER BY a.akey LIMIT $4 FOR UPDATE OF a",
-                    &[&ty, &deleted, &micros(created_before), &(limit as i64)],
+                    &[
+                        &ty,
+                        &deleted,
+                        &micros(created_before),
+                        &(limit as i64),
+                        &crate::store::PENDING_RUN_KEY,
+                    ],
                 )?
                 .iter()
                 .map(|r| r.get(0))
@@ -993,10 +999,11 @@ impl ArtifactIndex for PostgresStore {
                 .query(
                     &format!(
                         "{ARTIFACT_SELECT} WHERE a.akey = ANY($1) AND a.status <> $2 \
+                         AND strpos(a.metadata, $3) > 0 \
                          AND NOT EXISTS (SELECT 1 FROM test_runs r \
-                           WHERE r.run_id = a.metadata::jsonb ->> 'run_id') ORDER BY a.akey"
+                           WHERE r.run_id = a.metadata::jsonb ->> $3::text) ORDER BY a.akey"
                     ),
-                    &[&keys, &deleted],
+                    &[&keys, &deleted, &crate::store::PENDING_RUN_KEY],
                 )?
                 .iter()
                 .map(artifact_row)

@@ -137,9 +137,11 @@ fn a_sweep_waits_for_a_run_being_recorded_and_keeps_its_report() {
             "r.xml",
             &crate::artifacts::AddOptions {
                 artifact_type: Some(crate::model::ArtifactType::TestResult),
-                metadata: serde_json::from_value(
-                    serde_json::json!({"run_id": "r-slow", "phase": "pre"}),
-                )
+                metadata: serde_json::from_value(serde_json::json!({
+                    "run_id": "r-slow",
+                    "phase": "pre",
+                    crate::store::PENDING_RUN_KEY: "r-slow",
+                }))
                 .unwrap(),
                 ..Default::default()
             },

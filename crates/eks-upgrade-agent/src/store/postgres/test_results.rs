@@ -385,6 +385,11 @@ fn record(
                 return Err(crate::store::report_deleted(r.get(0)));
             }
         }
+        tx.exec(
+            "UPDATE artifacts SET metadata = (metadata::jsonb - $2::text)::text \
+             WHERE artifact_id = ANY($1) AND strpos(metadata, $2) > 0",
+            &[&run.artifact_ids, &crate::store::PENDING_RUN_KEY],
+        )?;
     }
     let at = micros(run.created_at);
     let rkey: i64 = tx

@@ -964,10 +964,9 @@ impl ArtifactIndex for SqliteStore {
                 .prepare_cached(&format!(
                     "{ARTIFACT_SELECT} WHERE a.artifact_type = ?1 AND a.status != ?2 \
                      AND a.created_at < ?3 AND json_valid(a.metadata) \
-                     AND json_extract(a.metadata, '$.phase') IS NOT NULL \
-                     AND json_type(a.metadata, '$.run_id') = 'text' \
+                     AND json_type(a.metadata, '$.' || ?5) = 'text' \
                      AND NOT EXISTS (SELECT 1 FROM test_runs r \
-                       WHERE r.run_id = json_extract(a.metadata, '$.run_id')) \
+                       WHERE r.run_id = json_extract(a.metadata, '$.' || ?5)) \
                      ORDER BY a.akey LIMIT ?4"
                 ))?
                 .query_map(
@@ -975,7 +974,8 @@ impl ArtifactIndex for SqliteStore {
                         ArtifactType::TestResult.code(),
                         ArtifactStatus::Deleted.code(),
                         micros(created_before),
-                        limit as i64
+                        limit as i64,
+                        crate::store::PENDING_RUN_KEY
                     ],
                     artifact_row,
                 )?

@@ -213,11 +213,17 @@ fn check_new_run(run: &NewRun) -> Result<()> {
 /// while the run was ingested. Read under the write lock, so no removal commits in between.
 fn reports_live(tx: &Transaction<'_>, artifact_ids: &[String]) -> Result<()> {
     let mut stmt = tx.prepare_cached("SELECT status FROM artifacts WHERE artifact_id = ?1")?;
+    let mut unmark = tx.prepare_cached(
+        "UPDATE artifacts SET metadata = json_remove(metadata, '$.' || ?2) \
+         WHERE artifact_id = ?1 AND json_valid(metadata) \
+         AND json_type(metadata, '$.' || ?2) IS NOT NULL",
+    )?;
     for id in artifact_ids {
         let status: Option<i64> = stmt.query_row([id], |r| r.get(0)).optional()?;
         if status == Some(crate::model::ArtifactStatus::Deleted.code()) {
             return Err(crate::store::report_deleted(id));
         }
+        unmark.execute(params![id, crate::store::PENDING_RUN_KEY])?;
     }
     Ok(())
 }
