@@ -890,9 +890,26 @@ fn a_copy_into_a_database_in_use_gives_up_after_the_lock_timeout() {
     assert!(!status.success());
     assert!(
         err.contains("the target database is in use")
-            && err.contains("for 1 s")
+            && err.contains("waited more than 1 s")
             && err.contains("nothing was copied"),
         "{err}"
+    );
+    let data_dir = Env::new();
+    let refusal = refused(
+        &src,
+        &[],
+        &[
+            "store",
+            "copy",
+            "--to",
+            data_dir.data_dir().to_str().unwrap(),
+            "--lock-timeout",
+            "1s",
+        ],
+    );
+    assert!(
+        refusal.contains("--lock-timeout is for a database target"),
+        "{refusal}"
     );
     drop(holder);
     let counts = json(&team, &on_db, &["store", "info"])["counts"].clone();

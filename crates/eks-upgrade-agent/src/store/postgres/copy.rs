@@ -315,13 +315,17 @@ impl CopyStore for PostgresStore {
             ))
             .map_err(|e| {
                 if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                    Error::invalid(format!(
-                        "the target database is in use: another session held a lock on its \
-                         tables for {} s (a server or another client writing, or a transaction \
-                         left open); stop what uses it and run the copy again (nothing was \
-                         copied)",
-                        self.copy_lock_timeout.as_secs_f64()
-                    ))
+                    Error::Backend {
+                        message: format!(
+                            "the target database is in use: the copy waited more than {} s for \
+                             a lock another session holds on its tables (a server or another \
+                             client writing, or a transaction left open); stop what uses it, or \
+                             give a longer --lock-timeout, and run the copy again (nothing was \
+                             copied)",
+                            self.copy_lock_timeout.as_secs_f64()
+                        ),
+                        source: None,
+                    }
                 } else {
                     Error::backend("cannot lock the target's tables for the copy", e)
                 }

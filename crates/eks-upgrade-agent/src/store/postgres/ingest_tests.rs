@@ -73,6 +73,7 @@ fn two_first_ingests_on_two_replicas_share_one_session() {
                 })
             })
             .collect();
+        let started = std::time::Instant::now();
         loop {
             let waiting: i64 = admin
                 .query_one(
@@ -87,6 +88,10 @@ fn two_first_ingests_on_two_replicas_share_one_session() {
             for h in &ingests {
                 assert!(!h.is_finished(), "an ingest ended while the table was held");
             }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the ingests did not both wait on a lock within a minute"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         lock.rollback().unwrap();
@@ -179,6 +184,7 @@ fn a_sweep_waits_for_a_run_being_recorded_and_keeps_its_report() {
         });
         source_entered.recv().unwrap();
         let sweeping = scope.spawn(|| sweeper.gc());
+        let started = std::time::Instant::now();
         loop {
             let waiting: i64 = admin
                 .query_one(
@@ -190,6 +196,10 @@ fn a_sweep_waits_for_a_run_being_recorded_and_keeps_its_report() {
             if waiting == 1 || sweeping.is_finished() {
                 break;
             }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the sweep neither waited on a lock nor ended within a minute"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         release.send(()).unwrap();

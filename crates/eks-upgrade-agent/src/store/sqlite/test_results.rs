@@ -1033,13 +1033,32 @@ mod tests {
 
     /// G120: two first ingests of an upgrade (two stores on one data dir, as two processes)
     /// that both find no session end with one session, both runs' reports in it. A third
-    /// connection holds the write lock while both look: each finds no session before either
-    /// can write (without the check under the write lock both created a session).
+    /// connection holds the write lock until both stores' reader connections have run a
+    /// statement (the look for the upgrade's sessions, outside the write lock: with the old
+    /// create both then found none and both created one; 2 s at most).
     #[test]
     fn two_first_ingests_of_an_upgrade_share_one_session() {
         let dir = tempfile::tempdir().unwrap();
-        let (_a, ma, ra) = kept_store(dir.path());
-        let (_b, mb, rb) = kept_store(dir.path());
+        let (a, ma, ra) = kept_store(dir.path());
+        let (b, mb, rb) = kept_store(dir.path());
+        let looked: Vec<Arc<std::sync::atomic::AtomicBool>> = [&a, &b]
+            .into_iter()
+            .map(|store| {
+                let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let seen = flag.clone();
+                store
+                    .reader()
+                    .progress_handler(
+                        1,
+                        Some(move || {
+                            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                            false
+                        }),
+                    )
+                    .unwrap();
+                flag
+            })
+            .collect();
         let report = dir.path().join("junit.xml");
         std::fs::write(
             &report,
@@ -1064,7 +1083,14 @@ mod tests {
                 .collect();
             // Both have looked for the upgrade's session (reads do not wait for the writer)
             // and wait for the write lock (the busy timeout is 10 s).
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            let start = std::time::Instant::now();
+            while !looked
+                .iter()
+                .all(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+                && start.elapsed() < std::time::Duration::from_secs(2)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             holder.execute_batch("COMMIT").unwrap();
             ingests
                 .into_iter()
