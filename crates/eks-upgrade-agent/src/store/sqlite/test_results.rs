@@ -1108,6 +1108,70 @@ mod tests {
         }
     }
 
+    /// G120: an ingest that lost the race for an upgrade's first session (it found none, then
+    /// the other's session committed before its own create) and then fails to record its run
+    /// leaves that session (and removes only its own report): the session is not its own.
+    #[test]
+    fn a_lost_race_for_the_first_session_leaves_the_winners_session_on_undo() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, m, r) = kept_store(dir.path());
+        let looked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = looked.clone();
+        store
+            .reader()
+            .progress_handler(
+                1,
+                Some(move || {
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    false
+                }),
+            )
+            .unwrap();
+        let report = dir.path().join("junit.xml");
+        std::fs::write(
+            &report,
+            r#"<testsuite name="s"><testcase classname="api" name="health"/></testsuite>"#,
+        )
+        .unwrap();
+        let winner = rusqlite::Connection::open(dir.path().join(super::super::DB_FILE)).unwrap();
+        winner
+            .execute_batch(
+                "CREATE TRIGGER no_runs BEFORE INSERT ON test_runs \
+                 BEGIN SELECT RAISE(ABORT, 'no runs today'); END; \
+                 BEGIN IMMEDIATE; \
+                 INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, started_at, \
+                 retention_days) VALUES ('winner', 'u1', 'prod', 'w', 0, 30);",
+            )
+            .unwrap();
+        let failed = std::thread::scope(|scope| {
+            let ingest = scope.spawn(|| {
+                r.ingest(
+                    std::slice::from_ref(&report),
+                    &Ingest::new("u1", "prod", RunPhase::Pre),
+                    Some(keep(&m)),
+                )
+            });
+            let start = std::time::Instant::now();
+            while !looked.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(start.elapsed() < std::time::Duration::from_secs(60));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            winner.execute_batch("COMMIT").unwrap();
+            ingest.join().unwrap()
+        });
+        let err = format!("{:?}", failed.unwrap_err());
+        assert!(err.contains("no runs today"), "{err}");
+        let sessions = m.sessions(Some("u1")).unwrap();
+        assert_eq!(sessions.len(), 1, "{sessions:#?}");
+        assert_eq!(sessions[0].session_id, "winner");
+        let page = m.search(&crate::model::ArtifactQuery::default()).unwrap();
+        assert!(
+            page.iter()
+                .all(|a| a.status == crate::model::ArtifactStatus::Deleted),
+            "{page:#?}"
+        );
+    }
+
     /// T14: a suite without a name is the empty suite, never the file's path: the same report
     /// written to another path (another name) holds the same tests.
     #[test]
