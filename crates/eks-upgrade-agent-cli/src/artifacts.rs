@@ -780,6 +780,12 @@ fn run_on(
                     report.bytes_freed,
                     report.blobs_in_grace
                 );
+                if report.orphan_reports_removed > 0 {
+                    println!(
+                        "deleted {} test reports of runs that were never recorded",
+                        report.orphan_reports_removed
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -46,6 +46,10 @@ pub(crate) enum StoreCmd {
         /// delete blobs the other references)
         #[arg(long)]
         share_bucket: bool,
+        /// A database target: how long to wait for other sessions' locks on its tables (a
+        /// server using it) before giving up, nothing copied [default: 10s]
+        #[arg(long, value_name = "DURATION", value_parser = eks_upgrade_agent::units::parse_duration)]
+        lock_timeout: Option<std::time::Duration>,
     },
 }
 
@@ -61,7 +65,17 @@ pub(crate) fn run(ctx: &Ctx, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             to_s3_bucket,
             to_s3_prefix,
             share_bucket,
-        } => return copy(ctx, &to, to_s3_bucket, to_s3_prefix, share_bucket),
+            lock_timeout,
+        } => {
+            return copy(
+                ctx,
+                &to,
+                to_s3_bucket,
+                to_s3_prefix,
+                share_bucket,
+                lock_timeout,
+            );
+        }
         StoreCmd::Migrate => true,
         StoreCmd::Info => false,
     };
@@ -194,8 +208,15 @@ fn copy(
     to_bucket: Option<String>,
     to_prefix: Option<String>,
     share_bucket: bool,
+    lock_timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<ExitCode> {
     let target = parse_target(to)?;
+    if let (Target::DataDir(_), Some(_)) = (&target, lock_timeout) {
+        anyhow::bail!(
+            "--lock-timeout is for a database target (a data dir target is a new store no one \
+             else uses): drop it"
+        );
+    }
     let config = &ctx.config;
     // The source: the database, or the data dir's store (which must exist).
     let (source, from_blobs, from_name): (Arc<dyn CopyStore>, _, String) = match ctx.database(3)? {
@@ -293,6 +314,8 @@ fn copy(
         Target::Database(url) => {
             let options = PostgresOptions {
                 pool_size: 2,
+                copy_lock_timeout: lock_timeout
+                    .unwrap_or(PostgresOptions::default().copy_lock_timeout),
                 ..PostgresOptions::default()
             };
             let db = PostgresStore::open(url, &options)

@@ -455,8 +455,12 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     for id in &pending {
         wait_until("the database's dispatcher", || sent(&got, id) == 2);
     }
-    // Time for a wrong resend to show.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Until the copy's dispatcher has nothing pending: by then it has sent every entry the
+    // outbox holds as undelivered (a delivery copied as pending by mistake too), so the
+    // counts below are final (no waiting for a resend that may come).
+    wait_until("nothing pending on the database copy", || {
+        notifications_pending(served.port) == Some(0)
+    });
     drop(served);
     for id in &pending {
         assert_eq!(sent(&got, id), 2, "once per copy");
@@ -464,6 +468,21 @@ fn a_data_dir_copied_to_a_database_and_back_keeps_everything() {
     for id in &done {
         assert_eq!(sent(&got, id), 1, "delivered before the copy: never again");
     }
+}
+
+/// The notifications a server's dispatcher has not delivered, from its `/metrics` (`None`
+/// before it lists a sink).
+fn notifications_pending(port: u16) -> Option<u64> {
+    let text = crate::util::http(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("eua_notifications_pending{"))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A copy that fails midway (an artifact's bytes are corrupt or missing in the source, found
@@ -800,4 +819,292 @@ fn psql_on(url: &str, sql: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// A `psql` session holding a transaction open (killed on drop).
+struct PsqlSession(std::process::Child);
+
+impl PsqlSession {
+    /// Runs `sql` in a transaction left open, once `psql` has answered it.
+    fn hold(url: &str, sql: &str) -> PsqlSession {
+        use std::io::{BufRead, Write};
+        let mut child = std::process::Command::new("psql")
+            .args([url, "-v", "ON_ERROR_STOP=1", "-tAq"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "BEGIN; {sql}; SELECT 'held';").unwrap();
+        stdin.flush().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "held");
+        child.stdin = Some(stdin);
+        PsqlSession(child)
+    }
+}
+
+impl Drop for PsqlSession {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A copy into a database another session is writing to (it holds a lock on a copied table)
+/// gives up after `--lock-timeout` with an error saying so, and copies nothing; once the
+/// session is gone, the copy succeeds (G122). Before, the copy waited forever (the test kills
+/// it after a minute).
+#[test]
+fn a_copy_into_a_database_in_use_gives_up_after_the_lock_timeout() {
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let src = Env::with_task();
+    let team = Env::new();
+    let on_db = [("EUA_DATABASE_URL", db.as_str())];
+    json(&team, &on_db, &["store", "migrate"]);
+    let holder = PsqlSession::hold(&db, "LOCK TABLE upgrades IN ROW EXCLUSIVE MODE");
+    let mut copy = src
+        .command()
+        .args(["store", "copy", "--to", &db, "--lock-timeout", "1s"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = copy.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = copy.kill();
+            let _ = copy.wait();
+            panic!("the copy still waits for the lock after a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut copy.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("the target database is in use")
+            && err.contains("waited more than 1 s")
+            && err.contains("nothing was copied"),
+        "{err}"
+    );
+    let data_dir = Env::new();
+    let refusal = refused(
+        &src,
+        &[],
+        &[
+            "store",
+            "copy",
+            "--to",
+            data_dir.data_dir().to_str().unwrap(),
+            "--lock-timeout",
+            "1s",
+        ],
+    );
+    assert!(
+        refusal.contains("--lock-timeout is for a database target"),
+        "{refusal}"
+    );
+    drop(holder);
+    let counts = json(&team, &on_db, &["store", "info"])["counts"].clone();
+    assert!(
+        counts.as_object().unwrap().values().all(|n| n == 0),
+        "{counts}"
+    );
+    let copied = json(&src, &[], &["store", "copy", "--to", &db]);
+    assert_eq!(copied["tables"]["upgrades"], 1, "{copied}");
+}
+
+/// A data dir (no foreign keys) holding an artifact whose collection was removed by hand
+/// copies to a database with an error naming the artifact, its missing collection and what
+/// to do, and copies nothing (before: the database's bare foreign-key error) (G123).
+#[test]
+fn an_orphan_artifact_is_named_when_a_database_refuses_it() {
+    let pg = PgCluster::start();
+    let db = pg.create_database();
+    let moto = Moto::start();
+    moto.python("boto3.client('s3', **kw).create_bucket(Bucket='team')\nprint('null')");
+    let src = Env::with_task();
+    let session = json(
+        &src,
+        &[],
+        &[
+            "artifacts",
+            "session",
+            "create",
+            "--upgrade",
+            "u",
+            "--cluster",
+            "c",
+        ],
+    )["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let coll = json(
+        &src,
+        &[],
+        &["artifacts", "collection", "create", &session, "--name", "l"],
+    )["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file = src.data_dir().join("a.log");
+    std::fs::write(&file, b"orphan").unwrap();
+    let a = json(
+        &src,
+        &[],
+        &["artifacts", "add", &session, &coll, file.to_str().unwrap()],
+    );
+    let artifact = a[0]["artifact_id"].as_str().unwrap().to_owned();
+    let conn =
+        rusqlite::Connection::open(src.data_dir().join("eks-upgrade-agent.sqlite3")).unwrap();
+    let ckey: i64 = conn
+        .query_row(
+            "SELECT ckey FROM collections WHERE collection_id = ?1",
+            [&coll],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute("DELETE FROM collections WHERE ckey = ?1", [ckey])
+        .unwrap();
+    drop(conn);
+    let mut to_db: Vec<(&str, &str)> = crate::s3::aws_env(&moto.url).to_vec();
+    to_db.push(("EUA_S3_BUCKET", "team"));
+    let err = refused(&src, &to_db, &["store", "copy", "--to", &db]);
+    assert!(
+        err.contains(&format!("artifact_id \"{artifact}\""))
+            && err.contains(&format!("collections row ckey = {ckey}"))
+            && err.contains("delete that artifacts row from the source")
+            && err.contains("nothing was copied"),
+        "{err}"
+    );
+    let team = Env::new();
+    let mut on_db = to_db.clone();
+    on_db.push(("EUA_DATABASE_URL", db.as_str()));
+    let counts = json(&team, &on_db, &["store", "info"])["counts"].clone();
+    assert!(
+        counts.as_object().unwrap().values().all(|n| n == 0),
+        "{counts}"
+    );
+}
+
+/// `text` without its ANSI escape sequences (`ESC [ ... letter`).
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `cmd` as one `sh` word list, each argument single-quoted.
+fn shell_line(cmd: &std::process::Command) -> String {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_str().unwrap().replace('\'', r"'\''"));
+    std::iter::once(quote(cmd.get_program()))
+        .chain(cmd.get_args().map(quote))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// G87: on a terminal (a pseudo-terminal from util-linux `script`) `store copy` draws a
+/// progress bar per table on stderr, then its summary; not on a terminal it prints the
+/// summary alone (stdout) and nothing on stderr.
+#[test]
+fn store_copy_draws_bars_on_a_terminal_and_only_the_result_elsewhere() {
+    let src = Env::with_task();
+    let summary = |out: &str| {
+        let tables: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        tables.contains(&"upgrades") && tables.contains(&"events") && out.contains("copied ")
+    };
+    // Not a terminal: the result only.
+    let plain = Env::new();
+    let out = src
+        .command()
+        .args(["store", "copy", "--to", plain.data_dir().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(summary(&stdout), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('['),
+        "{stdout}"
+    );
+
+    // A terminal: `script` runs the copy on a pseudo-terminal and writes what it shows.
+    let on_a_terminal = |args: &[&str]| {
+        let mut copy = src.command();
+        copy.args(args);
+        let mut script = std::process::Command::new("script");
+        script
+            .args(["-qfec", &shell_line(&copy), "/dev/null"])
+            .env("COLUMNS", "120")
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in copy.get_envs() {
+            match v {
+                Some(v) => script.env(k, v),
+                None => script.env_remove(k),
+            };
+        }
+        script.output().expect("script (util-linux) runs")
+    };
+    // With `-o json`, the JSON alone, even there.
+    let json_dir = Env::new();
+    let out = on_a_terminal(&[
+        "-o",
+        "json",
+        "store",
+        "copy",
+        "--to",
+        json_dir.data_dir().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed: Value = serde_json::from_str(&printed).expect("only JSON on the terminal");
+    assert_eq!(parsed["tables"]["events"], 2, "{printed}");
+    let tty = Env::new();
+    let out = on_a_terminal(&["store", "copy", "--to", tty.data_dir().to_str().unwrap()]);
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    // Without the terminal's escape sequences (colours, cursor moves): what a reader sees.
+    let shown = strip_escapes(&raw);
+    // A bar per table: its name, the full bar, and rows done of the total.
+    for (table, rows) in [("upgrades", 1), ("tasks", 1), ("events", 2)] {
+        let bar = format!("{table:<15} [{}] {rows}/{rows}", "#".repeat(30));
+        assert!(shown.contains(&bar), "no progress bar {bar:?} in {shown:?}");
+    }
+    assert!(
+        raw.contains('\u{1b}'),
+        "drawn with terminal sequences: {raw:?}"
+    );
+    assert!(summary(&shown), "{shown:?}");
+    // The copy on the terminal copied the same as the other.
+    let counts = |env: &Env| json(env, &[], &["store", "info"])["counts"].clone();
+    assert_eq!(counts(&tty), counts(&plain));
 }

@@ -27,6 +27,8 @@ pub struct Backend {
     pub uploads: Arc<dyn UploadQueue>,
     /// Progress in the same database (retention reads the upgrade's status).
     pub progress: Arc<dyn ProgressStore>,
+    /// Test runs in the same database (`gc` removes the reports of runs never recorded).
+    pub results: Arc<dyn crate::store::TestResultStore>,
 }
 
 /// Returns a fresh, empty store.
@@ -35,7 +37,7 @@ type Case = (&'static str, fn(Fixture));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 18] = [
+    let cases: [Case; 20] = [
         ("sessions_and_collections", sessions_and_collections),
         (
             "add_files_directories_and_bytes",
@@ -91,6 +93,14 @@ pub fn run(factory: Factory<'_>) {
         (
             "a_session_is_removed_only_when_empty",
             a_session_is_removed_only_when_empty,
+        ),
+        (
+            "an_upgrades_first_session_is_created_once",
+            an_upgrades_first_session_is_created_once,
+        ),
+        (
+            "gc_removes_the_reports_of_runs_never_recorded",
+            gc_removes_the_reports_of_runs_never_recorded,
         ),
         (
             "an_artifact_row_is_committed_only_after_its_blob_exists",
@@ -1478,6 +1488,142 @@ fn a_deleted_artifact_leaves_the_upload_queue(f: Fixture) {
         assert_eq!(row.status, ArtifactStatus::Deleted, "{row:?}");
         assert_eq!(row.s3_key, None, "{row:?}");
     }
+}
+
+/// `gc` deletes the reports an ingest left when neither its run nor its undo could be written
+/// (`test_result` artifacts still marked with [`crate::store::PENDING_RUN_KEY`] naming no
+/// run) once older than `orphan_report_age`, releasing their blobs, and nothing else (a
+/// report with a `run_id` and a `phase` of a run this store does not hold, as a pulled session
+/// or a user's metadata has, stays); recording a run unmarks its reports; a run naming a
+/// report deleted so is refused and stores nothing (G121).
+fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
+    let (s, c) = session(&f, "u1");
+    let add = |name: &str, ty: ArtifactType, meta: serde_json::Value| {
+        let metadata: JsonMap = serde_json::from_value(meta).unwrap();
+        f.m.add_bytes(
+            &s.session_id,
+            &c.collection_id,
+            name.as_bytes(),
+            name,
+            &AddOptions {
+                artifact_type: Some(ty),
+                metadata,
+                ..AddOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let report = ArtifactType::TestResult;
+    let key = crate::store::PENDING_RUN_KEY;
+    let orphan = add(
+        "orphan.xml",
+        report,
+        json!({"run_id": "r-gone", "phase": "pre", key: "r-gone"}),
+    );
+    let recorded = add(
+        "recorded.xml",
+        report,
+        json!({"run_id": "r-kept", "phase": "pre", key: "r-kept"}),
+    );
+    let run = |id: &str, artifact: &str| crate::model::NewRun {
+        run_id: id.into(),
+        upgrade_id: "u1".into(),
+        cluster_name: "c".into(),
+        phase: crate::model::RunPhase::Pre,
+        created_at: Utc::now(),
+        files: vec!["r.xml".into()],
+        artifact_ids: vec![artifact.into()],
+    };
+    f.backend
+        .results
+        .record_run(&run("r-kept", &recorded.artifact_id), &mut |_| Ok(()))
+        .unwrap();
+    assert!(
+        !f.m.artifact(&recorded.artifact_id)
+            .unwrap()
+            .metadata
+            .contains_key(key),
+        "recording the run unmarks its report"
+    );
+    // Not a report of an unrecorded ingest here: a pulled report (or a user's metadata) of a
+    // run this store does not hold, another type, a mark that is not a run id.
+    let others = [
+        add(
+            "pulled.xml",
+            report,
+            json!({"run_id": "r-gone", "phase": "pre"}),
+        ),
+        add("log.txt", ArtifactType::LogFile, json!({key: "r-gone"})),
+        add("odd.xml", report, json!({key: 7})),
+    ];
+    assert_eq!(
+        f.m.gc().unwrap().orphan_reports_removed,
+        0,
+        "younger than an hour"
+    );
+    assert_eq!(
+        f.m.artifact(&orphan.artifact_id).unwrap().status,
+        ArtifactStatus::Created
+    );
+    let f = f.with_options(ArtifactsOptions {
+        orphan_report_age: std::time::Duration::ZERO,
+        ..ArtifactsOptions::default()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 1);
+    assert_eq!(
+        f.m.artifact(&orphan.artifact_id).unwrap().status,
+        ArtifactStatus::Deleted
+    );
+    let digest: crate::blob::Digest = orphan.file_hash.parse().unwrap();
+    assert!(
+        !f.blobs.exists(&digest).unwrap(),
+        "the orphan's blob is released"
+    );
+    for a in others.iter().chain([&recorded]) {
+        assert_ne!(
+            f.m.artifact(&a.artifact_id).unwrap().status,
+            ArtifactStatus::Deleted,
+            "{a:?}"
+        );
+    }
+    assert_eq!(f.m.gc().unwrap().orphan_reports_removed, 0);
+    // The late run of the deleted report is refused whole.
+    let late = f
+        .backend
+        .results
+        .record_run(&run("r-gone", &orphan.artifact_id), &mut |_| Ok(()));
+    match late {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("ingest the report again"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        f.backend.results.run("r-gone"),
+        Err(Error::NotFound { .. })
+    ));
+}
+
+/// `latest_session_or_create` creates a session only for an upgrade that has none, and
+/// otherwise answers the upgrade's latest session (G120).
+fn an_upgrades_first_session_is_created_once(f: Fixture) {
+    let new = |u: &str| NewSession {
+        upgrade_id: u.into(),
+        cluster_name: "c".into(),
+        ..NewSession::default()
+    };
+    let (first, created) = f.m.latest_session_or_create(new("u1")).unwrap();
+    assert!(created);
+    let (again, created) = f.m.latest_session_or_create(new("u1")).unwrap();
+    assert!(!created);
+    assert_eq!(again, first);
+    let later = f.m.create_session(new("u1")).unwrap();
+    let (latest, created) = f.m.latest_session_or_create(new("u1")).unwrap();
+    assert!(!created);
+    assert_eq!(latest, later);
+    let (other, created) = f.m.latest_session_or_create(new("u2")).unwrap();
+    assert!(created);
+    assert_eq!(other.upgrade_id, "u2");
+    assert_eq!(f.m.sessions(None).unwrap().len(), 3);
 }
 
 /// `delete_session_if_empty` keeps a session that has a live artifact, and removes it (rows

@@ -65,6 +65,10 @@ pub struct ArtifactsOptions {
     pub gc_grace: Duration,
     /// Queue every added artifact for upload to S3 (reference `auto_upload`).
     pub auto_upload: bool,
+    /// `gc` removes the reports of ingests whose run was never recorded (`test_result`
+    /// artifacts whose `metadata.run_id` names no run) once they are this old; younger ones
+    /// may belong to an ingest still in progress.
+    pub orphan_report_age: Duration,
 }
 
 impl Default for ArtifactsOptions {
@@ -74,9 +78,13 @@ impl Default for ArtifactsOptions {
             failed_retention_factor: 3,
             gc_grace: Duration::from_secs(600),
             auto_upload: false,
+            orphan_report_age: ORPHAN_REPORT_AGE,
         }
     }
 }
+
+/// Default [`ArtifactsOptions::orphan_report_age`]: an hour.
+pub const ORPHAN_REPORT_AGE: Duration = Duration::from_secs(3600);
 
 /// A session to create.
 #[derive(Debug, Clone, Default)]
@@ -184,6 +192,10 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced blobs kept because they are younger than the grace period.
     pub blobs_in_grace: u64,
+    /// Reports of ingests whose run was never recorded (older than
+    /// [`ArtifactsOptions::orphan_report_age`]) deleted.
+    #[serde(default)]
+    pub orphan_reports_removed: u64,
 }
 
 /// What an upload run did.
@@ -340,6 +352,24 @@ impl TestArtifactsManager {
 
     /// Creates a session.
     pub fn create_session(&self, new: NewSession) -> Result<TestSession> {
+        let session = self.new_session(new)?;
+        self.index.create_session(&session)?;
+        Ok(session)
+    }
+
+    /// The upgrade's latest session, or a session created from `new` when the upgrade has
+    /// none, and whether it was created here. Concurrent callers for one upgrade (ingests on
+    /// several replicas) end with one session, all of them using it
+    /// ([`ArtifactIndex::create_first_session`]).
+    pub fn latest_session_or_create(&self, new: NewSession) -> Result<(TestSession, bool)> {
+        let session = self.new_session(new)?;
+        let latest = self.index.create_first_session(&session)?;
+        let created = latest.session_id == session.session_id;
+        Ok((latest, created))
+    }
+
+    /// A new session's row, checked.
+    fn new_session(&self, new: NewSession) -> Result<TestSession> {
         check_id("upgrade_id", &new.upgrade_id)?;
         check_name("cluster_name", &new.cluster_name)?;
         let now = crate::model::now();
@@ -365,7 +395,6 @@ impl TestArtifactsManager {
             completed_at: None,
             retention_days,
         };
-        self.index.create_session(&session)?;
         Ok(session)
     }
 
@@ -1022,10 +1051,44 @@ impl TestArtifactsManager {
         Ok((n, bytes))
     }
 
+    /// Deletes the reports of ingests whose run was never recorded (the record and its undo
+    /// both failed), once older than [`ArtifactsOptions::orphan_report_age`], as
+    /// [`delete_artifact`](Self::delete_artifact) does (the row kept as a `deleted` record,
+    /// the blob released; an S3 copy under the session's layout is left alone). An ingest still in progress loses nothing
+    /// silently: the index marks a report deleted only if its run is not recorded, under a
+    /// lock that recording the run takes too, so either the run committed first (and the
+    /// report is kept) or the run is refused and the ingest fails, removing what it kept.
+    fn delete_orphan_reports(&self) -> Result<u64> {
+        let started = SystemTime::now();
+        let cutoff = crate::model::now()
+            - chrono::Duration::from_std(self.options.orphan_report_age)
+                .unwrap_or(chrono::Duration::MAX);
+        let mut removed = 0;
+        loop {
+            let batch = self.index.delete_orphan_reports(cutoff, 1000)?;
+            removed += batch.len() as u64;
+            let mut digests = Vec::with_capacity(batch.len());
+            for a in &batch {
+                // Its S3 object under the session's layout (if the upload queue sent it)
+                // is left alone: this row was found by inference, and deleting objects in a
+                // shared bucket is kept to explicit `delete` and `cleanup`.
+                tracing::info!(artifact_id = %a.artifact_id, run_id = ?a.metadata.get(crate::store::PENDING_RUN_KEY), "deleted the report of a test run that was never recorded");
+                if let Ok(d) = a.file_hash.parse::<Digest>() {
+                    digests.push(d);
+                }
+            }
+            self.delete_blobs_older(&digests, Some(started))?;
+            if batch.len() < 1000 {
+                return Ok(removed);
+            }
+        }
+    }
+
     /// Removes leftovers of interrupted adds and blobs that no artifact references (older
-    /// than the grace period).
+    /// than the grace period), and the reports of ingests whose run was never recorded.
     pub fn gc(&self) -> Result<GcReport> {
         let mut report = GcReport {
+            orphan_reports_removed: self.delete_orphan_reports()?,
             incomplete_removed: self.blobs.sweep_incomplete()?,
             ..GcReport::default()
         };

@@ -181,8 +181,13 @@ impl TestArtifactsManager {
                 progress(p);
             }
         }
+        // A report whose run the origin never recorded is not this store's to sweep.
+        let mut artifacts = m.artifacts;
+        for a in &mut artifacts {
+            a.metadata.remove(crate::store::PENDING_RUN_KEY);
+        }
         self.index()
-            .import_session(&m.session, &m.collections, &m.artifacts)?;
+            .import_session(&m.session, &m.collections, &artifacts)?;
         Ok(report)
     }
 

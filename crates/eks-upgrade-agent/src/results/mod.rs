@@ -125,6 +125,12 @@ fn keep_options(keep: KeepFiles<'_>, ingest: &Ingest, run_id: &str) -> AddOption
         .insert("run_id".to_owned(), serde_json::json!(run_id));
     opts.metadata
         .insert("phase".to_owned(), serde_json::json!(ingest.phase));
+    // Until the run is recorded: what `gc` finds when neither the record nor the undo could
+    // be written.
+    opts.metadata.insert(
+        crate::store::PENDING_RUN_KEY.to_owned(),
+        serde_json::json!(run_id),
+    );
     opts
 }
 
@@ -387,12 +393,18 @@ impl TestResults {
             None => match a.sessions(Some(&ingest.upgrade_id))?.pop() {
                 Some(s) => s,
                 None => {
-                    let s = a.create_session(crate::artifacts::NewSession {
-                        upgrade_id: ingest.upgrade_id.clone(),
-                        cluster_name: ingest.cluster_name.clone(),
-                        ..Default::default()
-                    })?;
-                    kept.session = Some(s.session_id.clone());
+                    // Created only if still none (a concurrent ingest, maybe on another
+                    // replica, may have created it since): that session is the answer then,
+                    // and not this ingest's to remove on undo.
+                    let (s, created) =
+                        a.latest_session_or_create(crate::artifacts::NewSession {
+                            upgrade_id: ingest.upgrade_id.clone(),
+                            cluster_name: ingest.cluster_name.clone(),
+                            ..Default::default()
+                        })?;
+                    if created {
+                        kept.session = Some(s.session_id.clone());
+                    }
                     s
                 }
             },

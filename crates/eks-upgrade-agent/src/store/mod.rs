@@ -379,6 +379,13 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     }
     /// Creates a session.
     fn create_session(&self, session: &TestSession) -> Result<()>;
+    /// Creates `session` unless its upgrade has a session already, and returns the upgrade's
+    /// latest session (`session` itself when it was created). One write transaction,
+    /// serialized per upgrade (SQLite: the single writer; PostgreSQL: an advisory lock of the
+    /// upgrade id held to the commit, taken before the upgrade's sessions are read), so
+    /// callers racing for an upgrade's first session (ingests on several replicas) end with
+    /// one session, all of them using it.
+    fn create_first_session(&self, session: &TestSession) -> Result<TestSession>;
     /// One session.
     fn session(&self, session_id: &str) -> Result<TestSession>;
     /// Sessions, oldest first, optionally of one upgrade.
@@ -428,6 +435,18 @@ pub trait ArtifactIndex: Send + Sync + fmt::Debug {
     /// (all are `deleted` records), checked in the same write transaction; `None` (nothing
     /// removed) when one is.
     fn delete_session_if_empty(&self, session_id: &str) -> Result<Option<Vec<Digest>>>;
+    /// Marks `deleted`, in one write transaction, up to `limit` reports of ingests whose run
+    /// was never recorded: live `test_result` artifacts created before `created_before` whose
+    /// metadata still has [`PENDING_RUN_KEY`] naming no test run (what an ingest leaves when
+    /// both its record and its undo fail). Returns them as they were, for the caller to
+    /// release their bytes. Each is locked before its run is looked up, and
+    /// [`TestResultStore::record_run`] checks its artifacts are live under the same lock
+    /// (refusing the run otherwise), so a run and the removal of its report never both commit.
+    fn delete_orphan_reports(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TestArtifact>>;
     /// Calls `delete` for each digest no live artifact references, so that no add of the
     /// digest can be indexed trusting bytes the deletion removes; returns the digests deleted.
     /// SQLite calls it inside its one write transaction (one process owns the data dir). A
@@ -604,6 +623,20 @@ pub trait UploadQueue: Send + Sync + fmt::Debug {
     ) -> Result<TestArtifact>;
 }
 
+/// The metadata key an ingest marks the reports it keeps with, naming its run until the run
+/// is recorded ([`TestResultStore::record_run`] removes it in the run's transaction): a
+/// report still marked long after is one whose run and undo both failed, which
+/// [`ArtifactIndex::delete_orphan_reports`] removes. Reserved: not for users' metadata.
+pub const PENDING_RUN_KEY: &str = "eua_pending_run";
+
+/// The error of a run whose report was deleted before the run was recorded.
+pub(crate) fn report_deleted(id: &str) -> crate::Error {
+    crate::Error::invalid(format!(
+        "report artifact {id:?} was deleted before its run was recorded (gc removes the reports \
+         of ingests whose run was not recorded after an hour): ingest the report again"
+    ))
+}
+
 /// What [`TestResultStore::record_run`]'s source feeds attempts to.
 pub type AttemptSink<'a> = dyn FnMut(CaseAttempt) -> Result<()> + 'a;
 
@@ -619,8 +652,12 @@ pub type AttemptSink<'a> = dyn FnMut(CaseAttempt) -> Result<()> + 'a;
 /// same transaction updates the cluster's per-test flaky statistics and, for a `post` run that
 /// fails [`Gate::judge`](crate::model::Gate::judge) against the upgrade's latest `pre` run,
 /// writes an `upgrade.validation_failed` notification to the outbox. Unknown run ids are
-/// `NotFound`. History, flaky tests and the durations behind duration regressions are index
-/// walks, never scans of all results.
+/// `NotFound`. A run naming an artifact (`artifact_ids`) of the same store that is `deleted`
+/// (removed by [`ArtifactIndex::delete_orphan_reports`] while the run was being ingested) is
+/// refused (`InvalidInput`), the artifact's row locked while it is checked; the run's
+/// artifacts lose their [`PENDING_RUN_KEY`] in the same transaction. History, flaky
+/// tests and the durations behind duration regressions are index walks, never scans of all
+/// results.
 pub trait TestResultStore: Send + Sync + fmt::Debug {
     /// Records a run; see the trait's contract.
     fn record_run(

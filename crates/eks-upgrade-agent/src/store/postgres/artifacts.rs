@@ -175,6 +175,10 @@ fn unique_violation(e: &Error) -> bool {
 /// migration lock); the second key is the digest's first four bytes.
 const DIGEST_LOCK_CLASS: i32 = 0x4555_4131;
 
+/// Class of the advisory locks of an upgrade's first session (two-key locks); the second
+/// key is `hashtext(upgrade_id)`.
+const FIRST_SESSION_LOCK_CLASS: i32 = 0x4555_4132;
+
 /// Holds the digest's advisory lock to the end of the transaction.
 pub(super) fn lock_digest(tx: &mut Tx<'_, '_>, d: &Digest) -> Result<()> {
     let key = i32::from_be_bytes([d.0[0], d.0[1], d.0[2], d.0[3]]);
@@ -501,6 +505,33 @@ impl ArtifactIndex for PostgresStore {
                     e
                 }
             })
+    }
+
+    fn create_first_session(&self, s: &TestSession) -> Result<TestSession> {
+        crate::artifacts::check_retention_days(s.retention_days)?;
+        self.write(|tx| {
+            // Held to the commit, before the read: a concurrent caller for the same upgrade
+            // waits here, then (READ COMMITTED: a new statement, a new snapshot) reads the
+            // session this one committed.
+            tx.exec(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&FIRST_SESSION_LOCK_CLASS, &s.upgrade_id],
+            )?;
+            let latest = tx
+                .opt(
+                    &format!(
+                        "SELECT {SESSION_COLS} FROM sessions s WHERE s.upgrade_id = $1 \
+                         ORDER BY s.skey DESC LIMIT 1"
+                    ),
+                    &[&s.upgrade_id],
+                )?
+                .map(|r| session_row(&r));
+            if let Some(latest) = latest {
+                return Ok(latest);
+            }
+            insert_session(tx, s)?;
+            Ok(s.clone())
+        })
     }
 
     fn session(&self, session_id: &str) -> Result<TestSession> {
@@ -928,6 +959,66 @@ impl ArtifactIndex for PostgresStore {
         })
     }
 
+    fn delete_orphan_reports(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TestArtifact>> {
+        let (ty, deleted) = (
+            ArtifactType::TestResult.code(),
+            ArtifactStatus::Deleted.code(),
+        );
+        self.write(|tx| {
+            let keys: Vec<i64> = tx
+                .query(
+                    "SELECT a.akey FROM artifacts a WHERE a.artifact_type = $1 \
+                     AND a.status <> $2 AND a.created_at < $3 \
+                     AND (CASE WHEN strpos(a.metadata, $5) > 0 \
+                       THEN jsonb_typeof(a.metadata::jsonb -> $5::text) END) = 'string' \
+                     AND NOT EXISTS (SELECT 1 FROM test_runs r \
+                       WHERE r.run_id = a.metadata::jsonb ->> $5::text) \
+                     ORDER BY a.akey LIMIT $4 FOR UPDATE OF a",
+                    &[
+                        &ty,
+                        &deleted,
+                        &micros(created_before),
+                        &(limit as i64),
+                        &crate::store::PENDING_RUN_KEY,
+                    ],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            // Locked now: a `record_run` naming one of them either committed before the lock
+            // (its run is seen here: a new statement, a new snapshot) or waits for this
+            // transaction and then finds its report deleted.
+            let found = tx
+                .query(
+                    &format!(
+                        "{ARTIFACT_SELECT} WHERE a.akey = ANY($1) AND a.status <> $2 \
+                         AND strpos(a.metadata, $3) > 0 \
+                         AND NOT EXISTS (SELECT 1 FROM test_runs r \
+                           WHERE r.run_id = a.metadata::jsonb ->> $3::text) ORDER BY a.akey"
+                    ),
+                    &[&keys, &deleted, &crate::store::PENDING_RUN_KEY],
+                )?
+                .iter()
+                .map(artifact_row)
+                .collect::<Result<Vec<_>>>()?;
+            let ids: Vec<&str> = found.iter().map(|a| a.artifact_id.as_str()).collect();
+            tx.exec(
+                "UPDATE artifacts SET status = $2, upload_state = CASE WHEN upload_state IN (1, 3) \
+                 THEN 0 ELSE upload_state END, upload_claimed_by = NULL \
+                 WHERE artifact_id = ANY($1)",
+                &[&ids, &deleted],
+            )?;
+            Ok(found)
+        })
+    }
+
     fn set_artifact_status(
         &self,
         artifact_id: &str,
@@ -1117,6 +1208,7 @@ mod tests {
             crate::artifacts::conformance::Backend {
                 index: store.clone(),
                 uploads: store.clone(),
+                results: store.clone(),
                 progress: store,
             }
         });

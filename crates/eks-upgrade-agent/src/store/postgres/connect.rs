@@ -33,6 +33,10 @@ pub struct PostgresOptions {
     /// How long a claim on work (a notification delivery) lasts before another replica may
     /// take it over; renewed while the work lasts.
     pub lease: Duration,
+    /// How long a `store copy` into this database waits for the locks it takes on the copied
+    /// tables while other sessions (a server, a transaction left open) hold conflicting ones;
+    /// past it the copy fails saying so, and nothing is copied.
+    pub copy_lock_timeout: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -41,6 +45,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(10),
             lease: super::outbox::LEASE,
+            copy_lock_timeout: Duration::from_secs(10),
         }
     }
 }

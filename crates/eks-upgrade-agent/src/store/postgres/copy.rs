@@ -171,7 +171,9 @@ impl CopyTarget for Target<'_, '_> {
             names.join(", "),
             values.join(", ")
         );
-        self.db.exec(&sql, &params)?;
+        self.db
+            .exec(&sql, &params)
+            .map_err(|e| orphan_row(e, table, rows))?;
         Ok(())
     }
 
@@ -192,6 +194,76 @@ impl CopyTarget for Target<'_, '_> {
         )?;
         Ok(())
     }
+}
+
+/// A foreign key the target refused (the source, a data dir without foreign keys, holds a row
+/// whose parent is gone: an artifact whose collection was removed by hand, say) as an error
+/// naming the row, its missing parent and what to do; any other error as is.
+fn orphan_row(e: Error, table: &Table, rows: &[Row]) -> Error {
+    let Error::Backend {
+        source: Some(source),
+        ..
+    } = &e
+    else {
+        return e;
+    };
+    let Some(db) = source
+        .downcast_ref::<postgres::Error>()
+        .and_then(|p| p.as_db_error())
+        .filter(|d| *d.code() == postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+    else {
+        return e;
+    };
+    // "Key (ckey)=(5) is not present in table "collections"."
+    let detail = db.detail().unwrap_or_default();
+    let parsed = detail
+        .strip_prefix("Key (")
+        .and_then(|d| d.split_once(")=("))
+        .and_then(|(col, rest)| {
+            let (value, rest) = rest.split_once(") ")?;
+            let parent = rest.split('"').nth(1)?;
+            Some((col, value, parent))
+        });
+    let Some((col, value, parent)) = parsed else {
+        return Error::invalid(format!(
+            "cannot copy table {}: a row refers to a row the source does not have ({detail}): \
+             remove that row from the source (or restore what it refers to) and copy again; \
+             nothing was copied",
+            table.name
+        ));
+    };
+    // The row: the first of the page with that value, named by its id (or its key).
+    let at = table.columns.iter().position(|c| c.name == col);
+    let row = rows.iter().find(|r| {
+        at.is_some_and(|i| match &r[i] {
+            Cell::Int(v) => v.to_string() == value,
+            Cell::Text(v) => v == value,
+            _ => false,
+        })
+    });
+    let name = row.map_or_else(String::new, |r| {
+        let id = (0..table.columns.len())
+            .find(|&i| table.columns[i].name.ends_with("_id") && matches!(r[i], Cell::Text(_)));
+        let named: Vec<String> = match id {
+            Some(i) => vec![format!(
+                "{} {:?}",
+                table.columns[i].name,
+                r[i].as_text().unwrap_or("")
+            )],
+            None => table
+                .key_indexes()
+                .into_iter()
+                .map(|i| format!("{} {:?}", table.columns[i].name, r[i]))
+                .collect(),
+        };
+        format!(" ({})", named.join(", "))
+    });
+    Error::invalid(format!(
+        "cannot copy table {}: its row{name} refers to {parent} row {col} = {value}, which the \
+         source does not have (removed by hand, or lost): delete that {} row from the source \
+         (or restore its {parent} row) and copy again; nothing was copied",
+        table.name, table.name
+    ))
 }
 
 /// A copy's transactions run as long as the copy: no idle or statement limit.
@@ -228,12 +300,36 @@ impl CopyStore for PostgresStore {
             let Conn { client, stmts } = conn;
             let mut tx = client.transaction()?;
             tx.batch_execute(NO_LIMITS)?;
-            // Other writers wait until the copy commits (or rolls back); readers do not.
+            // Other writers wait until the copy commits (or rolls back); readers do not. The
+            // copy waits for the locks only so long: a database in use (a server writing, a
+            // transaction left open) is an error saying so, not a copy that hangs.
             let names: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
+            let wait_ms = self
+                .copy_lock_timeout
+                .as_millis()
+                .clamp(1, i32::MAX as u128);
             tx.batch_execute(&format!(
-                "LOCK TABLE {}, seq_counter IN EXCLUSIVE MODE",
+                "SET LOCAL lock_timeout = {wait_ms}; \
+                 LOCK TABLE {}, seq_counter IN EXCLUSIVE MODE; SET LOCAL lock_timeout = 0",
                 names.join(", ")
-            ))?;
+            ))
+            .map_err(|e| {
+                if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                    Error::Backend {
+                        message: format!(
+                            "the target database is in use: the copy waited more than {} s for \
+                             a lock another session holds on its tables (a server or another \
+                             client writing, or a transaction left open); stop what uses it, or \
+                             give a longer --lock-timeout, and run the copy again (nothing was \
+                             copied)",
+                            self.copy_lock_timeout.as_secs_f64()
+                        ),
+                        source: None,
+                    }
+                } else {
+                    Error::backend("cannot lock the target's tables for the copy", e)
+                }
+            })?;
             let mut db = Db { c: &mut tx, stmts };
             refuse_non_empty(non_empty(&mut db)?)?;
             f(&mut Target { db })?;

@@ -50,6 +50,10 @@ mod concurrency_tests;
 #[cfg(test)]
 mod copy_paging_tests;
 #[cfg(test)]
+mod copy_queue_tests;
+#[cfg(test)]
+mod ingest_tests;
+#[cfg(test)]
 mod outbox_tests;
 #[cfg(test)]
 mod paging_tests;

@@ -53,6 +53,8 @@ pub struct PostgresStore {
     waited_us: std::sync::atomic::AtomicU64,
     /// How long claims on work last (see [`PostgresOptions::lease`]).
     lease: Duration,
+    /// See [`PostgresOptions::copy_lock_timeout`].
+    pub(super) copy_lock_timeout: Duration,
     /// Added to this replica's clock (µs; tests: a replica whose clock is wrong).
     skew_us: std::sync::atomic::AtomicI64,
     /// The database's clock minus this replica's, for retry due-times (`clock.rs`).
@@ -129,6 +131,7 @@ impl PostgresStore {
             waits: Default::default(),
             waited_us: Default::default(),
             lease: options.lease.max(Duration::from_millis(100)),
+            copy_lock_timeout: options.copy_lock_timeout,
             skew_us: std::sync::atomic::AtomicI64::new(0),
             clock_offset: Default::default(),
         };

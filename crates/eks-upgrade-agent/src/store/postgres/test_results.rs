@@ -379,6 +379,24 @@ fn record(
             what: format!("test run {:?}", run.run_id),
         });
     }
+    if !run.artifact_ids.is_empty() {
+        // Locked to the commit: `delete_orphan_reports` (which locks them FOR UPDATE) either
+        // committed before (the report is seen deleted here) or waits, then sees this run.
+        for r in tx.query(
+            "SELECT artifact_id, status FROM artifacts WHERE artifact_id = ANY($1) \
+             ORDER BY akey FOR SHARE",
+            &[&run.artifact_ids],
+        )? {
+            if r.get::<_, i64>(1) == crate::model::ArtifactStatus::Deleted.code() {
+                return Err(crate::store::report_deleted(r.get(0)));
+            }
+        }
+        tx.exec(
+            "UPDATE artifacts SET metadata = (metadata::jsonb - $2::text)::text \
+             WHERE artifact_id = ANY($1) AND strpos(metadata, $2) > 0",
+            &[&run.artifact_ids, &crate::store::PENDING_RUN_KEY],
+        )?;
+    }
     let at = micros(run.created_at);
     let rkey: i64 = tx
         .one(

@@ -558,6 +558,26 @@ impl ArtifactIndex for SqliteStore {
         })
     }
 
+    fn create_first_session(&self, s: &TestSession) -> Result<TestSession> {
+        crate::artifacts::check_retention_days(s.retention_days)?;
+        // `BEGIN IMMEDIATE`: the read below runs under the write lock, so no other writer
+        // (thread or process) creates a session between it and the insert.
+        self.write(|tx| {
+            let latest = tx
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions s WHERE s.upgrade_id = ?1 \
+                     ORDER BY s.skey DESC LIMIT 1"
+                ))?
+                .query_row([&s.upgrade_id], session_row)
+                .optional()?;
+            if let Some(latest) = latest {
+                return Ok(latest);
+            }
+            insert_session(tx, s)?;
+            Ok(s.clone())
+        })
+    }
+
     fn session(&self, session_id: &str) -> Result<TestSession> {
         self.read(|c| load_session(c, session_id))
     }
@@ -933,6 +953,44 @@ impl ArtifactIndex for SqliteStore {
         self.write(|tx| import_session_tx(tx, session, collections, artifacts))
     }
 
+    fn delete_orphan_reports(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TestArtifact>> {
+        // Under the write lock: no run is recorded between the look-up and the update.
+        self.write(|tx| {
+            let found: Vec<TestArtifact> = tx
+                .prepare_cached(&format!(
+                    "{ARTIFACT_SELECT} WHERE a.artifact_type = ?1 AND a.status != ?2 \
+                     AND a.created_at < ?3 AND json_valid(a.metadata) \
+                     AND json_type(a.metadata, '$.' || ?5) = 'text' \
+                     AND NOT EXISTS (SELECT 1 FROM test_runs r \
+                       WHERE r.run_id = json_extract(a.metadata, '$.' || ?5)) \
+                     ORDER BY a.akey LIMIT ?4"
+                ))?
+                .query_map(
+                    params![
+                        ArtifactType::TestResult.code(),
+                        ArtifactStatus::Deleted.code(),
+                        micros(created_before),
+                        limit as i64,
+                        crate::store::PENDING_RUN_KEY
+                    ],
+                    artifact_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut stmt = tx.prepare_cached(
+                "UPDATE artifacts SET status = ?2, upload_state = CASE WHEN upload_state IN (1, 3) \
+                 THEN 0 ELSE upload_state END WHERE artifact_id = ?1",
+            )?;
+            for a in &found {
+                stmt.execute(params![a.artifact_id, ArtifactStatus::Deleted.code()])?;
+            }
+            Ok(found)
+        })
+    }
+
     fn set_artifact_status(
         &self,
         artifact_id: &str,
@@ -1235,6 +1293,7 @@ mod tests {
             crate::artifacts::conformance::Backend {
                 index: store.clone(),
                 uploads: store.clone(),
+                results: store.clone(),
                 progress: store,
             }
         });

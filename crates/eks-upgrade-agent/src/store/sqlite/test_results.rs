@@ -229,6 +229,25 @@ fn check_new_run(run: &NewRun) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a run naming a `deleted` artifact: its report was removed (as an orphan, by `gc`)
+/// while the run was ingested. Read under the write lock, so no removal commits in between.
+fn reports_live(tx: &Transaction<'_>, artifact_ids: &[String]) -> Result<()> {
+    let mut stmt = tx.prepare_cached("SELECT status FROM artifacts WHERE artifact_id = ?1")?;
+    let mut unmark = tx.prepare_cached(
+        "UPDATE artifacts SET metadata = json_remove(metadata, '$.' || ?2) \
+         WHERE artifact_id = ?1 AND json_valid(metadata) \
+         AND json_type(metadata, '$.' || ?2) IS NOT NULL",
+    )?;
+    for id in artifact_ids {
+        let status: Option<i64> = stmt.query_row([id], |r| r.get(0)).optional()?;
+        if status == Some(crate::model::ArtifactStatus::Deleted.code()) {
+            return Err(crate::store::report_deleted(id));
+        }
+        unmark.execute(params![id, crate::store::PENDING_RUN_KEY])?;
+    }
+    Ok(())
+}
+
 impl TestResultStore for SqliteStore {
     fn record_run(
         &self,
@@ -247,6 +266,7 @@ impl TestResultStore for SqliteStore {
                     what: format!("test run {:?}", run.run_id),
                 });
             }
+            reports_live(tx, &run.artifact_ids)?;
             let at = micros(run.created_at);
             tx.prepare_cached(
                 "INSERT INTO test_runs (run_id, upgrade_id, cluster_name, phase, created_at, \
@@ -1144,6 +1164,151 @@ mod tests {
         let lost = crate::results::create_validation(&m, &s.session_id).unwrap();
         assert_eq!(lost, won);
         assert_eq!(m.collections(&s.session_id).unwrap().len(), 1);
+    }
+
+    /// G120: two first ingests of an upgrade (two stores on one data dir, as two processes)
+    /// that both find no session end with one session, both runs' reports in it. A third
+    /// connection holds the write lock until both stores' reader connections have run a
+    /// statement (the look for the upgrade's sessions, outside the write lock: with the old
+    /// create both then found none and both created one).
+    #[test]
+    fn two_first_ingests_of_an_upgrade_share_one_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, ma, ra) = kept_store(dir.path());
+        let (b, mb, rb) = kept_store(dir.path());
+        let looked: Vec<Arc<std::sync::atomic::AtomicBool>> = [&a, &b]
+            .into_iter()
+            .map(|store| {
+                let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let seen = flag.clone();
+                store
+                    .reader()
+                    .progress_handler(
+                        1,
+                        Some(move || {
+                            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                            false
+                        }),
+                    )
+                    .unwrap();
+                flag
+            })
+            .collect();
+        let report = dir.path().join("junit.xml");
+        std::fs::write(
+            &report,
+            r#"<testsuite name="s"><testcase classname="api" name="health"/></testsuite>"#,
+        )
+        .unwrap();
+        let holder = rusqlite::Connection::open(dir.path().join(super::super::DB_FILE)).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let runs = std::thread::scope(|scope| {
+            let ingests: Vec<_> = [(&ma, &ra), (&mb, &rb)]
+                .into_iter()
+                .map(|(m, r)| {
+                    let report = &report;
+                    scope.spawn(move || {
+                        r.ingest(
+                            std::slice::from_ref(report),
+                            &Ingest::new("u1", "prod", RunPhase::Pre),
+                            Some(keep(m)),
+                        )
+                    })
+                })
+                .collect();
+            // Both have looked for the upgrade's session (reads do not wait for the writer)
+            // and wait for the write lock (the busy timeout is 10 s).
+            // (Their first statement on the reader: `target` lists the upgrade's sessions.)
+            let start = std::time::Instant::now();
+            while !looked
+                .iter()
+                .all(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(60),
+                    "both ingests did not look for a session within a minute"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            holder.execute_batch("COMMIT").unwrap();
+            ingests
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let sessions = ma.sessions(Some("u1")).unwrap();
+        assert_eq!(sessions.len(), 1, "{sessions:#?}");
+        let collections = ma.collections(&sessions[0].session_id).unwrap();
+        assert_eq!(collections.len(), 1, "{collections:#?}");
+        for run in &runs {
+            let a = ma.artifact(&run.artifact_ids[0]).unwrap();
+            assert_eq!(a.session_id, sessions[0].session_id);
+            assert_eq!(a.collection_id, collections[0].collection_id);
+        }
+    }
+
+    /// G120: an ingest that lost the race for an upgrade's first session (it found none, then
+    /// the other's session committed before its own create) and then fails to record its run
+    /// leaves that session (and removes only its own report): the session is not its own.
+    #[test]
+    fn a_lost_race_for_the_first_session_leaves_the_winners_session_on_undo() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, m, r) = kept_store(dir.path());
+        let looked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = looked.clone();
+        store
+            .reader()
+            .progress_handler(
+                1,
+                Some(move || {
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    false
+                }),
+            )
+            .unwrap();
+        let report = dir.path().join("junit.xml");
+        std::fs::write(
+            &report,
+            r#"<testsuite name="s"><testcase classname="api" name="health"/></testsuite>"#,
+        )
+        .unwrap();
+        let winner = rusqlite::Connection::open(dir.path().join(super::super::DB_FILE)).unwrap();
+        winner
+            .execute_batch(
+                "CREATE TRIGGER no_runs BEFORE INSERT ON test_runs \
+                 BEGIN SELECT RAISE(ABORT, 'no runs today'); END; \
+                 BEGIN IMMEDIATE; \
+                 INSERT INTO sessions (session_id, upgrade_id, cluster_name, name, started_at, \
+                 retention_days) VALUES ('winner', 'u1', 'prod', 'w', 0, 30);",
+            )
+            .unwrap();
+        let failed = std::thread::scope(|scope| {
+            let ingest = scope.spawn(|| {
+                r.ingest(
+                    std::slice::from_ref(&report),
+                    &Ingest::new("u1", "prod", RunPhase::Pre),
+                    Some(keep(&m)),
+                )
+            });
+            let start = std::time::Instant::now();
+            while !looked.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(start.elapsed() < std::time::Duration::from_secs(60));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            winner.execute_batch("COMMIT").unwrap();
+            ingest.join().unwrap()
+        });
+        let err = format!("{:?}", failed.unwrap_err());
+        assert!(err.contains("no runs today"), "{err}");
+        let sessions = m.sessions(Some("u1")).unwrap();
+        assert_eq!(sessions.len(), 1, "{sessions:#?}");
+        assert_eq!(sessions[0].session_id, "winner");
+        let page = m.search(&crate::model::ArtifactQuery::default()).unwrap();
+        assert!(
+            page.iter()
+                .all(|a| a.status == crate::model::ArtifactStatus::Deleted),
+            "{page:#?}"
+        );
     }
 
     /// T14: a suite without a name is the empty suite, never the file's path: the same report
