@@ -1395,7 +1395,15 @@ mod tests {
         };
         assert_eq!(
             out.iter().map(kind).collect::<Vec<_>>(),
-            ["delivered", "delivered", "reject", "reject", "reject", "retry", "retry"]
+            [
+                "delivered",
+                "delivered",
+                "reject",
+                "reject",
+                "reject",
+                "retry",
+                "retry"
+            ]
         );
         // All delivered: every entry with a span is delivered.
         let mut fates: Vec<Option<EntryResult>> = vec![None; 7];
