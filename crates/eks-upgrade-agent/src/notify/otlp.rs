@@ -1275,7 +1275,7 @@ impl EventSink for OtlpSink {
 
     /// One export request for the batch's spans, or several when they encode to more than
     /// [`MAX_REQUEST_BYTES`] ([`split_request`]), sent in order until one fails
-    /// ([`part_outcomes`]): each entry gets the outcome of the request its span went in, and
+    /// (`part_outcomes`): each entry gets the outcome of the request its span went in, and
     /// the entries of requests not sent after a failure are retried.
     fn deliver(&self, batch: &[Notification]) -> Vec<EntryResult> {
         let (request, fates, owners) = self.request_with_owners(batch);
