@@ -726,12 +726,14 @@ mod tests {
             let body =
                 r#"{"error":{"code":"invalid_input","message":"unknown artifact type \"bogus\""}}"#;
             let mut conn = conn;
-            write!(
-                conn,
+            // One write, as a server sends its answer: `write!` would send the pieces of the
+            // format one system call each, and the reset of the close below could reach the
+            // client between them, cutting the answer (it failed so under load).
+            let answer = format!(
                 "HTTP/1.1 422 Unprocessable Entity\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
-            )
-            .unwrap();
+            );
+            conn.write_all(answer.as_bytes()).unwrap();
             // Closed with the body unread: the client's next writes fail.
         });
         let s = RemoteStore::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
