@@ -594,3 +594,126 @@ fn a_write_waiting_for_a_task_row_does_not_hold_the_seq_counter() {
         "the seq counter was held while the write waited for a task row: {counter:?}"
     );
 }
+
+/// A command of a batch runs under a savepoint; rolled back to it, PostgreSQL releases the row
+/// locks taken since. An upgrade first locked inside a failed command (it did not exist when
+/// the batch locked its upgrades) must be locked again by the next command on it: without, that
+/// command writes u's tasks and counters without u's lock (another replica may change them
+/// meanwhile, and u's row is written after the `seq` counter is taken). Batch B waits for x's
+/// lock while u is created; its failed `task.add` on u locks u, its `task.update` on u follows.
+/// Held at its commit (the `seq` counter locked here), B must still hold u (issue #13).
+#[test]
+fn a_failed_command_of_a_batch_does_not_leave_its_upgrade_unlocked_for_the_next() {
+    use crate::store::domain::command::Command;
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let a = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let b = Arc::new(PostgresStore::open(&url, &PostgresOptions::default()).unwrap());
+    let setup = ProgressTracker::new(a.clone());
+    setup.create_upgrade("x", "p", "c", JsonMap::new()).unwrap();
+    setup
+        .add_task("x", NewTask::new("t", "T", TaskType::UpgradeStep))
+        .unwrap();
+    setup.start_task("x", "t", None).unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = holder.transaction().unwrap();
+    hold.execute(
+        "SELECT 1 FROM upgrades WHERE upgrade_id = 'x' FOR UPDATE",
+        &[],
+    )
+    .unwrap();
+    let update = |u: &str, pct: f64| Command::TaskUpdate {
+        upgrade_id: u.into(),
+        task_id: "t".into(),
+        percentage: pct,
+        message: None,
+        details: JsonMap::new(),
+    };
+    let add_again = Command::TaskAdd {
+        upgrade_id: "u".into(),
+        task_id: "t".into(),
+        name: "T".into(),
+        task_type: TaskType::UpgradeStep,
+        parent_task_id: None,
+        total_steps: None,
+        weight: None,
+        metadata: JsonMap::new(),
+    };
+    let batch = {
+        let b = b.clone();
+        let commands = vec![update("x", 10.0), add_again, update("u", 20.0)];
+        std::thread::spawn(move || b.execute(&commands))
+    };
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%eua_lock_and_read%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(!batch.is_finished(), "{:?}", batch.join());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    setup.create_upgrade("u", "p", "c", JsonMap::new()).unwrap();
+    setup
+        .add_task("u", NewTask::new("t", "T", TaskType::UpgradeStep))
+        .unwrap();
+    setup.start_task("u", "t", None).unwrap();
+    // The gate holds the `seq` counter: B stops at its last statement.
+    let mut gater = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut gate = gater.transaction().unwrap();
+    let gate_pid: i32 = gate
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    gate.execute("SELECT seq FROM seq_counter FOR UPDATE", &[])
+        .unwrap();
+    hold.commit().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&gate_pid],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(!batch.is_finished(), "{:?}", batch.join());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch B never reached the seq counter"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut probe = admin.transaction().unwrap();
+    let taken = probe.query(
+        "SELECT 1 FROM upgrades WHERE upgrade_id = 'u' FOR UPDATE NOWAIT",
+        &[],
+    );
+    probe.rollback().unwrap();
+    gate.rollback().unwrap();
+    let results = batch.join().unwrap().unwrap();
+    assert!(results[0].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[1], Err(crate::error::Error::AlreadyExists { .. })),
+        "{results:?}"
+    );
+    assert!(results[2].is_ok(), "{results:?}");
+    assert!(
+        taken.is_err(),
+        "another session locked upgrade u while batch B, about to write u's task and counters, \
+         believed it held u's lock (lost at the failed command's rollback to its savepoint)"
+    );
+    let t = b.task("u", "t").unwrap();
+    assert_eq!(t.percentage, 20.0);
+    assert_consistent(&b, "u");
+}

@@ -23,6 +23,9 @@ use crate::store::domain::tasks::{TaskEvent, TaskRow, TaskRows, TaskWrite, Upgra
 pub(super) struct Batch {
     /// Upgrades locked by this transaction: id -> (key, cluster name).
     upgrades: HashMap<String, (i64, String)>,
+    /// The ids of `upgrades` locked by [`upgrade`](Self::upgrade), in order (those locked
+    /// inside a savepoint are its tail, forgotten when it is rolled back to).
+    locked: Vec<String>,
     rows: HashMap<i64, TaskRow>,
     /// (upgrade key, task id) -> task key, for the cached rows.
     by_id: HashMap<(i64, String), i64>,
@@ -108,6 +111,7 @@ impl Batch {
             .get(0);
         self.upgrades
             .insert(upgrade_id.to_owned(), (ukey, cluster.clone()));
+        self.locked.push(upgrade_id.to_owned());
         Ok((ukey, cluster))
     }
 
@@ -252,6 +256,10 @@ impl Batch {
             return f(self, tx);
         }
         tx.batch("SAVEPOINT cmd")?;
+        // Rolled back to the savepoint, PostgreSQL releases the row locks taken since it: the
+        // batch must forget the upgrades it locked since (the next command on one locks it
+        // again), or it would write their tasks and counters unlocked (issue #13).
+        let mark = self.locked.len();
         match f(self, tx) {
             Ok(out) => {
                 tx.batch("RELEASE cmd")?;
@@ -262,6 +270,9 @@ impl Batch {
                 tx.batch("ROLLBACK TO cmd; RELEASE cmd")?;
                 self.dirty.clear();
                 self.deltas.clear();
+                for id in self.locked.drain(mark..) {
+                    self.upgrades.remove(&id);
+                }
                 self.forget();
                 Err(e)
             }
