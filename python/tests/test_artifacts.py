@@ -8,6 +8,7 @@ from eks_upgrade_agent import (
     ArtifactCollection,
     ArtifactStatus,
     ArtifactType,
+    InvalidInputError,
     TestArtifact,
     TestSession,
 )
@@ -45,6 +46,21 @@ def test_sessions_collections_and_artifacts(backend, tmp_path):
     assert [x.artifact_id for x in got.collections[coll.collection_id].artifacts] == [a.artifact_id]
     assert m.complete_session(session.session_id) is True
     assert m.get_session(session.session_id).completed_at is not None
+
+
+def test_the_ingest_mark_is_a_reserved_metadata_key(backend, tmp_path):
+    """G121: ``eua_pending_run`` (which gc deletes reports by) is refused, nothing stored."""
+    m = backend.manager()
+    s = m.create_session("u", "c")
+    coll = m.create_collection(s.session_id, "logs")
+    f = write(tmp_path, "a.log", b"x")
+    try:
+        m.add_artifact(s.session_id, coll.collection_id, f, eua_pending_run="x")
+    except InvalidInputError as e:
+        assert 'metadata key "eua_pending_run" is reserved' in str(e), str(e)
+    else:
+        raise AssertionError("the reserved key was accepted")
+    assert m.get_session(s.session_id).collections[coll.collection_id].artifacts == []
 
 
 def test_unknown_ids_give_none_or_false(backend, tmp_path):

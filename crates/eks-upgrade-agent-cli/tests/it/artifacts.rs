@@ -355,6 +355,20 @@ fn bad_input_is_rejected_and_changes_nothing() {
             ],
             "KEY=VALUE",
         ),
+        // The ingest's mark is reserved (G121).
+        (
+            1,
+            vec![
+                "artifacts",
+                "add",
+                &ids.session,
+                &ids.collection,
+                f,
+                "--meta",
+                "eua_pending_run=x",
+            ],
+            "metadata key \"eua_pending_run\" is reserved",
+        ),
         (
             2,
             vec!["artifacts", "search", "--status", "gone"],

@@ -263,6 +263,20 @@ async fn bad_artifact_requests_change_nothing() {
             "metadata",
         ),
         (up("?name=../../etc/passwd"), 422, "invalid_input", ""),
+        // The ingest's mark is reserved (G121).
+        (
+            up("?name=a.log&metadata=%7B%22eua_pending_run%22%3A%22x%22%7D"),
+            422,
+            "invalid_input",
+            "\"eua_pending_run\" is reserved",
+        ),
+        (
+            up("?name=r.xml&type=test_result&phase=pre\
+                &metadata=%7B%22eua_pending_run%22%3A%22x%22%7D"),
+            422,
+            "invalid_input",
+            "\"eua_pending_run\" is reserved",
+        ),
         (
             format!("/api/v1/sessions/nope/collections/{cid}/artifacts?name=a.log"),
             404,
@@ -270,7 +284,13 @@ async fn bad_artifact_requests_change_nothing() {
             "nope",
         ),
     ] {
-        let r = req(&s, "POST", &uri, &[], Body::from("data")).await;
+        // A report where a phase asks for an ingest.
+        let body = if uri.contains("phase=") {
+            r#"<testsuite name="s" tests="1"><testcase name="t"/></testsuite>"#
+        } else {
+            "data"
+        };
+        let r = req(&s, "POST", &uri, &[], Body::from(body)).await;
         assert_eq!(r.status.as_u16(), status, "{uri}: {}", r.json());
         assert_eq!(r.json()["error"]["code"], code, "{uri}: {}", r.json());
         assert!(

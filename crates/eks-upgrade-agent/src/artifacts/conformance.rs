@@ -1500,16 +1500,18 @@ fn gc_removes_the_reports_of_runs_never_recorded(f: Fixture) {
     let (s, c) = session(&f, "u1");
     let add = |name: &str, ty: ArtifactType, meta: serde_json::Value| {
         let metadata: JsonMap = serde_json::from_value(meta).unwrap();
-        f.m.add_bytes(
+        // As the ingest adds (a user's metadata may not carry its mark).
+        f.m.add_reader_as(
             &s.session_id,
             &c.collection_id,
-            name.as_bytes(),
+            &mut name.as_bytes(),
             name,
             &AddOptions {
                 artifact_type: Some(ty),
                 metadata,
                 ..AddOptions::default()
             },
+            true,
         )
         .unwrap()
     };

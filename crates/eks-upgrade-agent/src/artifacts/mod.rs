@@ -264,6 +264,20 @@ pub fn check_retention_days(days: u32) -> Result<()> {
     Ok(())
 }
 
+/// Refuses user metadata carrying a reserved key ([`crate::store::PENDING_RUN_KEY`], the mark
+/// of an ingest's reports that `gc` deletes when their run was never recorded).
+pub(crate) fn check_reserved(metadata: &JsonMap) -> Result<()> {
+    let key = crate::store::PENDING_RUN_KEY;
+    if metadata.contains_key(key) {
+        return Err(Error::invalid(format!(
+            "metadata key {key:?} is reserved (the ingest marks its reports with it, and gc \
+             deletes the ones it marks whose run was never recorded): remove it or use another \
+             key; nothing was stored"
+        )));
+    }
+    Ok(())
+}
+
 fn check_tags(tags: &[String]) -> Result<()> {
     if tags.len() > MAX_TAGS {
         return Err(Error::invalid(format!(
@@ -484,7 +498,16 @@ impl TestArtifactsManager {
         Ok(c)
     }
 
+    /// Checks a user's options (every public add goes through here): the metadata may not
+    /// carry a reserved key. The ingest, which marks its reports with
+    /// [`crate::store::PENDING_RUN_KEY`], adds through [`Self::check_ingest_options`].
     fn check_options(opts: &AddOptions) -> Result<()> {
+        check_reserved(&opts.metadata)?;
+        Self::check_ingest_options(opts)
+    }
+
+    /// [`Self::check_options`] without the reserved keys' check: the ingest's own adds.
+    fn check_ingest_options(opts: &AddOptions) -> Result<()> {
         check_tags(&opts.tags)?;
         if let Some(t) = &opts.task_id {
             check_id("task_id", t)?;
@@ -573,8 +596,26 @@ impl TestArtifactsManager {
         name: &str,
         opts: &AddOptions,
     ) -> Result<TestArtifact> {
+        self.add_reader_as(session_id, collection_id, reader, name, opts, false)
+    }
+
+    /// [`add_reader`](Self::add_reader); `ingest`: the ingest's own add, whose metadata may
+    /// carry its mark ([`crate::store::PENDING_RUN_KEY`]), refused in a user's.
+    pub(crate) fn add_reader_as(
+        &self,
+        session_id: &str,
+        collection_id: &str,
+        reader: &mut dyn Read,
+        name: &str,
+        opts: &AddOptions,
+        ingest: bool,
+    ) -> Result<TestArtifact> {
         self.check_target(session_id, collection_id)?;
-        Self::check_options(opts)?;
+        if ingest {
+            Self::check_ingest_options(opts)?;
+        } else {
+            Self::check_options(opts)?;
+        }
         let name = names::sanitize_name(name)?;
         let info = self.blobs.put(reader, &mut |_| {})?;
         let new = self.new_artifact(collection_id, name, opts, info.digest, info.size);
@@ -623,13 +664,23 @@ impl TestArtifactsManager {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Vec<TestArtifact>> {
         let mut out = Vec::new();
-        self.add_paths_into(session_id, collection_id, paths, opts, progress, &mut out)?;
+        self.add_paths_into(
+            session_id,
+            collection_id,
+            paths,
+            opts,
+            progress,
+            &mut out,
+            false,
+        )?;
         Ok(out)
     }
 
     /// [`add_paths`](Self::add_paths) that pushes each indexed artifact to `out` as its batch
     /// commits, so that a caller undoing a failed add knows what was committed before the
-    /// failure (a later batch's error leaves the earlier batches in `out`).
+    /// failure (a later batch's error leaves the earlier batches in `out`). `ingest`: as in
+    /// [`add_reader_as`](Self::add_reader_as).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn add_paths_into(
         &self,
         session_id: &str,
@@ -638,9 +689,14 @@ impl TestArtifactsManager {
         opts: &AddOptions,
         progress: &mut dyn FnMut(Progress),
         out: &mut Vec<TestArtifact>,
+        ingest: bool,
     ) -> Result<()> {
         self.check_target(session_id, collection_id)?;
-        Self::check_options(opts)?;
+        if ingest {
+            Self::check_ingest_options(opts)?;
+        } else {
+            Self::check_options(opts)?;
+        }
         // Plan: every file and its name, checked before anything is stored.
         let plan: Vec<(PathBuf, String, u64)> = plan_paths(paths, opts)?
             .into_iter()

@@ -953,6 +953,104 @@ mod tests {
         assert!(draws.len() > 20, "{} distinct delays of 100", draws.len());
     }
 
+    /// A pull drops the ingest's mark ([`crate::store::PENDING_RUN_KEY`]) that an uploaded
+    /// report of a run not yet recorded carries in its manifest: the pulled report has no
+    /// such key, and the puller's `gc` (whose store holds no run of it) keeps it (G121).
+    #[test]
+    fn a_pulled_report_loses_the_ingest_mark_and_gc_keeps_it() {
+        let key = crate::store::PENDING_RUN_KEY;
+        let moto = Moto::start();
+        moto.create_bucket("team");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path(), &SqliteOptions::default()).unwrap());
+        let blobs = Arc::new(
+            LocalBlobStore::open(&dir.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let target = Arc::new(s3(&moto.url));
+        let m = TestArtifactsManager::new(
+            store.clone(),
+            blobs,
+            ArtifactsOptions {
+                auto_upload: true,
+                ..ArtifactsOptions::default()
+            },
+        )
+        .with_s3(target.clone());
+        let s = m
+            .create_session(NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..NewSession::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "validation", None, None)
+            .unwrap();
+        // What an ingest leaves while (or when never) recording its run.
+        let report = m
+            .add_reader_as(
+                &s.session_id,
+                &c.collection_id,
+                &mut &b"<testsuite/>"[..],
+                "r.xml",
+                &AddOptions {
+                    artifact_type: Some(crate::model::ArtifactType::TestResult),
+                    metadata: serde_json::from_value(serde_json::json!({
+                        "run_id": "r-elsewhere",
+                        "phase": "pre",
+                        key: "r-elsewhere",
+                    }))
+                    .unwrap(),
+                    ..AddOptions::default()
+                },
+                true,
+            )
+            .unwrap();
+        m.upload(
+            store.as_ref(),
+            &target,
+            &UploadOptions::default(),
+            None,
+            false,
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut manifest = String::new();
+        std::io::Read::read_to_string(
+            &mut target
+                .open_object_unverified(&manifest_key(target.prefix(), &s.session_id))
+                .unwrap(),
+            &mut manifest,
+        )
+        .unwrap();
+        assert!(manifest.contains(key), "the manifest carries the mark");
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let store2 = Arc::new(SqliteStore::open(dir2.path(), &SqliteOptions::default()).unwrap());
+        let blobs2 = Arc::new(
+            LocalBlobStore::open(&dir2.path().join("blobs"), Durability::default()).unwrap(),
+        );
+        let m2 = TestArtifactsManager::new(
+            store2,
+            blobs2,
+            ArtifactsOptions {
+                orphan_report_age: Duration::ZERO,
+                ..ArtifactsOptions::default()
+            },
+        )
+        .with_s3(target.clone());
+        m2.pull(&target, &s.session_id, true, &mut |_| {}).unwrap();
+        let pulled = m2.artifact(&report.artifact_id).unwrap();
+        assert!(!pulled.metadata.contains_key(key), "{:?}", pulled.metadata);
+        assert_eq!(pulled.metadata.get("run_id"), Some(&"r-elsewhere".into()));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(m2.gc().unwrap().orphan_reports_removed, 0);
+        assert_ne!(
+            m2.artifact(&report.artifact_id).unwrap().status,
+            ArtifactStatus::Deleted
+        );
+    }
+
     #[test]
     fn uploads_use_the_reference_layout_survive_outages_and_back_reads() {
         let moto = Moto::start();

@@ -262,6 +262,10 @@ impl TestResults {
         if !ingest.labels.is_empty() && ingest.labels.len() != files.len() {
             return Err(Error::invalid("give one label per report file"));
         }
+        if let Some(o) = keep.and_then(|k| k.options) {
+            // The caller's metadata may not carry the mark the ingest adds.
+            crate::artifacts::check_reserved(&o.metadata)?;
+        }
         let run_id = Uuid::now_v7().to_string();
         let keep = keep.map(|k| (k, keep_options(k, ingest, &run_id)));
         if let Some((_, opts)) = &keep {
@@ -285,6 +289,7 @@ impl TestResults {
                     opts,
                     &mut |_| {},
                     &mut added,
+                    true,
                 );
                 // Every row of this run that committed is undone on any failure below (or of
                 // a later batch of the add); an earlier run's artifact (same name and bytes)
@@ -310,12 +315,13 @@ impl TestResults {
                                 ingest.label(i, &files[i])
                             ))
                         })?;
-                        k.artifacts.add_reader(
+                        k.artifacts.add_reader_as(
                             &session,
                             &collection,
                             &mut file,
                             &run_name(&a.name, &run_id),
                             opts,
+                            true,
                         )?
                     };
                     if !ours {

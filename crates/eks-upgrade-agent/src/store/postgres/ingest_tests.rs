@@ -135,10 +135,10 @@ fn a_sweep_waits_for_a_run_being_recorded_and_keeps_its_report() {
         .create_collection(&s.session_id, "validation", None, None)
         .unwrap();
     let report = m
-        .add_bytes(
+        .add_reader_as(
             &s.session_id,
             &c.collection_id,
-            b"<testsuite/>",
+            &mut &b"<testsuite/>"[..],
             "r.xml",
             &crate::artifacts::AddOptions {
                 artifact_type: Some(crate::model::ArtifactType::TestResult),
@@ -150,6 +150,7 @@ fn a_sweep_waits_for_a_run_being_recorded_and_keeps_its_report() {
                 .unwrap(),
                 ..Default::default()
             },
+            true,
         )
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2));

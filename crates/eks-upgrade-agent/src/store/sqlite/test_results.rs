@@ -951,6 +951,77 @@ mod tests {
         assert!(r.runs(&RunQuery::default()).unwrap().is_empty());
     }
 
+    /// G121: the ingest's mark is reserved: a user's add (every public add of the manager,
+    /// which the CLI, the HTTP API and the Python package go through) or an ingest whose
+    /// options carry it is refused, naming the key, and stores nothing; the ingest's own
+    /// mark is still set (and removed when its run is recorded).
+    #[test]
+    fn a_users_metadata_may_not_carry_the_ingest_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m, r) = kept_store(dir.path());
+        let key = crate::store::PENDING_RUN_KEY;
+        let opts = crate::artifacts::AddOptions {
+            metadata: serde_json::from_value(serde_json::json!({ key: "x" })).unwrap(),
+            ..Default::default()
+        };
+        let refused = |e: Error| {
+            assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(e.to_string().contains("reserved"), "{e}");
+        };
+        let report = dir.path().join("r.xml");
+        std::fs::write(&report, REPORT).unwrap();
+        refused(
+            r.ingest(
+                std::slice::from_ref(&report),
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(KeepFiles {
+                    options: Some(&opts),
+                    ..keep(&m)
+                }),
+            )
+            .unwrap_err(),
+        );
+        assert!(
+            m.sessions(None).unwrap().is_empty(),
+            "a session was created"
+        );
+        assert!(r.runs(&RunQuery::default()).unwrap().is_empty());
+
+        let s = m
+            .create_session(crate::artifacts::NewSession {
+                upgrade_id: "u1".into(),
+                cluster_name: "prod".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let c = m
+            .create_collection(&s.session_id, "logs", None, None)
+            .unwrap();
+        let (sid, cid) = (&s.session_id, &c.collection_id);
+        refused(m.add_bytes(sid, cid, b"x", "a.log", &opts).unwrap_err());
+        refused(
+            m.add_path(sid, cid, &report, &opts, &mut |_| {})
+                .unwrap_err(),
+        );
+        refused(
+            m.add_many_bytes(sid, cid, &[("b.log".into(), b"y".to_vec(), opts.clone())])
+                .unwrap_err(),
+        );
+        assert_eq!(m.session_summary(sid).unwrap().total_artifacts, 0);
+
+        // The ingest still marks its reports until the run is recorded.
+        let run = r
+            .ingest(
+                std::slice::from_ref(&report),
+                &Ingest::new("u1", "prod", RunPhase::Pre),
+                Some(keep(&m)),
+            )
+            .unwrap();
+        let a = m.artifact(&run.artifact_ids[0]).unwrap();
+        assert!(!a.metadata.contains_key(key), "{:?}", a.metadata);
+    }
+
     /// T13: when recording the run fails after the files were kept (a store error), the kept
     /// files are removed again: the artifacts are deleted (their blobs released) and the
     /// session the ingest created is gone; with a session that existed, its artifacts are all
