@@ -14,12 +14,17 @@
 //!   [`Subscription`]). Slow clients never delay others, and memory does not grow with them.
 //! - A [`Subscription`] starting at `since` replays older events from the store page by page,
 //!   then continues from the ring, skipping what it already sent: no gap, no duplicate.
+//! - While no client is connected the poller reads nothing (on a database every replica would
+//!   otherwise read every commit of every replica for nobody). The first client to join an
+//!   idle hub reads the store's last seq and the poller continues from there, so a client
+//!   that joins without `since` gets every event committed after it joined, and one with
+//!   `since` replays from the store as before (see [`Cursor`]).
 //!   A `since` beyond the store's last seq (a restored data dir) gets a [`Item::Resync`] to
 //!   the store's last seq first, then live events.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -85,6 +90,22 @@ struct Inner {
     max_lag: u64,
     /// External wake-ups and how long to wait for them (see [`Hub::follow_wakeups`]).
     follow: std::sync::OnceLock<Follow>,
+    /// Where the poller reads from; see [`Cursor`].
+    cursor: Mutex<Cursor>,
+}
+
+/// The poller's position, held by the poller around each read and by a client joining.
+///
+/// The poller marks the hub idle (and skips its read) when it finds no client; `idle` is only
+/// set with `clients` at 0, and a client joins with the lock held, so an idle hub has no
+/// client. The first client to join an idle hub moves `last` (and `published`) to the store's
+/// last seq before the poller reads again: the events in between were committed before any
+/// client joined, and none is skipped for a client that joined earlier, as there is none.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Every event with `seq <= last` was published (or skipped while idle).
+    last: u64,
+    idle: bool,
 }
 
 /// An external source of wake-ups: while `up()` the poller waits up to `quiet` between reads.
@@ -121,6 +142,7 @@ impl Hub {
             events: AtomicU64::new(0),
             max_lag,
             follow: std::sync::OnceLock::new(),
+            cursor: Mutex::new(Cursor::default()),
         });
         let weak = Arc::downgrade(&inner);
         tracker.on_event(move |_| {
@@ -170,7 +192,8 @@ impl Hub {
             .is_ok()
         {
             self.inner.published.store(last, Ordering::Release);
-            tokio::spawn(poll(Arc::downgrade(&self.inner), last));
+            self.inner.cursor().last = last;
+            tokio::spawn(poll(Arc::downgrade(&self.inner)));
         }
         Ok(())
     }
@@ -185,9 +208,15 @@ impl Hub {
         self.inner.clients.load(Ordering::Relaxed)
     }
 
-    /// Events published since the server started.
+    /// Events published since the server started (read while clients were connected).
     pub fn events_published(&self) -> u64 {
         self.inner.events.load(Ordering::Relaxed)
+    }
+
+    /// True while the poller reads nothing, no client being connected: [`published`]
+    /// (Self::published) may then lag the store.
+    pub fn idle(&self) -> bool {
+        self.inner.cursor().idle
     }
 
     /// A subscription to `upgrade_id`'s events (or all), from `since` when given (replayed from
@@ -200,6 +229,8 @@ impl Hub {
         self.start().await?;
         // Subscribe before reading `published`: whatever is published later is in the ring.
         let rx = self.inner.tx.subscribe();
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.join()).await?;
         let published = self.published();
         // A `since` beyond the store's last seq (a restored data dir, another server's seq)
         // would wait for events that never come: answer with a resync to the store's position.
@@ -211,7 +242,6 @@ impl Hub {
             }
             _ => None,
         };
-        self.inner.clients.fetch_add(1, Ordering::Relaxed);
         let (position, replay) = match (since, ahead) {
             (_, Some(last)) => (last, true),
             (Some(s), None) if s < published => (s, true),
@@ -230,14 +260,56 @@ impl Hub {
     }
 }
 
+impl Inner {
+    fn cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a new client; on an idle hub, first moves the poller to the store's last seq
+    /// (on a failed read nothing changes). Blocks: call on the blocking pool.
+    fn join(&self) -> eks_upgrade_agent::Result<()> {
+        let mut cursor = self.cursor();
+        if cursor.idle {
+            let last = self.tracker.store().last_seq()?;
+            cursor.last = cursor.last.max(last);
+            self.published.fetch_max(cursor.last, Ordering::AcqRel);
+            cursor.idle = false;
+        }
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// The poller. It holds the hub only on the blocking pool, while it reads and publishes a
 /// page: the last reference to a store may be dropped there, never on a runtime thread (a
 /// PostgreSQL client blocks when it closes).
-async fn poll(inner: Weak<Inner>, mut last: u64) {
+async fn poll(inner: Weak<Inner>) {
     let Some(wake) = inner.upgrade().map(|hub| Arc::clone(&hub.wake)) else {
         return;
     };
     loop {
+        // No client: no read, not even a hop to the blocking pool (the lock is only held
+        // there, by a read or a client joining, so `try_lock` never blocks this thread; when
+        // it is taken, a client is joining and the read below waits for it).
+        let idle = {
+            let Some(hub) = inner.upgrade() else { return };
+            let idle = hub.clients.load(Ordering::Relaxed) == 0
+                && match hub.cursor.try_lock() {
+                    Ok(mut cursor) if hub.clients.load(Ordering::Relaxed) == 0 => {
+                        cursor.idle = true;
+                        true
+                    }
+                    _ => false,
+                };
+            idle.then(|| match hub.follow.get() {
+                Some(f) if (f.up)() => f.quiet,
+                _ => POLL,
+            })
+        };
+        if let Some(wait) = idle {
+            let _ = tokio::time::timeout(wait, wake.notified()).await;
+            continue;
+        }
         let weak = Weak::clone(&inner);
         let read = tokio::task::spawn_blocking(move || {
             let hub = weak.upgrade()?;
@@ -245,11 +317,16 @@ async fn poll(inner: Weak<Inner>, mut last: u64) {
                 Some(f) if (f.up)() => f.quiet,
                 _ => POLL,
             };
-            let full = match hub.tracker.events_since(None, last, PAGE) {
+            let mut cursor = hub.cursor();
+            if cursor.idle {
+                // Every client left and the hub went idle meanwhile: nothing to read.
+                return Some((false, wait));
+            }
+            let full = match hub.tracker.events_since(None, cursor.last, PAGE) {
                 Ok(page) => {
                     let full = page.len() == PAGE;
                     for e in &page {
-                        last = e.seq;
+                        cursor.last = e.seq;
                         // No receivers is fine: nobody is watching.
                         let _ = hub.tx.send(Arc::new(HubEvent::new(e)));
                         hub.published.store(e.seq, Ordering::Release);
@@ -262,13 +339,12 @@ async fn poll(inner: Weak<Inner>, mut last: u64) {
                     false
                 }
             };
-            Some((last, full, wait))
+            Some((full, wait))
         })
         .await;
-        let Ok(Some((seq, full, wait))) = read else {
+        let Ok(Some((full, wait))) = read else {
             return;
         };
-        last = seq;
         if full {
             continue;
         }

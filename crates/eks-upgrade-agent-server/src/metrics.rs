@@ -113,7 +113,8 @@ impl Default for Metrics {
         );
         r.register(
             "events",
-            "Progress events seen by the stream hub (any writer) since start",
+            "Progress events (any writer's) the stream hub read for its clients since start; it \
+             reads none while no client is connected",
             m.events.clone(),
         );
         r.register(
@@ -123,7 +124,7 @@ impl Default for Metrics {
         );
         r.register(
             "last_seq",
-            "Highest event seq published to streams",
+            "Highest event seq published to streams (the store's, while no client is connected)",
             m.last_seq.clone(),
         );
         r.register(
@@ -312,19 +313,25 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     m.request_spans.set(i64::from(s.request_spans.is_some()));
     m.clients
         .set(i64::try_from(s.hub.clients()).unwrap_or(i64::MAX));
-    m.last_seq
-        .set(i64::try_from(s.hub.published()).unwrap_or(i64::MAX));
     let (queue, dispatcher) = (s.uploads.clone(), s.dispatcher.clone());
     let db = s.database.clone();
-    let (pending_uploads, sinks) = blocking(move || {
+    let hub = s.hub.clone();
+    let (pending_uploads, sinks, last_seq) = blocking(move || {
+        // An idle hub (no stream client) reads nothing: the store says where it is.
+        let last_seq = if hub.idle() {
+            hub.tracker().store().last_seq()?.max(hub.published())
+        } else {
+            hub.published()
+        };
         let uploads = queue.map(|q| q.pending_uploads()).transpose()?;
         let sinks = dispatcher.map(|d| d.status()).transpose()?;
         if let Some(db) = &db {
             database_figures(db)?;
         }
-        Ok((uploads, sinks))
+        Ok((uploads, sinks, last_seq))
     })
     .await?;
+    m.last_seq.set(i64::try_from(last_seq).unwrap_or(i64::MAX));
     let (n, bytes) = pending_uploads.unwrap_or((0, 0));
     m.queued_uploads.set(i64::try_from(n).unwrap_or(i64::MAX));
     m.queued_upload_bytes

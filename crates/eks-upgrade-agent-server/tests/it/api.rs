@@ -260,6 +260,9 @@ async fn metrics_count_the_events_streams_see() {
             .unwrap()
     };
     assert_eq!(counter(&metrics_text(&s).await, "eua_events_total"), 0);
+    // The hub reads for its clients: one is connected (see `stream.rs` for the idle hub).
+    let mut ws = crate::util::ws_connect(&server.ws_url("/api/v1/ws")).await;
+    crate::util::next_json(&mut ws).await;
     crate::util::seed(&s.tracker, "u1");
     for p in [10, 20, 30, 40, 50] {
         s.tracker

@@ -481,3 +481,118 @@ async fn a_parents_derived_change_reaches_the_stream() {
     );
     assert_eq!(got[1]["message"], "subtask \"c\" failed: drain timed out");
 }
+
+/// Waits (at most 10 s) until the hub is idle or not, as `idle` says.
+async fn hub_idle(s: &eks_upgrade_agent_server::AppState, idle: bool) {
+    let start = Instant::now();
+    while s.hub.idle() != idle {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the hub never became {}",
+            if idle { "idle" } else { "busy" }
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_hub_reads_nothing_while_no_client_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    hub_idle(&s, true).await;
+    let before = s.hub.published();
+    let t = Arc::clone(&s.tracker);
+    let last = blocking(move || (0..8).map(|n| update(&t, f64::from(n))).last().unwrap()).await;
+    // Every commit wakes the poller; none makes it read while nobody listens.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.hub.events_published(), 0, "events read for nobody");
+    assert_eq!(s.hub.published(), before);
+    let text = crate::api::metrics_text(&s).await;
+    assert!(
+        text.contains(&format!("eua_last_seq {last}\n")),
+        "the scrape reads the store's last seq:\n{text}"
+    );
+
+    // A client without `since` gets what is committed after it joined, from the next seq.
+    let mut live = ws_connect(&server.ws_url("/api/v1/ws")).await;
+    assert_eq!(next_json(&mut live).await["type"], "progress_summary");
+    assert!(!s.hub.idle());
+    let t = Arc::clone(&s.tracker);
+    let next = blocking(move || update(&t, 50.0)).await;
+    let (skipped, ev) = until_type(&mut live, "progress_event").await;
+    assert!(seqs(&skipped).is_empty());
+    assert_eq!(ev["seq"], last + 1);
+    // One with `since` replays the events the hub did not read, then goes live.
+    let mut replay = ws_connect(&server.ws_url("/api/v1/ws?since=0")).await;
+    let mut got = Vec::new();
+    while got.last() != Some(&next) {
+        let m = next_json(&mut replay).await;
+        if m["type"] == "progress_event" {
+            got.push(m["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(got, (1..=next).collect::<Vec<_>>());
+    assert_eq!(
+        s.hub.events_published(),
+        next - last,
+        "only the events after the join"
+    );
+
+    // Every client gone: idle again.
+    drop((live, replay));
+    hub_idle(&s, true).await;
+    let t = Arc::clone(&s.tracker);
+    blocking(move || update(&t, 60.0)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.hub.events_published(), next - last);
+}
+
+#[tokio::test]
+async fn clients_joining_and_leaving_an_idle_hub_miss_nothing_committed_after_they_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    let server = Server::start(s.clone()).await;
+    // A writer that never stops while clients come and go (the hub going idle in between).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (t, halt) = (Arc::clone(&s.tracker), Arc::clone(&stop));
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut n = 0u64;
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+            update(&t, (n % 100) as f64);
+            n += 1;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+    for round in 0..20 {
+        let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
+        assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
+        // Joined: from here on every committed event reaches it, in order, once.
+        let t = Arc::clone(&s.tracker);
+        let joined = blocking(move || t.store().last_seq().unwrap()).await;
+        let mut seen: Vec<u64> = Vec::new();
+        while seen.last().is_none_or(|l| *l < joined + 20) {
+            let m = next_json(&mut ws).await;
+            if m["type"] == "progress_event" {
+                seen.push(m["seq"].as_u64().unwrap());
+            }
+        }
+        let first = seen[0];
+        assert!(
+            first <= joined + 1,
+            "round {round}: events after {joined} skipped: {seen:?}"
+        );
+        assert!(
+            seen.windows(2).all(|w| w[1] == w[0] + 1),
+            "round {round}: a gap or a duplicate: {seen:?}"
+        );
+        drop(ws);
+        if round % 2 == 0 {
+            hub_idle(&s, true).await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+}
