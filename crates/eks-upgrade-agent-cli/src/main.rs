@@ -546,6 +546,15 @@ mod tests {
             super::Cli::try_parse_from(["eks-upgrade-agent", "serve", "--max-connections", "0"])
                 .is_err()
         );
+        assert_eq!(args.group_wait_ms, 2);
+        assert_eq!(
+            serve(&["eks-upgrade-agent", "serve", "--group-wait", "0"]).group_wait_ms,
+            0
+        );
+        assert!(
+            super::Cli::try_parse_from(["eks-upgrade-agent", "serve", "--group-wait", "5000"])
+                .is_err()
+        );
         match super::Cli::try_parse_from(["eks-upgrade-agent", "demo", "--serve"])
             .unwrap()
             .command

@@ -76,6 +76,17 @@ pub(crate) struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub(crate) max_ingest_bytes: u64,
+    /// Longest wait, in milliseconds, for concurrent progress writes to share a transaction:
+    /// when the last one took more than one request and fewer are queued, the server waits
+    /// up to this long for as many (a lone writer never waits; 0: never wait)
+    #[arg(
+        long = "group-wait",
+        value_name = "MS",
+        env = "EUA_GROUP_WAIT_MS",
+        default_value_t = eks_upgrade_agent_server::GROUP_WAIT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=1000)
+    )]
+    pub(crate) group_wait_ms: u64,
 }
 
 impl ServeArgs {
@@ -208,7 +219,8 @@ pub(crate) fn run(ctx: &Ctx, args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let state = state(ctx, store.clone(), auth)?
         .with_guard(guard)
-        .with_serve_options(options);
+        .with_serve_options(options)
+        .with_group_wait(std::time::Duration::from_millis(args.group_wait_ms));
     let notifier = state.dispatcher.clone().map(|d| d.spawn());
     let spans = state.request_spans.clone();
     let _uploader = spawn_uploader(ctx, store.clone(), &state)?;
@@ -255,6 +267,7 @@ fn run_on_database(
         .with_auth(auth)
         .with_guard(guard)
         .with_serve_options(options)
+        .with_group_wait(std::time::Duration::from_millis(args.group_wait_ms))
         .with_test_results(Arc::new(eks_upgrade_agent::TestResults::new(db.clone())))
         .with_database(
             db.clone(),

@@ -62,6 +62,7 @@ mod store_api;
 mod stream;
 mod tests_api;
 
+pub use committer::GROUP_WAIT;
 pub use conn::{DEFAULT_MAX_INGEST_BYTES, ServeOptions};
 pub use metrics::Metrics;
 
@@ -255,6 +256,15 @@ impl AppState {
     /// With another header-read timeout or connection cap for [`serve`].
     pub fn with_serve_options(mut self, options: ServeOptions) -> AppState {
         self.serve_options = options;
+        self
+    }
+
+    /// With another group-commit wait for the progress writes of concurrent requests (default
+    /// [`GROUP_WAIT`]; zero commits what is queued at once): when the last transaction took
+    /// more than one request and fewer are queued now, the committer waits up to this long
+    /// for as many. A lone writer never waits.
+    pub fn with_group_wait(self, wait: Duration) -> AppState {
+        self.committer.set_wait(wait);
         self
     }
 

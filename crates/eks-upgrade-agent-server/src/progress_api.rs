@@ -348,10 +348,16 @@ pub(crate) async fn task_op(
         &format!("task.{op}"),
         &[("upgrade_id", &upgrade), ("task_id", &task)],
     )?;
-    let committed = execute(&s, c).await?;
-    let tracker = Arc::clone(&s.tracker);
-    // The task alone (its recent events are not part of this answer): one read.
-    let task = blocking(move || tracker.store().task(&upgrade, &task)).await?;
+    let mut committed = execute(&s, c).await?;
+    // The task alone (its recent events are not part of this answer), as the command left
+    // it; read only from a store that does not say (none of ours).
+    let task = match committed.task.take() {
+        Some(t) => t,
+        None => {
+            let tracker = Arc::clone(&s.tracker);
+            blocking(move || tracker.store().task(&upgrade, &task)).await?
+        }
+    };
     let mut v = serde_json::to_value(task).unwrap_or_default();
     v["seq"] = json!(committed.last_seq());
     // What the operation committed (the task's own event first, then its ancestors'), as

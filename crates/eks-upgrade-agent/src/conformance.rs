@@ -17,7 +17,7 @@ type Case = (&'static str, fn(ProgressTracker));
 
 /// Runs every case against fresh stores from `factory`.
 pub fn run(factory: Factory<'_>) {
-    let cases: [Case; 17] = [
+    let cases: [Case; 18] = [
         ("upgrade_lifecycle", upgrade_lifecycle),
         ("unknown_and_duplicate_ids", unknown_and_duplicate_ids),
         (
@@ -55,6 +55,10 @@ pub fn run(factory: Factory<'_>) {
         (
             "a_batch_ends_where_its_commands_one_by_one_end",
             a_batch_ends_where_its_commands_one_by_one_end,
+        ),
+        (
+            "a_task_command_carries_its_task_as_it_left_it",
+            a_task_command_carries_its_task_as_it_left_it,
         ),
     ];
     for (name, case) in cases {
@@ -1140,4 +1144,82 @@ fn a_batch_ends_where_its_commands_one_by_one_end(t: ProgressTracker) {
         };
         assert_eq!(view(u), view("one"), "{u}");
     }
+}
+
+/// `Committed::task`: the named task as its command left it (what the API answers without a
+/// read), on leaves and parents, alone and in a batch; `None` for other commands.
+fn a_task_command_carries_its_task_as_it_left_it(t: ProgressTracker) {
+    let ops = |u: &str| -> Vec<Command> {
+        [
+            json!({"op": "task.start", "task_id": "a"}),
+            json!({"op": "task.update", "task_id": "a", "percentage": 40.0, "message": "m"}),
+            json!({"op": "task.start", "task_id": "c"}),
+            json!({"op": "task.step", "task_id": "c", "completed_steps": 1}),
+            json!({"op": "task.pause", "task_id": "p"}),
+            json!({"op": "task.resume", "task_id": "p"}),
+            json!({"op": "task.fail", "task_id": "a", "error_message": "boom"}),
+            json!({"op": "task.retry", "task_id": "a"}),
+            json!({"op": "task.complete", "task_id": "c"}),
+            json!({"op": "task.update", "task_id": "a", "percentage": 70.0}),
+        ]
+        .into_iter()
+        .map(|mut v| {
+            v["upgrade_id"] = json!(u);
+            serde_json::from_value(v).unwrap()
+        })
+        .collect()
+    };
+    let view = |x: &Task| {
+        (
+            x.task_id.clone(),
+            x.status,
+            x.percentage,
+            x.completed_steps,
+            x.error_message.clone(),
+            x.retry_count,
+        )
+    };
+    let mut alone = Vec::new();
+    for u in ["one", "batch"] {
+        setup(&t, u);
+        t.start_upgrade(u, None).unwrap();
+        add(&t, u, "p", None, 1.0);
+        add(&t, u, "a", Some("p"), 1.0);
+        t.add_task(
+            u,
+            NewTask::new("c", "C", TaskType::UpgradeStep)
+                .parent("p")
+                .steps(4),
+        )
+        .unwrap();
+    }
+    for c in ops("one") {
+        let committed = t.execute(c.clone()).unwrap();
+        let (task_id, _) = c.task_op().unwrap();
+        let read = t.store().task("one", task_id).unwrap();
+        assert_eq!(committed.task.as_ref(), Some(&read), "{c:?}");
+        alone.push(view(&read));
+    }
+    // In a batch, each command's task is as that command left it (a later command of the
+    // batch changes the same task again).
+    let batch: Vec<_> = t
+        .execute_batch(&ops("batch"))
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let task = r.unwrap().task.expect("a task command carries its task");
+            assert_eq!(task.upgrade_id, "batch");
+            view(&task)
+        })
+        .collect();
+    assert_eq!(batch, alone);
+    let last = t.execute_batch(&ops("batch")[9..]).unwrap();
+    let read = t.store().task("batch", "a").unwrap();
+    assert_eq!(last[0].as_ref().unwrap().task.as_ref(), Some(&read));
+    // Other commands carry none.
+    let added = t
+        .add_task("one", NewTask::new("n", "N", TaskType::UpgradeStep))
+        .unwrap();
+    assert_eq!(added.task, None);
+    assert_eq!(t.set_phase("one", "later").unwrap().task, None);
 }

@@ -121,6 +121,11 @@ pub struct Committed {
     pub events: Vec<ProgressEvent>,
     /// Status changes of tasks and upgrades the command caused.
     pub status_changes: Vec<StatusChange>,
+    /// The task a task command names (`None` for other commands), as this command left it:
+    /// what the API answers, with no read after the commit (which could see a later
+    /// command's change). Not part of the wire format: `--server` clients get `None`.
+    #[serde(skip)]
+    pub task: Option<crate::model::Task>,
 }
 
 impl Committed {

@@ -271,6 +271,12 @@ impl PostgresStore {
             let result = self.with_conn(|conn| {
                 let Conn { client, stmts } = conn;
                 let mut tx = client.transaction()?;
+                // Generic plans: a write's statements are planned once per connection, not
+                // at each execution. Left to choose, PostgreSQL keeps custom plans for the
+                // group commit's statements (it knows their arrays' lengths then), planning
+                // them again each time: a fifth of its CPU under many writers (issue #13,
+                // G6). Reads keep custom plans (their `$1 IS NULL OR ...` filters need them).
+                tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")?;
                 let (out, commit) = f(&mut Db { c: &mut tx, stmts })?;
                 if commit {
                     tx.commit()?;

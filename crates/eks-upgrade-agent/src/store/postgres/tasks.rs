@@ -203,9 +203,15 @@ impl Batch {
         let row = rows
             .task_by_id(task_id)?
             .ok_or_else(|| task_not_found(upgrade_id, task_id))?;
+        let tkey = row.tkey;
         let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
         w.execute(row, command)?;
         let delta = w.delta;
+        // The task as this command left it (in the cache: every row a command reads or
+        // changes is).
+        let mut task = rows.task(tkey)?.task;
+        task.upgrade_id = upgrade_id.to_owned();
+        staged.committed.task = Some(task);
         self.owe(ukey, &delta);
         Ok(())
     }

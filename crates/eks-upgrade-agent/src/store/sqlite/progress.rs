@@ -652,7 +652,7 @@ fn execute_one(
             flush_delta(tx, ukey, &UpgradeDelta::default(), seq)?;
             Ok(Committed {
                 events: vec![to_event(&event, seq, id, upgrade_id, None)],
-                status_changes: Vec::new(),
+                ..Committed::default()
             })
         }
         Command::UpgradeStart { upgrade_id, .. }
@@ -711,6 +711,7 @@ fn execute_one(
             Ok(Committed {
                 events: vec![committed_event],
                 status_changes,
+                ..Committed::default()
             })
         }
         Command::TaskAdd { upgrade_id, .. } | Command::TaskAddMany { upgrade_id, .. } => {

@@ -245,7 +245,9 @@ pub(super) fn task_command(
     let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
     w.execute(row, command)?;
     let delta = w.delta;
-    rows.finish(&delta)
+    let mut committed = rows.finish(&delta)?;
+    committed.task = Some(load_task(tx, ukey, upgrade_id, task_id)?.task);
+    Ok(committed)
 }
 
 /// Adds `tasks` to the upgrade `upgrade_id`.
