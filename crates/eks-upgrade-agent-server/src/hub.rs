@@ -18,7 +18,9 @@
 //!   otherwise read every commit of every replica for nobody). The first client to join an
 //!   idle hub reads the store's last seq and the poller continues from there, so a client
 //!   that joins without `since` gets every event committed after it joined, and one with
-//!   `since` replays from the store as before (see [`Cursor`]).
+//!   `since` replays from the store as before (see [`Cursor`]). On a database the hub also
+//!   says whether it has clients ([`Hub::on_following`]): commits notify only while some
+//!   replica's hub does.
 //!   A `since` beyond the store's last seq (a restored data dir) gets a [`Item::Resync`] to
 //!   the store's last seq first, then live events.
 
@@ -92,20 +94,41 @@ struct Inner {
     follow: std::sync::OnceLock<Follow>,
     /// Where the poller reads from; see [`Cursor`].
     cursor: Mutex<Cursor>,
+    /// Told when the hub gets clients and when it has none (see [`Hub::on_following`]).
+    following: std::sync::OnceLock<Following>,
+}
+
+/// A hook told whether the hub has clients, and how often to tell it again while it has.
+struct Following {
+    mark: Box<dyn Fn(bool) -> eks_upgrade_agent::Result<()> + Send + Sync>,
+    renew: Duration,
+}
+
+impl std::fmt::Debug for Following {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Following")
+            .field("renew", &self.renew)
+            .finish()
+    }
 }
 
 /// The poller's position, held by the poller around each read and by a client joining.
 ///
-/// The poller marks the hub idle (and skips its read) when it finds no client; `idle` is only
-/// set with `clients` at 0, and a client joins with the lock held, so an idle hub has no
-/// client. The first client to join an idle hub moves `last` (and `published`) to the store's
-/// last seq before the poller reads again: the events in between were committed before any
-/// client joined, and none is skipped for a client that joined earlier, as there is none.
-#[derive(Debug, Default)]
+/// A hub starts idle, and the poller makes it idle again (skipping its reads) when it finds no
+/// client; `idle` is only set with `clients` at 0, and a client joins with the lock held, so
+/// an idle hub has no client. The first client to join an idle hub moves `last` (and
+/// `published`) to the store's last seq before the poller reads again: the events in between
+/// were committed before any client joined, and none is skipped for a client that joined
+/// earlier, as there is none. The [`Following`] hook is told under the same lock, so its
+/// `true` and `false` come in the order the hub gained and lost its clients.
+#[derive(Debug)]
 struct Cursor {
     /// Every event with `seq <= last` was published (or skipped while idle).
     last: u64,
     idle: bool,
+    /// When the [`Following`] hook was last told `true` (or failed to be); `None` after
+    /// `false`.
+    marked: Option<std::time::Instant>,
 }
 
 /// An external source of wake-ups: while `up()` the poller waits up to `quiet` between reads.
@@ -142,7 +165,12 @@ impl Hub {
             events: AtomicU64::new(0),
             max_lag,
             follow: std::sync::OnceLock::new(),
-            cursor: Mutex::new(Cursor::default()),
+            cursor: Mutex::new(Cursor {
+                last: 0,
+                idle: true,
+                marked: None,
+            }),
+            following: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&inner);
         tracker.on_event(move |_| {
@@ -170,6 +198,22 @@ impl Hub {
         let _ = self.inner.follow.set(Follow {
             up: Box::new(up),
             quiet,
+        });
+    }
+
+    /// Calls `mark(true)` when the hub gets its first client (before it reads for it), again
+    /// every `renew` while it has clients, and `mark(false)` once the last has gone. `mark`
+    /// blocks (it runs on the blocking pool); a failure is logged and tried again a `renew`
+    /// later. Set once (later calls are ignored). On a database: `PostgresStore::
+    /// set_following`, so that commits notify only while some replica has stream clients.
+    pub fn on_following(
+        &self,
+        mark: impl Fn(bool) -> eks_upgrade_agent::Result<()> + Send + Sync + 'static,
+        renew: Duration,
+    ) {
+        let _ = self.inner.following.set(Following {
+            mark: Box::new(mark),
+            renew,
         });
     }
 
@@ -265,18 +309,49 @@ impl Inner {
         self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a new client; on an idle hub, first moves the poller to the store's last seq
-    /// (on a failed read nothing changes). Blocks: call on the blocking pool.
+    /// Counts a new client; on an idle hub, first tells the [`Following`] hook and moves the
+    /// poller to the store's last seq (on a failed read nothing changes but the hook, told
+    /// `false` again). Blocks: call on the blocking pool.
     fn join(&self) -> eks_upgrade_agent::Result<()> {
         let mut cursor = self.cursor();
         if cursor.idle {
-            let last = self.tracker.store().last_seq()?;
+            self.mark(&mut cursor, true);
+            let last = match self.tracker.store().last_seq() {
+                Ok(last) => last,
+                Err(e) => {
+                    if cursor.marked.is_some() {
+                        self.mark(&mut cursor, false);
+                    }
+                    return Err(e);
+                }
+            };
             cursor.last = cursor.last.max(last);
             self.published.fetch_max(cursor.last, Ordering::AcqRel);
             cursor.idle = false;
         }
         self.clients.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Tells the [`Following`] hook, if any, `on` (a failure is logged: until the next try
+    /// streams wait for their poll, not for a notification).
+    fn mark(&self, cursor: &mut Cursor, on: bool) {
+        let Some(f) = self.following.get() else {
+            return;
+        };
+        if let Err(e) = (f.mark)(on) {
+            tracing::warn!(error = %e, following = on,
+                "cannot tell the store whether this server's streams have clients");
+        }
+        cursor.marked = on.then(std::time::Instant::now);
+    }
+
+    /// How long the poller waits for a wake-up.
+    fn wait(&self) -> Duration {
+        match self.follow.get() {
+            Some(f) if (f.up)() => f.quiet,
+            _ => POLL,
+        }
     }
 }
 
@@ -288,23 +363,14 @@ async fn poll(inner: Weak<Inner>) {
         return;
     };
     loop {
-        // No client: no read, not even a hop to the blocking pool (the lock is only held
-        // there, by a read or a client joining, so `try_lock` never blocks this thread; when
-        // it is taken, a client is joining and the read below waits for it).
+        // Idle with no client: no read, not even a hop to the blocking pool (the lock is only
+        // held there, by a read or a client joining, so `try_lock` never blocks this thread;
+        // when it is taken, a client may be joining and the blocking pool sorts it out).
         let idle = {
             let Some(hub) = inner.upgrade() else { return };
             let idle = hub.clients.load(Ordering::Relaxed) == 0
-                && match hub.cursor.try_lock() {
-                    Ok(mut cursor) if hub.clients.load(Ordering::Relaxed) == 0 => {
-                        cursor.idle = true;
-                        true
-                    }
-                    _ => false,
-                };
-            idle.then(|| match hub.follow.get() {
-                Some(f) if (f.up)() => f.quiet,
-                _ => POLL,
-            })
+                && hub.cursor.try_lock().is_ok_and(|c| c.idle);
+            idle.then(|| hub.wait())
         };
         if let Some(wait) = idle {
             let _ = tokio::time::timeout(wait, wake.notified()).await;
@@ -313,14 +379,23 @@ async fn poll(inner: Weak<Inner>) {
         let weak = Weak::clone(&inner);
         let read = tokio::task::spawn_blocking(move || {
             let hub = weak.upgrade()?;
-            let wait = match hub.follow.get() {
-                Some(f) if (f.up)() => f.quiet,
-                _ => POLL,
-            };
+            let wait = hub.wait();
             let mut cursor = hub.cursor();
-            if cursor.idle {
-                // Every client left and the hub went idle meanwhile: nothing to read.
+            if hub.clients.load(Ordering::Relaxed) == 0 {
+                // The last client left: idle from here on (a client joining now waits for
+                // the lock, then finds the hub idle).
+                if !cursor.idle {
+                    if cursor.marked.is_some() {
+                        hub.mark(&mut cursor, false);
+                    }
+                    cursor.idle = true;
+                }
                 return Some((false, wait));
+            }
+            if let Some(f) = hub.following.get()
+                && cursor.marked.is_none_or(|at| at.elapsed() >= f.renew)
+            {
+                hub.mark(&mut cursor, true);
             }
             let full = match hub.tracker.events_since(None, cursor.last, PAGE) {
                 Ok(page) => {
@@ -385,7 +460,10 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.inner.clients.fetch_sub(1, Ordering::Relaxed);
+        if self.hub.inner.clients.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // The last one: the poller goes idle now, not at its next wake-up.
+            self.hub.inner.wake.notify_one();
+        }
     }
 }
 

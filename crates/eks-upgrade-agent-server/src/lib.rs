@@ -173,7 +173,8 @@ impl AppState {
     }
 
     /// On the shared database `store` (team mode): a `LISTEN` connection wakes the streams
-    /// for every commit (any replica's); streams read the database every `quiet` while it
+    /// for every commit (any replica's; commits notify while some replica's streams have
+    /// clients, which the hub tells the database); streams read the database every `quiet` while it
     /// works and every [`hub::POLL`] while it does not. `/healthz` and `/metrics` report on the
     /// database. Call after [`with_stream_limits`](Self::with_stream_limits).
     pub fn with_database(
@@ -186,6 +187,12 @@ impl AppState {
         let stats = listener.stats();
         let up = Arc::clone(&stats);
         self.hub.follow_wakeups(move || up.connected(), quiet);
+        // Commits notify only while some replica's streams have clients.
+        let marks = Arc::clone(&store);
+        self.hub.on_following(
+            move |on| marks.set_following(on),
+            eks_upgrade_agent::store::postgres::listen::FOLLOW_RENEW,
+        );
         self.database = Some(Database {
             store,
             listen: stats,

@@ -92,6 +92,35 @@ fn a_commit_on_another_replica_wakes_the_stream_through_listen() {
     assert_eq!(listen.connects(), 1);
 }
 
+/// A replica marks itself in `stream_followers` (so commits notify) as its streams get their
+/// first client, before the client reads, and removes the mark once the last has gone.
+#[test]
+fn a_replica_marks_itself_while_its_streams_have_clients() {
+    let pg = PgCluster::start();
+    let url = pg.create_database();
+    let rt = runtime();
+    let state = replica(&url, ListenOptions::default(), NEVER);
+    let c = std::sync::Mutex::new(postgres::Client::connect(&url, postgres::NoTls).unwrap());
+    let marks = || -> i64 {
+        c.lock()
+            .unwrap()
+            .query_one("SELECT count(*) FROM stream_followers", &[])
+            .unwrap()
+            .get(0)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(marks(), 0, "no client, no mark");
+    let first = subscribe(&rt, &state);
+    assert_eq!(marks(), 1, "marked by the time the first client joined");
+    let second = subscribe(&rt, &state);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(marks(), 1, "a client is still there");
+    drop(second);
+    wait_until("the mark removed", || marks() == 0);
+    assert!(state.hub.idle());
+}
+
 #[test]
 fn streams_poll_while_the_listening_connection_is_down() {
     let pg = PgCluster::start();

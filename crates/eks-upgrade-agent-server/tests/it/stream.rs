@@ -502,7 +502,16 @@ async fn the_hub_reads_nothing_while_no_client_is_connected() {
     seed(&s.tracker, "u1");
     let server = Server::start(s.clone()).await;
     hub_idle(&s, true).await;
-    let before = s.hub.published();
+    // The hub starts at the store's last seq (and idle: it has no client yet).
+    let before = s.tracker.store().last_seq().unwrap();
+    let start = Instant::now();
+    while s.hub.published() != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the hub never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t = Arc::clone(&s.tracker);
     let last = blocking(move || (0..8).map(|n| update(&t, f64::from(n))).last().unwrap()).await;
     // Every commit wakes the poller; none makes it read while nobody listens.

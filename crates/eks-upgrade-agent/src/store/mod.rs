@@ -123,8 +123,8 @@ pub struct Committed {
     pub status_changes: Vec<StatusChange>,
     /// The task a task command names (`None` for other commands), as this command left it:
     /// what the API answers, with no read after the commit (which could see a later
-    /// command's change). Not part of the wire format: `--server` clients get `None`.
-    #[serde(skip)]
+    /// command's change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<crate::model::Task>,
 }
 

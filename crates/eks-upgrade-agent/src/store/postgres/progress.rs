@@ -12,8 +12,10 @@
 //!   The counter's row lock is held only from there to `COMMIT`, and makes `seq` order commit
 //!   order.
 //! - A deadlock or serialization failure retries the whole transaction.
-//! - Every commit that appends events sends `NOTIFY eua_events` with its last `seq`, a wake-up
-//!   for followers on other replicas (which still poll).
+//! - A commit that appends events sends `NOTIFY eua_events` with its last `seq`, a wake-up
+//!   for followers on other replicas (which still poll), while some replica's streams have
+//!   clients (`stream_followers`, see `listen.rs`): a notification wakes every listening
+//!   backend and replica, and its commits queue behind one lock, for nobody otherwise.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -846,7 +848,9 @@ pub(super) fn assign_with(
          FROM c, UNNEST(${p11}::bigint[], ${p12}::bigint[], ${p13}::bigint[], ${p14}::bigint[], \
          ${p15}::bigint[], ${p16}::bigint[], ${p17}::bigint[], ${p18}::float8[], ${p19}::float8[], \
          ${p20}::bigint[]) AS x(k, c0, c1, c2, c3, c4, c5, w, s, l) WHERE u.ukey = x.k) \
-         SELECT c.seq, pg_notify(${p21}, c.seq::text) FROM c",
+         SELECT c.seq, CASE WHEN EXISTS (SELECT 1 FROM stream_followers WHERE until > {now}) \
+         THEN pg_notify(${p21}, c.seq::text) END FROM c",
+        now = super::lease::DB_NOW,
         n = at + 1,
         cond = pending.counter_condition(),
         p1 = at + 2,

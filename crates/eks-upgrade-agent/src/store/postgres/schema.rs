@@ -7,7 +7,7 @@ use postgres::Client;
 use crate::error::{Error, Result};
 
 /// The schema version this build writes (`schema_version.version`).
-pub(crate) const SCHEMA_VERSION: i64 = 11;
+pub(crate) const SCHEMA_VERSION: i64 = 12;
 
 /// Key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6575_615f_6d69_6772;
@@ -227,6 +227,16 @@ END
 $fn$;
 "#;
 
+/// Replicas whose streams have clients (`listen.rs`: [`PostgresStore::set_following`]
+/// (super::PostgresStore::set_following)): a commit notifies `LISTEN`ers only while one is
+/// here. `until`: the end of the mark's lease, µs on the database's clock.
+const SCHEMA_12: &str = r#"
+CREATE TABLE stream_followers (
+    replica TEXT PRIMARY KEY,
+    until   BIGINT NOT NULL
+);
+"#;
+
 /// The schema version of the database `client` is connected to (0: empty).
 pub(crate) fn version(client: &mut Client) -> Result<i64> {
     let exists: bool = client
@@ -297,6 +307,10 @@ pub(crate) fn migrate(client: &mut Client) -> Result<i64> {
     if version < 11 {
         // The write path's first statement (`store/postgres/tasks.rs`: `Batch::prepare`).
         tx.batch_execute(SCHEMA_11)?;
+    }
+    if version < 12 {
+        // Commits notify only while a replica's streams have clients (issue #13, G6).
+        tx.batch_execute(SCHEMA_12)?;
     }
     tx.execute("DELETE FROM schema_version", &[])?;
     tx.execute(
