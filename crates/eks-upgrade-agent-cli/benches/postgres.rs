@@ -133,6 +133,7 @@ fn pg_updates_per_s(
     writers: usize,
     replicas: usize,
     upgrades: usize,
+    followers: usize,
     secs: f64,
 ) -> f64 {
     let db = pg.create_database();
@@ -160,6 +161,9 @@ fn pg_updates_per_s(
             .collect()
     };
     let servers: Vec<Served> = (0..replicas).map(|_| serve(&db)).collect();
+    // WebSocket clients of every event on the first replica (a dashboard open): commits
+    // then notify, and each replica's stream hub reads them.
+    let followed = follow(servers[0].1, followers);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let threads: Vec<_> = (0..writers)
         .map(|w| {
@@ -204,7 +208,64 @@ fn pg_updates_per_s(
         commits / secs,
         total as f64 / commits.max(1.0)
     );
+    if let Some((stop, clients)) = followed {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let events: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        println!("  ({followers} stream client(s) received {events} events)");
+        assert!(events > 0, "the stream clients received nothing");
+    }
     total as f64 / secs
+}
+
+type Followers = (
+    Arc<std::sync::atomic::AtomicBool>,
+    Vec<std::thread::JoinHandle<u64>>,
+);
+
+/// `n` WebSocket clients of every event of the server on `port`, connected when this returns,
+/// each counting the events it receives until told to stop.
+fn follow(port: u16, n: usize) -> Option<Followers> {
+    use futures_util::StreamExt;
+    if n == 0 {
+        return None;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (connected_tx, connected) = std::sync::mpsc::channel::<()>();
+    let clients = (0..n)
+        .map(|_| {
+            let (stop, connected) = (Arc::clone(&stop), connected_tx.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let url = format!("ws://127.0.0.1:{port}/api/v1/ws");
+                    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+                        .await
+                        .unwrap();
+                    connected.send(()).unwrap();
+                    let mut events = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
+                            Ok(Some(Ok(m)))
+                                if m.to_text().is_ok_and(|t| t.contains("progress_event")) =>
+                            {
+                                events += 1
+                            }
+                            Ok(Some(Ok(_))) | Err(_) => {}
+                            Ok(_) => break,
+                        }
+                    }
+                    events
+                })
+            })
+        })
+        .collect();
+    for _ in 0..n {
+        connected.recv().unwrap();
+    }
+    Some((stop, clients))
 }
 
 /// The value of counter `name` in the `/metrics` of the server on `port`.
@@ -331,11 +392,15 @@ fn main() {
     if wanted("http") {
         println!(
             "pg_updates_per_s writers=16 replicas=3: {:.0}",
-            pg_updates_per_s(&pg, 16, 3, 1, 5.0)
+            pg_updates_per_s(&pg, 16, 3, 1, 0, 5.0)
         );
         println!(
             "pg_updates_per_s writers=16 replicas=3 upgrades=16: {:.0}",
-            pg_updates_per_s(&pg, 16, 3, 16, 5.0)
+            pg_updates_per_s(&pg, 16, 3, 16, 0, 5.0)
+        );
+        println!(
+            "pg_updates_per_s writers=16 replicas=3 followers=1: {:.0}",
+            pg_updates_per_s(&pg, 16, 3, 1, 1, 5.0)
         );
     }
     if wanted("stream") {
