@@ -18,7 +18,7 @@
 //!   otherwise read every commit of every replica for nobody). The first client to join an
 //!   idle hub reads the store's last seq and the poller continues from there, so a client
 //!   that joins without `since` gets every event committed after it joined, and one with
-//!   `since` replays from the store as before (see [`Cursor`]). On a database the hub also
+//!   `since` replays from the store as before (see `Cursor`). On a database the hub also
 //!   says whether it has clients ([`Hub::on_following`]): commits notify only while some
 //!   replica's hub does.
 //!   A `since` beyond the store's last seq (a restored data dir) gets a [`Item::Resync`] to
@@ -257,8 +257,8 @@ impl Hub {
         self.inner.events.load(Ordering::Relaxed)
     }
 
-    /// True while the poller reads nothing, no client being connected: [`published`]
-    /// (Self::published) may then lag the store.
+    /// True while the poller reads nothing, no client being connected:
+    /// [`published`](Self::published) may then lag the store.
     pub fn idle(&self) -> bool {
         self.inner.cursor().idle
     }
