@@ -161,10 +161,10 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         tx.send(job(0)).unwrap();
         let start = Instant::now();
-        // The last group had one command: no wait, even with an hour allowed.
-        let group = next_group(&rx, 1, &micros(Duration::from_secs(3600))).unwrap();
+        // The last group had one command: no wait, with 5 s allowed.
+        let group = next_group(&rx, 1, &micros(Duration::from_secs(5))).unwrap();
         assert_eq!(group.len(), 1);
-        assert!(start.elapsed() < Duration::from_secs(60));
+        assert!(start.elapsed() < Duration::from_millis(2500));
     }
 
     #[test]
@@ -195,11 +195,20 @@ mod tests {
         let group = next_group(&rx, 5, &micros(Duration::from_millis(50))).unwrap();
         assert_eq!(group.len(), 1, "nobody else came");
         assert!(start.elapsed() >= Duration::from_millis(50));
+        // Zero: what is queued goes at once, one coming 100 ms later goes next.
         tx.send(job(1)).unwrap();
-        let start = Instant::now();
+        let late = tx.clone();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            late.send(job(2)).unwrap();
+        });
         let group = next_group(&rx, 5, &micros(Duration::ZERO)).unwrap();
-        assert_eq!(group.len(), 1);
-        assert!(start.elapsed() < Duration::from_secs(60));
+        assert_eq!(group.len(), 1, "zero waits for nobody");
+        sender.join().unwrap();
+        assert_eq!(
+            next_group(&rx, 1, &micros(Duration::ZERO)).unwrap().len(),
+            1
+        );
         drop(tx);
         assert!(next_group(&rx, 5, &micros(Duration::ZERO)).is_none());
     }

@@ -84,9 +84,19 @@ struct Inner {
     tx: broadcast::Sender<Arc<HubEvent>>,
     /// Highest seq published.
     published: AtomicU64,
+    /// Held by the poller while it sends events to the ring and raises `published`, and by a
+    /// subscription reading `published` for its position: so an event is either in the ring
+    /// of a subscription that joined before, or at or below its position, never neither (it
+    /// was sent before the subscription joined the ring and `published` raised after the
+    /// subscription read it: a gap for a client that starts from its summary's `seq`).
+    publishing: Mutex<()>,
     wake: Arc<Notify>,
     started: AtomicBool,
-    clients: AtomicUsize,
+    /// Clients counted ([`Joined`]); shared with the poller, which never holds the hub on a
+    /// runtime thread.
+    clients: Arc<AtomicUsize>,
+    /// Reading nothing, for lack of clients (see [`Cursor`]); shared like `clients`.
+    idle: Arc<AtomicBool>,
     /// Events published since start (metrics).
     events: AtomicU64,
     max_lag: u64,
@@ -112,23 +122,61 @@ impl std::fmt::Debug for Following {
     }
 }
 
-/// The poller's position, held by the poller around each read and by a client joining.
+/// The poller's position, held by the poller around each read and idle change, and by a client
+/// joining an idle hub.
 ///
-/// A hub starts idle, and the poller makes it idle again (skipping its reads) when it finds no
-/// client; `idle` is only set with `clients` at 0, and a client joins with the lock held, so
-/// an idle hub has no client. The first client to join an idle hub moves `last` (and
-/// `published`) to the store's last seq before the poller reads again: the events in between
-/// were committed before any client joined, and none is skipped for a client that joined
-/// earlier, as there is none. The [`Following`] hook is told under the same lock, so its
-/// `true` and `false` come in the order the hub gained and lost its clients.
+/// A hub starts idle (`Inner::idle`), and the poller makes it idle again (reading nothing) when
+/// it finds no client. A client is counted first, then looks at `idle`; the poller sets `idle`,
+/// then looks at the count again and takes it back if a client came (both sequentially
+/// consistent): so either the poller sees the client and stays busy, or the client sees the
+/// hub idle and joins it the slow way, under the lock. That way, the first client to join an
+/// idle hub tells the [`Following`] hook, then moves `last` (and `published`) to the store's
+/// last seq before the poller reads again: the events in between were committed before any
+/// client joined, and none is skipped for a client that joined earlier, as there is none. A
+/// client joining a busy hub takes no lock (it never waits for a read). The hook is told under
+/// the lock, so its `true` and `false` come in the order the hub gained and lost its clients.
 #[derive(Debug)]
 struct Cursor {
     /// Every event with `seq <= last` was published (or skipped while idle).
     last: u64,
-    idle: bool,
-    /// When the [`Following`] hook was last told `true` (or failed to be); `None` after
-    /// `false`.
-    marked: Option<std::time::Instant>,
+    /// When the [`Following`] hook was last told `true` (successfully or not), and whether it
+    /// took it; `None` after `false`.
+    marked: Option<(std::time::Instant, bool)>,
+    /// When joining an idle hub last failed, and why: for a second, joins fail at once
+    /// with the same error instead of queueing on an unreachable store.
+    failed: Option<(std::time::Instant, String)>,
+}
+
+/// How long joins of an idle hub fail at once after one failed.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// How long an idle poller sleeps when nothing wakes it (it does nothing on waking).
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// One counted client: dropping it takes the count back (and wakes the poller when it was
+/// the last, so the hub goes idle at once).
+#[derive(Debug)]
+struct Joined {
+    clients: Arc<AtomicUsize>,
+    wake: Arc<Notify>,
+}
+
+impl Joined {
+    fn new(clients: &Arc<AtomicUsize>, wake: &Arc<Notify>) -> Joined {
+        clients.fetch_add(1, Ordering::SeqCst);
+        Joined {
+            clients: Arc::clone(clients),
+            wake: Arc::clone(wake),
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if self.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.wake.notify_one();
+        }
+    }
 }
 
 /// An external source of wake-ups: while `up()` the poller waits up to `quiet` between reads.
@@ -159,16 +207,18 @@ impl Hub {
             tracker: Arc::clone(&tracker),
             tx,
             published: AtomicU64::new(0),
+            publishing: Mutex::new(()),
             wake: Arc::new(Notify::new()),
             started: AtomicBool::new(false),
-            clients: AtomicUsize::new(0),
+            clients: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(AtomicBool::new(true)),
             events: AtomicU64::new(0),
             max_lag,
             follow: std::sync::OnceLock::new(),
             cursor: Mutex::new(Cursor {
                 last: 0,
-                idle: true,
                 marked: None,
+                failed: None,
             }),
             following: std::sync::OnceLock::new(),
         });
@@ -227,19 +277,26 @@ impl Hub {
         if self.inner.started.load(Ordering::Acquire) {
             return Ok(());
         }
-        let tracker = Arc::clone(&self.inner.tracker);
-        let last = blocking(move || tracker.store().last_seq()).await?;
-        if self
-            .inner
-            .started
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.inner.published.store(last, Ordering::Release);
-            self.inner.cursor().last = last;
-            tokio::spawn(poll(Arc::downgrade(&self.inner)));
-        }
-        Ok(())
+        let inner = Arc::clone(&self.inner);
+        // On the blocking pool: the cursor's lock may be held by a join's store read, and the
+        // hub may be dropped there.
+        blocking(move || {
+            let last = inner.tracker.store().last_seq()?;
+            if inner
+                .started
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // A client may have joined first and moved both further.
+                let mut cursor = inner.cursor();
+                cursor.last = cursor.last.max(last);
+                inner.published.fetch_max(cursor.last, Ordering::AcqRel);
+                drop(cursor);
+                tokio::spawn(poll(Arc::downgrade(&inner)));
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Highest seq published so far.
@@ -260,7 +317,7 @@ impl Hub {
     /// True while the poller reads nothing, no client being connected:
     /// [`published`](Self::published) may then lag the store.
     pub fn idle(&self) -> bool {
-        self.inner.cursor().idle
+        self.inner.idle.load(Ordering::SeqCst)
     }
 
     /// A subscription to `upgrade_id`'s events (or all), from `since` when given (replayed from
@@ -273,9 +330,16 @@ impl Hub {
         self.start().await?;
         // Subscribe before reading `published`: whatever is published later is in the ring.
         let rx = self.inner.tx.subscribe();
-        let inner = Arc::clone(&self.inner);
-        blocking(move || inner.join()).await?;
-        let published = self.published();
+        // Counted from here: the guard takes the count back however this ends.
+        let joined = Joined::new(&self.inner.clients, &self.inner.wake);
+        if self.inner.idle.load(Ordering::SeqCst) {
+            let inner = Arc::clone(&self.inner);
+            blocking(move || inner.wake_up()).await?;
+        }
+        let published = {
+            let _publishing = self.inner.publishing();
+            self.published()
+        };
         // A `since` beyond the store's last seq (a restored data dir, another server's seq)
         // would wait for events that never come: answer with a resync to the store's position.
         let ahead = match since {
@@ -300,6 +364,7 @@ impl Hub {
             replaying: replay,
             ahead: ahead.is_some(),
             queue: VecDeque::new(),
+            _joined: joined,
         })
     }
 }
@@ -309,27 +374,44 @@ impl Inner {
         self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a new client; on an idle hub, first tells the [`Following`] hook and moves the
-    /// poller to the store's last seq (on a failed read nothing changes but the hook, told
-    /// `false` again). Blocks: call on the blocking pool.
-    fn join(&self) -> eks_upgrade_agent::Result<()> {
+    /// Held for microseconds, never across a read or an await.
+    fn publishing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.publishing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes an idle hub busy for a client already counted (see [`Cursor`]): tells the
+    /// [`Following`] hook, then moves the poller to the store's last seq, and wakes it. On a
+    /// failed read the hub stays idle (and the hook is told `false` again if it took `true`),
+    /// and joins in the next [`JOIN_RETRY`] fail at once. Blocks: call on the blocking pool.
+    fn wake_up(&self) -> eks_upgrade_agent::Result<()> {
         let mut cursor = self.cursor();
-        if cursor.idle {
-            self.mark(&mut cursor, true);
-            let last = match self.tracker.store().last_seq() {
-                Ok(last) => last,
-                Err(e) => {
-                    if cursor.marked.is_some() {
-                        self.mark(&mut cursor, false);
-                    }
-                    return Err(e);
-                }
-            };
-            cursor.last = cursor.last.max(last);
-            self.published.fetch_max(cursor.last, Ordering::AcqRel);
-            cursor.idle = false;
+        if !self.idle.load(Ordering::SeqCst) {
+            return Ok(()); // another client did it, or the poller saw this one
         }
-        self.clients.fetch_add(1, Ordering::Relaxed);
+        if let Some((at, why)) = &cursor.failed
+            && at.elapsed() < JOIN_RETRY
+        {
+            return Err(eks_upgrade_agent::Error::Backend {
+                message: why.clone(),
+                source: None,
+            });
+        }
+        self.mark(&mut cursor, true);
+        let last = match self.tracker.store().last_seq() {
+            Ok(last) => last,
+            Err(e) => {
+                if cursor.marked.is_some_and(|(_, took)| took) {
+                    self.mark(&mut cursor, false);
+                }
+                cursor.failed = Some((std::time::Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        cursor.failed = None;
+        cursor.last = cursor.last.max(last);
+        self.published.fetch_max(cursor.last, Ordering::AcqRel);
+        self.idle.store(false, Ordering::SeqCst);
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -339,11 +421,15 @@ impl Inner {
         let Some(f) = self.following.get() else {
             return;
         };
-        if let Err(e) = (f.mark)(on) {
-            tracing::warn!(error = %e, following = on,
-                "cannot tell the store whether this server's streams have clients");
-        }
-        cursor.marked = on.then(std::time::Instant::now);
+        let took = match (f.mark)(on) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, following = on,
+                    "cannot tell the store whether this server's streams have clients");
+                false
+            }
+        };
+        cursor.marked = on.then(|| (std::time::Instant::now(), took));
     }
 
     /// How long the poller waits for a wake-up.
@@ -359,21 +445,19 @@ impl Inner {
 /// page: the last reference to a store may be dropped there, never on a runtime thread (a
 /// PostgreSQL client blocks when it closes).
 async fn poll(inner: Weak<Inner>) {
-    let Some(wake) = inner.upgrade().map(|hub| Arc::clone(&hub.wake)) else {
+    let Some((wake, clients, idle)) = inner.upgrade().map(|hub| {
+        (
+            Arc::clone(&hub.wake),
+            Arc::clone(&hub.clients),
+            Arc::clone(&hub.idle),
+        )
+    }) else {
         return;
     };
     loop {
-        // Idle with no client: no read, not even a hop to the blocking pool (the lock is only
-        // held there, by a read or a client joining, so `try_lock` never blocks this thread;
-        // when it is taken, a client may be joining and the blocking pool sorts it out).
-        let idle = {
-            let Some(hub) = inner.upgrade() else { return };
-            let idle = hub.clients.load(Ordering::Relaxed) == 0
-                && hub.cursor.try_lock().is_ok_and(|c| c.idle);
-            idle.then(|| hub.wait())
-        };
-        if let Some(wait) = idle {
-            let _ = tokio::time::timeout(wait, wake.notified()).await;
+        // Idle with no client: no read, not even a hop to the blocking pool.
+        if idle.load(Ordering::SeqCst) && clients.load(Ordering::SeqCst) == 0 {
+            let _ = tokio::time::timeout(IDLE_WAIT, wake.notified()).await;
             continue;
         }
         let weak = Weak::clone(&inner);
@@ -381,30 +465,41 @@ async fn poll(inner: Weak<Inner>) {
             let hub = weak.upgrade()?;
             let wait = hub.wait();
             let mut cursor = hub.cursor();
-            if hub.clients.load(Ordering::Relaxed) == 0 {
-                // The last client left: idle from here on (a client joining now waits for
-                // the lock, then finds the hub idle).
-                if !cursor.idle {
-                    if cursor.marked.is_some() {
-                        hub.mark(&mut cursor, false);
-                    }
-                    cursor.idle = true;
-                }
+            if hub.idle.load(Ordering::SeqCst) {
+                // A client is making it busy (`wake_up`, which wakes this loop again).
                 return Some((false, wait));
             }
+            if hub.clients.load(Ordering::SeqCst) == 0 {
+                // The last client left: idle from here on, unless one came meanwhile (it
+                // counted itself before looking at `idle`: see `Cursor`).
+                hub.idle.store(true, Ordering::SeqCst);
+                if hub.clients.load(Ordering::SeqCst) > 0 {
+                    hub.idle.store(false, Ordering::SeqCst);
+                } else {
+                    if cursor.marked.is_some_and(|(_, took)| took) {
+                        hub.mark(&mut cursor, false);
+                    }
+                    cursor.marked = None;
+                    return Some((false, wait));
+                }
+            }
             if let Some(f) = hub.following.get()
-                && cursor.marked.is_none_or(|at| at.elapsed() >= f.renew)
+                && cursor.marked.is_none_or(|(at, _)| at.elapsed() >= f.renew)
             {
                 hub.mark(&mut cursor, true);
             }
             let full = match hub.tracker.events_since(None, cursor.last, PAGE) {
                 Ok(page) => {
                     let full = page.len() == PAGE;
-                    for e in &page {
+                    let events: Vec<Arc<HubEvent>> =
+                        page.iter().map(|e| Arc::new(HubEvent::new(e))).collect();
+                    let _publishing = hub.publishing();
+                    for e in events {
                         cursor.last = e.seq;
+                        let seq = e.seq;
                         // No receivers is fine: nobody is watching.
-                        let _ = hub.tx.send(Arc::new(HubEvent::new(e)));
-                        hub.published.store(e.seq, Ordering::Release);
+                        let _ = hub.tx.send(e);
+                        hub.published.store(seq, Ordering::Release);
                     }
                     hub.events.fetch_add(page.len() as u64, Ordering::Relaxed);
                     full
@@ -456,15 +551,8 @@ pub struct Subscription {
     /// `since` was beyond the store's last seq: the first item is a resync to `position`.
     ahead: bool,
     queue: VecDeque<Arc<HubEvent>>,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if self.hub.inner.clients.fetch_sub(1, Ordering::Relaxed) == 1 {
-            // The last one: the poller goes idle now, not at its next wake-up.
-            self.hub.inner.wake.notify_one();
-        }
-    }
+    /// Counts this client while it lives.
+    _joined: Joined,
 }
 
 impl Subscription {

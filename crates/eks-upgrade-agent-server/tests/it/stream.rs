@@ -564,9 +564,16 @@ async fn clients_joining_and_leaving_an_idle_hub_miss_nothing_committed_after_th
     let s = state(dir.path());
     seed(&s.tracker, "u1");
     let server = Server::start(s.clone()).await;
-    // A writer that never stops while clients come and go (the hub going idle in between).
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (t, halt) = (Arc::clone(&s.tracker), Arc::clone(&stop));
+    // A writer that never stops while clients come and go (the hub going idle in between);
+    // stopped when this test ends, a failed assertion included (the runtime waits for it).
+    struct Stop(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stop = Stop(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let (t, halt) = (Arc::clone(&s.tracker), Arc::clone(&stop.0));
     let writer = tokio::task::spawn_blocking(move || {
         let mut n = 0u64;
         while !halt.load(std::sync::atomic::Ordering::Relaxed) {
@@ -577,21 +584,38 @@ async fn clients_joining_and_leaving_an_idle_hub_miss_nothing_committed_after_th
     });
     for round in 0..20 {
         let mut ws = ws_connect(&server.ws_url("/api/v1/ws")).await;
-        assert_eq!(next_json(&mut ws).await["type"], "progress_summary");
-        // Joined: from here on every committed event reaches it, in order, once.
+        let summary = next_json(&mut ws).await;
+        assert_eq!(summary["type"], "progress_summary");
+        // Joined at the summary's seq: from there on every committed event reaches it, in
+        // order, once.
+        let at = summary["seq"].as_u64().expect("the summary's seq");
         let t = Arc::clone(&s.tracker);
         let joined = blocking(move || t.store().last_seq().unwrap()).await;
+        assert!(at <= joined);
         let mut seen: Vec<u64> = Vec::new();
+        let began = Instant::now();
         while seen.last().is_none_or(|l| *l < joined + 20) {
+            // Heartbeats keep coming when events do not: bound the round, and say why.
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "round {round}: {} events after {at} in 30 s: {seen:?}; writer done: {}; \
+                 hub idle: {}, clients: {}, published: {}, store at {}",
+                seen.len(),
+                writer.is_finished(),
+                s.hub.idle(),
+                s.hub.clients(),
+                s.hub.published(),
+                s.tracker.store().last_seq().unwrap()
+            );
             let m = next_json(&mut ws).await;
             if m["type"] == "progress_event" {
                 seen.push(m["seq"].as_u64().unwrap());
             }
         }
-        let first = seen[0];
-        assert!(
-            first <= joined + 1,
-            "round {round}: events after {joined} skipped: {seen:?}"
+        assert_eq!(
+            seen[0],
+            at + 1,
+            "round {round}: events after {at} skipped: {seen:?}"
         );
         assert!(
             seen.windows(2).all(|w| w[1] == w[0] + 1),
@@ -602,6 +626,46 @@ async fn clients_joining_and_leaving_an_idle_hub_miss_nothing_committed_after_th
             hub_idle(&s, true).await;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(stop);
     writer.await.unwrap();
+}
+
+/// A subscription given up while it joins (a client gone mid-handshake, a failed read) is not
+/// left counted: the hub goes idle again, and its mark would not be renewed for nobody.
+#[tokio::test]
+async fn a_subscription_given_up_while_joining_is_not_left_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(dir.path());
+    seed(&s.tracker, "u1");
+    // A following hook (a database's mark) that takes 300 ms, and what it was told.
+    let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&told);
+    s.hub.on_following(
+        move |on| {
+            std::thread::sleep(Duration::from_millis(300));
+            log.lock().unwrap().push(on);
+            Ok(())
+        },
+        Duration::from_secs(3600),
+    );
+    let _server = Server::start(s.clone()).await;
+    s.hub.start().await.unwrap();
+    hub_idle(&s, true).await;
+    // Counted, then waiting for the hook: given up after its first poll.
+    let gone = tokio::time::timeout(Duration::from_millis(50), s.hub.subscribe(None, None)).await;
+    assert!(gone.is_err(), "the join waits for the hook");
+    assert_eq!(s.hub.clients(), 0);
+    // The join still made the hub busy; with nobody counted, it goes idle again.
+    let start = Instant::now();
+    while told.lock().unwrap().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            told.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*told.lock().unwrap(), vec![true, false]);
+    hub_idle(&s, true).await;
+    assert_eq!(s.hub.clients(), 0);
 }

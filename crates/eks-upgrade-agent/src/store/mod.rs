@@ -123,8 +123,9 @@ pub struct Committed {
     pub status_changes: Vec<StatusChange>,
     /// The task a task command names (`None` for other commands), as this command left it:
     /// what the API answers, with no read after the commit (which could see a later
-    /// command's change).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// command's change). Not in the store protocol (`/api/v1/store/execute`): answers there
+    /// stay as small as the events, and `RemoteStore` gives `None`.
+    #[serde(skip)]
     pub task: Option<crate::model::Task>,
 }
 

@@ -258,13 +258,15 @@ impl PostgresStore {
     /// Runs `f` in a transaction, again from the start (at most a few times) when PostgreSQL
     /// aborts it for a deadlock or a serialization failure.
     pub(crate) fn write<T>(&self, mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<T>) -> Result<T> {
-        self.write_or_roll_back(|tx| f(tx).map(|t| (t, true)))
+        self.transaction(false, |tx| f(tx).map(|t| (t, true)))
     }
 
     /// [`write`](Self::write) where `f` also says whether to commit (`false`: roll back and
-    /// still return its value).
-    pub(crate) fn write_or_roll_back<T>(
+    /// still return its value); with `generic`, the transaction's statements run with generic
+    /// plans (see `ProgressStore::execute`).
+    fn transaction<T>(
         &self,
+        generic: bool,
         mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<(T, bool)>,
     ) -> Result<T> {
         let mut attempt = 0;
@@ -273,12 +275,9 @@ impl PostgresStore {
             let result = self.with_conn(|conn| {
                 let Conn { client, stmts } = conn;
                 let mut tx = client.transaction()?;
-                // Generic plans: a write's statements are planned once per connection, not
-                // at each execution. Left to choose, PostgreSQL keeps custom plans for the
-                // group commit's statements (it knows their arrays' lengths then), planning
-                // them again each time: a fifth of its CPU under many writers (issue #13,
-                // G6). Reads keep custom plans (their `$1 IS NULL OR ...` filters need them).
-                tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")?;
+                if generic {
+                    tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")?;
+                }
                 let (out, commit) = f(&mut Db { c: &mut tx, stmts })?;
                 if commit {
                     tx.commit()?;
@@ -1269,7 +1268,13 @@ fn upgrade_command(tx: &mut Tx<'_, '_>, command: &Command, now: DateTime<Utc>) -
 
 impl ProgressStore for PostgresStore {
     fn execute(&self, commands: &[Command]) -> Result<Vec<Result<Committed>>> {
-        self.write_or_roll_back(|tx| execute_batch(tx, commands))
+        // Generic plans: the group commit's statements are planned once per connection, not
+        // at each execution. Left to choose, PostgreSQL keeps custom plans for them (it knows
+        // their arrays' lengths then) and plans them again each time: a fifth of its CPU
+        // under many writers (issue #13, G6). Each statement of this path finds its rows by
+        // key, whatever the parameters (the children of a parent through
+        // `tasks_by_parent_status_tkey`, schema 12); other transactions keep custom plans.
+        self.transaction(true, |tx| execute_batch(tx, commands))
     }
 
     fn import(&self, upgrade: &Upgrade, tasks: &[Task], events: &[ProgressEvent]) -> Result<u64> {

@@ -230,11 +230,19 @@ $fn$;
 /// Replicas whose streams have clients (`listen.rs`: [`PostgresStore::set_following`]
 /// (super::PostgresStore::set_following)): a commit notifies `LISTEN`ers only while one is
 /// here. `until`: the end of the mark's lease, µs on the database's clock.
+///
+/// The children of a parent by status in `tkey` order: progress writes run with generic plans
+/// (`ProgressStore::execute`), and with `(parent_tkey, status)` only, the generic plan of
+/// "the first failed child" walked the primary key filtering every row when the statuses are
+/// skewed (checked with `EXPLAIN EXECUTE`: 20,000 tasks, a parent of 10,000).
 const SCHEMA_12: &str = r#"
 CREATE TABLE stream_followers (
     replica TEXT PRIMARY KEY,
     until   BIGINT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS tasks_by_parent_status_tkey ON tasks (parent_tkey, status, tkey)
+    WHERE parent_tkey IS NOT NULL;
+DROP INDEX IF EXISTS tasks_by_parent_status;
 "#;
 
 /// The schema version of the database `client` is connected to (0: empty).

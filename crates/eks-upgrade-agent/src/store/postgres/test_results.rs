@@ -891,7 +891,7 @@ mod tests {
                 .with_conn(|c| {
                     Ok(c.client.batch_execute(
                         "ALTER TABLE test_runs DROP COLUMN started_at, DROP COLUMN ended_at; \
-                         DROP TABLE blob_releases; \
+                         DROP TABLE blob_releases; DROP TABLE stream_followers; \
                          UPDATE schema_version SET version = 7",
                     )?)
                 })

@@ -21,6 +21,8 @@ pub(super) struct SqliteRows<'a, 't> {
     committed: Committed,
     last_seq: i64,
     cluster: Option<String>,
+    /// The task a task command names (its key), and its row as last saved.
+    named: Option<(i64, Option<TaskRow>)>,
 }
 
 impl<'a, 't> SqliteRows<'a, 't> {
@@ -32,6 +34,7 @@ impl<'a, 't> SqliteRows<'a, 't> {
             committed: Committed::default(),
             last_seq: 0,
             cluster: None,
+            named: None,
         }
     }
 
@@ -71,6 +74,11 @@ impl TaskRows for SqliteRows<'_, '_> {
     }
 
     fn save(&mut self, row: &TaskRow) -> Result<()> {
+        if let Some((tkey, saved)) = &mut self.named
+            && *tkey == row.tkey
+        {
+            *saved = Some(row.clone());
+        }
         save_task(self.tx, row)
     }
 
@@ -242,11 +250,17 @@ pub(super) fn task_command(
 ) -> Result<Committed> {
     let row = load_task(tx, ukey, upgrade_id, task_id)?;
     let mut rows = SqliteRows::new(tx, ukey, upgrade_id);
+    rows.named = Some((row.tkey, None));
     let mut w = TaskWrite::new(&mut rows, upgrade_id, now);
     w.execute(row, command)?;
     let delta = w.delta;
+    // The task as this command left it: as it last saved it (every task command saves it).
+    let saved = rows.named.take().and_then(|(_, saved)| saved);
     let mut committed = rows.finish(&delta)?;
-    committed.task = Some(load_task(tx, ukey, upgrade_id, task_id)?.task);
+    committed.task = match saved {
+        Some(row) => Some(row.task),
+        None => Some(load_task(tx, ukey, upgrade_id, task_id)?.task),
+    };
     Ok(committed)
 }
 
