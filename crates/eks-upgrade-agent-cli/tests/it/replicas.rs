@@ -285,7 +285,7 @@ fn store_commands_refusals_and_health_follow_the_database() {
     let out = with_db(&["-o", "json", "store", "info"]);
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["backend"], "postgresql");
-    assert_eq!(info["schema_version"], 11);
+    assert_eq!(info["schema_version"], 12);
     assert_eq!(info["counts"]["upgrades"], 1);
     assert_eq!(info["counts"]["events"], 1);
 
