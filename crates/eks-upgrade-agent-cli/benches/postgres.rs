@@ -16,15 +16,21 @@
 //!   99th percentile of the delay from sending the update to each client's receipt.
 //!
 //! `cargo bench -p eks-upgrade-agent-cli --bench postgres -- http` runs only the figures whose
-//! name contains `http` (also `apply`, `stream`). Measured 2026-11-30 on this machine (2 shared
-//! cores, fsync on; `pg_test_fsync`: fdatasync 0.1 ms): 36,582 / 1,514 (572 commits/s, 2.64
-//! updates per commit) / 1,562 (upgrades=16) / 30.2 ms; the store code before the round-trip
-//! cuts of issue #13's G6 pass, with this client: 49,495 / 1,407-1,633 / 1,531-1,895. The HTTP
-//! writers read each answer (unread, ureq closes the connection: a TCP connect per update, as
-//! measured before that pass). The two HTTP figures are alike because the machine's CPU, not
-//! the upgrade row's lock nor the flush, is what runs out (`perf record -a`: idle ~4%;
-//! PostgreSQL ~50%, the servers' runtime threads ~30%, committers ~7%, this
-//! client ~5%): about 1.3 ms of CPU per acknowledged update. See guarantee G6.
+//! name contains `http` (also `apply`, `stream`); `followers=1` runs with `http`:
+//! - `pg_updates_per_s writers=16 replicas=3 followers=1`: the first figure with a WebSocket
+//!   client of every event on the first replica (a dashboard open): commits then notify, and
+//!   every replica's stream hub reads them (without clients, none does: guarantee G125).
+//!
+//! Measured 2026-11-30 (seventh session) on this machine, 2 cores, fsync on, nothing else
+//! running (`pg_test_fsync`: fdatasync 0.1 ms), 6 runs: 32,288 / 5,101-5,717 (about 1,050
+//! commits/s, 5.3 updates per commit) / 4,967-6,234 (`upgrades=16`) / 3,186-4,320
+//! (`followers=1`) / 10.4 ms. From 1,485 at the session's start: the answer's task comes from
+//! the commit, the stream hubs read nothing without clients and commits notify only while some
+//! replica has stream clients, the group commit's statements run with generic plans, and the
+//! committer waits up to 2 ms for a group as large as its last. The writers read each answer
+//! on a kept-alive connection (unread, ureq closes it: a TCP connect per update). With one
+//! upgrade, what bounds the figure is its row: the 3 replicas' transactions take turns on it.
+//! See guarantee G6.
 
 use std::io::Cursor;
 use std::process::{Child, Command, Stdio};
