@@ -410,14 +410,15 @@ fn delivery_retry_times_are_judged_on_the_database_clock() {
         Some(nid),
         "a retry set by a replica whose clock runs ahead came late: {again:?}"
     );
-    // B fails it too (retry now); the replica an hour behind takes it and fails it: retry in
-    // 10 minutes by its clock.
+    // B fails it too (retry at once: a second ago, as B's measured offset to the database's
+    // clock may be a few milliseconds off); the replica an hour behind takes it and fails it:
+    // retry in 10 minutes by its clock.
     b.record(
         "hook",
         &[(
             nid,
             DeliveryOutcome::Retry {
-                next_at: Utc::now(),
+                next_at: Utc::now() - chrono::Duration::seconds(1),
                 error: "503".into(),
             },
         )],
